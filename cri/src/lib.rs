@@ -1,0 +1,5 @@
+//! imacri's CRI layer: tonic services over the `runtime` crate, the daemon
+//! that serves them on the CRI socket, and the CLI.
+
+pub mod daemon;
+pub mod server;

@@ -1,0 +1,129 @@
+//! The `imacri` command: `serve`, `check`, `config default`.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use imacri_runtime::config::{Config, DEFAULT_TOML};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "imacri", version, about = "A CRI runtime with per-pod file integrity")]
+struct Cli {
+    /// Config file (default /etc/imacri/config.toml; missing = defaults).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Default)]
+struct Overrides {
+    /// CRI socket path.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Persistent state directory.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Volatile state directory.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    #[arg(long)]
+    containerd_address: Option<PathBuf>,
+    #[arg(long)]
+    containerd_namespace: Option<String>,
+    /// containerd hosts.toml directory (e.g. /etc/containerd/certs.d).
+    #[arg(long)]
+    registry_config_path: Option<PathBuf>,
+    /// "text" or "json".
+    #[arg(long)]
+    log_format: Option<String>,
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve CRI on the socket.
+    Serve(Overrides),
+    /// Report what this node supports.
+    Check(Overrides),
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the default configuration, commented.
+    Default,
+}
+
+impl Overrides {
+    fn apply(self, mut c: Config) -> Config {
+        if let Some(v) = self.socket {
+            c.socket = v;
+        }
+        if let Some(v) = self.root {
+            c.root = v;
+        }
+        if let Some(v) = self.state {
+            c.state = v;
+        }
+        if let Some(v) = self.containerd_address {
+            c.containerd.address = v;
+        }
+        if let Some(v) = self.containerd_namespace {
+            c.containerd.namespace = v;
+        }
+        if let Some(v) = self.registry_config_path {
+            c.registry.config_path = v;
+        }
+        if let Some(v) = self.log_format {
+            c.log.format = v;
+        }
+        if let Some(v) = self.log_level {
+            c.log.level = v;
+        }
+        c
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if cfg.log.format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Config { cmd: ConfigCmd::Default } => {
+            print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+        Cmd::Serve(o) => {
+            let cfg = o.apply(Config::load(cli.config.as_deref())?);
+            init_logging(&cfg);
+            if let Err(e) = imacri_cri::daemon::serve(cfg).await {
+                tracing::error!("{e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Check(o) => {
+            let cfg = o.apply(Config::load(cli.config.as_deref())?);
+            let ok = imacri_cri::daemon::check(&cfg).await?;
+            std::process::exit(if ok { 0 } else { 1 });
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! CreateContainer: snapshot from the image, identity from the image's
+//! /etc/passwd, OCI spec, containerd container. Rolled back on failure.
+
+use imacri_api::cri;
+use imacri_runtime::containerd::NewContainer;
+use imacri_runtime::ids::{new_id, now_nanos};
+use imacri_runtime::pod::{ContainerPhase, ContainerState, SandboxPhase};
+use imacri_runtime::spec::{self, ContainerInputs, SandboxShared};
+use imacri_runtime::{Error, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::validate::{container_name, log_path, non_empty, require};
+use super::{CriServer, LABEL_KIND, LABEL_SANDBOX_ID};
+
+/// The CRI signal enum to a signal number (0 = runtime default).
+pub(crate) fn signal_number(s: i32) -> i32 {
+    use cri::Signal as S;
+    match S::try_from(s).unwrap_or(S::RuntimeDefault) {
+        S::RuntimeDefault => 0,
+        S::Sighup => 1,
+        S::Sigint => 2,
+        S::Sigquit => 3,
+        S::Sigill => 4,
+        S::Sigtrap => 5,
+        S::Sigabrt | S::Sigiot => 6,
+        S::Sigbus => 7,
+        S::Sigfpe => 8,
+        S::Sigkill => 9,
+        S::Sigusr1 => 10,
+        S::Sigsegv => 11,
+        S::Sigusr2 => 12,
+        S::Sigpipe => 13,
+        S::Sigalrm => 14,
+        S::Sigterm => 15,
+        S::Sigstkflt => 16,
+        S::Sigchld | S::Sigcld => 17,
+        S::Sigcont => 18,
+        S::Sigstop => 19,
+        S::Sigtstp => 20,
+        S::Sigttin => 21,
+        S::Sigttou => 22,
+        S::Sigurg => 23,
+        S::Sigxcpu => 24,
+        S::Sigxfsz => 25,
+        S::Sigvtalrm => 26,
+        S::Sigprof => 27,
+        S::Sigwinch => 28,
+        S::Sigio | S::Sigpoll => 29,
+        S::Sigpwr => 30,
+        S::Sigsys => 31,
+        other => {
+            // SIGRTMIN (34) .. SIGRTMAX (64) are numbered in order in the enum.
+            let n = other as i32 - S::Sigrtmin as i32;
+            34 + n
+        }
+    }
+}
+
+impl CriServer {
+    pub(crate) async fn create_container(
+        self: &Arc<Self>,
+        req: cri::CreateContainerRequest,
+    ) -> Result<cri::CreateContainerResponse> {
+        non_empty("pod_sandbox_id", &req.pod_sandbox_id)?;
+        let config = require("config", req.config.as_ref())?.clone();
+        let md = require("config.metadata", config.metadata.as_ref())?;
+        non_empty("config.metadata.name", &md.name)?;
+        let image_name = require("config.image", config.image.as_ref())?.image.clone();
+        non_empty("config.image.image", &image_name)?;
+        let sb = self.sandbox(&req.pod_sandbox_id)?;
+        let sb_state = sb.state();
+        if sb_state.phase != SandboxPhase::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                sb.id
+            )));
+        }
+        let image = self.images.get(&image_name).ok_or_else(|| {
+            Error::NotFound(format!("image {image_name:?} not found; pull it first"))
+        })?;
+        let log = log_path(&sb.config, &config)?;
+        let sc = config.linux.as_ref().and_then(|l| l.security_context.as_ref());
+        if sc.is_some_and(|s| s.privileged)
+            && !sb
+                .config
+                .linux
+                .as_ref()
+                .and_then(|l| l.security_context.as_ref())
+                .is_some_and(|s| s.privileged)
+        {
+            return Err(Error::InvalidArgument(
+                "linux.security_context.privileged needs a privileged pod sandbox".into(),
+            ));
+        }
+        // Fail on bad mounts and devices before touching containerd.
+        for m in &config.mounts {
+            spec::user_mount(m)?;
+        }
+
+        let id = new_id();
+        let name = container_name(&config, &sb.config);
+        self.containers.reserve(&name, &id)?;
+        let res = self
+            .make_container(&id, &sb, &config, &image, &image_name, log)
+            .await;
+        match res {
+            Ok(()) => {
+                tracing::info!(container_id = %id, pod_sandbox_id = %sb.id, name = %name, "container created");
+                Ok(cri::CreateContainerResponse { container_id: id })
+            }
+            Err(e) => {
+                if let Err(te) = self.teardown_container(&id).await {
+                    tracing::error!(container_id = %id, error = %te, "rollback failed");
+                }
+                let _ = self.containers.remove(&id);
+                self.containers.release(&name, &id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn make_container(
+        &self,
+        id: &str,
+        sb: &super::SandboxEntry,
+        config: &cri::ContainerConfig,
+        image: &imacri_runtime::image::ImageRecord,
+        image_name: &str,
+        log: std::path::PathBuf,
+    ) -> Result<()> {
+        let sb_state = sb.state();
+        let snapshotter = self.cfg.containerd.snapshotter.clone();
+        let lease = self.c.lease("container").await?;
+        let res = async {
+            let mounts = self
+                .c
+                .prepare_snapshot(&snapshotter, id, &image.chain_id, &lease)
+                .await?;
+            // Resolve the user from the container's own root filesystem.
+            let probe = self.cfg.state.join("probe").join(id);
+            std::fs::create_dir_all(&probe).map_err(|e| Error::io("creating", &probe, e))?;
+            let sc = config.linux.as_ref().and_then(|l| l.security_context.as_ref());
+            let user = match imacri_runtime::mount::mount_snapshot(&mounts, &probe) {
+                Ok(()) => {
+                    let u = imacri_runtime::user::resolve(&probe, sc, &image.config);
+                    let _ = imacri_runtime::mount::unmount_all(&probe);
+                    u
+                }
+                Err(e) => Err(e),
+            };
+            let _ = std::fs::remove_dir(&probe);
+            let user = user?;
+            let shared = SandboxShared {
+                netns: sb_state.netns.clone(),
+                pause_pid: sb_state.pid,
+                hostname_file: Some(sb_state.dir.join("hostname")),
+                hosts_file: Some(sb_state.dir.join("hosts")),
+                resolv_file: Some(sb_state.dir.join("resolv.conf")),
+                shm_dir: sb_state.shm.then(|| sb_state.dir.join("shm")),
+            };
+            let spec = spec::container_spec(&ContainerInputs {
+                id,
+                sandbox_id: &sb.id,
+                config,
+                sandbox_config: &sb.config,
+                image: &image.config,
+                image_name,
+                user: user.clone(),
+                shared: &shared,
+                limits: self.limits,
+            })?;
+            let mut labels: HashMap<String, String> = config.labels.clone();
+            labels.insert(LABEL_KIND.into(), "container".into());
+            labels.insert(LABEL_SANDBOX_ID.into(), sb.id.clone());
+            self.c
+                .create_container(
+                    NewContainer {
+                        id,
+                        image: image_name,
+                        labels,
+                        spec: &spec,
+                        snapshotter: &snapshotter,
+                        runtime: &self.cfg.containerd.runtime,
+                    },
+                    &lease,
+                )
+                .await?;
+            let stop_signal = match signal_number(config.stop_signal) {
+                0 => image
+                    .config
+                    .config()
+                    .as_ref()
+                    .and_then(|c| c.stop_signal().clone())
+                    .and_then(|s| parse_signal(&s))
+                    .unwrap_or(15),
+                n => n,
+            };
+            let image_ref = image
+                .repo_digests()
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| image.id.clone());
+            self.containers.insert(
+                id,
+                &container_name(config, &sb.config),
+                config.clone(),
+                ContainerState {
+                    phase: ContainerPhase::Created,
+                    sandbox_id: sb.id.clone(),
+                    created_at: now_nanos(),
+                    started_at: 0,
+                    finished_at: 0,
+                    exit_code: 0,
+                    reason: String::new(),
+                    message: String::new(),
+                    pid: 0,
+                    image_id: image.id.clone(),
+                    image_name: image_name.to_string(),
+                    image_ref,
+                    log_path: log,
+                    uid: user.uid,
+                    gid: user.gid,
+                    additional_gids: user.additional_gids,
+                    stop_signal,
+                },
+            )?;
+            Ok(())
+        }
+        .await;
+        let _ = lease.delete(&self.c, false).await;
+        res
+    }
+}
+
+/// "SIGTERM", "TERM" or "15".
+pub(crate) fn parse_signal(s: &str) -> Option<i32> {
+    if let Ok(n) = s.parse() {
+        return Some(n);
+    }
+    let up = s.to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    let table = [
+        ("HUP", 1), ("INT", 2), ("QUIT", 3), ("KILL", 9), ("USR1", 10), ("USR2", 12),
+        ("TERM", 15), ("STOP", 19), ("WINCH", 28), ("PWR", 30),
+    ];
+    table.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals() {
+        assert_eq!(signal_number(cri::Signal::Sigterm as i32), 15);
+        assert_eq!(signal_number(cri::Signal::Sigkill as i32), 9);
+        assert_eq!(signal_number(cri::Signal::Sigrtmin as i32), 34);
+        assert_eq!(signal_number(cri::Signal::Sigrtmax as i32), 64);
+        assert_eq!(signal_number(cri::Signal::RuntimeDefault as i32), 0);
+        assert_eq!(parse_signal("SIGQUIT"), Some(3));
+        assert_eq!(parse_signal("9"), Some(9));
+        assert_eq!(parse_signal("bogus"), None);
+    }
+}

@@ -1,0 +1,31 @@
+//! RemoveContainer: kill if running, then remove task, container, snapshot
+//! and FIFOs. The CRI log stays (kubelet owns it). Idempotent.
+
+use imacri_api::cri;
+use imacri_runtime::{Error, Result};
+use std::sync::Arc;
+
+use super::{ContainerEntry, CriServer};
+
+impl CriServer {
+    pub(crate) async fn remove_container(
+        self: &Arc<Self>,
+        req: cri::RemoveContainerRequest,
+    ) -> Result<cri::RemoveContainerResponse> {
+        let c = match self.container(&req.container_id) {
+            Ok(c) => c,
+            Err(Error::NotFound(_)) => return Ok(cri::RemoveContainerResponse {}),
+            Err(e) => return Err(e),
+        };
+        self.remove_container_entry(&c).await?;
+        Ok(cri::RemoveContainerResponse {})
+    }
+
+    pub(crate) async fn remove_container_entry(&self, c: &Arc<ContainerEntry>) -> Result<()> {
+        let _op = c.op.lock().await;
+        self.teardown_container(&c.id).await?;
+        self.containers.remove(&c.id)?;
+        tracing::info!(container_id = %c.id, "container removed");
+        Ok(())
+    }
+}

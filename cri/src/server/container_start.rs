@@ -1,0 +1,115 @@
+//! StartContainer: FIFOs and log copiers first (the shim opens the FIFOs at
+//! task creation), then the task. A failed start leaves the container Exited
+//! with reason StartError, as containerd does.
+
+use imacri_api::cri;
+use imacri_runtime::ids::now_nanos;
+use imacri_runtime::io::{self, LogFile};
+use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
+use imacri_runtime::{Error, Result};
+use std::sync::Arc;
+
+use super::lifecycle::Kind;
+use super::{ContainerEntry, CriServer, LiveIo};
+
+impl CriServer {
+    pub(crate) async fn start_container(
+        self: &Arc<Self>,
+        req: cri::StartContainerRequest,
+    ) -> Result<cri::StartContainerResponse> {
+        let c = self.container(&req.container_id)?;
+        let _op = c.op.lock().await;
+        let st = c.state();
+        if st.phase != ContainerPhase::Created {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is {:?}, only a created container can be started",
+                c.id, st.phase
+            )));
+        }
+        let sb = self.sandbox(&st.sandbox_id)?;
+        if sb.state().phase != SandboxPhase::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} of container {} is not ready",
+                sb.id, c.id
+            )));
+        }
+        match self.start_task_io(&c).await {
+            Ok(pid) => {
+                c.update(|s| {
+                    s.phase = ContainerPhase::Running;
+                    s.pid = pid;
+                    s.started_at = now_nanos();
+                })?;
+                tracing::info!(container_id = %c.id, pid, "container started");
+                Ok(cri::StartContainerResponse {})
+            }
+            Err(e) => {
+                let _ = self.teardown_task_only(&c.id).await;
+                let msg = e.to_string();
+                let _ = c.update(|s| {
+                    s.phase = ContainerPhase::Exited;
+                    s.exit_code = 128;
+                    s.reason = "StartError".into();
+                    s.message = msg;
+                    s.finished_at = now_nanos();
+                });
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_task_io(self: &Arc<Self>, c: &Arc<ContainerEntry>) -> Result<u32> {
+        let st = c.state();
+        let stdio = io::create_fifos(&self.cfg.fifo_dir(), &c.id, c.config.stdin, c.config.tty)?;
+        let mut live = LiveIo::default();
+        if !st.log_path.as_os_str().is_empty() {
+            let log = LogFile::open(&st.log_path)?;
+            if let Some(p) = &stdio.stdout {
+                live.copiers.push(io::spawn_log_copier(p.clone(), "stdout", log.clone()));
+            }
+            if let Some(p) = &stdio.stderr {
+                live.copiers.push(io::spawn_log_copier(p.clone(), "stderr", log.clone()));
+            }
+            live.log = Some(log);
+        } else {
+            // Nobody wants the output: drain it so the process never blocks.
+            for p in [&stdio.stdout, &stdio.stderr].into_iter().flatten() {
+                let h = io::spawn_capture(p.clone(), 0);
+                live.copiers.push(std::thread::spawn(move || {
+                    let _ = h.join();
+                }));
+            }
+        }
+        if let Some(p) = &stdio.stdin {
+            live._stdin = Some(io::hold_open(p)?);
+        }
+        self.set_io(&c.id, live);
+        let result = async {
+            let mounts = self
+                .c
+                .snapshot_mounts(&self.cfg.containerd.snapshotter, &c.id)
+                .await?;
+            self.c.create_task(&c.id, mounts, &stdio).await?;
+            self.watch_exit(&c.id, Kind::Container);
+            self.c.start_task(&c.id, "").await
+        }
+        .await;
+        if result.is_err() {
+            // Wake copiers still waiting for a writer.
+            for p in [&stdio.stdout, &stdio.stderr].into_iter().flatten() {
+                io::unblock_reader(p);
+            }
+        }
+        result
+    }
+
+    /// Deletes a task that failed to start, keeping the container.
+    async fn teardown_task_only(&self, id: &str) -> Result<()> {
+        use imacri_runtime::error::IgnoreNotFound;
+        let _ = self.c.kill_task(id, "", super::lifecycle::SIGKILL).await;
+        self.c.delete_task(id).await.ignore_not_found()?;
+        self.take_io(id);
+        self.remove_fifos(id);
+        Ok(())
+    }
+}

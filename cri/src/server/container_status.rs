@@ -1,0 +1,87 @@
+//! ContainerStatus.
+
+use imacri_api::cri;
+use imacri_runtime::pod::ContainerPhase;
+use imacri_runtime::Result;
+use std::collections::HashMap;
+
+use super::{ContainerEntry, CriServer};
+
+pub(crate) fn cri_state(p: ContainerPhase) -> cri::ContainerState {
+    match p {
+        ContainerPhase::Created => cri::ContainerState::ContainerCreated,
+        ContainerPhase::Running => cri::ContainerState::ContainerRunning,
+        ContainerPhase::Exited => cri::ContainerState::ContainerExited,
+    }
+}
+
+pub(crate) fn image_spec(c: &ContainerEntry) -> cri::ImageSpec {
+    let st = c.state();
+    let mut spec = c.config.image.clone().unwrap_or_default();
+    spec.image = st.image_name;
+    spec
+}
+
+impl CriServer {
+    pub(crate) fn container_status_of(&self, c: &ContainerEntry) -> cri::ContainerStatus {
+        let st = c.state();
+        cri::ContainerStatus {
+            id: c.id.clone(),
+            metadata: c.config.metadata.clone(),
+            state: cri_state(st.phase) as i32,
+            created_at: st.created_at,
+            started_at: st.started_at,
+            finished_at: st.finished_at,
+            exit_code: st.exit_code,
+            image: Some(image_spec(c)),
+            image_ref: st.image_ref.clone(),
+            reason: st.reason.clone(),
+            message: st.message.clone(),
+            labels: c.config.labels.clone(),
+            annotations: c.config.annotations.clone(),
+            mounts: c.config.mounts.clone(),
+            log_path: st.log_path.to_string_lossy().into_owned(),
+            resources: Some(cri::ContainerResources {
+                linux: c.config.linux.as_ref().and_then(|l| l.resources.clone()),
+                windows: None,
+            }),
+            image_id: st.image_id.clone(),
+            user: Some(cri::ContainerUser {
+                linux: Some(cri::LinuxContainerUser {
+                    uid: i64::from(st.uid),
+                    gid: i64::from(st.gid),
+                    supplemental_groups: st.additional_gids.iter().map(|g| i64::from(*g)).collect(),
+                }),
+            }),
+            stop_signal: c.config.stop_signal,
+        }
+    }
+
+    pub(crate) async fn container_status(
+        &self,
+        req: cri::ContainerStatusRequest,
+    ) -> Result<cri::ContainerStatusResponse> {
+        let c = self.container(&req.container_id)?;
+        let status = self.container_status_of(&c);
+        let mut info = HashMap::new();
+        if req.verbose {
+            let st = c.state();
+            let spec = self.c.container_spec(&c.id).await.ok();
+            let v = serde_json::json!({
+                "sandboxID": st.sandbox_id,
+                "pid": st.pid,
+                "phase": format!("{:?}", st.phase),
+                "image": st.image_name,
+                "imageID": st.image_id,
+                "snapshotKey": c.id,
+                "snapshotter": self.cfg.containerd.snapshotter,
+                "runtimeSpec": spec,
+            });
+            info.insert("info".to_string(), v.to_string());
+        }
+        Ok(cri::ContainerStatusResponse {
+            status: Some(status),
+            info,
+        })
+    }
+}

@@ -1,0 +1,40 @@
+//! StopContainer: the stop signal, then SIGKILL after the timeout.
+//! Stopping a container that is not running succeeds.
+
+use imacri_api::cri;
+use imacri_runtime::pod::ContainerPhase;
+use imacri_runtime::{Error, Result};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{ContainerEntry, CriServer};
+
+impl CriServer {
+    pub(crate) async fn stop_container(
+        self: &Arc<Self>,
+        req: cri::StopContainerRequest,
+    ) -> Result<cri::StopContainerResponse> {
+        if req.timeout < 0 {
+            return Err(Error::InvalidArgument("timeout must not be negative".into()));
+        }
+        let c = self.container(&req.container_id)?;
+        self.stop_container_entry(&c, Duration::from_secs(req.timeout as u64))
+            .await?;
+        Ok(cri::StopContainerResponse {})
+    }
+
+    pub(crate) async fn stop_container_entry(
+        &self,
+        c: &Arc<ContainerEntry>,
+        grace: Duration,
+    ) -> Result<()> {
+        let _op = c.op.lock().await;
+        if c.state().phase != ContainerPhase::Running {
+            return Ok(());
+        }
+        let signal = c.state().stop_signal.max(1) as u32;
+        self.stop_task(&c.id, signal, grace).await?;
+        tracing::info!(container_id = %c.id, "container stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,202 @@
+//! Task lifecycle shared by the RPCs: exit watching, stopping with a grace
+//! period, and idempotent teardown used by Remove* and by rollback.
+
+use imacri_runtime::error::IgnoreNotFound;
+use imacri_runtime::ids::now_nanos;
+use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
+use imacri_runtime::{Error, Result};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+use super::CriServer;
+
+pub const SIGKILL: u32 = 9;
+
+/// How long a SIGKILLed task may take to be reported gone.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Kind {
+    Sandbox,
+    Container,
+}
+
+impl CriServer {
+    /// Registers an exit channel for a task and spawns its watcher, which
+    /// records the exit, deletes the task and wakes anyone waiting.
+    pub(crate) fn watch_exit(self: &Arc<Self>, id: &str, kind: Kind) {
+        let (tx, rx) = watch::channel(false);
+        if let Ok(mut m) = self.exits.lock() {
+            m.insert(id.to_string(), rx);
+        }
+        let me = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let (code, at) = loop {
+                match me.c.wait_task(&id, "").await {
+                    Ok(r) => break r,
+                    Err(e) if e.is_not_found() => break (255, now_nanos()),
+                    Err(e) => {
+                        tracing::warn!(id = %id, error = %e, "waiting for task; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            };
+            me.on_exit(&id, kind, code, at).await;
+            let _ = tx.send(true);
+        });
+    }
+
+    async fn on_exit(&self, id: &str, kind: Kind, code: u32, at: i64) {
+        match kind {
+            Kind::Container => {
+                // Let the log copiers drain what the process wrote last.
+                if let Some(io) = self.take_io(id) {
+                    let join = tokio::task::spawn_blocking(move || {
+                        for h in io.copiers {
+                            let _ = h.join();
+                        }
+                    });
+                    let _ = tokio::time::timeout(Duration::from_secs(5), join).await;
+                }
+                if let Some(c) = self.containers.get(id) {
+                    let res = c.update(|s| {
+                        if s.phase != ContainerPhase::Exited {
+                            s.phase = ContainerPhase::Exited;
+                            s.finished_at = if at > 0 { at } else { now_nanos() };
+                            s.exit_code = code as i32;
+                            if s.reason.is_empty() {
+                                s.reason = if code == 0 { "Completed" } else { "Error" }.into();
+                            }
+                            s.pid = 0;
+                        }
+                    });
+                    if let Err(e) = res {
+                        tracing::error!(container_id = %id, error = %e, "recording exit");
+                    }
+                    tracing::info!(container_id = %id, exit_code = code, "container exited");
+                }
+            }
+            Kind::Sandbox => {
+                if let Some(s) = self.sandboxes.get(id) {
+                    let _ = s.update(|st| {
+                        if st.phase == SandboxPhase::Ready {
+                            st.phase = SandboxPhase::NotReady;
+                        }
+                        st.pid = 0;
+                    });
+                    tracing::info!(pod_sandbox_id = %id, exit_code = code, "sandbox exited");
+                }
+            }
+        }
+        if let Err(e) = self.c.delete_task(id).await.ignore_not_found() {
+            tracing::warn!(id = %id, error = %e, "deleting exited task");
+        }
+    }
+
+    /// Waits up to `d` for the task's exit to be recorded; true if it was.
+    pub(crate) async fn wait_exit(&self, id: &str, d: Duration) -> bool {
+        let Some(mut rx) = self.exit_receiver(id) else {
+            return true;
+        };
+        if *rx.borrow() {
+            return true;
+        }
+        let res = tokio::time::timeout(d, rx.wait_for(|v| *v)).await;
+        matches!(res, Ok(Ok(_)))
+    }
+
+    /// Signals a task, then SIGKILLs it when `grace` runs out.
+    pub(crate) async fn stop_task(&self, id: &str, signal: u32, grace: Duration) -> Result<()> {
+        if !grace.is_zero() && signal != SIGKILL {
+            match self.c.kill_task(id, "", signal).await {
+                Ok(()) => {
+                    if self.wait_exit(id, grace).await {
+                        return Ok(());
+                    }
+                    tracing::info!(id = %id, "grace period over, killing");
+                }
+                Err(e) if e.is_not_found() => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        match self.c.kill_task(id, "", SIGKILL).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if self.wait_exit(id, KILL_WAIT).await {
+            Ok(())
+        } else {
+            Err(Error::DeadlineExceeded(format!(
+                "task {id} did not exit {}s after SIGKILL",
+                KILL_WAIT.as_secs()
+            )))
+        }
+    }
+
+    /// Removes every containerd object and file of a container. Safe to call
+    /// on a half-created container; missing pieces are skipped.
+    pub(crate) async fn teardown_container(&self, id: &str) -> Result<()> {
+        if let Some(info) = self.c.task_info(id).await? {
+            if info.status == imacri_runtime::containerd::TaskStatus::Running {
+                self.c.kill_task(id, "", SIGKILL).await.ignore_not_found()?;
+                if !self.wait_exit(id, KILL_WAIT).await {
+                    let _ = self.c.wait_task(id, "").await;
+                }
+            }
+            self.c.delete_task(id).await.ignore_not_found()?;
+        }
+        self.take_io(id);
+        self.c.delete_container(id).await.ignore_not_found()?;
+        self.c
+            .remove_snapshot(&self.cfg.containerd.snapshotter, id)
+            .await
+            .ignore_not_found()?;
+        self.remove_fifos(id);
+        if let Ok(mut m) = self.exits.lock() {
+            m.remove(id);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn remove_fifos(&self, prefix: &str) {
+        if let Ok(rd) = std::fs::read_dir(self.cfg.fifo_dir()) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    /// Removes the pause container, its snapshot, netns, shm and files.
+    pub(crate) async fn teardown_sandbox(
+        &self,
+        id: &str,
+        dir: &std::path::Path,
+        netns: Option<&std::path::Path>,
+    ) -> Result<()> {
+        self.teardown_container(id).await?;
+        self.release_sandbox_resources(dir, netns)?;
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("removing", dir, e)),
+        }
+    }
+
+    /// What StopPodSandbox frees: the shm mount and the network namespace.
+    pub(crate) fn release_sandbox_resources(
+        &self,
+        dir: &std::path::Path,
+        netns: Option<&std::path::Path>,
+    ) -> Result<()> {
+        imacri_runtime::mount::unmount_all(&dir.join("shm"))?;
+        if let Some(ns) = netns {
+            imacri_runtime::netns::remove(ns)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,225 @@
+//! The CRI RuntimeService and ImageService. One file per RPC (or per small
+//! family); `service.rs` wires them to tonic through [`instrument`], the one
+//! place that logs every request and maps errors to gRPC codes.
+
+mod container_create;
+mod container_execsync;
+mod container_list;
+mod container_log;
+mod container_remove;
+mod container_start;
+mod container_status;
+mod container_stop;
+mod image_fs_info;
+mod image_list;
+mod image_pull;
+mod image_remove;
+mod image_status;
+mod lifecycle;
+mod recover;
+mod sandbox_list;
+mod sandbox_remove;
+mod sandbox_run;
+mod sandbox_status;
+mod sandbox_stop;
+mod service;
+mod status;
+mod validate;
+
+use imacri_api::cri;
+use imacri_runtime::config::Config;
+use imacri_runtime::containerd::Containerd;
+use imacri_runtime::image::ImageService;
+use imacri_runtime::io::LogFile;
+use imacri_runtime::pod::{ContainerState, SandboxState};
+use imacri_runtime::spec::NodeLimits;
+use imacri_runtime::store::{Entry, Store};
+use imacri_runtime::{Error, Result};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::watch;
+
+pub use service::services;
+
+pub type SandboxEntry = Entry<cri::PodSandboxConfig, SandboxState>;
+pub type ContainerEntry = Entry<cri::ContainerConfig, ContainerState>;
+
+/// Labels on containerd containers so `ctr -n k8s.io c ls` tells ours apart.
+pub const LABEL_KIND: &str = "imacri.dev/kind";
+pub const LABEL_SANDBOX_ID: &str = "imacri.dev/sandbox-id";
+
+/// Runtime handlers kubelet may name (RuntimeClass); "" is the default.
+pub const HANDLERS: [&str; 2] = ["", "runc"];
+
+/// What a running container's I/O needs after start.
+#[derive(Default)]
+struct LiveIo {
+    log: Option<LogFile>,
+    copiers: Vec<std::thread::JoinHandle<()>>,
+    /// Keeps an interactive container's stdin open.
+    _stdin: Option<std::fs::File>,
+}
+
+pub struct CriServer {
+    pub(crate) cfg: Config,
+    pub(crate) c: Containerd,
+    pub(crate) images: ImageService,
+    pub(crate) sandboxes: Store<cri::PodSandboxConfig, SandboxState>,
+    pub(crate) containers: Store<cri::ContainerConfig, ContainerState>,
+    pub(crate) limits: NodeLimits,
+    /// Name of the sandbox image in use.
+    pub(crate) sandbox_image: String,
+    io: Mutex<HashMap<String, LiveIo>>,
+    /// Per task: flips to true when the task has exited.
+    exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
+}
+
+impl CriServer {
+    /// Connects the pieces, imports the pause image and recovers state.
+    pub async fn new(cfg: Config, c: Containerd) -> Result<Arc<CriServer>> {
+        for d in [cfg.sandboxes_dir(), cfg.containers_dir(), cfg.state.clone()] {
+            std::fs::create_dir_all(&d).map_err(|e| Error::io("creating", &d, e))?;
+        }
+        let images = ImageService::new(
+            c.clone(),
+            &cfg.containerd.snapshotter,
+            cfg.registry.config_path.clone(),
+        );
+        images.load().await?;
+        let sandbox_image = if cfg.sandbox_image.is_empty() {
+            let rec = images.ensure_builtin_pause().await?;
+            images.set_sandbox_image(&rec.id);
+            images.load().await?;
+            imacri_runtime::image::builtin::image_name()
+        } else {
+            cfg.sandbox_image.clone()
+        };
+        let sandboxes = Store::open(cfg.sandboxes_dir(), validate::sandbox_name)?;
+        let containers = Store::open(cfg.containers_dir(), |c: &cri::ContainerConfig| {
+            c.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default()
+        })?;
+        let limits = NodeLimits {
+            min_oom_score_adj: if cfg.restrict_oom_score_adj {
+                imacri_runtime::sysinfo::own_oom_score_adj()
+            } else {
+                -1000
+            },
+        };
+        let server = Arc::new(CriServer {
+            cfg,
+            c,
+            images,
+            sandboxes,
+            containers,
+            limits,
+            sandbox_image,
+            io: Mutex::new(HashMap::new()),
+            exits: Mutex::new(HashMap::new()),
+        });
+        server.recover().await;
+        Ok(server)
+    }
+
+    pub(crate) fn sandbox(&self, id: &str) -> Result<Arc<SandboxEntry>> {
+        self.sandboxes.find(id).map_err(|e| match e {
+            Error::NotFound(_) => Error::NotFound(format!("pod sandbox {id:?} not found")),
+            e => e,
+        })
+    }
+
+    pub(crate) fn container(&self, id: &str) -> Result<Arc<ContainerEntry>> {
+        self.containers.find(id).map_err(|e| match e {
+            Error::NotFound(_) => Error::NotFound(format!("container {id:?} not found")),
+            e => e,
+        })
+    }
+
+    pub(crate) fn containers_of(&self, sandbox_id: &str) -> Vec<Arc<ContainerEntry>> {
+        self.containers
+            .all()
+            .into_iter()
+            .filter(|c| c.state().sandbox_id == sandbox_id)
+            .collect()
+    }
+
+    fn set_io(&self, id: &str, io: LiveIo) {
+        if let Ok(mut m) = self.io.lock() {
+            m.insert(id.to_string(), io);
+        }
+    }
+
+    fn take_io(&self, id: &str) -> Option<LiveIo> {
+        self.io.lock().ok()?.remove(id)
+    }
+
+    pub(crate) fn log_of(&self, id: &str) -> Option<LogFile> {
+        self.io.lock().ok()?.get(id).and_then(|io| io.log.clone())
+    }
+
+    fn exit_receiver(&self, id: &str) -> Option<watch::Receiver<bool>> {
+        self.exits.lock().ok()?.get(id).cloned()
+    }
+}
+
+fn to_status(e: &Error) -> tonic::Status {
+    use tonic::{Code, Status};
+    let msg = e.to_string();
+    match e {
+        Error::InvalidArgument(_) => Status::invalid_argument(msg),
+        Error::NotFound(_) => Status::not_found(msg),
+        Error::AlreadyExists(_) => Status::already_exists(msg),
+        Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+        Error::Unavailable(_) => Status::unavailable(msg),
+        Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+        Error::Containerd { source, .. } => match source.code() {
+            c @ (Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::InvalidArgument
+            | Code::Unavailable
+            | Code::DeadlineExceeded) => Status::new(c, msg),
+            _ => Status::unknown(msg),
+        },
+        Error::Registry(_) => Status::unknown(msg),
+        Error::Io { .. } | Error::Internal(_) => Status::internal(msg),
+    }
+}
+
+/// Runs one RPC: a span with its name and object ID, a log line with the
+/// outcome and duration, and the error mapped to a gRPC status.
+pub(crate) async fn instrument<T, F>(
+    rpc: &'static str,
+    id: &str,
+    fut: F,
+) -> std::result::Result<tonic::Response<T>, tonic::Status>
+where
+    F: Future<Output = Result<T>>,
+{
+    use tracing::Instrument;
+    let span = tracing::info_span!("cri", rpc, id = %id);
+    async move {
+        let start = Instant::now();
+        let res = fut.await;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        match res {
+            Ok(v) => {
+                tracing::debug!(ms, "ok");
+                Ok(tonic::Response::new(v))
+            }
+            Err(e) => {
+                let status = to_status(&e);
+                match status.code() {
+                    tonic::Code::NotFound | tonic::Code::AlreadyExists | tonic::Code::InvalidArgument => {
+                        tracing::info!(ms, code = ?status.code(), error = %e, "rejected")
+                    }
+                    _ => tracing::error!(ms, code = ?status.code(), error = %e, "failed"),
+                }
+                Err(status)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

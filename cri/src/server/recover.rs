@@ -1,0 +1,86 @@
+//! Start-up recovery: reconcile imacri's records with containerd after a
+//! restart (or a crash), so nothing a user created is lost or leaked.
+
+use imacri_runtime::containerd::TaskStatus;
+use imacri_runtime::ids::now_nanos;
+use imacri_runtime::io::{self, LogFile};
+use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
+use std::sync::Arc;
+
+use super::lifecycle::Kind;
+use super::{CriServer, LiveIo};
+
+impl CriServer {
+    pub(crate) async fn recover(self: &Arc<Self>) {
+        for sb in self.sandboxes.all() {
+            let st = sb.state();
+            if st.phase == SandboxPhase::Creating {
+                // Crashed mid-RunPodSandbox: roll it back.
+                tracing::warn!(pod_sandbox_id = %sb.id, "rolling back interrupted sandbox creation");
+                let _ = self.teardown_sandbox(&sb.id, &st.dir, st.netns.as_deref()).await;
+                let _ = self.sandboxes.remove(&sb.id);
+                continue;
+            }
+            match self.c.task_info(&sb.id).await {
+                Ok(Some(t)) if t.status == TaskStatus::Running => {
+                    let _ = sb.update(|s| s.pid = t.pid);
+                    self.watch_exit(&sb.id, Kind::Sandbox);
+                }
+                Ok(_) => {
+                    let _ = sb.update(|s| {
+                        s.phase = SandboxPhase::NotReady;
+                        s.pid = 0;
+                    });
+                }
+                Err(e) => tracing::error!(pod_sandbox_id = %sb.id, error = %e, "recovering sandbox"),
+            }
+        }
+        for c in self.containers.all() {
+            let st = c.state();
+            if st.phase != ContainerPhase::Running {
+                continue;
+            }
+            match self.c.task_info(&c.id).await {
+                Ok(Some(t)) if t.status == TaskStatus::Running => {
+                    // Reattach the log copiers to the FIFOs the shim still holds.
+                    let mut live = LiveIo::default();
+                    if !st.log_path.as_os_str().is_empty() {
+                        if let Ok(log) = LogFile::open(&st.log_path) {
+                            for (suffix, stream) in [("stdout", "stdout"), ("stderr", "stderr")] {
+                                let p = self.cfg.fifo_dir().join(format!("{}-{suffix}", c.id));
+                                if p.exists() {
+                                    live.copiers.push(io::spawn_log_copier(p, stream, log.clone()));
+                                }
+                            }
+                            live.log = Some(log);
+                        }
+                    }
+                    self.set_io(&c.id, live);
+                    self.watch_exit(&c.id, Kind::Container);
+                }
+                Ok(Some(t)) => {
+                    // Exited while we were down: record how.
+                    let _ = c.update(|s| {
+                        s.phase = ContainerPhase::Exited;
+                        s.exit_code = t.exit_status as i32;
+                        s.finished_at = if t.exited_at > 0 { t.exited_at } else { now_nanos() };
+                        s.reason = if t.exit_status == 0 { "Completed" } else { "Error" }.into();
+                        s.pid = 0;
+                    });
+                    let _ = self.c.delete_task(&c.id).await;
+                }
+                Ok(None) => {
+                    let _ = c.update(|s| {
+                        s.phase = ContainerPhase::Exited;
+                        s.exit_code = 255;
+                        s.finished_at = now_nanos();
+                        s.reason = "Unknown".into();
+                        s.message = "the task disappeared while imacri was not running".into();
+                        s.pid = 0;
+                    });
+                }
+                Err(e) => tracing::error!(container_id = %c.id, error = %e, "recovering container"),
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! RemovePodSandbox: remove every container, then the pause container and
+//! all the sandbox's files. Removing a missing sandbox succeeds.
+
+use imacri_api::cri;
+use imacri_runtime::{Error, Result};
+use std::sync::Arc;
+
+use super::CriServer;
+
+impl CriServer {
+    pub(crate) async fn remove_pod_sandbox(
+        self: &Arc<Self>,
+        req: cri::RemovePodSandboxRequest,
+    ) -> Result<cri::RemovePodSandboxResponse> {
+        let sb = match self.sandbox(&req.pod_sandbox_id) {
+            Ok(s) => s,
+            Err(Error::NotFound(_)) => return Ok(cri::RemovePodSandboxResponse {}),
+            Err(e) => return Err(e),
+        };
+        for c in self.containers_of(&sb.id) {
+            self.remove_container_entry(&c).await?;
+        }
+        let _op = sb.op.lock().await;
+        let st = sb.state();
+        self.teardown_sandbox(&sb.id, &st.dir, st.netns.as_deref())
+            .await?;
+        self.sandboxes.remove(&sb.id)?;
+        tracing::info!(pod_sandbox_id = %sb.id, "sandbox removed");
+        Ok(cri::RemovePodSandboxResponse {})
+    }
+}

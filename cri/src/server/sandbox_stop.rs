@@ -1,0 +1,34 @@
+//! StopPodSandbox: stop every container, then the pause task; free the
+//! network namespace and shm. Idempotent.
+
+use imacri_api::cri;
+use imacri_runtime::pod::SandboxPhase;
+use imacri_runtime::Result;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::lifecycle::SIGKILL;
+use super::CriServer;
+
+impl CriServer {
+    pub(crate) async fn stop_pod_sandbox(
+        self: &Arc<Self>,
+        req: cri::StopPodSandboxRequest,
+    ) -> Result<cri::StopPodSandboxResponse> {
+        let sb = self.sandbox(&req.pod_sandbox_id)?;
+        for c in self.containers_of(&sb.id) {
+            // kubelet stops containers with their grace period first; what is
+            // left is killed.
+            self.stop_container_entry(&c, Duration::ZERO).await?;
+        }
+        let _op = sb.op.lock().await;
+        self.stop_task(&sb.id, SIGKILL, Duration::ZERO).await?;
+        let st = sb.state();
+        self.release_sandbox_resources(&st.dir, st.netns.as_deref())?;
+        sb.update(|s| {
+            s.phase = SandboxPhase::NotReady;
+            s.pid = 0;
+        })?;
+        Ok(cri::StopPodSandboxResponse {})
+    }
+}

@@ -1,0 +1,83 @@
+//! Version, Status, RuntimeConfig, UpdateRuntimeConfig.
+
+use imacri_api::cri;
+use imacri_runtime::Result;
+use std::collections::HashMap;
+
+use super::{CriServer, HANDLERS};
+
+pub const RUNTIME_NAME: &str = "imacri";
+pub const CRI_VERSION: &str = "v1";
+
+impl CriServer {
+    pub(crate) fn version(&self, _req: cri::VersionRequest) -> cri::VersionResponse {
+        cri::VersionResponse {
+            version: "0.1.0".into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: CRI_VERSION.into(),
+        }
+    }
+
+    pub(crate) async fn snapshotter_root(&self) -> Result<String> {
+        self.c.snapshotter_root(&self.cfg.containerd.snapshotter).await
+    }
+
+    pub(crate) async fn status(&self, req: cri::StatusRequest) -> Result<cri::StatusResponse> {
+        let containerd = self.c.version().await;
+        let runtime_ready = cri::RuntimeCondition {
+            r#type: "RuntimeReady".into(),
+            status: containerd.is_ok(),
+            reason: if containerd.is_ok() { String::new() } else { "ContainerdUnreachable".into() },
+            message: containerd.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+        };
+        let network_ready = cri::RuntimeCondition {
+            r#type: "NetworkReady".into(),
+            status: false,
+            reason: "NetworkPluginNotReady".into(),
+            message: "CNI networking is not available in this imacri version: pods get their own network namespace with no interfaces configured; host-network pods work".into(),
+        };
+        let mut info = HashMap::new();
+        if req.verbose {
+            let v = serde_json::json!({
+                "containerd": containerd.as_ref().map(|v| format!("{} ({})", v.version, v.revision)).ok(),
+                "containerdNamespace": self.c.namespace(),
+                "snapshotter": self.cfg.containerd.snapshotter,
+                "runtime": self.cfg.containerd.runtime,
+                "sandboxImage": self.sandbox_image,
+                "cgroupVersion": format!("{:?}", imacri_runtime::sysinfo::cgroup_version()),
+                "minOomScoreAdj": self.limits.min_oom_score_adj,
+            });
+            info.insert("config".to_string(), v.to_string());
+        }
+        Ok(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus {
+                conditions: vec![runtime_ready, network_ready],
+            }),
+            info,
+            runtime_handlers: HANDLERS
+                .iter()
+                .map(|h| cri::RuntimeHandler {
+                    name: h.to_string(),
+                    features: Some(cri::RuntimeHandlerFeatures {
+                        recursive_read_only_mounts: true,
+                        // Not yet: user namespaces come with the ima work.
+                        user_namespaces: false,
+                    }),
+                })
+                .collect(),
+            features: Some(cri::RuntimeFeatures {
+                supplemental_groups_policy: true,
+                user_namespaces_host_network: false,
+            }),
+        })
+    }
+
+    pub(crate) fn runtime_config(&self) -> cri::RuntimeConfigResponse {
+        cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Test images built from busybox-static: an OCI layout written here, pushed
+//! to the test registry with skopeo.
+
+use anyhow::{bail, Context, Result};
+use flate2::write::GzEncoder;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::process::Command;
+
+pub struct ImageDef {
+    pub config: serde_json::Value,
+    pub files: Vec<(String, Vec<u8>, u32)>,
+    pub links: Vec<(String, String)>,
+    pub dirs: Vec<String>,
+}
+
+const APPLETS: [&str; 28] = [
+    "sh", "echo", "cat", "sleep", "ls", "id", "printf", "head", "true", "false", "env", "wc",
+    "cp", "chmod", "grep", "seq", "kill", "ps", "hostname", "mkdir", "touch", "stat", "readlink",
+    "pwd", "yes", "dd", "mount", "sha256sum",
+];
+
+fn base() -> ImageDef {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (apt-get install busybox-static)");
+    ImageDef {
+        config: serde_json::json!({}),
+        files: vec![
+            ("bin/busybox".into(), busybox, 0o755),
+            (
+                "etc/passwd".into(),
+                b"root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n".to_vec(),
+                0o644,
+            ),
+            ("etc/group".into(), b"root:x:0:\nalice:x:1000:\nwheel:x:10:alice\nnogroup:x:65534:\n".to_vec(), 0o644),
+        ],
+        links: APPLETS.iter().map(|a| (format!("bin/{a}"), "busybox".to_string())).collect(),
+        dirs: vec!["tmp".into(), "root".into(), "home/alice".into(), "proc".into(), "sys".into(), "dev".into(), "etc".into()],
+    }
+}
+
+pub fn busybox() -> ImageDef {
+    let mut d = base();
+    d.config = serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]});
+    d
+}
+
+pub fn configured() -> ImageDef {
+    let mut d = base();
+    d.config = serde_json::json!({
+        "Entrypoint": ["/bin/sh", "-c"],
+        "Cmd": ["echo from-image; id; pwd; echo $GREETING"],
+        "Env": ["PATH=/bin", "GREETING=hello-image"],
+        "User": "alice",
+        "WorkingDir": "/home/alice",
+        "StopSignal": "SIGQUIT"
+    });
+    d
+}
+
+fn layer(def: &ImageDef) -> Result<Vec<u8>> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut dirs: Vec<&String> = def.dirs.iter().collect();
+    dirs.sort();
+    for d in dirs {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(if d == "tmp" { 0o1777 } else { 0o755 });
+        h.set_uid(if d == "home/alice" { 1000 } else { 0 });
+        h.set_gid(if d == "home/alice" { 1000 } else { 0 });
+        h.set_size(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, format!("{d}/"), std::io::empty())?;
+    }
+    for (path, data, mode) in &def.files {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(*mode);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data.as_slice())?;
+    }
+    for (path, target) in &def.links {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        h.set_mtime(0);
+        tar.append_link(&mut h, path, target)?;
+    }
+    Ok(tar.into_inner()?)
+}
+
+fn sha(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+fn put_blob(layout: &Path, data: &[u8]) -> Result<String> {
+    let d = sha(data);
+    let hex = d.trim_start_matches("sha256:");
+    std::fs::write(layout.join("blobs/sha256").join(hex), data)?;
+    Ok(d)
+}
+
+/// Writes the image as an OCI layout and pushes it to `dest` (plain HTTP).
+pub fn build_and_push(base: &Path, def: &ImageDef, dest: &str, creds: Option<(&str, &str)>) -> Result<()> {
+    let layout = tempfile::tempdir_in(base)?;
+    let lp = layout.path();
+    std::fs::create_dir_all(lp.join("blobs/sha256"))?;
+    std::fs::write(lp.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let tar = layer(def)?;
+    let diff_id = sha(&tar);
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar)?;
+    let gz = gz.finish()?;
+    let layer_digest = put_blob(lp, &gz)?;
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": def.config,
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created_by": "imacri integration harness"}]
+    });
+    let config = serde_json::to_vec(&config)?;
+    let config_digest = put_blob(lp, &config)?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": gz.len()}]
+    });
+    let manifest = serde_json::to_vec(&manifest)?;
+    let manifest_digest = put_blob(lp, &manifest)?;
+    // Pushed as an image index, so pulls exercise platform resolution.
+    let nested = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest.len(),
+            "platform": {"architecture": "amd64", "os": "linux"}
+        }]
+    });
+    let nested = serde_json::to_vec(&nested)?;
+    let nested_digest = put_blob(lp, &nested)?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": nested_digest, "size": nested.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "latest"}
+        }]
+    });
+    std::fs::write(lp.join("index.json"), serde_json::to_vec(&index)?)?;
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"]);
+    if let Some((u, p)) = creds {
+        cmd.arg(format!("--dest-creds={u}:{p}"));
+    }
+    let out = cmd
+        .arg(format!("oci:{}:latest", lp.display()))
+        .arg(format!("docker://{dest}"))
+        .output()
+        .context("running skopeo (apt-get install skopeo)")?;
+    if !out.status.success() {
+        bail!("skopeo copy to {dest}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}

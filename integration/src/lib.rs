@@ -1,0 +1,450 @@
+//! Test environment for end-to-end tests: a private containerd (CRI plugin
+//! disabled), Debian's docker-registry on free loopback ports (one anonymous,
+//! one with htpasswd auth), test images built from busybox-static and pushed
+//! with skopeo, and imacri daemons started per test. Nothing here is a mock.
+
+pub mod images;
+
+use anyhow::{anyhow, bail, Context, Result};
+use imacri_api::cri::image_service_client::ImageServiceClient;
+use imacri_api::cri::runtime_service_client::RuntimeServiceClient;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub use imacri_api::cri;
+
+pub struct Env {
+    pub base: PathBuf,
+    pub containerd_sock: PathBuf,
+    pub namespace: String,
+    /// Anonymous registry, "127.0.0.1:PORT".
+    pub registry: String,
+    /// Registry requiring basic auth (user `imacri`, password `secret`).
+    pub auth_registry: String,
+    /// containerd hosts.toml directory; maps registry.k8s.io to `registry`.
+    pub hosts_dir: PathBuf,
+    /// `<registry>/test/busybox:latest`
+    pub busybox: String,
+    /// Image with Entrypoint, User alice, WorkingDir, Env.
+    pub configured: String,
+}
+
+pub const AUTH_USER: &str = "imacri";
+pub const AUTH_PASSWORD: &str = "secret";
+
+static ENV: OnceLock<Env> = OnceLock::new();
+
+/// Spawns long-lived services from a thread that lives as long as the test
+/// process, with PR_SET_PDEATHSIG so they die with it.
+fn spawn_service(mut cmd: Command) -> Result<u32> {
+    static KEEPER: OnceLock<mpsc::Sender<(Command, mpsc::Sender<Result<u32>>)>> = OnceLock::new();
+    let tx = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<(Command, mpsc::Sender<Result<u32>>)>();
+        std::thread::spawn(move || {
+            let mut children = Vec::new();
+            for (mut cmd, reply) in rx {
+                let r = cmd.spawn().map(|c| {
+                    let pid = c.id();
+                    children.push(c);
+                    pid
+                });
+                let _ = reply.send(r.map_err(|e| anyhow!("spawning service: {e}")));
+            }
+        });
+        tx
+    });
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let (rtx, rrx) = mpsc::channel();
+    tx.send((cmd, rtx)).map_err(|_| anyhow!("service keeper gone"))?;
+    rrx.recv().map_err(|_| anyhow!("service keeper gone"))?
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} not ready after {timeout:?}")
+}
+
+fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("integration tests need root (containerd, runc, mounts): run them as root, e.g. via `make test`");
+    }
+}
+
+fn start_registry(base: &Path, name: &str, htpasswd: Option<&Path>) -> Result<String> {
+    let port = free_port();
+    let dir = base.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let auth = htpasswd
+        .map(|p| {
+            format!(
+                "auth:\n  htpasswd:\n    realm: imacri-test\n    path: {}\n",
+                p.display()
+            )
+        })
+        .unwrap_or_default();
+    let cfg = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+        dir.join("data").display()
+    );
+    std::fs::write(dir.join("config.yml"), cfg)?;
+    let log = std::fs::File::create(dir.join("log"))?;
+    let mut cmd = Command::new("docker-registry");
+    cmd.arg("serve")
+        .arg(dir.join("config.yml"))
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    spawn_service(cmd).context("starting docker-registry (apt-get install docker-registry)")?;
+    wait_for("docker-registry", Duration::from_secs(15), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
+    Ok(format!("127.0.0.1:{port}"))
+}
+
+fn start_containerd(base: &Path) -> Result<PathBuf> {
+    let dir = base.join("containerd");
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("containerd.sock");
+    let cfg = format!(
+        "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        sock = sock.display()
+    );
+    std::fs::write(dir.join("config.toml"), cfg)?;
+    let log = std::fs::File::create(dir.join("log"))?;
+    let mut cmd = Command::new("containerd");
+    cmd.arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    spawn_service(cmd).context("starting containerd (apt-get install containerd)")?;
+    wait_for("containerd", Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    })?;
+    Ok(sock)
+}
+
+impl Env {
+    /// The shared environment, started on first use.
+    pub fn get() -> &'static Env {
+        ENV.get_or_init(|| {
+            require_root();
+            Env::start().unwrap_or_else(|e| panic!("test environment: {e:#}"))
+        })
+    }
+
+    fn start() -> Result<Env> {
+        let base = std::env::temp_dir().join(format!("imacri-it-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base)?;
+        let containerd_sock = start_containerd(&base)?;
+        let registry = start_registry(&base, "registry", None)?;
+        let htpasswd = base.join("htpasswd");
+        let hash = bcrypt::hash(AUTH_PASSWORD, 5)?;
+        std::fs::write(&htpasswd, format!("{AUTH_USER}:{hash}\n"))?;
+        let auth_registry = start_registry(&base, "auth-registry", Some(&htpasswd))?;
+
+        let hosts_dir = base.join("certs.d");
+        std::fs::create_dir_all(hosts_dir.join("registry.k8s.io"))?;
+        std::fs::write(
+            hosts_dir.join("registry.k8s.io/hosts.toml"),
+            format!(
+                "server = \"https://registry.k8s.io\"\n[host.\"http://{registry}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )?;
+
+        let busybox = format!("{registry}/test/busybox:latest");
+        images::build_and_push(&base, &images::busybox(), &busybox, None)?;
+        images::build_and_push(&base, &images::busybox(), &format!("{registry}/pause:3.9"), None)?;
+        let configured = format!("{registry}/test/configured:1.0");
+        images::build_and_push(&base, &images::configured(), &configured, None)?;
+        images::build_and_push(
+            &base,
+            &images::busybox(),
+            &format!("{auth_registry}/private/busybox:latest"),
+            Some((AUTH_USER, AUTH_PASSWORD)),
+        )?;
+        Ok(Env {
+            base,
+            containerd_sock,
+            namespace: format!("imacri-it-{}", std::process::id()),
+            registry,
+            auth_registry,
+            hosts_dir,
+            busybox,
+            configured,
+        })
+    }
+
+    /// A containerd connection (to check for leftovers).
+    pub async fn containerd(&self) -> Result<Channel> {
+        Ok(containerd_client::connect(&self.containerd_sock).await?)
+    }
+
+    fn ns<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.metadata_mut()
+            .insert("containerd-namespace", self.namespace.parse().expect("namespace"));
+        r
+    }
+
+    /// containerd containers, tasks, snapshots and leases that mention any
+    /// of `ids` (by ID or key).
+    pub async fn leftovers(&self, ids: &[&str]) -> Result<Vec<String>> {
+        use containerd_client::services::v1::{
+            containers_client::ContainersClient, leases_client::LeasesClient,
+            snapshots::snapshots_client::SnapshotsClient, snapshots::ListSnapshotsRequest,
+            tasks_client::TasksClient, ListContainersRequest, ListRequest, ListTasksRequest,
+        };
+        let ch = self.containerd().await?;
+        let mut found = Vec::new();
+        for c in ContainersClient::new(ch.clone())
+            .list(self.ns(ListContainersRequest { filters: vec![] }))
+            .await?
+            .into_inner()
+            .containers
+        {
+            found.push(format!("container {}", c.id));
+        }
+        for t in TasksClient::new(ch.clone())
+            .list(self.ns(ListTasksRequest { filter: String::new() }))
+            .await?
+            .into_inner()
+            .tasks
+        {
+            found.push(format!("task {}", t.id));
+        }
+        let mut s = SnapshotsClient::new(ch.clone())
+            .list(self.ns(ListSnapshotsRequest {
+                snapshotter: "overlayfs".into(),
+                filters: vec![],
+            }))
+            .await?
+            .into_inner();
+        while let Some(m) = s.message().await? {
+            found.extend(m.info.into_iter().map(|i| format!("snapshot {}", i.name)));
+        }
+        for l in LeasesClient::new(ch)
+            .list(self.ns(ListRequest { filters: vec![] }))
+            .await?
+            .into_inner()
+            .leases
+        {
+            found.push(format!("lease {}", l.id));
+        }
+        Ok(found
+            .into_iter()
+            .filter(|f| ids.iter().any(|id| f.contains(id)))
+            .collect())
+    }
+}
+
+/// Path of the imacri binary (built by `cargo build --bins`; IMACRI_BIN overrides).
+pub fn imacri_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("IMACRI_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/imacri
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("imacri"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --bins` first (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// One imacri daemon with its own socket, root and state.
+pub struct Imacri {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub state: PathBuf,
+    args: Vec<String>,
+}
+
+impl Imacri {
+    pub async fn start(env: &Env) -> Result<Imacri> {
+        Self::start_with(env, &[]).await
+    }
+
+    pub async fn start_with(env: &Env, extra: &[&str]) -> Result<Imacri> {
+        let dir = tempfile::Builder::new().prefix("imacri-").tempdir_in(&env.base)?;
+        let socket = dir.path().join("imacri.sock");
+        let root = dir.path().join("root");
+        let state = dir.path().join("state");
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--config".into(),
+            dir.path().join("none.toml").to_string_lossy().into(),
+            "--socket".into(),
+            socket.to_string_lossy().into(),
+            "--root".into(),
+            root.to_string_lossy().into(),
+            "--state".into(),
+            state.to_string_lossy().into(),
+            "--containerd-address".into(),
+            env.containerd_sock.to_string_lossy().into(),
+            "--containerd-namespace".into(),
+            env.namespace.clone(),
+            "--registry-config-path".into(),
+            env.hosts_dir.to_string_lossy().into(),
+            "--log-level".into(),
+            "info,imacri_cri=debug,imacri_runtime=debug".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        std::fs::write(dir.path().join("none.toml"), "")?;
+        let mut me = Imacri {
+            child: None,
+            dir,
+            socket,
+            root,
+            state,
+            args,
+        };
+        me.spawn().await?;
+        Ok(me)
+    }
+
+    /// Starts (again) the daemon with the same directories.
+    pub async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("imacri.log"))?;
+        let child = Command::new(imacri_bin())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning imacri")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut rt) = self.runtime().await {
+                if rt.version(cri::VersionRequest::default()).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    bail!("imacri exited with {status}: {}", self.log());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("imacri did not come up: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("imacri.log")).unwrap_or_default()
+    }
+
+    pub async fn channel(&self) -> Result<Channel> {
+        Ok(containerd_client::connect(&self.socket).await?)
+    }
+
+    pub async fn runtime(&self) -> Result<RuntimeServiceClient<Channel>> {
+        Ok(RuntimeServiceClient::new(self.channel().await?))
+    }
+
+    pub async fn images(&self) -> Result<ImageServiceClient<Channel>> {
+        Ok(ImageServiceClient::new(self.channel().await?))
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a graceful shutdown.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        c.wait().ok()
+    }
+}
+
+impl Drop for Imacri {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A unique pod config for tests running in parallel.
+pub fn pod_config(name: &str) -> cri::PodSandboxConfig {
+    let uid = format!("{name}-{:08x}", rand::random::<u32>());
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.clone(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: std::env::temp_dir()
+            .join("imacri-it-logs")
+            .join(&uid)
+            .to_string_lossy()
+            .into(),
+        labels: [("app".to_string(), name.to_string())].into(),
+        annotations: [("test".to_string(), "yes".to_string())].into(),
+        linux: Some(cri::LinuxPodSandboxConfig::default()),
+        ..Default::default()
+    }
+}
+
+pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}/0.log"),
+        labels: [("container".to_string(), name.to_string())].into(),
+        ..Default::default()
+    }
+}

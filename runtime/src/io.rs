@@ -1,0 +1,305 @@
+//! Container stdio: FIFOs handed to containerd's shim, copied by imacri into
+//! the CRI log file (`<RFC3339Nano> <stdout|stderr> <F|P> <line>`), and output
+//! capture for ExecSync.
+
+use nix::sys::stat::Mode;
+use nix::unistd::mkfifo;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::{Error, Result};
+
+/// Longest log line written as one entry; longer lines become `P` entries,
+/// as kubelet expects (containerd's max_container_log_line_size default).
+pub const MAX_LOG_LINE: usize = 16 * 1024;
+/// ExecSync output cap (CVE-2022-1708).
+pub const MAX_EXEC_OUTPUT: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, Default)]
+pub struct StdioPaths {
+    pub stdin: Option<PathBuf>,
+    pub stdout: Option<PathBuf>,
+    pub stderr: Option<PathBuf>,
+    pub terminal: bool,
+}
+
+impl StdioPaths {
+    pub fn as_strings(&self) -> (String, String, String) {
+        let s = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        (s(&self.stdin), s(&self.stdout), s(&self.stderr))
+    }
+}
+
+/// Creates FIFOs `<dir>/<name>-{stdin,stdout,stderr}`.
+pub fn create_fifos(dir: &Path, name: &str, stdin: bool, tty: bool) -> Result<StdioPaths> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+    let make = |suffix: &str| -> Result<PathBuf> {
+        let p = dir.join(format!("{name}-{suffix}"));
+        let _ = std::fs::remove_file(&p);
+        mkfifo(&p, Mode::from_bits_truncate(0o600))
+            .map_err(|e| Error::io("creating fifo", &p, e.into()))?;
+        Ok(p)
+    };
+    Ok(StdioPaths {
+        stdin: if stdin { Some(make("stdin")?) } else { None },
+        stdout: Some(make("stdout")?),
+        // With a TTY stdout and stderr are one stream.
+        stderr: if tty { None } else { Some(make("stderr")?) },
+        terminal: tty,
+    })
+}
+
+pub fn remove_fifos(p: &StdioPaths) {
+    for f in [&p.stdin, &p.stdout, &p.stderr].into_iter().flatten() {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// Opens a FIFO without blocking, so a reader stuck in open() returns.
+pub fn unblock_reader(fifo: &Path) {
+    let _ = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
+}
+
+/// Holds a FIFO open for writing without waiting for a reader (O_RDWR), so
+/// an interactive container's stdin stays open.
+pub fn hold_open(fifo: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fifo)
+        .map_err(|e| Error::io("opening fifo", fifo, e))
+}
+
+/// The container's CRI log file, shared by the stdout and stderr copiers and
+/// reopened by ReopenContainerLog.
+#[derive(Clone)]
+pub struct LogFile {
+    path: PathBuf,
+    file: Arc<Mutex<Option<File>>>,
+}
+
+impl LogFile {
+    pub fn open(path: &Path) -> Result<LogFile> {
+        let f = Self::open_file(path)?;
+        Ok(LogFile {
+            path: path.to_path_buf(),
+            file: Arc::new(Mutex::new(Some(f))),
+        })
+    }
+
+    fn open_file(path: &Path) -> Result<File> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io("creating log dir", parent, e))?;
+        }
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .map_err(|e| Error::io("opening container log", path, e))
+    }
+
+    /// Reopens the file at the same path (after kubelet rotated it).
+    pub fn reopen(&self) -> Result<()> {
+        let f = Self::open_file(&self.path)?;
+        let mut g = self
+            .file
+            .lock()
+            .map_err(|_| Error::Internal("log lock poisoned".into()))?;
+        *g = Some(f);
+        Ok(())
+    }
+
+    fn write(&self, data: &[u8]) {
+        if let Ok(mut g) = self.file.lock() {
+            if let Some(f) = g.as_mut() {
+                if let Err(e) = f.write_all(data) {
+                    tracing::warn!(path = %self.path.display(), error = %e, "writing container log");
+                }
+            }
+        }
+    }
+}
+
+fn timestamp() -> String {
+    chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, false)
+}
+
+/// Splits a byte stream into CRI log entries. Keeps partial-line state.
+#[derive(Default)]
+pub struct LogFormatter {
+    pending: Vec<u8>,
+}
+
+impl LogFormatter {
+    /// Formats what `data` completes; `ts` stamps each entry.
+    pub fn push(&mut self, stream: &str, data: &[u8], ts: &str, out: &mut Vec<u8>) {
+        self.pending.extend_from_slice(data);
+        loop {
+            if let Some(nl) = self.pending.iter().position(|b| *b == b'\n') {
+                if nl <= MAX_LOG_LINE {
+                    let line: Vec<u8> = self.pending.drain(..=nl).collect();
+                    entry(out, ts, stream, "F", &line[..line.len() - 1]);
+                    continue;
+                }
+            }
+            if self.pending.len() > MAX_LOG_LINE {
+                let chunk: Vec<u8> = self.pending.drain(..MAX_LOG_LINE).collect();
+                entry(out, ts, stream, "P", &chunk);
+                continue;
+            }
+            break;
+        }
+    }
+
+    /// At end of stream, an unterminated last line is a full entry.
+    pub fn finish(&mut self, stream: &str, ts: &str, out: &mut Vec<u8>) {
+        if !self.pending.is_empty() {
+            let rest = std::mem::take(&mut self.pending);
+            entry(out, ts, stream, "F", &rest);
+        }
+    }
+}
+
+fn entry(out: &mut Vec<u8>, ts: &str, stream: &str, tag: &str, line: &[u8]) {
+    out.extend_from_slice(ts.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(stream.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(tag.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(line);
+    out.push(b'\n');
+}
+
+/// Copies a FIFO into the log until the writer (the shim) closes it. Runs on
+/// its own thread: open() on a FIFO blocks until the shim opens the other end.
+pub fn spawn_log_copier(fifo: PathBuf, stream: &'static str, log: LogFile) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut f = match File::open(&fifo) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(fifo = %fifo.display(), error = %e, "opening fifo");
+                return;
+            }
+        };
+        let mut fmt = LogFormatter::default();
+        let mut buf = vec![0u8; 32 * 1024];
+        let mut out = Vec::with_capacity(64 * 1024);
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    out.clear();
+                    fmt.push(stream, &buf[..n], &timestamp(), &mut out);
+                    if !out.is_empty() {
+                        log.write(&out);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        out.clear();
+        fmt.finish(stream, &timestamp(), &mut out);
+        if !out.is_empty() {
+            log.write(&out);
+        }
+    })
+}
+
+/// Reads a FIFO to the end into memory, keeping at most `cap` bytes (the rest
+/// is read and dropped so the process never blocks on a full pipe).
+pub fn spawn_capture(fifo: PathBuf, cap: usize) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let Ok(mut f) = File::open(&fifo) else {
+            return out;
+        };
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let room = cap.saturating_sub(out.len());
+                    out.extend_from_slice(&buf[..n.min(room)]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        out
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fmt(chunks: &[&[u8]]) -> String {
+        let mut f = LogFormatter::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            f.push("stdout", c, "T", &mut out);
+        }
+        f.finish("stdout", "T", &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn full_lines_across_chunks() {
+        assert_eq!(fmt(&[b"hel", b"lo\nworld\n"]), "T stdout F hello\nT stdout F world\n");
+    }
+
+    #[test]
+    fn unterminated_tail_is_flushed() {
+        assert_eq!(fmt(&[b"a\nb"]), "T stdout F a\nT stdout F b\n");
+    }
+
+    #[test]
+    fn long_lines_become_partial_entries() {
+        let long = vec![b'x'; MAX_LOG_LINE + 10];
+        let mut input = long.clone();
+        input.push(b'\n');
+        let s = fmt(&[&input]);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("T stdout P "));
+        assert_eq!(lines[0].len(), "T stdout P ".len() + MAX_LOG_LINE);
+        assert_eq!(lines[1], format!("T stdout F {}", "x".repeat(10)));
+    }
+
+    #[test]
+    fn empty_lines_are_entries() {
+        assert_eq!(fmt(&[b"\n"]), "T stdout F \n");
+    }
+
+    #[test]
+    fn fifo_round_trip_into_log() {
+        let d = tempfile::tempdir().unwrap();
+        let p = create_fifos(d.path(), "c", false, false).unwrap();
+        let log = LogFile::open(&d.path().join("logs/c.log")).unwrap();
+        let h = spawn_log_copier(p.stdout.clone().unwrap(), "stdout", log);
+        let mut w = OpenOptions::new().write(true).open(p.stdout.as_ref().unwrap()).unwrap();
+        w.write_all(b"one\ntwo").unwrap();
+        drop(w);
+        h.join().unwrap();
+        let text = std::fs::read_to_string(d.path().join("logs/c.log")).unwrap();
+        let entries: Vec<Vec<&str>> = text.lines().map(|l| l.splitn(4, ' ').collect()).collect();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(&entries[0][1..], ["stdout", "F", "one"]);
+        assert_eq!(&entries[1][1..], ["stdout", "F", "two"]);
+        assert!(chrono::DateTime::parse_from_rfc3339(entries[0][0]).is_ok());
+    }
+}

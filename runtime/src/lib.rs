@@ -1,0 +1,18 @@
+//! imacri's domain layer: everything below CRI. No gRPC server types live here;
+//! the `cri` crate validates requests and maps [`Error`] to gRPC codes.
+
+pub mod config;
+pub mod containerd;
+pub mod error;
+pub mod ids;
+pub mod image;
+pub mod io;
+pub mod netns;
+pub mod pod;
+pub mod spec;
+pub mod store;
+pub mod sysinfo;
+pub mod user;
+pub mod mount;
+
+pub use error::{Error, Result};

@@ -1,0 +1,103 @@
+//! Mounting containerd snapshot mounts on the host (to read a container's
+//! /etc/passwd before it runs) and tmpfs for pod shm.
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::path::Path;
+
+use crate::{Error, Result};
+
+fn flag(opt: &str) -> Option<(bool, MsFlags)> {
+    Some(match opt {
+        "ro" => (true, MsFlags::MS_RDONLY),
+        "rw" => (false, MsFlags::MS_RDONLY),
+        "bind" => (true, MsFlags::MS_BIND),
+        "rbind" => (true, MsFlags::MS_BIND | MsFlags::MS_REC),
+        "nosuid" => (true, MsFlags::MS_NOSUID),
+        "nodev" => (true, MsFlags::MS_NODEV),
+        "noexec" => (true, MsFlags::MS_NOEXEC),
+        _ => return None,
+    })
+}
+
+/// Splits mount options into flags and filesystem data.
+pub fn parse_options(options: &[String]) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in options {
+        match flag(o) {
+            Some((true, f)) => flags |= f,
+            Some((false, f)) => flags &= !f,
+            None => data.push(o.as_str()),
+        }
+    }
+    (flags, data.join(","))
+}
+
+/// Mounts containerd's mounts for a snapshot at `target`, read-only.
+pub fn mount_snapshot(mounts: &[containerd_client::types::Mount], target: &Path) -> Result<()> {
+    for m in mounts {
+        let (mut flags, data) = parse_options(&m.options);
+        flags |= MsFlags::MS_RDONLY;
+        let fstype = if m.r#type == "bind" { None } else { Some(m.r#type.as_str()) };
+        mount(
+            Some(m.source.as_str()),
+            target,
+            fstype,
+            flags,
+            (!data.is_empty()).then_some(data.as_str()),
+        )
+        .map_err(|e| Error::io("mounting snapshot at", target, e.into()))?;
+        if flags.contains(MsFlags::MS_BIND) {
+            // A bind mount ignores MS_RDONLY until remounted.
+            let _ = mount(
+                None::<&str>,
+                target,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                None::<&str>,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts everything at `target`; not mounted is fine.
+pub fn unmount_all(target: &Path) -> Result<()> {
+    loop {
+        match umount2(target, MntFlags::MNT_DETACH) {
+            Ok(()) => continue,
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(Error::io("unmounting", target, e.into())),
+        }
+    }
+}
+
+/// A tmpfs for a pod's /dev/shm.
+pub fn mount_shm(target: &Path, size_bytes: u64) -> Result<()> {
+    std::fs::create_dir_all(target).map_err(|e| Error::io("creating", target, e))?;
+    mount(
+        Some("shm"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("mode=1777,size={size_bytes}").as_str()),
+    )
+    .map_err(|e| Error::io("mounting shm at", target, e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let (f, d) = parse_options(&[
+            "ro".into(),
+            "lowerdir=/a:/b".into(),
+            "nosuid".into(),
+            "index=off".into(),
+        ]);
+        assert!(f.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID));
+        assert_eq!(d, "lowerdir=/a:/b,index=off");
+    }
+}

@@ -1,0 +1,59 @@
+//! Persisted lifecycle state of pod sandboxes and containers (the CRI config
+//! itself is stored beside it, see `store`).
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SandboxPhase {
+    /// RunPodSandbox is in progress (a crash here is rolled back at start).
+    Creating,
+    Ready,
+    NotReady,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxState {
+    pub phase: SandboxPhase,
+    pub created_at: i64,
+    pub runtime_handler: String,
+    pub pid: u32,
+    /// None: host network.
+    pub netns: Option<PathBuf>,
+    pub image_id: String,
+    pub image_name: String,
+    /// Volatile directory with hostname, hosts, resolv.conf and shm.
+    pub dir: PathBuf,
+    pub shm: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ContainerPhase {
+    Created,
+    Running,
+    Exited,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerState {
+    pub phase: ContainerPhase,
+    pub sandbox_id: String,
+    pub created_at: i64,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub exit_code: i32,
+    pub reason: String,
+    pub message: String,
+    pub pid: u32,
+    pub image_id: String,
+    /// Name the image was resolved from (the CRI request's image).
+    pub image_name: String,
+    /// A digest reference of the image, for `image_ref`.
+    pub image_ref: String,
+    /// Absolute path of the CRI log; empty when kubelet asked for none.
+    pub log_path: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+    pub stop_signal: i32,
+}
