@@ -205,16 +205,16 @@ impl Env {
         Ok(containerd_client::connect(&self.containerd_sock).await?)
     }
 
-    fn ns<T>(&self, msg: T) -> tonic::Request<T> {
+    fn in_ns<T>(ns: &str, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         r.metadata_mut()
-            .insert("containerd-namespace", self.namespace.parse().expect("namespace"));
+            .insert("containerd-namespace", ns.parse().expect("namespace"));
         r
     }
 
-    /// containerd containers, tasks, snapshots and leases that mention any
-    /// of `ids` (by ID or key).
-    pub async fn leftovers(&self, ids: &[&str]) -> Result<Vec<String>> {
+    /// Everything in `namespace` but images and their committed layers:
+    /// containers, tasks, active snapshots, leases.
+    pub async fn all_objects(&self, namespace: &str) -> Result<Vec<String>> {
         use containerd_client::services::v1::{
             containers_client::ContainersClient, leases_client::LeasesClient,
             snapshots::snapshots_client::SnapshotsClient, snapshots::ListSnapshotsRequest,
@@ -223,7 +223,7 @@ impl Env {
         let ch = self.containerd().await?;
         let mut found = Vec::new();
         for c in ContainersClient::new(ch.clone())
-            .list(self.ns(ListContainersRequest { filters: vec![] }))
+            .list(Self::in_ns(namespace, ListContainersRequest { filters: vec![] }))
             .await?
             .into_inner()
             .containers
@@ -231,7 +231,7 @@ impl Env {
             found.push(format!("container {}", c.id));
         }
         for t in TasksClient::new(ch.clone())
-            .list(self.ns(ListTasksRequest { filter: String::new() }))
+            .list(Self::in_ns(namespace, ListTasksRequest { filter: String::new() }))
             .await?
             .into_inner()
             .tasks
@@ -239,24 +239,41 @@ impl Env {
             found.push(format!("task {}", t.id));
         }
         let mut s = SnapshotsClient::new(ch.clone())
-            .list(self.ns(ListSnapshotsRequest {
-                snapshotter: "overlayfs".into(),
-                filters: vec![],
-            }))
+            .list(Self::in_ns(
+                namespace,
+                ListSnapshotsRequest {
+                    snapshotter: "overlayfs".into(),
+                    filters: vec![],
+                },
+            ))
             .await?
             .into_inner();
         while let Some(m) = s.message().await? {
-            found.extend(m.info.into_iter().map(|i| format!("snapshot {}", i.name)));
+            // Kind 3 = committed (image layers).
+            found.extend(
+                m.info
+                    .into_iter()
+                    .filter(|i| i.kind != 3)
+                    .map(|i| format!("snapshot {}", i.name)),
+            );
         }
         for l in LeasesClient::new(ch)
-            .list(self.ns(ListRequest { filters: vec![] }))
+            .list(Self::in_ns(namespace, ListRequest { filters: vec![] }))
             .await?
             .into_inner()
             .leases
         {
             found.push(format!("lease {}", l.id));
         }
-        Ok(found
+        Ok(found)
+    }
+
+    /// containerd containers, tasks, snapshots and leases that mention any
+    /// of `ids` (by ID or key).
+    pub async fn leftovers(&self, ids: &[&str]) -> Result<Vec<String>> {
+        Ok(self
+            .all_objects(&self.namespace)
+            .await?
             .into_iter()
             .filter(|f| ids.iter().any(|id| f.contains(id)))
             .collect())
@@ -285,6 +302,7 @@ pub fn imacri_bin() -> PathBuf {
 
 /// One imacri daemon with its own socket, root and state.
 pub struct Imacri {
+    pub namespace: String,
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
@@ -298,7 +316,18 @@ impl Imacri {
         Self::start_with(env, &[]).await
     }
 
+    /// An imacri in a containerd namespace of its own, so a test can check
+    /// that nothing at all is left in it.
+    pub async fn start_isolated(env: &Env) -> Result<Imacri> {
+        let ns = format!("iso-{:08x}", rand::random::<u32>());
+        Self::start_full(env, &ns, &[]).await
+    }
+
     pub async fn start_with(env: &Env, extra: &[&str]) -> Result<Imacri> {
+        Self::start_full(env, &env.namespace, extra).await
+    }
+
+    pub async fn start_full(env: &Env, namespace: &str, extra: &[&str]) -> Result<Imacri> {
         let dir = tempfile::Builder::new().prefix("imacri-").tempdir_in(&env.base)?;
         let socket = dir.path().join("imacri.sock");
         let root = dir.path().join("root");
@@ -316,7 +345,7 @@ impl Imacri {
             "--containerd-address".into(),
             env.containerd_sock.to_string_lossy().into(),
             "--containerd-namespace".into(),
-            env.namespace.clone(),
+            namespace.to_string(),
             "--registry-config-path".into(),
             env.hosts_dir.to_string_lossy().into(),
             "--log-level".into(),
@@ -325,6 +354,7 @@ impl Imacri {
         args.extend(extra.iter().map(|s| s.to_string()));
         std::fs::write(dir.path().join("none.toml"), "")?;
         let mut me = Imacri {
+            namespace: namespace.to_string(),
             child: None,
             dir,
             socket,

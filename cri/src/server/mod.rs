@@ -211,7 +211,10 @@ where
             Err(e) => {
                 let status = to_status(&e);
                 match status.code() {
-                    tonic::Code::NotFound | tonic::Code::AlreadyExists | tonic::Code::InvalidArgument => {
+                    tonic::Code::NotFound
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::FailedPrecondition => {
                         tracing::info!(ms, code = ?status.code(), error = %e, "rejected")
                     }
                     _ => tracing::error!(ms, code = ?status.code(), error = %e, "failed"),

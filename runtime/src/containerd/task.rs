@@ -58,8 +58,12 @@ pub struct NewContainer<'a> {
     pub runtime: &'a str,
 }
 
+/// Nanoseconds since the epoch; Go's zero time (year 1) and anything before
+/// 1970 mean "unset".
 fn ts_nanos(t: Option<prost_types::Timestamp>) -> i64 {
-    t.map_or(0, |t| t.seconds * 1_000_000_000 + i64::from(t.nanos))
+    t.filter(|t| t.seconds > 0)
+        .and_then(|t| t.seconds.checked_mul(1_000_000_000)?.checked_add(i64::from(t.nanos)))
+        .unwrap_or(0)
 }
 
 impl Containerd {

@@ -1,0 +1,34 @@
+# imacri: two commands.
+#   make run   installs what is missing, starts containerd (CRI plugin off) and serves CRI
+#   make test  installs what is missing and runs every test (unit + end-to-end)
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+CARGO ?= cargo
+ARGS ?=
+
+.PHONY: deps build run test unit lint bench clean
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	$(CARGO) build --release --bins
+
+run: build
+	@scripts/containerd-up.sh
+	target/release/imacri serve $(ARGS)
+
+# The end-to-end tests start their own containerd, registry and imacri.
+test: deps
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace
+
+unit:
+	$(CARGO) test --workspace --lib --bins
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

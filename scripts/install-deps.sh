@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what imacri needs on Debian 12: containerd, runc, CNI plugins, and
+# (for the tests) the registry, skopeo, umoci and busybox-static. Idempotent:
+# only missing packages are installed.
+set -euo pipefail
+
+packages=(
+  containerd runc containernetworking-plugins iproute2
+  protobuf-compiler pkg-config gcc libc6-dev make
+  docker-registry skopeo umoci busybox-static curl ca-certificates
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts the registry as a service on :5000; the tests run their own.
+if command -v systemctl >/dev/null && systemctl is-active -q docker-registry 2>/dev/null; then
+  systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+if ! command -v cargo >/dev/null; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    echo "cargo is in $HOME/.cargo/bin: add it to PATH" >&2
+  else
+    echo "installing the Rust toolchain with rustup (Debian 12's rustc is too old)"
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  fi
+fi
