@@ -351,6 +351,12 @@ impl Imacri {
             "--log-level".into(),
             "info,imacri_cri=debug,imacri_runtime=debug".into(),
         ];
+        // Flags in `extra` replace the defaults above.
+        for flag in extra.iter().filter(|a| a.starts_with("--")) {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args.drain(i..i + 2);
+            }
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         std::fs::write(dir.path().join("none.toml"), "")?;
         let mut me = Imacri {

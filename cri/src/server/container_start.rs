@@ -33,12 +33,16 @@ impl CriServer {
                 sb.id, c.id
             )));
         }
+        let started_at = now_nanos();
         match self.start_task_io(&c).await {
             Ok(pid) => {
+                // A fast process may have exited (and been recorded) already.
                 c.update(|s| {
-                    s.phase = ContainerPhase::Running;
-                    s.pid = pid;
-                    s.started_at = now_nanos();
+                    s.started_at = started_at;
+                    if s.phase == ContainerPhase::Created {
+                        s.phase = ContainerPhase::Running;
+                        s.pid = pid;
+                    }
                 })?;
                 tracing::info!(container_id = %c.id, pid, "container started");
                 Ok(cri::StartContainerResponse {})

@@ -65,6 +65,9 @@ impl CriServer {
                         if s.phase != ContainerPhase::Exited {
                             s.phase = ContainerPhase::Exited;
                             s.finished_at = if at > 0 { at } else { now_nanos() };
+                            if s.started_at == 0 || s.started_at > s.finished_at {
+                                s.started_at = s.finished_at;
+                            }
                             s.exit_code = code as i32;
                             if s.reason.is_empty() {
                                 s.reason = if code == 0 { "Completed" } else { "Error" }.into();

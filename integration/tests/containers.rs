@@ -1,0 +1,183 @@
+//! Container specs as a process inside sees them: image config, users and
+//! groups, read-only rootfs, mounts, devices, resources, capabilities,
+//! oom_score_adj clamping, sysctls, host network.
+
+use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+use std::time::{Duration, Instant};
+
+fn image(s: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec { image: s.into(), ..Default::default() })
+}
+
+struct Pod {
+    rt: cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    id: String,
+    cfg: cri::PodSandboxConfig,
+}
+
+impl Pod {
+    async fn new(d: &Imacri, cfg: cri::PodSandboxConfig) -> Pod {
+        let mut rt = d.runtime().await.unwrap();
+        let id = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg.clone()), ..Default::default() })
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+            .into_inner()
+            .pod_sandbox_id;
+        Pod { rt, id, cfg }
+    }
+
+    /// Runs a container to completion; returns (exit code, stdout lines).
+    async fn run(&mut self, c: cri::ContainerConfig) -> (i32, Vec<String>) {
+        let name = c.metadata.as_ref().unwrap().name.clone();
+        let id = self
+            .rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: self.id.clone(),
+                config: Some(c),
+                sandbox_config: Some(self.cfg.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"))
+            .into_inner()
+            .container_id;
+        self.rt
+            .start_container(cri::StartContainerRequest { container_id: id.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let st = self
+                .rt
+                .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap();
+            if st.state == cri::ContainerState::ContainerExited as i32 {
+                let log = std::fs::read_to_string(&st.log_path).unwrap_or_default();
+                let out = log
+                    .lines()
+                    .filter_map(|l| l.splitn(4, ' ').nth(3).map(str::to_string))
+                    .collect();
+                return (st.exit_code, out);
+            }
+            assert!(Instant::now() < deadline, "{name} did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn remove(mut self) {
+        self.rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: self.id.clone() }).await.unwrap();
+        self.rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: self.id.clone() }).await.unwrap();
+    }
+}
+
+fn sc(f: impl FnOnce(&mut cri::LinuxContainerSecurityContext)) -> Option<cri::LinuxContainerConfig> {
+    let mut s = cri::LinuxContainerSecurityContext::default();
+    f(&mut s);
+    Some(cri::LinuxContainerConfig { security_context: Some(s), resources: None })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn container_settings_take_effect() {
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    let mut im = d.images().await.unwrap();
+    for i in [&env.busybox, &env.configured] {
+        im.pull_image(cri::PullImageRequest { image: image(i), ..Default::default() }).await.unwrap();
+    }
+    let mut cfg = pod_config("settings");
+    cfg.linux.as_mut().unwrap().sysctls = [("net.ipv4.ip_unprivileged_port_start".to_string(), "80".to_string())].into();
+    let mut pod = Pod::new(&d, cfg).await;
+
+    // Image config: entrypoint + cmd, user by name, working dir, env.
+    let mut c = container_config("configured", &env.configured, &[]);
+    c.command.clear();
+    let (code, out) = pod.run(c).await;
+    assert_eq!(code, 0, "{out:?}");
+    assert_eq!(out[0], "from-image");
+    assert!(out[1].starts_with("uid=1000(alice) gid=1000(alice) groups=10(wheel),1000(alice)"), "{out:?}");
+    assert_eq!(out[2], "/home/alice");
+    assert_eq!(out[3], "hello-image");
+
+    // CRI overrides: args replace the image cmd; run_as_user/group; groups.
+    let mut c = container_config("override", &env.configured, &[]);
+    c.command.clear();
+    c.args = vec!["id".into()];
+    c.linux = sc(|s| {
+        s.run_as_user = Some(cri::Int64Value { value: 0 });
+        s.run_as_group = Some(cri::Int64Value { value: 5 });
+        s.supplemental_groups = vec![1234];
+    });
+    let (_, out) = pod.run(c).await;
+    assert_eq!(out, vec!["uid=0(root) gid=5 groups=5,1234"]);
+    let mut c = container_config("byname", &env.busybox, &["id", "-u"]);
+    c.linux = sc(|s| s.run_as_username = "alice".into());
+    assert_eq!(pod.run(c).await.1, vec!["1000"]);
+
+    // Read-only rootfs; /tmp from a writable mount still works.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("host-file"), "from-host").unwrap();
+    let mut c = container_config("readonly", &env.busybox, &["sh", "-c", "touch /x 2>/dev/null && echo wrote || echo denied; cat /data/host-file; echo; touch /data/new 2>/dev/null && echo rw || echo ro"]);
+    c.linux = sc(|s| s.readonly_rootfs = true);
+    c.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: dir.path().to_string_lossy().into(),
+        readonly: true,
+        ..Default::default()
+    }];
+    assert_eq!(pod.run(c).await.1, vec!["denied", "from-host", "ro"]);
+
+    // Capabilities: drop ALL, add one.
+    let mut c = container_config("caps", &env.busybox, &["sh", "-c", "grep CapEff /proc/self/status"]);
+    c.linux = sc(|s| {
+        s.capabilities = Some(cri::Capability {
+            drop_capabilities: vec!["ALL".into()],
+            add_capabilities: vec!["CAP_NET_RAW".into()],
+            ..Default::default()
+        })
+    });
+    assert_eq!(pod.run(c).await.1, vec!["CapEff:\t0000000000002000"]);
+
+    // Resources and oom_score_adj (clamped to imacri's own).
+    let own: i64 = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap().trim().parse().unwrap();
+    let mut c = container_config("resources", &env.busybox, &["sh", "-c", "cat /proc/self/oom_score_adj; cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max"]);
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            oom_score_adj: -999,
+            cpu_shares: 256,
+            ..Default::default()
+        }),
+        security_context: None,
+    });
+    let out = pod.run(c).await.1;
+    assert_eq!(out[0], own.max(-999).to_string());
+    assert_eq!(out[1], (64u64 << 20).to_string());
+
+    // Devices, sysctls, masked paths, shared /dev/shm, /etc files.
+    let mut c = container_config("devices", &env.busybox, &["sh", "-c", "echo x > /dev/mynull && echo devok; cat /proc/sys/net/ipv4/ip_unprivileged_port_start; head -c 100 /proc/timer_list | wc -c; grep -c settings /etc/hostname; mount | grep -c ' /dev/shm '"]);
+    c.devices = vec![cri::Device { container_path: "/dev/mynull".into(), host_path: "/dev/null".into(), permissions: "rw".into() }];
+    assert_eq!(pod.run(c).await.1, vec!["devok", "80", "0", "1", "1"]);
+
+    // Exit codes are reported.
+    let c = container_config("exit", &env.busybox, &["sh", "-c", "exit 42"]);
+    let (code, _) = pod.run(c).await;
+    assert_eq!(code, 42);
+    pod.remove().await;
+
+    // Host network: the node's hostname, no netns made.
+    let mut cfg = pod_config("hostnet");
+    cfg.linux.as_mut().unwrap().security_context = Some(cri::LinuxSandboxSecurityContext {
+        namespace_options: Some(cri::NamespaceOption { network: cri::NamespaceMode::Node as i32, ..Default::default() }),
+        ..Default::default()
+    });
+    let mut pod = Pod::new(&d, cfg).await;
+    let host = nix::unistd::gethostname().unwrap().to_string_lossy().into_owned();
+    let c = container_config("hostname", &env.busybox, &["hostname"]);
+    assert_eq!(pod.run(c).await.1, vec![host]);
+    assert!(!d.state.join("netns").join(&pod.id).exists());
+    pod.remove().await;
+}
