@@ -20,8 +20,7 @@ run: build
 
 # The end-to-end tests start their own containerd, registry and imacri.
 test: deps
-	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace
+	@scripts/test.sh
 
 unit:
 	$(CARGO) test --workspace --lib --bins

@@ -78,34 +78,87 @@ pub async fn serve(cfg: Config) -> Result<()> {
 pub async fn check(cfg: &Config) -> Result<bool> {
     let mut ok = true;
     let mut line = |name: &str, good: bool, detail: String| {
-        println!("{:<18} {:<8} {detail}", name, if good { "ok" } else { "missing" });
+        println!(
+            "{:<18} {:<8} {detail}",
+            name,
+            if good { "ok" } else { "missing" }
+        );
         if !good && matches!(name, "containerd" | "runc") {
             ok = false;
         }
     };
-    match Containerd::connect(&cfg.containerd.address, &cfg.containerd.namespace, Duration::from_secs(2)).await {
+    match Containerd::connect(
+        &cfg.containerd.address,
+        &cfg.containerd.namespace,
+        Duration::from_secs(2),
+    )
+    .await
+    {
         Ok(c) => {
             let v = c.version().await.map(|v| v.version).unwrap_or_default();
             let cri = c.cri_plugin_loaded().await.unwrap_or(false);
-            line("containerd", true, format!("{} at {}", v, cfg.containerd.address.display()));
+            line(
+                "containerd",
+                true,
+                format!("{} at {}", v, cfg.containerd.address.display()),
+            );
             line(
                 "containerd-cri",
                 !cri,
-                if cri { "containerd's CRI plugin is enabled: disable it (disabled_plugins)".into() } else { "disabled, as required".into() },
+                if cri {
+                    "containerd's CRI plugin is enabled: disable it (disabled_plugins)".into()
+                } else {
+                    "disabled, as required".into()
+                },
             );
         }
         Err(e) => line("containerd", false, e.to_string()),
     }
     let runc = std::process::Command::new("runc").arg("--version").output();
     match runc {
-        Ok(o) if o.status.success() => line("runc", true, String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()),
+        Ok(o) if o.status.success() => line(
+            "runc",
+            true,
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string(),
+        ),
         _ => line("runc", false, "runc not found in PATH".into()),
     }
-    line("cgroups", true, format!("{:?}", imacri_runtime::sysinfo::cgroup_version()));
-    let userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
-    line("user-namespaces", userns > 0, format!("max_user_namespaces={userns}"));
-    line("ima-namespaces", false, "not in this kernel (no IMA namespace support in mainline)".into());
-    line("cni", false, "CNI networking is not implemented in this imacri version".into());
-    line("tpm", Path::new("/dev/tpmrm0").exists(), if Path::new("/dev/tpmrm0").exists() { "/dev/tpmrm0".into() } else { "no /dev/tpmrm0".into() });
+    line(
+        "cgroups",
+        true,
+        format!("{:?}", imacri_runtime::sysinfo::cgroup_version()),
+    );
+    let userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    line(
+        "user-namespaces",
+        userns > 0,
+        format!("max_user_namespaces={userns}"),
+    );
+    line(
+        "ima-namespaces",
+        false,
+        "not in this kernel (no IMA namespace support in mainline)".into(),
+    );
+    line(
+        "cni",
+        false,
+        "CNI networking is not implemented in this imacri version".into(),
+    );
+    line(
+        "tpm",
+        Path::new("/dev/tpmrm0").exists(),
+        if Path::new("/dev/tpmrm0").exists() {
+            "/dev/tpmrm0".into()
+        } else {
+            "no /dev/tpmrm0".into()
+        },
+    );
     Ok(ok)
 }

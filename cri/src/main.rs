@@ -6,7 +6,11 @@ use imacri_runtime::config::{Config, DEFAULT_TOML};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "imacri", version, about = "A CRI runtime with per-pod file integrity")]
+#[command(
+    name = "imacri",
+    version,
+    about = "A CRI runtime with per-pod file integrity"
+)]
 struct Cli {
     /// Config file (default /etc/imacri/config.toml; missing = defaults).
     #[arg(long, global = true)]
@@ -107,7 +111,9 @@ fn init_logging(cfg: &Config) {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Config { cmd: ConfigCmd::Default } => {
+        Cmd::Config {
+            cmd: ConfigCmd::Default,
+        } => {
             print!("{DEFAULT_TOML}");
             Ok(())
         }

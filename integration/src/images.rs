@@ -15,13 +15,39 @@ pub struct ImageDef {
 }
 
 const APPLETS: [&str; 28] = [
-    "sh", "echo", "cat", "sleep", "ls", "id", "printf", "head", "true", "false", "env", "wc",
-    "cp", "chmod", "grep", "seq", "kill", "ps", "hostname", "mkdir", "touch", "stat", "readlink",
-    "pwd", "yes", "dd", "mount", "sha256sum",
+    "sh",
+    "echo",
+    "cat",
+    "sleep",
+    "ls",
+    "id",
+    "printf",
+    "head",
+    "true",
+    "false",
+    "env",
+    "wc",
+    "cp",
+    "chmod",
+    "grep",
+    "seq",
+    "kill",
+    "ps",
+    "hostname",
+    "mkdir",
+    "touch",
+    "stat",
+    "readlink",
+    "pwd",
+    "yes",
+    "dd",
+    "mount",
+    "sha256sum",
 ];
 
 fn base() -> ImageDef {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (apt-get install busybox-static)");
+    let busybox =
+        std::fs::read("/bin/busybox").expect("busybox-static (apt-get install busybox-static)");
     ImageDef {
         config: serde_json::json!({}),
         files: vec![
@@ -104,7 +130,12 @@ fn put_blob(layout: &Path, data: &[u8]) -> Result<String> {
 }
 
 /// Writes the image as an OCI layout and pushes it to `dest` (plain HTTP).
-pub fn build_and_push(base: &Path, def: &ImageDef, dest: &str, creds: Option<(&str, &str)>) -> Result<()> {
+pub fn build_and_push(
+    base: &Path,
+    def: &ImageDef,
+    dest: &str,
+    creds: Option<(&str, &str)>,
+) -> Result<()> {
     let layout = tempfile::tempdir_in(base)?;
     let lp = layout.path();
     std::fs::create_dir_all(lp.join("blobs/sha256"))?;
@@ -163,7 +194,10 @@ pub fn build_and_push(base: &Path, def: &ImageDef, dest: &str, creds: Option<(&s
         .output()
         .context("running skopeo (apt-get install skopeo)")?;
     if !out.status.success() {
-        bail!("skopeo copy to {dest}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "skopeo copy to {dest}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }

@@ -66,7 +66,8 @@ fn spawn_service(mut cmd: Command) -> Result<u32> {
         });
     }
     let (rtx, rrx) = mpsc::channel();
-    tx.send((cmd, rtx)).map_err(|_| anyhow!("service keeper gone"))?;
+    tx.send((cmd, rtx))
+        .map_err(|_| anyhow!("service keeper gone"))?;
     rrx.recv().map_err(|_| anyhow!("service keeper gone"))?
 }
 
@@ -179,7 +180,12 @@ impl Env {
 
         let busybox = format!("{registry}/test/busybox:latest");
         images::build_and_push(&base, &images::busybox(), &busybox, None)?;
-        images::build_and_push(&base, &images::busybox(), &format!("{registry}/pause:3.9"), None)?;
+        images::build_and_push(
+            &base,
+            &images::busybox(),
+            &format!("{registry}/pause:3.9"),
+            None,
+        )?;
         let configured = format!("{registry}/test/configured:1.0");
         images::build_and_push(&base, &images::configured(), &configured, None)?;
         images::build_and_push(
@@ -223,7 +229,10 @@ impl Env {
         let ch = self.containerd().await?;
         let mut found = Vec::new();
         for c in ContainersClient::new(ch.clone())
-            .list(Self::in_ns(namespace, ListContainersRequest { filters: vec![] }))
+            .list(Self::in_ns(
+                namespace,
+                ListContainersRequest { filters: vec![] },
+            ))
             .await?
             .into_inner()
             .containers
@@ -231,7 +240,12 @@ impl Env {
             found.push(format!("container {}", c.id));
         }
         for t in TasksClient::new(ch.clone())
-            .list(Self::in_ns(namespace, ListTasksRequest { filter: String::new() }))
+            .list(Self::in_ns(
+                namespace,
+                ListTasksRequest {
+                    filter: String::new(),
+                },
+            ))
             .await?
             .into_inner()
             .tasks
@@ -328,7 +342,9 @@ impl Imacri {
     }
 
     pub async fn start_full(env: &Env, namespace: &str, extra: &[&str]) -> Result<Imacri> {
-        let dir = tempfile::Builder::new().prefix("imacri-").tempdir_in(&env.base)?;
+        let dir = tempfile::Builder::new()
+            .prefix("imacri-")
+            .tempdir_in(&env.base)?;
         let socket = dir.path().join("imacri.sock");
         let root = dir.path().join("root");
         let state = dir.path().join("state");

@@ -6,7 +6,10 @@ use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::time::{Duration, Instant};
 
 fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec { image: s.into(), ..Default::default() })
+    Some(cri::ImageSpec {
+        image: s.into(),
+        ..Default::default()
+    })
 }
 
 struct Pod {
@@ -19,7 +22,10 @@ impl Pod {
     async fn new(d: &Imacri, cfg: cri::PodSandboxConfig) -> Pod {
         let mut rt = d.runtime().await.unwrap();
         let id = rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg.clone()), ..Default::default() })
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                ..Default::default()
+            })
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
             .into_inner()
@@ -42,14 +48,19 @@ impl Pod {
             .into_inner()
             .container_id;
         self.rt
-            .start_container(cri::StartContainerRequest { container_id: id.clone() })
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
             .await
             .unwrap_or_else(|e| panic!("start {name}: {e}"));
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let st = self
                 .rt
-                .container_status(cri::ContainerStatusRequest { container_id: id.clone(), verbose: false })
+                .container_status(cri::ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                })
                 .await
                 .unwrap()
                 .into_inner()
@@ -69,15 +80,30 @@ impl Pod {
     }
 
     async fn remove(mut self) {
-        self.rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: self.id.clone() }).await.unwrap();
-        self.rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: self.id.clone() }).await.unwrap();
+        self.rt
+            .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: self.id.clone(),
+            })
+            .await
+            .unwrap();
+        self.rt
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: self.id.clone(),
+            })
+            .await
+            .unwrap();
     }
 }
 
-fn sc(f: impl FnOnce(&mut cri::LinuxContainerSecurityContext)) -> Option<cri::LinuxContainerConfig> {
+fn sc(
+    f: impl FnOnce(&mut cri::LinuxContainerSecurityContext),
+) -> Option<cri::LinuxContainerConfig> {
     let mut s = cri::LinuxContainerSecurityContext::default();
     f(&mut s);
-    Some(cri::LinuxContainerConfig { security_context: Some(s), resources: None })
+    Some(cri::LinuxContainerConfig {
+        security_context: Some(s),
+        resources: None,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,10 +112,19 @@ async fn container_settings_take_effect() {
     let d = Imacri::start(env).await.unwrap();
     let mut im = d.images().await.unwrap();
     for i in [&env.busybox, &env.configured] {
-        im.pull_image(cri::PullImageRequest { image: image(i), ..Default::default() }).await.unwrap();
+        im.pull_image(cri::PullImageRequest {
+            image: image(i),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     }
     let mut cfg = pod_config("settings");
-    cfg.linux.as_mut().unwrap().sysctls = [("net.ipv4.ip_unprivileged_port_start".to_string(), "80".to_string())].into();
+    cfg.linux.as_mut().unwrap().sysctls = [(
+        "net.ipv4.ip_unprivileged_port_start".to_string(),
+        "80".to_string(),
+    )]
+    .into();
     let mut pod = Pod::new(&d, cfg).await;
 
     // Image config: entrypoint + cmd, user by name, working dir, env.
@@ -98,7 +133,10 @@ async fn container_settings_take_effect() {
     let (code, out) = pod.run(c).await;
     assert_eq!(code, 0, "{out:?}");
     assert_eq!(out[0], "from-image");
-    assert!(out[1].starts_with("uid=1000(alice) gid=1000(alice) groups=10(wheel),1000(alice)"), "{out:?}");
+    assert!(
+        out[1].starts_with("uid=1000(alice) gid=1000(alice) groups=10(wheel),1000(alice)"),
+        "{out:?}"
+    );
     assert_eq!(out[2], "/home/alice");
     assert_eq!(out[3], "hello-image");
 
@@ -131,7 +169,11 @@ async fn container_settings_take_effect() {
     assert_eq!(pod.run(c).await.1, vec!["denied", "from-host", "ro"]);
 
     // Capabilities: drop ALL, add one.
-    let mut c = container_config("caps", &env.busybox, &["sh", "-c", "grep CapEff /proc/self/status"]);
+    let mut c = container_config(
+        "caps",
+        &env.busybox,
+        &["sh", "-c", "grep CapEff /proc/self/status"],
+    );
     c.linux = sc(|s| {
         s.capabilities = Some(cri::Capability {
             drop_capabilities: vec!["ALL".into()],
@@ -142,7 +184,11 @@ async fn container_settings_take_effect() {
     assert_eq!(pod.run(c).await.1, vec!["CapEff:\t0000000000002000"]);
 
     // Resources and oom_score_adj (clamped to imacri's own).
-    let own: i64 = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap().trim().parse().unwrap();
+    let own: i64 = std::fs::read_to_string("/proc/self/oom_score_adj")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let mut c = container_config("resources", &env.busybox, &["sh", "-c", "cat /proc/self/oom_score_adj; cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max"]);
     c.linux = Some(cri::LinuxContainerConfig {
         resources: Some(cri::LinuxContainerResources {
@@ -159,7 +205,11 @@ async fn container_settings_take_effect() {
 
     // Devices, sysctls, masked paths, shared /dev/shm, /etc files.
     let mut c = container_config("devices", &env.busybox, &["sh", "-c", "echo x > /dev/mynull && echo devok; cat /proc/sys/net/ipv4/ip_unprivileged_port_start; head -c 100 /proc/timer_list | wc -c; grep -c settings /etc/hostname; mount | grep -c ' /dev/shm '"]);
-    c.devices = vec![cri::Device { container_path: "/dev/mynull".into(), host_path: "/dev/null".into(), permissions: "rw".into() }];
+    c.devices = vec![cri::Device {
+        container_path: "/dev/mynull".into(),
+        host_path: "/dev/null".into(),
+        permissions: "rw".into(),
+    }];
     assert_eq!(pod.run(c).await.1, vec!["devok", "80", "0", "1", "1"]);
 
     // Exit codes are reported.
@@ -171,11 +221,17 @@ async fn container_settings_take_effect() {
     // Host network: the node's hostname, no netns made.
     let mut cfg = pod_config("hostnet");
     cfg.linux.as_mut().unwrap().security_context = Some(cri::LinuxSandboxSecurityContext {
-        namespace_options: Some(cri::NamespaceOption { network: cri::NamespaceMode::Node as i32, ..Default::default() }),
+        namespace_options: Some(cri::NamespaceOption {
+            network: cri::NamespaceMode::Node as i32,
+            ..Default::default()
+        }),
         ..Default::default()
     });
     let mut pod = Pod::new(&d, cfg).await;
-    let host = nix::unistd::gethostname().unwrap().to_string_lossy().into_owned();
+    let host = nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let c = container_config("hostname", &env.busybox, &["hostname"]);
     assert_eq!(pod.run(c).await.1, vec![host]);
     assert!(!d.state.join("netns").join(&pod.id).exists());

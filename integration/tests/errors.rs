@@ -6,13 +6,20 @@ use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use tonic::Code;
 
 fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec { image: s.into(), ..Default::default() })
+    Some(cri::ImageSpec {
+        image: s.into(),
+        ..Default::default()
+    })
 }
 
 fn check(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
     let e = r.expect_err("expected an error");
     assert_eq!(e.code(), code, "{e}");
-    assert!(e.message().contains(needle), "message {:?} should mention {needle:?}", e.message());
+    assert!(
+        e.message().contains(needle),
+        "message {:?} should mention {needle:?}",
+        e.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -22,87 +29,162 @@ async fn invalid_requests_are_rejected_with_clear_codes() {
     let mut rt = d.runtime().await.unwrap();
     let mut im = d.images().await.unwrap();
 
-    check(rt.run_pod_sandbox(cri::RunPodSandboxRequest::default()).await, Code::InvalidArgument, "config");
+    check(
+        rt.run_pod_sandbox(cri::RunPodSandboxRequest::default())
+            .await,
+        Code::InvalidArgument,
+        "config",
+    );
     let mut cfg = pod_config("bad");
     cfg.metadata.as_mut().unwrap().uid.clear();
     check(
-        rt.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg), ..Default::default() }).await,
+        rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg),
+            ..Default::default()
+        })
+        .await,
         Code::InvalidArgument,
         "config.metadata.uid",
     );
     check(
-        rt.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(pod_config("bad")), runtime_handler: "kata".into() }).await,
+        rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_config("bad")),
+            runtime_handler: "kata".into(),
+        })
+        .await,
         Code::InvalidArgument,
         "kata",
     );
     let mut cfg = pod_config("bad");
     cfg.log_directory = "relative/dir".into();
     check(
-        rt.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg), ..Default::default() }).await,
+        rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg),
+            ..Default::default()
+        })
+        .await,
         Code::InvalidArgument,
         "log_directory",
     );
     let mut cfg = pod_config("bad");
     cfg.hostname.clear();
     check(
-        rt.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg), ..Default::default() }).await,
+        rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg),
+            ..Default::default()
+        })
+        .await,
         Code::InvalidArgument,
         "hostname",
     );
 
     check(
-        rt.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: "nope".into(), verbose: false }).await,
+        rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: "nope".into(),
+            verbose: false,
+        })
+        .await,
         Code::NotFound,
         "nope",
     );
     check(
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: "nope".into() }).await,
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: "nope".into(),
+        })
+        .await,
         Code::NotFound,
         "nope",
     );
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: "nope".into() }).await.unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: "nope".into(),
+    })
+    .await
+    .unwrap();
     check(
-        rt.container_status(cri::ContainerStatusRequest { container_id: "nope".into(), verbose: false }).await,
+        rt.container_status(cri::ContainerStatusRequest {
+            container_id: "nope".into(),
+            verbose: false,
+        })
+        .await,
         Code::NotFound,
         "nope",
     );
     check(
-        rt.start_container(cri::StartContainerRequest { container_id: "nope".into() }).await,
+        rt.start_container(cri::StartContainerRequest {
+            container_id: "nope".into(),
+        })
+        .await,
         Code::NotFound,
         "nope",
     );
-    rt.remove_container(cri::RemoveContainerRequest { container_id: "nope".into() }).await.unwrap();
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: "nope".into(),
+    })
+    .await
+    .unwrap();
     check(
-        rt.exec_sync(cri::ExecSyncRequest { container_id: "x".into(), cmd: vec![], timeout: 0 }).await,
+        rt.exec_sync(cri::ExecSyncRequest {
+            container_id: "x".into(),
+            cmd: vec![],
+            timeout: 0,
+        })
+        .await,
         Code::InvalidArgument,
         "cmd",
     );
 
     // Images.
-    check(im.pull_image(cri::PullImageRequest::default()).await, Code::InvalidArgument, "image");
     check(
-        im.pull_image(cri::PullImageRequest { image: image("Not A Reference"), ..Default::default() }).await,
+        im.pull_image(cri::PullImageRequest::default()).await,
+        Code::InvalidArgument,
+        "image",
+    );
+    check(
+        im.pull_image(cri::PullImageRequest {
+            image: image("Not A Reference"),
+            ..Default::default()
+        })
+        .await,
         Code::InvalidArgument,
         "Not A Reference",
     );
     check(
-        im.pull_image(cri::PullImageRequest { image: image(&format!("{}/test/missing:1", env.registry)), ..Default::default() }).await,
+        im.pull_image(cri::PullImageRequest {
+            image: image(&format!("{}/test/missing:1", env.registry)),
+            ..Default::default()
+        })
+        .await,
         Code::NotFound,
         "missing",
     );
     let st = im
-        .image_status(cri::ImageStatusRequest { image: image("never-pulled:1"), verbose: false })
+        .image_status(cri::ImageStatusRequest {
+            image: image("never-pulled:1"),
+            verbose: false,
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(st.image.is_none());
-    im.remove_image(cri::RemoveImageRequest { image: image("never-pulled:1") }).await.unwrap();
+    im.remove_image(cri::RemoveImageRequest {
+        image: image("never-pulled:1"),
+    })
+    .await
+    .unwrap();
 
     // Containers in a real pod.
-    im.pull_image(cri::PullImageRequest { image: image(&env.busybox), ..Default::default() }).await.unwrap();
+    im.pull_image(cri::PullImageRequest {
+        image: image(&env.busybox),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let cfg = pod_config("errors");
     let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg.clone()), ..Default::default() })
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -113,47 +195,92 @@ async fn invalid_requests_are_rejected_with_clear_codes() {
         sandbox_config: Some(cfg.clone()),
     };
     check(
-        rt.create_container(create(container_config("c", &env.busybox, &["true"]), "nope")).await,
+        rt.create_container(create(
+            container_config("c", &env.busybox, &["true"]),
+            "nope",
+        ))
+        .await,
         Code::NotFound,
         "nope",
     );
     check(
-        rt.create_container(create(container_config("c", "not-pulled/image:1", &["true"]), &pod)).await,
+        rt.create_container(create(
+            container_config("c", "not-pulled/image:1", &["true"]),
+            &pod,
+        ))
+        .await,
         Code::NotFound,
         "not-pulled/image:1",
     );
     check(
-        rt.create_container(create(container_config("", &env.busybox, &["true"]), &pod)).await,
+        rt.create_container(create(container_config("", &env.busybox, &["true"]), &pod))
+            .await,
         Code::InvalidArgument,
         "config.metadata.name",
     );
     let mut c = container_config("c", &env.busybox, &["true"]);
     c.log_path = "../../../etc/evil".into();
-    check(rt.create_container(create(c, &pod)).await, Code::InvalidArgument, "log_path");
+    check(
+        rt.create_container(create(c, &pod)).await,
+        Code::InvalidArgument,
+        "log_path",
+    );
     let mut c = container_config("c", &env.busybox, &["true"]);
-    c.mounts = vec![cri::Mount { container_path: "/data".into(), host_path: "/does/not/exist".into(), ..Default::default() }];
-    check(rt.create_container(create(c, &pod)).await, Code::InvalidArgument, "/does/not/exist");
+    c.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: "/does/not/exist".into(),
+        ..Default::default()
+    }];
+    check(
+        rt.create_container(create(c, &pod)).await,
+        Code::InvalidArgument,
+        "/does/not/exist",
+    );
     let mut c = container_config("c", &env.busybox, &["true"]);
-    c.mounts = vec![cri::Mount { container_path: "../x".into(), host_path: "/tmp".into(), ..Default::default() }];
-    check(rt.create_container(create(c, &pod)).await, Code::InvalidArgument, "container_path");
+    c.mounts = vec![cri::Mount {
+        container_path: "../x".into(),
+        host_path: "/tmp".into(),
+        ..Default::default()
+    }];
+    check(
+        rt.create_container(create(c, &pod)).await,
+        Code::InvalidArgument,
+        "container_path",
+    );
 
     let first = rt
-        .create_container(create(container_config("dup", &env.busybox, &["true"]), &pod))
+        .create_container(create(
+            container_config("dup", &env.busybox, &["true"]),
+            &pod,
+        ))
         .await
         .unwrap()
         .into_inner()
         .container_id;
     check(
-        rt.create_container(create(container_config("dup", &env.busybox, &["true"]), &pod)).await,
+        rt.create_container(create(
+            container_config("dup", &env.busybox, &["true"]),
+            &pod,
+        ))
+        .await,
         Code::AlreadyExists,
         &first,
     );
     check(
-        rt.exec_sync(cri::ExecSyncRequest { container_id: first.clone(), cmd: vec!["true".into()], timeout: 0 }).await,
+        rt.exec_sync(cri::ExecSyncRequest {
+            container_id: first.clone(),
+            cmd: vec!["true".into()],
+            timeout: 0,
+        })
+        .await,
         Code::FailedPrecondition,
         "not running",
     );
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
     let left = env.leftovers(&[&pod, &first]).await.unwrap();
     assert!(left.is_empty(), "{left:?}");
 }
@@ -164,28 +291,65 @@ async fn failures_roll_back_everything() {
     let d = Imacri::start_isolated(env).await.unwrap();
     let mut rt = d.runtime().await.unwrap();
     let mut im = d.images().await.unwrap();
-    im.pull_image(cri::PullImageRequest { image: image(&env.busybox), ..Default::default() }).await.unwrap();
+    im.pull_image(cri::PullImageRequest {
+        image: image(&env.busybox),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 
     // runc rejects the sysctl at task creation: after netns, shm, snapshot
     // and container were made.
     let mut cfg = pod_config("rollback");
-    cfg.linux.as_mut().unwrap().sysctls = [("kernel.no_such_sysctl".to_string(), "1".to_string())].into();
+    cfg.linux.as_mut().unwrap().sysctls =
+        [("kernel.no_such_sysctl".to_string(), "1".to_string())].into();
     let e = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg.clone()), ..Default::default() })
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_ne!(e.code(), Code::Ok);
-    assert!(env.all_objects(&d.namespace).await.unwrap().is_empty(), "{:?}", env.all_objects(&d.namespace).await);
-    assert_eq!(std::fs::read_dir(d.state.join("netns")).map(|r| r.count()).unwrap_or(0), 0, "netns left");
-    assert_eq!(std::fs::read_dir(d.root.join("sandboxes")).unwrap().count(), 0, "record left");
+    assert!(
+        env.all_objects(&d.namespace).await.unwrap().is_empty(),
+        "{:?}",
+        env.all_objects(&d.namespace).await
+    );
+    assert_eq!(
+        std::fs::read_dir(d.state.join("netns"))
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0,
+        "netns left"
+    );
+    assert_eq!(
+        std::fs::read_dir(d.root.join("sandboxes")).unwrap().count(),
+        0,
+        "record left"
+    );
     let sandboxes_state = d.state.join("sandboxes");
-    assert_eq!(std::fs::read_dir(&sandboxes_state).map(|r| r.count()).unwrap_or(0), 0, "files left");
-    let listed = rt.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap().into_inner().items;
+    assert_eq!(
+        std::fs::read_dir(&sandboxes_state)
+            .map(|r| r.count())
+            .unwrap_or(0),
+        0,
+        "files left"
+    );
+    let listed = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
     assert!(listed.is_empty());
     // The name is free again.
     cfg.linux.as_mut().unwrap().sysctls.clear();
     let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg.clone()), ..Default::default() })
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -202,27 +366,48 @@ async fn failures_roll_back_everything() {
         ..Default::default()
     });
     let e = rt
-        .create_container(cri::CreateContainerRequest { pod_sandbox_id: pod.clone(), config: Some(c), sandbox_config: Some(cfg.clone()) })
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(c),
+            sandbox_config: Some(cfg.clone()),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("no-such-user"), "{e}");
     assert_eq!(env.all_objects(&d.namespace).await.unwrap(), before);
-    assert_eq!(std::fs::read_dir(d.root.join("containers")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(d.root.join("containers"))
+            .unwrap()
+            .count(),
+        0
+    );
 
     // StartContainer fails (no such executable): the container is Exited
     // with StartError and no task is left.
     let c = container_config("bad-cmd", &env.busybox, &["/no/such/binary"]);
     let cid = rt
-        .create_container(cri::CreateContainerRequest { pod_sandbox_id: pod.clone(), config: Some(c), sandbox_config: Some(cfg.clone()) })
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(c),
+            sandbox_config: Some(cfg.clone()),
+        })
         .await
         .unwrap()
         .into_inner()
         .container_id;
-    let e = rt.start_container(cri::StartContainerRequest { container_id: cid.clone() }).await.unwrap_err();
+    let e = rt
+        .start_container(cri::StartContainerRequest {
+            container_id: cid.clone(),
+        })
+        .await
+        .unwrap_err();
     assert!(e.message().contains("/no/such/binary"), "{e}");
     let st = rt
-        .container_status(cri::ContainerStatusRequest { container_id: cid.clone(), verbose: false })
+        .container_status(cri::ContainerStatusRequest {
+            container_id: cid.clone(),
+            verbose: false,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -234,6 +419,10 @@ async fn failures_roll_back_everything() {
     let objs = env.all_objects(&d.namespace).await.unwrap();
     assert!(!objs.contains(&format!("task {cid}")), "{objs:?}");
 
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await.unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
     assert!(env.all_objects(&d.namespace).await.unwrap().is_empty());
 }

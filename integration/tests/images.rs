@@ -5,7 +5,10 @@ use imacri_integration::{cri, Env, Imacri, AUTH_PASSWORD, AUTH_USER};
 use tonic::Code;
 
 fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec { image: s.into(), ..Default::default() })
+    Some(cri::ImageSpec {
+        image: s.into(),
+        ..Default::default()
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -15,19 +18,37 @@ async fn pull_list_status_remove() {
     let mut im = d.images().await.unwrap();
 
     // The built-in pause image is there, pinned.
-    let all = im.list_images(cri::ListImagesRequest::default()).await.unwrap().into_inner().images;
-    let pause = all.iter().find(|i| i.repo_tags.iter().any(|t| t.starts_with("imacri.dev/pause:"))).expect("pause image");
+    let all = im
+        .list_images(cri::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    let pause = all
+        .iter()
+        .find(|i| {
+            i.repo_tags
+                .iter()
+                .any(|t| t.starts_with("imacri.dev/pause:"))
+        })
+        .expect("pause image");
     assert!(pause.pinned);
 
     let id = im
-        .pull_image(cri::PullImageRequest { image: image(&env.busybox), ..Default::default() })
+        .pull_image(cri::PullImageRequest {
+            image: image(&env.busybox),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
         .image_ref;
     // Pulling again is a no-op with the same ID.
     let again = im
-        .pull_image(cri::PullImageRequest { image: image(&env.busybox), ..Default::default() })
+        .pull_image(cri::PullImageRequest {
+            image: image(&env.busybox),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -35,7 +56,10 @@ async fn pull_list_status_remove() {
     assert_eq!(id, again);
 
     let st = im
-        .image_status(cri::ImageStatusRequest { image: image(&env.busybox), verbose: true })
+        .image_status(cri::ImageStatusRequest {
+            image: image(&env.busybox),
+            verbose: true,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -50,12 +74,27 @@ async fn pull_list_status_remove() {
     assert!(st.info["info"].contains("chainID"));
 
     // By ID, by digest, by short ID form.
-    for spec in [id.clone(), img.repo_digests[0].clone(), id.trim_start_matches("sha256:").to_string()] {
-        let st = im.image_status(cri::ImageStatusRequest { image: image(&spec), verbose: false }).await.unwrap().into_inner();
+    for spec in [
+        id.clone(),
+        img.repo_digests[0].clone(),
+        id.trim_start_matches("sha256:").to_string(),
+    ] {
+        let st = im
+            .image_status(cri::ImageStatusRequest {
+                image: image(&spec),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(st.image.map(|i| i.id), Some(id.clone()), "lookup by {spec}");
     }
     let filtered = im
-        .list_images(cri::ListImagesRequest { filter: Some(cri::ImageFilter { image: image(&env.busybox) }) })
+        .list_images(cri::ListImagesRequest {
+            filter: Some(cri::ImageFilter {
+                image: image(&env.busybox),
+            }),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -64,34 +103,84 @@ async fn pull_list_status_remove() {
 
     // Image with a user name and config.
     let cid = im
-        .pull_image(cri::PullImageRequest { image: image(&env.configured), ..Default::default() })
+        .pull_image(cri::PullImageRequest {
+            image: image(&env.configured),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
         .image_ref;
-    let c = im.image_status(cri::ImageStatusRequest { image: image(&cid), verbose: false }).await.unwrap().into_inner().image.unwrap();
+    let c = im
+        .image_status(cri::ImageStatusRequest {
+            image: image(&cid),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .unwrap();
     assert_eq!(c.username, "alice");
     assert_eq!(c.uid, None);
 
-    let fs = im.image_fs_info(cri::ImageFsInfoRequest {}).await.unwrap().into_inner();
+    let fs = im
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let usage = &fs.image_filesystems[0];
     assert!(usage.used_bytes.as_ref().unwrap().value > 1_000_000);
-    assert!(usage.fs_id.as_ref().unwrap().mountpoint.contains("overlayfs"));
+    assert!(usage
+        .fs_id
+        .as_ref()
+        .unwrap()
+        .mountpoint
+        .contains("overlayfs"));
 
-    im.remove_image(cri::RemoveImageRequest { image: image(&env.busybox) }).await.unwrap();
-    im.remove_image(cri::RemoveImageRequest { image: image(&env.busybox) }).await.unwrap();
-    let st = im.image_status(cri::ImageStatusRequest { image: image(&id), verbose: false }).await.unwrap().into_inner();
+    im.remove_image(cri::RemoveImageRequest {
+        image: image(&env.busybox),
+    })
+    .await
+    .unwrap();
+    im.remove_image(cri::RemoveImageRequest {
+        image: image(&env.busybox),
+    })
+    .await
+    .unwrap();
+    let st = im
+        .image_status(cri::ImageStatusRequest {
+            image: image(&id),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(st.image.is_none(), "all names of the image are gone");
-    im.remove_image(cri::RemoveImageRequest { image: image(&cid) }).await.unwrap();
+    im.remove_image(cri::RemoveImageRequest { image: image(&cid) })
+        .await
+        .unwrap();
     assert!(env.all_objects(&d.namespace).await.unwrap().is_empty());
 
     // Restart: the image store is rebuilt from containerd.
     let mut d = d;
-    im.pull_image(cri::PullImageRequest { image: image(&env.busybox), ..Default::default() }).await.unwrap();
+    im.pull_image(cri::PullImageRequest {
+        image: image(&env.busybox),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     d.kill();
     d.spawn().await.unwrap();
     let mut im = d.images().await.unwrap();
-    let st = im.image_status(cri::ImageStatusRequest { image: image(&env.busybox), verbose: false }).await.unwrap().into_inner();
+    let st = im
+        .image_status(cri::ImageStatusRequest {
+            image: image(&env.busybox),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(st.image.map(|i| i.id), Some(id));
 }
 
@@ -103,41 +192,86 @@ async fn registry_auth_and_mirrors() {
     let private = format!("{}/private/busybox:latest", env.auth_registry);
 
     let e = im
-        .pull_image(cri::PullImageRequest { image: image(&private), ..Default::default() })
+        .pull_image(cri::PullImageRequest {
+            image: image(&private),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    assert!(e.message().contains("credentials") || e.message().contains("auth"), "{e}");
-    let wrong = cri::AuthConfig { username: AUTH_USER.into(), password: "wrong".into(), ..Default::default() };
+    assert!(
+        e.message().contains("credentials") || e.message().contains("auth"),
+        "{e}"
+    );
+    let wrong = cri::AuthConfig {
+        username: AUTH_USER.into(),
+        password: "wrong".into(),
+        ..Default::default()
+    };
     let e = im
-        .pull_image(cri::PullImageRequest { image: image(&private), auth: Some(wrong), ..Default::default() })
+        .pull_image(cri::PullImageRequest {
+            image: image(&private),
+            auth: Some(wrong),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     // A failed pull leaves no lease or half-written content.
     assert!(env.all_objects(&d.namespace).await.unwrap().is_empty());
 
-    let good = cri::AuthConfig { username: AUTH_USER.into(), password: AUTH_PASSWORD.into(), ..Default::default() };
-    im.pull_image(cri::PullImageRequest { image: image(&private), auth: Some(good), ..Default::default() })
-        .await
-        .unwrap();
+    let good = cri::AuthConfig {
+        username: AUTH_USER.into(),
+        password: AUTH_PASSWORD.into(),
+        ..Default::default()
+    };
+    im.pull_image(cri::PullImageRequest {
+        image: image(&private),
+        auth: Some(good),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     // The `auth` field form (base64 user:password), as kubelet sends from secrets.
     use base64::Engine;
-    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_USER}:{AUTH_PASSWORD}"));
-    let by_auth = cri::AuthConfig { auth: encoded, ..Default::default() };
-    im.pull_image(cri::PullImageRequest { image: image(&private), auth: Some(by_auth), ..Default::default() })
-        .await
-        .unwrap();
+    let encoded =
+        base64::engine::general_purpose::STANDARD.encode(format!("{AUTH_USER}:{AUTH_PASSWORD}"));
+    let by_auth = cri::AuthConfig {
+        auth: encoded,
+        ..Default::default()
+    };
+    im.pull_image(cri::PullImageRequest {
+        image: image(&private),
+        auth: Some(by_auth),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 
     // hosts.toml: registry.k8s.io is served by the local registry.
     let pause = im
-        .pull_image(cri::PullImageRequest { image: image("registry.k8s.io/pause:3.9"), ..Default::default() })
+        .pull_image(cri::PullImageRequest {
+            image: image("registry.k8s.io/pause:3.9"),
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
         .into_inner()
         .image_ref;
-    let st = im.image_status(cri::ImageStatusRequest { image: image("registry.k8s.io/pause:3.9"), verbose: false }).await.unwrap().into_inner();
+    let st = im
+        .image_status(cri::ImageStatusRequest {
+            image: image("registry.k8s.io/pause:3.9"),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let img = st.image.unwrap();
     assert_eq!(img.id, pause);
-    assert!(img.repo_tags.contains(&"registry.k8s.io/pause:3.9".to_string()), "{:?}", img.repo_tags);
+    assert!(
+        img.repo_tags
+            .contains(&"registry.k8s.io/pause:3.9".to_string()),
+        "{:?}",
+        img.repo_tags
+    );
 }

@@ -38,12 +38,19 @@ async fn pod_and_container_lifecycle() {
     let mut rt = d.runtime().await.unwrap();
     let mut im = d.images().await.unwrap();
 
-    let v = rt.version(cri::VersionRequest::default()).await.unwrap().into_inner();
+    let v = rt
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(v.runtime_name, "imacri");
     assert_eq!(v.runtime_api_version, "v1");
 
     let pulled = im
-        .pull_image(cri::PullImageRequest { image: image(&env.busybox), ..Default::default() })
+        .pull_image(cri::PullImageRequest {
+            image: image(&env.busybox),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -51,13 +58,19 @@ async fn pod_and_container_lifecycle() {
 
     let cfg = pod_config("lifecycle");
     let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg.clone()), runtime_handler: String::new() })
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: String::new(),
+        })
         .await
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", d.log()))
         .into_inner()
         .pod_sandbox_id;
     let st = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: true })
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: true,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -70,7 +83,10 @@ async fn pod_and_container_lifecycle() {
 
     // Same metadata again: AlreadyExists naming the existing pod.
     let dup = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(cfg.clone()), runtime_handler: String::new() })
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            runtime_handler: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(dup.code(), tonic::Code::AlreadyExists);
@@ -82,7 +98,10 @@ async fn pod_and_container_lifecycle() {
         &["sh", "-c", "trap '' TERM; echo hello; echo oops >&2; echo $MY_ENV; hostname; while true; do sleep 1; done"],
     );
     let c = cri::ContainerConfig {
-        envs: vec![cri::KeyValue { key: "MY_ENV".into(), value: "from-cri".into() }],
+        envs: vec![cri::KeyValue {
+            key: "MY_ENV".into(),
+            value: "from-cri".into(),
+        }],
         ..c
     };
     let cid = rt
@@ -96,7 +115,10 @@ async fn pod_and_container_lifecycle() {
         .into_inner()
         .container_id;
     let s = rt
-        .container_status(cri::ContainerStatusRequest { container_id: cid.clone(), verbose: false })
+        .container_status(cri::ContainerStatusRequest {
+            container_id: cid.clone(),
+            verbose: false,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -104,25 +126,43 @@ async fn pod_and_container_lifecycle() {
         .unwrap();
     assert_eq!(s.state, cri::ContainerState::ContainerCreated as i32);
 
-    rt.start_container(cri::StartContainerRequest { container_id: cid.clone() })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", d.log()));
+    rt.start_container(cri::StartContainerRequest {
+        container_id: cid.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", d.log()));
     let log_path = std::path::Path::new(&cfg.log_directory).join("printer/0.log");
     wait_until("container log", Duration::from_secs(10), || {
         let p = log_path.clone();
-        async move { std::fs::read_to_string(&p).map(|t| t.lines().count() >= 4).unwrap_or(false) }
+        async move {
+            std::fs::read_to_string(&p)
+                .map(|t| t.lines().count() >= 4)
+                .unwrap_or(false)
+        }
     })
     .await;
     let log = std::fs::read_to_string(&log_path).unwrap();
     let entries: Vec<Vec<&str>> = log.lines().map(|l| l.splitn(4, ' ').collect()).collect();
     assert!(entries.iter().all(|e| e.len() == 4 && e[2] == "F"), "{log}");
-    assert!(entries.iter().any(|e| e[1] == "stdout" && e[3] == "hello"), "{log}");
-    assert!(entries.iter().any(|e| e[1] == "stderr" && e[3] == "oops"), "{log}");
+    assert!(
+        entries.iter().any(|e| e[1] == "stdout" && e[3] == "hello"),
+        "{log}"
+    );
+    assert!(
+        entries.iter().any(|e| e[1] == "stderr" && e[3] == "oops"),
+        "{log}"
+    );
     assert!(entries.iter().any(|e| e[3] == "from-cri"), "{log}");
-    assert!(entries.iter().any(|e| e[3] == "lifecycle"), "hostname: {log}");
+    assert!(
+        entries.iter().any(|e| e[3] == "lifecycle"),
+        "hostname: {log}"
+    );
 
     let s = rt
-        .container_status(cri::ContainerStatusRequest { container_id: cid.clone(), verbose: true })
+        .container_status(cri::ContainerStatusRequest {
+            container_id: cid.clone(),
+            verbose: true,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -131,14 +171,22 @@ async fn pod_and_container_lifecycle() {
     assert!(status.started_at > 0);
     assert_eq!(status.log_path, log_path.to_string_lossy());
     assert_eq!(status.image_id, pulled.image_ref);
-    assert!(status.image_ref.contains("@sha256:"), "{}", status.image_ref);
+    assert!(
+        status.image_ref.contains("@sha256:"),
+        "{}",
+        status.image_ref
+    );
     assert!(s.info["info"].contains("runtimeSpec"));
 
     // ExecSync: output, exit code, timeout.
     let r = rt
         .exec_sync(cri::ExecSyncRequest {
             container_id: cid.clone(),
-            cmd: vec!["sh".into(), "-c".into(), "echo out; echo err >&2; exit 3".into()],
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo out; echo err >&2; exit 3".into(),
+            ],
             timeout: 10,
         })
         .await
@@ -149,7 +197,11 @@ async fn pod_and_container_lifecycle() {
     assert_eq!(r.exit_code, 3);
     let t = Instant::now();
     let e = rt
-        .exec_sync(cri::ExecSyncRequest { container_id: cid.clone(), cmd: vec!["sleep".into(), "30".into()], timeout: 1 })
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: cid.clone(),
+            cmd: vec!["sleep".into(), "30".into()],
+            timeout: 1,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
@@ -160,7 +212,9 @@ async fn pod_and_container_lifecycle() {
         .list_containers(cri::ListContainersRequest {
             filter: Some(cri::ContainerFilter {
                 pod_sandbox_id: pod.clone(),
-                state: Some(cri::ContainerStateValue { state: cri::ContainerState::ContainerRunning as i32 }),
+                state: Some(cri::ContainerStateValue {
+                    state: cri::ContainerState::ContainerRunning as i32,
+                }),
                 label_selector: [("container".to_string(), "printer".to_string())].into(),
                 ..Default::default()
             }),
@@ -185,7 +239,10 @@ async fn pod_and_container_lifecycle() {
     assert!(none.iter().all(|c| c.id != cid));
     let pods = rt
         .list_pod_sandbox(cri::ListPodSandboxRequest {
-            filter: Some(cri::PodSandboxFilter { id: pod[..12].to_string(), ..Default::default() }),
+            filter: Some(cri::PodSandboxFilter {
+                id: pod[..12].to_string(),
+                ..Default::default()
+            }),
         })
         .await
         .unwrap()
@@ -195,12 +252,21 @@ async fn pod_and_container_lifecycle() {
 
     // Stop: the shell ignores SIGTERM, so the timeout ends in SIGKILL.
     let t = Instant::now();
-    rt.stop_container(cri::StopContainerRequest { container_id: cid.clone(), timeout: 1 })
-        .await
-        .unwrap_or_else(|e| panic!("StopContainer: {e}\n{}", d.log()));
-    assert!(t.elapsed() >= Duration::from_millis(900), "stopped before the timeout");
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: cid.clone(),
+        timeout: 1,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StopContainer: {e}\n{}", d.log()));
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "stopped before the timeout"
+    );
     let status = rt
-        .container_status(cri::ContainerStatusRequest { container_id: cid.clone(), verbose: false })
+        .container_status(cri::ContainerStatusRequest {
+            container_id: cid.clone(),
+            verbose: false,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -211,33 +277,80 @@ async fn pod_and_container_lifecycle() {
     assert!(status.finished_at >= status.started_at);
     assert_eq!(status.reason, "Error");
     // Idempotent stop.
-    rt.stop_container(cri::StopContainerRequest { container_id: cid.clone(), timeout: 0 }).await.unwrap();
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: cid.clone(),
+        timeout: 0,
+    })
+    .await
+    .unwrap();
     // The log survives the exit.
-    assert!(std::fs::read_to_string(&log_path).unwrap().contains("hello"));
+    assert!(std::fs::read_to_string(&log_path)
+        .unwrap()
+        .contains("hello"));
     let e = rt
-        .exec_sync(cri::ExecSyncRequest { container_id: cid.clone(), cmd: vec!["true".into()], timeout: 0 })
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: cid.clone(),
+            cmd: vec!["true".into()],
+            timeout: 0,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
 
-    rt.remove_container(cri::RemoveContainerRequest { container_id: cid.clone() }).await.unwrap();
-    rt.remove_container(cri::RemoveContainerRequest { container_id: cid.clone() }).await.unwrap();
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: cid.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: cid.clone(),
+    })
+    .await
+    .unwrap();
     let e = rt
-        .container_status(cri::ContainerStatusRequest { container_id: cid.clone(), verbose: false })
+        .container_status(cri::ContainerStatusRequest {
+            container_id: cid.clone(),
+            verbose: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
 
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
     let st = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: false })
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(st.status.unwrap().state, cri::PodSandboxState::SandboxNotready as i32);
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await.unwrap();
-    assert!(!d.state.join("netns").join(&pod).exists(), "netns left behind");
+    assert_eq!(
+        st.status.unwrap().state,
+        cri::PodSandboxState::SandboxNotready as i32
+    );
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        !d.state.join("netns").join(&pod).exists(),
+        "netns left behind"
+    );
     assert_no_leftovers(env, &[&pod, &cid]).await;
 }

@@ -100,7 +100,8 @@ impl LogFile {
 
     fn open_file(path: &Path) -> Result<File> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io("creating log dir", parent, e))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io("creating log dir", parent, e))?;
         }
         OpenOptions::new()
             .create(true)
@@ -259,7 +260,10 @@ mod tests {
 
     #[test]
     fn full_lines_across_chunks() {
-        assert_eq!(fmt(&[b"hel", b"lo\nworld\n"]), "T stdout F hello\nT stdout F world\n");
+        assert_eq!(
+            fmt(&[b"hel", b"lo\nworld\n"]),
+            "T stdout F hello\nT stdout F world\n"
+        );
     }
 
     #[test]
@@ -291,7 +295,10 @@ mod tests {
         let p = create_fifos(d.path(), "c", false, false).unwrap();
         let log = LogFile::open(&d.path().join("logs/c.log")).unwrap();
         let h = spawn_log_copier(p.stdout.clone().unwrap(), "stdout", log);
-        let mut w = OpenOptions::new().write(true).open(p.stdout.as_ref().unwrap()).unwrap();
+        let mut w = OpenOptions::new()
+            .write(true)
+            .open(p.stdout.as_ref().unwrap())
+            .unwrap();
         w.write_all(b"one\ntwo").unwrap();
         drop(w);
         h.join().unwrap();

@@ -7,12 +7,12 @@ pub mod error;
 pub mod ids;
 pub mod image;
 pub mod io;
+pub mod mount;
 pub mod netns;
 pub mod pod;
 pub mod spec;
 pub mod store;
 pub mod sysinfo;
 pub mod user;
-pub mod mount;
 
 pub use error::{Error, Result};

@@ -38,7 +38,11 @@ pub fn mount_snapshot(mounts: &[containerd_client::types::Mount], target: &Path)
     for m in mounts {
         let (mut flags, data) = parse_options(&m.options);
         flags |= MsFlags::MS_RDONLY;
-        let fstype = if m.r#type == "bind" { None } else { Some(m.r#type.as_str()) };
+        let fstype = if m.r#type == "bind" {
+            None
+        } else {
+            Some(m.r#type.as_str())
+        };
         mount(
             Some(m.source.as_str()),
             target,

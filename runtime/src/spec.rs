@@ -122,20 +122,43 @@ fn base_mounts(readonly_sys: bool) -> Result<Vec<Mount>> {
             "/dev/pts",
             "devpts",
             "devpts",
-            &["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+            &[
+                "nosuid",
+                "noexec",
+                "newinstance",
+                "ptmxmode=0666",
+                "mode=0620",
+                "gid=5",
+            ],
         )?,
-        mount("/dev/mqueue", "mqueue", "mqueue", &["nosuid", "noexec", "nodev"])?,
+        mount(
+            "/dev/mqueue",
+            "mqueue",
+            "mqueue",
+            &["nosuid", "noexec", "nodev"],
+        )?,
         mount(
             "/sys",
             "sysfs",
             "sysfs",
-            &["nosuid", "noexec", "nodev", if readonly_sys { "ro" } else { "rw" }],
+            &[
+                "nosuid",
+                "noexec",
+                "nodev",
+                if readonly_sys { "ro" } else { "rw" },
+            ],
         )?,
         mount(
             "/sys/fs/cgroup",
             "cgroup",
             "cgroup",
-            &["nosuid", "noexec", "nodev", "relatime", if readonly_sys { "ro" } else { "rw" }],
+            &[
+                "nosuid",
+                "noexec",
+                "nodev",
+                "relatime",
+                if readonly_sys { "ro" } else { "rw" },
+            ],
         )?,
     ])
 }
@@ -161,12 +184,18 @@ pub fn merge_env(image_env: &[String], cri_env: &[cri::KeyValue]) -> Vec<String>
         order.insert(0, "PATH".into());
         values.insert("PATH".into(), DEFAULT_PATH.into());
     }
-    order.into_iter().filter_map(|k| values.remove(&k)).collect()
+    order
+        .into_iter()
+        .filter_map(|k| values.remove(&k))
+        .collect()
 }
 
 /// containerd's rule: command replaces the entrypoint (and drops image cmd);
 /// args alone replace the image cmd.
-pub fn process_args(config: &cri::ContainerConfig, image: &ImageConfiguration) -> Result<Vec<String>> {
+pub fn process_args(
+    config: &cri::ContainerConfig,
+    image: &ImageConfiguration,
+) -> Result<Vec<String>> {
     let ic = image.config().as_ref();
     let entrypoint = ic.and_then(|c| c.entrypoint().clone()).unwrap_or_default();
     let cmd = ic.and_then(|c| c.cmd().clone()).unwrap_or_default();
@@ -190,10 +219,14 @@ pub fn process_args(config: &cri::ContainerConfig, image: &ImageConfiguration) -
 pub fn validate_container_path(field: &str, p: &str) -> Result<()> {
     let path = Path::new(p);
     if !path.is_absolute() {
-        return Err(Error::InvalidArgument(format!("{field} {p:?} must be an absolute path")));
+        return Err(Error::InvalidArgument(format!(
+            "{field} {p:?} must be an absolute path"
+        )));
     }
     if path.components().any(|c| c == Component::ParentDir) {
-        return Err(Error::InvalidArgument(format!("{field} {p:?} must not contain \"..\"")));
+        return Err(Error::InvalidArgument(format!(
+            "{field} {p:?} must not contain \"..\""
+        )));
     }
     Ok(())
 }
@@ -220,13 +253,47 @@ fn all_caps() -> HashSet<Capability> {
 /// Names of every capability runc 1.1 knows, in capability-number order.
 mod strum_like {
     pub const ALL: [&str; 41] = [
-        "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
-        "SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST",
-        "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO",
-        "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
-        "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
-        "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM",
-        "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "DAC_READ_SEARCH",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "LINUX_IMMUTABLE",
+        "NET_BIND_SERVICE",
+        "NET_BROADCAST",
+        "NET_ADMIN",
+        "NET_RAW",
+        "IPC_LOCK",
+        "IPC_OWNER",
+        "SYS_MODULE",
+        "SYS_RAWIO",
+        "SYS_CHROOT",
+        "SYS_PTRACE",
+        "SYS_PACCT",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_NICE",
+        "SYS_RESOURCE",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "MKNOD",
+        "LEASE",
+        "AUDIT_WRITE",
+        "AUDIT_CONTROL",
+        "SETFCAP",
+        "MAC_OVERRIDE",
+        "MAC_ADMIN",
+        "SYSLOG",
+        "WAKE_ALARM",
+        "BLOCK_SUSPEND",
+        "AUDIT_READ",
+        "PERFMON",
+        "BPF",
+        "CHECKPOINT_RESTORE",
     ];
 }
 
@@ -259,7 +326,11 @@ pub fn capabilities(
         }
         // Adds win over "drop ALL", as in containerd.
         for a in &c.add_capabilities {
-            if !a.eq_ignore_ascii_case("ALL") && c.drop_capabilities.iter().any(|d| d.eq_ignore_ascii_case("ALL")) {
+            if !a.eq_ignore_ascii_case("ALL")
+                && c.drop_capabilities
+                    .iter()
+                    .any(|d| d.eq_ignore_ascii_case("ALL"))
+            {
                 caps.insert(parse_capability(a)?);
             }
         }
@@ -363,11 +434,21 @@ pub fn sandbox_spec(
         .as_ref()
         .and_then(|c| c.entrypoint().clone())
         .unwrap_or_default();
-    args.extend(image.config().as_ref().and_then(|c| c.cmd().clone()).unwrap_or_default());
+    args.extend(
+        image
+            .config()
+            .as_ref()
+            .and_then(|c| c.cmd().clone())
+            .unwrap_or_default(),
+    );
     if args.is_empty() {
         args = vec!["/pause".into()];
     }
-    let image_env = image.config().as_ref().and_then(|c| c.env().clone()).unwrap_or_default();
+    let image_env = image
+        .config()
+        .as_ref()
+        .and_then(|c| c.env().clone())
+        .unwrap_or_default();
     let (uid, gid) = match (&sc.run_as_user, &sc.run_as_group) {
         (Some(u), g) => (u.value as u32, g.as_ref().map_or(0, |g| g.value as u32)),
         (None, Some(_)) => {
@@ -413,19 +494,34 @@ pub fn sandbox_spec(
         .cgroups_path(PathBuf::from(cgroup_path(&linux_cfg.cgroup_parent, id)))
         .resources(res)
         .sysctl(linux_cfg.sysctls.clone())
-        .masked_paths(DEFAULT_MASKED_PATHS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .readonly_paths(DEFAULT_READONLY_PATHS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .masked_paths(
+            DEFAULT_MASKED_PATHS
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        )
+        .readonly_paths(
+            DEFAULT_READONLY_PATHS
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        )
         .build())?;
-    let mut b = SpecBuilder::default()
+    let b = SpecBuilder::default()
         .version("1.0.2")
-        .root(oci(RootBuilder::default().path("rootfs").readonly(true).build())?)
+        .root(oci(RootBuilder::default()
+            .path("rootfs")
+            .readonly(true)
+            .build())?)
         .process(process)
         .mounts(base_mounts(true)?)
         .linux(linux)
         .annotations(sandbox_annotations(id, config));
     let mut spec = oci(b.build())?;
     // oci-spec's defaults would name every host "youki".
-    spec.set_hostname((netns.is_some() && !config.hostname.is_empty()).then(|| config.hostname.clone()));
+    spec.set_hostname(
+        (netns.is_some() && !config.hostname.is_empty()).then(|| config.hostname.clone()),
+    );
     clear_process_defaults(&mut spec);
     Ok(spec)
 }
@@ -518,10 +614,16 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
         validate_container_path("working_dir", &config.working_dir)?;
         config.working_dir.clone()
     } else {
-        ic.working_dir().clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into())
+        ic.working_dir()
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into())
     };
     let caps = capabilities(Some(&sc))?;
-    let oom = clamp_oom(lc.resources.as_ref().map_or(0, |r| r.oom_score_adj), i.limits);
+    let oom = clamp_oom(
+        lc.resources.as_ref().map_or(0, |r| r.oom_score_adj),
+        i.limits,
+    );
     let process = oci(ProcessBuilder::default()
         .terminal(config.tty)
         .args(args)
@@ -543,14 +645,23 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
     if net_mode != cri::NamespaceMode::Node as i32 {
         namespaces.push(ns(
             LinuxNamespaceType::Network,
-            Some(i.shared.netns.clone().unwrap_or_else(|| format!("{pause}/net").into())),
+            Some(
+                i.shared
+                    .netns
+                    .clone()
+                    .unwrap_or_else(|| format!("{pause}/net").into()),
+            ),
         )?);
-        namespaces.push(ns(LinuxNamespaceType::Uts, Some(format!("{pause}/uts").into()))?);
+        namespaces.push(ns(
+            LinuxNamespaceType::Uts,
+            Some(format!("{pause}/uts").into()),
+        )?);
     }
     match cri::NamespaceMode::try_from(pid_mode).unwrap_or(cri::NamespaceMode::Pod) {
-        cri::NamespaceMode::Pod => {
-            namespaces.push(ns(LinuxNamespaceType::Pid, Some(format!("{pause}/pid").into()))?)
-        }
+        cri::NamespaceMode::Pod => namespaces.push(ns(
+            LinuxNamespaceType::Pid,
+            Some(format!("{pause}/pid").into()),
+        )?),
         cri::NamespaceMode::Container => namespaces.push(ns(LinuxNamespaceType::Pid, None)?),
         cri::NamespaceMode::Node => {}
         cri::NamespaceMode::Target => {
@@ -560,11 +671,18 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
         }
     }
     if ipc_mode != cri::NamespaceMode::Node as i32 {
-        namespaces.push(ns(LinuxNamespaceType::Ipc, Some(format!("{pause}/ipc").into()))?);
+        namespaces.push(ns(
+            LinuxNamespaceType::Ipc,
+            Some(format!("{pause}/ipc").into()),
+        )?);
     }
 
     let mut mounts = base_mounts(!sc.privileged)?;
-    let user_paths: HashSet<&str> = config.mounts.iter().map(|m| m.container_path.as_str()).collect();
+    let user_paths: HashSet<&str> = config
+        .mounts
+        .iter()
+        .map(|m| m.container_path.as_str())
+        .collect();
     let etc = [
         ("/etc/hostname", &i.shared.hostname_file),
         ("/etc/hosts", &i.shared.hosts_file),
@@ -579,7 +697,10 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
         }
     }
     if !user_paths.contains("/dev/shm") {
-        match (&i.shared.shm_dir, ipc_mode == cri::NamespaceMode::Node as i32) {
+        match (
+            &i.shared.shm_dir,
+            ipc_mode == cri::NamespaceMode::Node as i32,
+        ) {
             (_, true) => mounts.push(bind("/dev/shm", Path::new("/dev/shm"), &["rw"])?),
             (Some(shm), false) => mounts.push(bind("/dev/shm", shm, &["rw"])?),
             (None, false) => mounts.push(mount(
@@ -605,7 +726,10 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
     let mut devices = Vec::new();
     let mut dev_rules = res.devices().clone().unwrap_or_default();
     if sc.privileged {
-        dev_rules = vec![oci(LinuxDeviceCgroupBuilder::default().allow(true).access("rwm").build())?];
+        dev_rules = vec![oci(LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .access("rwm")
+            .build())?];
     }
     for d in &config.devices {
         let (dev, rule) = device(d)?;
@@ -626,7 +750,9 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
         .resources(res)
         .devices(devices);
     if sc.privileged {
-        lb = lb.masked_paths(Vec::<String>::new()).readonly_paths(Vec::<String>::new());
+        lb = lb
+            .masked_paths(Vec::<String>::new())
+            .readonly_paths(Vec::<String>::new());
     } else {
         let masked = if sc.masked_paths.is_empty() {
             DEFAULT_MASKED_PATHS.iter().map(|s| s.to_string()).collect()
@@ -634,7 +760,10 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
             sc.masked_paths.clone()
         };
         let ro = if sc.readonly_paths.is_empty() {
-            DEFAULT_READONLY_PATHS.iter().map(|s| s.to_string()).collect()
+            DEFAULT_READONLY_PATHS
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
         } else {
             sc.readonly_paths.clone()
         };
@@ -645,13 +774,26 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
     }
     let mut annotations = config.annotations.clone();
     annotations.extend([
-        ("io.kubernetes.cri.container-type".to_string(), "container".to_string()),
-        ("io.kubernetes.cri.sandbox-id".to_string(), i.sandbox_id.to_string()),
+        (
+            "io.kubernetes.cri.container-type".to_string(),
+            "container".to_string(),
+        ),
+        (
+            "io.kubernetes.cri.sandbox-id".to_string(),
+            i.sandbox_id.to_string(),
+        ),
         (
             "io.kubernetes.cri.container-name".to_string(),
-            config.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default(),
+            config
+                .metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default(),
         ),
-        ("io.kubernetes.cri.image-name".to_string(), i.image_name.to_string()),
+        (
+            "io.kubernetes.cri.image-name".to_string(),
+            i.image_name.to_string(),
+        ),
     ]);
     let mut spec = oci(SpecBuilder::default()
         .version("1.0.2")
@@ -689,10 +831,11 @@ pub fn user_mount(m: &cri::Mount) -> Result<(Mount, &'static str)> {
             m.host_path
         )));
     }
-    let src = std::fs::canonicalize(&m.host_path).map_err(|e| {
-        Error::InvalidArgument(format!("mount host_path {:?}: {e}", m.host_path))
-    })?;
-    if m.recursive_read_only && (!m.readonly || m.propagation != cri::MountPropagation::PropagationPrivate as i32) {
+    let src = std::fs::canonicalize(&m.host_path)
+        .map_err(|e| Error::InvalidArgument(format!("mount host_path {:?}: {e}", m.host_path)))?;
+    if m.recursive_read_only
+        && (!m.readonly || m.propagation != cri::MountPropagation::PropagationPrivate as i32)
+    {
         return Err(Error::InvalidArgument(format!(
             "mount {}: recursive_read_only needs readonly and private propagation",
             m.container_path
@@ -720,7 +863,12 @@ pub fn user_mount(m: &cri::Mount) -> Result<(Mount, &'static str)> {
     Ok((bind(&m.container_path, &src, &opts)?, prop))
 }
 
-fn device(d: &cri::Device) -> Result<(oci_spec::runtime::LinuxDevice, oci_spec::runtime::LinuxDeviceCgroup)> {
+fn device(
+    d: &cri::Device,
+) -> Result<(
+    oci_spec::runtime::LinuxDevice,
+    oci_spec::runtime::LinuxDeviceCgroup,
+)> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     validate_container_path("device container_path", &d.container_path)?;
     let meta = std::fs::metadata(&d.host_path)
@@ -738,7 +886,11 @@ fn device(d: &cri::Device) -> Result<(oci_spec::runtime::LinuxDevice, oci_spec::
     };
     let rdev = meta.rdev();
     let (major, minor) = (libc::major(rdev) as i64, libc::minor(rdev) as i64);
-    let perms = if d.permissions.is_empty() { "rwm" } else { d.permissions.as_str() };
+    let perms = if d.permissions.is_empty() {
+        "rwm"
+    } else {
+        d.permissions.as_str()
+    };
     if !perms.chars().all(|c| "rwm".contains(c)) {
         return Err(Error::InvalidArgument(format!(
             "device {}: permissions {perms:?} must be a combination of r, w, m",
@@ -793,12 +945,18 @@ mod tests {
     }
 
     fn kv(k: &str, v: &str) -> cri::KeyValue {
-        cri::KeyValue { key: k.into(), value: v.into() }
+        cri::KeyValue {
+            key: k.into(),
+            value: v.into(),
+        }
     }
 
     #[test]
     fn env_merge_overrides_and_keeps_order() {
-        let env = merge_env(&["PATH=/bin".into(), "A=1".into()], &[kv("A", "2"), kv("B", "3")]);
+        let env = merge_env(
+            &["PATH=/bin".into(), "A=1".into()],
+            &[kv("A", "2"), kv("B", "3")],
+        );
         assert_eq!(env, vec!["PATH=/bin", "A=2", "B=3"]);
         assert_eq!(merge_env(&[], &[])[0], DEFAULT_PATH);
     }
@@ -816,7 +974,9 @@ mod tests {
         assert_eq!(process_args(&c, &img).unwrap(), vec!["/ep", "a"]);
         c.command = vec!["/cmd".into()];
         assert_eq!(process_args(&c, &img).unwrap(), vec!["/cmd", "a"]);
-        let empty = image(serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}));
+        let empty = image(
+            serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}),
+        );
         assert!(process_args(&cri::ContainerConfig::default(), &empty).is_err());
     }
 
@@ -838,12 +998,16 @@ mod tests {
         assert!(capabilities(Some(&sc)).is_err());
         sc.capabilities = None;
         sc.privileged = true;
-        assert!(capabilities(Some(&sc)).unwrap().contains(&Capability::SysAdmin));
+        assert!(capabilities(Some(&sc))
+            .unwrap()
+            .contains(&Capability::SysAdmin));
     }
 
     #[test]
     fn oom_is_clamped() {
-        let l = NodeLimits { min_oom_score_adj: -500 };
+        let l = NodeLimits {
+            min_oom_score_adj: -500,
+        };
         assert_eq!(clamp_oom(-998, l), -500);
         assert_eq!(clamp_oom(100, l), 100);
         assert_eq!(clamp_oom(5000, l), 1000);
@@ -870,9 +1034,15 @@ mod tests {
         assert_eq!(prop, "rslave");
         let opts = mnt.options().clone().unwrap();
         assert!(opts.contains(&"ro".to_string()) && opts.contains(&"rbind".to_string()));
-        let missing = cri::Mount { host_path: "/does/not/exist".into(), ..m.clone() };
+        let missing = cri::Mount {
+            host_path: "/does/not/exist".into(),
+            ..m.clone()
+        };
         assert!(user_mount(&missing).is_err());
-        let rel = cri::Mount { container_path: "../x".into(), ..m };
+        let rel = cri::Mount {
+            container_path: "../x".into(),
+            ..m
+        };
         assert!(user_mount(&rel).is_err());
     }
 
@@ -891,7 +1061,10 @@ mod tests {
     fn container_joins_sandbox_namespaces() {
         let img = busybox();
         let cfg = cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata { name: "c".into(), attempt: 0 }),
+            metadata: Some(cri::ContainerMetadata {
+                name: "c".into(),
+                attempt: 0,
+            }),
             envs: vec![kv("X", "y")],
             linux: Some(cri::LinuxContainerConfig {
                 resources: Some(cri::LinuxContainerResources {
@@ -909,7 +1082,10 @@ mod tests {
         };
         let sb = cri::PodSandboxConfig {
             hostname: "pod".into(),
-            linux: Some(cri::LinuxPodSandboxConfig { cgroup_parent: "/kubepods/pod1".into(), ..Default::default() }),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: "/kubepods/pod1".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let sh = shared();
@@ -922,16 +1098,34 @@ mod tests {
             image_name: "busybox",
             user: ProcessUser::default(),
             shared: &sh,
-            limits: NodeLimits { min_oom_score_adj: -100 },
+            limits: NodeLimits {
+                min_oom_score_adj: -100,
+            },
         })
         .unwrap();
         let linux = spec.linux().clone().unwrap();
         let nss = linux.namespaces().clone().unwrap();
-        let path_of = |t| nss.iter().find(|n| n.typ() == t).and_then(|n| n.path().clone());
-        assert_eq!(path_of(LinuxNamespaceType::Network), Some("/run/netns/x".into()));
-        assert_eq!(path_of(LinuxNamespaceType::Pid), Some("/proc/42/ns/pid".into()));
-        assert_eq!(path_of(LinuxNamespaceType::Ipc), Some("/proc/42/ns/ipc".into()));
-        assert_eq!(linux.cgroups_path().clone().unwrap(), PathBuf::from("/kubepods/pod1/cid"));
+        let path_of = |t| {
+            nss.iter()
+                .find(|n| n.typ() == t)
+                .and_then(|n| n.path().clone())
+        };
+        assert_eq!(
+            path_of(LinuxNamespaceType::Network),
+            Some("/run/netns/x".into())
+        );
+        assert_eq!(
+            path_of(LinuxNamespaceType::Pid),
+            Some("/proc/42/ns/pid".into())
+        );
+        assert_eq!(
+            path_of(LinuxNamespaceType::Ipc),
+            Some("/proc/42/ns/ipc".into())
+        );
+        assert_eq!(
+            linux.cgroups_path().clone().unwrap(),
+            PathBuf::from("/kubepods/pod1/cid")
+        );
         let p = spec.process().clone().unwrap();
         assert_eq!(p.cwd(), &PathBuf::from("/w"));
         assert_eq!(p.oom_score_adj(), Some(-100));
@@ -939,12 +1133,18 @@ mod tests {
         assert!(env.contains(&"X=y".to_string()) && env.contains(&"HOSTNAME=pod".to_string()));
         assert!(spec.root().clone().unwrap().readonly().unwrap());
         let mounts = spec.mounts().clone().unwrap();
-        let shm = mounts.iter().find(|m| m.destination() == Path::new("/dev/shm")).unwrap();
+        let shm = mounts
+            .iter()
+            .find(|m| m.destination() == Path::new("/dev/shm"))
+            .unwrap();
         assert_eq!(shm.source().clone().unwrap(), PathBuf::from("/s/shm"));
         let res = linux.resources().clone().unwrap();
         assert_eq!(res.memory().unwrap().limit(), Some(64 << 20));
         assert_eq!(res.cpu().clone().unwrap().shares(), Some(512));
-        assert_eq!(linux.masked_paths().clone().unwrap().len(), DEFAULT_MASKED_PATHS.len());
+        assert_eq!(
+            linux.masked_paths().clone().unwrap().len(),
+            DEFAULT_MASKED_PATHS.len()
+        );
         assert_eq!(spec.hostname(), &None);
         assert_eq!(p.rlimits(), &None);
     }
@@ -964,13 +1164,25 @@ mod tests {
             }),
             ..Default::default()
         };
-        let spec = sandbox_spec("sid", &cfg, &img, Some(Path::new("/n")), NodeLimits { min_oom_score_adj: 0 }).unwrap();
+        let spec = sandbox_spec(
+            "sid",
+            &cfg,
+            &img,
+            Some(Path::new("/n")),
+            NodeLimits {
+                min_oom_score_adj: 0,
+            },
+        )
+        .unwrap();
         assert_eq!(spec.hostname().as_deref(), Some("h"));
         let p = spec.process().clone().unwrap();
         assert_eq!(p.user().uid(), 65535);
         assert_eq!(p.oom_score_adj(), Some(0));
         let l = spec.linux().clone().unwrap();
         assert_eq!(l.sysctl().clone().unwrap()["net.ipv4.ip_forward"], "1");
-        assert_eq!(l.cgroups_path().clone().unwrap(), PathBuf::from("/imacri/sid"));
+        assert_eq!(
+            l.cgroups_path().clone().unwrap(),
+            PathBuf::from("/imacri/sid")
+        );
     }
 }

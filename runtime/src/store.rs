@@ -103,7 +103,9 @@ where
                         }),
                     );
                 }
-                Err(e) => tracing::warn!(dir = %d.display(), error = %e, "skipping unreadable record"),
+                Err(e) => {
+                    tracing::warn!(dir = %d.display(), error = %e, "skipping unreadable record")
+                }
             }
         }
         Ok(Store {
@@ -220,7 +222,10 @@ mod tests {
     }
 
     fn name(c: &cri::ContainerConfig) -> String {
-        c.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default()
+        c.metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -228,11 +233,18 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s: Store<cri::ContainerConfig, St> = Store::open(d.path().into(), name).unwrap();
         let cfg = cri::ContainerConfig {
-            metadata: Some(cri::ContainerMetadata { name: "a".into(), attempt: 1 }),
+            metadata: Some(cri::ContainerMetadata {
+                name: "a".into(),
+                attempt: 1,
+            }),
             ..Default::default()
         };
         s.reserve("a", "id1").unwrap();
-        assert!(s.reserve("a", "id2").unwrap_err().to_string().contains("id1"));
+        assert!(s
+            .reserve("a", "id2")
+            .unwrap_err()
+            .to_string()
+            .contains("id1"));
         let e = s.insert("id1", "a", cfg.clone(), St { n: 1 }).unwrap();
         e.update(|st| st.n = 2).unwrap();
         let s2: Store<cri::ContainerConfig, St> = Store::open(d.path().into(), name).unwrap();

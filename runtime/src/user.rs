@@ -77,8 +77,9 @@ pub fn resolve(
     let groups = parse_group(&read(rootfs, "etc/group"));
 
     let (uid, mut gid, name) = if let Some(u) = &sc.run_as_user {
-        let uid = u32::try_from(u.value)
-            .map_err(|_| Error::InvalidArgument(format!("run_as_user {} is out of range", u.value)))?;
+        let uid = u32::try_from(u.value).map_err(|_| {
+            Error::InvalidArgument(format!("run_as_user {} is out of range", u.value))
+        })?;
         let e = by_uid(uid);
         (uid, e.map_or(0, |e| e.gid), e.map(|e| e.name.clone()))
     } else if !sc.run_as_username.is_empty() {
@@ -103,7 +104,9 @@ pub fn resolve(
             (uid, e.map_or(0, |e| e.gid), e.map(|e| e.name.clone()))
         } else {
             let e = by_name(u).ok_or_else(|| {
-                Error::InvalidArgument(format!("image user {u:?} is not in the image's /etc/passwd"))
+                Error::InvalidArgument(format!(
+                    "image user {u:?} is not in the image's /etc/passwd"
+                ))
             })?;
             (e.uid, e.gid, Some(e.name.clone()))
         };
@@ -117,14 +120,17 @@ pub fn resolve(
                 .find(|(n, _, _)| n == g)
                 .map(|(_, id, _)| *id)
                 .ok_or_else(|| {
-                    Error::InvalidArgument(format!("image group {g:?} is not in the image's /etc/group"))
+                    Error::InvalidArgument(format!(
+                        "image group {g:?} is not in the image's /etc/group"
+                    ))
                 })?
         };
         (uid, gid, name)
     };
     if let Some(g) = &sc.run_as_group {
-        gid = u32::try_from(g.value)
-            .map_err(|_| Error::InvalidArgument(format!("run_as_group {} is out of range", g.value)))?;
+        gid = u32::try_from(g.value).map_err(|_| {
+            Error::InvalidArgument(format!("run_as_group {} is out of range", g.value))
+        })?;
     }
     let mut additional: Vec<u32> = Vec::new();
     let strict = sc.supplemental_groups_policy == cri::SupplementalGroupsPolicy::Strict as i32;
@@ -138,8 +144,9 @@ pub fn resolve(
         }
     }
     for g in &sc.supplemental_groups {
-        let g = u32::try_from(*g)
-            .map_err(|_| Error::InvalidArgument(format!("supplemental group {g} is out of range")))?;
+        let g = u32::try_from(*g).map_err(|_| {
+            Error::InvalidArgument(format!("supplemental group {g} is out of range"))
+        })?;
         if !additional.contains(&g) {
             additional.push(g);
         }
@@ -211,7 +218,9 @@ mod tests {
             run_as_username: "bob".into(),
             ..Default::default()
         };
-        let e = resolve(r.path(), Some(&sc), &img("")).unwrap_err().to_string();
+        let e = resolve(r.path(), Some(&sc), &img(""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bob"), "{e}");
         assert!(resolve(r.path(), None, &img("carol")).is_err());
         let both = cri::LinuxContainerSecurityContext {

@@ -66,7 +66,9 @@ impl CriServer {
         let config = require("config", req.config.as_ref())?.clone();
         let md = require("config.metadata", config.metadata.as_ref())?;
         non_empty("config.metadata.name", &md.name)?;
-        let image_name = require("config.image", config.image.as_ref())?.image.clone();
+        let image_name = require("config.image", config.image.as_ref())?
+            .image
+            .clone();
         non_empty("config.image.image", &image_name)?;
         let sb = self.sandbox(&req.pod_sandbox_id)?;
         let sb_state = sb.state();
@@ -80,7 +82,10 @@ impl CriServer {
             Error::NotFound(format!("image {image_name:?} not found; pull it first"))
         })?;
         let log = log_path(&sb.config, &config)?;
-        let sc = config.linux.as_ref().and_then(|l| l.security_context.as_ref());
+        let sc = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref());
         if sc.is_some_and(|s| s.privileged)
             && !sb
                 .config
@@ -140,7 +145,10 @@ impl CriServer {
             // Resolve the user from the container's own root filesystem.
             let probe = self.cfg.state.join("probe").join(id);
             std::fs::create_dir_all(&probe).map_err(|e| Error::io("creating", &probe, e))?;
-            let sc = config.linux.as_ref().and_then(|l| l.security_context.as_ref());
+            let sc = config
+                .linux
+                .as_ref()
+                .and_then(|l| l.security_context.as_ref());
             let user = match imacri_runtime::mount::mount_snapshot(&mounts, &probe) {
                 Ok(()) => {
                     let u = imacri_runtime::user::resolve(&probe, sc, &image.config);
@@ -241,8 +249,16 @@ pub(crate) fn parse_signal(s: &str) -> Option<i32> {
     let up = s.to_ascii_uppercase();
     let name = up.strip_prefix("SIG").unwrap_or(&up);
     let table = [
-        ("HUP", 1), ("INT", 2), ("QUIT", 3), ("KILL", 9), ("USR1", 10), ("USR2", 12),
-        ("TERM", 15), ("STOP", 19), ("WINCH", 28), ("PWR", 30),
+        ("HUP", 1),
+        ("INT", 2),
+        ("QUIT", 3),
+        ("KILL", 9),
+        ("USR1", 10),
+        ("USR2", 12),
+        ("TERM", 15),
+        ("STOP", 19),
+        ("WINCH", 28),
+        ("PWR", 30),
     ];
     table.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }

@@ -13,12 +13,17 @@ use super::lifecycle::SIGKILL;
 use super::CriServer;
 
 impl CriServer {
-    pub(crate) async fn exec_sync(&self, req: cri::ExecSyncRequest) -> Result<cri::ExecSyncResponse> {
+    pub(crate) async fn exec_sync(
+        &self,
+        req: cri::ExecSyncRequest,
+    ) -> Result<cri::ExecSyncResponse> {
         if req.cmd.is_empty() {
             return Err(Error::InvalidArgument("cmd must not be empty".into()));
         }
         if req.timeout < 0 {
-            return Err(Error::InvalidArgument("timeout must not be negative".into()));
+            return Err(Error::InvalidArgument(
+                "timeout must not be negative".into(),
+            ));
         }
         let c = self.container(&req.container_id)?;
         if c.state().phase != ContainerPhase::Running {
@@ -36,8 +41,14 @@ impl CriServer {
         let exec_id = format!("exec-{}", &new_id()[..16]);
         let fifo_name = format!("{}-{exec_id}", c.id);
         let stdio = io::create_fifos(&self.cfg.fifo_dir(), &fifo_name, false, false)?;
-        let out = stdio.stdout.clone().map(|p| io::spawn_capture(p, io::MAX_EXEC_OUTPUT));
-        let err = stdio.stderr.clone().map(|p| io::spawn_capture(p, io::MAX_EXEC_OUTPUT));
+        let out = stdio
+            .stdout
+            .clone()
+            .map(|p| io::spawn_capture(p, io::MAX_EXEC_OUTPUT));
+        let err = stdio
+            .stderr
+            .clone()
+            .map(|p| io::spawn_capture(p, io::MAX_EXEC_OUTPUT));
 
         let run = async {
             self.c.exec(&c.id, &exec_id, &process, &stdio).await?;
@@ -77,7 +88,11 @@ impl CriServer {
             }
         };
         let (stdout, stderr) = (join(out).await, join(err).await);
-        let _ = self.c.delete_process(&c.id, &exec_id).await.ignore_not_found();
+        let _ = self
+            .c
+            .delete_process(&c.id, &exec_id)
+            .await
+            .ignore_not_found();
         io::remove_fifos(&stdio);
         let (code, _) = run?;
         Ok(cri::ExecSyncResponse {

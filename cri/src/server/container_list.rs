@@ -7,7 +7,10 @@ use super::validate::labels_match;
 use super::CriServer;
 
 impl CriServer {
-    pub(crate) fn list_containers(&self, filter: Option<&cri::ContainerFilter>) -> Vec<cri::Container> {
+    pub(crate) fn list_containers(
+        &self,
+        filter: Option<&cri::ContainerFilter>,
+    ) -> Vec<cri::Container> {
         let mut out: Vec<cri::Container> = self
             .containers
             .all()
@@ -18,7 +21,8 @@ impl CriServer {
                     if !f.id.is_empty() && !c.id.starts_with(&f.id) {
                         return None;
                     }
-                    if !f.pod_sandbox_id.is_empty() && !st.sandbox_id.starts_with(&f.pod_sandbox_id) {
+                    if !f.pod_sandbox_id.is_empty() && !st.sandbox_id.starts_with(&f.pod_sandbox_id)
+                    {
                         return None;
                     }
                     if let Some(s) = &f.state {

@@ -69,10 +69,12 @@ impl CriServer {
         if !st.log_path.as_os_str().is_empty() {
             let log = LogFile::open(&st.log_path)?;
             if let Some(p) = &stdio.stdout {
-                live.copiers.push(io::spawn_log_copier(p.clone(), "stdout", log.clone()));
+                live.copiers
+                    .push(io::spawn_log_copier(p.clone(), "stdout", log.clone()));
             }
             if let Some(p) = &stdio.stderr {
-                live.copiers.push(io::spawn_log_copier(p.clone(), "stderr", log.clone()));
+                live.copiers
+                    .push(io::spawn_log_copier(p.clone(), "stderr", log.clone()));
             }
             live.log = Some(log);
         } else {

@@ -15,7 +15,9 @@ impl CriServer {
         req: cri::StopContainerRequest,
     ) -> Result<cri::StopContainerResponse> {
         if req.timeout < 0 {
-            return Err(Error::InvalidArgument("timeout must not be negative".into()));
+            return Err(Error::InvalidArgument(
+                "timeout must not be negative".into(),
+            ));
         }
         let c = self.container(&req.container_id)?;
         self.stop_container_entry(&c, Duration::from_secs(req.timeout as u64))

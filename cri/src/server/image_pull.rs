@@ -8,7 +8,10 @@ use super::validate::{non_empty, require};
 use super::CriServer;
 
 impl CriServer {
-    pub(crate) async fn pull_image(&self, req: cri::PullImageRequest) -> Result<cri::PullImageResponse> {
+    pub(crate) async fn pull_image(
+        &self,
+        req: cri::PullImageRequest,
+    ) -> Result<cri::PullImageResponse> {
         let spec = require("image", req.image.as_ref())?;
         non_empty("image.image", &spec.image)?;
         let creds = req

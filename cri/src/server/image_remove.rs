@@ -7,7 +7,10 @@ use super::validate::{non_empty, require};
 use super::CriServer;
 
 impl CriServer {
-    pub(crate) async fn remove_image(&self, req: cri::RemoveImageRequest) -> Result<cri::RemoveImageResponse> {
+    pub(crate) async fn remove_image(
+        &self,
+        req: cri::RemoveImageRequest,
+    ) -> Result<cri::RemoveImageResponse> {
         let spec = require("image", req.image.as_ref())?;
         non_empty("image.image", &spec.image)?;
         self.images.remove(&spec.image).await?;

@@ -9,7 +9,10 @@ use super::validate::{non_empty, require};
 use super::CriServer;
 
 impl CriServer {
-    pub(crate) async fn image_status(&self, req: cri::ImageStatusRequest) -> Result<cri::ImageStatusResponse> {
+    pub(crate) async fn image_status(
+        &self,
+        req: cri::ImageStatusRequest,
+    ) -> Result<cri::ImageStatusResponse> {
         let spec = require("image", req.image.as_ref())?;
         non_empty("image.image", &spec.image)?;
         let Some(rec) = self.images.get(&spec.image) else {

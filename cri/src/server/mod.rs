@@ -98,7 +98,10 @@ impl CriServer {
         };
         let sandboxes = Store::open(cfg.sandboxes_dir(), validate::sandbox_name)?;
         let containers = Store::open(cfg.containers_dir(), |c: &cri::ContainerConfig| {
-            c.metadata.as_ref().map(|m| m.name.clone()).unwrap_or_default()
+            c.metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default()
         })?;
         let limits = NodeLimits {
             min_oom_score_adj: if cfg.restrict_oom_score_adj {

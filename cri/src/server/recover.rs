@@ -17,7 +17,9 @@ impl CriServer {
             if st.phase == SandboxPhase::Creating {
                 // Crashed mid-RunPodSandbox: roll it back.
                 tracing::warn!(pod_sandbox_id = %sb.id, "rolling back interrupted sandbox creation");
-                let _ = self.teardown_sandbox(&sb.id, &st.dir, st.netns.as_deref()).await;
+                let _ = self
+                    .teardown_sandbox(&sb.id, &st.dir, st.netns.as_deref())
+                    .await;
                 let _ = self.sandboxes.remove(&sb.id);
                 continue;
             }
@@ -32,7 +34,9 @@ impl CriServer {
                         s.pid = 0;
                     });
                 }
-                Err(e) => tracing::error!(pod_sandbox_id = %sb.id, error = %e, "recovering sandbox"),
+                Err(e) => {
+                    tracing::error!(pod_sandbox_id = %sb.id, error = %e, "recovering sandbox")
+                }
             }
         }
         for c in self.containers.all() {
@@ -49,7 +53,8 @@ impl CriServer {
                             for (suffix, stream) in [("stdout", "stdout"), ("stderr", "stderr")] {
                                 let p = self.cfg.fifo_dir().join(format!("{}-{suffix}", c.id));
                                 if p.exists() {
-                                    live.copiers.push(io::spawn_log_copier(p, stream, log.clone()));
+                                    live.copiers
+                                        .push(io::spawn_log_copier(p, stream, log.clone()));
                                 }
                             }
                             live.log = Some(log);
@@ -63,8 +68,17 @@ impl CriServer {
                     let _ = c.update(|s| {
                         s.phase = ContainerPhase::Exited;
                         s.exit_code = t.exit_status as i32;
-                        s.finished_at = if t.exited_at > 0 { t.exited_at } else { now_nanos() };
-                        s.reason = if t.exit_status == 0 { "Completed" } else { "Error" }.into();
+                        s.finished_at = if t.exited_at > 0 {
+                            t.exited_at
+                        } else {
+                            now_nanos()
+                        };
+                        s.reason = if t.exit_status == 0 {
+                            "Completed"
+                        } else {
+                            "Error"
+                        }
+                        .into();
                         s.pid = 0;
                     });
                     let _ = self.c.delete_task(&c.id).await;

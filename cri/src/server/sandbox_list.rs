@@ -7,7 +7,10 @@ use super::validate::labels_match;
 use super::CriServer;
 
 impl CriServer {
-    pub(crate) fn list_pod_sandboxes(&self, filter: Option<&cri::PodSandboxFilter>) -> Vec<cri::PodSandbox> {
+    pub(crate) fn list_pod_sandboxes(
+        &self,
+        filter: Option<&cri::PodSandboxFilter>,
+    ) -> Vec<cri::PodSandbox> {
         let mut out: Vec<cri::PodSandbox> = self
             .sandboxes
             .all()

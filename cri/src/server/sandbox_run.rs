@@ -179,7 +179,10 @@ impl CriServer {
             hosts_file(&hostname)
         };
         write(&dir.join("hosts"), &hosts)?;
-        write(&dir.join("resolv.conf"), &resolv_conf(config.dns_config.as_ref())?)?;
+        write(
+            &dir.join("resolv.conf"),
+            &resolv_conf(config.dns_config.as_ref())?,
+        )?;
         if !host_ipc {
             imacri_runtime::mount::mount_shm(&dir.join("shm"), SHM_SIZE)?;
         }

@@ -19,9 +19,7 @@ const BATCH: usize = 500;
 pub struct Cri(pub Arc<CriServer>);
 
 /// Both CRI services for one server.
-pub fn services(
-    server: Arc<CriServer>,
-) -> (RuntimeServiceServer<Cri>, ImageServiceServer<Cri>) {
+pub fn services(server: Arc<CriServer>) -> (RuntimeServiceServer<Cri>, ImageServiceServer<Cri>) {
     let max = 16 * 1024 * 1024;
     (
         RuntimeServiceServer::new(Cri(server.clone()))
@@ -62,107 +60,163 @@ impl RuntimeService for Cri {
         instrument("Version", "", async { Ok(s.version(r.into_inner())) }).await
     }
 
-    async fn run_pod_sandbox(&self, r: Request<cri::RunPodSandboxRequest>) -> Res<cri::RunPodSandboxResponse> {
+    async fn run_pod_sandbox(
+        &self,
+        r: Request<cri::RunPodSandboxRequest>,
+    ) -> Res<cri::RunPodSandboxResponse> {
         let r = r.into_inner();
-        let name = r.config.as_ref().and_then(|c| c.metadata.as_ref()).map(|m| format!("{}/{}", m.namespace, m.name)).unwrap_or_default();
+        let name = r
+            .config
+            .as_ref()
+            .and_then(|c| c.metadata.as_ref())
+            .map(|m| format!("{}/{}", m.namespace, m.name))
+            .unwrap_or_default();
         instrument("RunPodSandbox", &name, self.0.run_pod_sandbox(r)).await
     }
 
-    async fn stop_pod_sandbox(&self, r: Request<cri::StopPodSandboxRequest>) -> Res<cri::StopPodSandboxResponse> {
+    async fn stop_pod_sandbox(
+        &self,
+        r: Request<cri::StopPodSandboxRequest>,
+    ) -> Res<cri::StopPodSandboxResponse> {
         let r = r.into_inner();
         let id = r.pod_sandbox_id.clone();
         instrument("StopPodSandbox", &id, self.0.stop_pod_sandbox(r)).await
     }
 
-    async fn remove_pod_sandbox(&self, r: Request<cri::RemovePodSandboxRequest>) -> Res<cri::RemovePodSandboxResponse> {
+    async fn remove_pod_sandbox(
+        &self,
+        r: Request<cri::RemovePodSandboxRequest>,
+    ) -> Res<cri::RemovePodSandboxResponse> {
         let r = r.into_inner();
         let id = r.pod_sandbox_id.clone();
         instrument("RemovePodSandbox", &id, self.0.remove_pod_sandbox(r)).await
     }
 
-    async fn pod_sandbox_status(&self, r: Request<cri::PodSandboxStatusRequest>) -> Res<cri::PodSandboxStatusResponse> {
+    async fn pod_sandbox_status(
+        &self,
+        r: Request<cri::PodSandboxStatusRequest>,
+    ) -> Res<cri::PodSandboxStatusResponse> {
         let r = r.into_inner();
         let id = r.pod_sandbox_id.clone();
         instrument("PodSandboxStatus", &id, self.0.pod_sandbox_status(r)).await
     }
 
-    async fn list_pod_sandbox(&self, r: Request<cri::ListPodSandboxRequest>) -> Res<cri::ListPodSandboxResponse> {
+    async fn list_pod_sandbox(
+        &self,
+        r: Request<cri::ListPodSandboxRequest>,
+    ) -> Res<cri::ListPodSandboxResponse> {
         let r = r.into_inner();
         let s = &self.0;
         instrument("ListPodSandbox", "", async {
-            Ok(cri::ListPodSandboxResponse { items: s.list_pod_sandboxes(r.filter.as_ref()) })
+            Ok(cri::ListPodSandboxResponse {
+                items: s.list_pod_sandboxes(r.filter.as_ref()),
+            })
         })
         .await
     }
 
     type StreamPodSandboxesStream = Stream<cri::StreamPodSandboxesResponse>;
-    async fn stream_pod_sandboxes(&self, r: Request<cri::StreamPodSandboxesRequest>) -> Res<Self::StreamPodSandboxesStream> {
+    async fn stream_pod_sandboxes(
+        &self,
+        r: Request<cri::StreamPodSandboxesRequest>,
+    ) -> Res<Self::StreamPodSandboxesStream> {
         let r = r.into_inner();
         let s = &self.0;
         instrument("StreamPodSandboxes", "", async {
-            Ok(batched(s.list_pod_sandboxes(r.filter.as_ref()), |pod_sandboxes| {
-                cri::StreamPodSandboxesResponse { pod_sandboxes }
-            }))
+            Ok(batched(
+                s.list_pod_sandboxes(r.filter.as_ref()),
+                |pod_sandboxes| cri::StreamPodSandboxesResponse { pod_sandboxes },
+            ))
         })
         .await
     }
 
-    async fn create_container(&self, r: Request<cri::CreateContainerRequest>) -> Res<cri::CreateContainerResponse> {
+    async fn create_container(
+        &self,
+        r: Request<cri::CreateContainerRequest>,
+    ) -> Res<cri::CreateContainerResponse> {
         let r = r.into_inner();
         let id = r.pod_sandbox_id.clone();
         instrument("CreateContainer", &id, self.0.create_container(r)).await
     }
 
-    async fn start_container(&self, r: Request<cri::StartContainerRequest>) -> Res<cri::StartContainerResponse> {
+    async fn start_container(
+        &self,
+        r: Request<cri::StartContainerRequest>,
+    ) -> Res<cri::StartContainerResponse> {
         let r = r.into_inner();
         let id = r.container_id.clone();
         instrument("StartContainer", &id, self.0.start_container(r)).await
     }
 
-    async fn stop_container(&self, r: Request<cri::StopContainerRequest>) -> Res<cri::StopContainerResponse> {
+    async fn stop_container(
+        &self,
+        r: Request<cri::StopContainerRequest>,
+    ) -> Res<cri::StopContainerResponse> {
         let r = r.into_inner();
         let id = r.container_id.clone();
         instrument("StopContainer", &id, self.0.stop_container(r)).await
     }
 
-    async fn remove_container(&self, r: Request<cri::RemoveContainerRequest>) -> Res<cri::RemoveContainerResponse> {
+    async fn remove_container(
+        &self,
+        r: Request<cri::RemoveContainerRequest>,
+    ) -> Res<cri::RemoveContainerResponse> {
         let r = r.into_inner();
         let id = r.container_id.clone();
         instrument("RemoveContainer", &id, self.0.remove_container(r)).await
     }
 
-    async fn list_containers(&self, r: Request<cri::ListContainersRequest>) -> Res<cri::ListContainersResponse> {
+    async fn list_containers(
+        &self,
+        r: Request<cri::ListContainersRequest>,
+    ) -> Res<cri::ListContainersResponse> {
         let r = r.into_inner();
         let s = &self.0;
         instrument("ListContainers", "", async {
-            Ok(cri::ListContainersResponse { containers: s.list_containers(r.filter.as_ref()) })
+            Ok(cri::ListContainersResponse {
+                containers: s.list_containers(r.filter.as_ref()),
+            })
         })
         .await
     }
 
     type StreamContainersStream = Stream<cri::StreamContainersResponse>;
-    async fn stream_containers(&self, r: Request<cri::StreamContainersRequest>) -> Res<Self::StreamContainersStream> {
+    async fn stream_containers(
+        &self,
+        r: Request<cri::StreamContainersRequest>,
+    ) -> Res<Self::StreamContainersStream> {
         let r = r.into_inner();
         let s = &self.0;
         instrument("StreamContainers", "", async {
-            Ok(batched(s.list_containers(r.filter.as_ref()), |containers| {
-                cri::StreamContainersResponse { containers }
-            }))
+            Ok(batched(
+                s.list_containers(r.filter.as_ref()),
+                |containers| cri::StreamContainersResponse { containers },
+            ))
         })
         .await
     }
 
-    async fn container_status(&self, r: Request<cri::ContainerStatusRequest>) -> Res<cri::ContainerStatusResponse> {
+    async fn container_status(
+        &self,
+        r: Request<cri::ContainerStatusRequest>,
+    ) -> Res<cri::ContainerStatusResponse> {
         let r = r.into_inner();
         let id = r.container_id.clone();
         instrument("ContainerStatus", &id, self.0.container_status(r)).await
     }
 
-    async fn update_container_resources(&self, _r: Request<cri::UpdateContainerResourcesRequest>) -> Res<cri::UpdateContainerResourcesResponse> {
+    async fn update_container_resources(
+        &self,
+        _r: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Res<cri::UpdateContainerResourcesResponse> {
         Err(not_yet("UpdateContainerResources"))
     }
 
-    async fn reopen_container_log(&self, r: Request<cri::ReopenContainerLogRequest>) -> Res<cri::ReopenContainerLogResponse> {
+    async fn reopen_container_log(
+        &self,
+        r: Request<cri::ReopenContainerLogRequest>,
+    ) -> Res<cri::ReopenContainerLogResponse> {
         let r = r.into_inner();
         let id = r.container_id.clone();
         instrument("ReopenContainerLog", &id, self.0.reopen_container_log(r)).await
@@ -182,37 +236,61 @@ impl RuntimeService for Cri {
         Err(not_yet("Attach"))
     }
 
-    async fn port_forward(&self, _r: Request<cri::PortForwardRequest>) -> Res<cri::PortForwardResponse> {
+    async fn port_forward(
+        &self,
+        _r: Request<cri::PortForwardRequest>,
+    ) -> Res<cri::PortForwardResponse> {
         Err(not_yet("PortForward"))
     }
 
-    async fn container_stats(&self, _r: Request<cri::ContainerStatsRequest>) -> Res<cri::ContainerStatsResponse> {
+    async fn container_stats(
+        &self,
+        _r: Request<cri::ContainerStatsRequest>,
+    ) -> Res<cri::ContainerStatsResponse> {
         Err(not_yet("ContainerStats"))
     }
 
-    async fn list_container_stats(&self, _r: Request<cri::ListContainerStatsRequest>) -> Res<cri::ListContainerStatsResponse> {
+    async fn list_container_stats(
+        &self,
+        _r: Request<cri::ListContainerStatsRequest>,
+    ) -> Res<cri::ListContainerStatsResponse> {
         Err(not_yet("ListContainerStats"))
     }
 
     type StreamContainerStatsStream = Stream<cri::StreamContainerStatsResponse>;
-    async fn stream_container_stats(&self, _r: Request<cri::StreamContainerStatsRequest>) -> Res<Self::StreamContainerStatsStream> {
+    async fn stream_container_stats(
+        &self,
+        _r: Request<cri::StreamContainerStatsRequest>,
+    ) -> Res<Self::StreamContainerStatsStream> {
         Err(not_yet("StreamContainerStats"))
     }
 
-    async fn pod_sandbox_stats(&self, _r: Request<cri::PodSandboxStatsRequest>) -> Res<cri::PodSandboxStatsResponse> {
+    async fn pod_sandbox_stats(
+        &self,
+        _r: Request<cri::PodSandboxStatsRequest>,
+    ) -> Res<cri::PodSandboxStatsResponse> {
         Err(not_yet("PodSandboxStats"))
     }
 
-    async fn list_pod_sandbox_stats(&self, _r: Request<cri::ListPodSandboxStatsRequest>) -> Res<cri::ListPodSandboxStatsResponse> {
+    async fn list_pod_sandbox_stats(
+        &self,
+        _r: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Res<cri::ListPodSandboxStatsResponse> {
         Err(not_yet("ListPodSandboxStats"))
     }
 
     type StreamPodSandboxStatsStream = Stream<cri::StreamPodSandboxStatsResponse>;
-    async fn stream_pod_sandbox_stats(&self, _r: Request<cri::StreamPodSandboxStatsRequest>) -> Res<Self::StreamPodSandboxStatsStream> {
+    async fn stream_pod_sandbox_stats(
+        &self,
+        _r: Request<cri::StreamPodSandboxStatsRequest>,
+    ) -> Res<Self::StreamPodSandboxStatsStream> {
         Err(not_yet("StreamPodSandboxStats"))
     }
 
-    async fn update_runtime_config(&self, r: Request<cri::UpdateRuntimeConfigRequest>) -> Res<cri::UpdateRuntimeConfigResponse> {
+    async fn update_runtime_config(
+        &self,
+        r: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Res<cri::UpdateRuntimeConfigResponse> {
         let cidr = r
             .into_inner()
             .runtime_config
@@ -231,80 +309,132 @@ impl RuntimeService for Cri {
         instrument("Status", "", self.0.status(r.into_inner())).await
     }
 
-    async fn checkpoint_container(&self, _r: Request<cri::CheckpointContainerRequest>) -> Res<cri::CheckpointContainerResponse> {
+    async fn checkpoint_container(
+        &self,
+        _r: Request<cri::CheckpointContainerRequest>,
+    ) -> Res<cri::CheckpointContainerResponse> {
         Err(Status::unimplemented(
             "CheckpointContainer: imacri does not support checkpointing (no CRIU integration)",
         ))
     }
 
     type GetContainerEventsStream = Stream<cri::ContainerEventResponse>;
-    async fn get_container_events(&self, _r: Request<cri::GetEventsRequest>) -> Res<Self::GetContainerEventsStream> {
+    async fn get_container_events(
+        &self,
+        _r: Request<cri::GetEventsRequest>,
+    ) -> Res<Self::GetContainerEventsStream> {
         Err(not_yet("GetContainerEvents"))
     }
 
-    async fn list_metric_descriptors(&self, _r: Request<cri::ListMetricDescriptorsRequest>) -> Res<cri::ListMetricDescriptorsResponse> {
+    async fn list_metric_descriptors(
+        &self,
+        _r: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Res<cri::ListMetricDescriptorsResponse> {
         Err(not_yet("ListMetricDescriptors"))
     }
 
-    async fn list_pod_sandbox_metrics(&self, _r: Request<cri::ListPodSandboxMetricsRequest>) -> Res<cri::ListPodSandboxMetricsResponse> {
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _r: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Res<cri::ListPodSandboxMetricsResponse> {
         Err(not_yet("ListPodSandboxMetrics"))
     }
 
     type StreamPodSandboxMetricsStream = Stream<cri::StreamPodSandboxMetricsResponse>;
-    async fn stream_pod_sandbox_metrics(&self, _r: Request<cri::StreamPodSandboxMetricsRequest>) -> Res<Self::StreamPodSandboxMetricsStream> {
+    async fn stream_pod_sandbox_metrics(
+        &self,
+        _r: Request<cri::StreamPodSandboxMetricsRequest>,
+    ) -> Res<Self::StreamPodSandboxMetricsStream> {
         Err(not_yet("StreamPodSandboxMetrics"))
     }
 
-    async fn runtime_config(&self, _r: Request<cri::RuntimeConfigRequest>) -> Res<cri::RuntimeConfigResponse> {
+    async fn runtime_config(
+        &self,
+        _r: Request<cri::RuntimeConfigRequest>,
+    ) -> Res<cri::RuntimeConfigResponse> {
         let s = &self.0;
         instrument("RuntimeConfig", "", async { Ok(s.runtime_config()) }).await
     }
 
-    async fn update_pod_sandbox_resources(&self, _r: Request<cri::UpdatePodSandboxResourcesRequest>) -> Res<cri::UpdatePodSandboxResourcesResponse> {
+    async fn update_pod_sandbox_resources(
+        &self,
+        _r: Request<cri::UpdatePodSandboxResourcesRequest>,
+    ) -> Res<cri::UpdatePodSandboxResourcesResponse> {
         Err(not_yet("UpdatePodSandboxResources"))
     }
 }
 
 #[tonic::async_trait]
 impl ImageService for Cri {
-    async fn list_images(&self, r: Request<cri::ListImagesRequest>) -> Res<cri::ListImagesResponse> {
+    async fn list_images(
+        &self,
+        r: Request<cri::ListImagesRequest>,
+    ) -> Res<cri::ListImagesResponse> {
         let r = r.into_inner();
         let s = &self.0;
         instrument("ListImages", "", async {
-            Ok(cri::ListImagesResponse { images: s.list_images(r.filter.as_ref()) })
+            Ok(cri::ListImagesResponse {
+                images: s.list_images(r.filter.as_ref()),
+            })
         })
         .await
     }
 
     type StreamImagesStream = Stream<cri::StreamImagesResponse>;
-    async fn stream_images(&self, r: Request<cri::StreamImagesRequest>) -> Res<Self::StreamImagesStream> {
+    async fn stream_images(
+        &self,
+        r: Request<cri::StreamImagesRequest>,
+    ) -> Res<Self::StreamImagesStream> {
         let r = r.into_inner();
         let s = &self.0;
         instrument("StreamImages", "", async {
-            Ok(batched(s.list_images(r.filter.as_ref()), |images| cri::StreamImagesResponse { images }))
+            Ok(batched(s.list_images(r.filter.as_ref()), |images| {
+                cri::StreamImagesResponse { images }
+            }))
         })
         .await
     }
 
-    async fn image_status(&self, r: Request<cri::ImageStatusRequest>) -> Res<cri::ImageStatusResponse> {
+    async fn image_status(
+        &self,
+        r: Request<cri::ImageStatusRequest>,
+    ) -> Res<cri::ImageStatusResponse> {
         let r = r.into_inner();
-        let id = r.image.as_ref().map(|i| i.image.clone()).unwrap_or_default();
+        let id = r
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
         instrument("ImageStatus", &id, self.0.image_status(r)).await
     }
 
     async fn pull_image(&self, r: Request<cri::PullImageRequest>) -> Res<cri::PullImageResponse> {
         let r = r.into_inner();
-        let id = r.image.as_ref().map(|i| i.image.clone()).unwrap_or_default();
+        let id = r
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
         instrument("PullImage", &id, self.0.pull_image(r)).await
     }
 
-    async fn remove_image(&self, r: Request<cri::RemoveImageRequest>) -> Res<cri::RemoveImageResponse> {
+    async fn remove_image(
+        &self,
+        r: Request<cri::RemoveImageRequest>,
+    ) -> Res<cri::RemoveImageResponse> {
         let r = r.into_inner();
-        let id = r.image.as_ref().map(|i| i.image.clone()).unwrap_or_default();
+        let id = r
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
         instrument("RemoveImage", &id, self.0.remove_image(r)).await
     }
 
-    async fn image_fs_info(&self, _r: Request<cri::ImageFsInfoRequest>) -> Res<cri::ImageFsInfoResponse> {
+    async fn image_fs_info(
+        &self,
+        _r: Request<cri::ImageFsInfoRequest>,
+    ) -> Res<cri::ImageFsInfoResponse> {
         instrument("ImageFsInfo", "", self.0.image_fs_info()).await
     }
 }

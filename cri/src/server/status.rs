@@ -20,7 +20,9 @@ impl CriServer {
     }
 
     pub(crate) async fn snapshotter_root(&self) -> Result<String> {
-        self.c.snapshotter_root(&self.cfg.containerd.snapshotter).await
+        self.c
+            .snapshotter_root(&self.cfg.containerd.snapshotter)
+            .await
     }
 
     pub(crate) async fn status(&self, req: cri::StatusRequest) -> Result<cri::StatusResponse> {
@@ -28,8 +30,16 @@ impl CriServer {
         let runtime_ready = cri::RuntimeCondition {
             r#type: "RuntimeReady".into(),
             status: containerd.is_ok(),
-            reason: if containerd.is_ok() { String::new() } else { "ContainerdUnreachable".into() },
-            message: containerd.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+            reason: if containerd.is_ok() {
+                String::new()
+            } else {
+                "ContainerdUnreachable".into()
+            },
+            message: containerd
+                .as_ref()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
         };
         let network_ready = cri::RuntimeCondition {
             r#type: "NetworkReady".into(),

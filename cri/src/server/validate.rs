@@ -34,7 +34,10 @@ pub fn sandbox_metadata(c: &cri::PodSandboxConfig) -> Result<&cri::PodSandboxMet
 pub fn container_name(c: &cri::ContainerConfig, sandbox: &cri::PodSandboxConfig) -> String {
     let m = c.metadata.clone().unwrap_or_default();
     let s = sandbox.metadata.clone().unwrap_or_default();
-    format!("{}_{}_{}_{}_{}", m.name, s.name, s.namespace, s.uid, m.attempt)
+    format!(
+        "{}_{}_{}_{}_{}",
+        m.name, s.name, s.namespace, s.uid, m.attempt
+    )
 }
 
 /// The container log path: `log_directory` joined with the relative
@@ -114,14 +117,20 @@ mod tests {
     #[test]
     fn metadata_is_required() {
         let mut cfg = cri::PodSandboxConfig::default();
-        assert!(sandbox_metadata(&cfg).unwrap_err().to_string().contains("config.metadata"));
+        assert!(sandbox_metadata(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("config.metadata"));
         cfg.metadata = Some(cri::PodSandboxMetadata {
             name: "p".into(),
             namespace: "ns".into(),
             uid: String::new(),
             attempt: 0,
         });
-        assert!(sandbox_metadata(&cfg).unwrap_err().to_string().contains("uid"));
+        assert!(sandbox_metadata(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("uid"));
     }
 
     #[test]
@@ -129,7 +138,10 @@ mod tests {
         let labels = HashMap::from([("a".to_string(), "1".to_string())]);
         assert!(labels_match(&HashMap::new(), &labels));
         assert!(labels_match(&labels.clone(), &labels));
-        assert!(!labels_match(&HashMap::from([("a".into(), "2".into())]), &labels));
+        assert!(!labels_match(
+            &HashMap::from([("a".into(), "2".into())]),
+            &labels
+        ));
         assert!(handler("").is_ok() && handler("runc").is_ok());
         assert!(handler("kata").is_err());
     }

@@ -70,7 +70,11 @@ impl ContentStore {
     }
 
     /// Adds (or replaces) labels on an existing blob.
-    pub async fn set_labels(&mut self, digest: &str, labels: HashMap<String, String>) -> Result<()> {
+    pub async fn set_labels(
+        &mut self,
+        digest: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<()> {
         let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
         self.client
             .update(self.c.req(UpdateRequest {

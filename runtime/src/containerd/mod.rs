@@ -45,9 +45,10 @@ pub struct ServerVersion {
 impl Containerd {
     /// Connects to `address`, retrying until `timeout` while containerd starts.
     pub async fn connect(address: &Path, namespace: &str, timeout: Duration) -> Result<Self> {
-        let namespace_value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = namespace.parse().map_err(|_| {
-            Error::InvalidArgument(format!("containerd namespace {namespace:?} is not valid"))
-        })?;
+        let namespace_value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            namespace.parse().map_err(|_| {
+                Error::InvalidArgument(format!("containerd namespace {namespace:?} is not valid"))
+            })?;
         let deadline = Instant::now() + timeout;
         let mut last_err;
         loop {
@@ -159,7 +160,9 @@ impl Containerd {
     pub async fn snapshotter_root(&self, snapshotter: &str) -> Result<String> {
         let plugins = IntrospectionClient::new(self.channel.clone())
             .plugins(PluginsRequest {
-                filters: vec![format!("type==io.containerd.snapshotter.v1,id=={snapshotter}")],
+                filters: vec![format!(
+                    "type==io.containerd.snapshotter.v1,id=={snapshotter}"
+                )],
             })
             .await
             .map_err(|e| Error::containerd("introspection", e))?

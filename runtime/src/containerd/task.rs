@@ -62,7 +62,11 @@ pub struct NewContainer<'a> {
 /// 1970 mean "unset".
 fn ts_nanos(t: Option<prost_types::Timestamp>) -> i64 {
     t.filter(|t| t.seconds > 0)
-        .and_then(|t| t.seconds.checked_mul(1_000_000_000)?.checked_add(i64::from(t.nanos)))
+        .and_then(|t| {
+            t.seconds
+                .checked_mul(1_000_000_000)?
+                .checked_add(i64::from(t.nanos))
+        })
         .unwrap_or(0)
 }
 

@@ -117,7 +117,10 @@ impl ImageService {
                                 "containerd.io/gc.ref.content.config".to_string(),
                                 config_digest,
                             ),
-                            ("containerd.io/gc.ref.content.l.0".to_string(), diff_id.clone()),
+                            (
+                                "containerd.io/gc.ref.content.l.0".to_string(),
+                                diff_id.clone(),
+                            ),
                         ]),
                         lease: &lease,
                     },

@@ -104,7 +104,12 @@ fn default_endpoint(registry: &str) -> Endpoint {
         registry.to_string()
     };
     Endpoint {
-        scheme: if is_loopback(registry) { "http" } else { "https" }.into(),
+        scheme: if is_loopback(registry) {
+            "http"
+        } else {
+            "https"
+        }
+        .into(),
         host,
         capabilities: ALL_CAPS.iter().map(|s| s.to_string()).collect(),
         skip_verify: false,

@@ -49,7 +49,8 @@ pub mod media {
         }
         match serde_json::from_slice::<Probe>(bytes) {
             Ok(Probe {
-                media_type: Some(t), ..
+                media_type: Some(t),
+                ..
             }) => t,
             Ok(Probe {
                 manifests: Some(_), ..
@@ -91,10 +92,18 @@ pub struct ImageRecord {
 
 impl ImageRecord {
     pub fn repo_tags(&self) -> Vec<String> {
-        self.names.iter().filter(|n| !n.contains('@')).cloned().collect()
+        self.names
+            .iter()
+            .filter(|n| !n.contains('@'))
+            .cloned()
+            .collect()
     }
     pub fn repo_digests(&self) -> Vec<String> {
-        self.names.iter().filter(|n| n.contains('@')).cloned().collect()
+        self.names
+            .iter()
+            .filter(|n| n.contains('@'))
+            .cloned()
+            .collect()
     }
 }
 
@@ -183,7 +192,9 @@ impl ImageService {
         }
         let mut cache = HashMap::new();
         for (_, imgs) in by_target {
-            let Some(t) = imgs[0].target.clone() else { continue };
+            let Some(t) = imgs[0].target.clone() else {
+                continue;
+            };
             let target = Descriptor {
                 media_type: t.media_type,
                 digest: t.digest,
@@ -209,7 +220,11 @@ impl ImageService {
     }
 
     fn apply_pins(&self, cache: &mut HashMap<String, ImageRecord>) {
-        let pinned = self.sandbox_image.read().map(|s| s.clone()).unwrap_or_default();
+        let pinned = self
+            .sandbox_image
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         for rec in cache.values_mut() {
             rec.pinned = rec.id == pinned;
         }
@@ -225,7 +240,11 @@ impl ImageService {
             let index: ImageIndex = serde_json::from_slice(&top)
                 .map_err(|e| Error::Internal(format!("bad index {}: {e}", target.digest)))?;
             let entry = select_platform(&index).ok_or_else(|| {
-                Error::NotFound(format!("{} has no {} manifest", target.digest, platform_string()))
+                Error::NotFound(format!(
+                    "{} has no {} manifest",
+                    target.digest,
+                    platform_string()
+                ))
             })?;
             size += entry.size();
             content.read_all(entry.digest().as_ref()).await?
@@ -234,7 +253,9 @@ impl ImageService {
         };
         let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|e| Error::Internal(format!("bad manifest in {}: {e}", target.digest)))?;
-        let config_bytes = content.read_all(manifest.config().digest().as_ref()).await?;
+        let config_bytes = content
+            .read_all(manifest.config().digest().as_ref())
+            .await?;
         let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
             .map_err(|e| Error::Internal(format!("bad config in {}: {e}", target.digest)))?;
         size += manifest.config().size() + manifest.layers().iter().map(|l| l.size()).sum::<u64>();
@@ -271,14 +292,20 @@ impl ImageService {
             self.put_image(name, &fetched.target).await?;
         }
         // A tag moved to this image is no longer a name of the old one.
-        let mut cache = self.cache.write().map_err(|_| Error::Internal("image cache poisoned".into()))?;
+        let mut cache = self
+            .cache
+            .write()
+            .map_err(|_| Error::Internal("image cache poisoned".into()))?;
         for other in cache.values_mut() {
             for n in &names {
                 other.names.remove(n);
             }
         }
         cache.retain(|_, v| !v.names.is_empty() || v.pinned);
-        rec.names = names.into_iter().filter(|n| as_image_id(n).is_none()).collect();
+        rec.names = names
+            .into_iter()
+            .filter(|n| as_image_id(n).is_none())
+            .collect();
         merge(&mut cache, rec.clone());
         self.apply_pins(&mut cache);
         Ok(cache.get(&rec.id).cloned().unwrap_or(rec))
@@ -409,7 +436,9 @@ mod tests {
     fn sniffs_media_types() {
         assert_eq!(media::sniff(br#"{"manifests":[]}"#), media::OCI_INDEX);
         assert_eq!(
-            media::sniff(br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#),
+            media::sniff(
+                br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#
+            ),
             media::DOCKER_MANIFEST
         );
         assert_eq!(media::sniff(br#"{"layers":[]}"#), media::OCI_MANIFEST);

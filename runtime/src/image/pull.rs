@@ -73,7 +73,11 @@ pub(super) struct Fetched {
     pub manifest_digest: String,
 }
 
-fn registry_error(ep: &Endpoint, reference: &str, e: oci_client::errors::OciDistributionError) -> Error {
+fn registry_error(
+    ep: &Endpoint,
+    reference: &str,
+    e: oci_client::errors::OciDistributionError,
+) -> Error {
     use oci_client::errors::OciDistributionError as E;
     match e {
         E::AuthenticationFailure(m) => Error::FailedPrecondition(format!(
@@ -87,11 +91,21 @@ fn registry_error(ep: &Endpoint, reference: &str, e: oci_client::errors::OciDist
             Error::NotFound(format!("image {reference} not found at {}: {m}", ep.host))
         }
         E::RegistryError { envelope, url } => {
-            let codes: Vec<_> = envelope.errors.iter().map(|e| format!("{:?}", e.code).to_uppercase()).collect();
+            let codes: Vec<_> = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?}", e.code).to_uppercase())
+                .collect();
             let msg = format!("pulling {reference}: registry {url} answered {envelope}");
-            if codes.iter().any(|c| c.contains("UNKNOWN") || c.contains("NOT_FOUND")) {
+            if codes
+                .iter()
+                .any(|c| c.contains("UNKNOWN") || c.contains("NOT_FOUND"))
+            {
                 Error::NotFound(msg)
-            } else if codes.iter().any(|c| c.contains("UNAUTHORIZED") || c.contains("DENIED")) {
+            } else if codes
+                .iter()
+                .any(|c| c.contains("UNAUTHORIZED") || c.contains("DENIED"))
+            {
                 Error::FailedPrecondition(msg)
             } else {
                 Error::Registry(msg)
@@ -195,7 +209,16 @@ impl ImageService {
         }
         let lease = self.c.lease("pull").await?;
         let result = self
-            .fetch_and_unpack(client, ep, oref, r, auth, &lease, top_bytes.to_vec(), top_digest)
+            .fetch_and_unpack(
+                client,
+                ep,
+                oref,
+                r,
+                auth,
+                &lease,
+                top_bytes.to_vec(),
+                top_digest,
+            )
             .await;
         match result {
             Ok(fetched) => {
@@ -347,7 +370,10 @@ impl ImageService {
             source_label.clone(),
         ]);
         for (i, l) in manifest.layers().iter().enumerate() {
-            m_labels.insert(format!("containerd.io/gc.ref.content.l.{i}"), l.digest().to_string());
+            m_labels.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                l.digest().to_string(),
+            );
         }
         content
             .write_bytes(

@@ -64,8 +64,11 @@ impl ImageRef {
 /// An image ID is the config digest, `sha256:<64 hex>`; bare hex is accepted.
 pub fn as_image_id(s: &str) -> Option<String> {
     let hex = s.strip_prefix("sha256:").unwrap_or(s);
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| format!("sha256:{hex}"))
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then(|| format!("sha256:{hex}"))
 }
 
 #[cfg(test)]
@@ -113,7 +116,10 @@ mod tests {
     fn image_ids() {
         let hex = "0".repeat(64);
         assert_eq!(as_image_id(&hex), Some(format!("sha256:{hex}")));
-        assert_eq!(as_image_id(&format!("sha256:{hex}")), Some(format!("sha256:{hex}")));
+        assert_eq!(
+            as_image_id(&format!("sha256:{hex}")),
+            Some(format!("sha256:{hex}"))
+        );
         assert_eq!(as_image_id("busybox"), None);
     }
 }

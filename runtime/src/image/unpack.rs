@@ -96,7 +96,6 @@ impl ImageService {
                                     name: chain_id.clone(),
                                     key: key.clone(),
                                     labels: HashMap::new(),
-                                    ..Default::default()
                                 },
                                 lease,
                             ))

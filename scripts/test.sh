@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds imacri and runs every test (unit and end-to-end), then prints one
+# closing line with the totals.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+cargo build --workspace --bins || exit 1
+log=$(mktemp)
+cargo test --workspace --lib --bins --tests 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+read -r passed failed < <(awk '/^test result:/ {p += $4; f += $6} END {print p+0, f+0}' "$log")
+rm -f "$log"
+echo
+echo "total: ${passed} passed, ${failed} failed"
+exit "$status"
