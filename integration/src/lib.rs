@@ -125,12 +125,19 @@ fn start_registry(base: &Path, name: &str, htpasswd: Option<&Path>) -> Result<St
     Ok(format!("127.0.0.1:{port}"))
 }
 
-fn start_containerd(base: &Path) -> Result<PathBuf> {
-    let dir = base.join("containerd");
+/// Starts a containerd under `base/<name>`; `with_cri` leaves its own CRI
+/// plugin enabled (to test that imacri refuses to share a namespace with it).
+pub fn start_containerd(base: &Path, name: &str, with_cri: bool) -> Result<PathBuf> {
+    let dir = base.join(name);
     std::fs::create_dir_all(&dir)?;
     let sock = dir.join("containerd.sock");
+    let disabled = if with_cri {
+        ""
+    } else {
+        "\"io.containerd.grpc.v1.cri\""
+    };
     let cfg = format!(
-        "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+        "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [{disabled}]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
         root = dir.join("root").display(),
         state = dir.join("state").display(),
         sock = sock.display()
@@ -162,7 +169,7 @@ impl Env {
         let base = std::env::temp_dir().join(format!("imacri-it-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base)?;
-        let containerd_sock = start_containerd(&base)?;
+        let containerd_sock = start_containerd(&base, "containerd", false)?;
         let registry = start_registry(&base, "registry", None)?;
         let htpasswd = base.join("htpasswd");
         let hash = bcrypt::hash(AUTH_PASSWORD, 5)?;

@@ -426,3 +426,59 @@ async fn failures_roll_back_everything() {
     .unwrap();
     assert!(env.all_objects(&d.namespace).await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_containerd_with_its_own_cri_plugin() {
+    let env = Env::get();
+    let sock =
+        imacri_integration::start_containerd(&env.base, "containerd-with-cri", true).unwrap();
+    let r = Imacri::start_full(
+        env,
+        "k8s.io",
+        &["--containerd-address", sock.to_str().unwrap()],
+    )
+    .await;
+    let err = format!("{:#}", r.err().expect("imacri must refuse to start"));
+    assert!(
+        err.contains("CRI plugin") && err.contains("disabled_plugins"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn socket_mode_and_unreachable_containerd() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    let r = Imacri::start_full(
+        env,
+        &env.namespace,
+        &["--config", "/nonexistent/config.toml"],
+    )
+    .await;
+    let err = format!("{:#}", r.err().expect("must fail"));
+    assert!(err.contains("/nonexistent/config.toml"), "{err}");
+
+    // containerd not there: retried for connect_timeout_secs, then a clear error.
+    let missing = env.base.join("no-containerd.sock");
+    let cfg = env.base.join("short-timeout.toml");
+    std::fs::write(&cfg, "[containerd]\nconnect_timeout_secs = 1\n").unwrap();
+    let r = Imacri::start_full(
+        env,
+        &env.namespace,
+        &[
+            "--containerd-address",
+            missing.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let err = format!("{:#}", r.err().expect("must fail"));
+    assert!(
+        err.contains("not reachable") && err.contains("no-containerd.sock"),
+        "{err}"
+    );
+}
