@@ -40,6 +40,9 @@ struct Overrides {
     /// "text" or "json".
     #[arg(long)]
     log_format: Option<String>,
+    /// Backend for ima pods: auto, kernel or fanotify.
+    #[arg(long)]
+    ima_backend: Option<imacri_runtime::ima::BackendChoice>,
     #[arg(long)]
     log_level: Option<String>,
 }
@@ -54,6 +57,28 @@ enum Cmd {
     Config {
         #[command(subcommand)]
         cmd: ConfigCmd,
+    },
+    /// Helpers the daemon runs as child processes.
+    #[command(hide = true)]
+    Internal {
+        #[command(subcommand)]
+        cmd: InternalCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum InternalCmd {
+    /// Activate the IMA namespace of a pinned user namespace (kernel backend).
+    ImaActivate {
+        #[arg(long)]
+        userns: PathBuf,
+        /// File with the rendered policy.
+        #[arg(long)]
+        policy_file: PathBuf,
+        #[arg(long)]
+        hash: Option<String>,
+        #[arg(long)]
+        template: Option<String>,
     },
 }
 
@@ -89,6 +114,9 @@ impl Overrides {
         if let Some(v) = self.log_level {
             c.log.level = v;
         }
+        if let Some(v) = self.ima_backend {
+            c.ima.backend = v;
+        }
         c
     }
 }
@@ -107,10 +135,36 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Runs before any thread exists: joining a user namespace needs that.
+    if let Cmd::Internal {
+        cmd:
+            InternalCmd::ImaActivate {
+                userns,
+                policy_file,
+                hash,
+                template,
+            },
+    } = &cli.cmd
+    {
+        let policy = std::fs::read_to_string(policy_file)?;
+        imacri_runtime::ima::securityfs::activate_in_userns(
+            userns,
+            &imacri_runtime::ima::securityfs::Activation {
+                hash: hash.as_deref(),
+                template: template.as_deref(),
+                policy: &policy,
+            },
+        )?;
+        return Ok(());
+    }
+    tokio::runtime::Runtime::new()?.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Internal { .. } => Ok(()),
         Cmd::Config {
             cmd: ConfigCmd::Default,
         } => {

@@ -24,6 +24,51 @@ pub struct Config {
     pub containerd: ContainerdConfig,
     pub registry: RegistryConfig,
     pub log: LogConfig,
+    pub ima: ImaConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImaConfig {
+    /// "auto", "kernel" or "fanotify".
+    pub backend: crate::ima::BackendChoice,
+    /// Emit the draft OCI `{"type": "ima"}` namespace (runc 1.1 rejects it).
+    pub oci_namespace: bool,
+    /// Policy for pods without `imacri.dev/ima-policy`.
+    pub default_policy: String,
+    pub policies: std::collections::BTreeMap<String, crate::ima::PolicyConfig>,
+    /// Host IDs handed out, 65536 per pod, to ima pods without mappings.
+    pub userns_pool: UsernsPool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsernsPool {
+    /// First host ID of the pool.
+    pub start: u32,
+    /// Number of 65536-wide ranges.
+    pub count: u32,
+}
+
+impl Default for UsernsPool {
+    fn default() -> Self {
+        UsernsPool {
+            start: 1 << 20,
+            count: 1024,
+        }
+    }
+}
+
+impl Default for ImaConfig {
+    fn default() -> Self {
+        ImaConfig {
+            backend: crate::ima::BackendChoice::Auto,
+            oci_namespace: false,
+            default_policy: "default".into(),
+            policies: [("default".to_string(), crate::ima::PolicyConfig::default())].into(),
+            userns_pool: UsernsPool::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +110,7 @@ impl Default for Config {
             containerd: ContainerdConfig::default(),
             registry: RegistryConfig::default(),
             log: LogConfig::default(),
+            ima: ImaConfig::default(),
         }
     }
 }
@@ -134,6 +180,32 @@ config_path = "/etc/containerd/certs.d"
 # "text" or "json"; every request line carries its pod or container ID.
 format = "text"
 level = "info"
+
+[ima]
+# Who measures pods with `ima` (field 3702 or annotation imacri.dev/ima=true):
+# "kernel" (IMA namespaces, not in mainline kernels), "fanotify" (imacri
+# itself), or "auto": kernel where supported, else fanotify. The backend a
+# pod got is always shown in its status.
+backend = "auto"
+# Add the draft OCI namespace {"type": "ima"} to specs (runc 1.1 rejects it).
+oci_namespace = false
+# Policy of pods without the annotation imacri.dev/ima-policy.
+default_policy = "default"
+
+[ima.policies.default]
+# Rules in the kernel's IMA policy syntax.
+rules = [
+    "measure func=BPRM_CHECK mask=MAY_EXEC",
+    "measure func=FILE_MMAP mask=MAY_EXEC",
+]
+# "measure" records; "enforce" also denies executions the policy does not allow.
+mode = "measure"
+
+[ima.userns_pool]
+# ima pods without user-namespace mappings get 65536 host IDs from here,
+# kept for the pod's life: [start, start + count * 65536).
+start = 1048576
+count = 1024
 "#;
 
 impl Config {
@@ -153,8 +225,36 @@ impl Config {
         }
     }
 
-    pub fn parse(text: &str) -> std::result::Result<Config, toml::de::Error> {
-        toml::from_str(text)
+    pub fn parse(text: &str) -> std::result::Result<Config, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    /// Checks what serde cannot: policies parse, the default policy exists,
+    /// the ID pool fits in 32 bits.
+    pub fn validate(&self) -> Result<()> {
+        for (name, p) in &self.ima.policies {
+            for r in &p.rules {
+                crate::ima::policy::parse_rule(r)
+                    .map_err(|e| Error::InvalidArgument(format!("ima.policies.{name}: {e}")))?;
+            }
+        }
+        if !self.ima.policies.contains_key(&self.ima.default_policy) {
+            return Err(Error::InvalidArgument(format!(
+                "ima.default_policy {:?} is not in ima.policies",
+                self.ima.default_policy
+            )));
+        }
+        let pool = self.ima.userns_pool;
+        if pool.start == 0
+            || u64::from(pool.start) + u64::from(pool.count) * 65536 > u64::from(u32::MAX)
+        {
+            return Err(Error::InvalidArgument(
+                "ima.userns_pool must start above 0 and end below 2^32".into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn sandboxes_dir(&self) -> PathBuf {
@@ -187,6 +287,19 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let err = Config::parse("sokcet = \"/x\"").unwrap_err().to_string();
         assert!(err.contains("sokcet"), "{err}");
+    }
+
+    #[test]
+    fn ima_config_is_validated() {
+        let e = Config::parse("[ima]\ndefault_policy = \"strict\"\n").unwrap_err();
+        assert!(e.contains("strict"), "{e}");
+        let e =
+            Config::parse("[ima.policies.default]\nrules = [\"measure func=NOPE\"]\n").unwrap_err();
+        assert!(e.contains("NOPE"), "{e}");
+        let e = Config::parse("[ima]\nbackend = \"magic\"\n").unwrap_err();
+        assert!(e.contains("magic"), "{e}");
+        let c = Config::parse("[ima]\nbackend = \"kernel\"\n").unwrap();
+        assert_eq!(c.ima.backend, crate::ima::BackendChoice::Kernel);
     }
 
     #[test]

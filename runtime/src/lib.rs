@@ -5,6 +5,7 @@ pub mod config;
 pub mod containerd;
 pub mod error;
 pub mod ids;
+pub mod ima;
 pub mod image;
 pub mod io;
 pub mod mount;
@@ -14,5 +15,6 @@ pub mod spec;
 pub mod store;
 pub mod sysinfo;
 pub mod user;
+pub mod userns;
 
 pub use error::{Error, Result};

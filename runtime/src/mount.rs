@@ -33,11 +33,17 @@ pub fn parse_options(options: &[String]) -> (MsFlags, String) {
     (flags, data.join(","))
 }
 
-/// Mounts containerd's mounts for a snapshot at `target`, read-only.
-pub fn mount_snapshot(mounts: &[containerd_client::types::Mount], target: &Path) -> Result<()> {
+/// Mounts containerd's mounts for a snapshot at `target`.
+pub fn mount_snapshot(
+    mounts: &[containerd_client::types::Mount],
+    target: &Path,
+    readonly: bool,
+) -> Result<()> {
     for m in mounts {
         let (mut flags, data) = parse_options(&m.options);
-        flags |= MsFlags::MS_RDONLY;
+        if readonly {
+            flags |= MsFlags::MS_RDONLY;
+        }
         let fstype = if m.r#type == "bind" {
             None
         } else {
@@ -51,7 +57,7 @@ pub fn mount_snapshot(mounts: &[containerd_client::types::Mount], target: &Path)
             (!data.is_empty()).then_some(data.as_str()),
         )
         .map_err(|e| Error::io("mounting snapshot at", target, e.into()))?;
-        if flags.contains(MsFlags::MS_BIND) {
+        if readonly && flags.contains(MsFlags::MS_BIND) {
             // A bind mount ignores MS_RDONLY until remounted.
             let _ = mount(
                 None::<&str>,

@@ -25,6 +25,29 @@ pub struct SandboxState {
     /// Volatile directory with hostname, hosts, resolv.conf and shm.
     pub dir: PathBuf,
     pub shm: bool,
+    /// The pod's own user namespace, if it has one.
+    #[serde(default)]
+    pub userns: Option<UsernsState>,
+    /// The `ima` setting, if enabled.
+    #[serde(default)]
+    pub ima: Option<ImaState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UsernsState {
+    pub mappings: crate::userns::Mappings,
+    /// Pinned namespace file.
+    pub path: PathBuf,
+    /// Taken from imacri's pool (freed on RemovePodSandbox), not from kubelet.
+    pub allocated: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImaState {
+    /// What measures the pod, e.g. "kernel" or "none (measurement unavailable: ...)".
+    pub backend: String,
+    pub policy: String,
+    pub mode: crate::ima::policy::Mode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

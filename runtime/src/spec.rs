@@ -73,6 +73,37 @@ pub struct SandboxShared {
     pub resolv_file: Option<PathBuf>,
     /// tmpfs shared as /dev/shm when IPC is pod-wide.
     pub shm_dir: Option<PathBuf>,
+    /// The pod's pinned user namespace and its mappings.
+    pub userns: Option<(PathBuf, crate::userns::Mappings)>,
+    /// Annotations every container of the pod carries (the ima setting).
+    pub annotations: HashMap<String, String>,
+}
+
+fn id_maps(maps: &[crate::userns::IdMap]) -> Result<Vec<oci_spec::runtime::LinuxIdMapping>> {
+    maps.iter()
+        .map(|m| {
+            oci(oci_spec::runtime::LinuxIdMappingBuilder::default()
+                .container_id(m.container_id)
+                .host_id(m.host_id)
+                .size(m.size)
+                .build())
+        })
+        .collect()
+}
+
+/// Joins the pod's user namespace: path plus the mappings runc validates.
+fn with_userns(
+    mut lb: LinuxBuilder,
+    namespaces: &mut Vec<LinuxNamespace>,
+    userns: Option<&(PathBuf, crate::userns::Mappings)>,
+) -> Result<LinuxBuilder> {
+    if let Some((path, maps)) = userns {
+        namespaces.push(ns(LinuxNamespaceType::User, Some(path.clone()))?);
+        lb = lb
+            .uid_mappings(id_maps(&maps.uids)?)
+            .gid_mappings(id_maps(&maps.gids)?);
+    }
+    Ok(lb)
 }
 
 /// Node facts the spec depends on.
@@ -420,9 +451,10 @@ pub fn sandbox_spec(
     id: &str,
     config: &cri::PodSandboxConfig,
     image: &ImageConfiguration,
-    netns: Option<&Path>,
+    shared: &SandboxShared,
     limits: NodeLimits,
 ) -> Result<Spec> {
+    let netns = shared.netns.as_deref();
     let linux_cfg = config.linux.clone().unwrap_or_default();
     let sc = linux_cfg.security_context.clone().unwrap_or_default();
     let (_, pid_mode, ipc_mode) = ns_mode(sc.namespace_options.as_ref());
@@ -489,7 +521,12 @@ pub fn sandbox_spec(
     // Pause gets pod-level limits only through the parent cgroup.
     res.set_cpu(None);
     res.set_memory(None);
-    let linux = oci(LinuxBuilder::default()
+    let lb = with_userns(
+        LinuxBuilder::default(),
+        &mut namespaces,
+        shared.userns.as_ref(),
+    )?;
+    let linux = oci(lb
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(cgroup_path(&linux_cfg.cgroup_parent, id)))
         .resources(res)
@@ -516,7 +553,11 @@ pub fn sandbox_spec(
         .process(process)
         .mounts(base_mounts(true)?)
         .linux(linux)
-        .annotations(sandbox_annotations(id, config));
+        .annotations({
+            let mut a = sandbox_annotations(id, config);
+            a.extend(shared.annotations.clone());
+            a
+        });
     let mut spec = oci(b.build())?;
     // oci-spec's defaults would name every host "youki".
     spec.set_hostname(
@@ -738,7 +779,12 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
     }
     res.set_devices(Some(dev_rules));
 
-    let mut lb = LinuxBuilder::default()
+    let lb = with_userns(
+        LinuxBuilder::default(),
+        &mut namespaces,
+        i.shared.userns.as_ref(),
+    )?;
+    let mut lb = lb
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(cgroup_path(
             i.sandbox_config
@@ -773,6 +819,7 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
         lb = lb.rootfs_propagation(p);
     }
     let mut annotations = config.annotations.clone();
+    annotations.extend(i.shared.annotations.clone());
     annotations.extend([
         (
             "io.kubernetes.cri.container-type".to_string(),
@@ -916,6 +963,19 @@ fn device(
     Ok((dev, rule))
 }
 
+/// Adds the draft runtime-spec `{"type": "ima"}` namespace (PR #1164).
+/// oci-spec's namespace enum is closed, so this works on the JSON.
+pub fn add_ima_namespace(spec: &mut serde_json::Value) {
+    if let Some(nss) = spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(|v| v.as_array_mut())
+    {
+        if !nss.iter().any(|n| n["type"] == "ima") {
+            nss.push(serde_json::json!({"type": "ima"}));
+        }
+    }
+}
+
 /// Process for ExecSync / Exec: the container's process with another command.
 pub fn exec_process(base: &Process, cmd: &[String], tty: bool) -> Result<Process> {
     if cmd.is_empty() {
@@ -1004,6 +1064,17 @@ mod tests {
     }
 
     #[test]
+    fn ima_namespace_is_added_once() {
+        let mut v = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}});
+        add_ima_namespace(&mut v);
+        add_ima_namespace(&mut v);
+        assert_eq!(
+            v["linux"]["namespaces"],
+            serde_json::json!([{"type": "pid"}, {"type": "ima"}])
+        );
+    }
+
+    #[test]
     fn oom_is_clamped() {
         let l = NodeLimits {
             min_oom_score_adj: -500,
@@ -1054,6 +1125,8 @@ mod tests {
             hosts_file: Some("/s/hosts".into()),
             resolv_file: Some("/s/resolv.conf".into()),
             shm_dir: Some("/s/shm".into()),
+            userns: None,
+            annotations: HashMap::new(),
         }
     }
 
@@ -1150,6 +1223,58 @@ mod tests {
     }
 
     #[test]
+    fn userns_pods_join_by_path_with_mappings_and_annotations() {
+        let mut sh = shared();
+        sh.userns = Some((
+            "/run/imacri/userns/p".into(),
+            crate::userns::Mappings::range(1 << 20, 65536),
+        ));
+        sh.annotations = HashMap::from([("imacri.dev/ima".to_string(), "true".to_string())]);
+        let cfg = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: "c".into(),
+                attempt: 0,
+            }),
+            ..Default::default()
+        };
+        let spec = container_spec(&ContainerInputs {
+            id: "c",
+            sandbox_id: "s",
+            config: &cfg,
+            sandbox_config: &cri::PodSandboxConfig::default(),
+            image: &busybox(),
+            image_name: "b",
+            user: ProcessUser::default(),
+            shared: &sh,
+            limits: NodeLimits {
+                min_oom_score_adj: 0,
+            },
+        })
+        .unwrap();
+        let l = spec.linux().clone().unwrap();
+        let user = l
+            .namespaces()
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|n| n.typ() == LinuxNamespaceType::User)
+            .unwrap();
+        assert_eq!(
+            user.path().clone().unwrap(),
+            PathBuf::from("/run/imacri/userns/p")
+        );
+        let m = &l.uid_mappings().clone().unwrap()[0];
+        assert_eq!(
+            (m.container_id(), m.host_id(), m.size()),
+            (0, 1 << 20, 65536)
+        );
+        assert_eq!(
+            spec.annotations().clone().unwrap()["imacri.dev/ima"],
+            "true"
+        );
+    }
+
+    #[test]
     fn sandbox_spec_uses_netns_and_hostname() {
         let img = image(serde_json::json!({
             "architecture": "amd64", "os": "linux",
@@ -1164,11 +1289,15 @@ mod tests {
             }),
             ..Default::default()
         };
+        let sh = SandboxShared {
+            netns: Some("/n".into()),
+            ..Default::default()
+        };
         let spec = sandbox_spec(
             "sid",
             &cfg,
             &img,
-            Some(Path::new("/n")),
+            &sh,
             NodeLimits {
                 min_oom_score_adj: 0,
             },

@@ -4,8 +4,9 @@
 use imacri_api::cri;
 use imacri_runtime::containerd::NewContainer;
 use imacri_runtime::ids::{new_id, now_nanos};
+use imacri_runtime::pod::SandboxState;
 use imacri_runtime::pod::{ContainerPhase, ContainerState, SandboxPhase};
-use imacri_runtime::spec::{self, ContainerInputs, SandboxShared};
+use imacri_runtime::spec::{self, ContainerInputs};
 use imacri_runtime::{Error, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -98,6 +99,7 @@ impl CriServer {
                 "linux.security_context.privileged needs a privileged pod sandbox".into(),
             ));
         }
+        self.check_pod_isolation(&sb.state(), &config)?;
         // Fail on bad mounts and devices before touching containerd.
         for m in &config.mounts {
             spec::user_mount(m)?;
@@ -138,9 +140,12 @@ impl CriServer {
         let snapshotter = self.cfg.containerd.snapshotter.clone();
         let lease = self.c.lease("container").await?;
         let res = async {
+            let parent = self
+                .rootfs_parent(&image.chain_id, &sb_state, &lease)
+                .await?;
             let mounts = self
                 .c
-                .prepare_snapshot(&snapshotter, id, &image.chain_id, &lease)
+                .prepare_snapshot(&snapshotter, id, &parent, &lease)
                 .await?;
             // Resolve the user from the container's own root filesystem.
             let probe = self.cfg.state.join("probe").join(id);
@@ -149,7 +154,7 @@ impl CriServer {
                 .linux
                 .as_ref()
                 .and_then(|l| l.security_context.as_ref());
-            let user = match imacri_runtime::mount::mount_snapshot(&mounts, &probe) {
+            let user = match imacri_runtime::mount::mount_snapshot(&mounts, &probe, true) {
                 Ok(()) => {
                     let u = imacri_runtime::user::resolve(&probe, sc, &image.config);
                     let _ = imacri_runtime::mount::unmount_all(&probe);
@@ -159,14 +164,7 @@ impl CriServer {
             };
             let _ = std::fs::remove_dir(&probe);
             let user = user?;
-            let shared = SandboxShared {
-                netns: sb_state.netns.clone(),
-                pause_pid: sb_state.pid,
-                hostname_file: Some(sb_state.dir.join("hostname")),
-                hosts_file: Some(sb_state.dir.join("hosts")),
-                resolv_file: Some(sb_state.dir.join("resolv.conf")),
-                shm_dir: sb_state.shm.then(|| sb_state.dir.join("shm")),
-            };
+            let shared = self.shared_of(&sb_state);
             let spec = spec::container_spec(&ContainerInputs {
                 id,
                 sandbox_id: &sb.id,
@@ -190,6 +188,7 @@ impl CriServer {
                         spec: &spec,
                         snapshotter: &snapshotter,
                         runtime: &self.cfg.containerd.runtime,
+                        ima_namespace: sb_state.ima.is_some() && self.cfg.ima.oci_namespace,
                     },
                     &lease,
                 )
@@ -238,6 +237,62 @@ impl CriServer {
         .await;
         let _ = lease.delete(&self.c, false).await;
         res
+    }
+}
+
+const CNS: &str = "linux.security_context.namespace_options";
+
+impl CriServer {
+    /// A container stays inside its pod's user namespace (and, in an ima
+    /// pod, inside everything the pod's measurement covers).
+    fn check_pod_isolation(&self, sb: &SandboxState, config: &cri::ContainerConfig) -> Result<()> {
+        let sc = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.clone())
+            .unwrap_or_default();
+        let nso = sc.namespace_options.as_ref();
+        if let Some(u) = nso.and_then(|n| n.userns_options.as_ref()) {
+            let pod_default =
+                u.mode == cri::NamespaceMode::Pod as i32 && u.uids.is_empty() && u.gids.is_empty();
+            let asked = if pod_default {
+                None
+            } else {
+                super::sandbox_plan::requested_userns(nso)?
+            };
+            let pod = sb.userns.as_ref().map(|u| &u.mappings);
+            let same = match (&asked, pod) {
+                (None, None) => true,
+                // Kubelet repeats the pod's request; an allocation is ours.
+                (Some(a), Some(p)) => a == p,
+                (None, Some(_)) => u.mode == cri::NamespaceMode::Pod as i32,
+                (Some(_), None) => false,
+            };
+            if !same {
+                return Err(Error::InvalidArgument(format!(
+                    "{CNS}.userns_options differs from the pod's user namespace; containers must share it"
+                )));
+            }
+        }
+        if sb.ima.is_none() {
+            return Ok(());
+        }
+        if sc.privileged {
+            return Err(Error::InvalidArgument(
+                "linux.security_context.privileged is not allowed in an ima pod".into(),
+            ));
+        }
+        let node = cri::NamespaceMode::Node as i32;
+        if let Some(n) = nso {
+            for (field, mode) in [("network", n.network), ("pid", n.pid), ("ipc", n.ipc)] {
+                if mode == node {
+                    return Err(Error::InvalidArgument(format!(
+                        "{CNS}.{field}=NODE is not allowed in an ima pod: it would step outside the pod's measurement"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -67,7 +67,13 @@ impl CriServer {
         if req.verbose {
             let st = c.state();
             let spec = self.c.container_spec(&c.id).await.ok();
+            let ima = self
+                .sandboxes
+                .get(&st.sandbox_id)
+                .map(|sb| super::sandbox_status::ima_info(&sb.state()))
+                .unwrap_or(serde_json::Value::Null);
             let v = serde_json::json!({
+                "ima": ima,
                 "sandboxID": st.sandbox_id,
                 "pid": st.pid,
                 "phase": format!("{:?}", st.phase),

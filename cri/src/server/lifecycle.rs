@@ -3,7 +3,7 @@
 
 use imacri_runtime::error::IgnoreNotFound;
 use imacri_runtime::ids::now_nanos;
-use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
+use imacri_runtime::pod::{ContainerPhase, SandboxPhase, SandboxState};
 use imacri_runtime::{Error, Result};
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,30 +174,24 @@ impl CriServer {
         }
     }
 
-    /// Removes the pause container, its snapshot, netns, shm and files.
-    pub(crate) async fn teardown_sandbox(
-        &self,
-        id: &str,
-        dir: &std::path::Path,
-        netns: Option<&std::path::Path>,
-    ) -> Result<()> {
+    /// Removes the pause container, its snapshot, netns, userns, shm and files.
+    pub(crate) async fn teardown_sandbox(&self, id: &str, st: &SandboxState) -> Result<()> {
         self.teardown_container(id).await?;
-        self.release_sandbox_resources(dir, netns)?;
-        match std::fs::remove_dir_all(dir) {
+        self.release_sandbox_resources(st)?;
+        if let Some(u) = &st.userns {
+            imacri_runtime::netns::remove(&u.path)?;
+        }
+        match std::fs::remove_dir_all(&st.dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("removing", dir, e)),
+            Err(e) => Err(Error::io("removing", &st.dir, e)),
         }
     }
 
     /// What StopPodSandbox frees: the shm mount and the network namespace.
-    pub(crate) fn release_sandbox_resources(
-        &self,
-        dir: &std::path::Path,
-        netns: Option<&std::path::Path>,
-    ) -> Result<()> {
-        imacri_runtime::mount::unmount_all(&dir.join("shm"))?;
-        if let Some(ns) = netns {
+    pub(crate) fn release_sandbox_resources(&self, st: &SandboxState) -> Result<()> {
+        imacri_runtime::mount::unmount_all(&st.dir.join("shm"))?;
+        if let Some(ns) = &st.netns {
             imacri_runtime::netns::remove(ns)?;
         }
         Ok(())

@@ -18,6 +18,7 @@ mod image_status;
 mod lifecycle;
 mod recover;
 mod sandbox_list;
+mod sandbox_plan;
 mod sandbox_remove;
 mod sandbox_run;
 mod sandbox_status;
@@ -71,6 +72,10 @@ pub struct CriServer {
     pub(crate) limits: NodeLimits,
     /// Name of the sandbox image in use.
     pub(crate) sandbox_image: String,
+    /// Whether this node can run each ima backend (probed at start).
+    pub(crate) ima_node: imacri_runtime::ima::NodeSupport,
+    /// Held while a pod's user-namespace range is chosen and recorded.
+    pub(crate) userns_lock: Mutex<()>,
     io: Mutex<HashMap<String, LiveIo>>,
     /// Per task: flips to true when the task has exited.
     exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
@@ -118,6 +123,13 @@ impl CriServer {
             containers,
             limits,
             sandbox_image,
+            ima_node: imacri_runtime::ima::NodeSupport {
+                kernel: imacri_runtime::userns::kernel_ima_namespaces(),
+                fanotify: Err(
+                    "the fanotify backend is not implemented in this imacri version".into(),
+                ),
+            },
+            userns_lock: Mutex::new(()),
             io: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
         });

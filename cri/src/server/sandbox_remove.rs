@@ -22,8 +22,7 @@ impl CriServer {
         }
         let _op = sb.op.lock().await;
         let st = sb.state();
-        self.teardown_sandbox(&sb.id, &st.dir, st.netns.as_deref())
-            .await?;
+        self.teardown_sandbox(&sb.id, &st).await?;
         self.sandboxes.remove(&sb.id)?;
         tracing::info!(pod_sandbox_id = %sb.id, "sandbox removed");
         Ok(cri::RemovePodSandboxResponse {})

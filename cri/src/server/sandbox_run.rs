@@ -4,7 +4,7 @@
 use imacri_api::cri;
 use imacri_runtime::containerd::NewContainer;
 use imacri_runtime::ids::{new_id, now_nanos};
-use imacri_runtime::pod::{SandboxPhase, SandboxState};
+use imacri_runtime::pod::{SandboxPhase, SandboxState, UsernsState};
 use imacri_runtime::{spec, Error, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +54,99 @@ fn hosts_file(hostname: &str) -> String {
 }
 
 impl CriServer {
+    /// Namespaces and files a sandbox gives its containers.
+    pub(crate) fn shared_of(&self, st: &SandboxState) -> spec::SandboxShared {
+        let mut annotations = HashMap::new();
+        if let Some(i) = &st.ima {
+            annotations.insert(
+                imacri_runtime::ima::ANNOTATION.to_string(),
+                "true".to_string(),
+            );
+            annotations.insert(
+                imacri_runtime::ima::BACKEND_ANNOTATION.to_string(),
+                i.backend.clone(),
+            );
+            annotations.insert(
+                imacri_runtime::ima::POLICY_ANNOTATION.to_string(),
+                i.policy.clone(),
+            );
+        }
+        spec::SandboxShared {
+            netns: st.netns.clone(),
+            pause_pid: st.pid,
+            hostname_file: Some(st.dir.join("hostname")),
+            hosts_file: Some(st.dir.join("hosts")),
+            resolv_file: Some(st.dir.join("resolv.conf")),
+            shm_dir: st.shm.then(|| st.dir.join("shm")),
+            userns: st
+                .userns
+                .as_ref()
+                .map(|u| (u.path.clone(), u.mappings.clone())),
+            annotations,
+        }
+    }
+
+    /// The snapshot a pod's containers start from: the image's layers, or
+    /// their copy owned by the pod's user-namespace IDs.
+    pub(crate) async fn rootfs_parent(
+        &self,
+        chain_id: &str,
+        st: &SandboxState,
+        lease: &imacri_runtime::containerd::Lease,
+    ) -> Result<String> {
+        match &st.userns {
+            None => Ok(chain_id.to_string()),
+            Some(u) => {
+                self.images
+                    .remapped_snapshot(chain_id, &u.mappings, lease, &self.cfg.state.join("remap"))
+                    .await
+            }
+        }
+    }
+
+    /// Kernel backend: activate the pod's IMA namespace before any of its
+    /// processes run, from a single-threaded helper process.
+    async fn activate_kernel_ima(&self, dir: &Path, userns: &Path, policy: &str) -> Result<()> {
+        let rules: Vec<_> = self
+            .cfg
+            .ima
+            .policies
+            .get(policy)
+            .map(|p| {
+                p.rules
+                    .iter()
+                    .map(|r| imacri_runtime::ima::policy::parse_rule(r))
+                    .collect()
+            })
+            .unwrap_or_else(|| Ok(Vec::new()))?;
+        let policy_file = dir.join("ima-policy");
+        write(&policy_file, &imacri_runtime::ima::policy::render(&rules))?;
+        let exe = std::env::current_exe().map_err(|e| Error::io("locating", "imacri", e))?;
+        let out = tokio::process::Command::new(exe)
+            .args([
+                "internal",
+                "ima-activate",
+                "--hash",
+                "sha256",
+                "--template",
+                "ima-ng",
+                "--userns",
+            ])
+            .arg(userns)
+            .arg("--policy-file")
+            .arg(&policy_file)
+            .output()
+            .await
+            .map_err(|e| Error::io("running", "imacri internal ima-activate", e))?;
+        if !out.status.success() {
+            return Err(Error::FailedPrecondition(format!(
+                "activating the pod's IMA namespace: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) async fn run_pod_sandbox(
         self: &Arc<Self>,
         req: cri::RunPodSandboxRequest,
@@ -65,16 +158,7 @@ impl CriServer {
         handler(&req.runtime_handler)?;
         let linux = config.linux.clone().unwrap_or_default();
         let sc = linux.security_context.clone().unwrap_or_default();
-        if sc
-            .namespace_options
-            .as_ref()
-            .and_then(|n| n.userns_options.as_ref())
-            .is_some_and(|u| u.mode == cri::NamespaceMode::Pod as i32)
-        {
-            return Err(Error::FailedPrecondition(
-                "linux.security_context.namespace_options.userns_options mode POD: user namespaces are not supported by this imacri version".into(),
-            ));
-        }
+        let plan = self.plan_pod(&config)?;
         if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
             return Err(Error::InvalidArgument(format!(
                 "config.log_directory {:?} must be absolute",
@@ -101,22 +185,48 @@ impl CriServer {
         self.sandboxes.reserve(&name, &id)?;
         let dir = self.cfg.state.join("sandboxes").join(&id);
         let netns_path = (!host_net).then(|| self.cfg.netns_dir().join(&id));
-        let entry = self.sandboxes.insert(
-            &id,
-            &name,
-            config.clone(),
-            SandboxState {
-                phase: SandboxPhase::Creating,
-                created_at: now_nanos(),
-                runtime_handler: req.runtime_handler.clone(),
-                pid: 0,
-                netns: netns_path.clone(),
-                image_id: image.id.clone(),
-                image_name: self.sandbox_image.clone(),
-                dir: dir.clone(),
-                shm: !host_ipc,
-            },
-        );
+        let entry = {
+            // Allocation and record go together so no range is handed out twice.
+            let _alloc = self
+                .userns_lock
+                .lock()
+                .map_err(|_| Error::Internal("userns lock poisoned".into()))?;
+            let userns = match (&plan.userns, plan.allocate) {
+                (Some(m), _) => Some((Ok(m.clone()), false)),
+                (None, true) => Some((self.allocate_userns(), true)),
+                (None, false) => None,
+            };
+            let userns = match userns {
+                Some((Ok(m), allocated)) => Some(UsernsState {
+                    mappings: m,
+                    path: self.cfg.state.join("userns").join(&id),
+                    allocated,
+                }),
+                Some((Err(e), _)) => {
+                    self.sandboxes.release(&name, &id);
+                    return Err(e);
+                }
+                None => None,
+            };
+            self.sandboxes.insert(
+                &id,
+                &name,
+                config.clone(),
+                SandboxState {
+                    phase: SandboxPhase::Creating,
+                    created_at: now_nanos(),
+                    runtime_handler: req.runtime_handler.clone(),
+                    pid: 0,
+                    netns: netns_path,
+                    image_id: image.id.clone(),
+                    image_name: self.sandbox_image.clone(),
+                    dir: dir.clone(),
+                    shm: !host_ipc,
+                    userns,
+                    ima: plan.ima.clone(),
+                },
+            )
+        };
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
@@ -126,7 +236,7 @@ impl CriServer {
         };
         let _op = entry.op.lock().await;
         let res = self
-            .start_sandbox(&id, &config, &image, &dir, host_net, host_ipc)
+            .start_sandbox(&id, &config, &image, &entry.state(), host_net)
             .await;
         match res {
             Ok(pid) => {
@@ -134,14 +244,19 @@ impl CriServer {
                     s.phase = SandboxPhase::Ready;
                     s.pid = pid;
                 })?;
-                tracing::info!(pod_sandbox_id = %id, name = %name, pid, "sandbox ready");
+                let st = entry.state();
+                tracing::info!(
+                    pod_sandbox_id = %id,
+                    name = %name,
+                    pid,
+                    ima = ?st.ima.as_ref().map(|i| &i.backend),
+                    userns = ?st.userns.as_ref().map(|u| &u.mappings.uids),
+                    "sandbox ready"
+                );
                 Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
             }
             Err(e) => {
-                if let Err(te) = self
-                    .teardown_sandbox(&id, &dir, netns_path.as_deref())
-                    .await
-                {
+                if let Err(te) = self.teardown_sandbox(&id, &entry.state()).await {
                     tracing::error!(pod_sandbox_id = %id, error = %te, "rollback failed");
                 }
                 let _ = self.sandboxes.remove(&id);
@@ -155,16 +270,27 @@ impl CriServer {
         id: &str,
         config: &cri::PodSandboxConfig,
         image: &imacri_runtime::image::ImageRecord,
-        dir: &Path,
+        st: &SandboxState,
         host_net: bool,
-        host_ipc: bool,
     ) -> Result<u32> {
+        let dir = &st.dir;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-        let netns: Option<PathBuf> = if host_net {
-            None
-        } else {
-            Some(imacri_runtime::netns::create(&self.cfg.netns_dir(), id)?)
+        // The user namespace comes first; the netns is made inside it.
+        // Paths are recorded in `st` already; these create them.
+        let _netns: Option<PathBuf> = match (&st.userns, host_net) {
+            (Some(u), _) => {
+                let pinned =
+                    imacri_runtime::userns::create(&self.cfg.state, id, &u.mappings, !host_net)?;
+                pinned.netns
+            }
+            (None, true) => None,
+            (None, false) => Some(imacri_runtime::netns::create(&self.cfg.netns_dir(), id)?),
         };
+        if let (Some(u), Some(i)) = (&st.userns, &st.ima) {
+            if i.backend == imacri_runtime::ima::Backend::Kernel.to_string() {
+                self.activate_kernel_ima(dir, &u.path, &i.policy).await?;
+            }
+        }
         let hostname = if host_net {
             nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
@@ -183,17 +309,19 @@ impl CriServer {
             &dir.join("resolv.conf"),
             &resolv_conf(config.dns_config.as_ref())?,
         )?;
-        if !host_ipc {
+        if st.shm {
             imacri_runtime::mount::mount_shm(&dir.join("shm"), SHM_SIZE)?;
         }
 
-        let spec = spec::sandbox_spec(id, config, &image.config, netns.as_deref(), self.limits)?;
+        let shared = self.shared_of(st);
+        let spec = spec::sandbox_spec(id, config, &image.config, &shared, self.limits)?;
         let snapshotter = self.cfg.containerd.snapshotter.clone();
         let lease = self.c.lease("sandbox").await?;
         let created = async {
+            let parent = self.rootfs_parent(&image.chain_id, st, &lease).await?;
             let mounts = self
                 .c
-                .prepare_snapshot(&snapshotter, id, &image.chain_id, &lease)
+                .prepare_snapshot(&snapshotter, id, &parent, &lease)
                 .await?;
             let mut labels: HashMap<String, String> = config.labels.clone();
             labels.insert(LABEL_KIND.into(), "sandbox".into());
@@ -207,6 +335,7 @@ impl CriServer {
                         spec: &spec,
                         snapshotter: &snapshotter,
                         runtime: &self.cfg.containerd.runtime,
+                        ima_namespace: st.ima.is_some() && self.cfg.ima.oci_namespace,
                     },
                     &lease,
                 )

@@ -15,15 +15,50 @@ pub(crate) fn cri_state(p: SandboxPhase) -> cri::PodSandboxState {
     }
 }
 
+/// The `ima` object of verbose status: enabled, backend, policy, mappings.
+pub(crate) fn ima_info(st: &imacri_runtime::pod::SandboxState) -> serde_json::Value {
+    match &st.ima {
+        None => serde_json::json!({"enabled": false}),
+        Some(i) => serde_json::json!({
+            "enabled": true,
+            "backend": i.backend,
+            "policy": i.policy,
+            "mode": i.mode,
+            "mappings": st.userns.as_ref().map(|u| &u.mappings),
+            "state": if st.phase == SandboxPhase::Ready { "active" } else { "inactive" },
+            // Measurement counts arrive with the measuring backends.
+            "measurementCount": serde_json::Value::Null,
+            "lastViolation": serde_json::Value::Null,
+        }),
+    }
+}
+
 impl CriServer {
     pub(crate) fn sandbox_status_of(&self, sb: &SandboxEntry) -> cri::PodSandboxStatus {
         let st = sb.state();
-        let ns = sb
+        let mut ns = sb
             .config
             .linux
             .as_ref()
             .and_then(|l| l.security_context.as_ref())
             .and_then(|s| s.namespace_options.clone());
+        // Report the mappings the pod really has (an ima pod's are ours).
+        if let Some(u) = &st.userns {
+            let conv = |m: &[imacri_runtime::userns::IdMap]| {
+                m.iter()
+                    .map(|m| cri::IdMapping {
+                        host_id: m.host_id,
+                        container_id: m.container_id,
+                        length: m.size,
+                    })
+                    .collect()
+            };
+            ns.get_or_insert_with(Default::default).userns_options = Some(cri::UserNamespace {
+                mode: cri::NamespaceMode::Pod as i32,
+                uids: conv(&u.mappings.uids),
+                gids: conv(&u.mappings.gids),
+            });
+        }
         cri::PodSandboxStatus {
             id: sb.id.clone(),
             metadata: sb.config.metadata.clone(),
@@ -50,6 +85,8 @@ impl CriServer {
         if req.verbose {
             let st = sb.state();
             let v = serde_json::json!({
+                "ima": ima_info(&st),
+                "userNamespace": st.userns,
                 "pid": st.pid,
                 "phase": format!("{:?}", st.phase),
                 "netns": st.netns,

@@ -24,7 +24,7 @@ impl CriServer {
         let _op = sb.op.lock().await;
         self.stop_task(&sb.id, SIGKILL, Duration::ZERO).await?;
         let st = sb.state();
-        self.release_sandbox_resources(&st.dir, st.netns.as_deref())?;
+        self.release_sandbox_resources(&st)?;
         sb.update(|s| {
             s.phase = SandboxPhase::NotReady;
             s.pid = 0;

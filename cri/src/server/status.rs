@@ -47,6 +47,23 @@ impl CriServer {
             reason: "NetworkPluginNotReady".into(),
             message: "CNI networking is not available in this imacri version: pods get their own network namespace with no interfaces configured; host-network pods work".into(),
         };
+        let ima = match imacri_runtime::ima::resolve_backend(self.cfg.ima.backend, &self.ima_node) {
+            Ok(b @ imacri_runtime::ima::Backend::None(_)) => {
+                (true, "MeasurementUnavailable", b.to_string())
+            }
+            Ok(b) => (
+                true,
+                "",
+                format!("ima pods are measured by the {b} backend"),
+            ),
+            Err(e) => (false, "ImaBackendUnavailable", e.to_string()),
+        };
+        let ima_ready = cri::RuntimeCondition {
+            r#type: "ImaPodsReady".into(),
+            status: ima.0,
+            reason: ima.1.into(),
+            message: ima.2,
+        };
         let mut info = HashMap::new();
         if req.verbose {
             let v = serde_json::json!({
@@ -62,7 +79,7 @@ impl CriServer {
         }
         Ok(cri::StatusResponse {
             status: Some(cri::RuntimeStatus {
-                conditions: vec![runtime_ready, network_ready],
+                conditions: vec![runtime_ready, network_ready, ima_ready],
             }),
             info,
             runtime_handlers: HANDLERS
@@ -71,8 +88,9 @@ impl CriServer {
                     name: h.to_string(),
                     features: Some(cri::RuntimeHandlerFeatures {
                         recursive_read_only_mounts: true,
-                        // Not yet: user namespaces come with the ima work.
-                        user_namespaces: false,
+                        // Pods get pinned user namespaces and remapped
+                        // rootfs snapshots (runc 1.1 has no idmapped mounts).
+                        user_namespaces: true,
                     }),
                 })
                 .collect(),

@@ -56,6 +56,8 @@ pub struct NewContainer<'a> {
     pub spec: &'a oci_spec::runtime::Spec,
     pub snapshotter: &'a str,
     pub runtime: &'a str,
+    /// Add the draft OCI `ima` namespace (see `spec::add_ima_namespace`).
+    pub ima_namespace: bool,
 }
 
 /// Nanoseconds since the epoch; Go's zero time (year 1) and anything before
@@ -159,7 +161,14 @@ impl Containerd {
     }
 
     pub async fn create_container(&self, n: NewContainer<'_>, lease: &Lease) -> Result<()> {
-        let spec = any_json(SPEC_TYPE_URL, n.spec)?;
+        let spec = if n.ima_namespace {
+            let mut v = serde_json::to_value(n.spec)
+                .map_err(|e| Error::Internal(format!("encoding spec: {e}")))?;
+            crate::spec::add_ima_namespace(&mut v);
+            any_json(SPEC_TYPE_URL, &v)?
+        } else {
+            any_json(SPEC_TYPE_URL, n.spec)?
+        };
         let now = prost_types::Timestamp::from(std::time::SystemTime::now());
         self.containers()
             .create(self.leased(

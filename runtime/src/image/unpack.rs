@@ -141,3 +141,65 @@ impl ImageService {
         Ok(())
     }
 }
+
+impl ImageService {
+    /// A committed snapshot of the image's layers with every file chowned
+    /// to the host IDs of `maps`: the parent for containers of pods with that
+    /// user namespace (runc 1.1 has no idmapped rootfs). Cached per chain ID
+    /// and mapping; it lives as long as a container snapshot uses it.
+    pub async fn remapped_snapshot(
+        &self,
+        chain_id: &str,
+        maps: &crate::userns::Mappings,
+        lease: &Lease,
+        scratch: &std::path::Path,
+    ) -> Result<String> {
+        let name = format!("remap-{}-{chain_id}", maps.fingerprint());
+        if self.snapshot_exists(&name).await? {
+            return Ok(name);
+        }
+        let key = format!("remap-tmp-{}", &crate::ids::new_id()[..12]);
+        let mounts = self
+            .c
+            .prepare_snapshot(&self.snapshotter, &key, chain_id, lease)
+            .await?;
+        let dir = scratch.join(&key);
+        let res = async {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+            crate::mount::mount_snapshot(&mounts, &dir, false)?;
+            let chowned = crate::userns::remap_tree(&dir, maps);
+            crate::mount::unmount_all(&dir)?;
+            chowned?;
+            match self
+                .c
+                .snapshots()
+                .commit(self.c.leased(
+                    CommitSnapshotRequest {
+                        snapshotter: self.snapshotter.clone(),
+                        name: name.clone(),
+                        key: key.clone(),
+                        labels: HashMap::new(),
+                    },
+                    lease,
+                ))
+                .await
+            {
+                Ok(_) => Ok(()),
+                // Another pod with the same mapping got there first.
+                Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+                Err(s) => Err(Error::containerd("committing remapped snapshot", s)),
+            }
+        }
+        .await;
+        let _ = std::fs::remove_dir(&dir);
+        let _ = self
+            .c
+            .snapshots()
+            .remove(self.c.req(RemoveSnapshotRequest {
+                snapshotter: self.snapshotter.clone(),
+                key,
+            }))
+            .await;
+        res.map(|()| name)
+    }
+}
