@@ -40,6 +40,12 @@ struct Overrides {
     /// "text" or "json".
     #[arg(long)]
     log_format: Option<String>,
+    /// CNI network config directory.
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
+    /// CNI plugin directory (replaces the configured list).
+    #[arg(long)]
+    cni_bin_dir: Option<PathBuf>,
     /// Backend for ima pods: auto, kernel or fanotify.
     #[arg(long)]
     ima_backend: Option<imacri_runtime::ima::BackendChoice>,
@@ -113,6 +119,12 @@ impl Overrides {
         }
         if let Some(v) = self.log_level {
             c.log.level = v;
+        }
+        if let Some(v) = self.cni_conf_dir {
+            c.cni.conf_dir = v;
+        }
+        if let Some(v) = self.cni_bin_dir {
+            c.cni.bin_dirs = vec![v];
         }
         if let Some(v) = self.ima_backend {
             c.ima.backend = v;

@@ -14,7 +14,7 @@ pub struct ImageDef {
     pub dirs: Vec<String>,
 }
 
-const APPLETS: [&str; 28] = [
+const APPLETS: [&str; 33] = [
     "sh",
     "echo",
     "cat",
@@ -43,6 +43,11 @@ const APPLETS: [&str; 28] = [
     "dd",
     "mount",
     "sha256sum",
+    "ping",
+    "ip",
+    "httpd",
+    "wget",
+    "nc",
 ];
 
 fn base() -> ImageDef {

@@ -33,6 +33,43 @@ pub struct Env {
     pub busybox: String,
     /// Image with Entrypoint, User alice, WorkingDir, Env.
     pub configured: String,
+    /// CNI config dir: bridge + host-local + portmap (loopback is implicit).
+    pub cni_conf_dir: PathBuf,
+    /// The pod subnet of that config.
+    pub pod_subnet: String,
+}
+
+/// Writes the test CNI network: one bridge for every imacri of this test
+/// process, host-local IPAM with its own data dir.
+fn write_cni_config(base: &Path) -> Result<(PathBuf, String)> {
+    let dir = base.join("cni");
+    std::fs::create_dir_all(&dir)?;
+    let n = std::process::id() % 250 + 1;
+    let subnet = format!("10.{n}.0.0/16");
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "imacri-test",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": format!("imit{}", std::process::id() % 100000),
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": subnet}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": base.join("cni-ipam").to_string_lossy(),
+                }
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]
+    });
+    std::fs::write(
+        dir.join("10-imacri-test.conflist"),
+        serde_json::to_vec_pretty(&conf)?,
+    )?;
+    Ok((dir, subnet))
 }
 
 pub const AUTH_USER: &str = "imacri";
@@ -193,6 +230,7 @@ impl Env {
             &format!("{registry}/pause:3.9"),
             None,
         )?;
+        let (cni_conf_dir, pod_subnet) = write_cni_config(&base)?;
         let configured = format!("{registry}/test/configured:1.0");
         images::build_and_push(&base, &images::configured(), &configured, None)?;
         images::build_and_push(
@@ -210,6 +248,8 @@ impl Env {
             hosts_dir,
             busybox,
             configured,
+            cni_conf_dir,
+            pod_subnet,
         })
     }
 
@@ -371,6 +411,10 @@ impl Imacri {
             namespace.to_string(),
             "--registry-config-path".into(),
             env.hosts_dir.to_string_lossy().into(),
+            "--cni-conf-dir".into(),
+            env.cni_conf_dir.to_string_lossy().into(),
+            "--cni-bin-dir".into(),
+            "/usr/lib/cni".into(),
             "--log-level".into(),
             "info,imacri_cri=debug,imacri_runtime=debug".into(),
         ];

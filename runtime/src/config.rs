@@ -25,6 +25,25 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub log: LogConfig,
     pub ima: ImaConfig,
+    pub cni: CniConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CniConfig {
+    /// Network configs (.conflist/.conf); the first valid one by name is used.
+    pub conf_dir: PathBuf,
+    /// Where plugin executables are looked up, in order.
+    pub bin_dirs: Vec<PathBuf>,
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        CniConfig {
+            conf_dir: "/etc/cni/net.d".into(),
+            bin_dirs: crate::cni::default_bin_dirs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +130,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             log: LogConfig::default(),
             ima: ImaConfig::default(),
+            cni: CniConfig::default(),
         }
     }
 }
@@ -206,6 +226,13 @@ mode = "measure"
 # kept for the pod's life: [start, start + count * 65536).
 start = 1048576
 count = 1024
+
+[cni]
+# Pod networking: the first valid .conflist/.conf here (re-read when it
+# changes); NetworkReady is false while there is none.
+conf_dir = "/etc/cni/net.d"
+# Plugin executables, searched in order.
+bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
 "#;
 
 impl Config {

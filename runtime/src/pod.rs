@@ -31,6 +31,9 @@ pub struct SandboxState {
     /// The `ima` setting, if enabled.
     #[serde(default)]
     pub ima: Option<ImaState>,
+    /// Pod IPs from CNI, IPv4 first.
+    #[serde(default)]
+    pub ips: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

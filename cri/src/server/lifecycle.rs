@@ -3,13 +3,13 @@
 
 use imacri_runtime::error::IgnoreNotFound;
 use imacri_runtime::ids::now_nanos;
-use imacri_runtime::pod::{ContainerPhase, SandboxPhase, SandboxState};
+use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
 use imacri_runtime::{Error, Result};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
-use super::CriServer;
+use super::{CriServer, SandboxEntry};
 
 pub const SIGKILL: u32 = 9;
 
@@ -175,9 +175,10 @@ impl CriServer {
     }
 
     /// Removes the pause container, its snapshot, netns, userns, shm and files.
-    pub(crate) async fn teardown_sandbox(&self, id: &str, st: &SandboxState) -> Result<()> {
+    pub(crate) async fn teardown_sandbox(&self, sb: &SandboxEntry) -> Result<()> {
+        let (id, st) = (&sb.id, &sb.state());
         self.teardown_container(id).await?;
-        self.release_sandbox_resources(st)?;
+        self.release_sandbox_resources(sb)?;
         if let Some(u) = &st.userns {
             imacri_runtime::netns::remove(&u.path)?;
         }
@@ -188,12 +189,49 @@ impl CriServer {
         }
     }
 
-    /// What StopPodSandbox frees: the shm mount and the network namespace.
-    pub(crate) fn release_sandbox_resources(&self, st: &SandboxState) -> Result<()> {
-        imacri_runtime::mount::unmount_all(&st.dir.join("shm"))?;
+    /// What StopPodSandbox frees: the pod's network (CNI DEL first, while
+    /// the netns exists), the network namespace and the shm mount.
+    pub(crate) fn release_sandbox_resources(&self, sb: &SandboxEntry) -> Result<()> {
+        let st = sb.state();
         if let Some(ns) = &st.netns {
+            tokio::task::block_in_place(|| self.cni.del(&pod_network(sb, ns)))?;
             imacri_runtime::netns::remove(ns)?;
         }
+        imacri_runtime::mount::unmount_all(&st.dir.join("shm"))?;
         Ok(())
+    }
+}
+
+/// The pod as CNI sees it.
+pub(crate) fn pod_network(
+    sb: &SandboxEntry,
+    netns: &std::path::Path,
+) -> imacri_runtime::cni::PodNetwork {
+    let md = sb.config.metadata.clone().unwrap_or_default();
+    imacri_runtime::cni::PodNetwork {
+        id: sb.id.clone(),
+        netns: netns.to_path_buf(),
+        name: md.name,
+        namespace: md.namespace,
+        uid: md.uid,
+        port_mappings: sb
+            .config
+            .port_mappings
+            .iter()
+            .filter(|p| p.host_port > 0)
+            .map(|p| {
+                let proto = match imacri_api::cri::Protocol::try_from(p.protocol) {
+                    Ok(imacri_api::cri::Protocol::Udp) => "udp",
+                    Ok(imacri_api::cri::Protocol::Sctp) => "sctp",
+                    _ => "tcp",
+                };
+                (
+                    p.container_port,
+                    p.host_port,
+                    proto.to_string(),
+                    p.host_ip.clone(),
+                )
+            })
+            .collect(),
     }
 }

@@ -74,6 +74,7 @@ pub struct CriServer {
     pub(crate) sandbox_image: String,
     /// Whether this node can run each ima backend (probed at start).
     pub(crate) ima_node: imacri_runtime::ima::NodeSupport,
+    pub(crate) cni: imacri_runtime::cni::Cni,
     /// Held while a pod's user-namespace range is chosen and recorded.
     pub(crate) userns_lock: Mutex<()>,
     io: Mutex<HashMap<String, LiveIo>>,
@@ -115,6 +116,11 @@ impl CriServer {
                 -1000
             },
         };
+        let cni = imacri_runtime::cni::Cni::new(
+            cfg.cni.conf_dir.clone(),
+            cfg.cni.bin_dirs.clone(),
+            cfg.root.join("cni"),
+        );
         let server = Arc::new(CriServer {
             cfg,
             c,
@@ -130,6 +136,7 @@ impl CriServer {
                 ),
             },
             userns_lock: Mutex::new(()),
+            cni,
             io: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
         });

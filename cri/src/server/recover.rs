@@ -17,7 +17,7 @@ impl CriServer {
             if st.phase == SandboxPhase::Creating {
                 // Crashed mid-RunPodSandbox: roll it back.
                 tracing::warn!(pod_sandbox_id = %sb.id, "rolling back interrupted sandbox creation");
-                let _ = self.teardown_sandbox(&sb.id, &st).await;
+                let _ = self.teardown_sandbox(&sb).await;
                 let _ = self.sandboxes.remove(&sb.id);
                 continue;
             }

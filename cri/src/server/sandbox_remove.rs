@@ -21,8 +21,7 @@ impl CriServer {
             self.remove_container_entry(&c).await?;
         }
         let _op = sb.op.lock().await;
-        let st = sb.state();
-        self.teardown_sandbox(&sb.id, &st).await?;
+        self.teardown_sandbox(&sb).await?;
         self.sandboxes.remove(&sb.id)?;
         tracing::info!(pod_sandbox_id = %sb.id, "sandbox removed");
         Ok(cri::RemovePodSandboxResponse {})

@@ -224,6 +224,7 @@ impl CriServer {
                     shm: !host_ipc,
                     userns,
                     ima: plan.ima.clone(),
+                    ips: Vec::new(),
                 },
             )
         };
@@ -235,9 +236,7 @@ impl CriServer {
             }
         };
         let _op = entry.op.lock().await;
-        let res = self
-            .start_sandbox(&id, &config, &image, &entry.state(), host_net)
-            .await;
+        let res = self.start_sandbox(&entry, &image, host_net).await;
         match res {
             Ok(pid) => {
                 entry.update(|s| {
@@ -256,7 +255,7 @@ impl CriServer {
                 Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
             }
             Err(e) => {
-                if let Err(te) = self.teardown_sandbox(&id, &entry.state()).await {
+                if let Err(te) = self.teardown_sandbox(&entry).await {
                     tracing::error!(pod_sandbox_id = %id, error = %te, "rollback failed");
                 }
                 let _ = self.sandboxes.remove(&id);
@@ -267,12 +266,11 @@ impl CriServer {
 
     async fn start_sandbox(
         self: &Arc<Self>,
-        id: &str,
-        config: &cri::PodSandboxConfig,
+        entry: &super::SandboxEntry,
         image: &imacri_runtime::image::ImageRecord,
-        st: &SandboxState,
         host_net: bool,
     ) -> Result<u32> {
+        let (id, config, st) = (entry.id.as_str(), &entry.config, &entry.state());
         let dir = &st.dir;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
         // The user namespace comes first; the netns is made inside it.
@@ -286,6 +284,11 @@ impl CriServer {
             (None, true) => None,
             (None, false) => Some(imacri_runtime::netns::create(&self.cfg.netns_dir(), id)?),
         };
+        if let Some(ns) = &st.netns {
+            let pod = super::lifecycle::pod_network(entry, ns);
+            let att = tokio::task::block_in_place(|| self.cni.add(&pod))?;
+            entry.update(|s| s.ips = att.ips)?;
+        }
         if let (Some(u), Some(i)) = (&st.userns, &st.ima) {
             if i.backend == imacri_runtime::ima::Backend::Kernel.to_string() {
                 self.activate_kernel_ima(dir, &u.path, &i.policy).await?;

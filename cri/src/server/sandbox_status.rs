@@ -64,8 +64,15 @@ impl CriServer {
             metadata: sb.config.metadata.clone(),
             state: cri_state(st.phase) as i32,
             created_at: st.created_at,
-            // Pod IPs come with CNI networking.
-            network: Some(cri::PodSandboxNetworkStatus::default()),
+            network: Some(cri::PodSandboxNetworkStatus {
+                ip: st.ips.first().cloned().unwrap_or_default(),
+                additional_ips: st
+                    .ips
+                    .iter()
+                    .skip(1)
+                    .map(|ip| cri::PodIp { ip: ip.clone() })
+                    .collect(),
+            }),
             linux: Some(cri::LinuxPodSandboxStatus {
                 namespaces: Some(cri::Namespace { options: ns }),
             }),

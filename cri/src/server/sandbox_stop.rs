@@ -23,8 +23,7 @@ impl CriServer {
         }
         let _op = sb.op.lock().await;
         self.stop_task(&sb.id, SIGKILL, Duration::ZERO).await?;
-        let st = sb.state();
-        self.release_sandbox_resources(&st)?;
+        self.release_sandbox_resources(&sb)?;
         sb.update(|s| {
             s.phase = SandboxPhase::NotReady;
             s.pid = 0;

@@ -41,11 +41,19 @@ impl CriServer {
                 .map(|e| e.to_string())
                 .unwrap_or_default(),
         };
+        let cni = self.cni.config();
         let network_ready = cri::RuntimeCondition {
             r#type: "NetworkReady".into(),
-            status: false,
-            reason: "NetworkPluginNotReady".into(),
-            message: "CNI networking is not available in this imacri version: pods get their own network namespace with no interfaces configured; host-network pods work".into(),
+            status: cni.is_ok(),
+            reason: if cni.is_ok() {
+                String::new()
+            } else {
+                "NetworkPluginNotReady".into()
+            },
+            message: match &cni {
+                Ok(c) => format!("CNI network {:?} from {}", c.name, c.file.display()),
+                Err(e) => format!("CNI is not initialized: {e}"),
+            },
         };
         let ima = match imacri_runtime::ima::resolve_backend(self.cfg.ima.backend, &self.ima_node) {
             Ok(b @ imacri_runtime::ima::Backend::None(_)) => {

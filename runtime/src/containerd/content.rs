@@ -109,7 +109,9 @@ impl ContentStore {
         if self.info(opts.digest).await?.is_some() {
             return self.set_labels(opts.digest, opts.labels).await;
         }
-        let r#ref = format!("imacri-{}", opts.digest);
+        // A ref per writer: concurrent pulls of one blob never wait on each
+        // other's lock; the later commit gets AlreadyExists (handled below).
+        let r#ref = format!("imacri-{}-{}", opts.digest, &crate::ids::new_id()[..8]);
         let labels = opts.labels.clone();
         let (tx, rx) = mpsc::channel::<WriteContentRequest>(4);
         // Requests flow while responses are read: containerd sends response
