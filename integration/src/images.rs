@@ -14,7 +14,7 @@ pub struct ImageDef {
     pub dirs: Vec<String>,
 }
 
-const APPLETS: [&str; 33] = [
+const APPLETS: [&str; 34] = [
     "sh",
     "echo",
     "cat",
@@ -48,6 +48,7 @@ const APPLETS: [&str; 33] = [
     "httpd",
     "wget",
     "nc",
+    "tr",
 ];
 
 fn base() -> ImageDef {

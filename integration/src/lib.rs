@@ -165,6 +165,11 @@ fn start_registry(base: &Path, name: &str, htpasswd: Option<&Path>) -> Result<St
 /// Starts a containerd under `base/<name>`; `with_cri` leaves its own CRI
 /// plugin enabled (to test that imacri refuses to share a namespace with it).
 pub fn start_containerd(base: &Path, name: &str, with_cri: bool) -> Result<PathBuf> {
+    start_containerd_pid(base, name, with_cri).map(|(sock, _)| sock)
+}
+
+/// As `start_containerd`, also returning the PID (to stop it in a test).
+pub fn start_containerd_pid(base: &Path, name: &str, with_cri: bool) -> Result<(PathBuf, u32)> {
     let dir = base.join(name);
     std::fs::create_dir_all(&dir)?;
     let sock = dir.join("containerd.sock");
@@ -186,11 +191,11 @@ pub fn start_containerd(base: &Path, name: &str, with_cri: bool) -> Result<PathB
         .arg(dir.join("config.toml"))
         .stdout(log.try_clone()?)
         .stderr(log);
-    spawn_service(cmd).context("starting containerd (apt-get install containerd)")?;
+    let pid = spawn_service(cmd).context("starting containerd (apt-get install containerd)")?;
     wait_for("containerd", Duration::from_secs(20), || {
         std::os::unix::net::UnixStream::connect(&sock).is_ok()
     })?;
-    Ok(sock)
+    Ok((sock, pid))
 }
 
 impl Env {
@@ -268,6 +273,11 @@ impl Env {
     /// Everything in `namespace` but images and their committed layers:
     /// containers, tasks, active snapshots, leases.
     pub async fn all_objects(&self, namespace: &str) -> Result<Vec<String>> {
+        self.all_objects_at(&self.containerd_sock, namespace).await
+    }
+
+    /// As `all_objects`, on another containerd.
+    pub async fn all_objects_at(&self, sock: &Path, namespace: &str) -> Result<Vec<String>> {
         use containerd_client::services::v1::{
             containers_client::ContainersClient, leases_client::LeasesClient,
             snapshots::snapshots_client::SnapshotsClient, snapshots::ListSnapshotsRequest,

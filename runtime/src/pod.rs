@@ -82,4 +82,7 @@ pub struct ContainerState {
     pub gid: u32,
     pub additional_gids: Vec<u32>,
     pub stop_signal: i32,
+    /// containerd reported an OOM kill; the exit reason becomes OOMKilled.
+    #[serde(default)]
+    pub oom_killed: bool,
 }

@@ -114,6 +114,7 @@ impl CriServer {
         match res {
             Ok(()) => {
                 tracing::info!(container_id = %id, pod_sandbox_id = %sb.id, name = %name, "container created");
+                self.emit(cri::ContainerEventType::ContainerCreatedEvent, &id);
                 Ok(cri::CreateContainerResponse { container_id: id })
             }
             Err(e) => {
@@ -230,6 +231,7 @@ impl CriServer {
                     gid: user.gid,
                     additional_gids: user.additional_gids,
                     stop_signal,
+                    oom_killed: false,
                 },
             )?;
             Ok(())

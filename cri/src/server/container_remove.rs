@@ -24,6 +24,10 @@ impl CriServer {
     pub(crate) async fn remove_container_entry(&self, c: &Arc<ContainerEntry>) -> Result<()> {
         let _op = c.op.lock().await;
         self.teardown_container(&c.id).await?;
+        self.emit(
+            imacri_api::cri::ContainerEventType::ContainerDeletedEvent,
+            &c.id,
+        );
         self.containers.remove(&c.id)?;
         tracing::info!(container_id = %c.id, "container removed");
         Ok(())

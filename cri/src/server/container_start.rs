@@ -9,7 +9,6 @@ use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
 use imacri_runtime::{Error, Result};
 use std::sync::Arc;
 
-use super::lifecycle::Kind;
 use super::{ContainerEntry, CriServer, LiveIo};
 
 impl CriServer {
@@ -45,6 +44,7 @@ impl CriServer {
                     }
                 })?;
                 tracing::info!(container_id = %c.id, pid, "container started");
+                self.emit(cri::ContainerEventType::ContainerStartedEvent, &c.id);
                 Ok(cri::StartContainerResponse {})
             }
             Err(e) => {
@@ -96,7 +96,7 @@ impl CriServer {
                 .snapshot_mounts(&self.cfg.containerd.snapshotter, &c.id)
                 .await?;
             self.c.create_task(&c.id, mounts, &stdio).await?;
-            self.watch_exit(&c.id, Kind::Container);
+            self.watch_exit(&c.id);
             self.c.start_task(&c.id, "").await
         }
         .await;

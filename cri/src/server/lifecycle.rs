@@ -1,11 +1,11 @@
 //! Task lifecycle shared by the RPCs: exit watching, stopping with a grace
 //! period, and idempotent teardown used by Remove* and by rollback.
 
+use imacri_api::cri;
 use imacri_runtime::error::IgnoreNotFound;
 use imacri_runtime::ids::now_nanos;
 use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
 use imacri_runtime::{Error, Result};
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -23,29 +23,31 @@ pub enum Kind {
 }
 
 impl CriServer {
-    /// Registers an exit channel for a task and spawns its watcher, which
-    /// records the exit, deletes the task and wakes anyone waiting.
-    pub(crate) fn watch_exit(self: &Arc<Self>, id: &str, kind: Kind) {
-        let (tx, rx) = watch::channel(false);
+    /// Registers an exit channel for a task about to start; the event
+    /// monitor (`monitor.rs`) records the exit and wakes waiters.
+    pub(crate) fn watch_exit(&self, id: &str) {
+        let (tx, _) = watch::channel(false);
         if let Ok(mut m) = self.exits.lock() {
-            m.insert(id.to_string(), rx);
+            m.insert(id.to_string(), tx);
         }
-        let me = self.clone();
-        let id = id.to_string();
-        tokio::spawn(async move {
-            let (code, at) = loop {
-                match me.c.wait_task(&id, "").await {
-                    Ok(r) => break r,
-                    Err(e) if e.is_not_found() => break (255, now_nanos()),
-                    Err(e) => {
-                        tracing::warn!(id = %id, error = %e, "waiting for task; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            };
-            me.on_exit(&id, kind, code, at).await;
-            let _ = tx.send(true);
-        });
+    }
+
+    /// Records a task's exit once (state, CRI event), deletes the task and
+    /// wakes anyone waiting for it.
+    pub(crate) async fn task_exited(&self, id: &str, code: u32, at: i64) {
+        let kind = if self.containers.get(id).is_some() {
+            Kind::Container
+        } else if self.sandboxes.get(id).is_some() {
+            Kind::Sandbox
+        } else {
+            return;
+        };
+        self.on_exit(id, kind, code, at).await;
+        if let Ok(m) = self.exits.lock() {
+            if let Some(tx) = m.get(id) {
+                tx.send_replace(true);
+            }
+        }
     }
 
     async fn on_exit(&self, id: &str, kind: Kind, code: u32, at: i64) {
@@ -63,6 +65,9 @@ impl CriServer {
                 if let Some(c) = self.containers.get(id) {
                     let res = c.update(|s| {
                         if s.phase != ContainerPhase::Exited {
+                            if s.oom_killed {
+                                s.reason = "OOMKilled".into();
+                            }
                             s.phase = ContainerPhase::Exited;
                             s.finished_at = if at > 0 { at } else { now_nanos() };
                             if s.started_at == 0 || s.started_at > s.finished_at {
@@ -79,6 +84,7 @@ impl CriServer {
                         tracing::error!(container_id = %id, error = %e, "recording exit");
                     }
                     tracing::info!(container_id = %id, exit_code = code, "container exited");
+                    self.emit(cri::ContainerEventType::ContainerStoppedEvent, id);
                 }
             }
             Kind::Sandbox => {
@@ -100,7 +106,12 @@ impl CriServer {
 
     /// Waits up to `d` for the task's exit to be recorded; true if it was.
     pub(crate) async fn wait_exit(&self, id: &str, d: Duration) -> bool {
-        let Some(mut rx) = self.exit_receiver(id) else {
+        let Some(mut rx) = self
+            .exits
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).map(|tx| tx.subscribe()))
+        else {
             return true;
         };
         if *rx.borrow() {

@@ -16,6 +16,7 @@ mod image_pull;
 mod image_remove;
 mod image_status;
 mod lifecycle;
+mod monitor;
 mod recover;
 mod sandbox_list;
 mod sandbox_plan;
@@ -79,7 +80,9 @@ pub struct CriServer {
     pub(crate) userns_lock: Mutex<()>,
     io: Mutex<HashMap<String, LiveIo>>,
     /// Per task: flips to true when the task has exited.
-    exits: Mutex<HashMap<String, watch::Receiver<bool>>>,
+    exits: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// CRI container events for GetContainerEvents.
+    pub(crate) events: tokio::sync::broadcast::Sender<cri::ContainerEventResponse>,
 }
 
 impl CriServer {
@@ -139,8 +142,10 @@ impl CriServer {
             cni,
             io: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
+            events: tokio::sync::broadcast::channel(1024).0,
         });
         server.recover().await;
+        server.start_monitor().await;
         Ok(server)
     }
 
@@ -180,8 +185,27 @@ impl CriServer {
         self.io.lock().ok()?.get(id).and_then(|io| io.log.clone())
     }
 
-    fn exit_receiver(&self, id: &str) -> Option<watch::Receiver<bool>> {
-        self.exits.lock().ok()?.get(id).cloned()
+    /// Publishes a CRI container event (GetContainerEvents) with the
+    /// container's and its pod's current status.
+    pub(crate) fn emit(&self, kind: cri::ContainerEventType, id: &str) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let Some(c) = self.containers.get(id) else {
+            return;
+        };
+        let status = self.container_status_of(&c);
+        let pod = self
+            .sandboxes
+            .get(&c.state().sandbox_id)
+            .map(|sb| self.sandbox_status_of(&sb));
+        let _ = self.events.send(cri::ContainerEventResponse {
+            container_id: id.to_string(),
+            container_event_type: kind as i32,
+            created_at: imacri_runtime::ids::now_nanos(),
+            pod_sandbox_status: pod,
+            containers_statuses: vec![status],
+        });
     }
 }
 

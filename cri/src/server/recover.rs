@@ -7,7 +7,6 @@ use imacri_runtime::io::{self, LogFile};
 use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
 use std::sync::Arc;
 
-use super::lifecycle::Kind;
 use super::{CriServer, LiveIo};
 
 impl CriServer {
@@ -24,7 +23,7 @@ impl CriServer {
             match self.c.task_info(&sb.id).await {
                 Ok(Some(t)) if t.status == TaskStatus::Running => {
                     let _ = sb.update(|s| s.pid = t.pid);
-                    self.watch_exit(&sb.id, Kind::Sandbox);
+                    self.watch_exit(&sb.id);
                 }
                 Ok(_) => {
                     let _ = sb.update(|s| {
@@ -59,7 +58,7 @@ impl CriServer {
                         }
                     }
                     self.set_io(&c.id, live);
-                    self.watch_exit(&c.id, Kind::Container);
+                    self.watch_exit(&c.id);
                 }
                 Ok(Some(t)) => {
                     // Exited while we were down: record how.

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::lifecycle::Kind;
 use super::validate::{handler, sandbox_metadata, sandbox_name};
 use super::{CriServer, LABEL_KIND, LABEL_SANDBOX_ID};
 
@@ -351,7 +350,7 @@ impl CriServer {
         let mounts = created?;
         let stdio = imacri_runtime::io::StdioPaths::default();
         self.c.create_task(id, mounts, &stdio).await?;
-        self.watch_exit(id, Kind::Sandbox);
+        self.watch_exit(id);
         self.c.start_task(id, "").await
     }
 }

@@ -3,6 +3,7 @@
 //! being created, so containerd's GC cannot collect them half-made).
 
 mod content;
+pub mod events;
 mod lease;
 mod task;
 
