@@ -283,7 +283,7 @@ impl Env {
             snapshots::snapshots_client::SnapshotsClient, snapshots::ListSnapshotsRequest,
             tasks_client::TasksClient, ListContainersRequest, ListRequest, ListTasksRequest,
         };
-        let ch = self.containerd().await?;
+        let ch = containerd_client::connect(sock).await?;
         let mut found = Vec::new();
         for c in ContainersClient::new(ch.clone())
             .list(Self::in_ns(
