@@ -13,6 +13,7 @@ pub mod mount;
 pub mod netns;
 pub mod pod;
 pub mod spec;
+pub mod stats;
 pub mod store;
 pub mod sysinfo;
 pub mod user;

@@ -85,4 +85,8 @@ pub struct ContainerState {
     /// containerd reported an OOM kill; the exit reason becomes OOMKilled.
     #[serde(default)]
     pub oom_killed: bool,
+    /// Resources set by UpdateContainerResources (CRI protobuf), replacing
+    /// the config's in ContainerStatus.
+    #[serde(default)]
+    pub updated_resources: Option<Vec<u8>>,
 }

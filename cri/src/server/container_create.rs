@@ -232,6 +232,7 @@ impl CriServer {
                     additional_gids: user.additional_gids,
                     stop_signal,
                     oom_killed: false,
+                    updated_resources: None,
                 },
             )?;
             Ok(())

@@ -42,7 +42,11 @@ impl CriServer {
             mounts: c.config.mounts.clone(),
             log_path: st.log_path.to_string_lossy().into_owned(),
             resources: Some(cri::ContainerResources {
-                linux: c.config.linux.as_ref().and_then(|l| l.resources.clone()),
+                linux: st
+                    .updated_resources
+                    .as_deref()
+                    .and_then(|b| prost::Message::decode(b).ok())
+                    .or_else(|| c.config.linux.as_ref().and_then(|l| l.resources.clone())),
                 windows: None,
             }),
             image_id: st.image_id.clone(),

@@ -25,6 +25,7 @@ mod sandbox_run;
 mod sandbox_status;
 mod sandbox_stop;
 mod service;
+mod stats;
 mod status;
 mod validate;
 
@@ -81,6 +82,8 @@ pub struct CriServer {
     io: Mutex<HashMap<String, LiveIo>>,
     /// Per task: flips to true when the task has exited.
     exits: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Last CPU sample per container/pod: (time ns, usage ns).
+    pub(crate) cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
     /// CRI container events for GetContainerEvents.
     pub(crate) events: tokio::sync::broadcast::Sender<cri::ContainerEventResponse>,
 }
@@ -143,6 +146,7 @@ impl CriServer {
             io: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
             events: tokio::sync::broadcast::channel(1024).0,
+            cpu_samples: Mutex::new(HashMap::new()),
         });
         server.recover().await;
         server.start_monitor().await;

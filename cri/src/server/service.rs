@@ -208,9 +208,16 @@ impl RuntimeService for Cri {
 
     async fn update_container_resources(
         &self,
-        _r: Request<cri::UpdateContainerResourcesRequest>,
+        r: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Res<cri::UpdateContainerResourcesResponse> {
-        Err(not_yet("UpdateContainerResources"))
+        let r = r.into_inner();
+        let id = r.container_id.clone();
+        instrument(
+            "UpdateContainerResources",
+            &id,
+            self.0.update_container_resources(r),
+        )
+        .await
     }
 
     async fn reopen_container_log(
@@ -245,46 +252,92 @@ impl RuntimeService for Cri {
 
     async fn container_stats(
         &self,
-        _r: Request<cri::ContainerStatsRequest>,
+        r: Request<cri::ContainerStatsRequest>,
     ) -> Res<cri::ContainerStatsResponse> {
-        Err(not_yet("ContainerStats"))
+        let r = r.into_inner();
+        let s = &self.0;
+        instrument("ContainerStats", &r.container_id.clone(), async move {
+            let c = s.container(&r.container_id)?;
+            Ok(cri::ContainerStatsResponse {
+                stats: Some(s.container_stats_of(&c).await),
+            })
+        })
+        .await
     }
 
     async fn list_container_stats(
         &self,
-        _r: Request<cri::ListContainerStatsRequest>,
+        r: Request<cri::ListContainerStatsRequest>,
     ) -> Res<cri::ListContainerStatsResponse> {
-        Err(not_yet("ListContainerStats"))
+        let r = r.into_inner();
+        let s = &self.0;
+        instrument("ListContainerStats", "", async move {
+            Ok(cri::ListContainerStatsResponse {
+                stats: s.list_container_stats(r.filter.as_ref()).await,
+            })
+        })
+        .await
     }
 
     type StreamContainerStatsStream = Stream<cri::StreamContainerStatsResponse>;
     async fn stream_container_stats(
         &self,
-        _r: Request<cri::StreamContainerStatsRequest>,
+        r: Request<cri::StreamContainerStatsRequest>,
     ) -> Res<Self::StreamContainerStatsStream> {
-        Err(not_yet("StreamContainerStats"))
+        let r = r.into_inner();
+        let s = &self.0;
+        instrument("StreamContainerStats", "", async move {
+            Ok(batched(
+                s.list_container_stats(r.filter.as_ref()).await,
+                |container_stats| cri::StreamContainerStatsResponse { container_stats },
+            ))
+        })
+        .await
     }
 
     async fn pod_sandbox_stats(
         &self,
-        _r: Request<cri::PodSandboxStatsRequest>,
+        r: Request<cri::PodSandboxStatsRequest>,
     ) -> Res<cri::PodSandboxStatsResponse> {
-        Err(not_yet("PodSandboxStats"))
+        let r = r.into_inner();
+        let s = &self.0;
+        instrument("PodSandboxStats", &r.pod_sandbox_id.clone(), async move {
+            let sb = s.sandbox(&r.pod_sandbox_id)?;
+            Ok(cri::PodSandboxStatsResponse {
+                stats: Some(s.pod_stats_of(&sb).await),
+            })
+        })
+        .await
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _r: Request<cri::ListPodSandboxStatsRequest>,
+        r: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Res<cri::ListPodSandboxStatsResponse> {
-        Err(not_yet("ListPodSandboxStats"))
+        let r = r.into_inner();
+        let s = &self.0;
+        instrument("ListPodSandboxStats", "", async move {
+            Ok(cri::ListPodSandboxStatsResponse {
+                stats: s.list_pod_stats(r.filter.as_ref()).await,
+            })
+        })
+        .await
     }
 
     type StreamPodSandboxStatsStream = Stream<cri::StreamPodSandboxStatsResponse>;
     async fn stream_pod_sandbox_stats(
         &self,
-        _r: Request<cri::StreamPodSandboxStatsRequest>,
+        r: Request<cri::StreamPodSandboxStatsRequest>,
     ) -> Res<Self::StreamPodSandboxStatsStream> {
-        Err(not_yet("StreamPodSandboxStats"))
+        let r = r.into_inner();
+        let s = &self.0;
+        instrument("StreamPodSandboxStats", "", async move {
+            Ok(batched(
+                s.list_pod_stats(r.filter.as_ref()).await,
+                |pod_sandbox_stats| cri::StreamPodSandboxStatsResponse { pod_sandbox_stats },
+            ))
+        })
+        .await
     }
 
     async fn update_runtime_config(
@@ -339,14 +392,25 @@ impl RuntimeService for Cri {
         &self,
         _r: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Res<cri::ListMetricDescriptorsResponse> {
-        Err(not_yet("ListMetricDescriptors"))
+        instrument("ListMetricDescriptors", "", async {
+            Ok(cri::ListMetricDescriptorsResponse {
+                descriptors: super::stats::descriptors(),
+            })
+        })
+        .await
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _r: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Res<cri::ListPodSandboxMetricsResponse> {
-        Err(not_yet("ListPodSandboxMetrics"))
+        let s = &self.0;
+        instrument("ListPodSandboxMetrics", "", async move {
+            Ok(cri::ListPodSandboxMetricsResponse {
+                pod_metrics: s.pod_metrics().await,
+            })
+        })
+        .await
     }
 
     type StreamPodSandboxMetricsStream = Stream<cri::StreamPodSandboxMetricsResponse>;
@@ -354,7 +418,15 @@ impl RuntimeService for Cri {
         &self,
         _r: Request<cri::StreamPodSandboxMetricsRequest>,
     ) -> Res<Self::StreamPodSandboxMetricsStream> {
-        Err(not_yet("StreamPodSandboxMetrics"))
+        let s = &self.0;
+        instrument("StreamPodSandboxMetrics", "", async move {
+            Ok(batched(s.pod_metrics().await, |pod_sandbox_metrics| {
+                cri::StreamPodSandboxMetricsResponse {
+                    pod_sandbox_metrics,
+                }
+            }))
+        })
+        .await
     }
 
     async fn runtime_config(
@@ -367,9 +439,21 @@ impl RuntimeService for Cri {
 
     async fn update_pod_sandbox_resources(
         &self,
-        _r: Request<cri::UpdatePodSandboxResourcesRequest>,
+        r: Request<cri::UpdatePodSandboxResourcesRequest>,
     ) -> Res<cri::UpdatePodSandboxResourcesResponse> {
-        Err(not_yet("UpdatePodSandboxResources"))
+        let r = r.into_inner();
+        let s = &self.0;
+        instrument(
+            "UpdatePodSandboxResources",
+            &r.pod_sandbox_id.clone(),
+            async move {
+                // kubelet has already resized the pod cgroup; nothing below it
+                // needs changing, but the pod must exist.
+                s.sandbox(&r.pod_sandbox_id)?;
+                Ok(cri::UpdatePodSandboxResourcesResponse {})
+            },
+        )
+        .await
     }
 }
 

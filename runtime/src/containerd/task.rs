@@ -110,6 +110,21 @@ impl Containerd {
             .mounts)
     }
 
+    /// Bytes and inodes a snapshot uses itself (a container's writable layer).
+    pub async fn snapshot_usage(&self, snapshotter: &str, key: &str) -> Result<(u64, u64)> {
+        use containerd_client::services::v1::snapshots::UsageRequest;
+        let u = self
+            .snapshots()
+            .usage(self.req(UsageRequest {
+                snapshotter: snapshotter.to_string(),
+                key: key.to_string(),
+            }))
+            .await
+            .map_err(|e| Error::containerd(format!("snapshot usage {key}"), e))?
+            .into_inner();
+        Ok((u.size.max(0) as u64, u.inodes.max(0) as u64))
+    }
+
     /// Bytes and inodes of committed snapshots (image layers).
     pub async fn committed_snapshot_usage(&self, snapshotter: &str) -> Result<(u64, u64)> {
         use containerd_client::services::v1::snapshots::{ListSnapshotsRequest, UsageRequest};
@@ -254,6 +269,27 @@ impl Containerd {
             .await
             .map_err(|e| Error::containerd(format!("starting task {id}"), e))?;
         Ok(r.into_inner().pid)
+    }
+
+    /// Changes a running task's cgroup limits.
+    pub async fn update_task(
+        &self,
+        id: &str,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<()> {
+        use containerd_client::services::v1::UpdateTaskRequest;
+        self.tasks()
+            .update(self.req(UpdateTaskRequest {
+                container_id: id.to_string(),
+                resources: Some(any_json(
+                    "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+                    resources,
+                )?),
+                annotations: HashMap::new(),
+            }))
+            .await
+            .map_err(|e| Error::containerd(format!("updating task {id}"), e))?;
+        Ok(())
     }
 
     pub async fn kill_task(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
