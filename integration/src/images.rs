@@ -14,7 +14,7 @@ pub struct ImageDef {
     pub dirs: Vec<String>,
 }
 
-const APPLETS: [&str; 34] = [
+const APPLETS: [&str; 35] = [
     "sh",
     "echo",
     "cat",
@@ -49,6 +49,7 @@ const APPLETS: [&str; 34] = [
     "wget",
     "nc",
     "tr",
+    "unshare",
 ];
 
 fn base() -> ImageDef {

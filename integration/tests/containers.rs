@@ -212,6 +212,51 @@ async fn container_settings_take_effect() {
     }];
     assert_eq!(pod.run(c).await.1, vec!["devok", "80", "0", "1", "1"]);
 
+    // Seccomp: creating a user namespace needs no capability, but the
+    // runtime default profile forbids it; unconfined allows it.
+    for (kind, expect) in [
+        (
+            cri::security_profile::ProfileType::RuntimeDefault,
+            "blocked",
+        ),
+        (cri::security_profile::ProfileType::Unconfined, "allowed"),
+    ] {
+        let mut c = container_config(
+            &format!("seccomp-{expect}"),
+            &env.busybox,
+            &[
+                "sh",
+                "-c",
+                "unshare -U true 2>/dev/null && echo allowed || echo blocked",
+            ],
+        );
+        c.linux = sc(|s| {
+            s.seccomp = Some(cri::SecurityProfile {
+                profile_type: kind as i32,
+                localhost_ref: String::new(),
+            })
+        });
+        assert_eq!(pod.run(c).await.1, vec![expect.to_string()], "{kind:?}");
+    }
+    let mut c = container_config("apparmor", &env.busybox, &["true"]);
+    c.linux = sc(|s| {
+        s.apparmor = Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::Localhost as i32,
+            localhost_ref: "my-profile".into(),
+        })
+    });
+    let e = pod
+        .rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.id.clone(),
+            config: Some(c),
+            sandbox_config: Some(pod.cfg.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(e.message().contains("AppArmor"), "{e}");
+
     // Exit codes are reported.
     let c = container_config("exit", &env.busybox, &["sh", "-c", "exit 42"]);
     let (code, _) = pod.run(c).await;

@@ -12,6 +12,7 @@ pub mod io;
 pub mod mount;
 pub mod netns;
 pub mod pod;
+pub mod seccomp;
 pub mod spec;
 pub mod stats;
 pub mod store;

@@ -447,6 +447,8 @@ pub fn cgroup_path(parent: &str, id: &str) -> String {
 }
 
 /// Spec of the pause container.
+// Older kubelets still send the deprecated profile-path fields.
+#[allow(deprecated)]
 pub fn sandbox_spec(
     id: &str,
     config: &cri::PodSandboxConfig,
@@ -521,11 +523,19 @@ pub fn sandbox_spec(
     // Pause gets pod-level limits only through the parent cgroup.
     res.set_cpu(None);
     res.set_memory(None);
-    let lb = with_userns(
+    let mut lb = with_userns(
         LinuxBuilder::default(),
         &mut namespaces,
         shared.userns.as_ref(),
     )?;
+    if let Some(p) = crate::seccomp::profile(
+        "linux.security_context.seccomp",
+        sc.seccomp.as_ref(),
+        &sc.seccomp_profile_path,
+        &HashSet::new(),
+    )? {
+        lb = lb.seccomp(p);
+    }
     let linux = oci(lb
         .namespaces(namespaces)
         .cgroups_path(PathBuf::from(cgroup_path(&linux_cfg.cgroup_parent, id)))
@@ -632,6 +642,8 @@ pub struct ContainerInputs<'a> {
     pub limits: NodeLimits,
 }
 
+// Older kubelets still send the deprecated profile-path fields.
+#[allow(deprecated)]
 pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
     let config = i.config;
     let lc = config.linux.clone().unwrap_or_default();
@@ -795,6 +807,15 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
         )))
         .resources(res)
         .devices(devices);
+    if !sc.privileged {
+        let field = "linux.security_context.seccomp";
+        if let Some(p) =
+            crate::seccomp::profile(field, sc.seccomp.as_ref(), &sc.seccomp_profile_path, &caps)?
+        {
+            lb = lb.seccomp(p);
+        }
+    }
+    let apparmor = apparmor_profile(sc.apparmor.as_ref(), &sc.apparmor_profile)?;
     if sc.privileged {
         lb = lb
             .masked_paths(Vec::<String>::new())
@@ -856,7 +877,36 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
     // The hostname is the sandbox's UTS namespace's.
     spec.set_hostname(None);
     clear_process_defaults(&mut spec);
+    if let (Some(a), Some(p)) = (apparmor, spec.process_mut()) {
+        p.set_apparmor_profile(Some(a));
+    }
     Ok(spec)
+}
+
+/// AppArmor: a Localhost profile needs AppArmor on the node (clear error
+/// otherwise); the runtime default is skipped where AppArmor is off, as
+/// containerd does.
+pub fn apparmor_profile(p: Option<&cri::SecurityProfile>, legacy: &str) -> Result<Option<String>> {
+    use cri::security_profile::ProfileType;
+    let wanted = match (p, legacy) {
+        (Some(p), _) if p.profile_type == ProfileType::Localhost as i32 => {
+            Some(p.localhost_ref.clone())
+        }
+        (None, l) if l.starts_with("localhost/") => {
+            Some(l.trim_start_matches("localhost/").to_string())
+        }
+        _ => None,
+    };
+    let Some(name) = wanted else { return Ok(None) };
+    let enabled = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .map(|s| s.trim() == "Y")
+        .unwrap_or(false);
+    if !enabled {
+        return Err(Error::FailedPrecondition(format!(
+            "linux.security_context.apparmor asks for profile {name:?} but AppArmor is not enabled on this node"
+        )));
+    }
+    Ok(Some(name))
 }
 
 fn sort_mounts(mounts: &mut [Mount]) {
