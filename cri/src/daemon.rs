@@ -52,7 +52,21 @@ pub async fn serve(cfg: Config) -> Result<()> {
         );
     }
     let listener = bind_socket(&cfg.socket).await?;
-    let server = CriServer::new(cfg.clone(), c).await?;
+    let (streaming, stream_listener) =
+        crate::streaming::Streaming::bind(&cfg.streaming.address, cfg.streaming.port)
+            .await
+            .with_context(|| {
+                format!(
+                    "binding the streaming server on {}:{}",
+                    cfg.streaming.address, cfg.streaming.port
+                )
+            })?;
+    let server = CriServer::new(cfg.clone(), c, streaming.clone()).await?;
+    tokio::spawn(crate::streaming::serve(
+        stream_listener,
+        streaming,
+        std::sync::Arc::downgrade(&server),
+    ));
     let (runtime, images) = services(server);
     tracing::info!(socket = %cfg.socket.display(), "serving CRI");
     let shutdown = async {

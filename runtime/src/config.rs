@@ -26,6 +26,25 @@ pub struct Config {
     pub log: LogConfig,
     pub ima: ImaConfig,
     pub cni: CniConfig,
+    pub streaming: StreamingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamingConfig {
+    /// Exec/Attach/PortForward URLs point here; loopback keeps them local.
+    pub address: String,
+    /// 0 picks a free port at start.
+    pub port: u16,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        StreamingConfig {
+            address: "127.0.0.1".into(),
+            port: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,6 +150,7 @@ impl Default for Config {
             log: LogConfig::default(),
             ima: ImaConfig::default(),
             cni: CniConfig::default(),
+            streaming: StreamingConfig::default(),
         }
     }
 }
@@ -233,6 +253,13 @@ count = 1024
 conf_dir = "/etc/cni/net.d"
 # Plugin executables, searched in order.
 bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+
+[streaming]
+# Exec/Attach/PortForward server (WebSocket channel protocols); URLs carry
+# single-use tokens that expire after a minute.
+address = "127.0.0.1"
+# 0: any free port.
+port = 0
 "#;
 
 impl Config {

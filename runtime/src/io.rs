@@ -184,9 +184,18 @@ fn entry(out: &mut Vec<u8>, ts: &str, stream: &str, tag: &str, line: &[u8]) {
     out.push(b'\n');
 }
 
-/// Copies a FIFO into the log until the writer (the shim) closes it. Runs on
-/// its own thread: open() on a FIFO blocks until the shim opens the other end.
-pub fn spawn_log_copier(fifo: PathBuf, stream: &'static str, log: LogFile) -> JoinHandle<()> {
+/// Output of a running container for attached clients.
+pub type Tap = tokio::sync::broadcast::Sender<Vec<u8>>;
+
+/// Copies a FIFO into the log until the writer (the shim) closes it, also
+/// handing each chunk to attached clients (`tap`). Runs on its own thread:
+/// open() on a FIFO blocks until the shim opens the other end.
+pub fn spawn_log_copier(
+    fifo: PathBuf,
+    stream: &'static str,
+    log: LogFile,
+    tap: Option<Tap>,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut f = match File::open(&fifo) {
             Ok(f) => f,
@@ -202,6 +211,9 @@ pub fn spawn_log_copier(fifo: PathBuf, stream: &'static str, log: LogFile) -> Jo
             match f.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
+                    if let Some(t) = &tap {
+                        let _ = t.send(buf[..n].to_vec());
+                    }
                     out.clear();
                     fmt.push(stream, &buf[..n], &timestamp(), &mut out);
                     if !out.is_empty() {
@@ -216,6 +228,45 @@ pub fn spawn_log_copier(fifo: PathBuf, stream: &'static str, log: LogFile) -> Jo
         fmt.finish(stream, &timestamp(), &mut out);
         if !out.is_empty() {
             log.write(&out);
+        }
+    })
+}
+
+/// Forwards a FIFO's data to `tx` until the writer closes it (for exec
+/// streams); blocks a thread like the other readers.
+pub fn spawn_forwarder(fifo: PathBuf, tx: tokio::sync::mpsc::Sender<Vec<u8>>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(mut f) = File::open(&fifo) else { return };
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx.blocking_send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+/// Writes what arrives on `rx` into a FIFO (a process's stdin); closing
+/// `rx` closes the process's stdin.
+pub fn spawn_stdin_writer(
+    fifo: PathBuf,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(mut f) = OpenOptions::new().write(true).open(&fifo) else {
+            return;
+        };
+        while let Some(data) = rx.blocking_recv() {
+            if f.write_all(&data).is_err() {
+                break;
+            }
         }
     })
 }
@@ -294,7 +345,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = create_fifos(d.path(), "c", false, false).unwrap();
         let log = LogFile::open(&d.path().join("logs/c.log")).unwrap();
-        let h = spawn_log_copier(p.stdout.clone().unwrap(), "stdout", log);
+        let h = spawn_log_copier(p.stdout.clone().unwrap(), "stdout", log, None);
         let mut w = OpenOptions::new()
             .write(true)
             .open(p.stdout.as_ref().unwrap())

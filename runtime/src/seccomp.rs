@@ -460,9 +460,11 @@ pub fn profile(
         }
         (None, l) => match l.strip_prefix("localhost/") {
             Some(path) => (ProfileType::Localhost, path.to_string()),
-            None => return Err(Error::InvalidArgument(format!(
+            None => {
+                return Err(Error::InvalidArgument(format!(
                 "seccomp_profile_path {l:?}: use runtime/default, unconfined or localhost/<path>"
-            ))),
+            )))
+            }
         },
     };
     match kind {

@@ -69,12 +69,20 @@ impl CriServer {
         if !st.log_path.as_os_str().is_empty() {
             let log = LogFile::open(&st.log_path)?;
             if let Some(p) = &stdio.stdout {
-                live.copiers
-                    .push(io::spawn_log_copier(p.clone(), "stdout", log.clone()));
+                live.copiers.push(io::spawn_log_copier(
+                    p.clone(),
+                    "stdout",
+                    log.clone(),
+                    Some(live.tap.clone()),
+                ));
             }
             if let Some(p) = &stdio.stderr {
-                live.copiers
-                    .push(io::spawn_log_copier(p.clone(), "stderr", log.clone()));
+                live.copiers.push(io::spawn_log_copier(
+                    p.clone(),
+                    "stderr",
+                    log.clone(),
+                    Some(live.tap_err.clone()),
+                ));
             }
             live.log = Some(log);
         } else {
@@ -87,7 +95,7 @@ impl CriServer {
             }
         }
         if let Some(p) = &stdio.stdin {
-            live._stdin = Some(io::hold_open(p)?);
+            live.stdin = Some(io::hold_open(p)?);
         }
         self.set_io(&c.id, live);
         let result = async {

@@ -10,6 +10,7 @@ mod container_remove;
 mod container_start;
 mod container_status;
 mod container_stop;
+mod container_stream;
 mod image_fs_info;
 mod image_list;
 mod image_pull;
@@ -57,12 +58,26 @@ pub const LABEL_SANDBOX_ID: &str = "imacri.dev/sandbox-id";
 pub const HANDLERS: [&str; 2] = ["", "runc"];
 
 /// What a running container's I/O needs after start.
-#[derive(Default)]
 struct LiveIo {
     log: Option<LogFile>,
     copiers: Vec<std::thread::JoinHandle<()>>,
-    /// Keeps an interactive container's stdin open.
-    _stdin: Option<std::fs::File>,
+    /// Keeps an interactive container's stdin open; attach writes to it.
+    stdin: Option<std::fs::File>,
+    /// stdout (and, with a TTY, everything) for attached clients.
+    tap: imacri_runtime::io::Tap,
+    tap_err: imacri_runtime::io::Tap,
+}
+
+impl Default for LiveIo {
+    fn default() -> Self {
+        LiveIo {
+            log: None,
+            copiers: Vec::new(),
+            stdin: None,
+            tap: tokio::sync::broadcast::channel(256).0,
+            tap_err: tokio::sync::broadcast::channel(256).0,
+        }
+    }
 }
 
 pub struct CriServer {
@@ -77,6 +92,7 @@ pub struct CriServer {
     /// Whether this node can run each ima backend (probed at start).
     pub(crate) ima_node: imacri_runtime::ima::NodeSupport,
     pub(crate) cni: imacri_runtime::cni::Cni,
+    pub(crate) streaming: Arc<crate::streaming::Streaming>,
     /// Held while a pod's user-namespace range is chosen and recorded.
     pub(crate) userns_lock: Mutex<()>,
     io: Mutex<HashMap<String, LiveIo>>,
@@ -90,7 +106,11 @@ pub struct CriServer {
 
 impl CriServer {
     /// Connects the pieces, imports the pause image and recovers state.
-    pub async fn new(cfg: Config, c: Containerd) -> Result<Arc<CriServer>> {
+    pub async fn new(
+        cfg: Config,
+        c: Containerd,
+        streaming: Arc<crate::streaming::Streaming>,
+    ) -> Result<Arc<CriServer>> {
         for d in [cfg.sandboxes_dir(), cfg.containers_dir(), cfg.state.clone()] {
             std::fs::create_dir_all(&d).map_err(|e| Error::io("creating", &d, e))?;
         }
@@ -143,6 +163,7 @@ impl CriServer {
             },
             userns_lock: Mutex::new(()),
             cni,
+            streaming,
             io: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
             events: tokio::sync::broadcast::channel(1024).0,
@@ -183,6 +204,22 @@ impl CriServer {
 
     fn take_io(&self, id: &str) -> Option<LiveIo> {
         self.io.lock().ok()?.remove(id)
+    }
+
+    /// Output taps and a stdin handle of a running container, for attach.
+    pub(crate) fn attach_io(
+        &self,
+        id: &str,
+    ) -> Result<([imacri_runtime::io::Tap; 2], Option<std::fs::File>)> {
+        let m = self
+            .io
+            .lock()
+            .map_err(|_| Error::Internal("io lock poisoned".into()))?;
+        let io = m.get(id).ok_or_else(|| {
+            Error::FailedPrecondition(format!("container {id} has no attachable I/O"))
+        })?;
+        let stdin = io.stdin.as_ref().and_then(|f| f.try_clone().ok());
+        Ok(([io.tap.clone(), io.tap_err.clone()], stdin))
     }
 
     pub(crate) fn log_of(&self, id: &str) -> Option<LogFile> {

@@ -50,8 +50,16 @@ impl CriServer {
                             for (suffix, stream) in [("stdout", "stdout"), ("stderr", "stderr")] {
                                 let p = self.cfg.fifo_dir().join(format!("{}-{suffix}", c.id));
                                 if p.exists() {
-                                    live.copiers
-                                        .push(io::spawn_log_copier(p, stream, log.clone()));
+                                    live.copiers.push(io::spawn_log_copier(
+                                        p,
+                                        stream,
+                                        log.clone(),
+                                        Some(if stream == "stdout" {
+                                            live.tap.clone()
+                                        } else {
+                                            live.tap_err.clone()
+                                        }),
+                                    ));
                                 }
                             }
                             live.log = Some(log);

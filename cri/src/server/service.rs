@@ -31,14 +31,6 @@ pub fn services(server: Arc<CriServer>) -> (RuntimeServiceServer<Cri>, ImageServ
     )
 }
 
-/// RPCs that come with networking, streaming and stats support.
-fn not_yet(rpc: &str) -> Status {
-    tracing::info!(rpc, "rejected: not implemented in this imacri version");
-    Status::unimplemented(format!(
-        "{rpc} is not implemented in this imacri version (planned with CNI networking, streaming and stats)"
-    ))
-}
-
 /// Sends `items` in batches, at least one message when empty is not needed.
 fn batched<T, R>(items: Vec<T>, wrap: fn(Vec<T>) -> R) -> Stream<R>
 where
@@ -235,19 +227,25 @@ impl RuntimeService for Cri {
         instrument("ExecSync", &id, self.0.exec_sync(r)).await
     }
 
-    async fn exec(&self, _r: Request<cri::ExecRequest>) -> Res<cri::ExecResponse> {
-        Err(not_yet("Exec"))
+    async fn exec(&self, r: Request<cri::ExecRequest>) -> Res<cri::ExecResponse> {
+        let r = r.into_inner();
+        let id = r.container_id.clone();
+        instrument("Exec", &id, self.0.exec(r)).await
     }
 
-    async fn attach(&self, _r: Request<cri::AttachRequest>) -> Res<cri::AttachResponse> {
-        Err(not_yet("Attach"))
+    async fn attach(&self, r: Request<cri::AttachRequest>) -> Res<cri::AttachResponse> {
+        let r = r.into_inner();
+        let id = r.container_id.clone();
+        instrument("Attach", &id, self.0.attach(r)).await
     }
 
     async fn port_forward(
         &self,
-        _r: Request<cri::PortForwardRequest>,
+        r: Request<cri::PortForwardRequest>,
     ) -> Res<cri::PortForwardResponse> {
-        Err(not_yet("PortForward"))
+        let r = r.into_inner();
+        let id = r.pod_sandbox_id.clone();
+        instrument("PortForward", &id, self.0.port_forward(r)).await
     }
 
     async fn container_stats(

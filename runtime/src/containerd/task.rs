@@ -292,6 +292,35 @@ impl Containerd {
         Ok(())
     }
 
+    /// Closes a process's stdin (the shim holds its own end of the FIFO).
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        use containerd_client::services::v1::CloseIoRequest;
+        self.tasks()
+            .close_io(self.req(CloseIoRequest {
+                container_id: id.to_string(),
+                exec_id: exec_id.to_string(),
+                stdin: true,
+            }))
+            .await
+            .map_err(|e| Error::containerd(format!("closing stdin of {id}"), e))?;
+        Ok(())
+    }
+
+    /// Resizes the terminal of a task or exec.
+    pub async fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        use containerd_client::services::v1::ResizePtyRequest;
+        self.tasks()
+            .resize_pty(self.req(ResizePtyRequest {
+                container_id: id.to_string(),
+                exec_id: exec_id.to_string(),
+                width,
+                height,
+            }))
+            .await
+            .map_err(|e| Error::containerd(format!("resizing terminal of {id}"), e))?;
+        Ok(())
+    }
+
     pub async fn kill_task(&self, id: &str, exec_id: &str, signal: u32) -> Result<()> {
         self.tasks()
             .kill(self.req(KillRequest {

@@ -1,0 +1,89 @@
+//! Exec, Attach and PortForward: validate, then hand out a single-use URL
+//! of the streaming server.
+
+use imacri_api::cri;
+use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
+use imacri_runtime::{Error, Result};
+
+use super::validate::non_empty;
+use super::CriServer;
+use crate::streaming::Pending;
+
+fn check_streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result<()> {
+    if !(stdin || stdout || stderr) {
+        return Err(Error::InvalidArgument(
+            "one of stdin, stdout and stderr must be true".into(),
+        ));
+    }
+    if tty && stderr {
+        return Err(Error::InvalidArgument(
+            "tty and stderr cannot both be true".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl CriServer {
+    fn require_running(&self, id: &str) -> Result<()> {
+        let c = self.container(id)?;
+        if c.state().phase != ContainerPhase::Running {
+            return Err(Error::FailedPrecondition(format!(
+                "container {} is not running",
+                c.id
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn exec(&self, req: cri::ExecRequest) -> Result<cri::ExecResponse> {
+        non_empty("container_id", &req.container_id)?;
+        if req.cmd.is_empty() {
+            return Err(Error::InvalidArgument("cmd must not be empty".into()));
+        }
+        check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
+        self.require_running(&req.container_id)?;
+        Ok(cri::ExecResponse {
+            url: self.streaming.url(Pending::Exec(req)),
+        })
+    }
+
+    pub(crate) async fn attach(&self, req: cri::AttachRequest) -> Result<cri::AttachResponse> {
+        non_empty("container_id", &req.container_id)?;
+        check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
+        self.require_running(&req.container_id)?;
+        let c = self.container(&req.container_id)?;
+        if req.tty != c.config.tty {
+            return Err(Error::InvalidArgument(format!(
+                "tty={} does not match the container's tty={}",
+                req.tty, c.config.tty
+            )));
+        }
+        if req.stdin && !c.config.stdin {
+            return Err(Error::InvalidArgument(
+                "stdin: the container was created without stdin".into(),
+            ));
+        }
+        Ok(cri::AttachResponse {
+            url: self.streaming.url(Pending::Attach(req)),
+        })
+    }
+
+    pub(crate) async fn port_forward(
+        &self,
+        req: cri::PortForwardRequest,
+    ) -> Result<cri::PortForwardResponse> {
+        let sb = self.sandbox(&req.pod_sandbox_id)?;
+        if sb.state().phase != SandboxPhase::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                sb.id
+            )));
+        }
+        if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
+            return Err(Error::InvalidArgument(format!("port {p} is out of range")));
+        }
+        Ok(cri::PortForwardResponse {
+            url: self.streaming.url(Pending::PortForward(req)),
+        })
+    }
+}

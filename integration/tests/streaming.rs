@@ -1,0 +1,294 @@
+//! Exec, attach and port-forward through the streaming server with a real
+//! WebSocket client speaking the Kubernetes channel protocols.
+
+use futures::{SinkExt, StreamExt};
+use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+type Rt = cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn image(s: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: s.into(),
+        ..Default::default()
+    })
+}
+
+async fn connect(url: &str, protocol: &str) -> Ws {
+    let mut req = url
+        .replace("http://", "ws://")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], protocol);
+    ws
+}
+
+/// Reads frames until the server closes: (stdout, stderr, status).
+async fn collect(ws: &mut Ws) -> (String, String, String) {
+    let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), Vec::new());
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+        match m {
+            Message::Binary(b) if !b.is_empty() => match b[0] {
+                1 => out.extend_from_slice(&b[1..]),
+                2 => err.extend_from_slice(&b[1..]),
+                3 => status.extend_from_slice(&b[1..]),
+                _ => {}
+            },
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    let s = |v: Vec<u8>| String::from_utf8_lossy(&v).into_owned();
+    (s(out), s(err), s(status))
+}
+
+async fn start(
+    rt: &mut Rt,
+    pod: &str,
+    cfg: &cri::PodSandboxConfig,
+    c: cri::ContainerConfig,
+) -> String {
+    let id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(c),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_attach_and_port_forward_over_websocket() {
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    d.images()
+        .await
+        .unwrap()
+        .pull_image(cri::PullImageRequest {
+            image: image(&env.busybox),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let cfg = pod_config("streaming");
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    let web = start(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config(
+            "web",
+            &env.busybox,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www && echo forwarded > /www/index.html && httpd -f -p 8080 -h /www",
+            ],
+        ),
+    )
+    .await;
+
+    // Exec without TTY: stdout, stderr and the exit status (v4 JSON status).
+    for proto in ["v4.channel.k8s.io", "v5.channel.k8s.io"] {
+        let url = rt
+            .exec(cri::ExecRequest {
+                container_id: web.clone(),
+                cmd: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo out; echo err >&2; exit 3".into(),
+                ],
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let mut ws = connect(&url, proto).await;
+        let (out, err, status) = collect(&mut ws).await;
+        assert_eq!((out.as_str(), err.as_str()), ("out\n", "err\n"), "{proto}");
+        let st: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(st["reason"], "NonZeroExitCode", "{status}");
+        assert_eq!(st["details"]["causes"][0]["message"], "3");
+        // Tokens are single-use.
+        let mut req = url
+            .replace("http://", "ws://")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", proto.parse().unwrap());
+        assert!(tokio_tungstenite::connect_async(req).await.is_err());
+    }
+
+    // Exec with stdin (v5 closes stdin with the close signal) and success status.
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: web.clone(),
+            cmd: vec!["cat".into()],
+            stdin: true,
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut ws = connect(&url, "v5.channel.k8s.io").await;
+    ws.send(Message::Binary(
+        [&[0u8][..], b"hello stdin\n"].concat().into(),
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::Binary(vec![255u8, 0].into()))
+        .await
+        .unwrap();
+    let (out, _, status) = collect(&mut ws).await;
+    assert_eq!(out, "hello stdin\n");
+    assert!(status.contains("\"Success\""), "{status}");
+
+    // Exec with a TTY, with a resize message.
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: web.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "sleep 0.3; tty".into()],
+            tty: true,
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut ws = connect(&url, "v4.channel.k8s.io").await;
+    ws.send(Message::Binary(
+        [&[4u8][..], br#"{"Width":100,"Height":40}"#]
+            .concat()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let (out, _, _) = collect(&mut ws).await;
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+
+    // Bad requests are rejected before a URL exists.
+    let e = rt
+        .exec(cri::ExecRequest {
+            container_id: web.clone(),
+            cmd: vec!["true".into()],
+            tty: true,
+            stderr: true,
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // Attach to a container's stdin/stdout.
+    let mut echo = container_config("echo", &env.busybox, &["cat"]);
+    echo.stdin = true;
+    let echo = start(&mut rt, &pod, &cfg, echo).await;
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: echo.clone(),
+            stdin: true,
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut ws = connect(&url, "v5.channel.k8s.io").await;
+    ws.send(Message::Binary([&[0u8][..], b"attached\n"].concat().into()))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(Message::Binary(b)))) =
+        tokio::time::timeout(Duration::from_secs(10), ws.next()).await
+    {
+        if b.first() == Some(&1) {
+            got.extend_from_slice(&b[1..]);
+            if got.ends_with(b"attached\n") {
+                break;
+            }
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&got), "attached\n");
+    drop(ws);
+
+    // Port-forward into the pod's network namespace (loopback there).
+    let mut fetched = String::new();
+    for _ in 0..30 {
+        let url = rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.clone(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let mut ws = connect(&format!("{url}?port=8080"), "v4.channel.k8s.io").await;
+        // The server announces the port on the data and the error channel.
+        for ch in [0u8, 1] {
+            let m = ws.next().await.unwrap().unwrap();
+            assert_eq!(m, Message::Binary(vec![ch, 0x90, 0x1f].into()));
+        }
+        ws.send(Message::Binary(
+            [&[0u8][..], b"GET / HTTP/1.0\r\n\r\n"].concat().into(),
+        ))
+        .await
+        .unwrap();
+        let mut body = Vec::new();
+        while let Ok(Some(Ok(Message::Binary(b)))) =
+            tokio::time::timeout(Duration::from_secs(5), ws.next()).await
+        {
+            if b.first() == Some(&0) {
+                body.extend_from_slice(&b[1..]);
+            }
+            if b.first() == Some(&1) {
+                break; // error channel: httpd not listening yet
+            }
+        }
+        fetched = String::from_utf8_lossy(&body).into_owned();
+        if fetched.contains("forwarded") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(fetched.contains("forwarded"), "{fetched:?}");
+
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+}
