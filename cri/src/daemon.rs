@@ -97,7 +97,7 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             name,
             if good { "ok" } else { "missing" }
         );
-        if !good && matches!(name, "containerd" | "runc") {
+        if !good && matches!(name, "containerd" | "containerd-cri" | "runc") {
             ok = false;
         }
     };
@@ -155,20 +155,75 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         userns > 0,
         format!("max_user_namespaces={userns}"),
     );
+    match imacri_runtime::userns::kernel_ima_namespaces() {
+        Ok(()) => line(
+            "ima-namespaces",
+            true,
+            "a user namespace's securityfs has ima/active".into(),
+        ),
+        Err(r) => line("ima-namespaces", false, r),
+    }
     line(
-        "ima-namespaces",
-        false,
-        "not in this kernel (no IMA namespace support in mainline)".into(),
+        "ima-backend",
+        true,
+        format!("configured: {:?}", cfg.ima.backend).to_lowercase(),
     );
+    let cni = imacri_runtime::cni::Cni::new(
+        cfg.cni.conf_dir.clone(),
+        cfg.cni.bin_dirs.clone(),
+        cfg.root.join("cni"),
+    );
+    match cni.config() {
+        Ok(c) => line(
+            "cni",
+            true,
+            format!("network {:?} from {}", c.name, c.file.display()),
+        ),
+        Err(e) => line(
+            "cni",
+            false,
+            format!("{e} (only host-network pods can run)"),
+        ),
+    }
+    let seccomp = std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.contains("Seccomp:"))
+        .unwrap_or(false);
     line(
-        "cni",
-        false,
-        "CNI networking is not implemented in this imacri version".into(),
+        "seccomp",
+        seccomp,
+        if seccomp {
+            "filters supported".into()
+        } else {
+            "not in this kernel".into()
+        },
     );
+    let apparmor = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .map(|s| s.trim() == "Y")
+        .unwrap_or(false);
+    line(
+        "apparmor",
+        apparmor,
+        if apparmor {
+            "enabled".into()
+        } else {
+            "not enabled: Localhost profiles are rejected".into()
+        },
+    );
+    let selinux = Path::new("/sys/fs/selinux/enforce").exists();
+    line(
+        "selinux",
+        selinux,
+        if selinux {
+            "enabled".into()
+        } else {
+            "not enabled: SELinux options are ignored".into()
+        },
+    );
+    let tpm = Path::new("/dev/tpmrm0").exists();
     line(
         "tpm",
-        Path::new("/dev/tpmrm0").exists(),
-        if Path::new("/dev/tpmrm0").exists() {
+        tpm,
+        if tpm {
             "/dev/tpmrm0".into()
         } else {
             "no /dev/tpmrm0".into()

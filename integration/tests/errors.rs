@@ -482,3 +482,51 @@ async fn socket_mode_and_unreachable_containerd() {
         "{err}"
     );
 }
+
+#[test]
+fn check_reports_each_capability() {
+    let env = Env::get();
+    let out = std::process::Command::new(imacri_integration::imacri_bin())
+        .args([
+            "check",
+            "--containerd-address",
+            env.containerd_sock.to_str().unwrap(),
+        ])
+        .args([
+            "--cni-conf-dir",
+            env.cni_conf_dir.to_str().unwrap(),
+            "--cni-bin-dir",
+            "/usr/lib/cni",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for name in [
+        "containerd ",
+        "runc ",
+        "cgroups ",
+        "user-namespaces ",
+        "ima-namespaces ",
+        "cni ",
+        "seccomp ",
+        "apparmor ",
+        "selinux ",
+        "tpm ",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "no {name:?} line in\n{text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cni ") && l.contains(" ok ")),
+        "{text}"
+    );
+    let bad = std::process::Command::new(imacri_integration::imacri_bin())
+        .args(["check", "--containerd-address", "/nonexistent.sock"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
