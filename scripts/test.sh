@@ -5,7 +5,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 cargo build --workspace --bins || exit 1
 log=$(mktemp)
-cargo test --workspace --lib --bins --tests 2>&1 | tee "$log"
+cargo test --workspace --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 read -r passed failed < <(awk '/^test result:/ {p += $4; f += $6} END {print p+0, f+0}' "$log")
 rm -f "$log"

@@ -36,15 +36,20 @@ impl CriServer {
         match self.start_task_io(&c).await {
             Ok(pid) => {
                 // A fast process may have exited (and been recorded) already.
-                c.update(|s| {
+                let _order = self.event_order.lock();
+                let recorded = c.update(|s| {
                     s.started_at = started_at;
-                    if s.phase == ContainerPhase::Created {
+                    let created = s.phase == ContainerPhase::Created;
+                    if created {
                         s.phase = ContainerPhase::Running;
                         s.pid = pid;
                     }
+                    created
                 })?;
                 tracing::info!(container_id = %c.id, pid, "container started");
-                self.emit(cri::ContainerEventType::ContainerStartedEvent, &c.id);
+                if recorded {
+                    self.emit(cri::ContainerEventType::ContainerStartedEvent, &c.id);
+                }
                 Ok(cri::StartContainerResponse {})
             }
             Err(e) => {

@@ -63,7 +63,9 @@ impl CriServer {
                     let _ = tokio::time::timeout(Duration::from_secs(5), join).await;
                 }
                 if let Some(c) = self.containers.get(id) {
+                    let _order = self.event_order.lock();
                     let res = c.update(|s| {
+                        let before = s.phase;
                         if s.phase != ContainerPhase::Exited {
                             if s.oom_killed {
                                 s.reason = "OOMKilled".into();
@@ -79,12 +81,22 @@ impl CriServer {
                             }
                             s.pid = 0;
                         }
+                        before
                     });
-                    if let Err(e) = res {
-                        tracing::error!(container_id = %id, error = %e, "recording exit");
+                    match res {
+                        // Exited before StartContainer recorded the start: the
+                        // started event goes first (StartContainer then skips it).
+                        Ok(ContainerPhase::Created) => {
+                            self.emit(cri::ContainerEventType::ContainerStartedEvent, id);
+                            self.emit(cri::ContainerEventType::ContainerStoppedEvent, id);
+                        }
+                        Ok(ContainerPhase::Running) => {
+                            self.emit(cri::ContainerEventType::ContainerStoppedEvent, id)
+                        }
+                        Ok(ContainerPhase::Exited) => {}
+                        Err(e) => tracing::error!(container_id = %id, error = %e, "recording exit"),
                     }
                     tracing::info!(container_id = %id, exit_code = code, "container exited");
-                    self.emit(cri::ContainerEventType::ContainerStoppedEvent, id);
                 }
             }
             Kind::Sandbox => {

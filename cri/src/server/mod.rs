@@ -100,6 +100,9 @@ pub struct CriServer {
     exits: Mutex<HashMap<String, watch::Sender<bool>>>,
     /// Last CPU sample per container/pod: (time ns, usage ns).
     pub(crate) cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
+    /// Held across a state change and its event, so events keep the order
+    /// of the changes.
+    pub(crate) event_order: Mutex<()>,
     /// CRI container events for GetContainerEvents.
     pub(crate) events: tokio::sync::broadcast::Sender<cri::ContainerEventResponse>,
 }
@@ -167,6 +170,7 @@ impl CriServer {
             io: Mutex::new(HashMap::new()),
             exits: Mutex::new(HashMap::new()),
             events: tokio::sync::broadcast::channel(1024).0,
+            event_order: Mutex::new(()),
             cpu_samples: Mutex::new(HashMap::new()),
         });
         server.recover().await;
