@@ -2,15 +2,9 @@
 //! groups, read-only rootfs, mounts, devices, resources, capabilities,
 //! oom_score_adj clamping, sysctls, host network.
 
+use imacri_integration::client::image;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::time::{Duration, Instant};
-
-fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: s.into(),
-        ..Default::default()
-    })
-}
 
 struct Pod {
     rt: cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,

@@ -2,15 +2,9 @@
 //! failures in the middle of RunPodSandbox / CreateContainer / StartContainer
 //! leave nothing behind.
 
+use imacri_integration::client::image;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use tonic::Code;
-
-fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: s.into(),
-        ..Default::default()
-    })
-}
 
 fn check(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, needle: &str) {
     let e = r.expect_err("expected an error");

@@ -2,41 +2,9 @@
 //! created/started/stopped/deleted in order, OOM kills are reported, and
 //! imacri keeps working across a containerd restart.
 
+use imacri_integration::client::{container_status, image, wait_exited};
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::time::{Duration, Instant};
-
-type Rt = cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>;
-
-fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: s.into(),
-        ..Default::default()
-    })
-}
-
-async fn status(rt: &mut Rt, id: &str) -> cri::ContainerStatus {
-    rt.container_status(cri::ContainerStatusRequest {
-        container_id: id.into(),
-        verbose: false,
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .status
-    .unwrap()
-}
-
-async fn wait_exited(rt: &mut Rt, id: &str) -> cri::ContainerStatus {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = status(rt, id).await;
-        if s.state == cri::ContainerState::ContainerExited as i32 {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{id} did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_stream_in_order_and_oom_is_reported() {
@@ -261,7 +229,7 @@ async fn survives_a_containerd_restart() {
     .await
     .unwrap();
     assert_eq!(
-        status(&mut rt, &long).await.state,
+        container_status(&mut rt, &long).await.state,
         cri::ContainerState::ContainerExited as i32
     );
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {

@@ -3,19 +3,11 @@
 //! rejection of containers that would escape, the kernel backend's clear
 //! failure on this kernel, and the ID pool (no overlap, kept across restarts).
 
+use imacri_integration::client::{image, pod_info, run_pod, sh_ok, start_container};
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tonic::Code;
-
-type Rt = cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>;
-
-fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: s.into(),
-        ..Default::default()
-    })
-}
 
 fn ima_pod(name: &str, via_field: bool) -> cri::PodSandboxConfig {
     let mut cfg = pod_config(name);
@@ -29,70 +21,6 @@ fn ima_pod(name: &str, via_field: bool) -> cri::PodSandboxConfig {
             .insert("imacri.dev/ima".into(), "true".into());
     }
     cfg
-}
-
-async fn run_pod(rt: &mut Rt, cfg: &cri::PodSandboxConfig) -> Result<String, tonic::Status> {
-    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
-        config: Some(cfg.clone()),
-        ..Default::default()
-    })
-    .await
-    .map(|r| r.into_inner().pod_sandbox_id)
-}
-
-async fn start(
-    rt: &mut Rt,
-    pod: &str,
-    cfg: &cri::PodSandboxConfig,
-    c: cri::ContainerConfig,
-) -> String {
-    let id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(c),
-            sandbox_config: Some(cfg.clone()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .unwrap();
-    id
-}
-
-async fn exec(rt: &mut Rt, id: &str, cmd: &str) -> String {
-    let r = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: id.into(),
-            cmd: vec!["sh".into(), "-c".into(), cmd.into()],
-            timeout: 10,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        r.exit_code,
-        0,
-        "{cmd}: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    String::from_utf8(r.stdout).unwrap().trim().to_string()
-}
-
-async fn info(rt: &mut Rt, pod: &str) -> serde_json::Value {
-    let st = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.into(),
-            verbose: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    serde_json::from_str(&st.info["info"]).unwrap()
 }
 
 fn sleeper(name: &str, env: &Env) -> cri::ContainerConfig {
@@ -133,14 +61,14 @@ async fn userns_pod_with_kubelet_mappings() {
     let pod = run_pod(&mut rt, &cfg)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-    let c = start(&mut rt, &pod, &cfg, sleeper("c", env)).await;
+    let c = start_container(&mut rt, &pod, &cfg, sleeper("c", env)).await;
     assert_eq!(
-        exec(&mut rt, &c, "cat /proc/self/uid_map | tr -s ' '").await,
+        sh_ok(&mut rt, &c, "cat /proc/self/uid_map | tr -s ' '").await,
         "0 3000000 65536"
     );
     // Image files appear owned by in-pod root; the process is in-pod root.
     assert_eq!(
-        exec(
+        sh_ok(
             &mut rt,
             &c,
             "stat -c %u:%g /bin/busybox /etc/passwd | sort -u"
@@ -149,11 +77,11 @@ async fn userns_pod_with_kubelet_mappings() {
         "0:0"
     );
     assert_eq!(
-        exec(&mut rt, &c, "id -u; touch /tmp/x && echo writable").await,
+        sh_ok(&mut rt, &c, "id -u; touch /tmp/x && echo writable").await,
         "0\nwritable"
     );
     // Not an ima pod.
-    assert_eq!(info(&mut rt, &pod).await["ima"]["enabled"], false);
+    assert_eq!(pod_info(&mut rt, &pod).await["ima"]["enabled"], false);
     let status = rt
         .status(cri::StatusRequest { verbose: false })
         .await
@@ -201,7 +129,7 @@ async fn ima_pods_share_one_user_namespace() {
         let pod = run_pod(&mut rt, &cfg)
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-        let i = info(&mut rt, &pod).await;
+        let i = pod_info(&mut rt, &pod).await;
         assert_eq!(i["ima"]["enabled"], true, "{i}");
         assert_eq!(i["ima"]["policy"], "default");
         let backend = i["ima"]["backend"].as_str().unwrap().to_string();
@@ -212,16 +140,16 @@ async fn ima_pods_share_one_user_namespace() {
         let host_start = i["ima"]["mappings"]["uids"][0]["host_id"].as_u64().unwrap();
         assert!(host_start >= 1 << 20, "allocated from the pool: {i}");
 
-        let a = start(&mut rt, &pod, &cfg, sleeper("a", env)).await;
-        let b = start(&mut rt, &pod, &cfg, sleeper("b", env)).await;
-        let ns_a = exec(&mut rt, &a, "readlink /proc/self/ns/user").await;
-        let ns_b = exec(&mut rt, &b, "readlink /proc/self/ns/user").await;
+        let a = start_container(&mut rt, &pod, &cfg, sleeper("a", env)).await;
+        let b = start_container(&mut rt, &pod, &cfg, sleeper("b", env)).await;
+        let ns_a = sh_ok(&mut rt, &a, "readlink /proc/self/ns/user").await;
+        let ns_b = sh_ok(&mut rt, &b, "readlink /proc/self/ns/user").await;
         assert_eq!(ns_a, ns_b, "containers of one pod share the user namespace");
         let host_ns = std::fs::read_link("/proc/self/ns/user").unwrap();
         assert_ne!(ns_a, host_ns.to_string_lossy());
-        let map = exec(&mut rt, &a, "cat /proc/self/uid_map | tr -s ' '").await;
+        let map = sh_ok(&mut rt, &a, "cat /proc/self/uid_map | tr -s ' '").await;
         assert_eq!(map, format!("0 {host_start} 65536"));
-        assert_eq!(exec(&mut rt, &a, "stat -c %u /bin/busybox").await, "0");
+        assert_eq!(sh_ok(&mut rt, &a, "stat -c %u /bin/busybox").await, "0");
 
         // The setting is in every container's OCI spec.
         let st = rt
@@ -514,7 +442,7 @@ async fn pool_allocations_never_overlap_and_survive_restarts() {
     let mut rt = rt;
     let mut ranges: HashMap<String, u64> = HashMap::new();
     for p in &pods {
-        let i = info(&mut rt, p).await;
+        let i = pod_info(&mut rt, p).await;
         ranges.insert(
             p.clone(),
             i["ima"]["mappings"]["uids"][0]["host_id"].as_u64().unwrap(),
@@ -533,7 +461,7 @@ async fn pool_allocations_never_overlap_and_survive_restarts() {
     d.spawn().await.unwrap();
     let mut rt = d.runtime().await.unwrap();
     for p in &pods {
-        let i = info(&mut rt, p).await;
+        let i = pod_info(&mut rt, p).await;
         assert_eq!(
             i["ima"]["mappings"]["uids"][0]["host_id"].as_u64().unwrap(),
             ranges[p],
@@ -549,7 +477,7 @@ async fn pool_allocations_never_overlap_and_survive_restarts() {
     .unwrap();
     let new = run_pod(&mut rt, &ima_pod("pool-new", false)).await.unwrap();
     assert_eq!(
-        info(&mut rt, &new).await["ima"]["mappings"]["uids"][0]["host_id"]
+        pod_info(&mut rt, &new).await["ima"]["mappings"]["uids"][0]["host_id"]
             .as_u64()
             .unwrap(),
         ranges[&lowest]

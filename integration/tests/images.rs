@@ -1,15 +1,9 @@
 //! ImageService against real registries: anonymous, basic auth, a mirror
 //! from hosts.toml; list, status, remove; nothing left after a failed pull.
 
+use imacri_integration::client::image;
 use imacri_integration::{cri, Env, Imacri, AUTH_PASSWORD, AUTH_USER};
 use tonic::Code;
-
-fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: s.into(),
-        ..Default::default()
-    })
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pull_list_status_remove() {

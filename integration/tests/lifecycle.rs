@@ -1,15 +1,9 @@
 //! The full pod and container lifecycle through the CRI socket, against real
 //! containerd, runc and a real registry.
 
+use imacri_integration::client::image;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::time::{Duration, Instant};
-
-fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: s.into(),
-        ..Default::default()
-    })
-}
 
 async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
 where

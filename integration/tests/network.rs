@@ -2,18 +2,10 @@
 //! loopback): pod IPs, pod-to-pod traffic, host ports, NetworkReady, and no
 //! IPAM lease or netns left after stop.
 
+use imacri_integration::client::{exec_sh, image, Rt};
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::io::{Read, Write};
 use tonic::Code;
-
-type Rt = cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>;
-
-fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: s.into(),
-        ..Default::default()
-    })
-}
 
 async fn pod_with(
     rt: &mut Rt,
@@ -59,26 +51,6 @@ async fn pod_with(
     .await
     .unwrap();
     (pod, ip, c)
-}
-
-async fn exec(rt: &mut Rt, id: &str, cmd: &str) -> (i32, String) {
-    let r = rt
-        .exec_sync(cri::ExecSyncRequest {
-            container_id: id.into(),
-            cmd: vec!["sh".into(), "-c".into(), cmd.into()],
-            timeout: 15,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (
-        r.exit_code,
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&r.stdout),
-            String::from_utf8_lossy(&r.stderr)
-        ),
-    )
 }
 
 fn in_subnet(ip: &str, subnet: &str) -> bool {
@@ -143,14 +115,14 @@ async fn pods_get_ips_talk_and_release_them() {
     );
     assert_ne!(ip_a, ip_b);
 
-    let (code, out) = exec(&mut rt, &c_a, &format!("ping -c 1 -W 5 {ip_b}")).await;
+    let (code, out, _) = exec_sh(&mut rt, &c_a, &format!("ping -c 1 -W 5 {ip_b}")).await;
     assert_eq!(code, 0, "ping: {out}");
-    let (code, out) = exec(&mut rt, &c_a, "ip -4 addr show eth0; ip link show lo").await;
+    let (code, out, _) = exec_sh(&mut rt, &c_a, "ip -4 addr show eth0; ip link show lo").await;
     assert_eq!(code, 0);
     assert!(out.contains(&ip_a) && out.contains("UP"), "{out}");
     let mut fetched = String::new();
     for _ in 0..50 {
-        let (code, out) = exec(&mut rt, &c_a, &format!("wget -q -O - http://{ip_b}/")).await;
+        let (code, out, _) = exec_sh(&mut rt, &c_a, &format!("wget -q -O - http://{ip_b}/")).await;
         if code == 0 {
             fetched = out;
             break;

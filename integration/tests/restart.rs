@@ -3,15 +3,9 @@
 //! meanwhile are recorded, logs continue. Also log rotation and the
 //! daemon's socket handling.
 
+use imacri_integration::client::image;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::time::{Duration, Instant};
-
-fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: s.into(),
-        ..Default::default()
-    })
-}
 
 async fn lines(path: &std::path::Path) -> usize {
     tokio::fs::read_to_string(path)

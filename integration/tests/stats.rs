@@ -1,15 +1,9 @@
 //! Stats and metrics from real cgroups: CPU that changes under load, memory,
 //! writable layer, processes, pod network; and live resource updates.
 
+use imacri_integration::client::image;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::time::Duration;
-
-fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: s.into(),
-        ..Default::default()
-    })
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stats_follow_the_workload() {

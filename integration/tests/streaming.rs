@@ -2,21 +2,14 @@
 //! WebSocket client speaking the Kubernetes channel protocols.
 
 use futures::{SinkExt, StreamExt};
+use imacri_integration::client::{image, start_container};
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-type Rt = cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>;
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn image(s: &str) -> Option<cri::ImageSpec> {
-    Some(cri::ImageSpec {
-        image: s.into(),
-        ..Default::default()
-    })
-}
 
 async fn connect(url: &str, protocol: &str) -> Ws {
     let mut req = url
@@ -49,30 +42,6 @@ async fn collect(ws: &mut Ws) -> (String, String, String) {
     (s(out), s(err), s(status))
 }
 
-async fn start(
-    rt: &mut Rt,
-    pod: &str,
-    cfg: &cri::PodSandboxConfig,
-    c: cri::ContainerConfig,
-) -> String {
-    let id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(c),
-            sandbox_config: Some(cfg.clone()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await
-    .unwrap();
-    id
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_attach_and_port_forward_over_websocket() {
     let env = Env::get();
@@ -97,7 +66,7 @@ async fn exec_attach_and_port_forward_over_websocket() {
         .unwrap()
         .into_inner()
         .pod_sandbox_id;
-    let web = start(
+    let web = start_container(
         &mut rt,
         &pod,
         &cfg,
@@ -214,7 +183,7 @@ async fn exec_attach_and_port_forward_over_websocket() {
     // Attach to a container's stdin/stdout.
     let mut echo = container_config("echo", &env.busybox, &["cat"]);
     echo.stdin = true;
-    let echo = start(&mut rt, &pod, &cfg, echo).await;
+    let echo = start_container(&mut rt, &pod, &cfg, echo).await;
     let url = rt
         .attach(cri::AttachRequest {
             container_id: echo.clone(),
