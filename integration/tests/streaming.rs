@@ -261,3 +261,218 @@ async fn exec_attach_and_port_forward_over_websocket() {
     .await
     .unwrap();
 }
+
+/// A minimal SPDY/3.1 client over imacri's own framing (the server side is
+/// what is under test): upgrade, open streams, collect data per stream.
+mod spdy_client {
+    use imacri_cri::streaming::spdy::{Codec, Frame};
+    use std::collections::HashMap;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub struct Client {
+        s: TcpStream,
+        tx: Codec,
+        rx: Codec,
+    }
+
+    impl Client {
+        pub async fn upgrade(url: &str, protocol: &str) -> (Client, String) {
+            let rest = url.trim_start_matches("http://");
+            let (hostport, path) = rest.split_once('/').unwrap();
+            let mut s = TcpStream::connect(hostport).await.unwrap();
+            let req = format!(
+                "POST /{path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await.unwrap();
+                head.push(b[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            (
+                Client {
+                    s,
+                    tx: Codec::default(),
+                    rx: Codec::default(),
+                },
+                head,
+            )
+        }
+
+        pub async fn send(&mut self, f: Frame) {
+            let b = self.tx.encode(&f).unwrap();
+            self.s.write_all(&b).await.unwrap();
+        }
+
+        /// Data per stream until every stream in `until` has FIN (or GOAWAY).
+        pub async fn collect(&mut self, until: &[u32]) -> HashMap<u32, Vec<u8>> {
+            let mut data: HashMap<u32, Vec<u8>> = HashMap::new();
+            let mut done = Vec::new();
+            while !until.iter().all(|id| done.contains(id)) {
+                let f = tokio::time::timeout(
+                    std::time::Duration::from_secs(20),
+                    self.rx.read(&mut self.s),
+                )
+                .await
+                .expect("frame")
+                .unwrap();
+                match f {
+                    Some(Frame::Data { id, fin, data: d }) => {
+                        data.entry(id).or_default().extend(d);
+                        if fin {
+                            done.push(id);
+                        }
+                    }
+                    Some(Frame::GoAway) | None => break,
+                    _ => {}
+                }
+            }
+            data
+        }
+    }
+
+    pub fn syn(id: u32, headers: &[(&str, &str)]) -> Frame {
+        Frame::SynStream {
+            id,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            fin: false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_and_port_forward_over_spdy() {
+    use imacri_cri::streaming::spdy::Frame;
+    use spdy_client::{syn, Client};
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    d.images()
+        .await
+        .unwrap()
+        .pull_image(cri::PullImageRequest {
+            image: image(&env.busybox),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let cfg = pod_config("spdy");
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(cfg.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    let web = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config(
+            "web",
+            &env.busybox,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www && echo over-spdy > /www/index.html && httpd -f -p 8080 -h /www",
+            ],
+        ),
+    )
+    .await;
+
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: web.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "read x; echo got-$x; echo oops >&2; exit 4".into(),
+            ],
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let (mut c, head) = Client::upgrade(&url, "v4.channel.k8s.io").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("x-stream-protocol-version: v4.channel.k8s.io"),
+        "{head}"
+    );
+    c.send(syn(1, &[("streamtype", "error")])).await;
+    c.send(syn(3, &[("streamtype", "stdin")])).await;
+    c.send(syn(5, &[("streamtype", "stdout")])).await;
+    c.send(syn(7, &[("streamtype", "stderr")])).await;
+    c.send(Frame::Data {
+        id: 3,
+        fin: true,
+        data: b"spdy\n".to_vec(),
+    })
+    .await;
+    let data = c.collect(&[1, 5, 7]).await;
+    assert_eq!(String::from_utf8_lossy(&data[&5]), "got-spdy\n");
+    assert_eq!(String::from_utf8_lossy(&data[&7]), "oops\n");
+    let status: serde_json::Value = serde_json::from_slice(&data[&1]).unwrap();
+    assert_eq!(status["details"]["causes"][0]["message"], "4", "{status}");
+
+    let mut body = String::new();
+    for _ in 0..30 {
+        let url = rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.clone(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let (mut c, head) = Client::upgrade(&url, "portforward.k8s.io").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        c.send(syn(
+            1,
+            &[
+                ("streamtype", "error"),
+                ("port", "8080"),
+                ("requestid", "0"),
+            ],
+        ))
+        .await;
+        c.send(syn(
+            3,
+            &[("streamtype", "data"), ("port", "8080"), ("requestid", "0")],
+        ))
+        .await;
+        c.send(Frame::Data {
+            id: 3,
+            fin: false,
+            data: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+        })
+        .await;
+        let data = c.collect(&[3]).await;
+        body = String::from_utf8_lossy(data.get(&3).map(|v| v.as_slice()).unwrap_or_default())
+            .into_owned();
+        if body.contains("over-spdy") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(body.contains("over-spdy"), "{body:?}");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+}

@@ -32,16 +32,19 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::server::CriServer;
 
+mod session;
+pub mod spdy;
+
 /// How long a returned URL stays valid.
 const TOKEN_TTL: Duration = Duration::from_secs(60);
 
-const STDIN: u8 = 0;
-const STDOUT: u8 = 1;
-const STDERR: u8 = 2;
-const ERROR: u8 = 3;
-const RESIZE: u8 = 4;
+pub(crate) const STDIN: u8 = 0;
+pub(crate) const STDOUT: u8 = 1;
+pub(crate) const STDERR: u8 = 2;
+pub(crate) const ERROR: u8 = 3;
+pub(crate) const RESIZE: u8 = 4;
 /// v5: `[255, channel]` closes that channel (stdin).
-const CLOSE: u8 = 255;
+pub(crate) const CLOSE: u8 = 255;
 
 /// Sub-protocols we speak, most preferred first.
 const EXEC_PROTOCOLS: [&str; 5] = [
@@ -152,11 +155,8 @@ fn handle(
     let path = req.uri().path().to_string();
     let token = path.rsplit('/').next().unwrap_or("");
     let upgrade = header(&req, "upgrade").to_ascii_lowercase();
-    if upgrade.starts_with("spdy") {
-        return reply(
-            StatusCode::NOT_IMPLEMENTED,
-            "SPDY/3.1 is not supported by imacri yet; use a WebSocket client (v5.channel.k8s.io, v4.channel.k8s.io)",
-        );
+    if upgrade.starts_with("spdy/3.1") {
+        return session::spdy_upgrade(req, st, server, token);
     }
     if upgrade != "websocket" {
         return reply(StatusCode::BAD_REQUEST, "a WebSocket upgrade is required");
@@ -199,9 +199,13 @@ fn handle(
         };
         let ch = Channels::new(&negotiated);
         let res = match pending {
-            Pending::Exec(r) => exec(&server, r, ws, ch).await,
-            Pending::Attach(r) => attach(&server, r, ws, ch).await,
             Pending::PortForward(r) => port_forward(&server, r, &query, ws, ch).await,
+            other => {
+                let (tx, rx) = ws.split();
+                let mut rx = session::WsRx { s: rx, ch };
+                let mut tx = session::WsTx { s: tx, ch };
+                run_session(&server, other, &mut rx, &mut tx, ch).await
+            }
         };
         if let Err(e) = res {
             tracing::warn!(error = %e, "streaming session");
@@ -223,14 +227,14 @@ fn handle(
 
 /// The channel framing of a negotiated sub-protocol.
 #[derive(Clone, Copy)]
-struct Channels {
-    base64: bool,
-    v4: bool,
-    v5: bool,
+pub(crate) struct Channels {
+    pub(crate) base64: bool,
+    pub(crate) v4: bool,
+    pub(crate) v5: bool,
 }
 
 impl Channels {
-    fn new(protocol: &str) -> Channels {
+    pub(crate) fn new(protocol: &str) -> Channels {
         Channels {
             base64: protocol.contains("base64"),
             v4: protocol.starts_with("v4.") || protocol.starts_with("v5."),
@@ -238,7 +242,7 @@ impl Channels {
         }
     }
 
-    fn encode(&self, ch: u8, data: &[u8]) -> Message {
+    pub(crate) fn encode(&self, ch: u8, data: &[u8]) -> Message {
         if self.base64 {
             let mut s = String::from((b'0' + ch) as char);
             s.push_str(&base64::engine::general_purpose::STANDARD.encode(data));
@@ -251,7 +255,7 @@ impl Channels {
         }
     }
 
-    fn decode(&self, m: &Message) -> Option<(u8, Vec<u8>)> {
+    pub(crate) fn decode(&self, m: &Message) -> Option<(u8, Vec<u8>)> {
         match m {
             Message::Binary(b) if !b.is_empty() => Some((b[0], b[1..].to_vec())),
             Message::Text(t) if !t.is_empty() => {
@@ -291,7 +295,7 @@ impl Channels {
     }
 }
 
-type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub(crate) type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// A process's stdin: data goes to the sender, the thread writes it.
 type StdinPipe = (mpsc::Sender<Vec<u8>>, std::thread::JoinHandle<()>);
@@ -304,12 +308,13 @@ struct Size {
     height: u32,
 }
 
-/// Pumps a process's stdio over the WebSocket until it exits (exec) or
-/// `done` fires (attach); returns when output is drained.
+/// Pumps a process's stdio over a session (WebSocket or SPDY) until it
+/// exits (exec) or `done` fires (attach); returns when output is drained.
 #[allow(clippy::too_many_arguments)]
 async fn pump(
     server: &CriServer,
-    ws: Ws,
+    rx: &mut dyn session::ChanRx,
+    tx: &mut dyn session::ChanTx,
     ch: Channels,
     cid: &str,
     exec_id: &str,
@@ -317,71 +322,74 @@ async fn pump(
     mut out: mpsc::Receiver<(u8, Vec<u8>)>,
     done: impl std::future::Future<Output = std::result::Result<i32, String>>,
 ) -> Result<()> {
-    let (mut tx, mut rx) = ws.split();
-    let send_err =
-        |e: tokio_tungstenite::tungstenite::Error| Error::Internal(format!("websocket: {e}"));
     // An empty frame on the first writable channel tells the client we're up.
-    tx.send(ch.encode(STDOUT, &[])).await.map_err(send_err)?;
+    tx.send(STDOUT, &[]).await?;
     tokio::pin!(done);
     let mut exit = None;
     loop {
         tokio::select! {
-            m = rx.next(), if exit.is_none() => match m {
-                Some(Ok(m)) => match ch.decode(&m) {
-                    Some((STDIN, d)) => {
-                        if let Some((s, _)) = &stdin {
-                            let _ = s.send(d).await;
-                        }
+            m = rx.recv(), if exit.is_none() => match m {
+                Some(session::In::Data(STDIN, d)) => {
+                    if let Some((s, _)) = &stdin {
+                        let _ = s.send(d).await;
                     }
-                    Some((RESIZE, d)) => {
-                        if let Ok(sz) = serde_json::from_slice::<Size>(&d) {
-                            let _ = server.c.resize_pty(cid, exec_id, sz.width, sz.height).await;
-                        }
+                }
+                Some(session::In::Data(RESIZE, d)) => {
+                    if let Ok(sz) = serde_json::from_slice::<Size>(&d) {
+                        let _ = server.c.resize_pty(cid, exec_id, sz.width, sz.height).await;
                     }
-                    Some((CLOSE, d)) if ch.v5 && d.first() == Some(&STDIN) => {
-                        // Let the writer flush, then close the process's stdin.
-                        if let Some((s, writer)) = stdin.take() {
-                            drop(s);
-                            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-                            let _ = server.c.close_stdin(cid, exec_id).await;
-                        }
+                }
+                Some(session::In::CloseStdin) => {
+                    // Let the writer flush, then close the process's stdin.
+                    if let Some((s, writer)) = stdin.take() {
+                        drop(s);
+                        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+                        let _ = server.c.close_stdin(cid, exec_id).await;
                     }
-                    _ if matches!(m, Message::Close(_)) => break,
-                    _ => {}
-                },
-                Some(Err(_)) | None => break,
+                }
+                Some(_) => {}
+                None => break,
             },
             o = out.recv() => match o {
-                Some((c, d)) => tx.send(ch.encode(c, &d)).await.map_err(send_err)?,
+                Some((c, d)) => tx.send(c, &d).await?,
                 None => {
-                    // All output is drained.
-                    if exit.is_some() {
-                        break;
-                    }
+                    // All output is drained: wait for the exit status.
                     if exit.is_none() {
                         exit = Some((&mut done).await);
-                        break;
                     }
+                    break;
                 }
             },
             e = &mut done, if exit.is_none() => {
                 exit = Some(e);
                 // Drain what the process wrote last.
                 while let Ok(Some((c, d))) = tokio::time::timeout(Duration::from_secs(2), out.recv()).await {
-                    tx.send(ch.encode(c, &d)).await.map_err(send_err)?;
+                    tx.send(c, &d).await?;
                 }
                 break;
             }
         }
     }
     drop(stdin);
-    if let Some(e) = exit {
-        if let Some(s) = ch.status(e) {
-            let _ = tx.send(ch.encode(ERROR, &s)).await;
-        }
-    }
-    let _ = tx.send(Message::Close(None)).await;
+    tx.finish(exit.and_then(|e| ch.status(e))).await;
     Ok(())
+}
+
+/// Exec or attach over an established session.
+async fn run_session(
+    server: &CriServer,
+    p: Pending,
+    rx: &mut dyn session::ChanRx,
+    tx: &mut dyn session::ChanTx,
+    ch: Channels,
+) -> Result<()> {
+    match p {
+        Pending::Exec(r) => exec(server, r, rx, tx, ch).await,
+        Pending::Attach(r) => attach(server, r, rx, tx, ch).await,
+        Pending::PortForward(_) => Err(Error::Internal(
+            "port-forward is not an exec session".into(),
+        )),
+    }
 }
 
 fn running(server: &CriServer, id: &str) -> Result<Arc<crate::server::ContainerEntry>> {
@@ -395,7 +403,13 @@ fn running(server: &CriServer, id: &str) -> Result<Arc<crate::server::ContainerE
     Ok(c)
 }
 
-async fn exec(server: &CriServer, r: cri::ExecRequest, ws: Ws, ch: Channels) -> Result<()> {
+async fn exec(
+    server: &CriServer,
+    r: cri::ExecRequest,
+    rx: &mut dyn session::ChanRx,
+    tx: &mut dyn session::ChanTx,
+    ch: Channels,
+) -> Result<()> {
     let c = running(server, &r.container_id)?;
     let base = server.c.container_spec(&c.id).await?;
     let base = base
@@ -455,7 +469,7 @@ async fn exec(server: &CriServer, r: cri::ExecRequest, ws: Ws, ch: Channels) -> 
             .map(|(code, _)| code as i32)
             .map_err(|e| e.to_string())
     };
-    let res = pump(server, ws, ch, &c.id, &exec_id, stdin, out_rx, done).await;
+    let res = pump(server, rx, tx, ch, &c.id, &exec_id, stdin, out_rx, done).await;
     // The client may have gone: make sure the process does not linger.
     let _ = server.c.kill_task(&c.id, &exec_id, 9).await;
     let _ = server.c.wait_task(&c.id, &exec_id).await;
@@ -464,7 +478,13 @@ async fn exec(server: &CriServer, r: cri::ExecRequest, ws: Ws, ch: Channels) -> 
     res
 }
 
-async fn attach(server: &CriServer, r: cri::AttachRequest, ws: Ws, ch: Channels) -> Result<()> {
+async fn attach(
+    server: &CriServer,
+    r: cri::AttachRequest,
+    rx: &mut dyn session::ChanRx,
+    tx: &mut dyn session::ChanTx,
+    ch: Channels,
+) -> Result<()> {
     let c = running(server, &r.container_id)?;
     let (taps, stdin_file) = server.attach_io(&c.id)?;
     let (out_tx, out_rx) = mpsc::channel(64);
@@ -511,11 +531,11 @@ async fn attach(server: &CriServer, r: cri::AttachRequest, ws: Ws, ch: Channels)
         while !server.wait_exit(&id, Duration::from_secs(3600)).await {}
         Ok(0)
     };
-    pump(server, ws, ch, &c.id, "", stdin, out_rx, done).await
+    pump(server, rx, tx, ch, &c.id, "", stdin, out_rx, done).await
 }
 
 /// Connects to 127.0.0.1:port inside the network namespace at `netns`.
-async fn connect_in(
+pub(crate) async fn connect_in(
     netns: Option<std::path::PathBuf>,
     port: u16,
 ) -> std::io::Result<tokio::net::TcpStream> {
