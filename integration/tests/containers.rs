@@ -276,3 +276,92 @@ async fn container_settings_take_effect() {
     assert!(!d.state.join("netns").join(&pod.id).exists());
     pod.remove().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runtime_handlers_map_to_configured_runtimes() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::get();
+    let dir = tempfile::tempdir_in(&env.base).unwrap();
+    let calls = dir.path().join("calls");
+    let wrapper = dir.path().join("runc-wrapper");
+    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap();
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$@\" >> {}\nexec {runc} \"$@\"\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg_file = dir.path().join("config.toml");
+    std::fs::write(
+        &cfg_file,
+        format!("[runtimes.runc]\n[runtimes.wrapped]\nruntime_type = \"io.containerd.runc.v2\"\nbinary_name = \"{}\"\n", wrapper.display()),
+    )
+    .unwrap();
+    let d = Imacri::start_with(env, &["--config", cfg_file.to_str().unwrap()])
+        .await
+        .unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let st = rt
+        .status(cri::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<_> = st
+        .runtime_handlers
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect();
+    assert_eq!(names, vec!["", "runc", "wrapped"]);
+    d.images()
+        .await
+        .unwrap()
+        .pull_image(cri::PullImageRequest {
+            image: image(&env.busybox),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pcfg = pod_config("handler");
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pcfg.clone()),
+            runtime_handler: "wrapped".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let c = imacri_integration::client::start_container(
+        &mut rt,
+        &pod,
+        &pcfg,
+        container_config("c", &env.busybox, &["true"]),
+    )
+    .await;
+    imacri_integration::client::wait_exited(&mut rt, &c).await;
+    let log = std::fs::read_to_string(&calls).unwrap();
+    assert!(
+        log.contains(&pod) && log.contains(&c),
+        "the wrapper ran both: {log}"
+    );
+    let status = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status.unwrap().runtime_handler, "wrapped");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+}

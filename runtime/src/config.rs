@@ -27,6 +27,28 @@ pub struct Config {
     pub ima: ImaConfig,
     pub cni: CniConfig,
     pub streaming: StreamingConfig,
+    /// Handler used when kubelet names none ("").
+    pub default_runtime: String,
+    /// Runtime handlers (RuntimeClass handler names) and their OCI runtimes.
+    pub runtimes: std::collections::BTreeMap<String, RuntimeHandler>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeHandler {
+    /// containerd shim, e.g. "io.containerd.runc.v2".
+    pub runtime_type: String,
+    /// OCI runtime binary the shim runs ("" = runc from PATH), e.g. /usr/bin/crun.
+    pub binary_name: String,
+}
+
+impl Default for RuntimeHandler {
+    fn default() -> Self {
+        RuntimeHandler {
+            runtime_type: "io.containerd.runc.v2".into(),
+            binary_name: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,8 +137,6 @@ pub struct ContainerdConfig {
     pub address: PathBuf,
     pub namespace: String,
     pub snapshotter: String,
-    /// containerd runtime (shim) for pods of the default handler.
-    pub runtime: String,
     /// How long `serve` waits for containerd to come up.
     pub connect_timeout_secs: u64,
 }
@@ -151,6 +171,8 @@ impl Default for Config {
             ima: ImaConfig::default(),
             cni: CniConfig::default(),
             streaming: StreamingConfig::default(),
+            default_runtime: "runc".into(),
+            runtimes: [("runc".to_string(), RuntimeHandler::default())].into(),
         }
     }
 }
@@ -161,7 +183,6 @@ impl Default for ContainerdConfig {
             address: "/run/containerd/containerd.sock".into(),
             namespace: "k8s.io".into(),
             snapshotter: "overlayfs".into(),
-            runtime: "io.containerd.runc.v2".into(),
             connect_timeout_secs: 30,
         }
     }
@@ -200,6 +221,8 @@ sandbox_image = ""
 # Never give a container an oom_score_adj below imacri's own (as containerd's
 # restrict_oom_score_adj): without CAP_SYS_RESOURCE runc fails otherwise.
 restrict_oom_score_adj = true
+# Runtime handler of pods whose RuntimeClass names none.
+default_runtime = "runc"
 
 [containerd]
 address = "/run/containerd/containerd.sock"
@@ -207,7 +230,6 @@ address = "/run/containerd/containerd.sock"
 # containerd's own CRI plugin is loaded and would manage the same namespace.
 namespace = "k8s.io"
 snapshotter = "overlayfs"
-runtime = "io.containerd.runc.v2"
 # How long `imacri serve` waits for containerd to answer at start.
 connect_timeout_secs = 30
 
@@ -254,6 +276,13 @@ conf_dir = "/etc/cni/net.d"
 # Plugin executables, searched in order.
 bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
 
+# Runtime handlers (RuntimeClass `handler` names). Another OCI runtime behind
+# the runc shim: [runtimes.crun] runtime_type = "io.containerd.runc.v2",
+# binary_name = "/usr/bin/crun".
+[runtimes.runc]
+runtime_type = "io.containerd.runc.v2"
+binary_name = ""
+
 [streaming]
 # Exec/Attach/PortForward server (WebSocket channel protocols); URLs carry
 # single-use tokens that expire after a minute.
@@ -298,6 +327,12 @@ impl Config {
             return Err(Error::InvalidArgument(format!(
                 "ima.default_policy {:?} is not in ima.policies",
                 self.ima.default_policy
+            )));
+        }
+        if !self.runtimes.contains_key(&self.default_runtime) {
+            return Err(Error::InvalidArgument(format!(
+                "default_runtime {:?} is not in [runtimes]",
+                self.default_runtime
             )));
         }
         let pool = self.ima.userns_pool;

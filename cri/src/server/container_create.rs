@@ -188,7 +188,7 @@ impl CriServer {
                         labels,
                         spec: &spec,
                         snapshotter: &snapshotter,
-                        runtime: &self.cfg.containerd.runtime,
+                        runtime: self.runtime_of(&sb_state.runtime_handler)?,
                         ima_namespace: sb_state.ima.is_some() && self.cfg.ima.oci_namespace,
                     },
                     &lease,

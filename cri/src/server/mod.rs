@@ -54,9 +54,6 @@ pub type ContainerEntry = Entry<cri::ContainerConfig, ContainerState>;
 pub const LABEL_KIND: &str = "imacri.dev/kind";
 pub const LABEL_SANDBOX_ID: &str = "imacri.dev/sandbox-id";
 
-/// Runtime handlers kubelet may name (RuntimeClass); "" is the default.
-pub const HANDLERS: [&str; 2] = ["", "runc"];
-
 /// What a running container's I/O needs after start.
 struct LiveIo {
     log: Option<LogFile>,
@@ -189,6 +186,29 @@ impl CriServer {
         self.containers.find(id).map_err(|e| match e {
             Error::NotFound(_) => Error::NotFound(format!("container {id:?} not found")),
             e => e,
+        })
+    }
+
+    /// The OCI runtime of a RuntimeClass handler ("" = the default).
+    pub(crate) fn runtime_of(
+        &self,
+        handler: &str,
+    ) -> Result<&imacri_runtime::config::RuntimeHandler> {
+        let name = if handler.is_empty() {
+            &self.cfg.default_runtime
+        } else {
+            handler
+        };
+        self.cfg.runtimes.get(name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "runtime handler {handler:?} is not configured (available: {})",
+                self.cfg
+                    .runtimes
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
         })
     }
 

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::validate::{handler, sandbox_metadata, sandbox_name};
+use super::validate::{sandbox_metadata, sandbox_name};
 use super::{CriServer, LABEL_KIND, LABEL_SANDBOX_ID};
 
 /// /dev/shm size of a pod (as containerd's default).
@@ -154,7 +154,7 @@ impl CriServer {
             .config
             .ok_or_else(|| Error::InvalidArgument("config is required".into()))?;
         sandbox_metadata(&config)?;
-        handler(&req.runtime_handler)?;
+        self.runtime_of(&req.runtime_handler)?;
         let linux = config.linux.clone().unwrap_or_default();
         let sc = linux.security_context.clone().unwrap_or_default();
         let plan = self.plan_pod(&config)?;
@@ -336,7 +336,7 @@ impl CriServer {
                         labels,
                         spec: &spec,
                         snapshotter: &snapshotter,
-                        runtime: &self.cfg.containerd.runtime,
+                        runtime: self.runtime_of(&st.runtime_handler)?,
                         ima_namespace: st.ima.is_some() && self.cfg.ima.oci_namespace,
                     },
                     &lease,

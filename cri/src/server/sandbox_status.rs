@@ -100,7 +100,7 @@ impl CriServer {
                 "image": st.image_name,
                 "imageID": st.image_id,
                 "runtimeHandler": st.runtime_handler,
-                "runtime": self.cfg.containerd.runtime,
+                "runtime": self.runtime_of(&st.runtime_handler).ok().map(|r| (&r.runtime_type, &r.binary_name)),
                 "snapshotter": self.cfg.containerd.snapshotter,
                 "containerdNamespace": self.c.namespace(),
             });

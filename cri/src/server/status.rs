@@ -4,7 +4,7 @@ use imacri_api::cri;
 use imacri_runtime::Result;
 use std::collections::HashMap;
 
-use super::{CriServer, HANDLERS};
+use super::CriServer;
 
 pub const RUNTIME_NAME: &str = "imacri";
 pub const CRI_VERSION: &str = "v1";
@@ -78,7 +78,7 @@ impl CriServer {
                 "containerd": containerd.as_ref().map(|v| format!("{} ({})", v.version, v.revision)).ok(),
                 "containerdNamespace": self.c.namespace(),
                 "snapshotter": self.cfg.containerd.snapshotter,
-                "runtime": self.cfg.containerd.runtime,
+                "runtimes": self.cfg.runtimes.keys().collect::<Vec<_>>(),
                 "sandboxImage": self.sandbox_image,
                 "cgroupVersion": format!("{:?}", imacri_runtime::sysinfo::cgroup_version()),
                 "minOomScoreAdj": self.limits.min_oom_score_adj,
@@ -90,10 +90,10 @@ impl CriServer {
                 conditions: vec![runtime_ready, network_ready, ima_ready],
             }),
             info,
-            runtime_handlers: HANDLERS
-                .iter()
-                .map(|h| cri::RuntimeHandler {
-                    name: h.to_string(),
+            runtime_handlers: std::iter::once(String::new())
+                .chain(self.cfg.runtimes.keys().cloned())
+                .map(|name| cri::RuntimeHandler {
+                    name,
                     features: Some(cri::RuntimeHandlerFeatures {
                         recursive_read_only_mounts: true,
                         // Pods get pinned user namespaces and remapped

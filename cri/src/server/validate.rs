@@ -73,16 +73,6 @@ pub fn labels_match(selector: &HashMap<String, String>, labels: &HashMap<String,
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-pub fn handler(h: &str) -> Result<()> {
-    if super::HANDLERS.contains(&h) {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "runtime handler {h:?} is not configured (available: \"runc\" or the default \"\")"
-        )))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,7 +132,5 @@ mod tests {
             &HashMap::from([("a".into(), "2".into())]),
             &labels
         ));
-        assert!(handler("").is_ok() && handler("runc").is_ok());
-        assert!(handler("kata").is_err());
     }
 }
