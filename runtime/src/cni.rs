@@ -28,6 +28,34 @@ pub struct PodNetwork {
     pub uid: String,
     /// (container port, host port, protocol, host ip)
     pub port_mappings: Vec<(i32, i32, String, String)>,
+    /// (ingress, egress) in bits per second, from the pod's
+    /// kubernetes.io/{ingress,egress}-bandwidth annotations.
+    pub bandwidth: (Option<u64>, Option<u64>),
+    /// (servers, searches, options) from the pod's DNS config.
+    pub dns: Option<(Vec<String>, Vec<String>, Vec<String>)>,
+}
+
+/// A Kubernetes quantity ("10M", "1Gi", "500k") as a number.
+pub fn parse_quantity(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(q.len());
+    let (num, unit) = q.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let mult: f64 = match unit {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some((n * mult) as u64)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -203,6 +231,31 @@ impl Cni {
         if !prev.is_null() {
             p["prevResult"] = prev.clone();
         }
+        let mut rc = serde_json::Map::new();
+        if plugin["capabilities"]["bandwidth"] == json!(true) {
+            // The plugin needs a burst with each rate; effectively unlimited.
+            let burst = 2_147_483_647u64;
+            let mut bw = serde_json::Map::new();
+            if let Some(i) = pod.bandwidth.0 {
+                bw.insert("ingressRate".into(), json!(i));
+                bw.insert("ingressBurst".into(), json!(burst));
+            }
+            if let Some(e) = pod.bandwidth.1 {
+                bw.insert("egressRate".into(), json!(e));
+                bw.insert("egressBurst".into(), json!(burst));
+            }
+            if !bw.is_empty() {
+                rc.insert("bandwidth".into(), Value::Object(bw));
+            }
+        }
+        if plugin["capabilities"]["dns"] == json!(true) {
+            if let Some((servers, searches, options)) = &pod.dns {
+                rc.insert(
+                    "dns".into(),
+                    json!({"servers": servers, "searches": searches, "options": options}),
+                );
+            }
+        }
         if plugin["capabilities"]["portMappings"] == json!(true) && !pod.port_mappings.is_empty() {
             let pm: Vec<Value> = pod
                 .port_mappings
@@ -215,7 +268,10 @@ impl Cni {
                     m
                 })
                 .collect();
-            p["runtimeConfig"] = json!({"portMappings": pm});
+            rc.insert("portMappings".into(), Value::Array(pm));
+        }
+        if !rc.is_empty() {
+            p["runtimeConfig"] = Value::Object(rc);
         }
         p
     }
@@ -374,6 +430,39 @@ mod tests {
         assert_eq!(c["runtimeConfig"]["portMappings"][0]["hostPort"], 8080);
         let plain = Cni::plugin_conf(&list, &json!({"type": "bridge"}), &Value::Null, &pod);
         assert!(plain.get("runtimeConfig").is_none() && plain.get("prevResult").is_none());
+    }
+
+    #[test]
+    fn bandwidth_and_dns_capabilities() {
+        assert_eq!(parse_quantity("10M"), Some(10_000_000));
+        assert_eq!(parse_quantity("1Gi"), Some(1 << 30));
+        assert_eq!(parse_quantity("fast"), None);
+        let list = NetConfList {
+            name: "n".into(),
+            cni_version: "1.0.0".into(),
+            plugins: vec![],
+            file: PathBuf::new(),
+        };
+        let pod = PodNetwork {
+            bandwidth: (Some(1_000_000), None),
+            dns: Some((vec!["10.0.0.10".into()], vec!["svc".into()], vec![])),
+            ..Default::default()
+        };
+        let c = Cni::plugin_conf(
+            &list,
+            &json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}),
+            &Value::Null,
+            &pod,
+        );
+        assert_eq!(c["runtimeConfig"]["bandwidth"]["ingressRate"], 1_000_000);
+        assert!(c["runtimeConfig"]["bandwidth"].get("egressRate").is_none());
+        let c = Cni::plugin_conf(
+            &list,
+            &json!({"type": "x", "capabilities": {"dns": true}}),
+            &Value::Null,
+            &pod,
+        );
+        assert_eq!(c["runtimeConfig"]["dns"]["servers"][0], "10.0.0.10");
     }
 
     #[test]

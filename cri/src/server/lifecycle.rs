@@ -231,6 +231,12 @@ pub(crate) fn pod_network(
     netns: &std::path::Path,
 ) -> imacri_runtime::cni::PodNetwork {
     let md = sb.config.metadata.clone().unwrap_or_default();
+    let bandwidth = |key: &str| {
+        sb.config
+            .annotations
+            .get(key)
+            .and_then(|q| imacri_runtime::cni::parse_quantity(q))
+    };
     imacri_runtime::cni::PodNetwork {
         id: sb.id.clone(),
         netns: netns.to_path_buf(),
@@ -256,5 +262,14 @@ pub(crate) fn pod_network(
                 )
             })
             .collect(),
+        bandwidth: (
+            bandwidth("kubernetes.io/ingress-bandwidth"),
+            bandwidth("kubernetes.io/egress-bandwidth"),
+        ),
+        dns: sb
+            .config
+            .dns_config
+            .as_ref()
+            .map(|d| (d.servers.clone(), d.searches.clone(), d.options.clone())),
     }
 }
