@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   containerd runc containernetworking-plugins iproute2 iptables
   protobuf-compiler pkg-config gcc libc6-dev make
-  docker-registry skopeo umoci busybox-static curl ca-certificates
+  docker-registry skopeo umoci busybox-static curl ca-certificates openssl
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -28,6 +28,9 @@ pub struct Env {
     pub registry: String,
     /// Registry requiring basic auth (user `imacri`, password `secret`).
     pub auth_registry: String,
+    /// HTTPS registry with a certificate from a test CA (trusted through
+    /// its hosts.toml `ca`).
+    pub tls_registry: String,
     /// containerd hosts.toml directory; maps registry.k8s.io to `registry`.
     pub hosts_dir: PathBuf,
     /// `<registry>/test/busybox:latest`
@@ -133,7 +136,80 @@ fn require_root() {
     }
 }
 
+/// A test CA and a certificate for 127.0.0.1 signed by it: (ca, cert, key).
+fn make_certs(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=imacri-test-ca",
+        "-days",
+        "2",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "reg.key",
+        "-out",
+        "reg.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ])?;
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "reg.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "reg.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ])?;
+    Ok((dir.join("ca.crt"), dir.join("reg.crt"), dir.join("reg.key")))
+}
+
 fn start_registry(base: &Path, name: &str, htpasswd: Option<&Path>) -> Result<String> {
+    start_registry_tls(base, name, htpasswd, None)
+}
+
+fn start_registry_tls(
+    base: &Path,
+    name: &str,
+    htpasswd: Option<&Path>,
+    tls: Option<(&Path, &Path)>,
+) -> Result<String> {
     let port = free_port();
     let dir = base.join(name);
     std::fs::create_dir_all(&dir)?;
@@ -145,8 +221,17 @@ fn start_registry(base: &Path, name: &str, htpasswd: Option<&Path>) -> Result<St
             )
         })
         .unwrap_or_default();
+    let tls = tls
+        .map(|(c, k)| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                c.display(),
+                k.display()
+            )
+        })
+        .unwrap_or_default();
     let cfg = format!(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
         dir.join("data").display()
     );
     std::fs::write(dir.join("config.yml"), cfg)?;
@@ -218,6 +303,8 @@ impl Env {
         let hash = bcrypt::hash(AUTH_PASSWORD, 5)?;
         std::fs::write(&htpasswd, format!("{AUTH_USER}:{hash}\n"))?;
         let auth_registry = start_registry(&base, "auth-registry", Some(&htpasswd))?;
+        let (ca, cert, key) = make_certs(&base.join("certs"))?;
+        let tls_registry = start_registry_tls(&base, "tls-registry", None, Some((&cert, &key)))?;
 
         let hosts_dir = base.join("certs.d");
         std::fs::create_dir_all(hosts_dir.join("registry.k8s.io"))?;
@@ -236,6 +323,20 @@ impl Env {
             &format!("{registry}/pause:3.9"),
             None,
         )?;
+        std::fs::create_dir_all(hosts_dir.join(&tls_registry))?;
+        std::fs::write(
+            hosts_dir.join(&tls_registry).join("hosts.toml"),
+            format!(
+                "server = \"https://{tls_registry}\"\nca = \"{}\"\n",
+                ca.display()
+            ),
+        )?;
+        images::build_and_push(
+            &base,
+            &images::busybox(),
+            &format!("{tls_registry}/secure/busybox:latest"),
+            None,
+        )?;
         let (cni_conf_dir, pod_subnet) = write_cni_config(&base)?;
         let configured = format!("{registry}/test/configured:1.0");
         images::build_and_push(&base, &images::configured(), &configured, None)?;
@@ -251,6 +352,7 @@ impl Env {
             namespace: format!("imacri-it-{}", std::process::id()),
             registry,
             auth_registry,
+            tls_registry,
             hosts_dir,
             busybox,
             configured,

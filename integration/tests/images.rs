@@ -242,6 +242,42 @@ async fn registry_auth_and_mirrors() {
     .await
     .unwrap();
 
+    // HTTPS with a private CA from hosts.toml; without it the pull fails.
+    let secure = format!("{}/secure/busybox:latest", env.tls_registry);
+    im.pull_image(cri::PullImageRequest {
+        image: image(&secure),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    // The same host over HTTPS without the CA: certificate verification fails.
+    let untrusted = tempfile::tempdir_in(&env.base).unwrap();
+    std::fs::create_dir_all(untrusted.path().join(&env.tls_registry)).unwrap();
+    std::fs::write(
+        untrusted.path().join(&env.tls_registry).join("hosts.toml"),
+        format!("server = \"https://{}\"\n", env.tls_registry),
+    )
+    .unwrap();
+    let d2 = Imacri::start_full(
+        env,
+        &d.namespace,
+        &["--registry-config-path", untrusted.path().to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    let e = d2
+        .images()
+        .await
+        .unwrap()
+        .pull_image(cri::PullImageRequest {
+            image: image(&secure),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    drop(d2);
+
     // hosts.toml: registry.k8s.io is served by the local registry.
     let pause = im
         .pull_image(cri::PullImageRequest {
