@@ -428,6 +428,39 @@ async fn exec_and_port_forward_over_spdy() {
     let status: serde_json::Value = serde_json::from_slice(&data[&1]).unwrap();
     assert_eq!(status["details"]["causes"][0]["message"], "4", "{status}");
 
+    // TTY over SPDY: one output stream, a resize stream, status on error.
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: web.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "sleep 0.3; tty".into()],
+            tty: true,
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let (mut c, _) = Client::upgrade(&url, "v4.channel.k8s.io").await;
+    c.send(syn(1, &[("streamtype", "error")])).await;
+    c.send(syn(3, &[("streamtype", "stdout")])).await;
+    c.send(syn(5, &[("streamtype", "resize")])).await;
+    c.send(Frame::Data {
+        id: 5,
+        fin: false,
+        data: br#"{"Width":80,"Height":24}"#.to_vec(),
+    })
+    .await;
+    let data = c.collect(&[1, 3]).await;
+    assert!(
+        String::from_utf8_lossy(&data[&3]).contains("/dev/pts/"),
+        "{data:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&data[&1]).contains("Success"),
+        "{data:?}"
+    );
+
     let mut body = String::new();
     for _ in 0..30 {
         let url = rt
