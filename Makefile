@@ -22,6 +22,11 @@ run: build
 test: deps
 	@scripts/test.sh
 
+# Side-by-side CRI latency against containerd's own CRI plugin (needs root).
+bench: deps
+	$(CARGO) build --release --bins
+	target/release/bench
+
 unit:
 	$(CARGO) test --workspace --lib --bins
 

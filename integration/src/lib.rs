@@ -459,13 +459,13 @@ pub fn imacri_bin() -> PathBuf {
     if let Ok(p) = std::env::var("IMACRI_BIN") {
         return PathBuf::from(p);
     }
-    // target/<profile>/deps/<test> -> target/<profile>/imacri
+    // Tests run from target/<profile>/deps, binaries from target/<profile>.
     let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("imacri"))
-        .expect("target dir");
+    let dir = exe.parent().expect("exe dir");
+    let bin = [dir.join("imacri"), dir.join("../imacri")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("imacri"));
     assert!(
         bin.exists(),
         "{} not found: run `cargo build --bins` first (make test does)",
@@ -598,6 +598,11 @@ impl Imacri {
 
     pub async fn images(&self) -> Result<ImageServiceClient<Channel>> {
         Ok(ImageServiceClient::new(self.channel().await?))
+    }
+
+    /// PID of the running daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// SIGKILL, as a crash.

@@ -1,0 +1,237 @@
+//! Side-by-side CRI latency benchmark: imacri and containerd 1.6's own CRI
+//! plugin, driven by the same client in the same run, on the same
+//! containerd build, CNI config, images and machine. Prints medians (ms) and
+//! imacri's idle RSS. Run: `make bench` (as root).
+
+use anyhow::{Context, Result};
+use imacri_integration::client::{image, run_pod};
+use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+use std::time::Instant;
+use tonic::transport::Channel;
+
+const ROUNDS: usize = 15;
+
+type Rt = cri::runtime_service_client::RuntimeServiceClient<Channel>;
+type Im = cri::image_service_client::ImageServiceClient<Channel>;
+
+/// Pushes imacri's pause image to the test registry, for containerd's CRI.
+fn push_pause(env: &Env) -> Result<String> {
+    let (layer, config, manifest) = imacri_runtime::image::builtin::blobs()?;
+    let dir = tempfile::tempdir_in(&env.base)?;
+    let blobs = dir.path().join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let put = |b: &[u8]| -> Result<(String, usize)> {
+        use sha2::Digest;
+        let hex = hex::encode(sha2::Sha256::digest(b));
+        std::fs::write(blobs.join(&hex), b)?;
+        Ok((format!("sha256:{hex}"), b.len()))
+    };
+    put(&layer)?;
+    put(&config)?;
+    let (md, ml) = put(&manifest)?;
+    std::fs::write(
+        dir.path().join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ml,
+        "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    std::fs::write(dir.path().join("index.json"), serde_json::to_vec(&index)?)?;
+    let dest = format!("{}/bench/pause:latest", env.registry);
+    let st = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:latest", dir.path().display()))
+        .arg(format!("docker://{dest}"))
+        .status()?;
+    anyhow::ensure!(st.success(), "skopeo push of the pause image failed");
+    Ok(dest)
+}
+
+/// containerd with its CRI plugin on, configured like imacri's test setup.
+fn containerd_with_cri(env: &Env, pause: &str) -> Result<std::path::PathBuf> {
+    let dir = env.base.join("bench-containerd");
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("containerd.sock");
+    let cfg = format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{hosts}"
+"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        sock = sock.display(),
+        cni = env.cni_conf_dir.display(),
+        hosts = env.hosts_dir.display(),
+    );
+    std::fs::write(dir.join("config.toml"), cfg)?;
+    let log = std::fs::File::create(dir.join("log"))?;
+    std::process::Command::new("containerd")
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting containerd")?;
+    for _ in 0..200 {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+            return Ok(sock);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    anyhow::bail!("containerd with CRI did not start")
+}
+
+#[derive(Default)]
+struct Samples(std::collections::BTreeMap<&'static str, Vec<f64>>);
+
+impl Samples {
+    async fn time<T, F: std::future::Future<Output = T>>(&mut self, name: &'static str, f: F) -> T {
+        let t = Instant::now();
+        let r = f.await;
+        self.0
+            .entry(name)
+            .or_default()
+            .push(t.elapsed().as_secs_f64() * 1000.0);
+        r
+    }
+
+    fn median(&self, name: &str) -> f64 {
+        let mut v = self.0.get(name).cloned().unwrap_or_default();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
+async fn run(rt: &mut Rt, im: &mut Im, busybox: &str) -> Result<Samples> {
+    let mut s = Samples::default();
+    im.pull_image(cri::PullImageRequest {
+        image: image(busybox),
+        ..Default::default()
+    })
+    .await?;
+    for i in 0..ROUNDS {
+        let cfg = pod_config(&format!("bench-{i}"));
+        let pod = s.time("RunPodSandbox", run_pod(rt, &cfg)).await?;
+        let c = container_config("c", busybox, &["sleep", "1000"]);
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(c),
+            sandbox_config: Some(cfg.clone()),
+        };
+        let id = s
+            .time("CreateContainer", rt.create_container(req))
+            .await?
+            .into_inner()
+            .container_id;
+        s.time(
+            "StartContainer",
+            rt.start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            }),
+        )
+        .await?;
+        s.time(
+            "ContainerStatus",
+            rt.container_status(cri::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            }),
+        )
+        .await?;
+        s.time(
+            "ListImages",
+            im.list_images(cri::ListImagesRequest::default()),
+        )
+        .await?;
+        s.time(
+            "StopContainer",
+            rt.stop_container(cri::StopContainerRequest {
+                container_id: id.clone(),
+                timeout: 0,
+            }),
+        )
+        .await?;
+        s.time(
+            "RemoveContainer",
+            rt.remove_container(cri::RemoveContainerRequest { container_id: id }),
+        )
+        .await?;
+        s.time(
+            "StopPodSandbox",
+            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            }),
+        )
+        .await?;
+        s.time(
+            "RemovePodSandbox",
+            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod,
+            }),
+        )
+        .await?;
+    }
+    Ok(s)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let env = Env::get();
+    let pause = push_pause(env)?;
+    let d = Imacri::start(env).await?;
+    let (mut rt, mut im) = (d.runtime().await?, d.images().await?);
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let rss = d
+        .pid()
+        .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l.to_string())
+        })
+        .unwrap_or_default();
+    let ours = run(&mut rt, &mut im, &env.busybox).await?;
+
+    let sock = containerd_with_cri(env, &pause)?;
+    let ch = containerd_client::connect(&sock).await?;
+    let (mut crt, mut cim) = (Rt::new(ch.clone()), Im::new(ch));
+    // containerd's CRI needs a moment to load its CNI config.
+    for _ in 0..100 {
+        let st = crt
+            .status(cri::StatusRequest::default())
+            .await?
+            .into_inner();
+        if st
+            .status
+            .is_some_and(|s| s.conditions.iter().all(|c| c.status))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let theirs = run(&mut crt, &mut cim, &env.busybox).await?;
+
+    println!("CRI latency, median of {ROUNDS} rounds (ms), same machine and run");
+    println!(
+        "{:<18} {:>10} {:>14} {:>8}",
+        "rpc", "imacri", "containerd-cri", "ratio"
+    );
+    for name in ours.0.keys() {
+        let (a, b) = (ours.median(name), theirs.median(name));
+        println!("{name:<18} {a:>10.2} {b:>14.2} {:>8.2}", a / b);
+    }
+    println!("imacri idle {}", rss.trim());
+    Ok(())
+}
