@@ -600,6 +600,34 @@ impl Imacri {
         Ok(ImageServiceClient::new(self.channel().await?))
     }
 
+    /// Pulls `image` (panics on failure).
+    pub async fn pull(&self, image: &str) {
+        self.images()
+            .await
+            .expect("image client")
+            .pull_image(cri::PullImageRequest {
+                image: client::image(image),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("pull {image}: {e}"));
+    }
+
+    /// A runtime client and a running pod `name` with busybox pulled.
+    pub async fn busybox_pod(
+        &self,
+        env: &Env,
+        name: &str,
+    ) -> (client::Rt, String, cri::PodSandboxConfig) {
+        self.pull(&env.busybox).await;
+        let mut rt = self.runtime().await.expect("runtime client");
+        let cfg = pod_config(name);
+        let pod = client::run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", self.log()));
+        (rt, pod, cfg)
+    }
+
     /// PID of the running daemon.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

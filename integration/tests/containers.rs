@@ -318,15 +318,7 @@ async fn runtime_handlers_map_to_configured_runtimes() {
         .map(|h| h.name.as_str())
         .collect();
     assert_eq!(names, vec!["", "runc", "wrapped"]);
-    d.images()
-        .await
-        .unwrap()
-        .pull_image(cri::PullImageRequest {
-            image: image(&env.busybox),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    d.pull(&env.busybox).await;
     let pcfg = pod_config("handler");
     let pod = rt
         .run_pod_sandbox(cri::RunPodSandboxRequest {

@@ -2,7 +2,7 @@
 //! created/started/stopped/deleted in order, OOM kills are reported, and
 //! imacri keeps working across a containerd restart.
 
-use imacri_integration::client::{container_status, image, wait_exited};
+use imacri_integration::client::{container_status, wait_exited};
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::time::{Duration, Instant};
 
@@ -11,15 +11,7 @@ async fn events_stream_in_order_and_oom_is_reported() {
     let env = Env::get();
     let d = Imacri::start(env).await.unwrap();
     let mut rt = d.runtime().await.unwrap();
-    d.images()
-        .await
-        .unwrap()
-        .pull_image(cri::PullImageRequest {
-            image: image(&env.busybox),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    d.pull(&env.busybox).await;
     let mut events = rt
         .get_container_events(cri::GetEventsRequest {})
         .await
@@ -146,26 +138,7 @@ async fn survives_a_containerd_restart() {
     )
     .await
     .unwrap();
-    let mut rt = d.runtime().await.unwrap();
-    d.images()
-        .await
-        .unwrap()
-        .pull_image(cri::PullImageRequest {
-            image: image(&env.busybox),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let cfg = pod_config("ctd-restart");
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pod_sandbox_id;
+    let (mut rt, pod, cfg) = d.busybox_pod(env, "ctd-restart").await;
     let mk = |name: &str, cmd: &[&str]| cri::CreateContainerRequest {
         pod_sandbox_id: pod.clone(),
         config: Some(container_config(name, &env.busybox, cmd)),

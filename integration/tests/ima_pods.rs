@@ -3,7 +3,7 @@
 //! rejection of containers that would escape, the kernel backend's clear
 //! failure on this kernel, and the ID pool (no overlap, kept across restarts).
 
-use imacri_integration::client::{image, pod_info, run_pod, sh_ok, start_container};
+use imacri_integration::client::{pod_info, run_pod, sh_ok, start_container};
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -32,15 +32,7 @@ async fn userns_pod_with_kubelet_mappings() {
     let env = Env::get();
     let d = Imacri::start(env).await.unwrap();
     let mut rt = d.runtime().await.unwrap();
-    d.images()
-        .await
-        .unwrap()
-        .pull_image(cri::PullImageRequest {
-            image: image(&env.busybox),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    d.pull(&env.busybox).await;
     let mut cfg = pod_config("userns");
     let map = vec![cri::IdMapping {
         host_id: 3_000_000,
@@ -107,15 +99,7 @@ async fn ima_pods_share_one_user_namespace() {
     let env = Env::get();
     let d = Imacri::start_isolated(env).await.unwrap();
     let mut rt = d.runtime().await.unwrap();
-    d.images()
-        .await
-        .unwrap()
-        .pull_image(cri::PullImageRequest {
-            image: image(&env.busybox),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    d.pull(&env.busybox).await;
 
     for via_field in [false, true] {
         let cfg = ima_pod(
@@ -223,15 +207,7 @@ async fn escapes_are_rejected_naming_the_field() {
     let env = Env::get();
     let d = Imacri::start(env).await.unwrap();
     let mut rt = d.runtime().await.unwrap();
-    d.images()
-        .await
-        .unwrap()
-        .pull_image(cri::PullImageRequest {
-            image: image(&env.busybox),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    d.pull(&env.busybox).await;
 
     let check = |r: Result<String, tonic::Status>, code: Code, needle: &str| {
         let e = r.expect_err("must be rejected");

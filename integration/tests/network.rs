@@ -2,7 +2,7 @@
 //! loopback): pod IPs, pod-to-pod traffic, host ports, NetworkReady, and no
 //! IPAM lease or netns left after stop.
 
-use imacri_integration::client::{exec_sh, image, Rt};
+use imacri_integration::client::{exec_sh, Rt};
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::io::{Read, Write};
 use tonic::Code;
@@ -63,15 +63,7 @@ async fn pods_get_ips_talk_and_release_them() {
     let env = Env::get();
     let d = Imacri::start(env).await.unwrap();
     let mut rt = d.runtime().await.unwrap();
-    d.images()
-        .await
-        .unwrap()
-        .pull_image(cri::PullImageRequest {
-            image: image(&env.busybox),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    d.pull(&env.busybox).await;
 
     let st = rt
         .status(cri::StatusRequest::default())

@@ -1,34 +1,14 @@
 //! Stats and metrics from real cgroups: CPU that changes under load, memory,
 //! writable layer, processes, pod network; and live resource updates.
 
-use imacri_integration::client::image;
-use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+use imacri_integration::{container_config, cri, Env, Imacri};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stats_follow_the_workload() {
     let env = Env::get();
     let d = Imacri::start(env).await.unwrap();
-    let mut rt = d.runtime().await.unwrap();
-    d.images()
-        .await
-        .unwrap()
-        .pull_image(cri::PullImageRequest {
-            image: image(&env.busybox),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let cfg = pod_config("stats");
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pod_sandbox_id;
+    let (mut rt, pod, cfg) = d.busybox_pod(env, "stats").await;
     let busy = container_config(
         "busy",
         &env.busybox,

@@ -2,8 +2,8 @@
 //! WebSocket client speaking the Kubernetes channel protocols.
 
 use futures::{SinkExt, StreamExt};
-use imacri_integration::client::{image, start_container};
-use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+use imacri_integration::client::start_container;
+use imacri_integration::{container_config, cri, Env, Imacri};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -46,26 +46,7 @@ async fn collect(ws: &mut Ws) -> (String, String, String) {
 async fn exec_attach_and_port_forward_over_websocket() {
     let env = Env::get();
     let d = Imacri::start(env).await.unwrap();
-    let mut rt = d.runtime().await.unwrap();
-    d.images()
-        .await
-        .unwrap()
-        .pull_image(cri::PullImageRequest {
-            image: image(&env.busybox),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let cfg = pod_config("streaming");
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pod_sandbox_id;
+    let (mut rt, pod, cfg) = d.busybox_pod(env, "streaming").await;
     let web = start_container(
         &mut rt,
         &pod,
@@ -352,26 +333,7 @@ async fn exec_and_port_forward_over_spdy() {
     use spdy_client::{syn, Client};
     let env = Env::get();
     let d = Imacri::start(env).await.unwrap();
-    let mut rt = d.runtime().await.unwrap();
-    d.images()
-        .await
-        .unwrap()
-        .pull_image(cri::PullImageRequest {
-            image: image(&env.busybox),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let cfg = pod_config("spdy");
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(cfg.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pod_sandbox_id;
+    let (mut rt, pod, cfg) = d.busybox_pod(env, "spdy").await;
     let web = start_container(
         &mut rt,
         &pod,
