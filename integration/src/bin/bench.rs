@@ -48,7 +48,7 @@ fn push_pause(env: &Env) -> Result<String> {
 }
 
 /// containerd with its CRI plugin on, configured like imacri's test setup.
-fn containerd_with_cri(env: &Env, pause: &str) -> Result<std::path::PathBuf> {
+fn containerd_with_cri(env: &Env, pause: &str) -> Result<(std::path::PathBuf, std::process::Child)> {
     let dir = env.base.join("bench-containerd");
     std::fs::create_dir_all(&dir)?;
     let sock = dir.join("containerd.sock");
@@ -77,7 +77,7 @@ state = "{state}"
     );
     std::fs::write(dir.join("config.toml"), cfg)?;
     let log = std::fs::File::create(dir.join("log"))?;
-    std::process::Command::new("containerd")
+    let child = std::process::Command::new("containerd")
         .arg("--config")
         .arg(dir.join("config.toml"))
         .stdout(log.try_clone()?)
@@ -86,7 +86,7 @@ state = "{state}"
         .context("starting containerd")?;
     for _ in 0..200 {
         if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
-            return Ok(sock);
+            return Ok((sock, child));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -204,7 +204,7 @@ async fn main() -> Result<()> {
         .unwrap_or_default();
     let ours = run(&mut rt, &mut im, &env.busybox).await?;
 
-    let sock = containerd_with_cri(env, &pause)?;
+    let (sock, mut containerd) = containerd_with_cri(env, &pause)?;
     let ch = containerd_client::connect(&sock).await?;
     let (mut crt, mut cim) = (Rt::new(ch.clone()), Im::new(ch));
     // containerd's CRI needs a moment to load its CNI config.
@@ -221,7 +221,10 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let theirs = run(&mut crt, &mut cim, &env.busybox).await?;
+    let theirs = run(&mut crt, &mut cim, &env.busybox).await;
+    let _ = containerd.kill();
+    let _ = containerd.wait();
+    let theirs = theirs?;
 
     println!("CRI latency, median of {ROUNDS} rounds (ms), same machine and run");
     println!(
