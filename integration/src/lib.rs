@@ -284,6 +284,49 @@ pub fn start_containerd_pid(base: &Path, name: &str, with_cri: bool) -> Result<(
     Ok((sock, pid))
 }
 
+/// Removes what earlier test processes (now gone) left when a test failed
+/// before cleaning up: their mounts and temp dirs, test bridges, runc state.
+fn reap_stale_runs() {
+    let alive = |pid: &str| Path::new("/proc").join(pid).exists();
+    let tmp = std::env::temp_dir();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if let Ok(rd) = std::fs::read_dir(&tmp) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.strip_prefix("imacri-it-") else {
+                continue;
+            };
+            if pid.parse::<u32>().is_err() || alive(pid) {
+                continue;
+            }
+            let dir = e.path().to_string_lossy().into_owned();
+            let mut points: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split(' ').nth(1))
+                .filter(|m| m.starts_with(&dir))
+                .collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for m in points {
+                let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+            }
+            let _ = std::fs::remove_dir_all(e.path());
+            let _ = std::fs::remove_dir_all(Path::new("/run/containerd/runc").join(&name));
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("imit") {
+                // The bridge name carries the pid modulo 100000.
+                let mine = (std::process::id() % 100000).to_string();
+                if pid != mine && !alive(pid) {
+                    let _ = Command::new("ip").args(["link", "del", &name]).status();
+                }
+            }
+        }
+    }
+}
+
 impl Env {
     /// The shared environment, started on first use.
     pub fn get() -> &'static Env {
@@ -294,6 +337,7 @@ impl Env {
     }
 
     fn start() -> Result<Env> {
+        reap_stale_runs();
         let base = std::env::temp_dir().join(format!("imacri-it-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         std::fs::create_dir_all(&base)?;

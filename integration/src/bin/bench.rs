@@ -48,7 +48,10 @@ fn push_pause(env: &Env) -> Result<String> {
 }
 
 /// containerd with its CRI plugin on, configured like imacri's test setup.
-fn containerd_with_cri(env: &Env, pause: &str) -> Result<(std::path::PathBuf, std::process::Child)> {
+fn containerd_with_cri(
+    env: &Env,
+    pause: &str,
+) -> Result<(std::path::PathBuf, std::process::Child)> {
     let dir = env.base.join("bench-containerd");
     std::fs::create_dir_all(&dir)?;
     let sock = dir.join("containerd.sock");
