@@ -310,7 +310,23 @@ fn reap_stale_runs() {
                 let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
             }
             let _ = std::fs::remove_dir_all(e.path());
-            let _ = std::fs::remove_dir_all(Path::new("/run/containerd/runc").join(&name));
+            // Containers of that run (tests that failed midway) go too.
+            let root = Path::new("/run/containerd/runc").join(&name);
+            if let Ok(out) = Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["list", "-q"])
+                .output()
+            {
+                for id in String::from_utf8_lossy(&out.stdout).lines() {
+                    let _ = Command::new("runc")
+                        .arg("--root")
+                        .arg(&root)
+                        .args(["delete", "-f", id])
+                        .status();
+                }
+            }
+            let _ = std::fs::remove_dir_all(&root);
         }
     }
     if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
