@@ -72,6 +72,42 @@ async fn userns_pod_with_kubelet_mappings() {
         sh_ok(&mut rt, &c, "id -u; touch /tmp/x && echo writable").await,
         "0\nwritable"
     );
+    // Volumes are ID-mapped: host root's files are in-pod root's, and what
+    // in-pod root writes is host root's on the host.
+    let vol = tempfile::tempdir_in(&env.base).unwrap();
+    std::fs::write(vol.path().join("from-host"), "x").unwrap();
+    let mut with_vol = container_config("vol", &env.busybox, &["sleep", "1000"]);
+    with_vol.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: vol.path().to_string_lossy().into(),
+        ..Default::default()
+    }];
+    let v = start_container(&mut rt, &pod, &cfg, with_vol).await;
+    assert_eq!(
+        sh_ok(
+            &mut rt,
+            &v,
+            "stat -c %u /data/from-host; touch /data/from-pod && echo ok"
+        )
+        .await,
+        "0\nok"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(vol.path().join("from-pod"))
+            .unwrap()
+            .uid(),
+        0
+    );
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: v.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        !d.state.join("idmap").join(&v).exists(),
+        "idmapped copies left"
+    );
     // Not an ima pod.
     assert_eq!(pod_info(&mut rt, &pod).await["ima"]["enabled"], false);
     let status = rt

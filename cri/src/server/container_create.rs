@@ -166,10 +166,11 @@ impl CriServer {
             let _ = std::fs::remove_dir(&probe);
             let user = user?;
             let shared = self.shared_of(&sb_state);
+            let mapped = self.idmap_volumes(id, &sb_state, config)?;
             let spec = spec::container_spec(&ContainerInputs {
                 id,
                 sandbox_id: &sb.id,
-                config,
+                config: mapped.as_ref().unwrap_or(config),
                 sandbox_config: &sb.config,
                 image: &image.config,
                 image_name,
@@ -246,6 +247,44 @@ impl CriServer {
 const CNS: &str = "linux.security_context.namespace_options";
 
 impl CriServer {
+    /// In a pod with its own user namespace, volumes are bind-mounted from
+    /// ID-mapped copies (`<state>/idmap/<container>/<n>`), so host files
+    /// appear owned by the matching in-pod IDs. Returns the config to build
+    /// the spec from, or None when nothing changes.
+    fn idmap_volumes(
+        &self,
+        id: &str,
+        sb: &SandboxState,
+        config: &cri::ContainerConfig,
+    ) -> Result<Option<cri::ContainerConfig>> {
+        let Some(u) = &sb.userns else { return Ok(None) };
+        if config.mounts.is_empty() {
+            return Ok(None);
+        }
+        let mut mapped = config.clone();
+        let dir = self.cfg.state.join("idmap").join(id);
+        for (i, m) in mapped.mounts.iter_mut().enumerate() {
+            let src = std::fs::canonicalize(&m.host_path).map_err(|e| {
+                Error::InvalidArgument(format!("mount host_path {:?}: {e}", m.host_path))
+            })?;
+            let staged = dir.join(i.to_string());
+            imacri_runtime::userns::idmapped_bind(&src, &staged, &u.path)?;
+            m.host_path = staged.to_string_lossy().into_owned();
+        }
+        Ok(Some(mapped))
+    }
+
+    /// Removes a container's ID-mapped volume copies.
+    pub(crate) fn remove_idmapped_volumes(&self, id: &str) {
+        let dir = self.cfg.state.join("idmap").join(id);
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                let _ = imacri_runtime::mount::unmount_all(&e.path());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A container stays inside its pod's user namespace (and, in an ima
     /// pod, inside everything the pod's measurement covers).
     fn check_pod_isolation(&self, sb: &SandboxState, config: &cri::ContainerConfig) -> Result<()> {

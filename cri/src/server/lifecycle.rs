@@ -181,6 +181,7 @@ impl CriServer {
             .await
             .ignore_not_found()?;
         self.remove_fifos(id);
+        self.remove_idmapped_volumes(id);
         if let Ok(mut m) = self.exits.lock() {
             m.remove(id);
         }
