@@ -471,3 +471,87 @@ async fn exec_and_port_forward_over_spdy() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn port_forward_tunneled_spdy_over_websocket() {
+    use imacri_cri::streaming::spdy::{Codec, Frame};
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    let (mut rt, pod, cfg) = d.busybox_pod(env, "tunnel").await;
+    start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config(
+            "web",
+            &env.busybox,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www && echo tunneled > /www/index.html && httpd -f -p 8080 -h /www",
+            ],
+        ),
+    )
+    .await;
+    let mut body = String::new();
+    for _ in 0..30 {
+        let url = rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.clone(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let mut ws = connect(&url, "SPDY/3.1+portforward.k8s.io").await;
+        let (mut tx, mut rx) = (Codec::default(), Codec::default());
+        let syn = |id: u32, t: &str| Frame::SynStream {
+            id,
+            headers: vec![
+                ("streamtype".into(), t.into()),
+                ("port".into(), "8080".into()),
+                ("requestid".into(), "0".into()),
+            ],
+            fin: false,
+        };
+        for f in [
+            syn(1, "error"),
+            syn(3, "data"),
+            Frame::Data {
+                id: 3,
+                fin: false,
+                data: b"GET / HTTP/1.0\r\n\r\n".to_vec(),
+            },
+        ] {
+            ws.send(Message::Binary(tx.encode(&f).unwrap().into()))
+                .await
+                .unwrap();
+        }
+        let mut got = Vec::new();
+        'read: while let Ok(Some(Ok(Message::Binary(b)))) =
+            tokio::time::timeout(Duration::from_secs(5), ws.next()).await
+        {
+            let mut r = &b[..];
+            while let Ok(Some(f)) = rx.read(&mut r).await {
+                if let Frame::Data { id: 3, fin, data } = f {
+                    got.extend(data);
+                    if fin {
+                        break 'read;
+                    }
+                }
+            }
+        }
+        body = String::from_utf8_lossy(&got).into_owned();
+        if body.contains("tunneled") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(body.contains("tunneled"), "{body:?}");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+}

@@ -54,7 +54,8 @@ const EXEC_PROTOCOLS: [&str; 5] = [
     "channel.k8s.io",
     "base64.channel.k8s.io",
 ];
-const PORTFORWARD_PROTOCOLS: [&str; 4] = [
+const PORTFORWARD_PROTOCOLS: [&str; 5] = [
+    "SPDY/3.1+portforward.k8s.io",
     "v4.channel.k8s.io",
     "v4.base64.channel.k8s.io",
     "channel.k8s.io",
@@ -199,6 +200,9 @@ fn handle(
         };
         let ch = Channels::new(&negotiated);
         let res = match pending {
+            Pending::PortForward(r) if negotiated.starts_with("SPDY/3.1+") => {
+                session::port_forward_tunneled(&server, r, ws).await
+            }
             Pending::PortForward(r) => port_forward(&server, r, &query, ws, ch).await,
             other => {
                 let (tx, rx) = ws.split();

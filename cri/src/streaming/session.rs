@@ -114,7 +114,10 @@ struct SpdyConn {
     out: mpsc::Sender<Frame>,
 }
 
-fn spdy_conn(io: TokioIo<hyper::upgrade::Upgraded>) -> SpdyConn {
+fn spdy_conn<IO>(io: IO) -> SpdyConn
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     let (rd, mut wr) = tokio::io::split(io);
     let (in_tx, frames) = mpsc::channel(64);
     let (out, mut out_rx) = mpsc::channel::<Frame>(64);
@@ -354,6 +357,51 @@ pub(crate) fn spdy_upgrade(
 
 /// Port-forward over SPDY: the client opens an error and a data stream per
 /// connection (headers `streamtype`, `port`, `requestID`).
+/// Port-forward tunneled as SPDY frames inside WebSocket binary messages
+/// (subprotocol `SPDY/3.1+portforward.k8s.io`, newer clients).
+pub(crate) async fn port_forward_tunneled(
+    server: &CriServer,
+    r: imacri_api::cri::PortForwardRequest,
+    ws: Ws,
+) -> Result<()> {
+    let (ours, theirs) = tokio::io::duplex(256 * 1024);
+    let (mut sink, mut stream) = ws.split();
+    let (mut rd, mut wr) = tokio::io::split(theirs);
+    let inbound = tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            match m {
+                Message::Binary(b) => {
+                    if wr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let outbound = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0
+                || sink
+                    .send(Message::Binary(buf[..n].to_vec().into()))
+                    .await
+                    .is_err()
+            {
+                break;
+            }
+        }
+        let _ = sink.send(Message::Close(None)).await;
+    });
+    let res = port_forward_spdy(server, r, spdy_conn(ours)).await;
+    inbound.abort();
+    let _ = outbound.await;
+    res
+}
+
 async fn port_forward_spdy(
     server: &CriServer,
     r: imacri_api::cri::PortForwardRequest,
