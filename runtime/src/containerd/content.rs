@@ -167,7 +167,12 @@ impl ContentStore {
             Ok::<_, Error>(())
         };
         let (produced, called) = futures::join!(producer, call);
-        let result = produced.and(called);
+        // containerd's answer explains a closed stream (e.g. another writer
+        // committed the same blob first: AlreadyExists).
+        let result = match (produced, called) {
+            (_, Err(e)) => Err(e),
+            (p, Ok(())) => p,
+        };
         match result {
             Err(e) if e.is_already_exists() => self.set_labels(digest, labels).await,
             other => other,

@@ -35,6 +35,22 @@ impl Lease {
         &self.id
     }
 
+    /// Protects an existing snapshot from GC for as long as the lease lives.
+    pub async fn add_snapshot(&self, c: &Containerd, snapshotter: &str, key: &str) -> Result<()> {
+        use containerd_client::services::v1::{AddResourceRequest, Resource};
+        c.leases()
+            .add_resource(c.req(AddResourceRequest {
+                id: self.id.clone(),
+                resource: Some(Resource {
+                    id: key.to_string(),
+                    r#type: format!("snapshots/{snapshotter}"),
+                }),
+            }))
+            .await
+            .map_err(|e| Error::containerd(format!("leasing snapshot {key}"), e))?;
+        Ok(())
+    }
+
     /// Deletes the lease. `sync` waits for GC, so the caller can assert that
     /// nothing leaked.
     pub async fn delete(self, c: &Containerd, sync: bool) -> Result<()> {

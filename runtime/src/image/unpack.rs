@@ -155,7 +155,15 @@ impl ImageService {
         scratch: &std::path::Path,
     ) -> Result<String> {
         let name = format!("remap-{}-{chain_id}", maps.fingerprint());
-        if self.snapshot_exists(&name).await? {
+        // A cached copy nothing uses may be collected any moment: lease it,
+        // then check it is still there.
+        if self.snapshot_exists(&name).await?
+            && lease
+                .add_snapshot(&self.c, &self.snapshotter, &name)
+                .await
+                .is_ok()
+            && self.snapshot_exists(&name).await?
+        {
             return Ok(name);
         }
         let key = format!("remap-tmp-{}", &crate::ids::new_id()[..12]);
@@ -186,7 +194,9 @@ impl ImageService {
             {
                 Ok(_) => Ok(()),
                 // Another pod with the same mapping got there first.
-                Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+                Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                    lease.add_snapshot(&self.c, &self.snapshotter, &name).await
+                }
                 Err(s) => Err(Error::containerd("committing remapped snapshot", s)),
             }
         }
