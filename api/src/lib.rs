@@ -11,6 +11,12 @@ pub mod runtime {
 
 pub use runtime::v1 as cri;
 
+/// `imacri.attestation.v1`: evidence about ima pods for remote verifiers.
+pub mod attestation {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("imacri.attestation.v1");
+}
+
 #[cfg(test)]
 mod tests {
     use super::cri;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::server::{services, CriServer};
+use crate::server::{attestation_service, services, CriServer};
 
 /// Binds the CRI socket: refuses a socket a live server holds, replaces a
 /// stale one, and sets mode 0660.
@@ -67,6 +67,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         streaming,
         std::sync::Arc::downgrade(&server),
     ));
+    let attestation = attestation_service(server.clone());
     let (runtime, images) = services(server);
     tracing::info!(socket = %cfg.socket.display(), "serving CRI");
     let shutdown = async {
@@ -81,6 +82,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     tonic::transport::Server::builder()
         .add_service(runtime)
         .add_service(images)
+        .add_service(attestation)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("CRI server")?;
@@ -163,11 +165,54 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         ),
         Err(r) => line("ima-namespaces", false, r),
     }
-    line(
-        "ima-backend",
-        true,
-        format!("configured: {:?}", cfg.ima.backend).to_lowercase(),
-    );
+    let fan = imacri_runtime::integrity::fanotify::probe();
+    match &fan {
+        Ok(()) => line(
+            "fanotify",
+            true,
+            "permission events (FAN_OPEN_EXEC_PERM) with filesystem marks".into(),
+        ),
+        Err(r) => line("fanotify", false, r.clone()),
+    }
+    let node = imacri_runtime::ima::NodeSupport {
+        kernel: imacri_runtime::userns::kernel_ima_namespaces(),
+        fanotify: fan,
+    };
+    match imacri_runtime::ima::resolve_backend(cfg.ima.backend, &node) {
+        Ok(b) => line(
+            "ima-backend",
+            !matches!(b, imacri_runtime::ima::Backend::None(_)),
+            format!("configured {:?}: ima pods get {b}", cfg.ima.backend).to_lowercase(),
+        ),
+        Err(e) => line("ima-backend", false, e.to_string()),
+    }
+    if cfg.ima.tpm_tcti.is_empty() {
+        line(
+            "tpm",
+            false,
+            "no ima.tpm_tcti configured: measurements are unanchored".into(),
+        );
+    } else {
+        let tcti = cfg.ima.tpm_tcti.clone();
+        let pcr = cfg.ima.pcr;
+        let probe = tokio::task::spawn_blocking(move || {
+            imacri_runtime::integrity::tpm::probe(&tcti, pcr)
+        })
+        .await;
+        match probe {
+            Ok(Ok(v)) => line(
+                "tpm",
+                true,
+                format!(
+                    "{} reachable, PCR {pcr} = {}",
+                    cfg.ima.tpm_tcti,
+                    hex_short(&v)
+                ),
+            ),
+            Ok(Err(e)) => line("tpm", false, e.to_string()),
+            Err(e) => line("tpm", false, e.to_string()),
+        }
+    }
     let cni = imacri_runtime::cni::Cni::new(
         cfg.cni.conf_dir.clone(),
         cfg.cni.bin_dirs.clone(),
@@ -230,4 +275,8 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         },
     );
     Ok(ok)
+}
+
+fn hex_short(b: &[u8]) -> String {
+    b.iter().take(8).map(|x| format!("{x:02x}")).collect::<String>() + "..."
 }

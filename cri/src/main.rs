@@ -1,4 +1,4 @@
-//! The `imacri` command: `serve`, `check`, `config default`.
+//! The `imacri` command: `serve`, `check`, `attest`, `config default`.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -49,6 +49,10 @@ struct Overrides {
     /// Backend for ima pods: auto, kernel or fanotify.
     #[arg(long)]
     ima_backend: Option<imacri_runtime::ima::BackendChoice>,
+    /// TPM for anchoring measurements, e.g. "device:/dev/tpmrm0" or
+    /// "swtpm:host=127.0.0.1,port=2321".
+    #[arg(long)]
+    tpm_tcti: Option<String>,
     #[arg(long)]
     log_level: Option<String>,
 }
@@ -59,6 +63,14 @@ enum Cmd {
     Serve(Overrides),
     /// Report what this node supports.
     Check(Overrides),
+    /// Attestation of ima pods: keys, policies, logs, quotes, verification.
+    Attest {
+        /// The node's CRI socket (where the attestation service is served).
+        #[arg(long, global = true, default_value = "/run/imacri/imacri.sock")]
+        socket: PathBuf,
+        #[command(subcommand)]
+        cmd: imacri_cri::attest::AttestCmd,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -129,6 +141,9 @@ impl Overrides {
         if let Some(v) = self.ima_backend {
             c.ima.backend = v;
         }
+        if let Some(v) = self.tpm_tcti {
+            c.ima.tpm_tcti = v;
+        }
         c
     }
 }
@@ -191,6 +206,10 @@ async fn run(cli: Cli) -> Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        Cmd::Attest { socket, cmd } => {
+            let code = imacri_cri::attest::run(&socket, cmd).await?;
+            std::process::exit(code);
         }
         Cmd::Check(o) => {
             let cfg = o.apply(Config::load(cli.config.as_deref())?);

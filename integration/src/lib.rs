@@ -757,3 +757,99 @@ pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::Container
         ..Default::default()
     }
 }
+
+/// A TPM 2.0 simulator (swtpm) of a test's own, on loopback TCP.
+pub struct Swtpm {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Swtpm {
+    pub fn start(env: &Env) -> Result<Swtpm> {
+        let dir = tempfile::Builder::new()
+            .prefix("swtpm-")
+            .tempdir_in(&env.base)?;
+        for _ in 0..20 {
+            // Two adjacent free ports (server, control), from a range other
+            // tests' ephemeral ports are unlikely to use.
+            let port = 20000 + (rand::random::<u16>() % 20000) * 2;
+            if TcpListener::bind(("127.0.0.1", port)).is_err()
+                || TcpListener::bind(("127.0.0.1", port + 1)).is_err()
+            {
+                continue;
+            }
+            let mut cmd = Command::new("swtpm");
+            cmd.args(["socket", "--tpm2", "--server"])
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+                .arg("--tpmstate")
+                .arg(format!("dir={}", dir.path().display()))
+                .args(["--flags", "not-need-init,startup-clear"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            let mut child = cmd
+                .spawn()
+                .context("spawning swtpm (apt-get install swtpm swtpm-tools)")?;
+            let up = wait_for("swtpm", Duration::from_secs(10), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            })
+            .and_then(|()| {
+                // Connected to our swtpm, not to someone else's on that port.
+                std::thread::sleep(Duration::from_millis(100));
+                match child.try_wait() {
+                    Ok(None) => Ok(()),
+                    _ => Err(anyhow!("swtpm exited")),
+                }
+            });
+            match up {
+                Ok(()) => {
+                    return Ok(Swtpm {
+                        child,
+                        port,
+                        _dir: dir,
+                    })
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+        bail!("could not start swtpm on a free port")
+    }
+
+    pub fn tcti(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `imacri attest --socket <d> ARGS`; returns (exit code, stdout, stderr).
+pub fn attest(d: &Imacri, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(imacri_bin())
+        .arg("attest")
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .output()
+        .expect("running imacri attest");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

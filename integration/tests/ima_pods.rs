@@ -153,10 +153,8 @@ async fn ima_pods_share_one_user_namespace() {
         assert_eq!(i["ima"]["enabled"], true, "{i}");
         assert_eq!(i["ima"]["policy"], "default");
         let backend = i["ima"]["backend"].as_str().unwrap().to_string();
-        assert!(
-            backend.starts_with("none (measurement unavailable: "),
-            "{backend}"
-        );
+        // auto on this kernel (no IMA namespaces): imacri's fanotify backend.
+        assert_eq!(backend, "fanotify", "{i}");
         let host_start = i["ima"]["mappings"]["uids"][0]["host_id"].as_u64().unwrap();
         assert!(host_start >= 1 << 20, "allocated from the pool: {i}");
 
@@ -224,7 +222,7 @@ async fn ima_pods_share_one_user_namespace() {
         .find(|c| c.r#type == "ImaPodsReady")
         .unwrap();
     assert!(
-        ima.status && ima.reason == "MeasurementUnavailable",
+        ima.status && ima.message.contains("fanotify"),
         "{ima:?}"
     );
     assert!(

@@ -99,6 +99,11 @@ pub struct ImaConfig {
     pub policies: std::collections::BTreeMap<String, crate::ima::PolicyConfig>,
     /// Host IDs handed out, 65536 per pod, to ima pods without mappings.
     pub userns_pool: UsernsPool,
+    /// TPM for anchoring measurements, as a TCTI string
+    /// ("device:/dev/tpmrm0", "swtpm:host=127.0.0.1,port=2321"); empty: none.
+    pub tpm_tcti: String,
+    /// PCR the measurement log extends.
+    pub pcr: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -119,6 +124,13 @@ impl Default for UsernsPool {
     }
 }
 
+/// PCR 15: firmware owns 0-7, boot loaders 8, 9 and 14 (shim), IMA 10,
+/// systemd-stub 11-13; 16 and 23 are resettable (a reset would let anyone
+/// forge history) and 17-22 belong to D-RTM. systemd >= 255 may extend 15
+/// on UKI systems: imacri detects a PCR it cannot replay and says so; pick
+/// another with `ima.pcr` there.
+pub const DEFAULT_PCR: u32 = 15;
+
 impl Default for ImaConfig {
     fn default() -> Self {
         ImaConfig {
@@ -127,6 +139,8 @@ impl Default for ImaConfig {
             default_policy: "default".into(),
             policies: [("default".to_string(), crate::ima::PolicyConfig::default())].into(),
             userns_pool: UsernsPool::default(),
+            tpm_tcti: String::new(),
+            pcr: DEFAULT_PCR,
         }
     }
 }
@@ -253,15 +267,30 @@ backend = "auto"
 oci_namespace = false
 # Policy of pods without the annotation imacri.dev/ima-policy.
 default_policy = "default"
+# TPM anchoring the measurement log: a TCTI such as "device:/dev/tpmrm0" or
+# "swtpm:host=127.0.0.1,port=2321". Empty: measurements are kept but the
+# evidence says "unanchored".
+tpm_tcti = ""
+# The PCR every measurement extends. 15: not used by firmware (0-7), boot
+# loaders (8, 9, 14), IMA (10) or systemd-stub (11-13), and not resettable
+# like 16 and 23. imacri refuses to vouch for a PCR something else extends.
+pcr = 15
 
 [ima.policies.default]
-# Rules in the kernel's IMA policy syntax.
+# Rules in the kernel's IMA policy syntax. The fanotify backend compiles the
+# measure rules: func=BPRM_CHECK -> executions, FILE_MMAP/MMAP_CHECK -> opens
+# of ELF files (fanotify cannot see mmap), FILE_CHECK [uid=N] -> opens.
 rules = [
     "measure func=BPRM_CHECK mask=MAY_EXEC",
     "measure func=FILE_MMAP mask=MAY_EXEC",
 ]
-# "measure" records; "enforce" also denies executions the policy does not allow.
+# "measure" records; "enforce" also denies executions (and ELF opens) whose
+# digest the allowlist does not allow (EPERM), logging a violation.
 mode = "measure"
+# Appraisal policies (JSON, e.g. from `imacri attest golden IMAGE`), read
+# when a pod starts. Required for "enforce"; with "measure" they flag
+# violations in status, events and logs.
+allowlist = []
 
 [ima.userns_pool]
 # ima pods without user-namespace mappings get 65536 host IDs from here,
@@ -322,6 +351,17 @@ impl Config {
                 crate::ima::policy::parse_rule(r)
                     .map_err(|e| Error::InvalidArgument(format!("ima.policies.{name}: {e}")))?;
             }
+            if p.mode == crate::ima::policy::Mode::Enforce && p.allowlist.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "ima.policies.{name}: mode \"enforce\" needs an allowlist (e.g. from `imacri attest golden IMAGE`)"
+                )));
+            }
+        }
+        if self.ima.pcr > 23 || (16..=23).contains(&self.ima.pcr) {
+            return Err(Error::InvalidArgument(format!(
+                "ima.pcr {}: use a non-resettable PCR below 16 that nothing else extends",
+                self.ima.pcr
+            )));
         }
         if !self.ima.policies.contains_key(&self.ima.default_policy) {
             return Err(Error::InvalidArgument(format!(

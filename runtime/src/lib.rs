@@ -8,6 +8,7 @@ pub mod error;
 pub mod ids;
 pub mod ima;
 pub mod image;
+pub mod integrity;
 pub mod io;
 pub mod mount;
 pub mod netns;

@@ -1013,6 +1013,33 @@ fn device(
     Ok((dev, rule))
 }
 
+/// For pods measured by the fanotify backend: only the rootfs (whose
+/// filesystem is marked) may hold executables, so every other mount
+/// (volumes, /dev, tmpfs, the pod's files) gets `noexec`. An execution from
+/// a volume fails with EACCES instead of going unmeasured.
+pub fn noexec_outside_rootfs(spec: &mut Spec) {
+    if let Some(mounts) = spec.mounts_mut() {
+        for m in mounts.iter_mut() {
+            let mut opts = m.options().clone().unwrap_or_default();
+            // runc applies noexec on a bind by remounting it, which in a user
+            // namespace must keep the source's locked nosuid/nodev: ask for
+            // them too (a pod under measurement needs neither).
+            let bind = opts.iter().any(|o| o == "bind" || o == "rbind");
+            let mut want = vec!["noexec"];
+            if bind {
+                want.extend(["nosuid", "nodev"]);
+            }
+            opts.retain(|o| o != "exec" && o != "suid" && o != "dev");
+            for w in want {
+                if !opts.iter().any(|o| o == w) {
+                    opts.push(w.into());
+                }
+            }
+            m.set_options(Some(opts));
+        }
+    }
+}
+
 /// Adds the draft runtime-spec `{"type": "ima"}` namespace (PR #1164).
 /// oci-spec's namespace enum is closed, so this works on the JSON.
 pub fn add_ima_namespace(spec: &mut serde_json::Value) {
@@ -1111,6 +1138,20 @@ mod tests {
         assert!(capabilities(Some(&sc))
             .unwrap()
             .contains(&Capability::SysAdmin));
+    }
+
+    #[test]
+    fn noexec_everywhere_but_rootfs() {
+        let mut spec = Spec::default();
+        let mut ms = base_mounts(false).unwrap();
+        ms.push(bind("/data", Path::new("/srv/data"), &["rw", "exec"]).unwrap());
+        spec.set_mounts(Some(ms));
+        noexec_outside_rootfs(&mut spec);
+        for m in spec.mounts().as_ref().unwrap() {
+            let o = m.options().clone().unwrap_or_default();
+            assert_eq!(o.iter().filter(|x| *x == "noexec").count(), 1, "{m:?}");
+            assert!(!o.iter().any(|x| x == "exec"), "{m:?}");
+        }
     }
 
     #[test]

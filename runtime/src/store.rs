@@ -45,7 +45,7 @@ impl<C, S: Clone + Serialize> Entry<C, S> {
     }
 }
 
-fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, data).map_err(|e| Error::io("writing", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io("renaming", path, e))

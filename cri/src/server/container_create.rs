@@ -167,7 +167,7 @@ impl CriServer {
             let user = user?;
             let shared = self.shared_of(&sb_state);
             let mapped = self.idmap_volumes(id, &sb_state, config)?;
-            let spec = spec::container_spec(&ContainerInputs {
+            let mut spec = spec::container_spec(&ContainerInputs {
                 id,
                 sandbox_id: &sb.id,
                 config: mapped.as_ref().unwrap_or(config),
@@ -178,6 +178,9 @@ impl CriServer {
                 shared: &shared,
                 limits: self.limits,
             })?;
+            if super::integrity::is_fanotify(&sb_state) {
+                spec::noexec_outside_rootfs(&mut spec);
+            }
             let mut labels: HashMap<String, String> = config.labels.clone();
             labels.insert(LABEL_KIND.into(), "container".into());
             labels.insert(LABEL_SANDBOX_ID.into(), sb.id.clone());

@@ -108,7 +108,11 @@ impl CriServer {
                 .c
                 .snapshot_mounts(&self.cfg.containerd.snapshotter, &c.id)
                 .await?;
-            self.c.create_task(&c.id, mounts, &stdio).await?;
+            let pid = self.c.create_task(&c.id, mounts, &stdio).await?;
+            // Marked before the entrypoint can run (the task waits for start).
+            if let Some(w) = self.measure_container(&st.sandbox_id, &c.id, pid)? {
+                self.set_measure(&c.id, w);
+            }
             self.watch_exit(&c.id);
             self.c.start_task(&c.id, "").await
         }

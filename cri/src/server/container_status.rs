@@ -74,7 +74,12 @@ impl CriServer {
             let ima = self
                 .sandboxes
                 .get(&st.sandbox_id)
-                .map(|sb| super::sandbox_status::ima_info(&sb.state()))
+                .map(|sb| {
+                    super::sandbox_status::ima_info(
+                        &sb.state(),
+                        self.integrity.journal.summary(&sb.id),
+                    )
+                })
                 .unwrap_or(serde_json::Value::Null);
             let v = serde_json::json!({
                 "ima": ima,

@@ -2,6 +2,7 @@
 //! family); `service.rs` wires them to tonic through [`instrument`], the one
 //! place that logs every request and maps errors to gRPC codes.
 
+mod attestation;
 mod container_create;
 mod container_execsync;
 mod container_list;
@@ -16,6 +17,7 @@ mod image_list;
 mod image_pull;
 mod image_remove;
 mod image_status;
+mod integrity;
 mod lifecycle;
 mod monitor;
 mod recover;
@@ -45,6 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::watch;
 
+pub use attestation::service as attestation_service;
 pub use service::services;
 
 pub type SandboxEntry = Entry<cri::PodSandboxConfig, SandboxState>;
@@ -63,6 +66,8 @@ struct LiveIo {
     /// stdout (and, with a TTY, everything) for attached clients.
     tap: imacri_runtime::io::Tap,
     tap_err: imacri_runtime::io::Tap,
+    /// fanotify measurement of an ima container; dropping it stops it.
+    measure: Option<imacri_runtime::integrity::fanotify::Watch>,
 }
 
 impl Default for LiveIo {
@@ -73,6 +78,7 @@ impl Default for LiveIo {
             stdin: None,
             tap: tokio::sync::broadcast::channel(256).0,
             tap_err: tokio::sync::broadcast::channel(256).0,
+            measure: None,
         }
     }
 }
@@ -89,6 +95,8 @@ pub struct CriServer {
     /// Whether this node can run each ima backend (probed at start).
     pub(crate) ima_node: imacri_runtime::ima::NodeSupport,
     pub(crate) cni: imacri_runtime::cni::Cni,
+    /// Measurement journal, TPM and fanotify engine.
+    pub(crate) integrity: integrity::Integrity,
     pub(crate) streaming: Arc<crate::streaming::Streaming>,
     /// Held while a pod's user-namespace range is chosen and recorded.
     pub(crate) userns_lock: Mutex<()>,
@@ -147,6 +155,11 @@ impl CriServer {
             cfg.cni.bin_dirs.clone(),
             cfg.root.join("cni"),
         );
+        let ima_node = imacri_runtime::ima::NodeSupport {
+            kernel: imacri_runtime::userns::kernel_ima_namespaces(),
+            fanotify: imacri_runtime::integrity::fanotify::probe(),
+        };
+        let (integrity, notices) = integrity::Integrity::open(&cfg, &ima_node.fanotify).await?;
         let server = Arc::new(CriServer {
             cfg,
             c,
@@ -155,12 +168,8 @@ impl CriServer {
             containers,
             limits,
             sandbox_image,
-            ima_node: imacri_runtime::ima::NodeSupport {
-                kernel: imacri_runtime::userns::kernel_ima_namespaces(),
-                fanotify: Err(
-                    "the fanotify backend is not implemented in this imacri version".into(),
-                ),
-            },
+            ima_node,
+            integrity,
             userns_lock: Mutex::new(()),
             cni,
             streaming,
@@ -170,6 +179,7 @@ impl CriServer {
             event_order: Mutex::new(()),
             cpu_samples: Mutex::new(HashMap::new()),
         });
+        server.start_notice_consumer(notices);
         server.recover().await;
         server.start_monitor().await;
         Ok(server)
@@ -223,6 +233,14 @@ impl CriServer {
     fn set_io(&self, id: &str, io: LiveIo) {
         if let Ok(mut m) = self.io.lock() {
             m.insert(id.to_string(), io);
+        }
+    }
+
+    fn set_measure(&self, id: &str, w: imacri_runtime::integrity::fanotify::Watch) {
+        if let Ok(mut m) = self.io.lock() {
+            if let Some(io) = m.get_mut(id) {
+                io.measure = Some(w);
+            }
         }
     }
 

@@ -65,6 +65,7 @@ impl CriServer {
                             live.log = Some(log);
                         }
                     }
+                    live.measure = self.remeasure_after_restart(&st.sandbox_id, &c.id, t.pid);
                     self.set_io(&c.id, live);
                     self.watch_exit(&c.id);
                 }

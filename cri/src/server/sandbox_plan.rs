@@ -114,6 +114,10 @@ impl CriServer {
         };
         // Fails (FailedPrecondition) before anything is created.
         let backend = ima::resolve_backend(self.cfg.ima.backend, &self.ima_node)?;
+        if backend == ima::Backend::Fanotify {
+            // A missing or malformed allowlist fails the pod now, not its containers.
+            self.load_allowlist(&policy)?;
+        }
         Ok(PodPlan {
             allocate: userns.is_none(),
             userns,

@@ -15,8 +15,12 @@ pub(crate) fn cri_state(p: SandboxPhase) -> cri::PodSandboxState {
     }
 }
 
-/// The `ima` object of verbose status: enabled, backend, policy, mappings.
-pub(crate) fn ima_info(st: &imacri_runtime::pod::SandboxState) -> serde_json::Value {
+/// The `ima` object of verbose status: enabled, backend, policy, mappings,
+/// and from the journal the measurement count and last violation.
+pub(crate) fn ima_info(
+    st: &imacri_runtime::pod::SandboxState,
+    summary: imacri_runtime::integrity::journal::PodSummary,
+) -> serde_json::Value {
     match &st.ima {
         None => serde_json::json!({"enabled": false}),
         Some(i) => serde_json::json!({
@@ -26,9 +30,9 @@ pub(crate) fn ima_info(st: &imacri_runtime::pod::SandboxState) -> serde_json::Va
             "mode": i.mode,
             "mappings": st.userns.as_ref().map(|u| &u.mappings),
             "state": if st.phase == SandboxPhase::Ready { "active" } else { "inactive" },
-            // Measurement counts arrive with the measuring backends.
-            "measurementCount": serde_json::Value::Null,
-            "lastViolation": serde_json::Value::Null,
+            "measurementCount": summary.measurements,
+            "violationCount": summary.violations,
+            "lastViolation": summary.last_violation,
         }),
     }
 }
@@ -92,7 +96,7 @@ impl CriServer {
         if req.verbose {
             let st = sb.state();
             let v = serde_json::json!({
-                "ima": ima_info(&st),
+                "ima": ima_info(&st, self.integrity.journal.summary(&sb.id)),
                 "userNamespace": st.userns,
                 "pid": st.pid,
                 "phase": format!("{:?}", st.phase),

@@ -82,6 +82,7 @@ impl CriServer {
                 "sandboxImage": self.sandbox_image,
                 "cgroupVersion": format!("{:?}", imacri_runtime::sysinfo::cgroup_version()),
                 "minOomScoreAdj": self.limits.min_oom_score_adj,
+                "integrity": self.integrity_info(),
             });
             info.insert("config".to_string(), v.to_string());
         }

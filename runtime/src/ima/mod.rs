@@ -109,6 +109,8 @@ pub struct PolicyConfig {
     /// Rules in the kernel's IMA policy syntax.
     pub rules: Vec<String>,
     pub mode: policy::Mode,
+    /// Appraisal policies (JSON allowlists), merged.
+    pub allowlist: Vec<std::path::PathBuf>,
 }
 
 impl Default for PolicyConfig {
@@ -119,6 +121,7 @@ impl Default for PolicyConfig {
                 "measure func=FILE_MMAP mask=MAY_EXEC".into(),
             ],
             mode: policy::Mode::Measure,
+            allowlist: Vec::new(),
         }
     }
 }

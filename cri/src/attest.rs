@@ -1,0 +1,365 @@
+//! `imacri attest`: the verifier side. Talks to a node's attestation service
+//! over its CRI socket (forward it to reach a remote node) and checks the
+//! evidence locally with `imacri_runtime::integrity::verify`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use imacri_api::attestation as pb;
+use imacri_api::attestation::attestation_client::AttestationClient;
+use imacri_runtime::integrity::allowlist::Allowlist;
+use imacri_runtime::integrity::verify::{self, Evidence, Expectations, Report, Verdict};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+#[derive(Subcommand)]
+pub enum AttestCmd {
+    /// Print the node's attestation key (PEM SubjectPublicKeyInfo) for registration.
+    Ak {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Write a policy allowing every regular file of an image on the node.
+    Golden {
+        image: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print a pod's measurement log entries.
+    Log { pod: String },
+    /// Fetch evidence for a pod and print it as JSON.
+    Quote {
+        pod: String,
+        /// Hex nonce (default: 32 random bytes).
+        #[arg(long)]
+        nonce: Option<String>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify a pod. Prints a JSON report; exit 0 trusted, 1 violations,
+    /// 2 evidence invalid, tampered or unavailable.
+    Verify {
+        #[arg(long)]
+        pod: String,
+        /// Allowed digests (JSON, e.g. from `attest golden`).
+        #[arg(long)]
+        policy: PathBuf,
+        /// The node's registered attestation key (from `attest ak`).
+        #[arg(long)]
+        ak: Option<PathBuf>,
+        /// Verify saved evidence (from `attest quote`) instead of asking the node.
+        #[arg(long, requires = "nonce")]
+        evidence: Option<PathBuf>,
+        /// With --evidence: the hex nonce the evidence must answer.
+        #[arg(long)]
+        nonce: Option<String>,
+        /// Accept evidence from a node without a TPM (proves nothing).
+        #[arg(long)]
+        allow_unanchored: bool,
+    },
+    /// Verify every ima pod periodically; prints one alert line per new
+    /// violation or invalid evidence.
+    Watch {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        ak: Option<PathBuf>,
+        /// e.g. 30s, 5m, 500ms.
+        #[arg(long, default_value = "30s")]
+        interval: String,
+        /// Stop after this many rounds (default: forever).
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long)]
+        allow_unanchored: bool,
+    },
+}
+
+async fn client(socket: &Path) -> Result<AttestationClient<Channel>> {
+    let ch = containerd_client::connect(socket)
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    Ok(AttestationClient::new(ch).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+fn write_or_print(out: Option<&Path>, text: &str) -> Result<()> {
+    match out {
+        Some(p) => std::fs::write(p, text).with_context(|| format!("writing {}", p.display())),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+pub fn parse_interval(s: &str) -> Result<Duration> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow!("interval {s:?}: use e.g. 30s, 5m, 500ms"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => bail!("interval {s:?}: unit must be ms, s, m or h"),
+    })
+}
+
+/// Runs one subcommand; returns the process exit code.
+pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
+    match cmd {
+        AttestCmd::Ak { out } => {
+            let r = client(socket)
+                .await?
+                .get_attestation_key(pb::GetAttestationKeyRequest {})
+                .await?
+                .into_inner();
+            write_or_print(out.as_deref(), &r.pem)?;
+            Ok(0)
+        }
+        AttestCmd::Golden { image, out } => {
+            let r = client(socket)
+                .await?
+                .golden_policy(pb::GoldenPolicyRequest { image })
+                .await?
+                .into_inner();
+            write_or_print(out.as_deref(), &r.policy_json)?;
+            eprintln!("{} files", r.files);
+            Ok(0)
+        }
+        AttestCmd::Log { pod } => {
+            let r = client(socket)
+                .await?
+                .get_log(pb::GetLogRequest {
+                    pod_sandbox_id: pod,
+                })
+                .await?
+                .into_inner();
+            for l in r.entries {
+                println!("{l}");
+            }
+            Ok(0)
+        }
+        AttestCmd::Quote { pod, nonce, out } => {
+            let nonce = match nonce {
+                Some(h) => hex::decode(&h).context("--nonce must be hex")?,
+                None => rand::random::<[u8; 32]>().to_vec(),
+            };
+            let ev = fetch(&mut client(socket).await?, &pod, nonce).await?;
+            write_or_print(out.as_deref(), &(serde_json::to_string_pretty(&ev)? + "\n"))?;
+            Ok(0)
+        }
+        AttestCmd::Verify {
+            pod,
+            policy,
+            ak,
+            evidence,
+            nonce,
+            allow_unanchored,
+        } => {
+            let code = match verify_once(
+                socket,
+                &pod,
+                &policy,
+                ak.as_deref(),
+                evidence.as_deref(),
+                nonce.as_deref(),
+                allow_unanchored,
+            )
+            .await
+            {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                    r.verdict.exit_code()
+                }
+                Err(e) => {
+                    eprintln!("imacri attest verify: {e:#}");
+                    Verdict::Invalid.exit_code()
+                }
+            };
+            Ok(code)
+        }
+        AttestCmd::Watch {
+            policy,
+            ak,
+            interval,
+            count,
+            allow_unanchored,
+        } => {
+            watch(
+                socket,
+                &policy,
+                ak.as_deref(),
+                parse_interval(&interval)?,
+                count,
+                allow_unanchored,
+            )
+            .await?;
+            Ok(0)
+        }
+    }
+}
+
+async fn fetch(c: &mut AttestationClient<Channel>, pod: &str, nonce: Vec<u8>) -> Result<Evidence> {
+    let ev = c
+        .quote(pb::QuoteRequest {
+            pod_sandbox_id: pod.to_string(),
+            nonce,
+        })
+        .await
+        .map_err(|s| anyhow!("Quote({pod}): {}: {}", code_name(s.code()), s.message()))?
+        .into_inner()
+        .evidence
+        .ok_or_else(|| anyhow!("the node returned no evidence"))?;
+    Ok(crate::evidence::from_proto(ev))
+}
+
+fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}")
+}
+
+fn load_inputs(policy: &Path, ak: Option<&Path>) -> Result<(Allowlist, Option<String>)> {
+    let policy = Allowlist::load(policy).map_err(|e| anyhow!(e))?;
+    let ak = ak
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+        .transpose()?;
+    Ok((policy, ak))
+}
+
+fn check(
+    ev: &Evidence,
+    pod: &str,
+    nonce: &[u8],
+    policy: &Allowlist,
+    ak: Option<&str>,
+    allow_unanchored: bool,
+) -> Report {
+    let mut r = verify::verify(
+        ev,
+        &Expectations {
+            pod_sandbox_id: pod,
+            nonce,
+            ak_pem: ak,
+            policy,
+            allow_unanchored,
+        },
+    );
+    if ev.anchored && ak.is_none() {
+        r.errors
+            .push("no --ak given: the evidence's own key proves nothing; register the node's key with `imacri attest ak`".into());
+        r.verdict = Verdict::Invalid;
+    }
+    r
+}
+
+async fn verify_once(
+    socket: &Path,
+    pod: &str,
+    policy: &Path,
+    ak: Option<&Path>,
+    evidence: Option<&Path>,
+    nonce: Option<&str>,
+    allow_unanchored: bool,
+) -> Result<Report> {
+    let (policy, ak) = load_inputs(policy, ak)?;
+    let (ev, nonce) = match evidence {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let ev: Evidence = serde_json::from_str(&text).context("evidence JSON")?;
+            let nonce = hex::decode(nonce.unwrap_or_default()).context("--nonce must be hex")?;
+            (ev, nonce)
+        }
+        None => {
+            let nonce = rand::random::<[u8; 32]>().to_vec();
+            (fetch(&mut client(socket).await?, pod, nonce.clone()).await?, nonce)
+        }
+    };
+    Ok(check(&ev, pod, &nonce, &policy, ak.as_deref(), allow_unanchored))
+}
+
+async fn watch(
+    socket: &Path,
+    policy: &Path,
+    ak: Option<&Path>,
+    interval: Duration,
+    count: Option<u64>,
+    allow_unanchored: bool,
+) -> Result<()> {
+    let (policy, ak) = load_inputs(policy, ak)?;
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        match client(socket).await {
+            Ok(mut c) => match c.list_pods(pb::ListPodsRequest {}).await {
+                Ok(list) => {
+                    for p in list.into_inner().pods.into_iter().filter(|p| p.ready) {
+                        let nonce = rand::random::<[u8; 32]>().to_vec();
+                        let alerts = match fetch(&mut c, &p.pod_sandbox_id, nonce.clone()).await {
+                            Ok(ev) => {
+                                let r = check(&ev, &p.pod_sandbox_id, &nonce, &policy, ak.as_deref(), allow_unanchored);
+                                alert_lines(&p, &r)
+                            }
+                            Err(e) => vec![format!(
+                                "ALERT pod={} name={}/{} evidence unavailable: {e:#}",
+                                p.pod_sandbox_id, p.namespace, p.name
+                            )],
+                        };
+                        for a in alerts {
+                            if seen.insert(a.clone()) {
+                                println!("{a}");
+                            }
+                        }
+                    }
+                }
+                Err(s) => eprintln!("ListPods: {}", s.message()),
+            },
+            Err(e) => eprintln!("{e:#}"),
+        }
+        if count.is_some_and(|n| round >= n) {
+            return Ok(());
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+fn alert_lines(p: &pb::ImaPod, r: &Report) -> Vec<String> {
+    let who = format!("pod={} name={}/{}", p.pod_sandbox_id, p.namespace, p.name);
+    let mut out: Vec<String> = r
+        .errors
+        .iter()
+        .map(|e| format!("ALERT {who} evidence invalid: {e}"))
+        .collect();
+    out.extend(r.violations.iter().map(|v| {
+        format!(
+            "ALERT {who} container={} {} path={} digest={} reason={:?}",
+            v.container,
+            v.event.as_str(),
+            v.path,
+            v.digest,
+            v.reason
+        )
+    }));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals() {
+        assert_eq!(parse_interval("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_interval("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_interval("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_interval("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_interval("soon").is_err());
+        assert!(parse_interval("3d").is_err());
+    }
+}

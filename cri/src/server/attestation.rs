@@ -1,0 +1,221 @@
+//! `imacri.attestation.v1.Attestation`: evidence about ima pods, served on
+//! the CRI socket through the same [`instrument`] wrapper as CRI.
+
+use imacri_api::attestation as pb;
+use imacri_api::attestation::attestation_server::{Attestation, AttestationServer};
+use imacri_runtime::integrity::allowlist::Allowlist;
+use imacri_runtime::integrity::log::Entry;
+use imacri_runtime::integrity::verify::{self, Evidence, QuoteEvidence};
+use imacri_runtime::{Error, Result};
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+use super::{instrument, CriServer};
+
+#[derive(Clone)]
+pub struct Attest(pub Arc<CriServer>);
+
+pub fn service(server: Arc<CriServer>) -> AttestationServer<Attest> {
+    AttestationServer::new(Attest(server)).max_encoding_message_size(64 * 1024 * 1024)
+}
+
+fn pod_lines(log_text: &str, pod: &str) -> Vec<String> {
+    log_text
+        .lines()
+        .filter(|l| Entry::parse(l).is_ok_and(|e| e.pod == pod))
+        .map(str::to_string)
+        .collect()
+}
+
+impl CriServer {
+    async fn quote(&self, req: pb::QuoteRequest) -> Result<pb::QuoteResponse> {
+        if req.pod_sandbox_id.is_empty() {
+            return Err(Error::InvalidArgument("pod_sandbox_id is required".into()));
+        }
+        if !(8..=64).contains(&req.nonce.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "nonce must be 8 to 64 bytes, got {}",
+                req.nonce.len()
+            )));
+        }
+        let sb = self.sandbox(&req.pod_sandbox_id)?;
+        let st = sb.state();
+        let ima = st.ima.ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "pod {} does not have ima enabled: nothing is measured",
+                sb.id
+            ))
+        })?;
+        let snap = self
+            .integrity
+            .journal
+            .snapshot(req.nonce.clone())
+            .await
+            .map_err(|e| Error::Unavailable(format!("collecting evidence: {e}")))?;
+        let ak_public_pem = match &snap.ak_sec1 {
+            Some(k) => verify::ak_pem(k).map_err(Error::Internal)?,
+            None => String::new(),
+        };
+        let ev = Evidence {
+            pod_sandbox_id: sb.id.clone(),
+            backend: ima.backend,
+            anchored: snap.quote.is_some(),
+            pcr: snap.pcr,
+            epoch: snap.epoch,
+            nonce: req.nonce,
+            log: snap.log_text.lines().map(str::to_string).collect(),
+            pod_log: pod_lines(&snap.log_text, &sb.id),
+            quote: snap.quote.map(|q| QuoteEvidence {
+                attest: q.attest,
+                signature_r: q.signature_r,
+                signature_s: q.signature_s,
+                pcr_value: q.pcr_value.to_vec(),
+            }),
+            ak_public_pem,
+        };
+        Ok(pb::QuoteResponse {
+            evidence: Some(crate::evidence::to_proto(ev)),
+        })
+    }
+
+    fn list_ima_pods(&self) -> pb::ListPodsResponse {
+        let pods = self
+            .sandboxes
+            .all()
+            .into_iter()
+            .filter_map(|sb| {
+                let st = sb.state();
+                let ima = st.ima.clone()?;
+                let s = self.integrity.journal.summary(&sb.id);
+                let meta = sb.config.metadata.clone().unwrap_or_default();
+                Some(pb::ImaPod {
+                    pod_sandbox_id: sb.id.clone(),
+                    name: meta.name,
+                    namespace: meta.namespace,
+                    backend: ima.backend,
+                    policy: ima.policy,
+                    mode: format!("{:?}", ima.mode).to_lowercase(),
+                    measurements: s.measurements,
+                    violations: s.violations,
+                    last_violation: s.last_violation.unwrap_or_default(),
+                    ready: st.phase == imacri_runtime::pod::SandboxPhase::Ready,
+                })
+            })
+            .collect();
+        pb::ListPodsResponse { pods }
+    }
+
+    fn pod_log(&self, req: pb::GetLogRequest) -> Result<pb::GetLogResponse> {
+        if req.pod_sandbox_id.is_empty() {
+            return Err(Error::InvalidArgument("pod_sandbox_id is required".into()));
+        }
+        // Removed pods keep their entries in the log: find by full ID too.
+        let id = match self.sandbox(&req.pod_sandbox_id) {
+            Ok(sb) => sb.id.clone(),
+            Err(_) => req.pod_sandbox_id.clone(),
+        };
+        let path = imacri_runtime::integrity::journal::Journal::log_path(
+            &self.cfg.root.join("integrity"),
+        );
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
+        let entries = pod_lines(&text, &id);
+        if entries.is_empty() && self.sandbox(&id).is_err() {
+            return Err(Error::NotFound(format!(
+                "pod sandbox {id:?} not found and has no measurements"
+            )));
+        }
+        Ok(pb::GetLogResponse { entries })
+    }
+
+    fn attestation_key(&self) -> Result<pb::GetAttestationKeyResponse> {
+        let tpm = self.integrity.journal.tpm().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "no TPM is configured on this node (ima.tpm_tcti / --tpm-tcti): evidence is unanchored".into(),
+            )
+        })?;
+        Ok(pb::GetAttestationKeyResponse {
+            pem: verify::ak_pem(tpm.ak_sec1()).map_err(Error::Internal)?,
+            pcr: tpm.pcr(),
+        })
+    }
+
+    /// Mounts the image's rootfs read-only (a temporary snapshot) and hashes
+    /// every regular file.
+    async fn golden(&self, req: pb::GoldenPolicyRequest) -> Result<pb::GoldenPolicyResponse> {
+        if req.image.is_empty() {
+            return Err(Error::InvalidArgument("image is required".into()));
+        }
+        let image = self.images.get(&req.image).ok_or_else(|| {
+            Error::NotFound(format!("image {:?} not found; pull it first", req.image))
+        })?;
+        let snapshotter = self.cfg.containerd.snapshotter.clone();
+        let key = format!("golden-{}", imacri_runtime::ids::new_id());
+        let lease = self.c.lease("golden").await?;
+        let dir = self.cfg.state.join("golden").join(&key);
+        let res = async {
+            let mounts = self
+                .c
+                .prepare_snapshot(&snapshotter, &key, &image.chain_id, &lease)
+                .await?;
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+            imacri_runtime::mount::mount_snapshot(&mounts, &dir, true)?;
+            let source = format!("golden policy of image {} ({})", req.image, image.id);
+            let d = dir.clone();
+            let walked =
+                tokio::task::spawn_blocking(move || Allowlist::from_tree(&d, &source)).await;
+            let _ = imacri_runtime::mount::unmount_all(&dir);
+            walked
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(|e| Error::io("reading the image tree", &dir, e))
+        }
+        .await;
+        let _ = std::fs::remove_dir(&dir);
+        let _ = self.c.remove_snapshot(&snapshotter, &key).await;
+        let _ = lease.delete(&self.c, false).await;
+        let a = res?;
+        Ok(pb::GoldenPolicyResponse {
+            files: a.files.len() as u64,
+            policy_json: a.to_json(),
+        })
+    }
+}
+
+type Res<T> = std::result::Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl Attestation for Attest {
+    async fn quote(&self, r: Request<pb::QuoteRequest>) -> Res<pb::QuoteResponse> {
+        let r = r.into_inner();
+        let id = r.pod_sandbox_id.clone();
+        instrument("Attestation.Quote", &id, self.0.quote(r)).await
+    }
+
+    async fn list_pods(&self, _r: Request<pb::ListPodsRequest>) -> Res<pb::ListPodsResponse> {
+        instrument("Attestation.ListPods", "", async { Ok(self.0.list_ima_pods()) }).await
+    }
+
+    async fn get_log(&self, r: Request<pb::GetLogRequest>) -> Res<pb::GetLogResponse> {
+        let r = r.into_inner();
+        let id = r.pod_sandbox_id.clone();
+        instrument("Attestation.GetLog", &id, async { self.0.pod_log(r) }).await
+    }
+
+    async fn get_attestation_key(
+        &self,
+        _r: Request<pb::GetAttestationKeyRequest>,
+    ) -> Res<pb::GetAttestationKeyResponse> {
+        instrument("Attestation.GetAttestationKey", "", async {
+            self.0.attestation_key()
+        })
+        .await
+    }
+
+    async fn golden_policy(
+        &self,
+        r: Request<pb::GoldenPolicyRequest>,
+    ) -> Res<pb::GoldenPolicyResponse> {
+        let r = r.into_inner();
+        let image = r.image.clone();
+        instrument("Attestation.GoldenPolicy", &image, self.0.golden(r)).await
+    }
+}

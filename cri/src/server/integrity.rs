@@ -1,0 +1,209 @@
+//! Wiring of the measurement backend into the container lifecycle: a
+//! container of a fanotify-measured pod is marked after its task exists and
+//! before it starts; restarts re-mark running containers (with a `gap`
+//! entry); violations become warnings and CRI events.
+
+use imacri_api::cri;
+use imacri_runtime::ima;
+use imacri_runtime::integrity::allowlist::Allowlist;
+use imacri_runtime::integrity::fanotify::{Engine, Notice, Target, Triggers, Watch};
+use imacri_runtime::integrity::journal::Journal;
+use imacri_runtime::integrity::log::Event;
+use imacri_runtime::integrity::tpm::Tpm;
+use imacri_runtime::pod::SandboxState;
+use imacri_runtime::{Error, Result};
+use std::sync::Arc;
+
+use super::CriServer;
+
+/// The node's measurement machinery.
+pub struct Integrity {
+    pub journal: Arc<Journal>,
+    /// None when this node cannot run the fanotify backend.
+    pub engine: Option<Arc<Engine>>,
+}
+
+impl Integrity {
+    /// Opens the TPM (if configured) and the journal; starts the engine if
+    /// fanotify works here. Returns the notice receiver for violations.
+    pub async fn open(
+        cfg: &imacri_runtime::config::Config,
+        fanotify: &std::result::Result<(), String>,
+    ) -> Result<(Integrity, tokio::sync::mpsc::UnboundedReceiver<Notice>)> {
+        let dir = cfg.root.join("integrity");
+        let tcti = cfg.ima.tpm_tcti.clone();
+        let pcr = cfg.ima.pcr;
+        let journal = tokio::task::spawn_blocking(move || -> Result<Journal> {
+            let tpm = if tcti.is_empty() {
+                None
+            } else {
+                Some(Tpm::open(&tcti, pcr, &dir).map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "{e}; check ima.tpm_tcti (or --tpm-tcti), or leave it empty to run unanchored"
+                    ))
+                })?)
+            };
+            Journal::open(&dir, pcr, tpm).map_err(|e| Error::Internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("opening the measurement journal: {e}")))??;
+        let journal = Arc::new(journal);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = fanotify
+            .is_ok()
+            .then(|| Engine::new(journal.clone(), tx, 2));
+        tracing::info!(
+            anchored = journal.anchored(),
+            pcr,
+            fanotify = engine.is_some(),
+            epoch = ?journal.epoch().reset_count,
+            "measurement journal ready"
+        );
+        Ok((Integrity { journal, engine }, rx))
+    }
+}
+
+pub(crate) fn is_fanotify(st: &SandboxState) -> bool {
+    st.ima
+        .as_ref()
+        .is_some_and(|i| i.backend == ima::Backend::Fanotify.to_string())
+}
+
+impl CriServer {
+    /// The merged allowlists of a policy; errors name the file.
+    pub(crate) fn load_allowlist(&self, policy: &str) -> Result<Option<Arc<Allowlist>>> {
+        let Some(p) = self.cfg.ima.policies.get(policy) else {
+            return Err(Error::FailedPrecondition(format!(
+                "ima policy {policy:?} is no longer in the config"
+            )));
+        };
+        if p.allowlist.is_empty() {
+            return Ok(None);
+        }
+        let mut merged = Allowlist::default();
+        for f in &p.allowlist {
+            merged.merge(Allowlist::load(f).map_err(|e| {
+                Error::FailedPrecondition(format!("ima policy {policy:?}: {e}"))
+            })?);
+        }
+        Ok(Some(Arc::new(merged)))
+    }
+
+    /// Marks a container whose task (init `pid`) exists but has not started.
+    /// None if its pod is not measured by the fanotify backend.
+    pub(crate) fn measure_container(
+        &self,
+        pod: &str,
+        ctr: &str,
+        pid: u32,
+    ) -> Result<Option<Watch>> {
+        let sb = self.sandbox(pod)?;
+        let st = sb.state();
+        if !is_fanotify(&st) {
+            return Ok(None);
+        }
+        let Some(i) = &st.ima else { return Ok(None) };
+        let engine = self.integrity.engine.as_ref().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "the pod is measured by the fanotify backend, which this node cannot run now".into(),
+            )
+        })?;
+        let policy = self.cfg.ima.policies.get(&i.policy).ok_or_else(|| {
+            Error::FailedPrecondition(format!("ima policy {:?} is no longer in the config", i.policy))
+        })?;
+        let rules = ima::policy::parse(&policy.rules.join("\n"))?;
+        let mappings = st.userns.as_ref().map(|u| u.mappings.clone());
+        let triggers = Triggers::from_rules(&rules, |uid| {
+            mappings
+                .as_ref()
+                .and_then(|m| {
+                    m.uids
+                        .iter()
+                        .find(|r| uid >= r.container_id && uid - r.container_id < r.size)
+                        .map(|r| r.host_id + (uid - r.container_id))
+                })
+                .unwrap_or(uid)
+        });
+        let target = Target {
+            pod: pod.to_string(),
+            container: ctr.to_string(),
+            root: format!("/proc/{pid}/root").into(),
+            triggers,
+            mode: i.mode,
+            allowlist: self.load_allowlist(&i.policy)?,
+        };
+        let w = engine
+            .watch(target)
+            .map_err(|e| Error::FailedPrecondition(format!("measuring container {ctr}: {e}")))?;
+        tracing::info!(pod_sandbox_id = %pod, container_id = %ctr, mode = ?i.mode, "container measured by fanotify");
+        Ok(Some(w))
+    }
+
+    /// After a restart: measure running containers again and log the gap.
+    pub(crate) fn remeasure_after_restart(&self, pod: &str, ctr: &str, pid: u32) -> Option<Watch> {
+        match self.measure_container(pod, ctr, pid) {
+            Ok(Some(w)) => {
+                if let Err(e) =
+                    self.integrity
+                        .journal
+                        .record(pod, ctr, "-", [0; 32], Event::Gap, false)
+                {
+                    tracing::error!(container_id = %ctr, error = %e, "recording the measurement gap");
+                }
+                Some(w)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(pod_sandbox_id = %pod, container_id = %ctr, error = %e, "cannot measure a running ima container after restart");
+                None
+            }
+        }
+    }
+
+    /// Turns violation notices into log warnings and CRI events.
+    pub(crate) fn start_notice_consumer(
+        self: &Arc<Self>,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<Notice>,
+    ) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(n) = rx.recv().await {
+                let Some(s) = weak.upgrade() else { return };
+                tracing::warn!(
+                    pod_sandbox_id = %n.pod,
+                    container_id = %n.container,
+                    path = %n.path,
+                    digest = %n.digest,
+                    denied = n.denied,
+                    reason = %n.reason,
+                    "ima violation"
+                );
+                s.emit(cri::ContainerEventType::ImaViolationEvent, &n.container);
+            }
+        });
+    }
+
+    /// The measurement engine's counters and the journal's anchoring.
+    pub(crate) fn integrity_info(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let j = &self.integrity.journal;
+        let engine = self.integrity.engine.as_ref().map(|e| {
+            let s = &e.stats;
+            let hits = s.cache_hits.load(Relaxed);
+            serde_json::json!({
+                "events": s.events.load(Relaxed),
+                "cacheHits": hits,
+                "hashedFiles": s.hashed_files.load(Relaxed),
+                "hashedBytes": s.hashed_bytes.load(Relaxed),
+                "denied": s.denied.load(Relaxed),
+                "meanCacheHitNs": s.hit_ns_total.load(Relaxed).checked_div(hits).unwrap_or(0),
+            })
+        });
+        serde_json::json!({
+            "anchored": j.anchored(),
+            "pcr": j.pcr(),
+            "epoch": j.epoch(),
+            "fanotify": engine,
+        })
+    }
+}

@@ -1,0 +1,373 @@
+//! Measurement and attestation end to end, on this kernel's real fanotify,
+//! real containers and a real TPM simulator (swtpm): executions are logged
+//! and cached, a golden policy verifies, a dropped-in executable is caught
+//! (and, under enforce, denied with EPERM), tampered logs, stale quotes and
+//! foreign keys are rejected, and a restart keeps log and PCR in agreement.
+
+use imacri_integration::client::{exec_sh, pod_info, run_pod, sh_ok, start_container};
+use imacri_integration::{attest, container_config, cri, pod_config, Env, Imacri, Swtpm};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn ima_pod(name: &str, policy: Option<&str>) -> cri::PodSandboxConfig {
+    let mut cfg = pod_config(name);
+    cfg.annotations
+        .insert("imacri.dev/ima".into(), "true".into());
+    if let Some(p) = policy {
+        cfg.annotations
+            .insert("imacri.dev/ima-policy".into(), p.into());
+    }
+    cfg
+}
+
+fn sleeper(env: &Env) -> cri::ContainerConfig {
+    container_config("app", &env.busybox, &["sleep", "1000"])
+}
+
+fn verify(d: &Imacri, pod: &str, policy: &Path, ak: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let mut args = vec![
+        "verify",
+        "--pod",
+        pod,
+        "--policy",
+        policy.to_str().unwrap(),
+        "--ak",
+        ak.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (code, out, err) = attest(d, &args);
+    let report = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+    (code, report, err)
+}
+
+fn log_lines(d: &Imacri, pod: &str) -> Vec<String> {
+    let (code, out, err) = attest(d, &["log", pod]);
+    assert_eq!(code, 0, "{err}");
+    out.lines().map(str::to_string).collect()
+}
+
+async fn integrity_stats(rt: &mut imacri_integration::client::Rt) -> serde_json::Value {
+    let st = rt
+        .status(cri::StatusRequest { verbose: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let v: serde_json::Value = serde_json::from_str(&st.info["config"]).unwrap();
+    v["integrity"].clone()
+}
+
+/// Setup shared by the tests: swtpm, a daemon anchored in it (with `extra`
+/// flags), busybox pulled, the node's AK and busybox's golden policy.
+async fn anchored_node(env: &Env, extra: &[&str]) -> (Swtpm, Imacri, tempfile::TempDir) {
+    let tpm = Swtpm::start(env).unwrap();
+    let tcti = tpm.tcti();
+    let mut args = vec!["--tpm-tcti", tcti.as_str()];
+    args.extend_from_slice(extra);
+    let d = Imacri::start_with(env, &args).await.unwrap();
+    d.pull(&env.busybox).await;
+    let work = tempfile::tempdir_in(&env.base).unwrap();
+    let ak = work.path().join("ak.pem");
+    let (code, _, err) = attest(&d, &["ak", "--out", ak.to_str().unwrap()]);
+    assert_eq!(code, 0, "attest ak: {err}\n{}", d.log());
+    assert!(std::fs::read_to_string(&ak)
+        .unwrap()
+        .starts_with("-----BEGIN PUBLIC KEY-----"));
+    let golden = work.path().join("golden.json");
+    let (code, _, err) = attest(
+        &d,
+        &["golden", &env.busybox, "--out", golden.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "attest golden: {err}");
+    (tpm, d, work)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn measured_pod_is_attested_and_changes_are_caught() {
+    let env = Env::get();
+    let (_tpm, mut d, work) = anchored_node(env, &[]).await;
+    let ak = work.path().join("ak.pem");
+    let golden = work.path().join("golden.json");
+    let g: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&golden).unwrap()).unwrap();
+    assert!(g["files"]["/bin/busybox"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima_pod("attest", None);
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let info = pod_info(&mut rt, &pod).await;
+    assert_eq!(info["ima"]["backend"], "fanotify", "{info}");
+    let c = start_container(&mut rt, &pod, &cfg, sleeper(env)).await;
+
+    // The entrypoint's execution is measured (StartContainer returns
+    // before the entrypoint's execve, so wait for it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut entries = log_lines(&d, &pod);
+    while entries.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        entries = log_lines(&d, &pod);
+    }
+    assert!(
+        entries.iter().any(|l| l.contains(" /bin/busybox ") && l.ends_with(" exec")),
+        "{entries:?}\n{}",
+        d.log()
+    );
+    // Every measured exec of the (symlinked) applets is busybox itself: one
+    // entry per container and file, however often it runs; later runs hit
+    // the cache and hash nothing.
+    sh_ok(&mut rt, &c, "ls / >/dev/null").await;
+    let before = integrity_stats(&mut rt).await;
+    let n = log_lines(&d, &pod).len();
+    for _ in 0..3 {
+        sh_ok(&mut rt, &c, "ls / >/dev/null").await;
+    }
+    let after = integrity_stats(&mut rt).await;
+    assert_eq!(log_lines(&d, &pod).len(), n, "no new entries for cached files");
+    assert!(
+        after["fanotify"]["cacheHits"].as_u64() > before["fanotify"]["cacheHits"].as_u64(),
+        "{before} -> {after}"
+    );
+    assert_eq!(
+        after["fanotify"]["hashedFiles"], before["fanotify"]["hashedFiles"],
+        "cached executions are not hashed again"
+    );
+
+    let (code, report, err) = verify(&d, &pod, &golden, &ak, &[]);
+    assert_eq!(code, 0, "{report:#}\n{err}");
+    assert_eq!(report["verdict"], "trusted");
+    assert!(report["pod_entries"].as_u64().unwrap() >= 1);
+
+    // A quote saved now is stale later: a fresh nonce rejects it; with the
+    // nonce it answered, the saved evidence itself still verifies.
+    let saved = work.path().join("evidence.json");
+    let nonce = "00112233445566778899aabbccddeeff";
+    let (code, _, err) = attest(
+        &d,
+        &["quote", &pod, "--nonce", nonce, "--out", saved.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{err}");
+    let saved_s = saved.to_str().unwrap();
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &["--evidence", saved_s, "--nonce", nonce]);
+    assert_eq!(code, 0, "{report:#}");
+    let (code, report, _) = verify(
+        &d,
+        &pod,
+        &golden,
+        &ak,
+        &["--evidence", saved_s, "--nonce", "ffeeddccbbaa99887766554433221100"],
+    );
+    assert_eq!(code, 2, "stale quote: {report:#}");
+    assert!(report["errors"].to_string().contains("nonce"), "{report:#}");
+
+    // Another key than the registered one: invalid.
+    let other = work.path().join("other.pem");
+    let key = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl ecparam -name prime256v1 -genkey -noout | openssl ec -pubout -out {} 2>/dev/null",
+            other.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(key.success());
+    let (code, report, _) = verify(&d, &pod, &golden, &other, &[]);
+    assert_eq!(code, 2, "foreign AK: {report:#}");
+    assert!(report["errors"].to_string().contains("attestation key"), "{report:#}");
+
+    // Tampering with the persisted log: one digest changed.
+    let log_path = d.root.join("integrity/measurements.log");
+    let original = std::fs::read_to_string(&log_path).unwrap();
+    let first = original.lines().next().unwrap();
+    let digest = first.split(' ').nth(3).unwrap();
+    let forged = format!("sha256:{}", "ab".repeat(32));
+    std::fs::write(&log_path, original.replacen(digest, &forged, 1)).unwrap();
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &[]);
+    assert_eq!(code, 2, "tampered log: {report:#}");
+    assert!(report["errors"].to_string().contains("modified"), "{report:#}");
+    // Dropping an entry (keeping each line self-consistent) breaks the replay.
+    let dropped: String = original.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log_path, dropped).unwrap();
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &[]);
+    assert_eq!(code, 2, "truncated log: {report:#}");
+    assert!(report["errors"].to_string().contains("replay"), "{report:#}");
+    std::fs::write(&log_path, &original).unwrap();
+    assert_eq!(verify(&d, &pod, &golden, &ak, &[]).0, 0);
+
+    // Restart (kill -9): log and PCR still agree, the container is measured
+    // again, and the gap is reported.
+    d.kill();
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let (code, report, err) = verify(&d, &pod, &golden, &ak, &[]);
+    assert_eq!(code, 0, "after restart: {report:#}\n{err}\n{}", d.log());
+    assert_eq!(report["gaps"], 1, "{report:#}");
+
+    // A new executable dropped into the running container and run.
+    sh_ok(
+        &mut rt,
+        &c,
+        // Named like an applet, so busybox runs it.
+        "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true && chmod +x /tmp/new/true && /tmp/new/true",
+    )
+    .await;
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &[]);
+    assert_eq!(code, 1, "{report:#}");
+    let v = &report["violations"][0];
+    assert_eq!(v["path"], "/tmp/new/true", "{report:#}");
+    assert!(v["digest"].as_str().unwrap().starts_with("sha256:"));
+    let info = pod_info(&mut rt, &pod).await;
+    assert!(
+        info["ima"]["lastViolation"]
+            .as_str()
+            .is_none_or(|s| s.is_empty()),
+        "measure mode without an allowlist on the node: the verifier decides ({info})"
+    );
+
+    // watch reports it once.
+    let (code, out, err) = attest(
+        &d,
+        &[
+            "watch",
+            "--policy",
+            golden.to_str().unwrap(),
+            "--ak",
+            ak.to_str().unwrap(),
+            "--interval",
+            "100ms",
+            "--count",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let alerts: Vec<&str> = out.lines().filter(|l| l.contains("/tmp/new/true")).collect();
+    assert_eq!(alerts.len(), 1, "{out}");
+    assert!(alerts[0].starts_with("ALERT pod="), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enforce_mode_denies_unknown_executables() {
+    let env = Env::get();
+    let work = tempfile::tempdir_in(&env.base).unwrap();
+    let golden = work.path().join("golden.json");
+    let config = work.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ima.policies.default]\n[ima.policies.strict]\nrules = [\"measure func=BPRM_CHECK mask=MAY_EXEC\"]\nmode = \"enforce\"\nallowlist = [\"{}\"]\n",
+            golden.display()
+        ),
+    )
+    .unwrap();
+    let (_tpm, d, node) = anchored_node(env, &["--config", config.to_str().unwrap()]).await;
+    std::fs::copy(node.path().join("golden.json"), &golden).unwrap();
+    let ak = node.path().join("ak.pem");
+
+    let mut rt = d.runtime().await.unwrap();
+    let mut events = rt
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let cfg = ima_pod("enforce", Some("strict"));
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let vol = work.path().join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    std::fs::copy("/bin/busybox", vol.join("tool")).unwrap();
+    let mut cc = sleeper(env);
+    cc.mounts.push(cri::Mount {
+        container_path: "/vol".into(),
+        host_path: vol.to_string_lossy().into(),
+        ..Default::default()
+    });
+    let c = start_container(&mut rt, &pod, &cfg, cc).await;
+    // Allowed content runs.
+    assert_eq!(sh_ok(&mut rt, &c, "echo ok").await, "ok");
+
+    let (code, out, err) = exec_sh(
+        &mut rt,
+        &c,
+        "cp /bin/busybox /tmp/dropped && chmod +x /tmp/dropped && /tmp/dropped true; echo rc=$?",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rc=126") || out.contains("rc=1"), "{out}{err}");
+    assert!(
+        err.to_lowercase().contains("not permitted"),
+        "EPERM expected: {out}{err}"
+    );
+    // Volumes are noexec in a measured pod: no unmeasured executions.
+    let (_, out, err) = exec_sh(&mut rt, &c, "/vol/tool true; echo rc=$?").await;
+    assert!(!out.contains("rc=0"), "{out}{err}");
+    assert!(err.contains("Permission denied"), "{out}{err}");
+
+    let entries = log_lines(&d, &pod);
+    assert!(
+        entries.iter().any(|l| l.contains(" /tmp/dropped ") && l.ends_with(" deny")),
+        "{entries:?}"
+    );
+    let info = pod_info(&mut rt, &pod).await;
+    assert!(
+        info["ima"]["lastViolation"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/tmp/dropped"),
+        "{info}"
+    );
+    assert!(d.log().contains("ima violation"), "{}", d.log());
+    // A CRI event names the container.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = false;
+    while Instant::now() < deadline && !seen {
+        match tokio::time::timeout(Duration::from_secs(5), events.message()).await {
+            Ok(Ok(Some(e))) => {
+                seen = e.container_event_type == cri::ContainerEventType::ImaViolationEvent as i32
+                    && e.container_id == c
+            }
+            _ => break,
+        }
+    }
+    assert!(seen, "IMA_VIOLATION_EVENT for {c}");
+
+    let (code, report, err) = verify(&d, &pod, &golden, &ak, &[]);
+    assert_eq!(code, 1, "{report:#}\n{err}");
+    assert_eq!(report["violations"][0]["event"], "deny", "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_tpm_evidence_is_unanchored() {
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima_pod("unanchored", None);
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let c = start_container(&mut rt, &pod, &cfg, sleeper(env)).await;
+    sh_ok(&mut rt, &c, "true").await;
+    let (code, _, err) = attest(&d, &["ak"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no TPM"), "{err}");
+    let work = tempfile::tempdir_in(&env.base).unwrap();
+    let golden = work.path().join("golden.json");
+    assert_eq!(
+        attest(&d, &["golden", &env.busybox, "--out", golden.to_str().unwrap()]).0,
+        0
+    );
+    let args = ["verify", "--pod", &pod, "--policy", golden.to_str().unwrap()];
+    let (code, out, _) = attest(&d, &args);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("unanchored"), "{out}");
+    let mut lax = args.to_vec();
+    lax.push("--allow-unanchored");
+    let (code, out, _) = attest(&d, &lax);
+    assert_eq!(code, 0, "{out}");
+    // Bad requests are clear.
+    let (code, _, err) = attest(&d, &["log", "no-such-pod"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not found"), "{err}");
+}

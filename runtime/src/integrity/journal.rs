@@ -1,0 +1,405 @@
+//! The node's measurement journal: every ima pod's entries in one
+//! append-only log (one PCR holds them all, so replay needs all of them),
+//! the TPM extends that anchor it, and the epoch they belong to.
+//!
+//! Files under `<root>/integrity/`: `measurements.log` (the current epoch's
+//! log), `epoch.json`, `archive/` (logs of earlier epochs, never replayed),
+//! `ak.pub`/`ak.priv` (the attestation key blobs).
+//!
+//! Order: an entry is appended to the log first, then its extend is queued
+//! on the TPM thread. If imacri dies in between, the next start finds the
+//! PCR equal to the replay of a prefix of the log and extends the rest. A TPM
+//! reset (reboot) starts a new epoch: the old log is archived and its entries
+//! are never replayed against the new PCR.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::log::{self, Entry, Event};
+use super::tpm::{Quote, Tpm, TpmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{context} {path}: {source}")]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("measurement journal: {0}")]
+    Poisoned(&'static str),
+    #[error(transparent)]
+    Tpm(#[from] TpmError),
+}
+
+type JResult<T> = std::result::Result<T, JournalError>;
+
+fn io<'a>(context: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JournalError + 'a {
+    move |source| JournalError::Io {
+        context,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Which TPM life the log belongs to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Epoch {
+    /// The TPM's reset count when the epoch began (None: no TPM).
+    pub reset_count: Option<u32>,
+    pub restart_count: Option<u32>,
+    /// Unix seconds.
+    pub started_at: i64,
+    /// Set when the PCR holds a value the log cannot replay to (something
+    /// else extended it): evidence is unverifiable until the next TPM reset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broken: Option<String>,
+}
+
+/// Per pod: what status reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PodSummary {
+    pub measurements: u64,
+    pub violations: u64,
+    #[serde(rename = "lastViolation")]
+    pub last_violation: Option<String>,
+}
+
+/// A snapshot for evidence: the log as stored and the quote over it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub log_text: String,
+    pub epoch: Epoch,
+    pub pcr: u32,
+    /// None: no TPM ("unanchored").
+    pub quote: Option<Quote>,
+    pub ak_sec1: Option<Vec<u8>>,
+}
+
+struct Inner {
+    file: std::fs::File,
+    seen: HashSet<(String, String, String, [u8; 32], Event)>,
+    pods: HashMap<String, PodSummary>,
+    count: u64,
+}
+
+pub struct Journal {
+    dir: PathBuf,
+    pcr: u32,
+    tpm: Option<Tpm>,
+    epoch: Mutex<Epoch>,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("dir", &self.dir).finish()
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Journal {
+    pub fn log_path(dir: &Path) -> PathBuf {
+        dir.join("measurements.log")
+    }
+
+    /// Opens (or starts) the journal and reconciles it with the TPM.
+    /// Blocking: TPM commands and file reads.
+    pub fn open(dir: &Path, pcr: u32, tpm: Option<Tpm>) -> JResult<Journal> {
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        let log_path = Self::log_path(dir);
+        let epoch_path = dir.join("epoch.json");
+        let text = match std::fs::read_to_string(&log_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io("reading", &log_path)(e)),
+        };
+        let saved: Option<Epoch> = std::fs::read(&epoch_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let mut entries = match log::parse_log(&text) {
+            Ok(es) => es,
+            Err(msg) => {
+                // Keep the evidence of tampering aside; the PCR check below
+                // then marks the epoch unverifiable.
+                tracing::error!(path = %log_path.display(), "measurement log is corrupt ({msg}); archived it");
+                archive(dir, &log_path, &saved.clone().unwrap_or_default(), "corrupt")?;
+                Vec::new()
+            }
+        };
+        let mut epoch = saved.clone().unwrap_or(Epoch {
+            started_at: now_secs(),
+            ..Default::default()
+        });
+        if let Some(tpm) = &tpm {
+            let q = tpm.quote_blocking(rand::random::<[u8; 32]>().to_vec())?;
+            let pcr_now = q.pcr_value;
+            let rebooted = saved.as_ref().is_none_or(|s| {
+                s.reset_count != Some(q.reset_count)
+                    || (s.restart_count != Some(q.restart_count) && pcr_now == [0; 32])
+            });
+            if rebooted {
+                if !entries.is_empty() {
+                    archive(dir, &log_path, &epoch, "epoch")?;
+                    tracing::info!(
+                        entries = entries.len(),
+                        "the TPM was reset: archived the previous epoch's measurement log"
+                    );
+                }
+                entries.clear();
+                epoch = Epoch {
+                    reset_count: Some(q.reset_count),
+                    restart_count: Some(q.restart_count),
+                    started_at: now_secs(),
+                    broken: None,
+                };
+            }
+            epoch.restart_count = Some(q.restart_count);
+            if epoch.broken.is_none() {
+                // Find the prefix the PCR holds; extend what follows it.
+                let mut running = [0u8; 32];
+                let mut held = (pcr_now == running).then_some(0);
+                for (i, e) in entries.iter().enumerate() {
+                    running = log::extend(&running, &e.template_hash);
+                    if running == pcr_now {
+                        held = Some(i + 1);
+                    }
+                }
+                match held {
+                    Some(k) => {
+                        for e in &entries[k..] {
+                            tpm.extend_queued(e.template_hash);
+                        }
+                        if k < entries.len() {
+                            tracing::warn!(
+                                missing = entries.len() - k,
+                                "extended log entries the TPM had not seen (imacri stopped between log and extend)"
+                            );
+                        }
+                    }
+                    None => {
+                        let msg = format!(
+                            "PCR {pcr} holds {} which the measurement log does not replay to: something else extends this PCR; choose a PCR only imacri uses (ima.pcr)",
+                            hex::encode(pcr_now)
+                        );
+                        tracing::error!("{msg}");
+                        epoch.broken = Some(msg);
+                    }
+                }
+            }
+        } else if saved.as_ref().is_some_and(|s| s.reset_count.is_some()) {
+            // Was anchored, now is not: keep the log, say so in evidence.
+            tracing::warn!("no TPM configured: measurements continue unanchored");
+        }
+        std::fs::write(
+            &epoch_path,
+            serde_json::to_vec_pretty(&epoch).unwrap_or_default(),
+        )
+        .map_err(io("writing", &epoch_path))?;
+        if entries.is_empty() {
+            std::fs::write(&log_path, b"").map_err(io("writing", &log_path))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&log_path)
+            .map_err(io("opening", &log_path))?;
+        let mut inner = Inner {
+            file,
+            seen: HashSet::new(),
+            pods: HashMap::new(),
+            count: 0,
+        };
+        for e in entries {
+            inner.note(&e, false);
+        }
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            pcr,
+            tpm,
+            epoch: Mutex::new(epoch),
+            inner: Mutex::new(inner),
+        })
+    }
+
+    pub fn pcr(&self) -> u32 {
+        self.pcr
+    }
+
+    pub fn anchored(&self) -> bool {
+        self.tpm.is_some()
+    }
+
+    pub fn tpm(&self) -> Option<&Tpm> {
+        self.tpm.as_ref()
+    }
+
+    /// Whether this measurement is already in the log (IMA's "measure once").
+    pub fn seen(&self, pod: &str, ctr: &str, path: &str, digest: &[u8; 32], ev: Event) -> bool {
+        let key = (pod.to_string(), ctr.to_string(), path.to_string(), *digest, ev);
+        self.inner
+            .lock()
+            .map(|i| i.seen.contains(&key))
+            .unwrap_or(false)
+    }
+
+    /// Appends a measurement unless the same one is already logged; returns
+    /// the new entry. `violation` marks it in the pod's summary.
+    pub fn record(
+        &self,
+        pod: &str,
+        ctr: &str,
+        path: &str,
+        digest: [u8; 32],
+        ev: Event,
+        violation: bool,
+    ) -> JResult<Option<Entry>> {
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| JournalError::Poisoned("lock poisoned"))?;
+        let key = (pod.to_string(), ctr.to_string(), path.to_string(), digest, ev);
+        if ev != Event::Gap && inner.seen.contains(&key) {
+            return Ok(None);
+        }
+        let e = Entry::new(self.pcr, digest, path, pod, ctr, ev);
+        let line = format!("{e}\n");
+        let log_path = Self::log_path(&self.dir);
+        inner
+            .file
+            .write_all(line.as_bytes())
+            .map_err(io("appending to", &log_path))?;
+        inner.note(&e, violation);
+        // Queued while the lock is held, so extends keep the log's order.
+        if let Some(t) = &self.tpm {
+            t.extend_queued(e.template_hash);
+        }
+        Ok(Some(e))
+    }
+
+    pub fn summary(&self, pod: &str) -> PodSummary {
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|i| i.pods.get(pod).cloned())
+            .unwrap_or_default()
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// The stored log and, with a TPM, a quote over exactly that log. The
+    /// log is read from disk (what a node admin or attacker could edit is
+    /// what the verifier replays).
+    pub async fn snapshot(&self, nonce: Vec<u8>) -> JResult<Snapshot> {
+        let log_path = Self::log_path(&self.dir);
+        let (log_text, pending) = {
+            let _guard = self.inner.lock();
+            let text = std::fs::read_to_string(&log_path).map_err(io("reading", &log_path))?;
+            // Queued under the lock: after this log's extends, before later ones.
+            let pending = self.tpm.as_ref().map(|t| t.quote_request(nonce));
+            (text, pending)
+        };
+        let quote = match pending {
+            Some(rx) => Some(rx.await.map_err(|_| TpmError::Gone)??),
+            None => None,
+        };
+        Ok(Snapshot {
+            log_text,
+            epoch: self.epoch(),
+            pcr: self.pcr,
+            quote,
+            ak_sec1: self.tpm.as_ref().map(|t| t.ak_sec1().to_vec()),
+        })
+    }
+}
+
+impl Inner {
+    fn note(&mut self, e: &Entry, violation: bool) {
+        self.count += 1;
+        let p = self.pods.entry(e.pod.clone()).or_default();
+        if e.event != Event::Gap {
+            p.measurements += 1;
+        }
+        if violation || e.event == Event::Deny {
+            p.violations += 1;
+            p.last_violation = Some(format!(
+                "{} {} {} in container {}",
+                e.event.as_str(),
+                e.path,
+                e.digest_hex(),
+                e.container
+            ));
+        }
+        self.seen.insert((
+            e.pod.clone(),
+            e.container.clone(),
+            e.path.clone(),
+            e.digest,
+            e.event,
+        ));
+    }
+}
+
+fn archive(dir: &Path, log_path: &Path, epoch: &Epoch, why: &str) -> JResult<()> {
+    let adir = dir.join("archive");
+    std::fs::create_dir_all(&adir).map_err(io("creating", &adir))?;
+    let name = format!(
+        "measurements-{why}-{}-{}-{}.log",
+        epoch.reset_count.map(|r| r.to_string()).unwrap_or("none".into()),
+        epoch.started_at,
+        now_secs()
+    );
+    std::fs::rename(log_path, adir.join(name)).map_err(io("archiving", log_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unanchored_journal_dedupes_and_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path(), 15, None).unwrap();
+        let a = j
+            .record("p", "c", "/bin/sh", [1; 32], Event::Exec, false)
+            .unwrap();
+        assert!(a.is_some());
+        assert!(j
+            .record("p", "c", "/bin/sh", [1; 32], Event::Exec, false)
+            .unwrap()
+            .is_none());
+        j.record("p", "c", "/tmp/x", [2; 32], Event::Deny, false)
+            .unwrap();
+        let s = j.summary("p");
+        assert_eq!((s.measurements, s.violations), (2, 1));
+        assert!(s.last_violation.unwrap().contains("/tmp/x"));
+        drop(j);
+        let j = Journal::open(d.path(), 15, None).unwrap();
+        assert!(j.seen("p", "c", "/bin/sh", &[1; 32], Event::Exec));
+        assert_eq!(j.summary("p").measurements, 2);
+        let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
+        assert_eq!(log::parse_log(&text).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn corrupt_log_is_archived_not_fatal() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(Journal::log_path(d.path()), "garbage\n").unwrap();
+        let j = Journal::open(d.path(), 15, None).unwrap();
+        assert_eq!(j.summary("p").measurements, 0);
+        let archived = std::fs::read_dir(d.path().join("archive")).unwrap().count();
+        assert_eq!(archived, 1);
+    }
+}

@@ -1,0 +1,291 @@
+//! The measurement log: one entry per measurement, in an ascii format like
+//! IMA's `ima-ng`, with a template (`imacri-ng`) whose hashed data also binds
+//! the pod and container ID, so an entry cannot be moved to another pod
+//! without changing its template hash (and so the PCR it replays to).
+//!
+//! Line: `<pcr> <template-hash> imacri-ng sha256:<digest> <path> <pod> <container> <event>`
+//! Paths are escaped (`\xNN` for space, backslash and control bytes) so a
+//! line always splits into eight fields.
+//!
+//! Template data (what the template hash is sha256 of), each field as a
+//! little-endian u32 length followed by its bytes, as IMA encodes ima-ng:
+//! `"sha256:\0" + digest`, `path\0`, `pod\0`, `container\0`, `event\0`.
+
+use sha2::{Digest, Sha256};
+use std::fmt;
+
+pub const TEMPLATE: &str = "imacri-ng";
+
+/// What caused an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Event {
+    /// An execution (FAN_OPEN_EXEC_PERM), allowed.
+    Exec,
+    /// An open of an ELF file (the policy's FILE_MMAP/MMAP_CHECK rules).
+    Mmap,
+    /// An open for reading (the policy's FILE_CHECK rules).
+    Read,
+    /// An execution denied by an enforce policy.
+    Deny,
+    /// imacri was not measuring this container for a while (daemon restart);
+    /// digest is zero and path is "-".
+    Gap,
+}
+
+impl Event {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Exec => "exec",
+            Event::Mmap => "mmap",
+            Event::Read => "read",
+            Event::Deny => "deny",
+            Event::Gap => "gap",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Event> {
+        Some(match s {
+            "exec" => Event::Exec,
+            "mmap" => Event::Mmap,
+            "read" => Event::Read,
+            "deny" => Event::Deny,
+            "gap" => Event::Gap,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Entry {
+    pub pcr: u32,
+    /// sha256 of the template data.
+    pub template_hash: [u8; 32],
+    /// sha256 of the file's content.
+    pub digest: [u8; 32],
+    /// Path as seen inside the container.
+    pub path: String,
+    pub pod: String,
+    pub container: String,
+    pub event: Event,
+}
+
+impl Entry {
+    /// A new entry with its template hash computed.
+    pub fn new(
+        pcr: u32,
+        digest: [u8; 32],
+        path: &str,
+        pod: &str,
+        container: &str,
+        event: Event,
+    ) -> Entry {
+        let template_hash = template_hash(&digest, path, pod, container, event);
+        Entry {
+            pcr,
+            template_hash,
+            digest,
+            path: path.to_string(),
+            pod: pod.to_string(),
+            container: container.to_string(),
+            event,
+        }
+    }
+
+    /// True when the template hash matches the fields (no field was edited).
+    pub fn is_consistent(&self) -> bool {
+        self.template_hash
+            == template_hash(
+                &self.digest,
+                &self.path,
+                &self.pod,
+                &self.container,
+                self.event,
+            )
+    }
+
+    pub fn digest_hex(&self) -> String {
+        format!("sha256:{}", hex::encode(self.digest))
+    }
+
+    /// Parses one log line; the error says what is wrong.
+    pub fn parse(line: &str) -> Result<Entry, String> {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() != 8 {
+            return Err(format!("expected 8 fields, found {}", f.len()));
+        }
+        let pcr = f[0].parse().map_err(|_| format!("bad pcr {:?}", f[0]))?;
+        let template_hash = hex32(f[1]).ok_or_else(|| format!("bad template hash {:?}", f[1]))?;
+        if f[2] != TEMPLATE {
+            return Err(format!("unknown template {:?}", f[2]));
+        }
+        let digest = f[3]
+            .strip_prefix("sha256:")
+            .and_then(hex32)
+            .ok_or_else(|| format!("bad digest {:?}", f[3]))?;
+        let path = unescape(f[4]).ok_or_else(|| format!("bad path {:?}", f[4]))?;
+        let event = Event::parse(f[7]).ok_or_else(|| format!("unknown event {:?}", f[7]))?;
+        Ok(Entry {
+            pcr,
+            template_hash,
+            digest,
+            path,
+            pod: f[5].to_string(),
+            container: f[6].to_string(),
+            event,
+        })
+    }
+}
+
+impl fmt::Display for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} {TEMPLATE} sha256:{} {} {} {} {}",
+            self.pcr,
+            hex::encode(self.template_hash),
+            hex::encode(self.digest),
+            escape(&self.path),
+            self.pod,
+            self.container,
+            self.event.as_str()
+        )
+    }
+}
+
+pub fn template_hash(
+    digest: &[u8; 32],
+    path: &str,
+    pod: &str,
+    container: &str,
+    event: Event,
+) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[&[u8]]| {
+        let len: usize = bytes.iter().map(|b| b.len()).sum();
+        h.update((len as u32).to_le_bytes());
+        for b in bytes {
+            h.update(b);
+        }
+    };
+    field(&[b"sha256:\0", digest]);
+    field(&[path.as_bytes(), b"\0"]);
+    field(&[pod.as_bytes(), b"\0"]);
+    field(&[container.as_bytes(), b"\0"]);
+    field(&[event.as_str().as_bytes(), b"\0"]);
+    h.finalize().into()
+}
+
+/// PCR extend as the TPM does it: sha256(old || new).
+pub fn extend(pcr: &[u8; 32], template_hash: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(pcr);
+    h.update(template_hash);
+    h.finalize().into()
+}
+
+/// The PCR value a log replays to, from an all-zero PCR.
+pub fn replay<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> [u8; 32] {
+    entries
+        .into_iter()
+        .fold([0u8; 32], |pcr, e| extend(&pcr, &e.template_hash))
+}
+
+/// Parses a whole log; errors name the line.
+pub fn parse_log(text: &str) -> Result<Vec<Entry>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, l)| Entry::parse(l).map_err(|e| format!("log line {}: {e}", i + 1)))
+        .collect()
+}
+
+fn hex32(s: &str) -> Option<[u8; 32]> {
+    let v = hex::decode(s).ok()?;
+    v.try_into().ok()
+}
+
+fn escape(path: &str) -> String {
+    // Only ASCII bytes are replaced, so the result stays valid UTF-8.
+    let mut out = Vec::with_capacity(path.len());
+    for b in path.bytes() {
+        if b <= b' ' || b == b'\\' || b == 0x7f {
+            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn unescape(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' {
+            let h = s.get(i + 2..i + 4)?;
+            if b.get(i + 1) != Some(&b'x') {
+                return None;
+            }
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_round_trips_with_awkward_paths() {
+        for path in ["/bin/sh", "/tmp/a b\\c\nd", "/opt/ünï"] {
+            let e = Entry::new(15, [7; 32], path, "pod1", "ctr1", Event::Exec);
+            let line = e.to_string();
+            assert_eq!(line.split(' ').count(), 8, "{line}");
+            let back = Entry::parse(&line).unwrap();
+            assert_eq!(back, e);
+            assert!(back.is_consistent());
+        }
+    }
+
+    #[test]
+    fn template_hash_binds_pod_and_container() {
+        let a = Entry::new(15, [1; 32], "/bin/sh", "podA", "c", Event::Exec);
+        let b = Entry::new(15, [1; 32], "/bin/sh", "podB", "c", Event::Exec);
+        let c = Entry::new(15, [1; 32], "/bin/sh", "podA", "d", Event::Exec);
+        assert_ne!(a.template_hash, b.template_hash);
+        assert_ne!(a.template_hash, c.template_hash);
+        // Moving an entry to another pod by editing the line is detected.
+        let moved = a.to_string().replace("podA", "podB");
+        assert!(!Entry::parse(&moved).unwrap().is_consistent());
+    }
+
+    #[test]
+    fn replay_matches_sequential_extends() {
+        let es: Vec<Entry> = (0..3)
+            .map(|i| Entry::new(15, [i; 32], "/x", "p", "c", Event::Exec))
+            .collect();
+        let mut pcr = [0u8; 32];
+        for e in &es {
+            pcr = extend(&pcr, &e.template_hash);
+        }
+        assert_eq!(replay(&es), pcr);
+        assert_ne!(replay(&es[..2]), pcr);
+    }
+
+    #[test]
+    fn parse_errors_name_the_problem() {
+        let good = Entry::new(15, [0; 32], "/x", "p", "c", Event::Gap).to_string();
+        assert!(parse_log(&format!("{good}\n{good}\n")).unwrap().len() == 2);
+        let e = parse_log(&format!("{good}\n15 zz\n")).unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        let e = Entry::parse(&good.replace("imacri-ng", "ima-ng")).unwrap_err();
+        assert!(e.contains("template"), "{e}");
+    }
+}

@@ -1,0 +1,354 @@
+//! Evidence and its verification. Pure: the verifier host needs no TPM, only
+//! the node's evidence, the nonce it sent, the AK it registered and a policy.
+//!
+//! Checks, in order: the AK matches the pinned one; the quote's signature
+//! over TPMS_ATTEST; it is a quote of exactly this node's PCR with our nonce;
+//! its PCR digest is the hash of the reported PCR value; its reset count is
+//! the evidence's epoch (an old log is never replayed against new PCRs);
+//! every log line's template hash matches its fields; the whole log replays
+//! to the PCR value; the pod's entries are the log's entries for that pod.
+//! Any failure makes the evidence invalid. Then each of the pod's entries is
+//! appraised against the policy: violations are findings, not invalidity.
+
+use p256::ecdsa::signature::Verifier;
+use p256::pkcs8::{DecodePublicKey, EncodePublicKey, LineEnding};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tss_esapi::structures::{Attest, AttestInfo, PcrSlot};
+use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+use tss_esapi::interface_types::structure_tags::AttestationType;
+use tss_esapi::traits::UnMarshall;
+
+use super::allowlist::{Allowlist, Violation};
+use super::journal::Epoch;
+use super::log::{self, Entry, Event};
+
+mod hexbytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QuoteEvidence {
+    /// TPMS_ATTEST as signed.
+    #[serde(with = "hexbytes")]
+    pub attest: Vec<u8>,
+    #[serde(with = "hexbytes")]
+    pub signature_r: Vec<u8>,
+    #[serde(with = "hexbytes")]
+    pub signature_s: Vec<u8>,
+    /// The PCR's value (sha256 bank).
+    #[serde(with = "hexbytes")]
+    pub pcr_value: Vec<u8>,
+}
+
+/// What a node returns for `Quote(pod, nonce)`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub pod_sandbox_id: String,
+    /// e.g. "fanotify".
+    pub backend: String,
+    pub anchored: bool,
+    pub pcr: u32,
+    pub epoch: Epoch,
+    #[serde(with = "hexbytes")]
+    pub nonce: Vec<u8>,
+    /// The whole log of the epoch (needed to replay the PCR).
+    pub log: Vec<String>,
+    /// The pod's own entries.
+    pub pod_log: Vec<String>,
+    pub quote: Option<QuoteEvidence>,
+    /// The AK as PEM SubjectPublicKeyInfo ("" when unanchored).
+    pub ak_public_pem: String,
+}
+
+/// PEM SubjectPublicKeyInfo of a P-256 point (SEC1 bytes).
+pub fn ak_pem(sec1: &[u8]) -> Result<String, String> {
+    let pk = p256::PublicKey::from_sec1_bytes(sec1).map_err(|e| format!("AK point: {e}"))?;
+    pk.to_public_key_pem(LineEnding::LF)
+        .map_err(|e| format!("AK PEM: {e}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Trusted,
+    Violations,
+    Invalid,
+}
+
+impl Verdict {
+    /// Exit status of `imacri attest verify`.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Verdict::Trusted => 0,
+            Verdict::Violations => 1,
+            Verdict::Invalid => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub pod_sandbox_id: String,
+    pub verdict: Verdict,
+    pub backend: String,
+    pub anchored: bool,
+    pub pcr: u32,
+    pub reset_count: Option<u32>,
+    /// The log's entries (all pods) and the pod's measurements.
+    pub log_entries: usize,
+    pub pod_entries: usize,
+    /// Intervals in which the node was not measuring the pod (restarts).
+    pub gaps: usize,
+    pub violations: Vec<Violation>,
+    /// Why the evidence is invalid (empty unless verdict is "invalid").
+    pub errors: Vec<String>,
+}
+
+pub struct Expectations<'a> {
+    pub pod_sandbox_id: &'a str,
+    pub nonce: &'a [u8],
+    /// The AK registered for this node (PEM). None: trust the evidence's own
+    /// (only sensible for a first registration; reported).
+    pub ak_pem: Option<&'a str>,
+    pub policy: &'a Allowlist,
+    pub allow_unanchored: bool,
+}
+
+pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
+    let mut errors = Vec::new();
+    if ev.pod_sandbox_id != x.pod_sandbox_id {
+        errors.push(format!(
+            "evidence is for pod {:?}, not {:?}",
+            ev.pod_sandbox_id, x.pod_sandbox_id
+        ));
+    }
+    if ev.nonce != x.nonce {
+        errors.push("the evidence's nonce is not the one sent (replayed evidence?)".into());
+    }
+    if let Some(b) = &ev.epoch.broken {
+        errors.push(format!("the node reports its PCR cannot be verified: {b}"));
+    }
+    if ev.anchored {
+        check_quote(ev, x, &mut errors);
+    } else if !x.allow_unanchored {
+        errors.push(
+            "evidence is unanchored: the node has no TPM configured (ima.tpm_tcti), so nothing proves the log"
+                .into(),
+        );
+    }
+    // The log itself.
+    let mut entries = Vec::with_capacity(ev.log.len());
+    for (i, line) in ev.log.iter().enumerate() {
+        match Entry::parse(line) {
+            Ok(e) if !e.is_consistent() => errors.push(format!(
+                "log entry {} ({}) does not match its template hash: the log was modified",
+                i + 1,
+                e.path
+            )),
+            Ok(e) if e.pcr != ev.pcr => errors.push(format!(
+                "log entry {} names PCR {}, the evidence PCR {}",
+                i + 1,
+                e.pcr,
+                ev.pcr
+            )),
+            Ok(e) => entries.push(e),
+            Err(m) => errors.push(format!("log entry {}: {m}", i + 1)),
+        }
+    }
+    if ev.anchored && entries.len() == ev.log.len() {
+        if let Some(q) = &ev.quote {
+            if log::replay(&entries).as_slice() != q.pcr_value.as_slice() {
+                errors.push(format!(
+                    "the log ({} entries) does not replay to PCR {}: entries were removed, reordered or added",
+                    entries.len(),
+                    ev.pcr
+                ));
+            }
+        }
+    }
+    let pod_entries: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.pod == x.pod_sandbox_id)
+        .collect();
+    let pod_lines: Vec<String> = pod_entries.iter().map(|e| e.to_string()).collect();
+    if pod_lines != ev.pod_log {
+        errors.push("the pod's entries differ from the log's entries for the pod".into());
+    }
+    let violations: Vec<Violation> = pod_entries.iter().filter_map(|e| x.policy.check(e)).collect();
+    let verdict = if !errors.is_empty() {
+        Verdict::Invalid
+    } else if !violations.is_empty() {
+        Verdict::Violations
+    } else {
+        Verdict::Trusted
+    };
+    Report {
+        pod_sandbox_id: x.pod_sandbox_id.to_string(),
+        verdict,
+        backend: ev.backend.clone(),
+        anchored: ev.anchored,
+        pcr: ev.pcr,
+        reset_count: ev.epoch.reset_count,
+        log_entries: ev.log.len(),
+        pod_entries: pod_entries.iter().filter(|e| e.event != Event::Gap).count(),
+        gaps: pod_entries.iter().filter(|e| e.event == Event::Gap).count(),
+        violations,
+        errors,
+    }
+}
+
+fn check_quote(ev: &Evidence, x: &Expectations<'_>, errors: &mut Vec<String>) {
+    let Some(q) = &ev.quote else {
+        errors.push("anchored evidence without a quote".into());
+        return;
+    };
+    let ak_pem = match x.ak_pem {
+        Some(pinned) => {
+            if normalize(pinned) != normalize(&ev.ak_public_pem) {
+                errors.push("the evidence's attestation key is not the registered one".into());
+            }
+            pinned
+        }
+        None => ev.ak_public_pem.as_str(),
+    };
+    let key = match p256::ecdsa::VerifyingKey::from_public_key_pem(ak_pem.trim()) {
+        Ok(k) => k,
+        Err(e) => {
+            errors.push(format!("attestation key is not a P-256 PEM public key: {e}"));
+            return;
+        }
+    };
+    let sig = match (
+        <[u8; 32]>::try_from(q.signature_r.as_slice()),
+        <[u8; 32]>::try_from(q.signature_s.as_slice()),
+    ) {
+        (Ok(r), Ok(s)) => p256::ecdsa::Signature::from_scalars(r, s).ok(),
+        _ => None,
+    };
+    match sig {
+        Some(sig) if key.verify(&q.attest, &sig).is_ok() => {}
+        _ => errors.push("the quote's signature does not verify with the attestation key".into()),
+    }
+    let attest = match Attest::unmarshall(&q.attest) {
+        Ok(a) => a,
+        Err(e) => {
+            errors.push(format!("the quote is not a TPMS_ATTEST: {e}"));
+            return;
+        }
+    };
+    if attest.attestation_type() != AttestationType::Quote {
+        errors.push("the attestation is not a quote".into());
+    }
+    if attest.extra_data().value() != x.nonce {
+        errors.push("the quote does not carry the nonce sent (stale or replayed quote)".into());
+    }
+    if let AttestInfo::Quote { info } = attest.attested() {
+        let sel = info.pcr_selection().get_selections();
+        let want = PcrSlot::try_from(1u32 << ev.pcr.min(31)).ok();
+        let ok = sel.len() == 1
+            && sel[0].hashing_algorithm() == HashingAlgorithm::Sha256
+            && want.is_some_and(|w| sel[0].selected() == vec![w]);
+        if !ok {
+            errors.push(format!("the quote does not cover exactly sha256 PCR {}", ev.pcr));
+        }
+        let digest = Sha256::digest(&q.pcr_value);
+        if info.pcr_digest().value() != digest.as_slice() {
+            errors.push("the reported PCR value is not the one the TPM quoted".into());
+        }
+    }
+    if ev.epoch.reset_count != Some(attest.clock_info().reset_count()) {
+        errors.push(format!(
+            "the log is from TPM epoch {:?} but the TPM is in epoch {} (rebooted since)",
+            ev.epoch.reset_count,
+            attest.clock_info().reset_count()
+        ));
+    }
+}
+
+fn normalize(pem: &str) -> String {
+    pem.split_whitespace().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unanchored(entries: &[Entry], pod: &str) -> Evidence {
+        let log: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+        Evidence {
+            pod_sandbox_id: pod.into(),
+            backend: "fanotify".into(),
+            pcr: 15,
+            nonce: vec![1, 2, 3],
+            pod_log: entries
+                .iter()
+                .filter(|e| e.pod == pod)
+                .map(|e| e.to_string())
+                .collect(),
+            log,
+            ..Default::default()
+        }
+    }
+
+    fn policy() -> Allowlist {
+        Allowlist::parse(&format!(
+            r#"{{"files": {{"/bin/sh": ["sha256:{}"]}}}}"#,
+            hex::encode([1u8; 32])
+        ))
+        .unwrap()
+    }
+
+    fn x<'a>(p: &'a Allowlist, nonce: &'a [u8]) -> Expectations<'a> {
+        Expectations {
+            pod_sandbox_id: "p",
+            nonce,
+            ak_pem: None,
+            policy: p,
+            allow_unanchored: true,
+        }
+    }
+
+    #[test]
+    fn unanchored_log_is_appraised() {
+        let es = [
+            Entry::new(15, [1; 32], "/bin/sh", "p", "c", Event::Exec),
+            Entry::new(15, [2; 32], "/bin/other", "q", "c", Event::Exec),
+            Entry::new(15, [0; 32], "-", "p", "c", Event::Gap),
+        ];
+        let p = policy();
+        let r = verify(&unanchored(&es, "p"), &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Trusted, "{r:?}");
+        assert_eq!((r.pod_entries, r.gaps), (1, 1));
+        let es2 = [Entry::new(15, [9; 32], "/tmp/evil", "p", "c", Event::Exec)];
+        let r = verify(&unanchored(&es2, "p"), &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Violations);
+        assert_eq!(r.violations[0].path, "/tmp/evil");
+    }
+
+    #[test]
+    fn tampering_and_wrong_nonce_are_invalid() {
+        let es = [Entry::new(15, [1; 32], "/bin/sh", "p", "c", Event::Exec)];
+        let p = policy();
+        let mut ev = unanchored(&es, "p");
+        ev.log[0] = ev.log[0].replace(&hex::encode([1u8; 32]), &hex::encode([3u8; 32]));
+        let r = verify(&ev, &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Invalid);
+        assert!(r.errors.iter().any(|e| e.contains("modified")), "{r:?}");
+        let r = verify(&unanchored(&es, "p"), &x(&p, &[9]));
+        assert_eq!(r.verdict, Verdict::Invalid);
+        let mut strict = x(&p, &[1, 2, 3]);
+        strict.allow_unanchored = false;
+        assert_eq!(
+            verify(&unanchored(&es, "p"), &strict).verdict,
+            Verdict::Invalid
+        );
+    }
+}
