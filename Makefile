@@ -22,10 +22,12 @@ run: build
 test: deps
 	@scripts/test.sh
 
-# Side-by-side CRI latency against containerd's own CRI plugin (needs root).
+# Side-by-side CRI latency against containerd's own CRI plugin, and the
+# fanotify measurement costs next to unmeasured execs and openssl (needs root).
 bench: deps
 	$(CARGO) build --release --bins
 	target/release/bench
+	target/release/bench_ima
 
 unit:
 	$(CARGO) test --workspace --lib --bins

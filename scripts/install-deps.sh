@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what imacri needs on Debian 12: containerd, runc, CNI plugins, and
+# Installs what imacri needs on Debian 12: containerd, runc, CNI plugins, the
+# TPM software stack (tss-esapi links libtss2), and
 # (for the tests) the registry, skopeo, umoci and busybox-static. Idempotent:
 # only missing packages are installed.
 set -euo pipefail
@@ -8,6 +9,7 @@ packages=(
   containerd runc containernetworking-plugins iproute2 iptables
   protobuf-compiler pkg-config gcc libc6-dev make
   docker-registry skopeo umoci busybox-static curl ca-certificates openssl
+  libtss2-dev swtpm swtpm-tools tpm2-tools
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -277,10 +277,20 @@ async fn verify_once(
         }
         None => {
             let nonce = rand::random::<[u8; 32]>().to_vec();
-            (fetch(&mut client(socket).await?, pod, nonce.clone()).await?, nonce)
+            (
+                fetch(&mut client(socket).await?, pod, nonce.clone()).await?,
+                nonce,
+            )
         }
     };
-    Ok(check(&ev, pod, &nonce, &policy, ak.as_deref(), allow_unanchored))
+    Ok(check(
+        &ev,
+        pod,
+        &nonce,
+        &policy,
+        ak.as_deref(),
+        allow_unanchored,
+    ))
 }
 
 async fn watch(
@@ -303,7 +313,14 @@ async fn watch(
                         let nonce = rand::random::<[u8; 32]>().to_vec();
                         let alerts = match fetch(&mut c, &p.pod_sandbox_id, nonce.clone()).await {
                             Ok(ev) => {
-                                let r = check(&ev, &p.pod_sandbox_id, &nonce, &policy, ak.as_deref(), allow_unanchored);
+                                let r = check(
+                                    &ev,
+                                    &p.pod_sandbox_id,
+                                    &nonce,
+                                    &policy,
+                                    ak.as_deref(),
+                                    allow_unanchored,
+                                );
                                 alert_lines(&p, &r)
                             }
                             Err(e) => vec![format!(

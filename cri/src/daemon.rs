@@ -195,10 +195,9 @@ pub async fn check(cfg: &Config) -> Result<bool> {
     } else {
         let tcti = cfg.ima.tpm_tcti.clone();
         let pcr = cfg.ima.pcr;
-        let probe = tokio::task::spawn_blocking(move || {
-            imacri_runtime::integrity::tpm::probe(&tcti, pcr)
-        })
-        .await;
+        let probe =
+            tokio::task::spawn_blocking(move || imacri_runtime::integrity::tpm::probe(&tcti, pcr))
+                .await;
         match probe {
             Ok(Ok(v)) => line(
                 "tpm",
@@ -278,5 +277,9 @@ pub async fn check(cfg: &Config) -> Result<bool> {
 }
 
 fn hex_short(b: &[u8]) -> String {
-    b.iter().take(8).map(|x| format!("{x:02x}")).collect::<String>() + "..."
+    b.iter()
+        .take(8)
+        .map(|x| format!("{x:02x}"))
+        .collect::<String>()
+        + "..."
 }

@@ -762,7 +762,7 @@ pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::Container
 pub struct Swtpm {
     child: Child,
     pub port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Swtpm {
@@ -810,13 +810,7 @@ impl Swtpm {
                 }
             });
             match up {
-                Ok(()) => {
-                    return Ok(Swtpm {
-                        child,
-                        port,
-                        _dir: dir,
-                    })
-                }
+                Ok(()) => return Ok(Swtpm { child, port, dir }),
                 Err(_) => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -824,6 +818,49 @@ impl Swtpm {
             }
         }
         bail!("could not start swtpm on a free port")
+    }
+
+    /// Kills the simulator and starts it again on its state and port: the
+    /// TPM starts up cleared (a TPM reset, as at a node's reboot).
+    pub fn reboot(&mut self) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port = self.port;
+        let mut cmd = Command::new("swtpm");
+        cmd.args(["socket", "--tpm2", "--server"])
+            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+            .arg("--tpmstate")
+            .arg(format!("dir={}", self.dir.path().display()))
+            .args(["--flags", "not-need-init,startup-clear"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        // The old listener may linger for a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut child = cmd.spawn().context("spawning swtpm")?;
+            let up = wait_for("swtpm", Duration::from_secs(2), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            if up.is_ok() && matches!(child.try_wait(), Ok(None)) {
+                self.child = child;
+                return Ok(());
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            if Instant::now() > deadline {
+                bail!("swtpm did not restart on port {port}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     pub fn tcti(&self) -> String {

@@ -24,7 +24,13 @@ fn sleeper(env: &Env) -> cri::ContainerConfig {
     container_config("app", &env.busybox, &["sleep", "1000"])
 }
 
-fn verify(d: &Imacri, pod: &str, policy: &Path, ak: &Path, extra: &[&str]) -> (i32, serde_json::Value, String) {
+fn verify(
+    d: &Imacri,
+    pod: &str,
+    policy: &Path,
+    ak: &Path,
+    extra: &[&str],
+) -> (i32, serde_json::Value, String) {
     let mut args = vec![
         "verify",
         "--pod",
@@ -112,7 +118,9 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
         entries = log_lines(&d, &pod);
     }
     assert!(
-        entries.iter().any(|l| l.contains(" /bin/busybox ") && l.ends_with(" exec")),
+        entries
+            .iter()
+            .any(|l| l.contains(" /bin/busybox ") && l.ends_with(" exec")),
         "{entries:?}\n{}",
         d.log()
     );
@@ -126,7 +134,11 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
         sh_ok(&mut rt, &c, "ls / >/dev/null").await;
     }
     let after = integrity_stats(&mut rt).await;
-    assert_eq!(log_lines(&d, &pod).len(), n, "no new entries for cached files");
+    assert_eq!(
+        log_lines(&d, &pod).len(),
+        n,
+        "no new entries for cached files"
+    );
     assert!(
         after["fanotify"]["cacheHits"].as_u64() > before["fanotify"]["cacheHits"].as_u64(),
         "{before} -> {after}"
@@ -147,18 +159,36 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
     let nonce = "00112233445566778899aabbccddeeff";
     let (code, _, err) = attest(
         &d,
-        &["quote", &pod, "--nonce", nonce, "--out", saved.to_str().unwrap()],
+        &[
+            "quote",
+            &pod,
+            "--nonce",
+            nonce,
+            "--out",
+            saved.to_str().unwrap(),
+        ],
     );
     assert_eq!(code, 0, "{err}");
     let saved_s = saved.to_str().unwrap();
-    let (code, report, _) = verify(&d, &pod, &golden, &ak, &["--evidence", saved_s, "--nonce", nonce]);
+    let (code, report, _) = verify(
+        &d,
+        &pod,
+        &golden,
+        &ak,
+        &["--evidence", saved_s, "--nonce", nonce],
+    );
     assert_eq!(code, 0, "{report:#}");
     let (code, report, _) = verify(
         &d,
         &pod,
         &golden,
         &ak,
-        &["--evidence", saved_s, "--nonce", "ffeeddccbbaa99887766554433221100"],
+        &[
+            "--evidence",
+            saved_s,
+            "--nonce",
+            "ffeeddccbbaa99887766554433221100",
+        ],
     );
     assert_eq!(code, 2, "stale quote: {report:#}");
     assert!(report["errors"].to_string().contains("nonce"), "{report:#}");
@@ -176,7 +206,10 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
     assert!(key.success());
     let (code, report, _) = verify(&d, &pod, &golden, &other, &[]);
     assert_eq!(code, 2, "foreign AK: {report:#}");
-    assert!(report["errors"].to_string().contains("attestation key"), "{report:#}");
+    assert!(
+        report["errors"].to_string().contains("attestation key"),
+        "{report:#}"
+    );
 
     // Tampering with the persisted log: one digest changed.
     let log_path = d.root.join("integrity/measurements.log");
@@ -187,13 +220,19 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
     std::fs::write(&log_path, original.replacen(digest, &forged, 1)).unwrap();
     let (code, report, _) = verify(&d, &pod, &golden, &ak, &[]);
     assert_eq!(code, 2, "tampered log: {report:#}");
-    assert!(report["errors"].to_string().contains("modified"), "{report:#}");
+    assert!(
+        report["errors"].to_string().contains("modified"),
+        "{report:#}"
+    );
     // Dropping an entry (keeping each line self-consistent) breaks the replay.
     let dropped: String = original.lines().skip(1).map(|l| format!("{l}\n")).collect();
     std::fs::write(&log_path, dropped).unwrap();
     let (code, report, _) = verify(&d, &pod, &golden, &ak, &[]);
     assert_eq!(code, 2, "truncated log: {report:#}");
-    assert!(report["errors"].to_string().contains("replay"), "{report:#}");
+    assert!(
+        report["errors"].to_string().contains("replay"),
+        "{report:#}"
+    );
     std::fs::write(&log_path, &original).unwrap();
     assert_eq!(verify(&d, &pod, &golden, &ak, &[]).0, 0);
 
@@ -243,7 +282,10 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
         ],
     );
     assert_eq!(code, 0, "{err}");
-    let alerts: Vec<&str> = out.lines().filter(|l| l.contains("/tmp/new/true")).collect();
+    let alerts: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("/tmp/new/true"))
+        .collect();
     assert_eq!(alerts.len(), 1, "{out}");
     assert!(alerts[0].starts_with("ALERT pod="), "{out}");
 }
@@ -308,7 +350,9 @@ async fn enforce_mode_denies_unknown_executables() {
 
     let entries = log_lines(&d, &pod);
     assert!(
-        entries.iter().any(|l| l.contains(" /tmp/dropped ") && l.ends_with(" deny")),
+        entries
+            .iter()
+            .any(|l| l.contains(" /tmp/dropped ") && l.ends_with(" deny")),
         "{entries:?}"
     );
     let info = pod_info(&mut rt, &pod).await;
@@ -355,10 +399,20 @@ async fn without_a_tpm_evidence_is_unanchored() {
     let work = tempfile::tempdir_in(&env.base).unwrap();
     let golden = work.path().join("golden.json");
     assert_eq!(
-        attest(&d, &["golden", &env.busybox, "--out", golden.to_str().unwrap()]).0,
+        attest(
+            &d,
+            &["golden", &env.busybox, "--out", golden.to_str().unwrap()]
+        )
+        .0,
         0
     );
-    let args = ["verify", "--pod", &pod, "--policy", golden.to_str().unwrap()];
+    let args = [
+        "verify",
+        "--pod",
+        &pod,
+        "--policy",
+        golden.to_str().unwrap(),
+    ];
     let (code, out, _) = attest(&d, &args);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("unanchored"), "{out}");
@@ -370,4 +424,45 @@ async fn without_a_tpm_evidence_is_unanchored() {
     let (code, _, err) = attest(&d, &["log", "no-such-pod"]);
     assert_ne!(code, 0);
     assert!(err.contains("not found"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tpm_reset_starts_a_new_epoch() {
+    let env = Env::get();
+    let (mut tpm, mut d, work) = anchored_node(env, &[]).await;
+    let ak = work.path().join("ak.pem");
+    let golden = work.path().join("golden.json");
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima_pod("epoch", None);
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let c = start_container(&mut rt, &pod, &cfg, sleeper(env)).await;
+    sh_ok(&mut rt, &c, "ls / >/dev/null").await;
+    let (code, before, _) = verify(&d, &pod, &golden, &ak, &[]);
+    assert_eq!(code, 0, "{before:#}");
+
+    // Node "reboot" of the TPM (PCRs cleared, reset count up) with imacri
+    // restarted against it; the container keeps running.
+    d.kill();
+    tpm.reboot().unwrap();
+    d.spawn().await.unwrap();
+    let (code, after, err) = verify(&d, &pod, &golden, &ak, &[]);
+    assert_eq!(code, 0, "{after:#}\n{err}\n{}", d.log());
+    assert_ne!(
+        after["reset_count"], before["reset_count"],
+        "{before:#}\n{after:#}"
+    );
+    // Only the new epoch's entries: the restart gap, nothing replayed.
+    assert_eq!(after["gaps"], 1, "{after:#}");
+    assert_eq!(after["pod_entries"], 0, "{after:#}");
+    let archived = std::fs::read_dir(d.root.join("integrity/archive"))
+        .unwrap()
+        .count();
+    assert_eq!(archived, 1);
+    // The AK survived (same TPM seed): the registered key still verifies,
+    // and new executions land in the new epoch.
+    let mut rt = d.runtime().await.unwrap();
+    sh_ok(&mut rt, &c, "ls / >/dev/null").await;
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &[]);
+    assert_eq!(code, 0, "{report:#}");
+    assert!(report["pod_entries"].as_u64().unwrap() >= 1, "{report:#}");
 }

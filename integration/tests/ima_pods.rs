@@ -221,10 +221,7 @@ async fn ima_pods_share_one_user_namespace() {
         .into_iter()
         .find(|c| c.r#type == "ImaPodsReady")
         .unwrap();
-    assert!(
-        ima.status && ima.message.contains("fanotify"),
-        "{ima:?}"
-    );
+    assert!(ima.status && ima.message.contains("fanotify"), "{ima:?}");
     assert!(
         env.all_objects(&d.namespace)
             .await

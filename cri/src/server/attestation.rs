@@ -114,9 +114,8 @@ impl CriServer {
             Ok(sb) => sb.id.clone(),
             Err(_) => req.pod_sandbox_id.clone(),
         };
-        let path = imacri_runtime::integrity::journal::Journal::log_path(
-            &self.cfg.root.join("integrity"),
-        );
+        let path =
+            imacri_runtime::integrity::journal::Journal::log_path(&self.cfg.root.join("integrity"));
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
         let entries = pod_lines(&text, &id);
         if entries.is_empty() && self.sandbox(&id).is_err() {
@@ -191,7 +190,10 @@ impl Attestation for Attest {
     }
 
     async fn list_pods(&self, _r: Request<pb::ListPodsRequest>) -> Res<pb::ListPodsResponse> {
-        instrument("Attestation.ListPods", "", async { Ok(self.0.list_ima_pods()) }).await
+        instrument("Attestation.ListPods", "", async {
+            Ok(self.0.list_ima_pods())
+        })
+        .await
     }
 
     async fn get_log(&self, r: Request<pb::GetLogRequest>) -> Res<pb::GetLogResponse> {

@@ -82,9 +82,11 @@ impl CriServer {
         }
         let mut merged = Allowlist::default();
         for f in &p.allowlist {
-            merged.merge(Allowlist::load(f).map_err(|e| {
-                Error::FailedPrecondition(format!("ima policy {policy:?}: {e}"))
-            })?);
+            merged.merge(
+                Allowlist::load(f).map_err(|e| {
+                    Error::FailedPrecondition(format!("ima policy {policy:?}: {e}"))
+                })?,
+            );
         }
         Ok(Some(Arc::new(merged)))
     }
@@ -105,11 +107,15 @@ impl CriServer {
         let Some(i) = &st.ima else { return Ok(None) };
         let engine = self.integrity.engine.as_ref().ok_or_else(|| {
             Error::FailedPrecondition(
-                "the pod is measured by the fanotify backend, which this node cannot run now".into(),
+                "the pod is measured by the fanotify backend, which this node cannot run now"
+                    .into(),
             )
         })?;
         let policy = self.cfg.ima.policies.get(&i.policy).ok_or_else(|| {
-            Error::FailedPrecondition(format!("ima policy {:?} is no longer in the config", i.policy))
+            Error::FailedPrecondition(format!(
+                "ima policy {:?} is no longer in the config",
+                i.policy
+            ))
         })?;
         let rules = ima::policy::parse(&policy.rules.join("\n"))?;
         let mappings = st.userns.as_ref().map(|u| u.mappings.clone());

@@ -42,7 +42,9 @@ use crate::ima::policy::{Mode, Rule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FanotifyError {
-    #[error("fanotify_init: {0} (needs CAP_SYS_ADMIN and a kernel with fanotify permission events)")]
+    #[error(
+        "fanotify_init: {0} (needs CAP_SYS_ADMIN and a kernel with fanotify permission events)"
+    )]
     Init(nix::Error),
     #[error("fanotify_mark FAN_MARK_FILESYSTEM on {path}: {source}")]
     Mark { path: PathBuf, source: nix::Error },
@@ -550,7 +552,9 @@ mod tests {
                 read: None
             }
         );
-        assert!(t.mask().contains(MaskFlags::FAN_OPEN_EXEC_PERM | MaskFlags::FAN_OPEN_PERM));
+        assert!(t
+            .mask()
+            .contains(MaskFlags::FAN_OPEN_EXEC_PERM | MaskFlags::FAN_OPEN_PERM));
         let t = Triggers::from_rules(
             &parse("measure func=FILE_CHECK mask=^MAY_READ uid=0\ndont_measure func=BPRM_CHECK\n")
                 .unwrap(),

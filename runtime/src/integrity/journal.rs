@@ -38,7 +38,10 @@ pub enum JournalError {
 
 type JResult<T> = std::result::Result<T, JournalError>;
 
-fn io<'a>(context: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JournalError + 'a {
+fn io<'a>(
+    context: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> JournalError + 'a {
     move |source| JournalError::Io {
         context,
         path: path.to_path_buf(),
@@ -133,7 +136,12 @@ impl Journal {
                 // Keep the evidence of tampering aside; the PCR check below
                 // then marks the epoch unverifiable.
                 tracing::error!(path = %log_path.display(), "measurement log is corrupt ({msg}); archived it");
-                archive(dir, &log_path, &saved.clone().unwrap_or_default(), "corrupt")?;
+                archive(
+                    dir,
+                    &log_path,
+                    &saved.clone().unwrap_or_default(),
+                    "corrupt",
+                )?;
                 Vec::new()
             }
         };
@@ -246,7 +254,13 @@ impl Journal {
 
     /// Whether this measurement is already in the log (IMA's "measure once").
     pub fn seen(&self, pod: &str, ctr: &str, path: &str, digest: &[u8; 32], ev: Event) -> bool {
-        let key = (pod.to_string(), ctr.to_string(), path.to_string(), *digest, ev);
+        let key = (
+            pod.to_string(),
+            ctr.to_string(),
+            path.to_string(),
+            *digest,
+            ev,
+        );
         self.inner
             .lock()
             .map(|i| i.seen.contains(&key))
@@ -268,7 +282,13 @@ impl Journal {
             .inner
             .lock()
             .map_err(|_| JournalError::Poisoned("lock poisoned"))?;
-        let key = (pod.to_string(), ctr.to_string(), path.to_string(), digest, ev);
+        let key = (
+            pod.to_string(),
+            ctr.to_string(),
+            path.to_string(),
+            digest,
+            ev,
+        );
         if ev != Event::Gap && inner.seen.contains(&key) {
             return Ok(None);
         }
@@ -357,7 +377,10 @@ fn archive(dir: &Path, log_path: &Path, epoch: &Epoch, why: &str) -> JResult<()>
     std::fs::create_dir_all(&adir).map_err(io("creating", &adir))?;
     let name = format!(
         "measurements-{why}-{}-{}-{}.log",
-        epoch.reset_count.map(|r| r.to_string()).unwrap_or("none".into()),
+        epoch
+            .reset_count
+            .map(|r| r.to_string())
+            .unwrap_or("none".into()),
         epoch.started_at,
         now_secs()
     );

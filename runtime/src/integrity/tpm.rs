@@ -122,8 +122,10 @@ impl Tpm {
         };
         let (tx, rx) = mpsc::channel();
         let selection = selection(pcr)?;
-        let handle = PcrHandle::try_from(pcr)
-            .map_err(|source| TpmError::Command { op: "PCR handle", source })?;
+        let handle = PcrHandle::try_from(pcr).map_err(|source| TpmError::Command {
+            op: "PCR handle",
+            source,
+        })?;
         std::thread::Builder::new()
             .name("imacri-tpm".into())
             .spawn(move || serve(ctx, ak, handle, selection, rx))
@@ -234,8 +236,10 @@ fn pad32(v: &[u8]) -> Vec<u8> {
 }
 
 fn selection(pcr: u32) -> TResult<PcrSelectionList> {
-    let slot = PcrSlot::try_from(1u32 << pcr)
-        .map_err(|source| TpmError::Command { op: "PCR slot", source })?;
+    let slot = PcrSlot::try_from(1u32 << pcr).map_err(|source| TpmError::Command {
+        op: "PCR slot",
+        source,
+    })?;
     cmd(
         "PCR selection",
         PcrSelectionListBuilder::new()
@@ -259,7 +263,9 @@ fn load_or_create_ak(ctx: &mut Context, ek: KeyHandle, dir: &Path) -> TResult<(K
         match loaded {
             Ok(k) => return Ok(k),
             // Another TPM (or a cleared one): its EK cannot load our AK.
-            Err(e) => tracing::warn!(error = %e, "saved attestation key does not load; creating a new one"),
+            Err(e) => {
+                tracing::warn!(error = %e, "saved attestation key does not load; creating a new one")
+            }
         }
     }
     let created = cmd(

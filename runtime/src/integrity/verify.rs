@@ -14,9 +14,9 @@ use p256::ecdsa::signature::Verifier;
 use p256::pkcs8::{DecodePublicKey, EncodePublicKey, LineEnding};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tss_esapi::structures::{Attest, AttestInfo, PcrSlot};
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::structure_tags::AttestationType;
+use tss_esapi::structures::{Attest, AttestInfo, PcrSlot};
 use tss_esapi::traits::UnMarshall;
 
 use super::allowlist::{Allowlist, Violation};
@@ -182,7 +182,10 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
     if pod_lines != ev.pod_log {
         errors.push("the pod's entries differ from the log's entries for the pod".into());
     }
-    let violations: Vec<Violation> = pod_entries.iter().filter_map(|e| x.policy.check(e)).collect();
+    let violations: Vec<Violation> = pod_entries
+        .iter()
+        .filter_map(|e| x.policy.check(e))
+        .collect();
     let verdict = if !errors.is_empty() {
         Verdict::Invalid
     } else if !violations.is_empty() {
@@ -222,7 +225,9 @@ fn check_quote(ev: &Evidence, x: &Expectations<'_>, errors: &mut Vec<String>) {
     let key = match p256::ecdsa::VerifyingKey::from_public_key_pem(ak_pem.trim()) {
         Ok(k) => k,
         Err(e) => {
-            errors.push(format!("attestation key is not a P-256 PEM public key: {e}"));
+            errors.push(format!(
+                "attestation key is not a P-256 PEM public key: {e}"
+            ));
             return;
         }
     };
@@ -257,7 +262,10 @@ fn check_quote(ev: &Evidence, x: &Expectations<'_>, errors: &mut Vec<String>) {
             && sel[0].hashing_algorithm() == HashingAlgorithm::Sha256
             && want.is_some_and(|w| sel[0].selected() == vec![w]);
         if !ok {
-            errors.push(format!("the quote does not cover exactly sha256 PCR {}", ev.pcr));
+            errors.push(format!(
+                "the quote does not cover exactly sha256 PCR {}",
+                ev.pcr
+            ));
         }
         let digest = Sha256::digest(&q.pcr_value);
         if info.pcr_digest().value() != digest.as_slice() {
