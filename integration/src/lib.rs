@@ -758,6 +758,28 @@ pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::Container
     }
 }
 
+/// swtpm as the tests run it: TCP server on `port`, control on
+/// `port + 1`, state in `dir`, started up (cleared) without a TPM2_Startup.
+fn swtpm_command(port: u16, dir: &Path) -> Command {
+    let mut cmd = Command::new("swtpm");
+    cmd.args(["socket", "--tpm2", "--server"])
+        .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+        .arg("--ctrl")
+        .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+        .arg("--tpmstate")
+        .arg(format!("dir={}", dir.display()))
+        .args(["--flags", "not-need-init,startup-clear"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// A TPM 2.0 simulator (swtpm) of a test's own, on loopback TCP.
 pub struct Swtpm {
     child: Child,
@@ -779,23 +801,7 @@ impl Swtpm {
             {
                 continue;
             }
-            let mut cmd = Command::new("swtpm");
-            cmd.args(["socket", "--tpm2", "--server"])
-                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-                .arg("--tpmstate")
-                .arg(format!("dir={}", dir.path().display()))
-                .args(["--flags", "not-need-init,startup-clear"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-            let mut child = cmd
+            let mut child = swtpm_command(port, dir.path())
                 .spawn()
                 .context("spawning swtpm (apt-get install swtpm swtpm-tools)")?;
             let up = wait_for("swtpm", Duration::from_secs(10), || {
@@ -826,22 +832,7 @@ impl Swtpm {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let port = self.port;
-        let mut cmd = Command::new("swtpm");
-        cmd.args(["socket", "--tpm2", "--server"])
-            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-            .arg("--ctrl")
-            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-            .arg("--tpmstate")
-            .arg(format!("dir={}", self.dir.path().display()))
-            .args(["--flags", "not-need-init,startup-clear"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        let mut cmd = swtpm_command(port, self.dir.path());
         // The old listener may linger for a moment.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

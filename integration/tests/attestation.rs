@@ -466,3 +466,28 @@ async fn tpm_reset_starts_a_new_epoch() {
     assert_eq!(code, 0, "{report:#}");
     assert!(report["pod_entries"].as_u64().unwrap() >= 1, "{report:#}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fail_closed_kills_what_ran_unmeasured() {
+    let env = Env::get();
+    let work = tempfile::tempdir_in(&env.base).unwrap();
+    let config = work.path().join("config.toml");
+    std::fs::write(&config, "[ima]\nfail_mode = \"closed\"\n").unwrap();
+    let mut d = Imacri::start_with(env, &["--config", config.to_str().unwrap()])
+        .await
+        .unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima_pod("failclosed", None);
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let c = start_container(&mut rt, &pod, &cfg, sleeper(env)).await;
+    d.kill();
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let st = imacri_integration::client::wait_exited(&mut rt, &c).await;
+    assert_eq!(st.reason, "ImaUnmeasured", "{st:?}");
+    assert!(st.message.contains("unmeasured"), "{st:?}");
+    // The pod itself stays; kubelet would start the container again.
+    let log = log_lines(&d, &pod);
+    assert!(log.iter().any(|l| l.ends_with(" gap")), "{log:?}");
+}

@@ -104,6 +104,20 @@ pub struct ImaConfig {
     pub tpm_tcti: String,
     /// PCR the measurement log extends.
     pub pcr: u32,
+    /// What happens to containers that ran unmeasured while imacri was down.
+    pub fail_mode: FailMode,
+}
+
+/// fanotify fails open while imacri is down; this says what a restarted
+/// imacri does about containers that ran meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailMode {
+    /// Measure them again and log a `gap` entry (the verifier reports it).
+    #[default]
+    Open,
+    /// Also kill them (kubelet restarts them, measured from the start).
+    Closed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -141,6 +155,7 @@ impl Default for ImaConfig {
             userns_pool: UsernsPool::default(),
             tpm_tcti: String::new(),
             pcr: DEFAULT_PCR,
+            fail_mode: FailMode::Open,
         }
     }
 }
@@ -275,6 +290,11 @@ tpm_tcti = ""
 # loaders (8, 9, 14), IMA (10) or systemd-stub (11-13), and not resettable
 # like 16 and 23. imacri refuses to vouch for a PCR something else extends.
 pcr = 15
+# While imacri is down fanotify lets everything run (the kernel releases its
+# waiters). At restart, "open" measures running ima containers again and logs
+# a `gap` entry for each; "closed" also kills them, so nothing that ran
+# unmeasured keeps running (kubelet restarts them, measured from the start).
+fail_mode = "open"
 
 [ima.policies.default]
 # Rules in the kernel's IMA policy syntax. The fanotify backend compiles the

@@ -166,6 +166,16 @@ impl CriServer {
         }
     }
 
+    /// With `ima.fail_mode = "closed"`, containers of fanotify-measured pods
+    /// found running at start are killed.
+    pub(crate) fn must_kill_unmeasured(&self, pod: &str) -> bool {
+        self.cfg.ima.fail_mode == imacri_runtime::config::FailMode::Closed
+            && self
+                .sandboxes
+                .get(pod)
+                .is_some_and(|sb| is_fanotify(&sb.state()))
+    }
+
     /// Turns violation notices into log warnings and CRI events.
     pub(crate) fn start_notice_consumer(
         self: &Arc<Self>,

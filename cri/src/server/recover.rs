@@ -68,6 +68,14 @@ impl CriServer {
                     live.measure = self.remeasure_after_restart(&st.sandbox_id, &c.id, t.pid);
                     self.set_io(&c.id, live);
                     self.watch_exit(&c.id);
+                    if self.must_kill_unmeasured(&st.sandbox_id) {
+                        tracing::warn!(container_id = %c.id, "killing a container that ran unmeasured while imacri was down (ima.fail_mode = \"closed\")");
+                        let _ = c.update(|s| {
+                            s.reason = "ImaUnmeasured".into();
+                            s.message = "killed: it ran unmeasured while imacri was down (ima.fail_mode = \"closed\")".into();
+                        });
+                        let _ = self.c.kill_task(&c.id, "", super::lifecycle::SIGKILL).await;
+                    }
                 }
                 Ok(Some(t)) => {
                     // Exited while we were down: record how.

@@ -93,14 +93,7 @@ impl Tpm {
         if pcr > 23 {
             return Err(TpmError::Other(format!("PCR {pcr} does not exist (0-23)")));
         }
-        let conf = TctiNameConf::from_str(tcti).map_err(|source| TpmError::Open {
-            tcti: tcti.into(),
-            source,
-        })?;
-        let mut ctx = Context::new(conf).map_err(|source| TpmError::Open {
-            tcti: tcti.into(),
-            source,
-        })?;
+        let mut ctx = context(tcti)?;
         flush_stale(&mut ctx);
         let ek = cmd(
             "creating the endorsement key",
@@ -190,16 +183,17 @@ impl Tpm {
     }
 }
 
+fn context(tcti: &str) -> TResult<Context> {
+    let open = |source| TpmError::Open {
+        tcti: tcti.into(),
+        source,
+    };
+    Context::new(TctiNameConf::from_str(tcti).map_err(open)?).map_err(open)
+}
+
 /// Opens the TPM and reads the PCR, creating nothing (for `imacri check`).
 pub fn probe(tcti: &str, pcr: u32) -> TResult<[u8; 32]> {
-    let conf = TctiNameConf::from_str(tcti).map_err(|source| TpmError::Open {
-        tcti: tcti.into(),
-        source,
-    })?;
-    let mut ctx = Context::new(conf).map_err(|source| TpmError::Open {
-        tcti: tcti.into(),
-        source,
-    })?;
+    let mut ctx = context(tcti)?;
     let (_, _, values) = cmd("reading the PCR", ctx.pcr_read(selection(pcr)?))?;
     values
         .value()
