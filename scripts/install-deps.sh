@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what imacri needs on Debian 12: containerd, runc, CNI plugins, the
 # TPM software stack (tss-esapi links libtss2), and
-# (for the tests) the registry, skopeo, umoci and busybox-static. Idempotent:
+# (for the tests) the registry, skopeo, umoci, busybox-static, the TPM
+# simulator and Go 1.19 with spdystream (a real SPDY peer). Idempotent:
 # only missing packages are installed.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ packages=(
   protobuf-compiler pkg-config gcc libc6-dev make
   docker-registry skopeo umoci busybox-static curl ca-certificates openssl
   libtss2-dev swtpm swtpm-tools tpm2-tools
+  golang-1.19-go golang-github-docker-spdystream-dev
 )
 missing=()
 for p in "${packages[@]}"; do

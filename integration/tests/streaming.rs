@@ -555,3 +555,111 @@ async fn port_forward_tunneled_spdy_over_websocket() {
     .await
     .unwrap();
 }
+
+/// Interop with a real SPDY peer: moby/spdystream (Go), the library kubelet's
+/// and client-go's remotecommand run on, with its own framer and zlib
+/// dictionary. Exec with stdin, stdout, stderr and an exit code.
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_with_go_spdystream_client() {
+    let env = Env::get();
+    let go = imacri_integration::go_spdyexec(env).unwrap();
+    let d = Imacri::start(env).await.unwrap();
+    let (mut rt, pod, cfg) = d.busybox_pod(env, "gospdy").await;
+    let c = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config(
+            "app",
+            &env.busybox,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /www && echo via-spdystream > /www/index.html && httpd -f -p 8080 -h /www",
+            ],
+        ),
+    )
+    .await;
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: c.clone(),
+            cmd: vec![
+                "sh".into(),
+                "-c".into(),
+                "cat; echo to-stderr >&2; exit 3".into(),
+            ],
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            tty: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(go)
+            .arg(url)
+            .arg("hello from go\n")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["protocol"], "v4.channel.k8s.io", "{r}");
+    assert_eq!(r["stdout"], "hello from go\n", "{r}");
+    assert_eq!(r["stderr"], "to-stderr\n", "{r}");
+    let status: serde_json::Value = serde_json::from_str(r["status"].as_str().unwrap()).unwrap();
+    assert_eq!(status["status"], "Failure", "{status}");
+    assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
+    assert_eq!(status["details"]["causes"][0]["message"], "3", "{status}");
+
+    // Port-forward (portforward.k8s.io: error and data stream per request).
+    let go = imacri_integration::go_spdyexec(env).unwrap();
+    let mut body = String::new();
+    for _ in 0..50 {
+        // A new URL each time: tokens are single-use.
+        let url = rt
+            .port_forward(cri::PortForwardRequest {
+                pod_sandbox_id: pod.clone(),
+                port: vec![8080],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        let go = go.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(go)
+                .args([
+                    "-portforward",
+                    &url,
+                    "8080",
+                    "GET /index.html HTTP/1.0\r\n\r\n",
+                ])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        body = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        if body.contains("via-spdystream") {
+            break;
+        }
+        // httpd may not listen yet.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        body.contains("200 OK") && body.contains("via-spdystream"),
+        "{body}"
+    );
+}

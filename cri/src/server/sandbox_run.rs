@@ -269,7 +269,7 @@ impl CriServer {
         image: &imacri_runtime::image::ImageRecord,
         host_net: bool,
     ) -> Result<u32> {
-        let (id, config, st) = (entry.id.as_str(), &entry.config, &entry.state());
+        let (id, st) = (entry.id.as_str(), &entry.state());
         let dir = &st.dir;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
         // The user namespace comes first; the netns is made inside it.
@@ -283,11 +283,36 @@ impl CriServer {
             (None, true) => None,
             (None, false) => Some(imacri_runtime::netns::create(&self.cfg.netns_dir(), id)?),
         };
-        if let Some(ns) = &st.netns {
+        // CNI ADD (plugin executables, mostly waiting) runs while the pause
+        // container is made and started: the pause process needs no network.
+        // It is always joined before returning, so a rollback's DEL never
+        // races an ADD still in flight.
+        let cni = st.netns.as_ref().map(|ns| {
             let pod = super::lifecycle::pod_network(entry, ns);
-            let att = tokio::task::block_in_place(|| self.cni.add(&pod))?;
-            entry.update(|s| s.ips = att.ips)?;
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.cni.add(&pod))
+        });
+        let started = self.start_pause(entry, image, host_net).await;
+        if let Some(h) = cni {
+            let att = h
+                .await
+                .map_err(|e| Error::Internal(format!("CNI ADD task: {e}")))?;
+            let pid = started?;
+            let ips = att?.ips;
+            entry.update(|s| s.ips = ips)?;
+            return Ok(pid);
         }
+        started
+    }
+
+    async fn start_pause(
+        self: &Arc<Self>,
+        entry: &super::SandboxEntry,
+        image: &imacri_runtime::image::ImageRecord,
+        host_net: bool,
+    ) -> Result<u32> {
+        let (id, config, st) = (entry.id.as_str(), &entry.config, &entry.state());
+        let dir = &st.dir;
         if let (Some(u), Some(i)) = (&st.userns, &st.ima) {
             if i.backend == imacri_runtime::ima::Backend::Kernel.to_string() {
                 self.activate_kernel_ima(dir, &u.path, &i.policy).await?;

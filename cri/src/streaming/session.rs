@@ -469,6 +469,18 @@ async fn port_forward_spdy(
                                             data: vec![],
                                         })
                                         .await;
+                                    // As kubelet does: the error stream ends
+                                    // empty when the forward ended cleanly
+                                    // (clients read it to EOF).
+                                    if let Some(eid) = err_id {
+                                        let _ = out
+                                            .send(Frame::Data {
+                                                id: eid,
+                                                fin: true,
+                                                data: vec![],
+                                            })
+                                            .await;
+                                    }
                                     up.abort();
                                 }
                                 Err(e) => {
