@@ -332,7 +332,10 @@ fn reap_stale_runs() {
     if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("imit") {
+            if let Some(pid) = name
+                .strip_prefix("imit")
+                .or_else(|| name.strip_prefix("imv6"))
+            {
                 // The bridge name carries the pid modulo 100000.
                 let mine = (std::process::id() % 100000).to_string();
                 if pid != mine && !alive(pid) {

@@ -241,3 +241,94 @@ async fn no_cni_config_means_network_not_ready() {
     .await
     .unwrap();
 }
+
+/// Dual-stack: a host-local config with an IPv4 and an IPv6 range gives the
+/// pod both, IPv4 first in PodSandboxStatus, both inside the pod, and stop
+/// releases both leases.
+#[tokio::test(flavor = "multi_thread")]
+async fn dual_stack_pod_gets_both_ips() {
+    let env = Env::get();
+    let conf = tempfile::tempdir_in(&env.base).unwrap();
+    let n = std::process::id() % 250 + 1;
+    let bridge = format!("imv6{}", std::process::id() % 100000);
+    let ipam_dir = conf.path().join("ipam");
+    let net = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "imacri-dual",
+        "plugins": [{
+            "type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [
+                    [{"subnet": format!("100.64.{n}.0/24")}],
+                    [{"subnet": format!("fd42:{n:x}::/64")}]
+                ],
+                "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+                "dataDir": ipam_dir.to_string_lossy(),
+            }
+        }]
+    });
+    std::fs::write(
+        conf.path().join("10-dual.conflist"),
+        serde_json::to_vec_pretty(&net).unwrap(),
+    )
+    .unwrap();
+    let d = Imacri::start_with(env, &["--cni-conf-dir", conf.path().to_str().unwrap()])
+        .await
+        .unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = pod_config("dual");
+    let (pod, ip, c) = pod_with(&mut rt, &cfg, &["sleep", "1000"], env).await;
+    let st = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .network
+        .unwrap();
+    assert!(
+        ip.starts_with(&format!("100.64.{n}.")),
+        "IPv4 first: {st:?}"
+    );
+    assert_eq!(st.additional_ips.len(), 1, "{st:?}");
+    let v6 = st.additional_ips[0].ip.clone();
+    assert!(v6.starts_with(&format!("fd42:{n:x}:")), "{st:?}");
+    let (code, out, err) = exec_sh(
+        &mut rt,
+        &c,
+        "ip -6 addr show dev eth0; ip -4 addr show dev eth0",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&v6) && out.contains(&ip), "{out}");
+
+    let leases: Vec<_> = [&ip, &v6]
+        .iter()
+        .map(|a| ipam_dir.join("imacri-dual").join(a))
+        .collect();
+    for l in &leases {
+        assert!(l.exists(), "{} missing", l.display());
+    }
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    for l in &leases {
+        assert!(!l.exists(), "lease {} leaked", l.display());
+    }
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", &bridge])
+        .status();
+}

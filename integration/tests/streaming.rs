@@ -558,7 +558,8 @@ async fn port_forward_tunneled_spdy_over_websocket() {
 
 /// Interop with a real SPDY peer: moby/spdystream (Go), the library kubelet's
 /// and client-go's remotecommand run on, with its own framer and zlib
-/// dictionary. Exec with stdin, stdout, stderr and an exit code.
+/// dictionary. Exec (stdin, stdout, stderr, exit code), attach and
+/// port-forward.
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_with_go_spdystream_client() {
     let env = Env::get();
@@ -598,8 +599,9 @@ async fn exec_with_go_spdystream_client() {
         .unwrap()
         .into_inner()
         .url;
+    let go2 = go.clone();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(go)
+        std::process::Command::new(go2)
             .arg(url)
             .arg("hello from go\n")
             .output()
@@ -622,8 +624,47 @@ async fn exec_with_go_spdystream_client() {
     assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
     assert_eq!(status["details"]["causes"][0]["message"], "3", "{status}");
 
+    // Attach to a container's stdin and output; half-closing stdin ends it.
+    let mut reader = container_config(
+        "reader",
+        &env.busybox,
+        &["sh", "-c", "read x; echo got-$x; echo bye >&2"],
+    );
+    reader.stdin = true;
+    reader.stdin_once = true;
+    let reader = start_container(&mut rt, &pod, &cfg, reader).await;
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: reader.clone(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let go2 = go.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(go2)
+            .arg(url)
+            .arg("attached\n")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["stdout"], "got-attached\n", "{r}");
+    assert_eq!(r["stderr"], "bye\n", "{r}");
+
     // Port-forward (portforward.k8s.io: error and data stream per request).
-    let go = imacri_integration::go_spdyexec(env).unwrap();
     let mut body = String::new();
     for _ in 0..50 {
         // A new URL each time: tokens are single-use.
