@@ -491,3 +491,67 @@ async fn fail_closed_kills_what_ran_unmeasured() {
     let log = log_lines(&d, &pod);
     assert!(log.iter().any(|l| l.ends_with(" gap")), "{log:?}");
 }
+
+/// A FILE_CHECK rule with uid=0 measures files read by in-pod root (the
+/// rule's uid is the in-pod one, mapped to the host uid the kernel reports),
+/// not reads by other users.
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_by_in_pod_root_are_measured() {
+    let env = Env::get();
+    let work = tempfile::tempdir_in(&env.base).unwrap();
+    let config = work.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[ima.policies.default]\n[ima.policies.reads]\nrules = [\"measure func=BPRM_CHECK mask=MAY_EXEC\", \"measure func=FILE_CHECK mask=^MAY_READ uid=0\"]\n",
+    )
+    .unwrap();
+    let d = Imacri::start_with(env, &["--config", config.to_str().unwrap()])
+        .await
+        .unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima_pod("reads", Some("reads"));
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let root = start_container(&mut rt, &pod, &cfg, sleeper(env)).await;
+    let mut user = container_config("user", &env.busybox, &["sleep", "1000"]);
+    user.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_user: Some(cri::Int64Value { value: 1000 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let user = start_container(&mut rt, &pod, &cfg, user).await;
+    // (runc itself reads /etc/passwd and /etc/group as in-pod root for every
+    // exec, so the files here are ones only the workload touches.)
+    sh_ok(
+        &mut rt,
+        &root,
+        "echo secret > /tmp/by-root; cat /tmp/by-root >/dev/null",
+    )
+    .await;
+    sh_ok(
+        &mut rt,
+        &user,
+        "echo mine > /tmp/by-user; cat /tmp/by-user >/dev/null",
+    )
+    .await;
+    let log = log_lines(&d, &pod);
+    let root_file_digest = format!("sha256:{}", hex_sha256(b"secret\n"));
+    assert!(
+        log.iter().any(|l| l.contains(" /tmp/by-root ")
+            && l.contains(&root_file_digest)
+            && l.contains(&root)
+            && l.ends_with(" read")),
+        "{log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains(" /tmp/by-user ")),
+        "opens by uid 1000 are not measured: {log:?}"
+    );
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
