@@ -558,8 +558,8 @@ async fn port_forward_tunneled_spdy_over_websocket() {
 
 /// Interop with a real SPDY peer: moby/spdystream (Go), the library kubelet's
 /// and client-go's remotecommand run on, with its own framer and zlib
-/// dictionary. Exec (stdin, stdout, stderr, exit code), attach and
-/// port-forward.
+/// dictionary. Exec (stdin, stdout, stderr, exit code), exec with a TTY and
+/// a resize, attach and port-forward.
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_with_go_spdystream_client() {
     let env = Env::get();
@@ -623,6 +623,37 @@ async fn exec_with_go_spdystream_client() {
     assert_eq!(status["status"], "Failure", "{status}");
     assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
     assert_eq!(status["details"]["causes"][0]["message"], "3", "{status}");
+
+    // A TTY, resized before the command asks for its size.
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: c.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "sleep 1; stty size".into()],
+            stdin: true,
+            stdout: true,
+            tty: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let go2 = go.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(go2)
+            .args(["-tty", &url, "123", "45"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["stdout"].as_str().unwrap().trim(), "45 123", "{r}");
 
     // Attach to a container's stdin and output; half-closing stdin ends it.
     let mut reader = container_config(

@@ -5,6 +5,7 @@
 //
 //	spdyexec URL STDIN                      exec (prints a JSON result)
 //	spdyexec -portforward URL PORT REQUEST  port-forward (prints the reply)
+//	spdyexec -tty URL COLS ROWS             exec with a TTY, sending a resize
 //
 // exec upgrades with X-Stream-Protocol-Version v4.channel.k8s.io, opens the
 // error, stdin, stdout and stderr streams as remotecommand does, writes
@@ -46,6 +47,10 @@ func fail(format string, a ...interface{}) {
 func main() {
 	if len(os.Args) == 5 && os.Args[1] == "-portforward" {
 		portForward(os.Args[2], os.Args[3], os.Args[4])
+		return
+	}
+	if len(os.Args) == 5 && os.Args[1] == "-tty" {
+		tty(os.Args[2], os.Args[3], os.Args[4])
 		return
 	}
 	if len(os.Args) != 3 {
@@ -170,4 +175,41 @@ func portForward(raw, port, request string) {
 	}
 	os.Stdout.Write(b)
 	sc.Close()
+}
+
+// tty runs an exec with a TTY as remotecommand does: error, stdin, stdout
+// and resize streams (no stderr), a TerminalSize JSON on the resize stream.
+func tty(raw, cols, rows string) {
+	sc, protocol := upgrade(raw, "v4.channel.k8s.io")
+	open := func(kind string) *spdystream.Stream {
+		return openStream(sc, http.Header{"Streamtype": {kind}})
+	}
+	errStream := open("error")
+	stdin := open("stdin")
+	stdout := open("stdout")
+	resize := open("resize")
+	if _, err := fmt.Fprintf(resize, `{"Width":%s,"Height":%s}`, cols, rows); err != nil {
+		fail("resize: %v", err)
+	}
+	outc := make(chan []byte)
+	statc := make(chan []byte)
+	go func() { b, _ := ioutil.ReadAll(stdout); outc <- b }()
+	go func() { b, _ := ioutil.ReadAll(errStream); statc <- b }()
+	var out, status []byte
+	for got := 0; got < 2; got++ {
+		select {
+		case out = <-outc:
+		case status = <-statc:
+		case <-time.After(20 * time.Second):
+			fail("tty exec timed out: %q %q", out, status)
+		}
+	}
+	stdin.Close()
+	sc.Close()
+	res, _ := json.Marshal(map[string]string{
+		"protocol": protocol,
+		"stdout":   string(out),
+		"status":   string(status),
+	})
+	fmt.Println(string(res))
 }
