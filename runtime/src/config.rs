@@ -307,9 +307,10 @@ rules = [
 # "measure" records; "enforce" also denies executions (and ELF opens) whose
 # digest the allowlist does not allow (EPERM), logging a violation.
 mode = "measure"
-# Appraisal policies (JSON, e.g. from `imacri attest golden IMAGE`), read
-# when a pod starts. Required for "enforce"; with "measure" they flag
-# violations in status, events and logs.
+# Appraisal policies (JSON, e.g. from `imacri attest golden IMAGE`), checked
+# at RunPodSandbox and read again as each container starts (a regenerated
+# file applies to new containers). Required for "enforce"; with "measure"
+# they flag violations in status, events and logs.
 allowlist = []
 
 [ima.userns_pool]

@@ -175,11 +175,13 @@ impl CriServer {
             self.c.delete_task(id).await.ignore_not_found()?;
         }
         self.take_io(id);
-        self.c.delete_container(id).await.ignore_not_found()?;
-        self.c
-            .remove_snapshot(&self.cfg.containerd.snapshotter, id)
-            .await
-            .ignore_not_found()?;
+        // Independent records in containerd: remove both at once.
+        let (container, snapshot) = tokio::join!(
+            self.c.delete_container(id),
+            self.c.remove_snapshot(&self.cfg.containerd.snapshotter, id)
+        );
+        container.ignore_not_found()?;
+        snapshot.ignore_not_found()?;
         self.remove_fifos(id);
         self.remove_idmapped_volumes(id);
         if let Ok(mut m) = self.exits.lock() {

@@ -250,10 +250,6 @@ impl Engine {
         engine
     }
 
-    pub fn journal(&self) -> &Arc<Journal> {
-        &self.journal
-    }
-
     /// Marks the container's filesystem and starts answering its events.
     pub fn watch(self: &Arc<Self>, target: Target) -> Result<Watch, FanotifyError> {
         let fan = Fanotify::init(

@@ -66,8 +66,8 @@ pub struct Quote {
 }
 
 enum Cmd {
-    Extend([u8; 32], Option<tokio::sync::oneshot::Sender<TResult<()>>>),
-    Read(tokio::sync::oneshot::Sender<TResult<[u8; 32]>>),
+    /// Fire and forget: a failure is logged (the log then no longer replays).
+    Extend([u8; 32]),
     Quote(Vec<u8>, tokio::sync::oneshot::Sender<TResult<Quote>>),
 }
 
@@ -136,35 +136,7 @@ impl Tpm {
 
     /// Queues an extend; errors are logged by the TPM thread.
     pub fn extend_queued(&self, template_hash: [u8; 32]) {
-        let _ = self.tx.send(Cmd::Extend(template_hash, None));
-    }
-
-    pub async fn extend(&self, template_hash: [u8; 32]) -> TResult<()> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Cmd::Extend(template_hash, Some(tx)))
-            .map_err(|_| TpmError::Gone)?;
-        rx.await.map_err(|_| TpmError::Gone)?
-    }
-
-    pub async fn read_pcr(&self) -> TResult<[u8; 32]> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Cmd::Read(tx)).map_err(|_| TpmError::Gone)?;
-        rx.await.map_err(|_| TpmError::Gone)?
-    }
-
-    pub fn read_pcr_blocking(&self) -> TResult<[u8; 32]> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Cmd::Read(tx)).map_err(|_| TpmError::Gone)?;
-        rx.blocking_recv().map_err(|_| TpmError::Gone)?
-    }
-
-    pub async fn quote(&self, nonce: Vec<u8>) -> TResult<Quote> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Cmd::Quote(nonce, tx))
-            .map_err(|_| TpmError::Gone)?;
-        rx.await.map_err(|_| TpmError::Gone)?
+        let _ = self.tx.send(Cmd::Extend(template_hash));
     }
 
     /// Queues a quote now (ordered after every extend queued so far).
@@ -193,8 +165,11 @@ fn context(tcti: &str) -> TResult<Context> {
 
 /// Opens the TPM and reads the PCR, creating nothing (for `imacri check`).
 pub fn probe(tcti: &str, pcr: u32) -> TResult<[u8; 32]> {
-    let mut ctx = context(tcti)?;
-    let (_, _, values) = cmd("reading the PCR", ctx.pcr_read(selection(pcr)?))?;
+    read_pcr(&mut context(tcti)?, &selection(pcr)?)
+}
+
+fn read_pcr(ctx: &mut Context, sel: &PcrSelectionList) -> TResult<[u8; 32]> {
+    let (_, _, values) = cmd("reading the PCR", ctx.pcr_read(sel.clone()))?;
     values
         .value()
         .first()
@@ -304,36 +279,17 @@ fn serve(
     sel: PcrSelectionList,
     rx: mpsc::Receiver<Cmd>,
 ) {
-    let read = |ctx: &mut Context| -> TResult<[u8; 32]> {
-        let (_, _, values) = cmd("reading the PCR", ctx.pcr_read(sel.clone()))?;
-        values
-            .value()
-            .first()
-            .and_then(|d| <[u8; 32]>::try_from(d.value()).ok())
-            .ok_or_else(|| TpmError::Other("the TPM has no sha256 bank for the PCR".into()))
-    };
     while let Ok(c) = rx.recv() {
         match c {
-            Cmd::Extend(th, reply) => {
+            Cmd::Extend(th) => {
                 let r = Digest::try_from(th.to_vec()).and_then(|d| {
                     let mut v = DigestValues::new();
                     v.set(HashingAlgorithm::Sha256, d);
                     ctx.execute_with_nullauth_session(|c| c.pcr_extend(pcr, v))
                 });
-                let r = cmd("extending the PCR", r);
-                match reply {
-                    Some(tx) => {
-                        let _ = tx.send(r);
-                    }
-                    None => {
-                        if let Err(e) = r {
-                            tracing::error!(error = %e, "TPM extend failed: the log no longer replays to the PCR");
-                        }
-                    }
+                if let Err(e) = cmd("extending the PCR", r) {
+                    tracing::error!(error = %e, "TPM extend failed: the log no longer replays to the PCR");
                 }
-            }
-            Cmd::Read(tx) => {
-                let _ = tx.send(read(&mut ctx));
             }
             Cmd::Quote(nonce, tx) => {
                 let r = (|| {
@@ -352,7 +308,7 @@ fn serve(
                         }),
                     )?;
                     // Commands run in order on this thread: nothing extends between.
-                    let pcr_value = read(&mut ctx)?;
+                    let pcr_value = read_pcr(&mut ctx, &sel)?;
                     let Signature::EcDsa(s) = sig else {
                         return Err(TpmError::Other("the quote is not ECDSA-signed".into()));
                     };
