@@ -22,19 +22,7 @@ async fn pod_with(
         .unwrap()
         .into_inner()
         .pod_sandbox_id;
-    let ip = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
-        .network
-        .unwrap()
-        .ip;
+    let ip = pod_network(rt, &pod).await.ip;
     let c = rt
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
@@ -51,6 +39,20 @@ async fn pod_with(
     .await
     .unwrap();
     (pod, ip, c)
+}
+
+async fn pod_network(rt: &mut Rt, pod: &str) -> cri::PodSandboxNetworkStatus {
+    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: pod.into(),
+        verbose: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+    .unwrap()
+    .network
+    .unwrap()
 }
 
 fn in_subnet(ip: &str, subnet: &str) -> bool {
@@ -280,18 +282,7 @@ async fn dual_stack_pod_gets_both_ips() {
     let mut rt = d.runtime().await.unwrap();
     let cfg = pod_config("dual");
     let (pod, ip, c) = pod_with(&mut rt, &cfg, &["sleep", "1000"], env).await;
-    let st = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
-        .network
-        .unwrap();
+    let st = pod_network(&mut rt, &pod).await;
     assert!(
         ip.starts_with(&format!("100.64.{n}.")),
         "IPv4 first: {st:?}"

@@ -556,6 +556,25 @@ async fn port_forward_tunneled_spdy_over_websocket() {
     .unwrap();
 }
 
+async fn go_run(go: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(go);
+    cmd.args(args);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Runs the Go client and parses its JSON result (panics with its stderr).
+async fn go_json(go: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let out = go_run(go, args).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Interop with a real SPDY peer: moby/spdystream (Go), the library kubelet's
 /// and client-go's remotecommand run on, with its own framer and zlib
 /// dictionary. Exec (stdin, stdout, stderr, exit code), exec with a TTY and
@@ -599,23 +618,7 @@ async fn exec_with_go_spdystream_client() {
         .unwrap()
         .into_inner()
         .url;
-    let go2 = go.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(go2)
-            .arg(url)
-            .arg("hello from go\n")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        d.log()
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = go_json(&go, &[&url, "hello from go\n"]).await;
     assert_eq!(r["protocol"], "v4.channel.k8s.io", "{r}");
     assert_eq!(r["stdout"], "hello from go\n", "{r}");
     assert_eq!(r["stderr"], "to-stderr\n", "{r}");
@@ -638,21 +641,7 @@ async fn exec_with_go_spdystream_client() {
         .unwrap()
         .into_inner()
         .url;
-    let go2 = go.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(go2)
-            .args(["-tty", &url, "123", "45"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = go_json(&go, &["-tty", &url, "123", "45"]).await;
     assert_eq!(r["stdout"].as_str().unwrap().trim(), "45 123", "{r}");
 
     // Attach to a container's stdin and output; half-closing stdin ends it.
@@ -676,22 +665,7 @@ async fn exec_with_go_spdystream_client() {
         .unwrap()
         .into_inner()
         .url;
-    let go2 = go.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(go2)
-            .arg(url)
-            .arg("attached\n")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = go_json(&go, &[&url, "attached\n"]).await;
     assert_eq!(r["stdout"], "got-attached\n", "{r}");
     assert_eq!(r["stderr"], "bye\n", "{r}");
 
@@ -708,20 +682,16 @@ async fn exec_with_go_spdystream_client() {
             .unwrap()
             .into_inner()
             .url;
-        let go = go.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(go)
-                .args([
-                    "-portforward",
-                    &url,
-                    "8080",
-                    "GET /index.html HTTP/1.0\r\n\r\n",
-                ])
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
+        let out = go_run(
+            &go,
+            &[
+                "-portforward",
+                &url,
+                "8080",
+                "GET /index.html HTTP/1.0\r\n\r\n",
+            ],
+        )
+        .await;
         body = String::from_utf8_lossy(&out.stdout).into_owned()
             + &String::from_utf8_lossy(&out.stderr);
         if body.contains("via-spdystream") {
