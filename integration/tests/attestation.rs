@@ -555,3 +555,68 @@ fn hex_sha256(b: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(b))
 }
+
+/// `volumes = "measure"`: a volume that is a tmpfs of its own is marked and
+/// its executions are measured (path as the container sees it); a volume on
+/// a filesystem shared with the host stays noexec.
+#[tokio::test(flavor = "multi_thread")]
+async fn tmpfs_volumes_are_measured_when_the_policy_says_so() {
+    let env = Env::get();
+    let work = tempfile::tempdir_in(&env.base).unwrap();
+    let config = work.path().join("config.toml");
+    std::fs::write(
+        &config,
+        "[ima.policies.default]\n[ima.policies.vols]\nvolumes = \"measure\"\n",
+    )
+    .unwrap();
+    let tv = work.path().join("tv");
+    let dv = work.path().join("dv");
+    std::fs::create_dir_all(&tv).unwrap();
+    std::fs::create_dir_all(&dv).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &tv,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16m"),
+    )
+    .unwrap();
+    for d in [&tv, &dv] {
+        std::fs::copy("/bin/busybox", d.join("true")).unwrap();
+    }
+    let d = Imacri::start_with(env, &["--config", config.to_str().unwrap()])
+        .await
+        .unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima_pod("vols", Some("vols"));
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let mut cc = sleeper(env);
+    for (dest, src) in [("/tv", &tv), ("/dv", &dv)] {
+        cc.mounts.push(cri::Mount {
+            container_path: dest.into(),
+            host_path: src.to_string_lossy().into(),
+            ..Default::default()
+        });
+    }
+    let c = start_container(&mut rt, &pod, &cfg, cc).await;
+    let (_, out, err) = exec_sh(&mut rt, &c, "/tv/true; echo rc=$?").await;
+    assert!(out.contains("rc=0"), "{out}{err}\n{}", d.log());
+    let (_, out, err) = exec_sh(&mut rt, &c, "/dv/true; echo rc=$?").await;
+    assert!(
+        !out.contains("rc=0") && err.contains("Permission denied"),
+        "{out}{err}"
+    );
+    let log = log_lines(&d, &pod);
+    assert!(
+        log.iter()
+            .any(|l| l.contains(" /tv/true ") && l.ends_with(" exec")),
+        "{log:?}"
+    );
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+    let _ = nix::mount::umount2(&tv, nix::mount::MntFlags::MNT_DETACH);
+}

@@ -312,6 +312,10 @@ mode = "measure"
 # file applies to new containers). Required for "enforce"; with "measure"
 # they flag violations in status, events and logs.
 allowlist = []
+# Executables on volumes: "deny" (every volume noexec) or "measure" (volumes
+# that are a tmpfs of their own are measured like the rootfs; others stay
+# noexec, since marking a filesystem shared with the host would measure it).
+volumes = "deny"
 
 [ima.userns_pool]
 # ima pods without user-namespace mappings get 65536 host IDs from here,

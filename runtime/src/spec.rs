@@ -1013,13 +1013,18 @@ fn device(
     Ok((dev, rule))
 }
 
-/// For pods measured by the fanotify backend: only the rootfs (whose
-/// filesystem is marked) may hold executables, so every other mount
-/// (volumes, /dev, tmpfs, the pod's files) gets `noexec`. An execution from
-/// a volume fails with EACCES instead of going unmeasured.
-pub fn noexec_outside_rootfs(spec: &mut Spec) {
+/// For pods measured by the fanotify backend: only the rootfs and the
+/// `measured` volume destinations (whose filesystems are marked) may hold
+/// executables, so every other mount (volumes, /dev, tmpfs, the pod's files)
+/// gets `noexec`. An execution from there fails with EACCES instead of going
+/// unmeasured.
+pub fn noexec_outside_rootfs(spec: &mut Spec, measured: &[String]) {
     if let Some(mounts) = spec.mounts_mut() {
         for m in mounts.iter_mut() {
+            // Volumes the backend marks itself keep exec.
+            if measured.iter().any(|d| Path::new(d) == m.destination()) {
+                continue;
+            }
             let mut opts = m.options().clone().unwrap_or_default();
             // runc applies noexec on a bind by remounting it, which in a user
             // namespace must keep the source's locked nosuid/nodev: ask for
@@ -1145,9 +1150,14 @@ mod tests {
         let mut spec = Spec::default();
         let mut ms = base_mounts(false).unwrap();
         ms.push(bind("/data", Path::new("/srv/data"), &["rw", "exec"]).unwrap());
+        ms.push(bind("/measured", Path::new("/srv/tmpfs"), &["rw"]).unwrap());
         spec.set_mounts(Some(ms));
-        noexec_outside_rootfs(&mut spec);
+        noexec_outside_rootfs(&mut spec, &["/measured".to_string()]);
         for m in spec.mounts().as_ref().unwrap() {
+            if m.destination() == Path::new("/measured") {
+                assert!(!m.options().clone().unwrap().iter().any(|o| o == "noexec"));
+                continue;
+            }
             let o = m.options().clone().unwrap_or_default();
             assert_eq!(o.iter().filter(|x| *x == "noexec").count(), 1, "{m:?}");
             assert!(!o.iter().any(|x| x == "exec"), "{m:?}");

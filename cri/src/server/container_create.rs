@@ -179,7 +179,12 @@ impl CriServer {
                 limits: self.limits,
             })?;
             if super::integrity::is_fanotify(&sb_state) {
-                spec::noexec_outside_rootfs(&mut spec);
+                let measured: Vec<String> = self
+                    .measured_volumes(&sb_state, config)
+                    .into_iter()
+                    .map(|(dest, _)| dest)
+                    .collect();
+                spec::noexec_outside_rootfs(&mut spec, &measured);
             }
             let mut labels: HashMap<String, String> = config.labels.clone();
             labels.insert(LABEL_KIND.into(), "container".into());

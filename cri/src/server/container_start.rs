@@ -110,7 +110,7 @@ impl CriServer {
                 .await?;
             let pid = self.c.create_task(&c.id, mounts, &stdio).await?;
             // Marked before the entrypoint can run (the task waits for start).
-            if let Some(w) = self.measure_container(&st.sandbox_id, &c.id, pid)? {
+            if let Some(w) = self.measure_container(&st.sandbox_id, &c.id, pid).await? {
                 self.set_measure(&c.id, w);
             }
             self.watch_exit(&c.id);

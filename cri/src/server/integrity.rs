@@ -6,7 +6,7 @@
 use imacri_api::cri;
 use imacri_runtime::ima;
 use imacri_runtime::integrity::allowlist::Allowlist;
-use imacri_runtime::integrity::fanotify::{Engine, Notice, Target, Triggers, Watch};
+use imacri_runtime::integrity::fanotify::{own_tmpfs, Engine, Notice, Target, Triggers, Watch};
 use imacri_runtime::integrity::journal::Journal;
 use imacri_runtime::integrity::log::Event;
 use imacri_runtime::integrity::tpm::Tpm;
@@ -91,9 +91,32 @@ impl CriServer {
         Ok(Some(Arc::new(merged)))
     }
 
+    /// Volumes of a container the fanotify backend measures (policy
+    /// `volumes = "measure"` and a tmpfs of their own): (destination, host path).
+    pub(crate) fn measured_volumes(
+        &self,
+        st: &SandboxState,
+        config: &cri::ContainerConfig,
+    ) -> Vec<(String, std::path::PathBuf)> {
+        let measure = st
+            .ima
+            .as_ref()
+            .and_then(|i| self.cfg.ima.policies.get(&i.policy))
+            .is_some_and(|p| p.volumes == ima::VolumeExec::Measure);
+        if !measure {
+            return Vec::new();
+        }
+        config
+            .mounts
+            .iter()
+            .filter(|m| own_tmpfs(std::path::Path::new(&m.host_path)))
+            .map(|m| (m.container_path.clone(), m.host_path.clone().into()))
+            .collect()
+    }
+
     /// Marks a container whose task (init `pid`) exists but has not started.
     /// None if its pod is not measured by the fanotify backend.
-    pub(crate) fn measure_container(
+    pub(crate) async fn measure_container(
         &self,
         pod: &str,
         ctr: &str,
@@ -130,6 +153,24 @@ impl CriServer {
                 })
                 .unwrap_or(uid)
         });
+        // Exactly the volumes CreateContainer left executable are marked; if
+        // one is no longer a tmpfs of its own, refuse rather than run it
+        // unmeasured.
+        let c = self.container(ctr)?;
+        let volumes = self.measured_volumes(&st, &c.config);
+        let spec = self.c.container_spec(ctr).await?;
+        for m in spec.mounts().iter().flatten() {
+            let exec = !m
+                .options()
+                .as_ref()
+                .is_some_and(|o| o.iter().any(|x| x == "noexec"));
+            let dest = m.destination().to_string_lossy();
+            if exec && !volumes.iter().any(|(d, _)| *d == dest) {
+                return Err(Error::FailedPrecondition(format!(
+                    "mount {dest} of container {ctr} allows execution but cannot be measured (not a tmpfs of its own any more)"
+                )));
+            }
+        }
         let target = Target {
             pod: pod.to_string(),
             container: ctr.to_string(),
@@ -137,6 +178,7 @@ impl CriServer {
             triggers,
             mode: i.mode,
             allowlist: self.load_allowlist(&i.policy)?,
+            volumes: volumes.into_iter().map(|(_, h)| h).collect(),
         };
         let w = engine
             .watch(target)
@@ -146,8 +188,13 @@ impl CriServer {
     }
 
     /// After a restart: measure running containers again and log the gap.
-    pub(crate) fn remeasure_after_restart(&self, pod: &str, ctr: &str, pid: u32) -> Option<Watch> {
-        match self.measure_container(pod, ctr, pid) {
+    pub(crate) async fn remeasure_after_restart(
+        &self,
+        pod: &str,
+        ctr: &str,
+        pid: u32,
+    ) -> Option<Watch> {
+        match self.measure_container(pod, ctr, pid).await {
             Ok(Some(w)) => {
                 if let Err(e) =
                     self.integrity

@@ -65,7 +65,9 @@ impl CriServer {
                             live.log = Some(log);
                         }
                     }
-                    live.measure = self.remeasure_after_restart(&st.sandbox_id, &c.id, t.pid);
+                    live.measure = self
+                        .remeasure_after_restart(&st.sandbox_id, &c.id, t.pid)
+                        .await;
                     self.set_io(&c.id, live);
                     self.watch_exit(&c.id);
                     if self.must_kill_unmeasured(&st.sandbox_id) {

@@ -111,6 +111,22 @@ pub struct PolicyConfig {
     pub mode: policy::Mode,
     /// Appraisal policies (JSON allowlists), merged.
     pub allowlist: Vec<std::path::PathBuf>,
+    /// Executions from volumes (fanotify backend).
+    pub volumes: VolumeExec,
+}
+
+/// What the fanotify backend does about executables on volumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeExec {
+    /// Every volume is mounted noexec: executing from one fails (EACCES).
+    #[default]
+    Deny,
+    /// Volumes that are a tmpfs of their own (emptyDir with medium Memory,
+    /// projected volumes) are marked and measured like the rootfs; other
+    /// volumes share a filesystem with the host, cannot be marked for the pod
+    /// alone, and stay noexec.
+    Measure,
 }
 
 impl Default for PolicyConfig {
@@ -122,6 +138,7 @@ impl Default for PolicyConfig {
             ],
             mode: policy::Mode::Measure,
             allowlist: Vec::new(),
+            volumes: VolumeExec::Deny,
         }
     }
 }

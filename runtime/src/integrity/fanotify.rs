@@ -116,6 +116,8 @@ pub struct Target {
     pub triggers: Triggers,
     pub mode: Mode,
     pub allowlist: Option<Arc<Allowlist>>,
+    /// Volumes measured like the rootfs (each a filesystem of its own).
+    pub volumes: Vec<PathBuf>,
 }
 
 /// A measurement the policy does not allow, for logs and CRI events.
@@ -270,6 +272,18 @@ impl Engine {
             path: target.root.clone(),
             source,
         })?;
+        for v in &target.volumes {
+            fan.mark(
+                MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
+                target.triggers.mask(),
+                None,
+                Some(v),
+            )
+            .map_err(|source| FanotifyError::Mark {
+                path: v.clone(),
+                source,
+            })?;
+        }
         let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| FanotifyError::Thread(e.into()))?;
         let group = Arc::new(Group {
             fan,
@@ -491,6 +505,26 @@ fn answer(group: &Group, ev: &FanotifyEvent, allow: bool) {
     if let Err(e) = group.fan.write_response(FanotifyResponse::new(fd, r)) {
         tracing::error!(container_id = %group.target.container, error = %e, "answering a fanotify event failed");
     }
+}
+
+/// True when `path` is the root of a tmpfs mount: a filesystem of its own
+/// (kubelet's memory-backed emptyDir and projected volumes), which a
+/// `FAN_MARK_FILESYSTEM` can watch without watching the host.
+pub fn own_tmpfs(path: &std::path::Path) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(p) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let Some(parent) = p.parent() else {
+        return false;
+    };
+    let (Ok(st), Ok(up)) = (nix::sys::stat::stat(&p), nix::sys::stat::stat(parent)) else {
+        return false;
+    };
+    let tmpfs = nix::sys::statfs::statfs(&p)
+        .map(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC)
+        .unwrap_or(false);
+    tmpfs && st.st_dev != up.st_dev
 }
 
 /// The file's path as its opener sees it: the kernel resolves the event's
