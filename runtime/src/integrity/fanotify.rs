@@ -511,7 +511,6 @@ fn answer(group: &Group, ev: &FanotifyEvent, allow: bool) {
 /// (kubelet's memory-backed emptyDir and projected volumes), which a
 /// `FAN_MARK_FILESYSTEM` can watch without watching the host.
 pub fn own_tmpfs(path: &std::path::Path) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
     let Ok(p) = std::fs::canonicalize(path) else {
         return false;
     };
@@ -522,7 +521,7 @@ pub fn own_tmpfs(path: &std::path::Path) -> bool {
         return false;
     };
     let tmpfs = nix::sys::statfs::statfs(&p)
-        .map(|s| s.filesystem_type().0 as i64 == TMPFS_MAGIC)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
         .unwrap_or(false);
     tmpfs && st.st_dev != up.st_dev
 }
