@@ -14,7 +14,9 @@ version = 2
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 TOML
   changed=1
-elif ! grep -q 'io.containerd.grpc.v1.cri' "$cfg"; then
+elif ! grep -Eq '^[[:space:]]*disabled_plugins[[:space:]]*=.*"io\.containerd\.grpc\.v1\.cri"' "$cfg"; then
+  # (Debian's default config names the plugin in [plugins.*] tables: only a
+  # disabled_plugins entry counts.)
   cp "$cfg" "$cfg.imacri-backup"
   if grep -q '^disabled_plugins' "$cfg"; then
     sed -i 's/^disabled_plugins *= *\[/disabled_plugins = ["io.containerd.grpc.v1.cri", /' "$cfg"
@@ -28,7 +30,12 @@ running() { ctr --address "$sock" version >/dev/null 2>&1; }
 if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then
   if ((changed)) || ! running; then systemctl restart containerd; fi
 else
-  if running && ((changed)); then pkill -x containerd || true; sleep 1; fi
+  if running && ((changed)); then
+    # The node's containerd runs without arguments (test instances have --config).
+    pkill -xf containerd || true
+    for _ in $(seq 100); do running || break; sleep 0.1; done
+    sleep 0.5
+  fi
   if ! running; then
     nohup containerd >>/var/log/containerd.log 2>&1 &
   fi

@@ -117,7 +117,8 @@ pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
             let r = client(socket)
                 .await?
                 .get_attestation_key(pb::GetAttestationKeyRequest {})
-                .await?
+                .await
+                .map_err(|s| rpc("GetAttestationKey", s))?
                 .into_inner();
             write_or_print(out.as_deref(), &r.pem)?;
             Ok(0)
@@ -126,7 +127,8 @@ pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
             let r = client(socket)
                 .await?
                 .golden_policy(pb::GoldenPolicyRequest { image })
-                .await?
+                .await
+                .map_err(|s| rpc("GoldenPolicy", s))?
                 .into_inner();
             write_or_print(out.as_deref(), &r.policy_json)?;
             eprintln!("{} files", r.files);
@@ -138,7 +140,8 @@ pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
                 .get_log(pb::GetLogRequest {
                     pod_sandbox_id: pod,
                 })
-                .await?
+                .await
+                .map_err(|s| rpc("GetLog", s))?
                 .into_inner();
             for l in r.entries {
                 println!("{l}");
@@ -212,15 +215,16 @@ async fn fetch(c: &mut AttestationClient<Channel>, pod: &str, nonce: Vec<u8>) ->
             nonce,
         })
         .await
-        .map_err(|s| anyhow!("Quote({pod}): {}: {}", code_name(s.code()), s.message()))?
+        .map_err(|s| rpc(&format!("Quote({pod})"), s))?
         .into_inner()
         .evidence
         .ok_or_else(|| anyhow!("the node returned no evidence"))?;
     Ok(crate::evidence::from_proto(ev))
 }
 
-fn code_name(c: tonic::Code) -> String {
-    format!("{c:?}")
+/// "GetLog: NotFound: pod sandbox ... not found": the node's words, with the code.
+fn rpc(what: &str, s: tonic::Status) -> anyhow::Error {
+    anyhow!("{what}: {:?}: {}", s.code(), s.message())
 }
 
 fn load_inputs(policy: &Path, ak: Option<&Path>) -> Result<(Allowlist, Option<String>)> {

@@ -190,7 +190,11 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         line(
             "tpm",
             false,
-            "no ima.tpm_tcti configured: measurements are unanchored".into(),
+            if Path::new("/dev/tpmrm0").exists() {
+                "/dev/tpmrm0 exists but ima.tpm_tcti is empty: set it to \"device:/dev/tpmrm0\" to anchor measurements".into()
+            } else {
+                "no ima.tpm_tcti configured and no /dev/tpmrm0: measurements are unanchored".into()
+            },
         );
     } else {
         let tcti = cfg.ima.tpm_tcti.clone();
@@ -261,16 +265,6 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             "enabled".into()
         } else {
             "not enabled: SELinux options are ignored".into()
-        },
-    );
-    let tpm = Path::new("/dev/tpmrm0").exists();
-    line(
-        "tpm",
-        tpm,
-        if tpm {
-            "/dev/tpmrm0".into()
-        } else {
-            "no /dev/tpmrm0".into()
         },
     );
     Ok(ok)

@@ -208,7 +208,12 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Attest { socket, cmd } => {
-            let code = imacri_cri::attest::run(&socket, cmd).await?;
+            let code = imacri_cri::attest::run(&socket, cmd)
+                .await
+                .unwrap_or_else(|e| {
+                    eprintln!("imacri attest: {e:#}");
+                    1
+                });
             std::process::exit(code);
         }
         Cmd::Check(o) => {
