@@ -7,10 +7,15 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 use std::process::Command;
 
+#[derive(Clone, Default)]
 pub struct ImageDef {
     pub config: serde_json::Value,
+    /// (path, content, mode incl. setuid bits); owned by root.
     pub files: Vec<(String, Vec<u8>, u32)>,
+    /// Symlinks (path, target).
     pub links: Vec<(String, String)>,
+    /// Hard links (path, path of a file above).
+    pub hardlinks: Vec<(String, String)>,
     pub dirs: Vec<String>,
 }
 
@@ -67,6 +72,7 @@ fn base() -> ImageDef {
             ("etc/group".into(), b"root:x:0:\nalice:x:1000:\nwheel:x:10:alice\nnogroup:x:65534:\n".to_vec(), 0o644),
         ],
         links: APPLETS.iter().map(|a| (format!("bin/{a}"), "busybox".to_string())).collect(),
+        hardlinks: vec![],
         dirs: vec!["tmp".into(), "root".into(), "home/alice".into(), "proc".into(), "sys".into(), "dev".into(), "etc".into()],
     }
 }
@@ -118,6 +124,14 @@ fn layer(def: &ImageDef) -> Result<Vec<u8>> {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);
+        h.set_size(0);
+        h.set_mtime(0);
+        tar.append_link(&mut h, path, target)?;
+    }
+    for (path, target) in &def.hardlinks {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_mode(0o755);
         h.set_size(0);
         h.set_mtime(0);
         tar.append_link(&mut h, path, target)?;

@@ -3,8 +3,12 @@
 //! one with htpasswd auth), test images built from busybox-static and pushed
 //! with skopeo, and imacri daemons started per test. Nothing here is a mock.
 
+pub mod cleanup;
 pub mod client;
+pub mod critest;
 pub mod images;
+pub mod kubelet;
+pub mod peers;
 
 use anyhow::{anyhow, bail, Context, Result};
 use imacri_api::cri::image_service_client::ImageServiceClient;
@@ -285,65 +289,31 @@ pub fn start_containerd_pid(base: &Path, name: &str, with_cri: bool) -> Result<(
 }
 
 /// Removes what earlier test processes (now gone) left when a test failed
-/// before cleaning up: their mounts and temp dirs, test bridges, runc state.
+/// before cleaning up.
 fn reap_stale_runs() {
     let alive = |pid: &str| Path::new("/proc").join(pid).exists();
-    let tmp = std::env::temp_dir();
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if let Ok(rd) = std::fs::read_dir(&tmp) {
+    if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(pid) = name.strip_prefix("imacri-it-") else {
                 continue;
             };
-            if pid.parse::<u32>().is_err() || alive(pid) {
-                continue;
-            }
-            let dir = e.path().to_string_lossy().into_owned();
-            let mut points: Vec<&str> = mounts
-                .lines()
-                .filter_map(|l| l.split(' ').nth(1))
-                .filter(|m| m.starts_with(&dir))
-                .collect();
-            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-            for m in points {
-                let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-            }
-            let _ = std::fs::remove_dir_all(e.path());
-            // Containers of that run (tests that failed midway) go too.
-            let root = Path::new("/run/containerd/runc").join(&name);
-            if let Ok(out) = Command::new("runc")
-                .arg("--root")
-                .arg(&root)
-                .args(["list", "-q"])
-                .output()
-            {
-                for id in String::from_utf8_lossy(&out.stdout).lines() {
-                    let _ = Command::new("runc")
-                        .arg("--root")
-                        .arg(&root)
-                        .args(["delete", "-f", id])
-                        .status();
-                }
-            }
-            let _ = std::fs::remove_dir_all(&root);
-        }
-    }
-    if let Ok(rd) = std::fs::read_dir("/sys/class/net") {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name
-                .strip_prefix("imit")
-                .or_else(|| name.strip_prefix("imv6"))
-            {
-                // The bridge name carries the pid modulo 100000.
-                let mine = (std::process::id() % 100000).to_string();
-                if pid != mine && !alive(pid) {
-                    let _ = Command::new("ip").args(["link", "del", &name]).status();
-                }
+            if pid.parse::<u32>().is_ok() && !alive(pid) {
+                cleanup::reap_run(&e.path());
             }
         }
     }
+    cleanup::reap_bridges(|pid| pid != (std::process::id() % 100000).to_string() && !alive(pid));
+}
+
+/// At exit of the test process: the environment's containers, shims, mounts,
+/// bridges and directories go, so a passing run leaves nothing behind.
+extern "C" fn reap_at_exit() {
+    if let Some(env) = ENV.get() {
+        cleanup::reap_run(&env.base);
+    }
+    let mine = (std::process::id() % 100000).to_string();
+    cleanup::reap_bridges(|pid| pid == mine);
 }
 
 impl Env {
@@ -351,6 +321,8 @@ impl Env {
     pub fn get() -> &'static Env {
         ENV.get_or_init(|| {
             require_root();
+            // SAFETY: registers a plain function; it runs once, at exit.
+            unsafe { libc::atexit(reap_at_exit) };
             Env::start().unwrap_or_else(|e| panic!("test environment: {e:#}"))
         })
     }

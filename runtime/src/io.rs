@@ -187,13 +187,14 @@ fn entry(out: &mut Vec<u8>, ts: &str, stream: &str, tag: &str, line: &[u8]) {
 /// Output of a running container for attached clients.
 pub type Tap = tokio::sync::broadcast::Sender<Vec<u8>>;
 
-/// Copies a FIFO into the log until the writer (the shim) closes it, also
+/// Copies a FIFO into the log (if the container has one) until the writer
+/// (the shim) closes it, also
 /// handing each chunk to attached clients (`tap`). Runs on its own thread:
 /// open() on a FIFO blocks until the shim opens the other end.
 pub fn spawn_log_copier(
     fifo: PathBuf,
     stream: &'static str,
-    log: LogFile,
+    log: Option<LogFile>,
     tap: Option<Tap>,
 ) -> JoinHandle<()> {
     std::thread::spawn(move || {
@@ -214,20 +215,24 @@ pub fn spawn_log_copier(
                     if let Some(t) = &tap {
                         let _ = t.send(buf[..n].to_vec());
                     }
-                    out.clear();
-                    fmt.push(stream, &buf[..n], &timestamp(), &mut out);
-                    if !out.is_empty() {
-                        log.write(&out);
+                    if let Some(log) = &log {
+                        out.clear();
+                        fmt.push(stream, &buf[..n], &timestamp(), &mut out);
+                        if !out.is_empty() {
+                            log.write(&out);
+                        }
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             }
         }
-        out.clear();
-        fmt.finish(stream, &timestamp(), &mut out);
-        if !out.is_empty() {
-            log.write(&out);
+        if let Some(log) = &log {
+            out.clear();
+            fmt.finish(stream, &timestamp(), &mut out);
+            if !out.is_empty() {
+                log.write(&out);
+            }
         }
     })
 }
@@ -345,7 +350,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = create_fifos(d.path(), "c", false, false).unwrap();
         let log = LogFile::open(&d.path().join("logs/c.log")).unwrap();
-        let h = spawn_log_copier(p.stdout.clone().unwrap(), "stdout", log, None);
+        let h = spawn_log_copier(p.stdout.clone().unwrap(), "stdout", Some(log), None);
         let mut w = OpenOptions::new()
             .write(true)
             .open(p.stdout.as_ref().unwrap())

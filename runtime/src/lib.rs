@@ -10,6 +10,7 @@ pub mod ima;
 pub mod image;
 pub mod integrity;
 pub mod io;
+pub mod metrics;
 pub mod mount;
 pub mod netns;
 pub mod pod;

@@ -111,6 +111,11 @@ fn with_userns(
 pub struct NodeLimits {
     /// Lowest oom_score_adj we may ask for (our own when restricted).
     pub min_oom_score_adj: i32,
+    /// The hugetlb cgroup controller exists. kubelet sends hugepage limits
+    /// (often 0) for every container; without the controller runc fails,
+    /// so they are dropped, as containerd's default
+    /// `tolerate_missing_hugetlb_controller` does.
+    pub hugetlb: bool,
 }
 
 pub fn ns_mode(opts: Option<&cri::NamespaceOption>) -> (i32, i32, i32) {
@@ -776,6 +781,9 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
     sort_mounts(&mut mounts);
 
     let mut res = resources(lc.resources.as_ref())?;
+    if !i.limits.hugetlb {
+        res.set_hugepage_limits(None);
+    }
     let mut devices = Vec::new();
     let mut dev_rules = res.devices().clone().unwrap_or_default();
     if sc.privileged {
@@ -1179,6 +1187,7 @@ mod tests {
     fn oom_is_clamped() {
         let l = NodeLimits {
             min_oom_score_adj: -500,
+            hugetlb: true,
         };
         assert_eq!(clamp_oom(-998, l), -500);
         assert_eq!(clamp_oom(100, l), 100);
@@ -1274,6 +1283,7 @@ mod tests {
             shared: &sh,
             limits: NodeLimits {
                 min_oom_score_adj: -100,
+                hugetlb: true,
             },
         })
         .unwrap();
@@ -1349,6 +1359,7 @@ mod tests {
             shared: &sh,
             limits: NodeLimits {
                 min_oom_score_adj: 0,
+                hugetlb: true,
             },
         })
         .unwrap();
@@ -1401,6 +1412,7 @@ mod tests {
             &sh,
             NodeLimits {
                 min_oom_score_adj: 0,
+                hugetlb: true,
             },
         )
         .unwrap();

@@ -96,9 +96,13 @@ pub fn cgroup(path: &str) -> CgroupStats {
 pub struct IfaceStats {
     pub name: String,
     pub rx_bytes: u64,
+    pub rx_packets: u64,
     pub rx_errors: u64,
+    pub rx_dropped: u64,
     pub tx_bytes: u64,
+    pub tx_packets: u64,
     pub tx_errors: u64,
+    pub tx_dropped: u64,
 }
 
 /// /proc/<pid>/net/dev, without the loopback.
@@ -115,9 +119,13 @@ pub fn parse_net_dev(text: &str) -> Vec<IfaceStats> {
             Some(IfaceStats {
                 name: name.trim().to_string(),
                 rx_bytes: f[0],
+                rx_packets: f[1],
                 rx_errors: f[2],
+                rx_dropped: f[3],
                 tx_bytes: f[8],
+                tx_packets: f[9],
                 tx_errors: f[10],
+                tx_dropped: f[11],
             })
         })
         .filter(|i| i.name != "lo")
@@ -184,9 +192,13 @@ mod tests {
             vec![IfaceStats {
                 name: "eth0".into(),
                 rx_bytes: 5000,
+                rx_packets: 10,
                 rx_errors: 2,
+                rx_dropped: 0,
                 tx_bytes: 3000,
-                tx_errors: 1
+                tx_packets: 8,
+                tx_errors: 1,
+                tx_dropped: 0,
             }]
         );
     }

@@ -37,3 +37,12 @@ pub fn cap_bounding() -> u64 {
         })
         .unwrap_or(u64::MAX)
 }
+
+/// Whether the hugetlb cgroup controller is available to containers.
+pub fn hugetlb_controller() -> bool {
+    match cgroup_version() {
+        CgroupVersion::V1 => Path::new("/sys/fs/cgroup/hugetlb").exists(),
+        CgroupVersion::V2 => std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|x| x == "hugetlb")),
+    }
+}

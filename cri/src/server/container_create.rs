@@ -102,7 +102,11 @@ impl CriServer {
         self.check_pod_isolation(&sb.state(), &config)?;
         // Fail on bad mounts and devices before touching containerd.
         for m in &config.mounts {
-            spec::user_mount(m)?;
+            if super::image_volume::is_image_mount(m) {
+                super::image_volume::check_image_mount(m)?;
+            } else {
+                spec::user_mount(m)?;
+            }
         }
 
         let id = new_id();
@@ -166,11 +170,15 @@ impl CriServer {
             let _ = std::fs::remove_dir(&probe);
             let user = user?;
             let shared = self.shared_of(&sb_state);
-            let mapped = self.idmap_volumes(id, &sb_state, config)?;
+            // Image volumes become read-only binds; then, in a user
+            // namespace pod, every bind is ID-mapped.
+            let (with_images, volume_labels) = self.image_volumes(id, config, &lease).await?;
+            let volumes = with_images.as_ref().unwrap_or(config);
+            let mapped = self.idmap_volumes(id, &sb_state, volumes)?;
             let mut spec = spec::container_spec(&ContainerInputs {
                 id,
                 sandbox_id: &sb.id,
-                config: mapped.as_ref().unwrap_or(config),
+                config: mapped.as_ref().unwrap_or(volumes),
                 sandbox_config: &sb.config,
                 image: &image.config,
                 image_name,
@@ -180,13 +188,14 @@ impl CriServer {
             })?;
             if super::integrity::is_fanotify(&sb_state) {
                 let measured: Vec<String> = self
-                    .measured_volumes(&sb_state, config)
+                    .measured_volumes(&sb_state, volumes)
                     .into_iter()
                     .map(|(dest, _)| dest)
                     .collect();
                 spec::noexec_outside_rootfs(&mut spec, &measured);
             }
             let mut labels: HashMap<String, String> = config.labels.clone();
+            labels.extend(volume_labels);
             labels.insert(LABEL_KIND.into(), "container".into());
             labels.insert(LABEL_SANDBOX_ID.into(), sb.id.clone());
             self.c

@@ -70,35 +70,13 @@ impl CriServer {
     async fn start_task_io(self: &Arc<Self>, c: &Arc<ContainerEntry>) -> Result<u32> {
         let st = c.state();
         let stdio = io::create_fifos(&self.cfg.fifo_dir(), &c.id, c.config.stdin, c.config.tty)?;
-        let mut live = LiveIo::default();
-        if !st.log_path.as_os_str().is_empty() {
-            let log = LogFile::open(&st.log_path)?;
-            if let Some(p) = &stdio.stdout {
-                live.copiers.push(io::spawn_log_copier(
-                    p.clone(),
-                    "stdout",
-                    log.clone(),
-                    Some(live.tap.clone()),
-                ));
-            }
-            if let Some(p) = &stdio.stderr {
-                live.copiers.push(io::spawn_log_copier(
-                    p.clone(),
-                    "stderr",
-                    log.clone(),
-                    Some(live.tap_err.clone()),
-                ));
-            }
-            live.log = Some(log);
+        let log = if st.log_path.as_os_str().is_empty() {
+            None
         } else {
-            // Nobody wants the output: drain it so the process never blocks.
-            for p in [&stdio.stdout, &stdio.stderr].into_iter().flatten() {
-                let h = io::spawn_capture(p.clone(), 0);
-                live.copiers.push(std::thread::spawn(move || {
-                    let _ = h.join();
-                }));
-            }
-        }
+            Some(LogFile::open(&st.log_path)?)
+        };
+        let mut live = LiveIo::default();
+        live.copy_output(stdio.stdout.clone(), stdio.stderr.clone(), log);
         if let Some(p) = &stdio.stdin {
             live.stdin = Some(io::hold_open(p)?);
         }

@@ -39,7 +39,7 @@ impl CriServer {
             message: st.message.clone(),
             labels: c.config.labels.clone(),
             annotations: c.config.annotations.clone(),
-            mounts: c.config.mounts.clone(),
+            mounts: self.status_mounts(&c.config),
             log_path: st.log_path.to_string_lossy().into_owned(),
             resources: Some(cri::ContainerResources {
                 linux: st

@@ -1,5 +1,5 @@
 //! StopContainer: the stop signal, then SIGKILL after the timeout.
-//! Stopping a container that is not running succeeds.
+//! Stopping a container that is not running, or is unknown, succeeds.
 
 use imacri_api::cri;
 use imacri_runtime::pod::ContainerPhase;
@@ -19,7 +19,12 @@ impl CriServer {
                 "timeout must not be negative".into(),
             ));
         }
-        let c = self.container(&req.container_id)?;
+        let c = match self.container(&req.container_id) {
+            Ok(c) => c,
+            // Idempotent as in containerd: nothing left to stop.
+            Err(Error::NotFound(_)) => return Ok(cri::StopContainerResponse {}),
+            Err(e) => return Err(e),
+        };
         self.stop_container_entry(&c, Duration::from_secs(req.timeout as u64))
             .await?;
         Ok(cri::StopContainerResponse {})

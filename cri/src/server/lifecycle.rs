@@ -184,6 +184,9 @@ impl CriServer {
         snapshot.ignore_not_found()?;
         self.remove_fifos(id);
         self.remove_idmapped_volumes(id);
+        let config = self.containers.get(id).map(|c| c.config.clone());
+        self.remove_image_volumes(id, &config.unwrap_or_default())
+            .await;
         if let Ok(mut m) = self.exits.lock() {
             m.remove(id);
         }

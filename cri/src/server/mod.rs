@@ -17,8 +17,10 @@ mod image_list;
 mod image_pull;
 mod image_remove;
 mod image_status;
+mod image_volume;
 mod integrity;
 mod lifecycle;
+mod metrics;
 mod monitor;
 mod recover;
 mod sandbox_list;
@@ -68,6 +70,33 @@ struct LiveIo {
     tap_err: imacri_runtime::io::Tap,
     /// fanotify measurement of an ima container; dropping it stops it.
     measure: Option<imacri_runtime::integrity::fanotify::Watch>,
+}
+
+impl LiveIo {
+    /// Copies the container's output into its log (if it has one) and to
+    /// attached clients; without either it is drained so the process never
+    /// blocks on a full pipe.
+    fn copy_output(
+        &mut self,
+        stdout: Option<std::path::PathBuf>,
+        stderr: Option<std::path::PathBuf>,
+        log: Option<LogFile>,
+    ) {
+        for (p, stream, tap) in [
+            (stdout, "stdout", self.tap.clone()),
+            (stderr, "stderr", self.tap_err.clone()),
+        ] {
+            if let Some(p) = p {
+                self.copiers.push(imacri_runtime::io::spawn_log_copier(
+                    p,
+                    stream,
+                    log.clone(),
+                    Some(tap),
+                ));
+            }
+        }
+        self.log = log;
+    }
 }
 
 impl Default for LiveIo {
@@ -149,6 +178,7 @@ impl CriServer {
             } else {
                 -1000
             },
+            hugetlb: imacri_runtime::sysinfo::hugetlb_controller(),
         };
         let cni = imacri_runtime::cni::Cni::new(
             cfg.cni.conf_dir.clone(),
@@ -262,6 +292,23 @@ impl CriServer {
         })?;
         let stdin = io.stdin.as_ref().and_then(|f| f.try_clone().ok());
         Ok(([io.tap.clone(), io.tap_err.clone()], stdin))
+    }
+
+    /// An attached client closed stdin. For a `stdin_once` container that
+    /// is the end of its input (containerd's rule): the held fifo writer and
+    /// the shim's are closed, so the process reads EOF. Otherwise stdin
+    /// stays open for the next attach.
+    pub(crate) async fn end_attached_stdin(&self, id: &str) -> Result<()> {
+        let once = self.container(id).map(|c| c.config.stdin_once)?;
+        if !once {
+            return Ok(());
+        }
+        if let Ok(mut m) = self.io.lock() {
+            if let Some(io) = m.get_mut(id) {
+                io.stdin = None;
+            }
+        }
+        self.c.close_stdin(id, "").await
     }
 
     pub(crate) fn log_of(&self, id: &str) -> Option<LogFile> {

@@ -3,7 +3,7 @@
 
 use imacri_runtime::containerd::TaskStatus;
 use imacri_runtime::ids::now_nanos;
-use imacri_runtime::io::{self, LogFile};
+use imacri_runtime::io::LogFile;
 use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
 use std::sync::Arc;
 
@@ -45,26 +45,14 @@ impl CriServer {
                 Ok(Some(t)) if t.status == TaskStatus::Running => {
                     // Reattach the log copiers to the FIFOs the shim still holds.
                     let mut live = LiveIo::default();
-                    if !st.log_path.as_os_str().is_empty() {
-                        if let Ok(log) = LogFile::open(&st.log_path) {
-                            for (suffix, stream) in [("stdout", "stdout"), ("stderr", "stderr")] {
-                                let p = self.cfg.fifo_dir().join(format!("{}-{suffix}", c.id));
-                                if p.exists() {
-                                    live.copiers.push(io::spawn_log_copier(
-                                        p,
-                                        stream,
-                                        log.clone(),
-                                        Some(if stream == "stdout" {
-                                            live.tap.clone()
-                                        } else {
-                                            live.tap_err.clone()
-                                        }),
-                                    ));
-                                }
-                            }
-                            live.log = Some(log);
-                        }
-                    }
+                    let log = (!st.log_path.as_os_str().is_empty())
+                        .then(|| LogFile::open(&st.log_path).ok())
+                        .flatten();
+                    let fifo = |suffix: &str| {
+                        let p = self.cfg.fifo_dir().join(format!("{}-{suffix}", c.id));
+                        p.exists().then_some(p)
+                    };
+                    live.copy_output(fifo("stdout"), fifo("stderr"), log);
                     live.measure = self
                         .remeasure_after_restart(&st.sandbox_id, &c.id, t.pid)
                         .await;

@@ -42,6 +42,12 @@ fn resolv_conf(dns: Option<&cri::DnsConfig>) -> Result<String> {
     }
 }
 
+fn node_hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn hosts_file(hostname: &str) -> String {
     let mut s = String::from(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
@@ -150,7 +156,7 @@ impl CriServer {
         self: &Arc<Self>,
         req: cri::RunPodSandboxRequest,
     ) -> Result<cri::RunPodSandboxResponse> {
-        let config = req
+        let mut config = req
             .config
             .ok_or_else(|| Error::InvalidArgument("config is required".into()))?;
         sandbox_metadata(&config)?;
@@ -168,9 +174,9 @@ impl CriServer {
         let host_net = net_mode == cri::NamespaceMode::Node as i32;
         let host_ipc = ipc_mode == cri::NamespaceMode::Node as i32;
         if !host_net && config.hostname.is_empty() {
-            return Err(Error::InvalidArgument(
-                "config.hostname is required unless the pod uses the host network".into(),
-            ));
+            // containerd gives a pod without a hostname the node's (crictl's
+            // example configs carry none).
+            config.hostname = node_hostname();
         }
         let image = self.images.get(&self.sandbox_image).ok_or_else(|| {
             Error::FailedPrecondition(format!(
@@ -319,9 +325,7 @@ impl CriServer {
             }
         }
         let hostname = if host_net {
-            nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_default()
+            node_hostname()
         } else {
             config.hostname.clone()
         };

@@ -1,9 +1,9 @@
 //! StopPodSandbox: stop every container, then the pause task; free the
-//! network namespace and shm. Idempotent.
+//! network namespace and shm. Idempotent, and an unknown ID succeeds.
 
 use imacri_api::cri;
 use imacri_runtime::pod::SandboxPhase;
-use imacri_runtime::Result;
+use imacri_runtime::{Error, Result};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,12 @@ impl CriServer {
         self: &Arc<Self>,
         req: cri::StopPodSandboxRequest,
     ) -> Result<cri::StopPodSandboxResponse> {
-        let sb = self.sandbox(&req.pod_sandbox_id)?;
+        let sb = match self.sandbox(&req.pod_sandbox_id) {
+            Ok(sb) => sb,
+            // Idempotent as in containerd: nothing left to stop.
+            Err(Error::NotFound(_)) => return Ok(cri::StopPodSandboxResponse {}),
+            Err(e) => return Err(e),
+        };
         for c in self.containers_of(&sb.id) {
             // kubelet stops containers with their grace period first; what is
             // left is killed.

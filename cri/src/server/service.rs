@@ -392,7 +392,7 @@ impl RuntimeService for Cri {
     ) -> Res<cri::ListMetricDescriptorsResponse> {
         instrument("ListMetricDescriptors", "", async {
             Ok(cri::ListMetricDescriptorsResponse {
-                descriptors: super::stats::descriptors(),
+                descriptors: super::metrics::descriptors(),
             })
         })
         .await

@@ -1,5 +1,5 @@
-//! ContainerStats, PodSandboxStats (and their List/Stream forms), metrics,
-//! and resource updates. Usage comes from cgroups and the pod's network
+//! ContainerStats, PodSandboxStats (and their List/Stream forms) and
+//! resource updates (metrics: `metrics.rs`). Usage comes from cgroups and the pod's network
 //! namespace; CPU rate is the change since the previous sample.
 
 use imacri_api::cri;
@@ -227,6 +227,9 @@ impl CriServer {
         };
         let _op = c.op.lock().await;
         let mut res = spec::resources(Some(&linux))?;
+        if !self.limits.hugetlb {
+            res.set_hugepage_limits(None);
+        }
         // Devices stay as created; only limits change.
         res.set_devices(None);
         if c.state().phase == ContainerPhase::Running {
@@ -254,148 +257,5 @@ impl CriServer {
         merged.memory_swap_limit_in_bytes = linux.memory_swap_limit_in_bytes;
         c.update(|s| s.updated_resources = Some(prost::Message::encode_to_vec(&merged)))?;
         Ok(cri::UpdateContainerResourcesResponse {})
-    }
-}
-
-/// cAdvisor-style metrics for ListPodSandboxMetrics.
-pub(crate) const METRICS: [(&str, &str, cri::MetricType); 6] = [
-    (
-        "container_cpu_usage_seconds_total",
-        "Cumulative cpu time consumed in seconds.",
-        cri::MetricType::Counter,
-    ),
-    (
-        "container_memory_working_set_bytes",
-        "Current working set in bytes.",
-        cri::MetricType::Gauge,
-    ),
-    (
-        "container_memory_rss",
-        "Size of RSS in bytes.",
-        cri::MetricType::Gauge,
-    ),
-    (
-        "container_processes",
-        "Number of processes running inside the container.",
-        cri::MetricType::Gauge,
-    ),
-    (
-        "container_network_receive_bytes_total",
-        "Cumulative count of bytes received.",
-        cri::MetricType::Counter,
-    ),
-    (
-        "container_network_transmit_bytes_total",
-        "Cumulative count of bytes transmitted.",
-        cri::MetricType::Counter,
-    ),
-];
-
-pub(crate) fn descriptors() -> Vec<cri::MetricDescriptor> {
-    METRICS
-        .iter()
-        .map(|(name, help, _)| cri::MetricDescriptor {
-            name: name.to_string(),
-            help: help.to_string(),
-            label_keys: if name.contains("network") {
-                vec!["interface".into()]
-            } else {
-                vec![]
-            },
-        })
-        .collect()
-}
-
-impl CriServer {
-    pub(crate) async fn pod_metrics(&self) -> Vec<cri::PodSandboxMetrics> {
-        let mut out = Vec::new();
-        for sb in self.sandboxes.all() {
-            if sb.state().phase != SandboxPhase::Ready {
-                continue;
-            }
-            let ps = self.pod_stats_of(&sb).await;
-            let Some(l) = ps.linux else { continue };
-            let metric = |name: &str, t: cri::MetricType, v: Option<u64>, labels: Vec<String>| {
-                v.map(|value| cri::Metric {
-                    name: name.into(),
-                    timestamp: 0,
-                    metric_type: t as i32,
-                    label_values: labels,
-                    value: Some(cri::UInt64Value { value }),
-                })
-            };
-            let mut metrics = Vec::new();
-            if let Some(n) = &l.network {
-                for i in n.default_interface.iter().chain(&n.interfaces) {
-                    metrics.extend(metric(
-                        METRICS[4].0,
-                        METRICS[4].2,
-                        i.rx_bytes.as_ref().map(|v| v.value),
-                        vec![i.name.clone()],
-                    ));
-                    metrics.extend(metric(
-                        METRICS[5].0,
-                        METRICS[5].2,
-                        i.tx_bytes.as_ref().map(|v| v.value),
-                        vec![i.name.clone()],
-                    ));
-                }
-            }
-            let container_metrics = l
-                .containers
-                .iter()
-                .map(|c| cri::ContainerMetrics {
-                    container_id: c
-                        .attributes
-                        .as_ref()
-                        .map(|a| a.id.clone())
-                        .unwrap_or_default(),
-                    metrics: [
-                        metric(
-                            METRICS[0].0,
-                            METRICS[0].2,
-                            c.cpu
-                                .as_ref()
-                                .and_then(|c| c.usage_core_nano_seconds.as_ref())
-                                .map(|v| v.value / 1_000_000_000),
-                            vec![],
-                        ),
-                        metric(
-                            METRICS[1].0,
-                            METRICS[1].2,
-                            c.memory
-                                .as_ref()
-                                .and_then(|m| m.working_set_bytes.as_ref())
-                                .map(|v| v.value),
-                            vec![],
-                        ),
-                        metric(
-                            METRICS[2].0,
-                            METRICS[2].2,
-                            c.memory
-                                .as_ref()
-                                .and_then(|m| m.rss_bytes.as_ref())
-                                .map(|v| v.value),
-                            vec![],
-                        ),
-                    ]
-                    .into_iter()
-                    .flatten()
-                    .collect(),
-                })
-                .collect();
-            metrics.extend(metric(
-                METRICS[3].0,
-                METRICS[3].2,
-                l.process.and_then(|p| p.process_count).map(|v| v.value),
-                vec![],
-            ));
-            out.push(cri::PodSandboxMetrics {
-                pod_sandbox_id: sb.id.clone(),
-                metrics,
-                container_metrics,
-            });
-        }
-        out
     }
 }

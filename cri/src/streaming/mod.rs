@@ -348,7 +348,14 @@ async fn pump(
                     if let Some((s, writer)) = stdin.take() {
                         drop(s);
                         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-                        let _ = server.c.close_stdin(cid, exec_id).await;
+                        let closed = if exec_id.is_empty() {
+                            server.end_attached_stdin(cid).await
+                        } else {
+                            server.c.close_stdin(cid, exec_id).await
+                        };
+                        if let Err(e) = closed {
+                            tracing::warn!(container_id = %cid, error = %e, "closing stdin");
+                        }
                     }
                 }
                 Some(_) => {}

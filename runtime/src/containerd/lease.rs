@@ -35,19 +35,31 @@ impl Lease {
         &self.id
     }
 
-    /// Protects an existing snapshot from GC for as long as the lease lives.
+    /// Protects a snapshot from GC for as long as the lease lives. Leasing
+    /// before checking that it exists closes the race with a GC that an
+    /// image removal just started: once leased, what exists stays.
     pub async fn add_snapshot(&self, c: &Containerd, snapshotter: &str, key: &str) -> Result<()> {
+        self.add_resource(c, key, format!("snapshots/{snapshotter}"))
+            .await
+    }
+
+    /// Protects a content blob from GC (see `add_snapshot`).
+    pub async fn add_content(&self, c: &Containerd, digest: &str) -> Result<()> {
+        self.add_resource(c, digest, "content".to_string()).await
+    }
+
+    async fn add_resource(&self, c: &Containerd, id: &str, kind: String) -> Result<()> {
         use containerd_client::services::v1::{AddResourceRequest, Resource};
         c.leases()
             .add_resource(c.req(AddResourceRequest {
                 id: self.id.clone(),
                 resource: Some(Resource {
-                    id: key.to_string(),
-                    r#type: format!("snapshots/{snapshotter}"),
+                    id: id.to_string(),
+                    r#type: kind.clone(),
                 }),
             }))
             .await
-            .map_err(|e| Error::containerd(format!("leasing snapshot {key}"), e))?;
+            .map_err(|e| Error::containerd(format!("leasing {kind} {id}"), e))?;
         Ok(())
     }
 

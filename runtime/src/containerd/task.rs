@@ -116,6 +116,32 @@ impl Containerd {
             .mounts)
     }
 
+    /// A read-only view of a committed snapshot (an image volume).
+    pub async fn view_snapshot(
+        &self,
+        snapshotter: &str,
+        key: &str,
+        parent: &str,
+        lease: &Lease,
+    ) -> Result<Vec<Mount>> {
+        use containerd_client::services::v1::snapshots::ViewSnapshotRequest;
+        Ok(self
+            .snapshots()
+            .view(self.leased(
+                ViewSnapshotRequest {
+                    snapshotter: snapshotter.to_string(),
+                    key: key.to_string(),
+                    parent: parent.to_string(),
+                    labels: HashMap::new(),
+                },
+                lease,
+            ))
+            .await
+            .map_err(|e| Error::containerd(format!("viewing snapshot {parent}"), e))?
+            .into_inner()
+            .mounts)
+    }
+
     pub async fn snapshot_mounts(&self, snapshotter: &str, key: &str) -> Result<Vec<Mount>> {
         Ok(self
             .snapshots()

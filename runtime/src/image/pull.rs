@@ -322,8 +322,10 @@ impl ImageService {
                 labels,
                 lease,
             };
+            // Lease first, then look: a blob an image removal left to GC is
+            // either kept by the lease or gone, never lost after the check.
+            lease.add_content(&self.c, &digest).await?;
             if content.info(&digest).await?.is_some() {
-                content.write_bytes(opts, Vec::new()).await?;
                 continue;
             }
             let desc = OciDescriptor {

@@ -39,6 +39,10 @@ impl ImageService {
         let mut parent = String::new();
         for (i, layer) in manifest.layers().iter().enumerate() {
             let chain_id = &chain[i];
+            // As for content: lease before the existence check.
+            lease
+                .add_snapshot(&self.c, &self.snapshotter, chain_id)
+                .await?;
             if self.snapshot_exists(chain_id).await? {
                 parent = chain_id.clone();
                 continue;

@@ -1,0 +1,66 @@
+//! Clients other than our own, built or installed from their registries:
+//! a grpc-go CRI client (Go module proxy), Python grpcio (PyPI) and crictl
+//! (cri-tools). See `scripts/test-tools.sh` for the cached parts.
+
+use anyhow::{anyhow, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::Env;
+
+/// The Go toolchain from the machine (Go 1.26 with the module proxy).
+pub const GO: &str = "/usr/local/go/bin/go";
+
+/// Builds the Go module `integration/go/<name>` (module mode, pinned in its
+/// go.mod/go.sum) into the environment's directory.
+pub fn go_module(env: &Env, name: &str) -> Result<PathBuf> {
+    let out = env.base.join(name);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("go").join(name);
+    let r = Command::new(GO)
+        .args(["build", "-trimpath", "-o"])
+        .arg(&out)
+        .arg(".")
+        .current_dir(&src)
+        .env("GOFLAGS", "-buildvcs=false -mod=readonly")
+        .env("GOTOOLCHAIN", "local")
+        .env("CGO_ENABLED", "0")
+        .output()
+        .map_err(|e| anyhow!("running {GO}: {e}"))?;
+    if !r.status.success() {
+        return Err(anyhow!(
+            "building {name}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        ));
+    }
+    Ok(out)
+}
+
+/// `integration/go/criclient`, built once per test process.
+pub fn criclient(env: &Env) -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| go_module(env, "criclient").map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// The Python of the cached grpcio virtualenv.
+pub fn grpcio_python(cache: &Path) -> PathBuf {
+    let v = std::env::var("GRPCIO_VERSION").unwrap_or_else(|_| "1.85.1".into());
+    cache.join(format!("grpcio-{v}/bin/python3"))
+}
+
+pub fn py_client() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("py/cri_client.py")
+}
+
+/// `integration/go/kubeletclient` (client-go exec and port-forward against
+/// kubelet's API), built once per test process.
+pub fn kubeletclient(env: &Env) -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| go_module(env, "kubeletclient").map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
