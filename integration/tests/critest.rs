@@ -91,7 +91,11 @@ async fn critest_passes_against_imacri() {
             "{} {}",
             spec["ContainerHierarchyTexts"]
                 .as_array()
-                .map(|t| t.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(" "))
+                .map(|t| t
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "))
                 .unwrap_or_default(),
             spec["LeafNodeText"].as_str().unwrap_or("")
         );
@@ -106,7 +110,11 @@ async fn critest_passes_against_imacri() {
             unexplained.push(format!("{name}: {why}"));
         }
     }
-    assert!(unexplained.is_empty(), "specs skipped for no known reason:\n{}", unexplained.join("\n"));
+    assert!(
+        unexplained.is_empty(),
+        "specs skipped for no known reason:\n{}",
+        unexplained.join("\n")
+    );
 }
 
 fn tail(s: &str, n: usize) -> &str {

@@ -338,18 +338,6 @@ async fn escapes_are_rejected_naming_the_field() {
             },
             "userns_options",
         ),
-        (
-            |s| {
-                s.namespace_options = Some(cri::NamespaceOption {
-                    userns_options: Some(cri::UserNamespace {
-                        mode: cri::NamespaceMode::Node as i32,
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-            },
-            "userns_options",
-        ),
     ];
     for (f, needle) in cases {
         let r = rt
@@ -369,6 +357,25 @@ async fn escapes_are_rejected_naming_the_field() {
         })
     });
     rt.create_container(create(ok)).await.unwrap();
+    // So is NODE: kubelet sends it for every container of a pod without
+    // hostUsers: false; the container joins the pod's user namespace.
+    let kubelet_default = with_sc(|s| {
+        s.namespace_options = Some(cri::NamespaceOption {
+            userns_options: Some(cri::UserNamespace {
+                mode: cri::NamespaceMode::Node as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    });
+    let mut second = create(kubelet_default);
+    if let Some(c) = second.config.as_mut() {
+        c.metadata = Some(cri::ContainerMetadata {
+            name: "kubelet-default".into(),
+            attempt: 0,
+        });
+    }
+    rt.create_container(second).await.unwrap();
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
         pod_sandbox_id: pod,
     })

@@ -37,7 +37,11 @@ fn crictl(cache: &std::path::Path, d: &Imacri, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
-    assert!(o.status.success(), "crictl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "crictl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -119,21 +123,34 @@ async fn kubelet_runs_static_pods_on_imacri() {
     .unwrap_or_else(|e| panic!("{e}\n{}", k.log_tail(6000)));
     let last = &container_status(&crash, "crash").unwrap()["lastState"]["terminated"];
     assert_eq!(last["exitCode"], 3, "{crash}");
-    let now = k.get("/containerLogs/default/crash-imacri-test-node/crash").unwrap();
+    let now = k
+        .get("/containerLogs/default/crash-imacri-test-node/crash")
+        .unwrap();
     let prev = k
         .get("/containerLogs/default/crash-imacri-test-node/crash?previous=true")
         .unwrap();
-    assert!(now.starts_with("run-") && prev.starts_with("run-"), "{now:?} {prev:?}");
+    assert!(
+        now.starts_with("run-") && prev.starts_with("run-"),
+        "{now:?} {prev:?}"
+    );
     assert_ne!(now, prev, "previous is another run's log");
 
     // exec through kubelet (client-go, WebSocket v5) and port-forward (SPDY).
     let exec_url = k.url(
         "/exec/default/web-imacri-test-node/web?command=sh&command=-c&command=echo%20in-%24(hostname)&output=1&error=1",
     );
-    let o = Command::new(&client).args(["exec", &exec_url]).output().unwrap();
+    let o = Command::new(&client)
+        .args(["exec", &exec_url])
+        .output()
+        .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(out.trim(), "in-web", "pod hostname is the pod's name");
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A static pod is named after its node; kubelet gives that name as hostname.
+    assert_eq!(out.trim(), "in-web-imacri-test-node");
     let pf_url = k.url("/portForward/default/web-imacri-test-node");
     let o = Command::new(&client)
         .args(["portforward", &pf_url, "8080"])
@@ -159,7 +176,10 @@ async fn kubelet_runs_static_pods_on_imacri() {
     })
     .unwrap();
     eventually("pods gone from imacri", T, || {
-        crictl(&cache, &d, &["pods", "-q"]).trim().is_empty().then_some(())
+        crictl(&cache, &d, &["pods", "-q"])
+            .trim()
+            .is_empty()
+            .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", k.log_tail(4000)));
     let mut left = env.all_objects(&d.namespace).await.unwrap();
@@ -171,7 +191,9 @@ async fn kubelet_runs_static_pods_on_imacri() {
         left = env.all_objects(&d.namespace).await.unwrap();
     }
     assert!(left.is_empty(), "left in containerd: {left:?}");
-    let netns = std::fs::read_dir(d.state.join("netns")).map(|r| r.count()).unwrap_or(0);
+    let netns = std::fs::read_dir(d.state.join("netns"))
+        .map(|r| r.count())
+        .unwrap_or(0);
     assert_eq!(netns, 0, "network namespaces left");
 }
 
@@ -229,25 +251,38 @@ async fn kubelet_user_namespace_and_measured_pods() {
     let tpm = Swtpm::start(env).unwrap();
     let tcti = tpm.tcti();
     let ns = format!("iso-{:08x}", rand::random::<u32>());
-    let d = Imacri::start_full(env, &ns, &["--tpm-tcti", &tcti]).await.unwrap();
+    let d = Imacri::start_full(env, &ns, &["--tpm-tcti", &tcti])
+        .await
+        .unwrap();
     d.pull(&env.busybox).await;
     let work = tempfile::tempdir_in(&env.base).unwrap();
     let ak = work.path().join("ak.pem");
     let golden = work.path().join("golden.json");
     assert_eq!(attest(&d, &["ak", "--out", ak.to_str().unwrap()]).0, 0);
-    let (code, _, err) = attest(&d, &["golden", &env.busybox, "--out", golden.to_str().unwrap()]);
+    let (code, _, err) = attest(
+        &d,
+        &["golden", &env.busybox, "--out", golden.to_str().unwrap()],
+    );
     assert_eq!(code, 0, "{err}");
     let k = Kubelet::start(env, &d, &cache).unwrap();
     let client = peers::kubeletclient(env).unwrap();
 
     // hostUsers: false -> the pod runs in its own user namespace with the
     // mappings kubelet chose.
-    k.add_manifest("userns", &sleeper_pod(env, "userns", "", "  hostUsers: false\n"))
-        .unwrap();
+    k.add_manifest(
+        "userns",
+        &sleeper_pod(env, "userns", "", "  hostUsers: false\n"),
+    )
+    .unwrap();
     // The imacri.dev/ima annotation, as an unmodified kubelet passes it.
     k.add_manifest(
         "measured",
-        &sleeper_pod(env, "measured", "  annotations:\n    imacri.dev/ima: \"true\"\n", ""),
+        &sleeper_pod(
+            env,
+            "measured",
+            "  annotations:\n    imacri.dev/ima: \"true\"\n",
+            "",
+        ),
     )
     .unwrap();
     for p in ["userns", "measured"] {
@@ -256,20 +291,35 @@ async fn kubelet_user_namespace_and_measured_pods() {
     }
     let (ok, map) = kubelet_exec(&client, &k, "userns", "cat /proc/self/uid_map");
     assert!(ok, "{map}");
-    let f: Vec<u64> = map.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let f: Vec<u64> = map
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
     assert_eq!(f.len(), 3, "{map}");
     assert_eq!(f[0], 0, "in-pod root");
     assert!(f[1] >= 65536, "mapped to unprivileged host IDs: {map}");
     assert_eq!(f[2], 65536, "{map}");
 
     // The measured pod verifies against the image's golden policy ...
-    let pods = crictl(&cache, &d, &["pods", "--name", "measured-imacri-test-node", "-q"]);
+    let pods = crictl(
+        &cache,
+        &d,
+        &["pods", "--name", "measured-imacri-test-node", "-q"],
+    );
     let pod = pods.trim().to_string();
     assert_eq!(pod.lines().count(), 1, "{pods}");
     let verify = || {
         attest(
             &d,
-            &["verify", "--pod", &pod, "--policy", golden.to_str().unwrap(), "--ak", ak.to_str().unwrap()],
+            &[
+                "verify",
+                "--pod",
+                &pod,
+                "--policy",
+                golden.to_str().unwrap(),
+                "--ak",
+                ak.to_str().unwrap(),
+            ],
         )
     };
     let (code, out, err) = verify();
@@ -279,17 +329,21 @@ async fn kubelet_user_namespace_and_measured_pods() {
         &client,
         &k,
         "measured",
-        "cp /bin/busybox /tmp/changed && echo x >> /tmp/changed && /tmp/changed true && echo ran",
+        // busybox picks its applet by name: /tmp/true runs `true`.
+        "cp /bin/busybox /tmp/true && echo x >> /tmp/true && /tmp/true && echo ran",
     );
     assert!(ok && out.contains("ran"), "{out}");
     let (code, out, _) = verify();
     assert_eq!(code, 1, "a violation: {out}");
-    assert!(out.contains("/tmp/changed"), "{out}");
+    assert!(out.contains("/tmp/true"), "{out}");
 
     k.remove_manifest("userns").unwrap();
     k.remove_manifest("measured").unwrap();
     eventually("pods gone", T, || {
-        crictl(&cache, &d, &["pods", "-q"]).trim().is_empty().then_some(())
+        crictl(&cache, &d, &["pods", "-q"])
+            .trim()
+            .is_empty()
+            .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", k.log_tail(4000)));
 }
@@ -301,7 +355,8 @@ async fn kubelet_keeps_its_pods_across_an_imacri_crash() {
     let cache = critest::tools().unwrap();
     let mut d = Imacri::start_isolated(env).await.unwrap();
     let k = Kubelet::start(env, &d, &cache).unwrap();
-    k.add_manifest("before", &sleeper_pod(env, "before", "", "")).unwrap();
+    k.add_manifest("before", &sleeper_pod(env, "before", "", ""))
+        .unwrap();
     eventually("before running", T, || running(&k, "before"))
         .unwrap_or_else(|e| panic!("{e}\n{}", k.log_tail(6000)));
     let pods = crictl(&cache, &d, &["pods", "-q"]);
@@ -310,26 +365,41 @@ async fn kubelet_keeps_its_pods_across_an_imacri_crash() {
     d.kill(); // SIGKILL, while kubelet keeps calling
     tokio::time::sleep(Duration::from_secs(3)).await;
     d.spawn().await.unwrap();
-    k.add_manifest("after", &sleeper_pod(env, "after", "", "")).unwrap();
+    k.add_manifest("after", &sleeper_pod(env, "after", "", ""))
+        .unwrap();
     eventually("after running", T, || running(&k, "after"))
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", k.log_tail(6000), d.log()));
     // Let kubelet resync a few times: the old pod is the same one, not
     // recreated or duplicated, and its container never restarted.
     tokio::time::sleep(Duration::from_secs(12)).await;
     let p = running(&k, "before").expect("before still running");
-    assert_eq!(container_status(&p, "app").unwrap()["restartCount"], 0, "{p}");
+    assert_eq!(
+        container_status(&p, "app").unwrap()["restartCount"],
+        0,
+        "{p}"
+    );
     let now_pods = crictl(&cache, &d, &["pods", "-q"]);
     let now_ctrs = crictl(&cache, &d, &["ps", "-q"]);
     for id in pods.lines().chain(ctrs.lines()) {
-        assert!(now_pods.contains(id) || now_ctrs.contains(id), "{id} lost after the crash");
+        assert!(
+            now_pods.contains(id) || now_ctrs.contains(id),
+            "{id} lost after the crash"
+        );
     }
-    assert_eq!(now_pods.lines().count(), 2, "one pod each, no duplicates: {now_pods}");
+    assert_eq!(
+        now_pods.lines().count(),
+        2,
+        "one pod each, no duplicates: {now_pods}"
+    );
     assert_eq!(now_ctrs.lines().count(), 2, "{now_ctrs}");
 
     k.remove_manifest("before").unwrap();
     k.remove_manifest("after").unwrap();
     eventually("pods gone", T, || {
-        crictl(&cache, &d, &["pods", "-q"]).trim().is_empty().then_some(())
+        crictl(&cache, &d, &["pods", "-q"])
+            .trim()
+            .is_empty()
+            .then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", k.log_tail(4000)));
 }

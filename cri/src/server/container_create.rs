@@ -320,11 +320,15 @@ impl CriServer {
                 super::sandbox_plan::requested_userns(nso)?
             };
             let pod = sb.userns.as_ref().map(|u| &u.mappings);
+            let allocated = sb.userns.as_ref().is_some_and(|u| u.allocated);
             let same = match (&asked, pod) {
                 (None, None) => true,
                 // Kubelet repeats the pod's request; an allocation is ours.
                 (Some(a), Some(p)) => a == p,
-                (None, Some(_)) => u.mode == cri::NamespaceMode::Pod as i32,
+                // NODE is kubelet's default for a pod without hostUsers:
+                // false; in a pod imacri gave a user namespace (an ima pod)
+                // it joins that one, like every container of the pod.
+                (None, Some(_)) => u.mode == cri::NamespaceMode::Pod as i32 || allocated,
                 (Some(_), None) => false,
             };
             if !same {

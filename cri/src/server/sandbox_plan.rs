@@ -58,9 +58,6 @@ impl CriServer {
             .and_then(|l| l.security_context.clone())
             .unwrap_or_default();
         let nso = sc.namespace_options.as_ref();
-        let explicit_node = nso
-            .and_then(|n| n.userns_options.as_ref())
-            .is_some_and(|u| u.mode == cri::NamespaceMode::Node as i32);
         let userns = requested_userns(nso)?;
         let wants_ima = ima::requested(sc.ima, &config.annotations)?;
         let node = cri::NamespaceMode::Node as i32;
@@ -89,11 +86,9 @@ impl CriServer {
                 "linux.security_context.privileged is not allowed in an ima pod".into(),
             ));
         }
-        if explicit_node {
-            return Err(Error::InvalidArgument(format!(
-                "{NS_FIELD}.userns_options.mode=NODE: an ima pod needs its own user namespace"
-            )));
-        }
+        // userns_options.mode NODE is what kubelet sends for every pod
+        // without `hostUsers: false`, so it cannot mean "insist on the host's
+        // user namespace": an ima pod then gets one from imacri's pool.
         let policy = config
             .annotations
             .get(ima::POLICY_ANNOTATION)

@@ -5,7 +5,9 @@
 
 use anyhow::{Context, Result};
 use imacri_integration::client::{image, run_pod};
-use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+use imacri_integration::{container_config, cri, critest, pod_config, Env, Imacri};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
 use tonic::transport::Channel;
 
@@ -189,6 +191,63 @@ async fn run(rt: &mut Rt, im: &mut Im, busybox: &str) -> Result<Samples> {
     Ok(s)
 }
 
+/// critest's own benchmarks (`critest -benchmark`) against `endpoint`:
+/// median milliseconds per operation, from its JSON results.
+fn critest_bench(
+    env: &Env,
+    cache: &Path,
+    endpoint: &str,
+    tag: &str,
+) -> Result<BTreeMap<String, f64>> {
+    let out = env.base.join(format!("critest-bench-{tag}"));
+    std::fs::create_dir_all(&out)?;
+    let params = out.join("params.yaml");
+    std::fs::write(
+        &params,
+        "containersNumber: 10\ncontainersNumberParallel: 1\npodsNumber: 10\npodsNumberParallel: 1\n\
+         imagesNumber: 5\nimagesNumberParallel: 1\n\
+         imagePullingBenchmarkImage: registry.k8s.io/e2e-test-images/busybox:1.29-2\n\
+         imageListingBenchmarkImages:\n- registry.k8s.io/e2e-test-images/busybox:1.29-2\n",
+    )?;
+    let o = std::process::Command::new(critest::critest(cache))
+        .arg("-benchmark")
+        .arg(format!("--runtime-endpoint={endpoint}"))
+        .arg(format!("--image-endpoint={endpoint}"))
+        .arg(format!("--benchmarking-params-file={}", params.display()))
+        .arg(format!("--benchmarking-output-dir={}", out.display()))
+        .arg("--ginkgo.no-color")
+        .current_dir(&env.base)
+        .output()
+        .context("running critest -benchmark")?;
+    anyhow::ensure!(
+        o.status.success(),
+        "critest -benchmark against {tag} failed: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let mut medians = BTreeMap::new();
+    for e in std::fs::read_dir(&out)?.flatten() {
+        if e.path().extension().is_none_or(|x| x != "json") {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path())?)?;
+        let names = v["operationsNames"].as_array().cloned().unwrap_or_default();
+        for (i, n) in names.iter().enumerate() {
+            let mut d: Vec<f64> = v["datapoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["operationsDurationsNs"][i].as_f64())
+                .map(|ns| ns / 1e6)
+                .collect();
+            d.sort_by(|a, b| a.total_cmp(b));
+            if let Some(m) = d.get(d.len() / 2) {
+                medians.insert(n.as_str().unwrap_or("?").to_string(), *m);
+            }
+        }
+    }
+    Ok(medians)
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let env = Env::get();
@@ -206,6 +265,14 @@ async fn main() -> Result<()> {
         })
         .unwrap_or_default();
     let ours = run(&mut rt, &mut im, &env.busybox).await?;
+    let cache = critest::tools()?;
+    critest::prepare(env, &cache)?;
+    let ours_ct = critest_bench(
+        env,
+        &cache,
+        &format!("unix://{}", d.socket.display()),
+        "imacri",
+    )?;
 
     let (sock, mut containerd) = containerd_with_cri(env, &pause)?;
     let ch = containerd_client::connect(&sock).await?;
@@ -225,6 +292,12 @@ async fn main() -> Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let theirs = run(&mut crt, &mut cim, &env.busybox).await;
+    let theirs_ct = critest_bench(
+        env,
+        &cache,
+        &format!("unix://{}", sock.display()),
+        "containerd",
+    );
     let _ = containerd.kill();
     let _ = containerd.wait();
     let theirs = theirs?;
@@ -236,6 +309,20 @@ async fn main() -> Result<()> {
     );
     for name in ours.0.keys() {
         let (a, b) = (ours.median(name), theirs.median(name));
+        println!("{name:<18} {a:>10.2} {b:>14.2} {:>8.2}", a / b);
+    }
+    let theirs_ct = theirs_ct?;
+    println!();
+    println!(
+        "critest -benchmark (cri-tools {}), median ms, same run",
+        critest::CRI_TOOLS_VERSION
+    );
+    println!(
+        "{:<18} {:>10} {:>14} {:>8}",
+        "operation", "imacri", "containerd-cri", "ratio"
+    );
+    for (name, a) in &ours_ct {
+        let b = theirs_ct.get(name).copied().unwrap_or(f64::NAN);
         println!("{name:<18} {a:>10.2} {b:>14.2} {:>8.2}", a / b);
     }
     println!("imacri idle {}", rss.trim());
