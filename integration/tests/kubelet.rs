@@ -6,11 +6,10 @@
 use imacri_integration::kubelet::{eventually, Kubelet};
 use imacri_integration::{attest, critest, peers, Env, Imacri, Swtpm};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 /// One kubelet at a time: they share the host's iptables canaries and sysctls.
-static ONE_KUBELET: Mutex<()> = Mutex::new(());
+static ONE_KUBELET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const T: Duration = Duration::from_secs(90);
 
@@ -95,7 +94,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubelet_runs_static_pods_on_imacri() {
-    let _one = ONE_KUBELET.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_KUBELET.lock().await;
     let env = Env::get();
     let cache = critest::tools().unwrap();
     let d = Imacri::start_isolated(env).await.unwrap();
@@ -245,7 +244,7 @@ fn kubelet_exec(client: &std::path::Path, k: &Kubelet, pod: &str, script: &str) 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubelet_user_namespace_and_measured_pods() {
-    let _one = ONE_KUBELET.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_KUBELET.lock().await;
     let env = Env::get();
     let cache = critest::tools().unwrap();
     let tpm = Swtpm::start(env).unwrap();
@@ -350,7 +349,7 @@ async fn kubelet_user_namespace_and_measured_pods() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubelet_keeps_its_pods_across_an_imacri_crash() {
-    let _one = ONE_KUBELET.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_KUBELET.lock().await;
     let env = Env::get();
     let cache = critest::tools().unwrap();
     let mut d = Imacri::start_isolated(env).await.unwrap();
