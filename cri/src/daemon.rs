@@ -174,6 +174,16 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         ),
         Err(r) => line("fanotify", false, r.clone()),
     }
+    match imacri_runtime::integrity::guard::probe() {
+        Ok(()) => line(
+            "ima-guards",
+            true,
+            "ima pods: vm.memfd_noexec=2 per pid namespace, user.max_user_namespaces=0, \
+             no SYS_ADMIN/SYS_RESOURCE/... capabilities"
+                .into(),
+        ),
+        Err(r) => line("ima-guards", false, r),
+    }
     let node = imacri_runtime::ima::NodeSupport {
         kernel: imacri_runtime::userns::kernel_ima_namespaces(),
         fanotify: fan,

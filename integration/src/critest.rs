@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::images::{build_and_push, ImageDef};
+use crate::images::{build_and_push, compile_c, ImageDef};
 use crate::Env;
 
 /// The version `scripts/test-tools.sh` builds.
@@ -203,28 +203,6 @@ const NONEWPRIVS_C: &str = r#"
 #include <unistd.h>
 int main(void) { printf("Effective uid: %d\n", geteuid()); return 0; }
 "#;
-
-/// Compiles a static C program (gcc and libc6-dev are in install-deps).
-fn compile_c(dir: &Path, name: &str, source: &str, defines: &[String]) -> Result<Vec<u8>> {
-    let src = dir.join(format!("{name}.c"));
-    std::fs::write(&src, source)?;
-    let bin = dir.join(name);
-    let out = Command::new("cc")
-        .args(["-static", "-O2"])
-        .args(defines)
-        .arg("-o")
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .context("cc (apt-get install gcc libc6-dev)")?;
-    if !out.status.success() {
-        bail!(
-            "compiling the {name} stand-in: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(std::fs::read(bin)?)
-}
 
 fn web_server(mut d: ImageDef, dir: &Path, name: &str, path: &str, port: u16) -> Result<ImageDef> {
     let bin = compile_c(

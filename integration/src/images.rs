@@ -222,3 +222,23 @@ pub fn build_and_push(
     }
     Ok(())
 }
+
+/// Compiles a static C program into `dir` and returns the binary (gcc and
+/// libc6-dev come from install-deps).
+pub fn compile_c(dir: &Path, name: &str, source: &str, defines: &[String]) -> Result<Vec<u8>> {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source)?;
+    let bin = dir.join(name);
+    let out = Command::new("cc")
+        .args(["-static", "-O2"])
+        .args(defines)
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .context("cc (apt-get install gcc libc6-dev)")?;
+    if !out.status.success() {
+        bail!("compiling {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(std::fs::read(bin)?)
+}

@@ -345,6 +345,21 @@ impl CriServer {
                 "linux.security_context.privileged is not allowed in an ima pod".into(),
             ));
         }
+        if let Some(caps) = sc.capabilities.as_ref() {
+            for (field, list) in [
+                ("add_capabilities", &caps.add_capabilities),
+                ("add_ambient_capabilities", &caps.add_ambient_capabilities),
+            ] {
+                if let Some(cap) = imacri_runtime::integrity::guard::forbidden_capability(list) {
+                    return Err(Error::InvalidArgument(format!(
+                        "linux.security_context.capabilities.{field}: {cap} is not allowed in an ima pod: \
+                         it would let the pod undo the guards that keep it measured \
+                         (forbidden: {})",
+                        imacri_runtime::integrity::guard::FORBIDDEN_CAPABILITIES.join(", ")
+                    )));
+                }
+            }
+        }
         let node = cri::NamespaceMode::Node as i32;
         if let Some(n) = nso {
             for (field, mode) in [("network", n.network), ("pid", n.pid), ("ipc", n.ipc)] {

@@ -87,6 +87,8 @@ impl CriServer {
                 .snapshot_mounts(&self.cfg.containerd.snapshotter, &c.id)
                 .await?;
             let pid = self.c.create_task(&c.id, mounts, &stdio).await?;
+            let pod = self.sandbox(&st.sandbox_id)?;
+            self.guard_process(&pod.state(), &c.id, pid).await?;
             // Marked before the entrypoint can run (the task waits for start).
             if let Some(w) = self.measure_container(&st.sandbox_id, &c.id, pid).await? {
                 self.set_measure(&c.id, w);

@@ -7,6 +7,7 @@ use imacri_api::cri;
 use imacri_runtime::ima;
 use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::fanotify::{own_tmpfs, Engine, Notice, Target, Triggers, Watch};
+use imacri_runtime::integrity::guard;
 use imacri_runtime::integrity::journal::Journal;
 use imacri_runtime::integrity::log::Event;
 use imacri_runtime::integrity::tpm::Tpm;
@@ -112,6 +113,31 @@ impl CriServer {
             .filter(|m| own_tmpfs(std::path::Path::new(&m.host_path)))
             .map(|m| (m.container_path.clone(), m.host_path.clone().into()))
             .collect()
+    }
+
+    /// Forbids what measurement cannot see (memfd execution, nested user
+    /// namespaces) in the pid namespace of `pid` and the pod's user
+    /// namespace, before `pid` runs anything of the workload. Nothing to do
+    /// outside ima pods; a failure fails the start (closed, never open).
+    pub(crate) async fn guard_process(&self, st: &SandboxState, id: &str, pid: u32) -> Result<()> {
+        let (Some(_), Some(u)) = (&st.ima, &st.userns) else {
+            return Ok(());
+        };
+        let userns = u.path.clone();
+        tokio::task::spawn_blocking(move || guard::apply(pid, &userns))
+            .await
+            .map_err(|e| Error::Internal(format!("guard task: {e}")))?
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "{id}: cannot forbid unmeasured execution in this ima pod: {e}"
+                ))
+            })?;
+        tracing::debug!(
+            id,
+            pid,
+            "ima guards set: vm.memfd_noexec=2, user.max_user_namespaces=0"
+        );
+        Ok(())
     }
 
     /// Marks a container whose task (init `pid`) exists but has not started.

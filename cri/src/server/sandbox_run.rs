@@ -378,7 +378,10 @@ impl CriServer {
         let _ = lease.delete(&self.c, false).await;
         let mounts = created?;
         let stdio = imacri_runtime::io::StdioPaths::default();
-        self.c.create_task(id, mounts, &stdio).await?;
+        let pid = self.c.create_task(id, mounts, &stdio).await?;
+        // The pod's pid namespace (shared by containers with pid POD) gets
+        // the guards before pause runs.
+        self.guard_process(&entry.state(), id, pid).await?;
         self.watch_exit(id);
         self.c.start_task(id, "").await
     }

@@ -4,6 +4,7 @@
 
 pub mod allowlist;
 pub mod fanotify;
+pub mod guard;
 pub mod journal;
 pub mod log;
 pub mod tpm;

@@ -1,0 +1,152 @@
+//! What an attacker inside an ima pod would try against the fanotify
+//! backend, which sees only the filesystems it marks: executing from a
+//! memfd (the kernel's internal shm mount) and a nested user namespace with
+//! a fresh tmpfs. Each works in a plain pod (the control) and fails closed
+//! in an ima pod; capabilities that would undo the guards are refused.
+
+use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
+use imacri_integration::images::{build_and_push, busybox, compile_c};
+use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+use tonic::Code;
+
+/// Copies /bin/busybox into a memfd and executes it (as `echo`), first with
+/// MFD_EXEC, then with no flags; prints what stopped it.
+const MEMFD_EXEC_C: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/sendfile.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#ifndef MFD_EXEC
+#define MFD_EXEC 0x10U
+#endif
+int main(void) {
+    unsigned flags[] = {MFD_EXEC, 0};
+    for (int i = 0; i < 2; i++) {
+        int fd = memfd_create("payload", flags[i]);
+        if (fd < 0) { printf("memfd_create(%u): %s\n", flags[i], strerror(errno)); continue; }
+        int src = open("/bin/busybox", O_RDONLY);
+        struct stat st;
+        fstat(src, &st);
+        sendfile(fd, src, NULL, st.st_size);
+        char *argv[] = {"echo", "memfd-exec-ran", NULL};
+        char *envp[] = {NULL};
+        fexecve(fd, argv, envp);
+        printf("fexecve(%u): %s\n", flags[i], strerror(errno));
+    }
+    return 1;
+}
+"#;
+
+async fn attacker_image(env: &Env) -> String {
+    let mut def = busybox();
+    let bin = compile_c(&env.base, "memfdexec", MEMFD_EXEC_C, &[]).unwrap();
+    def.files.push(("bin/memfdexec".into(), bin, 0o755));
+    let name = format!("{}/test/attacker:1", env.registry);
+    build_and_push(&env.base, &def, &name, None).unwrap();
+    name
+}
+
+fn ima(mut cfg: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
+    cfg.annotations
+        .insert("imacri.dev/ima".into(), "true".into());
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn memfd_and_nested_namespaces_fail_closed_in_ima_pods() {
+    let env = Env::get();
+    let image = attacker_image(env).await;
+    let d = Imacri::start(env).await.unwrap();
+    d.pull(&image).await;
+    let mut rt = d.runtime().await.unwrap();
+    let sleeper = |n: &str| container_config(n, &image, &["sleep", "1000"]);
+
+    // The control: in a plain pod both escapes work on this kernel.
+    let plain = pod_config("guard-plain");
+    let pod = run_pod(&mut rt, &plain).await.unwrap();
+    let c = start_container(&mut rt, &pod, &plain, sleeper("c")).await;
+    let (_, out, _) = exec_sh(&mut rt, &c, "memfdexec").await;
+    assert!(
+        out.contains("memfd-exec-ran"),
+        "control: memfd exec works: {out}"
+    );
+    assert_eq!(
+        sh_ok(&mut rt, &c, "cat /proc/sys/vm/memfd_noexec").await,
+        "0"
+    );
+    let (code, _, err) = exec_sh(&mut rt, &c, "unshare -U -r true").await;
+    assert_eq!(code, 0, "control: nested user namespaces work: {err}");
+
+    // In an ima pod: every pid namespace forbids executable memfds, the
+    // pod's user namespace allows no nested one.
+    let cfg = ima(pod_config("guard-ima"));
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
+    let b = start_container(&mut rt, &pod, &cfg, sleeper("b")).await;
+    for c in [&a, &b] {
+        assert_eq!(
+            sh_ok(&mut rt, c, "cat /proc/sys/vm/memfd_noexec").await,
+            "2"
+        );
+        let (code, out, _) = exec_sh(&mut rt, c, "memfdexec").await;
+        assert_ne!(code, 0, "{out}");
+        assert!(!out.contains("memfd-exec-ran"), "memfd payload ran: {out}");
+        assert!(out.contains("Permission denied"), "{out}");
+        assert_eq!(
+            sh_ok(&mut rt, c, "cat /proc/sys/user/max_user_namespaces").await,
+            "0"
+        );
+        let (code, _, err) = exec_sh(
+            &mut rt,
+            c,
+            "unshare -U -r -m sh -c 'mount -t tmpfs t /mnt && cp /bin/busybox /mnt/true && /mnt/true'",
+        )
+        .await;
+        assert_ne!(code, 0, "nested user namespace + fresh tmpfs ran");
+        assert!(err.contains("No space left on device"), "{err}");
+        // Raising the limit back needs CAP_SYS_RESOURCE, which is refused.
+        let (code, _, _) = exec_sh(&mut rt, c, "echo 1 > /proc/sys/user/max_user_namespaces").await;
+        assert_ne!(code, 0);
+    }
+
+    // Capabilities that would undo the guards are refused, naming the field.
+    for cap in ["SYS_ADMIN", "CAP_SYS_RESOURCE", "ALL", "SYS_PTRACE"] {
+        let mut c = sleeper("caps");
+        c.linux
+            .get_or_insert_with(Default::default)
+            .security_context = Some(cri::LinuxContainerSecurityContext {
+            capabilities: Some(cri::Capability {
+                add_capabilities: vec![cap.into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let e = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(c),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await
+            .expect_err(cap);
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(
+            e.message().contains("capabilities.add_capabilities") && e.message().contains(cap),
+            "{e}"
+        );
+    }
+    for p in [&pod] {
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: p.to_string(),
+        })
+        .await
+        .unwrap();
+    }
+}

@@ -1,0 +1,183 @@
+//! What the fanotify engine cannot see is made impossible in ima pods
+//! (issue 9). fanotify marks the filesystems of a container's rootfs and its
+//! measured volumes; two ways around that need no file on those:
+//!
+//! - a memfd (`memfd_create` + `execveat`/`fexecve`) lives on the kernel's
+//!   internal shm mount. `vm.memfd_noexec = 2` forbids executable memfds; it
+//!   is per pid namespace (Linux >= 6.3), inherited by child namespaces and
+//!   cannot be lowered, so it is written into each pid namespace of the pod.
+//! - a nested user namespace gives in-pod root a mount namespace of its own
+//!   and so a fresh, unmarked tmpfs. `user.max_user_namespaces = 0` in the
+//!   pod's user namespace makes nested ones fail (ENOSPC); raising it back
+//!   needs CAP_SYS_RESOURCE there, which ima pods are refused (see
+//!   `FORBIDDEN_CAPABILITIES`), as is CAP_SYS_ADMIN (mounts).
+//!
+//! Both sysctls are read from the writer's own namespaces (the pid namespace
+//! it runs in, the user namespace it is in), not from a /proc mount, so a
+//! short-lived helper is forked into the target pid namespace, joins the
+//! pod's user namespace and writes them, before the container's entrypoint
+//! (or the pause process) runs.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+/// Capabilities an ima pod's containers may not add: each undoes a guard
+/// (SYS_RESOURCE raises `max_user_namespaces`; SYS_ADMIN mounts an unmarked
+/// filesystem), or reaches code outside the measurement (SYS_MODULE,
+/// SYS_RAWIO, BPF, PERFMON; SYS_PTRACE rewrites other processes' code).
+pub const FORBIDDEN_CAPABILITIES: &[&str] = &[
+    "ALL",
+    "SYS_ADMIN",
+    "SYS_RESOURCE",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_PTRACE",
+    "BPF",
+    "PERFMON",
+];
+
+/// The capability in `caps` (CRI spelling, with or without `CAP_`) an ima
+/// pod may not have, if any.
+pub fn forbidden_capability(caps: &[String]) -> Option<&str> {
+    caps.iter().map(String::as_str).find(|c| {
+        let name = c.trim_start_matches("CAP_").to_ascii_uppercase();
+        FORBIDDEN_CAPABILITIES.contains(&name.as_str())
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("opening the namespaces of pid {pid}: {source}")]
+    Namespaces { pid: u32, source: std::io::Error },
+    #[error("entering the pid namespace of pid {pid}: {source}")]
+    EnterPid { pid: u32, source: nix::Error },
+    #[error("forking the guard helper: {0}")]
+    Fork(nix::Error),
+    #[error("the guard helper failed to {step} (errno {errno}: {})", nix::errno::Errno::from_raw(*errno))]
+    Helper { step: &'static str, errno: i32 },
+    #[error("the guard helper ended abnormally: {0}")]
+    Abnormal(String),
+}
+
+const MEMFD_NOEXEC: &str = "/proc/sys/vm/memfd_noexec";
+const MAX_USER_NAMESPACES: &str = "/proc/sys/user/max_user_namespaces";
+
+/// The steps of the helper; its exit code is `step * 256 + errno` folded
+/// into 8 bits as `step` (1..) and the errno sent through a pipe.
+const STEPS: [&str; 5] = [
+    "join the pod's user namespace",
+    "open vm.memfd_noexec",
+    "set vm.memfd_noexec = 2",
+    "open user.max_user_namespaces",
+    "set user.max_user_namespaces = 0",
+];
+
+/// Applies both guards to the pid namespace of `pid` (a container's init,
+/// created but not started) and to the user namespace pinned at `userns`.
+pub fn apply(pid: u32, userns: &Path) -> Result<(), GuardError> {
+    let open = |p: &Path| {
+        std::fs::File::open(p)
+            .map(OwnedFd::from)
+            .map_err(|source| GuardError::Namespaces { pid, source })
+    };
+    let pidns = open(&Path::new("/proc").join(pid.to_string()).join("ns/pid"))?;
+    let user = open(userns)?;
+    // A thread of its own enters the pid namespace (for its children only)
+    // and forks the helper there; the thread then ends, so no other work
+    // ever runs with that setting.
+    std::thread::scope(|s| {
+        s.spawn(|| run_helper(pid, &pidns, &user))
+            .join()
+            .unwrap_or_else(|_| Err(GuardError::Abnormal("guard thread panicked".into())))
+    })
+}
+
+fn run_helper(pid: u32, pidns: &OwnedFd, user: &OwnedFd) -> Result<(), GuardError> {
+    nix::sched::setns(pidns, nix::sched::CloneFlags::CLONE_NEWPID)
+        .map_err(|source| GuardError::EnterPid { pid, source })?;
+    // Everything the child touches is prepared before fork: after it only
+    // async-signal-safe calls run (this process has other threads).
+    let memfd = CString::new(MEMFD_NOEXEC).expect("static path");
+    let maxns = CString::new(MAX_USER_NAMESPACES).expect("static path");
+    let (rd, wr) = nix::unistd::pipe().map_err(GuardError::Fork)?;
+    let user_fd = user.as_raw_fd();
+    let wr_fd = wr.as_raw_fd();
+    // SAFETY: the child calls only setns/open/write/close/_exit.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(GuardError::Fork(nix::Error::last()));
+    }
+    if child == 0 {
+        unsafe { helper(user_fd, &memfd, &maxns, wr_fd) }
+    }
+    drop(wr);
+    let mut buf = [0u8; 8];
+    let n = nix::unistd::read(rd.as_raw_fd(), &mut buf).unwrap_or(0);
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None)
+        .map_err(|e| GuardError::Abnormal(e.to_string()))?;
+    match status {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+        nix::sys::wait::WaitStatus::Exited(_, step) if n == 4 => Err(GuardError::Helper {
+            step: STEPS.get(step as usize - 1).copied().unwrap_or("?"),
+            errno: i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]),
+        }),
+        other => Err(GuardError::Abnormal(format!("{other:?}"))),
+    }
+}
+
+/// The forked helper: in the target pid namespace, joins the pod's user
+/// namespace and writes both sysctls. Never returns.
+unsafe fn helper(user: i32, memfd: &CString, maxns: &CString, report: i32) -> ! {
+    let fail = |step: i32| -> ! {
+        let e = *libc::__errno_location();
+        let b = e.to_ne_bytes();
+        libc::write(report, b.as_ptr().cast(), 4);
+        libc::_exit(step)
+    };
+    if libc::setns(user, libc::CLONE_NEWUSER) != 0 {
+        fail(1);
+    }
+    for (path, value, step) in [(memfd, b"2\n", 2), (maxns, b"0\n", 4)] {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            fail(step);
+        }
+        if libc::write(fd, value.as_ptr().cast(), value.len()) != value.len() as isize {
+            fail(step + 1);
+        }
+        libc::close(fd);
+    }
+    libc::_exit(0)
+}
+
+/// Whether this kernel has a per-pid-namespace `vm.memfd_noexec` (6.3+).
+pub fn probe() -> Result<(), String> {
+    if Path::new(MEMFD_NOEXEC).exists() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{MEMFD_NOEXEC} is missing (Linux < 6.3): memfd execution cannot be forbidden"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forbidden_capabilities_in_any_spelling() {
+        let caps = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(forbidden_capability(&caps(&["NET_BIND_SERVICE"])), None);
+        assert_eq!(
+            forbidden_capability(&caps(&["CHOWN", "CAP_SYS_ADMIN"])),
+            Some("CAP_SYS_ADMIN")
+        );
+        assert_eq!(
+            forbidden_capability(&caps(&["sys_resource"])),
+            Some("sys_resource")
+        );
+        assert_eq!(forbidden_capability(&caps(&["ALL"])), Some("ALL"));
+    }
+}
