@@ -62,11 +62,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 )
             })?;
     let server = CriServer::new(cfg.clone(), c, streaming.clone()).await?;
-    tokio::spawn(crate::streaming::serve(
-        stream_listener,
-        streaming,
-        std::sync::Arc::downgrade(&server),
-    ));
+    let runtime: std::sync::Weak<dyn crate::streaming::StreamRuntime> =
+        std::sync::Arc::downgrade(&server) as _;
+    tokio::spawn(crate::streaming::serve(stream_listener, streaming, runtime));
     let attestation = attestation_service(server.clone());
     let (runtime, images) = services(server);
     tracing::info!(socket = %cfg.socket.display(), "serving CRI");

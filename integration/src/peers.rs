@@ -64,3 +64,36 @@ pub fn kubeletclient(env: &Env) -> Result<PathBuf> {
         .clone()
         .map_err(|e| anyhow!(e))
 }
+
+/// Builds `integration/go/spdyexec` (a client on moby/spdystream, the SPDY
+/// library kubelet's remotecommand uses) with Debian's Go 1.19 in GOPATH
+/// mode against Debian's packaged spdystream; returns the binary.
+pub fn go_spdyexec(env: &Env) -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = env.base.join("spdyexec");
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("go/spdyexec");
+            let r = Command::new("/usr/lib/go-1.19/bin/go")
+                .args(["build", "-o"])
+                .arg(&out)
+                .arg(".")
+                .current_dir(&src)
+                .env("GO111MODULE", "off")
+                .env("GOPATH", "/usr/share/gocode")
+                .env("GOCACHE", env.base.join("gocache"))
+                .output()
+                .map_err(|e| {
+                    format!("running go (apt-get install golang-1.19-go golang-github-docker-spdystream-dev): {e}")
+                })?;
+            if !r.status.success() {
+                return Err(format!(
+                    "building spdyexec: {}",
+                    String::from_utf8_lossy(&r.stderr)
+                ));
+            }
+            Ok(out)
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}

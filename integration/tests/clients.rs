@@ -24,11 +24,14 @@ async fn grpc_go_with_every_local_authority() {
     let bin = peers::criclient(env).unwrap();
     let sock = d.socket.to_string_lossy().into_owned();
     let encoded = sock.replace('/', "%2F");
+    // grpc C-core's form: %-encoded, without the leading slash.
+    let core = sock.trim_start_matches('/').replace('/', "%2F");
     // "" = grpc-go's own default ("localhost" since 1.56).
     for authority in [
         "",
         sock.as_str(),
         encoded.as_str(),
+        core.as_str(),
         "localhost",
         "unix:///x.sock",
     ] {

@@ -1,5 +1,7 @@
 //! Exec, Attach and PortForward: validate, then hand out a single-use URL
-//! of the streaming server.
+//! of the streaming server, which calls back through `StreamRuntime`
+//! (implemented in `container_exec.rs`, `container_attach.rs` and
+//! `sandbox_portforward.rs`).
 
 use imacri_api::cri;
 use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
@@ -7,7 +9,7 @@ use imacri_runtime::{Error, Result};
 
 use super::validate::non_empty;
 use super::CriServer;
-use crate::streaming::Pending;
+use crate::streaming::{Pending, ProcessIo, StreamRuntime};
 
 fn check_streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result<()> {
     if !(stdin || stdout || stderr) {
@@ -85,5 +87,20 @@ impl CriServer {
         Ok(cri::PortForwardResponse {
             url: self.streaming.url(Pending::PortForward(req)),
         })
+    }
+}
+
+#[tonic::async_trait]
+impl StreamRuntime for CriServer {
+    async fn exec(&self, req: cri::ExecRequest, io: ProcessIo) -> Result<i32> {
+        self.stream_exec(req, io).await
+    }
+
+    async fn attach(&self, req: cri::AttachRequest, io: ProcessIo) -> Result<()> {
+        self.stream_attach(req, io).await
+    }
+
+    async fn dial(&self, pod: &str, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+        self.dial_pod(pod, port).await
     }
 }

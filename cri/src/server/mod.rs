@@ -3,7 +3,9 @@
 //! place that logs every request and maps errors to gRPC codes.
 
 mod attestation;
+mod container_attach;
 mod container_create;
+mod container_exec;
 mod container_execsync;
 mod container_list;
 mod container_log;
@@ -25,6 +27,7 @@ mod monitor;
 mod recover;
 mod sandbox_list;
 mod sandbox_plan;
+mod sandbox_portforward;
 mod sandbox_remove;
 mod sandbox_run;
 mod sandbox_status;

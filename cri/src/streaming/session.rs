@@ -1,28 +1,13 @@
-//! The two transports of a streaming session behind one interface: the
-//! WebSocket channel protocol and SPDY/3.1 streams (one per stdio channel,
-//! named by the `streamtype` header), plus port-forward over SPDY.
+//! One exec or attach session, whatever the transport: the client's
+//! channels (WebSocket channel protocol or SPDY streams, behind `ChanRx` /
+//! `ChanTx`) are pumped to and from the runtime's process (`ProcessIo`), and
+//! the exit status goes back in the protocol's form.
 
-use bytes::Bytes;
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use imacri_runtime::{Error, Result};
-use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use imacri_runtime::Result;
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, ReadHalf};
-use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::Message;
+use tokio::sync::{mpsc, oneshot};
 
-use super::spdy::{header, Codec, Frame};
-use super::{
-    reply, run_session, Channels, Pending, Streaming, Ws, CLOSE, ERROR, RESIZE, STDERR, STDIN,
-    STDOUT,
-};
-use crate::server::CriServer;
+use super::{Pending, StreamRuntime, RESIZE, STDIN, STDOUT};
 
 pub(crate) enum In {
     Data(u8, Vec<u8>),
@@ -42,487 +27,251 @@ pub(crate) trait ChanTx: Send {
     async fn finish(&mut self, status: Option<Vec<u8>>);
 }
 
-pub(crate) struct WsRx {
-    pub s: SplitStream<Ws>,
-    pub ch: Channels,
+/// The runtime's end of a session.
+pub(crate) struct ProcessIo {
+    /// What the client writes to stdin; the sender is dropped when the
+    /// client closes stdin. None if the session has no stdin.
+    pub stdin: Option<mpsc::Receiver<Vec<u8>>>,
+    /// (STDOUT | STDERR, data) for the client. The session ends once the
+    /// process is done and every sender is dropped.
+    pub output: mpsc::Sender<(u8, Vec<u8>)>,
+    /// Terminal size changes (width, height).
+    pub resize: mpsc::Receiver<(u32, u32)>,
+    /// Resolves (with an error) when the client is gone: the runtime stops
+    /// the process and cleans up.
+    pub gone: oneshot::Receiver<()>,
 }
 
-pub(crate) struct WsTx {
-    pub s: SplitSink<Ws, Message>,
-    pub ch: Channels,
+/// The channel protocol a session negotiated (from its sub-protocol name).
+#[derive(Clone, Copy)]
+pub(crate) struct Channels {
+    pub(crate) base64: bool,
+    pub(crate) v4: bool,
+    pub(crate) v5: bool,
 }
 
-#[tonic::async_trait]
-impl ChanRx for WsRx {
-    async fn recv(&mut self) -> Option<In> {
-        loop {
-            match self.s.next().await {
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
-                Some(Ok(m)) => match self.ch.decode(&m) {
-                    Some((CLOSE, d)) if self.ch.v5 && d.first() == Some(&STDIN) => {
-                        return Some(In::CloseStdin)
-                    }
-                    Some((c, d)) => return Some(In::Data(c, d)),
-                    None => continue,
-                },
-            }
+impl Channels {
+    pub(crate) fn new(protocol: &str) -> Channels {
+        Channels {
+            base64: protocol.contains("base64"),
+            v4: protocol.starts_with("v4.") || protocol.starts_with("v5."),
+            v5: protocol.starts_with("v5."),
         }
     }
-}
 
-#[tonic::async_trait]
-impl ChanTx for WsTx {
-    async fn send(&mut self, ch: u8, data: &[u8]) -> Result<()> {
-        self.s
-            .send(self.ch.encode(ch, data))
-            .await
-            .map_err(|e| Error::Internal(format!("websocket: {e}")))
-    }
-
-    async fn finish(&mut self, status: Option<Vec<u8>>) {
-        if let Some(s) = status {
-            let _ = self.s.send(self.ch.encode(ERROR, &s)).await;
-        }
-        let _ = self.s.send(Message::Close(None)).await;
-    }
-}
-
-/// Exec/attach sub-protocols over SPDY, most preferred first.
-const SPDY_EXEC: [&str; 4] = [
-    "v4.channel.k8s.io",
-    "v3.channel.k8s.io",
-    "v2.channel.k8s.io",
-    "channel.k8s.io",
-];
-const SPDY_PORTFORWARD: [&str; 1] = ["portforward.k8s.io"];
-
-fn channel_of(streamtype: &str) -> Option<u8> {
-    Some(match streamtype {
-        "stdin" => STDIN,
-        "stdout" => STDOUT,
-        "stderr" => STDERR,
-        "error" => ERROR,
-        "resize" => RESIZE,
-        _ => return None,
-    })
-}
-
-/// A SPDY connection: frames in from a reader task, frames out through a
-/// writer task (each owning its half and its compression state).
-struct SpdyConn {
-    frames: mpsc::Receiver<Frame>,
-    out: mpsc::Sender<Frame>,
-}
-
-fn spdy_conn<IO>(io: IO) -> SpdyConn
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
-{
-    let (rd, mut wr) = tokio::io::split(io);
-    let (in_tx, frames) = mpsc::channel(64);
-    let (out, mut out_rx) = mpsc::channel::<Frame>(64);
-    tokio::spawn(async move {
-        let mut codec = Codec::default();
-        let mut rd: ReadHalf<_> = rd;
-        while let Ok(Some(f)) = codec.read(&mut rd).await {
-            if in_tx.send(f).await.is_err() {
-                break;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        let mut codec = Codec::default();
-        while let Some(f) = out_rx.recv().await {
-            let Ok(bytes) = codec.encode(&f) else { break };
-            if wr.write_all(&bytes).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-    SpdyConn { frames, out }
-}
-
-pub(crate) struct SpdyRx {
-    frames: mpsc::Receiver<Frame>,
-    out: mpsc::Sender<Frame>,
-    ids: HashMap<u32, u8>,
-    close_next: bool,
-}
-
-pub(crate) struct SpdyTx {
-    out: mpsc::Sender<Frame>,
-    streams: HashMap<u8, u32>,
-}
-
-#[tonic::async_trait]
-impl ChanRx for SpdyRx {
-    async fn recv(&mut self) -> Option<In> {
-        if std::mem::take(&mut self.close_next) {
-            return Some(In::CloseStdin);
-        }
-        loop {
-            match self.frames.recv().await? {
-                Frame::Data { id, fin, data } => match self.ids.get(&id) {
-                    Some(&STDIN) if !data.is_empty() => {
-                        self.close_next = fin;
-                        return Some(In::Data(STDIN, data));
-                    }
-                    Some(&STDIN) if fin => return Some(In::CloseStdin),
-                    Some(&c) if !data.is_empty() => return Some(In::Data(c, data)),
-                    _ => continue,
-                },
-                Frame::Ping { id } => {
-                    let _ = self.out.send(Frame::Ping { id }).await;
+    /// The final status on the error channel.
+    pub(crate) fn status(&self, exit: std::result::Result<i32, String>) -> Option<Vec<u8>> {
+        if !self.v4 {
+            return match exit {
+                Ok(0) => None,
+                Ok(c) => {
+                    Some(format!("command terminated with non-zero exit code: {c}").into_bytes())
                 }
-                Frame::RstStream { .. } | Frame::GoAway => return None,
-                _ => continue,
-            }
+                Err(e) => Some(e.into_bytes()),
+            };
         }
-    }
-}
-
-#[tonic::async_trait]
-impl ChanTx for SpdyTx {
-    async fn send(&mut self, ch: u8, data: &[u8]) -> Result<()> {
-        let (Some(&id), false) = (self.streams.get(&ch), data.is_empty()) else {
-            return Ok(());
+        let v = match exit {
+            Ok(0) => serde_json::json!({"metadata": {}, "status": "Success"}),
+            Ok(c) => serde_json::json!({
+                "metadata": {},
+                "status": "Failure",
+                "message": format!("command terminated with non-zero exit code: {c}"),
+                "reason": "NonZeroExitCode",
+                "details": {"causes": [{"reason": "ExitCode", "message": c.to_string()}]}
+            }),
+            Err(e) => serde_json::json!({"metadata": {}, "status": "Failure", "message": e}),
         };
-        self.out
-            .send(Frame::Data {
-                id,
-                fin: false,
-                data: data.to_vec(),
-            })
-            .await
-            .map_err(|_| Error::Internal("spdy connection closed".into()))
-    }
-
-    async fn finish(&mut self, status: Option<Vec<u8>>) {
-        if let (Some(s), Some(&id)) = (status, self.streams.get(&ERROR)) {
-            let _ = self
-                .out
-                .send(Frame::Data {
-                    id,
-                    fin: false,
-                    data: s,
-                })
-                .await;
-        }
-        for ch in [STDOUT, STDERR, ERROR] {
-            if let Some(&id) = self.streams.get(&ch) {
-                let _ = self
-                    .out
-                    .send(Frame::Data {
-                        id,
-                        fin: true,
-                        data: Vec::new(),
-                    })
-                    .await;
-            }
-        }
-        let _ = self.out.send(Frame::GoAway).await;
+        Some(v.to_string().into_bytes())
     }
 }
 
-/// Waits for the client to open the streams the request needs, answering
-/// each with SYN_REPLY.
-async fn accept_streams(mut conn: SpdyConn, expected: Vec<u8>) -> Result<(SpdyRx, SpdyTx)> {
-    let mut streams = HashMap::new();
-    let mut ids = HashMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !expected.iter().all(|c| streams.contains_key(c)) {
-        let f = tokio::time::timeout_at(deadline, conn.frames.recv())
-            .await
-            .map_err(|_| {
-                Error::DeadlineExceeded("the client did not open its streams in time".into())
-            })?
-            .ok_or_else(|| Error::Internal("the client closed the connection".into()))?;
-        match f {
-            Frame::SynStream { id, headers, .. } => {
-                if let Some(ch) = header(&headers, "streamtype").and_then(channel_of) {
-                    streams.insert(ch, id);
-                    ids.insert(id, ch);
-                }
-                let _ = conn
-                    .out
-                    .send(Frame::SynReply {
-                        id,
-                        headers: vec![],
-                        fin: false,
-                    })
-                    .await;
-            }
-            Frame::Ping { id } => {
-                let _ = conn.out.send(Frame::Ping { id }).await;
-            }
-            _ => {}
-        }
-    }
-    Ok((
-        SpdyRx {
-            frames: conn.frames,
-            out: conn.out.clone(),
-            ids,
-            close_next: false,
-        },
-        SpdyTx {
-            out: conn.out,
-            streams,
-        },
-    ))
+#[derive(serde::Deserialize)]
+struct Size {
+    #[serde(rename = "Width")]
+    width: u32,
+    #[serde(rename = "Height")]
+    height: u32,
 }
 
-/// Answers a SPDY/3.1 upgrade: protocol from X-Stream-Protocol-Version.
-pub(crate) fn spdy_upgrade(
-    req: Request<Incoming>,
-    st: Arc<Streaming>,
-    server: Weak<CriServer>,
-    token: &str,
-) -> Response<Full<Bytes>> {
-    let Some(pending) = st.take(token) else {
-        return reply(StatusCode::NOT_FOUND, "unknown or expired streaming token");
-    };
-    let offered: Vec<String> = req
-        .headers()
-        .get_all("x-stream-protocol-version")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_string()))
-        .collect();
-    let supported: &[&str] = match pending {
-        Pending::PortForward(_) => &SPDY_PORTFORWARD,
-        _ => &SPDY_EXEC,
-    };
-    let Some(protocol) = supported
-        .iter()
-        .find(|p| offered.iter().any(|o| o == *p))
-        .copied()
-    else {
-        return reply(
-            StatusCode::FORBIDDEN,
-            &format!("none of the offered stream protocols {offered:?} is supported (have {supported:?})"),
-        );
-    };
-    tokio::spawn(async move {
-        let Ok(up) = hyper::upgrade::on(req).await else {
-            return;
-        };
-        let Some(server) = server.upgrade() else {
-            return;
-        };
-        let conn = spdy_conn(TokioIo::new(up));
-        let res = match pending {
-            Pending::PortForward(r) => port_forward_spdy(&server, r, conn).await,
-            p => {
-                let ch = Channels::new(protocol);
-                let (stdin, stdout, stderr, tty) = match &p {
-                    Pending::Exec(r) => (r.stdin, r.stdout, r.stderr, r.tty),
-                    Pending::Attach(r) => (r.stdin, r.stdout, r.stderr, r.tty),
-                    Pending::PortForward(_) => (false, false, false, false),
-                };
-                let mut expected = vec![];
-                if protocol != "channel.k8s.io" {
-                    expected.push(ERROR);
-                }
-                for (want, c) in [(stdin, STDIN), (stdout, STDOUT), (stderr && !tty, STDERR)] {
-                    if want {
-                        expected.push(c);
-                    }
-                }
-                if tty && (protocol == "v3.channel.k8s.io" || protocol == "v4.channel.k8s.io") {
-                    expected.push(RESIZE);
-                }
-                match accept_streams(conn, expected).await {
-                    Ok((mut rx, mut tx)) => run_session(&server, p, &mut rx, &mut tx, ch).await,
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "spdy streaming session");
-        }
-    });
-    let mut r = Response::new(Full::new(Bytes::new()));
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert("upgrade", "SPDY/3.1".parse().expect("static header"));
-    h.insert("connection", "Upgrade".parse().expect("static header"));
-    h.insert(
-        "x-stream-protocol-version",
-        protocol.parse().expect("static header"),
-    );
-    r
-}
-
-/// Port-forward over SPDY: the client opens an error and a data stream per
-/// connection (headers `streamtype`, `port`, `requestID`).
-/// Port-forward tunneled as SPDY frames inside WebSocket binary messages
-/// (subprotocol `SPDY/3.1+portforward.k8s.io`, newer clients).
-pub(crate) async fn port_forward_tunneled(
-    server: &CriServer,
-    r: imacri_api::cri::PortForwardRequest,
-    ws: Ws,
+/// Runs an exec or attach session to its end: until the process exits (and
+/// its output is drained) or the client goes.
+pub(crate) async fn run(
+    rt: &dyn StreamRuntime,
+    p: Pending,
+    rx: &mut dyn ChanRx,
+    tx: &mut dyn ChanTx,
+    ch: Channels,
 ) -> Result<()> {
-    let (ours, theirs) = tokio::io::duplex(256 * 1024);
-    let (mut sink, mut stream) = ws.split();
-    let (mut rd, mut wr) = tokio::io::split(theirs);
-    let inbound = tokio::spawn(async move {
-        while let Some(Ok(m)) = stream.next().await {
-            match m {
-                Message::Binary(b) if wr.write_all(&b).await.is_err() => break,
-                Message::Close(_) => break,
-                _ => {}
-            }
+    let wants_stdin = match &p {
+        Pending::Exec(r) => r.stdin,
+        Pending::Attach(r) => r.stdin,
+        Pending::PortForward(_) => false,
+    };
+    let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(16);
+    let mut stdin_tx = wants_stdin.then_some(stdin_tx);
+    let (out_tx, mut out_rx) = mpsc::channel(64);
+    let (resize_tx, resize_rx) = mpsc::channel(4);
+    let (gone_tx, gone_rx) = oneshot::channel();
+    let io = ProcessIo {
+        stdin: wants_stdin.then_some(stdin_rx),
+        output: out_tx,
+        resize: resize_rx,
+        gone: gone_rx,
+    };
+    let job = async move {
+        match p {
+            Pending::Exec(r) => rt.exec(r, io).await.map_err(|e| e.to_string()),
+            Pending::Attach(r) => rt
+                .attach(r, io)
+                .await
+                .map(|()| 0)
+                .map_err(|e| e.to_string()),
+            Pending::PortForward(_) => Err("port-forward is not an exec session".into()),
         }
-        let _ = wr.shutdown().await;
-    });
-    let outbound = tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n) = rd.read(&mut buf).await {
-            if n == 0
-                || sink
-                    .send(Message::Binary(buf[..n].to_vec().into()))
-                    .await
-                    .is_err()
-            {
-                break;
-            }
-        }
-        let _ = sink.send(Message::Close(None)).await;
-    });
-    let res = port_forward_spdy(server, r, spdy_conn(ours)).await;
-    inbound.abort();
-    let _ = outbound.await;
-    res
-}
-
-async fn port_forward_spdy(
-    server: &CriServer,
-    r: imacri_api::cri::PortForwardRequest,
-    mut conn: SpdyConn,
-) -> Result<()> {
-    let sb = server.sandbox(&r.pod_sandbox_id)?;
-    let netns = sb.state().netns;
-    let mut data_streams: HashMap<u32, mpsc::Sender<Vec<u8>>> = HashMap::new();
-    let mut error_streams: HashMap<String, u32> = HashMap::new();
-    while let Some(f) = conn.frames.recv().await {
-        match f {
-            Frame::SynStream { id, headers, .. } => {
-                let _ = conn
-                    .out
-                    .send(Frame::SynReply {
-                        id,
-                        headers: vec![],
-                        fin: false,
-                    })
-                    .await;
-                let request = header(&headers, "requestid").unwrap_or("").to_string();
-                match header(&headers, "streamtype") {
-                    Some("error") => {
-                        error_streams.insert(request, id);
+    };
+    tokio::pin!(job);
+    // An empty frame on the first writable channel tells the client we're up.
+    tx.send(STDOUT, &[]).await?;
+    let mut gone = Some(gone_tx);
+    let mut client_open = true;
+    let exit = loop {
+        tokio::select! {
+            m = rx.recv(), if client_open => match m {
+                Some(In::Data(STDIN, d)) => {
+                    if let Some(s) = &stdin_tx {
+                        let _ = s.send(d).await;
                     }
-                    Some("data") => {
-                        let port: u16 = header(&headers, "port")
-                            .and_then(|p| p.parse().ok())
-                            .unwrap_or(0);
-                        let out = conn.out.clone();
-                        let err_id = error_streams.get(&request).copied();
-                        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(16);
-                        data_streams.insert(id, tx);
-                        let netns = netns.clone();
-                        let pod = sb.id.clone();
-                        tokio::spawn(async move {
-                            match super::connect_in(netns, port).await {
-                                Ok(s) => {
-                                    let (mut rd, mut wr) = s.into_split();
-                                    let up = tokio::spawn(async move {
-                                        while let Some(d) = rx.recv().await {
-                                            if wr.write_all(&d).await.is_err() {
-                                                break;
-                                            }
-                                        }
-                                    });
-                                    let mut buf = vec![0u8; 32 * 1024];
-                                    use tokio::io::AsyncReadExt;
-                                    while let Ok(n) = rd.read(&mut buf).await {
-                                        if n == 0 {
-                                            break;
-                                        }
-                                        if out
-                                            .send(Frame::Data {
-                                                id,
-                                                fin: false,
-                                                data: buf[..n].to_vec(),
-                                            })
-                                            .await
-                                            .is_err()
-                                        {
-                                            break;
-                                        }
-                                    }
-                                    let _ = out
-                                        .send(Frame::Data {
-                                            id,
-                                            fin: true,
-                                            data: vec![],
-                                        })
-                                        .await;
-                                    // As kubelet does: the error stream ends
-                                    // empty when the forward ended cleanly
-                                    // (clients read it to EOF).
-                                    if let Some(eid) = err_id {
-                                        let _ = out
-                                            .send(Frame::Data {
-                                                id: eid,
-                                                fin: true,
-                                                data: vec![],
-                                            })
-                                            .await;
-                                    }
-                                    up.abort();
-                                }
-                                Err(e) => {
-                                    if let Some(eid) = err_id {
-                                        let msg = format!(
-                                            "error forwarding port {port} to pod {pod}: {e}"
-                                        );
-                                        let _ = out
-                                            .send(Frame::Data {
-                                                id: eid,
-                                                fin: true,
-                                                data: msg.into_bytes(),
-                                            })
-                                            .await;
-                                    }
-                                    let _ = out
-                                        .send(Frame::Data {
-                                            id,
-                                            fin: true,
-                                            data: vec![],
-                                        })
-                                        .await;
-                                }
-                            }
-                        });
-                    }
-                    _ => {}
                 }
-            }
-            Frame::Data { id, data, .. } => {
-                if let Some(tx) = data_streams.get(&id) {
-                    if !data.is_empty() {
-                        let _ = tx.send(data).await;
+                Some(In::Data(RESIZE, d)) => {
+                    if let Ok(sz) = serde_json::from_slice::<Size>(&d) {
+                        let _ = resize_tx.try_send((sz.width, sz.height));
+                    }
+                }
+                Some(In::CloseStdin) => stdin_tx = None,
+                Some(_) => {}
+                None => {
+                    // The client is gone: the runtime stops the process;
+                    // wait for it to clean up.
+                    client_open = false;
+                    stdin_tx = None;
+                    gone = None;
+                }
+            },
+            o = out_rx.recv() => {
+                if let Some((c, d)) = o {
+                    if tx.send(c, &d).await.is_err() {
+                        gone = None;
                     }
                 }
             }
-            Frame::Ping { id } => {
-                let _ = conn.out.send(Frame::Ping { id }).await;
-            }
-            Frame::GoAway => break,
-            _ => {}
+            e = &mut job => break e,
         }
+    };
+    drop(gone);
+    // Drain what the process wrote last.
+    while let Ok(Some((c, d))) = tokio::time::timeout(Duration::from_secs(2), out_rx.recv()).await {
+        if tx.send(c, &d).await.is_err() {
+            break;
+        }
+    }
+    if client_open {
+        tx.finish(ch.status(exit)).await;
+    } else if let Err(e) = exit {
+        tracing::debug!(error = %e, "session ended after the client left");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imacri_api::cri;
+
+    fn exec_request(stdin: bool) -> cri::ExecRequest {
+        cri::ExecRequest {
+            container_id: "c".into(),
+            cmd: vec!["true".into()],
+            stdin,
+            stdout: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn statuses() {
+        let v4 = Channels::new("v4.channel.k8s.io");
+        let ok: serde_json::Value = serde_json::from_slice(&v4.status(Ok(0)).unwrap()).unwrap();
+        assert_eq!(ok["status"], "Success");
+        let bad: serde_json::Value = serde_json::from_slice(&v4.status(Ok(3)).unwrap()).unwrap();
+        assert_eq!(bad["reason"], "NonZeroExitCode");
+        assert_eq!(bad["details"]["causes"][0]["message"], "3");
+        let v1 = Channels::new("channel.k8s.io");
+        assert_eq!(v1.status(Ok(0)), None);
+        assert!(String::from_utf8(v1.status(Ok(2)).unwrap())
+            .unwrap()
+            .contains("exit code: 2"));
+    }
+
+    /// A runtime that echoes stdin to stdout and exits 7 once stdin closes.
+    struct Echo;
+
+    #[tonic::async_trait]
+    impl StreamRuntime for Echo {
+        async fn exec(&self, _: cri::ExecRequest, mut io: ProcessIo) -> Result<i32> {
+            let mut stdin = io.stdin.take().expect("stdin");
+            while let Some(d) = stdin.recv().await {
+                let _ = io.output.send((STDOUT, d)).await;
+            }
+            Ok(7)
+        }
+        async fn attach(&self, _: cri::AttachRequest, _: ProcessIo) -> Result<()> {
+            Ok(())
+        }
+        async fn dial(&self, _: &str, _: u16) -> std::io::Result<tokio::net::TcpStream> {
+            Err(std::io::Error::other("no"))
+        }
+    }
+
+    struct Script(Vec<In>);
+    #[tonic::async_trait]
+    impl ChanRx for Script {
+        async fn recv(&mut self) -> Option<In> {
+            if self.0.is_empty() {
+                // The client stays connected.
+                std::future::pending::<()>().await;
+            }
+            Some(self.0.remove(0))
+        }
+    }
+
+    #[derive(Default)]
+    struct Sink(Vec<(u8, Vec<u8>)>, Option<Option<Vec<u8>>>);
+    #[tonic::async_trait]
+    impl ChanTx for Sink {
+        async fn send(&mut self, ch: u8, data: &[u8]) -> Result<()> {
+            self.0.push((ch, data.to_vec()));
+            Ok(())
+        }
+        async fn finish(&mut self, status: Option<Vec<u8>>) {
+            self.1 = Some(status);
+        }
+    }
+
+    #[tokio::test]
+    async fn stdin_reaches_the_process_and_the_exit_code_the_client() {
+        let mut rx = Script(vec![In::Data(STDIN, b"hi".to_vec()), In::CloseStdin]);
+        let mut tx = Sink::default();
+        run(
+            &Echo,
+            Pending::Exec(exec_request(true)),
+            &mut rx,
+            &mut tx,
+            Channels::new("v4.channel.k8s.io"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(tx.0, vec![(STDOUT, vec![]), (STDOUT, b"hi".to_vec())]);
+        let status: serde_json::Value = serde_json::from_slice(&tx.1.unwrap().unwrap()).unwrap();
+        assert_eq!(status["details"]["causes"][0]["message"], "7");
+    }
 }

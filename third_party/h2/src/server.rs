@@ -1782,15 +1782,17 @@ impl proto::Peer for Peer {
 }
 
 /// imacri patch: an :authority that a gRPC client derives from a unix socket
-/// address: empty, a path (`/run/x.sock`), its %-encoding (`%2Frun%2Fx.sock`)
-/// or a `unix:` target.
+/// address: empty, a path (`/run/x.sock`, older grpc-go and grpc-java), its
+/// %-encoding (grpc C-core >= 1.57 sends `run%2Fx.sock`, without the leading
+/// slash) or a `unix:` target. Only called for a value that is no valid
+/// authority.
 fn is_local_socket_authority(a: &str) -> bool {
+    let lower = a.to_ascii_lowercase();
     a.is_empty()
-        || a.starts_with('/')
-        || a.len() >= 3 && a[..3].eq_ignore_ascii_case("%2f")
-        || a.starts_with("unix:")
-        || a.starts_with("unix%3A")
-        || a.starts_with("unix%3a")
+        || a.contains('/')
+        || lower.contains("%2f")
+        || lower.starts_with("unix:")
+        || lower.starts_with("unix%3a")
 }
 
 #[cfg(test)]
@@ -1799,7 +1801,15 @@ mod imacri_patch_tests {
 
     #[test]
     fn socket_authorities() {
-        for a in ["", "/run/imacri/imacri.sock", "%2Frun%2Fimacri%2Fimacri.sock", "%2frun", "unix:/x", "unix%3A%2Fx"] {
+        for a in [
+            "",
+            "/run/imacri/imacri.sock",
+            "%2Frun%2Fimacri%2Fimacri.sock",
+            "run%2Fimacri%2Fimacri.sock",
+            "%2frun",
+            "unix:/x",
+            "unix%3A%2Fx",
+        ] {
             assert!(local(a), "{a}");
         }
         for a in ["exa mple.com", "[::1", "host:port:x", "a%"] {

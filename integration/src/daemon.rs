@@ -1,0 +1,231 @@
+//! imacri daemons a test starts: own socket, root and state; restartable.
+
+use anyhow::{bail, Context, Result};
+use imacri_api::cri::image_service_client::ImageServiceClient;
+use imacri_api::cri::runtime_service_client::RuntimeServiceClient;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+use crate::{client, cri, pod_config, Env};
+
+/// Path of the imacri binary (built by `cargo build --bins`; IMACRI_BIN overrides).
+pub fn imacri_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("IMACRI_BIN") {
+        return PathBuf::from(p);
+    }
+    // Tests run from target/<profile>/deps, binaries from target/<profile>.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    let bin = [dir.join("imacri"), dir.join("../imacri")]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("imacri"));
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --bins` first (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// One imacri daemon with its own socket, root and state.
+pub struct Imacri {
+    pub namespace: String,
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub state: PathBuf,
+    args: Vec<String>,
+}
+
+impl Imacri {
+    pub async fn start(env: &Env) -> Result<Imacri> {
+        Self::start_with(env, &[]).await
+    }
+
+    /// An imacri in a containerd namespace of its own, so a test can check
+    /// that nothing at all is left in it.
+    pub async fn start_isolated(env: &Env) -> Result<Imacri> {
+        let ns = format!("iso-{:08x}", rand::random::<u32>());
+        Self::start_full(env, &ns, &[]).await
+    }
+
+    pub async fn start_with(env: &Env, extra: &[&str]) -> Result<Imacri> {
+        Self::start_full(env, &env.namespace, extra).await
+    }
+
+    pub async fn start_full(env: &Env, namespace: &str, extra: &[&str]) -> Result<Imacri> {
+        let dir = tempfile::Builder::new()
+            .prefix("imacri-")
+            .tempdir_in(&env.base)?;
+        let socket = dir.path().join("imacri.sock");
+        let root = dir.path().join("root");
+        let state = dir.path().join("state");
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--config".into(),
+            dir.path().join("none.toml").to_string_lossy().into(),
+            "--socket".into(),
+            socket.to_string_lossy().into(),
+            "--root".into(),
+            root.to_string_lossy().into(),
+            "--state".into(),
+            state.to_string_lossy().into(),
+            "--containerd-address".into(),
+            env.containerd_sock.to_string_lossy().into(),
+            "--containerd-namespace".into(),
+            namespace.to_string(),
+            "--registry-config-path".into(),
+            env.hosts_dir.to_string_lossy().into(),
+            "--cni-conf-dir".into(),
+            env.cni_conf_dir.to_string_lossy().into(),
+            "--cni-bin-dir".into(),
+            "/usr/lib/cni".into(),
+            "--log-level".into(),
+            "info,imacri_cri=debug,imacri_runtime=debug".into(),
+        ];
+        // Flags in `extra` replace the defaults above.
+        for flag in extra.iter().filter(|a| a.starts_with("--")) {
+            if let Some(i) = args.iter().position(|a| a == flag) {
+                args.drain(i..i + 2);
+            }
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        std::fs::write(dir.path().join("none.toml"), "")?;
+        let mut me = Imacri {
+            namespace: namespace.to_string(),
+            child: None,
+            dir,
+            socket,
+            root,
+            state,
+            args,
+        };
+        me.spawn().await?;
+        Ok(me)
+    }
+
+    /// Starts (again) the daemon with the same directories.
+    pub async fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("imacri.log"))?;
+        let child = Command::new(imacri_bin())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning imacri")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut rt) = self.runtime().await {
+                if rt.version(cri::VersionRequest::default()).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    bail!("imacri exited with {status}: {}", self.log());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("imacri did not come up: {}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("imacri.log")).unwrap_or_default()
+    }
+
+    pub async fn channel(&self) -> Result<Channel> {
+        Ok(containerd_client::connect(&self.socket).await?)
+    }
+
+    pub async fn runtime(&self) -> Result<RuntimeServiceClient<Channel>> {
+        Ok(RuntimeServiceClient::new(self.channel().await?))
+    }
+
+    pub async fn images(&self) -> Result<ImageServiceClient<Channel>> {
+        Ok(ImageServiceClient::new(self.channel().await?))
+    }
+
+    /// Pulls `image` (panics on failure).
+    pub async fn pull(&self, image: &str) {
+        self.images()
+            .await
+            .expect("image client")
+            .pull_image(cri::PullImageRequest {
+                image: client::image(image),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("pull {image}: {e}"));
+    }
+
+    /// A runtime client and a running pod `name` with busybox pulled.
+    pub async fn busybox_pod(
+        &self,
+        env: &Env,
+        name: &str,
+    ) -> (client::Rt, String, cri::PodSandboxConfig) {
+        self.pull(&env.busybox).await;
+        let mut rt = self.runtime().await.expect("runtime client");
+        let cfg = pod_config(name);
+        let pod = client::run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", self.log()));
+        (rt, pod, cfg)
+    }
+
+    /// PID of the running daemon.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a graceful shutdown.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        c.wait().ok()
+    }
+}
+
+impl Drop for Imacri {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `imacri attest --socket <d> ARGS`; returns (exit code, stdout, stderr).
+pub fn attest(d: &Imacri, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(imacri_bin())
+        .arg("attest")
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .output()
+        .expect("running imacri attest");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

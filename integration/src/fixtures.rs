@@ -1,0 +1,45 @@
+//! Configs tests share: unique pods and simple containers.
+
+use crate::cri;
+
+/// A unique pod config for tests running in parallel.
+pub fn pod_config(name: &str) -> cri::PodSandboxConfig {
+    let uid = format!("{name}-{:08x}", rand::random::<u32>());
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.clone(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        // Inside this test process's directory, which goes at its exit.
+        log_directory: std::env::temp_dir()
+            .join(format!("imacri-it-{}", std::process::id()))
+            .join("pod-logs")
+            .join(&uid)
+            .to_string_lossy()
+            .into(),
+        labels: [("app".to_string(), name.to_string())].into(),
+        annotations: [("test".to_string(), "yes".to_string())].into(),
+        linux: Some(cri::LinuxPodSandboxConfig::default()),
+        ..Default::default()
+    }
+}
+
+pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: cmd.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}/0.log"),
+        labels: [("container".to_string(), name.to_string())].into(),
+        ..Default::default()
+    }
+}
