@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::{free_port, Env, Imacri};
 
+pub use crate::poll::eventually_blocking as eventually;
+
 pub const KUBELET_VERSION: &str = "v1.37.2";
 
 pub fn kubelet_bin(cache: &Path) -> PathBuf {
@@ -231,18 +233,4 @@ fn curl(url: &str) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Polls `f` until it returns Some, or fails with `what` after `timeout`.
-pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }

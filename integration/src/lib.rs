@@ -12,6 +12,7 @@ mod fixtures;
 pub mod images;
 pub mod kubelet;
 pub mod peers;
+pub mod poll;
 mod registry;
 mod swtpm;
 
@@ -21,14 +22,14 @@ pub use fixtures::{container_config, pod_config};
 pub use peers::go_spdyexec;
 pub use swtpm::Swtpm;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::mpsc;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tonic::transport::Channel;
 
 use registry::{make_certs, start_registry, start_registry_tls};
@@ -139,14 +140,7 @@ pub(crate) fn wait_for(
     timeout: Duration,
     mut ready: impl FnMut() -> bool,
 ) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if ready() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{what} not ready after {timeout:?}")
+    poll::eventually_blocking(what, timeout, || ready().then_some(()))
 }
 
 fn require_root() {

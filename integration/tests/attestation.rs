@@ -111,12 +111,16 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
 
     // The entrypoint's execution is measured (StartContainer returns
     // before the entrypoint's execve, so wait for it).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut entries = log_lines(&d, &pod);
-    while entries.is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        entries = log_lines(&d, &pod);
-    }
+    let entries = imacri_integration::poll::eventually(
+        "the entrypoint's entry",
+        Duration::from_secs(10),
+        || {
+            let e = log_lines(&d, &pod);
+            async move { (!e.is_empty()).then_some(e) }
+        },
+    )
+    .await
+    .unwrap_or_default();
     assert!(
         entries
             .iter()

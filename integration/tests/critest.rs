@@ -77,6 +77,9 @@ async fn critest_passes_against_imacri() {
             tail(&d.log(), 4000)
         );
     }
+    if std::env::var("CRITEST_FOCUS").is_ok() {
+        return; // a focused run filters the rest
+    }
     assert!(passed >= 110, "critest ran only {passed} specs");
     // Specs critest skips by itself must be skipped for a reason of the
     // machine or of an open plan, never silently.

@@ -202,59 +202,77 @@ async fn invalid_requests_are_rejected_with_clear_codes() {
         config: Some(c),
         sandbox_config: Some(cfg.clone()),
     };
-    check(
-        rt.create_container(create(
-            container_config("c", &env.busybox, &["true"]),
-            "nope",
-        ))
-        .await,
-        Code::NotFound,
-        "nope",
-    );
-    check(
-        rt.create_container(create(
+    // CreateContainer's bad requests, one row each: (config, pod, code, the
+    // text the message must name).
+    let with = |f: fn(&mut cri::ContainerConfig)| {
+        let mut c = container_config("c", &env.busybox, &["true"]);
+        f(&mut c);
+        c
+    };
+    let cases: Vec<(cri::ContainerConfig, &str, Code, &str)> = vec![
+        (with(|_| {}), "nope", Code::NotFound, "nope"),
+        (
             container_config("c", "not-pulled/image:1", &["true"]),
             &pod,
-        ))
-        .await,
-        Code::NotFound,
-        "not-pulled/image:1",
-    );
-    check(
-        rt.create_container(create(container_config("", &env.busybox, &["true"]), &pod))
-            .await,
-        Code::InvalidArgument,
-        "config.metadata.name",
-    );
-    let mut c = container_config("c", &env.busybox, &["true"]);
-    c.log_path = "../../../etc/evil".into();
-    check(
-        rt.create_container(create(c, &pod)).await,
-        Code::InvalidArgument,
-        "log_path",
-    );
-    let mut c = container_config("c", &env.busybox, &["true"]);
-    c.mounts = vec![cri::Mount {
-        container_path: "/data".into(),
-        host_path: "/does/not/exist".into(),
-        ..Default::default()
-    }];
-    check(
-        rt.create_container(create(c, &pod)).await,
-        Code::InvalidArgument,
-        "/does/not/exist",
-    );
-    let mut c = container_config("c", &env.busybox, &["true"]);
-    c.mounts = vec![cri::Mount {
-        container_path: "../x".into(),
-        host_path: "/tmp".into(),
-        ..Default::default()
-    }];
-    check(
-        rt.create_container(create(c, &pod)).await,
-        Code::InvalidArgument,
-        "container_path",
-    );
+            Code::NotFound,
+            "not-pulled/image:1",
+        ),
+        (
+            container_config("", &env.busybox, &["true"]),
+            &pod,
+            Code::InvalidArgument,
+            "config.metadata.name",
+        ),
+        (
+            with(|c| c.log_path = "../../../etc/evil".into()),
+            &pod,
+            Code::InvalidArgument,
+            "log_path",
+        ),
+        (
+            with(|c| {
+                c.mounts = vec![cri::Mount {
+                    container_path: "/data".into(),
+                    host_path: "/does/not/exist".into(),
+                    ..Default::default()
+                }]
+            }),
+            &pod,
+            Code::InvalidArgument,
+            "/does/not/exist",
+        ),
+        (
+            with(|c| {
+                c.mounts = vec![cri::Mount {
+                    container_path: "../x".into(),
+                    host_path: "/tmp".into(),
+                    ..Default::default()
+                }]
+            }),
+            &pod,
+            Code::InvalidArgument,
+            "container_path",
+        ),
+        (
+            with(|c| {
+                c.mounts = vec![cri::Mount {
+                    container_path: "/img".into(),
+                    readonly: false,
+                    image: Some(cri::ImageSpec {
+                        image: "busybox".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]
+            }),
+            &pod,
+            Code::InvalidArgument,
+            "read-only",
+        ),
+    ];
+    for (c, p, code, needle) in cases {
+        check(rt.create_container(create(c, p)).await, code, needle);
+    }
 
     let first = rt
         .create_container(create(

@@ -10,14 +10,12 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
+    imacri_integration::poll::eventually(what, timeout, || {
+        let ready = f();
+        async move { ready.await.then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 async fn assert_no_leftovers(env: &Env, ids: &[&str]) {

@@ -5,7 +5,7 @@
 
 use imacri_integration::client::image;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 async fn lines(path: &std::path::Path) -> usize {
     tokio::fs::read_to_string(path)
@@ -16,14 +16,11 @@ async fn lines(path: &std::path::Path) -> usize {
 
 async fn grows(path: &std::path::Path) -> bool {
     let start = lines(path).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if lines(path).await > start + 2 {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
+    imacri_integration::poll::eventually("the log grows", Duration::from_secs(10), || async {
+        (lines(path).await > start + 2).then_some(())
+    })
+    .await
+    .is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread")]

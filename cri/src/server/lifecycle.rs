@@ -63,8 +63,24 @@ impl CriServer {
                     let _ = tokio::time::timeout(Duration::from_secs(5), join).await;
                 }
                 if let Some(c) = self.containers.get(id) {
+                    // containerd's OOM event can arrive after the exit; a
+                    // SIGKILLed container whose cgroup counted an OOM kill
+                    // was OOM-killed (the cgroup lives until the task is
+                    // deleted).
+                    let oom = code == 137
+                        && !c.state().oom_killed
+                        && imacri_runtime::metrics::sample(
+                            std::path::Path::new("/sys/fs/cgroup"),
+                            &self.cgroup_of(&c),
+                            imacri_runtime::sysinfo::cgroup_version(),
+                        )
+                        .oom_kills
+                        .is_some_and(|n| n > 0);
                     let _order = self.event_order.lock();
                     let res = c.update(|s| {
+                        if oom {
+                            s.oom_killed = true;
+                        }
                         let before = s.phase;
                         if s.phase != ContainerPhase::Exited {
                             if s.oom_killed {

@@ -16,7 +16,7 @@ fn u(v: Option<u64>) -> Option<cri::UInt64Value> {
 }
 
 impl CriServer {
-    fn cgroup_of(&self, c: &ContainerEntry) -> String {
+    pub(crate) fn cgroup_of(&self, c: &ContainerEntry) -> String {
         let parent = self
             .sandboxes
             .get(&c.state().sandbox_id)
