@@ -258,6 +258,10 @@ impl CriServer {
         tokio::spawn(async move {
             while let Some(n) = rx.recv().await {
                 let Some(s) = weak.upgrade() else { return };
+                if n.stopped {
+                    s.kill_unmeasured(&n.container, &n.reason).await;
+                    continue;
+                }
                 tracing::warn!(
                     pod_sandbox_id = %n.pod,
                     container_id = %n.container,
@@ -270,6 +274,21 @@ impl CriServer {
                 s.emit(cri::ContainerEventType::ImaViolationEvent, &n.container);
             }
         });
+    }
+
+    /// Kills a container whose measurement stopped (reason ImaUnmeasured):
+    /// it never runs on unmeasured.
+    async fn kill_unmeasured(&self, ctr: &str, why: &str) {
+        let Some(c) = self.containers.get(ctr) else {
+            return;
+        };
+        let _ = c.update(|s| {
+            s.reason = "ImaUnmeasured".into();
+            s.message = format!("killed: its measurement stopped ({why})");
+        });
+        if let Err(e) = self.c.kill_task(ctr, "", super::lifecycle::SIGKILL).await {
+            tracing::error!(container_id = %ctr, error = %e, "killing an unmeasured container");
+        }
     }
 
     /// The measurement engine's counters and the journal's anchoring.

@@ -129,6 +129,9 @@ pub struct Notice {
     pub digest: String,
     pub denied: bool,
     pub reason: String,
+    /// The container's measurement stopped (its reader failed): it must be
+    /// killed.
+    pub stopped: bool,
 }
 
 /// Counters for status and benchmarks.
@@ -183,6 +186,9 @@ pub struct Engine {
     jobs: Mutex<mpsc::Sender<Job>>,
     notices: tokio::sync::mpsc::UnboundedSender<Notice>,
     pub stats: Stats,
+    /// Fault injection for the fail-closed tests: every reader fails after
+    /// this many events (`IMACRI_TEST_FANOTIFY_FAIL_AFTER`).
+    fail_after: Option<u64>,
 }
 
 /// A running watch; dropping it stops measuring (the group closes).
@@ -231,6 +237,9 @@ impl Engine {
             jobs: Mutex::new(tx),
             notices,
             stats: Stats::default(),
+            fail_after: std::env::var("IMACRI_TEST_FANOTIFY_FAIL_AFTER")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         });
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..workers.max(1) {
@@ -303,6 +312,7 @@ impl Engine {
 
     fn read_loop(&self, group: Arc<Group>, stop: OwnedFd) {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut handled = 0u64;
         loop {
             let mut fds = [
                 PollFd::new(group.fan.as_fd(), PollFlags::POLLIN),
@@ -310,25 +320,61 @@ impl Engine {
             ];
             match poll(&mut fds, PollTimeout::NONE) {
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!(container_id = %group.target.container, error = %e, "fanotify poll failed; measurement stops");
-                    return;
-                }
+                Err(e) => return self.stopped(&group, &stop, format!("fanotify poll failed: {e}")),
                 Ok(_) => {}
             }
             if fds[1].any().unwrap_or(true) {
                 return;
             }
+            if self.fail_after.is_some_and(|n| handled >= n) {
+                return self.stopped(&group, &stop, "injected reader fault (test)".into());
+            }
             let events = match group.fan.read_events() {
                 Ok(ev) => ev,
                 Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
-                    tracing::error!(container_id = %group.target.container, error = %e, "reading fanotify events failed; measurement stops");
-                    return;
+                    return self.stopped(
+                        &group,
+                        &stop,
+                        format!("reading fanotify events failed: {e}"),
+                    )
                 }
             };
             for ev in events {
+                handled += 1;
                 self.handle(&group, ev);
+            }
+        }
+    }
+
+    /// A reader that cannot go on fails closed: the gap is logged, the
+    /// server is told to kill the container, and the group stays open with
+    /// nothing answered, so the container's next execution waits (killably)
+    /// instead of running unmeasured, until its watch is dropped.
+    fn stopped(&self, group: &Group, stop: &OwnedFd, reason: String) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let t = &group.target;
+        tracing::error!(pod_sandbox_id = %t.pod, container_id = %t.container, %reason, "measurement stopped; the container is killed");
+        if let Err(e) = self
+            .journal
+            .record(&t.pod, &t.container, "-", [0; 32], Event::Gap, false)
+        {
+            tracing::error!(container_id = %t.container, error = %e, "recording the measurement gap");
+        }
+        let _ = self.notices.send(Notice {
+            pod: t.pod.clone(),
+            container: t.container.clone(),
+            path: String::new(),
+            digest: String::new(),
+            denied: false,
+            reason,
+            stopped: true,
+        });
+        loop {
+            let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                _ => return,
             }
         }
     }
@@ -489,6 +535,7 @@ impl Engine {
                     digest: digest_hex,
                     denied: deny,
                     reason,
+                    stopped: false,
                 });
             }
         }
