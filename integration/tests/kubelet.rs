@@ -44,6 +44,20 @@ fn crictl(cache: &std::path::Path, d: &Imacri, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Removes the manifests and waits until imacri has no pod left.
+fn remove_and_wait(k: &Kubelet, cache: &std::path::Path, d: &Imacri, names: &[&str]) {
+    for n in names {
+        k.remove_manifest(n).unwrap();
+    }
+    eventually("pods gone from imacri", T, || {
+        crictl(cache, d, &["pods", "-q"])
+            .trim()
+            .is_empty()
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", k.log_tail(4000)));
+}
+
 fn web_pod(env: &Env) -> String {
     format!(
         r#"apiVersion: v1
@@ -336,15 +350,7 @@ async fn kubelet_user_namespace_and_measured_pods() {
     assert_eq!(code, 1, "a violation: {out}");
     assert!(out.contains("/tmp/true"), "{out}");
 
-    k.remove_manifest("userns").unwrap();
-    k.remove_manifest("measured").unwrap();
-    eventually("pods gone", T, || {
-        crictl(&cache, &d, &["pods", "-q"])
-            .trim()
-            .is_empty()
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", k.log_tail(4000)));
+    remove_and_wait(&k, &cache, &d, &["userns", "measured"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -392,13 +398,5 @@ async fn kubelet_keeps_its_pods_across_an_imacri_crash() {
     );
     assert_eq!(now_ctrs.lines().count(), 2, "{now_ctrs}");
 
-    k.remove_manifest("before").unwrap();
-    k.remove_manifest("after").unwrap();
-    eventually("pods gone", T, || {
-        crictl(&cache, &d, &["pods", "-q"])
-            .trim()
-            .is_empty()
-            .then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", k.log_tail(4000)));
+    remove_and_wait(&k, &cache, &d, &["before", "after"]);
 }
