@@ -2,7 +2,10 @@
 # Installs what imacri needs on Debian 12: containerd, runc, CNI plugins, the
 # TPM software stack (tss-esapi links libtss2), and
 # (for the tests) the registry, skopeo, umoci, busybox-static, the TPM
-# simulator and Go 1.19 with spdystream (a real SPDY peer). Idempotent:
+# simulator, Go 1.19 with spdystream (a real SPDY peer), Python's venv
+# (grpcio) and the host tools critest's stand-in images copy (pgrep,
+# ipcs). crictl, critest and kubelet are built by scripts/test-tools.sh
+# with the Go toolchain from /usr/local/go. Idempotent:
 # only missing packages are installed.
 set -euo pipefail
 
@@ -12,6 +15,7 @@ packages=(
   docker-registry skopeo umoci busybox-static curl ca-certificates openssl
   libtss2-dev swtpm swtpm-tools tpm2-tools
   golang-1.19-go golang-github-docker-spdystream-dev
+  python3 python3-venv procps util-linux
 )
 missing=()
 for p in "${packages[@]}"; do

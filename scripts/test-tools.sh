@@ -16,6 +16,7 @@ GRPCIO_VERSION=${GRPCIO_VERSION:-1.85.1}
 KUBELET_VERSION=${KUBELET_VERSION:-v1.37.2}
 cache=${IMACRI_TOOLS_CACHE:-/var/cache/imacri-tools}
 export PATH=/usr/local/go/bin:$PATH
+command -v go >/dev/null || { echo "test-tools: Go (1.26, /usr/local/go) is required to build crictl, critest and kubelet" >&2; exit 1; }
 export GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
 
 cri_tools() {
