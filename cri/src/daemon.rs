@@ -34,8 +34,36 @@ async fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// Raises the open-file limit to its hard maximum: every measured container
+/// holds a fanotify group and every pending event an fd, so one pod's
+/// flood must not exhaust imacri's descriptors. (Root here lacks
+/// CAP_SYS_RESOURCE: the hard limit is as far as it goes.)
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                tracing::debug!(
+                    from = lim.rlim_cur,
+                    to = lim.rlim_max,
+                    "raised RLIMIT_NOFILE"
+                );
+            }
+        }
+    }
+}
+
 pub async fn serve(cfg: Config) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    raise_nofile();
     let c = Containerd::connect(
         &cfg.containerd.address,
         &cfg.containerd.namespace,

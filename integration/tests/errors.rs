@@ -22,6 +22,18 @@ async fn invalid_requests_are_rejected_with_clear_codes() {
     let d = Imacri::start(env).await.unwrap();
     let mut rt = d.runtime().await.unwrap();
     let mut im = d.images().await.unwrap();
+    // A pod's flood of events cannot run imacri out of descriptors below
+    // the hard limit: the soft limit was raised to it.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid().unwrap())).unwrap();
+    let nofile: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(nofile[0], nofile[1], "soft = hard: {limits}");
 
     check(
         rt.run_pod_sandbox(cri::RunPodSandboxRequest::default())

@@ -150,3 +150,65 @@ async fn memfd_and_nested_namespaces_fail_closed_in_ima_pods() {
         .unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_pause_containers_mounts_are_noexec_in_ima_pods() {
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    // pid POD: pause is /proc/1 of the container, its mounts reachable
+    // through /proc/1/root.
+    let pod_ns = || cri::NamespaceOption {
+        pid: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    };
+    let mut cfg = ima(pod_config("guard-pause"));
+    cfg.linux
+        .get_or_insert_with(Default::default)
+        .security_context = Some(cri::LinuxSandboxSecurityContext {
+        namespace_options: Some(pod_ns()),
+        ..Default::default()
+    });
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let mut c = container_config("c", &env.busybox, &["sleep", "1000"]);
+    c.linux
+        .get_or_insert_with(Default::default)
+        .security_context = Some(cri::LinuxContainerSecurityContext {
+        namespace_options: Some(pod_ns()),
+        ..Default::default()
+    });
+    let c = start_container(&mut rt, &pod, &cfg, c).await;
+    let pause = sh_ok(&mut rt, &c, "cat /proc/1/cmdline | tr '\\0' ' '").await;
+    assert!(pause.contains("pause"), "/proc/1 is pause: {pause}");
+    let mounts = sh_ok(&mut rt, &c, "cat /proc/1/mountinfo").await;
+    for l in mounts.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (point, opts) = (f[4], f[5]);
+        let sep = f.iter().position(|x| *x == "-").unwrap();
+        let (root, fstype) = (f[3], f[sep + 1]);
+        // runc's device nodes (and the masks over /proc files), bound one
+        // file each from the host's /dev: execve needs a regular file, so a
+        // device node cannot be executed whatever its mount says.
+        let device = fstype == "devtmpfs"
+            && ["/null", "/zero", "/full", "/random", "/urandom", "/tty"].contains(&root);
+        // runc's masks over /proc and /sys directories: empty read-only tmpfs.
+        let mask = fstype == "tmpfs"
+            && (point.starts_with("/proc/") || point.starts_with("/sys/"))
+            && opts.split(',').any(|o| o == "ro");
+        if point == "/" || device || mask {
+            continue;
+        }
+        assert!(
+            opts.split(',').any(|o| o == "noexec"),
+            "pause mount {point} allows exec: {l}"
+        );
+    }
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+}

@@ -12,6 +12,9 @@ use std::time::Duration;
 static ONE_KUBELET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const T: Duration = Duration::from_secs(90);
+/// kubelet removes a deleted pod's sandbox in its garbage collection, which
+/// runs once a minute: allow two rounds and a loaded machine.
+const GC_T: Duration = Duration::from_secs(180);
 
 fn container_status<'a>(pod: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     pod["status"]["containerStatuses"]
@@ -49,7 +52,7 @@ fn remove_and_wait(k: &Kubelet, cache: &std::path::Path, d: &Imacri, names: &[&s
     for n in names {
         k.remove_manifest(n).unwrap();
     }
-    eventually("pods gone from imacri", T, || {
+    eventually("pods gone from imacri", GC_T, || {
         crictl(cache, d, &["pods", "-q"])
             .trim()
             .is_empty()
@@ -188,7 +191,7 @@ async fn kubelet_runs_static_pods_on_imacri() {
         (k.pod("web").is_none() && k.pod("crash").is_none()).then_some(())
     })
     .unwrap();
-    eventually("pods gone from imacri", T, || {
+    eventually("pods gone from imacri", GC_T, || {
         crictl(&cache, &d, &["pods", "-q"])
             .trim()
             .is_empty()

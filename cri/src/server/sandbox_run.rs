@@ -345,7 +345,12 @@ impl CriServer {
         }
 
         let shared = self.shared_of(st);
-        let spec = spec::sandbox_spec(id, config, &image.config, &shared, self.limits)?;
+        let mut spec = spec::sandbox_spec(id, config, &image.config, &shared, self.limits)?;
+        if st.ima.is_some() {
+            // Like its containers' mounts: a container sharing the pod's pid
+            // namespace reaches pause's through /proc/1/root.
+            spec::noexec_outside_rootfs(&mut spec, &[]);
+        }
         let snapshotter = self.cfg.containerd.snapshotter.clone();
         let lease = self.c.lease("sandbox").await?;
         let created = async {

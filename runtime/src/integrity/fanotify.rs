@@ -155,6 +155,22 @@ struct FileKey {
     ctime: (i64, i64),
 }
 
+impl FileKey {
+    fn of(st: &nix::sys::stat::FileStat) -> FileKey {
+        FileKey {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+}
+
+/// How often a file that changes while it is hashed is hashed again before
+/// the access is refused.
+const HASH_TRIES: usize = 3;
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Known {
     elf: Option<bool>,
@@ -390,13 +406,7 @@ impl Engine {
             Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
             _ => return answer(group, &ev, true),
         };
-        let key = FileKey {
-            dev: st.st_dev,
-            ino: st.st_ino,
-            size: st.st_size,
-            mtime: (st.st_mtime, st.st_mtime_nsec),
-            ctime: (st.st_ctime, st.st_ctime_nsec),
-        };
+        let key = FileKey::of(&st);
         let trig = &group.target.triggers;
         let exec = ev.mask().contains(MaskFlags::FAN_OPEN_EXEC_PERM);
         if let Ok(mut last) = group.last_exec.lock() {
@@ -474,20 +484,49 @@ impl Engine {
 
     fn hash_and_answer(&self, job: Job) {
         let Some(fd) = job.event.fd() else { return };
-        match hash_fd(fd) {
-            Ok((digest, n)) => {
-                self.stats.hashed_files.fetch_add(1, Ordering::Relaxed);
-                self.stats.hashed_bytes.fetch_add(n, Ordering::Relaxed);
-                self.remember(job.key, |k| k.digest = Some(digest));
-                self.decide(&job.group, &job.event, job.kind, digest);
-            }
-            Err(e) => {
-                let t = &job.group.target;
-                let allow = t.mode == Mode::Measure;
-                tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, allow, "cannot hash a measured file");
-                answer(&job.group, &job.event, allow);
+        let t = &job.group.target;
+        let mut key = job.key;
+        for _ in 0..HASH_TRIES {
+            let (digest, n) = match hash_fd(fd) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not a silent allow: the unmeasured access is a gap in
+                    // the log (the verifier distrusts it), and enforce denies.
+                    let allow = t.mode == Mode::Measure;
+                    tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, allow, "cannot hash a measured file");
+                    let path = fd_path(fd);
+                    if let Err(e) =
+                        self.journal
+                            .record(&t.pod, &t.container, &path, [0; 32], Event::Gap, false)
+                    {
+                        tracing::error!(container_id = %t.container, error = %e, "recording a gap");
+                    }
+                    return answer(&job.group, &job.event, allow);
+                }
+            };
+            self.stats.hashed_files.fetch_add(1, Ordering::Relaxed);
+            self.stats.hashed_bytes.fetch_add(n, Ordering::Relaxed);
+            // A writer that changed the file while it was hashed would have
+            // it run under the old digest: the identity must not have moved.
+            let now = nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| FileKey::of(&st));
+            match now {
+                Ok(k) if k == key => {
+                    self.remember(key, |k| k.digest = Some(digest));
+                    return self.decide(&job.group, &job.event, job.kind, digest);
+                }
+                Ok(k) => key = k,
+                Err(_) => break,
             }
         }
+        let path = fd_path(fd);
+        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, "a measured file kept changing while it was hashed; access refused");
+        if let Err(e) = self
+            .journal
+            .record(&t.pod, &t.container, &path, [0; 32], Event::Gap, false)
+        {
+            tracing::error!(container_id = %t.container, error = %e, "recording a gap");
+        }
+        answer(&job.group, &job.event, false);
     }
 
     /// Appraises, records and answers one measured access.
