@@ -57,6 +57,9 @@ pub enum AttestCmd {
         /// Accept evidence from a node without a TPM (proves nothing).
         #[arg(long)]
         allow_unanchored: bool,
+        /// Trust a pod whose log has gaps (it was not measured for a while).
+        #[arg(long)]
+        allow_gaps: bool,
     },
     /// Verify every ima pod periodically; prints one alert line per new
     /// violation or invalid evidence.
@@ -73,6 +76,8 @@ pub enum AttestCmd {
         count: Option<u64>,
         #[arg(long)]
         allow_unanchored: bool,
+        #[arg(long)]
+        allow_gaps: bool,
     },
 }
 
@@ -164,6 +169,7 @@ pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
             evidence,
             nonce,
             allow_unanchored,
+            allow_gaps,
         } => {
             let code = match verify_once(
                 socket,
@@ -172,7 +178,10 @@ pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
                 ak.as_deref(),
                 evidence.as_deref(),
                 nonce.as_deref(),
-                allow_unanchored,
+                Accept {
+                    unanchored: allow_unanchored,
+                    gaps: allow_gaps,
+                },
             )
             .await
             {
@@ -193,6 +202,7 @@ pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
             interval,
             count,
             allow_unanchored,
+            allow_gaps,
         } => {
             watch(
                 socket,
@@ -200,7 +210,10 @@ pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
                 ak.as_deref(),
                 parse_interval(&interval)?,
                 count,
-                allow_unanchored,
+                Accept {
+                    unanchored: allow_unanchored,
+                    gaps: allow_gaps,
+                },
             )
             .await?;
             Ok(0)
@@ -227,6 +240,13 @@ fn rpc(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow!("{what}: {:?}: {}", s.code(), s.message())
 }
 
+/// What a verifier accepts beyond fully anchored, gap-free evidence.
+#[derive(Clone, Copy)]
+struct Accept {
+    unanchored: bool,
+    gaps: bool,
+}
+
 fn load_inputs(policy: &Path, ak: Option<&Path>) -> Result<(Allowlist, Option<String>)> {
     let policy = Allowlist::load(policy).map_err(|e| anyhow!(e))?;
     let ak = ak
@@ -241,7 +261,7 @@ fn check(
     nonce: &[u8],
     policy: &Allowlist,
     ak: Option<&str>,
-    allow_unanchored: bool,
+    accept: Accept,
 ) -> Report {
     let mut r = verify::verify(
         ev,
@@ -250,7 +270,8 @@ fn check(
             nonce,
             ak_pem: ak,
             policy,
-            allow_unanchored,
+            allow_unanchored: accept.unanchored,
+            allow_gaps: accept.gaps,
         },
     );
     if ev.anchored && ak.is_none() {
@@ -268,7 +289,7 @@ async fn verify_once(
     ak: Option<&Path>,
     evidence: Option<&Path>,
     nonce: Option<&str>,
-    allow_unanchored: bool,
+    accept: Accept,
 ) -> Result<Report> {
     let (policy, ak) = load_inputs(policy, ak)?;
     let (ev, nonce) = match evidence {
@@ -287,14 +308,7 @@ async fn verify_once(
             )
         }
     };
-    Ok(check(
-        &ev,
-        pod,
-        &nonce,
-        &policy,
-        ak.as_deref(),
-        allow_unanchored,
-    ))
+    Ok(check(&ev, pod, &nonce, &policy, ak.as_deref(), accept))
 }
 
 async fn watch(
@@ -303,7 +317,7 @@ async fn watch(
     ak: Option<&Path>,
     interval: Duration,
     count: Option<u64>,
-    allow_unanchored: bool,
+    accept: Accept,
 ) -> Result<()> {
     let (policy, ak) = load_inputs(policy, ak)?;
     let mut seen: HashSet<String> = HashSet::new();
@@ -323,7 +337,7 @@ async fn watch(
                                     &nonce,
                                     &policy,
                                     ak.as_deref(),
-                                    allow_unanchored,
+                                    accept,
                                 );
                                 alert_lines(&p, &r)
                             }

@@ -245,9 +245,14 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
     d.kill();
     d.spawn().await.unwrap();
     let mut rt = d.runtime().await.unwrap();
+    // The gap alone makes the pod untrusted: it ran unmeasured meanwhile.
     let (code, report, err) = verify(&d, &pod, &golden, &ak, &[]);
-    assert_eq!(code, 0, "after restart: {report:#}\n{err}\n{}", d.log());
+    assert_eq!(code, 1, "after restart: {report:#}\n{err}\n{}", d.log());
     assert_eq!(report["gaps"], 1, "{report:#}");
+    assert_eq!(report["violations"][0]["event"], "gap", "{report:#}");
+    // A verifier that accepts gaps trusts it.
+    let (code, report, err) = verify(&d, &pod, &golden, &ak, &["--allow-gaps"]);
+    assert_eq!(code, 0, "with --allow-gaps: {report:#}\n{err}");
 
     // A new executable dropped into the running container and run.
     sh_ok(
@@ -257,7 +262,7 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
         "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true && chmod +x /tmp/new/true && /tmp/new/true",
     )
     .await;
-    let (code, report, _) = verify(&d, &pod, &golden, &ak, &[]);
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &["--allow-gaps"]);
     assert_eq!(code, 1, "{report:#}");
     let v = &report["violations"][0];
     assert_eq!(v["path"], "/tmp/new/true", "{report:#}");
@@ -449,7 +454,7 @@ async fn tpm_reset_starts_a_new_epoch() {
     d.kill();
     tpm.reboot().unwrap();
     d.spawn().await.unwrap();
-    let (code, after, err) = verify(&d, &pod, &golden, &ak, &[]);
+    let (code, after, err) = verify(&d, &pod, &golden, &ak, &["--allow-gaps"]);
     assert_eq!(code, 0, "{after:#}\n{err}\n{}", d.log());
     assert_ne!(
         after["reset_count"], before["reset_count"],
@@ -466,7 +471,7 @@ async fn tpm_reset_starts_a_new_epoch() {
     // and new executions land in the new epoch.
     let mut rt = d.runtime().await.unwrap();
     sh_ok(&mut rt, &c, "ls / >/dev/null").await;
-    let (code, report, _) = verify(&d, &pod, &golden, &ak, &[]);
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &["--allow-gaps"]);
     assert_eq!(code, 0, "{report:#}");
     assert!(report["pod_entries"].as_u64().unwrap() >= 1, "{report:#}");
 }

@@ -120,6 +120,9 @@ pub struct Expectations<'a> {
     pub ak_pem: Option<&'a str>,
     pub policy: &'a Allowlist,
     pub allow_unanchored: bool,
+    /// Trust a pod whose log has gaps (intervals it was not measured, e.g.
+    /// while imacri restarted). Off: each gap is a violation.
+    pub allow_gaps: bool,
 }
 
 pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
@@ -182,10 +185,33 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
     if pod_lines != ev.pod_log {
         errors.push("the pod's entries differ from the log's entries for the pod".into());
     }
-    let violations: Vec<Violation> = pod_entries
+    if ev.backend.starts_with("none") {
+        errors.push(format!(
+            "the pod's backend is {:?}: nothing measured it, so its log proves nothing",
+            ev.backend
+        ));
+    }
+    let mut violations: Vec<Violation> = pod_entries
         .iter()
         .filter_map(|e| x.policy.check(e))
         .collect();
+    // A pod is trusted only if it was measured all along.
+    if !x.allow_gaps {
+        violations.extend(
+            pod_entries
+                .iter()
+                .filter(|e| e.event == Event::Gap)
+                .map(|e| Violation {
+                    path: e.path.clone(),
+                    digest: String::new(),
+                    container: e.container.clone(),
+                    event: Event::Gap,
+                    reason: "the container was not measured for a while (imacri restart, stopped \
+                         reader or hash error); --allow-gaps accepts that"
+                        .into(),
+                }),
+        );
+    }
     let verdict = if !errors.is_empty() {
         Verdict::Invalid
     } else if !violations.is_empty() {
@@ -321,6 +347,7 @@ mod tests {
             ak_pem: None,
             policy: p,
             allow_unanchored: true,
+            allow_gaps: true,
         }
     }
 
@@ -335,6 +362,18 @@ mod tests {
         let r = verify(&unanchored(&es, "p"), &x(&p, &[1, 2, 3]));
         assert_eq!(r.verdict, Verdict::Trusted, "{r:?}");
         assert_eq!((r.pod_entries, r.gaps), (1, 1));
+        // Without --allow-gaps the gap alone makes it untrusted.
+        let strict = Expectations {
+            allow_gaps: false,
+            ..x(&p, &[1, 2, 3])
+        };
+        let r = verify(&unanchored(&es, "p"), &strict);
+        assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+        assert_eq!(r.violations[0].event, Event::Gap);
+        // A backend that measured nothing proves nothing.
+        let mut none = unanchored(&es, "p");
+        none.backend = "none (measurement unavailable)".into();
+        assert_eq!(verify(&none, &x(&p, &[1, 2, 3])).verdict, Verdict::Invalid);
         let es2 = [Entry::new(15, [9; 32], "/tmp/evil", "p", "c", Event::Exec)];
         let r = verify(&unanchored(&es2, "p"), &x(&p, &[1, 2, 3]));
         assert_eq!(r.verdict, Verdict::Violations);
