@@ -42,11 +42,7 @@ impl CriServer {
             mounts: self.status_mounts(&c.config),
             log_path: st.log_path.to_string_lossy().into_owned(),
             resources: Some(cri::ContainerResources {
-                linux: st
-                    .updated_resources
-                    .as_deref()
-                    .and_then(|b| prost::Message::decode(b).ok())
-                    .or_else(|| c.config.linux.as_ref().and_then(|l| l.resources.clone())),
+                linux: super::current_resources(c),
                 windows: None,
             }),
             image_id: st.image_id.clone(),

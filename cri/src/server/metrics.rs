@@ -461,18 +461,7 @@ fn container_metrics(
             Some(fs.inodes_free),
         );
     }
-    let r = c
-        .config
-        .linux
-        .as_ref()
-        .and_then(|l| l.resources.clone())
-        .unwrap_or_default();
-    let r = c
-        .state()
-        .updated_resources
-        .as_deref()
-        .and_then(|b| <cri::LinuxContainerResources as prost::Message>::decode(b).ok())
-        .unwrap_or(r);
+    let r = super::current_resources(c).unwrap_or_default();
     let nonneg = |v: i64| Some(v.max(0) as u64);
     o.put("container_spec_cpu_period", &[], nonneg(r.cpu_period));
     o.put("container_spec_cpu_quota", &[], nonneg(r.cpu_quota));

@@ -58,6 +58,16 @@ pub use service::services;
 pub type SandboxEntry = Entry<cri::PodSandboxConfig, SandboxState>;
 pub type ContainerEntry = Entry<cri::ContainerConfig, ContainerState>;
 
+/// A container's resources now: the last UpdateContainerResources, else
+/// what it was created with.
+pub(crate) fn current_resources(c: &ContainerEntry) -> Option<cri::LinuxContainerResources> {
+    c.state()
+        .updated_resources
+        .as_deref()
+        .and_then(|b| prost::Message::decode(b).ok())
+        .or_else(|| c.config.linux.as_ref().and_then(|l| l.resources.clone()))
+}
+
 /// Labels on containerd containers so `ctr -n k8s.io c ls` tells ours apart.
 pub const LABEL_KIND: &str = "imacri.dev/kind";
 pub const LABEL_SANDBOX_ID: &str = "imacri.dev/sandbox-id";
