@@ -106,6 +106,9 @@ pub struct ImaConfig {
     pub pcr: u32,
     /// What happens to containers that ran unmeasured while imacri was down.
     pub fail_mode: FailMode,
+    /// Log entries one pod may add; past it, a `quota` entry is logged and
+    /// every new execution or mapping of the pod is refused.
+    pub max_entries_per_pod: u64,
 }
 
 /// fanotify fails open while imacri is down; this says what a restarted
@@ -156,6 +159,7 @@ impl Default for ImaConfig {
             tpm_tcti: String::new(),
             pcr: DEFAULT_PCR,
             fail_mode: FailMode::Open,
+            max_entries_per_pod: crate::integrity::journal::DEFAULT_POD_QUOTA,
         }
     }
 }
@@ -295,17 +299,22 @@ pcr = 15
 # a `gap` entry for each; "closed" also kills them, so nothing that ran
 # unmeasured keeps running (kubelet restarts them, measured from the start).
 fail_mode = "open"
+# Log entries one pod may add (hard links and renames of one file would
+# otherwise grow the node log without bound). Past it a `quota` entry is
+# logged (a violation) and the pod's new executions are refused.
+max_entries_per_pod = 20000
 
 [ima.policies.default]
-# Rules in the kernel's IMA policy syntax. The fanotify backend compiles the
-# measure rules: func=BPRM_CHECK -> executions, FILE_MMAP/MMAP_CHECK -> opens
-# of ELF files (fanotify cannot see mmap), FILE_CHECK [uid=N] -> opens.
+# Rules in the kernel's IMA policy syntax. With the fanotify backend,
+# executions (fanotify) and executable mappings of files (seccomp map guard)
+# are always measured in an ima pod; FILE_CHECK [uid=N] rules add opens.
 rules = [
     "measure func=BPRM_CHECK mask=MAY_EXEC",
     "measure func=FILE_MMAP mask=MAY_EXEC",
 ]
-# "measure" records; "enforce" also denies executions (and ELF opens) whose
-# digest the allowlist does not allow (EPERM), logging a violation.
+# "measure" records; "enforce" also denies executions and executable
+# mappings whose digest the allowlist does not allow (EPERM), logging a
+# violation. Reads are never denied: `cat` of a binary works.
 mode = "measure"
 # Appraisal policies (JSON, e.g. from `imacri attest golden IMAGE`), checked
 # at RunPodSandbox and read again as each container starts (a regenerated

@@ -194,6 +194,7 @@ impl CriServer {
                     .collect();
                 spec::noexec_outside_rootfs(&mut spec, &measured);
             }
+            self.guard_mappings(&sb_state, &sb.id, &mut spec)?;
             let mut labels: HashMap<String, String> = config.labels.clone();
             labels.extend(volume_labels);
             labels.insert(LABEL_KIND.into(), "container".into());

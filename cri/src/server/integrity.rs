@@ -1,15 +1,18 @@
 //! Wiring of the measurement backend into the container lifecycle: a
-//! container of a fanotify-measured pod is marked after its task exists and
-//! before it starts; restarts re-mark running containers (with a `gap`
-//! entry); violations become warnings and CRI events.
+//! container of a fanotify-measured pod gets the map guard in its seccomp
+//! profile at create, is marked after its task exists and before it starts
+//! (logging its `start` entry); restarts re-mark running containers (with a
+//! `gap` entry); violations become warnings and CRI events.
 
 use imacri_api::cri;
 use imacri_runtime::ima;
 use imacri_runtime::integrity::allowlist::Allowlist;
-use imacri_runtime::integrity::fanotify::{own_tmpfs, Engine, Notice, Target, Triggers, Watch};
+use imacri_runtime::integrity::engine::{Engine, Measured, Notice};
+use imacri_runtime::integrity::fanotify::{self, own_tmpfs, Target, Triggers, Watch};
 use imacri_runtime::integrity::guard;
 use imacri_runtime::integrity::journal::Journal;
 use imacri_runtime::integrity::log::Event;
+use imacri_runtime::integrity::mapguard::{self, Supervisor};
 use imacri_runtime::integrity::tpm::Tpm;
 use imacri_runtime::pod::SandboxState;
 use imacri_runtime::{Error, Result};
@@ -22,6 +25,10 @@ pub struct Integrity {
     pub journal: Arc<Journal>,
     /// None when this node cannot run the fanotify backend.
     pub engine: Option<Arc<Engine>>,
+    /// Where runc hands over seccomp listener fds (the map guard), with the
+    /// supervisor answering them.
+    pub listener: std::path::PathBuf,
+    _mapguard: Option<Supervisor>,
 }
 
 impl Integrity {
@@ -34,6 +41,7 @@ impl Integrity {
         let dir = cfg.root.join("integrity");
         let tcti = cfg.ima.tpm_tcti.clone();
         let pcr = cfg.ima.pcr;
+        let quota = cfg.ima.max_entries_per_pod;
         let journal = tokio::task::spawn_blocking(move || -> Result<Journal> {
             let tpm = if tcti.is_empty() {
                 None
@@ -44,7 +52,9 @@ impl Integrity {
                     ))
                 })?)
             };
-            Journal::open(&dir, pcr, tpm).map_err(|e| Error::Internal(e.to_string()))
+            Journal::open(&dir, pcr, tpm)
+                .map(|j| j.with_quota(quota))
+                .map_err(|e| Error::Internal(e.to_string()))
         })
         .await
         .map_err(|e| Error::Internal(format!("opening the measurement journal: {e}")))??;
@@ -53,6 +63,14 @@ impl Integrity {
         let engine = fanotify
             .is_ok()
             .then(|| Engine::new(journal.clone(), tx, 2));
+        let listener = cfg.state.join("mapguard.sock");
+        let mapguard = match &engine {
+            Some(e) => Some(
+                Supervisor::start(&listener, e)
+                    .map_err(|e| Error::FailedPrecondition(e.to_string()))?,
+            ),
+            None => None,
+        };
         tracing::info!(
             anchored = journal.anchored(),
             pcr,
@@ -60,7 +78,15 @@ impl Integrity {
             epoch = ?journal.epoch().reset_count,
             "measurement journal ready"
         );
-        Ok((Integrity { journal, engine }, rx))
+        Ok((
+            Integrity {
+                journal,
+                engine,
+                listener,
+                _mapguard: mapguard,
+            },
+            rx,
+        ))
     }
 }
 
@@ -140,8 +166,50 @@ impl CriServer {
         Ok(())
     }
 
-    /// Marks a container whose task (init `pid`) exists but has not started.
-    /// None if its pod is not measured by the fanotify backend.
+    /// In an ima pod, pause's rootfs becomes `noexec` once pause runs:
+    /// nothing may execute from it through `/proc/1/root` unmeasured.
+    pub(crate) async fn seal_pause(&self, st: &SandboxState, id: &str, pid: u32) -> Result<()> {
+        if st.ima.is_none() {
+            return Ok(());
+        }
+        tokio::task::spawn_blocking(move || guard::seal_root_noexec(pid))
+            .await
+            .map_err(|e| Error::Internal(format!("seal task: {e}")))?
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "{id}: cannot make the pause container's rootfs noexec in this ima pod: {e}"
+                ))
+            })
+    }
+
+    /// Adds the map guard to the seccomp profile of a container of a
+    /// fanotify-measured pod: executable mappings go through imacri.
+    pub(crate) fn guard_mappings(
+        &self,
+        st: &SandboxState,
+        pod: &str,
+        spec: &mut oci_spec::runtime::Spec,
+    ) -> Result<()> {
+        if !is_fanotify(st) {
+            return Ok(());
+        }
+        let Some(linux) = spec.linux_mut() else {
+            return Err(Error::Internal(
+                "container spec without a linux section".into(),
+            ));
+        };
+        let guarded =
+            mapguard::guard_profile(linux.seccomp().clone(), &self.integrity.listener, pod)
+                .map_err(|e| {
+                    Error::InvalidArgument(format!("linux.security_context.seccomp: {e}"))
+                })?;
+        linux.set_seccomp(Some(guarded));
+        Ok(())
+    }
+
+    /// Marks a container (or, with `ctr == pod`, the pause container) whose
+    /// task (init `pid`) exists but has not started, and logs its `start`
+    /// entry. None if its pod is not measured by the fanotify backend.
     pub(crate) async fn measure_container(
         &self,
         pod: &str,
@@ -182,35 +250,71 @@ impl CriServer {
         // Exactly the volumes CreateContainer left executable are marked; if
         // one is no longer a tmpfs of its own, refuse rather than run it
         // unmeasured.
-        let c = self.container(ctr)?;
-        let volumes = self.measured_volumes(&st, &c.config);
-        let spec = self.c.container_spec(ctr).await?;
-        for m in spec.mounts().iter().flatten() {
-            let exec = !m
-                .options()
-                .as_ref()
-                .is_some_and(|o| o.iter().any(|x| x == "noexec"));
-            let dest = m.destination().to_string_lossy();
-            if exec && !volumes.iter().any(|(d, _)| *d == dest) {
-                return Err(Error::FailedPrecondition(format!(
-                    "mount {dest} of container {ctr} allows execution but cannot be measured (not a tmpfs of its own any more)"
-                )));
+        let (volumes, image) = if ctr == pod {
+            (Vec::new(), self.sandbox_image.clone())
+        } else {
+            let c = self.container(ctr)?;
+            let volumes = self.measured_volumes(&st, &c.config);
+            let spec = self.c.container_spec(ctr).await?;
+            for m in spec.mounts().iter().flatten() {
+                let exec = !m
+                    .options()
+                    .as_ref()
+                    .is_some_and(|o| o.iter().any(|x| x == "noexec"));
+                let dest = m.destination().to_string_lossy();
+                if exec && !volumes.iter().any(|(d, _)| *d == dest) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "mount {dest} of container {ctr} allows execution but cannot be measured (not a tmpfs of its own any more)"
+                    )));
+                }
             }
-        }
-        let target = Target {
+            (volumes, c.state().image_id)
+        };
+        let measured = Arc::new(Measured {
             pod: pod.to_string(),
             container: ctr.to_string(),
-            root: format!("/proc/{pid}/root").into(),
-            triggers,
             mode: i.mode,
             allowlist: self.load_allowlist(&i.policy)?,
+        });
+        let target = Target {
+            measured,
+            root: format!("/proc/{pid}/root").into(),
+            triggers,
             volumes: volumes.into_iter().map(|(_, h)| h).collect(),
         };
-        let w = engine
-            .watch(target)
+        let w = fanotify::watch(engine, target)
             .map_err(|e| Error::FailedPrecondition(format!("measuring container {ctr}: {e}")))?;
+        self.record_start(pod, ctr, &image)?;
         tracing::info!(pod_sandbox_id = %pod, container_id = %ctr, mode = ?i.mode, "container measured by fanotify");
         Ok(Some(w))
+    }
+
+    /// The entry every container's measurements begin with: its image and
+    /// the moment marking began. Without it the verifier trusts nothing of
+    /// the container; if it cannot be logged the container does not start.
+    fn record_start(&self, pod: &str, ctr: &str, image: &str) -> Result<()> {
+        let digest = image
+            .strip_prefix("sha256:")
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| <[u8; 32]>::try_from(b).ok())
+            .unwrap_or([0; 32]);
+        let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        self.integrity
+            .journal
+            .record(
+                pod,
+                ctr,
+                &format!("{image} {at}"),
+                digest,
+                Event::Start,
+                false,
+            )
+            .map(|_| ())
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "cannot log the start of measurement for {ctr}: {e}"
+                ))
+            })
     }
 
     /// After a restart: measure running containers again and log the gap.

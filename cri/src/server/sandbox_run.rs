@@ -388,7 +388,9 @@ impl CriServer {
         // the guards before pause runs.
         self.guard_process(&entry.state(), id, pid).await?;
         self.watch_exit(id);
-        self.c.start_task(id, "").await
+        let started = self.c.start_task(id, "").await?;
+        self.seal_pause(&entry.state(), id, pid).await?;
+        Ok(started)
     }
 }
 

@@ -9,7 +9,9 @@
 
 use anyhow::{bail, Context, Result};
 use imacri_runtime::ima::policy::Mode;
-use imacri_runtime::integrity::fanotify::{hash_fd, Engine, Target, Triggers};
+use imacri_runtime::integrity::digest::hash_fd;
+use imacri_runtime::integrity::engine::{Engine, Measured};
+use imacri_runtime::integrity::fanotify::{self, Target, Triggers};
 use imacri_runtime::integrity::journal::Journal;
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -103,15 +105,20 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
             .rules
             .join("\n"),
     )?;
-    let watch = engine.watch(Target {
-        pod: "bench-pod".into(),
-        container: "bench-ctr".into(),
-        root: fs.to_path_buf(),
-        triggers: Triggers::from_rules(&rules, |u| u),
-        mode: Mode::Measure,
-        allowlist: None,
-        volumes: Vec::new(),
-    })?;
+    let watch = fanotify::watch(
+        &engine,
+        Target {
+            measured: Arc::new(Measured {
+                pod: "bench-pod".into(),
+                container: "bench-ctr".into(),
+                mode: Mode::Measure,
+                allowlist: None,
+            }),
+            root: fs.to_path_buf(),
+            triggers: Triggers::from_rules(&rules, |u| u),
+            volumes: Vec::new(),
+        },
+    )?;
     let _ = exec_once(&bin)?; // first: hashed and logged
     let hits0 = engine.stats.cache_hits.load(Relaxed);
     let ns0 = engine.stats.hit_ns_total.load(Relaxed);

@@ -11,7 +11,9 @@
 //!   "exclude": ["/var/cache/*"] }
 //! ```
 //! `files`: allowed digests per path. `digests`: allowed at any path.
-//! `exclude`: paths not checked (exact, or a prefix ending in `*`).
+//! `exclude`: paths whose *reads* are not checked (exact, or a prefix ending
+//! in `*`). Executions and executable mappings are checked everywhere: an
+//! exclusion is never a place to run unapproved code from.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -87,9 +89,10 @@ impl Allowlist {
         })
     }
 
-    /// Whether this digest may run at this path (None = allowed).
-    pub fn check_file(&self, path: &str, digest: &str) -> Option<String> {
-        if self.excluded(path) || self.digests.contains(digest) {
+    /// Whether this digest may be accessed this way at this path (None =
+    /// allowed). Exclusions apply to reads only.
+    pub fn check_file(&self, path: &str, digest: &str, ev: Event) -> Option<String> {
+        if (ev == Event::Read && self.excluded(path)) || self.digests.contains(digest) {
             return None;
         }
         match self.files.get(path) {
@@ -104,9 +107,18 @@ impl Allowlist {
     pub fn check(&self, e: &Entry) -> Option<Violation> {
         let digest = e.digest_hex();
         let reason = match e.event {
-            Event::Gap => return None,
+            // Gaps and start entries are the verifier's (it knows the flags).
+            Event::Gap | Event::Start => return None,
             Event::Deny => Some("execution was denied by the node's enforce policy".into()),
-            _ => self.check_file(&e.path, &digest),
+            Event::Writers => Some(
+                "executed or mapped while open for writing: what ran may differ from the digest"
+                    .into(),
+            ),
+            Event::Quota => Some(
+                "the pod reached its measurement quota: later executions were refused unmeasured"
+                    .into(),
+            ),
+            Event::Exec | Event::Mmap | Event::Read => self.check_file(&e.path, &digest, e.event),
         }?;
         Some(Violation {
             path: e.path.clone(),
@@ -137,10 +149,10 @@ impl Allowlist {
                     stack.push(p);
                 } else if ft.is_file() {
                     let f = std::fs::File::open(&p)?;
-                    let (d, _) = super::fanotify::hash_fd(f.as_fd())?;
+                    let (d, _) = super::digest::hash_fd(f.as_fd())?;
                     let rel = p.strip_prefix(root).unwrap_or(&p);
                     a.files
-                        .entry(format!("/{}", rel.to_string_lossy()))
+                        .entry(format!("/{}", super::digest::path_text(rel.as_os_str())))
                         .or_default()
                         .insert(format!("sha256:{}", hex::encode(d)));
                 }
@@ -169,19 +181,25 @@ mod tests {
             d(1)
         ))
         .unwrap();
-        assert_eq!(a.check_file("/bin/busybox", &d(1)), None);
+        let x = Event::Exec;
+        assert_eq!(a.check_file("/bin/busybox", &d(1), x), None);
         assert!(a
-            .check_file("/bin/busybox", &d(2))
+            .check_file("/bin/busybox", &d(2), x)
             .unwrap()
             .contains("differs"));
         // Same bytes at a new path are not allowed: a dropped-in copy is a change.
-        assert!(a.check_file("/tmp/x", &d(1)).unwrap().contains("not in"));
-        assert_eq!(a.check_file("/scratch/anything", &d(9)), None);
+        assert!(a.check_file("/tmp/x", &d(1), x).unwrap().contains("not in"));
+        // Exclusions cover reads only: never a place to run code from.
+        assert_eq!(a.check_file("/scratch/anything", &d(9), Event::Read), None);
+        assert!(a.check_file("/scratch/anything", &d(9), x).is_some());
+        assert!(a
+            .check_file("/scratch/lib.so", &d(9), Event::Mmap)
+            .is_some());
         a.merge(Allowlist {
             digests: [d(3)].into(),
             ..Default::default()
         });
-        assert_eq!(a.check_file("/anywhere", &d(3)), None);
+        assert_eq!(a.check_file("/anywhere", &d(3), x), None);
     }
 
     #[test]
@@ -193,6 +211,13 @@ mod tests {
         assert_eq!(a.check(&gap), None);
         let denied = Entry::new(15, [1; 32], "/bin/sh", "p", "c", Event::Deny);
         assert!(a.check(&denied).unwrap().reason.contains("denied"));
+        let start = Entry::new(15, [2; 32], "img t", "p", "c", Event::Start);
+        assert_eq!(a.check(&start), None);
+        for ev in [Event::Writers, Event::Quota] {
+            assert!(a
+                .check(&Entry::new(15, [1; 32], "/bin/sh", "p", "c", ev))
+                .is_some());
+        }
         let new = Entry::new(15, [5; 32], "/tmp/evil", "p", "c", Event::Exec);
         let v = a.check(&new).unwrap();
         assert_eq!((v.path.as_str(), v.digest), ("/tmp/evil", d(5)));
@@ -207,7 +232,7 @@ mod tests {
         let a = Allowlist::from_tree(d.path(), "test").unwrap();
         assert_eq!(a.files.len(), 1);
         let abc = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(a.check_file("/bin/tool", abc), None);
+        assert_eq!(a.check_file("/bin/tool", abc, Event::Exec), None);
         let back = Allowlist::parse(&a.to_json()).unwrap();
         assert_eq!(back, a);
     }

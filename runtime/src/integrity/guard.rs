@@ -112,18 +112,7 @@ fn run_helper(pid: u32, pidns: &OwnedFd, user: &OwnedFd) -> Result<(), GuardErro
         unsafe { helper(user_fd, &memfd, &maxns, wr_fd) }
     }
     drop(wr);
-    let mut buf = [0u8; 8];
-    let n = nix::unistd::read(rd.as_raw_fd(), &mut buf).unwrap_or(0);
-    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None)
-        .map_err(|e| GuardError::Abnormal(e.to_string()))?;
-    match status {
-        nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
-        nix::sys::wait::WaitStatus::Exited(_, step) if n == 4 => Err(GuardError::Helper {
-            step: STEPS.get(step as usize - 1).copied().unwrap_or("?"),
-            errno: i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]),
-        }),
-        other => Err(GuardError::Abnormal(format!("{other:?}"))),
-    }
+    reap(child, &rd, &STEPS)
 }
 
 /// The forked helper: in the target pid namespace, joins the pod's user
@@ -149,6 +138,109 @@ unsafe fn helper(user: i32, memfd: &CString, maxns: &CString, report: i32) -> ! 
         libc::close(fd);
     }
     libc::_exit(0)
+}
+
+/// Makes the root mount of `pid`'s mount namespace `noexec` once `pid` has
+/// executed its program: the pause container's rootfs holds only imacri's
+/// pause binary, which a container sharing the pod's pid namespace could
+/// otherwise run unmeasured through `/proc/1/root`. Waits (up to 5 s) for
+/// the exec, as runc's start returns before it.
+pub fn seal_root_noexec(pid: u32) -> Result<(), GuardError> {
+    let comm = format!("/proc/{pid}/comm");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match std::fs::read_to_string(&comm) {
+            Ok(c) if !c.starts_with("runc") => break,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1))
+            }
+            Ok(c) => {
+                return Err(GuardError::Abnormal(format!(
+                    "pid {pid} is still {:?} after 5 s",
+                    c.trim()
+                )))
+            }
+            Err(source) => return Err(GuardError::Namespaces { pid, source }),
+        }
+    }
+    let mnt = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+        .map(OwnedFd::from)
+        .map_err(|source| GuardError::Namespaces { pid, source })?;
+    let root = CString::new("/").expect("static path");
+    let (rd, wr) = nix::unistd::pipe().map_err(GuardError::Fork)?;
+    let (mnt_fd, wr_fd) = (mnt.as_raw_fd(), wr.as_raw_fd());
+    // SAFETY: the child calls only setns/mount_setattr/write/_exit.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Err(GuardError::Fork(nix::Error::last()));
+    }
+    if child == 0 {
+        unsafe { seal_helper(mnt_fd, &root, wr_fd) }
+    }
+    drop(wr);
+    reap(child, &rd, &SEAL_STEPS)
+}
+
+const SEAL_STEPS: [&str; 2] = [
+    "join the pause container's mount namespace",
+    "set its root noexec",
+];
+
+/// Layout of `struct mount_attr` (linux/mount.h).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_NOEXEC: u64 = 0x0000_0008;
+
+unsafe fn seal_helper(mnt: i32, root: &CString, report: i32) -> ! {
+    let fail = |step: i32| -> ! {
+        let e = *libc::__errno_location();
+        let b = e.to_ne_bytes();
+        libc::write(report, b.as_ptr().cast(), 4);
+        libc::_exit(step)
+    };
+    if libc::setns(mnt, libc::CLONE_NEWNS) != 0 {
+        fail(1);
+    }
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOEXEC,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let r = libc::syscall(
+        libc::SYS_mount_setattr,
+        libc::AT_FDCWD,
+        root.as_ptr(),
+        0,
+        &attr as *const MountAttr,
+        std::mem::size_of::<MountAttr>(),
+    );
+    if r != 0 {
+        fail(2);
+    }
+    libc::_exit(0)
+}
+
+/// Waits for a helper and turns its report into a result.
+fn reap(child: i32, rd: &OwnedFd, steps: &[&'static str]) -> Result<(), GuardError> {
+    let mut buf = [0u8; 8];
+    let n = nix::unistd::read(rd.as_raw_fd(), &mut buf).unwrap_or(0);
+    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None)
+        .map_err(|e| GuardError::Abnormal(e.to_string()))?;
+    match status {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+        nix::sys::wait::WaitStatus::Exited(_, step) if n == 4 => Err(GuardError::Helper {
+            step: steps.get(step as usize - 1).copied().unwrap_or("?"),
+            errno: i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]),
+        }),
+        other => Err(GuardError::Abnormal(format!("{other:?}"))),
+    }
 }
 
 /// Whether this kernel has a per-pid-namespace `vm.memfd_noexec` (6.3+).

@@ -34,6 +34,10 @@ pub enum JournalError {
     Poisoned(&'static str),
     #[error(transparent)]
     Tpm(#[from] TpmError),
+    /// The pod has as many entries as `ima.max_entries_per_pod` allows: the
+    /// access cannot be measured and must be refused.
+    #[error("pod {pod} reached its measurement quota of {quota} entries")]
+    Quota { pod: String, quota: u64 },
 }
 
 type JResult<T> = std::result::Result<T, JournalError>;
@@ -87,12 +91,19 @@ struct Inner {
     file: std::fs::File,
     seen: HashSet<(String, String, String, [u8; 32], Event)>,
     pods: HashMap<String, PodSummary>,
+    /// Entries per pod, and whether its quota entry is written.
+    per_pod: HashMap<String, (u64, bool)>,
     count: u64,
 }
+
+/// Entries one pod may add to the node log before new accesses are refused
+/// (hard links and renames of one file would otherwise grow it unbounded).
+pub const DEFAULT_POD_QUOTA: u64 = 20_000;
 
 pub struct Journal {
     dir: PathBuf,
     pcr: u32,
+    quota: u64,
     tpm: Option<Tpm>,
     epoch: Mutex<Epoch>,
     inner: Mutex<Inner>,
@@ -226,6 +237,7 @@ impl Journal {
             file,
             seen: HashSet::new(),
             pods: HashMap::new(),
+            per_pod: HashMap::new(),
             count: 0,
         };
         for e in entries {
@@ -234,10 +246,17 @@ impl Journal {
         Ok(Journal {
             dir: dir.to_path_buf(),
             pcr,
+            quota: DEFAULT_POD_QUOTA,
             tpm,
             epoch: Mutex::new(epoch),
             inner: Mutex::new(inner),
         })
+    }
+
+    /// Sets the per-pod entry quota (`ima.max_entries_per_pod`).
+    pub fn with_quota(mut self, quota: u64) -> Journal {
+        self.quota = quota.max(1);
+        self
     }
 
     pub fn pcr(&self) -> u32 {
@@ -289,22 +308,40 @@ impl Journal {
             digest,
             ev,
         );
-        if ev != Event::Gap && inner.seen.contains(&key) {
+        if !matches!(ev, Event::Gap | Event::Start) && inner.seen.contains(&key) {
             return Ok(None);
         }
+        // Gaps and start entries are the daemon's own and always fit; the
+        // quota entry is written once, as the last the pod gets.
+        let (n, hit) = inner.per_pod.get(pod).copied().unwrap_or_default();
+        if !matches!(ev, Event::Gap | Event::Start) && n >= self.quota {
+            if !hit {
+                let q = Entry::new(self.pcr, [0; 32], "-", pod, ctr, Event::Quota);
+                self.append(&mut inner, &q, true)?;
+            }
+            return Err(JournalError::Quota {
+                pod: pod.to_string(),
+                quota: self.quota,
+            });
+        }
         let e = Entry::new(self.pcr, digest, path, pod, ctr, ev);
+        self.append(&mut inner, &e, violation)?;
+        Ok(Some(e))
+    }
+
+    fn append(&self, inner: &mut Inner, e: &Entry, violation: bool) -> JResult<()> {
         let line = format!("{e}\n");
         let log_path = Self::log_path(&self.dir);
         inner
             .file
             .write_all(line.as_bytes())
             .map_err(io("appending to", &log_path))?;
-        inner.note(&e, violation);
+        inner.note(e, violation);
         // Queued while the lock is held, so extends keep the log's order.
         if let Some(t) = &self.tpm {
             t.extend_queued(e.template_hash);
         }
-        Ok(Some(e))
+        Ok(())
     }
 
     pub fn summary(&self, pod: &str) -> PodSummary {
@@ -348,11 +385,15 @@ impl Journal {
 impl Inner {
     fn note(&mut self, e: &Entry, violation: bool) {
         self.count += 1;
+        let q = self.per_pod.entry(e.pod.clone()).or_default();
+        q.0 += 1;
+        q.1 |= e.event == Event::Quota;
         let p = self.pods.entry(e.pod.clone()).or_default();
-        if e.event != Event::Gap {
+        if !matches!(e.event, Event::Gap | Event::Start | Event::Quota) {
             p.measurements += 1;
         }
-        if violation || e.event == Event::Deny {
+        let flagged = matches!(e.event, Event::Deny | Event::Writers | Event::Quota);
+        if violation || flagged {
             p.violations += 1;
             p.last_violation = Some(format!(
                 "{} {} {} in container {}",
@@ -414,6 +455,51 @@ mod tests {
         assert_eq!(j.summary("p").measurements, 2);
         let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
         assert_eq!(log::parse_log(&text).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn quota_is_one_entry_then_refusals() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path(), 15, None).unwrap().with_quota(3);
+        j.record("p", "c", "-", [0; 32], Event::Start, false)
+            .unwrap();
+        for i in 0..2u8 {
+            j.record("p", "c", &format!("/l{i}"), [1; 32], Event::Exec, false)
+                .unwrap();
+        }
+        // A hard link more: refused, and the quota entry is logged once.
+        for _ in 0..3 {
+            let e = j.record("p", "c", "/l9", [1; 32], Event::Exec, false);
+            assert!(
+                matches!(e, Err(JournalError::Quota { quota: 3, .. })),
+                "{e:?}"
+            );
+        }
+        // Known measurements and other pods are unaffected; gaps still fit.
+        assert!(j
+            .record("p", "c", "/l0", [1; 32], Event::Exec, false)
+            .unwrap()
+            .is_none());
+        assert!(j
+            .record("q", "c", "/l0", [1; 32], Event::Exec, false)
+            .unwrap()
+            .is_some());
+        assert!(j
+            .record("p", "c", "-", [0; 32], Event::Gap, false)
+            .unwrap()
+            .is_some());
+        let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
+        let es = log::parse_log(&text).unwrap();
+        assert_eq!(es.iter().filter(|e| e.event == Event::Quota).count(), 1);
+        assert_eq!(j.summary("p").violations, 1);
+        // Reopened, the pod is still over its quota, with no second entry.
+        drop(j);
+        let j = Journal::open(d.path(), 15, None).unwrap().with_quota(3);
+        assert!(j
+            .record("p", "c", "/new", [2; 32], Event::Exec, false)
+            .is_err());
+        let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
+        assert_eq!(text.matches(" quota").count(), 1);
     }
 
     #[test]

@@ -22,15 +22,26 @@ pub const TEMPLATE: &str = "imacri-ng";
 pub enum Event {
     /// An execution (FAN_OPEN_EXEC_PERM), allowed.
     Exec,
-    /// An open of an ELF file (the policy's FILE_MMAP/MMAP_CHECK rules).
+    /// An executable mapping of a file (mmap/mprotect with PROT_EXEC),
+    /// allowed.
     Mmap,
     /// An open for reading (the policy's FILE_CHECK rules).
     Read,
-    /// An execution denied by an enforce policy.
+    /// An execution or executable mapping denied by an enforce policy.
     Deny,
     /// imacri was not measuring this container for a while (daemon restart);
     /// digest is zero and path is "-".
     Gap,
+    /// Measurement of a container began: digest is its image's, path is
+    /// `<image> <RFC 3339 time marking began>`. Every container's entries
+    /// start with one; the verifier trusts no container without it.
+    Start,
+    /// A file was executed or mapped executable while open for writing (IMA's
+    /// open-writers violation): what runs may differ from what was measured.
+    Writers,
+    /// The pod reached its entry quota (`ima.max_entries_per_pod`): nothing
+    /// new is measured, so every new execution is refused from here on.
+    Quota,
 }
 
 impl Event {
@@ -41,6 +52,9 @@ impl Event {
             Event::Read => "read",
             Event::Deny => "deny",
             Event::Gap => "gap",
+            Event::Start => "start",
+            Event::Writers => "writers",
+            Event::Quota => "quota",
         }
     }
 
@@ -51,6 +65,9 @@ impl Event {
             "read" => Event::Read,
             "deny" => Event::Deny,
             "gap" => Event::Gap,
+            "start" => Event::Start,
+            "writers" => Event::Writers,
+            "quota" => Event::Quota,
             _ => return None,
         })
     }
@@ -244,7 +261,7 @@ mod tests {
 
     #[test]
     fn line_round_trips_with_awkward_paths() {
-        for path in ["/bin/sh", "/tmp/a b\\c\nd", "/opt/ünï"] {
+        for path in ["/bin/sh", "/tmp/a b\\c\nd", "/opt/ünï", "/tmp/a\\xffb"] {
             let e = Entry::new(15, [7; 32], path, "pod1", "ctr1", Event::Exec);
             let line = e.to_string();
             assert_eq!(line.split(' ').count(), 8, "{line}");

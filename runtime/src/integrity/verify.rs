@@ -195,6 +195,25 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
         .iter()
         .filter_map(|e| x.policy.check(e))
         .collect();
+    // Every container's measurements begin with its start entry (image and
+    // the moment marking began): without it nothing shows the container was
+    // measured from its first instruction.
+    let mut started = std::collections::HashSet::new();
+    for e in &pod_entries {
+        if e.event == Event::Start {
+            started.insert(e.container.as_str());
+        } else if started.insert(e.container.as_str()) {
+            violations.push(Violation {
+                path: e.path.clone(),
+                digest: e.digest_hex(),
+                container: e.container.clone(),
+                event: e.event,
+                reason: "the container's entries do not begin with a start entry: nothing shows \
+                         it was measured from its first instruction"
+                    .into(),
+            });
+        }
+    }
     // A pod is trusted only if it was measured all along.
     if !x.allow_gaps {
         violations.extend(
@@ -227,7 +246,10 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
         pcr: ev.pcr,
         reset_count: ev.epoch.reset_count,
         log_entries: ev.log.len(),
-        pod_entries: pod_entries.iter().filter(|e| e.event != Event::Gap).count(),
+        pod_entries: pod_entries
+            .iter()
+            .filter(|e| !matches!(e.event, Event::Gap | Event::Start))
+            .count(),
         gaps: pod_entries.iter().filter(|e| e.event == Event::Gap).count(),
         violations,
         errors,
@@ -351,9 +373,44 @@ mod tests {
         }
     }
 
+    fn start(ctr: &str) -> Entry {
+        Entry::new(
+            15,
+            [7; 32],
+            "img 2026-12-02T00:00:00Z",
+            "p",
+            ctr,
+            Event::Start,
+        )
+    }
+
+    #[test]
+    fn a_container_without_a_start_entry_is_untrusted() {
+        let p = policy();
+        let ok = [
+            start("c"),
+            Entry::new(15, [1; 32], "/bin/sh", "p", "c", Event::Exec),
+        ];
+        let r = verify(&unanchored(&ok, "p"), &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Trusted, "{r:?}");
+        assert_eq!(r.pod_entries, 1);
+        // A second container whose entries come without (or before) its start.
+        let bad = [
+            start("c"),
+            Entry::new(15, [1; 32], "/bin/sh", "p", "d", Event::Exec),
+            start("d"),
+        ];
+        let r = verify(&unanchored(&bad, "p"), &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+        assert_eq!(r.violations.len(), 1);
+        assert_eq!(r.violations[0].container, "d");
+        assert!(r.violations[0].reason.contains("start entry"));
+    }
+
     #[test]
     fn unanchored_log_is_appraised() {
         let es = [
+            start("c"),
             Entry::new(15, [1; 32], "/bin/sh", "p", "c", Event::Exec),
             Entry::new(15, [2; 32], "/bin/other", "q", "c", Event::Exec),
             Entry::new(15, [0; 32], "-", "p", "c", Event::Gap),
@@ -374,7 +431,10 @@ mod tests {
         let mut none = unanchored(&es, "p");
         none.backend = "none (measurement unavailable)".into();
         assert_eq!(verify(&none, &x(&p, &[1, 2, 3])).verdict, Verdict::Invalid);
-        let es2 = [Entry::new(15, [9; 32], "/tmp/evil", "p", "c", Event::Exec)];
+        let es2 = [
+            start("c"),
+            Entry::new(15, [9; 32], "/tmp/evil", "p", "c", Event::Exec),
+        ];
         let r = verify(&unanchored(&es2, "p"), &x(&p, &[1, 2, 3]));
         assert_eq!(r.verdict, Verdict::Violations);
         assert_eq!(r.violations[0].path, "/tmp/evil");
@@ -382,10 +442,13 @@ mod tests {
 
     #[test]
     fn tampering_and_wrong_nonce_are_invalid() {
-        let es = [Entry::new(15, [1; 32], "/bin/sh", "p", "c", Event::Exec)];
+        let es = [
+            start("c"),
+            Entry::new(15, [1; 32], "/bin/sh", "p", "c", Event::Exec),
+        ];
         let p = policy();
         let mut ev = unanchored(&es, "p");
-        ev.log[0] = ev.log[0].replace(&hex::encode([1u8; 32]), &hex::encode([3u8; 32]));
+        ev.log[1] = ev.log[1].replace(&hex::encode([1u8; 32]), &hex::encode([3u8; 32]));
         let r = verify(&ev, &x(&p, &[1, 2, 3]));
         assert_eq!(r.verdict, Verdict::Invalid);
         assert!(r.errors.iter().any(|e| e.contains("modified")), "{r:?}");

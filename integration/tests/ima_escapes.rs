@@ -1,0 +1,527 @@
+//! What an attacker inside an ima pod would try to run code its owner
+//! cannot see: executable mappings of memory-backed files (memfd, SysV shm),
+//! of non-ELF files and through the loader (`ld.so FILE`), `personality`
+//! tricks, other processes' roots (pause's included), /dev/shm, scripts,
+//! files written while or after they ran, and floods of new paths. Each
+//! works in a plain pod (the control); in an ima pod each is measured
+//! (measure mode: its digest is in the log) or refused (enforce mode with
+//! the image's golden policy: EPERM and a `deny` entry), with kubelet's
+//! default (no seccomp profile) and with RuntimeDefault.
+
+use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
+use imacri_integration::images::{build_and_push, busybox, compile_c};
+use imacri_integration::{attest, container_config, cri, pod_config, Env, Imacri};
+use sha2::{Digest, Sha256};
+use std::process::Command;
+
+/// `escape MODE [PATH]`: tries one way to run code and prints `RAN MODE`
+/// (exit 0) or `MODE: <error>` (exit 1). The code is x86-64
+/// `mov eax, 42; ret`.
+const ESCAPE_C: &str = r#"
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ipc.h>
+#include <sys/mman.h>
+#include <sys/personality.h>
+#include <sys/shm.h>
+#include <unistd.h>
+static unsigned char code[] = {0xb8, 0x2a, 0, 0, 0, 0xc3};
+static int ran(const char *m, void *p) {
+    if (((int (*)(void))p)() != 42) { printf("%s: wrong result\n", m); return 1; }
+    printf("RAN %s\n", m); return 0;
+}
+static int fail(const char *m) { printf("%s: %s\n", m, strerror(errno)); return 1; }
+static int memfd(void) {
+    int fd = memfd_create("payload", 0);
+    if (fd < 0) return -1;
+    write(fd, code, sizeof code); ftruncate(fd, 4096);
+    return fd;
+}
+int main(int argc, char **argv) {
+    const char *m = argc > 1 ? argv[1] : "";
+    const char *path = argc > 2 ? argv[2] : "/tmp/code.bin";
+    if (!strcmp(m, "memfd-mmap")) {
+        int fd = memfd(); if (fd < 0) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_SHARED, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "memfd-mprotect")) {
+        int fd = memfd(); if (fd < 0) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED || mprotect(p, 4096, PROT_READ|PROT_EXEC)) return fail(m);
+        return ran(m, p);
+    }
+    if (!strcmp(m, "shm-mprotect") || !strcmp(m, "shmat-exec")) {
+        int id = shmget(IPC_PRIVATE, 4096, 0700|IPC_CREAT);
+        if (id < 0) return fail(m);
+        char *s = shmat(id, 0, 0);
+        if (s == (void *)-1) return fail(m);
+        memcpy(s, code, sizeof code);
+        int r;
+        if (!strcmp(m, "shm-mprotect")) {
+            r = mprotect(s, 4096, PROT_READ|PROT_EXEC) ? fail(m) : ran(m, s);
+        } else {
+            void *x = shmat(id, 0, SHM_EXEC|SHM_RDONLY);
+            r = x == (void *)-1 ? fail(m) : ran(m, x);
+        }
+        shmctl(id, IPC_RMID, 0);
+        return r;
+    }
+    if (!strcmp(m, "file-mmap") || !strcmp(m, "writers-mmap")) {
+        int w = open(path, O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        if (!strcmp(m, "file-mmap")) close(w);
+        int fd = open(path, O_RDONLY);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "personality")) {
+        if (personality(READ_IMPLIES_EXEC) < 0) return fail(m);
+        if (!(personality(0xffffffff) & READ_IMPLIES_EXEC)) { printf("%s: not set\n", m); return 1; }
+        int fd = memfd(); if (fd < 0) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "after-deny")) {
+        /* An execution that was refused leaves nothing behind that lets the
+           same file be mapped executable. */
+        char *av[] = {(char *)path, "true", NULL}, *ev[] = {NULL};
+        execve(path, av, ev);
+        printf("execve: %s\n", strerror(errno));
+        int fd = open(path, O_RDONLY);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        printf("RAN %s (mapped)\n", m);
+        return 0;
+    }
+    printf("unknown mode %s\n", m);
+    return 2;
+}
+"#;
+
+/// A dynamically linked program (run through ld.so and libc).
+const HELLO_C: &str = r#"
+#include <stdio.h>
+int main(int argc, char **argv) { printf("hello %s\n", argc > 1 ? argv[1] : "dynamic"); return 0; }
+"#;
+
+const LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
+const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+
+/// busybox, the attacker program and a dynamic `hello` with its loader and
+/// libc from the host.
+fn attacker_image(env: &Env) -> String {
+    let mut def = busybox();
+    let escape = compile_c(&env.base, "escape", ESCAPE_C, &[]).unwrap();
+    def.files.push(("bin/escape".into(), escape, 0o755));
+    let src = env.base.join("hello.c");
+    std::fs::write(&src, HELLO_C).unwrap();
+    let hello = env.base.join("hello-dyn");
+    let out = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&hello)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    def.files
+        .push(("bin/hello".into(), std::fs::read(&hello).unwrap(), 0o755));
+    for lib in [LOADER, LIBC] {
+        let bytes = std::fs::read(lib).unwrap_or_else(|e| panic!("{lib}: {e}"));
+        def.files
+            .push((lib.trim_start_matches('/').into(), bytes, 0o755));
+    }
+    let name = format!("{}/test/escapes:1", env.registry);
+    build_and_push(&env.base, &def, &name, None).unwrap();
+    name
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// The memfd/shm payload as mapped: the code, then zeros to a page.
+fn page_digest() -> String {
+    let mut page = vec![0u8; 4096];
+    page[..6].copy_from_slice(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
+    sha256_hex(&page)
+}
+
+fn log_lines(d: &Imacri, pod: &str) -> Vec<String> {
+    let (code, out, err) = attest(d, &["log", pod]);
+    assert_eq!(code, 0, "{err}");
+    out.lines().map(str::to_string).collect()
+}
+
+/// An entry of the pod's log whose path contains `path`, with `digest` (if
+/// given) and event `ev`.
+fn logged(lines: &[String], path: &str, digest: Option<&str>, ev: &str) -> bool {
+    lines.iter().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.len() == 8
+            && f[4].contains(path)
+            && digest.is_none_or(|d| f[3] == format!("sha256:{d}"))
+            && f[7] == ev
+    })
+}
+
+fn ima(name: &str, policy: &str) -> cri::PodSandboxConfig {
+    let mut cfg = pod_config(name);
+    cfg.annotations
+        .insert("imacri.dev/ima".into(), "true".into());
+    cfg.annotations
+        .insert("imacri.dev/ima-policy".into(), policy.into());
+    cfg
+}
+
+fn runtime_default(mut c: cri::ContainerConfig) -> cri::ContainerConfig {
+    c.linux
+        .get_or_insert_with(Default::default)
+        .security_context = Some(cri::LinuxContainerSecurityContext {
+        seccomp: Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    c
+}
+
+/// A daemon whose `measure` policy only measures and whose `strict` policy
+/// enforces the attacker image's golden policy.
+async fn node(env: &Env, extra_ima: &str) -> (Imacri, String, tempfile::TempDir) {
+    let image = attacker_image(env);
+    let work = tempfile::tempdir_in(&env.base).unwrap();
+    let golden = work.path().join("golden.json");
+    let config = work.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ima]\n{extra_ima}\n[ima.policies.default]\n[ima.policies.measure]\n[ima.policies.strict]\nmode = \"enforce\"\nallowlist = [\"{}\"]\n",
+            golden.display()
+        ),
+    )
+    .unwrap();
+    let d = Imacri::start_with(env, &["--config", config.to_str().unwrap()])
+        .await
+        .unwrap();
+    d.pull(&image).await;
+    let (code, _, err) = attest(&d, &["golden", &image, "--out", golden.to_str().unwrap()]);
+    assert_eq!(code, 0, "attest golden: {err}");
+    (d, image, work)
+}
+
+async fn stop_pod(rt: &mut imacri_integration::client::Rt, pod: &str) {
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await
+    .unwrap();
+}
+
+const MAPPINGS: [&str; 6] = [
+    "memfd-mmap",
+    "memfd-mprotect",
+    "shm-mprotect",
+    "shmat-exec",
+    "file-mmap",
+    "personality",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn executable_mappings_are_measured_or_refused() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let sleeper = |n: &str| container_config(n, &image, &["sleep", "1000"]);
+    let page = page_digest();
+    let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
+
+    // The control: every one of them runs in a plain pod.
+    let plain = pod_config("escape-plain");
+    let pod = run_pod(&mut rt, &plain).await.unwrap();
+    let c = start_container(&mut rt, &pod, &plain, sleeper("c")).await;
+    for m in MAPPINGS {
+        let (code, out, err) = exec_sh(&mut rt, &c, &format!("escape {m}")).await;
+        assert_eq!(code, 0, "control {m}: {out}{err}");
+        assert!(out.contains(&format!("RAN {m}")), "control {m}: {out}");
+    }
+    stop_pod(&mut rt, &pod).await;
+
+    // Measure mode, without a seccomp profile and with RuntimeDefault: what
+    // ran is in the log with the digest of what was mapped; what cannot be
+    // measured (SHM_EXEC, READ_IMPLIES_EXEC) is refused.
+    let cfg = ima("escape-measure", "measure");
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
+    let b = start_container(&mut rt, &pod, &cfg, runtime_default(sleeper("b"))).await;
+    for c in [&a, &b] {
+        for m in ["memfd-mmap", "memfd-mprotect", "shm-mprotect", "file-mmap"] {
+            let (_, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
+            assert!(
+                out.contains(&format!("RAN {m}")),
+                "{m}: {out}{err}\n{}",
+                d.log()
+            );
+        }
+        for m in ["shmat-exec", "personality"] {
+            let (code, out, _) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
+            assert_ne!(code, 0, "{m}: {out}");
+            assert!(out.contains("Operation not permitted"), "{m}: {out}");
+        }
+        // A dynamic program: the loader is an execution, libc a mapping.
+        assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
+    }
+    let lines = log_lines(&d, &pod);
+    for c in [&a, &b] {
+        let mine: Vec<String> = lines
+            .iter()
+            .filter(|l| l.contains(c.as_str()))
+            .cloned()
+            .collect();
+        assert!(
+            logged(&mine, "memfd:payload", Some(&page), "mmap"),
+            "{mine:#?}"
+        );
+        // A memfd is always open for writing: what runs may change.
+        assert!(
+            logged(&mine, "memfd:payload", Some(&page), "writers"),
+            "{mine:#?}"
+        );
+        assert!(logged(&mine, "/SYSV", Some(&page), "mmap"), "{mine:#?}");
+        assert!(
+            logged(&mine, "/tmp/code.bin", Some(&code_file), "mmap"),
+            "{mine:#?}"
+        );
+        assert!(logged(&mine, LOADER, None, "exec"), "{mine:#?}");
+        assert!(logged(&mine, LIBC, None, "mmap"), "{mine:#?}");
+        assert!(logged(&mine, "/bin/hello", None, "exec"), "{mine:#?}");
+        assert!(logged(&mine, "", None, "start"), "{mine:#?}");
+    }
+    stop_pod(&mut rt, &pod).await;
+
+    // Enforce mode with the image's golden policy: the image's own programs,
+    // loader and libc run; every other mapping is refused and logged.
+    let cfg = ima("escape-enforce", "strict");
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
+    let b = start_container(&mut rt, &pod, &cfg, runtime_default(sleeper("b"))).await;
+    for c in [&a, &b] {
+        assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
+        for m in MAPPINGS {
+            let (code, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
+            assert_ne!(code, 0, "{m} ran under enforce: {out}{err}");
+            assert!(!out.contains("RAN"), "{m}: {out}");
+            assert!(out.contains("Operation not permitted"), "{m}: {out}");
+        }
+        // The loader mapping a changed program: refused, whatever its name.
+        let (_, out, err) = exec_sh(
+            &mut rt,
+            c,
+            &format!("cp /bin/hello /tmp/evil && printf X | dd of=/tmp/evil bs=1 seek=400 conv=notrunc 2>/dev/null; {LOADER} /tmp/evil; echo rc=$?"),
+        )
+        .await;
+        assert!(
+            !out.contains("hello dynamic"),
+            "ld.so ran a changed program: {out}{err}"
+        );
+        // An execution refused leaves no way to map the file instead.
+        let (_, out, _) = exec_sh(&mut rt, c, "escape after-deny /tmp/evil").await;
+        assert!(out.contains("execve: Operation not permitted"), "{out}");
+        assert!(out.contains("after-deny: Operation not permitted"), "{out}");
+        // Reading is not running: a binary outside the policy can be read.
+        let sum = sh_ok(&mut rt, c, "sha256sum /tmp/evil | head -c 64").await;
+        assert_eq!(sum.len(), 64);
+    }
+    let lines = log_lines(&d, &pod);
+    // Memory-backed files can change under the mapping: refused as
+    // `writers` before any policy check. The rest: not in the policy.
+    for path in ["memfd:payload", "/SYSV"] {
+        assert!(logged(&lines, path, None, "writers"), "{path}: {lines:#?}");
+    }
+    for path in ["/tmp/code.bin", "/tmp/evil"] {
+        assert!(logged(&lines, path, None, "deny"), "{path}: {lines:#?}");
+    }
+    stop_pod(&mut rt, &pod).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn other_roots_shm_scripts_and_rewritten_files() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    // Containers share the pod's pid namespace: each sees pause as pid 1
+    // and the other's processes.
+    let shared = |n: &str, arg: &str| {
+        let mut c = container_config(n, &image, &["sleep", arg]);
+        c.linux
+            .get_or_insert_with(Default::default)
+            .security_context = Some(cri::LinuxContainerSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Pod as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        c
+    };
+    let find_b = "for p in /proc/[0-9]*; do grep -q 2002 $p/cmdline 2>/dev/null && echo ${p#/proc/} && break; done";
+
+    for (policy, enforce) in [("measure", false), ("strict", true)] {
+        let mut cfg = ima(&format!("roots-{policy}"), policy);
+        cfg.linux
+            .get_or_insert_with(Default::default)
+            .security_context
+            .get_or_insert_with(Default::default)
+            .namespace_options = Some(cri::NamespaceOption {
+            pid: cri::NamespaceMode::Pod as i32,
+            ..Default::default()
+        });
+        let pod = run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        let a = start_container(&mut rt, &pod, &cfg, shared("a", "1001")).await;
+        let b = start_container(&mut rt, &pod, &cfg, shared("b", "2002")).await;
+
+        // Pause's rootfs through /proc/1/root: nothing runs from it.
+        let (_, out, err) = exec_sh(&mut rt, &a, "/proc/1/root/pause; echo rc=$?").await;
+        assert!(out.contains("rc=126"), "{out}{err}");
+        assert!(err.contains("Permission denied"), "{err}");
+
+        // Another container's root: measured by that container's mark.
+        sh_ok(&mut rt, &b, "mkdir -p /tmp/other && cp /bin/busybox /tmp/other/echo && printf X | dd of=/tmp/other/echo bs=1 seek=300 conv=notrunc 2>/dev/null; echo ok").await;
+        let pid_b = sh_ok(&mut rt, &a, find_b).await;
+        assert!(!pid_b.is_empty());
+        let (_, out, err) = exec_sh(
+            &mut rt,
+            &a,
+            &format!("/proc/{pid_b}/root/tmp/other/echo via-root; echo rc=$?"),
+        )
+        .await;
+        if enforce {
+            assert!(!out.contains("via-root"), "{out}{err}");
+            assert!(err.contains("not permitted"), "{err}");
+        } else {
+            assert!(out.contains("via-root"), "{out}{err}");
+        }
+
+        // /dev/shm (POSIX shm) is noexec: neither executed nor mapped.
+        let (_, out, err) = exec_sh(
+            &mut rt,
+            &a,
+            "cp /bin/busybox /dev/shm/x && /dev/shm/x echo shm-ran; echo rc=$?; escape file-mmap /dev/shm/code.bin",
+        )
+        .await;
+        assert!(
+            !out.contains("shm-ran") && !out.contains("RAN"),
+            "{out}{err}"
+        );
+        assert!(err.contains("Permission denied"), "{err}");
+
+        // A script run by its shebang is an execution of the script.
+        let (_, out, err) = exec_sh(
+            &mut rt,
+            &a,
+            "printf '#!/bin/sh\\necho script-ran\\n' > /tmp/s.sh && chmod +x /tmp/s.sh && /tmp/s.sh; echo rc=$?",
+        )
+        .await;
+        assert_eq!(out.contains("script-ran"), !enforce, "{out}{err}");
+
+        // Mapped while open for writing: a `writers` violation, refused
+        // under enforce.
+        let (_, out, _) = exec_sh(&mut rt, &a, "escape writers-mmap /tmp/w.bin").await;
+        assert_eq!(out.contains("RAN"), !enforce, "{out}");
+
+        let lines = log_lines(&d, &pod);
+        let other = if enforce { "deny" } else { "exec" };
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("/tmp/other/echo") && l.contains(&b) && l.ends_with(other)),
+            "{lines:#?}"
+        );
+        assert!(logged(&lines, "/tmp/s.sh", None, other), "{lines:#?}");
+        assert!(logged(&lines, "/tmp/w.bin", None, "writers"), "{lines:#?}");
+        assert!(!lines.iter().any(|l| l.contains("/pause ")), "{lines:#?}");
+
+        if !enforce {
+            // A binary rewritten in place after it ran is measured again.
+            let (_, out, err) = exec_sh(
+                &mut rt,
+                &a,
+                "mkdir /tmp/rw && cp /bin/busybox /tmp/rw/true && /tmp/rw/true && printf Y | dd of=/tmp/rw/true bs=1 seek=200 conv=notrunc 2>/dev/null && /tmp/rw/true; echo rc=$?",
+            )
+            .await;
+            assert!(out.contains("rc=0"), "{out}{err}");
+            let lines = log_lines(&d, &pod);
+            let rw: Vec<&String> = lines
+                .iter()
+                .filter(|l| l.contains(" /tmp/rw/true ") && l.ends_with(" exec"))
+                .collect();
+            let digests: std::collections::HashSet<&str> =
+                rw.iter().filter_map(|l| l.split(' ').nth(3)).collect();
+            assert_eq!(digests.len(), 2, "{rw:#?}");
+        }
+        stop_pod(&mut rt, &pod).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_new_paths_hits_the_quota() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "max_entries_per_pod = 20").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("quota", "measure");
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let c = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("c", &image, &["sleep", "1000"]),
+    )
+    .await;
+    // Copies of one file: a new path (and entry) each.
+    let (_, out, err) = exec_sh(
+        &mut rt,
+        &c,
+        "i=0; while [ $i -lt 40 ]; do mkdir /tmp/d$i && cp /bin/busybox /tmp/d$i/true && /tmp/d$i/true || echo refused-$i; i=$((i+1)); done",
+    )
+    .await;
+    assert!(
+        out.contains("refused-"),
+        "no refusal after the quota: {out}{err}"
+    );
+    assert!(!out.contains("refused-0\n"), "{out}");
+    let lines = log_lines(&d, &pod);
+    assert_eq!(
+        lines.iter().filter(|l| l.ends_with(" quota")).count(),
+        1,
+        "{lines:#?}"
+    );
+    assert!(lines.len() <= 21, "{} entries: {lines:#?}", lines.len());
+    // Known measurements still run; the pod is reported as violating.
+    assert_eq!(sh_ok(&mut rt, &c, "echo still").await, "still");
+    let info = imacri_integration::client::pod_info(&mut rt, &pod).await;
+    assert!(
+        info["ima"]["lastViolation"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("quota"),
+        "{info}"
+    );
+    stop_pod(&mut rt, &pod).await;
+}

@@ -1,0 +1,141 @@
+//! The leaf every integrity module shares: file digests, file identities and
+//! the text form of paths. No imports from the rest of `integrity`.
+
+use sha2::{Digest, Sha256};
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// sha256 of a file read through `fd` from offset 0 (pread: the fd's own
+/// offset is its opener's, untouched). Returns the digest and the length.
+pub fn hash_fd(fd: BorrowedFd<'_>) -> std::io::Result<([u8; 32], u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off: i64 = 0;
+    loop {
+        match nix::sys::uio::pread(fd, &mut buf, off) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                off += n as i64;
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok((h.finalize().into(), off as u64))
+}
+
+/// `sha256:<hex>`, the form policies and evidence use.
+pub fn digest_text(d: &[u8; 32]) -> String {
+    format!("sha256:{}", hex::encode(d))
+}
+
+/// What makes a cached digest valid: the same inode with the same size and
+/// modification and change times. A write changes mtime/ctime (fine-grained
+/// once queried, Linux 6.13+), so a changed file never matches its old key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: i64,
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
+}
+
+impl FileKey {
+    pub fn of(st: &nix::sys::stat::FileStat) -> FileKey {
+        FileKey {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size,
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            ctime: (st.st_ctime, st.st_ctime_nsec),
+        }
+    }
+
+    /// The inode alone, for invalidation on close-after-write.
+    pub fn inode(&self) -> (u64, u64) {
+        (self.dev, self.ino)
+    }
+}
+
+/// A path as text without losing bytes: valid UTF-8 stays as it is, every
+/// other byte and the backslash itself become `\xNN`. Two different paths
+/// never share a text (a file named `a\xff` and one with the byte 0xff).
+pub fn path_text(p: &OsStr) -> String {
+    let bytes = p.as_bytes();
+    let mut out = String::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                push_escaped_backslashes(&mut out, s);
+                break;
+            }
+            Err(e) => {
+                let (good, bad) = rest.split_at(e.valid_up_to());
+                // valid_up_to() guarantees this prefix is UTF-8.
+                push_escaped_backslashes(&mut out, std::str::from_utf8(good).unwrap_or_default());
+                let n = e.error_len().unwrap_or(bad.len());
+                for b in &bad[..n] {
+                    out.push_str(&format!("\\x{b:02x}"));
+                }
+                rest = &bad[n..];
+            }
+        }
+    }
+    out
+}
+
+fn push_escaped_backslashes(out: &mut String, s: &str) {
+    for c in s.chars() {
+        if c == '\\' {
+            out.push_str("\\x5c");
+        } else {
+            out.push(c);
+        }
+    }
+}
+
+/// The path of an open file as its opener sees it: the kernel resolves the
+/// fd relative to the opener's mount namespace, so a container's file reads
+/// `/bin/sh`, not the host's rootfs path.
+pub fn fd_path(fd: BorrowedFd<'_>) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map(|p| path_text(p.as_os_str()))
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn hashes_from_offset_zero() {
+        use std::io::{Seek, Write};
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(b"abc").unwrap();
+        f.seek(std::io::SeekFrom::Start(2)).unwrap();
+        let (d, n) = hash_fd(f.as_fd()).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(
+            digest_text(&d),
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn non_utf8_paths_are_escaped_never_collapsed() {
+        let raw = |b: &[u8]| path_text(OsStr::from_bytes(b));
+        assert_eq!(raw(b"/bin/sh"), "/bin/sh");
+        assert_eq!(raw("/opt/ünï".as_bytes()), "/opt/ünï");
+        assert_eq!(raw(b"/tmp/a\xffb"), "/tmp/a\\xffb");
+        assert_eq!(raw(b"/tmp/a\xfeb"), "/tmp/a\\xfeb");
+        // Different bytes, different texts; a literal "\xff" differs too.
+        assert_ne!(raw(b"/tmp/a\xffb"), raw(b"/tmp/a\\xffb"));
+        assert_eq!(raw(b"/tmp/a\\xffb"), "/tmp/a\\x5cxffb");
+    }
+}

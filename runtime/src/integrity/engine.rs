@@ -1,0 +1,583 @@
+//! The measurement engine both event sources feed: fanotify (executions,
+//! reads) and the seccomp map guard (executable mappings). It owns the
+//! digest cache, the hashing threads and the decision: appraise, record,
+//! answer.
+//!
+//! - A cache hit (same inode, size, mtime and ctime as a file already
+//!   hashed) is decided on the caller's thread in microseconds. A miss is
+//!   queued for a small pool of hashing threads, so one big file never holds
+//!   up other events.
+//! - The queue is fair and bounded per pod: workers take pods in turn, and a
+//!   pod with `PER_POD_QUEUE` accesses waiting blocks only its own event
+//!   sources (each container has its own), never another pod's first
+//!   executions, and never holds more than that many of imacri's fds.
+//! - Every execution or executable mapping checks for open writers (IMA's
+//!   open-writers violation) just before it is answered: a file that can
+//!   change under the digest is a `writers` entry, and refused in enforce
+//!   mode.
+//! - An access the log cannot take (quota, I/O error) is refused: what is
+//!   not recorded was not measured.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::allowlist::Allowlist;
+use super::digest::{digest_text, fd_path, hash_fd, FileKey};
+use super::journal::{Journal, JournalError};
+use super::log::Event;
+use crate::ima::policy::Mode;
+
+/// Accesses of one pod waiting for hashing before its sources block.
+pub const PER_POD_QUEUE: usize = 32;
+
+/// How often a file that changes while it is hashed is hashed again before
+/// the access is refused.
+const HASH_TRIES: usize = 3;
+
+const CACHE_LIMIT: usize = 200_000;
+
+/// One measured container: whose entries, and how they are appraised.
+#[derive(Debug)]
+pub struct Measured {
+    pub pod: String,
+    pub container: String,
+    pub mode: Mode,
+    pub allowlist: Option<Arc<Allowlist>>,
+}
+
+/// An access waiting for its answer: the file (an fd the kernel or the
+/// process gave us) and how to answer.
+pub trait Pending: Send {
+    fn fd(&self) -> BorrowedFd<'_>;
+    fn answer(self: Box<Self>, allow: bool);
+}
+
+/// A measurement the policy does not allow, for logs and CRI events.
+#[derive(Debug, Clone)]
+pub struct Notice {
+    pub pod: String,
+    pub container: String,
+    pub path: String,
+    pub digest: String,
+    pub denied: bool,
+    pub reason: String,
+    /// The container's measurement stopped (its reader failed): it must be
+    /// killed.
+    pub stopped: bool,
+}
+
+/// Counters for status and benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub events: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub hashed_files: AtomicU64,
+    pub hashed_bytes: AtomicU64,
+    /// Time from reading a cache-hit event to answering it.
+    pub hit_ns_total: AtomicU64,
+    pub denied: AtomicU64,
+    pub mappings: AtomicU64,
+}
+
+struct Job {
+    target: Arc<Measured>,
+    pending: Box<dyn Pending>,
+    key: FileKey,
+    kind: Event,
+}
+
+/// Pods in turn, a bounded queue each.
+#[derive(Default)]
+struct FairQueue {
+    inner: Mutex<QueueInner>,
+    work: Condvar,
+    space: Condvar,
+}
+
+#[derive(Default)]
+struct QueueInner {
+    turn: VecDeque<String>,
+    per_pod: HashMap<String, VecDeque<Job>>,
+}
+
+impl FairQueue {
+    /// Blocks while the pod has `PER_POD_QUEUE` jobs waiting.
+    fn push(&self, job: Job) {
+        let pod = job.target.pod.clone();
+        let Ok(mut q) = self.inner.lock() else { return };
+        while q
+            .per_pod
+            .get(&pod)
+            .is_some_and(|j| j.len() >= PER_POD_QUEUE)
+        {
+            q = match self.space.wait(q) {
+                Ok(q) => q,
+                Err(_) => return,
+            };
+        }
+        let jobs = q.per_pod.entry(pod.clone()).or_default();
+        jobs.push_back(job);
+        if jobs.len() == 1 {
+            q.turn.push_back(pod);
+        }
+        self.work.notify_one();
+    }
+
+    fn pop(&self) -> Option<Job> {
+        let mut q = self.inner.lock().ok()?;
+        loop {
+            if let Some(pod) = q.turn.pop_front() {
+                let jobs = q.per_pod.get_mut(&pod)?;
+                let job = jobs.pop_front();
+                if jobs.is_empty() {
+                    q.per_pod.remove(&pod);
+                } else {
+                    q.turn.push_back(pod);
+                }
+                self.space.notify_all();
+                return job;
+            }
+            q = self.work.wait(q).ok()?;
+        }
+    }
+}
+
+/// By inode: the identity a file was hashed at and its digest.
+type DigestCache = HashMap<(u64, u64), (FileKey, [u8; 32])>;
+
+pub struct Engine {
+    journal: Arc<Journal>,
+    cache: Mutex<DigestCache>,
+    queue: Arc<FairQueue>,
+    notices: tokio::sync::mpsc::UnboundedSender<Notice>,
+    /// Containers measured now, by ID (the map guard finds them by the ID
+    /// runc reports).
+    targets: Mutex<HashMap<String, Arc<Measured>>>,
+    pub stats: Stats,
+    /// Fault injection for the fail-closed tests: every reader fails after
+    /// this many events (`IMACRI_TEST_FANOTIFY_FAIL_AFTER`).
+    pub(super) fail_after: Option<u64>,
+}
+
+impl Engine {
+    pub fn new(
+        journal: Arc<Journal>,
+        notices: tokio::sync::mpsc::UnboundedSender<Notice>,
+        workers: usize,
+    ) -> Arc<Engine> {
+        let queue = Arc::new(FairQueue::default());
+        let engine = Arc::new(Engine {
+            journal,
+            cache: Mutex::new(HashMap::new()),
+            queue: queue.clone(),
+            notices,
+            targets: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+            fail_after: std::env::var("IMACRI_TEST_FANOTIFY_FAIL_AFTER")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        });
+        for i in 0..workers.max(1) {
+            let queue = queue.clone();
+            let weak = Arc::downgrade(&engine);
+            let _ = std::thread::Builder::new()
+                .name(format!("imacri-hash-{i}"))
+                .spawn(move || {
+                    while let Some(job) = queue.pop() {
+                        let Some(engine) = weak.upgrade() else { return };
+                        engine.hash_and_decide(job);
+                    }
+                });
+        }
+        engine
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    /// Makes a container findable by ID while it is measured.
+    pub fn register(&self, m: Arc<Measured>) {
+        if let Ok(mut t) = self.targets.lock() {
+            t.insert(m.container.clone(), m);
+        }
+    }
+
+    pub fn unregister(&self, container: &str) {
+        if let Ok(mut t) = self.targets.lock() {
+            t.remove(container);
+        }
+    }
+
+    pub fn target(&self, container: &str) -> Option<Arc<Measured>> {
+        self.targets.lock().ok()?.get(container).cloned()
+    }
+
+    /// Forgets the digest of an inode that was written (close after write).
+    pub fn invalidate(&self, inode: (u64, u64)) {
+        if let Ok(mut c) = self.cache.lock() {
+            c.remove(&inode);
+        }
+    }
+
+    fn cached(&self, key: &FileKey) -> Option<[u8; 32]> {
+        let c = self.cache.lock().ok()?;
+        c.get(&key.inode())
+            .filter(|(k, _)| k == key)
+            .map(|(_, d)| *d)
+    }
+
+    fn remember(&self, key: FileKey, digest: [u8; 32]) {
+        if let Ok(mut c) = self.cache.lock() {
+            if c.len() >= CACHE_LIMIT {
+                c.clear();
+            }
+            c.insert(key.inode(), (key, digest));
+        }
+    }
+
+    /// Measures one access of a regular file: decided now on a cache hit,
+    /// else queued for hashing (blocking while the pod's queue is full).
+    pub fn submit(
+        &self,
+        target: Arc<Measured>,
+        pending: Box<dyn Pending>,
+        key: FileKey,
+        kind: Event,
+    ) {
+        let t0 = std::time::Instant::now();
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        match self.cached(&key) {
+            Some(d) => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.decide(&target, pending, kind, d);
+                self.stats
+                    .hit_ns_total
+                    .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            }
+            None => self.queue.push(Job {
+                target,
+                pending,
+                key,
+                kind,
+            }),
+        }
+    }
+
+    fn hash_and_decide(&self, job: Job) {
+        let t = &job.target;
+        let fd = job.pending.fd();
+        let mut key = job.key;
+        for _ in 0..HASH_TRIES {
+            let (digest, n) = match hash_fd(fd) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Not a silent allow: the unmeasured access is a gap in
+                    // the log (the verifier distrusts it), and enforce denies.
+                    let allow = t.mode == Mode::Measure;
+                    tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, allow, "cannot hash a measured file");
+                    self.gap(t, &fd_path(fd));
+                    return job.pending.answer(allow);
+                }
+            };
+            self.stats.hashed_files.fetch_add(1, Ordering::Relaxed);
+            self.stats.hashed_bytes.fetch_add(n, Ordering::Relaxed);
+            // A writer that changed the file while it was hashed would have
+            // it run under the old digest: the identity must not have moved.
+            let now = nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| FileKey::of(&st));
+            match now {
+                Ok(k) if k == key => {
+                    self.remember(key, digest);
+                    return self.decide(t, job.pending, job.kind, digest);
+                }
+                Ok(k) => key = k,
+                Err(_) => break,
+            }
+        }
+        let path = fd_path(fd);
+        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, "a measured file kept changing while it was hashed; access refused");
+        self.gap(t, &path);
+        job.pending.answer(false);
+    }
+
+    fn gap(&self, t: &Measured, path: &str) {
+        if let Err(e) = self
+            .journal
+            .record(&t.pod, &t.container, path, [0; 32], Event::Gap, false)
+        {
+            tracing::error!(container_id = %t.container, error = %e, "recording a gap");
+        }
+    }
+
+    /// Appraises, records and answers one measured access.
+    fn decide(&self, t: &Measured, pending: Box<dyn Pending>, kind: Event, digest: [u8; 32]) {
+        let fd = pending.fd();
+        let path = fd_path(fd);
+        let digest_hex = digest_text(&digest);
+        let runs = matches!(kind, Event::Exec | Event::Mmap);
+        let enforce = t.mode == Mode::Enforce && runs;
+        if kind == Event::Mmap {
+            self.stats.mappings.fetch_add(1, Ordering::Relaxed);
+        }
+        // Checked last, right before the answer: a writer now could change
+        // what runs after it was measured.
+        if runs && open_for_writing(fd) {
+            let reason = "open for writing while executed or mapped executable".to_string();
+            let r = self
+                .journal
+                .record(&t.pod, &t.container, &path, digest, Event::Writers, true);
+            if enforce || r.is_err() {
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                pending.answer(false);
+                return self.notice(t, path, digest_hex, true, reason);
+            }
+            self.notice(t, path.clone(), digest_hex.clone(), false, reason);
+        }
+        let verdict = t
+            .allowlist
+            .as_ref()
+            .and_then(|a| a.check_file(&path, &digest_hex, kind));
+        let deny = verdict.is_some() && enforce;
+        let logged = if deny { Event::Deny } else { kind };
+        let new = match self.journal.record(
+            &t.pod,
+            &t.container,
+            &path,
+            digest,
+            logged,
+            verdict.is_some(),
+        ) {
+            Ok(e) => e.is_some(),
+            Err(e) => {
+                // Unrecorded means unmeasured: refused in every mode.
+                let quota = matches!(e, JournalError::Quota { .. });
+                if !quota {
+                    tracing::error!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, "cannot append to the measurement log");
+                }
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                pending.answer(false);
+                return self.notice(t, path, digest_hex, true, e.to_string());
+            }
+        };
+        if deny {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        pending.answer(!deny);
+        if let Some(reason) = verdict {
+            if new || deny {
+                self.notice(t, path, digest_hex, deny, reason);
+            }
+        }
+    }
+
+    fn notice(&self, t: &Measured, path: String, digest: String, denied: bool, reason: String) {
+        let _ = self.notices.send(Notice {
+            pod: t.pod.clone(),
+            container: t.container.clone(),
+            path,
+            digest,
+            denied,
+            reason,
+            stopped: false,
+        });
+    }
+
+    /// A source that cannot go on: the gap is logged and the server told to
+    /// kill the container.
+    pub(super) fn stopped(&self, t: &Measured, reason: String) {
+        tracing::error!(pod_sandbox_id = %t.pod, container_id = %t.container, %reason, "measurement stopped; the container is killed");
+        self.gap(t, "-");
+        let _ = self.notices.send(Notice {
+            pod: t.pod.clone(),
+            container: t.container.clone(),
+            path: String::new(),
+            digest: String::new(),
+            denied: false,
+            reason,
+            stopped: true,
+        });
+    }
+}
+
+/// Whether the file's content can change under what was measured (IMA's
+/// open-writers): someone has it open for writing, or it has no name and is
+/// not sealed against writes (a memfd or SysV segment: pseudo files whose
+/// writers the kernel does not count). Fails closed: a file that can take
+/// neither check counts as written.
+pub fn open_for_writing(fd: BorrowedFd<'_>) -> bool {
+    let raw = fd.as_raw_fd();
+    let nameless = nix::sys::stat::fstat(raw).map_or(true, |st| st.st_nlink == 0);
+    if nameless {
+        // SAFETY: fcntl on a valid fd with integer arguments.
+        let seals = unsafe { libc::fcntl(raw, libc::F_GET_SEALS) };
+        let sealed = seals >= 0 && seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0;
+        if !sealed {
+            return true;
+        }
+    }
+    // A read lease is refused exactly when the inode's write count is
+    // positive (the kernel's check_conflicting_open); released at once.
+    let r = unsafe { libc::fcntl(raw, libc::F_SETLEASE, libc::F_RDLCK) };
+    if r != 0 {
+        return true;
+    }
+    unsafe { libc::fcntl(raw, libc::F_SETLEASE, libc::F_UNLCK) };
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, OwnedFd};
+
+    struct Recorded {
+        fd: OwnedFd,
+        answers: Arc<Mutex<Vec<(String, bool)>>>,
+        name: String,
+    }
+
+    impl Pending for Recorded {
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.fd.as_fd()
+        }
+        fn answer(self: Box<Self>, allow: bool) {
+            self.answers
+                .lock()
+                .unwrap()
+                .push((self.name.clone(), allow));
+        }
+    }
+
+    #[test]
+    fn fair_queue_takes_pods_in_turn_and_bounds_each() {
+        let q = Arc::new(FairQueue::default());
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let job = |pod: &str, n: usize| Job {
+            target: Arc::new(Measured {
+                pod: pod.into(),
+                container: "c".into(),
+                mode: Mode::Measure,
+                allowlist: None,
+            }),
+            pending: Box::new(Recorded {
+                fd: std::fs::File::open(&f).unwrap().into(),
+                answers: answers.clone(),
+                name: format!("{pod}{n}"),
+            }),
+            key: FileKey::of(&nix::sys::stat::stat(&f).unwrap()),
+            kind: Event::Exec,
+        };
+        for n in 0..PER_POD_QUEUE {
+            q.push(job("flood", n));
+        }
+        // The flooding pod's next access waits for space...
+        let q2 = q.clone();
+        let extra = job("flood", 99);
+        let blocked = std::thread::spawn(move || q2.push(extra));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !blocked.is_finished(),
+            "a full pod queue must block its source"
+        );
+        // ...while another pod's access is taken second, not after 32.
+        q.push(job("quiet", 0));
+        let first = q.pop().unwrap();
+        let second = q.pop().unwrap();
+        assert_eq!(first.target.pod, "flood");
+        assert_eq!(second.target.pod, "quiet");
+        blocked.join().unwrap();
+    }
+
+    #[test]
+    fn open_writers_are_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bin");
+        std::fs::write(&p, b"\x7fELF").unwrap();
+        let r = std::fs::File::open(&p).unwrap();
+        assert!(!open_for_writing(r.as_fd()));
+        let w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        assert!(open_for_writing(r.as_fd()));
+        drop(w);
+        assert!(!open_for_writing(r.as_fd()));
+        // A memfd: the kernel counts no writers, but anyone with its fd can
+        // write; sealed against writes it is stable.
+        // SAFETY: memfd_create with a static name; the fd is owned below.
+        let m = unsafe {
+            use std::os::fd::FromRawFd;
+            let fd = libc::memfd_create(c"m".as_ptr(), libc::MFD_ALLOW_SEALING);
+            assert!(fd >= 0);
+            OwnedFd::from_raw_fd(fd)
+        };
+        assert!(open_for_writing(m.as_fd()));
+        unsafe { libc::fcntl(m.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert!(!open_for_writing(m.as_fd()));
+    }
+
+    #[test]
+    fn decisions_record_refuse_and_respect_quota() {
+        let d = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(d.path(), 15, None).unwrap().with_quota(3));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = Engine::new(journal.clone(), tx, 1);
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let bin = d.path().join("bin");
+        std::fs::write(&bin, b"payload").unwrap();
+        let (digest, _) = hash_fd(std::fs::File::open(&bin).unwrap().as_fd()).unwrap();
+        let allow = Allowlist {
+            files: [(
+                bin.to_string_lossy().into_owned(),
+                [digest_text(&digest)].into(),
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let target = Arc::new(Measured {
+            pod: "p".into(),
+            container: "c".into(),
+            mode: Mode::Enforce,
+            allowlist: Some(Arc::new(allow)),
+        });
+        let pend = |path: &std::path::Path, name: &str| {
+            Box::new(Recorded {
+                fd: std::fs::File::open(path).unwrap().into(),
+                answers: answers.clone(),
+                name: name.into(),
+            })
+        };
+        // Allowed digest: allowed and logged.
+        engine.decide(&target, pend(&bin, "ok"), Event::Mmap, digest);
+        // Another file: denied in enforce mode.
+        let other = d.path().join("other");
+        std::fs::write(&other, b"evil").unwrap();
+        engine.decide(&target, pend(&other, "evil"), Event::Exec, [9; 32]);
+        // Open for writing: refused even with an allowed digest.
+        let w = std::fs::OpenOptions::new().write(true).open(&bin).unwrap();
+        engine.decide(&target, pend(&bin, "written"), Event::Exec, digest);
+        drop(w);
+        // Quota (3) reached: the next new measurement is refused.
+        let third = d.path().join("third");
+        std::fs::write(&third, b"x").unwrap();
+        engine.decide(&target, pend(&third, "over"), Event::Read, [3; 32]);
+        let a = answers.lock().unwrap().clone();
+        assert_eq!(
+            a,
+            vec![
+                ("ok".to_string(), true),
+                ("evil".to_string(), false),
+                ("written".to_string(), false),
+                ("over".to_string(), false)
+            ]
+        );
+        let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
+        let events: Vec<&str> = text
+            .lines()
+            .map(|l| l.rsplit(' ').next().unwrap())
+            .collect();
+        assert_eq!(events, ["mmap", "deny", "writers", "quota"]);
+    }
+}

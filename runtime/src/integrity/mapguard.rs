@@ -1,0 +1,692 @@
+//! The map guard: measures executable *mappings* of files, which fanotify
+//! cannot see, with seccomp user notification.
+//!
+//! Every container of a fanotify-measured pod runs under a seccomp filter
+//! (its own profile, or an allow-all one, with these rules added) that hands
+//! imacri, before the kernel acts on it:
+//! - `mmap` with PROT_EXEC of a file (not MAP_ANONYMOUS),
+//! - `mprotect`/`pkey_mprotect` adding PROT_EXEC,
+//! - `personality` setting READ_IMPLIES_EXEC (which would make every
+//!   PROT_READ mapping executable without asking),
+//!
+//! and refuses `shmat` with SHM_EXEC outright. runc sends the filter's
+//! listener fd to imacri's socket (`linux.seccomp.listenerPath`) when it
+//! creates the container or an exec process. For each notification imacri
+//! takes the very file object the process maps (pidfd_getfd for mmap,
+//! `/proc/<pid>/map_files` for mprotect) and measures it in the engine like
+//! an execution: from any filesystem, memfds and SysV shm included.
+//! Anonymous memory is not a file and is left alone, as IMA leaves it.
+//!
+//! Only the native architecture is allowed in a guarded container: a 32-bit
+//! `mmap` takes its arguments through memory a filter cannot read.
+//!
+//! Fail-closed properties: a container cannot start without its listener fd
+//! reaching imacri (runc fails the create); if imacri stops, the kernel
+//! answers every guarded call with ENOSYS, so nothing new is mapped
+//! executable unmeasured.
+//!
+//! A known limit, as seccomp documents: CONTINUE lets the kernel re-read the
+//! fd number, so a second thread that swaps the fd between our check and the
+//! kernel's could map another file. The window is the answer's latency.
+
+use oci_spec::runtime::{
+    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder,
+    LinuxSeccompOperator, LinuxSyscall, LinuxSyscallBuilder,
+};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use super::digest::FileKey;
+use super::engine::{Engine, Pending};
+use super::log::Event;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapGuardError {
+    #[error("the seccomp profile {0}; an ima pod's profile must leave mmap, mprotect, pkey_mprotect, personality and shmat unconditionally allowed or denied (imacri adds the conditions)")]
+    Profile(String),
+    #[error("building the seccomp profile: {0}")]
+    Build(String),
+    #[error("listening for seccomp notifications on {path}: {source}")]
+    Listen {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
+const MAP_ANONYMOUS: u64 = libc::MAP_ANONYMOUS as u64;
+const READ_IMPLIES_EXEC: u64 = 0x0040_0000;
+const SHM_EXEC: u64 = 0o100000;
+/// personality(0xffffffff) only queries the current persona.
+const PERSONALITY_QUERY: u64 = 0xffff_ffff;
+
+/// The syscalls the guard takes over, with the argument (index, mask) whose
+/// set bits make a call need imacri's answer.
+const GUARDED: [(&str, u32, u64); 5] = [
+    ("mmap", 2, PROT_EXEC),
+    ("mprotect", 2, PROT_EXEC),
+    ("pkey_mprotect", 2, PROT_EXEC),
+    ("personality", 0, READ_IMPLIES_EXEC),
+    ("shmat", 2, SHM_EXEC),
+];
+
+#[cfg(target_arch = "x86_64")]
+const NATIVE: Arch = Arch::ScmpArchX86_64;
+#[cfg(target_arch = "aarch64")]
+const NATIVE: Arch = Arch::ScmpArchAarch64;
+
+fn masked(
+    index: u32,
+    mask: u64,
+    value: u64,
+) -> Result<oci_spec::runtime::LinuxSeccompArg, MapGuardError> {
+    LinuxSeccompArgBuilder::default()
+        .index(index as usize)
+        .value(mask)
+        .value_two(value)
+        .op(LinuxSeccompOperator::ScmpCmpMaskedEq)
+        .build()
+        .map_err(|e| MapGuardError::Build(e.to_string()))
+}
+
+fn rule(
+    name: &str,
+    action: LinuxSeccompAction,
+    args: Vec<oci_spec::runtime::LinuxSeccompArg>,
+) -> Result<LinuxSyscall, MapGuardError> {
+    let mut r = LinuxSyscallBuilder::default()
+        .names(vec![name.to_string()])
+        .action(action)
+        .build()
+        .map_err(|e| MapGuardError::Build(e.to_string()))?;
+    if !args.is_empty() {
+        r.set_args(Some(args));
+    }
+    if action == LinuxSeccompAction::ScmpActErrno {
+        r.set_errno_ret(Some(libc::EPERM as u32));
+    }
+    Ok(r)
+}
+
+fn allows(a: LinuxSeccompAction) -> bool {
+    matches!(
+        a,
+        LinuxSeccompAction::ScmpActAllow | LinuxSeccompAction::ScmpActLog
+    )
+}
+
+/// A conditional allow rule the guard can keep: personality values that
+/// cannot set READ_IMPLIES_EXEC (the runtime default's list).
+fn harmless_personality(r: &LinuxSyscall) -> bool {
+    r.args().iter().flatten().all(|a| {
+        a.index() == 0
+            && a.op() == LinuxSeccompOperator::ScmpCmpEq
+            && (a.value() & READ_IMPLIES_EXEC == 0 || a.value() == PERSONALITY_QUERY)
+    })
+}
+
+/// The container's seccomp profile with the guard's rules: `base` (None:
+/// unconfined) keeps every decision it made, and the guarded calls it
+/// allows go through imacri when they would make something executable.
+pub fn guard_profile(
+    base: Option<LinuxSeccomp>,
+    listener: &Path,
+    pod: &str,
+) -> Result<LinuxSeccomp, MapGuardError> {
+    let mut p = match base {
+        Some(p) => p,
+        None => LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActAllow)
+            .build()
+            .map_err(|e| MapGuardError::Build(e.to_string()))?,
+    };
+    if p.listener_path().is_some() {
+        return Err(MapGuardError::Profile("has its own listenerPath".into()));
+    }
+    let default_allows = allows(p.default_action());
+    let mut syscalls = p.syscalls().clone().unwrap_or_default();
+    if syscalls
+        .iter()
+        .any(|r| r.action() == LinuxSeccompAction::ScmpActNotify)
+    {
+        return Err(MapGuardError::Profile("uses SCMP_ACT_NOTIFY".into()));
+    }
+    // Per guarded call: allowed by the profile unconditionally (and so
+    // taken over), or decided by it already (left alone).
+    let mut take_over = Vec::new();
+    for (name, _, _) in GUARDED {
+        let mut mentioned = false;
+        let mut allowed = false;
+        for r in syscalls.iter_mut() {
+            if !r.names().iter().any(|n| n == name) {
+                continue;
+            }
+            mentioned = true;
+            let conditional = r.args().as_ref().is_some_and(|a| !a.is_empty());
+            if !allows(r.action()) {
+                continue;
+            }
+            if conditional {
+                if name == "personality" && harmless_personality(r) {
+                    continue;
+                }
+                return Err(MapGuardError::Profile(format!(
+                    "allows {name} under conditions of its own"
+                )));
+            }
+            allowed = true;
+            let names: Vec<String> = r.names().iter().filter(|n| *n != name).cloned().collect();
+            r.set_names(names);
+        }
+        if allowed || (default_allows && !mentioned) {
+            take_over.push(name);
+        }
+    }
+    syscalls.retain(|r| !r.names().is_empty());
+    for (name, index, mask) in GUARDED {
+        if !take_over.contains(&name) {
+            continue;
+        }
+        let guarded = if name == "shmat" {
+            LinuxSeccompAction::ScmpActErrno
+        } else {
+            LinuxSeccompAction::ScmpActNotify
+        };
+        let mut args = vec![masked(index, mask, mask)?];
+        if name == "mmap" {
+            args.push(masked(3, MAP_ANONYMOUS, 0)?);
+        }
+        syscalls.push(rule(name, guarded, args)?);
+        if !default_allows {
+            syscalls.push(rule(
+                name,
+                LinuxSeccompAction::ScmpActAllow,
+                vec![masked(index, mask, 0)?],
+            )?);
+            if name == "mmap" {
+                syscalls.push(rule(
+                    name,
+                    LinuxSeccompAction::ScmpActAllow,
+                    vec![masked(3, MAP_ANONYMOUS, MAP_ANONYMOUS)?],
+                )?);
+            }
+        }
+    }
+    p.set_syscalls(Some(syscalls));
+    p.set_architectures(Some(vec![NATIVE]));
+    p.set_listener_path(Some(listener.to_path_buf()));
+    p.set_listener_metadata(Some(pod.to_string()));
+    Ok(p)
+}
+
+/// Accepts runc's listener fds and answers their notifications.
+pub struct Supervisor {
+    path: std::path::PathBuf,
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What runc sends with the fd (`specs.ContainerProcessState`).
+#[derive(serde::Deserialize)]
+struct ProcessState {
+    #[serde(default)]
+    metadata: String,
+    state: ContainerState,
+}
+
+#[derive(serde::Deserialize)]
+struct ContainerState {
+    id: String,
+}
+
+impl Supervisor {
+    /// Listens on `path` (replacing a stale socket) for runc's connections.
+    pub fn start(path: &Path, engine: &Arc<Engine>) -> Result<Supervisor, MapGuardError> {
+        let err = |source| MapGuardError::Listen {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(err)?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(err)?;
+        let weak = Arc::downgrade(engine);
+        std::thread::Builder::new()
+            .name("imacri-mapguard".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(c) => accept(&weak, c),
+                        Err(e) => tracing::warn!(error = %e, "map guard: accept failed"),
+                    }
+                    if weak.strong_count() == 0 {
+                        return;
+                    }
+                }
+            })
+            .map_err(err)?;
+        Ok(Supervisor {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+fn accept(engine: &Weak<Engine>, conn: std::os::unix::net::UnixStream) {
+    let (text, fds) = match receive(&conn) {
+        Ok(r) => r,
+        Err(e) => return tracing::error!(error = %e, "map guard: reading runc's listener message"),
+    };
+    let state: ProcessState = match serde_json::from_slice(&text) {
+        Ok(s) => s,
+        Err(e) => return tracing::error!(error = %e, "map guard: runc's state is not JSON"),
+    };
+    let Some(fd) = fds.into_iter().next() else {
+        return tracing::error!(container_id = %state.state.id, "map guard: runc sent no seccomp fd");
+    };
+    let engine = engine.clone();
+    let container = state.state.id;
+    tracing::debug!(container_id = %container, pod_sandbox_id = %state.metadata, "map guard: listening");
+    let spawned = std::thread::Builder::new()
+        .name("imacri-seccomp".into())
+        .stack_size(256 * 1024)
+        .spawn(move || serve(&engine, fd, &container));
+    if let Err(e) = spawned {
+        // The fd is dropped with the closure: the container's guarded calls
+        // fail (ENOSYS), closed.
+        tracing::error!(error = %e, "map guard: cannot start a listener thread");
+    }
+}
+
+/// The message (JSON, to EOF) and the fds of its first part.
+fn receive(conn: &std::os::unix::net::UnixStream) -> std::io::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut text = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )?;
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just gave us these fds.
+                fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+            }
+        }
+        let n = msg.bytes;
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    Ok((text, fds))
+}
+
+/// Answers one listener's notifications until no task uses its filter.
+fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let notify = Arc::new(notify);
+    loop {
+        let mut fds = [PollFd::new(notify.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return tracing::error!(container_id = %container, error = %e, "map guard: poll")
+            }
+            Ok(_) => {}
+        }
+        let rev = fds[0].revents().unwrap_or(PollFlags::POLLHUP);
+        if !rev.contains(PollFlags::POLLIN) {
+            // POLLHUP: every task of this filter is gone.
+            return;
+        }
+        // SAFETY: the kernel requires a zeroed struct; plain old data.
+        let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::ioctl(
+                notify.as_raw_fd(),
+                libc::SECCOMP_IOCTL_NOTIF_RECV as _,
+                &mut req as *mut libc::seccomp_notif,
+            )
+        };
+        if r != 0 {
+            match nix::errno::Errno::last() {
+                // The task died before we read it, or a signal: next one.
+                nix::errno::Errno::ENOENT | nix::errno::Errno::EINTR => continue,
+                e => {
+                    return tracing::error!(container_id = %container, error = %e, "map guard: receiving")
+                }
+            }
+        }
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        handle(&engine, &notify, container, &req);
+    }
+}
+
+/// The answer to one notification, given once every file it maps is decided.
+struct Reply {
+    notify: Arc<OwnedFd>,
+    id: u64,
+    remaining: AtomicUsize,
+    allowed: AtomicBool,
+}
+
+impl Reply {
+    fn part(&self, allow: bool) {
+        if !allow {
+            self.allowed.store(false, Ordering::SeqCst);
+        }
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            respond(&self.notify, self.id, self.allowed.load(Ordering::SeqCst));
+        }
+    }
+}
+
+struct MapPending {
+    file: OwnedFd,
+    reply: Arc<Reply>,
+}
+
+impl Pending for MapPending {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+    fn answer(self: Box<Self>, allow: bool) {
+        self.reply.part(allow);
+    }
+}
+
+fn respond(notify: &OwnedFd, id: u64, allow: bool) {
+    // SAFETY: plain old data, zeroed then filled.
+    let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
+    resp.id = id;
+    if allow {
+        resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32;
+    } else {
+        resp.error = -libc::EPERM;
+    }
+    // ENOENT: the task is gone (killed while waiting); nothing to answer.
+    unsafe {
+        libc::ioctl(
+            notify.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SEND as _,
+            &mut resp as *mut libc::seccomp_notif_resp,
+        )
+    };
+}
+
+/// Whether the notification is still pending: the pid we resolved files of
+/// is the task that made the call (not a recycled pid).
+fn still_valid(notify: &OwnedFd, id: u64) -> bool {
+    let mut id = id;
+    unsafe {
+        libc::ioctl(
+            notify.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _,
+            &mut id as *mut u64,
+        ) == 0
+    }
+}
+
+fn handle(engine: &Engine, notify: &Arc<OwnedFd>, container: &str, req: &libc::seccomp_notif) {
+    let nr = req.data.nr as libc::c_long;
+    let args = req.data.args;
+    if nr == libc::SYS_personality {
+        // Only reached with READ_IMPLIES_EXEC set: a query is fine.
+        return respond(notify, req.id, args[0] == PERSONALITY_QUERY);
+    }
+    let Some(target) = engine.target(container) else {
+        tracing::warn!(container_id = %container, "map guard: the container is not measured now; executable mapping refused");
+        return respond(notify, req.id, false);
+    };
+    let files = match nr {
+        libc::SYS_mmap => file_of(req.pid, args[4] as i32).map(|f| vec![f]),
+        libc::SYS_mprotect | libc::SYS_pkey_mprotect => mapped_files(req.pid, args[0], args[1]),
+        _ => Err(format!("unexpected syscall {nr}")),
+    };
+    // Everything above read the task by pid: it must still be the caller.
+    let files = match files {
+        Ok(f) if still_valid(notify, req.id) => f,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::warn!(pod_sandbox_id = %target.pod, container_id = %container, error = %e, "map guard: cannot resolve the mapped file; refused");
+            return respond(notify, req.id, false);
+        }
+    };
+    if files.is_empty() {
+        // Anonymous memory only (e.g. a JIT's mprotect): not a file.
+        return respond(notify, req.id, true);
+    }
+    let reply = Arc::new(Reply {
+        notify: notify.clone(),
+        id: req.id,
+        remaining: AtomicUsize::new(files.len()),
+        allowed: AtomicBool::new(true),
+    });
+    for file in files {
+        let st = match nix::sys::stat::fstat(file.as_raw_fd()) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
+            _ => {
+                reply.part(false);
+                continue;
+            }
+        };
+        let key = FileKey::of(&st);
+        let pending = Box::new(MapPending {
+            file,
+            reply: reply.clone(),
+        });
+        engine.submit(target.clone(), pending, key, Event::Mmap);
+    }
+}
+
+/// The file behind fd number `fd` of task `pid`: the same open file.
+fn file_of(pid: u32, fd: i32) -> Result<OwnedFd, String> {
+    // SAFETY: raw syscalls with integer arguments; results checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if pidfd < 0 {
+        return Err(format!("pidfd_open({pid}): {}", nix::errno::Errno::last()));
+    }
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    let f = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if f < 0 {
+        return Err(format!(
+            "pidfd_getfd({pid}, {fd}): {}",
+            nix::errno::Errno::last()
+        ));
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(f as RawFd) })
+}
+
+/// The files mapped in `[addr, addr+len)` of task `pid`, opened through
+/// `/proc/<pid>/map_files`, which lists exactly the VMAs backed by a file.
+/// (Not the inode column of `maps`: a SysV segment's inode is its id, 0 for
+/// the first segment of an IPC namespace.) Anonymous ranges are skipped.
+fn mapped_files(pid: u32, addr: u64, len: u64) -> Result<Vec<OwnedFd>, String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| format!("reading /proc/{pid}/maps: {e}"))?;
+    let end = addr.saturating_add(len.max(1));
+    let mut out = Vec::new();
+    for range in ranges(&maps) {
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else {
+            continue;
+        };
+        if s >= end || e <= addr {
+            continue;
+        }
+        match std::fs::File::open(format!("/proc/{pid}/map_files/{range}")) {
+            Ok(f) => out.push(f.into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("opening /proc/{pid}/map_files/{range}: {e}")),
+        }
+    }
+    Ok(out)
+}
+
+/// The address range of each line of a maps file.
+fn ranges(maps: &str) -> impl Iterator<Item = &str> {
+    maps.lines().filter_map(|l| l.split_whitespace().next())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(p: &LinuxSeccomp, action: LinuxSeccompAction) -> Vec<String> {
+        p.syscalls()
+            .iter()
+            .flatten()
+            .filter(|r| r.action() == action)
+            .flat_map(|r| r.names().clone())
+            .collect()
+    }
+
+    #[test]
+    fn unconfined_gets_an_allow_all_profile_with_the_guard() {
+        let p = guard_profile(None, Path::new("/run/x.sock"), "pod1").unwrap();
+        assert_eq!(p.default_action(), LinuxSeccompAction::ScmpActAllow);
+        assert_eq!(
+            names(&p, LinuxSeccompAction::ScmpActNotify),
+            ["mmap", "mprotect", "pkey_mprotect", "personality"]
+        );
+        assert_eq!(names(&p, LinuxSeccompAction::ScmpActErrno), ["shmat"]);
+        // Under a default allow no allow rule is needed (runc rejects them).
+        assert!(names(&p, LinuxSeccompAction::ScmpActAllow).is_empty());
+        let mmap = p
+            .syscalls()
+            .iter()
+            .flatten()
+            .find(|r| r.names()[0] == "mmap")
+            .unwrap();
+        let a = mmap.args().clone().unwrap();
+        assert_eq!(
+            (a[0].index(), a[0].value(), a[0].value_two()),
+            (2, 4, Some(4))
+        );
+        assert_eq!(
+            (a[1].index(), a[1].value(), a[1].value_two()),
+            (3, 0x20, Some(0))
+        );
+        assert_eq!(p.architectures().clone().unwrap(), vec![NATIVE]);
+        assert_eq!(p.listener_path().clone().unwrap(), Path::new("/run/x.sock"));
+        assert_eq!(p.listener_metadata().as_deref(), Some("pod1"));
+    }
+
+    #[test]
+    fn runtime_default_keeps_its_decisions() {
+        let base = crate::seccomp::runtime_default(&Default::default()).unwrap();
+        let p = guard_profile(Some(base), Path::new("/s"), "p").unwrap();
+        // mmap and friends move from the big allow rule to split rules.
+        let allow_rules: Vec<&LinuxSyscall> = p
+            .syscalls()
+            .iter()
+            .flatten()
+            .filter(|r| r.action() == LinuxSeccompAction::ScmpActAllow)
+            .collect();
+        let unconditional: Vec<&String> = allow_rules
+            .iter()
+            .filter(|r| r.args().as_ref().is_none_or(|a| a.is_empty()))
+            .flat_map(|r| r.names())
+            .collect();
+        for g in ["mmap", "mprotect", "pkey_mprotect", "shmat"] {
+            assert!(
+                !unconditional.iter().any(|n| *n == g),
+                "{g} still unconditional"
+            );
+            assert!(allow_rules
+                .iter()
+                .any(|r| r.names()[0] == g && r.args().is_some()));
+        }
+        // The default's personality values cannot set READ_IMPLIES_EXEC: kept.
+        assert!(!names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"personality".to_string()));
+        assert!(names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"mprotect".to_string()));
+    }
+
+    #[test]
+    fn profiles_the_guard_cannot_combine_with_are_refused() {
+        let conditional = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActErrno)
+            .syscalls(vec![rule(
+                "mmap",
+                LinuxSeccompAction::ScmpActAllow,
+                vec![masked(2, 1, 1).unwrap()],
+            )
+            .unwrap()])
+            .build()
+            .unwrap();
+        let e = guard_profile(Some(conditional), Path::new("/s"), "p").unwrap_err();
+        assert!(e.to_string().contains("mmap"), "{e}");
+        // A profile that denies mmap outright keeps denying it.
+        let denied = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActAllow)
+            .syscalls(vec![
+                rule("mmap", LinuxSeccompAction::ScmpActErrno, vec![]).unwrap()
+            ])
+            .build()
+            .unwrap();
+        let p = guard_profile(Some(denied), Path::new("/s"), "p").unwrap();
+        assert!(!names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"mmap".to_string()));
+    }
+
+    #[test]
+    fn maps_lines_give_ranges() {
+        let maps = "00400000-00452000 r-xp 00000000 08:02 173521 /usr/bin/dbus-daemon\n\
+                    7f1000000000-7f1000001000 r--s 00000000 00:01 0 /SYSV00000000 (deleted)\n";
+        let r: Vec<_> = ranges(maps).collect();
+        assert_eq!(r, ["00400000-00452000", "7f1000000000-7f1000001000"]);
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn mapped_files_finds_shm_mappings_not_anonymous_ones() {
+        unsafe {
+            let id = libc::shmget(libc::IPC_PRIVATE, 4096, 0o700 | libc::IPC_CREAT);
+            assert!(id >= 0);
+            let s = libc::shmat(id, std::ptr::null(), 0);
+            libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+            let files = mapped_files(std::process::id(), s as u64, 4096).unwrap();
+            assert_eq!(files.len(), 1);
+            let path = super::super::digest::fd_path(files[0].as_fd());
+            assert!(path.starts_with("/SYSV"), "{path}");
+            // A SysV segment is never sealed against writes.
+            assert!(super::super::engine::open_for_writing(files[0].as_fd()));
+            libc::shmdt(s);
+            let anon = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert!(mapped_files(std::process::id(), anon as u64, 4096)
+                .unwrap()
+                .is_empty());
+            libc::munmap(anon, 4096);
+        }
+    }
+}
