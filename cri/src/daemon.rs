@@ -183,7 +183,7 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         userns > 0,
         format!("max_user_namespaces={userns}"),
     );
-    match imacri_runtime::userns::kernel_ima_namespaces() {
+    match imacri_runtime::integrity::kernel::probe() {
         Ok(()) => line(
             "ima-namespaces",
             true,
@@ -210,14 +210,25 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         ),
         Err(r) => line("ima-guards", false, r),
     }
-    let node = imacri_runtime::ima::NodeSupport {
-        kernel: imacri_runtime::userns::kernel_ima_namespaces(),
+    match imacri_runtime::integrity::mapguard::probe() {
+        Ok(()) => line(
+            "ima-map-guard",
+            true,
+            "ima pods: mmap/mprotect with PROT_EXEC of any file measured through seccomp user \
+             notification; shmat(SHM_EXEC) and READ_IMPLIES_EXEC refused; native syscalls only; \
+             pause's rootfs noexec"
+                .into(),
+        ),
+        Err(r) => line("ima-map-guard", false, r),
+    }
+    let node = imacri_runtime::integrity::setting::NodeSupport {
+        kernel: imacri_runtime::integrity::kernel::probe(),
         fanotify: fan,
     };
-    match imacri_runtime::ima::resolve_backend(cfg.ima.backend, &node) {
+    match imacri_runtime::integrity::setting::resolve_backend(cfg.ima.backend, &node) {
         Ok(b) => line(
             "ima-backend",
-            !matches!(b, imacri_runtime::ima::Backend::None(_)),
+            !matches!(b, imacri_runtime::integrity::setting::Backend::None(_)),
             format!("configured {:?}: ima pods get {b}", cfg.ima.backend).to_lowercase(),
         ),
         Err(e) => line("ima-backend", false, e.to_string()),

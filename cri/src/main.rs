@@ -48,7 +48,7 @@ struct Overrides {
     cni_bin_dir: Option<PathBuf>,
     /// Backend for ima pods: auto, kernel or fanotify.
     #[arg(long)]
-    ima_backend: Option<imacri_runtime::ima::BackendChoice>,
+    ima_backend: Option<imacri_runtime::integrity::setting::BackendChoice>,
     /// TPM for anchoring measurements, e.g. "device:/dev/tpmrm0" or
     /// "swtpm:host=127.0.0.1,port=2321".
     #[arg(long)]
@@ -176,9 +176,9 @@ fn main() -> Result<()> {
     } = &cli.cmd
     {
         let policy = std::fs::read_to_string(policy_file)?;
-        imacri_runtime::ima::securityfs::activate_in_userns(
+        imacri_runtime::integrity::kernel::activate_in_userns(
             userns,
-            &imacri_runtime::ima::securityfs::Activation {
+            &imacri_runtime::integrity::kernel::Activation {
                 hash: hash.as_deref(),
                 template: template.as_deref(),
                 policy: &policy,

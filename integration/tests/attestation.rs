@@ -116,7 +116,8 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
         Duration::from_secs(10),
         || {
             let e = log_lines(&d, &pod);
-            async move { (!e.is_empty()).then_some(e) }
+            let exec = e.iter().any(|l| l.ends_with(" exec"));
+            async move { exec.then_some(e) }
         },
     )
     .await

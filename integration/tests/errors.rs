@@ -546,6 +546,8 @@ fn check_reports_each_capability() {
         "cgroups ",
         "user-namespaces ",
         "ima-namespaces ",
+        "ima-guards ",
+        "ima-map-guard ",
         "cni ",
         "seccomp ",
         "apparmor ",
@@ -557,11 +559,13 @@ fn check_reports_each_capability() {
             "no {name:?} line in\n{text}"
         );
     }
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("cni ") && l.contains(" ok ")),
-        "{text}"
-    );
+    for ok in ["cni ", "ima-guards ", "ima-map-guard "] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(ok) && l.contains(" ok ")),
+            "{ok}: {text}"
+        );
+    }
     let bad = std::process::Command::new(imacri_integration::imacri_bin())
         .args(["check", "--containerd-address", "/nonexistent.sock"])
         .output()

@@ -473,6 +473,23 @@ async fn other_roots_shm_scripts_and_rewritten_files() {
             let digests: std::collections::HashSet<&str> =
                 rw.iter().filter_map(|l| l.split(' ').nth(3)).collect();
             assert_eq!(digests.len(), 2, "{rw:#?}");
+            // A name that is not UTF-8 is logged byte for byte (escaped),
+            // never collapsed into a replacement character.
+            let (_, out, err) = exec_sh(
+                &mut rt,
+                &a,
+                "d=\"/tmp/n$(printf '\\377')\"; mkdir \"$d\" && cp /bin/busybox \"$d/true\" && \"$d/true\"; echo rc=$?",
+            )
+            .await;
+            assert!(out.contains("rc=0"), "{out}{err}");
+            let lines = log_lines(&d, &pod);
+            // The path text is /tmp/n\xff/true; the log line escapes its
+            // backslash once more.
+            assert!(
+                lines.iter().any(|l| l.contains(" /tmp/n\\x5cxff/true ")),
+                "{lines:#?}"
+            );
+            assert!(!lines.iter().any(|l| l.contains('\u{fffd}')), "{lines:#?}");
         }
         stop_pod(&mut rt, &pod).await;
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_reader_kills_its_container() {
     let env = Env::get();
-    std::env::set_var("IMACRI_TEST_FANOTIFY_FAIL_AFTER", "12");
+    std::env::set_var("IMACRI_TEST_FANOTIFY_FAIL_AFTER", "5");
     let d = Imacri::start(env).await.unwrap();
     std::env::remove_var("IMACRI_TEST_FANOTIFY_FAIL_AFTER");
     d.pull(&env.busybox).await;

@@ -91,12 +91,12 @@ impl Default for CniConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ImaConfig {
     /// "auto", "kernel" or "fanotify".
-    pub backend: crate::ima::BackendChoice,
+    pub backend: crate::integrity::setting::BackendChoice,
     /// Emit the draft OCI `{"type": "ima"}` namespace (runc 1.1 rejects it).
     pub oci_namespace: bool,
     /// Policy for pods without `imacri.dev/ima-policy`.
     pub default_policy: String,
-    pub policies: std::collections::BTreeMap<String, crate::ima::PolicyConfig>,
+    pub policies: std::collections::BTreeMap<String, crate::integrity::setting::PolicyConfig>,
     /// Host IDs handed out, 65536 per pod, to ima pods without mappings.
     pub userns_pool: UsernsPool,
     /// TPM for anchoring measurements, as a TCTI string
@@ -151,10 +151,14 @@ pub const DEFAULT_PCR: u32 = 15;
 impl Default for ImaConfig {
     fn default() -> Self {
         ImaConfig {
-            backend: crate::ima::BackendChoice::Auto,
+            backend: crate::integrity::setting::BackendChoice::Auto,
             oci_namespace: false,
             default_policy: "default".into(),
-            policies: [("default".to_string(), crate::ima::PolicyConfig::default())].into(),
+            policies: [(
+                "default".to_string(),
+                crate::integrity::setting::PolicyConfig::default(),
+            )]
+            .into(),
             userns_pool: UsernsPool::default(),
             tpm_tcti: String::new(),
             pcr: DEFAULT_PCR,
@@ -382,10 +386,10 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         for (name, p) in &self.ima.policies {
             for r in &p.rules {
-                crate::ima::policy::parse_rule(r)
+                crate::integrity::policy::parse_rule(r)
                     .map_err(|e| Error::InvalidArgument(format!("ima.policies.{name}: {e}")))?;
             }
-            if p.mode == crate::ima::policy::Mode::Enforce && p.allowlist.is_empty() {
+            if p.mode == crate::integrity::policy::Mode::Enforce && p.allowlist.is_empty() {
                 return Err(Error::InvalidArgument(format!(
                     "ima.policies.{name}: mode \"enforce\" needs an allowlist (e.g. from `imacri attest golden IMAGE`)"
                 )));
@@ -462,7 +466,10 @@ mod tests {
         let e = Config::parse("[ima]\nbackend = \"magic\"\n").unwrap_err();
         assert!(e.contains("magic"), "{e}");
         let c = Config::parse("[ima]\nbackend = \"kernel\"\n").unwrap();
-        assert_eq!(c.ima.backend, crate::ima::BackendChoice::Kernel);
+        assert_eq!(
+            c.ima.backend,
+            crate::integrity::setting::BackendChoice::Kernel
+        );
     }
 
     #[test]

@@ -6,7 +6,6 @@ pub mod config;
 pub mod containerd;
 pub mod error;
 pub mod ids;
-pub mod ima;
 pub mod image;
 pub mod integrity;
 pub mod io;

@@ -50,7 +50,7 @@ pub struct ImaState {
     /// What measures the pod, e.g. "kernel" or "none (measurement unavailable: ...)".
     pub backend: String,
     pub policy: String,
-    pub mode: crate::ima::policy::Mode,
+    pub mode: crate::integrity::policy::Mode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

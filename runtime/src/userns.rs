@@ -102,7 +102,7 @@ pub struct PodNamespaces {
 
 /// Runs `child` in a forked process (which must only make syscalls), lets
 /// `parent` act on its PID while it waits, then releases and reaps it.
-fn with_child(
+pub(crate) fn with_child(
     child: impl FnOnce() -> std::result::Result<(), nix::Error>,
     parent: impl FnOnce(nix::unistd::Pid) -> Result<()>,
 ) -> Result<()> {
@@ -187,60 +187,6 @@ pub fn remove(ns: &PodNamespaces) -> Result<()> {
         crate::netns::remove(n)?;
     }
     crate::netns::remove(&ns.userns)
-}
-
-/// Whether a fresh user namespace can mount securityfs with `ima/active`
-/// (the IMA-namespace kernel series). Err carries the reason it cannot.
-pub fn kernel_ima_namespaces() -> std::result::Result<(), String> {
-    let dir = tempfile_dir().map_err(|e| format!("creating a probe directory: {e}"))?;
-    let target = dir.clone();
-    // Built before fork: the child must not allocate.
-    let active =
-        std::ffi::CString::new(dir.join("ima/active").into_os_string().into_encoded_bytes())
-            .map_err(|_| "probe path has a NUL byte".to_string())?;
-    let mut outcome = Err("probe did not run".to_string());
-    let res = with_child(
-        || {
-            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)?;
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )?;
-            mount(
-                Some("securityfs"),
-                &target,
-                Some("securityfs"),
-                MsFlags::empty(),
-                None::<&str>,
-            )?;
-            // SAFETY: access() on a valid C string.
-            if unsafe { libc::access(active.as_ptr(), libc::F_OK) } == 0 {
-                Ok(())
-            } else {
-                Err(nix::Error::ENOENT)
-            }
-        },
-        |_| {
-            outcome = Ok(());
-            Ok(())
-        },
-    );
-    let _ = std::fs::remove_dir(&dir);
-    match res {
-        Ok(()) => outcome,
-        Err(_) => Err(
-            "a user namespace cannot mount securityfs with ima/active: this kernel has no IMA namespace support (not in any mainline kernel)".into(),
-        ),
-    }
-}
-
-fn tempfile_dir() -> std::io::Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("imacri-ima-probe-{}", crate::ids::new_id()));
-    std::fs::create_dir(&d)?;
-    Ok(d)
 }
 
 /// Makes an ID-mapped copy of the mount at `src` at `dst`, mapped through
@@ -486,15 +432,5 @@ mod tests {
         assert_eq!(std::fs::metadata(dst.join("f")).unwrap().uid(), 500_000);
         crate::mount::unmount_all(&dst).unwrap();
         remove(&ns).unwrap();
-    }
-
-    #[test]
-    fn this_kernel_has_no_ima_namespaces() {
-        if !nix::unistd::geteuid().is_root() {
-            return;
-        }
-        // Mainline kernels (including this machine's) lack IMA namespaces.
-        let r = kernel_ima_namespaces();
-        assert!(r.unwrap_err().contains("IMA namespace"));
     }
 }

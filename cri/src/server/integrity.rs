@@ -5,7 +5,6 @@
 //! `gap` entry); violations become warnings and CRI events.
 
 use imacri_api::cri;
-use imacri_runtime::ima;
 use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::engine::{Engine, Measured, Notice};
 use imacri_runtime::integrity::fanotify::{self, own_tmpfs, Target, Triggers, Watch};
@@ -13,6 +12,7 @@ use imacri_runtime::integrity::guard;
 use imacri_runtime::integrity::journal::Journal;
 use imacri_runtime::integrity::log::Event;
 use imacri_runtime::integrity::mapguard::{self, Supervisor};
+use imacri_runtime::integrity::setting as ima;
 use imacri_runtime::integrity::tpm::Tpm;
 use imacri_runtime::pod::SandboxState;
 use imacri_runtime::{Error, Result};
@@ -46,15 +46,9 @@ impl Integrity {
             let tpm = if tcti.is_empty() {
                 None
             } else {
-                Some(Tpm::open(&tcti, pcr, &dir).map_err(|e| {
-                    Error::FailedPrecondition(format!(
-                        "{e}; check ima.tpm_tcti (or --tpm-tcti), or leave it empty to run unanchored"
-                    ))
-                })?)
+                Some(Tpm::open(&tcti, pcr, &dir)?)
             };
-            Journal::open(&dir, pcr, tpm)
-                .map(|j| j.with_quota(quota))
-                .map_err(|e| Error::Internal(e.to_string()))
+            Ok(Journal::open(&dir, pcr, tpm)?.with_quota(quota))
         })
         .await
         .map_err(|e| Error::Internal(format!("opening the measurement journal: {e}")))??;
@@ -65,10 +59,7 @@ impl Integrity {
             .then(|| Engine::new(journal.clone(), tx, 2));
         let listener = cfg.state.join("mapguard.sock");
         let mapguard = match &engine {
-            Some(e) => Some(
-                Supervisor::start(&listener, e)
-                    .map_err(|e| Error::FailedPrecondition(e.to_string()))?,
-            ),
+            Some(e) => Some(Supervisor::start(&listener, e)?),
             None => None,
         };
         tracing::info!(
@@ -152,12 +143,7 @@ impl CriServer {
         let userns = u.path.clone();
         tokio::task::spawn_blocking(move || guard::apply(pid, &userns))
             .await
-            .map_err(|e| Error::Internal(format!("guard task: {e}")))?
-            .map_err(|e| {
-                Error::FailedPrecondition(format!(
-                    "{id}: cannot forbid unmeasured execution in this ima pod: {e}"
-                ))
-            })?;
+            .map_err(|e| Error::Internal(format!("guard task: {e}")))??;
         tracing::debug!(
             id,
             pid,
@@ -174,12 +160,9 @@ impl CriServer {
         }
         tokio::task::spawn_blocking(move || guard::seal_root_noexec(pid))
             .await
-            .map_err(|e| Error::Internal(format!("seal task: {e}")))?
-            .map_err(|e| {
-                Error::FailedPrecondition(format!(
-                    "{id}: cannot make the pause container's rootfs noexec in this ima pod: {e}"
-                ))
-            })
+            .map_err(|e| Error::Internal(format!("seal task: {e}")))??;
+        tracing::debug!(pod_sandbox_id = %id, "pause rootfs sealed noexec");
+        Ok(())
     }
 
     /// Adds the map guard to the seccomp profile of a container of a
@@ -199,10 +182,7 @@ impl CriServer {
             ));
         };
         let guarded =
-            mapguard::guard_profile(linux.seccomp().clone(), &self.integrity.listener, pod)
-                .map_err(|e| {
-                    Error::InvalidArgument(format!("linux.security_context.seccomp: {e}"))
-                })?;
+            mapguard::guard_profile(linux.seccomp().clone(), &self.integrity.listener, pod)?;
         linux.set_seccomp(Some(guarded));
         Ok(())
     }
@@ -234,7 +214,7 @@ impl CriServer {
                 i.policy
             ))
         })?;
-        let rules = ima::policy::parse(&policy.rules.join("\n"))?;
+        let rules = imacri_runtime::integrity::policy::parse(&policy.rules.join("\n"))?;
         let mappings = st.userns.as_ref().map(|u| u.mappings.clone());
         let triggers = Triggers::from_rules(&rules, |uid| {
             mappings
@@ -282,8 +262,7 @@ impl CriServer {
             triggers,
             volumes: volumes.into_iter().map(|(_, h)| h).collect(),
         };
-        let w = fanotify::watch(engine, target)
-            .map_err(|e| Error::FailedPrecondition(format!("measuring container {ctr}: {e}")))?;
+        let w = fanotify::watch(engine, target)?;
         self.record_start(pod, ctr, &image)?;
         tracing::info!(pod_sandbox_id = %pod, container_id = %ctr, mode = ?i.mode, "container measured by fanotify");
         Ok(Some(w))
@@ -310,11 +289,7 @@ impl CriServer {
                 false,
             )
             .map(|_| ())
-            .map_err(|e| {
-                Error::FailedPrecondition(format!(
-                    "cannot log the start of measurement for {ctr}: {e}"
-                ))
-            })
+            .map_err(Error::from)
     }
 
     /// After a restart: measure running containers again and log the gap.

@@ -135,7 +135,7 @@ pub struct CriServer {
     /// Name of the sandbox image in use.
     pub(crate) sandbox_image: String,
     /// Whether this node can run each ima backend (probed at start).
-    pub(crate) ima_node: imacri_runtime::ima::NodeSupport,
+    pub(crate) ima_node: imacri_runtime::integrity::setting::NodeSupport,
     pub(crate) cni: imacri_runtime::cni::Cni,
     /// Measurement journal, TPM and fanotify engine.
     pub(crate) integrity: integrity::Integrity,
@@ -198,8 +198,8 @@ impl CriServer {
             cfg.cni.bin_dirs.clone(),
             cfg.root.join("cni"),
         );
-        let ima_node = imacri_runtime::ima::NodeSupport {
-            kernel: imacri_runtime::userns::kernel_ima_namespaces(),
+        let ima_node = imacri_runtime::integrity::setting::NodeSupport {
+            kernel: imacri_runtime::integrity::kernel::probe(),
             fanotify: imacri_runtime::integrity::fanotify::probe(),
         };
         let (integrity, notices) = integrity::Integrity::open(&cfg, &ima_node.fanotify).await?;

@@ -3,7 +3,7 @@
 //! `ima` setting (backend, policy). Every rejection names the field.
 
 use imacri_api::cri;
-use imacri_runtime::ima;
+use imacri_runtime::integrity::setting as ima;
 use imacri_runtime::pod::ImaState;
 use imacri_runtime::userns::{IdMap, Mappings};
 use imacri_runtime::{Error, Result};

@@ -64,15 +64,15 @@ impl CriServer {
         let mut annotations = HashMap::new();
         if let Some(i) = &st.ima {
             annotations.insert(
-                imacri_runtime::ima::ANNOTATION.to_string(),
+                imacri_runtime::integrity::setting::ANNOTATION.to_string(),
                 "true".to_string(),
             );
             annotations.insert(
-                imacri_runtime::ima::BACKEND_ANNOTATION.to_string(),
+                imacri_runtime::integrity::setting::BACKEND_ANNOTATION.to_string(),
                 i.backend.clone(),
             );
             annotations.insert(
-                imacri_runtime::ima::POLICY_ANNOTATION.to_string(),
+                imacri_runtime::integrity::setting::POLICY_ANNOTATION.to_string(),
                 i.policy.clone(),
             );
         }
@@ -120,12 +120,15 @@ impl CriServer {
             .map(|p| {
                 p.rules
                     .iter()
-                    .map(|r| imacri_runtime::ima::policy::parse_rule(r))
+                    .map(|r| imacri_runtime::integrity::policy::parse_rule(r))
                     .collect()
             })
             .unwrap_or_else(|| Ok(Vec::new()))?;
         let policy_file = dir.join("ima-policy");
-        write(&policy_file, &imacri_runtime::ima::policy::render(&rules))?;
+        write(
+            &policy_file,
+            &imacri_runtime::integrity::policy::render(&rules),
+        )?;
         let exe = std::env::current_exe().map_err(|e| Error::io("locating", "imacri", e))?;
         let out = tokio::process::Command::new(exe)
             .args([
@@ -320,7 +323,7 @@ impl CriServer {
         let (id, config, st) = (entry.id.as_str(), &entry.config, &entry.state());
         let dir = &st.dir;
         if let (Some(u), Some(i)) = (&st.userns, &st.ima) {
-            if i.backend == imacri_runtime::ima::Backend::Kernel.to_string() {
+            if i.backend == imacri_runtime::integrity::setting::Backend::Kernel.to_string() {
                 self.activate_kernel_ima(dir, &u.path, &i.policy).await?;
             }
         }

@@ -55,8 +55,11 @@ impl CriServer {
                 Err(e) => format!("CNI is not initialized: {e}"),
             },
         };
-        let ima = match imacri_runtime::ima::resolve_backend(self.cfg.ima.backend, &self.ima_node) {
-            Ok(b @ imacri_runtime::ima::Backend::None(_)) => {
+        let ima = match imacri_runtime::integrity::setting::resolve_backend(
+            self.cfg.ima.backend,
+            &self.ima_node,
+        ) {
+            Ok(b @ imacri_runtime::integrity::setting::Backend::None(_)) => {
                 (true, "MeasurementUnavailable", b.to_string())
             }
             Ok(b) => (

@@ -8,11 +8,11 @@
 //! container's rootfs is, with the default policy's triggers.
 
 use anyhow::{bail, Context, Result};
-use imacri_runtime::ima::policy::Mode;
 use imacri_runtime::integrity::digest::hash_fd;
 use imacri_runtime::integrity::engine::{Engine, Measured};
 use imacri_runtime::integrity::fanotify::{self, Target, Triggers};
 use imacri_runtime::integrity::journal::Journal;
+use imacri_runtime::integrity::policy::Mode;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
@@ -100,8 +100,8 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
     let journal = Arc::new(Journal::open(&dir.join("journal"), 15, None)?);
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
     let engine = Engine::new(journal, tx, 2);
-    let rules = imacri_runtime::ima::policy::parse(
-        &imacri_runtime::ima::PolicyConfig::default()
+    let rules = imacri_runtime::integrity::policy::parse(
+        &imacri_runtime::integrity::setting::PolicyConfig::default()
             .rules
             .join("\n"),
     )?;

@@ -27,7 +27,7 @@ use super::allowlist::Allowlist;
 use super::digest::{digest_text, fd_path, hash_fd, FileKey};
 use super::journal::{Journal, JournalError};
 use super::log::Event;
-use crate::ima::policy::Mode;
+use crate::integrity::policy::Mode;
 
 /// Accesses of one pod waiting for hashing before its sources block.
 pub const PER_POD_QUEUE: usize = 32;

@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use super::digest::FileKey;
 use super::engine::{Engine, Measured, Pending};
 use super::log::Event;
-use crate::ima::policy::Rule;
+use crate::integrity::policy::Rule;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FanotifyError {
@@ -375,7 +375,7 @@ fn euid_of(pid: i32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ima::policy::parse;
+    use crate::integrity::policy::parse;
 
     #[test]
     fn policy_rules_compile_to_triggers() {

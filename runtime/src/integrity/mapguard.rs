@@ -222,6 +222,22 @@ pub fn guard_profile(
     Ok(p)
 }
 
+/// Whether this kernel can run the guard: seccomp user notification and
+/// pidfd_getfd (Linux 5.6+).
+pub fn probe() -> Result<(), String> {
+    let avail = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail")
+        .map_err(|e| format!("reading /proc/sys/kernel/seccomp/actions_avail: {e}"))?;
+    if !avail.split_whitespace().any(|a| a == "user_notif") {
+        return Err("seccomp user notification is unavailable (Linux < 5.0)".into());
+    }
+    // SAFETY: a raw syscall with invalid fds: only its errno is looked at.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, -1, 0) };
+    if r < 0 && nix::errno::Errno::last() == nix::errno::Errno::ENOSYS {
+        return Err("pidfd_getfd is unavailable (Linux < 5.6)".into());
+    }
+    Ok(())
+}
+
 /// Accepts runc's listener fds and answers their notifications.
 pub struct Supervisor {
     path: std::path::PathBuf,
@@ -646,6 +662,11 @@ mod tests {
             .unwrap();
         let p = guard_profile(Some(denied), Path::new("/s"), "p").unwrap();
         assert!(!names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"mmap".to_string()));
+    }
+
+    #[test]
+    fn this_kernel_can_run_the_guard() {
+        probe().unwrap();
     }
 
     #[test]

@@ -1,8 +1,5 @@
 //! The pod `ima` setting: which backend measures a pod, with which policy.
 
-pub mod policy;
-pub mod securityfs;
-
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -108,7 +105,7 @@ pub fn requested(field: bool, annotations: &HashMap<String, String>) -> Result<b
 pub struct PolicyConfig {
     /// Rules in the kernel's IMA policy syntax.
     pub rules: Vec<String>,
-    pub mode: policy::Mode,
+    pub mode: super::policy::Mode,
     /// Appraisal policies (JSON allowlists), merged.
     pub allowlist: Vec<std::path::PathBuf>,
     /// Executions from volumes (fanotify backend).
@@ -136,7 +133,7 @@ impl Default for PolicyConfig {
                 "measure func=BPRM_CHECK mask=MAY_EXEC".into(),
                 "measure func=FILE_MMAP mask=MAY_EXEC".into(),
             ],
-            mode: policy::Mode::Measure,
+            mode: super::policy::Mode::Measure,
             allowlist: Vec::new(),
             volumes: VolumeExec::Deny,
         }
@@ -194,7 +191,7 @@ mod tests {
     #[test]
     fn default_policy_parses() {
         for r in PolicyConfig::default().rules {
-            policy::parse_rule(&r).unwrap();
+            crate::integrity::policy::parse_rule(&r).unwrap();
         }
     }
 }

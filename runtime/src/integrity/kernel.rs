@@ -1,10 +1,15 @@
-//! The kernel IMA-namespace interface (the v14+ patch series): files under a
-//! securityfs mounted inside the pod's user namespace. Everything takes the
-//! `ima` directory as a parameter, so it is unit-tested on a directory tree
-//! laid out like the kernel's.
+//! The kernel backend: IMA namespaces as in the v14+ patch series (in no
+//! mainline kernel), files under a securityfs mounted inside the pod's user
+//! namespace. Everything but the probe takes the `ima` directory as a
+//! parameter, so it is unit-tested on a directory tree laid out like the
+//! kernel's.
 
 use std::io::ErrorKind;
 use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use std::path::PathBuf;
 
 use crate::{Error, Result};
 
@@ -146,6 +151,60 @@ pub fn activate_in_userns(userns: &Path, a: &Activation<'_>) -> Result<()> {
     res
 }
 
+/// Whether a fresh user namespace can mount securityfs with `ima/active`
+/// (the IMA-namespace kernel series). Err carries the reason it cannot.
+pub fn probe() -> std::result::Result<(), String> {
+    let dir = tempfile_dir().map_err(|e| format!("creating a probe directory: {e}"))?;
+    let target = dir.clone();
+    // Built before fork: the child must not allocate.
+    let active =
+        std::ffi::CString::new(dir.join("ima/active").into_os_string().into_encoded_bytes())
+            .map_err(|_| "probe path has a NUL byte".to_string())?;
+    let mut outcome = Err("probe did not run".to_string());
+    let res = crate::userns::with_child(
+        || {
+            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)?;
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )?;
+            mount(
+                Some("securityfs"),
+                &target,
+                Some("securityfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )?;
+            // SAFETY: access() on a valid C string.
+            if unsafe { libc::access(active.as_ptr(), libc::F_OK) } == 0 {
+                Ok(())
+            } else {
+                Err(nix::Error::ENOENT)
+            }
+        },
+        |_| {
+            outcome = Ok(());
+            Ok(())
+        },
+    );
+    let _ = std::fs::remove_dir(&dir);
+    match res {
+        Ok(()) => outcome,
+        Err(_) => Err(
+            "a user namespace cannot mount securityfs with ima/active: this kernel has no IMA namespace support (not in any mainline kernel)".into(),
+        ),
+    }
+}
+
+fn tempfile_dir() -> std::io::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("imacri-ima-probe-{}", crate::ids::new_id()));
+    std::fs::create_dir(&d)?;
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +269,15 @@ mod tests {
         assert_eq!(log[0].pcr, 10);
         assert_eq!(log[0].file_hash, "sha256:0123");
         assert_eq!(log[1].path, "/usr/bin/with space");
+    }
+
+    #[test]
+    fn this_kernel_has_no_ima_namespaces() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        // Mainline kernels (including this machine's) lack IMA namespaces.
+        let r = probe();
+        assert!(r.unwrap_err().contains("IMA namespace"));
     }
 }
