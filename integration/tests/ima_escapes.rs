@@ -227,6 +227,25 @@ async fn stop_pod(rt: &mut imacri_integration::client::Rt, pod: &str) {
     .unwrap();
 }
 
+/// An ima pod with `policy` and two sleeping containers: `a` without a
+/// seccomp profile (kubelet's default), `b` with RuntimeDefault.
+async fn two_containers(
+    d: &Imacri,
+    rt: &mut imacri_integration::client::Rt,
+    name: &str,
+    policy: &str,
+    image: &str,
+) -> (String, String, String) {
+    let cfg = ima(name, policy);
+    let pod = run_pod(rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let sleeper = |n: &str| container_config(n, image, &["sleep", "1000"]);
+    let a = start_container(rt, &pod, &cfg, sleeper("a")).await;
+    let b = start_container(rt, &pod, &cfg, runtime_default(sleeper("b"))).await;
+    (pod, a, b)
+}
+
 const MAPPINGS: [&str; 6] = [
     "memfd-mmap",
     "memfd-mprotect",
@@ -259,12 +278,7 @@ async fn executable_mappings_are_measured_or_refused() {
     // Measure mode, without a seccomp profile and with RuntimeDefault: what
     // ran is in the log with the digest of what was mapped; what cannot be
     // measured (SHM_EXEC, READ_IMPLIES_EXEC) is refused.
-    let cfg = ima("escape-measure", "measure");
-    let pod = run_pod(&mut rt, &cfg)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-    let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
-    let b = start_container(&mut rt, &pod, &cfg, runtime_default(sleeper("b"))).await;
+    let (pod, a, b) = two_containers(&d, &mut rt, "escape-measure", "measure", &image).await;
     for c in [&a, &b] {
         for m in ["memfd-mmap", "memfd-mprotect", "shm-mprotect", "file-mmap"] {
             let (_, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
@@ -312,12 +326,7 @@ async fn executable_mappings_are_measured_or_refused() {
 
     // Enforce mode with the image's golden policy: the image's own programs,
     // loader and libc run; every other mapping is refused and logged.
-    let cfg = ima("escape-enforce", "strict");
-    let pod = run_pod(&mut rt, &cfg)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-    let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
-    let b = start_container(&mut rt, &pod, &cfg, runtime_default(sleeper("b"))).await;
+    let (pod, a, b) = two_containers(&d, &mut rt, "escape-enforce", "strict", &image).await;
     for c in [&a, &b] {
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
         for m in MAPPINGS {

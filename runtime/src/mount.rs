@@ -6,6 +6,39 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// `struct mount_attr` (linux/mount.h), for `mount_setattr(2)`.
+#[repr(C)]
+pub(crate) struct MountAttr {
+    pub attr_set: u64,
+    pub attr_clr: u64,
+    pub propagation: u64,
+    pub userns_fd: u64,
+}
+
+pub(crate) const MOUNT_ATTR_NOEXEC: u64 = 0x0000_0008;
+pub(crate) const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// `mount_setattr(dirfd, path, flags, attr)`; returns the raw result (only
+/// async-signal-safe calls: usable in a forked child).
+///
+/// # Safety
+/// `path` must be a valid C string.
+pub(crate) unsafe fn mount_setattr(
+    dirfd: i32,
+    path: *const libc::c_char,
+    flags: libc::c_uint,
+    attr: &MountAttr,
+) -> libc::c_long {
+    libc::syscall(
+        libc::SYS_mount_setattr,
+        dirfd,
+        path,
+        flags,
+        attr as *const MountAttr,
+        std::mem::size_of::<MountAttr>(),
+    )
+}
+
 fn flag(opt: &str) -> Option<(bool, MsFlags)> {
     Some(match opt {
         "ro" => (true, MsFlags::MS_RDONLY),

@@ -195,18 +195,11 @@ pub fn remove(ns: &PodNamespaces) -> Result<()> {
 /// writes lands with the host IDs). runc 1.1 cannot do this itself; the
 /// container then bind-mounts `dst`.
 pub fn idmapped_bind(src: &Path, dst: &Path, userns: &Path) -> Result<()> {
+    use crate::mount::{mount_setattr, MountAttr, MOUNT_ATTR_IDMAP};
     use std::ffi::CString;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     use std::os::unix::ffi::OsStrExt;
-    #[repr(C)]
-    struct MountAttr {
-        attr_set: u64,
-        attr_clr: u64,
-        propagation: u64,
-        userns_fd: u64,
-    }
     const OPEN_TREE_CLONE: libc::c_uint = 1;
-    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
     const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
     let cstr = |p: &Path| {
         CString::new(p.as_os_str().as_bytes())
@@ -238,14 +231,13 @@ pub fn idmapped_bind(src: &Path, dst: &Path, userns: &Path) -> Result<()> {
         propagation: 0,
         userns_fd: ns.as_raw_fd() as u64,
     };
+    // SAFETY: `empty` is a valid C string.
     let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
+        mount_setattr(
             tree.as_raw_fd(),
             empty.as_ptr(),
             (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
+            &attr,
         )
     };
     if r < 0 {

@@ -1,7 +1,9 @@
 //! Benchmarks of the fanotify measurement backend (needs root): the cost it
 //! adds to an execution, cached and uncached, next to the same execution
-//! unmeasured, and first-time hashing throughput next to `openssl speed`.
-//! Run: `make bench` (or `target/release/bench-ima`).
+//! unmeasured; the map guard's cost per executable mapping next to the same
+//! mmap unguarded; what the ima guards add to a pod's start; and first-time
+//! hashing throughput next to `openssl speed`.
+//! Run: `make bench` (or `target/release/bench_ima`).
 //!
 //! The measured filesystem is a tmpfs of the benchmark's own (its own
 //! superblock, as each container's overlay rootfs is), marked exactly as a
@@ -42,6 +44,10 @@ fn execs(bin: &Path, n: usize) -> Result<Vec<Duration>> {
 }
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("mmap-child") {
+        return mmap_child(Path::new(&args[2]), args[3] == "guarded");
+    }
     let dir = tempfile::tempdir()?;
     let fs = dir.path().join("fs");
     std::fs::create_dir_all(&fs)?;
@@ -66,7 +72,8 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
     let _ = execs(&bin, 20)?;
     let base = median(execs(&bin, RUNS)?);
 
-    // A 512 MiB file that looks like ELF (so a FILE_MMAP rule measures it).
+    // A 512 MiB executable file that looks like ELF (its execution is
+    // measured, then refused by the kernel as no valid ELF).
     let elf = fs.join("big.so");
     {
         use std::io::Write;
@@ -78,6 +85,7 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
             chunk[..4].copy_from_slice(&[0x5a; 4]);
         }
     }
+    std::fs::set_permissions(&elf, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     // The same CPU load without measurement: hashing it on another thread.
     let base_loaded = {
         let elf = elf.clone();
@@ -138,14 +146,14 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
     }
     let uncached = median(unc);
 
-    // Under load: cached executions while the big file is opened (FILE_MMAP
-    // rule) and hashed by a worker; the reader thread must keep answering
-    // the cached events meanwhile.
+    // Under load: cached executions while the big file is executed and
+    // hashed by a worker; the reader thread must keep answering the cached
+    // events meanwhile.
     let opener = {
         let elf = elf.clone();
         std::thread::spawn(move || {
             let t = Instant::now();
-            let _ = std::fs::File::open(&elf);
+            let _ = Command::new(&elf).status();
             t.elapsed()
         })
     };
@@ -162,7 +170,15 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
     } else {
         median(loaded.clone())
     };
+    // The map guard: a child maps a file of the marked filesystem
+    // executable, under a seccomp filter whose notifications the engine
+    // answers (cached: the file is measured once), next to the same child
+    // without a filter.
+    let _ = mapping_cost(&engine, &bin, true)?;
+    let map_guarded = mapping_cost(&engine, &bin, true)?;
+    let map_plain = mapping_cost(&engine, &bin, false)?;
     drop(watch);
+    let (guard_ms, seal_ms) = guard_cost()?;
 
     // Hashing throughput through an fd, as the engine reads files.
     let big = fs.join("big");
@@ -230,6 +246,24 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
         open_wait.as_secs_f64() * 1e3
     );
     println!(
+        "{:<44} {:>10.1}",
+        "mmap(PROT_EXEC) of a file, unguarded (us)", map_plain
+    );
+    println!(
+        "{:<44} {:>10.1}   (+{:.1} us; a dynamic exec maps ~2-5)",
+        "mmap(PROT_EXEC), map guard, cached (us)",
+        map_guarded,
+        map_guarded - map_plain
+    );
+    println!(
+        "{:<44} {:>10.2}",
+        "pod start: memfd/userns guards (ms)", guard_ms
+    );
+    println!(
+        "{:<44} {:>10.2}",
+        "pod start: pause rootfs seal (ms)", seal_ms
+    );
+    println!(
         "{:<44} {:>10.2}   (target >= 1 GB/s)",
         "sha256 through the event fd (GB/s)", gbps
     );
@@ -241,4 +275,190 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
         None => println!("openssl speed: unavailable"),
     }
     Ok(())
+}
+
+/// Median microseconds of an executable mapping of `file` in a child, with
+/// or without the map guard's filter (answered by `engine` as the
+/// registered container "bench-ctr").
+fn mapping_cost(engine: &Arc<Engine>, file: &Path, guarded: bool) -> Result<f64> {
+    use std::io::{BufRead, Write};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([
+            "mmap-child",
+            &file.to_string_lossy(),
+            if guarded { "guarded" } else { "plain" },
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if guarded {
+        let fd: i32 = line
+            .trim()
+            .strip_prefix("fd=")
+            .context("child fd")?
+            .parse()?;
+        // SAFETY: raw syscalls with integer arguments; results checked.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as i32, 0) };
+        anyhow::ensure!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        let got = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_getfd,
+                std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                fd,
+                0,
+            )
+        };
+        anyhow::ensure!(got >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
+        let listener = unsafe { OwnedFd::from_raw_fd(got as i32) };
+        imacri_runtime::integrity::mapguard::listen(
+            Arc::downgrade(engine),
+            listener,
+            "bench-ctr".into(),
+        )?;
+    }
+    child.stdin.take().context("stdin")?.write_all(b"go\n")?;
+    line.clear();
+    out.read_line(&mut line)?;
+    child.wait()?;
+    line.trim()
+        .parse::<f64>()
+        .with_context(|| format!("child said {line:?}"))
+}
+
+/// The child: (optionally) installs a filter sending mmap with PROT_EXEC to
+/// a listener, waits for "go", maps `file` executable RUNS times and prints
+/// the median in microseconds.
+fn mmap_child(file: &Path, guarded: bool) -> Result<()> {
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    if guarded {
+        let f = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+        let prog = [
+            f(0x20, 0, 0, 0),                      // ld nr
+            f(0x15, 0, 3, libc::SYS_mmap as u32),  // mmap?
+            f(0x20, 0, 0, 32),                     // ld args[2] (prot)
+            f(0x45, 0, 1, libc::PROT_EXEC as u32), // PROT_EXEC?
+            f(0x06, 0, 0, 0x7fc0_0000),            // SECCOMP_RET_USER_NOTIF
+            f(0x06, 0, 0, 0x7fff_0000),            // SECCOMP_RET_ALLOW
+        ];
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_ptr() as *mut _,
+        };
+        // SAFETY: a valid filter program that outlives the calls.
+        let fd = unsafe {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            libc::syscall(
+                libc::SYS_seccomp,
+                1, /* SET_MODE_FILTER */
+                8, /* NEW_LISTENER */
+                &fprog,
+            )
+        };
+        anyhow::ensure!(fd >= 0, "seccomp: {}", std::io::Error::last_os_error());
+        println!("fd={fd}");
+    } else {
+        println!("ready");
+    }
+    std::io::stdout().flush()?;
+    let mut go = String::new();
+    std::io::stdin().lock().read_line(&mut go)?;
+    let file = std::fs::File::open(file)?;
+    let mut v = Vec::with_capacity(RUNS);
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        // SAFETY: a fresh private mapping, unmapped at once.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        v.push(t.elapsed());
+        anyhow::ensure!(
+            p != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        unsafe { libc::munmap(p, 4096) };
+    }
+    println!("{:.2}", median(v));
+    Ok(())
+}
+
+/// Median milliseconds the ima guards add to a pod's start: the sysctl
+/// helper (vm.memfd_noexec, user.max_user_namespaces) and the pause seal,
+/// each on a fresh process in new user, pid and mount namespaces.
+fn guard_cost() -> Result<(f64, f64)> {
+    use imacri_runtime::integrity::guard;
+    let mut apply = Vec::new();
+    let mut seal = Vec::new();
+    for _ in 0..20 {
+        let mut child = Command::new("unshare")
+            .args([
+                "--user",
+                "--map-root-user",
+                "--pid",
+                "--fork",
+                "--mount",
+                "sleep",
+                "30",
+            ])
+            .spawn()?;
+        // The forked sleep is unshare's child: wait for its namespaces.
+        let pid = child_pid(child.id())?;
+        let own = std::fs::read_link("/proc/self/ns/mnt")?;
+        anyhow::ensure!(
+            std::fs::read_link(format!("/proc/{pid}/ns/mnt"))? != own,
+            "the probe process shares imacri's mount namespace"
+        );
+        let t = Instant::now();
+        guard::apply(pid, Path::new(&format!("/proc/{pid}/ns/user")))?;
+        apply.push(t.elapsed());
+        let t = Instant::now();
+        guard::seal_root_noexec(pid)?;
+        seal.push(t.elapsed());
+        let _ = child.kill();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::SIGKILL,
+        );
+        let _ = child.wait();
+    }
+    Ok((median(apply) / 1e3, median(seal) / 1e3))
+}
+
+/// The pid of `parent`'s child once it has exec'd `sleep`.
+fn child_pid(parent: u32) -> Result<u32> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = kids
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            if std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "sleep")
+            {
+                return Ok(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    bail!("unshare's child did not start")
 }

@@ -11,10 +11,10 @@
 //!   pod with `PER_POD_QUEUE` accesses waiting blocks only its own event
 //!   sources (each container has its own), never another pod's first
 //!   executions, and never holds more than that many of imacri's fds.
-//! - Every execution or executable mapping checks for open writers (IMA's
-//!   open-writers violation) just before it is answered: a file that can
-//!   change under the digest is a `writers` entry, and refused in enforce
-//!   mode.
+//! - Every executable mapping checks for open writers (IMA's open-writers
+//!   violation) just before it is answered: a file that can change under
+//!   the digest is a `writers` entry, and refused in enforce mode. (For
+//!   executions the kernel does it: ETXTBSY both ways.)
 //! - An access the log cannot take (quota, I/O error) is refused: what is
 //!   not recorded was not measured.
 
@@ -322,8 +322,10 @@ impl Engine {
             self.stats.mappings.fetch_add(1, Ordering::Relaxed);
         }
         // Checked last, right before the answer: a writer now could change
-        // what runs after it was measured.
-        if runs && open_for_writing(fd) {
+        // what runs after it was measured. Only for mappings: an execution
+        // of a file open for writing is refused by the kernel itself
+        // (ETXTBSY), and so is opening a running executable for writing.
+        if kind == Event::Mmap && open_for_writing(fd) {
             let reason = "open for writing while executed or mapped executable".to_string();
             let r = self
                 .journal
@@ -555,9 +557,9 @@ mod tests {
         let other = d.path().join("other");
         std::fs::write(&other, b"evil").unwrap();
         engine.decide(&target, pend(&other, "evil"), Event::Exec, [9; 32]);
-        // Open for writing: refused even with an allowed digest.
+        // Mapped while open for writing: refused even with an allowed digest.
         let w = std::fs::OpenOptions::new().write(true).open(&bin).unwrap();
-        engine.decide(&target, pend(&bin, "written"), Event::Exec, digest);
+        engine.decide(&target, pend(&bin, "written"), Event::Mmap, digest);
         drop(w);
         // Quota (3) reached: the next new measurement is refused.
         let third = d.path().join("third");

@@ -141,23 +141,22 @@ unsafe fn helper(user: i32, memfd: &CString, maxns: &CString, report: i32) -> ! 
 }
 
 /// Makes the root mount of `pid`'s mount namespace `noexec` once `pid` has
-/// executed its program: the pause container's rootfs holds only imacri's
-/// pause binary, which a container sharing the pod's pid namespace could
-/// otherwise run unmeasured through `/proc/1/root`. Waits (up to 5 s) for
-/// the exec, as runc's start returns before it.
+/// settled: the pause container's rootfs holds only its pause binary, which
+/// a container sharing the pod's pid namespace could otherwise run
+/// unmeasured through `/proc/1/root`. runc's start returns before the exec,
+/// and a dynamically linked pause maps its libraries after it, so this
+/// waits (up to 5 s) until pause is blocked in a call that waits forever.
 pub fn seal_root_noexec(pid: u32) -> Result<(), GuardError> {
-    let comm = format!("/proc/{pid}/comm");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        match std::fs::read_to_string(&comm) {
-            Ok(c) if !c.starts_with("runc") => break,
-            Ok(_) if std::time::Instant::now() < deadline => {
+        match settled(pid) {
+            Ok(true) => break,
+            Ok(false) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(1))
             }
-            Ok(c) => {
+            Ok(false) => {
                 return Err(GuardError::Abnormal(format!(
-                    "pid {pid} is still {:?} after 5 s",
-                    c.trim()
+                    "pid {pid} did not settle into waiting within 5 s (is the sandbox image a pause program?)"
                 )))
             }
             Err(source) => return Err(GuardError::Namespaces { pid, source }),
@@ -181,21 +180,46 @@ pub fn seal_root_noexec(pid: u32) -> Result<(), GuardError> {
     reap(child, &rd, &SEAL_STEPS)
 }
 
+/// Calls a pause program waits in forever (x86-64 numbers).
+const WAITING: [libc::c_long; 12] = [
+    libc::SYS_pause,
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_ppoll,
+    libc::SYS_poll,
+    libc::SYS_select,
+    libc::SYS_pselect6,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+];
+
+/// Whether `pid` has exec'd its program (no longer runc's init) and is
+/// blocked in one of the `WAITING` calls.
+fn settled(pid: u32) -> std::io::Result<bool> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))?;
+    if comm.starts_with("runc") {
+        return Ok(false);
+    }
+    let sys = std::fs::read_to_string(format!("/proc/{pid}/syscall"))?;
+    Ok(waiting_in(&sys))
+}
+
+/// `/proc/<pid>/syscall` says "running", or the number of the call the task
+/// is blocked in followed by its arguments.
+fn waiting_in(sys: &str) -> bool {
+    sys.split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<libc::c_long>().ok())
+        .is_some_and(|n| WAITING.contains(&n))
+}
+
 const SEAL_STEPS: [&str; 2] = [
     "join the pause container's mount namespace",
     "set its root noexec",
 ];
-
-/// Layout of `struct mount_attr` (linux/mount.h).
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-const MOUNT_ATTR_NOEXEC: u64 = 0x0000_0008;
 
 unsafe fn seal_helper(mnt: i32, root: &CString, report: i32) -> ! {
     let fail = |step: i32| -> ! {
@@ -207,20 +231,14 @@ unsafe fn seal_helper(mnt: i32, root: &CString, report: i32) -> ! {
     if libc::setns(mnt, libc::CLONE_NEWNS) != 0 {
         fail(1);
     }
+    use crate::mount::{mount_setattr, MountAttr, MOUNT_ATTR_NOEXEC};
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_NOEXEC,
         attr_clr: 0,
         propagation: 0,
         userns_fd: 0,
     };
-    let r = libc::syscall(
-        libc::SYS_mount_setattr,
-        libc::AT_FDCWD,
-        root.as_ptr(),
-        0,
-        &attr as *const MountAttr,
-        std::mem::size_of::<MountAttr>(),
-    );
+    let r = mount_setattr(libc::AT_FDCWD, root.as_ptr(), 0, &attr);
     if r != 0 {
         fail(2);
     }
@@ -257,6 +275,16 @@ pub fn probe() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settled_means_blocked_in_a_waiting_call() {
+        assert!(waiting_in("34 0x0 0x0 0x0 0x0 0x0 0x0 0x7ffc 0x4011"));
+        assert!(waiting_in("230 0x0 0x0 0x7ffd 0x0 0x0 0x0 0x7ffd 0x7f00"));
+        assert!(!waiting_in("running"));
+        assert!(!waiting_in("9 0x0 0x1000 0x5 0x2 0x3 0x0 0x7ffd 0x7f00"));
+        // This test's own thread is running, not waiting.
+        assert!(!settled(std::process::id()).unwrap());
+    }
 
     #[test]
     fn forbidden_capabilities_in_any_spelling() {

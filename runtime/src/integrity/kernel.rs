@@ -4,12 +4,10 @@
 //! parameter, so it is unit-tested on a directory tree laid out like the
 //! kernel's.
 
-use std::io::ErrorKind;
-use std::path::Path;
-
 use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use std::path::PathBuf;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
@@ -116,21 +114,14 @@ pub fn read_log(ima: &Path) -> Result<(Vec<Measurement>, u64, u64)> {
 /// Must run single-threaded (setns into a user namespace requires it): the
 /// daemon runs it in a helper process (`imacri internal ima-activate`).
 pub fn activate_in_userns(userns: &Path, a: &Activation<'_>) -> Result<()> {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
-    use nix::sched::{setns, unshare, CloneFlags};
+    use nix::mount::{umount2, MntFlags};
+    use nix::sched::setns;
     let f = std::fs::File::open(userns).map_err(|e| Error::io("opening", userns, e))?;
     setns(&f, CloneFlags::CLONE_NEWUSER)
         .map_err(|e| Error::io("joining user namespace", userns, e.into()))?;
     unshare(CloneFlags::CLONE_NEWNS)
         .map_err(|e| Error::Internal(format!("unshare mount ns: {e}")))?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(|e| Error::Internal(format!("making mounts private: {e}")))?;
+    private_mounts().map_err(|e| Error::Internal(format!("making mounts private: {e}")))?;
     let dir = std::env::temp_dir().join(format!("imacri-securityfs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
     mount(
@@ -151,6 +142,18 @@ pub fn activate_in_userns(userns: &Path, a: &Activation<'_>) -> Result<()> {
     res
 }
 
+/// Makes every mount of this (new) mount namespace private, so what is
+/// mounted next never propagates to the host.
+fn private_mounts() -> nix::Result<()> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+}
+
 /// Whether a fresh user namespace can mount securityfs with `ima/active`
 /// (the IMA-namespace kernel series). Err carries the reason it cannot.
 pub fn probe() -> std::result::Result<(), String> {
@@ -164,13 +167,7 @@ pub fn probe() -> std::result::Result<(), String> {
     let res = crate::userns::with_child(
         || {
             unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)?;
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )?;
+            private_mounts()?;
             mount(
                 Some("securityfs"),
                 &target,

@@ -309,18 +309,23 @@ fn accept(engine: &Weak<Engine>, conn: std::os::unix::net::UnixStream) {
     let Some(fd) = fds.into_iter().next() else {
         return tracing::error!(container_id = %state.state.id, "map guard: runc sent no seccomp fd");
     };
-    let engine = engine.clone();
-    let container = state.state.id;
-    tracing::debug!(container_id = %container, pod_sandbox_id = %state.metadata, "map guard: listening");
-    let spawned = std::thread::Builder::new()
-        .name("imacri-seccomp".into())
-        .stack_size(256 * 1024)
-        .spawn(move || serve(&engine, fd, &container));
-    if let Err(e) = spawned {
-        // The fd is dropped with the closure: the container's guarded calls
-        // fail (ENOSYS), closed.
+    tracing::debug!(container_id = %state.state.id, pod_sandbox_id = %state.metadata, "map guard: listening");
+    if let Err(e) = listen(engine.clone(), fd, state.state.id) {
+        // The fd was dropped: the container's guarded calls fail (ENOSYS),
+        // closed.
         tracing::error!(error = %e, "map guard: cannot start a listener thread");
     }
+}
+
+/// Answers the notifications of one seccomp listener fd, for `container`
+/// (registered with the engine), on a thread of its own until no task uses
+/// the filter.
+pub fn listen(engine: Weak<Engine>, fd: OwnedFd, container: String) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("imacri-seccomp".into())
+        .stack_size(256 * 1024)
+        .spawn(move || serve(&engine, fd, &container))
+        .map(|_| ())
 }
 
 /// The message (JSON, to EOF) and the fds of its first part.
