@@ -225,7 +225,7 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
     );
     println!(
         "{:<44} {:>10.1}   (target < 50 us)",
-        "  handler time per cached event (us)", handler_us
+        "  time to decide a cached event (us)", handler_us
     );
     println!(
         "{:<44} {:>10}   (+{:.0} us)",

@@ -75,7 +75,7 @@ pub struct Stats {
     pub cache_hits: AtomicU64,
     pub hashed_files: AtomicU64,
     pub hashed_bytes: AtomicU64,
-    /// Time from reading a cache-hit event to answering it.
+    /// Time from a cache hit's handling to its answer (the decision).
     pub hit_ns_total: AtomicU64,
     pub denied: AtomicU64,
     pub mappings: AtomicU64,
@@ -252,10 +252,7 @@ impl Engine {
         match self.cached(&key) {
             Some(d) => {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                self.decide(&target, pending, kind, d);
-                self.stats
-                    .hit_ns_total
-                    .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                self.decide(&target, pending, kind, d, Some(t0));
             }
             None => self.queue.push(Job {
                 target,
@@ -290,7 +287,7 @@ impl Engine {
             match now {
                 Ok(k) if k == key => {
                     self.remember(key, digest);
-                    return self.decide(t, job.pending, job.kind, digest);
+                    return self.decide(t, job.pending, job.kind, digest, None);
                 }
                 Ok(k) => key = k,
                 Err(_) => break,
@@ -311,8 +308,18 @@ impl Engine {
         }
     }
 
-    /// Appraises, records and answers one measured access.
-    fn decide(&self, t: &Measured, pending: Box<dyn Pending>, kind: Event, digest: [u8; 32]) {
+    /// Appraises, records and answers one measured access. `hit`: when a
+    /// cache hit's handling began, for the time-to-answer statistic (taken
+    /// before the answer: answering wakes the waiting task, which may
+    /// preempt this thread).
+    fn decide(
+        &self,
+        t: &Measured,
+        pending: Box<dyn Pending>,
+        kind: Event,
+        digest: [u8; 32],
+        hit: Option<std::time::Instant>,
+    ) {
         let fd = pending.fd();
         let path = fd_path(fd);
         let digest_hex = digest_text(&digest);
@@ -365,6 +372,11 @@ impl Engine {
         };
         if deny {
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(t0) = hit {
+            self.stats
+                .hit_ns_total
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         pending.answer(!deny);
         if let Some(reason) = verdict {
@@ -552,19 +564,19 @@ mod tests {
             })
         };
         // Allowed digest: allowed and logged.
-        engine.decide(&target, pend(&bin, "ok"), Event::Mmap, digest);
+        engine.decide(&target, pend(&bin, "ok"), Event::Mmap, digest, None);
         // Another file: denied in enforce mode.
         let other = d.path().join("other");
         std::fs::write(&other, b"evil").unwrap();
-        engine.decide(&target, pend(&other, "evil"), Event::Exec, [9; 32]);
+        engine.decide(&target, pend(&other, "evil"), Event::Exec, [9; 32], None);
         // Mapped while open for writing: refused even with an allowed digest.
         let w = std::fs::OpenOptions::new().write(true).open(&bin).unwrap();
-        engine.decide(&target, pend(&bin, "written"), Event::Mmap, digest);
+        engine.decide(&target, pend(&bin, "written"), Event::Mmap, digest, None);
         drop(w);
         // Quota (3) reached: the next new measurement is refused.
         let third = d.path().join("third");
         std::fs::write(&third, b"x").unwrap();
-        engine.decide(&target, pend(&third, "over"), Event::Read, [3; 32]);
+        engine.decide(&target, pend(&third, "over"), Event::Read, [3; 32], None);
         let a = answers.lock().unwrap().clone();
         assert_eq!(
             a,
