@@ -104,7 +104,21 @@ pub fn reap_run(dir: &Path) {
         );
     }
     unmount_under(dir);
-    let _ = std::fs::remove_dir_all(dir);
+    remove_settled(dir);
+}
+
+/// Removes `dir`, again while processes that are still dying (the run's
+/// containerd and imacri, killed with it) write into it: one pass can fail
+/// with ENOTEMPTY when a file appears behind it.
+fn remove_settled(dir: &Path) {
+    for _ in 0..50 {
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Deletes the test bridges (`imit<pid>`, `imv6<pid>`) whose pid suffix
