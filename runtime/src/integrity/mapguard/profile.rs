@@ -1,0 +1,288 @@
+//! The map guard's seccomp rules, merged into a container's profile (see
+//! the parent module for what the supervisor does with them).
+
+use oci_spec::runtime::{
+    Arch, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArgBuilder, LinuxSeccompBuilder,
+    LinuxSeccompOperator, LinuxSyscall, LinuxSyscallBuilder,
+};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapGuardError {
+    #[error("the seccomp profile {0}; an ima pod's profile must leave mmap, mprotect, pkey_mprotect, personality and shmat unconditionally allowed or denied (imacri adds the conditions)")]
+    Profile(String),
+    #[error("building the seccomp profile: {0}")]
+    Build(String),
+    #[error("listening for seccomp notifications on {path}: {source}")]
+    Listen {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
+const MAP_ANONYMOUS: u64 = libc::MAP_ANONYMOUS as u64;
+const READ_IMPLIES_EXEC: u64 = 0x0040_0000;
+const SHM_EXEC: u64 = 0o100000;
+/// personality(0xffffffff) only queries the current persona.
+pub(super) const PERSONALITY_QUERY: u64 = 0xffff_ffff;
+
+/// The syscalls the guard takes over, with the argument (index, mask) whose
+/// set bits make a call need imacri's answer.
+const GUARDED: [(&str, u32, u64); 5] = [
+    ("mmap", 2, PROT_EXEC),
+    ("mprotect", 2, PROT_EXEC),
+    ("pkey_mprotect", 2, PROT_EXEC),
+    ("personality", 0, READ_IMPLIES_EXEC),
+    ("shmat", 2, SHM_EXEC),
+];
+
+#[cfg(target_arch = "x86_64")]
+const NATIVE: Arch = Arch::ScmpArchX86_64;
+#[cfg(target_arch = "aarch64")]
+const NATIVE: Arch = Arch::ScmpArchAarch64;
+
+fn masked(
+    index: u32,
+    mask: u64,
+    value: u64,
+) -> Result<oci_spec::runtime::LinuxSeccompArg, MapGuardError> {
+    LinuxSeccompArgBuilder::default()
+        .index(index as usize)
+        .value(mask)
+        .value_two(value)
+        .op(LinuxSeccompOperator::ScmpCmpMaskedEq)
+        .build()
+        .map_err(|e| MapGuardError::Build(e.to_string()))
+}
+
+fn rule(
+    name: &str,
+    action: LinuxSeccompAction,
+    args: Vec<oci_spec::runtime::LinuxSeccompArg>,
+) -> Result<LinuxSyscall, MapGuardError> {
+    let mut r = LinuxSyscallBuilder::default()
+        .names(vec![name.to_string()])
+        .action(action)
+        .build()
+        .map_err(|e| MapGuardError::Build(e.to_string()))?;
+    if !args.is_empty() {
+        r.set_args(Some(args));
+    }
+    if action == LinuxSeccompAction::ScmpActErrno {
+        r.set_errno_ret(Some(libc::EPERM as u32));
+    }
+    Ok(r)
+}
+
+fn allows(a: LinuxSeccompAction) -> bool {
+    matches!(
+        a,
+        LinuxSeccompAction::ScmpActAllow | LinuxSeccompAction::ScmpActLog
+    )
+}
+
+/// A conditional allow rule the guard can keep: personality values that
+/// cannot set READ_IMPLIES_EXEC (the runtime default's list).
+fn harmless_personality(r: &LinuxSyscall) -> bool {
+    r.args().iter().flatten().all(|a| {
+        a.index() == 0
+            && a.op() == LinuxSeccompOperator::ScmpCmpEq
+            && (a.value() & READ_IMPLIES_EXEC == 0 || a.value() == PERSONALITY_QUERY)
+    })
+}
+
+/// The container's seccomp profile with the guard's rules: `base` (None:
+/// unconfined) keeps every decision it made, and the guarded calls it
+/// allows go through imacri when they would make something executable.
+pub fn guard_profile(
+    base: Option<LinuxSeccomp>,
+    listener: &Path,
+    pod: &str,
+) -> Result<LinuxSeccomp, MapGuardError> {
+    let mut p = match base {
+        Some(p) => p,
+        None => LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActAllow)
+            .build()
+            .map_err(|e| MapGuardError::Build(e.to_string()))?,
+    };
+    if p.listener_path().is_some() {
+        return Err(MapGuardError::Profile("has its own listenerPath".into()));
+    }
+    let default_allows = allows(p.default_action());
+    let mut syscalls = p.syscalls().clone().unwrap_or_default();
+    if syscalls
+        .iter()
+        .any(|r| r.action() == LinuxSeccompAction::ScmpActNotify)
+    {
+        return Err(MapGuardError::Profile("uses SCMP_ACT_NOTIFY".into()));
+    }
+    // Per guarded call: allowed by the profile unconditionally (and so
+    // taken over), or decided by it already (left alone).
+    let mut take_over = Vec::new();
+    for (name, _, _) in GUARDED {
+        let mut mentioned = false;
+        let mut allowed = false;
+        for r in syscalls.iter_mut() {
+            if !r.names().iter().any(|n| n == name) {
+                continue;
+            }
+            mentioned = true;
+            let conditional = r.args().as_ref().is_some_and(|a| !a.is_empty());
+            if !allows(r.action()) {
+                continue;
+            }
+            if conditional {
+                if name == "personality" && harmless_personality(r) {
+                    continue;
+                }
+                return Err(MapGuardError::Profile(format!(
+                    "allows {name} under conditions of its own"
+                )));
+            }
+            allowed = true;
+            let names: Vec<String> = r.names().iter().filter(|n| *n != name).cloned().collect();
+            r.set_names(names);
+        }
+        if allowed || (default_allows && !mentioned) {
+            take_over.push(name);
+        }
+    }
+    syscalls.retain(|r| !r.names().is_empty());
+    for (name, index, mask) in GUARDED {
+        if !take_over.contains(&name) {
+            continue;
+        }
+        let guarded = if name == "shmat" {
+            LinuxSeccompAction::ScmpActErrno
+        } else {
+            LinuxSeccompAction::ScmpActNotify
+        };
+        let mut args = vec![masked(index, mask, mask)?];
+        if name == "mmap" {
+            args.push(masked(3, MAP_ANONYMOUS, 0)?);
+        }
+        syscalls.push(rule(name, guarded, args)?);
+        if !default_allows {
+            syscalls.push(rule(
+                name,
+                LinuxSeccompAction::ScmpActAllow,
+                vec![masked(index, mask, 0)?],
+            )?);
+            if name == "mmap" {
+                syscalls.push(rule(
+                    name,
+                    LinuxSeccompAction::ScmpActAllow,
+                    vec![masked(3, MAP_ANONYMOUS, MAP_ANONYMOUS)?],
+                )?);
+            }
+        }
+    }
+    p.set_syscalls(Some(syscalls));
+    p.set_architectures(Some(vec![NATIVE]));
+    p.set_listener_path(Some(listener.to_path_buf()));
+    p.set_listener_metadata(Some(pod.to_string()));
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(p: &LinuxSeccomp, action: LinuxSeccompAction) -> Vec<String> {
+        p.syscalls()
+            .iter()
+            .flatten()
+            .filter(|r| r.action() == action)
+            .flat_map(|r| r.names().clone())
+            .collect()
+    }
+
+    #[test]
+    fn unconfined_gets_an_allow_all_profile_with_the_guard() {
+        let p = guard_profile(None, Path::new("/run/x.sock"), "pod1").unwrap();
+        assert_eq!(p.default_action(), LinuxSeccompAction::ScmpActAllow);
+        assert_eq!(
+            names(&p, LinuxSeccompAction::ScmpActNotify),
+            ["mmap", "mprotect", "pkey_mprotect", "personality"]
+        );
+        assert_eq!(names(&p, LinuxSeccompAction::ScmpActErrno), ["shmat"]);
+        // Under a default allow no allow rule is needed (runc rejects them).
+        assert!(names(&p, LinuxSeccompAction::ScmpActAllow).is_empty());
+        let mmap = p
+            .syscalls()
+            .iter()
+            .flatten()
+            .find(|r| r.names()[0] == "mmap")
+            .unwrap();
+        let a = mmap.args().clone().unwrap();
+        assert_eq!(
+            (a[0].index(), a[0].value(), a[0].value_two()),
+            (2, 4, Some(4))
+        );
+        assert_eq!(
+            (a[1].index(), a[1].value(), a[1].value_two()),
+            (3, 0x20, Some(0))
+        );
+        assert_eq!(p.architectures().clone().unwrap(), vec![NATIVE]);
+        assert_eq!(p.listener_path().clone().unwrap(), Path::new("/run/x.sock"));
+        assert_eq!(p.listener_metadata().as_deref(), Some("pod1"));
+    }
+
+    #[test]
+    fn runtime_default_keeps_its_decisions() {
+        let base = crate::seccomp::runtime_default(&Default::default()).unwrap();
+        let p = guard_profile(Some(base), Path::new("/s"), "p").unwrap();
+        // mmap and friends move from the big allow rule to split rules.
+        let allow_rules: Vec<&LinuxSyscall> = p
+            .syscalls()
+            .iter()
+            .flatten()
+            .filter(|r| r.action() == LinuxSeccompAction::ScmpActAllow)
+            .collect();
+        let unconditional: Vec<&String> = allow_rules
+            .iter()
+            .filter(|r| r.args().as_ref().is_none_or(|a| a.is_empty()))
+            .flat_map(|r| r.names())
+            .collect();
+        for g in ["mmap", "mprotect", "pkey_mprotect", "shmat"] {
+            assert!(
+                !unconditional.iter().any(|n| *n == g),
+                "{g} still unconditional"
+            );
+            assert!(allow_rules
+                .iter()
+                .any(|r| r.names()[0] == g && r.args().is_some()));
+        }
+        // The default's personality values cannot set READ_IMPLIES_EXEC: kept.
+        assert!(!names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"personality".to_string()));
+        assert!(names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"mprotect".to_string()));
+    }
+
+    #[test]
+    fn profiles_the_guard_cannot_combine_with_are_refused() {
+        let conditional = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActErrno)
+            .syscalls(vec![rule(
+                "mmap",
+                LinuxSeccompAction::ScmpActAllow,
+                vec![masked(2, 1, 1).unwrap()],
+            )
+            .unwrap()])
+            .build()
+            .unwrap();
+        let e = guard_profile(Some(conditional), Path::new("/s"), "p").unwrap_err();
+        assert!(e.to_string().contains("mmap"), "{e}");
+        // A profile that denies mmap outright keeps denying it.
+        let denied = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActAllow)
+            .syscalls(vec![
+                rule("mmap", LinuxSeccompAction::ScmpActErrno, vec![]).unwrap()
+            ])
+            .build()
+            .unwrap();
+        let p = guard_profile(Some(denied), Path::new("/s"), "p").unwrap();
+        assert!(!names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"mmap".to_string()));
+    }
+}
