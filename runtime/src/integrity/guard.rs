@@ -100,30 +100,43 @@ fn run_helper(pid: u32, pidns: &OwnedFd, user: &OwnedFd) -> Result<(), GuardErro
     // async-signal-safe calls run (this process has other threads).
     let memfd = CString::new(MEMFD_NOEXEC).expect("static path");
     let maxns = CString::new(MAX_USER_NAMESPACES).expect("static path");
-    let (rd, wr) = nix::unistd::pipe().map_err(GuardError::Fork)?;
     let user_fd = user.as_raw_fd();
-    let wr_fd = wr.as_raw_fd();
     // SAFETY: the child calls only setns/open/write/close/_exit.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
+    fork_helper(&STEPS, |report| unsafe {
+        helper(user_fd, &memfd, &maxns, report)
+    })
+}
+
+/// Forks a single-threaded helper running `child` (async-signal-safe calls
+/// only; a failed step is reported with [`fail`]) and waits for it.
+fn fork_helper(steps: &[&'static str], child: impl FnOnce(i32)) -> Result<(), GuardError> {
+    let (rd, wr) = nix::unistd::pipe().map_err(GuardError::Fork)?;
+    let report = wr.as_raw_fd();
+    // SAFETY: the child runs only `child`, which ends in _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
         return Err(GuardError::Fork(nix::Error::last()));
     }
-    if child == 0 {
-        unsafe { helper(user_fd, &memfd, &maxns, wr_fd) }
+    if pid == 0 {
+        child(report);
+        // The helpers end in _exit; never run on in a copy of this process.
+        unsafe { libc::_exit(127) }
     }
     drop(wr);
-    reap(child, &rd, &STEPS)
+    reap(pid, &rd, steps)
+}
+
+/// In a forked helper: sends errno through `report` and exits with `step`.
+unsafe fn fail(report: i32, step: i32) -> ! {
+    let b = (*libc::__errno_location()).to_ne_bytes();
+    libc::write(report, b.as_ptr().cast(), 4);
+    libc::_exit(step)
 }
 
 /// The forked helper: in the target pid namespace, joins the pod's user
 /// namespace and writes both sysctls. Never returns.
 unsafe fn helper(user: i32, memfd: &CString, maxns: &CString, report: i32) -> ! {
-    let fail = |step: i32| -> ! {
-        let e = *libc::__errno_location();
-        let b = e.to_ne_bytes();
-        libc::write(report, b.as_ptr().cast(), 4);
-        libc::_exit(step)
-    };
+    let fail = |step: i32| -> ! { fail(report, step) };
     if libc::setns(user, libc::CLONE_NEWUSER) != 0 {
         fail(1);
     }
@@ -166,18 +179,11 @@ pub fn seal_root_noexec(pid: u32) -> Result<(), GuardError> {
         .map(OwnedFd::from)
         .map_err(|source| GuardError::Namespaces { pid, source })?;
     let root = CString::new("/").expect("static path");
-    let (rd, wr) = nix::unistd::pipe().map_err(GuardError::Fork)?;
-    let (mnt_fd, wr_fd) = (mnt.as_raw_fd(), wr.as_raw_fd());
+    let mnt_fd = mnt.as_raw_fd();
     // SAFETY: the child calls only setns/mount_setattr/write/_exit.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return Err(GuardError::Fork(nix::Error::last()));
-    }
-    if child == 0 {
-        unsafe { seal_helper(mnt_fd, &root, wr_fd) }
-    }
-    drop(wr);
-    reap(child, &rd, &SEAL_STEPS)
+    fork_helper(&SEAL_STEPS, |report| unsafe {
+        seal_helper(mnt_fd, &root, report)
+    })
 }
 
 /// Calls a pause program waits in forever (x86-64 numbers).
@@ -222,12 +228,7 @@ const SEAL_STEPS: [&str; 2] = [
 ];
 
 unsafe fn seal_helper(mnt: i32, root: &CString, report: i32) -> ! {
-    let fail = |step: i32| -> ! {
-        let e = *libc::__errno_location();
-        let b = e.to_ne_bytes();
-        libc::write(report, b.as_ptr().cast(), 4);
-        libc::_exit(step)
-    };
+    let fail = |step: i32| -> ! { fail(report, step) };
     if libc::setns(mnt, libc::CLONE_NEWNS) != 0 {
         fail(1);
     }
