@@ -162,6 +162,21 @@ async fn container_settings_take_effect() {
     }];
     assert_eq!(pod.run(c).await.1, vec!["denied", "from-host", "ro"]);
 
+    // A hostPath that does not exist is created as a directory (containerd).
+    let missing = dir.path().join("made/by/imacri");
+    let mut c = container_config(
+        "missing",
+        &env.busybox,
+        &["sh", "-c", "touch /m/f && echo ok"],
+    );
+    c.mounts = vec![cri::Mount {
+        container_path: "/m".into(),
+        host_path: missing.to_string_lossy().into(),
+        ..Default::default()
+    }];
+    assert_eq!(pod.run(c).await.1, vec!["ok"]);
+    assert!(missing.join("f").is_file());
+
     // Capabilities: drop ALL, add one.
     let mut c = container_config(
         "caps",

@@ -72,6 +72,28 @@ async fn userns_pod_with_kubelet_mappings() {
         sh_ok(&mut rt, &c, "id -u; touch /tmp/x && echo writable").await,
         "0\nwritable"
     );
+    // No copy of the image: the layers are ID-mapped, not chowned. In-pod
+    // root may write / and the image's files (copied up, still its own).
+    let objects = env.all_objects(&d.namespace).await.unwrap();
+    assert!(
+        !objects.iter().any(|o| o.starts_with("snapshot remap-")),
+        "{objects:?}"
+    );
+    assert_eq!(
+        sh_ok(
+            &mut rt,
+            &c,
+            "touch /new && echo hi >> /etc/passwd && stat -c %u /new /etc/passwd | sort -u"
+        )
+        .await,
+        "0"
+    );
+    // Nothing staged is left mounted on the host.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(d.state.join("rootfs").to_str().unwrap()),
+        "staged rootfs still mounted"
+    );
     // Volumes are ID-mapped: host root's files are in-pod root's, and what
     // in-pod root writes is host root's on the host.
     let vol = tempfile::tempdir_in(&env.base).unwrap();

@@ -5,6 +5,7 @@ pub mod cni;
 pub mod config;
 pub mod containerd;
 pub mod error;
+pub mod idmap;
 pub mod ids;
 pub mod image;
 pub mod integrity;

@@ -89,4 +89,8 @@ pub struct ContainerState {
     /// the config's in ContainerStatus.
     #[serde(default)]
     pub updated_resources: Option<Vec<u8>>,
+    /// The snapshot's image layers are ID-mapped at task creation (a pod
+    /// user namespace without a chowned copy).
+    #[serde(default)]
+    pub idmapped_rootfs: bool,
 }

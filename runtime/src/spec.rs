@@ -504,7 +504,7 @@ pub fn sandbox_spec(
         .user(oci(UserBuilder::default().uid(uid).gid(gid).build())?)
         .no_new_privileges(true)
         .oom_score_adj(clamp_oom(-998, limits))
-        .capabilities(capability_sets(&HashSet::new())?)
+        .capabilities(capability_sets(&HashSet::new(), &HashSet::new())?)
         .build())?;
 
     let mut namespaces = vec![
@@ -602,16 +602,45 @@ fn sandbox_annotations(id: &str, config: &cri::PodSandboxConfig) -> HashMap<Stri
     ])
 }
 
-fn capability_sets(caps: &HashSet<Capability>) -> Result<oci_spec::runtime::LinuxCapabilities> {
-    // Inheritable and ambient stay empty, as in containerd (oci-spec's
-    // defaults would fill them).
+fn capability_sets(
+    caps: &HashSet<Capability>,
+    ambient: &HashSet<Capability>,
+) -> Result<oci_spec::runtime::LinuxCapabilities> {
+    // Without ambient capabilities, inheritable and ambient stay empty as in
+    // containerd (oci-spec's defaults would fill them). Ambient ones
+    // (KEP-2763) must also be permitted and inheritable for the kernel to
+    // keep them, and in the bounding set to survive exec.
+    let all: HashSet<Capability> = caps.union(ambient).copied().collect();
     oci(oci_spec::runtime::LinuxCapabilitiesBuilder::default()
-        .bounding(caps.clone())
-        .effective(caps.clone())
-        .permitted(caps.clone())
-        .inheritable(HashSet::new())
-        .ambient(HashSet::new())
+        .bounding(all.clone())
+        .effective(all.clone())
+        .permitted(all)
+        .inheritable(ambient.clone())
+        .ambient(ambient.clone())
         .build())
+}
+
+/// `add_ambient_capabilities` (KEP-2763): capabilities a non-root process
+/// keeps across exec. containerd and CRI-O drop them; imacri honours them.
+pub fn ambient_capabilities(
+    sc: Option<&cri::LinuxContainerSecurityContext>,
+) -> Result<HashSet<Capability>> {
+    let Some(c) = sc.and_then(|s| s.capabilities.as_ref()) else {
+        return Ok(HashSet::new());
+    };
+    let mut out = HashSet::new();
+    for a in &c.add_ambient_capabilities {
+        if a.eq_ignore_ascii_case("ALL") {
+            out.extend(all_caps());
+        } else {
+            out.insert(parse_capability(a).map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "linux.security_context.capabilities.add_ambient_capabilities: {e}"
+                ))
+            })?);
+        }
+    }
+    Ok(out)
 }
 
 /// The image's `User` when it is numeric ("1000", "1000:1000").
@@ -645,6 +674,8 @@ pub struct ContainerInputs<'a> {
     pub user: ProcessUser,
     pub shared: &'a SandboxShared,
     pub limits: NodeLimits,
+    /// PID of the running container `namespace_options.target_id` names.
+    pub pid_target: Option<u32>,
 }
 
 // Older kubelets still send the deprecated profile-path fields.
@@ -694,7 +725,7 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
             .build())?)
         .no_new_privileges(sc.no_new_privs)
         .oom_score_adj(oom)
-        .capabilities(capability_sets(&caps)?)
+        .capabilities(capability_sets(&caps, &ambient_capabilities(Some(&sc))?)?)
         .build())?;
 
     // Namespaces: join the sandbox's unless asked otherwise.
@@ -722,11 +753,19 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
         )?),
         cri::NamespaceMode::Container => namespaces.push(ns(LinuxNamespaceType::Pid, None)?),
         cri::NamespaceMode::Node => {}
-        cri::NamespaceMode::Target => {
-            return Err(Error::InvalidArgument(
-                "linux.security_context.namespace_options.pid TARGET is not supported yet".into(),
-            ))
-        }
+        // `kubectl debug --target`: the target container's own pid
+        // namespace, resolved by the caller.
+        cri::NamespaceMode::Target => match i.pid_target {
+            Some(pid) => namespaces.push(ns(
+                LinuxNamespaceType::Pid,
+                Some(format!("/proc/{pid}/ns/pid").into()),
+            )?),
+            None => {
+                return Err(Error::InvalidArgument(
+                    "linux.security_context.namespace_options.pid is TARGET but target_id names no running container".into(),
+                ))
+            }
+        },
     }
     if ipc_mode != cri::NamespaceMode::Node as i32 {
         namespaces.push(ns(
@@ -1285,6 +1324,7 @@ mod tests {
                 min_oom_score_adj: -100,
                 hugetlb: true,
             },
+            pid_target: None,
         })
         .unwrap();
         let linux = spec.linux().clone().unwrap();
@@ -1361,6 +1401,7 @@ mod tests {
                 min_oom_score_adj: 0,
                 hugetlb: true,
             },
+            pid_target: None,
         })
         .unwrap();
         let l = spec.linux().clone().unwrap();
@@ -1426,5 +1467,109 @@ mod tests {
             l.cgroups_path().clone().unwrap(),
             PathBuf::from("/imacri/sid")
         );
+    }
+
+    fn spec_with(sc: cri::LinuxContainerSecurityContext, pid_target: Option<u32>) -> Result<Spec> {
+        let cfg = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: "c".into(),
+                attempt: 0,
+            }),
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(sc),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        container_spec(&ContainerInputs {
+            id: "c",
+            sandbox_id: "s",
+            config: &cfg,
+            sandbox_config: &cri::PodSandboxConfig::default(),
+            image: &busybox(),
+            image_name: "b",
+            user: ProcessUser::default(),
+            shared: &shared(),
+            limits: NodeLimits {
+                min_oom_score_adj: 0,
+                hugetlb: true,
+            },
+            pid_target,
+        })
+    }
+
+    #[test]
+    fn ambient_capabilities_are_kept_across_exec() {
+        let sc = cri::LinuxContainerSecurityContext {
+            capabilities: Some(cri::Capability {
+                drop_capabilities: vec!["ALL".into()],
+                add_ambient_capabilities: vec!["CAP_NET_BIND_SERVICE".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let spec = spec_with(sc, None).unwrap();
+        let caps = spec
+            .process()
+            .clone()
+            .unwrap()
+            .capabilities()
+            .clone()
+            .unwrap();
+        let nbs = HashSet::from([Capability::NetBindService]);
+        for set in [
+            caps.ambient(),
+            caps.inheritable(),
+            caps.permitted(),
+            caps.bounding(),
+            caps.effective(),
+        ] {
+            assert_eq!(set.clone().unwrap(), nbs);
+        }
+        // Without any, inheritable and ambient stay empty (containerd's sets).
+        let spec = spec_with(cri::LinuxContainerSecurityContext::default(), None).unwrap();
+        let caps = spec
+            .process()
+            .clone()
+            .unwrap()
+            .capabilities()
+            .clone()
+            .unwrap();
+        assert!(caps.ambient().clone().unwrap().is_empty());
+        assert!(caps.inheritable().clone().unwrap().is_empty());
+        let bad = cri::LinuxContainerSecurityContext {
+            capabilities: Some(cri::Capability {
+                add_ambient_capabilities: vec!["CAP_BOGUS".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(spec_with(bad, None)
+            .unwrap_err()
+            .to_string()
+            .contains("add_ambient_capabilities"));
+    }
+
+    #[test]
+    fn pid_target_joins_the_target_namespace() {
+        let sc = cri::LinuxContainerSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: cri::NamespaceMode::Target as i32,
+                target_id: "t".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let spec = spec_with(sc.clone(), Some(4242)).unwrap();
+        let nss = spec.linux().clone().unwrap().namespaces().clone().unwrap();
+        let pid = nss
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Pid)
+            .unwrap();
+        assert_eq!(pid.path().clone(), Some("/proc/4242/ns/pid".into()));
+        assert!(spec_with(sc, None)
+            .unwrap_err()
+            .to_string()
+            .contains("TARGET"));
     }
 }

@@ -189,92 +189,6 @@ pub fn remove(ns: &PodNamespaces) -> Result<()> {
     crate::netns::remove(&ns.userns)
 }
 
-/// Makes an ID-mapped copy of the mount at `src` at `dst`, mapped through
-/// the user namespace pinned at `userns`: files owned by host IDs appear
-/// owned by the matching in-pod IDs inside that namespace (and what the pod
-/// writes lands with the host IDs). runc 1.1 cannot do this itself; the
-/// container then bind-mounts `dst`.
-pub fn idmapped_bind(src: &Path, dst: &Path, userns: &Path) -> Result<()> {
-    use crate::mount::{mount_setattr, MountAttr, MOUNT_ATTR_IDMAP};
-    use std::ffi::CString;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::ffi::OsStrExt;
-    const OPEN_TREE_CLONE: libc::c_uint = 1;
-    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-    let cstr = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| Error::InvalidArgument(format!("{} has a NUL byte", p.display())))
-    };
-    let (c_src, c_dst, empty) = (cstr(src)?, cstr(dst)?, CString::default());
-    let ns = std::fs::File::open(userns).map_err(|e| Error::io("opening", userns, e))?;
-    // SAFETY: plain syscalls with valid C strings and a properly sized struct.
-    let tree = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            c_src.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint,
-        )
-    };
-    if tree < 0 {
-        return Err(Error::io(
-            "cloning mount of",
-            src,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: open_tree returned a new file descriptor we now own.
-    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: ns.as_raw_fd() as u64,
-    };
-    // SAFETY: `empty` is a valid C string.
-    let r = unsafe {
-        mount_setattr(
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
-            &attr,
-        )
-    };
-    if r < 0 {
-        return Err(Error::FailedPrecondition(format!(
-            "ID-mapping the volume {}: {} (the filesystem must support idmapped mounts)",
-            src.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    if let Some(parent) = dst.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
-    }
-    if src.is_dir() {
-        std::fs::create_dir_all(dst).map_err(|e| Error::io("creating", dst, e))?;
-    } else {
-        std::fs::File::create(dst).map_err(|e| Error::io("creating", dst, e))?;
-    }
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_FDCWD,
-            c_dst.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
-        )
-    };
-    if r < 0 {
-        return Err(Error::io(
-            "attaching ID-mapped mount at",
-            dst,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
-}
-
 /// Chowns every file below `root` from in-pod IDs to host IDs, keeping
 /// setuid/setgid bits (chown clears them).
 pub fn remap_tree(root: &Path, maps: &Mappings) -> Result<()> {
@@ -405,24 +319,5 @@ mod tests {
         assert_ne!(ino, own);
         remove(&ns).unwrap();
         assert!(!ns.userns.exists());
-    }
-
-    #[test]
-    fn idmapped_volume_shows_host_files_shifted() {
-        use std::os::unix::fs::MetadataExt;
-        if !nix::unistd::geteuid().is_root() {
-            return;
-        }
-        let d = tempfile::tempdir().unwrap();
-        let vol = d.path().join("vol");
-        std::fs::create_dir(&vol).unwrap();
-        std::fs::write(vol.join("f"), "x").unwrap();
-        let ns = create(d.path(), "pod", &Mappings::range(500_000, 65536), false).unwrap();
-        let dst = d.path().join("mapped");
-        idmapped_bind(&vol, &dst, &ns.userns).unwrap();
-        // Seen from the host, the host-root-owned file is shifted up.
-        assert_eq!(std::fs::metadata(dst.join("f")).unwrap().uid(), 500_000);
-        crate::mount::unmount_all(&dst).unwrap();
-        remove(&ns).unwrap();
     }
 }

@@ -58,7 +58,71 @@ pub(crate) fn signal_number(s: i32) -> i32 {
     }
 }
 
+/// A hostPath that does not exist becomes an empty directory, as in
+/// containerd (kubelet's `DirectoryOrCreate` and plain hostPath rely on it).
+fn create_missing_host_path(m: &cri::Mount) -> Result<()> {
+    let p = std::path::Path::new(&m.host_path);
+    if !p.is_absolute() {
+        return Ok(()); // user_mount names the field
+    }
+    match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(p).map_err(|e| Error::io("creating host path", p, e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A signal number to the CRI enum (the first name of aliases such as
+/// SIGABRT/SIGIOT); RuntimeDefault when it has none.
+pub(crate) fn signal_enum(n: i32) -> i32 {
+    (1..100)
+        .find(|&e| cri::Signal::try_from(e).is_ok() && signal_number(e) == n)
+        .unwrap_or(cri::Signal::RuntimeDefault as i32)
+}
+
 impl CriServer {
+    /// The PID of the container `namespace_options.target_id` names, when
+    /// pid is TARGET: a running container of the same pod (containerd's
+    /// rule; `kubectl debug --target`).
+    fn pid_target(&self, pod: &str, config: &cri::ContainerConfig) -> Result<Option<u32>> {
+        let Some(n) = config
+            .linux
+            .as_ref()
+            .and_then(|l| l.security_context.as_ref())
+            .and_then(|s| s.namespace_options.as_ref())
+            .filter(|n| n.pid == cri::NamespaceMode::Target as i32)
+        else {
+            return Ok(None);
+        };
+        let field = "linux.security_context.namespace_options.target_id";
+        non_empty(field, &n.target_id)?;
+        let target = self.container(&n.target_id).map_err(|e| match e {
+            Error::NotFound(m) => Error::NotFound(format!("{field}: {m}")),
+            e => e,
+        })?;
+        let st = target.state();
+        if st.sandbox_id != pod {
+            return Err(Error::InvalidArgument(format!(
+                "{field}: container {} is not in pod sandbox {pod}",
+                target.id
+            )));
+        }
+        if st.phase != ContainerPhase::Running || st.pid == 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "{field}: container {} is not running",
+                target.id
+            )));
+        }
+        Ok(Some(st.pid))
+    }
+
+    fn handler_supports_rro(&self, handler: &str) -> bool {
+        self.handler_features
+            .get(handler)
+            .is_some_and(|f| f.recursive_read_only_mounts)
+    }
+
     pub(crate) async fn create_container(
         self: &Arc<Self>,
         req: cri::CreateContainerRequest,
@@ -105,7 +169,16 @@ impl CriServer {
             if super::image_volume::is_image_mount(m) {
                 super::image_volume::check_image_mount(m)?;
             } else {
+                create_missing_host_path(m)?;
                 spec::user_mount(m)?;
+                if m.recursive_read_only && !self.handler_supports_rro(&sb_state.runtime_handler) {
+                    return Err(Error::InvalidArgument(format!(
+                        "mount {}: recursive_read_only is not supported by runtime handler {:?} \
+                         on this node (its runtime lacks the rro mount option or the kernel \
+                         mount_setattr)",
+                        m.container_path, sb_state.runtime_handler
+                    )));
+                }
             }
         }
 
@@ -145,7 +218,7 @@ impl CriServer {
         let snapshotter = self.cfg.containerd.snapshotter.clone();
         let lease = self.c.lease("container").await?;
         let res = async {
-            let parent = self
+            let (parent, idmapped_rootfs) = self
                 .rootfs_parent(&image.chain_id, &sb_state, &lease)
                 .await?;
             let mounts = self
@@ -185,6 +258,7 @@ impl CriServer {
                 user: user.clone(),
                 shared: &shared,
                 limits: self.limits,
+                pid_target: self.pid_target(&sb.id, config)?,
             })?;
             if super::integrity::is_fanotify(&sb_state) {
                 let measured: Vec<String> = self
@@ -252,6 +326,7 @@ impl CriServer {
                     stop_signal,
                     oom_killed: false,
                     updated_resources: None,
+                    idmapped_rootfs,
                 },
             )?;
             Ok(())
@@ -286,7 +361,7 @@ impl CriServer {
                 Error::InvalidArgument(format!("mount host_path {:?}: {e}", m.host_path))
             })?;
             let staged = dir.join(i.to_string());
-            imacri_runtime::userns::idmapped_bind(&src, &staged, &u.path)?;
+            imacri_runtime::idmap::idmapped_bind(&src, &staged, &u.path)?;
             m.host_path = staged.to_string_lossy().into_owned();
         }
         Ok(Some(mapped))
@@ -411,5 +486,12 @@ mod tests {
         assert_eq!(parse_signal("SIGQUIT"), Some(3));
         assert_eq!(parse_signal("9"), Some(9));
         assert_eq!(parse_signal("bogus"), None);
+        for n in 1..=64 {
+            if !(32..34).contains(&n) {
+                assert_eq!(signal_number(signal_enum(n)), n, "{n}");
+            }
+        }
+        assert_eq!(signal_enum(15), cri::Signal::Sigterm as i32);
+        assert_eq!(signal_enum(0), cri::Signal::RuntimeDefault as i32);
     }
 }

@@ -86,8 +86,10 @@ impl CriServer {
                 .c
                 .snapshot_mounts(&self.cfg.containerd.snapshotter, &c.id)
                 .await?;
-            let pid = self.c.create_task(&c.id, mounts, &stdio).await?;
             let pod = self.sandbox(&st.sandbox_id)?;
+            let pid = self
+                .create_task_on(&c.id, &pod.state(), mounts, &stdio, st.idmapped_rootfs)
+                .await?;
             self.guard_process(&pod.state(), &c.id, pid).await?;
             // Marked before the entrypoint can run (the task waits for start).
             if let Some(w) = self.measure_container(&st.sandbox_id, &c.id, pid).await? {

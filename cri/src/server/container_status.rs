@@ -53,7 +53,8 @@ impl CriServer {
                     supplemental_groups: st.additional_gids.iter().map(|g| i64::from(*g)).collect(),
                 }),
             }),
-            stop_signal: c.config.stop_signal,
+            // The signal StopContainer sends: the config's, else the image's, else SIGTERM.
+            stop_signal: super::container_create::signal_enum(st.stop_signal),
         }
     }
 

@@ -25,6 +25,7 @@ mod lifecycle;
 mod metrics;
 mod monitor;
 mod recover;
+mod rootfs;
 mod sandbox_list;
 mod sandbox_plan;
 mod sandbox_portforward;
@@ -136,6 +137,11 @@ pub struct CriServer {
     pub(crate) sandbox_image: String,
     /// Whether this node can run each ima backend (probed at start).
     pub(crate) ima_node: imacri_runtime::integrity::setting::NodeSupport,
+    /// Whether user-namespace pods get ID-mapped image layers (else a
+    /// chowned copy); Err says why not.
+    pub(crate) rootfs_idmap: std::result::Result<(), String>,
+    /// Per runtime handler ("" = the default), from real checks at start.
+    pub(crate) handler_features: HashMap<String, cri::RuntimeHandlerFeatures>,
     pub(crate) cni: imacri_runtime::cni::Cni,
     /// Measurement journal, TPM and fanotify engine.
     pub(crate) integrity: integrity::Integrity,
@@ -152,6 +158,35 @@ pub struct CriServer {
     pub(crate) event_order: Mutex<()>,
     /// CRI container events for GetContainerEvents.
     pub(crate) events: tokio::sync::broadcast::Sender<cri::ContainerEventResponse>,
+}
+
+/// What each runtime handler supports on this node: recursive read-only
+/// mounts when its OCI runtime lists `rro` and the kernel can do it; user
+/// namespaces when the node can make one (imacri maps IDs itself, so the
+/// runtime needs no support of its own).
+fn handler_features(cfg: &Config) -> HashMap<String, cri::RuntimeHandlerFeatures> {
+    use imacri_runtime::sysinfo;
+    let kernel_rro = sysinfo::kernel_recursive_readonly(&cfg.state);
+    let userns = sysinfo::user_namespaces(&cfg.state);
+    let of = |h: &imacri_runtime::config::RuntimeHandler| cri::RuntimeHandlerFeatures {
+        recursive_read_only_mounts: kernel_rro
+            && sysinfo::runtime_mount_options(&h.binary_name)
+                .iter()
+                .any(|o| o == "rro"),
+        user_namespaces: userns,
+    };
+    let mut out: HashMap<String, cri::RuntimeHandlerFeatures> = cfg
+        .runtimes
+        .iter()
+        .map(|(name, h)| (name.clone(), of(h)))
+        .collect();
+    let default = cfg
+        .runtimes
+        .get(&cfg.default_runtime)
+        .map(of)
+        .unwrap_or_default();
+    out.insert(String::new(), default);
+    out
 }
 
 impl CriServer {
@@ -203,6 +238,12 @@ impl CriServer {
             fanotify: imacri_runtime::integrity::fanotify::probe(),
         };
         let (integrity, notices) = integrity::Integrity::open(&cfg, &ima_node.fanotify).await?;
+        let rootfs_idmap =
+            imacri_runtime::idmap::probe_snapshotter(&c, &cfg.containerd.snapshotter).await;
+        if let Err(why) = &rootfs_idmap {
+            tracing::warn!(reason = %why, "no ID-mapped image layers: user-namespace pods get chowned copies");
+        }
+        let handler_features = handler_features(&cfg);
         let server = Arc::new(CriServer {
             cfg,
             c,
@@ -212,6 +253,8 @@ impl CriServer {
             limits,
             sandbox_image,
             ima_node,
+            rootfs_idmap,
+            handler_features,
             integrity,
             userns_lock: Mutex::new(()),
             cni,
@@ -223,6 +266,7 @@ impl CriServer {
             cpu_samples: Mutex::new(HashMap::new()),
         });
         server.start_notice_consumer(notices);
+        server.clean_staged_rootfs();
         server.recover().await;
         server.start_monitor().await;
         Ok(server)

@@ -91,24 +91,6 @@ impl CriServer {
         }
     }
 
-    /// The snapshot a pod's containers start from: the image's layers, or
-    /// their copy owned by the pod's user-namespace IDs.
-    pub(crate) async fn rootfs_parent(
-        &self,
-        chain_id: &str,
-        st: &SandboxState,
-        lease: &imacri_runtime::containerd::Lease,
-    ) -> Result<String> {
-        match &st.userns {
-            None => Ok(chain_id.to_string()),
-            Some(u) => {
-                self.images
-                    .remapped_snapshot(chain_id, &u.mappings, lease, &self.cfg.state.join("remap"))
-                    .await
-            }
-        }
-    }
-
     /// Kernel backend: activate the pod's IMA namespace before any of its
     /// processes run, from a single-threaded helper process.
     async fn activate_kernel_ima(&self, dir: &Path, userns: &Path, policy: &str) -> Result<()> {
@@ -357,7 +339,7 @@ impl CriServer {
         let snapshotter = self.cfg.containerd.snapshotter.clone();
         let lease = self.c.lease("sandbox").await?;
         let created = async {
-            let parent = self.rootfs_parent(&image.chain_id, st, &lease).await?;
+            let (parent, idmapped) = self.rootfs_parent(&image.chain_id, st, &lease).await?;
             let mounts = self
                 .c
                 .prepare_snapshot(&snapshotter, id, &parent, &lease)
@@ -379,14 +361,16 @@ impl CriServer {
                     &lease,
                 )
                 .await?;
-            Ok::<_, Error>(mounts)
+            Ok::<_, Error>((mounts, idmapped))
         }
         .await;
         // The container record holds the snapshot now; the lease can go.
         let _ = lease.delete(&self.c, false).await;
-        let mounts = created?;
+        let (mounts, idmapped) = created?;
         let stdio = imacri_runtime::io::StdioPaths::default();
-        let pid = self.c.create_task(id, mounts, &stdio).await?;
+        let pid = self
+            .create_task_on(id, st, mounts, &stdio, idmapped)
+            .await?;
         // The pod's pid namespace (shared by containers with pid POD) gets
         // the guards before pause runs.
         self.guard_process(&entry.state(), id, pid).await?;

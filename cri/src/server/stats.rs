@@ -234,6 +234,9 @@ impl CriServer {
         res.set_devices(None);
         if c.state().phase == ContainerPhase::Running {
             self.c.update_task(&c.id, &res).await?;
+        } else if c.state().phase == ContainerPhase::Created {
+            // Applied when it starts: its task is made from this spec.
+            self.c.update_container_resources(&c.id, &res).await?;
         } else if c.state().phase == ContainerPhase::Exited {
             return Err(Error::FailedPrecondition(format!(
                 "container {} has exited",

@@ -97,13 +97,13 @@ impl CriServer {
             runtime_handlers: std::iter::once(String::new())
                 .chain(self.cfg.runtimes.keys().cloned())
                 .map(|name| cri::RuntimeHandler {
+                    features: Some(
+                        self.handler_features
+                            .get(&name)
+                            .copied()
+                            .unwrap_or_default(),
+                    ),
                     name,
-                    features: Some(cri::RuntimeHandlerFeatures {
-                        recursive_read_only_mounts: true,
-                        // Pods get pinned user namespaces and remapped
-                        // rootfs snapshots (runc 1.1 has no idmapped mounts).
-                        user_namespaces: true,
-                    }),
                 })
                 .collect(),
             features: Some(cri::RuntimeFeatures {

@@ -281,6 +281,52 @@ impl Containerd {
             .map_err(|e| Error::Internal(format!("container {id} spec: {e}")))
     }
 
+    /// Replaces the resources in a created container's stored spec (the
+    /// task made at start reads it), keeping its devices rules. Edits the
+    /// JSON itself so fields oci-spec does not model survive.
+    pub async fn update_container_resources(
+        &self,
+        id: &str,
+        res: &oci_spec::runtime::LinuxResources,
+    ) -> Result<()> {
+        use containerd_client::services::v1::UpdateContainerRequest;
+        let mut c = self
+            .containers()
+            .get(self.req(GetContainerRequest { id: id.to_string() }))
+            .await
+            .map_err(|e| Error::containerd(format!("getting container {id}"), e))?
+            .into_inner()
+            .container
+            .ok_or_else(|| Error::NotFound(format!("container {id} not in containerd")))?;
+        let raw = c
+            .spec
+            .as_ref()
+            .ok_or_else(|| Error::Internal(format!("container {id} has no spec")))?;
+        let mut spec: serde_json::Value = serde_json::from_slice(&raw.value)
+            .map_err(|e| Error::Internal(format!("container {id} spec: {e}")))?;
+        let mut new = serde_json::to_value(res)
+            .map_err(|e| Error::Internal(format!("encoding resources: {e}")))?;
+        let linux = spec
+            .get_mut("linux")
+            .and_then(|l| l.as_object_mut())
+            .ok_or_else(|| Error::Internal(format!("container {id} spec has no linux")))?;
+        if let Some(devices) = linux.get("resources").and_then(|r| r.get("devices")) {
+            new["devices"] = devices.clone();
+        }
+        linux.insert("resources".into(), new);
+        c.spec = Some(any_json(SPEC_TYPE_URL, &spec)?);
+        self.containers()
+            .update(self.req(UpdateContainerRequest {
+                container: Some(c),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["spec".into()],
+                }),
+            }))
+            .await
+            .map_err(|e| Error::containerd(format!("updating container {id}"), e))?;
+        Ok(())
+    }
+
     pub async fn create_task(
         &self,
         id: &str,
