@@ -13,7 +13,7 @@ packages=(
   containerd runc containernetworking-plugins iproute2 iptables
   protobuf-compiler pkg-config gcc libc6-dev make
   docker-registry skopeo umoci busybox-static curl ca-certificates openssl
-  libtss2-dev swtpm swtpm-tools tpm2-tools
+  libtss2-dev swtpm swtpm-tools tpm2-tools criu
   golang-1.19-go golang-github-docker-spdystream-dev
   python3 python3-venv procps util-linux
 )

@@ -153,6 +153,18 @@ pub async fn check(cfg: &Config) -> Result<bool> {
                     "disabled, as required".into()
                 },
             );
+            match imacri_runtime::idmap::probe_snapshotter(&c, &cfg.containerd.snapshotter).await {
+                Ok(()) => line(
+                    "idmapped-rootfs",
+                    true,
+                    "user-namespace pods run on ID-mapped image layers (no copy)".into(),
+                ),
+                Err(why) => line(
+                    "idmapped-rootfs",
+                    false,
+                    format!("{why}; user-namespace pods get a chowned copy of their image"),
+                ),
+            }
         }
         Err(e) => line("containerd", false, e.to_string()),
     }
@@ -183,6 +195,14 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         userns > 0,
         format!("max_user_namespaces={userns}"),
     );
+    match imacri_runtime::sysinfo::criu_check() {
+        Ok(()) => line("criu", true, "`criu check` passes".into()),
+        Err(why) => line(
+            "criu",
+            false,
+            format!("CheckpointContainer is unavailable: `criu check`: {why}"),
+        ),
+    }
     match imacri_runtime::integrity::kernel::probe() {
         Ok(()) => line(
             "ima-namespaces",

@@ -55,6 +55,14 @@ struct Overrides {
     tpm_tcti: Option<String>,
     #[arg(long)]
     log_level: Option<String>,
+    /// Image for pod sandboxes (pinned: kubelet never collects it);
+    /// unset: imacri's built-in pause image.
+    #[arg(long)]
+    sandbox_image: Option<String>,
+    /// CDI spec directory (repeat; replaces the configured list, lowest
+    /// priority first).
+    #[arg(long)]
+    cdi_spec_dir: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -137,6 +145,12 @@ impl Overrides {
         }
         if let Some(v) = self.cni_bin_dir {
             c.cni.bin_dirs = vec![v];
+        }
+        if let Some(v) = self.sandbox_image {
+            c.sandbox_image = v;
+        }
+        if !self.cdi_spec_dir.is_empty() {
+            c.cdi_spec_dirs = self.cdi_spec_dir;
         }
         if let Some(v) = self.ima_backend {
             c.ima.backend = v;

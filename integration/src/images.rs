@@ -83,6 +83,29 @@ pub fn busybox() -> ImageDef {
     d
 }
 
+/// busybox plus `files` files of pseudo-random (incompressible) data,
+/// `total` bytes in all: for pod-start cost against image size.
+pub fn big(total: usize, files: usize) -> ImageDef {
+    let mut d = busybox();
+    let each = total / files.max(1);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..files {
+        let mut data = vec![0u8; each];
+        for chunk in data.chunks_mut(8) {
+            // xorshift64: cheap, and gzip cannot shrink it.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        d.files.push((format!("data/{}/f{i}", i % 64), data, 0o644));
+    }
+    d.dirs.push("data".into());
+    d.dirs
+        .extend((0..64.min(files)).map(|n| format!("data/{n}")));
+    d
+}
+
 pub fn configured() -> ImageDef {
     let mut d = base();
     d.config = serde_json::json!({

@@ -213,13 +213,26 @@ async fn container_settings_take_effect() {
     assert_eq!(out[1], (64u64 << 20).to_string());
 
     // Devices, sysctls, masked paths, shared /dev/shm, /etc files.
-    let mut c = container_config("devices", &env.busybox, &["sh", "-c", "echo x > /dev/mynull && echo devok; cat /proc/sys/net/ipv4/ip_unprivileged_port_start; head -c 100 /proc/timer_list | wc -c; grep -c settings /etc/hostname; mount | grep -c ' /dev/shm '"]);
+    let mut c = container_config("devices", &env.busybox, &["sh", "-c", "echo x > /dev/mynull && echo devok; cat /proc/sys/net/ipv4/ip_unprivileged_port_start; head -c 100 /proc/timer_list 2>&1 | wc -c; mount | grep -c timer_list; grep -c settings /etc/hostname; mount | grep -c ' /dev/shm '"]);
     c.devices = vec![cri::Device {
         container_path: "/dev/mynull".into(),
         host_path: "/dev/null".into(),
         permissions: "rw".into(),
     }];
-    assert_eq!(pod.run(c).await.1, vec!["devok", "80", "0", "1", "1"]);
+    // kubelet's lists for procMount Default.
+    c.linux = sc(|s| {
+        s.masked_paths = vec!["/proc/timer_list".into(), "/proc/kcore".into()];
+        s.readonly_paths = vec!["/proc/sys".into()];
+    });
+    let unmasked = c.clone();
+    assert_eq!(pod.run(c).await.1, vec!["devok", "80", "0", "1", "1", "1"]);
+    // procMount Unmasked: kubelet sends empty lists, and nothing is masked.
+    let mut c = unmasked;
+    c.metadata.as_mut().unwrap().name = "unmasked".into();
+    c.log_path = "unmasked/0.log".into();
+    c.linux = None;
+    let out = pod.run(c).await.1;
+    assert_eq!(out, ["devok", "80", "100", "0", "1", "1"]);
 
     // Seccomp: creating a user namespace needs no capability, but the
     // runtime default profile forbids it; unconfined allows it.

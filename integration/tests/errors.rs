@@ -548,6 +548,8 @@ fn check_reports_each_capability() {
         "ima-namespaces ",
         "ima-guards ",
         "ima-map-guard ",
+        "idmapped-rootfs ",
+        "criu ",
         "cni ",
         "seccomp ",
         "apparmor ",
@@ -559,7 +561,7 @@ fn check_reports_each_capability() {
             "no {name:?} line in\n{text}"
         );
     }
-    for ok in ["cni ", "ima-guards ", "ima-map-guard "] {
+    for ok in ["cni ", "ima-guards ", "ima-map-guard ", "idmapped-rootfs "] {
         assert!(
             text.lines()
                 .any(|l| l.starts_with(ok) && l.contains(" ok ")),

@@ -216,3 +216,81 @@ async fn survives_a_containerd_restart() {
         .unwrap()
         .is_empty());
 }
+
+/// A pod sandbox reports its own lifecycle like a container (containerd's
+/// events, kubelet's evented PLEG), and every event carries the pod's
+/// status with all of its containers.
+#[tokio::test(flavor = "multi_thread")]
+async fn sandbox_events_carry_the_whole_pod() {
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut events = rt
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let cfg = pod_config("sbevents");
+    let pod = imacri_integration::client::run_pod(&mut rt, &cfg)
+        .await
+        .unwrap();
+    let a = imacri_integration::client::start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("a", &env.busybox, &["sleep", "1000"]),
+    )
+    .await;
+    let b = imacri_integration::client::create_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("b", &env.busybox, &["sleep", "1000"]),
+    )
+    .await
+    .unwrap();
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    use cri::ContainerEventType::*;
+    let mut pod_events = Vec::new();
+    let mut b_created = None;
+    while pod_events.len() < 4 {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("event")
+            .unwrap()
+            .unwrap();
+        let kind = cri::ContainerEventType::try_from(e.container_event_type).unwrap();
+        assert_eq!(e.pod_sandbox_status.as_ref().unwrap().id, pod);
+        if e.container_id == pod {
+            pod_events.push((kind, e.pod_sandbox_status.unwrap().state));
+        } else if e.container_id == b && kind == ContainerCreatedEvent {
+            b_created = Some(e.containers_statuses);
+        }
+    }
+    let ready = cri::PodSandboxState::SandboxReady as i32;
+    let not_ready = cri::PodSandboxState::SandboxNotready as i32;
+    assert_eq!(
+        pod_events,
+        [
+            (ContainerCreatedEvent, ready),
+            (ContainerStartedEvent, ready),
+            (ContainerStoppedEvent, not_ready),
+            (ContainerDeletedEvent, not_ready),
+        ]
+    );
+    let mut ids: Vec<String> = b_created.unwrap().into_iter().map(|s| s.id).collect();
+    ids.sort();
+    let mut want = vec![a, b];
+    want.sort();
+    assert_eq!(ids, want);
+}

@@ -305,3 +305,44 @@ async fn registry_auth_and_mirrors() {
         img.repo_tags
     );
 }
+
+/// A configured sandbox image is pinned once pulled, and stays pinned
+/// after imacri restarts (kubelet's image GC must never take it).
+#[tokio::test(flavor = "multi_thread")]
+async fn configured_sandbox_image_is_pinned() {
+    let env = Env::get();
+    let pause = format!("{}/pause:3.9", env.registry);
+    let mut d = Imacri::start_with(env, &["--sandbox-image", &pause])
+        .await
+        .unwrap();
+    let mut im = d.images().await.unwrap();
+    // (The test pause image is busybox's copy; `configured` is another image.)
+    for name in [&pause, &env.configured] {
+        im.pull_image(cri::PullImageRequest {
+            image: image(name),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let pinned = |im: cri::ImageStatusResponse| im.image.unwrap().pinned;
+    let status = |name: &str| cri::ImageStatusRequest {
+        image: image(name),
+        verbose: false,
+    };
+    assert!(pinned(
+        im.image_status(status(&pause)).await.unwrap().into_inner()
+    ));
+    assert!(!pinned(
+        im.image_status(status(&env.configured))
+            .await
+            .unwrap()
+            .into_inner()
+    ));
+    d.stop();
+    d.spawn().await.unwrap();
+    let mut im = d.images().await.unwrap();
+    assert!(pinned(
+        im.image_status(status(&pause)).await.unwrap().into_inner()
+    ));
+}

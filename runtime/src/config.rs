@@ -31,6 +31,8 @@ pub struct Config {
     pub default_runtime: String,
     /// Runtime handlers (RuntimeClass handler names) and their OCI runtimes.
     pub runtimes: std::collections::BTreeMap<String, RuntimeHandler>,
+    /// CDI spec directories, lowest priority first.
+    pub cdi_spec_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -210,6 +212,10 @@ impl Default for Config {
             streaming: StreamingConfig::default(),
             default_runtime: "runc".into(),
             runtimes: [("runc".to_string(), RuntimeHandler::default())].into(),
+            cdi_spec_dirs: crate::cdi::DEFAULT_SPEC_DIRS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
         }
     }
 }

@@ -20,6 +20,9 @@ pub enum Error {
     Unavailable(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// This node cannot do what was asked; the message says why.
+    #[error("{0}")]
+    Unimplemented(String),
     #[error("containerd: {context}: {source}")]
     Containerd {
         context: String,

@@ -1,6 +1,7 @@
 //! imacri's domain layer: everything below CRI. No gRPC server types live here;
 //! the `cri` crate validates requests and maps [`Error`] to gRPC codes.
 
+pub mod cdi;
 pub mod cni;
 pub mod config;
 pub mod containerd;

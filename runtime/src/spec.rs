@@ -676,6 +676,8 @@ pub struct ContainerInputs<'a> {
     pub limits: NodeLimits,
     /// PID of the running container `namespace_options.target_id` names.
     pub pid_target: Option<u32>,
+    /// The host's device nodes, for a privileged container.
+    pub host_devices: Vec<oci_spec::runtime::LinuxDevice>,
 }
 
 // Older kubelets still send the deprecated profile-path fields.
@@ -830,9 +832,12 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
             .allow(true)
             .access("rwm")
             .build())?];
+        // Every device node of the host, as containerd's WithHostDevices.
+        devices.extend(i.host_devices.iter().cloned());
     }
     for d in &config.devices {
         let (dev, rule) = device(d)?;
+        devices.retain(|x| x.path() != dev.path());
         devices.push(dev);
         dev_rules.push(rule);
     }
@@ -868,20 +873,11 @@ pub fn container_spec(i: &ContainerInputs<'_>) -> Result<Spec> {
             .masked_paths(Vec::<String>::new())
             .readonly_paths(Vec::<String>::new());
     } else {
-        let masked = if sc.masked_paths.is_empty() {
-            DEFAULT_MASKED_PATHS.iter().map(|s| s.to_string()).collect()
-        } else {
-            sc.masked_paths.clone()
-        };
-        let ro = if sc.readonly_paths.is_empty() {
-            DEFAULT_READONLY_PATHS
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        } else {
-            sc.readonly_paths.clone()
-        };
-        lb = lb.masked_paths(masked).readonly_paths(ro);
+        // Exactly what kubelet sends, as containerd does: kubelet sends the
+        // default lists for procMount Default and empty ones for Unmasked.
+        lb = lb
+            .masked_paths(sc.masked_paths.clone())
+            .readonly_paths(sc.readonly_paths.clone());
     }
     if let Some(p) = rootfs_propagation {
         lb = lb.rootfs_propagation(p);
@@ -1325,6 +1321,7 @@ mod tests {
                 hugetlb: true,
             },
             pid_target: None,
+            host_devices: Vec::new(),
         })
         .unwrap();
         let linux = spec.linux().clone().unwrap();
@@ -1365,10 +1362,8 @@ mod tests {
         let res = linux.resources().clone().unwrap();
         assert_eq!(res.memory().unwrap().limit(), Some(64 << 20));
         assert_eq!(res.cpu().clone().unwrap().shares(), Some(512));
-        assert_eq!(
-            linux.masked_paths().clone().unwrap().len(),
-            DEFAULT_MASKED_PATHS.len()
-        );
+        // None sent, none applied (containerd; kubelet always sends them).
+        assert!(linux.masked_paths().clone().unwrap_or_default().is_empty());
         assert_eq!(spec.hostname(), &None);
         assert_eq!(p.rlimits(), &None);
     }
@@ -1402,6 +1397,7 @@ mod tests {
                 hugetlb: true,
             },
             pid_target: None,
+            host_devices: Vec::new(),
         })
         .unwrap();
         let l = spec.linux().clone().unwrap();
@@ -1495,6 +1491,7 @@ mod tests {
                 hugetlb: true,
             },
             pid_target,
+            host_devices: Vec::new(),
         })
     }
 

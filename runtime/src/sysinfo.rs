@@ -126,6 +126,78 @@ pub fn user_namespaces(scratch: &Path) -> bool {
     ok
 }
 
+/// The host's device nodes under `dev` for a privileged container, as
+/// runc's GetDevices walks them: char and block devices, skipping the
+/// per-container trees (pts, shm, fd, mqueue) and the console.
+pub fn host_devices(dev: &Path) -> Vec<oci_spec::runtime::LinuxDevice> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    const SKIP: [&str; 7] = ["pts", "shm", "fd", "mqueue", ".lxc", ".lxd-mounts", ".udev"];
+    let mut out = Vec::new();
+    let mut stack = vec![dev.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let ft = m.file_type();
+            if ft.is_dir() {
+                if !SKIP.contains(&name.as_ref()) {
+                    stack.push(e.path());
+                }
+                continue;
+            }
+            let typ = if ft.is_char_device() {
+                oci_spec::runtime::LinuxDeviceType::C
+            } else if ft.is_block_device() {
+                oci_spec::runtime::LinuxDeviceType::B
+            } else {
+                continue;
+            };
+            if name == "console" {
+                continue;
+            }
+            let rdev = m.rdev();
+            if let Ok(d) = oci_spec::runtime::LinuxDeviceBuilder::default()
+                .path(e.path())
+                .typ(typ)
+                .major(i64::from(nix::sys::stat::major(rdev) as u32))
+                .minor(i64::from(nix::sys::stat::minor(rdev) as u32))
+                .file_mode(m.mode() & 0o777)
+                .uid(m.uid())
+                .gid(m.gid())
+                .build()
+            {
+                out.push(d);
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path().cmp(b.path()));
+    out
+}
+
+/// Whether CRIU can checkpoint on this node (`criu check`); Err carries
+/// CRIU's own first error line.
+pub fn criu_check() -> Result<(), String> {
+    let out = std::process::Command::new("criu")
+        .arg("check")
+        .output()
+        .map_err(|e| format!("criu: {e} (apt-get install criu)"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    Err(text
+        .lines()
+        .find(|l| l.contains("Error"))
+        .or_else(|| text.lines().next())
+        .unwrap_or("failed")
+        .trim()
+        .to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +211,13 @@ mod tests {
             let d = tempfile::tempdir().unwrap();
             assert!(kernel_recursive_readonly(d.path()));
             assert!(user_namespaces(d.path()));
+            let devs = host_devices(Path::new("/dev"));
+            let null = devs
+                .iter()
+                .find(|d| d.path() == Path::new("/dev/null"))
+                .unwrap();
+            assert_eq!((null.major(), null.minor()), (1, 3));
+            assert!(!devs.iter().any(|d| d.path().starts_with("/dev/pts")));
         }
     }
 }

@@ -58,6 +58,15 @@ pub(crate) fn signal_number(s: i32) -> i32 {
     }
 }
 
+/// What CreateContainer resolved from the request before touching anything.
+struct Validated<'a> {
+    config: &'a cri::ContainerConfig,
+    image: &'a imacri_runtime::image::ImageRecord,
+    image_name: &'a str,
+    log: std::path::PathBuf,
+    cdi: &'a [imacri_runtime::cdi::Edits],
+}
+
 /// A hostPath that does not exist becomes an empty directory, as in
 /// containerd (kubelet's `DirectoryOrCreate` and plain hostPath rely on it).
 fn create_missing_host_path(m: &cri::Mount) -> Result<()> {
@@ -182,11 +191,37 @@ impl CriServer {
             }
         }
 
+        // CDI devices: an unknown one is an error, never dropped.
+        let names: Vec<String> = config.cdi_devices.iter().map(|d| d.name.clone()).collect();
+        let wanted = imacri_runtime::cdi::requested(&names, &config.annotations);
+        let cdi = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            imacri_runtime::cdi::Registry::load(&self.cfg.cdi_spec_dirs)
+                .resolve(&wanted)
+                .map_err(|e| match e {
+                    Error::InvalidArgument(m) => {
+                        Error::InvalidArgument(format!("CDI_devices: {m}"))
+                    }
+                    e => e,
+                })?
+        };
+
         let id = new_id();
         let name = container_name(&config, &sb.config);
         self.containers.reserve(&name, &id)?;
         let res = self
-            .make_container(&id, &sb, &config, &image, &image_name, log)
+            .make_container(
+                &id,
+                &sb,
+                &Validated {
+                    config: &config,
+                    image: &image,
+                    image_name: &image_name,
+                    log,
+                    cdi: &cdi,
+                },
+            )
             .await;
         match res {
             Ok(()) => {
@@ -209,11 +244,16 @@ impl CriServer {
         &self,
         id: &str,
         sb: &super::SandboxEntry,
-        config: &cri::ContainerConfig,
-        image: &imacri_runtime::image::ImageRecord,
-        image_name: &str,
-        log: std::path::PathBuf,
+        v: &Validated<'_>,
     ) -> Result<()> {
+        let Validated {
+            config,
+            image,
+            image_name,
+            ref log,
+            cdi,
+        } = *v;
+        let log = log.clone();
         let sb_state = sb.state();
         let snapshotter = self.cfg.containerd.snapshotter.clone();
         let lease = self.c.lease("container").await?;
@@ -259,7 +299,14 @@ impl CriServer {
                 shared: &shared,
                 limits: self.limits,
                 pid_target: self.pid_target(&sb.id, config)?,
+                host_devices: if sc.is_some_and(|s| s.privileged) {
+                    imacri_runtime::sysinfo::host_devices(std::path::Path::new("/dev"))
+                } else {
+                    Vec::new()
+                },
             })?;
+            // Before the ima rules below, which then cover CDI mounts too.
+            imacri_runtime::cdi::apply(&mut spec, cdi, &imacri_runtime::cdi::HostNodes)?;
             if super::integrity::is_fanotify(&sb_state) {
                 let measured: Vec<String> = self
                     .measured_volumes(&sb_state, volumes)

@@ -117,12 +117,17 @@ impl CriServer {
             }
             Kind::Sandbox => {
                 if let Some(s) = self.sandboxes.get(id) {
-                    let _ = s.update(|st| {
+                    let was = s.update(|st| {
+                        let was = st.phase;
                         if st.phase == SandboxPhase::Ready {
                             st.phase = SandboxPhase::NotReady;
                         }
                         st.pid = 0;
+                        was
                     });
+                    if matches!(was, Ok(SandboxPhase::Ready)) {
+                        self.emit(cri::ContainerEventType::ContainerStoppedEvent, id);
+                    }
                     tracing::info!(pod_sandbox_id = %id, exit_code = code, "sandbox exited");
                 }
             }

@@ -4,6 +4,7 @@
 
 mod attestation;
 mod container_attach;
+mod container_checkpoint;
 mod container_create;
 mod container_exec;
 mod container_execsync;
@@ -211,6 +212,7 @@ impl CriServer {
             images.load().await?;
             imacri_runtime::image::builtin::image_name()
         } else {
+            images.set_sandbox_image(&cfg.sandbox_image);
             cfg.sandbox_image.clone()
         };
         let sandboxes = Store::open(cfg.sandboxes_dir(), validate::sandbox_name)?;
@@ -374,24 +376,33 @@ impl CriServer {
 
     /// Publishes a CRI container event (GetContainerEvents) with the
     /// container's and its pod's current status.
+    /// Sends a CRI event for a container or a pod sandbox (`id` either):
+    /// the pod's status with every one of its containers' statuses, as
+    /// kubelet's evented PLEG rebuilds the pod from one event.
     pub(crate) fn emit(&self, kind: cri::ContainerEventType, id: &str) {
         if self.events.receiver_count() == 0 {
             return;
         }
-        let Some(c) = self.containers.get(id) else {
-            return;
+        let pod_id = match self.containers.get(id) {
+            Some(c) => c.state().sandbox_id.clone(),
+            None if self.sandboxes.get(id).is_some() => id.to_string(),
+            None => return,
         };
-        let status = self.container_status_of(&c);
         let pod = self
             .sandboxes
-            .get(&c.state().sandbox_id)
+            .get(&pod_id)
             .map(|sb| self.sandbox_status_of(&sb));
+        let containers_statuses = self
+            .containers_of(&pod_id)
+            .iter()
+            .map(|c| self.container_status_of(c))
+            .collect();
         let _ = self.events.send(cri::ContainerEventResponse {
             container_id: id.to_string(),
             container_event_type: kind as i32,
             created_at: imacri_runtime::ids::now_nanos(),
             pod_sandbox_status: pod,
-            containers_statuses: vec![status],
+            containers_statuses,
         });
     }
 }
@@ -416,6 +427,7 @@ fn to_status(e: &Error) -> tonic::Status {
             _ => Status::unknown(msg),
         },
         Error::Registry(_) => Status::unknown(msg),
+        Error::Unimplemented(_) => Status::unimplemented(msg),
         Error::Io { .. } | Error::Internal(_) => Status::internal(msg),
     }
 }

@@ -22,6 +22,10 @@ impl CriServer {
         }
         let _op = sb.op.lock().await;
         self.teardown_sandbox(&sb).await?;
+        self.emit(
+            imacri_api::cri::ContainerEventType::ContainerDeletedEvent,
+            &sb.id,
+        );
         self.sandboxes.remove(&sb.id)?;
         tracing::info!(pod_sandbox_id = %sb.id, "sandbox removed");
         Ok(cri::RemovePodSandboxResponse {})

@@ -242,6 +242,9 @@ impl CriServer {
                     userns = ?st.userns.as_ref().map(|u| &u.mappings.uids),
                     "sandbox ready"
                 );
+                // containerd reports a sandbox as a container of its own.
+                self.emit(cri::ContainerEventType::ContainerCreatedEvent, &id);
+                self.emit(cri::ContainerEventType::ContainerStartedEvent, &id);
                 Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
             }
             Err(e) => {

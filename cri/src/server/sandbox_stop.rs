@@ -29,10 +29,15 @@ impl CriServer {
         let _op = sb.op.lock().await;
         self.stop_task(&sb.id, SIGKILL, Duration::ZERO).await?;
         self.release_sandbox_resources(&sb)?;
-        sb.update(|s| {
+        let was = sb.update(|s| {
+            let was = s.phase;
             s.phase = SandboxPhase::NotReady;
             s.pid = 0;
+            was
         })?;
+        if was == SandboxPhase::Ready {
+            self.emit(cri::ContainerEventType::ContainerStoppedEvent, &sb.id);
+        }
         Ok(cri::StopPodSandboxResponse {})
     }
 }

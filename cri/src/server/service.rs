@@ -362,11 +362,11 @@ impl RuntimeService for Cri {
 
     async fn checkpoint_container(
         &self,
-        _r: Request<cri::CheckpointContainerRequest>,
+        r: Request<cri::CheckpointContainerRequest>,
     ) -> Res<cri::CheckpointContainerResponse> {
-        Err(Status::unimplemented(
-            "CheckpointContainer: imacri does not support checkpointing (no CRIU integration)",
-        ))
+        let r = r.into_inner();
+        let id = r.container_id.clone();
+        instrument("CheckpointContainer", &id, self.0.checkpoint_container(r)).await
     }
 
     type GetContainerEventsStream = Stream<cri::ContainerEventResponse>;

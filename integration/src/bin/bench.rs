@@ -191,6 +191,85 @@ async fn run(rt: &mut Rt, im: &mut Im, busybox: &str) -> Result<Samples> {
     Ok(s)
 }
 
+/// How a benchmarked pod is isolated.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Plain,
+    /// `hostUsers: false`: kubelet gives every pod its own ID range.
+    Userns,
+    /// An ima pod (its own user namespace, measured).
+    Ima,
+}
+
+const START_ROUNDS: usize = 5;
+
+/// Median ms of RunPodSandbox + CreateContainer + StartContainer of one
+/// container of `img`; pods are removed outside the timing.
+async fn pod_start(rt: &mut Rt, im: &mut Im, img: &str, mode: Mode, tag: &str) -> Result<f64> {
+    im.pull_image(cri::PullImageRequest {
+        image: image(img),
+        ..Default::default()
+    })
+    .await?;
+    let mut s = Samples::default();
+    for i in 0..START_ROUNDS {
+        let mut cfg = pod_config(&format!("start-{tag}-{i}"));
+        match mode {
+            Mode::Plain => {}
+            Mode::Userns => {
+                let map = vec![cri::IdMapping {
+                    host_id: 5_000_000 + (i as u32) * 65536,
+                    container_id: 0,
+                    length: 65536,
+                }];
+                cfg.linux
+                    .get_or_insert_with(Default::default)
+                    .security_context = Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(cri::NamespaceOption {
+                        userns_options: Some(cri::UserNamespace {
+                            mode: cri::NamespaceMode::Pod as i32,
+                            uids: map.clone(),
+                            gids: map,
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+            Mode::Ima => {
+                cfg.annotations
+                    .insert("imacri.dev/ima".into(), "true".into());
+            }
+        }
+        let pod = s
+            .time("start", async {
+                let pod = run_pod(rt, &cfg).await?;
+                let id = rt
+                    .create_container(cri::CreateContainerRequest {
+                        pod_sandbox_id: pod.clone(),
+                        config: Some(container_config("c", img, &["sleep", "1000"])),
+                        sandbox_config: Some(cfg.clone()),
+                    })
+                    .await?
+                    .into_inner()
+                    .container_id;
+                rt.start_container(cri::StartContainerRequest { container_id: id })
+                    .await?;
+                Ok::<_, tonic::Status>(pod)
+            })
+            .await?;
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await?;
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await?;
+    }
+    Ok(s.median("start"))
+}
+
 /// critest's own benchmarks (`critest -benchmark`) against `endpoint`:
 /// median milliseconds per operation, from its JSON results.
 fn critest_bench(
@@ -265,6 +344,26 @@ async fn main() -> Result<()> {
         })
         .unwrap_or_default();
     let ours = run(&mut rt, &mut im, &env.busybox).await?;
+    // A 200 MB image of 2000 files, pushed once per run.
+    let big = format!("{}/test/big:latest", env.registry);
+    imacri_integration::images::build_and_push(
+        &env.base,
+        &imacri_integration::images::big(200 << 20, 2000),
+        &big,
+        None,
+    )?;
+    let images = [("busybox", env.busybox.as_str()), ("200MB", big.as_str())];
+    let mut starts = Vec::new();
+    for (label, img) in images {
+        for (mode, name) in [
+            (Mode::Plain, "plain"),
+            (Mode::Userns, "userns"),
+            (Mode::Ima, "ima"),
+        ] {
+            let ms = pod_start(&mut rt, &mut im, img, mode, &format!("{label}-{name}")).await?;
+            starts.push((label, name, ms));
+        }
+    }
     let cache = critest::tools()?;
     critest::prepare(env, &cache)?;
     let ours_ct = critest_bench(
@@ -292,6 +391,19 @@ async fn main() -> Result<()> {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let theirs = run(&mut crt, &mut cim, &env.busybox).await;
+    let mut their_starts = Vec::new();
+    for (label, img) in images {
+        their_starts.push(
+            pod_start(
+                &mut crt,
+                &mut cim,
+                img,
+                Mode::Plain,
+                &format!("{label}-ctr"),
+            )
+            .await,
+        );
+    }
     let theirs_ct = critest_bench(
         env,
         &cache,
@@ -324,6 +436,23 @@ async fn main() -> Result<()> {
     for (name, a) in &ours_ct {
         let b = theirs_ct.get(name).copied().unwrap_or(f64::NAN);
         println!("{name:<18} {a:>10.2} {b:>14.2} {:>8.2}", a / b);
+    }
+    println!();
+    println!(
+        "pod start (RunPodSandbox+CreateContainer+StartContainer), median of {START_ROUNDS} (ms)"
+    );
+    println!(
+        "{:<8} {:<7} {:>10} {:>22} {:>8}",
+        "image", "pod", "imacri", "containerd-cri plain", "ratio"
+    );
+    for (i, (label, _)) in images.iter().enumerate() {
+        let theirs = their_starts[i].as_ref().map(|v| *v).unwrap_or(f64::NAN);
+        for (l, name, ms) in starts.iter().filter(|(l, _, _)| l == label) {
+            println!(
+                "{l:<8} {name:<7} {ms:>10.1} {theirs:>22.1} {:>8.2}",
+                ms / theirs
+            );
+        }
     }
     println!("imacri idle {}", rss.trim());
     Ok(())

@@ -167,10 +167,22 @@ impl ImageService {
         &self.snapshotter
     }
 
-    /// Marks the sandbox image as pinned (kubelet must not GC it).
-    pub fn set_sandbox_image(&self, id: &str) {
+    /// Marks the sandbox image as pinned (kubelet must not GC it), by
+    /// image ID or by name (a configured `sandbox_image`, pinned whenever
+    /// an image carries that name).
+    pub fn set_sandbox_image(&self, id_or_name: &str) {
+        let key = match ImageRef::parse(id_or_name)
+            .ok()
+            .and_then(|r| r.tagged_name())
+        {
+            Some(name) if as_image_id(id_or_name).is_none() => name,
+            _ => id_or_name.to_string(),
+        };
         if let Ok(mut s) = self.sandbox_image.write() {
-            *s = id.to_string();
+            *s = key;
+        }
+        if let Ok(mut c) = self.cache.write() {
+            self.apply_pins(&mut c);
         }
     }
 
@@ -226,7 +238,7 @@ impl ImageService {
             .map(|s| s.clone())
             .unwrap_or_default();
         for rec in cache.values_mut() {
-            rec.pinned = rec.id == pinned;
+            rec.pinned = rec.id == pinned || rec.names.contains(&pinned);
         }
     }
 
