@@ -38,6 +38,12 @@ pub fn cap_bounding() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Whether AppArmor is enabled on this node.
+pub fn apparmor_enabled() -> bool {
+    std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|s| s.trim() == "Y")
+}
+
 /// Whether the hugetlb cgroup controller is available to containers.
 pub fn hugetlb_controller() -> bool {
     match cgroup_version() {

@@ -60,11 +60,31 @@ pub(crate) fn signal_number(s: i32) -> i32 {
 
 /// What CreateContainer resolved from the request before touching anything.
 struct Validated<'a> {
+    /// As kubelet sent it (what ContainerStatus reports).
     config: &'a cri::ContainerConfig,
+    /// With host paths resolved: what the spec is built from.
+    resolved: &'a cri::ContainerConfig,
     image: &'a imacri_runtime::image::ImageRecord,
     image_name: &'a str,
     log: std::path::PathBuf,
     cdi: &'a [imacri_runtime::cdi::Edits],
+}
+
+/// The config with every volume's host_path resolved on the host
+/// (symlinks followed, so the spec binds what the path names now).
+fn resolve_host_paths(config: &cri::ContainerConfig) -> Result<cri::ContainerConfig> {
+    let mut out = config.clone();
+    for m in out
+        .mounts
+        .iter_mut()
+        .filter(|m| !super::image_volume::is_image_mount(m))
+    {
+        let real = std::fs::canonicalize(&m.host_path).map_err(|e| {
+            Error::InvalidArgument(format!("mount host_path {:?}: {e}", m.host_path))
+        })?;
+        m.host_path = real.to_string_lossy().into_owned();
+    }
+    Ok(out)
 }
 
 /// A hostPath that does not exist becomes an empty directory, as in
@@ -191,6 +211,7 @@ impl CriServer {
             }
         }
 
+        let resolved = resolve_host_paths(&config)?;
         // CDI devices: an unknown one is an error, never dropped.
         let names: Vec<String> = config.cdi_devices.iter().map(|d| d.name.clone()).collect();
         let wanted = imacri_runtime::cdi::requested(&names, &config.annotations);
@@ -216,6 +237,7 @@ impl CriServer {
                 &sb,
                 &Validated {
                     config: &config,
+                    resolved: &resolved,
                     image: &image,
                     image_name: &image_name,
                     log,
@@ -248,6 +270,7 @@ impl CriServer {
     ) -> Result<()> {
         let Validated {
             config,
+            resolved,
             image,
             image_name,
             ref log,
@@ -285,8 +308,8 @@ impl CriServer {
             let shared = self.shared_of(&sb_state);
             // Image volumes become read-only binds; then, in a user
             // namespace pod, every bind is ID-mapped.
-            let (with_images, volume_labels) = self.image_volumes(id, config, &lease).await?;
-            let volumes = with_images.as_ref().unwrap_or(config);
+            let (with_images, volume_labels) = self.image_volumes(id, resolved, &lease).await?;
+            let volumes = with_images.as_ref().unwrap_or(resolved);
             let mapped = self.idmap_volumes(id, &sb_state, volumes)?;
             let mut spec = spec::container_spec(&ContainerInputs {
                 id,
@@ -297,7 +320,7 @@ impl CriServer {
                 image_name,
                 user: user.clone(),
                 shared: &shared,
-                limits: self.limits,
+                node: self.node,
                 pid_target: self.pid_target(&sb.id, config)?,
                 host_devices: if sc.is_some_and(|s| s.privileged) {
                     imacri_runtime::sysinfo::host_devices(std::path::Path::new("/dev"))
@@ -404,9 +427,7 @@ impl CriServer {
         let mut mapped = config.clone();
         let dir = self.cfg.state.join("idmap").join(id);
         for (i, m) in mapped.mounts.iter_mut().enumerate() {
-            let src = std::fs::canonicalize(&m.host_path).map_err(|e| {
-                Error::InvalidArgument(format!("mount host_path {:?}: {e}", m.host_path))
-            })?;
+            let src = std::path::PathBuf::from(&m.host_path);
             let staged = dir.join(i.to_string());
             imacri_runtime::idmap::idmapped_bind(&src, &staged, &u.path)?;
             m.host_path = staged.to_string_lossy().into_owned();

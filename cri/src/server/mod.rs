@@ -45,7 +45,7 @@ use imacri_runtime::containerd::Containerd;
 use imacri_runtime::image::ImageService;
 use imacri_runtime::io::LogFile;
 use imacri_runtime::pod::{ContainerState, SandboxState};
-use imacri_runtime::spec::NodeLimits;
+use imacri_runtime::spec::NodeFacts;
 use imacri_runtime::store::{Entry, Store};
 use imacri_runtime::{Error, Result};
 use std::collections::HashMap;
@@ -133,7 +133,8 @@ pub struct CriServer {
     pub(crate) images: ImageService,
     pub(crate) sandboxes: Store<cri::PodSandboxConfig, SandboxState>,
     pub(crate) containers: Store<cri::ContainerConfig, ContainerState>,
-    pub(crate) limits: NodeLimits,
+    /// Probed once at start; every spec is built from it.
+    pub(crate) node: NodeFacts,
     /// Name of the sandbox image in use.
     pub(crate) sandbox_image: String,
     /// Whether this node can run each ima backend (probed at start).
@@ -222,14 +223,11 @@ impl CriServer {
                 .map(|m| m.name.clone())
                 .unwrap_or_default()
         })?;
-        let limits = NodeLimits {
-            min_oom_score_adj: if cfg.restrict_oom_score_adj {
-                imacri_runtime::sysinfo::own_oom_score_adj()
-            } else {
-                -1000
-            },
-            hugetlb: imacri_runtime::sysinfo::hugetlb_controller(),
-        };
+        let node = NodeFacts::probe(if cfg.restrict_oom_score_adj {
+            imacri_runtime::sysinfo::own_oom_score_adj()
+        } else {
+            -1000
+        });
         let cni = imacri_runtime::cni::Cni::new(
             cfg.cni.conf_dir.clone(),
             cfg.cni.bin_dirs.clone(),
@@ -252,7 +250,7 @@ impl CriServer {
             images,
             sandboxes,
             containers,
-            limits,
+            node,
             sandbox_image,
             ima_node,
             rootfs_idmap,

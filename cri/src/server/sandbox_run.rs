@@ -333,7 +333,7 @@ impl CriServer {
         }
 
         let shared = self.shared_of(st);
-        let mut spec = spec::sandbox_spec(id, config, &image.config, &shared, self.limits)?;
+        let mut spec = spec::sandbox_spec(id, config, &image.config, &shared, self.node)?;
         if st.ima.is_some() {
             // Like its containers' mounts: a container sharing the pod's pid
             // namespace reaches pause's through /proc/1/root.

@@ -227,7 +227,7 @@ impl CriServer {
         };
         let _op = c.op.lock().await;
         let mut res = spec::resources(Some(&linux))?;
-        if !self.limits.hugetlb {
+        if !self.node.hugetlb {
             res.set_hugepage_limits(None);
         }
         // Devices stay as created; only limits change.

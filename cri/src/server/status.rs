@@ -84,7 +84,7 @@ impl CriServer {
                 "runtimes": self.cfg.runtimes.keys().collect::<Vec<_>>(),
                 "sandboxImage": self.sandbox_image,
                 "cgroupVersion": format!("{:?}", imacri_runtime::sysinfo::cgroup_version()),
-                "minOomScoreAdj": self.limits.min_oom_score_adj,
+                "minOomScoreAdj": self.node.min_oom_score_adj,
                 "integrity": self.integrity_info(),
             });
             info.insert("config".to_string(), v.to_string());

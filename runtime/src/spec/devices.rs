@@ -1,0 +1,153 @@
+//! Devices: CRI device mappings and their cgroup rules.
+
+use super::*;
+
+pub(crate) fn device(
+    d: &cri::Device,
+) -> Result<(
+    oci_spec::runtime::LinuxDevice,
+    oci_spec::runtime::LinuxDeviceCgroup,
+)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    validate_container_path("device container_path", &d.container_path)?;
+    let meta = std::fs::metadata(&d.host_path)
+        .map_err(|e| Error::InvalidArgument(format!("device host_path {:?}: {e}", d.host_path)))?;
+    let ft = meta.file_type();
+    let typ = if ft.is_char_device() {
+        LinuxDeviceType::C
+    } else if ft.is_block_device() {
+        LinuxDeviceType::B
+    } else {
+        return Err(Error::InvalidArgument(format!(
+            "device host_path {:?} is not a device",
+            d.host_path
+        )));
+    };
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev) as i64, libc::minor(rdev) as i64);
+    let perms = if d.permissions.is_empty() {
+        "rwm"
+    } else {
+        d.permissions.as_str()
+    };
+    if !perms.chars().all(|c| "rwm".contains(c)) {
+        return Err(Error::InvalidArgument(format!(
+            "device {}: permissions {perms:?} must be a combination of r, w, m",
+            d.container_path
+        )));
+    }
+    let dev = oci(LinuxDeviceBuilder::default()
+        .path(PathBuf::from(&d.container_path))
+        .typ(typ)
+        .major(major)
+        .minor(minor)
+        .file_mode(meta.mode() & 0o777)
+        .uid(meta.uid())
+        .gid(meta.gid())
+        .build())?;
+    let rule = oci(LinuxDeviceCgroupBuilder::default()
+        .allow(true)
+        .typ(typ)
+        .major(major)
+        .minor(minor)
+        .access(perms)
+        .build())?;
+    Ok((dev, rule))
+}
+
+/// The container's device nodes, with their cgroup rules added to `res`:
+/// CRI devices, and for a privileged container every host device (the
+/// caller's `host_devices`) and access to all.
+pub fn container_devices(
+    i: &ContainerInputs<'_>,
+    sc: &cri::LinuxContainerSecurityContext,
+    res: &mut LinuxResources,
+) -> Result<Vec<oci_spec::runtime::LinuxDevice>> {
+    let mut devices = Vec::new();
+    let mut dev_rules = res.devices().clone().unwrap_or_default();
+    if sc.privileged {
+        dev_rules = vec![oci(LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .access("rwm")
+            .build())?];
+        // Every device node of the host, as containerd's WithHostDevices.
+        devices.extend(i.host_devices.iter().cloned());
+    }
+    for d in &i.config.devices {
+        let (dev, rule) = device(d)?;
+        devices.retain(|x| x.path() != dev.path());
+        devices.push(dev);
+        dev_rules.push(rule);
+    }
+    res.set_devices(Some(dev_rules));
+    Ok(devices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::test_support::*;
+
+    fn inputs_devices(privileged: bool, host: Vec<oci_spec::runtime::LinuxDevice>) -> Vec<String> {
+        let cfg = cri::ContainerConfig {
+            devices: vec![cri::Device {
+                container_path: "/dev/mine".into(),
+                host_path: "/dev/null".into(),
+                permissions: "rw".into(),
+            }],
+            ..Default::default()
+        };
+        let sh = shared();
+        let i = ContainerInputs {
+            id: "c",
+            sandbox_id: "s",
+            config: &cfg,
+            sandbox_config: &cri::PodSandboxConfig::default(),
+            image: &busybox(),
+            image_name: "b",
+            user: ProcessUser::default(),
+            shared: &sh,
+            node: NodeFacts {
+                min_oom_score_adj: 0,
+                hugetlb: true,
+                apparmor: false,
+                cap_bounding: u64::MAX,
+            },
+            pid_target: None,
+            host_devices: host,
+        };
+        let sc = cri::LinuxContainerSecurityContext {
+            privileged,
+            ..Default::default()
+        };
+        let mut res = LinuxResources::default();
+        let devs = container_devices(&i, &sc, &mut res).unwrap();
+        let rules = res.devices().clone().unwrap();
+        if privileged {
+            assert!(rules[0].allow() && rules[0].major().is_none(), "{rules:?}");
+        }
+        devs.iter()
+            .map(|d| d.path().display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn privileged_gets_host_devices_and_cri_ones_win() {
+        let host = |p: &str| {
+            LinuxDeviceBuilder::default()
+                .path(p)
+                .typ(LinuxDeviceType::C)
+                .major(1)
+                .minor(7)
+                .build()
+                .unwrap()
+        };
+        let hosts = vec![host("/dev/full"), host("/dev/mine")];
+        assert_eq!(
+            inputs_devices(true, hosts.clone()),
+            ["/dev/full", "/dev/mine"]
+        );
+        // Not privileged: the host's list is never used.
+        assert_eq!(inputs_devices(false, hosts), ["/dev/mine"]);
+    }
+}

@@ -1,0 +1,169 @@
+//! Security: masked and read-only /proc paths, AppArmor, the draft IMA namespace.
+
+use super::*;
+
+pub const DEFAULT_MASKED_PATHS: [&str; 11] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+    "/proc/scsi",
+];
+
+pub const DEFAULT_READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// AppArmor: a Localhost profile needs AppArmor on the node (clear error
+/// otherwise); the runtime default is skipped where AppArmor is off, as
+/// containerd does.
+pub fn apparmor_profile(
+    p: Option<&cri::SecurityProfile>,
+    legacy: &str,
+    enabled: bool,
+) -> Result<Option<String>> {
+    use cri::security_profile::ProfileType;
+    let wanted = match (p, legacy) {
+        (Some(p), _) if p.profile_type == ProfileType::Localhost as i32 => {
+            Some(p.localhost_ref.clone())
+        }
+        (None, l) if l.starts_with("localhost/") => {
+            Some(l.trim_start_matches("localhost/").to_string())
+        }
+        _ => None,
+    };
+    let Some(name) = wanted else { return Ok(None) };
+    if !enabled {
+        return Err(Error::FailedPrecondition(format!(
+            "linux.security_context.apparmor asks for profile {name:?} but AppArmor is not enabled on this node"
+        )));
+    }
+    Ok(Some(name))
+}
+
+/// Adds the draft runtime-spec `{"type": "ima"}` namespace (PR #1164).
+/// oci-spec's namespace enum is closed, so this works on the JSON.
+pub fn add_ima_namespace(spec: &mut serde_json::Value) {
+    if let Some(nss) = spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(|v| v.as_array_mut())
+    {
+        if !nss.iter().any(|n| n["type"] == "ima") {
+            nss.push(serde_json::json!({"type": "ima"}));
+        }
+    }
+}
+
+/// Seccomp (none when privileged) and the masked and read-only /proc
+/// paths: none when privileged, else exactly what kubelet sends, as
+/// containerd does (the default lists for procMount Default, empty ones
+/// for Unmasked).
+// Older kubelets still send the deprecated profile-path field.
+#[allow(deprecated)]
+pub fn confine(
+    mut lb: LinuxBuilder,
+    sc: &cri::LinuxContainerSecurityContext,
+    caps: &HashSet<Capability>,
+) -> Result<LinuxBuilder> {
+    if sc.privileged {
+        return Ok(lb
+            .masked_paths(Vec::<String>::new())
+            .readonly_paths(Vec::<String>::new()));
+    }
+    let field = "linux.security_context.seccomp";
+    if let Some(p) =
+        crate::seccomp::profile(field, sc.seccomp.as_ref(), &sc.seccomp_profile_path, caps)?
+    {
+        lb = lb.seccomp(p);
+    }
+    Ok(lb
+        .masked_paths(sc.masked_paths.clone())
+        .readonly_paths(sc.readonly_paths.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ima_namespace_is_added_once() {
+        let mut v = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}});
+        add_ima_namespace(&mut v);
+        add_ima_namespace(&mut v);
+        assert_eq!(
+            v["linux"]["namespaces"],
+            serde_json::json!([{"type": "pid"}, {"type": "ima"}])
+        );
+    }
+
+    #[test]
+    fn confinement_follows_what_kubelet_sends() {
+        let caps = HashSet::new();
+        let masked = |sc: &cri::LinuxContainerSecurityContext| {
+            let l = confine(LinuxBuilder::default(), sc, &caps)
+                .unwrap()
+                .build()
+                .unwrap();
+            (
+                l.masked_paths().clone().unwrap_or_default(),
+                l.readonly_paths().clone().unwrap_or_default(),
+                l.seccomp().is_some(),
+            )
+        };
+        let default = cri::LinuxContainerSecurityContext {
+            masked_paths: vec!["/proc/kcore".into()],
+            readonly_paths: vec!["/proc/sys".into()],
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            masked(&default),
+            (
+                vec!["/proc/kcore".to_string()],
+                vec!["/proc/sys".to_string()],
+                true
+            )
+        );
+        // procMount Unmasked: empty lists, nothing masked.
+        let unmasked = cri::LinuxContainerSecurityContext::default();
+        assert_eq!(masked(&unmasked), (vec![], vec![], false));
+        // Privileged: no masks, no seccomp, whatever was sent.
+        let privileged = cri::LinuxContainerSecurityContext {
+            privileged: true,
+            ..default
+        };
+        assert_eq!(masked(&privileged), (vec![], vec![], false));
+    }
+
+    #[test]
+    fn apparmor_needs_it_enabled_only_for_localhost() {
+        let local = cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::Localhost as i32,
+            localhost_ref: "mine".into(),
+        };
+        assert_eq!(
+            apparmor_profile(Some(&local), "", true).unwrap().as_deref(),
+            Some("mine")
+        );
+        let e = apparmor_profile(Some(&local), "", false).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        let rd = cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+            ..Default::default()
+        };
+        assert_eq!(apparmor_profile(Some(&rd), "", false).unwrap(), None);
+    }
+}
