@@ -321,7 +321,7 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         if apparmor {
             "enabled".into()
         } else {
-            "not enabled: Localhost profiles are rejected".into()
+            "not enabled: RuntimeDefault is not applied, Localhost profiles are rejected".into()
         },
     );
     let selinux = Path::new("/sys/fs/selinux/enforce").exists();

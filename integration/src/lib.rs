@@ -13,8 +13,9 @@ pub mod images;
 pub mod kubelet;
 pub mod peers;
 pub mod poll;
-mod registry;
+pub mod registry;
 mod swtpm;
+pub mod token_service;
 
 pub use containerd::{start_containerd, start_containerd_pid};
 pub use daemon::{attest, imacri_bin, Imacri};

@@ -119,3 +119,40 @@ pub(crate) fn start_registry_tls(
     })?;
     Ok(format!("127.0.0.1:{port}"))
 }
+
+/// A registry using token auth (distribution's `auth: token`): it serves
+/// the anonymous registry's storage (`storage_of`), so what was pushed there
+/// can be pulled here, but only with a token `realm` signed by the key of
+/// `cert`. Returns "127.0.0.1:PORT".
+pub fn start_token_registry(
+    base: &Path,
+    name: &str,
+    storage_of: &str,
+    realm: &str,
+    cert: &Path,
+) -> Result<String> {
+    let port = free_port();
+    let dir = base.join(name);
+    std::fs::create_dir_all(&dir)?;
+    let cfg = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n\
+         auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+        base.join(storage_of).join("data").display(),
+        cert.display()
+    );
+    std::fs::write(dir.join("config.yml"), cfg)?;
+    let log = std::fs::File::create(dir.join("log"))?;
+    let mut cmd = Command::new("docker-registry");
+    cmd.arg("serve")
+        .arg(dir.join("config.yml"))
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    spawn_service(cmd).context("starting docker-registry (apt-get install docker-registry)")?;
+    wait_for("docker-registry", Duration::from_secs(15), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
+    Ok(format!("127.0.0.1:{port}"))
+}
+
+pub const TOKEN_SERVICE: &str = "imacri-test-registry";
+pub const TOKEN_ISSUER: &str = "imacri-test-token-service";

@@ -346,3 +346,48 @@ async fn configured_sandbox_image_is_pinned() {
         im.image_status(status(&pause)).await.unwrap().into_inner()
     ));
 }
+
+/// `auth.identity_token` (an OAuth2 refresh token) against a token-auth
+/// registry: traded at the realm the registry names, then used to pull.
+#[tokio::test(flavor = "multi_thread")]
+async fn identity_token_is_traded_for_an_access_token() {
+    use imacri_integration::registry::start_token_registry;
+    use imacri_integration::token_service::TokenService;
+    let env = Env::get();
+    let dir = tempfile::tempdir_in(&env.base).unwrap();
+    let svc = TokenService::start(dir.path(), "refresh-me").await.unwrap();
+    let name = format!("token-registry-{}", std::process::id());
+    let host = start_token_registry(&env.base, &name, "registry", &svc.realm, &svc.cert).unwrap();
+    let d = Imacri::start_isolated(env).await.unwrap();
+    let mut im = d.images().await.unwrap();
+    let img = format!("{host}/test/busybox:latest");
+    let pull = |auth: Option<cri::AuthConfig>| cri::PullImageRequest {
+        image: image(&img),
+        auth,
+        ..Default::default()
+    };
+    // Without credentials, and with a wrong refresh token: refused.
+    let e = im.pull_image(pull(None)).await.unwrap_err();
+    assert_ne!(e.code(), Code::Ok);
+    let wrong = cri::AuthConfig {
+        identity_token: "stolen".into(),
+        ..Default::default()
+    };
+    let e = im.pull_image(pull(Some(wrong))).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("identity_token"), "{e:?}");
+    assert_eq!(svc.issued.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // The right one pulls.
+    let good = cri::AuthConfig {
+        identity_token: "refresh-me".into(),
+        ..Default::default()
+    };
+    let id = im
+        .pull_image(pull(Some(good)))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", d.log()))
+        .into_inner()
+        .image_ref;
+    assert!(id.starts_with("sha256:"), "{id}");
+    assert!(svc.issued.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}

@@ -9,6 +9,7 @@ pub mod builtin;
 pub mod hosts;
 mod pull;
 pub mod reference;
+mod token;
 mod unpack;
 
 pub use pull::Credentials;

@@ -41,11 +41,6 @@ impl Credentials {
         if !self.registry_token.is_empty() {
             return Ok(RegistryAuth::Bearer(self.registry_token.clone()));
         }
-        if !self.identity_token.is_empty() {
-            return Err(Error::InvalidArgument(
-                "auth.identity_token (OAuth2 refresh tokens) is not supported; pass username/password or registry_token".into(),
-            ));
-        }
         if !self.auth.is_empty() {
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(self.auth.trim())
@@ -174,7 +169,21 @@ impl ImageService {
             if ep.host != r.registry() {
                 oref.set_mirror_registry(ep.host.clone());
             }
-            match self.pull_from(&client, ep, &oref, &r, &auth).await {
+            // An identity token is traded per host, at the realm it names.
+            let host_auth = if creds.identity_token.is_empty() || !creds.registry_token.is_empty() {
+                auth.clone()
+            } else {
+                match super::token::exchange(ep, oref.repository(), &creds.identity_token).await {
+                    Ok(t) => RegistryAuth::Bearer(t),
+                    Err(e @ Error::Unavailable(_)) => {
+                        tracing::warn!(image, host = %ep.host, error = %e, "token exchange failed");
+                        last_err = Some(e);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            match self.pull_from(&client, ep, &oref, &r, &host_auth).await {
                 Ok(rec) => return Ok(rec),
                 // Auth and input errors are final; a mirror miss tries the next host.
                 Err(e @ (Error::NotFound(_) | Error::Unavailable(_) | Error::Registry(_))) => {
