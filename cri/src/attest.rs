@@ -1,6 +1,7 @@
 //! `imacri attest`: the verifier side. Talks to a node's attestation service
-//! over its CRI socket (forward it to reach a remote node) and checks the
-//! evidence locally with `imacri_runtime::integrity::verify`.
+//! over its verifier socket (`attestation.socket`, which serves nothing
+//! else; forward it to reach a remote node) and checks the evidence locally
+//! with `imacri_runtime::integrity::verify`.
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
@@ -20,11 +21,27 @@ pub enum AttestCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Write a policy allowing every regular file of an image on the node.
+    /// Write a policy allowing every regular file of an image. By default
+    /// read from the image's registry, on this host, without containerd (a
+    /// verifier computes its reference values without asking the node it
+    /// will judge); --from-node asks the node's GoldenPolicy instead.
     Golden {
         image: String,
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Ask the node (its pulled copy) instead of the registry.
+        #[arg(long)]
+        from_node: bool,
+        /// containerd-style hosts.toml directory for mirrors and CAs.
+        #[arg(long, default_value = "/etc/containerd/certs.d")]
+        registry_config_path: PathBuf,
+        #[arg(long, env = "IMACRI_REGISTRY_USERNAME")]
+        username: Option<String>,
+        #[arg(long, env = "IMACRI_REGISTRY_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        /// An OAuth2 refresh token for a token-auth registry.
+        #[arg(long, env = "IMACRI_REGISTRY_IDENTITY_TOKEN", hide_env_values = true)]
+        identity_token: Option<String>,
     },
     /// Print a pod's measurement log entries.
     Log { pod: String },
@@ -128,7 +145,12 @@ pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
             write_or_print(out.as_deref(), &r.pem)?;
             Ok(0)
         }
-        AttestCmd::Golden { image, out } => {
+        AttestCmd::Golden {
+            image,
+            out,
+            from_node: true,
+            ..
+        } => {
             let r = client(socket)
                 .await?
                 .golden_policy(pb::GoldenPolicyRequest { image })
@@ -137,6 +159,33 @@ pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
                 .into_inner();
             write_or_print(out.as_deref(), &r.policy_json)?;
             eprintln!("{} files", r.files);
+            Ok(0)
+        }
+        AttestCmd::Golden {
+            image,
+            out,
+            from_node: false,
+            registry_config_path,
+            username,
+            password,
+            identity_token,
+        } => {
+            let creds = imacri_runtime::image::Credentials {
+                username: username.unwrap_or_default(),
+                password: password.unwrap_or_default(),
+                identity_token: identity_token.unwrap_or_default(),
+                ..Default::default()
+            };
+            let a = imacri_runtime::integrity::golden::from_registry(
+                &image,
+                &registry_config_path,
+                &creds,
+                &std::env::temp_dir(),
+            )
+            .await
+            .with_context(|| format!("reading {image} from its registry"))?;
+            write_or_print(out.as_deref(), &a.to_json())?;
+            eprintln!("{} files", a.files.len());
             Ok(0)
         }
         AttestCmd::Log { pod } => {

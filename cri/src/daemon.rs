@@ -15,6 +15,11 @@ use crate::server::{attestation_service, services, CriServer};
 /// Binds the CRI socket: refuses a socket a live server holds, replaces a
 /// stale one, and sets mode 0660.
 async fn bind_socket(path: &Path) -> Result<UnixListener> {
+    bind_socket_as(path, 0o660, "").await
+}
+
+/// Binds a unix socket with `mode`, owned by `group` when one is named.
+async fn bind_socket_as(path: &Path, mode: u32, group: &str) -> Result<UnixListener> {
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
             bail!(
@@ -29,8 +34,15 @@ async fn bind_socket(path: &Path) -> Result<UnixListener> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", path.display()))?;
+    if !group.is_empty() {
+        let g = nix::unistd::Group::from_name(group)
+            .with_context(|| format!("looking up group {group}"))?
+            .with_context(|| format!("group {group} does not exist"))?;
+        nix::unistd::chown(path, None, Some(g.gid))
+            .with_context(|| format!("chown {} to group {group}", path.display()))?;
+    }
     Ok(l)
 }
 
@@ -94,9 +106,24 @@ pub async fn serve(cfg: Config) -> Result<()> {
         std::sync::Arc::downgrade(&server) as _;
     tokio::spawn(crate::streaming::serve(stream_listener, streaming, runtime));
     let attestation = attestation_service(server.clone());
-    let (runtime, images) = services(server);
-    tracing::info!(socket = %cfg.socket.display(), "serving CRI");
-    let shutdown = async {
+    // The verifier-only endpoint: the attestation service and nothing
+    // else, so a verifier holds no power over the node.
+    let verifier = if cfg.attestation.socket.as_os_str().is_empty() {
+        None
+    } else {
+        Some(
+            bind_socket_as(
+                &cfg.attestation.socket,
+                cfg.attestation.socket_mode,
+                &cfg.attestation.socket_group,
+            )
+            .await?,
+        )
+    };
+    let (runtime, images) = services(server.clone());
+    tracing::info!(socket = %cfg.socket.display(), attest_socket = %cfg.attestation.socket.display(), "serving CRI");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
@@ -104,14 +131,34 @@ pub async fn serve(cfg: Config) -> Result<()> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
     };
+    let verifier_task = verifier.map(|l| {
+        let svc = attestation_service(server.clone());
+        let done = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(UnixListenerStream::new(l), done)
+                .await
+        })
+    });
     tonic::transport::Server::builder()
         .add_service(runtime)
         .add_service(images)
         .add_service(attestation)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(stop_rx))
         .await
         .context("CRI server")?;
+    if let Some(t) = verifier_task {
+        if let Ok(Err(e)) = t.await {
+            tracing::warn!(error = %e, "verifier endpoint");
+        }
+        let _ = std::fs::remove_file(&cfg.attestation.socket);
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

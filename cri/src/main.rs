@@ -55,6 +55,9 @@ struct Overrides {
     tpm_tcti: Option<String>,
     #[arg(long)]
     log_level: Option<String>,
+    /// The verifier-only socket (attestation service alone; "" for none).
+    #[arg(long)]
+    attest_socket: Option<PathBuf>,
     /// Image for pod sandboxes (pinned: kubelet never collects it);
     /// unset: imacri's built-in pause image.
     #[arg(long)]
@@ -73,8 +76,9 @@ enum Cmd {
     Check(Overrides),
     /// Attestation of ima pods: keys, policies, logs, quotes, verification.
     Attest {
-        /// The node's CRI socket (where the attestation service is served).
-        #[arg(long, global = true, default_value = "/run/imacri/imacri.sock")]
+        /// The node's verifier socket (the attestation service alone; the
+        /// CRI socket serves it too).
+        #[arg(long, global = true, default_value = "/run/imacri/attest.sock")]
         socket: PathBuf,
         #[command(subcommand)]
         cmd: imacri_cri::attest::AttestCmd,
@@ -145,6 +149,9 @@ impl Overrides {
         }
         if let Some(v) = self.cni_bin_dir {
             c.cni.bin_dirs = vec![v];
+        }
+        if let Some(v) = self.attest_socket {
+            c.attestation.socket = v;
         }
         if let Some(v) = self.sandbox_image {
             c.sandbox_image = v;

@@ -36,6 +36,8 @@ pub struct Imacri {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
+    /// The verifier-only socket (attestation service alone).
+    pub attest_socket: PathBuf,
     pub root: PathBuf,
     pub state: PathBuf,
     args: Vec<String>,
@@ -62,6 +64,7 @@ impl Imacri {
             .prefix("imacri-")
             .tempdir_in(&env.base)?;
         let socket = dir.path().join("imacri.sock");
+        let attest_socket = dir.path().join("attest.sock");
         let root = dir.path().join("root");
         let state = dir.path().join("state");
         let mut args: Vec<String> = vec![
@@ -70,6 +73,8 @@ impl Imacri {
             dir.path().join("none.toml").to_string_lossy().into(),
             "--socket".into(),
             socket.to_string_lossy().into(),
+            "--attest-socket".into(),
+            attest_socket.to_string_lossy().into(),
             "--root".into(),
             root.to_string_lossy().into(),
             "--state".into(),
@@ -100,6 +105,7 @@ impl Imacri {
             child: None,
             dir,
             socket,
+            attest_socket,
             root,
             state,
             args,
@@ -219,7 +225,7 @@ pub fn attest(d: &Imacri, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(imacri_bin())
         .arg("attest")
         .arg("--socket")
-        .arg(&d.socket)
+        .arg(&d.attest_socket)
         .args(args)
         .output()
         .expect("running imacri attest");

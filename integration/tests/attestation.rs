@@ -78,13 +78,63 @@ async fn anchored_node(env: &Env, extra: &[&str]) -> (Swtpm, Imacri, tempfile::T
     assert!(std::fs::read_to_string(&ak)
         .unwrap()
         .starts_with("-----BEGIN PUBLIC KEY-----"));
+    // Reference values from the registry, as a verifier host makes them
+    // (no containerd involved), equal to what the node computes.
     let golden = work.path().join("golden.json");
+    let hosts = env.hosts_dir.to_str().unwrap();
     let (code, _, err) = attest(
         &d,
-        &["golden", &env.busybox, "--out", golden.to_str().unwrap()],
+        &[
+            "golden",
+            &env.busybox,
+            "--registry-config-path",
+            hosts,
+            "--out",
+            golden.to_str().unwrap(),
+        ],
     );
     assert_eq!(code, 0, "attest golden: {err}");
+    let node = work.path().join("golden-node.json");
+    let (code, _, err) = attest(
+        &d,
+        &[
+            "golden",
+            &env.busybox,
+            "--from-node",
+            "--out",
+            node.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "attest golden --from-node: {err}");
+    assert_eq!(
+        std::fs::read_to_string(&golden).unwrap(),
+        std::fs::read_to_string(&node).unwrap(),
+        "off-node and node golden policies differ"
+    );
     (tpm, d, work)
+}
+
+/// Off-node golden equals node golden for an image with users, links and
+/// a working directory too; an image the registry lacks is an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn golden_from_the_registry_equals_the_nodes() {
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    d.pull(&env.configured).await;
+    let hosts = env.hosts_dir.to_str().unwrap();
+    let (code, off, err) = attest(
+        &d,
+        &["golden", &env.configured, "--registry-config-path", hosts],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, on, err) = attest(&d, &["golden", &env.configured, "--from-node"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(off, on);
+    assert!(off.contains("\"/bin/busybox\""), "{off}");
+    let missing = format!("{}/test/no-such-image:1", env.registry);
+    let (code, _, err) = attest(&d, &["golden", &missing, "--registry-config-path", hosts]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no-such-image"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -245,7 +295,6 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
     // again, and the gap is reported.
     d.kill();
     d.spawn().await.unwrap();
-    let mut rt = d.runtime().await.unwrap();
     // The gap alone makes the pod untrusted: it ran unmeasured meanwhile.
     let (code, report, err) = verify(&d, &pod, &golden, &ak, &[]);
     assert_eq!(code, 1, "after restart: {report:#}\n{err}\n{}", d.log());
@@ -254,6 +303,41 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
     // A verifier that accepts gaps trusts it.
     let (code, report, err) = verify(&d, &pod, &golden, &ak, &["--allow-gaps"]);
     assert_eq!(code, 0, "with --allow-gaps: {report:#}\n{err}");
+
+    // An entry written but never extended (imacri died between the two;
+    // here it is appended while imacri is down) is extended at the next
+    // start and followed by a gap: the TPM did not vouch for it in time.
+    {
+        use imacri_runtime::integrity::log::{Entry, Event};
+        d.kill();
+        let now = std::fs::read_to_string(&log_path).unwrap();
+        let first = Entry::parse(now.lines().find(|l| l.contains(&pod)).unwrap()).unwrap();
+        let late = Entry::new(
+            first.pcr,
+            first.digest,
+            &first.path,
+            &first.pod,
+            &first.container,
+            first.event,
+        );
+        std::fs::write(&log_path, format!("{now}{late}\n")).unwrap();
+        d.spawn().await.unwrap();
+        let after = std::fs::read_to_string(&log_path).unwrap();
+        let lines: Vec<&str> = after.lines().collect();
+        let at = lines.iter().rposition(|l| *l == late.to_string()).unwrap();
+        let next = Entry::parse(lines[at + 1]).unwrap();
+        assert_eq!(
+            (next.event, next.container.as_str()),
+            (Event::Gap, first.container.as_str()),
+            "{after}"
+        );
+        // Still replays (it was extended), still untrusted without --allow-gaps.
+        let (code, report, err) = verify(&d, &pod, &golden, &ak, &[]);
+        assert_eq!(code, 1, "{report:#}\n{err}");
+        let (code, report, err) = verify(&d, &pod, &golden, &ak, &["--allow-gaps"]);
+        assert_eq!(code, 0, "{report:#}\n{err}");
+    }
+    let mut rt = d.runtime().await.unwrap();
 
     // A new executable dropped into the running container and run.
     sh_ok(
@@ -629,4 +713,85 @@ async fn tmpfs_volumes_are_measured_when_the_policy_says_so() {
     .await
     .unwrap();
     let _ = nix::mount::umount2(&tv, nix::mount::MntFlags::MNT_DETACH);
+}
+
+/// The verifier socket serves the attestation service and nothing that can
+/// change the node: a verifier never needs the CRI socket.
+#[tokio::test(flavor = "multi_thread")]
+async fn verifier_socket_cannot_run_pods() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    let meta = std::fs::metadata(&d.attest_socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let ch = containerd_client::connect(&d.attest_socket).await.unwrap();
+    let mut rt = cri::runtime_service_client::RuntimeServiceClient::new(ch.clone());
+    let e = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(imacri_integration::pod_config("intruder")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    let mut im = cri::image_service_client::ImageServiceClient::new(ch.clone());
+    let e = im
+        .pull_image(cri::PullImageRequest {
+            image: imacri_integration::client::image(&env.busybox),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    // What it is for works.
+    let mut att = imacri_api::attestation::attestation_client::AttestationClient::new(ch);
+    att.list_pods(imacri_api::attestation::ListPodsRequest {})
+        .await
+        .unwrap();
+    let (code, _, err) = attest(&d, &["log", "no-such-pod"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no-such-pod"), "{err}");
+    assert!(rt.version(cri::VersionRequest::default()).await.is_err());
+}
+
+/// One tenant's evidence never shows another's paths or digests: pod A's
+/// quote carries pod B's entries redacted (the replay still needs them),
+/// and still verifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn evidence_hides_other_pods_entries() {
+    let env = Env::get();
+    let (_tpm, d, work) = anchored_node(env, &[]).await;
+    let ak = work.path().join("ak.pem");
+    let golden = work.path().join("golden.json");
+    let mut rt = d.runtime().await.unwrap();
+    let (cfg_a, cfg_b) = (ima_pod("tenant-a", None), ima_pod("tenant-b", None));
+    let a = run_pod(&mut rt, &cfg_a).await.unwrap();
+    let b = run_pod(&mut rt, &cfg_b).await.unwrap();
+    start_container(&mut rt, &a, &cfg_a, sleeper(env)).await;
+    let cb = start_container(&mut rt, &b, &cfg_b, sleeper(env)).await;
+    sh_ok(
+        &mut rt,
+        &cb,
+        "mkdir -p /tmp/tenant-b-secret && cp /bin/busybox /tmp/tenant-b-secret/true && /tmp/tenant-b-secret/true",
+    )
+    .await;
+    let b_log = attest(&d, &["log", &b]).1;
+    assert!(b_log.contains("tenant-b-secret"), "{b_log}");
+    let ev = work.path().join("a.json");
+    let (code, _, err) = attest(&d, &["quote", &a, "--out", ev.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&ev).unwrap();
+    assert!(
+        !text.contains("tenant-b-secret"),
+        "B's path leaked into A's evidence"
+    );
+    assert!(text.contains("imacri-ng2-redacted"), "{text}");
+    assert!(text.contains(&b), "B's entries are there, redacted");
+    let (code, report, err) = verify(&d, &a, &golden, &ak, &[]);
+    assert_eq!(code, 0, "{report:#}\n{err}");
+    // B itself is caught as before.
+    let (code, report, _) = verify(&d, &b, &golden, &ak, &[]);
+    assert_eq!(code, 1, "{report:#}");
+    let _ = attest(&d, &["log", &a]);
 }

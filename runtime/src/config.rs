@@ -27,6 +27,7 @@ pub struct Config {
     pub ima: ImaConfig,
     pub cni: CniConfig,
     pub streaming: StreamingConfig,
+    pub attestation: AttestationConfig,
     /// Handler used when kubelet names none ("").
     pub default_runtime: String,
     /// Runtime handlers (RuntimeClass handler names) and their OCI runtimes.
@@ -49,6 +50,29 @@ impl Default for RuntimeHandler {
         RuntimeHandler {
             runtime_type: "io.containerd.runc.v2".into(),
             binary_name: String::new(),
+        }
+    }
+}
+
+/// The verifier-only endpoint: the attestation service alone on its own
+/// socket, so verifiers never need the CRI socket (which controls the node).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// Unix socket serving only `imacri.attestation.v1`; empty: none.
+    pub socket: PathBuf,
+    /// Its mode (octal in the file: `socket_mode = 0o660`).
+    pub socket_mode: u32,
+    /// Group owning it (e.g. the verifier agent's), empty: root's.
+    pub socket_group: String,
+}
+
+impl Default for AttestationConfig {
+    fn default() -> Self {
+        AttestationConfig {
+            socket: "/run/imacri/attest.sock".into(),
+            socket_mode: 0o660,
+            socket_group: String::new(),
         }
     }
 }
@@ -210,6 +234,7 @@ impl Default for Config {
             ima: ImaConfig::default(),
             cni: CniConfig::default(),
             streaming: StreamingConfig::default(),
+            attestation: AttestationConfig::default(),
             default_runtime: "runc".into(),
             runtimes: [("runc".to_string(), RuntimeHandler::default())].into(),
             cdi_spec_dirs: crate::cdi::DEFAULT_SPEC_DIRS

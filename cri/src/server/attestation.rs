@@ -19,6 +19,21 @@ pub fn service(server: Arc<CriServer>) -> AttestationServer<Attest> {
     AttestationServer::new(Attest(server)).max_encoding_message_size(64 * 1024 * 1024)
 }
 
+/// The node's log as `pod`'s evidence shows it: every entry (the replay
+/// needs them all), other pods' with digest and path withheld (entries of
+/// the first template, which cannot be redacted, are shown whole).
+fn tenant_view(log_text: &str, pod: &str) -> Vec<String> {
+    log_text
+        .lines()
+        .map(|l| match Entry::parse(l) {
+            Ok(e) if e.pod != pod => e
+                .redacted()
+                .map_or_else(|| l.to_string(), |r| r.to_string()),
+            _ => l.to_string(),
+        })
+        .collect()
+}
+
 fn pod_lines(log_text: &str, pod: &str) -> Vec<String> {
     log_text
         .lines()
@@ -63,7 +78,7 @@ impl CriServer {
             pcr: snap.pcr,
             epoch: snap.epoch,
             nonce: req.nonce,
-            log: snap.log_text.lines().map(str::to_string).collect(),
+            log: tenant_view(&snap.log_text, &sb.id),
             pod_log: pod_lines(&snap.log_text, &sb.id),
             quote: snap.quote.map(|q| QuoteEvidence {
                 attest: q.attest,
@@ -158,7 +173,7 @@ impl CriServer {
                 .await?;
             std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
             imacri_runtime::mount::mount_snapshot(&mounts, &dir, true)?;
-            let source = format!("golden policy of image {} ({})", req.image, image.id);
+            let source = imacri_runtime::integrity::golden::source_line(&req.image, &image.id);
             let d = dir.clone();
             let walked =
                 tokio::task::spawn_blocking(move || Allowlist::from_tree(&d, &source)).await;

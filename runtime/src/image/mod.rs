@@ -9,6 +9,7 @@ pub mod builtin;
 pub mod hosts;
 mod pull;
 pub mod reference;
+pub mod remote;
 mod token;
 mod unpack;
 

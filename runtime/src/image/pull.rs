@@ -37,7 +37,7 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
-    fn to_registry_auth(&self) -> Result<RegistryAuth> {
+    pub(super) fn to_registry_auth(&self) -> Result<RegistryAuth> {
         if !self.registry_token.is_empty() {
             return Ok(RegistryAuth::Bearer(self.registry_token.clone()));
         }
@@ -68,7 +68,7 @@ pub(super) struct Fetched {
     pub manifest_digest: String,
 }
 
-fn registry_error(
+pub(super) fn registry_error(
     ep: &Endpoint,
     reference: &str,
     e: oci_client::errors::OciDistributionError,
@@ -117,14 +117,22 @@ fn registry_error(
     }
 }
 
-const MANIFEST_TYPES: [&str; 4] = [
+pub(super) const MANIFEST_TYPES: [&str; 4] = [
     media::OCI_INDEX,
     media::DOCKER_LIST,
     media::OCI_MANIFEST,
     media::DOCKER_MANIFEST,
 ];
 
-fn client_for(ep: &Endpoint) -> Result<Client> {
+/// rustls needs a process-wide crypto provider before any TLS client is
+/// built; the daemon installs ring at start, other callers (the `attest`
+/// CLI, tests) get it here. A second install is a harmless no-op.
+pub(super) fn ensure_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+pub(super) fn client_for(ep: &Endpoint) -> Result<Client> {
+    ensure_crypto_provider();
     let mut extra_root_certificates = Vec::new();
     for ca in &ep.ca {
         let data = std::fs::read(ca).map_err(|e| Error::io("reading registry CA", ca, e))?;

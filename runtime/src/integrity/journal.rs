@@ -11,6 +11,13 @@
 //! PCR equal to the replay of a prefix of the log and extends the rest. A TPM
 //! reset (reboot) starts a new epoch: the old log is archived and its entries
 //! are never replayed against the new PCR.
+//!
+//! Durability: `record` returns (and so the access it measured is answered)
+//! only once its entry is on disk: appends share `fdatasync` calls (group
+//! commit, one sync for every entry written meanwhile). Entries a restart
+//! finds written but not extended are extended then and followed by a `gap`
+//! entry for each container they belong to: the TPM did not vouch for them
+//! when they happened, and the verifier says so.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -107,6 +114,63 @@ pub struct Journal {
     tpm: Option<Tpm>,
     epoch: Mutex<Epoch>,
     inner: Mutex<Inner>,
+    durable: GroupSync,
+}
+
+/// Group commit: callers wait until an `fdatasync` that started after
+/// their write has finished; one sync serves everyone waiting.
+struct GroupSync {
+    file: std::fs::File,
+    /// (entries written, entries known on disk, a sync is running)
+    state: Mutex<(u64, u64, bool)>,
+    done: std::sync::Condvar,
+}
+
+impl GroupSync {
+    fn new(file: std::fs::File, written: u64) -> GroupSync {
+        GroupSync {
+            file,
+            state: Mutex::new((written, written, false)),
+            done: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Notes one more write; returns its sequence number.
+    fn wrote(&self) -> u64 {
+        match self.state.lock() {
+            Ok(mut s) => {
+                s.0 += 1;
+                s.0
+            }
+            Err(_) => u64::MAX,
+        }
+    }
+
+    /// Returns once write `seq` is on disk.
+    fn wait(&self, seq: u64) -> std::io::Result<()> {
+        let poisoned = || std::io::Error::other("journal sync lock poisoned");
+        let mut s = self.state.lock().map_err(|_| poisoned())?;
+        loop {
+            if s.1 >= seq {
+                return Ok(());
+            }
+            if s.2 {
+                s = self.done.wait(s).map_err(|_| poisoned())?;
+                continue;
+            }
+            let target = s.0;
+            s.2 = true;
+            drop(s);
+            let r = self.file.sync_data();
+            s = self.state.lock().map_err(|_| poisoned())?;
+            s.2 = false;
+            if r.is_ok() {
+                s.1 = s.1.max(target);
+            }
+            self.done.notify_all();
+            r?;
+        }
+    }
 }
 
 impl std::fmt::Debug for Journal {
@@ -156,6 +220,8 @@ impl Journal {
                 Vec::new()
             }
         };
+        // Containers with entries the TPM had not seen at this start.
+        let mut unextended: Vec<(String, String)> = Vec::new();
         let mut epoch = saved.clone().unwrap_or(Epoch {
             started_at: now_secs(),
             ..Default::default()
@@ -198,6 +264,10 @@ impl Journal {
                     Some(k) => {
                         for e in &entries[k..] {
                             tpm.extend_queued(e.template_hash);
+                            let who = (e.pod.clone(), e.container.clone());
+                            if !unextended.contains(&who) {
+                                unextended.push(who);
+                            }
                         }
                         if k < entries.len() {
                             tracing::warn!(
@@ -233,6 +303,7 @@ impl Journal {
             .create(true)
             .open(&log_path)
             .map_err(io("opening", &log_path))?;
+        let sync_file = file.try_clone().map_err(io("opening", &log_path))?;
         let mut inner = Inner {
             file,
             seen: HashSet::new(),
@@ -243,14 +314,19 @@ impl Journal {
         for e in entries {
             inner.note(&e, false);
         }
-        Ok(Journal {
+        let j = Journal {
             dir: dir.to_path_buf(),
             pcr,
             quota: DEFAULT_POD_QUOTA,
             tpm,
             epoch: Mutex::new(epoch),
             inner: Mutex::new(inner),
-        })
+            durable: GroupSync::new(sync_file, 0),
+        };
+        for (pod, ctr) in unextended {
+            j.record(&pod, &ctr, "-", [0; 32], Event::Gap, false)?;
+        }
+        Ok(j)
     }
 
     /// Sets the per-pod entry quota (`ima.max_entries_per_pod`).
@@ -317,7 +393,11 @@ impl Journal {
         if !matches!(ev, Event::Gap | Event::Start) && n >= self.quota {
             if !hit {
                 let q = Entry::new(self.pcr, [0; 32], "-", pod, ctr, Event::Quota);
-                self.append(&mut inner, &q, true)?;
+                let seq = self.append(&mut inner, &q, true)?;
+                drop(inner);
+                self.durable
+                    .wait(seq)
+                    .map_err(io("syncing", &Self::log_path(&self.dir)))?;
             }
             return Err(JournalError::Quota {
                 pod: pod.to_string(),
@@ -325,23 +405,30 @@ impl Journal {
             });
         }
         let e = Entry::new(self.pcr, digest, path, pod, ctr, ev);
-        self.append(&mut inner, &e, violation)?;
+        let seq = self.append(&mut inner, &e, violation)?;
+        drop(inner);
+        self.durable
+            .wait(seq)
+            .map_err(io("syncing", &Self::log_path(&self.dir)))?;
         Ok(Some(e))
     }
 
-    fn append(&self, inner: &mut Inner, e: &Entry, violation: bool) -> JResult<()> {
+    /// Writes `e` (not yet synced) and queues its extend; returns its
+    /// sequence number for [`GroupSync::wait`].
+    fn append(&self, inner: &mut Inner, e: &Entry, violation: bool) -> JResult<u64> {
         let line = format!("{e}\n");
         let log_path = Self::log_path(&self.dir);
         inner
             .file
             .write_all(line.as_bytes())
             .map_err(io("appending to", &log_path))?;
+        let seq = self.durable.wrote();
         inner.note(e, violation);
         // Queued while the lock is held, so extends keep the log's order.
         if let Some(t) = &self.tpm {
             t.extend_queued(e.template_hash);
         }
-        Ok(())
+        Ok(seq)
     }
 
     pub fn summary(&self, pod: &str) -> PodSummary {
@@ -431,6 +518,31 @@ fn archive(dir: &Path, log_path: &Path, epoch: &Epoch, why: &str) -> JResult<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_records_share_syncs_and_all_land() {
+        let d = tempfile::tempdir().unwrap();
+        let j = std::sync::Arc::new(Journal::open(d.path(), 15, None).unwrap());
+        let threads: Vec<_> = (0..8u8)
+            .map(|t| {
+                let j = j.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25u8 {
+                        j.record("p", "c", &format!("/f{t}-{i}"), [t; 32], Event::Exec, false)
+                            .unwrap()
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let (written, synced, busy) = *j.durable.state.lock().unwrap();
+        assert_eq!((written, synced, busy), (200, 200, false));
+        let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
+        assert_eq!(log::parse_log(&text).unwrap().len(), 200);
+    }
 
     #[test]
     fn unanchored_journal_dedupes_and_survives_reopen() {

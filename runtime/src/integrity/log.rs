@@ -1,20 +1,42 @@
 //! The measurement log: one entry per measurement, in an ascii format like
-//! IMA's `ima-ng`, with a template (`imacri-ng`) whose hashed data also binds
-//! the pod and container ID, so an entry cannot be moved to another pod
-//! without changing its template hash (and so the PCR it replays to).
+//! IMA's `ima-ng`, with a template whose hashed data also binds the pod and
+//! container ID, so an entry cannot be moved to another pod without
+//! changing its template hash (and so the PCR it replays to).
 //!
-//! Line: `<pcr> <template-hash> imacri-ng sha256:<digest> <path> <pod> <container> <event>`
+//! Line: `<pcr> <template-hash> <template> sha256:<digest> <path> <pod> <container> <event>`
 //! Paths are escaped (`\xNN` for space, backslash and control bytes) so a
 //! line always splits into eight fields.
 //!
 //! Template data (what the template hash is sha256 of), each field as a
 //! little-endian u32 length followed by its bytes, as IMA encodes ima-ng:
-//! `"sha256:\0" + digest`, `path\0`, `pod\0`, `container\0`, `event\0`.
+//! - `imacri-ng2` (written now): `content`, `pod\0`, `container\0`,
+//!   `event\0`, where `content` = sha256 of the fields `"sha256:\0" +
+//!   digest` and `path\0`. A pod's evidence shows another pod's entries
+//!   *redacted*: `<pcr> <template-hash> imacri-ng2-redacted content:<hex> -
+//!   <pod> <container> <event>`. The verifier still checks each against its
+//!   template hash and replays the PCR, and sees whose entry it is (so a
+//!   pod's own entries cannot pass as someone else's), but never its path
+//!   or digest.
+//! - `imacri-ng` (older logs, read only): `"sha256:\0" + digest`, `path\0`,
+//!   `pod\0`, `container\0`, `event\0`. Such entries cannot be redacted.
 
 use sha2::{Digest, Sha256};
 use std::fmt;
 
+/// The first template (read, never written now).
 pub const TEMPLATE: &str = "imacri-ng";
+/// The template of new entries.
+pub const TEMPLATE_V2: &str = "imacri-ng2";
+/// A v2 entry with its digest and path replaced by their commitment.
+pub const TEMPLATE_V2_REDACTED: &str = "imacri-ng2-redacted";
+
+/// Which template an entry's hash follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Template {
+    V1,
+    #[default]
+    V2,
+}
 
 /// What caused an entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -85,6 +107,12 @@ pub struct Entry {
     pub pod: String,
     pub container: String,
     pub event: Event,
+    #[serde(default)]
+    pub template: Template,
+    /// A redacted entry: the commitment to digest and path (which are
+    /// zero and "-"), never the values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<[u8; 32]>,
 }
 
 impl Entry {
@@ -97,28 +125,81 @@ impl Entry {
         container: &str,
         event: Event,
     ) -> Entry {
-        let template_hash = template_hash(&digest, path, pod, container, event);
-        Entry {
+        let mut e = Entry {
             pcr,
-            template_hash,
+            template_hash: [0; 32],
             digest,
             path: path.to_string(),
             pod: pod.to_string(),
             container: container.to_string(),
             event,
-        }
+            template: Template::V2,
+            content: None,
+        };
+        e.template_hash = e.computed_hash();
+        e
     }
 
-    /// True when the template hash matches the fields (no field was edited).
-    pub fn is_consistent(&self) -> bool {
-        self.template_hash
-            == template_hash(
+    /// An entry in the first template (older logs; tests).
+    pub fn new_v1(
+        pcr: u32,
+        digest: [u8; 32],
+        path: &str,
+        pod: &str,
+        container: &str,
+        event: Event,
+    ) -> Entry {
+        let mut e = Entry::new(pcr, digest, path, pod, container, event);
+        e.template = Template::V1;
+        e.template_hash = e.computed_hash();
+        e
+    }
+
+    /// The template hash the fields call for.
+    fn computed_hash(&self) -> [u8; 32] {
+        match self.template {
+            Template::V1 => template_hash(
                 &self.digest,
                 &self.path,
                 &self.pod,
                 &self.container,
                 self.event,
-            )
+            ),
+            Template::V2 => {
+                let content = self
+                    .content
+                    .unwrap_or_else(|| content_hash(&self.digest, &self.path));
+                template_hash_v2(&content, &self.pod, &self.container, self.event)
+            }
+        }
+    }
+
+    /// True when the template hash matches the fields (no field was edited).
+    pub fn is_consistent(&self) -> bool {
+        self.template_hash == self.computed_hash()
+    }
+
+    /// Whether digest and path were withheld.
+    pub fn is_redacted(&self) -> bool {
+        self.content.is_some()
+    }
+
+    /// This entry as another pod's evidence shows it: digest and path
+    /// replaced by their commitment. None for v1 entries, whose hash needs
+    /// the values themselves.
+    pub fn redacted(&self) -> Option<Entry> {
+        if self.template != Template::V2 {
+            return None;
+        }
+        Some(Entry {
+            digest: [0; 32],
+            path: "-".into(),
+            content: Some(
+                self.content
+                    .unwrap_or_else(|| content_hash(&self.digest, &self.path)),
+            ),
+            ..self.clone()
+        })
     }
 
     pub fn digest_hex(&self) -> String {
@@ -133,15 +214,33 @@ impl Entry {
         }
         let pcr = f[0].parse().map_err(|_| format!("bad pcr {:?}", f[0]))?;
         let template_hash = hex32(f[1]).ok_or_else(|| format!("bad template hash {:?}", f[1]))?;
-        if f[2] != TEMPLATE {
-            return Err(format!("unknown template {:?}", f[2]));
-        }
-        let digest = f[3]
-            .strip_prefix("sha256:")
-            .and_then(hex32)
-            .ok_or_else(|| format!("bad digest {:?}", f[3]))?;
-        let path = unescape(f[4]).ok_or_else(|| format!("bad path {:?}", f[4]))?;
         let event = Event::parse(f[7]).ok_or_else(|| format!("unknown event {:?}", f[7]))?;
+        let (template, digest, path, content) = match f[2] {
+            TEMPLATE_V2_REDACTED => {
+                let c = f[3]
+                    .strip_prefix("content:")
+                    .and_then(hex32)
+                    .ok_or_else(|| format!("bad content commitment {:?}", f[3]))?;
+                if f[4] != "-" {
+                    return Err("a redacted entry carries a path".into());
+                }
+                (Template::V2, [0; 32], "-".to_string(), Some(c))
+            }
+            t @ (TEMPLATE | TEMPLATE_V2) => {
+                let digest = f[3]
+                    .strip_prefix("sha256:")
+                    .and_then(hex32)
+                    .ok_or_else(|| format!("bad digest {:?}", f[3]))?;
+                let path = unescape(f[4]).ok_or_else(|| format!("bad path {:?}", f[4]))?;
+                let template = if t == TEMPLATE {
+                    Template::V1
+                } else {
+                    Template::V2
+                };
+                (template, digest, path, None)
+            }
+            other => return Err(format!("unknown template {other:?}")),
+        };
         Ok(Entry {
             pcr,
             template_hash,
@@ -150,19 +249,35 @@ impl Entry {
             pod: f[5].to_string(),
             container: f[6].to_string(),
             event,
+            template,
+            content,
         })
     }
 }
 
 impl fmt::Display for Entry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (template, value, path) = match (self.template, self.content) {
+            (_, Some(c)) => (
+                TEMPLATE_V2_REDACTED,
+                format!("content:{}", hex::encode(c)),
+                "-".to_string(),
+            ),
+            (t, None) => (
+                if t == Template::V1 {
+                    TEMPLATE
+                } else {
+                    TEMPLATE_V2
+                },
+                format!("sha256:{}", hex::encode(self.digest)),
+                escape(&self.path),
+            ),
+        };
         write!(
             f,
-            "{} {} {TEMPLATE} sha256:{} {} {} {} {}",
+            "{} {} {template} {value} {path} {} {} {}",
             self.pcr,
             hex::encode(self.template_hash),
-            hex::encode(self.digest),
-            escape(&self.path),
             self.pod,
             self.container,
             self.event.as_str()
@@ -190,6 +305,35 @@ pub fn template_hash(
     field(&[pod.as_bytes(), b"\0"]);
     field(&[container.as_bytes(), b"\0"]);
     field(&[event.as_str().as_bytes(), b"\0"]);
+    h.finalize().into()
+}
+
+/// The commitment to an entry's digest and path (v2 template).
+pub fn content_hash(digest: &[u8; 32], path: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for bytes in [
+        [b"sha256:\0".as_slice(), digest].concat(),
+        [path.as_bytes(), b"\0"].concat(),
+    ] {
+        h.update((bytes.len() as u32).to_le_bytes());
+        h.update(&bytes);
+    }
+    h.finalize().into()
+}
+
+/// The v2 template hash: the content commitment, pod, container, event.
+pub fn template_hash_v2(content: &[u8; 32], pod: &str, container: &str, event: Event) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let fields: [&[u8]; 4] = [
+        content,
+        &[pod.as_bytes(), b"\0"].concat(),
+        &[container.as_bytes(), b"\0"].concat(),
+        &[event.as_str().as_bytes(), b"\0"].concat(),
+    ];
+    for bytes in fields {
+        h.update((bytes.len() as u32).to_le_bytes());
+        h.update(bytes);
+    }
     h.finalize().into()
 }
 
@@ -284,6 +428,33 @@ mod tests {
     }
 
     #[test]
+    fn redacted_entries_keep_their_hash_and_owner_but_not_their_content() {
+        let e = Entry::new(15, [9; 32], "/secret/tool", "podB", "c", Event::Exec);
+        let r = e.redacted().unwrap();
+        let line = r.to_string();
+        assert!(
+            !line.contains("secret") && !line.contains(&hex::encode([9u8; 32])),
+            "{line}"
+        );
+        assert_eq!(line.split(' ').count(), 8, "{line}");
+        let back = Entry::parse(&line).unwrap();
+        assert!(back.is_redacted() && back.is_consistent());
+        assert_eq!(back.template_hash, e.template_hash);
+        // Relabelling it (to pass an own entry off as another pod's, or the
+        // reverse) breaks its hash.
+        for (from, to) in [("podB", "podA"), (" c ", " d "), ("exec", "read")] {
+            let moved = Entry::parse(&line.replace(from, to)).unwrap();
+            assert!(!moved.is_consistent(), "{from} -> {to}");
+        }
+        // v1 entries cannot be redacted; they still parse and verify.
+        let old = Entry::new_v1(15, [1; 32], "/bin/sh", "p", "c", Event::Exec);
+        assert!(old.redacted().is_none());
+        let back = Entry::parse(&old.to_string()).unwrap();
+        assert!(back.is_consistent() && back.template == Template::V1);
+        assert!(old.to_string().contains(" imacri-ng "));
+    }
+
+    #[test]
     fn replay_matches_sequential_extends() {
         let es: Vec<Entry> = (0..3)
             .map(|i| Entry::new(15, [i; 32], "/x", "p", "c", Event::Exec))
@@ -302,7 +473,7 @@ mod tests {
         assert!(parse_log(&format!("{good}\n{good}\n")).unwrap().len() == 2);
         let e = parse_log(&format!("{good}\n15 zz\n")).unwrap_err();
         assert!(e.contains("line 2"), "{e}");
-        let e = Entry::parse(&good.replace("imacri-ng", "ima-ng")).unwrap_err();
+        let e = Entry::parse(&good.replace("imacri-ng2", "ima-ng")).unwrap_err();
         assert!(e.contains("template"), "{e}");
     }
 }

@@ -8,6 +8,7 @@ pub mod allowlist;
 pub mod digest;
 pub mod engine;
 pub mod fanotify;
+pub mod golden;
 pub mod guard;
 pub mod journal;
 pub mod kernel;

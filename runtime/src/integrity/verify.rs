@@ -162,6 +162,14 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
                 e.pcr,
                 ev.pcr
             )),
+            // Other pods' entries come redacted; the pod's own never may.
+            Ok(e) if e.is_redacted() && e.pod == x.pod_sandbox_id => {
+                errors.push(format!(
+                    "log entry {} of this pod is redacted: its own measurements were withheld",
+                    i + 1
+                ));
+                entries.push(e)
+            }
             Ok(e) => entries.push(e),
             Err(m) => errors.push(format!("log entry {}: {m}", i + 1)),
         }
@@ -438,6 +446,37 @@ mod tests {
         let r = verify(&unanchored(&es2, "p"), &x(&p, &[1, 2, 3]));
         assert_eq!(r.verdict, Verdict::Violations);
         assert_eq!(r.violations[0].path, "/tmp/evil");
+    }
+
+    #[test]
+    fn other_pods_come_redacted_and_own_entries_never_may() {
+        let p = policy();
+        let es = [
+            start("c"),
+            Entry::new(15, [1; 32], "/bin/sh", "p", "c", Event::Exec),
+            Entry::new(15, [2; 32], "/their/secret", "q", "c", Event::Exec),
+        ];
+        let mut ev = unanchored(&es, "p");
+        ev.log[2] = es[2].redacted().unwrap().to_string();
+        assert!(!ev.log.join("\n").contains("secret"));
+        let r = verify(&ev, &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Trusted, "{r:?}");
+        // Withholding the pod's own (violating) entry is caught, and so is
+        // passing it off as another pod's.
+        let es = [
+            start("c"),
+            Entry::new(15, [9; 32], "/tmp/evil", "p", "c", Event::Exec),
+        ];
+        let mut ev = unanchored(&es, "p");
+        ev.log[1] = es[1].redacted().unwrap().to_string();
+        ev.pod_log.truncate(1);
+        let r = verify(&ev, &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
+        assert!(r.errors.iter().any(|e| e.contains("withheld")), "{r:?}");
+        ev.log[1] = ev.log[1].replace(" p c ", " q c ");
+        let r = verify(&ev, &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
+        assert!(r.errors.iter().any(|e| e.contains("modified")), "{r:?}");
     }
 
     #[test]
