@@ -291,6 +291,9 @@ sandbox_image = ""
 restrict_oom_score_adj = true
 # Runtime handler of pods whose RuntimeClass names none.
 default_runtime = "runc"
+# CDI spec directories (JSON or YAML), lowest priority first: a device a
+# later directory defines replaces an earlier one's.
+cdi_spec_dirs = ["/etc/cdi", "/var/run/cdi"]
 
 [containerd]
 address = "/run/containerd/containerd.sock"
@@ -310,6 +313,15 @@ config_path = "/etc/containerd/certs.d"
 # "text" or "json"; every request line carries its pod or container ID.
 format = "text"
 level = "info"
+
+[attestation]
+# The verifier socket: the attestation service alone (evidence, logs, keys,
+# golden policies), nothing that can change the node. Hand this one to
+# verifiers, never the CRI socket. Empty: not served.
+socket = "/run/imacri/attest.sock"
+socket_mode = 0o660
+# Group owning the socket (e.g. a verifier agent's); empty: root's.
+socket_group = ""
 
 [ima]
 # Who measures pods with `ima` (field 3702 or annotation imacri.dev/ima=true):
