@@ -98,10 +98,48 @@ pub enum AttestCmd {
     },
 }
 
-async fn client(socket: &Path) -> Result<AttestationClient<Channel>> {
-    let ch = containerd_client::connect(socket)
-        .await
-        .with_context(|| format!("connecting to {}", socket.display()))?;
+/// Where the node's attestation service is.
+pub enum Target {
+    /// Its verifier socket (or the CRI socket), local or forwarded.
+    Socket(PathBuf),
+    /// Its TCP endpoint, with mutual TLS.
+    Tls {
+        url: String,
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    },
+}
+
+async fn client(target: &Target) -> Result<AttestationClient<Channel>> {
+    let ch = match target {
+        Target::Socket(socket) => containerd_client::connect(socket)
+            .await
+            .with_context(|| format!("connecting to {}", socket.display()))?,
+        Target::Tls { url, ca, cert, key } => {
+            use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let read = |p: &Option<PathBuf>, what: &str| -> Result<Vec<u8>> {
+                let p = p
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("--endpoint needs --{what}"))?;
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(ca, "tls-ca")?))
+                .identity(Identity::from_pem(
+                    read(cert, "tls-cert")?,
+                    read(key, "tls-key")?,
+                ));
+            Endpoint::from_shared(url.clone())
+                .with_context(|| format!("endpoint {url}"))?
+                .tls_config(tls)
+                .context("TLS configuration")?
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {url}"))?
+        }
+    };
     Ok(AttestationClient::new(ch).max_decoding_message_size(64 * 1024 * 1024))
 }
 
@@ -133,7 +171,7 @@ pub fn parse_interval(s: &str) -> Result<Duration> {
 }
 
 /// Runs one subcommand; returns the process exit code.
-pub async fn run(socket: &Path, cmd: AttestCmd) -> Result<i32> {
+pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
     match cmd {
         AttestCmd::Ak { out } => {
             let r = client(socket)
@@ -332,7 +370,7 @@ fn check(
 }
 
 async fn verify_once(
-    socket: &Path,
+    socket: &Target,
     pod: &str,
     policy: &Path,
     ak: Option<&Path>,
@@ -361,7 +399,7 @@ async fn verify_once(
 }
 
 async fn watch(
-    socket: &Path,
+    socket: &Target,
     policy: &Path,
     ak: Option<&Path>,
     interval: Duration,

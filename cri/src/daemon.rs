@@ -73,6 +73,36 @@ fn raise_nofile() {
     }
 }
 
+/// The attestation service's TCP endpoint, if configured: never without
+/// mutual TLS (a verifier's client certificate must chain to `client_ca`).
+async fn attestation_tcp(
+    cfg: &Config,
+) -> Result<Option<(tokio::net::TcpListener, tonic::transport::ServerTlsConfig)>> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let a = &cfg.attestation;
+    if a.tcp.is_empty() {
+        return Ok(None);
+    }
+    let read = |p: &Path, key: &str| -> Result<Vec<u8>> {
+        if p.as_os_str().is_empty() {
+            bail!("attestation.tcp is set: attestation.{key} is required (the endpoint only serves mutual TLS)");
+        }
+        std::fs::read(p).with_context(|| format!("reading attestation.{key} {}", p.display()))
+    };
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(&a.tls_cert, "tls_cert")?,
+            read(&a.tls_key, "tls_key")?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(&a.client_ca, "client_ca")?))
+        .client_auth_optional(false);
+    let l = tokio::net::TcpListener::bind(&a.tcp)
+        .await
+        .with_context(|| format!("binding attestation.tcp {}", a.tcp))?;
+    tracing::info!(address = %a.tcp, "serving attestation over mutual TLS");
+    Ok(Some((l, tls)))
+}
+
 pub async fn serve(cfg: Config) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     raise_nofile();
@@ -120,6 +150,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
             .await?,
         )
     };
+    let tcp = attestation_tcp(&cfg).await?;
     let (runtime, images) = services(server.clone());
     tracing::info!(socket = %cfg.socket.display(), attest_socket = %cfg.attestation.socket.display(), "serving CRI");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -146,6 +177,24 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 .await
         })
     });
+    let tcp_task = tcp.map(|(l, tls)| {
+        let svc = attestation_service(server.clone());
+        let done = stopped(stop_rx.clone());
+        tokio::spawn(async move {
+            let builder = tonic::transport::Server::builder().tls_config(tls);
+            match builder {
+                Ok(mut b) => {
+                    b.add_service(svc)
+                        .serve_with_incoming_shutdown(
+                            tokio_stream::wrappers::TcpListenerStream::new(l),
+                            done,
+                        )
+                        .await
+                }
+                Err(e) => Err(e),
+            }
+        })
+    });
     tonic::transport::Server::builder()
         .add_service(runtime)
         .add_service(images)
@@ -153,6 +202,11 @@ pub async fn serve(cfg: Config) -> Result<()> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stopped(stop_rx))
         .await
         .context("CRI server")?;
+    if let Some(t) = tcp_task {
+        if let Ok(Err(e)) = t.await {
+            tracing::warn!(error = %e, "verifier TCP endpoint");
+        }
+    }
     if let Some(t) = verifier_task {
         if let Ok(Err(e)) = t.await {
             tracing::warn!(error = %e, "verifier endpoint");

@@ -58,6 +58,16 @@ struct Overrides {
     /// The verifier-only socket (attestation service alone; "" for none).
     #[arg(long)]
     attest_socket: Option<PathBuf>,
+    /// Also serve attestation on this TCP address, with mutual TLS
+    /// (needs --attest-tls-cert, --attest-tls-key, --attest-client-ca).
+    #[arg(long)]
+    attest_tcp: Option<String>,
+    #[arg(long)]
+    attest_tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    attest_tls_key: Option<PathBuf>,
+    #[arg(long)]
+    attest_client_ca: Option<PathBuf>,
     /// Image for pod sandboxes (pinned: kubelet never collects it);
     /// unset: imacri's built-in pause image.
     #[arg(long)]
@@ -80,6 +90,18 @@ enum Cmd {
         /// CRI socket serves it too).
         #[arg(long, global = true, default_value = "/run/imacri/attest.sock")]
         socket: PathBuf,
+        /// Reach the node over TCP with mutual TLS instead
+        /// (https://HOST:PORT, the node's `attestation.tcp`).
+        #[arg(long, global = true)]
+        endpoint: Option<String>,
+        /// CA the node's certificate must chain to.
+        #[arg(long, global = true)]
+        tls_ca: Option<PathBuf>,
+        /// This verifier's client certificate and key.
+        #[arg(long, global = true)]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, global = true)]
+        tls_key: Option<PathBuf>,
         #[command(subcommand)]
         cmd: imacri_cri::attest::AttestCmd,
     },
@@ -152,6 +174,18 @@ impl Overrides {
         }
         if let Some(v) = self.attest_socket {
             c.attestation.socket = v;
+        }
+        if let Some(v) = self.attest_tcp {
+            c.attestation.tcp = v;
+        }
+        if let Some(v) = self.attest_tls_cert {
+            c.attestation.tls_cert = v;
+        }
+        if let Some(v) = self.attest_tls_key {
+            c.attestation.tls_key = v;
+        }
+        if let Some(v) = self.attest_client_ca {
+            c.attestation.client_ca = v;
         }
         if let Some(v) = self.sandbox_image {
             c.sandbox_image = v;
@@ -228,8 +262,24 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Attest { socket, cmd } => {
-            let code = imacri_cri::attest::run(&socket, cmd)
+        Cmd::Attest {
+            socket,
+            endpoint,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            cmd,
+        } => {
+            let target = match endpoint {
+                None => imacri_cri::attest::Target::Socket(socket),
+                Some(url) => imacri_cri::attest::Target::Tls {
+                    url,
+                    ca: tls_ca,
+                    cert: tls_cert,
+                    key: tls_key,
+                },
+            };
+            let code = imacri_cri::attest::run(&target, cmd)
                 .await
                 .unwrap_or_else(|e| {
                     eprintln!("imacri attest: {e:#}");

@@ -795,3 +795,147 @@ async fn evidence_hides_other_pods_entries() {
     assert_eq!(code, 1, "{report:#}");
     let _ = attest(&d, &["log", &a]);
 }
+
+/// Test PKI for the TCP endpoint: a CA, the node's certificate for
+/// 127.0.0.1, a verifier's client certificate, and a client certificate
+/// from another CA.
+fn mtls_certs(dir: &Path) {
+    let sh = |cmd: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for ca in ["ca", "rogue-ca"] {
+        sh(&format!(
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+             -keyout {ca}.key -out {ca}.crt -subj /CN={ca} -days 2"
+        ));
+    }
+    for (name, ca, ext) in [
+        (
+            "node",
+            "ca",
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+        ),
+        ("verifier", "ca", "extendedKeyUsage=clientAuth"),
+        ("rogue", "rogue-ca", "extendedKeyUsage=clientAuth"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        sh(&format!(
+            "openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+             -keyout {name}.key -out {name}.csr -subj /CN={name} && \
+             openssl x509 -req -in {name}.csr -CA {ca}.crt -CAkey {ca}.key -CAcreateserial \
+             -out {name}.crt -days 2 -extfile {name}.ext"
+        ));
+    }
+}
+
+/// Verifiers off the node reach attestation over TCP only with a client
+/// certificate from the configured CA; the endpoint never runs without one.
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_endpoint_requires_a_verifier_certificate() {
+    let env = Env::get();
+    let pki = tempfile::tempdir_in(&env.base).unwrap();
+    mtls_certs(pki.path());
+    let p = |f: &str| pki.path().join(f).to_string_lossy().into_owned();
+    let port = imacri_integration::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // No client CA: refuses to start rather than serve without client auth.
+    let e = Imacri::start_with(
+        env,
+        &[
+            "--attest-tcp",
+            &addr,
+            "--attest-tls-cert",
+            &p("node.crt"),
+            "--attest-tls-key",
+            &p("node.key"),
+        ],
+    )
+    .await
+    .err()
+    .expect("must not start");
+    assert!(e.to_string().contains("client_ca"), "{e}");
+    let d = Imacri::start_with(
+        env,
+        &[
+            "--attest-tcp",
+            &addr,
+            "--attest-tls-cert",
+            &p("node.crt"),
+            "--attest-tls-key",
+            &p("node.key"),
+            "--attest-client-ca",
+            &p("ca.crt"),
+        ],
+    )
+    .await
+    .unwrap();
+    d.pull(&env.busybox).await;
+    let url = format!("https://{addr}");
+    let over_tls = |who: &str| {
+        std::process::Command::new(imacri_integration::imacri_bin())
+            .args(["attest", "--endpoint", &url, "--tls-ca", &p("ca.crt")])
+            .args([
+                "--tls-cert",
+                &p(&format!("{who}.crt")),
+                "--tls-key",
+                &p(&format!("{who}.key")),
+            ])
+            .args(["golden", &env.busybox, "--from-node"])
+            .output()
+            .unwrap()
+    };
+    let ok = over_tls("verifier");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("/bin/busybox"));
+    let rogue = over_tls("rogue");
+    assert!(
+        !rogue.status.success(),
+        "a certificate from another CA was accepted"
+    );
+    // curl as another client: no certificate, no service.
+    let curl = |extra: &[String]| {
+        std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--http2",
+                "-o",
+                "/dev/null",
+                "--cacert",
+                &p("ca.crt"),
+            ])
+            .args(extra)
+            .arg(format!("{url}/imacri.attestation.v1.Attestation/ListPods"))
+            .output()
+            .unwrap()
+    };
+    let none = curl(&[]);
+    assert!(
+        !none.status.success(),
+        "served without a client certificate"
+    );
+    let with = curl(&[
+        "--cert".into(),
+        p("verifier.crt"),
+        "--key".into(),
+        p("verifier.key"),
+    ]);
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+}

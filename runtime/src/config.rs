@@ -65,6 +65,14 @@ pub struct AttestationConfig {
     pub socket_mode: u32,
     /// Group owning it (e.g. the verifier agent's), empty: root's.
     pub socket_group: String,
+    /// Also serve it on TCP ("0.0.0.0:7443") for verifiers off the node,
+    /// always with mutual TLS; empty: not served.
+    pub tcp: String,
+    /// PEM certificate chain and key of this node's endpoint.
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// PEM CA whose certificates verifiers must present.
+    pub client_ca: PathBuf,
 }
 
 impl Default for AttestationConfig {
@@ -73,6 +81,10 @@ impl Default for AttestationConfig {
             socket: "/run/imacri/attest.sock".into(),
             socket_mode: 0o660,
             socket_group: String::new(),
+            tcp: String::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            client_ca: PathBuf::new(),
         }
     }
 }
@@ -322,6 +334,13 @@ socket = "/run/imacri/attest.sock"
 socket_mode = 0o660
 # Group owning the socket (e.g. a verifier agent's); empty: root's.
 socket_group = ""
+# For verifiers off the node: the same service on TCP, only with mutual TLS
+# (this node's certificate and key, and the CA verifiers' client
+# certificates must chain to). Empty: not served.
+tcp = ""
+tls_cert = ""
+tls_key = ""
+client_ca = ""
 
 [ima]
 # Who measures pods with `ima` (field 3702 or annotation imacri.dev/ima=true):
