@@ -793,7 +793,15 @@ async fn evidence_hides_other_pods_entries() {
     // B itself is caught as before.
     let (code, report, _) = verify(&d, &b, &golden, &ak, &[]);
     assert_eq!(code, 1, "{report:#}");
-    let _ = attest(&d, &["log", &a]);
+    // ... and still after kubelet removed it (attestation.retention_secs),
+    // by its full ID.
+    imacri_integration::client::remove_pod(&mut rt, &b).await;
+    let (code, report, err) = verify(&d, &b, &golden, &ak, &[]);
+    assert_eq!(code, 1, "removed pod: {report:#}\n{err}");
+    assert_eq!(report["violations"][0]["path"], "/tmp/tenant-b-secret/true", "{report:#}");
+    let (code, _, err) = attest(&d, &["quote", &b[..12]]);
+    assert_ne!(code, 0);
+    assert!(err.contains("full ID"), "{err}");
 }
 
 /// Test PKI for the TCP endpoint: a CA, the node's certificate for

@@ -73,6 +73,8 @@ pub struct AttestationConfig {
     pub tls_key: PathBuf,
     /// PEM CA whose certificates verifiers must present.
     pub client_ca: PathBuf,
+    /// How long a removed ima pod stays quotable (seconds).
+    pub retention_secs: u64,
 }
 
 impl Default for AttestationConfig {
@@ -85,6 +87,7 @@ impl Default for AttestationConfig {
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
             client_ca: PathBuf::new(),
+            retention_secs: 86400,
         }
     }
 }
@@ -341,6 +344,9 @@ tcp = ""
 tls_cert = ""
 tls_key = ""
 client_ca = ""
+# A removed ima pod stays quotable this long (seconds; its entries stay in
+# the log regardless, since the PCR includes them). 0: not at all.
+retention_secs = 86400
 
 [ima]
 # Who measures pods with `ima` (field 3702 or annotation imacri.dev/ima=true):

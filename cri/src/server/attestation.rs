@@ -53,14 +53,31 @@ impl CriServer {
                 req.nonce.len()
             )));
         }
-        let sb = self.sandbox(&req.pod_sandbox_id)?;
-        let st = sb.state();
-        let ima = st.ima.ok_or_else(|| {
-            Error::FailedPrecondition(format!(
-                "pod {} does not have ima enabled: nothing is measured",
-                sb.id
-            ))
-        })?;
+        // A removed ima pod stays quotable for `attestation.retention_secs`
+        // (by its full ID).
+        let (id, backend) = match self.sandbox(&req.pod_sandbox_id) {
+            Ok(sb) => {
+                let ima = sb.state().ima.ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "pod {} does not have ima enabled: nothing is measured",
+                        sb.id
+                    ))
+                })?;
+                (sb.id.clone(), ima.backend)
+            }
+            Err(Error::NotFound(m)) => {
+                let now = imacri_runtime::ids::now_nanos() / 1_000_000_000;
+                match self.integrity.retained.get(&req.pod_sandbox_id, now) {
+                    Some(r) => (req.pod_sandbox_id.clone(), r.backend),
+                    None => {
+                        return Err(Error::NotFound(format!(
+                            "{m} (a removed ima pod stays quotable by its full ID for attestation.retention_secs)"
+                        )))
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        };
         let snap = self
             .integrity
             .journal
@@ -72,14 +89,14 @@ impl CriServer {
             None => String::new(),
         };
         let ev = Evidence {
-            pod_sandbox_id: sb.id.clone(),
-            backend: ima.backend,
+            pod_sandbox_id: id.clone(),
+            backend,
             anchored: snap.quote.is_some(),
             pcr: snap.pcr,
             epoch: snap.epoch,
             nonce: req.nonce,
-            log: tenant_view(&snap.log_text, &sb.id),
-            pod_log: pod_lines(&snap.log_text, &sb.id),
+            log: tenant_view(&snap.log_text, &id),
+            pod_log: pod_lines(&snap.log_text, &id),
             quote: snap.quote.map(|q| QuoteEvidence {
                 attest: q.attest,
                 signature_r: q.signature_r,

@@ -28,6 +28,8 @@ pub struct Integrity {
     /// Where runc hands over seccomp listener fds (the map guard), with the
     /// supervisor answering them.
     pub listener: std::path::PathBuf,
+    /// Removed ima pods still quotable.
+    pub retained: imacri_runtime::integrity::retained::Retained,
     _mapguard: Option<Supervisor>,
 }
 
@@ -74,6 +76,10 @@ impl Integrity {
                 journal,
                 engine,
                 listener,
+                retained: imacri_runtime::integrity::retained::Retained::open(
+                    &cfg.root.join("integrity"),
+                    cfg.attestation.retention_secs,
+                ),
                 _mapguard: mapguard,
             },
             rx,

@@ -26,6 +26,13 @@ impl CriServer {
             imacri_api::cri::ContainerEventType::ContainerDeletedEvent,
             &sb.id,
         );
+        if let Some(ima) = sb.state().ima {
+            // Its entries stay in the log; a verifier may still quote it.
+            let now = imacri_runtime::ids::now_nanos() / 1_000_000_000;
+            if let Err(e) = self.integrity.retained.remember(&sb.id, &ima.backend, now) {
+                tracing::warn!(pod_sandbox_id = %sb.id, error = %e, "removed pod not kept quotable");
+            }
+        }
         self.sandboxes.remove(&sb.id)?;
         tracing::info!(pod_sandbox_id = %sb.id, "sandbox removed");
         Ok(cri::RemovePodSandboxResponse {})

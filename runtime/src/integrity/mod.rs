@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod log;
 pub mod mapguard;
 pub mod policy;
+pub mod retained;
 pub mod setting;
 pub mod tpm;
 pub mod verify;
