@@ -77,6 +77,11 @@ pub enum AttestCmd {
         /// Trust a pod whose log has gaps (it was not measured for a while).
         #[arg(long)]
         allow_gaps: bool,
+        /// File remembering the newest TPM counters seen per attestation
+        /// key: a quote older than that is refused (replay), and a valid
+        /// one moves it forward.
+        #[arg(long)]
+        counters: Option<PathBuf>,
     },
     /// Verify every ima pod periodically; prints one alert line per new
     /// violation or invalid evidence.
@@ -95,6 +100,9 @@ pub enum AttestCmd {
         allow_unanchored: bool,
         #[arg(long)]
         allow_gaps: bool,
+        /// As for verify: the newest TPM counters seen, kept across runs.
+        #[arg(long)]
+        counters: Option<PathBuf>,
     },
 }
 
@@ -257,18 +265,21 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
             nonce,
             allow_unanchored,
             allow_gaps,
+            counters,
         } => {
             let code = match verify_once(
                 socket,
                 &pod,
                 &policy,
                 ak.as_deref(),
-                evidence.as_deref(),
-                nonce.as_deref(),
+                evidence
+                    .as_deref()
+                    .map(|e| (e, nonce.as_deref().unwrap_or_default())),
                 Accept {
                     unanchored: allow_unanchored,
                     gaps: allow_gaps,
                 },
+                counters.as_deref(),
             )
             .await
             {
@@ -290,6 +301,7 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
             count,
             allow_unanchored,
             allow_gaps,
+            counters,
         } => {
             watch(
                 socket,
@@ -297,6 +309,7 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
                 ak.as_deref(),
                 parse_interval(&interval)?,
                 count,
+                counters.as_deref(),
                 Accept {
                     unanchored: allow_unanchored,
                     gaps: allow_gaps,
@@ -342,6 +355,61 @@ fn load_inputs(policy: &Path, ak: Option<&Path>) -> Result<(Allowlist, Option<St
     Ok((policy, ak))
 }
 
+/// The newest TPM counters a verifier saw, per attestation key (sha256 of
+/// its PEM, whitespace removed), in a JSON file.
+struct CounterBook {
+    path: Option<PathBuf>,
+    seen: std::collections::BTreeMap<String, verify::TpmCounters>,
+}
+
+impl CounterBook {
+    fn open(path: Option<&Path>) -> Result<CounterBook> {
+        let seen = match path {
+            Some(p) => match std::fs::read(p) {
+                Ok(b) => serde_json::from_slice(&b)
+                    .with_context(|| format!("counters file {}", p.display()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+            },
+            None => Default::default(),
+        };
+        Ok(CounterBook {
+            path: path.map(Path::to_path_buf),
+            seen,
+        })
+    }
+
+    fn key(ak: &str) -> String {
+        use sha2::Digest;
+        let flat: String = ak.split_whitespace().collect();
+        hex::encode(sha2::Sha256::digest(flat.as_bytes()))
+    }
+
+    fn last(&self, ak: Option<&str>) -> Option<verify::TpmCounters> {
+        ak.and_then(|a| self.seen.get(&Self::key(a)).copied())
+    }
+
+    /// Moves the node's counters forward after evidence that verified.
+    fn advance(&mut self, ak: Option<&str>, r: &Report) -> Result<()> {
+        let (Some(ak), Some(c)) = (ak, r.counters) else {
+            return Ok(());
+        };
+        if r.verdict == Verdict::Invalid {
+            return Ok(());
+        }
+        let e = self.seen.entry(Self::key(ak)).or_insert(c);
+        *e = (*e).max(c);
+        if let Some(p) = &self.path {
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&self.seen)?)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, p).with_context(|| format!("writing {}", p.display()))?;
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn check(
     ev: &Evidence,
     pod: &str,
@@ -349,7 +417,8 @@ fn check(
     policy: &Allowlist,
     ak: Option<&str>,
     accept: Accept,
-) -> Report {
+    book: &mut CounterBook,
+) -> Result<Report> {
     let mut r = verify::verify(
         ev,
         &Expectations {
@@ -359,6 +428,7 @@ fn check(
             policy,
             allow_unanchored: accept.unanchored,
             allow_gaps: accept.gaps,
+            last_seen: book.last(ak),
         },
     );
     if ev.anchored && ak.is_none() {
@@ -366,7 +436,8 @@ fn check(
             .push("no --ak given: the evidence's own key proves nothing; register the node's key with `imacri attest ak`".into());
         r.verdict = Verdict::Invalid;
     }
-    r
+    book.advance(ak, &r)?;
+    Ok(r)
 }
 
 async fn verify_once(
@@ -374,17 +445,18 @@ async fn verify_once(
     pod: &str,
     policy: &Path,
     ak: Option<&Path>,
-    evidence: Option<&Path>,
-    nonce: Option<&str>,
+    saved: Option<(&Path, &str)>,
     accept: Accept,
+    counters: Option<&Path>,
 ) -> Result<Report> {
     let (policy, ak) = load_inputs(policy, ak)?;
-    let (ev, nonce) = match evidence {
-        Some(p) => {
+    let mut book = CounterBook::open(counters)?;
+    let (ev, nonce) = match saved {
+        Some((p, nonce)) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             let ev: Evidence = serde_json::from_str(&text).context("evidence JSON")?;
-            let nonce = hex::decode(nonce.unwrap_or_default()).context("--nonce must be hex")?;
+            let nonce = hex::decode(nonce).context("--nonce must be hex")?;
             (ev, nonce)
         }
         None => {
@@ -395,7 +467,7 @@ async fn verify_once(
             )
         }
     };
-    Ok(check(&ev, pod, &nonce, &policy, ak.as_deref(), accept))
+    check(&ev, pod, &nonce, &policy, ak.as_deref(), accept, &mut book)
 }
 
 async fn watch(
@@ -404,9 +476,11 @@ async fn watch(
     ak: Option<&Path>,
     interval: Duration,
     count: Option<u64>,
+    counters: Option<&Path>,
     accept: Accept,
 ) -> Result<()> {
     let (policy, ak) = load_inputs(policy, ak)?;
+    let mut book = CounterBook::open(counters)?;
     let mut seen: HashSet<String> = HashSet::new();
     let mut round = 0u64;
     loop {
@@ -425,8 +499,15 @@ async fn watch(
                                     &policy,
                                     ak.as_deref(),
                                     accept,
+                                    &mut book,
                                 );
-                                alert_lines(&p, &r)
+                                match r {
+                                    Ok(r) => alert_lines(&p, &r),
+                                    Err(e) => vec![format!(
+                                        "ALERT pod={} counters not recorded: {e:#}",
+                                        p.pod_sandbox_id
+                                    )],
+                                }
                             }
                             Err(e) => vec![format!(
                                 "ALERT pod={} name={}/{} evidence unavailable: {e:#}",

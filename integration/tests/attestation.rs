@@ -798,7 +798,10 @@ async fn evidence_hides_other_pods_entries() {
     imacri_integration::client::remove_pod(&mut rt, &b).await;
     let (code, report, err) = verify(&d, &b, &golden, &ak, &[]);
     assert_eq!(code, 1, "removed pod: {report:#}\n{err}");
-    assert_eq!(report["violations"][0]["path"], "/tmp/tenant-b-secret/true", "{report:#}");
+    assert_eq!(
+        report["violations"][0]["path"], "/tmp/tenant-b-secret/true",
+        "{report:#}"
+    );
     let (code, _, err) = attest(&d, &["quote", &b[..12]]);
     assert_ne!(code, 0);
     assert!(err.contains("full ID"), "{err}");
@@ -945,5 +948,54 @@ async fn tcp_endpoint_requires_a_verifier_certificate() {
         with.status.success(),
         "{}",
         String::from_utf8_lossy(&with.stderr)
+    );
+}
+
+/// A verifier remembers the newest TPM counters it saw: evidence quoted
+/// before that (a replay of a saved quote with its own nonce) is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quote_older_than_one_seen_is_refused() {
+    let env = Env::get();
+    let (_tpm, d, work) = anchored_node(env, &[]).await;
+    let ak = work.path().join("ak.pem");
+    let golden = work.path().join("golden.json");
+    let counters = work.path().join("counters.json");
+    let c = counters.to_str().unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima_pod("counters", None);
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    start_container(&mut rt, &pod, &cfg, sleeper(env)).await;
+    let old = work.path().join("old.json");
+    let nonce = "00112233445566778899aabbccddeeff";
+    let (code, _, err) = attest(
+        &d,
+        &[
+            "quote",
+            &pod,
+            "--nonce",
+            nonce,
+            "--out",
+            old.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (code, report, err) = verify(&d, &pod, &golden, &ak, &["--counters", c]);
+    assert_eq!(code, 0, "{report:#}\n{err}");
+    let book: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+    let seen = book.as_object().unwrap().values().next().unwrap().clone();
+    assert!(seen["clock"].as_u64().unwrap() > 0, "{book}");
+    // The saved evidence answers its own nonce, but it is older.
+    let replay = ["--evidence", old.to_str().unwrap(), "--nonce", nonce];
+    let (code, _, err) = verify(&d, &pod, &golden, &ak, &replay);
+    assert_eq!(code, 0, "without counters the replay passes: {err}");
+    let mut with = replay.to_vec();
+    with.extend(["--counters", c]);
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &with);
+    assert_eq!(code, 2, "{report:#}");
+    assert!(
+        report["errors"].to_string().contains("backwards"),
+        "{report:#}"
     );
 }

@@ -97,6 +97,10 @@ impl Verdict {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub pod_sandbox_id: String,
+    /// The quoting TPM's counters (anchored evidence with a valid quote),
+    /// for the verifier to remember: a later quote must not go back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<TpmCounters>,
     pub verdict: Verdict,
     pub backend: String,
     pub anchored: bool,
@@ -112,6 +116,17 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
+/// A TPM's reset and restart counts and clock from a quote's clock info:
+/// they only move forward, so a quote older than one already seen is a
+/// replay (or another TPM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TpmCounters {
+    pub reset_count: u32,
+    pub restart_count: u32,
+    /// Milliseconds; compared only within one reset and restart.
+    pub clock: u64,
+}
+
 pub struct Expectations<'a> {
     pub pod_sandbox_id: &'a str,
     pub nonce: &'a [u8],
@@ -123,6 +138,8 @@ pub struct Expectations<'a> {
     /// Trust a pod whose log has gaps (intervals it was not measured, e.g.
     /// while imacri restarted). Off: each gap is a violation.
     pub allow_gaps: bool,
+    /// The newest counters this verifier saw from this node's TPM.
+    pub last_seen: Option<TpmCounters>,
 }
 
 pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
@@ -139,8 +156,9 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
     if let Some(b) = &ev.epoch.broken {
         errors.push(format!("the node reports its PCR cannot be verified: {b}"));
     }
+    let mut counters = None;
     if ev.anchored {
-        check_quote(ev, x, &mut errors);
+        counters = check_quote(ev, x, &mut errors);
     } else if !x.allow_unanchored {
         errors.push(
             "evidence is unanchored: the node has no TPM configured (ima.tpm_tcti), so nothing proves the log"
@@ -248,6 +266,7 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
     };
     Report {
         pod_sandbox_id: x.pod_sandbox_id.to_string(),
+        counters,
         verdict,
         backend: ev.backend.clone(),
         anchored: ev.anchored,
@@ -264,10 +283,15 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
     }
 }
 
-fn check_quote(ev: &Evidence, x: &Expectations<'_>, errors: &mut Vec<String>) {
+/// Checks the quote; returns the TPM's counters when its signature holds.
+fn check_quote(
+    ev: &Evidence,
+    x: &Expectations<'_>,
+    errors: &mut Vec<String>,
+) -> Option<TpmCounters> {
     let Some(q) = &ev.quote else {
         errors.push("anchored evidence without a quote".into());
-        return;
+        return None;
     };
     let ak_pem = match x.ak_pem {
         Some(pinned) => {
@@ -284,7 +308,7 @@ fn check_quote(ev: &Evidence, x: &Expectations<'_>, errors: &mut Vec<String>) {
             errors.push(format!(
                 "attestation key is not a P-256 PEM public key: {e}"
             ));
-            return;
+            return None;
         }
     };
     let sig = match (
@@ -294,15 +318,18 @@ fn check_quote(ev: &Evidence, x: &Expectations<'_>, errors: &mut Vec<String>) {
         (Ok(r), Ok(s)) => p256::ecdsa::Signature::from_scalars(r, s).ok(),
         _ => None,
     };
-    match sig {
-        Some(sig) if key.verify(&q.attest, &sig).is_ok() => {}
-        _ => errors.push("the quote's signature does not verify with the attestation key".into()),
-    }
+    let signed = match sig {
+        Some(sig) if key.verify(&q.attest, &sig).is_ok() => true,
+        _ => {
+            errors.push("the quote's signature does not verify with the attestation key".into());
+            false
+        }
+    };
     let attest = match Attest::unmarshall(&q.attest) {
         Ok(a) => a,
         Err(e) => {
             errors.push(format!("the quote is not a TPMS_ATTEST: {e}"));
-            return;
+            return None;
         }
     };
     if attest.attestation_type() != AttestationType::Quote {
@@ -335,6 +362,21 @@ fn check_quote(ev: &Evidence, x: &Expectations<'_>, errors: &mut Vec<String>) {
             attest.clock_info().reset_count()
         ));
     }
+    let ci = attest.clock_info();
+    let now = TpmCounters {
+        reset_count: ci.reset_count(),
+        restart_count: ci.restart_count(),
+        clock: ci.clock(),
+    };
+    if let Some(last) = x.last_seen {
+        if now < last {
+            errors.push(format!(
+                "the TPM's counters went backwards (reset {}, restart {}, clock {} after reset {}, restart {}, clock {} seen before): a replayed quote or another TPM",
+                now.reset_count, now.restart_count, now.clock, last.reset_count, last.restart_count, last.clock
+            ));
+        }
+    }
+    signed.then_some(now)
 }
 
 fn normalize(pem: &str) -> String {
@@ -378,6 +420,7 @@ mod tests {
             policy: p,
             allow_unanchored: true,
             allow_gaps: true,
+            last_seen: None,
         }
     }
 
