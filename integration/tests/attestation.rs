@@ -514,6 +514,22 @@ async fn without_a_tpm_evidence_is_unanchored() {
     lax.push("--allow-unanchored");
     let (code, out, _) = attest(&d, &lax);
     assert_eq!(code, 0, "{out}");
+    // A node whose key was registered never downgrades to unanchored.
+    let ak = work.path().join("registered.pem");
+    let made = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl ecparam -name prime256v1 -genkey -noout | openssl ec -pubout -out {} 2>/dev/null",
+            ak.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let mut pinned = lax.clone();
+    pinned.extend(["--ak", ak.to_str().unwrap()]);
+    let (code, out, _) = attest(&d, &pinned);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("registered"), "{out}");
     // Bad requests are clear.
     let (code, _, err) = attest(&d, &["log", "no-such-pod"]);
     assert_ne!(code, 0);

@@ -159,6 +159,13 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
     let mut counters = None;
     if ev.anchored {
         counters = check_quote(ev, x, &mut errors);
+    } else if x.ak_pem.is_some() {
+        // A node whose key the verifier registered has a TPM: unanchored
+        // evidence from it is a downgrade, whatever --allow-unanchored says.
+        errors.push(
+            "evidence is unanchored, but this node's attestation key is registered: its evidence must come from its TPM (--allow-unanchored applies only to nodes without one)"
+                .into(),
+        );
     } else if !x.allow_unanchored {
         errors.push(
             "evidence is unanchored: the node has no TPM configured (ima.tpm_tcti), so nothing proves the log"
