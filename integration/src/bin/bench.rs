@@ -201,7 +201,7 @@ enum Mode {
     Ima,
 }
 
-const START_ROUNDS: usize = 5;
+const START_ROUNDS: usize = 9;
 
 /// Median ms of RunPodSandbox + CreateContainer + StartContainer of one
 /// container of `img`; pods are removed outside the timing.
