@@ -132,6 +132,12 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 )
             })?;
     let server = CriServer::new(cfg.clone(), c, streaming.clone()).await?;
+    // Start-up (image records, recovery, probes) leaves freed heap glibc
+    // keeps mapped; hand it back so idle RSS is what the daemon holds.
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let runtime: std::sync::Weak<dyn crate::streaming::StreamRuntime> =
         std::sync::Arc::downgrade(&server) as _;
     tokio::spawn(crate::streaming::serve(stream_listener, streaming, runtime));

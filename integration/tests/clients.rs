@@ -152,3 +152,108 @@ async fn crictl_runs_a_pod_from_its_own_example_config() {
     ctl(&["stopp", &pod_id]);
     assert!(ctl(&["pods", "-q"]).is_empty());
 }
+
+/// What a current kubelet sends, through crictl's own Go types and JSON:
+/// a CDI device, ambient capabilities, and a debug container joining a
+/// target's pid namespace.
+#[tokio::test(flavor = "multi_thread")]
+async fn crictl_sends_cdi_ambient_caps_and_debug_targets() {
+    let env = Env::get();
+    let cache = critest::tools().unwrap();
+    let dir = tempfile::tempdir_in(&env.base).unwrap();
+    let cdi = dir.path().join("cdi");
+    std::fs::create_dir_all(&cdi).unwrap();
+    std::fs::write(
+        cdi.join("test.yaml"),
+        "cdiVersion: \"0.6.0\"\nkind: imacri.test/crictl\ndevices:\n  - name: null\n    containerEdits:\n      env: [\"FROM_CDI=yes\"]\n      deviceNodes:\n        - path: /dev/cdinull\n          hostPath: /dev/null\n",
+    )
+    .unwrap();
+    let d = Imacri::start_with(env, &["--cdi-spec-dir", cdi.to_str().unwrap()])
+        .await
+        .unwrap();
+    let crictl = critest::crictl(&cache);
+    let ep = format!("unix://{}", d.socket.display());
+    let ctl = |args: &[&str]| -> String {
+        let o = run(Command::new(&crictl)
+            .arg("--runtime-endpoint")
+            .arg(&ep)
+            .arg("--image-endpoint")
+            .arg(&ep)
+            .arg("--timeout=60s")
+            .args(args));
+        let t = text(&o);
+        assert!(o.status.success(), "crictl {args:?}: {t}");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    ctl(&["pull", &env.busybox]);
+    let write = |name: &str, v: serde_json::Value| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, v.to_string()).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let pod = write(
+        "pod.json",
+        serde_json::json!({
+            "metadata": {"name": "crictl-fields", "namespace": "default",
+                          "uid": format!("crictl-fields-{}", std::process::id())},
+            "linux": {}
+        }),
+    );
+    let pod_id = ctl(&["runp", &pod]);
+    let start = |name: &str, v: serde_json::Value| {
+        let c = write(name, v);
+        let id = ctl(&["create", &pod_id, &c, &pod]);
+        ctl(&["start", &id]);
+        id
+    };
+    let device = start(
+        "device.json",
+        serde_json::json!({
+            "metadata": {"name": "device"},
+            "image": {"image": env.busybox},
+            "command": ["sleep", "600"],
+            "CDI_devices": [{"name": "imacri.test/crictl=null"}],
+            "linux": {"security_context": {
+                "run_as_user": {"value": 1000},
+                "capabilities": {"drop_capabilities": ["ALL"],
+                                 "add_ambient_capabilities": ["NET_BIND_SERVICE"]}
+            }}
+        }),
+    );
+    let out = ctl(&[
+        "exec",
+        &device,
+        "sh",
+        "-c",
+        "echo x > /dev/cdinull && echo $FROM_CDI; grep CapAmb /proc/self/status",
+    ]);
+    assert_eq!(out, "yes\nCapAmb:\t0000000000000400", "{out}");
+    let target = start(
+        "target.json",
+        serde_json::json!({
+            "metadata": {"name": "target"},
+            "image": {"image": env.busybox},
+            "command": ["sleep", "4343"],
+            "linux": {"security_context": {"namespace_options": {"pid": 1}}}
+        }),
+    );
+    let debug = start(
+        "debug.json",
+        serde_json::json!({
+            "metadata": {"name": "debug"},
+            "image": {"image": env.busybox},
+            "command": ["sleep", "600"],
+            "linux": {"security_context": {"namespace_options": {"pid": 3, "target_id": target}}}
+        }),
+    );
+    let ps = ctl(&[
+        "exec",
+        &debug,
+        "sh",
+        "-c",
+        "ps -o args | grep -c '^sleep 4343'",
+    ]);
+    assert_eq!(ps, "1");
+    ctl(&["stopp", &pod_id]);
+    ctl(&["rmp", &pod_id]);
+}
