@@ -106,6 +106,11 @@ pub(crate) fn start_registry_tls(
         "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
         dir.join("data").display()
     );
+    serve_registry(&dir, &cfg, port)
+}
+
+/// Runs docker-registry with `cfg` in `dir` and waits for `port`.
+fn serve_registry(dir: &Path, cfg: &str, port: u16) -> Result<String> {
     std::fs::write(dir.join("config.yml"), cfg)?;
     let log = std::fs::File::create(dir.join("log"))?;
     let mut cmd = Command::new("docker-registry");
@@ -140,18 +145,7 @@ pub fn start_token_registry(
         base.join(storage_of).join("data").display(),
         cert.display()
     );
-    std::fs::write(dir.join("config.yml"), cfg)?;
-    let log = std::fs::File::create(dir.join("log"))?;
-    let mut cmd = Command::new("docker-registry");
-    cmd.arg("serve")
-        .arg(dir.join("config.yml"))
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    spawn_service(cmd).context("starting docker-registry (apt-get install docker-registry)")?;
-    wait_for("docker-registry", Duration::from_secs(15), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })?;
-    Ok(format!("127.0.0.1:{port}"))
+    serve_registry(&dir, &cfg, port)
 }
 
 pub const TOKEN_SERVICE: &str = "imacri-test-registry";

@@ -9,6 +9,22 @@ fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("running client")
 }
 
+/// crictl against `ep`: runs it, asserts success, returns its stdout.
+fn crictl_at<'a>(crictl: &'a std::path::Path, ep: &'a str) -> impl Fn(&[&str]) -> String + 'a {
+    move |args: &[&str]| {
+        let o = run(Command::new(crictl)
+            .arg("--runtime-endpoint")
+            .arg(ep)
+            .arg("--image-endpoint")
+            .arg(ep)
+            .arg("--timeout=60s")
+            .args(args));
+        let t = text(&o);
+        assert!(o.status.success(), "crictl {args:?}: {t}");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}\n{}",
@@ -83,18 +99,7 @@ async fn crictl_runs_a_pod_from_its_own_example_config() {
     let crictl = critest::crictl(&cache);
     let ep = format!("unix://{}", d.socket.display());
     let dir = tempfile::tempdir_in(&env.base).unwrap();
-    let ctl = |args: &[&str]| -> String {
-        let o = run(Command::new(&crictl)
-            .arg("--runtime-endpoint")
-            .arg(&ep)
-            .arg("--image-endpoint")
-            .arg(&ep)
-            .arg("--timeout=60s")
-            .args(args));
-        let t = text(&o);
-        assert!(o.status.success(), "crictl {args:?}: {t}");
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
+    let ctl = crictl_at(&crictl, &ep);
     let v = ctl(&["version"]);
     assert!(v.contains("RuntimeName:  imacri"), "{v}");
     let info = ctl(&["info"]);
@@ -173,18 +178,7 @@ async fn crictl_sends_cdi_ambient_caps_and_debug_targets() {
         .unwrap();
     let crictl = critest::crictl(&cache);
     let ep = format!("unix://{}", d.socket.display());
-    let ctl = |args: &[&str]| -> String {
-        let o = run(Command::new(&crictl)
-            .arg("--runtime-endpoint")
-            .arg(&ep)
-            .arg("--image-endpoint")
-            .arg(&ep)
-            .arg("--timeout=60s")
-            .args(args));
-        let t = text(&o);
-        assert!(o.status.success(), "crictl {args:?}: {t}");
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
+    let ctl = crictl_at(&crictl, &ep);
     ctl(&["pull", &env.busybox]);
     let write = |name: &str, v: serde_json::Value| {
         let p = dir.path().join(name);

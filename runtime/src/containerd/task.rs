@@ -264,16 +264,20 @@ impl Containerd {
         Ok(())
     }
 
-    /// The OCI spec stored with a containerd container.
-    pub async fn container_spec(&self, id: &str) -> Result<oci_spec::runtime::Spec> {
-        let c = self
-            .containers()
+    /// A containerd container record.
+    async fn get_container(&self, id: &str) -> Result<Container> {
+        self.containers()
             .get(self.req(GetContainerRequest { id: id.to_string() }))
             .await
             .map_err(|e| Error::containerd(format!("getting container {id}"), e))?
             .into_inner()
             .container
-            .ok_or_else(|| Error::NotFound(format!("container {id} not in containerd")))?;
+            .ok_or_else(|| Error::NotFound(format!("container {id} not in containerd")))
+    }
+
+    /// The OCI spec stored with a containerd container.
+    pub async fn container_spec(&self, id: &str) -> Result<oci_spec::runtime::Spec> {
+        let c = self.get_container(id).await?;
         let spec = c
             .spec
             .ok_or_else(|| Error::Internal(format!("container {id} has no spec")))?;
@@ -290,14 +294,7 @@ impl Containerd {
         res: &oci_spec::runtime::LinuxResources,
     ) -> Result<()> {
         use containerd_client::services::v1::UpdateContainerRequest;
-        let mut c = self
-            .containers()
-            .get(self.req(GetContainerRequest { id: id.to_string() }))
-            .await
-            .map_err(|e| Error::containerd(format!("getting container {id}"), e))?
-            .into_inner()
-            .container
-            .ok_or_else(|| Error::NotFound(format!("container {id} not in containerd")))?;
+        let mut c = self.get_container(id).await?;
         let raw = c
             .spec
             .as_ref()

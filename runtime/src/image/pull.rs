@@ -155,6 +155,38 @@ pub(super) fn client_for(ep: &Endpoint) -> Result<Client> {
     }))
 }
 
+/// The manifest an image index names for this platform: (bytes, digest),
+/// the digest checked.
+pub(super) async fn platform_manifest(
+    client: &Client,
+    ep: &Endpoint,
+    oref: &Reference,
+    auth: &RegistryAuth,
+    index_bytes: &[u8],
+) -> Result<(Vec<u8>, String)> {
+    let name = oref.whole();
+    let index: ImageIndex = serde_json::from_slice(index_bytes)
+        .map_err(|e| Error::Registry(format!("{name}: bad image index: {e}")))?;
+    let entry = super::select_platform(&index).ok_or_else(|| {
+        Error::NotFound(format!(
+            "{name} has no image for this platform ({})",
+            super::platform_string()
+        ))
+    })?;
+    let digest = entry.digest().to_string();
+    let by_digest = oref.clone_with_digest(digest.clone());
+    let (bytes, got) = client
+        .pull_manifest_raw(&by_digest, auth, &MANIFEST_TYPES)
+        .await
+        .map_err(|e| registry_error(ep, &name, e))?;
+    if got != digest {
+        return Err(Error::Registry(format!(
+            "{name}: manifest digest mismatch: got {got}, want {digest}"
+        )));
+    }
+    Ok((bytes.to_vec(), digest))
+}
+
 impl ImageService {
     /// Pulls `image` and returns its ID (config digest).
     pub async fn pull(&self, image: &str, creds: &Credentials) -> Result<super::ImageRecord> {
@@ -281,26 +313,8 @@ impl ImageService {
 
         // Resolve an index to this platform's manifest.
         let (manifest_bytes, manifest_digest, index) = if media::is_index(&top_type) {
-            let index: ImageIndex = serde_json::from_slice(&top_bytes)
-                .map_err(|e| Error::Registry(format!("{name}: bad image index: {e}")))?;
-            let entry = super::select_platform(&index).ok_or_else(|| {
-                Error::NotFound(format!(
-                    "{name} has no image for this platform ({})",
-                    super::platform_string()
-                ))
-            })?;
-            let digest = entry.digest().to_string();
-            let by_digest = oref.clone_with_digest(digest.clone());
-            let (bytes, got) = client
-                .pull_manifest_raw(&by_digest, auth, &MANIFEST_TYPES)
-                .await
-                .map_err(|e| registry_error(ep, &name, e))?;
-            if got != digest {
-                return Err(Error::Registry(format!(
-                    "{name}: manifest digest mismatch: got {got}, want {digest}"
-                )));
-            }
-            (bytes.to_vec(), digest, Some(top_bytes))
+            let (bytes, digest) = platform_manifest(client, ep, oref, auth, &top_bytes).await?;
+            (bytes, digest, Some(top_bytes))
         } else {
             (top_bytes, top_digest, None)
         };

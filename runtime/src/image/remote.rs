@@ -5,7 +5,7 @@
 
 use oci_client::manifest::OciDescriptor;
 use oci_client::Reference;
-use oci_spec::image::{ImageIndex, ImageManifest};
+use oci_spec::image::ImageManifest;
 use std::path::{Path, PathBuf};
 
 use super::hosts::{self, Endpoint};
@@ -84,26 +84,9 @@ async fn fetch_from(
         .await
         .map_err(|e| registry_error(ep, &name, e))?;
     let manifest_bytes = if media::is_index(&media::sniff(&top)) {
-        let index: ImageIndex = serde_json::from_slice(&top)
-            .map_err(|e| Error::Registry(format!("{name}: bad image index: {e}")))?;
-        let entry = super::select_platform(&index).ok_or_else(|| {
-            Error::NotFound(format!(
-                "{name} has no image for this platform ({})",
-                super::platform_string()
-            ))
-        })?;
-        let by_digest = oref.clone_with_digest(entry.digest().to_string());
-        let (bytes, got) = client
-            .pull_manifest_raw(&by_digest, auth, &MANIFEST_TYPES)
-            .await
-            .map_err(|e| registry_error(ep, &name, e))?;
-        if got != entry.digest().as_ref() {
-            return Err(Error::Registry(format!(
-                "{name}: manifest digest mismatch: got {got}, want {}",
-                entry.digest()
-            )));
-        }
-        bytes.to_vec()
+        super::pull::platform_manifest(&client, ep, oref, auth, &top)
+            .await?
+            .0
     } else {
         top.to_vec()
     };

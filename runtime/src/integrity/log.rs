@@ -140,19 +140,12 @@ impl Entry {
         e
     }
 
-    /// An entry in the first template (older logs; tests).
-    pub fn new_v1(
-        pcr: u32,
-        digest: [u8; 32],
-        path: &str,
-        pod: &str,
-        container: &str,
-        event: Event,
-    ) -> Entry {
-        let mut e = Entry::new(pcr, digest, path, pod, container, event);
-        e.template = Template::V1;
-        e.template_hash = e.computed_hash();
-        e
+    /// This entry in the first template (as older logs hold them).
+    pub fn in_v1(mut self) -> Entry {
+        self.template = Template::V1;
+        self.content = None;
+        self.template_hash = self.computed_hash();
+        self
     }
 
     /// The template hash the fields call for.
@@ -447,7 +440,7 @@ mod tests {
             assert!(!moved.is_consistent(), "{from} -> {to}");
         }
         // v1 entries cannot be redacted; they still parse and verify.
-        let old = Entry::new_v1(15, [1; 32], "/bin/sh", "p", "c", Event::Exec);
+        let old = Entry::new(15, [1; 32], "/bin/sh", "p", "c", Event::Exec).in_v1();
         assert!(old.redacted().is_none());
         let back = Entry::parse(&old.to_string()).unwrap();
         assert!(back.is_consistent() && back.template == Template::V1);

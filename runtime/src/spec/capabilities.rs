@@ -200,6 +200,15 @@ mod tests {
             .contains(&Capability::SysAdmin));
     }
 
+    fn caps_of(spec: &Spec) -> oci_spec::runtime::LinuxCapabilities {
+        spec.process()
+            .clone()
+            .unwrap()
+            .capabilities()
+            .clone()
+            .unwrap()
+    }
+
     #[test]
     fn ambient_capabilities_are_kept_across_exec() {
         let sc = cri::LinuxContainerSecurityContext {
@@ -211,13 +220,7 @@ mod tests {
             ..Default::default()
         };
         let spec = spec_with(sc, None).unwrap();
-        let caps = spec
-            .process()
-            .clone()
-            .unwrap()
-            .capabilities()
-            .clone()
-            .unwrap();
+        let caps = caps_of(&spec);
         let nbs = HashSet::from([Capability::NetBindService]);
         for set in [
             caps.ambient(),
@@ -230,13 +233,7 @@ mod tests {
         }
         // Without any, inheritable and ambient stay empty (containerd's sets).
         let spec = spec_with(cri::LinuxContainerSecurityContext::default(), None).unwrap();
-        let caps = spec
-            .process()
-            .clone()
-            .unwrap()
-            .capabilities()
-            .clone()
-            .unwrap();
+        let caps = caps_of(&spec);
         assert!(caps.ambient().clone().unwrap().is_empty());
         assert!(caps.inheritable().clone().unwrap().is_empty());
         let bad = cri::LinuxContainerSecurityContext {

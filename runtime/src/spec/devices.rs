@@ -98,23 +98,10 @@ mod tests {
             ..Default::default()
         };
         let sh = shared();
+        let (sb, img) = (cri::PodSandboxConfig::default(), busybox());
         let i = ContainerInputs {
-            id: "c",
-            sandbox_id: "s",
-            config: &cfg,
-            sandbox_config: &cri::PodSandboxConfig::default(),
-            image: &busybox(),
-            image_name: "b",
-            user: ProcessUser::default(),
-            shared: &sh,
-            node: NodeFacts {
-                min_oom_score_adj: 0,
-                hugetlb: true,
-                apparmor: false,
-                cap_bounding: u64::MAX,
-            },
-            pid_target: None,
             host_devices: host,
+            ..inputs(&cfg, &sb, &img, &sh)
         };
         let sc = cri::LinuxContainerSecurityContext {
             privileged,

@@ -199,6 +199,38 @@ fn container_annotations(i: &ContainerInputs<'_>) -> HashMap<String, String> {
 pub(crate) mod test_support {
     use super::*;
 
+    /// A node that allows everything (the facts a test varies are set on top).
+    pub(crate) fn node() -> NodeFacts {
+        NodeFacts {
+            min_oom_score_adj: 0,
+            hugetlb: true,
+            apparmor: false,
+            cap_bounding: u64::MAX,
+        }
+    }
+
+    /// Inputs for container "c" of sandbox "s" (override fields on top).
+    pub(crate) fn inputs<'a>(
+        config: &'a cri::ContainerConfig,
+        sandbox_config: &'a cri::PodSandboxConfig,
+        image: &'a ImageConfiguration,
+        shared: &'a SandboxShared,
+    ) -> ContainerInputs<'a> {
+        ContainerInputs {
+            id: "c",
+            sandbox_id: "s",
+            config,
+            sandbox_config,
+            image,
+            image_name: "b",
+            user: ProcessUser::default(),
+            shared,
+            node: node(),
+            pid_target: None,
+            host_devices: Vec::new(),
+        }
+    }
+
     pub(crate) fn image(json: serde_json::Value) -> ImageConfiguration {
         serde_json::from_value(json).unwrap()
     }
@@ -246,23 +278,10 @@ pub(crate) mod test_support {
             }),
             ..Default::default()
         };
+        let (sb, img, sh) = (cri::PodSandboxConfig::default(), busybox(), shared());
         container_spec(&ContainerInputs {
-            id: "c",
-            sandbox_id: "s",
-            config: &cfg,
-            sandbox_config: &cri::PodSandboxConfig::default(),
-            image: &busybox(),
-            image_name: "b",
-            user: ProcessUser::default(),
-            shared: &shared(),
-            node: NodeFacts {
-                min_oom_score_adj: 0,
-                hugetlb: true,
-                apparmor: false,
-                cap_bounding: u64::MAX,
-            },
             pid_target,
-            host_devices: Vec::new(),
+            ..inputs(&cfg, &sb, &img, &sh)
         })
     }
 }
@@ -307,20 +326,12 @@ mod tests {
         let spec = container_spec(&ContainerInputs {
             id: "cid",
             sandbox_id: "sid",
-            config: &cfg,
-            sandbox_config: &sb,
-            image: &img,
             image_name: "busybox",
-            user: ProcessUser::default(),
-            shared: &sh,
             node: NodeFacts {
                 min_oom_score_adj: -100,
-                hugetlb: true,
-                apparmor: false,
-                cap_bounding: u64::MAX,
+                ..node()
             },
-            pid_target: None,
-            host_devices: Vec::new(),
+            ..inputs(&cfg, &sb, &img, &sh)
         })
         .unwrap();
         let linux = spec.linux().clone().unwrap();

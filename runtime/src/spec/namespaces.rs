@@ -148,25 +148,8 @@ mod tests {
             }),
             ..Default::default()
         };
-        let spec = container_spec(&ContainerInputs {
-            id: "c",
-            sandbox_id: "s",
-            config: &cfg,
-            sandbox_config: &cri::PodSandboxConfig::default(),
-            image: &busybox(),
-            image_name: "b",
-            user: ProcessUser::default(),
-            shared: &sh,
-            node: NodeFacts {
-                min_oom_score_adj: 0,
-                hugetlb: true,
-                apparmor: false,
-                cap_bounding: u64::MAX,
-            },
-            pid_target: None,
-            host_devices: Vec::new(),
-        })
-        .unwrap();
+        let (sb, img) = (cri::PodSandboxConfig::default(), busybox());
+        let spec = container_spec(&inputs(&cfg, &sb, &img, &sh)).unwrap();
         let l = spec.linux().clone().unwrap();
         let user = l
             .namespaces()
