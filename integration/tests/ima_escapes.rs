@@ -1,6 +1,8 @@
 //! What an attacker inside an ima pod would try to run code its owner
 //! cannot see: executable mappings of memory-backed files (memfd, SysV shm),
-//! of non-ELF files and through the loader (`ld.so FILE`), `personality`
+//! of non-ELF files and through the loader (`ld.so FILE`), files mapped or
+//! executed (fexecve) through an fd another process passed over a unix
+//! socket, `personality`
 //! tricks, other processes' roots (pause's included), /dev/shm, scripts,
 //! files written while or after they ran, and floods of new paths. Each
 //! works in a plain pod (the control); in an ima pod each is measured
@@ -27,6 +29,8 @@ const ESCAPE_C: &str = r#"
 #include <sys/mman.h>
 #include <sys/personality.h>
 #include <sys/shm.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 static unsigned char code[] = {0xb8, 0x2a, 0, 0, 0, 0xc3};
 static int ran(const char *m, void *p) {
@@ -34,6 +38,40 @@ static int ran(const char *m, void *p) {
     printf("RAN %s\n", m); return 0;
 }
 static int fail(const char *m) { printf("%s: %s\n", m, strerror(errno)); return 1; }
+/* `path` opened by a child process and handed over a unix socket
+   (SCM_RIGHTS): the receiver never opens it by name. */
+static int passed_fd(const char *path) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv)) return -1;
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open(path, O_RDONLY);
+        char c = 'x';
+        struct iovec io = {&c, 1};
+        char buf[CMSG_SPACE(sizeof fd)];
+        struct msghdr msg = {0};
+        msg.msg_iov = &io; msg.msg_iovlen = 1;
+        msg.msg_control = buf; msg.msg_controllen = sizeof buf;
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+        cm->cmsg_level = SOL_SOCKET; cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof fd);
+        memcpy(CMSG_DATA(cm), &fd, sizeof fd);
+        _exit(fd < 0 || sendmsg(sv[0], &msg, 0) != 1);
+    }
+    char c;
+    struct iovec io = {&c, 1};
+    char buf[CMSG_SPACE(sizeof(int))];
+    struct msghdr msg = {0};
+    msg.msg_iov = &io; msg.msg_iovlen = 1;
+    msg.msg_control = buf; msg.msg_controllen = sizeof buf;
+    int fd = -1;
+    if (recvmsg(sv[1], &msg, 0) == 1) {
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+        if (cm && cm->cmsg_type == SCM_RIGHTS) memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+    }
+    waitpid(pid, 0, 0);
+    return fd;
+}
 static int memfd(void) {
     int fd = memfd_create("payload", 0);
     if (fd < 0) return -1;
@@ -77,6 +115,22 @@ int main(int argc, char **argv) {
         int fd = open(path, O_RDONLY);
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "fd-pass-mmap")) {
+        const char *p2 = argc > 2 ? argv[2] : "/tmp/passed.bin";
+        int w = open(p2, O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        int fd = passed_fd(p2); if (fd < 0) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "fd-pass-exec")) {
+        /* argv[2]: an executable; run through the passed fd (fexecve). */
+        int fd = passed_fd(path); if (fd < 0) return fail(m);
+        char *av[] = {"true", NULL}, *ev[] = {NULL};
+        fexecve(fd, av, ev);
+        return fail(m);
     }
     if (!strcmp(m, "personality")) {
         if (personality(READ_IMPLIES_EXEC) < 0) return fail(m);
@@ -246,12 +300,13 @@ async fn two_containers(
     (pod, a, b)
 }
 
-const MAPPINGS: [&str; 6] = [
+const MAPPINGS: [&str; 7] = [
     "memfd-mmap",
     "memfd-mprotect",
     "shm-mprotect",
     "shmat-exec",
     "file-mmap",
+    "fd-pass-mmap",
     "personality",
 ];
 
@@ -280,7 +335,13 @@ async fn executable_mappings_are_measured_or_refused() {
     // measured (SHM_EXEC, READ_IMPLIES_EXEC) is refused.
     let (pod, a, b) = two_containers(&d, &mut rt, "escape-measure", "measure", &image).await;
     for c in [&a, &b] {
-        for m in ["memfd-mmap", "memfd-mprotect", "shm-mprotect", "file-mmap"] {
+        for m in [
+            "memfd-mmap",
+            "memfd-mprotect",
+            "shm-mprotect",
+            "file-mmap",
+            "fd-pass-mmap",
+        ] {
             let (_, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
             assert!(
                 out.contains(&format!("RAN {m}")),
@@ -295,6 +356,17 @@ async fn executable_mappings_are_measured_or_refused() {
         }
         // A dynamic program: the loader is an execution, libc a mapping.
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
+        // A program run through an fd another process passed over a unix
+        // socket (fexecve) is measured like any execution.
+        assert_eq!(
+            sh_ok(
+                &mut rt,
+                c,
+                "cp /bin/busybox /tmp/passed-true && escape fd-pass-exec /tmp/passed-true; echo rc=$?"
+            )
+            .await,
+            "rc=0"
+        );
     }
     let lines = log_lines(&d, &pod);
     for c in [&a, &b] {
@@ -317,6 +389,11 @@ async fn executable_mappings_are_measured_or_refused() {
             logged(&mine, "/tmp/code.bin", Some(&code_file), "mmap"),
             "{mine:#?}"
         );
+        assert!(
+            logged(&mine, "/tmp/passed.bin", Some(&code_file), "mmap"),
+            "{mine:#?}"
+        );
+        assert!(logged(&mine, "/tmp/passed-true", None, "exec"), "{mine:#?}");
         assert!(logged(&mine, LOADER, None, "exec"), "{mine:#?}");
         assert!(logged(&mine, LIBC, None, "mmap"), "{mine:#?}");
         assert!(logged(&mine, "/bin/hello", None, "exec"), "{mine:#?}");
@@ -350,6 +427,17 @@ async fn executable_mappings_are_measured_or_refused() {
         let (_, out, _) = exec_sh(&mut rt, c, "escape after-deny /tmp/evil").await;
         assert!(out.contains("execve: Operation not permitted"), "{out}");
         assert!(out.contains("after-deny: Operation not permitted"), "{out}");
+        // A passed fd is no way around the policy either.
+        let (_, out, _) = exec_sh(
+            &mut rt,
+            c,
+            "cp /bin/busybox /tmp/passed-true && escape fd-pass-exec /tmp/passed-true; echo rc=$?",
+        )
+        .await;
+        assert!(
+            out.contains("fd-pass-exec: Operation not permitted"),
+            "{out}"
+        );
         // Reading is not running: a binary outside the policy can be read.
         let sum = sh_ok(&mut rt, c, "sha256sum /tmp/evil | head -c 64").await;
         assert_eq!(sum.len(), 64);
@@ -360,7 +448,12 @@ async fn executable_mappings_are_measured_or_refused() {
     for path in ["memfd:payload", "/SYSV"] {
         assert!(logged(&lines, path, None, "writers"), "{path}: {lines:#?}");
     }
-    for path in ["/tmp/code.bin", "/tmp/evil"] {
+    for path in [
+        "/tmp/code.bin",
+        "/tmp/evil",
+        "/tmp/passed.bin",
+        "/tmp/passed-true",
+    ] {
         assert!(logged(&lines, path, None, "deny"), "{path}: {lines:#?}");
     }
     stop_pod(&mut rt, &pod).await;
