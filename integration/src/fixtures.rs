@@ -43,3 +43,15 @@ pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::Container
         ..Default::default()
     }
 }
+
+/// A container's `linux` with only a security context, set up by `f`.
+pub fn security_context(
+    f: impl FnOnce(&mut cri::LinuxContainerSecurityContext),
+) -> Option<cri::LinuxContainerConfig> {
+    let mut s = cri::LinuxContainerSecurityContext::default();
+    f(&mut s);
+    Some(cri::LinuxContainerConfig {
+        security_context: Some(s),
+        ..Default::default()
+    })
+}

@@ -19,7 +19,7 @@ pub mod token_service;
 
 pub use containerd::{start_containerd, start_containerd_pid};
 pub use daemon::{attest, imacri_bin, Imacri};
-pub use fixtures::{container_config, pod_config};
+pub use fixtures::{container_config, pod_config, security_context};
 pub use peers::go_spdyexec;
 pub use swtpm::Swtpm;
 

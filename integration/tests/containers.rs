@@ -3,7 +3,7 @@
 //! oom_score_adj clamping, sysctls, host network.
 
 use imacri_integration::client::image;
-use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+use imacri_integration::{container_config, cri, pod_config, security_context, Env, Imacri};
 use std::time::{Duration, Instant};
 
 struct Pod {
@@ -89,17 +89,6 @@ impl Pod {
     }
 }
 
-fn sc(
-    f: impl FnOnce(&mut cri::LinuxContainerSecurityContext),
-) -> Option<cri::LinuxContainerConfig> {
-    let mut s = cri::LinuxContainerSecurityContext::default();
-    f(&mut s);
-    Some(cri::LinuxContainerConfig {
-        security_context: Some(s),
-        resources: None,
-    })
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn container_settings_take_effect() {
     let env = Env::get();
@@ -138,7 +127,7 @@ async fn container_settings_take_effect() {
     let mut c = container_config("override", &env.configured, &[]);
     c.command.clear();
     c.args = vec!["id".into()];
-    c.linux = sc(|s| {
+    c.linux = security_context(|s| {
         s.run_as_user = Some(cri::Int64Value { value: 0 });
         s.run_as_group = Some(cri::Int64Value { value: 5 });
         s.supplemental_groups = vec![1234];
@@ -146,14 +135,14 @@ async fn container_settings_take_effect() {
     let (_, out) = pod.run(c).await;
     assert_eq!(out, vec!["uid=0(root) gid=5 groups=5,1234"]);
     let mut c = container_config("byname", &env.busybox, &["id", "-u"]);
-    c.linux = sc(|s| s.run_as_username = "alice".into());
+    c.linux = security_context(|s| s.run_as_username = "alice".into());
     assert_eq!(pod.run(c).await.1, vec!["1000"]);
 
     // Read-only rootfs; /tmp from a writable mount still works.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("host-file"), "from-host").unwrap();
     let mut c = container_config("readonly", &env.busybox, &["sh", "-c", "touch /x 2>/dev/null && echo wrote || echo denied; cat /data/host-file; echo; touch /data/new 2>/dev/null && echo rw || echo ro"]);
-    c.linux = sc(|s| s.readonly_rootfs = true);
+    c.linux = security_context(|s| s.readonly_rootfs = true);
     c.mounts = vec![cri::Mount {
         container_path: "/data".into(),
         host_path: dir.path().to_string_lossy().into(),
@@ -183,7 +172,7 @@ async fn container_settings_take_effect() {
         &env.busybox,
         &["sh", "-c", "grep CapEff /proc/self/status"],
     );
-    c.linux = sc(|s| {
+    c.linux = security_context(|s| {
         s.capabilities = Some(cri::Capability {
             drop_capabilities: vec!["ALL".into()],
             add_capabilities: vec!["CAP_NET_RAW".into()],
@@ -220,7 +209,7 @@ async fn container_settings_take_effect() {
         permissions: "rw".into(),
     }];
     // kubelet's lists for procMount Default.
-    c.linux = sc(|s| {
+    c.linux = security_context(|s| {
         s.masked_paths = vec!["/proc/timer_list".into(), "/proc/kcore".into()];
         s.readonly_paths = vec!["/proc/sys".into()];
     });
@@ -252,7 +241,7 @@ async fn container_settings_take_effect() {
                 "unshare -U true 2>/dev/null && echo allowed || echo blocked",
             ],
         );
-        c.linux = sc(|s| {
+        c.linux = security_context(|s| {
             s.seccomp = Some(cri::SecurityProfile {
                 profile_type: kind as i32,
                 localhost_ref: String::new(),
@@ -261,7 +250,7 @@ async fn container_settings_take_effect() {
         assert_eq!(pod.run(c).await.1, vec![expect.to_string()], "{kind:?}");
     }
     let mut c = container_config("apparmor", &env.busybox, &["true"]);
-    c.linux = sc(|s| {
+    c.linux = security_context(|s| {
         s.apparmor = Some(cri::SecurityProfile {
             profile_type: cri::security_profile::ProfileType::Localhost as i32,
             localhost_ref: "my-profile".into(),

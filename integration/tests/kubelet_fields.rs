@@ -4,19 +4,8 @@
 //! CDI devices.
 
 use imacri_integration::client::{container_status, create_container, sh_ok, start_container};
-use imacri_integration::{container_config, cri, Env, Imacri};
+use imacri_integration::{container_config, cri, security_context, Env, Imacri};
 use tonic::Code;
-
-fn sc(
-    f: impl FnOnce(&mut cri::LinuxContainerSecurityContext),
-) -> Option<cri::LinuxContainerConfig> {
-    let mut s = cri::LinuxContainerSecurityContext::default();
-    f(&mut s);
-    Some(cri::LinuxContainerConfig {
-        security_context: Some(s),
-        ..Default::default()
-    })
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_signal_target_ambient_and_early_updates() {
@@ -47,7 +36,7 @@ async fn stop_signal_target_ambient_and_early_updates() {
     // kubectl debug --target: a container with its own pid namespace, and
     // a debug container that joins it and sees its processes.
     let mut target = container_config("target", &env.busybox, &["sleep", "4242"]);
-    target.linux = sc(|s| {
+    target.linux = security_context(|s| {
         s.namespace_options = Some(cri::NamespaceOption {
             pid: cri::NamespaceMode::Container as i32,
             ..Default::default()
@@ -57,7 +46,7 @@ async fn stop_signal_target_ambient_and_early_updates() {
     let debug_of = |name: &str, target_id: &str| {
         let mut c = container_config(name, &env.busybox, &["sleep", "1000"]);
         let t = target_id.to_string();
-        c.linux = sc(|s| {
+        c.linux = security_context(|s| {
             s.namespace_options = Some(cri::NamespaceOption {
                 pid: cri::NamespaceMode::Target as i32,
                 target_id: t,
@@ -89,7 +78,7 @@ async fn stop_signal_target_ambient_and_early_updates() {
 
     // Ambient capabilities (KEP-2763): a non-root process keeps them.
     let mut amb = container_config("ambient", &env.busybox, &["sleep", "1000"]);
-    amb.linux = sc(|s| {
+    amb.linux = security_context(|s| {
         s.run_as_user = Some(cri::Int64Value { value: 1000 });
         s.capabilities = Some(cri::Capability {
             drop_capabilities: vec!["ALL".into()],
@@ -109,7 +98,7 @@ async fn stop_signal_target_ambient_and_early_updates() {
     );
     // Without any, a non-root process has none (containerd's sets).
     let mut none = container_config("noambient", &env.busybox, &["sleep", "1000"]);
-    none.linux = sc(|s| s.run_as_user = Some(cri::Int64Value { value: 1000 }));
+    none.linux = security_context(|s| s.run_as_user = Some(cri::Int64Value { value: 1000 }));
     let none = start_container(&mut rt, &pod, &cfg, none).await;
     assert_eq!(
         sh_ok(
@@ -311,7 +300,7 @@ async fn privileged_containers_get_the_host_devices() {
         .await
         .unwrap();
     let mut c = container_config("priv", &env.busybox, &["sleep", "1000"]);
-    c.linux = sc(|s| s.privileged = true);
+    c.linux = security_context(|s| s.privileged = true);
     let id = start_container(&mut rt, &pod, &cfg, c).await;
     // Nodes a plain container never has, with the host's numbers.
     let host = std::fs::read_dir("/dev")
