@@ -132,6 +132,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 )
             })?;
     let server = CriServer::new(cfg.clone(), c, streaming.clone()).await?;
+    server.start_nri().await?;
     // Start-up (image records, recovery, probes) leaves freed heap glibc
     // keeps mapped; hand it back so idle RSS is what the daemon holds.
     // SAFETY: malloc_trim only releases free memory.
@@ -219,6 +220,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         }
         let _ = std::fs::remove_file(&cfg.attestation.socket);
     }
+    server.stop_nri().await;
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

@@ -60,6 +60,16 @@ impl Imacri {
     }
 
     pub async fn start_full(env: &Env, namespace: &str, extra: &[&str]) -> Result<Imacri> {
+        Self::start_configured(env, namespace, extra, "").await
+    }
+
+    /// With `config` as its config file (TOML; flags still win).
+    pub async fn start_configured(
+        env: &Env,
+        namespace: &str,
+        extra: &[&str],
+        config: &str,
+    ) -> Result<Imacri> {
         let dir = tempfile::Builder::new()
             .prefix("imacri-")
             .tempdir_in(&env.base)?;
@@ -99,7 +109,7 @@ impl Imacri {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        std::fs::write(dir.path().join("none.toml"), "")?;
+        std::fs::write(dir.path().join("none.toml"), config)?;
         let mut me = Imacri {
             namespace: namespace.to_string(),
             child: None,

@@ -15,12 +15,19 @@ pub const GO: &str = "/usr/local/go/bin/go";
 /// Builds the Go module `integration/go/<name>` (module mode, pinned in its
 /// go.mod/go.sum) into the environment's directory.
 pub fn go_module(env: &Env, name: &str) -> Result<PathBuf> {
-    let out = env.base.join(name);
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("go").join(name);
+    go_build(name, ".", &env.base.join(name))
+}
+
+/// Builds package `pkg` with the module `integration/go/<module>`'s pinned
+/// requirements into `out`.
+fn go_build(module: &str, pkg: &str, out: &Path) -> Result<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("go")
+        .join(module);
     let r = Command::new(GO)
         .args(["build", "-trimpath", "-o"])
-        .arg(&out)
-        .arg(".")
+        .arg(out)
+        .arg(pkg)
         .current_dir(&src)
         .env("GOFLAGS", "-buildvcs=false -mod=readonly")
         .env("GOTOOLCHAIN", "local")
@@ -29,11 +36,11 @@ pub fn go_module(env: &Env, name: &str) -> Result<PathBuf> {
         .map_err(|e| anyhow!("running {GO}: {e}"))?;
     if !r.status.success() {
         return Err(anyhow!(
-            "building {name}: {}",
+            "building {pkg} in {module}: {}",
             String::from_utf8_lossy(&r.stderr)
         ));
     }
-    Ok(out)
+    Ok(out.to_path_buf())
 }
 
 /// `integration/go/criclient`, built once per test process.
@@ -43,6 +50,26 @@ pub fn criclient(env: &Env) -> Result<PathBuf> {
         .get_or_init(|| go_module(env, "criclient").map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(|e| anyhow!(e))
+}
+
+/// `integration/go/nriplugin`: an NRI plugin on upstream's stub
+/// (github.com/containerd/nri v0.12.5), built once per test process.
+pub fn nriplugin(env: &Env) -> Result<PathBuf> {
+    static BUILT: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| go_module(env, "nriplugin").map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+/// Upstream's sample NRI plugin `github.com/containerd/nri/plugins/<name>`
+/// at the version `integration/go/nrisamples/go.mod` pins.
+pub fn nri_sample(env: &Env, name: &str) -> Result<PathBuf> {
+    go_build(
+        "nrisamples",
+        &format!("github.com/containerd/nri/plugins/{name}"),
+        &env.base.join(format!("nri-sample-{name}")),
+    )
 }
 
 /// The Python of the cached grpcio virtualenv.

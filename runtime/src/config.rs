@@ -34,6 +34,8 @@ pub struct Config {
     pub runtimes: std::collections::BTreeMap<String, RuntimeHandler>,
     /// CDI spec directories, lowest priority first.
     pub cdi_spec_dirs: Vec<PathBuf>,
+    /// NRI plugins and what each may change.
+    pub nri: crate::nri::NriConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -256,6 +258,7 @@ impl Default for Config {
                 .iter()
                 .map(PathBuf::from)
                 .collect(),
+            nri: crate::nri::NriConfig::default(),
         }
     }
 }
@@ -424,6 +427,38 @@ binary_name = ""
 address = "127.0.0.1"
 # 0: any free port.
 port = 0
+
+[nri]
+# NRI plugins (github.com/containerd/nri protocol). Off by default: a plugin
+# changes pods, so a node opts in.
+enable = false
+socket_path = "/var/run/nri/nri.sock"
+# Executables `<index>-<name>` started by imacri, configured from
+# `<index>-<name>.conf` or `<name>.conf` in plugin_config_path.
+plugin_path = "/opt/nri/plugins"
+plugin_config_path = "/etc/nri/conf.d"
+plugin_registration_timeout_ms = 5000
+plugin_request_timeout_ms = 2000
+# true: only plugins from plugin_path, no socket.
+disable_connections = false
+plugins = {}
+
+# The rule for plugins without their own [nri.plugins."<index>-<name>"].
+# allow: kinds of adjustment ("all" or any of annotations, mounts, env, args,
+# hooks, devices, cdi-devices, resources, rlimits, seccomp, namespaces,
+# oom-score-adj, sysctl, cgroups-path, io-priority, scheduler, rdt,
+# net-devices, memory-policy, updates).
+# security: for seccomp, namespaces, hooks, devices and mounts: "none",
+# "confine-only" (only stricter: drop devices, a seccomp policy allowing
+# nothing the current one denies, new namespaces, read-only noexec nosuid
+# non-bind mounts) or "all". In ima pods no rule lets a plugin weaken the pod.
+# on_refused: "fail" (CreateContainer fails, FailedPrecondition) or "drop".
+# uids: socket peers the rule applies to (empty: any).
+[nri.default]
+allow = ["all"]
+security = "confine-only"
+on_refused = "fail"
+uids = []
 "#;
 
 impl Config {
@@ -452,6 +487,7 @@ impl Config {
     /// Checks what serde cannot: policies parse, the default policy exists,
     /// the ID pool fits in 32 bits.
     pub fn validate(&self) -> Result<()> {
+        self.nri.validate()?;
         for (name, p) in &self.ima.policies {
             for r in &p.rules {
                 crate::integrity::policy::parse_rule(r)

@@ -14,6 +14,7 @@ pub mod io;
 pub mod metrics;
 pub mod mount;
 pub mod netns;
+pub mod nri;
 pub mod pod;
 pub mod seccomp;
 pub mod spec;

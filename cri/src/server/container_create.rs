@@ -249,6 +249,7 @@ impl CriServer {
             Ok(()) => {
                 tracing::info!(container_id = %id, pod_sandbox_id = %sb.id, name = %name, "container created");
                 self.emit(cri::ContainerEventType::ContainerCreatedEvent, &id);
+                self.nri_post_create(&id).await;
                 Ok(cri::CreateContainerResponse { container_id: id })
             }
             Err(e) => {
@@ -257,6 +258,9 @@ impl CriServer {
                 }
                 let _ = self.containers.remove(&id);
                 self.containers.release(&name, &id);
+                if let Ok(mut m) = self.nri_views.lock() {
+                    m.remove(&id);
+                }
                 Err(e)
             }
         }
@@ -330,6 +334,9 @@ impl CriServer {
             })?;
             // Before the ima rules below, which then cover CDI mounts too.
             imacri_runtime::cdi::apply(&mut spec, cdi, &imacri_runtime::cdi::HostNodes)?;
+            // NRI plugins adjust the spec before the ima rules, so what they
+            // add is covered by them like everything else.
+            self.nri_adjust(sb, id, config, &mut spec).await?;
             if super::integrity::is_fanotify(&sb_state) {
                 let measured: Vec<String> = self
                     .measured_volumes(&sb_state, volumes)

@@ -28,6 +28,7 @@ impl CriServer {
             imacri_api::cri::ContainerEventType::ContainerDeletedEvent,
             &c.id,
         );
+        self.nri_remove(&c.id).await;
         self.containers.remove(&c.id)?;
         tracing::info!(container_id = %c.id, "container removed");
         Ok(())

@@ -33,7 +33,11 @@ impl CriServer {
             )));
         }
         let started_at = now_nanos();
-        match self.start_task_io(&c).await {
+        let started = match self.nri_start(&c.id).await {
+            Ok(()) => self.start_task_io(&c).await,
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(pid) => {
                 // A fast process may have exited (and been recorded) already.
                 let _order = self.event_order.lock();
@@ -50,6 +54,8 @@ impl CriServer {
                 if recorded {
                     self.emit(cri::ContainerEventType::ContainerStartedEvent, &c.id);
                 }
+                drop(_order);
+                self.nri_post_start(&c.id).await;
                 Ok(cri::StartContainerResponse {})
             }
             Err(e) => {

@@ -42,6 +42,7 @@ impl CriServer {
         let signal = c.state().stop_signal.max(1) as u32;
         self.stop_task(&c.id, signal, grace).await?;
         tracing::info!(container_id = %c.id, "container stopped");
+        self.nri_stop(&c.id).await;
         Ok(())
     }
 }

@@ -25,6 +25,7 @@ mod integrity;
 mod lifecycle;
 mod metrics;
 mod monitor;
+mod nri;
 mod recover;
 mod rootfs;
 mod sandbox_list;
@@ -160,6 +161,10 @@ pub struct CriServer {
     pub(crate) event_order: Mutex<()>,
     /// CRI container events for GetContainerEvents.
     pub(crate) events: tokio::sync::broadcast::Sender<cri::ContainerEventResponse>,
+    /// NRI, when the config enables it (set once at start).
+    pub(crate) nri: std::sync::OnceLock<imacri_runtime::nri::Nri>,
+    /// Each container as NRI plugins saw it after CreateContainer.
+    pub(crate) nri_views: nri::NriViews,
 }
 
 /// What each runtime handler supports on this node: recursive read-only
@@ -264,6 +269,8 @@ impl CriServer {
             events: tokio::sync::broadcast::channel(1024).0,
             event_order: Mutex::new(()),
             cpu_samples: Mutex::new(HashMap::new()),
+            nri: std::sync::OnceLock::new(),
+            nri_views: Mutex::new(HashMap::new()),
         });
         server.start_notice_consumer(notices);
         server.clean_staged_rootfs();

@@ -33,6 +33,7 @@ impl CriServer {
                 tracing::warn!(pod_sandbox_id = %sb.id, error = %e, "removed pod not kept quotable");
             }
         }
+        self.nri_remove_pod(&sb).await;
         self.sandboxes.remove(&sb.id)?;
         tracing::info!(pod_sandbox_id = %sb.id, "sandbox removed");
         Ok(cri::RemovePodSandboxResponse {})

@@ -226,7 +226,15 @@ impl CriServer {
             }
         };
         let _op = entry.op.lock().await;
-        let res = self.start_sandbox(&entry, &image, host_net).await;
+        let res = async {
+            let pid = self.start_sandbox(&entry, &image, host_net).await?;
+            entry.update(|s| s.pid = pid)?;
+            // NRI plugins hear of the pod before anyone can use it; one
+            // that fails it rolls it back.
+            self.nri_run_pod(&entry).await?;
+            Ok(pid)
+        }
+        .await;
         match res {
             Ok(pid) => {
                 entry.update(|s| {

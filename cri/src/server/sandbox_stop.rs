@@ -38,6 +38,9 @@ impl CriServer {
         if was == SandboxPhase::Ready {
             self.emit(cri::ContainerEventType::ContainerStoppedEvent, &sb.id);
         }
+        // As containerd: plugins hear every StopPodSandbox, also of a pod
+        // whose pause process had already died.
+        self.nri_stop_pod(&sb).await;
         Ok(cri::StopPodSandboxResponse {})
     }
 }

@@ -446,8 +446,9 @@ impl RuntimeService for Cri {
             &r.pod_sandbox_id.clone(),
             async move {
                 // kubelet has already resized the pod cgroup; nothing below it
-                // needs changing, but the pod must exist.
-                s.sandbox(&r.pod_sandbox_id)?;
+                // needs changing, but the pod must exist. NRI plugins hear of it.
+                let sb = s.sandbox(&r.pod_sandbox_id)?;
+                s.nri_update_pod(&sb, r.resources.as_ref()).await?;
                 Ok(cri::UpdatePodSandboxResourcesResponse {})
             },
         )

@@ -225,6 +225,7 @@ impl CriServer {
                 "linux resources are required".into(),
             ));
         };
+        self.nri_update(&c.id, &linux).await?;
         let _op = c.op.lock().await;
         let mut res = spec::resources(Some(&linux))?;
         if !self.node.hugetlb {
@@ -259,6 +260,8 @@ impl CriServer {
         merged.unified = linux.unified;
         merged.memory_swap_limit_in_bytes = linux.memory_swap_limit_in_bytes;
         c.update(|s| s.updated_resources = Some(prost::Message::encode_to_vec(&merged)))?;
+        drop(_op);
+        self.nri_post_update(&c.id).await;
         Ok(cri::UpdateContainerResourcesResponse {})
     }
 }
