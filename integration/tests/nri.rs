@@ -52,7 +52,7 @@ impl Nri {
     /// The `[nri]` section; `rules` adds `[nri.plugins."..."]` tables.
     fn config(&self, rules: &str) -> String {
         format!(
-            "[nri]\nenable = true\nsocket_path = {:?}\nplugin_path = {:?}\nplugin_config_path = {:?}\nplugin_request_timeout_ms = 1500\n{rules}",
+            "[nri]\nenable = true\nsocket_path = {:?}\nplugin_path = {:?}\nplugin_config_path = {:?}\nplugin_request_timeout_ms = 1500\nplugin_registration_timeout_ms = 1000\n{rules}",
             self.socket,
             self.dir.path().join("plugins"),
             self.dir.path().join("conf.d"),
@@ -410,6 +410,12 @@ uids = [4242]
         "{e:?}"
     );
     nri.stop_last();
+    // Without the impostor the trusted plugin's hook is applied and runs.
+    let h = start_container(&mut rt, &pod, &cfg, ctr("hook")).await;
+    assert_eq!(
+        runtime_spec(&mut rt, &h).await["hooks"]["prestart"][0]["path"],
+        "/bin/true"
+    );
 
     // In an ima pod no rule lets a plugin take the user or pid namespace
     // away, add an executable mount or a hook inside the container, weaken
@@ -462,6 +468,9 @@ async fn crashing_hanging_and_failing_plugins_and_unsolicited_updates() {
     )
     .await;
 
+    // A peer that connects and never registers is dropped after the
+    // registration timeout and blocks nobody meanwhile.
+    let idle = std::os::unix::net::UnixStream::connect(&nri.socket).unwrap();
     // Synchronize hands the plugin the running container; its unsolicited
     // update lands in the container's cgroup.
     nri.connect(
@@ -477,6 +486,13 @@ async fn crashing_hanging_and_failing_plugins_and_unsolicited_updates() {
     );
     let limit = sh_ok(&mut rt, &before, "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max").await;
     assert_eq!(limit, (200u64 << 20).to_string());
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !d.log().contains("did not register within") {
+        assert!(Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(idle);
 
     // A plugin failing a request fails it.
     let mut bad = container_config("refused", &env.busybox, &["sleep", "1000"]);

@@ -6,3 +6,5 @@
 include!(concat!(env!("OUT_DIR"), "/_include.rs"));
 
 pub use nri::pkg::api::v1alpha1 as api;
+/// The prost these messages implement (0.13, not the workspace's).
+pub use prost;

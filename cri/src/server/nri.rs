@@ -62,31 +62,41 @@ impl CriServer {
     /// spec), with its state now.
     pub(crate) fn nri_container(&self, c: &ContainerEntry) -> api::Container {
         let st = c.state();
-        let mut v = self
+        let cached = self
             .nri_views
             .lock()
             .ok()
-            .and_then(|m| m.get(&c.id).cloned())
-            .unwrap_or_else(|| api::Container {
-                id: c.id.clone(),
-                pod_sandbox_id: st.sandbox_id.clone(),
-                name: c
-                    .config
-                    .metadata
-                    .as_ref()
-                    .map(|m| m.name.clone())
-                    .unwrap_or_default(),
-                labels: c.config.labels.clone(),
-                annotations: c.config.annotations.clone(),
-                args: c
-                    .config
-                    .command
-                    .iter()
-                    .chain(&c.config.args)
-                    .cloned()
-                    .collect(),
-                ..Default::default()
-            });
+            .and_then(|m| m.get(&c.id).cloned());
+        // After a restart: the view saved at creation.
+        let saved = || {
+            let b = std::fs::read(c.dir().join(VIEW_FILE)).ok()?;
+            let v =
+                <api::Container as imacri_nri_api::prost::Message>::decode(b.as_slice()).ok()?;
+            if let Ok(mut m) = self.nri_views.lock() {
+                m.insert(c.id.clone(), v.clone());
+            }
+            Some(v)
+        };
+        let mut v = cached.or_else(saved).unwrap_or_else(|| api::Container {
+            id: c.id.clone(),
+            pod_sandbox_id: st.sandbox_id.clone(),
+            name: c
+                .config
+                .metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default(),
+            labels: c.config.labels.clone(),
+            annotations: c.config.annotations.clone(),
+            args: c
+                .config
+                .command
+                .iter()
+                .chain(&c.config.args)
+                .cloned()
+                .collect(),
+            ..Default::default()
+        });
         v.state = match st.phase {
             ContainerPhase::Created => api::ContainerState::ContainerCreated,
             ContainerPhase::Running => api::ContainerState::ContainerRunning,
@@ -174,9 +184,7 @@ impl CriServer {
         if let Ok(mut m) = self.nri_views.lock() {
             m.insert(id.to_string(), adjusted);
         }
-        if !created.updates.is_empty() {
-            self.update(created.updates).await;
-        }
+        self.nri_apply_updates(created.updates).await;
         if !created.evictions.is_empty() {
             self.evict(created.evictions).await;
         }
@@ -185,6 +193,15 @@ impl CriServer {
 
     pub(crate) async fn nri_post_create(&self, id: &str) {
         let Some(n) = self.nri.get() else { return };
+        // Kept with the container's record, so plugins synchronized after a
+        // restart see it as it was created.
+        let view = self.nri_views.lock().ok().and_then(|m| m.get(id).cloned());
+        if let (Some(c), Some(v)) = (self.containers.get(id), view) {
+            let b = imacri_nri_api::prost::Message::encode_to_vec(&v);
+            if let Err(e) = imacri_runtime::store::write_atomic(&c.dir().join(VIEW_FILE), &b) {
+                tracing::warn!(container_id = %id, error = %e, "NRI view not saved");
+            }
+        }
         if let Some((pod, c)) = self.nri_pair(id) {
             if let Err(e) = n.post_create_container(&pod, &c).await {
                 tracing::warn!(container_id = %id, error = %e, "NRI PostCreateContainer");
@@ -213,28 +230,28 @@ impl CriServer {
         }
     }
 
-    /// UpdateContainerResources: plugins may update other containers too.
+    /// UpdateContainerResources: plugins may change this container's new
+    /// resources and other containers'. Their updates come back to be
+    /// applied after the request's own (so theirs win, as upstream merges).
     pub(crate) async fn nri_update(
         &self,
         id: &str,
         res: &cri::LinuxContainerResources,
-    ) -> Result<()> {
+    ) -> Result<Vec<api::ContainerUpdate>> {
         let Some(n) = self.nri.get() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        if let Some((pod, c)) = self.nri_pair(id) {
-            let r = nri_resources(res);
-            let others: Vec<api::ContainerUpdate> = n
-                .update_container(&pod, &c, r)
-                .await?
-                .into_iter()
-                .filter(|u| u.container_id != id)
-                .collect();
-            if !others.is_empty() {
-                self.update(others).await;
-            }
+        match self.nri_pair(id) {
+            Some((pod, c)) => Ok(n.update_container(&pod, &c, nri_resources(res)).await?),
+            None => Ok(Vec::new()),
         }
-        Ok(())
+    }
+
+    /// Plugins' updates of existing containers; failures are logged.
+    pub(crate) async fn nri_apply_updates(&self, updates: Vec<api::ContainerUpdate>) {
+        if !updates.is_empty() {
+            self.update(updates).await;
+        }
     }
 
     /// UpdatePodSandboxResources: UpdatePodSandbox, then PostUpdatePodSandbox.
@@ -265,11 +282,10 @@ impl CriServer {
         let Some(n) = self.nri.get() else { return };
         if let Some((pod, c)) = self.nri_pair(id) {
             match n.stop_container(&pod, &c).await {
-                Ok(u) if !u.is_empty() => {
-                    self.update(u.into_iter().filter(|u| u.container_id != id).collect())
-                        .await;
+                Ok(u) => {
+                    self.nri_apply_updates(u.into_iter().filter(|u| u.container_id != id).collect())
+                        .await
                 }
-                Ok(_) => {}
                 Err(e) => tracing::warn!(container_id = %id, error = %e, "NRI StopContainer"),
             }
         }
@@ -310,6 +326,9 @@ impl CriServer {
         }
     }
 }
+
+/// The container as NRI plugins saw it at creation, in its record's dir.
+const VIEW_FILE: &str = "nri.pb";
 
 /// CRI resources as NRI's.
 fn nri_resources(res: &cri::LinuxContainerResources) -> api::LinuxResources {

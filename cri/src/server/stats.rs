@@ -225,7 +225,7 @@ impl CriServer {
                 "linux resources are required".into(),
             ));
         };
-        self.nri_update(&c.id, &linux).await?;
+        let nri_updates = self.nri_update(&c.id, &linux).await?;
         let _op = c.op.lock().await;
         let mut res = spec::resources(Some(&linux))?;
         if !self.node.hugetlb {
@@ -261,6 +261,7 @@ impl CriServer {
         merged.memory_swap_limit_in_bytes = linux.memory_swap_limit_in_bytes;
         c.update(|s| s.updated_resources = Some(prost::Message::encode_to_vec(&merged)))?;
         drop(_op);
+        self.nri_apply_updates(nri_updates).await;
         self.nri_post_update(&c.id).await;
         Ok(cri::UpdateContainerResourcesResponse {})
     }

@@ -103,6 +103,9 @@ func (p *plugin) Configure(_ context.Context, config, runtime, version string) (
 
 func (p *plugin) Synchronize(_ context.Context, pods []*api.PodSandbox, ctrs []*api.Container) ([]*api.ContainerUpdate, error) {
 	p.event("Synchronize", fmt.Sprint(len(pods)), fmt.Sprint(len(ctrs)))
+	for _, c := range ctrs {
+		p.event("SyncContainer", c.Name, fmt.Sprintf("env=%d,mounts=%d", len(c.Env), len(c.Mounts)))
+	}
 	if p.cfg.UnsolicitedMemory > 0 {
 		go func() {
 			time.Sleep(200 * time.Millisecond)

@@ -221,6 +221,16 @@ pub(super) fn set_resources(res: &mut Value, r: &api::LinuxResources) {
             ),
             ("swap", m.swap.as_ref().map(|v| json!(v.value))),
             ("swappiness", m.swappiness.as_ref().map(|v| json!(v.value))),
+            ("kernel", m.kernel.as_ref().map(|v| json!(v.value))),
+            ("kernelTCP", m.kernel_tcp.as_ref().map(|v| json!(v.value))),
+            (
+                "disableOOMKiller",
+                m.disable_oom_killer.as_ref().map(|v| json!(v.value)),
+            ),
+            (
+                "useHierarchy",
+                m.use_hierarchy.as_ref().map(|v| json!(v.value)),
+            ),
         ] {
             if let Some(v) = v {
                 mem.insert(k.into(), v);
@@ -233,6 +243,14 @@ pub(super) fn set_resources(res: &mut Value, r: &api::LinuxResources) {
             ("shares", c.shares.as_ref().map(|v| json!(v.value))),
             ("quota", c.quota.as_ref().map(|v| json!(v.value))),
             ("period", c.period.as_ref().map(|v| json!(v.value))),
+            (
+                "realtimeRuntime",
+                c.realtime_runtime.as_ref().map(|v| json!(v.value)),
+            ),
+            (
+                "realtimePeriod",
+                c.realtime_period.as_ref().map(|v| json!(v.value)),
+            ),
             ("cpus", (!c.cpus.is_empty()).then(|| json!(c.cpus))),
             ("mems", (!c.mems.is_empty()).then(|| json!(c.mems))),
         ] {

@@ -104,6 +104,18 @@ impl Merge {
             out.devices.push(d);
         }
         if let Some(r) = l.resources {
+            // No blockio or RDT class configuration on imacri nodes: refused
+            // rather than silently not applied.
+            for (f, set) in [
+                ("resources.blockio_class", r.blockio_class.is_some()),
+                ("resources.rdt_class", r.rdt_class.is_some()),
+            ] {
+                if set {
+                    return Err(NriError::Unsupported(format!(
+                        "NRI plugin {plugin} adjusts linux.{f}, which imacri does not apply"
+                    )));
+                }
+            }
             let o = out.resources.get_or_insert_with(Default::default);
             if let Some(m) = r.memory {
                 let om = o.memory.get_or_insert_with(Default::default);
@@ -123,6 +135,23 @@ impl Merge {
                     claims.push("memory.swappiness".into());
                     om.swappiness = m.swappiness;
                 }
+                for (f, v, t) in [
+                    (
+                        "memory.disable_oom_killer",
+                        m.disable_oom_killer,
+                        &mut om.disable_oom_killer,
+                    ),
+                    (
+                        "memory.use_hierarchy",
+                        m.use_hierarchy,
+                        &mut om.use_hierarchy,
+                    ),
+                ] {
+                    if v.is_some() {
+                        claims.push(f.into());
+                        *t = v;
+                    }
+                }
             }
             if let Some(c) = r.cpu {
                 let oc = o.cpu.get_or_insert_with(Default::default);
@@ -134,6 +163,14 @@ impl Merge {
                         claims.push(f.into());
                         *t = v;
                     }
+                }
+                if c.realtime_runtime.is_some() {
+                    claims.push("cpu.realtime_runtime".into());
+                    oc.realtime_runtime = c.realtime_runtime;
+                }
+                if c.realtime_period.is_some() {
+                    claims.push("cpu.realtime_period".into());
+                    oc.realtime_period = c.realtime_period;
                 }
                 if c.quota.is_some() {
                     claims.push("cpu.quota".into());

@@ -227,28 +227,38 @@ impl Nri {
             Some(h) => h.snapshot().await,
             None => return,
         };
-        let req = api::SynchronizeRequest {
-            pods,
-            containers,
-            more: false,
-        };
-        match p
-            .call(|c, ctx| async move { c.synchronize(ctx, &req).await })
-            .await
-        {
-            Ok(rsp) => {
-                if !rsp.update.is_empty() {
-                    if let Err(e) = self.inner.check_updates(&name, p.uid, &rsp.update) {
-                        tracing::warn!(plugin = %name, error = %e, "NRI synchronize updates refused");
-                    } else if let Some(h) = self.inner.host.upgrade() {
-                        h.update(rsp.update).await;
-                    }
+        let chunks = sync_chunks(pods, containers, SYNC_CHUNK_BYTES);
+        let last = chunks.len() - 1;
+        for (i, (pods, containers)) in chunks.into_iter().enumerate() {
+            let req = api::SynchronizeRequest {
+                pods,
+                containers,
+                more: i < last,
+            };
+            let more = req.more;
+            let rsp = match p
+                .call(|c, ctx| async move { c.synchronize(ctx, &req).await })
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(plugin = %name, error = ?e, "NRI plugin failed to synchronize");
+                    p.close();
+                    return;
                 }
-            }
-            Err(e) => {
-                tracing::warn!(plugin = %name, error = ?e, "NRI plugin failed to synchronize");
+            };
+            // Upstream's rule for split state: only the last answer updates.
+            if more && (!rsp.update.is_empty() || !rsp.more) {
+                tracing::warn!(plugin = %name, "NRI plugin does not handle a split Synchronize; dropped");
                 p.close();
                 return;
+            }
+            if !rsp.update.is_empty() {
+                if let Err(e) = self.inner.check_updates(&name, p.uid, &rsp.update) {
+                    tracing::warn!(plugin = %name, error = %e, "NRI synchronize updates refused");
+                } else if let Some(h) = self.inner.host.upgrade() {
+                    h.update(rsp.update).await;
+                }
             }
         }
         tracing::info!(plugin = %name, uid = ?p.uid, pid = ?p.pid, "NRI plugin registered");
@@ -377,6 +387,45 @@ impl Unsolicited for Inner {
     }
 }
 
+/// Synchronize messages stay well below ttrpc's 4 MiB message limit.
+const SYNC_CHUNK_BYTES: usize = 3 << 20;
+
+/// Splits the node's state into Synchronize messages of at most `limit`
+/// encoded bytes each (an object larger than that goes alone); always at
+/// least one message, empty on an empty node.
+fn sync_chunks(
+    pods: Vec<api::PodSandbox>,
+    containers: Vec<api::Container>,
+    limit: usize,
+) -> Vec<(Vec<api::PodSandbox>, Vec<api::Container>)> {
+    use imacri_nri_api::prost::Message;
+    let mut out = vec![(Vec::new(), Vec::new())];
+    let mut size = 0;
+    for p in pods {
+        let n = p.encoded_len() + 8;
+        if size + n > limit && size > 0 {
+            out.push((Vec::new(), Vec::new()));
+            size = 0;
+        }
+        size += n;
+        if let Some(last) = out.last_mut() {
+            last.0.push(p);
+        }
+    }
+    for c in containers {
+        let n = c.encoded_len() + 8;
+        if size + n > limit && size > 0 {
+            out.push((Vec::new(), Vec::new()));
+            size = 0;
+        }
+        size += n;
+        if let Some(last) = out.last_mut() {
+            last.1.push(c);
+        }
+    }
+    out
+}
+
 fn bind(path: &Path) -> crate::Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io("creating", dir, e))?;
@@ -428,4 +477,41 @@ fn plugin_config(dir: &Path, idx: &str, base: &str) -> String {
         .iter()
         .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_states_are_synchronized_in_parts() {
+        let pods: Vec<api::PodSandbox> = (0..10)
+            .map(|i| api::PodSandbox {
+                id: format!("{i:064}"),
+                ..Default::default()
+            })
+            .collect();
+        let ctrs: Vec<api::Container> = (0..30)
+            .map(|i| api::Container {
+                id: format!("{i:064}"),
+                args: vec!["x".repeat(1000)],
+                ..Default::default()
+            })
+            .collect();
+        let chunks = sync_chunks(pods, ctrs, 8 << 10);
+        assert!(chunks.len() > 3, "{}", chunks.len());
+        assert_eq!(chunks.iter().map(|c| c.0.len()).sum::<usize>(), 10);
+        assert_eq!(chunks.iter().map(|c| c.1.len()).sum::<usize>(), 30);
+        for (p, c) in &chunks {
+            let size: usize = p
+                .iter()
+                .map(|x| imacri_nri_api::prost::Message::encoded_len(x))
+                .sum::<usize>()
+                + c.iter()
+                    .map(|x| imacri_nri_api::prost::Message::encoded_len(x))
+                    .sum::<usize>();
+            assert!(size <= 8 << 10, "{size}");
+        }
+        assert_eq!(sync_chunks(Vec::new(), Vec::new(), 100).len(), 1);
+    }
 }
