@@ -505,10 +505,10 @@ mod tests {
         for (p, c) in &chunks {
             let size: usize = p
                 .iter()
-                .map(|x| imacri_nri_api::prost::Message::encoded_len(x))
+                .map(imacri_nri_api::prost::Message::encoded_len)
                 .sum::<usize>()
                 + c.iter()
-                    .map(|x| imacri_nri_api::prost::Message::encoded_len(x))
+                    .map(imacri_nri_api::prost::Message::encoded_len)
                     .sum::<usize>();
             assert!(size <= 8 << 10, "{size}");
         }
