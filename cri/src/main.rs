@@ -132,6 +132,11 @@ enum InternalCmd {
         #[arg(long)]
         template: Option<String>,
     },
+    /// Hold the map guard's seccomp listener fds while imacri is down.
+    FdKeeper {
+        #[arg(long)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -239,6 +244,13 @@ fn main() -> Result<()> {
                 policy: &policy,
             },
         )?;
+        return Ok(());
+    }
+    if let Cmd::Internal {
+        cmd: InternalCmd::FdKeeper { socket },
+    } = &cli.cmd
+    {
+        imacri_runtime::integrity::mapguard::keeper::run(socket)?;
         return Ok(());
     }
     tokio::runtime::Runtime::new()?.block_on(run(cli))

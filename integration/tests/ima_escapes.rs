@@ -644,3 +644,76 @@ async fn a_flood_of_new_paths_hits_the_quota() {
     );
     stop_pod(&mut rt, &pod).await;
 }
+
+/// A process that was running before imacri went away maps a file
+/// executable while imacri is down and after it is back: the call waits for
+/// the next imacri (the fd keeper held the seccomp listener), which measures
+/// it; it neither fails with ENOSYS nor runs unmeasured.
+#[tokio::test(flavor = "multi_thread")]
+async fn mappings_of_running_processes_wait_for_a_restarted_imacri() {
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("escape-restart", "measure");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    // The container's own process tree (not an exec) does the mapping when
+    // /tmp/go appears.
+    let script = "while true; do if [ -f /tmp/go ]; then p=$(cat /tmp/go); rm /tmp/go; \
+        escape file-mmap $p > /tmp/out.new 2>&1; mv /tmp/out.new /tmp/out; fi; \
+        sleep 0.05; done";
+    let c = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("loop", &image, &["sh", "-c", script]),
+    )
+    .await;
+    let st = rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: c.clone(),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let info: serde_json::Value = serde_json::from_str(&st.info["info"]).unwrap();
+    let pid = info["pid"].as_u64().unwrap();
+    let tmp = std::path::PathBuf::from(format!("/proc/{pid}/root/tmp"));
+    let wait_out = |what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(o) = std::fs::read_to_string(tmp.join("out")) {
+                return o;
+            }
+            assert!(std::time::Instant::now() < deadline, "no output {what}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // Control: with imacri up it maps and runs.
+    std::fs::write(tmp.join("go"), "/tmp/before.bin").unwrap();
+    assert!(wait_out("first").contains("RAN file-mmap"));
+    std::fs::remove_file(tmp.join("out")).unwrap();
+
+    d.kill();
+    std::fs::write(tmp.join("go"), "/tmp/after.bin").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        !tmp.join("out").exists(),
+        "the mapping did not wait for imacri: {:?}",
+        std::fs::read_to_string(tmp.join("out"))
+    );
+    d.spawn().await.unwrap();
+    let out = wait_out("after the restart");
+    assert!(out.contains("RAN file-mmap"), "{out}\n{}", d.log());
+    // And it was measured, by the new imacri.
+    let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
+    let lines = log_lines(&d, &pod);
+    assert!(
+        lines.iter().any(|l| l.contains("/tmp/after.bin")
+            && l.contains(&code_file)
+            && l.ends_with(" mmap")),
+        "{lines:#?}"
+    );
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}

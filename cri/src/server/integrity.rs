@@ -30,7 +30,7 @@ pub struct Integrity {
     pub listener: std::path::PathBuf,
     /// Removed ima pods still quotable.
     pub retained: imacri_runtime::integrity::retained::Retained,
-    _mapguard: Option<Supervisor>,
+    mapguard: Option<Supervisor>,
 }
 
 impl Integrity {
@@ -61,7 +61,23 @@ impl Integrity {
             .then(|| Engine::new(journal.clone(), tx, 2));
         let listener = cfg.state.join("mapguard.sock");
         let mapguard = match &engine {
-            Some(e) => Some(Supervisor::start(&listener, e)?),
+            Some(e) => {
+                let sock = cfg.state.join("fdkeeper.sock");
+                let keeper = tokio::task::spawn_blocking(move || {
+                    std::env::current_exe()
+                        .and_then(|exe| mapguard::keeper::Keeper::ensure(&sock, &exe))
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                let keeper = match keeper {
+                    Ok(k) => Some(k),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "no fd keeper: map-guarded calls fail (ENOSYS) while imacri is down");
+                        None
+                    }
+                };
+                Some(Supervisor::start(&listener, e, keeper)?)
+            }
             None => None,
         };
         tracing::info!(
@@ -80,7 +96,7 @@ impl Integrity {
                     &cfg.root.join("integrity"),
                     cfg.attestation.retention_secs,
                 ),
-                _mapguard: mapguard,
+                mapguard,
             },
             rx,
         ))
@@ -296,6 +312,17 @@ impl CriServer {
             )
             .map(|_| ())
             .map_err(Error::from)
+    }
+
+    /// After recovery: answer the map-guard listeners the last imacri left
+    /// with the fd keeper.
+    pub(crate) fn adopt_kept_listeners(&self) {
+        if let (Some(m), Some(e)) = (&self.integrity.mapguard, &self.integrity.engine) {
+            let n = m.adopt(e);
+            if n > 0 {
+                tracing::info!(listeners = n, "map guard: kept listeners adopted");
+            }
+        }
     }
 
     /// After a restart: measure running containers again and log the gap.

@@ -275,6 +275,7 @@ impl CriServer {
         server.start_notice_consumer(notices);
         server.clean_staged_rootfs();
         server.recover().await;
+        server.adopt_kept_listeners();
         server.start_monitor().await;
         Ok(server)
     }

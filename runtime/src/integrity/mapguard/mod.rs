@@ -21,14 +21,16 @@
 //! `mmap` takes its arguments through memory a filter cannot read.
 //!
 //! Fail-closed properties: a container cannot start without its listener fd
-//! reaching imacri (runc fails the create); if imacri stops, the kernel
-//! answers every guarded call with ENOSYS, so nothing new is mapped
-//! executable unmeasured.
+//! reaching imacri (runc fails the create); while imacri is down the fd
+//! keeper ([`keeper`]) holds a copy, so guarded calls wait for the next
+//! imacri, which takes the fds back; without the keeper the kernel answers
+//! them with ENOSYS. Either way nothing is mapped executable unmeasured.
 //!
 //! A known limit, as seccomp documents: CONTINUE lets the kernel re-read the
 //! fd number, so a second thread that swaps the fd between our check and the
 //! kernel's could map another file. The window is the answer's latency.
 
+pub mod keeper;
 mod profile;
 
 use profile::PERSONALITY_QUERY;
@@ -63,6 +65,7 @@ pub fn probe() -> Result<(), String> {
 /// Accepts runc's listener fds and answers their notifications.
 pub struct Supervisor {
     path: std::path::PathBuf,
+    keeper: Option<keeper::Keeper>,
 }
 
 impl Drop for Supervisor {
@@ -86,7 +89,14 @@ struct ContainerState {
 
 impl Supervisor {
     /// Listens on `path` (replacing a stale socket) for runc's connections.
-    pub fn start(path: &Path, engine: &Arc<Engine>) -> Result<Supervisor, MapGuardError> {
+    /// With `keeper`, a copy of every listener fd is kept there, so the
+    /// containers' guarded calls wait for the next imacri instead of failing
+    /// while this one is gone.
+    pub fn start(
+        path: &Path,
+        engine: &Arc<Engine>,
+        keeper: Option<keeper::Keeper>,
+    ) -> Result<Supervisor, MapGuardError> {
         let err = |source| MapGuardError::Listen {
             path: path.to_path_buf(),
             source,
@@ -99,12 +109,13 @@ impl Supervisor {
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .map_err(err)?;
         let weak = Arc::downgrade(engine);
+        let kept = keeper.clone();
         std::thread::Builder::new()
             .name("imacri-mapguard".into())
             .spawn(move || {
                 for conn in listener.incoming() {
                     match conn {
-                        Ok(c) => accept(&weak, c),
+                        Ok(c) => accept(&weak, c, kept.as_ref()),
                         Err(e) => tracing::warn!(error = %e, "map guard: accept failed"),
                     }
                     if weak.strong_count() == 0 {
@@ -115,11 +126,38 @@ impl Supervisor {
             .map_err(err)?;
         Ok(Supervisor {
             path: path.to_path_buf(),
+            keeper,
         })
+    }
+
+    /// After a restart: answers the listeners a previous imacri left with
+    /// the keeper (calls made meanwhile waited for this). Returns how many.
+    pub fn adopt(&self, engine: &Arc<Engine>) -> usize {
+        let Some(k) = &self.keeper else { return 0 };
+        let kept = match k.all() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "map guard: the fd keeper did not answer");
+                return 0;
+            }
+        };
+        let n = kept.len();
+        for (key, fd) in kept {
+            let container = key.split('/').next().unwrap_or_default().to_string();
+            tracing::info!(container_id = %container, "map guard: listening again after a restart");
+            if let Err(e) = listen(Arc::downgrade(engine), fd, container) {
+                tracing::error!(error = %e, "map guard: cannot start a listener thread");
+            }
+        }
+        n
     }
 }
 
-fn accept(engine: &Weak<Engine>, conn: std::os::unix::net::UnixStream) {
+fn accept(
+    engine: &Weak<Engine>,
+    conn: std::os::unix::net::UnixStream,
+    keeper: Option<&keeper::Keeper>,
+) {
     let (text, fds) = match receive(&conn) {
         Ok(r) => r,
         Err(e) => return tracing::error!(error = %e, "map guard: reading runc's listener message"),
@@ -132,6 +170,18 @@ fn accept(engine: &Weak<Engine>, conn: std::os::unix::net::UnixStream) {
         return tracing::error!(container_id = %state.state.id, "map guard: runc sent no seccomp fd");
     };
     tracing::debug!(container_id = %state.state.id, pod_sandbox_id = %state.metadata, "map guard: listening");
+    if let Some(k) = keeper {
+        // Unique per listener (a container's exec processes have their own).
+        let key = format!(
+            "{}/{}/{}",
+            state.state.id,
+            state.metadata,
+            crate::ids::now_nanos()
+        );
+        if let Err(e) = k.put(&key, fd.as_fd()) {
+            tracing::warn!(container_id = %state.state.id, error = %e, "map guard: fd not kept; its calls fail while imacri is down");
+        }
+    }
     if let Err(e) = listen(engine.clone(), fd, state.state.id) {
         // The fd was dropped: the container's guarded calls fail (ENOSYS),
         // closed.

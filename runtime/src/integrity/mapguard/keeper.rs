@@ -1,0 +1,303 @@
+//! Keeps the map guard's seccomp listener fds open while imacri is not
+//! running (a crash, an upgrade). Without it the kernel answers every
+//! guarded call of the containers' existing processes with ENOSYS once
+//! imacri's copy closes: fail-closed, but a running workload that maps a
+//! library later breaks for good. With a copy held here, those calls wait
+//! for the next imacri, which takes the fds back and answers them.
+//!
+//! The keeper is `imacri internal fd-keeper --socket <state>/fdkeeper.sock`, a
+//! session of its own so it outlives imacri. It holds nothing else, answers
+//! only root (the socket is 0600), drops a listener once no task uses its
+//! filter (POLLHUP) and exits when it holds none and nobody is connected.
+//!
+//! Protocol (SOCK_SEQPACKET, one message per request): `PUT <key>` with one
+//! fd; `ALL`, answered by `FD <key>` messages with a copy each, then `END`.
+
+use nix::sys::socket::{
+    accept, bind, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+use std::collections::BTreeMap;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long an idle keeper with nothing to keep waits for a client.
+const IDLE_EXIT: Duration = Duration::from_secs(2);
+
+fn seqpacket() -> nix::Result<OwnedFd> {
+    socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+}
+
+fn send(sock: BorrowedFd<'_>, text: &str, fd: Option<BorrowedFd<'_>>) -> nix::Result<()> {
+    let raw = fd.map(|f| [f.as_raw_fd()]);
+    let cmsg: Vec<ControlMessage<'_>> = raw
+        .as_ref()
+        .map(|r| ControlMessage::ScmRights(r))
+        .into_iter()
+        .collect();
+    sendmsg::<()>(
+        sock.as_raw_fd(),
+        &[IoSlice::new(text.as_bytes())],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )
+    .map(|_| ())
+}
+
+/// One message: its text (None at EOF) and its fd, if any.
+fn recv(sock: BorrowedFd<'_>) -> nix::Result<(Option<String>, Option<OwnedFd>)> {
+    let mut buf = vec![0u8; 4096];
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fd = None;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for f in raw {
+                // SAFETY: the kernel just gave us this fd.
+                let owned = unsafe { OwnedFd::from_raw_fd(f) };
+                if fd.is_none() {
+                    fd = Some(owned);
+                }
+            }
+        }
+    }
+    let n = msg.bytes;
+    if n == 0 {
+        return Ok((None, fd));
+    }
+    Ok((Some(String::from_utf8_lossy(&buf[..n]).into_owned()), fd))
+}
+
+/// The client side, used by imacri.
+#[derive(Clone)]
+pub struct Keeper {
+    path: PathBuf,
+    /// imacri's binary, to start the keeper again: an idle one exits.
+    exe: PathBuf,
+}
+
+impl Keeper {
+    /// Connects to the keeper at `path`, starting `exe internal fd-keeper` when none
+    /// answers.
+    pub fn ensure(path: &Path, exe: &Path) -> std::io::Result<Keeper> {
+        let k = Keeper {
+            path: path.to_path_buf(),
+            exe: exe.to_path_buf(),
+        };
+        k.start()?;
+        Ok(k)
+    }
+
+    /// Starts the keeper unless one answers.
+    fn start(&self) -> std::io::Result<()> {
+        let (path, exe) = (&self.path, &self.exe);
+        let k = self;
+        if k.connect().is_ok() {
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(path);
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(["internal", "fd-keeper", "--socket"])
+            .arg(path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if k.connect().is_ok() {
+                // Reaped by a thread so it never lingers as a zombie of ours.
+                std::thread::spawn(move || child.wait());
+                return Ok(());
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(std::io::Error::other(format!("fd keeper exited: {st}")));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(std::io::Error::other("fd keeper did not come up"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn connect(&self) -> std::io::Result<OwnedFd> {
+        let s = seqpacket()?;
+        let addr = UnixAddr::new(&self.path)?;
+        nix::sys::socket::connect(s.as_raw_fd(), &addr)?;
+        nix::sys::socket::setsockopt(
+            &s,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(2, 0),
+        )?;
+        Ok(s)
+    }
+
+    /// Hands the keeper a copy of `fd` under `key`. An idle keeper exits,
+    /// so one that does not answer is started again (once).
+    pub fn put(&self, key: &str, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        self.put_once(key, fd).or_else(|_| {
+            self.start()?;
+            self.put_once(key, fd)
+        })
+    }
+
+    fn put_once(&self, key: &str, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        let s = self.connect()?;
+        send(s.as_fd(), &format!("PUT {key}"), Some(fd))?;
+        // Wait for the keeper to have it before the caller goes on.
+        match recv(s.as_fd())? {
+            (Some(t), _) if t == "OK" => Ok(()),
+            (t, _) => Err(std::io::Error::other(format!("fd keeper answered {t:?}"))),
+        }
+    }
+
+    /// Copies of every fd the keeper holds, with their keys.
+    pub fn all(&self) -> std::io::Result<Vec<(String, OwnedFd)>> {
+        let s = self.connect()?;
+        send(s.as_fd(), "ALL", None)?;
+        let mut out = Vec::new();
+        loop {
+            match recv(s.as_fd())? {
+                (Some(t), Some(fd)) if t.starts_with("FD ") => out.push((t[3..].to_string(), fd)),
+                (Some(t), _) if t == "END" => return Ok(out),
+                (t, _) => return Err(std::io::Error::other(format!("fd keeper answered {t:?}"))),
+            }
+        }
+    }
+}
+
+/// The keeper process. Returns when there is nothing left to keep.
+pub fn run(path: &Path) -> std::io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let _ = std::fs::remove_file(path);
+    let l = seqpacket()?;
+    bind(l.as_raw_fd(), &UnixAddr::new(path)?)?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    listen(&l, Backlog::new(64)?)?;
+    let mut held: BTreeMap<String, OwnedFd> = BTreeMap::new();
+    let mut idle_since = Instant::now();
+    loop {
+        let keys: Vec<String> = held.keys().cloned().collect();
+        let mut fds = vec![PollFd::new(l.as_fd(), PollFlags::POLLIN)];
+        fds.extend(
+            held.values()
+                .map(|f| PollFd::new(f.as_fd(), PollFlags::empty())),
+        );
+        match poll(&mut fds, PollTimeout::from(500u16)) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
+        }
+        let ready = fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLIN));
+        // A listener whose filter no task uses any more is done.
+        let gone: Vec<String> = fds[1..]
+            .iter()
+            .zip(&keys)
+            .filter(|(f, _)| {
+                f.revents()
+                    .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+            })
+            .map(|(_, k)| k.clone())
+            .collect();
+        drop(fds);
+        for k in gone {
+            held.remove(&k);
+        }
+        if ready {
+            // SAFETY: accept returns a new fd we own.
+            if let Ok(c) = accept(l.as_raw_fd()).map(|f| unsafe { OwnedFd::from_raw_fd(f) }) {
+                serve_one(c.as_fd(), &mut held);
+            }
+            idle_since = Instant::now();
+        }
+        if held.is_empty() && idle_since.elapsed() > IDLE_EXIT {
+            let _ = std::fs::remove_file(path);
+            return Ok(());
+        }
+    }
+}
+
+fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) {
+    // A client that stalls must not stall the keeper.
+    let _ = nix::sys::socket::setsockopt(
+        &c,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(1, 0),
+    );
+    let Ok((Some(text), fd)) = recv(c) else {
+        return;
+    };
+    if let Some(key) = text.strip_prefix("PUT ") {
+        if let Some(fd) = fd {
+            held.insert(key.to_string(), fd);
+            let _ = send(c, "OK", None);
+        }
+    } else if text == "ALL" {
+        for (k, f) in held.iter() {
+            if send(c, &format!("FD {k}"), Some(f.as_fd())).is_err() {
+                return;
+            }
+        }
+        let _ = send(c, "END", None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fds_are_kept_and_handed_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("k.sock");
+        let s2 = sock.clone();
+        let t = std::thread::spawn(move || run(&s2));
+        let k = Keeper {
+            path: sock.clone(),
+            exe: PathBuf::from("/nonexistent"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while k.connect().is_err() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A pipe stands in for a listener: its read end hangs up when the
+        // write end closes, as a listener does when its tasks are gone.
+        let (r, w) = nix::unistd::pipe().unwrap();
+        k.put("c1/p1/1", r.as_fd()).unwrap();
+        drop(r);
+        let all = k.all().unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].0, "c1/p1/1");
+        drop(all);
+        drop(w);
+        // Hung up: dropped; then idle and empty: the keeper exits.
+        t.join().unwrap().unwrap();
+        assert!(!sock.exists());
+    }
+}
