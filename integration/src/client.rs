@@ -115,6 +115,19 @@ pub async fn pod_info(rt: &mut Rt, pod: &str) -> serde_json::Value {
     serde_json::from_str(&st.info["info"]).unwrap()
 }
 
+/// The `info` JSON of verbose ContainerStatus (pid, runtimeSpec, ...).
+pub async fn container_info(rt: &mut Rt, id: &str) -> serde_json::Value {
+    let st = rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    serde_json::from_str(&st.info["info"]).unwrap()
+}
+
 pub async fn remove_pod(rt: &mut Rt, pod: &str) {
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
         pod_sandbox_id: pod.into(),

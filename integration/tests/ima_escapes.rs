@@ -668,15 +668,7 @@ async fn mappings_of_running_processes_wait_for_a_restarted_imacri() {
         container_config("loop", &image, &["sh", "-c", script]),
     )
     .await;
-    let st = rt
-        .container_status(cri::ContainerStatusRequest {
-            container_id: c.clone(),
-            verbose: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let info: serde_json::Value = serde_json::from_str(&st.info["info"]).unwrap();
+    let info = imacri_integration::client::container_info(&mut rt, &c).await;
     let pid = info["pid"].as_u64().unwrap();
     let tmp = std::path::PathBuf::from(format!("/proc/{pid}/root/tmp"));
     let wait_out = |what: &str| {

@@ -119,16 +119,7 @@ fn wait_for(p: &Path, what: &str) -> Vec<String> {
 }
 
 async fn runtime_spec(rt: &mut imacri_integration::client::Rt, id: &str) -> Value {
-    let r = rt
-        .container_status(cri::ContainerStatusRequest {
-            container_id: id.into(),
-            verbose: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let info: Value = serde_json::from_str(&r.info["info"]).unwrap();
-    info["runtimeSpec"].clone()
+    imacri_integration::client::container_info(rt, id).await["runtimeSpec"].clone()
 }
 
 fn runtime_default() -> Option<cri::LinuxContainerConfig> {
