@@ -409,6 +409,29 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             format!("{e} (only host-network pods can run)"),
         ),
     }
+    if cfg.nri.enable {
+        let launched = std::fs::read_dir(&cfg.nri.plugin_path)
+            .map(|d| d.flatten().count())
+            .unwrap_or(0);
+        line(
+            "nri",
+            true,
+            format!(
+                "plugins on {} ({}) and {launched} in {}; default rule {:?}, {} named rule(s); ima pods are never weakened",
+                cfg.nri.socket_path.display(),
+                if cfg.nri.disable_connections { "closed" } else { "open" },
+                cfg.nri.plugin_path.display(),
+                cfg.nri.default.security,
+                cfg.nri.plugins.len()
+            ),
+        );
+    } else {
+        line(
+            "nri",
+            false,
+            "off: set [nri] enable = true to run NRI plugins".into(),
+        );
+    }
     let seccomp = std::fs::read_to_string("/proc/self/status")
         .map(|s| s.contains("Seccomp:"))
         .unwrap_or(false);

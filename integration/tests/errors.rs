@@ -555,6 +555,7 @@ fn check_reports_each_capability() {
         "apparmor ",
         "selinux ",
         "tpm ",
+        "nri ",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(name)),
