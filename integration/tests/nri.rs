@@ -579,3 +579,50 @@ async fn upstream_ulimit_adjuster_sample() {
     );
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
+
+/// Validator plugins (NRI's ValidateContainerAdjustment) see the merged
+/// adjustments, who owns each field and which plugins were asked, and can
+/// reject the container.
+#[tokio::test(flavor = "multi_thread")]
+async fn validator_plugins_see_owners_and_can_reject() {
+    let env = Env::get();
+    let mut nri = Nri::new(env);
+    let rules = "[nri.plugins.\"10-adder\"]\nsecurity = \"all\"\n";
+    let d = Imacri::start_configured(env, &env.namespace, &[], &nri.config(rules))
+        .await
+        .unwrap();
+    nri.connect(
+        env,
+        "10",
+        "adder",
+        &json!({"events_file": nri.events("adder"), "adjust_by_name": {
+            "hooked": {"hooks": {"prestart": [{"path": "/bin/true"}]},
+                       "env": [{"key": "A", "value": "1"}]},
+            "plain": {"env": [{"key": "A", "value": "1"}]}}}),
+    );
+    let validator = nri.events("validator");
+    nri.connect(
+        env,
+        "90",
+        "validator",
+        &json!({"events_file": validator, "validate_reject_hooks": true}),
+    );
+    let (mut rt, pod, cfg) = d.busybox_pod(env, "nri-validate").await;
+    let c = |n: &str| container_config(n, &env.busybox, &["sleep", "1000"]);
+    let e = create_container(&mut rt, &pod, &cfg, c("hooked"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    for part in ["90-validator", "hooks are not allowed", "10-adder"] {
+        assert!(e.message().contains(part), "{part}: {e:?}");
+    }
+    let ok = start_container(&mut rt, &pod, &cfg, c("plain")).await;
+    assert_eq!(sh_ok(&mut rt, &ok, "echo $A").await, "1");
+    let l = lines(&validator);
+    assert!(
+        l.iter()
+            .any(|x| x == "Validate plain/env=A:10-adder hooks= consulted=10-adder,90-validator"),
+        "{l:?}"
+    );
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+}

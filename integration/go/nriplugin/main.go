@@ -19,6 +19,8 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -34,6 +36,8 @@ type config struct {
 	CrashOn           string                     `json:"crash_on"`
 	HangOn            string                     `json:"hang_on"`
 	UnsolicitedMemory int64                      `json:"unsolicited_memory"`
+	// Validator: reject adjustments that add hooks, log who owns env vars.
+	ValidateRejectHooks bool `json:"validate_reject_hooks"`
 }
 
 type plugin struct {
@@ -181,6 +185,32 @@ func (p *plugin) RemoveContainer(_ context.Context, pod *api.PodSandbox, c *api.
 	return nil
 }
 
+// validator is the plugin plus ValidateContainerAdjustment, which makes the
+// stub subscribe it to validation.
+type validator struct{ *plugin }
+
+func (v validator) ValidateContainerAdjustment(_ context.Context, req *api.ValidateContainerAdjustmentRequest) error {
+	owners := req.GetOwners().GetOwners()[req.GetContainer().GetId()]
+	envOwners := []string{}
+	for k, o := range owners.GetCompound()[int32(api.Field_Env)].GetOwners() {
+		envOwners = append(envOwners, k+":"+o)
+	}
+	sort.Strings(envOwners)
+	hooksOwner := owners.GetSimple()[int32(api.Field_OciHooks)]
+	consulted := []string{}
+	for _, p := range req.GetPlugins() {
+		consulted = append(consulted, p.Index+"-"+p.Name)
+	}
+	v.event("Validate", req.GetContainer().GetName(),
+		fmt.Sprintf("env=%s hooks=%s consulted=%s", strings.Join(envOwners, ","), hooksOwner, strings.Join(consulted, ",")))
+	h := req.GetAdjust().GetHooks()
+	if v.cfg.ValidateRejectHooks && h != nil && len(h.Prestart)+len(h.CreateRuntime)+len(h.CreateContainer)+
+		len(h.StartContainer)+len(h.Poststart)+len(h.Poststop) > 0 {
+		return fmt.Errorf("hooks are not allowed on this node (added by %s)", hooksOwner)
+	}
+	return nil
+}
+
 func main() {
 	var (
 		name   = flag.String("name", "", "plugin name (external plugins)")
@@ -204,7 +234,11 @@ func main() {
 	if *socket != "" {
 		opts = append(opts, stub.WithSocketPath(*socket))
 	}
-	s, err := stub.New(p, opts...)
+	var impl interface{} = p
+	if p.cfg.ValidateRejectHooks {
+		impl = validator{p}
+	}
+	s, err := stub.New(impl, opts...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)

@@ -142,6 +142,58 @@ impl Nri {
                 out.evictions.extend(rsp.evict);
             }
         }
+        // Validator plugins see the whole result, its owners and who was
+        // asked, and may reject it; upstream's last word, after ours.
+        let plugins = self.live().await;
+        let consulted: Vec<api::PluginInstance> = plugins
+            .iter()
+            .filter(|p| p.subscribed(api::Event::CreateContainer))
+            .map(|p| api::PluginInstance {
+                name: p.base.clone(),
+                index: p.idx.clone(),
+            })
+            .collect();
+        let validators: Vec<_> = plugins
+            .iter()
+            .filter(|p| p.subscribed(api::Event::ValidateContainerAdjustment))
+            .collect();
+        if !validators.is_empty() {
+            let req = api::ValidateContainerAdjustmentRequest {
+                pod: Some(pod.clone()),
+                container: Some(container.clone()),
+                adjust: Some(merged.adjust.clone()),
+                update: out.updates.clone(),
+                owners: Some(api::OwningPlugins {
+                    owners: [(container.id.clone(), merged.owners())].into(),
+                }),
+                plugins: consulted,
+            };
+            for v in validators {
+                let req = req.clone();
+                let rsp = v
+                    .call(|c, ctx| async move { c.validate_container_adjustment(ctx, &req).await })
+                    .await;
+                match rsp {
+                    Ok(r) if !r.reject => {}
+                    Ok(r) => {
+                        tracing::warn!(plugin = %v.name(), container_id = %container.id, reason = %r.reason, "NRI validator rejected the adjustments");
+                        return Err(NriError::Refused(format!(
+                            "NRI validator {} rejected the container's adjustments: {}",
+                            v.name(),
+                            r.reason
+                        )));
+                    }
+                    // A validator that cannot answer fails the request, as
+                    // upstream: its policy cannot be skipped by crashing it.
+                    Err(CallError::Failed(m)) | Err(CallError::Fatal(m)) => {
+                        return Err(NriError::Plugin(format!(
+                            "NRI validator {} failed: {m}",
+                            v.name()
+                        )))
+                    }
+                }
+            }
+        }
         out.adjust = merged.adjust;
         Ok(out)
     }

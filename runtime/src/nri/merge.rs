@@ -12,7 +12,57 @@ use std::collections::HashMap;
 #[derive(Default)]
 pub struct Merge {
     owners: HashMap<String, String>,
+    /// The last plugin that added hooks (hooks accumulate, unowned).
+    hooks_owner: Option<String>,
     pub adjust: api::ContainerAdjustment,
+}
+
+/// Our claim labels as upstream's `Field`: simple ones, and compound ones
+/// with the entry's key.
+fn field_of(label: &str) -> Option<(api::Field, Option<&str>)> {
+    use api::Field as F;
+    let simple = match label {
+        "args" => Some(F::Args),
+        "memory.limit" => Some(F::MemLimit),
+        "memory.reservation" => Some(F::MemReservation),
+        "memory.swap" => Some(F::MemSwapLimit),
+        "memory.kernel" => Some(F::MemKernelLimit),
+        "memory.kernel_tcp" => Some(F::MemTcpLimit),
+        "memory.swappiness" => Some(F::MemSwappiness),
+        "memory.disable_oom_killer" => Some(F::MemDisableOomKiller),
+        "memory.use_hierarchy" => Some(F::MemUseHierarchy),
+        "cpu.shares" => Some(F::CpuShares),
+        "cpu.quota" => Some(F::CpuQuota),
+        "cpu.period" => Some(F::CpuPeriod),
+        "cpu.realtime_runtime" => Some(F::CpuRealtimeRuntime),
+        "cpu.realtime_period" => Some(F::CpuRealtimePeriod),
+        "cpu.cpus" => Some(F::CpuSetCpUs),
+        "cpu.mems" => Some(F::CpuSetMems),
+        "pids.limit" => Some(F::PidsLimit),
+        "cgroups_path" => Some(F::CgroupsPath),
+        "oom_score_adj" => Some(F::OomScoreAdj),
+        "io_priority" => Some(F::IoPriority),
+        "seccomp policy" => Some(F::SeccompPolicy),
+        _ => None,
+    };
+    if let Some(f) = simple {
+        return Some((f, None));
+    }
+    let (kind, key) = label.split_once(' ')?;
+    let f = match kind {
+        "annotation" => F::Annotations,
+        "mount" => F::Mounts,
+        "env" => F::Env,
+        "rlimit" => F::Rlimits,
+        "device" => F::Devices,
+        "hugepages" => F::HugepageLimits,
+        "unified" => F::CgroupsUnified,
+        "namespace" => F::Namespace,
+        "sysctl" => F::Sysctl,
+        "CDI" => return Some((F::CdiDevices, key.strip_prefix("device "))),
+        _ => return None,
+    };
+    Some((f, Some(key)))
 }
 
 impl Merge {
@@ -26,6 +76,30 @@ impl Merge {
                 Ok(())
             }
         }
+    }
+
+    /// Who owns what, in upstream's form (for validator plugins).
+    pub fn owners(&self) -> api::FieldOwners {
+        let mut o = api::FieldOwners::default();
+        for (label, plugin) in &self.owners {
+            match field_of(label) {
+                Some((f, None)) => {
+                    o.simple.insert(f as i32, plugin.clone());
+                }
+                Some((f, Some(key))) => {
+                    o.compound
+                        .entry(f as i32)
+                        .or_default()
+                        .owners
+                        .insert(key.to_string(), plugin.clone());
+                }
+                None => {}
+            }
+        }
+        if let Some(p) = &self.hooks_owner {
+            o.simple.insert(api::Field::OciHooks as i32, p.clone());
+        }
+        o
     }
 
     /// Adds `plugin`'s (already screened) adjustment; `view` is the container
@@ -79,6 +153,7 @@ impl Merge {
         }
         if let Some(h) = a.hooks {
             // Hooks accumulate; nobody owns them.
+            self.hooks_owner = Some(plugin.to_string());
             let m = self.adjust.hooks.get_or_insert_with(Default::default);
             m.prestart.extend(h.prestart);
             m.create_runtime.extend(h.create_runtime);
@@ -270,6 +345,11 @@ mod tests {
         let e = m.add("30-c", env("X"), &mut view).unwrap_err();
         assert!(e.to_string().contains("10-a and 30-c"), "{e}");
         assert_eq!(view.env, vec!["X=v", "Y=v"]);
+        // Validators see the owners in upstream's form.
+        let o = m.owners();
+        let env = &o.compound[&(api::Field::Env as i32)].owners;
+        assert_eq!(env["X"], "10-a");
+        assert_eq!(env["Y"], "20-b");
     }
 
     #[test]
