@@ -8,10 +8,11 @@
 //! The keeper is `imacri internal fd-keeper --socket <state>/fdkeeper.sock`, a
 //! session of its own so it outlives imacri. It holds nothing else, answers
 //! only root (the socket is 0600), drops a listener once no task uses its
-//! filter (POLLHUP) and exits when it holds none and nobody is connected.
+//! filter (POLLHUP) and exits when it holds none and no imacri holds on.
 //!
 //! Protocol (SOCK_SEQPACKET, one message per request): `PUT <key>` with one
-//! fd; `ALL`, answered by `FD <key>` messages with a copy each, then `END`.
+//! fd; `ALL`, answered by `FD <key>` messages with a copy each, then `END`;
+//! `HOLD`, a connection imacri keeps open so the keeper stays up.
 
 use nix::sys::socket::{
     accept, bind, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog, ControlMessage,
@@ -86,8 +87,11 @@ fn recv(sock: BorrowedFd<'_>) -> nix::Result<(Option<String>, Option<OwnedFd>)> 
 #[derive(Clone)]
 pub struct Keeper {
     path: PathBuf,
-    /// imacri's binary, to start the keeper again: an idle one exits.
+    /// imacri's binary, to start the keeper again if it is gone.
     exe: PathBuf,
+    /// A `HOLD` connection: while it is open the keeper stays up even with
+    /// nothing to keep, so no container start pays for starting it.
+    hold: std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>,
 }
 
 impl Keeper {
@@ -97,9 +101,20 @@ impl Keeper {
         let k = Keeper {
             path: path.to_path_buf(),
             exe: exe.to_path_buf(),
+            hold: Default::default(),
         };
         k.start()?;
         Ok(k)
+    }
+
+    /// (Re)opens the `HOLD` connection.
+    fn hold(&self) -> std::io::Result<()> {
+        let s = self.connect()?;
+        send(s.as_fd(), "HOLD", None)?;
+        if let Ok(mut h) = self.hold.lock() {
+            *h = Some(s);
+        }
+        Ok(())
     }
 
     /// Starts the keeper unless one answers.
@@ -107,7 +122,7 @@ impl Keeper {
         let (path, exe) = (&self.path, &self.exe);
         let k = self;
         if k.connect().is_ok() {
-            return Ok(());
+            return k.hold();
         }
         let _ = std::fs::remove_file(path);
         let mut cmd = std::process::Command::new(exe);
@@ -130,7 +145,7 @@ impl Keeper {
             if k.connect().is_ok() {
                 // Reaped by a thread so it never lingers as a zombie of ours.
                 std::thread::spawn(move || child.wait());
-                return Ok(());
+                return k.hold();
             }
             if let Ok(Some(st)) = child.try_wait() {
                 return Err(std::io::Error::other(format!("fd keeper exited: {st}")));
@@ -198,13 +213,21 @@ pub fn run(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     listen(&l, Backlog::new(64)?)?;
     let mut held: BTreeMap<String, OwnedFd> = BTreeMap::new();
+    // Open HOLD connections: an imacri is running.
+    let mut holders: Vec<OwnedFd> = Vec::new();
     let mut idle_since = Instant::now();
     loop {
         let keys: Vec<String> = held.keys().cloned().collect();
+        let n = keys.len();
         let mut fds = vec![PollFd::new(l.as_fd(), PollFlags::POLLIN)];
         fds.extend(
             held.values()
                 .map(|f| PollFd::new(f.as_fd(), PollFlags::empty())),
+        );
+        fds.extend(
+            holders
+                .iter()
+                .map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN)),
         );
         match poll(&mut fds, PollTimeout::from(500u16)) {
             Err(nix::errno::Errno::EINTR) => continue,
@@ -215,7 +238,7 @@ pub fn run(path: &Path) -> std::io::Result<()> {
             .revents()
             .is_some_and(|r| r.contains(PollFlags::POLLIN));
         // A listener whose filter no task uses any more is done.
-        let gone: Vec<String> = fds[1..]
+        let gone: Vec<String> = fds[1..1 + n]
             .iter()
             .zip(&keys)
             .filter(|(f, _)| {
@@ -224,25 +247,38 @@ pub fn run(path: &Path) -> std::io::Result<()> {
             })
             .map(|(_, k)| k.clone())
             .collect();
+        // A holder says nothing after HOLD: any event means it went away.
+        let left: Vec<bool> = fds[1 + n..]
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
         drop(fds);
         for k in gone {
             held.remove(&k);
         }
+        let mut gone_holders = left.into_iter();
+        holders.retain(|_| !gone_holders.next().unwrap_or(false));
+        if !holders.is_empty() {
+            idle_since = Instant::now();
+        }
         if ready {
             // SAFETY: accept returns a new fd we own.
             if let Ok(c) = accept(l.as_raw_fd()).map(|f| unsafe { OwnedFd::from_raw_fd(f) }) {
-                serve_one(c.as_fd(), &mut held);
+                if serve_one(c.as_fd(), &mut held) {
+                    holders.push(c);
+                }
             }
             idle_since = Instant::now();
         }
-        if held.is_empty() && idle_since.elapsed() > IDLE_EXIT {
+        if held.is_empty() && holders.is_empty() && idle_since.elapsed() > IDLE_EXIT {
             let _ = std::fs::remove_file(path);
             return Ok(());
         }
     }
 }
 
-fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) {
+/// Serves one request; true for HOLD (the connection is then kept).
+fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) -> bool {
     // A client that stalls must not stall the keeper.
     let _ = nix::sys::socket::setsockopt(
         &c,
@@ -250,8 +286,11 @@ fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) {
         &nix::sys::time::TimeVal::new(1, 0),
     );
     let Ok((Some(text), fd)) = recv(c) else {
-        return;
+        return false;
     };
+    if text == "HOLD" {
+        return true;
+    }
     if let Some(key) = text.strip_prefix("PUT ") {
         if let Some(fd) = fd {
             held.insert(key.to_string(), fd);
@@ -260,11 +299,12 @@ fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) {
     } else if text == "ALL" {
         for (k, f) in held.iter() {
             if send(c, &format!("FD {k}"), Some(f.as_fd())).is_err() {
-                return;
+                return false;
             }
         }
         let _ = send(c, "END", None);
     }
+    false
 }
 
 #[cfg(test)]
@@ -280,12 +320,17 @@ mod tests {
         let k = Keeper {
             path: sock.clone(),
             exe: PathBuf::from("/nonexistent"),
+            hold: Default::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         while k.connect().is_err() {
             assert!(Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(10));
         }
+        // While an imacri holds on, an empty keeper stays up.
+        k.hold().unwrap();
+        std::thread::sleep(IDLE_EXIT + Duration::from_millis(700));
+        assert!(k.connect().is_ok(), "the keeper left while held");
         // A pipe stands in for a listener: its read end hangs up when the
         // write end closes, as a listener does when its tasks are gone.
         let (r, w) = nix::unistd::pipe().unwrap();
@@ -296,6 +341,7 @@ mod tests {
         assert_eq!(all[0].0, "c1/p1/1");
         drop(all);
         drop(w);
+        k.hold.lock().unwrap().take();
         // Hung up: dropped; then idle and empty: the keeper exits.
         t.join().unwrap().unwrap();
         assert!(!sock.exists());
