@@ -447,9 +447,16 @@ uids = [4242]
 async fn crashing_hanging_and_failing_plugins_and_unsolicited_updates() {
     let env = Env::get();
     let mut nri = Nri::new(env);
-    let d = Imacri::start_configured(env, &env.namespace, &[], &nri.config(""))
-        .await
-        .unwrap();
+    // Synchronize in parts of one object each (upstream's `more`).
+    let d = Imacri::start_configured(
+        env,
+        &env.namespace,
+        &[],
+        &nri.config("")
+            .replace("[nri]\n", "[nri]\nsync_message_bytes = 1\n"),
+    )
+    .await
+    .unwrap();
     let (mut rt, pod, cfg) = d.busybox_pod(env, "nri-faults").await;
     let before = start_container(
         &mut rt,
@@ -471,6 +478,14 @@ async fn crashing_hanging_and_failing_plugins_and_unsolicited_updates() {
         &json!({"events_file": nri.events("updater"), "unsolicited_memory": 200u64 << 20}),
     );
     let l = wait_for(&nri.events("updater"), "UpdateContainersResult");
+    // Upstream's stub put the parts back together: one Synchronize, all of it.
+    let syncs: Vec<&String> = l.iter().filter(|x| x.starts_with("Synchronize ")).collect();
+    assert_eq!(syncs.len(), 1, "{l:?}");
+    assert!(
+        l.iter().any(|x| x.starts_with("SyncContainer before/")),
+        "{l:?}"
+    );
+    assert!(d.log().contains("NRI plugin registered"), "{}", d.log());
     assert!(
         l.iter().any(|x| x == "UpdateContainersResult 0/<nil>"),
         "{l:?}"
@@ -623,6 +638,48 @@ async fn validator_plugins_see_owners_and_can_reject() {
         l.iter()
             .any(|x| x == "Validate plain/env=A:10-adder hooks= consulted=10-adder,90-validator"),
         "{l:?}"
+    );
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+}
+
+/// `on_refused = "drop"`: the refused part of an adjustment is left out and
+/// logged, the rest is applied and the container runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn refused_parts_can_be_dropped_instead() {
+    let env = Env::get();
+    let mut nri = Nri::new(env);
+    let rules = "[nri.plugins.\"10-lenient\"]\non_refused = \"drop\"\n";
+    let d = Imacri::start_configured(env, &env.namespace, &[], &nri.config(rules))
+        .await
+        .unwrap();
+    nri.connect(
+        env,
+        "10",
+        "lenient",
+        &json!({"events_file": nri.events("lenient"),
+                "adjust": {"hooks": {"prestart": [{"path": "/bin/true"}]},
+                           "env": [{"key": "KEPT", "value": "yes"}]}}),
+    );
+    let (mut rt, pod, cfg) = d.busybox_pod(env, "nri-drop").await;
+    let c = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("app", &env.busybox, &["sleep", "1000"]),
+    )
+    .await;
+    assert_eq!(sh_ok(&mut rt, &c, "echo $KEPT").await, "yes");
+    let spec = runtime_spec(&mut rt, &c).await;
+    assert!(
+        spec["hooks"]["prestart"]
+            .as_array()
+            .is_none_or(|h| h.is_empty()),
+        "{spec}"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("NRI adjustment dropped") && log.contains("10-lenient"),
+        "{log}"
     );
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }

@@ -441,6 +441,8 @@ plugin_registration_timeout_ms = 5000
 plugin_request_timeout_ms = 2000
 # true: only plugins from plugin_path, no socket.
 disable_connections = false
+# Largest Synchronize message; a larger node state is sent in parts.
+sync_message_bytes = 3145728
 plugins = {}
 
 # The rule for plugins without their own [nri.plugins."<index>-<name>"].

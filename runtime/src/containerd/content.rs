@@ -106,6 +106,12 @@ impl ContentStore {
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
+        // Lease first, then look: a blob an image removal just left to GC
+        // (the same image pulled again right after RemoveImage) is either
+        // kept by the lease or gone and written again, never collected
+        // between the check and the labelling (critest's simultaneous
+        // RemoveImage spec caught that as NotFound).
+        opts.lease.add_content(&self.c, opts.digest).await?;
         if self.info(opts.digest).await?.is_some() {
             return self.set_labels(opts.digest, opts.labels).await;
         }

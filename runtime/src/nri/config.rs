@@ -20,6 +20,9 @@ pub struct NriConfig {
     pub plugin_request_timeout_ms: u64,
     /// Only plugins from `plugin_path`; no socket.
     pub disable_connections: bool,
+    /// Largest Synchronize message; a larger state goes in several, as
+    /// upstream splits it (ttrpc's limit is 4 MiB).
+    pub sync_message_bytes: usize,
     /// The rule for a plugin with no entry in `plugins`.
     pub default: PluginRule,
     /// Rules by `<index>-<name>` (e.g. "10-device-injector").
@@ -36,6 +39,7 @@ impl Default for NriConfig {
             plugin_registration_timeout_ms: 5000,
             plugin_request_timeout_ms: 2000,
             disable_connections: false,
+            sync_message_bytes: 3 << 20,
             default: PluginRule::default(),
             plugins: BTreeMap::new(),
         }
@@ -114,6 +118,11 @@ impl NriConfig {
                     )));
                 }
             }
+        }
+        if self.sync_message_bytes == 0 || self.sync_message_bytes > 4 << 20 {
+            return Err(crate::Error::InvalidArgument(
+                "nri.sync_message_bytes: between 1 and 4194304 (ttrpc's message limit)".into(),
+            ));
         }
         if self.plugin_request_timeout_ms == 0 || self.plugin_registration_timeout_ms == 0 {
             return Err(crate::Error::InvalidArgument(

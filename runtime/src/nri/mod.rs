@@ -227,7 +227,7 @@ impl Nri {
             Some(h) => h.snapshot().await,
             None => return,
         };
-        let chunks = sync_chunks(pods, containers, SYNC_CHUNK_BYTES);
+        let chunks = sync_chunks(pods, containers, self.inner.cfg.sync_message_bytes);
         let last = chunks.len() - 1;
         for (i, (pods, containers)) in chunks.into_iter().enumerate() {
             let req = api::SynchronizeRequest {
@@ -386,9 +386,6 @@ impl Unsolicited for Inner {
         Ok(h.update(req.update).await)
     }
 }
-
-/// Synchronize messages stay well below ttrpc's 4 MiB message limit.
-const SYNC_CHUNK_BYTES: usize = 3 << 20;
 
 /// Splits the node's state into Synchronize messages of at most `limit`
 /// encoded bytes each (an object larger than that goes alone); always at
