@@ -391,3 +391,35 @@ async fn identity_token_is_traded_for_an_access_token() {
     assert!(id.starts_with("sha256:"), "{id}");
     assert!(svc.issued.load(std::sync::atomic::Ordering::SeqCst) >= 1);
 }
+
+/// Pulling an image right after removing it races containerd's GC over the
+/// blobs the removal left behind (critest's "simultaneous RemoveImage" spec
+/// caught a NotFound from it): every re-pull succeeds and leaves the image
+/// whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn repull_right_after_remove_races_no_gc() {
+    let env = Env::get();
+    let d = Imacri::start_isolated(env).await.unwrap();
+    let mut im = d.images().await.unwrap();
+    for round in 0..25 {
+        im.pull_image(cri::PullImageRequest {
+            image: image(&env.busybox),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", d.log()));
+        // Two removals at once, as the critest spec does, then pull again.
+        let (mut i1, mut i2) = (im.clone(), im.clone());
+        let (a, b) = tokio::join!(
+            i1.remove_image(cri::RemoveImageRequest {
+                image: image(&env.busybox),
+            }),
+            i2.remove_image(cri::RemoveImageRequest {
+                image: image(&env.busybox),
+            })
+        );
+        a.unwrap();
+        b.unwrap();
+    }
+    assert!(env.all_objects(&d.namespace).await.unwrap().is_empty());
+}
