@@ -124,7 +124,7 @@ pub fn oci_resources(
     r: &api::LinuxResources,
 ) -> Result<oci_spec::runtime::LinuxResources, NriError> {
     let mut v = json!({});
-    set_resources(&mut v, r);
+    set_resources(&mut v, r)?;
     serde_json::from_value(v).map_err(|e| NriError::Spec(e.to_string()))
 }
 
@@ -133,7 +133,7 @@ pub fn oci_resources(
 pub fn adjust_spec(spec: &mut Spec, a: &api::ContainerAdjustment) -> Result<Vec<String>, NriError> {
     let mut v = to_json(spec)?;
     if !a.annotations.is_empty() {
-        let ann = obj(&mut v, "annotations");
+        let ann = obj(&mut v, "annotations")?;
         for (k, val) in &a.annotations {
             match removal(k) {
                 Some(k) => {
@@ -146,7 +146,7 @@ pub fn adjust_spec(spec: &mut Spec, a: &api::ContainerAdjustment) -> Result<Vec<
         }
     }
     if !a.mounts.is_empty() {
-        let mounts = arr(&mut v, "mounts");
+        let mounts = arr(&mut v, "mounts")?;
         for m in &a.mounts {
             let dest = removal(&m.destination).unwrap_or(&m.destination);
             mounts.retain(|x| x["destination"].as_str() != Some(dest));
@@ -157,7 +157,7 @@ pub fn adjust_spec(spec: &mut Spec, a: &api::ContainerAdjustment) -> Result<Vec<
         }
     }
     if !a.env.is_empty() {
-        let env = arr(&mut v["process"], "env");
+        let env = arr(&mut v["process"], "env")?;
         for kv in &a.env {
             let name = removal(&kv.key).unwrap_or(&kv.key);
             let prefix = format!("{name}=");
@@ -176,12 +176,12 @@ pub fn adjust_spec(spec: &mut Spec, a: &api::ContainerAdjustment) -> Result<Vec<
         v["process"]["args"] = json!(args);
     }
     for r in &a.rlimits {
-        let rl = arr(&mut v["process"], "rlimits");
+        let rl = arr(&mut v["process"], "rlimits")?;
         rl.retain(|x| x["type"].as_str() != Some(&r.r#type));
         rl.push(json!({"type": r.r#type, "hard": r.hard, "soft": r.soft}));
     }
     if let Some(h) = &a.hooks {
-        let hooks = obj(&mut v, "hooks");
+        let hooks = obj(&mut v, "hooks")?;
         for (key, list) in [
             ("prestart", &h.prestart),
             ("createRuntime", &h.create_runtime),
@@ -215,7 +215,7 @@ pub fn adjust_spec(spec: &mut Spec, a: &api::ContainerAdjustment) -> Result<Vec<
         let lin = &mut v["linux"];
         for d in &l.devices {
             let path = removal(&d.path).unwrap_or(&d.path).to_string();
-            arr(lin, "devices").retain(|x| x["path"].as_str() != Some(&path));
+            arr(lin, "devices")?.retain(|x| x["path"].as_str() != Some(&path));
             if removal(&d.path).is_some() {
                 continue;
             }
@@ -230,20 +230,20 @@ pub fn adjust_spec(spec: &mut Spec, a: &api::ContainerAdjustment) -> Result<Vec<
             if let Some(g) = &d.gid {
                 dev["gid"] = json!(g.value);
             }
-            arr(lin, "devices").push(dev);
+            arr(lin, "devices")?.push(dev);
             // The device is usable only if its cgroup allows it.
             let res = &mut lin["resources"];
             if !res.is_object() {
                 *res = json!({});
             }
-            arr(res, "devices").push(json!({"allow": true, "type": d.r#type,
+            arr(res, "devices")?.push(json!({"allow": true, "type": d.r#type,
                 "major": d.major, "minor": d.minor, "access": "rwm"}));
         }
         if let Some(r) = &l.resources {
             if !lin["resources"].is_object() {
                 lin["resources"] = json!({});
             }
-            set_resources(&mut lin["resources"], r);
+            set_resources(&mut lin["resources"], r)?;
         }
         if !l.cgroups_path.is_empty() {
             lin["cgroupsPath"] = json!(l.cgroups_path);
@@ -253,7 +253,7 @@ pub fn adjust_spec(spec: &mut Spec, a: &api::ContainerAdjustment) -> Result<Vec<
         }
         for n in &l.namespaces {
             let ty = removal(&n.r#type).unwrap_or(&n.r#type).to_string();
-            let ns = arr(lin, "namespaces");
+            let ns = arr(lin, "namespaces")?;
             ns.retain(|x| x["type"].as_str() != Some(&ty));
             if removal(&n.r#type).is_none() {
                 let mut x = json!({"type": n.r#type});
@@ -264,7 +264,7 @@ pub fn adjust_spec(spec: &mut Spec, a: &api::ContainerAdjustment) -> Result<Vec<
             }
         }
         if !l.sysctl.is_empty() {
-            let s = obj(lin, "sysctl");
+            let s = obj(lin, "sysctl")?;
             for (k, val) in &l.sysctl {
                 match removal(k) {
                     Some(k) => {

@@ -190,29 +190,36 @@ pub(super) fn resources_from_json(r: &Value) -> api::LinuxResources {
     }
 }
 
-pub(super) fn obj<'a>(v: &'a mut Value, key: &str) -> &'a mut Map<String, Value> {
+/// `v[key]` as an object, made one if it is not (`v` itself must be an
+/// object or null).
+pub(super) fn obj<'a>(v: &'a mut Value, key: &str) -> Result<&'a mut Map<String, Value>, NriError> {
+    if !v.is_object() && !v.is_null() {
+        return Err(NriError::Spec(format!("{key}: parent is not an object")));
+    }
     if !v[key].is_object() {
         v[key] = Value::Object(Map::new());
     }
-    match v[key].as_object_mut() {
-        Some(o) => o,
-        None => unreachable!("just made an object"),
-    }
+    v[key]
+        .as_object_mut()
+        .ok_or_else(|| NriError::Spec(format!("{key} is not an object")))
 }
 
-pub(super) fn arr<'a>(v: &'a mut Value, key: &str) -> &'a mut Vec<Value> {
+/// `v[key]` as an array, made one if it is not.
+pub(super) fn arr<'a>(v: &'a mut Value, key: &str) -> Result<&'a mut Vec<Value>, NriError> {
+    if !v.is_object() && !v.is_null() {
+        return Err(NriError::Spec(format!("{key}: parent is not an object")));
+    }
     if !v[key].is_array() {
         v[key] = Value::Array(Vec::new());
     }
-    match v[key].as_array_mut() {
-        Some(a) => a,
-        None => unreachable!("just made an array"),
-    }
+    v[key]
+        .as_array_mut()
+        .ok_or_else(|| NriError::Spec(format!("{key} is not an array")))
 }
 
-pub(super) fn set_resources(res: &mut Value, r: &api::LinuxResources) {
+pub(super) fn set_resources(res: &mut Value, r: &api::LinuxResources) -> Result<(), NriError> {
     if let Some(m) = &r.memory {
-        let mem = obj(res, "memory");
+        let mem = obj(res, "memory")?;
         for (k, v) in [
             ("limit", m.limit.as_ref().map(|v| json!(v.value))),
             (
@@ -238,7 +245,7 @@ pub(super) fn set_resources(res: &mut Value, r: &api::LinuxResources) {
         }
     }
     if let Some(c) = &r.cpu {
-        let cpu = obj(res, "cpu");
+        let cpu = obj(res, "cpu")?;
         for (k, v) in [
             ("shares", c.shares.as_ref().map(|v| json!(v.value))),
             ("quota", c.quota.as_ref().map(|v| json!(v.value))),
@@ -260,19 +267,20 @@ pub(super) fn set_resources(res: &mut Value, r: &api::LinuxResources) {
         }
     }
     if let Some(p) = &r.pids {
-        obj(res, "pids").insert("limit".into(), json!(p.limit));
+        obj(res, "pids")?.insert("limit".into(), json!(p.limit));
     }
     if !r.hugepage_limits.is_empty() {
-        let h = arr(res, "hugepageLimits");
+        let h = arr(res, "hugepageLimits")?;
         for l in &r.hugepage_limits {
             h.retain(|x| x["pageSize"] != json!(l.page_size));
             h.push(json!({"pageSize": l.page_size, "limit": l.limit}));
         }
     }
     if !r.unified.is_empty() {
-        let u = obj(res, "unified");
+        let u = obj(res, "unified")?;
         for (k, v) in &r.unified {
             u.insert(k.clone(), json!(v));
         }
     }
+    Ok(())
 }
