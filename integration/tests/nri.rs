@@ -500,6 +500,36 @@ async fn crashing_hanging_and_failing_plugins_and_unsolicited_updates() {
     }
     drop(idle);
 
+    // A plugin that calls back from inside StartContainer to update the
+    // very container being started gets a refusal (the container is busy),
+    // not a deadlock that would cost it its connection.
+    nri.connect(
+        env,
+        "15",
+        "callback",
+        &json!({"events_file": nri.events("callback"), "update_on_start": "busy"}),
+    );
+    start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("busy", &env.busybox, &["sleep", "1000"]),
+    )
+    .await;
+    let l = wait_for(&nri.events("callback"), "UpdateContainersResult");
+    assert!(
+        l.iter().any(|x| x == "UpdateContainersResult 1/<nil>"),
+        "{l:?}"
+    );
+    assert!(
+        !d.log()
+            .lines()
+            .any(|l| l.contains("15-callback") && l.contains("dropped")),
+        "{}",
+        d.log()
+    );
+    nri.stop_last();
+
     // A plugin failing a request fails it.
     let mut bad = container_config("refused", &env.busybox, &["sleep", "1000"]);
     bad.annotations

@@ -315,7 +315,17 @@ impl CriServer {
             return Ok(());
         };
         let res = apply::oci_resources(r)?;
-        let _op = c.op.lock().await;
+        // A plugin may ask while the container's own operation waits on that
+        // plugin (e.g. from its StartContainer handler): give up rather than
+        // deadlock until the plugin's timeout.
+        let _op = tokio::time::timeout(Duration::from_secs(1), c.op.lock())
+            .await
+            .map_err(|_| {
+                Error::FailedPrecondition(format!(
+                    "container {} is busy with another operation",
+                    c.id
+                ))
+            })?;
         match c.state().phase {
             ContainerPhase::Running => self.c.update_task(&c.id, &res).await,
             ContainerPhase::Created => self.c.update_container_resources(&c.id, &res).await,

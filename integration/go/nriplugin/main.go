@@ -36,6 +36,9 @@ type config struct {
 	CrashOn           string                     `json:"crash_on"`
 	HangOn            string                     `json:"hang_on"`
 	UnsolicitedMemory int64                      `json:"unsolicited_memory"`
+	// On StartContainer of this container, ask for an update of it (a
+	// plugin calling back into the runtime from inside an event).
+	UpdateOnStart string `json:"update_on_start"`
 	// Validator: reject adjustments that add hooks, log who owns env vars.
 	ValidateRejectHooks bool `json:"validate_reject_hooks"`
 }
@@ -162,6 +165,12 @@ func (p *plugin) PostCreateContainer(_ context.Context, pod *api.PodSandbox, c *
 }
 func (p *plugin) StartContainer(_ context.Context, pod *api.PodSandbox, c *api.Container) error {
 	p.event("StartContainer", pod.Name, c.Name)
+	if p.cfg.UpdateOnStart != "" && p.cfg.UpdateOnStart == c.Name {
+		cu := &api.ContainerUpdate{ContainerId: c.Id}
+		cu.SetLinuxMemoryLimit(300 << 20)
+		failed, err := p.stub.UpdateContainers([]*api.ContainerUpdate{cu})
+		p.event("UpdateContainersResult", fmt.Sprint(len(failed)), fmt.Sprint(err))
+	}
 	return nil
 }
 func (p *plugin) PostStartContainer(_ context.Context, pod *api.PodSandbox, c *api.Container) error {
