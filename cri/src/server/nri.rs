@@ -154,33 +154,28 @@ impl CriServer {
             .as_ref()
             .map(|m| m.name.as_str())
             .unwrap_or_default();
-        let view = apply::container_from_spec(
-            &apply::ContainerMeta {
-                id,
-                pod_sandbox_id: &sb.id,
-                name,
-                labels: &config.labels,
-            },
-            spec,
-        )?;
+        let meta = apply::ContainerMeta {
+            id,
+            pod_sandbox_id: &sb.id,
+            name,
+            labels: &config.labels,
+        };
+        let view = apply::container_from_spec(&meta, spec)?;
         let ima = sb.state().ima.is_some();
         let created = n.create_container(&self.nri_pod(sb), &view, ima).await?;
-        let cdi = apply::adjust_spec(spec, &created.adjust)?;
-        if !cdi.is_empty() {
-            let devices = imacri_runtime::cdi::Registry::load(&self.cfg.cdi_spec_dirs)
-                .resolve(&cdi)
-                .map_err(|e| Error::FailedPrecondition(format!("NRI CDI devices: {e}")))?;
-            imacri_runtime::cdi::apply(spec, &devices, &imacri_runtime::cdi::HostNodes)?;
-        }
-        let adjusted = apply::container_from_spec(
-            &apply::ContainerMeta {
-                id,
-                pod_sandbox_id: &sb.id,
-                name,
-                labels: &config.labels,
-            },
-            spec,
-        )?;
+        // Nothing adjusted: the view plugins saw is the container as created.
+        let adjusted = if created.adjust == api::ContainerAdjustment::default() {
+            view
+        } else {
+            let cdi = apply::adjust_spec(spec, &created.adjust)?;
+            if !cdi.is_empty() {
+                let devices = imacri_runtime::cdi::Registry::load(&self.cfg.cdi_spec_dirs)
+                    .resolve(&cdi)
+                    .map_err(|e| Error::FailedPrecondition(format!("NRI CDI devices: {e}")))?;
+                imacri_runtime::cdi::apply(spec, &devices, &imacri_runtime::cdi::HostNodes)?;
+            }
+            apply::container_from_spec(&meta, spec)?
+        };
         if let Ok(mut m) = self.nri_views.lock() {
             m.insert(id.to_string(), adjusted);
         }

@@ -228,10 +228,12 @@ impl CriServer {
         let _op = entry.op.lock().await;
         let res = async {
             let pid = self.start_sandbox(&entry, &image, host_net).await?;
-            entry.update(|s| s.pid = pid)?;
-            // NRI plugins hear of the pod before anyone can use it; one
-            // that fails it rolls it back.
-            self.nri_run_pod(&entry).await?;
+            if self.nri.get().is_some() {
+                // NRI plugins hear of the pod (with its pid) before anyone
+                // can use it; one that fails it rolls it back.
+                entry.update(|s| s.pid = pid)?;
+                self.nri_run_pod(&entry).await?;
+            }
             Ok(pid)
         }
         .await;

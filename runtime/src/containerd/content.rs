@@ -100,21 +100,38 @@ impl ContentStore {
         Ok(())
     }
 
+    /// Leases the blob, then looks: a blob an image removal just left to GC
+    /// (the same image pulled again right after RemoveImage) is either kept
+    /// by the lease or gone, never collected between the check and the
+    /// labelling (critest's simultaneous RemoveImage spec caught that as
+    /// NotFound). True when it exists; its labels are then updated.
+    pub async fn keep_existing(&mut self, opts: &WriteOptions<'_>) -> Result<bool> {
+        opts.lease.add_content(&self.c, opts.digest).await?;
+        if self.info(opts.digest).await?.is_none() {
+            return Ok(false);
+        }
+        self.set_labels(opts.digest, opts.labels.clone()).await?;
+        Ok(true)
+    }
+
     /// Writes a blob; containerd verifies size and digest at commit. If the
     /// blob already exists only its labels are updated.
     pub async fn write<S>(&mut self, opts: WriteOptions<'_>, data: S) -> Result<()>
     where
         S: Stream<Item = Result<Bytes>> + Unpin,
     {
-        // Lease first, then look: a blob an image removal just left to GC
-        // (the same image pulled again right after RemoveImage) is either
-        // kept by the lease or gone and written again, never collected
-        // between the check and the labelling (critest's simultaneous
-        // RemoveImage spec caught that as NotFound).
-        opts.lease.add_content(&self.c, opts.digest).await?;
-        if self.info(opts.digest).await?.is_some() {
-            return self.set_labels(opts.digest, opts.labels).await;
+        if self.keep_existing(&opts).await? {
+            return Ok(());
         }
+        self.write_new(opts, data).await
+    }
+
+    /// Writes a blob [`Self::keep_existing`] found missing (a concurrent
+    /// writer committing first only updates its labels).
+    pub async fn write_new<S>(&mut self, opts: WriteOptions<'_>, data: S) -> Result<()>
+    where
+        S: Stream<Item = Result<Bytes>> + Unpin,
+    {
         // A ref per writer: concurrent pulls of one blob never wait on each
         // other's lock; the later commit gets AlreadyExists (handled below).
         let r#ref = format!("imacri-{}-{}", opts.digest, &crate::ids::new_id()[..8]);

@@ -353,10 +353,8 @@ impl ImageService {
                 labels,
                 lease,
             };
-            // Lease first, then look: a blob an image removal left to GC is
-            // either kept by the lease or gone, never lost after the check.
-            lease.add_content(&self.c, &digest).await?;
-            if content.info(&digest).await?.is_some() {
+            // Already there (and now leased): nothing to download.
+            if content.keep_existing(&opts).await? {
                 continue;
             }
             let desc = OciDescriptor {
@@ -375,7 +373,7 @@ impl ImageService {
             let stream = stream.map(move |c| {
                 c.map_err(|e| Error::Registry(format!("{name2}: downloading layer: {e}")))
             });
-            content.write(opts, Box::pin(stream)).await?;
+            content.write_new(opts, Box::pin(stream)).await?;
         }
 
         let chain = super::chain_ids(&diff_ids);
