@@ -21,6 +21,28 @@ pub enum AttestCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Print the node's endorsement key (PEM), for an operator to pin with
+    /// `enroll --ek-pubkey` when its TPM has no EK certificate. Read it
+    /// while the node is known good (at provisioning).
+    Ek {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Enroll the node: check its EK (certificate chain or pin) and its
+    /// attestation key's public area, then prove with a credential only its
+    /// TPM can activate that the AK lives there. Writes the node file
+    /// `verify --node` and `watch --node` trust.
+    Enroll {
+        /// CA certificates (PEM, roots and intermediates) the EK
+        /// certificate must chain to.
+        #[arg(long, required_unless_present = "ek_pubkey")]
+        ek_ca: Option<PathBuf>,
+        /// The node's EK public key (PEM, from `attest ek`), pinned.
+        #[arg(long, conflicts_with = "ek_ca")]
+        ek_pubkey: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a policy allowing every regular file of an image. By default
     /// read from the image's registry, on this host, without containerd (a
     /// verifier computes its reference values without asking the node it
@@ -62,7 +84,11 @@ pub enum AttestCmd {
         /// Allowed digests (JSON, e.g. from `attest golden`).
         #[arg(long)]
         policy: PathBuf,
-        /// The node's registered attestation key (from `attest ak`).
+        /// The enrolled node (from `attest enroll`): only its AK is trusted.
+        #[arg(long, conflicts_with = "ak")]
+        node: Option<PathBuf>,
+        /// The node's attestation key, registered without enrollment (from
+        /// `attest ak`; trusts whatever key the node handed over).
         #[arg(long)]
         ak: Option<PathBuf>,
         /// Verify saved evidence (from `attest quote`) instead of asking the node.
@@ -88,6 +114,9 @@ pub enum AttestCmd {
     Watch {
         #[arg(long)]
         policy: PathBuf,
+        /// The enrolled node (from `attest enroll`).
+        #[arg(long, conflicts_with = "ak")]
+        node: Option<PathBuf>,
         #[arg(long)]
         ak: Option<PathBuf>,
         /// e.g. 30s, 5m, 500ms.
@@ -191,6 +220,29 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
             write_or_print(out.as_deref(), &r.pem)?;
             Ok(0)
         }
+        AttestCmd::Ek { out } => {
+            let pem = crate::enroll::ek(&mut client(socket).await?).await?;
+            write_or_print(out.as_deref(), &pem)?;
+            Ok(0)
+        }
+        AttestCmd::Enroll {
+            ek_ca,
+            ek_pubkey,
+            out,
+        } => {
+            let node = crate::enroll::enroll(
+                &mut client(socket).await?,
+                ek_ca.as_deref(),
+                ek_pubkey.as_deref(),
+            )
+            .await?;
+            write_or_print(Some(&out), &(serde_json::to_string_pretty(&node)? + "\n"))?;
+            eprintln!(
+                "enrolled {} (EK {}; AK name {})",
+                node.hostname, node.ek.anchor, node.ak.name
+            );
+            Ok(0)
+        }
         AttestCmd::Golden {
             image,
             out,
@@ -260,6 +312,7 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
         AttestCmd::Verify {
             pod,
             policy,
+            node,
             ak,
             evidence,
             nonce,
@@ -271,7 +324,7 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
                 socket,
                 &pod,
                 &policy,
-                ak.as_deref(),
+                Registered::new(node.as_deref(), ak.as_deref()),
                 evidence
                     .as_deref()
                     .map(|e| (e, nonce.as_deref().unwrap_or_default())),
@@ -296,6 +349,7 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
         }
         AttestCmd::Watch {
             policy,
+            node,
             ak,
             interval,
             count,
@@ -306,7 +360,7 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
             watch(
                 socket,
                 &policy,
-                ak.as_deref(),
+                Registered::new(node.as_deref(), ak.as_deref()),
                 parse_interval(&interval)?,
                 count,
                 counters.as_deref(),
@@ -347,11 +401,40 @@ struct Accept {
     gaps: bool,
 }
 
-fn load_inputs(policy: &Path, ak: Option<&Path>) -> Result<(Allowlist, Option<String>)> {
+/// Where the verifier's trust in a node's AK comes from.
+#[derive(Clone, Copy)]
+enum Registered<'a> {
+    /// An enrolled node's file (`attest enroll`).
+    Node(&'a Path),
+    /// A key handed over by the node itself (`attest ak`).
+    Ak(&'a Path),
+    None,
+}
+
+impl<'a> Registered<'a> {
+    fn new(node: Option<&'a Path>, ak: Option<&'a Path>) -> Registered<'a> {
+        match (node, ak) {
+            (Some(n), _) => Registered::Node(n),
+            (None, Some(a)) => Registered::Ak(a),
+            (None, None) => Registered::None,
+        }
+    }
+}
+
+fn load_inputs(policy: &Path, reg: Registered<'_>) -> Result<(Allowlist, Option<String>)> {
     let policy = Allowlist::load(policy).map_err(|e| anyhow!(e))?;
-    let ak = ak
-        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
-        .transpose()?;
+    let ak = match reg {
+        Registered::Node(p) => Some(
+            imacri_runtime::integrity::enroll::NodeIdentity::load(p)
+                .map_err(|e| anyhow!(e))?
+                .ak
+                .public_key_pem,
+        ),
+        Registered::Ak(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        Registered::None => None,
+    };
     Ok((policy, ak))
 }
 
@@ -433,7 +516,7 @@ fn check(
     );
     if ev.anchored && ak.is_none() {
         r.errors
-            .push("no --ak given: the evidence's own key proves nothing; register the node's key with `imacri attest ak`".into());
+            .push("no --node given: the evidence's own key proves nothing; enroll the node with `imacri attest enroll`".into());
         r.verdict = Verdict::Invalid;
     }
     book.advance(ak, &r)?;
@@ -444,12 +527,12 @@ async fn verify_once(
     socket: &Target,
     pod: &str,
     policy: &Path,
-    ak: Option<&Path>,
+    reg: Registered<'_>,
     saved: Option<(&Path, &str)>,
     accept: Accept,
     counters: Option<&Path>,
 ) -> Result<Report> {
-    let (policy, ak) = load_inputs(policy, ak)?;
+    let (policy, ak) = load_inputs(policy, reg)?;
     let mut book = CounterBook::open(counters)?;
     let (ev, nonce) = match saved {
         Some((p, nonce)) => {
@@ -473,13 +556,13 @@ async fn verify_once(
 async fn watch(
     socket: &Target,
     policy: &Path,
-    ak: Option<&Path>,
+    reg: Registered<'_>,
     interval: Duration,
     count: Option<u64>,
     counters: Option<&Path>,
     accept: Accept,
 ) -> Result<()> {
-    let (policy, ak) = load_inputs(policy, ak)?;
+    let (policy, ak) = load_inputs(policy, reg)?;
     let mut book = CounterBook::open(counters)?;
     let mut seen: HashSet<String> = HashSet::new();
     let mut round = 0u64;

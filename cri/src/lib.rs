@@ -3,6 +3,7 @@
 
 pub mod attest;
 pub mod daemon;
+pub mod enroll;
 pub mod evidence;
 pub mod server;
 pub mod streaming;

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use imacri_api::cri::image_service_client::ImageServiceClient;
 use imacri_api::cri::runtime_service_client::RuntimeServiceClient;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -232,10 +232,32 @@ impl Drop for Imacri {
 
 /// Runs `imacri attest --socket <d> ARGS`; returns (exit code, stdout, stderr).
 pub fn attest(d: &Imacri, args: &[&str]) -> (i32, String, String) {
+    attest_at(&d.attest_socket, args)
+}
+
+/// `imacri attest golden IMAGE --out OUT` from the registry, as a verifier
+/// host makes reference values (no containerd involved).
+pub fn golden_from_registry(d: &Imacri, env: &Env, image: &str, out: &Path) {
+    let hosts = env.hosts_dir.to_str().unwrap_or_default();
+    let out = out.to_str().unwrap_or_default();
+    let args = [
+        "golden",
+        image,
+        "--registry-config-path",
+        hosts,
+        "--out",
+        out,
+    ];
+    let (code, _, err) = attest(d, &args);
+    assert_eq!(code, 0, "attest golden {image}: {err}");
+}
+
+/// `imacri attest --socket SOCKET ARGS...`: (exit code, stdout, stderr).
+pub fn attest_at(socket: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(imacri_bin())
         .arg("attest")
         .arg("--socket")
-        .arg(&d.attest_socket)
+        .arg(socket)
         .args(args)
         .output()
         .expect("running imacri attest");

@@ -18,10 +18,10 @@ mod swtpm;
 pub mod token_service;
 
 pub use containerd::{start_containerd, start_containerd_pid};
-pub use daemon::{attest, imacri_bin, Imacri};
+pub use daemon::{attest, attest_at, golden_from_registry, imacri_bin, Imacri};
 pub use fixtures::{container_config, pod_config, security_context};
 pub use peers::go_spdyexec;
-pub use swtpm::Swtpm;
+pub use swtpm::{EkCa, Swtpm};
 
 use anyhow::{anyhow, Result};
 use std::net::TcpListener;

@@ -38,11 +38,82 @@ pub struct Swtpm {
     dir: tempfile::TempDir,
 }
 
+/// A test CA for EK certificates: `swtpm_localca` creates its root and
+/// signing (intermediate) certificates in `dir` on first use, as a TPM
+/// vendor's CA would have.
+pub struct EkCa {
+    dir: tempfile::TempDir,
+}
+
+impl EkCa {
+    pub fn new(env: &Env) -> Result<EkCa> {
+        let dir = tempfile::Builder::new()
+            .prefix("ekca-")
+            .tempdir_in(&env.base)?;
+        let d = dir.path().display();
+        std::fs::write(
+            dir.path().join("swtpm-localca.conf"),
+            format!(
+                "statedir = {d}\nsigningkey = {d}/signkey.pem\nissuercert = {d}/issuercert.pem\ncertserial = {d}/certserial\n"
+            ),
+        )?;
+        std::fs::write(dir.path().join("swtpm-localca.options"), "")?;
+        std::fs::write(
+            dir.path().join("swtpm_setup.conf"),
+            format!(
+                "create_certs_tool = swtpm_localca\ncreate_certs_tool_config = {d}/swtpm-localca.conf\ncreate_certs_tool_options = {d}/swtpm-localca.options\nactive_pcr_banks = sha256\n"
+            ),
+        )?;
+        Ok(EkCa { dir })
+    }
+
+    /// The CA's certificates (root and intermediate) as one PEM file, as a
+    /// verifier is given them; exists once a TPM was manufactured.
+    pub fn bundle(&self) -> Result<std::path::PathBuf> {
+        let mut pem =
+            std::fs::read_to_string(self.dir.path().join("swtpm-localca-rootca-cert.pem"))
+                .context("the CA has no root yet: manufacture a TPM first")?;
+        pem.push_str(&std::fs::read_to_string(
+            self.dir.path().join("issuercert.pem"),
+        )?);
+        let out = self.dir.path().join("ek-ca-bundle.pem");
+        std::fs::write(&out, pem)?;
+        Ok(out)
+    }
+}
+
 impl Swtpm {
     pub fn start(env: &Env) -> Result<Swtpm> {
         let dir = tempfile::Builder::new()
             .prefix("swtpm-")
             .tempdir_in(&env.base)?;
+        Self::start_in(dir)
+    }
+
+    /// A TPM as a manufacturer ships it: `swtpm_setup` creates its EKs and
+    /// stores EK certificates from `ca` in NV (RSA 2048 at 0x01c00002).
+    pub fn start_manufactured(env: &Env, ca: &EkCa) -> Result<Swtpm> {
+        let dir = tempfile::Builder::new()
+            .prefix("swtpm-")
+            .tempdir_in(&env.base)?;
+        let out = Command::new("swtpm_setup")
+            .args(["--tpm2", "--create-ek-cert", "--config"])
+            .arg(ca.dir.path().join("swtpm_setup.conf"))
+            .arg("--tpmstate")
+            .arg(dir.path())
+            .output()
+            .context("running swtpm_setup (apt-get install swtpm-tools)")?;
+        if !out.status.success() {
+            bail!(
+                "swtpm_setup: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Self::start_in(dir)
+    }
+
+    fn start_in(dir: tempfile::TempDir) -> Result<Swtpm> {
         for _ in 0..20 {
             // Two adjacent free ports (server, control), from a range other
             // tests' ephemeral ports are unlikely to use.

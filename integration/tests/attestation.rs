@@ -81,19 +81,7 @@ async fn anchored_node(env: &Env, extra: &[&str]) -> (Swtpm, Imacri, tempfile::T
     // Reference values from the registry, as a verifier host makes them
     // (no containerd involved), equal to what the node computes.
     let golden = work.path().join("golden.json");
-    let hosts = env.hosts_dir.to_str().unwrap();
-    let (code, _, err) = attest(
-        &d,
-        &[
-            "golden",
-            &env.busybox,
-            "--registry-config-path",
-            hosts,
-            "--out",
-            golden.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(code, 0, "attest golden: {err}");
+    imacri_integration::golden_from_registry(&d, env, &env.busybox, &golden);
     let node = work.path().join("golden-node.json");
     let (code, _, err) = attest(
         &d,

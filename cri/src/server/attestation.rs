@@ -158,12 +158,54 @@ impl CriServer {
         Ok(pb::GetLogResponse { entries })
     }
 
-    fn attestation_key(&self) -> Result<pb::GetAttestationKeyResponse> {
-        let tpm = self.integrity.journal.tpm().ok_or_else(|| {
+    fn tpm(&self) -> Result<&imacri_runtime::integrity::tpm::Tpm> {
+        self.integrity.journal.tpm().ok_or_else(|| {
             Error::FailedPrecondition(
-                "no TPM is configured on this node (ima.tpm_tcti / --tpm-tcti): evidence is unanchored".into(),
+                "no TPM is configured on this node (ima.tpm_tcti / --tpm-tcti): evidence is unanchored and there is nothing to enroll".into(),
             )
-        })?;
+        })
+    }
+
+    async fn enrollment(&self) -> Result<pb::GetEnrollmentResponse> {
+        let tpm = self.tpm()?;
+        let e = tpm.endorsement().await?;
+        Ok(pb::GetEnrollmentResponse {
+            ek_certificate: e.certificate.unwrap_or_default(),
+            ek_public: e.public_area,
+            ak_public: tpm.ak_public_area().to_vec(),
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            pcr: tpm.pcr(),
+        })
+    }
+
+    async fn activate(
+        &self,
+        req: pb::ActivateCredentialRequest,
+    ) -> Result<pb::ActivateCredentialResponse> {
+        // TPM2B buffers: anything larger is not a credential.
+        if req.credential_blob.is_empty() || req.credential_blob.len() > 1024 {
+            return Err(Error::InvalidArgument(format!(
+                "credential_blob must be 1 to 1024 bytes, got {}",
+                req.credential_blob.len()
+            )));
+        }
+        if req.encrypted_secret.is_empty() || req.encrypted_secret.len() > 1024 {
+            return Err(Error::InvalidArgument(format!(
+                "encrypted_secret must be 1 to 1024 bytes, got {}",
+                req.encrypted_secret.len()
+            )));
+        }
+        let secret = self
+            .tpm()?
+            .activate_credential(req.credential_blob, req.encrypted_secret)
+            .await?;
+        Ok(pb::ActivateCredentialResponse { secret })
+    }
+
+    fn attestation_key(&self) -> Result<pb::GetAttestationKeyResponse> {
+        let tpm = self.tpm()?;
         Ok(pb::GetAttestationKeyResponse {
             pem: verify::ak_pem(tpm.ak_sec1()).map_err(Error::Internal)?,
             pcr: tpm.pcr(),
@@ -241,6 +283,25 @@ impl Attestation for Attest {
         instrument("Attestation.GetAttestationKey", "", async {
             self.0.attestation_key()
         })
+        .await
+    }
+
+    async fn get_enrollment(
+        &self,
+        _r: Request<pb::GetEnrollmentRequest>,
+    ) -> Res<pb::GetEnrollmentResponse> {
+        instrument("Attestation.GetEnrollment", "", self.0.enrollment()).await
+    }
+
+    async fn activate_credential(
+        &self,
+        r: Request<pb::ActivateCredentialRequest>,
+    ) -> Res<pb::ActivateCredentialResponse> {
+        instrument(
+            "Attestation.ActivateCredential",
+            "",
+            self.0.activate(r.into_inner()),
+        )
         .await
     }
 

@@ -7,6 +7,7 @@
 pub mod allowlist;
 pub mod digest;
 pub mod engine;
+pub mod enroll;
 pub mod fanotify;
 pub mod golden;
 pub mod guard;
@@ -58,6 +59,7 @@ impl From<tpm::TpmError> for Error {
                 "{e}; check ima.tpm_tcti (or --tpm-tcti), or leave it empty to run unanchored"
             )),
             tpm::TpmError::Gone => Error::Unavailable(e.to_string()),
+            tpm::TpmError::Refused(m) => Error::InvalidArgument(m),
             _ => Error::Internal(e.to_string()),
         }
     }

@@ -14,12 +14,16 @@ use std::str::FromStr;
 use std::sync::mpsc;
 
 use tss_esapi::abstraction::{ak, ek, AsymmetricAlgorithmSelection};
-use tss_esapi::handles::{KeyHandle, PcrHandle};
+use tss_esapi::constants::SessionType;
+use tss_esapi::handles::{AuthHandle, KeyHandle, PcrHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::key_bits::RsaKeyBits;
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Data, Digest, DigestValues, HashScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot,
-    Private, Public, Signature, SignatureScheme,
+    Data, Digest, DigestValues, EncryptedSecret, HashScheme, IdObject, PcrSelectionList,
+    PcrSelectionListBuilder, PcrSlot, Private, Public, Signature, SignatureScheme,
+    SymmetricDefinition,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
@@ -41,6 +45,9 @@ pub enum TpmError {
     },
     #[error("TPM: {0}")]
     Other(String),
+    /// The caller's input, refused by the TPM or before it.
+    #[error("{0}")]
+    Refused(String),
     #[error("the TPM thread has stopped")]
     Gone,
 }
@@ -65,10 +72,25 @@ pub struct Quote {
     pub restart_count: u32,
 }
 
+/// What a verifier enrolls this TPM with (see `enroll`).
+#[derive(Debug, Clone)]
+pub struct Endorsement {
+    /// The RSA 2048 EK certificate (DER) from NV index 0x01c00002, if the
+    /// TPM's manufacturer (or `swtpm_setup --create-ek-cert`) stored one.
+    pub certificate: Option<Vec<u8>>,
+    /// The RSA 2048 EK's public area (marshalled TPMT_PUBLIC, template L-1).
+    pub public_area: Vec<u8>,
+}
+
+type Reply<T> = tokio::sync::oneshot::Sender<TResult<T>>;
+
 enum Cmd {
     /// Fire and forget: a failure is logged (the log then no longer replays).
     Extend([u8; 32]),
-    Quote(Vec<u8>, tokio::sync::oneshot::Sender<TResult<Quote>>),
+    Quote(Vec<u8>, Reply<Quote>),
+    Endorsement(Reply<Endorsement>),
+    /// TPM2_ActivateCredential for the AK with the RSA EK: (blob, secret).
+    Activate(Vec<u8>, Vec<u8>, Reply<Vec<u8>>),
 }
 
 /// Handle to the TPM thread. Cheap to clone.
@@ -78,6 +100,8 @@ pub struct Tpm {
     pcr: u32,
     /// The AK's public point, SEC1 uncompressed (0x04 || x || y).
     ak_sec1: Vec<u8>,
+    /// The AK's public area (marshalled TPMT_PUBLIC), whose hash is its name.
+    ak_public: Vec<u8>,
 }
 
 impl std::fmt::Debug for Tpm {
@@ -103,7 +127,12 @@ impl Tpm {
                 None,
             ),
         )?;
-        let (ak, public) = load_or_create_ak(&mut ctx, ek, key_dir)?;
+        let loaded = load_or_create_ak(&mut ctx, ek, key_dir);
+        // The AK stays loaded without its parent: free the slot (a TPM
+        // holds only a few objects, and enrollment loads the RSA EK).
+        let _ = ctx.flush_context(ek.into());
+        let (ak, public) = loaded?;
+        let ak_public = cmd("marshalling the AK", public.marshall())?;
         let ak_sec1 = match &public {
             Public::Ecc { unique, .. } => {
                 let mut v = vec![4u8];
@@ -123,7 +152,12 @@ impl Tpm {
             .name("imacri-tpm".into())
             .spawn(move || serve(ctx, ak, handle, selection, rx))
             .map_err(|e| TpmError::Other(format!("starting the TPM thread: {e}")))?;
-        Ok(Tpm { tx, pcr, ak_sec1 })
+        Ok(Tpm {
+            tx,
+            pcr,
+            ak_sec1,
+            ak_public,
+        })
     }
 
     pub fn pcr(&self) -> u32 {
@@ -132,6 +166,29 @@ impl Tpm {
 
     pub fn ak_sec1(&self) -> &[u8] {
         &self.ak_sec1
+    }
+
+    pub fn ak_public_area(&self) -> &[u8] {
+        &self.ak_public
+    }
+
+    /// The EK certificate and public area a verifier enrolls with.
+    pub async fn endorsement(&self) -> TResult<Endorsement> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Cmd::Endorsement(tx))
+            .map_err(|_| TpmError::Gone)?;
+        rx.await.map_err(|_| TpmError::Gone)?
+    }
+
+    /// Recovers a verifier's credential secret, which only this TPM can,
+    /// and only for a credential bound to this AK's name.
+    pub async fn activate_credential(&self, blob: Vec<u8>, secret: Vec<u8>) -> TResult<Vec<u8>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Cmd::Activate(blob, secret, tx))
+            .map_err(|_| TpmError::Gone)?;
+        rx.await.map_err(|_| TpmError::Gone)?
     }
 
     /// Queues an extend; errors are logged by the TPM thread.
@@ -279,6 +336,8 @@ fn serve(
     sel: PcrSelectionList,
     rx: mpsc::Receiver<Cmd>,
 ) {
+    // Read once: the certificate and the EK never change while we run.
+    let mut endorsement: Option<Endorsement> = None;
     while let Ok(c) = rx.recv() {
         match c {
             Cmd::Extend(th) => {
@@ -323,6 +382,108 @@ fn serve(
                 })();
                 let _ = tx.send(r);
             }
+            Cmd::Endorsement(tx) => {
+                if endorsement.is_none() {
+                    match read_endorsement(&mut ctx) {
+                        Ok(e) => endorsement = Some(e),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            continue;
+                        }
+                    }
+                }
+                let _ = tx.send(endorsement.clone().ok_or(TpmError::Gone));
+            }
+            Cmd::Activate(blob, secret, tx) => {
+                let _ = tx.send(activate(&mut ctx, ak, blob, secret));
+            }
         }
     }
+}
+
+/// The RSA 2048 EK (template L-1), re-derived from the endorsement seed:
+/// the same key every time, the one its certificate names.
+fn rsa_ek(ctx: &mut Context) -> TResult<KeyHandle> {
+    cmd(
+        "creating the RSA endorsement key",
+        ek::create_ek_object_2(
+            ctx,
+            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            None,
+        ),
+    )
+}
+
+fn read_endorsement(ctx: &mut Context) -> TResult<Endorsement> {
+    let certificate = match ek::retrieve_ek_pubcert(
+        ctx,
+        AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::info!(error = %e, "no RSA EK certificate in the TPM's NV: verifiers must pin the EK");
+            None
+        }
+    };
+    let h = rsa_ek(ctx)?;
+    let read = ctx.read_public(h);
+    let _ = ctx.flush_context(h.into());
+    let (public, _, _) = cmd("reading the EK", read)?;
+    Ok(Endorsement {
+        certificate,
+        public_area: cmd("marshalling the EK", public.marshall())?,
+    })
+}
+
+/// TPM2_ActivateCredential: the EK's use is authorised by a policy
+/// session satisfying PolicySecret(endorsement hierarchy), the EK
+/// template's policy; the AK's by its (empty) password.
+fn activate(ctx: &mut Context, ak: KeyHandle, blob: Vec<u8>, secret: Vec<u8>) -> TResult<Vec<u8>> {
+    let blob =
+        IdObject::try_from(blob).map_err(|e| TpmError::Refused(format!("credential blob: {e}")))?;
+    let secret = EncryptedSecret::try_from(secret)
+        .map_err(|e| TpmError::Refused(format!("encrypted secret: {e}")))?;
+    let ek = rsa_ek(ctx)?;
+    let r = (|| {
+        let session = cmd(
+            "starting a policy session",
+            ctx.start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            ),
+        )?
+        .ok_or_else(|| TpmError::Other("the TPM started no session".into()))?;
+        let r = (|| {
+            let policy = cmd("policy session", PolicySession::try_from(session))?;
+            cmd(
+                "PolicySecret(endorsement)",
+                ctx.execute_with_nullauth_session(|c| {
+                    c.policy_secret(
+                        policy,
+                        AuthHandle::Endorsement,
+                        Default::default(),
+                        Default::default(),
+                        Default::default(),
+                        None,
+                    )
+                }),
+            )?;
+            ctx.set_sessions((Some(AuthSession::Password), Some(session), None));
+            let out = ctx.activate_credential(ak, ek, blob, secret);
+            ctx.clear_sessions();
+            out.map_err(|e| {
+                TpmError::Refused(format!(
+                    "the TPM refused the credential ({e}): it was not made for this node's EK and attestation key"
+                ))
+            })
+        })();
+        let _ = ctx.flush_context(SessionHandle::from(session).into());
+        r
+    })();
+    let _ = ctx.flush_context(ek.into());
+    r.map(|d| d.value().to_vec())
 }
