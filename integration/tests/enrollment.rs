@@ -468,3 +468,36 @@ async fn enrollment_without_certificate_or_tpm() {
     assert!(out.contains("unanchored"), "{out}");
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
+
+/// The enrollment RPCs from another gRPC stack (Python grpcio, C-core):
+/// the EK certificate and public areas arrive, a credential not made for
+/// the TPM is refused with InvalidArgument, and CRI is not served there.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_grpcio_reads_enrollment_data() {
+    let env = Env::get();
+    let cache = imacri_integration::critest::tools().unwrap();
+    let ca = EkCa::new(env).unwrap();
+    let tpm = Swtpm::start_manufactured(env, &ca).unwrap();
+    let tcti = tpm.tcti();
+    let d = Imacri::start_with(env, &["--tpm-tcti", &tcti])
+        .await
+        .unwrap();
+    let py = imacri_integration::peers::grpcio_python(&cache);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/attest_client.py");
+    let o = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(&d.attest_socket)
+        .output()
+        .unwrap();
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{t}\n{}", d.log());
+    assert!(
+        t.contains("ActivateCredential INVALID_ARGUMENT the TPM refused"),
+        "{t}"
+    );
+    assert!(t.lines().any(|l| l == "ok"), "{t}");
+}
