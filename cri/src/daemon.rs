@@ -221,6 +221,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
         let _ = std::fs::remove_file(&cfg.attestation.socket);
     }
     server.stop_nri().await;
+    // The containers live on: their fanotify groups stay with the fd keeper.
+    if let Some(e) = &server.integrity.engine {
+        e.detach();
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }
@@ -350,6 +354,14 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         ),
         Err(r) => line("ima-map-guard", false, r),
     }
+    line(
+        "ima-restarts",
+        true,
+        "while imacri is down, ima pods' executions and executable mappings wait (fanotify \
+         groups and seccomp listeners held by `imacri internal fd-keeper`; events taken but \
+         unanswered are denied); if the keeper is lost too, gaps are logged (fail_mode)"
+            .into(),
+    );
     let node = imacri_runtime::integrity::setting::NodeSupport {
         kernel: imacri_runtime::integrity::kernel::probe(),
         fanotify: fan,
@@ -375,17 +387,24 @@ pub async fn check(cfg: &Config) -> Result<bool> {
     } else {
         let tcti = cfg.ima.tpm_tcti.clone();
         let pcr = cfg.ima.pcr;
-        let probe =
-            tokio::task::spawn_blocking(move || imacri_runtime::integrity::tpm::probe(&tcti, pcr))
-                .await;
+        let probe = tokio::task::spawn_blocking(move || {
+            imacri_runtime::integrity::tpm::probe(&tcti, pcr)
+                .map(|v| (v, imacri_runtime::integrity::tpm::has_ek_certificate(&tcti)))
+        })
+        .await;
         match probe {
-            Ok(Ok(v)) => line(
+            Ok(Ok((v, cert))) => line(
                 "tpm",
                 true,
                 format!(
-                    "{} reachable, PCR {pcr} = {}",
+                    "{} reachable, PCR {pcr} = {}; {}",
                     cfg.ima.tpm_tcti,
-                    hex_short(&v)
+                    hex_short(&v),
+                    if cert {
+                        "RSA EK certificate present (verifiers enroll with --ek-ca)"
+                    } else {
+                        "no RSA EK certificate in NV: verifiers must pin the EK (attest ek)"
+                    }
                 ),
             ),
             Ok(Err(e)) => line("tpm", false, e.to_string()),

@@ -250,7 +250,7 @@ fn main() -> Result<()> {
         cmd: InternalCmd::FdKeeper { socket },
     } = &cli.cmd
     {
-        imacri_runtime::integrity::mapguard::keeper::run(socket)?;
+        imacri_runtime::integrity::keeper::run(socket)?;
         return Ok(());
     }
     tokio::runtime::Runtime::new()?.block_on(run(cli))

@@ -41,6 +41,8 @@ pub struct Imacri {
     pub root: PathBuf,
     pub state: PathBuf,
     args: Vec<String>,
+    /// Environment of the next `spawn` (test fault injection).
+    pub vars: Vec<(String, String)>,
 }
 
 impl Imacri {
@@ -119,6 +121,7 @@ impl Imacri {
             root,
             state,
             args,
+            vars: Vec::new(),
         };
         me.spawn().await?;
         Ok(me)
@@ -132,6 +135,7 @@ impl Imacri {
             .open(self.dir.path().join("imacri.log"))?;
         let child = Command::new(imacri_bin())
             .args(&self.args)
+            .envs(self.vars.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -210,6 +214,38 @@ impl Imacri {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Kills imacri and its fd keeper: the node lost both (e.g. a service
+    /// manager killing imacri's whole cgroup), so nothing held the
+    /// containers' measurement while it was down.
+    pub fn kill_all(&mut self) {
+        self.kill();
+        let sock = self.state.join("fdkeeper.sock");
+        let want = format!("fd-keeper\0--socket\0{}", sock.display());
+        let mut killed = Vec::new();
+        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(&want) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                killed.push(p.path());
+            }
+        }
+        // Gone (its groups released) before the caller goes on.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while killed
+            .iter()
+            .any(|p| std::fs::read(p.join("cmdline")).is_ok_and(|c| !c.is_empty()))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -279,9 +279,11 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
     std::fs::write(&log_path, &original).unwrap();
     assert_eq!(verify(&d, &pod, &golden, &ak, &[]).0, 0);
 
-    // Restart (kill -9): log and PCR still agree, the container is measured
-    // again, and the gap is reported.
-    d.kill();
+    // Restart (kill -9) with the fd keeper lost too (executions ran on
+    // unmeasured meanwhile; with the keeper they wait, see ima_escapes.rs):
+    // log and PCR still agree, the container is measured again, and the
+    // gap is reported.
+    d.kill_all();
     d.spawn().await.unwrap();
     // The gap alone makes the pod untrusted: it ran unmeasured meanwhile.
     let (code, report, err) = verify(&d, &pod, &golden, &ak, &[]);
@@ -539,8 +541,8 @@ async fn tpm_reset_starts_a_new_epoch() {
     assert_eq!(code, 0, "{before:#}");
 
     // Node "reboot" of the TPM (PCRs cleared, reset count up) with imacri
-    // restarted against it; the container keeps running.
-    d.kill();
+    // (and its fd keeper) restarted against it; the container keeps running.
+    d.kill_all();
     tpm.reboot().unwrap();
     d.spawn().await.unwrap();
     let (code, after, err) = verify(&d, &pod, &golden, &ak, &["--allow-gaps"]);
@@ -579,7 +581,15 @@ async fn fail_closed_kills_what_ran_unmeasured() {
     let cfg = ima_pod("failclosed", None);
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
     let c = start_container(&mut rt, &pod, &cfg, sleeper(env)).await;
-    d.kill();
+    // The entrypoint's exec measured; then imacri and its fd keeper die, so
+    // the container's executions run on unmeasured until the restart.
+    imacri_integration::poll::eventually("the entrypoint's entry", Duration::from_secs(10), || {
+        let e = log_lines(&d, &pod);
+        async move { e.iter().any(|l| l.ends_with(" exec")).then_some(()) }
+    })
+    .await
+    .unwrap();
+    d.kill_all();
     d.spawn().await.unwrap();
     let mut rt = d.runtime().await.unwrap();
     let st = imacri_integration::client::wait_exited(&mut rt, &c).await;

@@ -24,6 +24,20 @@ fn ima_pod(name: &str) -> imacri_integration::cri::PodSandboxConfig {
     cfg
 }
 
+/// `imacri check`'s tpm line for `tcti`.
+fn check_tpm_line(env: &Env, tcti: &str) -> String {
+    let out = std::process::Command::new(imacri_integration::imacri_bin())
+        .args(["check", "--tpm-tcti", tcti, "--containerd-address"])
+        .arg(&env.containerd_sock)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("tpm "))
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn enroll_at(socket: &Path, out: &Path, trust: &[&str]) -> (i32, String) {
     let mut args = vec!["enroll", "--out", out.to_str().unwrap()];
     args.extend_from_slice(trust);
@@ -200,6 +214,8 @@ async fn enrollment_proves_the_ak_lives_in_the_certified_tpm() {
     let tpm = Swtpm::start_manufactured(env, &ca).unwrap();
     let bundle = ca.bundle().unwrap();
     let tcti = tpm.tcti();
+    let line = check_tpm_line(env, &tcti);
+    assert!(line.contains("RSA EK certificate present"), "{line}");
     let d = Imacri::start_with(env, &["--tpm-tcti", &tcti])
         .await
         .unwrap();
@@ -397,6 +413,8 @@ async fn enrollment_without_certificate_or_tpm() {
     let bundle = ca.bundle().unwrap();
     let tpm = Swtpm::start(env).unwrap();
     let tcti = tpm.tcti();
+    let line = check_tpm_line(env, &tcti);
+    assert!(line.contains("must pin the EK"), "{line}");
     let d = Imacri::start_with(env, &["--tpm-tcti", &tcti])
         .await
         .unwrap();

@@ -548,6 +548,7 @@ fn check_reports_each_capability() {
         "ima-namespaces ",
         "ima-guards ",
         "ima-map-guard ",
+        "ima-restarts ",
         "idmapped-rootfs ",
         "criu ",
         "cni ",

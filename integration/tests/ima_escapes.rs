@@ -709,3 +709,155 @@ async fn mappings_of_running_processes_wait_for_a_restarted_imacri() {
     let mut rt = d.runtime().await.unwrap();
     stop_pod(&mut rt, &pod).await;
 }
+
+/// A container of `pod` whose shell runs `prog` whenever `/tmp/go`
+/// appears and writes "ran" or "refused <status>" (with the shell's error)
+/// to `/tmp/out`; `setup` runs in it first. Returns it and its `/tmp` as
+/// the host sees it (to drive it while imacri is down).
+async fn runner(
+    rt: &mut imacri_integration::client::Rt,
+    pod: &str,
+    cfg: &cri::PodSandboxConfig,
+    image: &str,
+    prog: &str,
+    setup: &str,
+) -> (String, std::path::PathBuf) {
+    let script = format!(
+        "while true; do if [ -f /tmp/go ]; then rm -f /tmp/go; \
+         if {prog}; then echo ran; else echo refused $?; fi > /tmp/out.new 2>&1; \
+         mv /tmp/out.new /tmp/out; fi; sleep 0.05; done"
+    );
+    let c = start_container(
+        rt,
+        pod,
+        cfg,
+        container_config("loop", image, &["sh", "-c", &script]),
+    )
+    .await;
+    sh_ok(rt, &c, setup).await;
+    let info = imacri_integration::client::container_info(rt, &c).await;
+    let pid = info["pid"].as_u64().unwrap();
+    (c, format!("/proc/{pid}/root/tmp").into())
+}
+
+/// The runner's next output (taken away), waiting up to 20 s.
+fn next_out(tmp: &std::path::Path, what: &str, d: &Imacri) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if let Ok(o) = std::fs::read_to_string(tmp.join("out")) {
+            let _ = std::fs::remove_file(tmp.join("out"));
+            return o;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no output {what}\n{}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Starts the runner's program while imacri is down and checks it waits.
+fn go_while_down(tmp: &std::path::Path, what: &str) {
+    std::fs::write(tmp.join("go"), "").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        !tmp.join("out").exists(),
+        "{what}: an execution did not wait for imacri: {:?}",
+        std::fs::read_to_string(tmp.join("out"))
+    );
+}
+
+/// While imacri is down (killed, or stopped for an upgrade), an ima
+/// container's fanotify group stays with the fd keeper: an execution then
+/// waits, and the next imacri measures it (measure) or refuses it
+/// (enforce). Nothing ran unmeasured, so no gap is logged and fail_mode
+/// "closed" has nothing to kill.
+#[tokio::test(flavor = "multi_thread")]
+async fn executions_wait_for_a_restarted_imacri() {
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "fail_mode = \"closed\"").await;
+    for (policy, graceful) in [("measure", false), ("strict", true)] {
+        let mut rt = d.runtime().await.unwrap();
+        let cfg = ima(&format!("exec-restart-{policy}"), policy);
+        let pod = run_pod(&mut rt, &cfg).await.unwrap();
+        // A changed busybox: in no policy.
+        let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true && echo x >> /tmp/new/true";
+        let (c, tmp) = runner(&mut rt, &pod, &cfg, &image, "/tmp/new/true", setup).await;
+        let pid = imacri_integration::client::container_info(&mut rt, &c).await["pid"].as_u64();
+        drop(rt);
+        if graceful {
+            d.stop();
+        } else {
+            d.kill();
+        }
+        go_while_down(&tmp, policy);
+        d.spawn().await.unwrap();
+        let out = next_out(&tmp, "after the restart", &d);
+        let lines = log_lines(&d, &pod);
+        if policy == "measure" {
+            assert_eq!(out.trim(), "ran", "{out}");
+            assert!(logged(&lines, "/tmp/new/true", None, "exec"), "{lines:#?}");
+        } else {
+            assert!(out.contains("refused"), "{out}");
+            assert!(logged(&lines, "/tmp/new/true", None, "deny"), "{lines:#?}");
+        }
+        assert!(
+            !lines.iter().any(|l| l.ends_with(" gap")),
+            "{policy}: a gap was logged though nothing ran unmeasured: {lines:#?}"
+        );
+        assert!(
+            d.log()
+                .contains("fanotify group taken back from the fd keeper"),
+            "{}",
+            d.log()
+        );
+        let mut rt = d.runtime().await.unwrap();
+        let st = imacri_integration::client::container_info(&mut rt, &c).await;
+        assert_eq!(
+            st["pid"].as_u64(),
+            pid,
+            "fail_mode closed killed a container that waited"
+        );
+        stop_pod(&mut rt, &pod).await;
+    }
+}
+
+/// An event an imacri read but never answered (it died hashing) is refused
+/// once it is gone (by the fd keeper, and again by the next imacri before
+/// it answers anything): the kernel matches answers by fd number, so an old
+/// event must not be answered by a new event's "allow", nor leave its task
+/// waiting forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_execution_in_flight_at_a_crash_is_refused() {
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "").await;
+    d.kill();
+    d.vars = vec![("IMACRI_TEST_FANOTIFY_STALL".into(), "/tmp/stall/".into())];
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("exec-in-flight", "measure");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let setup = "mkdir -p /tmp/stall && cp /bin/busybox /tmp/stall/true";
+    let (_c, tmp) = runner(&mut rt, &pod, &cfg, &image, "/tmp/stall/true", setup).await;
+    drop(rt);
+    // Read by imacri and never answered: the execution waits...
+    go_while_down(&tmp, "stalled");
+    // ...and is refused once that imacri is gone.
+    d.kill();
+    d.vars.clear();
+    d.spawn().await.unwrap();
+    let out = next_out(&tmp, "after the restart", &d);
+    assert!(out.contains("refused"), "{out}");
+    // The next execution of the same file is measured as usual.
+    std::fs::write(tmp.join("go"), "").unwrap();
+    let out = next_out(&tmp, "for the second execution", &d);
+    assert_eq!(out.trim(), "ran", "{out}");
+    let lines = log_lines(&d, &pod);
+    assert!(
+        logged(&lines, "/tmp/stall/true", None, "exec"),
+        "{lines:#?}"
+    );
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}

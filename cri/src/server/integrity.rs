@@ -10,12 +10,14 @@ use imacri_runtime::integrity::engine::{Engine, Measured, Notice};
 use imacri_runtime::integrity::fanotify::{self, own_tmpfs, Target, Triggers, Watch};
 use imacri_runtime::integrity::guard;
 use imacri_runtime::integrity::journal::Journal;
+use imacri_runtime::integrity::keeper;
 use imacri_runtime::integrity::log::Event;
 use imacri_runtime::integrity::mapguard::{self, Supervisor};
 use imacri_runtime::integrity::setting as ima;
 use imacri_runtime::integrity::tpm::Tpm;
 use imacri_runtime::pod::SandboxState;
 use imacri_runtime::{Error, Result};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::CriServer;
@@ -31,6 +33,13 @@ pub struct Integrity {
     /// Removed ima pods still quotable.
     pub retained: imacri_runtime::integrity::retained::Retained,
     mapguard: Option<Supervisor>,
+}
+
+impl Integrity {
+    /// The fd keeper (it runs with the map guard), if any.
+    pub fn keeper(&self) -> Option<&keeper::Keeper> {
+        self.mapguard.as_ref().and_then(Supervisor::keeper)
+    }
 }
 
 impl Integrity {
@@ -64,8 +73,9 @@ impl Integrity {
             Some(e) => {
                 let sock = cfg.state.join("fdkeeper.sock");
                 let keeper = tokio::task::spawn_blocking(move || {
-                    std::env::current_exe()
-                        .and_then(|exe| mapguard::keeper::Keeper::ensure(&sock, &exe))
+                    std::env::current_exe().and_then(|exe| {
+                        imacri_runtime::integrity::keeper::Keeper::ensure(&sock, &exe)
+                    })
                 })
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
@@ -218,6 +228,18 @@ impl CriServer {
         ctr: &str,
         pid: u32,
     ) -> Result<Option<Watch>> {
+        self.measure_with(pod, ctr, pid, None).await
+    }
+
+    /// As [`measure_container`], or with `kept`, taking back the group the
+    /// last imacri left with the fd keeper (no new marks, no start entry).
+    async fn measure_with(
+        &self,
+        pod: &str,
+        ctr: &str,
+        pid: u32,
+        kept: Option<std::os::fd::OwnedFd>,
+    ) -> Result<Option<Watch>> {
         let sb = self.sandbox(pod)?;
         let st = sb.state();
         if !is_fanotify(&st) {
@@ -284,7 +306,13 @@ impl CriServer {
             triggers,
             volumes: volumes.into_iter().map(|(_, h)| h).collect(),
         };
-        let w = fanotify::watch(engine, target)?;
+        let keeper = self.integrity.keeper();
+        if let (Some(fd), Some(k)) = (kept, keeper) {
+            let (w, denied) = fanotify::adopt(engine, target, fd, k)?;
+            tracing::info!(pod_sandbox_id = %pod, container_id = %ctr, denied, "fanotify group taken back from the fd keeper: executions waited for imacri");
+            return Ok(Some(w));
+        }
+        let w = fanotify::watch(engine, target, keeper)?;
         self.record_start(pod, ctr, &image)?;
         tracing::info!(pod_sandbox_id = %pod, container_id = %ctr, mode = ?i.mode, "container measured by fanotify");
         Ok(Some(w))
@@ -325,13 +353,55 @@ impl CriServer {
         }
     }
 
-    /// After a restart: measure running containers again and log the gap.
+    /// The fanotify groups the last imacri left with the fd keeper, by
+    /// container.
+    pub(crate) fn kept_groups(&self) -> HashMap<String, std::os::fd::OwnedFd> {
+        let Some(k) = self.integrity.keeper() else {
+            return HashMap::new();
+        };
+        match k.all() {
+            Ok(all) => all
+                .into_iter()
+                .filter_map(|(key, fd)| Some((key.strip_prefix(keeper::FANOTIFY)?.to_string(), fd)))
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "the fd keeper did not answer: running ima containers get a gap");
+                HashMap::new()
+            }
+        }
+    }
+
+    /// After recovery: groups of containers that are gone are let go.
+    pub(crate) fn release_groups(&self, left: HashMap<String, std::os::fd::OwnedFd>) {
+        if let Some(k) = self.integrity.keeper() {
+            for ctr in left.keys() {
+                let _ = k.drop_key(&format!("{}{ctr}", keeper::FANOTIFY));
+            }
+        }
+    }
+
+    /// After a restart: measure running containers again. With the group
+    /// the keeper kept, nothing ran unmeasured (its executions waited):
+    /// `(watch, true)`. Otherwise the container is marked anew and the gap
+    /// is logged: `(watch, false)`.
     pub(crate) async fn remeasure_after_restart(
         &self,
         pod: &str,
         ctr: &str,
         pid: u32,
-    ) -> Option<Watch> {
+        kept: &mut HashMap<String, std::os::fd::OwnedFd>,
+    ) -> (Option<Watch>, bool) {
+        if let Some(fd) = kept.remove(ctr) {
+            match self.measure_with(pod, ctr, pid, Some(fd)).await {
+                Ok(w) => return (w, true),
+                Err(e) => {
+                    tracing::error!(pod_sandbox_id = %pod, container_id = %ctr, error = %e, "cannot take back the kept fanotify group; marking anew");
+                    if let Some(k) = self.integrity.keeper() {
+                        let _ = k.drop_key(&format!("{}{ctr}", keeper::FANOTIFY));
+                    }
+                }
+            }
+        }
         match self.measure_container(pod, ctr, pid).await {
             Ok(Some(w)) => {
                 if let Err(e) =
@@ -341,12 +411,12 @@ impl CriServer {
                 {
                     tracing::error!(container_id = %ctr, error = %e, "recording the measurement gap");
                 }
-                Some(w)
+                (Some(w), false)
             }
-            Ok(None) => None,
+            Ok(None) => (None, false),
             Err(e) => {
                 tracing::error!(pod_sandbox_id = %pod, container_id = %ctr, error = %e, "cannot measure a running ima container after restart");
-                None
+                (None, false)
             }
         }
     }

@@ -36,6 +36,8 @@ impl CriServer {
                 }
             }
         }
+        // Running ima containers whose groups the keeper held waited for us.
+        let mut kept = self.kept_groups();
         for c in self.containers.all() {
             let st = c.state();
             if st.phase != ContainerPhase::Running {
@@ -53,12 +55,13 @@ impl CriServer {
                         p.exists().then_some(p)
                     };
                     live.copy_output(fifo("stdout"), fifo("stderr"), log);
-                    live.measure = self
-                        .remeasure_after_restart(&st.sandbox_id, &c.id, t.pid)
+                    let (watch, waited) = self
+                        .remeasure_after_restart(&st.sandbox_id, &c.id, t.pid, &mut kept)
                         .await;
+                    live.measure = watch;
                     self.set_io(&c.id, live);
                     self.watch_exit(&c.id);
-                    if self.must_kill_unmeasured(&st.sandbox_id) {
+                    if !waited && self.must_kill_unmeasured(&st.sandbox_id) {
                         tracing::warn!(container_id = %c.id, "killing a container that ran unmeasured while imacri was down (ima.fail_mode = \"closed\")");
                         let _ = c.update(|s| {
                             s.reason = "ImaUnmeasured".into();
@@ -100,5 +103,6 @@ impl CriServer {
                 Err(e) => tracing::error!(container_id = %c.id, error = %e, "recovering container"),
             }
         }
+        self.release_groups(kept);
     }
 }

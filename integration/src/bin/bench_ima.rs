@@ -126,6 +126,7 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
             triggers: Triggers::from_rules(&rules, |u| u),
             volumes: Vec::new(),
         },
+        None,
     )?;
     let _ = exec_once(&bin)?; // first: hashed and logged
     let hits0 = engine.stats.cache_hits.load(Relaxed);

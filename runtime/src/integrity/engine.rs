@@ -159,9 +159,26 @@ pub struct Engine {
     /// Fault injection for the fail-closed tests: every reader fails after
     /// this many events (`IMACRI_TEST_FANOTIFY_FAIL_AFTER`).
     pub(super) fail_after: Option<u64>,
+    /// Fault injection for the restart tests: an event for a path
+    /// containing this is read and never answered, as by an imacri that
+    /// died while hashing (`IMACRI_TEST_FANOTIFY_STALL`).
+    pub(super) stall: Option<String>,
+    /// Set when imacri shuts down: watches then leave their groups with the
+    /// fd keeper, so the containers wait for the next imacri.
+    detached: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
+    /// imacri is going away (not the containers): keep what is kept.
+    pub fn detach(&self) {
+        self.detached
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn detached(&self) -> bool {
+        self.detached.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn new(
         journal: Arc<Journal>,
         notices: tokio::sync::mpsc::UnboundedSender<Notice>,
@@ -178,6 +195,8 @@ impl Engine {
             fail_after: std::env::var("IMACRI_TEST_FANOTIFY_FAIL_AFTER")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            stall: std::env::var("IMACRI_TEST_FANOTIFY_STALL").ok(),
+            detached: Default::default(),
         });
         for i in 0..workers.max(1) {
             let queue = queue.clone();

@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 
 use super::digest::FileKey;
 use super::engine::{Engine, Measured, Pending};
+use super::keeper::{self, Keeper};
 use super::log::Event;
 use crate::integrity::policy::Rule;
 
@@ -149,17 +150,25 @@ impl Pending for FanPending {
     }
 }
 
-/// A running watch; dropping it stops measuring (the group closes).
+/// A running watch; dropping it stops measuring (the group closes, and
+/// the keeper's copy with it).
 pub struct Watch {
     stop: Option<OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
     engine: Arc<Engine>,
     container: String,
+    kept: Option<(Keeper, String)>,
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
         self.engine.unregister(&self.container);
+        if let Some((k, key)) = self.kept.take().filter(|_| !self.engine.detached()) {
+            if let Err(e) = k.drop_key(&key) {
+                // It notices the marks going with the container's filesystems.
+                tracing::debug!(container_id = %self.container, error = %e, "fd keeper: fanotify group not dropped");
+            }
+        }
         // Closing the pipe's write end wakes the reader, which closes the group.
         self.stop.take();
         if let Some(t) = self.thread.take() {
@@ -186,8 +195,14 @@ pub fn probe() -> Result<(), String> {
 }
 
 /// Marks the container's filesystem and starts answering its events; the
-/// container is registered with the engine for its other sources.
-pub fn watch(engine: &Arc<Engine>, target: Target) -> Result<Watch, FanotifyError> {
+/// container is registered with the engine for its other sources. With
+/// `keeper`, a copy of the group is kept there before any of the
+/// container's processes run, so its executions wait while imacri is down.
+pub fn watch(
+    engine: &Arc<Engine>,
+    target: Target,
+    keeper: Option<&Keeper>,
+) -> Result<Watch, FanotifyError> {
     let fan = Fanotify::init(
         InitFlags::FAN_CLASS_CONTENT
             | InitFlags::FAN_CLOEXEC
@@ -208,6 +223,52 @@ pub fn watch(engine: &Arc<Engine>, target: Target) -> Result<Watch, FanotifyErro
             source,
         })?;
     }
+    let kept = keeper.and_then(|k| {
+        let key = format!("{}{}", keeper::FANOTIFY, target.measured.container);
+        match k.put(&key, fan.as_fd()) {
+            Ok(()) => Some((k.clone(), key)),
+            Err(e) => {
+                tracing::warn!(container_id = %target.measured.container, error = %e, "fd keeper: fanotify group not kept; while imacri is down the container runs unmeasured");
+                None
+            }
+        }
+    });
+    let key = kept.as_ref().map(|(k, key)| (k.clone(), key.clone()));
+    start(engine, fan, target, kept).inspect_err(|_| {
+        if let Some((k, key)) = key {
+            let _ = k.drop_key(&key);
+        }
+    })
+}
+
+/// After a restart: takes back a container's group from the keeper. Its
+/// marks are in place and its queued events waited for us; the events the
+/// last imacri read but never answered are denied first (their tasks get
+/// EPERM: nothing measured them), because the kernel matches answers by fd
+/// number and one of ours could otherwise answer an old event.
+pub fn adopt(
+    engine: &Arc<Engine>,
+    target: Target,
+    group: OwnedFd,
+    keeper: &Keeper,
+) -> Result<(Watch, usize), FanotifyError> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: the keeper handed us a fanotify group fd we now own.
+    let fan = unsafe { Fanotify::from_raw_fd(group.into_raw_fd()) };
+    let denied = keeper::deny_unanswered(fan.as_fd());
+    let key = format!("{}{}", keeper::FANOTIFY, target.measured.container);
+    Ok((
+        start(engine, fan, target, Some((keeper.clone(), key)))?,
+        denied,
+    ))
+}
+
+fn start(
+    engine: &Arc<Engine>,
+    fan: Fanotify,
+    target: Target,
+    kept: Option<(Keeper, String)>,
+) -> Result<Watch, FanotifyError> {
     let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| FanotifyError::Thread(e.into()))?;
     let container = target.measured.container.clone();
     engine.register(target.measured.clone());
@@ -229,6 +290,7 @@ pub fn watch(engine: &Arc<Engine>, target: Target) -> Result<Watch, FanotifyErro
         thread: Some(thread),
         engine: engine.clone(),
         container,
+        kept,
     })
 }
 
@@ -291,6 +353,14 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
         tracing::warn!(container_id = %group.target.measured.container, "fanotify queue overflow");
         return;
     };
+    if let Some(stall) = &engine.stall {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        if link.is_ok_and(|p| p.to_string_lossy().contains(stall.as_str())) {
+            // Test only: unanswered, its fd (the answer's key) kept open.
+            std::mem::forget(ev);
+            return;
+        }
+    }
     let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) else {
         return answer(group, &ev, false);
     };

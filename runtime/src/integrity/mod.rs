@@ -12,6 +12,7 @@ pub mod fanotify;
 pub mod golden;
 pub mod guard;
 pub mod journal;
+pub mod keeper;
 pub mod kernel;
 pub mod log;
 pub mod mapguard;

@@ -225,6 +225,17 @@ pub fn probe(tcti: &str, pcr: u32) -> TResult<[u8; 32]> {
     read_pcr(&mut context(tcti)?, &selection(pcr)?)
 }
 
+/// Whether the TPM holds an RSA 2048 EK certificate (for `imacri check`).
+pub fn has_ek_certificate(tcti: &str) -> bool {
+    context(tcti).is_ok_and(|mut ctx| {
+        ek::retrieve_ek_pubcert(
+            &mut ctx,
+            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+        )
+        .is_ok()
+    })
+}
+
 fn read_pcr(ctx: &mut Context, sel: &PcrSelectionList) -> TResult<[u8; 32]> {
     let (_, _, values) = cmd("reading the PCR", ctx.pcr_read(sel.clone()))?;
     values

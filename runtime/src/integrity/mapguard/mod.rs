@@ -30,7 +30,7 @@
 //! fd number, so a second thread that swaps the fd between our check and the
 //! kernel's could map another file. The window is the answer's latency.
 
-pub mod keeper;
+use super::keeper;
 mod profile;
 
 use profile::PERSONALITY_QUERY;
@@ -130,6 +130,11 @@ impl Supervisor {
         })
     }
 
+    /// The fd keeper, if one runs.
+    pub fn keeper(&self) -> Option<&keeper::Keeper> {
+        self.keeper.as_ref()
+    }
+
     /// After a restart: answers the listeners a previous imacri left with
     /// the keeper (calls made meanwhile waited for this). Returns how many.
     pub fn adopt(&self, engine: &Arc<Engine>) -> usize {
@@ -141,6 +146,11 @@ impl Supervisor {
                 return 0;
             }
         };
+        // The fanotify groups kept there are the recovery's to adopt.
+        let kept: Vec<_> = kept
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(keeper::FANOTIFY))
+            .collect();
         let n = kept.len();
         for (key, fd) in kept {
             let container = key.split('/').next().unwrap_or_default().to_string();

@@ -1,18 +1,26 @@
-//! Keeps the map guard's seccomp listener fds open while imacri is not
-//! running (a crash, an upgrade). Without it the kernel answers every
-//! guarded call of the containers' existing processes with ENOSYS once
-//! imacri's copy closes: fail-closed, but a running workload that maps a
-//! library later breaks for good. With a copy held here, those calls wait
-//! for the next imacri, which takes the fds back and answers them.
+//! Keeps the measurement fds open while imacri is not running (a crash, an
+//! upgrade), so the containers of ima pods wait for the next imacri instead
+//! of running on unmeasured or failing for good:
+//! - the map guard's seccomp listeners: without a copy the kernel answers
+//!   every guarded call with ENOSYS once imacri's copy closes (fail-closed,
+//!   but a workload that maps a library later breaks);
+//! - the fanotify groups (keys `fan:<container>`): without a copy the group
+//!   is released when imacri's closes, and the kernel *allows* every pending
+//!   and later execution unmeasured. With one, the marks stay, events queue
+//!   and their tasks wait (killably) for the next imacri, which takes the
+//!   group back.
 //!
 //! The keeper is `imacri internal fd-keeper --socket <state>/fdkeeper.sock`, a
 //! session of its own so it outlives imacri. It holds nothing else, answers
 //! only root (the socket is 0600), drops a listener once no task uses its
-//! filter (POLLHUP) and exits when it holds none and no imacri holds on.
+//! filter (POLLHUP), a fanotify group once imacri drops it or none of its
+//! marked filesystems exists any more, and exits when it holds nothing and
+//! no imacri holds on.
 //!
 //! Protocol (SOCK_SEQPACKET, one message per request): `PUT <key>` with one
-//! fd; `ALL`, answered by `FD <key>` messages with a copy each, then `END`;
-//! `HOLD`, a connection imacri keeps open so the keeper stays up.
+//! fd; `DROP <key>`; `ALL`, answered by `FD <key>` messages with a copy
+//! each, then `END`; `HOLD`, a connection imacri keeps open so the keeper
+//! stays up.
 
 use nix::sys::socket::{
     accept, bind, listen, recvmsg, sendmsg, socket, AddressFamily, Backlog, ControlMessage,
@@ -23,6 +31,58 @@ use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// Keys of fanotify groups start with this.
+pub const FANOTIFY: &str = "fan:";
+
+/// True while a fanotify group (an fd of this process) still has a mark:
+/// once every marked filesystem is gone, nothing can wait on it.
+fn fanotify_marked(fd: BorrowedFd<'_>) -> bool {
+    match std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())) {
+        // "fanotify flags:..." is the group; marks are the other lines.
+        Ok(info) => info
+            .lines()
+            .any(|l| l.starts_with("fanotify ") && !l.starts_with("fanotify flags:")),
+        Err(_) => false,
+    }
+}
+
+/// Answers "deny" for every event of a fanotify group that a reader took
+/// and can no longer answer (it is gone). The kernel keys answers by the
+/// fd number the reader got, so every number a previous reader could have
+/// held is tried (below our open-file limit: the same binary, the same
+/// limit). Returns how many events were denied.
+pub fn deny_unanswered(group: BorrowedFd<'_>) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a plain syscall on a local struct.
+    let top = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur.min(1 << 20) as i32
+    } else {
+        1 << 16
+    };
+    let mut denied = 0;
+    for n in 0..top {
+        let r = libc::fanotify_response {
+            fd: n,
+            response: libc::FAN_DENY,
+        };
+        // SAFETY: the response is a plain C struct, written whole.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&r as *const libc::fanotify_response).cast::<u8>(),
+                std::mem::size_of::<libc::fanotify_response>(),
+            )
+        };
+        // ENOENT: no event waits under that number.
+        if nix::unistd::write(group, bytes).is_ok() {
+            denied += 1;
+        }
+    }
+    denied
+}
 
 /// How long an idle keeper with nothing to keep waits for a client.
 const IDLE_EXIT: Duration = Duration::from_secs(2);
@@ -179,6 +239,17 @@ impl Keeper {
         })
     }
 
+    /// Tells the keeper to close its copy of `key` (no reply awaited beyond
+    /// its acknowledgement; a gone keeper holds nothing anyway).
+    pub fn drop_key(&self, key: &str) -> std::io::Result<()> {
+        let s = self.connect()?;
+        send(s.as_fd(), &format!("DROP {key}"), None)?;
+        match recv(s.as_fd())? {
+            (Some(t), _) if t == "OK" => Ok(()),
+            (t, _) => Err(std::io::Error::other(format!("fd keeper answered {t:?}"))),
+        }
+    }
+
     fn put_once(&self, key: &str, fd: BorrowedFd<'_>) -> std::io::Result<()> {
         let s = self.connect()?;
         send(s.as_fd(), &format!("PUT {key}"), Some(fd))?;
@@ -256,6 +327,19 @@ pub fn run(path: &Path) -> std::io::Result<()> {
         for k in gone {
             held.remove(&k);
         }
+        held.retain(|k, f| !k.starts_with(FANOTIFY) || fanotify_marked(f.as_fd()));
+        if left.iter().any(|l| *l) {
+            // The imacri that read the groups' events is gone: what it took
+            // and did not answer, nobody ever will. Deny it now, so no task
+            // waits forever and no event pins a container's filesystem.
+            for f in held
+                .iter()
+                .filter(|(k, _)| k.starts_with(FANOTIFY))
+                .map(|(_, f)| f)
+            {
+                deny_unanswered(f.as_fd());
+            }
+        }
         let mut gone_holders = left.into_iter();
         holders.retain(|_| !gone_holders.next().unwrap_or(false));
         if !holders.is_empty() {
@@ -296,6 +380,9 @@ fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) -> bool {
             held.insert(key.to_string(), fd);
             let _ = send(c, "OK", None);
         }
+    } else if let Some(key) = text.strip_prefix("DROP ") {
+        held.remove(key);
+        let _ = send(c, "OK", None);
     } else if text == "ALL" {
         for (k, f) in held.iter() {
             if send(c, &format!("FD {k}"), Some(f.as_fd())).is_err() {
