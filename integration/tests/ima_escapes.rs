@@ -861,3 +861,41 @@ async fn an_execution_in_flight_at_a_crash_is_refused() {
     let mut rt = d.runtime().await.unwrap();
     stop_pod(&mut rt, &pod).await;
 }
+
+/// The same for an executable mapping: a notification the dead imacri
+/// received and never answered is refused (EPERM) instead of leaving its
+/// task blocked in mmap until killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapping_in_flight_at_a_crash_is_refused() {
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "").await;
+    d.kill();
+    d.vars = vec![("IMACRI_TEST_MAPGUARD_STALL".into(), "/tmp/stall.bin".into())];
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("map-in-flight", "measure");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let (_c, tmp) = runner(
+        &mut rt,
+        &pod,
+        &cfg,
+        &image,
+        "escape file-mmap /tmp/stall.bin",
+        "true",
+    )
+    .await;
+    drop(rt);
+    go_while_down(&tmp, "stalled mapping");
+    d.kill();
+    d.vars.clear();
+    d.spawn().await.unwrap();
+    let out = next_out(&tmp, "after the restart", &d);
+    assert!(!out.contains("RAN file-mmap"), "{out}");
+    assert!(out.contains("refused"), "{out}");
+    // Mapping it again is measured and allowed.
+    std::fs::write(tmp.join("go"), "").unwrap();
+    let out = next_out(&tmp, "for the second mapping", &d);
+    assert!(out.contains("RAN file-mmap"), "{out}");
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}

@@ -324,6 +324,7 @@ fn mapping_cost(engine: &Arc<Engine>, file: &Path, guarded: bool) -> Result<f64>
             Arc::downgrade(engine),
             listener,
             "bench-ctr".into(),
+            None,
         )?;
     }
     child.stdin.take().context("stdin")?.write_all(b"go\n")?;

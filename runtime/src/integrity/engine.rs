@@ -163,6 +163,8 @@ pub struct Engine {
     /// containing this is read and never answered, as by an imacri that
     /// died while hashing (`IMACRI_TEST_FANOTIFY_STALL`).
     pub(super) stall: Option<String>,
+    /// The same for the map guard's notifications (`IMACRI_TEST_MAPGUARD_STALL`).
+    pub(super) map_stall: Option<String>,
     /// Set when imacri shuts down: watches then leave their groups with the
     /// fd keeper, so the containers wait for the next imacri.
     detached: std::sync::atomic::AtomicBool,
@@ -196,6 +198,7 @@ impl Engine {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             stall: std::env::var("IMACRI_TEST_FANOTIFY_STALL").ok(),
+            map_stall: std::env::var("IMACRI_TEST_MAPGUARD_STALL").ok(),
             detached: Default::default(),
         });
         for i in 0..workers.max(1) {

@@ -84,6 +84,91 @@ pub fn deny_unanswered(group: BorrowedFd<'_>) -> usize {
     denied
 }
 
+/// The last notification id imacri received on one kept seccomp listener,
+/// in a file of its own under `<state>/mapguard-ids/`: what an imacri that
+/// died had received but not answered has an id at most this, and is
+/// denied by whoever finds the listener orphaned (the keeper as imacri's
+/// connection drops, the next imacri before it listens).
+pub struct IdFile {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+/// How far below the last received id orphans are looked for (more
+/// notifications than this in flight at once is beyond a pod's quotas).
+const ORPHAN_WINDOW: u64 = 16384;
+
+impl IdFile {
+    fn path_for(dir: &Path, key: &str) -> PathBuf {
+        dir.join(key.replace('/', "_"))
+    }
+
+    /// Opens (creating) the id file of listener `key`.
+    pub fn open(dir: &Path, key: &str) -> std::io::Result<IdFile> {
+        std::fs::create_dir_all(dir)?;
+        let path = Self::path_for(dir, key);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        Ok(IdFile { path, file })
+    }
+
+    /// Records a received id (one positioned write, no fsync: the file is
+    /// on the state tmpfs and only has to outlive the process).
+    pub fn record(&self, id: u64) {
+        use std::os::unix::fs::FileExt;
+        let _ = self.file.write_at(&id.to_le_bytes(), 0);
+    }
+
+    pub fn last(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 8];
+        self.file
+            .read_exact_at(&mut b, 0)
+            .ok()
+            .map(|()| u64::from_le_bytes(b))
+    }
+
+    /// Denies (EPERM) every notification of `notify` received (by an
+    /// imacri now gone) and never answered. Notifications not received yet
+    /// are left alone (the kernel answers EINPROGRESS for them).
+    pub fn deny_orphans(&self, notify: BorrowedFd<'_>) -> usize {
+        let Some(last) = self.last() else { return 0 };
+        let mut denied = 0;
+        for id in last.saturating_sub(ORPHAN_WINDOW)..=last {
+            // SAFETY: plain old data, zeroed then filled.
+            let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
+            resp.id = id;
+            resp.error = -libc::EPERM;
+            // SAFETY: an ioctl on a seccomp listener with a response struct.
+            let r = unsafe {
+                libc::ioctl(
+                    notify.as_raw_fd(),
+                    libc::SECCOMP_IOCTL_NOTIF_SEND as _,
+                    &mut resp as *mut libc::seccomp_notif_resp,
+                )
+            };
+            if r == 0 {
+                denied += 1;
+            }
+        }
+        denied
+    }
+
+    /// The listener is done: its file goes.
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Where the id files of the keeper at `socket` live.
+pub fn ids_dir(socket: &Path) -> PathBuf {
+    socket.with_file_name("mapguard-ids")
+}
+
 /// How long an idle keeper with nothing to keep waits for a client.
 const IDLE_EXIT: Duration = Duration::from_secs(2);
 
@@ -167,8 +252,19 @@ impl Keeper {
         Ok(k)
     }
 
-    /// (Re)opens the `HOLD` connection.
+    /// (Re)opens the `HOLD` connection. A live one is kept: the keeper
+    /// takes a holder's leaving for imacri's death and denies what was in
+    /// flight.
     fn hold(&self) -> std::io::Result<()> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        if let Ok(h) = self.hold.lock() {
+            if let Some(c) = h.as_ref() {
+                let mut fds = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
+                if poll(&mut fds, PollTimeout::ZERO) == Ok(0) {
+                    return Ok(());
+                }
+            }
+        }
         let s = self.connect()?;
         send(s.as_fd(), "HOLD", None)?;
         if let Ok(mut h) = self.hold.lock() {
@@ -237,6 +333,11 @@ impl Keeper {
             self.start()?;
             self.put_once(key, fd)
         })
+    }
+
+    /// Where the id files of the listeners kept here live.
+    pub fn ids_dir(&self) -> PathBuf {
+        ids_dir(&self.path)
     }
 
     /// Tells the keeper to close its copy of `key` (no reply awaited beyond
@@ -326,18 +427,19 @@ pub fn run(path: &Path) -> std::io::Result<()> {
         drop(fds);
         for k in gone {
             held.remove(&k);
+            let _ = std::fs::remove_file(IdFile::path_for(&ids_dir(path), &k));
         }
         held.retain(|k, f| !k.starts_with(FANOTIFY) || fanotify_marked(f.as_fd()));
         if left.iter().any(|l| *l) {
             // The imacri that read the groups' events is gone: what it took
             // and did not answer, nobody ever will. Deny it now, so no task
             // waits forever and no event pins a container's filesystem.
-            for f in held
-                .iter()
-                .filter(|(k, _)| k.starts_with(FANOTIFY))
-                .map(|(_, f)| f)
-            {
-                deny_unanswered(f.as_fd());
+            for (k, f) in held.iter() {
+                if k.starts_with(FANOTIFY) {
+                    deny_unanswered(f.as_fd());
+                } else if let Ok(ids) = IdFile::open(&ids_dir(path), k) {
+                    ids.deny_orphans(f.as_fd());
+                }
             }
         }
         let mut gone_holders = left.into_iter();

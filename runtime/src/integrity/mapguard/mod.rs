@@ -154,8 +154,11 @@ impl Supervisor {
         let n = kept.len();
         for (key, fd) in kept {
             let container = key.split('/').next().unwrap_or_default().to_string();
-            tracing::info!(container_id = %container, "map guard: listening again after a restart");
-            if let Err(e) = listen(Arc::downgrade(engine), fd, container) {
+            // What the last imacri received and never answered first.
+            let ids = keeper::IdFile::open(&k.ids_dir(), &key).ok();
+            let denied = ids.as_ref().map_or(0, |i| i.deny_orphans(fd.as_fd()));
+            tracing::info!(container_id = %container, denied, "map guard: listening again after a restart");
+            if let Err(e) = listen(Arc::downgrade(engine), fd, container, ids) {
                 tracing::error!(error = %e, "map guard: cannot start a listener thread");
             }
         }
@@ -180,6 +183,7 @@ fn accept(
         return tracing::error!(container_id = %state.state.id, "map guard: runc sent no seccomp fd");
     };
     tracing::debug!(container_id = %state.state.id, pod_sandbox_id = %state.metadata, "map guard: listening");
+    let mut ids = None;
     if let Some(k) = keeper {
         // Unique per listener (a container's exec processes have their own).
         let key = format!(
@@ -188,11 +192,14 @@ fn accept(
             state.metadata,
             crate::ids::now_nanos()
         );
+        ids = keeper::IdFile::open(&k.ids_dir(), &key)
+            .inspect_err(|e| tracing::warn!(container_id = %state.state.id, error = %e, "map guard: no id file; calls in flight at a crash wait until killed"))
+            .ok();
         if let Err(e) = k.put(&key, fd.as_fd()) {
             tracing::warn!(container_id = %state.state.id, error = %e, "map guard: fd not kept; its calls fail while imacri is down");
         }
     }
-    if let Err(e) = listen(engine.clone(), fd, state.state.id) {
+    if let Err(e) = listen(engine.clone(), fd, state.state.id, ids) {
         // The fd was dropped: the container's guarded calls fail (ENOSYS),
         // closed.
         tracing::error!(error = %e, "map guard: cannot start a listener thread");
@@ -202,11 +209,21 @@ fn accept(
 /// Answers the notifications of one seccomp listener fd, for `container`
 /// (registered with the engine), on a thread of its own until no task uses
 /// the filter.
-pub fn listen(engine: Weak<Engine>, fd: OwnedFd, container: String) -> std::io::Result<()> {
+pub fn listen(
+    engine: Weak<Engine>,
+    fd: OwnedFd,
+    container: String,
+    ids: Option<keeper::IdFile>,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("imacri-seccomp".into())
         .stack_size(256 * 1024)
-        .spawn(move || serve(&engine, fd, &container))
+        .spawn(move || {
+            serve(&engine, fd, &container, ids.as_ref());
+            if let Some(i) = ids {
+                i.remove();
+            }
+        })
         .map(|_| ())
 }
 
@@ -241,7 +258,7 @@ fn receive(conn: &std::os::unix::net::UnixStream) -> std::io::Result<(Vec<u8>, V
 }
 
 /// Answers one listener's notifications until no task uses its filter.
-fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str) {
+fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&keeper::IdFile>) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let notify = Arc::new(notify);
     loop {
@@ -275,6 +292,9 @@ fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str) {
                     return tracing::error!(container_id = %container, error = %e, "map guard: receiving")
                 }
             }
+        }
+        if let Some(i) = ids {
+            i.record(req.id);
         }
         let Some(engine) = engine.upgrade() else {
             return;
@@ -376,6 +396,16 @@ fn handle(engine: &Engine, notify: &Arc<OwnedFd>, container: &str, req: &libc::s
     if files.is_empty() {
         // Anonymous memory only (e.g. a JIT's mprotect): not a file.
         return respond(notify, req.id, true);
+    }
+    if let Some(stall) = &engine.map_stall {
+        let stalled = files.iter().any(|f| {
+            std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                .is_ok_and(|p| p.to_string_lossy().contains(stall.as_str()))
+        });
+        if stalled {
+            // Test only: received and never answered.
+            return;
+        }
     }
     let reply = Arc::new(Reply {
         notify: notify.clone(),
