@@ -250,6 +250,7 @@ fn main() -> Result<()> {
         cmd: InternalCmd::FdKeeper { socket },
     } = &cli.cmd
     {
+        imacri_runtime::integrity::keeper::close_inherited();
         imacri_runtime::integrity::keeper::run(socket)?;
         return Ok(());
     }

@@ -35,6 +35,15 @@ pub struct Integrity {
     mapguard: Option<Supervisor>,
 }
 
+/// The fds the fd keeper held for the last imacri.
+#[derive(Default)]
+pub(crate) struct Kept {
+    /// Fanotify groups by container ID.
+    pub groups: HashMap<String, std::os::fd::OwnedFd>,
+    /// Seccomp listeners with their keys.
+    pub listeners: Vec<(String, std::os::fd::OwnedFd)>,
+}
+
 impl Integrity {
     /// The fd keeper (it runs with the map guard), if any.
     pub fn keeper(&self) -> Option<&keeper::Keeper> {
@@ -344,31 +353,38 @@ impl CriServer {
 
     /// After recovery: answer the map-guard listeners the last imacri left
     /// with the fd keeper.
-    pub(crate) fn adopt_kept_listeners(&self) {
+    pub(crate) fn adopt_kept_listeners(&self, kept: Vec<(String, std::os::fd::OwnedFd)>) {
         if let (Some(m), Some(e)) = (&self.integrity.mapguard, &self.integrity.engine) {
-            let n = m.adopt(e);
+            let n = m.adopt(e, kept);
             if n > 0 {
                 tracing::info!(listeners = n, "map guard: kept listeners adopted");
             }
         }
     }
 
-    /// The fanotify groups the last imacri left with the fd keeper, by
-    /// container.
-    pub(crate) fn kept_groups(&self) -> HashMap<String, std::os::fd::OwnedFd> {
+    /// What the last imacri left with the fd keeper: its fanotify groups by
+    /// container, and its seccomp listeners by key.
+    pub(crate) fn kept_fds(&self) -> Kept {
+        let mut kept = Kept::default();
         let Some(k) = self.integrity.keeper() else {
-            return HashMap::new();
+            return kept;
         };
         match k.all() {
-            Ok(all) => all
-                .into_iter()
-                .filter_map(|(key, fd)| Some((key.strip_prefix(keeper::FANOTIFY)?.to_string(), fd)))
-                .collect(),
+            Ok(all) => {
+                for (key, fd) in all {
+                    match key.strip_prefix(keeper::FANOTIFY) {
+                        Some(ctr) => {
+                            kept.groups.insert(ctr.to_string(), fd);
+                        }
+                        None => kept.listeners.push((key, fd)),
+                    }
+                }
+            }
             Err(e) => {
                 tracing::error!(error = %e, "the fd keeper did not answer: running ima containers get a gap");
-                HashMap::new()
             }
         }
+        kept
     }
 
     /// After recovery: groups of containers that are gone are let go.

@@ -274,8 +274,9 @@ impl CriServer {
         });
         server.start_notice_consumer(notices);
         server.clean_staged_rootfs();
-        server.recover().await;
-        server.adopt_kept_listeners();
+        let kept = server.kept_fds();
+        let listeners = server.recover(kept).await;
+        server.adopt_kept_listeners(listeners);
         server.start_monitor().await;
         Ok(server)
     }

@@ -10,7 +10,11 @@ use std::sync::Arc;
 use super::{CriServer, LiveIo};
 
 impl CriServer {
-    pub(crate) async fn recover(self: &Arc<Self>) {
+    /// Returns the kept seccomp listeners for the map guard to adopt.
+    pub(crate) async fn recover(
+        self: &Arc<Self>,
+        kept: super::integrity::Kept,
+    ) -> Vec<(String, std::os::fd::OwnedFd)> {
         for sb in self.sandboxes.all() {
             let st = sb.state();
             if st.phase == SandboxPhase::Creating {
@@ -37,7 +41,7 @@ impl CriServer {
             }
         }
         // Running ima containers whose groups the keeper held waited for us.
-        let mut kept = self.kept_groups();
+        let mut groups = kept.groups;
         for c in self.containers.all() {
             let st = c.state();
             if st.phase != ContainerPhase::Running {
@@ -56,7 +60,7 @@ impl CriServer {
                     };
                     live.copy_output(fifo("stdout"), fifo("stderr"), log);
                     let (watch, waited) = self
-                        .remeasure_after_restart(&st.sandbox_id, &c.id, t.pid, &mut kept)
+                        .remeasure_after_restart(&st.sandbox_id, &c.id, t.pid, &mut groups)
                         .await;
                     live.measure = watch;
                     self.set_io(&c.id, live);
@@ -103,6 +107,7 @@ impl CriServer {
                 Err(e) => tracing::error!(container_id = %c.id, error = %e, "recovering container"),
             }
         }
-        self.release_groups(kept);
+        self.release_groups(groups);
+        kept.listeners
     }
 }

@@ -169,6 +169,19 @@ pub fn ids_dir(socket: &Path) -> PathBuf {
     socket.with_file_name("mapguard-ids")
 }
 
+/// How often kept fanotify groups are checked for marks left.
+const MARK_CHECK: Duration = Duration::from_secs(2);
+
+/// Closes every fd but stdio: the keeper outlives imacri and must not hold
+/// on to what imacri inherited (a parent's pipes). Call first thing in the
+/// keeper process, never in a process with fds of its own.
+pub fn close_inherited() {
+    // SAFETY: close_range on fds this fresh process does not use.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    }
+}
+
 /// How long an idle keeper with nothing to keep waits for a client.
 const IDLE_EXIT: Duration = Duration::from_secs(2);
 
@@ -388,6 +401,7 @@ pub fn run(path: &Path) -> std::io::Result<()> {
     // Open HOLD connections: an imacri is running.
     let mut holders: Vec<OwnedFd> = Vec::new();
     let mut idle_since = Instant::now();
+    let mut last_mark_check = Instant::now();
     loop {
         let keys: Vec<String> = held.keys().cloned().collect();
         let n = keys.len();
@@ -429,7 +443,10 @@ pub fn run(path: &Path) -> std::io::Result<()> {
             held.remove(&k);
             let _ = std::fs::remove_file(IdFile::path_for(&ids_dir(path), &k));
         }
-        held.retain(|k, f| !k.starts_with(FANOTIFY) || fanotify_marked(f.as_fd()));
+        if last_mark_check.elapsed() >= MARK_CHECK {
+            last_mark_check = Instant::now();
+            held.retain(|k, f| !k.starts_with(FANOTIFY) || fanotify_marked(f.as_fd()));
+        }
         if left.iter().any(|l| *l) {
             // The imacri that read the groups' events is gone: what it took
             // and did not answer, nobody ever will. Deny it now, so no task

@@ -136,21 +136,10 @@ impl Supervisor {
     }
 
     /// After a restart: answers the listeners a previous imacri left with
-    /// the keeper (calls made meanwhile waited for this). Returns how many.
-    pub fn adopt(&self, engine: &Arc<Engine>) -> usize {
+    /// the keeper (`kept`: its seccomp listeners; calls made meanwhile
+    /// waited for this). Returns how many.
+    pub fn adopt(&self, engine: &Arc<Engine>, kept: Vec<(String, OwnedFd)>) -> usize {
         let Some(k) = &self.keeper else { return 0 };
-        let kept = match k.all() {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(error = %e, "map guard: the fd keeper did not answer");
-                return 0;
-            }
-        };
-        // The fanotify groups kept there are the recovery's to adopt.
-        let kept: Vec<_> = kept
-            .into_iter()
-            .filter(|(k, _)| !k.starts_with(keeper::FANOTIFY))
-            .collect();
         let n = kept.len();
         for (key, fd) in kept {
             let container = key.split('/').next().unwrap_or_default().to_string();
