@@ -423,6 +423,86 @@ mod tests {
         assert_ne!(a.blob, b.blob);
     }
 
+    /// A public area shaped like imacri's AK (what the TPM returns), with
+    /// a real P-256 point.
+    fn ak_area() -> Vec<u8> {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        use tss_esapi::attributes::ObjectAttributesBuilder;
+        use tss_esapi::interface_types::algorithm::PublicAlgorithm;
+        use tss_esapi::structures::{
+            EccParameter, EccPoint, HashScheme, KeyDerivationFunctionScheme, PublicBuilder,
+            PublicEccParametersBuilder, SymmetricDefinitionObject,
+        };
+        let key = p256::SecretKey::random(&mut rand::thread_rng()).public_key();
+        let point = key.to_encoded_point(false);
+        let attrs = ObjectAttributesBuilder::new()
+            .with_fixed_tpm(true)
+            .with_fixed_parent(true)
+            .with_sensitive_data_origin(true)
+            .with_user_with_auth(true)
+            .with_restricted(true)
+            .with_sign_encrypt(true)
+            .build()
+            .unwrap();
+        let params = PublicEccParametersBuilder::new()
+            .with_ecc_scheme(EccScheme::EcDsa(HashScheme::new(HashingAlgorithm::Sha256)))
+            .with_curve(EccCurve::NistP256)
+            .with_is_signing_key(true)
+            .with_is_decryption_key(false)
+            .with_restricted(true)
+            .with_symmetric(SymmetricDefinitionObject::Null)
+            .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
+            .build()
+            .unwrap();
+        PublicBuilder::new()
+            .with_public_algorithm(PublicAlgorithm::Ecc)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(attrs)
+            .with_ecc_parameters(params)
+            .with_ecc_unique_identifier(EccPoint::new(
+                EccParameter::try_from(point.x().unwrap().to_vec()).unwrap(),
+                EccParameter::try_from(point.y().unwrap().to_vec()).unwrap(),
+            ))
+            .build()
+            .unwrap()
+            .marshall()
+            .unwrap()
+    }
+
+    #[test]
+    fn ak_attributes_are_checked() {
+        let area = ak_area();
+        let ak = check_ak(&area).unwrap();
+        assert_eq!(&ak.name[..2], &ALG_SHA256);
+        assert_eq!(&ak.name[2..], Sha256::digest(&area).as_slice());
+        // objectAttributes: bytes 4..8, big endian.
+        for (bit, set, what) in [
+            (1, false, "fixedTPM"),
+            (4, false, "fixedParent"),
+            (5, false, "sensitiveDataOrigin"),
+            (16, false, "restricted"),
+            (18, false, "sign"),
+            (17, true, "decrypt"),
+        ] {
+            let mut a = area.clone();
+            let mut attrs = u32::from_be_bytes([a[4], a[5], a[6], a[7]]);
+            if set {
+                attrs |= 1 << bit;
+            } else {
+                attrs &= !(1 << bit);
+            }
+            a[4..8].copy_from_slice(&attrs.to_be_bytes());
+            match check_ak(&a) {
+                Err(EnrollError::Ak(m)) => assert!(m.contains(what), "{what}: {m}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+        // Trailing bytes change the name the TPM would compute: refused.
+        let mut long = area.clone();
+        long.push(0);
+        assert!(check_ak(&long).is_err());
+    }
+
     #[test]
     fn garbage_public_areas_are_refused() {
         assert!(matches!(check_ak(b"\x00\x01"), Err(EnrollError::Ak(_))));
