@@ -390,7 +390,7 @@ async fn fetch(c: &mut AttestationClient<Channel>, pod: &str, nonce: Vec<u8>) ->
 }
 
 /// "GetLog: NotFound: pod sandbox ... not found": the node's words, with the code.
-fn rpc(what: &str, s: tonic::Status) -> anyhow::Error {
+pub(crate) fn rpc(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow!("{what}: {:?}: {}", s.code(), s.message())
 }
 

@@ -4,16 +4,13 @@
 //! operator's pin, and the AK only once the node's TPM has answered a
 //! credential made for that EK and bound to that AK's name.
 
+use crate::attest::rpc;
 use anyhow::{anyhow, bail, Context, Result};
 use imacri_api::attestation as pb;
 use imacri_api::attestation::attestation_client::AttestationClient;
 use imacri_runtime::integrity::enroll::{self, AkRecord, EkRecord, NodeIdentity};
 use std::path::Path;
 use tonic::transport::Channel;
-
-fn rpc(what: &str, s: tonic::Status) -> anyhow::Error {
-    anyhow!("{what}: {:?}: {}", s.code(), s.message())
-}
 
 async fn enrollment(c: &mut AttestationClient<Channel>) -> Result<pb::GetEnrollmentResponse> {
     Ok(c.get_enrollment(pb::GetEnrollmentRequest {})
@@ -28,12 +25,7 @@ async fn enrollment(c: &mut AttestationClient<Channel>) -> Result<pb::GetEnrollm
 pub async fn ek(c: &mut AttestationClient<Channel>) -> Result<String> {
     let e = enrollment(c).await?;
     let key = enroll::ek_from_public_area(&e.ek_public)?;
-    enroll::TrustedEk {
-        key,
-        anchor: String::new(),
-    }
-    .pem()
-    .map_err(Into::into)
+    Ok(enroll::ek_pem(&key)?)
 }
 
 /// `attest enroll`: check EK and AK, challenge the node, and return what

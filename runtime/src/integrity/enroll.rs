@@ -121,10 +121,14 @@ pub struct TrustedEk {
 
 impl TrustedEk {
     pub fn pem(&self) -> Result<String> {
-        self.key
-            .to_public_key_pem(LineEnding::LF)
-            .map_err(|e| EnrollError::Ek(format!("encoding: {e}")))
+        ek_pem(&self.key)
     }
+}
+
+/// An EK as PEM SubjectPublicKeyInfo (what `--ek-pubkey` pins).
+pub fn ek_pem(key: &RsaPublicKey) -> Result<String> {
+    key.to_public_key_pem(LineEnding::LF)
+        .map_err(|e| EnrollError::Ek(format!("encoding: {e}")))
 }
 
 /// The EK's RSA public key from its public area (marshalled TPMT_PUBLIC),
