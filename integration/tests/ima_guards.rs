@@ -181,6 +181,12 @@ async fn the_pause_containers_mounts_are_noexec_in_ima_pods() {
         ..Default::default()
     });
     let c = start_container(&mut rt, &pod, &cfg, c).await;
+    // Pause's pid namespace got the guard when the pod started; the
+    // container joins it rather than getting a helper of its own.
+    assert_eq!(
+        sh_ok(&mut rt, &c, "cat /proc/sys/vm/memfd_noexec").await,
+        "2"
+    );
     let pause = sh_ok(&mut rt, &c, "cat /proc/1/cmdline | tr '\\0' ' '").await;
     assert!(pause.contains("pause"), "/proc/1 is pause: {pause}");
     let mounts = sh_ok(&mut rt, &c, "cat /proc/1/mountinfo").await;

@@ -75,6 +75,7 @@ impl CriServer {
 
     async fn start_task_io(self: &Arc<Self>, c: &Arc<ContainerEntry>) -> Result<u32> {
         let st = c.state();
+        let mut laps = super::laps::Laps::new("StartContainer", &c.id);
         let stdio = io::create_fifos(&self.cfg.fifo_dir(), &c.id, c.config.stdin, c.config.tty)?;
         let log = if st.log_path.as_os_str().is_empty() {
             None
@@ -92,17 +93,29 @@ impl CriServer {
                 .c
                 .snapshot_mounts(&self.cfg.containerd.snapshotter, &c.id)
                 .await?;
+            laps.lap("io+mounts");
             let pod = self.sandbox(&st.sandbox_id)?;
+            self.sealed(&st.sandbox_id).await?;
             let pid = self
                 .create_task_on(&c.id, &pod.state(), mounts, &stdio, st.idmapped_rootfs)
                 .await?;
-            self.guard_process(&pod.state(), &c.id, pid).await?;
-            // Marked before the entrypoint can run (the task waits for start).
-            if let Some(w) = self.measure_container(&st.sandbox_id, &c.id, pid).await? {
+            laps.lap("task");
+            // Both before the entrypoint can run (the task waits for start);
+            // they touch different things, so they run side by side.
+            let pod_state = pod.state();
+            let (guarded, watch) = tokio::join!(
+                self.guard_process(&pod_state, &c.id, pid),
+                self.measure_container(&st.sandbox_id, &c.id, pid)
+            );
+            guarded?;
+            if let Some(w) = watch? {
                 self.set_measure(&c.id, w);
             }
+            laps.lap("guards+measure");
             self.watch_exit(&c.id);
-            self.c.start_task(&c.id, "").await
+            let r = self.c.start_task(&c.id, "").await;
+            laps.lap("start");
+            r
         }
         .await;
         if result.is_err() {

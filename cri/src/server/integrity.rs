@@ -33,7 +33,12 @@ pub struct Integrity {
     /// Removed ima pods still quotable.
     pub retained: imacri_runtime::integrity::retained::Retained,
     mapguard: Option<Supervisor>,
+    /// Pause rootfs seals in progress or done, by pod: None while running,
+    /// then the outcome. Containers of the pod start only after success.
+    seals: std::sync::Mutex<HashMap<String, Seal>>,
 }
+
+type Seal = tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>;
 
 /// The fds the fd keeper held for the last imacri.
 #[derive(Default)]
@@ -116,6 +121,7 @@ impl Integrity {
                     cfg.attestation.retention_secs,
                 ),
                 mapguard,
+                seals: Default::default(),
             },
             rx,
         ))
@@ -181,6 +187,11 @@ impl CriServer {
         let (Some(_), Some(u)) = (&st.ima, &st.userns) else {
             return Ok(());
         };
+        if st.pid != 0 && st.pid != pid && guard::same_pid_namespace(st.pid, pid) {
+            // pid POD: pause's namespace, guarded when the pod started (and
+            // the user namespace's setting is the pod's).
+            return Ok(());
+        }
         let userns = u.path.clone();
         tokio::task::spawn_blocking(move || guard::apply(pid, &userns))
             .await
@@ -204,6 +215,57 @@ impl CriServer {
             .map_err(|e| Error::Internal(format!("seal task: {e}")))??;
         tracing::debug!(pod_sandbox_id = %id, "pause rootfs sealed noexec");
         Ok(())
+    }
+
+    /// As [`seal_pause`], in the background: it waits for pause to settle
+    /// (a millisecond or two) while kubelet creates the pod's containers;
+    /// [`sealed`] holds their starts until it is done.
+    pub(crate) fn seal_pause_later(self: &Arc<Self>, st: &SandboxState, id: &str, pid: u32) {
+        if st.ima.is_none() {
+            return;
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        if let Ok(mut m) = self.integrity.seals.lock() {
+            m.insert(id.to_string(), rx);
+        }
+        let (me, st, id) = (self.clone(), st.clone(), id.to_string());
+        tokio::spawn(async move {
+            let res = me.seal_pause(&st, &id, pid).await;
+            if let Err(e) = &res {
+                tracing::error!(pod_sandbox_id = %id, error = %e, "sealing the pause rootfs failed: the pod's containers will not start");
+            }
+            let _ = tx.send(Some(res.map_err(|e| e.to_string())));
+        });
+    }
+
+    /// Waits for the pod's pause rootfs seal, if one was started by this
+    /// imacri (recovery seals synchronously); its failure refuses the start.
+    pub(crate) async fn sealed(&self, pod: &str) -> Result<()> {
+        let rx = self
+            .integrity
+            .seals
+            .lock()
+            .ok()
+            .and_then(|m| m.get(pod).cloned());
+        let Some(mut rx) = rx else { return Ok(()) };
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|v| v.clone())
+            .map_err(|_| Error::Internal("the pause rootfs seal task ended".into()))?;
+        match outcome {
+            Some(Err(e)) => Err(Error::FailedPrecondition(format!(
+                "the pause rootfs of ima pod {pod} could not be made noexec, so its containers cannot start: {e}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Forgets a removed pod's seal.
+    pub(crate) fn forget_seal(&self, pod: &str) {
+        if let Ok(mut m) = self.integrity.seals.lock() {
+            m.remove(pod);
+        }
     }
 
     /// Adds the map guard to the seccomp profile of a container of a

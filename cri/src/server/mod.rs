@@ -22,6 +22,7 @@ mod image_remove;
 mod image_status;
 mod image_volume;
 mod integrity;
+mod laps;
 mod lifecycle;
 mod metrics;
 mod monitor;

@@ -28,6 +28,9 @@ impl CriServer {
                 Ok(Some(t)) if t.status == TaskStatus::Running => {
                     let _ = sb.update(|s| s.pid = t.pid);
                     self.watch_exit(&sb.id);
+                    // The last imacri may have died before its seal (it runs
+                    // after RunPodSandbox's task start); sealing is idempotent.
+                    self.seal_pause_later(&sb.state(), &sb.id, t.pid);
                 }
                 Ok(_) => {
                     let _ = sb.update(|s| {

@@ -7,7 +7,7 @@ use imacri_runtime::ids::{new_id, now_nanos};
 use imacri_runtime::pod::{SandboxPhase, SandboxState, UsernsState};
 use imacri_runtime::{spec, Error, Result};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::validate::{sandbox_metadata, sandbox_name};
@@ -258,6 +258,7 @@ impl CriServer {
                 Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
             }
             Err(e) => {
+                self.forget_seal(&id);
                 if let Err(te) = self.teardown_sandbox(&entry).await {
                     tracing::error!(pod_sandbox_id = %id, error = %te, "rollback failed");
                 }
@@ -274,33 +275,38 @@ impl CriServer {
         host_net: bool,
     ) -> Result<u32> {
         let (id, st) = (entry.id.as_str(), &entry.state());
+        let mut laps = super::laps::Laps::new("RunPodSandbox", id);
         let dir = &st.dir;
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-        // The user namespace comes first; the netns is made inside it.
-        // Paths are recorded in `st` already; these create them.
-        let _netns: Option<PathBuf> = match (&st.userns, host_net) {
-            (Some(u), _) => {
-                let pinned =
-                    imacri_runtime::userns::create(&self.cfg.state, id, &u.mappings, !host_net)?;
-                pinned.netns
-            }
-            (None, true) => None,
-            (None, false) => Some(imacri_runtime::netns::create(&self.cfg.netns_dir(), id)?),
+        // The namespaces (user namespace first, the netns inside it) are made
+        // while the pause container's files and snapshot are prepared; CNI
+        // ADD (plugin executables, mostly waiting) starts as soon as the
+        // netns exists and runs while the pause container is made and
+        // started: the pause process needs no network. ADD is always joined
+        // before returning, so a rollback's DEL never races one in flight.
+        let namespaces = async {
+            let (me, id, state) = (self.clone(), id.to_string(), st.clone());
+            tokio::task::spawn_blocking(move || me.create_namespaces(&id, &state, host_net))
+                .await
+                .map_err(|e| Error::Internal(format!("namespace task: {e}")))??;
+            Ok::<_, Error>(st.netns.as_ref().map(|ns| {
+                let pod = super::lifecycle::pod_network(entry, ns);
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.cni.add(&pod))
+            }))
         };
-        // CNI ADD (plugin executables, mostly waiting) runs while the pause
-        // container is made and started: the pause process needs no network.
-        // It is always joined before returning, so a rollback's DEL never
-        // races an ADD still in flight.
-        let cni = st.netns.as_ref().map(|ns| {
-            let pod = super::lifecycle::pod_network(entry, ns);
-            let me = self.clone();
-            tokio::task::spawn_blocking(move || me.cni.add(&pod))
-        });
-        let started = self.start_pause(entry, image, host_net).await;
+        let (cni, prepared) = tokio::join!(namespaces, self.prepare_pause(entry, image, host_net));
+        laps.lap("namespaces+prepare");
+        let (cni, started) = match (cni, prepared) {
+            (Ok(cni), Ok(p)) => (cni, self.run_pause(entry, p, &mut laps).await),
+            (Ok(cni), Err(e)) => (cni, Err(e)),
+            (Err(e), _) => (None, Err(e)),
+        };
         if let Some(h) = cni {
             let att = h
                 .await
                 .map_err(|e| Error::Internal(format!("CNI ADD task: {e}")))?;
+            laps.lap("cni-wait");
             let pid = started?;
             let ips = att?.ips;
             entry.update(|s| s.ips = ips)?;
@@ -309,19 +315,30 @@ impl CriServer {
         started
     }
 
-    async fn start_pause(
+    /// The pod's pinned namespaces, as recorded in `st`.
+    fn create_namespaces(&self, id: &str, st: &SandboxState, host_net: bool) -> Result<()> {
+        match (&st.userns, host_net) {
+            (Some(u), _) => {
+                imacri_runtime::userns::create(&self.cfg.state, id, &u.mappings, !host_net)?;
+            }
+            (None, true) => {}
+            (None, false) => {
+                imacri_runtime::netns::create(&self.cfg.netns_dir(), id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pause container's files, spec, snapshot and containerd record:
+    /// everything before its task, which needs the pod's namespaces.
+    async fn prepare_pause(
         self: &Arc<Self>,
         entry: &super::SandboxEntry,
         image: &imacri_runtime::image::ImageRecord,
         host_net: bool,
-    ) -> Result<u32> {
+    ) -> Result<(Vec<containerd_client::types::Mount>, bool)> {
         let (id, config, st) = (entry.id.as_str(), &entry.config, &entry.state());
         let dir = &st.dir;
-        if let (Some(u), Some(i)) = (&st.userns, &st.ima) {
-            if i.backend == imacri_runtime::integrity::setting::Backend::Kernel.to_string() {
-                self.activate_kernel_ima(dir, &u.path, &i.policy).await?;
-            }
-        }
         let hostname = if host_net {
             node_hostname()
         } else {
@@ -379,17 +396,40 @@ impl CriServer {
         .await;
         // The container record holds the snapshot now; the lease can go.
         let _ = lease.delete(&self.c, false).await;
-        let (mounts, idmapped) = created?;
+        created
+    }
+
+    /// Creates and starts the pause task in the pod's namespaces.
+    async fn run_pause(
+        self: &Arc<Self>,
+        entry: &super::SandboxEntry,
+        (mounts, idmapped): (Vec<containerd_client::types::Mount>, bool),
+        laps: &mut super::laps::Laps,
+    ) -> Result<u32> {
+        let (id, st) = (entry.id.as_str(), &entry.state());
+        if let (Some(u), Some(i)) = (&st.userns, &st.ima) {
+            if i.backend == imacri_runtime::integrity::setting::Backend::Kernel.to_string() {
+                self.activate_kernel_ima(&st.dir, &u.path, &i.policy)
+                    .await?;
+            }
+        }
         let stdio = imacri_runtime::io::StdioPaths::default();
         let pid = self
             .create_task_on(id, st, mounts, &stdio, idmapped)
             .await?;
+        laps.lap("task");
         // The pod's pid namespace (shared by containers with pid POD) gets
-        // the guards before pause runs.
-        self.guard_process(&entry.state(), id, pid).await?;
+        // its guards while pause starts: pause is the pod's own trusted
+        // program, and no container can run before this returns.
         self.watch_exit(id);
-        let started = self.c.start_task(id, "").await?;
-        self.seal_pause(&entry.state(), id, pid).await?;
+        let (guarded, started) =
+            tokio::join!(self.guard_process(st, id, pid), self.c.start_task(id, ""));
+        guarded?;
+        let started = started?;
+        laps.lap("guards+start");
+        // Sealing waits for pause to settle; its containers' starts wait
+        // for the seal instead of this call.
+        self.seal_pause_later(st, id, pid);
         Ok(started)
     }
 }

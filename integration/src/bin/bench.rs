@@ -201,73 +201,125 @@ enum Mode {
     Ima,
 }
 
-const START_ROUNDS: usize = 9;
+const START_ROUNDS: usize = 15;
 
-/// Median ms of RunPodSandbox + CreateContainer + StartContainer of one
-/// container of `img`; pods are removed outside the timing.
-async fn pod_start(rt: &mut Rt, im: &mut Im, img: &str, mode: Mode, tag: &str) -> Result<f64> {
-    im.pull_image(cri::PullImageRequest {
-        image: image(img),
-        ..Default::default()
-    })
-    .await?;
-    let mut s = Samples::default();
-    for i in 0..START_ROUNDS {
-        let mut cfg = pod_config(&format!("start-{tag}-{i}"));
-        match mode {
-            Mode::Plain => {}
-            Mode::Userns => {
-                let map = vec![cri::IdMapping {
-                    host_id: 5_000_000 + (i as u32) * 65536,
-                    container_id: 0,
-                    length: 65536,
-                }];
-                cfg.linux
-                    .get_or_insert_with(Default::default)
-                    .security_context = Some(cri::LinuxSandboxSecurityContext {
-                    namespace_options: Some(cri::NamespaceOption {
-                        userns_options: Some(cri::UserNamespace {
-                            mode: cri::NamespaceMode::Pod as i32,
-                            uids: map.clone(),
-                            gids: map,
-                        }),
-                        ..Default::default()
+/// Pod-start phases, summed into "total".
+const PHASES: [&str; 4] = [
+    "RunPodSandbox",
+    "CreateContainer",
+    "StartContainer",
+    "total",
+];
+
+fn pod_start_config(mode: Mode, name: &str, i: usize) -> cri::PodSandboxConfig {
+    let mut cfg = pod_config(name);
+    match mode {
+        Mode::Plain => {}
+        Mode::Userns => {
+            let map = vec![cri::IdMapping {
+                host_id: 5_000_000 + (i as u32) * 65536,
+                container_id: 0,
+                length: 65536,
+            }];
+            cfg.linux
+                .get_or_insert_with(Default::default)
+                .security_context = Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    userns_options: Some(cri::UserNamespace {
+                        mode: cri::NamespaceMode::Pod as i32,
+                        uids: map.clone(),
+                        gids: map,
                     }),
                     ..Default::default()
-                });
-            }
-            Mode::Ima => {
-                cfg.annotations
-                    .insert("imacri.dev/ima".into(), "true".into());
-            }
+                }),
+                ..Default::default()
+            });
         }
-        let pod = s
-            .time("start", async {
-                let pod = run_pod(rt, &cfg).await?;
-                let id = rt
-                    .create_container(cri::CreateContainerRequest {
-                        pod_sandbox_id: pod.clone(),
-                        config: Some(container_config("c", img, &["sleep", "1000"])),
-                        sandbox_config: Some(cfg.clone()),
-                    })
-                    .await?
-                    .into_inner()
-                    .container_id;
-                rt.start_container(cri::StartContainerRequest { container_id: id })
-                    .await?;
-                Ok::<_, tonic::Status>(pod)
-            })
-            .await?;
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await?;
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
+        Mode::Ima => {
+            cfg.annotations
+                .insert("imacri.dev/ima".into(), "true".into());
+        }
+    }
+    cfg
+}
+
+/// One timed RunPodSandbox + CreateContainer + StartContainer of one
+/// container of `img` into `s` (per phase and "total"); the pod is removed
+/// outside the timing.
+async fn pod_start(
+    rt: &mut Rt,
+    s: &mut Samples,
+    img: &str,
+    cfg: &cri::PodSandboxConfig,
+) -> Result<()> {
+    let t = Instant::now();
+    let pod = s.time(PHASES[0], run_pod(rt, cfg)).await?;
+    let id = s
+        .time(
+            PHASES[1],
+            rt.create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config("c", img, &["sleep", "1000"])),
+                sandbox_config: Some(cfg.clone()),
+            }),
+        )
+        .await?
+        .into_inner()
+        .container_id;
+    s.time(
+        PHASES[2],
+        rt.start_container(cri::StartContainerRequest { container_id: id }),
+    )
+    .await?;
+    s.0.entry(PHASES[3])
+        .or_default()
+        .push(t.elapsed().as_secs_f64() * 1000.0);
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await?;
+    Ok(())
+}
+
+/// Pod starts of `img` on imacri (plain, userns, ima) and containerd's CRI
+/// (plain), interleaved round by round so that both see the same machine
+/// load: a VM's speed drifts by more than the differences measured.
+async fn pod_starts(
+    ours: &mut (Rt, Im),
+    theirs: &mut (Rt, Im),
+    img: &str,
+    label: &str,
+) -> Result<Vec<(&'static str, Samples)>> {
+    for (_, im) in [&mut *ours, &mut *theirs] {
+        im.pull_image(cri::PullImageRequest {
+            image: image(img),
+            ..Default::default()
         })
         .await?;
     }
-    Ok(s.median("start"))
+    let modes = [
+        (Mode::Plain, "plain"),
+        (Mode::Userns, "userns"),
+        (Mode::Ima, "ima"),
+    ];
+    let mut out: Vec<(&'static str, Samples)> = modes
+        .iter()
+        .map(|(_, n)| (*n, Samples::default()))
+        .chain([("ctr", Samples::default())])
+        .collect();
+    for i in 0..START_ROUNDS {
+        for (k, (mode, name)) in modes.iter().enumerate() {
+            let cfg = pod_start_config(*mode, &format!("start-{label}-{name}-{i}"), i);
+            pod_start(&mut ours.0, &mut out[k].1, img, &cfg).await?;
+        }
+        let cfg = pod_start_config(Mode::Plain, &format!("start-{label}-ctr-{i}"), i);
+        pod_start(&mut theirs.0, &mut out[3].1, img, &cfg).await?;
+    }
+    Ok(out)
 }
 
 /// critest's own benchmarks (`critest -benchmark`) against `endpoint`:
@@ -332,7 +384,7 @@ async fn main() -> Result<()> {
     let env = Env::get();
     let pause = push_pause(env)?;
     let d = Imacri::start(env).await?;
-    let (mut rt, mut im) = (d.runtime().await?, d.images().await?);
+    let mut ours = (d.runtime().await?, d.images().await?);
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let rss = d
         .pid()
@@ -343,7 +395,13 @@ async fn main() -> Result<()> {
                 .map(|l| l.to_string())
         })
         .unwrap_or_default();
-    let ours = run(&mut rt, &mut im, &env.busybox).await?;
+    // BENCH_ONLY=start: only the pod-start comparison (for profiling).
+    let only_start = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "start");
+    let ours_rpc = if only_start {
+        None
+    } else {
+        Some(run(&mut ours.0, &mut ours.1, &env.busybox).await?)
+    };
     // A 200 MB image of 2000 files, pushed once per run.
     let big = format!("{}/test/big:latest", env.registry);
     imacri_integration::images::build_and_push(
@@ -353,107 +411,116 @@ async fn main() -> Result<()> {
         None,
     )?;
     let images = [("busybox", env.busybox.as_str()), ("200MB", big.as_str())];
-    let mut starts = Vec::new();
-    for (label, img) in images {
-        for (mode, name) in [
-            (Mode::Plain, "plain"),
-            (Mode::Userns, "userns"),
-            (Mode::Ima, "ima"),
-        ] {
-            let ms = pod_start(&mut rt, &mut im, img, mode, &format!("{label}-{name}")).await?;
-            starts.push((label, name, ms));
-        }
-    }
-    let cache = critest::tools()?;
-    critest::prepare(env, &cache)?;
-    let ours_ct = critest_bench(
-        env,
-        &cache,
-        &format!("unix://{}", d.socket.display()),
-        "imacri",
-    )?;
 
     let (sock, mut containerd) = containerd_with_cri(env, &pause)?;
-    let ch = containerd_client::connect(&sock).await?;
-    let (mut crt, mut cim) = (Rt::new(ch.clone()), Im::new(ch));
-    // containerd's CRI needs a moment to load its CNI config.
-    for _ in 0..100 {
-        let st = crt
-            .status(cri::StatusRequest::default())
-            .await?
-            .into_inner();
-        if st
-            .status
-            .is_some_and(|s| s.conditions.iter().all(|c| c.status))
-        {
-            break;
+    let result = async {
+        let ch = containerd_client::connect(&sock).await?;
+        let mut theirs = (Rt::new(ch.clone()), Im::new(ch));
+        // containerd's CRI needs a moment to load its CNI config.
+        for _ in 0..100 {
+            let st = theirs
+                .0
+                .status(cri::StatusRequest::default())
+                .await?
+                .into_inner();
+            if st
+                .status
+                .is_some_and(|s| s.conditions.iter().all(|c| c.status))
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let theirs_rpc = match only_start {
+            true => None,
+            false => Some(run(&mut theirs.0, &mut theirs.1, &env.busybox).await?),
+        };
+        let mut starts = Vec::new();
+        for (label, img) in images {
+            starts.push((label, pod_starts(&mut ours, &mut theirs, img, label).await?));
+        }
+        let critest = match only_start {
+            true => None,
+            false => {
+                let cache = critest::tools()?;
+                critest::prepare(env, &cache)?;
+                let endpoint = format!("unix://{}", d.socket.display());
+                let ours_ct = critest_bench(env, &cache, &endpoint, "imacri")?;
+                let endpoint = format!("unix://{}", sock.display());
+                let theirs_ct = critest_bench(env, &cache, &endpoint, "containerd")?;
+                Some((ours_ct, theirs_ct))
+            }
+        };
+        anyhow::Ok((theirs_rpc, starts, critest))
     }
-    let theirs = run(&mut crt, &mut cim, &env.busybox).await;
-    let mut their_starts = Vec::new();
-    for (label, img) in images {
-        their_starts.push(
-            pod_start(
-                &mut crt,
-                &mut cim,
-                img,
-                Mode::Plain,
-                &format!("{label}-ctr"),
-            )
-            .await,
-        );
-    }
-    let theirs_ct = critest_bench(
-        env,
-        &cache,
-        &format!("unix://{}", sock.display()),
-        "containerd",
-    );
+    .await;
     let _ = containerd.kill();
     let _ = containerd.wait();
-    let theirs = theirs?;
+    let (theirs_rpc, starts, critest) = result?;
 
-    println!("CRI latency, median of {ROUNDS} rounds (ms), same machine and run");
-    println!(
-        "{:<18} {:>10} {:>14} {:>8}",
-        "rpc", "imacri", "containerd-cri", "ratio"
-    );
-    for name in ours.0.keys() {
-        let (a, b) = (ours.median(name), theirs.median(name));
-        println!("{name:<18} {a:>10.2} {b:>14.2} {:>8.2}", a / b);
+    if let (Some(ours), Some(theirs)) = (ours_rpc, theirs_rpc) {
+        println!("CRI latency, median of {ROUNDS} rounds (ms), same machine and run");
+        println!(
+            "{:<18} {:>10} {:>14} {:>8}",
+            "rpc", "imacri", "containerd-cri", "ratio"
+        );
+        for name in ours.0.keys() {
+            let (a, b) = (ours.median(name), theirs.median(name));
+            println!("{name:<18} {a:>10.2} {b:>14.2} {:>8.2}", a / b);
+        }
+        println!();
     }
-    let theirs_ct = theirs_ct?;
-    println!();
-    println!(
-        "critest -benchmark (cri-tools {}), median ms, same run",
-        critest::CRI_TOOLS_VERSION
-    );
-    println!(
-        "{:<18} {:>10} {:>14} {:>8}",
-        "operation", "imacri", "containerd-cri", "ratio"
-    );
-    for (name, a) in &ours_ct {
-        let b = theirs_ct.get(name).copied().unwrap_or(f64::NAN);
-        println!("{name:<18} {a:>10.2} {b:>14.2} {:>8.2}", a / b);
+    if let Some((ours_ct, theirs_ct)) = critest {
+        println!(
+            "critest -benchmark (cri-tools {}), median ms, same run",
+            critest::CRI_TOOLS_VERSION
+        );
+        println!(
+            "{:<18} {:>10} {:>14} {:>8}",
+            "operation", "imacri", "containerd-cri", "ratio"
+        );
+        for (name, a) in &ours_ct {
+            let b = theirs_ct.get(name).copied().unwrap_or(f64::NAN);
+            println!("{name:<18} {a:>10.2} {b:>14.2} {:>8.2}", a / b);
+        }
+        println!();
     }
-    println!();
     println!(
-        "pod start (RunPodSandbox+CreateContainer+StartContainer), median of {START_ROUNDS} (ms)"
+        "pod start (RunPodSandbox+CreateContainer+StartContainer), median of {START_ROUNDS} \
+         rounds interleaved with containerd-cri's plain pod (ms; run/create/start medians)"
     );
     println!(
-        "{:<8} {:<7} {:>10} {:>22} {:>8}",
-        "image", "pod", "imacri", "containerd-cri plain", "ratio"
+        "{:<8} {:<7} {:>10} {:>22} {:>8}   {:>20}",
+        "image", "pod", "imacri", "containerd-cri plain", "ratio", "run/create/start"
     );
-    for (i, (label, _)) in images.iter().enumerate() {
-        let theirs = their_starts[i].as_ref().map(|v| *v).unwrap_or(f64::NAN);
-        for (l, name, ms) in starts.iter().filter(|(l, _, _)| l == label) {
+    for (label, per_mode) in &starts {
+        let theirs = per_mode
+            .iter()
+            .find(|(n, _)| *n == "ctr")
+            .map(|(_, s)| s.median("total"))
+            .unwrap_or(f64::NAN);
+        for (name, s) in per_mode {
+            let ms = s.median("total");
+            let phases = PHASES[..3]
+                .iter()
+                .map(|p| format!("{:.1}", s.median(p)))
+                .collect::<Vec<_>>()
+                .join("/");
+            let name = if *name == "ctr" { "ctr-cri" } else { name };
             println!(
-                "{l:<8} {name:<7} {ms:>10.1} {theirs:>22.1} {:>8.2}",
+                "{label:<8} {name:<7} {ms:>10.1} {theirs:>22.1} {:>8.2}   {phases:>20}",
                 ms / theirs
             );
         }
     }
     println!("imacri idle {}", rss.trim());
+    if only_start {
+        // Step timings (cri/src/server/laps.rs), for profiling.
+        let log = d.log();
+        let lines: Vec<_> = log.lines().filter(|l| l.contains("laps ")).collect();
+        let keep = std::env::temp_dir().join("imacri-bench-laps.log");
+        std::fs::write(&keep, lines.join("\n"))?;
+        println!("step timings: {}", keep.display());
+    }
     Ok(())
 }

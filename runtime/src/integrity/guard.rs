@@ -93,6 +93,15 @@ pub fn apply(pid: u32, userns: &Path) -> Result<(), GuardError> {
     })
 }
 
+/// Whether two processes are in one pid namespace (false when either is
+/// gone, so the caller guards rather than skips).
+pub fn same_pid_namespace(a: u32, b: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ns =
+        |pid: u32| std::fs::metadata(format!("/proc/{pid}/ns/pid")).map(|m| (m.dev(), m.ino()));
+    matches!((ns(a), ns(b)), (Ok(x), Ok(y)) if x == y)
+}
+
 fn run_helper(pid: u32, pidns: &OwnedFd, user: &OwnedFd) -> Result<(), GuardError> {
     nix::sched::setns(pidns, nix::sched::CloneFlags::CLONE_NEWPID)
         .map_err(|source| GuardError::EnterPid { pid, source })?;
