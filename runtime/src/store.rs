@@ -56,6 +56,9 @@ fn write_json<S: Serialize>(path: &Path, s: &S) -> Result<()> {
     write_atomic(path, &data)
 }
 
+/// Prefix of a removed record's directory until its files are deleted.
+const REMOVED: &str = ".removed-";
+
 pub struct Store<C, S> {
     dir: PathBuf,
     items: RwLock<HashMap<String, Arc<Entry<C, S>>>>,
@@ -76,6 +79,11 @@ where
         for ent in rd.flatten() {
             let d = ent.path();
             let id = ent.file_name().to_string_lossy().into_owned();
+            if id.starts_with(REMOVED) {
+                // Removed before a crash let its files go.
+                let _ = std::fs::remove_dir_all(&d);
+                continue;
+            }
             let loaded = (|| -> Result<(C, S)> {
                 let cfg = std::fs::read(d.join("config.pb"))
                     .map_err(|e| Error::io("reading", d.join("config.pb"), e))?;
@@ -169,12 +177,25 @@ where
         if let Some(e) = e {
             self.release(&e.name, id);
         }
+        // One rename takes the record away for good (a restart never sees
+        // it again); its files are deleted off the request path.
         let d = self.dir.join(id);
-        match std::fs::remove_dir_all(&d) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("removing", d, e)),
+        let gone = self.dir.join(format!("{REMOVED}{id}"));
+        match std::fs::rename(&d, &gone) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("removing", d, e)),
         }
+        let delete = move || {
+            if let Err(e) = std::fs::remove_dir_all(&gone) {
+                tracing::warn!(dir = %gone.display(), error = %e, "removed record's files left behind");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(delete)),
+            Err(_) => delete(),
+        }
+        Ok(())
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Entry<C, S>>> {
@@ -255,5 +276,23 @@ mod tests {
         s2.remove("id1").unwrap();
         assert!(s2.find("id1").is_err());
         s2.reserve("a", "x").unwrap();
+        // Removed means gone from disk too (no runtime here: deleted inline).
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0);
+        let s3: Store<cri::ContainerConfig, St> = Store::open(d.path().into(), name).unwrap();
+        assert!(s3.all().is_empty());
+    }
+
+    #[test]
+    fn a_removal_cut_short_by_a_crash_stays_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let s: Store<cri::ContainerConfig, St> = Store::open(d.path().into(), name).unwrap();
+        s.reserve("a", "id1").unwrap();
+        s.insert("id1", "a", Default::default(), St { n: 1 })
+            .unwrap();
+        // What remove leaves if imacri dies before the files are deleted.
+        std::fs::rename(d.path().join("id1"), d.path().join(".removed-id1")).unwrap();
+        let s2: Store<cri::ContainerConfig, St> = Store::open(d.path().into(), name).unwrap();
+        assert!(s2.all().is_empty());
+        assert!(!d.path().join(".removed-id1").exists());
     }
 }

@@ -23,13 +23,17 @@ impl CriServer {
 
     pub(crate) async fn remove_container_entry(&self, c: &Arc<ContainerEntry>) -> Result<()> {
         let _op = c.op.lock().await;
+        let mut laps = super::laps::Laps::new("RemoveContainer", &c.id);
         self.teardown_container(&c.id).await?;
+        laps.lap("teardown");
         self.emit(
             imacri_api::cri::ContainerEventType::ContainerDeletedEvent,
             &c.id,
         );
         self.nri_remove(&c.id).await;
+        laps.lap("nri");
         self.containers.remove(&c.id)?;
+        laps.lap("record");
         tracing::info!(container_id = %c.id, "container removed");
         Ok(())
     }

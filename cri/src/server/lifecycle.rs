@@ -132,8 +132,13 @@ impl CriServer {
                 }
             }
         }
-        if let Err(e) = self.c.delete_task(id).await.ignore_not_found() {
-            tracing::warn!(id = %id, error = %e, "deleting exited task");
+        match self.c.delete_task(id).await.ignore_not_found() {
+            Ok(()) => {
+                if let Ok(mut d) = self.deleted_tasks.lock() {
+                    d.insert(id.to_string());
+                }
+            }
+            Err(e) => tracing::warn!(id = %id, error = %e, "deleting exited task"),
         }
     }
 
@@ -186,7 +191,17 @@ impl CriServer {
     /// Removes every containerd object and file of a container. Safe to call
     /// on a half-created container; missing pieces are skipped.
     pub(crate) async fn teardown_container(&self, id: &str) -> Result<()> {
-        if let Some(info) = self.c.task_info(id).await? {
+        let mut laps = super::laps::Laps::new("teardown", id);
+        let deleted = self
+            .deleted_tasks
+            .lock()
+            .map(|mut d| d.remove(id))
+            .unwrap_or(false);
+        let task = match deleted {
+            true => None,
+            false => self.c.task_info(id).await?,
+        };
+        if let Some(info) = task {
             if info.status == imacri_runtime::containerd::TaskStatus::Running {
                 self.c.kill_task(id, "", SIGKILL).await.ignore_not_found()?;
                 if !self.wait_exit(id, KILL_WAIT).await {
@@ -195,6 +210,7 @@ impl CriServer {
             }
             self.c.delete_task(id).await.ignore_not_found()?;
         }
+        laps.lap("task");
         self.take_io(id);
         // Independent records in containerd: remove both at once.
         let (container, snapshot) = tokio::join!(
@@ -203,6 +219,7 @@ impl CriServer {
         );
         container.ignore_not_found()?;
         snapshot.ignore_not_found()?;
+        laps.lap("containerd");
         self.remove_fifos(id);
         self.remove_idmapped_volumes(id);
         let config = self.containers.get(id).map(|c| c.config.clone());

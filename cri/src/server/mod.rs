@@ -155,6 +155,9 @@ pub struct CriServer {
     io: Mutex<HashMap<String, LiveIo>>,
     /// Per task: flips to true when the task has exited.
     exits: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Tasks this imacri deleted when they exited: their teardown needs no
+    /// round trip to learn that.
+    deleted_tasks: Mutex<std::collections::HashSet<String>>,
     /// Last CPU sample per container/pod: (time ns, usage ns).
     pub(crate) cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
     /// Held across a state change and its event, so events keep the order
@@ -270,6 +273,7 @@ impl CriServer {
             events: tokio::sync::broadcast::channel(1024).0,
             event_order: Mutex::new(()),
             cpu_samples: Mutex::new(HashMap::new()),
+            deleted_tasks: Default::default(),
             nri: std::sync::OnceLock::new(),
             nri_views: Mutex::new(HashMap::new()),
         });

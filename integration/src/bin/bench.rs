@@ -119,14 +119,30 @@ impl Samples {
     }
 }
 
-async fn run(rt: &mut Rt, im: &mut Im, busybox: &str) -> Result<Samples> {
-    let mut s = Samples::default();
-    im.pull_image(cri::PullImageRequest {
-        image: image(busybox),
-        ..Default::default()
-    })
-    .await?;
+/// CRI latency of imacri and containerd's CRI, a round of each in turn (so
+/// both see the same machine load).
+async fn run(
+    ours: &mut (Rt, Im),
+    theirs: &mut (Rt, Im),
+    busybox: &str,
+) -> Result<(Samples, Samples)> {
+    let (mut a, mut b) = (Samples::default(), Samples::default());
+    for (_, im) in [&mut *ours, &mut *theirs] {
+        im.pull_image(cri::PullImageRequest {
+            image: image(busybox),
+            ..Default::default()
+        })
+        .await?;
+    }
     for i in 0..ROUNDS {
+        round(&mut ours.0, &mut ours.1, &mut a, busybox, i).await?;
+        round(&mut theirs.0, &mut theirs.1, &mut b, busybox, i).await?;
+    }
+    Ok((a, b))
+}
+
+async fn round(rt: &mut Rt, im: &mut Im, s: &mut Samples, busybox: &str, i: usize) -> Result<()> {
+    {
         let cfg = pod_config(&format!("bench-{i}"));
         let pod = s.time("RunPodSandbox", run_pod(rt, &cfg)).await?;
         let c = container_config("c", busybox, &["sleep", "1000"]);
@@ -188,7 +204,7 @@ async fn run(rt: &mut Rt, im: &mut Im, busybox: &str) -> Result<Samples> {
         )
         .await?;
     }
-    Ok(s)
+    Ok(())
 }
 
 /// How a benchmarked pod is isolated.
@@ -395,21 +411,23 @@ async fn main() -> Result<()> {
                 .map(|l| l.to_string())
         })
         .unwrap_or_default();
-    // BENCH_ONLY=start: only the pod-start comparison (for profiling).
-    let only_start = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "start");
-    let ours_rpc = if only_start {
-        None
-    } else {
-        Some(run(&mut ours.0, &mut ours.1, &env.busybox).await?)
-    };
+    // BENCH_ONLY=start or rpc: only the pod-start or the CRI latency
+    // comparison, with imacri's step timings kept (for profiling).
+    let only = std::env::var("BENCH_ONLY").ok();
+    let (only_start, only_rpc) = (
+        only.as_deref() == Some("start"),
+        only.as_deref() == Some("rpc"),
+    );
     // A 200 MB image of 2000 files, pushed once per run.
     let big = format!("{}/test/big:latest", env.registry);
-    imacri_integration::images::build_and_push(
-        &env.base,
-        &imacri_integration::images::big(200 << 20, 2000),
-        &big,
-        None,
-    )?;
+    if !only_rpc {
+        imacri_integration::images::build_and_push(
+            &env.base,
+            &imacri_integration::images::big(200 << 20, 2000),
+            &big,
+            None,
+        )?;
+    }
     let images = [("busybox", env.busybox.as_str()), ("200MB", big.as_str())];
 
     let (sock, mut containerd) = containerd_with_cri(env, &pause)?;
@@ -431,15 +449,18 @@ async fn main() -> Result<()> {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        let theirs_rpc = match only_start {
+        let rpc = match only_start {
             true => None,
-            false => Some(run(&mut theirs.0, &mut theirs.1, &env.busybox).await?),
+            false => Some(run(&mut ours, &mut theirs, &env.busybox).await?),
         };
         let mut starts = Vec::new();
-        for (label, img) in images {
-            starts.push((label, pod_starts(&mut ours, &mut theirs, img, label).await?));
+        for (label, img) in images.iter().filter(|_| !only_rpc) {
+            starts.push((
+                *label,
+                pod_starts(&mut ours, &mut theirs, img, label).await?,
+            ));
         }
-        let critest = match only_start {
+        let critest = match only.is_some() {
             true => None,
             false => {
                 let cache = critest::tools()?;
@@ -451,14 +472,14 @@ async fn main() -> Result<()> {
                 Some((ours_ct, theirs_ct))
             }
         };
-        anyhow::Ok((theirs_rpc, starts, critest))
+        anyhow::Ok((rpc, starts, critest))
     }
     .await;
     let _ = containerd.kill();
     let _ = containerd.wait();
-    let (theirs_rpc, starts, critest) = result?;
+    let (rpc, starts, critest) = result?;
 
-    if let (Some(ours), Some(theirs)) = (ours_rpc, theirs_rpc) {
+    if let Some((ours, theirs)) = rpc {
         println!("CRI latency, median of {ROUNDS} rounds (ms), same machine and run");
         println!(
             "{:<18} {:>10} {:>14} {:>8}",
@@ -514,7 +535,7 @@ async fn main() -> Result<()> {
         }
     }
     println!("imacri idle {}", rss.trim());
-    if only_start {
+    if only.is_some() {
         // Step timings (cri/src/server/laps.rs), for profiling.
         let log = d.log();
         let lines: Vec<_> = log.lines().filter(|l| l.contains("laps ")).collect();
