@@ -46,28 +46,31 @@ async fn bind_socket_as(path: &Path, mode: u32, group: &str) -> Result<UnixListe
     Ok(l)
 }
 
-/// Raises the open-file limit to its hard maximum: every measured container
-/// holds a fanotify group and every pending event an fd, so one pod's
-/// flood must not exhaust imacri's descriptors. (Root here lacks
-/// CAP_SYS_RESOURCE: the hard limit is as far as it goes.)
+/// Sets the open-file limit to its hard maximum, capped at
+/// `keeper::MAX_OPEN_FILES`: every measured container holds a fanotify
+/// group and every pending event an fd, so one pod's flood must not exhaust
+/// imacri's descriptors, and the fd-number sweep after a crash stays
+/// bounded. (Root here lacks CAP_SYS_RESOURCE: the hard limit is as far as
+/// it goes.)
 fn raise_nofile() {
+    use imacri_runtime::integrity::keeper::open_files_limit;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: plain syscalls on a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        let want = open_files_limit(lim.rlim_max);
+        if want != lim.rlim_cur {
+            let set = libc::rlimit {
+                rlim_cur: want,
                 rlim_max: lim.rlim_max,
             };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                tracing::debug!(
-                    from = lim.rlim_cur,
-                    to = lim.rlim_max,
-                    "raised RLIMIT_NOFILE"
-                );
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &set) == 0 {
+                tracing::debug!(from = lim.rlim_cur, to = want, "set RLIMIT_NOFILE");
             }
         }
     }

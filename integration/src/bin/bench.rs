@@ -12,6 +12,18 @@ use std::time::Instant;
 use tonic::transport::Channel;
 
 const ROUNDS: usize = 15;
+/// Alternating `critest -benchmark` runs per runtime.
+const CRITEST_RUNS: usize = 3;
+
+fn median_of(samples: BTreeMap<String, Vec<f64>>) -> BTreeMap<String, f64> {
+    samples
+        .into_iter()
+        .filter_map(|(op, mut v)| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v.get(v.len() / 2).map(|m| (op, *m))
+        })
+        .collect()
+}
 
 type Rt = cri::runtime_service_client::RuntimeServiceClient<Channel>;
 type Im = cri::image_service_client::ImageServiceClient<Channel>;
@@ -339,13 +351,13 @@ async fn pod_starts(
 }
 
 /// critest's own benchmarks (`critest -benchmark`) against `endpoint`:
-/// median milliseconds per operation, from its JSON results.
+/// milliseconds of each sample per operation, from its JSON results.
 fn critest_bench(
     env: &Env,
     cache: &Path,
     endpoint: &str,
     tag: &str,
-) -> Result<BTreeMap<String, f64>> {
+) -> Result<BTreeMap<String, Vec<f64>>> {
     let out = env.base.join(format!("critest-bench-{tag}"));
     std::fs::create_dir_all(&out)?;
     let params = out.join("params.yaml");
@@ -371,7 +383,7 @@ fn critest_bench(
         "critest -benchmark against {tag} failed: {}",
         String::from_utf8_lossy(&o.stdout)
     );
-    let mut medians = BTreeMap::new();
+    let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for e in std::fs::read_dir(&out)?.flatten() {
         if e.path().extension().is_none_or(|x| x != "json") {
             continue;
@@ -379,20 +391,20 @@ fn critest_bench(
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path())?)?;
         let names = v["operationsNames"].as_array().cloned().unwrap_or_default();
         for (i, n) in names.iter().enumerate() {
-            let mut d: Vec<f64> = v["datapoints"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p["operationsDurationsNs"][i].as_f64())
-                .map(|ns| ns / 1e6)
-                .collect();
-            d.sort_by(|a, b| a.total_cmp(b));
-            if let Some(m) = d.get(d.len() / 2) {
-                medians.insert(n.as_str().unwrap_or("?").to_string(), *m);
-            }
+            samples
+                .entry(n.as_str().unwrap_or("?").to_string())
+                .or_default()
+                .extend(
+                    v["datapoints"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p["operationsDurationsNs"][i].as_f64())
+                        .map(|ns| ns / 1e6),
+                );
         }
     }
-    Ok(medians)
+    Ok(samples)
 }
 
 #[tokio::main]
@@ -465,11 +477,23 @@ async fn main() -> Result<()> {
             false => {
                 let cache = critest::tools()?;
                 critest::prepare(env, &cache)?;
-                let endpoint = format!("unix://{}", d.socket.display());
-                let ours_ct = critest_bench(env, &cache, &endpoint, "imacri")?;
-                let endpoint = format!("unix://{}", sock.display());
-                let theirs_ct = critest_bench(env, &cache, &endpoint, "containerd")?;
-                Some((ours_ct, theirs_ct))
+                // Alternating runs, samples pooled: one run of 10 is at the
+                // mercy of the VM's drift.
+                let (mut ours_ct, mut theirs_ct) = (BTreeMap::new(), BTreeMap::new());
+                for run in 0..CRITEST_RUNS {
+                    for (sock, tag, into) in [
+                        (&d.socket, "imacri", &mut ours_ct),
+                        (&sock, "containerd", &mut theirs_ct),
+                    ] {
+                        let endpoint = format!("unix://{}", sock.display());
+                        for (op, v) in
+                            critest_bench(env, &cache, &endpoint, &format!("{tag}-{run}"))?
+                        {
+                            into.entry(op).or_insert_with(Vec::new).extend(v);
+                        }
+                    }
+                }
+                Some((median_of(ours_ct), median_of(theirs_ct)))
             }
         };
         anyhow::Ok((rpc, starts, critest))
@@ -493,7 +517,7 @@ async fn main() -> Result<()> {
     }
     if let Some((ours_ct, theirs_ct)) = critest {
         println!(
-            "critest -benchmark (cri-tools {}), median ms, same run",
+            "critest -benchmark (cri-tools {}), median ms of {CRITEST_RUNS} alternating runs each, same run",
             critest::CRI_TOOLS_VERSION
         );
         println!(

@@ -47,11 +47,25 @@ fn fanotify_marked(fd: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// imacri keeps its open-file limit at most this (lowering a higher one):
+/// every fd number a dead imacri could have held an event under is below
+/// it, so the sweep that denies its unanswered events costs a bounded
+/// 10-20 ms per group even where the hard limit is a million (systemd's
+/// `LimitNOFILE=infinity`), not half a second. Room for a full node: an ima
+/// pod holds at most `engine::PER_POD_QUEUE` event fds, plus a group and a
+/// seccomp listener per container.
+pub const MAX_OPEN_FILES: u64 = 32768;
+
+/// The open-file limit imacri runs with, given its current hard limit.
+pub fn open_files_limit(hard: u64) -> u64 {
+    hard.min(MAX_OPEN_FILES)
+}
+
 /// Answers "deny" for every event of a fanotify group that a reader took
 /// and can no longer answer (it is gone). The kernel keys answers by the
 /// fd number the reader got, so every number a previous reader could have
 /// held is tried (below our open-file limit: the same binary, the same
-/// limit). Returns how many events were denied.
+/// limit, at most [`MAX_OPEN_FILES`]). Returns how many events were denied.
 pub fn deny_unanswered(group: BorrowedFd<'_>) -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
@@ -59,9 +73,9 @@ pub fn deny_unanswered(group: BorrowedFd<'_>) -> usize {
     };
     // SAFETY: a plain syscall on a local struct.
     let top = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_cur.min(1 << 20) as i32
+        lim.rlim_cur.min(MAX_OPEN_FILES) as i32
     } else {
-        1 << 16
+        MAX_OPEN_FILES as i32
     };
     let mut denied = 0;
     for n in 0..top {
@@ -515,6 +529,13 @@ fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_open_file_limit_bounds_the_sweep() {
+        // systemd's LimitNOFILE=infinity gives 2^20 (fs.nr_open).
+        assert_eq!(super::open_files_limit(1 << 20), super::MAX_OPEN_FILES);
+        assert_eq!(super::open_files_limit(20000), 20000);
+    }
+
     use super::*;
 
     #[test]
