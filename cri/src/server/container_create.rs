@@ -406,6 +406,9 @@ impl CriServer {
                     idmapped_rootfs,
                 },
             )?;
+            if let Ok(mut m) = self.created_mounts.lock() {
+                m.insert(id.to_string(), mounts);
+            }
             Ok(())
         }
         .await;

@@ -89,10 +89,20 @@ impl CriServer {
         }
         self.set_io(&c.id, live);
         let result = async {
-            let mounts = self
-                .c
-                .snapshot_mounts(&self.cfg.containerd.snapshotter, &c.id)
-                .await?;
+            let created = self
+                .created_mounts
+                .lock()
+                .ok()
+                .and_then(|mut m| m.remove(&c.id));
+            let mounts = match created {
+                Some(m) => m,
+                // Created by an imacri before a restart.
+                None => {
+                    self.c
+                        .snapshot_mounts(&self.cfg.containerd.snapshotter, &c.id)
+                        .await?
+                }
+            };
             laps.lap("io+mounts");
             let pod = self.sandbox(&st.sandbox_id)?;
             self.sealed(&st.sandbox_id).await?;

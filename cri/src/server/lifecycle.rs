@@ -212,6 +212,9 @@ impl CriServer {
         }
         laps.lap("task");
         self.take_io(id);
+        if let Ok(mut m) = self.created_mounts.lock() {
+            m.remove(id);
+        }
         // Independent records in containerd: remove both at once.
         let (container, snapshot) = tokio::join!(
             self.c.delete_container(id),

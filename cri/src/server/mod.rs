@@ -158,6 +158,9 @@ pub struct CriServer {
     /// Tasks this imacri deleted when they exited: their teardown needs no
     /// round trip to learn that.
     deleted_tasks: Mutex<std::collections::HashSet<String>>,
+    /// Snapshot mounts of created containers, from CreateContainer to
+    /// StartContainer (which otherwise asks containerd again).
+    created_mounts: Mutex<HashMap<String, Vec<containerd_client::types::Mount>>>,
     /// Last CPU sample per container/pod: (time ns, usage ns).
     pub(crate) cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
     /// Held across a state change and its event, so events keep the order
@@ -274,6 +277,7 @@ impl CriServer {
             event_order: Mutex::new(()),
             cpu_samples: Mutex::new(HashMap::new()),
             deleted_tasks: Default::default(),
+            created_mounts: Default::default(),
             nri: std::sync::OnceLock::new(),
             nri_views: Mutex::new(HashMap::new()),
         });
