@@ -168,7 +168,21 @@ async fn pod_and_container_lifecycle() {
         "{}",
         status.image_ref
     );
-    assert!(s.info["info"].contains("runtimeSpec"));
+    // The spec the container runs with (kept at create, not asked of
+    // containerd): what runc got.
+    let info: serde_json::Value = serde_json::from_str(&s.info["info"]).unwrap();
+    let spec = &info["runtimeSpec"];
+    assert_eq!(
+        spec["ociVersion"].as_str().map(|v| v.starts_with("1.")),
+        Some(true),
+        "{info}"
+    );
+    assert!(
+        spec["process"]["args"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
+        "{info}"
+    );
 
     // ExecSync: output, exit code, timeout.
     let r = rt

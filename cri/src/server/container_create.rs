@@ -379,7 +379,7 @@ impl CriServer {
                 .into_iter()
                 .next()
                 .unwrap_or_else(|| image.id.clone());
-            self.containers.insert(
+            let entry = self.containers.insert(
                 id,
                 &container_name(config, &sb.config),
                 config.clone(),
@@ -406,6 +406,9 @@ impl CriServer {
                     idmapped_rootfs,
                 },
             )?;
+            // For verbose ContainerStatus (kubelet's and critest's), which
+            // would otherwise ask containerd for it every time.
+            super::container_status::save_spec(&entry, &spec);
             if let Ok(mut m) = self.created_mounts.lock() {
                 m.insert(id.to_string(), mounts);
             }

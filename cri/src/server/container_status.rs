@@ -22,6 +22,24 @@ pub(crate) fn image_spec(c: &ContainerEntry) -> cri::ImageSpec {
     spec
 }
 
+/// The container's OCI spec as CreateContainer made it, next to its record.
+const SPEC_FILE: &str = "spec.json";
+
+pub(crate) fn save_spec(c: &ContainerEntry, spec: &oci_spec::runtime::Spec) {
+    let path = c.dir().join(SPEC_FILE);
+    let res = serde_json::to_vec(spec)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&path, b));
+    if let Err(e) = res {
+        tracing::warn!(container_id = %c.id, error = %e, "spec not kept for verbose status");
+    }
+}
+
+fn saved_spec(c: &ContainerEntry) -> Option<serde_json::Value> {
+    let b = std::fs::read(c.dir().join(SPEC_FILE)).ok()?;
+    serde_json::from_slice(&b).ok()
+}
+
 impl CriServer {
     pub(crate) fn container_status_of(&self, c: &ContainerEntry) -> cri::ContainerStatus {
         let st = c.state();
@@ -67,7 +85,16 @@ impl CriServer {
         let mut info = HashMap::new();
         if req.verbose {
             let st = c.state();
-            let spec = self.c.container_spec(&c.id).await.ok();
+            let spec = match saved_spec(&c) {
+                Some(s) => Some(s),
+                // Created by an imacri before spec.json was kept.
+                None => self
+                    .c
+                    .container_spec(&c.id)
+                    .await
+                    .ok()
+                    .and_then(|s| serde_json::to_value(s).ok()),
+            };
             let ima = self
                 .sandboxes
                 .get(&st.sandbox_id)

@@ -183,6 +183,15 @@ async fn round(rt: &mut Rt, im: &mut Im, s: &mut Samples, busybox: &str, i: usiz
             }),
         )
         .await?;
+        // As kubelet and critest ask it (with the runtime spec).
+        s.time(
+            "ContainerStatus-v",
+            rt.container_status(cri::ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: true,
+            }),
+        )
+        .await?;
         s.time(
             "ListImages",
             im.list_images(cri::ListImagesRequest::default()),
