@@ -219,3 +219,58 @@ async fn the_pause_containers_mounts_are_noexec_in_ima_pods() {
     .await
     .unwrap();
 }
+
+/// The pause seal runs after RunPodSandbox returns; if it fails, no
+/// container of the pod may start (fail closed), and the pod still goes away
+/// cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_of_a_pod_whose_pause_is_not_sealed_do_not_start() {
+    let env = Env::get();
+    let mut d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    d.kill();
+    d.vars = vec![("IMACRI_TEST_SEAL_FAIL".into(), "1".into())];
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima(pod_config("guard-unsealed"));
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let c = imacri_integration::client::create_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("c", &env.busybox, &["sleep", "1000"]),
+    )
+    .await
+    .unwrap();
+    let e = rt
+        .start_container(cri::StartContainerRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .expect_err("a container of an unsealed ima pod started");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("noexec"), "{e}");
+    let st = rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: c,
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_ne!(st.state, cri::ContainerState::ContainerRunning as i32);
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+}

@@ -210,6 +210,10 @@ impl CriServer {
         if st.ima.is_none() {
             return Ok(());
         }
+        if std::env::var_os("IMACRI_TEST_SEAL_FAIL").is_some() {
+            // Test only: the seal's failure path (it needs a broken kernel).
+            return Err(Error::Internal("IMACRI_TEST_SEAL_FAIL is set".into()));
+        }
         tokio::task::spawn_blocking(move || guard::seal_root_noexec(pid))
             .await
             .map_err(|e| Error::Internal(format!("seal task: {e}")))??;
