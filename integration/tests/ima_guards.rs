@@ -252,25 +252,8 @@ async fn containers_of_a_pod_whose_pause_is_not_sealed_do_not_start() {
         .expect_err("a container of an unsealed ima pod started");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     assert!(e.message().contains("noexec"), "{e}");
-    let st = rt
-        .container_status(cri::ContainerStatusRequest {
-            container_id: c,
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let st = imacri_integration::client::container_status(&mut rt, &c).await;
     assert_ne!(st.state, cri::ContainerState::ContainerRunning as i32);
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await
-    .unwrap();
+    // RemovePodSandbox stops what is left.
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
