@@ -721,12 +721,31 @@ async fn tmpfs_volumes_are_measured_when_the_policy_says_so() {
             .any(|l| l.contains(" /tv/true ") && l.ends_with(" exec")),
         "{log:?}"
     );
+    // A measured volume that stops being a tmpfs of its own between create
+    // and start (unmounted on the host) would run unmeasured from the disk
+    // below it: the start is refused.
+    let mut late = container_config("late", &env.busybox, &["sleep", "1000"]);
+    late.mounts.push(cri::Mount {
+        container_path: "/tv".into(),
+        host_path: tv.to_string_lossy().into(),
+        ..Default::default()
+    });
+    let late = imacri_integration::client::create_container(&mut rt, &pod, &cfg, late)
+        .await
+        .unwrap();
+    nix::mount::umount2(&tv, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    std::fs::copy("/bin/busybox", tv.join("true")).unwrap();
+    let e = rt
+        .start_container(cri::StartContainerRequest { container_id: late })
+        .await
+        .expect_err("a container with an unmeasurable executable volume started");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("cannot be measured"), "{e}");
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
         pod_sandbox_id: pod,
     })
     .await
     .unwrap();
-    let _ = nix::mount::umount2(&tv, nix::mount::MntFlags::MNT_DETACH);
 }
 
 /// The verifier socket serves the attestation service and nothing that can

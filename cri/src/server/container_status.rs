@@ -35,12 +35,21 @@ pub(crate) fn save_spec(c: &ContainerEntry, spec: &oci_spec::runtime::Spec) {
     }
 }
 
-fn saved_spec(c: &ContainerEntry) -> Option<serde_json::Value> {
+fn saved_spec<T: serde::de::DeserializeOwned>(c: &ContainerEntry) -> Option<T> {
     let b = std::fs::read(c.dir().join(SPEC_FILE)).ok()?;
     serde_json::from_slice(&b).ok()
 }
 
 impl CriServer {
+    /// The container's OCI spec: the one kept at create, else containerd's
+    /// copy (a container created before spec.json was kept).
+    pub(crate) async fn spec_of(&self, c: &ContainerEntry) -> Result<oci_spec::runtime::Spec> {
+        match saved_spec(c) {
+            Some(s) => Ok(s),
+            None => self.c.container_spec(&c.id).await,
+        }
+    }
+
     pub(crate) fn container_status_of(&self, c: &ContainerEntry) -> cri::ContainerStatus {
         let st = c.state();
         cri::ContainerStatus {
@@ -85,12 +94,10 @@ impl CriServer {
         let mut info = HashMap::new();
         if req.verbose {
             let st = c.state();
-            let spec = match saved_spec(&c) {
+            let spec = match saved_spec::<serde_json::Value>(&c) {
                 Some(s) => Some(s),
-                // Created by an imacri before spec.json was kept.
                 None => self
-                    .c
-                    .container_spec(&c.id)
+                    .spec_of(&c)
                     .await
                     .ok()
                     .and_then(|s| serde_json::to_value(s).ok()),

@@ -354,7 +354,7 @@ impl CriServer {
         } else {
             let c = self.container(ctr)?;
             let volumes = self.measured_volumes(&st, &c.config);
-            let spec = self.c.container_spec(ctr).await?;
+            let spec = self.spec_of(&c).await?;
             for m in spec.mounts().iter().flatten() {
                 let exec = !m
                     .options()
