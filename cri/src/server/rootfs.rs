@@ -50,7 +50,10 @@ impl CriServer {
             _ => return self.c.create_task(id, mounts, stdio).await,
         };
         let staged = self.cfg.state.join("rootfs").join(id);
+        let mut laps = super::laps::Laps::new("IdmappedRootfs", id);
         imacri_runtime::idmap::idmapped_rootfs(&mounts, &staged, &userns.path, &userns.mappings)?;
+        laps.lap("mount");
+        drop(laps);
         let bind = Mount {
             r#type: "bind".into(),
             source: staged.to_string_lossy().into_owned(),
