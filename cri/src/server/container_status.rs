@@ -96,8 +96,10 @@ impl CriServer {
             let st = c.state();
             let spec = match saved_spec::<serde_json::Value>(&c) {
                 Some(s) => Some(s),
+                // No kept spec (created before it was kept): containerd's.
                 None => self
-                    .spec_of(&c)
+                    .c
+                    .container_spec(&c.id)
                     .await
                     .ok()
                     .and_then(|s| serde_json::to_value(s).ok()),

@@ -206,7 +206,7 @@ impl CriServer {
 
     /// In an ima pod, pause's rootfs becomes `noexec` once pause runs:
     /// nothing may execute from it through `/proc/1/root` unmeasured.
-    pub(crate) async fn seal_pause(&self, st: &SandboxState, id: &str, pid: u32) -> Result<()> {
+    async fn seal_pause(&self, st: &SandboxState, id: &str, pid: u32) -> Result<()> {
         if st.ima.is_none() {
             return Ok(());
         }
