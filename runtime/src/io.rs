@@ -278,12 +278,32 @@ pub fn spawn_stdin_writer(
 
 /// Reads a FIFO to the end into memory, keeping at most `cap` bytes (the rest
 /// is read and dropped so the process never blocks on a full pipe).
-pub fn spawn_capture(fifo: PathBuf, cap: usize) -> JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
+///
+/// The read end is open before this returns, so nothing the process writes
+/// is lost however late the reading thread runs (a short process and its
+/// shim can be done with the FIFO before a thread that opens it later gets
+/// to run). The returned write end keeps the reader from seeing end of file
+/// before the shim has opened the FIFO: drop it once the process has exited;
+/// the reader ends when the shim's end closes too.
+pub fn spawn_capture(fifo: PathBuf, cap: usize) -> Result<(JoinHandle<Vec<u8>>, File)> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .map_err(|e| Error::io("opening fifo", &fifo, e))?;
+    let holder = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .map_err(|e| Error::io("opening fifo", &fifo, e))?;
+    // Blocking reads from here on: the holder guarantees a writer.
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .map_err(|e| Error::io("opening fifo", &fifo, e.into()))?;
+    let h = std::thread::spawn(move || {
         let mut out = Vec::new();
-        let Ok(mut f) = File::open(&fifo) else {
-            return out;
-        };
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             match f.read(&mut buf) {
@@ -297,12 +317,37 @@ pub fn spawn_capture(fifo: PathBuf, cap: usize) -> JoinHandle<Vec<u8>> {
             }
         }
         out
-    })
+    });
+    Ok((h, holder))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a shim does with a short exec's output FIFO: opens both ends,
+    /// writes, closes everything, possibly before the capturing thread ever
+    /// ran. The output must still be captured.
+    #[test]
+    fn capture_keeps_output_written_before_its_thread_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let p = create_fifos(d.path(), "x", false, false)
+            .unwrap()
+            .stdout
+            .unwrap();
+        let (h, holder) = spawn_capture(p.clone(), 1024).unwrap();
+        {
+            let _fr = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&p)
+                .unwrap();
+            let mut fw = OpenOptions::new().write(true).open(&p).unwrap();
+            fw.write_all(b"hello").unwrap();
+        }
+        drop(holder);
+        assert_eq!(h.join().unwrap(), b"hello");
+    }
 
     fn fmt(chunks: &[&[u8]]) -> String {
         let mut f = LogFormatter::default();

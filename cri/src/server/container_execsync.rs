@@ -26,9 +26,19 @@ impl CriServer {
             .prepare_exec(&req.container_id, &req.cmd, false, false)
             .await?;
         let capture = |f: &Option<std::path::PathBuf>| {
-            f.clone().map(|p| io::spawn_capture(p, io::MAX_EXEC_OUTPUT))
+            f.clone()
+                .map(|p| io::spawn_capture(p, io::MAX_EXEC_OUTPUT))
+                .transpose()
         };
-        let (out, err) = (capture(&p.stdio.stdout), capture(&p.stdio.stderr));
+        let (out, err) = match (capture(&p.stdio.stdout), capture(&p.stdio.stderr)) {
+            (Ok(o), Ok(e)) => (o, e),
+            (Err(e), _) | (_, Err(e)) => {
+                p.cleanup().await;
+                return Err(e);
+            }
+        };
+        let (out, out_hold) = out.unzip();
+        let (err, err_hold) = err.unzip();
         let run = async {
             p.launch().await?;
             if req.timeout == 0 {
@@ -47,6 +57,8 @@ impl CriServer {
             }
         }
         .await;
+        // The process is gone: the readers end when the shim's ends close.
+        drop((out_hold, err_hold));
         let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| async move {
             match h {
                 Some(h) => tokio::task::spawn_blocking(move || h.join().unwrap_or_default())
