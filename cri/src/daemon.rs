@@ -286,15 +286,18 @@ pub async fn check(cfg: &Config) -> Result<bool> {
     }
     let runc = std::process::Command::new("runc").arg("--version").output();
     match runc {
-        Ok(o) if o.status.success() => line(
-            "runc",
-            true,
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string(),
-        ),
+        Ok(o) if o.status.success() => {
+            let text = String::from_utf8_lossy(&o.stdout);
+            line("runc", true, text.lines().next().unwrap_or("").to_string());
+            match imacri_runtime::sysinfo::runc_exec_nofile_race(&text) {
+                None => line(
+                    "runc-exec-rlimits",
+                    true,
+                    "execs get the container's rlimits".into(),
+                ),
+                Some(why) => line("runc-exec-rlimits", false, why),
+            }
+        }
         _ => line("runc", false, "runc not found in PATH".into()),
     }
     line(

@@ -204,6 +204,45 @@ pub fn criu_check() -> Result<(), String> {
         .to_string())
 }
 
+/// Why `runc exec` may give an exec'd process a wrong RLIMIT_NOFILE soft
+/// limit, from `runc --version` output; None when this runc is not affected.
+///
+/// runc before 1.1.13 built with Go 1.19 or later sets an exec's rlimits
+/// with prlimit(2) from the parent while the child's Go runtime is raising
+/// its own soft NOFILE limit to the hard one (opencontainers/runc#4195, fixed
+/// by #4265 in 1.1.13): once in a while an exec sees soft = hard. The
+/// container's own process is not affected (runc sets those in the child).
+pub fn runc_exec_nofile_race(version_output: &str) -> Option<String> {
+    let field = |key: &str| {
+        version_output
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+    };
+    let numbers = |v: &str| -> Vec<u64> {
+        v.split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty())
+            .take(3)
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    let runc = numbers(field("runc version")?);
+    let go = numbers(field("go:")?.trim_start_matches("go"));
+    let affected_runc = runc.len() == 3 && (runc[0], runc[1], runc[2]) < (1, 1, 13);
+    let raising_go = go.len() >= 2 && (go[0], go[1]) >= (1, 19);
+    (affected_runc && raising_go).then(|| {
+        format!(
+            "runc {} built with go{}: an exec's RLIMIT_NOFILE soft limit is now and then \
+             raised to its hard limit (opencontainers/runc#4195, fixed in runc 1.1.13)",
+            runc.iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join("."),
+            go.iter().map(u64::to_string).collect::<Vec<_>>().join(".")
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,5 +264,23 @@ mod tests {
             assert_eq!((null.major(), null.minor()), (1, 3));
             assert!(!devs.iter().any(|d| d.path().starts_with("/dev/pts")));
         }
+    }
+
+    #[test]
+    fn runc_exec_nofile_race_by_version() {
+        let here = "runc version 1.1.5+ds1\ncommit: 1.1.5+ds1-1+deb12u1\nspec: 1.0.2-dev\ngo: go1.19.8\nlibseccomp: 2.5.4\n";
+        let why = runc_exec_nofile_race(here).unwrap();
+        assert!(why.contains("runc 1.1.5 built with go1.19.8"), "{why}");
+        let fixed = here.replace("1.1.5+ds1\n", "1.1.13\n");
+        assert_eq!(runc_exec_nofile_race(&fixed), None);
+        assert_eq!(
+            runc_exec_nofile_race(&here.replace("go1.19.8", "go1.17.13")),
+            None
+        );
+        assert_eq!(
+            runc_exec_nofile_race("runc version 1.2.0\ngo: go1.22.4\n"),
+            None
+        );
+        assert_eq!(runc_exec_nofile_race("garbage"), None);
     }
 }
