@@ -63,10 +63,11 @@ pub fn remove_fifos(p: &StdioPaths) {
     }
 }
 
-/// Opens a FIFO without blocking, so a reader stuck in open() returns.
-pub fn unblock_reader(fifo: &Path) {
+/// Opens and closes a FIFO's read end without blocking, so a writer stuck
+/// in open() returns (its writes then fail with EPIPE).
+pub fn unblock_writer(fifo: &Path) {
     let _ = OpenOptions::new()
-        .write(true)
+        .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(fifo);
 }
@@ -187,24 +188,17 @@ fn entry(out: &mut Vec<u8>, ts: &str, stream: &str, tag: &str, line: &[u8]) {
 /// Output of a running container for attached clients.
 pub type Tap = tokio::sync::broadcast::Sender<Vec<u8>>;
 
-/// Copies a FIFO into the log (if the container has one) until the writer
-/// (the shim) closes it, also
-/// handing each chunk to attached clients (`tap`). Runs on its own thread:
-/// open() on a FIFO blocks until the shim opens the other end.
+/// Copies a FIFO into the log (if the container has one) until its writers
+/// (the shim, and `open_reader`'s holder) close it, also handing each chunk
+/// to attached clients (`tap`). Returns the holder with the thread.
 pub fn spawn_log_copier(
-    fifo: PathBuf,
+    fifo: &Path,
     stream: &'static str,
     log: Option<LogFile>,
     tap: Option<Tap>,
-) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut f = match File::open(&fifo) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(fifo = %fifo.display(), error = %e, "opening fifo");
-                return;
-            }
-        };
+) -> Result<(JoinHandle<()>, File)> {
+    let (mut f, holder) = open_reader(fifo)?;
+    let h = std::thread::spawn(move || {
         let mut fmt = LogFormatter::default();
         let mut buf = vec![0u8; 32 * 1024];
         let mut out = Vec::with_capacity(64 * 1024);
@@ -234,14 +228,19 @@ pub fn spawn_log_copier(
                 log.write(&out);
             }
         }
-    })
+    });
+    Ok((h, holder))
 }
 
-/// Forwards a FIFO's data to `tx` until the writer closes it (for exec
-/// streams); blocks a thread like the other readers.
-pub fn spawn_forwarder(fifo: PathBuf, tx: tokio::sync::mpsc::Sender<Vec<u8>>) -> JoinHandle<()> {
-    std::thread::spawn(move || {
-        let Ok(mut f) = File::open(&fifo) else { return };
+/// Forwards a FIFO's data to `tx` until its writers close it (for exec
+/// streams); blocks a thread like the other readers. Returns
+/// `open_reader`'s holder with the thread.
+pub fn spawn_forwarder(
+    fifo: &Path,
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+) -> Result<(JoinHandle<()>, File)> {
+    let (mut f, holder) = open_reader(fifo)?;
+    let h = std::thread::spawn(move || {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             match f.read(&mut buf) {
@@ -255,7 +254,8 @@ pub fn spawn_forwarder(fifo: PathBuf, tx: tokio::sync::mpsc::Sender<Vec<u8>>) ->
                 Err(_) => break,
             }
         }
-    })
+    });
+    Ok((h, holder))
 }
 
 /// Writes what arrives on `rx` into a FIFO (a process's stdin); closing
@@ -276,32 +276,40 @@ pub fn spawn_stdin_writer(
     })
 }
 
-/// Reads a FIFO to the end into memory, keeping at most `cap` bytes (the rest
-/// is read and dropped so the process never blocks on a full pipe).
+/// Opens a FIFO's read end now, so nothing written to it from here on is
+/// lost however late the reading thread runs: a short process and its shim
+/// can open, write and close the FIFO before a thread that opened it later
+/// got to run, and a pipe's data dies with its last open end.
 ///
-/// The read end is open before this returns, so nothing the process writes
-/// is lost however late the reading thread runs (a short process and its
-/// shim can be done with the FIFO before a thread that opens it later gets
-/// to run). The returned write end keeps the reader from seeing end of file
-/// before the shim has opened the FIFO: drop it once the process has exited;
-/// the reader ends when the shim's end closes too.
-pub fn spawn_capture(fifo: PathBuf, cap: usize) -> Result<(JoinHandle<Vec<u8>>, File)> {
-    let mut f = OpenOptions::new()
+/// The second file is a write end that keeps the reader from seeing end of
+/// file before the shim has opened its own: keep it until the process has
+/// exited (or failed to start), then drop it; the reader ends when the
+/// shim's end closes too.
+pub fn open_reader(fifo: &Path) -> Result<(File, File)> {
+    let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
-        .open(&fifo)
-        .map_err(|e| Error::io("opening fifo", &fifo, e))?;
+        .open(fifo)
+        .map_err(|e| Error::io("opening fifo", fifo, e))?;
     let holder = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_NONBLOCK)
-        .open(&fifo)
-        .map_err(|e| Error::io("opening fifo", &fifo, e))?;
+        .open(fifo)
+        .map_err(|e| Error::io("opening fifo", fifo, e))?;
     // Blocking reads from here on: the holder guarantees a writer.
     nix::fcntl::fcntl(
         std::os::fd::AsRawFd::as_raw_fd(&f),
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
     )
-    .map_err(|e| Error::io("opening fifo", &fifo, e.into()))?;
+    .map_err(|e| Error::io("opening fifo", fifo, e.into()))?;
+    Ok((f, holder))
+}
+
+/// Reads a FIFO to the end into memory, keeping at most `cap` bytes (the rest
+/// is read and dropped so the process never blocks on a full pipe). The
+/// returned file is `open_reader`'s holder.
+pub fn spawn_capture(fifo: PathBuf, cap: usize) -> Result<(JoinHandle<Vec<u8>>, File)> {
+    let (mut f, holder) = open_reader(&fifo)?;
     let h = std::thread::spawn(move || {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 32 * 1024];
@@ -336,17 +344,40 @@ mod tests {
             .stdout
             .unwrap();
         let (h, holder) = spawn_capture(p.clone(), 1024).unwrap();
-        {
-            let _fr = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&p)
-                .unwrap();
-            let mut fw = OpenOptions::new().write(true).open(&p).unwrap();
-            fw.write_all(b"hello").unwrap();
-        }
+        like_a_shim(&p, b"hello");
         drop(holder);
         assert_eq!(h.join().unwrap(), b"hello");
+    }
+
+    /// A shim's whole life with an output FIFO: both ends opened, the
+    /// process's output written, everything closed.
+    fn like_a_shim(p: &Path, data: &[u8]) {
+        let _fr = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(p)
+            .unwrap();
+        let mut fw = OpenOptions::new().write(true).open(p).unwrap();
+        fw.write_all(data).unwrap();
+    }
+
+    #[test]
+    fn forwarder_keeps_output_written_before_its_thread_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let p = create_fifos(d.path(), "x", false, false)
+            .unwrap()
+            .stdout
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let (h, holder) = spawn_forwarder(&p, tx).unwrap();
+        like_a_shim(&p, b"hi\n");
+        drop(holder);
+        h.join().unwrap();
+        let mut got = Vec::new();
+        while let Ok(d) = rx.try_recv() {
+            got.extend(d);
+        }
+        assert_eq!(got, b"hi\n");
     }
 
     fn fmt(chunks: &[&[u8]]) -> String {
@@ -395,13 +426,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = create_fifos(d.path(), "c", false, false).unwrap();
         let log = LogFile::open(&d.path().join("logs/c.log")).unwrap();
-        let h = spawn_log_copier(p.stdout.clone().unwrap(), "stdout", Some(log), None);
-        let mut w = OpenOptions::new()
-            .write(true)
-            .open(p.stdout.as_ref().unwrap())
-            .unwrap();
-        w.write_all(b"one\ntwo").unwrap();
-        drop(w);
+        let out = p.stdout.clone().unwrap();
+        let (h, holder) = spawn_log_copier(&out, "stdout", Some(log), None).unwrap();
+        like_a_shim(&out, b"one\ntwo");
+        drop(holder);
         h.join().unwrap();
         let text = std::fs::read_to_string(d.path().join("logs/c.log")).unwrap();
         let entries: Vec<Vec<&str>> = text.lines().map(|l| l.splitn(4, ' ').collect()).collect();

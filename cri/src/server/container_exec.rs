@@ -69,10 +69,25 @@ impl CriServer {
             .prepare_exec(&r.container_id, &r.cmd, r.tty, r.stdin)
             .await?;
         let mut forwarders = Vec::new();
-        for (path, chan) in [(&p.stdio.stdout, STDOUT), (&p.stdio.stderr, STDERR)] {
+        // Dropped once the process has exited (or failed to start): see
+        // `io::open_reader`.
+        let mut holders = Vec::new();
+        let outputs = [
+            (p.stdio.stdout.clone(), STDOUT),
+            (p.stdio.stderr.clone(), STDERR),
+        ];
+        for (path, chan) in outputs {
             if let Some(path) = path {
                 let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-                io::spawn_forwarder(path.clone(), tx);
+                let holder = match io::spawn_forwarder(&path, tx) {
+                    Ok((_, holder)) => holder,
+                    Err(e) => {
+                        drop(holders);
+                        p.cleanup().await;
+                        return Err(e);
+                    }
+                };
+                holders.push(holder);
                 let out = pio.output.clone();
                 forwarders.push(tokio::spawn(async move {
                     while let Some(d) = rx.recv().await {
@@ -102,6 +117,7 @@ impl CriServer {
             _ => None,
         };
         if let Err(e) = p.launch().await {
+            drop(holders);
             p.cleanup().await;
             return Err(e);
         }
@@ -132,6 +148,7 @@ impl CriServer {
             }
         };
         // Output is handed over when the process's writers close the FIFOs.
+        drop(holders);
         for f in forwarders {
             let _ = f.await;
         }
@@ -141,7 +158,9 @@ impl CriServer {
 }
 
 impl ExecProcess<'_> {
-    /// Creates and starts the process; on failure unblocks the readers.
+    /// Creates and starts the process; on failure wakes a stdin writer
+    /// still waiting for a reader (the output readers' holders are the
+    /// caller's to drop).
     pub(crate) async fn launch(&self) -> Result<()> {
         let c = &self.server.c;
         let started = async {
@@ -151,11 +170,8 @@ impl ExecProcess<'_> {
         }
         .await;
         if started.is_err() {
-            for p in [&self.stdio.stdin, &self.stdio.stdout, &self.stdio.stderr]
-                .into_iter()
-                .flatten()
-            {
-                io::unblock_reader(p);
+            if let Some(p) = &self.stdio.stdin {
+                io::unblock_writer(p);
             }
         }
         started.map(|_| ())

@@ -83,7 +83,7 @@ impl CriServer {
             Some(LogFile::open(&st.log_path)?)
         };
         let mut live = LiveIo::default();
-        live.copy_output(stdio.stdout.clone(), stdio.stderr.clone(), log);
+        live.copy_output(stdio.stdout.clone(), stdio.stderr.clone(), log)?;
         if let Some(p) = &stdio.stdin {
             live.stdin = Some(io::hold_open(p)?);
         }
@@ -128,12 +128,7 @@ impl CriServer {
             r
         }
         .await;
-        if result.is_err() {
-            // Wake copiers still waiting for a writer.
-            for p in [&stdio.stdout, &stdio.stderr].into_iter().flatten() {
-                io::unblock_reader(p);
-            }
-        }
+        // On failure the caller's teardown drops the copiers' holders.
         result
     }
 

@@ -55,6 +55,7 @@ impl CriServer {
             Kind::Container => {
                 // Let the log copiers drain what the process wrote last.
                 if let Some(io) = self.take_io(id) {
+                    drop(io.holders);
                     let join = tokio::task::spawn_blocking(move || {
                         for h in io.copiers {
                             let _ = h.join();

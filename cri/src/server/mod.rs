@@ -80,6 +80,9 @@ pub const LABEL_SANDBOX_ID: &str = "imacri.dev/sandbox-id";
 struct LiveIo {
     log: Option<LogFile>,
     copiers: Vec<std::thread::JoinHandle<()>>,
+    /// Write ends that keep the copiers' FIFOs from ending before the shim
+    /// opened them (`io::open_reader`); dropped when the process exits.
+    holders: Vec<std::fs::File>,
     /// Keeps an interactive container's stdin open; attach writes to it.
     stdin: Option<std::fs::File>,
     /// stdout (and, with a TTY, everything) for attached clients.
@@ -98,21 +101,20 @@ impl LiveIo {
         stdout: Option<std::path::PathBuf>,
         stderr: Option<std::path::PathBuf>,
         log: Option<LogFile>,
-    ) {
+    ) -> imacri_runtime::Result<()> {
         for (p, stream, tap) in [
             (stdout, "stdout", self.tap.clone()),
             (stderr, "stderr", self.tap_err.clone()),
         ] {
             if let Some(p) = p {
-                self.copiers.push(imacri_runtime::io::spawn_log_copier(
-                    p,
-                    stream,
-                    log.clone(),
-                    Some(tap),
-                ));
+                let (copier, holder) =
+                    imacri_runtime::io::spawn_log_copier(&p, stream, log.clone(), Some(tap))?;
+                self.copiers.push(copier);
+                self.holders.push(holder);
             }
         }
         self.log = log;
+        Ok(())
     }
 }
 
@@ -121,6 +123,7 @@ impl Default for LiveIo {
         LiveIo {
             log: None,
             copiers: Vec::new(),
+            holders: Vec::new(),
             stdin: None,
             tap: tokio::sync::broadcast::channel(256).0,
             tap_err: tokio::sync::broadcast::channel(256).0,

@@ -61,7 +61,9 @@ impl CriServer {
                         let p = self.cfg.fifo_dir().join(format!("{}-{suffix}", c.id));
                         p.exists().then_some(p)
                     };
-                    live.copy_output(fifo("stdout"), fifo("stderr"), log);
+                    if let Err(e) = live.copy_output(fifo("stdout"), fifo("stderr"), log) {
+                        tracing::warn!(container_id = %c.id, error = %e, "reattaching log copiers");
+                    }
                     let (watch, waited) = self
                         .remeasure_after_restart(&st.sandbox_id, &c.id, t.pid, &mut groups)
                         .await;
