@@ -142,3 +142,14 @@ pub async fn sh_ok(rt: &mut Rt, id: &str, cmd: &str) -> String {
     assert_eq!(code, 0, "{cmd}: {err}");
     out.trim().to_string()
 }
+
+/// The `integrity` part of verbose Status (the engine's counters).
+pub async fn integrity_stats(rt: &mut Rt) -> serde_json::Value {
+    let st = rt
+        .status(cri::StatusRequest { verbose: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let v: serde_json::Value = serde_json::from_str(&st.info["config"]).unwrap();
+    v["integrity"].clone()
+}

@@ -52,16 +52,6 @@ fn log_lines(d: &Imacri, pod: &str) -> Vec<String> {
     out.lines().map(str::to_string).collect()
 }
 
-async fn integrity_stats(rt: &mut imacri_integration::client::Rt) -> serde_json::Value {
-    let st = rt
-        .status(cri::StatusRequest { verbose: true })
-        .await
-        .unwrap()
-        .into_inner();
-    let v: serde_json::Value = serde_json::from_str(&st.info["config"]).unwrap();
-    v["integrity"].clone()
-}
-
 /// Setup shared by the tests: swtpm, a daemon anchored in it (with `extra`
 /// flags), busybox pulled, the node's AK and busybox's golden policy.
 async fn anchored_node(env: &Env, extra: &[&str]) -> (Swtpm, Imacri, tempfile::TempDir) {
@@ -171,12 +161,12 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
     // entry per container and file, however often it runs; later runs hit
     // the cache and hash nothing.
     sh_ok(&mut rt, &c, "ls / >/dev/null").await;
-    let before = integrity_stats(&mut rt).await;
+    let before = imacri_integration::client::integrity_stats(&mut rt).await;
     let n = log_lines(&d, &pod).len();
     for _ in 0..3 {
         sh_ok(&mut rt, &c, "ls / >/dev/null").await;
     }
-    let after = integrity_stats(&mut rt).await;
+    let after = imacri_integration::client::integrity_stats(&mut rt).await;
     assert_eq!(
         log_lines(&d, &pod).len(),
         n,

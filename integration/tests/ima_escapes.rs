@@ -31,8 +31,19 @@ const ESCAPE_C: &str = r#"
 #include <sys/shm.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
+#include <pthread.h>
 #include <unistd.h>
 static unsigned char code[] = {0xb8, 0x2a, 0, 0, 0, 0xc3};
+/* swap-*: while the map guard checks a call, a second thread puts another
+   file under the fd number (mmap) or under the range (mprotect). */
+static int swap_fd, swap_in;
+static void *swap_at;
+static void *swapper(void *a) { (void)a; usleep(200000); dup2(swap_in, swap_fd); return 0; }
+static void *remapper(void *a) {
+    (void)a; usleep(200000);
+    mmap(swap_at, 4096, PROT_READ, MAP_PRIVATE|MAP_FIXED, swap_in, 0);
+    return 0;
+}
 static int ran(const char *m, void *p) {
     if (((int (*)(void))p)() != 42) { printf("%s: wrong result\n", m); return 1; }
     printf("RAN %s\n", m); return 0;
@@ -124,6 +135,37 @@ int main(int argc, char **argv) {
         int fd = passed_fd(p2); if (fd < 0) return fail(m);
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "swap-mmap") || !strcmp(m, "swap-mprotect")) {
+        /* swap-mmap: argv[2] is a file the policy allows, mapped through an
+           fd that names the code by the time the kernel reads it again.
+           swap-mprotect: anonymous memory made executable, with the code's
+           file mapped under it by then. */
+        const char *out = !strcmp(m, "swap-mmap") ? "/tmp/swapped-mmap.bin"
+                                                  : "/tmp/swapped-mprotect.bin";
+        int w = open(out, O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        swap_in = open(out, O_RDONLY);
+        if (swap_in < 0) return fail(m);
+        pthread_t t;
+        void *p;
+        if (!strcmp(m, "swap-mmap")) {
+            swap_fd = open(path, O_RDONLY);
+            if (swap_fd < 0 || pthread_create(&t, 0, swapper, 0)) return fail(m);
+            p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, swap_fd, 0);
+        } else {
+            swap_at = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+            if (swap_at == MAP_FAILED || pthread_create(&t, 0, remapper, 0)) return fail(m);
+            p = mprotect(swap_at, 4096, PROT_READ|PROT_EXEC) ? MAP_FAILED : swap_at;
+        }
+        pthread_join(t, 0);
+        if (p == MAP_FAILED) return fail(m);
+        if (memcmp(p, code, sizeof code)) { printf("%s: not swapped in time\n", m); return 1; }
+        int r = ran(m, p);
+        fflush(stdout);
+        sleep(2); /* still here when the audit reads the mappings */
+        return r;
     }
     if (!strcmp(m, "fd-pass-exec")) {
         /* argv[2]: an executable; run through the passed fd (fexecve). */
@@ -222,6 +264,15 @@ fn logged(lines: &[String], path: &str, digest: Option<&str>, ev: &str) -> bool 
     })
 }
 
+/// The entries of one container among a pod's.
+fn entries_of(lines: &[String], container: &str) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.contains(container))
+        .cloned()
+        .collect()
+}
+
 fn ima(name: &str, policy: &str) -> cri::PodSandboxConfig {
     let mut cfg = pod_config(name);
     cfg.annotations
@@ -265,6 +316,15 @@ async fn node(env: &Env, extra_ima: &str) -> (Imacri, String, tempfile::TempDir)
     d.pull(&image).await;
     let (code, _, err) = attest(&d, &["golden", &image, "--out", golden.to_str().unwrap()]);
     assert_eq!(code, 0, "attest golden: {err}");
+    (d, image, work)
+}
+
+/// `node`, restarted with a test hook's variable set.
+async fn node_with(env: &Env, var: &str, value: &str) -> (Imacri, String, tempfile::TempDir) {
+    let (mut d, image, work) = node(env, "").await;
+    d.kill();
+    d.vars = vec![(var.into(), value.into())];
+    d.spawn().await.unwrap();
     (d, image, work)
 }
 
@@ -370,11 +430,7 @@ async fn executable_mappings_are_measured_or_refused() {
     }
     let lines = log_lines(&d, &pod);
     for c in [&a, &b] {
-        let mine: Vec<String> = lines
-            .iter()
-            .filter(|l| l.contains(c.as_str()))
-            .cloned()
-            .collect();
+        let mine = entries_of(&lines, c);
         assert!(
             logged(&mine, "memfd:payload", Some(&page), "mmap"),
             "{mine:#?}"
@@ -831,10 +887,7 @@ async fn executions_wait_for_a_restarted_imacri() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_execution_in_flight_at_a_crash_is_refused() {
     let env = Env::get();
-    let (mut d, image, _work) = node(env, "").await;
-    d.kill();
-    d.vars = vec![("IMACRI_TEST_FANOTIFY_STALL".into(), "/tmp/stall/".into())];
-    d.spawn().await.unwrap();
+    let (mut d, image, _work) = node_with(env, "IMACRI_TEST_FANOTIFY_STALL", "/tmp/stall/").await;
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima("exec-in-flight", "measure");
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
@@ -862,16 +915,103 @@ async fn an_execution_in_flight_at_a_crash_is_refused() {
     stop_pod(&mut rt, &pod).await;
 }
 
+/// seccomp's CONTINUE lets the kernel read a call's arguments again after
+/// the map guard checked them: a second thread `dup2`s another file onto an
+/// mmap's fd, or maps a file under an anonymous range being made
+/// executable, in between (the window widened here by
+/// IMACRI_TEST_MAPGUARD_SWAP_WINDOW). Such calls are audited once they
+/// returned: in measure mode what was really mapped is in the log with its
+/// digest; in enforce mode the policy refuses it and the container is
+/// killed (ImaUnmeasured, a `deny` and a `gap` entry).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
+    let env = Env::get();
+    let (d, image, _work) = node_with(env, "IMACRI_TEST_MAPGUARD_SWAP_WINDOW", "600").await;
+    let mut rt = d.runtime().await.unwrap();
+    let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
+    let swap = |m: &str| format!("escape swap-{m} /bin/busybox");
+
+    let (pod, a, b) = two_containers(&d, &mut rt, "swap-measure", "measure", &image).await;
+    let audited = |v: serde_json::Value| v["fanotify"]["auditedCalls"].as_u64().unwrap();
+    // A single-threaded process's mappings (ld.so mapping libc) need no
+    // audit: nothing else could change what the kernel reads again.
+    let before = audited(imacri_integration::client::integrity_stats(&mut rt).await);
+    for c in [&a, &b] {
+        assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
+    }
+    let after = audited(imacri_integration::client::integrity_stats(&mut rt).await);
+    assert_eq!(before, after, "single-threaded mappings were audited");
+    for c in [&a, &b] {
+        for m in ["mmap", "mprotect"] {
+            let (_, out, err) = exec_sh(&mut rt, c, &swap(m)).await;
+            assert!(
+                out.contains(&format!("RAN swap-{m}")),
+                "{out}{err}\n{}",
+                d.log()
+            );
+        }
+    }
+    let lines = log_lines(&d, &pod);
+    for c in [&a, &b] {
+        let mine = entries_of(&lines, c);
+        for m in ["mmap", "mprotect"] {
+            assert!(
+                logged(
+                    &mine,
+                    &format!("/tmp/swapped-{m}.bin"),
+                    Some(&code_file),
+                    "mmap"
+                ),
+                "{m}: {mine:#?}\n{}",
+                d.log()
+            );
+        }
+        // Measured, so left running.
+        let st = imacri_integration::client::container_status(&mut rt, c).await;
+        assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+    }
+    let now = audited(imacri_integration::client::integrity_stats(&mut rt).await);
+    assert!(now >= after + 4, "{after} -> {now}");
+    stop_pod(&mut rt, &pod).await;
+
+    // Enforce: `a` (no seccomp profile) tries the fd, `b` (RuntimeDefault)
+    // the range; each is killed.
+    let (pod, a, b) = two_containers(&d, &mut rt, "swap-enforce", "strict", &image).await;
+    for (c, m) in [(&a, "mmap"), (&b, "mprotect")] {
+        // The exec dies with its container: its answer does not matter.
+        let _ = rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: c.clone(),
+                cmd: vec!["sh".into(), "-c".into(), swap(m)],
+                timeout: 15,
+            })
+            .await;
+        let st = imacri_integration::client::wait_exited(&mut rt, c).await;
+        assert_eq!(st.reason, "ImaUnmeasured", "{m}: {st:?}\n{}", d.log());
+        let lines = log_lines(&d, &pod);
+        let mine = entries_of(&lines, c);
+        assert!(
+            logged(
+                &mine,
+                &format!("/tmp/swapped-{m}.bin"),
+                Some(&code_file),
+                "deny"
+            ),
+            "{m}: {mine:#?}"
+        );
+        assert!(logged(&mine, "-", None, "gap"), "{m}: {mine:#?}");
+    }
+    stop_pod(&mut rt, &pod).await;
+}
+
 /// The same for an executable mapping: a notification the dead imacri
 /// received and never answered is refused (EPERM) instead of leaving its
 /// task blocked in mmap until killed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mapping_in_flight_at_a_crash_is_refused() {
     let env = Env::get();
-    let (mut d, image, _work) = node(env, "").await;
-    d.kill();
-    d.vars = vec![("IMACRI_TEST_MAPGUARD_STALL".into(), "/tmp/stall.bin".into())];
-    d.spawn().await.unwrap();
+    let (mut d, image, _work) =
+        node_with(env, "IMACRI_TEST_MAPGUARD_STALL", "/tmp/stall.bin").await;
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima("map-in-flight", "measure");
     let pod = run_pod(&mut rt, &cfg).await.unwrap();

@@ -568,6 +568,8 @@ impl CriServer {
                 "hashedFiles": s.hashed_files.load(Relaxed),
                 "hashedBytes": s.hashed_bytes.load(Relaxed),
                 "denied": s.denied.load(Relaxed),
+                "mappings": s.mappings.load(Relaxed),
+                "auditedCalls": s.audited_calls.load(Relaxed),
                 "meanCacheHitNs": s.hit_ns_total.load(Relaxed).checked_div(hits).unwrap_or(0),
             })
         });

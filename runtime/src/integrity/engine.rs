@@ -79,6 +79,9 @@ pub struct Stats {
     pub hit_ns_total: AtomicU64,
     pub denied: AtomicU64,
     pub mappings: AtomicU64,
+    /// Guarded calls let through while another task shared the caller's fd
+    /// table or address space, so audited once they returned.
+    pub audited_calls: AtomicU64,
 }
 
 struct Job {
@@ -165,6 +168,10 @@ pub struct Engine {
     pub(super) stall: Option<String>,
     /// The same for the map guard's notifications (`IMACRI_TEST_MAPGUARD_STALL`).
     pub(super) map_stall: Option<String>,
+    /// Fault injection for the swap tests: the map guard waits this long
+    /// between its check and its answer for calls of processes that share
+    /// their tables (`IMACRI_TEST_MAPGUARD_SWAP_WINDOW`, milliseconds).
+    pub(super) map_swap_window: Option<std::time::Duration>,
     /// Set when imacri shuts down: watches then leave their groups with the
     /// fd keeper, so the containers wait for the next imacri.
     detached: std::sync::atomic::AtomicBool,
@@ -199,6 +206,10 @@ impl Engine {
                 .and_then(|v| v.parse().ok()),
             stall: std::env::var("IMACRI_TEST_FANOTIFY_STALL").ok(),
             map_stall: std::env::var("IMACRI_TEST_MAPGUARD_STALL").ok(),
+            map_swap_window: std::env::var("IMACRI_TEST_MAPGUARD_SWAP_WINDOW")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis),
             detached: Default::default(),
         });
         for i in 0..workers.max(1) {

@@ -26,11 +26,11 @@
 //! imacri, which takes the fds back; without the keeper the kernel answers
 //! them with ENOSYS. Either way nothing is mapped executable unmeasured.
 //!
-//! A known limit, as seccomp documents: CONTINUE lets the kernel re-read the
-//! fd number, so a second thread that swaps the fd between our check and the
-//! kernel's could map another file. The window is the answer's latency.
+//! seccomp's CONTINUE lets the kernel read the fd number (or range) again
+//! after our check: [`audit`] says when that matters and what is done.
 
 use super::keeper;
+mod audit;
 mod profile;
 
 use profile::PERSONALITY_QUERY;
@@ -58,6 +58,11 @@ pub fn probe() -> Result<(), String> {
     let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, -1, 0) };
     if r < 0 && nix::errno::Errno::last() == nix::errno::Errno::ENOSYS {
         return Err("pidfd_getfd is unavailable (Linux < 5.6)".into());
+    }
+    // Without kcmp every call counts as shared and is audited: still
+    // closed, only slower, so it is no reason to refuse ima pods.
+    if !audit::kcmp_works() {
+        tracing::warn!("kcmp is unavailable (CONFIG_KCMP): every guarded call is audited");
     }
     Ok(())
 }
@@ -250,6 +255,7 @@ fn receive(conn: &std::os::unix::net::UnixStream) -> std::io::Result<(Vec<u8>, V
 fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&keeper::IdFile>) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let notify = Arc::new(notify);
+    let auditor = audit::Auditor::new(engine.clone(), container);
     loop {
         let mut fds = [PollFd::new(notify.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::NONE) {
@@ -288,7 +294,7 @@ fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&k
         let Some(engine) = engine.upgrade() else {
             return;
         };
-        handle(&engine, &notify, container, &req);
+        handle(&engine, &notify, &auditor, container, &req);
     }
 }
 
@@ -298,6 +304,16 @@ struct Reply {
     id: u64,
     remaining: AtomicUsize,
     allowed: AtomicBool,
+    /// Set when another task shares what the kernel reads again: the call
+    /// is audited once it returned (see [`audit`]).
+    audit: Option<Audit>,
+}
+
+struct Audit {
+    auditor: Arc<audit::Auditor>,
+    tid: u32,
+    nr: i64,
+    args: [u64; 6],
 }
 
 impl Reply {
@@ -306,13 +322,18 @@ impl Reply {
             self.allowed.store(false, Ordering::SeqCst);
         }
         if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
-            respond(&self.notify, self.id, self.allowed.load(Ordering::SeqCst));
+            let allowed = self.allowed.load(Ordering::SeqCst);
+            respond(&self.notify, self.id, allowed);
+            if let (true, Some(a)) = (allowed, &self.audit) {
+                a.auditor.after(a.tid, a.nr, a.args);
+            }
         }
     }
 }
 
 struct MapPending {
     file: OwnedFd,
+    key: FileKey,
     reply: Arc<Reply>,
 }
 
@@ -321,6 +342,11 @@ impl Pending for MapPending {
         self.file.as_fd()
     }
     fn answer(self: Box<Self>, allow: bool) {
+        if allow {
+            if let Some(a) = &self.reply.audit {
+                a.auditor.approve(self.key);
+            }
+        }
         self.reply.part(allow);
     }
 }
@@ -357,7 +383,13 @@ fn still_valid(notify: &OwnedFd, id: u64) -> bool {
     }
 }
 
-fn handle(engine: &Engine, notify: &Arc<OwnedFd>, container: &str, req: &libc::seccomp_notif) {
+fn handle(
+    engine: &Engine,
+    notify: &Arc<OwnedFd>,
+    auditor: &Arc<audit::Auditor>,
+    container: &str,
+    req: &libc::seccomp_notif,
+) {
     let nr = req.data.nr as libc::c_long;
     let args = req.data.args;
     if nr == libc::SYS_personality {
@@ -382,9 +414,34 @@ fn handle(engine: &Engine, notify: &Arc<OwnedFd>, container: &str, req: &libc::s
             return respond(notify, req.id, false);
         }
     };
+    // Decided while the caller waits: whether anyone can change what the
+    // kernel reads again after our answer.
+    let table = if nr == libc::SYS_mmap {
+        audit::Table::Files
+    } else {
+        audit::Table::Vm
+    };
+    let audit = audit::shared(req.pid, table, &auditor.tasks_file).then(|| Audit {
+        auditor: auditor.clone(),
+        tid: req.pid,
+        nr: i64::from(req.data.nr),
+        args: req.data.args,
+    });
+    if audit.is_some() {
+        engine.stats.audited_calls.fetch_add(1, Ordering::Relaxed);
+    }
+    if let (Some(window), true) = (engine.map_swap_window, audit.is_some()) {
+        // Test only: a wide window between the check and the answer.
+        std::thread::sleep(window);
+    }
     if files.is_empty() {
-        // Anonymous memory only (e.g. a JIT's mprotect): not a file.
-        return respond(notify, req.id, true);
+        // Anonymous memory only (e.g. a JIT's mprotect): not a file. A
+        // thread sharing the range could map a file under it meanwhile.
+        respond(notify, req.id, true);
+        if let Some(a) = audit {
+            a.auditor.after(a.tid, a.nr, a.args);
+        }
+        return;
     }
     if let Some(stall) = &engine.map_stall {
         let stalled = files.iter().any(|f| {
@@ -401,6 +458,7 @@ fn handle(engine: &Engine, notify: &Arc<OwnedFd>, container: &str, req: &libc::s
         id: req.id,
         remaining: AtomicUsize::new(files.len()),
         allowed: AtomicBool::new(true),
+        audit,
     });
     for file in files {
         let st = match nix::sys::stat::fstat(file.as_raw_fd()) {
@@ -413,6 +471,7 @@ fn handle(engine: &Engine, notify: &Arc<OwnedFd>, container: &str, req: &libc::s
         let key = FileKey::of(&st);
         let pending = Box::new(MapPending {
             file,
+            key,
             reply: reply.clone(),
         });
         engine.submit(target.clone(), pending, key, Event::Mmap);

@@ -1,0 +1,483 @@
+//! Closing seccomp's CONTINUE window. When imacri lets a guarded call
+//! through, the kernel reads its arguments again: the fd number of an
+//! `mmap`, the address range of an `mprotect`. A task that shares the
+//! caller's fd table (or address space) can swap what those name between
+//! imacri's check and the kernel's (`dup2` another file onto the fd;
+//! `munmap` + `mmap` under the range), and have a file mapped executable
+//! that was never measured. The caller itself cannot: it waits in the call.
+//!
+//! So each call is classified while its caller waits:
+//! - Nobody else shares the table (`shared` is false): nothing can change
+//!   it before the caller returns (a new sharer can only be cloned by an
+//!   existing one), and CONTINUE maps exactly what was measured. Sharers
+//!   are looked for among the tasks of the caller's cgroup, which an ima
+//!   pod cannot leave (no CAP_SYS_ADMIN, its cgroupfs read-only, its root
+//!   unprivileged on the host).
+//! - Otherwise (a multi-threaded process, say) the call is let through and
+//!   audited once it has returned ([`Auditor`]): every executable file
+//!   mapping of the process must be one the engine allowed. One that is not
+//!   is measured now (its digest lands in the log), and if the policy
+//!   refuses it, or it cannot be measured, the container is killed with a
+//!   `gap` (ImaUnmeasured). The code may have run for the audit's latency;
+//!   a process that swaps, maps, runs and exits before the audit reads its
+//!   mappings is the remaining limit (README, "Known limits").
+
+use std::collections::HashSet;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::super::digest::FileKey;
+use super::super::engine::{Engine, Pending};
+use super::super::log::Event;
+
+/// What the kernel reads again after CONTINUE: the caller's fd table (an
+/// `mmap` of an fd) or its address space (an `mprotect` of a range).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Table {
+    Files,
+    Vm,
+}
+
+const KCMP_VM: libc::c_int = 1;
+const KCMP_FILES: libc::c_int = 2;
+
+/// How often the tasks of a cgroup are listed again when they changed
+/// while being compared, before the call counts as shared.
+const LIST_TRIES: usize = 4;
+
+/// Whether a task other than `tid` may share its `table`, so could change
+/// what the kernel reads after CONTINUE. Fails towards "shared" (audited).
+pub(super) fn shared(tid: u32, table: Table, tasks_file: &Mutex<Option<PathBuf>>) -> bool {
+    // The listener's tasks cannot leave their cgroup: found once. (A caller
+    // that is not in the file found counts as shared.)
+    let known = tasks_file.lock().ok().and_then(|f| f.clone());
+    let Some(list) = known.or_else(|| {
+        let f = cgroup_tasks_file(tid)?;
+        if let Ok(mut k) = tasks_file.lock() {
+            *k = Some(f.clone());
+        }
+        Some(f)
+    }) else {
+        return true;
+    };
+    shared_among(tid, || read_tasks(&list), table)
+}
+
+/// `shared` with the listing of the candidate tasks given (`list`: every
+/// task that could share, `tid` included).
+fn shared_among(
+    tid: u32,
+    mut list: impl FnMut() -> std::io::Result<Vec<u32>>,
+    table: Table,
+) -> bool {
+    let mut compared: HashSet<u32> = HashSet::new();
+    let mut last: Option<HashSet<u32>> = None;
+    for _ in 0..LIST_TRIES {
+        let Ok(tasks) = list() else {
+            return true;
+        };
+        if !tasks.contains(&tid) {
+            // Not the caller's cgroup after all: nothing was learnt.
+            return true;
+        }
+        let others: HashSet<u32> = tasks.into_iter().filter(|t| *t != tid).collect();
+        let fresh: Vec<u32> = others.difference(&compared).copied().collect();
+        if shares_with_any(tid, &fresh, table) {
+            return true;
+        }
+        compared.extend(fresh);
+        // The same tasks listed twice, each compared: a sharer cloned and
+        // gone between the listings would have changed the list.
+        if last.as_ref() == Some(&others) {
+            return false;
+        }
+        last = Some(others);
+    }
+    true
+}
+
+/// Whether any of `others` shares `tid`'s table (kcmp). A task that is gone
+/// shares nothing any more; any other error counts as sharing.
+pub(super) fn shares_with_any(tid: u32, others: &[u32], table: Table) -> bool {
+    let kind = match table {
+        Table::Files => KCMP_FILES,
+        Table::Vm => KCMP_VM,
+    };
+    others.iter().any(|&o| {
+        // SAFETY: integer arguments only; the result is checked.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_kcmp,
+                tid as libc::pid_t,
+                o as libc::pid_t,
+                kind,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
+        };
+        match r {
+            0 => true,
+            r if r > 0 => false,
+            _ => nix::errno::Errno::last() != nix::errno::Errno::ESRCH,
+        }
+    })
+}
+
+/// Whether kcmp answers on this kernel (it needs CONFIG_KCMP).
+pub(super) fn kcmp_works() -> bool {
+    // SAFETY: integer arguments only; a task compared with itself.
+    unsafe {
+        let me = libc::syscall(libc::SYS_gettid) as libc::pid_t;
+        libc::syscall(
+            libc::SYS_kcmp,
+            me,
+            me,
+            KCMP_FILES,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) == 0
+    }
+}
+
+/// The file listing every task (thread) of `tid`'s cgroup: a v1 `tasks`
+/// file (pids, else another controller runc joins), else cgroup v2's
+/// `cgroup.threads`.
+fn cgroup_tasks_file(tid: u32) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/cgroup")).ok()?;
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let mut v2 = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let rel = path.trim_start_matches('/');
+        if ctrls.is_empty() {
+            v2 = Some(rel.to_string());
+            continue;
+        }
+        if ctrls.split(',').any(|c| c == "pids") {
+            let f = root.join(ctrls).join(rel).join("tasks");
+            if f.exists() {
+                return Some(f);
+            }
+        }
+    }
+    let rel = v2?;
+    [root.join("unified"), root.to_path_buf()]
+        .into_iter()
+        .map(|m| m.join(&rel).join("cgroup.threads"))
+        .find(|f| f.exists())
+}
+
+fn read_tasks(file: &std::path::Path) -> std::io::Result<Vec<u32>> {
+    Ok(std::fs::read_to_string(file)?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect())
+}
+
+/// A call let through while shared: audit the caller's process once the
+/// call has returned.
+struct Job {
+    tid: u32,
+    nr: i64,
+    args: [u64; 6],
+}
+
+/// One container's audits, on a thread of their own started by the first
+/// call that needs one (most containers never share a table mid-call).
+pub(super) struct Auditor {
+    engine: Weak<Engine>,
+    container: String,
+    /// Files the engine allowed this container to map executable.
+    approved: Arc<Mutex<HashSet<FileKey>>>,
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The cgroup task list of this listener's tasks (see `shared`).
+    pub(super) tasks_file: Mutex<Option<PathBuf>>,
+}
+
+/// Bounds the approved set; past it, files are decided (from the digest
+/// cache) again.
+const APPROVED_LIMIT: usize = 50_000;
+
+impl Auditor {
+    pub(super) fn new(engine: Weak<Engine>, container: &str) -> Arc<Auditor> {
+        Arc::new(Auditor {
+            engine,
+            container: container.to_string(),
+            approved: Arc::default(),
+            tx: Mutex::new(None),
+            tasks_file: Mutex::new(None),
+        })
+    }
+
+    /// A file the engine allowed to be mapped: the audit need not ask again.
+    pub(super) fn approve(&self, key: FileKey) {
+        approve(&self.approved, key);
+    }
+
+    /// Audits `tid`'s process once its call `nr(args)` has returned.
+    pub(super) fn after(self: &Arc<Self>, tid: u32, nr: i64, args: [u64; 6]) {
+        let Ok(mut tx) = self.tx.lock() else { return };
+        let mut job = Job { tid, nr, args };
+        if let Some(t) = tx.as_ref() {
+            match t.send(job) {
+                Ok(()) => return,
+                // The thread ended (it outlived its auditor once): again.
+                Err(mpsc::SendError(j)) => job = j,
+            }
+        }
+        let (t, rx) = mpsc::channel();
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("imacri-mapaudit".into())
+            .spawn(move || run(&me, &rx));
+        match spawned {
+            Ok(_) => {
+                let _ = t.send(job);
+                *tx = Some(t);
+            }
+            Err(e) => {
+                tracing::error!(container_id = %self.container, error = %e, "map guard: cannot start the audit thread; the container is killed");
+                if let (Some(engine), Some(target)) = (self.engine.upgrade(), self.target()) {
+                    engine.stopped(&target, "its executable mappings cannot be audited".into());
+                }
+            }
+        }
+    }
+
+    fn target(&self) -> Option<Arc<super::super::engine::Measured>> {
+        self.engine.upgrade()?.target(&self.container)
+    }
+}
+
+fn approve(set: &Mutex<HashSet<FileKey>>, key: FileKey) {
+    if let Ok(mut s) = set.lock() {
+        if s.len() >= APPROVED_LIMIT {
+            s.clear();
+        }
+        s.insert(key);
+    }
+}
+
+fn run(me: &Weak<Auditor>, rx: &mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        // Calls let through meanwhile are audited together: one read of
+        // each process's mappings once all of them returned.
+        let mut jobs = vec![first];
+        jobs.extend(rx.try_iter());
+        let Some(a) = me.upgrade() else { return };
+        let mut processes = Vec::new();
+        for job in &jobs {
+            let tgid = tgid_of(job.tid).unwrap_or(job.tid);
+            wait_returned(job);
+            if !processes.contains(&tgid) {
+                processes.push(tgid);
+            }
+        }
+        for p in processes {
+            audit(&a, p);
+        }
+    }
+}
+
+/// The process (thread group) of task `tid`.
+fn tgid_of(tid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Waits (briefly) until task `tid` is no longer in the call `job`: its
+/// `/proc/<tid>/syscall` names another call or none. "running" says
+/// nothing (it may still be in the kernel), so it is asked again.
+fn wait_returned(job: &Job) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut pause = Duration::from_micros(50);
+    while Instant::now() < deadline {
+        let Ok(s) = std::fs::read_to_string(format!("/proc/{}/syscall", job.tid)) else {
+            return;
+        };
+        if !still_in(&s, job) {
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
+}
+
+/// Whether a `/proc/<tid>/syscall` line may still be the call `job`.
+fn still_in(line: &str, job: &Job) -> bool {
+    let mut f = line.split_whitespace();
+    match f.next() {
+        Some("running") | None => true,
+        Some(nr) => {
+            nr.parse::<i64>().ok() == Some(job.nr)
+                && f.zip(job.args.iter())
+                    .all(|(a, v)| u64::from_str_radix(a.trim_start_matches("0x"), 16) == Ok(*v))
+        }
+    }
+}
+
+/// Every executable file mapping of `tid`'s process not yet allowed goes to
+/// the engine; a refusal kills the container.
+fn audit(a: &Arc<Auditor>, tid: u32) {
+    let (Some(engine), Some(target)) = (a.engine.upgrade(), a.target()) else {
+        return;
+    };
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{tid}/maps")) else {
+        return; // gone: what it mapped went with it
+    };
+    let mut asked: HashSet<FileKey> = HashSet::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if !perms.contains('x') {
+            continue;
+        }
+        let file: OwnedFd = match std::fs::File::open(format!("/proc/{tid}/map_files/{range}")) {
+            Ok(f) => f.into(),
+            // Anonymous memory, or the process is gone.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                tracing::error!(container_id = %a.container, error = %e, "map guard: cannot open a mapped file to audit it");
+                engine.stopped(
+                    &target,
+                    format!("an executable mapping cannot be audited: {e}"),
+                );
+                return;
+            }
+        };
+        let Ok(st) = nix::sys::stat::fstat(file.as_raw_fd()) else {
+            continue;
+        };
+        let key = FileKey::of(&st);
+        let known = a.approved.lock().map(|s| s.contains(&key)).unwrap_or(false);
+        if known || !asked.insert(key) {
+            continue;
+        }
+        tracing::warn!(pod_sandbox_id = %target.pod, container_id = %a.container, range, "map guard: a file is mapped executable that was not measured when it was mapped (its fd or range changed during the check); measuring it now");
+        engine.submit(
+            target.clone(),
+            Box::new(Audited {
+                file,
+                key,
+                approved: a.approved.clone(),
+                engine: a.engine.clone(),
+                target: target.clone(),
+            }),
+            key,
+            Event::Mmap,
+        );
+    }
+}
+
+/// A mapping found by an audit: it exists already, so a refusal kills the
+/// container instead of failing a call.
+struct Audited {
+    file: OwnedFd,
+    key: FileKey,
+    approved: Arc<Mutex<HashSet<FileKey>>>,
+    engine: Weak<Engine>,
+    target: Arc<super::super::engine::Measured>,
+}
+
+impl Pending for Audited {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+    fn answer(self: Box<Self>, allow: bool) {
+        if allow {
+            return approve(&self.approved, self.key);
+        }
+        if let Some(engine) = self.engine.upgrade() {
+            engine.stopped(
+                &self.target,
+                "a file the policy refuses was mapped executable (its fd or range changed while the map guard checked it)".into(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gettid() -> u32 {
+        // SAFETY: no arguments.
+        unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+    }
+
+    #[test]
+    fn threads_share_their_tables_and_children_do_not() {
+        let me = gettid();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(gettid()).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let other = rx.recv().unwrap();
+        assert!(shares_with_any(me, &[other], Table::Files));
+        assert!(shares_with_any(me, &[other], Table::Vm));
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .unwrap();
+        assert!(!shares_with_any(me, &[child.id()], Table::Files));
+        assert!(!shares_with_any(me, &[child.id()], Table::Vm));
+        // A single-threaded child shares nothing with the other tasks
+        // listed with it; with its parent's thread listed, the parent does.
+        let c = child.id();
+        let list = || Ok(vec![me, other, c]);
+        assert!(!shared_among(c, list, Table::Files));
+        assert!(!shared_among(c, list, Table::Vm));
+        assert!(shared_among(me, list, Table::Files));
+        // Tasks that keep changing never prove anything: shared.
+        let mut n = 100_000;
+        let churn = || {
+            n += 1;
+            Ok(vec![c, n])
+        };
+        assert!(shared_among(c, churn, Table::Files));
+        // A listing without the caller is the wrong one: shared.
+        assert!(shared_among(c, || Ok(vec![me]), Table::Files));
+        // This process's cgroup lists it.
+        let tasks = read_tasks(&cgroup_tasks_file(me).unwrap()).unwrap();
+        assert!(tasks.contains(&me) && tasks.contains(&c), "{tasks:?}");
+        let _ = child.kill();
+        let _ = child.wait();
+        // A task that is gone shares nothing.
+        assert!(!shares_with_any(me, &[c], Table::Files));
+        stop_tx.send(()).unwrap();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn syscall_lines_say_whether_the_call_returned() {
+        let job = Job {
+            tid: 1,
+            nr: 9,
+            args: [0, 4096, 5, 2, 3, 0],
+        };
+        let line = "9 0x0 0x1000 0x5 0x2 0x3 0x0 0x7ffd 0x7f12\n";
+        assert!(still_in(line, &job));
+        assert!(still_in("running\n", &job));
+        assert!(!still_in(
+            "202 0x7f 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f12\n",
+            &job
+        ));
+        assert!(!still_in(
+            "9 0x0 0x2000 0x5 0x2 0x3 0x0 0x7ffd 0x7f12\n",
+            &job
+        ));
+        assert!(!still_in("-1 0x7ffd 0x7f12\n", &job));
+    }
+}
