@@ -39,6 +39,7 @@ static unsigned char code[] = {0xb8, 0x2a, 0, 0, 0, 0xc3};
 static int swap_fd, swap_in;
 static void *swap_at;
 static void *swapper(void *a) { (void)a; usleep(200000); dup2(swap_in, swap_fd); return 0; }
+static void *parked(void *a) { (void)a; pause(); return 0; }
 static void *remapper(void *a) {
     (void)a; usleep(200000);
     mmap(swap_at, 4096, PROT_READ, MAP_PRIVATE|MAP_FIXED, swap_in, 0);
@@ -135,6 +136,18 @@ int main(int argc, char **argv) {
         int fd = passed_fd(p2); if (fd < 0) return fail(m);
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "threaded-mmap")) {
+        /* A multi-threaded program mapping argv[2] executable, honestly. */
+        int fd = open(path, O_RDONLY);
+        pthread_t t;
+        if (fd < 0 || pthread_create(&t, 0, parked, 0)) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        printf("MAPPED %s\n", m);
+        fflush(stdout);
+        sleep(1); /* still here when the audit reads the mappings */
+        return 0;
     }
     if (!strcmp(m, "swap-mmap") || !strcmp(m, "swap-mprotect")) {
         /* swap-mmap: argv[2] is a file the policy allows, mapped through an
@@ -977,6 +990,19 @@ async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
     // Enforce: `a` (no seccomp profile) tries the fd, `b` (RuntimeDefault)
     // the range; each is killed.
     let (pod, a, b) = two_containers(&d, &mut rt, "swap-enforce", "strict", &image).await;
+    // An honest multi-threaded program passes the audit.
+    let before = audited(imacri_integration::client::integrity_stats(&mut rt).await);
+    let (_, out, err) = exec_sh(&mut rt, &a, "escape threaded-mmap /bin/busybox").await;
+    assert!(out.contains("MAPPED threaded-mmap"), "{out}{err}");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let st = imacri_integration::client::container_status(&mut rt, &a).await;
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{st:?}"
+    );
+    let now = audited(imacri_integration::client::integrity_stats(&mut rt).await);
+    assert!(now > before, "the threaded mapping was not audited");
     for (c, m) in [(&a, "mmap"), (&b, "mprotect")] {
         // The exec dies with its container: its answer does not matter.
         let _ = rt
@@ -1000,6 +1026,17 @@ async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
             "{m}: {mine:#?}"
         );
         assert!(logged(&mine, "-", None, "gap"), "{m}: {mine:#?}");
+        // The audit refused nothing else: the program's own mappings and
+        // the policy's files pass it (a multi-threaded program is not
+        // killed for being one).
+        let denied: Vec<&String> = mine
+            .iter()
+            .filter(|l| l.split(' ').nth(7) == Some("deny"))
+            .collect();
+        assert!(
+            denied.iter().all(|l| l.contains("/tmp/swapped-")),
+            "{m}: {denied:#?}"
+        );
     }
     stop_pod(&mut rt, &pod).await;
 }
