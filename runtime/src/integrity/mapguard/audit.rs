@@ -268,16 +268,26 @@ fn run(me: &Weak<Auditor>, rx: &mpsc::Receiver<Job>) {
         let mut jobs = vec![first];
         jobs.extend(rx.try_iter());
         let Some(a) = me.upgrade() else { return };
-        let mut processes = Vec::new();
+        let (mut processes, mut again) = (Vec::new(), Vec::new());
         for job in &jobs {
             let tgid = tgid_of(job.tid).unwrap_or(job.tid);
-            wait_returned(job);
+            let sure = wait_returned(job);
             if !processes.contains(&tgid) {
                 processes.push(tgid);
+            }
+            if !sure && !again.contains(&tgid) {
+                again.push(tgid);
             }
         }
         for p in processes {
             audit(&a, p);
+        }
+        if !again.is_empty() {
+            // Not seen leaving the call: its mapping may come later.
+            std::thread::sleep(Duration::from_millis(100));
+            for p in again {
+                audit(&a, p);
+            }
         }
     }
 }
@@ -293,33 +303,63 @@ fn tgid_of(tid: u32) -> Option<u32> {
         .ok()
 }
 
-/// Waits (briefly) until task `tid` is no longer in the call `job`: its
-/// `/proc/<tid>/syscall` names another call or none. "running" says
-/// nothing (it may still be in the kernel), so it is asked again.
-fn wait_returned(job: &Job) {
-    let deadline = Instant::now() + Duration::from_secs(1);
+/// How long a task seen on a CPU ("running") is taken to be possibly still
+/// in the call: a file mapping does not keep a CPU in the kernel that
+/// long, so past it the task runs its own code.
+const RUNNING_GRACE: Duration = Duration::from_millis(5);
+
+/// Waits until task `tid` is no longer in the call `job` (its
+/// `/proc/<tid>/syscall` names another call or none). False when that
+/// could not be told in time (the caller audits once more, later).
+fn wait_returned(job: &Job) -> bool {
+    let start = Instant::now();
+    let mut running_since: Option<Instant> = None;
     let mut pause = Duration::from_micros(50);
-    while Instant::now() < deadline {
+    loop {
         let Ok(s) = std::fs::read_to_string(format!("/proc/{}/syscall", job.tid)) else {
-            return;
+            return true; // gone
         };
-        if !still_in(&s, job) {
-            return;
+        match phase(&s, job) {
+            Phase::Returned => return true,
+            Phase::Running => {
+                if running_since.get_or_insert_with(Instant::now).elapsed() > RUNNING_GRACE {
+                    return false;
+                }
+            }
+            Phase::InCall => running_since = None,
+        }
+        if start.elapsed() > Duration::from_secs(1) {
+            return false;
         }
         std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(10));
+        pause = (pause * 2).min(Duration::from_millis(1));
     }
 }
 
-/// Whether a `/proc/<tid>/syscall` line may still be the call `job`.
-fn still_in(line: &str, job: &Job) -> bool {
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// Blocked or preempted in the call (or in the same call again).
+    InCall,
+    /// On a CPU: in the call or past it, /proc cannot say.
+    Running,
+    /// In another call, or in none.
+    Returned,
+}
+
+/// What a `/proc/<tid>/syscall` line says about the call `job`.
+fn phase(line: &str, job: &Job) -> Phase {
     let mut f = line.split_whitespace();
     match f.next() {
-        Some("running") | None => true,
+        Some("running") | None => Phase::Running,
         Some(nr) => {
-            nr.parse::<i64>().ok() == Some(job.nr)
+            let same = nr.parse::<i64>().ok() == Some(job.nr)
                 && f.zip(job.args.iter())
-                    .all(|(a, v)| u64::from_str_radix(a.trim_start_matches("0x"), 16) == Ok(*v))
+                    .all(|(a, v)| u64::from_str_radix(a.trim_start_matches("0x"), 16) == Ok(*v));
+            if same {
+                Phase::InCall
+            } else {
+                Phase::Returned
+            }
         }
     }
 }
@@ -468,16 +508,12 @@ mod tests {
             args: [0, 4096, 5, 2, 3, 0],
         };
         let line = "9 0x0 0x1000 0x5 0x2 0x3 0x0 0x7ffd 0x7f12\n";
-        assert!(still_in(line, &job));
-        assert!(still_in("running\n", &job));
-        assert!(!still_in(
-            "202 0x7f 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f12\n",
-            &job
-        ));
-        assert!(!still_in(
-            "9 0x0 0x2000 0x5 0x2 0x3 0x0 0x7ffd 0x7f12\n",
-            &job
-        ));
-        assert!(!still_in("-1 0x7ffd 0x7f12\n", &job));
+        assert_eq!(phase(line, &job), Phase::InCall);
+        assert_eq!(phase("running\n", &job), Phase::Running);
+        let other = "202 0x7f 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f12\n";
+        assert_eq!(phase(other, &job), Phase::Returned);
+        let moved = "9 0x0 0x2000 0x5 0x2 0x3 0x0 0x7ffd 0x7f12\n";
+        assert_eq!(phase(moved, &job), Phase::Returned);
+        assert_eq!(phase("-1 0x7ffd 0x7f12\n", &job), Phase::Returned);
     }
 }
