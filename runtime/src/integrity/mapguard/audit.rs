@@ -47,24 +47,6 @@ const KCMP_FILES: libc::c_int = 2;
 /// while being compared, before the call counts as shared.
 const LIST_TRIES: usize = 4;
 
-/// Whether a task other than `tid` may share its `table`, so could change
-/// what the kernel reads after CONTINUE. Fails towards "shared" (audited).
-pub(super) fn shared(tid: u32, table: Table, tasks_file: &Mutex<Option<PathBuf>>) -> bool {
-    // The listener's tasks cannot leave their cgroup: found once. (A caller
-    // that is not in the file found counts as shared.)
-    let known = tasks_file.lock().ok().and_then(|f| f.clone());
-    let Some(list) = known.or_else(|| {
-        let f = cgroup_tasks_file(tid)?;
-        if let Ok(mut k) = tasks_file.lock() {
-            *k = Some(f.clone());
-        }
-        Some(f)
-    }) else {
-        return true;
-    };
-    shared_among(tid, || read_tasks(&list), table)
-}
-
 /// `shared` with the listing of the candidate tasks given (`list`: every
 /// task that could share, `tid` included).
 fn shared_among(
@@ -179,10 +161,11 @@ fn read_tasks(file: &std::path::Path) -> std::io::Result<Vec<u32>> {
 
 /// A call let through while shared: audit the caller's process once the
 /// call has returned.
-struct Job {
-    tid: u32,
-    nr: i64,
-    args: [u64; 6],
+#[derive(Clone, Copy)]
+pub(super) struct Job {
+    pub(super) tid: u32,
+    pub(super) nr: i64,
+    pub(super) args: [u64; 6],
 }
 
 /// One container's audits, on a thread of their own started by the first
@@ -194,7 +177,7 @@ pub(super) struct Auditor {
     approved: Arc<Mutex<HashSet<FileKey>>>,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     /// The cgroup task list of this listener's tasks (see `shared`).
-    pub(super) tasks_file: Mutex<Option<PathBuf>>,
+    tasks_file: Mutex<Option<PathBuf>>,
 }
 
 /// Bounds the approved set; past it, files are decided (from the digest
@@ -217,10 +200,29 @@ impl Auditor {
         approve(&self.approved, key);
     }
 
-    /// Audits `tid`'s process once its call `nr(args)` has returned.
-    pub(super) fn after(self: &Arc<Self>, tid: u32, nr: i64, args: [u64; 6]) {
+    /// Whether a task other than `tid` may share its `table`, so could
+    /// change what the kernel reads after CONTINUE. Fails towards "shared"
+    /// (audited).
+    pub(super) fn shared(&self, tid: u32, table: Table) -> bool {
+        // The listener's tasks cannot leave their cgroup: found once. (A
+        // caller that is not in the file found counts as shared.)
+        let Ok(mut known) = self.tasks_file.lock() else {
+            return true;
+        };
+        if known.is_none() {
+            *known = cgroup_tasks_file(tid);
+        }
+        let Some(list) = known.clone() else {
+            return true;
+        };
+        drop(known);
+        shared_among(tid, || read_tasks(&list), table)
+    }
+
+    /// Audits the caller's process once its call (`job`) has returned.
+    pub(super) fn after(self: &Arc<Self>, job: Job) {
         let Ok(mut tx) = self.tx.lock() else { return };
-        let mut job = Job { tid, nr, args };
+        let mut job = job;
         if let Some(t) = tx.as_ref() {
             match t.send(job) {
                 Ok(()) => return,

@@ -311,9 +311,7 @@ struct Reply {
 
 struct Audit {
     auditor: Arc<audit::Auditor>,
-    tid: u32,
-    nr: i64,
-    args: [u64; 6],
+    job: audit::Job,
 }
 
 impl Reply {
@@ -325,7 +323,7 @@ impl Reply {
             let allowed = self.allowed.load(Ordering::SeqCst);
             respond(&self.notify, self.id, allowed);
             if let (true, Some(a)) = (allowed, &self.audit) {
-                a.auditor.after(a.tid, a.nr, a.args);
+                a.auditor.after(a.job);
             }
         }
     }
@@ -421,11 +419,13 @@ fn handle(
     } else {
         audit::Table::Vm
     };
-    let audit = audit::shared(req.pid, table, &auditor.tasks_file).then(|| Audit {
+    let audit = auditor.shared(req.pid, table).then(|| Audit {
         auditor: auditor.clone(),
-        tid: req.pid,
-        nr: i64::from(req.data.nr),
-        args: req.data.args,
+        job: audit::Job {
+            tid: req.pid,
+            nr: i64::from(req.data.nr),
+            args: req.data.args,
+        },
     });
     if audit.is_some() {
         engine.stats.audited_calls.fetch_add(1, Ordering::Relaxed);
@@ -439,7 +439,7 @@ fn handle(
         // thread sharing the range could map a file under it meanwhile.
         respond(notify, req.id, true);
         if let Some(a) = audit {
-            a.auditor.after(a.tid, a.nr, a.args);
+            a.auditor.after(a.job);
         }
         return;
     }
