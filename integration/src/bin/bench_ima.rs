@@ -1,8 +1,10 @@
 //! Benchmarks of the fanotify measurement backend (needs root): the cost it
 //! adds to an execution, cached and uncached, next to the same execution
-//! unmeasured; the map guard's cost per executable mapping next to the same
-//! mmap unguarded; what the ima guards add to a pod's start; and first-time
-//! hashing throughput next to `openssl speed`.
+//! unmeasured (interleaved, run by run); the map guard's cost per executable
+//! mapping next to the same mmap unguarded; a dynamically linked program's
+//! execution measured and map-guarded next to the same program neither;
+//! what the ima guards add to a pod's start; and first-time hashing
+//! throughput next to `openssl speed`.
 //! Run: `make bench` (or `target/release/bench_ima`).
 //!
 //! The measured filesystem is a tmpfs of the benchmark's own (its own
@@ -45,12 +47,16 @@ fn execs(bin: &Path, n: usize) -> Result<Vec<Duration>> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("mmap-child") {
-        return mmap_child(
-            Path::new(&args[2]),
-            args[3] != "plain",
-            args[3] == "threaded",
-        );
+    match args.get(1).map(String::as_str) {
+        Some("mmap-child") => {
+            return mmap_child(
+                Path::new(&args[2]),
+                args[3] != "plain",
+                args[3] == "threaded",
+            )
+        }
+        Some("exec-child") => return exec_child(Path::new(&args[2]), args[3] != "plain"),
+        _ => {}
     }
     let dir = tempfile::tempdir()?;
     let fs = dir.path().join("fs");
@@ -63,18 +69,34 @@ fn main() -> Result<()> {
         Some("size=2g"),
     )
     .context("mounting a tmpfs (run as root)")?;
-    let res = run(dir.path(), &fs);
-    let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
+    // The same executable on a tmpfs of its own that nothing marks.
+    let plain = dir.path().join("plain");
+    std::fs::create_dir_all(&plain)?;
+    let res = nix::mount::mount(
+        Some("tmpfs"),
+        &plain,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16m"),
+    )
+    .context("mounting a tmpfs")
+    .and_then(|()| {
+        let unmarked = plain.join("true");
+        std::fs::copy("/bin/busybox", &unmarked).context("busybox-static is required")?;
+        run(dir.path(), &fs, &unmarked)
+    });
+    for m in [&fs, &plain] {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
     res
 }
 
-fn run(dir: &Path, fs: &Path) -> Result<()> {
+fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
     // busybox named as its `true` applet: a static 2 MB executable.
     let bin = fs.join("true");
     std::fs::copy("/bin/busybox", &bin).context("busybox-static is required")?;
     let size = std::fs::metadata(&bin)?.len();
     let _ = execs(&bin, 20)?;
-    let base = median(execs(&bin, RUNS)?);
 
     // A 512 MiB executable file that looks like ELF (its execution is
     // measured, then refused by the kernel as no valid ELF).
@@ -135,7 +157,14 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
     let _ = exec_once(&bin)?; // first: hashed and logged
     let hits0 = engine.stats.cache_hits.load(Relaxed);
     let ns0 = engine.stats.hit_ns_total.load(Relaxed);
-    let cached = median(execs(&bin, RUNS)?);
+    // Interleaved with the same file unmeasured (a copy on a tmpfs nothing
+    // marks), so the VM's drift between phases does not land in the gap.
+    let (mut plain, mut cached) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        plain.push(exec_once(unmarked)?);
+        cached.push(exec_once(&bin)?);
+    }
+    let (base, cached) = (median(plain), median(cached));
     let hits = engine.stats.cache_hits.load(Relaxed) - hits0;
     let handler_us =
         (engine.stats.hit_ns_total.load(Relaxed) - ns0) as f64 / hits.max(1) as f64 / 1e3;
@@ -185,6 +214,17 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
     let map_threaded = mapping_cost(&engine, &bin, "threaded")?;
     let audited = engine.stats.audited_calls.load(Relaxed) - audits;
     let map_plain = mapping_cost(&engine, &bin, "plain")?;
+    // A dynamically linked program: its exec measured, its libraries
+    // guarded, next to the same program neither.
+    let ls = fs.join("ls");
+    let ls_plain = unmarked.with_file_name("ls");
+    for dst in [&ls, &ls_plain] {
+        std::fs::copy("/usr/bin/ls", dst).context("coreutils' ls")?;
+    }
+    let _ = child_cost(&engine, "exec-child", &ls, "guarded")?; // first: hashed
+    let events0 = engine.stats.events.load(Relaxed);
+    let (dyn_plain, dyn_guarded) = dynamic_exec_cost(&engine, &ls, &ls_plain)?;
+    let dyn_events = (engine.stats.events.load(Relaxed) - events0) as f64 / RUNS as f64;
     drop(watch);
     let (guard_ms, seal_ms) = guard_cost()?;
 
@@ -270,6 +310,16 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
         map_threaded - map_plain
     );
     println!(
+        "{:<44} {:>10.0}",
+        "dynamic exec (ls, 3 libraries), plain (us)", dyn_plain
+    );
+    println!(
+        "{:<44} {:>10.0}   (+{:.0} us; {dyn_events:.1} measured events each)",
+        "  measured and map-guarded, cached (us)",
+        dyn_guarded,
+        dyn_guarded - dyn_plain
+    );
+    println!(
         "{:<44} {:>10.2}",
         "pod start: memfd/userns guards (ms)", guard_ms
     );
@@ -298,24 +348,49 @@ fn run(dir: &Path, fs: &Path) -> Result<()> {
 /// call is audited). The child runs in a cgroup of its own, as a
 /// container's process does.
 fn mapping_cost(engine: &Arc<Engine>, file: &Path, mode: &str) -> Result<f64> {
+    child_cost(engine, "mmap-child", file, mode)
+}
+
+/// Median microseconds of an execution of the dynamically linked `file`
+/// (`ls -d /`: ld.so maps 3 libraries) by a child in a cgroup of its own,
+/// with (`guarded`) or without the map guard's filter. Two rounds each,
+/// alternated, so both see the same machine.
+fn dynamic_exec_cost(engine: &Arc<Engine>, marked: &Path, unmarked: &Path) -> Result<(f64, f64)> {
+    let (mut plain, mut guarded) = (0.0, 0.0);
+    for _ in 0..2 {
+        plain += child_cost(engine, "exec-child", unmarked, "plain")? / 2.0;
+        guarded += child_cost(engine, "exec-child", marked, "guarded")? / 2.0;
+    }
+    Ok((plain, guarded))
+}
+
+/// Runs `kind` (`mmap-child` or `exec-child`) on `file` in `mode` and
+/// returns the median it prints.
+fn child_cost(engine: &Arc<Engine>, kind: &str, file: &Path, mode: &str) -> Result<f64> {
     let mut child = Command::new(std::env::current_exe()?)
-        .args(["mmap-child", &file.to_string_lossy(), mode])
+        .args([kind, &file.to_string_lossy(), mode])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
-    let v1 = Path::new("/sys/fs/cgroup/pids");
-    let cg = if v1.is_dir() {
-        v1
-    } else {
-        Path::new("/sys/fs/cgroup")
+    // Its own v2 cgroup (hybrid hosts: the unified one) and v1 pids
+    // cgroup, as runc makes them.
+    let name = format!("imacri-bench-{}", child.id());
+    let v2 = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(Path::new)
+        .find(|m| m.join("cgroup.threads").exists());
+    let pids = Some(Path::new("/sys/fs/cgroup/pids")).filter(|m| m.is_dir());
+    let cgs: Vec<_> = v2.into_iter().chain(pids).map(|m| m.join(&name)).collect();
+    for cg in &cgs {
+        std::fs::create_dir_all(cg)?;
+        std::fs::write(cg.join("cgroup.procs"), child.id().to_string())?;
     }
-    .join(format!("imacri-bench-{}", child.id()));
-    std::fs::create_dir_all(&cg)?;
-    std::fs::write(cg.join("cgroup.procs"), child.id().to_string())?;
     let r = mapping_run(engine, &mut child, mode != "plain");
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_dir(&cg);
+    for cg in &cgs {
+        let _ = std::fs::remove_dir(cg);
+    }
     r
 }
 
@@ -372,7 +447,6 @@ fn mapping_run(
 /// a listener, waits for "go", maps `file` executable RUNS times and prints
 /// the median in microseconds.
 fn mmap_child(file: &Path, guarded: bool, threaded: bool) -> Result<()> {
-    use std::io::{BufRead, Write};
     use std::os::fd::AsRawFd;
     // A second thread, parked: it shares the fd table, as in any
     // multi-threaded program.
@@ -381,38 +455,7 @@ fn mmap_child(file: &Path, guarded: bool, threaded: bool) -> Result<()> {
             std::thread::park();
         })
     });
-    if guarded {
-        let f = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
-        let prog = [
-            f(0x20, 0, 0, 0),                      // ld nr
-            f(0x15, 0, 3, libc::SYS_mmap as u32),  // mmap?
-            f(0x20, 0, 0, 32),                     // ld args[2] (prot)
-            f(0x45, 0, 1, libc::PROT_EXEC as u32), // PROT_EXEC?
-            f(0x06, 0, 0, 0x7fc0_0000),            // SECCOMP_RET_USER_NOTIF
-            f(0x06, 0, 0, 0x7fff_0000),            // SECCOMP_RET_ALLOW
-        ];
-        let fprog = libc::sock_fprog {
-            len: prog.len() as u16,
-            filter: prog.as_ptr() as *mut _,
-        };
-        // SAFETY: a valid filter program that outlives the calls.
-        let fd = unsafe {
-            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-            libc::syscall(
-                libc::SYS_seccomp,
-                1, /* SET_MODE_FILTER */
-                8, /* NEW_LISTENER */
-                &fprog,
-            )
-        };
-        anyhow::ensure!(fd >= 0, "seccomp: {}", std::io::Error::last_os_error());
-        println!("fd={fd}");
-    } else {
-        println!("ready");
-    }
-    std::io::stdout().flush()?;
-    let mut go = String::new();
-    std::io::stdin().lock().read_line(&mut go)?;
+    filter_and_wait(guarded)?;
     let file = std::fs::File::open(file)?;
     let mut v = Vec::with_capacity(RUNS);
     for _ in 0..RUNS {
@@ -502,4 +545,62 @@ fn child_pid(parent: u32) -> Result<u32> {
         std::thread::sleep(Duration::from_millis(1));
     }
     bail!("unshare's child did not start")
+}
+
+/// In a child: installs (when `guarded`) a filter sending mmap with
+/// PROT_EXEC to a listener and prints its fd (else "ready"), then waits for
+/// "go" on stdin.
+fn filter_and_wait(guarded: bool) -> Result<()> {
+    use std::io::{BufRead, Write};
+    if guarded {
+        let f = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+        let prog = [
+            f(0x20, 0, 0, 0),                      // ld nr
+            f(0x15, 0, 3, libc::SYS_mmap as u32),  // mmap?
+            f(0x20, 0, 0, 32),                     // ld args[2] (prot)
+            f(0x45, 0, 1, libc::PROT_EXEC as u32), // PROT_EXEC?
+            f(0x06, 0, 0, 0x7fc0_0000),            // SECCOMP_RET_USER_NOTIF
+            f(0x06, 0, 0, 0x7fff_0000),            // SECCOMP_RET_ALLOW
+        ];
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_ptr() as *mut _,
+        };
+        // SAFETY: a valid filter program that outlives the calls.
+        let fd = unsafe {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            libc::syscall(
+                libc::SYS_seccomp,
+                1, /* SET_MODE_FILTER */
+                8, /* NEW_LISTENER */
+                &fprog,
+            )
+        };
+        anyhow::ensure!(fd >= 0, "seccomp: {}", std::io::Error::last_os_error());
+        println!("fd={fd}");
+    } else {
+        println!("ready");
+    }
+    std::io::stdout().flush()?;
+    let mut go = String::new();
+    std::io::stdin().lock().read_line(&mut go)?;
+    Ok(())
+}
+
+/// The child of `dynamic_exec_cost`: runs `file -d /` RUNS/2 times (under
+/// the filter when `guarded`) and prints the median in microseconds.
+fn exec_child(file: &Path, guarded: bool) -> Result<()> {
+    filter_and_wait(guarded)?;
+    let mut v = Vec::with_capacity(RUNS / 2);
+    for _ in 0..RUNS / 2 {
+        let t = Instant::now();
+        let st = Command::new(file)
+            .args(["-d", "/"])
+            .stdout(std::process::Stdio::null())
+            .status()?;
+        v.push(t.elapsed());
+        anyhow::ensure!(st.success(), "{} failed", file.display());
+    }
+    println!("{:.2}", median(v));
+    Ok(())
 }

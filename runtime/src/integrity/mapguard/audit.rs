@@ -123,40 +123,67 @@ pub(super) fn kcmp_works() -> bool {
     }
 }
 
-/// The file listing every task (thread) of `tid`'s cgroup: a v1 `tasks`
-/// file (pids, else another controller runc joins), else cgroup v2's
-/// `cgroup.threads`.
-fn cgroup_tasks_file(tid: u32) -> Option<std::path::PathBuf> {
-    let text = std::fs::read_to_string(format!("/proc/{tid}/cgroup")).ok()?;
-    let root = std::path::Path::new("/sys/fs/cgroup");
-    let mut v2 = None;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let rel = path.trim_start_matches('/');
-        if ctrls.is_empty() {
-            v2 = Some(rel.to_string());
-            continue;
-        }
-        if ctrls.split(',').any(|c| c == "pids") {
-            let f = root.join(ctrls).join(rel).join("tasks");
-            if f.exists() {
-                return Some(f);
-            }
-        }
-    }
-    let rel = v2?;
-    [root.join("unified"), root.to_path_buf()]
-        .into_iter()
-        .map(|m| m.join(&rel).join("cgroup.threads"))
-        .find(|f| f.exists())
+/// Where the tasks (threads) of a listener's cgroup are listed.
+#[derive(Debug)]
+enum TaskList {
+    /// cgroup v2 `cgroup.threads`, kept open: every read from offset 0 walks
+    /// the cgroup afresh (~2 us, where opening the file costs ~8 us).
+    Threads(std::fs::File),
+    /// A v1 `tasks` file, opened for each listing: an open one serves the
+    /// list it loaded first again for a second (the kernel's pidlist cache).
+    Tasks(PathBuf),
 }
 
-fn read_tasks(file: &std::path::Path) -> std::io::Result<Vec<u32>> {
-    Ok(std::fs::read_to_string(file)?
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect())
+impl TaskList {
+    /// `tid`'s own cgroup: its v2 cgroup (runc puts each container in one,
+    /// also on hybrid hosts), else its v1 `pids` cgroup, else the v2 root.
+    fn of(tid: u32) -> Option<TaskList> {
+        let text = std::fs::read_to_string(format!("/proc/{tid}/cgroup")).ok()?;
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        let (mut v2, mut pids) = (None, None);
+        for line in text.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let rel = path.trim_start_matches('/');
+            if ctrls.is_empty() {
+                v2 = Some(rel.to_string());
+            } else if ctrls.split(',').any(|c| c == "pids") {
+                pids = Some(root.join(ctrls).join(rel).join("tasks"));
+            }
+        }
+        let threads = |rel: &str| {
+            [root.join("unified"), root.to_path_buf()]
+                .into_iter()
+                .find_map(|m| std::fs::File::open(m.join(rel).join("cgroup.threads")).ok())
+                .map(TaskList::Threads)
+        };
+        match v2.as_deref() {
+            Some(rel) if !rel.is_empty() => threads(rel),
+            _ => None,
+        }
+        .or_else(|| pids.filter(|f| f.exists()).map(TaskList::Tasks))
+        .or_else(|| threads(v2.as_deref()?))
+    }
+
+    fn read(&self) -> std::io::Result<Vec<u32>> {
+        let text = match self {
+            TaskList::Tasks(path) => std::fs::read_to_string(path)?,
+            TaskList::Threads(file) => {
+                use std::os::unix::fs::FileExt;
+                let mut text = Vec::with_capacity(512);
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = file.read_at(&mut chunk, text.len() as u64)?;
+                    if n == 0 {
+                        break;
+                    }
+                    text.extend_from_slice(&chunk[..n]);
+                }
+                String::from_utf8_lossy(&text).into_owned()
+            }
+        };
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
 }
 
 /// A call let through while shared: audit the caller's process once the
@@ -177,7 +204,7 @@ pub(super) struct Auditor {
     approved: Arc<Mutex<HashSet<FileKey>>>,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     /// The cgroup task list of this listener's tasks (see `shared`).
-    tasks_file: Mutex<Option<PathBuf>>,
+    tasks: Mutex<Option<TaskList>>,
 }
 
 /// Bounds the approved set; past it, files are decided (from the digest
@@ -191,7 +218,7 @@ impl Auditor {
             container: container.to_string(),
             approved: Arc::default(),
             tx: Mutex::new(None),
-            tasks_file: Mutex::new(None),
+            tasks: Mutex::new(None),
         })
     }
 
@@ -206,17 +233,17 @@ impl Auditor {
     pub(super) fn shared(&self, tid: u32, table: Table) -> bool {
         // The listener's tasks cannot leave their cgroup: found once. (A
         // caller that is not in the file found counts as shared.)
-        let Ok(mut known) = self.tasks_file.lock() else {
+        let Ok(mut known) = self.tasks.lock() else {
             return true;
         };
         if known.is_none() {
-            *known = cgroup_tasks_file(tid);
+            *known = TaskList::of(tid);
         }
-        let Some(list) = known.clone() else {
+        // Held while listing: a kept file has one read position.
+        let Some(list) = known.as_ref() else {
             return true;
         };
-        drop(known);
-        shared_among(tid, || read_tasks(&list), table)
+        shared_among(tid, || list.read(), table)
     }
 
     /// Audits the caller's process once its call (`job`) has returned.
@@ -492,14 +519,46 @@ mod tests {
         // A listing without the caller is the wrong one: shared.
         assert!(shared_among(c, || Ok(vec![me]), Table::Files));
         // This process's cgroup lists it.
-        let tasks = read_tasks(&cgroup_tasks_file(me).unwrap()).unwrap();
-        assert!(tasks.contains(&me) && tasks.contains(&c), "{tasks:?}");
+        let list = TaskList::of(me).unwrap();
+        for _ in 0..2 {
+            let tasks = list.read().unwrap();
+            assert!(tasks.contains(&me) && tasks.contains(&c), "{tasks:?}");
+        }
         let _ = child.kill();
         let _ = child.wait();
         // A task that is gone shares nothing.
         assert!(!shares_with_any(me, &[c], Table::Files));
         stop_tx.send(()).unwrap();
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_kept_threads_file_lists_tasks_started_after_it_was_opened() {
+        // This process's cgroup v2 `cgroup.threads` (world-readable), kept
+        // open as a listener keeps it: a thread started later is listed.
+        let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
+        let rel = rel.trim_start_matches('/');
+        let file = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .find_map(|m| {
+                std::fs::File::open(std::path::Path::new(m).join(rel).join("cgroup.threads")).ok()
+            })
+            .unwrap();
+        let list = TaskList::Threads(file);
+        assert!(list.read().unwrap().contains(&gettid()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(gettid()).unwrap();
+            let _ = stop_rx.recv();
+        });
+        let other = rx.recv().unwrap();
+        assert!(list.read().unwrap().contains(&other));
+        stop_tx.send(()).unwrap();
+        t.join().unwrap();
+        // Gone from the next listing too.
+        assert!(!list.read().unwrap().contains(&other));
     }
 
     #[test]

@@ -251,10 +251,31 @@ fn receive(conn: &std::os::unix::net::UnixStream) -> std::io::Result<(Vec<u8>, V
     Ok((text, fds))
 }
 
+/// `SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP` (Linux 6.6): the caller waits for
+/// its answer anyway, so the kernel wakes this listener on the caller's CPU
+/// and the caller on ours. Without it each guarded call pays two
+/// cross-CPU wake-ups, on a VM ~30 us each (bench_ima: 65 us a call against
+/// 1.6 us unguarded). An older kernel only loses the speed.
+fn sync_wake_up(notify: &OwnedFd, container: &str) {
+    const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
+    // SAFETY: the ioctl takes the flags by value in a u64 it only reads.
+    let r = unsafe {
+        libc::ioctl(
+            notify.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS as _,
+            SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(container_id = %container, error = %nix::errno::Errno::last(), "map guard: no synchronous wake-ups (kernel < 6.6)");
+    }
+}
+
 /// Answers one listener's notifications until no task uses its filter.
 fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&keeper::IdFile>) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let notify = Arc::new(notify);
+    sync_wake_up(&notify, container);
     let auditor = audit::Auditor::new(engine.clone(), container);
     loop {
         let mut fds = [PollFd::new(notify.as_fd(), PollFlags::POLLIN)];
