@@ -102,9 +102,21 @@ fn push_escaped_backslashes(out: &mut String, s: &str) {
 /// fd relative to the opener's mount namespace, so a container's file reads
 /// `/bin/sh`, not the host's rootfs path.
 pub fn fd_path(fd: BorrowedFd<'_>) -> String {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map(|p| path_text(p.as_os_str()))
-        .unwrap_or_else(|_| "?".into())
+    // Relative to a kept `/proc/self/fd`: every measured event reads one
+    // path, and walking `/proc/self/fd/` each time costs ~1.4 us of ~3.
+    static FDS: std::sync::OnceLock<Option<std::os::fd::OwnedFd>> = std::sync::OnceLock::new();
+    let dir = FDS.get_or_init(|| {
+        std::fs::File::open("/proc/self/fd")
+            .ok()
+            .map(std::os::fd::OwnedFd::from)
+    });
+    let n = fd.as_raw_fd().to_string();
+    match dir {
+        Some(d) => nix::fcntl::readlinkat(Some(d.as_raw_fd()), n.as_str()),
+        None => nix::fcntl::readlink(format!("/proc/self/fd/{n}").as_str()),
+    }
+    .map(|p| path_text(p.as_os_str()))
+    .unwrap_or_else(|_| "?".into())
 }
 
 #[cfg(test)]
