@@ -56,11 +56,11 @@ impl CriServer {
                 // Let the log copiers drain what the process wrote last.
                 if let Some(io) = self.take_io(id) {
                     drop(io.holders);
-                    let join = tokio::task::spawn_blocking(move || {
+                    let join = async {
                         for h in io.copiers {
-                            let _ = h.join();
+                            let _ = h.await;
                         }
-                    });
+                    };
                     let _ = tokio::time::timeout(Duration::from_secs(5), join).await;
                 }
                 if let Some(c) = self.containers.get(id) {

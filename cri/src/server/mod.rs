@@ -79,7 +79,7 @@ pub const LABEL_SANDBOX_ID: &str = "imacri.dev/sandbox-id";
 /// What a running container's I/O needs after start.
 struct LiveIo {
     log: Option<LogFile>,
-    copiers: Vec<std::thread::JoinHandle<()>>,
+    copiers: Vec<tokio::task::JoinHandle<()>>,
     /// Write ends that keep the copiers' FIFOs from ending before the shim
     /// opened them (`io::open_reader`); dropped when the process exits.
     holders: Vec<std::fs::File>,
@@ -118,6 +118,9 @@ impl LiveIo {
     }
 }
 
+/// Chunks an attached client may fall behind a container's output by.
+const TAP_CHUNKS: usize = 32;
+
 impl Default for LiveIo {
     fn default() -> Self {
         LiveIo {
@@ -125,8 +128,12 @@ impl Default for LiveIo {
             copiers: Vec::new(),
             holders: Vec::new(),
             stdin: None,
-            tap: tokio::sync::broadcast::channel(256).0,
-            tap_err: tokio::sync::broadcast::channel(256).0,
+            // A broadcast channel allocates its slots up front (~56 bytes
+            // each, for every container whether attached or not): 32 chunks
+            // (up to 512 KiB) for an attached client to fall behind by. A
+            // client further behind skips (Lagged).
+            tap: tokio::sync::broadcast::channel(TAP_CHUNKS).0,
+            tap_err: tokio::sync::broadcast::channel(TAP_CHUNKS).0,
             measure: None,
         }
     }

@@ -359,6 +359,95 @@ async fn pod_starts(
     Ok(out)
 }
 
+/// Pods started per runtime and kind to measure memory per pod.
+const MEM_PODS: usize = 20;
+
+/// A number field of `pid`'s /proc status ("VmRSS" in KiB, "Threads").
+fn status_field(pid: u32, field: &str) -> Option<f64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn rss_kib(pid: u32) -> Option<f64> {
+    status_field(pid, "VmRSS")
+}
+
+/// The process whose command line has `arg` (the shared test containerd,
+/// found by its config file).
+fn pid_with_arg(arg: &Path) -> Option<u32> {
+    let want = arg.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        cmd.split(|b| *b == 0).any(|a| a == want).then_some(pid)
+    })
+}
+
+/// Starts MEM_PODS pods of `mode` (one `sleep` container each) and returns
+/// the growth of each of `pids`' RSS (KiB) and threads per pod, with the pods left
+/// running (their ids in `made`) so a later measurement does not reuse the
+/// memory they freed.
+async fn memory_per_pod(
+    rt: &mut Rt,
+    mode: Mode,
+    label: &str,
+    img: &str,
+    pids: &[u32],
+    made: &mut Vec<String>,
+) -> Result<Vec<(f64, f64)>> {
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let sample = |p: &u32| {
+        (
+            rss_kib(*p).unwrap_or(f64::NAN),
+            status_field(*p, "Threads").unwrap_or(f64::NAN),
+        )
+    };
+    let before: Vec<(f64, f64)> = pids.iter().map(sample).collect();
+    for i in 0..MEM_PODS {
+        let cfg = pod_start_config(mode, &format!("mem-{label}-{i}"), 100 + i);
+        let pod = run_pod(rt, &cfg).await?;
+        made.push(pod.clone());
+        let id = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod,
+                config: Some(container_config("c", img, &["sleep", "1000"])),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await?
+            .into_inner()
+            .container_id;
+        rt.start_container(cri::StartContainerRequest { container_id: id })
+            .await?;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let n = MEM_PODS as f64;
+    Ok(pids
+        .iter()
+        .map(sample)
+        .zip(before)
+        .map(|((r, t), (r0, t0))| ((r - r0) / n, (t - t0) / n))
+        .collect())
+}
+
+async fn remove_pods(rt: &mut Rt, pods: Vec<String>) -> Result<()> {
+    for pod_sandbox_id in pods {
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod_sandbox_id.clone(),
+        })
+        .await?;
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id })
+            .await?;
+    }
+    Ok(())
+}
+
 /// critest's own benchmarks (`critest -benchmark`) against `endpoint`:
 /// milliseconds of each sample per operation, from its JSON results.
 fn critest_bench(
@@ -432,16 +521,14 @@ async fn main() -> Result<()> {
                 .map(|l| l.to_string())
         })
         .unwrap_or_default();
-    // BENCH_ONLY=start or rpc: only the pod-start or the CRI latency
-    // comparison, with imacri's step timings kept (for profiling).
+    // BENCH_ONLY=start, rpc or memory: only the pod-start, the CRI latency
+    // or the memory comparison, with imacri's step timings kept (for
+    // profiling).
     let only = std::env::var("BENCH_ONLY").ok();
-    let (only_start, only_rpc) = (
-        only.as_deref() == Some("start"),
-        only.as_deref() == Some("rpc"),
-    );
+    let wants = |part: &str| only.as_deref().is_none_or(|o| o == part);
     // A 200 MB image of 2000 files, pushed once per run.
     let big = format!("{}/test/big:latest", env.registry);
-    if !only_rpc {
+    if wants("start") {
         imacri_integration::images::build_and_push(
             &env.base,
             &imacri_integration::images::big(200 << 20, 2000),
@@ -470,17 +557,65 @@ async fn main() -> Result<()> {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        let rpc = match only_start {
-            true => None,
-            false => Some(run(&mut ours, &mut theirs, &env.busybox).await?),
+        let rpc = match wants("rpc") {
+            true => Some(run(&mut ours, &mut theirs, &env.busybox).await?),
+            false => None,
         };
         let mut starts = Vec::new();
-        for (label, img) in images.iter().filter(|_| !only_rpc) {
+        for (label, img) in images.iter().filter(|_| wants("start")) {
             starts.push((
                 *label,
                 pod_starts(&mut ours, &mut theirs, img, label).await?,
             ));
         }
+        // Memory per pod: imacri (and the containerd under it) with plain
+        // then ima pods, containerd's CRI with plain pods.
+        let memory = match wants("memory") {
+            false => None,
+            true => {
+                for (_, im) in [&mut ours, &mut theirs] {
+                    im.pull_image(cri::PullImageRequest {
+                        image: image(&env.busybox),
+                        ..Default::default()
+                    })
+                    .await?;
+                }
+                let our_ctr = pid_with_arg(&env.base.join("containerd/config.toml"));
+                let ours_pids: Vec<u32> = d.pid().into_iter().chain(our_ctr).collect();
+                let mut made = Vec::new();
+                let plain = memory_per_pod(
+                    &mut ours.0,
+                    Mode::Plain,
+                    "plain",
+                    &env.busybox,
+                    &ours_pids,
+                    &mut made,
+                )
+                .await?;
+                let ima = memory_per_pod(
+                    &mut ours.0,
+                    Mode::Ima,
+                    "ima",
+                    &env.busybox,
+                    &ours_pids,
+                    &mut made,
+                )
+                .await?;
+                remove_pods(&mut ours.0, made).await?;
+                let mut made = Vec::new();
+                let theirs_mem = memory_per_pod(
+                    &mut theirs.0,
+                    Mode::Plain,
+                    "ctr",
+                    &env.busybox,
+                    &[containerd.id()],
+                    &mut made,
+                )
+                .await?;
+                remove_pods(&mut theirs.0, made).await?;
+                Some((plain, ima, theirs_mem))
+            }
+        };
         let critest = match only.is_some() {
             true => None,
             false => {
@@ -505,12 +640,12 @@ async fn main() -> Result<()> {
                 Some((median_of(ours_ct), median_of(theirs_ct)))
             }
         };
-        anyhow::Ok((rpc, starts, critest))
+        anyhow::Ok((rpc, starts, memory, critest))
     }
     .await;
     let _ = containerd.kill();
     let _ = containerd.wait();
-    let (rpc, starts, critest) = result?;
+    let (rpc, starts, memory, critest) = result?;
 
     if let Some((ours, theirs)) = rpc {
         println!("CRI latency, median of {ROUNDS} rounds (ms), same machine and run");
@@ -539,35 +674,54 @@ async fn main() -> Result<()> {
         }
         println!();
     }
-    println!(
-        "pod start (RunPodSandbox+CreateContainer+StartContainer), median of {START_ROUNDS} \
-         rounds interleaved with containerd-cri's plain pod (ms; run/create/start medians)"
-    );
-    println!(
-        "{:<8} {:<7} {:>10} {:>22} {:>8}   {:>20}",
-        "image", "pod", "imacri", "containerd-cri plain", "ratio", "run/create/start"
-    );
-    for (label, per_mode) in &starts {
-        let theirs = per_mode
-            .iter()
-            .find(|(n, _)| *n == "ctr")
-            .map(|(_, s)| s.median("total"))
-            .unwrap_or(f64::NAN);
-        for (name, s) in per_mode {
-            let ms = s.median("total");
-            let phases = PHASES[..3]
+    if !starts.is_empty() {
+        println!(
+            "pod start (RunPodSandbox+CreateContainer+StartContainer), median of {START_ROUNDS} \
+             rounds interleaved with containerd-cri's plain pod (ms; run/create/start medians)"
+        );
+        println!(
+            "{:<8} {:<7} {:>10} {:>22} {:>8}   {:>20}",
+            "image", "pod", "imacri", "containerd-cri plain", "ratio", "run/create/start"
+        );
+        for (label, per_mode) in &starts {
+            let theirs = per_mode
                 .iter()
-                .map(|p| format!("{:.1}", s.median(p)))
-                .collect::<Vec<_>>()
-                .join("/");
-            let name = if *name == "ctr" { "ctr-cri" } else { name };
-            println!(
-                "{label:<8} {name:<7} {ms:>10.1} {theirs:>22.1} {:>8.2}   {phases:>20}",
-                ms / theirs
-            );
+                .find(|(n, _)| *n == "ctr")
+                .map(|(_, s)| s.median("total"))
+                .unwrap_or(f64::NAN);
+            for (name, s) in per_mode {
+                let ms = s.median("total");
+                let phases = PHASES[..3]
+                    .iter()
+                    .map(|p| format!("{:.1}", s.median(p)))
+                    .collect::<Vec<_>>()
+                    .join("/");
+                let name = if *name == "ctr" { "ctr-cri" } else { name };
+                println!(
+                    "{label:<8} {name:<7} {ms:>10.1} {theirs:>22.1} {:>8.2}   {phases:>20}",
+                    ms / theirs
+                );
+            }
         }
     }
     println!("imacri idle {}", rss.trim());
+    if let Some((plain, ima, theirs)) = memory {
+        let col = |v: &[(f64, f64)], i: usize| {
+            v.get(i)
+                .map_or("-".to_string(), |(k, t)| format!("{k:.0} KiB, {t:.1} thr"))
+        };
+        println!(
+            "memory per pod ({MEM_PODS} running pods of one busybox container each, growth per pod; target < 100 KiB for imacri)"
+        );
+        println!(
+            "{:<22} {:>20} {:>22}",
+            "pods", "imacri", "containerd under it"
+        );
+        for (name, v) in [("imacri plain", &plain), ("imacri ima", &ima)] {
+            println!("{name:<22} {:>20} {:>22}", col(v, 0), col(v, 1));
+        }
+        println!("{:<22} {:>20}", "containerd-cri plain", col(&theirs, 0));
+    }
     if only.is_some() {
         // Step timings (cri/src/server/laps.rs), for profiling.
         let log = d.log();
