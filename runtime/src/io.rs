@@ -194,9 +194,10 @@ pub type Tap = tokio::sync::broadcast::Sender<Vec<u8>>;
 ///
 /// A task on the caller's tokio runtime, not a thread: every running
 /// container has two of these, and as threads (stack, 32 KiB buffer each)
-/// they were most of the ~190 KiB imacri held per pod. The read buffer lives
-/// only between a wake-up and the next wait. Log writes are plain appends to
-/// the page cache, done in place.
+/// they were ~80 of the ~120 KiB of anonymous memory imacri held per pod
+/// (`BENCH_ONLY=memory target/release/bench`). The read buffer lives only
+/// between a wake-up and the next wait. Log writes are plain appends to the
+/// page cache, done in place.
 pub fn spawn_log_copier(
     fifo: &Path,
     stream: &'static str,
