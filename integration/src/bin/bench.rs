@@ -409,20 +409,8 @@ async fn memory_per_pod(
     // use of each code path and allocator pool is not counted per pod.
     let mut warm = Vec::new();
     for i in 0..2 {
-        let cfg = pod_start_config(mode, &format!("mem-warm-{label}-{i}"), 90 + i);
-        let pod = run_pod(rt, &cfg).await?;
-        warm.push(pod.clone());
-        let id = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod,
-                config: Some(container_config("c", img, &["sleep", "1000"])),
-                sandbox_config: Some(cfg.clone()),
-            })
-            .await?
-            .into_inner()
-            .container_id;
-        rt.start_container(cri::StartContainerRequest { container_id: id })
-            .await?;
+        let name = format!("mem-warm-{label}-{i}");
+        warm.push(running_pod(rt, mode, &name, 90 + i, img).await?);
     }
     remove_pods(rt, warm).await?;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
@@ -434,20 +422,8 @@ async fn memory_per_pod(
     };
     let before: Vec<(f64, f64)> = pids.iter().map(sample).collect();
     for i in 0..MEM_PODS {
-        let cfg = pod_start_config(mode, &format!("mem-{label}-{i}"), 100 + i);
-        let pod = run_pod(rt, &cfg).await?;
-        made.push(pod.clone());
-        let id = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod,
-                config: Some(container_config("c", img, &["sleep", "1000"])),
-                sandbox_config: Some(cfg.clone()),
-            })
-            .await?
-            .into_inner()
-            .container_id;
-        rt.start_container(cri::StartContainerRequest { container_id: id })
-            .await?;
+        let name = format!("mem-{label}-{i}");
+        made.push(running_pod(rt, mode, &name, 100 + i, img).await?);
     }
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let n = MEM_PODS as f64;
@@ -457,6 +433,24 @@ async fn memory_per_pod(
         .zip(before)
         .map(|((r, t), (r0, t0))| ((r - r0) / n, (t - t0) / n))
         .collect())
+}
+
+/// A pod of `mode` running one `sleep` container of `img`; its id.
+async fn running_pod(rt: &mut Rt, mode: Mode, name: &str, i: usize, img: &str) -> Result<String> {
+    let cfg = pod_start_config(mode, name, i);
+    let pod = run_pod(rt, &cfg).await?;
+    let id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config("c", img, &["sleep", "1000"])),
+            sandbox_config: Some(cfg),
+        })
+        .await?
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest { container_id: id })
+        .await?;
+    Ok(pod)
 }
 
 async fn remove_pods(rt: &mut Rt, pods: Vec<String>) -> Result<()> {

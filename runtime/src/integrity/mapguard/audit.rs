@@ -484,16 +484,26 @@ mod tests {
         unsafe { libc::syscall(libc::SYS_gettid) as u32 }
     }
 
-    #[test]
-    fn threads_share_their_tables_and_children_do_not() {
-        let me = gettid();
+    /// A second thread of this process, parked until the sender is used or
+    /// dropped: its tid, the stop sender and the thread.
+    fn parked_thread() -> (
+        u32,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<()>,
+    ) {
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let t = std::thread::spawn(move || {
             tx.send(gettid()).unwrap();
             let _ = stop_rx.recv();
         });
-        let other = rx.recv().unwrap();
+        (rx.recv().unwrap(), stop_tx, t)
+    }
+
+    #[test]
+    fn threads_share_their_tables_and_children_do_not() {
+        let me = gettid();
+        let (other, stop_tx, t) = parked_thread();
         assert!(shares_with_any(me, &[other], Table::Files));
         assert!(shares_with_any(me, &[other], Table::Vm));
         let mut child = std::process::Command::new("sleep")
@@ -547,13 +557,7 @@ mod tests {
             .unwrap();
         let list = TaskList::Threads(file);
         assert!(list.read().unwrap().contains(&gettid()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-        let t = std::thread::spawn(move || {
-            tx.send(gettid()).unwrap();
-            let _ = stop_rx.recv();
-        });
-        let other = rx.recv().unwrap();
+        let (other, stop_tx, t) = parked_thread();
         assert!(list.read().unwrap().contains(&other));
         stop_tx.send(()).unwrap();
         t.join().unwrap();
