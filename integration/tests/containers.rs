@@ -1,6 +1,7 @@
 //! Container specs as a process inside sees them: image config, users and
 //! groups, read-only rootfs, mounts, devices, resources, capabilities,
-//! oom_score_adj clamping, sysctls, host network.
+//! oom_score_adj clamping, sysctls, host network; and what it prints, as
+//! the CRI log gets it.
 
 use imacri_integration::client::image;
 use imacri_integration::{container_config, cri, pod_config, security_context, Env, Imacri};
@@ -29,6 +30,16 @@ impl Pod {
 
     /// Runs a container to completion; returns (exit code, stdout lines).
     async fn run(&mut self, c: cri::ContainerConfig) -> (i32, Vec<String>) {
+        let (code, log) = self.run_log(c).await;
+        let out = log
+            .lines()
+            .filter_map(|l| l.splitn(4, ' ').nth(3).map(str::to_string))
+            .collect();
+        (code, out)
+    }
+
+    /// Runs a container to completion; returns (exit code, its CRI log).
+    async fn run_log(&mut self, c: cri::ContainerConfig) -> (i32, String) {
         let name = c.metadata.as_ref().unwrap().name.clone();
         let id = self
             .rt
@@ -62,11 +73,7 @@ impl Pod {
                 .unwrap();
             if st.state == cri::ContainerState::ContainerExited as i32 {
                 let log = std::fs::read_to_string(&st.log_path).unwrap_or_default();
-                let out = log
-                    .lines()
-                    .filter_map(|l| l.splitn(4, ' ').nth(3).map(str::to_string))
-                    .collect();
-                return (st.exit_code, out);
+                return (st.exit_code, log);
             }
             assert!(Instant::now() < deadline, "{name} did not exit");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -373,4 +380,57 @@ async fn runtime_handlers_map_to_configured_runtimes() {
     })
     .await
     .unwrap();
+}
+
+/// The log copiers (tasks on imacri's runtime) keep up with a flood: every
+/// line in order, a long line split into 16 KiB partial entries, the other
+/// stream alongside, nothing lost at exit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_output_is_logged_whole_and_in_order() {
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    let mut im = d.images().await.unwrap();
+    im.pull_image(cri::PullImageRequest {
+        image: image(&env.busybox),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut pod = Pod::new(&d, pod_config("flood")).await;
+    let script = "i=0; while [ $i -lt 20000 ]; do echo \"line $i\"; i=$((i+1)); done; \
+                  head -c 40000 /dev/zero | tr '\\0' x; echo; echo done >&2";
+    let (code, log) = pod
+        .run_log(container_config(
+            "flood",
+            &env.busybox,
+            &["sh", "-c", script],
+        ))
+        .await;
+    assert_eq!(code, 0, "{}", d.log());
+    let entries: Vec<(String, String, String)> = log
+        .lines()
+        .map(|l| {
+            let mut p = l.splitn(4, ' ').skip(1);
+            let mut next = || p.next().unwrap_or_default().to_string();
+            (next(), next(), next())
+        })
+        .collect();
+    let out: Vec<_> = entries.iter().filter(|e| e.0 == "stdout").collect();
+    assert_eq!(out.len(), 20000 + 3, "stdout entries");
+    for (i, e) in out.iter().take(20000).enumerate() {
+        assert_eq!(
+            (e.1.as_str(), e.2.as_str()),
+            ("F", format!("line {i}").as_str())
+        );
+    }
+    let long: Vec<_> = out[20000..]
+        .iter()
+        .map(|e| (e.1.as_str(), e.2.len()))
+        .collect();
+    assert_eq!(long, [("P", 16384), ("P", 16384), ("F", 40000 - 2 * 16384)]);
+    assert!(out[20000..].iter().all(|e| e.2.bytes().all(|b| b == b'x')));
+    let err: Vec<_> = entries.iter().filter(|e| e.0 == "stderr").collect();
+    assert_eq!(err.len(), 1);
+    assert_eq!((err[0].1.as_str(), err[0].2.as_str()), ("F", "done"));
+    pod.remove().await;
 }
