@@ -389,13 +389,7 @@ async fn runtime_handlers_map_to_configured_runtimes() {
 async fn a_flood_of_output_is_logged_whole_and_in_order() {
     let env = Env::get();
     let d = Imacri::start(env).await.unwrap();
-    let mut im = d.images().await.unwrap();
-    im.pull_image(cri::PullImageRequest {
-        image: image(&env.busybox),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    d.pull(&env.busybox).await;
     let mut pod = Pod::new(&d, pod_config("flood")).await;
     let script = "i=0; while [ $i -lt 20000 ]; do echo \"line $i\"; i=$((i+1)); done; \
                   head -c 40000 /dev/zero | tr '\\0' x; echo; echo done >&2";

@@ -328,13 +328,7 @@ async fn failures_roll_back_everything() {
     let env = Env::get();
     let d = Imacri::start_isolated(env).await.unwrap();
     let mut rt = d.runtime().await.unwrap();
-    let mut im = d.images().await.unwrap();
-    im.pull_image(cri::PullImageRequest {
-        image: image(&env.busybox),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    d.pull(&env.busybox).await;
 
     // runc rejects the sysctl at task creation: after netns, shm, snapshot
     // and container were made.

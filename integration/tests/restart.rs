@@ -3,7 +3,6 @@
 //! meanwhile are recorded, logs continue. Also log rotation and the
 //! daemon's socket handling.
 
-use imacri_integration::client::image;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::time::Duration;
 
@@ -28,13 +27,7 @@ async fn kill_and_restart_recovers_everything() {
     let env = Env::get();
     let mut d = Imacri::start_isolated(env).await.unwrap();
     let mut rt = d.runtime().await.unwrap();
-    let mut im = d.images().await.unwrap();
-    im.pull_image(cri::PullImageRequest {
-        image: image(&env.busybox),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    d.pull(&env.busybox).await;
     let cfg = pod_config("restart");
     let pod = rt
         .run_pod_sandbox(cri::RunPodSandboxRequest {

@@ -28,6 +28,18 @@ fn median_of(samples: BTreeMap<String, Vec<f64>>) -> BTreeMap<String, f64> {
 type Rt = cri::runtime_service_client::RuntimeServiceClient<Channel>;
 type Im = cri::image_service_client::ImageServiceClient<Channel>;
 
+/// Pulls `img` on both runtimes.
+async fn pull_both(ours: &mut (Rt, Im), theirs: &mut (Rt, Im), img: &str) -> Result<()> {
+    for (_, im) in [ours, theirs] {
+        im.pull_image(cri::PullImageRequest {
+            image: image(img),
+            ..Default::default()
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// Pushes imacri's pause image to the test registry, for containerd's CRI.
 fn push_pause(env: &Env) -> Result<String> {
     let (layer, config, manifest) = imacri_runtime::image::builtin::blobs()?;
@@ -139,13 +151,7 @@ async fn run(
     busybox: &str,
 ) -> Result<(Samples, Samples)> {
     let (mut a, mut b) = (Samples::default(), Samples::default());
-    for (_, im) in [&mut *ours, &mut *theirs] {
-        im.pull_image(cri::PullImageRequest {
-            image: image(busybox),
-            ..Default::default()
-        })
-        .await?;
-    }
+    pull_both(&mut *ours, &mut *theirs, busybox).await?;
     for i in 0..ROUNDS {
         round(&mut ours.0, &mut ours.1, &mut a, busybox, i).await?;
         round(&mut theirs.0, &mut theirs.1, &mut b, busybox, i).await?;
@@ -331,13 +337,7 @@ async fn pod_starts(
     img: &str,
     label: &str,
 ) -> Result<Vec<(&'static str, Samples)>> {
-    for (_, im) in [&mut *ours, &mut *theirs] {
-        im.pull_image(cri::PullImageRequest {
-            image: image(img),
-            ..Default::default()
-        })
-        .await?;
-    }
+    pull_both(&mut *ours, &mut *theirs, img).await?;
     let modes = [
         (Mode::Plain, "plain"),
         (Mode::Userns, "userns"),
@@ -590,13 +590,7 @@ async fn main() -> Result<()> {
         let memory = match wants("memory") {
             false => None,
             true => {
-                for (_, im) in [&mut ours, &mut theirs] {
-                    im.pull_image(cri::PullImageRequest {
-                        image: image(&env.busybox),
-                        ..Default::default()
-                    })
-                    .await?;
-                }
+                pull_both(&mut ours, &mut theirs, &env.busybox).await?;
                 let our_ctr = pid_with_arg(&env.base.join("containerd/config.toml"));
                 let ours_pids: Vec<u32> = d.pid().into_iter().chain(our_ctr).collect();
                 let mut made = Vec::new();
