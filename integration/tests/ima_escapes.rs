@@ -45,6 +45,16 @@ static void *remapper(void *a) {
     mmap(swap_at, 4096, PROT_READ, MAP_PRIVATE|MAP_FIXED, swap_in, 0);
     return 0;
 }
+/* worker-*: the call is made by a thread other than the main one (as a
+   program that loads a library from a worker thread does), which exits
+   right after it while the process lives on. */
+struct work { const char *m; int fd; int run; int r; void *at; };
+static void *worker(void *a);
+static void *mapped_at(void *a) {
+    struct work *w = a;
+    w->at = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, w->fd, 0);
+    return 0;
+}
 static int ran(const char *m, void *p) {
     if (((int (*)(void))p)() != 42) { printf("%s: wrong result\n", m); return 1; }
     printf("RAN %s\n", m); return 0;
@@ -90,6 +100,22 @@ static int memfd(void) {
     write(fd, code, sizeof code); ftruncate(fd, 4096);
     return fd;
 }
+static void *worker(void *a) {
+    struct work *w = a;
+    void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, w->fd, 0);
+    if (p == MAP_FAILED) { w->r = fail(w->m); return 0; }
+    if (w->run) { w->r = ran(w->m, p); return 0; }
+    printf("MAPPED %s\n", w->m);
+    w->r = 0;
+    return 0;
+}
+static int in_worker(const char *m, int fd, int run) {
+    struct work w = {m, fd, run, 1, 0};
+    pthread_t t;
+    if (fd < 0 || pthread_create(&t, 0, worker, &w)) return fail(m);
+    pthread_join(t, 0);
+    return w.r;
+}
 int main(int argc, char **argv) {
     const char *m = argc > 1 ? argv[1] : "";
     const char *path = argc > 2 ? argv[2] : "/tmp/code.bin";
@@ -128,6 +154,15 @@ int main(int argc, char **argv) {
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
     }
+    if (!strcmp(m, "worker-mmap")) {
+        /* With argv[2]: map that file executable (an honest library load).
+           Without: write the code to /tmp/worker.bin, map and run it. */
+        if (argc > 2) return in_worker(m, open(path, O_RDONLY), 0);
+        int w = open("/tmp/worker.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        return in_worker(m, open("/tmp/worker.bin", O_RDONLY), 1);
+    }
     if (!strcmp(m, "fd-pass-mmap")) {
         const char *p2 = argc > 2 ? argv[2] : "/tmp/passed.bin";
         int w = open(p2, O_RDWR|O_CREAT|O_TRUNC, 0644);
@@ -149,13 +184,16 @@ int main(int argc, char **argv) {
         sleep(1); /* still here when the audit reads the mappings */
         return 0;
     }
-    if (!strcmp(m, "swap-mmap") || !strcmp(m, "swap-mprotect")) {
+    if (!strcmp(m, "swap-mmap") || !strcmp(m, "swap-mprotect") || !strcmp(m, "swap-worker")) {
         /* swap-mmap: argv[2] is a file the policy allows, mapped through an
            fd that names the code by the time the kernel reads it again.
-           swap-mprotect: anonymous memory made executable, with the code's
-           file mapped under it by then. */
-        const char *out = !strcmp(m, "swap-mmap") ? "/tmp/swapped-mmap.bin"
-                                                  : "/tmp/swapped-mprotect.bin";
+           swap-worker: the same, the mapping made by a thread that exits
+           right after it. swap-mprotect: anonymous memory made executable,
+           with the code's file mapped under it by then. */
+        int worker_made = !strcmp(m, "swap-worker");
+        const char *out = !strcmp(m, "swap-mmap")   ? "/tmp/swapped-mmap.bin"
+                          : worker_made             ? "/tmp/swapped-worker.bin"
+                                                    : "/tmp/swapped-mprotect.bin";
         int w = open(out, O_RDWR|O_CREAT|O_TRUNC, 0644);
         if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
         close(w);
@@ -163,10 +201,19 @@ int main(int argc, char **argv) {
         if (swap_in < 0) return fail(m);
         pthread_t t;
         void *p;
-        if (!strcmp(m, "swap-mmap")) {
+        if (!strcmp(m, "swap-mmap") || worker_made) {
             swap_fd = open(path, O_RDONLY);
             if (swap_fd < 0 || pthread_create(&t, 0, swapper, 0)) return fail(m);
-            p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, swap_fd, 0);
+            if (worker_made) {
+                static struct work w;
+                pthread_t mapper;
+                w.m = m; w.fd = swap_fd; w.run = 0;
+                if (pthread_create(&mapper, 0, mapped_at, &w)) return fail(m);
+                pthread_join(mapper, 0);
+                p = w.at;
+            } else {
+                p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, swap_fd, 0);
+            }
         } else {
             swap_at = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
             if (swap_at == MAP_FAILED || pthread_create(&t, 0, remapper, 0)) return fail(m);
@@ -373,12 +420,13 @@ async fn two_containers(
     (pod, a, b)
 }
 
-const MAPPINGS: [&str; 7] = [
+const MAPPINGS: [&str; 8] = [
     "memfd-mmap",
     "memfd-mprotect",
     "shm-mprotect",
     "shmat-exec",
     "file-mmap",
+    "worker-mmap",
     "fd-pass-mmap",
     "personality",
 ];
@@ -413,6 +461,7 @@ async fn executable_mappings_are_measured_or_refused() {
             "memfd-mprotect",
             "shm-mprotect",
             "file-mmap",
+            "worker-mmap",
             "fd-pass-mmap",
         ] {
             let (_, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
@@ -462,6 +511,12 @@ async fn executable_mappings_are_measured_or_refused() {
             logged(&mine, "/tmp/passed.bin", Some(&code_file), "mmap"),
             "{mine:#?}"
         );
+        // Mapped by a thread other than the main one (a library loaded
+        // from a worker thread).
+        assert!(
+            logged(&mine, "/tmp/worker.bin", Some(&code_file), "mmap"),
+            "{mine:#?}"
+        );
         assert!(logged(&mine, "/tmp/passed-true", None, "exec"), "{mine:#?}");
         assert!(logged(&mine, LOADER, None, "exec"), "{mine:#?}");
         assert!(logged(&mine, LIBC, None, "mmap"), "{mine:#?}");
@@ -475,6 +530,10 @@ async fn executable_mappings_are_measured_or_refused() {
     let (pod, a, b) = two_containers(&d, &mut rt, "escape-enforce", "strict", &image).await;
     for c in [&a, &b] {
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
+        // A worker thread loading a library the policy allows.
+        let (code, out, err) = exec_sh(&mut rt, c, &format!("escape worker-mmap {LIBC}")).await;
+        assert_eq!(code, 0, "{out}{err}\n{}", d.log());
+        assert!(out.contains("MAPPED worker-mmap"), "{out}{err}");
         for m in MAPPINGS {
             let (code, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
             assert_ne!(code, 0, "{m} ran under enforce: {out}{err}");
@@ -519,6 +578,7 @@ async fn executable_mappings_are_measured_or_refused() {
     }
     for path in [
         "/tmp/code.bin",
+        "/tmp/worker.bin",
         "/tmp/evil",
         "/tmp/passed.bin",
         "/tmp/passed-true",
@@ -930,7 +990,8 @@ async fn an_execution_in_flight_at_a_crash_is_refused() {
 
 /// seccomp's CONTINUE lets the kernel read a call's arguments again after
 /// the map guard checked them: a second thread `dup2`s another file onto an
-/// mmap's fd, or maps a file under an anonymous range being made
+/// mmap's fd (also when the mmap is a worker thread's, gone before the
+/// audit), or maps a file under an anonymous range being made
 /// executable, in between (the window widened here by
 /// IMACRI_TEST_MAPGUARD_SWAP_WINDOW). Such calls are audited once they
 /// returned: in measure mode what was really mapped is in the log with its
@@ -955,7 +1016,7 @@ async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
     let after = audited(imacri_integration::client::integrity_stats(&mut rt).await);
     assert_eq!(before, after, "single-threaded mappings were audited");
     for c in [&a, &b] {
-        for m in ["mmap", "mprotect"] {
+        for m in ["mmap", "mprotect", "worker"] {
             let (_, out, err) = exec_sh(&mut rt, c, &swap(m)).await;
             assert!(
                 out.contains(&format!("RAN swap-{m}")),
@@ -967,7 +1028,7 @@ async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
     let lines = log_lines(&d, &pod);
     for c in [&a, &b] {
         let mine = entries_of(&lines, c);
-        for m in ["mmap", "mprotect"] {
+        for m in ["mmap", "mprotect", "worker"] {
             assert!(
                 logged(
                     &mine,
@@ -984,7 +1045,7 @@ async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
         assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
     }
     let now = audited(imacri_integration::client::integrity_stats(&mut rt).await);
-    assert!(now >= after + 4, "{after} -> {now}");
+    assert!(now >= after + 6, "{after} -> {now}");
     stop_pod(&mut rt, &pod).await;
 
     // Enforce: `a` (no seccomp profile) tries the fd, `b` (RuntimeDefault)
@@ -1003,7 +1064,17 @@ async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
     );
     let now = audited(imacri_integration::client::integrity_stats(&mut rt).await);
     assert!(now > before, "the threaded mapping was not audited");
-    for (c, m) in [(&a, "mmap"), (&b, "mprotect")] {
+    // A third container: the fd swapped under a worker thread's mmap,
+    // the worker gone before the audit reads its process.
+    let cfg = ima("swap-enforce", "strict");
+    let w = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("w", &image, &["sleep", "1000"]),
+    )
+    .await;
+    for (c, m) in [(&a, "mmap"), (&b, "mprotect"), (&w, "worker")] {
         // The exec dies with its container: its answer does not matter.
         let _ = rt
             .exec_sync(cri::ExecSyncRequest {

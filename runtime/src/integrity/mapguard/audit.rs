@@ -128,9 +128,10 @@ pub(super) fn kcmp_works() -> bool {
 enum TaskList {
     /// cgroup v2 `cgroup.threads`, kept open: every read from offset 0 walks
     /// the cgroup afresh (~2 us, where opening the file costs ~8 us).
-    Threads(std::fs::File),
-    /// A v1 `tasks` file, opened for each listing: an open one serves the
-    /// list it loaded first again for a second (the kernel's pidlist cache).
+    Threads { file: std::fs::File, dir: PathBuf },
+    /// A v1 cgroup's `tasks` file, opened for each listing: an open one
+    /// serves the list it loaded first again for a second (the kernel's
+    /// pidlist cache). The cgroup's directory.
     Tasks(PathBuf),
 }
 
@@ -148,27 +149,41 @@ impl TaskList {
             if ctrls.is_empty() {
                 v2 = Some(rel.to_string());
             } else if ctrls.split(',').any(|c| c == "pids") {
-                pids = Some(root.join(ctrls).join(rel).join("tasks"));
+                pids = Some(root.join(ctrls).join(rel));
             }
         }
         let threads = |rel: &str| {
             [root.join("unified"), root.to_path_buf()]
                 .into_iter()
-                .find_map(|m| std::fs::File::open(m.join(rel).join("cgroup.threads")).ok())
-                .map(TaskList::Threads)
+                .find_map(|m| {
+                    let dir = m.join(rel);
+                    let file = std::fs::File::open(dir.join("cgroup.threads")).ok()?;
+                    Some(TaskList::Threads { file, dir })
+                })
         };
         match v2.as_deref() {
             Some(rel) if !rel.is_empty() => threads(rel),
             _ => None,
         }
-        .or_else(|| pids.filter(|f| f.exists()).map(TaskList::Tasks))
+        .or_else(|| {
+            pids.filter(|d| d.join("tasks").exists())
+                .map(TaskList::Tasks)
+        })
         .or_else(|| threads(v2.as_deref()?))
+    }
+
+    /// The processes (thread groups) of the cgroup.
+    fn processes(&self) -> std::io::Result<Vec<u32>> {
+        let dir = match self {
+            TaskList::Threads { dir, .. } | TaskList::Tasks(dir) => dir,
+        };
+        Ok(ids(&std::fs::read_to_string(dir.join("cgroup.procs"))?))
     }
 
     fn read(&self) -> std::io::Result<Vec<u32>> {
         let text = match self {
-            TaskList::Tasks(path) => std::fs::read_to_string(path)?,
-            TaskList::Threads(file) => {
+            TaskList::Tasks(dir) => std::fs::read_to_string(dir.join("tasks"))?,
+            TaskList::Threads { file, .. } => {
                 use std::os::unix::fs::FileExt;
                 let mut text = Vec::with_capacity(512);
                 let mut chunk = [0u8; 4096];
@@ -182,8 +197,13 @@ impl TaskList {
                 String::from_utf8_lossy(&text).into_owned()
             }
         };
-        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        Ok(ids(&text))
     }
+}
+
+/// The ids of a cgroup listing, one per line.
+fn ids(text: &str) -> Vec<u32> {
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 /// A call let through while shared: audit the caller's process once the
@@ -246,6 +266,31 @@ impl Auditor {
         shared_among(tid, || list.read(), table)
     }
 
+    /// Every process of the listener's cgroup. None found (the cgroup is
+    /// unknown or unreadable) is an audit that cannot be made: the
+    /// container is stopped, as for any mapping that cannot be audited.
+    fn processes(&self) -> Vec<u32> {
+        let found = self
+            .tasks
+            .lock()
+            .ok()
+            .and_then(|t| t.as_ref().map(TaskList::processes))
+            .and_then(Result::ok);
+        match found {
+            Some(p) => p,
+            None => {
+                if let (Some(engine), Some(target)) = (self.engine.upgrade(), self.target()) {
+                    engine.stopped(
+                        &target,
+                        "the processes of a container whose mapping needs an audit cannot be listed"
+                            .into(),
+                    );
+                }
+                Vec::new()
+            }
+        }
+    }
+
     /// Audits the caller's process once its call (`job`) has returned.
     pub(super) fn after(self: &Arc<Self>, job: Job) {
         let Ok(mut tx) = self.tx.lock() else { return };
@@ -299,13 +344,21 @@ fn run(me: &Weak<Auditor>, rx: &mpsc::Receiver<Job>) {
         let Some(a) = me.upgrade() else { return };
         let (mut processes, mut again) = (Vec::new(), Vec::new());
         for job in &jobs {
-            let tgid = tgid_of(job.tid).unwrap_or(job.tid);
             let sure = wait_returned(job);
-            if !processes.contains(&tgid) {
-                processes.push(tgid);
-            }
-            if !sure && !again.contains(&tgid) {
-                again.push(tgid);
+            // A thread that made the call and exited left its mapping in
+            // its process, which it no longer names: every process of the
+            // container is audited then.
+            let tgids = match tgid_of(job.tid) {
+                Some(t) => vec![t],
+                None => a.processes(),
+            };
+            for tgid in tgids {
+                if !processes.contains(&tgid) {
+                    processes.push(tgid);
+                }
+                if !sure && !again.contains(&tgid) {
+                    again.push(tgid);
+                }
             }
         }
         for p in processes {
@@ -549,14 +602,17 @@ mod tests {
         let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
         let rel = text.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
         let rel = rel.trim_start_matches('/');
-        let file = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        let list = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
             .iter()
             .find_map(|m| {
-                std::fs::File::open(std::path::Path::new(m).join(rel).join("cgroup.threads")).ok()
+                let dir = std::path::Path::new(m).join(rel);
+                let file = std::fs::File::open(dir.join("cgroup.threads")).ok()?;
+                Some(TaskList::Threads { file, dir })
             })
             .unwrap();
-        let list = TaskList::Threads(file);
         assert!(list.read().unwrap().contains(&gettid()));
+        // Its processes: this one (a thread that exited is audited by them).
+        assert!(list.processes().unwrap().contains(&std::process::id()));
         let (other, stop_tx, t) = parked_thread();
         assert!(list.read().unwrap().contains(&other));
         stop_tx.send(()).unwrap();

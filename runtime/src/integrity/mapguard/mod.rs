@@ -12,7 +12,7 @@
 //! and refuses `shmat` with SHM_EXEC outright. runc sends the filter's
 //! listener fd to imacri's socket (`linux.seccomp.listenerPath`) when it
 //! creates the container or an exec process. For each notification imacri
-//! takes the very file object the process maps (pidfd_getfd for mmap,
+//! takes the very file object the calling task maps ([`task`]: pidfd_getfd for mmap,
 //! `/proc/<pid>/map_files` for mprotect) and measures it in the engine like
 //! an execution: from any filesystem, memfds and SysV shm included.
 //! Anonymous memory is not a file and is left alone, as IMA leaves it.
@@ -32,6 +32,7 @@
 use super::keeper;
 mod audit;
 mod profile;
+mod task;
 
 use profile::PERSONALITY_QUERY;
 pub use profile::{guard_profile, MapGuardError};
@@ -277,6 +278,7 @@ fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&k
     let notify = Arc::new(notify);
     sync_wake_up(&notify, container);
     let auditor = audit::Auditor::new(engine.clone(), container);
+    let mut tasks = task::Tasks::default();
     loop {
         let mut fds = [PollFd::new(notify.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::NONE) {
@@ -315,7 +317,7 @@ fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&k
         let Some(engine) = engine.upgrade() else {
             return;
         };
-        handle(&engine, &notify, &auditor, container, &req);
+        handle(&engine, &notify, &auditor, &mut tasks, container, &req);
     }
 }
 
@@ -406,6 +408,7 @@ fn handle(
     engine: &Engine,
     notify: &Arc<OwnedFd>,
     auditor: &Arc<audit::Auditor>,
+    tasks: &mut task::Tasks,
     container: &str,
     req: &libc::seccomp_notif,
 ) {
@@ -420,8 +423,10 @@ fn handle(
         return respond(notify, req.id, false);
     };
     let files = match nr {
-        libc::SYS_mmap => file_of(req.pid, args[4] as i32).map(|f| vec![f]),
-        libc::SYS_mprotect | libc::SYS_pkey_mprotect => mapped_files(req.pid, args[0], args[1]),
+        libc::SYS_mmap => tasks.file_of(req.pid, args[4] as i32).map(|f| vec![f]),
+        libc::SYS_mprotect | libc::SYS_pkey_mprotect => {
+            task::mapped_files(req.pid, args[0], args[1])
+        }
         _ => Err(format!("unexpected syscall {nr}")),
     };
     // Everything above read the task by pid: it must still be the caller.
@@ -499,57 +504,6 @@ fn handle(
     }
 }
 
-/// The file behind fd number `fd` of task `pid`: the same open file.
-fn file_of(pid: u32, fd: i32) -> Result<OwnedFd, String> {
-    // SAFETY: raw syscalls with integer arguments; results checked.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
-    if pidfd < 0 {
-        return Err(format!("pidfd_open({pid}): {}", nix::errno::Errno::last()));
-    }
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-    let f = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if f < 0 {
-        return Err(format!(
-            "pidfd_getfd({pid}, {fd}): {}",
-            nix::errno::Errno::last()
-        ));
-    }
-    Ok(unsafe { OwnedFd::from_raw_fd(f as RawFd) })
-}
-
-/// The files mapped in `[addr, addr+len)` of task `pid`, opened through
-/// `/proc/<pid>/map_files`, which lists exactly the VMAs backed by a file.
-/// (Not the inode column of `maps`: a SysV segment's inode is its id, 0 for
-/// the first segment of an IPC namespace.) Anonymous ranges are skipped.
-fn mapped_files(pid: u32, addr: u64, len: u64) -> Result<Vec<OwnedFd>, String> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| format!("reading /proc/{pid}/maps: {e}"))?;
-    let end = addr.saturating_add(len.max(1));
-    let mut out = Vec::new();
-    for range in ranges(&maps) {
-        let Some((s, e)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else {
-            continue;
-        };
-        if s >= end || e <= addr {
-            continue;
-        }
-        match std::fs::File::open(format!("/proc/{pid}/map_files/{range}")) {
-            Ok(f) => out.push(f.into()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("opening /proc/{pid}/map_files/{range}: {e}")),
-        }
-    }
-    Ok(out)
-}
-
-/// The address range of each line of a maps file.
-fn ranges(maps: &str) -> impl Iterator<Item = &str> {
-    maps.lines().filter_map(|l| l.split_whitespace().next())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,47 +511,5 @@ mod tests {
     #[test]
     fn this_kernel_can_run_the_guard() {
         probe().unwrap();
-    }
-
-    #[test]
-    fn maps_lines_give_ranges() {
-        let maps = "00400000-00452000 r-xp 00000000 08:02 173521 /usr/bin/dbus-daemon\n\
-                    7f1000000000-7f1000001000 r--s 00000000 00:01 0 /SYSV00000000 (deleted)\n";
-        let r: Vec<_> = ranges(maps).collect();
-        assert_eq!(r, ["00400000-00452000", "7f1000000000-7f1000001000"]);
-    }
-}
-
-#[cfg(test)]
-mod host_tests {
-    use super::*;
-
-    #[test]
-    fn mapped_files_finds_shm_mappings_not_anonymous_ones() {
-        unsafe {
-            let id = libc::shmget(libc::IPC_PRIVATE, 4096, 0o700 | libc::IPC_CREAT);
-            assert!(id >= 0);
-            let s = libc::shmat(id, std::ptr::null(), 0);
-            libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
-            let files = mapped_files(std::process::id(), s as u64, 4096).unwrap();
-            assert_eq!(files.len(), 1);
-            let path = super::super::digest::fd_path(files[0].as_fd());
-            assert!(path.starts_with("/SYSV"), "{path}");
-            // A SysV segment is never sealed against writes.
-            assert!(super::super::engine::open_for_writing(files[0].as_fd()));
-            libc::shmdt(s);
-            let anon = libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert!(mapped_files(std::process::id(), anon as u64, 4096)
-                .unwrap()
-                .is_empty());
-            libc::munmap(anon, 4096);
-        }
     }
 }

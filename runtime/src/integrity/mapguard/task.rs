@@ -1,0 +1,235 @@
+//! The files a guarded call names, taken from the calling task itself.
+//!
+//! A notification names a *task* (a thread id), not a process: a library
+//! loaded by a worker thread (a JVM's main thread, a Python thread
+//! importing an extension) is mapped by a task that is not its process's
+//! leader, and a thread can have an fd table of its own
+//! (`unshare(CLONE_FILES)`). So the fd is taken from that very task: a
+//! thread pidfd (`PIDFD_THREAD`, Linux 6.9), else `/proc/<tid>/fd/<n>`.
+//! Never from the thread group leader: its fd `n` may be another file.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+
+/// `pidfd_open` flag for a pidfd of a thread rather than a process
+/// (Linux 6.9; the value is O_EXCL's).
+const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+
+/// How many tasks' pidfds a listener keeps (each is an fd of imacri's).
+const KEPT: usize = 128;
+
+/// One listener's pidfds of the tasks that made its calls, kept: opening
+/// and closing one per call costs as much as the rest of a cached
+/// decision. A kept pidfd names the task it was opened for, never a later
+/// task given the same id: for a task that is gone `pidfd_getfd` fails
+/// (ESRCH) and a fresh pidfd is opened.
+#[derive(Default)]
+pub(super) struct Tasks {
+    pidfds: HashMap<u32, OwnedFd>,
+    /// This kernel has no thread pidfds: fds are reopened through /proc.
+    no_thread_pidfds: bool,
+}
+
+impl Tasks {
+    /// The file behind fd number `fd` of task `tid`.
+    pub(super) fn file_of(&mut self, tid: u32, fd: i32) -> Result<OwnedFd, String> {
+        for fresh in [false, true] {
+            if self.no_thread_pidfds {
+                return reopen(tid, fd);
+            }
+            if fresh || !self.pidfds.contains_key(&tid) {
+                let Some(pidfd) = thread_pidfd(tid)? else {
+                    self.no_thread_pidfds = true;
+                    return reopen(tid, fd);
+                };
+                if self.pidfds.len() >= KEPT {
+                    self.pidfds.clear();
+                }
+                self.pidfds.insert(tid, pidfd);
+            }
+            let Some(pidfd) = self.pidfds.get(&tid) else {
+                continue;
+            };
+            match getfd(pidfd, fd) {
+                Ok(f) => return Ok(f),
+                // A kept pidfd of an earlier task with this id.
+                Err(Errno::ESRCH) if !fresh => {
+                    self.pidfds.remove(&tid);
+                }
+                Err(e) => return Err(format!("pidfd_getfd({tid}, {fd}): {e}")),
+            }
+        }
+        Err(format!("pidfd_getfd({tid}, {fd}): the task is gone"))
+    }
+
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.pidfds.len()
+    }
+}
+
+/// A pidfd of task `tid` itself; `None` when this kernel has no thread
+/// pidfds (Linux < 6.9).
+fn thread_pidfd(tid: u32) -> Result<Option<OwnedFd>, String> {
+    // SAFETY: a raw syscall with integer arguments; the result is checked.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::c_int, PIDFD_THREAD) };
+    if r >= 0 {
+        // SAFETY: a new fd that nothing else owns.
+        return Ok(Some(unsafe { OwnedFd::from_raw_fd(r as RawFd) }));
+    }
+    match Errno::last() {
+        Errno::EINVAL => Ok(None),
+        e => Err(format!("pidfd_open({tid}): {e}")),
+    }
+}
+
+fn getfd(pidfd: &OwnedFd, fd: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: a raw syscall with integer arguments; the result is checked.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// Kernels without thread pidfds: the same file opened again through the
+/// task's own fd table (`/proc/<tid>/fd` is per task). A new open of the
+/// same inode: what is hashed and checked for writers is that inode.
+fn reopen(tid: u32, fd: i32) -> Result<OwnedFd, String> {
+    let path = format!("/proc/{tid}/fd/{fd}");
+    std::fs::File::open(&path)
+        .map(OwnedFd::from)
+        .map_err(|e| format!("opening {path}: {e}"))
+}
+
+/// The files mapped in `[addr, addr+len)` of task `pid`, opened through
+/// `/proc/<pid>/map_files`, which lists exactly the VMAs backed by a file.
+/// (Not the inode column of `maps`: a SysV segment's inode is its id, 0 for
+/// the first segment of an IPC namespace.) Anonymous ranges are skipped.
+pub(super) fn mapped_files(pid: u32, addr: u64, len: u64) -> Result<Vec<OwnedFd>, String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| format!("reading /proc/{pid}/maps: {e}"))?;
+    let end = addr.saturating_add(len.max(1));
+    let mut out = Vec::new();
+    for range in ranges(&maps) {
+        let Some((s, e)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else {
+            continue;
+        };
+        if s >= end || e <= addr {
+            continue;
+        }
+        match std::fs::File::open(format!("/proc/{pid}/map_files/{range}")) {
+            Ok(f) => out.push(f.into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("opening /proc/{pid}/map_files/{range}: {e}")),
+        }
+    }
+    Ok(out)
+}
+
+/// The address range of each line of a maps file.
+fn ranges(maps: &str) -> impl Iterator<Item = &str> {
+    maps.lines().filter_map(|l| l.split_whitespace().next())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines_give_ranges() {
+        let maps = "00400000-00452000 r-xp 00000000 08:02 173521 /usr/bin/dbus-daemon\n\
+                    7f1000000000-7f1000001000 r--s 00000000 00:01 0 /SYSV00000000 (deleted)\n";
+        let r: Vec<_> = ranges(maps).collect();
+        assert_eq!(r, ["00400000-00452000", "7f1000000000-7f1000001000"]);
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn id(fd: RawFd) -> (u64, u64) {
+        let st = nix::sys::stat::fstat(fd).unwrap();
+        (st.st_dev, st.st_ino)
+    }
+
+    fn gettid() -> u32 {
+        // SAFETY: no arguments.
+        unsafe { libc::syscall(libc::SYS_gettid) as u32 }
+    }
+
+    /// A thread with an fd table of its own: its fd `n` is not its
+    /// process's fd `n`, and the file taken is the thread's.
+    #[test]
+    fn a_threads_fd_is_taken_from_the_thread_not_its_process() {
+        let main_file = tempfile::tempfile().unwrap();
+        let n = main_file.as_raw_fd();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: unshares this thread's fd table only; the copy of
+            // `n` in it is replaced by dup2 and owned by nothing here.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_FILES) }, 0);
+            let own = tempfile::tempfile().unwrap();
+            assert_eq!(unsafe { libc::dup2(own.as_raw_fd(), n) }, n);
+            tx.send((gettid(), id(own.as_raw_fd()))).unwrap();
+            let _ = done_rx.recv();
+        });
+        let (tid, own) = rx.recv().unwrap();
+        let mut tasks = Tasks::default();
+        let got = tasks.file_of(tid, n).unwrap();
+        assert_eq!(
+            id(got.as_raw_fd()),
+            own,
+            "took the leader's fd, not the thread's"
+        );
+        assert_ne!(id(got.as_raw_fd()), id(main_file.as_raw_fd()));
+        // Again: from the kept pidfd.
+        let again = tasks.file_of(tid, n).unwrap();
+        assert_eq!(id(again.as_raw_fd()), own);
+        assert_eq!(tasks.kept(), 1);
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+        // The thread is gone: its kept pidfd does not answer for anyone.
+        assert!(tasks.file_of(tid, n).is_err());
+    }
+
+    #[test]
+    fn mapped_files_finds_shm_mappings_not_anonymous_ones() {
+        unsafe {
+            let id = libc::shmget(libc::IPC_PRIVATE, 4096, 0o700 | libc::IPC_CREAT);
+            assert!(id >= 0);
+            let s = libc::shmat(id, std::ptr::null(), 0);
+            libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
+            let files = mapped_files(std::process::id(), s as u64, 4096).unwrap();
+            assert_eq!(files.len(), 1);
+            let path = super::super::super::digest::fd_path(files[0].as_fd());
+            assert!(path.starts_with("/SYSV"), "{path}");
+            // A SysV segment is never sealed against writes.
+            assert!(super::super::super::engine::open_for_writing(
+                files[0].as_fd()
+            ));
+            libc::shmdt(s);
+            let anon = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert!(mapped_files(std::process::id(), anon as u64, 4096)
+                .unwrap()
+                .is_empty());
+            libc::munmap(anon, 4096);
+        }
+    }
+}
