@@ -223,7 +223,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
     }
     let _ = child_cost(&engine, "exec-child", &ls, "guarded")?; // first: hashed
     let events0 = engine.stats.events.load(Relaxed);
-    let (dyn_plain, dyn_guarded) = dynamic_exec_cost(&engine, &ls, &ls_plain)?;
+    let (dyn_plain, dyn_guarded, dyn_floor) = dynamic_exec_cost(&engine, &ls, &ls_plain)?;
     let dyn_events = (engine.stats.events.load(Relaxed) - events0) as f64 / RUNS as f64;
     drop(watch);
     let (guard_ms, seal_ms) = guard_cost()?;
@@ -320,6 +320,12 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
         dyn_guarded - dyn_plain
     );
     println!(
+        "{:<44} {:>10.0}   (+{:.0} us: seccomp notification alone)",
+        "  its mappings answered at once (us)",
+        dyn_floor,
+        dyn_floor - dyn_plain
+    );
+    println!(
         "{:<44} {:>10.2}",
         "pod start: memfd/userns guards (ms)", guard_ms
     );
@@ -355,13 +361,21 @@ fn mapping_cost(engine: &Arc<Engine>, file: &Path, mode: &str) -> Result<f64> {
 /// (`ls -d /`: ld.so maps 3 libraries) by a child in a cgroup of its own,
 /// with (`guarded`) or without the map guard's filter. Two rounds each,
 /// alternated, so both see the same machine.
-fn dynamic_exec_cost(engine: &Arc<Engine>, marked: &Path, unmarked: &Path) -> Result<(f64, f64)> {
-    let (mut plain, mut guarded) = (0.0, 0.0);
+/// Also (third) the same unmarked program under a filter whose listener
+/// answers every call at once: what seccomp user notification costs by
+/// itself, before imacri decides anything.
+fn dynamic_exec_cost(
+    engine: &Arc<Engine>,
+    marked: &Path,
+    unmarked: &Path,
+) -> Result<(f64, f64, f64)> {
+    let (mut plain, mut guarded, mut floor) = (0.0, 0.0, 0.0);
     for _ in 0..2 {
         plain += child_cost(engine, "exec-child", unmarked, "plain")? / 2.0;
         guarded += child_cost(engine, "exec-child", marked, "guarded")? / 2.0;
+        floor += child_cost(engine, "exec-child", unmarked, "answered")? / 2.0;
     }
-    Ok((plain, guarded))
+    Ok((plain, guarded, floor))
 }
 
 /// Runs `kind` (`mmap-child` or `exec-child`) on `file` in `mode` and
@@ -385,7 +399,7 @@ fn child_cost(engine: &Arc<Engine>, kind: &str, file: &Path, mode: &str) -> Resu
         std::fs::create_dir_all(cg)?;
         std::fs::write(cg.join("cgroup.procs"), child.id().to_string())?;
     }
-    let r = mapping_run(engine, &mut child, mode != "plain");
+    let r = mapping_run(engine, &mut child, mode);
     let _ = child.kill();
     let _ = child.wait();
     for cg in &cgs {
@@ -394,17 +408,13 @@ fn child_cost(engine: &Arc<Engine>, kind: &str, file: &Path, mode: &str) -> Resu
     r
 }
 
-fn mapping_run(
-    engine: &Arc<Engine>,
-    child: &mut std::process::Child,
-    guarded: bool,
-) -> Result<f64> {
+fn mapping_run(engine: &Arc<Engine>, child: &mut std::process::Child, mode: &str) -> Result<f64> {
     use std::io::{BufRead, Write};
     use std::os::fd::{FromRawFd, OwnedFd};
     let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
     let mut line = String::new();
     out.read_line(&mut line)?;
-    if guarded {
+    if mode != "plain" {
         let fd: i32 = line
             .trim()
             .strip_prefix("fd=")
@@ -428,12 +438,16 @@ fn mapping_run(
         };
         anyhow::ensure!(got >= 0, "pidfd_getfd: {}", std::io::Error::last_os_error());
         let listener = unsafe { OwnedFd::from_raw_fd(got as i32) };
-        imacri_runtime::integrity::mapguard::listen(
-            Arc::downgrade(engine),
-            listener,
-            "bench-ctr".into(),
-            None,
-        )?;
+        if mode == "answered" {
+            std::thread::spawn(move || answer_all(listener));
+        } else {
+            imacri_runtime::integrity::mapguard::listen(
+                Arc::downgrade(engine),
+                listener,
+                "bench-ctr".into(),
+                None,
+            )?;
+        }
     }
     child.stdin.take().context("stdin")?.write_all(b"go\n")?;
     line.clear();
@@ -441,6 +455,41 @@ fn mapping_run(
     line.trim()
         .parse::<f64>()
         .with_context(|| format!("child said {line:?}"))
+}
+
+/// A listener that lets every call through at once (the mechanism's
+/// floor), with synchronous wake-ups as imacri's: until the child is gone.
+fn answer_all(listener: std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let fd = listener.as_raw_fd();
+    // SAFETY: ioctls on a seccomp listener with zeroed plain-old-data.
+    unsafe {
+        libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS as _, 1u64);
+        loop {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut p, 1, -1) < 0 {
+                continue;
+            }
+            if p.revents & libc::POLLIN == 0 {
+                return; // POLLHUP: the child is gone
+            }
+            let mut req: libc::seccomp_notif = std::mem::zeroed();
+            if libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_RECV as _, &mut req) != 0 {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) | Some(libc::ENOENT) => continue,
+                    _ => return,
+                }
+            }
+            let mut resp: libc::seccomp_notif_resp = std::mem::zeroed();
+            resp.id = req.id;
+            resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32;
+            libc::ioctl(fd, libc::SECCOMP_IOCTL_NOTIF_SEND as _, &mut resp);
+        }
+    }
 }
 
 /// The child: (optionally) installs a filter sending mmap with PROT_EXEC to
