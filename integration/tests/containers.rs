@@ -428,3 +428,59 @@ async fn a_flood_of_output_is_logged_whole_and_in_order() {
     assert_eq!((err[0].1.as_str(), err[0].2.as_str()), ("F", "done"));
     pod.remove().await;
 }
+
+/// Containers that exit the moment they start, started all at once: each
+/// start succeeds (containerd's Start asks the task for its state after
+/// starting it, so the exit seen meanwhile must not delete the task under
+/// it), each ends Completed with its exit code, and each is removable.
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_that_exit_at_once_start_and_complete() {
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let pod = Pod::new(&d, pod_config("instant")).await;
+    for round in 0..3 {
+        let mut ids = Vec::new();
+        for i in 0..12 {
+            let mut rt = pod.rt.clone();
+            let c = container_config(&format!("i{round}-{i}"), &env.busybox, &["true"]);
+            let id = rt
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: pod.id.clone(),
+                    config: Some(c),
+                    sandbox_config: Some(pod.cfg.clone()),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("create: {e}\n{}", d.log()))
+                .into_inner()
+                .container_id;
+            ids.push(id);
+        }
+        let starts = ids.iter().map(|id| {
+            let mut rt = pod.rt.clone();
+            let id = id.clone();
+            async move {
+                rt.start_container(cri::StartContainerRequest { container_id: id })
+                    .await
+            }
+        });
+        for r in futures::future::join_all(starts).await {
+            r.unwrap_or_else(|e| panic!("start: {e}\n{}", d.log()));
+        }
+        let mut rt = pod.rt.clone();
+        for id in &ids {
+            let st = imacri_integration::client::wait_exited(&mut rt, id).await;
+            assert_eq!(
+                (st.exit_code, st.reason.as_str()),
+                (0, "Completed"),
+                "{st:?}"
+            );
+            rt.remove_container(cri::RemoveContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("remove: {e}\n{}", d.log()));
+        }
+    }
+    pod.remove().await;
+}

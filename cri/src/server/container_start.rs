@@ -39,8 +39,10 @@ impl CriServer {
         };
         match started {
             Ok(pid) => {
-                // A fast process may have exited (and been recorded) already.
+                // A fast process may have exited (and been recorded) already;
+                // its task was then left for us to delete.
                 let _order = self.event_order.lock();
+                self.set_starting(&c.id, false);
                 let recorded = c.update(|s| {
                     s.started_at = started_at;
                     let created = s.phase == ContainerPhase::Created;
@@ -55,10 +57,18 @@ impl CriServer {
                     self.emit(cri::ContainerEventType::ContainerStartedEvent, &c.id);
                 }
                 drop(_order);
+                if !recorded {
+                    tracing::debug!(container_id = %c.id, "exited while containerd started it; its task is deleted now");
+                    self.delete_exited_task(&c.id).await;
+                }
                 self.nri_post_start(&c.id).await;
                 Ok(cri::StartContainerResponse {})
             }
             Err(e) => {
+                {
+                    let _order = self.event_order.lock();
+                    self.set_starting(&c.id, false);
+                }
                 let _ = self.teardown_task_only(&c.id).await;
                 let msg = e.to_string();
                 let _ = c.update(|s| {
@@ -123,6 +133,10 @@ impl CriServer {
             }
             laps.lap("guards+measure");
             self.watch_exit(&c.id);
+            {
+                let _order = self.event_order.lock();
+                self.set_starting(&c.id, true);
+            }
             let r = self.c.start_task(&c.id, "").await;
             laps.lap("start");
             r

@@ -51,6 +51,7 @@ impl CriServer {
     }
 
     async fn on_exit(&self, id: &str, kind: Kind, code: u32, at: i64) {
+        let mut start_in_flight = false;
         match kind {
             Kind::Container => {
                 // Let the log copiers drain what the process wrote last.
@@ -78,6 +79,7 @@ impl CriServer {
                         .oom_kills
                         .is_some_and(|n| n > 0);
                     let _order = self.event_order.lock();
+                    start_in_flight = self.start_in_flight(id);
                     let res = c.update(|s| {
                         if oom {
                             s.oom_killed = true;
@@ -133,6 +135,15 @@ impl CriServer {
                 }
             }
         }
+        if start_in_flight {
+            // StartContainer deletes it once containerd's Start returned.
+            return;
+        }
+        self.delete_exited_task(id).await;
+    }
+
+    /// Deletes the task of a process that exited (its exit recorded).
+    pub(crate) async fn delete_exited_task(&self, id: &str) {
         match self.c.delete_task(id).await.ignore_not_found() {
             Ok(()) => {
                 if let Ok(mut d) = self.deleted_tasks.lock() {
@@ -140,6 +151,23 @@ impl CriServer {
                 }
             }
             Err(e) => tracing::warn!(id = %id, error = %e, "deleting exited task"),
+        }
+    }
+
+    /// Whether containerd is starting `id`'s task (under `event_order`).
+    fn start_in_flight(&self, id: &str) -> bool {
+        self.starting.lock().is_ok_and(|s| s.contains(id))
+    }
+
+    /// Marks `id`'s task as being started (`true`) or no longer (under
+    /// `event_order`).
+    pub(crate) fn set_starting(&self, id: &str, starting: bool) {
+        if let Ok(mut s) = self.starting.lock() {
+            if starting {
+                s.insert(id.to_string());
+            } else {
+                s.remove(id);
+            }
         }
     }
 

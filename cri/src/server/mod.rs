@@ -168,6 +168,11 @@ pub struct CriServer {
     /// Tasks this imacri deleted when they exited: their teardown needs no
     /// round trip to learn that.
     deleted_tasks: Mutex<std::collections::HashSet<String>>,
+    /// Containers whose task containerd is starting: an exit seen meanwhile
+    /// leaves the task to StartContainer, since containerd's Start asks the
+    /// task for its state after starting it (a deleted one fails the start
+    /// of a container that ran). Changed under `event_order`.
+    starting: Mutex<std::collections::HashSet<String>>,
     /// Snapshot mounts of created containers, from CreateContainer to
     /// StartContainer (which otherwise asks containerd again).
     created_mounts: Mutex<HashMap<String, Vec<containerd_client::types::Mount>>>,
@@ -287,6 +292,7 @@ impl CriServer {
             event_order: Mutex::new(()),
             cpu_samples: Mutex::new(HashMap::new()),
             deleted_tasks: Default::default(),
+            starting: Default::default(),
             created_mounts: Default::default(),
             nri: std::sync::OnceLock::new(),
             nri_views: Mutex::new(HashMap::new()),
