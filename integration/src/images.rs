@@ -227,6 +227,10 @@ pub fn build_and_push(
         }]
     });
     std::fs::write(lp.join("index.json"), serde_json::to_vec(&index)?)?;
+    // One push at a time: the registry fails concurrent pushes of one
+    // repository ("manifest blob unknown") when tests push the same image.
+    static PUSHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = PUSHES.lock().unwrap_or_else(|e| e.into_inner());
     let mut cmd = Command::new("skopeo");
     cmd.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"]);
     if let Some((u, p)) = creds {

@@ -270,6 +270,12 @@ const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 /// busybox, the attacker program and a dynamic `hello` with its loader and
 /// libc from the host.
 fn attacker_image(env: &Env) -> String {
+    // Built once for the tests of this file, which run side by side.
+    static IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(|| build_attacker_image(env)).clone()
+}
+
+fn build_attacker_image(env: &Env) -> String {
     let mut def = busybox();
     let escape = compile_c(&env.base, "escape", ESCAPE_C, &[]).unwrap();
     def.files.push(("bin/escape".into(), escape, 0o755));

@@ -43,12 +43,18 @@ int main(void) {
 "#;
 
 async fn attacker_image(env: &Env) -> String {
-    let mut def = busybox();
-    let bin = compile_c(&env.base, "memfdexec", MEMFD_EXEC_C, &[]).unwrap();
-    def.files.push(("bin/memfdexec".into(), bin, 0o755));
-    let name = format!("{}/test/attacker:1", env.registry);
-    build_and_push(&env.base, &def, &name, None).unwrap();
-    name
+    // Built once for the tests of this file, which run side by side.
+    static IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let mut def = busybox();
+            let bin = compile_c(&env.base, "memfdexec", MEMFD_EXEC_C, &[]).unwrap();
+            def.files.push(("bin/memfdexec".into(), bin, 0o755));
+            let name = format!("{}/test/attacker:1", env.registry);
+            build_and_push(&env.base, &def, &name, None).unwrap();
+            name
+        })
+        .clone()
 }
 
 fn ima(mut cfg: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
