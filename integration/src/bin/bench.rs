@@ -526,7 +526,11 @@ fn critest_bench(
 async fn main() -> Result<()> {
     let env = Env::get();
     let pause = push_pause(env)?;
-    let d = Imacri::start(env).await?;
+    // Both runtimes at their own default log level (the test harness's
+    // debug level writes a line per call, which containerd's info does not),
+    // plus the step timings of the slow calls printed below.
+    let d =
+        Imacri::start_with(env, &["--log-level", "info,imacri_cri::server::laps=debug"]).await?;
     let mut ours = (d.runtime().await?, d.images().await?);
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let rss = d
