@@ -178,6 +178,14 @@ async fn pull_list_status_remove() {
     assert_eq!(st.image.map(|i| i.id), Some(id));
 }
 
+fn wrong_auth() -> cri::AuthConfig {
+    cri::AuthConfig {
+        username: AUTH_USER.into(),
+        password: "wrong".into(),
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn registry_auth_and_mirrors() {
     let env = Env::get();
@@ -197,11 +205,7 @@ async fn registry_auth_and_mirrors() {
         e.message().contains("credentials") || e.message().contains("auth"),
         "{e}"
     );
-    let wrong = cri::AuthConfig {
-        username: AUTH_USER.into(),
-        password: "wrong".into(),
-        ..Default::default()
-    };
+    let wrong = wrong_auth();
     let e = im
         .pull_image(cri::PullImageRequest {
             image: image(&private),
@@ -241,6 +245,20 @@ async fn registry_auth_and_mirrors() {
     })
     .await
     .unwrap();
+    // What those pulls bought is theirs: without credentials, or with wrong
+    // ones, the same image is still refused right after (registry clients
+    // are kept between pulls, never across credentials).
+    for auth in [None, Some(wrong_auth())] {
+        let e = im
+            .pull_image(cri::PullImageRequest {
+                image: image(&private),
+                auth,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    }
 
     // HTTPS with a private CA from hosts.toml; without it the pull fails.
     let secure = format!("{}/secure/busybox:latest", env.tls_registry);

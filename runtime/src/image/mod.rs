@@ -6,6 +6,7 @@
 //! all pointing at the same target, so `ctr -n k8s.io images ls` shows them.
 
 pub mod builtin;
+mod client;
 pub mod hosts;
 mod pull;
 pub mod reference;
@@ -115,6 +116,7 @@ pub struct ImageService {
     hosts_dir: PathBuf,
     sandbox_image: RwLock<String>,
     cache: RwLock<HashMap<String, ImageRecord>>,
+    clients: client::Clients,
 }
 
 pub fn platform_arch() -> &'static str {
@@ -162,6 +164,7 @@ impl ImageService {
             hosts_dir,
             sandbox_image: RwLock::new(String::new()),
             cache: RwLock::new(HashMap::new()),
+            clients: client::Clients::default(),
         }
     }
 

@@ -4,7 +4,6 @@
 
 use base64::Engine;
 use futures::StreamExt;
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -127,34 +126,6 @@ pub(super) const MANIFEST_TYPES: [&str; 4] = [
 /// rustls needs a process-wide crypto provider before any TLS client is
 /// built; the daemon installs ring at start, other callers (the `attest`
 /// CLI, tests) get it here. A second install is a harmless no-op.
-pub(super) fn ensure_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-pub(super) fn client_for(ep: &Endpoint) -> Result<Client> {
-    ensure_crypto_provider();
-    let mut extra_root_certificates = Vec::new();
-    for ca in &ep.ca {
-        let data = std::fs::read(ca).map_err(|e| Error::io("reading registry CA", ca, e))?;
-        extra_root_certificates.push(Certificate {
-            encoding: CertificateEncoding::Pem,
-            data,
-        });
-    }
-    let protocol = if ep.scheme == "http" {
-        ClientProtocol::HttpsExcept(vec![ep.host.clone()])
-    } else {
-        ClientProtocol::Https
-    };
-    Ok(Client::new(ClientConfig {
-        protocol,
-        accept_invalid_certificates: ep.skip_verify,
-        extra_root_certificates,
-        connect_timeout: Some(std::time::Duration::from_secs(10)),
-        ..Default::default()
-    }))
-}
-
 /// The manifest an image index names for this platform: (bytes, digest),
 /// the digest checked.
 pub(super) async fn platform_manifest(
@@ -204,7 +175,6 @@ impl ImageService {
         }
         let mut last_err = None;
         for ep in &endpoints {
-            let client = client_for(ep)?;
             let mut oref: Reference = r.as_oci().clone();
             if ep.host != r.registry() {
                 oref.set_mirror_registry(ep.host.clone());
@@ -223,6 +193,7 @@ impl ImageService {
                     Err(e) => return Err(e),
                 }
             };
+            let client = self.clients.get(ep, &host_auth)?;
             match self.pull_from(&client, ep, &oref, &r, &host_auth).await {
                 Ok(rec) => return Ok(rec),
                 // Auth and input errors are final; a mirror miss tries the next host.

@@ -8,9 +8,10 @@ use oci_client::Reference;
 use oci_spec::image::ImageManifest;
 use std::path::{Path, PathBuf};
 
+use super::client::client_for;
 use super::hosts::{self, Endpoint};
 use super::media;
-use super::pull::{client_for, registry_error, Credentials, MANIFEST_TYPES};
+use super::pull::{registry_error, Credentials, MANIFEST_TYPES};
 use super::reference::ImageRef;
 use crate::{Error, Result};
 

@@ -36,7 +36,7 @@ pub(super) fn parse_challenge(header: &str) -> Option<Vec<(String, String)>> {
 }
 
 fn client(ep: &Endpoint) -> Result<reqwest::Client> {
-    super::pull::ensure_crypto_provider();
+    super::client::ensure_crypto_provider();
     let mut b = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
         .timeout(std::time::Duration::from_secs(30))
