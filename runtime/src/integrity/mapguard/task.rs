@@ -17,8 +17,10 @@ use nix::errno::Errno;
 /// (Linux 6.9; the value is O_EXCL's).
 const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
 
-/// How many tasks' pidfds a listener keeps (each is an fd of imacri's).
-const KEPT: usize = 128;
+/// How many tasks' pidfds a listener keeps (each is an fd of imacri's, and
+/// keeps a gone task's `struct pid`): the calls that reuse one come in a
+/// burst from one task (ld.so mapping a program's libraries).
+const KEPT: usize = 32;
 
 /// One listener's pidfds of the tasks that made its calls, kept: opening
 /// and closing one per call costs as much as the rest of a cached
