@@ -607,6 +607,8 @@ async fn reads_by_in_pod_root_are_measured() {
         .await
         .unwrap();
     d.pull(&env.busybox).await;
+    let reader = thread_reader_image(env);
+    d.pull(&reader).await;
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima_pod("reads", Some("reads"));
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
@@ -634,7 +636,39 @@ async fn reads_by_in_pod_root_are_measured() {
         "echo mine > /tmp/by-user; cat /tmp/by-user >/dev/null",
     )
     .await;
+    // A process whose leader dropped to uid 1000 with a raw setresuid (its
+    // own credentials only) while a second thread stayed root: the root
+    // thread's read is measured, the leader's is not.
+    let mixed = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("mixed", &reader, &["sleep", "1000"]),
+    )
+    .await;
+    assert_eq!(
+        sh_ok(
+            &mut rt,
+            &mixed,
+            "echo by-thread > /tmp/by-thread; echo by-leader > /tmp/by-leader; threadread /tmp/by-thread /tmp/by-leader"
+        )
+        .await,
+        "READ"
+    );
     let log = log_lines(&d, &pod);
+    let thread_digest = format!("sha256:{}", hex_sha256(b"by-thread\n"));
+    assert!(
+        log.iter().any(|l| l.contains(" /tmp/by-thread ")
+            && l.contains(&thread_digest)
+            && l.ends_with(" read")),
+        "a root thread's read in a process whose leader is uid 1000: {log:?}"
+    );
+    // (Only the root shell's open that wrote it, empty then, is.)
+    let leader_digest = format!("sha256:{}", hex_sha256(b"by-leader\n"));
+    assert!(
+        !log.iter().any(|l| l.contains(&leader_digest)),
+        "the uid-1000 leader's read is not measured: {log:?}"
+    );
     let root_file_digest = format!("sha256:{}", hex_sha256(b"secret\n"));
     assert!(
         log.iter().any(|l| l.contains(" /tmp/by-root ")
@@ -647,6 +681,49 @@ async fn reads_by_in_pod_root_are_measured() {
         !log.iter().any(|l| l.contains(" /tmp/by-user ")),
         "opens by uid 1000 are not measured: {log:?}"
     );
+}
+
+/// `threadread ROOT_FILE LEADER_FILE`: a second thread is started as root,
+/// the leader drops to uid 1000 with a raw `setresuid` (its own credentials
+/// only; glibc's would change every thread's) and reads LEADER_FILE, then
+/// the root thread reads ROOT_FILE. Prints READ.
+const THREAD_READ_C: &str = r#"
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static int go[2];
+static void *reader(void *path) {
+    char c, b[64];
+    if (read(go[0], &c, 1) != 1) return (void *)1;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0 || read(fd, b, sizeof b) < 0) { perror("thread read"); return (void *)1; }
+    return 0;
+}
+int main(int argc, char **argv) {
+    pthread_t t;
+    void *r;
+    char b[64];
+    if (argc < 3 || pipe(go) || pthread_create(&t, 0, reader, argv[1])) return 2;
+    if (syscall(SYS_setresuid, 1000, 1000, 1000)) { perror("setresuid"); return 1; }
+    int fd = open(argv[2], O_RDONLY);
+    if (fd < 0 || read(fd, b, sizeof b) < 0) { perror("leader read"); return 1; }
+    if (write(go[1], "x", 1) != 1 || pthread_join(t, &r) || r) return 1;
+    printf("READ\n");
+    return 0;
+}
+"#;
+
+fn thread_reader_image(env: &Env) -> String {
+    use imacri_integration::images::{build_and_push, busybox, compile_c};
+    let mut def = busybox();
+    let bin = compile_c(&env.base, "threadread", THREAD_READ_C, &[]).unwrap();
+    def.files.push(("bin/threadread".into(), bin, 0o755));
+    let name = format!("{}/test/threadread:1", env.registry);
+    build_and_push(&env.base, &def, &name, None).unwrap();
+    name
 }
 
 fn hex_sha256(b: &[u8]) -> String {

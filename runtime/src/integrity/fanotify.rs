@@ -203,11 +203,15 @@ pub fn watch(
     target: Target,
     keeper: Option<&Keeper>,
 ) -> Result<Watch, FanotifyError> {
+    // FAN_REPORT_TID: an event names the thread that opened the file, whose
+    // credentials a `uid=` rule is about (a thread's can differ from its
+    // process leader's: a raw setresuid changes the caller's only).
     let fan = Fanotify::init(
         InitFlags::FAN_CLASS_CONTENT
             | InitFlags::FAN_CLOEXEC
             | InitFlags::FAN_NONBLOCK
-            | InitFlags::FAN_UNLIMITED_QUEUE,
+            | InitFlags::FAN_UNLIMITED_QUEUE
+            | InitFlags::FAN_REPORT_TID,
         EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
     )
     .map_err(FanotifyError::Init)?;
