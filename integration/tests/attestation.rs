@@ -650,7 +650,7 @@ async fn reads_by_in_pod_root_are_measured() {
         sh_ok(
             &mut rt,
             &mixed,
-            "echo by-thread > /tmp/by-thread; echo by-leader > /tmp/by-leader; threadread /tmp/by-thread /tmp/by-leader"
+            "echo by-thread > /tmp/by-thread; echo by-leader > /tmp/by-leader; echo by-euid > /tmp/by-euid; threadread /tmp/by-thread /tmp/by-leader /tmp/by-euid"
         )
         .await,
         "READ"
@@ -662,6 +662,14 @@ async fn reads_by_in_pod_root_are_measured() {
             && l.contains(&thread_digest)
             && l.ends_with(" read")),
         "a root thread's read in a process whose leader is uid 1000: {log:?}"
+    );
+    // `uid=0` is the real uid, as IMA's: a read with effective uid 1000 by
+    // a task whose real uid is 0 is measured.
+    let euid_digest = format!("sha256:{}", hex_sha256(b"by-euid\n"));
+    assert!(
+        log.iter()
+            .any(|l| l.contains(" /tmp/by-euid ") && l.contains(&euid_digest)),
+        "a real-uid-0 read with effective uid 1000: {log:?}"
     );
     // (Only the root shell's open that wrote it, empty then, is.)
     let leader_digest = format!("sha256:{}", hex_sha256(b"by-leader\n"));
@@ -683,10 +691,11 @@ async fn reads_by_in_pod_root_are_measured() {
     );
 }
 
-/// `threadread ROOT_FILE LEADER_FILE`: a second thread is started as root,
-/// the leader drops to uid 1000 with a raw `setresuid` (its own credentials
-/// only; glibc's would change every thread's) and reads LEADER_FILE, then
-/// the root thread reads ROOT_FILE. Prints READ.
+/// `threadread ROOT_FILE LEADER_FILE EUID_FILE`: a second thread is
+/// started as root, the leader drops to uid 1000 with a raw `setresuid`
+/// (its own credentials only; glibc's would change every thread's) and
+/// reads LEADER_FILE, then the root thread reads ROOT_FILE, takes effective
+/// uid 1000 (real uid still 0) and reads EUID_FILE. Prints READ.
 const THREAD_READ_C: &str = r#"
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -695,18 +704,25 @@ const THREAD_READ_C: &str = r#"
 #include <sys/syscall.h>
 #include <unistd.h>
 static int go[2];
+static char *third;
 static void *reader(void *path) {
     char c, b[64];
     if (read(go[0], &c, 1) != 1) return (void *)1;
     int fd = open(path, O_RDONLY);
     if (fd < 0 || read(fd, b, sizeof b) < 0) { perror("thread read"); return (void *)1; }
+    /* Real uid 0, effective 1000: IMA's uid= is the real uid. */
+    if (syscall(SYS_setresuid, 0, 1000, 0)) { perror("setresuid"); return (void *)1; }
+    fd = open(third, O_RDONLY);
+    if (fd < 0 || read(fd, b, sizeof b) < 0) { perror("euid read"); return (void *)1; }
     return 0;
 }
 int main(int argc, char **argv) {
     pthread_t t;
     void *r;
     char b[64];
-    if (argc < 3 || pipe(go) || pthread_create(&t, 0, reader, argv[1])) return 2;
+    if (argc < 4 || pipe(go)) return 2;
+    third = argv[3];
+    if (pthread_create(&t, 0, reader, argv[1])) return 2;
     if (syscall(SYS_setresuid, 1000, 1000, 1000)) { perror("setresuid"); return 1; }
     int fd = open(argv[2], O_RDONLY);
     if (fd < 0 || read(fd, b, sizeof b) < 0) { perror("leader read"); return 1; }

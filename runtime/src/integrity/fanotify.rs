@@ -61,7 +61,15 @@ pub struct Triggers {
     /// Executions (BPRM_CHECK): always on.
     pub exec: bool,
     /// Opens for reading (FILE_CHECK), optionally only by this host uid.
-    pub read: Option<Option<u32>>,
+    pub read: Option<Option<Opener>>,
+}
+
+/// A FILE_CHECK rule's condition on who opens: as IMA, `uid=` is the
+/// opening thread's real uid, `euid=` its effective uid (host uids).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opener {
+    pub uid: u32,
+    pub effective: bool,
 }
 
 impl Default for Triggers {
@@ -81,12 +89,15 @@ impl Triggers {
         for r in rules.iter().filter(|r| r.action == "measure") {
             match r.condition("func") {
                 Some("FILE_CHECK") => {
-                    let uid = r
-                        .condition("euid")
-                        .or(r.condition("uid"))
-                        .and_then(|v| v.parse().ok())
-                        .map(&to_host);
-                    t.read = Some(uid);
+                    let opener = |key: &str, effective: bool| {
+                        r.condition(key)
+                            .and_then(|v| v.parse().ok())
+                            .map(|u| Opener {
+                                uid: to_host(u),
+                                effective,
+                            })
+                    };
+                    t.read = Some(opener("euid", true).or_else(|| opener("uid", false)));
                 }
                 None => t.read = Some(None),
                 _ => {}
@@ -394,7 +405,9 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
             .unwrap_or(false);
         match group.target.triggers.read {
             _ if follows_exec => return answer(group, &ev, true),
-            Some(Some(uid)) if euid_of(ev.pid()) != Some(uid) => return answer(group, &ev, true),
+            Some(Some(o)) if uid_of(ev.pid(), o.effective) != Some(o.uid) => {
+                return answer(group, &ev, true)
+            }
             Some(_) => Event::Read,
             None => return answer(group, &ev, true),
         }
@@ -440,16 +453,30 @@ pub fn own_tmpfs(path: &std::path::Path) -> bool {
     tmpfs && st.st_dev != up.st_dev
 }
 
-fn euid_of(pid: i32) -> Option<u32> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+/// Task `tid`'s real (or effective) uid.
+fn uid_of(tid: i32, effective: bool) -> Option<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(2)?.parse().ok()
+    // "Uid:" real effective saved filesystem
+    line.split_whitespace()
+        .nth(if effective { 2 } else { 1 })?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::integrity::policy::parse;
+
+    #[test]
+    fn uid_rules_read_the_real_or_the_effective_uid() {
+        // SAFETY: plain getters.
+        let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
+        let me = std::process::id() as i32;
+        assert_eq!(uid_of(me, false), Some(uid));
+        assert_eq!(uid_of(me, true), Some(euid));
+    }
 
     #[test]
     fn policy_rules_compile_to_triggers() {
@@ -469,7 +496,28 @@ mod tests {
                 .unwrap(),
             |u| u + 100000,
         );
-        assert_eq!(t.read, Some(Some(100000)));
+        assert_eq!(
+            t.read,
+            Some(Some(Opener {
+                uid: 100000,
+                effective: false
+            }))
+        );
+        let t = Triggers::from_rules(
+            &parse(
+                "measure func=FILE_CHECK mask=^MAY_READ euid=1000
+",
+            )
+            .unwrap(),
+            |u| u,
+        );
+        assert_eq!(
+            t.read,
+            Some(Some(Opener {
+                uid: 1000,
+                effective: true
+            }))
+        );
         assert!(t.exec, "executions cannot be switched off in an ima pod");
         assert!(t.mask().contains(MaskFlags::FAN_OPEN_PERM));
     }
