@@ -198,6 +198,14 @@ mod host_tests {
         let again = tasks.file_of(tid, n).unwrap();
         assert_eq!(id(again.as_raw_fd()), own);
         assert_eq!(tasks.kept(), 1);
+        // Kernels without thread pidfds: reopened through the thread's own
+        // /proc fd table, the same file.
+        let mut old_kernel = Tasks {
+            no_thread_pidfds: true,
+            ..Tasks::default()
+        };
+        let reopened = old_kernel.file_of(tid, n).unwrap();
+        assert_eq!(id(reopened.as_raw_fd()), own);
         done_tx.send(()).unwrap();
         t.join().unwrap();
         // The thread is gone: its kept pidfd does not answer for anyone.
