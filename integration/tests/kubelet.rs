@@ -109,6 +109,32 @@ spec:
     )
 }
 
+/// A job-like pod whose init and main containers exit the moment they
+/// start.
+fn job_pod(env: &Env) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: job
+  namespace: default
+spec:
+  restartPolicy: Never
+  initContainers:
+  - name: init
+    image: {img}
+    imagePullPolicy: IfNotPresent
+    command: ["true"]
+  containers:
+  - name: main
+    image: {img}
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "echo job-done"]
+"#,
+        img = env.busybox
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kubelet_runs_static_pods_on_imacri() {
     let _one = ONE_KUBELET.lock().await;
@@ -121,11 +147,39 @@ async fn kubelet_runs_static_pods_on_imacri() {
     // Running and Ready through an HTTP readiness and an exec liveness probe.
     k.add_manifest("web", &web_pod(env)).unwrap();
     k.add_manifest("crash", &crash_pod(env)).unwrap();
+    k.add_manifest("job", &job_pod(env)).unwrap();
     let web = eventually("web Ready", T, || ready(&k, "web"))
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", k.log_tail(6000), d.log()));
     assert_eq!(web["status"]["phase"], "Running", "{web}");
     let ip = web["status"]["podIP"].as_str().unwrap().to_string();
     assert!(!ip.is_empty(), "{web}");
+
+    // Containers that exit at once run to completion: the pod Succeeded,
+    // each container Completed with exit code 0, the output logged.
+    let job = eventually("job Succeeded", T, || {
+        let p = k.pod("job")?;
+        (p["status"]["phase"] == "Succeeded").then_some(p)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", k.log_tail(6000), d.log()));
+    for (list, name) in [
+        ("initContainerStatuses", "init"),
+        ("containerStatuses", "main"),
+    ] {
+        let c = job["status"][list]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == name))
+            .unwrap_or_else(|| panic!("{name}: {job}"));
+        let t = &c["state"]["terminated"];
+        assert_eq!(
+            (t["exitCode"].as_i64(), t["reason"].as_str()),
+            (Some(0), Some("Completed")),
+            "{name}: {job}"
+        );
+    }
+    let out = k
+        .get("/containerLogs/default/job-imacri-test-node/main")
+        .unwrap();
+    assert_eq!(out.trim(), "job-done");
 
     // A crashing container is restarted by kubelet; the previous log is kept.
     let crash = eventually("crash restarted twice", Duration::from_secs(150), || {
@@ -187,8 +241,9 @@ async fn kubelet_runs_static_pods_on_imacri() {
     // containerd, no netns, no veth on the test bridge.
     k.remove_manifest("web").unwrap();
     k.remove_manifest("crash").unwrap();
+    k.remove_manifest("job").unwrap();
     eventually("pods gone from kubelet", T, || {
-        (k.pod("web").is_none() && k.pod("crash").is_none()).then_some(())
+        (k.pod("web").is_none() && k.pod("crash").is_none() && k.pod("job").is_none()).then_some(())
     })
     .unwrap();
     eventually("pods gone from imacri", GC_T, || {
