@@ -353,11 +353,13 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         Ok(()) => line(
             "ima-map-guard",
             true,
-            "ima pods: mmap/mprotect with PROT_EXEC of any file measured through seccomp user \
-             notification; shmat(SHM_EXEC) and READ_IMPLIES_EXEC refused; native syscalls only; \
-             calls of a task that shares its fd table or memory audited after they return; \
-             pause's rootfs noexec"
-                .into(),
+            format!(
+                "ima pods: mmap/mprotect with PROT_EXEC of any file measured through seccomp user \
+                 notification, {}; shmat(SHM_EXEC) and READ_IMPLIES_EXEC refused; native \
+                 syscalls only; calls of a task that shares its fd table or memory audited \
+                 after they return; pause's rootfs noexec",
+                imacri_runtime::integrity::mapguard::file_source()
+            ),
         ),
         Err(r) => line("ima-map-guard", false, r),
     }

@@ -68,6 +68,16 @@ pub fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// How a call's file is taken from the calling thread on this kernel (for
+/// `imacri check`).
+pub fn file_source() -> &'static str {
+    if task::thread_pidfds() {
+        "each call's file taken from the calling thread (thread pidfds)"
+    } else {
+        "each call's file reopened through the calling thread's /proc fd table (no thread pidfds: Linux < 6.9)"
+    }
+}
+
 /// Accepts runc's listener fds and answers their notifications.
 pub struct Supervisor {
     path: std::path::PathBuf,
@@ -511,5 +521,7 @@ mod tests {
     #[test]
     fn this_kernel_can_run_the_guard() {
         probe().unwrap();
+        // Linux 6.9+ here (6.18).
+        assert!(file_source().contains("thread pidfds)"));
     }
 }

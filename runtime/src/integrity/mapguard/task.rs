@@ -72,6 +72,14 @@ impl Tasks {
     }
 }
 
+/// Whether this kernel gives pidfds of threads (else fds are reopened
+/// through /proc, slower).
+pub(super) fn thread_pidfds() -> bool {
+    // SAFETY: no arguments.
+    let me = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+    matches!(thread_pidfd(me), Ok(Some(_)))
+}
+
 /// A pidfd of task `tid` itself; `None` when this kernel has no thread
 /// pidfds (Linux < 6.9).
 fn thread_pidfd(tid: u32) -> Result<Option<OwnedFd>, String> {
