@@ -60,8 +60,9 @@ pub enum FanotifyError {
 pub struct Triggers {
     /// Executions (BPRM_CHECK): always on.
     pub exec: bool,
-    /// Opens for reading (FILE_CHECK), optionally only by this host uid.
-    pub read: Option<Option<Opener>>,
+    /// Opens for reading (FILE_CHECK): by anyone (`Some(None)`) or only by
+    /// these openers (any of them: one per rule).
+    pub read: Option<Option<Vec<Opener>>>,
 }
 
 /// A FILE_CHECK rule's condition on who opens: as IMA, `uid=` is the
@@ -97,7 +98,17 @@ impl Triggers {
                                 effective,
                             })
                     };
-                    t.read = Some(opener("euid", true).or_else(|| opener("uid", false)));
+                    // Rules add up: a rule for anyone wins over rules for
+                    // some openers.
+                    let this = opener("euid", true).or_else(|| opener("uid", false));
+                    t.read = match (t.read.take(), this) {
+                        (Some(None), _) | (_, None) => Some(None),
+                        (Some(Some(mut v)), Some(o)) => {
+                            v.push(o);
+                            Some(Some(v))
+                        }
+                        (None, Some(o)) => Some(Some(vec![o])),
+                    };
                 }
                 None => t.read = Some(None),
                 _ => {}
@@ -403,9 +414,9 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
                 same
             })
             .unwrap_or(false);
-        match group.target.triggers.read {
+        match &group.target.triggers.read {
             _ if follows_exec => return answer(group, &ev, true),
-            Some(Some(o)) if uid_of(ev.pid(), o.effective) != Some(o.uid) => {
+            Some(Some(openers)) if !opened_by(ev.pid(), openers) => {
                 return answer(group, &ev, true)
             }
             Some(_) => Event::Read,
@@ -453,15 +464,23 @@ pub fn own_tmpfs(path: &std::path::Path) -> bool {
     tmpfs && st.st_dev != up.st_dev
 }
 
-/// Task `tid`'s real (or effective) uid.
-fn uid_of(tid: i32, effective: bool) -> Option<u32> {
+/// Whether task `tid` is one of `openers`.
+fn opened_by(tid: i32, openers: &[Opener]) -> bool {
+    let Some((real, effective)) = uids_of(tid) else {
+        return false;
+    };
+    openers
+        .iter()
+        .any(|o| o.uid == if o.effective { effective } else { real })
+}
+
+/// Task `tid`'s real and effective uids.
+fn uids_of(tid: i32) -> Option<(u32, u32)> {
     let s = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with("Uid:"))?;
     // "Uid:" real effective saved filesystem
-    line.split_whitespace()
-        .nth(if effective { 2 } else { 1 })?
-        .parse()
-        .ok()
+    let mut f = line.split_whitespace().skip(1);
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -474,8 +493,11 @@ mod tests {
         // SAFETY: plain getters.
         let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
         let me = std::process::id() as i32;
-        assert_eq!(uid_of(me, false), Some(uid));
-        assert_eq!(uid_of(me, true), Some(euid));
+        assert_eq!(uids_of(me), Some((uid, euid)));
+        let o = |uid, effective| Opener { uid, effective };
+        assert!(opened_by(me, &[o(uid + 1, false), o(uid, false)]));
+        assert!(opened_by(me, &[o(euid, true)]));
+        assert!(!opened_by(me, &[o(uid + 1, false), o(euid + 1, true)]));
     }
 
     #[test]
@@ -498,10 +520,10 @@ mod tests {
         );
         assert_eq!(
             t.read,
-            Some(Some(Opener {
+            Some(Some(vec![Opener {
                 uid: 100000,
                 effective: false
-            }))
+            }]))
         );
         let t = Triggers::from_rules(
             &parse(
@@ -513,11 +535,37 @@ mod tests {
         );
         assert_eq!(
             t.read,
-            Some(Some(Opener {
+            Some(Some(vec![Opener {
                 uid: 1000,
                 effective: true
-            }))
+            }]))
         );
+        // Every FILE_CHECK rule counts, not only the last.
+        let t = Triggers::from_rules(
+            &parse("measure func=FILE_CHECK uid=0\nmeasure func=FILE_CHECK euid=1000\n").unwrap(),
+            |u| u,
+        );
+        assert_eq!(
+            t.read,
+            Some(Some(vec![
+                Opener {
+                    uid: 0,
+                    effective: false
+                },
+                Opener {
+                    uid: 1000,
+                    effective: true
+                }
+            ]))
+        );
+        // A rule for anyone covers the others, in either order.
+        for rules in [
+            "measure func=FILE_CHECK uid=0\nmeasure func=FILE_CHECK\n",
+            "measure func=FILE_CHECK\nmeasure func=FILE_CHECK uid=0\n",
+        ] {
+            let t = Triggers::from_rules(&parse(rules).unwrap(), |u| u);
+            assert_eq!(t.read, Some(None), "{rules}");
+        }
         assert!(t.exec, "executions cannot be switched off in an ima pod");
         assert!(t.mask().contains(MaskFlags::FAN_OPEN_PERM));
     }
