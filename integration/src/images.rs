@@ -269,3 +269,17 @@ pub fn compile_c(dir: &Path, name: &str, source: &str, defines: &[String]) -> Re
     }
     Ok(std::fs::read(bin)?)
 }
+
+/// busybox with one static C program of a test's at `bin/<name>`, pushed
+/// as `<registry>/test/<name>:1`; returns the image name.
+pub fn busybox_with_c(base: &Path, registry: &str, name: &str, source: &str) -> Result<String> {
+    let mut def = busybox();
+    def.files.push((
+        format!("bin/{name}"),
+        compile_c(base, name, source, &[])?,
+        0o755,
+    ));
+    let image = format!("{registry}/test/{name}:1");
+    build_and_push(base, &def, &image, None)?;
+    Ok(image)
+}

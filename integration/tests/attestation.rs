@@ -733,13 +733,13 @@ int main(int argc, char **argv) {
 "#;
 
 fn thread_reader_image(env: &Env) -> String {
-    use imacri_integration::images::{build_and_push, busybox, compile_c};
-    let mut def = busybox();
-    let bin = compile_c(&env.base, "threadread", THREAD_READ_C, &[]).unwrap();
-    def.files.push(("bin/threadread".into(), bin, 0o755));
-    let name = format!("{}/test/threadread:1", env.registry);
-    build_and_push(&env.base, &def, &name, None).unwrap();
-    name
+    imacri_integration::images::busybox_with_c(
+        &env.base,
+        &env.registry,
+        "threadread",
+        THREAD_READ_C,
+    )
+    .unwrap()
 }
 
 fn hex_sha256(b: &[u8]) -> String {

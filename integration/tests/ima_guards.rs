@@ -5,7 +5,7 @@
 //! in an ima pod; capabilities that would undo the guards are refused.
 
 use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
-use imacri_integration::images::{build_and_push, busybox, compile_c};
+use imacri_integration::images::busybox_with_c;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use tonic::Code;
 
@@ -47,12 +47,7 @@ async fn attacker_image(env: &Env) -> String {
     static IMAGE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     IMAGE
         .get_or_init(|| {
-            let mut def = busybox();
-            let bin = compile_c(&env.base, "memfdexec", MEMFD_EXEC_C, &[]).unwrap();
-            def.files.push(("bin/memfdexec".into(), bin, 0o755));
-            let name = format!("{}/test/attacker:1", env.registry);
-            build_and_push(&env.base, &def, &name, None).unwrap();
-            name
+            busybox_with_c(&env.base, &env.registry, "memfdexec", MEMFD_EXEC_C).unwrap()
         })
         .clone()
 }
