@@ -116,6 +116,10 @@ static int in_worker(const char *m, int fd, int run) {
     pthread_join(t, 0);
     return w.r;
 }
+/* Returns the worker's errno (thread-local), 0 when it worked. */
+static void *protector(void *a) {
+    return mprotect(a, 4096, PROT_READ|PROT_EXEC) ? (void *)(long)errno : 0;
+}
 int main(int argc, char **argv) {
     const char *m = argc > 1 ? argv[1] : "";
     const char *path = argc > 2 ? argv[2] : "/tmp/code.bin";
@@ -128,6 +132,20 @@ int main(int argc, char **argv) {
         int fd = memfd(); if (fd < 0) return fail(m);
         void *p = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
         if (p == MAP_FAILED || mprotect(p, 4096, PROT_READ|PROT_EXEC)) return fail(m);
+        return ran(m, p);
+    }
+    if (!strcmp(m, "worker-mprotect")) {
+        /* A file's mapping made executable by a worker thread. */
+        int w = open("/tmp/wprot.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        int fd = open("/tmp/wprot.bin", O_RDONLY);
+        void *p = fd < 0 ? MAP_FAILED : mmap(0, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
+        pthread_t t;
+        void *r = (void *)1;
+        if (p == MAP_FAILED || pthread_create(&t, 0, protector, p)) return fail(m);
+        pthread_join(t, &r);
+        if (r) { errno = (int)(long)r; return fail(m); }
         return ran(m, p);
     }
     if (!strcmp(m, "shm-mprotect") || !strcmp(m, "shmat-exec")) {
@@ -426,9 +444,10 @@ async fn two_containers(
     (pod, a, b)
 }
 
-const MAPPINGS: [&str; 8] = [
+const MAPPINGS: [&str; 9] = [
     "memfd-mmap",
     "memfd-mprotect",
+    "worker-mprotect",
     "shm-mprotect",
     "shmat-exec",
     "file-mmap",
@@ -468,6 +487,7 @@ async fn executable_mappings_are_measured_or_refused() {
             "shm-mprotect",
             "file-mmap",
             "worker-mmap",
+            "worker-mprotect",
             "fd-pass-mmap",
         ] {
             let (_, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
@@ -521,6 +541,10 @@ async fn executable_mappings_are_measured_or_refused() {
         // from a worker thread).
         assert!(
             logged(&mine, "/tmp/worker.bin", Some(&code_file), "mmap"),
+            "{mine:#?}"
+        );
+        assert!(
+            logged(&mine, "/tmp/wprot.bin", Some(&code_file), "mmap"),
             "{mine:#?}"
         );
         assert!(logged(&mine, "/tmp/passed-true", None, "exec"), "{mine:#?}");
@@ -585,6 +609,7 @@ async fn executable_mappings_are_measured_or_refused() {
     for path in [
         "/tmp/code.bin",
         "/tmp/worker.bin",
+        "/tmp/wprot.bin",
         "/tmp/evil",
         "/tmp/passed.bin",
         "/tmp/passed-true",
