@@ -1,18 +1,26 @@
-//! Builds the pause program (pause/pause.rs) as a static executable and puts
-//! it in OUT_DIR, from where `image::builtin` embeds it.
+//! Builds imacri's two in-container programs as static executables and puts
+//! them in OUT_DIR, from where they are embedded: the pause program
+//! (pause/pause.rs, `image::builtin`) and the init of fanotify-measured ima
+//! containers (init/init.rs, `integrity::init`).
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
+    for (name, src) in [("pause", "pause/pause.rs"), ("imacri-init", "init/init.rs")] {
+        build_static(name, src);
+    }
+}
+
+fn build_static(name: &str, src: &str) {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let target = std::env::var("TARGET").expect("TARGET");
-    println!("cargo:rerun-if-changed=pause/pause.rs");
+    println!("cargo:rerun-if-changed={src}");
     let status = Command::new(rustc)
         .args([
             "--edition=2021",
-            "--crate-name=pause",
+            &format!("--crate-name={}", name.replace('-', "_")),
             "--target",
             &target,
             "-C",
@@ -25,9 +33,9 @@ fn main() {
             "target-feature=+crt-static",
             "-o",
         ])
-        .arg(out.join("pause"))
-        .arg("pause/pause.rs")
+        .arg(out.join(name))
+        .arg(src)
         .status()
-        .expect("running rustc for pause");
-    assert!(status.success(), "building pause failed");
+        .unwrap_or_else(|e| panic!("running rustc for {name}: {e}"));
+    assert!(status.success(), "building {name} failed");
 }

@@ -339,6 +339,21 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         ),
         Err(r) => line("fanotify", false, r.clone()),
     }
+    let landlock = imacri_runtime::integrity::init::probe();
+    match &landlock {
+        Ok(abi) => line(
+            "ima-landlock",
+            true,
+            format!(
+                "Landlock ABI {abi}: ima pods' processes run through imacri's init ({}), which \
+                 allows execution only beneath the container's root (no file from another \
+                 filesystem, fd or root runs); ima containers get no_new_privs",
+                imacri_runtime::integrity::init::PATH
+            ),
+        ),
+        Err(r) => line("ima-landlock", false, r.clone()),
+    }
+    let fan = fan.and_then(|()| landlock.map(|_| ()));
     match imacri_runtime::integrity::guard::probe() {
         Ok(()) => line(
             "ima-guards",

@@ -30,6 +30,9 @@ const ESCAPE_C: &str = r#"
 #include <sys/personality.h>
 #include <sys/shm.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -93,6 +96,54 @@ static int passed_fd(const char *path) {
     }
     waitpid(pid, 0, 0);
     return fd;
+}
+/* Sends `path` and its directory as fds to each client of a unix socket
+   at `sock`, for ever: a helper outside the pod handing over its files. */
+static int serve_fds(const char *sock, const char *path) {
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strncpy(a.sun_path, sock, sizeof a.sun_path - 1);
+    unlink(sock);
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 8)) return fail("serve-fds");
+    chmod(sock, 0777);
+    char dir[256];
+    strncpy(dir, path, sizeof dir - 1); dir[sizeof dir - 1] = 0;
+    *strrchr(dir, '/') = 0;
+    for (;;) {
+        int c = accept(s, 0, 0);
+        if (c < 0) continue;
+        int fds[2] = {open(path, O_RDONLY), open(dir, O_RDONLY|O_DIRECTORY)};
+        char x = 'x';
+        struct iovec io = {&x, 1};
+        char buf[CMSG_SPACE(sizeof fds)];
+        struct msghdr msg = {0};
+        msg.msg_iov = &io; msg.msg_iovlen = 1;
+        msg.msg_control = buf; msg.msg_controllen = sizeof buf;
+        struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+        cm->cmsg_level = SOL_SOCKET; cm->cmsg_type = SCM_RIGHTS;
+        cm->cmsg_len = CMSG_LEN(sizeof fds);
+        memcpy(CMSG_DATA(cm), fds, sizeof fds);
+        sendmsg(c, &msg, 0);
+        close(fds[0]); close(fds[1]); close(c);
+    }
+}
+/* Receives a file fd and its directory's fd from `sock` (see serve_fds). */
+static int received_fds(const char *sock, int fds[2]) {
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strncpy(a.sun_path, sock, sizeof a.sun_path - 1);
+    if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a)) return -1;
+    char x;
+    struct iovec io = {&x, 1};
+    char buf[CMSG_SPACE(2 * sizeof(int))];
+    struct msghdr msg = {0};
+    msg.msg_iov = &io; msg.msg_iovlen = 1;
+    msg.msg_control = buf; msg.msg_controllen = sizeof buf;
+    if (recvmsg(s, &msg, 0) != 1) return -1;
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    if (!cm || cm->cmsg_type != SCM_RIGHTS) return -1;
+    memcpy(fds, CMSG_DATA(cm), 2 * sizeof(int));
+    return 0;
 }
 static int memfd(void) {
     int fd = memfd_create("payload", 0);
@@ -250,6 +301,27 @@ int main(int argc, char **argv) {
         int fd = passed_fd(path); if (fd < 0) return fail(m);
         char *av[] = {"true", NULL}, *ev[] = {NULL};
         fexecve(fd, av, ev);
+        return fail(m);
+    }
+    if (!strcmp(m, "serve-fds")) return serve_fds(path, argv[3]);
+    if (!strncmp(m, "recv-", 5)) {
+        /* argv[2]: the socket of a serve-fds outside the pod, whose file
+           is a busybox run as `echo` by the fd (fexecve), through
+           /proc/self/fd, relative to the directory's fd, from it as the
+           working directory, or with it as the root. */
+        int fds[2];
+        if (received_fds(path, fds)) return fail(m);
+        char said[64], link[64];
+        snprintf(said, sizeof said, "RAN %s", m);
+        char *av[] = {"echo", said, NULL}, *ev[] = {NULL};
+        if (!strcmp(m, "recv-fexecve")) fexecve(fds[0], av, ev);
+        if (!strcmp(m, "recv-proc")) {
+            snprintf(link, sizeof link, "/proc/self/fd/%d", fds[0]);
+            execve(link, av, ev);
+        }
+        if (!strcmp(m, "recv-dirfd")) syscall(SYS_execveat, fds[1], "evil", av, ev, 0);
+        if (!strcmp(m, "recv-cwd") && !fchdir(fds[1])) execve("./evil", av, ev);
+        if (!strcmp(m, "recv-chroot") && !fchdir(fds[1]) && !chroot(".")) execve("/evil", av, ev);
         return fail(m);
     }
     if (!strcmp(m, "personality")) {
@@ -662,7 +734,9 @@ async fn other_roots_shm_scripts_and_rewritten_files() {
         assert!(out.contains("rc=126"), "{out}{err}");
         assert!(err.contains("Permission denied"), "{err}");
 
-        // Another container's root: measured by that container's mark.
+        // Another container's root: that container's mark would measure
+        // it, but execution is allowed only beneath the caller's own root
+        // (imacri's init, Landlock): refused in either mode.
         sh_ok(&mut rt, &b, "mkdir -p /tmp/other && cp /bin/busybox /tmp/other/echo && printf X | dd of=/tmp/other/echo bs=1 seek=300 conv=notrunc 2>/dev/null; echo ok").await;
         let pid_b = sh_ok(&mut rt, &a, find_b).await;
         assert!(!pid_b.is_empty());
@@ -672,12 +746,14 @@ async fn other_roots_shm_scripts_and_rewritten_files() {
             &format!("/proc/{pid_b}/root/tmp/other/echo via-root; echo rc=$?"),
         )
         .await;
-        if enforce {
-            assert!(!out.contains("via-root"), "{out}{err}");
-            assert!(err.contains("not permitted"), "{err}");
-        } else {
-            assert!(out.contains("via-root"), "{out}{err}");
-        }
+        assert!(
+            !out.contains("via-root") && out.contains("rc=126"),
+            "{out}{err}"
+        );
+        assert!(err.contains("Permission denied"), "{err}");
+        // Its own container runs it, measured there.
+        let (_, out, err) = exec_sh(&mut rt, &b, "/tmp/other/echo in-b; echo rc=$?").await;
+        assert_eq!(out.contains("in-b"), !enforce, "{out}{err}");
 
         // /dev/shm (POSIX shm) is noexec: neither executed nor mapped.
         let (_, out, err) = exec_sh(
@@ -714,6 +790,22 @@ async fn other_roots_shm_scripts_and_rewritten_files() {
                 .any(|l| l.contains("/tmp/other/echo") && l.contains(&b) && l.ends_with(other)),
             "{lines:#?}"
         );
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.contains("/tmp/other/echo") && l.contains(&a)),
+            "{lines:#?}"
+        );
+        // Each container's processes ran through imacri's init, measured
+        // like any other program.
+        for c in [&a, &b] {
+            assert!(
+                lines.iter().any(|l| l.contains(c)
+                    && l.contains(&format!(" {} ", imacri_runtime::integrity::init::PATH))
+                    && l.ends_with(" exec")),
+                "{lines:#?}"
+            );
+        }
         assert!(logged(&lines, "/tmp/s.sh", None, other), "{lines:#?}");
         assert!(logged(&lines, "/tmp/w.bin", None, "writers"), "{lines:#?}");
         assert!(!lines.iter().any(|l| l.contains("/pause ")), "{lines:#?}");
@@ -755,6 +847,89 @@ async fn other_roots_shm_scripts_and_rewritten_files() {
         }
         stop_pod(&mut rt, &pod).await;
     }
+}
+
+/// How a file handed in over a unix socket can be executed.
+const RECEIVED: [&str; 5] = [
+    "recv-fexecve",
+    "recv-proc",
+    "recv-dirfd",
+    "recv-cwd",
+    "recv-chroot",
+];
+
+/// A helper outside the pod (here a plain pod sharing a hostPath with it)
+/// hands a changed busybox, and its directory, over a unix socket. Their
+/// filesystem is none the pod's marks watch, so no fanotify event would
+/// measure their execution: in an ima pod every way to execute them is
+/// refused, measure mode included. The control runs each in a plain pod.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_handed_in_from_outside_the_pod_do_not_run() {
+    let env = Env::get();
+    let (d, image, work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let shared = work.path().join("fds");
+    std::fs::create_dir_all(&shared).unwrap();
+    let with_shared = |mut c: cri::ContainerConfig| {
+        c.mounts.push(cri::Mount {
+            container_path: "/x".into(),
+            host_path: shared.to_string_lossy().into(),
+            ..Default::default()
+        });
+        c
+    };
+    let sleeper = |n: &str| with_shared(container_config(n, &image, &["sleep", "1000"]));
+
+    let helper = pod_config("fd-helper");
+    let hp = run_pod(&mut rt, &helper).await.unwrap();
+    let serve = "cp /bin/busybox /tmp/evil && printf X | dd of=/tmp/evil bs=1 seek=300 conv=notrunc 2>/dev/null && exec escape serve-fds /x/s /tmp/evil";
+    start_container(
+        &mut rt,
+        &hp,
+        &helper,
+        with_shared(container_config("srv", &image, &["sh", "-c", serve])),
+    )
+    .await;
+    for _ in 0..100 {
+        if shared.join("s").exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        shared.join("s").exists(),
+        "the helper's socket never appeared"
+    );
+
+    let plain = pod_config("fd-plain");
+    let pod = run_pod(&mut rt, &plain).await.unwrap();
+    let c = start_container(&mut rt, &pod, &plain, sleeper("c")).await;
+    for m in RECEIVED {
+        let (_, out, err) = exec_sh(&mut rt, &c, &format!("escape {m} /x/s")).await;
+        assert!(out.contains(&format!("RAN {m}")), "control {m}: {out}{err}");
+    }
+    stop_pod(&mut rt, &pod).await;
+
+    for policy in ["measure", "strict"] {
+        let cfg = ima(&format!("fd-{policy}"), policy);
+        let pod = run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
+        let b = start_container(&mut rt, &pod, &cfg, runtime_default(sleeper("b"))).await;
+        for c in [&a, &b] {
+            for m in RECEIVED {
+                let (_, out, err) = exec_sh(&mut rt, c, &format!("escape {m} /x/s")).await;
+                assert!(!out.contains("RAN"), "{policy} {m}: {out}{err}");
+                assert!(
+                    out.contains(&format!("{m}: Permission denied")),
+                    "{policy} {m}: {out}{err}"
+                );
+            }
+        }
+        stop_pod(&mut rt, &pod).await;
+    }
+    stop_pod(&mut rt, &hp).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -344,6 +344,13 @@ impl CriServer {
                     .map(|(dest, _)| dest)
                     .collect();
                 spec::noexec_outside_rootfs(&mut spec, &measured);
+                let init = self.integrity.init.as_ref().ok_or_else(|| {
+                    Error::FailedPrecondition(
+                        "the pod is measured by the fanotify backend, which this node cannot run now"
+                            .into(),
+                    )
+                })?;
+                spec::run_through_init(&mut spec, init)?;
             }
             self.guard_mappings(&sb_state, &sb.id, &mut spec)?;
             let mut labels: HashMap<String, String> = config.labels.clone();

@@ -30,6 +30,9 @@ pub struct Integrity {
     /// Where runc hands over seccomp listener fds (the map guard), with the
     /// supervisor answering them.
     pub listener: std::path::PathBuf,
+    /// imacri's container init on the host (fanotify backend only): the
+    /// source of each measured container's `/dev/.imacri-init`.
+    pub init: Option<std::path::PathBuf>,
     /// Removed ima pods still quotable.
     pub retained: imacri_runtime::integrity::retained::Retained,
     mapguard: Option<Supervisor>,
@@ -82,6 +85,13 @@ impl Integrity {
         let engine = fanotify
             .is_ok()
             .then(|| Engine::new(journal.clone(), tx, 2));
+        let init = match &engine {
+            Some(_) => Some(
+                imacri_runtime::integrity::init::install(&cfg.root)
+                    .map_err(|e| Error::Internal(e.to_string()))?,
+            ),
+            None => None,
+        };
         let listener = cfg.state.join("mapguard.sock");
         let mapguard = match &engine {
             Some(e) => {
@@ -116,6 +126,7 @@ impl Integrity {
                 journal,
                 engine,
                 listener,
+                init,
                 retained: imacri_runtime::integrity::retained::Retained::open(
                     &cfg.root.join("integrity"),
                     cfg.attestation.retention_secs,
@@ -349,25 +360,39 @@ impl CriServer {
         // Exactly the volumes CreateContainer left executable are marked; if
         // one is no longer a tmpfs of its own, refuse rather than run it
         // unmeasured.
-        let (volumes, image) = if ctr == pod {
-            (Vec::new(), self.sandbox_image.clone())
+        // A container that runs through imacri's init (every one created
+        // since) has it on a bind mount of its own, marked so that the
+        // init's executions are measured too.
+        let init_path = imacri_runtime::integrity::init::PATH;
+        let (volumes, image, init) = if ctr == pod {
+            (Vec::new(), self.sandbox_image.clone(), None)
         } else {
             let c = self.container(ctr)?;
             let volumes = self.measured_volumes(&st, &c.config);
             let spec = self.spec_of(&c).await?;
+            let through_init = spec
+                .process()
+                .as_ref()
+                .and_then(|p| p.args().as_ref())
+                .and_then(|a| a.first())
+                .is_some_and(|a| a == init_path);
             for m in spec.mounts().iter().flatten() {
                 let exec = !m
                     .options()
                     .as_ref()
                     .is_some_and(|o| o.iter().any(|x| x == "noexec"));
                 let dest = m.destination().to_string_lossy();
+                if exec && through_init && dest == init_path {
+                    continue;
+                }
                 if exec && !volumes.iter().any(|(d, _)| *d == dest) {
                     return Err(Error::FailedPrecondition(format!(
                         "mount {dest} of container {ctr} allows execution but cannot be measured (not a tmpfs of its own any more)"
                     )));
                 }
             }
-            (volumes, c.state().image_id)
+            let init = through_init.then(|| format!("/proc/{pid}/root{init_path}").into());
+            (volumes, c.state().image_id, init)
         };
         let measured = Arc::new(Measured {
             pod: pod.to_string(),
@@ -380,6 +405,7 @@ impl CriServer {
             root: format!("/proc/{pid}/root").into(),
             triggers,
             volumes: volumes.into_iter().map(|(_, h)| h).collect(),
+            init,
         };
         let keeper = self.integrity.keeper();
         if let (Some(fd), Some(k)) = (kept, keeper) {

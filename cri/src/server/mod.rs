@@ -262,7 +262,8 @@ impl CriServer {
         );
         let ima_node = imacri_runtime::integrity::setting::NodeSupport {
             kernel: imacri_runtime::integrity::kernel::probe(),
-            fanotify: imacri_runtime::integrity::fanotify::probe(),
+            fanotify: imacri_runtime::integrity::fanotify::probe()
+                .and_then(|()| imacri_runtime::integrity::init::probe().map(|_| ())),
         };
         let (integrity, notices) = integrity::Integrity::open(&cfg, &ima_node.fanotify).await?;
         let rootfs_idmap =

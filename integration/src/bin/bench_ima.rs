@@ -151,6 +151,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
             root: fs.to_path_buf(),
             triggers: Triggers::from_rules(&rules, |u| u),
             volumes: Vec::new(),
+            init: None,
         },
         None,
     )?;

@@ -90,9 +90,13 @@ impl Allowlist {
     }
 
     /// Whether this digest may be accessed this way at this path (None =
-    /// allowed). Exclusions apply to reads only.
+    /// allowed). Exclusions apply to reads only. imacri's own container init
+    /// (`integrity::init`) is allowed at its path by every policy.
     pub fn check_file(&self, path: &str, digest: &str, ev: Event) -> Option<String> {
-        if (ev == Event::Read && self.excluded(path)) || self.digests.contains(digest) {
+        if (ev == Event::Read && self.excluded(path))
+            || self.digests.contains(digest)
+            || super::init::allowed(path, digest)
+        {
             return None;
         }
         match self.files.get(path) {
@@ -200,6 +204,10 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(a.check_file("/anywhere", &d(3), x), None);
+        // imacri's own container init, and only at its path.
+        let init = super::super::init::digest();
+        assert_eq!(a.check_file(super::super::init::PATH, init, x), None);
+        assert!(a.check_file("/bin/init", init, x).is_some());
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub enum FanotifyError {
         "fanotify_init: {0} (needs CAP_SYS_ADMIN and a kernel with fanotify permission events)"
     )]
     Init(nix::Error),
-    #[error("fanotify_mark FAN_MARK_FILESYSTEM on {path}: {source}")]
+    #[error("fanotify_mark on {path}: {source}")]
     Mark { path: PathBuf, source: nix::Error },
     #[error("starting the fanotify reader: {0}")]
     Thread(std::io::Error),
@@ -135,6 +135,10 @@ pub struct Target {
     pub triggers: Triggers,
     /// Volumes measured like the rootfs (each a filesystem of its own).
     pub volumes: Vec<PathBuf>,
+    /// imacri's init as the host reaches it in the container
+    /// (`/proc/<pid>/root/dev/.imacri-init`): its bind mount is marked for
+    /// executions (a mount mark: the file is on a host filesystem).
+    pub init: Option<PathBuf>,
 }
 
 struct Group {
@@ -246,6 +250,18 @@ pub fn watch(
         )
         .map_err(|source| FanotifyError::Mark {
             path: path.clone(),
+            source,
+        })?;
+    }
+    if let Some(init) = &target.init {
+        fan.mark(
+            MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT,
+            MaskFlags::FAN_OPEN_EXEC_PERM,
+            None,
+            Some(init),
+        )
+        .map_err(|source| FanotifyError::Mark {
+            path: init.clone(),
             source,
         })?;
     }

@@ -11,6 +11,7 @@ pub mod enroll;
 pub mod fanotify;
 pub mod golden;
 pub mod guard;
+pub mod init;
 pub mod journal;
 pub mod keeper;
 pub mod kernel;

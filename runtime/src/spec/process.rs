@@ -97,7 +97,21 @@ pub fn exec_process(base: &Process, cmd: &[String], tty: bool) -> Result<Process
         return Err(Error::InvalidArgument("cmd must not be empty".into()));
     }
     let mut p = base.clone();
-    p.set_args(Some(cmd.to_vec()));
+    // A container that runs through imacri's init runs its execs through it
+    // too: each is a process of its own, outside the init's restriction.
+    let init = crate::integrity::init::PATH;
+    let mut args = Vec::with_capacity(cmd.len() + 1);
+    if base
+        .args()
+        .as_ref()
+        .and_then(|a| a.first())
+        .map(String::as_str)
+        == Some(init)
+    {
+        args.push(init.to_string());
+    }
+    args.extend_from_slice(cmd);
+    p.set_args(Some(args));
     p.set_terminal(Some(tty));
     p.set_console_size(None);
     Ok(p)

@@ -1,4 +1,5 @@
-//! Security: masked and read-only /proc paths, AppArmor, the draft IMA namespace.
+//! Security: masked and read-only /proc paths, AppArmor, the draft IMA
+//! namespace, imacri's init for fanotify-measured ima containers.
 
 use super::*;
 
@@ -64,6 +65,39 @@ pub fn add_ima_namespace(spec: &mut serde_json::Value) {
     }
 }
 
+/// A fanotify-measured ima container runs its command through imacri's init
+/// (`integrity::init`), bind-mounted read-only from `host_init`, which
+/// restricts execution to files beneath the container's root with Landlock.
+/// Landlock needs no_new_privs for a process without CAP_SYS_ADMIN, and an
+/// ima pod never has that capability: no_new_privs is set for the whole
+/// container (setuid and file capabilities no longer raise privileges, as
+/// under `allowPrivilegeEscalation: false`). Applied last, after NRI: the
+/// command plugins chose is what runs through the init. The mount keeps
+/// exec (it is imacri's own binary; the container's group marks the mount,
+/// so its execution is measured too).
+pub fn run_through_init(spec: &mut Spec, host_init: &Path) -> Result<()> {
+    let init = crate::integrity::init::PATH;
+    let mut process = spec.process().clone().unwrap_or_default();
+    let mut args = process.args().clone().unwrap_or_default();
+    if args.first().map(String::as_str) != Some(init) {
+        args.insert(0, init.to_string());
+    }
+    process.set_args(Some(args));
+    process.set_no_new_privileges(Some(true));
+    spec.set_process(Some(process));
+    let mount = oci(MountBuilder::default()
+        .destination(init)
+        .typ("bind")
+        .source(host_init)
+        .options(["bind", "ro", "nosuid", "nodev"].map(String::from).to_vec())
+        .build())?;
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.retain(|m| m.destination() != Path::new(init));
+    mounts.push(mount);
+    spec.set_mounts(Some(mounts));
+    Ok(())
+}
+
 /// Seccomp (none when privileged) and the masked and read-only /proc
 /// paths: none when privileged, else exactly what kubelet sends, as
 /// containerd does (the default lists for procMount Default, empty ones
@@ -94,6 +128,44 @@ pub fn confine(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_init_comes_first_once_with_no_new_privs_and_its_mount() {
+        let mut spec = Spec::default();
+        let mut p = spec.process().clone().unwrap();
+        p.set_args(Some(vec!["sleep".into(), "1".into()]));
+        spec.set_process(Some(p));
+        let host = Path::new("/var/lib/imacri/bin/imacri-init-0123");
+        run_through_init(&mut spec, host).unwrap();
+        run_through_init(&mut spec, host).unwrap();
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!(
+            p.args().as_ref().unwrap(),
+            &vec![
+                crate::integrity::init::PATH.to_string(),
+                "sleep".into(),
+                "1".into()
+            ]
+        );
+        assert_eq!(p.no_new_privileges(), Some(true));
+        let inits: Vec<&Mount> = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .filter(|m| m.destination() == Path::new(crate::integrity::init::PATH))
+            .collect();
+        assert_eq!(inits.len(), 1);
+        assert_eq!(inits[0].source().as_deref(), Some(host));
+        let opts = inits[0].options().clone().unwrap();
+        assert!(opts.contains(&"ro".to_string()));
+        assert!(!opts.contains(&"noexec".to_string()));
+        // An exec of the container runs through it too.
+        let e = exec_process(p, &["ls".into()], false).unwrap();
+        assert_eq!(
+            e.args().as_ref().unwrap(),
+            &vec![crate::integrity::init::PATH.to_string(), "ls".into()]
+        );
+    }
 
     #[test]
     fn ima_namespace_is_added_once() {
