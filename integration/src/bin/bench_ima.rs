@@ -56,6 +56,7 @@ fn main() -> Result<()> {
             )
         }
         Some("exec-child") => return exec_child(Path::new(&args[2]), args[3] != "plain"),
+        Some("exec-loop") => return exec_loop(Path::new(&args[2])),
         _ => {}
     }
     let dir = tempfile::tempdir()?;
@@ -228,6 +229,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
     let dyn_events = (engine.stats.events.load(Relaxed) - events0) as f64 / RUNS as f64;
     drop(watch);
     let (guard_ms, seal_ms) = guard_cost()?;
+    let (init_direct, init_through, ll_plain, ll_restricted) = init_cost(dir, unmarked)?;
 
     // Hashing throughput through an fd, as the engine reads files.
     let big = fs.join("big");
@@ -333,6 +335,18 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
     println!(
         "{:<44} {:>10.2}",
         "pod start: pause rootfs seal (ms)", seal_ms
+    );
+    println!(
+        "{:<44} {:>10.0}   (+{:.0} us: each container's and exec's process)",
+        "exec through imacri's init (Landlock) (us)",
+        init_through,
+        init_through - init_direct
+    );
+    println!(
+        "{:<44} {:>10.0}   (+{:.1} us: Landlock's check of each exec)",
+        "exec by a process the init restricted (us)",
+        ll_restricted,
+        ll_restricted - ll_plain
     );
     println!(
         "{:<44} {:>10.2}   (target >= 1 GB/s)",
@@ -634,6 +648,40 @@ fn filter_and_wait(guarded: bool) -> Result<()> {
     std::io::stdout().flush()?;
     let mut go = String::new();
     std::io::stdin().lock().read_line(&mut go)?;
+    Ok(())
+}
+
+/// imacri's init (`integrity::init`): an exec of `bin` directly and through
+/// the init, interleaved; then execs of `bin` timed by a child running
+/// without and under the init's Landlock restriction (`exec-loop`).
+fn init_cost(dir: &Path, bin: &Path) -> Result<(f64, f64, f64, f64)> {
+    let init = imacri_runtime::integrity::init::install(dir)?;
+    let timed = |c: &mut Command| -> Result<Duration> {
+        let t = Instant::now();
+        let st = c.status()?;
+        anyhow::ensure!(st.success(), "{c:?} failed");
+        Ok(t.elapsed())
+    };
+    let (mut direct, mut through) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS / 3 {
+        direct.push(timed(&mut Command::new(bin))?);
+        through.push(timed(Command::new(&init).arg(bin))?);
+    }
+    let me = std::env::current_exe()?;
+    let looped = |c: &mut Command| -> Result<f64> {
+        let out = c.output()?;
+        anyhow::ensure!(out.status.success(), "{c:?}: {out:?}");
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    let plain = looped(Command::new(&me).arg("exec-loop").arg(bin))?;
+    let restricted = looped(Command::new(&init).arg(&me).arg("exec-loop").arg(bin))?;
+    Ok((median(direct), median(through), plain, restricted))
+}
+
+/// The child of `init_cost`: execs `bin` RUNS/2 times, prints the median.
+fn exec_loop(bin: &Path) -> Result<()> {
+    let v = execs(bin, RUNS / 2)?;
+    println!("{:.2}", median(v));
     Ok(())
 }
 
