@@ -879,6 +879,12 @@ async fn files_handed_in_from_outside_the_pod_do_not_run() {
         c
     };
     let sleeper = |n: &str| with_shared(container_config(n, &image, &["sleep", "1000"]));
+    let profile = work.path().join("no-landlock.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self", "prctl"], "action": "SCMP_ACT_ERRNO"}]}"#,
+    )
+    .unwrap();
 
     let helper = pod_config("fd-helper");
     let hp = run_pod(&mut rt, &helper).await.unwrap();
@@ -917,7 +923,22 @@ async fn files_handed_in_from_outside_the_pod_do_not_run() {
             .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
         let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
         let b = start_container(&mut rt, &pod, &cfg, runtime_default(sleeper("b"))).await;
-        for c in [&a, &b] {
+        // A profile of the pod's own that refuses Landlock and prctl: the
+        // init's calls are allowed anyway, and no_new_privs comes from runc.
+        let mut refusing = sleeper("c");
+        refusing
+            .linux
+            .get_or_insert_with(Default::default)
+            .security_context = Some(cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::Localhost as i32,
+                localhost_ref: profile.to_string_lossy().into(),
+            }),
+            ..Default::default()
+        });
+        let c = start_container(&mut rt, &pod, &cfg, refusing).await;
+        assert_eq!(sh_ok(&mut rt, &c, "echo up").await, "up");
+        for c in [&a, &b, &c] {
             for m in RECEIVED {
                 let (_, out, err) = exec_sh(&mut rt, c, &format!("escape {m} /x/s")).await;
                 assert!(!out.contains("RAN"), "{policy} {m}: {out}{err}");

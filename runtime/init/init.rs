@@ -67,9 +67,10 @@ fn die(what: &str, err: c_int, code: i32) -> ! {
 /// runs from now on.
 fn restrict() {
     unsafe {
-        if prctl(PR_SET_NO_NEW_PRIVS, 1 as c_long, 0 as c_long, 0 as c_long, 0 as c_long) != 0 {
-            die("no_new_privs", errno(), 126);
-        }
+        // runc sets it already (the spec asks for it); a pod's seccomp
+        // profile may refuse prctl, and landlock_restrict_self below fails
+        // (EPERM) if it is not set after all.
+        prctl(PR_SET_NO_NEW_PRIVS, 1 as c_long, 0 as c_long, 0 as c_long, 0 as c_long);
         let attr = RulesetAttr {
             handled_access_fs: LANDLOCK_ACCESS_FS_EXECUTE,
         };

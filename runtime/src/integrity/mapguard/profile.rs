@@ -37,6 +37,15 @@ const GUARDED: [(&str, u32, u64); 5] = [
     ("shmat", 2, SHM_EXEC),
 ];
 
+/// The calls imacri's init (`integrity::init`) restricts each process of the
+/// pod with: allowed whatever the pod's profile says (Landlock only takes
+/// rights away; without them no container of the pod could start).
+const INIT_CALLS: [&str; 3] = [
+    "landlock_create_ruleset",
+    "landlock_add_rule",
+    "landlock_restrict_self",
+];
+
 #[cfg(target_arch = "x86_64")]
 const NATIVE: Arch = Arch::ScmpArchX86_64;
 #[cfg(target_arch = "aarch64")]
@@ -149,7 +158,21 @@ pub fn guard_profile(
             take_over.push(name);
         }
     }
+    for r in syscalls.iter_mut() {
+        let names: Vec<String> = r
+            .names()
+            .iter()
+            .filter(|n| !INIT_CALLS.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        r.set_names(names);
+    }
     syscalls.retain(|r| !r.names().is_empty());
+    if !default_allows {
+        let mut r = rule(INIT_CALLS[0], LinuxSeccompAction::ScmpActAllow, vec![])?;
+        r.set_names(INIT_CALLS.map(String::from).to_vec());
+        syscalls.push(r);
+    }
     for (name, index, mask) in GUARDED {
         if !take_over.contains(&name) {
             continue;
@@ -284,5 +307,48 @@ mod tests {
             .unwrap();
         let p = guard_profile(Some(denied), Path::new("/s"), "p").unwrap();
         assert!(!names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"mmap".to_string()));
+    }
+
+    #[test]
+    fn the_inits_landlock_calls_are_allowed_by_every_profile() {
+        let init: Vec<String> = INIT_CALLS.map(String::from).to_vec();
+        // A deny-by-default profile that never heard of Landlock.
+        let strict = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActErrno)
+            .syscalls(vec![
+                rule("read", LinuxSeccompAction::ScmpActAllow, vec![]).unwrap()
+            ])
+            .build()
+            .unwrap();
+        let p = guard_profile(Some(strict), Path::new("/s"), "p").unwrap();
+        let allowed = names(&p, LinuxSeccompAction::ScmpActAllow);
+        assert!(init.iter().all(|c| allowed.contains(c)), "{allowed:?}");
+        // One that denies it outright under a default allow: the denial goes
+        // (and no allow rule is added, which runc would reject).
+        let denying = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActAllow)
+            .syscalls(vec![rule(
+                "landlock_restrict_self",
+                LinuxSeccompAction::ScmpActErrno,
+                vec![],
+            )
+            .unwrap()])
+            .build()
+            .unwrap();
+        let p = guard_profile(Some(denying), Path::new("/s"), "p").unwrap();
+        let mentioned: Vec<String> = p
+            .syscalls()
+            .iter()
+            .flatten()
+            .flat_map(|r| r.names().clone())
+            .collect();
+        assert!(!mentioned.iter().any(|n| init.contains(n)), "{mentioned:?}");
+        // RuntimeDefault lists them already: listed once.
+        let base = crate::seccomp::runtime_default(&Default::default()).unwrap();
+        let p = guard_profile(Some(base), Path::new("/s"), "p").unwrap();
+        let allowed = names(&p, LinuxSeccompAction::ScmpActAllow);
+        for c in &init {
+            assert_eq!(allowed.iter().filter(|n| *n == c).count(), 1, "{c}");
+        }
     }
 }
