@@ -534,3 +534,69 @@ async fn pool_allocations_never_overlap_and_survive_restarts() {
         .iter()
         .all(|o| o.starts_with("snapshot remap-")));
 }
+
+/// A command that is not in the image fails StartContainer with runc's
+/// message, in a plain pod and in an ima pod alike (whose containers run it
+/// through imacri's init, which would only find out after the start), and
+/// the container is left Created for kubelet to retry or remove.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_command_fails_the_start_in_ima_pods_too() {
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    d.pull(&env.busybox).await;
+    for (pod_cfg, kind) in [
+        (pod_config("nocmd-plain"), "plain"),
+        (ima_pod("nocmd-ima", false), "ima"),
+    ] {
+        let pod = run_pod(&mut rt, &pod_cfg).await.unwrap();
+        for (name, cmd, want) in [
+            (
+                "by-name",
+                "no-such-program",
+                "exec: \"no-such-program\": executable file not found in $PATH",
+            ),
+            (
+                "by-path",
+                "/bin/no-such-program",
+                "exec: \"/bin/no-such-program\": stat /bin/no-such-program: no such file or directory",
+            ),
+            ("a-dir", "/bin", "exec: \"/bin\": permission denied"),
+        ] {
+            let id = rt
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(container_config(name, &env.busybox, &[cmd])),
+                    sandbox_config: Some(pod_cfg.clone()),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .container_id;
+            let e = rt
+                .start_container(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .unwrap_err();
+            // containerd's message quotes runc's with escapes.
+            let said = e.message().replace('\\', "");
+            assert!(said.contains(want), "{kind} {name}: {e:?}");
+            let st = imacri_integration::client::container_status(&mut rt, &id).await;
+            assert_eq!(st.reason, "StartError", "{kind} {name}: {st:?}");
+        }
+        // The same pod still runs what exists.
+        let c = start_container(&mut rt, &pod, &pod_cfg, sleeper("ok", env)).await;
+        assert_eq!(sh_ok(&mut rt, &c, "echo fine").await, "fine");
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap();
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod,
+        })
+        .await
+        .unwrap();
+    }
+}

@@ -120,6 +120,7 @@ impl CriServer {
                 .create_task_on(&c.id, &pod.state(), mounts, &stdio, st.idmapped_rootfs)
                 .await?;
             laps.lap("task");
+            self.command_exists(c, pid).await?;
             // Both before the entrypoint can run (the task waits for start);
             // they touch different things, so they run side by side.
             let pod_state = pod.state();

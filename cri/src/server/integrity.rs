@@ -305,6 +305,33 @@ impl CriServer {
         Ok(())
     }
 
+    /// For a container that runs through imacri's init: runc's lookup of
+    /// its command (runc itself looked up the init), so a command missing
+    /// from the image fails StartContainer as in any other pod instead of
+    /// the started container exiting 127. `pid` is the created task's init.
+    pub(crate) async fn command_exists(&self, c: &super::ContainerEntry, pid: u32) -> Result<()> {
+        let spec = self.spec_of(c).await?;
+        let Some(p) = spec.process() else {
+            return Ok(());
+        };
+        let args = p.args().clone().unwrap_or_default();
+        let (Some(first), Some(name)) = (args.first(), args.get(1)) else {
+            return Ok(());
+        };
+        if first != imacri_runtime::integrity::init::PATH {
+            return Ok(());
+        }
+        let env = p.env().clone().unwrap_or_default();
+        let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+        imacri_runtime::integrity::init::look_path(&root, &p.cwd().to_string_lossy(), &env, name)
+            .map_err(|m| {
+                Error::FailedPrecondition(format!(
+                    "container {}: unable to start container process: {m}",
+                    c.id
+                ))
+            })
+    }
+
     /// Marks a container (or, with `ctr == pod`, the pause container) whose
     /// task (init `pid`) exists but has not started, and logs its `start`
     /// entry. None if its pod is not measured by the fanotify backend.

@@ -69,6 +69,72 @@ pub fn install(root: &Path) -> Result<PathBuf, InstallError> {
     Ok(path)
 }
 
+/// runc looks the container's command up (Go's `exec.LookPath`) before it
+/// starts anything and fails the task's creation if it is not there; for a
+/// container that runs through the init, runc finds the init instead, and
+/// the command would only be missed once started. This is runc's lookup of
+/// `name` in the container whose root the host reaches at `root`
+/// (`/proc/<pid>/root`), with its working directory and environment: Ok, or
+/// runc's message, so StartContainer fails the same way in every pod.
+pub fn look_path(root: &Path, cwd: &str, env: &[String], name: &str) -> Result<(), String> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let dir = std::fs::File::open(root).map_err(|e| format!("opening {}: {e}", root.display()))?;
+    // Go's os.Stat: follows symlinks, here without leaving the root.
+    let stat = |p: &str| -> Result<nix::sys::stat::FileStat, nix::Error> {
+        let full = if p.starts_with('/') {
+            p.to_string()
+        } else {
+            format!("{}/{p}", cwd.trim_end_matches('/'))
+        };
+        let how = nix::fcntl::OpenHow::new()
+            .flags(nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC)
+            .resolve(nix::fcntl::ResolveFlag::RESOLVE_IN_ROOT);
+        let fd = nix::fcntl::openat2(dir.as_raw_fd(), full.as_str(), how)?;
+        // SAFETY: openat2 returned a new fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        nix::sys::stat::fstat(fd.as_raw_fd())
+    };
+    // Go's findExecutable (as runc 1.1 is built): a directory or a file
+    // without any execute bit is "permission denied".
+    let find = |p: &str| -> Result<(), String> {
+        let st = stat(p).map_err(|e| format!("stat {p}: {}", go_errno(e)))?;
+        let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if dir || st.st_mode & 0o111 == 0 {
+            return Err("permission denied".into());
+        }
+        Ok(())
+    };
+    if name.contains('/') {
+        return find(name).map_err(|e| format!("exec: {name:?}: {e}"));
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("");
+    if !path.is_empty() {
+        for d in path.split(':') {
+            let d = if d.is_empty() { "." } else { d };
+            if find(&format!("{}/{name}", d.trim_end_matches('/'))).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    Err(format!(
+        "exec: {name:?}: executable file not found in $PATH"
+    ))
+}
+
+/// An errno as Go's syscall package spells it (lower case, no number).
+fn go_errno(e: nix::Error) -> String {
+    let s = e.desc();
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_lowercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
 /// The Landlock ABI version of this kernel, or why the init cannot work.
 pub fn probe() -> Result<i64, String> {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
@@ -100,6 +166,51 @@ mod tests {
     fn the_init_is_a_static_elf() {
         // It runs in images without a loader.
         assert!(crate::image::builtin::tests::is_static_elf(BINARY));
+    }
+
+    #[test]
+    fn commands_are_looked_up_as_runc_does_inside_the_root() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("bin")).unwrap();
+        std::fs::create_dir_all(r.join("app")).unwrap();
+        for (f, mode) in [
+            ("bin/busybox", 0o755),
+            ("bin/data", 0o644),
+            ("app/run", 0o700),
+        ] {
+            std::fs::write(r.join(f), b"x").unwrap();
+            std::fs::set_permissions(r.join(f), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        // An absolute link resolves inside the root, not on the host.
+        std::os::unix::fs::symlink("/bin/busybox", r.join("bin/sh")).unwrap();
+        std::os::unix::fs::symlink("/usr/bin/env", r.join("bin/hostenv")).unwrap();
+        let env = vec!["A=1".to_string(), "PATH=/usr/bin:/bin".to_string()];
+        let look = |cwd: &str, env: &[String], name: &str| look_path(r, cwd, env, name);
+        assert_eq!(look("/", &env, "busybox"), Ok(()));
+        assert_eq!(look("/", &env, "sh"), Ok(()));
+        assert_eq!(look("/", &env, "/bin/sh"), Ok(()));
+        assert_eq!(look("/app", &env, "./run"), Ok(()));
+        assert_eq!(
+            look("/", &env, "nothere"),
+            Err(r#"exec: "nothere": executable file not found in $PATH"#.into())
+        );
+        assert_eq!(
+            look("/", &env, "data"),
+            Err(r#"exec: "data": executable file not found in $PATH"#.into())
+        );
+        assert_eq!(
+            look("/", &env, "/bin/nothere"),
+            Err(r#"exec: "/bin/nothere": stat /bin/nothere: no such file or directory"#.into())
+        );
+        assert_eq!(
+            look("/", &env, "/bin"),
+            Err(r#"exec: "/bin": permission denied"#.into())
+        );
+        assert!(look("/", &env, "hostenv").is_err(), "left the root");
+        // Without PATH a bare name is not found (runc's init has none).
+        assert!(look("/", &["A=1".to_string()], "busybox").is_err());
     }
 
     #[test]
