@@ -3,7 +3,9 @@
 //! rejection of containers that would escape, the kernel backend's clear
 //! failure on this kernel, and the ID pool (no overlap, kept across restarts).
 
-use imacri_integration::client::{pod_info, run_pod, sh_ok, start_container};
+use imacri_integration::client::{
+    create_container, pod_info, remove_pod, run_pod, sh_ok, start_container,
+};
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -563,16 +565,8 @@ async fn a_missing_command_fails_the_start_in_ima_pods_too() {
             ),
             ("a-dir", "/bin", "exec: \"/bin\": permission denied"),
         ] {
-            let id = rt
-                .create_container(cri::CreateContainerRequest {
-                    pod_sandbox_id: pod.clone(),
-                    config: Some(container_config(name, &env.busybox, &[cmd])),
-                    sandbox_config: Some(pod_cfg.clone()),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .container_id;
+            let c = container_config(name, &env.busybox, &[cmd]);
+            let id = create_container(&mut rt, &pod, &pod_cfg, c).await.unwrap();
             let e = rt
                 .start_container(cri::StartContainerRequest {
                     container_id: id.clone(),
@@ -588,15 +582,6 @@ async fn a_missing_command_fails_the_start_in_ima_pods_too() {
         // The same pod still runs what exists.
         let c = start_container(&mut rt, &pod, &pod_cfg, sleeper("ok", env)).await;
         assert_eq!(sh_ok(&mut rt, &c, "echo fine").await, "fine");
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .unwrap();
-        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
-        })
-        .await
-        .unwrap();
+        remove_pod(&mut rt, &pod).await;
     }
 }
