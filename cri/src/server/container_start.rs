@@ -120,10 +120,10 @@ impl CriServer {
                 .create_task_on(&c.id, &pod.state(), mounts, &stdio, st.idmapped_rootfs)
                 .await?;
             laps.lap("task");
-            self.command_exists(c, pid).await?;
+            let pod_state = pod.state();
+            self.command_exists(&pod_state, c, pid).await?;
             // Both before the entrypoint can run (the task waits for start);
             // they touch different things, so they run side by side.
-            let pod_state = pod.state();
             let (guarded, watch) = tokio::join!(
                 self.guard_process(&pod_state, &c.id, pid),
                 self.measure_container(&st.sandbox_id, &c.id, pid)

@@ -309,7 +309,15 @@ impl CriServer {
     /// its command (runc itself looked up the init), so a command missing
     /// from the image fails StartContainer as in any other pod instead of
     /// the started container exiting 127. `pid` is the created task's init.
-    pub(crate) async fn command_exists(&self, c: &super::ContainerEntry, pid: u32) -> Result<()> {
+    pub(crate) async fn command_exists(
+        &self,
+        pod: &SandboxState,
+        c: &super::ContainerEntry,
+        pid: u32,
+    ) -> Result<()> {
+        if !is_fanotify(pod) {
+            return Ok(());
+        }
         let spec = self.spec_of(c).await?;
         let Some(p) = spec.process() else {
             return Ok(());
