@@ -7,12 +7,31 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    for (name, src) in [("pause", "pause/pause.rs"), ("imacri-init", "init/init.rs")] {
-        build_static(name, src);
-    }
+    build_static(
+        "pause",
+        "pause/pause.rs",
+        &["-C", "target-feature=+crt-static"],
+    );
+    // Freestanding (no libc, its own _start): see init/init.rs.
+    build_static(
+        "imacri-init",
+        "init/init.rs",
+        &[
+            "-C",
+            "relocation-model=static",
+            "-C",
+            "link-arg=-nostartfiles",
+            "-C",
+            "link-arg=-nostdlib",
+            "-C",
+            "link-arg=-static",
+            "-C",
+            "link-arg=-no-pie",
+        ],
+    );
 }
 
-fn build_static(name: &str, src: &str) {
+fn build_static(name: &str, src: &str, extra: &[&str]) {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let target = std::env::var("TARGET").expect("TARGET");
@@ -29,10 +48,9 @@ fn build_static(name: &str, src: &str) {
             "panic=abort",
             "-C",
             "strip=symbols",
-            "-C",
-            "target-feature=+crt-static",
-            "-o",
         ])
+        .args(extra)
+        .arg("-o")
         .arg(out.join(name))
         .arg(src)
         .status()

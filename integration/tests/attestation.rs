@@ -144,7 +144,9 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
         Duration::from_secs(10),
         || {
             let e = log_lines(&d, &pod);
-            let exec = e.iter().any(|l| l.ends_with(" exec"));
+            let exec = e
+                .iter()
+                .any(|l| l.contains(" /bin/busybox ") && l.ends_with(" exec"));
             async move { exec.then_some(e) }
         },
     )
@@ -575,7 +577,10 @@ async fn fail_closed_kills_what_ran_unmeasured() {
     // the container's executions run on unmeasured until the restart.
     imacri_integration::poll::eventually("the entrypoint's entry", Duration::from_secs(10), || {
         let e = log_lines(&d, &pod);
-        async move { e.iter().any(|l| l.ends_with(" exec")).then_some(()) }
+        let ran = e
+            .iter()
+            .any(|l| l.contains(" /bin/busybox ") && l.ends_with(" exec"));
+        async move { ran.then_some(()) }
     })
     .await
     .unwrap();
