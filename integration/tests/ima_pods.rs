@@ -540,7 +540,7 @@ async fn pool_allocations_never_overlap_and_survive_restarts() {
 /// A command that is not in the image fails StartContainer with runc's
 /// message, in a plain pod and in an ima pod alike (whose containers run it
 /// through imacri's init, which would only find out after the start), and
-/// the container is left Created for kubelet to retry or remove.
+/// the container is left StartError; an exec of one fails the same way.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_command_fails_the_start_in_ima_pods_too() {
     let env = Env::get();
@@ -582,6 +582,19 @@ async fn a_missing_command_fails_the_start_in_ima_pods_too() {
         // The same pod still runs what exists.
         let c = start_container(&mut rt, &pod, &pod_cfg, sleeper("ok", env)).await;
         assert_eq!(sh_ok(&mut rt, &c, "echo fine").await, "fine");
+        let r = rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: c.clone(),
+                cmd: vec!["no-such-program".into()],
+                timeout: 10,
+            })
+            .await;
+        let e = r.expect_err(kind);
+        let said = e.message().replace('\\', "");
+        assert!(
+            said.contains(r#"exec: "no-such-program": executable file not found in $PATH"#),
+            "{kind}: {e:?}"
+        );
         remove_pod(&mut rt, &pod).await;
     }
 }

@@ -45,6 +45,28 @@ impl CriServer {
             .clone()
             .ok_or_else(|| Error::Internal(format!("container {} has no process", c.id)))?;
         let process = spec::exec_process(&base, cmd, tty)?;
+        // Through imacri's init, runc would look up only the init: the
+        // command is looked up here, so a missing one fails as in any pod.
+        let init = imacri_runtime::integrity::init::PATH;
+        if process
+            .args()
+            .as_ref()
+            .and_then(|a| a.first())
+            .map(String::as_str)
+            == Some(init)
+        {
+            let root = std::path::PathBuf::from(format!("/proc/{}/root", c.state().pid));
+            let env = process.env().clone().unwrap_or_default();
+            let cwd = process.cwd().to_string_lossy();
+            imacri_runtime::integrity::init::look_path(&root, &cwd, &env, &cmd[0]).map_err(
+                |m| {
+                    Error::FailedPrecondition(format!(
+                        "container {}: exec failed: unable to start container process: {m}",
+                        c.id
+                    ))
+                },
+            )?;
+        }
         let exec_id = format!("exec-{}", &new_id()[..16]);
         let stdio = io::create_fifos(
             &self.cfg.fifo_dir(),
