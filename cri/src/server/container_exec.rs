@@ -47,14 +47,7 @@ impl CriServer {
         let process = spec::exec_process(&base, cmd, tty)?;
         // Through imacri's init, runc would look up only the init: the
         // command is looked up here, so a missing one fails as in any pod.
-        let init = imacri_runtime::integrity::init::PATH;
-        if process
-            .args()
-            .as_ref()
-            .and_then(|a| a.first())
-            .map(String::as_str)
-            == Some(init)
-        {
+        if imacri_runtime::integrity::init::runs_through(&process) {
             let root = std::path::PathBuf::from(format!("/proc/{}/root", c.state().pid));
             let env = process.env().clone().unwrap_or_default();
             let cwd = process.cwd().to_string_lossy();

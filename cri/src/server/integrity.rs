@@ -323,10 +323,10 @@ impl CriServer {
             return Ok(());
         };
         let args = p.args().clone().unwrap_or_default();
-        let (Some(first), Some(name)) = (args.first(), args.get(1)) else {
+        let Some(name) = args.get(1) else {
             return Ok(());
         };
-        if first != imacri_runtime::integrity::init::PATH {
+        if !imacri_runtime::integrity::init::runs_through(p) {
             return Ok(());
         }
         let env = p.env().clone().unwrap_or_default();
@@ -408,9 +408,7 @@ impl CriServer {
             let through_init = spec
                 .process()
                 .as_ref()
-                .and_then(|p| p.args().as_ref())
-                .and_then(|a| a.first())
-                .is_some_and(|a| a == init_path);
+                .is_some_and(imacri_runtime::integrity::init::runs_through);
             for m in spec.mounts().iter().flatten() {
                 let exec = !m
                     .options()

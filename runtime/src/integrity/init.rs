@@ -27,6 +27,15 @@ pub fn digest() -> &'static str {
     DIGEST.get_or_init(|| format!("sha256:{}", hex::encode(Sha256::digest(BINARY))))
 }
 
+/// Whether `process` runs through the init (its first argument).
+pub fn runs_through(process: &oci_spec::runtime::Process) -> bool {
+    process
+        .args()
+        .as_ref()
+        .and_then(|a| a.first())
+        .is_some_and(|a| a == PATH)
+}
+
 /// Whether an entry is the init's own execution from this build: allowed by
 /// every appraisal policy, as the node's own code.
 pub fn allowed(path: &str, digest: &str) -> bool {

@@ -99,16 +99,9 @@ pub fn exec_process(base: &Process, cmd: &[String], tty: bool) -> Result<Process
     let mut p = base.clone();
     // A container that runs through imacri's init runs its execs through it
     // too: each is a process of its own, outside the init's restriction.
-    let init = crate::integrity::init::PATH;
     let mut args = Vec::with_capacity(cmd.len() + 1);
-    if base
-        .args()
-        .as_ref()
-        .and_then(|a| a.first())
-        .map(String::as_str)
-        == Some(init)
-    {
-        args.push(init.to_string());
+    if crate::integrity::init::runs_through(base) {
+        args.push(crate::integrity::init::PATH.to_string());
     }
     args.extend_from_slice(cmd);
     p.set_args(Some(args));
