@@ -579,8 +579,11 @@ async fn a_missing_command_fails_the_start_in_ima_pods_too() {
             let st = imacri_integration::client::container_status(&mut rt, &id).await;
             assert_eq!(st.reason, "StartError", "{kind} {name}: {st:?}");
         }
-        // The same pod still runs what exists.
-        let c = start_container(&mut rt, &pod, &pod_cfg, sleeper("ok", env)).await;
+        // The same pod still runs what exists, with a read-only rootfs too
+        // (the init's mount point is made on /dev's tmpfs).
+        let mut ok = sleeper("ok", env);
+        ok.linux = imacri_integration::security_context(|s| s.readonly_rootfs = true);
+        let c = start_container(&mut rt, &pod, &pod_cfg, ok).await;
         assert_eq!(sh_ok(&mut rt, &c, "echo fine").await, "fine");
         let r = rt
             .exec_sync(cri::ExecSyncRequest {
