@@ -797,12 +797,22 @@ async fn other_roots_shm_scripts_and_rewritten_files() {
             "{lines:#?}"
         );
         // Each container's processes ran through imacri's init, measured
-        // like any other program.
+        // like any other program, with the digest its start entry declares
+        // (what lets a verifier of another build trust it).
         for c in [&a, &b] {
+            let init = lines
+                .iter()
+                .find(|l| {
+                    l.contains(c)
+                        && l.contains(&format!(" {} ", imacri_runtime::integrity::init::PATH))
+                        && l.ends_with(" exec")
+                })
+                .unwrap_or_else(|| panic!("{lines:#?}"));
+            let digest = init.split(' ').nth(3).unwrap();
             assert!(
                 lines.iter().any(|l| l.contains(c)
-                    && l.contains(&format!(" {} ", imacri_runtime::integrity::init::PATH))
-                    && l.ends_with(" exec")),
+                    && l.ends_with(" start")
+                    && l.contains(&format!("init={digest}"))),
                 "{lines:#?}"
             );
         }

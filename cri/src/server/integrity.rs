@@ -446,8 +446,9 @@ impl CriServer {
             tracing::info!(pod_sandbox_id = %pod, container_id = %ctr, denied, "fanotify group taken back from the fd keeper: executions waited for imacri");
             return Ok(Some(w));
         }
+        let through_init = target.init.is_some();
         let w = fanotify::watch(engine, target, keeper)?;
-        self.record_start(pod, ctr, &image)?;
+        self.record_start(pod, ctr, &image, through_init)?;
         tracing::info!(pod_sandbox_id = %pod, container_id = %ctr, mode = ?i.mode, "container measured by fanotify");
         Ok(Some(w))
     }
@@ -455,13 +456,20 @@ impl CriServer {
     /// The entry every container's measurements begin with: its image and
     /// the moment marking began. Without it the verifier trusts nothing of
     /// the container; if it cannot be logged the container does not start.
-    fn record_start(&self, pod: &str, ctr: &str, image: &str) -> Result<()> {
+    fn record_start(&self, pod: &str, ctr: &str, image: &str, through_init: bool) -> Result<()> {
         let digest = image
             .strip_prefix("sha256:")
             .and_then(|h| hex::decode(h).ok())
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .unwrap_or([0; 32]);
         let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        // Its processes run through imacri's init: the start entry says
+        // which one, for verifiers of other imacri builds.
+        let at = if through_init {
+            format!("{at} {}", imacri_runtime::integrity::init::start_word())
+        } else {
+            at
+        };
         self.integrity
             .journal
             .record(

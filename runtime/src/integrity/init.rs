@@ -27,6 +27,21 @@ pub fn digest() -> &'static str {
     DIGEST.get_or_init(|| format!("sha256:{}", hex::encode(Sha256::digest(BINARY))))
 }
 
+/// The word a container's `start` entry carries when it runs through the
+/// init: `init=sha256:<hex>`, the digest of the init imacri embeds. The
+/// verifier accepts the init's execution at [`PATH`] with that digest
+/// whatever build it is itself (a node's own component, declared when
+/// marking began); a file on the node that differs from what imacri
+/// embeds is measured with another digest and stays a violation.
+pub fn start_word() -> String {
+    format!("init={}", digest())
+}
+
+/// The init digest a start entry's text declares, if any.
+pub fn declared(start: &str) -> Option<&str> {
+    start.split(' ').find_map(|w| w.strip_prefix("init="))
+}
+
 /// Whether `process` runs through the init (its first argument).
 pub fn runs_through(process: &oci_spec::runtime::Process) -> bool {
     process

@@ -224,8 +224,22 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
             ev.backend
         ));
     }
+    // The init each container's start entry declares (see `init::declared`):
+    // its execution with that digest is the node's own, whatever build the
+    // verifier is.
+    let declared: std::collections::HashMap<&str, &str> = pod_entries
+        .iter()
+        .filter(|e| e.event == Event::Start)
+        .filter_map(|e| Some((e.container.as_str(), super::init::declared(&e.path)?)))
+        .collect();
+    let own_init = |e: &Entry| {
+        e.path == super::init::PATH
+            && matches!(e.event, Event::Exec | Event::Mmap)
+            && declared.get(e.container.as_str()) == Some(&e.digest_hex().as_str())
+    };
     let mut violations: Vec<Violation> = pod_entries
         .iter()
+        .filter(|e| !own_init(e))
         .filter_map(|e| x.policy.check(e))
         .collect();
     // Every container's measurements begin with its start entry (image and
@@ -463,6 +477,46 @@ mod tests {
         assert_eq!(r.violations.len(), 1);
         assert_eq!(r.violations[0].container, "d");
         assert!(r.violations[0].reason.contains("start entry"));
+    }
+
+    #[test]
+    fn the_init_a_start_entry_declares_is_trusted_whatever_the_build() {
+        let p = policy();
+        // An init digest of another imacri build, declared by the start.
+        let other = [9u8; 32];
+        let declaring = |ctr: &str, d: [u8; 32]| {
+            Entry::new(
+                15,
+                [7; 32],
+                &format!("img 2026-12-02T00:00:00Z init=sha256:{}", hex::encode(d)),
+                "p",
+                ctr,
+                Event::Start,
+            )
+        };
+        let init = |ctr: &str, d: [u8; 32]| {
+            Entry::new(15, d, crate::integrity::init::PATH, "p", ctr, Event::Exec)
+        };
+        let ok = [declaring("c", other), init("c", other)];
+        let r = verify(&unanchored(&ok, "p"), &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Trusted, "{r:?}");
+        // The file on the node is not what imacri declared: a violation.
+        let swapped = [declaring("c", other), init("c", [8; 32])];
+        let r = verify(&unanchored(&swapped, "p"), &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+        // Another container's declaration does not cover this one, nor does
+        // a start entry without one.
+        let undeclared = [declaring("c", other), start("d"), init("d", other)];
+        let r = verify(&unanchored(&undeclared, "p"), &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+        assert_eq!(r.violations[0].container, "d");
+        // The declaration covers the init's path only.
+        let elsewhere = [
+            declaring("c", other),
+            Entry::new(15, other, "/bin/init", "p", "c", Event::Exec),
+        ];
+        let r = verify(&unanchored(&elsewhere, "p"), &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
     }
 
     #[test]
