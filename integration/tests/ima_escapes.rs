@@ -2,7 +2,8 @@
 //! cannot see: executable mappings of memory-backed files (memfd, SysV shm),
 //! of non-ELF files and through the loader (`ld.so FILE`), files mapped or
 //! executed (fexecve) through an fd another process passed over a unix
-//! socket, `personality`
+//! socket (in the pod, or from a helper outside it), ptrace of the
+//! entrypoint by an exec, `personality`
 //! tricks, other processes' roots (pause's included), /dev/shm, scripts,
 //! files written while or after they ran, and floods of new paths. Each
 //! works in a plain pod (the control); in an ima pod each is measured
@@ -24,6 +25,7 @@ const ESCAPE_C: &str = r#"
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ipc.h>
 #include <sys/mman.h>
@@ -33,6 +35,7 @@ const ESCAPE_C: &str = r#"
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/ptrace.h>
 #include <sys/wait.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -323,6 +326,15 @@ int main(int argc, char **argv) {
         if (!strcmp(m, "recv-cwd") && !fchdir(fds[1])) execve("./evil", av, ev);
         if (!strcmp(m, "recv-chroot") && !fchdir(fds[1]) && !chroot(".")) execve("/evil", av, ev);
         return fail(m);
+    }
+    if (!strcmp(m, "ptrace")) {
+        /* argv[2]: a pid to attach to (and write a word of its code). */
+        pid_t p = atoi(path);
+        if (ptrace(PTRACE_ATTACH, p, 0, 0)) return fail(m);
+        waitpid(p, 0, 0);
+        ptrace(PTRACE_DETACH, p, 0, 0);
+        printf("RAN %s\n", m);
+        return 0;
     }
     if (!strcmp(m, "personality")) {
         if (personality(READ_IMPLIES_EXEC) < 0) return fail(m);
@@ -854,6 +866,49 @@ async fn other_roots_shm_scripts_and_rewritten_files() {
                 "{lines:#?}"
             );
             assert!(!lines.iter().any(|l| l.contains('\u{fffd}')), "{lines:#?}");
+        }
+        stop_pod(&mut rt, &pod).await;
+    }
+}
+
+/// Code injection by ptrace (which IMA cannot see) between an exec and the
+/// container's own processes: each runs under a Landlock domain of its own
+/// (imacri's init restricted each), and Landlock lets a process trace only
+/// processes of its own domain or nested ones, so an exec cannot attach to
+/// the entrypoint. The control: the same attach works in a plain pod.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_cannot_ptrace_the_containers_processes() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    // The entrypoint's child is the target: a pid namespace's init cannot
+    // be attached to at all.
+    let sleeper = |n: &str| container_config(n, &image, &["sh", "-c", "sleep 1001 & wait"]);
+    let target = "pidof sleep";
+    for (cfg, ima_pod) in [
+        (pod_config("ptrace-plain"), false),
+        (ima("ptrace-ima", "measure"), true),
+    ] {
+        let pod = run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        let c = start_container(&mut rt, &pod, &cfg, sleeper("c")).await;
+        let pid = sh_ok(&mut rt, &c, target).await;
+        assert!(!pid.is_empty());
+        let (_, out, err) = exec_sh(&mut rt, &c, &format!("escape ptrace {pid}")).await;
+        if ima_pod {
+            assert!(!out.contains("RAN"), "{out}{err}");
+            assert!(
+                out.contains("ptrace: Operation not permitted"),
+                "{out}{err}"
+            );
+            // Within one domain (the exec's own child) ptrace works: it is
+            // the domains that differ, not ptrace that is gone.
+            let (_, out, err) =
+                exec_sh(&mut rt, &c, "sleep 1002 & escape ptrace $!; kill $!").await;
+            assert!(out.contains("RAN ptrace"), "own child: {out}{err}");
+        } else {
+            assert!(out.contains("RAN ptrace"), "control: {out}{err}");
         }
         stop_pod(&mut rt, &pod).await;
     }
