@@ -339,7 +339,16 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         ),
         Err(r) => line("fanotify", false, r.clone()),
     }
-    let landlock = imacri_runtime::integrity::init::probe();
+    let landlock = imacri_runtime::integrity::init::probe().and_then(|abi| {
+        if imacri_runtime::integrity::init::noexec(&cfg.root) {
+            Err(format!(
+                "root {} is on a filesystem mounted noexec: imacri's container init cannot run                  from there (nor from a bind mount of it)",
+                cfg.root.display()
+            ))
+        } else {
+            Ok(abi)
+        }
+    });
     match &landlock {
         Ok(abi) => line(
             "ima-landlock",

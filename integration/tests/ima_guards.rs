@@ -258,3 +258,64 @@ async fn containers_of_a_pod_whose_pause_is_not_sealed_do_not_start() {
     // RemovePodSandbox stops what is left.
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
+
+/// imacri's container init is bind-mounted from imacri's root directory,
+/// and a bind mount keeps its source's noexec: on a node whose root is on a
+/// noexec filesystem, containers of fanotify-measured pods are refused with
+/// a reason a person can act on (and `imacri check` says so), instead of
+/// each failing to exec its init. Plain pods are unaffected.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_noexec_root_refuses_measured_containers_clearly() {
+    let env = Env::get();
+    let work = tempfile::tempdir_in(&env.base).unwrap();
+    let root = work.path().join("noexec-root");
+    std::fs::create_dir_all(&root).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOEXEC,
+        Some("size=64m"),
+    )
+    .unwrap();
+    // Unmounted however the test ends (after the daemon, declared later,
+    // is dropped).
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(root.clone());
+    let root_arg = root.to_string_lossy().to_string();
+    let d = Imacri::start_with(env, &["--root", &root_arg])
+        .await
+        .unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let sleeper = |n: &str| container_config(n, &env.busybox, &["sleep", "1000"]);
+    let plain = pod_config("noexec-plain");
+    let plain_pod = run_pod(&mut rt, &plain).await.unwrap();
+    let c = start_container(&mut rt, &plain_pod, &plain, sleeper("c")).await;
+    assert_eq!(sh_ok(&mut rt, &c, "echo plain").await, "plain");
+    let cfg = ima(pod_config("noexec-ima"));
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let e = imacri_integration::client::create_container(&mut rt, &pod, &cfg, sleeper("m"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("noexec"), "{e:?}");
+    let out = std::process::Command::new(imacri_integration::imacri_bin())
+        .args(["check", "--root", &root_arg])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = text.lines().find(|l| l.starts_with("ima-landlock"));
+    assert!(
+        line.is_some_and(|l| l.contains("missing") && l.contains("noexec")),
+        "{text}"
+    );
+    for p in [plain_pod, pod] {
+        imacri_integration::client::remove_pod(&mut rt, &p).await;
+    }
+}

@@ -344,11 +344,10 @@ impl CriServer {
                     .map(|(dest, _)| dest)
                     .collect();
                 spec::noexec_outside_rootfs(&mut spec, &measured);
-                let init = self.integrity.init.as_ref().ok_or_else(|| {
-                    Error::FailedPrecondition(
-                        "the pod is measured by the fanotify backend, which this node cannot run now"
-                            .into(),
-                    )
+                let init = self.integrity.init.as_ref().map_err(|why| {
+                    Error::FailedPrecondition(format!(
+                        "the pod is measured by the fanotify backend, which this node cannot run now: {why}"
+                    ))
                 })?;
                 spec::run_through_init(&mut spec, init)?;
             }

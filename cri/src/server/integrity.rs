@@ -31,8 +31,9 @@ pub struct Integrity {
     /// supervisor answering them.
     pub listener: std::path::PathBuf,
     /// imacri's container init on the host (fanotify backend only): the
-    /// source of each measured container's `/dev/.imacri-init`.
-    pub init: Option<std::path::PathBuf>,
+    /// source of each measured container's `/dev/.imacri-init`, or why
+    /// there is none (fanotify-measured pods are then refused).
+    pub init: std::result::Result<std::path::PathBuf, String>,
     /// Removed ima pods still quotable.
     pub retained: imacri_runtime::integrity::retained::Retained,
     mapguard: Option<Supervisor>,
@@ -86,11 +87,11 @@ impl Integrity {
             .is_ok()
             .then(|| Engine::new(journal.clone(), tx, 2));
         let init = match &engine {
-            Some(_) => Some(
-                imacri_runtime::integrity::init::install(&cfg.root)
-                    .map_err(|e| Error::Internal(e.to_string()))?,
-            ),
-            None => None,
+            Some(_) => imacri_runtime::integrity::init::install(&cfg.root).map_err(|e| {
+                tracing::warn!(error = %e, "fanotify-measured ima pods cannot run on this node");
+                e.to_string()
+            }),
+            None => Err("this node cannot run the fanotify backend".into()),
         };
         let listener = cfg.state.join("mapguard.sock");
         let mapguard = match &engine {

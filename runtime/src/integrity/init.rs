@@ -58,10 +58,17 @@ pub fn allowed(path: &str, digest: &str) -> bool {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("writing imacri's container init to {path}: {source}")]
-pub struct InstallError {
-    path: PathBuf,
-    source: std::io::Error,
+pub enum InstallError {
+    #[error("writing imacri's container init to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "imacri's container init at {path} cannot run: its filesystem is mounted noexec (a bind \
+         mount of it is too); give imacri a root directory on a filesystem that allows execution"
+    )]
+    Noexec { path: PathBuf },
 }
 
 /// Writes the binary under `root` (once per build: its name carries the
@@ -69,28 +76,43 @@ pub struct InstallError {
 /// Written to a temporary name and renamed, so a container never binds a
 /// half-written file; root-owned, mode 0755, never written again.
 pub fn install(root: &Path) -> Result<PathBuf, InstallError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::PermissionsExt as _;
     let dir = root.join("bin");
     let hex = digest().trim_start_matches("sha256:");
     let path = dir.join(format!("imacri-init-{}", &hex[..16]));
-    let err = |source| InstallError {
+    let err = |source| InstallError::Write {
         path: path.clone(),
         source,
     };
-    if std::fs::read(&path).is_ok_and(|b| b == BINARY) {
-        return Ok(path);
+    if !std::fs::read(&path).is_ok_and(|b| b == BINARY) {
+        write(&dir, &path).map_err(err)?;
     }
-    std::fs::create_dir_all(&dir).map_err(err)?;
-    let tmp = dir.join(format!(".imacri-init.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(BINARY).map_err(err)?;
-    f.set_permissions(std::fs::Permissions::from_mode(0o755))
-        .map_err(err)?;
-    f.sync_all().map_err(err)?;
-    drop(f);
-    std::fs::rename(&tmp, &path).map_err(err)?;
+    // The containers' bind mounts keep the source mount's noexec (and in a
+    // user namespace cannot drop it): such a node cannot run the init.
+    if noexec(&path) {
+        return Err(InstallError::Noexec { path });
+    }
     Ok(path)
+}
+
+/// Whether the filesystem of `path` (or of its nearest existing ancestor)
+/// is mounted noexec.
+pub fn noexec(path: &Path) -> bool {
+    path.ancestors()
+        .find_map(|p| nix::sys::statvfs::statvfs(p).ok())
+        .is_some_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
+}
+
+fn write(dir: &Path, path: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".imacri-init.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(BINARY)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
 }
 
 /// runc looks the container's command up (Go's `exec.LookPath`) before it
@@ -235,6 +257,16 @@ mod tests {
         assert!(look("/", &env, "hostenv").is_err(), "left the root");
         // Without PATH a bare name is not found (runc's init has none).
         assert!(look("/", &["A=1".to_string()], "busybox").is_err());
+    }
+
+    #[test]
+    fn a_root_is_judged_by_its_nearest_existing_directory() {
+        // (A noexec root is tested in integration/tests/ima_guards.rs.)
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!noexec(dir.path()));
+        assert!(!noexec(&dir.path().join("not/there/yet")));
+        let e = install(Path::new("/proc/sys")).unwrap_err();
+        assert!(matches!(e, InstallError::Write { .. }), "{e}");
     }
 
     #[test]
