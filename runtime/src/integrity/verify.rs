@@ -261,6 +261,28 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
             });
         }
     }
+    // Under the fanotify backend, a container's processes must have run
+    // through imacri's init (its start entry declares it): without it a
+    // file from another filesystem could have run unseen. The pause
+    // container (named by the pod's ID) runs only imacri's pause.
+    if ev.backend.starts_with("fanotify") {
+        violations.extend(
+            pod_entries
+                .iter()
+                .filter(|e| e.event == Event::Start && e.container != x.pod_sandbox_id)
+                .filter(|e| super::init::declared(&e.path).is_none())
+                .map(|e| Violation {
+                    path: e.path.clone(),
+                    digest: e.digest_hex(),
+                    container: e.container.clone(),
+                    event: Event::Start,
+                    reason: "the container did not run through imacri's init (created by an \
+                             imacri without it): files from other filesystems could run \
+                             unmeasured; recreate it"
+                        .into(),
+                }),
+        );
+    }
     // A pod is trusted only if it was measured all along.
     if !x.allow_gaps {
         violations.extend(
@@ -449,7 +471,10 @@ mod tests {
         Entry::new(
             15,
             [7; 32],
-            "img 2026-12-02T00:00:00Z",
+            &format!(
+                "img 2026-12-02T00:00:00Z {}",
+                crate::integrity::init::start_word()
+            ),
             "p",
             ctr,
             Event::Start,
@@ -504,8 +529,8 @@ mod tests {
         let swapped = [declaring("c", other), init("c", [8; 32])];
         let r = verify(&unanchored(&swapped, "p"), &x(&p, &[1, 2, 3]));
         assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
-        // Another container's declaration does not cover this one, nor does
-        // a start entry without one.
+        // Another container's declaration does not cover this one (whose
+        // start declares this build's init).
         let undeclared = [declaring("c", other), start("d"), init("d", other)];
         let r = verify(&unanchored(&undeclared, "p"), &x(&p, &[1, 2, 3]));
         assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
@@ -517,6 +542,40 @@ mod tests {
         ];
         let r = verify(&unanchored(&elsewhere, "p"), &x(&p, &[1, 2, 3]));
         assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    }
+
+    #[test]
+    fn a_container_that_did_not_run_through_the_init_is_untrusted() {
+        let p = policy();
+        let old = Entry::new(
+            15,
+            [7; 32],
+            "img 2026-12-02T00:00:00Z",
+            "p",
+            "c",
+            Event::Start,
+        );
+        let pause = Entry::new(
+            15,
+            [7; 32],
+            "pause 2026-12-02T00:00:00Z",
+            "p",
+            "p",
+            Event::Start,
+        );
+        let es = [pause.clone(), old];
+        let r = verify(&unanchored(&es, "p"), &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+        assert_eq!(r.violations.len(), 1, "{r:?}");
+        assert_eq!(r.violations[0].container, "c");
+        assert!(r.violations[0].reason.contains("init"), "{r:?}");
+        // Pause never does; nor do containers of the kernel backend.
+        let r = verify(&unanchored(&[pause], "p"), &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Trusted, "{r:?}");
+        let mut kernel = unanchored(&es, "p");
+        kernel.backend = "kernel".into();
+        let r = verify(&kernel, &x(&p, &[1, 2, 3]));
+        assert_eq!(r.verdict, Verdict::Trusted, "{r:?}");
     }
 
     #[test]
