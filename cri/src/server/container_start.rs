@@ -121,12 +121,11 @@ impl CriServer {
                 .await?;
             laps.lap("task");
             let pod_state = pod.state();
-            self.command_exists(&pod_state, c, pid).await?;
             // Both before the entrypoint can run (the task waits for start);
             // they touch different things, so they run side by side.
             let (guarded, watch) = tokio::join!(
                 self.guard_process(&pod_state, &c.id, pid),
-                self.measure_container(&st.sandbox_id, &c.id, pid)
+                self.measure_new_container(&st.sandbox_id, &c.id, pid)
             );
             guarded?;
             if let Some(w) = watch? {

@@ -140,6 +140,23 @@ impl Integrity {
     }
 }
 
+/// runc's lookup of the command of a process that runs through imacri's
+/// init, in the container whose created task's init is `pid`.
+fn look_up(p: &oci_spec::runtime::Process, ctr: &str, pid: u32) -> Result<()> {
+    let args = p.args().clone().unwrap_or_default();
+    let Some(name) = args.get(1) else {
+        return Ok(());
+    };
+    let env = p.env().clone().unwrap_or_default();
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    imacri_runtime::integrity::init::look_path(&root, &p.cwd().to_string_lossy(), &env, name)
+        .map_err(|m| {
+            Error::FailedPrecondition(format!(
+                "container {ctr}: unable to start container process: {m}"
+            ))
+        })
+}
+
 pub(crate) fn is_fanotify(st: &SandboxState) -> bool {
     st.ima
         .as_ref()
@@ -306,51 +323,32 @@ impl CriServer {
         Ok(())
     }
 
-    /// For a container that runs through imacri's init: runc's lookup of
-    /// its command (runc itself looked up the init), so a command missing
-    /// from the image fails StartContainer as in any other pod instead of
-    /// the started container exiting 127. `pid` is the created task's init.
-    pub(crate) async fn command_exists(
-        &self,
-        pod: &SandboxState,
-        c: &super::ContainerEntry,
-        pid: u32,
-    ) -> Result<()> {
-        if !is_fanotify(pod) {
-            return Ok(());
-        }
-        let spec = self.spec_of(c).await?;
-        let Some(p) = spec.process() else {
-            return Ok(());
-        };
-        let args = p.args().clone().unwrap_or_default();
-        let Some(name) = args.get(1) else {
-            return Ok(());
-        };
-        if !imacri_runtime::integrity::init::runs_through(p) {
-            return Ok(());
-        }
-        let env = p.env().clone().unwrap_or_default();
-        let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
-        imacri_runtime::integrity::init::look_path(&root, &p.cwd().to_string_lossy(), &env, name)
-            .map_err(|m| {
-                Error::FailedPrecondition(format!(
-                    "container {}: unable to start container process: {m}",
-                    c.id
-                ))
-            })
-    }
-
     /// Marks a container (or, with `ctr == pod`, the pause container) whose
     /// task (init `pid`) exists but has not started, and logs its `start`
     /// entry. None if its pod is not measured by the fanotify backend.
+    ///
+    /// A container that runs through imacri's init also gets runc's lookup
+    /// of its command first (runc itself looked up only the init), so a
+    /// command missing from the image fails StartContainer as in any other
+    /// pod instead of the started container exiting 127.
+    pub(crate) async fn measure_new_container(
+        &self,
+        pod: &str,
+        ctr: &str,
+        pid: u32,
+    ) -> Result<Option<Watch>> {
+        self.measure_with(pod, ctr, pid, None, true).await
+    }
+
+    /// As [`measure_new_container`] for a container already running (after
+    /// a restart): no command lookup.
     pub(crate) async fn measure_container(
         &self,
         pod: &str,
         ctr: &str,
         pid: u32,
     ) -> Result<Option<Watch>> {
-        self.measure_with(pod, ctr, pid, None).await
+        self.measure_with(pod, ctr, pid, None, false).await
     }
 
     /// As [`measure_container`], or with `kept`, taking back the group the
@@ -361,6 +359,7 @@ impl CriServer {
         ctr: &str,
         pid: u32,
         kept: Option<std::os::fd::OwnedFd>,
+        look_up_command: bool,
     ) -> Result<Option<Watch>> {
         let sb = self.sandbox(pod)?;
         let st = sb.state();
@@ -410,6 +409,9 @@ impl CriServer {
                 .process()
                 .as_ref()
                 .is_some_and(imacri_runtime::integrity::init::runs_through);
+            if let (true, true, Some(p)) = (look_up_command, through_init, spec.process()) {
+                look_up(p, ctr, pid)?;
+            }
             for m in spec.mounts().iter().flatten() {
                 let exec = !m
                     .options()
@@ -542,7 +544,7 @@ impl CriServer {
         kept: &mut HashMap<String, std::os::fd::OwnedFd>,
     ) -> (Option<Watch>, bool) {
         if let Some(fd) = kept.remove(ctr) {
-            match self.measure_with(pod, ctr, pid, Some(fd)).await {
+            match self.measure_with(pod, ctr, pid, Some(fd), false).await {
                 Ok(w) => return (w, true),
                 Err(e) => {
                     tracing::error!(pod_sandbox_id = %pod, container_id = %ctr, error = %e, "cannot take back the kept fanotify group; marking anew");
