@@ -342,7 +342,8 @@ pub async fn check(cfg: &Config) -> Result<bool> {
     let landlock = imacri_runtime::integrity::init::probe().and_then(|abi| {
         if imacri_runtime::integrity::init::noexec(&cfg.root) {
             Err(format!(
-                "root {} is on a filesystem mounted noexec: imacri's container init cannot run                  from there (nor from a bind mount of it)",
+                "root {} is on a filesystem mounted noexec: imacri's container init cannot run \
+                 from there (nor from a bind mount of it)",
                 cfg.root.display()
             ))
         } else {
@@ -372,6 +373,34 @@ pub async fn check(cfg: &Config) -> Result<bool> {
                 .into(),
         ),
         Err(r) => line("ima-guards", false, r),
+    }
+    let open_file = imacri_runtime::integrity::guard::node_open_file_interpreters();
+    match imacri_runtime::integrity::guard::probe_binfmt() {
+        Ok(()) => line(
+            "ima-binfmt",
+            true,
+            format!(
+                "ima pods get a binfmt_misc of their own: the node's interpreters ({} opened in \
+                 advance with flag F) do not run there",
+                open_file.len()
+            ),
+        ),
+        Err(why) if open_file.is_empty() => line(
+            "ima-binfmt",
+            true,
+            format!(
+                "no node interpreter is opened in advance (flag F); a pod's own binfmt_misc: {why}"
+            ),
+        ),
+        Err(why) => line(
+            "ima-binfmt",
+            false,
+            format!(
+                "ima pods are refused while the node has binfmt_misc interpreters opened in \
+                 advance (flag F: {}) and cannot get a binfmt_misc of their own: {why}",
+                open_file.join(", ")
+            ),
+        ),
     }
     match imacri_runtime::integrity::mapguard::probe() {
         Ok(()) => line(

@@ -124,7 +124,12 @@ impl CriServer {
             // Both before the entrypoint can run (the task waits for start);
             // they touch different things, so they run side by side.
             let (guarded, watch) = tokio::join!(
-                self.guard_process(&pod_state, &c.id, pid),
+                self.guard_process(
+                    &pod_state,
+                    &c.id,
+                    pid,
+                    imacri_runtime::integrity::guard::Scope::PidNamespace
+                ),
                 self.measure_new_container(&st.sandbox_id, &c.id, pid)
             );
             guarded?;

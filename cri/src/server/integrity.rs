@@ -209,10 +209,17 @@ impl CriServer {
     }
 
     /// Forbids what measurement cannot see (memfd execution, nested user
-    /// namespaces) in the pid namespace of `pid` and the pod's user
-    /// namespace, before `pid` runs anything of the workload. Nothing to do
-    /// outside ima pods; a failure fails the start (closed, never open).
-    pub(crate) async fn guard_process(&self, st: &SandboxState, id: &str, pid: u32) -> Result<()> {
+    /// namespaces, the node's pre-opened binfmt_misc interpreters) in the
+    /// pid namespace of `pid` and the pod's user namespace, before `pid`
+    /// runs anything of the workload. Nothing to do outside ima pods; a
+    /// failure fails the start (closed, never open).
+    pub(crate) async fn guard_process(
+        &self,
+        st: &SandboxState,
+        id: &str,
+        pid: u32,
+        scope: guard::Scope,
+    ) -> Result<()> {
         let (Some(_), Some(u)) = (&st.ima, &st.userns) else {
             return Ok(());
         };
@@ -222,13 +229,14 @@ impl CriServer {
             return Ok(());
         }
         let userns = u.path.clone();
-        tokio::task::spawn_blocking(move || guard::apply(pid, &userns))
+        tokio::task::spawn_blocking(move || guard::apply(pid, &userns, scope))
             .await
             .map_err(|e| Error::Internal(format!("guard task: {e}")))??;
         tracing::debug!(
             id,
             pid,
-            "ima guards set: vm.memfd_noexec=2, user.max_user_namespaces=0"
+            ?scope,
+            "ima guards set: vm.memfd_noexec=2, user.max_user_namespaces=0 (and for the pod its own binfmt_misc)"
         );
         Ok(())
     }

@@ -4,6 +4,7 @@
 use imacri_api::cri;
 use imacri_runtime::containerd::NewContainer;
 use imacri_runtime::ids::{new_id, now_nanos};
+use imacri_runtime::integrity::guard::Scope;
 use imacri_runtime::pod::{SandboxPhase, SandboxState, UsernsState};
 use imacri_runtime::{spec, Error, Result};
 use std::collections::HashMap;
@@ -422,8 +423,10 @@ impl CriServer {
         // its guards while pause starts: pause is the pod's own trusted
         // program, and no container can run before this returns.
         self.watch_exit(id);
-        let (guarded, started) =
-            tokio::join!(self.guard_process(st, id, pid), self.c.start_task(id, ""));
+        let (guarded, started) = tokio::join!(
+            self.guard_process(st, id, pid, Scope::Pod),
+            self.c.start_task(id, "")
+        );
         guarded?;
         let started = started?;
         laps.lap("guards+start");

@@ -574,7 +574,11 @@ fn guard_cost() -> Result<(f64, f64)> {
             "the probe process shares imacri's mount namespace"
         );
         let t = Instant::now();
-        guard::apply(pid, Path::new(&format!("/proc/{pid}/ns/user")))?;
+        guard::apply(
+            pid,
+            Path::new(&format!("/proc/{pid}/ns/user")),
+            guard::Scope::Pod,
+        )?;
         apply.push(t.elapsed());
         let t = Instant::now();
         guard::seal_root_noexec(pid)?;

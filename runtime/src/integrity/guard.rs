@@ -12,6 +12,14 @@
 //!   needs CAP_SYS_RESOURCE there, which ima pods are refused (see
 //!   `FORBIDDEN_CAPABILITIES`), as is CAP_SYS_ADMIN (mounts).
 //!
+//! - an interpreter the node registered with binfmt_misc's `F` flag was
+//!   opened when it was registered, with the registrant's credentials:
+//!   executing a matching file in the pod runs that node file, which no
+//!   mark of the pod covers and Landlock does not judge. Each ima pod's user
+//!   namespace gets a binfmt_misc instance of its own (Linux >= 6.7), empty
+//!   and out of the pod's reach (mounting one needs CAP_SYS_ADMIN), so the
+//!   node's entries do not apply in the pod.
+//!
 //! Both sysctls are read from the writer's own namespaces (the pid namespace
 //! it runs in, the user namespace it is in), not from a /proc mount, so a
 //! short-lived helper is forked into the target pid namespace, joins the
@@ -58,24 +66,66 @@ pub enum GuardError {
     Helper { step: &'static str, errno: i32 },
     #[error("the guard helper ended abnormally: {0}")]
     Abnormal(String),
+    #[error(
+        "the node registered binfmt_misc interpreters that are opened in advance (flag F: {entries}), \
+         which would run in the pod unmeasured, and this kernel cannot give the pod a binfmt_misc \
+         of its own ({why}; Linux >= 6.7 can): remove those entries or their F flag"
+    )]
+    Binfmt { entries: String, why: String },
 }
 
 const MEMFD_NOEXEC: &str = "/proc/sys/vm/memfd_noexec";
 const MAX_USER_NAMESPACES: &str = "/proc/sys/user/max_user_namespaces";
 
-/// The steps of the helper; its exit code is `step * 256 + errno` folded
-/// into 8 bits as `step` (1..) and the errno sent through a pipe.
-const STEPS: [&str; 5] = [
+/// The steps of the helper; it exits with the failed step's number (1..)
+/// and sends the errno through a pipe.
+const STEPS: [&str; 8] = [
     "join the pod's user namespace",
     "open vm.memfd_noexec",
     "set vm.memfd_noexec = 2",
     "open user.max_user_namespaces",
     "set user.max_user_namespaces = 0",
+    "create a mount namespace of the pod's user namespace",
+    "open a binfmt_misc filesystem context",
+    "give the pod's user namespace its own binfmt_misc",
 ];
 
-/// Applies both guards to the pid namespace of `pid` (a container's init,
-/// created but not started) and to the user namespace pinned at `userns`.
-pub fn apply(pid: u32, userns: &Path) -> Result<(), GuardError> {
+/// The first step of the binfmt_misc part: a failure from there on means
+/// the kernel cannot give a user namespace its own instance.
+const BINFMT_STEP: usize = 6;
+
+/// Which process of the pod `apply` guards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The pod's first process (pause): its user namespace also gets its
+    /// own binfmt_misc, once.
+    Pod,
+    /// A later pid namespace of the pod (a container with pid CONTAINER).
+    PidNamespace,
+}
+
+/// Applies the guards to the pid namespace of `pid` (a container's init or
+/// pause, created but not started) and to the user namespace pinned at
+/// `userns`.
+pub fn apply(pid: u32, userns: &Path, scope: Scope) -> Result<(), GuardError> {
+    match apply_steps(pid, userns, scope) {
+        Err(GuardError::Helper { step, errno }) if STEPS[BINFMT_STEP - 1..].contains(&step) => {
+            // An older kernel (< 6.7) has one binfmt_misc for all user
+            // namespaces. That is only a way out if the node registered an
+            // interpreter with `F`; refuse the pod then, go on otherwise.
+            match node_open_file_interpreters() {
+                v if v.is_empty() => Ok(()),
+                v => Err(GuardError::Binfmt {
+                    entries: v.join(", "),
+                    why: format!("{step}: {}", nix::errno::Errno::from_raw(errno)),
+                }),
+            }
+        }
+        r => r,
+    }
+}
+
+fn apply_steps(pid: u32, userns: &Path, scope: Scope) -> Result<(), GuardError> {
     let open = |p: &Path| {
         std::fs::File::open(p)
             .map(OwnedFd::from)
@@ -83,11 +133,18 @@ pub fn apply(pid: u32, userns: &Path) -> Result<(), GuardError> {
     };
     let pidns = open(&Path::new("/proc").join(pid.to_string()).join("ns/pid"))?;
     let user = open(userns)?;
+    // The pod's first process already has a mount namespace of the pod's
+    // user namespace: joining it is cheaper than copying imacri's mount
+    // table into a new one (whose cost grows with the node's mounts).
+    let mnt = match scope {
+        Scope::Pod => open(&Path::new("/proc").join(pid.to_string()).join("ns/mnt")).ok(),
+        Scope::PidNamespace => None,
+    };
     // A thread of its own enters the pid namespace (for its children only)
     // and forks the helper there; the thread then ends, so no other work
     // ever runs with that setting.
     std::thread::scope(|s| {
-        s.spawn(|| run_helper(pid, &pidns, &user))
+        s.spawn(|| run_helper(pid, &pidns, &user, mnt.as_ref(), scope))
             .join()
             .unwrap_or_else(|_| Err(GuardError::Abnormal("guard thread panicked".into())))
     })
@@ -102,18 +159,39 @@ pub fn same_pid_namespace(a: u32, b: u32) -> bool {
     matches!((ns(a), ns(b)), (Ok(x), Ok(y)) if x == y)
 }
 
-fn run_helper(pid: u32, pidns: &OwnedFd, user: &OwnedFd) -> Result<(), GuardError> {
+fn run_helper(
+    pid: u32,
+    pidns: &OwnedFd,
+    user: &OwnedFd,
+    mnt: Option<&OwnedFd>,
+    scope: Scope,
+) -> Result<(), GuardError> {
     nix::sched::setns(pidns, nix::sched::CloneFlags::CLONE_NEWPID)
         .map_err(|source| GuardError::EnterPid { pid, source })?;
     // Everything the child touches is prepared before fork: after it only
     // async-signal-safe calls run (this process has other threads).
-    let memfd = CString::new(MEMFD_NOEXEC).expect("static path");
-    let maxns = CString::new(MAX_USER_NAMESPACES).expect("static path");
+    let paths = HelperPaths {
+        memfd: CString::new(MEMFD_NOEXEC).expect("static path"),
+        maxns: CString::new(MAX_USER_NAMESPACES).expect("static path"),
+        binfmt: CString::new("binfmt_misc").expect("static name"),
+    };
     let user_fd = user.as_raw_fd();
-    // SAFETY: the child calls only setns/open/write/close/_exit.
+    let mnt_fd = mnt.map(|m| m.as_raw_fd());
+    // SAFETY: the child calls only setns/open/write/close/unshare/syscall/_exit.
     fork_helper(&STEPS, |report| unsafe {
-        helper(user_fd, &memfd, &maxns, report)
+        helper(
+            user_fd,
+            &paths,
+            (scope == Scope::Pod).then_some(mnt_fd),
+            report,
+        )
     })
+}
+
+struct HelperPaths {
+    memfd: CString,
+    maxns: CString,
+    binfmt: CString,
 }
 
 /// Forks a single-threaded helper running `child` (async-signal-safe calls
@@ -143,13 +221,17 @@ unsafe fn fail(report: i32, step: i32) -> ! {
 }
 
 /// The forked helper: in the target pid namespace, joins the pod's user
-/// namespace and writes both sysctls. Never returns.
-unsafe fn helper(user: i32, memfd: &CString, maxns: &CString, report: i32) -> ! {
+/// namespace and writes both sysctls; for the pod (`pod` is `Some`, with
+/// the pod's mount namespace if it has one), also gives its user namespace
+/// its own binfmt_misc. Never returns.
+unsafe fn helper(user: i32, p: &HelperPaths, pod: Option<Option<i32>>, report: i32) -> ! {
     let fail = |step: i32| -> ! { fail(report, step) };
     if libc::setns(user, libc::CLONE_NEWUSER) != 0 {
         fail(1);
     }
-    for (path, value, step) in [(memfd, b"2\n", 2), (maxns, b"0\n", 4)] {
+    // `max_user_namespaces` again for each pid namespace: the same user
+    // namespace, so a no-op unless something raised it.
+    for (path, value, step) in [(&p.memfd, b"2\n", 2), (&p.maxns, b"0\n", 4)] {
         let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
         if fd < 0 {
             fail(step);
@@ -159,7 +241,65 @@ unsafe fn helper(user: i32, memfd: &CString, maxns: &CString, report: i32) -> ! 
         }
         libc::close(fd);
     }
+    if let Some(mnt) = pod {
+        own_binfmt_misc(&p.binfmt, mnt, report, BINFMT_STEP as i32);
+    }
     libc::_exit(0)
+}
+
+/// In a helper that joined a user namespace: creates (without mounting it
+/// anywhere) a binfmt_misc superblock owned by that user namespace, which
+/// makes the kernel look up formats there instead of in the node's
+/// instance for good. Creating one needs CAP_SYS_ADMIN over a mount
+/// namespace: `mnt` (one of the joined user namespace) or else a new one;
+/// nothing is mounted in it, and the user namespace's instance stays.
+/// Its three steps are reported as `step`, `step + 1` and `step + 2`.
+unsafe fn own_binfmt_misc(name: &CString, mnt: Option<i32>, report: i32, step: i32) {
+    let joined = mnt.is_some_and(|fd| libc::setns(fd, libc::CLONE_NEWNS) == 0);
+    if !joined && libc::unshare(libc::CLONE_NEWNS) != 0 {
+        fail(report, step);
+    }
+    let fs = libc::syscall(libc::SYS_fsopen, name.as_ptr(), FSOPEN_CLOEXEC);
+    if fs < 0 {
+        fail(report, step + 1);
+    }
+    let fs = fs as libc::c_int;
+    let create = libc::syscall(
+        libc::SYS_fsconfig,
+        fs,
+        FSCONFIG_CMD_CREATE,
+        std::ptr::null::<libc::c_char>(),
+        std::ptr::null::<libc::c_void>(),
+        0,
+    );
+    if create != 0 {
+        fail(report, step + 2);
+    }
+    libc::close(fs);
+}
+
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+
+/// The node's binfmt_misc entries that are enabled and opened in advance
+/// (flag `F`), by name; empty when binfmt_misc is not mounted at its usual
+/// place (entries then live only as long as some mount of it elsewhere).
+pub fn node_open_file_interpreters() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc/sys/fs/binfmt_misc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| !matches!(e.file_name().to_str(), Some("register" | "status")))
+        .filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|s| opens_in_advance(&s)))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Whether a binfmt_misc entry's status text says enabled, with flag `F`.
+fn opens_in_advance(status: &str) -> bool {
+    let mut lines = status.lines();
+    lines.next() == Some("enabled")
+        && lines.any(|l| l.strip_prefix("flags: ").is_some_and(|f| f.contains('F')))
 }
 
 /// Makes the root mount of `pid`'s mount namespace `noexec` once `pid` has
@@ -271,6 +411,27 @@ fn reap(child: i32, rd: &OwnedFd, steps: &[&'static str]) -> Result<(), GuardErr
     }
 }
 
+/// Whether this kernel gives a user namespace a binfmt_misc of its own
+/// (6.7+): a throwaway child in a new user and mount namespace tries.
+pub fn probe_binfmt() -> Result<(), String> {
+    let name = CString::new("binfmt_misc").expect("static name");
+    let steps = [
+        "create a user namespace",
+        STEPS[BINFMT_STEP - 1],
+        STEPS[BINFMT_STEP],
+        STEPS[BINFMT_STEP + 1],
+    ];
+    // SAFETY: the child calls only unshare/syscall/close/write/_exit.
+    fork_helper(&steps, |report| unsafe {
+        if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+            fail(report, 1);
+        }
+        own_binfmt_misc(&name, None, report, 2);
+        libc::_exit(0)
+    })
+    .map_err(|e| e.to_string())
+}
+
 /// Whether this kernel has a per-pid-namespace `vm.memfd_noexec` (6.3+).
 pub fn probe() -> Result<(), String> {
     if Path::new(MEMFD_NOEXEC).exists() {
@@ -309,5 +470,17 @@ mod tests {
             Some("sys_resource")
         );
         assert_eq!(forbidden_capability(&caps(&["ALL"])), Some("ALL"));
+    }
+
+    #[test]
+    fn entries_opened_in_advance_are_enabled_ones_with_flag_f() {
+        let entry = |state: &str, flags: &str| {
+            format!("{state}\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\nflags: {flags}\noffset 0\nmagic 7f454c46\n")
+        };
+        assert!(opens_in_advance(&entry("enabled", "POCF")));
+        assert!(opens_in_advance(&entry("enabled", "F")));
+        assert!(!opens_in_advance(&entry("enabled", "POC")));
+        assert!(!opens_in_advance(&entry("enabled", "")));
+        assert!(!opens_in_advance(&entry("disabled", "F")));
     }
 }
