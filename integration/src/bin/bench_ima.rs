@@ -343,7 +343,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
         init_through - init_direct
     );
     println!(
-        "{:<44} {:>10.0}   (+{:.1} us: Landlock's check of each exec)",
+        "{:<44} {:>10.0}   ({:+.1} us: Landlock's check of each exec)",
         "exec by a process the init restricted (us)",
         ll_restricted,
         ll_restricted - ll_plain
@@ -672,20 +672,42 @@ fn init_cost(dir: &Path, bin: &Path) -> Result<(f64, f64, f64, f64)> {
         through.push(timed(Command::new(&init).arg(bin))?);
     }
     let me = std::env::current_exe()?;
-    let looped = |c: &mut Command| -> Result<f64> {
+    // Each child's samples (ns, one per line), the two kinds of child
+    // alternating round by round: the VM's drift between one long loop and
+    // the other was as large as the difference (-20 to +61 us).
+    let looped = |c: &mut Command, into: &mut Vec<Duration>| -> Result<()> {
         let out = c.output()?;
         anyhow::ensure!(out.status.success(), "{c:?}: {out:?}");
-        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            into.push(Duration::from_nanos(l.trim().parse()?));
+        }
+        Ok(())
     };
-    let plain = looped(Command::new(&me).arg("exec-loop").arg(bin))?;
-    let restricted = looped(Command::new(&init).arg(&me).arg("exec-loop").arg(bin))?;
-    Ok((median(direct), median(through), plain, restricted))
+    let (mut plain, mut restricted) = (Vec::new(), Vec::new());
+    for _ in 0..EXEC_LOOP_ROUNDS {
+        looped(Command::new(&me).arg("exec-loop").arg(bin), &mut plain)?;
+        looped(
+            Command::new(&init).arg(&me).arg("exec-loop").arg(bin),
+            &mut restricted,
+        )?;
+    }
+    Ok((
+        median(direct),
+        median(through),
+        median(plain),
+        median(restricted),
+    ))
 }
 
-/// The child of `init_cost`: execs `bin` RUNS/2 times, prints the median.
+/// Rounds of `exec-loop` children per kind in `init_cost`.
+const EXEC_LOOP_ROUNDS: usize = 6;
+
+/// The child of `init_cost`: execs `bin` RUNS/2/EXEC_LOOP_ROUNDS times,
+/// prints each duration in nanoseconds.
 fn exec_loop(bin: &Path) -> Result<()> {
-    let v = execs(bin, RUNS / 2)?;
-    println!("{:.2}", median(v));
+    for d in execs(bin, RUNS / 2 / EXEC_LOOP_ROUNDS)? {
+        println!("{}", d.as_nanos());
+    }
     Ok(())
 }
 
