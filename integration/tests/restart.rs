@@ -185,3 +185,101 @@ async fn kill_and_restart_recovers_everything() {
     .unwrap();
     assert!(env.all_objects(&d.namespace).await.unwrap().is_empty());
 }
+
+/// containerd restarts (its shims keep running) under an ima pod: the pod's
+/// measurement goes on without a gap. A new file executed in the running
+/// container after the restart is measured, a container created and
+/// started after it gets the guards, runs through imacri's init and is
+/// measured from its first instruction, and nothing is left afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ima_pod_stays_measured_across_a_containerd_restart() {
+    use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
+    let env = Env::get();
+    let name = format!("ima-ctd-restart-{:06x}", rand::random::<u32>() % 0xffffff);
+    let (sock, pid) = imacri_integration::start_containerd_pid(&env.base, &name, false).unwrap();
+    let d = Imacri::start_full(
+        env,
+        "ima-restart",
+        &["--containerd-address", sock.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let mut cfg = pod_config("ima-ctd-restart");
+    cfg.annotations
+        .insert("imacri.dev/ima".into(), "true".into());
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let sleeper = |n: &str| container_config(n, &env.busybox, &["sleep", "1000"]);
+    let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
+    assert_eq!(sh_ok(&mut rt, &a, "echo before").await, "before");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = imacri_integration::start_containerd_pid(&env.base, &name, false).unwrap();
+
+    // Exec works again once containerd is back; what it runs is measured.
+    let out = imacri_integration::poll::eventually(
+        "exec after the containerd restart",
+        Duration::from_secs(20),
+        || {
+            let mut rt = rt.clone();
+            let a = a.clone();
+            async move {
+                let (code, out, _) = exec_sh(
+                    &mut rt,
+                    &a,
+                    "mkdir -p /tmp/r && cp /bin/busybox /tmp/r/echo && /tmp/r/echo after",
+                )
+                .await;
+                (code == 0).then_some(out)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.trim(), "after");
+    let b = start_container(&mut rt, &pod, &cfg, sleeper("b")).await;
+    assert_eq!(
+        sh_ok(&mut rt, &b, "cat /proc/sys/vm/memfd_noexec").await,
+        "2"
+    );
+
+    let (code, log, err) = imacri_integration::attest(&d, &["log", &pod]);
+    assert_eq!(code, 0, "{err}");
+    let has = |container: &str, path: &str, ev: &str| {
+        log.lines().any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.len() == 8 && l.contains(container) && f[4] == path && f[7] == ev
+        })
+    };
+    assert!(has(&a, "/tmp/r/echo", "exec"), "{log}");
+    // b's entrypoint ran through imacri's init, then sleep (busybox).
+    assert!(
+        has(&b, imacri_runtime::integrity::init::PATH, "exec"),
+        "{log}"
+    );
+    assert!(has(&b, "/bin/busybox", "exec"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&b) && l.split(" ").nth(7) == Some("start")),
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.split(" ").nth(7) == Some("gap")),
+        "a containerd restart is no gap in the measurement: {log}"
+    );
+
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    assert!(env
+        .all_objects_at(&sock, "ima-restart")
+        .await
+        .unwrap()
+        .is_empty());
+}
