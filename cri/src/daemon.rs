@@ -225,12 +225,27 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     server.stop_nri().await;
     // The containers live on: their fanotify groups stay with the fd keeper.
-    if let Some(e) = &server.integrity.engine {
+    // What was read is answered first (a crash's in-flight events are
+    // refused instead); the rest waits in the kernel for the next imacri.
+    if let Some(e) = server.integrity.engine.clone() {
         e.detach();
+        let left = tokio::task::spawn_blocking(move || e.drain(DRAIN_LIMIT))
+            .await
+            .unwrap_or(usize::MAX);
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "stopping with measured accesses unanswered: the next imacri refuses them"
+            );
+        }
     }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }
+
+/// How long a graceful stop waits for measured accesses in flight (a large
+/// file being hashed) to be answered.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
 /// One line per node capability for `imacri check`; Err if pods cannot run.
 pub async fn check(cfg: &Config) -> Result<bool> {

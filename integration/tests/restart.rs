@@ -186,6 +186,42 @@ async fn kill_and_restart_recovers_everything() {
     assert!(env.all_objects(&d.namespace).await.unwrap().is_empty());
 }
 
+/// An ima pod (by annotation) named `name` on `d`.
+async fn ima_pod(
+    d: &Imacri,
+    rt: &mut imacri_integration::client::Rt,
+    name: &str,
+) -> (String, cri::PodSandboxConfig) {
+    let mut cfg = pod_config(name);
+    cfg.annotations
+        .insert("imacri.dev/ima".into(), "true".into());
+    let pod = imacri_integration::client::run_pod(rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    (pod, cfg)
+}
+
+/// The pod's measurement log (`attest log`).
+fn pod_log(d: &Imacri, pod: &str) -> String {
+    let (code, log, err) = imacri_integration::attest(d, &["log", pod]);
+    assert_eq!(code, 0, "{err}");
+    log
+}
+
+/// Whether `log` has an entry of `container` with `ev`, for `path` (any
+/// path when empty).
+fn logged(log: &str, container: &str, path: &str, ev: &str) -> bool {
+    log.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.len() == 8 && l.contains(container) && (path.is_empty() || f[4] == path) && f[7] == ev
+    })
+}
+
+/// Whether `log` has a `gap` entry.
+fn has_gap(log: &str) -> bool {
+    log.lines().any(|l| l.split(' ').nth(7) == Some("gap"))
+}
+
 /// containerd restarts (its shims keep running) under an ima pod: the pod's
 /// measurement goes on without a gap. A new file executed in the running
 /// container after the restart is measured, a container created and
@@ -193,7 +229,7 @@ async fn kill_and_restart_recovers_everything() {
 /// measured from its first instruction, and nothing is left afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_ima_pod_stays_measured_across_a_containerd_restart() {
-    use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
+    use imacri_integration::client::{exec_sh, sh_ok, start_container};
     let env = Env::get();
     let name = format!("ima-ctd-restart-{:06x}", rand::random::<u32>() % 0xffffff);
     let (sock, pid) = imacri_integration::start_containerd_pid(&env.base, &name, false).unwrap();
@@ -206,12 +242,7 @@ async fn an_ima_pod_stays_measured_across_a_containerd_restart() {
     .unwrap();
     d.pull(&env.busybox).await;
     let mut rt = d.runtime().await.unwrap();
-    let mut cfg = pod_config("ima-ctd-restart");
-    cfg.annotations
-        .insert("imacri.dev/ima".into(), "true".into());
-    let pod = run_pod(&mut rt, &cfg)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-ctd-restart").await;
     let sleeper = |n: &str| container_config(n, &env.busybox, &["sleep", "1000"]);
     let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
     assert_eq!(sh_ok(&mut rt, &a, "echo before").await, "before");
@@ -251,14 +282,8 @@ async fn an_ima_pod_stays_measured_across_a_containerd_restart() {
         "2"
     );
 
-    let (code, log, err) = imacri_integration::attest(&d, &["log", &pod]);
-    assert_eq!(code, 0, "{err}");
-    let has = |container: &str, path: &str, ev: &str| {
-        log.lines().any(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            f.len() == 8 && l.contains(container) && f[4] == path && f[7] == ev
-        })
-    };
+    let log = pod_log(&d, &pod);
+    let has = |container: &str, path: &str, ev: &str| logged(&log, container, path, ev);
     assert!(has(&a, "/tmp/r/echo", "exec"), "{log}");
     // b's entrypoint ran through imacri's init, then sleep (busybox).
     assert!(
@@ -266,13 +291,9 @@ async fn an_ima_pod_stays_measured_across_a_containerd_restart() {
         "{log}"
     );
     assert!(has(&b, "/bin/busybox", "exec"), "{log}");
+    assert!(has(&b, "", "start"), "{log}");
     assert!(
-        log.lines()
-            .any(|l| l.contains(&b) && l.split(" ").nth(7) == Some("start")),
-        "{log}"
-    );
-    assert!(
-        !log.lines().any(|l| l.split(" ").nth(7) == Some("gap")),
+        !has_gap(&log),
         "a containerd restart is no gap in the measurement: {log}"
     );
 
@@ -282,4 +303,133 @@ async fn an_ima_pod_stays_measured_across_a_containerd_restart() {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// imacri crashes between CreateContainer and StartContainer of an ima
+/// pod's container (kubelet retries the start against the next imacri):
+/// the container starts measured as if nothing happened — guards set,
+/// through imacri's init, entries from its first instruction, no gap — and
+/// the pod's running container is still measured.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ima_container_created_before_a_crash_starts_measured() {
+    use imacri_integration::client::{create_container, sh_ok, start_container};
+    let env = Env::get();
+    let mut d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-crash-created").await;
+    let sleeper = |n: &str| container_config(n, &env.busybox, &["sleep", "1000"]);
+    let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
+    let b = create_container(&mut rt, &pod, &cfg, sleeper("b"))
+        .await
+        .unwrap();
+    // Not while a's entrypoint is being measured: an execution in flight
+    // at a crash is refused (`ima_escapes.rs`), which would end a.
+    imacri_integration::poll::eventually("a runs sleep", Duration::from_secs(10), || async {
+        logged(&pod_log(&d, &pod), &a, "/bin/busybox", "exec").then_some(())
+    })
+    .await
+    .unwrap();
+
+    d.kill();
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    rt.start_container(cri::StartContainerRequest {
+        container_id: b.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    for c in [&a, &b] {
+        assert_eq!(
+            sh_ok(&mut rt, c, "cat /proc/sys/vm/memfd_noexec").await,
+            "2"
+        );
+        assert_eq!(
+            sh_ok(
+                &mut rt,
+                c,
+                "mkdir -p /tmp/r && cp /bin/busybox /tmp/r/echo && /tmp/r/echo ran"
+            )
+            .await,
+            "ran"
+        );
+    }
+    let log = pod_log(&d, &pod);
+    let has = |container: &str, path: &str, ev: &str| logged(&log, container, path, ev);
+    for c in [&a, &b] {
+        assert!(has(c, "/tmp/r/echo", "exec"), "{c}: {log}");
+        assert!(
+            has(c, imacri_runtime::integrity::init::PATH, "exec"),
+            "{c}: {log}"
+        );
+    }
+    assert!(has(&b, "", "start"), "{log}");
+    assert!(
+        !has_gap(&log),
+        "with the keeper, a crash is no gap in the measurement: {log}"
+    );
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+}
+
+/// A graceful stop (SIGTERM: an upgrade, `systemctl restart`) answers the
+/// measured executions it has already read before imacri exits, instead of
+/// refusing them as a crash must (the dead process's events cannot be told
+/// apart): an exec whose file is being hashed when SIGTERM comes runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_answers_executions_in_flight() {
+    use imacri_integration::client::{exec_sh, sh_ok, start_container};
+    let env = Env::get();
+    let mut d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    d.kill();
+    // Hashing a file under /tmp/slowexec takes 2 s longer.
+    d.vars = vec![("IMACRI_TEST_HASH_DELAY".into(), "/tmp/slowexec/".into())];
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-graceful").await;
+    // The entrypoint runs the file once it is written; imacri is stopped
+    // while that execution's file is being hashed.
+    let a = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config(
+            "a",
+            &env.busybox,
+            &[
+                "sh",
+                "-c",
+                "mkdir -p /tmp/slowexec && cp /bin/busybox /tmp/slowexec/echo && sleep 0.5 && \
+                 /tmp/slowexec/echo ran >/tmp/out 2>/tmp/err; echo $? >/tmp/rc; sleep 1000",
+            ],
+        ),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let t = std::time::Instant::now();
+    let status = d.stop().unwrap();
+    assert!(status.success(), "graceful shutdown: {status:?}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(800),
+        "imacri stopped without waiting for the hash in flight ({:?})",
+        t.elapsed()
+    );
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let rc = imacri_integration::poll::eventually("the exec ends", Duration::from_secs(20), || {
+        let mut rt = rt.clone();
+        let a = a.clone();
+        async move {
+            let (_, out, _) = exec_sh(&mut rt, &a, "cat /tmp/rc 2>/dev/null").await;
+            (!out.trim().is_empty()).then(|| out.trim().to_string())
+        }
+    })
+    .await
+    .unwrap();
+    let err = sh_ok(&mut rt, &a, "cat /tmp/err").await;
+    assert_eq!(rc, "0", "the exec in flight was refused: {err}");
+    assert_eq!(sh_ok(&mut rt, &a, "cat /tmp/out").await, "ran");
+    let log = pod_log(&d, &pod);
+    assert!(logged(&log, &a, "/tmp/slowexec/echo", "exec"), "{log}");
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }

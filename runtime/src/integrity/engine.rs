@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::allowlist::Allowlist;
@@ -175,13 +175,53 @@ pub struct Engine {
     /// Set when imacri shuts down: watches then leave their groups with the
     /// fd keeper, so the containers wait for the next imacri.
     detached: std::sync::atomic::AtomicBool,
+    /// Events read from the kernel and not answered yet, plus readers that
+    /// are about to read: what a graceful stop waits for (see [`drain`]).
+    inflight: AtomicUsize,
+    /// Test only: hashing a file whose path contains this takes 2 s longer.
+    hash_delay: Option<String>,
+}
+
+/// A reader's claim that it may read events now (see [`Engine::reading`]).
+pub struct Reading<'a>(&'a AtomicUsize);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Engine {
-    /// imacri is going away (not the containers): keep what is kept.
+    /// imacri is going away (not the containers): keep what is kept, and
+    /// read no more events (they wait in the kernel for the next imacri).
     pub fn detach(&self) {
         self.detached
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Taken by a reader (fanotify or map guard) before it reads events
+    /// and held until it has answered or queued them; `None` once imacri is
+    /// going away. Counting first and checking after means a stop that saw
+    /// no reader at work can never be followed by a read.
+    pub fn reading(&self) -> Option<Reading<'_>> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let r = Reading(&self.inflight);
+        (!self.detached()).then_some(r)
+    }
+
+    /// After [`detach`]: waits (up to `limit`) until every event read so
+    /// far is answered, so a graceful stop (an upgrade, `systemctl
+    /// restart`) does not refuse the executions in flight as a crash must.
+    /// Returns how many were still unanswered at the limit.
+    pub fn drain(&self, limit: std::time::Duration) -> usize {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let n = self.inflight.load(Ordering::SeqCst);
+            if n == 0 || std::time::Instant::now() >= deadline {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 
     pub fn detached(&self) -> bool {
@@ -211,6 +251,8 @@ impl Engine {
                 .and_then(|v| v.parse().ok())
                 .map(std::time::Duration::from_millis),
             detached: Default::default(),
+            inflight: AtomicUsize::new(0),
+            hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),
         });
         for i in 0..workers.max(1) {
             let queue = queue.clone();
@@ -221,6 +263,7 @@ impl Engine {
                     while let Some(job) = queue.pop() {
                         let Some(engine) = weak.upgrade() else { return };
                         engine.hash_and_decide(job);
+                        engine.inflight.fetch_sub(1, Ordering::SeqCst);
                     }
                 });
         }
@@ -287,17 +330,26 @@ impl Engine {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
                 self.decide(&target, pending, kind, d, Some(t0));
             }
-            None => self.queue.push(Job {
-                target,
-                pending,
-                key,
-                kind,
-            }),
+            None => {
+                // Counted until a worker has answered it.
+                self.inflight.fetch_add(1, Ordering::SeqCst);
+                self.queue.push(Job {
+                    target,
+                    pending,
+                    key,
+                    kind,
+                })
+            }
         }
     }
 
     fn hash_and_decide(&self, job: Job) {
         let t = &job.target;
+        if let Some(d) = &self.hash_delay {
+            if fd_path(job.pending.fd()).contains(d.as_str()) {
+                std::thread::sleep(std::time::Duration::from_secs(2));
+            }
+        }
         let fd = job.pending.fd();
         let mut key = job.key;
         for _ in 0..HASH_TRIES {

@@ -355,6 +355,11 @@ fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
         if engine.fail_after.is_some_and(|n| handled >= n) {
             return stopped(engine, &group, &stop, "injected reader fault (test)".into());
         }
+        // imacri is stopping: what is not read yet waits in the kernel
+        // (the keeper holds the group) for the next imacri.
+        let Some(_reading) = engine.reading() else {
+            return;
+        };
         let events = match group.fan.read_events() {
             Ok(ev) => ev,
             Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,

@@ -303,6 +303,14 @@ fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&k
             // POLLHUP: every task of this filter is gone.
             return;
         }
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        // imacri is stopping: what is not received yet waits in the kernel
+        // (the keeper holds the listener) for the next imacri.
+        let Some(_reading) = engine.reading() else {
+            return;
+        };
         // SAFETY: the kernel requires a zeroed struct; plain old data.
         let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
         let r = unsafe {
@@ -324,9 +332,6 @@ fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&k
         if let Some(i) = ids {
             i.record(req.id);
         }
-        let Some(engine) = engine.upgrade() else {
-            return;
-        };
         handle(&engine, &notify, &auditor, &mut tasks, container, &req);
     }
 }
