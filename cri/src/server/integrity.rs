@@ -47,8 +47,8 @@ type Seal = tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>
 /// The fds the fd keeper held for the last imacri.
 #[derive(Default)]
 pub(crate) struct Kept {
-    /// Fanotify groups by container ID.
-    pub groups: HashMap<String, std::os::fd::OwnedFd>,
+    /// Fanotify groups by container ID, with the events being measured.
+    pub groups: HashMap<String, fanotify::KeptGroup>,
     /// Seccomp listeners with their keys.
     pub listeners: Vec<(String, std::os::fd::OwnedFd)>,
 }
@@ -366,7 +366,7 @@ impl CriServer {
         pod: &str,
         ctr: &str,
         pid: u32,
-        kept: Option<std::os::fd::OwnedFd>,
+        kept: Option<fanotify::KeptGroup>,
         look_up_command: bool,
     ) -> Result<Option<Watch>> {
         let sb = self.sandbox(pod)?;
@@ -515,12 +515,37 @@ impl CriServer {
         };
         match k.all() {
             Ok(all) => {
+                let mut events: HashMap<String, Vec<keeper::KeptEvent>> = HashMap::new();
                 for (key, fd) in all {
+                    if let Some((ctr, number, exec, tid)) = keeper::parse_event_key(&key) {
+                        events
+                            .entry(ctr.to_string())
+                            .or_default()
+                            .push(keeper::KeptEvent {
+                                number,
+                                exec,
+                                tid,
+                                file: fd,
+                            });
+                        continue;
+                    }
                     match key.strip_prefix(keeper::FANOTIFY) {
                         Some(ctr) => {
-                            kept.groups.insert(ctr.to_string(), fd);
+                            kept.groups.insert(
+                                ctr.to_string(),
+                                fanotify::KeptGroup {
+                                    group: fd,
+                                    events: Vec::new(),
+                                },
+                            );
                         }
                         None => kept.listeners.push((key, fd)),
+                    }
+                }
+                for (ctr, evs) in events {
+                    // The keeper holds events only with their group.
+                    if let Some(g) = kept.groups.get_mut(&ctr) {
+                        g.events = evs;
                     }
                 }
             }
@@ -532,7 +557,7 @@ impl CriServer {
     }
 
     /// After recovery: groups of containers that are gone are let go.
-    pub(crate) fn release_groups(&self, left: HashMap<String, std::os::fd::OwnedFd>) {
+    pub(crate) fn release_groups(&self, left: HashMap<String, fanotify::KeptGroup>) {
         if let Some(k) = self.integrity.keeper() {
             for ctr in left.keys() {
                 let _ = k.drop_key(&format!("{}{ctr}", keeper::FANOTIFY));
@@ -549,7 +574,7 @@ impl CriServer {
         pod: &str,
         ctr: &str,
         pid: u32,
-        kept: &mut HashMap<String, std::os::fd::OwnedFd>,
+        kept: &mut HashMap<String, fanotify::KeptGroup>,
     ) -> (Option<Watch>, bool) {
         if let Some(fd) = kept.remove(ctr) {
             match self.measure_with(pod, ctr, pid, Some(fd), false).await {

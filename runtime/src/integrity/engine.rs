@@ -52,6 +52,8 @@ pub struct Measured {
 pub trait Pending: Send {
     fn fd(&self) -> BorrowedFd<'_>;
     fn answer(self: Box<Self>, allow: bool);
+    /// Called when the access waits for hashing (not decided at once).
+    fn queued(&mut self) {}
 }
 
 /// A measurement the policy does not allow, for logs and CRI events.
@@ -319,7 +321,7 @@ impl Engine {
     pub fn submit(
         &self,
         target: Arc<Measured>,
-        pending: Box<dyn Pending>,
+        mut pending: Box<dyn Pending>,
         key: FileKey,
         kind: Event,
     ) {
@@ -331,6 +333,7 @@ impl Engine {
                 self.decide(&target, pending, kind, d, Some(t0));
             }
             None => {
+                pending.queued();
                 // Counted until a worker has answered it.
                 self.inflight.fetch_add(1, Ordering::SeqCst);
                 self.queue.push(Job {
@@ -340,6 +343,27 @@ impl Engine {
                     kind,
                 })
             }
+        }
+    }
+
+    /// As [`submit`], hashing in the calling thread (for the accesses a
+    /// previous imacri left unanswered, before the container's reader
+    /// reads anything).
+    pub fn measure_now(
+        &self,
+        target: Arc<Measured>,
+        pending: Box<dyn Pending>,
+        key: FileKey,
+        kind: Event,
+    ) {
+        match self.cached(&key) {
+            Some(d) => self.decide(&target, pending, kind, d, None),
+            None => self.hash_and_decide(Job {
+                target,
+                pending,
+                key,
+                kind,
+            }),
         }
     }
 

@@ -144,6 +144,9 @@ pub struct Target {
 struct Group {
     fan: Fanotify,
     target: Target,
+    /// Where an event being hashed is handed over, so that the next imacri
+    /// measures it if this one dies meanwhile.
+    keeper: Option<Keeper>,
     /// The kernel sends an execve's open as two events, FAN_OPEN_EXEC_PERM
     /// then FAN_OPEN_PERM (the second only after the first is allowed): the
     /// open that follows an *allowed* exec of the same file by the same task
@@ -158,6 +161,8 @@ struct FanPending {
     fd: i32,
     /// Set as the allowed exec of this (pid, file) when answered "allow".
     exec_of: Option<(i32, FileKey)>,
+    /// The keeper's key for a copy of this event, while it is hashed.
+    kept: Option<String>,
 }
 
 impl Pending for FanPending {
@@ -167,13 +172,87 @@ impl Pending for FanPending {
     }
 
     fn answer(self: Box<Self>, allow: bool) {
+        let FanPending {
+            group,
+            event,
+            exec_of,
+            kept,
+            ..
+        } = *self;
+        if let (true, Some(x)) = (allow, exec_of) {
+            if let Ok(mut last) = group.last_exec.lock() {
+                *last = Some(x);
+            }
+        }
+        answer(&group, &event, allow);
+        if let (Some(key), Some(k)) = (kept, &group.keeper) {
+            if let Err(e) = k.drop_key(&key) {
+                // Our fd number must not be reused while the keeper still
+                // has it under this key: a next imacri would answer a later
+                // event by it with this file's verdict. Kept open for good.
+                tracing::warn!(container_id = %group.target.measured.container, error = %e, "fd keeper: an answered event not dropped; its fd stays open");
+                std::mem::forget(event);
+            }
+        }
+    }
+
+    /// Hashing takes a while: a copy goes to the keeper first, so that if
+    /// imacri dies meanwhile the next one measures the access instead of
+    /// refusing it (only the number we got can answer it).
+    fn queued(&mut self) {
+        let Some(k) = &self.group.keeper else { return };
+        let key = keeper::event_key(
+            &self.group.target.measured.container,
+            self.fd,
+            self.exec_of.is_some(),
+            self.event.pid(),
+        );
+        match k.put(&key, self.fd()) {
+            Ok(()) => self.kept = Some(key),
+            Err(e) => {
+                tracing::debug!(container_id = %self.group.target.measured.container, error = %e, "fd keeper: event not kept; a crash now refuses it")
+            }
+        }
+    }
+}
+
+/// An event a previous imacri read and handed to the keeper: answered by
+/// the number its reader got.
+struct KeptPending {
+    group: Arc<Group>,
+    event: keeper::KeptEvent,
+    exec_of: Option<(i32, FileKey)>,
+}
+
+impl Pending for KeptPending {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.event.file.as_fd()
+    }
+
+    fn answer(self: Box<Self>, allow: bool) {
         if let (true, Some(x)) = (allow, self.exec_of) {
             if let Ok(mut last) = self.group.last_exec.lock() {
                 *last = Some(x);
             }
         }
-        answer(&self.group, &self.event, allow);
+        keeper::respond(self.group.fan.as_fd(), self.event.number, allow);
+        if let Some(k) = &self.group.keeper {
+            let key = keeper::event_key(
+                &self.group.target.measured.container,
+                self.event.number,
+                self.event.exec,
+                self.event.tid,
+            );
+            let _ = k.drop_key(&key);
+        }
     }
+}
+
+/// A container's group as the last imacri left it with the keeper, with
+/// the events it was measuring.
+pub struct KeptGroup {
+    pub group: OwnedFd,
+    pub events: Vec<keeper::KeptEvent>,
 }
 
 /// A running watch; dropping it stops measuring (the group closes, and
@@ -276,7 +355,7 @@ pub fn watch(
         }
     });
     let key = kept.as_ref().map(|(k, key)| (k.clone(), key.clone()));
-    start(engine, fan, target, kept).inspect_err(|_| {
+    start(engine, fan, target, kept, Vec::new()).inspect_err(|_| {
         if let Some((k, key)) = key {
             let _ = k.drop_key(&key);
         }
@@ -284,23 +363,27 @@ pub fn watch(
 }
 
 /// After a restart: takes back a container's group from the keeper. Its
-/// marks are in place and its queued events waited for us; the events the
+/// marks are in place and its queued events waited for us. The events the
 /// last imacri read but never answered are denied first (their tasks get
 /// EPERM: nothing measured them), because the kernel matches answers by fd
-/// number and one of ours could otherwise answer an old event.
+/// number and one of ours could otherwise answer an old event; those it
+/// handed to the keeper while hashing them are measured now instead, before
+/// anything new is read.
 pub fn adopt(
     engine: &Arc<Engine>,
     target: Target,
-    group: OwnedFd,
+    kept_group: KeptGroup,
     keeper: &Keeper,
 ) -> Result<(Watch, usize), FanotifyError> {
     use std::os::fd::{FromRawFd, IntoRawFd};
+    let KeptGroup { group, events } = kept_group;
     // SAFETY: the keeper handed us a fanotify group fd we now own.
     let fan = unsafe { Fanotify::from_raw_fd(group.into_raw_fd()) };
-    let denied = keeper::deny_unanswered(fan.as_fd());
+    let numbers: Vec<i32> = events.iter().map(|e| e.number).collect();
+    let denied = keeper::deny_unanswered(fan.as_fd(), &numbers);
     let key = format!("{}{}", keeper::FANOTIFY, target.measured.container);
     Ok((
-        start(engine, fan, target, Some((keeper.clone(), key)))?,
+        start(engine, fan, target, Some((keeper.clone(), key)), events)?,
         denied,
     ))
 }
@@ -310,6 +393,7 @@ fn start(
     fan: Fanotify,
     target: Target,
     kept: Option<(Keeper, String)>,
+    events: Vec<keeper::KeptEvent>,
 ) -> Result<Watch, FanotifyError> {
     let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| FanotifyError::Thread(e.into()))?;
     let container = target.measured.container.clone();
@@ -317,8 +401,27 @@ fn start(
     let group = Arc::new(Group {
         fan,
         target,
+        keeper: kept.as_ref().map(|(k, _)| k.clone()),
         last_exec: Mutex::new(None),
     });
+    for event in events {
+        let key = match nix::sys::stat::fstat(event.file.as_raw_fd()) {
+            Ok(st) => FileKey::of(&st),
+            Err(_) => {
+                keeper::respond(group.fan.as_fd(), event.number, false);
+                continue;
+            }
+        };
+        let kind = if event.exec { Event::Exec } else { Event::Read };
+        let exec_of = event.exec.then_some((event.tid, key));
+        tracing::info!(container_id = %container, number = event.number, "measuring an access the last imacri was measuring");
+        let pending = Box::new(KeptPending {
+            group: group.clone(),
+            event,
+            exec_of,
+        });
+        engine.measure_now(group.target.measured.clone(), pending, key, kind);
+    }
     let e = engine.clone();
     let thread = std::thread::Builder::new()
         .name("imacri-fanotify".into())
@@ -450,6 +553,7 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
         event: ev,
         fd: raw,
         exec_of: exec.then_some(this),
+        kept: None,
     });
     engine.submit(group.target.measured.clone(), pending, key, kind);
 }

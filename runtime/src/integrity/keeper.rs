@@ -61,12 +61,72 @@ pub fn open_files_limit(hard: u64) -> u64 {
     hard.min(MAX_OPEN_FILES)
 }
 
+/// Keys of fanotify events an imacri was measuring (a copy of the event's
+/// fd, handed over before hashing) start with this; see [`event_key`].
+pub const FANOTIFY_EVENT: &str = "fev:";
+
+/// An event the last imacri read and was measuring when it went away: the
+/// file, and the number its reader got, by which the kernel matches the
+/// answer (any process may write it to the group).
+pub struct KeptEvent {
+    pub number: i32,
+    pub exec: bool,
+    /// The thread that opened the file.
+    pub tid: i32,
+    pub file: OwnedFd,
+}
+
+/// `fev:<container>:<number>:<exec|read>:<tid>`.
+pub fn event_key(container: &str, number: i32, exec: bool, tid: i32) -> String {
+    let kind = if exec { "exec" } else { "read" };
+    format!("{FANOTIFY_EVENT}{container}:{number}:{kind}:{tid}")
+}
+
+/// The container and the event's number, kind and thread of an
+/// [`event_key`].
+pub fn parse_event_key(key: &str) -> Option<(&str, i32, bool, i32)> {
+    let rest = key.strip_prefix(FANOTIFY_EVENT)?;
+    let mut f = rest.rsplitn(4, ':');
+    let tid = f.next()?.parse().ok()?;
+    let exec = match f.next()? {
+        "exec" => true,
+        "read" => false,
+        _ => return None,
+    };
+    let number = f.next()?.parse().ok()?;
+    Some((f.next()?, number, exec, tid))
+}
+
+/// Writes the answer to the event a reader got as fd `number` (ours or a
+/// previous reader's); false when no event waits under that number.
+pub fn respond(group: BorrowedFd<'_>, number: i32, allow: bool) -> bool {
+    let r = libc::fanotify_response {
+        fd: number,
+        response: if allow {
+            libc::FAN_ALLOW
+        } else {
+            libc::FAN_DENY
+        },
+    };
+    // SAFETY: the response is a plain C struct, written whole.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&r as *const libc::fanotify_response).cast::<u8>(),
+            std::mem::size_of::<libc::fanotify_response>(),
+        )
+    };
+    // ENOENT: no event waits under that number.
+    nix::unistd::write(group, bytes).is_ok()
+}
+
 /// Answers "deny" for every event of a fanotify group that a reader took
-/// and can no longer answer (it is gone). The kernel keys answers by the
-/// fd number the reader got, so every number a previous reader could have
-/// held is tried (below our open-file limit: the same binary, the same
-/// limit, at most [`MAX_OPEN_FILES`]). Returns how many events were denied.
-pub fn deny_unanswered(group: BorrowedFd<'_>) -> usize {
+/// and can no longer answer (it is gone), but those under `kept` numbers
+/// (handed to the keeper, measured by the next imacri). The kernel keys
+/// answers by the fd number the reader got, so every number a previous
+/// reader could have held is tried (below our open-file limit: the same
+/// binary, the same limit, at most [`MAX_OPEN_FILES`]). Returns how many
+/// events were denied.
+pub fn deny_unanswered(group: BorrowedFd<'_>, kept: &[i32]) -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -77,25 +137,29 @@ pub fn deny_unanswered(group: BorrowedFd<'_>) -> usize {
     } else {
         MAX_OPEN_FILES as i32
     };
-    let mut denied = 0;
-    for n in 0..top {
-        let r = libc::fanotify_response {
-            fd: n,
-            response: libc::FAN_DENY,
-        };
-        // SAFETY: the response is a plain C struct, written whole.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&r as *const libc::fanotify_response).cast::<u8>(),
-                std::mem::size_of::<libc::fanotify_response>(),
-            )
-        };
-        // ENOENT: no event waits under that number.
-        if nix::unistd::write(group, bytes).is_ok() {
-            denied += 1;
-        }
-    }
-    denied
+    (0..top)
+        .filter(|n| !kept.contains(n) && respond(group, *n, false))
+        .count()
+}
+
+/// The event numbers kept for `container`'s group.
+fn kept_numbers(held: &BTreeMap<String, OwnedFd>, container: &str) -> Vec<i32> {
+    held.keys()
+        .filter_map(|k| parse_event_key(k))
+        .filter(|(c, ..)| *c == container)
+        .map(|(_, n, ..)| n)
+        .collect()
+}
+
+/// Events whose container's group is no longer held are let go: nobody
+/// will answer them through it.
+fn drop_orphan_events(held: &mut BTreeMap<String, OwnedFd>) {
+    let live: std::collections::HashSet<String> = held
+        .keys()
+        .filter_map(|k| k.strip_prefix(FANOTIFY))
+        .map(str::to_string)
+        .collect();
+    held.retain(|k, _| parse_event_key(k).is_none_or(|(c, ..)| live.contains(c)));
 }
 
 /// The last notification id imacri received on one kept seccomp listener,
@@ -466,8 +530,10 @@ pub fn run(path: &Path) -> std::io::Result<()> {
             // and did not answer, nobody ever will. Deny it now, so no task
             // waits forever and no event pins a container's filesystem.
             for (k, f) in held.iter() {
-                if k.starts_with(FANOTIFY) {
-                    deny_unanswered(f.as_fd());
+                if let Some(c) = k.strip_prefix(FANOTIFY) {
+                    deny_unanswered(f.as_fd(), &kept_numbers(&held, c));
+                } else if parse_event_key(k).is_some() {
+                    // Measured by the next imacri.
                 } else if let Ok(ids) = IdFile::open(&ids_dir(path), k) {
                     ids.deny_orphans(f.as_fd());
                 }
@@ -487,6 +553,7 @@ pub fn run(path: &Path) -> std::io::Result<()> {
             }
             idle_since = Instant::now();
         }
+        drop_orphan_events(&mut held);
         if held.is_empty() && holders.is_empty() && idle_since.elapsed() > IDLE_EXIT {
             let _ = std::fs::remove_file(path);
             return Ok(());
@@ -537,6 +604,36 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn event_keys_round_trip() {
+        let c = "3b48b7a8b2acc22ad0839b2532189cd0812d8576402178d35211ea12f4b568fc";
+        let k = event_key(c, 37, true, 4242);
+        assert!(k.starts_with(FANOTIFY_EVENT));
+        assert_eq!(parse_event_key(&k), Some((c, 37, true, 4242)));
+        assert_eq!(
+            parse_event_key(&event_key(c, 5, false, 1)),
+            Some((c, 5, false, 1))
+        );
+        assert_eq!(parse_event_key(&format!("{FANOTIFY}{c}")), None);
+        assert_eq!(parse_event_key("fev:c:x:exec:1"), None);
+        assert_eq!(parse_event_key("fev:c:1:run:1"), None);
+    }
+
+    #[test]
+    fn events_go_with_their_group() {
+        let file = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let mut held = BTreeMap::new();
+        held.insert(format!("{FANOTIFY}a"), file());
+        held.insert(event_key("a", 7, true, 1), file());
+        held.insert(event_key("a", 9, false, 1), file());
+        held.insert(event_key("b", 7, true, 1), file());
+        held.insert("c1/p1/1".to_string(), file());
+        drop_orphan_events(&mut held);
+        assert_eq!(kept_numbers(&held, "a"), vec![7, 9]);
+        assert!(kept_numbers(&held, "b").is_empty());
+        assert!(held.contains_key("c1/p1/1"));
+    }
 
     #[test]
     fn fds_are_kept_and_handed_back() {
