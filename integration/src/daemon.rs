@@ -222,27 +222,39 @@ impl Imacri {
     /// containers' measurement while it was down.
     pub fn kill_all(&mut self) {
         self.kill();
+        self.kill_keeper();
+    }
+
+    /// The pids of this daemon's fd keeper (`imacri internal fd-keeper`).
+    pub fn keeper_pids(&self) -> Vec<i32> {
         let sock = self.state.join("fdkeeper.sock");
         let want = format!("fd-keeper\0--socket\0{}", sock.display());
-        let mut killed = Vec::new();
-        for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmd).contains(&want) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                killed.push(p.path());
-            }
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| {
+                let pid = p.file_name().to_string_lossy().parse::<i32>().ok()?;
+                let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                String::from_utf8_lossy(&cmd).contains(&want).then_some(pid)
+            })
+            .collect()
+    }
+
+    /// SIGKILL to the fd keeper alone, returning once it is gone (its
+    /// groups released unless someone else holds them).
+    pub fn kill_keeper(&self) {
+        let killed = self.keeper_pids();
+        for pid in &killed {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
-        // Gone (its groups released) before the caller goes on.
         let deadline = Instant::now() + Duration::from_secs(5);
         while killed
             .iter()
-            .any(|p| std::fs::read(p.join("cmdline")).is_ok_and(|c| !c.is_empty()))
+            .any(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| !c.is_empty()))
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(20));

@@ -14,6 +14,7 @@ pub mod kubelet;
 pub mod peers;
 pub mod poll;
 pub mod registry;
+pub mod runner;
 mod swtpm;
 pub mod token_service;
 

@@ -458,3 +458,44 @@ async fn stopped_while_hashing(name: &str, crash: bool) {
     assert!(!has_gap(&log), "{log}");
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
+
+/// The fd keeper dies (killed, out of memory) while imacri runs: imacri
+/// starts a new one at once and gives it every group and listener again,
+/// so a later imacri crash still finds the containers' measurement kept:
+/// an execution made while imacri is down waits and is measured by the
+/// next one, with no gap. (Before, the node silently lost that protection:
+/// the execution ran unmeasured at once.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_keeper_is_replaced_with_everything_it_held() {
+    use imacri_integration::runner::{go_while_down, next_out, runner};
+    let env = Env::get();
+    let mut d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-dies").await;
+    let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
+    let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, "/tmp/new/true", setup).await;
+    let old = d.keeper_pids();
+    assert!(!old.is_empty(), "no fd keeper runs");
+    d.kill_keeper();
+    imacri_integration::poll::eventually("a new keeper", Duration::from_secs(10), || async {
+        let now = d.keeper_pids();
+        (!now.is_empty()
+            && now.iter().all(|p| !old.contains(p))
+            && d.log().contains("the fd keeper was gone"))
+        .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+
+    d.kill();
+    go_while_down(&tmp, "after the keeper was replaced");
+    d.spawn().await.unwrap();
+    let out = next_out(&tmp, "after the restart", &d);
+    assert_eq!(out.trim(), "ran", "{out}");
+    let log = pod_log(&d, &pod);
+    assert!(logged(&log, &c, "/tmp/new/true", "exec"), "{log}");
+    assert!(!has_gap(&log), "{log}");
+    let mut rt = d.runtime().await.unwrap();
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+}

@@ -105,7 +105,12 @@ impl Integrity {
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
                 let keeper = match keeper {
-                    Ok(k) => Some(k),
+                    Ok(k) => {
+                        if let Err(e) = k.supervise() {
+                            tracing::warn!(error = %e, "fd keeper: no thread to start it again if it dies");
+                        }
+                        Some(k)
+                    }
                     Err(err) => {
                         tracing::warn!(error = %err, "no fd keeper: map-guarded calls fail (ENOSYS) while imacri is down");
                         None
@@ -531,6 +536,7 @@ impl CriServer {
                     }
                     match key.strip_prefix(keeper::FANOTIFY) {
                         Some(ctr) => {
+                            k.remember(&key, std::os::fd::AsFd::as_fd(&fd));
                             kept.groups.insert(
                                 ctr.to_string(),
                                 fanotify::KeptGroup {

@@ -461,6 +461,7 @@ fn mapping_run(engine: &Arc<Engine>, child: &mut std::process::Child, mode: &str
                 listener,
                 "bench-ctr".into(),
                 None,
+                None,
             )?;
         }
     }

@@ -328,6 +328,11 @@ pub struct Keeper {
     /// A `HOLD` connection: while it is open the keeper stays up even with
     /// nothing to keep, so no container start pays for starting it.
     hold: std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>,
+    /// A copy of everything imacri handed over and did not take back, by
+    /// key: a keeper started after the last one died is given it all again
+    /// (otherwise the node would silently lose its protection against an
+    /// imacri crash).
+    given: std::sync::Arc<std::sync::Mutex<BTreeMap<String, OwnedFd>>>,
 }
 
 impl Keeper {
@@ -338,6 +343,7 @@ impl Keeper {
             path: path.to_path_buf(),
             exe: exe.to_path_buf(),
             hold: Default::default(),
+            given: Default::default(),
         };
         k.start()?;
         Ok(k)
@@ -421,9 +427,74 @@ impl Keeper {
     /// so one that does not answer is started again (once).
     pub fn put(&self, key: &str, fd: BorrowedFd<'_>) -> std::io::Result<()> {
         self.put_once(key, fd).or_else(|_| {
-            self.start()?;
+            self.revive()?;
             self.put_once(key, fd)
-        })
+        })?;
+        self.remember(key, fd);
+        Ok(())
+    }
+
+    /// Records that the keeper holds `fd` under `key` (handed over by the
+    /// last imacri and taken back now), to give it again to a new keeper.
+    pub fn remember(&self, key: &str, fd: BorrowedFd<'_>) {
+        if let (Ok(copy), Ok(mut g)) = (fd.try_clone_to_owned(), self.given.lock()) {
+            g.insert(key.to_string(), copy);
+        }
+    }
+
+    /// Forgets `key` here only (the keeper let it go by itself: a listener
+    /// no task uses any more).
+    pub fn forget(&self, key: &str) {
+        if let Ok(mut g) = self.given.lock() {
+            g.remove(key);
+        }
+    }
+
+    /// Starts a keeper (if none answers) and gives it everything imacri
+    /// handed over before: the last one may have died with all of it.
+    fn revive(&self) -> std::io::Result<usize> {
+        self.start()?;
+        let Ok(given) = self.given.lock() else {
+            return Ok(0);
+        };
+        for (k, f) in given.iter() {
+            self.put_once(k, f.as_fd())?;
+        }
+        Ok(given.len())
+    }
+
+    /// Watches the keeper for as long as this process lives: if it dies
+    /// (killed, out of memory), a new one is started at once and given
+    /// everything again, instead of the next imacri crash finding nothing
+    /// kept and the containers running on unmeasured.
+    pub fn supervise(&self) -> std::io::Result<()> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let k = self.clone();
+        std::thread::Builder::new()
+            .name("imacri-keeper-watch".into())
+            .spawn(move || loop {
+                let held = k
+                    .hold
+                    .lock()
+                    .ok()
+                    .and_then(|h| h.as_ref().and_then(|c| c.try_clone().ok()));
+                let alive = held.as_ref().is_some_and(|c| {
+                    let mut fds = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
+                    // The keeper never writes to a holder: anything is its end.
+                    !matches!(poll(&mut fds, PollTimeout::from(1000u16)), Ok(n) if n > 0)
+                });
+                if alive {
+                    continue;
+                }
+                match k.revive() {
+                    Ok(n) => tracing::warn!(given = n, "the fd keeper was gone: started again and given every group and listener"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the fd keeper is gone and cannot be started: an imacri crash now leaves ima containers unmeasured");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
+            })
+            .map(|_| ())
     }
 
     /// Where the id files of the listeners kept here live.
@@ -434,6 +505,7 @@ impl Keeper {
     /// Tells the keeper to close its copy of `key` (no reply awaited beyond
     /// its acknowledgement; a gone keeper holds nothing anyway).
     pub fn drop_key(&self, key: &str) -> std::io::Result<()> {
+        self.forget(key);
         let s = self.connect()?;
         send(s.as_fd(), &format!("DROP {key}"), None)?;
         match recv(s.as_fd())? {
@@ -645,6 +717,7 @@ mod tests {
             path: sock.clone(),
             exe: PathBuf::from("/nonexistent"),
             hold: Default::default(),
+            given: Default::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         while k.connect().is_err() {

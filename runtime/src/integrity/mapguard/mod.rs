@@ -163,7 +163,9 @@ impl Supervisor {
             let ids = keeper::IdFile::open(&k.ids_dir(), &key).ok();
             let denied = ids.as_ref().map_or(0, |i| i.deny_orphans(fd.as_fd()));
             tracing::info!(container_id = %container, denied, "map guard: listening again after a restart");
-            if let Err(e) = listen(Arc::downgrade(engine), fd, container, ids) {
+            k.remember(&key, fd.as_fd());
+            let kept = Some((k.clone(), key));
+            if let Err(e) = listen(Arc::downgrade(engine), fd, container, ids, kept) {
                 tracing::error!(error = %e, "map guard: cannot start a listener thread");
             }
         }
@@ -189,6 +191,7 @@ fn accept(
     };
     tracing::debug!(container_id = %state.state.id, pod_sandbox_id = %state.metadata, "map guard: listening");
     let mut ids = None;
+    let mut kept = None;
     if let Some(k) = keeper {
         // Unique per listener (a container's exec processes have their own).
         let key = format!(
@@ -200,11 +203,14 @@ fn accept(
         ids = keeper::IdFile::open(&k.ids_dir(), &key)
             .inspect_err(|e| tracing::warn!(container_id = %state.state.id, error = %e, "map guard: no id file; calls in flight at a crash wait until killed"))
             .ok();
-        if let Err(e) = k.put(&key, fd.as_fd()) {
-            tracing::warn!(container_id = %state.state.id, error = %e, "map guard: fd not kept; its calls fail while imacri is down");
+        match k.put(&key, fd.as_fd()) {
+            Ok(()) => kept = Some((k.clone(), key)),
+            Err(e) => {
+                tracing::warn!(container_id = %state.state.id, error = %e, "map guard: fd not kept; its calls fail while imacri is down")
+            }
         }
     }
-    if let Err(e) = listen(engine.clone(), fd, state.state.id, ids) {
+    if let Err(e) = listen(engine.clone(), fd, state.state.id, ids, kept) {
         // The fd was dropped: the container's guarded calls fail (ENOSYS),
         // closed.
         tracing::error!(error = %e, "map guard: cannot start a listener thread");
@@ -213,20 +219,27 @@ fn accept(
 
 /// Answers the notifications of one seccomp listener fd, for `container`
 /// (registered with the engine), on a thread of its own until no task uses
-/// the filter.
+/// the filter (the keeper, holding it under `kept`, lets it go then too).
 pub fn listen(
     engine: Weak<Engine>,
     fd: OwnedFd,
     container: String,
     ids: Option<keeper::IdFile>,
+    kept: Option<(keeper::Keeper, String)>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("imacri-seccomp".into())
         .stack_size(256 * 1024)
         .spawn(move || {
-            serve(&engine, fd, &container, ids.as_ref());
-            if let Some(i) = ids {
-                i.remove();
+            let done = serve(&engine, fd, &container, ids.as_ref());
+            // Not when imacri is stopping: the next one answers it.
+            if done {
+                if let Some(i) = ids {
+                    i.remove();
+                }
+                if let Some((k, key)) = kept {
+                    k.forget(&key);
+                }
             }
         })
         .map(|_| ())
@@ -283,7 +296,14 @@ fn sync_wake_up(notify: &OwnedFd, container: &str) {
 }
 
 /// Answers one listener's notifications until no task uses its filter.
-fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&keeper::IdFile>) {
+/// Returns true when the listener is done with (no task uses its filter,
+/// or it failed), false when imacri is stopping.
+fn serve(
+    engine: &Weak<Engine>,
+    notify: OwnedFd,
+    container: &str,
+    ids: Option<&keeper::IdFile>,
+) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let notify = Arc::new(notify);
     sync_wake_up(&notify, container);
@@ -294,22 +314,23 @@ fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&k
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                return tracing::error!(container_id = %container, error = %e, "map guard: poll")
+                tracing::error!(container_id = %container, error = %e, "map guard: poll");
+                return true;
             }
             Ok(_) => {}
         }
         let rev = fds[0].revents().unwrap_or(PollFlags::POLLHUP);
         if !rev.contains(PollFlags::POLLIN) {
             // POLLHUP: every task of this filter is gone.
-            return;
+            return true;
         }
         let Some(engine) = engine.upgrade() else {
-            return;
+            return false;
         };
         // imacri is stopping: what is not received yet waits in the kernel
         // (the keeper holds the listener) for the next imacri.
         let Some(_reading) = engine.reading() else {
-            return;
+            return false;
         };
         // SAFETY: the kernel requires a zeroed struct; plain old data.
         let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
@@ -325,7 +346,8 @@ fn serve(engine: &Weak<Engine>, notify: OwnedFd, container: &str, ids: Option<&k
                 // The task died before we read it, or a signal: next one.
                 nix::errno::Errno::ENOENT | nix::errno::Errno::EINTR => continue,
                 e => {
-                    return tracing::error!(container_id = %container, error = %e, "map guard: receiving")
+                    tracing::error!(container_id = %container, error = %e, "map guard: receiving");
+                    return true;
                 }
             }
         }
