@@ -419,7 +419,15 @@ async fn stopped_while_hashing(name: &str, crash: bool) {
         ),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Stopped once that file's hashing has begun (whatever the load).
+    imacri_integration::poll::eventually("the hash in flight", Duration::from_secs(20), || async {
+        d.log()
+            .contains("test hook: hashing 2 s longer")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     if crash {
         d.kill();
         d.vars.clear();
@@ -428,7 +436,7 @@ async fn stopped_while_hashing(name: &str, crash: bool) {
         let status = d.stop().unwrap();
         assert!(status.success(), "graceful shutdown: {status:?}");
         assert!(
-            t.elapsed() >= Duration::from_millis(800),
+            t.elapsed() >= Duration::from_millis(1000),
             "imacri stopped without waiting for the hash in flight ({:?})",
             t.elapsed()
         );

@@ -370,7 +370,9 @@ impl Engine {
     fn hash_and_decide(&self, job: Job) {
         let t = &job.target;
         if let Some(d) = &self.hash_delay {
-            if fd_path(job.pending.fd()).contains(d.as_str()) {
+            let path = fd_path(job.pending.fd());
+            if path.contains(d.as_str()) {
+                tracing::info!(%path, "test hook: hashing 2 s longer");
                 std::thread::sleep(std::time::Duration::from_secs(2));
             }
         }
