@@ -1355,19 +1355,7 @@ async fn a_mapping_in_flight_at_a_crash_is_refused() {
     let env = Env::get();
     let (mut d, image, _work) =
         node_with(env, "IMACRI_TEST_MAPGUARD_STALL", "/tmp/stall.bin").await;
-    let mut rt = d.runtime().await.unwrap();
-    let cfg = ima("map-in-flight", "measure");
-    let pod = run_pod(&mut rt, &cfg).await.unwrap();
-    let (_c, tmp) = runner(
-        &mut rt,
-        &pod,
-        &cfg,
-        &image,
-        "escape file-mmap /tmp/stall.bin",
-        "true",
-    )
-    .await;
-    drop(rt);
+    let (pod, tmp) = mapping_runner(&d, &image, "map-in-flight", "/tmp/stall.bin").await;
     go_while_down(&tmp, "stalled mapping");
     d.kill();
     d.vars.clear();
@@ -1381,4 +1369,57 @@ async fn a_mapping_in_flight_at_a_crash_is_refused() {
     assert!(out.contains("RAN file-mmap"), "{out}");
     let mut rt = d.runtime().await.unwrap();
     stop_pod(&mut rt, &pod).await;
+}
+
+/// A crash while a mapped file is being hashed: the map guard handed the
+/// file to the fd keeper under the notification's id first (the caller
+/// shares nothing, so the file cannot change under its fd), so the next
+/// imacri measures it and answers the call: the mapping succeeds and is
+/// logged. (A call received and not handed over is still refused: above.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapping_hashed_at_a_crash_is_measured_by_the_next_imacri() {
+    let env = Env::get();
+    let (mut d, image, _work) = node_with(env, "IMACRI_TEST_HASH_DELAY", "/tmp/slowmap.bin").await;
+    let (pod, tmp) = mapping_runner(&d, &image, "map-hashed", "/tmp/slowmap.bin").await;
+    std::fs::write(tmp.join("go"), "").unwrap();
+    imacri_integration::poll::eventually(
+        "the mapped file's hash in flight",
+        std::time::Duration::from_secs(20),
+        || async {
+            d.log()
+                .contains("test hook: hashing 2 s longer")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    d.kill();
+    d.vars.clear();
+    d.spawn().await.unwrap();
+    let out = next_out(&tmp, "after the restart", &d);
+    assert!(out.contains("RAN file-mmap"), "{out}\n{}", d.log());
+    let lines = log_lines(&d, &pod);
+    assert!(
+        logged(&lines, "/tmp/slowmap.bin", None, "mmap"),
+        "{lines:#?}"
+    );
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// A measure-mode ima pod whose runner maps `path` executable (after
+/// writing code to it) each time it is told to; returns the pod and the
+/// runner's `/tmp` as the host sees it.
+async fn mapping_runner(
+    d: &Imacri,
+    image: &str,
+    name: &str,
+    path: &str,
+) -> (String, std::path::PathBuf) {
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima(name, "measure");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let prog = format!("escape file-mmap {path}");
+    let (_c, tmp) = runner(&mut rt, &pod, &cfg, image, &prog, "true").await;
+    (pod, tmp)
 }

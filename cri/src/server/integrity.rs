@@ -49,8 +49,8 @@ type Seal = tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>
 pub(crate) struct Kept {
     /// Fanotify groups by container ID, with the events being measured.
     pub groups: HashMap<String, fanotify::KeptGroup>,
-    /// Seccomp listeners with their keys.
-    pub listeners: Vec<(String, std::os::fd::OwnedFd)>,
+    /// Seccomp listeners with their keys and the mappings being measured.
+    pub listeners: Vec<mapguard::KeptListener>,
 }
 
 impl Integrity {
@@ -502,7 +502,7 @@ impl CriServer {
 
     /// After recovery: answer the map-guard listeners the last imacri left
     /// with the fd keeper.
-    pub(crate) fn adopt_kept_listeners(&self, kept: Vec<(String, std::os::fd::OwnedFd)>) {
+    pub(crate) fn adopt_kept_listeners(&self, kept: Vec<mapguard::KeptListener>) {
         if let (Some(m), Some(e)) = (&self.integrity.mapguard, &self.integrity.engine) {
             let n = m.adopt(e, kept);
             if n > 0 {
@@ -521,7 +521,16 @@ impl CriServer {
         match k.all() {
             Ok(all) => {
                 let mut events: HashMap<String, Vec<keeper::KeptEvent>> = HashMap::new();
+                let mut mappings: HashMap<String, Vec<(u64, std::os::fd::OwnedFd)>> =
+                    HashMap::new();
                 for (key, fd) in all {
+                    if let Some((listener, id)) = keeper::parse_mapping_key(&key) {
+                        mappings
+                            .entry(listener.to_string())
+                            .or_default()
+                            .push((id, fd));
+                        continue;
+                    }
                     if let Some((ctr, number, exec, tid)) = keeper::parse_event_key(&key) {
                         events
                             .entry(ctr.to_string())
@@ -545,8 +554,15 @@ impl CriServer {
                                 },
                             );
                         }
-                        None => kept.listeners.push((key, fd)),
+                        None => kept.listeners.push(mapguard::KeptListener {
+                            key,
+                            fd,
+                            mappings: Vec::new(),
+                        }),
                     }
+                }
+                for l in kept.listeners.iter_mut() {
+                    l.mappings = mappings.remove(&l.key).unwrap_or_default();
                 }
                 for (ctr, evs) in events {
                     // The keeper holds events only with their group.

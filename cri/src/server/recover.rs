@@ -14,7 +14,7 @@ impl CriServer {
     pub(crate) async fn recover(
         self: &Arc<Self>,
         kept: super::integrity::Kept,
-    ) -> Vec<(String, std::os::fd::OwnedFd)> {
+    ) -> Vec<imacri_runtime::integrity::mapguard::KeptListener> {
         for sb in self.sandboxes.all() {
             let st = sb.state();
             if st.phase == SandboxPhase::Creating {

@@ -97,6 +97,20 @@ pub fn parse_event_key(key: &str) -> Option<(&str, i32, bool, i32)> {
     Some((f.next()?, number, exec, tid))
 }
 
+/// Keys of map-guard notifications an imacri was measuring (a copy of the
+/// mapped file, handed over before hashing): `mev:<listener key>:<id>`.
+pub const MAPPING_EVENT: &str = "mev:";
+
+pub fn mapping_key(listener: &str, id: u64) -> String {
+    format!("{MAPPING_EVENT}{listener}:{id}")
+}
+
+/// The listener's key and the notification id of a [`mapping_key`].
+pub fn parse_mapping_key(key: &str) -> Option<(&str, u64)> {
+    let (listener, id) = key.strip_prefix(MAPPING_EVENT)?.rsplit_once(':')?;
+    Some((listener, id.parse().ok()?))
+}
+
 /// Writes the answer to the event a reader got as fd `number` (ours or a
 /// previous reader's); false when no event waits under that number.
 pub fn respond(group: BorrowedFd<'_>, number: i32, allow: bool) -> bool {
@@ -151,15 +165,39 @@ fn kept_numbers(held: &BTreeMap<String, OwnedFd>, container: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Events whose container's group is no longer held are let go: nobody
-/// will answer them through it.
+/// The notification ids kept for the listener under `listener`.
+fn kept_ids(held: &BTreeMap<String, OwnedFd>, listener: &str) -> Vec<u64> {
+    held.keys()
+        .filter_map(|k| parse_mapping_key(k))
+        .filter(|(l, _)| *l == listener)
+        .map(|(_, id)| id)
+        .collect()
+}
+
+/// Events whose container's group (or whose listener) is no longer held
+/// are let go: nobody will answer them through it.
 fn drop_orphan_events(held: &mut BTreeMap<String, OwnedFd>) {
     let live: std::collections::HashSet<String> = held
         .keys()
         .filter_map(|k| k.strip_prefix(FANOTIFY))
         .map(str::to_string)
         .collect();
-    held.retain(|k, _| parse_event_key(k).is_none_or(|(c, ..)| live.contains(c)));
+    let listeners: std::collections::HashSet<String> = held
+        .keys()
+        .filter(|k| is_listener_key(k))
+        .cloned()
+        .collect();
+    held.retain(|k, _| {
+        parse_event_key(k).is_none_or(|(c, ..)| live.contains(c))
+            && parse_mapping_key(k).is_none_or(|(l, _)| listeners.contains(l))
+    });
+}
+
+/// Whether `key` names a seccomp listener (not a group or an event).
+fn is_listener_key(key: &str) -> bool {
+    !key.starts_with(FANOTIFY)
+        && !key.starts_with(FANOTIFY_EVENT)
+        && !key.starts_with(MAPPING_EVENT)
 }
 
 /// The last notification id imacri received on one kept seccomp listener,
@@ -213,10 +251,15 @@ impl IdFile {
     /// Denies (EPERM) every notification of `notify` received (by an
     /// imacri now gone) and never answered. Notifications not received yet
     /// are left alone (the kernel answers EINPROGRESS for them).
-    pub fn deny_orphans(&self, notify: BorrowedFd<'_>) -> usize {
+    pub fn deny_orphans(&self, notify: BorrowedFd<'_>, kept: &[u64]) -> usize {
         let Some(last) = self.last() else { return 0 };
         let mut denied = 0;
         for id in last.saturating_sub(ORPHAN_WINDOW)..=last {
+            if kept.contains(&id) {
+                // Handed to the keeper while hashed: the next imacri
+                // measures it.
+                continue;
+            }
             // SAFETY: plain old data, zeroed then filled.
             let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
             resp.id = id;
@@ -604,10 +647,10 @@ pub fn run(path: &Path) -> std::io::Result<()> {
             for (k, f) in held.iter() {
                 if let Some(c) = k.strip_prefix(FANOTIFY) {
                     deny_unanswered(f.as_fd(), &kept_numbers(&held, c));
-                } else if parse_event_key(k).is_some() {
-                    // Measured by the next imacri.
+                } else if !is_listener_key(k) {
+                    // An event being measured: the next imacri does it.
                 } else if let Ok(ids) = IdFile::open(&ids_dir(path), k) {
-                    ids.deny_orphans(f.as_fd());
+                    ids.deny_orphans(f.as_fd(), &kept_ids(&held, k));
                 }
             }
         }
@@ -701,10 +744,18 @@ mod tests {
         held.insert(event_key("a", 9, false, 1), file());
         held.insert(event_key("b", 7, true, 1), file());
         held.insert("c1/p1/1".to_string(), file());
+        held.insert(mapping_key("c1/p1/1", 41), file());
+        held.insert(mapping_key("c2/p1/2", 42), file());
         drop_orphan_events(&mut held);
         assert_eq!(kept_numbers(&held, "a"), vec![7, 9]);
         assert!(kept_numbers(&held, "b").is_empty());
         assert!(held.contains_key("c1/p1/1"));
+        assert_eq!(kept_ids(&held, "c1/p1/1"), vec![41]);
+        assert!(kept_ids(&held, "c2/p1/2").is_empty());
+        assert_eq!(
+            parse_mapping_key(&mapping_key("c1/p1/1", 41)),
+            Some(("c1/p1/1", 41))
+        );
     }
 
     #[test]

@@ -154,23 +154,79 @@ impl Supervisor {
     /// After a restart: answers the listeners a previous imacri left with
     /// the keeper (`kept`: its seccomp listeners; calls made meanwhile
     /// waited for this). Returns how many.
-    pub fn adopt(&self, engine: &Arc<Engine>, kept: Vec<(String, OwnedFd)>) -> usize {
+    pub fn adopt(&self, engine: &Arc<Engine>, kept: Vec<KeptListener>) -> usize {
         let Some(k) = &self.keeper else { return 0 };
         let n = kept.len();
-        for (key, fd) in kept {
+        for KeptListener { key, fd, mappings } in kept {
             let container = key.split('/').next().unwrap_or_default().to_string();
-            // What the last imacri received and never answered first.
+            // What the last imacri received and never answered first, but
+            // what it was hashing: that is measured now, before anything
+            // new is received.
             let ids = keeper::IdFile::open(&k.ids_dir(), &key).ok();
-            let denied = ids.as_ref().map_or(0, |i| i.deny_orphans(fd.as_fd()));
-            tracing::info!(container_id = %container, denied, "map guard: listening again after a restart");
+            let handed: Vec<u64> = mappings.iter().map(|(id, _)| *id).collect();
+            let denied = ids
+                .as_ref()
+                .map_or(0, |i| i.deny_orphans(fd.as_fd(), &handed));
+            tracing::info!(container_id = %container, denied, measured = handed.len(), "map guard: listening again after a restart");
+            let kept = Arc::new((k.clone(), key.clone()));
+            for (id, file) in mappings {
+                measure_kept(engine, &fd, &container, &kept, id, file);
+            }
             k.remember(&key, fd.as_fd());
-            let kept = Some((k.clone(), key));
-            if let Err(e) = listen(Arc::downgrade(engine), fd, container, ids, kept) {
+            if let Err(e) = listen(Arc::downgrade(engine), fd, container, ids, Some(kept)) {
                 tracing::error!(error = %e, "map guard: cannot start a listener thread");
             }
         }
         n
     }
+}
+
+/// A listener the last imacri left with the keeper, with the mappings it
+/// was hashing (notification id, mapped file).
+pub struct KeptListener {
+    pub key: String,
+    pub fd: OwnedFd,
+    pub mappings: Vec<(u64, OwnedFd)>,
+}
+
+/// Measures a mapping the last imacri received and handed to the keeper
+/// while hashing, and answers it by its notification id. Only calls of a
+/// task that shared nothing were handed over (see [`MapPending::queued`]):
+/// the file it maps cannot have changed under the fd since.
+fn measure_kept(
+    engine: &Arc<Engine>,
+    notify: &OwnedFd,
+    container: &str,
+    kept: &Arc<(keeper::Keeper, String)>,
+    id: u64,
+    file: OwnedFd,
+) {
+    let event_key = keeper::mapping_key(&kept.1, id);
+    let (Ok(dup), Some(target)) = (notify.try_clone(), engine.target(container)) else {
+        respond(notify, id, false);
+        let _ = kept.0.drop_key(&event_key);
+        return;
+    };
+    let key = match nix::sys::stat::fstat(file.as_raw_fd()) {
+        Ok(st) if still_valid(notify, id) => FileKey::of(&st),
+        _ => {
+            respond(notify, id, false);
+            let _ = kept.0.drop_key(&event_key);
+            return;
+        }
+    };
+    let reply = Arc::new(Reply {
+        notify: Arc::new(dup),
+        id,
+        remaining: AtomicUsize::new(1),
+        allowed: AtomicBool::new(true),
+        audit: None,
+        files: 1,
+        kept: Some(kept.clone()),
+        handed: std::sync::Mutex::new(Some(event_key)),
+    });
+    let pending = Box::new(MapPending { file, key, reply });
+    engine.measure_now(target, pending, key, Event::Mmap);
 }
 
 fn accept(
@@ -204,7 +260,7 @@ fn accept(
             .inspect_err(|e| tracing::warn!(container_id = %state.state.id, error = %e, "map guard: no id file; calls in flight at a crash wait until killed"))
             .ok();
         match k.put(&key, fd.as_fd()) {
-            Ok(()) => kept = Some((k.clone(), key)),
+            Ok(()) => kept = Some(Arc::new((k.clone(), key))),
             Err(e) => {
                 tracing::warn!(container_id = %state.state.id, error = %e, "map guard: fd not kept; its calls fail while imacri is down")
             }
@@ -225,20 +281,20 @@ pub fn listen(
     fd: OwnedFd,
     container: String,
     ids: Option<keeper::IdFile>,
-    kept: Option<(keeper::Keeper, String)>,
+    kept: Option<Arc<(keeper::Keeper, String)>>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("imacri-seccomp".into())
         .stack_size(256 * 1024)
         .spawn(move || {
-            let done = serve(&engine, fd, &container, ids.as_ref());
+            let done = serve(&engine, fd, &container, ids.as_ref(), kept.as_ref());
             // Not when imacri is stopping: the next one answers it.
             if done {
                 if let Some(i) = ids {
                     i.remove();
                 }
-                if let Some((k, key)) = kept {
-                    k.forget(&key);
+                if let Some(k) = kept {
+                    k.0.forget(&k.1);
                 }
             }
         })
@@ -303,6 +359,7 @@ fn serve(
     notify: OwnedFd,
     container: &str,
     ids: Option<&keeper::IdFile>,
+    kept: Option<&Arc<(keeper::Keeper, String)>>,
 ) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let notify = Arc::new(notify);
@@ -354,7 +411,9 @@ fn serve(
         if let Some(i) = ids {
             i.record(req.id);
         }
-        handle(&engine, &notify, &auditor, &mut tasks, container, &req);
+        handle(
+            &engine, &notify, &auditor, &mut tasks, container, &req, kept,
+        );
     }
 }
 
@@ -367,6 +426,12 @@ struct Reply {
     /// Set when another task shares what the kernel reads again: the call
     /// is audited once it returned (see [`audit`]).
     audit: Option<Audit>,
+    /// How many files the call maps.
+    files: usize,
+    /// The keeper and the listener's key there.
+    kept: Option<Arc<(keeper::Keeper, String)>>,
+    /// The keeper's key for the mapped file while it is hashed.
+    handed: std::sync::Mutex<Option<String>>,
 }
 
 struct Audit {
@@ -384,6 +449,11 @@ impl Reply {
             respond(&self.notify, self.id, allowed);
             if let (true, Some(a)) = (allowed, &self.audit) {
                 a.auditor.after(a.job);
+            }
+            let handed = self.handed.lock().ok().and_then(|mut h| h.take());
+            if let (Some(key), Some(k)) = (handed, &self.kept) {
+                // Ids are never reused: a stale key is harmless.
+                let _ = k.0.drop_key(&key);
             }
         }
     }
@@ -406,6 +476,28 @@ impl Pending for MapPending {
             }
         }
         self.reply.part(allow);
+    }
+
+    /// Hashing takes a while: the file goes to the keeper first, so that a
+    /// next imacri measures the call if this one dies meanwhile. Only a
+    /// call of one file by a task that shares nothing (no audit after it):
+    /// then nothing can change what the kernel maps once it goes on.
+    fn queued(&mut self) {
+        let r = &self.reply;
+        let (None, 1, Some(k)) = (&r.audit, r.files, &r.kept) else {
+            return;
+        };
+        let key = keeper::mapping_key(&k.1, r.id);
+        match k.0.put(&key, self.file.as_fd()) {
+            Ok(()) => {
+                if let Ok(mut h) = r.handed.lock() {
+                    *h = Some(key);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "fd keeper: mapping not kept; a crash now refuses it")
+            }
+        }
     }
 }
 
@@ -448,6 +540,7 @@ fn handle(
     tasks: &mut task::Tasks,
     container: &str,
     req: &libc::seccomp_notif,
+    kept: Option<&Arc<(keeper::Keeper, String)>>,
 ) {
     let nr = req.data.nr as libc::c_long;
     let args = req.data.args;
@@ -522,6 +615,9 @@ fn handle(
         remaining: AtomicUsize::new(files.len()),
         allowed: AtomicBool::new(true),
         audit,
+        files: files.len(),
+        kept: kept.cloned(),
+        handed: std::sync::Mutex::new(None),
     });
     for file in files {
         let st = match nix::sys::stat::fstat(file.as_raw_fd()) {
