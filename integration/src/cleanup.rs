@@ -143,14 +143,33 @@ fn test_bridges() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// What test runs left on this machine: shims, mounts, bridges, veths on
-/// them, temp dirs. Empty after a clean `make test`.
+/// imacri daemons and fd keepers of test runs under `dir` (a keeper
+/// outlives its imacri by design, but not once nothing is left to keep).
+fn imacris_of(dir: &Path) -> Vec<(i32, Vec<String>)> {
+    let d = dir.to_string_lossy();
+    processes_with(&d)
+        .into_iter()
+        .filter(|(_, argv)| {
+            argv.first().is_some_and(|a| a.ends_with("/imacri"))
+                && matches!(argv.get(1).map(String::as_str), Some("serve" | "internal"))
+        })
+        .collect()
+}
+
+/// What test runs left on this machine: shims, imacri daemons and fd
+/// keepers, mounts, bridges, veths on them, temp dirs. Empty after a clean
+/// `make test`.
 pub fn leftovers() -> Vec<String> {
     let tmp = std::env::temp_dir().join("imacri-it-");
     let mut found: Vec<String> = shims_of(&tmp)
         .into_iter()
         .map(|(pid, argv)| format!("shim {pid}: {}", argv.join(" ")))
         .collect();
+    found.extend(
+        imacris_of(&tmp)
+            .into_iter()
+            .map(|(pid, argv)| format!("imacri {pid}: {}", argv.join(" "))),
+    );
     found.extend(mounts_under(&tmp).into_iter().map(|m| format!("mount {m}")));
     found.extend(test_bridges().into_iter().map(|b| format!("bridge {b}")));
     if let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) {

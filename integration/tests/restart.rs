@@ -507,3 +507,53 @@ async fn a_dead_keeper_is_replaced_with_everything_it_held() {
     let mut rt = d.runtime().await.unwrap();
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
+
+/// While imacri is down the keeper's groups fill with the events of closes
+/// after writes (nobody reads them), and queued events pin the container's
+/// filesystem: if the pod is then torn down without imacri (a node wiped,
+/// a test's cleanup), the keeper must still let go of the group once
+/// nothing uses that filesystem, and exit, instead of holding it (and the
+/// filesystem) for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_keeper_lets_go_of_a_pod_torn_down_without_imacri() {
+    use imacri_integration::client::start_container;
+    let env = Env::get();
+    let name = format!("keeper-teardown-{:06x}", rand::random::<u32>() % 0xffffff);
+    let (sock, containerd) =
+        imacri_integration::start_containerd_pid(&env.base, &name, false).unwrap();
+    let mut d = Imacri::start_full(
+        env,
+        &name,
+        &["--containerd-address", sock.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, cfg) = ima_pod(&d, &mut rt, "keeper-teardown").await;
+    let writer = container_config(
+        "w",
+        &env.busybox,
+        &[
+            "sh",
+            "-c",
+            "while true; do echo x > /tmp/f; sleep 0.05; done",
+        ],
+    );
+    start_container(&mut rt, &pod, &cfg, writer).await;
+    d.kill();
+    // Closes after writes queue up in the kept group meanwhile.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!d.keeper_pids().is_empty(), "the keeper holds the pod");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(containerd as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    imacri_integration::cleanup::reap_run(&env.base.join(&name));
+    imacri_integration::poll::eventually("the keeper exits", Duration::from_secs(20), || async {
+        d.keeper_pids().is_empty().then_some(())
+    })
+    .await
+    .unwrap();
+}

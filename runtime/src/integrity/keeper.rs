@@ -47,6 +47,65 @@ fn fanotify_marked(fd: BorrowedFd<'_>) -> bool {
     }
 }
 
+/// The filesystems (as `(major, minor)`) a fanotify group marks, from the
+/// `sdev:` of its fdinfo (the kernel's dev_t: 12 bits major, 20 minor).
+fn marked_filesystems(fd: BorrowedFd<'_>) -> Vec<(u64, u64)> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("fanotify sdev:"))
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().next()?, 16).ok())
+        .map(|d| (d >> 20, d & 0xf_ffff))
+        .collect()
+}
+
+/// Whether a filesystem is still in use by anything but a fanotify group:
+/// mounted in some mount namespace, or the root or working directory of
+/// some process. A filesystem nothing uses any more can still be alive,
+/// pinned by events queued in a group that marks it (a close after write
+/// while imacri was down): the keeper must not keep such a group for ever.
+fn filesystem_in_use(devs: &[(u64, u64)]) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mut namespaces = std::collections::HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    for p in procs.flatten() {
+        if !p
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let dir = p.path();
+        for place in ["root", "cwd"] {
+            if let Ok(m) = std::fs::metadata(dir.join(place)) {
+                let d = m.dev();
+                if devs.contains(&(libc::major(d) as u64, libc::minor(d) as u64)) {
+                    return true;
+                }
+            }
+        }
+        let Ok(ns) = std::fs::read_link(dir.join("ns/mnt")) else {
+            continue;
+        };
+        if !namespaces.insert(ns) {
+            continue;
+        }
+        let info = std::fs::read_to_string(dir.join("mountinfo")).unwrap_or_default();
+        let mounted = info.lines().filter_map(|l| l.split(' ').nth(2)).any(|mm| {
+            let mut f = mm.split(':').map(|n| n.parse::<u64>().unwrap_or(u64::MAX));
+            matches!((f.next(), f.next()), (Some(a), Some(b)) if devs.contains(&(a, b)))
+        });
+        if mounted {
+            return true;
+        }
+    }
+    false
+}
+
 /// imacri keeps its open-file limit at most this (lowering a higher one):
 /// every fd number a dead imacri could have held an event under is below
 /// it, so the sweep that denies its unanswered events costs a bounded
@@ -638,7 +697,14 @@ pub fn run(path: &Path) -> std::io::Result<()> {
         }
         if last_mark_check.elapsed() >= MARK_CHECK {
             last_mark_check = Instant::now();
-            held.retain(|k, f| !k.starts_with(FANOTIFY) || fanotify_marked(f.as_fd()));
+            // While no imacri holds on (nobody reads the groups), a group
+            // whose filesystems nothing uses any more goes too.
+            let unread = holders.is_empty();
+            held.retain(|k, f| {
+                !k.starts_with(FANOTIFY)
+                    || (fanotify_marked(f.as_fd())
+                        && (!unread || filesystem_in_use(&marked_filesystems(f.as_fd()))))
+            });
         }
         if left.iter().any(|l| *l) {
             // The imacri that read the groups' events is gone: what it took
@@ -719,6 +785,17 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_filesystem_is_in_use_while_mounted() {
+        use std::os::unix::fs::MetadataExt;
+        let d = std::fs::metadata("/proc/self/root").unwrap().dev();
+        assert!(filesystem_in_use(&[(
+            libc::major(d) as u64,
+            libc::minor(d) as u64
+        )]));
+        assert!(!filesystem_in_use(&[(4095, 1_048_575)]));
+    }
 
     #[test]
     fn event_keys_round_trip() {
