@@ -456,6 +456,19 @@ async fn node_binfmt_interpreters_do_not_run_in_ima_pods() {
         );
         assert_ne!(code, 0, "{out} {err}");
         assert!(err.contains(&magic) && err.contains("not found"), "{err}");
+        // Nor can the pod give its own binfmt_misc an entry: reaching its
+        // register file needs a mount of it (CAP_SYS_ADMIN).
+        let (code, _, err) = exec_sh(
+            &mut rt,
+            c,
+            "mkdir -p /tmp/bm && mount -t binfmt_misc binfmt_misc /tmp/bm",
+        )
+        .await;
+        assert_ne!(code, 0, "an ima container mounted binfmt_misc");
+        assert!(
+            err.contains("ermission denied") || err.contains("not permitted"),
+            "{err}"
+        );
     }
     // b's own command tried the same before the execs above.
     let logs = imacri_integration::client::container_status(&mut rt, &b)
