@@ -458,7 +458,13 @@ impl CriServer {
         };
         let keeper = self.integrity.keeper();
         if let (Some(fd), Some(k)) = (kept, keeper) {
-            let (w, denied) = fanotify::adopt(engine, target, fd, k)?;
+            // The sweep and the hashing of what the last imacri was
+            // measuring block: off the async workers.
+            let (engine, k) = (engine.clone(), k.clone());
+            let (w, denied) =
+                tokio::task::spawn_blocking(move || fanotify::adopt(&engine, target, fd, &k))
+                    .await
+                    .map_err(|e| Error::Internal(format!("adopting a fanotify group: {e}")))??;
             tracing::info!(pod_sandbox_id = %pod, container_id = %ctr, denied, "fanotify group taken back from the fd keeper: executions waited for imacri");
             return Ok(Some(w));
         }
