@@ -43,3 +43,15 @@ pub fn start_containerd_pid(base: &Path, name: &str, with_cri: bool) -> Result<(
     })?;
     Ok((sock, pid))
 }
+
+/// SIGKILL to the private containerd `pid` started as `name` under `base`
+/// (its shims and their containers keep running), then the same containerd
+/// again, as a crash and a service manager's restart; returns its new pid.
+pub fn restart_containerd(base: &Path, name: &str, pid: u32) -> Result<u32> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(start_containerd_pid(base, name, false)?.1)
+}

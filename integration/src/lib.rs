@@ -18,7 +18,7 @@ pub mod runner;
 mod swtpm;
 pub mod token_service;
 
-pub use containerd::{start_containerd, start_containerd_pid};
+pub use containerd::{restart_containerd, start_containerd, start_containerd_pid};
 pub use daemon::{attest, attest_at, golden_from_registry, imacri_bin, Imacri};
 pub use fixtures::{container_config, pod_config, security_context};
 pub use peers::go_spdyexec;

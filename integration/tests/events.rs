@@ -165,13 +165,7 @@ async fn survives_a_containerd_restart() {
     }
 
     // containerd goes away (its shims and our containers keep running).
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = imacri_integration::start_containerd_pid(&env.base, &name, false).unwrap();
+    imacri_integration::restart_containerd(&env.base, &name, pid).unwrap();
 
     // The exit that happened meanwhile or after is recorded, exec works.
     let s = wait_exited(&mut rt, &short).await;

@@ -247,13 +247,7 @@ async fn an_ima_pod_stays_measured_across_a_containerd_restart() {
     let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
     assert_eq!(sh_ok(&mut rt, &a, "echo before").await, "before");
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = imacri_integration::start_containerd_pid(&env.base, &name, false).unwrap();
+    imacri_integration::restart_containerd(&env.base, &name, pid).unwrap();
 
     // Exec works again once containerd is back; what it runs is measured.
     let out = imacri_integration::poll::eventually(
