@@ -437,7 +437,9 @@ socket_path = "/var/run/nri/nri.sock"
 # `<index>-<name>.conf` or `<name>.conf` in plugin_config_path.
 plugin_path = "/opt/nri/plugins"
 plugin_config_path = "/etc/nri/conf.d"
+# Registration and a new plugin's Synchronize (the node's whole state).
 plugin_registration_timeout_ms = 5000
+# Every other request.
 plugin_request_timeout_ms = 2000
 # true: only plugins from plugin_path, no socket.
 disable_connections = false

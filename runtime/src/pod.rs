@@ -34,6 +34,10 @@ pub struct SandboxState {
     /// Pod IPs from CNI, IPv4 first.
     #[serde(default)]
     pub ips: Vec<String>,
+    /// NRI plugins were told of its stop (once, as containerd does: a
+    /// repeated StopPodSandbox is no new event).
+    #[serde(default)]
+    pub nri_stopped: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,4 +97,8 @@ pub struct ContainerState {
     /// user namespace without a chowned copy).
     #[serde(default)]
     pub idmapped_rootfs: bool,
+    /// NRI plugins were told of its stop: once per container, when it stops
+    /// (by request or on its own), else before its removal.
+    #[serde(default)]
+    pub nri_stopped: bool,
 }

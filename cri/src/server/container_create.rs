@@ -410,6 +410,7 @@ impl CriServer {
                     oom_killed: false,
                     updated_resources: None,
                     idmapped_rootfs,
+                    nri_stopped: false,
                 },
             )?;
             // For verbose ContainerStatus (kubelet's and critest's), which

@@ -26,6 +26,9 @@ impl CriServer {
         let mut laps = super::laps::Laps::new("RemoveContainer", &c.id);
         self.teardown_container(&c.id).await?;
         laps.lap("teardown");
+        // Plugins hear a stop before every removal (of a container never
+        // started, or whose stop they were not told of yet).
+        self.nri_stop(c).await;
         self.emit(
             imacri_api::cri::ContainerEventType::ContainerDeletedEvent,
             &c.id,

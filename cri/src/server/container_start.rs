@@ -78,6 +78,8 @@ impl CriServer {
                     s.message = msg;
                     s.finished_at = now_nanos();
                 });
+                // As containerd: plugins told of the start hear it stopped.
+                self.nri_stop(&c).await;
                 Err(e)
             }
         }

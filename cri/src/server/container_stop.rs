@@ -35,14 +35,22 @@ impl CriServer {
         c: &Arc<ContainerEntry>,
         grace: Duration,
     ) -> Result<()> {
-        let _op = c.op.lock().await;
-        if c.state().phase != ContainerPhase::Running {
-            return Ok(());
+        {
+            let _op = c.op.lock().await;
+            if c.state().phase != ContainerPhase::Running {
+                return Ok(());
+            }
+            let signal = c.state().stop_signal.max(1) as u32;
+            self.stop_task(&c.id, signal, grace).await?;
+            tracing::info!(container_id = %c.id, "container stopped");
         }
-        let signal = c.state().stop_signal.max(1) as u32;
-        self.stop_task(&c.id, signal, grace).await?;
-        tracing::info!(container_id = %c.id, "container stopped");
-        self.nri_stop(&c.id).await;
+        // Plugins hear it with synchronization held off only now: a plugin
+        // connecting during a grace period does not wait for it.
+        self.nri_held(async {
+            let _op = c.op.lock().await;
+            self.nri_stop(c).await
+        })
+        .await;
         Ok(())
     }
 }

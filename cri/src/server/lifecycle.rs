@@ -6,6 +6,7 @@ use imacri_runtime::error::IgnoreNotFound;
 use imacri_runtime::ids::now_nanos;
 use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
 use imacri_runtime::{Error, Result};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -34,7 +35,7 @@ impl CriServer {
 
     /// Records a task's exit once (state, CRI event), deletes the task and
     /// wakes anyone waiting for it.
-    pub(crate) async fn task_exited(&self, id: &str, code: u32, at: i64) {
+    pub(crate) async fn task_exited(self: &Arc<Self>, id: &str, code: u32, at: i64) {
         let kind = if self.containers.get(id).is_some() {
             Kind::Container
         } else if self.sandboxes.get(id).is_some() {
@@ -50,7 +51,7 @@ impl CriServer {
         }
     }
 
-    async fn on_exit(&self, id: &str, kind: Kind, code: u32, at: i64) {
+    async fn on_exit(self: &Arc<Self>, id: &str, kind: Kind, code: u32, at: i64) {
         let mut start_in_flight = false;
         match kind {
             Kind::Container => {
@@ -108,9 +109,11 @@ impl CriServer {
                         Ok(ContainerPhase::Created) => {
                             self.emit(cri::ContainerEventType::ContainerStartedEvent, id);
                             self.emit(cri::ContainerEventType::ContainerStoppedEvent, id);
+                            self.nri_exited(c.clone());
                         }
                         Ok(ContainerPhase::Running) => {
-                            self.emit(cri::ContainerEventType::ContainerStoppedEvent, id)
+                            self.emit(cri::ContainerEventType::ContainerStoppedEvent, id);
+                            self.nri_exited(c.clone());
                         }
                         Ok(ContainerPhase::Exited) => {}
                         Err(e) => tracing::error!(container_id = %id, error = %e, "recording exit"),

@@ -21,7 +21,7 @@ impl CriServer {
     }
 
     /// Tasks we think run but containerd says stopped or gone.
-    async fn reconcile(&self) {
+    async fn reconcile(self: &Arc<Self>) {
         let running: Vec<String> = self
             .containers
             .all()

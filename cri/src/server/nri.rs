@@ -112,6 +112,15 @@ impl CriServer {
         v
     }
 
+    /// Runs a CRI request that sends NRI events with plugin synchronization
+    /// held off until it is done (see `Nri::holding_sync`).
+    pub(crate) async fn nri_held<F: std::future::Future>(&self, f: F) -> F::Output {
+        match self.nri.get() {
+            Some(n) => n.holding_sync(f).await,
+            None => f.await,
+        }
+    }
+
     /// RunPodSandbox's event; an error fails the pod (the caller rolls back).
     pub(crate) async fn nri_run_pod(&self, sb: &SandboxEntry) -> Result<()> {
         let Some(n) = self.nri.get() else {
@@ -121,11 +130,20 @@ impl CriServer {
     }
 
     /// Stop and remove events never block the stop or removal: logged.
+    /// Plugins hear a pod's stop once, as containerd tells them (critest's
+    /// NRI contract): a repeated StopPodSandbox is no new event.
     pub(crate) async fn nri_stop_pod(&self, sb: &SandboxEntry) {
-        if let Some(n) = self.nri.get() {
-            if let Err(e) = n.stop_pod_sandbox(&self.nri_pod(sb)).await {
-                tracing::warn!(pod_sandbox_id = %sb.id, error = %e, "NRI StopPodSandbox");
+        let Some(n) = self.nri.get() else { return };
+        match sb.update(|s| std::mem::replace(&mut s.nri_stopped, true)) {
+            Ok(false) => {}
+            Ok(true) => return,
+            Err(e) => {
+                tracing::warn!(pod_sandbox_id = %sb.id, error = %e, "NRI StopPodSandbox not recorded");
+                return;
             }
+        }
+        if let Err(e) = n.stop_pod_sandbox(&self.nri_pod(sb)).await {
+            tracing::warn!(pod_sandbox_id = %sb.id, error = %e, "NRI StopPodSandbox");
         }
     }
 
@@ -273,17 +291,60 @@ impl CriServer {
         }
     }
 
-    pub(crate) async fn nri_stop(&self, id: &str) {
+    /// Plugins hear of a container's stop once, as soon as it stops: by
+    /// StopContainer, on its own (an exit, see [`Self::nri_exited`]) or a
+    /// failed start, else just before its removal (a created container).
+    /// The caller holds the container's `op` lock, which orders this against
+    /// the container's other events.
+    pub(crate) async fn nri_stop(&self, c: &Arc<ContainerEntry>) {
         let Some(n) = self.nri.get() else { return };
-        if let Some((pod, c)) = self.nri_pair(id) {
-            match n.stop_container(&pod, &c).await {
-                Ok(u) => {
-                    self.nri_apply_updates(u.into_iter().filter(|u| u.container_id != id).collect())
-                        .await
-                }
-                Err(e) => tracing::warn!(container_id = %id, error = %e, "NRI StopContainer"),
+        // Removed meanwhile: its removal told the plugins.
+        if !self
+            .containers
+            .get(&c.id)
+            .is_some_and(|x| Arc::ptr_eq(&x, c))
+        {
+            return;
+        }
+        match c.update(|s| std::mem::replace(&mut s.nri_stopped, true)) {
+            Ok(false) => {}
+            Ok(true) => return,
+            Err(e) => {
+                tracing::warn!(container_id = %c.id, error = %e, "NRI StopContainer not recorded");
+                return;
             }
         }
+        if let Some((pod, view)) = self.nri_pair(&c.id) {
+            match n.stop_container(&pod, &view).await {
+                Ok(u) => {
+                    self.nri_apply_updates(
+                        u.into_iter().filter(|u| u.container_id != c.id).collect(),
+                    )
+                    .await
+                }
+                Err(e) => tracing::warn!(container_id = %c.id, error = %e, "NRI StopContainer"),
+            }
+        }
+    }
+
+    /// A container exited on its own: plugins hear its stop without waiting
+    /// for a StopContainer kubelet may never send (off the exit monitor, so a
+    /// slow plugin delays no other exit; behind the container's running
+    /// operation, e.g. the StartContainer it exited during).
+    pub(crate) fn nri_exited(self: &Arc<Self>, c: Arc<ContainerEntry>) {
+        if self.nri.get().is_none() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            // Synchronization first, then the container: the order every
+            // request takes them in.
+            me.nri_held(async {
+                let _op = c.op.lock().await;
+                me.nri_stop(&c).await;
+            })
+            .await
+        });
     }
 
     pub(crate) async fn nri_remove(&self, id: &str) {

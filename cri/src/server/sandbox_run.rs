@@ -216,6 +216,7 @@ impl CriServer {
                     userns,
                     ima: plan.ima.clone(),
                     ips: Vec::new(),
+                    nri_stopped: false,
                 },
             )
         };

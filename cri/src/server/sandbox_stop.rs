@@ -26,21 +26,23 @@ impl CriServer {
             // left is killed.
             self.stop_container_entry(&c, Duration::ZERO).await?;
         }
-        let _op = sb.op.lock().await;
-        self.stop_task(&sb.id, SIGKILL, Duration::ZERO).await?;
-        self.release_sandbox_resources(&sb)?;
-        let was = sb.update(|s| {
-            let was = s.phase;
-            s.phase = SandboxPhase::NotReady;
-            s.pid = 0;
-            was
-        })?;
-        if was == SandboxPhase::Ready {
-            self.emit(cri::ContainerEventType::ContainerStoppedEvent, &sb.id);
+        {
+            let _op = sb.op.lock().await;
+            self.stop_task(&sb.id, SIGKILL, Duration::ZERO).await?;
+            self.release_sandbox_resources(&sb)?;
+            let was = sb.update(|s| {
+                let was = s.phase;
+                s.phase = SandboxPhase::NotReady;
+                s.pid = 0;
+                was
+            })?;
+            if was == SandboxPhase::Ready {
+                self.emit(cri::ContainerEventType::ContainerStoppedEvent, &sb.id);
+            }
         }
-        // As containerd: plugins hear every StopPodSandbox, also of a pod
-        // whose pause process had already died.
-        self.nri_stop_pod(&sb).await;
+        // Plugins hear of the first StopPodSandbox, also of a pod whose pause
+        // process had already died.
+        self.nri_held(self.nri_stop_pod(&sb)).await;
         Ok(cri::StopPodSandboxResponse {})
     }
 }

@@ -63,7 +63,12 @@ impl RuntimeService for Cri {
             .and_then(|c| c.metadata.as_ref())
             .map(|m| format!("{}/{}", m.namespace, m.name))
             .unwrap_or_default();
-        instrument("RunPodSandbox", &name, self.0.run_pod_sandbox(r)).await
+        instrument(
+            "RunPodSandbox",
+            &name,
+            self.0.nri_held(Box::pin(self.0.run_pod_sandbox(r))),
+        )
+        .await
     }
 
     async fn stop_pod_sandbox(
@@ -81,7 +86,12 @@ impl RuntimeService for Cri {
     ) -> Res<cri::RemovePodSandboxResponse> {
         let r = r.into_inner();
         let id = r.pod_sandbox_id.clone();
-        instrument("RemovePodSandbox", &id, self.0.remove_pod_sandbox(r)).await
+        instrument(
+            "RemovePodSandbox",
+            &id,
+            self.0.nri_held(Box::pin(self.0.remove_pod_sandbox(r))),
+        )
+        .await
     }
 
     async fn pod_sandbox_status(
@@ -129,7 +139,12 @@ impl RuntimeService for Cri {
     ) -> Res<cri::CreateContainerResponse> {
         let r = r.into_inner();
         let id = r.pod_sandbox_id.clone();
-        instrument("CreateContainer", &id, self.0.create_container(r)).await
+        instrument(
+            "CreateContainer",
+            &id,
+            self.0.nri_held(Box::pin(self.0.create_container(r))),
+        )
+        .await
     }
 
     async fn start_container(
@@ -138,7 +153,12 @@ impl RuntimeService for Cri {
     ) -> Res<cri::StartContainerResponse> {
         let r = r.into_inner();
         let id = r.container_id.clone();
-        instrument("StartContainer", &id, self.0.start_container(r)).await
+        instrument(
+            "StartContainer",
+            &id,
+            self.0.nri_held(Box::pin(self.0.start_container(r))),
+        )
+        .await
     }
 
     async fn stop_container(
@@ -156,7 +176,12 @@ impl RuntimeService for Cri {
     ) -> Res<cri::RemoveContainerResponse> {
         let r = r.into_inner();
         let id = r.container_id.clone();
-        instrument("RemoveContainer", &id, self.0.remove_container(r)).await
+        instrument(
+            "RemoveContainer",
+            &id,
+            self.0.nri_held(Box::pin(self.0.remove_container(r))),
+        )
+        .await
     }
 
     async fn list_containers(
@@ -207,7 +232,8 @@ impl RuntimeService for Cri {
         instrument(
             "UpdateContainerResources",
             &id,
-            self.0.update_container_resources(r),
+            self.0
+                .nri_held(Box::pin(self.0.update_container_resources(r))),
         )
         .await
     }
@@ -448,7 +474,8 @@ impl RuntimeService for Cri {
                 // kubelet has already resized the pod cgroup; nothing below it
                 // needs changing, but the pod must exist. NRI plugins hear of it.
                 let sb = s.sandbox(&r.pod_sandbox_id)?;
-                s.nri_update_pod(&sb, r.resources.as_ref()).await?;
+                s.nri_held(s.nri_update_pod(&sb, r.resources.as_ref()))
+                    .await?;
                 Ok(cri::UpdatePodSandboxResourcesResponse {})
             },
         )

@@ -86,8 +86,9 @@ pub struct Created {
 struct Inner {
     cfg: NriConfig,
     plugins: RwLock<Vec<Arc<Plugin>>>,
-    /// Held for writing while a plugin synchronizes, so no event slips
-    /// between its snapshot and its first event.
+    /// Held for writing while a plugin synchronizes, and for reading by
+    /// every request that sends events (`holding_sync`), so no event slips
+    /// between a plugin's snapshot and its first event.
     sync: RwLock<()>,
     host: Weak<dyn Host>,
     version: String,
@@ -96,6 +97,17 @@ struct Inner {
 #[derive(Clone)]
 pub struct Nri {
     inner: Arc<Inner>,
+}
+
+tokio::task_local! {
+    /// Set in a task that holds plugin synchronization off (see
+    /// [`Nri::holding_sync`]): its events must not take the lock again (a
+    /// second read behind a waiting writer would deadlock).
+    static HOLDING_SYNC: ();
+}
+
+fn holding_sync() -> bool {
+    HOLDING_SYNC.try_with(|_| ()).is_ok()
 }
 
 impl Nri {
@@ -210,15 +222,23 @@ impl Nri {
             }
         };
         let name = p.name();
-        let _sync = self.inner.sync.write().await;
-        if self
+        // A plugin that restarts reconnects under its name at once: its old
+        // connection is closed, though the mux may not have read the EOF
+        // yet. Only a name still connected after that grace is refused.
+        let same: Vec<Arc<Plugin>> = self
             .inner
             .plugins
             .read()
             .await
             .iter()
-            .any(|x| x.name() == name)
-        {
+            .filter(|x| x.name() == name)
+            .cloned()
+            .collect();
+        for old in same {
+            old.closed_within(t.registration).await;
+        }
+        let _sync = self.inner.sync.write().await;
+        if self.live().await.iter().any(|x| x.name() == name) {
             tracing::warn!(plugin = %name, "NRI plugin with this name already registered; refused");
             p.close();
             return;
@@ -236,8 +256,14 @@ impl Nri {
                 more: i < last,
             };
             let more = req.more;
+            // Synchronize carries the node's whole state and is part of the
+            // plugin's start: it gets the registration timeout (upstream
+            // gives it the request timeout, and drops a plugin whose
+            // Synchronize takes just over 2 s, losing what it was told).
             let rsp = match p
-                .call(|c, ctx| async move { c.synchronize(ctx, &req).await })
+                .call_within(t.registration.max(t.request), |c, ctx| async move {
+                    c.synchronize(ctx, &req).await
+                })
                 .await
             {
                 Ok(r) => r,
@@ -267,6 +293,20 @@ impl Nri {
         list.sort_by_key(|a| a.name());
     }
 
+    /// Runs `f` (a CRI request) with plugin synchronization held off, as
+    /// containerd's BlockPluginSync: a plugin that connects meanwhile is
+    /// synchronized before or after the whole request, never between its
+    /// NRI event and the state change that event announces (a container
+    /// created during a Synchronize is in its snapshot or reaches it as a
+    /// CreateContainer event, never neither). Nested calls run as they are.
+    pub async fn holding_sync<F: std::future::Future>(&self, f: F) -> F::Output {
+        if holding_sync() {
+            return f.await;
+        }
+        let _sync = self.inner.sync.read().await;
+        HOLDING_SYNC.scope((), f).await
+    }
+
     /// Names of the plugins connected now, in call order.
     pub async fn plugins(&self) -> Vec<String> {
         self.live().await.iter().map(|p| p.name()).collect()
@@ -290,7 +330,11 @@ impl Nri {
         F: Fn(plugin::PluginClientHandle, ttrpc::context::Context) -> Fut,
         Fut: std::future::Future<Output = ttrpc::Result<T>>,
     {
-        let _sync = self.inner.sync.read().await;
+        // No lock here: the caller holds synchronization off for the whole
+        // request (`holding_sync`), taken before any of its own locks, so
+        // an event sent while holding a container's lock cannot wait behind
+        // a plugin's Synchronize that waits for that request.
+        debug_assert!(holding_sync(), "NRI event outside holding_sync");
         let mut out = Vec::new();
         for p in self.live().await {
             if !p.subscribed(ev) {

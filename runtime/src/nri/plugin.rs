@@ -259,6 +259,17 @@ impl Plugin {
         self.closed.load(Ordering::SeqCst) || *self.mux.closed().borrow()
     }
 
+    /// Waits up to `limit` for the connection to be gone; whether it is.
+    pub async fn closed_within(&self, limit: std::time::Duration) -> bool {
+        if self.closed.load(Ordering::SeqCst) {
+            return true;
+        }
+        let mut rx = self.mux.closed();
+        tokio::time::timeout(limit, rx.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.mux.close();
@@ -276,11 +287,20 @@ impl Plugin {
         F: FnOnce(PluginClient, ttrpc::context::Context) -> Fut,
         Fut: Future<Output = ttrpc::Result<T>>,
     {
+        self.call_within(self.request_timeout, f).await
+    }
+
+    /// [`Self::call`] with its own timeout.
+    pub async fn call_within<T, F, Fut>(&self, limit: Duration, f: F) -> Result<T, CallError>
+    where
+        F: FnOnce(PluginClient, ttrpc::context::Context) -> Fut,
+        Fut: Future<Output = ttrpc::Result<T>>,
+    {
         if self.is_closed() {
             return Err(CallError::Fatal("connection closed".into()));
         }
-        let ctx = ttrpc::context::with_timeout(self.request_timeout.as_nanos() as i64);
-        match tokio::time::timeout(self.request_timeout, f(self.client.clone(), ctx)).await {
+        let ctx = ttrpc::context::with_timeout(limit.as_nanos() as i64);
+        match tokio::time::timeout(limit, f(self.client.clone(), ctx)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(ttrpc::Error::RpcStatus(s)))
                 if s.code != ttrpc::Code::DEADLINE_EXCEEDED as i32 =>
@@ -293,10 +313,7 @@ impl Plugin {
             }
             Err(_) => {
                 self.close();
-                Err(CallError::Fatal(format!(
-                    "no answer within {:?}",
-                    self.request_timeout
-                )))
+                Err(CallError::Fatal(format!("no answer within {limit:?}")))
             }
         }
     }
