@@ -59,6 +59,29 @@ fn ima(mut cfg: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
     cfg
 }
 
+/// Both shapes of an ima pod: sharing a pid namespace (pause is its init,
+/// guarded through it) and as kubelet sends most pods, pid CONTAINER (no
+/// pause: the user namespace is guarded by itself, each container's pid
+/// namespace on its own).
+fn ima_shapes(name: &str) -> [(cri::PodSandboxConfig, bool); 2] {
+    let mut own = ima(pod_config(&format!("{name}-nopause")));
+    own.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options = Some(cri::NamespaceOption {
+        pid: cri::NamespaceMode::Container as i32,
+        ..Default::default()
+    });
+    [(ima(pod_config(name)), true), (own, false)]
+}
+
+/// The pod's verbose info says whether it runs a pause process.
+async fn assert_pause(rt: &mut imacri_integration::client::Rt, pod: &str, pause: bool) {
+    let info = imacri_integration::client::pod_info(rt, pod).await;
+    assert_eq!(info["infraContainer"], pause, "{info}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn memfd_and_nested_namespaces_fail_closed_in_ima_pods() {
     let env = Env::get();
@@ -86,70 +109,73 @@ async fn memfd_and_nested_namespaces_fail_closed_in_ima_pods() {
 
     // In an ima pod: every pid namespace forbids executable memfds, the
     // pod's user namespace allows no nested one.
-    let cfg = ima(pod_config("guard-ima"));
-    let pod = run_pod(&mut rt, &cfg)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-    let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
-    let b = start_container(&mut rt, &pod, &cfg, sleeper("b")).await;
-    for c in [&a, &b] {
-        assert_eq!(
-            sh_ok(&mut rt, c, "cat /proc/sys/vm/memfd_noexec").await,
-            "2"
-        );
-        let (code, out, _) = exec_sh(&mut rt, c, "memfdexec").await;
-        assert_ne!(code, 0, "{out}");
-        assert!(!out.contains("memfd-exec-ran"), "memfd payload ran: {out}");
-        assert!(out.contains("Permission denied"), "{out}");
-        assert_eq!(
-            sh_ok(&mut rt, c, "cat /proc/sys/user/max_user_namespaces").await,
-            "0"
-        );
-        let (code, _, err) = exec_sh(
+    for (cfg, pause) in ima_shapes("guard-ima") {
+        let pod = run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        assert_pause(&mut rt, &pod, pause).await;
+        let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
+        let b = start_container(&mut rt, &pod, &cfg, sleeper("b")).await;
+        for c in [&a, &b] {
+            assert_eq!(
+                sh_ok(&mut rt, c, "cat /proc/sys/vm/memfd_noexec").await,
+                "2"
+            );
+            let (code, out, _) = exec_sh(&mut rt, c, "memfdexec").await;
+            assert_ne!(code, 0, "{out}");
+            assert!(!out.contains("memfd-exec-ran"), "memfd payload ran: {out}");
+            assert!(out.contains("Permission denied"), "{out}");
+            assert_eq!(
+                sh_ok(&mut rt, c, "cat /proc/sys/user/max_user_namespaces").await,
+                "0"
+            );
+            let (code, _, err) = exec_sh(
             &mut rt,
             c,
             "unshare -U -r -m sh -c 'mount -t tmpfs t /mnt && cp /bin/busybox /mnt/true && /mnt/true'",
         )
         .await;
-        assert_ne!(code, 0, "nested user namespace + fresh tmpfs ran");
-        assert!(err.contains("No space left on device"), "{err}");
-        // Raising the limit back needs CAP_SYS_RESOURCE, which is refused.
-        let (code, _, _) = exec_sh(&mut rt, c, "echo 1 > /proc/sys/user/max_user_namespaces").await;
-        assert_ne!(code, 0);
-    }
+            assert_ne!(code, 0, "nested user namespace + fresh tmpfs ran");
+            assert!(err.contains("No space left on device"), "{err}");
+            // Raising the limit back needs CAP_SYS_RESOURCE, which is refused.
+            let (code, _, _) =
+                exec_sh(&mut rt, c, "echo 1 > /proc/sys/user/max_user_namespaces").await;
+            assert_ne!(code, 0);
+        }
 
-    // Capabilities that would undo the guards are refused, naming the field.
-    for cap in ["SYS_ADMIN", "CAP_SYS_RESOURCE", "ALL", "SYS_PTRACE"] {
-        let mut c = sleeper("caps");
-        c.linux
-            .get_or_insert_with(Default::default)
-            .security_context = Some(cri::LinuxContainerSecurityContext {
-            capabilities: Some(cri::Capability {
-                add_capabilities: vec![cap.into()],
+        // Capabilities that would undo the guards are refused, naming the field.
+        for cap in ["SYS_ADMIN", "CAP_SYS_RESOURCE", "ALL", "SYS_PTRACE"] {
+            let mut c = sleeper("caps");
+            c.linux
+                .get_or_insert_with(Default::default)
+                .security_context = Some(cri::LinuxContainerSecurityContext {
+                capabilities: Some(cri::Capability {
+                    add_capabilities: vec![cap.into()],
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
-        let e = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(c),
-                sandbox_config: Some(cfg.clone()),
+            });
+            let e = rt
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(c),
+                    sandbox_config: Some(cfg.clone()),
+                })
+                .await
+                .expect_err(cap);
+            assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+            assert!(
+                e.message().contains("capabilities.add_capabilities") && e.message().contains(cap),
+                "{e}"
+            );
+        }
+        for p in [&pod] {
+            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: p.to_string(),
             })
             .await
-            .expect_err(cap);
-        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
-        assert!(
-            e.message().contains("capabilities.add_capabilities") && e.message().contains(cap),
-            "{e}"
-        );
-    }
-    for p in [&pod] {
-        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-            pod_sandbox_id: p.to_string(),
-        })
-        .await
-        .unwrap();
+            .unwrap();
+        }
     }
 }
 
@@ -432,58 +458,59 @@ async fn node_binfmt_interpreters_do_not_run_in_ima_pods() {
     // In an ima pod (both containers, and an exec) it does not: the file is
     // no format the pod's binfmt_misc knows, and busybox's shell falls back
     // to reading it as a script.
-    let cfg = ima(pod_config("binfmt-ima"));
-    let pod = run_pod(&mut rt, &cfg)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-    let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
-    let b = start_container(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config(
-            "b",
-            &env.busybox,
-            &["sh", "-c", &format!("{run}; sleep 1000")],
-        ),
-    )
-    .await;
-    for c in [&a, &b] {
-        let (code, out, err) = exec_sh(&mut rt, c, &run).await;
-        assert!(
-            !out.contains("HOST-INTERPRETER-RAN"),
-            "the node's interpreter ran in an ima pod: {out}"
-        );
-        assert_ne!(code, 0, "{out} {err}");
-        assert!(err.contains(&magic) && err.contains("not found"), "{err}");
-        // Nor can the pod give its own binfmt_misc an entry: reaching its
-        // register file needs a mount of it (CAP_SYS_ADMIN).
-        let (code, _, err) = exec_sh(
+    for (cfg, pause) in ima_shapes("binfmt-ima") {
+        let pod = run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        assert_pause(&mut rt, &pod, pause).await;
+        let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
+        let b = start_container(
             &mut rt,
-            c,
-            "mkdir -p /tmp/bm && mount -t binfmt_misc binfmt_misc /tmp/bm",
+            &pod,
+            &cfg,
+            container_config(
+                "b",
+                &env.busybox,
+                &["sh", "-c", &format!("{run}; sleep 1000")],
+            ),
         )
         .await;
-        assert_ne!(code, 0, "an ima container mounted binfmt_misc");
-        assert!(
-            err.contains("ermission denied") || err.contains("not permitted"),
-            "{err}"
-        );
+        for c in [&a, &b] {
+            let (code, out, err) = exec_sh(&mut rt, c, &run).await;
+            assert!(
+                !out.contains("HOST-INTERPRETER-RAN"),
+                "the node's interpreter ran in an ima pod: {out}"
+            );
+            assert_ne!(code, 0, "{out} {err}");
+            assert!(err.contains(&magic) && err.contains("not found"), "{err}");
+            // Nor can the pod give its own binfmt_misc an entry: reaching its
+            // register file needs a mount of it (CAP_SYS_ADMIN).
+            let (code, _, err) = exec_sh(
+                &mut rt,
+                c,
+                "mkdir -p /tmp/bm && mount -t binfmt_misc binfmt_misc /tmp/bm",
+            )
+            .await;
+            assert_ne!(code, 0, "an ima container mounted binfmt_misc");
+            assert!(
+                err.contains("ermission denied") || err.contains("not permitted"),
+                "{err}"
+            );
+        }
+        // b's own command tried the same before the execs above.
+        let logs = imacri_integration::client::container_status(&mut rt, &b)
+            .await
+            .log_path;
+        let logged = std::fs::read_to_string(&logs).unwrap();
+        assert!(logged.contains(&magic), "b's command did not run: {logged}");
+        assert!(!logged.contains("HOST-INTERPRETER-RAN"), "{logged}");
+        imacri_integration::client::remove_pod(&mut rt, &pod).await;
     }
-    // b's own command tried the same before the execs above.
-    let logs = imacri_integration::client::container_status(&mut rt, &b)
-        .await
-        .log_path;
-    let logged = std::fs::read_to_string(&logs).unwrap();
-    assert!(logged.contains(&magic), "b's command did not run: {logged}");
-    assert!(!logged.contains("HOST-INTERPRETER-RAN"), "{logged}");
 
     // The node's entry is untouched: plain pods still use it.
     let (_, out, _) = exec_sh(&mut rt, &p, &run).await;
     assert!(out.contains("HOST-INTERPRETER-RAN"), "{out}");
-    for pod in [plain_pod, pod] {
-        imacri_integration::client::remove_pod(&mut rt, &pod).await;
-    }
+    imacri_integration::client::remove_pod(&mut rt, &plain_pod).await;
 }
 
 /// Enough to keep two runs of this test on one node apart.

@@ -16,6 +16,7 @@ pub mod mount;
 pub mod netns;
 pub mod nri;
 pub mod pod;
+pub mod podns;
 pub mod seccomp;
 pub mod spec;
 pub mod stats;

@@ -34,6 +34,10 @@ pub struct SandboxState {
     /// Pod IPs from CNI, IPv4 first.
     #[serde(default)]
     pub ips: Vec<String>,
+    /// A pod without a pause process: the UTS and IPC namespaces imacri
+    /// pinned for its containers (None: a pause container holds them).
+    #[serde(default)]
+    pub pinned: Option<crate::podns::Pinned>,
     /// NRI plugins were told of its stop (once, as containerd does: a
     /// repeated StopPodSandbox is no new event).
     #[serde(default)]

@@ -139,6 +139,23 @@ pub fn net_of_pid(pid: u32) -> Vec<IfaceStats> {
         .unwrap_or_default()
 }
 
+/// Interface counters of a pinned network namespace (a pod without pause):
+/// read on a throwaway thread that joins it.
+pub fn net_of_netns(netns: &std::path::Path) -> Vec<IfaceStats> {
+    let Ok(f) = std::fs::File::open(netns) else {
+        return Vec::new();
+    };
+    std::thread::spawn(move || {
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        std::fs::read_to_string("/proc/thread-self/net/dev").ok()
+    })
+    .join()
+    .ok()
+    .flatten()
+    .map(|t| parse_net_dev(&t))
+    .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -112,8 +112,12 @@ pub(crate) fn with_child(
     // _exit) before exiting; no allocation or locks.
     match unsafe { fork() }.map_err(|e| Error::Internal(format!("fork: {e}")))? {
         ForkResult::Child => {
-            let ok = child().is_ok();
-            let _ = write(ready_w.as_fd(), if ok { b"1" } else { b"0" });
+            let res = child();
+            let ok = res.is_ok();
+            // "1", or "0" and the errno (for the parent's message).
+            let errno = res.err().map_or(0, |e| e as i32).clamp(0, 255) as u8;
+            let failed = [b'0', errno];
+            let _ = write(ready_w.as_fd(), if ok { b"1" } else { &failed });
             let mut b = [0u8; 1];
             let _ = read(go_r.as_raw_fd(), &mut b);
             unsafe { libc::_exit(if ok { 0 } else { 1 }) }
@@ -121,12 +125,19 @@ pub(crate) fn with_child(
         ForkResult::Parent { child: pid } => {
             drop(ready_w);
             drop(go_r);
-            let mut b = [0u8; 1];
+            let mut b = [0u8; 2];
             let n = read(ready_r.as_raw_fd(), &mut b).unwrap_or(0);
-            let res = if n == 1 && b[0] == b'1' {
+            let res = if n >= 1 && b[0] == b'1' {
                 parent(pid)
             } else {
-                Err(Error::Internal("namespace helper process failed".into()))
+                let why = if n == 2 {
+                    nix::Error::from_raw(b[1] as i32).desc()
+                } else {
+                    "no answer"
+                };
+                Err(Error::Internal(format!(
+                    "namespace helper process failed: {why}"
+                )))
             };
             let _ = write(go_w.as_fd(), b"x");
             drop(go_w);

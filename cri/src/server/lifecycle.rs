@@ -292,7 +292,8 @@ impl CriServer {
     }
 
     /// What StopPodSandbox frees: the pod's network (CNI DEL first, while
-    /// the netns exists), the network namespace and the shm mount.
+    /// the netns exists), the network namespace, the shm mount and a pod
+    /// without pause's UTS and IPC namespaces.
     pub(crate) fn release_sandbox_resources(&self, sb: &SandboxEntry) -> Result<()> {
         let st = sb.state();
         if let Some(ns) = &st.netns {
@@ -300,6 +301,9 @@ impl CriServer {
             imacri_runtime::netns::remove(ns)?;
         }
         imacri_runtime::mount::unmount_all(&st.dir.join("shm"))?;
+        if let Some(p) = &st.pinned {
+            imacri_runtime::podns::remove(p)?;
+        }
         Ok(())
     }
 }

@@ -567,8 +567,12 @@ impl CriServer {
                 .map(|m| m.name.as_str())
                 .unwrap_or("");
             let mut pod = Out::new(&sb.id, name);
-            if st.pid > 0 && st.netns.is_some() {
-                network_metrics(&mut pod, &stats::net_of_pid(st.pid));
+            match (&st.netns, st.pid) {
+                (Some(_), pid) if pid > 0 => network_metrics(&mut pod, &stats::net_of_pid(pid)),
+                (Some(ns), _) if st.pinned.is_some() => {
+                    network_metrics(&mut pod, &stats::net_of_netns(ns))
+                }
+                _ => {}
             }
             let parent = sb
                 .config

@@ -33,6 +33,8 @@ impl CriServer {
                     .all()
                     .into_iter()
                     .filter(|s| s.state().phase == SandboxPhase::Ready)
+                    // A pod without pause has no task of its own.
+                    .filter(|s| s.state().pinned.is_none())
                     .map(|s| s.id.clone()),
             )
             .collect();

@@ -24,6 +24,17 @@ impl CriServer {
                 let _ = self.sandboxes.remove(&sb.id);
                 continue;
             }
+            if let Some(p) = &st.pinned {
+                // No pause to ask containerd about: the pod is as ready as
+                // its pinned namespaces (a reboot takes them).
+                let netns_ok = st.netns.as_ref().is_none_or(|n| n.exists());
+                if st.phase == SandboxPhase::Ready
+                    && !(netns_ok && imacri_runtime::podns::exists(p))
+                {
+                    let _ = sb.update(|s| s.phase = SandboxPhase::NotReady);
+                }
+                continue;
+            }
             match self.c.task_info(&sb.id).await {
                 Ok(Some(t)) if t.status == TaskStatus::Running => {
                     let _ = sb.update(|s| s.pid = t.pid);

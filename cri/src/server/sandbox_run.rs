@@ -80,6 +80,7 @@ impl CriServer {
         spec::SandboxShared {
             netns: st.netns.clone(),
             pause_pid: st.pid,
+            pinned: st.pinned.clone(),
             hostname_file: Some(st.dir.join("hostname")),
             hosts_file: Some(st.dir.join("hosts")),
             resolv_file: Some(st.dir.join("resolv.conf")),
@@ -156,7 +157,7 @@ impl CriServer {
                 config.log_directory
             )));
         }
-        let (net_mode, _, ipc_mode) = spec::ns_mode(sc.namespace_options.as_ref());
+        let (net_mode, pid_mode, ipc_mode) = spec::ns_mode(sc.namespace_options.as_ref());
         let host_net = net_mode == cri::NamespaceMode::Node as i32;
         let host_ipc = ipc_mode == cri::NamespaceMode::Node as i32;
         if !host_net && config.hostname.is_empty() {
@@ -164,18 +165,47 @@ impl CriServer {
             // example configs carry none).
             config.hostname = node_hostname();
         }
-        let image = self.images.get(&self.sandbox_image).ok_or_else(|| {
-            Error::FailedPrecondition(format!(
-                "sandbox image {} is not present; pull it first",
-                self.sandbox_image
-            ))
-        })?;
+        // No pause process where nothing needs one: no shared pid namespace
+        // to hold (an ima pod's guards then go to its user namespace and to
+        // each container's own pid namespace), no kernel IMA namespace to
+        // activate before its first process.
+        let kernel_ima = plan.ima.as_ref().is_some_and(|i| {
+            i.backend == imacri_runtime::integrity::setting::Backend::Kernel.to_string()
+        });
+        let infra_less = self.cfg.drop_infra_container
+            && pid_mode != cri::NamespaceMode::Pod as i32
+            && !kernel_ima;
+        let image = if infra_less {
+            None
+        } else {
+            Some(self.images.get(&self.sandbox_image).ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "sandbox image {} is not present; pull it first",
+                    self.sandbox_image
+                ))
+            })?)
+        };
 
         let id = new_id();
+        let netns_path = (!host_net).then(|| self.cfg.netns_dir().join(&id));
+        let podns_dir = self.cfg.state.join("podns");
+        let podns = imacri_runtime::podns::Request {
+            dir: &podns_dir,
+            id: &id,
+            hostname: (!host_net).then_some(config.hostname.as_str()),
+            ipc: !host_ipc,
+            netns: netns_path.as_deref(),
+            userns: None,
+            sysctls: &linux.sysctls,
+        };
+        // A sysctl in no namespace of the pod's own is refused before
+        // anything is made, by runc's rules (runc would refuse it at the
+        // pause task, as an unknown error).
+        imacri_runtime::podns::validate(&podns)?;
+        let pinned = infra_less.then(|| imacri_runtime::podns::planned(&podns));
         let name = sandbox_name(&config);
         self.sandboxes.reserve(&name, &id)?;
         let dir = self.cfg.state.join("sandboxes").join(&id);
-        let netns_path = (!host_net).then(|| self.cfg.netns_dir().join(&id));
         let entry = {
             // Allocation and record go together so no range is handed out twice.
             let _alloc = self
@@ -208,14 +238,19 @@ impl CriServer {
                     created_at: now_nanos(),
                     runtime_handler: req.runtime_handler.clone(),
                     pid: 0,
-                    netns: netns_path,
-                    image_id: image.id.clone(),
-                    image_name: self.sandbox_image.clone(),
+                    netns: netns_path.clone(),
+                    image_id: image.as_ref().map(|i| i.id.clone()).unwrap_or_default(),
+                    image_name: if image.is_some() {
+                        self.sandbox_image.clone()
+                    } else {
+                        String::new()
+                    },
                     dir: dir.clone(),
                     shm: !host_ipc,
                     userns,
                     ima: plan.ima.clone(),
                     ips: Vec::new(),
+                    pinned,
                     nri_stopped: false,
                 },
             )
@@ -229,7 +264,10 @@ impl CriServer {
         };
         let _op = entry.op.lock().await;
         let res = async {
-            let pid = self.start_sandbox(&entry, &image, host_net).await?;
+            let pid = match &image {
+                Some(image) => self.start_sandbox(&entry, image, host_net).await?,
+                None => self.start_infra_less(&entry, host_net).await?,
+            };
             if self.nri.get().is_some() {
                 // NRI plugins hear of the pod (with its pid) before anyone
                 // can use it; one that fails it rolls it back.
@@ -317,6 +355,58 @@ impl CriServer {
         started
     }
 
+    /// A pod without pause: its network namespace (CNI ADD in it) and its
+    /// UTS and IPC namespaces, pinned; the pid is 0.
+    async fn start_infra_less(
+        self: &Arc<Self>,
+        entry: &super::SandboxEntry,
+        host_net: bool,
+    ) -> Result<u32> {
+        let (id, st) = (entry.id.as_str(), entry.state());
+        let mut laps = super::laps::Laps::new("RunPodSandbox", id);
+        std::fs::create_dir_all(&st.dir).map_err(|e| Error::io("creating", &st.dir, e))?;
+        write_pod_files(entry, host_net)?;
+        let (me, sid, state) = (self.clone(), id.to_string(), st.clone());
+        let config = entry.config.clone();
+        tokio::task::spawn_blocking(move || {
+            me.create_namespaces(&sid, &state, host_net)?;
+            let linux = config.linux.unwrap_or_default();
+            let dir = me.cfg.state.join("podns");
+            imacri_runtime::podns::create(&imacri_runtime::podns::Request {
+                dir: &dir,
+                id: &sid,
+                hostname: state
+                    .pinned
+                    .as_ref()
+                    .and_then(|p| p.uts.as_ref())
+                    .map(|_| config.hostname.as_str()),
+                ipc: state.pinned.as_ref().is_some_and(|p| p.ipc.is_some()),
+                netns: state.netns.as_deref(),
+                userns: state.userns.as_ref().map(|u| u.path.as_path()),
+                sysctls: &linux.sysctls,
+            })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("namespace task: {e}")))??;
+        laps.lap("namespaces");
+        // An ima pod's user namespace is guarded before any of its processes
+        // exists (no nested user namespaces, a binfmt_misc of its own).
+        self.guard_process(&entry.state(), id, 0, Scope::UserNamespace)
+            .await?;
+        laps.lap("guards");
+        if let Some(ns) = &st.netns {
+            let pod = super::lifecycle::pod_network(entry, ns);
+            let me = self.clone();
+            let ips = tokio::task::spawn_blocking(move || me.cni.add(&pod))
+                .await
+                .map_err(|e| Error::Internal(format!("CNI ADD task: {e}")))??
+                .ips;
+            entry.update(|s| s.ips = ips)?;
+            laps.lap("cni");
+        }
+        Ok(0)
+    }
+
     /// The pod's pinned namespaces, as recorded in `st`.
     fn create_namespaces(&self, id: &str, st: &SandboxState, host_net: bool) -> Result<()> {
         match (&st.userns, host_net) {
@@ -340,26 +430,7 @@ impl CriServer {
         host_net: bool,
     ) -> Result<(Vec<containerd_client::types::Mount>, bool)> {
         let (id, config, st) = (entry.id.as_str(), &entry.config, &entry.state());
-        let dir = &st.dir;
-        let hostname = if host_net {
-            node_hostname()
-        } else {
-            config.hostname.clone()
-        };
-        write(&dir.join("hostname"), &format!("{hostname}\n"))?;
-        let hosts = if host_net {
-            std::fs::read_to_string("/etc/hosts").unwrap_or_else(|_| hosts_file(&hostname))
-        } else {
-            hosts_file(&hostname)
-        };
-        write(&dir.join("hosts"), &hosts)?;
-        write(
-            &dir.join("resolv.conf"),
-            &resolv_conf(config.dns_config.as_ref())?,
-        )?;
-        if st.shm {
-            imacri_runtime::mount::mount_shm(&dir.join("shm"), SHM_SIZE)?;
-        }
+        write_pod_files(entry, host_net)?;
 
         let shared = self.shared_of(st);
         let mut spec = spec::sandbox_spec(id, config, &image.config, &shared, self.node)?;
@@ -436,6 +507,33 @@ impl CriServer {
         self.seal_pause_later(st, id, pid);
         Ok(started)
     }
+}
+
+/// The files every container of the pod mounts: hostname, hosts,
+/// resolv.conf, and its /dev/shm.
+fn write_pod_files(entry: &super::SandboxEntry, host_net: bool) -> Result<()> {
+    let (config, st) = (&entry.config, entry.state());
+    let dir = &st.dir;
+    let hostname = if host_net {
+        node_hostname()
+    } else {
+        config.hostname.clone()
+    };
+    write(&dir.join("hostname"), &format!("{hostname}\n"))?;
+    let hosts = if host_net {
+        std::fs::read_to_string("/etc/hosts").unwrap_or_else(|_| hosts_file(&hostname))
+    } else {
+        hosts_file(&hostname)
+    };
+    write(&dir.join("hosts"), &hosts)?;
+    write(
+        &dir.join("resolv.conf"),
+        &resolv_conf(config.dns_config.as_ref())?,
+    )?;
+    if st.shm {
+        imacri_runtime::mount::mount_shm(&dir.join("shm"), SHM_SIZE)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -99,6 +99,9 @@ impl CriServer {
                 "ima": ima_info(&st, self.integrity.journal.summary(&sb.id)),
                 "userNamespace": st.userns,
                 "pid": st.pid,
+                // false: no pause process; the pinned UTS/IPC namespaces.
+                "infraContainer": st.pinned.is_none(),
+                "pinnedNamespaces": st.pinned,
                 "phase": format!("{:?}", st.phase),
                 "netns": st.netns,
                 "image": st.image_name,

@@ -130,10 +130,10 @@ impl CriServer {
                 pids: sum(|s| s.pids),
             }
         };
-        let net = if st.pid > 0 && st.netns.is_some() {
-            stats::net_of_pid(st.pid)
-        } else {
-            vec![]
+        let net = match (&st.netns, st.pid) {
+            (Some(_), pid) if pid > 0 => stats::net_of_pid(pid),
+            (Some(ns), _) if st.pinned.is_some() => stats::net_of_netns(ns),
+            _ => vec![],
         };
         let iface = |i: &stats::IfaceStats| cri::NetworkInterfaceUsage {
             name: i.name.clone(),

@@ -283,7 +283,30 @@ fn pod_start_config(mode: Mode, name: &str, i: usize) -> cri::PodSandboxConfig {
                 .insert("imacri.dev/ima".into(), "true".into());
         }
     }
+    // As kubelet sends a pod without shareProcessNamespace (an absent
+    // option would mean POD, a shared pid namespace).
+    cfg.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options
+        .get_or_insert_with(Default::default)
+        .pid = cri::NamespaceMode::Container as i32;
     cfg
+}
+
+/// The container as kubelet sends it into such a pod: its own pid namespace.
+fn kubelets_container(img: &str) -> cri::ContainerConfig {
+    let mut c = container_config("c", img, &["sleep", "1000"]);
+    c.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options = Some(cri::NamespaceOption {
+        pid: cri::NamespaceMode::Container as i32,
+        ..Default::default()
+    });
+    c
 }
 
 /// One timed RunPodSandbox + CreateContainer + StartContainer of one
@@ -302,7 +325,7 @@ async fn pod_start(
             PHASES[1],
             rt.create_container(cri::CreateContainerRequest {
                 pod_sandbox_id: pod.clone(),
-                config: Some(container_config("c", img, &["sleep", "1000"])),
+                config: Some(kubelets_container(img)),
                 sandbox_config: Some(cfg.clone()),
             }),
         )

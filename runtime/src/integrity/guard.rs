@@ -102,6 +102,11 @@ pub enum Scope {
     Pod,
     /// A later pid namespace of the pod (a container with pid CONTAINER).
     PidNamespace,
+    /// A pod without pause: only its user namespace (max_user_namespaces,
+    /// its own binfmt_misc), before any of its processes exists; each of
+    /// its containers has a pid namespace of its own, guarded as
+    /// `PidNamespace`. `pid` is unused.
+    UserNamespace,
 }
 
 /// Applies the guards to the pid namespace of `pid` (a container's init or
@@ -131,6 +136,17 @@ fn apply_steps(pid: u32, userns: &Path, scope: Scope) -> Result<(), GuardError> 
             .map(OwnedFd::from)
             .map_err(|source| GuardError::Namespaces { pid, source })
     };
+    if scope == Scope::UserNamespace {
+        // No pid namespace to enter (imacri's own must keep its setting):
+        // the helper joins the user namespace alone.
+        let user = open(userns)?;
+        let paths = helper_paths();
+        let user_fd = user.as_raw_fd();
+        // SAFETY: the child calls only setns/open/write/close/unshare/syscall/_exit.
+        return fork_helper(&STEPS, |report| unsafe {
+            helper(user_fd, &paths, Some(None), false, report)
+        });
+    }
     let pidns = open(&Path::new("/proc").join(pid.to_string()).join("ns/pid"))?;
     let user = open(userns)?;
     // The pod's first process already has a mount namespace of the pod's
@@ -138,7 +154,7 @@ fn apply_steps(pid: u32, userns: &Path, scope: Scope) -> Result<(), GuardError> 
     // table into a new one (whose cost grows with the node's mounts).
     let mnt = match scope {
         Scope::Pod => open(&Path::new("/proc").join(pid.to_string()).join("ns/mnt")).ok(),
-        Scope::PidNamespace => None,
+        Scope::PidNamespace | Scope::UserNamespace => None,
     };
     // A thread of its own enters the pid namespace (for its children only)
     // and forks the helper there; the thread then ends, so no other work
@@ -170,11 +186,7 @@ fn run_helper(
         .map_err(|source| GuardError::EnterPid { pid, source })?;
     // Everything the child touches is prepared before fork: after it only
     // async-signal-safe calls run (this process has other threads).
-    let paths = HelperPaths {
-        memfd: CString::new(MEMFD_NOEXEC).expect("static path"),
-        maxns: CString::new(MAX_USER_NAMESPACES).expect("static path"),
-        binfmt: CString::new("binfmt_misc").expect("static name"),
-    };
+    let paths = helper_paths();
     let user_fd = user.as_raw_fd();
     let mnt_fd = mnt.map(|m| m.as_raw_fd());
     // SAFETY: the child calls only setns/open/write/close/unshare/syscall/_exit.
@@ -183,9 +195,18 @@ fn run_helper(
             user_fd,
             &paths,
             (scope == Scope::Pod).then_some(mnt_fd),
+            true,
             report,
         )
     })
+}
+
+fn helper_paths() -> HelperPaths {
+    HelperPaths {
+        memfd: CString::new(MEMFD_NOEXEC).expect("static path"),
+        maxns: CString::new(MAX_USER_NAMESPACES).expect("static path"),
+        binfmt: CString::new("binfmt_misc").expect("static name"),
+    }
 }
 
 struct HelperPaths {
@@ -224,14 +245,22 @@ unsafe fn fail(report: i32, step: i32) -> ! {
 /// namespace and writes both sysctls; for the pod (`pod` is `Some`, with
 /// the pod's mount namespace if it has one), also gives its user namespace
 /// its own binfmt_misc. Never returns.
-unsafe fn helper(user: i32, p: &HelperPaths, pod: Option<Option<i32>>, report: i32) -> ! {
+unsafe fn helper(
+    user: i32,
+    p: &HelperPaths,
+    pod: Option<Option<i32>>,
+    memfd: bool,
+    report: i32,
+) -> ! {
     let fail = |step: i32| -> ! { fail(report, step) };
     if libc::setns(user, libc::CLONE_NEWUSER) != 0 {
         fail(1);
     }
     // `max_user_namespaces` again for each pid namespace: the same user
-    // namespace, so a no-op unless something raised it.
-    for (path, value, step) in [(&p.memfd, b"2\n", 2), (&p.maxns, b"0\n", 4)] {
+    // namespace, so a no-op unless something raised it. vm.memfd_noexec
+    // only where the helper runs in the pod's pid namespace.
+    let sysctls = [(&p.memfd, b"2\n", 2), (&p.maxns, b"0\n", 4)];
+    for (path, value, step) in sysctls.into_iter().skip(usize::from(!memfd)) {
         let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
         if fd < 0 {
             fail(step);

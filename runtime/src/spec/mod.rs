@@ -48,6 +48,8 @@ pub struct SandboxShared {
     pub netns: Option<PathBuf>,
     /// PID of the pause process, to join its ipc/uts/pid namespaces.
     pub pause_pid: u32,
+    /// A pod without pause: the UTS/IPC namespaces imacri pinned instead.
+    pub pinned: Option<crate::podns::Pinned>,
     /// Sandbox files bind-mounted into every container.
     pub hostname_file: Option<PathBuf>,
     pub hosts_file: Option<PathBuf>,
@@ -252,6 +254,7 @@ pub(crate) mod test_support {
 
     pub(crate) fn shared() -> SandboxShared {
         SandboxShared {
+            pinned: None,
             netns: Some("/run/netns/x".into()),
             pause_pid: 42,
             hostname_file: Some("/s/hostname".into()),

@@ -70,12 +70,19 @@ pub fn container_namespaces(
                     .unwrap_or_else(|| format!("{pause}/net").into()),
             ),
         )?);
-        namespaces.push(ns(
-            LinuxNamespaceType::Uts,
-            Some(format!("{pause}/uts").into()),
-        )?);
+        let uts = match &i.shared.pinned {
+            Some(p) => p.uts.clone(),
+            None => Some(format!("{pause}/uts").into()),
+        };
+        namespaces.push(ns(LinuxNamespaceType::Uts, uts)?);
     }
     match cri::NamespaceMode::try_from(pid_mode).unwrap_or(cri::NamespaceMode::Pod) {
+        // A pod without pause shares no pid namespace (imacri keeps pause
+        // for pods whose config asks to share one): POD in a container of
+        // such a pod, which kubelet never sends, gets its own.
+        cri::NamespaceMode::Pod if i.shared.pinned.is_some() => {
+            namespaces.push(ns(LinuxNamespaceType::Pid, None)?)
+        }
         cri::NamespaceMode::Pod => namespaces.push(ns(
             LinuxNamespaceType::Pid,
             Some(format!("{pause}/pid").into()),
@@ -97,10 +104,11 @@ pub fn container_namespaces(
         },
     }
     if ipc_mode != cri::NamespaceMode::Node as i32 {
-        namespaces.push(ns(
-            LinuxNamespaceType::Ipc,
-            Some(format!("{pause}/ipc").into()),
-        )?);
+        let ipc = match &i.shared.pinned {
+            Some(p) => p.ipc.clone(),
+            None => Some(format!("{pause}/ipc").into()),
+        };
+        namespaces.push(ns(LinuxNamespaceType::Ipc, ipc)?);
     }
     Ok(namespaces)
 }

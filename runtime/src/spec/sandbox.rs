@@ -168,6 +168,7 @@ mod tests {
             ..Default::default()
         };
         let sh = SandboxShared {
+            pinned: None,
             netns: Some("/n".into()),
             ..Default::default()
         };
