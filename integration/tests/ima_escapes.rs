@@ -905,8 +905,11 @@ async fn an_exec_cannot_ptrace_the_containers_processes() {
             );
             // Within one domain (the exec's own child) ptrace works: it is
             // the domains that differ, not ptrace that is gone.
+            // (SIGKILL: attached before its execve, the child takes the
+            // attach's SIGSTOP after the detach and would stay stopped,
+            // deaf to SIGTERM, holding the exec's output open.)
             let (_, out, err) =
-                exec_sh(&mut rt, &c, "sleep 1002 & escape ptrace $!; kill $!").await;
+                exec_sh(&mut rt, &c, "sleep 1002 & escape ptrace $!; kill -9 $!").await;
             assert!(out.contains("RAN ptrace"), "own child: {out}{err}");
         } else {
             assert!(out.contains("RAN ptrace"), "control: {out}{err}");
