@@ -49,6 +49,16 @@ async fn start(
     .await
 }
 
+/// The values of [`sysctls`] a container sees.
+async fn applied_sysctls(rt: &mut Rt, id: &str) -> String {
+    sh_ok(
+        rt,
+        id,
+        "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/net/ipv4/ip_unprivileged_port_start",
+    )
+    .await
+}
+
 /// Hostname and the UTS, IPC and network namespaces a container is in.
 async fn ns_of(rt: &mut Rt, id: &str) -> String {
     sh_ok(
@@ -89,15 +99,7 @@ async fn a_pod_without_pause_shares_its_pinned_namespaces() {
         !na.contains(&host_uts.to_string_lossy().to_string()),
         "{na}"
     );
-    assert_eq!(
-        sh_ok(
-            &mut rt,
-            &a,
-            "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/net/ipv4/ip_unprivileged_port_start"
-        )
-        .await,
-        "1\n81"
-    );
+    assert_eq!(applied_sysctls(&mut rt, &a).await, "1\n81");
     // /dev/shm and the network are the pod's.
     sh_ok(&mut rt, &a, "echo shared > /dev/shm/x").await;
     assert_eq!(sh_ok(&mut rt, &b, "cat /dev/shm/x").await, "shared");
@@ -256,15 +258,7 @@ async fn a_user_namespace_pod_without_pause() {
     assert_eq!(na, ns_of(&mut rt, &b).await);
     let uid_map = sh_ok(&mut rt, &a, "cat /proc/self/uid_map").await;
     assert!(uid_map.contains(&map[0].host_id.to_string()), "{uid_map}");
-    assert_eq!(
-        sh_ok(
-            &mut rt,
-            &a,
-            "cat /proc/sys/kernel/shm_rmid_forced /proc/sys/net/ipv4/ip_unprivileged_port_start"
-        )
-        .await,
-        "1\n81"
-    );
+    assert_eq!(applied_sysctls(&mut rt, &a).await, "1\n81");
     // Its UTS and IPC namespaces belong to the pod's user namespace, as
     // pause's would.
     let userns = info["userNamespace"]["path"].as_str().unwrap();

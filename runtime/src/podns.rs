@@ -153,20 +153,7 @@ pub fn create(r: &Request<'_>) -> Result<Pinned> {
             std::fs::write(&p, v)
                 .map_err(|e| Error::InvalidArgument(format!("linux.sysctls {k:?} = {v:?}: {e}")))?;
         }
-        for (kind, p) in [("uts", &target.uts), ("ipc", &target.ipc)] {
-            if let Some(p) = p {
-                let src = format!("/proc/thread-self/ns/{kind}");
-                mount(
-                    Some(src.as_str()),
-                    p,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(|e| Error::io("pinning", p, e.into()))?;
-            }
-        }
-        Ok(())
+        pin_all(&target, "/proc/thread-self")
     })
     .join()
     .map_err(|_| Error::Internal("pod namespace thread panicked".into()))
@@ -251,22 +238,7 @@ fn create_in_userns(
             }
             Ok(())
         },
-        |pid| {
-            for (kind, p) in [("uts", &target.uts), ("ipc", &target.ipc)] {
-                if let Some(p) = p {
-                    let src = format!("/proc/{pid}/ns/{kind}");
-                    mount(
-                        Some(src.as_str()),
-                        p,
-                        None::<&str>,
-                        MsFlags::MS_BIND,
-                        None::<&str>,
-                    )
-                    .map_err(|e| Error::io("pinning", p, e.into()))?;
-                }
-            }
-            Ok(())
-        },
+        |pid| pin_all(target, &format!("/proc/{pid}")),
     )
     .map_err(|e| match e {
         Error::Internal(m) if m.contains("helper process failed") => Error::InvalidArgument(
@@ -274,6 +246,25 @@ fn create_in_userns(
         ),
         e => e,
     })
+}
+
+/// Bind-mounts the UTS and IPC namespaces of `proc` (a /proc task
+/// directory) onto the pins that exist in `target`.
+fn pin_all(target: &Pinned, proc: &str) -> Result<()> {
+    for (kind, p) in [("uts", &target.uts), ("ipc", &target.ipc)] {
+        if let Some(p) = p {
+            let src = format!("{proc}/ns/{kind}");
+            mount(
+                Some(src.as_str()),
+                p,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| Error::io("pinning", p, e.into()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Unpins and removes the pod's namespaces; missing ones are fine.
