@@ -249,6 +249,33 @@ async fn plugins_see_events_in_order_and_adjust_containers() {
         l.iter().any(|x| x == "UpdatePodSandbox nri-events/1024"),
         "{l:?}"
     );
+    // Plugins get the namespaces a pod's containers join: with pause, its
+    // network namespace; without (pid CONTAINER, as kubelet sends most
+    // pods), also the UTS and IPC namespaces imacri pinned.
+    assert!(
+        l.iter().any(|x| x == "RunPodSandbox nri-events/network"),
+        "{l:?}"
+    );
+    let mut nopause = imacri_integration::pod_config("nri-nopause");
+    nopause
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options = Some(cri::NamespaceOption {
+        pid: cri::NamespaceMode::Container as i32,
+        ..Default::default()
+    });
+    let p2 = imacri_integration::client::run_pod(&mut rt, &nopause)
+        .await
+        .unwrap();
+    let l = wait_for(&logger, "RunPodSandbox nri-nopause");
+    assert!(
+        l.iter()
+            .any(|x| x == "RunPodSandbox nri-nopause/network,uts,ipc"),
+        "{l:?}"
+    );
+    imacri_integration::client::remove_pod(&mut rt, &p2).await;
     // The external plugin saw the same pod.
     assert!(lines(&nri.events("ext"))
         .iter()

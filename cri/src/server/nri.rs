@@ -40,6 +40,17 @@ impl CriServer {
                 path: n.display().to_string(),
             });
         }
+        // A pod without pause (pid 0): the namespaces its containers join.
+        if let Some(p) = &st.pinned {
+            for (kind, path) in [("uts", &p.uts), ("ipc", &p.ipc)] {
+                if let Some(path) = path {
+                    namespaces.push(api::LinuxNamespace {
+                        r#type: kind.into(),
+                        path: path.display().to_string(),
+                    });
+                }
+            }
+        }
         api::PodSandbox {
             id: sb.id.clone(),
             name: md.name,

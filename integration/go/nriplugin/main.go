@@ -130,7 +130,12 @@ func (p *plugin) Synchronize(_ context.Context, pods []*api.PodSandbox, ctrs []*
 }
 
 func (p *plugin) RunPodSandbox(_ context.Context, pod *api.PodSandbox) error {
-	p.event("RunPodSandbox", pod.Name, "")
+	// The namespace types the runtime reports for the pod, in order.
+	var types []string
+	for _, n := range pod.GetLinux().GetNamespaces() {
+		types = append(types, n.Type)
+	}
+	p.event("RunPodSandbox", pod.Name, strings.Join(types, ","))
 	return nil
 }
 func (p *plugin) UpdatePodSandbox(_ context.Context, pod *api.PodSandbox, _, res *api.LinuxResources) error {
