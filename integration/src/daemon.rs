@@ -275,6 +275,18 @@ impl Imacri {
 impl Drop for Imacri {
     fn drop(&mut self) {
         self.kill();
+        // A failed test's daemon log outlives its temporary directory, so a
+        // flake seen once in a full run can be read afterwards.
+        if std::thread::panicking() {
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .replace("::", "-");
+            let keep = std::env::temp_dir().join(format!("imacri-failed-{test}.log"));
+            if std::fs::write(&keep, self.log()).is_ok() {
+                eprintln!("imacri's log of this test: {}", keep.display());
+            }
+        }
     }
 }
 
