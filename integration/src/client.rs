@@ -102,6 +102,19 @@ pub async fn exec_sh(rt: &mut Rt, id: &str, cmd: &str) -> (i32, String, String) 
     )
 }
 
+/// PodSandboxStatus's status (not verbose).
+pub async fn pod_status(rt: &mut Rt, pod: &str) -> cri::PodSandboxStatus {
+    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: pod.into(),
+        verbose: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+    .unwrap()
+}
+
 /// The `info` JSON of verbose PodSandboxStatus.
 pub async fn pod_info(rt: &mut Rt, pod: &str) -> serde_json::Value {
     let st = rt

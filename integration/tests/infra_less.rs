@@ -4,7 +4,9 @@
 //! the UTS, IPC and network namespaces imacri pinned, with the pod's
 //! hostname and sysctls, across an imacri crash; nothing is left after it.
 
-use imacri_integration::client::{exec_sh, pod_info, run_pod, sh_ok, start_container, Rt};
+use imacri_integration::client::{
+    exec_sh, pod_info, pod_status, run_pod, sh_ok, start_container, Rt,
+};
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::collections::HashMap;
 
@@ -103,16 +105,8 @@ async fn a_pod_without_pause_shares_its_pinned_namespaces() {
     // /dev/shm and the network are the pod's.
     sh_ok(&mut rt, &a, "echo shared > /dev/shm/x").await;
     assert_eq!(sh_ok(&mut rt, &b, "cat /dev/shm/x").await, "shared");
-    let ip = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
+    let ip = pod_status(&mut rt, &pod)
         .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
         .network
         .map(|n| n.ip)
         .expect("pod IP");
@@ -136,17 +130,10 @@ async fn a_pod_without_pause_shares_its_pinned_namespaces() {
     d.kill();
     d.spawn().await.unwrap();
     let mut rt = d.runtime().await.unwrap();
-    let st = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
-    assert_eq!(st.state, cri::PodSandboxState::SandboxReady as i32);
+    assert_eq!(
+        pod_status(&mut rt, &pod).await.state,
+        cri::PodSandboxState::SandboxReady as i32
+    );
     let c = start(&mut rt, &pod, &cfg, "c", &env.busybox).await;
     assert_eq!(ns_of(&mut rt, &c).await, na);
     let (code, _, _) = exec_sh(&mut rt, &a, "true").await;
