@@ -236,6 +236,21 @@ async fn kubelet_runs_static_pods_on_imacri() {
     // crictl sees the same pods kubelet made.
     let pods = crictl(&cache, &d, &["pods", "--state", "ready", "-o", "json"]);
     assert!(pods.contains("web-imacri-test-node"), "{pods}");
+    // kubelet sends pid CONTAINER (no shareProcessNamespace): the pod runs
+    // without pause, its hostname (checked by the exec above) set in the UTS
+    // namespace imacri pinned.
+    let web_id = crictl(
+        &cache,
+        &d,
+        &["pods", "--name", "web-imacri-test-node", "-q"],
+    );
+    let p: serde_json::Value = serde_json::from_str(&crictl(
+        &cache,
+        &d,
+        &["inspectp", "-o", "json", web_id.trim()],
+    ))
+    .unwrap();
+    assert_eq!(p["info"]["infraContainer"], false, "{p}");
 
     // Removing the manifests stops and removes the pods: nothing is left in
     // containerd, no netns, no veth on the test bridge.
