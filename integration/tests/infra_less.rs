@@ -270,3 +270,30 @@ async fn a_user_namespace_pod_without_pause() {
     assert_eq!(owner("ipc"), pod_userns);
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
+
+/// A reboot empties `/run`: a pod without pause whose pins are gone when
+/// imacri starts is NotReady (kubelet makes a new one), and its stop and
+/// removal still succeed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_whose_pins_are_gone_is_not_ready() {
+    let env = Env::get();
+    let ns = format!("iso-{:08x}", rand::random::<u32>());
+    let mut d = Imacri::start_full(env, &ns, &[]).await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let pod = run_pod(&mut rt, &kubelets_pod("lostpins")).await.unwrap();
+    let info = pod_info(&mut rt, &pod).await;
+    assert_eq!(info["infraContainer"], false, "{info}");
+    d.kill();
+    let uts = std::path::PathBuf::from(info["pinnedNamespaces"]["uts"].as_str().unwrap());
+    nix::mount::umount2(&uts, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    std::fs::remove_file(&uts).unwrap();
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    assert_eq!(
+        pod_status(&mut rt, &pod).await.state,
+        cri::PodSandboxState::SandboxNotready as i32
+    );
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    let left = env.all_objects(&ns).await.unwrap();
+    assert!(left.is_empty(), "left in containerd: {left:?}");
+}
