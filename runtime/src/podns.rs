@@ -106,6 +106,14 @@ pub fn create(r: &Request<'_>) -> Result<Pinned> {
     validate(r)?;
     std::fs::create_dir_all(r.dir).map_err(|e| Error::io("creating", r.dir, e))?;
     let pinned = planned(r);
+    if let Err(e) = make(r, &pinned) {
+        let _ = remove(&pinned);
+        return Err(e);
+    }
+    Ok(pinned)
+}
+
+fn make(r: &Request<'_>, pinned: &Pinned) -> Result<()> {
     for p in [&pinned.uts, &pinned.ipc].into_iter().flatten() {
         std::fs::File::create(p).map_err(|e| Error::io("creating", p, e))?;
     }
@@ -119,18 +127,13 @@ pub fn create(r: &Request<'_>) -> Result<Pinned> {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let target = pinned.clone();
     if let Some(userns) = r.userns {
-        let res = create_in_userns(userns, netns.as_ref(), &hostname, &sysctls, &target);
-        if let Err(e) = res {
-            let _ = remove(&pinned);
-            return Err(e);
-        }
-        return Ok(pinned);
+        return create_in_userns(userns, netns.as_ref(), &hostname, &sysctls, pinned);
     }
+    let target = pinned.clone();
     // setns and unshare change only the calling thread: a throwaway one, so
     // no runtime thread ends up in the pod's namespaces.
-    let res = std::thread::spawn(move || -> Result<()> {
+    std::thread::spawn(move || -> Result<()> {
         let ns = |what: &'static str, e: nix::Error| Error::io(what, "pod namespaces", e.into());
         if let Some(f) = &netns {
             setns(f, CloneFlags::CLONE_NEWNET)
@@ -156,13 +159,7 @@ pub fn create(r: &Request<'_>) -> Result<Pinned> {
         pin_all(&target, "/proc/thread-self")
     })
     .join()
-    .map_err(|_| Error::Internal("pod namespace thread panicked".into()))
-    .and_then(|r| r);
-    if let Err(e) = res {
-        let _ = remove(&pinned);
-        return Err(e);
-    }
-    Ok(pinned)
+    .map_err(|_| Error::Internal("pod namespace thread panicked".into()))?
 }
 
 /// A user namespace can only be joined by a single-threaded process: a
@@ -308,6 +305,46 @@ mod tests {
             userns: None,
             sysctls,
         }
+    }
+
+    /// Pinned, named and with its sysctl; and a value the kernel refuses
+    /// leaves no pin behind (needs root, as imacri; skipped otherwise).
+    #[test]
+    fn pins_hold_the_pods_namespaces_and_failures_leave_none() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let ok = HashMap::from([("kernel.shm_rmid_forced".to_string(), "1".to_string())]);
+        let r = Request {
+            dir: d.path(),
+            id: "p",
+            hostname: Some("pinned-pod"),
+            ipc: true,
+            netns: None,
+            userns: None,
+            sysctls: &ok,
+        };
+        let p = create(&r).unwrap();
+        assert!(exists(&p));
+        let host = std::fs::read_link("/proc/self/ns/uts").unwrap();
+        let f = std::fs::File::open(p.uts.as_ref().unwrap()).unwrap();
+        let name = std::thread::spawn(move || {
+            setns(&f, CloneFlags::CLONE_NEWUTS).unwrap();
+            let own = std::fs::read_link("/proc/thread-self/ns/uts").unwrap();
+            (nix::unistd::gethostname().unwrap(), own)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(name.0, "pinned-pod");
+        assert_ne!(name.1, host);
+        remove(&p).unwrap();
+        assert!(!p.uts.as_ref().unwrap().exists() && !p.ipc.as_ref().unwrap().exists());
+
+        let bad = HashMap::from([("kernel.shm_rmid_forced".to_string(), "x".to_string())]);
+        let e = create(&Request { sysctls: &bad, ..r }).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 0, "pins left");
     }
 
     #[test]
