@@ -27,6 +27,20 @@ pub fn pod_config(name: &str) -> cri::PodSandboxConfig {
     }
 }
 
+/// Shares no pid namespace, as kubelet sends a pod without
+/// `shareProcessNamespace` (no namespace options at all would mean POD);
+/// other namespace options (a user namespace) are kept. imacri runs such a
+/// pod without pause.
+pub fn own_pids(cfg: &mut cri::PodSandboxConfig) {
+    cfg.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options
+        .get_or_insert_with(Default::default)
+        .pid = cri::NamespaceMode::Container as i32;
+}
+
 pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::ContainerConfig {
     cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata {

@@ -65,14 +65,7 @@ fn ima(mut cfg: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
 /// namespace on its own).
 fn ima_shapes(name: &str) -> [(cri::PodSandboxConfig, bool); 2] {
     let mut own = ima(pod_config(&format!("{name}-nopause")));
-    own.linux
-        .get_or_insert_with(Default::default)
-        .security_context
-        .get_or_insert_with(Default::default)
-        .namespace_options = Some(cri::NamespaceOption {
-        pid: cri::NamespaceMode::Container as i32,
-        ..Default::default()
-    });
+    imacri_integration::own_pids(&mut own);
     [(ima(pod_config(name)), true), (own, false)]
 }
 

@@ -24,14 +24,7 @@ fn sysctls() -> HashMap<String, String> {
 /// (a config without namespace options means POD, which keeps pause).
 fn kubelets_pod(name: &str) -> cri::PodSandboxConfig {
     let mut cfg = pod_config(name);
-    cfg.linux
-        .get_or_insert_default()
-        .security_context
-        .get_or_insert_default()
-        .namespace_options = Some(cri::NamespaceOption {
-        pid: cri::NamespaceMode::Container as i32,
-        ..Default::default()
-    });
+    imacri_integration::own_pids(&mut cfg);
     cfg
 }
 

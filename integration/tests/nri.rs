@@ -257,15 +257,7 @@ async fn plugins_see_events_in_order_and_adjust_containers() {
         "{l:?}"
     );
     let mut nopause = imacri_integration::pod_config("nri-nopause");
-    nopause
-        .linux
-        .get_or_insert_with(Default::default)
-        .security_context
-        .get_or_insert_with(Default::default)
-        .namespace_options = Some(cri::NamespaceOption {
-        pid: cri::NamespaceMode::Container as i32,
-        ..Default::default()
-    });
+    imacri_integration::own_pids(&mut nopause);
     let p2 = imacri_integration::client::run_pod(&mut rt, &nopause)
         .await
         .unwrap();

@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use imacri_integration::client::{image, run_pod};
-use imacri_integration::{container_config, cri, critest, pod_config, Env, Imacri};
+use imacri_integration::{container_config, cri, critest, own_pids, pod_config, Env, Imacri};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
@@ -285,13 +285,7 @@ fn pod_start_config(mode: Mode, name: &str, i: usize) -> cri::PodSandboxConfig {
     }
     // As kubelet sends a pod without shareProcessNamespace (an absent
     // option would mean POD, a shared pid namespace).
-    cfg.linux
-        .get_or_insert_with(Default::default)
-        .security_context
-        .get_or_insert_with(Default::default)
-        .namespace_options
-        .get_or_insert_with(Default::default)
-        .pid = cri::NamespaceMode::Container as i32;
+    own_pids(&mut cfg);
     cfg
 }
 
