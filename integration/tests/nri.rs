@@ -744,3 +744,47 @@ async fn refused_parts_can_be_dropped_instead() {
     );
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
+
+/// Many requests at once reach one plugin, each answered: concurrent
+/// pods and containers (as critest's synchronization specs send them) are never refused by upstream's ttrpc server for stream IDs
+/// arriving out of order.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_requests_reach_a_plugin_in_order() {
+    let env = Env::get();
+    let nri = Nri::new(env);
+    let logger = nri.events("10-busy");
+    nri.install(env, "10-busy", &json!({"events_file": logger}));
+    let d = Imacri::start_configured(env, &env.namespace, &[], &nri.config(""))
+        .await
+        .unwrap();
+    wait_for(&logger, "Synchronize");
+    d.pull(&env.busybox).await;
+    let starts = (0..12).map(|i| {
+        let d = &d;
+        async move {
+            let mut rt = d.runtime().await.unwrap();
+            let cfg = imacri_integration::pod_config(&format!("nri-busy-{i}"));
+            let pod = imacri_integration::client::run_pod(&mut rt, &cfg)
+                .await
+                .map_err(|e| format!("run {i}: {e}"))?;
+            let c = container_config("c", &env.busybox, &["sleep", "600"]);
+            let id = imacri_integration::client::create_container(&mut rt, &pod, &cfg, c)
+                .await
+                .map_err(|e| format!("create {i}: {e}"))?;
+            rt.start_container(cri::StartContainerRequest { container_id: id })
+                .await
+                .map_err(|e| format!("start {i}: {e}"))?;
+            Ok::<_, String>(pod)
+        }
+    });
+    let (pods, failed): (Vec<_>, Vec<_>) = futures::future::join_all(starts)
+        .await
+        .into_iter()
+        .partition(|r| r.is_ok());
+    let failed: Vec<String> = failed.into_iter().filter_map(|r| r.err()).collect();
+    let mut rt = d.runtime().await.unwrap();
+    for pod in pods.into_iter().flatten() {
+        imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}

@@ -101,6 +101,13 @@ pub struct Plugin {
     child: Mutex<Option<tokio::process::Child>>,
     closed: AtomicBool,
     request_timeout: Duration,
+    /// One request at a time: ttrpc's async client numbers a request before
+    /// it queues it, so two concurrent calls can reach the plugin with their
+    /// stream IDs out of order, which upstream's server refuses ("StreamID
+    /// cannot be re-used and must increment"; seen with critest's
+    /// concurrent StartContainers). Upstream's runtime side serializes its
+    /// events too.
+    calls: tokio::sync::Mutex<()>,
 }
 
 /// How a call to a plugin went wrong.
@@ -209,6 +216,7 @@ impl Plugin {
             _server: tokio::sync::Mutex::new(server),
             child: Mutex::new(child),
             closed: AtomicBool::new(false),
+            calls: tokio::sync::Mutex::new(()),
             request_timeout: t.request,
         };
         if let Some(pid) = p
@@ -300,7 +308,12 @@ impl Plugin {
             return Err(CallError::Fatal("connection closed".into()));
         }
         let ctx = ttrpc::context::with_timeout(limit.as_nanos() as i64);
-        match tokio::time::timeout(limit, f(self.client.clone(), ctx)).await {
+        // The wait for the turn counts against the timeout as well.
+        let call = async {
+            let _turn = self.calls.lock().await;
+            f(self.client.clone(), ctx).await
+        };
+        match tokio::time::timeout(limit, call).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(ttrpc::Error::RpcStatus(s)))
                 if s.code != ttrpc::Code::DEADLINE_EXCEEDED as i32 =>
