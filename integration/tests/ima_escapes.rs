@@ -227,6 +227,33 @@ int main(int argc, char **argv) {
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
     }
+    if (!strcmp(m, "tomtou")) {
+        /* Maps PATH executable, then rewrites its first bytes in place
+           through another fd: a mapping that outlives the write runs what
+           was written ("mov eax, 43": prints RAN tomtou 43). Without
+           argv[3] PATH is made first with the code; with it (a real
+           library) the same bytes are written back and nothing is called. */
+        int keep = argc > 3;
+        if (!keep) {
+            int w = open(path, O_RDWR|O_CREAT|O_TRUNC, 0644);
+            if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+            close(w);
+        }
+        int fd = open(path, O_RDONLY);
+        void *p = fd < 0 ? MAP_FAILED : mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        unsigned char c43[] = {0xb8, 0x2b, 0, 0, 0, 0xc3}, same[16];
+        memcpy(same, p, sizeof same);
+        int w = open(path, O_WRONLY);
+        if (w < 0) return fail(m);
+        ssize_t n = keep ? pwrite(w, same, sizeof same, 0) : pwrite(w, c43, sizeof c43, 0);
+        if (n < 0) return fail(m);
+        close(w);
+        sleep(1);
+        if (keep) { printf("WROTE %s\n", m); return 0; }
+        printf("RAN %s %d\n", m, ((int (*)(void))p)());
+        return 0;
+    }
     if (!strcmp(m, "worker-mmap")) {
         /* With argv[2]: map that file executable (an honest library load).
            Without: write the code to /tmp/worker.bin, map and run it. */
@@ -1425,4 +1452,97 @@ async fn mapping_runner(
     let prog = format!("escape file-mmap {path}");
     let (_c, tmp) = runner(&mut rt, &pod, &cfg, image, &prog, "true").await;
     (pod, tmp)
+}
+
+/// ToMToU: a file mapped executable and then rewritten in place runs what
+/// was written (the mapping reads the page cache), not what was measured.
+/// In a plain pod the rewritten code runs; in an ima pod the write is a
+/// `tomtou` entry (a violation the verifier reports) in measure mode, and
+/// kills the container in enforce mode, where the file was one the policy
+/// allows (the image's libc, first copied up so that it can be written in
+/// place).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapped_file_rewritten_in_place_is_a_violation() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let sleeper = |n: &str| container_config(n, &image, &["sleep", "1000"]);
+    let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
+
+    let plain = pod_config("tomtou-plain");
+    let pod = run_pod(&mut rt, &plain).await.unwrap();
+    let c = start_container(&mut rt, &pod, &plain, sleeper("c")).await;
+    let (_, out, err) = exec_sh(&mut rt, &c, "escape tomtou /tmp/t.bin").await;
+    assert!(out.contains("RAN tomtou 43"), "control: {out}{err}");
+    stop_pod(&mut rt, &pod).await;
+
+    let (pod, a, b) = two_containers(&d, &mut rt, "tomtou-measure", "measure", &image).await;
+    for c in [&a, &b] {
+        let (_, out, err) = exec_sh(&mut rt, c, "escape tomtou /tmp/t.bin").await;
+        assert!(out.contains("RAN tomtou 43"), "{out}{err}");
+        let lines = log_lines(&d, &pod);
+        let mine = entries_of(&lines, c);
+        assert!(
+            logged(&mine, "/tmp/t.bin", Some(&code_file), "mmap"),
+            "{mine:#?}"
+        );
+        assert!(
+            logged(&mine, "/tmp/t.bin", None, "tomtou"),
+            "{mine:#?}\n{}",
+            d.log()
+        );
+        // Mapping it again measures it again (what it holds now); reading
+        // a watched file is no violation.
+        let before = entries_of(&log_lines(&d, &pod), c).len();
+        sh_ok(
+            &mut rt,
+            c,
+            "escape threaded-mmap /tmp/t.bin; cat /tmp/t.bin > /dev/null",
+        )
+        .await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        let c43 = sha256_hex(&[0xb8, 0x2b, 0, 0, 0, 0xc3]);
+        assert!(logged(&mine, "/tmp/t.bin", Some(&c43), "mmap"), "{mine:#?}");
+        let new: Vec<_> = mine[before..]
+            .iter()
+            .filter(|l| l.ends_with(" tomtou"))
+            .collect();
+        assert!(new.is_empty(), "{new:#?}");
+    }
+    let st = imacri_integration::client::container_status(&mut rt, &a).await;
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{st:?}"
+    );
+    stop_pod(&mut rt, &pod).await;
+
+    let (pod, a, b) = two_containers(&d, &mut rt, "tomtou-enforce", "strict", &image).await;
+    for c in [&a, &b] {
+        sh_ok(
+            &mut rt,
+            c,
+            &format!("cp {LIBC} /tmp/l && cat /tmp/l > {LIBC}"),
+        )
+        .await;
+        // The exec dies with its container: its answer does not matter.
+        let _ = rt
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: c.clone(),
+                cmd: vec!["escape".into(), "tomtou".into(), LIBC.into(), "keep".into()],
+                timeout: 15,
+            })
+            .await;
+        let st = imacri_integration::client::wait_exited(&mut rt, c).await;
+        assert_eq!(st.reason, "ImaUnmeasured", "{st:?}\n{}", d.log());
+        assert!(
+            st.message.contains("opened for writing") || st.message.contains("written"),
+            "{st:?}"
+        );
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        assert!(logged(&mine, LIBC, None, "mmap"), "{mine:#?}");
+        assert!(logged(&mine, LIBC, None, "tomtou"), "{mine:#?}");
+    }
+    stop_pod(&mut rt, &pod).await;
 }

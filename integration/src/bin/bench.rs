@@ -145,23 +145,37 @@ impl Samples {
 
 /// CRI latency of imacri and containerd's CRI, a round of each in turn (so
 /// both see the same machine load).
+/// `kubelet`: pods as kubelet sends them (pid CONTAINER: imacri runs them
+/// without pause); else without namespace options (pid POD, with pause), as
+/// crictl's example configs and critest send them.
 async fn run(
     ours: &mut (Rt, Im),
     theirs: &mut (Rt, Im),
     busybox: &str,
+    kubelet: bool,
 ) -> Result<(Samples, Samples)> {
     let (mut a, mut b) = (Samples::default(), Samples::default());
     pull_both(&mut *ours, &mut *theirs, busybox).await?;
     for i in 0..ROUNDS {
-        round(&mut ours.0, &mut ours.1, &mut a, busybox, i).await?;
-        round(&mut theirs.0, &mut theirs.1, &mut b, busybox, i).await?;
+        round(&mut ours.0, &mut ours.1, &mut a, busybox, i, kubelet).await?;
+        round(&mut theirs.0, &mut theirs.1, &mut b, busybox, i, kubelet).await?;
     }
     Ok((a, b))
 }
 
-async fn round(rt: &mut Rt, im: &mut Im, s: &mut Samples, busybox: &str, i: usize) -> Result<()> {
+async fn round(
+    rt: &mut Rt,
+    im: &mut Im,
+    s: &mut Samples,
+    busybox: &str,
+    i: usize,
+    kubelet: bool,
+) -> Result<()> {
     {
-        let cfg = pod_config(&format!("bench-{i}"));
+        let mut cfg = pod_config(&format!("bench-{i}"));
+        if kubelet {
+            imacri_integration::own_pids(&mut cfg);
+        }
         let pod = s.time("RunPodSandbox", run_pod(rt, &cfg)).await?;
         let c = container_config("c", busybox, &["sleep", "1000"]);
         let req = cri::CreateContainerRequest {
@@ -595,10 +609,24 @@ async fn main() -> Result<()> {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        let rpc = match wants("rpc") {
-            true => Some(run(&mut ours, &mut theirs, &env.busybox).await?),
-            false => None,
-        };
+        let mut rpc = Vec::new();
+        if wants("rpc") {
+            for (label, kubelet) in [
+                (
+                    "pods as kubelet sends them (pid CONTAINER; imacri: no pause)",
+                    true,
+                ),
+                (
+                    "pods without namespace options (pid POD; pause in both)",
+                    false,
+                ),
+            ] {
+                rpc.push((
+                    label,
+                    run(&mut ours, &mut theirs, &env.busybox, kubelet).await?,
+                ));
+            }
+        }
         let mut starts = Vec::new();
         for (label, img) in images.iter().filter(|_| wants("start")) {
             starts.push((
@@ -679,8 +707,8 @@ async fn main() -> Result<()> {
     let _ = containerd.wait();
     let (rpc, starts, memory, critest) = result?;
 
-    if let Some((ours, theirs)) = rpc {
-        println!("CRI latency, median of {ROUNDS} rounds (ms), same machine and run");
+    for (label, (ours, theirs)) in rpc {
+        println!("CRI latency, {label}, median of {ROUNDS} rounds (ms), same machine and run");
         println!(
             "{:<18} {:>10} {:>14} {:>8}",
             "rpc", "imacri", "containerd-cri", "ratio"

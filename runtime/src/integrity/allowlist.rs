@@ -122,6 +122,10 @@ impl Allowlist {
                 "the pod reached its measurement quota: later executions were refused unmeasured"
                     .into(),
             ),
+            Event::Tomtou => Some(
+                "mapped executable, then opened for writing while the container ran: what ran may differ from the digest"
+                    .into(),
+            ),
             Event::Exec | Event::Mmap | Event::Read => self.check_file(&e.path, &digest, e.event),
         }?;
         Some(Violation {
@@ -221,7 +225,7 @@ mod tests {
         assert!(a.check(&denied).unwrap().reason.contains("denied"));
         let start = Entry::new(15, [2; 32], "img t", "p", "c", Event::Start);
         assert_eq!(a.check(&start), None);
-        for ev in [Event::Writers, Event::Quota] {
+        for ev in [Event::Writers, Event::Quota, Event::Tomtou] {
             assert!(a
                 .check(&Entry::new(15, [1; 32], "/bin/sh", "p", "c", ev))
                 .is_some());

@@ -56,6 +56,15 @@ pub trait Pending: Send {
     fn queued(&mut self) {}
 }
 
+/// Where the files a container maps executable are watched for writers
+/// (its fanotify group): a mapping keeps running the page cache, so a file
+/// rewritten in place under it runs what was written (IMA's ToMToU).
+pub trait WriteWatch: Send + Sync {
+    /// From now on, reports opens, writes and closes after writing of the
+    /// file open as `fd` (the watch is in place before the mapping exists).
+    fn watch(&self, fd: BorrowedFd<'_>);
+}
+
 /// A measurement the policy does not allow, for logs and CRI events.
 #[derive(Debug, Clone)]
 pub struct Notice {
@@ -160,6 +169,8 @@ pub struct Engine {
     /// Containers measured now, by ID (the map guard finds them by the ID
     /// runc reports).
     targets: Mutex<HashMap<String, Arc<Measured>>>,
+    /// Per container, where its executable mappings are watched for writes.
+    write_watches: Mutex<HashMap<String, Arc<dyn WriteWatch>>>,
     pub stats: Stats,
     /// Fault injection for the fail-closed tests: every reader fails after
     /// this many events (`IMACRI_TEST_FANOTIFY_FAIL_AFTER`).
@@ -242,6 +253,7 @@ impl Engine {
             queue: queue.clone(),
             notices,
             targets: Mutex::new(HashMap::new()),
+            write_watches: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             fail_after: std::env::var("IMACRI_TEST_FANOTIFY_FAIL_AFTER")
                 .ok()
@@ -286,6 +298,52 @@ impl Engine {
     pub fn unregister(&self, container: &str) {
         if let Ok(mut t) = self.targets.lock() {
             t.remove(container);
+        }
+        if let Ok(mut w) = self.write_watches.lock() {
+            w.remove(container);
+        }
+    }
+
+    /// Where `container`'s executable mappings are watched for writes.
+    pub fn set_write_watch(&self, container: &str, w: Arc<dyn WriteWatch>) {
+        if let Ok(mut m) = self.write_watches.lock() {
+            m.insert(container.to_string(), w);
+        }
+    }
+
+    fn watch_writes(&self, t: &Measured, fd: BorrowedFd<'_>) {
+        let w = self
+            .write_watches
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&t.container).cloned());
+        if let Some(w) = w {
+            w.watch(fd);
+        }
+    }
+
+    /// A file `t` mapped executable was opened for writing or written
+    /// since: a `tomtou` entry (a violation) and, under `enforce`, the
+    /// container is killed, since a mapping may now run what no policy
+    /// allowed (as an audit that finds a refused mapping does).
+    pub fn tomtou(&self, t: &Measured, path: &str, how: &str) {
+        let reason = format!("mapped executable, then {how} while the container ran");
+        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, %reason, "ima violation: tomtou");
+        let r = self
+            .journal
+            .record(&t.pod, &t.container, path, [0; 32], Event::Tomtou, true);
+        if t.mode == Mode::Enforce || r.is_err() {
+            let _ = self.notices.send(Notice {
+                pod: t.pod.clone(),
+                container: t.container.clone(),
+                path: path.to_string(),
+                digest: String::new(),
+                denied: true,
+                reason: format!("{reason}: {path}"),
+                stopped: true,
+            });
+        } else {
+            self.notice(t, path.to_string(), String::new(), false, reason);
         }
     }
 
@@ -483,6 +541,11 @@ impl Engine {
         };
         if deny {
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        if kind == Event::Mmap && !deny {
+            // Before the answer: a write right after the mapping is made must
+            // already be seen.
+            self.watch_writes(t, fd);
         }
         if let Some(t0) = hit {
             self.stats

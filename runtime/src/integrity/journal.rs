@@ -476,10 +476,16 @@ impl Inner {
         q.0 += 1;
         q.1 |= e.event == Event::Quota;
         let p = self.pods.entry(e.pod.clone()).or_default();
-        if !matches!(e.event, Event::Gap | Event::Start | Event::Quota) {
+        if !matches!(
+            e.event,
+            Event::Gap | Event::Start | Event::Quota | Event::Tomtou
+        ) {
             p.measurements += 1;
         }
-        let flagged = matches!(e.event, Event::Deny | Event::Writers | Event::Quota);
+        let flagged = matches!(
+            e.event,
+            Event::Deny | Event::Writers | Event::Quota | Event::Tomtou
+        );
         if violation || flagged {
             p.violations += 1;
             p.last_violation = Some(format!(

@@ -64,6 +64,11 @@ pub enum Event {
     /// The pod reached its entry quota (`ima.max_entries_per_pod`): nothing
     /// new is measured, so every new execution is refused from here on.
     Quota,
+    /// A file mapped executable in the container was opened for writing or
+    /// written afterwards, while the container ran (IMA's ToMToU
+    /// violation): a mapping that outlived the write runs what was written,
+    /// not what was measured. Digest is zero, as IMA's.
+    Tomtou,
 }
 
 impl Event {
@@ -77,6 +82,7 @@ impl Event {
             Event::Start => "start",
             Event::Writers => "writers",
             Event::Quota => "quota",
+            Event::Tomtou => "tomtou",
         }
     }
 
@@ -90,6 +96,7 @@ impl Event {
             "start" => Event::Start,
             "writers" => Event::Writers,
             "quota" => Event::Quota,
+            "tomtou" => Event::Tomtou,
             _ => return None,
         })
     }
