@@ -67,6 +67,12 @@ static int ran(const char *m, void *p) {
     printf("RAN %s\n", m); return 0;
 }
 static int fail(const char *m) { printf("%s: %s\n", m, strerror(errno)); return 1; }
+/* swap-leader: main runs again in a thread after the main thread exited
+   (the process's /proc/<pid>/maps then reads empty). */
+static int again_argc, leader_left;
+static char **again_argv;
+int main(int argc, char **argv);
+static void *without_leader(void *a) { (void)a; exit(main(again_argc, again_argv)); }
 /* `path` opened by a child process and handed over a unix socket
    (SCM_RIGHTS): the receiver never opens it by name. */
 static int passed_fd(const char *path) {
@@ -284,15 +290,24 @@ int main(int argc, char **argv) {
         sleep(1); /* still here when the audit reads the mappings */
         return 0;
     }
-    if (!strcmp(m, "swap-mmap") || !strcmp(m, "swap-mprotect") || !strcmp(m, "swap-worker")) {
+    if (!strcmp(m, "swap-leader") && !leader_left) {
+        pthread_t t;
+        leader_left = 1; again_argc = argc; again_argv = argv;
+        if (pthread_create(&t, 0, without_leader, 0)) return fail(m);
+        pthread_exit(0);
+    }
+    int leaderless = !strcmp(m, "swap-leader");
+    if (!strcmp(m, "swap-mmap") || !strcmp(m, "swap-mprotect") || !strcmp(m, "swap-worker") || leaderless) {
         /* swap-mmap: argv[2] is a file the policy allows, mapped through an
            fd that names the code by the time the kernel reads it again.
            swap-worker: the same, the mapping made by a thread that exits
-           right after it. swap-mprotect: anonymous memory made executable,
+           right after it. swap-leader: swap-mmap in a process whose main
+           thread is gone. swap-mprotect: anonymous memory made executable,
            with the code's file mapped under it by then. */
         int worker_made = !strcmp(m, "swap-worker");
         const char *out = !strcmp(m, "swap-mmap")   ? "/tmp/swapped-mmap.bin"
                           : worker_made             ? "/tmp/swapped-worker.bin"
+                          : leaderless              ? "/tmp/swapped-leader.bin"
                                                     : "/tmp/swapped-mprotect.bin";
         int w = open(out, O_RDWR|O_CREAT|O_TRUNC, 0644);
         if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
@@ -301,7 +316,7 @@ int main(int argc, char **argv) {
         if (swap_in < 0) return fail(m);
         pthread_t t;
         void *p;
-        if (!strcmp(m, "swap-mmap") || worker_made) {
+        if (!strcmp(m, "swap-mmap") || worker_made || leaderless) {
             swap_fd = open(path, O_RDONLY);
             if (swap_fd < 0 || pthread_create(&t, 0, swapper, 0)) return fail(m);
             if (worker_made) {
@@ -1281,7 +1296,7 @@ async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
     let after = audited(imacri_integration::client::integrity_stats(&mut rt).await);
     assert_eq!(before, after, "single-threaded mappings were audited");
     for c in [&a, &b] {
-        for m in ["mmap", "mprotect", "worker"] {
+        for m in ["mmap", "mprotect", "worker", "leader"] {
             let (_, out, err) = exec_sh(&mut rt, c, &swap(m)).await;
             assert!(
                 out.contains(&format!("RAN swap-{m}")),
@@ -1293,7 +1308,7 @@ async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
     let lines = log_lines(&d, &pod);
     for c in [&a, &b] {
         let mine = entries_of(&lines, c);
-        for m in ["mmap", "mprotect", "worker"] {
+        for m in ["mmap", "mprotect", "worker", "leader"] {
             assert!(
                 logged(
                     &mine,
@@ -1310,7 +1325,7 @@ async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
         assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
     }
     let now = audited(imacri_integration::client::integrity_stats(&mut rt).await);
-    assert!(now >= after + 6, "{after} -> {now}");
+    assert!(now >= after + 8, "{after} -> {now}");
     stop_pod(&mut rt, &pod).await;
 
     // Enforce: `a` (no seccomp profile) tries the fd, `b` (RuntimeDefault)
@@ -1339,7 +1354,21 @@ async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
         container_config("w", &image, &["sleep", "1000"]),
     )
     .await;
-    for (c, m) in [(&a, "mmap"), (&b, "mprotect"), (&w, "worker")] {
+    // A fourth: the fd swapped in a process whose main thread exited first
+    // (its /proc/<pid>/maps reads empty; the audit reads a live thread's).
+    let l = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("l", &image, &["sleep", "1000"]),
+    )
+    .await;
+    for (c, m) in [
+        (&a, "mmap"),
+        (&b, "mprotect"),
+        (&w, "worker"),
+        (&l, "leader"),
+    ] {
         // The exec dies with its container: its answer does not matter.
         let _ = rt
             .exec_sync(cri::ExecSyncRequest {

@@ -374,6 +374,28 @@ fn run(me: &Weak<Auditor>, rx: &mpsc::Receiver<Job>) {
     }
 }
 
+/// A live task of process `tgid` and its mappings; None once the process
+/// has none left (gone, or exiting: its maps read empty). Not always the
+/// process's own maps: once its main thread has exited they read empty
+/// while its other threads run on with everything it mapped.
+fn address_space(tgid: u32) -> Option<(u32, String)> {
+    if let Some(m) = task_maps(tgid) {
+        return Some((tgid, m));
+    }
+    std::fs::read_dir(format!("/proc/{tgid}/task"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find_map(|tid| Some((tid, task_maps(tid)?)))
+}
+
+/// The mappings as task `tid` sees them; None once it has exited.
+fn task_maps(tid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{tid}/maps"))
+        .ok()
+        .filter(|m| !m.is_empty())
+}
+
 /// The process (thread group) of task `tid`.
 fn tgid_of(tid: u32) -> Option<u32> {
     std::fs::read_to_string(format!("/proc/{tid}/status"))
@@ -446,15 +468,40 @@ fn phase(line: &str, job: &Job) -> Phase {
     }
 }
 
-/// Every executable file mapping of `tid`'s process not yet allowed goes to
+/// How often an audit starts over with another thread of the process when
+/// the one it read went away meanwhile, before it fails closed.
+const AUDIT_TRIES: usize = 8;
+
+/// Every executable file mapping of process `tgid` not yet allowed goes to
 /// the engine; a refusal kills the container.
-fn audit(a: &Arc<Auditor>, tid: u32) {
+fn audit(a: &Arc<Auditor>, tgid: u32) {
     let (Some(engine), Some(target)) = (a.engine.upgrade(), a.target()) else {
         return;
     };
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{tid}/maps")) else {
-        return; // gone: what it mapped went with it
-    };
+    for _ in 0..AUDIT_TRIES {
+        let Some((tid, maps)) = address_space(tgid) else {
+            return; // gone: what it mapped went with it
+        };
+        if audit_through(a, &engine, &target, tid, &maps) {
+            return;
+        }
+    }
+    tracing::error!(container_id = %a.container, tgid, "map guard: the threads of a process kept exiting while its mappings were audited");
+    engine.stopped(
+        &target,
+        "an executable mapping cannot be audited: its threads kept exiting".into(),
+    );
+}
+
+/// The audit of `maps`, read through task `tid`; false when that task went
+/// away before it was done (its process may live on in other threads).
+fn audit_through(
+    a: &Arc<Auditor>,
+    engine: &Engine,
+    target: &Arc<super::super::engine::Measured>,
+    tid: u32,
+    maps: &str,
+) -> bool {
     let mut asked: HashSet<FileKey> = HashSet::new();
     for line in maps.lines() {
         let mut f = line.split_whitespace();
@@ -466,15 +513,24 @@ fn audit(a: &Arc<Auditor>, tid: u32) {
         }
         let file: OwnedFd = match std::fs::File::open(format!("/proc/{tid}/map_files/{range}")) {
             Ok(f) => f.into(),
-            // Anonymous memory, or the process is gone.
+            // A thread that exited (reaped: ENOENT; exiting: ESRCH) names
+            // nothing any more, which says nothing of its process's
+            // mappings: read them again through a live thread.
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH))
+                    && task_maps(tid).is_none() =>
+            {
+                return false
+            }
+            // Anonymous memory, or a range unmapped since.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => {
                 tracing::error!(container_id = %a.container, error = %e, "map guard: cannot open a mapped file to audit it");
                 engine.stopped(
-                    &target,
+                    target,
                     format!("an executable mapping cannot be audited: {e}"),
                 );
-                return;
+                return true;
             }
         };
         let Ok(st) = nix::sys::stat::fstat(file.as_raw_fd()) else {
@@ -499,6 +555,7 @@ fn audit(a: &Arc<Auditor>, tid: u32) {
             Event::Mmap,
         );
     }
+    true
 }
 
 /// A mapping found by an audit: it exists already, so a refusal kills the
@@ -636,5 +693,24 @@ mod tests {
         let moved = "9 0x0 0x2000 0x5 0x2 0x3 0x0 0x7ffd 0x7f12\n";
         assert_eq!(phase(moved, &job), Phase::Returned);
         assert_eq!(phase("-1 0x7ffd 0x7f12\n", &job), Phase::Returned);
+    }
+
+    #[test]
+    fn an_exited_process_has_nothing_left_to_audit() {
+        assert!(address_space(std::process::id()).is_some());
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie, /proc/<pid> still there, no mm.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+        {
+            assert!(Instant::now() < deadline, "child {pid} never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(address_space(pid).is_none());
+        child.wait().unwrap();
+        assert!(address_space(pid).is_none());
     }
 }
