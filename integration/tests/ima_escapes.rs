@@ -1493,7 +1493,7 @@ async fn mapping_runner(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mapped_file_rewritten_in_place_is_a_violation() {
     let env = Env::get();
-    let (d, image, _work) = node(env, "").await;
+    let (mut d, image, _work) = node(env, "").await;
     let mut rt = d.runtime().await.unwrap();
     let sleeper = |n: &str| container_config(n, &image, &["sleep", "1000"]);
     let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
@@ -1547,7 +1547,12 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
     );
     stop_pod(&mut rt, &pod).await;
 
+    // Enforce, with a file the policy allows that the pod can write in
+    // place: the image's libc, copied up (same digest). Once it is mapped,
+    // an open for writing is refused before a byte is written; the
+    // container runs on with what was measured.
     let (pod, a, b) = two_containers(&d, &mut rt, "tomtou-enforce", "strict", &image).await;
+    let refused = |out: &str| out.contains("Operation not permitted");
     for c in [&a, &b] {
         sh_ok(
             &mut rt,
@@ -1555,23 +1560,40 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
             &format!("cp {LIBC} /tmp/l && cat /tmp/l > {LIBC}"),
         )
         .await;
-        // The exec dies with its container: its answer does not matter.
-        let _ = rt
-            .exec_sync(cri::ExecSyncRequest {
-                container_id: c.clone(),
-                cmd: vec!["escape".into(), "tomtou".into(), LIBC.into(), "keep".into()],
-                timeout: 15,
-            })
-            .await;
-        let st = imacri_integration::client::wait_exited(&mut rt, c).await;
-        assert_eq!(st.reason, "ImaUnmeasured", "{st:?}\n{}", d.log());
-        assert!(
-            st.message.contains("opened for writing") || st.message.contains("written"),
+        let (code, out, err) = exec_sh(&mut rt, c, &format!("escape tomtou {LIBC} keep")).await;
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(!out.contains("WROTE"), "{out}{err}");
+        assert!(refused(&out), "{out}{err}\n{}", d.log());
+        let out = sh_ok(&mut rt, c, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
+        assert!(out.ends_with("rc=1"), "{out}");
+        assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
+        let st = imacri_integration::client::container_status(&mut rt, c).await;
+        assert_eq!(
+            st.state,
+            cri::ContainerState::ContainerRunning as i32,
             "{st:?}"
         );
         let mine = entries_of(&log_lines(&d, &pod), c);
         assert!(logged(&mine, LIBC, None, "mmap"), "{mine:#?}");
-        assert!(logged(&mine, LIBC, None, "tomtou"), "{mine:#?}");
+        assert!(logged(&mine, LIBC, None, "deny"), "{mine:#?}");
+        assert!(!logged(&mine, LIBC, None, "tomtou"), "{mine:#?}");
+    }
+    // The watches are the group's: a restarted imacri reads them back and
+    // still refuses (not only notices after the write).
+    d.kill();
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    for c in [&a, &b] {
+        let (_, out, err) = exec_sh(&mut rt, c, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
+        assert!(out.trim_end().ends_with("rc=1"), "{out}{err}\n{}", d.log());
+        assert!(refused(&err), "{out}{err}");
+        let st = imacri_integration::client::container_status(&mut rt, c).await;
+        assert_eq!(
+            st.state,
+            cri::ContainerState::ContainerRunning as i32,
+            "{st:?}\n{}",
+            d.log()
+        );
     }
     stop_pod(&mut rt, &pod).await;
 }

@@ -113,7 +113,10 @@ impl Allowlist {
         let reason = match e.event {
             // Gaps and start entries are the verifier's (it knows the flags).
             Event::Gap | Event::Start => return None,
-            Event::Deny => Some("execution was denied by the node's enforce policy".into()),
+            Event::Deny => Some(
+                "refused by the node's enforce policy (an execution or mapping, or a write to a mapped file)"
+                    .into(),
+            ),
             Event::Writers => Some(
                 "executed or mapped while open for writing: what ran may differ from the digest"
                     .into(),
@@ -222,7 +225,7 @@ mod tests {
         let gap = Entry::new(15, [0; 32], "-", "p", "c", Event::Gap);
         assert_eq!(a.check(&gap), None);
         let denied = Entry::new(15, [1; 32], "/bin/sh", "p", "c", Event::Deny);
-        assert!(a.check(&denied).unwrap().reason.contains("denied"));
+        assert!(a.check(&denied).unwrap().reason.contains("refused"));
         let start = Entry::new(15, [2; 32], "img t", "p", "c", Event::Start);
         assert_eq!(a.check(&start), None);
         for ev in [Event::Writers, Event::Quota, Event::Tomtou] {

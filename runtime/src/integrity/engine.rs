@@ -60,9 +60,13 @@ pub trait Pending: Send {
 /// (its fanotify group): a mapping keeps running the page cache, so a file
 /// rewritten in place under it runs what was written (IMA's ToMToU).
 pub trait WriteWatch: Send + Sync {
-    /// From now on, reports opens, writes and closes after writing of the
-    /// file open as `fd` (the watch is in place before the mapping exists).
-    fn watch(&self, fd: BorrowedFd<'_>);
+    /// From now on, asks before the file open as `fd` is opened for writing
+    /// and reports writes to it (in place before its writers are checked
+    /// and the mapping exists). Ok(true) when this call placed the watch,
+    /// Ok(false) when it was in place already.
+    fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, String>;
+    /// The mapping a watch was placed for was refused after all.
+    fn unwatch(&self, fd: BorrowedFd<'_>);
 }
 
 /// A measurement the policy does not allow, for logs and CRI events.
@@ -311,20 +315,46 @@ impl Engine {
         }
     }
 
-    fn watch_writes(&self, t: &Measured, fd: BorrowedFd<'_>) {
-        let w = self
-            .write_watches
+    fn write_watch(&self, t: &Measured) -> Option<Arc<dyn WriteWatch>> {
+        self.write_watches
             .lock()
             .ok()
-            .and_then(|m| m.get(&t.container).cloned());
-        if let Some(w) = w {
-            w.watch(fd);
-        }
+            .and_then(|m| m.get(&t.container).cloned())
     }
 
-    /// A file `t` mapped executable was opened for writing or written
-    /// since: a `tomtou` entry (a violation) and, under `enforce`, the
-    /// container is killed, since a mapping may now run what no policy
+    /// A file `t` mapped executable is being opened for writing; the
+    /// opener waits for the answer. Under `enforce` it is refused (a `deny`
+    /// entry: the attempt is an alert, and the file keeps what was
+    /// measured); otherwise let through as a `tomtou` violation, written to
+    /// the log before the opener can write. Unrecorded: refused.
+    pub fn write_open(&self, t: &Measured, path: &str) -> bool {
+        let enforce = t.mode == Mode::Enforce;
+        let (event, reason) = if enforce {
+            (
+                Event::Deny,
+                "opened for writing while mapped executable: refused",
+            )
+        } else {
+            (
+                Event::Tomtou,
+                "mapped executable, then opened for writing while the container ran",
+            )
+        };
+        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, %reason, "ima violation: a mapped file opened for writing");
+        let r = self
+            .journal
+            .record(&t.pod, &t.container, path, [0; 32], event, true);
+        let allow = !enforce && r.is_ok();
+        if !allow {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        self.notice(t, path.to_string(), String::new(), !allow, reason.into());
+        allow
+    }
+
+    /// A file `t` mapped executable was written since, by a writer no
+    /// check saw open: a `tomtou` entry (a violation) and, under `enforce`,
+    /// the container is killed, since a mapping may now run what no policy
     /// allowed (as an audit that finds a refused mapping does).
     pub fn tomtou(&self, t: &Measured, path: &str, how: &str) {
         let reason = format!("mapped executable, then {how} while the container ran");
@@ -497,27 +527,54 @@ impl Engine {
         if kind == Event::Mmap {
             self.stats.mappings.fetch_add(1, Ordering::Relaxed);
         }
-        // Checked last, right before the answer: a writer now could change
-        // what runs after it was measured. Only for mappings: an execution
-        // of a file open for writing is refused by the kernel itself
-        // (ETXTBSY), and so is opening a running executable for writing.
+        let verdict = t
+            .allowlist
+            .as_ref()
+            .and_then(|a| a.check_file(&path, &digest_hex, kind));
+        let deny = verdict.is_some() && enforce;
+        // A mapping to be allowed is watched first: from here on an open
+        // for writing waits for the watch's answer, so the check below sees
+        // every writer that opened before it.
+        let mut watch = None;
+        if let Some(w) = (kind == Event::Mmap && !deny)
+            .then(|| self.write_watch(t))
+            .flatten()
+        {
+            match w.watch(fd) {
+                Ok(true) => watch = Some(w),
+                Ok(false) => {}
+                // Unwatched, a mapping could be rewritten unseen.
+                Err(e) if enforce => {
+                    tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, "a mapping cannot be watched for writers; refused");
+                    self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                    pending.answer(false);
+                    let reason = format!("cannot be watched for writers: {e}");
+                    return self.notice(t, path, digest_hex, true, reason);
+                }
+                Err(e) => {
+                    tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, "a mapped file is not watched for writers")
+                }
+            }
+        }
+        // Checked right before the answer: a writer could change what runs
+        // after it was measured. Only for mappings: an execution of a file
+        // open for writing is refused by the kernel itself (ETXTBSY), and
+        // so is opening a running executable for writing.
         if kind == Event::Mmap && open_for_writing(fd) {
             let reason = "open for writing while executed or mapped executable".to_string();
             let r = self
                 .journal
                 .record(&t.pod, &t.container, &path, digest, Event::Writers, true);
             if enforce || r.is_err() {
+                if let Some(w) = &watch {
+                    w.unwatch(fd);
+                }
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
                 pending.answer(false);
                 return self.notice(t, path, digest_hex, true, reason);
             }
             self.notice(t, path.clone(), digest_hex.clone(), false, reason);
         }
-        let verdict = t
-            .allowlist
-            .as_ref()
-            .and_then(|a| a.check_file(&path, &digest_hex, kind));
-        let deny = verdict.is_some() && enforce;
         let logged = if deny { Event::Deny } else { kind };
         let new = match self.journal.record(
             &t.pod,
@@ -534,6 +591,9 @@ impl Engine {
                 if !quota {
                     tracing::error!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, "cannot append to the measurement log");
                 }
+                if let Some(w) = &watch {
+                    w.unwatch(fd);
+                }
                 self.stats.denied.fetch_add(1, Ordering::Relaxed);
                 pending.answer(false);
                 return self.notice(t, path, digest_hex, true, e.to_string());
@@ -541,11 +601,6 @@ impl Engine {
         };
         if deny {
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
-        }
-        if kind == Event::Mmap && !deny {
-            // Before the answer: a write right after the mapping is made must
-            // already be seen.
-            self.watch_writes(t, fd);
         }
         if let Some(t0) = hit {
             self.stats

@@ -37,7 +37,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::digest::FileKey;
-use super::engine::{Engine, Measured, Pending, WriteWatch};
+use super::engine::{Engine, Measured, Pending};
+
+mod writes;
 use super::keeper::{self, Keeper};
 use super::log::Event;
 use crate::integrity::policy::Rule;
@@ -154,86 +156,8 @@ struct Group {
     /// is the exec itself, not a read. Only an answered "allow" sets it.
     last_exec: Mutex<Option<(i32, FileKey)>>,
     /// Files mapped executable in the container, watched for writers
-    /// (inode marks: FAN_OPEN, FAN_MODIFY, FAN_CLOSE_WRITE).
+    /// (inode marks, `writes::WATCHED`).
     mapped: Mutex<HashSet<(u64, u64)>>,
-}
-
-/// What an inode mark of a mapped file asks for. FAN_MODIFY and FAN_OPEN
-/// come from these marks only (the filesystem marks never ask for them).
-const WATCHED: MaskFlags = MaskFlags::FAN_OPEN
-    .union(MaskFlags::FAN_MODIFY)
-    .union(MaskFlags::FAN_CLOSE_WRITE);
-
-impl WriteWatch for Group {
-    fn watch(&self, fd: BorrowedFd<'_>) {
-        let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) else {
-            return;
-        };
-        let inode = FileKey::of(&st).inode();
-        let Ok(mut mapped) = self.mapped.lock() else {
-            return;
-        };
-        if mapped.contains(&inode) {
-            return;
-        }
-        // Marks the fd's own inode (no path): one mark per file, on any
-        // filesystem (a file passed in from elsewhere too).
-        match self.fan.mark::<std::path::Path>(
-            MarkFlags::FAN_MARK_ADD,
-            WATCHED,
-            Some(fd.as_raw_fd()),
-            None,
-        ) {
-            Ok(()) => {
-                mapped.insert(inode);
-            }
-            Err(e) => {
-                tracing::warn!(container_id = %self.target.measured.container, error = %e, "a mapped file is not watched for writers")
-            }
-        }
-    }
-}
-
-/// An open, write or close-after-write of a file the container mapped
-/// executable: a `tomtou` unless it is an open by a reader with no writer
-/// around. The watch ends with the violation (the file is measured again
-/// when mapped again, and a writer still open then is a `writers` entry).
-/// Returns whether the event was only this notification.
-fn written_after_mapping(
-    engine: &Engine,
-    group: &Group,
-    ev: &FanotifyEvent,
-    fd: BorrowedFd<'_>,
-    inode: (u64, u64),
-) -> bool {
-    let mask = ev.mask();
-    let watched = group.mapped.lock().is_ok_and(|m| m.contains(&inode));
-    // FAN_MODIFY and FAN_OPEN only come from these marks: after a restart
-    // (an empty set) they still name a mapped file.
-    let how = if mask.contains(MaskFlags::FAN_MODIFY) {
-        Some("written")
-    } else if (mask.contains(MaskFlags::FAN_CLOSE_WRITE) && watched)
-        || (mask.contains(MaskFlags::FAN_OPEN) && super::engine::open_for_writing(fd))
-    {
-        Some("opened for writing")
-    } else {
-        None
-    };
-    if let Some(how) = how {
-        if let Ok(mut m) = group.mapped.lock() {
-            m.remove(&inode);
-        }
-        let _ = group.fan.mark::<std::path::Path>(
-            MarkFlags::FAN_MARK_REMOVE,
-            WATCHED,
-            Some(fd.as_raw_fd()),
-            None,
-        );
-        engine.tomtou(&group.target.measured, &super::digest::fd_path(fd), how);
-    }
-    !mask.intersects(
-        MaskFlags::FAN_OPEN_EXEC_PERM | MaskFlags::FAN_OPEN_PERM | MaskFlags::FAN_ACCESS_PERM,
-    )
 }
 
 /// An event waiting for its answer.
@@ -480,12 +404,13 @@ fn start(
     let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| FanotifyError::Thread(e.into()))?;
     let container = target.measured.container.clone();
     engine.register(target.measured.clone());
+    let mapped = writes::marked_inodes(fan.as_fd());
     let group = Arc::new(Group {
         fan,
         target,
         keeper: kept.as_ref().map(|(k, _)| k.clone()),
         last_exec: Mutex::new(None),
-        mapped: Mutex::new(HashSet::new()),
+        mapped: Mutex::new(mapped),
     });
     engine.set_write_watch(&container, group.clone());
     for event in events {
@@ -599,19 +524,23 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
         return answer(group, &ev, false);
     };
     let key = FileKey::of(&st);
-    if ev.mask().intersects(WATCHED) {
+    let mask = ev.mask();
+    if mask.intersects(MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE) {
         // A notification: nothing to answer. A write forgets the old digest.
-        if ev.mask().contains(MaskFlags::FAN_CLOSE_WRITE) {
+        if mask.contains(MaskFlags::FAN_CLOSE_WRITE) {
             engine.invalidate(key.inode());
         }
-        if written_after_mapping(engine, group, &ev, fd, key.inode()) {
-            return;
-        }
+        return writes::written(engine, group, mask, fd, key.inode());
+    }
+    if mask.contains(MaskFlags::FAN_OPEN_PERM)
+        && writes::write_open(engine, group, fd, key.inode()) == Some(false)
+    {
+        return answer(group, &ev, false);
     }
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return answer(group, &ev, true);
     }
-    let exec = ev.mask().contains(MaskFlags::FAN_OPEN_EXEC_PERM);
+    let exec = mask.contains(MaskFlags::FAN_OPEN_EXEC_PERM);
     let this = (ev.pid(), key);
     let kind = if exec {
         Event::Exec
