@@ -97,14 +97,47 @@ pub fn reap_run(dir: &Path) {
         }
         let _ = std::fs::remove_dir_all(root);
     }
+    // A shim killed leaves its socket file: gone with it, or /run/containerd/s
+    // collects one per pod of every run.
+    let sockets: Vec<PathBuf> = shims.iter().flat_map(|(pid, _)| sockets_of(*pid)).collect();
     for (pid, _) in &shims {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(*pid),
             nix::sys::signal::Signal::SIGKILL,
         );
     }
+    for s in sockets {
+        let _ = std::fs::remove_file(s);
+    }
     unmount_under(dir);
     remove_settled(dir);
+}
+
+/// The socket files under /run/containerd/s that process `pid` listens on
+/// (its fds' socket inodes, named in its network namespace's unix table).
+fn sockets_of(pid: i32) -> Vec<PathBuf> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    std::fs::read_to_string(format!("/proc/{pid}/net/unix"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            // Num RefCount Protocol Flags Type St Inode Path
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (inode, path) = (f.get(6)?, f.get(7)?);
+            (inodes.contains(*inode) && path.starts_with("/run/containerd/s/"))
+                .then(|| PathBuf::from(path))
+        })
+        .collect()
 }
 
 /// Removes `dir`, again while processes that are still dying (the run's
