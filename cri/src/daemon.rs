@@ -424,8 +424,8 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             format!(
                 "ima pods: mmap/mprotect with PROT_EXEC of any file measured through seccomp user \
                  notification, {}; shmat(SHM_EXEC) and READ_IMPLIES_EXEC refused; native \
-                 syscalls only; calls of a task that shares its fd table or memory audited \
-                 after they return; pause's rootfs noexec",
+                 syscalls only; the tasks sharing a caller's fd table or memory held still \
+                 (ptrace) during its call, refused if they cannot be; pause's rootfs noexec",
                 imacri_runtime::integrity::mapguard::file_source()
             ),
         ),

@@ -1270,139 +1270,107 @@ async fn an_execution_in_flight_at_a_crash_is_refused() {
 
 /// seccomp's CONTINUE lets the kernel read a call's arguments again after
 /// the map guard checked them: a second thread `dup2`s another file onto an
-/// mmap's fd (also when the mmap is a worker thread's, gone before the
-/// audit), or maps a file under an anonymous range being made
-/// executable, in between (the window widened here by
-/// IMACRI_TEST_MAPGUARD_SWAP_WINDOW). Such calls are audited once they
-/// returned: in measure mode what was really mapped is in the log with its
-/// digest; in enforce mode the policy refuses it and the container is
-/// killed (ImaUnmeasured, a `deny` and a `gap` entry).
+/// mmap's fd (also when the mmap is a worker thread's, or the process's
+/// main thread is gone), or maps a file under an anonymous range being
+/// made executable, in between (the window widened here by
+/// IMACRI_TEST_MAPGUARD_SWAP_WINDOW). The threads sharing the caller's
+/// table are held still from before the check until the call returned.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_file_swapped_in_during_the_check_is_measured_or_killed() {
+async fn a_file_swapped_in_during_the_check_is_not_mapped() {
     let env = Env::get();
     let (d, image, _work) = node_with(env, "IMACRI_TEST_MAPGUARD_SWAP_WINDOW", "600").await;
     let mut rt = d.runtime().await.unwrap();
-    let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
     let swap = |m: &str| format!("escape swap-{m} /bin/busybox");
+    let held = |v: serde_json::Value| v["fanotify"]["auditedCalls"].as_u64().unwrap();
+    // The threads that would swap are held still from before the check
+    // until the call has returned: what was measured is what is mapped, in
+    // either mode, and nothing needs killing.
+    for (name, policy) in [("hold-measure", "measure"), ("hold-enforce", "strict")] {
+        let (pod, a, b) = two_containers(&d, &mut rt, name, policy, &image).await;
+        let before = held(imacri_integration::client::integrity_stats(&mut rt).await);
+        for c in [&a, &b] {
+            for m in ["mmap", "mprotect", "worker", "leader"] {
+                let (code, out, err) = exec_sh(&mut rt, c, &swap(m)).await;
+                assert!(!out.contains("RAN"), "{policy} {m}: {out}{err}");
+                // The mapping holds what was measured; or (mprotect) the
+                // file was mapped over the range only after the call, not
+                // executable, and jumping into it faults (SIGSEGV).
+                assert!(
+                    out.contains(&format!("swap-{m}: not swapped in time")) || code == 139,
+                    "{policy} {m}: {code} {out}{err}\n{}",
+                    d.log()
+                );
+            }
+            // An honest multi-threaded program maps what it asks for.
+            let (_, out, err) = exec_sh(&mut rt, c, "escape threaded-mmap /bin/busybox").await;
+            assert!(out.contains("MAPPED threaded-mmap"), "{policy}: {out}{err}");
+            // The swapper went on afterwards: an honest program's threads
+            // are only paused.
+            let st = imacri_integration::client::container_status(&mut rt, c).await;
+            assert_eq!(
+                st.state,
+                cri::ContainerState::ContainerRunning as i32,
+                "{policy}: {st:?}"
+            );
+        }
+        let stats = imacri_integration::client::integrity_stats(&mut rt).await;
+        let now = held(stats.clone());
+        assert!(now >= before + 8, "{policy}: {before} -> {now}");
+        assert_eq!(stats["fanotify"]["unheldCalls"], 0, "{stats}");
+        let lines = log_lines(&d, &pod);
+        for c in [&a, &b] {
+            let mine = entries_of(&lines, c);
+            assert!(
+                !mine.iter().any(|l| l.contains("/tmp/swapped-")),
+                "{policy}: {mine:#?}"
+            );
+            assert!(!logged(&mine, "-", None, "gap"), "{policy}: {mine:#?}");
+        }
+        stop_pod(&mut rt, &pod).await;
+    }
+}
 
-    let (pod, a, b) = two_containers(&d, &mut rt, "swap-measure", "measure", &image).await;
-    let audited = |v: serde_json::Value| v["fanotify"]["auditedCalls"].as_u64().unwrap();
-    // A single-threaded process's mappings (ld.so mapping libc) need no
-    // audit: nothing else could change what the kernel reads again.
-    let before = audited(imacri_integration::client::integrity_stats(&mut rt).await);
+/// Where the sharers cannot be held (a test hook stands for a task blocked
+/// in the kernel or traced by someone else), the call is refused: nothing
+/// else could tell what the kernel maps. Single-threaded callers are not
+/// affected.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_whose_sharers_cannot_be_held_are_refused() {
+    let env = Env::get();
+    let (d, image, _work) = node_with(env, "IMACRI_TEST_MAPGUARD_NO_HOLD", "1").await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, a, b) = two_containers(&d, &mut rt, "unheld", "measure", &image).await;
     for c in [&a, &b] {
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
-    }
-    let after = audited(imacri_integration::client::integrity_stats(&mut rt).await);
-    assert_eq!(before, after, "single-threaded mappings were audited");
-    for c in [&a, &b] {
-        for m in ["mmap", "mprotect", "worker", "leader"] {
-            let (_, out, err) = exec_sh(&mut rt, c, &swap(m)).await;
+        for cmd in [
+            "escape swap-mmap /bin/busybox",
+            "escape threaded-mmap /bin/busybox",
+        ] {
+            let (code, out, err) = exec_sh(&mut rt, c, cmd).await;
+            assert_ne!(code, 0, "{cmd}: {out}{err}");
+            assert!(out.contains("Operation not permitted"), "{cmd}: {out}{err}");
             assert!(
-                out.contains(&format!("RAN swap-{m}")),
-                "{out}{err}\n{}",
-                d.log()
+                !out.contains("RAN") && !out.contains("MAPPED"),
+                "{cmd}: {out}"
             );
         }
-    }
-    let lines = log_lines(&d, &pod);
-    for c in [&a, &b] {
-        let mine = entries_of(&lines, c);
-        for m in ["mmap", "mprotect", "worker", "leader"] {
-            assert!(
-                logged(
-                    &mine,
-                    &format!("/tmp/swapped-{m}.bin"),
-                    Some(&code_file),
-                    "mmap"
-                ),
-                "{m}: {mine:#?}\n{}",
-                d.log()
-            );
-        }
-        // Measured, so left running.
         let st = imacri_integration::client::container_status(&mut rt, c).await;
-        assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+        assert_eq!(
+            st.state,
+            cri::ContainerState::ContainerRunning as i32,
+            "{st:?}"
+        );
     }
-    let now = audited(imacri_integration::client::integrity_stats(&mut rt).await);
-    assert!(now >= after + 8, "{after} -> {now}");
-    stop_pod(&mut rt, &pod).await;
-
-    // Enforce: `a` (no seccomp profile) tries the fd, `b` (RuntimeDefault)
-    // the range; each is killed.
-    let (pod, a, b) = two_containers(&d, &mut rt, "swap-enforce", "strict", &image).await;
-    // An honest multi-threaded program passes the audit.
-    let before = audited(imacri_integration::client::integrity_stats(&mut rt).await);
-    let (_, out, err) = exec_sh(&mut rt, &a, "escape threaded-mmap /bin/busybox").await;
-    assert!(out.contains("MAPPED threaded-mmap"), "{out}{err}");
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let st = imacri_integration::client::container_status(&mut rt, &a).await;
-    assert_eq!(
-        st.state,
-        cri::ContainerState::ContainerRunning as i32,
-        "{st:?}"
+    let stats = imacri_integration::client::integrity_stats(&mut rt).await;
+    assert!(
+        stats["fanotify"]["unheldCalls"].as_u64() >= Some(4),
+        "{stats}"
     );
-    let now = audited(imacri_integration::client::integrity_stats(&mut rt).await);
-    assert!(now > before, "the threaded mapping was not audited");
-    // A third container: the fd swapped under a worker thread's mmap,
-    // the worker gone before the audit reads its process.
-    let cfg = ima("swap-enforce", "strict");
-    let w = start_container(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config("w", &image, &["sleep", "1000"]),
-    )
-    .await;
-    // A fourth: the fd swapped in a process whose main thread exited first
-    // (its /proc/<pid>/maps reads empty; the audit reads a live thread's).
-    let l = start_container(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config("l", &image, &["sleep", "1000"]),
-    )
-    .await;
-    for (c, m) in [
-        (&a, "mmap"),
-        (&b, "mprotect"),
-        (&w, "worker"),
-        (&l, "leader"),
-    ] {
-        // The exec dies with its container: its answer does not matter.
-        let _ = rt
-            .exec_sync(cri::ExecSyncRequest {
-                container_id: c.clone(),
-                cmd: vec!["sh".into(), "-c".into(), swap(m)],
-                timeout: 15,
-            })
-            .await;
-        let st = imacri_integration::client::wait_exited(&mut rt, c).await;
-        assert_eq!(st.reason, "ImaUnmeasured", "{m}: {st:?}\n{}", d.log());
-        let lines = log_lines(&d, &pod);
-        let mine = entries_of(&lines, c);
-        assert!(
-            logged(
-                &mine,
-                &format!("/tmp/swapped-{m}.bin"),
-                Some(&code_file),
-                "deny"
-            ),
-            "{m}: {mine:#?}"
-        );
-        assert!(logged(&mine, "-", None, "gap"), "{m}: {mine:#?}");
-        // The audit refused nothing else: the program's own mappings and
-        // the policy's files pass it (a multi-threaded program is not
-        // killed for being one).
-        let denied: Vec<&String> = mine
-            .iter()
-            .filter(|l| l.split(' ').nth(7) == Some("deny"))
-            .collect();
-        assert!(
-            denied.iter().all(|l| l.contains("/tmp/swapped-")),
-            "{m}: {denied:#?}"
-        );
-    }
+    let lines = log_lines(&d, &pod);
+    assert!(
+        !lines.iter().any(|l| l.contains("/tmp/swapped-")),
+        "{lines:#?}"
+    );
     stop_pod(&mut rt, &pod).await;
 }
 

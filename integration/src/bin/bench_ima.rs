@@ -214,6 +214,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
     let map_guarded = mapping_cost(&engine, &bin, "guarded")?;
     let audits = engine.stats.audited_calls.load(Relaxed);
     let map_threaded = mapping_cost(&engine, &bin, "threaded")?;
+    // Shared calls: held (mapguard/hold.rs), or audited when they cannot be.
     let audited = engine.stats.audited_calls.load(Relaxed) - audits;
     let map_plain = mapping_cost(&engine, &bin, "plain")?;
     // A dynamically linked program: its exec measured, its libraries
@@ -307,7 +308,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
         map_guarded - map_plain
     );
     println!(
-        "{:<44} {:>10.1}   (+{:.1} us; {audited} calls audited after they returned)",
+        "{:<44} {:>10.1}   (+{:.1} us; {audited} calls held: the other thread stopped during each)",
         "mmap(PROT_EXEC), map guard, 2 threads (us)",
         map_threaded,
         map_threaded - map_plain

@@ -94,9 +94,12 @@ pub struct Stats {
     pub hit_ns_total: AtomicU64,
     pub denied: AtomicU64,
     pub mappings: AtomicU64,
-    /// Guarded calls let through while another task shared the caller's fd
-    /// table or address space, so audited once they returned.
+    /// Guarded calls made while another task shared the caller's fd table
+    /// or address space: its sharers were held still during the call
+    /// (`auditedCalls` in the status, a name from before holding).
     pub audited_calls: AtomicU64,
+    /// Shared calls whose sharers could not be held: refused.
+    pub unheld_calls: AtomicU64,
 }
 
 struct Job {
@@ -189,6 +192,9 @@ pub struct Engine {
     /// between its check and its answer for calls of processes that share
     /// their tables (`IMACRI_TEST_MAPGUARD_SWAP_WINDOW`, milliseconds).
     pub(super) map_swap_window: Option<std::time::Duration>,
+    /// Fault injection: the sharers of a guarded call are never held, so
+    /// every shared call is refused (`IMACRI_TEST_MAPGUARD_NO_HOLD`).
+    pub(super) map_no_hold: bool,
     /// Set when imacri shuts down: watches then leave their groups with the
     /// fd keeper, so the containers wait for the next imacri.
     detached: std::sync::atomic::AtomicBool,
@@ -268,6 +274,7 @@ impl Engine {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map(std::time::Duration::from_millis),
+            map_no_hold: std::env::var_os("IMACRI_TEST_MAPGUARD_NO_HOLD").is_some(),
             detached: Default::default(),
             inflight: AtomicUsize::new(0),
             hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),
@@ -355,7 +362,7 @@ impl Engine {
     /// A file `t` mapped executable was written since, by a writer no
     /// check saw open: a `tomtou` entry (a violation) and, under `enforce`,
     /// the container is killed, since a mapping may now run what no policy
-    /// allowed (as an audit that finds a refused mapping does).
+    /// allowed.
     pub fn tomtou(&self, t: &Measured, path: &str, how: &str) {
         let reason = format!("mapped executable, then {how} while the container ran");
         tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, %reason, "ima violation: tomtou");

@@ -27,11 +27,13 @@
 //! them with ENOSYS. Either way nothing is mapped executable unmeasured.
 //!
 //! seccomp's CONTINUE lets the kernel read the fd number (or range) again
-//! after our check: [`audit`] says when that matters and what is done.
+//! after our check: [`shared`] says when that matters, [`hold`] what is
+//! done then.
 
 use super::keeper;
-mod audit;
+mod hold;
 mod profile;
+mod shared;
 mod task;
 
 use profile::PERSONALITY_QUERY;
@@ -60,10 +62,10 @@ pub fn probe() -> Result<(), String> {
     if r < 0 && nix::errno::Errno::last() == nix::errno::Errno::ENOSYS {
         return Err("pidfd_getfd is unavailable (Linux < 5.6)".into());
     }
-    // Without kcmp every call counts as shared and is audited: still
+    // Without kcmp every call counts as shared and is held: still
     // closed, only slower, so it is no reason to refuse ima pods.
-    if !audit::kcmp_works() {
-        tracing::warn!("kcmp is unavailable (CONFIG_KCMP): every guarded call is audited");
+    if !shared::kcmp_works() {
+        tracing::warn!("kcmp is unavailable (CONFIG_KCMP): every guarded call holds its container's other tasks");
     }
     Ok(())
 }
@@ -220,12 +222,12 @@ fn measure_kept(
         id,
         remaining: AtomicUsize::new(1),
         allowed: AtomicBool::new(true),
-        audit: None,
+        sink: None,
         files: 1,
         kept: Some(kept.clone()),
         handed: std::sync::Mutex::new(Some(event_key)),
     });
-    let pending = Box::new(MapPending { file, key, reply });
+    let pending = Box::new(MapPending { file, reply });
     engine.measure_now(target, pending, key, Event::Mmap);
 }
 
@@ -364,7 +366,7 @@ fn serve(
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let notify = Arc::new(notify);
     sync_wake_up(&notify, container);
-    let auditor = audit::Auditor::new(engine.clone(), container);
+    let sharing = shared::Sharing::new();
     let mut tasks = task::Tasks::default();
     loop {
         let mut fds = [PollFd::new(notify.as_fd(), PollFlags::POLLIN)];
@@ -412,7 +414,7 @@ fn serve(
             i.record(req.id);
         }
         handle(
-            &engine, &notify, &auditor, &mut tasks, container, &req, kept,
+            &engine, &notify, &sharing, &mut tasks, container, &req, kept,
         );
     }
 }
@@ -423,20 +425,15 @@ struct Reply {
     id: u64,
     remaining: AtomicUsize,
     allowed: AtomicBool,
-    /// Set when another task shares what the kernel reads again: the call
-    /// is audited once it returned (see [`audit`]).
-    audit: Option<Audit>,
+    /// Set for a held call ([`hold`]): the verdict goes to its thread,
+    /// which answers and lets the sharers go.
+    sink: Option<std::sync::Mutex<std::sync::mpsc::Sender<bool>>>,
     /// How many files the call maps.
     files: usize,
     /// The keeper and the listener's key there.
     kept: Option<Arc<(keeper::Keeper, String)>>,
     /// The keeper's key for the mapped file while it is hashed.
     handed: std::sync::Mutex<Option<String>>,
-}
-
-struct Audit {
-    auditor: Arc<audit::Auditor>,
-    job: audit::Job,
 }
 
 impl Reply {
@@ -446,10 +443,13 @@ impl Reply {
         }
         if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
             let allowed = self.allowed.load(Ordering::SeqCst);
-            respond(&self.notify, self.id, allowed);
-            if let (true, Some(a)) = (allowed, &self.audit) {
-                a.auditor.after(a.job);
+            if let Some(sink) = &self.sink {
+                if let Ok(tx) = sink.lock() {
+                    let _ = tx.send(allowed);
+                }
+                return;
             }
+            respond(&self.notify, self.id, allowed);
             let handed = self.handed.lock().ok().and_then(|mut h| h.take());
             if let (Some(key), Some(k)) = (handed, &self.kept) {
                 // Ids are never reused: a stale key is harmless.
@@ -461,7 +461,6 @@ impl Reply {
 
 struct MapPending {
     file: OwnedFd,
-    key: FileKey,
     reply: Arc<Reply>,
 }
 
@@ -470,21 +469,18 @@ impl Pending for MapPending {
         self.file.as_fd()
     }
     fn answer(self: Box<Self>, allow: bool) {
-        if allow {
-            if let Some(a) = &self.reply.audit {
-                a.auditor.approve(self.key);
-            }
-        }
         self.reply.part(allow);
     }
 
     /// Hashing takes a while: the file goes to the keeper first, so that a
     /// next imacri measures the call if this one dies meanwhile. Only a
-    /// call of one file by a task that shares nothing (no audit after it):
+    /// call of one file by a task that shares nothing (not a held one):
     /// then nothing can change what the kernel maps once it goes on.
     fn queued(&mut self) {
         let r = &self.reply;
-        let (None, 1, Some(k)) = (&r.audit, r.files, &r.kept) else {
+        // A held call is not: a next imacri would answer it with the
+        // sharers of this one's thread let go.
+        let (None, 1, Some(k)) = (&r.sink, r.files, &r.kept) else {
             return;
         };
         let key = keeper::mapping_key(&k.1, r.id);
@@ -534,9 +530,9 @@ fn still_valid(notify: &OwnedFd, id: u64) -> bool {
 }
 
 fn handle(
-    engine: &Engine,
+    engine: &Arc<Engine>,
     notify: &Arc<OwnedFd>,
-    auditor: &Arc<audit::Auditor>,
+    sharing: &Arc<shared::Sharing>,
     tasks: &mut task::Tasks,
     container: &str,
     req: &libc::seccomp_notif,
@@ -552,88 +548,160 @@ fn handle(
         tracing::warn!(container_id = %container, "map guard: the container is not measured now; executable mapping refused");
         return respond(notify, req.id, false);
     };
-    let files = match nr {
-        libc::SYS_mmap => tasks.file_of(req.pid, args[4] as i32).map(|f| vec![f]),
-        libc::SYS_mprotect | libc::SYS_pkey_mprotect => {
-            task::mapped_files(req.pid, args[0], args[1])
-        }
-        _ => Err(format!("unexpected syscall {nr}")),
-    };
-    // Everything above read the task by pid: it must still be the caller.
-    let files = match files {
-        Ok(f) if still_valid(notify, req.id) => f,
-        Ok(_) => return,
-        Err(e) => {
-            tracing::warn!(pod_sandbox_id = %target.pod, container_id = %container, error = %e, "map guard: cannot resolve the mapped file; refused");
-            return respond(notify, req.id, false);
-        }
+    let call = Call {
+        engine: engine.clone(),
+        notify: notify.clone(),
+        sharing: sharing.clone(),
+        target,
+        container: container.to_string(),
+        req: *req,
+        kept: kept.cloned(),
     };
     // Decided while the caller waits: whether anyone can change what the
-    // kernel reads again after our answer.
-    let table = if nr == libc::SYS_mmap {
-        audit::Table::Files
-    } else {
-        audit::Table::Vm
-    };
-    let audit = auditor.shared(req.pid, table).then(|| Audit {
-        auditor: auditor.clone(),
-        job: audit::Job {
-            tid: req.pid,
-            nr: i64::from(req.data.nr),
-            args: req.data.args,
-        },
-    });
-    if audit.is_some() {
+    // kernel reads again after our answer. If so, they are held still
+    // while the call is checked and made, on a thread of its own.
+    if sharing.shared(req.pid, call.table()) {
         engine.stats.audited_calls.fetch_add(1, Ordering::Relaxed);
-    }
-    if let (Some(window), true) = (engine.map_swap_window, audit.is_some()) {
-        // Test only: a wide window between the check and the answer.
-        std::thread::sleep(window);
-    }
-    if files.is_empty() {
-        // Anonymous memory only (e.g. a JIT's mprotect): not a file. A
-        // thread sharing the range could map a file under it meanwhile.
-        respond(notify, req.id, true);
-        if let Some(a) = audit {
-            a.auditor.after(a.job);
+        let spawned = std::thread::Builder::new()
+            .name("imacri-maphold".into())
+            .spawn(move || call.held());
+        if let Err(e) = spawned {
+            tracing::error!(container_id = %container, error = %e, "map guard: no thread to hold a call's sharers; refused");
+            respond(notify, req.id, false);
         }
         return;
     }
-    if let Some(stall) = &engine.map_stall {
-        let stalled = files.iter().any(|f| {
-            std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
-                .is_ok_and(|p| p.to_string_lossy().contains(stall.as_str()))
-        });
-        if stalled {
-            // Test only: received and never answered.
-            return;
+    call.decide(tasks, None);
+}
+
+/// One guarded mmap/mprotect call.
+struct Call {
+    engine: Arc<Engine>,
+    notify: Arc<OwnedFd>,
+    sharing: Arc<shared::Sharing>,
+    target: Arc<super::engine::Measured>,
+    container: String,
+    req: libc::seccomp_notif,
+    kept: Option<Arc<(keeper::Keeper, String)>>,
+}
+
+impl Call {
+    /// What the kernel reads again after CONTINUE.
+    fn table(&self) -> shared::Table {
+        if self.req.data.nr as libc::c_long == libc::SYS_mmap {
+            shared::Table::Files
+        } else {
+            shared::Table::Vm
         }
     }
-    let reply = Arc::new(Reply {
-        notify: notify.clone(),
-        id: req.id,
-        remaining: AtomicUsize::new(files.len()),
-        allowed: AtomicBool::new(true),
-        audit,
-        files: files.len(),
-        kept: kept.cloned(),
-        handed: std::sync::Mutex::new(None),
-    });
-    for file in files {
-        let st = match nix::sys::stat::fstat(file.as_raw_fd()) {
-            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
-            _ => {
-                reply.part(false);
-                continue;
+
+    /// A call whose table is shared: its sharers are stopped first, the
+    /// call is checked, answered and waited for, then they go on. A call
+    /// whose sharers cannot all be stopped is refused.
+    fn held(self) {
+        // This thread's sleeps as short as asked (the default slack adds
+        // 50 us to each): the held tasks wait for it.
+        // SAFETY: an integer option of this thread only.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+        let _one_at_a_time = self.sharing.hold_lock();
+        let mut tasks = task::Tasks::default();
+        let mut held = hold::Held::default();
+        let sharing = self.sharing.clone();
+        let stopped = match self.engine.map_no_hold {
+            true => Err("not held (test)".to_string()),
+            false => held.sharers_of(self.req.pid, self.table(), || sharing.tasks_now()),
+        };
+        if let Err(e) = stopped {
+            self.engine
+                .stats
+                .unheld_calls
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, error = %e, "map guard: the call's sharers cannot be held still; refused");
+            return respond(&self.notify, self.req.id, false);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.decide(&mut tasks, Some(tx));
+        // No verdict: the call went away (the task was killed).
+        let Ok(allowed) = rx.recv() else { return };
+        respond(&self.notify, self.req.id, allowed);
+        if allowed {
+            if let Err(e) = held.caller_returned(self.req.pid) {
+                tracing::debug!(container_id = %self.container, error = %e, "map guard: the caller was not seen leaving the call");
+            }
+        }
+    }
+
+    /// Takes the call's files from the caller and measures them; the answer
+    /// goes to the caller, or to `sink` for a held call.
+    fn decide(&self, tasks: &mut task::Tasks, sink: Option<std::sync::mpsc::Sender<bool>>) {
+        let (engine, notify, req) = (&self.engine, &self.notify, &self.req);
+        let answer = |allow: bool| match &sink {
+            Some(tx) => {
+                let _ = tx.send(allow);
+            }
+            None => respond(notify, req.id, allow),
+        };
+        let nr = req.data.nr as libc::c_long;
+        let args = req.data.args;
+        let files = match nr {
+            libc::SYS_mmap => tasks.file_of(req.pid, args[4] as i32).map(|f| vec![f]),
+            libc::SYS_mprotect | libc::SYS_pkey_mprotect => {
+                task::mapped_files(req.pid, args[0], args[1])
+            }
+            _ => Err(format!("unexpected syscall {nr}")),
+        };
+        // Everything above read the task by pid: it must still be the caller.
+        let files = match files {
+            Ok(f) if still_valid(notify, req.id) => f,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, error = %e, "map guard: cannot resolve the mapped file; refused");
+                return answer(false);
             }
         };
-        let key = FileKey::of(&st);
-        let pending = Box::new(MapPending {
-            file,
-            key,
-            reply: reply.clone(),
+        if let (Some(window), true) = (engine.map_swap_window, sink.is_some()) {
+            // Test only: a wide window between the check and the answer.
+            std::thread::sleep(window);
+        }
+        if files.is_empty() {
+            // Anonymous memory only (e.g. a JIT's mprotect): not a file.
+            return answer(true);
+        }
+        if let Some(stall) = &engine.map_stall {
+            let stalled = files.iter().any(|f| {
+                std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                    .is_ok_and(|p| p.to_string_lossy().contains(stall.as_str()))
+            });
+            if stalled {
+                // Test only: received and never answered.
+                return;
+            }
+        }
+        let reply = Arc::new(Reply {
+            notify: notify.clone(),
+            id: req.id,
+            remaining: AtomicUsize::new(files.len()),
+            allowed: AtomicBool::new(true),
+            sink: sink.map(std::sync::Mutex::new),
+            files: files.len(),
+            kept: self.kept.clone(),
+            handed: std::sync::Mutex::new(None),
         });
-        engine.submit(target.clone(), pending, key, Event::Mmap);
+        for file in files {
+            let st = match nix::sys::stat::fstat(file.as_raw_fd()) {
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
+                _ => {
+                    reply.part(false);
+                    continue;
+                }
+            };
+            let key = FileKey::of(&st);
+            let pending = Box::new(MapPending {
+                file,
+                reply: reply.clone(),
+            });
+            engine.submit(self.target.clone(), pending, key, Event::Mmap);
+        }
     }
 }
 

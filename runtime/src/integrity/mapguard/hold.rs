@@ -1,0 +1,235 @@
+//! Closing seccomp's CONTINUE window by holding still everyone who could
+//! reopen it. When a guarded call's fd table (mmap) or address space
+//! (mprotect) is shared with other tasks, each of them is stopped with
+//! ptrace (`PTRACE_SEIZE` + `PTRACE_INTERRUPT`: a stop the process's parent
+//! never sees, unlike SIGSTOP) *before* the call's file is taken and
+//! measured, and kept stopped until the call has returned (the caller
+//! itself is interrupted after the answer: it stops on its way out of the
+//! call). Nobody can then `dup2` another file onto the fd or map one under
+//! the range between the check and the kernel's second read: what is
+//! measured is what is mapped, before any code of it can run.
+//!
+//! Each held call runs on a thread of its own (the ptrace tracer is a
+//! thread; when it ends the kernel detaches whatever it still holds), one
+//! at a time per container. A call whose sharers cannot all be stopped in
+//! time (one blocked in the kernel, or traced by someone else) is refused
+//! (EPERM): nothing else could tell what the kernel maps.
+//!
+//! A stop interrupts a sharer's blocking call; it is restarted when it
+//! resumes, as after SIGSTOP/SIGCONT (a few calls, such as `epoll_wait`,
+//! return EINTR instead, as they do then).
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use super::shared::{shares_with_any, Table};
+
+/// How long the sharers (and then the caller) get to reach their stop.
+const STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// How many times a stop is checked for between yields of the CPU before
+/// waiting for it in sleeps.
+const YIELDS: u32 = 200;
+
+/// How often the caller's cgroup is listed again for sharers cloned while
+/// the known ones were being stopped.
+const LIST_TRIES: usize = 8;
+
+/// Tasks this thread holds in a ptrace stop; let go when dropped (or by
+/// the kernel, when the thread ends).
+#[derive(Default)]
+pub(super) struct Held {
+    tasks: Vec<Task>,
+}
+
+struct Task {
+    pid: Pid,
+    /// A signal the task dequeued while being stopped, handed back on
+    /// release.
+    signal: Option<Signal>,
+    stopped: bool,
+    gone: bool,
+}
+
+impl Held {
+    /// Stops every task of `list` (the caller's cgroup) other than `tid`
+    /// that shares `tid`'s `table`, including any cloned meanwhile.
+    pub(super) fn sharers_of(
+        &mut self,
+        tid: u32,
+        table: Table,
+        mut list: impl FnMut() -> std::io::Result<Vec<u32>>,
+    ) -> Result<(), String> {
+        let mut compared: HashSet<u32> = HashSet::new();
+        let deadline = Instant::now() + STOP_WAIT;
+        for _ in 0..LIST_TRIES {
+            let tasks = list().map_err(|e| format!("listing the cgroup's tasks: {e}"))?;
+            let fresh: Vec<u32> = tasks
+                .into_iter()
+                .filter(|t| *t != tid && compared.insert(*t))
+                .collect();
+            if fresh.is_empty() {
+                // Every sharer listed is stopped and cannot clone another.
+                return Ok(());
+            }
+            for t in fresh {
+                if shares_with_any(tid, &[t], table) {
+                    self.hold(t)?;
+                }
+            }
+            self.wait(deadline)?;
+        }
+        Err("the caller's cgroup kept changing while its sharers were stopped".into())
+    }
+
+    /// Stops the caller once its call has returned (after the answer): the
+    /// kernel is done reading what it names.
+    pub(super) fn caller_returned(&mut self, tid: u32) -> Result<(), String> {
+        self.hold(tid)?;
+        self.wait(Instant::now() + STOP_WAIT)
+    }
+
+    fn hold(&mut self, tid: u32) -> Result<(), String> {
+        let pid = Pid::from_raw(tid as i32);
+        match ptrace::seize(pid, ptrace::Options::empty()) {
+            Ok(()) => {}
+            Err(Errno::ESRCH) => return Ok(()), // gone: it shares nothing now
+            Err(e) => return Err(format!("ptrace seize of task {tid}: {e}")),
+        }
+        self.tasks.push(Task {
+            pid,
+            signal: None,
+            stopped: false,
+            gone: false,
+        });
+        match ptrace::interrupt(pid) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(e) => Err(format!("ptrace interrupt of task {tid}: {e}")),
+        }
+    }
+
+    /// Waits until every held task is stopped or gone: a stop takes a few
+    /// microseconds (a context switch), so the first checks only yield the
+    /// CPU; past them it backs off to sleeps.
+    fn wait(&mut self, deadline: Instant) -> Result<(), String> {
+        for t in self.tasks.iter_mut().filter(|t| !t.stopped) {
+            let mut pause = Duration::from_micros(10);
+            let mut spins = 0;
+            loop {
+                match waitpid(t.pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {}
+                    // The interrupt's stop, or a group stop.
+                    Ok(WaitStatus::PtraceEvent(..)) | Ok(WaitStatus::PtraceSyscall(_)) => {
+                        t.stopped = true;
+                        break;
+                    }
+                    // It dequeued a signal first: stopped too; the signal
+                    // is delivered when it is let go.
+                    Ok(WaitStatus::Stopped(_, sig)) => {
+                        t.signal = Some(sig);
+                        t.stopped = true;
+                        break;
+                    }
+                    Ok(WaitStatus::Exited(..))
+                    | Ok(WaitStatus::Signaled(..))
+                    | Err(Errno::ECHILD) => {
+                        t.stopped = true;
+                        t.gone = true;
+                        break;
+                    }
+                    Ok(WaitStatus::Continued(_)) => {}
+                    Err(e) => return Err(format!("waiting for task {} to stop: {e}", t.pid)),
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("task {} did not stop within {STOP_WAIT:?}", t.pid));
+                }
+                if spins < YIELDS {
+                    spins += 1;
+                    std::thread::yield_now();
+                    continue;
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for t in self.tasks.iter().filter(|t| t.stopped && !t.gone) {
+            let _ = ptrace::detach(t.pid, t.signal);
+        }
+        // Tasks that never stopped are let go by the kernel when this
+        // thread ends (a running tracee cannot be detached).
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(tid: u32) -> (char, u64) {
+        let s = std::fs::read_to_string(format!("/proc/{tid}/stat")).unwrap();
+        let f: Vec<&str> = s.rsplit_once(") ").unwrap().1.split(' ').collect();
+        (f[0].chars().next().unwrap(), f[11].parse::<u64>().unwrap())
+    }
+
+    /// A process of two threads (ptrace cannot hold a thread of its own
+    /// process): the spinning one, which shares the sleeping one's fd
+    /// table, stands still while held and runs on once let go; then the
+    /// sleeping one is stopped as a caller is.
+    #[test]
+    fn a_held_sharer_stands_still_until_released() {
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import threading,time\n\
+                 def spin():\n    while True: pass\n\
+                 threading.Thread(target=spin, daemon=True).start()\n\
+                 time.sleep(60)",
+            ])
+            .spawn()
+            .unwrap();
+        let main = child.id();
+        let task_dir = format!("/proc/{main}/task");
+        let threads = || -> Vec<u32> {
+            std::fs::read_dir(&task_dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while threads().len() < 2 {
+            assert!(Instant::now() < deadline, "no second thread");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let spinner = *threads().iter().find(|t| **t != main).unwrap();
+        let mut held = Held::default();
+        held.sharers_of(main, Table::Files, || Ok(threads()))
+            .unwrap();
+        assert_eq!(held.tasks.len(), 1);
+        let (state, ticks) = stat(spinner);
+        assert_eq!(state, 't', "held, not stopped");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(stat(spinner).1, ticks, "a held thread ran");
+        drop(held);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(stat(spinner).0, 'R');
+        assert!(stat(spinner).1 > ticks, "a released thread stood still");
+
+        let mut held = Held::default();
+        held.caller_returned(main).unwrap();
+        assert_eq!(stat(main).0, 't');
+        drop(held);
+        assert_ne!(stat(main).0, 't');
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
