@@ -700,7 +700,7 @@ impl CriServer {
                 "hashedBytes": s.hashed_bytes.load(Relaxed),
                 "denied": s.denied.load(Relaxed),
                 "mappings": s.mappings.load(Relaxed),
-                "auditedCalls": s.audited_calls.load(Relaxed),
+                "heldCalls": s.held_calls.load(Relaxed),
                 "unheldCalls": s.unheld_calls.load(Relaxed),
                 "meanCacheHitNs": s.hit_ns_total.load(Relaxed).checked_div(hits).unwrap_or(0),
             })

@@ -212,10 +212,10 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
     // without a filter.
     let _ = mapping_cost(&engine, &bin, "guarded")?;
     let map_guarded = mapping_cost(&engine, &bin, "guarded")?;
-    let audits = engine.stats.audited_calls.load(Relaxed);
+    let held_before = engine.stats.held_calls.load(Relaxed);
     let map_threaded = mapping_cost(&engine, &bin, "threaded")?;
-    // Shared calls: held (mapguard/hold.rs), or audited when they cannot be.
-    let audited = engine.stats.audited_calls.load(Relaxed) - audits;
+    // Shared calls, each held still (mapguard/hold.rs).
+    let held = engine.stats.held_calls.load(Relaxed) - held_before;
     let map_plain = mapping_cost(&engine, &bin, "plain")?;
     // A dynamically linked program: its exec measured, its libraries
     // guarded, next to the same program neither.
@@ -308,7 +308,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
         map_guarded - map_plain
     );
     println!(
-        "{:<44} {:>10.1}   (+{:.1} us; {audited} calls held: the other thread stopped during each)",
+        "{:<44} {:>10.1}   (+{:.1} us; {held} calls held: the other thread stopped during each)",
         "mmap(PROT_EXEC), map guard, 2 threads (us)",
         map_threaded,
         map_threaded - map_plain
@@ -367,7 +367,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
 /// or without the map guard's filter (answered by `engine` as the
 /// registered container "bench-ctr"). `mode`: "plain", "guarded" or
 /// "threaded" (guarded, with a second thread sharing the fd table, so each
-/// call is audited). The child runs in a cgroup of its own, as a
+/// call holds the other one still). The child runs in a cgroup of its own, as a
 /// container's process does.
 fn mapping_cost(engine: &Arc<Engine>, file: &Path, mode: &str) -> Result<f64> {
     child_cost(engine, "mmap-child", file, mode)

@@ -96,8 +96,8 @@ pub struct Stats {
     pub mappings: AtomicU64,
     /// Guarded calls made while another task shared the caller's fd table
     /// or address space: its sharers were held still during the call
-    /// (`auditedCalls` in the status, a name from before holding).
-    pub audited_calls: AtomicU64,
+    /// (`heldCalls` in the status).
+    pub held_calls: AtomicU64,
     /// Shared calls whose sharers could not be held: refused.
     pub unheld_calls: AtomicU64,
 }

@@ -561,7 +561,7 @@ fn handle(
     // kernel reads again after our answer. If so, they are held still
     // while the call is checked and made, on a thread of its own.
     if sharing.shared(req.pid, call.table()) {
-        engine.stats.audited_calls.fetch_add(1, Ordering::Relaxed);
+        engine.stats.held_calls.fetch_add(1, Ordering::Relaxed);
         let spawned = std::thread::Builder::new()
             .name("imacri-maphold".into())
             .spawn(move || call.held());
