@@ -182,6 +182,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         let done = stopped(stop_rx.clone());
         tokio::spawn(async move {
             tonic::transport::Server::builder()
+                .layer(crate::server::deadline::DeadlineLayer)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(UnixListenerStream::new(l), done)
                 .await
@@ -193,8 +194,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tokio::spawn(async move {
             let builder = tonic::transport::Server::builder().tls_config(tls);
             match builder {
-                Ok(mut b) => {
-                    b.add_service(svc)
+                Ok(b) => {
+                    b.layer(crate::server::deadline::DeadlineLayer)
+                        .add_service(svc)
                         .serve_with_incoming_shutdown(
                             tokio_stream::wrappers::TcpListenerStream::new(l),
                             done,
@@ -206,6 +208,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         })
     });
     tonic::transport::Server::builder()
+        .layer(crate::server::deadline::DeadlineLayer)
         .add_service(runtime)
         .add_service(images)
         .add_service(attestation)
@@ -377,6 +380,21 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             ),
         ),
         Err(r) => line("ima-landlock", false, r.clone()),
+    }
+    match imacri_runtime::integrity::fanotify::lease_probe() {
+        Ok(()) => line(
+            "ima-tomtou",
+            true,
+            "files ima containers map executable: an open for writing asks first (refused \
+             under enforce), a truncate(2) breaks imacri's read lease and waits until the \
+             violation is logged (under enforce, until the container is killed)"
+                .into(),
+        ),
+        Err(r) => line(
+            "ima-tomtou",
+            false,
+            format!("{r}; opens for writing of mapped files are still decided first"),
+        ),
     }
     let fan = fan.and_then(|()| landlock.map(|_| ()));
     match imacri_runtime::integrity::guard::probe() {

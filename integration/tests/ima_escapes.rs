@@ -260,6 +260,23 @@ int main(int argc, char **argv) {
         printf("RAN %s %d\n", m, ((int (*)(void))p)());
         return 0;
     }
+    if (!strcmp(m, "truncate")) {
+        /* Maps PATH executable, then cuts it with truncate(2) (no open,
+           so no fanotify event) and grows it back: the mapped page now
+           reads as zeros (prints CUT truncate 0). argv[3]: seconds to
+           wait between the two. */
+        int fd = open(path, O_RDONLY);
+        struct stat st;
+        void *p = fd < 0 || fstat(fd, &st) ? MAP_FAILED
+            : mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        printf("MAPPED %s\n", m);
+        fflush(stdout);
+        if (argc > 3) sleep(atoi(argv[3]));
+        if (truncate(path, 0) || truncate(path, st.st_size)) return fail(m);
+        printf("CUT %s %d\n", m, ((unsigned char *)p)[0]);
+        return 0;
+    }
     if (!strcmp(m, "worker-mmap")) {
         /* With argv[2]: map that file executable (an honest library load).
            Without: write the code to /tmp/worker.bin, map and run it. */
@@ -1504,6 +1521,21 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
             .filter(|l| l.ends_with(" tomtou"))
             .collect();
         assert!(new.is_empty(), "{new:#?}");
+        // truncate(2) opens nothing and sends fanotify no event: the read
+        // lease sees it, and the `tomtou` is logged before the cut lands.
+        let out = sh_ok(
+            &mut rt,
+            c,
+            "cp /tmp/t.bin /tmp/cut.bin && escape truncate /tmp/cut.bin",
+        )
+        .await;
+        assert!(out.contains("CUT truncate 0"), "{out}");
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        assert!(
+            logged(&mine, "/tmp/cut.bin", None, "tomtou"),
+            "{mine:#?}\n{}",
+            d.log()
+        );
     }
     let st = imacri_integration::client::container_status(&mut rt, &a).await;
     assert_eq!(
@@ -1544,22 +1576,72 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
         assert!(logged(&mine, LIBC, None, "deny"), "{mine:#?}");
         assert!(!logged(&mine, LIBC, None, "tomtou"), "{mine:#?}");
     }
-    // The watches are the group's: a restarted imacri reads them back and
-    // still refuses (not only notices after the write).
+    // A truncate cannot be refused like an open: the truncater waits on
+    // the lease while the container is killed, so it never cuts.
+    let truncated = |d: &Imacri, c: &str| {
+        let mine = entries_of(&log_lines(d, &pod), c);
+        logged(&mine, LIBC, None, "tomtou")
+    };
+    let mut events = rt
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, out, err) = exec_sh(&mut rt, &a, &format!("escape truncate {LIBC}")).await;
+    assert!(out.contains("MAPPED") && !out.contains("CUT"), "{out}{err}");
+    let stats = imacri_integration::client::integrity_stats(&mut rt).await;
+    assert_eq!(stats["fanotify"]["unleasedFiles"], 0, "{stats}");
+    let st = imacri_integration::client::wait_exited(&mut rt, &a).await;
+    assert_eq!(st.reason, "ImaUnmeasured", "{st:?}");
+    assert!(
+        st.message.contains("truncated (its read lease broke)"),
+        "{st:?}"
+    );
+    let violation = async {
+        while let Ok(Some(e)) = events.message().await {
+            if e.container_event_type == cri::ContainerEventType::ImaViolationEvent as i32
+                && e.container_id == a
+            {
+                return true;
+            }
+        }
+        false
+    };
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(10), violation).await;
+    assert_eq!(seen, Ok(true), "IMA_VIOLATION_EVENT for {a}");
+    drop(events);
+    assert!(truncated(&d, &a), "{}", d.log());
+    // The watches are the group's and the leases the keeper's: a restarted
+    // imacri reads them back and still refuses (not only notices after).
     d.kill();
     d.spawn().await.unwrap();
     let mut rt = d.runtime().await.unwrap();
-    for c in [&a, &b] {
-        let (_, out, err) = exec_sh(&mut rt, c, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
-        assert!(out.trim_end().ends_with("rc=1"), "{out}{err}\n{}", d.log());
-        assert!(refused(&err), "{out}{err}");
-        let st = imacri_integration::client::container_status(&mut rt, c).await;
-        assert_eq!(
-            st.state,
-            cri::ContainerState::ContainerRunning as i32,
-            "{st:?}\n{}",
-            d.log()
-        );
-    }
+    let (_, out, err) = exec_sh(&mut rt, &b, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
+    assert!(out.trim_end().ends_with("rc=1"), "{out}{err}\n{}", d.log());
+    assert!(refused(&err), "{out}{err}");
+    let st = imacri_integration::client::container_status(&mut rt, &b).await;
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{st:?}\n{}",
+        d.log()
+    );
+    // A truncate while imacri is down waits on the kept lease; the next
+    // imacri finds it breaking and kills the container.
+    sh_ok(
+        &mut rt,
+        &b,
+        &format!("escape truncate {LIBC} 2 > /tmp/cut.out 2>&1 &"),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    d.kill();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let st = imacri_integration::client::wait_exited(&mut rt, &b).await;
+    assert_eq!(st.reason, "ImaUnmeasured", "{st:?}\n{}", d.log());
+    assert!(st.message.contains("while imacri was down"), "{st:?}");
+    assert!(truncated(&d, &b), "{}", d.log());
     stop_pod(&mut rt, &pod).await;
 }

@@ -529,7 +529,13 @@ impl CriServer {
                 let mut events: HashMap<String, Vec<keeper::KeptEvent>> = HashMap::new();
                 let mut mappings: HashMap<String, Vec<(u64, std::os::fd::OwnedFd)>> =
                     HashMap::new();
+                let mut leases: HashMap<String, Vec<(String, std::os::fd::OwnedFd)>> =
+                    HashMap::new();
                 for (key, fd) in all {
+                    if let Some(ctr) = keeper::parse_lease_key(&key) {
+                        leases.entry(ctr.to_string()).or_default().push((key, fd));
+                        continue;
+                    }
                     if let Some((listener, id)) = keeper::parse_mapping_key(&key) {
                         mappings
                             .entry(listener.to_string())
@@ -557,6 +563,7 @@ impl CriServer {
                                 fanotify::KeptGroup {
                                     group: fd,
                                     events: Vec::new(),
+                                    leases: Vec::new(),
                                 },
                             );
                         }
@@ -574,6 +581,11 @@ impl CriServer {
                     // The keeper holds events only with their group.
                     if let Some(g) = kept.groups.get_mut(&ctr) {
                         g.events = evs;
+                    }
+                }
+                for (ctr, ls) in leases {
+                    if let Some(g) = kept.groups.get_mut(&ctr) {
+                        g.leases = ls;
                     }
                 }
             }
@@ -654,6 +666,12 @@ impl CriServer {
             while let Some(n) = rx.recv().await {
                 let Some(s) = weak.upgrade() else { return };
                 if n.stopped {
+                    // A violation that kills (a tomtou under enforce) is
+                    // also reported as one; a reader that stopped is not.
+                    if n.denied {
+                        tracing::warn!(pod_sandbox_id = %n.pod, container_id = %n.container, path = %n.path, reason = %n.reason, "ima violation: the container is killed");
+                        s.emit(cri::ContainerEventType::ImaViolationEvent, &n.container);
+                    }
                     s.kill_unmeasured(&n.container, &n.reason).await;
                     continue;
                 }
@@ -702,6 +720,7 @@ impl CriServer {
                 "mappings": s.mappings.load(Relaxed),
                 "heldCalls": s.held_calls.load(Relaxed),
                 "unheldCalls": s.unheld_calls.load(Relaxed),
+                "unleasedFiles": s.unleased.load(Relaxed),
                 "meanCacheHitNs": s.hit_ns_total.load(Relaxed).checked_div(hits).unwrap_or(0),
             })
         });

@@ -100,6 +100,10 @@ pub struct Stats {
     pub held_calls: AtomicU64,
     /// Shared calls whose sharers could not be held: refused.
     pub unheld_calls: AtomicU64,
+    /// Files mapped executable that got no read lease (a filesystem
+    /// without leases, or the lease limits): their mark alone watches
+    /// them, and a truncate of them is not seen (`unleasedFiles`).
+    pub unleased: AtomicU64,
 }
 
 struct Job {
@@ -121,6 +125,10 @@ struct FairQueue {
 struct QueueInner {
     turn: VecDeque<String>,
     per_pod: HashMap<String, VecDeque<Job>>,
+    /// imacri's own opens of container files in progress (see
+    /// [`Engine::own_open`]): while there are any, readers do not wait for
+    /// room, so they read and let those opens through.
+    own_opens: usize,
 }
 
 impl FairQueue {
@@ -128,10 +136,10 @@ impl FairQueue {
     fn push(&self, job: Job) {
         let pod = job.target.pod.clone();
         let Ok(mut q) = self.inner.lock() else { return };
-        while q
-            .per_pod
-            .get(&pod)
-            .is_some_and(|j| j.len() >= PER_POD_QUEUE)
+        while q.own_opens == 0
+            && q.per_pod
+                .get(&pod)
+                .is_some_and(|j| j.len() >= PER_POD_QUEUE)
         {
             q = match self.space.wait(q) {
                 Ok(q) => q,
@@ -144,6 +152,13 @@ impl FairQueue {
             q.turn.push_back(pod);
         }
         self.work.notify_one();
+    }
+
+    fn own_opens(&self, by: isize) {
+        if let Ok(mut q) = self.inner.lock() {
+            q.own_opens = q.own_opens.saturating_add_signed(by);
+            self.space.notify_all();
+        }
     }
 
     fn pop(&self) -> Option<Job> {
@@ -203,6 +218,8 @@ pub struct Engine {
     inflight: AtomicUsize,
     /// Test only: hashing a file whose path contains this takes 2 s longer.
     hash_delay: Option<String>,
+    /// Threads of imacri opening a container's file now (own_open).
+    own_openers: Mutex<Vec<i32>>,
 }
 
 /// A reader's claim that it may read events now (see [`Engine::reading`]).
@@ -278,6 +295,7 @@ impl Engine {
             detached: Default::default(),
             inflight: AtomicUsize::new(0),
             hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),
+            own_openers: Mutex::new(Vec::new()),
         });
         for i in 0..workers.max(1) {
             let queue = queue.clone();
@@ -293,6 +311,32 @@ impl Engine {
                 });
         }
         engine
+    }
+
+    /// Runs `open`, an open by imacri itself of a file some group watches
+    /// (a lease needs an open file of our own): every reader lets it
+    /// through at once, and readers waiting for room in a pod's queue stop
+    /// waiting, since the hashing threads that make room may be the ones
+    /// opening (a reader waiting on them while they wait on it would never
+    /// wake).
+    pub(super) fn own_open<T>(&self, open: impl FnOnce() -> T) -> T {
+        // SAFETY: gettid has no arguments.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+        if let Ok(mut o) = self.own_openers.lock() {
+            o.push(tid);
+        }
+        self.queue.own_opens(1);
+        let r = open();
+        self.queue.own_opens(-1);
+        if let Ok(mut o) = self.own_openers.lock() {
+            o.retain(|t| *t != tid);
+        }
+        r
+    }
+
+    /// Whether thread `tid` is imacri's own, opening in [`own_open`].
+    pub(super) fn is_own_open(&self, tid: i32) -> bool {
+        self.own_openers.lock().is_ok_and(|o| o.contains(&tid))
     }
 
     pub fn journal(&self) -> &Arc<Journal> {
@@ -741,6 +785,16 @@ mod tests {
         assert_eq!(first.target.pod, "flood");
         assert_eq!(second.target.pod, "quiet");
         blocked.join().unwrap();
+        // Full again: an own open of imacri's (the hashing threads that
+        // would make room may be the ones opening) lets the source on.
+        let q2 = q.clone();
+        let extra = job("flood", 101);
+        let waiting = std::thread::spawn(move || q2.push(extra));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!waiting.is_finished());
+        q.own_opens(1);
+        waiting.join().unwrap();
+        q.own_opens(-1);
     }
 
     #[test]

@@ -170,6 +170,33 @@ pub fn parse_mapping_key(key: &str) -> Option<(&str, u64)> {
     Some((listener, id.parse().ok()?))
 }
 
+/// Keys of read leases on the files a container mapped executable (a copy
+/// of imacri's own open file that holds the lease):
+/// `fls:<container>:<dev>:<ino>:<serial>`, the serial making each lease's
+/// key its own (one file can be leased again after its watch ended while
+/// the old key is being dropped). They go with their container's group.
+pub const LEASE: &str = "fls:";
+
+pub fn lease_key(container: &str, inode: (u64, u64)) -> String {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(
+        "{LEASE}{container}:{}:{}:{}-{n}",
+        inode.0,
+        inode.1,
+        std::process::id()
+    )
+}
+
+/// The container of a [`lease_key`].
+pub fn parse_lease_key(key: &str) -> Option<&str> {
+    let mut f = key.strip_prefix(LEASE)?.rsplitn(4, ':');
+    f.next()?;
+    f.next()?.parse::<u64>().ok()?;
+    f.next()?.parse::<u64>().ok()?;
+    f.next()
+}
+
 /// Writes the answer to the event a reader got as fd `number` (ours or a
 /// previous reader's); false when no event waits under that number.
 pub fn respond(group: BorrowedFd<'_>, number: i32, allow: bool) -> bool {
@@ -248,6 +275,7 @@ fn drop_orphan_events(held: &mut BTreeMap<String, OwnedFd>) {
         .collect();
     held.retain(|k, _| {
         parse_event_key(k).is_none_or(|(c, ..)| live.contains(c))
+            && parse_lease_key(k).is_none_or(|c| live.contains(c))
             && parse_mapping_key(k).is_none_or(|(l, _)| listeners.contains(l))
     });
 }
@@ -257,6 +285,7 @@ fn is_listener_key(key: &str) -> bool {
     !key.starts_with(FANOTIFY)
         && !key.starts_with(FANOTIFY_EVENT)
         && !key.starts_with(MAPPING_EVENT)
+        && !key.starts_with(LEASE)
 }
 
 /// The last notification id imacri received on one kept seccomp listener,
@@ -763,6 +792,9 @@ fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) -> bool {
         }
     } else if let Some(key) = text.strip_prefix("DROP ") {
         held.remove(key);
+        // What goes with it (a group's events and leases) goes before the
+        // answer: a lease's file keeps the container's rootfs busy.
+        drop_orphan_events(held);
         let _ = send(c, "OK", None);
     } else if text == "ALL" {
         for (k, f) in held.iter() {
@@ -820,12 +852,19 @@ mod tests {
         held.insert(event_key("a", 7, true, 1), file());
         held.insert(event_key("a", 9, false, 1), file());
         held.insert(event_key("b", 7, true, 1), file());
+        let (la, lb) = (lease_key("a", (2049, 12)), lease_key("b", (2049, 12)));
+        held.insert(la.clone(), file());
+        held.insert(lb.clone(), file());
         held.insert("c1/p1/1".to_string(), file());
         held.insert(mapping_key("c1/p1/1", 41), file());
         held.insert(mapping_key("c2/p1/2", 42), file());
         drop_orphan_events(&mut held);
         assert_eq!(kept_numbers(&held, "a"), vec![7, 9]);
         assert!(kept_numbers(&held, "b").is_empty());
+        assert!(held.contains_key(&la));
+        assert!(!held.contains_key(&lb));
+        assert_eq!(parse_lease_key(&lease_key("a", (1, 2))), Some("a"));
+        assert_eq!(parse_lease_key("fls:a:x:2:1-1"), None);
         assert!(held.contains_key("c1/p1/1"));
         assert_eq!(kept_ids(&held, "c1/p1/1"), vec![41]);
         assert!(kept_ids(&held, "c2/p1/2").is_empty());

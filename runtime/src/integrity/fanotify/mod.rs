@@ -31,18 +31,19 @@ use nix::sys::fanotify::{
     EventFFlags, Fanotify, FanotifyEvent, FanotifyResponse, InitFlags, MarkFlags, MaskFlags,
     Response,
 };
-use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::digest::FileKey;
 use super::engine::{Engine, Measured, Pending};
 
+mod leases;
 mod writes;
 use super::keeper::{self, Keeper};
 use super::log::Event;
 use crate::integrity::policy::Rule;
+pub use leases::probe as lease_probe;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FanotifyError {
@@ -156,8 +157,11 @@ struct Group {
     /// is the exec itself, not a read. Only an answered "allow" sets it.
     last_exec: Mutex<Option<(i32, FileKey)>>,
     /// Files mapped executable in the container, watched for writers
-    /// (inode marks, `writes::WATCHED`).
-    mapped: Mutex<HashSet<(u64, u64)>>,
+    /// (inode marks, `writes::WATCHED`, and read leases).
+    mapped: Mutex<writes::WatchedFiles>,
+    /// This group, for the leases to call back (they must not keep it).
+    me: Weak<Group>,
+    engine: Weak<Engine>,
 }
 
 /// An event waiting for its answer.
@@ -259,6 +263,8 @@ impl Pending for KeptPending {
 pub struct KeptGroup {
     pub group: OwnedFd,
     pub events: Vec<keeper::KeptEvent>,
+    /// Read leases on its watched files, by the keeper's key.
+    pub leases: Vec<(String, OwnedFd)>,
 }
 
 /// A running watch; dropping it stops measuring (the group closes, and
@@ -361,7 +367,7 @@ pub fn watch(
         }
     });
     let key = kept.as_ref().map(|(k, key)| (k.clone(), key.clone()));
-    start(engine, fan, target, kept, Vec::new()).inspect_err(|_| {
+    start(engine, fan, target, kept, Vec::new(), Vec::new()).inspect_err(|_| {
         if let Some((k, key)) = key {
             let _ = k.drop_key(&key);
         }
@@ -382,14 +388,25 @@ pub fn adopt(
     keeper: &Keeper,
 ) -> Result<(Watch, usize), FanotifyError> {
     use std::os::fd::{FromRawFd, IntoRawFd};
-    let KeptGroup { group, events } = kept_group;
+    let KeptGroup {
+        group,
+        events,
+        leases,
+    } = kept_group;
     // SAFETY: the keeper handed us a fanotify group fd we now own.
     let fan = unsafe { Fanotify::from_raw_fd(group.into_raw_fd()) };
     let numbers: Vec<i32> = events.iter().map(|e| e.number).collect();
     let denied = keeper::deny_unanswered(fan.as_fd(), &numbers);
     let key = format!("{}{}", keeper::FANOTIFY, target.measured.container);
     Ok((
-        start(engine, fan, target, Some((keeper.clone(), key)), events)?,
+        start(
+            engine,
+            fan,
+            target,
+            Some((keeper.clone(), key)),
+            events,
+            leases,
+        )?,
         denied,
     ))
 }
@@ -400,18 +417,22 @@ fn start(
     target: Target,
     kept: Option<(Keeper, String)>,
     events: Vec<keeper::KeptEvent>,
+    leases: Vec<(String, OwnedFd)>,
 ) -> Result<Watch, FanotifyError> {
     let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| FanotifyError::Thread(e.into()))?;
     let container = target.measured.container.clone();
     engine.register(target.measured.clone());
-    let mapped = writes::marked_inodes(fan.as_fd());
-    let group = Arc::new(Group {
+    let marked = writes::marked_inodes(fan.as_fd());
+    let group = Arc::new_cyclic(|me| Group {
         fan,
         target,
         keeper: kept.as_ref().map(|(k, _)| k.clone()),
         last_exec: Mutex::new(None),
-        mapped: Mutex::new(mapped),
+        mapped: Mutex::new(Default::default()),
+        me: me.clone(),
+        engine: Arc::downgrade(engine),
     });
+    writes::take_back(&group, marked, leases);
     engine.set_write_watch(&container, group.clone());
     for event in events {
         let key = match nix::sys::stat::fstat(event.file.as_raw_fd()) {
@@ -520,11 +541,16 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
             return;
         }
     }
+    let mask = ev.mask();
+    if mask.contains(MaskFlags::FAN_OPEN_PERM) && engine.is_own_open(ev.pid()) {
+        // imacri's own open, for a lease (before anything else: the opener
+        // may be what this reader would wait for).
+        return answer(group, &ev, true);
+    }
     let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) else {
         return answer(group, &ev, false);
     };
     let key = FileKey::of(&st);
-    let mask = ev.mask();
     if mask.intersects(MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE) {
         // A notification: nothing to answer. A write forgets the old digest.
         if mask.contains(MaskFlags::FAN_CLOSE_WRITE) {

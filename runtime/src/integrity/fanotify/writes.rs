@@ -20,11 +20,16 @@
 //! restart; the next imacri reads them back from the group's fdinfo.
 
 use nix::sys::fanotify::{MarkFlags, MaskFlags};
-use std::collections::HashSet;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::Ordering;
 
 use super::super::digest::{fd_path, FileKey};
 use super::super::engine::{open_for_writing, Engine, WriteWatch};
+use super::super::keeper;
+use super::super::policy::Mode;
+use super::leases::{self, Lease};
 use super::Group;
 
 /// What an inode mark of a mapped file asks for. FAN_MODIFY comes from
@@ -35,25 +40,78 @@ pub(super) const WATCHED: MaskFlags = MaskFlags::FAN_OPEN_PERM
     .union(MaskFlags::FAN_MODIFY)
     .union(MaskFlags::FAN_CLOSE_WRITE);
 
+/// One watched file of a group.
+#[derive(Debug, Default)]
+pub(super) struct Watched {
+    /// The read lease that sees a truncate (none where the filesystem
+    /// gives none: then only the mark watches).
+    pub(super) lease: Option<Lease>,
+    /// The fd keeper's key for its copy of the lease's file.
+    pub(super) key: Option<String>,
+    /// The lease broke and is held on (enforce: the container is being
+    /// killed, the truncater waits until then).
+    broken: bool,
+}
+
+/// Inode → what watches it.
+pub(super) type WatchedFiles = HashMap<(u64, u64), Watched>;
+
 impl WriteWatch for Group {
     fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, String> {
         let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
         let inode = FileKey::of(&st).inode();
-        let mut mapped = self.mapped.lock().map_err(|e| e.to_string())?;
-        if mapped.contains(&inode) {
+        if self.watched(inode) {
             return Ok(false);
         }
-        // Marks the fd's own inode (no path): one mark per file, on any
+        // A lease needs an open file of our own. Opened before the mark
+        // (our open would ask this very mark otherwise), and never with
+        // the table locked: the reader that lets our open through looks
+        // the table up for other events meanwhile.
+        let own = self.reopen(fd);
+        // Marks the file's inode (no path): one mark per file, on any
         // filesystem (a file passed in from elsewhere too).
-        match self.fan.mark::<std::path::Path>(
-            MarkFlags::FAN_MARK_ADD,
-            WATCHED,
-            Some(fd.as_raw_fd()),
-            None,
-        ) {
-            Ok(()) => Ok(mapped.insert(inode)),
-            Err(e) => Err(format!("fanotify inode mark: {e}")),
+        let marked_by = own.as_ref().map_or(fd, |f| f.as_fd());
+        self.fan
+            .mark::<std::path::Path>(
+                MarkFlags::FAN_MARK_ADD,
+                WATCHED,
+                Some(marked_by.as_raw_fd()),
+                None,
+            )
+            .map_err(|e| format!("fanotify inode mark: {e}"))?;
+        let lease = match own
+            .map_err(|e| e.to_string())
+            .and_then(|f| self.lease(f, inode))
+        {
+            Ok(l) => Some(l),
+            // An open writer is the caller's writers check to find; a
+            // filesystem without leases leaves the mark alone to watch.
+            Err(e) => {
+                if e != leases::WRITERS {
+                    if let Some(engine) = self.engine.upgrade() {
+                        engine.stats.unleased.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(container_id = %self.target.measured.container, error = %e, "a mapped file has no read lease: a truncate of it is not seen");
+                }
+                None
+            }
+        };
+        let mut mapped = self.mapped.lock().map_err(|e| e.to_string())?;
+        if mapped.contains_key(&inode) {
+            // Watched by a racing call meanwhile (the same mark): ours goes.
+            return Ok(false);
         }
+        // Kept while the table is locked, so a key never outlives its entry.
+        let key = lease.as_ref().and_then(|l| self.keep(l, inode));
+        mapped.insert(
+            inode,
+            Watched {
+                lease,
+                key,
+                broken: false,
+            },
+        );
+        Ok(true)
     }
 
     fn unwatch(&self, fd: BorrowedFd<'_>) {
@@ -65,19 +123,154 @@ impl WriteWatch for Group {
 
 impl Group {
     fn watched(&self, inode: (u64, u64)) -> bool {
-        self.mapped.lock().is_ok_and(|m| m.contains(&inode))
+        self.mapped.lock().is_ok_and(|m| m.contains_key(&inode))
     }
 
-    fn forget(&self, fd: BorrowedFd<'_>, inode: (u64, u64)) {
-        let was = self.mapped.lock().is_ok_and(|mut m| m.remove(&inode));
-        if was {
-            let _ = self.fan.mark::<std::path::Path>(
-                MarkFlags::FAN_MARK_REMOVE,
-                WATCHED,
-                Some(fd.as_raw_fd()),
-                None,
-            );
+    /// Our own read-only open file of the file open as `fd` (the mapping
+    /// process's, or the kernel's for us).
+    fn reopen(&self, fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
+                .open(&path)
+                .map(OwnedFd::from)
+        };
+        match self.engine.upgrade() {
+            Some(e) => e.own_open(open),
+            None => Err(std::io::Error::other("the engine is gone")),
         }
+    }
+
+    fn lease(&self, file: OwnedFd, inode: (u64, u64)) -> Result<Lease, String> {
+        leases::take(file, self.me.clone(), inode, &self.target.measured.pod)
+    }
+
+    /// Hands the keeper a copy of the lease's file, so that the lease
+    /// outlives an imacri restart.
+    fn keep(&self, lease: &Lease, inode: (u64, u64)) -> Option<String> {
+        let k = self.keeper.as_ref()?;
+        let key = keeper::lease_key(&self.target.measured.container, inode);
+        match k.put(&key, lease.fd()) {
+            Ok(()) => Some(key),
+            Err(e) => {
+                tracing::warn!(container_id = %self.target.measured.container, error = %e, "fd keeper: a lease not kept; after an imacri restart a truncate of this file is not seen");
+                None
+            }
+        }
+    }
+
+    fn drop_key(&self, key: Option<String>) {
+        if let (Some(k), Some(key)) = (&self.keeper, key) {
+            let _ = k.drop_key(&key);
+        }
+    }
+
+    /// Ends the watch of `inode` (`fd` is the file, for the mark when
+    /// there is no lease to name it by).
+    fn forget(&self, fd: BorrowedFd<'_>, inode: (u64, u64)) {
+        let Some(w) = self.mapped.lock().ok().and_then(|mut m| m.remove(&inode)) else {
+            return;
+        };
+        let by = w.lease.as_ref().map_or(fd, |l| l.fd());
+        let _ = self.fan.mark::<std::path::Path>(
+            MarkFlags::FAN_MARK_REMOVE,
+            WATCHED,
+            Some(by.as_raw_fd()),
+            None,
+        );
+        self.drop_key(w.key);
+        // The lease goes last, when the watch is over.
+        drop(w.lease);
+    }
+
+    /// The lease on `inode` broke: someone truncates the file (an open for
+    /// writing asks the mark first and is decided there). The truncater
+    /// waits while the `tomtou` is logged; under `enforce` the container is
+    /// killed and the lease held until it is gone, so a truncater in the
+    /// container dies before it cuts anything; otherwise the watch ends
+    /// and the truncate goes on.
+    pub(super) fn lease_broken(&self, inode: (u64, u64), how: &str) {
+        let Some(engine) = self.engine.upgrade() else {
+            return;
+        };
+        let path = {
+            let Ok(mut m) = self.mapped.lock() else {
+                return;
+            };
+            let Some(w) = m.get_mut(&inode).filter(|w| !w.broken) else {
+                return;
+            };
+            w.broken = true;
+            w.lease.as_ref().map(|l| fd_path(l.fd()))
+        };
+        let Some(path) = path else { return };
+        engine.tomtou(&self.target.measured, &path, how);
+        if self.target.measured.mode != Mode::Enforce {
+            if let Some(lease) = self
+                .mapped
+                .lock()
+                .ok()
+                .and_then(|mut m| m.get_mut(&inode).and_then(|w| w.lease.take()))
+            {
+                self.forget(lease.fd(), inode);
+            }
+        }
+    }
+}
+
+/// After a restart: the watched files are the group's inode marks (what
+/// the last imacri placed), and their leases are those the keeper held. A
+/// lease that broke meanwhile is a truncate nobody answered: logged now,
+/// and under `enforce` the container is killed. A mark whose lease is lost
+/// watches alone; a lease without its mark is let go.
+pub(super) fn take_back(
+    group: &std::sync::Arc<Group>,
+    marked: HashSet<(u64, u64)>,
+    kept: Vec<(String, OwnedFd)>,
+) {
+    let mut files: WatchedFiles = marked
+        .into_iter()
+        .map(|i| (i, Watched::default()))
+        .collect();
+    let mut broke = Vec::new();
+    for (key, file) in kept {
+        let inode = nix::sys::stat::fstat(file.as_raw_fd()).map(|st| FileKey::of(&st).inode());
+        let Some((inode, w)) = inode.ok().and_then(|i| Some(i).zip(files.get_mut(&i))) else {
+            group.drop_key(Some(key));
+            continue;
+        };
+        if let Some(k) = &group.keeper {
+            k.remember(&key, file.as_fd());
+        }
+        match leases::adopt(
+            file,
+            std::sync::Arc::downgrade(group),
+            inode,
+            &group.target.measured.pod,
+        ) {
+            Ok((lease, whole)) => {
+                if !whole {
+                    broke.push(inode);
+                }
+                w.lease = Some(lease);
+                w.key = Some(key);
+            }
+            Err(e) => {
+                tracing::warn!(container_id = %group.target.measured.container, error = %e, "a kept lease cannot be taken back: a truncate of its file is not seen");
+                group.drop_key(Some(key));
+            }
+        }
+    }
+    if let Ok(mut m) = group.mapped.lock() {
+        *m = files;
+    }
+    for inode in broke {
+        group.lease_broken(
+            inode,
+            "truncated while imacri was down (its read lease broke)",
+        );
     }
 }
 
