@@ -39,6 +39,8 @@ const ESCAPE_C: &str = r#"
 #include <sys/ptrace.h>
 #include <sys/wait.h>
 #include <pthread.h>
+#include <signal.h>
+#include <time.h>
 #include <unistd.h>
 static unsigned char code[] = {0xb8, 0x2a, 0, 0, 0, 0xc3};
 /* swap-*: while the map guard checks a call, a second thread puts another
@@ -258,6 +260,45 @@ int main(int argc, char **argv) {
         sleep(1);
         if (keep) { printf("WROTE %s\n", m); return 0; }
         printf("RAN %s %d\n", m, ((int (*)(void))p)());
+        return 0;
+    }
+    if (!strcmp(m, "wrlease-mmap") || !strcmp(m, "wrlease-exec")) {
+        /* Holds a write lease on PATH and never gives it up (its break
+           signal ignored): any other open of PATH waits for it, up to
+           fs.lease-break-time. Then maps PATH executable (made with the
+           code) or runs `PATH true` in a child, and prints how long that
+           took: "RAN wrlease-mmap 42 IN <ms>" / "EXEC <status> IN <ms>". */
+        signal(SIGIO, SIG_IGN);
+        int mmapping = !strcmp(m, "wrlease-mmap");
+        if (mmapping) {
+            int w = open(path, O_RDWR|O_CREAT|O_TRUNC, 0755);
+            if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+            close(w);
+        }
+        int fd = open(path, O_RDONLY);
+        /* EAGAIN while anyone else has it open: the reader holds the fd of
+           the close-after-write event of the copy for a moment. */
+        for (int i = 0; fd >= 0 && fcntl(fd, F_SETLEASE, F_WRLCK); i++) {
+            if (errno != EAGAIN || i == 200) return fail(m);
+            usleep(10000);
+        }
+        if (fd < 0) return fail(m);
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        int r = 0;
+        if (mmapping) {
+            void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+            if (p == MAP_FAILED) return fail(m);
+            r = ((int (*)(void))p)();
+        } else {
+            pid_t c = fork();
+            if (c == 0) { execl(path, path, "true", (char *)0); _exit(126); }
+            waitpid(c, &r, 0);
+        }
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        long ms = (b.tv_sec - a.tv_sec) * 1000 + (b.tv_nsec - a.tv_nsec) / 1000000;
+        if (mmapping) printf("RAN %s %d IN %ld\n", m, r, ms);
+        else printf("EXEC %d IN %ld\n", r, ms);
         return 0;
     }
     if (!strcmp(m, "truncate")) {
@@ -1643,5 +1684,60 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
     assert_eq!(st.reason, "ImaUnmeasured", "{st:?}\n{}", d.log());
     assert!(st.message.contains("while imacri was down"), "{st:?}");
     assert!(truncated(&d, &b), "{}", d.log());
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// A process that holds a write lease makes every other open of its file
+/// wait for it (up to fs.lease-break-time, 45 s). imacri opens the files it
+/// measures (the event fd fanotify opens for the reader, its own file for a
+/// read lease of a mapped one) without waiting: a lease holder in one pod
+/// cannot stall a reader or the hashing threads every pod shares. Mapping
+/// the file works (without a lease of imacri's); running it is refused at
+/// once (the kernel denies an event whose file fanotify cannot open).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_holder_cannot_stall_the_engine() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, a, _b) = two_containers(&d, &mut rt, "wrlease", "measure", &image).await;
+    let ms = |out: &str| -> u64 {
+        out.trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    let (code, out, err) = exec_sh(&mut rt, &a, "escape wrlease-mmap /tmp/wl.bin").await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("RAN wrlease-mmap 42 IN"), "{out}\n{}", d.log());
+    assert!(
+        ms(&out) < 5000,
+        "the mapping waited on the lease: {out}\n{}",
+        d.log()
+    );
+    let mine = entries_of(&log_lines(&d, &pod), &a);
+    let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
+    assert!(
+        logged(&mine, "/tmp/wl.bin", Some(&code_file), "mmap"),
+        "{mine:#?}\n{}",
+        d.log()
+    );
+    let (code, out, err) = exec_sh(
+        &mut rt,
+        &a,
+        "cp /bin/busybox /tmp/wl-exec && escape wrlease-exec /tmp/wl-exec",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("EXEC ") && !out.starts_with("EXEC 0 "),
+        "{out}\n{}",
+        d.log()
+    );
+    assert!(ms(&out) < 5000, "the execution waited on the lease: {out}");
+    // The reader goes on: the next execution runs at once.
+    let t0 = std::time::Instant::now();
+    assert_eq!(sh_ok(&mut rt, &a, "hello").await, "hello dynamic");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
     stop_pod(&mut rt, &pod).await;
 }

@@ -266,6 +266,13 @@ impl CriServer {
             fanotify: imacri_runtime::integrity::fanotify::probe()
                 .and_then(|()| imacri_runtime::integrity::init::probe().map(|_| ())),
         };
+        if ima_node.fanotify.is_ok() {
+            // Started now, not at the first mapping: it also sets SIGIO's
+            // handler (a lease break can signal the process).
+            if let Err(why) = imacri_runtime::integrity::fanotify::lease_probe() {
+                tracing::warn!(reason = %why, "no read leases: a truncate(2) of a file an ima container mapped executable is not seen");
+            }
+        }
         let (integrity, notices) = integrity::Integrity::open(&cfg, &ima_node.fanotify).await?;
         let rootfs_idmap =
             imacri_runtime::idmap::probe_snapshotter(&c, &cfg.containerd.snapshotter).await;

@@ -323,13 +323,21 @@ pub fn watch(
     // FAN_REPORT_TID: an event names the thread that opened the file, whose
     // credentials a `uid=` rule is about (a thread's can differ from its
     // process leader's: a raw setresuid changes the caller's only).
+    // O_NONBLOCK for the fds the kernel opens for us: an open waits for a
+    // write lease's holder (up to fs.lease-break-time, 45 s), so a process
+    // leasing its file would stall this reader (and whoever joins it). The
+    // kernel instead fails the open, denies that event and reads on
+    // (EWOULDBLOCK: the read loop's EAGAIN).
     let fan = Fanotify::init(
         InitFlags::FAN_CLASS_CONTENT
             | InitFlags::FAN_CLOEXEC
             | InitFlags::FAN_NONBLOCK
             | InitFlags::FAN_UNLIMITED_QUEUE
             | InitFlags::FAN_REPORT_TID,
-        EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
+        EventFFlags::O_RDONLY
+            | EventFFlags::O_LARGEFILE
+            | EventFFlags::O_CLOEXEC
+            | EventFFlags::O_NONBLOCK,
     )
     .map_err(FanotifyError::Init)?;
     for path in std::iter::once(&target.root).chain(&target.volumes) {

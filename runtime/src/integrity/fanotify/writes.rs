@@ -127,13 +127,17 @@ impl Group {
     }
 
     /// Our own read-only open file of the file open as `fd` (the mapping
-    /// process's, or the kernel's for us).
+    /// process's, or the kernel's for us). O_NONBLOCK: an open waits for
+    /// whoever holds a write lease on the file (up to fs.lease-break-time,
+    /// 45 s), and a process in the pod can hold one; this one fails with
+    /// EWOULDBLOCK instead (no lease of ours then) and the hashing thread,
+    /// which every pod shares, goes on.
     fn reopen(&self, fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
         let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
         let open = || {
             std::fs::OpenOptions::new()
                 .read(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
                 .open(&path)
                 .map(OwnedFd::from)
         };
