@@ -272,6 +272,8 @@ pub struct KeptGroup {
 pub struct Watch {
     stop: Option<OwnedFd>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Hangs up when the reader thread ends.
+    ended: Option<std::sync::mpsc::Receiver<()>>,
     engine: Arc<Engine>,
     container: String,
     kept: Option<(Keeper, String)>,
@@ -289,7 +291,19 @@ impl Drop for Watch {
         // Closing the pipe's write end wakes the reader, which closes the group.
         self.stop.take();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // Joined when it ends at once (the usual case). A reader waiting
+            // for room in its pod's hash queue ends by itself once it gets
+            // it; the caller (a task of the server's runtime) must not wait
+            // for a pod that keeps its queue full.
+            if let Some(ended) = self.ended.take() {
+                // Disconnected as the thread lets go of its sender.
+                let _ = ended.recv_timeout(std::time::Duration::from_millis(200));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::debug!(container_id = %self.container, "fanotify reader still waiting for queue room; it ends by itself");
+            }
         }
     }
 }
@@ -461,9 +475,13 @@ fn start(
         engine.measure_now(group.target.measured.clone(), pending, key, kind);
     }
     let e = engine.clone();
+    let (ending, ended) = std::sync::mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("imacri-fanotify".into())
-        .spawn(move || read_loop(&e, group, stop_r))
+        .spawn(move || {
+            let _ending = ending;
+            read_loop(&e, group, stop_r)
+        })
         .map_err(|err| {
             engine.unregister(&container);
             FanotifyError::Thread(err)
@@ -471,6 +489,7 @@ fn start(
     Ok(Watch {
         stop: Some(stop_w),
         thread: Some(thread),
+        ended: Some(ended),
         engine: engine.clone(),
         container,
         kept,
