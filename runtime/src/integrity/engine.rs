@@ -711,6 +711,20 @@ pub fn open_for_writing(fd: BorrowedFd<'_>) -> bool {
             return true;
         }
     }
+    // `fd` may be the process's own open file (the map guard's), and a
+    // lease is the file's: one the process holds through it must be left
+    // alone (a read lease taken here would replace it, and the release drop
+    // it). Held, it answers the question: a read lease stands only while
+    // nobody has the file open for writing, a write lease only while
+    // nobody else has it open at all, so only this very file can be
+    // open for writing (a write lease being downgraded for a reader reads
+    // as F_RDLCK; one being broken by a writer as F_UNLCK, checked below).
+    // SAFETY: fcntl on a valid fd with integer arguments.
+    let held = unsafe { libc::fcntl(raw, libc::F_GETLEASE) };
+    if held == libc::F_RDLCK || held == libc::F_WRLCK {
+        let mode = unsafe { libc::fcntl(raw, libc::F_GETFL) } & libc::O_ACCMODE;
+        return mode != libc::O_RDONLY;
+    }
     // A read lease is refused exactly when the inode's write count is
     // positive (the kernel's check_conflicting_open); released at once.
     let r = unsafe { libc::fcntl(raw, libc::F_SETLEASE, libc::F_RDLCK) };
@@ -808,6 +822,28 @@ mod tests {
         assert!(open_for_writing(r.as_fd()));
         drop(w);
         assert!(!open_for_writing(r.as_fd()));
+        // A lease held through the file itself answers, and stays.
+        let lease = |f: &std::fs::File, t: libc::c_int| unsafe {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, t)
+        };
+        let held = |f: &std::fs::File| unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLEASE) };
+        assert_eq!(lease(&r, libc::F_WRLCK), 0);
+        assert!(!open_for_writing(r.as_fd()));
+        assert_eq!(held(&r), libc::F_WRLCK);
+        assert_eq!(lease(&r, libc::F_RDLCK), 0);
+        assert!(!open_for_writing(r.as_fd()));
+        assert_eq!(held(&r), libc::F_RDLCK);
+        assert_eq!(lease(&r, libc::F_UNLCK), 0);
+        drop(r);
+        let rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        assert_eq!(lease(&rw, libc::F_WRLCK), 0);
+        assert!(open_for_writing(rw.as_fd()));
+        assert_eq!(held(&rw), libc::F_WRLCK);
+        drop(rw);
         // A memfd: the kernel counts no writers, but anyone with its fd can
         // write; sealed against writes it is stable.
         // SAFETY: memfd_create with a static name; the fd is owned below.
