@@ -116,7 +116,7 @@ impl WriteWatch for Group {
 
     fn unwatch(&self, fd: BorrowedFd<'_>) {
         if let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) {
-            self.forget(fd, FileKey::of(&st).inode());
+            self.forget(Some(fd), FileKey::of(&st).inode());
         }
     }
 }
@@ -171,19 +171,20 @@ impl Group {
         }
     }
 
-    /// Ends the watch of `inode` (`fd` is the file, for the mark when
-    /// there is no lease to name it by).
-    fn forget(&self, fd: BorrowedFd<'_>, inode: (u64, u64)) {
+    /// Ends the watch of `inode`. The mark is named by the lease's file,
+    /// or by `fd` (the file) where there is no lease.
+    fn forget(&self, fd: Option<BorrowedFd<'_>>, inode: (u64, u64)) {
         let Some(w) = self.mapped.lock().ok().and_then(|mut m| m.remove(&inode)) else {
             return;
         };
-        let by = w.lease.as_ref().map_or(fd, |l| l.fd());
-        let _ = self.fan.mark::<std::path::Path>(
-            MarkFlags::FAN_MARK_REMOVE,
-            WATCHED,
-            Some(by.as_raw_fd()),
-            None,
-        );
+        if let Some(by) = w.lease.as_ref().map(|l| l.fd()).or(fd) {
+            let _ = self.fan.mark::<std::path::Path>(
+                MarkFlags::FAN_MARK_REMOVE,
+                WATCHED,
+                Some(by.as_raw_fd()),
+                None,
+            );
+        }
         self.drop_key(w.key);
         // The lease goes last, when the watch is over.
         drop(w.lease);
@@ -212,14 +213,7 @@ impl Group {
         let Some(path) = path else { return };
         engine.tomtou(&self.target.measured, &path, how);
         if self.target.measured.mode != Mode::Enforce {
-            if let Some(lease) = self
-                .mapped
-                .lock()
-                .ok()
-                .and_then(|mut m| m.get_mut(&inode).and_then(|w| w.lease.take()))
-            {
-                self.forget(lease.fd(), inode);
-            }
+            self.forget(None, inode);
         }
     }
 }
@@ -295,7 +289,7 @@ pub(super) fn written(
     } else {
         return;
     };
-    group.forget(fd, inode);
+    group.forget(Some(fd), inode);
     engine.tomtou(&group.target.measured, &fd_path(fd), how);
 }
 
@@ -313,7 +307,7 @@ pub(super) fn write_open(
     }
     let allow = engine.write_open(&group.target.measured, &fd_path(fd));
     if allow {
-        group.forget(fd, inode);
+        group.forget(Some(fd), inode);
     }
     Some(allow)
 }
