@@ -3,8 +3,8 @@
 //! of non-ELF files and through the loader (`ld.so FILE`), files mapped or
 //! executed (fexecve) through an fd another process passed over a unix
 //! socket (in the pod, or from a helper outside it), ptrace of the
-//! entrypoint by an exec, `personality`
-//! tricks, other processes' roots (pause's included), /dev/shm, scripts,
+//! entrypoint by an exec, `personality` tricks, 32-bit calls, a seccomp
+//! listener of the process's own, other processes' roots (pause's included), /dev/shm, scripts,
 //! files written while or after they ran, and floods of new paths. Each
 //! works in a plain pod (the control); in an ima pod each is measured
 //! (measure mode: its digest is in the log) or refused (enforce mode with
@@ -28,7 +28,12 @@ const ESCAPE_C: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/ioctl.h>
 #include <sys/ipc.h>
+#include <sys/prctl.h>
 #include <sys/mman.h>
 #include <sys/personality.h>
 #include <sys/shm.h>
@@ -178,6 +183,22 @@ static int in_worker(const char *m, int fd, int run) {
     if (fd < 0 || pthread_create(&t, 0, worker, &w)) return fail(m);
     pthread_join(t, 0);
     return w.r;
+}
+/* own-listener: answers every notification of the process's own filter
+   with CONTINUE. */
+static int own_listener = -1;
+static void *continuer(void *a) {
+    (void)a;
+    for (;;) {
+        struct seccomp_notif req;
+        struct seccomp_notif_resp resp;
+        memset(&req, 0, sizeof req);
+        if (ioctl(own_listener, SECCOMP_IOCTL_NOTIF_RECV, &req)) return 0;
+        memset(&resp, 0, sizeof resp);
+        resp.id = req.id;
+        resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+        ioctl(own_listener, SECCOMP_IOCTL_NOTIF_SEND, &resp);
+    }
 }
 /* Returns the worker's errno (thread-local), 0 when it worked. */
 static void *protector(void *a) {
@@ -442,6 +463,48 @@ int main(int argc, char **argv) {
         void *p = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
     }
+    if (!strcmp(m, "compat-mprotect")) {
+        /* The same mprotect as a 32-bit call (int 0x80) from this 64-bit
+           process: seccomp sees another architecture and other numbers. */
+        int w = open("/tmp/compat.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        int fd = open("/tmp/compat.bin", O_RDONLY);
+        /* Below 4 GiB: a 32-bit call takes 32-bit addresses. */
+        void *p = mmap((void *)0x10000000, 4096, PROT_READ, MAP_PRIVATE|MAP_FIXED_NOREPLACE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        long r;
+        __asm__ volatile("int $0x80" : "=a"(r)
+                         : "a"(125L), "b"((long)p), "c"(4096L), "d"((long)(PROT_READ|PROT_EXEC))
+                         : "r8", "r9", "r10", "r11", "memory");
+        if (r < 0) { errno = (int)-r; return fail(m); }
+        return ran(m, p);
+    }
+    if (!strcmp(m, "own-listener")) {
+        /* A seccomp filter of the process's own whose listener (a thread of
+           its own) answers CONTINUE to its executable mappings: the newest
+           filter's answer is the one the kernel takes. */
+        struct sock_filter f[] = {
+            BPF_STMT(BPF_LD|BPF_W|BPF_ABS, offsetof(struct seccomp_data, nr)),
+            BPF_JUMP(BPF_JMP|BPF_JEQ|BPF_K, __NR_mmap, 0, 3),
+            BPF_STMT(BPF_LD|BPF_W|BPF_ABS, offsetof(struct seccomp_data, args[2])),
+            BPF_JUMP(BPF_JMP|BPF_JSET|BPF_K, PROT_EXEC, 0, 1),
+            BPF_STMT(BPF_RET|BPF_K, SECCOMP_RET_USER_NOTIF),
+            BPF_STMT(BPF_RET|BPF_K, SECCOMP_RET_ALLOW),
+        };
+        struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+        int w = open("/tmp/listener.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return fail(m);
+        own_listener = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+        if (own_listener < 0) return fail(m);
+        pthread_t t;
+        if (pthread_create(&t, 0, continuer, 0)) return fail(m);
+        int fd = open("/tmp/listener.bin", O_RDONLY);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
     if (!strcmp(m, "after-deny")) {
         /* An execution that was refused leaves nothing behind that lets the
            same file be mapped executable. */
@@ -639,6 +702,30 @@ const MAPPINGS: [&str; 9] = [
     "personality",
 ];
 
+/// Ways past the map guard's seccomp filter rather than through it: the
+/// same call as a 32-bit syscall (`int 0x80`), and a seccomp listener of the
+/// process's own answering CONTINUE first.
+const AROUND_THE_GUARD: [&str; 2] = ["compat-mprotect", "own-listener"];
+
+/// In an ima pod neither gets a call past the guard: a foreign
+/// architecture's call is not allowed at all, and the kernel gives no
+/// second listener to a task whose filters already have one.
+async fn around_the_guard_fails(rt: &mut imacri_integration::client::Rt, c: &str) {
+    // Killed by seccomp's bad-architecture action: SIGSYS (128 + 31).
+    let (_, out, err) = exec_sh(rt, c, "escape compat-mprotect; echo rc=$?").await;
+    assert!(!out.contains("RAN"), "a 32-bit mprotect ran: {out}{err}");
+    assert!(
+        out.trim_end().ends_with("rc=159"),
+        "compat-mprotect: {out}{err}"
+    );
+    let (_, out, err) = exec_sh(rt, c, "escape own-listener; echo rc=$?").await;
+    assert!(!out.contains("RAN"), "a listener of its own: {out}{err}");
+    assert!(
+        out.contains("own-listener: Device or resource busy") && out.trim_end().ends_with("rc=1"),
+        "own-listener: {out}{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn executable_mappings_are_measured_or_refused() {
     let env = Env::get();
@@ -652,7 +739,7 @@ async fn executable_mappings_are_measured_or_refused() {
     let plain = pod_config("escape-plain");
     let pod = run_pod(&mut rt, &plain).await.unwrap();
     let c = start_container(&mut rt, &pod, &plain, sleeper("c")).await;
-    for m in MAPPINGS {
+    for m in MAPPINGS.iter().chain(&AROUND_THE_GUARD) {
         let (code, out, err) = exec_sh(&mut rt, &c, &format!("escape {m}")).await;
         assert_eq!(code, 0, "control {m}: {out}{err}");
         assert!(out.contains(&format!("RAN {m}")), "control {m}: {out}");
@@ -685,6 +772,7 @@ async fn executable_mappings_are_measured_or_refused() {
             assert_ne!(code, 0, "{m}: {out}");
             assert!(out.contains("Operation not permitted"), "{m}: {out}");
         }
+        around_the_guard_fails(&mut rt, c).await;
         // A dynamic program: the loader is an execution, libc a mapping.
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
         // A program run through an fd another process passed over a unix
@@ -747,6 +835,7 @@ async fn executable_mappings_are_measured_or_refused() {
         let (code, out, err) = exec_sh(&mut rt, c, &format!("escape worker-mmap {LIBC}")).await;
         assert_eq!(code, 0, "{out}{err}\n{}", d.log());
         assert!(out.contains("MAPPED worker-mmap"), "{out}{err}");
+        around_the_guard_fails(&mut rt, c).await;
         for m in MAPPINGS {
             let (code, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
             assert_ne!(code, 0, "{m} ran under enforce: {out}{err}");
