@@ -1830,3 +1830,86 @@ async fn a_lease_holder_cannot_stall_the_engine() {
     assert!(t0.elapsed() < std::time::Duration::from_secs(5));
     stop_pod(&mut rt, &pod).await;
 }
+
+/// A pod cannot hold up other pods' measurements with big files: the
+/// hashing threads every pod shares take a slice of a file at a time, pods
+/// in turn, so only the pod executing a huge file waits for it; a file
+/// larger than `ima.max_file_size` is refused at once, unhashed (a `gap`).
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_files_cannot_hold_up_other_pods() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "max_file_size = 17179869184").await;
+    let mut rt = d.runtime().await.unwrap();
+    let sleeper = |n: &str| container_config(n, &image, &["sleep", "1000"]);
+    let cfg = ima("huge-a", "measure");
+    let a_pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let a = start_container(&mut rt, &a_pod, &cfg, sleeper("a")).await;
+    // Past the limit: refused without being read.
+    let t0 = std::time::Instant::now();
+    let (_, out, err) = exec_sh(
+        &mut rt,
+        &a,
+        "truncate -s 20G /tmp/over && chmod +x /tmp/over && /tmp/over; echo rc=$?",
+    )
+    .await;
+    assert!(
+        err.contains("/tmp/over: Operation not permitted"),
+        "{out}{err}"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t0.elapsed()
+    );
+    // Two containers executing huge (sparse) programs keep both hashing
+    // threads busy for minutes.
+    for n in ["hog1", "hog2"] {
+        let hog = container_config(
+            n,
+            &image,
+            &[
+                "sh",
+                "-c",
+                "truncate -s 15G /tmp/big && chmod +x /tmp/big && exec /tmp/big",
+            ],
+        );
+        start_container(&mut rt, &a_pod, &cfg, hog).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    // Another pod starts and runs programs no one hashed yet meanwhile.
+    let t0 = std::time::Instant::now();
+    let cfg = ima("huge-b", "measure");
+    let b_pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let b = start_container(&mut rt, &b_pod, &cfg, sleeper("b")).await;
+    assert_eq!(sh_ok(&mut rt, &b, "hello").await, "hello dynamic");
+    let took = t0.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "another pod waited {took:?} for pod a's huge files\n{}",
+        d.log()
+    );
+    let lines = log_lines(&d, &a_pod);
+    assert!(logged(&lines, "/tmp/over", None, "gap"), "{lines:#?}");
+    stop_pod(&mut rt, &b_pod).await;
+    // The huge files are not hashed on for containers that are gone.
+    let t0 = std::time::Instant::now();
+    stop_pod(&mut rt, &a_pod).await;
+    let stopped = t0.elapsed();
+    assert!(stopped < std::time::Duration::from_secs(30), "{stopped:?}");
+    // Nothing is read any more: the counter of bytes read stands still.
+    let hashed = |v: serde_json::Value| v["fanotify"]["hashedBytes"].as_u64().unwrap();
+    let mut last = hashed(imacri_integration::client::integrity_stats(&mut rt).await);
+    for i in 0.. {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let now = hashed(imacri_integration::client::integrity_stats(&mut rt).await);
+        if now == last {
+            break;
+        }
+        assert!(
+            i < 20,
+            "still hashing for a stopped pod: {now} bytes\n{}",
+            d.log()
+        );
+        last = now;
+    }
+}

@@ -156,6 +156,9 @@ pub struct ImaConfig {
     /// Log entries one pod may add; past it, a `quota` entry is logged and
     /// every new execution or mapping of the pod is refused.
     pub max_entries_per_pod: u64,
+    /// Bytes: an ima pod's execution or executable mapping of a larger file
+    /// is refused unhashed (a `gap` entry and a violation).
+    pub max_file_size: u64,
 }
 
 /// fanotify fails open while imacri is down; this says what a restarted
@@ -211,6 +214,7 @@ impl Default for ImaConfig {
             pcr: DEFAULT_PCR,
             fail_mode: FailMode::Open,
             max_entries_per_pod: crate::integrity::journal::DEFAULT_POD_QUOTA,
+            max_file_size: crate::integrity::engine::DEFAULT_MAX_FILE_SIZE,
         }
     }
 }
@@ -390,6 +394,11 @@ fail_mode = "open"
 # otherwise grow the node log without bound). Past it a `quota` entry is
 # logged (a violation) and the pod's new executions are refused.
 max_entries_per_pod = 20000
+# Bytes. A file is hashed before it runs, by threads every pod shares (a
+# slice at a time, pods in turn); an execution or executable mapping of a
+# larger file is refused unhashed (a `gap` entry and a violation), so a pod
+# cannot keep them busy with huge sparse files. 4 GiB.
+max_file_size = 4294967296
 
 [ima.policies.default]
 # Rules in the kernel's IMA policy syntax. With the fanotify backend,

@@ -85,7 +85,7 @@ impl Integrity {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let engine = fanotify
             .is_ok()
-            .then(|| Engine::new(journal.clone(), tx, 2));
+            .then(|| Engine::new(journal.clone(), tx, 2, cfg.ima.max_file_size));
         let init = match &engine {
             Some(_) => imacri_runtime::integrity::init::install(&cfg.root).map_err(|e| {
                 tracing::warn!(error = %e, "fanotify-measured ima pods cannot run on this node");

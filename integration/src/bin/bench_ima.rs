@@ -13,7 +13,7 @@
 
 use anyhow::{bail, Context, Result};
 use imacri_runtime::integrity::digest::hash_fd;
-use imacri_runtime::integrity::engine::{Engine, Measured};
+use imacri_runtime::integrity::engine::{Engine, Measured, DEFAULT_MAX_FILE_SIZE};
 use imacri_runtime::integrity::fanotify::{self, Target, Triggers};
 use imacri_runtime::integrity::journal::Journal;
 use imacri_runtime::integrity::policy::Mode;
@@ -134,7 +134,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
 
     let journal = Arc::new(Journal::open(&dir.join("journal"), 15, None)?);
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-    let engine = Engine::new(journal, tx, 2);
+    let engine = Engine::new(journal, tx, 2, DEFAULT_MAX_FILE_SIZE);
     let rules = imacri_runtime::integrity::policy::parse(
         &imacri_runtime::integrity::setting::PolicyConfig::default()
             .rules

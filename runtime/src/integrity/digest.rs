@@ -9,21 +9,54 @@ use std::os::unix::ffi::OsStrExt;
 /// sha256 of a file read through `fd` from offset 0 (pread: the fd's own
 /// offset is its opener's, untouched). Returns the digest and the length.
 pub fn hash_fd(fd: BorrowedFd<'_>) -> std::io::Result<([u8; 32], u64)> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut off: i64 = 0;
+    let mut h = Hashing::default();
+    let mut buf = vec![0u8; HASH_BUF];
     loop {
-        match nix::sys::uio::pread(fd, &mut buf, off) {
-            Ok(0) => break,
-            Ok(n) => {
-                h.update(&buf[..n]);
-                off += n as i64;
-            }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
+        if let Some(done) = h.step(fd, &mut buf, u64::MAX)? {
+            return Ok(done);
         }
     }
-    Ok((h.finalize().into(), off as u64))
+}
+
+/// What [`Hashing::step`] reads at a time.
+pub const HASH_BUF: usize = 1 << 20;
+
+/// A file's sha256 taken a slice at a time, so a thread hashing a huge file
+/// can put it down and hash someone else's between slices.
+#[derive(Default, Clone)]
+pub struct Hashing {
+    h: Sha256,
+    off: u64,
+}
+
+impl Hashing {
+    /// Bytes hashed so far.
+    pub fn offset(&self) -> u64 {
+        self.off
+    }
+
+    /// Hashes up to about `budget` more bytes of the file (whole reads of
+    /// `buf`); the digest and the length once the file has ended.
+    pub fn step(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        buf: &mut [u8],
+        budget: u64,
+    ) -> std::io::Result<Option<([u8; 32], u64)>> {
+        let until = self.off.saturating_add(budget);
+        while self.off < until {
+            match nix::sys::uio::pread(fd, buf, self.off as i64) {
+                Ok(0) => return Ok(Some((self.h.clone().finalize().into(), self.off))),
+                Ok(n) => {
+                    self.h.update(&buf[..n]);
+                    self.off += n as u64;
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// `sha256:<hex>`, the form policies and evidence use.
@@ -124,6 +157,27 @@ mod tests {
     use super::*;
     use std::os::fd::AsFd;
     use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn a_digest_taken_in_slices_is_the_whole_files() {
+        let mut f = tempfile::tempfile().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::io::Write::write_all(&mut f, &data).unwrap();
+        let whole = hash_fd(f.as_fd()).unwrap();
+        assert_eq!(whole, (Sha256::digest(&data).into(), data.len() as u64));
+        let mut h = Hashing::default();
+        let mut buf = vec![0u8; 4096];
+        let mut steps = 0;
+        let sliced = loop {
+            steps += 1;
+            if let Some(d) = h.step(f.as_fd(), &mut buf, 100_000).unwrap() {
+                break d;
+            }
+            assert!(h.offset() >= 100_000 * steps as u64);
+        };
+        assert_eq!(sliced, whole);
+        assert!(steps > 29, "{steps}");
+    }
 
     #[test]
     fn hashes_from_offset_zero() {

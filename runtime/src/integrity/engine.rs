@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::allowlist::Allowlist;
-use super::digest::{digest_text, fd_path, hash_fd, FileKey};
+use super::digest::{digest_text, fd_path, FileKey, Hashing, HASH_BUF};
 use super::journal::{Journal, JournalError};
 use super::log::Event;
 use crate::integrity::policy::Mode;
@@ -37,6 +37,16 @@ pub const PER_POD_QUEUE: usize = 32;
 const HASH_TRIES: usize = 3;
 
 const CACHE_LIMIT: usize = 200_000;
+
+/// How much of one file a hashing thread reads before it takes the next
+/// pod's turn (10-20 ms at release speed): a pod that executes a huge file
+/// holds up its own accesses, never another pod's first executions.
+const HASH_SLICE: u64 = 16 << 20;
+
+/// `ima.max_file_size`'s default: 4 GiB, past the biggest libraries real
+/// images ship (GPU runtimes' are 1-2 GiB); a larger file is refused
+/// unhashed.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 30;
 
 /// One measured container: whose entries, and how they are appraised.
 #[derive(Debug)]
@@ -54,6 +64,11 @@ pub trait Pending: Send {
     fn answer(self: Box<Self>, allow: bool);
     /// Called when the access waits for hashing (not decided at once).
     fn queued(&mut self) {}
+    /// Whether the caller still waits for the answer (a huge file is not
+    /// hashed on for a caller that is gone).
+    fn wanted(&self) -> bool {
+        true
+    }
 }
 
 /// Where the files a container maps executable are watched for writers
@@ -111,6 +126,23 @@ struct Job {
     pending: Box<dyn Pending>,
     key: FileKey,
     kind: Event,
+    /// The digest so far: the next thread to take the job goes on with it.
+    hashing: Hashing,
+    /// Whole hashes finished (a file that changed meanwhile is hashed again).
+    tries: usize,
+}
+
+impl Job {
+    fn new(target: Arc<Measured>, pending: Box<dyn Pending>, key: FileKey, kind: Event) -> Job {
+        Job {
+            target,
+            pending,
+            key,
+            kind,
+            hashing: Hashing::default(),
+            tries: 0,
+        }
+    }
 }
 
 /// Pods in turn, a bounded queue each.
@@ -146,6 +178,20 @@ impl FairQueue {
                 Err(_) => return,
             };
         }
+        self.enqueue(&mut q, job);
+    }
+
+    /// A job put down after a slice: last in its pod's queue, and its pod
+    /// last in turn. Never waits (the job held its place while hashed: a
+    /// pod has at most one more per hashing thread).
+    fn requeue(&self, job: Job) {
+        if let Ok(mut q) = self.inner.lock() {
+            self.enqueue(&mut q, job);
+        }
+    }
+
+    fn enqueue(&self, q: &mut QueueInner, job: Job) {
+        let pod = job.target.pod.clone();
         let jobs = q.per_pod.entry(pod.clone()).or_default();
         jobs.push_back(job);
         if jobs.len() == 1 {
@@ -220,6 +266,8 @@ pub struct Engine {
     hash_delay: Option<String>,
     /// Threads of imacri opening a container's file now (own_open).
     own_openers: Mutex<Vec<i32>>,
+    /// Files larger than this are refused unhashed (`ima.max_file_size`).
+    max_file_size: u64,
 }
 
 /// A reader's claim that it may read events now (see [`Engine::reading`]).
@@ -272,6 +320,7 @@ impl Engine {
         journal: Arc<Journal>,
         notices: tokio::sync::mpsc::UnboundedSender<Notice>,
         workers: usize,
+        max_file_size: u64,
     ) -> Arc<Engine> {
         let queue = Arc::new(FairQueue::default());
         let engine = Arc::new(Engine {
@@ -296,6 +345,7 @@ impl Engine {
             inflight: AtomicUsize::new(0),
             hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),
             own_openers: Mutex::new(Vec::new()),
+            max_file_size,
         });
         for i in 0..workers.max(1) {
             let queue = queue.clone();
@@ -305,8 +355,16 @@ impl Engine {
                 .spawn(move || {
                     while let Some(job) = queue.pop() {
                         let Some(engine) = weak.upgrade() else { return };
-                        engine.hash_and_decide(job);
-                        engine.inflight.fetch_sub(1, Ordering::SeqCst);
+                        match engine.hash_slice(job) {
+                            Some(job) if engine.still_wanted(&job) => queue.requeue(job),
+                            Some(job) => {
+                                job.pending.answer(false);
+                                engine.inflight.fetch_sub(1, Ordering::SeqCst);
+                            }
+                            None => {
+                                engine.inflight.fetch_sub(1, Ordering::SeqCst);
+                            }
+                        }
                     }
                 });
         }
@@ -475,12 +533,7 @@ impl Engine {
                 pending.queued();
                 // Counted until a worker has answered it.
                 self.inflight.fetch_add(1, Ordering::SeqCst);
-                self.queue.push(Job {
-                    target,
-                    pending,
-                    key,
-                    kind,
-                })
+                self.queue.push(Job::new(target, pending, key, kind))
             }
         }
     }
@@ -497,56 +550,104 @@ impl Engine {
     ) {
         match self.cached(&key) {
             Some(d) => self.decide(&target, pending, kind, d, None),
-            None => self.hash_and_decide(Job {
-                target,
-                pending,
-                key,
-                kind,
-            }),
+            None => {
+                let mut job = Job::new(target, pending, key, kind);
+                while let Some(more) = self.hash_slice(job) {
+                    job = more;
+                }
+            }
         }
     }
 
-    fn hash_and_decide(&self, job: Job) {
-        let t = &job.target;
-        if let Some(d) = &self.hash_delay {
-            let path = fd_path(job.pending.fd());
-            if path.contains(d.as_str()) {
-                tracing::info!(%path, "test hook: hashing 2 s longer");
-                std::thread::sleep(std::time::Duration::from_secs(2));
+    /// A job half hashed is worth going on with while its container is
+    /// measured and its caller waits.
+    fn still_wanted(&self, job: &Job) -> bool {
+        let measured = self.targets.lock().is_ok_and(|t| {
+            t.get(&job.target.container)
+                .is_some_and(|m| Arc::ptr_eq(m, &job.target))
+        });
+        measured && job.pending.wanted()
+    }
+
+    /// Hashes the next slice of a job's file: the job back if more is left,
+    /// else decided and answered.
+    fn hash_slice(&self, mut job: Job) -> Option<Job> {
+        let t = job.target.clone();
+        if job.hashing.offset() == 0 && job.key.size as u64 > self.max_file_size {
+            self.too_large(&t, job.pending, job.key.size as u64);
+            return None;
+        }
+        if job.tries == 0 && job.hashing.offset() == 0 {
+            if let Some(d) = &self.hash_delay {
+                let path = fd_path(job.pending.fd());
+                if path.contains(d.as_str()) {
+                    tracing::info!(%path, "test hook: hashing 2 s longer");
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                }
             }
         }
         let fd = job.pending.fd();
-        let mut key = job.key;
-        for _ in 0..HASH_TRIES {
-            let (digest, n) = match hash_fd(fd) {
-                Ok(r) => r,
-                Err(e) => {
-                    // Not a silent allow: the unmeasured access is a gap in
-                    // the log (the verifier distrusts it), and enforce denies.
-                    let allow = t.mode == Mode::Measure;
-                    tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, allow, "cannot hash a measured file");
-                    self.gap(t, &fd_path(fd));
-                    return job.pending.answer(allow);
-                }
-            };
-            self.stats.hashed_files.fetch_add(1, Ordering::Relaxed);
-            self.stats.hashed_bytes.fetch_add(n, Ordering::Relaxed);
-            // A writer that changed the file while it was hashed would have
-            // it run under the old digest: the identity must not have moved.
-            let now = nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| FileKey::of(&st));
-            match now {
-                Ok(k) if k == key => {
-                    self.remember(key, digest);
-                    return self.decide(t, job.pending, job.kind, digest, None);
-                }
-                Ok(k) => key = k,
-                Err(_) => break,
+        let mut buf = vec![0u8; HASH_BUF];
+        let before = job.hashing.offset();
+        let step = job.hashing.step(fd, &mut buf, HASH_SLICE);
+        // Counted as read (a huge file shows as it goes).
+        let read = job.hashing.offset().saturating_sub(before);
+        self.stats.hashed_bytes.fetch_add(read, Ordering::Relaxed);
+        let (digest, _) = match step {
+            // Grown past the limit while hashed.
+            Ok(None) if job.hashing.offset() > self.max_file_size => {
+                let n = job.hashing.offset();
+                self.too_large(&t, job.pending, n);
+                return None;
             }
+            Ok(None) => return Some(job),
+            Ok(Some(done)) => done,
+            Err(e) => {
+                // Not a silent allow: the unmeasured access is a gap in
+                // the log (the verifier distrusts it), and enforce denies.
+                let allow = t.mode == Mode::Measure;
+                tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, allow, "cannot hash a measured file");
+                self.gap(&t, &fd_path(fd));
+                job.pending.answer(allow);
+                return None;
+            }
+        };
+        self.stats.hashed_files.fetch_add(1, Ordering::Relaxed);
+        job.tries += 1;
+        // A writer that changed the file while it was hashed would have it
+        // run under the old digest: the identity must not have moved.
+        match nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| FileKey::of(&st)) {
+            Ok(k) if k == job.key => {
+                self.remember(job.key, digest);
+                self.decide(&t, job.pending, job.kind, digest, None);
+                return None;
+            }
+            Ok(k) if job.tries < HASH_TRIES => {
+                job.key = k;
+                job.hashing = Hashing::default();
+                return Some(job);
+            }
+            _ => {}
         }
         let path = fd_path(fd);
         tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, "a measured file kept changing while it was hashed; access refused");
-        self.gap(t, &path);
+        self.gap(&t, &path);
         job.pending.answer(false);
+        None
+    }
+
+    /// Refuses an access of a file too large to hash: a `gap` (it ran
+    /// nothing unmeasured, but the pod asked for it) and a violation.
+    fn too_large(&self, t: &Measured, pending: Box<dyn Pending>, size: u64) {
+        let path = fd_path(pending.fd());
+        let max = self.max_file_size;
+        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, size, max, "a measured file is larger than ima.max_file_size: refused unhashed");
+        self.gap(t, &path);
+        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        pending.answer(false);
+        let reason =
+            format!("{size} bytes, larger than ima.max_file_size ({max}): not measured, refused");
+        self.notice(t, path, String::new(), true, reason);
     }
 
     fn gap(&self, t: &Measured, path: &str) {
@@ -737,6 +838,7 @@ pub fn open_for_writing(fd: BorrowedFd<'_>) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::digest::hash_fd;
     use super::*;
     use std::os::fd::{AsFd, OwnedFd};
 
@@ -765,20 +867,22 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("f");
         std::fs::write(&f, b"x").unwrap();
-        let job = |pod: &str, n: usize| Job {
-            target: Arc::new(Measured {
-                pod: pod.into(),
-                container: "c".into(),
-                mode: Mode::Measure,
-                allowlist: None,
-            }),
-            pending: Box::new(Recorded {
-                fd: std::fs::File::open(&f).unwrap().into(),
-                answers: answers.clone(),
-                name: format!("{pod}{n}"),
-            }),
-            key: FileKey::of(&nix::sys::stat::stat(&f).unwrap()),
-            kind: Event::Exec,
+        let job = |pod: &str, n: usize| {
+            Job::new(
+                Arc::new(Measured {
+                    pod: pod.into(),
+                    container: "c".into(),
+                    mode: Mode::Measure,
+                    allowlist: None,
+                }),
+                Box::new(Recorded {
+                    fd: std::fs::File::open(&f).unwrap().into(),
+                    answers: answers.clone(),
+                    name: format!("{pod}{n}"),
+                }),
+                FileKey::of(&nix::sys::stat::stat(&f).unwrap()),
+                Event::Exec,
+            )
         };
         for n in 0..PER_POD_QUEUE {
             q.push(job("flood", n));
@@ -863,7 +967,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let journal = Arc::new(Journal::open(d.path(), 15, None).unwrap().with_quota(3));
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let engine = Engine::new(journal.clone(), tx, 1);
+        let engine = Engine::new(journal.clone(), tx, 1, DEFAULT_MAX_FILE_SIZE);
         let answers = Arc::new(Mutex::new(Vec::new()));
         let bin = d.path().join("bin");
         std::fs::write(&bin, b"payload").unwrap();

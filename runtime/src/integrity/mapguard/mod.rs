@@ -472,6 +472,10 @@ impl Pending for MapPending {
         self.reply.part(allow);
     }
 
+    fn wanted(&self) -> bool {
+        still_valid(&self.reply.notify, self.reply.id)
+    }
+
     /// Hashing takes a while: the file goes to the keeper first, so that a
     /// next imacri measures the call if this one dies meanwhile. Only a
     /// call of one file by a task that shares nothing (not a held one):
