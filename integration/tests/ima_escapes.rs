@@ -29,6 +29,7 @@ const ESCAPE_C: &str = r#"
 #include <stdlib.h>
 #include <string.h>
 #include <linux/filter.h>
+#include <linux/io_uring.h>
 #include <linux/seccomp.h>
 #include <stddef.h>
 #include <sys/ioctl.h>
@@ -199,6 +200,48 @@ static void *continuer(void *a) {
         resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
         ioctl(own_listener, SECCOMP_IOCTL_NOTIF_SEND, &resp);
     }
+}
+/* An io_uring of four entries (raw syscalls: no liburing in the image). */
+struct uring { int fd; unsigned *tail, *array, mask; struct io_uring_sqe *sqes; };
+static int uring_setup(struct uring *u, unsigned flags) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    p.flags = flags;
+    p.sq_thread_idle = 5000;
+    u->fd = syscall(SYS_io_uring_setup, 4, &p);
+    if (u->fd < 0) return -1;
+    char *sq = mmap(0, p.sq_off.array + p.sq_entries * sizeof(unsigned),
+                    PROT_READ|PROT_WRITE, MAP_SHARED|MAP_POPULATE, u->fd, IORING_OFF_SQ_RING);
+    u->sqes = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe),
+                   PROT_READ|PROT_WRITE, MAP_SHARED|MAP_POPULATE, u->fd, IORING_OFF_SQES);
+    if (sq == MAP_FAILED || u->sqes == MAP_FAILED) return -1;
+    u->tail = (unsigned *)(sq + p.sq_off.tail);
+    u->array = (unsigned *)(sq + p.sq_off.array);
+    u->mask = *(unsigned *)(sq + p.sq_off.ring_mask);
+    return 0;
+}
+/* Queues one entry; `flags`: IOSQE_*. */
+static struct io_uring_sqe *uring_sqe(struct uring *u, int op, int fd, unsigned flags) {
+    unsigned i = *u->tail & u->mask;
+    struct io_uring_sqe *e = &u->sqes[i];
+    memset(e, 0, sizeof *e);
+    e->opcode = op; e->fd = fd; e->flags = flags;
+    u->array[i] = i;
+    __atomic_store_n(u->tail, *u->tail + 1, __ATOMIC_RELEASE);
+    return e;
+}
+static int uring_submit(struct uring *u, unsigned n) {
+    return syscall(SYS_io_uring_enter, u->fd, n, 0, 0, 0, 0);
+}
+static char uring_buf[16];
+/* Submits a read of `fd` that an io_uring worker thread performs (and
+   blocks in, on an empty pipe). */
+static int uring_read(int fd) {
+    struct uring u;
+    if (uring_setup(&u, 0)) return -1;
+    struct io_uring_sqe *e = uring_sqe(&u, IORING_OP_READ, fd, IOSQE_ASYNC);
+    e->addr = (unsigned long)uring_buf; e->len = sizeof uring_buf;
+    return uring_submit(&u, 1);
 }
 /* Returns the worker's errno (thread-local), 0 when it worked. */
 static void *protector(void *a) {
@@ -505,6 +548,47 @@ int main(int argc, char **argv) {
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
     }
+    if (!strcmp(m, "uring-mmap")) {
+        /* A library mapped while an io_uring worker of the process (a
+           thread of the kernel's, sharing its fd table) waits on a read,
+           as in a program whose runtime does file I/O through io_uring. */
+        int pp[2];
+        if (pipe(pp) || uring_read(pp[0]) < 0) return fail(m);
+        usleep(100000);
+        int fd = open(path, O_RDONLY);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        printf("MAPPED %s\n", m);
+        return 0;
+    }
+    if (!strcmp(m, "uring-swap")) {
+        /* io_uring puts another file under the fd while the map guard
+           checks the call: the ring's kernel thread (SQPOLL) runs a close
+           of the fd and an open of /tmp/uswap.bin (which takes the freed
+           fd number again) that a child queues 200 ms later: no system
+           call of this process, nothing that interrupts its mmap. PATH: ms to wait before the mmap
+           (0: at once, so the swap falls inside the check). */
+        int w = open("/tmp/uswap.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        struct uring u;
+        if (uring_setup(&u, IORING_SETUP_SQPOLL)) return fail(m);
+        int fd = open("/bin/busybox", O_RDONLY);
+        if (fd < 0) return fail(m);
+        if (fork() == 0) {
+            usleep(200000);
+            uring_sqe(&u, IORING_OP_CLOSE, fd, IOSQE_IO_LINK);
+            struct io_uring_sqe *e = uring_sqe(&u, IORING_OP_OPENAT, AT_FDCWD, 0);
+            e->addr = (unsigned long)"/tmp/uswap.bin"; e->open_flags = O_RDONLY;
+            /* The ring's thread sleeps when idle: only a wake-up, no
+               submission, from this other process. */
+            syscall(SYS_io_uring_enter, u.fd, 0, 0, IORING_ENTER_SQ_WAKEUP, 0, 0);
+            _exit(0);
+        }
+        usleep(atoi(path) * 1000);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
     if (!strcmp(m, "after-deny")) {
         /* An execution that was refused leaves nothing behind that lets the
            same file be mapped executable. */
@@ -726,6 +810,18 @@ async fn around_the_guard_fails(rt: &mut imacri_integration::client::Rt, c: &str
     );
 }
 
+/// A process whose io_uring has a worker (a kernel thread sharing its fd
+/// table, which ptrace cannot hold still) maps a library the policy
+/// allows, as one without. Only in `a` (RuntimeDefault has no io_uring).
+async fn uring_maps_as_any(rt: &mut imacri_integration::client::Rt, c: &str, a: &str) {
+    if c != a {
+        return;
+    }
+    let (code, out, err) = exec_sh(rt, c, "escape uring-mmap /bin/busybox").await;
+    assert_eq!(code, 0, "uring-mmap: {out}{err}");
+    assert!(out.contains("MAPPED uring-mmap"), "{out}{err}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn executable_mappings_are_measured_or_refused() {
     let env = Env::get();
@@ -744,6 +840,9 @@ async fn executable_mappings_are_measured_or_refused() {
         assert_eq!(code, 0, "control {m}: {out}{err}");
         assert!(out.contains(&format!("RAN {m}")), "control {m}: {out}");
     }
+    // io_uring can swap the file under an fd (the swap is done at 200 ms).
+    let (_, out, err) = exec_sh(&mut rt, &c, "escape uring-swap 400").await;
+    assert!(out.contains("RAN uring-swap"), "control: {out}{err}");
     stop_pod(&mut rt, &pod).await;
 
     // Measure mode, without a seccomp profile and with RuntimeDefault: what
@@ -773,6 +872,7 @@ async fn executable_mappings_are_measured_or_refused() {
             assert!(out.contains("Operation not permitted"), "{m}: {out}");
         }
         around_the_guard_fails(&mut rt, c).await;
+        uring_maps_as_any(&mut rt, c, &a).await;
         // A dynamic program: the loader is an execution, libc a mapping.
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
         // A program run through an fd another process passed over a unix
@@ -836,6 +936,7 @@ async fn executable_mappings_are_measured_or_refused() {
         assert_eq!(code, 0, "{out}{err}\n{}", d.log());
         assert!(out.contains("MAPPED worker-mmap"), "{out}{err}");
         around_the_guard_fails(&mut rt, c).await;
+        uring_maps_as_any(&mut rt, c, &a).await;
         for m in MAPPINGS {
             let (code, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
             assert_ne!(code, 0, "{m} ran under enforce: {out}{err}");
@@ -1458,6 +1559,14 @@ async fn a_file_swapped_in_during_the_check_is_not_mapped() {
                 "{policy}: {st:?}"
             );
         }
+        // An io_uring request (run by a kernel thread, which ptrace cannot
+        // hold) puts another file under the fd during the check: what was
+        // mapped is compared after the call, before any of it can run, and
+        // the process is killed (a `tomtou` entry; under enforce its
+        // container too). (No io_uring under RuntimeDefault.)
+        let (code, out, err) = exec_sh(&mut rt, &a, "escape uring-swap 0").await;
+        assert!(!out.contains("RAN"), "{policy} uring-swap: {out}{err}");
+        assert_eq!(code, 137, "{policy} uring-swap: {out}{err}\n{}", d.log());
         let stats = imacri_integration::client::integrity_stats(&mut rt).await;
         let now = held(stats.clone());
         assert!(now >= before + 8, "{policy}: {before} -> {now}");
@@ -1471,6 +1580,11 @@ async fn a_file_swapped_in_during_the_check_is_not_mapped() {
             );
             assert!(!logged(&mine, "-", None, "gap"), "{policy}: {mine:#?}");
         }
+        let mine = entries_of(&lines, &a);
+        assert!(
+            logged(&mine, "/tmp/uswap.bin", None, "tomtou"),
+            "{policy}: {mine:#?}"
+        );
         stop_pod(&mut rt, &pod).await;
     }
 }

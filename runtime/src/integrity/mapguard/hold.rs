@@ -9,6 +9,14 @@
 //! the range between the check and the kernel's second read: what is
 //! measured is what is mapped, before any code of it can run.
 //!
+//! io_uring's kernel threads (workers, and a ring's SQPOLL thread) share
+//! the caller's tables but cannot be stopped (ptrace refuses them) and run
+//! no code of the process. No request they run maps memory, so they are
+//! left out of an mprotect's holding; they can close and open files, so an
+//! mmap they share the fd table of is checked once it returned: the file
+//! now mapped at the address it returned must be the one measured, or the
+//! process is killed while it is still stopped, before any of it runs.
+//!
 //! Each held call runs on a thread of its own (the ptrace tracer is a
 //! thread; when it ends the kernel detaches whatever it still holds), one
 //! at a time per container. A call whose sharers cannot all be stopped in
@@ -45,6 +53,28 @@ const LIST_TRIES: usize = 8;
 #[derive(Default)]
 pub(super) struct Held {
     tasks: Vec<Task>,
+    /// io_uring workers share the caller's fd table and cannot be held
+    /// (ptrace refuses kernel-made threads): a request they run could put
+    /// another file under the call's fd, so what the call mapped is
+    /// checked after it returned ([`Held::io_workers`]).
+    io_workers: bool,
+}
+
+/// `PF_IO_WORKER` in a task's flags (`/proc/<tid>/stat`, field 9): a
+/// thread the kernel made to run a process's io_uring requests. It runs
+/// no code of the process; it can open and close files in its fd table
+/// (IORING_OP_OPENAT, IORING_OP_CLOSE), but no io_uring request maps
+/// memory.
+const PF_IO_WORKER: u64 = 0x10;
+
+fn is_io_worker(tid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{tid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(") ")?;
+            rest.split(' ').nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & PF_IO_WORKER != 0)
 }
 
 struct Task {
@@ -78,20 +108,73 @@ impl Held {
                 return Ok(());
             }
             for t in fresh {
-                if shares_with_any(tid, &[t], table) {
-                    self.hold(t)?;
+                if !shares_with_any(tid, &[t], table) {
+                    continue;
                 }
+                if is_io_worker(t) {
+                    // An address space no request can map into: harmless.
+                    self.io_workers |= table == Table::Files;
+                    continue;
+                }
+                self.hold(t)?;
             }
             self.wait(deadline)?;
         }
         Err("the caller's cgroup kept changing while its sharers were stopped".into())
     }
 
-    /// Stops the caller once its call has returned (after the answer): the
-    /// kernel is done reading what it names.
+    /// Whether an io_uring worker shares the call's fd table (see the
+    /// field): then the caller's mapping must be checked once it returned.
+    pub(super) fn io_workers(&self) -> bool {
+        self.io_workers
+    }
+
+    /// Attaches to the caller before its call is answered, without
+    /// stopping it: a caller that cannot be attached to is refused, since
+    /// nothing could then stop it on its way out. EPERM while the hold
+    /// thread of the task's previous call is still attached (the kernel
+    /// lets go as that thread ends) is waited out.
+    pub(super) fn attach_caller(&mut self, tid: u32) -> Result<(), String> {
+        let pid = Pid::from_raw(tid as i32);
+        let deadline = Instant::now() + Duration::from_millis(200);
+        loop {
+            match ptrace::seize(pid, ptrace::Options::empty()) {
+                Ok(()) => break,
+                Err(Errno::EPERM) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(format!("ptrace seize of the caller {tid}: {e}")),
+            }
+        }
+        self.tasks.push(Task {
+            pid,
+            signal: None,
+            stopped: false,
+            gone: false,
+        });
+        Ok(())
+    }
+
+    /// Stops the caller (attached by [`attach_caller`]) once its call has
+    /// returned (after the answer): the kernel is done reading what it
+    /// names.
     pub(super) fn caller_returned(&mut self, tid: u32) -> Result<(), String> {
-        self.hold(tid)?;
+        match ptrace::interrupt(Pid::from_raw(tid as i32)) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(e) => return Err(format!("ptrace interrupt of the caller {tid}: {e}")),
+        }
         self.wait(Instant::now() + STOP_WAIT)
+    }
+
+    /// What the held caller's call returned (after [`caller_returned`]).
+    pub(super) fn returned(&self, tid: u32) -> Result<i64, String> {
+        let pid = Pid::from_raw(tid as i32);
+        let regs = ptrace::getregs(pid).map_err(|e| format!("registers of task {tid}: {e}"))?;
+        #[cfg(target_arch = "x86_64")]
+        let ret = regs.rax as i64;
+        #[cfg(target_arch = "aarch64")]
+        let ret = regs.regs[0] as i64;
+        Ok(ret)
     }
 
     fn hold(&mut self, tid: u32) -> Result<(), String> {
@@ -228,6 +311,8 @@ mod tests {
         assert!(stat(spinner).1 > ticks, "a released thread stood still");
 
         let mut held = Held::default();
+        held.attach_caller(main).unwrap();
+        assert_ne!(stat(main).0, 't', "attached, not stopped");
         held.caller_returned(main).unwrap();
         assert_eq!(stat(main).0, 't');
         drop(held);

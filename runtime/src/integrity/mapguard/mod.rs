@@ -45,7 +45,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
-use super::digest::FileKey;
+use super::digest::{fd_path, FileKey};
 use super::engine::{Engine, Pending};
 use super::log::Event;
 
@@ -624,20 +624,84 @@ impl Call {
             return respond(&self.notify, self.req.id, false);
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        self.decide(&mut tasks, Some(tx));
+        let measured = self.decide(&mut tasks, Some(tx));
         // No verdict: the call went away (the task was killed).
         let Ok(allowed) = rx.recv() else { return };
+        // Attached before the answer: one that cannot be stopped after the
+        // call could run what it mapped before anyone looked.
+        let attached = match allowed {
+            true => held.attach_caller(self.req.pid),
+            false => Ok(()),
+        };
+        if let Err(e) = attached {
+            self.engine
+                .stats
+                .unheld_calls
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, error = %e, "map guard: the caller cannot be held after its call; refused");
+            return respond(&self.notify, self.req.id, false);
+        }
         respond(&self.notify, self.req.id, allowed);
-        if allowed {
-            if let Err(e) = held.caller_returned(self.req.pid) {
+        if !allowed {
+            return;
+        }
+        let returned = held.caller_returned(self.req.pid);
+        if !held.io_workers() {
+            if let Err(e) = returned {
                 tracing::debug!(container_id = %self.container, error = %e, "map guard: the caller was not seen leaving the call");
             }
+            return;
         }
+        // An io_uring request may have put another file under the fd since
+        // it was taken: the caller and every thread that runs its code are
+        // still stopped, so a mapping of anything but what was measured is
+        // killed before any of it runs.
+        let checked = returned
+            .map_err(|e| ("-".to_string(), e))
+            .and_then(|()| self.mapped_as_measured(&held, &measured));
+        if let Err((path, e)) = checked {
+            tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, %path, error = %e, "ima violation: a mapping is not what was measured; its process is killed");
+            // SAFETY: a signal to a task of the container (SIGKILL ends its
+            // whole process).
+            unsafe { libc::kill(self.req.pid as i32, libc::SIGKILL) };
+            let how =
+                format!("put under a mapping call after the check ({e}); its process was killed");
+            self.engine.tomtou(&self.target, &path, &how);
+        }
+    }
+
+    /// The file(s) a held mmap that returned has mapped are the ones it
+    /// measured (`measured`: their inodes). Else: what is mapped, and why.
+    fn mapped_as_measured(
+        &self,
+        held: &hold::Held,
+        measured: &[(u64, u64)],
+    ) -> Result<(), (String, String)> {
+        let unknown = |e: String| ("-".to_string(), e);
+        let ret = held.returned(self.req.pid).map_err(unknown)?;
+        if (-4095..0).contains(&ret) {
+            return Ok(()); // the call failed: nothing was mapped
+        }
+        let files =
+            task::mapped_files(self.req.pid, ret as u64, self.req.data.args[1]).map_err(unknown)?;
+        for f in files {
+            let st = nix::sys::stat::fstat(f.as_raw_fd()).map_err(|e| unknown(e.to_string()))?;
+            if !measured.contains(&FileKey::of(&st).inode()) {
+                let why = "a file other than the one measured".to_string();
+                return Err((fd_path(f.as_fd()), why));
+            }
+        }
+        Ok(())
     }
 
     /// Takes the call's files from the caller and measures them; the answer
     /// goes to the caller, or to `sink` for a held call.
-    fn decide(&self, tasks: &mut task::Tasks, sink: Option<std::sync::mpsc::Sender<bool>>) {
+    /// Returns the inodes of the files submitted.
+    fn decide(
+        &self,
+        tasks: &mut task::Tasks,
+        sink: Option<std::sync::mpsc::Sender<bool>>,
+    ) -> Vec<(u64, u64)> {
         let (engine, notify, req) = (&self.engine, &self.notify, &self.req);
         let answer = |allow: bool| match &sink {
             Some(tx) => {
@@ -657,10 +721,11 @@ impl Call {
         // Everything above read the task by pid: it must still be the caller.
         let files = match files {
             Ok(f) if still_valid(notify, req.id) => f,
-            Ok(_) => return,
+            Ok(_) => return Vec::new(),
             Err(e) => {
                 tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, error = %e, "map guard: cannot resolve the mapped file; refused");
-                return answer(false);
+                answer(false);
+                return Vec::new();
             }
         };
         if let (Some(window), true) = (engine.map_swap_window, sink.is_some()) {
@@ -669,7 +734,8 @@ impl Call {
         }
         if files.is_empty() {
             // Anonymous memory only (e.g. a JIT's mprotect): not a file.
-            return answer(true);
+            answer(true);
+            return Vec::new();
         }
         if let Some(stall) = &engine.map_stall {
             let stalled = files.iter().any(|f| {
@@ -678,7 +744,7 @@ impl Call {
             });
             if stalled {
                 // Test only: received and never answered.
-                return;
+                return Vec::new();
             }
         }
         let reply = Arc::new(Reply {
@@ -691,6 +757,7 @@ impl Call {
             kept: self.kept.clone(),
             handed: std::sync::Mutex::new(None),
         });
+        let mut submitted = Vec::with_capacity(files.len());
         for file in files {
             let st = match nix::sys::stat::fstat(file.as_raw_fd()) {
                 Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
@@ -700,12 +767,14 @@ impl Call {
                 }
             };
             let key = FileKey::of(&st);
+            submitted.push(key.inode());
             let pending = Box::new(MapPending {
                 file,
                 reply: reply.clone(),
             });
             engine.submit(self.target.clone(), pending, key, Event::Mmap);
         }
+        submitted
     }
 }
 
