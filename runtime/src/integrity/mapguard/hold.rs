@@ -146,12 +146,7 @@ impl Held {
                 Err(e) => return Err(format!("ptrace seize of the caller {tid}: {e}")),
             }
         }
-        self.tasks.push(Task {
-            pid,
-            signal: None,
-            stopped: false,
-            gone: false,
-        });
+        self.track(pid);
         Ok(())
     }
 
@@ -177,6 +172,16 @@ impl Held {
         Ok(ret)
     }
 
+    /// A task just attached to: let go on drop once stopped.
+    fn track(&mut self, pid: Pid) {
+        self.tasks.push(Task {
+            pid,
+            signal: None,
+            stopped: false,
+            gone: false,
+        });
+    }
+
     fn hold(&mut self, tid: u32) -> Result<(), String> {
         let pid = Pid::from_raw(tid as i32);
         match ptrace::seize(pid, ptrace::Options::empty()) {
@@ -184,12 +189,7 @@ impl Held {
             Err(Errno::ESRCH) => return Ok(()), // gone: it shares nothing now
             Err(e) => return Err(format!("ptrace seize of task {tid}: {e}")),
         }
-        self.tasks.push(Task {
-            pid,
-            signal: None,
-            stopped: false,
-            gone: false,
-        });
+        self.track(pid);
         match ptrace::interrupt(pid) {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
             Err(e) => Err(format!("ptrace interrupt of task {tid}: {e}")),

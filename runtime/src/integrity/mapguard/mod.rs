@@ -616,12 +616,7 @@ impl Call {
             false => held.sharers_of(self.req.pid, self.table(), || sharing.tasks_now()),
         };
         if let Err(e) = stopped {
-            self.engine
-                .stats
-                .unheld_calls
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, error = %e, "map guard: the call's sharers cannot be held still; refused");
-            return respond(&self.notify, self.req.id, false);
+            return self.refuse_unheld(&e, "the call's sharers cannot be held still");
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let measured = self.decide(&mut tasks, Some(tx));
@@ -634,12 +629,7 @@ impl Call {
             false => Ok(()),
         };
         if let Err(e) = attached {
-            self.engine
-                .stats
-                .unheld_calls
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, error = %e, "map guard: the caller cannot be held after its call; refused");
-            return respond(&self.notify, self.req.id, false);
+            return self.refuse_unheld(&e, "the caller cannot be held after its call");
         }
         respond(&self.notify, self.req.id, allowed);
         if !allowed {
@@ -668,6 +658,16 @@ impl Call {
                 format!("put under a mapping call after the check ({e}); its process was killed");
             self.engine.tomtou(&self.target, &path, &how);
         }
+    }
+
+    /// Refuses a call that cannot be held (counted as `unheldCalls`).
+    fn refuse_unheld(&self, error: &str, why: &str) {
+        self.engine
+            .stats
+            .unheld_calls
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, %error, "map guard: {why}; refused");
+        respond(&self.notify, self.req.id, false);
     }
 
     /// The file(s) a held mmap that returned has mapped are the ones it
