@@ -23,7 +23,7 @@ pub const HASH_BUF: usize = 1 << 20;
 
 /// A file's sha256 taken a slice at a time, so a thread hashing a huge file
 /// can put it down and hash someone else's between slices.
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct Hashing {
     h: Sha256,
     off: u64,
