@@ -1173,7 +1173,9 @@ async fn an_exec_cannot_ptrace_the_containers_processes() {
     // The entrypoint's child is the target: a pid namespace's init cannot
     // be attached to at all.
     let sleeper = |n: &str| container_config(n, &image, &["sh", "-c", "sleep 1001 & wait"]);
-    let target = "pidof sleep";
+    // StartContainer returns once the shell runs; its sleep may not be
+    // forked yet (an ima pod measures it first), so wait for it.
+    let target = "for i in $(seq 100); do pidof sleep && exit 0; sleep 0.05; done; exit 1";
     for (cfg, ima_pod) in [
         (pod_config("ptrace-plain"), false),
         (ima("ptrace-ima", "measure"), true),
