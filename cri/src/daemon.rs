@@ -449,6 +449,16 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         ),
         Err(r) => line("ima-map-guard", false, r),
     }
+    match imacri_runtime::integrity::charge::available() {
+        Ok(()) => line(
+            "ima-charges",
+            true,
+            "imacri's hashing for an ima pod and its seccomp answers run in the pod's cpu and \
+             cpuacct cgroups (counted against its CPU limit, throttled with it)"
+                .into(),
+        ),
+        Err(why) => line("ima-charges", false, why),
+    }
     line(
         "ima-restarts",
         true,

@@ -589,6 +589,14 @@ int main(int argc, char **argv) {
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
     }
+    if (!strcmp(m, "mprotect-flood")) {
+        /* Every other call adds PROT_EXEC to anonymous memory: a guarded
+           call each, which costs imacri far more than the caller. */
+        char *p = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return fail(m);
+        for (unsigned long i = 0;; i++)
+            if (mprotect(p, 4096, (i & 1) ? PROT_READ|PROT_WRITE : PROT_READ|PROT_EXEC)) return fail(m);
+    }
     if (!strcmp(m, "after-deny")) {
         /* An execution that was refused leaves nothing behind that lets the
            same file be mapped executable. */
@@ -1947,10 +1955,10 @@ async fn a_lease_holder_cannot_stall_the_engine() {
     stop_pod(&mut rt, &pod).await;
 }
 
-/// A pod cannot hold up other pods' measurements with big files: the
-/// hashing threads every pod shares take a slice of a file at a time, pods
-/// in turn, so only the pod executing a huge file waits for it; a file
-/// larger than `ima.max_file_size` is refused at once, unhashed (a `gap`).
+/// A pod cannot hold up other pods' measurements with big files: each pod
+/// has hashing threads of its own, which take a slice of a file at a time,
+/// so only the pod executing a huge file waits for it; a file larger than
+/// `ima.max_file_size` is refused at once, unhashed (a `gap`).
 #[tokio::test(flavor = "multi_thread")]
 async fn huge_files_cannot_hold_up_other_pods() {
     let env = Env::get();
@@ -2028,4 +2036,153 @@ async fn huge_files_cannot_hold_up_other_pods() {
         );
         last = now;
     }
+}
+
+/// imacri's CPU time so far (all its threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    // utime and stime: fields 14 and 15, 12 and 13 after the comm.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The pod's cgroup in the cpu and cpuacct hierarchies, made as kubelet
+/// makes a pod's, with a CPU limit of a tenth of a core; removed (in every
+/// hierarchy runc made it in) on drop.
+struct PodCgroup(String);
+
+impl PodCgroup {
+    fn limited(name: &str) -> PodCgroup {
+        use imacri_runtime::integrity::charge::dir_in;
+        let cg = PodCgroup(format!("/{name}"));
+        let cpu = dir_in("cpu", &cg.0).expect("a cgroup v1 cpu hierarchy");
+        std::fs::create_dir_all(&cpu).unwrap();
+        std::fs::create_dir_all(dir_in("cpuacct", &cg.0).unwrap()).unwrap();
+        std::fs::write(cpu.join("cpu.cfs_period_us"), "100000").unwrap();
+        std::fs::write(cpu.join("cpu.cfs_quota_us"), "10000").unwrap();
+        cg
+    }
+
+    fn dir(&self, controller: &str) -> std::path::PathBuf {
+        imacri_runtime::integrity::charge::dir_in(controller, &self.0).unwrap()
+    }
+
+    /// CPU time charged to the pod so far.
+    fn usage(&self) -> std::time::Duration {
+        let ns = std::fs::read_to_string(self.dir("cpuacct").join("cpuacct.usage")).unwrap();
+        std::time::Duration::from_nanos(ns.trim().parse().unwrap())
+    }
+
+    /// Threads of process `pid` named `comm` in the pod's cpu cgroup.
+    fn threads_of(&self, pid: u32, comm: &str) -> usize {
+        let tasks = std::fs::read_to_string(self.dir("cpu").join("tasks")).unwrap();
+        tasks
+            .lines()
+            .filter(|t| {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{t}/comm"))
+                    .is_ok_and(|c| c.trim() == comm)
+            })
+            .count()
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for h in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            let d = h.path().join(self.0.trim_start_matches('/'));
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// A pod pays for its own measurements, as under kernel IMA (which hashes
+/// in the executing task): imacri's hashing of its files and its seccomp
+/// listeners' answers run in its cgroup and are throttled with it. The
+/// attacker, limited to a tenth of a core, (1) executes a huge (sparse)
+/// program, which imacri would read at a full core for minutes, then (2)
+/// loops `mprotect(PROT_EXEC)`, a guarded call each, which would keep a
+/// listener thread at a full core; imacri must spend about what the pod may.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_pays_for_its_measurements() {
+    let env = Env::get();
+    if imacri_runtime::integrity::charge::available().is_err() {
+        panic!("this machine has a cgroup v1 cpu hierarchy: pods must be charged");
+    }
+    let (d, image, _work) = node(env, "max_file_size = 17179869184").await;
+    let mut rt = d.runtime().await.unwrap();
+    let pid = d.pid().unwrap();
+    let cg = PodCgroup::limited(&format!("imacri-test-charge-{}", std::process::id()));
+    let mut cfg = ima("charged", "measure");
+    cfg.linux.get_or_insert_with(Default::default).cgroup_parent = cg.0.clone();
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    // Over 4 s, imacri spends at most about what the pod may (0.4 s), and
+    // the pod is charged for it.
+    let measure = |what: &'static str| {
+        let cg = &cg;
+        async move {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let (c0, u0, t0) = (cpu_ticks(pid), cg.usage(), std::time::Instant::now());
+            tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+            let ticks = libc_ticks();
+            let spent = std::time::Duration::from_secs_f64((cpu_ticks(pid) - c0) as f64 / ticks);
+            let charged = cg.usage() - u0;
+            let took = t0.elapsed();
+            assert!(
+                spent < took / 4,
+                "{what}: imacri spent {spent:?} of CPU in {took:?} for a pod limited to 10%"
+            );
+            assert!(
+                charged > std::time::Duration::from_millis(150),
+                "{what}: the pod was charged only {charged:?} (imacri spent {spent:?})"
+            );
+        }
+    };
+    let hog = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config(
+            "hog",
+            &image,
+            &[
+                "sh",
+                "-c",
+                "truncate -s 15G /tmp/big && chmod +x /tmp/big && exec /tmp/big",
+            ],
+        ),
+    )
+    .await;
+    measure("hashing").await;
+    assert!(cg.threads_of(pid, "imacri-hash") >= 1, "{}", d.log());
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: hog,
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    let flood = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("flood", &image, &["escape", "mprotect-flood"]),
+    )
+    .await;
+    measure("mprotect flood").await;
+    assert!(cg.threads_of(pid, "imacri-seccomp") >= 1, "{}", d.log());
+    let st = imacri_integration::client::container_status(&mut rt, &flood).await;
+    assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+    stop_pod(&mut rt, &pod).await;
+    // Nothing of imacri's is left in the pod's cgroup (which kubelet
+    // removes next).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(cg.threads_of(pid, "imacri-hash"), 0);
+    assert_eq!(cg.threads_of(pid, "imacri-seccomp"), 0);
+}
+
+fn libc_ticks() -> f64 {
+    // SAFETY: sysconf has no side effects.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }

@@ -6,6 +6,7 @@
 
 use imacri_api::cri;
 use imacri_runtime::integrity::allowlist::Allowlist;
+use imacri_runtime::integrity::charge::Charge;
 use imacri_runtime::integrity::engine::{Engine, Measured, Notice};
 use imacri_runtime::integrity::fanotify::{self, own_tmpfs, Target, Triggers, Watch};
 use imacri_runtime::integrity::guard;
@@ -85,7 +86,7 @@ impl Integrity {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let engine = fanotify
             .is_ok()
-            .then(|| Engine::new(journal.clone(), tx, 2, cfg.ima.max_file_size));
+            .then(|| Engine::new(journal.clone(), tx, cfg.ima.max_file_size));
         let init = match &engine {
             Some(_) => imacri_runtime::integrity::init::install(&cfg.root).map_err(|e| {
                 tracing::warn!(error = %e, "fanotify-measured ima pods cannot run on this node");
@@ -412,6 +413,14 @@ impl CriServer {
         // since) has it on a bind mount of its own, marked so that the
         // init's executions are measured too.
         let init_path = imacri_runtime::integrity::init::PATH;
+        // The pod's cgroup (kubelet's, with the pod's limits) is charged
+        // for imacri's work for it; without one, the container's own.
+        let parent = sb
+            .config
+            .linux
+            .as_ref()
+            .map_or("", |l| l.cgroup_parent.as_str());
+        let mut cgroup = imacri_runtime::spec::cgroup_path(parent, ctr);
         let (volumes, image, init) = if ctr == pod {
             (Vec::new(), self.sandbox_image.clone(), None)
         } else {
@@ -440,6 +449,9 @@ impl CriServer {
                     )));
                 }
             }
+            if let Some(p) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
+                cgroup = p.to_string_lossy().into_owned();
+            }
             let init = through_init.then(|| format!("/proc/{pid}/root{init_path}").into());
             (volumes, c.state().image_id, init)
         };
@@ -448,6 +460,7 @@ impl CriServer {
             container: ctr.to_string(),
             mode: i.mode,
             allowlist: self.load_allowlist(&i.policy)?,
+            charge: Charge::for_cgroup(if parent.is_empty() { &cgroup } else { parent }),
         });
         let target = Target {
             measured,

@@ -134,7 +134,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
 
     let journal = Arc::new(Journal::open(&dir.join("journal"), 15, None)?);
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-    let engine = Engine::new(journal, tx, 2, DEFAULT_MAX_FILE_SIZE);
+    let engine = Engine::new(journal, tx, DEFAULT_MAX_FILE_SIZE);
     let rules = imacri_runtime::integrity::policy::parse(
         &imacri_runtime::integrity::setting::PolicyConfig::default()
             .rules
@@ -148,6 +148,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
                 container: "bench-ctr".into(),
                 mode: Mode::Measure,
                 allowlist: None,
+                charge: None,
             }),
             root: fs.to_path_buf(),
             triggers: Triggers::from_rules(&rules, |u| u),

@@ -5,12 +5,12 @@
 //!
 //! - A cache hit (same inode, size, mtime and ctime as a file already
 //!   hashed) is decided on the caller's thread in microseconds. A miss is
-//!   queued for a small pool of hashing threads, so one big file never holds
-//!   up other events.
-//! - The queue is fair and bounded per pod: workers take pods in turn, and a
-//!   pod with `PER_POD_QUEUE` accesses waiting blocks only its own event
-//!   sources (each container has its own), never another pod's first
-//!   executions, and never holds more than that many of imacri's fds.
+//!   queued for its pod's hashing threads ([`super::hashq`]), which run in
+//!   the pod's CPU cgroups: one pod's big files, or its CPU limit, never
+//!   hold up another pod's executions, and the pod pays for its hashing.
+//! - Each pod's queue is bounded: a pod with `PER_POD_QUEUE` accesses
+//!   waiting blocks only its own event sources (each container has its
+//!   own), and never holds more than that many of imacri's fds.
 //! - Every executable mapping checks for open writers (IMA's open-writers
 //!   violation) just before it is answered: a file that can change under
 //!   the digest is a `writers` entry, and refused in enforce mode. (For
@@ -18,19 +18,19 @@
 //! - An access the log cannot take (quota, I/O error) is refused: what is
 //!   not recorded was not measured.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use super::allowlist::Allowlist;
+use super::charge::{self, Charge};
 use super::digest::{digest_text, fd_path, FileKey, Hashing, HASH_BUF};
+pub use super::hashq::PER_POD_QUEUE;
+use super::hashq::{HashQueue, Job};
 use super::journal::{Journal, JournalError};
 use super::log::Event;
 use crate::integrity::policy::Mode;
-
-/// Accesses of one pod waiting for hashing before its sources block.
-pub const PER_POD_QUEUE: usize = 32;
 
 /// How often a file that changes while it is hashed is hashed again before
 /// the access is refused.
@@ -55,6 +55,9 @@ pub struct Measured {
     pub container: String,
     pub mode: Mode,
     pub allowlist: Option<Arc<Allowlist>>,
+    /// The pod's CPU cgroups, which imacri's threads join while they work
+    /// for this container (None: uncharged, see [`charge`]).
+    pub charge: Option<Arc<Charge>>,
 }
 
 /// An access waiting for its answer: the file (an fd the kernel or the
@@ -121,118 +124,15 @@ pub struct Stats {
     pub unleased: AtomicU64,
 }
 
-struct Job {
-    target: Arc<Measured>,
-    pending: Box<dyn Pending>,
-    key: FileKey,
-    kind: Event,
-    /// The digest so far: the next thread to take the job goes on with it.
-    hashing: Hashing,
-    /// Whole hashes finished (a file that changed meanwhile is hashed again).
-    tries: usize,
-}
-
-impl Job {
-    fn new(target: Arc<Measured>, pending: Box<dyn Pending>, key: FileKey, kind: Event) -> Job {
-        Job {
-            target,
-            pending,
-            key,
-            kind,
-            hashing: Hashing::default(),
-            tries: 0,
-        }
-    }
-}
-
-/// Pods in turn, a bounded queue each.
-#[derive(Default)]
-struct FairQueue {
-    inner: Mutex<QueueInner>,
-    work: Condvar,
-    space: Condvar,
-}
-
-#[derive(Default)]
-struct QueueInner {
-    turn: VecDeque<String>,
-    per_pod: HashMap<String, VecDeque<Job>>,
-    /// imacri's own opens of container files in progress (see
-    /// [`Engine::own_open`]): while there are any, readers do not wait for
-    /// room, so they read and let those opens through.
-    own_opens: usize,
-}
-
-impl FairQueue {
-    /// Blocks while the pod has `PER_POD_QUEUE` jobs waiting.
-    fn push(&self, job: Job) {
-        let pod = job.target.pod.clone();
-        let Ok(mut q) = self.inner.lock() else { return };
-        while q.own_opens == 0
-            && q.per_pod
-                .get(&pod)
-                .is_some_and(|j| j.len() >= PER_POD_QUEUE)
-        {
-            q = match self.space.wait(q) {
-                Ok(q) => q,
-                Err(_) => return,
-            };
-        }
-        self.enqueue(&mut q, job);
-    }
-
-    /// A job put down after a slice: last in its pod's queue, and its pod
-    /// last in turn. Never waits (the job held its place while hashed: a
-    /// pod has at most one more per hashing thread).
-    fn requeue(&self, job: Job) {
-        if let Ok(mut q) = self.inner.lock() {
-            self.enqueue(&mut q, job);
-        }
-    }
-
-    fn enqueue(&self, q: &mut QueueInner, job: Job) {
-        let pod = job.target.pod.clone();
-        let jobs = q.per_pod.entry(pod.clone()).or_default();
-        jobs.push_back(job);
-        if jobs.len() == 1 {
-            q.turn.push_back(pod);
-        }
-        self.work.notify_one();
-    }
-
-    fn own_opens(&self, by: isize) {
-        if let Ok(mut q) = self.inner.lock() {
-            q.own_opens = q.own_opens.saturating_add_signed(by);
-            self.space.notify_all();
-        }
-    }
-
-    fn pop(&self) -> Option<Job> {
-        let mut q = self.inner.lock().ok()?;
-        loop {
-            if let Some(pod) = q.turn.pop_front() {
-                let jobs = q.per_pod.get_mut(&pod)?;
-                let job = jobs.pop_front();
-                if jobs.is_empty() {
-                    q.per_pod.remove(&pod);
-                } else {
-                    q.turn.push_back(pod);
-                }
-                self.space.notify_all();
-                return job;
-            }
-            q = self.work.wait(q).ok()?;
-        }
-    }
-}
-
 /// By inode: the identity a file was hashed at and its digest.
 type DigestCache = HashMap<(u64, u64), (FileKey, [u8; 32])>;
 
 pub struct Engine {
     journal: Arc<Journal>,
     cache: Mutex<DigestCache>,
-    queue: Arc<FairQueue>,
+    queue: Arc<HashQueue>,
+    /// Itself, for the hashing threads it starts.
+    me: Weak<Engine>,
     notices: tokio::sync::mpsc::UnboundedSender<Notice>,
     /// Containers measured now, by ID (the map guard finds them by the ID
     /// runc reports).
@@ -319,14 +219,13 @@ impl Engine {
     pub fn new(
         journal: Arc<Journal>,
         notices: tokio::sync::mpsc::UnboundedSender<Notice>,
-        workers: usize,
         max_file_size: u64,
     ) -> Arc<Engine> {
-        let queue = Arc::new(FairQueue::default());
-        let engine = Arc::new(Engine {
+        Arc::new_cyclic(|me| Engine {
             journal,
             cache: Mutex::new(HashMap::new()),
-            queue: queue.clone(),
+            queue: Arc::new(HashQueue::default()),
+            me: me.clone(),
             notices,
             targets: Mutex::new(HashMap::new()),
             write_watches: Mutex::new(HashMap::new()),
@@ -346,29 +245,25 @@ impl Engine {
             hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),
             own_openers: Mutex::new(Vec::new()),
             max_file_size,
-        });
-        for i in 0..workers.max(1) {
-            let queue = queue.clone();
-            let weak = Arc::downgrade(&engine);
-            let _ = std::thread::Builder::new()
-                .name(format!("imacri-hash-{i}"))
-                .spawn(move || {
-                    while let Some(job) = queue.pop() {
-                        let Some(engine) = weak.upgrade() else { return };
-                        match engine.hash_slice(job) {
-                            Some(job) if engine.still_wanted(&job) => queue.requeue(job),
-                            Some(job) => {
-                                job.pending.answer(false);
-                                engine.inflight.fetch_sub(1, Ordering::SeqCst);
-                            }
-                            None => {
-                                engine.inflight.fetch_sub(1, Ordering::SeqCst);
-                            }
-                        }
-                    }
-                });
+        })
+    }
+
+    /// Queues a job, starting a hashing thread for its pod if it needs one
+    /// (hashing on the caller's thread if none can be started).
+    fn enqueue(&self, job: Job) {
+        let pod = job.target.pod.clone();
+        if !self.queue.push(job) {
+            return;
         }
-        engine
+        let (me, queue, p) = (self.me.clone(), self.queue.clone(), pod.clone());
+        let started = std::thread::Builder::new()
+            .name("imacri-hash".into())
+            .stack_size(256 * 1024)
+            .spawn(move || hash_for(&me, &queue, &p));
+        if let Err(e) = started {
+            tracing::warn!(pod_sandbox_id = %pod, error = %e, "cannot start a hashing thread: hashing on the event's thread");
+            hash_for(&self.me, &self.queue, &pod);
+        }
     }
 
     /// Runs `open`, an open by imacri itself of a file some group watches
@@ -533,7 +428,7 @@ impl Engine {
                 pending.queued();
                 // Counted until a worker has answered it.
                 self.inflight.fetch_add(1, Ordering::SeqCst);
-                self.queue.push(Job::new(target, pending, key, kind))
+                self.enqueue(Job::new(target, pending, key, kind))
             }
         }
     }
@@ -552,7 +447,8 @@ impl Engine {
             Some(d) => self.decide(&target, pending, kind, d, None),
             None => {
                 let mut job = Job::new(target, pending, key, kind);
-                while let Some(more) = self.hash_slice(job) {
+                let mut buf = vec![0u8; HASH_BUF];
+                while let Some(more) = self.hash_slice(job, &mut buf) {
                     job = more;
                 }
             }
@@ -571,7 +467,7 @@ impl Engine {
 
     /// Hashes the next slice of a job's file: the job back if more is left,
     /// else decided and answered.
-    fn hash_slice(&self, mut job: Job) -> Option<Job> {
+    fn hash_slice(&self, mut job: Job, buf: &mut [u8]) -> Option<Job> {
         let t = job.target.clone();
         if job.hashing.offset() == 0 && job.key.size as u64 > self.max_file_size {
             self.too_large(&t, job.pending, job.key.size as u64);
@@ -587,9 +483,8 @@ impl Engine {
             }
         }
         let fd = job.pending.fd();
-        let mut buf = vec![0u8; HASH_BUF];
         let before = job.hashing.offset();
-        let step = job.hashing.step(fd, &mut buf, HASH_SLICE);
+        let step = job.hashing.step(fd, buf, HASH_SLICE);
         // Counted as read (a huge file shows as it goes).
         let read = job.hashing.offset().saturating_sub(before);
         self.stats.hashed_bytes.fetch_add(read, Ordering::Relaxed);
@@ -796,6 +691,29 @@ impl Engine {
     }
 }
 
+/// A hashing thread of `pod`'s: its jobs a slice at a time, in the pod's
+/// CPU cgroups, until it has had none for a while.
+fn hash_for(engine: &Weak<Engine>, queue: &HashQueue, pod: &str) {
+    let mut buf = vec![0u8; HASH_BUF];
+    while let Some(job) = queue.pop(pod, charge::home) {
+        let Some(engine) = engine.upgrade() else {
+            break;
+        };
+        charge::enter(job.target.charge.as_ref());
+        match engine.hash_slice(job, &mut buf) {
+            Some(job) if engine.still_wanted(&job) => queue.requeue(job),
+            Some(job) => {
+                job.pending.answer(false);
+                engine.inflight.fetch_sub(1, Ordering::SeqCst);
+            }
+            None => {
+                engine.inflight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+    charge::home();
+}
+
 /// Whether the file's content can change under what was measured (IMA's
 /// open-writers): someone has it open for writing, or it has no name and is
 /// not sealed against writes (a memfd or SysV segment: pseudo files whose
@@ -861,61 +779,6 @@ mod tests {
     }
 
     #[test]
-    fn fair_queue_takes_pods_in_turn_and_bounds_each() {
-        let q = Arc::new(FairQueue::default());
-        let answers = Arc::new(Mutex::new(Vec::new()));
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("f");
-        std::fs::write(&f, b"x").unwrap();
-        let job = |pod: &str, n: usize| {
-            Job::new(
-                Arc::new(Measured {
-                    pod: pod.into(),
-                    container: "c".into(),
-                    mode: Mode::Measure,
-                    allowlist: None,
-                }),
-                Box::new(Recorded {
-                    fd: std::fs::File::open(&f).unwrap().into(),
-                    answers: answers.clone(),
-                    name: format!("{pod}{n}"),
-                }),
-                FileKey::of(&nix::sys::stat::stat(&f).unwrap()),
-                Event::Exec,
-            )
-        };
-        for n in 0..PER_POD_QUEUE {
-            q.push(job("flood", n));
-        }
-        // The flooding pod's next access waits for space...
-        let q2 = q.clone();
-        let extra = job("flood", 99);
-        let blocked = std::thread::spawn(move || q2.push(extra));
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(
-            !blocked.is_finished(),
-            "a full pod queue must block its source"
-        );
-        // ...while another pod's access is taken second, not after 32.
-        q.push(job("quiet", 0));
-        let first = q.pop().unwrap();
-        let second = q.pop().unwrap();
-        assert_eq!(first.target.pod, "flood");
-        assert_eq!(second.target.pod, "quiet");
-        blocked.join().unwrap();
-        // Full again: an own open of imacri's (the hashing threads that
-        // would make room may be the ones opening) lets the source on.
-        let q2 = q.clone();
-        let extra = job("flood", 101);
-        let waiting = std::thread::spawn(move || q2.push(extra));
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        assert!(!waiting.is_finished());
-        q.own_opens(1);
-        waiting.join().unwrap();
-        q.own_opens(-1);
-    }
-
-    #[test]
     fn open_writers_are_seen() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("bin");
@@ -967,7 +830,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let journal = Arc::new(Journal::open(d.path(), 15, None).unwrap().with_quota(3));
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let engine = Engine::new(journal.clone(), tx, 1, DEFAULT_MAX_FILE_SIZE);
+        let engine = Engine::new(journal.clone(), tx, DEFAULT_MAX_FILE_SIZE);
         let answers = Arc::new(Mutex::new(Vec::new()));
         let bin = d.path().join("bin");
         std::fs::write(&bin, b"payload").unwrap();
@@ -985,6 +848,7 @@ mod tests {
             container: "c".into(),
             mode: Mode::Enforce,
             allowlist: Some(Arc::new(allow)),
+            charge: None,
         });
         let pend = |path: &std::path::Path, name: &str| {
             Box::new(Recorded {

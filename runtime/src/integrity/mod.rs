@@ -5,12 +5,14 @@
 //! verifier of attestation evidence.
 
 pub mod allowlist;
+pub mod charge;
 pub mod digest;
 pub mod engine;
 pub mod enroll;
 pub mod fanotify;
 pub mod golden;
 pub mod guard;
+mod hashq;
 pub mod init;
 pub mod journal;
 pub mod keeper;

@@ -30,7 +30,7 @@
 //! after our check: [`shared`] says when that matters, [`hold`] what is
 //! done then.
 
-use super::keeper;
+use super::{charge, keeper};
 mod hold;
 mod profile;
 mod shared;
@@ -290,6 +290,7 @@ pub fn listen(
         .stack_size(256 * 1024)
         .spawn(move || {
             let done = serve(&engine, fd, &container, ids.as_ref(), kept.as_ref());
+            charge::home();
             // Not when imacri is stopping: the next one answers it.
             if done {
                 if let Some(i) = ids {
@@ -412,6 +413,11 @@ fn serve(
         }
         if let Some(i) = ids {
             i.record(req.id);
+        }
+        // A loop of guarded calls costs the pod's CPU, not the node's
+        // (moves once; a check of a pointer after that).
+        if let Some(t) = engine.target(container) {
+            charge::enter(t.charge.as_ref());
         }
         handle(
             &engine, &notify, &sharing, &mut tasks, container, &req, kept,

@@ -1,0 +1,286 @@
+//! imacri's work for a pod, charged to the pod's CPU.
+//!
+//! Kernel IMA hashes a file in the task that executes it, so a pod pays for
+//! its own measurements: they count against its CPU limit and are throttled
+//! with it. imacri's threads would otherwise do that work in imacri's
+//! cgroup, where a pod limited to a tenth of a core could make the node
+//! spend cores: a one-byte write to a 4 GiB program and an execution make
+//! imacri read 4 GiB; a loop of `mprotect(PROT_EXEC)` keeps a seccomp
+//! listener busy. So the threads that work for one pod (its hashing threads,
+//! its containers' seccomp listeners) join the pod's `cpu` and `cpuacct`
+//! cgroups while they do: cgroup v1 places threads one by one, and a
+//! migration costs ~20 us here, paid when a thread starts working for
+//! another pod, not per call. A throttled pod stalls only its own threads.
+//!
+//! cgroup v2 keeps every thread of a process in one cgroup (threaded
+//! subtrees aside), so there nothing is charged and `imacri check` says so.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+/// The controllers a thread's CPU is accounted and limited by.
+const CONTROLLERS: [&str; 2] = ["cpu", "cpuacct"];
+
+/// The cgroup directories (one per hierarchy the CPU controllers are on)
+/// whose `tasks` a thread joins to work for one pod.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Charge {
+    dirs: Vec<PathBuf>,
+}
+
+/// Where the CPU controllers' v1 hierarchies are mounted, and imacri's own
+/// cgroup in each (where a thread goes home to).
+#[derive(Debug)]
+struct Hierarchies {
+    mounts: Vec<(PathBuf, Vec<String>)>,
+    home: Charge,
+}
+
+fn hierarchies() -> Option<&'static Hierarchies> {
+    static H: OnceLock<Option<Hierarchies>> = OnceLock::new();
+    H.get_or_init(|| {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let mounts = cpu_mounts(&mountinfo);
+        let home = own_dirs(&mounts, &own)?;
+        (!mounts.is_empty()).then_some(Hierarchies { mounts, home })
+    })
+    .as_ref()
+}
+
+/// The mount points of v1 hierarchies with a CPU controller, with their
+/// controllers (`cpu,cpuacct` may share one).
+fn cpu_mounts(mountinfo: &str) -> Vec<(PathBuf, Vec<String>)> {
+    let mut out: Vec<(PathBuf, Vec<String>)> = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut r = right.split_whitespace();
+        if r.next() != Some("cgroup") {
+            continue;
+        }
+        let opts = r.nth(1).unwrap_or_default();
+        let ctrls: Vec<String> = opts
+            .split(',')
+            .filter(|o| CONTROLLERS.contains(o))
+            .map(str::to_string)
+            .collect();
+        let Some(point) = left.split_whitespace().nth(4) else {
+            continue;
+        };
+        if ctrls.is_empty() || out.iter().any(|(_, c)| c == &ctrls) {
+            continue;
+        }
+        out.push((PathBuf::from(point), ctrls));
+    }
+    out
+}
+
+/// imacri's own cgroup directory in each CPU hierarchy, from
+/// `/proc/self/cgroup` (`<id>:<controllers>:<path>`).
+fn own_dirs(mounts: &[(PathBuf, Vec<String>)], own: &str) -> Option<Charge> {
+    let dirs = mounts
+        .iter()
+        .map(|(point, ctrls)| {
+            own.lines().find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, list, path) = (f.next()?, f.next()?, f.next()?);
+                let listed: Vec<&str> = list.split(',').collect();
+                ctrls
+                    .iter()
+                    .all(|c| listed.contains(&c.as_str()))
+                    .then(|| point.join(path.trim_start_matches('/')))
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Charge { dirs })
+}
+
+impl Charge {
+    /// The charge for the cgroup at `path` (as in the OCI spec's
+    /// cgroupsPath); None where threads cannot be placed (cgroup v2) or
+    /// the path is empty.
+    pub fn for_cgroup(path: &str) -> Option<Arc<Charge>> {
+        let rel = path.trim_start_matches('/');
+        if rel.is_empty() || rel.split('/').any(|c| c == "..") {
+            return None;
+        }
+        let h = hierarchies()?;
+        Some(Arc::new(Charge {
+            dirs: h.mounts.iter().map(|(m, _)| m.join(rel)).collect(),
+        }))
+    }
+
+    fn join(&self, tid: i32) -> std::io::Result<()> {
+        for d in &self.dirs {
+            std::fs::write(d.join("tasks"), tid.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether this node charges pods for imacri's work (for `imacri check`).
+pub fn available() -> Result<(), String> {
+    match hierarchies() {
+        Some(_) => Ok(()),
+        None => Err(
+            "no cgroup v1 CPU hierarchy (cgroup v2 places a process's threads together): \
+             imacri's hashing and seccomp answers run on imacri's CPU, not the pods'"
+                .into(),
+        ),
+    }
+}
+
+thread_local! {
+    /// The charge this thread works under now (None: imacri's own).
+    static CURRENT: std::cell::RefCell<Option<Arc<Charge>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Moves the calling thread into `charge`'s cgroups (None: imacri's own),
+/// unless it is there already. A cgroup that is gone (its pod is being
+/// removed) leaves the thread where it is: the work is the pod's last.
+pub fn enter(charge: Option<&Arc<Charge>>) {
+    let same = CURRENT.with(|c| match (&*c.borrow(), charge) {
+        (None, None) => true,
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        _ => false,
+    });
+    if same {
+        return;
+    }
+    // SAFETY: gettid has no arguments.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+    let to = match charge {
+        Some(c) => c.as_ref(),
+        None => match hierarchies() {
+            Some(h) => &h.home,
+            None => return,
+        },
+    };
+    match to.join(tid) {
+        Ok(()) => CURRENT.with(|c| *c.borrow_mut() = charge.cloned()),
+        Err(e) => {
+            tracing::debug!(error = %e, dirs = ?to.dirs, "cannot move a thread into a pod's cgroup: its work runs uncharged");
+            // Half moved (cpu but not cpuacct): go home whole.
+            if charge.is_some() {
+                home();
+            }
+        }
+    }
+}
+
+/// Back to imacri's own cgroups (a thread done with a pod's work, before
+/// it exits: a thread left in a pod's cgroup keeps it from being removed).
+pub fn home() {
+    let away = CURRENT.with(|c| c.borrow().is_some());
+    if !away {
+        return;
+    }
+    if let Some(h) = hierarchies() {
+        // SAFETY: gettid has no arguments.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+        if let Err(e) = h.home.join(tid) {
+            tracing::warn!(error = %e, "cannot move a thread back to imacri's cgroup");
+        }
+    }
+    CURRENT.with(|c| *c.borrow_mut() = None);
+}
+
+/// The directory of the cgroup at `path` in `controller`'s hierarchy
+/// (`cpu` or `cpuacct`), for tests and diagnostics.
+pub fn dir_in(controller: &str, path: &str) -> Option<PathBuf> {
+    let rel = path.trim_start_matches('/');
+    hierarchies()?
+        .mounts
+        .iter()
+        .find(|(_, c)| c.iter().any(|c| c == controller))
+        .map(|(m, _)| m.join(rel))
+}
+
+/// Whether `dir`'s `tasks` lists thread `tid`.
+pub fn lists(dir: &Path, tid: i32) -> bool {
+    std::fs::read_to_string(dir.join("tasks"))
+        .is_ok_and(|t| t.lines().any(|l| l.trim() == tid.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+25 30 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+34 25 0:29 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro,mode=755
+35 34 0:30 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw
+38 34 0:33 / /sys/fs/cgroup/cpu,cpuacct rw shared:14 - cgroup cgroup rw,cpu,cpuacct
+39 34 0:34 / /sys/fs/cgroup/memory rw shared:15 - cgroup cgroup rw,memory
+";
+
+    #[test]
+    fn finds_the_cpu_hierarchies_and_our_place_in_them() {
+        let m = cpu_mounts(MOUNTINFO);
+        assert_eq!(
+            m,
+            vec![(
+                PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"),
+                vec!["cpu".to_string(), "cpuacct".to_string()]
+            )]
+        );
+        let own = "12:memory:/system.slice/imacri\n4:cpu,cpuacct:/system.slice/imacri\n0::/system.slice/imacri\n";
+        assert_eq!(
+            own_dirs(&m, own).unwrap().dirs,
+            vec![PathBuf::from(
+                "/sys/fs/cgroup/cpu,cpuacct/system.slice/imacri"
+            )]
+        );
+        // Separate hierarchies (this machine's kind): one directory each.
+        let split = "38 34 0:33 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
+                     39 34 0:34 / /sys/fs/cgroup/cpuacct rw - cgroup cgroup rw,cpuacct\n";
+        let m = cpu_mounts(split);
+        assert_eq!(m.len(), 2);
+        let own = "3:cpuacct:/\n2:cpu:/a\n";
+        assert_eq!(
+            own_dirs(&m, own).unwrap().dirs,
+            vec![
+                PathBuf::from("/sys/fs/cgroup/cpu/a"),
+                PathBuf::from("/sys/fs/cgroup/cpuacct/")
+            ]
+        );
+        // cgroup v2 only: nothing to charge.
+        assert!(cpu_mounts("35 34 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n").is_empty());
+    }
+
+    /// A real thread in a real cgroup (the tests run as root on a v1 CPU
+    /// hierarchy; skipped where there is none, which `available` reports).
+    #[test]
+    fn a_thread_joins_a_pods_cgroup_and_goes_home() {
+        if available().is_err() {
+            return;
+        }
+        let name = format!("/imacri-charge-test-{}", std::process::id());
+        let dirs: Vec<PathBuf> = ["cpu", "cpuacct"]
+            .iter()
+            .filter_map(|c| dir_in(c, &name))
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let charge = Charge::for_cgroup(&name).unwrap();
+        let seen = std::thread::spawn(move || {
+            // SAFETY: gettid has no arguments.
+            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+            enter(Some(&charge));
+            let inside: Vec<bool> = charge.dirs.iter().map(|d| lists(d, tid)).collect();
+            home();
+            let after: Vec<bool> = charge.dirs.iter().map(|d| lists(d, tid)).collect();
+            (inside, after)
+        })
+        .join()
+        .unwrap();
+        for d in &dirs {
+            std::fs::remove_dir(d).unwrap();
+        }
+        assert!(seen.0.iter().all(|x| *x), "{seen:?}");
+        assert!(seen.1.iter().all(|x| !*x), "{seen:?}");
+    }
+}
