@@ -453,8 +453,8 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         Ok(()) => line(
             "ima-charges",
             true,
-            "imacri's hashing for an ima pod and its seccomp answers run in the pod's cpu and \
-             cpuacct cgroups (counted against its CPU limit, throttled with it)"
+            "imacri's hashing, seccomp answers and fanotify answers for an ima pod run in the \
+             pod's cpu and cpuacct cgroups (counted against its CPU limit, throttled with it)"
                 .into(),
         ),
         Err(why) => line("ima-charges", false, why),

@@ -597,6 +597,15 @@ int main(int argc, char **argv) {
         for (unsigned long i = 0;; i++)
             if (mprotect(p, 4096, (i & 1) ? PROT_READ|PROT_WRITE : PROT_READ|PROT_EXEC)) return fail(m);
     }
+    if (!strcmp(m, "open-flood")) {
+        /* Opens a file in a loop: under a policy that measures reads, an
+           access event each. */
+        for (;;) {
+            int fd = open(path, O_RDONLY);
+            if (fd < 0) return fail(m);
+            close(fd);
+        }
+    }
     if (!strcmp(m, "after-deny")) {
         /* An execution that was refused leaves nothing behind that lets the
            same file be mapped executable. */
@@ -2102,18 +2111,25 @@ impl Drop for PodCgroup {
 /// attacker, limited to a tenth of a core, (1) executes a huge (sparse)
 /// program, which imacri would read at a full core for minutes, then (2)
 /// loops `mprotect(PROT_EXEC)`, a guarded call each, which would keep a
-/// listener thread at a full core; imacri must spend about what the pod may.
+/// listener thread at a full core, then (3) loops opens of a file under a
+/// policy that measures reads, a fanotify permission event each; imacri
+/// must spend about what the pod may.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_pays_for_its_measurements() {
     let env = Env::get();
     if imacri_runtime::integrity::charge::available().is_err() {
         panic!("this machine has a cgroup v1 cpu hierarchy: pods must be charged");
     }
-    let (d, image, _work) = node(env, "max_file_size = 17179869184").await;
+    // A policy that measures reads too (as an admin may configure).
+    let (d, image, _work) = node(
+        env,
+        "max_file_size = 17179869184\n[ima.policies.reads]\nrules = [\"measure func=BPRM_CHECK mask=MAY_EXEC\", \"measure func=FILE_MMAP mask=MAY_EXEC\", \"measure func=FILE_CHECK mask=MAY_READ uid=0\"]",
+    )
+    .await;
     let mut rt = d.runtime().await.unwrap();
     let pid = d.pid().unwrap();
     let cg = PodCgroup::limited(&format!("imacri-test-charge-{}", std::process::id()));
-    let mut cfg = ima("charged", "measure");
+    let mut cfg = ima("charged", "reads");
     cfg.linux.get_or_insert_with(Default::default).cgroup_parent = cg.0.clone();
     let pod = run_pod(&mut rt, &cfg)
         .await
@@ -2174,12 +2190,32 @@ async fn a_pod_pays_for_its_measurements() {
     assert!(cg.threads_of(pid, "imacri-seccomp") >= 1, "{}", d.log());
     let st = imacri_integration::client::container_status(&mut rt, &flood).await;
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: flood,
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    // (3) a loop of opens of a file, each a read the policy measures: a
+    // permission event for the container's fanotify reader each.
+    start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("opener", &image, &["escape", "open-flood", "/etc/passwd"]),
+    )
+    .await;
+    measure("open flood").await;
+    assert!(cg.threads_of(pid, "imacri-fanotify") >= 1, "{}", d.log());
+    let lines = log_lines(&d, &pod);
+    assert!(logged(&lines, "/etc/passwd", None, "read"), "{lines:#?}");
     stop_pod(&mut rt, &pod).await;
     // Nothing of imacri's is left in the pod's cgroup (which kubelet
     // removes next).
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(cg.threads_of(pid, "imacri-hash"), 0);
     assert_eq!(cg.threads_of(pid, "imacri-seccomp"), 0);
+    assert_eq!(cg.threads_of(pid, "imacri-fanotify"), 0);
 }
 
 fn libc_ticks() -> f64 {

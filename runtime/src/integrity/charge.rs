@@ -6,8 +6,10 @@
 //! cgroup, where a pod limited to a tenth of a core could make the node
 //! spend cores: a one-byte write to a 4 GiB program and an execution make
 //! imacri read 4 GiB; a loop of `mprotect(PROT_EXEC)` keeps a seccomp
-//! listener busy. So the threads that work for one pod (its hashing threads,
-//! its containers' seccomp listeners) join the pod's `cpu` and `cpuacct`
+//! listener busy; a loop of opens under a policy that measures reads keeps a
+//! fanotify reader busy. So the threads that work for one pod (its hashing
+//! threads, its containers' seccomp listeners and fanotify readers) join
+//! the pod's `cpu` and `cpuacct`
 //! cgroups while they do: cgroup v1 places threads one by one, and a
 //! migration costs ~20 us here, paid when a thread starts working for
 //! another pod, not per call. A throttled pod stalls only its own threads.
@@ -126,7 +128,7 @@ pub fn available() -> Result<(), String> {
         Some(_) => Ok(()),
         None => Err(
             "no cgroup v1 CPU hierarchy (cgroup v2 places a process's threads together): \
-             imacri's hashing and seccomp answers run on imacri's CPU, not the pods'"
+             imacri's hashing, seccomp and fanotify answers run on imacri's CPU, not the pods'"
                 .into(),
         ),
     }

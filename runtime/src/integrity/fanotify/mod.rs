@@ -35,6 +35,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
+use super::charge;
 use super::digest::FileKey;
 use super::engine::{Engine, Measured, Pending};
 
@@ -480,7 +481,8 @@ fn start(
         .name("imacri-fanotify".into())
         .spawn(move || {
             let _ending = ending;
-            read_loop(&e, group, stop_r)
+            read_loop(&e, group, stop_r);
+            charge::home();
         })
         .map_err(|err| {
             engine.unregister(&container);
@@ -520,6 +522,9 @@ fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
         let Some(_reading) = engine.reading() else {
             return;
         };
+        // A flood of accesses costs the pod's CPU, not the node's (moves
+        // once; a check of a pointer after that).
+        charge::enter(group.target.measured.charge.as_ref());
         let events = match group.fan.read_events() {
             Ok(ev) => ev,
             Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,
