@@ -161,6 +161,10 @@ impl GroupSync {
             let target = s.0;
             s.2 = true;
             drop(s);
+            // Every pod's writers wait on this sync: it must not wait out
+            // one pod's CPU throttling (a thread working for a pod runs in
+            // its cgroup, and takes it up again with its next work).
+            super::charge::home();
             let r = self.file.sync_data();
             s = self.state.lock().map_err(|_| poisoned())?;
             s.2 = false;
