@@ -759,6 +759,26 @@ async fn node_with(env: &Env, var: &str, value: &str) -> (Imacri, String, tempfi
     (d, image, work)
 }
 
+/// A pod of `cfg` with one sleeping container `c`: (pod, container).
+async fn sleeping_pod(
+    rt: &mut imacri_integration::client::Rt,
+    d: &Imacri,
+    cfg: &cri::PodSandboxConfig,
+    image: &str,
+) -> (String, String) {
+    let pod = run_pod(rt, cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let c = start_container(
+        rt,
+        &pod,
+        cfg,
+        container_config("c", image, &["sleep", "1000"]),
+    )
+    .await;
+    (pod, c)
+}
+
 async fn stop_pod(rt: &mut imacri_integration::client::Rt, pod: &str) {
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: pod.into(),
@@ -1335,16 +1355,7 @@ async fn a_flood_of_new_paths_hits_the_quota() {
     let (d, image, _work) = node(env, "max_entries_per_pod = 20").await;
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima("quota", "measure");
-    let pod = run_pod(&mut rt, &cfg)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-    let c = start_container(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config("c", &image, &["sleep", "1000"]),
-    )
-    .await;
+    let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
     // Copies of one file: a new path (and entry) each.
     let (_, out, err) = exec_sh(
         &mut rt,
@@ -2044,6 +2055,86 @@ async fn huge_files_cannot_hold_up_other_pods() {
             d.log()
         );
         last = now;
+    }
+}
+
+/// A script is read by its interpreter after its execution was measured,
+/// a buffer at a time: rewritten in place while the interpreter sleeps, it
+/// runs what was written (the control, in a plain pod). In an ima pod the
+/// rewrite is seen as IMA's ToMToU sees it (the file is open by a reader
+/// of the pod): in `measure` mode a `tomtou` violation, under `enforce`
+/// the open for writing is refused (a `deny` entry) and what was measured
+/// runs. Once the script is done, rewriting it is no violation. Under
+/// `enforce` imacri is restarted while the script runs: the watch is the
+/// group's, read back by the next imacri.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_rewritten_while_it_runs_is_seen() {
+    let env = Env::get();
+    let (mut d, image, work) = node(env, "").await;
+    // Longer than ash's read buffer, so that the last line is read after
+    // the sleep.
+    let pad = "# padding padding padding padding padding padding padding";
+    let mut text = String::from("#!/bin/sh\nsleep 6\n");
+    for _ in 0..200 {
+        text.push_str(pad);
+        text.push('\n');
+    }
+    let off = text.len() + "echo ".len();
+    text.push_str("echo SAFE\n");
+    // The strict policy allows this script (by digest, anywhere).
+    let golden = work.path().join("golden.json");
+    let mut g: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&golden).unwrap()).unwrap();
+    g["digests"] = serde_json::json!([format!("sha256:{}", sha256_hex(text.as_bytes()))]);
+    std::fs::write(&golden, serde_json::to_vec(&g).unwrap()).unwrap();
+    let make = format!(
+        "printf '#!/bin/sh\\nsleep 6\\n' > /tmp/s.sh && for i in $(seq 200); do echo '{pad}' >> /tmp/s.sh; done && echo 'echo SAFE' >> /tmp/s.sh && chmod +x /tmp/s.sh"
+    );
+    let rewrite =
+        format!("printf EVIL | dd of=/tmp/s.sh bs=1 seek={off} conv=notrunc 2>&1; echo dd=$?");
+    let mut rt = d.runtime().await.unwrap();
+    for (cfg, ev) in [
+        (pod_config("script-plain"), None),
+        (ima("script-measure", "measure"), Some("tomtou")),
+        (ima("script-strict", "strict"), Some("deny")),
+    ] {
+        let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+        let (code, out, err) = exec_sh(
+            &mut rt,
+            &c,
+            &format!("{make} && (/tmp/s.sh > /tmp/out 2>&1 &)"),
+        )
+        .await;
+        assert_eq!(code, 0, "{out}{err}");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if ev == Some("deny") {
+            d.kill();
+            d.spawn().await.unwrap();
+            rt = d.runtime().await.unwrap();
+        }
+        let run = format!("{rewrite}; while [ ! -s /tmp/out ]; do sleep 0.2; done; cat /tmp/out");
+        let (_, out, err) = exec_sh(&mut rt, &c, &run).await;
+        match ev {
+            Some("deny") => {
+                assert!(out.contains("Operation not permitted"), "{out}{err}");
+                assert!(out.contains("SAFE") && !out.contains("EVIL"), "{out}{err}");
+            }
+            _ => {
+                assert!(out.contains("dd=0"), "{out}{err}");
+                assert!(out.contains("EVIL"), "the rewrite ran: {out}{err}");
+            }
+        }
+        if let Some(ev) = ev {
+            let lines = log_lines(&d, &pod);
+            assert!(logged(&lines, "/tmp/s.sh", None, ev), "{lines:#?}");
+            let violations = lines.len();
+            // Done running: a rewrite is fine (and what runs next is
+            // measured again).
+            let (_, out, err) = exec_sh(&mut rt, &c, &rewrite).await;
+            assert!(out.contains("dd=0"), "{out}{err}");
+            assert_eq!(log_lines(&d, &pod).len(), violations, "{}", d.log());
+        }
+        stop_pod(&mut rt, &pod).await;
     }
 }
 

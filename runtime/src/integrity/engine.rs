@@ -85,6 +85,10 @@ pub trait WriteWatch: Send + Sync {
     fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, String>;
     /// The mapping a watch was placed for was refused after all.
     fn unwatch(&self, fd: BorrowedFd<'_>);
+    /// From now on, while a process of the pod has the executed script
+    /// open as `fd` open (its interpreter), asks before it is opened for
+    /// writing (in place before the execution is answered).
+    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), String>;
 }
 
 /// A measurement the policy does not allow, for logs and CRI events.
@@ -331,20 +335,21 @@ impl Engine {
     /// entry: the attempt is an alert, and the file keeps what was
     /// measured); otherwise let through as a `tomtou` violation, written to
     /// the log before the opener can write. Unrecorded: refused.
-    pub fn write_open(&self, t: &Measured, path: &str) -> bool {
+    /// `what` the file is (mapped executable, a script being read).
+    pub fn write_open(&self, t: &Measured, path: &str, what: &str) -> bool {
         let enforce = t.mode == Mode::Enforce;
         let (event, reason) = if enforce {
             (
                 Event::Deny,
-                "opened for writing while mapped executable: refused",
+                format!("opened for writing while {what}: refused"),
             )
         } else {
             (
                 Event::Tomtou,
-                "mapped executable, then opened for writing while the container ran",
+                format!("{what}, then opened for writing while the container ran"),
             )
         };
-        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, %reason, "ima violation: a mapped file opened for writing");
+        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, %reason, "ima violation: a watched file opened for writing");
         let r = self
             .journal
             .record(&t.pod, &t.container, path, [0; 32], event, true);
@@ -352,7 +357,7 @@ impl Engine {
         if !allow {
             self.stats.denied.fetch_add(1, Ordering::Relaxed);
         }
-        self.notice(t, path.to_string(), String::new(), !allow, reason.into());
+        self.notice(t, path.to_string(), String::new(), !allow, reason);
         allow
     }
 
@@ -360,8 +365,8 @@ impl Engine {
     /// check saw open: a `tomtou` entry (a violation) and, under `enforce`,
     /// the container is killed, since a mapping may now run what no policy
     /// allowed.
-    pub fn tomtou(&self, t: &Measured, path: &str, how: &str) {
-        let reason = format!("mapped executable, then {how} while the container ran");
+    pub fn tomtou(&self, t: &Measured, path: &str, what: &str, how: &str) {
+        let reason = format!("{what}, then {how} while the container ran");
         tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, %reason, "ima violation: tomtou");
         let r = self
             .journal
@@ -603,6 +608,22 @@ impl Engine {
                 }
             }
         }
+        // A script is read by its interpreter after this answer: watched
+        // first, so that no rewrite under the interpreter goes unseen.
+        if kind == Event::Exec && !deny && !is_elf(fd) {
+            if let Some(w) = self.write_watch(t) {
+                if let Err(e) = w.watch_script(fd) {
+                    if enforce {
+                        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, "a script cannot be watched for writers; refused");
+                        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                        pending.answer(false);
+                        let reason = format!("cannot be watched for writers: {e}");
+                        return self.notice(t, path, digest_hex, true, reason);
+                    }
+                    tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, "an executed script is not watched for writers");
+                }
+            }
+        }
         // Checked right before the answer: a writer could change what runs
         // after it was measured. Only for mappings: an execution of a file
         // open for writing is refused by the kernel itself (ETXTBSY), and
@@ -689,6 +710,13 @@ impl Engine {
             stopped: true,
         });
     }
+}
+
+/// Whether the file open as `fd` is an ELF program (else the kernel runs
+/// it through an interpreter that reads it: a script).
+fn is_elf(fd: BorrowedFd<'_>) -> bool {
+    let mut magic = [0u8; 4];
+    nix::sys::uio::pread(fd, &mut magic, 0).is_ok_and(|n| n == 4 && magic == *b"\x7fELF")
 }
 
 /// A hashing thread of `pod`'s: its jobs a slice at a time, in the pod's

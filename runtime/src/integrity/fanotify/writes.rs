@@ -16,11 +16,22 @@
 //!   only a writer that slipped past both checks could make, is a `tomtou`
 //!   found after the fact, and kills the container under `enforce`.
 //!
+//! A script (an executed file that is not ELF) is read by its interpreter
+//! after the execution was measured, a line at a time for a shell: rewritten
+//! in place meanwhile (`echo cmd >> script`), the interpreter runs what was
+//! written. So an executed script gets an inode mark too (no lease: a
+//! truncate is seen after the fact), and an open of it for writing *while a
+//! process of the pod has it open* (its interpreter; IMA's ToMToU asks the
+//! same of the inode's readers) is decided as for a mapped file; with no
+//! such process the open goes on and the watch ends (rewriting a script
+//! after it ran is common, and it is measured again when executed again).
+//!
 //! The marks live in the group, which the keeper holds across an imacri
-//! restart; the next imacri reads them back from the group's fdinfo.
+//! restart; the next imacri reads them back from the group's fdinfo (a
+//! script's mark asks for no FAN_CLOSE_WRITE, which tells them apart).
 
 use nix::sys::fanotify::{MarkFlags, MaskFlags};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::Ordering;
@@ -40,6 +51,9 @@ pub(super) const WATCHED: MaskFlags = MaskFlags::FAN_OPEN_PERM
     .union(MaskFlags::FAN_MODIFY)
     .union(MaskFlags::FAN_CLOSE_WRITE);
 
+/// What the inode mark of an executed script asks for.
+const SCRIPT_WATCHED: MaskFlags = MaskFlags::FAN_OPEN_PERM.union(MaskFlags::FAN_MODIFY);
+
 /// One watched file of a group.
 #[derive(Debug, Default)]
 pub(super) struct Watched {
@@ -51,6 +65,8 @@ pub(super) struct Watched {
     /// The lease broke and is held on (enforce: the container is being
     /// killed, the truncater waits until then).
     broken: bool,
+    /// An executed script, watched while the pod's processes read it.
+    script: bool,
 }
 
 /// Inode → what watches it.
@@ -109,9 +125,40 @@ impl WriteWatch for Group {
                 lease,
                 key,
                 broken: false,
+                script: false,
             },
         );
         Ok(true)
+    }
+
+    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), String> {
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+        let inode = FileKey::of(&st).inode();
+        if self.watched(inode) {
+            return Ok(());
+        }
+        let mut mapped = self.mapped.lock().map_err(|e| e.to_string())?;
+        if mapped.contains_key(&inode) {
+            return Ok(());
+        }
+        // Marked with the table locked: a mark for an entry that is not
+        // there would be read back as a script's after a restart anyway.
+        self.fan
+            .mark::<std::path::Path>(
+                MarkFlags::FAN_MARK_ADD,
+                SCRIPT_WATCHED,
+                Some(fd.as_raw_fd()),
+                None,
+            )
+            .map_err(|e| format!("fanotify inode mark: {e}"))?;
+        mapped.insert(
+            inode,
+            Watched {
+                script: true,
+                ..Default::default()
+            },
+        );
+        Ok(())
     }
 
     fn unwatch(&self, fd: BorrowedFd<'_>) {
@@ -124,6 +171,37 @@ impl WriteWatch for Group {
 impl Group {
     fn watched(&self, inode: (u64, u64)) -> bool {
         self.mapped.lock().is_ok_and(|m| m.contains_key(&inode))
+    }
+
+    fn is_script(&self, inode: (u64, u64)) -> bool {
+        self.mapped
+            .lock()
+            .is_ok_and(|m| m.get(&inode).is_some_and(|w| w.script))
+    }
+
+    /// Whether a process of the container's pid namespace has `inode`
+    /// open (its interpreter reading it): their fds, as the container's
+    /// own procfs lists them. An opener being decided has no fd yet.
+    fn open_in_pod(&self, inode: (u64, u64)) -> bool {
+        let procfs = self.target.root.join("proc");
+        let Ok(pids) = std::fs::read_dir(&procfs) else {
+            // Cannot tell: counted as read, the safe side.
+            return true;
+        };
+        pids.flatten()
+            .filter(|p| {
+                p.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
+            .any(|p| {
+                std::fs::read_dir(p.path().join("fd")).is_ok_and(|fds| {
+                    fds.flatten().any(|f| {
+                        nix::sys::stat::stat(&f.path())
+                            .is_ok_and(|st| FileKey::of(&st).inode() == inode)
+                    })
+                })
+            })
     }
 
     /// Our own read-only open file of the file open as `fd` (the mapping
@@ -178,9 +256,10 @@ impl Group {
             return;
         };
         if let Some(by) = w.lease.as_ref().map(|l| l.fd()).or(fd) {
+            let mask = if w.script { SCRIPT_WATCHED } else { WATCHED };
             let _ = self.fan.mark::<std::path::Path>(
                 MarkFlags::FAN_MARK_REMOVE,
-                WATCHED,
+                mask,
                 Some(by.as_raw_fd()),
                 None,
             );
@@ -211,7 +290,7 @@ impl Group {
             w.lease.as_ref().map(|l| fd_path(l.fd()))
         };
         let Some(path) = path else { return };
-        engine.tomtou(&self.target.measured, &path, how);
+        engine.tomtou(&self.target.measured, &path, MAPPED, how);
         if self.target.measured.mode != Mode::Enforce {
             self.forget(None, inode);
         }
@@ -225,12 +304,20 @@ impl Group {
 /// watches alone; a lease without its mark is let go.
 pub(super) fn take_back(
     group: &std::sync::Arc<Group>,
-    marked: HashSet<(u64, u64)>,
+    marked: HashMap<(u64, u64), bool>,
     kept: Vec<(String, OwnedFd)>,
 ) {
     let mut files: WatchedFiles = marked
         .into_iter()
-        .map(|i| (i, Watched::default()))
+        .map(|(i, script)| {
+            (
+                i,
+                Watched {
+                    script,
+                    ..Default::default()
+                },
+            )
+        })
         .collect();
     let mut broke = Vec::new();
     for (key, file) in kept {
@@ -281,7 +368,7 @@ pub(super) fn written(
     fd: BorrowedFd<'_>,
     inode: (u64, u64),
 ) {
-    // FAN_MODIFY only comes from the marks of mapped files.
+    // FAN_MODIFY only comes from the marks of watched files.
     let how = if mask.contains(MaskFlags::FAN_MODIFY) {
         "written"
     } else if mask.contains(MaskFlags::FAN_CLOSE_WRITE) && group.watched(inode) {
@@ -289,9 +376,20 @@ pub(super) fn written(
     } else {
         return;
     };
+    // A script nobody reads any more (a truncate by path; writers are
+    // decided at their open): written after it ran, which is fine.
+    let script = group.is_script(inode);
     group.forget(Some(fd), inode);
-    engine.tomtou(&group.target.measured, &fd_path(fd), how);
+    if script && !group.open_in_pod(inode) {
+        return;
+    }
+    let what = if script { SCRIPT } else { MAPPED };
+    engine.tomtou(&group.target.measured, &fd_path(fd), what, how);
 }
+
+/// What a watched file is, in violations.
+const MAPPED: &str = "mapped executable";
+const SCRIPT: &str = "executed as a script and read by a process of the pod";
 
 /// A permission event for an open of the file open as `fd`: None unless it
 /// is a watched file opened by a writer (the opener's write access is
@@ -305,7 +403,14 @@ pub(super) fn write_open(
     if !group.watched(inode) || !open_for_writing(fd) {
         return None;
     }
-    let allow = engine.write_open(&group.target.measured, &fd_path(fd));
+    let script = group.is_script(inode);
+    if script && !group.open_in_pod(inode) {
+        // Run and done: rewritten, and measured again if executed again.
+        group.forget(Some(fd), inode);
+        return Some(true);
+    }
+    let what = if script { SCRIPT } else { MAPPED };
+    let allow = engine.write_open(&group.target.measured, &fd_path(fd), what);
     if allow {
         group.forget(Some(fd), inode);
     }
@@ -313,16 +418,18 @@ pub(super) fn write_open(
 }
 
 /// The files group `fan` watches for writers: its inode marks, as its
-/// fdinfo lists them (what the last imacri placed, after a restart).
-pub(super) fn marked_inodes(fan: BorrowedFd<'_>) -> HashSet<(u64, u64)> {
+/// fdinfo lists them (what the last imacri placed, after a restart), each
+/// with whether it is a script's.
+pub(super) fn marked_inodes(fan: BorrowedFd<'_>) -> HashMap<(u64, u64), bool> {
     std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fan.as_raw_fd()))
         .map(|t| parse_marks(&t))
         .unwrap_or_default()
 }
 
 /// `fanotify ino:<hex> sdev:<hex> mflags:<hex> mask:<hex> ...` lines whose
-/// mask has FAN_MODIFY; sdev is the kernel's dev_t (major << 20 | minor).
-fn parse_marks(fdinfo: &str) -> HashSet<(u64, u64)> {
+/// mask has FAN_MODIFY (a script's: without FAN_CLOSE_WRITE); sdev is the
+/// kernel's dev_t (major << 20 | minor).
+fn parse_marks(fdinfo: &str) -> HashMap<(u64, u64), bool> {
     fdinfo
         .lines()
         .filter_map(|l| {
@@ -330,8 +437,9 @@ fn parse_marks(fdinfo: &str) -> HashSet<(u64, u64)> {
             let ino = u64::from_str_radix(f.next()?, 16).ok()?;
             let sdev = u32::from_str_radix(f.next()?.strip_prefix("sdev:")?, 16).ok()?;
             let mask = u64::from_str_radix(f.find_map(|x| x.strip_prefix("mask:"))?, 16).ok()?;
+            let script = mask & MaskFlags::FAN_CLOSE_WRITE.bits() == 0;
             (mask & MaskFlags::FAN_MODIFY.bits() != 0)
-                .then(|| (libc::makedev(sdev >> 20, sdev & 0xfffff), ino))
+                .then(|| ((libc::makedev(sdev >> 20, sdev & 0xfffff), ino), script))
         })
         .collect()
 }
@@ -351,7 +459,15 @@ mod tests {
             fanotify sdev:fe00000 mflags:0 mask:40008 ignored_mask:0\n\
             fanotify mnt_id:1c mflags:0 mask:40000 ignored_mask:0\n";
         let got = parse_marks(info);
-        assert_eq!(got, HashSet::from([(libc::makedev(254, 0), 0x263)]));
+        assert_eq!(
+            got,
+            HashMap::from([((libc::makedev(254, 0), 0x263), false)])
+        );
+        let script = "fanotify ino:9 sdev:fe00000 mflags:0 mask:10002 ignored_mask:0\n";
+        assert_eq!(
+            parse_marks(script),
+            HashMap::from([((libc::makedev(254, 0), 9), true)])
+        );
     }
 
     /// The fdinfo of a real group names a marked file as fstat does
@@ -369,7 +485,7 @@ mod tests {
         let m = f.metadata().unwrap();
         assert_eq!(
             marked_inodes(fan.as_fd()),
-            HashSet::from([(m.dev(), m.ino())])
+            HashMap::from([((m.dev(), m.ino()), false)])
         );
     }
 }

@@ -662,7 +662,8 @@ impl Call {
             unsafe { libc::kill(self.req.pid as i32, libc::SIGKILL) };
             let how =
                 format!("put under a mapping call after the check ({e}); its process was killed");
-            self.engine.tomtou(&self.target, &path, &how);
+            self.engine
+                .tomtou(&self.target, &path, "mapped executable", &how);
         }
     }
 
