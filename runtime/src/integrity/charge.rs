@@ -164,8 +164,10 @@ pub fn enter(charge: Option<&Arc<Charge>>) {
         Ok(()) => CURRENT.with(|c| *c.borrow_mut() = charge.cloned()),
         Err(e) => {
             tracing::debug!(error = %e, dirs = ?to.dirs, "cannot move a thread into a pod's cgroup: its work runs uncharged");
-            // Half moved (cpu but not cpuacct): go home whole.
+            // Maybe half moved (cpu but not cpuacct): home whole, whatever
+            // this thread was in before.
             if charge.is_some() {
+                CURRENT.with(|c| *c.borrow_mut() = Some(Arc::new(Charge { dirs: Vec::new() })));
                 home();
             }
         }
@@ -284,5 +286,32 @@ mod tests {
         }
         assert!(seen.0.iter().all(|x| *x), "{seen:?}");
         assert!(seen.1.iter().all(|x| !*x), "{seen:?}");
+    }
+
+    /// A pod cgroup half there (one hierarchy's directory missing): the
+    /// thread is not left in the other one.
+    #[test]
+    fn a_half_move_goes_home() {
+        if available().is_err() {
+            return;
+        }
+        let name = format!("/imacri-charge-half-{}", std::process::id());
+        let charge = Charge::for_cgroup(&name).unwrap();
+        if charge.dirs.len() < 2 {
+            return; // one hierarchy for both: nothing can be half done
+        }
+        let first = charge.dirs[0].clone();
+        std::fs::create_dir_all(&first).unwrap();
+        let f = first.clone();
+        let left = std::thread::spawn(move || {
+            // SAFETY: gettid has no arguments.
+            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+            enter(Some(&charge));
+            lists(&f, tid)
+        })
+        .join()
+        .unwrap();
+        std::fs::remove_dir(&first).unwrap();
+        assert!(!left);
     }
 }
