@@ -16,6 +16,12 @@
 //! mmap they share the fd table of is checked once it returned: the file
 //! now mapped at the address it returned must be the one measured, or the
 //! process is killed while it is still stopped, before any of it runs.
+//! The caller stops there for sure because a breakpoint (`int3`) waits
+//! where it returns to (seccomp reports the address), written before the
+//! answer and taken out once it stopped: an interrupt sent after the
+//! answer races the caller's return, and lost the race often enough for
+//! the swapped code to run first. A caller whose return cannot be trapped
+//! so (not x86-64, or the address not writable through /proc) is refused.
 //!
 //! Each held call runs on a thread of its own (the ptrace tracer is a
 //! thread; when it ends the kernel detaches whatever it still holds), one
@@ -75,6 +81,16 @@ fn is_io_worker(tid: u32) -> bool {
             rest.split(' ').nth(6)?.parse::<u64>().ok()
         })
         .is_some_and(|flags| flags & PF_IO_WORKER != 0)
+}
+
+/// x86-64's breakpoint instruction.
+const INT3: u8 = 0xcc;
+
+/// A breakpoint written where a caller returns to.
+pub(super) struct Trap {
+    mem: std::fs::File,
+    ip: u64,
+    orig: u8,
 }
 
 struct Task {
@@ -159,6 +175,72 @@ impl Held {
             Err(e) => return Err(format!("ptrace interrupt of the caller {tid}: {e}")),
         }
         self.wait(Instant::now() + STOP_WAIT)
+    }
+
+    /// Writes a breakpoint where the caller (attached, not stopped: still
+    /// in its call) returns to, so that it stops there before it runs an
+    /// instruction; [`caller_trapped`] takes it out.
+    pub(super) fn trap_return(&mut self, tid: u32, ip: u64) -> Result<Trap, String> {
+        if !cfg!(target_arch = "x86_64") {
+            return Err("returns are trapped on x86-64 only".into());
+        }
+        use std::os::unix::fs::FileExt;
+        let err =
+            |what: &str, e: std::io::Error| format!("{what} the caller's code at {ip:#x}: {e}");
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{tid}/mem"))
+            .map_err(|e| err("opening", e))?;
+        let mut orig = [0u8];
+        mem.read_exact_at(&mut orig, ip)
+            .map_err(|e| err("reading", e))?;
+        // A private copy of the page (FOLL_FORCE) is what gets the byte.
+        mem.write_all_at(&[INT3], ip)
+            .map_err(|e| err("writing", e))?;
+        Ok(Trap {
+            mem,
+            ip,
+            orig: orig[0],
+        })
+    }
+
+    /// Waits for the caller to stop on its way out of its call (at the
+    /// breakpoint, or at a signal it takes first: a tracee stops before a
+    /// handler runs), takes the breakpoint out and, if the caller stopped
+    /// on it, puts it back on the instruction it replaced.
+    pub(super) fn caller_trapped(&mut self, tid: u32, trap: Trap) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let stopped = self.wait(Instant::now() + STOP_WAIT);
+        let restored = trap
+            .mem
+            .write_all_at(&[trap.orig], trap.ip)
+            .map_err(|e| format!("restoring the caller's code at {:#x}: {e}", trap.ip));
+        stopped?;
+        let pid = Pid::from_raw(tid as i32);
+        let Some(t) = self.tasks.iter_mut().find(|t| t.pid == pid) else {
+            return restored;
+        };
+        if t.gone {
+            // Killed meanwhile: nothing ran, nothing to restore.
+            return Ok(());
+        }
+        restored?;
+        if t.signal != Some(Signal::SIGTRAP) {
+            return Ok(());
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let mut regs =
+                ptrace::getregs(pid).map_err(|e| format!("registers of task {tid}: {e}"))?;
+            if regs.rip == trap.ip + 1 {
+                regs.rip = trap.ip;
+                ptrace::setregs(pid, regs).map_err(|e| format!("registers of task {tid}: {e}"))?;
+                // Ours: not delivered when it is let go.
+                t.signal = None;
+            }
+        }
+        Ok(())
     }
 
     /// What the held caller's call returned (after [`caller_returned`]).
@@ -319,5 +401,57 @@ mod tests {
         assert_ne!(stat(main).0, 't');
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// A caller blocked in a call (here `read`, at the address
+    /// /proc/<pid>/syscall reports, as seccomp does) stops at the
+    /// breakpoint where it returns, before running on; once let go it runs
+    /// the instruction the breakpoint replaced and goes on unharmed.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn a_trapped_caller_stops_where_it_returns_and_runs_on() {
+        use std::io::{Read, Write};
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys; sys.stdin.buffer.read(1); print('ran on')",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ip = loop {
+            // `nr args... sp pc` while in a call: read (0) of fd 0, asleep
+            // (not one of the start's reads of files).
+            let s = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap();
+            let f: Vec<&str> = s.split_whitespace().collect();
+            if f.len() == 9 && f[0] == "0" && f[1] == "0x0" && stat(pid).0 == 'S' {
+                break u64::from_str_radix(f[8].trim_start_matches("0x"), 16).unwrap();
+            }
+            assert!(Instant::now() < deadline, "not in read: {s}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut held = Held::default();
+        held.attach_caller(pid).unwrap();
+        let trap = held.trap_return(pid, ip).unwrap();
+        child.stdin.take().unwrap().write_all(b"x").unwrap();
+        held.caller_trapped(pid, trap).unwrap();
+        assert_eq!(stat(pid).0, 't', "stopped on its way out");
+        let regs = ptrace::getregs(Pid::from_raw(pid as i32)).unwrap();
+        assert_eq!(regs.rip, ip, "back on the replaced instruction");
+        assert_eq!(regs.rax, 1, "what the call returned");
+        drop(held);
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let st = child.wait().unwrap();
+        assert!(st.success(), "{st:?}");
+        assert_eq!(out.trim(), "ran on");
     }
 }

@@ -637,11 +637,23 @@ impl Call {
         if let Err(e) = attached {
             return self.refuse_unheld(&e, "the caller cannot be held after its call");
         }
+        // With io_uring threads about, what was mapped is checked once the
+        // call returned, before the caller runs an instruction more.
+        let trap = match allowed && held.io_workers() {
+            true => match held.trap_return(self.req.pid, self.req.data.instruction_pointer) {
+                Ok(t) => Some(t),
+                Err(e) => return self.refuse_unheld(&e, "the caller's return cannot be trapped"),
+            },
+            false => None,
+        };
         respond(&self.notify, self.req.id, allowed);
         if !allowed {
             return;
         }
-        let returned = held.caller_returned(self.req.pid);
+        let returned = match trap {
+            Some(t) => held.caller_trapped(self.req.pid, t),
+            None => held.caller_returned(self.req.pid),
+        };
         if !held.io_workers() {
             if let Err(e) = returned {
                 tracing::debug!(container_id = %self.container, error = %e, "map guard: the caller was not seen leaving the call");
