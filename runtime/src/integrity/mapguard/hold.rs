@@ -124,7 +124,13 @@ impl Held {
                 return Ok(());
             }
             for t in fresh {
-                if !shares_with_any(tid, &[t], table) {
+                // For an mmap, a task sharing only the address space is
+                // held too: it cannot change the fd, but where io_uring
+                // can (checked after the return), it could jump into the
+                // new mapping before the check.
+                let shares = shares_with_any(tid, &[t], table)
+                    || (table == Table::Files && shares_with_any(tid, &[t], Table::Vm));
+                if !shares {
                     continue;
                 }
                 if is_io_worker(t) {
