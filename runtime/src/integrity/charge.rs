@@ -13,6 +13,9 @@
 //! cgroups while they do: cgroup v1 places threads one by one, and a
 //! migration costs ~20 us here, paid when a thread starts working for
 //! another pod, not per call. A throttled pod stalls only its own threads.
+//! A thread starts in the cgroups of the thread that spawned it: a held
+//! mapping call's thread, spawned by the listener, works in the pod's; a
+//! thread that serves every pod goes home first thing.
 //!
 //! cgroup v2 keeps every thread of a process in one cgroup (threaded
 //! subtrees aside), so there nothing is charged and `imacri check` says so.
@@ -134,9 +137,19 @@ pub fn available() -> Result<(), String> {
     }
 }
 
+/// Where a thread works now, as far as it knows.
+enum Place {
+    /// Not known: a new thread starts in its spawner's cgroup, which may
+    /// be a pod's (a thread spawned by a listener working for a pod).
+    Unknown,
+    /// imacri's own cgroups.
+    Home,
+    /// A pod's.
+    In(Arc<Charge>),
+}
+
 thread_local! {
-    /// The charge this thread works under now (None: imacri's own).
-    static CURRENT: std::cell::RefCell<Option<Arc<Charge>>> = const { std::cell::RefCell::new(None) };
+    static CURRENT: std::cell::RefCell<Place> = const { std::cell::RefCell::new(Place::Unknown) };
 }
 
 /// Moves the calling thread into `charge`'s cgroups (None: imacri's own),
@@ -144,32 +157,25 @@ thread_local! {
 /// removed) leaves the thread where it is: the work is the pod's last.
 pub fn enter(charge: Option<&Arc<Charge>>) {
     let same = CURRENT.with(|c| match (&*c.borrow(), charge) {
-        (None, None) => true,
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        (Place::Home, None) => true,
+        (Place::In(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
         _ => false,
     });
     if same {
         return;
     }
-    // SAFETY: gettid has no arguments.
-    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
-    let to = match charge {
-        Some(c) => c.as_ref(),
-        None => match hierarchies() {
-            Some(h) => &h.home,
-            None => return,
-        },
-    };
-    match to.join(tid) {
-        Ok(()) => CURRENT.with(|c| *c.borrow_mut() = charge.cloned()),
+    let Some(h) = hierarchies() else { return };
+    let to = charge.map_or(&h.home, |c| c.as_ref());
+    match to.join(gettid()) {
+        Ok(()) => {
+            CURRENT.with(|c| *c.borrow_mut() = charge.map_or(Place::Home, |c| Place::In(c.clone())))
+        }
         Err(e) => {
             tracing::debug!(error = %e, dirs = ?to.dirs, "cannot move a thread into a pod's cgroup: its work runs uncharged");
             // Maybe half moved (cpu but not cpuacct): home whole, whatever
             // this thread was in before.
-            if charge.is_some() {
-                CURRENT.with(|c| *c.borrow_mut() = Some(Arc::new(Charge { dirs: Vec::new() })));
-                home();
-            }
+            CURRENT.with(|c| *c.borrow_mut() = Place::Unknown);
+            home();
         }
     }
 }
@@ -177,18 +183,21 @@ pub fn enter(charge: Option<&Arc<Charge>>) {
 /// Back to imacri's own cgroups (a thread done with a pod's work, before
 /// it exits: a thread left in a pod's cgroup keeps it from being removed).
 pub fn home() {
-    let away = CURRENT.with(|c| c.borrow().is_some());
-    if !away {
+    if CURRENT.with(|c| matches!(*c.borrow(), Place::Home)) {
         return;
     }
     if let Some(h) = hierarchies() {
-        // SAFETY: gettid has no arguments.
-        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
-        if let Err(e) = h.home.join(tid) {
+        if let Err(e) = h.home.join(gettid()) {
             tracing::warn!(error = %e, "cannot move a thread back to imacri's cgroup");
+            return;
         }
     }
-    CURRENT.with(|c| *c.borrow_mut() = None);
+    CURRENT.with(|c| *c.borrow_mut() = Place::Home);
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments.
+    (unsafe { libc::syscall(libc::SYS_gettid) }) as i32
 }
 
 /// The directory of the cgroup at `path` in `controller`'s hierarchy
@@ -254,6 +263,34 @@ mod tests {
         assert!(cpu_mounts("35 34 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n").is_empty());
     }
 
+    /// A pod's cgroup made in both CPU hierarchies, and its directories.
+    fn made(name: &str) -> (Arc<Charge>, Vec<PathBuf>) {
+        let dirs: Vec<PathBuf> = CONTROLLERS.iter().filter_map(|c| dir_in(c, name)).collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        (Charge::for_cgroup(name).unwrap(), dirs)
+    }
+
+    /// Whether this thread is listed in each of `charge`'s cgroups now, and
+    /// after it went home.
+    fn listed_then_home(charge: &Charge) -> (Vec<bool>, Vec<bool>) {
+        let tid = gettid();
+        let now = charge.dirs.iter().map(|d| lists(d, tid)).collect();
+        home();
+        (now, charge.dirs.iter().map(|d| lists(d, tid)).collect())
+    }
+
+    /// Removes the test's cgroup, then checks the thread was in it and
+    /// left it.
+    fn removed_after(dirs: &[PathBuf], seen: (Vec<bool>, Vec<bool>)) {
+        for d in dirs {
+            std::fs::remove_dir(d).unwrap();
+        }
+        assert!(seen.0.iter().all(|x| *x), "{seen:?}");
+        assert!(seen.1.iter().all(|x| !*x), "{seen:?}");
+    }
+
     /// A real thread in a real cgroup (the tests run as root on a v1 CPU
     /// hierarchy; skipped where there is none, which `available` reports).
     #[test]
@@ -262,30 +299,14 @@ mod tests {
             return;
         }
         let name = format!("/imacri-charge-test-{}", std::process::id());
-        let dirs: Vec<PathBuf> = ["cpu", "cpuacct"]
-            .iter()
-            .filter_map(|c| dir_in(c, &name))
-            .collect();
-        for d in &dirs {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        let charge = Charge::for_cgroup(&name).unwrap();
+        let (charge, dirs) = made(&name);
         let seen = std::thread::spawn(move || {
-            // SAFETY: gettid has no arguments.
-            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
             enter(Some(&charge));
-            let inside: Vec<bool> = charge.dirs.iter().map(|d| lists(d, tid)).collect();
-            home();
-            let after: Vec<bool> = charge.dirs.iter().map(|d| lists(d, tid)).collect();
-            (inside, after)
+            listed_then_home(&charge)
         })
         .join()
         .unwrap();
-        for d in &dirs {
-            std::fs::remove_dir(d).unwrap();
-        }
-        assert!(seen.0.iter().all(|x| *x), "{seen:?}");
-        assert!(seen.1.iter().all(|x| !*x), "{seen:?}");
+        removed_after(&dirs, seen);
     }
 
     /// A pod cgroup half there (one hierarchy's directory missing): the
@@ -304,8 +325,7 @@ mod tests {
         std::fs::create_dir_all(&first).unwrap();
         let f = first.clone();
         let left = std::thread::spawn(move || {
-            // SAFETY: gettid has no arguments.
-            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+            let tid = gettid();
             enter(Some(&charge));
             lists(&f, tid)
         })
@@ -313,5 +333,28 @@ mod tests {
         .unwrap();
         std::fs::remove_dir(&first).unwrap();
         assert!(!left);
+    }
+
+    /// A thread spawned by one working for a pod starts in the pod's
+    /// cgroup (as a held mapping call's thread does): it goes home too.
+    #[test]
+    fn a_thread_spawned_in_a_pods_cgroup_goes_home() {
+        if available().is_err() {
+            return;
+        }
+        let name = format!("/imacri-charge-spawned-{}", std::process::id());
+        let (charge, dirs) = made(&name);
+        let seen = std::thread::spawn(move || {
+            enter(Some(&charge));
+            let c = charge.clone();
+            let child = std::thread::spawn(move || listed_then_home(&c))
+                .join()
+                .unwrap();
+            home();
+            child
+        })
+        .join()
+        .unwrap();
+        removed_after(&dirs, seen);
     }
 }

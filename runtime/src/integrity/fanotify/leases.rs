@@ -138,6 +138,9 @@ fn start() -> Result<Service, String> {
     std::thread::Builder::new()
         .name("imacri-leases".into())
         .spawn(move || {
+            // Started by whichever thread took a lease first, maybe one
+            // working in a pod's cgroup: this one serves every pod.
+            crate::integrity::charge::home();
             // SAFETY: a sigset built and used on this thread only; the
             // signalfd is a new fd we own.
             let sfd = unsafe {

@@ -1,0 +1,413 @@
+//! One guarded call: its files taken from the caller and measured, the
+//! answer given once they are decided; a call whose table the caller shares
+//! is held ([`hold`]) on a thread of its own.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::profile::PERSONALITY_QUERY;
+use super::{hold, shared, task};
+use crate::integrity::digest::{fd_path, FileKey};
+use crate::integrity::engine::{Engine, Pending};
+use crate::integrity::keeper;
+use crate::integrity::log::Event;
+
+/// The answer to one notification, given once every file it maps is decided.
+pub(super) struct Reply {
+    pub(super) notify: Arc<OwnedFd>,
+    pub(super) id: u64,
+    pub(super) remaining: AtomicUsize,
+    pub(super) allowed: AtomicBool,
+    /// Set for a held call ([`hold`]): the verdict goes to its thread,
+    /// which answers and lets the sharers go.
+    pub(super) sink: Option<std::sync::Mutex<std::sync::mpsc::Sender<bool>>>,
+    /// How many files the call maps.
+    pub(super) files: usize,
+    /// The keeper and the listener's key there.
+    pub(super) kept: Option<Arc<(keeper::Keeper, String)>>,
+    /// The keeper's key for the mapped file while it is hashed.
+    pub(super) handed: std::sync::Mutex<Option<String>>,
+}
+
+impl Reply {
+    fn part(&self, allow: bool) {
+        if !allow {
+            self.allowed.store(false, Ordering::SeqCst);
+        }
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let allowed = self.allowed.load(Ordering::SeqCst);
+            if let Some(sink) = &self.sink {
+                if let Ok(tx) = sink.lock() {
+                    let _ = tx.send(allowed);
+                }
+                return;
+            }
+            respond(&self.notify, self.id, allowed);
+            let handed = self.handed.lock().ok().and_then(|mut h| h.take());
+            if let (Some(key), Some(k)) = (handed, &self.kept) {
+                // Ids are never reused: a stale key is harmless.
+                let _ = k.0.drop_key(&key);
+            }
+        }
+    }
+}
+
+pub(super) struct MapPending {
+    pub(super) file: OwnedFd,
+    pub(super) reply: Arc<Reply>,
+}
+
+impl Pending for MapPending {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+    fn answer(self: Box<Self>, allow: bool) {
+        self.reply.part(allow);
+    }
+
+    fn wanted(&self) -> bool {
+        still_valid(&self.reply.notify, self.reply.id)
+    }
+
+    /// Hashing takes a while: the file goes to the keeper first, so that a
+    /// next imacri measures the call if this one dies meanwhile. Only a
+    /// call of one file by a task that shares nothing (not a held one):
+    /// then nothing can change what the kernel maps once it goes on.
+    fn queued(&mut self) {
+        let r = &self.reply;
+        // A held call is not: a next imacri would answer it with the
+        // sharers of this one's thread let go.
+        let (None, 1, Some(k)) = (&r.sink, r.files, &r.kept) else {
+            return;
+        };
+        let key = keeper::mapping_key(&k.1, r.id);
+        match k.0.put(&key, self.file.as_fd()) {
+            Ok(()) => {
+                if let Ok(mut h) = r.handed.lock() {
+                    *h = Some(key);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "fd keeper: mapping not kept; a crash now refuses it")
+            }
+        }
+    }
+}
+
+pub(super) fn respond(notify: &OwnedFd, id: u64, allow: bool) {
+    // SAFETY: plain old data, zeroed then filled.
+    let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
+    resp.id = id;
+    if allow {
+        resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32;
+    } else {
+        resp.error = -libc::EPERM;
+    }
+    // ENOENT: the task is gone (killed while waiting); nothing to answer.
+    unsafe {
+        libc::ioctl(
+            notify.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SEND as _,
+            &mut resp as *mut libc::seccomp_notif_resp,
+        )
+    };
+}
+
+/// Whether the notification is still pending: the pid we resolved files of
+/// is the task that made the call (not a recycled pid).
+pub(super) fn still_valid(notify: &OwnedFd, id: u64) -> bool {
+    let mut id = id;
+    unsafe {
+        libc::ioctl(
+            notify.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _,
+            &mut id as *mut u64,
+        ) == 0
+    }
+}
+
+/// A listener's own: what its calls share.
+pub(super) struct Listener {
+    pub(super) notify: Arc<OwnedFd>,
+    pub(super) container: String,
+    kept: Option<Arc<(keeper::Keeper, String)>>,
+    sharing: Arc<shared::Sharing>,
+}
+
+impl Listener {
+    pub(super) fn new(
+        notify: OwnedFd,
+        container: &str,
+        kept: Option<&Arc<(keeper::Keeper, String)>>,
+    ) -> Listener {
+        Listener {
+            notify: Arc::new(notify),
+            container: container.to_string(),
+            kept: kept.cloned(),
+            sharing: shared::Sharing::new(),
+        }
+    }
+
+    /// Answers one notification, or has it answered once its files are
+    /// measured.
+    pub(super) fn handle(
+        &self,
+        engine: &Arc<Engine>,
+        tasks: &mut task::Tasks,
+        req: &libc::seccomp_notif,
+    ) {
+        let (notify, container) = (&self.notify, &self.container);
+        let nr = req.data.nr as libc::c_long;
+        let args = req.data.args;
+        if nr == libc::SYS_personality {
+            // Only reached with READ_IMPLIES_EXEC set: a query is fine.
+            return respond(notify, req.id, args[0] == PERSONALITY_QUERY);
+        }
+        let Some(target) = engine.target(container) else {
+            tracing::warn!(container_id = %container, "map guard: the container is not measured now; executable mapping refused");
+            return respond(notify, req.id, false);
+        };
+        let call = Call {
+            engine: engine.clone(),
+            notify: notify.clone(),
+            sharing: self.sharing.clone(),
+            target,
+            container: container.clone(),
+            req: *req,
+            kept: self.kept.clone(),
+        };
+        // Decided while the caller waits: whether anyone can change what the
+        // kernel reads again after our answer. If so, they are held still
+        // while the call is checked and made, on a thread of its own (the
+        // ptrace tracer: when it ends, the kernel lets go whatever it still
+        // holds). It starts in this thread's cgroups, the pod's: a
+        // multi-threaded loop of `mprotect(PROT_EXEC)`, ~100 us of imacri a
+        // call, is the pod's to pay.
+        if self.sharing.shared(req.pid, call.table()) {
+            engine.stats.held_calls.fetch_add(1, Ordering::Relaxed);
+            let spawned = std::thread::Builder::new()
+                .name("imacri-maphold".into())
+                .spawn(move || call.held());
+            if let Err(e) = spawned {
+                tracing::error!(container_id = %container, error = %e, "map guard: no thread to hold a call's sharers; refused");
+                respond(notify, req.id, false);
+            }
+            return;
+        }
+        call.decide(tasks, None);
+    }
+}
+
+/// One guarded mmap/mprotect call.
+struct Call {
+    engine: Arc<Engine>,
+    notify: Arc<OwnedFd>,
+    sharing: Arc<shared::Sharing>,
+    target: Arc<crate::integrity::engine::Measured>,
+    container: String,
+    req: libc::seccomp_notif,
+    kept: Option<Arc<(keeper::Keeper, String)>>,
+}
+
+impl Call {
+    /// What the kernel reads again after CONTINUE.
+    fn table(&self) -> shared::Table {
+        if self.req.data.nr as libc::c_long == libc::SYS_mmap {
+            shared::Table::Files
+        } else {
+            shared::Table::Vm
+        }
+    }
+
+    /// A call whose table is shared: its sharers are stopped first, the
+    /// call is checked, answered and waited for, then they go on. A call
+    /// whose sharers cannot all be stopped is refused.
+    fn held(self) {
+        // This thread's sleeps as short as asked (the default slack adds
+        // 50 us to each): the held tasks wait for it.
+        // SAFETY: an integer option of this thread only.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+        let _one_at_a_time = self.sharing.hold_lock();
+        let mut tasks = task::Tasks::default();
+        let mut held = hold::Held::default();
+        let sharing = self.sharing.clone();
+        let stopped = match self.engine.map_no_hold {
+            true => Err("not held (test)".to_string()),
+            false => held.sharers_of(self.req.pid, self.table(), || sharing.tasks_now()),
+        };
+        if let Err(e) = stopped {
+            return self.refuse_unheld(&e, "the call's sharers cannot be held still");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let measured = self.decide(&mut tasks, Some(tx));
+        // No verdict: the call went away (the task was killed).
+        let Ok(allowed) = rx.recv() else { return };
+        // Attached before the answer: one that cannot be stopped after the
+        // call could run what it mapped before anyone looked.
+        let attached = match allowed {
+            true => held.attach_caller(self.req.pid),
+            false => Ok(()),
+        };
+        if let Err(e) = attached {
+            return self.refuse_unheld(&e, "the caller cannot be held after its call");
+        }
+        // With io_uring threads about, what was mapped is checked once the
+        // call returned, before the caller runs an instruction more.
+        let trap = match allowed && held.io_workers() {
+            true => match held.trap_return(self.req.pid, self.req.data.instruction_pointer) {
+                Ok(t) => Some(t),
+                Err(e) => return self.refuse_unheld(&e, "the caller's return cannot be trapped"),
+            },
+            false => None,
+        };
+        respond(&self.notify, self.req.id, allowed);
+        if !allowed {
+            return;
+        }
+        let returned = match trap {
+            Some(t) => held.caller_trapped(self.req.pid, t),
+            None => held.caller_returned(self.req.pid),
+        };
+        if !held.io_workers() {
+            if let Err(e) = returned {
+                tracing::debug!(container_id = %self.container, error = %e, "map guard: the caller was not seen leaving the call");
+            }
+            return;
+        }
+        // An io_uring request may have put another file under the fd since
+        // it was taken: the caller and every thread that runs its code are
+        // still stopped, so a mapping of anything but what was measured is
+        // killed before any of it runs.
+        let checked = returned
+            .map_err(|e| ("-".to_string(), e))
+            .and_then(|()| self.mapped_as_measured(&held, &measured));
+        if let Err((path, e)) = checked {
+            tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, %path, error = %e, "ima violation: a mapping is not what was measured; its process is killed");
+            // SAFETY: a signal to a task of the container (SIGKILL ends its
+            // whole process).
+            unsafe { libc::kill(self.req.pid as i32, libc::SIGKILL) };
+            let how =
+                format!("put under a mapping call after the check ({e}); its process was killed");
+            self.engine
+                .tomtou(&self.target, &path, "mapped executable", &how);
+        }
+    }
+
+    /// Refuses a call that cannot be held (counted as `unheldCalls`).
+    fn refuse_unheld(&self, error: &str, why: &str) {
+        self.engine
+            .stats
+            .unheld_calls
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, %error, "map guard: {why}; refused");
+        respond(&self.notify, self.req.id, false);
+    }
+
+    /// The file(s) a held mmap that returned has mapped are the ones it
+    /// measured (`measured`: their inodes). Else: what is mapped, and why.
+    fn mapped_as_measured(
+        &self,
+        held: &hold::Held,
+        measured: &[(u64, u64)],
+    ) -> Result<(), (String, String)> {
+        let unknown = |e: String| ("-".to_string(), e);
+        let ret = held.returned(self.req.pid).map_err(unknown)?;
+        if (-4095..0).contains(&ret) {
+            return Ok(()); // the call failed: nothing was mapped
+        }
+        let files =
+            task::mapped_files(self.req.pid, ret as u64, self.req.data.args[1]).map_err(unknown)?;
+        for f in files {
+            let st = nix::sys::stat::fstat(f.as_raw_fd()).map_err(|e| unknown(e.to_string()))?;
+            if !measured.contains(&FileKey::of(&st).inode()) {
+                let why = "a file other than the one measured".to_string();
+                return Err((fd_path(f.as_fd()), why));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the call's files from the caller and measures them; the answer
+    /// goes to the caller, or to `sink` for a held call.
+    /// Returns the inodes of the files submitted.
+    fn decide(
+        &self,
+        tasks: &mut task::Tasks,
+        sink: Option<std::sync::mpsc::Sender<bool>>,
+    ) -> Vec<(u64, u64)> {
+        let (engine, notify, req) = (&self.engine, &self.notify, &self.req);
+        let answer = |allow: bool| match &sink {
+            Some(tx) => {
+                let _ = tx.send(allow);
+            }
+            None => respond(notify, req.id, allow),
+        };
+        let nr = req.data.nr as libc::c_long;
+        let args = req.data.args;
+        let files = match nr {
+            libc::SYS_mmap => tasks.file_of(req.pid, args[4] as i32).map(|f| vec![f]),
+            libc::SYS_mprotect | libc::SYS_pkey_mprotect => {
+                task::mapped_files(req.pid, args[0], args[1])
+            }
+            _ => Err(format!("unexpected syscall {nr}")),
+        };
+        // Everything above read the task by pid: it must still be the caller.
+        let files = match files {
+            Ok(f) if still_valid(notify, req.id) => f,
+            Ok(_) => return Vec::new(),
+            Err(e) => {
+                tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, error = %e, "map guard: cannot resolve the mapped file; refused");
+                answer(false);
+                return Vec::new();
+            }
+        };
+        if let (Some(window), true) = (engine.map_swap_window, sink.is_some()) {
+            // Test only: a wide window between the check and the answer.
+            std::thread::sleep(window);
+        }
+        if files.is_empty() {
+            // Anonymous memory only (e.g. a JIT's mprotect): not a file.
+            answer(true);
+            return Vec::new();
+        }
+        if let Some(stall) = &engine.map_stall {
+            let stalled = files.iter().any(|f| {
+                std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                    .is_ok_and(|p| p.to_string_lossy().contains(stall.as_str()))
+            });
+            if stalled {
+                // Test only: received and never answered.
+                return Vec::new();
+            }
+        }
+        let reply = Arc::new(Reply {
+            notify: notify.clone(),
+            id: req.id,
+            remaining: AtomicUsize::new(files.len()),
+            allowed: AtomicBool::new(true),
+            sink: sink.map(std::sync::Mutex::new),
+            files: files.len(),
+            kept: self.kept.clone(),
+            handed: std::sync::Mutex::new(None),
+        });
+        let mut submitted = Vec::with_capacity(files.len());
+        for file in files {
+            let st = match nix::sys::stat::fstat(file.as_raw_fd()) {
+                Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
+                _ => {
+                    reply.part(false);
+                    continue;
+                }
+            };
+            let key = FileKey::of(&st);
+            submitted.push(key.inode());
+            let pending = Box::new(MapPending {
+                file,
+                reply: reply.clone(),
+            });
+            engine.submit(self.target.clone(), pending, key, Event::Mmap);
+        }
+        submitted
+    }
+}
