@@ -243,6 +243,47 @@ static int uring_read(int fd) {
     e->addr = (unsigned long)uring_buf; e->len = sizeof uring_buf;
     return uring_submit(&u, 1);
 }
+/* uring-swap*: opens /bin/busybox and returns the fd; 200 ms later the
+   ring's kernel thread (SQPOLL) runs a close of that fd and an open of
+   /tmp/uswap.bin (the code; it takes the freed fd number again), queued by
+   a child: no system call of this process, nothing that interrupts its
+   mmap. */
+static int uring_swap_later(void) {
+    int w = open("/tmp/uswap.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+    if (w < 0 || write(w, code, sizeof code) != sizeof code) return -1;
+    close(w);
+    struct uring u;
+    if (uring_setup(&u, IORING_SETUP_SQPOLL)) return -1;
+    int fd = open("/bin/busybox", O_RDONLY);
+    if (fd < 0) return -1;
+    if (fork() == 0) {
+        usleep(200000);
+        uring_sqe(&u, IORING_OP_CLOSE, fd, IOSQE_IO_LINK);
+        struct io_uring_sqe *e = uring_sqe(&u, IORING_OP_OPENAT, AT_FDCWD, 0);
+        e->addr = (unsigned long)"/tmp/uswap.bin"; e->open_flags = O_RDONLY;
+        /* The ring's thread sleeps when idle: only a wake-up, no
+           submission, from this other process. */
+        syscall(SYS_io_uring_enter, u.fd, 0, 0, IORING_ENTER_SQ_WAKEUP, 0, 0);
+        _exit(0);
+    }
+    return fd;
+}
+/* uring-vm-swap's sharer: a process sharing only the address space (clone
+   with CLONE_VM, not CLONE_FILES: the guard's fd-table check misses it),
+   calling into vm_at until what is there returns 42. No libc inside: it
+   shares the caller's thread pointer. */
+static void *vm_at;
+static char vm_stack[65536];
+static int vm_sharer(void *a) {
+    (void)a;
+    for (unsigned long i = 0; i < 3000000000UL; i++)
+        if (((int (*)(void))vm_at)() == 42) {
+            syscall(SYS_write, 1, "RAN uring-vm-swap\n", 18);
+            syscall(SYS_exit, 0);
+        }
+    syscall(SYS_exit, 3);
+    return 0;
+}
 /* Returns the worker's errno (thread-local), 0 when it worked. */
 static void *protector(void *a) {
     return mprotect(a, 4096, PROT_READ|PROT_EXEC) ? (void *)(long)errno : 0;
@@ -563,31 +604,37 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(m, "uring-swap")) {
         /* io_uring puts another file under the fd while the map guard
-           checks the call: the ring's kernel thread (SQPOLL) runs a close
-           of the fd and an open of /tmp/uswap.bin (which takes the freed
-           fd number again) that a child queues 200 ms later: no system
-           call of this process, nothing that interrupts its mmap. PATH: ms to wait before the mmap
-           (0: at once, so the swap falls inside the check). */
-        int w = open("/tmp/uswap.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
-        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
-        close(w);
-        struct uring u;
-        if (uring_setup(&u, IORING_SETUP_SQPOLL)) return fail(m);
-        int fd = open("/bin/busybox", O_RDONLY);
+           checks the call (see uring_swap_later). PATH: ms to wait before
+           the mmap (0: at once, so the swap falls inside the check). */
+        int fd = uring_swap_later();
         if (fd < 0) return fail(m);
-        if (fork() == 0) {
-            usleep(200000);
-            uring_sqe(&u, IORING_OP_CLOSE, fd, IOSQE_IO_LINK);
-            struct io_uring_sqe *e = uring_sqe(&u, IORING_OP_OPENAT, AT_FDCWD, 0);
-            e->addr = (unsigned long)"/tmp/uswap.bin"; e->open_flags = O_RDONLY;
-            /* The ring's thread sleeps when idle: only a wake-up, no
-               submission, from this other process. */
-            syscall(SYS_io_uring_enter, u.fd, 0, 0, IORING_ENTER_SQ_WAKEUP, 0, 0);
-            _exit(0);
-        }
         usleep(atoi(path) * 1000);
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "uring-vm-swap")) {
+        /* uring-swap with a second process that shares the address space
+           and nothing else: it jumps into the mapping the moment the call
+           made it, unless it is held still until the mapping was checked
+           (and killed with the caller if it was swapped). PATH: ms to wait
+           before the mmap. */
+        static unsigned char ret0[] = {0xb8, 0, 0, 0, 0, 0xc3};
+        vm_at = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+        if (vm_at == MAP_FAILED) return fail(m);
+        memcpy(vm_at, ret0, sizeof ret0);
+        if (mprotect(vm_at, 4096, PROT_READ|PROT_EXEC)) return fail(m);
+        int fd = uring_swap_later();
+        if (fd < 0) return fail(m);
+        int sharer = clone(vm_sharer, vm_stack + sizeof vm_stack, CLONE_VM|SIGCHLD, 0);
+        if (sharer < 0) return fail(m);
+        usleep(atoi(path) * 1000);
+        void *p = mmap(vm_at, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE|MAP_FIXED, fd, 0);
+        if (p == MAP_FAILED) { kill(sharer, SIGKILL); return fail(m); }
+        int st;
+        if (waitpid(sharer, &st, 0) < 0) return fail(m);
+        printf("uring-vm-swap: the sharer %s %d\n", WIFEXITED(st) ? "exited" : "was killed by",
+               WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+        return 1;
     }
     if (!strcmp(m, "mprotect-flood")) {
         /* Every other call adds PROT_EXEC to anonymous memory: a guarded
@@ -883,6 +930,9 @@ async fn executable_mappings_are_measured_or_refused() {
     // io_uring can swap the file under an fd (the swap is done at 200 ms).
     let (_, out, err) = exec_sh(&mut rt, &c, "escape uring-swap 400").await;
     assert!(out.contains("RAN uring-swap"), "control: {out}{err}");
+    // So can a process sharing only the address space run what is swapped in.
+    let (_, out, err) = exec_sh(&mut rt, &c, "escape uring-vm-swap 400").await;
+    assert!(out.contains("RAN uring-vm-swap"), "control: {out}{err}");
     stop_pod(&mut rt, &pod).await;
 
     // Measure mode, without a seccomp profile and with RuntimeDefault: what
@@ -1600,6 +1650,20 @@ async fn a_file_swapped_in_during_the_check_is_not_mapped() {
         let (code, out, err) = exec_sh(&mut rt, &a, "escape uring-swap 0").await;
         assert!(!out.contains("RAN"), "{policy} uring-swap: {out}{err}");
         assert_eq!(code, 137, "{policy} uring-swap: {out}{err}\n{}", d.log());
+        // A process sharing only the address space (not the fd table),
+        // spinning on the address mapped over, is held too and killed with
+        // the caller. (In a container of its own: under enforce `a` is gone
+        // now, and `b` runs under RuntimeDefault, which has no io_uring.)
+        let v = start_container(
+            &mut rt,
+            &pod,
+            &ima(name, policy),
+            container_config("v", &image, &["sleep", "1000"]),
+        )
+        .await;
+        let (code, out, err) = exec_sh(&mut rt, &v, "escape uring-vm-swap 0").await;
+        assert!(!out.contains("RAN"), "{policy} uring-vm-swap: {out}{err}");
+        assert_eq!(code, 137, "{policy} uring-vm-swap: {out}{err}\n{}", d.log());
         let stats = imacri_integration::client::integrity_stats(&mut rt).await;
         let now = held(stats.clone());
         assert!(now >= before + 8, "{policy}: {before} -> {now}");
@@ -1613,11 +1677,13 @@ async fn a_file_swapped_in_during_the_check_is_not_mapped() {
             );
             assert!(!logged(&mine, "-", None, "gap"), "{policy}: {mine:#?}");
         }
-        let mine = entries_of(&lines, &a);
-        assert!(
-            logged(&mine, "/tmp/uswap.bin", None, "tomtou"),
-            "{policy}: {mine:#?}"
-        );
+        for c in [&a, &v] {
+            let mine = entries_of(&lines, c);
+            assert!(
+                logged(&mine, "/tmp/uswap.bin", None, "tomtou"),
+                "{policy}: {mine:#?}"
+            );
+        }
         stop_pod(&mut rt, &pod).await;
     }
 }

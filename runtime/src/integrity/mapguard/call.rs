@@ -283,12 +283,11 @@ impl Call {
             .map_err(|e| ("-".to_string(), e))
             .and_then(|()| self.mapped_as_measured(&held, &measured));
         if let Err((path, e)) = checked {
-            tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, %path, error = %e, "ima violation: a mapping is not what was measured; its process is killed");
-            // SAFETY: a signal to a task of the container (SIGKILL ends its
-            // whole process).
-            unsafe { libc::kill(self.req.pid as i32, libc::SIGKILL) };
-            let how =
-                format!("put under a mapping call after the check ({e}); its process was killed");
+            tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, %path, error = %e, "ima violation: a mapping is not what was measured; the processes sharing it are killed");
+            held.kill_address_space(self.req.pid);
+            let how = format!(
+                "put under a mapping call after the check ({e}); the processes sharing the mapping were killed"
+            );
             self.engine
                 .tomtou(&self.target, &path, "mapped executable", &how);
         }

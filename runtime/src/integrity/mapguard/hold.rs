@@ -249,6 +249,24 @@ impl Held {
         Ok(())
     }
 
+    /// Kills the caller's process and every held process sharing its
+    /// address space (a `clone(CLONE_VM)` without CLONE_THREAD is a process
+    /// of its own, and would run what was mapped once let go), while they
+    /// are stopped: SIGKILL takes a task out of its ptrace stop straight to
+    /// its end, with no instruction of the process run.
+    pub(super) fn kill_address_space(&self, tid: u32) {
+        let sharers: Vec<Pid> = self
+            .tasks
+            .iter()
+            .filter(|t| !t.gone && shares_with_any(tid, &[t.pid.as_raw() as u32], Table::Vm))
+            .map(|t| t.pid)
+            .collect();
+        for pid in std::iter::once(Pid::from_raw(tid as i32)).chain(sharers) {
+            // SIGKILL ends the task's whole thread group.
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        }
+    }
+
     /// What the held caller's call returned (after [`caller_returned`]).
     pub(super) fn returned(&self, tid: u32) -> Result<i64, String> {
         let pid = Pid::from_raw(tid as i32);
