@@ -1,10 +1,13 @@
 //! One guarded call: its files taken from the caller and measured, the
 //! answer given once they are decided; a call whose table the caller shares
-//! is held ([`hold`]) on a thread of its own.
+//! is held ([`hold`]) on a thread of its own, one at a time
+//! ([`HeldCalls`]).
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use super::profile::PERSONALITY_QUERY;
 use super::{hold, shared, task};
@@ -133,6 +136,7 @@ pub(super) struct Listener {
     pub(super) container: String,
     kept: Option<Arc<(keeper::Keeper, String)>>,
     sharing: Arc<shared::Sharing>,
+    held: Arc<HeldCalls>,
 }
 
 impl Listener {
@@ -146,6 +150,7 @@ impl Listener {
             container: container.to_string(),
             kept: kept.cloned(),
             sharing: shared::Sharing::new(),
+            held: Arc::default(),
         }
     }
 
@@ -179,23 +184,109 @@ impl Listener {
         };
         // Decided while the caller waits: whether anyone can change what the
         // kernel reads again after our answer. If so, they are held still
-        // while the call is checked and made, on a thread of its own (the
-        // ptrace tracer: when it ends, the kernel lets go whatever it still
-        // holds). It starts in this thread's cgroups, the pod's: a
-        // multi-threaded loop of `mprotect(PROT_EXEC)`, ~100 us of imacri a
-        // call, is the pod's to pay.
+        // while the call is checked and made ([`HeldCalls`]).
         if self.sharing.shared(req.pid, call.table()) {
-            engine.stats.held_calls.fetch_add(1, Ordering::Relaxed);
-            let spawned = std::thread::Builder::new()
-                .name("imacri-maphold".into())
-                .spawn(move || call.held());
-            if let Err(e) = spawned {
-                tracing::error!(container_id = %container, error = %e, "map guard: no thread to hold a call's sharers; refused");
-                respond(notify, req.id, false);
-            }
-            return;
+            return self.held.push(call);
         }
         call.decide(tasks, None);
+    }
+}
+
+/// How long a listener's driver of held calls waits for another before it
+/// ends.
+const DRIVER_LINGER: Duration = Duration::from_millis(200);
+
+/// A listener's held calls, run one at a time (two holders would interrupt
+/// each other's callers) by a driver thread, each on a thread of its own
+/// that the driver waits for: the ptrace tracer, whose end lets go
+/// whatever it still holds. So a container whose 300 threads each wait in
+/// a held call costs imacri two threads, not 300 (and more: holding a
+/// sharer that waits in a guarded call of its own interrupts that call,
+/// which the kernel restarts as a new notification). The threads start in
+/// the listener's cgroups, the pod's: a multi-threaded loop of
+/// `mprotect(PROT_EXEC)`, ~100 us of imacri a call, is the pod's to pay.
+#[derive(Default)]
+struct HeldCalls {
+    state: Mutex<HeldState>,
+    more: Condvar,
+}
+
+#[derive(Default)]
+struct HeldState {
+    queue: VecDeque<Call>,
+    driving: bool,
+}
+
+impl HeldCalls {
+    fn push(self: &Arc<Self>, call: Call) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // A task waits in one call at a time: one queued from it before was
+        // withdrawn (interrupted, to be made again, or the task died).
+        st.queue.retain(|c| c.req.pid != call.req.pid);
+        st.queue.push_back(call);
+        if st.driving {
+            self.more.notify_one();
+            return;
+        }
+        let me = self.clone();
+        let started = std::thread::Builder::new()
+            .name("imacri-mapdrive".into())
+            .stack_size(128 * 1024)
+            .spawn(move || me.drive());
+        match started {
+            Ok(_) => st.driving = true,
+            Err(e) => {
+                for c in st.queue.drain(..) {
+                    c.refuse_unheld(&e.to_string(), "no thread to hold a call's sharers");
+                }
+            }
+        }
+    }
+
+    fn drive(&self) {
+        while let Some(call) = self.next() {
+            // Withdrawn while it waited: nobody to hold still for it.
+            if !still_valid(&call.notify, call.req.id) {
+                continue;
+            }
+            call.engine.stats.held_calls.fetch_add(1, Ordering::Relaxed);
+            let (notify, id) = (call.notify.clone(), call.req.id);
+            let (target, container) = (call.target.clone(), call.container.clone());
+            let engine = call.engine.clone();
+            let worker = std::thread::Builder::new()
+                .name("imacri-maphold".into())
+                .spawn(move || call.held());
+            match worker {
+                Ok(w) => {
+                    let _ = w.join();
+                }
+                Err(e) => {
+                    engine.stats.unheld_calls.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(pod_sandbox_id = %target.pod, container_id = %container, error = %e, "map guard: no thread to hold a call's sharers; refused");
+                    respond(&notify, id, false);
+                }
+            }
+        }
+    }
+
+    /// The next call, waiting up to [`DRIVER_LINGER`] for one; None (the
+    /// driver ends) when none came.
+    fn next(&self) -> Option<Call> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(c) = st.queue.pop_front() {
+                return Some(c);
+            }
+            let (s, waited) = self
+                .more
+                .wait_timeout(st, DRIVER_LINGER)
+                .unwrap_or_else(|p| p.into_inner());
+            st = s;
+            if waited.timed_out() && st.queue.is_empty() {
+                st.driving = false;
+                return None;
+            }
+        }
     }
 }
 
@@ -228,7 +319,6 @@ impl Call {
         // 50 us to each): the held tasks wait for it.
         // SAFETY: an integer option of this thread only.
         unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
-        let _one_at_a_time = self.sharing.hold_lock();
         let mut tasks = task::Tasks::default();
         let mut held = hold::Held::default();
         let sharing = self.sharing.clone();

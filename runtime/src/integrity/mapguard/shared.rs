@@ -185,27 +185,17 @@ fn ids(text: &str) -> Vec<u32> {
     text.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
-/// One listener's view of its tasks' cgroup, and the lock its held calls
-/// take.
+/// One listener's view of its tasks' cgroup.
 pub(super) struct Sharing {
     /// The cgroup task list of this listener's tasks (see `shared`).
     tasks: Mutex<Option<TaskList>>,
-    /// Held calls ([`super::hold`]) go one at a time: two holders would
-    /// interrupt each other's callers.
-    holding: Mutex<()>,
 }
 
 impl Sharing {
     pub(super) fn new() -> Arc<Sharing> {
         Arc::new(Sharing {
             tasks: Mutex::new(None),
-            holding: Mutex::new(()),
         })
-    }
-
-    /// Taken for the whole of a held call.
-    pub(super) fn hold_lock(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.holding.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every task (thread) of the listener's cgroup now (known once
