@@ -6,8 +6,7 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use super::profile::PERSONALITY_QUERY;
 use super::{hold, shared, task};
@@ -192,101 +191,83 @@ impl Listener {
     }
 }
 
-/// How long a listener's driver of held calls waits for another before it
-/// ends.
-const DRIVER_LINGER: Duration = Duration::from_millis(200);
-
 /// A listener's held calls, run one at a time (two holders would interrupt
-/// each other's callers) by a driver thread, each on a thread of its own
-/// that the driver waits for: the ptrace tracer, whose end lets go
-/// whatever it still holds. So a container whose 300 threads each wait in
-/// a held call costs imacri two threads, not 300 (and more: holding a
+/// each other's callers), each on a thread of its own: the ptrace tracer,
+/// whose end lets go whatever it still holds. A call's thread, done,
+/// starts the next one's. So a container whose 300 threads each wait in a
+/// held call costs imacri one or two threads, not 300 (and more: holding a
 /// sharer that waits in a guarded call of its own interrupts that call,
-/// which the kernel restarts as a new notification). The threads start in
-/// the listener's cgroups, the pod's: a multi-threaded loop of
-/// `mprotect(PROT_EXEC)`, ~100 us of imacri a call, is the pod's to pay.
+/// which the kernel restarts as a new notification; until 2026-12-03 each
+/// had a thread, +3212 in 3 s). The threads start in the listener's
+/// cgroups, the pod's: a multi-threaded loop of `mprotect(PROT_EXEC)`,
+/// ~100 us of imacri a call, is the pod's to pay.
 #[derive(Default)]
 struct HeldCalls {
     state: Mutex<HeldState>,
-    more: Condvar,
 }
 
 #[derive(Default)]
 struct HeldState {
     queue: VecDeque<Call>,
-    driving: bool,
+    /// A call's thread runs (and will start the next one's).
+    running: bool,
 }
 
 impl HeldCalls {
+    fn state(&self) -> std::sync::MutexGuard<'_, HeldState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn push(self: &Arc<Self>, call: Call) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state();
         // A task waits in one call at a time: one queued from it before was
         // withdrawn (interrupted, to be made again, or the task died).
         st.queue.retain(|c| c.req.pid != call.req.pid);
         st.queue.push_back(call);
-        if st.driving {
-            self.more.notify_one();
-            return;
+        if !st.running {
+            st.running = true;
+            drop(st);
+            self.start();
         }
+    }
+
+    /// Starts the thread for the next call (`running` is set).
+    fn start(self: &Arc<Self>) {
         let me = self.clone();
         let started = std::thread::Builder::new()
-            .name("imacri-mapdrive".into())
-            .stack_size(128 * 1024)
-            .spawn(move || me.drive());
-        match started {
-            Ok(_) => st.driving = true,
-            Err(e) => {
-                for c in st.queue.drain(..) {
-                    c.refuse_unheld(&e.to_string(), "no thread to hold a call's sharers");
-                }
+            .name("imacri-maphold".into())
+            .spawn(move || me.run_next());
+        if let Err(e) = started {
+            let mut st = self.state();
+            st.running = false;
+            for c in st.queue.drain(..) {
+                c.refuse_unheld(&e.to_string(), "no thread to hold a call's sharers");
             }
         }
     }
 
-    fn drive(&self) {
-        while let Some(call) = self.next() {
+    /// On a call's thread: the next call still waiting, then the thread of
+    /// the one after it, if any.
+    fn run_next(self: Arc<Self>) {
+        loop {
+            let Some(call) = self.state().queue.pop_front() else {
+                break;
+            };
             // Withdrawn while it waited: nobody to hold still for it.
             if !still_valid(&call.notify, call.req.id) {
                 continue;
             }
             call.engine.stats.held_calls.fetch_add(1, Ordering::Relaxed);
-            let (notify, id) = (call.notify.clone(), call.req.id);
-            let (target, container) = (call.target.clone(), call.container.clone());
-            let engine = call.engine.clone();
-            let worker = std::thread::Builder::new()
-                .name("imacri-maphold".into())
-                .spawn(move || call.held());
-            match worker {
-                Ok(w) => {
-                    let _ = w.join();
-                }
-                Err(e) => {
-                    engine.stats.unheld_calls.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(pod_sandbox_id = %target.pod, container_id = %container, error = %e, "map guard: no thread to hold a call's sharers; refused");
-                    respond(&notify, id, false);
-                }
-            }
+            call.held();
+            break;
         }
-    }
-
-    /// The next call, waiting up to [`DRIVER_LINGER`] for one; None (the
-    /// driver ends) when none came.
-    fn next(&self) -> Option<Call> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(c) = st.queue.pop_front() {
-                return Some(c);
-            }
-            let (s, waited) = self
-                .more
-                .wait_timeout(st, DRIVER_LINGER)
-                .unwrap_or_else(|p| p.into_inner());
-            st = s;
-            if waited.timed_out() && st.queue.is_empty() {
-                st.driving = false;
-                return None;
-            }
+        let mut st = self.state();
+        if st.queue.is_empty() {
+            st.running = false;
+            return;
         }
+        drop(st);
+        self.start();
     }
 }
 
