@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use super::allowlist::Allowlist;
 use super::charge::{self, Charge};
@@ -133,7 +133,10 @@ type DigestCache = HashMap<(u64, u64), (FileKey, [u8; 32])>;
 
 pub struct Engine {
     journal: Arc<Journal>,
-    cache: Mutex<DigestCache>,
+    /// Read far more than written: a reader of a pod at its CPU limit,
+    /// throttled in a lookup, does not hold up another pod's lookups (a
+    /// write waiting behind it does, until it runs again).
+    cache: RwLock<DigestCache>,
     queue: Arc<HashQueue>,
     /// Itself, for the hashing threads it starts.
     me: Weak<Engine>,
@@ -227,7 +230,7 @@ impl Engine {
     ) -> Arc<Engine> {
         Arc::new_cyclic(|me| Engine {
             journal,
-            cache: Mutex::new(HashMap::new()),
+            cache: RwLock::new(HashMap::new()),
             queue: Arc::new(HashQueue::default()),
             me: me.clone(),
             notices,
@@ -392,20 +395,20 @@ impl Engine {
 
     /// Forgets the digest of an inode that was written (close after write).
     pub fn invalidate(&self, inode: (u64, u64)) {
-        if let Ok(mut c) = self.cache.lock() {
+        if let Ok(mut c) = self.cache.write() {
             c.remove(&inode);
         }
     }
 
     fn cached(&self, key: &FileKey) -> Option<[u8; 32]> {
-        let c = self.cache.lock().ok()?;
+        let c = self.cache.read().ok()?;
         c.get(&key.inode())
             .filter(|(k, _)| k == key)
             .map(|(_, d)| *d)
     }
 
     fn remember(&self, key: FileKey, digest: [u8; 32]) {
-        if let Ok(mut c) = self.cache.lock() {
+        if let Ok(mut c) = self.cache.write() {
             if c.len() >= CACHE_LIMIT {
                 c.clear();
             }
