@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, RwLock, Weak};
 
 use super::allowlist::Allowlist;
 use super::charge::{self, Charge};
@@ -143,9 +143,11 @@ pub struct Engine {
     notices: tokio::sync::mpsc::UnboundedSender<Notice>,
     /// Containers measured now, by ID (the map guard finds them by the ID
     /// runc reports).
-    targets: Mutex<HashMap<String, Arc<Measured>>>,
+    /// (Read-write locks, as the digest cache: looked up by every pod's
+    /// threads, some of which a pod at its CPU limit throttles mid-lookup.)
+    targets: RwLock<HashMap<String, Arc<Measured>>>,
     /// Per container, where its executable mappings are watched for writes.
-    write_watches: Mutex<HashMap<String, Arc<dyn WriteWatch>>>,
+    write_watches: RwLock<HashMap<String, Arc<dyn WriteWatch>>>,
     pub stats: Stats,
     /// Fault injection for the fail-closed tests: every reader fails after
     /// this many events (`IMACRI_TEST_FANOTIFY_FAIL_AFTER`).
@@ -172,9 +174,53 @@ pub struct Engine {
     /// Test only: hashing a file whose path contains this takes 2 s longer.
     hash_delay: Option<String>,
     /// Threads of imacri opening a container's file now (own_open).
-    own_openers: Mutex<Vec<i32>>,
+    /// Lock-free: every pod's readers look it up for each open they see.
+    own_openers: OwnOpeners,
     /// Files larger than this are refused unhashed (`ima.max_file_size`).
     max_file_size: u64,
+}
+
+/// The threads of imacri opening a container's file now, in slots a
+/// reader checks without a lock.
+struct OwnOpeners {
+    slots: [std::sync::atomic::AtomicI32; OWN_OPENER_SLOTS],
+}
+
+/// More than this many own opens at once wait for a slot.
+const OWN_OPENER_SLOTS: usize = 64;
+
+impl Default for OwnOpeners {
+    fn default() -> Self {
+        OwnOpeners {
+            slots: std::array::from_fn(|_| std::sync::atomic::AtomicI32::new(0)),
+        }
+    }
+}
+
+impl OwnOpeners {
+    /// Takes a free slot for `tid` (waiting for one if all are taken).
+    fn enter(&self, tid: i32) -> usize {
+        loop {
+            for (i, s) in self.slots.iter().enumerate() {
+                if s.compare_exchange(0, tid, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    return i;
+                }
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn leave(&self, slot: usize) {
+        self.slots[slot].store(0, Ordering::SeqCst);
+    }
+
+    fn contains(&self, tid: i32) -> bool {
+        // 0 marks a free slot (and is what fanotify reports for a pid it
+        // cannot name): never one of ours.
+        tid > 0 && self.slots.iter().any(|s| s.load(Ordering::SeqCst) == tid)
+    }
 }
 
 /// A reader's claim that it may read events now (see [`Engine::reading`]).
@@ -234,8 +280,8 @@ impl Engine {
             queue: Arc::new(HashQueue::default()),
             me: me.clone(),
             notices,
-            targets: Mutex::new(HashMap::new()),
-            write_watches: Mutex::new(HashMap::new()),
+            targets: RwLock::new(HashMap::new()),
+            write_watches: RwLock::new(HashMap::new()),
             stats: Stats::default(),
             fail_after: std::env::var("IMACRI_TEST_FANOTIFY_FAIL_AFTER")
                 .ok()
@@ -250,7 +296,7 @@ impl Engine {
             detached: Default::default(),
             inflight: AtomicUsize::new(0),
             hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),
-            own_openers: Mutex::new(Vec::new()),
+            own_openers: OwnOpeners::default(),
             max_file_size,
         })
     }
@@ -282,21 +328,17 @@ impl Engine {
     pub(super) fn own_open<T>(&self, open: impl FnOnce() -> T) -> T {
         // SAFETY: gettid has no arguments.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
-        if let Ok(mut o) = self.own_openers.lock() {
-            o.push(tid);
-        }
+        let slot = self.own_openers.enter(tid);
         self.queue.own_opens(1);
         let r = open();
         self.queue.own_opens(-1);
-        if let Ok(mut o) = self.own_openers.lock() {
-            o.retain(|t| *t != tid);
-        }
+        self.own_openers.leave(slot);
         r
     }
 
     /// Whether thread `tid` is imacri's own, opening in [`own_open`].
     pub(super) fn is_own_open(&self, tid: i32) -> bool {
-        self.own_openers.lock().is_ok_and(|o| o.contains(&tid))
+        self.own_openers.contains(tid)
     }
 
     pub fn journal(&self) -> &Arc<Journal> {
@@ -305,30 +347,30 @@ impl Engine {
 
     /// Makes a container findable by ID while it is measured.
     pub fn register(&self, m: Arc<Measured>) {
-        if let Ok(mut t) = self.targets.lock() {
+        if let Ok(mut t) = self.targets.write() {
             t.insert(m.container.clone(), m);
         }
     }
 
     pub fn unregister(&self, container: &str) {
-        if let Ok(mut t) = self.targets.lock() {
+        if let Ok(mut t) = self.targets.write() {
             t.remove(container);
         }
-        if let Ok(mut w) = self.write_watches.lock() {
+        if let Ok(mut w) = self.write_watches.write() {
             w.remove(container);
         }
     }
 
     /// Where `container`'s executable mappings are watched for writes.
     pub fn set_write_watch(&self, container: &str, w: Arc<dyn WriteWatch>) {
-        if let Ok(mut m) = self.write_watches.lock() {
+        if let Ok(mut m) = self.write_watches.write() {
             m.insert(container.to_string(), w);
         }
     }
 
     fn write_watch(&self, t: &Measured) -> Option<Arc<dyn WriteWatch>> {
         self.write_watches
-            .lock()
+            .read()
             .ok()
             .and_then(|m| m.get(&t.container).cloned())
     }
@@ -390,7 +432,7 @@ impl Engine {
     }
 
     pub fn target(&self, container: &str) -> Option<Arc<Measured>> {
-        self.targets.lock().ok()?.get(container).cloned()
+        self.targets.read().ok()?.get(container).cloned()
     }
 
     /// Forgets the digest of an inode that was written (close after write).
@@ -466,7 +508,7 @@ impl Engine {
     /// A job half hashed is worth going on with while its container is
     /// measured and its caller waits.
     fn still_wanted(&self, job: &Job) -> bool {
-        let measured = self.targets.lock().is_ok_and(|t| {
+        let measured = self.targets.read().is_ok_and(|t| {
             t.get(&job.target.container)
                 .is_some_and(|m| Arc::ptr_eq(m, &job.target))
         });
@@ -790,6 +832,25 @@ mod tests {
     use super::super::digest::hash_fd;
     use super::*;
     use std::os::fd::{AsFd, OwnedFd};
+    use std::sync::Mutex;
+
+    #[test]
+    fn own_openers_are_found_until_they_leave_and_wait_for_a_slot() {
+        let o = Arc::new(OwnOpeners::default());
+        let slots: Vec<usize> = (1..=OWN_OPENER_SLOTS as i32).map(|t| o.enter(t)).collect();
+        assert!(o.contains(7) && !o.contains(OWN_OPENER_SLOTS as i32 + 1));
+        // All taken: the next waits until one leaves.
+        let o2 = o.clone();
+        let late = std::thread::spawn(move || o2.enter(1000));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!o.contains(1000));
+        o.leave(slots[6]);
+        let s = late.join().unwrap();
+        assert_eq!(s, slots[6]);
+        assert!(o.contains(1000) && !o.contains(7));
+        o.leave(s);
+        assert!(!o.contains(1000) && !o.contains(0));
+    }
 
     struct Recorded {
         fd: OwnedFd,
