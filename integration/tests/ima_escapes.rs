@@ -689,6 +689,19 @@ int main(int argc, char **argv) {
         for (unsigned long i = 0;; i++)
             if (mprotect(p, 4096, (i & 1) ? PROT_READ|PROT_WRITE : PROT_READ|PROT_EXEC)) return fail(m);
     }
+    if (!strcmp(m, "rewrite-flood")) {
+        /* Rewrites a file and opens it to read, in a loop: under a policy
+           that measures reads, each open is of new content (hashed, the
+           digest cached), each close after writing forgets it. */
+        for (unsigned long i = 0;; i++) {
+            int fd = open(path, O_WRONLY|O_CREAT|O_TRUNC, 0644);
+            if (fd < 0 || write(fd, &i, sizeof i) != sizeof i) return fail(m);
+            close(fd);
+            fd = open(path, O_RDONLY);
+            if (fd < 0) return fail(m);
+            close(fd);
+        }
+    }
     if (!strcmp(m, "open-flood")) {
         /* Opens a file in a loop: under a policy that measures reads, an
            access event each. */
@@ -2557,6 +2570,10 @@ async fn a_throttled_pod_does_not_stall_other_pods() {
     let throttled0 = throttled();
     for (name, cmd) in [
         ("opener", vec!["escape", "open-flood", "/etc/passwd"]),
+        (
+            "rewriter",
+            vec!["escape", "rewrite-flood", "/tmp/rewritten"],
+        ),
         ("flipper", vec!["escape", "held-flood", "4"]),
         (
             "hog",
