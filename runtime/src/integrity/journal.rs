@@ -382,9 +382,9 @@ impl Journal {
     /// Whether this measurement is already in the log (IMA's "measure once").
     pub fn seen(&self, pod: &str, ctr: &str, path: &str, digest: &[u8; 32], ev: Event) -> bool {
         let key = (ctr.to_string(), path.to_string(), *digest, ev);
-        self.pod_log(pod)
-            .lock()
-            .is_ok_and(|p| p.seen.contains(&key))
+        // A query: a pod with nothing logged gets no bookkeeping made.
+        let found = self.pod_logs.read().ok().and_then(|m| m.get(pod).cloned());
+        found.is_some_and(|p| p.lock().is_ok_and(|p| p.seen.contains(&key)))
     }
 
     /// `pod`'s bookkeeping (made at its first entry).
