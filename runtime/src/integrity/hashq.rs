@@ -15,7 +15,8 @@
 //! never another pod's, and never holds more than that many of imacri's
 //! fds.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::digest::{FileKey, Hashing};
@@ -68,103 +69,137 @@ struct PodJobs {
     jobs: VecDeque<Job>,
     /// Threads working for the pod (hashing, or lingering for more).
     workers: usize,
+    /// Taken out of the map (no work, no thread): a source that found it
+    /// just before looks it up again.
+    retired: bool,
 }
 
+/// One pod's queue, behind a lock of its own: only the pod's own threads
+/// (its readers, its hashing threads, all in its CPU cgroup) take it, so
+/// a pod throttled while one of them held it stalls only itself. (One
+/// lock for every pod's queue made a bystander's new executions wait out
+/// a throttled pod's period.)
 #[derive(Default)]
-struct Inner {
-    per_pod: HashMap<String, PodJobs>,
-    /// imacri's own opens of container files in progress (see
-    /// [`super::engine::Engine::own_open`]): while there are any, readers
-    /// do not wait for room, so they read and let those opens through.
-    own_opens: usize,
-}
-
-#[derive(Default)]
-pub(super) struct HashQueue {
-    inner: Mutex<Inner>,
-    /// Room in a pod's queue.
+struct PodQueue {
+    jobs: Mutex<PodJobs>,
+    /// Room in the queue.
     space: Condvar,
     /// Work for lingering threads.
     work: Condvar,
 }
 
+/// How often a source waiting for room looks at imacri's own opens (set
+/// without the pod's lock, which imacri's own threads never take).
+const OWN_OPEN_RECHECK: std::time::Duration = std::time::Duration::from_millis(5);
+
+#[derive(Default)]
+pub(super) struct HashQueue {
+    /// Each pod's queue: found without a lock (every pod's sources look
+    /// theirs up).
+    pods: papaya::HashMap<String, Arc<PodQueue>>,
+    /// imacri's own opens of container files in progress (see
+    /// [`super::engine::Engine::own_open`]): while there are any, readers
+    /// do not wait for room, so they read and let those opens through.
+    own_opens: AtomicUsize,
+}
+
 impl HashQueue {
+    fn queue_of(&self, pod: &str) -> Arc<PodQueue> {
+        self.pods
+            .pin()
+            .get_or_insert_with(pod.to_string(), Default::default)
+            .clone()
+    }
+
     /// Queues `job`, blocking while its pod has `PER_POD_QUEUE` jobs
     /// waiting. True when the caller must start a thread for the pod
     /// (counted already: the caller runs it, on a thread of its own or,
     /// failing that, its own).
     pub(super) fn push(&self, job: Job) -> bool {
-        let pod = job.target.pod.clone();
-        let Ok(mut q) = self.inner.lock() else {
-            return false;
-        };
-        while q.own_opens == 0
-            && q.per_pod
-                .get(&pod)
-                .is_some_and(|p| p.jobs.len() >= PER_POD_QUEUE)
-        {
-            q = match self.space.wait(q) {
-                Ok(q) => q,
-                Err(_) => return false,
+        loop {
+            let pq = self.queue_of(&job.target.pod);
+            let Ok(mut q) = pq.jobs.lock() else {
+                return false;
             };
+            if q.retired {
+                continue;
+            }
+            while self.own_opens.load(Ordering::SeqCst) == 0 && q.jobs.len() >= PER_POD_QUEUE {
+                q = match pq.space.wait_timeout(q, OWN_OPEN_RECHECK) {
+                    Ok((q, _)) => q,
+                    Err(_) => return false,
+                };
+            }
+            q.jobs.push_back(job);
+            pq.work.notify_all();
+            if q.workers < PER_POD_WORKERS && q.workers < q.jobs.len() {
+                q.workers += 1;
+                return true;
+            }
+            return false;
         }
-        let p = q.per_pod.entry(pod).or_default();
-        p.jobs.push_back(job);
-        self.work.notify_all();
-        if p.workers < PER_POD_WORKERS && p.workers < p.jobs.len() {
-            p.workers += 1;
-            return true;
-        }
-        false
     }
 
     /// A job put down after a slice: last in its pod's queue. Never waits
-    /// (it held its place while hashed).
+    /// (it held its place while hashed; its thread keeps the queue).
     pub(super) fn requeue(&self, job: Job) {
-        if let Ok(mut q) = self.inner.lock() {
-            let pod = job.target.pod.clone();
-            q.per_pod.entry(pod).or_default().jobs.push_back(job);
-        }
+        let pq = self.queue_of(&job.target.pod);
+        let Ok(mut q) = pq.jobs.lock() else {
+            return;
+        };
+        q.jobs.push_back(job);
     }
 
     /// The pod's next job for one of its threads; None when there was none
     /// for [`LINGER`]: the thread is counted out and ends.
     pub(super) fn pop(&self, pod: &str, idle: impl Fn()) -> Option<Job> {
-        let mut q = self.inner.lock().ok()?;
+        let pq = self.pods.pin().get(pod)?.clone();
+        let mut q = pq.jobs.lock().ok()?;
         let mut waited = false;
         loop {
-            let p = q.per_pod.get_mut(pod)?;
-            if let Some(job) = p.jobs.pop_front() {
-                self.space.notify_all();
+            if let Some(job) = q.jobs.pop_front() {
+                pq.space.notify_all();
                 return Some(job);
             }
             if waited {
-                p.workers = p.workers.saturating_sub(1);
-                if p.workers == 0 {
-                    q.per_pod.remove(pod);
+                q.workers = q.workers.saturating_sub(1);
+                if q.workers == 0 {
+                    // Out of the map before the lock is let go: a source
+                    // that finds it retired finds it gone.
+                    q.retired = true;
+                    let _ = self.pods.pin().remove_if(pod, |_, v| Arc::ptr_eq(v, &pq));
                 }
                 return None;
             }
             // Not working for the pod while idle.
             drop(q);
             idle();
-            q = self.inner.lock().ok()?;
+            q = pq.jobs.lock().ok()?;
             let deadline = std::time::Instant::now() + LINGER;
-            while q.per_pod.get(pod).is_some_and(|p| p.jobs.is_empty()) {
+            while q.jobs.is_empty() {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
                     break;
                 }
-                q = self.work.wait_timeout(q, left).ok()?.0;
+                q = pq.work.wait_timeout(q, left).ok()?.0;
             }
             waited = true;
         }
     }
 
     pub(super) fn own_opens(&self, by: isize) {
-        if let Ok(mut q) = self.inner.lock() {
-            q.own_opens = q.own_opens.saturating_add_signed(by);
-            self.space.notify_all();
+        if by >= 0 {
+            self.own_opens
+                .fetch_add(by.unsigned_abs(), Ordering::SeqCst);
+        } else {
+            self.own_opens
+                .fetch_sub(by.unsigned_abs(), Ordering::SeqCst);
+        }
+        // Without the pods' locks (a throttled pod's must not hold up
+        // imacri's own open): a waiter that misses this looks again within
+        // OWN_OPEN_RECHECK.
+        for (_, pq) in self.pods.pin().iter() {
+            pq.space.notify_all();
         }
     }
 }

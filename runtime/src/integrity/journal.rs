@@ -13,8 +13,10 @@
 //! are never replayed against the new PCR.
 //!
 //! Durability: `record` returns (and so the access it measured is answered)
-//! only once its entry is on disk: appends share `fdatasync` calls (group
-//! commit, one sync for every entry written meanwhile). Entries a restart
+//! only once its entry is on disk. One thread writes the log
+//! ([`super::appender`]: callers, many of them working for a pod and
+//! throttled with it, take no lock the others need) and shares each
+//! `fdatasync` among every entry written meanwhile (group commit). Entries a restart
 //! finds written but not extended are extended then and followed by a `gap`
 //! entry for each container they belong to: the TPM did not vouch for them
 //! when they happened, and the verifier says so.
@@ -23,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
+use super::appender::Appender;
 use super::log::{self, Entry, Event};
 use super::tpm::{Quote, Tpm, TpmError};
 
@@ -39,6 +42,9 @@ pub enum JournalError {
     },
     #[error("measurement journal: {0}")]
     Poisoned(&'static str),
+    /// The log's writer could not write or sync an entry.
+    #[error("measurement log: {0}")]
+    Write(String),
     #[error(transparent)]
     Tpm(#[from] TpmError),
     /// The pod has as many entries as `ima.max_entries_per_pod` allows: the
@@ -124,6 +130,13 @@ impl PodLog {
         self.seen
             .insert((e.container.clone(), e.path.clone(), e.digest, e.event));
     }
+
+    /// An entry that never reached the log.
+    fn unnote(&mut self, key: &(String, String, [u8; 32], Event)) {
+        if self.seen.remove(key) {
+            self.entries = self.entries.saturating_sub(1);
+        }
+    }
 }
 
 /// Entries one pod may add to the node log before new accesses are refused
@@ -136,70 +149,20 @@ pub struct Journal {
     quota: u64,
     tpm: Option<Tpm>,
     epoch: Mutex<Epoch>,
-    inner: Mutex<Inner>,
-    /// Each pod's [`PodLog`]; the map's lock is held only to find one.
-    pod_logs: RwLock<HashMap<String, Arc<Mutex<PodLog>>>>,
-    durable: GroupSync,
+    /// Taken by the log's writer and by imacri's own readers (status,
+    /// evidence), never by a thread working for a pod.
+    inner: Arc<Mutex<Inner>>,
+    /// Each pod's [`PodLog`], found without a lock.
+    pod_logs: papaya::HashMap<String, Arc<Mutex<PodLog>>>,
+    /// The log's one writer: appends wait on it without taking a lock.
+    writer: Appender<Appending>,
 }
 
-/// Group commit: callers wait until an `fdatasync` that started after
-/// their write has finished; one sync serves everyone waiting.
-struct GroupSync {
-    file: std::fs::File,
-    /// (entries written, entries known on disk, a sync is running)
-    state: Mutex<(u64, u64, bool)>,
-    done: std::sync::Condvar,
-}
-
-impl GroupSync {
-    fn new(file: std::fs::File, written: u64) -> GroupSync {
-        GroupSync {
-            file,
-            state: Mutex::new((written, written, false)),
-            done: std::sync::Condvar::new(),
-        }
-    }
-
-    /// Notes one more write; returns its sequence number.
-    fn wrote(&self) -> u64 {
-        match self.state.lock() {
-            Ok(mut s) => {
-                s.0 += 1;
-                s.0
-            }
-            Err(_) => u64::MAX,
-        }
-    }
-
-    /// Returns once write `seq` is on disk.
-    fn wait(&self, seq: u64) -> std::io::Result<()> {
-        let poisoned = || std::io::Error::other("journal sync lock poisoned");
-        let mut s = self.state.lock().map_err(|_| poisoned())?;
-        loop {
-            if s.1 >= seq {
-                return Ok(());
-            }
-            if s.2 {
-                s = self.done.wait(s).map_err(|_| poisoned())?;
-                continue;
-            }
-            let target = s.0;
-            s.2 = true;
-            drop(s);
-            // Every pod's writers wait on this sync: it must not wait out
-            // one pod's CPU throttling (a thread working for a pod runs in
-            // its cgroup, and takes it up again with its next work).
-            super::charge::home();
-            let r = self.file.sync_data();
-            s = self.state.lock().map_err(|_| poisoned())?;
-            s.2 = false;
-            if r.is_ok() {
-                s.1 = s.1.max(target);
-            }
-            self.done.notify_all();
-            r?;
-        }
-    }
+/// An entry on its way to the log.
+struct Appending {
+    line: String,
+    entry: Entry,
+    violation: bool,
 }
 
 impl std::fmt::Debug for Journal {
@@ -338,27 +301,69 @@ impl Journal {
             pods: HashMap::new(),
             count: 0,
         };
-        let mut pod_logs: HashMap<String, Arc<Mutex<PodLog>>> = HashMap::new();
+        let pod_logs: papaya::HashMap<String, Arc<Mutex<PodLog>>> = papaya::HashMap::new();
         for e in entries {
             inner.note(&e, false);
-            if let Ok(mut p) = pod_logs.entry(e.pod.clone()).or_default().lock() {
+            let p = pod_logs
+                .pin()
+                .get_or_insert_with(e.pod.clone(), Default::default)
+                .clone();
+            if let Ok(mut p) = p.lock() {
                 p.note(&e);
-            }
+            };
         }
+        let inner = Arc::new(Mutex::new(inner));
+        let writer = Self::writer(inner.clone(), tpm.clone(), sync_file, log_path)?;
         let j = Journal {
             dir: dir.to_path_buf(),
             pcr,
             quota: DEFAULT_POD_QUOTA,
             tpm,
             epoch: Mutex::new(epoch),
-            inner: Mutex::new(inner),
-            pod_logs: RwLock::new(pod_logs),
-            durable: GroupSync::new(sync_file, 0),
+            inner,
+            pod_logs,
+            writer,
         };
         for (pod, ctr) in unextended {
             j.record(&pod, &ctr, "-", [0; 32], Event::Gap, false)?;
         }
         Ok(j)
+    }
+
+    /// The log's writer thread: writes each batch of entries in order,
+    /// queues their extends in the same order (under the lock a snapshot
+    /// takes, so a quote covers exactly the log it is sent with), then one
+    /// `fdatasync` for the batch (group commit).
+    fn writer(
+        inner: Arc<Mutex<Inner>>,
+        tpm: Option<Tpm>,
+        sync_file: std::fs::File,
+        log_path: PathBuf,
+    ) -> JResult<Appender<Appending>> {
+        let commit = move |batch: &[Appending]| -> Result<(), String> {
+            let failed = |what: &str, e: &dyn std::fmt::Display| {
+                format!("{what} {}: {e}", log_path.display())
+            };
+            {
+                let mut inner = inner.lock().map_err(|_| "lock poisoned".to_string())?;
+                for a in batch {
+                    inner
+                        .file
+                        .write_all(a.line.as_bytes())
+                        .map_err(|e| failed("appending to", &e))?;
+                    inner.note(&a.entry, a.violation);
+                    if let Some(t) = &tpm {
+                        t.extend_queued(a.entry.template_hash);
+                    }
+                }
+            }
+            sync_file.sync_data().map_err(|e| failed("syncing", &e))
+        };
+        Appender::spawn("imacri-journal", commit).map_err(|source| JournalError::Io {
+            context: "starting the writer of",
+            path: PathBuf::from("measurements.log"),
+            source,
+        })
     }
 
     /// Sets the per-pod entry quota (`ima.max_entries_per_pod`).
@@ -383,18 +388,18 @@ impl Journal {
     pub fn seen(&self, pod: &str, ctr: &str, path: &str, digest: &[u8; 32], ev: Event) -> bool {
         let key = (ctr.to_string(), path.to_string(), *digest, ev);
         // A query: a pod with nothing logged gets no bookkeeping made.
-        let found = self.pod_logs.read().ok().and_then(|m| m.get(pod).cloned());
+        let found = self.pod_logs.pin().get(pod).cloned();
         found.is_some_and(|p| p.lock().is_ok_and(|p| p.seen.contains(&key)))
     }
 
     /// `pod`'s bookkeeping (made at its first entry).
     fn pod_log(&self, pod: &str) -> Arc<Mutex<PodLog>> {
-        let found = self.pod_logs.read().ok().and_then(|m| m.get(pod).cloned());
-        if let Some(p) = found {
-            return p;
+        let logs = self.pod_logs.pin();
+        if let Some(p) = logs.get(pod) {
+            return p.clone();
         }
-        let mut m = self.pod_logs.write().unwrap_or_else(|p| p.into_inner());
-        m.entry(pod.to_string()).or_default().clone()
+        logs.get_or_insert_with(pod.to_string(), Default::default)
+            .clone()
     }
 
     /// Appends a measurement unless the same one is already logged; returns
@@ -423,13 +428,11 @@ impl Journal {
         // quota entry is written once, as the last the pod gets.
         if !own && p.entries >= self.quota {
             if !p.quota_hit {
+                // Written under the pod's own lock (its threads alone
+                // wait): noted only once it is in the log.
                 let q = Entry::new(self.pcr, [0; 32], "-", pod, ctr, Event::Quota);
-                let seq = self.append(&q, true)?;
+                self.append(q.clone(), true)?;
                 p.note(&q);
-                drop(p);
-                self.durable
-                    .wait(seq)
-                    .map_err(io("syncing", &Self::log_path(&self.dir)))?;
             }
             return Err(JournalError::Quota {
                 pod: pod.to_string(),
@@ -437,35 +440,33 @@ impl Journal {
             });
         }
         let e = Entry::new(self.pcr, digest, path, pod, ctr, ev);
-        let seq = self.append(&e, violation)?;
+        // Noted first (the pod's own lock, not the log's): a second access
+        // while this one is written waits for nothing and is not logged
+        // twice; a write that fails takes the note back.
         p.note(&e);
         drop(p);
-        self.durable
-            .wait(seq)
-            .map_err(io("syncing", &Self::log_path(&self.dir)))?;
-        Ok(Some(e))
+        let key = (e.container.clone(), e.path.clone(), e.digest, e.event);
+        match self.append(e.clone(), violation) {
+            Ok(()) => Ok(Some(e)),
+            Err(err) => {
+                if let Ok(mut p) = shard.lock() {
+                    p.unnote(&key);
+                }
+                Err(err)
+            }
+        }
     }
 
-    /// Writes `e` (not yet synced) and queues its extend; returns its
-    /// sequence number for [`GroupSync::wait`].
-    fn append(&self, e: &Entry, violation: bool) -> JResult<u64> {
-        let line = format!("{e}\n");
-        let log_path = Self::log_path(&self.dir);
-        let mut inner = self
-            .inner
-            .lock()
-            .map_err(|_| JournalError::Poisoned("lock poisoned"))?;
-        inner
-            .file
-            .write_all(line.as_bytes())
-            .map_err(io("appending to", &log_path))?;
-        let seq = self.durable.wrote();
-        inner.note(e, violation);
-        // Queued while the lock is held, so extends keep the log's order.
-        if let Some(t) = &self.tpm {
-            t.extend_queued(e.template_hash);
-        }
-        Ok(seq)
+    /// Hands `e` to the log's writer and returns once it is on disk.
+    fn append(&self, entry: Entry, violation: bool) -> JResult<()> {
+        let line = format!("{entry}\n");
+        self.writer
+            .submit(Appending {
+                line,
+                entry,
+                violation,
+            })
+            .map_err(JournalError::Write)
     }
 
     pub fn summary(&self, pod: &str) -> PodSummary {
@@ -571,8 +572,6 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let (written, synced, busy) = *j.durable.state.lock().unwrap();
-        assert_eq!((written, synced, busy), (200, 200, false));
         let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
         assert_eq!(log::parse_log(&text).unwrap().len(), 200);
     }

@@ -5,6 +5,7 @@
 //! verifier of attestation evidence.
 
 pub mod allowlist;
+mod appender;
 pub mod charge;
 pub mod digest;
 pub mod engine;
