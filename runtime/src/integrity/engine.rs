@@ -537,9 +537,10 @@ impl Engine {
             Err(e) => {
                 // Not a silent allow: the unmeasured access is a gap in
                 // the log (the verifier distrusts it), and enforce denies.
-                let allow = t.mode == Mode::Measure;
+                // Let through (measure) only once the gap is in the log.
+                let recorded = self.unmeasured(&t, &fd_path(fd));
+                let allow = t.mode == Mode::Measure && recorded;
                 tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, allow, "cannot hash a measured file");
-                self.gap(&t, &fd_path(fd));
                 job.pending.answer(allow);
                 return None;
             }
@@ -563,7 +564,7 @@ impl Engine {
         }
         let path = fd_path(fd);
         tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, "a measured file kept changing while it was hashed; access refused");
-        self.gap(&t, &path);
+        self.unmeasured(&t, &path);
         job.pending.answer(false);
         None
     }
@@ -574,12 +575,27 @@ impl Engine {
         let path = fd_path(pending.fd());
         let max = self.max_file_size;
         tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, size, max, "a measured file is larger than ima.max_file_size: refused unhashed");
-        self.gap(t, &path);
+        self.unmeasured(t, &path);
         self.stats.denied.fetch_add(1, Ordering::Relaxed);
         pending.answer(false);
         let reason =
             format!("{size} bytes, larger than ima.max_file_size ({max}): not measured, refused");
         self.notice(t, path, String::new(), true, reason);
+    }
+
+    /// A `gap` for an access of the pod's that went unmeasured (held to
+    /// the pod's quota, once per path: see `Journal::record_unmeasured`).
+    /// True when it is in the log (now or before).
+    fn unmeasured(&self, t: &Measured, path: &str) -> bool {
+        match self.journal.record_unmeasured(&t.pod, &t.container, path) {
+            Ok(_) => true,
+            // The quota entry says it; refused accesses stay refused.
+            Err(JournalError::Quota { .. }) => false,
+            Err(e) => {
+                tracing::error!(container_id = %t.container, error = %e, "recording a gap");
+                false
+            }
+        }
     }
 
     fn gap(&self, t: &Measured, path: &str) {

@@ -158,6 +158,15 @@ pub struct Journal {
     writer: Appender<Appending>,
 }
 
+/// What an entry is to record, before it is one.
+struct Access<'a> {
+    pod: &'a str,
+    ctr: &'a str,
+    path: &'a str,
+    digest: [u8; 32],
+    ev: Event,
+}
+
 /// An entry on its way to the log.
 struct Appending {
     line: String,
@@ -413,11 +422,47 @@ impl Journal {
         ev: Event,
         violation: bool,
     ) -> JResult<Option<Entry>> {
+        let own = matches!(ev, Event::Gap | Event::Start);
+        let access = Access {
+            pod,
+            ctr,
+            path,
+            digest,
+            ev,
+        };
+        self.record_as(access, violation, own)
+    }
+
+    /// A `gap` for an access of the pod that went unmeasured (refused, or
+    /// let through unhashed): unlike the daemon's own gaps (a restart, a
+    /// reader that failed), the pod causes these at will, so each is
+    /// logged once per container and path and counts against the pod's
+    /// quota (a loop of refused executions, or one under ever new names,
+    /// grew the node log and the TPM's extends without bound).
+    pub fn record_unmeasured(&self, pod: &str, ctr: &str, path: &str) -> JResult<Option<Entry>> {
+        let access = Access {
+            pod,
+            ctr,
+            path,
+            digest: [0; 32],
+            ev: Event::Gap,
+        };
+        self.record_as(access, false, false)
+    }
+
+    /// `own`: the daemon's entry, never deduplicated or held to the quota.
+    fn record_as(&self, a: Access<'_>, violation: bool, own: bool) -> JResult<Option<Entry>> {
+        let Access {
+            pod,
+            ctr,
+            path,
+            digest,
+            ev,
+        } = a;
         let shard = self.pod_log(pod);
         let mut p = shard
             .lock()
             .map_err(|_| JournalError::Poisoned("lock poisoned"))?;
-        let own = matches!(ev, Event::Gap | Event::Start);
         if !own
             && p.seen
                 .contains(&(ctr.to_string(), path.to_string(), digest, ev))

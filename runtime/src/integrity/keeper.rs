@@ -392,6 +392,9 @@ pub fn close_inherited() {
 }
 
 /// How long an idle keeper with nothing to keep waits for a client.
+/// How long the keeper keeps a connection whose request has not come.
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
+
 const IDLE_EXIT: Duration = Duration::from_secs(2);
 
 fn seqpacket() -> nix::Result<OwnedFd> {
@@ -422,6 +425,18 @@ fn send(sock: BorrowedFd<'_>, text: &str, fd: Option<BorrowedFd<'_>>) -> nix::Re
 
 /// One message: its text (None at EOF) and its fd, if any.
 fn recv(sock: BorrowedFd<'_>) -> nix::Result<(Option<String>, Option<OwnedFd>)> {
+    recv_with(sock, MsgFlags::empty())
+}
+
+/// [`recv`] of a message that is there already: EAGAIN if none is.
+fn recv_now(sock: BorrowedFd<'_>) -> nix::Result<(Option<String>, Option<OwnedFd>)> {
+    recv_with(sock, MsgFlags::MSG_DONTWAIT)
+}
+
+fn recv_with(
+    sock: BorrowedFd<'_>,
+    flags: MsgFlags,
+) -> nix::Result<(Option<String>, Option<OwnedFd>)> {
     let mut buf = vec![0u8; 4096];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
@@ -429,7 +444,7 @@ fn recv(sock: BorrowedFd<'_>) -> nix::Result<(Option<String>, Option<OwnedFd>)> 
         sock.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
+        MsgFlags::MSG_CMSG_CLOEXEC | flags,
     )?;
     let mut fd = None;
     for c in msg.cmsgs()? {
@@ -568,17 +583,21 @@ impl Keeper {
     /// Records that the keeper holds `fd` under `key` (handed over by the
     /// last imacri and taken back now), to give it again to a new keeper.
     pub fn remember(&self, key: &str, fd: BorrowedFd<'_>) {
-        if let (Ok(copy), Ok(mut g)) = (fd.try_clone_to_owned(), self.given.lock()) {
-            g.insert(key.to_string(), copy);
-        }
+        let (Ok(copy), key) = (fd.try_clone_to_owned(), key.to_string()) else {
+            return;
+        };
+        // Nothing is closed (a syscall) while the lock is held: a pod's
+        // threads take it, and one stopped holding it would stall the rest.
+        let replaced = self.given.lock().ok().and_then(|mut g| g.insert(key, copy));
+        drop(replaced);
     }
 
     /// Forgets `key` here only (the keeper let it go by itself: a listener
     /// no task uses any more).
     pub fn forget(&self, key: &str) {
-        if let Ok(mut g) = self.given.lock() {
-            g.remove(key);
-        }
+        // Closed once the lock is let go (see `remember`).
+        let removed = self.given.lock().ok().and_then(|mut g| g.remove(key));
+        drop(removed);
     }
 
     /// Starts a keeper (if none answers) and gives it everything imacri
@@ -681,6 +700,12 @@ pub fn run(path: &Path) -> std::io::Result<()> {
     let mut held: BTreeMap<String, OwnedFd> = BTreeMap::new();
     // Open HOLD connections: an imacri is running.
     let mut holders: Vec<OwnedFd> = Vec::new();
+    // Connections whose request has not arrived yet. Served when it has,
+    // never waited on: a client is often a thread working for a pod, which
+    // a pod at its CPU limit stops wherever it is (between its connect and
+    // its send, too); reading such a connection made every other pod's
+    // request wait out that pod's period.
+    let mut waiting: Vec<(OwnedFd, Instant)> = Vec::new();
     let mut idle_since = Instant::now();
     let mut last_mark_check = Instant::now();
     loop {
@@ -695,6 +720,11 @@ pub fn run(path: &Path) -> std::io::Result<()> {
             holders
                 .iter()
                 .map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN)),
+        );
+        fds.extend(
+            waiting
+                .iter()
+                .map(|(f, _)| PollFd::new(f.as_fd(), PollFlags::POLLIN)),
         );
         match poll(&mut fds, PollTimeout::from(500u16)) {
             Err(nix::errno::Errno::EINTR) => continue,
@@ -715,7 +745,13 @@ pub fn run(path: &Path) -> std::io::Result<()> {
             .map(|(_, k)| k.clone())
             .collect();
         // A holder says nothing after HOLD: any event means it went away.
-        let left: Vec<bool> = fds[1 + n..]
+        let h = holders.len();
+        let left: Vec<bool> = fds[1 + n..1 + n + h]
+            .iter()
+            .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+            .collect();
+        // A waiting request arrived (or its client went away).
+        let arrived: Vec<bool> = fds[1 + n + h..]
             .iter()
             .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
             .collect();
@@ -754,32 +790,47 @@ pub fn run(path: &Path) -> std::io::Result<()> {
         if !holders.is_empty() {
             idle_since = Instant::now();
         }
+        let mut arrived = arrived.into_iter();
+        for (c, since) in std::mem::take(&mut waiting) {
+            if arrived.next().unwrap_or(false) {
+                if serve_one(c.as_fd(), &mut held) {
+                    holders.push(c);
+                }
+            } else if since.elapsed() < REQUEST_WAIT {
+                waiting.push((c, since));
+            }
+        }
         if ready {
             // SAFETY: accept returns a new fd we own.
             if let Ok(c) = accept(l.as_raw_fd()).map(|f| unsafe { OwnedFd::from_raw_fd(f) }) {
-                if serve_one(c.as_fd(), &mut held) {
+                // Served at once when its request is there (the usual case),
+                // else when it comes.
+                let mut one = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
+                let now = matches!(poll(&mut one, PollTimeout::ZERO), Ok(n) if n > 0);
+                if !now {
+                    waiting.push((c, Instant::now()));
+                } else if serve_one(c.as_fd(), &mut held) {
                     holders.push(c);
                 }
             }
             idle_since = Instant::now();
         }
         drop_orphan_events(&mut held);
-        if held.is_empty() && holders.is_empty() && idle_since.elapsed() > IDLE_EXIT {
+        if held.is_empty()
+            && holders.is_empty()
+            && waiting.is_empty()
+            && idle_since.elapsed() > IDLE_EXIT
+        {
             let _ = std::fs::remove_file(path);
             return Ok(());
         }
     }
 }
 
-/// Serves one request; true for HOLD (the connection is then kept).
+/// Serves one request that has arrived (the read does not wait); true for
+/// HOLD (the connection is then kept).
 fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) -> bool {
-    // A client that stalls must not stall the keeper.
-    let _ = nix::sys::socket::setsockopt(
-        &c,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(1, 0),
-    );
-    let Ok((Some(text), fd)) = recv(c) else {
+    let Ok((Some(text), fd)) = recv_now(c) else {
         return false;
     };
     if text == "HOLD" {
@@ -874,14 +925,12 @@ mod tests {
         );
     }
 
-    #[test]
-    fn fds_are_kept_and_handed_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("k.sock");
-        let s2 = sock.clone();
+    /// A keeper running at `sock` on a thread, and a client of it.
+    fn keeper_at(sock: &Path) -> (Keeper, std::thread::JoinHandle<std::io::Result<()>>) {
+        let s2 = sock.to_path_buf();
         let t = std::thread::spawn(move || run(&s2));
         let k = Keeper {
-            path: sock.clone(),
+            path: sock.to_path_buf(),
             exe: PathBuf::from("/nonexistent"),
             hold: Default::default(),
             given: Default::default(),
@@ -891,6 +940,42 @@ mod tests {
             assert!(Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(10));
         }
+        (k, t)
+    }
+
+    #[test]
+    fn a_client_that_connects_and_says_nothing_holds_up_no_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("k.sock");
+        let (k, t) = keeper_at(&sock);
+        // A client stopped between its connect and its send (a thread of a
+        // pod at its CPU limit): the keeper read it and waited up to 1 s.
+        let mute: Vec<OwnedFd> = (0..3).map(|_| k.connect().unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let t0 = Instant::now();
+        for i in 0..20 {
+            k.put(&format!("c{i}/p1/1"), r.as_fd()).unwrap();
+        }
+        assert_eq!(k.all().unwrap().len(), 20);
+        for i in 0..20 {
+            k.drop_key(&format!("c{i}/p1/1")).unwrap();
+        }
+        let took = t0.elapsed();
+        assert!(took < Duration::from_millis(500), "{took:?}");
+        // A mute client that speaks at last is served.
+        send(mute[0].as_fd(), "ALL", None).unwrap();
+        assert_eq!(recv(mute[0].as_fd()).unwrap().0.as_deref(), Some("END"));
+        drop(mute);
+        drop(r);
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn fds_are_kept_and_handed_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("k.sock");
+        let (k, t) = keeper_at(&sock);
         // While an imacri holds on, an empty keeper stays up.
         k.hold().unwrap();
         std::thread::sleep(IDLE_EXIT + Duration::from_millis(700));
