@@ -146,7 +146,10 @@ pub struct Engine {
     /// runc reports).
     targets: papaya::HashMap<String, Arc<Measured>>,
     /// Per container, where its executable mappings are watched for writes.
-    write_watches: papaya::HashMap<String, Arc<dyn WriteWatch>>,
+    /// Weak: a lock-free map drops what it removes only later, and a group
+    /// kept open after its reader ended would hold every open of the files
+    /// it marks forever (a bench's `unshare` hung on the host's libc).
+    write_watches: papaya::HashMap<String, Weak<dyn WriteWatch>>,
     pub stats: Stats,
     /// Fault injection for the fail-closed tests: every reader fails after
     /// this many events (`IMACRI_TEST_FANOTIFY_FAIL_AFTER`).
@@ -356,11 +359,16 @@ impl Engine {
 
     /// Where `container`'s executable mappings are watched for writes.
     pub fn set_write_watch(&self, container: &str, w: Arc<dyn WriteWatch>) {
-        self.write_watches.pin().insert(container.to_string(), w);
+        self.write_watches
+            .pin()
+            .insert(container.to_string(), Arc::downgrade(&w));
     }
 
     fn write_watch(&self, t: &Measured) -> Option<Arc<dyn WriteWatch>> {
-        self.write_watches.pin().get(&t.container).cloned()
+        self.write_watches
+            .pin()
+            .get(&t.container)
+            .and_then(Weak::upgrade)
     }
 
     /// A file `t` mapped executable is being opened for writing; the
