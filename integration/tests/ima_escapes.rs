@@ -2338,6 +2338,115 @@ async fn a_script_rewritten_while_it_runs_is_seen() {
     }
 }
 
+/// A container's watches are its fanotify group's, and a mark that asks
+/// for permission events makes every open of its file wait for the group's
+/// reader: once the container is gone, so must its group be, or the next
+/// open of a file it mapped waits forever (what outlives a container: a
+/// pod's tmpfs volume, measured under `volumes = "measure"`; the host's
+/// files a guarded process maps). Here one container mapped a file of the
+/// pod's volume and ran a script from it, another mapped one and exited by
+/// itself. Once they are gone, the host opens each for writing at once,
+/// and nothing more is logged for them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_containers_watches_hold_up_no_open() {
+    let env = Env::get();
+    let (d, image, work) = node(env, "[ima.policies.vols]\nvolumes = \"measure\"").await;
+    let mut rt = d.runtime().await.unwrap();
+    let vol = work.path().join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &vol,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16m"),
+    )
+    .unwrap();
+    let with_vol = |mut c: cri::ContainerConfig| {
+        c.mounts.push(cri::Mount {
+            container_path: "/x".into(),
+            host_path: vol.to_string_lossy().into(),
+            ..Default::default()
+        });
+        c
+    };
+    let cfg = ima("gone-watch", "vols");
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let stopped = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        with_vol(container_config("a", &image, &["sleep", "1000"])),
+    )
+    .await;
+    let (code, out, err) = exec_sh(
+        &mut rt,
+        &stopped,
+        "escape file-mmap /x/a.bin && printf '#!/bin/sh\\nexec sleep 1000\\n' > /x/s.sh && chmod +x /x/s.sh && (/x/s.sh > /dev/null 2>&1 &)",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}\n{}", d.log());
+    let exited = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        with_vol(container_config(
+            "b",
+            &image,
+            &["escape", "file-mmap", "/x/b.bin"],
+        )),
+    )
+    .await;
+    let st = imacri_integration::client::wait_exited(&mut rt, &exited).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    let lines = log_lines(&d, &pod);
+    assert!(
+        logged(&entries_of(&lines, &stopped), "/x/a.bin", None, "mmap"),
+        "{lines:#?}"
+    );
+    assert!(
+        logged(&entries_of(&lines, &exited), "/x/b.bin", None, "mmap"),
+        "{lines:#?}"
+    );
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: stopped.clone(),
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    for c in [&stopped, &exited] {
+        rt.remove_container(cri::RemoveContainerRequest {
+            container_id: c.to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    let logged_before = log_lines(&d, &pod).len();
+    for f in ["a.bin", "s.sh", "b.bin"] {
+        // In a thread of its own: an open that waits on a permission
+        // event nobody reads cannot be given up by the one waiting.
+        let path = vol.join(f);
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let opened = std::fs::OpenOptions::new().write(true).open(&path);
+            let _ = done.send(opened.map(drop).map_err(|e| e.to_string()));
+        });
+        match result.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(r) => assert_eq!(r, Ok(()), "{f}"),
+            Err(_) => panic!(
+                "opening {f} for writing waits on a gone container's watch (/proc/locks:\n{})\n{}",
+                std::fs::read_to_string("/proc/locks").unwrap_or_default(),
+                d.log()
+            ),
+        }
+    }
+    assert_eq!(log_lines(&d, &pod).len(), logged_before);
+    stop_pod(&mut rt, &pod).await;
+    nix::mount::umount2(&vol, nix::mount::MntFlags::MNT_DETACH).unwrap();
+}
+
 /// imacri's CPU time so far (all its threads), in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -261,7 +261,9 @@ fn kept_ids(held: &BTreeMap<String, OwnedFd>, listener: &str) -> Vec<u64> {
 }
 
 /// Events whose container's group (or whose listener) is no longer held
-/// are let go: nobody will answer them through it.
+/// are let go: nobody will answer them through it. A group's leases go with
+/// it too (each an open file of the container's, and a lease nobody answers
+/// makes every open for writing of its file wait out `fs.lease-break-time`).
 fn drop_orphan_events(held: &mut BTreeMap<String, OwnedFd>) {
     let live: std::collections::HashSet<String> = held
         .keys()
@@ -278,6 +280,18 @@ fn drop_orphan_events(held: &mut BTreeMap<String, OwnedFd>) {
             && parse_lease_key(k).is_none_or(|c| live.contains(c))
             && parse_mapping_key(k).is_none_or(|(l, _)| listeners.contains(l))
     });
+}
+
+/// Whether `other` goes when `key` goes ([`drop_orphan_events`]'s rule for
+/// one key): a group's events and leases, a listener's notifications.
+fn goes_with(key: &str, other: &str) -> bool {
+    if let Some(c) = key.strip_prefix(FANOTIFY) {
+        parse_event_key(other).is_some_and(|(o, ..)| o == c) || parse_lease_key(other) == Some(c)
+    } else if is_listener_key(key) {
+        parse_mapping_key(other).is_some_and(|(l, _)| l == key)
+    } else {
+        false
+    }
 }
 
 /// Whether `key` names a seccomp listener (not a group or an event).
@@ -593,10 +607,22 @@ impl Keeper {
     }
 
     /// Forgets `key` here only (the keeper let it go by itself: a listener
-    /// no task uses any more).
+    /// no task uses any more), and what goes with it as in the keeper (a
+    /// group's leases and events, a listener's notifications): kept here,
+    /// a lease of a gone container's would stay held by imacri.
     pub fn forget(&self, key: &str) {
         // Closed once the lock is let go (see `remember`).
-        let removed = self.given.lock().ok().and_then(|mut g| g.remove(key));
+        let removed: Vec<OwnedFd> = match self.given.lock() {
+            Ok(mut g) => {
+                let mut out: Vec<OwnedFd> = g.remove(key).into_iter().collect();
+                let with: Vec<String> = g.keys().filter(|k| goes_with(key, k)).cloned().collect();
+                for k in with {
+                    out.extend(g.remove(&k));
+                }
+                out
+            }
+            Err(_) => Vec::new(),
+        };
         drop(removed);
     }
 
@@ -968,6 +994,58 @@ mod tests {
         assert_eq!(recv(mute[0].as_fd()).unwrap().0.as_deref(), Some("END"));
         drop(mute);
         drop(r);
+        t.join().unwrap().unwrap();
+    }
+
+    /// A lease is held by its open file, which imacri and the keeper both
+    /// hold a copy of: when a container's group goes, both let go of its
+    /// leases (imacri's copy kept them, and every open for writing of a
+    /// file the gone container had mapped waited out fs.lease-break-time).
+    #[test]
+    fn a_groups_leases_go_with_it_here_and_in_the_keeper() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("k.sock");
+        let (k, t) = keeper_at(&sock);
+        let mapped = dir.path().join("mapped");
+        std::fs::write(&mapped, b"code").unwrap();
+        let leased = std::fs::File::open(&mapped).unwrap();
+        // SAFETY: fcntl on an fd of ours, no pointers.
+        let r = unsafe { libc::fcntl(leased.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        // The lease made this process its owner: no SIGIO when it breaks.
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::fcntl(leased.as_raw_fd(), libc::F_SETOWN, 0) },
+            0
+        );
+        let group = std::fs::File::open("/dev/null").unwrap();
+        let other = std::fs::File::open("/dev/null").unwrap();
+        let (la, lb) = (lease_key("a", (1, 2)), lease_key("b", (1, 2)));
+        k.put(&format!("{FANOTIFY}a"), group.as_fd()).unwrap();
+        k.put(&la, leased.as_fd()).unwrap();
+        k.put(&event_key("a", 7, true, 1), other.as_fd()).unwrap();
+        k.put(&format!("{FANOTIFY}b"), other.as_fd()).unwrap();
+        k.put(&lb, other.as_fd()).unwrap();
+        drop(leased);
+        let open_to_write = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&mapped)
+        };
+        let e = open_to_write().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK), "{e}");
+        k.drop_key(&format!("{FANOTIFY}a")).unwrap();
+        open_to_write().expect("the lease outlived its group");
+        let b = vec![format!("{FANOTIFY}b"), lb];
+        let here: Vec<String> = k.given.lock().unwrap().keys().cloned().collect();
+        assert_eq!(here, b);
+        let there: Vec<String> = k.all().unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(there, b);
+        k.drop_key(&b[0]).unwrap();
+        assert!(k.given.lock().unwrap().is_empty());
+        drop((group, other));
         t.join().unwrap().unwrap();
     }
 

@@ -165,6 +165,12 @@ struct Group {
     engine: Weak<Engine>,
 }
 
+impl Drop for Group {
+    fn drop(&mut self) {
+        tracing::debug!(container_id = %self.target.measured.container, "fanotify group closed");
+    }
+}
+
 /// An event waiting for its answer.
 struct FanPending {
     group: Arc<Group>,
