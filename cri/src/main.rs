@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use imacri_runtime::config::{Config, DEFAULT_TOML};
+use imacri_runtime::logsink::{self, LogSink, SinkGuard};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -208,18 +209,29 @@ impl Overrides {
     }
 }
 
-fn init_logging(cfg: &Config) {
+/// Logs through [`LogSink`]: no thread waits on stderr (see there). A
+/// panic first lets what was logged before it be written.
+fn init_logging(cfg: &Config) -> Result<(LogSink, SinkGuard)> {
+    let (sink, guard) = LogSink::spawn(std::io::stderr(), logsink::QUEUED_LIMIT)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let s = sink.clone();
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(move || s.clone())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if cfg.log.format == "json" {
         b.json().init();
     } else {
         b.init();
     }
+    let hook = std::panic::take_hook();
+    let s = sink.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        s.wait_written(std::time::Duration::from_millis(200));
+        hook(info)
+    }));
+    Ok((sink, guard))
 }
 
 fn main() -> Result<()> {
@@ -268,9 +280,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Serve(o) => {
             let cfg = o.apply(Config::load(cli.config.as_deref())?);
-            init_logging(&cfg);
+            let (sink, _guard) = init_logging(&cfg)?;
             if let Err(e) = imacri_cri::daemon::serve(cfg).await {
                 tracing::error!("{e:#}");
+                sink.wait_written(std::time::Duration::from_secs(1));
                 std::process::exit(1);
             }
             Ok(())

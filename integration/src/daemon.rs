@@ -43,6 +43,8 @@ pub struct Imacri {
     args: Vec<String>,
     /// Environment of the next `spawn` (test fault injection).
     pub vars: Vec<(String, String)>,
+    /// The next `spawn`'s stderr instead of `imacri.log` (taken by it).
+    pub stderr: Option<std::fs::File>,
 }
 
 impl Imacri {
@@ -122,6 +124,7 @@ impl Imacri {
             state,
             args,
             vars: Vec::new(),
+            stderr: None,
         };
         me.spawn().await?;
         Ok(me)
@@ -129,10 +132,13 @@ impl Imacri {
 
     /// Starts (again) the daemon with the same directories.
     pub async fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("imacri.log"))?;
+        let log = match self.stderr.take() {
+            Some(f) => f,
+            None => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("imacri.log"))?,
+        };
         let child = Command::new(imacri_bin())
             .args(&self.args)
             .envs(self.vars.iter().map(|(k, v)| (k, v)))
@@ -162,6 +168,20 @@ impl Imacri {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("imacri.log")).unwrap_or_default()
+    }
+
+    /// The log once it has all of `parts` (imacri's log thread writes a
+    /// line a moment after it is logged), waiting up to 10 s.
+    pub async fn log_with(&self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if parts.iter().all(|p| log.contains(p)) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "no {parts:?} in the log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn channel(&self) -> Result<Channel> {

@@ -439,7 +439,7 @@ async fn enforce_mode_denies_unknown_executables() {
             .contains("/tmp/dropped"),
         "{info}"
     );
-    assert!(d.log().contains("ima violation"), "{}", d.log());
+    d.log_with(&["ima violation"]).await;
     // A CRI event names the container.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = false;

@@ -1536,7 +1536,13 @@ async fn refused_accesses_cannot_grow_the_log_past_the_quota() {
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima("gaps", "measure");
     let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+    let mut events = rt
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     // One over-limit file executed 50 times: one gap.
+    let t0 = std::time::Instant::now();
     let (_, out, err) = exec_sh(
         &mut rt,
         &c,
@@ -1569,6 +1575,37 @@ async fn refused_accesses_cannot_grow_the_log_past_the_quota() {
         1,
         "{lines:#?}"
     );
+    // Nor imacri's own log, nor kubelet's events: a warning per logged
+    // gap, and violations reported at most 20 at once and one a second
+    // after (the last saying how many it left out).
+    let secs = t0.elapsed().as_secs() as usize + 1;
+    let log = d.log_with(&["unreported="]).await;
+    let mine = |what: &str| {
+        log.lines()
+            .filter(|l| l.contains(&c) && l.contains(what))
+            .count()
+    };
+    assert!(
+        (1..=21).contains(&mine("max_file_size: refused unhashed")),
+        "{log}"
+    );
+    assert!(
+        (20..=20 + secs).contains(&mine("ima violation")),
+        "{} in {secs} s:\n{log}",
+        mine("ima violation")
+    );
+    let mut violations = 0;
+    while let Ok(Some(Ok(e))) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), events.message())
+            .await
+            .map(|m| m.transpose())
+    {
+        violations += usize::from(
+            e.container_event_type == cri::ContainerEventType::ImaViolationEvent as i32
+                && e.container_id == c,
+        );
+    }
+    assert!((20..=20 + secs).contains(&violations), "{violations}");
     stop_pod(&mut rt, &pod).await;
 }
 

@@ -504,7 +504,7 @@ async fn crashing_hanging_and_failing_plugins_and_unsolicited_updates() {
         l.iter().any(|x| x.starts_with("SyncContainer before/")),
         "{l:?}"
     );
-    assert!(d.log().contains("NRI plugin registered"), "{}", d.log());
+    d.log_with(&["NRI plugin registered"]).await;
     assert!(
         l.iter().any(|x| x == "UpdateContainersResult 0/<nil>"),
         "{l:?}"
@@ -588,7 +588,7 @@ async fn crashing_hanging_and_failing_plugins_and_unsolicited_updates() {
         container_status(&mut rt, &c).await.state,
         cri::ContainerState::ContainerRunning as i32
     );
-    assert!(d.log().contains("NRI plugin dropped"), "{}", d.log());
+    d.log_with(&["NRI plugin dropped"]).await;
     // Later containers do not wait for them at all.
     let t = Instant::now();
     start_container(
@@ -737,11 +737,7 @@ async fn refused_parts_can_be_dropped_instead() {
             .is_none_or(|h| h.is_empty()),
         "{spec}"
     );
-    let log = d.log();
-    assert!(
-        log.contains("NRI adjustment dropped") && log.contains("10-lenient"),
-        "{log}"
-    );
+    d.log_with(&["NRI adjustment dropped", "10-lenient"]).await;
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
 

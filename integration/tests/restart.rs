@@ -551,3 +551,57 @@ async fn the_keeper_lets_go_of_a_pod_torn_down_without_imacri() {
     .await
     .unwrap();
 }
+
+/// imacri's log is written by one thread of its own: a log reader that
+/// stops reading (a full pipe to journald) holds up no request and no
+/// pod's measurement. Here imacri's stderr is a pipe nobody reads: after
+/// several pipefuls of log, requests (each logs a line) are still served
+/// at once, and an ima pod's container starts, runs and is measured.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_log_reader_that_stops_reading_holds_up_nothing() {
+    use imacri_integration::client::{sh_ok, start_container};
+    use std::os::fd::AsRawFd;
+    let env = Env::get();
+    let mut d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    d.kill();
+    let (unread, w) = nix::unistd::pipe().unwrap();
+    d.stderr = Some(std::fs::File::from(w));
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    // Each logs a debug line of about 100 bytes: 3000 fill the pipe (64 KiB)
+    // several times over.
+    let calls = async {
+        for _ in 0..3000 {
+            rt.version(cri::VersionRequest::default()).await.unwrap();
+        }
+    };
+    let t0 = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), calls)
+        .await
+        .expect("requests wait on the log reader");
+    let took = t0.elapsed();
+    let mut waiting: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    assert_eq!(
+        unsafe { libc::ioctl(unread.as_raw_fd(), libc::FIONREAD, &mut waiting) },
+        0
+    );
+    assert!(waiting >= 60_000, "the pipe is not full: {waiting} bytes");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let (pod, cfg) = ima_pod(&d, &mut rt, "unread-log").await;
+    let c = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("c", &env.busybox, &["sleep", "1000"]),
+    )
+    .await;
+    assert_eq!(
+        sh_ok(&mut rt, &c, "cp /bin/busybox /tmp/echo && /tmp/echo ran").await,
+        "ran"
+    );
+    assert!(logged(&pod_log(&d, &pod), &c, "/tmp/echo", "exec"));
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    drop(unread);
+}

@@ -669,54 +669,6 @@ impl CriServer {
                 .is_some_and(|sb| is_fanotify(&sb.state()))
     }
 
-    /// Turns violation notices into log warnings and CRI events.
-    pub(crate) fn start_notice_consumer(
-        self: &Arc<Self>,
-        mut rx: tokio::sync::mpsc::UnboundedReceiver<Notice>,
-    ) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            while let Some(n) = rx.recv().await {
-                let Some(s) = weak.upgrade() else { return };
-                if n.stopped {
-                    // A violation that kills (a tomtou under enforce) is
-                    // also reported as one; a reader that stopped is not.
-                    if n.denied {
-                        tracing::warn!(pod_sandbox_id = %n.pod, container_id = %n.container, path = %n.path, reason = %n.reason, "ima violation: the container is killed");
-                        s.emit(cri::ContainerEventType::ImaViolationEvent, &n.container);
-                    }
-                    s.kill_unmeasured(&n.container, &n.reason).await;
-                    continue;
-                }
-                tracing::warn!(
-                    pod_sandbox_id = %n.pod,
-                    container_id = %n.container,
-                    path = %n.path,
-                    digest = %n.digest,
-                    denied = n.denied,
-                    reason = %n.reason,
-                    "ima violation"
-                );
-                s.emit(cri::ContainerEventType::ImaViolationEvent, &n.container);
-            }
-        });
-    }
-
-    /// Kills a container whose measurement stopped (reason ImaUnmeasured):
-    /// it never runs on unmeasured.
-    async fn kill_unmeasured(&self, ctr: &str, why: &str) {
-        let Some(c) = self.containers.get(ctr) else {
-            return;
-        };
-        let _ = c.update(|s| {
-            s.reason = "ImaUnmeasured".into();
-            s.message = format!("killed: its measurement stopped ({why})");
-        });
-        if let Err(e) = self.c.kill_task(ctr, "", super::lifecycle::SIGKILL).await {
-            tracing::error!(container_id = %ctr, error = %e, "killing an unmeasured container");
-        }
-    }
-
     /// The measurement engine's counters and the journal's anchoring.
     pub(crate) fn integrity_info(&self) -> serde_json::Value {
         use std::sync::atomic::Ordering::Relaxed;

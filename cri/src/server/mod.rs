@@ -41,6 +41,7 @@ mod service;
 mod stats;
 mod status;
 mod validate;
+mod violations;
 
 use imacri_api::cri;
 use imacri_runtime::config::Config;

@@ -546,9 +546,11 @@ impl Engine {
                 // Not a silent allow: the unmeasured access is a gap in
                 // the log (the verifier distrusts it), and enforce denies.
                 // Let through (measure) only once the gap is in the log.
-                let recorded = self.unmeasured(&t, &fd_path(fd));
-                let allow = t.mode == Mode::Measure && recorded;
-                tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, allow, "cannot hash a measured file");
+                let gap = self.unmeasured(&t, &fd_path(fd));
+                let allow = t.mode == Mode::Measure && gap != Gap::NotLogged;
+                if gap == Gap::New {
+                    tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, allow, "cannot hash a measured file");
+                }
                 job.pending.answer(allow);
                 return None;
             }
@@ -571,8 +573,9 @@ impl Engine {
             _ => {}
         }
         let path = fd_path(fd);
-        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, "a measured file kept changing while it was hashed; access refused");
-        self.unmeasured(&t, &path);
+        if self.unmeasured(&t, &path) == Gap::New {
+            tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, "a measured file kept changing while it was hashed; access refused");
+        }
         job.pending.answer(false);
         None
     }
@@ -582,8 +585,12 @@ impl Engine {
     fn too_large(&self, t: &Measured, pending: Box<dyn Pending>, size: u64) {
         let path = fd_path(pending.fd());
         let max = self.max_file_size;
-        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, size, max, "a measured file is larger than ima.max_file_size: refused unhashed");
-        self.unmeasured(t, &path);
+        // Said once per path, as it is logged (a loop of refused attempts is
+        // one line; past the quota, the quota entry says it); each attempt
+        // is still a notice, which the server rate-limits.
+        if self.unmeasured(t, &path) == Gap::New {
+            tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, size, max, "a measured file is larger than ima.max_file_size: refused unhashed");
+        }
         self.stats.denied.fetch_add(1, Ordering::Relaxed);
         pending.answer(false);
         let reason =
@@ -593,15 +600,15 @@ impl Engine {
 
     /// A `gap` for an access of the pod's that went unmeasured (held to
     /// the pod's quota, once per path: see `Journal::record_unmeasured`).
-    /// True when it is in the log (now or before).
-    fn unmeasured(&self, t: &Measured, path: &str) -> bool {
+    fn unmeasured(&self, t: &Measured, path: &str) -> Gap {
         match self.journal.record_unmeasured(&t.pod, &t.container, path) {
-            Ok(_) => true,
+            Ok(Some(_)) => Gap::New,
+            Ok(None) => Gap::Logged,
             // The quota entry says it; refused accesses stay refused.
-            Err(JournalError::Quota { .. }) => false,
+            Err(JournalError::Quota { .. }) => Gap::NotLogged,
             Err(e) => {
                 tracing::error!(container_id = %t.container, error = %e, "recording a gap");
-                false
+                Gap::NotLogged
             }
         }
     }
@@ -766,6 +773,17 @@ impl Engine {
             stopped: true,
         });
     }
+}
+
+/// Where an unmeasured access stands in the log.
+#[derive(Debug, PartialEq, Eq)]
+enum Gap {
+    /// Logged now.
+    New,
+    /// Logged before (the same container and path).
+    Logged,
+    /// Not in the log (the pod's quota is used up, or the log failed).
+    NotLogged,
 }
 
 /// Whether the file open as `fd` is an ELF program (else the kernel runs
