@@ -8,6 +8,7 @@ pub mod client;
 mod containerd;
 pub mod critest;
 mod daemon;
+pub mod escapes;
 mod fixtures;
 pub mod images;
 pub mod kubelet;

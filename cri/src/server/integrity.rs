@@ -461,6 +461,7 @@ impl CriServer {
             mode: i.mode,
             allowlist: self.load_allowlist(&i.policy)?,
             charge: Charge::for_cgroup(if parent.is_empty() { &cgroup } else { parent }),
+            quiet: Default::default(),
         });
         let target = Target {
             measured,

@@ -149,6 +149,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
                 mode: Mode::Measure,
                 allowlist: None,
                 charge: None,
+                quiet: Default::default(),
             }),
             root: fs.to_path_buf(),
             triggers: Triggers::from_rules(&rules, |u| u),

@@ -29,6 +29,7 @@ pub use super::hashq::PER_POD_QUEUE;
 use super::hashq::{HashQueue, Job};
 use super::journal::{Journal, JournalError};
 use super::log::Event;
+pub use super::quiet::Quiet;
 use crate::integrity::policy::Mode;
 
 /// How often a file that changes while it is hashed is hashed again before
@@ -57,6 +58,8 @@ pub struct Measured {
     /// The pod's CPU cgroups, which imacri's threads join while they work
     /// for this container (None: uncharged, see [`charge`]).
     pub charge: Option<Arc<Charge>>,
+    /// The budget of warnings the container's calls can cause.
+    pub quiet: Quiet,
 }
 
 /// An access waiting for its answer: the file (an fd the kernel or the
@@ -660,14 +663,18 @@ impl Engine {
                 Ok(false) => {}
                 // Unwatched, a mapping could be rewritten unseen.
                 Err(e) if enforce => {
-                    tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, "a mapping cannot be watched for writers; refused");
+                    if let Some(unsaid) = t.quiet.take() {
+                        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a mapping cannot be watched for writers; refused");
+                    }
                     self.stats.denied.fetch_add(1, Ordering::Relaxed);
                     pending.answer(false);
                     let reason = format!("cannot be watched for writers: {e}");
                     return self.notice(t, path, digest_hex, true, reason);
                 }
                 Err(e) => {
-                    tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, "a mapped file is not watched for writers")
+                    if let Some(unsaid) = t.quiet.take() {
+                        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a mapped file is not watched for writers")
+                    }
                 }
             }
         }
@@ -677,13 +684,17 @@ impl Engine {
             if let Some(w) = self.write_watch(t) {
                 if let Err(e) = w.watch_script(fd) {
                     if enforce {
-                        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, "a script cannot be watched for writers; refused");
+                        if let Some(unsaid) = t.quiet.take() {
+                            tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a script cannot be watched for writers; refused");
+                        }
                         self.stats.denied.fetch_add(1, Ordering::Relaxed);
                         pending.answer(false);
                         let reason = format!("cannot be watched for writers: {e}");
                         return self.notice(t, path, digest_hex, true, reason);
                     }
-                    tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, "an executed script is not watched for writers");
+                    if let Some(unsaid) = t.quiet.take() {
+                        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "an executed script is not watched for writers");
+                    }
                 }
             }
         }
@@ -970,6 +981,7 @@ mod tests {
             mode: Mode::Enforce,
             allowlist: Some(Arc::new(allow)),
             charge: None,
+            quiet: Default::default(),
         });
         let pend = |path: &std::path::Path, name: &str| {
             Box::new(Recorded {

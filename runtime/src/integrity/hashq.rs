@@ -233,6 +233,7 @@ mod tests {
                     mode: Mode::Measure,
                     allowlist: None,
                     charge: None,
+                    quiet: Default::default(),
                 }),
                 Box::new(Quiet(std::fs::File::open(&f).unwrap().into())),
                 FileKey::of(&nix::sys::stat::stat(&f).unwrap()),

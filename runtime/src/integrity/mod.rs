@@ -21,6 +21,7 @@ pub mod kernel;
 pub mod log;
 pub mod mapguard;
 pub mod policy;
+pub mod quiet;
 pub mod retained;
 pub mod setting;
 pub mod tpm;

@@ -107,7 +107,9 @@ impl WriteWatch for Group {
                     if let Some(engine) = self.engine.upgrade() {
                         engine.stats.unleased.fetch_add(1, Ordering::Relaxed);
                     }
-                    tracing::warn!(container_id = %self.target.measured.container, error = %e, "a mapped file has no read lease: a truncate of it is not seen");
+                    if let Some(unsaid) = self.target.measured.quiet.take() {
+                        tracing::warn!(container_id = %self.target.measured.container, error = %e, unsaid, "a mapped file has no read lease: a truncate of it is not seen");
+                    }
                 }
                 None
             }

@@ -370,7 +370,9 @@ impl Call {
             .stats
             .unheld_calls
             .fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, %error, "map guard: {why}; refused");
+        if let Some(unsaid) = self.target.quiet.take() {
+            tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, %error, unsaid, "map guard: {why}; refused");
+        }
         respond(&self.notify, self.req.id, false);
     }
 
@@ -427,7 +429,9 @@ impl Call {
             Ok(f) if still_valid(notify, req.id) => f,
             Ok(_) => return Vec::new(),
             Err(e) => {
-                tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, error = %e, "map guard: cannot resolve the mapped file; refused");
+                if let Some(unsaid) = self.target.quiet.take() {
+                    tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, error = %e, unsaid, "map guard: cannot resolve the mapped file; refused");
+                }
                 answer(false);
                 return Vec::new();
             }

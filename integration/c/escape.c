@@ -1,0 +1,735 @@
+/* `escape MODE [PATH]`: tries one way to run code and prints `RAN MODE`
+   (exit 0) or `MODE: <error>` (exit 1). The code is x86-64
+   `mov eax, 42; ret`. */
+#define _GNU_SOURCE
+#include <elf.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <linux/filter.h>
+#include <linux/io_uring.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/ioctl.h>
+#include <sys/ipc.h>
+#include <sys/prctl.h>
+#include <sys/mman.h>
+#include <sys/personality.h>
+#include <sys/shm.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/ptrace.h>
+#include <sys/wait.h>
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+#include <unistd.h>
+static unsigned char code[] = {0xb8, 0x2a, 0, 0, 0, 0xc3};
+/* swap-*: while the map guard checks a call, a second thread puts another
+   file under the fd number (mmap) or under the range (mprotect). */
+static int swap_fd, swap_in;
+static void *swap_at;
+static void *swapper(void *a) { (void)a; usleep(200000); dup2(swap_in, swap_fd); return 0; }
+static void *parked(void *a) { (void)a; pause(); return 0; }
+/* A static x86-64 program of 129 bytes that exits 0 (`mov eax, 60;
+   xor edi, edi; syscall`), written to PATH: a new file to execute. */
+static int write_exit0(const char *path) {
+    static const unsigned char exit0[] = {0xb8, 60, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05};
+    unsigned char f[sizeof(Elf64_Ehdr) + sizeof(Elf64_Phdr) + sizeof exit0] = {0};
+    Elf64_Ehdr *e = (Elf64_Ehdr *)f;
+    Elf64_Phdr *p = (Elf64_Phdr *)(f + sizeof *e);
+    memcpy(e->e_ident, ELFMAG, SELFMAG);
+    e->e_ident[EI_CLASS] = ELFCLASS64; e->e_ident[EI_DATA] = ELFDATA2LSB;
+    e->e_ident[EI_VERSION] = EV_CURRENT;
+    e->e_type = ET_EXEC; e->e_machine = EM_X86_64; e->e_version = EV_CURRENT;
+    e->e_entry = 0x400000 + sizeof *e + sizeof *p; e->e_phoff = sizeof *e;
+    e->e_ehsize = sizeof *e; e->e_phentsize = sizeof *p; e->e_phnum = 1;
+    p->p_type = PT_LOAD; p->p_flags = PF_R | PF_X; p->p_vaddr = p->p_paddr = 0x400000;
+    p->p_filesz = p->p_memsz = sizeof f; p->p_align = 0x1000;
+    memcpy(f + sizeof *e + sizeof *p, exit0, sizeof exit0);
+    int fd = open(path, O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0755);
+    if (fd < 0) return -1;
+    int ok = write(fd, f, sizeof f) == (ssize_t)sizeof f;
+    return close(fd) == 0 && ok ? 0 : -1;
+}
+static void *remapper(void *a) {
+    (void)a; usleep(200000);
+    mmap(swap_at, 4096, PROT_READ, MAP_PRIVATE|MAP_FIXED, swap_in, 0);
+    return 0;
+}
+/* worker-*: the call is made by a thread other than the main one (as a
+   program that loads a library from a worker thread does), which exits
+   right after it while the process lives on. */
+struct work { const char *m; int fd; int run; int r; void *at; };
+static void *worker(void *a);
+static void *mapped_at(void *a) {
+    struct work *w = a;
+    w->at = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, w->fd, 0);
+    return 0;
+}
+static int ran(const char *m, void *p) {
+    if (((int (*)(void))p)() != 42) { printf("%s: wrong result\n", m); return 1; }
+    printf("RAN %s\n", m); return 0;
+}
+static int fail(const char *m) { printf("%s: %s\n", m, strerror(errno)); return 1; }
+/* swap-leader: main runs again in a thread after the main thread exited
+   (the process's /proc/<pid>/maps then reads empty). */
+static int again_argc, leader_left;
+static char **again_argv;
+int main(int argc, char **argv);
+static void *without_leader(void *a) { (void)a; exit(main(again_argc, again_argv)); }
+/* Sends `n` fds over unix socket `s` (SCM_RIGHTS, with one byte). */
+static int send_fds(int s, const int *fds, int n) {
+    char x = 'x';
+    struct iovec io = {&x, 1};
+    char buf[CMSG_SPACE(2 * sizeof(int))];
+    struct msghdr msg = {0};
+    msg.msg_iov = &io; msg.msg_iovlen = 1;
+    msg.msg_control = buf; msg.msg_controllen = CMSG_SPACE(n * sizeof(int));
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET; cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(n * sizeof(int));
+    memcpy(CMSG_DATA(cm), fds, n * sizeof(int));
+    return sendmsg(s, &msg, 0) == 1 ? 0 : -1;
+}
+/* Receives `n` (at most 2) fds sent by send_fds. */
+static int recv_fds(int s, int *fds, int n) {
+    char x;
+    struct iovec io = {&x, 1};
+    char buf[CMSG_SPACE(2 * sizeof(int))];
+    struct msghdr msg = {0};
+    msg.msg_iov = &io; msg.msg_iovlen = 1;
+    msg.msg_control = buf; msg.msg_controllen = sizeof buf;
+    if (recvmsg(s, &msg, 0) != 1) return -1;
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+    if (!cm || cm->cmsg_type != SCM_RIGHTS) return -1;
+    memcpy(fds, CMSG_DATA(cm), n * sizeof(int));
+    return 0;
+}
+/* `path` opened by a child process and handed over a unix socket
+   (SCM_RIGHTS): the receiver never opens it by name. */
+static int passed_fd(const char *path) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv)) return -1;
+    pid_t pid = fork();
+    if (pid == 0) {
+        int fd = open(path, O_RDONLY);
+        _exit(fd < 0 || send_fds(sv[0], &fd, 1));
+    }
+    int fd = -1;
+    if (recv_fds(sv[1], &fd, 1)) fd = -1;
+    waitpid(pid, 0, 0);
+    return fd;
+}
+/* Sends `path` and its directory as fds to each client of a unix socket
+   at `sock`, for ever: a helper outside the pod handing over its files. */
+static int serve_fds(const char *sock, const char *path) {
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strncpy(a.sun_path, sock, sizeof a.sun_path - 1);
+    unlink(sock);
+    if (s < 0 || bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 8)) return fail("serve-fds");
+    chmod(sock, 0777);
+    char dir[256];
+    strncpy(dir, path, sizeof dir - 1); dir[sizeof dir - 1] = 0;
+    *strrchr(dir, '/') = 0;
+    for (;;) {
+        int c = accept(s, 0, 0);
+        if (c < 0) continue;
+        int fds[2] = {open(path, O_RDONLY), open(dir, O_RDONLY|O_DIRECTORY)};
+        send_fds(c, fds, 2);
+        close(fds[0]); close(fds[1]); close(c);
+    }
+}
+/* Receives a file fd and its directory's fd from `sock` (see serve_fds). */
+static int received_fds(const char *sock, int fds[2]) {
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strncpy(a.sun_path, sock, sizeof a.sun_path - 1);
+    if (s < 0 || connect(s, (struct sockaddr *)&a, sizeof a)) return -1;
+    return recv_fds(s, fds, 2);
+}
+static int memfd(void) {
+    int fd = memfd_create("payload", 0);
+    if (fd < 0) return -1;
+    write(fd, code, sizeof code); ftruncate(fd, 4096);
+    return fd;
+}
+static void *worker(void *a) {
+    struct work *w = a;
+    void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, w->fd, 0);
+    if (p == MAP_FAILED) { w->r = fail(w->m); return 0; }
+    if (w->run) { w->r = ran(w->m, p); return 0; }
+    printf("MAPPED %s\n", w->m);
+    w->r = 0;
+    return 0;
+}
+static int in_worker(const char *m, int fd, int run) {
+    struct work w = {m, fd, run, 1, 0};
+    pthread_t t;
+    if (fd < 0 || pthread_create(&t, 0, worker, &w)) return fail(m);
+    pthread_join(t, 0);
+    return w.r;
+}
+/* own-listener: answers every notification of the process's own filter
+   with CONTINUE. */
+static int own_listener = -1;
+static void *continuer(void *a) {
+    (void)a;
+    for (;;) {
+        struct seccomp_notif req;
+        struct seccomp_notif_resp resp;
+        memset(&req, 0, sizeof req);
+        if (ioctl(own_listener, SECCOMP_IOCTL_NOTIF_RECV, &req)) return 0;
+        memset(&resp, 0, sizeof resp);
+        resp.id = req.id;
+        resp.flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE;
+        ioctl(own_listener, SECCOMP_IOCTL_NOTIF_SEND, &resp);
+    }
+}
+/* An io_uring of four entries (raw syscalls: no liburing in the image). */
+struct uring { int fd; unsigned *tail, *array, mask; struct io_uring_sqe *sqes; };
+static int uring_setup(struct uring *u, unsigned flags) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    p.flags = flags;
+    p.sq_thread_idle = 5000;
+    u->fd = syscall(SYS_io_uring_setup, 4, &p);
+    if (u->fd < 0) return -1;
+    char *sq = mmap(0, p.sq_off.array + p.sq_entries * sizeof(unsigned),
+                    PROT_READ|PROT_WRITE, MAP_SHARED|MAP_POPULATE, u->fd, IORING_OFF_SQ_RING);
+    u->sqes = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe),
+                   PROT_READ|PROT_WRITE, MAP_SHARED|MAP_POPULATE, u->fd, IORING_OFF_SQES);
+    if (sq == MAP_FAILED || u->sqes == MAP_FAILED) return -1;
+    u->tail = (unsigned *)(sq + p.sq_off.tail);
+    u->array = (unsigned *)(sq + p.sq_off.array);
+    u->mask = *(unsigned *)(sq + p.sq_off.ring_mask);
+    return 0;
+}
+/* Queues one entry; `flags`: IOSQE_*. */
+static struct io_uring_sqe *uring_sqe(struct uring *u, int op, int fd, unsigned flags) {
+    unsigned i = *u->tail & u->mask;
+    struct io_uring_sqe *e = &u->sqes[i];
+    memset(e, 0, sizeof *e);
+    e->opcode = op; e->fd = fd; e->flags = flags;
+    u->array[i] = i;
+    __atomic_store_n(u->tail, *u->tail + 1, __ATOMIC_RELEASE);
+    return e;
+}
+static int uring_submit(struct uring *u, unsigned n) {
+    return syscall(SYS_io_uring_enter, u->fd, n, 0, 0, 0, 0);
+}
+static char uring_buf[16];
+/* Submits a read of `fd` that an io_uring worker thread performs (and
+   blocks in, on an empty pipe). */
+static int uring_read(int fd) {
+    struct uring u;
+    if (uring_setup(&u, 0)) return -1;
+    struct io_uring_sqe *e = uring_sqe(&u, IORING_OP_READ, fd, IOSQE_ASYNC);
+    e->addr = (unsigned long)uring_buf; e->len = sizeof uring_buf;
+    return uring_submit(&u, 1);
+}
+/* uring-swap*: opens /bin/busybox and returns the fd; 200 ms later the
+   ring's kernel thread (SQPOLL) runs a close of that fd and an open of
+   /tmp/uswap.bin (the code; it takes the freed fd number again), queued by
+   a child: no system call of this process, nothing that interrupts its
+   mmap. */
+static int uring_swap_later(void) {
+    int w = open("/tmp/uswap.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+    if (w < 0 || write(w, code, sizeof code) != sizeof code) return -1;
+    close(w);
+    struct uring u;
+    if (uring_setup(&u, IORING_SETUP_SQPOLL)) return -1;
+    int fd = open("/bin/busybox", O_RDONLY);
+    if (fd < 0) return -1;
+    if (fork() == 0) {
+        usleep(200000);
+        uring_sqe(&u, IORING_OP_CLOSE, fd, IOSQE_IO_LINK);
+        struct io_uring_sqe *e = uring_sqe(&u, IORING_OP_OPENAT, AT_FDCWD, 0);
+        e->addr = (unsigned long)"/tmp/uswap.bin"; e->open_flags = O_RDONLY;
+        /* The ring's thread sleeps when idle: only a wake-up, no
+           submission, from this other process. */
+        syscall(SYS_io_uring_enter, u.fd, 0, 0, IORING_ENTER_SQ_WAKEUP, 0, 0);
+        _exit(0);
+    }
+    return fd;
+}
+/* uring-vm-swap's sharer: a process sharing only the address space (clone
+   with CLONE_VM, not CLONE_FILES: the guard's fd-table check misses it),
+   calling into vm_at until what is there returns 42. No libc inside: it
+   shares the caller's thread pointer. */
+static void *vm_at;
+static char vm_stack[65536];
+static int vm_sharer(void *a) {
+    (void)a;
+    for (unsigned long i = 0; i < 3000000000UL; i++)
+        if (((int (*)(void))vm_at)() == 42) {
+            syscall(SYS_write, 1, "RAN uring-vm-swap\n", 18);
+            syscall(SYS_exit, 0);
+        }
+    syscall(SYS_exit, 3);
+    return 0;
+}
+/* held-flood: a thread's loop of mprotect(PROT_EXEC) on a page of its
+   own; every call is held (the threads share the address space). */
+static void *wx_flipper(void *a) {
+    (void)a;
+    char *p = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return 0;
+    for (unsigned long i = 0;; i++)
+        if (mprotect(p, 4096, (i & 1) ? PROT_READ|PROT_WRITE : PROT_READ|PROT_EXEC)) return 0;
+}
+/* Returns the worker's errno (thread-local), 0 when it worked. */
+static void *protector(void *a) {
+    return mprotect(a, 4096, PROT_READ|PROT_EXEC) ? (void *)(long)errno : 0;
+}
+int main(int argc, char **argv) {
+    const char *m = argc > 1 ? argv[1] : "";
+    const char *path = argc > 2 ? argv[2] : "/tmp/code.bin";
+    if (!strcmp(m, "memfd-mmap")) {
+        int fd = memfd(); if (fd < 0) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_SHARED, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "memfd-mprotect")) {
+        int fd = memfd(); if (fd < 0) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED || mprotect(p, 4096, PROT_READ|PROT_EXEC)) return fail(m);
+        return ran(m, p);
+    }
+    if (!strcmp(m, "worker-mprotect")) {
+        /* A file's mapping made executable by a worker thread. */
+        int w = open("/tmp/wprot.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        int fd = open("/tmp/wprot.bin", O_RDONLY);
+        void *p = fd < 0 ? MAP_FAILED : mmap(0, 4096, PROT_READ, MAP_PRIVATE, fd, 0);
+        pthread_t t;
+        void *r = (void *)1;
+        if (p == MAP_FAILED || pthread_create(&t, 0, protector, p)) return fail(m);
+        pthread_join(t, &r);
+        if (r) { errno = (int)(long)r; return fail(m); }
+        return ran(m, p);
+    }
+    if (!strcmp(m, "shm-mprotect") || !strcmp(m, "shmat-exec")) {
+        int id = shmget(IPC_PRIVATE, 4096, 0700|IPC_CREAT);
+        if (id < 0) return fail(m);
+        char *s = shmat(id, 0, 0);
+        if (s == (void *)-1) return fail(m);
+        memcpy(s, code, sizeof code);
+        int r;
+        if (!strcmp(m, "shm-mprotect")) {
+            r = mprotect(s, 4096, PROT_READ|PROT_EXEC) ? fail(m) : ran(m, s);
+        } else {
+            void *x = shmat(id, 0, SHM_EXEC|SHM_RDONLY);
+            r = x == (void *)-1 ? fail(m) : ran(m, x);
+        }
+        shmctl(id, IPC_RMID, 0);
+        return r;
+    }
+    if (!strcmp(m, "file-mmap") || !strcmp(m, "writers-mmap")) {
+        int w = open(path, O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        if (!strcmp(m, "file-mmap")) close(w);
+        int fd = open(path, O_RDONLY);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "tomtou")) {
+        /* Maps PATH executable, then rewrites its first bytes in place
+           through another fd: a mapping that outlives the write runs what
+           was written ("mov eax, 43": prints RAN tomtou 43). Without
+           argv[3] PATH is made first with the code; with it (a real
+           library) the same bytes are written back and nothing is called. */
+        int keep = argc > 3;
+        if (!keep) {
+            int w = open(path, O_RDWR|O_CREAT|O_TRUNC, 0644);
+            if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+            close(w);
+        }
+        int fd = open(path, O_RDONLY);
+        void *p = fd < 0 ? MAP_FAILED : mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        unsigned char c43[] = {0xb8, 0x2b, 0, 0, 0, 0xc3}, same[16];
+        memcpy(same, p, sizeof same);
+        int w = open(path, O_WRONLY);
+        if (w < 0) return fail(m);
+        ssize_t n = keep ? pwrite(w, same, sizeof same, 0) : pwrite(w, c43, sizeof c43, 0);
+        if (n < 0) return fail(m);
+        close(w);
+        sleep(1);
+        if (keep) { printf("WROTE %s\n", m); return 0; }
+        printf("RAN %s %d\n", m, ((int (*)(void))p)());
+        return 0;
+    }
+    if (!strcmp(m, "wrlease-mmap") || !strcmp(m, "wrlease-exec")) {
+        /* Holds a write lease on PATH and never gives it up (its break
+           signal ignored): any other open of PATH waits for it, up to
+           fs.lease-break-time. Then maps PATH executable (made with the
+           code) or runs `PATH true` in a child, and prints how long that
+           took: "RAN wrlease-mmap 42 IN <ms>" / "EXEC <status> IN <ms>". */
+        signal(SIGIO, SIG_IGN);
+        int mmapping = !strcmp(m, "wrlease-mmap");
+        if (mmapping) {
+            int w = open(path, O_RDWR|O_CREAT|O_TRUNC, 0755);
+            if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+            close(w);
+        }
+        int fd = open(path, O_RDONLY);
+        /* EAGAIN while anyone else has it open: the reader holds the fd of
+           the close-after-write event of the copy for a moment. */
+        for (int i = 0; fd >= 0 && fcntl(fd, F_SETLEASE, F_WRLCK); i++) {
+            if (errno != EAGAIN || i == 200) return fail(m);
+            usleep(10000);
+        }
+        if (fd < 0) return fail(m);
+        struct timespec a, b;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        int r = 0;
+        if (mmapping) {
+            void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+            if (p == MAP_FAILED) return fail(m);
+            r = ((int (*)(void))p)();
+        } else {
+            pid_t c = fork();
+            if (c == 0) { execl(path, path, "true", (char *)0); _exit(126); }
+            waitpid(c, &r, 0);
+        }
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        long ms = (b.tv_sec - a.tv_sec) * 1000 + (b.tv_nsec - a.tv_nsec) / 1000000;
+        if (mmapping) printf("RAN %s %d IN %ld\n", m, r, ms);
+        else printf("EXEC %d IN %ld\n", r, ms);
+        return 0;
+    }
+    if (!strcmp(m, "truncate")) {
+        /* Maps PATH executable, then cuts it with truncate(2) (no open,
+           so no fanotify event) and grows it back: the mapped page now
+           reads as zeros (prints CUT truncate 0). argv[3]: seconds to
+           wait between the two. */
+        int fd = open(path, O_RDONLY);
+        struct stat st;
+        void *p = fd < 0 || fstat(fd, &st) ? MAP_FAILED
+            : mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        printf("MAPPED %s\n", m);
+        fflush(stdout);
+        if (argc > 3) sleep(atoi(argv[3]));
+        if (truncate(path, 0) || truncate(path, st.st_size)) return fail(m);
+        printf("CUT %s %d\n", m, ((unsigned char *)p)[0]);
+        return 0;
+    }
+    if (!strcmp(m, "worker-mmap")) {
+        /* With argv[2]: map that file executable (an honest library load).
+           Without: write the code to /tmp/worker.bin, map and run it. */
+        if (argc > 2) return in_worker(m, open(path, O_RDONLY), 0);
+        int w = open("/tmp/worker.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        return in_worker(m, open("/tmp/worker.bin", O_RDONLY), 1);
+    }
+    if (!strcmp(m, "fd-pass-mmap")) {
+        const char *p2 = argc > 2 ? argv[2] : "/tmp/passed.bin";
+        int w = open(p2, O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        int fd = passed_fd(p2); if (fd < 0) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "threaded-mmap")) {
+        /* A multi-threaded program mapping argv[2] executable, honestly. */
+        int fd = open(path, O_RDONLY);
+        pthread_t t;
+        if (fd < 0 || pthread_create(&t, 0, parked, 0)) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        printf("MAPPED %s\n", m);
+        fflush(stdout);
+        return 0;
+    }
+    if (!strcmp(m, "swap-leader") && !leader_left) {
+        pthread_t t;
+        leader_left = 1; again_argc = argc; again_argv = argv;
+        if (pthread_create(&t, 0, without_leader, 0)) return fail(m);
+        pthread_exit(0);
+    }
+    int leaderless = !strcmp(m, "swap-leader");
+    if (!strcmp(m, "swap-mmap") || !strcmp(m, "swap-mprotect") || !strcmp(m, "swap-worker") || leaderless) {
+        /* swap-mmap: argv[2] is a file the policy allows, mapped through an
+           fd that names the code by the time the kernel reads it again.
+           swap-worker: the same, the mapping made by a thread that exits
+           right after it. swap-leader: swap-mmap in a process whose main
+           thread is gone. swap-mprotect: anonymous memory made executable,
+           with the code's file mapped under it by then. */
+        int worker_made = !strcmp(m, "swap-worker");
+        const char *out = !strcmp(m, "swap-mmap")   ? "/tmp/swapped-mmap.bin"
+                          : worker_made             ? "/tmp/swapped-worker.bin"
+                          : leaderless              ? "/tmp/swapped-leader.bin"
+                                                    : "/tmp/swapped-mprotect.bin";
+        int w = open(out, O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        swap_in = open(out, O_RDONLY);
+        if (swap_in < 0) return fail(m);
+        pthread_t t;
+        void *p;
+        if (!strcmp(m, "swap-mmap") || worker_made || leaderless) {
+            swap_fd = open(path, O_RDONLY);
+            if (swap_fd < 0 || pthread_create(&t, 0, swapper, 0)) return fail(m);
+            if (worker_made) {
+                static struct work w;
+                pthread_t mapper;
+                w.m = m; w.fd = swap_fd; w.run = 0;
+                if (pthread_create(&mapper, 0, mapped_at, &w)) return fail(m);
+                pthread_join(mapper, 0);
+                p = w.at;
+            } else {
+                p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, swap_fd, 0);
+            }
+        } else {
+            swap_at = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+            if (swap_at == MAP_FAILED || pthread_create(&t, 0, remapper, 0)) return fail(m);
+            p = mprotect(swap_at, 4096, PROT_READ|PROT_EXEC) ? MAP_FAILED : swap_at;
+        }
+        pthread_join(t, 0);
+        if (p == MAP_FAILED) return fail(m);
+        if (memcmp(p, code, sizeof code)) { printf("%s: not swapped in time\n", m); return 1; }
+        int r = ran(m, p);
+        fflush(stdout);
+        return r;
+    }
+    if (!strcmp(m, "fd-pass-exec")) {
+        /* argv[2]: an executable; run through the passed fd (fexecve). */
+        int fd = passed_fd(path); if (fd < 0) return fail(m);
+        char *av[] = {"true", NULL}, *ev[] = {NULL};
+        fexecve(fd, av, ev);
+        return fail(m);
+    }
+    if (!strcmp(m, "serve-fds")) return serve_fds(path, argv[3]);
+    if (!strncmp(m, "recv-", 5)) {
+        /* argv[2]: the socket of a serve-fds outside the pod, whose file
+           is a busybox run as `echo` by the fd (fexecve), through
+           /proc/self/fd, relative to the directory's fd, from it as the
+           working directory, or with it as the root. */
+        int fds[2];
+        if (received_fds(path, fds)) return fail(m);
+        char said[64], link[64];
+        snprintf(said, sizeof said, "RAN %s", m);
+        char *av[] = {"echo", said, NULL}, *ev[] = {NULL};
+        if (!strcmp(m, "recv-fexecve")) fexecve(fds[0], av, ev);
+        if (!strcmp(m, "recv-proc")) {
+            snprintf(link, sizeof link, "/proc/self/fd/%d", fds[0]);
+            execve(link, av, ev);
+        }
+        if (!strcmp(m, "recv-dirfd")) syscall(SYS_execveat, fds[1], "evil", av, ev, 0);
+        if (!strcmp(m, "recv-cwd") && !fchdir(fds[1])) execve("./evil", av, ev);
+        if (!strcmp(m, "recv-chroot") && !fchdir(fds[1]) && !chroot(".")) execve("/evil", av, ev);
+        return fail(m);
+    }
+    if (!strcmp(m, "ptrace")) {
+        /* argv[2]: a pid to attach to (and write a word of its code). */
+        pid_t p = atoi(path);
+        if (ptrace(PTRACE_ATTACH, p, 0, 0)) return fail(m);
+        waitpid(p, 0, 0);
+        ptrace(PTRACE_DETACH, p, 0, 0);
+        printf("RAN %s\n", m);
+        return 0;
+    }
+    if (!strcmp(m, "personality")) {
+        if (personality(READ_IMPLIES_EXEC) < 0) return fail(m);
+        if (!(personality(0xffffffff) & READ_IMPLIES_EXEC)) { printf("%s: not set\n", m); return 1; }
+        int fd = memfd(); if (fd < 0) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "compat-mprotect")) {
+        /* The same mprotect as a 32-bit call (int 0x80) from this 64-bit
+           process: seccomp sees another architecture and other numbers. */
+        int w = open("/tmp/compat.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        int fd = open("/tmp/compat.bin", O_RDONLY);
+        /* Below 4 GiB: a 32-bit call takes 32-bit addresses. */
+        void *p = mmap((void *)0x10000000, 4096, PROT_READ, MAP_PRIVATE|MAP_FIXED_NOREPLACE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        long r;
+        __asm__ volatile("int $0x80" : "=a"(r)
+                         : "a"(125L), "b"((long)p), "c"(4096L), "d"((long)(PROT_READ|PROT_EXEC))
+                         : "r8", "r9", "r10", "r11", "memory");
+        if (r < 0) { errno = (int)-r; return fail(m); }
+        return ran(m, p);
+    }
+    if (!strcmp(m, "own-listener")) {
+        /* A seccomp filter of the process's own whose listener (a thread of
+           its own) answers CONTINUE to its executable mappings: the newest
+           filter's answer is the one the kernel takes. */
+        struct sock_filter f[] = {
+            BPF_STMT(BPF_LD|BPF_W|BPF_ABS, offsetof(struct seccomp_data, nr)),
+            BPF_JUMP(BPF_JMP|BPF_JEQ|BPF_K, __NR_mmap, 0, 3),
+            BPF_STMT(BPF_LD|BPF_W|BPF_ABS, offsetof(struct seccomp_data, args[2])),
+            BPF_JUMP(BPF_JMP|BPF_JSET|BPF_K, PROT_EXEC, 0, 1),
+            BPF_STMT(BPF_RET|BPF_K, SECCOMP_RET_USER_NOTIF),
+            BPF_STMT(BPF_RET|BPF_K, SECCOMP_RET_ALLOW),
+        };
+        struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+        int w = open("/tmp/listener.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
+        close(w);
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return fail(m);
+        own_listener = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+        if (own_listener < 0) return fail(m);
+        pthread_t t;
+        if (pthread_create(&t, 0, continuer, 0)) return fail(m);
+        int fd = open("/tmp/listener.bin", O_RDONLY);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "uring-mmap")) {
+        /* A library mapped while an io_uring worker of the process (a
+           thread of the kernel's, sharing its fd table) waits on a read,
+           as in a program whose runtime does file I/O through io_uring. */
+        int pp[2];
+        if (pipe(pp) || uring_read(pp[0]) < 0) return fail(m);
+        usleep(100000);
+        int fd = open(path, O_RDONLY);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        printf("MAPPED %s\n", m);
+        return 0;
+    }
+    if (!strcmp(m, "uring-swap")) {
+        /* io_uring puts another file under the fd while the map guard
+           checks the call (see uring_swap_later). PATH: ms to wait before
+           the mmap (0: at once, so the swap falls inside the check). */
+        int fd = uring_swap_later();
+        if (fd < 0) return fail(m);
+        usleep(atoi(path) * 1000);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "uring-vm-swap")) {
+        /* uring-swap with a second process that shares the address space
+           and nothing else: it jumps into the mapping the moment the call
+           made it, unless it is held still until the mapping was checked
+           (and killed with the caller if it was swapped). PATH: ms to wait
+           before the mmap. */
+        static unsigned char ret0[] = {0xb8, 0, 0, 0, 0, 0xc3};
+        vm_at = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+        if (vm_at == MAP_FAILED) return fail(m);
+        memcpy(vm_at, ret0, sizeof ret0);
+        if (mprotect(vm_at, 4096, PROT_READ|PROT_EXEC)) return fail(m);
+        int fd = uring_swap_later();
+        if (fd < 0) return fail(m);
+        int sharer = clone(vm_sharer, vm_stack + sizeof vm_stack, CLONE_VM|SIGCHLD, 0);
+        if (sharer < 0) return fail(m);
+        usleep(atoi(path) * 1000);
+        void *p = mmap(vm_at, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE|MAP_FIXED, fd, 0);
+        if (p == MAP_FAILED) { kill(sharer, SIGKILL); return fail(m); }
+        int st;
+        if (waitpid(sharer, &st, 0) < 0) return fail(m);
+        printf("uring-vm-swap: the sharer %s %d\n", WIFEXITED(st) ? "exited" : "was killed by",
+               WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+        return 1;
+    }
+    if (!strcmp(m, "exec-times") || !strcmp(m, "exec-new-times")) {
+        /* PATH executions, one after the other: prints the median, the
+           99th percentile and the longest, in microseconds. exec-times runs
+           /bin/true (measured once: then a cached answer each); exec-new-times
+           a new file each time (a tiny program written outside the timing:
+           each execution is hashed). */
+        int n = atoi(path), fresh = !strcmp(m, "exec-new-times");
+        long *v = calloc(n, sizeof *v);
+        if (!v) return fail(m);
+        for (int i = 0; i < n; i++) {
+            char prog[64];
+            snprintf(prog, sizeof prog, "/tmp/exec-new-%d", i);
+            if (fresh && write_exit0(prog) != 0) return fail(m);
+            struct timespec a, b;
+            clock_gettime(CLOCK_MONOTONIC, &a);
+            pid_t c = fork();
+            if (c == 0) { execl(fresh ? prog : "/bin/true", "true", (char *)0); _exit(127); }
+            int st;
+            if (c < 0 || waitpid(c, &st, 0) < 0 || !WIFEXITED(st) || WEXITSTATUS(st)) return fail(m);
+            clock_gettime(CLOCK_MONOTONIC, &b);
+            if (fresh) unlink(prog);
+            v[i] = (b.tv_sec - a.tv_sec) * 1000000 + (b.tv_nsec - a.tv_nsec) / 1000;
+        }
+        for (int i = 1; i < n; i++)
+            for (int j = i; j > 0 && v[j - 1] > v[j]; j--) { long t = v[j]; v[j] = v[j - 1]; v[j - 1] = t; }
+        printf("EXEC-TIMES p50 %ld p99 %ld max %ld\n", v[n / 2], v[n * 99 / 100], v[n - 1]);
+        return 0;
+    }
+    if (!strcmp(m, "held-flood")) {
+        /* PATH threads, each looping guarded calls that are held: as many
+           calls wait at once as there are threads. */
+        int n = atoi(path);
+        for (int i = 0; i < n; i++) {
+            pthread_t t;
+            if (pthread_create(&t, 0, wx_flipper, 0)) return fail(m);
+        }
+        printf("FLOODING %d\n", n);
+        fflush(stdout);
+        for (;;) pause();
+    }
+    if (!strcmp(m, "mprotect-flood")) {
+        /* Every other call adds PROT_EXEC to anonymous memory: a guarded
+           call each, which costs imacri far more than the caller. PATH
+           "threaded": with a second thread, so that each call is held. */
+        pthread_t t;
+        if (!strcmp(path, "threaded") && pthread_create(&t, 0, parked, 0)) return fail(m);
+        char *p = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return fail(m);
+        for (unsigned long i = 0;; i++)
+            if (mprotect(p, 4096, (i & 1) ? PROT_READ|PROT_WRITE : PROT_READ|PROT_EXEC)) return fail(m);
+    }
+    if (!strcmp(m, "rewrite-flood")) {
+        /* Rewrites a file and opens it to read, in a loop: under a policy
+           that measures reads, each open is of new content (hashed, the
+           digest cached), each close after writing forgets it. */
+        for (unsigned long i = 0;; i++) {
+            int fd = open(path, O_WRONLY|O_CREAT|O_TRUNC, 0644);
+            if (fd < 0 || write(fd, &i, sizeof i) != sizeof i) return fail(m);
+            close(fd);
+            fd = open(path, O_RDONLY);
+            if (fd < 0) return fail(m);
+            close(fd);
+        }
+    }
+    if (!strcmp(m, "open-flood")) {
+        /* Opens a file in a loop: under a policy that measures reads, an
+           access event each. */
+        for (;;) {
+            int fd = open(path, O_RDONLY);
+            if (fd < 0) return fail(m);
+            close(fd);
+        }
+    }
+    if (!strcmp(m, "badfd-mmap")) {
+        /* PATH times an executable mapping of an fd that is not open: the
+           map guard cannot resolve the file and refuses each, a warning
+           the pod can cause as fast as it calls. */
+        int n = atoi(path), refused = 0;
+        for (int i = 0; i < n; i++)
+            if (mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, 900, 0) == MAP_FAILED) refused++;
+        printf("REFUSED %d\n", refused);
+        return 0;
+    }
+    if (!strcmp(m, "after-deny")) {
+        /* An execution that was refused leaves nothing behind that lets the
+           same file be mapped executable. */
+        char *av[] = {(char *)path, "true", NULL}, *ev[] = {NULL};
+        execve(path, av, ev);
+        printf("execve: %s\n", strerror(errno));
+        int fd = open(path, O_RDONLY);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        printf("RAN %s (mapped)\n", m);
+        return 0;
+    }
+    printf("unknown mode %s\n", m);
+    return 2;
+}

@@ -1,0 +1,224 @@
+//! Accesses in flight while imacri goes down (killed, restarted): an
+//! execution or mapping waits for the next imacri, which measures it, or
+//! is refused; none runs unmeasured.
+
+use imacri_integration::client::{run_pod, start_container};
+use imacri_integration::escapes::*;
+use imacri_integration::runner::{go_while_down, next_out, runner};
+use imacri_integration::{container_config, Env};
+
+/// A process that was running before imacri went away maps a file
+/// executable while imacri is down and after it is back: the call waits for
+/// the next imacri (the fd keeper held the seccomp listener), which measures
+/// it; it neither fails with ENOSYS nor runs unmeasured.
+#[tokio::test(flavor = "multi_thread")]
+async fn mappings_of_running_processes_wait_for_a_restarted_imacri() {
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("escape-restart", "measure");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    // The container's own process tree (not an exec) does the mapping when
+    // /tmp/go appears.
+    let script = "while true; do if [ -f /tmp/go ]; then p=$(cat /tmp/go); rm /tmp/go; \
+        escape file-mmap $p > /tmp/out.new 2>&1; mv /tmp/out.new /tmp/out; fi; \
+        sleep 0.05; done";
+    let c = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("loop", &image, &["sh", "-c", script]),
+    )
+    .await;
+    let info = imacri_integration::client::container_info(&mut rt, &c).await;
+    let pid = info["pid"].as_u64().unwrap();
+    let tmp = std::path::PathBuf::from(format!("/proc/{pid}/root/tmp"));
+    let wait_out = |what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Ok(o) = std::fs::read_to_string(tmp.join("out")) {
+                return o;
+            }
+            assert!(std::time::Instant::now() < deadline, "no output {what}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // Control: with imacri up it maps and runs.
+    std::fs::write(tmp.join("go"), "/tmp/before.bin").unwrap();
+    assert!(wait_out("first").contains("RAN file-mmap"));
+    std::fs::remove_file(tmp.join("out")).unwrap();
+
+    d.kill();
+    std::fs::write(tmp.join("go"), "/tmp/after.bin").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        !tmp.join("out").exists(),
+        "the mapping did not wait for imacri: {:?}",
+        std::fs::read_to_string(tmp.join("out"))
+    );
+    d.spawn().await.unwrap();
+    let out = wait_out("after the restart");
+    assert!(out.contains("RAN file-mmap"), "{out}\n{}", d.log());
+    // And it was measured, by the new imacri.
+    let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
+    let lines = log_lines(&d, &pod);
+    assert!(
+        lines.iter().any(|l| l.contains("/tmp/after.bin")
+            && l.contains(&code_file)
+            && l.ends_with(" mmap")),
+        "{lines:#?}"
+    );
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// While imacri is down (killed, or stopped for an upgrade), an ima
+/// container's fanotify group stays with the fd keeper: an execution then
+/// waits, and the next imacri measures it (measure) or refuses it
+/// (enforce). Nothing ran unmeasured, so no gap is logged and fail_mode
+/// "closed" has nothing to kill.
+#[tokio::test(flavor = "multi_thread")]
+async fn executions_wait_for_a_restarted_imacri() {
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "fail_mode = \"closed\"").await;
+    for (policy, graceful) in [("measure", false), ("strict", true)] {
+        let mut rt = d.runtime().await.unwrap();
+        let cfg = ima(&format!("exec-restart-{policy}"), policy);
+        let pod = run_pod(&mut rt, &cfg).await.unwrap();
+        // A changed busybox: in no policy.
+        let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true && echo x >> /tmp/new/true";
+        let (c, tmp) = runner(&mut rt, &pod, &cfg, &image, "/tmp/new/true", setup).await;
+        let pid = imacri_integration::client::container_info(&mut rt, &c).await["pid"].as_u64();
+        drop(rt);
+        if graceful {
+            d.stop();
+        } else {
+            d.kill();
+        }
+        go_while_down(&tmp, policy);
+        d.spawn().await.unwrap();
+        let out = next_out(&tmp, "after the restart", &d);
+        let lines = log_lines(&d, &pod);
+        if policy == "measure" {
+            assert_eq!(out.trim(), "ran", "{out}");
+            assert!(logged(&lines, "/tmp/new/true", None, "exec"), "{lines:#?}");
+        } else {
+            assert!(out.contains("refused"), "{out}");
+            assert!(logged(&lines, "/tmp/new/true", None, "deny"), "{lines:#?}");
+        }
+        assert!(
+            !lines.iter().any(|l| l.ends_with(" gap")),
+            "{policy}: a gap was logged though nothing ran unmeasured: {lines:#?}"
+        );
+        assert!(
+            d.log()
+                .contains("fanotify group taken back from the fd keeper"),
+            "{}",
+            d.log()
+        );
+        let mut rt = d.runtime().await.unwrap();
+        let st = imacri_integration::client::container_info(&mut rt, &c).await;
+        assert_eq!(
+            st["pid"].as_u64(),
+            pid,
+            "fail_mode closed killed a container that waited"
+        );
+        stop_pod(&mut rt, &pod).await;
+    }
+}
+
+/// An event an imacri read but never answered (it died hashing) is refused
+/// once it is gone (by the fd keeper, and again by the next imacri before
+/// it answers anything): the kernel matches answers by fd number, so an old
+/// event must not be answered by a new event's "allow", nor leave its task
+/// waiting forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_execution_in_flight_at_a_crash_is_refused() {
+    let env = Env::get();
+    let (mut d, image, _work) = node_with(env, "IMACRI_TEST_FANOTIFY_STALL", "/tmp/stall/").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("exec-in-flight", "measure");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let setup = "mkdir -p /tmp/stall && cp /bin/busybox /tmp/stall/true";
+    let (_c, tmp) = runner(&mut rt, &pod, &cfg, &image, "/tmp/stall/true", setup).await;
+    drop(rt);
+    // Read by imacri and never answered: the execution waits...
+    go_while_down(&tmp, "stalled");
+    // ...and is refused once that imacri is gone.
+    d.kill();
+    d.vars.clear();
+    d.spawn().await.unwrap();
+    let out = next_out(&tmp, "after the restart", &d);
+    assert!(out.contains("refused"), "{out}");
+    // The next execution of the same file is measured as usual.
+    std::fs::write(tmp.join("go"), "").unwrap();
+    let out = next_out(&tmp, "for the second execution", &d);
+    assert_eq!(out.trim(), "ran", "{out}");
+    let lines = log_lines(&d, &pod);
+    assert!(
+        logged(&lines, "/tmp/stall/true", None, "exec"),
+        "{lines:#?}"
+    );
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// The same for an executable mapping: a notification the dead imacri
+/// received and never answered is refused (EPERM) instead of leaving its
+/// task blocked in mmap until killed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapping_in_flight_at_a_crash_is_refused() {
+    let env = Env::get();
+    let (mut d, image, _work) =
+        node_with(env, "IMACRI_TEST_MAPGUARD_STALL", "/tmp/stall.bin").await;
+    let (pod, tmp) = mapping_runner(&d, &image, "map-in-flight", "/tmp/stall.bin").await;
+    go_while_down(&tmp, "stalled mapping");
+    d.kill();
+    d.vars.clear();
+    d.spawn().await.unwrap();
+    let out = next_out(&tmp, "after the restart", &d);
+    assert!(!out.contains("RAN file-mmap"), "{out}");
+    assert!(out.contains("refused"), "{out}");
+    // Mapping it again is measured and allowed.
+    std::fs::write(tmp.join("go"), "").unwrap();
+    let out = next_out(&tmp, "for the second mapping", &d);
+    assert!(out.contains("RAN file-mmap"), "{out}");
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// A crash while a mapped file is being hashed: the map guard handed the
+/// file to the fd keeper under the notification's id first (the caller
+/// shares nothing, so the file cannot change under its fd), so the next
+/// imacri measures it and answers the call: the mapping succeeds and is
+/// logged. (A call received and not handed over is still refused: above.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapping_hashed_at_a_crash_is_measured_by_the_next_imacri() {
+    let env = Env::get();
+    let (mut d, image, _work) = node_with(env, "IMACRI_TEST_HASH_DELAY", "/tmp/slowmap.bin").await;
+    let (pod, tmp) = mapping_runner(&d, &image, "map-hashed", "/tmp/slowmap.bin").await;
+    std::fs::write(tmp.join("go"), "").unwrap();
+    imacri_integration::poll::eventually(
+        "the mapped file's hash in flight",
+        std::time::Duration::from_secs(20),
+        || async {
+            d.log()
+                .contains("test hook: hashing 2 s longer")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    d.kill();
+    d.vars.clear();
+    d.spawn().await.unwrap();
+    let out = next_out(&tmp, "after the restart", &d);
+    assert!(out.contains("RAN file-mmap"), "{out}\n{}", d.log());
+    let lines = log_lines(&d, &pod);
+    assert!(
+        logged(&lines, "/tmp/slowmap.bin", None, "mmap"),
+        "{lines:#?}"
+    );
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}

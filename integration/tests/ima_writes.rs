@@ -1,0 +1,432 @@
+//! Files written while or after they run: a mapped file rewritten in place
+//! (ToMToU) or truncated, a script rewritten under its interpreter, a lease
+//! holder that would stall the engine, and a gone container's watches,
+//! which must hold up no open.
+
+use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
+use imacri_integration::escapes::*;
+use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+
+/// ToMToU: a file mapped executable and then rewritten in place runs what
+/// was written (the mapping reads the page cache), not what was measured.
+/// In a plain pod the rewritten code runs; in an ima pod the write is a
+/// `tomtou` entry (a violation the verifier reports) in measure mode, and
+/// kills the container in enforce mode, where the file was one the policy
+/// allows (the image's libc, first copied up so that it can be written in
+/// place).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapped_file_rewritten_in_place_is_a_violation() {
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let sleeper = |n: &str| container_config(n, &image, &["sleep", "1000"]);
+    let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
+
+    let plain = pod_config("tomtou-plain");
+    let pod = run_pod(&mut rt, &plain).await.unwrap();
+    let c = start_container(&mut rt, &pod, &plain, sleeper("c")).await;
+    let (_, out, err) = exec_sh(&mut rt, &c, "escape tomtou /tmp/t.bin").await;
+    assert!(out.contains("RAN tomtou 43"), "control: {out}{err}");
+    stop_pod(&mut rt, &pod).await;
+
+    let (pod, a, b) = two_containers(&d, &mut rt, "tomtou-measure", "measure", &image).await;
+    for c in [&a, &b] {
+        let (_, out, err) = exec_sh(&mut rt, c, "escape tomtou /tmp/t.bin").await;
+        assert!(out.contains("RAN tomtou 43"), "{out}{err}");
+        let lines = log_lines(&d, &pod);
+        let mine = entries_of(&lines, c);
+        assert!(
+            logged(&mine, "/tmp/t.bin", Some(&code_file), "mmap"),
+            "{mine:#?}"
+        );
+        assert!(
+            logged(&mine, "/tmp/t.bin", None, "tomtou"),
+            "{mine:#?}\n{}",
+            d.log()
+        );
+        // Mapping it again measures it again (what it holds now); reading
+        // a watched file is no violation.
+        let before = entries_of(&log_lines(&d, &pod), c).len();
+        sh_ok(
+            &mut rt,
+            c,
+            "escape threaded-mmap /tmp/t.bin; cat /tmp/t.bin > /dev/null",
+        )
+        .await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        let c43 = sha256_hex(&[0xb8, 0x2b, 0, 0, 0, 0xc3]);
+        assert!(logged(&mine, "/tmp/t.bin", Some(&c43), "mmap"), "{mine:#?}");
+        let new: Vec<_> = mine[before..]
+            .iter()
+            .filter(|l| l.ends_with(" tomtou"))
+            .collect();
+        assert!(new.is_empty(), "{new:#?}");
+        // truncate(2) opens nothing and sends fanotify no event: the read
+        // lease sees it, and the `tomtou` is logged before the cut lands.
+        let out = sh_ok(
+            &mut rt,
+            c,
+            "cp /tmp/t.bin /tmp/cut.bin && escape truncate /tmp/cut.bin",
+        )
+        .await;
+        assert!(out.contains("CUT truncate 0"), "{out}");
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        assert!(
+            logged(&mine, "/tmp/cut.bin", None, "tomtou"),
+            "{mine:#?}\n{}",
+            d.log()
+        );
+    }
+    let st = imacri_integration::client::container_status(&mut rt, &a).await;
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{st:?}"
+    );
+    stop_pod(&mut rt, &pod).await;
+
+    // Enforce, with a file the policy allows that the pod can write in
+    // place: the image's libc, copied up (same digest). Once it is mapped,
+    // an open for writing is refused before a byte is written; the
+    // container runs on with what was measured.
+    let (pod, a, b) = two_containers(&d, &mut rt, "tomtou-enforce", "strict", &image).await;
+    let refused = |out: &str| out.contains("Operation not permitted");
+    for c in [&a, &b] {
+        sh_ok(
+            &mut rt,
+            c,
+            &format!("cp {LIBC} /tmp/l && cat /tmp/l > {LIBC}"),
+        )
+        .await;
+        let (code, out, err) = exec_sh(&mut rt, c, &format!("escape tomtou {LIBC} keep")).await;
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(!out.contains("WROTE"), "{out}{err}");
+        assert!(refused(&out), "{out}{err}\n{}", d.log());
+        let out = sh_ok(&mut rt, c, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
+        assert!(out.ends_with("rc=1"), "{out}");
+        assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
+        let st = imacri_integration::client::container_status(&mut rt, c).await;
+        assert_eq!(
+            st.state,
+            cri::ContainerState::ContainerRunning as i32,
+            "{st:?}"
+        );
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        assert!(logged(&mine, LIBC, None, "mmap"), "{mine:#?}");
+        assert!(logged(&mine, LIBC, None, "deny"), "{mine:#?}");
+        assert!(!logged(&mine, LIBC, None, "tomtou"), "{mine:#?}");
+    }
+    // A truncate cannot be refused like an open: the truncater waits on
+    // the lease while the container is killed, so it never cuts.
+    let truncated = |d: &Imacri, c: &str| {
+        let mine = entries_of(&log_lines(d, &pod), c);
+        logged(&mine, LIBC, None, "tomtou")
+    };
+    let mut events = rt
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, out, err) = exec_sh(&mut rt, &a, &format!("escape truncate {LIBC}")).await;
+    assert!(out.contains("MAPPED") && !out.contains("CUT"), "{out}{err}");
+    let stats = imacri_integration::client::integrity_stats(&mut rt).await;
+    assert_eq!(stats["fanotify"]["unleasedFiles"], 0, "{stats}");
+    let st = imacri_integration::client::wait_exited(&mut rt, &a).await;
+    assert_eq!(st.reason, "ImaUnmeasured", "{st:?}");
+    assert!(
+        st.message.contains("truncated (its read lease broke)"),
+        "{st:?}"
+    );
+    let violation = async {
+        while let Ok(Some(e)) = events.message().await {
+            if e.container_event_type == cri::ContainerEventType::ImaViolationEvent as i32
+                && e.container_id == a
+            {
+                return true;
+            }
+        }
+        false
+    };
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(10), violation).await;
+    assert_eq!(seen, Ok(true), "IMA_VIOLATION_EVENT for {a}");
+    drop(events);
+    assert!(truncated(&d, &a), "{}", d.log());
+    // The watches are the group's and the leases the keeper's: a restarted
+    // imacri reads them back and still refuses (not only notices after).
+    d.kill();
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let (_, out, err) = exec_sh(&mut rt, &b, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
+    assert!(out.trim_end().ends_with("rc=1"), "{out}{err}\n{}", d.log());
+    assert!(refused(&err), "{out}{err}");
+    let st = imacri_integration::client::container_status(&mut rt, &b).await;
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{st:?}\n{}",
+        d.log()
+    );
+    // A truncate while imacri is down waits on the kept lease; the next
+    // imacri finds it breaking and kills the container.
+    sh_ok(
+        &mut rt,
+        &b,
+        &format!("escape truncate {LIBC} 2 > /tmp/cut.out 2>&1 &"),
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    d.kill();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let st = imacri_integration::client::wait_exited(&mut rt, &b).await;
+    assert_eq!(st.reason, "ImaUnmeasured", "{st:?}\n{}", d.log());
+    assert!(st.message.contains("while imacri was down"), "{st:?}");
+    assert!(truncated(&d, &b), "{}", d.log());
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// A process that holds a write lease makes every other open of its file
+/// wait for it (up to fs.lease-break-time, 45 s). imacri opens the files it
+/// measures (the event fd fanotify opens for the reader, its own file for a
+/// read lease of a mapped one) without waiting: a lease holder in one pod
+/// cannot stall a reader or the hashing threads every pod shares. Mapping
+/// the file works (without a lease of imacri's); running it is refused at
+/// once (the kernel denies an event whose file fanotify cannot open).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_holder_cannot_stall_the_engine() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, a, _b) = two_containers(&d, &mut rt, "wrlease", "measure", &image).await;
+    let ms = |out: &str| -> u64 {
+        out.trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    let (code, out, err) = exec_sh(&mut rt, &a, "escape wrlease-mmap /tmp/wl.bin").await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("RAN wrlease-mmap 42 IN"), "{out}\n{}", d.log());
+    assert!(
+        ms(&out) < 5000,
+        "the mapping waited on the lease: {out}\n{}",
+        d.log()
+    );
+    let mine = entries_of(&log_lines(&d, &pod), &a);
+    let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
+    assert!(
+        logged(&mine, "/tmp/wl.bin", Some(&code_file), "mmap"),
+        "{mine:#?}\n{}",
+        d.log()
+    );
+    let (code, out, err) = exec_sh(
+        &mut rt,
+        &a,
+        "cp /bin/busybox /tmp/wl-exec && escape wrlease-exec /tmp/wl-exec",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("EXEC ") && !out.starts_with("EXEC 0 "),
+        "{out}\n{}",
+        d.log()
+    );
+    assert!(ms(&out) < 5000, "the execution waited on the lease: {out}");
+    // The reader goes on: the next execution runs at once.
+    let t0 = std::time::Instant::now();
+    assert_eq!(sh_ok(&mut rt, &a, "hello").await, "hello dynamic");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// A script is read by its interpreter after its execution was measured,
+/// a buffer at a time: rewritten in place while the interpreter sleeps, it
+/// runs what was written (the control, in a plain pod). In an ima pod the
+/// rewrite is seen as IMA's ToMToU sees it (the file is open by a reader
+/// of the pod): in `measure` mode a `tomtou` violation, under `enforce`
+/// the open for writing is refused (a `deny` entry) and what was measured
+/// runs. Once the script is done, rewriting it is no violation. Under
+/// `enforce` imacri is restarted while the script runs: the watch is the
+/// group's, read back by the next imacri.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_script_rewritten_while_it_runs_is_seen() {
+    let env = Env::get();
+    let (mut d, image, work) = node(env, "").await;
+    // Longer than ash's read buffer, so that the last line is read after
+    // the sleep.
+    let pad = "# padding padding padding padding padding padding padding";
+    let mut text = String::from("#!/bin/sh\nsleep 6\n");
+    for _ in 0..200 {
+        text.push_str(pad);
+        text.push('\n');
+    }
+    let off = text.len() + "echo ".len();
+    text.push_str("echo SAFE\n");
+    // The strict policy allows this script (by digest, anywhere).
+    let golden = work.path().join("golden.json");
+    let mut g: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&golden).unwrap()).unwrap();
+    g["digests"] = serde_json::json!([format!("sha256:{}", sha256_hex(text.as_bytes()))]);
+    std::fs::write(&golden, serde_json::to_vec(&g).unwrap()).unwrap();
+    let make = format!(
+        "printf '#!/bin/sh\\nsleep 6\\n' > /tmp/s.sh && for i in $(seq 200); do echo '{pad}' >> /tmp/s.sh; done && echo 'echo SAFE' >> /tmp/s.sh && chmod +x /tmp/s.sh"
+    );
+    let rewrite =
+        format!("printf EVIL | dd of=/tmp/s.sh bs=1 seek={off} conv=notrunc 2>&1; echo dd=$?");
+    let mut rt = d.runtime().await.unwrap();
+    for (cfg, ev) in [
+        (pod_config("script-plain"), None),
+        (ima("script-measure", "measure"), Some("tomtou")),
+        (ima("script-strict", "strict"), Some("deny")),
+    ] {
+        let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+        let (code, out, err) = exec_sh(
+            &mut rt,
+            &c,
+            &format!("{make} && (/tmp/s.sh > /tmp/out 2>&1 &)"),
+        )
+        .await;
+        assert_eq!(code, 0, "{out}{err}");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if ev == Some("deny") {
+            d.kill();
+            d.spawn().await.unwrap();
+            rt = d.runtime().await.unwrap();
+        }
+        let run = format!("{rewrite}; while [ ! -s /tmp/out ]; do sleep 0.2; done; cat /tmp/out");
+        let (_, out, err) = exec_sh(&mut rt, &c, &run).await;
+        match ev {
+            Some("deny") => {
+                assert!(out.contains("Operation not permitted"), "{out}{err}");
+                assert!(out.contains("SAFE") && !out.contains("EVIL"), "{out}{err}");
+            }
+            _ => {
+                assert!(out.contains("dd=0"), "{out}{err}");
+                assert!(out.contains("EVIL"), "the rewrite ran: {out}{err}");
+            }
+        }
+        if let Some(ev) = ev {
+            let lines = log_lines(&d, &pod);
+            assert!(logged(&lines, "/tmp/s.sh", None, ev), "{lines:#?}");
+            let violations = lines.len();
+            // Done running: a rewrite is fine (and what runs next is
+            // measured again).
+            let (_, out, err) = exec_sh(&mut rt, &c, &rewrite).await;
+            assert!(out.contains("dd=0"), "{out}{err}");
+            assert_eq!(log_lines(&d, &pod).len(), violations, "{}", d.log());
+        }
+        stop_pod(&mut rt, &pod).await;
+    }
+}
+
+/// A container's watches are its fanotify group's, and a mark that asks
+/// for permission events makes every open of its file wait for the group's
+/// reader: once the container is gone, so must its group be, or the next
+/// open of a file it mapped waits forever (what outlives a container: a
+/// pod's tmpfs volume, measured under `volumes = "measure"`; the host's
+/// files a guarded process maps). Here one container mapped a file of the
+/// pod's volume and ran a script from it, another mapped one and exited by
+/// itself. Once they are gone, the host opens each for writing at once,
+/// and nothing more is logged for them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_containers_watches_hold_up_no_open() {
+    let env = Env::get();
+    let (d, image, work) = node(env, "[ima.policies.vols]\nvolumes = \"measure\"").await;
+    let mut rt = d.runtime().await.unwrap();
+    let vol = work.path().join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &vol,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16m"),
+    )
+    .unwrap();
+    let with_vol = |mut c: cri::ContainerConfig| {
+        c.mounts.push(cri::Mount {
+            container_path: "/x".into(),
+            host_path: vol.to_string_lossy().into(),
+            ..Default::default()
+        });
+        c
+    };
+    let cfg = ima("gone-watch", "vols");
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let stopped = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        with_vol(container_config("a", &image, &["sleep", "1000"])),
+    )
+    .await;
+    let (code, out, err) = exec_sh(
+        &mut rt,
+        &stopped,
+        "escape file-mmap /x/a.bin && printf '#!/bin/sh\\nexec sleep 1000\\n' > /x/s.sh && chmod +x /x/s.sh && (/x/s.sh > /dev/null 2>&1 &)",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}\n{}", d.log());
+    let exited = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        with_vol(container_config(
+            "b",
+            &image,
+            &["escape", "file-mmap", "/x/b.bin"],
+        )),
+    )
+    .await;
+    let st = imacri_integration::client::wait_exited(&mut rt, &exited).await;
+    assert_eq!(st.exit_code, 0, "{st:?}");
+    let lines = log_lines(&d, &pod);
+    assert!(
+        logged(&entries_of(&lines, &stopped), "/x/a.bin", None, "mmap"),
+        "{lines:#?}"
+    );
+    assert!(
+        logged(&entries_of(&lines, &exited), "/x/b.bin", None, "mmap"),
+        "{lines:#?}"
+    );
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: stopped.clone(),
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    for c in [&stopped, &exited] {
+        rt.remove_container(cri::RemoveContainerRequest {
+            container_id: c.to_string(),
+        })
+        .await
+        .unwrap();
+    }
+    let logged_before = log_lines(&d, &pod).len();
+    for f in ["a.bin", "s.sh", "b.bin"] {
+        // In a thread of its own: an open that waits on a permission
+        // event nobody reads cannot be given up by the one waiting.
+        let path = vol.join(f);
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let opened = std::fs::OpenOptions::new().write(true).open(&path);
+            let _ = done.send(opened.map(drop).map_err(|e| e.to_string()));
+        });
+        match result.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(r) => assert_eq!(r, Ok(()), "{f}"),
+            Err(_) => panic!(
+                "opening {f} for writing waits on a gone container's watch (/proc/locks:\n{})\n{}",
+                std::fs::read_to_string("/proc/locks").unwrap_or_default(),
+                d.log()
+            ),
+        }
+    }
+    assert_eq!(log_lines(&d, &pod).len(), logged_before);
+    stop_pod(&mut rt, &pod).await;
+    nix::mount::umount2(&vol, nix::mount::MntFlags::MNT_DETACH).unwrap();
+}
