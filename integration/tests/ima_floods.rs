@@ -595,3 +595,64 @@ fn libc_ticks() -> f64 {
     // SAFETY: sysconf has no side effects.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
+
+/// Open fds and threads of a process.
+fn held_by(pid: i32) -> (usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+    (fds, threads)
+}
+
+/// One ima pod whose two containers map a file, run a script and a dynamic
+/// program (groups, marks, leases, listeners and their keeper copies), then
+/// stopped and removed.
+async fn busy_pod(
+    d: &imacri_integration::Imacri,
+    rt: &mut imacri_integration::client::Rt,
+    image: &str,
+    name: &str,
+) {
+    let (pod, a, b) = two_containers(d, rt, name, "measure", image).await;
+    for c in [&a, &b] {
+        let out = sh_ok(
+            rt,
+            c,
+            "escape file-mmap /tmp/m.bin && escape threaded-mmap /tmp/m.bin && printf '#!/bin/sh\\necho script\\n' > /tmp/s.sh && chmod +x /tmp/s.sh && /tmp/s.sh && hello",
+        )
+        .await;
+        assert!(out.ends_with("script\nhello dynamic"), "{out}");
+    }
+    stop_pod(rt, &pod).await;
+}
+
+/// Whatever imacri holds for an ima pod goes with it: after pods that
+/// mapped files (each watched with a lease, kept by the fd keeper too), ran
+/// scripts and dynamic programs, imacri and its keeper hold no more fds or
+/// threads than before them (imacri's copy of a gone container's leases
+/// stayed open until 2026-12-04).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gone_pod_leaves_nothing_open() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let imacri = d.pid().unwrap() as i32;
+    busy_pod(&d, &mut rt, &image, "leak-0").await;
+    let settled = || async {
+        // Hashing threads linger 200 ms after their last job.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let keeper = d.keeper_pids().first().copied();
+        (held_by(imacri), keeper.map(held_by))
+    };
+    let (before, keeper_before) = settled().await;
+    for i in 1..=4 {
+        busy_pod(&d, &mut rt, &image, &format!("leak-{i}")).await;
+    }
+    let (after, keeper_after) = settled().await;
+    assert!(
+        after.0 <= before.0 + 2 && after.1 <= before.1 + 2,
+        "imacri (fds, threads): {before:?} before, {after:?} after 4 pods"
+    );
+    if let (Some(b), Some(a)) = (keeper_before, keeper_after) {
+        assert!(a.0 <= b.0, "the fd keeper's fds: {b:?} before, {a:?} after");
+    }
+}
