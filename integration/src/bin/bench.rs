@@ -177,7 +177,19 @@ async fn round(
             imacri_integration::own_pids(&mut cfg);
         }
         let pod = s.time("RunPodSandbox", run_pod(rt, &cfg)).await?;
-        let c = container_config("c", busybox, &["sleep", "1000"]);
+        let mut c = container_config("c", busybox, &["sleep", "1000"]);
+        if kubelet {
+            // kubelet sends a container the pod's namespace options.
+            c.linux
+                .get_or_insert_with(Default::default)
+                .security_context
+                .get_or_insert_with(Default::default)
+                .namespace_options = cfg
+                .linux
+                .as_ref()
+                .and_then(|l| l.security_context.as_ref())
+                .and_then(|s| s.namespace_options.clone());
+        }
         let req = cri::CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
             config: Some(c),
