@@ -1,0 +1,196 @@
+//! The keys the keeper holds fds under, and which go with which: a
+//! container's group (`fan:`) takes its events (`fev:`) and leases (`fls:`)
+//! with it, a seccomp listener its notifications (`mev:`).
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+
+/// Keys of fanotify groups start with this.
+pub const FANOTIFY: &str = "fan:";
+
+/// Keys of fanotify events an imacri was measuring (a copy of the event's
+/// fd, handed over before hashing) start with this; see [`event_key`].
+pub const FANOTIFY_EVENT: &str = "fev:";
+
+/// An event the last imacri read and was measuring when it went away: the
+/// file, and the number its reader got, by which the kernel matches the
+/// answer (any process may write it to the group).
+pub struct KeptEvent {
+    pub number: i32,
+    pub exec: bool,
+    /// The thread that opened the file.
+    pub tid: i32,
+    pub file: OwnedFd,
+}
+
+/// `fev:<container>:<number>:<exec|read>:<tid>`.
+pub fn event_key(container: &str, number: i32, exec: bool, tid: i32) -> String {
+    let kind = if exec { "exec" } else { "read" };
+    format!("{FANOTIFY_EVENT}{container}:{number}:{kind}:{tid}")
+}
+
+/// The container and the event's number, kind and thread of an
+/// [`event_key`].
+pub fn parse_event_key(key: &str) -> Option<(&str, i32, bool, i32)> {
+    let rest = key.strip_prefix(FANOTIFY_EVENT)?;
+    let mut f = rest.rsplitn(4, ':');
+    let tid = f.next()?.parse().ok()?;
+    let exec = match f.next()? {
+        "exec" => true,
+        "read" => false,
+        _ => return None,
+    };
+    let number = f.next()?.parse().ok()?;
+    Some((f.next()?, number, exec, tid))
+}
+
+/// Keys of map-guard notifications an imacri was measuring (a copy of the
+/// mapped file, handed over before hashing): `mev:<listener key>:<id>`.
+pub const MAPPING_EVENT: &str = "mev:";
+
+pub fn mapping_key(listener: &str, id: u64) -> String {
+    format!("{MAPPING_EVENT}{listener}:{id}")
+}
+
+/// The listener's key and the notification id of a [`mapping_key`].
+pub fn parse_mapping_key(key: &str) -> Option<(&str, u64)> {
+    let (listener, id) = key.strip_prefix(MAPPING_EVENT)?.rsplit_once(':')?;
+    Some((listener, id.parse().ok()?))
+}
+
+/// Keys of read leases on the files a container mapped executable (a copy
+/// of imacri's own open file that holds the lease):
+/// `fls:<container>:<dev>:<ino>:<serial>`, the serial making each lease's
+/// key its own (one file can be leased again after its watch ended while
+/// the old key is being dropped). They go with their container's group.
+pub const LEASE: &str = "fls:";
+
+pub fn lease_key(container: &str, inode: (u64, u64)) -> String {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(
+        "{LEASE}{container}:{}:{}:{}-{n}",
+        inode.0,
+        inode.1,
+        std::process::id()
+    )
+}
+
+/// The container of a [`lease_key`].
+pub fn parse_lease_key(key: &str) -> Option<&str> {
+    let mut f = key.strip_prefix(LEASE)?.rsplitn(4, ':');
+    f.next()?;
+    f.next()?.parse::<u64>().ok()?;
+    f.next()?.parse::<u64>().ok()?;
+    f.next()
+}
+
+/// The event numbers kept for `container`'s group.
+pub(super) fn kept_numbers(held: &BTreeMap<String, OwnedFd>, container: &str) -> Vec<i32> {
+    held.keys()
+        .filter_map(|k| parse_event_key(k))
+        .filter(|(c, ..)| *c == container)
+        .map(|(_, n, ..)| n)
+        .collect()
+}
+
+/// The notification ids kept for the listener under `listener`.
+pub(super) fn kept_ids(held: &BTreeMap<String, OwnedFd>, listener: &str) -> Vec<u64> {
+    held.keys()
+        .filter_map(|k| parse_mapping_key(k))
+        .filter(|(l, _)| *l == listener)
+        .map(|(_, id)| id)
+        .collect()
+}
+
+/// Events whose container's group (or whose listener) is no longer held
+/// are let go: nobody will answer them through it. A group's leases go with
+/// it too (each an open file of the container's, and a lease nobody answers
+/// makes every open for writing of its file wait out `fs.lease-break-time`).
+pub(super) fn drop_orphan_events(held: &mut BTreeMap<String, OwnedFd>) {
+    let live: std::collections::HashSet<String> = held
+        .keys()
+        .filter_map(|k| k.strip_prefix(FANOTIFY))
+        .map(str::to_string)
+        .collect();
+    let listeners: std::collections::HashSet<String> = held
+        .keys()
+        .filter(|k| is_listener_key(k))
+        .cloned()
+        .collect();
+    held.retain(|k, _| {
+        parse_event_key(k).is_none_or(|(c, ..)| live.contains(c))
+            && parse_lease_key(k).is_none_or(|c| live.contains(c))
+            && parse_mapping_key(k).is_none_or(|(l, _)| listeners.contains(l))
+    });
+}
+
+/// Whether `other` goes when `key` goes ([`drop_orphan_events`]'s rule for
+/// one key): a group's events and leases, a listener's notifications.
+pub(super) fn goes_with(key: &str, other: &str) -> bool {
+    if let Some(c) = key.strip_prefix(FANOTIFY) {
+        parse_event_key(other).is_some_and(|(o, ..)| o == c) || parse_lease_key(other) == Some(c)
+    } else if is_listener_key(key) {
+        parse_mapping_key(other).is_some_and(|(l, _)| l == key)
+    } else {
+        false
+    }
+}
+
+/// Whether `key` names a seccomp listener (not a group or an event).
+pub(super) fn is_listener_key(key: &str) -> bool {
+    !key.starts_with(FANOTIFY)
+        && !key.starts_with(FANOTIFY_EVENT)
+        && !key.starts_with(MAPPING_EVENT)
+        && !key.starts_with(LEASE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_keys_round_trip() {
+        let c = "3b48b7a8b2acc22ad0839b2532189cd0812d8576402178d35211ea12f4b568fc";
+        let k = event_key(c, 37, true, 4242);
+        assert!(k.starts_with(FANOTIFY_EVENT));
+        assert_eq!(parse_event_key(&k), Some((c, 37, true, 4242)));
+        assert_eq!(
+            parse_event_key(&event_key(c, 5, false, 1)),
+            Some((c, 5, false, 1))
+        );
+        assert_eq!(parse_event_key(&format!("{FANOTIFY}{c}")), None);
+        assert_eq!(parse_event_key("fev:c:x:exec:1"), None);
+        assert_eq!(parse_event_key("fev:c:1:run:1"), None);
+    }
+
+    #[test]
+    fn events_go_with_their_group() {
+        let file = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let mut held = BTreeMap::new();
+        held.insert(format!("{FANOTIFY}a"), file());
+        held.insert(event_key("a", 7, true, 1), file());
+        held.insert(event_key("a", 9, false, 1), file());
+        held.insert(event_key("b", 7, true, 1), file());
+        let (la, lb) = (lease_key("a", (2049, 12)), lease_key("b", (2049, 12)));
+        held.insert(la.clone(), file());
+        held.insert(lb.clone(), file());
+        held.insert("c1/p1/1".to_string(), file());
+        held.insert(mapping_key("c1/p1/1", 41), file());
+        held.insert(mapping_key("c2/p1/2", 42), file());
+        drop_orphan_events(&mut held);
+        assert_eq!(kept_numbers(&held, "a"), vec![7, 9]);
+        assert!(kept_numbers(&held, "b").is_empty());
+        assert!(held.contains_key(&la));
+        assert!(!held.contains_key(&lb));
+        assert_eq!(parse_lease_key(&lease_key("a", (1, 2))), Some("a"));
+        assert_eq!(parse_lease_key("fls:a:x:2:1-1"), None);
+        assert!(held.contains_key("c1/p1/1"));
+        assert_eq!(kept_ids(&held, "c1/p1/1"), vec![41]);
+        assert!(kept_ids(&held, "c2/p1/2").is_empty());
+        assert_eq!(
+            parse_mapping_key(&mapping_key("c1/p1/1", 41)),
+            Some(("c1/p1/1", 41))
+        );
+    }
+}
