@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::ids::ids_dir;
-use super::keys::goes_with;
+use super::keys::followers;
 use super::wire::{recv, send, seqpacket};
 
 /// The client side, used by imacri.
@@ -148,7 +148,7 @@ impl Keeper {
         let removed: Vec<OwnedFd> = match self.given.lock() {
             Ok(mut g) => {
                 let mut out: Vec<OwnedFd> = g.remove(key).into_iter().collect();
-                let with: Vec<String> = g.keys().filter(|k| goes_with(key, k)).cloned().collect();
+                let with = followers(&g, key);
                 for k in with {
                     out.extend(g.remove(&k));
                 }

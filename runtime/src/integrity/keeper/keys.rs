@@ -137,6 +137,32 @@ pub(super) fn goes_with(key: &str, other: &str) -> bool {
     }
 }
 
+/// The keys in `held` that go with `key` ([`goes_with`]), found by their
+/// prefixes: a lookup, not a scan of everything held (imacri's copy is
+/// searched on every answered event, under a lock all pods' threads take).
+pub(super) fn followers<T>(held: &BTreeMap<String, T>, key: &str) -> Vec<String> {
+    let prefixes: Vec<String> = if let Some(c) = key.strip_prefix(FANOTIFY) {
+        vec![format!("{FANOTIFY_EVENT}{c}:"), format!("{LEASE}{c}:")]
+    } else if is_listener_key(key) {
+        vec![format!("{MAPPING_EVENT}{key}:")]
+    } else {
+        Vec::new()
+    };
+    prefixes
+        .iter()
+        .flat_map(|p| {
+            held.range::<str, _>((
+                std::ops::Bound::Included(p.as_str()),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(k, _)| k)
+            .take_while(move |k| k.starts_with(p.as_str()))
+        })
+        .filter(|k| goes_with(key, k))
+        .cloned()
+        .collect()
+}
+
 /// Whether `key` names a seccomp listener (not a group or an event).
 pub(super) fn is_listener_key(key: &str) -> bool {
     !key.starts_with(FANOTIFY)
@@ -148,6 +174,41 @@ pub(super) fn is_listener_key(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn followers_are_found_by_prefix() {
+        let mut held = BTreeMap::new();
+        let la = lease_key("a", (1, 2));
+        for k in [
+            format!("{FANOTIFY}a"),
+            format!("{FANOTIFY}ab"),
+            event_key("a", 7, true, 1),
+            event_key("ab", 7, true, 1),
+            la.clone(),
+            lease_key("ab", (1, 2)),
+            "c1/p1/1".to_string(),
+            mapping_key("c1/p1/1", 4),
+            mapping_key("c1/p1/10", 4),
+        ] {
+            held.insert(k, ());
+        }
+        let mut a = followers(&held, &format!("{FANOTIFY}a"));
+        a.sort();
+        let mut want = vec![event_key("a", 7, true, 1), la];
+        want.sort();
+        assert_eq!(a, want);
+        assert_eq!(followers(&held, "c1/p1/1"), vec![mapping_key("c1/p1/1", 4)]);
+        assert!(followers(&held, &event_key("a", 7, true, 1)).is_empty());
+        // The same as the rule for every key.
+        for key in held.keys() {
+            let mut scan: Vec<String> =
+                held.keys().filter(|k| goes_with(key, k)).cloned().collect();
+            let mut found = followers(&held, key);
+            scan.sort();
+            found.sort();
+            assert_eq!(found, scan, "{key}");
+        }
+    }
 
     #[test]
     fn event_keys_round_trip() {
