@@ -1,0 +1,423 @@
+//! The decision on a measured access: appraised against the pod's policy,
+//! watched for writers where it maps or runs a script, checked for open
+//! writers, recorded, answered; and the violations it notices.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::Ordering;
+
+use super::{Engine, Measured, Notice, Pending};
+use crate::integrity::digest::{digest_text, fd_path};
+use crate::integrity::journal::JournalError;
+use crate::integrity::log::Event;
+use crate::integrity::policy::Mode;
+
+impl Engine {
+    /// A file `t` mapped executable is being opened for writing; the
+    /// opener waits for the answer. Under `enforce` it is refused (a `deny`
+    /// entry: the attempt is an alert, and the file keeps what was
+    /// measured); otherwise let through as a `tomtou` violation, written to
+    /// the log before the opener can write. Unrecorded: refused.
+    /// `what` the file is (mapped executable, a script being read).
+    pub fn write_open(&self, t: &Measured, path: &str, what: &str) -> bool {
+        let enforce = t.mode == Mode::Enforce;
+        let (event, reason) = if enforce {
+            (
+                Event::Deny,
+                format!("opened for writing while {what}: refused"),
+            )
+        } else {
+            (
+                Event::Tomtou,
+                format!("{what}, then opened for writing while the container ran"),
+            )
+        };
+        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, %reason, "ima violation: a watched file opened for writing");
+        let r = self
+            .journal
+            .record(&t.pod, &t.container, path, [0; 32], event, true);
+        let allow = !enforce && r.is_ok();
+        if !allow {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        self.notice(t, path.to_string(), String::new(), !allow, reason);
+        allow
+    }
+
+    /// A file `t` mapped executable was written since, by a writer no
+    /// check saw open: a `tomtou` entry (a violation) and, under `enforce`,
+    /// the container is killed, since a mapping may now run what no policy
+    /// allowed.
+    pub fn tomtou(&self, t: &Measured, path: &str, what: &str, how: &str) {
+        let reason = format!("{what}, then {how} while the container ran");
+        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, %reason, "ima violation: tomtou");
+        let r = self
+            .journal
+            .record(&t.pod, &t.container, path, [0; 32], Event::Tomtou, true);
+        if t.mode == Mode::Enforce || r.is_err() {
+            let _ = self.notices.send(Notice {
+                pod: t.pod.clone(),
+                container: t.container.clone(),
+                path: path.to_string(),
+                digest: String::new(),
+                denied: true,
+                reason: format!("{reason}: {path}"),
+                stopped: true,
+            });
+        } else {
+            self.notice(t, path.to_string(), String::new(), false, reason);
+        }
+    }
+
+    /// Appraises, records and answers one measured access. `hit`: when a
+    /// cache hit's handling began, for the time-to-answer statistic (taken
+    /// before the answer: answering wakes the waiting task, which may
+    /// preempt this thread).
+    pub(super) fn decide(
+        &self,
+        t: &Measured,
+        pending: Box<dyn Pending>,
+        kind: Event,
+        digest: [u8; 32],
+        hit: Option<std::time::Instant>,
+    ) {
+        let fd = pending.fd();
+        let path = fd_path(fd);
+        let digest_hex = digest_text(&digest);
+        let runs = matches!(kind, Event::Exec | Event::Mmap);
+        let enforce = t.mode == Mode::Enforce && runs;
+        if kind == Event::Mmap {
+            self.stats.mappings.fetch_add(1, Ordering::Relaxed);
+        }
+        let verdict = t
+            .allowlist
+            .as_ref()
+            .and_then(|a| a.check_file(&path, &digest_hex, kind));
+        let deny = verdict.is_some() && enforce;
+        // A mapping to be allowed is watched first: from here on an open
+        // for writing waits for the watch's answer, so the check below sees
+        // every writer that opened before it.
+        let mut watch = None;
+        if let Some(w) = (kind == Event::Mmap && !deny)
+            .then(|| self.write_watch(t))
+            .flatten()
+        {
+            match w.watch(fd) {
+                Ok(true) => watch = Some(w),
+                Ok(false) => {}
+                // Unwatched, a mapping could be rewritten unseen.
+                Err(e) if enforce => {
+                    if let Some(unsaid) = t.quiet.take() {
+                        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a mapping cannot be watched for writers; refused");
+                    }
+                    self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                    pending.answer(false);
+                    let reason = format!("cannot be watched for writers: {e}");
+                    return self.notice(t, path, digest_hex, true, reason);
+                }
+                Err(e) => {
+                    if let Some(unsaid) = t.quiet.take() {
+                        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a mapped file is not watched for writers")
+                    }
+                }
+            }
+        }
+        // A script is read by its interpreter after this answer: watched
+        // first, so that no rewrite under the interpreter goes unseen.
+        if kind == Event::Exec && !deny && !is_elf(fd) {
+            if let Some(w) = self.write_watch(t) {
+                if let Err(e) = w.watch_script(fd) {
+                    if enforce {
+                        if let Some(unsaid) = t.quiet.take() {
+                            tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a script cannot be watched for writers; refused");
+                        }
+                        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                        pending.answer(false);
+                        let reason = format!("cannot be watched for writers: {e}");
+                        return self.notice(t, path, digest_hex, true, reason);
+                    }
+                    if let Some(unsaid) = t.quiet.take() {
+                        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "an executed script is not watched for writers");
+                    }
+                }
+            }
+        }
+        // Checked right before the answer: a writer could change what runs
+        // after it was measured. Only for mappings: an execution of a file
+        // open for writing is refused by the kernel itself (ETXTBSY), and
+        // so is opening a running executable for writing.
+        if kind == Event::Mmap && open_for_writing(fd) {
+            let reason = "open for writing while executed or mapped executable".to_string();
+            let r = self
+                .journal
+                .record(&t.pod, &t.container, &path, digest, Event::Writers, true);
+            if enforce || r.is_err() {
+                if let Some(w) = &watch {
+                    w.unwatch(fd);
+                }
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                pending.answer(false);
+                return self.notice(t, path, digest_hex, true, reason);
+            }
+            self.notice(t, path.clone(), digest_hex.clone(), false, reason);
+        }
+        let logged = if deny { Event::Deny } else { kind };
+        let new = match self.journal.record(
+            &t.pod,
+            &t.container,
+            &path,
+            digest,
+            logged,
+            verdict.is_some(),
+        ) {
+            Ok(e) => e.is_some(),
+            Err(e) => {
+                // Unrecorded means unmeasured: refused in every mode.
+                let quota = matches!(e, JournalError::Quota { .. });
+                if !quota {
+                    tracing::error!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, "cannot append to the measurement log");
+                }
+                if let Some(w) = &watch {
+                    w.unwatch(fd);
+                }
+                self.stats.denied.fetch_add(1, Ordering::Relaxed);
+                pending.answer(false);
+                return self.notice(t, path, digest_hex, true, e.to_string());
+            }
+        };
+        if deny {
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(t0) = hit {
+            self.stats
+                .hit_ns_total
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        pending.answer(!deny);
+        if let Some(reason) = verdict {
+            if new || deny {
+                self.notice(t, path, digest_hex, deny, reason);
+            }
+        }
+    }
+
+    pub(super) fn notice(
+        &self,
+        t: &Measured,
+        path: String,
+        digest: String,
+        denied: bool,
+        reason: String,
+    ) {
+        let _ = self.notices.send(Notice {
+            pod: t.pod.clone(),
+            container: t.container.clone(),
+            path,
+            digest,
+            denied,
+            reason,
+            stopped: false,
+        });
+    }
+
+    /// A source that cannot go on: the gap is logged and the server told to
+    /// kill the container.
+    pub(in crate::integrity) fn stopped(&self, t: &Measured, reason: String) {
+        tracing::error!(pod_sandbox_id = %t.pod, container_id = %t.container, %reason, "measurement stopped; the container is killed");
+        self.gap(t, "-");
+        let _ = self.notices.send(Notice {
+            pod: t.pod.clone(),
+            container: t.container.clone(),
+            path: String::new(),
+            digest: String::new(),
+            denied: false,
+            reason,
+            stopped: true,
+        });
+    }
+}
+
+/// Whether the file open as `fd` is an ELF program (else the kernel runs
+/// it through an interpreter that reads it: a script).
+fn is_elf(fd: BorrowedFd<'_>) -> bool {
+    let mut magic = [0u8; 4];
+    nix::sys::uio::pread(fd, &mut magic, 0).is_ok_and(|n| n == 4 && magic == *b"\x7fELF")
+}
+
+/// Whether the file's content can change under what was measured (IMA's
+/// open-writers): someone has it open for writing, or it has no name and is
+/// not sealed against writes (a memfd or SysV segment: pseudo files whose
+/// writers the kernel does not count). Fails closed: a file that can take
+/// neither check counts as written.
+pub fn open_for_writing(fd: BorrowedFd<'_>) -> bool {
+    let raw = fd.as_raw_fd();
+    let nameless = nix::sys::stat::fstat(raw).map_or(true, |st| st.st_nlink == 0);
+    if nameless {
+        // SAFETY: fcntl on a valid fd with integer arguments.
+        let seals = unsafe { libc::fcntl(raw, libc::F_GET_SEALS) };
+        let sealed = seals >= 0 && seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0;
+        if !sealed {
+            return true;
+        }
+    }
+    // `fd` may be the process's own open file (the map guard's), and a
+    // lease is the file's: one the process holds through it must be left
+    // alone (a read lease taken here would replace it, and the release drop
+    // it). Held, it answers the question: a read lease stands only while
+    // nobody has the file open for writing, a write lease only while
+    // nobody else has it open at all, so only this very file can be
+    // open for writing (a write lease being downgraded for a reader reads
+    // as F_RDLCK; one being broken by a writer as F_UNLCK, checked below).
+    // SAFETY: fcntl on a valid fd with integer arguments.
+    let held = unsafe { libc::fcntl(raw, libc::F_GETLEASE) };
+    if held == libc::F_RDLCK || held == libc::F_WRLCK {
+        let mode = unsafe { libc::fcntl(raw, libc::F_GETFL) } & libc::O_ACCMODE;
+        return mode != libc::O_RDONLY;
+    }
+    // A read lease is refused exactly when the inode's write count is
+    // positive (the kernel's check_conflicting_open); released at once.
+    let r = unsafe { libc::fcntl(raw, libc::F_SETLEASE, libc::F_RDLCK) };
+    if r != 0 {
+        return true;
+    }
+    unsafe { libc::fcntl(raw, libc::F_SETLEASE, libc::F_UNLCK) };
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+    use super::*;
+    use crate::integrity::digest::hash_fd;
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::sync::Mutex;
+
+    struct Recorded {
+        fd: OwnedFd,
+        answers: Arc<Mutex<Vec<(String, bool)>>>,
+        name: String,
+    }
+
+    impl Pending for Recorded {
+        fn fd(&self) -> BorrowedFd<'_> {
+            self.fd.as_fd()
+        }
+        fn answer(self: Box<Self>, allow: bool) {
+            self.answers
+                .lock()
+                .unwrap()
+                .push((self.name.clone(), allow));
+        }
+    }
+
+    #[test]
+    fn open_writers_are_seen() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("bin");
+        std::fs::write(&p, b"\x7fELF").unwrap();
+        let r = std::fs::File::open(&p).unwrap();
+        assert!(!open_for_writing(r.as_fd()));
+        let w = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        assert!(open_for_writing(r.as_fd()));
+        drop(w);
+        assert!(!open_for_writing(r.as_fd()));
+        // A lease held through the file itself answers, and stays.
+        let lease = |f: &std::fs::File, t: libc::c_int| unsafe {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, t)
+        };
+        let held = |f: &std::fs::File| unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLEASE) };
+        assert_eq!(lease(&r, libc::F_WRLCK), 0);
+        assert!(!open_for_writing(r.as_fd()));
+        assert_eq!(held(&r), libc::F_WRLCK);
+        assert_eq!(lease(&r, libc::F_RDLCK), 0);
+        assert!(!open_for_writing(r.as_fd()));
+        assert_eq!(held(&r), libc::F_RDLCK);
+        assert_eq!(lease(&r, libc::F_UNLCK), 0);
+        drop(r);
+        let rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        assert_eq!(lease(&rw, libc::F_WRLCK), 0);
+        assert!(open_for_writing(rw.as_fd()));
+        assert_eq!(held(&rw), libc::F_WRLCK);
+        drop(rw);
+        // A memfd: the kernel counts no writers, but anyone with its fd can
+        // write; sealed against writes it is stable.
+        // SAFETY: memfd_create with a static name; the fd is owned below.
+        let m = unsafe {
+            use std::os::fd::FromRawFd;
+            let fd = libc::memfd_create(c"m".as_ptr(), libc::MFD_ALLOW_SEALING);
+            assert!(fd >= 0);
+            OwnedFd::from_raw_fd(fd)
+        };
+        assert!(open_for_writing(m.as_fd()));
+        unsafe { libc::fcntl(m.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        assert!(!open_for_writing(m.as_fd()));
+    }
+
+    #[test]
+    fn decisions_record_refuse_and_respect_quota() {
+        let d = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(d.path(), 15, None).unwrap().with_quota(3));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = Engine::new(journal.clone(), tx, DEFAULT_MAX_FILE_SIZE);
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let bin = d.path().join("bin");
+        std::fs::write(&bin, b"payload").unwrap();
+        let (digest, _) = hash_fd(std::fs::File::open(&bin).unwrap().as_fd()).unwrap();
+        let allow = Allowlist {
+            files: [(
+                bin.to_string_lossy().into_owned(),
+                [digest_text(&digest)].into(),
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let target = Arc::new(Measured {
+            pod: "p".into(),
+            container: "c".into(),
+            mode: Mode::Enforce,
+            allowlist: Some(Arc::new(allow)),
+            charge: None,
+            quiet: Default::default(),
+        });
+        let pend = |path: &std::path::Path, name: &str| {
+            Box::new(Recorded {
+                fd: std::fs::File::open(path).unwrap().into(),
+                answers: answers.clone(),
+                name: name.into(),
+            })
+        };
+        // Allowed digest: allowed and logged.
+        engine.decide(&target, pend(&bin, "ok"), Event::Mmap, digest, None);
+        // Another file: denied in enforce mode.
+        let other = d.path().join("other");
+        std::fs::write(&other, b"evil").unwrap();
+        engine.decide(&target, pend(&other, "evil"), Event::Exec, [9; 32], None);
+        // Mapped while open for writing: refused even with an allowed digest.
+        let w = std::fs::OpenOptions::new().write(true).open(&bin).unwrap();
+        engine.decide(&target, pend(&bin, "written"), Event::Mmap, digest, None);
+        drop(w);
+        // Quota (3) reached: the next new measurement is refused.
+        let third = d.path().join("third");
+        std::fs::write(&third, b"x").unwrap();
+        engine.decide(&target, pend(&third, "over"), Event::Read, [3; 32], None);
+        let a = answers.lock().unwrap().clone();
+        assert_eq!(
+            a,
+            vec![
+                ("ok".to_string(), true),
+                ("evil".to_string(), false),
+                ("written".to_string(), false),
+                ("over".to_string(), false)
+            ]
+        );
+        let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
+        let events: Vec<&str> = text
+            .lines()
+            .map(|l| l.rsplit(' ').next().unwrap())
+            .collect();
+        assert_eq!(events, ["mmap", "deny", "writers", "quota"]);
+    }
+}

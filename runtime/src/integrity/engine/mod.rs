@@ -1,0 +1,413 @@
+//! The measurement engine both event sources feed: fanotify (executions,
+//! reads) and the seccomp map guard (executable mappings). It owns the
+//! digest cache, the hashing threads and the decision: appraise, record,
+//! answer.
+//!
+//! - A cache hit (same inode, size, mtime and ctime as a file already
+//!   hashed) is decided on the caller's thread in microseconds. A miss is
+//!   queued for its pod's hashing threads ([`super::hashq`]), which run in
+//!   the pod's CPU cgroups: one pod's big files, or its CPU limit, never
+//!   hold up another pod's executions, and the pod pays for its hashing.
+//! - Each pod's queue is bounded: a pod with `PER_POD_QUEUE` accesses
+//!   waiting blocks only its own event sources (each container has its
+//!   own), and never holds more than that many of imacri's fds.
+//! - Every executable mapping checks for open writers (IMA's open-writers
+//!   violation) just before it is answered: a file that can change under
+//!   the digest is a `writers` entry, and refused in enforce mode. (For
+//!   executions the kernel does it: ETXTBSY both ways.)
+//! - An access the log cannot take (quota, I/O error) is refused: what is
+//!   not recorded was not measured.
+
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use super::allowlist::Allowlist;
+use super::charge::Charge;
+use super::digest::{FileKey, HASH_BUF};
+pub use super::hashq::PER_POD_QUEUE;
+use super::hashq::{HashQueue, Job};
+use super::journal::Journal;
+use super::log::Event;
+pub use super::quiet::Quiet;
+use crate::integrity::policy::Mode;
+
+mod decide;
+mod hashing;
+mod own;
+
+pub use decide::open_for_writing;
+use hashing::hash_for;
+use own::OwnOpeners;
+
+/// How often a file that changes while it is hashed is hashed again before
+/// the access is refused.
+const HASH_TRIES: usize = 3;
+
+const CACHE_LIMIT: usize = 200_000;
+
+/// How much of one file a hashing thread reads before it takes the next
+/// pod's turn (10-20 ms at release speed): a pod that executes a huge file
+/// holds up its own accesses, never another pod's first executions.
+const HASH_SLICE: u64 = 16 << 20;
+
+/// `ima.max_file_size`'s default: 4 GiB, past the biggest libraries real
+/// images ship (GPU runtimes' are 1-2 GiB); a larger file is refused
+/// unhashed.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 30;
+
+/// One measured container: whose entries, and how they are appraised.
+#[derive(Debug)]
+pub struct Measured {
+    pub pod: String,
+    pub container: String,
+    pub mode: Mode,
+    pub allowlist: Option<Arc<Allowlist>>,
+    /// The pod's CPU cgroups, which imacri's threads join while they work
+    /// for this container (None: uncharged, see [`charge`]).
+    pub charge: Option<Arc<Charge>>,
+    /// The budget of warnings the container's calls can cause.
+    pub quiet: Quiet,
+}
+
+/// An access waiting for its answer: the file (an fd the kernel or the
+/// process gave us) and how to answer.
+pub trait Pending: Send {
+    fn fd(&self) -> BorrowedFd<'_>;
+    fn answer(self: Box<Self>, allow: bool);
+    /// Called when the access waits for hashing (not decided at once).
+    fn queued(&mut self) {}
+    /// Whether the caller still waits for the answer (a huge file is not
+    /// hashed on for a caller that is gone).
+    fn wanted(&self) -> bool {
+        true
+    }
+}
+
+/// Where the files a container maps executable are watched for writers
+/// (its fanotify group): a mapping keeps running the page cache, so a file
+/// rewritten in place under it runs what was written (IMA's ToMToU).
+pub trait WriteWatch: Send + Sync {
+    /// From now on, asks before the file open as `fd` is opened for writing
+    /// and reports writes to it (in place before its writers are checked
+    /// and the mapping exists). Ok(true) when this call placed the watch,
+    /// Ok(false) when it was in place already.
+    fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, String>;
+    /// The mapping a watch was placed for was refused after all.
+    fn unwatch(&self, fd: BorrowedFd<'_>);
+    /// From now on, while a process of the pod has the executed script
+    /// open as `fd` open (its interpreter), asks before it is opened for
+    /// writing (in place before the execution is answered).
+    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), String>;
+}
+
+/// A measurement the policy does not allow, for logs and CRI events.
+#[derive(Debug, Clone)]
+pub struct Notice {
+    pub pod: String,
+    pub container: String,
+    pub path: String,
+    pub digest: String,
+    pub denied: bool,
+    pub reason: String,
+    /// The container's measurement stopped (its reader failed): it must be
+    /// killed.
+    pub stopped: bool,
+}
+
+/// Counters for status and benchmarks.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub events: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub hashed_files: AtomicU64,
+    pub hashed_bytes: AtomicU64,
+    /// Time from a cache hit's handling to its answer (the decision).
+    pub hit_ns_total: AtomicU64,
+    pub denied: AtomicU64,
+    pub mappings: AtomicU64,
+    /// Guarded calls made while another task shared the caller's fd table
+    /// or address space: its sharers were held still during the call
+    /// (`heldCalls` in the status).
+    pub held_calls: AtomicU64,
+    /// Shared calls whose sharers could not be held: refused.
+    pub unheld_calls: AtomicU64,
+    /// Files mapped executable that got no read lease (a filesystem
+    /// without leases, or the lease limits): their mark alone watches
+    /// them, and a truncate of them is not seen (`unleasedFiles`).
+    pub unleased: AtomicU64,
+}
+
+/// By inode: the identity a file was hashed at and its digest.
+type DigestCache = papaya::HashMap<(u64, u64), (FileKey, [u8; 32])>;
+
+pub struct Engine {
+    journal: Arc<Journal>,
+    /// Lock-free (as the maps below): every pod's threads look it up and
+    /// write it, and a thread of a pod at its CPU limit is stopped
+    /// wherever it is for the rest of the period; stopped holding a lock,
+    /// it would stall every pod (a read-write lock only helps until a
+    /// write waits behind it).
+    cache: DigestCache,
+    queue: Arc<HashQueue>,
+    /// Itself, for the hashing threads it starts.
+    me: Weak<Engine>,
+    notices: tokio::sync::mpsc::UnboundedSender<Notice>,
+    /// Containers measured now, by ID (the map guard finds them by the ID
+    /// runc reports).
+    targets: papaya::HashMap<String, Arc<Measured>>,
+    /// Per container, where its executable mappings are watched for writes.
+    /// Weak: a lock-free map drops what it removes only later, and a group
+    /// kept open after its reader ended would hold every open of the files
+    /// it marks forever (a bench's `unshare` hung on the host's libc).
+    write_watches: papaya::HashMap<String, Weak<dyn WriteWatch>>,
+    pub stats: Stats,
+    /// Fault injection for the fail-closed tests: every reader fails after
+    /// this many events (`IMACRI_TEST_FANOTIFY_FAIL_AFTER`).
+    pub(super) fail_after: Option<u64>,
+    /// Fault injection for the restart tests: an event for a path
+    /// containing this is read and never answered, as by an imacri that
+    /// died while hashing (`IMACRI_TEST_FANOTIFY_STALL`).
+    pub(super) stall: Option<String>,
+    /// The same for the map guard's notifications (`IMACRI_TEST_MAPGUARD_STALL`).
+    pub(super) map_stall: Option<String>,
+    /// Fault injection for the swap tests: the map guard waits this long
+    /// between its check and its answer for calls of processes that share
+    /// their tables (`IMACRI_TEST_MAPGUARD_SWAP_WINDOW`, milliseconds).
+    pub(super) map_swap_window: Option<std::time::Duration>,
+    /// Fault injection: the sharers of a guarded call are never held, so
+    /// every shared call is refused (`IMACRI_TEST_MAPGUARD_NO_HOLD`).
+    pub(super) map_no_hold: bool,
+    /// Set when imacri shuts down: watches then leave their groups with the
+    /// fd keeper, so the containers wait for the next imacri.
+    detached: std::sync::atomic::AtomicBool,
+    /// Events read from the kernel and not answered yet, plus readers that
+    /// are about to read: what a graceful stop waits for (see [`drain`]).
+    inflight: AtomicUsize,
+    /// Test only: hashing a file whose path contains this takes 2 s longer.
+    hash_delay: Option<String>,
+    /// Threads of imacri opening a container's file now (own_open).
+    /// Lock-free: every pod's readers look it up for each open they see.
+    own_openers: OwnOpeners,
+    /// Files larger than this are refused unhashed (`ima.max_file_size`).
+    max_file_size: u64,
+}
+
+/// A reader's claim that it may read events now (see [`Engine::reading`]).
+pub struct Reading<'a>(&'a AtomicUsize);
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Engine {
+    /// imacri is going away (not the containers): keep what is kept, and
+    /// read no more events (they wait in the kernel for the next imacri).
+    pub fn detach(&self) {
+        self.detached
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Taken by a reader (fanotify or map guard) before it reads events
+    /// and held until it has answered or queued them; `None` once imacri is
+    /// going away. Counting first and checking after means a stop that saw
+    /// no reader at work can never be followed by a read.
+    pub fn reading(&self) -> Option<Reading<'_>> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let r = Reading(&self.inflight);
+        (!self.detached()).then_some(r)
+    }
+
+    /// After [`detach`]: waits (up to `limit`) until every event read so
+    /// far is answered, so a graceful stop (an upgrade, `systemctl
+    /// restart`) does not refuse the executions in flight as a crash must.
+    /// Returns how many were still unanswered at the limit.
+    pub fn drain(&self, limit: std::time::Duration) -> usize {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let n = self.inflight.load(Ordering::SeqCst);
+            if n == 0 || std::time::Instant::now() >= deadline {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    pub fn detached(&self) -> bool {
+        self.detached.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn new(
+        journal: Arc<Journal>,
+        notices: tokio::sync::mpsc::UnboundedSender<Notice>,
+        max_file_size: u64,
+    ) -> Arc<Engine> {
+        Arc::new_cyclic(|me| Engine {
+            journal,
+            cache: papaya::HashMap::new(),
+            queue: Arc::new(HashQueue::default()),
+            me: me.clone(),
+            notices,
+            targets: papaya::HashMap::new(),
+            write_watches: papaya::HashMap::new(),
+            stats: Stats::default(),
+            fail_after: std::env::var("IMACRI_TEST_FANOTIFY_FAIL_AFTER")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            stall: std::env::var("IMACRI_TEST_FANOTIFY_STALL").ok(),
+            map_stall: std::env::var("IMACRI_TEST_MAPGUARD_STALL").ok(),
+            map_swap_window: std::env::var("IMACRI_TEST_MAPGUARD_SWAP_WINDOW")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis),
+            map_no_hold: std::env::var_os("IMACRI_TEST_MAPGUARD_NO_HOLD").is_some(),
+            detached: Default::default(),
+            inflight: AtomicUsize::new(0),
+            hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),
+            own_openers: OwnOpeners::default(),
+            max_file_size,
+        })
+    }
+
+    /// Queues a job, starting a hashing thread for its pod if it needs one
+    /// (hashing on the caller's thread if none can be started).
+    fn enqueue(&self, job: Job) {
+        let pod = job.target.pod.clone();
+        if !self.queue.push(job) {
+            return;
+        }
+        let (me, queue, p) = (self.me.clone(), self.queue.clone(), pod.clone());
+        let started = std::thread::Builder::new()
+            .name("imacri-hash".into())
+            .stack_size(256 * 1024)
+            .spawn(move || hash_for(&me, &queue, &p));
+        if let Err(e) = started {
+            tracing::warn!(pod_sandbox_id = %pod, error = %e, "cannot start a hashing thread: hashing on the event's thread");
+            hash_for(&self.me, &self.queue, &pod);
+        }
+    }
+
+    /// Runs `open`, an open by imacri itself of a file some group watches
+    /// (a lease needs an open file of our own): every reader lets it
+    /// through at once, and readers waiting for room in a pod's queue stop
+    /// waiting, since the hashing threads that make room may be the ones
+    /// opening (a reader waiting on them while they wait on it would never
+    /// wake).
+    pub(super) fn own_open<T>(&self, open: impl FnOnce() -> T) -> T {
+        // SAFETY: gettid has no arguments.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
+        let slot = self.own_openers.enter(tid);
+        self.queue.own_opens(1);
+        let r = open();
+        self.queue.own_opens(-1);
+        self.own_openers.leave(slot);
+        r
+    }
+
+    /// Whether thread `tid` is imacri's own, opening in [`own_open`].
+    pub(super) fn is_own_open(&self, tid: i32) -> bool {
+        self.own_openers.contains(tid)
+    }
+
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
+    }
+
+    /// Makes a container findable by ID while it is measured.
+    pub fn register(&self, m: Arc<Measured>) {
+        self.targets.pin().insert(m.container.clone(), m);
+    }
+
+    pub fn unregister(&self, container: &str) {
+        self.targets.pin().remove(container);
+        self.write_watches.pin().remove(container);
+    }
+
+    /// Where `container`'s executable mappings are watched for writes.
+    pub fn set_write_watch(&self, container: &str, w: Arc<dyn WriteWatch>) {
+        self.write_watches
+            .pin()
+            .insert(container.to_string(), Arc::downgrade(&w));
+    }
+
+    fn write_watch(&self, t: &Measured) -> Option<Arc<dyn WriteWatch>> {
+        self.write_watches
+            .pin()
+            .get(&t.container)
+            .and_then(Weak::upgrade)
+    }
+
+    pub fn target(&self, container: &str) -> Option<Arc<Measured>> {
+        self.targets.pin().get(container).cloned()
+    }
+
+    /// Forgets the digest of an inode that was written (close after write).
+    pub fn invalidate(&self, inode: (u64, u64)) {
+        self.cache.pin().remove(&inode);
+    }
+
+    fn cached(&self, key: &FileKey) -> Option<[u8; 32]> {
+        self.cache
+            .pin()
+            .get(&key.inode())
+            .filter(|(k, _)| k == key)
+            .map(|(_, d)| *d)
+    }
+
+    fn remember(&self, key: FileKey, digest: [u8; 32]) {
+        let c = self.cache.pin();
+        if c.len() >= CACHE_LIMIT {
+            c.clear();
+        }
+        c.insert(key.inode(), (key, digest));
+    }
+
+    /// Measures one access of a regular file: decided now on a cache hit,
+    /// else queued for hashing (blocking while the pod's queue is full).
+    pub fn submit(
+        &self,
+        target: Arc<Measured>,
+        mut pending: Box<dyn Pending>,
+        key: FileKey,
+        kind: Event,
+    ) {
+        let t0 = std::time::Instant::now();
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        match self.cached(&key) {
+            Some(d) => {
+                self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+                self.decide(&target, pending, kind, d, Some(t0));
+            }
+            None => {
+                pending.queued();
+                // Counted until a worker has answered it.
+                self.inflight.fetch_add(1, Ordering::SeqCst);
+                self.enqueue(Job::new(target, pending, key, kind))
+            }
+        }
+    }
+
+    /// As [`submit`], hashing in the calling thread (for the accesses a
+    /// previous imacri left unanswered, before the container's reader
+    /// reads anything).
+    pub fn measure_now(
+        &self,
+        target: Arc<Measured>,
+        pending: Box<dyn Pending>,
+        key: FileKey,
+        kind: Event,
+    ) {
+        match self.cached(&key) {
+            Some(d) => self.decide(&target, pending, kind, d, None),
+            None => {
+                let mut job = Job::new(target, pending, key, kind);
+                let mut buf = vec![0u8; HASH_BUF];
+                while let Some(more) = self.hash_slice(job, &mut buf) {
+                    job = more;
+                }
+            }
+        }
+    }
+}
