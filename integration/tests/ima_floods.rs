@@ -604,14 +604,14 @@ fn held_by(pid: i32) -> (usize, usize) {
 }
 
 /// One ima pod whose two containers map a file, run a script and a dynamic
-/// program (groups, marks, leases, listeners and their keeper copies), then
-/// stopped and removed.
+/// program (groups, marks, leases, listeners and their keeper copies), left
+/// running.
 async fn busy_pod(
     d: &imacri_integration::Imacri,
     rt: &mut imacri_integration::client::Rt,
     image: &str,
     name: &str,
-) {
+) -> String {
     let (pod, a, b) = two_containers(d, rt, name, "measure", image).await;
     for c in [&a, &b] {
         let out = sh_ok(
@@ -622,35 +622,60 @@ async fn busy_pod(
         .await;
         assert!(out.ends_with("script\nhello dynamic"), "{out}");
     }
-    stop_pod(rt, &pod).await;
+    pod
+}
+
+/// imacri's (and its keeper's) fds and threads once it has settled.
+async fn settled(d: &imacri_integration::Imacri) -> ((usize, usize), Option<(usize, usize)>) {
+    // Hashing threads linger 200 ms after their last job.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let keeper = d.keeper_pids().first().copied();
+    (held_by(d.pid().unwrap() as i32), keeper.map(held_by))
 }
 
 /// Whatever imacri holds for an ima pod goes with it: after pods that
 /// mapped files (each watched with a lease, kept by the fd keeper too), ran
 /// scripts and dynamic programs, imacri and its keeper hold no more fds or
 /// threads than before them (imacri's copy of a gone container's leases
-/// stayed open until 2026-12-04).
+/// stayed open until 2026-12-04). The same for a pod an imacri took back
+/// after a crash (its groups, leases and listeners from the keeper).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_gone_pod_leaves_nothing_open() {
     let env = Env::get();
-    let (d, image, _work) = node(env, "").await;
+    let (mut d, image, _work) = node(env, "").await;
     let mut rt = d.runtime().await.unwrap();
-    let imacri = d.pid().unwrap() as i32;
-    busy_pod(&d, &mut rt, &image, "leak-0").await;
-    let settled = || async {
-        // Hashing threads linger 200 ms after their last job.
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        let keeper = d.keeper_pids().first().copied();
-        (held_by(imacri), keeper.map(held_by))
-    };
-    let (before, keeper_before) = settled().await;
+    let pod = busy_pod(&d, &mut rt, &image, "leak-0").await;
+    stop_pod(&mut rt, &pod).await;
+    let (before, keeper_before) = settled(&d).await;
     for i in 1..=4 {
-        busy_pod(&d, &mut rt, &image, &format!("leak-{i}")).await;
+        let pod = busy_pod(&d, &mut rt, &image, &format!("leak-{i}")).await;
+        stop_pod(&mut rt, &pod).await;
     }
-    let (after, keeper_after) = settled().await;
+    let (after, keeper_after) = settled(&d).await;
     assert!(
         after.0 <= before.0 + 2 && after.1 <= before.1 + 2,
         "imacri (fds, threads): {before:?} before, {after:?} after 4 pods"
+    );
+    if let (Some(b), Some(a)) = (keeper_before, keeper_after) {
+        assert!(a.0 <= b.0, "the fd keeper's fds: {b:?} before, {a:?} after");
+    }
+    // Taken back after a crash, then gone.
+    d.kill();
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let pod = busy_pod(&d, &mut rt, &image, "leak-warm").await;
+    stop_pod(&mut rt, &pod).await;
+    let (before, keeper_before) = settled(&d).await;
+    let pod = busy_pod(&d, &mut rt, &image, "leak-crash").await;
+    d.kill();
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let taken_back = settled(&d).await.0;
+    stop_pod(&mut rt, &pod).await;
+    let (after, keeper_after) = settled(&d).await;
+    assert!(
+        after.0 <= before.0 + 2 && after.1 <= before.1 + 2,
+        "imacri (fds, threads): {before:?} before, {taken_back:?} with the pod taken back, {after:?} after it"
     );
     if let (Some(b), Some(a)) = (keeper_before, keeper_after) {
         assert!(a.0 <= b.0, "the fd keeper's fds: {b:?} before, {a:?} after");
