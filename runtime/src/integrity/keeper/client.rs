@@ -6,10 +6,11 @@ use nix::sys::socket::UnixAddr;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::ids::ids_dir;
-use super::keys::followers;
+use super::keys::owner_of;
 use super::wire::{recv, send, seqpacket};
 
 /// The client side, used by imacri.
@@ -20,12 +21,52 @@ pub struct Keeper {
     exe: PathBuf,
     /// A `HOLD` connection: while it is open the keeper stays up even with
     /// nothing to keep, so no container start pays for starting it.
-    hold: std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>,
-    /// A copy of everything imacri handed over and did not take back, by
-    /// key: a keeper started after the last one died is given it all again
+    hold: Arc<Mutex<Option<OwnedFd>>>,
+    /// A copy of everything imacri handed over and did not take back: a
+    /// keeper started after the last one died is given it all again
     /// (otherwise the node would silently lose its protection against an
     /// imacri crash).
-    given: std::sync::Arc<std::sync::Mutex<BTreeMap<String, OwnedFd>>>,
+    given: Arc<Given>,
+}
+
+/// imacri's copy of what the keeper holds, by owner (a container's group
+/// with its events and leases, a seccomp listener with its notifications):
+/// each owner's under a lock of its own in a lock-free map. A pod's threads
+/// take it on every access they queue and answer; one of them stopped
+/// holding it (its pod at its CPU limit) holds up only its own container.
+#[derive(Default)]
+struct Given {
+    owners: papaya::HashMap<String, Arc<Mutex<Owned>>>,
+}
+
+#[derive(Default)]
+struct Owned {
+    /// Forgotten with its owner: what comes after is not kept.
+    gone: bool,
+    fds: BTreeMap<String, OwnedFd>,
+}
+
+impl Given {
+    fn shard(&self, owner: &str) -> Option<Arc<Mutex<Owned>>> {
+        self.owners.pin().get(owner).cloned()
+    }
+
+    /// Every key held, for tests.
+    #[cfg(test)]
+    fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .owners
+            .pin()
+            .values()
+            .flat_map(|o| {
+                o.lock()
+                    .map(|o| o.fds.keys().cloned().collect::<Vec<_>>())
+                    .unwrap_or_default()
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
 }
 
 impl Keeper {
@@ -130,13 +171,22 @@ impl Keeper {
     /// Records that the keeper holds `fd` under `key` (handed over by the
     /// last imacri and taken back now), to give it again to a new keeper.
     pub fn remember(&self, key: &str, fd: BorrowedFd<'_>) {
-        let (Ok(copy), key) = (fd.try_clone_to_owned(), key.to_string()) else {
+        let Ok(copy) = fd.try_clone_to_owned() else {
             return;
         };
-        // Nothing is closed (a syscall) while the lock is held: a pod's
-        // threads take it, and one stopped holding it would stall the rest.
-        let replaced = self.given.lock().ok().and_then(|mut g| g.insert(key, copy));
-        drop(replaced);
+        let owner = owner_of(key);
+        let shard = self
+            .given
+            .owners
+            .pin()
+            .get_or_insert_with(owner.into_owned(), Default::default)
+            .clone();
+        // Nothing is closed (a syscall) while the lock is held.
+        let dropped = match shard.lock() {
+            Ok(mut o) if !o.gone => o.fds.insert(key.to_string(), copy),
+            _ => Some(copy),
+        };
+        drop(dropped);
     }
 
     /// Forgets `key` here only (the keeper let it go by itself: a listener
@@ -144,17 +194,24 @@ impl Keeper {
     /// group's leases and events, a listener's notifications): kept here,
     /// a lease of a gone container's would stay held by imacri.
     pub fn forget(&self, key: &str) {
+        let owner = owner_of(key);
         // Closed once the lock is let go (see `remember`).
-        let removed: Vec<OwnedFd> = match self.given.lock() {
-            Ok(mut g) => {
-                let mut out: Vec<OwnedFd> = g.remove(key).into_iter().collect();
-                let with = followers(&g, key);
-                for k in with {
-                    out.extend(g.remove(&k));
-                }
-                out
-            }
-            Err(_) => Vec::new(),
+        let removed: Vec<OwnedFd> = if owner == key {
+            let shard = self.given.owners.pin().remove(key).cloned();
+            // Taken out now: the map frees what it removed only later.
+            shard
+                .and_then(|s| {
+                    let mut o = s.lock().ok()?;
+                    o.gone = true;
+                    Some(std::mem::take(&mut o.fds).into_values().collect())
+                })
+                .unwrap_or_default()
+        } else {
+            self.given
+                .shard(&owner)
+                .and_then(|s| s.lock().ok()?.fds.remove(key))
+                .into_iter()
+                .collect()
         };
         drop(removed);
     }
@@ -163,13 +220,16 @@ impl Keeper {
     /// handed over before: the last one may have died with all of it.
     fn revive(&self) -> std::io::Result<usize> {
         self.start()?;
-        let Ok(given) = self.given.lock() else {
-            return Ok(0);
-        };
-        for (k, f) in given.iter() {
-            self.put_once(k, f.as_fd())?;
+        let shards: Vec<Arc<Mutex<Owned>>> = self.given.owners.pin().values().cloned().collect();
+        let mut n = 0;
+        for shard in shards {
+            let Ok(o) = shard.lock() else { continue };
+            for (k, f) in o.fds.iter() {
+                self.put_once(k, f.as_fd())?;
+                n += 1;
+            }
         }
-        Ok(given.len())
+        Ok(n)
     }
 
     /// Watches the keeper for as long as this process lives: if it dies
@@ -342,12 +402,12 @@ mod tests {
         k.drop_key(&format!("{FANOTIFY}a")).unwrap();
         open_to_write().expect("the lease outlived its group");
         let b = vec![format!("{FANOTIFY}b"), lb];
-        let here: Vec<String> = k.given.lock().unwrap().keys().cloned().collect();
+        let here = k.given.keys();
         assert_eq!(here, b);
         let there: Vec<String> = k.all().unwrap().into_iter().map(|(k, _)| k).collect();
         assert_eq!(there, b);
         k.drop_key(&b[0]).unwrap();
-        assert!(k.given.lock().unwrap().is_empty());
+        assert!(k.given.keys().is_empty());
         drop((group, other));
         t.join().unwrap().unwrap();
     }

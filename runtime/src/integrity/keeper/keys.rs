@@ -125,42 +125,19 @@ pub(super) fn drop_orphan_events(held: &mut BTreeMap<String, OwnedFd>) {
     });
 }
 
-/// Whether `other` goes when `key` goes ([`drop_orphan_events`]'s rule for
-/// one key): a group's events and leases, a listener's notifications.
-pub(super) fn goes_with(key: &str, other: &str) -> bool {
-    if let Some(c) = key.strip_prefix(FANOTIFY) {
-        parse_event_key(other).is_some_and(|(o, ..)| o == c) || parse_lease_key(other) == Some(c)
-    } else if is_listener_key(key) {
-        parse_mapping_key(other).is_some_and(|(l, _)| l == key)
+/// The key whose going takes `key` with it (a group's for its events and
+/// leases, a listener's for its notifications; [`drop_orphan_events`]'s
+/// rule for one key), or `key` itself.
+pub(super) fn owner_of(key: &str) -> std::borrow::Cow<'_, str> {
+    if let Some((c, ..)) = parse_event_key(key) {
+        format!("{FANOTIFY}{c}").into()
+    } else if let Some(c) = parse_lease_key(key) {
+        format!("{FANOTIFY}{c}").into()
+    } else if let Some((l, _)) = parse_mapping_key(key) {
+        l.into()
     } else {
-        false
+        key.into()
     }
-}
-
-/// The keys in `held` that go with `key` ([`goes_with`]), found by their
-/// prefixes: a lookup, not a scan of everything held (imacri's copy is
-/// searched on every answered event, under a lock all pods' threads take).
-pub(super) fn followers<T>(held: &BTreeMap<String, T>, key: &str) -> Vec<String> {
-    let prefixes: Vec<String> = if let Some(c) = key.strip_prefix(FANOTIFY) {
-        vec![format!("{FANOTIFY_EVENT}{c}:"), format!("{LEASE}{c}:")]
-    } else if is_listener_key(key) {
-        vec![format!("{MAPPING_EVENT}{key}:")]
-    } else {
-        Vec::new()
-    };
-    prefixes
-        .iter()
-        .flat_map(|p| {
-            held.range::<str, _>((
-                std::ops::Bound::Included(p.as_str()),
-                std::ops::Bound::Unbounded,
-            ))
-            .map(|(k, _)| k)
-            .take_while(move |k| k.starts_with(p.as_str()))
-        })
-        .filter(|k| goes_with(key, k))
-        .cloned()
-        .collect()
 }
 
 /// Whether `key` names a seccomp listener (not a group or an event).
@@ -175,38 +152,39 @@ pub(super) fn is_listener_key(key: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// imacri's copy of what the keeper holds goes by owner: a key's owner
+    /// is the key whose going takes it along in the keeper.
     #[test]
-    fn followers_are_found_by_prefix() {
-        let mut held = BTreeMap::new();
-        let la = lease_key("a", (1, 2));
-        for k in [
+    fn a_keys_owner_is_what_takes_it_along() {
+        let file = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let keys = [
             format!("{FANOTIFY}a"),
             format!("{FANOTIFY}ab"),
             event_key("a", 7, true, 1),
             event_key("ab", 7, true, 1),
-            la.clone(),
+            lease_key("a", (1, 2)),
             lease_key("ab", (1, 2)),
             "c1/p1/1".to_string(),
             mapping_key("c1/p1/1", 4),
+            "c1/p1/10".to_string(),
             mapping_key("c1/p1/10", 4),
-        ] {
-            held.insert(k, ());
-        }
-        let mut a = followers(&held, &format!("{FANOTIFY}a"));
-        a.sort();
-        let mut want = vec![event_key("a", 7, true, 1), la];
-        want.sort();
-        assert_eq!(a, want);
-        assert_eq!(followers(&held, "c1/p1/1"), vec![mapping_key("c1/p1/1", 4)]);
-        assert!(followers(&held, &event_key("a", 7, true, 1)).is_empty());
-        // The same as the rule for every key.
-        for key in held.keys() {
-            let mut scan: Vec<String> =
-                held.keys().filter(|k| goes_with(key, k)).cloned().collect();
-            let mut found = followers(&held, key);
-            scan.sort();
-            found.sort();
-            assert_eq!(found, scan, "{key}");
+        ];
+        for owner in keys.iter().filter(|k| owner_of(k) == k.as_str()) {
+            let mut held: BTreeMap<String, OwnedFd> =
+                keys.iter().map(|k| (k.clone(), file())).collect();
+            held.remove(owner);
+            drop_orphan_events(&mut held);
+            let mut gone: Vec<&String> = keys
+                .iter()
+                .filter(|k| *k != owner && !held.contains_key(*k))
+                .collect();
+            let mut owned: Vec<&String> = keys
+                .iter()
+                .filter(|k| *k != owner && owner_of(k) == owner.as_str())
+                .collect();
+            gone.sort();
+            owned.sort();
+            assert_eq!(gone, owned, "{owner}");
         }
     }
 
