@@ -20,9 +20,10 @@
 //! holds, so the lease outlives an imacri restart; the next imacri sets
 //! itself as the owner again and finds the breaks it missed.
 
-use std::collections::HashMap;
+use papaya::{Compute, Operation};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
 use super::Group;
 
@@ -48,9 +49,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         // Out of the table before the fd number can be reused.
         if let Ok(s) = service() {
-            if let Ok(mut t) = s.leases.lock() {
-                t.remove(self.file.as_raw_fd());
-            }
+            s.leases.remove(self.file.as_raw_fd());
         }
     }
 }
@@ -70,21 +69,50 @@ struct Holder {
     pod: Arc<str>,
 }
 
+/// Who holds which lease, and how many each pod holds. Lock-free: a pod's
+/// threads take and give back leases, and one of them stopped mid-way (its
+/// pod at its CPU limit) must hold up no other pod's.
 #[derive(Default)]
 struct Table {
-    by_fd: HashMap<RawFd, Holder>,
-    per_pod: HashMap<Arc<str>, usize>,
+    by_fd: papaya::HashMap<RawFd, Holder>,
+    per_pod: papaya::HashMap<Arc<str>, usize>,
+    total: AtomicUsize,
 }
 
 impl Table {
-    fn remove(&mut self, fd: RawFd) {
-        if let Some(h) = self.by_fd.remove(&fd) {
-            if let Some(n) = self.per_pod.get_mut(&h.pod) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_pod.remove(&h.pod);
-                }
-            }
+    /// Counts one more lease of `pod`; Err (counting nothing) past `limit`
+    /// leases in all or [`PER_POD`] for the pod.
+    fn reserve(&self, limit: usize, pod: &str) -> Result<(), String> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= limit {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(format!("imacri holds {limit} leases, its limit"));
+        }
+        let per_pod = self.per_pod.pin();
+        let full = per_pod.compute(Arc::from(pod), |e| match e {
+            Some((_, n)) if *n >= PER_POD => Operation::Abort(()),
+            Some((_, n)) => Operation::Insert(n + 1),
+            None => Operation::Insert(1),
+        });
+        if matches!(full, Compute::Aborted(())) {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(format!("the pod holds {PER_POD} leases, its limit"));
+        }
+        Ok(())
+    }
+
+    /// Gives back what [`reserve`](Self::reserve) counted.
+    fn release(&self, pod: &str) {
+        self.total.fetch_sub(1, Ordering::AcqRel);
+        self.per_pod.pin().compute(Arc::from(pod), |e| match e {
+            Some((_, n)) if *n <= 1 => Operation::Remove,
+            Some((_, n)) => Operation::Insert(n - 1),
+            None => Operation::Abort(()),
+        });
+    }
+
+    fn remove(&self, fd: RawFd) {
+        if let Some(h) = self.by_fd.pin().remove(&fd) {
+            self.release(&h.pod);
         }
     }
 }
@@ -92,7 +120,7 @@ impl Table {
 struct Service {
     /// The thread that reads the signals (the owner of every lease).
     tid: libc::pid_t,
-    leases: Mutex<Table>,
+    leases: Table,
     /// Leases the process may hold: a quarter of its open-file limit.
     limit: usize,
 }
@@ -176,7 +204,7 @@ fn start() -> Result<Service, String> {
     };
     Ok(Service {
         tid,
-        leases: Mutex::new(Table::default()),
+        leases: Table::default(),
         limit: nofile / 4,
     })
 }
@@ -203,19 +231,26 @@ fn read_signals(sfd: OwnedFd, sig: libc::c_int) {
         // A signal names an fd (or, after a queue overflow, none): only a
         // lease that is breaking now counts (a stale signal can name an fd
         // number reused since).
-        let suspects: Vec<RawFd> = match s.leases.lock() {
-            Ok(_) if si.ssi_signo as libc::c_int == sig => vec![si.ssi_fd],
-            Ok(t) => t.by_fd.keys().copied().collect(),
-            Err(_) => continue,
+        let suspects: Vec<RawFd> = if si.ssi_signo as libc::c_int == sig {
+            vec![si.ssi_fd]
+        } else {
+            s.leases.by_fd.pin().keys().copied().collect()
         };
         for fd in suspects {
-            let holder = s.leases.lock().ok().and_then(|t| {
-                t.by_fd
+            let holder = |fd| {
+                s.leases
+                    .by_fd
+                    .pin()
                     .get(&fd)
-                    .filter(|_| breaking(fd))
                     .map(|h| (h.group.clone(), h.inode))
-            });
-            if let Some((group, inode)) = holder {
+            };
+            let Some((group, inode)) = holder(fd) else {
+                continue;
+            };
+            // Still the same lease after the look at it (its fd number was
+            // not given back and reused meanwhile).
+            let same = |(g, i): (Weak<Group>, (u64, u64))| g.ptr_eq(&group) && i == inode;
+            if breaking(fd) && holder(fd).is_some_and(same) {
                 if let Some(g) = group.upgrade() {
                     g.lease_broken(inode, "truncated (its read lease broke)");
                 }
@@ -240,17 +275,6 @@ const F_OWNER_TID: libc::c_int = 0;
 struct FOwnerEx {
     kind: libc::c_int,
     pid: libc::pid_t,
-}
-
-/// Whether `pod` may take one more lease.
-fn room(t: &Table, limit: usize, pod: &str) -> Result<(), String> {
-    if t.by_fd.len() >= limit {
-        return Err(format!("imacri holds {limit} leases, its limit"));
-    }
-    if t.per_pod.get(pod).is_some_and(|n| *n >= PER_POD) {
-        return Err(format!("the pod holds {PER_POD} leases, its limit"));
-    }
-    Ok(())
 }
 
 /// Makes the lease thread the one signalled when the lease on `fd` breaks.
@@ -278,20 +302,22 @@ pub(super) fn take(
     pod: &str,
 ) -> Result<Lease, String> {
     let s = service()?;
-    room(&*s.leases.lock().map_err(|e| e.to_string())?, s.limit, pod)?;
+    s.leases.reserve(s.limit, pod)?;
     let fd = file.as_raw_fd();
-    own(fd, s.tid)?;
+    let given_back = || s.leases.release(pod);
+    own(fd, s.tid).inspect_err(|_| given_back())?;
     // SAFETY: fcntl with integer arguments.
     if unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) } != 0 {
         let e = std::io::Error::last_os_error();
+        given_back();
         return Err(match e.raw_os_error() {
             Some(libc::EAGAIN) => WRITERS.into(),
             _ => format!("read lease: {e}"),
         });
     }
     // Setting a lease up may have made the process the owner again.
-    own(fd, s.tid)?;
-    let lease = register(s, file, group, inode, pod)?;
+    own(fd, s.tid).inspect_err(|_| given_back())?;
+    let lease = register(s, file, group, inode, pod);
     if breaking(fd) {
         return Err("the file is being truncated or opened for writing".into());
     }
@@ -310,26 +336,27 @@ pub(super) fn adopt(
     let s = service()?;
     own(file.as_raw_fd(), s.tid)?;
     let fd = file.as_raw_fd();
-    let lease = register(s, file, group, inode, pod)?;
+    // Taken back whatever the limits: the last imacri held it.
+    s.leases.total.fetch_add(1, Ordering::AcqRel);
+    s.leases
+        .per_pod
+        .pin()
+        .update_or_insert(Arc::from(pod), |n| n + 1, 1);
+    let lease = register(s, file, group, inode, pod);
     Ok((lease, !breaking(fd)))
 }
 
-fn register(
-    s: &Service,
-    file: OwnedFd,
-    group: Weak<Group>,
-    inode: (u64, u64),
-    pod: &str,
-) -> Result<Lease, String> {
-    let mut t = s.leases.lock().map_err(|e| e.to_string())?;
-    let pod: Arc<str> = match t.per_pod.get_key_value(pod) {
-        Some((k, _)) => k.clone(),
-        None => pod.into(),
-    };
-    *t.per_pod.entry(pod.clone()).or_default() += 1;
-    t.by_fd
-        .insert(file.as_raw_fd(), Holder { group, inode, pod });
-    Ok(Lease { file })
+/// Records a lease counted already.
+fn register(s: &Service, file: OwnedFd, group: Weak<Group>, inode: (u64, u64), pod: &str) -> Lease {
+    s.leases.by_fd.pin().insert(
+        file.as_raw_fd(),
+        Holder {
+            group,
+            inode,
+            pod: pod.into(),
+        },
+    );
+    Lease { file }
 }
 
 #[cfg(test)]
@@ -383,31 +410,32 @@ mod tests {
     /// given back makes room.
     #[test]
     fn a_pod_holds_at_most_its_share() {
-        let mut t = Table::default();
-        let add = |t: &mut Table, fd: RawFd, pod: &str| {
-            let pod: Arc<str> = pod.into();
-            *t.per_pod.entry(pod.clone()).or_default() += 1;
-            let group = Weak::new();
-            t.by_fd.insert(
+        let t = Table::default();
+        let add = |fd: RawFd, pod: &str, limit: usize| {
+            t.reserve(limit, pod)?;
+            t.by_fd.pin().insert(
                 fd,
                 Holder {
-                    group,
+                    group: Weak::new(),
                     inode: (0, 0),
-                    pod,
+                    pod: pod.into(),
                 },
             );
+            Ok::<(), String>(())
         };
         for fd in 0..PER_POD as RawFd {
-            add(&mut t, fd, "a");
+            add(fd, "a", 4 * PER_POD).unwrap();
         }
-        assert!(room(&t, 4 * PER_POD, "a").unwrap_err().contains("the pod"));
-        assert!(room(&t, 4 * PER_POD, "b").is_ok());
-        assert!(room(&t, PER_POD, "b").unwrap_err().contains("imacri holds"));
+        assert!(add(-1, "a", 4 * PER_POD).unwrap_err().contains("the pod"));
+        assert!(add(-2, "b", PER_POD).unwrap_err().contains("imacri holds"));
+        add(-3, "b", 4 * PER_POD).unwrap();
+        t.remove(-3);
         t.remove(0);
-        assert!(room(&t, 4 * PER_POD, "a").is_ok());
-        for fd in 1..PER_POD as RawFd {
+        add(0, "a", 4 * PER_POD).unwrap();
+        for fd in 0..PER_POD as RawFd {
             t.remove(fd);
         }
-        assert!(t.per_pod.is_empty());
+        assert!(t.per_pod.pin().is_empty());
+        assert_eq!(t.total.load(Ordering::Relaxed), 0);
     }
 }
