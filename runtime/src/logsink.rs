@@ -91,11 +91,6 @@ impl LogSink {
         true
     }
 
-    /// Lines dropped and not reported yet.
-    pub fn dropped(&self) -> u64 {
-        self.shared.dropped.load(Ordering::Relaxed)
-    }
-
     /// Waits up to `limit` for every line handed over so far to be written
     /// (before the process exits, or a panic ends it).
     pub fn wait_written(&self, limit: Duration) {
@@ -232,7 +227,7 @@ mod tests {
             "{:?}",
             t0.elapsed()
         );
-        let dropped = sink.dropped();
+        let dropped = sink.shared.dropped.load(Ordering::Relaxed);
         assert!((85..=95).contains(&dropped), "{dropped}");
         drop(gate);
         sink.wait_written(Duration::from_secs(5));
