@@ -443,7 +443,9 @@ pub async fn check(cfg: &Config) -> Result<bool> {
                 "ima pods: mmap/mprotect with PROT_EXEC of any file measured through seccomp user \
                  notification, {}; shmat(SHM_EXEC) and READ_IMPLIES_EXEC refused; native \
                  syscalls only; the tasks sharing a caller's fd table or memory held still \
-                 (ptrace) during its call, refused if they cannot be; pause's rootfs noexec",
+                 (ptrace) during its call, refused if they cannot be; an overlay file mapped \
+                 shared and writable held open for writing until its container is gone (not \
+                 executable meanwhile); pause's rootfs noexec",
                 imacri_runtime::integrity::mapguard::file_source()
             ),
         ),

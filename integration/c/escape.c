@@ -35,13 +35,13 @@ static int swap_fd, swap_in;
 static void *swap_at;
 static void *swapper(void *a) { (void)a; usleep(200000); dup2(swap_in, swap_fd); return 0; }
 static void *parked(void *a) { (void)a; pause(); return 0; }
-/* A static x86-64 program of 129 bytes that exits 0 (`mov eax, 60;
-   xor edi, edi; syscall`), written to PATH: a new file to execute. */
-static int write_exit0(const char *path) {
-    static const unsigned char exit0[] = {0xb8, 60, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05};
-    unsigned char f[sizeof(Elf64_Ehdr) + sizeof(Elf64_Phdr) + sizeof exit0] = {0};
+/* A static x86-64 program whose one segment is `body`, written to PATH. */
+static int write_elf(const char *path, const unsigned char *body, size_t n) {
+    unsigned char f[sizeof(Elf64_Ehdr) + sizeof(Elf64_Phdr) + 64] = {0};
+    if (n > 64) { errno = EINVAL; return -1; }
     Elf64_Ehdr *e = (Elf64_Ehdr *)f;
     Elf64_Phdr *p = (Elf64_Phdr *)(f + sizeof *e);
+    size_t len = sizeof *e + sizeof *p + n;
     memcpy(e->e_ident, ELFMAG, SELFMAG);
     e->e_ident[EI_CLASS] = ELFCLASS64; e->e_ident[EI_DATA] = ELFDATA2LSB;
     e->e_ident[EI_VERSION] = EV_CURRENT;
@@ -49,12 +49,67 @@ static int write_exit0(const char *path) {
     e->e_entry = 0x400000 + sizeof *e + sizeof *p; e->e_phoff = sizeof *e;
     e->e_ehsize = sizeof *e; e->e_phentsize = sizeof *p; e->e_phnum = 1;
     p->p_type = PT_LOAD; p->p_flags = PF_R | PF_X; p->p_vaddr = p->p_paddr = 0x400000;
-    p->p_filesz = p->p_memsz = sizeof f; p->p_align = 0x1000;
-    memcpy(f + sizeof *e + sizeof *p, exit0, sizeof exit0);
+    p->p_filesz = p->p_memsz = len; p->p_align = 0x1000;
+    memcpy(f + sizeof *e + sizeof *p, body, n);
     int fd = open(path, O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0755);
     if (fd < 0) return -1;
-    int ok = write(fd, f, sizeof f) == (ssize_t)sizeof f;
+    int ok = write(fd, f, len) == (ssize_t)len;
     return close(fd) == 0 && ok ? 0 : -1;
+}
+/* A program of 129 bytes that exits 0 (`mov eax, 60; xor edi, edi;
+   syscall`): a new file to execute. */
+static int write_exit0(const char *path) {
+    static const unsigned char exit0[] = {0xb8, 60, 0, 0, 0, 0x31, 0xff, 0x0f, 0x05};
+    return write_elf(path, exit0, sizeof exit0);
+}
+/* A program that sleeps 0.3 s and then exits with the byte at file offset
+   SLEEPER_CODE (0: as written): `nanosleep(&ts, 0); exit(code)`. */
+#define SLEEPER_CODE (sizeof(Elf64_Ehdr) + sizeof(Elf64_Phdr) + 22)
+static int write_sleeper(const char *path) {
+    static const unsigned char body[] = {
+        0xb8, 35, 0, 0, 0,                  /* mov eax, nanosleep */
+        0x48, 0x8d, 0x3d, 16, 0, 0, 0,      /* lea rdi, [rip+16] (ts) */
+        0x31, 0xf6,                         /* xor esi, esi */
+        0x0f, 0x05,                         /* syscall */
+        0xb8, 60, 0, 0, 0,                  /* mov eax, exit */
+        0xbf, 0, 0, 0, 0,                   /* mov edi, code */
+        0x0f, 0x05,                         /* syscall */
+        0, 0, 0, 0, 0, 0, 0, 0,             /* ts: 0 s */
+        0x00, 0xa3, 0xe1, 0x11, 0, 0, 0, 0, /* 300000000 ns */
+    };
+    return write_elf(path, body, sizeof body);
+}
+/* Opens PATH for writing, maps it shared and writable, dirties each page
+   (so later writes through the mapping take no fault: the file's mtime
+   moves no more) and closes the fd: the mapping alone keeps it writable. */
+static unsigned char *map_shared_writable(const char *path, size_t *len) {
+    int fd = open(path, O_RDWR);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st)) return 0;
+    unsigned char *w = mmap(0, st.st_size, PROT_READ|PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (w == MAP_FAILED) return 0;
+    for (off_t i = 0; i < st.st_size; i += 4096) w[i] = w[i];
+    *len = st.st_size;
+    return w;
+}
+/* Runs `PATH` in a child; its exit status, or -errno if it did not run. */
+static int run_child(const char *path, int patch_after_ms, unsigned char *at, unsigned char v) {
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC)) return -errno;
+    pid_t c = fork();
+    if (c == 0) {
+        execl(path, path, (char *)0);
+        int e = errno; (void)!write(pfd[1], &e, sizeof e); _exit(127);
+    }
+    close(pfd[1]);
+    if (at) { usleep(patch_after_ms * 1000); *at = v; }
+    int st, e = 0;
+    if (c < 0 || waitpid(c, &st, 0) < 0) return -errno;
+    ssize_t got = read(pfd[0], &e, sizeof e);
+    close(pfd[0]);
+    if (got == sizeof e) return -e;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 static void *remapper(void *a) {
     (void)a; usleep(200000);
@@ -338,6 +393,99 @@ int main(int argc, char **argv) {
         int fd = open(path, O_RDONLY);
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "write-sleeper")) return write_sleeper(path) ? fail(m) : 0;
+    if (!strcmp(m, "shared-exec") || !strcmp(m, "shared-cache")) {
+        /* A program on the container's rootfs (overlayfs) is mapped shared
+           and writable and its fd closed. shared-exec runs it and, while
+           it sleeps, writes its exit code through the mapping: a process
+           running code that was never measured exits 42 ("RAN"). The
+           kernel refuses to execute a file open for writing, but an
+           overlayfs mapping holds the upper layer's file, not the one
+           executed. shared-cache runs it once as written (measured), then
+           changes it through the mapping (no event, no new mtime), unmaps
+           it and runs it again: a digest remembered from the first run
+           would let the new content run as the old. With argv[3], PATH is
+           a sleeper already (one the policy allows). */
+        if (argc <= 3 && write_sleeper(path)) return fail(m);
+        size_t len;
+        unsigned char *w = map_shared_writable(path, &len);
+        if (!w) return fail(m);
+        usleep(100000);
+        int live = !strcmp(m, "shared-exec");
+        int r = run_child(path, 100, live ? w + SLEEPER_CODE : 0, 42);
+        if (!live && r == 0) {
+            w[SLEEPER_CODE] = 42;
+            munmap(w, len);
+            usleep(100000);
+            r = run_child(path, 0, 0, 0);
+        }
+        if (r < 0) { errno = -r; return fail(m); }
+        if (r == 42) { printf("RAN %s\n", m); return 0; }
+        printf("%s: exited %d\n", m, r);
+        return 1;
+    }
+    if (!strcmp(m, "shared-rw")) {
+        /* What a database does with its files (SQLite's -shm, LMDB): PATH
+           mapped shared and writable, written through the mapping, read
+           back with pread: prints "SHARED ok". With argv[3], from a
+           process with a second thread (its fd table shared). */
+        pthread_t t;
+        if (argc > 3 && pthread_create(&t, 0, parked, 0)) return fail(m);
+        int fd = open(path, O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (fd < 0 || ftruncate(fd, 4096)) return fail(m);
+        char *w = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_SHARED, fd, 0);
+        if (w == MAP_FAILED) return fail(m);
+        memcpy(w, "written", 8);
+        char back[8] = {0};
+        if (msync(w, 4096, MS_SYNC) || pread(fd, back, 8, 0) != 8) return fail(m);
+        if (strcmp(back, "written")) { printf("%s: read back %.8s\n", m, back); return 1; }
+        printf("SHARED ok\n");
+        return 0;
+    }
+    if (!strcmp(m, "shared-keep")) {
+        /* PATH (a sleeper) mapped shared and writable, its fd closed, and
+           the mapping kept for a minute: "READY" once it is. */
+        if (write_sleeper(path)) return fail(m);
+        size_t len;
+        if (!map_shared_writable(path, &len)) return fail(m);
+        printf("READY\n");
+        fflush(stdout);
+        sleep(60);
+        return 0;
+    }
+    if (!strcmp(m, "shared-mmap")) {
+        /* The same for an executable mapping: PATH (the code) mapped shared
+           and writable, then mapped executable (measured as written), then
+           changed through the first mapping: prints "RAN shared-mmap 43".
+           With argv[3], PATH is a file the policy allows (a library): its
+           second byte is changed and read back through the executable
+           mapping ("RAN shared-mmap changed"); nothing is called. */
+        int keep = argc > 3;
+        if (!keep) {
+            int w0 = open(path, O_RDWR|O_CREAT|O_TRUNC, 0644);
+            if (w0 < 0 || write(w0, code, sizeof code) != sizeof code) return fail(m);
+            close(w0);
+        }
+        size_t len;
+        unsigned char *w = map_shared_writable(path, &len);
+        if (!w) return fail(m);
+        usleep(100000);
+        int fd = open(path, O_RDONLY);
+        void *p = fd < 0 ? MAP_FAILED : mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        if (keep) {
+            unsigned char old = w[1];
+            w[1] = old ^ 0xff;
+            if (((volatile unsigned char *)p)[1] != old) { printf("RAN %s changed\n", m); return 0; }
+            printf("%s: unchanged\n", m);
+            return 1;
+        }
+        w[1] = 0x2b;
+        int r = ((int (*)(void))p)();
+        if (r == 43) { printf("RAN %s 43\n", m); return 0; }
+        printf("%s: returned %d\n", m, r);
+        return 1;
     }
     if (!strcmp(m, "tomtou")) {
         /* Maps PATH executable, then rewrites its first bytes in place

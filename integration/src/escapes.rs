@@ -1,7 +1,7 @@
 //! What the attacker tests of ima pods share (`tests/ima_escapes.rs`,
 //! `ima_crashes.rs`, `ima_writes.rs`, `ima_floods.rs`): the attacker image
 //! (busybox, `escape` from `c/escape.c`, a dynamic `hello` with the host's
-//! loader and libc), a node whose policies measure and enforce that image's
+//! loader and libc, `sleeper`), a node whose policies measure and enforce that image's
 //! golden policy, and readers of a pod's measurement log.
 
 use crate::client::{run_pod, start_container};
@@ -36,6 +36,20 @@ fn build_attacker_image(env: &Env) -> String {
     let mut def = busybox();
     let escape = compile_c(&env.base, "escape", ESCAPE_C, &[]).unwrap();
     def.files.push(("bin/escape".into(), escape, 0o755));
+    // A program the golden policy allows that sleeps, then exits with a
+    // byte of its own (`escape shared-exec`).
+    let sleeper = env.base.join("sleeper");
+    let out = Command::new(env.base.join("escape"))
+        .arg("write-sleeper")
+        .arg(&sleeper)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    def.files.push((
+        "bin/sleeper".into(),
+        std::fs::read(&sleeper).unwrap(),
+        0o755,
+    ));
     let src = env.base.join("hello.c");
     std::fs::write(&src, HELLO_C).unwrap();
     let hello = env.base.join("hello-dyn");
@@ -182,6 +196,16 @@ pub async fn stop_pod(rt: &mut crate::client::Rt, pod: &str) {
     })
     .await
     .unwrap();
+}
+
+/// Asserts that container `c` still runs (`what`: said when it does not).
+pub async fn assert_running(rt: &mut crate::client::Rt, c: &str, what: &str) {
+    let st = crate::client::container_status(rt, c).await;
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{what}: {st:?}"
+    );
 }
 
 /// An ima pod with `policy` and two sleeping containers: `a` without a

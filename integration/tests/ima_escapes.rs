@@ -597,12 +597,7 @@ async fn a_file_swapped_in_during_the_check_is_not_mapped() {
             assert!(out.contains("MAPPED threaded-mmap"), "{policy}: {out}{err}");
             // The swapper went on afterwards: an honest program's threads
             // are only paused.
-            let st = imacri_integration::client::container_status(&mut rt, c).await;
-            assert_eq!(
-                st.state,
-                cri::ContainerState::ContainerRunning as i32,
-                "{policy}: {st:?}"
-            );
+            assert_running(&mut rt, c, policy).await;
         }
         // An io_uring request (run by a kernel thread, which ptrace cannot
         // hold) puts another file under the fd during the check: what was
@@ -674,12 +669,7 @@ async fn calls_whose_sharers_cannot_be_held_are_refused() {
                 "{cmd}: {out}"
             );
         }
-        let st = imacri_integration::client::container_status(&mut rt, c).await;
-        assert_eq!(
-            st.state,
-            cri::ContainerState::ContainerRunning as i32,
-            "{st:?}"
-        );
+        assert_running(&mut rt, c, "the container").await;
     }
     let stats = imacri_integration::client::integrity_stats(&mut rt).await;
     assert!(

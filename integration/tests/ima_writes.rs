@@ -78,12 +78,7 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
             d.log()
         );
     }
-    let st = imacri_integration::client::container_status(&mut rt, &a).await;
-    assert_eq!(
-        st.state,
-        cri::ContainerState::ContainerRunning as i32,
-        "{st:?}"
-    );
+    assert_running(&mut rt, &a, "the container").await;
     stop_pod(&mut rt, &pod).await;
 
     // Enforce, with a file the policy allows that the pod can write in
@@ -106,12 +101,7 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
         let out = sh_ok(&mut rt, c, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
         assert!(out.ends_with("rc=1"), "{out}");
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
-        let st = imacri_integration::client::container_status(&mut rt, c).await;
-        assert_eq!(
-            st.state,
-            cri::ContainerState::ContainerRunning as i32,
-            "{st:?}"
-        );
+        assert_running(&mut rt, c, "the container").await;
         let mine = entries_of(&log_lines(&d, &pod), c);
         assert!(logged(&mine, LIBC, None, "mmap"), "{mine:#?}");
         assert!(logged(&mine, LIBC, None, "deny"), "{mine:#?}");
@@ -160,13 +150,7 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
     let (_, out, err) = exec_sh(&mut rt, &b, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
     assert!(out.trim_end().ends_with("rc=1"), "{out}{err}\n{}", d.log());
     assert!(refused(&err), "{out}{err}");
-    let st = imacri_integration::client::container_status(&mut rt, &b).await;
-    assert_eq!(
-        st.state,
-        cri::ContainerState::ContainerRunning as i32,
-        "{st:?}\n{}",
-        d.log()
-    );
+    assert_running(&mut rt, &b, &d.log()).await;
     // A truncate while imacri is down waits on the kept lease; the next
     // imacri finds it breaking and kills the container.
     sh_ok(
@@ -429,4 +413,119 @@ async fn a_stopped_containers_watches_hold_up_no_open() {
     assert_eq!(log_lines(&d, &pod).len(), logged_before);
     stop_pod(&mut rt, &pod).await;
     nix::mount::umount2(&vol, nix::mount::MntFlags::MNT_DETACH).unwrap();
+}
+
+/// A file of the rootfs mapped shared and writable, its fd closed: on
+/// overlayfs the mapping holds the upper layer's file, not the one a
+/// process opens, so the kernel's refusal to execute a file open for writing
+/// (ETXTBSY), the read lease that checks a mapping for writers, and the
+/// close-after-write event that drops a remembered digest all miss it, and
+/// writes through it raise no event and move no mtime. In a plain pod a
+/// running program's code and an executable mapping are changed so
+/// (`shared-exec`, `shared-cache`, `shared-mmap`: "RAN"); in an ima pod the
+/// file is held open for writing for as long as such a mapping can exist
+/// (its container's life, and across an imacri restart): its execution
+/// fails as on any other filesystem (ETXTBSY), and its executable mapping is
+/// a `writers` violation, refused under enforce, also for a file the policy
+/// allows. Shared writable mappings themselves (a database's) work, from a
+/// multi-threaded process too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_mapped_shared_and_writable_runs_only_as_measured() {
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let sleeper = |n: &str| container_config(n, &image, &["sleep", "1000"]);
+    const MODES: [&str; 3] = ["shared-exec", "shared-cache", "shared-mmap"];
+    let busy = |out: &str| out.contains("Text file busy");
+
+    let plain = pod_config("shared-plain");
+    let pod = run_pod(&mut rt, &plain).await.unwrap();
+    let c = start_container(&mut rt, &pod, &plain, sleeper("c")).await;
+    for m in MODES {
+        let (_, out, err) = exec_sh(&mut rt, &c, &format!("escape {m} /tmp/{m}")).await;
+        assert!(out.contains(&format!("RAN {m}")), "control {m}: {out}{err}");
+    }
+    for cmd in [
+        "escape shared-exec /bin/sleeper keep".to_string(),
+        format!("escape shared-mmap {LIBC} keep"),
+    ] {
+        let (_, out, err) = exec_sh(&mut rt, &c, &cmd).await;
+        assert!(out.contains("RAN shared-"), "control {cmd}: {out}{err}");
+    }
+    stop_pod(&mut rt, &pod).await;
+
+    // Measure mode, without a seccomp profile and with RuntimeDefault.
+    let (pod, a, b) = two_containers(&d, &mut rt, "shared-measure", "measure", &image).await;
+    for c in [&a, &b] {
+        for m in ["shared-exec", "shared-cache"] {
+            let (_, out, err) = exec_sh(&mut rt, c, &format!("escape {m} /tmp/{m}")).await;
+            assert!(!out.contains("RAN"), "{m}: {out}{err}\n{}", d.log());
+            assert!(busy(&out), "{m}: {out}{err}");
+        }
+        // Measured, and a violation: what runs may change.
+        let (_, out, err) = exec_sh(&mut rt, c, "escape shared-mmap /tmp/shared-mmap").await;
+        assert!(out.contains("RAN shared-mmap 43"), "{out}{err}");
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        assert!(
+            logged(&mine, "/tmp/shared-mmap", None, "writers"),
+            "{mine:#?}"
+        );
+        // A database's mappings work, on the rootfs and on /dev/shm.
+        for cmd in [
+            "escape shared-rw /tmp/db",
+            "escape shared-rw /tmp/db2 threaded",
+            "escape shared-rw /dev/shm/db",
+        ] {
+            assert_eq!(sh_ok(&mut rt, c, cmd).await, "SHARED ok", "{cmd}");
+        }
+    }
+    let stats = imacri_integration::client::integrity_stats(&mut rt).await;
+    assert!(
+        stats["fanotify"]["heldWriters"].as_u64() >= Some(8),
+        "{stats}"
+    );
+    // Held by the fd keeper too: a mapping kept across an imacri restart
+    // still keeps its file from running.
+    let out = sh_ok(
+        &mut rt,
+        &a,
+        "(escape shared-keep /tmp/k > /tmp/k.out 2>&1 &) ; sleep 0.5; cat /tmp/k.out",
+    )
+    .await;
+    assert_eq!(out, "READY");
+    d.kill();
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let (_, out, err) = exec_sh(&mut rt, &a, "/tmp/k; echo rc=$?").await;
+    assert!(busy(&format!("{out}{err}")), "{out}{err}\n{}", d.log());
+    assert_running(&mut rt, &a, "the container").await;
+    stop_pod(&mut rt, &pod).await;
+
+    // Enforce: files the policy allows, changed through such a mapping
+    // after their check, are refused before.
+    let (pod, a, b) = two_containers(&d, &mut rt, "shared-enforce", "strict", &image).await;
+    for c in [&a, &b] {
+        // shared-exec writes through its mapping whether or not the program
+        // ran: last.
+        for m in ["shared-cache", "shared-exec"] {
+            let (_, out, err) = exec_sh(&mut rt, c, &format!("escape {m} /bin/sleeper keep")).await;
+            assert!(!out.contains("RAN"), "{m}: {out}{err}\n{}", d.log());
+            assert!(busy(&out), "{m}: {out}{err}");
+        }
+        let (_, out, err) = exec_sh(&mut rt, c, &format!("escape shared-mmap {LIBC} keep")).await;
+        assert!(!out.contains("RAN"), "{out}{err}\n{}", d.log());
+        assert!(out.contains("Operation not permitted"), "{out}{err}");
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        assert!(logged(&mine, LIBC, None, "writers"), "{mine:#?}");
+        // libc stays held while the container runs: no program maps it
+        // now; the rest of the image runs.
+        let (code, out, err) = exec_sh(&mut rt, c, "hello").await;
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(err.contains("failed to map segment"), "{out}{err}");
+        assert_eq!(
+            sh_ok(&mut rt, c, "escape shared-rw /tmp/db3").await,
+            "SHARED ok"
+        );
+    }
+    stop_pod(&mut rt, &pod).await;
 }

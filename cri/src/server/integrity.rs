@@ -545,9 +545,14 @@ impl CriServer {
                     HashMap::new();
                 let mut leases: HashMap<String, Vec<(String, std::os::fd::OwnedFd)>> =
                     HashMap::new();
+                let mut held: HashMap<String, Vec<(String, std::os::fd::OwnedFd)>> = HashMap::new();
                 for (key, fd) in all {
                     if let Some(ctr) = keeper::parse_lease_key(&key) {
                         leases.entry(ctr.to_string()).or_default().push((key, fd));
+                        continue;
+                    }
+                    if let Some(ctr) = keeper::parse_held_key(&key) {
+                        held.entry(ctr.to_string()).or_default().push((key, fd));
                         continue;
                     }
                     if let Some((listener, id)) = keeper::parse_mapping_key(&key) {
@@ -578,6 +583,7 @@ impl CriServer {
                                     group: fd,
                                     events: Vec::new(),
                                     leases: Vec::new(),
+                                    held: Vec::new(),
                                 },
                             );
                         }
@@ -600,6 +606,11 @@ impl CriServer {
                 for (ctr, ls) in leases {
                     if let Some(g) = kept.groups.get_mut(&ctr) {
                         g.leases = ls;
+                    }
+                }
+                for (ctr, hs) in held {
+                    if let Some(g) = kept.groups.get_mut(&ctr) {
+                        g.held = hs;
                     }
                 }
             }
@@ -687,6 +698,7 @@ impl CriServer {
                 "heldCalls": s.held_calls.load(Relaxed),
                 "unheldCalls": s.unheld_calls.load(Relaxed),
                 "unleasedFiles": s.unleased.load(Relaxed),
+                "heldWriters": s.held_writers.load(Relaxed),
                 "meanCacheHitNs": s.hit_ns_total.load(Relaxed).checked_div(hits).unwrap_or(0),
             })
         });

@@ -49,11 +49,14 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("mmap-child") => {
+            let mode = args[3].strip_prefix("shared-");
+            let m = mode.unwrap_or(&args[3]);
             return mmap_child(
                 Path::new(&args[2]),
-                args[3] != "plain",
-                args[3] == "threaded",
-            )
+                m != "plain",
+                m == "threaded",
+                mode.is_some(),
+            );
         }
         Some("exec-child") => return exec_child(Path::new(&args[2]), args[3] != "plain"),
         Some("exec-loop") => return exec_loop(Path::new(&args[2])),
@@ -219,6 +222,13 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
     // Shared calls, each held still (mapguard/hold.rs).
     let held = engine.stats.held_calls.load(Relaxed) - held_before;
     let map_plain = mapping_cost(&engine, &bin, "plain")?;
+    // A shared writable mapping (a database's) of a file that needs no
+    // holding (fanotify/held.rs: not overlayfs), which the guard now sees.
+    let db = fs.join("shared.db");
+    std::fs::write(&db, vec![0u8; 4096])?;
+    let shared_plain = mapping_cost(&engine, &db, "shared-plain")?;
+    let shared_guarded = mapping_cost(&engine, &db, "shared-guarded")?;
+    let shared_threaded = mapping_cost(&engine, &db, "shared-threaded")?;
     // A dynamically linked program: its exec measured, its libraries
     // guarded, next to the same program neither.
     let ls = fs.join("ls");
@@ -314,6 +324,22 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
         "mmap(PROT_EXEC), map guard, 2 threads (us)",
         map_threaded,
         map_threaded - map_plain
+    );
+    println!(
+        "{:<44} {:>10.1}",
+        "mmap(MAP_SHARED, RW) of a file, unguarded (us)", shared_plain
+    );
+    println!(
+        "{:<44} {:>10.1}   (+{:.1} us)",
+        "mmap(MAP_SHARED, RW), map guard (us)",
+        shared_guarded,
+        shared_guarded - shared_plain
+    );
+    println!(
+        "{:<44} {:>10.1}   (+{:.1} us: held like the above)",
+        "mmap(MAP_SHARED, RW), map guard, 2 threads (us)",
+        shared_threaded,
+        shared_threaded - shared_plain
     );
     println!(
         "{:<44} {:>10.0}",
@@ -511,10 +537,11 @@ fn answer_all(listener: std::os::fd::OwnedFd) {
     }
 }
 
-/// The child: (optionally) installs a filter sending mmap with PROT_EXEC to
-/// a listener, waits for "go", maps `file` executable RUNS times and prints
-/// the median in microseconds.
-fn mmap_child(file: &Path, guarded: bool, threaded: bool) -> Result<()> {
+/// The child: (optionally) installs a filter sending mmap with PROT_EXEC or
+/// MAP_SHARED to a listener, waits for "go", maps `file` executable (or,
+/// `shared`, shared and writable) RUNS times and prints the median in
+/// microseconds.
+fn mmap_child(file: &Path, guarded: bool, threaded: bool, shared: bool) -> Result<()> {
     use std::os::fd::AsRawFd;
     // A second thread, parked: it shares the fd table, as in any
     // multi-threaded program.
@@ -524,21 +551,19 @@ fn mmap_child(file: &Path, guarded: bool, threaded: bool) -> Result<()> {
         })
     });
     filter_and_wait(guarded)?;
-    let file = std::fs::File::open(file)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(shared)
+        .open(file)?;
+    let (prot, flags) = match shared {
+        true => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
+        false => (libc::PROT_READ | libc::PROT_EXEC, libc::MAP_PRIVATE),
+    };
     let mut v = Vec::with_capacity(RUNS);
     for _ in 0..RUNS {
         let t = Instant::now();
-        // SAFETY: a fresh private mapping, unmapped at once.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_EXEC,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
+        // SAFETY: a fresh mapping, unmapped at once.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, file.as_raw_fd(), 0) };
         v.push(t.elapsed());
         anyhow::ensure!(
             p != libc::MAP_FAILED,
@@ -620,19 +645,21 @@ fn child_pid(parent: u32) -> Result<u32> {
 }
 
 /// In a child: installs (when `guarded`) a filter sending mmap with
-/// PROT_EXEC to a listener and prints its fd (else "ready"), then waits for
-/// "go" on stdin.
+/// PROT_EXEC or MAP_SHARED to a listener and prints its fd (else "ready"),
+/// then waits for "go" on stdin.
 fn filter_and_wait(guarded: bool) -> Result<()> {
     use std::io::{BufRead, Write};
     if guarded {
         let f = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
         let prog = [
-            f(0x20, 0, 0, 0),                      // ld nr
-            f(0x15, 0, 3, libc::SYS_mmap as u32),  // mmap?
-            f(0x20, 0, 0, 32),                     // ld args[2] (prot)
-            f(0x45, 0, 1, libc::PROT_EXEC as u32), // PROT_EXEC?
-            f(0x06, 0, 0, 0x7fc0_0000),            // SECCOMP_RET_USER_NOTIF
-            f(0x06, 0, 0, 0x7fff_0000),            // SECCOMP_RET_ALLOW
+            f(0x20, 0, 0, 0),                       // ld nr
+            f(0x15, 0, 5, libc::SYS_mmap as u32),   // mmap?
+            f(0x20, 0, 0, 32),                      // ld args[2] (prot)
+            f(0x45, 2, 0, libc::PROT_EXEC as u32),  // PROT_EXEC?
+            f(0x20, 0, 0, 40),                      // ld args[3] (flags)
+            f(0x45, 0, 1, libc::MAP_SHARED as u32), // MAP_SHARED?
+            f(0x06, 0, 0, 0x7fc0_0000),             // SECCOMP_RET_USER_NOTIF
+            f(0x06, 0, 0, 0x7fff_0000),             // SECCOMP_RET_ALLOW
         ];
         let fprog = libc::sock_fprog {
             len: prog.len() as u16,

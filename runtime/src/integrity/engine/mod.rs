@@ -18,7 +18,7 @@
 //! - An access the log cannot take (quota, I/O error) is refused: what is
 //!   not recorded was not measured.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
@@ -99,6 +99,12 @@ pub trait WriteWatch: Send + Sync {
     /// open as `fd` open (its interpreter), asks before it is opened for
     /// writing (in place before the execution is answered).
     fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), String>;
+    /// Holds `file`, a file of an overlay filesystem open for writing that
+    /// a process of the container maps shared, open until the container is
+    /// gone (the mapping holds the upper layer's file, which the kernel's
+    /// writer rules do not see). Err: it cannot be held (the pod's share
+    /// of fds), and the mapping must be refused.
+    fn hold_writer(&self, file: OwnedFd) -> Result<(), String>;
 }
 
 /// A measurement the policy does not allow, for logs and CRI events.
@@ -136,6 +142,9 @@ pub struct Stats {
     /// without leases, or the lease limits): their mark alone watches
     /// them, and a truncate of them is not seen (`unleasedFiles`).
     pub unleased: AtomicU64,
+    /// Files of an overlay filesystem mapped shared and writable, held open
+    /// for writing until their container is gone (`heldWriters`).
+    pub held_writers: AtomicU64,
 }
 
 /// By inode: the identity a file was hashed at and its digest.
@@ -337,6 +346,16 @@ impl Engine {
             .pin()
             .get(&t.container)
             .and_then(Weak::upgrade)
+    }
+
+    /// See [`WriteWatch::hold_writer`]; Err where `t` has no watch.
+    pub fn hold_writer(&self, t: &Measured, file: OwnedFd) -> Result<(), String> {
+        let w = self
+            .write_watch(t)
+            .ok_or("the container has no fanotify group to hold it")?;
+        w.hold_writer(file)?;
+        self.stats.held_writers.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     pub fn target(&self, container: &str) -> Option<Arc<Measured>> {

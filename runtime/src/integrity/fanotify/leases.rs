@@ -100,6 +100,15 @@ impl Table {
         Ok(())
     }
 
+    /// Counts one more of `pod`'s, whatever the limits (the last imacri
+    /// held it).
+    fn count_kept(&self, pod: &str) {
+        self.total.fetch_add(1, Ordering::AcqRel);
+        self.per_pod
+            .pin()
+            .update_or_insert(Arc::from(pod), |n| n + 1, 1);
+    }
+
     /// Gives back what [`reserve`](Self::reserve) counted.
     fn release(&self, pod: &str) {
         self.total.fetch_sub(1, Ordering::AcqRel);
@@ -324,6 +333,35 @@ pub(super) fn take(
     Ok(lease)
 }
 
+/// One open file of a pod's that imacri keeps other than a lease's (a held
+/// writer, `held.rs`): counted with the pod's leases, as it uses the same
+/// fds; given back when dropped.
+#[derive(Debug)]
+pub(super) struct Slot {
+    pod: Arc<str>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(s) = service() {
+            s.leases.release(&self.pod);
+        }
+    }
+}
+
+/// Counts one more open file of `pod`'s; refused past [`PER_POD`] or the
+/// process's share of fds. `kept`: the last imacri held it, so it is
+/// counted whatever the limits.
+pub(super) fn slot(pod: &str, kept: bool) -> Result<Slot, String> {
+    let s = service()?;
+    if kept {
+        s.leases.count_kept(pod);
+    } else {
+        s.leases.reserve(s.limit, pod)?;
+    }
+    Ok(Slot { pod: pod.into() })
+}
+
 /// Takes back a lease the fd keeper held for the last imacri: Ok(true)
 /// when it is still whole, Ok(false) when it broke while nobody listened
 /// (the file may have been cut since).
@@ -337,11 +375,7 @@ pub(super) fn adopt(
     own(file.as_raw_fd(), s.tid)?;
     let fd = file.as_raw_fd();
     // Taken back whatever the limits: the last imacri held it.
-    s.leases.total.fetch_add(1, Ordering::AcqRel);
-    s.leases
-        .per_pod
-        .pin()
-        .update_or_insert(Arc::from(pod), |n| n + 1, 1);
+    s.leases.count_kept(pod);
     let lease = register(s, file, group, inode, pod);
     Ok((lease, !breaking(fd)))
 }

@@ -39,11 +39,13 @@ use super::charge;
 use super::digest::FileKey;
 use super::engine::{Engine, Measured, Pending};
 
+mod held;
 mod leases;
 mod writes;
 use super::keeper::{self, Keeper};
 use super::log::Event;
 use crate::integrity::policy::Rule;
+pub use held::needs_holding;
 pub use leases::probe as lease_probe;
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +162,9 @@ struct Group {
     /// Files mapped executable in the container, watched for writers
     /// (inode marks, `writes::WATCHED`, and read leases).
     mapped: Mutex<writes::WatchedFiles>,
+    /// Overlay files the container mapped shared and writable, held open
+    /// for writing while it runs (`held.rs`).
+    held: Mutex<held::HeldFiles>,
     /// This group, for the leases to call back (they must not keep it).
     me: Weak<Group>,
     engine: Weak<Engine>,
@@ -272,6 +277,8 @@ pub struct KeptGroup {
     pub events: Vec<keeper::KeptEvent>,
     /// Read leases on its watched files, by the keeper's key.
     pub leases: Vec<(String, OwnedFd)>,
+    /// Files it held open for writing, by the keeper's key.
+    pub held: Vec<(String, OwnedFd)>,
 }
 
 /// A running watch; dropping it stops measuring (the group closes, and
@@ -396,7 +403,16 @@ pub fn watch(
         }
     });
     let key = kept.as_ref().map(|(k, key)| (k.clone(), key.clone()));
-    start(engine, fan, target, kept, Vec::new(), Vec::new()).inspect_err(|_| {
+    start(
+        engine,
+        fan,
+        target,
+        kept,
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    )
+    .inspect_err(|_| {
         if let Some((k, key)) = key {
             let _ = k.drop_key(&key);
         }
@@ -421,6 +437,7 @@ pub fn adopt(
         group,
         events,
         leases,
+        held,
     } = kept_group;
     // SAFETY: the keeper handed us a fanotify group fd we now own.
     let fan = unsafe { Fanotify::from_raw_fd(group.into_raw_fd()) };
@@ -435,6 +452,7 @@ pub fn adopt(
             Some((keeper.clone(), key)),
             events,
             leases,
+            held,
         )?,
         denied,
     ))
@@ -447,6 +465,7 @@ fn start(
     kept: Option<(Keeper, String)>,
     events: Vec<keeper::KeptEvent>,
     leases: Vec<(String, OwnedFd)>,
+    held: Vec<(String, OwnedFd)>,
 ) -> Result<Watch, FanotifyError> {
     let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| FanotifyError::Thread(e.into()))?;
     let container = target.measured.container.clone();
@@ -458,10 +477,12 @@ fn start(
         keeper: kept.as_ref().map(|(k, _)| k.clone()),
         last_exec: Mutex::new(None),
         mapped: Mutex::new(Default::default()),
+        held: Mutex::new(Default::default()),
         me: me.clone(),
         engine: Arc::downgrade(engine),
     });
     writes::take_back(&group, marked, leases);
+    held::take_back(&group, held);
     engine.set_write_watch(&container, group.clone());
     for event in events {
         let key = match nix::sys::stat::fstat(event.file.as_raw_fd()) {

@@ -163,6 +163,10 @@ impl WriteWatch for Group {
         Ok(())
     }
 
+    fn hold_writer(&self, file: OwnedFd) -> Result<(), String> {
+        self.hold(file)
+    }
+
     fn unwatch(&self, fd: BorrowedFd<'_>) {
         if let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) {
             self.forget(Some(fd), FileKey::of(&st).inode());

@@ -1,6 +1,7 @@
 //! The keys the keeper holds fds under, and which go with which: a
-//! container's group (`fan:`) takes its events (`fev:`) and leases (`fls:`)
-//! with it, a seccomp listener its notifications (`mev:`).
+//! container's group (`fan:`) takes its events (`fev:`), leases (`fls:`) and
+//! held writers (`fwh:`) with it, a seccomp listener its notifications
+//! (`mev:`).
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -66,23 +67,54 @@ pub fn parse_mapping_key(key: &str) -> Option<(&str, u64)> {
 pub const LEASE: &str = "fls:";
 
 pub fn lease_key(container: &str, inode: (u64, u64)) -> String {
+    file_key(LEASE, container, inode)
+}
+
+/// The container of a [`lease_key`].
+pub fn parse_lease_key(key: &str) -> Option<&str> {
+    parse_file_key(LEASE, key)
+}
+
+/// Keys of files a container mapped shared and writable from an overlay
+/// filesystem, held open for writing while it runs (`fanotify/held.rs`):
+/// `fwh:<container>:<dev>:<ino>:<serial>`. They go with the group.
+pub const HELD: &str = "fwh:";
+
+pub fn held_key(container: &str, inode: (u64, u64)) -> String {
+    file_key(HELD, container, inode)
+}
+
+/// The container of a [`held_key`].
+pub fn parse_held_key(key: &str) -> Option<&str> {
+    parse_file_key(HELD, key)
+}
+
+/// `<prefix><container>:<dev>:<ino>:<serial>`: the serial makes each key
+/// its own (one file can be kept again after it was let go while the old
+/// key is being dropped).
+fn file_key(prefix: &str, container: &str, inode: (u64, u64)) -> String {
     static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!(
-        "{LEASE}{container}:{}:{}:{}-{n}",
+        "{prefix}{container}:{}:{}:{}-{n}",
         inode.0,
         inode.1,
         std::process::id()
     )
 }
 
-/// The container of a [`lease_key`].
-pub fn parse_lease_key(key: &str) -> Option<&str> {
-    let mut f = key.strip_prefix(LEASE)?.rsplitn(4, ':');
+fn parse_file_key<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
+    let mut f = key.strip_prefix(prefix)?.rsplitn(4, ':');
     f.next()?;
     f.next()?.parse::<u64>().ok()?;
     f.next()?.parse::<u64>().ok()?;
     f.next()
+}
+
+/// The container whose group a per-file key ([`lease_key`], [`held_key`])
+/// goes with.
+fn file_owner(key: &str) -> Option<&str> {
+    parse_lease_key(key).or_else(|| parse_held_key(key))
 }
 
 /// The event numbers kept for `container`'s group.
@@ -120,7 +152,7 @@ pub(super) fn drop_orphan_events(held: &mut BTreeMap<String, OwnedFd>) {
         .collect();
     held.retain(|k, _| {
         parse_event_key(k).is_none_or(|(c, ..)| live.contains(c))
-            && parse_lease_key(k).is_none_or(|c| live.contains(c))
+            && file_owner(k).is_none_or(|c| live.contains(c))
             && parse_mapping_key(k).is_none_or(|(l, _)| listeners.contains(l))
     });
 }
@@ -131,7 +163,7 @@ pub(super) fn drop_orphan_events(held: &mut BTreeMap<String, OwnedFd>) {
 pub(super) fn owner_of(key: &str) -> std::borrow::Cow<'_, str> {
     if let Some((c, ..)) = parse_event_key(key) {
         format!("{FANOTIFY}{c}").into()
-    } else if let Some(c) = parse_lease_key(key) {
+    } else if let Some(c) = file_owner(key) {
         format!("{FANOTIFY}{c}").into()
     } else if let Some((l, _)) = parse_mapping_key(key) {
         l.into()
@@ -146,6 +178,7 @@ pub(super) fn is_listener_key(key: &str) -> bool {
         && !key.starts_with(FANOTIFY_EVENT)
         && !key.starts_with(MAPPING_EVENT)
         && !key.starts_with(LEASE)
+        && !key.starts_with(HELD)
 }
 
 #[cfg(test)]
@@ -164,6 +197,8 @@ mod tests {
             event_key("ab", 7, true, 1),
             lease_key("a", (1, 2)),
             lease_key("ab", (1, 2)),
+            held_key("a", (1, 3)),
+            held_key("ab", (1, 3)),
             "c1/p1/1".to_string(),
             mapping_key("c1/p1/1", 4),
             "c1/p1/10".to_string(),

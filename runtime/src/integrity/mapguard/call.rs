@@ -388,16 +388,27 @@ impl Call {
         if (-4095..0).contains(&ret) {
             return Ok(()); // the call failed: nothing was mapped
         }
-        let files =
-            task::mapped_files(self.req.pid, ret as u64, self.req.data.args[1]).map_err(unknown)?;
-        for f in files {
-            let st = nix::sys::stat::fstat(f.as_raw_fd()).map_err(|e| unknown(e.to_string()))?;
-            if !measured.contains(&FileKey::of(&st).inode()) {
+        let files = task::mapped_inodes(self.req.pid, ret as u64, self.req.data.args[1])
+            .map_err(unknown)?;
+        for (inode, path) in files {
+            if !measured.contains(&inode) {
                 let why = "a file other than the one measured".to_string();
-                return Err((fd_path(f.as_fd()), why));
+                return Err((path, why));
             }
         }
         Ok(())
+    }
+
+    /// A shared mapping of an overlay file open for writing: the caller's
+    /// open file is held open until the container is gone
+    /// (`fanotify/held.rs`). Err: it must be and cannot be.
+    fn hold_if_writable(&self, tasks: &task::Tasks, taken: &OwnedFd) -> Result<(), String> {
+        let (pid, fd) = (self.req.pid, self.req.data.args[4] as i32);
+        let file = tasks.for_holding(pid, fd, taken, |open| self.engine.own_open(open))?;
+        if !crate::integrity::fanotify::needs_holding(file.as_fd())? {
+            return Ok(());
+        }
+        self.engine.hold_writer(&self.target, file)
     }
 
     /// Takes the call's files from the caller and measures them; the answer
@@ -444,6 +455,25 @@ impl Call {
             // Anonymous memory only (e.g. a JIT's mprotect): not a file.
             answer(true);
             return Vec::new();
+        }
+        if nr == libc::SYS_mmap && args[3] & libc::MAP_SHARED as u64 != 0 {
+            // Held (if it must be) before the call goes on, and before an
+            // executable one is checked for writers: then that check sees it.
+            if let Err(e) = self.hold_if_writable(tasks, &files[0]) {
+                if let Some(unsaid) = self.target.quiet.take() {
+                    tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, path = %fd_path(files[0].as_fd()), error = %e, unsaid, "map guard: a shared writable mapping cannot be held; refused");
+                }
+                answer(false);
+                return Vec::new();
+            }
+            if args[2] & libc::PROT_EXEC as u64 == 0 {
+                // Nothing executable: that is all. The file is what a
+                // held call checks the kernel mapped.
+                let inode =
+                    nix::sys::stat::fstat(files[0].as_raw_fd()).map(|st| FileKey::of(&st).inode());
+                answer(true);
+                return inode.into_iter().collect();
+            }
         }
         if let Some(stall) = &engine.map_stall {
             let stalled = files.iter().any(|f| {

@@ -8,6 +8,11 @@
 //! - `mprotect`/`pkey_mprotect` adding PROT_EXEC,
 //! - `personality` setting READ_IMPLIES_EXEC (which would make every
 //!   PROT_READ mapping executable without asking),
+//! - `mmap` with MAP_SHARED of a file, whatever its protection: one of an
+//!   overlay file open for writing is held open for writing until the
+//!   container is gone (`fanotify/held.rs`: the mapping holds the upper
+//!   layer's file, whose writers the kernel's rules for the overlay file do
+//!   not count),
 //!
 //! and refuses `shmat` with SHM_EXEC outright. runc sends the filter's
 //! listener fd to imacri's socket (`linux.seccomp.listenerPath`) when it

@@ -22,6 +22,8 @@ pub enum MapGuardError {
 
 const PROT_EXEC: u64 = libc::PROT_EXEC as u64;
 const MAP_ANONYMOUS: u64 = libc::MAP_ANONYMOUS as u64;
+/// Set in MAP_SHARED and MAP_SHARED_VALIDATE, clear in MAP_PRIVATE.
+const MAP_SHARED: u64 = libc::MAP_SHARED as u64;
 const READ_IMPLIES_EXEC: u64 = 0x0040_0000;
 const SHM_EXEC: u64 = 0o100000;
 /// personality(0xffffffff) only queries the current persona.
@@ -187,12 +189,21 @@ pub fn guard_profile(
             args.push(masked(3, MAP_ANONYMOUS, 0)?);
         }
         syscalls.push(rule(name, guarded, args)?);
+        if name == "mmap" {
+            // A shared mapping of a file, whatever its protection (one
+            // made read-only of a writable file can be made writable):
+            // see `fanotify/held.rs`.
+            let shared = masked(3, MAP_SHARED | MAP_ANONYMOUS, MAP_SHARED)?;
+            syscalls.push(rule(name, guarded, vec![shared])?);
+        }
         if !default_allows {
-            syscalls.push(rule(
-                name,
-                LinuxSeccompAction::ScmpActAllow,
-                vec![masked(index, mask, 0)?],
-            )?);
+            // What the rules above do not take, and nothing else (libseccomp
+            // wants rules of different actions that never both match).
+            let mut rest = vec![masked(index, mask, 0)?];
+            if name == "mmap" {
+                rest.push(masked(3, MAP_SHARED, 0)?);
+            }
+            syscalls.push(rule(name, LinuxSeccompAction::ScmpActAllow, rest)?);
             if name == "mmap" {
                 syscalls.push(rule(
                     name,
@@ -228,7 +239,7 @@ mod tests {
         assert_eq!(p.default_action(), LinuxSeccompAction::ScmpActAllow);
         assert_eq!(
             names(&p, LinuxSeccompAction::ScmpActNotify),
-            ["mmap", "mprotect", "pkey_mprotect", "personality"]
+            ["mmap", "mmap", "mprotect", "pkey_mprotect", "personality"]
         );
         assert_eq!(names(&p, LinuxSeccompAction::ScmpActErrno), ["shmat"]);
         // Under a default allow no allow rule is needed (runc rejects them).
@@ -247,6 +258,19 @@ mod tests {
         assert_eq!(
             (a[1].index(), a[1].value(), a[1].value_two()),
             (3, 0x20, Some(0))
+        );
+        // And every shared mapping of a file, whatever its protection.
+        let shared = p
+            .syscalls()
+            .iter()
+            .flatten()
+            .filter(|r| r.names()[0] == "mmap")
+            .nth(1)
+            .unwrap();
+        let a = shared.args().clone().unwrap();
+        assert_eq!(
+            (a.len(), a[0].index(), a[0].value(), a[0].value_two()),
+            (1, 3, 0x21, Some(0x01))
         );
         assert_eq!(p.architectures().clone().unwrap(), vec![NATIVE]);
         assert_eq!(p.listener_path().clone().unwrap(), Path::new("/run/x.sock"));

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use crate::integrity::digest::FileKey;
 use nix::errno::Errno;
 
 /// `pidfd_open` flag for a pidfd of a thread rather than a process
@@ -64,6 +65,47 @@ impl Tasks {
             }
         }
         Err(format!("pidfd_getfd({tid}, {fd}): the task is gone"))
+    }
+
+    /// The caller's open file behind `fd`, to hold open for writing
+    /// (`fanotify/held.rs`): a copy of `taken` (what [`file_of`] gave)
+    /// where that is the caller's own open file; on kernels without thread
+    /// pidfds (`taken` a read-only reopen) the file opened again with the
+    /// caller's access mode, by `open` (imacri's own opens go through the
+    /// engine, so that its readers let them through).
+    ///
+    /// [`file_of`]: Self::file_of
+    pub(super) fn for_holding(
+        &self,
+        tid: u32,
+        fd: i32,
+        taken: &OwnedFd,
+        open: impl FnOnce(&dyn Fn() -> std::io::Result<OwnedFd>) -> std::io::Result<OwnedFd>,
+    ) -> Result<OwnedFd, String> {
+        if !self.no_thread_pidfds {
+            return taken.try_clone().map_err(|e| e.to_string());
+        }
+        let info = format!("/proc/{tid}/fdinfo/{fd}");
+        let text = std::fs::read_to_string(&info).map_err(|e| format!("{info}: {e}"))?;
+        let flags = text
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+            .ok_or_else(|| format!("{info}: no flags"))?;
+        if flags & libc::O_ACCMODE == libc::O_RDONLY {
+            return taken.try_clone().map_err(|e| e.to_string());
+        }
+        let path = format!("/proc/{tid}/fd/{fd}");
+        open(&|| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(&path)
+                .map(OwnedFd::from)
+        })
+        .map_err(|e| format!("opening {path} for writing: {e}"))
     }
 
     #[cfg(test)]
@@ -120,6 +162,42 @@ fn reopen(tid: u32, fd: i32) -> Result<OwnedFd, String> {
 /// (Not the inode column of `maps`: a SysV segment's inode is its id, 0 for
 /// the first segment of an IPC namespace.) Anonymous ranges are skipped.
 pub(super) fn mapped_files(pid: u32, addr: u64, len: u64) -> Result<Vec<OwnedFd>, String> {
+    let mut out = Vec::new();
+    for path in map_files(pid, addr, len)? {
+        match std::fs::File::open(&path) {
+            Ok(f) => out.push(f.into()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("opening {path}: {e}")),
+        }
+    }
+    Ok(out)
+}
+
+/// A mapped file's inode (device, number) and its path.
+pub(super) type MappedInode = ((u64, u64), String);
+
+/// The inodes (and paths) of the files mapped in `[addr, addr+len)` of task
+/// `pid`, from their `map_files` links without opening them: a file that
+/// cannot be opened (an io_uring ring's, an anonymous inode's) is named too.
+pub(super) fn mapped_inodes(pid: u32, addr: u64, len: u64) -> Result<Vec<MappedInode>, String> {
+    let mut out = Vec::new();
+    for path in map_files(pid, addr, len)? {
+        match nix::sys::stat::stat(path.as_str()) {
+            Ok(st) => {
+                let name = std::fs::read_link(&path)
+                    .map_or_else(|_| path.clone(), |p| p.to_string_lossy().into_owned());
+                out.push((FileKey::of(&st).inode(), name));
+            }
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(format!("stat {path}: {e}")),
+        }
+    }
+    Ok(out)
+}
+
+/// The `map_files` links of the VMAs of task `pid` that overlap
+/// `[addr, addr+len)` (anonymous ones have none).
+fn map_files(pid: u32, addr: u64, len: u64) -> Result<Vec<String>, String> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| format!("reading /proc/{pid}/maps: {e}"))?;
     let end = addr.saturating_add(len.max(1));
@@ -134,11 +212,7 @@ pub(super) fn mapped_files(pid: u32, addr: u64, len: u64) -> Result<Vec<OwnedFd>
         if s >= end || e <= addr {
             continue;
         }
-        match std::fs::File::open(format!("/proc/{pid}/map_files/{range}")) {
-            Ok(f) => out.push(f.into()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("opening /proc/{pid}/map_files/{range}: {e}")),
-        }
+        out.push(format!("/proc/{pid}/map_files/{range}"));
     }
     Ok(out)
 }
