@@ -458,7 +458,7 @@ fn mapping_run(engine: &Arc<Engine>, child: &mut std::process::Child, mode: &str
     let mut out = std::io::BufReader::new(child.stdout.take().context("stdout")?);
     let mut line = String::new();
     out.read_line(&mut line)?;
-    if mode != "plain" {
+    if mode.trim_start_matches("shared-") != "plain" {
         let fd: i32 = line
             .trim()
             .strip_prefix("fd=")
