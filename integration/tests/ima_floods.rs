@@ -617,10 +617,10 @@ async fn busy_pod(
         let out = sh_ok(
             rt,
             c,
-            "escape file-mmap /tmp/m.bin && escape threaded-mmap /tmp/m.bin && printf '#!/bin/sh\\necho script\\n' > /tmp/s.sh && chmod +x /tmp/s.sh && /tmp/s.sh && hello",
+            "escape file-mmap /tmp/m.bin && escape threaded-mmap /tmp/m.bin && escape shared-rw /tmp/db && printf '#!/bin/sh\\necho script\\n' > /tmp/s.sh && chmod +x /tmp/s.sh && /tmp/s.sh && hello",
         )
         .await;
-        assert!(out.ends_with("script\nhello dynamic"), "{out}");
+        assert!(out.ends_with("SHARED ok\nscript\nhello dynamic"), "{out}");
     }
     pod
 }
@@ -634,7 +634,8 @@ async fn settled(d: &imacri_integration::Imacri) -> ((usize, usize), Option<(usi
 }
 
 /// Whatever imacri holds for an ima pod goes with it: after pods that
-/// mapped files (each watched with a lease, kept by the fd keeper too), ran
+/// mapped files (each watched with a lease, kept by the fd keeper too),
+/// mapped a rootfs file shared and writable (held open for writing), ran
 /// scripts and dynamic programs, imacri and its keeper hold no more fds or
 /// threads than before them (imacri's copy of a gone container's leases
 /// stayed open until 2026-12-04). The same for a pod an imacri took back
