@@ -443,6 +443,24 @@ int main(int argc, char **argv) {
         printf("SHARED ok\n");
         return 0;
     }
+    if (!strcmp(m, "shared-flood")) {
+        /* argv[3] new files in directory PATH, each mapped shared and
+           writable and unmapped: "MAPPED <n> REFUSED <n>". */
+        int n = argc > 3 ? atoi(argv[3]) : 0, ok = 0, refused = 0;
+        for (int i = 0; i < n; i++) {
+            char f[256];
+            snprintf(f, sizeof f, "%s/f%d", path, i);
+            int fd = open(f, O_RDWR|O_CREAT|O_TRUNC, 0644);
+            if (fd < 0 || ftruncate(fd, 4096)) return fail(m);
+            void *w = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_SHARED, fd, 0);
+            close(fd);
+            if (w == MAP_FAILED) { if (errno != EPERM) return fail(m); refused++; continue; }
+            munmap(w, 4096);
+            ok++;
+        }
+        printf("MAPPED %d REFUSED %d\n", ok, refused);
+        return 0;
+    }
     if (!strcmp(m, "shared-keep")) {
         /* PATH (a sleeper) mapped shared and writable, its fd closed, and
            the mapping kept for a minute: "READY" once it is. */

@@ -1,6 +1,6 @@
 //! Floods an attacker inside an ima pod can make: new paths past the log's
-//! quota, refused accesses repeated, huge files, held mapping calls, a pod
-//! at its CPU limit. Each is bounded and paid for by the pod; other pods
+//! quota, refused accesses repeated, huge files, held mapping calls, files
+//! mapped shared and writable (each held open), a pod at its CPU limit. Each is bounded and paid for by the pod; other pods
 //! are not held up.
 
 use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
@@ -44,6 +44,70 @@ async fn a_flood_of_new_paths_hits_the_quota() {
         "{info}"
     );
     stop_pod(&mut rt, &pod).await;
+}
+
+/// Each rootfs file a pod maps shared and writable is held open by imacri
+/// (and its fd keeper) until the container is gone (`fanotify/held.rs`): a
+/// pod mapping file after file is held to its share (1024 open files, with
+/// its leases), past which its shared mappings of new files are refused
+/// (EPERM); imacri's fds grow by no more, another pod's mappings still
+/// work, and all of it goes with the pod.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_shared_mappings_holds_a_bounded_number_of_files() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let imacri = d.pid().unwrap() as i32;
+    let keeper = *d.keeper_pids().first().unwrap();
+    let (fds_before, _) = held_by(imacri);
+    let (keeper_before, _) = held_by(keeper);
+    let cfg = ima("shared-flood", "measure");
+    let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+    let out = sh_ok(
+        &mut rt,
+        &c,
+        "mkdir /tmp/f && escape shared-flood /tmp/f 1100",
+    )
+    .await;
+    let n = |w: &str| -> usize {
+        let f: Vec<&str> = out.split_whitespace().collect();
+        let i = f.iter().position(|x| *x == w).unwrap();
+        f[i + 1].parse().unwrap()
+    };
+    assert_eq!(n("MAPPED") + n("REFUSED"), 1100, "{out}");
+    assert!(n("MAPPED") <= 1024 && n("REFUSED") >= 76, "{out}");
+    // Each held file is an fd of imacri's, one of its copy of what the
+    // keeper holds (re-given to a restarted keeper) and one of the keeper's.
+    let (fds, _) = held_by(imacri);
+    assert!(
+        fds <= fds_before + 2 * 1024 + 64,
+        "imacri holds {fds} fds (from {fds_before})"
+    );
+    let (kfds, _) = held_by(keeper);
+    assert!(
+        kfds <= keeper_before + 1024 + 64,
+        "the keeper holds {kfds} fds (from {keeper_before})"
+    );
+    // Another pod is not held to this one's share.
+    let cfg2 = ima("shared-other", "measure");
+    let (pod2, c2) = sleeping_pod(&mut rt, &d, &cfg2, &image).await;
+    assert_eq!(
+        sh_ok(&mut rt, &c2, "escape shared-rw /tmp/db").await,
+        "SHARED ok"
+    );
+    stop_pod(&mut rt, &pod2).await;
+    stop_pod(&mut rt, &pod).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let (fds_after, _) = held_by(imacri);
+    assert!(
+        fds_after <= fds_before + 8,
+        "imacri holds {fds_after} fds after the pods (from {fds_before})"
+    );
+    let (kfds_after, _) = held_by(keeper);
+    assert!(
+        kfds_after <= keeper_before + 8,
+        "the keeper holds {kfds_after} fds after the pods (from {keeper_before})"
+    );
 }
 
 /// Accesses imacri refuses unmeasured (a file past `ima.max_file_size`, one

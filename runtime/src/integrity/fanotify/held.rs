@@ -20,10 +20,11 @@
 //! a copy, across an imacri restart) until the container is gone. The file
 //! counts as open for writing for as long as the mapping can exist: its
 //! execution fails with ETXTBSY and mapping it executable is a `writers`
-//! violation, as on any other filesystem. What it costs: an fd per such
-//! file, counted with the pod's leases ([`leases::PER_POD`]); the file
-//! cannot be executed until the container is gone, and one deleted meanwhile
-//! keeps its blocks until then.
+//! violation, as on any other filesystem. What it costs: an open file per
+//! such file (imacri's, its copy for the keeper, the keeper's), counted with
+//! the pod's leases ([`leases::PER_POD`]: past it the mapping is refused);
+//! the file cannot be executed until the container is gone, and one deleted
+//! meanwhile keeps its blocks until then.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
