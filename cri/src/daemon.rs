@@ -445,7 +445,8 @@ pub async fn check(cfg: &Config) -> Result<bool> {
                  syscalls only; the tasks sharing a caller's fd table or memory held still \
                  (ptrace) during its call, refused if they cannot be; an overlay file mapped \
                  shared and writable held open for writing until its container is gone (not \
-                 executable meanwhile); pause's rootfs noexec",
+                 executable meanwhile), and one whose upper file is open for writing (a mapping \
+                 from outside the pod) a writers violation; pause's rootfs noexec",
                 imacri_runtime::integrity::mapguard::file_source()
             ),
         ),

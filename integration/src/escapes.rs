@@ -21,6 +21,11 @@ pub const HELLO_C: &str = r#"
 int main(int argc, char **argv) { printf("hello %s\n", argc > 1 ? argv[1] : "dynamic"); return 0; }
 "#;
 
+/// Where `escape write-sleeper`'s program keeps the code it exits with:
+/// after the ELF header (64 bytes), its one program header (56) and 22
+/// bytes of code (`SLEEPER_CODE` in `c/escape.c`).
+pub const SLEEPER_CODE: usize = 64 + 56 + 22;
+
 pub const LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
 pub const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
 

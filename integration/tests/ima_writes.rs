@@ -529,3 +529,110 @@ async fn a_file_mapped_shared_and_writable_runs_only_as_measured() {
     }
     stop_pod(&mut rt, &pod).await;
 }
+
+/// The same mapping made outside the pod (here by the test, as a host
+/// daemon or a helper the pod passed an fd to would): nothing of imacri's
+/// holds it, and the kernel cannot see it. A program of the pod's rootfs so
+/// mapped then runs code changed through the mapping in a plain pod
+/// ("RAN"); in an ima pod the execution (measured anew: the mapping's
+/// writer closed the file, which dropped its digest) finds the overlay
+/// file's upper file open for writing while the overlay file is not: a
+/// `writers` violation, refused under enforce.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapping_made_outside_the_pod_is_a_writers_violation() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let sleeper = |n: &str| container_config(n, &image, &["sleep", "1000"]);
+    // Maps the container's file shared and writable from here, runs it in
+    // the container, and writes its exit code (42) while it sleeps.
+    async fn run_changed(rt: &mut imacri_integration::client::Rt, c: &str, file: &str) -> String {
+        let pid = imacri_integration::client::container_info(rt, c).await["pid"]
+            .as_u64()
+            .unwrap();
+        let host = format!("/proc/{pid}/root{file}");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&host)
+            .unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        // SAFETY: a shared mapping of our own, written below and unmapped
+        // at the end; the file is the sleeper (129 bytes of code).
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+            )
+        } as usize;
+        assert_ne!(at as *mut libc::c_void, libc::MAP_FAILED);
+        drop(f);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let patch = async move {
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            // SAFETY: within the mapping (SLEEPER_CODE, see escape.c).
+            unsafe { *((at + SLEEPER_CODE) as *mut u8) = 42 };
+        };
+        let cmd = format!("{file}; echo rc=$?");
+        let (out, ()) = tokio::join!(exec_sh(rt, c, &cmd), patch);
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(at as *mut libc::c_void, len) };
+        format!("{}{}", out.1, out.2)
+    }
+
+    let plain = pod_config("outside-plain");
+    let pod = run_pod(&mut rt, &plain).await.unwrap();
+    let c = start_container(&mut rt, &pod, &plain, sleeper("c")).await;
+    sh_ok(&mut rt, &c, "escape write-sleeper /tmp/k").await;
+    let out = run_changed(&mut rt, &c, "/tmp/k").await;
+    assert!(out.contains("rc=42"), "control: {out}");
+    stop_pod(&mut rt, &pod).await;
+
+    let (pod, a, b) = two_containers(&d, &mut rt, "outside-measure", "measure", &image).await;
+    for c in [&a, &b] {
+        sh_ok(&mut rt, c, "escape write-sleeper /tmp/k").await;
+        let out = run_changed(&mut rt, c, "/tmp/k").await;
+        // Measure mode lets it run, as IMA does a file with writers, and
+        // logs the violation.
+        assert!(out.contains("rc="), "{out}");
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        assert!(
+            logged(&mine, "/tmp/k", None, "writers"),
+            "{mine:#?}\n{}",
+            d.log()
+        );
+        // Only there: the image's own files (lower layers) are no writers'.
+        let writers: Vec<_> = mine.iter().filter(|l| l.ends_with(" writers")).collect();
+        assert!(
+            writers.iter().all(|l| l.contains(" /tmp/k ")),
+            "{writers:#?}"
+        );
+    }
+    stop_pod(&mut rt, &pod).await;
+
+    // Enforce, with the program the policy allows, copied up.
+    let (pod, a, b) = two_containers(&d, &mut rt, "outside-enforce", "strict", &image).await;
+    for c in [&a, &b] {
+        sh_ok(
+            &mut rt,
+            c,
+            "cat /bin/sleeper > /tmp/s && cat /tmp/s > /bin/sleeper",
+        )
+        .await;
+        let out = run_changed(&mut rt, c, "/bin/sleeper").await;
+        assert!(out.contains("rc=126"), "{out}\n{}", d.log());
+        assert!(out.contains("Operation not permitted"), "{out}");
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        assert!(logged(&mine, "/bin/sleeper", None, "writers"), "{mine:#?}");
+        let writers: Vec<_> = mine.iter().filter(|l| l.ends_with(" writers")).collect();
+        assert!(
+            writers.iter().all(|l| l.contains(" /bin/sleeper ")),
+            "{writers:#?}"
+        );
+    }
+    stop_pod(&mut rt, &pod).await;
+}

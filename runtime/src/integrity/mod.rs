@@ -20,6 +20,7 @@ pub mod keeper;
 pub mod kernel;
 pub mod log;
 pub mod mapguard;
+pub mod overlay;
 pub mod policy;
 pub mod quiet;
 pub mod retained;

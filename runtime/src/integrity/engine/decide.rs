@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 
 use super::{Engine, Measured, Notice, Pending};
-use crate::integrity::digest::{digest_text, fd_path};
+use crate::integrity::digest::{digest_text, fd_path, FileKey};
 use crate::integrity::journal::JournalError;
 use crate::integrity::log::Event;
 use crate::integrity::policy::Mode;
@@ -142,11 +142,27 @@ impl Engine {
             }
         }
         // Checked right before the answer: a writer could change what runs
-        // after it was measured. Only for mappings: an execution of a file
-        // open for writing is refused by the kernel itself (ETXTBSY), and
-        // so is opening a running executable for writing.
-        if kind == Event::Mmap && open_for_writing(fd) {
-            let reason = "open for writing while executed or mapped executable".to_string();
+        // after it was measured. For mappings, any writer; an execution of
+        // a file open for writing is refused by the kernel itself (ETXTBSY),
+        // and so is opening a running executable for writing, except where
+        // the kernel cannot see the writer: an overlay file's upper file
+        // mapped shared and writable by a process that closed its fd (one
+        // outside the pod: the pod's own are held, `fanotify/held.rs`).
+        // Such a mapping is made through an open for writing, whose close
+        // drops the cached digest: a cache hit needs no look.
+        let hidden = runs && hit.is_none() && crate::integrity::overlay::hidden_writers(fd);
+        if hidden {
+            // What was hashed may change under the mapping unseen.
+            if let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) {
+                self.invalidate(FileKey::of(&st).inode());
+            }
+        }
+        if hidden || (kind == Event::Mmap && open_for_writing(fd)) {
+            let reason = match hidden {
+                true => "its overlay upper file is open for writing (a shared writable mapping) while executed or mapped executable",
+                false => "open for writing while executed or mapped executable",
+            }
+            .to_string();
             let r = self
                 .journal
                 .record(&t.pod, &t.container, &path, digest, Event::Writers, true);

@@ -18,7 +18,8 @@
 //! file open for writing it hands the caller's own open file here before
 //! the call goes on, and the container's group holds it (and the fd keeper
 //! a copy, across an imacri restart) until the container is gone. The file
-//! counts as open for writing for as long as the mapping can exist: its
+//! counts as open for writing for as long as the mapping can exist (one
+//! made outside the pod is found at the check instead: `overlay.rs`): its
 //! execution fails with ETXTBSY and mapping it executable is a `writers`
 //! violation, as on any other filesystem. What it costs: an open file per
 //! such file (imacri's, its copy for the keeper, the keeper's), counted with
@@ -31,11 +32,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use super::super::digest::FileKey;
 use super::super::keeper;
+use super::super::overlay::on_overlayfs;
 use super::leases::{self, Slot};
 use super::Group;
-
-/// `statfs.f_type` of overlayfs.
-const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 
 /// One held file (the keeper's copy, if any, goes with the group).
 #[derive(Debug)]
@@ -59,8 +58,7 @@ pub fn needs_holding(file: std::os::fd::BorrowedFd<'_>) -> Result<bool, String> 
     if flags & libc::O_ACCMODE == libc::O_RDONLY {
         return Ok(false);
     }
-    let fs = nix::sys::statfs::fstatfs(file).map_err(|e| format!("fstatfs: {e}"))?;
-    Ok(fs.filesystem_type().0 as i64 == OVERLAYFS_SUPER_MAGIC)
+    on_overlayfs(file).map_err(|e| format!("fstatfs: {e}"))
 }
 
 impl Group {

@@ -1,0 +1,222 @@
+//! What overlayfs hides from the kernel's writer rules: a mapping of an
+//! overlay file holds the layer's real file, not the overlay file. A process
+//! that maps a rootfs file shared and writable and closes its fd leaves no
+//! writer of the overlay file: the kernel's ETXTBSY rule and a read lease on
+//! the overlay file both pass while the mapping can still change what runs.
+//! A process of the pod is held to the kernel's rules by the map guard
+//! (`fanotify/held.rs`); one outside it (a host daemon, a helper the pod
+//! passed an fd to) is found here, at the check of an execution or mapping:
+//! the real file is looked up in the overlay's upper layer and told apart
+//! from any other by its page cache (the same file has the same pages), and
+//! a read lease on it says whether anyone has it open for writing. A file
+//! the upper layer does not have is a lower layer's, which nothing of the
+//! pod can write (a write copies it up first). Left: a file renamed away and
+//! back while it is looked up passes as a lower one, and a mapping made
+//! between the check and the kernel's own (an outside process given a
+//! writable fd beforehand, racing the execution) is not seen.
+
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::engine::open_for_writing;
+
+const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+
+/// Whether `fd` is a file of an overlay filesystem.
+pub fn on_overlayfs(fd: BorrowedFd<'_>) -> nix::Result<bool> {
+    let fs = nix::sys::statfs::fstatfs(fd)?;
+    Ok(fs.filesystem_type().0 as i64 == OVERLAYFS_SUPER_MAGIC)
+}
+
+/// Whether `fd` is an overlay file whose real file is open for writing
+/// while the overlay file is not (see the module). Fails closed: a real
+/// file that cannot be found (renamed meanwhile, deleted, a mount of the
+/// overlay below its root) counts as written.
+pub fn hidden_writers(fd: BorrowedFd<'_>) -> bool {
+    if !on_overlayfs(fd).unwrap_or(true) || open_for_writing(fd) {
+        // Not overlayfs: a mapping holds the file itself. Open for writing:
+        // the kernel's rules (and a mapping's writers check) see it.
+        return false;
+    }
+    real_file_written(fd).unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "the real file of an overlay file cannot be found: counted as written");
+        true
+    })
+}
+
+fn real_file_written(fd: BorrowedFd<'_>) -> Result<bool, String> {
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    if st.st_size == 0 {
+        // Nothing a mapping could change (it cannot grow the file).
+        return Ok(false);
+    }
+    let upper = upper_of(st.st_dev)?;
+    let path = || {
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| format!("reading the file's path: {e}"))
+    };
+    let link = path()?;
+    let rel = link
+        .strip_prefix("/")
+        .map_err(|_| format!("{} is not a path from the root", link.display()))?;
+    match open_beneath(&upper, rel) {
+        Ok(u) => {
+            if first_page(u.as_fd())? != first_page(fd)? {
+                return Err(format!(
+                    "the upper layer's {} is another file",
+                    link.display()
+                ));
+            }
+            Ok(open_for_writing(u.as_fd()))
+        }
+        // Not in the upper layer, and still where it was looked up (not
+        // renamed meanwhile): a lower layer's file, which nothing of the
+        // pod can write (a write would copy it up first).
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && path()? == link => Ok(false),
+        Err(e) => Err(format!("{} in the upper layer: {e}", link.display())),
+    }
+}
+
+/// The upper directory of the overlay mounted with device `dev`, from this
+/// process's mountinfo (imacri mounts ima pods' roots).
+fn upper_of(dev: u64) -> Result<PathBuf, String> {
+    let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("reading mountinfo: {e}"))?;
+    for line in info.lines() {
+        let Some((mount, sb)) = line.split_once(" - ") else {
+            continue;
+        };
+        if mount.split(' ').nth(2) != Some(want.as_str()) {
+            continue;
+        }
+        let mut f = sb.split(' ');
+        if f.next() != Some("overlay") {
+            continue;
+        }
+        let opts = f.nth(1).unwrap_or_default();
+        return opts
+            .split(',')
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(unescape)
+            .ok_or_else(|| format!("the overlay {want} has no upper layer"));
+    }
+    Err(format!("no overlay {want} is mounted here"))
+}
+
+/// A mountinfo field with its octal escapes (`\040`) undone.
+fn unescape(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(OsStr::from_bytes(&out))
+}
+
+/// `rel` opened read-only beneath `dir`, following no symlink and leaving
+/// `dir`'s mount for none.
+fn open_beneath(dir: &Path, rel: &Path) -> std::io::Result<OwnedFd> {
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)?;
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV,
+        );
+    let fd = nix::fcntl::openat2(d.as_raw_fd(), rel, how)?;
+    // SAFETY: openat2 returned a new fd we own.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// The page frame holding the first page of `fd`'s page cache: the same
+/// for two open files exactly when they are one file. Faulted in without a
+/// SIGBUS if the file shrank meanwhile (MADV_POPULATE_READ fails instead).
+fn first_page(fd: BorrowedFd<'_>) -> Result<u64, String> {
+    const LEN: usize = 4096;
+    // SAFETY: a new private read-only mapping of our own, unmapped below;
+    // it is only populated, never read through.
+    let at = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if at == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    let frame = (|| {
+        // SAFETY: madvise on the mapping made above.
+        if unsafe { libc::madvise(at, LEN, libc::MADV_POPULATE_READ) } != 0 {
+            return Err(format!("populating: {}", std::io::Error::last_os_error()));
+        }
+        let map = std::fs::File::open("/proc/self/pagemap")
+            .map_err(|e| format!("opening pagemap: {e}"))?;
+        let mut entry = [0u8; 8];
+        let off = (at as u64 / LEN as u64) * 8;
+        std::os::unix::fs::FileExt::read_exact_at(&map, &mut entry, off)
+            .map_err(|e| format!("reading pagemap: {e}"))?;
+        let e = u64::from_ne_bytes(entry);
+        let pfn = e & ((1 << 55) - 1);
+        if e >> 63 == 0 || pfn == 0 {
+            return Err("the page is not present (or its frame is hidden)".into());
+        }
+        Ok(pfn)
+    })();
+    // SAFETY: the mapping made above, not used past here.
+    unsafe { libc::munmap(at, LEN) };
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape("/a\\040b\\134c"), PathBuf::from("/a b\\c"));
+        assert_eq!(unescape("/plain\\x"), PathBuf::from("/plain\\x"));
+    }
+
+    /// One file's first page is one frame; another file's is another.
+    #[test]
+    fn a_files_first_page_tells_it_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"same").unwrap();
+        std::fs::write(&b, b"same").unwrap();
+        let open = |p: &Path| OwnedFd::from(std::fs::File::open(p).unwrap());
+        let (a1, a2, b1) = (open(&a), open(&a), open(&b));
+        let pa = first_page(a1.as_fd()).unwrap();
+        assert_eq!(pa, first_page(a2.as_fd()).unwrap());
+        assert_ne!(pa, first_page(b1.as_fd()).unwrap());
+        let empty = dir.path().join("e");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(first_page(open(&empty).as_fd()).is_err());
+    }
+}
