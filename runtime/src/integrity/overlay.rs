@@ -31,14 +31,15 @@ pub fn on_overlayfs(fd: BorrowedFd<'_>) -> nix::Result<bool> {
     Ok(fs.filesystem_type().0 as i64 == OVERLAYFS_SUPER_MAGIC)
 }
 
-/// Whether `fd` is an overlay file whose real file is open for writing
-/// while the overlay file is not (see the module). Fails closed: a real
-/// file that cannot be found (renamed meanwhile, deleted, a mount of the
-/// overlay below its root) counts as written.
-pub fn hidden_writers(fd: BorrowedFd<'_>) -> bool {
-    if !on_overlayfs(fd).unwrap_or(true) || open_for_writing(fd) {
-        // Not overlayfs: a mapping holds the file itself. Open for writing:
-        // the kernel's rules (and a mapping's writers check) see it.
+/// Whether `fd`, a file nobody has open for writing (the caller checked:
+/// a writer of the overlay file is the kernel's rules' and the writers
+/// check's to see), is an overlay file whose real file is open for writing
+/// (see the module). Fails closed: a real file that cannot be found
+/// (renamed meanwhile, deleted, a mount of the overlay below its root)
+/// counts as written.
+pub fn upper_written(fd: BorrowedFd<'_>) -> bool {
+    if !on_overlayfs(fd).unwrap_or(true) {
+        // Not overlayfs: a mapping holds the file itself.
         return false;
     }
     real_file_written(fd).unwrap_or_else(|e| {

@@ -150,14 +150,16 @@ impl Engine {
         // outside the pod: the pod's own are held, `fanotify/held.rs`).
         // Such a mapping is made through an open for writing, whose close
         // drops the cached digest: a cache hit needs no look.
-        let hidden = runs && hit.is_none() && crate::integrity::overlay::hidden_writers(fd);
+        let measured_anew = runs && hit.is_none();
+        let open_writers = (kind == Event::Mmap || measured_anew) && runs && open_for_writing(fd);
+        let hidden = measured_anew && !open_writers && crate::integrity::overlay::upper_written(fd);
         if hidden {
             // What was hashed may change under the mapping unseen.
             if let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) {
                 self.invalidate(FileKey::of(&st).inode());
             }
         }
-        if hidden || (kind == Event::Mmap && open_for_writing(fd)) {
+        if hidden || (kind == Event::Mmap && open_writers) {
             let reason = match hidden {
                 true => "its overlay upper file is open for writing (a shared writable mapping) while executed or mapped executable",
                 false => "open for writing while executed or mapped executable",

@@ -403,6 +403,10 @@ impl Call {
     /// open file is held open until the container is gone
     /// (`fanotify/held.rs`). Err: it must be and cannot be.
     fn hold_if_writable(&self, tasks: &task::Tasks, taken: &OwnedFd) -> Result<(), String> {
+        // Most shared mappings (/dev/shm, devices) end here, with no copy.
+        if !crate::integrity::overlay::on_overlayfs(taken.as_fd()).map_err(|e| e.to_string())? {
+            return Ok(());
+        }
         let (pid, fd) = (self.req.pid, self.req.data.args[4] as i32);
         let file = tasks.for_holding(pid, fd, taken, |open| self.engine.own_open(open))?;
         if !crate::integrity::fanotify::needs_holding(file.as_fd())? {
