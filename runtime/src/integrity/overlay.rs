@@ -10,9 +10,9 @@
 //! from any other by its page cache (the same file has the same pages), and
 //! a read lease on it says whether anyone has it open for writing. A file
 //! the upper layer does not have is a lower layer's, which nothing of the
-//! pod can write (a write copies it up first). Left: a file renamed away and
-//! back while it is looked up passes as a lower one, and a mapping made
-//! between the check and the kernel's own (an outside process given a
+//! pod can write (a write or a rename copies it up first); one renamed away
+//! and back while it was looked up is told by its ctime. Left: a mapping
+//! made between the check and the kernel's own (an outside process given a
 //! writable fd beforehand, racing the execution) is not seen.
 
 use std::ffi::OsStr;
@@ -73,10 +73,19 @@ fn real_file_written(fd: BorrowedFd<'_>) -> Result<bool, String> {
             }
             Ok(open_for_writing(u.as_fd()))
         }
-        // Not in the upper layer, and still where it was looked up (not
-        // renamed meanwhile): a lower layer's file, which nothing of the
-        // pod can write (a write would copy it up first).
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && path()? == link => Ok(false),
+        // Not in the upper layer, and still where it was looked up and not
+        // renamed meanwhile (away and back: a rename moves the ctime, and
+        // after our fstat read it the next move is one the kernel keeps
+        // apart, multigrain timestamps): a lower layer's file, which
+        // nothing of the pod can write (a write, or a rename, copies it up
+        // first).
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && path()? == link => {
+            let now = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+            if (now.st_ctime, now.st_ctime_nsec) != (st.st_ctime, st.st_ctime_nsec) {
+                return Err(format!("{} changed while it was looked up", link.display()));
+            }
+            Ok(false)
+        }
         Err(e) => Err(format!("{} in the upper layer: {e}", link.display())),
     }
 }
