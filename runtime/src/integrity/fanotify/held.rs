@@ -32,7 +32,6 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use super::super::digest::FileKey;
 use super::super::keeper;
-use super::super::overlay::on_overlayfs;
 use super::leases::{self, Slot};
 use super::Group;
 
@@ -46,19 +45,17 @@ pub(super) struct Held {
 /// Inode → the held file.
 pub(super) type HeldFiles = HashMap<(u64, u64), Held>;
 
-/// Whether a shared mapping of `file` must be held: a file of an overlay
-/// filesystem open for writing (a read-only open file cannot be mapped
-/// writable, now or later).
+/// Whether a shared mapping of `file`, an overlay file (the caller checks
+/// that first, with `overlay::on_overlayfs`, before it takes a copy to hold), must
+/// be held: whether it is open for writing (a read-only open file cannot be
+/// mapped writable, now or later).
 pub fn needs_holding(file: std::os::fd::BorrowedFd<'_>) -> Result<bool, String> {
     // SAFETY: fcntl with integer arguments.
     let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
     if flags < 0 {
         return Err(format!("F_GETFL: {}", std::io::Error::last_os_error()));
     }
-    if flags & libc::O_ACCMODE == libc::O_RDONLY {
-        return Ok(false);
-    }
-    on_overlayfs(file).map_err(|e| format!("fstatfs: {e}"))
+    Ok(flags & libc::O_ACCMODE != libc::O_RDONLY)
 }
 
 impl Group {
