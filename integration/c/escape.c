@@ -532,6 +532,52 @@ int main(int argc, char **argv) {
         printf("RAN %s %d\n", m, ((int (*)(void))p)());
         return 0;
     }
+    if (!strcmp(m, "loader-rewrite")) {
+        /* The kernel maps a program's ELF interpreter itself (no mmap
+           call, so no map guard) and then lets it be written (unlike the
+           program, which is ETXTBSY while it runs). Runs PATH (dynamic,
+           lazily bound: it sleeps, then calls puts) in a child and, while
+           it sleeps, writes a run of NOPs ending in exit(42) over the
+           executable segment of its loader argv[3] (copied up first, so
+           that the child maps the file written): resolving puts then runs
+           what was written ("RAN loader-rewrite 42"). */
+        if (argc < 4) { errno = EINVAL; return fail(m); }
+        const char *ld = argv[3];
+        int w = open(ld, O_RDWR);
+        if (w < 0) return fail(m);
+        close(w);
+        pid_t c = fork();
+        if (c == 0) { execl(path, path, (char *)0); _exit(126); }
+        usleep(500000);
+        w = open(ld, O_RDWR);
+        int patched = 0;
+        Elf64_Ehdr eh;
+        if (w >= 0 && pread(w, &eh, sizeof eh, 0) == sizeof eh) {
+            for (int i = 0; i < eh.e_phnum; i++) {
+                Elf64_Phdr ph;
+                if (pread(w, &ph, sizeof ph, eh.e_phoff + i * sizeof ph) != sizeof ph) break;
+                if (ph.p_type != PT_LOAD || !(ph.p_flags & PF_X)) continue;
+                unsigned char ex[] = {0xbf, 42, 0, 0, 0, 0xb8, 231, 0, 0, 0, 0x0f, 0x05};
+                unsigned char *b = malloc(ph.p_filesz);
+                if (!b || ph.p_filesz < sizeof ex) break;
+                memset(b, 0x90, ph.p_filesz);
+                memcpy(b + ph.p_filesz - sizeof ex, ex, sizeof ex);
+                patched = pwrite(w, b, ph.p_filesz, ph.p_offset) == (ssize_t)ph.p_filesz;
+                free(b);
+                break;
+            }
+        }
+        int e = errno;
+        if (!patched) kill(c, SIGKILL);
+        int st = 0;
+        waitpid(c, &st, 0);
+        errno = e;
+        if (!patched) return fail(m);
+        int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        if (code == 42) { printf("RAN %s 42\n", m); return 0; }
+        printf("%s: WROTE, the program exited %d\n", m, code);
+        return 1;
+    }
     if (!strcmp(m, "wrlease-mmap") || !strcmp(m, "wrlease-exec")) {
         /* Holds a write lease on PATH and never gives it up (its break
            signal ignored): any other open of PATH waits for it, up to

@@ -1,7 +1,7 @@
 //! What the attacker tests of ima pods share (`tests/ima_escapes.rs`,
 //! `ima_crashes.rs`, `ima_writes.rs`, `ima_floods.rs`): the attacker image
-//! (busybox, `escape` from `c/escape.c`, a dynamic `hello` with the host's
-//! loader and libc, `sleeper`), a node whose policies measure and enforce that image's
+//! (busybox, `escape` from `c/escape.c`, a dynamic `hello` and a lazily
+//! bound `lazy` with the host's loader and libc, `sleeper`), a node whose policies measure and enforce that image's
 //! golden policy, and readers of a pod's measurement log.
 
 use crate::client::{run_pod, start_container};
@@ -19,6 +19,15 @@ pub const ESCAPE_C: &str = include_str!("../c/escape.c");
 pub const HELLO_C: &str = r#"
 #include <stdio.h>
 int main(int argc, char **argv) { printf("hello %s\n", argc > 1 ? argv[1] : "dynamic"); return 0; }
+"#;
+
+/// A dynamically linked, lazily bound program that sleeps before its
+/// first call of `puts`, which its loader resolves then (`escape
+/// loader-rewrite`): 0 and "lazy" unless the loader changed meanwhile.
+pub const LAZY_C: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+int main(void) { sleep(2); puts("lazy"); return 0; }
 "#;
 
 /// Where `escape write-sleeper`'s program keeps the code it exits with:
@@ -55,18 +64,21 @@ fn build_attacker_image(env: &Env) -> String {
         std::fs::read(&sleeper).unwrap(),
         0o755,
     ));
-    let src = env.base.join("hello.c");
-    std::fs::write(&src, HELLO_C).unwrap();
-    let hello = env.base.join("hello-dyn");
-    let out = Command::new("cc")
-        .args(["-O2", "-o"])
-        .arg(&hello)
-        .arg(&src)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    def.files
-        .push(("bin/hello".into(), std::fs::read(&hello).unwrap(), 0o755));
+    // Dynamically linked against the host's loader and libc (below).
+    for (name, src, flags) in [("hello", HELLO_C, ""), ("lazy", LAZY_C, "-Wl,-z,lazy")] {
+        let c = env.base.join(format!("{name}.c"));
+        std::fs::write(&c, src).unwrap();
+        let bin = env.base.join(format!("{name}-dyn"));
+        let out = Command::new("cc")
+            .args(["-O2", flags, "-o"].into_iter().filter(|a| !a.is_empty()))
+            .arg(&bin)
+            .arg(&c)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        def.files
+            .push((format!("bin/{name}"), std::fs::read(&bin).unwrap(), 0o755));
+    }
     for lib in [LOADER, LIBC] {
         let bytes = std::fs::read(lib).unwrap_or_else(|e| panic!("{lib}: {e}"));
         def.files

@@ -1,5 +1,6 @@
 //! Files written while or after they run: a mapped file rewritten in place
-//! (ToMToU) or truncated, a script rewritten under its interpreter, a lease
+//! (ToMToU) or truncated, a script rewritten under its interpreter, a
+//! program's loader rewritten under the program, a lease
 //! holder that would stall the engine, and a gone container's watches,
 //! which must hold up no open.
 
@@ -304,6 +305,63 @@ async fn a_script_rewritten_while_it_runs_is_seen() {
         }
         stop_pod(&mut rt, &pod).await;
     }
+}
+
+/// The kernel maps a dynamically linked program's interpreter (ld.so)
+/// itself, with no `mmap` call the map guard could see, and then lets it be
+/// opened for writing (the program itself is ETXTBSY while it runs). A
+/// loader rewritten in place under a running program runs what was
+/// written the next time the program calls into it (here: resolving a
+/// lazily bound `puts`). In a plain pod the written code runs. In an ima
+/// pod the loader is watched as a mapped library is: the write is a
+/// `tomtou` entry in measure mode, and refused under enforce (the image's
+/// own loader, copied up: a file the policy allows), where dynamic
+/// programs then run on with what was measured. Until 2026-12-04 the
+/// rewrite ran unlogged in both modes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_loader_rewritten_under_its_program_is_a_violation() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let attack = format!("escape loader-rewrite /bin/lazy {LOADER}");
+
+    let plain = pod_config("loader-plain");
+    let (pod, c) = sleeping_pod(&mut rt, &d, &plain, &image).await;
+    let (_, out, err) = exec_sh(&mut rt, &c, &attack).await;
+    assert!(out.contains("RAN loader-rewrite 42"), "control: {out}{err}");
+    stop_pod(&mut rt, &pod).await;
+
+    let (pod, a, b) = two_containers(&d, &mut rt, "loader-measure", "measure", &image).await;
+    for c in [&a, &b] {
+        let (_, out, err) = exec_sh(&mut rt, c, &attack).await;
+        // Measure mode lets the write through, logged before it lands.
+        assert!(out.contains("RAN loader-rewrite 42"), "{out}{err}");
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        assert!(logged(&mine, "/bin/lazy", None, "exec"), "{mine:#?}");
+        assert!(
+            logged(&mine, LOADER, None, "tomtou"),
+            "{mine:#?}\n{}",
+            d.log()
+        );
+    }
+    stop_pod(&mut rt, &pod).await;
+
+    let (pod, a, b) = two_containers(&d, &mut rt, "loader-enforce", "strict", &image).await;
+    for c in [&a, &b] {
+        let (code, out, err) = exec_sh(&mut rt, c, &attack).await;
+        assert_ne!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("loader-rewrite: Operation not permitted"),
+            "{out}{err}\n{}",
+            d.log()
+        );
+        assert_eq!(sh_ok(&mut rt, c, "lazy").await, "lazy");
+        assert_running(&mut rt, c, "the container").await;
+        let mine = entries_of(&log_lines(&d, &pod), c);
+        assert!(logged(&mine, LOADER, None, "deny"), "{mine:#?}");
+        assert!(!logged(&mine, LOADER, None, "tomtou"), "{mine:#?}");
+    }
+    stop_pod(&mut rt, &pod).await;
 }
 
 /// A container's watches are its fanotify group's, and a mark that asks

@@ -81,6 +81,9 @@ impl Engine {
         hit: Option<std::time::Instant>,
     ) {
         let fd = pending.fd();
+        // Mapped executable: by a call, or by the kernel (a program's
+        // interpreter, which stays writable while it runs).
+        let maps = kind == Event::Mmap || (kind == Event::Exec && pending.loads());
         let path = fd_path(fd);
         let digest_hex = digest_text(&digest);
         let runs = matches!(kind, Event::Exec | Event::Mmap);
@@ -97,11 +100,13 @@ impl Engine {
         // for writing waits for the watch's answer, so the check below sees
         // every writer that opened before it.
         let mut watch = None;
-        if let Some(w) = (kind == Event::Mmap && !deny)
-            .then(|| self.write_watch(t))
-            .flatten()
-        {
-            match w.watch(fd) {
+        if let Some(w) = (maps && !deny).then(|| self.write_watch(t)).flatten() {
+            let placed = match kind {
+                // The event's own file, decided on the reader itself.
+                Event::Exec => w.watch_own(fd),
+                _ => w.watch(fd),
+            };
+            match placed {
                 Ok(true) => watch = Some(w),
                 Ok(false) => {}
                 // Unwatched, a mapping could be rewritten unseen.
@@ -151,7 +156,7 @@ impl Engine {
         // Such a mapping is made through an open for writing, whose close
         // drops the cached digest: a cache hit needs no look.
         let measured_anew = runs && hit.is_none();
-        let open_writers = (kind == Event::Mmap || measured_anew) && runs && open_for_writing(fd);
+        let open_writers = (maps || measured_anew) && runs && open_for_writing(fd);
         let hidden = measured_anew && !open_writers && crate::integrity::overlay::upper_written(fd);
         if hidden {
             // What was hashed may change under the mapping unseen.
@@ -159,7 +164,7 @@ impl Engine {
                 self.invalidate(FileKey::of(&st).inode());
             }
         }
-        if hidden || (kind == Event::Mmap && open_writers) {
+        if hidden || (maps && open_writers) {
             let reason = match hidden {
                 true => "its overlay upper file is open for writing (a shared writable mapping) while executed or mapped executable",
                 false => "open for writing while executed or mapped executable",

@@ -75,6 +75,12 @@ pub struct Measured {
 pub trait Pending: Send {
     fn fd(&self) -> BorrowedFd<'_>;
     fn answer(self: Box<Self>, allow: bool);
+    /// Whether the access is the kernel loading a program's ELF
+    /// interpreter: mapped executable without a call the map guard sees,
+    /// and writable while it runs, so watched for writers as a mapping.
+    fn loads(&self) -> bool {
+        false
+    }
     /// Called when the access waits for hashing (not decided at once).
     fn queued(&mut self) {}
     /// Whether the caller still waits for the answer (a huge file is not
@@ -93,6 +99,10 @@ pub trait WriteWatch: Send + Sync {
     /// and the mapping exists). Ok(true) when this call placed the watch,
     /// Ok(false) when it was in place already.
     fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, String>;
+    /// As [`watch`](Self::watch), for a file `fd` that is imacri's own
+    /// open file (a fanotify event's, decided on the reader that would
+    /// have to answer an open of it): its lease is taken through a copy.
+    fn watch_own(&self, fd: BorrowedFd<'_>) -> Result<bool, String>;
     /// The mapping a watch was placed for was refused after all.
     fn unwatch(&self, fd: BorrowedFd<'_>);
     /// From now on, while a process of the pod has the executed script

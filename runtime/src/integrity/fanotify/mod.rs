@@ -41,6 +41,7 @@ use super::engine::{Engine, Measured, Pending};
 
 mod held;
 mod leases;
+mod loader;
 mod writes;
 use super::keeper::{self, Keeper};
 use super::log::Event;
@@ -159,6 +160,9 @@ struct Group {
     /// open that follows an *allowed* exec of the same file by the same task
     /// is the exec itself, not a read. Only an answered "allow" sets it.
     last_exec: Mutex<Option<(i32, FileKey)>>,
+    /// Tasks loading the interpreter of a program they were allowed to
+    /// execute (`loader.rs`).
+    loading: loader::Loading,
     /// Files mapped executable in the container, watched for writers
     /// (inode marks, `writes::WATCHED`, and read leases).
     mapped: Mutex<writes::WatchedFiles>,
@@ -185,6 +189,8 @@ struct FanPending {
     exec_of: Option<(i32, FileKey)>,
     /// The keeper's key for a copy of this event, while it is hashed.
     kept: Option<String>,
+    /// The kernel loads this file as a program's interpreter.
+    interpreter: bool,
 }
 
 impl Pending for FanPending {
@@ -193,7 +199,15 @@ impl Pending for FanPending {
         unsafe { BorrowedFd::borrow_raw(self.fd) }
     }
 
+    fn loads(&self) -> bool {
+        self.interpreter
+    }
+
     fn answer(self: Box<Self>, allow: bool) {
+        if let (true, Some((tid, _))) = (allow, self.exec_of) {
+            // Before the answer: the interpreter's event follows it.
+            self.group.loading.executed(tid, self.fd());
+        }
         let FanPending {
             group,
             event,
@@ -252,6 +266,9 @@ impl Pending for KeptPending {
     }
 
     fn answer(self: Box<Self>, allow: bool) {
+        if let (true, Some((tid, _))) = (allow, self.exec_of) {
+            self.group.loading.executed(tid, self.event.file.as_fd());
+        }
         if let (true, Some(x)) = (allow, self.exec_of) {
             if let Ok(mut last) = self.group.last_exec.lock() {
                 *last = Some(x);
@@ -476,6 +493,7 @@ fn start(
         target,
         keeper: kept.as_ref().map(|(k, _)| k.clone()),
         last_exec: Mutex::new(None),
+        loading: Default::default(),
         mapped: Mutex::new(Default::default()),
         held: Mutex::new(Default::default()),
         me: me.clone(),
@@ -651,12 +669,14 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
         }
     };
     let raw = fd.as_raw_fd();
+    let interpreter = exec && group.loading.is_interpreter(ev.pid());
     let pending = Box::new(FanPending {
         group: group.clone(),
         event: ev,
         fd: raw,
         exec_of: exec.then_some(this),
         kept: None,
+        interpreter,
     });
     engine.submit(group.target.measured.clone(), pending, key, kind);
 }

@@ -74,6 +74,63 @@ pub(super) type WatchedFiles = HashMap<(u64, u64), Watched>;
 
 impl WriteWatch for Group {
     fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, String> {
+        self.watch_with(fd, |fd| self.reopen(fd))
+    }
+
+    fn watch_own(&self, fd: BorrowedFd<'_>) -> Result<bool, String> {
+        self.watch_with(fd, |fd| fd.try_clone_to_owned())
+    }
+
+    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), String> {
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+        let inode = FileKey::of(&st).inode();
+        if self.watched(inode) {
+            return Ok(());
+        }
+        let mut mapped = self.mapped.lock().map_err(|e| e.to_string())?;
+        if mapped.contains_key(&inode) {
+            return Ok(());
+        }
+        // Marked with the table locked: a mark for an entry that is not
+        // there would be read back as a script's after a restart anyway.
+        self.fan
+            .mark::<std::path::Path>(
+                MarkFlags::FAN_MARK_ADD,
+                SCRIPT_WATCHED,
+                Some(fd.as_raw_fd()),
+                None,
+            )
+            .map_err(|e| format!("fanotify inode mark: {e}"))?;
+        mapped.insert(
+            inode,
+            Watched {
+                script: true,
+                ..Default::default()
+            },
+        );
+        Ok(())
+    }
+
+    fn hold_writer(&self, file: OwnedFd) -> Result<(), String> {
+        self.hold(file)
+    }
+
+    fn unwatch(&self, fd: BorrowedFd<'_>) {
+        if let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) {
+            self.forget(Some(fd), FileKey::of(&st).inode());
+        }
+    }
+}
+
+impl Group {
+    /// Watches the file open as `fd`, its lease taken through the file
+    /// `own` makes of it (never the process's own open file, which the
+    /// process could let go of).
+    fn watch_with(
+        &self,
+        fd: BorrowedFd<'_>,
+        own: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<OwnedFd>,
+    ) -> Result<bool, String> {
         let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
         let inode = FileKey::of(&st).inode();
         if self.watched(inode) {
@@ -83,7 +140,7 @@ impl WriteWatch for Group {
         // (our open would ask this very mark otherwise), and never with
         // the table locked: the reader that lets our open through looks
         // the table up for other events meanwhile.
-        let own = self.reopen(fd);
+        let own = own(fd);
         // Marks the file's inode (no path): one mark per file, on any
         // filesystem (a file passed in from elsewhere too).
         let marked_by = own.as_ref().map_or(fd, |f| f.as_fd());
@@ -133,48 +190,6 @@ impl WriteWatch for Group {
         Ok(true)
     }
 
-    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), String> {
-        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
-        let inode = FileKey::of(&st).inode();
-        if self.watched(inode) {
-            return Ok(());
-        }
-        let mut mapped = self.mapped.lock().map_err(|e| e.to_string())?;
-        if mapped.contains_key(&inode) {
-            return Ok(());
-        }
-        // Marked with the table locked: a mark for an entry that is not
-        // there would be read back as a script's after a restart anyway.
-        self.fan
-            .mark::<std::path::Path>(
-                MarkFlags::FAN_MARK_ADD,
-                SCRIPT_WATCHED,
-                Some(fd.as_raw_fd()),
-                None,
-            )
-            .map_err(|e| format!("fanotify inode mark: {e}"))?;
-        mapped.insert(
-            inode,
-            Watched {
-                script: true,
-                ..Default::default()
-            },
-        );
-        Ok(())
-    }
-
-    fn hold_writer(&self, file: OwnedFd) -> Result<(), String> {
-        self.hold(file)
-    }
-
-    fn unwatch(&self, fd: BorrowedFd<'_>) {
-        if let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) {
-            self.forget(Some(fd), FileKey::of(&st).inode());
-        }
-    }
-}
-
-impl Group {
     fn watched(&self, inode: (u64, u64)) -> bool {
         self.mapped.lock().is_ok_and(|m| m.contains_key(&inode))
     }
