@@ -260,3 +260,53 @@ pub async fn mapping_runner(
     let (_c, tmp) = runner(&mut rt, &pod, &cfg, image, &prog, "true").await;
     (pod, tmp)
 }
+
+/// A file mapped shared and writable by the test itself (as a host daemon,
+/// or a helper the pod passed an fd to, would map a container's file), its
+/// fd closed: only the mapping is left. Unmapped when dropped.
+pub struct SharedMap {
+    at: usize,
+    len: usize,
+}
+
+impl SharedMap {
+    /// Opens `path` for writing, maps it whole and closes the fd.
+    pub fn new(path: &str) -> SharedMap {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let len = f.metadata().unwrap().len() as usize;
+        // SAFETY: a new shared mapping of an open file, unmapped on drop.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED, "{path}");
+        SharedMap {
+            at: at as usize,
+            len,
+        }
+    }
+
+    /// Writes `byte` at `offset` of the file through the mapping.
+    pub fn poke(&self, offset: usize, byte: u8) {
+        assert!(offset < self.len);
+        // SAFETY: within the mapping, which lives as long as self.
+        unsafe { *((self.at + offset) as *mut u8) = byte };
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in new().
+        unsafe { libc::munmap(self.at as *mut libc::c_void, self.len) };
+    }
+}

@@ -608,37 +608,14 @@ async fn a_mapping_made_outside_the_pod_is_a_writers_violation() {
         let pid = imacri_integration::client::container_info(rt, c).await["pid"]
             .as_u64()
             .unwrap();
-        let host = format!("/proc/{pid}/root{file}");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&host)
-            .unwrap();
-        let len = f.metadata().unwrap().len() as usize;
-        // SAFETY: a shared mapping of our own, written below and unmapped
-        // at the end; the file is the sleeper (129 bytes of code).
-        let at = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                std::os::fd::AsRawFd::as_raw_fd(&f),
-                0,
-            )
-        } as usize;
-        assert_ne!(at as *mut libc::c_void, libc::MAP_FAILED);
-        drop(f);
+        let map = SharedMap::new(&format!("/proc/{pid}/root{file}"));
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let patch = async move {
+        let patch = async {
             tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-            // SAFETY: within the mapping (SLEEPER_CODE, see escape.c).
-            unsafe { *((at + SLEEPER_CODE) as *mut u8) = 42 };
+            map.poke(SLEEPER_CODE, 42);
         };
         let cmd = format!("{file}; echo rc=$?");
         let (out, ()) = tokio::join!(exec_sh(rt, c, &cmd), patch);
-        // SAFETY: the mapping made above.
-        unsafe { libc::munmap(at as *mut libc::c_void, len) };
         format!("{}{}", out.1, out.2)
     }
 
@@ -693,4 +670,167 @@ async fn a_mapping_made_outside_the_pod_is_a_writers_violation() {
         );
     }
     stop_pod(&mut rt, &pod).await;
+}
+
+/// Holds executions of one file between imacri's answer and the kernel's
+/// own writers check (`do_open_execat` checks after the open's permission
+/// events are answered): a fanotify group of the test's with an
+/// FAN_OPEN_PERM mark on the file, which the execution's open asks after
+/// imacri's groups (they are of a higher class) allowed it. Answers every
+/// other open at once.
+struct ExecGate {
+    held: std::sync::mpsc::Receiver<()>,
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ExecGate {
+    fn new(path: &str) -> ExecGate {
+        use nix::sys::fanotify::*;
+        let fan = Fanotify::init(
+            InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC,
+            EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE,
+        )
+        .unwrap();
+        fan.mark(
+            MarkFlags::FAN_MARK_ADD,
+            MaskFlags::FAN_OPEN_PERM,
+            None,
+            Some(path),
+        )
+        .unwrap();
+        let (tx, held) = std::sync::mpsc::channel();
+        let release = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let go = release.clone();
+        let thread = std::thread::spawn(move || {
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+            use std::os::fd::AsFd;
+            let me = std::process::id() as i32;
+            let mut waiting = None;
+            loop {
+                let released = go.load(std::sync::atomic::Ordering::SeqCst);
+                if released {
+                    if let Some(ev) = waiting.take() {
+                        let ev: FanotifyEvent = ev;
+                        let fd = ev.fd().unwrap();
+                        fan.write_response(FanotifyResponse::new(fd, Response::FAN_ALLOW))
+                            .unwrap();
+                    }
+                    return;
+                }
+                let mut fds = [PollFd::new(fan.as_fd(), PollFlags::POLLIN)];
+                if poll(&mut fds, PollTimeout::from(20u8)).unwrap_or(0) == 0 {
+                    continue;
+                }
+                for ev in fan.read_events().unwrap() {
+                    let Some(fd) = ev.fd() else { continue };
+                    if ev.pid() == me || waiting.is_some() {
+                        fan.write_response(FanotifyResponse::new(fd, Response::FAN_ALLOW))
+                            .unwrap();
+                    } else {
+                        waiting = Some(ev);
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
+        ExecGate {
+            held,
+            release,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ExecGate {
+    fn drop(&mut self) {
+        self.release
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A writer outside the pod racing an execution: while the execution is
+/// held between imacri's answer and the kernel's writers check (`ExecGate`),
+/// the test opens the container's program for writing, maps it shared and
+/// writable, closes its fd and writes the exit code 42 through the
+/// mapping. The kernel's check then counts no writer (the mapping holds the
+/// overlay's upper file), and in a plain pod the changed program runs (42).
+/// In an ima pod imacri answered the execution with a read lease on the file
+/// held until the kernel's check: the writer's open waits on it, the
+/// execution fails that check (ETXTBSY: the waiting open counts as a
+/// writer), and only then does the writer get its file. Until 2026-12-04 the
+/// changed program ran in measure and enforce mode.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_racing_an_execution_cannot_change_what_runs() {
+    let (d, image, _work) = node(Env::get(), "").await;
+    let mut rt = d.runtime().await.unwrap();
+    /// Runs `file` in container `c` with a writer racing it, the execution
+    /// held for `hold`; returns the run's output and whether the writer
+    /// had its file before the execution went on.
+    async fn race(d: &Imacri, c: &str, file: &str, hold: u64) -> (String, bool) {
+        let mut rt = d.runtime().await.unwrap();
+        let pid = imacri_integration::client::container_info(&mut rt, c).await["pid"]
+            .as_u64()
+            .unwrap();
+        let host = format!("/proc/{pid}/root{file}");
+        let gate = ExecGate::new(&host);
+        let cmd = format!("{file}; echo rc=$?");
+        let c2 = c.to_string();
+        let mut rt2 = d.runtime().await.unwrap();
+        let run = tokio::spawn(async move { exec_sh(&mut rt2, &c2, &cmd).await });
+        gate.held
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the execution reached the gate");
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            let map = SharedMap::new(&host);
+            map.poke(SLEEPER_CODE, 42);
+            let _ = done_tx.send(());
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        });
+        let raced = done
+            .recv_timeout(std::time::Duration::from_secs(hold))
+            .is_ok();
+        drop(gate);
+        let (_, out, err) = run.await.unwrap();
+        writer.join().unwrap();
+        (format!("{out}{err}"), raced)
+    }
+
+    let (pod, c) = sleeping_pod(&mut rt, &d, &pod_config("race-plain"), &image).await;
+    sh_ok(&mut rt, &c, "escape write-sleeper /tmp/k && /tmp/k").await;
+    let (out, raced) = race(&d, &c, "/tmp/k", 2).await;
+    assert!(raced && out.contains("rc=42"), "control: {raced} {out}");
+    stop_pod(&mut rt, &pod).await;
+
+    for (name, policy) in [("race-measure", "measure"), ("race-enforce", "strict")] {
+        let (pod, c) = sleeping_pod(&mut rt, &d, &ima(name, policy), &image).await;
+        // The program the policy allows, copied up, run once (cached).
+        sh_ok(
+            &mut rt,
+            &c,
+            "cat /bin/sleeper > /tmp/s && cat /tmp/s > /bin/sleeper && /bin/sleeper",
+        )
+        .await;
+        let (out, raced) = race(&d, &c, "/bin/sleeper", 2).await;
+        assert!(!raced, "the writer had the file in the window: {out}");
+        assert!(out.contains("rc=126"), "{out}\n{}", d.log());
+        assert!(out.contains("Text file busy"), "{out}");
+        assert_running(&mut rt, &c, "the container").await;
+        // An execution that does not get past the kernel's check within
+        // 5 s of a writer waiting is killed (a `writers` violation), and
+        // the writer goes on.
+        if policy == "measure" {
+            let (out, raced) = race(&d, &c, "/bin/sleeper", 8).await;
+            assert!(raced, "the writer waits no longer: {out}");
+            assert!(out.contains("rc=137"), "{out}\n{}", d.log());
+            let mine = entries_of(&log_lines(&d, &pod), &c);
+            assert!(logged(&mine, "/bin/sleeper", None, "writers"), "{mine:#?}");
+            assert_running(&mut rt, &c, "the container").await;
+        }
+        stop_pod(&mut rt, &pod).await;
+    }
 }

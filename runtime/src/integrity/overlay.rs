@@ -11,9 +11,9 @@
 //! a read lease on it says whether anyone has it open for writing. A file
 //! the upper layer does not have is a lower layer's, which nothing of the
 //! pod can write (a write or a rename copies it up first); one renamed away
-//! and back while it was looked up is told by its ctime. Left: a mapping
-//! made between the check and the kernel's own (an outside process given a
-//! writable fd beforehand, racing the execution) is not seen.
+//! and back while it was looked up is told by its ctime. A mapping made
+//! between the check and the kernel's own (an outside process racing the
+//! execution) is kept out by the lease `fanotify/window.rs` holds then.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};

@@ -68,6 +68,20 @@ impl Engine {
         }
     }
 
+    /// A process of `t` was killed on its way into executing `path`: a
+    /// writer opened the file before the kernel's own writers check, and
+    /// the execution did not get past that check in time (a `writers`
+    /// violation).
+    pub fn execution_stopped(&self, t: &Measured, path: &str) {
+        let reason = "opened for writing while being executed, and the execution did not get past the kernel's writers check: its process was killed".to_string();
+        tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, %reason, "ima violation: writers");
+        let _ = self
+            .journal
+            .record(&t.pod, &t.container, path, [0; 32], Event::Writers, true);
+        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        self.notice(t, path.to_string(), String::new(), true, reason);
+    }
+
     /// Appraises, records and answers one measured access. `hit`: when a
     /// cache hit's handling began, for the time-to-answer statistic (taken
     /// before the answer: answering wakes the waiting task, which may

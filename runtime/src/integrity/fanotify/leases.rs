@@ -62,11 +62,17 @@ pub const PER_POD: usize = 1024;
 /// Why [`take`] fails on a file someone has open for writing.
 pub(super) const WRITERS: &str = "a read lease is refused: the file is open for writing";
 
+/// Why [`take`] fails on a file being truncated or opened for writing as
+/// the lease was set up.
+pub(super) const BREAKING: &str = "the file is being truncated or opened for writing";
+
 /// Whose lease an fd is.
 struct Holder {
     group: Weak<Group>,
     inode: (u64, u64),
     pod: Arc<str>,
+    /// Held across an execution's window (`window.rs`), not a watch's.
+    window: bool,
 }
 
 /// Who holds which lease, and how many each pod holds. Lock-free: a pod's
@@ -251,17 +257,21 @@ fn read_signals(sfd: OwnedFd, sig: libc::c_int) {
                     .by_fd
                     .pin()
                     .get(&fd)
-                    .map(|h| (h.group.clone(), h.inode))
+                    .map(|h| (h.group.clone(), h.inode, h.window))
             };
-            let Some((group, inode)) = holder(fd) else {
+            let Some((group, inode, window)) = holder(fd) else {
                 continue;
             };
             // Still the same lease after the look at it (its fd number was
             // not given back and reused meanwhile).
-            let same = |(g, i): (Weak<Group>, (u64, u64))| g.ptr_eq(&group) && i == inode;
+            let same = |(g, i, w): (Weak<Group>, (u64, u64), bool)| {
+                g.ptr_eq(&group) && i == inode && w == window
+            };
             if breaking(fd) && holder(fd).is_some_and(same) {
-                if let Some(g) = group.upgrade() {
-                    g.lease_broken(inode, "truncated (its read lease broke)");
+                match group.upgrade() {
+                    Some(g) if window => g.window_broken(fd),
+                    Some(g) => g.lease_broken(inode, "truncated (its read lease broke)"),
+                    None => {}
                 }
             }
         }
@@ -310,6 +320,27 @@ pub(super) fn take(
     inode: (u64, u64),
     pod: &str,
 ) -> Result<Lease, String> {
+    take_as(file, group, inode, pod, false)
+}
+
+/// As [`take`], for an execution's window (`window.rs`): a break is the
+/// window's to handle, not a watch's.
+pub(super) fn take_window(
+    file: OwnedFd,
+    group: Weak<Group>,
+    inode: (u64, u64),
+    pod: &str,
+) -> Result<Lease, String> {
+    take_as(file, group, inode, pod, true)
+}
+
+fn take_as(
+    file: OwnedFd,
+    group: Weak<Group>,
+    inode: (u64, u64),
+    pod: &str,
+    window: bool,
+) -> Result<Lease, String> {
     let s = service()?;
     s.leases.reserve(s.limit, pod)?;
     let fd = file.as_raw_fd();
@@ -326,9 +357,9 @@ pub(super) fn take(
     }
     // Setting a lease up may have made the process the owner again.
     own(fd, s.tid).inspect_err(|_| given_back())?;
-    let lease = register(s, file, group, inode, pod);
+    let lease = register(s, file, group, inode, pod, window);
     if breaking(fd) {
-        return Err("the file is being truncated or opened for writing".into());
+        return Err(BREAKING.into());
     }
     Ok(lease)
 }
@@ -376,18 +407,26 @@ pub(super) fn adopt(
     let fd = file.as_raw_fd();
     // Taken back whatever the limits: the last imacri held it.
     s.leases.count_kept(pod);
-    let lease = register(s, file, group, inode, pod);
+    let lease = register(s, file, group, inode, pod, false);
     Ok((lease, !breaking(fd)))
 }
 
 /// Records a lease counted already.
-fn register(s: &Service, file: OwnedFd, group: Weak<Group>, inode: (u64, u64), pod: &str) -> Lease {
+fn register(
+    s: &Service,
+    file: OwnedFd,
+    group: Weak<Group>,
+    inode: (u64, u64),
+    pod: &str,
+    window: bool,
+) -> Lease {
     s.leases.by_fd.pin().insert(
         file.as_raw_fd(),
         Holder {
             group,
             inode,
             pod: pod.into(),
+            window,
         },
     );
     Lease { file }
@@ -453,6 +492,7 @@ mod tests {
                     group: Weak::new(),
                     inode: (0, 0),
                     pod: pod.into(),
+                    window: false,
                 },
             );
             Ok::<(), String>(())

@@ -36,12 +36,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
 use super::charge;
-use super::digest::FileKey;
+use super::digest::{fd_path, FileKey};
 use super::engine::{Engine, Measured, Pending};
 
 mod held;
 mod leases;
 mod loader;
+mod window;
 mod writes;
 use super::keeper::{self, Keeper};
 use super::log::Event;
@@ -163,6 +164,9 @@ struct Group {
     /// Tasks loading the interpreter of a program they were allowed to
     /// execute (`loader.rs`).
     loading: loader::Loading,
+    /// Executions between their answer and the kernel's writers check
+    /// (`window.rs`).
+    windows: window::Windows,
     /// Files mapped executable in the container, watched for writers
     /// (inode marks, `writes::WATCHED`, and read leases).
     mapped: Mutex<writes::WatchedFiles>,
@@ -204,10 +208,10 @@ impl Pending for FanPending {
     }
 
     fn answer(self: Box<Self>, allow: bool) {
-        if let (true, Some((tid, _))) = (allow, self.exec_of) {
-            // Before the answer: the interpreter's event follows it.
-            self.group.loading.executed(tid, self.fd());
-        }
+        let busy = allow
+            && !self
+                .group
+                .executing(self.exec_of, self.fd(), self.interpreter);
         let FanPending {
             group,
             event,
@@ -215,12 +219,15 @@ impl Pending for FanPending {
             kept,
             ..
         } = *self;
-        if let (true, Some(x)) = (allow, exec_of) {
+        if let (true, false, Some(x)) = (allow, busy, exec_of) {
             if let Ok(mut last) = group.last_exec.lock() {
                 *last = Some(x);
             }
         }
-        answer(&group, &event, allow);
+        match event.fd() {
+            Some(fd) if busy => refuse_busy(&group, fd.as_raw_fd()),
+            _ => answer(&group, &event, allow),
+        }
         if let (Some(key), Some(k)) = (kept, &group.keeper) {
             if let Err(e) = k.drop_key(&key) {
                 // Our fd number must not be reused while the keeper still
@@ -252,6 +259,33 @@ impl Pending for FanPending {
     }
 }
 
+impl Group {
+    /// An allowed access, before its answer: for an execution (`exec_of`)
+    /// of the file open as `fd`, the window up to the kernel's writers
+    /// check is held, and a program's interpreter is expected next. False
+    /// when the execution must be refused after all (as the kernel would:
+    /// ETXTBSY, [`refuse_busy`]). An `interpreter` needs no window: it is
+    /// watched for writers from before the answer on (`loader.rs`).
+    fn executing(
+        &self,
+        exec_of: Option<(i32, FileKey)>,
+        fd: BorrowedFd<'_>,
+        interpreter: bool,
+    ) -> bool {
+        let Some((tid, _)) = exec_of else { return true };
+        if interpreter {
+            return true;
+        }
+        if let Err(why) = self.open_window(tid, fd) {
+            tracing::info!(container_id = %self.target.measured.container, path = %fd_path(fd), reason = %why, "an execution refused: its file cannot be held until the kernel's writers check");
+            return false;
+        }
+        // The interpreter's event follows the answer.
+        self.loading.executed(tid, fd);
+        true
+    }
+}
+
 /// An event a previous imacri read and handed to the keeper: answered by
 /// the number its reader got.
 struct KeptPending {
@@ -266,15 +300,21 @@ impl Pending for KeptPending {
     }
 
     fn answer(self: Box<Self>, allow: bool) {
-        if let (true, Some((tid, _))) = (allow, self.exec_of) {
-            self.group.loading.executed(tid, self.event.file.as_fd());
-        }
-        if let (true, Some(x)) = (allow, self.exec_of) {
+        let busy = allow
+            && !self
+                .group
+                .executing(self.exec_of, self.event.file.as_fd(), false);
+        if let (true, false, Some(x)) = (allow, busy, self.exec_of) {
             if let Ok(mut last) = self.group.last_exec.lock() {
                 *last = Some(x);
             }
         }
-        keeper::respond(self.group.fan.as_fd(), self.event.number, allow);
+        match busy {
+            true => refuse_busy(&self.group, self.event.number),
+            false => {
+                keeper::respond(self.group.fan.as_fd(), self.event.number, allow);
+            }
+        }
         if let Some(k) = &self.group.keeper {
             let key = keeper::event_key(
                 &self.group.target.measured.container,
@@ -373,8 +413,10 @@ pub fn watch(
     // leasing its file would stall this reader (and whoever joins it). The
     // kernel instead fails the open, denies that event and reads on
     // (EWOULDBLOCK: the read loop's EAGAIN).
+    // FAN_CLASS_PRE_CONTENT: the class whose answers may carry an errno
+    // (an execution refused as the kernel refuses it, `refuse_busy`).
     let fan = Fanotify::init(
-        InitFlags::FAN_CLASS_CONTENT
+        InitFlags::FAN_CLASS_PRE_CONTENT
             | InitFlags::FAN_CLOEXEC
             | InitFlags::FAN_NONBLOCK
             | InitFlags::FAN_UNLIMITED_QUEUE
@@ -494,6 +536,7 @@ fn start(
         keeper: kept.as_ref().map(|(k, _)| k.clone()),
         last_exec: Mutex::new(None),
         loading: Default::default(),
+        windows: Default::default(),
         mapped: Mutex::new(Default::default()),
         held: Mutex::new(Default::default()),
         me: me.clone(),
@@ -551,9 +594,19 @@ fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
             PollFd::new(group.fan.as_fd(), PollFlags::POLLIN),
             PollFd::new(stop.as_fd(), PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::NONE) {
+        // Executions in their window are looked at now and then, with or
+        // without events.
+        let wait = match group.windows.any() {
+            true => PollTimeout::from(10u8),
+            false => PollTimeout::NONE,
+        };
+        match poll(&mut fds, wait) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return stopped(engine, &group, &stop, format!("fanotify poll failed: {e}")),
+            Ok(0) => {
+                group.settle_windows(None);
+                continue;
+            }
             Ok(_) => {}
         }
         if fds[1].any().unwrap_or(true) {
@@ -606,6 +659,13 @@ fn stopped(engine: &Engine, group: &Group, stop: &OwnedFd, reason: String) {
 }
 
 fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
+    // A task's next execution event comes after the kernel's check of its
+    // last one (an ELF interpreter, a script's interpreter).
+    let executing = ev
+        .mask()
+        .contains(MaskFlags::FAN_OPEN_EXEC_PERM)
+        .then(|| ev.pid());
+    group.settle_windows(executing);
     let Some(fd) = ev.fd() else {
         tracing::warn!(container_id = %group.target.measured.container, "fanotify queue overflow");
         return;
@@ -679,6 +739,15 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
         interpreter,
     });
     engine.submit(group.target.measured.clone(), pending, key, kind);
+}
+
+/// Refuses the event answered by fd `number` as the kernel refuses to
+/// execute a file open for writing (ETXTBSY; EPERM where the kernel takes
+/// no errno in an answer).
+fn refuse_busy(group: &Group, number: i32) {
+    if !keeper::respond_errno(group.fan.as_fd(), number, libc::ETXTBSY) {
+        keeper::respond(group.fan.as_fd(), number, false);
+    }
 }
 
 fn answer(group: &Group, ev: &FanotifyEvent, allow: bool) {

@@ -52,13 +52,31 @@ pub fn open_files_limit(hard: u64) -> u64 {
 /// Writes the answer to the event a reader got as fd `number` (ours or a
 /// previous reader's); false when no event waits under that number.
 pub fn respond(group: BorrowedFd<'_>, number: i32, allow: bool) -> bool {
+    let response = if allow {
+        libc::FAN_ALLOW
+    } else {
+        libc::FAN_DENY
+    };
+    respond_with(group, number, response)
+}
+
+/// Denies the event a reader got as fd `number` with `errno` for its task
+/// (FAN_DENY_ERRNO: Linux 6.13, a group of class FAN_CLASS_PRE_CONTENT,
+/// and an errno open(2) could give); false when the kernel takes no such
+/// answer (then none was given).
+pub fn respond_errno(group: BorrowedFd<'_>, number: i32, errno: i32) -> bool {
+    const FAN_ERRNO_SHIFT: u32 = 24;
+    respond_with(
+        group,
+        number,
+        libc::FAN_DENY | ((errno as u32 & 0xff) << FAN_ERRNO_SHIFT),
+    )
+}
+
+fn respond_with(group: BorrowedFd<'_>, number: i32, response: u32) -> bool {
     let r = libc::fanotify_response {
         fd: number,
-        response: if allow {
-            libc::FAN_ALLOW
-        } else {
-            libc::FAN_DENY
-        },
+        response,
     };
     // SAFETY: the response is a plain C struct, written whole.
     let bytes = unsafe {

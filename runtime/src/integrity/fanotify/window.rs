@@ -1,0 +1,306 @@
+//! The moment between imacri's answer to an execution and the kernel's own
+//! writers check of it. The kernel refuses to execute a file open for
+//! writing (ETXTBSY), but it checks after the permission event is answered
+//! (`do_open_execat`: the open, with our event, then `deny_write_access`).
+//! On overlayfs that check counts the writers of the overlay file only,
+//! while a shared writable mapping holds the upper layer's file: a process
+//! outside the pod's guards (a host daemon, a helper in another pod the pod
+//! passed a writable fd to) that maps the file shared and writable and
+//! closes its fd in that moment leaves no writer for the kernel to see, and
+//! then changes the running program through its mapping. (At our own check
+//! such a mapping is found: `overlay.rs`. The pod's own processes are held
+//! to the kernel's rules by the map guard: `held.rs`.)
+//!
+//! So an execution of an overlay file is answered only with a read lease
+//! taken on the file (through the event's own open file), held until the
+//! execution is past the kernel's check. An open for writing meanwhile takes
+//! the file's write count first and then waits for the lease to break: the
+//! kernel's check then refuses the execution (ETXTBSY), and the writer gets
+//! its file only once the execution is settled. A file open for writing at
+//! the answer gets no lease: that execution is refused (EPERM) rather than
+//! left to a check a writer could slip past.
+//!
+//! The lease stays for the file's next executions (until a writer breaks
+//! it). An execution is settled once its task is seen running
+//! the file (`/proc/<tid>/exe`), in another system call than `execve`, gone
+//! (a thread that executed takes its leader's ID), or executing again (the
+//! kernel opens an ELF interpreter or a script's only after the program's
+//! check). A window whose lease breaks and does not settle within
+//! [`SETTLE`] (a task held back so long, with a writer waiting) is closed
+//! by killing the task's process: nothing of what runs after it could be
+//! told from what was measured.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::leases::{self, Lease};
+use super::Group;
+use crate::integrity::digest::{fd_path, FileKey};
+
+/// How long a broken window may wait for its execution to settle.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Leases a container keeps on files it executed, for the next execution
+/// to find in place; past this many, those no execution is in the window
+/// of are let go.
+const KEPT: usize = 64;
+
+/// The executions of a container between their answer and the kernel's
+/// check, and the leases held for them.
+#[derive(Debug, Default)]
+pub(super) struct Windows {
+    inner: Mutex<Inner>,
+    /// Executions in their window: the reader settles none when there
+    /// are none.
+    count: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// A read lease per executed overlay file, kept after its executions
+    /// settled (taking one costs an execution ~6 us; finding one, a look
+    /// up), until a writer breaks it or [`KEPT`] is passed.
+    leases: HashMap<(u64, u64), Held>,
+    /// Executions in their window: task and file.
+    open: Vec<(i32, (u64, u64))>,
+}
+
+#[derive(Debug)]
+struct Held {
+    lease: Lease,
+    /// A writer waits on it: a thread lets it go once the file's
+    /// executions settled.
+    broken: bool,
+}
+
+/// Why an execution cannot be let through.
+pub(super) const WRITERS: &str = "open for writing";
+
+impl Windows {
+    pub(super) fn any(&self) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+    }
+}
+
+impl Inner {
+    fn counted(&self, count: &AtomicUsize) {
+        count.store(self.open.len(), Ordering::Release);
+    }
+}
+
+impl Group {
+    /// Before task `tid`'s execution of the file open as `fd` (the event's
+    /// file) is allowed: Err(why) when it must be refused.
+    pub(super) fn open_window(&self, tid: i32, fd: BorrowedFd<'_>) -> Result<(), String> {
+        if !crate::integrity::overlay::on_overlayfs(fd).unwrap_or(false) {
+            // Elsewhere a mapping holds the file itself: the kernel's
+            // check sees every writer.
+            return Ok(());
+        }
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+        let inode = FileKey::of(&st).inode();
+        {
+            let mut inner = self.windows.inner.lock().map_err(|e| e.to_string())?;
+            // Held (unbroken: no writer opened it since), or broken with a
+            // writer waiting that already counts for the kernel's check
+            // (and the thread letting it go waits for this one too).
+            if inner.leases.contains_key(&inode) {
+                inner.open.push((tid, inode));
+                inner.counted(&self.windows.count);
+                return Ok(());
+            }
+        }
+        let own = fd.try_clone_to_owned().map_err(|e| e.to_string())?;
+        let lease = match leases::take_window(
+            own,
+            self.me.clone(),
+            inode,
+            &self.target.measured.pod,
+        ) {
+            Ok(l) => l,
+            Err(e) if e == leases::WRITERS || e == leases::BREAKING => return Err(WRITERS.into()),
+            Err(e) if super::lease_probe().is_err() => {
+                // A node without leases: nothing to hold the window with
+                // (`imacri check` says so).
+                tracing::debug!(container_id = %self.target.measured.container, error = %e, "no lease for an execution's window");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let mut inner = self.windows.inner.lock().map_err(|e| e.to_string())?;
+        if inner.leases.len() >= KEPT {
+            let busy: Vec<(u64, u64)> = inner.open.iter().map(|(_, i)| *i).collect();
+            inner.leases.retain(|i, h| h.broken || busy.contains(i));
+        }
+        // A racing execution's lease may be in place: one is enough.
+        inner.leases.entry(inode).or_insert(Held {
+            lease,
+            broken: false,
+        });
+        inner.open.push((tid, inode));
+        inner.counted(&self.windows.count);
+        Ok(())
+    }
+
+    /// Forgets the executions that are settled. `executing`: a task whose
+    /// execution event is being handled now, so past its earlier ones.
+    pub(super) fn settle_windows(&self, executing: Option<i32>) {
+        if !self.windows.any() {
+            return;
+        }
+        let Ok(mut inner) = self.windows.inner.lock() else {
+            return;
+        };
+        let Inner { leases, open } = &mut *inner;
+        open.retain(|(tid, inode)| {
+            // A broken lease's thread settles its file's executions.
+            leases.get(inode).is_some_and(|h| h.broken)
+                || !(executing == Some(*tid) || settled(*tid, *inode))
+        });
+        inner.counted(&self.windows.count);
+    }
+
+    /// The lease held through `fd` broke: a writer waits. With every
+    /// execution of its file settled it is let go at once; otherwise a
+    /// thread waits for them to settle and kills the processes of those
+    /// that do not within [`SETTLE`].
+    pub(super) fn window_broken(self: &Arc<Self>, fd: RawFd) {
+        let inode = {
+            let Ok(mut inner) = self.windows.inner.lock() else {
+                return;
+            };
+            let found = inner
+                .leases
+                .iter_mut()
+                .find(|(_, h)| h.lease.fd().as_raw_fd() == fd && !h.broken);
+            let Some((inode, held)) = found else { return };
+            held.broken = true;
+            *inode
+        };
+        if self.settle_file(inode, false) {
+            return;
+        }
+        let group = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("imacri-window".into())
+            .spawn(move || {
+                let deadline = Instant::now() + SETTLE;
+                while !group.settle_file(inode, Instant::now() >= deadline) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        if spawned.is_err() {
+            self.settle_file(inode, true);
+        }
+    }
+
+    /// Forgets the settled executions of `inode`, and when none is left
+    /// lets go of its lease (the waiting writer goes on): true then.
+    /// `kill`: the others' processes are killed (and forgotten).
+    fn settle_file(&self, inode: (u64, u64), kill: bool) -> bool {
+        let Ok(mut inner) = self.windows.inner.lock() else {
+            return true;
+        };
+        let mut killed = Vec::new();
+        inner.open.retain(|(tid, i)| {
+            if *i != inode || settled(*tid, inode) {
+                return *i != inode;
+            }
+            if kill {
+                killed.push(*tid);
+            }
+            !kill
+        });
+        let done = !inner.open.iter().any(|(_, i)| *i == inode);
+        let path = inner
+            .leases
+            .get(&inode)
+            .map(|h| fd_path(h.lease.fd()))
+            .unwrap_or_default();
+        if done {
+            // In the same lock as the look: an execution that finds the
+            // lease in place is one this look saw.
+            inner.leases.remove(&inode);
+        }
+        inner.counted(&self.windows.count);
+        drop(inner);
+        for tid in killed {
+            // SAFETY: kill(2) with plain integers: SIGKILL to the thread's
+            // process, which has not run the file (it never will).
+            unsafe { libc::kill(tid, libc::SIGKILL) };
+            if let Some(engine) = self.engine.upgrade() {
+                engine.execution_stopped(&self.target.measured, &path);
+            }
+        }
+        done
+    }
+}
+
+/// Whether task `tid`'s execution of `inode` is past the kernel's writers
+/// check (or over): the task is gone, runs the file, or is in another
+/// system call. A task that runs (on a CPU) anything else cannot be told.
+fn settled(tid: i32, inode: (u64, u64)) -> bool {
+    match nix::sys::stat::stat(format!("/proc/{tid}/exe").as_str()) {
+        Ok(st) if FileKey::of(&st).inode() == inode => return true,
+        // No exe: gone (or a zombie, or a kernel thread).
+        Err(nix::errno::Errno::ENOENT) | Err(nix::errno::Errno::ESRCH)
+            if !std::path::Path::new(&format!("/proc/{tid}")).exists() =>
+        {
+            return true
+        }
+        _ => {}
+    }
+    let Ok(syscall) = std::fs::read_to_string(format!("/proc/{tid}/syscall")) else {
+        return !std::path::Path::new(&format!("/proc/{tid}")).exists();
+    };
+    match syscall.split_whitespace().next().map(str::parse::<i64>) {
+        Some(Ok(nr)) => nr != libc::SYS_execve && nr != libc::SYS_execveat,
+        // "running": on a CPU, in the kernel or not.
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_blocked_elsewhere_or_gone_is_settled_and_a_running_one_is_not() {
+        // A thread on a CPU (or waiting for one) cannot be told.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spin = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(nix::unistd::gettid().as_raw());
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let spinner = rx.recv().unwrap();
+        assert!(!settled(spinner, (0, 0)));
+        stop.store(true, Ordering::Relaxed);
+        spin.join().unwrap();
+        // A sleeping child is in nanosleep (or clock_nanosleep).
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let tid = child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !settled(tid, (0, 0)) {
+            assert!(Instant::now() < deadline, "a sleeping task is settled");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Running the file: settled whatever it does.
+        let exe = nix::sys::stat::stat(format!("/proc/{tid}/exe").as_str()).unwrap();
+        assert!(settled(tid, FileKey::of(&exe).inode()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(settled(tid, (0, 0)), "gone");
+    }
+}
