@@ -208,10 +208,12 @@ impl Pending for FanPending {
     }
 
     fn answer(self: Box<Self>, allow: bool) {
-        let busy = allow
-            && !self
-                .group
-                .executing(self.exec_of, self.fd(), self.interpreter);
+        let refused = allow
+            .then(|| {
+                self.group
+                    .executing(self.exec_of, self.fd(), self.interpreter)
+            })
+            .flatten();
         let FanPending {
             group,
             event,
@@ -219,13 +221,13 @@ impl Pending for FanPending {
             kept,
             ..
         } = *self;
-        if let (true, false, Some(x)) = (allow, busy, exec_of) {
+        if let (true, None, Some(x)) = (allow, refused, exec_of) {
             if let Ok(mut last) = group.last_exec.lock() {
                 *last = Some(x);
             }
         }
-        match event.fd() {
-            Some(fd) if busy => refuse_busy(&group, fd.as_raw_fd()),
+        match (event.fd(), refused) {
+            (Some(fd), Some(errno)) => refuse(&group, fd.as_raw_fd(), errno),
             _ => answer(&group, &event, allow),
         }
         if let (Some(key), Some(k)) = (kept, &group.keeper) {
@@ -262,27 +264,32 @@ impl Pending for FanPending {
 impl Group {
     /// An allowed access, before its answer: for an execution (`exec_of`)
     /// of the file open as `fd`, the window up to the kernel's writers
-    /// check is held, and a program's interpreter is expected next. False
-    /// when the execution must be refused after all (as the kernel would:
-    /// ETXTBSY, [`refuse_busy`]). An `interpreter` needs no window: it is
+    /// check is held, and a program's interpreter is expected next.
+    /// Some(errno) when the execution must be refused after all: ETXTBSY
+    /// for a file open for writing (as the kernel refuses it), EPERM when
+    /// no lease can be held. An `interpreter` needs no window: it is
     /// watched for writers from before the answer on (`loader.rs`).
     fn executing(
         &self,
         exec_of: Option<(i32, FileKey)>,
         fd: BorrowedFd<'_>,
         interpreter: bool,
-    ) -> bool {
-        let Some((tid, _)) = exec_of else { return true };
+    ) -> Option<i32> {
+        let (tid, _) = exec_of?;
         if interpreter {
-            return true;
+            return None;
         }
-        if let Err(why) = self.open_window(tid, fd) {
-            tracing::info!(container_id = %self.target.measured.container, path = %fd_path(fd), reason = %why, "an execution refused: its file cannot be held until the kernel's writers check");
-            return false;
+        match self.open_window(tid, fd) {
+            Ok(()) => {}
+            Err(window::Refusal::Writers) => return Some(libc::ETXTBSY),
+            Err(window::Refusal::Unheld(why)) => {
+                tracing::warn!(container_id = %self.target.measured.container, path = %fd_path(fd), reason = %why, "an execution refused: its file cannot be held until the kernel's writers check");
+                return Some(libc::EPERM);
+            }
         }
         // The interpreter's event follows the answer.
         self.loading.executed(tid, fd);
-        true
+        None
     }
 }
 
@@ -300,18 +307,20 @@ impl Pending for KeptPending {
     }
 
     fn answer(self: Box<Self>, allow: bool) {
-        let busy = allow
-            && !self
-                .group
-                .executing(self.exec_of, self.event.file.as_fd(), false);
-        if let (true, false, Some(x)) = (allow, busy, self.exec_of) {
+        let refused = allow
+            .then(|| {
+                self.group
+                    .executing(self.exec_of, self.event.file.as_fd(), false)
+            })
+            .flatten();
+        if let (true, None, Some(x)) = (allow, refused, self.exec_of) {
             if let Ok(mut last) = self.group.last_exec.lock() {
                 *last = Some(x);
             }
         }
-        match busy {
-            true => refuse_busy(&self.group, self.event.number),
-            false => {
+        match refused {
+            Some(errno) => refuse(&self.group, self.event.number, errno),
+            None => {
                 keeper::respond(self.group.fan.as_fd(), self.event.number, allow);
             }
         }
@@ -414,7 +423,7 @@ pub fn watch(
     // kernel instead fails the open, denies that event and reads on
     // (EWOULDBLOCK: the read loop's EAGAIN).
     // FAN_CLASS_PRE_CONTENT: the class whose answers may carry an errno
-    // (an execution refused as the kernel refuses it, `refuse_busy`).
+    // (an execution refused as the kernel refuses it, `refuse`).
     let fan = Fanotify::init(
         InitFlags::FAN_CLASS_PRE_CONTENT
             | InitFlags::FAN_CLOEXEC
@@ -741,11 +750,11 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
     engine.submit(group.target.measured.clone(), pending, key, kind);
 }
 
-/// Refuses the event answered by fd `number` as the kernel refuses to
-/// execute a file open for writing (ETXTBSY; EPERM where the kernel takes
-/// no errno in an answer).
-fn refuse_busy(group: &Group, number: i32) {
-    if !keeper::respond_errno(group.fan.as_fd(), number, libc::ETXTBSY) {
+/// Refuses the event answered by fd `number` with `errno` (ETXTBSY as the
+/// kernel refuses to execute a file open for writing; EPERM where the
+/// kernel takes no errno in an answer).
+fn refuse(group: &Group, number: i32, errno: i32) {
+    if errno == libc::EPERM || !keeper::respond_errno(group.fan.as_fd(), number, errno) {
         keeper::respond(group.fan.as_fd(), number, false);
     }
 }

@@ -77,7 +77,13 @@ struct Held {
 }
 
 /// Why an execution cannot be let through.
-pub(super) const WRITERS: &str = "open for writing";
+#[derive(Debug)]
+pub(super) enum Refusal {
+    /// The file is open for writing: the kernel would refuse it too.
+    Writers,
+    /// No lease can be held (the pod's or imacri's share of fds).
+    Unheld(String),
+}
 
 impl Windows {
     pub(super) fn any(&self) -> bool {
@@ -94,16 +100,21 @@ impl Inner {
 impl Group {
     /// Before task `tid`'s execution of the file open as `fd` (the event's
     /// file) is allowed: Err(why) when it must be refused.
-    pub(super) fn open_window(&self, tid: i32, fd: BorrowedFd<'_>) -> Result<(), String> {
+    pub(super) fn open_window(&self, tid: i32, fd: BorrowedFd<'_>) -> Result<(), Refusal> {
+        use Refusal::Unheld;
         if !crate::integrity::overlay::on_overlayfs(fd).unwrap_or(false) {
             // Elsewhere a mapping holds the file itself: the kernel's
             // check sees every writer.
             return Ok(());
         }
-        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| Unheld(e.to_string()))?;
         let inode = FileKey::of(&st).inode();
         {
-            let mut inner = self.windows.inner.lock().map_err(|e| e.to_string())?;
+            let mut inner = self
+                .windows
+                .inner
+                .lock()
+                .map_err(|e| Unheld(e.to_string()))?;
             // Held (unbroken: no writer opened it since), or broken with a
             // writer waiting that already counts for the kernel's check
             // (and the thread letting it go waits for this one too).
@@ -113,7 +124,7 @@ impl Group {
                 return Ok(());
             }
         }
-        let own = fd.try_clone_to_owned().map_err(|e| e.to_string())?;
+        let own = fd.try_clone_to_owned().map_err(|e| Unheld(e.to_string()))?;
         let lease = match leases::take_window(
             own,
             self.me.clone(),
@@ -121,16 +132,22 @@ impl Group {
             &self.target.measured.pod,
         ) {
             Ok(l) => l,
-            Err(e) if e == leases::WRITERS || e == leases::BREAKING => return Err(WRITERS.into()),
+            Err(e) if e == leases::WRITERS || e == leases::BREAKING => {
+                return Err(Refusal::Writers)
+            }
             Err(e) if super::lease_probe().is_err() => {
                 // A node without leases: nothing to hold the window with
                 // (`imacri check` says so).
                 tracing::debug!(container_id = %self.target.measured.container, error = %e, "no lease for an execution's window");
                 return Ok(());
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(Unheld(e)),
         };
-        let mut inner = self.windows.inner.lock().map_err(|e| e.to_string())?;
+        let mut inner = self
+            .windows
+            .inner
+            .lock()
+            .map_err(|e| Unheld(e.to_string()))?;
         if inner.leases.len() >= KEPT {
             let busy: Vec<(u64, u64)> = inner.open.iter().map(|(_, i)| *i).collect();
             inner.leases.retain(|i, h| h.broken || busy.contains(i));
@@ -180,7 +197,8 @@ impl Group {
             held.broken = true;
             *inode
         };
-        if self.settle_file(inode, false) {
+        let mut ran = HashMap::new();
+        if self.settle_file(inode, false, &mut ran) {
             return;
         }
         let group = self.clone();
@@ -188,26 +206,36 @@ impl Group {
             .name("imacri-window".into())
             .spawn(move || {
                 let deadline = Instant::now() + SETTLE;
-                while !group.settle_file(inode, Instant::now() >= deadline) {
+                while !group.settle_file(inode, Instant::now() >= deadline, &mut ran) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             });
         if spawned.is_err() {
-            self.settle_file(inode, true);
+            self.settle_file(inode, true, &mut HashMap::new());
         }
     }
 
     /// Forgets the settled executions of `inode`, and when none is left
     /// lets go of its lease (the waiting writer goes on): true then.
-    /// `kill`: the others' processes are killed (and forgotten).
-    fn settle_file(&self, inode: (u64, u64), kill: bool) -> bool {
+    /// `kill`: the others' processes are killed (and forgotten). `ran`:
+    /// each task's user time when first looked at here; a task that has
+    /// run in user mode since is out of its `execve` (a task on a CPU that
+    /// [`settled`] cannot tell: its execution failed after the kernel's
+    /// check and it runs on).
+    fn settle_file(&self, inode: (u64, u64), kill: bool, ran: &mut HashMap<i32, u64>) -> bool {
         let Ok(mut inner) = self.windows.inner.lock() else {
             return true;
         };
         let mut killed = Vec::new();
         inner.open.retain(|(tid, i)| {
-            if *i != inode || settled(*tid, inode) {
-                return *i != inode;
+            if *i != inode {
+                return true;
+            }
+            let before = *ran
+                .entry(*tid)
+                .or_insert_with(|| user_time(*tid).unwrap_or(u64::MAX));
+            if settled(*tid, inode) || user_time(*tid).is_some_and(|t| t > before) {
+                return false;
             }
             if kill {
                 killed.push(*tid);
@@ -237,6 +265,15 @@ impl Group {
         }
         done
     }
+}
+
+/// Task `tid`'s own time in user mode (clock ticks; `/proc/<tid>/stat` of
+/// a process leader would add up its threads').
+fn user_time(tid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{tid}/task/{tid}/stat")).ok()?;
+    // After "pid (comm) ": state is field 3, utime field 14.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(11)?.parse().ok()
 }
 
 /// Whether task `tid`'s execution of `inode` is past the kernel's writers
@@ -283,6 +320,13 @@ mod tests {
         };
         let spinner = rx.recv().unwrap();
         assert!(!settled(spinner, (0, 0)));
+        // But it runs in user mode, which a task in execve does not.
+        let t0 = user_time(spinner).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while user_time(spinner).unwrap() <= t0 {
+            assert!(Instant::now() < deadline, "no user time");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         stop.store(true, Ordering::Relaxed);
         spin.join().unwrap();
         // A sleeping child is in nanosleep (or clock_nanosleep).
