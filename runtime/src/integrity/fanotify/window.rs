@@ -43,6 +43,9 @@ use crate::integrity::digest::{fd_path, FileKey};
 /// How long a broken window may wait for its execution to settle.
 const SETTLE: Duration = Duration::from_secs(5);
 
+/// How often the reader looks at the executions in their window.
+const LOOK_EVERY: Duration = Duration::from_millis(5);
+
 /// Leases a container keeps on files it executed, for the next execution
 /// to find in place; past this many, those no execution is in the window
 /// of are let go.
@@ -66,6 +69,8 @@ struct Inner {
     leases: HashMap<(u64, u64), Held>,
     /// Executions in their window: task and file.
     open: Vec<(i32, (u64, u64))>,
+    /// When they were last looked at in `/proc`.
+    looked: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -164,6 +169,9 @@ impl Group {
 
     /// Forgets the executions that are settled. `executing`: a task whose
     /// execution event is being handled now, so past its earlier ones.
+    /// The others are looked at in `/proc` at most every [`LOOK_EVERY`]
+    /// (a storm of executions must not cost each event a look at every
+    /// other one in flight).
     pub(super) fn settle_windows(&self, executing: Option<i32>) {
         if !self.windows.any() {
             return;
@@ -171,11 +179,15 @@ impl Group {
         let Ok(mut inner) = self.windows.inner.lock() else {
             return;
         };
-        let Inner { leases, open } = &mut *inner;
+        let look = inner.looked.is_none_or(|t| t.elapsed() >= LOOK_EVERY);
+        if look {
+            inner.looked = Some(Instant::now());
+        }
+        let Inner { leases, open, .. } = &mut *inner;
         open.retain(|(tid, inode)| {
             // A broken lease's thread settles its file's executions.
             leases.get(inode).is_some_and(|h| h.broken)
-                || !(executing == Some(*tid) || settled(*tid, *inode))
+                || !(executing == Some(*tid) || (look && settled(*tid, *inode)))
         });
         inner.counted(&self.windows.count);
     }
