@@ -27,21 +27,20 @@
 //! mount of a container in a fanotify-measured pod (volumes, /dev, tmpfs) is
 //! mounted `noexec` (see `spec::noexec_outside_rootfs`).
 
-use nix::sys::fanotify::{
-    EventFFlags, Fanotify, FanotifyEvent, FanotifyResponse, InitFlags, MarkFlags, MaskFlags,
-    Response,
-};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
 use super::charge;
-use super::digest::{fd_path, FileKey};
-use super::engine::{Engine, Measured, Pending};
+use super::digest::FileKey;
+use super::engine::{Engine, Measured};
 
 mod held;
 mod leases;
 mod loader;
+mod pending;
+mod reader;
 mod window;
 mod writes;
 use super::keeper::{self, Keeper};
@@ -181,158 +180,6 @@ struct Group {
 impl Drop for Group {
     fn drop(&mut self) {
         tracing::debug!(container_id = %self.target.measured.container, "fanotify group closed");
-    }
-}
-
-/// An event waiting for its answer.
-struct FanPending {
-    group: Arc<Group>,
-    event: FanotifyEvent,
-    fd: i32,
-    /// Set as the allowed exec of this (pid, file) when answered "allow".
-    exec_of: Option<(i32, FileKey)>,
-    /// The keeper's key for a copy of this event, while it is hashed.
-    kept: Option<String>,
-    /// The kernel loads this file as a program's interpreter.
-    interpreter: bool,
-}
-
-impl Pending for FanPending {
-    fn fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the event owns the fd and lives as long as self.
-        unsafe { BorrowedFd::borrow_raw(self.fd) }
-    }
-
-    fn loads(&self) -> bool {
-        self.interpreter
-    }
-
-    fn answer(self: Box<Self>, allow: bool) {
-        let refused = allow
-            .then(|| {
-                self.group
-                    .executing(self.exec_of, self.fd(), self.interpreter)
-            })
-            .flatten();
-        let FanPending {
-            group,
-            event,
-            exec_of,
-            kept,
-            ..
-        } = *self;
-        if let (true, None, Some(x)) = (allow, refused, exec_of) {
-            if let Ok(mut last) = group.last_exec.lock() {
-                *last = Some(x);
-            }
-        }
-        match (event.fd(), refused) {
-            (Some(fd), Some(errno)) => refuse(&group, fd.as_raw_fd(), errno),
-            _ => answer(&group, &event, allow),
-        }
-        if let (Some(key), Some(k)) = (kept, &group.keeper) {
-            if let Err(e) = k.drop_key(&key) {
-                // Our fd number must not be reused while the keeper still
-                // has it under this key: a next imacri would answer a later
-                // event by it with this file's verdict. Kept open for good.
-                tracing::warn!(container_id = %group.target.measured.container, error = %e, "fd keeper: an answered event not dropped; its fd stays open");
-                std::mem::forget(event);
-            }
-        }
-    }
-
-    /// Hashing takes a while: a copy goes to the keeper first, so that if
-    /// imacri dies meanwhile the next one measures the access instead of
-    /// refusing it (only the number we got can answer it).
-    fn queued(&mut self) {
-        let Some(k) = &self.group.keeper else { return };
-        let key = keeper::event_key(
-            &self.group.target.measured.container,
-            self.fd,
-            self.exec_of.is_some(),
-            self.event.pid(),
-        );
-        match k.put(&key, self.fd()) {
-            Ok(()) => self.kept = Some(key),
-            Err(e) => {
-                tracing::debug!(container_id = %self.group.target.measured.container, error = %e, "fd keeper: event not kept; a crash now refuses it")
-            }
-        }
-    }
-}
-
-impl Group {
-    /// An allowed access, before its answer: for an execution (`exec_of`)
-    /// of the file open as `fd`, the window up to the kernel's writers
-    /// check is held, and a program's interpreter is expected next.
-    /// Some(errno) when the execution must be refused after all: ETXTBSY
-    /// for a file open for writing (as the kernel refuses it), EPERM when
-    /// no lease can be held. An `interpreter` needs no window: it is
-    /// watched for writers from before the answer on (`loader.rs`).
-    fn executing(
-        &self,
-        exec_of: Option<(i32, FileKey)>,
-        fd: BorrowedFd<'_>,
-        interpreter: bool,
-    ) -> Option<i32> {
-        let (tid, _) = exec_of?;
-        if interpreter {
-            return None;
-        }
-        match self.open_window(tid, fd) {
-            Ok(()) => {}
-            Err(window::Refusal::Writers) => return Some(libc::ETXTBSY),
-            Err(window::Refusal::Unheld(why)) => {
-                tracing::warn!(container_id = %self.target.measured.container, path = %fd_path(fd), reason = %why, "an execution refused: its file cannot be held until the kernel's writers check");
-                return Some(libc::EPERM);
-            }
-        }
-        // The interpreter's event follows the answer.
-        self.loading.executed(tid, fd);
-        None
-    }
-}
-
-/// An event a previous imacri read and handed to the keeper: answered by
-/// the number its reader got.
-struct KeptPending {
-    group: Arc<Group>,
-    event: keeper::KeptEvent,
-    exec_of: Option<(i32, FileKey)>,
-}
-
-impl Pending for KeptPending {
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.event.file.as_fd()
-    }
-
-    fn answer(self: Box<Self>, allow: bool) {
-        let refused = allow
-            .then(|| {
-                self.group
-                    .executing(self.exec_of, self.event.file.as_fd(), false)
-            })
-            .flatten();
-        if let (true, None, Some(x)) = (allow, refused, self.exec_of) {
-            if let Ok(mut last) = self.group.last_exec.lock() {
-                *last = Some(x);
-            }
-        }
-        match refused {
-            Some(errno) => refuse(&self.group, self.event.number, errno),
-            None => {
-                keeper::respond(self.group.fan.as_fd(), self.event.number, allow);
-            }
-        }
-        if let Some(k) = &self.group.keeper {
-            let key = keeper::event_key(
-                &self.group.target.measured.container,
-                self.event.number,
-                self.event.exec,
-                self.event.tid,
-            );
-            let _ = k.drop_key(&key);
-        }
     }
 }
 
@@ -565,7 +412,7 @@ fn start(
         let kind = if event.exec { Event::Exec } else { Event::Read };
         let exec_of = event.exec.then_some((event.tid, key));
         tracing::info!(container_id = %container, number = event.number, "measuring an access the last imacri was measuring");
-        let pending = Box::new(KeptPending {
+        let pending = Box::new(pending::KeptPending {
             group: group.clone(),
             event,
             exec_of,
@@ -578,7 +425,7 @@ fn start(
         .name("imacri-fanotify".into())
         .spawn(move || {
             let _ending = ending;
-            read_loop(&e, group, stop_r);
+            reader::read_loop(&e, group, stop_r);
             charge::home();
         })
         .map_err(|err| {
@@ -593,182 +440,6 @@ fn start(
         container,
         kept,
     })
-}
-
-fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut handled = 0u64;
-    loop {
-        let mut fds = [
-            PollFd::new(group.fan.as_fd(), PollFlags::POLLIN),
-            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-        ];
-        // Executions in their window are looked at now and then, with or
-        // without events.
-        let wait = match group.windows.any() {
-            true => PollTimeout::from(10u8),
-            false => PollTimeout::NONE,
-        };
-        match poll(&mut fds, wait) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return stopped(engine, &group, &stop, format!("fanotify poll failed: {e}")),
-            Ok(0) => {
-                group.settle_windows(None);
-                continue;
-            }
-            Ok(_) => {}
-        }
-        if fds[1].any().unwrap_or(true) {
-            return;
-        }
-        if engine.fail_after.is_some_and(|n| handled >= n) {
-            return stopped(engine, &group, &stop, "injected reader fault (test)".into());
-        }
-        // imacri is stopping: what is not read yet waits in the kernel
-        // (the keeper holds the group) for the next imacri.
-        let Some(_reading) = engine.reading() else {
-            return;
-        };
-        // A flood of accesses costs the pod's CPU, not the node's (moves
-        // once; a check of a pointer after that).
-        charge::enter(group.target.measured.charge.as_ref());
-        let events = match group.fan.read_events() {
-            Ok(ev) => ev,
-            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                return stopped(
-                    engine,
-                    &group,
-                    &stop,
-                    format!("reading fanotify events failed: {e}"),
-                )
-            }
-        };
-        for ev in events {
-            handled += 1;
-            handle(engine, &group, ev);
-        }
-    }
-}
-
-/// A reader that cannot go on fails closed: the gap is logged, the server is
-/// told to kill the container, and the group stays open with nothing
-/// answered, so the container's next execution waits (killably) instead of
-/// running unmeasured, until its watch is dropped.
-fn stopped(engine: &Engine, group: &Group, stop: &OwnedFd, reason: String) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    engine.stopped(&group.target.measured, reason);
-    loop {
-        let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            _ => return,
-        }
-    }
-}
-
-fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
-    // A task's next execution event comes after the kernel's check of its
-    // last one (an ELF interpreter, a script's interpreter).
-    let executing = ev
-        .mask()
-        .contains(MaskFlags::FAN_OPEN_EXEC_PERM)
-        .then(|| ev.pid());
-    group.settle_windows(executing);
-    let Some(fd) = ev.fd() else {
-        tracing::warn!(container_id = %group.target.measured.container, "fanotify queue overflow");
-        return;
-    };
-    if let Some(stall) = &engine.stall {
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        if link.is_ok_and(|p| p.to_string_lossy().contains(stall.as_str())) {
-            // Test only: unanswered, its fd (the answer's key) kept open.
-            std::mem::forget(ev);
-            return;
-        }
-    }
-    let mask = ev.mask();
-    if mask.contains(MaskFlags::FAN_OPEN_PERM) && engine.is_own_open(ev.pid()) {
-        // imacri's own open, for a lease (before anything else: the opener
-        // may be what this reader would wait for).
-        return answer(group, &ev, true);
-    }
-    let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) else {
-        return answer(group, &ev, false);
-    };
-    let key = FileKey::of(&st);
-    if mask.intersects(MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE) {
-        // A notification: nothing to answer. A write forgets the old digest.
-        if mask.contains(MaskFlags::FAN_CLOSE_WRITE) {
-            engine.invalidate(key.inode());
-        }
-        return writes::written(engine, group, mask, fd, key.inode());
-    }
-    if mask.contains(MaskFlags::FAN_OPEN_PERM)
-        && writes::write_open(engine, group, fd, key.inode()) == Some(false)
-    {
-        return answer(group, &ev, false);
-    }
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return answer(group, &ev, true);
-    }
-    let exec = mask.contains(MaskFlags::FAN_OPEN_EXEC_PERM);
-    let this = (ev.pid(), key);
-    let kind = if exec {
-        Event::Exec
-    } else {
-        let follows_exec = group
-            .last_exec
-            .lock()
-            .map(|mut last| {
-                let same = *last == Some(this);
-                if same {
-                    *last = None;
-                }
-                same
-            })
-            .unwrap_or(false);
-        match &group.target.triggers.read {
-            _ if follows_exec => return answer(group, &ev, true),
-            Some(Some(openers)) if !opened_by(ev.pid(), openers) => {
-                return answer(group, &ev, true)
-            }
-            Some(_) => Event::Read,
-            None => return answer(group, &ev, true),
-        }
-    };
-    let raw = fd.as_raw_fd();
-    let interpreter = exec && group.loading.is_interpreter(ev.pid());
-    let pending = Box::new(FanPending {
-        group: group.clone(),
-        event: ev,
-        fd: raw,
-        exec_of: exec.then_some(this),
-        kept: None,
-        interpreter,
-    });
-    engine.submit(group.target.measured.clone(), pending, key, kind);
-}
-
-/// Refuses the event answered by fd `number` with `errno` (ETXTBSY as the
-/// kernel refuses to execute a file open for writing; EPERM where the
-/// kernel takes no errno in an answer).
-fn refuse(group: &Group, number: i32, errno: i32) {
-    if errno == libc::EPERM || !keeper::respond_errno(group.fan.as_fd(), number, errno) {
-        keeper::respond(group.fan.as_fd(), number, false);
-    }
-}
-
-fn answer(group: &Group, ev: &FanotifyEvent, allow: bool) {
-    let Some(fd) = ev.fd() else { return };
-    let r = if allow {
-        Response::FAN_ALLOW
-    } else {
-        Response::FAN_DENY
-    };
-    if let Err(e) = group.fan.write_response(FanotifyResponse::new(fd, r)) {
-        tracing::error!(container_id = %group.target.measured.container, error = %e, "answering a fanotify event failed");
-    }
 }
 
 /// True when `path` is the root of a tmpfs mount: a filesystem of its own

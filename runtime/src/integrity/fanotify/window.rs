@@ -17,15 +17,15 @@
 //! the file's write count first and then waits for the lease to break: the
 //! kernel's check then refuses the execution (ETXTBSY), and the writer gets
 //! its file only once the execution is settled. A file open for writing at
-//! the answer gets no lease: that execution is refused (EPERM) rather than
-//! left to a check a writer could slip past.
+//! the answer gets no lease: that execution is refused (ETXTBSY, as the
+//! kernel refuses it) rather than left to a check a writer could slip past.
 //!
 //! The lease stays for the file's next executions (until a writer breaks
-//! it). An execution is settled once its task is seen running
-//! the file (`/proc/<tid>/exe`), in another system call than `execve`, gone
-//! (a thread that executed takes its leader's ID), or executing again (the
-//! kernel opens an ELF interpreter or a script's only after the program's
-//! check). A window whose lease breaks and does not settle within
+//! it). An execution is settled once its task is seen running the file
+//! (`/proc/<tid>/exe`), in another system call than `execve`, having run
+//! in user mode since, gone (a thread that executed takes its leader's
+//! ID), or executing again (the kernel opens an ELF interpreter or a
+//! script's only after the program's check). A window whose lease breaks and does not settle within
 //! [`SETTLE`] (a task held back so long, with a writer waiting) is closed
 //! by killing the task's process: nothing of what runs after it could be
 //! told from what was measured.

@@ -1,0 +1,187 @@
+//! The answers to a container's permission events: an event read now
+//! ([`FanPending`]) or one the last imacri handed to the fd keeper while it
+//! hashed it ([`KeptPending`]). Before an execution is allowed, its window
+//! up to the kernel's writers check is held (`window.rs`) and a program's
+//! interpreter is expected next (`loader.rs`).
+
+use nix::sys::fanotify::{FanotifyEvent, FanotifyResponse, Response};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Arc;
+
+use super::super::digest::{fd_path, FileKey};
+use super::super::engine::Pending;
+use super::super::keeper;
+use super::{window, Group};
+
+/// An event waiting for its answer.
+pub(super) struct FanPending {
+    pub(super) group: Arc<Group>,
+    pub(super) event: FanotifyEvent,
+    pub(super) fd: i32,
+    /// Set as the allowed exec of this (pid, file) when answered "allow".
+    pub(super) exec_of: Option<(i32, FileKey)>,
+    /// The keeper's key for a copy of this event, while it is hashed.
+    pub(super) kept: Option<String>,
+    /// The kernel loads this file as a program's interpreter.
+    pub(super) interpreter: bool,
+}
+
+impl Pending for FanPending {
+    fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the event owns the fd and lives as long as self.
+        unsafe { BorrowedFd::borrow_raw(self.fd) }
+    }
+
+    fn loads(&self) -> bool {
+        self.interpreter
+    }
+
+    fn answer(self: Box<Self>, allow: bool) {
+        let refused = allow
+            .then(|| {
+                self.group
+                    .executing(self.exec_of, self.fd(), self.interpreter)
+            })
+            .flatten();
+        let FanPending {
+            group,
+            event,
+            exec_of,
+            kept,
+            ..
+        } = *self;
+        if let (true, None, Some(x)) = (allow, refused, exec_of) {
+            if let Ok(mut last) = group.last_exec.lock() {
+                *last = Some(x);
+            }
+        }
+        match (event.fd(), refused) {
+            (Some(fd), Some(errno)) => refuse(&group, fd.as_raw_fd(), errno),
+            _ => answer(&group, &event, allow),
+        }
+        if let (Some(key), Some(k)) = (kept, &group.keeper) {
+            if let Err(e) = k.drop_key(&key) {
+                // Our fd number must not be reused while the keeper still
+                // has it under this key: a next imacri would answer a later
+                // event by it with this file's verdict. Kept open for good.
+                tracing::warn!(container_id = %group.target.measured.container, error = %e, "fd keeper: an answered event not dropped; its fd stays open");
+                std::mem::forget(event);
+            }
+        }
+    }
+
+    /// Hashing takes a while: a copy goes to the keeper first, so that if
+    /// imacri dies meanwhile the next one measures the access instead of
+    /// refusing it (only the number we got can answer it).
+    fn queued(&mut self) {
+        let Some(k) = &self.group.keeper else { return };
+        let key = keeper::event_key(
+            &self.group.target.measured.container,
+            self.fd,
+            self.exec_of.is_some(),
+            self.event.pid(),
+        );
+        match k.put(&key, self.fd()) {
+            Ok(()) => self.kept = Some(key),
+            Err(e) => {
+                tracing::debug!(container_id = %self.group.target.measured.container, error = %e, "fd keeper: event not kept; a crash now refuses it")
+            }
+        }
+    }
+}
+
+impl Group {
+    /// An allowed access, before its answer: for an execution (`exec_of`)
+    /// of the file open as `fd`, the window up to the kernel's writers
+    /// check is held, and a program's interpreter is expected next.
+    /// Some(errno) when the execution must be refused after all: ETXTBSY
+    /// for a file open for writing (as the kernel refuses it), EPERM when
+    /// no lease can be held. An `interpreter` needs no window: it is
+    /// watched for writers from before the answer on (`loader.rs`).
+    fn executing(
+        &self,
+        exec_of: Option<(i32, FileKey)>,
+        fd: BorrowedFd<'_>,
+        interpreter: bool,
+    ) -> Option<i32> {
+        let (tid, _) = exec_of?;
+        if interpreter {
+            return None;
+        }
+        match self.open_window(tid, fd) {
+            Ok(()) => {}
+            Err(window::Refusal::Writers) => return Some(libc::ETXTBSY),
+            Err(window::Refusal::Unheld(why)) => {
+                tracing::warn!(container_id = %self.target.measured.container, path = %fd_path(fd), reason = %why, "an execution refused: its file cannot be held until the kernel's writers check");
+                return Some(libc::EPERM);
+            }
+        }
+        // The interpreter's event follows the answer.
+        self.loading.executed(tid, fd);
+        None
+    }
+}
+
+/// An event a previous imacri read and handed to the keeper: answered by
+/// the number its reader got.
+pub(super) struct KeptPending {
+    pub(super) group: Arc<Group>,
+    pub(super) event: keeper::KeptEvent,
+    pub(super) exec_of: Option<(i32, FileKey)>,
+}
+
+impl Pending for KeptPending {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.event.file.as_fd()
+    }
+
+    fn answer(self: Box<Self>, allow: bool) {
+        let refused = allow
+            .then(|| {
+                self.group
+                    .executing(self.exec_of, self.event.file.as_fd(), false)
+            })
+            .flatten();
+        if let (true, None, Some(x)) = (allow, refused, self.exec_of) {
+            if let Ok(mut last) = self.group.last_exec.lock() {
+                *last = Some(x);
+            }
+        }
+        match refused {
+            Some(errno) => refuse(&self.group, self.event.number, errno),
+            None => {
+                keeper::respond(self.group.fan.as_fd(), self.event.number, allow);
+            }
+        }
+        if let Some(k) = &self.group.keeper {
+            let key = keeper::event_key(
+                &self.group.target.measured.container,
+                self.event.number,
+                self.event.exec,
+                self.event.tid,
+            );
+            let _ = k.drop_key(&key);
+        }
+    }
+}
+
+/// Refuses the event answered by fd `number` with `errno` (ETXTBSY as the
+/// kernel refuses to execute a file open for writing; EPERM where the
+/// kernel takes no errno in an answer).
+fn refuse(group: &Group, number: i32, errno: i32) {
+    if errno == libc::EPERM || !keeper::respond_errno(group.fan.as_fd(), number, errno) {
+        keeper::respond(group.fan.as_fd(), number, false);
+    }
+}
+
+pub(super) fn answer(group: &Group, ev: &FanotifyEvent, allow: bool) {
+    let Some(fd) = ev.fd() else { return };
+    let r = if allow {
+        Response::FAN_ALLOW
+    } else {
+        Response::FAN_DENY
+    };
+    if let Err(e) = group.fan.write_response(FanotifyResponse::new(fd, r)) {
+        tracing::error!(container_id = %group.target.measured.container, error = %e, "answering a fanotify event failed");
+    }
+}

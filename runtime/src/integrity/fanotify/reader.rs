@@ -1,0 +1,169 @@
+//! A container's fanotify reader: reads its group's events and hands each
+//! to the engine (or answers it at once), until its watch is dropped; a
+//! reader that cannot go on fails closed.
+
+use nix::sys::fanotify::{FanotifyEvent, MaskFlags};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use super::super::charge;
+use super::super::digest::FileKey;
+use super::super::engine::Engine;
+use super::super::log::Event;
+use super::pending::{answer, FanPending};
+use super::{opened_by, writes, Group};
+
+pub(super) fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut handled = 0u64;
+    loop {
+        let mut fds = [
+            PollFd::new(group.fan.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+        ];
+        // Executions in their window are looked at now and then, with or
+        // without events.
+        let wait = match group.windows.any() {
+            true => PollTimeout::from(10u8),
+            false => PollTimeout::NONE,
+        };
+        match poll(&mut fds, wait) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return stopped(engine, &group, &stop, format!("fanotify poll failed: {e}")),
+            Ok(0) => {
+                group.settle_windows(None);
+                continue;
+            }
+            Ok(_) => {}
+        }
+        if fds[1].any().unwrap_or(true) {
+            return;
+        }
+        if engine.fail_after.is_some_and(|n| handled >= n) {
+            return stopped(engine, &group, &stop, "injected reader fault (test)".into());
+        }
+        // imacri is stopping: what is not read yet waits in the kernel
+        // (the keeper holds the group) for the next imacri.
+        let Some(_reading) = engine.reading() else {
+            return;
+        };
+        // A flood of accesses costs the pod's CPU, not the node's (moves
+        // once; a check of a pointer after that).
+        charge::enter(group.target.measured.charge.as_ref());
+        let events = match group.fan.read_events() {
+            Ok(ev) => ev,
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return stopped(
+                    engine,
+                    &group,
+                    &stop,
+                    format!("reading fanotify events failed: {e}"),
+                )
+            }
+        };
+        for ev in events {
+            handled += 1;
+            handle(engine, &group, ev);
+        }
+    }
+}
+
+/// A reader that cannot go on fails closed: the gap is logged, the server is
+/// told to kill the container, and the group stays open with nothing
+/// answered, so the container's next execution waits (killably) instead of
+/// running unmeasured, until its watch is dropped.
+fn stopped(engine: &Engine, group: &Group, stop: &OwnedFd, reason: String) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    engine.stopped(&group.target.measured, reason);
+    loop {
+        let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => return,
+        }
+    }
+}
+
+fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
+    // A task's next execution event comes after the kernel's check of its
+    // last one (an ELF interpreter, a script's interpreter).
+    let executing = ev
+        .mask()
+        .contains(MaskFlags::FAN_OPEN_EXEC_PERM)
+        .then(|| ev.pid());
+    group.settle_windows(executing);
+    let Some(fd) = ev.fd() else {
+        tracing::warn!(container_id = %group.target.measured.container, "fanotify queue overflow");
+        return;
+    };
+    if let Some(stall) = &engine.stall {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        if link.is_ok_and(|p| p.to_string_lossy().contains(stall.as_str())) {
+            // Test only: unanswered, its fd (the answer's key) kept open.
+            std::mem::forget(ev);
+            return;
+        }
+    }
+    let mask = ev.mask();
+    if mask.contains(MaskFlags::FAN_OPEN_PERM) && engine.is_own_open(ev.pid()) {
+        // imacri's own open, for a lease (before anything else: the opener
+        // may be what this reader would wait for).
+        return answer(group, &ev, true);
+    }
+    let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) else {
+        return answer(group, &ev, false);
+    };
+    let key = FileKey::of(&st);
+    if mask.intersects(MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE) {
+        // A notification: nothing to answer. A write forgets the old digest.
+        if mask.contains(MaskFlags::FAN_CLOSE_WRITE) {
+            engine.invalidate(key.inode());
+        }
+        return writes::written(engine, group, mask, fd, key.inode());
+    }
+    if mask.contains(MaskFlags::FAN_OPEN_PERM)
+        && writes::write_open(engine, group, fd, key.inode()) == Some(false)
+    {
+        return answer(group, &ev, false);
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return answer(group, &ev, true);
+    }
+    let exec = mask.contains(MaskFlags::FAN_OPEN_EXEC_PERM);
+    let this = (ev.pid(), key);
+    let kind = if exec {
+        Event::Exec
+    } else {
+        let follows_exec = group
+            .last_exec
+            .lock()
+            .map(|mut last| {
+                let same = *last == Some(this);
+                if same {
+                    *last = None;
+                }
+                same
+            })
+            .unwrap_or(false);
+        match &group.target.triggers.read {
+            _ if follows_exec => return answer(group, &ev, true),
+            Some(Some(openers)) if !opened_by(ev.pid(), openers) => {
+                return answer(group, &ev, true)
+            }
+            Some(_) => Event::Read,
+            None => return answer(group, &ev, true),
+        }
+    };
+    let raw = fd.as_raw_fd();
+    let interpreter = exec && group.loading.is_interpreter(ev.pid());
+    let pending = Box::new(FanPending {
+        group: group.clone(),
+        event: ev,
+        fd: raw,
+        exec_of: exec.then_some(this),
+        kept: None,
+        interpreter,
+    });
+    engine.submit(group.target.measured.clone(), pending, key, kind);
+}
