@@ -396,6 +396,17 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             format!("{r}; opens for writing of mapped files are still decided first"),
         ),
     }
+    match imacri_runtime::integrity::fanotify::deny_errno_probe() {
+        Ok(()) => line(
+            "ima-exec-window",
+            true,
+            "an execution of a rootfs (overlay) file is answered with a read lease held until \
+             the kernel's writers check; a file open for writing is refused with ETXTBSY; a \
+             program's ELF interpreter is watched for writers as a mapping"
+                .into(),
+        ),
+        Err(r) => line("ima-exec-window", false, r),
+    }
     let fan = fan.and_then(|()| landlock.map(|_| ()));
     match imacri_runtime::integrity::guard::probe() {
         Ok(()) => line(

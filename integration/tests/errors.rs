@@ -542,6 +542,7 @@ fn check_reports_each_capability() {
         "ima-namespaces ",
         "ima-guards ",
         "ima-map-guard ",
+        "ima-exec-window ",
         "ima-restarts ",
         "idmapped-rootfs ",
         "criu ",
@@ -557,7 +558,13 @@ fn check_reports_each_capability() {
             "no {name:?} line in\n{text}"
         );
     }
-    for ok in ["cni ", "ima-guards ", "ima-map-guard ", "idmapped-rootfs "] {
+    for ok in [
+        "cni ",
+        "ima-guards ",
+        "ima-map-guard ",
+        "ima-exec-window ",
+        "idmapped-rootfs ",
+    ] {
         assert!(
             text.lines()
                 .any(|l| l.starts_with(ok) && l.contains(" ok ")),

@@ -48,6 +48,7 @@ use super::log::Event;
 use crate::integrity::policy::Rule;
 pub use held::needs_holding;
 pub use leases::probe as lease_probe;
+pub use pending::deny_errno_probe;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FanotifyError {

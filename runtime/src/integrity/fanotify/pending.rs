@@ -169,7 +169,7 @@ impl Pending for KeptPending {
 /// kernel refuses to execute a file open for writing; EPERM where the
 /// kernel takes no errno in an answer).
 fn refuse(group: &Group, number: i32, errno: i32) {
-    if errno == libc::EPERM || !keeper::respond_errno(group.fan.as_fd(), number, errno) {
+    if errno == libc::EPERM || keeper::respond_errno(group.fan.as_fd(), number, errno).is_err() {
         keeper::respond(group.fan.as_fd(), number, false);
     }
 }
@@ -183,5 +183,55 @@ pub(super) fn answer(group: &Group, ev: &FanotifyEvent, allow: bool) {
     };
     if let Err(e) = group.fan.write_response(FanotifyResponse::new(fd, r)) {
         tracing::error!(container_id = %group.target.measured.container, error = %e, "answering a fanotify event failed");
+    }
+}
+
+/// Whether this kernel takes an errno in a fanotify answer (FAN_DENY_ERRNO,
+/// Linux 6.13), so that an execution of a file open for writing is refused
+/// with ETXTBSY as the kernel refuses it (else EPERM): a thread opens a file
+/// of our own that a group of ours watches, and the answer asks for ETXTBSY.
+pub fn deny_errno_probe() -> Result<(), String> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let path = dir.path().join("probe");
+    std::fs::write(&path, b"").map_err(|e| e.to_string())?;
+    let fan = Fanotify::init(
+        InitFlags::FAN_CLASS_PRE_CONTENT | InitFlags::FAN_CLOEXEC,
+        EventFFlags::O_RDONLY,
+    )
+    .map_err(|e| format!("fanotify_init: {e}"))?;
+    fan.mark(
+        MarkFlags::FAN_MARK_ADD,
+        MaskFlags::FAN_OPEN_PERM,
+        None,
+        Some(&path),
+    )
+    .map_err(|e| format!("fanotify_mark: {e}"))?;
+    let opened = path.clone();
+    let opener = std::thread::spawn(move || std::fs::File::open(opened).map(drop));
+    let mut fds = [PollFd::new(fan.as_fd(), PollFlags::POLLIN)];
+    if poll(&mut fds, PollTimeout::from(2000u16)).unwrap_or(0) == 0 {
+        return Err("no fanotify event for the probe's open".into());
+    }
+    let events = fan.read_events().map_err(|e| e.to_string())?;
+    let mut taken = false;
+    for ev in &events {
+        if let Some(fd) = ev.fd() {
+            taken |= keeper::respond_errno(fan.as_fd(), fd.as_raw_fd(), libc::ETXTBSY).is_ok();
+            if !taken {
+                keeper::respond(fan.as_fd(), fd.as_raw_fd(), false);
+            }
+        }
+    }
+    let got = opener
+        .join()
+        .map_err(|_| "the probe's opener panicked".to_string())?;
+    match got {
+        Err(e) if taken && e.raw_os_error() == Some(libc::ETXTBSY) => Ok(()),
+        other => Err(format!(
+            "the kernel takes no errno in fanotify answers (the probe's open: {other:?}): \
+             executions of files open for writing are refused with EPERM, not ETXTBSY"
+        )),
     }
 }

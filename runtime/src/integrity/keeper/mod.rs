@@ -57,14 +57,14 @@ pub fn respond(group: BorrowedFd<'_>, number: i32, allow: bool) -> bool {
     } else {
         libc::FAN_DENY
     };
-    respond_with(group, number, response)
+    respond_with(group, number, response).is_ok()
 }
 
 /// Denies the event a reader got as fd `number` with `errno` for its task
 /// (FAN_DENY_ERRNO: Linux 6.13, a group of class FAN_CLASS_PRE_CONTENT,
-/// and an errno open(2) could give); false when the kernel takes no such
-/// answer (then none was given).
-pub fn respond_errno(group: BorrowedFd<'_>, number: i32, errno: i32) -> bool {
+/// and an errno open(2) could give); Err when the kernel takes no such
+/// answer (EINVAL: then none was given) or no event waits (ENOENT).
+pub fn respond_errno(group: BorrowedFd<'_>, number: i32, errno: i32) -> nix::Result<()> {
     const FAN_ERRNO_SHIFT: u32 = 24;
     respond_with(
         group,
@@ -73,7 +73,7 @@ pub fn respond_errno(group: BorrowedFd<'_>, number: i32, errno: i32) -> bool {
     )
 }
 
-fn respond_with(group: BorrowedFd<'_>, number: i32, response: u32) -> bool {
+fn respond_with(group: BorrowedFd<'_>, number: i32, response: u32) -> nix::Result<()> {
     let r = libc::fanotify_response {
         fd: number,
         response,
@@ -86,7 +86,7 @@ fn respond_with(group: BorrowedFd<'_>, number: i32, response: u32) -> bool {
         )
     };
     // ENOENT: no event waits under that number.
-    nix::unistd::write(group, bytes).is_ok()
+    nix::unistd::write(group, bytes).map(drop)
 }
 
 /// Answers "deny" for every event of a fanotify group that a reader took
