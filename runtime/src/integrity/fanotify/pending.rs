@@ -104,11 +104,11 @@ impl Group {
         fd: BorrowedFd<'_>,
         interpreter: bool,
     ) -> Option<i32> {
-        let (tid, _) = exec_of?;
+        let (tid, key) = exec_of?;
         if interpreter {
             return None;
         }
-        match self.open_window(tid, fd) {
+        match self.open_window(tid, key.inode(), fd) {
             Ok(()) => {}
             Err(window::Refusal::Writers) => return Some(libc::ETXTBSY),
             Err(window::Refusal::Unheld(why)) => {

@@ -71,6 +71,8 @@ struct Inner {
     open: Vec<(i32, (u64, u64))>,
     /// When they were last looked at in `/proc`.
     looked: Option<Instant>,
+    /// Device → whether it is an overlay filesystem.
+    overlay: HashMap<u64, bool>,
 }
 
 #[derive(Debug)]
@@ -103,23 +105,32 @@ impl Inner {
 }
 
 impl Group {
-    /// Before task `tid`'s execution of the file open as `fd` (the event's
-    /// file) is allowed: Err(why) when it must be refused.
-    pub(super) fn open_window(&self, tid: i32, fd: BorrowedFd<'_>) -> Result<(), Refusal> {
+    /// Before task `tid`'s execution of `inode`, the file open as `fd` (the
+    /// event's file), is allowed: Err(why) when it must be refused.
+    pub(super) fn open_window(
+        &self,
+        tid: i32,
+        inode: (u64, u64),
+        fd: BorrowedFd<'_>,
+    ) -> Result<(), Refusal> {
         use Refusal::Unheld;
-        if !crate::integrity::overlay::on_overlayfs(fd).unwrap_or(false) {
-            // Elsewhere a mapping holds the file itself: the kernel's
-            // check sees every writer.
-            return Ok(());
-        }
-        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| Unheld(e.to_string()))?;
-        let inode = FileKey::of(&st).inode();
         {
             let mut inner = self
                 .windows
                 .inner
                 .lock()
                 .map_err(|e| Unheld(e.to_string()))?;
+            // Whether a filesystem is overlayfs is asked once (a device
+            // number names one filesystem while the container runs).
+            let overlay = *inner
+                .overlay
+                .entry(inode.0)
+                .or_insert_with(|| crate::integrity::overlay::on_overlayfs(fd).unwrap_or(false));
+            if !overlay {
+                // Elsewhere a mapping holds the file itself: the kernel's
+                // check sees every writer.
+                return Ok(());
+            }
             // Held (unbroken: no writer opened it since), or broken with a
             // writer waiting that already counts for the kernel's check
             // (and the thread letting it go waits for this one too).
