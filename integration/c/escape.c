@@ -350,6 +350,28 @@ int main(int argc, char **argv) {
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_SHARED, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
     }
+    if (!strcmp(m, "memfd-sealed")) {
+        /* Sealed against writes (F_SEAL_WRITE): what is mapped stays. */
+        int fd = memfd_create("sealed", MFD_ALLOW_SEALING);
+        if (fd < 0 || write(fd, code, sizeof code) != sizeof code || ftruncate(fd, 4096)
+            || fcntl(fd, F_ADD_SEALS, F_SEAL_WRITE|F_SEAL_SHRINK|F_SEAL_GROW)) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_SHARED, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "memfd-future")) {
+        /* Sealed against future writes only (F_SEAL_FUTURE_WRITE), which
+           the kernel lets a shared writable mapping made before outlive:
+           `mov eax, 7; ret` is mapped executable, then 42 written. */
+        static const unsigned char seven[] = {0xb8, 7, 0, 0, 0, 0xc3};
+        int fd = memfd_create("future", MFD_ALLOW_SEALING);
+        if (fd < 0 || write(fd, seven, sizeof seven) != sizeof seven || ftruncate(fd, 4096)) return fail(m);
+        unsigned char *w = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_SHARED, fd, 0);
+        if (w == MAP_FAILED || fcntl(fd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE|F_SEAL_SHRINK|F_SEAL_GROW)) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        memcpy(w, code, sizeof code);
+        return ran(m, p);
+    }
     if (!strcmp(m, "memfd-mprotect")) {
         int fd = memfd(); if (fd < 0) return fail(m);
         void *p = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);

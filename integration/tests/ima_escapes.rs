@@ -18,8 +18,10 @@ use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
 use imacri_integration::escapes::*;
 use imacri_integration::{container_config, cri, pod_config, Env};
 
-const MAPPINGS: [&str; 9] = [
+const MAPPINGS: [&str; 11] = [
     "memfd-mmap",
+    "memfd-sealed",
+    "memfd-future",
     "memfd-mprotect",
     "worker-mprotect",
     "shm-mprotect",
@@ -99,6 +101,8 @@ async fn executable_mappings_are_measured_or_refused() {
     for c in [&a, &b] {
         for m in [
             "memfd-mmap",
+            "memfd-sealed",
+            "memfd-future",
             "memfd-mprotect",
             "shm-mprotect",
             "file-mmap",
@@ -146,6 +150,15 @@ async fn executable_mappings_are_measured_or_refused() {
             logged(&mine, "memfd:payload", Some(&page), "writers"),
             "{mine:#?}"
         );
+        // Unless it is sealed against writes: then it is what was measured.
+        assert!(
+            logged(&mine, "memfd:sealed", Some(&page), "mmap"),
+            "{mine:#?}"
+        );
+        assert!(!logged(&mine, "memfd:sealed", None, "writers"), "{mine:#?}");
+        // Sealed against future writes only, it was changed through a
+        // mapping made before the seal after it was measured: a violation.
+        assert!(logged(&mine, "memfd:future", None, "writers"), "{mine:#?}");
         assert!(logged(&mine, "/SYSV", Some(&page), "mmap"), "{mine:#?}");
         assert!(
             logged(&mine, "/tmp/code.bin", Some(&code_file), "mmap"),
@@ -223,10 +236,11 @@ async fn executable_mappings_are_measured_or_refused() {
     let lines = log_lines(&d, &pod);
     // Memory-backed files can change under the mapping: refused as
     // `writers` before any policy check. The rest: not in the policy.
-    for path in ["memfd:payload", "/SYSV"] {
+    for path in ["memfd:payload", "memfd:future", "/SYSV"] {
         assert!(logged(&lines, path, None, "writers"), "{path}: {lines:#?}");
     }
     for path in [
+        "memfd:sealed",
         "/tmp/code.bin",
         "/tmp/worker.bin",
         "/tmp/wprot.bin",

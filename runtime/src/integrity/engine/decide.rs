@@ -289,9 +289,15 @@ pub fn open_for_writing(fd: BorrowedFd<'_>) -> bool {
     let raw = fd.as_raw_fd();
     let nameless = nix::sys::stat::fstat(raw).map_or(true, |st| st.st_nlink == 0);
     if nameless {
+        // Only F_SEAL_WRITE makes a memfd stable: the kernel refuses it
+        // while any shared writable mapping exists. F_SEAL_FUTURE_WRITE
+        // refuses only new writes and new writable mappings; one made
+        // before the seal keeps writing the pages a mapping of ours would
+        // run (until 2026-12-04 it counted as sealed: `ima_escapes.rs`
+        // `memfd-future`).
         // SAFETY: fcntl on a valid fd with integer arguments.
         let seals = unsafe { libc::fcntl(raw, libc::F_GET_SEALS) };
-        let sealed = seals >= 0 && seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0;
+        let sealed = seals >= 0 && seals & libc::F_SEAL_WRITE != 0;
         if !sealed {
             return true;
         }
@@ -389,7 +395,12 @@ mod tests {
             OwnedFd::from_raw_fd(fd)
         };
         assert!(open_for_writing(m.as_fd()));
-        unsafe { libc::fcntl(m.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_WRITE) };
+        // Sealed against future writes only, it is still written through a
+        // shared writable mapping made before the seal.
+        let seal = |t: libc::c_int| unsafe { libc::fcntl(m.as_raw_fd(), libc::F_ADD_SEALS, t) };
+        assert_eq!(seal(libc::F_SEAL_FUTURE_WRITE), 0);
+        assert!(open_for_writing(m.as_fd()));
+        assert_eq!(seal(libc::F_SEAL_WRITE), 0);
         assert!(!open_for_writing(m.as_fd()));
     }
 
