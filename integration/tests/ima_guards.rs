@@ -513,3 +513,174 @@ fn rand_u32() -> u32 {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0)
 }
+
+/// Mounts made by this test on the host, taken down (deepest first) when
+/// it ends, also when it fails.
+struct HostMounts(Vec<std::path::PathBuf>);
+
+impl HostMounts {
+    fn mount(&mut self, args: &[&str], at: &std::path::Path) {
+        let ok = std::process::Command::new("mount")
+            .args(args)
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mount {args:?} {}", at.display());
+        self.0.push(at.to_path_buf());
+    }
+}
+
+impl Drop for HostMounts {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = std::process::Command::new("umount")
+                .arg("-R")
+                .arg(p)
+                .status();
+        }
+    }
+}
+
+/// A volume brings the mounts beneath its host path along (a bind is
+/// recursive), each with its own flags: a hostPath of a directory holding a
+/// tmpfs (`/run`, `/dev`, kubelet's pods) held an executable filesystem no
+/// mark of the pod watches, beneath the container's root where its
+/// Landlock rule allows executions; and a volume with HostToContainer
+/// propagation takes the host's later mounts, executable, too. Until
+/// 2026-12-04 a program on either ran unmeasured in measure and enforce
+/// mode. Now every mount of a volume's tree is noexec (a tmpfs volume with
+/// a mount beneath it is not measured, all of it noexec), and propagation
+/// from the host is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn mounts_beneath_a_volume_do_not_run() {
+    use imacri_integration::escapes::{ima as ima_policy, node, stop_pod};
+    let env = Env::get();
+    let (d, image, work) = node(env, "[ima.policies.vols]\nvolumes = \"measure\"").await;
+    let mut rt = d.runtime().await.unwrap();
+    let mut mounts = HostMounts(Vec::new());
+    // dir/sub: a tmpfs beneath a plain directory; mem: a tmpfs of its own
+    // (a measurable volume) with another beneath it; later: a shared mount
+    // the host mounts beneath after the container started.
+    let (dir, mem, later) = (
+        work.path().join("dir"),
+        work.path().join("mem"),
+        work.path().join("later"),
+    );
+    for p in [&dir.join("sub"), &mem, &later] {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    mounts.mount(&["-t", "tmpfs", "sub"], &dir.join("sub"));
+    mounts.mount(&["-t", "tmpfs", "mem"], &mem);
+    std::fs::create_dir_all(mem.join("sub")).unwrap();
+    mounts.mount(&["-t", "tmpfs", "memsub"], &mem.join("sub"));
+    mounts.mount(&["--bind", later.to_str().unwrap()], &later);
+    mounts.mount(&["--make-rshared"], &later);
+    for p in [dir.join("sub/busybox"), mem.join("sub/busybox")] {
+        std::fs::copy("/bin/busybox", p).unwrap();
+    }
+    let vol = |dest: &str, host: &std::path::Path, p: cri::MountPropagation| cri::Mount {
+        container_path: dest.into(),
+        host_path: host.to_string_lossy().into(),
+        propagation: p as i32,
+        ..Default::default()
+    };
+    let private = cri::MountPropagation::PropagationPrivate;
+    let h2c = cri::MountPropagation::PropagationHostToContainer;
+    let with = |n: &str, ms: Vec<cri::Mount>| {
+        let mut c = container_config(n, &image, &["sleep", "1000"]);
+        c.mounts = ms;
+        c
+    };
+    let run = "/d/sub/busybox true; echo rc=$?; /m/sub/busybox true; echo rc=$?";
+    let later_mount = |mounts: &mut HostMounts, n: &str| {
+        let at = later.join(n);
+        std::fs::create_dir_all(&at).unwrap();
+        mounts.mount(&["-t", "tmpfs", n], &at);
+        std::fs::copy("/bin/busybox", at.join("busybox")).unwrap();
+    };
+
+    // The control: a plain pod runs all three.
+    let plain = pod_config("beneath-plain");
+    let pod = run_pod(&mut rt, &plain).await.unwrap();
+    let c = start_container(
+        &mut rt,
+        &pod,
+        &plain,
+        with(
+            "c",
+            vec![
+                vol("/d", &dir, private),
+                vol("/m", &mem, private),
+                vol("/l", &later, h2c),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(sh_ok(&mut rt, &c, run).await, "rc=0\nrc=0");
+    later_mount(&mut mounts, "plain");
+    assert_eq!(
+        sh_ok(&mut rt, &c, "/l/plain/busybox true; echo rc=$?").await,
+        "rc=0"
+    );
+    stop_pod(&mut rt, &pod).await;
+
+    for policy in ["measure", "strict", "vols"] {
+        let cfg = ima_policy(&format!("beneath-{policy}"), policy);
+        let pod = run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        let c = start_container(
+            &mut rt,
+            &pod,
+            &cfg,
+            with(
+                "c",
+                vec![vol("/d", &dir, private), vol("/m", &mem, private)],
+            ),
+        )
+        .await;
+        let (_, out, err) = exec_sh(&mut rt, &c, run).await;
+        assert_eq!(out.trim_end(), "rc=126\nrc=126", "{policy}: {out}{err}");
+        assert_eq!(
+            err.matches("Permission denied").count(),
+            2,
+            "{policy}: {err}"
+        );
+        // Nothing of the host's mounts later comes in.
+        let e = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(with("l", vec![vol("/l", &later, h2c)])),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await
+            .expect_err("HostToContainer in an ima pod");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(
+            e.message()
+                .contains("mounts[0].propagation=PROPAGATION_HOST_TO_CONTAINER"),
+            "{e}"
+        );
+        stop_pod(&mut rt, &pod).await;
+    }
+    // Measured tmpfs volumes without a mount beneath them still run.
+    let own = work.path().join("own");
+    std::fs::create_dir_all(&own).unwrap();
+    mounts.mount(&["-t", "tmpfs", "own"], &own);
+    std::fs::copy("/bin/busybox", own.join("busybox")).unwrap();
+    let cfg = ima_policy("beneath-own", "vols");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let c = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        with("c", vec![vol("/o", &own, private)]),
+    )
+    .await;
+    assert_eq!(
+        sh_ok(&mut rt, &c, "/o/busybox true; echo rc=$?").await,
+        "rc=0"
+    );
+    stop_pod(&mut rt, &pod).await;
+    drop(mounts);
+}

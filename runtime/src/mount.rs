@@ -1,8 +1,11 @@
 //! Mounting containerd snapshot mounts on the host (to read a container's
-//! /etc/passwd before it runs) and tmpfs for pod shm.
+//! /etc/passwd before it runs), tmpfs for pod shm, and reading this
+//! process's mountinfo.
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use std::path::Path;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
@@ -128,6 +131,45 @@ pub fn mount_shm(target: &Path, size_bytes: u64) -> Result<()> {
     .map_err(|e| Error::io("mounting shm at", target, e.into()))
 }
 
+/// Whether anything is mounted strictly beneath `path` (after resolving
+/// it) in this process's mount namespace. Unreadable: yes (the caller then
+/// takes the stricter way).
+pub fn mounts_beneath(path: &Path) -> bool {
+    let (Ok(p), Ok(info)) = (
+        std::fs::canonicalize(path),
+        std::fs::read_to_string("/proc/self/mountinfo"),
+    ) else {
+        return true;
+    };
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .any(|m| m != p && m.starts_with(&p))
+}
+
+/// A mountinfo field with its octal escapes (`\040`) undone.
+pub(crate) fn unescape(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let oct = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], oct) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(OsStr::from_bytes(&out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +184,21 @@ mod tests {
         ]);
         assert!(f.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID));
         assert_eq!(d, "lowerdir=/a:/b,index=off");
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape("/a\\040b\\134c"), PathBuf::from("/a b\\c"));
+        assert_eq!(unescape("/plain\\x"), PathBuf::from("/plain\\x"));
+    }
+
+    #[test]
+    fn mounts_beneath_a_path_are_found() {
+        // /proc and /sys are mounted beneath /; a fresh directory has none.
+        assert!(mounts_beneath(Path::new("/")));
+        let d = tempfile::tempdir().unwrap();
+        assert!(!mounts_beneath(d.path()));
+        // Unresolvable: the stricter answer.
+        assert!(mounts_beneath(&d.path().join("missing")));
     }
 }

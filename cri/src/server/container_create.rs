@@ -524,6 +524,31 @@ impl CriServer {
                 }
             }
         }
+        if super::integrity::is_fanotify(sb) {
+            // A volume that takes the host's later mounts (rslave/rshared)
+            // brings filesystems no mark of the pod covers, executable,
+            // beneath the container's root (where the init's Landlock rule
+            // lets executions be): `noexec` and the marks are set once, at
+            // creation.
+            let private = cri::MountPropagation::PropagationPrivate as i32;
+            if let Some((i, m)) = config
+                .mounts
+                .iter()
+                .enumerate()
+                .find(|(_, m)| m.propagation != private)
+            {
+                let name = cri::MountPropagation::try_from(m.propagation).map_or_else(
+                    |_| m.propagation.to_string(),
+                    |p| p.as_str_name().to_string(),
+                );
+                return Err(Error::InvalidArgument(format!(
+                    "mounts[{i}].propagation={name} ({}) is not allowed in an ima pod measured by the \
+                     fanotify backend: filesystems the host mounts beneath the volume later would run \
+                     unmeasured; use PROPAGATION_PRIVATE",
+                    m.container_path
+                )));
+            }
+        }
         let node = cri::NamespaceMode::Node as i32;
         if let Some(n) = nso {
             for (field, mode) in [("network", n.network), ("pid", n.pid), ("ipc", n.ipc)] {

@@ -15,9 +15,7 @@
 //! between the check and the kernel's own (an outside process racing the
 //! execution) is kept out by the lease `fanotify/window.rs` holds then.
 
-use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -111,33 +109,10 @@ fn upper_of(dev: u64) -> Result<PathBuf, String> {
         return opts
             .split(',')
             .find_map(|o| o.strip_prefix("upperdir="))
-            .map(unescape)
+            .map(crate::mount::unescape)
             .ok_or_else(|| format!("the overlay {want} has no upper layer"));
     }
     Err(format!("no overlay {want} is mounted here"))
-}
-
-/// A mountinfo field with its octal escapes (`\040`) undone.
-fn unescape(s: &str) -> PathBuf {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let oct = b
-            .get(i + 1..i + 4)
-            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match (b[i], oct) {
-            (b'\\', Some(d)) => {
-                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(OsStr::from_bytes(&out))
 }
 
 /// `rel` opened read-only beneath `dir`, following no symlink and leaving
@@ -206,12 +181,6 @@ fn first_page(fd: BorrowedFd<'_>) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape("/a\\040b\\134c"), PathBuf::from("/a b\\c"));
-        assert_eq!(unescape("/plain\\x"), PathBuf::from("/plain\\x"));
-    }
 
     /// One file's first page is one frame; another file's is another.
     #[test]

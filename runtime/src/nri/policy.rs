@@ -234,6 +234,16 @@ pub fn screen(a: &mut api::ContainerAdjustment, ctx: &Ctx<'_>) -> Result<Vec<Ref
             if !has_opt(&m, "noexec") {
                 ctx.ima(&field, "an executable mount (no noexec)")?;
             }
+            // The host's later mounts beneath it would come executable.
+            if ["slave", "rslave", "shared", "rshared"]
+                .iter()
+                .any(|o| has_opt(&m, o))
+            {
+                ctx.ima(
+                    &field,
+                    "a mount that takes the host's later mounts (propagation)",
+                )?;
+            }
             let confines =
                 !is_bind(&m) && has_opt(&m, "ro") && has_opt(&m, "noexec") && has_opt(&m, "nosuid");
             if confines {
@@ -581,6 +591,18 @@ mod tests {
             ..Default::default()
         };
         assert!(screen(&mut a, &ctx).is_err());
+        // noexec, but taking the host's later mounts.
+        let mut a = api::ContainerAdjustment {
+            mounts: vec![api::Mount {
+                destination: "/x".into(),
+                r#type: "bind".into(),
+                source: "/srv".into(),
+                options: vec!["rbind".into(), "noexec".into(), "rslave".into()],
+            }],
+            ..Default::default()
+        };
+        let e = screen(&mut a, &ctx).unwrap_err();
+        assert!(e.rule.contains("later mounts"), "{e:?}");
         let mut a = api::ContainerAdjustment {
             hooks: Some(api::Hooks {
                 start_container: vec![api::Hook {

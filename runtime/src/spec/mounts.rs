@@ -154,11 +154,17 @@ pub fn noexec_outside_rootfs(spec: &mut Spec, measured: &[String]) {
             let mut opts = m.options().clone().unwrap_or_default();
             // runc applies noexec on a bind by remounting it, which in a user
             // namespace must keep the source's locked nosuid/nodev: ask for
-            // them too (a pod under measurement needs neither).
+            // them too (a pod under measurement needs neither). That remount
+            // is the bind's top mount only, and a bind brings the mounts
+            // beneath its source along, each with its own flags: a hostPath
+            // of a directory holding a tmpfs (`/run`, `/dev`, kubelet's pods)
+            // ran that tmpfs's files unmeasured until 2026-12-04. The
+            // recursive attributes (runc >= 1.1, mount_setattr AT_RECURSIVE)
+            // cover every mount of the tree.
             let bind = opts.iter().any(|o| o == "bind" || o == "rbind");
             let mut want = vec!["noexec"];
             if bind {
-                want.extend(["nosuid", "nodev"]);
+                want.extend(["nosuid", "nodev", "rnoexec", "rnosuid", "rnodev"]);
             }
             opts.retain(|o| o != "exec" && o != "suid" && o != "dev");
             for w in want {
@@ -247,6 +253,10 @@ mod tests {
             let o = m.options().clone().unwrap_or_default();
             assert_eq!(o.iter().filter(|x| *x == "noexec").count(), 1, "{m:?}");
             assert!(!o.iter().any(|x| x == "exec"), "{m:?}");
+            // A bind's mounts beneath it too.
+            if o.iter().any(|x| x == "rbind") {
+                assert!(o.iter().any(|x| x == "rnoexec"), "{m:?}");
+            }
         }
     }
 

@@ -445,8 +445,14 @@ fn start(
 
 /// True when `path` is the root of a tmpfs mount: a filesystem of its own
 /// (kubelet's memory-backed emptyDir and projected volumes), which a
-/// `FAN_MARK_FILESYSTEM` can watch without watching the host.
+/// `FAN_MARK_FILESYSTEM` can watch without watching the host, and nothing
+/// is mounted beneath it (a bind brings such mounts along, and the mark
+/// would not cover them: such a volume is made noexec, all of it).
 pub fn own_tmpfs(path: &std::path::Path) -> bool {
+    own_tmpfs_root(path) && !crate::mount::mounts_beneath(path)
+}
+
+fn own_tmpfs_root(path: &std::path::Path) -> bool {
     let Ok(p) = std::fs::canonicalize(path) else {
         return false;
     };
