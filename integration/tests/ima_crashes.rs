@@ -198,8 +198,74 @@ async fn a_mapping_hashed_at_a_crash_is_measured_by_the_next_imacri() {
     let (mut d, image, _work) = node_with(env, "IMACRI_TEST_HASH_DELAY", "/tmp/slowmap.bin").await;
     let (pod, tmp) = mapping_runner(&d, &image, "map-hashed", "/tmp/slowmap.bin").await;
     std::fs::write(tmp.join("go"), "").unwrap();
+    crash_while_hashing(&mut d, "the mapped file").await;
+    let out = next_out(&tmp, "after the restart", &d);
+    assert!(out.contains("RAN file-mmap"), "{out}\n{}", d.log());
+    let lines = log_lines(&d, &pod);
+    assert!(
+        logged(&lines, "/tmp/slowmap.bin", None, "mmap"),
+        "{lines:#?}"
+    );
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// A crash while the kernel's load of a program's ELF interpreter is being
+/// hashed: the event handed to the fd keeper says it is an interpreter's,
+/// so the next imacri watches the loader for writers as the one that read
+/// it would have (`loader.rs`): a rewrite under the program is a `tomtou`.
+/// Until 2026-12-04 the next imacri measured it as a plain execution and
+/// watched nothing: the rewrite went unlogged.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interpreter_hashed_at_a_crash_is_watched_by_the_next_imacri() {
+    use imacri_integration::client::{exec_sh, sh_ok};
+    let env = Env::get();
+    let loader = LOADER.rsplit('/').next().unwrap();
+    let (mut d, image, _work) = node_with(env, "IMACRI_TEST_HASH_DELAY", loader).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("interp-hashed", "measure");
+    let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+    // The container's first dynamic program: its loader is hashed anew
+    // (the exec call returns once it runs, so it is not waited for here).
+    let bg = {
+        let (mut rt, c) = (rt.clone(), c.clone());
+        tokio::spawn(async move { exec_sh(&mut rt, &c, "lazy >/tmp/out 2>&1 </dev/null &").await })
+    };
+    crash_while_hashing(&mut d, "the loader").await;
+    bg.abort();
+    let mut rt = d.runtime().await.unwrap();
+    imacri_integration::poll::eventually("lazy ran", std::time::Duration::from_secs(20), || {
+        let (mut rt, c) = (rt.clone(), c.clone());
+        async move {
+            let (_, out, _) = exec_sh(&mut rt, &c, "cat /tmp/out").await;
+            (out.trim() == "lazy").then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    // Measure mode lets the write through, logged before it lands.
+    sh_ok(
+        &mut rt,
+        &c,
+        &format!("printf X | dd of={LOADER} bs=1 seek=4000 conv=notrunc 2>/dev/null; echo done"),
+    )
+    .await;
+    let mine = entries_of(&log_lines(&d, &pod), &c);
+    assert!(logged(&mine, "/bin/lazy", None, "exec"), "{mine:#?}");
+    assert!(logged(&mine, LOADER, None, "exec"), "{mine:#?}");
+    assert!(
+        logged(&mine, LOADER, None, "tomtou"),
+        "{mine:#?}\n{}",
+        d.log()
+    );
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// Kills imacri once `what`'s hashing (made 2 s longer by the test hook)
+/// has begun, and starts it again without the hook.
+async fn crash_while_hashing(d: &mut imacri_integration::Imacri, what: &str) {
     imacri_integration::poll::eventually(
-        "the mapped file's hash in flight",
+        &format!("{what}'s hash in flight"),
         std::time::Duration::from_secs(20),
         || async {
             d.log()
@@ -212,13 +278,4 @@ async fn a_mapping_hashed_at_a_crash_is_measured_by_the_next_imacri() {
     d.kill();
     d.vars.clear();
     d.spawn().await.unwrap();
-    let out = next_out(&tmp, "after the restart", &d);
-    assert!(out.contains("RAN file-mmap"), "{out}\n{}", d.log());
-    let lines = log_lines(&d, &pod);
-    assert!(
-        logged(&lines, "/tmp/slowmap.bin", None, "mmap"),
-        "{lines:#?}"
-    );
-    let mut rt = d.runtime().await.unwrap();
-    stop_pod(&mut rt, &pod).await;
 }

@@ -562,13 +562,13 @@ impl CriServer {
                             .push((id, fd));
                         continue;
                     }
-                    if let Some((ctr, number, exec, tid)) = keeper::parse_event_key(&key) {
+                    if let Some((ctr, number, access, tid)) = keeper::parse_event_key(&key) {
                         events
                             .entry(ctr.to_string())
                             .or_default()
                             .push(keeper::KeptEvent {
                                 number,
-                                exec,
+                                access,
                                 tid,
                                 file: fd,
                             });

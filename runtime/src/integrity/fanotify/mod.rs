@@ -410,8 +410,9 @@ fn start(
                 continue;
             }
         };
-        let kind = if event.exec { Event::Exec } else { Event::Read };
-        let exec_of = event.exec.then_some((event.tid, key));
+        let exec = event.access.is_exec();
+        let kind = if exec { Event::Exec } else { Event::Read };
+        let exec_of = exec.then_some((event.tid, key));
         tracing::info!(container_id = %container, number = event.number, "measuring an access the last imacri was measuring");
         let pending = Box::new(pending::KeptPending {
             group: group.clone(),

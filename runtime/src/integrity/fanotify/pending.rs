@@ -78,7 +78,7 @@ impl Pending for FanPending {
         let key = keeper::event_key(
             &self.group.target.measured.container,
             self.fd,
-            self.exec_of.is_some(),
+            keeper::Access::of(self.exec_of.is_some(), self.interpreter),
             self.event.pid(),
         );
         match k.put(&key, self.fd()) {
@@ -123,7 +123,8 @@ impl Group {
 }
 
 /// An event a previous imacri read and handed to the keeper: answered by
-/// the number its reader got.
+/// the number its reader got. An interpreter's is watched for writers as
+/// one read now is (its key says so: nothing else here could tell).
 pub(super) struct KeptPending {
     pub(super) group: Arc<Group>,
     pub(super) event: keeper::KeptEvent,
@@ -135,11 +136,15 @@ impl Pending for KeptPending {
         self.event.file.as_fd()
     }
 
+    fn loads(&self) -> bool {
+        self.event.access == keeper::Access::Interpreter
+    }
+
     fn answer(self: Box<Self>, allow: bool) {
         let refused = allow
             .then(|| {
                 self.group
-                    .executing(self.exec_of, self.event.file.as_fd(), false)
+                    .executing(self.exec_of, self.event.file.as_fd(), self.loads())
             })
             .flatten();
         if let (true, None, Some(x)) = (allow, refused, self.exec_of) {
@@ -157,7 +162,7 @@ impl Pending for KeptPending {
             let key = keeper::event_key(
                 &self.group.target.measured.container,
                 self.event.number,
-                self.event.exec,
+                self.event.access,
                 self.event.tid,
             );
             let _ = k.drop_key(&key);

@@ -387,7 +387,8 @@ mod tests {
         let (la, lb) = (lease_key("a", (1, 2)), lease_key("b", (1, 2)));
         k.put(&format!("{FANOTIFY}a"), group.as_fd()).unwrap();
         k.put(&la, leased.as_fd()).unwrap();
-        k.put(&event_key("a", 7, true, 1), other.as_fd()).unwrap();
+        k.put(&event_key("a", 7, Access::Exec, 1), other.as_fd())
+            .unwrap();
         k.put(&format!("{FANOTIFY}b"), other.as_fd()).unwrap();
         k.put(&lb, other.as_fd()).unwrap();
         drop(leased);

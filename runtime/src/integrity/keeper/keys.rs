@@ -18,31 +18,67 @@ pub const FANOTIFY_EVENT: &str = "fev:";
 /// answer (any process may write it to the group).
 pub struct KeptEvent {
     pub number: i32,
-    pub exec: bool,
+    pub access: Access,
     /// The thread that opened the file.
     pub tid: i32,
     pub file: OwnedFd,
 }
 
-/// `fev:<container>:<number>:<exec|read>:<tid>`.
-pub fn event_key(container: &str, number: i32, exec: bool, tid: i32) -> String {
-    let kind = if exec { "exec" } else { "read" };
-    format!("{FANOTIFY_EVENT}{container}:{number}:{kind}:{tid}")
+/// What a kept event was: a read, an execution, or the kernel loading a
+/// program's ELF interpreter (an execution the next imacri must also watch
+/// for writers: it cannot tell which program loads it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Exec,
+    Interpreter,
+}
+
+impl Access {
+    pub fn of(exec: bool, interpreter: bool) -> Self {
+        match (exec, interpreter) {
+            (false, _) => Access::Read,
+            (true, false) => Access::Exec,
+            (true, true) => Access::Interpreter,
+        }
+    }
+
+    pub fn is_exec(self) -> bool {
+        self != Access::Read
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Exec => "exec",
+            Access::Interpreter => "interp",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Access::Read, Access::Exec, Access::Interpreter]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+    }
+}
+
+/// `fev:<container>:<number>:<read|exec|interp>:<tid>`.
+pub fn event_key(container: &str, number: i32, access: Access, tid: i32) -> String {
+    format!(
+        "{FANOTIFY_EVENT}{container}:{number}:{}:{tid}",
+        access.as_str()
+    )
 }
 
 /// The container and the event's number, kind and thread of an
 /// [`event_key`].
-pub fn parse_event_key(key: &str) -> Option<(&str, i32, bool, i32)> {
+pub fn parse_event_key(key: &str) -> Option<(&str, i32, Access, i32)> {
     let rest = key.strip_prefix(FANOTIFY_EVENT)?;
     let mut f = rest.rsplitn(4, ':');
     let tid = f.next()?.parse().ok()?;
-    let exec = match f.next()? {
-        "exec" => true,
-        "read" => false,
-        _ => return None,
-    };
+    let access = Access::parse(f.next()?)?;
     let number = f.next()?.parse().ok()?;
-    Some((f.next()?, number, exec, tid))
+    Some((f.next()?, number, access, tid))
 }
 
 /// Keys of map-guard notifications an imacri was measuring (a copy of the
@@ -193,8 +229,8 @@ mod tests {
         let keys = [
             format!("{FANOTIFY}a"),
             format!("{FANOTIFY}ab"),
-            event_key("a", 7, true, 1),
-            event_key("ab", 7, true, 1),
+            event_key("a", 7, Access::Exec, 1),
+            event_key("ab", 7, Access::Exec, 1),
             lease_key("a", (1, 2)),
             lease_key("ab", (1, 2)),
             held_key("a", (1, 3)),
@@ -226,12 +262,16 @@ mod tests {
     #[test]
     fn event_keys_round_trip() {
         let c = "3b48b7a8b2acc22ad0839b2532189cd0812d8576402178d35211ea12f4b568fc";
-        let k = event_key(c, 37, true, 4242);
+        let k = event_key(c, 37, Access::Exec, 4242);
         assert!(k.starts_with(FANOTIFY_EVENT));
-        assert_eq!(parse_event_key(&k), Some((c, 37, true, 4242)));
+        assert_eq!(parse_event_key(&k), Some((c, 37, Access::Exec, 4242)));
+        for a in [Access::Read, Access::Interpreter] {
+            assert_eq!(parse_event_key(&event_key(c, 5, a, 1)), Some((c, 5, a, 1)));
+        }
+        // Keys of an imacri from before interpreters were kept as such.
         assert_eq!(
-            parse_event_key(&event_key(c, 5, false, 1)),
-            Some((c, 5, false, 1))
+            parse_event_key(&format!("{FANOTIFY_EVENT}{c}:5:exec:1")),
+            Some((c, 5, Access::Exec, 1))
         );
         assert_eq!(parse_event_key(&format!("{FANOTIFY}{c}")), None);
         assert_eq!(parse_event_key("fev:c:x:exec:1"), None);
@@ -243,9 +283,9 @@ mod tests {
         let file = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
         let mut held = BTreeMap::new();
         held.insert(format!("{FANOTIFY}a"), file());
-        held.insert(event_key("a", 7, true, 1), file());
-        held.insert(event_key("a", 9, false, 1), file());
-        held.insert(event_key("b", 7, true, 1), file());
+        held.insert(event_key("a", 7, Access::Exec, 1), file());
+        held.insert(event_key("a", 9, Access::Read, 1), file());
+        held.insert(event_key("b", 7, Access::Exec, 1), file());
         let (la, lb) = (lease_key("a", (2049, 12)), lease_key("b", (2049, 12)));
         held.insert(la.clone(), file());
         held.insert(lb.clone(), file());
