@@ -69,3 +69,22 @@ pub fn security_context(
         ..Default::default()
     })
 }
+
+/// The directory kubelet keeps the pod's emptyDir volume `name` in,
+/// beneath `root` (`<root>/pods/<uid>/volumes/kubernetes.io~empty-dir/<name>`),
+/// created: a memory-backed volume is measured (`volumes = "measure"`) only
+/// there, as the pod's own.
+pub fn kubelet_volume(
+    root: &std::path::Path,
+    cfg: &cri::PodSandboxConfig,
+    name: &str,
+) -> std::path::PathBuf {
+    let uid = cfg.metadata.as_ref().map_or("", |m| m.uid.as_str());
+    let p = root
+        .join("pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~empty-dir")
+        .join(name);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}

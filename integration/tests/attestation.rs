@@ -765,9 +765,11 @@ async fn tmpfs_volumes_are_measured_when_the_policy_says_so() {
         "[ima.policies.default]\n[ima.policies.vols]\nvolumes = \"measure\"\n",
     )
     .unwrap();
-    let tv = work.path().join("tv");
+    // Where kubelet keeps the pod's memory-backed emptyDir: only there is
+    // a tmpfs the pod's own.
+    let cfg = ima_pod("vols", Some("vols"));
+    let tv = imacri_integration::kubelet_volume(work.path(), &cfg, "tv");
     let dv = work.path().join("dv");
-    std::fs::create_dir_all(&tv).unwrap();
     std::fs::create_dir_all(&dv).unwrap();
     nix::mount::mount(
         Some("tmpfs"),
@@ -785,7 +787,6 @@ async fn tmpfs_volumes_are_measured_when_the_policy_says_so() {
         .unwrap();
     d.pull(&env.busybox).await;
     let mut rt = d.runtime().await.unwrap();
-    let cfg = ima_pod("vols", Some("vols"));
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
     let mut cc = sleeper(env);
     for (dest, src) in [("/tv", &tv), ("/dv", &dv)] {

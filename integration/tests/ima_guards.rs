@@ -550,7 +550,8 @@ impl Drop for HostMounts {
 /// 2026-12-04 a program on either ran unmeasured in measure and enforce
 /// mode. Now every mount of a volume's tree is noexec (a tmpfs volume with
 /// a mount beneath it is not measured, all of it noexec), and propagation
-/// from the host is refused.
+/// from the host is refused. Under `volumes = "measure"` only the pod's own
+/// memory-backed volumes (in kubelet's directory of its volumes) run.
 #[tokio::test(flavor = "multi_thread")]
 async fn mounts_beneath_a_volume_do_not_run() {
     use imacri_integration::escapes::{ima as ima_policy, node, stop_pod};
@@ -558,15 +559,17 @@ async fn mounts_beneath_a_volume_do_not_run() {
     let (d, image, work) = node(env, "[ima.policies.vols]\nvolumes = \"measure\"").await;
     let mut rt = d.runtime().await.unwrap();
     let mut mounts = HostMounts(Vec::new());
+    let policies =
+        ["measure", "strict", "vols"].map(|p| (p, ima_policy(&format!("beneath-{p}"), p)));
     // dir/sub: a tmpfs beneath a plain directory; mem: a tmpfs of its own
-    // (a measurable volume) with another beneath it; later: a shared mount
-    // the host mounts beneath after the container started.
+    // (a measurable volume, the `vols` pod's emptyDir) with another beneath
+    // it; later: a shared mount the host mounts beneath after the start.
     let (dir, mem, later) = (
         work.path().join("dir"),
-        work.path().join("mem"),
+        imacri_integration::kubelet_volume(work.path(), &policies[2].1, "mem"),
         work.path().join("later"),
     );
-    for p in [&dir.join("sub"), &mem, &later] {
+    for p in [&dir.join("sub"), &later] {
         std::fs::create_dir_all(p).unwrap();
     }
     mounts.mount(&["-t", "tmpfs", "sub"], &dir.join("sub"));
@@ -624,8 +627,7 @@ async fn mounts_beneath_a_volume_do_not_run() {
     );
     stop_pod(&mut rt, &pod).await;
 
-    for policy in ["measure", "strict", "vols"] {
-        let cfg = ima_policy(&format!("beneath-{policy}"), policy);
+    for (policy, cfg) in policies {
         let pod = run_pod(&mut rt, &cfg)
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
@@ -663,23 +665,38 @@ async fn mounts_beneath_a_volume_do_not_run() {
         );
         stop_pod(&mut rt, &pod).await;
     }
-    // Measured tmpfs volumes without a mount beneath them still run.
-    let own = work.path().join("own");
-    std::fs::create_dir_all(&own).unwrap();
-    mounts.mount(&["-t", "tmpfs", "own"], &own);
-    std::fs::copy("/bin/busybox", own.join("busybox")).unwrap();
+    // The pod's own tmpfs volume without a mount beneath it still runs,
+    // measured; one that is not the pod's (another pod's emptyDir, the
+    // host's /dev/shm: others execute there too) is noexec.
     let cfg = ima_policy("beneath-own", "vols");
+    let own = imacri_integration::kubelet_volume(work.path(), &cfg, "own");
+    let theirs = imacri_integration::kubelet_volume(work.path(), &pod_config("other"), "own");
+    for p in [&own, &theirs] {
+        mounts.mount(&["-t", "tmpfs", "own"], p);
+        std::fs::copy("/bin/busybox", p.join("busybox")).unwrap();
+    }
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
     let c = start_container(
         &mut rt,
         &pod,
         &cfg,
-        with("c", vec![vol("/o", &own, private)]),
+        with(
+            "c",
+            vec![vol("/o", &own, private), vol("/t", &theirs, private)],
+        ),
     )
     .await;
-    assert_eq!(
-        sh_ok(&mut rt, &c, "/o/busybox true; echo rc=$?").await,
-        "rc=0"
+    let (_, out, err) = exec_sh(
+        &mut rt,
+        &c,
+        "/o/busybox true; echo rc=$?; /t/busybox true; echo rc=$?",
+    )
+    .await;
+    assert_eq!(out.trim_end(), "rc=0\nrc=126", "{out}{err}");
+    let log = imacri_integration::escapes::log_lines(&d, &pod);
+    assert!(
+        imacri_integration::escapes::logged(&log, "/o/busybox", None, "exec"),
+        "{log:#?}"
     );
     stop_pod(&mut rt, &pod).await;
     drop(mounts);

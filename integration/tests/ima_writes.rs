@@ -378,8 +378,8 @@ async fn a_stopped_containers_watches_hold_up_no_open() {
     let env = Env::get();
     let (d, image, work) = node(env, "[ima.policies.vols]\nvolumes = \"measure\"").await;
     let mut rt = d.runtime().await.unwrap();
-    let vol = work.path().join("vol");
-    std::fs::create_dir_all(&vol).unwrap();
+    let cfg = ima("gone-watch", "vols");
+    let vol = imacri_integration::kubelet_volume(work.path(), &cfg, "vol");
     nix::mount::mount(
         Some("tmpfs"),
         &vol,
@@ -396,7 +396,6 @@ async fn a_stopped_containers_watches_hold_up_no_open() {
         });
         c
     };
-    let cfg = ima("gone-watch", "vols");
     let pod = run_pod(&mut rt, &cfg)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));

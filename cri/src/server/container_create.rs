@@ -339,7 +339,7 @@ impl CriServer {
             self.nri_adjust(sb, id, config, &mut spec).await?;
             if super::integrity::is_fanotify(&sb_state) {
                 let measured: Vec<String> = self
-                    .measured_volumes(&sb_state, volumes)
+                    .measured_volumes(&sb_state, super::integrity::pod_uid(&sb.config), volumes)
                     .into_iter()
                     .map(|(dest, _)| dest)
                     .collect();

@@ -8,7 +8,9 @@ use imacri_api::cri;
 use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::charge::Charge;
 use imacri_runtime::integrity::engine::{Engine, Measured, Notice};
-use imacri_runtime::integrity::fanotify::{self, own_tmpfs, Target, Triggers, Watch};
+use imacri_runtime::integrity::fanotify::{
+    self, own_tmpfs, pods_own_volume, Target, Triggers, Watch,
+};
 use imacri_runtime::integrity::guard;
 use imacri_runtime::integrity::journal::Journal;
 use imacri_runtime::integrity::keeper;
@@ -163,6 +165,11 @@ fn look_up(p: &oci_spec::runtime::Process, ctr: &str, pid: u32) -> Result<()> {
         })
 }
 
+/// The pod's UID as kubelet gave it (names its volumes' directory).
+pub(crate) fn pod_uid(config: &cri::PodSandboxConfig) -> &str {
+    config.metadata.as_ref().map_or("", |m| m.uid.as_str())
+}
+
 pub(crate) fn is_fanotify(st: &SandboxState) -> bool {
     st.ima
         .as_ref()
@@ -192,10 +199,12 @@ impl CriServer {
     }
 
     /// Volumes of a container the fanotify backend measures (policy
-    /// `volumes = "measure"` and a tmpfs of their own): (destination, host path).
+    /// `volumes = "measure"` and a tmpfs of their own, in kubelet's directory
+    /// of this pod's volumes): (destination, host path).
     pub(crate) fn measured_volumes(
         &self,
         st: &SandboxState,
+        pod_uid: &str,
         config: &cri::ContainerConfig,
     ) -> Vec<(String, std::path::PathBuf)> {
         let measure = st
@@ -209,7 +218,10 @@ impl CriServer {
         config
             .mounts
             .iter()
-            .filter(|m| own_tmpfs(std::path::Path::new(&m.host_path)))
+            .filter(|m| {
+                let p = std::path::Path::new(&m.host_path);
+                own_tmpfs(p) && pods_own_volume(p, pod_uid)
+            })
             .map(|m| (m.container_path.clone(), m.host_path.clone().into()))
             .collect()
     }
@@ -425,7 +437,7 @@ impl CriServer {
             (Vec::new(), self.sandbox_image.clone(), None)
         } else {
             let c = self.container(ctr)?;
-            let volumes = self.measured_volumes(&st, &c.config);
+            let volumes = self.measured_volumes(&st, pod_uid(&sb.config), &c.config);
             let spec = self.spec_of(&c).await?;
             let through_init = spec
                 .process()

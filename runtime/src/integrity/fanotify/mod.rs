@@ -444,6 +444,23 @@ fn start(
     })
 }
 
+/// True when `path` lies in kubelet's directory of the pod with `pod_uid`'s
+/// volumes (`<kubelet root>/pods/<uid>/volumes/...`, or its
+/// `volume-subpaths/...`): a memory-backed volume there is the pod's alone.
+/// A tmpfs elsewhere (the host's `/dev/shm`, another pod's emptyDir) is
+/// used by processes outside the pod, whose executions a mark of the pod's
+/// would measure into its log and put under its policy.
+pub fn pods_own_volume(path: &std::path::Path, pod_uid: &str) -> bool {
+    let Ok(p) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    let parts: Vec<_> = p.components().map(|c| c.as_os_str()).collect();
+    !pod_uid.is_empty()
+        && parts.windows(3).any(|w| {
+            w[0] == "pods" && w[1] == pod_uid && (w[2] == "volumes" || w[2] == "volume-subpaths")
+        })
+}
+
 /// True when `path` is the root of a tmpfs mount: a filesystem of its own
 /// (kubelet's memory-backed emptyDir and projected volumes), which a
 /// `FAN_MARK_FILESYSTEM` can watch without watching the host, and nothing
@@ -503,6 +520,29 @@ mod tests {
         assert!(opened_by(me, &[o(uid + 1, false), o(uid, false)]));
         assert!(opened_by(me, &[o(euid, true)]));
         assert!(!opened_by(me, &[o(uid + 1, false), o(euid + 1, true)]));
+    }
+
+    #[test]
+    fn only_the_pods_own_kubelet_volumes_are_its_own() {
+        let d = tempfile::tempdir().unwrap();
+        let vol = d
+            .path()
+            .join("pods/u-1/volumes/kubernetes.io~empty-dir/cache");
+        let sub = d.path().join("pods/u-1/volume-subpaths/cache/c/0");
+        for p in [&vol, &sub] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        assert!(pods_own_volume(&vol, "u-1"));
+        assert!(pods_own_volume(&sub, "u-1"));
+        assert!(!pods_own_volume(&vol, "u-2"), "another pod's");
+        assert!(!pods_own_volume(&vol, ""));
+        assert!(!pods_own_volume(d.path(), "u-1"));
+        assert!(!pods_own_volume(std::path::Path::new("/dev/shm"), "u-1"));
+        // Resolved first: a symlink into the pod's directory is where it leads.
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(d.path().join("elsewhere"), &link).unwrap();
+        std::fs::create_dir_all(d.path().join("elsewhere")).unwrap();
+        assert!(!pods_own_volume(&link.join("pods/u-1/volumes"), "u-1"));
     }
 
     #[test]
