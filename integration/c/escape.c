@@ -565,11 +565,26 @@ int main(int argc, char **argv) {
            what was written ("RAN loader-rewrite 42"). */
         if (argc < 4) { errno = EINVAL; return fail(m); }
         const char *ld = argv[3];
+        /* With a 5th argument `hide`, the child first executes PATH with
+           its loader renamed away: the kernel opens (and has allowed) the
+           program, then fails on its interpreter (ENOENT); the loader put
+           back, the same task executes PATH again. */
+        int hide = argc > 4 && !strcmp(argv[4], "hide");
         int w = open(ld, O_RDWR);
         if (w < 0) return fail(m);
         close(w);
+        char away[4096];
+        snprintf(away, sizeof away, "%s.away", ld);
         pid_t c = fork();
-        if (c == 0) { execl(path, path, (char *)0); _exit(126); }
+        if (c == 0) {
+            if (hide) {
+                if (rename(ld, away)) _exit(124);
+                int failed = execl(path, path, (char *)0) != 0 && errno == ENOENT;
+                if (rename(away, ld) || !failed) _exit(125);
+            }
+            execl(path, path, (char *)0);
+            _exit(126);
+        }
         usleep(500000);
         w = open(ld, O_RDWR);
         int patched = 0;

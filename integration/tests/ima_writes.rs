@@ -325,10 +325,16 @@ async fn a_loader_rewritten_under_its_program_is_a_violation() {
     let mut rt = d.runtime().await.unwrap();
     let attack = format!("escape loader-rewrite /bin/lazy {LOADER}");
 
+    // The same, the task's first execution of the program having failed on
+    // its interpreter (the loader renamed away and back in between).
+    let hidden = format!("{attack} hide");
+
     let plain = pod_config("loader-plain");
     let (pod, c) = sleeping_pod(&mut rt, &d, &plain, &image).await;
-    let (_, out, err) = exec_sh(&mut rt, &c, &attack).await;
-    assert!(out.contains("RAN loader-rewrite 42"), "control: {out}{err}");
+    for a in [&attack, &hidden] {
+        let (_, out, err) = exec_sh(&mut rt, &c, a).await;
+        assert!(out.contains("RAN loader-rewrite 42"), "control: {out}{err}");
+    }
     stop_pod(&mut rt, &pod).await;
 
     let (pod, a, b) = two_containers(&d, &mut rt, "loader-measure", "measure", &image).await;
@@ -362,6 +368,39 @@ async fn a_loader_rewritten_under_its_program_is_a_violation() {
         assert!(!logged(&mine, LOADER, None, "tomtou"), "{mine:#?}");
     }
     stop_pod(&mut rt, &pod).await;
+
+    // A task whose execution failed on the program's interpreter executes
+    // the program again: that event is the program's, and the loader that
+    // follows is watched all the same. Until 2026-12-04 the program was
+    // taken for the awaited loader and the real loader went unwatched: its
+    // rewrite ran unlogged in measure mode and was let through under
+    // enforce.
+    for (name, policy) in [
+        ("loader-hidden-measure", "measure"),
+        ("loader-hidden-enforce", "strict"),
+    ] {
+        let cfg = ima(name, policy);
+        let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+        let (code, out, err) = exec_sh(&mut rt, &c, &hidden).await;
+        let mine = entries_of(&log_lines(&d, &pod), &c);
+        if policy == "measure" {
+            assert!(out.contains("RAN loader-rewrite 42"), "{out}{err}");
+            assert!(
+                logged(&mine, LOADER, None, "tomtou"),
+                "{mine:#?}\n{}",
+                d.log()
+            );
+        } else {
+            assert_ne!(code, 0, "{out}{err}");
+            assert!(
+                out.contains("loader-rewrite: Operation not permitted"),
+                "{out}{err}\n{}",
+                d.log()
+            );
+            assert!(logged(&mine, LOADER, None, "deny"), "{mine:#?}");
+        }
+        stop_pod(&mut rt, &pod).await;
+    }
 }
 
 /// A container's watches are its fanotify group's, and a mark that asks

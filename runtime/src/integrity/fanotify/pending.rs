@@ -97,7 +97,12 @@ impl Group {
     /// Some(errno) when the execution must be refused after all: ETXTBSY
     /// for a file open for writing (as the kernel refuses it), EPERM when
     /// no lease can be held. An `interpreter` needs no window: it is
-    /// watched for writers from before the answer on (`loader.rs`).
+    /// watched for writers from before the answer on (`loader.rs`). It may
+    /// yet be a program of its own (the task's execution before failed
+    /// before its interpreter was opened): then its interpreter comes next,
+    /// so it is noted all the same (an interpreter names none). Until
+    /// 2026-12-04 it was not, and the loader after such a program went
+    /// unwatched (`ima_writes.rs`, `loader-rewrite ... hide`).
     fn executing(
         &self,
         exec_of: Option<(i32, FileKey)>,
@@ -106,6 +111,7 @@ impl Group {
     ) -> Option<i32> {
         let (tid, key) = exec_of?;
         if interpreter {
+            self.loading.executed(tid, fd);
             return None;
         }
         match self.open_window(tid, key.inode(), fd) {
