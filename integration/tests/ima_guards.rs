@@ -514,6 +514,20 @@ fn rand_u32() -> u32 {
         .unwrap_or(0)
 }
 
+/// A pod of `cfg` running container `c`: (pod, container).
+async fn pod_with(
+    rt: &mut imacri_integration::client::Rt,
+    d: &Imacri,
+    cfg: &cri::PodSandboxConfig,
+    c: cri::ContainerConfig,
+) -> (String, String) {
+    let pod = run_pod(rt, cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let c = start_container(rt, &pod, cfg, c).await;
+    (pod, c)
+}
+
 /// Mounts made by this test on the host, taken down (deepest first) when
 /// it ends, also when it fails.
 struct HostMounts(Vec<std::path::PathBuf>);
@@ -603,22 +617,12 @@ async fn mounts_beneath_a_volume_do_not_run() {
     };
 
     // The control: a plain pod runs all three.
-    let plain = pod_config("beneath-plain");
-    let pod = run_pod(&mut rt, &plain).await.unwrap();
-    let c = start_container(
-        &mut rt,
-        &pod,
-        &plain,
-        with(
-            "c",
-            vec![
-                vol("/d", &dir, private),
-                vol("/m", &mem, private),
-                vol("/l", &later, h2c),
-            ],
-        ),
-    )
-    .await;
+    let ms = vec![
+        vol("/d", &dir, private),
+        vol("/m", &mem, private),
+        vol("/l", &later, h2c),
+    ];
+    let (pod, c) = pod_with(&mut rt, &d, &pod_config("beneath-plain"), with("c", ms)).await;
     assert_eq!(sh_ok(&mut rt, &c, run).await, "rc=0\nrc=0");
     later_mount(&mut mounts, "plain");
     assert_eq!(
@@ -628,19 +632,8 @@ async fn mounts_beneath_a_volume_do_not_run() {
     stop_pod(&mut rt, &pod).await;
 
     for (policy, cfg) in policies {
-        let pod = run_pod(&mut rt, &cfg)
-            .await
-            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-        let c = start_container(
-            &mut rt,
-            &pod,
-            &cfg,
-            with(
-                "c",
-                vec![vol("/d", &dir, private), vol("/m", &mem, private)],
-            ),
-        )
-        .await;
+        let ms = vec![vol("/d", &dir, private), vol("/m", &mem, private)];
+        let (pod, c) = pod_with(&mut rt, &d, &cfg, with("c", ms)).await;
         let (_, out, err) = exec_sh(&mut rt, &c, run).await;
         assert_eq!(out.trim_end(), "rc=126\nrc=126", "{policy}: {out}{err}");
         assert_eq!(
@@ -675,17 +668,8 @@ async fn mounts_beneath_a_volume_do_not_run() {
         mounts.mount(&["-t", "tmpfs", "own"], p);
         std::fs::copy("/bin/busybox", p.join("busybox")).unwrap();
     }
-    let pod = run_pod(&mut rt, &cfg).await.unwrap();
-    let c = start_container(
-        &mut rt,
-        &pod,
-        &cfg,
-        with(
-            "c",
-            vec![vol("/o", &own, private), vol("/t", &theirs, private)],
-        ),
-    )
-    .await;
+    let ms = vec![vol("/o", &own, private), vol("/t", &theirs, private)];
+    let (pod, c) = pod_with(&mut rt, &d, &cfg, with("c", ms)).await;
     let (_, out, err) = exec_sh(
         &mut rt,
         &c,
