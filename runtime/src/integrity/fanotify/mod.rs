@@ -538,11 +538,12 @@ mod tests {
         assert!(!pods_own_volume(&vol, ""));
         assert!(!pods_own_volume(d.path(), "u-1"));
         assert!(!pods_own_volume(std::path::Path::new("/dev/shm"), "u-1"));
-        // Resolved first: a symlink into the pod's directory is where it leads.
-        let link = d.path().join("link");
-        std::os::unix::fs::symlink(d.path().join("elsewhere"), &link).unwrap();
-        std::fs::create_dir_all(d.path().join("elsewhere")).unwrap();
-        assert!(!pods_own_volume(&link.join("pods/u-1/volumes"), "u-1"));
+        // Resolved first: a symlink in the pod's directory is where it leads.
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        let link = d.path().join("pods/u-1/volumes/link");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        assert!(!pods_own_volume(&link, "u-1"));
     }
 
     #[test]
