@@ -666,17 +666,36 @@ async fn mounts_beneath_a_volume_do_not_run() {
     let theirs = imacri_integration::kubelet_volume(work.path(), &pod_config("other"), "own");
     for p in [&own, &theirs] {
         mounts.mount(&["-t", "tmpfs", "own"], p);
+        std::fs::create_dir_all(p.join("sub")).unwrap();
         std::fs::copy("/bin/busybox", p.join("busybox")).unwrap();
+        std::fs::copy("/bin/busybox", p.join("sub/busybox")).unwrap();
     }
-    let ms = vec![vol("/o", &own, private), vol("/t", &theirs, private)];
+    // subPaths as kubelet binds them: of the pod's own volume, and one
+    // claiming that volume's name whose filesystem is another's.
+    let subpaths = own
+        .ancestors()
+        .nth(3)
+        .unwrap()
+        .join("volume-subpaths/own/c");
+    let (own_sub, their_sub) = (subpaths.join("0"), subpaths.join("1"));
+    for (at, from) in [(&own_sub, &own), (&their_sub, &theirs)] {
+        std::fs::create_dir_all(at).unwrap();
+        mounts.mount(&["--bind", from.join("sub").to_str().unwrap()], at);
+    }
+    let ms = vec![
+        vol("/o", &own, private),
+        vol("/t", &theirs, private),
+        vol("/os", &own_sub, private),
+        vol("/ts", &their_sub, private),
+    ];
     let (pod, c) = pod_with(&mut rt, &d, &cfg, with("c", ms)).await;
     let (_, out, err) = exec_sh(
         &mut rt,
         &c,
-        "/o/busybox true; echo rc=$?; /t/busybox true; echo rc=$?",
+        "for p in /o /t /os /ts; do $p/busybox true; echo rc=$?; done",
     )
     .await;
-    assert_eq!(out.trim_end(), "rc=0\nrc=126", "{out}{err}");
+    assert_eq!(out.trim_end(), "rc=0\nrc=126\nrc=0\nrc=126", "{out}{err}");
     let log = imacri_integration::escapes::log_lines(&d, &pod);
     assert!(
         imacri_integration::escapes::logged(&log, "/o/busybox", None, "exec"),

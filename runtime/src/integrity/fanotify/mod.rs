@@ -445,20 +445,46 @@ fn start(
 }
 
 /// True when `path` lies in kubelet's directory of the pod with `pod_uid`'s
-/// volumes (`<kubelet root>/pods/<uid>/volumes/...`, or its
-/// `volume-subpaths/...`): a memory-backed volume there is the pod's alone.
-/// A tmpfs elsewhere (the host's `/dev/shm`, another pod's emptyDir) is
-/// used by processes outside the pod, whose executions a mark of the pod's
-/// would measure into its log and put under its policy.
+/// volumes (`<kubelet root>/pods/<uid>/volumes/<plugin>/<name>`), or is a
+/// subPath of one (`.../pods/<uid>/volume-subpaths/<name>/...`, on the
+/// filesystem of that volume, itself a tmpfs of its own): a memory-backed
+/// volume there is the pod's alone. A tmpfs elsewhere (the host's
+/// `/dev/shm`, another pod's emptyDir, a subPath of a hostPath) is used by
+/// processes outside the pod, whose executions a mark of the pod's would
+/// measure into its log and put under its policy.
 pub fn pods_own_volume(path: &std::path::Path, pod_uid: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
     let Ok(p) = std::fs::canonicalize(path) else {
         return false;
     };
-    let parts: Vec<_> = p.components().map(|c| c.as_os_str()).collect();
-    !pod_uid.is_empty()
-        && parts.windows(3).any(|w| {
-            w[0] == "pods" && w[1] == pod_uid && (w[2] == "volumes" || w[2] == "volume-subpaths")
+    let parts: Vec<_> = p.components().collect();
+    let Some(i) = (!pod_uid.is_empty())
+        .then(|| {
+            parts
+                .windows(2)
+                .position(|w| w[0].as_os_str() == "pods" && w[1].as_os_str() == pod_uid)
         })
+        .flatten()
+    else {
+        return false;
+    };
+    let pod_dir: std::path::PathBuf = parts[..i + 2].iter().collect();
+    match (parts.get(i + 2).map(|c| c.as_os_str()), parts.get(i + 3)) {
+        (Some(d), Some(_)) if d == "volumes" => true,
+        (Some(d), Some(name)) if d == "volume-subpaths" => {
+            let Ok(dev) = std::fs::metadata(&p).map(|m| m.dev()) else {
+                return false;
+            };
+            let Ok(plugins) = std::fs::read_dir(pod_dir.join("volumes")) else {
+                return false;
+            };
+            plugins.flatten().any(|plugin| {
+                let vol = plugin.path().join(name);
+                std::fs::metadata(&vol).is_ok_and(|m| m.dev() == dev) && own_tmpfs_root(&vol)
+            })
+        }
+        _ => false,
+    }
 }
 
 /// True when `path` is the root of a tmpfs mount: a filesystem of its own
@@ -533,7 +559,9 @@ mod tests {
             std::fs::create_dir_all(p).unwrap();
         }
         assert!(pods_own_volume(&vol, "u-1"));
-        assert!(pods_own_volume(&sub, "u-1"));
+        // A subPath is the pod's only on the filesystem of a tmpfs volume
+        // of its own (here the volume is no tmpfs: a hostPath's would not be).
+        assert!(!pods_own_volume(&sub, "u-1"));
         assert!(!pods_own_volume(&vol, "u-2"), "another pod's");
         assert!(!pods_own_volume(&vol, ""));
         assert!(!pods_own_volume(d.path(), "u-1"));
