@@ -219,8 +219,10 @@ impl CriServer {
             .mounts
             .iter()
             .filter(|m| {
+                // The path test first: most volumes (hostPaths) end there,
+                // before own_tmpfs reads the whole mountinfo.
                 let p = std::path::Path::new(&m.host_path);
-                own_tmpfs(p) && pods_own_volume(p, pod_uid)
+                pods_own_volume(p, pod_uid) && own_tmpfs(p)
             })
             .map(|m| (m.container_path.clone(), m.host_path.clone().into()))
             .collect()
