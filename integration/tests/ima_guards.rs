@@ -99,6 +99,26 @@ async fn memfd_and_nested_namespaces_fail_closed_in_ima_pods() {
     );
     let (code, _, err) = exec_sh(&mut rt, &c, "unshare -U -r true").await;
     assert_eq!(code, 0, "control: nested user namespaces work: {err}");
+    // A capability spelt in lowercase is granted as any other.
+    let mut admin = sleeper("admin");
+    admin
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context = Some(cri::LinuxContainerSecurityContext {
+        capabilities: Some(cri::Capability {
+            add_capabilities: vec!["cap_sys_admin".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let admin = start_container(&mut rt, &pod, &plain, admin).await;
+    let eff = sh_ok(&mut rt, &admin, "grep CapEff /proc/self/status | cut -f2").await;
+    let eff = u64::from_str_radix(eff.trim(), 16).unwrap();
+    assert_ne!(
+        eff & (1 << 21),
+        0,
+        "control: cap_sys_admin is CAP_SYS_ADMIN"
+    );
 
     // In an ima pod: every pid namespace forbids executable memfds, the
     // pod's user namespace allows no nested one.
@@ -136,8 +156,19 @@ async fn memfd_and_nested_namespaces_fail_closed_in_ima_pods() {
             assert_ne!(code, 0);
         }
 
-        // Capabilities that would undo the guards are refused, naming the field.
-        for cap in ["SYS_ADMIN", "CAP_SYS_RESOURCE", "ALL", "SYS_PTRACE"] {
+        // Capabilities that would undo the guards are refused, naming the
+        // field, however they are spelt: the spec takes any case, with or
+        // without `CAP_` (a lowercase `cap_sys_admin` was granted, and let
+        // the pod mount an unmarked tmpfs, until 2026-12-04).
+        for cap in [
+            "SYS_ADMIN",
+            "CAP_SYS_RESOURCE",
+            "ALL",
+            "SYS_PTRACE",
+            "cap_sys_admin",
+            "Cap_Sys_Resource",
+            "all",
+        ] {
             let mut c = sleeper("caps");
             c.linux
                 .get_or_insert_with(Default::default)

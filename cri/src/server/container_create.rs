@@ -337,6 +337,15 @@ impl CriServer {
             // NRI plugins adjust the spec before the ima rules, so what they
             // add is covered by them like everything else.
             self.nri_adjust(sb, id, config, &mut spec).await?;
+            if sb_state.ima.is_some() {
+                // The request's names were checked; this is what will run.
+                let caps = spec.process().as_ref().and_then(|p| p.capabilities().as_ref());
+                if let Some(cap) = caps.and_then(spec::forbidden_capability_in) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the container's spec grants {cap}, which an ima pod may not have"
+                    )));
+                }
+            }
             if super::integrity::is_fanotify(&sb_state) {
                 let measured: Vec<String> = self
                     .measured_volumes(&sb_state, super::integrity::pod_uid(&sb.config), volumes)

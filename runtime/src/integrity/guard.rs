@@ -48,10 +48,18 @@ pub const FORBIDDEN_CAPABILITIES: &[&str] = &[
 /// The capability in `caps` (CRI spelling, with or without `CAP_`) an ima
 /// pod may not have, if any.
 pub fn forbidden_capability(caps: &[String]) -> Option<&str> {
-    caps.iter().map(String::as_str).find(|c| {
-        let name = c.trim_start_matches("CAP_").to_ascii_uppercase();
-        FORBIDDEN_CAPABILITIES.contains(&name.as_str())
-    })
+    caps.iter()
+        .map(String::as_str)
+        .find(|c| FORBIDDEN_CAPABILITIES.contains(&bare_capability(c).as_str()))
+}
+
+/// A capability's name as the spec builder reads it: any case, one `CAP_`
+/// prefix or none (`cap_sys_admin` is SYS_ADMIN). The check above must read
+/// names exactly so: it once stripped `CAP_` before upper-casing, and a
+/// lowercase `cap_sys_admin` passed it and was granted.
+pub fn bare_capability(name: &str) -> String {
+    let upper = name.to_ascii_uppercase();
+    upper.strip_prefix("CAP_").unwrap_or(&upper).to_string()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -499,6 +507,17 @@ mod tests {
             Some("sys_resource")
         );
         assert_eq!(forbidden_capability(&caps(&["ALL"])), Some("ALL"));
+        for spelt in [
+            "cap_sys_admin",
+            "Cap_Sys_Resource",
+            "sys_ptrace",
+            "all",
+            "cAp_BPF",
+        ] {
+            assert_eq!(forbidden_capability(&caps(&[spelt])), Some(spelt));
+        }
+        // Not a capability the spec builder knows: refused there instead.
+        assert_eq!(forbidden_capability(&caps(&["CAP_CAP_SYS_ADMIN"])), None);
     }
 
     #[test]

@@ -21,10 +21,33 @@ pub const DEFAULT_CAPS: [&str; 14] = [
 ];
 
 pub(crate) fn parse_capability(name: &str) -> Result<Capability> {
-    let upper = name.to_ascii_uppercase();
-    let bare = upper.strip_prefix("CAP_").unwrap_or(&upper);
-    bare.parse()
+    // One reading of a name for the spec and for the ima pods' check of
+    // forbidden capabilities: they must never disagree.
+    crate::integrity::guard::bare_capability(name)
+        .parse()
         .map_err(|_| Error::InvalidArgument(format!("unknown capability {name:?}")))
+}
+
+/// The first capability of `caps` (any of its sets) an ima pod may not
+/// have. CreateContainer refuses such requests by name; this looks at the
+/// spec that is about to run, whatever added to it.
+pub fn forbidden_capability_in(caps: &oci_spec::runtime::LinuxCapabilities) -> Option<Capability> {
+    let forbidden: HashSet<Capability> = crate::integrity::guard::FORBIDDEN_CAPABILITIES
+        .iter()
+        .filter_map(|c| parse_capability(c).ok())
+        .collect();
+    [
+        caps.bounding(),
+        caps.effective(),
+        caps.permitted(),
+        caps.inheritable(),
+        caps.ambient(),
+    ]
+    .into_iter()
+    .flatten()
+    .flatten()
+    .find(|c| forbidden.contains(c))
+    .copied()
 }
 
 /// Every capability this process may grant (its `bounding` set): root here
@@ -198,6 +221,42 @@ mod tests {
         assert!(capabilities(Some(&sc), u64::MAX)
             .unwrap()
             .contains(&Capability::SysAdmin));
+    }
+
+    /// Whatever spelling the spec builder grants, the ima pods' checks (of
+    /// the request, then of the spec) find.
+    #[test]
+    fn forbidden_capabilities_are_found_however_spelt() {
+        let granted = |name: &str| {
+            let sc = cri::LinuxContainerSecurityContext {
+                capabilities: Some(cri::Capability {
+                    add_capabilities: vec![name.into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            caps_of(&spec_with(sc, None).unwrap())
+        };
+        for name in [
+            "cap_sys_admin",
+            "Sys_Resource",
+            "CAP_SYS_PTRACE",
+            "bpf",
+            "all",
+        ] {
+            let caps = granted(name);
+            assert!(forbidden_capability_in(&caps).is_some(), "{name}");
+            assert_eq!(
+                crate::integrity::guard::forbidden_capability(&[name.to_string()]),
+                Some(name),
+                "{name}"
+            );
+        }
+        assert_eq!(forbidden_capability_in(&granted("net_admin")), None);
+        assert_eq!(
+            forbidden_capability_in(&caps_of(&spec_with(Default::default(), None).unwrap())),
+            None
+        );
     }
 
     fn caps_of(spec: &Spec) -> oci_spec::runtime::LinuxCapabilities {
