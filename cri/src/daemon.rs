@@ -413,8 +413,8 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             "ima-guards",
             true,
             "ima pods: vm.memfd_noexec=2 per pid namespace, user.max_user_namespaces=0, \
-             no SYS_ADMIN/SYS_RESOURCE/... capabilities, volumes noexec with every mount \
-             beneath them, no mount propagation from the host"
+             no SYS_ADMIN/SYS_RESOURCE/... capabilities (however spelt), volumes noexec with \
+             every mount beneath them, no mount propagation from the host, no 32-bit programs"
                 .into(),
         ),
         Err(r) => line("ima-guards", false, r),

@@ -131,6 +131,48 @@ static int ran(const char *m, void *p) {
     printf("RAN %s\n", m); return 0;
 }
 static int fail(const char *m) { printf("%s: %s\n", m, strerror(errno)); return 1; }
+/* ia32-rie: a static 32-bit program without PT_GNU_STACK, to which the
+   kernel gives READ_IMPLIES_EXEC. It far-jumps to 64-bit code (selector
+   0x33), maps fd 3 with PROT_READ only (MAP_FIXED under 4 GiB: a 32-bit
+   task's 64-bit mmap finds no room of its own), calls what it mapped and
+   exits with its result. */
+static int write_ia32_rie(const char *path) {
+    unsigned char f[sizeof(Elf32_Ehdr) + sizeof(Elf32_Phdr) + 64] = {0};
+    Elf32_Ehdr *e = (Elf32_Ehdr *)f;
+    Elf32_Phdr *p = (Elf32_Phdr *)(f + sizeof *e);
+    unsigned base = 0x08048000, entry = base + sizeof *e + sizeof *p;
+    unsigned char body[] = {
+        0xea, 0, 0, 0, 0, 0x33, 0x00,       /* ljmp 0x33:next (64-bit) */
+        0xb8, 9, 0, 0, 0,                   /* mov eax, mmap */
+        0xbf, 0, 0, 0, 0x20,                /* mov edi, 0x20000000 */
+        0xbe, 0, 0x10, 0, 0,                /* mov esi, 4096 */
+        0xba, 1, 0, 0, 0,                   /* mov edx, PROT_READ */
+        0x41, 0xba, 0x12, 0, 0, 0,          /* mov r10d, MAP_PRIVATE|MAP_FIXED */
+        0x41, 0xb8, 3, 0, 0, 0,             /* mov r8d, 3 */
+        0x45, 0x31, 0xc9,                   /* xor r9d, r9d */
+        0x0f, 0x05,                         /* syscall */
+        0xff, 0xd0,                         /* call rax */
+        0x89, 0xc7,                         /* mov edi, eax */
+        0xb8, 231, 0, 0, 0,                 /* mov eax, exit_group */
+        0x0f, 0x05,                         /* syscall */
+    };
+    unsigned next = entry + 7;
+    memcpy(body + 1, &next, 4);
+    size_t len = sizeof *e + sizeof *p + sizeof body;
+    memcpy(e->e_ident, ELFMAG, SELFMAG);
+    e->e_ident[EI_CLASS] = ELFCLASS32; e->e_ident[EI_DATA] = ELFDATA2LSB;
+    e->e_ident[EI_VERSION] = EV_CURRENT;
+    e->e_type = ET_EXEC; e->e_machine = EM_386; e->e_version = EV_CURRENT;
+    e->e_entry = entry; e->e_phoff = sizeof *e;
+    e->e_ehsize = sizeof *e; e->e_phentsize = sizeof *p; e->e_phnum = 1;
+    p->p_type = PT_LOAD; p->p_flags = PF_R | PF_X; p->p_vaddr = p->p_paddr = base;
+    p->p_filesz = p->p_memsz = len; p->p_align = 0x1000;
+    memcpy(f + sizeof *e + sizeof *p, body, sizeof body);
+    int fd = open(path, O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0755);
+    if (fd < 0) return -1;
+    int ok = write(fd, f, len) == (ssize_t)len;
+    return close(fd) == 0 && ok ? 0 : -1;
+}
 /* swap-leader: main runs again in a thread after the main thread exited
    (the process's /proc/<pid>/maps then reads empty). */
 static int again_argc, leader_left;
@@ -794,6 +836,34 @@ int main(int argc, char **argv) {
         int fd = memfd(); if (fd < 0) return fail(m);
         void *p = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
+    if (!strcmp(m, "ia32-rie")) {
+        /* A file mapped PROT_READ by a 32-bit program runs: prints RAN
+           when the 32-bit program exits with the mapped code's 42. */
+        int c = open("/tmp/ia32.bin", O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0644);
+        if (c < 0 || write(c, code, sizeof code) != (ssize_t)sizeof code || close(c)) return fail(m);
+        if (write_ia32_rie("/tmp/ia32-rie")) return fail(m);
+        int pr[2];
+        if (pipe2(pr, O_CLOEXEC)) return fail(m);
+        pid_t k = fork();
+        if (k < 0) return fail(m);
+        if (!k) {
+            int in = open("/tmp/ia32.bin", O_RDONLY);
+            if (in < 0 || dup2(in, 3) != 3) _exit(98);
+            char *av[] = {"ia32-rie", 0}, *ev[] = {0};
+            execve("/tmp/ia32-rie", av, ev);
+            int err = errno;
+            if (write(pr[1], &err, sizeof err) < 0) _exit(97);
+            _exit(99);
+        }
+        close(pr[1]);
+        int err = 0, st = 0;
+        ssize_t got = read(pr[0], &err, sizeof err);
+        waitpid(k, &st, 0);
+        if (got == (ssize_t)sizeof err) { errno = err; printf("%s: execve: %s\n", m, strerror(err)); return 1; }
+        if (WIFEXITED(st) && WEXITSTATUS(st) == 42) { printf("RAN %s\n", m); return 0; }
+        printf("%s: status %d\n", m, st);
+        return 1;
     }
     if (!strcmp(m, "compat-mprotect")) {
         /* The same mprotect as a 32-bit call (int 0x80) from this 64-bit

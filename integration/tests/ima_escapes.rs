@@ -3,7 +3,8 @@
 //! of non-ELF files and through the loader (`ld.so FILE`), files mapped or
 //! executed (fexecve) through an fd another process passed over a unix
 //! socket (in the pod, or from a helper outside it), ptrace of the
-//! entrypoint by an exec, `personality` tricks, 32-bit calls, a seccomp
+//! entrypoint by an exec, `personality` tricks, 32-bit calls and
+//! programs, a seccomp
 //! listener of the process's own, other processes' roots (pause's
 //! included), /dev/shm, scripts, and a file swapped in during the map
 //! guard's check. Each works in a plain pod (the control); in an ima pod
@@ -18,7 +19,7 @@ use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
 use imacri_integration::escapes::*;
 use imacri_integration::{container_config, cri, pod_config, Env};
 
-const MAPPINGS: [&str; 11] = [
+const MAPPINGS: [&str; 12] = [
     "memfd-mmap",
     "memfd-sealed",
     "memfd-future",
@@ -30,6 +31,7 @@ const MAPPINGS: [&str; 11] = [
     "worker-mmap",
     "fd-pass-mmap",
     "personality",
+    "ia32-rie",
 ];
 
 /// Ways past the map guard's seccomp filter rather than through it: the
@@ -117,7 +119,10 @@ async fn executable_mappings_are_measured_or_refused() {
                 d.log()
             );
         }
-        for m in ["shmat-exec", "personality"] {
+        // A 32-bit program (READ_IMPLIES_EXEC from the kernel, 64-bit
+        // calls after a far jump) is refused before it runs: it mapped a
+        // file executable with PROT_READ, unmeasured, until 2026-12-04.
+        for m in ["shmat-exec", "personality", "ia32-rie"] {
             let (code, out, _) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
             assert_ne!(code, 0, "{m}: {out}");
             assert!(out.contains("Operation not permitted"), "{m}: {out}");
@@ -179,6 +184,9 @@ async fn executable_mappings_are_measured_or_refused() {
             "{mine:#?}"
         );
         assert!(logged(&mine, "/tmp/passed-true", None, "exec"), "{mine:#?}");
+        // The 32-bit program's attempt is a violation of its own.
+        assert!(logged(&mine, "/tmp/ia32-rie", None, "deny"), "{mine:#?}");
+        assert!(!logged(&mine, "/tmp/ia32-rie", None, "exec"), "{mine:#?}");
         assert!(logged(&mine, LOADER, None, "exec"), "{mine:#?}");
         assert!(logged(&mine, LIBC, None, "mmap"), "{mine:#?}");
         assert!(logged(&mine, "/bin/hello", None, "exec"), "{mine:#?}");
@@ -247,6 +255,7 @@ async fn executable_mappings_are_measured_or_refused() {
         "/tmp/evil",
         "/tmp/passed.bin",
         "/tmp/passed-true",
+        "/tmp/ia32-rie",
     ] {
         assert!(logged(&lines, path, None, "deny"), "{path}: {lines:#?}");
     }

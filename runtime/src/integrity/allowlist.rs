@@ -114,7 +114,8 @@ impl Allowlist {
             // Gaps and start entries are the verifier's (it knows the flags).
             Event::Gap | Event::Start => return None,
             Event::Deny => Some(
-                "refused by the node's enforce policy (an execution or mapping, or a write to a mapped file)"
+                "refused by the node's enforce policy (an execution or mapping, or a write to a mapped file), \
+                 or by a guard of ima pods in any mode (a 32-bit program)"
                     .into(),
             ),
             Event::Writers => Some(

@@ -110,6 +110,31 @@ impl Engine {
             .as_ref()
             .and_then(|a| a.check_file(&path, &digest_hex, kind));
         let deny = verdict.is_some() && enforce;
+        let elf = match kind {
+            Event::Exec => elf_class(fd),
+            _ => None,
+        };
+        if elf.is_some_and(|class| class != ELFCLASS64) {
+            // A 32-bit program runs in compat mode, and the kernel gives one
+            // without PT_GNU_STACK READ_IMPLIES_EXEC: after a far jump to
+            // 64-bit code its mmap(PROT_READ) of any file maps it
+            // executable, a call the map guard's filter (which looks for
+            // PROT_EXEC) lets through unmeasured. Nothing 32-bit can run
+            // under the guard anyway (its own system calls are not the
+            // filter's architecture): refused in every mode, and logged as
+            // refused.
+            let reason = concat!(
+                "a 32-bit program: it could map files executable without asking ",
+                "(READ_IMPLIES_EXEC), and cannot run under the map guard"
+            )
+            .to_string();
+            let _ = self
+                .journal
+                .record(&t.pod, &t.container, &path, digest, Event::Deny, true);
+            self.stats.denied.fetch_add(1, Ordering::Relaxed);
+            pending.answer(false);
+            return self.notice(t, path, digest_hex, true, reason);
+        }
         // A mapping to be allowed is watched first: from here on an open
         // for writing waits for the watch's answer, so the check below sees
         // every writer that opened before it.
@@ -142,7 +167,7 @@ impl Engine {
         }
         // A script is read by its interpreter after this answer: watched
         // first, so that no rewrite under the interpreter goes unseen.
-        if kind == Event::Exec && !deny && !is_elf(fd) {
+        if kind == Event::Exec && !deny && elf.is_none() {
             if let Some(w) = self.write_watch(t) {
                 if let Err(e) = w.watch_script(fd) {
                     if enforce {
@@ -273,11 +298,15 @@ impl Engine {
     }
 }
 
-/// Whether the file open as `fd` is an ELF program (else the kernel runs
-/// it through an interpreter that reads it: a script).
-fn is_elf(fd: BorrowedFd<'_>) -> bool {
-    let mut magic = [0u8; 4];
-    nix::sys::uio::pread(fd, &mut magic, 0).is_ok_and(|n| n == 4 && magic == *b"\x7fELF")
+const ELFCLASS64: u8 = 2;
+
+/// The ELF class (`e_ident[EI_CLASS]`) of the file open as `fd`, or None
+/// when it is no ELF program (the kernel runs it through an interpreter
+/// that reads it: a script).
+fn elf_class(fd: BorrowedFd<'_>) -> Option<u8> {
+    let mut ident = [0u8; 5];
+    let n = nix::sys::uio::pread(fd, &mut ident, 0).ok()?;
+    (n == ident.len() && ident[..4] == *b"\x7fELF").then_some(ident[4])
 }
 
 /// Whether the file's content can change under what was measured (IMA's
@@ -350,6 +379,21 @@ mod tests {
                 .unwrap()
                 .push((self.name.clone(), allow));
         }
+    }
+
+    #[test]
+    fn elf_classes_are_told_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let class_of = |name: &str, bytes: &[u8]| {
+            let p = d.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            elf_class(std::fs::File::open(&p).unwrap().as_fd())
+        };
+        let sh = std::fs::File::open("/bin/sh").unwrap();
+        assert_eq!(elf_class(sh.as_fd()), Some(ELFCLASS64));
+        assert_eq!(class_of("ia32", b"\x7fELF\x01\x01\x01"), Some(1));
+        assert_eq!(class_of("script", b"#!/bin/sh\n"), None);
+        assert_eq!(class_of("short", b"\x7fELF"), None);
     }
 
     #[test]
