@@ -458,6 +458,36 @@ int main(int argc, char **argv) {
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
     }
+    if (!strcmp(m, "trace-mmap")) {
+        /* A seccomp profile's SCMP_ACT_TRACE hands a call to the task's
+           tracer, which lets it run by resuming it: the parent traces the
+           child, whose executable mapping of a new file it lets through. */
+        pid_t k = fork();
+        if (k < 0) return fail(m);
+        if (!k) {
+            if (ptrace(PTRACE_TRACEME, 0, 0, 0)) _exit(fail(m));
+            raise(SIGSTOP);
+            int w = open("/tmp/traced.bin", O_WRONLY|O_CREAT|O_TRUNC, 0644);
+            if (w < 0 || write(w, code, sizeof code) != sizeof code || close(w)) _exit(fail(m));
+            int fd = open("/tmp/traced.bin", O_RDONLY);
+            void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+            int r = p == MAP_FAILED ? fail(m) : ran(m, p);
+            fflush(stdout);
+            _exit(r);
+        }
+        int st;
+        if (waitpid(k, &st, 0) != k || !WIFSTOPPED(st)) return fail(m);
+        ptrace(PTRACE_SETOPTIONS, k, 0, PTRACE_O_TRACESECCOMP | PTRACE_O_EXITKILL);
+        ptrace(PTRACE_CONT, k, 0, 0);
+        for (;;) {
+            if (waitpid(k, &st, 0) != k) return fail(m);
+            if (WIFEXITED(st)) { fflush(stdout); return WEXITSTATUS(st); }
+            if (WIFSIGNALED(st)) { printf("%s: signal %d\n", m, WTERMSIG(st)); return 1; }
+            int sig = WSTOPSIG(st);
+            /* A seccomp stop (SIGTRAP | PTRACE_EVENT_SECCOMP << 8): resume. */
+            ptrace(PTRACE_CONT, k, 0, sig == SIGTRAP ? 0 : sig);
+        }
+    }
     if (!strcmp(m, "write-sleeper")) return write_sleeper(path) ? fail(m) : 0;
     if (!strcmp(m, "shared-exec") || !strcmp(m, "shared-cache")) {
         /* A program on the container's rootfs (overlayfs) is mapped shared

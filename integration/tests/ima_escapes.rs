@@ -706,3 +706,107 @@ async fn calls_whose_sharers_cannot_be_held_are_refused() {
     );
     stop_pod(&mut rt, &pod).await;
 }
+
+/// A container of `image` that sleeps, under the seccomp profile at `path`
+/// (a pod's own, Localhost).
+fn under_profile(name: &str, image: &str, path: &str) -> cri::ContainerConfig {
+    let mut c = container_config(name, image, &["sleep", "1000"]);
+    c.linux
+        .get_or_insert_with(Default::default)
+        .security_context = Some(cri::LinuxContainerSecurityContext {
+        seccomp: Some(cri::SecurityProfile {
+            profile_type: cri::security_profile::ProfileType::Localhost as i32,
+            localhost_ref: path.into(),
+        }),
+        ..Default::default()
+    });
+    c
+}
+
+/// A seccomp profile of the pod's own keeps its decisions, and decides a
+/// guarded call only as far as it says. A rule handing `mmap` to a tracer
+/// (SCMP_ACT_TRACE) let a tracer in the pod resume an executable mapping
+/// past the guard, and rules denying `mmap`, `mprotect` and `personality`
+/// under conditions of their own left the other cases to the profile's
+/// default allow, unguarded: files mapped executable unmeasured and
+/// READ_IMPLIES_EXEC set (until 2026-12-04). Now the first profile is
+/// refused at CreateContainer, and under the second the rest of each call
+/// goes through the guard.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pods_own_seccomp_profile_opens_no_way_around_the_guard() {
+    let env = Env::get();
+    let (d, image, work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let profile = |name: &str, json: &str| -> String {
+        let p = work.path().join(name);
+        std::fs::write(&p, json).unwrap();
+        p.to_string_lossy().into()
+    };
+    // Executable mappings (prot & PROT_EXEC) go to the tracer.
+    let tracing = profile(
+        "trace.json",
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mmap"], "action": "SCMP_ACT_TRACE", "args": [{"index": 2, "value": 4, "valueTwo": 4, "op": "SCMP_CMP_MASKED_EQ"}]}]}"#,
+    );
+    // Huge-page mappings, PROT_SEM and one personality value decided;
+    // everything else left to the default.
+    let partial = profile(
+        "partial.json",
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mmap"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 3, "value": 262144, "valueTwo": 262144, "op": "SCMP_CMP_MASKED_EQ"}]},
+            {"names": ["mprotect"], "action": "SCMP_ACT_ERRNO", "args": [{"index": 2, "value": 8, "valueTwo": 8, "op": "SCMP_CMP_MASKED_EQ"}]},
+            {"names": ["personality"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}]},
+            {"names": ["personality"], "action": "SCMP_ACT_ALLOW", "args": [{"index": 0, "value": 4294967295, "op": "SCMP_CMP_EQ"}]}]}"#,
+    );
+    let partial_escapes = ["file-mmap", "memfd-mprotect", "personality"];
+
+    // The control: in a plain pod the tracer lets the mapping run, and
+    // the partial profile decides none of these.
+    let plain = pod_config("own-profile-plain");
+    let pod = run_pod(&mut rt, &plain).await.unwrap();
+    let t = start_container(&mut rt, &pod, &plain, under_profile("t", &image, &tracing)).await;
+    let (_, out, err) = exec_sh(&mut rt, &t, "escape trace-mmap").await;
+    assert!(out.contains("RAN trace-mmap"), "control: {out}{err}");
+    let p = start_container(&mut rt, &pod, &plain, under_profile("p", &image, &partial)).await;
+    for m in partial_escapes {
+        let (_, out, err) = exec_sh(&mut rt, &p, &format!("escape {m}")).await;
+        assert!(out.contains(&format!("RAN {m}")), "control {m}: {out}{err}");
+    }
+    stop_pod(&mut rt, &pod).await;
+
+    let cfg = ima("own-profile-ima", "measure");
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let e = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(under_profile("t", &image, &tracing)),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await
+        .expect_err("a profile handing mmap to a tracer");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(
+        e.message().contains("seccomp") && e.message().contains("SCMP_ACT_TRACE"),
+        "{e}"
+    );
+    let p = start_container(&mut rt, &pod, &cfg, under_profile("p", &image, &partial)).await;
+    for m in ["file-mmap", "memfd-mprotect"] {
+        let (_, out, err) = exec_sh(&mut rt, &p, &format!("escape {m}")).await;
+        assert!(out.contains(&format!("RAN {m}")), "{m}: {out}{err}");
+    }
+    let (code, out, _) = exec_sh(&mut rt, &p, "escape personality").await;
+    assert_ne!(code, 0, "READ_IMPLIES_EXEC was set: {out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    let mine = entries_of(&log_lines(&d, &pod), &p);
+    let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
+    assert!(
+        logged(&mine, "/tmp/code.bin", Some(&code_file), "mmap"),
+        "{mine:#?}"
+    );
+    assert!(
+        logged(&mine, "memfd:payload", Some(&page_digest()), "mmap"),
+        "{mine:#?}"
+    );
+    stop_pod(&mut rt, &pod).await;
+}

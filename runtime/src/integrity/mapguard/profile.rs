@@ -9,7 +9,7 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapGuardError {
-    #[error("the seccomp profile {0}; an ima pod's profile must leave mmap, mprotect, pkey_mprotect, personality and shmat unconditionally allowed or denied (imacri adds the conditions)")]
+    #[error("the seccomp profile {0}; an ima pod's profile may deny mmap, mprotect, pkey_mprotect, personality and shmat, or allow them outright, but not allow them under conditions of its own nor hand them to a tracer (imacri adds the conditions)")]
     Profile(String),
     #[error("building the seccomp profile: {0}")]
     Build(String),
@@ -123,25 +123,40 @@ pub fn guard_profile(
     }
     let default_allows = allows(p.default_action());
     let mut syscalls = p.syscalls().clone().unwrap_or_default();
-    if syscalls
-        .iter()
-        .any(|r| r.action() == LinuxSeccompAction::ScmpActNotify)
+    if p.default_action() == LinuxSeccompAction::ScmpActNotify
+        || syscalls
+            .iter()
+            .any(|r| r.action() == LinuxSeccompAction::ScmpActNotify)
     {
         return Err(MapGuardError::Profile("uses SCMP_ACT_NOTIFY".into()));
     }
-    // Per guarded call: allowed by the profile unconditionally (and so
-    // taken over), or decided by it already (left alone).
+    // Per guarded call: denied by the profile outright (left alone), or
+    // else taken over wherever the profile would let it run: by a rule
+    // allowing it unconditionally, or by its default for the cases its own
+    // rules leave (a rule denying only some cases decides only those:
+    // until 2026-12-04 any mention left the call alone, and a default
+    // allow let the rest through unguarded). A call handed to a tracer
+    // (SCMP_ACT_TRACE) runs when the tracer resumes it, which no guard
+    // could follow: refused.
+    let traced = |name: &str| {
+        MapGuardError::Profile(format!(
+            "hands {name} to a tracer (SCMP_ACT_TRACE), which can let it run unmeasured"
+        ))
+    };
     let mut take_over = Vec::new();
     for (name, _, _) in GUARDED {
-        let mut mentioned = false;
         let mut allowed = false;
+        let mut denied = false;
         for r in syscalls.iter_mut() {
             if !r.names().iter().any(|n| n == name) {
                 continue;
             }
-            mentioned = true;
             let conditional = r.args().as_ref().is_some_and(|a| !a.is_empty());
+            if r.action() == LinuxSeccompAction::ScmpActTrace {
+                return Err(traced(name));
+            }
             if !allows(r.action()) {
+                denied |= !conditional;
                 continue;
             }
             if conditional {
@@ -156,7 +171,13 @@ pub fn guard_profile(
             let names: Vec<String> = r.names().iter().filter(|n| *n != name).cloned().collect();
             r.set_names(names);
         }
-        if allowed || (default_allows && !mentioned) {
+        if denied && !allowed {
+            continue;
+        }
+        if !allowed && p.default_action() == LinuxSeccompAction::ScmpActTrace {
+            return Err(traced(name));
+        }
+        if allowed || default_allows {
             take_over.push(name);
         }
     }
@@ -331,6 +352,83 @@ mod tests {
             .unwrap();
         let p = guard_profile(Some(denied), Path::new("/s"), "p").unwrap();
         assert!(!names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"mmap".to_string()));
+        // A tracer resumes what it is handed: by a rule or by the default.
+        let traced = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActAllow)
+            .syscalls(vec![rule(
+                "mprotect",
+                LinuxSeccompAction::ScmpActTrace,
+                vec![masked(2, 4, 4).unwrap()],
+            )
+            .unwrap()])
+            .build()
+            .unwrap();
+        let e = guard_profile(Some(traced), Path::new("/s"), "p").unwrap_err();
+        assert!(
+            e.to_string().contains("mprotect") && e.to_string().contains("SCMP_ACT_TRACE"),
+            "{e}"
+        );
+        let trace_default = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActTrace)
+            .build()
+            .unwrap();
+        let e = guard_profile(Some(trace_default), Path::new("/s"), "p").unwrap_err();
+        assert!(e.to_string().contains("SCMP_ACT_TRACE"), "{e}");
+        let notify_default = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActNotify)
+            .build()
+            .unwrap();
+        let e = guard_profile(Some(notify_default), Path::new("/s"), "p").unwrap_err();
+        assert!(e.to_string().contains("SCMP_ACT_NOTIFY"), "{e}");
+    }
+
+    /// A rule denying a guarded call in some cases decides only those; the
+    /// rest, left to a default allow, is taken over.
+    #[test]
+    fn calls_denied_only_in_some_cases_are_guarded_in_the_others() {
+        let partial = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActAllow)
+            .syscalls(vec![
+                rule(
+                    "mmap",
+                    LinuxSeccompAction::ScmpActErrno,
+                    vec![masked(3, 0x40000, 0x40000).unwrap()],
+                )
+                .unwrap(),
+                rule(
+                    "personality",
+                    LinuxSeccompAction::ScmpActAllow,
+                    vec![LinuxSeccompArgBuilder::default()
+                        .index(0usize)
+                        .value(0u64)
+                        .op(LinuxSeccompOperator::ScmpCmpEq)
+                        .build()
+                        .unwrap()],
+                )
+                .unwrap(),
+            ])
+            .build()
+            .unwrap();
+        let p = guard_profile(Some(partial), Path::new("/s"), "p").unwrap();
+        let notified = names(&p, LinuxSeccompAction::ScmpActNotify);
+        for g in ["mmap", "mprotect", "pkey_mprotect", "personality"] {
+            assert!(notified.contains(&g.to_string()), "{g}: {notified:?}");
+        }
+        // Its own decision stands.
+        assert!(names(&p, LinuxSeccompAction::ScmpActErrno).contains(&"mmap".to_string()));
+        // Under a default deny the rest is denied: left alone.
+        let strict = LinuxSeccompBuilder::default()
+            .default_action(LinuxSeccompAction::ScmpActErrno)
+            .syscalls(vec![rule(
+                "mprotect",
+                LinuxSeccompAction::ScmpActKillProcess,
+                vec![masked(2, 8, 8).unwrap()],
+            )
+            .unwrap()])
+            .build()
+            .unwrap();
+        let p = guard_profile(Some(strict), Path::new("/s"), "p").unwrap();
+        assert!(!names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"mprotect".to_string()));
     }
 
     #[test]
