@@ -735,3 +735,84 @@ async fn mounts_beneath_a_volume_do_not_run() {
     stop_pod(&mut rt, &pod).await;
     drop(mounts);
 }
+
+/// In a user namespace runc binds the host's file *at a device's container
+/// path*, not the device's host path: a device mapped elsewhere (by a
+/// device plugin, a CDI spec or any CRI client) brought that host file into
+/// the container, executable and on a filesystem no mark watches, and it
+/// ran unmeasured even under `enforce` (until 2026-12-04). Now such a
+/// device is refused in every user-namespace pod, naming it; a device at
+/// its own path works, and a pod without a user namespace (where runc makes
+/// the node) still takes any path, as containerd.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_mapped_elsewhere_brings_no_host_file() {
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let work = tempfile::tempdir_in(&env.base).unwrap();
+    let host_file = work.path().join(format!("host-program-{}", rand_u32()));
+    std::fs::copy("/bin/busybox", &host_file).unwrap();
+    let host_file = host_file.to_string_lossy().into_owned();
+    let with_device = |host: &str, at: &str| {
+        let mut c = container_config("c", &env.busybox, &["sleep", "1000"]);
+        c.devices.push(cri::Device {
+            host_path: host.into(),
+            container_path: at.into(),
+            permissions: "rw".into(),
+        });
+        c
+    };
+
+    // Without a user namespace runc makes the node: a null device there.
+    let plain = pod_config("device-plain");
+    let (pod, c) = pod_with(&mut rt, &d, &plain, with_device("/dev/null", &host_file)).await;
+    assert_eq!(
+        sh_ok(&mut rt, &c, &format!("test -c {host_file} && echo node")).await,
+        "node"
+    );
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+
+    let mut userns = pod_config("device-userns");
+    let map = vec![cri::IdMapping {
+        host_id: 3_200_000,
+        container_id: 0,
+        length: 65536,
+    }];
+    userns
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context = Some(cri::LinuxSandboxSecurityContext {
+        namespace_options: Some(cri::NamespaceOption {
+            userns_options: Some(cri::UserNamespace {
+                mode: cri::NamespaceMode::Pod as i32,
+                uids: map.clone(),
+                gids: map,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    for cfg in [ima(pod_config("device-ima")), userns] {
+        let pod = run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        let e = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(with_device("/dev/null", &host_file)),
+                sandbox_config: Some(cfg.clone()),
+            })
+            .await
+            .expect_err("a device whose container path names a host file");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().contains(&host_file), "{e}");
+        // A device at its own path is bound as itself.
+        let c = start_container(&mut rt, &pod, &cfg, with_device("/dev/kmsg", "/dev/kmsg")).await;
+        assert_eq!(
+            sh_ok(&mut rt, &c, "test -c /dev/kmsg && echo node").await,
+            "node"
+        );
+        imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    }
+}

@@ -337,6 +337,9 @@ impl CriServer {
             // NRI plugins adjust the spec before the ima rules, so what they
             // add is covered by them like everything else.
             self.nri_adjust(sb, id, config, &mut spec).await?;
+            if sb_state.userns.is_some() {
+                spec::check_userns_devices(&spec)?;
+            }
             if sb_state.ima.is_some() {
                 // The request's names were checked; this is what will run.
                 let caps = spec.process().as_ref().and_then(|p| p.capabilities().as_ref());

@@ -83,6 +83,43 @@ pub fn container_devices(
     Ok(devices)
 }
 
+/// In a user namespace runc cannot make device nodes: it bind-mounts the
+/// host's file *at the device's container path* instead (runc 1.1
+/// `bindMountDeviceNode`), not the `host_path` it was given. A device
+/// mapped to another path would bind whatever the host has there: a
+/// regular file, executable (no `noexec` on it) and on a filesystem no mark
+/// of an ima pod watches, so it ran unmeasured even under `enforce` (until
+/// 2026-12-04). Every device of a user-namespace container must be, at its
+/// container path on the host, that very device.
+pub fn check_userns_devices(spec: &Spec) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let devices = spec.linux().as_ref().and_then(|l| l.devices().as_ref());
+    for d in devices.into_iter().flatten() {
+        let path = d.path();
+        let same = std::fs::metadata(path).is_ok_and(|m| {
+            let ft = m.file_type();
+            let kind = match d.typ() {
+                LinuxDeviceType::B => ft.is_block_device(),
+                LinuxDeviceType::C | LinuxDeviceType::U => ft.is_char_device(),
+                _ => false,
+            };
+            let rdev = m.rdev();
+            kind && libc::major(rdev) as i64 == d.major() && libc::minor(rdev) as i64 == d.minor()
+        });
+        if !same {
+            return Err(Error::InvalidArgument(format!(
+                "device {}: in a user namespace the runtime binds the host's {} as this device, and \
+                 it is not the device {}:{} (map the device to the path it has on the host)",
+                path.display(),
+                path.display(),
+                d.major(),
+                d.minor()
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,5 +173,35 @@ mod tests {
         );
         // Not privileged: the host's list is never used.
         assert_eq!(inputs_devices(false, hosts), ["/dev/mine"]);
+    }
+
+    #[test]
+    fn userns_devices_must_be_themselves_at_their_path() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let spec_with_device = |path: &str, major: i64, minor: i64| {
+            let dev = LinuxDeviceBuilder::default()
+                .path(path)
+                .typ(LinuxDeviceType::C)
+                .major(major)
+                .minor(minor)
+                .build()
+                .unwrap();
+            let mut spec = Spec::default();
+            let mut linux = spec.linux().clone().unwrap_or_default();
+            linux.set_devices(Some(vec![dev]));
+            spec.set_linux(Some(linux));
+            spec
+        };
+        // /dev/null is 1:3 on Linux.
+        assert!(check_userns_devices(&spec_with_device("/dev/null", 1, 3)).is_ok());
+        for (path, major, minor) in [
+            ("/dev/zero", 1, 3),
+            (file.path().to_str().unwrap(), 1, 3),
+            ("/nonexistent/dev", 1, 3),
+        ] {
+            let e = check_userns_devices(&spec_with_device(path, major, minor)).unwrap_err();
+            assert!(e.to_string().contains(path), "{e}");
+        }
+        assert!(check_userns_devices(&Spec::default()).is_ok());
     }
 }

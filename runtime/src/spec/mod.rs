@@ -29,6 +29,7 @@ mod sandbox;
 mod security;
 
 pub use capabilities::*;
+pub use devices::check_userns_devices;
 pub(crate) use devices::*;
 pub use mounts::*;
 pub use namespaces::*;
