@@ -816,3 +816,105 @@ async fn a_device_mapped_elsewhere_brings_no_host_file() {
         imacri_integration::client::remove_pod(&mut rt, &pod).await;
     }
 }
+
+/// Under `volumes = "measure"`, a volume whose host path runs through a
+/// directory the pod controls (in a disk volume of its own) could name the
+/// host's tmpfs when CreateContainer bound it and the pod's own memory
+/// volume when it checked it (and when StartContainer marked it): the pod
+/// swaps that directory for links. The host's tmpfs was then executable in
+/// the container and unmarked, and a program there ran unmeasured (until
+/// 2026-12-04). Now what is bound is compared with what was checked (device
+/// and inode), and what is marked is what is bound. The moments between the
+/// steps are widened here (IMACRI_TEST_VOLUME_CHECK_WINDOW) and the links
+/// swapped in them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_swapped_under_its_check_does_not_run() {
+    use imacri_integration::escapes::{ima as ima_policy, log_lines, logged, node, stop_pod};
+    let env = Env::get();
+    let (mut d, image, work) = node(env, "[ima.policies.vols]\nvolumes = \"measure\"").await;
+    d.kill();
+    d.vars = vec![("IMACRI_TEST_VOLUME_CHECK_WINDOW".into(), "1500".into())];
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let mut mounts = HostMounts(Vec::new());
+    let cfg = ima_policy("swap-vol", "vols");
+    let own = imacri_integration::kubelet_volume(work.path(), &cfg, "mem");
+    let host = work.path().join("host-shm");
+    std::fs::create_dir_all(&host).unwrap();
+    for (p, whose) in [(&own, "pod's"), (&host, "host's")] {
+        mounts.mount(&["-t", "tmpfs", "swap"], p);
+        std::fs::copy("/bin/busybox", p.join("busybox")).unwrap();
+        std::fs::write(p.join("whose"), whose).unwrap();
+    }
+    // A directory in a volume of the pod's own (a disk emptyDir), which the
+    // pod turns into links at will.
+    let disk = work.path().join("disk");
+    let dir = disk.join("d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let point = |to: Option<&std::path::Path>| {
+        let _ = std::fs::remove_file(&dir);
+        let _ = std::fs::remove_dir(&dir);
+        match to {
+            Some(to) => std::os::unix::fs::symlink(to, &dir).unwrap(),
+            None => std::fs::create_dir(&dir).unwrap(),
+        }
+    };
+    let with = |n: &str| {
+        let mut c = container_config(n, &image, &["sleep", "1000"]);
+        c.mounts = vec![cri::Mount {
+            container_path: "/v".into(),
+            host_path: dir.to_string_lossy().into(),
+            ..Default::default()
+        }];
+        c
+    };
+    let pod = run_pod(&mut rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+
+    // The control: it names the pod's own volume all along, which runs,
+    // measured.
+    point(Some(&own));
+    let c = start_container(&mut rt, &pod, &cfg, with("own")).await;
+    assert_eq!(
+        sh_ok(&mut rt, &c, "/v/busybox true; echo rc=$?").await,
+        "rc=0"
+    );
+    assert!(
+        logged(&log_lines(&d, &pod), "/v/busybox", None, "exec"),
+        "{}",
+        d.log()
+    );
+
+    // A plain directory when CreateContainer resolves the path, the host's
+    // tmpfs when it binds it, the pod's own volume when it checks it (each
+    // step 1.5 s apart here).
+    point(None);
+    let mut rt2 = d.runtime().await.unwrap();
+    let (p2, c2, swapped) = (pod.clone(), cfg.clone(), with("swapped"));
+    let create = tokio::spawn(async move {
+        rt2.create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: p2,
+            config: Some(swapped),
+            sandbox_config: Some(c2),
+        })
+        .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(750)).await;
+    point(Some(&host));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    point(Some(&own));
+    let id = create.await.unwrap().unwrap().into_inner().container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    // The host's tmpfs is what the container has, and it does not run.
+    assert_eq!(sh_ok(&mut rt, &id, "cat /v/whose").await, "host's");
+    let (_, out, err) = exec_sh(&mut rt, &id, "/v/busybox true; echo rc=$?").await;
+    assert_eq!(out.trim_end(), "rc=126", "the host's tmpfs ran: {out}{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    stop_pod(&mut rt, &pod).await;
+    drop(mounts);
+}

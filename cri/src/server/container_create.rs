@@ -312,9 +312,17 @@ impl CriServer {
             let shared = self.shared_of(&sb_state);
             // Image volumes become read-only binds; then, in a user
             // namespace pod, every bind is ID-mapped.
+            if let Some(window) = volume_check_window() {
+                // Test only: the moments between resolving a container's
+                // volumes, binding them and checking them, widened.
+                tokio::time::sleep(window).await;
+            }
             let (with_images, volume_labels) = self.image_volumes(id, resolved, &lease).await?;
             let volumes = with_images.as_ref().unwrap_or(resolved);
             let mapped = self.idmap_volumes(id, &sb_state, volumes)?;
+            if let Some(window) = volume_check_window() {
+                tokio::time::sleep(window).await;
+            }
             let mut spec = spec::container_spec(&ContainerInputs {
                 id,
                 sandbox_id: &sb.id,
@@ -351,7 +359,12 @@ impl CriServer {
             }
             if super::integrity::is_fanotify(&sb_state) {
                 let measured: Vec<String> = self
-                    .measured_volumes(&sb_state, super::integrity::pod_uid(&sb.config), volumes)
+                    .measured_volumes(
+                        &sb_state,
+                        super::integrity::pod_uid(&sb.config),
+                        volumes,
+                        mapped.as_ref(),
+                    )
                     .into_iter()
                     .map(|(dest, _)| dest)
                     .collect();
@@ -573,6 +586,19 @@ impl CriServer {
         }
         Ok(())
     }
+}
+
+/// `IMACRI_TEST_VOLUME_CHECK_WINDOW` (milliseconds): pauses after
+/// resolving a container's volumes and after binding them, for the test
+/// that swaps a volume's path in between.
+fn volume_check_window() -> Option<std::time::Duration> {
+    static WINDOW: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *WINDOW.get_or_init(|| {
+        std::env::var("IMACRI_TEST_VOLUME_CHECK_WINDOW")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    })
 }
 
 /// "SIGTERM", "TERM" or "15".

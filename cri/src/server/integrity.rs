@@ -9,7 +9,7 @@ use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::charge::Charge;
 use imacri_runtime::integrity::engine::{Engine, Measured, Notice};
 use imacri_runtime::integrity::fanotify::{
-    self, own_tmpfs, pods_own_volume, Target, Triggers, Watch,
+    self, own_tmpfs, own_tmpfs_view, pods_own_volume, same_file, Target, Triggers, Watch,
 };
 use imacri_runtime::integrity::guard;
 use imacri_runtime::integrity::journal::Journal;
@@ -201,31 +201,53 @@ impl CriServer {
     /// Volumes of a container the fanotify backend measures (policy
     /// `volumes = "measure"` and a tmpfs of their own, in kubelet's directory
     /// of this pod's volumes): (destination, host path).
+    /// `bound`: the mounts the container will bind instead (the same
+    /// volumes in the same order: ID-mapped views, made from the host paths
+    /// before this check). A volume is measured only if what is bound is
+    /// the very directory checked: a host path through a symlink the pod
+    /// controls (in another volume of its own) could name the host's
+    /// `/dev/shm` when it was bound and the pod's own volume when it was
+    /// checked and marked, leaving the host's tmpfs executable and unmarked
+    /// (until 2026-12-04). The path is resolved once and the check and the
+    /// bound view compared by device and inode.
     pub(crate) fn measured_volumes(
         &self,
         st: &SandboxState,
         pod_uid: &str,
         config: &cri::ContainerConfig,
+        bound: Option<&cri::ContainerConfig>,
     ) -> Vec<(String, std::path::PathBuf)> {
-        let measure = st
-            .ima
-            .as_ref()
-            .and_then(|i| self.cfg.ima.policies.get(&i.policy))
-            .is_some_and(|p| p.volumes == ima::VolumeExec::Measure);
-        if !measure {
+        if !self.measures_volumes(st) {
             return Vec::new();
         }
         config
             .mounts
             .iter()
-            .filter(|m| {
+            .enumerate()
+            .filter(|(i, m)| {
+                let Ok(p) = std::fs::canonicalize(&m.host_path) else {
+                    return false;
+                };
+                let bound = bound
+                    .and_then(|b| b.mounts.get(*i))
+                    .map_or(p.clone(), |b| b.host_path.clone().into());
                 // The path test first: most volumes (hostPaths) end there,
                 // before own_tmpfs reads the whole mountinfo.
-                let p = std::path::Path::new(&m.host_path);
-                pods_own_volume(p, pod_uid) && own_tmpfs(p)
+                pods_own_volume(&p, pod_uid) && own_tmpfs(&p) && same_file(&p, &bound)
             })
-            .map(|m| (m.container_path.clone(), m.host_path.clone().into()))
+            .map(|(i, m)| {
+                let bound = bound.and_then(|b| b.mounts.get(i)).unwrap_or(m);
+                (m.container_path.clone(), bound.host_path.clone().into())
+            })
             .collect()
+    }
+
+    /// Whether the pod's policy lets its own memory-backed volumes run.
+    fn measures_volumes(&self, st: &SandboxState) -> bool {
+        st.ima
+            .as_ref()
+            .and_then(|i| self.cfg.ima.policies.get(&i.policy))
+            .is_some_and(|p| p.volumes == ima::VolumeExec::Measure)
     }
 
     /// Forbids what measurement cannot see (memfd execution, nested user
@@ -439,8 +461,13 @@ impl CriServer {
             (Vec::new(), self.sandbox_image.clone(), None)
         } else {
             let c = self.container(ctr)?;
-            let volumes = self.measured_volumes(&st, pod_uid(&sb.config), &c.config);
             let spec = self.spec_of(&c).await?;
+            // What CreateContainer left executable is marked as it is
+            // bound: the mount's source in the spec (imacri's own staged
+            // view of the volume, out of the pod's reach), not the host path
+            // again, which a pod's symlink could have moved since.
+            let measures = self.measures_volumes(&st);
+            let mut volumes: Vec<(String, std::path::PathBuf)> = Vec::new();
             let through_init = spec
                 .process()
                 .as_ref()
@@ -454,14 +481,17 @@ impl CriServer {
                     .as_ref()
                     .is_some_and(|o| o.iter().any(|x| x == "noexec"));
                 let dest = m.destination().to_string_lossy();
-                if exec && through_init && dest == init_path {
+                if !exec || (through_init && dest == init_path) {
                     continue;
                 }
-                if exec && !volumes.iter().any(|(d, _)| *d == dest) {
+                let source = m.source().clone().unwrap_or_default();
+                let staged = source.starts_with(self.cfg.state.join("idmap").join(ctr));
+                if !(measures && staged && own_tmpfs_view(&source)) {
                     return Err(Error::FailedPrecondition(format!(
                         "mount {dest} of container {ctr} allows execution but cannot be measured (not a tmpfs of its own any more)"
                     )));
                 }
+                volumes.push((dest.into_owned(), source));
             }
             if let Some(p) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
                 cgroup = p.to_string_lossy().into_owned();

@@ -496,6 +496,23 @@ pub fn own_tmpfs(path: &std::path::Path) -> bool {
     own_tmpfs_root(path) && !crate::mount::mounts_beneath(path)
 }
 
+/// True when `path` (imacri's staged view of a volume, a mount root of its
+/// own) is a tmpfs with nothing mounted beneath it.
+pub fn own_tmpfs_view(path: &std::path::Path) -> bool {
+    let tmpfs = nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+    tmpfs && !crate::mount::mounts_beneath(path)
+}
+
+/// Whether `a` and `b` name the same file (device and inode): an ID-mapped
+/// view keeps both.
+pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (nix::sys::stat::stat(a), nix::sys::stat::stat(b)) {
+        (Ok(x), Ok(y)) => (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino),
+        _ => false,
+    }
+}
+
 fn own_tmpfs_root(path: &std::path::Path) -> bool {
     let Ok(p) = std::fs::canonicalize(path) else {
         return false;
