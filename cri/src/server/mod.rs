@@ -15,6 +15,7 @@ mod container_start;
 mod container_status;
 mod container_stop;
 mod container_stream;
+mod container_volumes;
 pub mod deadline;
 mod image_fs_info;
 mod image_list;
