@@ -9,7 +9,7 @@ use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::charge::Charge;
 use imacri_runtime::integrity::engine::{Engine, Measured, Notice};
 use imacri_runtime::integrity::fanotify::{
-    self, own_tmpfs, own_tmpfs_view, pods_own_volume, same_file, Target, Triggers, Watch,
+    self, own_tmpfs_view, pods_own_tmpfs_volume, Target, Triggers, Watch,
 };
 use imacri_runtime::integrity::guard;
 use imacri_runtime::integrity::journal::Journal;
@@ -203,13 +203,9 @@ impl CriServer {
     /// of this pod's volumes): (destination, host path).
     /// `bound`: the mounts the container will bind instead (the same
     /// volumes in the same order: ID-mapped views, made from the host paths
-    /// before this check). A volume is measured only if what is bound is
-    /// the very directory checked: a host path through a symlink the pod
-    /// controls (in another volume of its own) could name the host's
-    /// `/dev/shm` when it was bound and the pod's own volume when it was
-    /// checked and marked, leaving the host's tmpfs executable and unmarked
-    /// (until 2026-12-04). The path is resolved once and the check and the
-    /// bound view compared by device and inode.
+    /// before this check), on which the check is made (see
+    /// `pods_own_tmpfs_volume`): a path the pod can swap could name one
+    /// thing when bound and another when checked.
     pub(crate) fn measured_volumes(
         &self,
         st: &SandboxState,
@@ -225,15 +221,12 @@ impl CriServer {
             .iter()
             .enumerate()
             .filter(|(i, m)| {
-                let Ok(p) = std::fs::canonicalize(&m.host_path) else {
-                    return false;
-                };
-                let bound = bound
-                    .and_then(|b| b.mounts.get(*i))
-                    .map_or(p.clone(), |b| b.host_path.clone().into());
-                // The path test first: most volumes (hostPaths) end there,
-                // before own_tmpfs reads the whole mountinfo.
-                pods_own_volume(&p, pod_uid) && own_tmpfs(&p) && same_file(&p, &bound)
+                let bound = bound.and_then(|b| b.mounts.get(*i)).unwrap_or(m);
+                pods_own_tmpfs_volume(
+                    std::path::Path::new(&m.host_path),
+                    std::path::Path::new(&bound.host_path),
+                    pod_uid,
+                )
             })
             .map(|(i, m)| {
                 let bound = bound.and_then(|b| b.mounts.get(i)).unwrap_or(m);

@@ -444,56 +444,98 @@ fn start(
     })
 }
 
-/// True when `path` lies in kubelet's directory of the pod with `pod_uid`'s
-/// volumes (`<kubelet root>/pods/<uid>/volumes/<plugin>/<name>`), or is a
-/// subPath of one (`.../pods/<uid>/volume-subpaths/<name>/...`, on the
-/// filesystem of that volume, itself a tmpfs of its own): a memory-backed
-/// volume there is the pod's alone. A tmpfs elsewhere (the host's
-/// `/dev/shm`, another pod's emptyDir, a subPath of a hostPath) is used by
-/// processes outside the pod, whose executions a mark of the pod's would
-/// measure into its log and put under its policy.
-pub fn pods_own_volume(path: &std::path::Path, pod_uid: &str) -> bool {
+/// Whether `bound`, what a container will bind for the volume its request
+/// named `host_path` (imacri's staged view of it), is a memory-backed volume
+/// of the pod with `pod_uid`'s own: the root of a tmpfs in kubelet's
+/// directory of the pod's volumes (`<kubelet root>/pods/<uid>/volumes/
+/// <plugin>/<name>`), or a subPath of one (`.../pods/<uid>/volume-subpaths/
+/// <name>/...` on that volume's filesystem), with nothing mounted beneath.
+/// A memory-backed volume there is the pod's alone; a tmpfs elsewhere (the
+/// host's `/dev/shm`, another pod's emptyDir, a subPath of a hostPath) is
+/// used by processes outside the pod, whose executions a mark of the pod's
+/// would measure into its log and put under its policy.
+///
+/// Decided on `bound` itself (device and inode) and on kubelet's
+/// directories, each looked at without following a link and owned by root:
+/// a host path through a directory the pod controls (in a disk volume of
+/// its own) could name another file at every look, and did, until
+/// 2026-12-04, between the bind and the check (`ima_guards.rs`
+/// `a_volume_swapped_under_its_check_does_not_run`).
+pub fn pods_own_tmpfs_volume(
+    host_path: &std::path::Path,
+    bound: &std::path::Path,
+    pod_uid: &str,
+) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let Ok(p) = std::fs::canonicalize(path) else {
+    let (false, Ok(p)) = (pod_uid.is_empty(), std::fs::canonicalize(host_path)) else {
         return false;
     };
     let parts: Vec<_> = p.components().collect();
-    let Some(i) = (!pod_uid.is_empty())
-        .then(|| {
-            parts
-                .windows(2)
-                .position(|w| w[0].as_os_str() == "pods" && w[1].as_os_str() == pod_uid)
-        })
-        .flatten()
+    let Some(i) = parts
+        .windows(2)
+        .position(|w| w[0].as_os_str() == "pods" && w[1].as_os_str() == pod_uid)
     else {
         return false;
     };
+    // The path test first: most volumes (hostPaths) end there, before the
+    // mountinfo is read.
     let pod_dir: std::path::PathBuf = parts[..i + 2].iter().collect();
-    match (parts.get(i + 2).map(|c| c.as_os_str()), parts.get(i + 3)) {
-        (Some(d), Some(_)) if d == "volumes" => true,
+    if !pod_dir.ancestors().all(root_owned_dir) || !own_tmpfs_view(bound) {
+        return false;
+    }
+    let Ok(b) = std::fs::metadata(bound) else {
+        return false;
+    };
+    let own = own_volume_roots(&pod_dir.join("volumes"));
+    let at = |k: usize| parts.get(k).map(|c| c.as_os_str());
+    match (at(i + 2), at(i + 3)) {
+        (Some(d), Some(_)) if d == "volumes" => own
+            .iter()
+            .any(|(_, dev, ino)| (*dev, *ino) == (b.dev(), b.ino())),
         (Some(d), Some(name)) if d == "volume-subpaths" => {
-            let Ok(dev) = std::fs::metadata(&p).map(|m| m.dev()) else {
-                return false;
-            };
-            let Ok(plugins) = std::fs::read_dir(pod_dir.join("volumes")) else {
-                return false;
-            };
-            plugins.flatten().any(|plugin| {
-                let vol = plugin.path().join(name);
-                std::fs::metadata(&vol).is_ok_and(|m| m.dev() == dev) && own_tmpfs_root(&vol)
-            })
+            own.iter().any(|(n, dev, _)| n == name && *dev == b.dev())
         }
         _ => false,
     }
 }
 
-/// True when `path` is the root of a tmpfs mount: a filesystem of its own
-/// (kubelet's memory-backed emptyDir and projected volumes), which a
-/// `FAN_MARK_FILESYSTEM` can watch without watching the host, and nothing
-/// is mounted beneath it (a bind brings such mounts along, and the mark
-/// would not cover them: such a volume is made noexec, all of it).
-pub fn own_tmpfs(path: &std::path::Path) -> bool {
-    own_tmpfs_root(path) && !crate::mount::mounts_beneath(path)
+/// A directory (not a link to one) owned by host root: none of the pod's.
+fn root_owned_dir(p: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == 0)
+}
+
+/// The tmpfs roots among kubelet's volumes of a pod (`volumes/<plugin>/
+/// <name>`, each the root of a filesystem of its own): (name, device, inode).
+fn own_volume_roots(volumes: &std::path::Path) -> Vec<(std::ffi::OsString, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let Ok(plugins) = std::fs::read_dir(volumes) else {
+        return out;
+    };
+    for plugin in plugins.flatten().map(|e| e.path()) {
+        let Ok(pm) = std::fs::symlink_metadata(&plugin) else {
+            continue;
+        };
+        if !root_owned_dir(&plugin) {
+            continue;
+        }
+        let Ok(names) = std::fs::read_dir(&plugin) else {
+            continue;
+        };
+        for vol in names.flatten() {
+            let path = vol.path();
+            let Ok(m) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let tmpfs = nix::sys::statfs::statfs(&path)
+                .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+            if m.is_dir() && m.dev() != pm.dev() && tmpfs {
+                out.push((vol.file_name(), m.dev(), m.ino()));
+            }
+        }
+    }
+    out
 }
 
 /// True when `path` (imacri's staged view of a volume, a mount root of its
@@ -502,31 +544,6 @@ pub fn own_tmpfs_view(path: &std::path::Path) -> bool {
     let tmpfs = nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
     tmpfs && !crate::mount::mounts_beneath(path)
-}
-
-/// Whether `a` and `b` name the same file (device and inode): an ID-mapped
-/// view keeps both.
-pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    match (nix::sys::stat::stat(a), nix::sys::stat::stat(b)) {
-        (Ok(x), Ok(y)) => (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino),
-        _ => false,
-    }
-}
-
-fn own_tmpfs_root(path: &std::path::Path) -> bool {
-    let Ok(p) = std::fs::canonicalize(path) else {
-        return false;
-    };
-    let Some(parent) = p.parent() else {
-        return false;
-    };
-    let (Ok(st), Ok(up)) = (nix::sys::stat::stat(&p), nix::sys::stat::stat(parent)) else {
-        return false;
-    };
-    let tmpfs = nix::sys::statfs::statfs(&p)
-        .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
-        .unwrap_or(false);
-    tmpfs && st.st_dev != up.st_dev
 }
 
 /// Whether task `tid` is one of `openers`.
@@ -565,30 +582,72 @@ mod tests {
         assert!(!opened_by(me, &[o(uid + 1, false), o(euid + 1, true)]));
     }
 
+    /// tmpfs mounts stand for kubelet's memory-backed volumes (the unit
+    /// tests run as root), taken down when the test ends.
+    struct Mounted(Vec<std::path::PathBuf>);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            for p in self.0.iter().rev() {
+                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+
     #[test]
     fn only_the_pods_own_kubelet_volumes_are_its_own() {
+        use nix::mount::{mount, MsFlags};
         let d = tempfile::tempdir().unwrap();
-        let vol = d
+        let vols = d.path().join("pods/u-1/volumes/kubernetes.io~empty-dir");
+        let (cache, plain) = (vols.join("cache"), vols.join("plain"));
+        let theirs = d
             .path()
-            .join("pods/u-1/volumes/kubernetes.io~empty-dir/cache");
+            .join("pods/u-2/volumes/kubernetes.io~empty-dir/cache");
         let sub = d.path().join("pods/u-1/volume-subpaths/cache/c/0");
-        for p in [&vol, &sub] {
+        let other_sub = d.path().join("pods/u-1/volume-subpaths/cache/c/1");
+        for p in [&cache, &plain, &theirs, &sub, &other_sub] {
             std::fs::create_dir_all(p).unwrap();
         }
-        assert!(pods_own_volume(&vol, "u-1"));
-        // A subPath is the pod's only on the filesystem of a tmpfs volume
-        // of its own (here the volume is no tmpfs: a hostPath's would not be).
-        assert!(!pods_own_volume(&sub, "u-1"));
-        assert!(!pods_own_volume(&vol, "u-2"), "another pod's");
-        assert!(!pods_own_volume(&vol, ""));
-        assert!(!pods_own_volume(d.path(), "u-1"));
-        assert!(!pods_own_volume(std::path::Path::new("/dev/shm"), "u-1"));
-        // Resolved first: a symlink in the pod's directory is where it leads.
-        let elsewhere = d.path().join("elsewhere");
-        std::fs::create_dir_all(&elsewhere).unwrap();
-        let link = d.path().join("pods/u-1/volumes/link");
-        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
-        assert!(!pods_own_volume(&link, "u-1"));
+        let mut mounted = Mounted(Vec::new());
+        for p in [&cache, &theirs] {
+            mount(Some("t"), p, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+            mounted.0.push(p.clone());
+            std::fs::create_dir(p.join("dir")).unwrap();
+        }
+        // subPaths as kubelet binds them: of the pod's volume, and one under
+        // its name bound from another pod's.
+        for (at, from) in [(&sub, &cache), (&other_sub, &theirs)] {
+            mount(
+                Some(&from.join("dir")),
+                at,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .unwrap();
+            mounted.0.push(at.clone());
+        }
+        // Bound as named (in a pod, the bound view is an ID-mapped copy).
+        let own = |p: &std::path::Path, uid| pods_own_tmpfs_volume(p, p, uid);
+        assert!(own(&cache, "u-1"));
+        assert!(own(&sub, "u-1"), "a subPath of its own volume");
+        assert!(!own(&other_sub, "u-1"), "another pod's filesystem");
+        assert!(!own(&plain, "u-1"), "no tmpfs");
+        assert!(!own(&theirs, "u-1"), "another pod's");
+        assert!(!own(&cache, "u-2"));
+        assert!(!own(&cache, ""));
+        assert!(!own(std::path::Path::new("/dev/shm"), "u-1"));
+        // What is bound decides, not what the path names now.
+        assert!(!pods_own_tmpfs_volume(&cache, &theirs, "u-1"));
+        assert!(!pods_own_tmpfs_volume(&cache, &cache.join("dir"), "u-1"));
+        // A link in the pod's directory is where it leads.
+        let link = vols.join("link");
+        std::os::unix::fs::symlink(&theirs, &link).unwrap();
+        assert!(!own(&link, "u-1"));
+        // A directory in the way that is not root's (one of the pod's).
+        nix::unistd::chown(&vols, Some(1000.into()), None).unwrap();
+        assert!(!own(&cache, "u-1"));
+        nix::unistd::chown(&vols, Some(0.into()), None).unwrap();
+        assert!(own(&cache, "u-1"));
     }
 
     #[test]
