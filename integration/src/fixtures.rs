@@ -41,6 +41,27 @@ pub fn own_pids(cfg: &mut cri::PodSandboxConfig) {
         .pid = cri::NamespaceMode::Container as i32;
 }
 
+/// A user namespace of the pod's own with the given host IDs (kubelet's
+/// request for `hostUsers: false`); other namespace options are kept.
+pub fn pod_userns(cfg: &mut cri::PodSandboxConfig, host_id: u32) {
+    let map = vec![cri::IdMapping {
+        host_id,
+        container_id: 0,
+        length: 65536,
+    }];
+    cfg.linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .namespace_options
+        .get_or_insert_with(Default::default)
+        .userns_options = Some(cri::UserNamespace {
+        mode: cri::NamespaceMode::Pod as i32,
+        uids: map.clone(),
+        gids: map,
+    });
+}
+
 pub fn container_config(name: &str, image: &str, cmd: &[&str]) -> cri::ContainerConfig {
     cri::ContainerConfig {
         metadata: Some(cri::ContainerMetadata {

@@ -15,7 +15,7 @@
 //! or after they ran), `ima_crashes.rs` (imacri down mid-access),
 //! `ima_floods.rs` (floods, quotas, a pod's CPU).
 
-use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
+use imacri_integration::client::{create_container, exec_sh, run_pod, sh_ok, start_container};
 use imacri_integration::escapes::*;
 use imacri_integration::{container_config, cri, pod_config, Env};
 
@@ -777,12 +777,7 @@ async fn a_pods_own_seccomp_profile_opens_no_way_around_the_guard() {
     let pod = run_pod(&mut rt, &cfg)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-    let e = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(under_profile("t", &image, &tracing)),
-            sandbox_config: Some(cfg.clone()),
-        })
+    let e = create_container(&mut rt, &pod, &cfg, under_profile("t", &image, &tracing))
         .await
         .expect_err("a profile handing mmap to a tracer");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");

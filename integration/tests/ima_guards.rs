@@ -5,7 +5,7 @@
 //! Each works in a plain pod (the control) and fails closed in an ima pod;
 //! capabilities that would undo the guards are refused.
 
-use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
+use imacri_integration::client::{create_container, exec_sh, run_pod, sh_ok, start_container};
 use imacri_integration::images::busybox_with_c;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use tonic::Code;
@@ -774,35 +774,12 @@ async fn a_device_mapped_elsewhere_brings_no_host_file() {
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 
     let mut userns = pod_config("device-userns");
-    let map = vec![cri::IdMapping {
-        host_id: 3_200_000,
-        container_id: 0,
-        length: 65536,
-    }];
-    userns
-        .linux
-        .get_or_insert_with(Default::default)
-        .security_context = Some(cri::LinuxSandboxSecurityContext {
-        namespace_options: Some(cri::NamespaceOption {
-            userns_options: Some(cri::UserNamespace {
-                mode: cri::NamespaceMode::Pod as i32,
-                uids: map.clone(),
-                gids: map,
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    imacri_integration::pod_userns(&mut userns, 3_200_000);
     for cfg in [ima(pod_config("device-ima")), userns] {
         let pod = run_pod(&mut rt, &cfg)
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-        let e = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(with_device("/dev/null", &host_file)),
-                sandbox_config: Some(cfg.clone()),
-            })
+        let e = create_container(&mut rt, &pod, &cfg, with_device("/dev/null", &host_file))
             .await
             .expect_err("a device whose container path names a host file");
         assert_eq!(e.code(), Code::InvalidArgument, "{e}");

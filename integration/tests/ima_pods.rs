@@ -36,22 +36,7 @@ async fn userns_pod_with_kubelet_mappings() {
     let mut rt = d.runtime().await.unwrap();
     d.pull(&env.busybox).await;
     let mut cfg = pod_config("userns");
-    let map = vec![cri::IdMapping {
-        host_id: 3_000_000,
-        container_id: 0,
-        length: 65536,
-    }];
-    cfg.linux.as_mut().unwrap().security_context = Some(cri::LinuxSandboxSecurityContext {
-        namespace_options: Some(cri::NamespaceOption {
-            userns_options: Some(cri::UserNamespace {
-                mode: cri::NamespaceMode::Pod as i32,
-                uids: map.clone(),
-                gids: map,
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    imacri_integration::pod_userns(&mut cfg, 3_000_000);
     let pod = run_pod(&mut rt, &cfg)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));

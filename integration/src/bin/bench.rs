@@ -284,26 +284,7 @@ fn pod_start_config(mode: Mode, name: &str, i: usize) -> cri::PodSandboxConfig {
     let mut cfg = pod_config(name);
     match mode {
         Mode::Plain => {}
-        Mode::Userns => {
-            let map = vec![cri::IdMapping {
-                host_id: 5_000_000 + (i as u32) * 65536,
-                container_id: 0,
-                length: 65536,
-            }];
-            cfg.linux
-                .get_or_insert_with(Default::default)
-                .security_context = Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    userns_options: Some(cri::UserNamespace {
-                        mode: cri::NamespaceMode::Pod as i32,
-                        uids: map.clone(),
-                        gids: map,
-                    }),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
-        }
+        Mode::Userns => imacri_integration::pod_userns(&mut cfg, 5_000_000 + (i as u32) * 65536),
         Mode::Ima => {
             cfg.annotations
                 .insert("imacri.dev/ima".into(), "true".into());
