@@ -406,9 +406,20 @@ mod tests {
         assert_eq!(held.tasks.len(), 1);
         assert_eq!(stat(spinner).0, 't', "held, not stopped");
         // A task reads as stopped a moment before it is off its CPU, whose
-        // last slice can still cross a clock tick: sampled once it settled.
-        std::thread::sleep(Duration::from_millis(20));
-        let ticks = stat(spinner).1;
+        // last slice can still cross a clock tick (later still on a loaded
+        // machine): sampled once its time stood still for 20 ms, which a
+        // spinner left running never does.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut ticks = stat(spinner).1;
+        loop {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = stat(spinner).1;
+            if now == ticks {
+                break;
+            }
+            assert!(Instant::now() < deadline, "a held thread ran");
+            ticks = now;
+        }
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(stat(spinner).1, ticks, "a held thread ran");
         drop(held);
