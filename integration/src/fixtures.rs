@@ -32,13 +32,17 @@ pub fn pod_config(name: &str) -> cri::PodSandboxConfig {
 /// other namespace options (a user namespace) are kept. imacri runs such a
 /// pod without pause.
 pub fn own_pids(cfg: &mut cri::PodSandboxConfig) {
+    namespace_options(cfg).pid = cri::NamespaceMode::Container as i32;
+}
+
+/// The pod's namespace options, made where missing.
+fn namespace_options(cfg: &mut cri::PodSandboxConfig) -> &mut cri::NamespaceOption {
     cfg.linux
         .get_or_insert_with(Default::default)
         .security_context
         .get_or_insert_with(Default::default)
         .namespace_options
         .get_or_insert_with(Default::default)
-        .pid = cri::NamespaceMode::Container as i32;
 }
 
 /// A user namespace of the pod's own with the given host IDs (kubelet's
@@ -49,13 +53,7 @@ pub fn pod_userns(cfg: &mut cri::PodSandboxConfig, host_id: u32) {
         container_id: 0,
         length: 65536,
     }];
-    cfg.linux
-        .get_or_insert_with(Default::default)
-        .security_context
-        .get_or_insert_with(Default::default)
-        .namespace_options
-        .get_or_insert_with(Default::default)
-        .userns_options = Some(cri::UserNamespace {
+    namespace_options(cfg).userns_options = Some(cri::UserNamespace {
         mode: cri::NamespaceMode::Pod as i32,
         uids: map.clone(),
         gids: map,
