@@ -13,7 +13,7 @@ impl CriServer {
     /// Returns the kept seccomp listeners for the map guard to adopt.
     pub(crate) async fn recover(
         self: &Arc<Self>,
-        kept: super::integrity::Kept,
+        kept: imacri_runtime::integrity::kept::Kept,
     ) -> Vec<imacri_runtime::integrity::mapguard::KeptListener> {
         for sb in self.sandboxes.all() {
             let st = sb.state();

@@ -17,6 +17,7 @@ mod hashq;
 pub mod init;
 pub mod journal;
 pub mod keeper;
+pub mod kept;
 pub mod kernel;
 pub mod log;
 pub mod mapguard;

@@ -1,0 +1,113 @@
+//! What an ima pod's processes are kept from before its workload runs:
+//! the guards of each pid namespace and the pod's user namespace, and the
+//! `noexec` seal of pause's rootfs that its containers' starts wait for.
+
+use imacri_runtime::integrity::guard;
+use imacri_runtime::pod::SandboxState;
+use imacri_runtime::{Error, Result};
+use std::sync::Arc;
+
+use super::super::CriServer;
+
+impl CriServer {
+    /// Forbids what measurement cannot see (memfd execution, nested user
+    /// namespaces, the node's pre-opened binfmt_misc interpreters) in the
+    /// pid namespace of `pid` and the pod's user namespace, before `pid`
+    /// runs anything of the workload. Nothing to do outside ima pods; a
+    /// failure fails the start (closed, never open).
+    pub(crate) async fn guard_process(
+        &self,
+        st: &SandboxState,
+        id: &str,
+        pid: u32,
+        scope: guard::Scope,
+    ) -> Result<()> {
+        let (Some(_), Some(u)) = (&st.ima, &st.userns) else {
+            return Ok(());
+        };
+        if st.pid != 0 && st.pid != pid && guard::same_pid_namespace(st.pid, pid) {
+            // pid POD: pause's namespace, guarded when the pod started (and
+            // the user namespace's setting is the pod's).
+            return Ok(());
+        }
+        let userns = u.path.clone();
+        tokio::task::spawn_blocking(move || guard::apply(pid, &userns, scope))
+            .await
+            .map_err(|e| Error::Internal(format!("guard task: {e}")))??;
+        tracing::debug!(
+            id,
+            pid,
+            ?scope,
+            "ima guards set: vm.memfd_noexec=2, user.max_user_namespaces=0 (and for the pod its own binfmt_misc)"
+        );
+        Ok(())
+    }
+
+    /// In an ima pod, pause's rootfs becomes `noexec` once pause runs:
+    /// nothing may execute from it through `/proc/1/root` unmeasured.
+    async fn seal_pause(&self, st: &SandboxState, id: &str, pid: u32) -> Result<()> {
+        if st.ima.is_none() {
+            return Ok(());
+        }
+        if std::env::var_os("IMACRI_TEST_SEAL_FAIL").is_some() {
+            // Test only: the seal's failure path (it needs a broken kernel).
+            return Err(Error::Internal("IMACRI_TEST_SEAL_FAIL is set".into()));
+        }
+        tokio::task::spawn_blocking(move || guard::seal_root_noexec(pid))
+            .await
+            .map_err(|e| Error::Internal(format!("seal task: {e}")))??;
+        tracing::debug!(pod_sandbox_id = %id, "pause rootfs sealed noexec");
+        Ok(())
+    }
+
+    /// As [`seal_pause`], in the background: it waits for pause to settle
+    /// (a millisecond or two) while kubelet creates the pod's containers;
+    /// [`sealed`] holds their starts until it is done.
+    pub(crate) fn seal_pause_later(self: &Arc<Self>, st: &SandboxState, id: &str, pid: u32) {
+        if st.ima.is_none() {
+            return;
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        if let Ok(mut m) = self.integrity.seals.lock() {
+            m.insert(id.to_string(), rx);
+        }
+        let (me, st, id) = (self.clone(), st.clone(), id.to_string());
+        tokio::spawn(async move {
+            let res = me.seal_pause(&st, &id, pid).await;
+            if let Err(e) = &res {
+                tracing::error!(pod_sandbox_id = %id, error = %e, "sealing the pause rootfs failed: the pod's containers will not start");
+            }
+            let _ = tx.send(Some(res.map_err(|e| e.to_string())));
+        });
+    }
+
+    /// Waits for the pod's pause rootfs seal, if one was started by this
+    /// imacri (recovery seals synchronously); its failure refuses the start.
+    pub(crate) async fn sealed(&self, pod: &str) -> Result<()> {
+        let rx = self
+            .integrity
+            .seals
+            .lock()
+            .ok()
+            .and_then(|m| m.get(pod).cloned());
+        let Some(mut rx) = rx else { return Ok(()) };
+        let outcome = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|v| v.clone())
+            .map_err(|_| Error::Internal("the pause rootfs seal task ended".into()))?;
+        match outcome {
+            Some(Err(e)) => Err(Error::FailedPrecondition(format!(
+                "the pause rootfs of ima pod {pod} could not be made noexec, so its containers cannot start: {e}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Forgets a removed pod's seal.
+    pub(crate) fn forget_seal(&self, pod: &str) {
+        if let Ok(mut m) = self.integrity.seals.lock() {
+            m.remove(pod);
+        }
+    }
+}

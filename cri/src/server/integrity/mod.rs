@@ -1,0 +1,274 @@
+//! Wiring of the measurement backend into the container lifecycle: a
+//! container of a fanotify-measured pod gets the map guard in its seccomp
+//! profile at create, is marked after its task exists and before it starts
+//! (logging its `start` entry, `measure.rs`); restarts re-mark running
+//! containers (with a `gap` entry, `restart.rs`); the guards of an ima pod's
+//! processes and its pause rootfs seal (`guards.rs`); violations become
+//! warnings and CRI events.
+
+use imacri_api::cri;
+use imacri_runtime::integrity::allowlist::Allowlist;
+use imacri_runtime::integrity::engine::{Engine, Notice};
+use imacri_runtime::integrity::fanotify::pods_own_tmpfs_volume;
+use imacri_runtime::integrity::journal::Journal;
+use imacri_runtime::integrity::keeper;
+use imacri_runtime::integrity::mapguard::{self, Supervisor};
+use imacri_runtime::integrity::setting as ima;
+use imacri_runtime::integrity::tpm::Tpm;
+use imacri_runtime::pod::SandboxState;
+use imacri_runtime::{Error, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::CriServer;
+
+// Each step of the wiring in a file of its own: the guards of a pod's
+// processes and the pause rootfs seal, the marking of a container with its
+// `start` entry, taking measurement back after a restart.
+mod guards;
+mod measure;
+mod restart;
+
+/// The node's measurement machinery.
+pub struct Integrity {
+    pub journal: Arc<Journal>,
+    /// None when this node cannot run the fanotify backend.
+    pub engine: Option<Arc<Engine>>,
+    /// Where runc hands over seccomp listener fds (the map guard), with the
+    /// supervisor answering them.
+    pub listener: std::path::PathBuf,
+    /// imacri's container init on the host (fanotify backend only): the
+    /// source of each measured container's `/dev/.imacri-init`, or why
+    /// there is none (fanotify-measured pods are then refused).
+    pub init: std::result::Result<std::path::PathBuf, String>,
+    /// Removed ima pods still quotable.
+    pub retained: imacri_runtime::integrity::retained::Retained,
+    mapguard: Option<Supervisor>,
+    /// Pause rootfs seals in progress or done, by pod: None while running,
+    /// then the outcome. Containers of the pod start only after success.
+    seals: std::sync::Mutex<HashMap<String, Seal>>,
+}
+
+type Seal = tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>;
+
+impl Integrity {
+    /// The fd keeper (it runs with the map guard), if any.
+    pub fn keeper(&self) -> Option<&keeper::Keeper> {
+        self.mapguard.as_ref().and_then(Supervisor::keeper)
+    }
+}
+
+impl Integrity {
+    /// Opens the TPM (if configured) and the journal; starts the engine if
+    /// fanotify works here. Returns the notice receiver for violations.
+    pub async fn open(
+        cfg: &imacri_runtime::config::Config,
+        fanotify: &std::result::Result<(), String>,
+    ) -> Result<(Integrity, tokio::sync::mpsc::UnboundedReceiver<Notice>)> {
+        let dir = cfg.root.join("integrity");
+        let tcti = cfg.ima.tpm_tcti.clone();
+        let pcr = cfg.ima.pcr;
+        let quota = cfg.ima.max_entries_per_pod;
+        let journal = tokio::task::spawn_blocking(move || -> Result<Journal> {
+            let tpm = if tcti.is_empty() {
+                None
+            } else {
+                Some(Tpm::open(&tcti, pcr, &dir)?)
+            };
+            Ok(Journal::open(&dir, pcr, tpm)?.with_quota(quota))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("opening the measurement journal: {e}")))??;
+        let journal = Arc::new(journal);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = fanotify
+            .is_ok()
+            .then(|| Engine::new(journal.clone(), tx, cfg.ima.max_file_size));
+        let init = match &engine {
+            Some(_) => imacri_runtime::integrity::init::install(&cfg.root).map_err(|e| {
+                tracing::warn!(error = %e, "fanotify-measured ima pods cannot run on this node");
+                e.to_string()
+            }),
+            None => Err("this node cannot run the fanotify backend".into()),
+        };
+        let listener = cfg.state.join("mapguard.sock");
+        let mapguard = match &engine {
+            Some(e) => {
+                let sock = cfg.state.join("fdkeeper.sock");
+                let keeper = tokio::task::spawn_blocking(move || {
+                    std::env::current_exe().and_then(|exe| {
+                        imacri_runtime::integrity::keeper::Keeper::ensure(&sock, &exe)
+                    })
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+                let keeper = match keeper {
+                    Ok(k) => {
+                        if let Err(e) = k.supervise() {
+                            tracing::warn!(error = %e, "fd keeper: no thread to start it again if it dies");
+                        }
+                        Some(k)
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "no fd keeper: map-guarded calls fail (ENOSYS) while imacri is down");
+                        None
+                    }
+                };
+                Some(Supervisor::start(&listener, e, keeper)?)
+            }
+            None => None,
+        };
+        tracing::info!(
+            anchored = journal.anchored(),
+            pcr,
+            fanotify = engine.is_some(),
+            epoch = ?journal.epoch().reset_count,
+            "measurement journal ready"
+        );
+        Ok((
+            Integrity {
+                journal,
+                engine,
+                listener,
+                init,
+                retained: imacri_runtime::integrity::retained::Retained::open(
+                    &cfg.root.join("integrity"),
+                    cfg.attestation.retention_secs,
+                ),
+                mapguard,
+                seals: Default::default(),
+            },
+            rx,
+        ))
+    }
+}
+
+/// The pod's UID as kubelet gave it (names its volumes' directory).
+pub(crate) fn pod_uid(config: &cri::PodSandboxConfig) -> &str {
+    config.metadata.as_ref().map_or("", |m| m.uid.as_str())
+}
+
+pub(crate) fn is_fanotify(st: &SandboxState) -> bool {
+    st.ima
+        .as_ref()
+        .is_some_and(|i| i.backend == ima::Backend::Fanotify.to_string())
+}
+
+impl CriServer {
+    /// The merged allowlists of a policy; errors name the file.
+    pub(crate) fn load_allowlist(&self, policy: &str) -> Result<Option<Arc<Allowlist>>> {
+        let Some(p) = self.cfg.ima.policies.get(policy) else {
+            return Err(Error::FailedPrecondition(format!(
+                "ima policy {policy:?} is no longer in the config"
+            )));
+        };
+        if p.allowlist.is_empty() {
+            return Ok(None);
+        }
+        let mut merged = Allowlist::default();
+        for f in &p.allowlist {
+            merged.merge(
+                Allowlist::load(f).map_err(|e| {
+                    Error::FailedPrecondition(format!("ima policy {policy:?}: {e}"))
+                })?,
+            );
+        }
+        Ok(Some(Arc::new(merged)))
+    }
+
+    /// Volumes of a container the fanotify backend measures (policy
+    /// `volumes = "measure"` and a tmpfs of their own, in kubelet's directory
+    /// of this pod's volumes): (destination, host path).
+    /// `bound`: the mounts the container will bind instead (the same
+    /// volumes in the same order: ID-mapped views, made from the host paths
+    /// before this check), on which the check is made (see
+    /// `pods_own_tmpfs_volume`): a path the pod can swap could name one
+    /// thing when bound and another when checked.
+    pub(crate) fn measured_volumes(
+        &self,
+        st: &SandboxState,
+        pod_uid: &str,
+        config: &cri::ContainerConfig,
+        bound: Option<&cri::ContainerConfig>,
+    ) -> Vec<(String, std::path::PathBuf)> {
+        if !self.measures_volumes(st) {
+            return Vec::new();
+        }
+        config
+            .mounts
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| {
+                let bound = bound.and_then(|b| b.mounts.get(*i)).unwrap_or(m);
+                pods_own_tmpfs_volume(
+                    std::path::Path::new(&m.host_path),
+                    std::path::Path::new(&bound.host_path),
+                    pod_uid,
+                )
+            })
+            .map(|(i, m)| {
+                let bound = bound.and_then(|b| b.mounts.get(i)).unwrap_or(m);
+                (m.container_path.clone(), bound.host_path.clone().into())
+            })
+            .collect()
+    }
+
+    /// Whether the pod's policy lets its own memory-backed volumes run.
+    fn measures_volumes(&self, st: &SandboxState) -> bool {
+        st.ima
+            .as_ref()
+            .and_then(|i| self.cfg.ima.policies.get(&i.policy))
+            .is_some_and(|p| p.volumes == ima::VolumeExec::Measure)
+    }
+
+    /// Adds the map guard to the seccomp profile of a container of a
+    /// fanotify-measured pod: executable mappings go through imacri.
+    pub(crate) fn guard_mappings(
+        &self,
+        st: &SandboxState,
+        pod: &str,
+        spec: &mut oci_spec::runtime::Spec,
+    ) -> Result<()> {
+        if !is_fanotify(st) {
+            return Ok(());
+        }
+        let Some(linux) = spec.linux_mut() else {
+            return Err(Error::Internal(
+                "container spec without a linux section".into(),
+            ));
+        };
+        let guarded =
+            mapguard::guard_profile(linux.seccomp().clone(), &self.integrity.listener, pod)?;
+        linux.set_seccomp(Some(guarded));
+        Ok(())
+    }
+
+    /// The measurement engine's counters and the journal's anchoring.
+    pub(crate) fn integrity_info(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let j = &self.integrity.journal;
+        let engine = self.integrity.engine.as_ref().map(|e| {
+            let s = &e.stats;
+            let hits = s.cache_hits.load(Relaxed);
+            serde_json::json!({
+                "events": s.events.load(Relaxed),
+                "cacheHits": hits,
+                "hashedFiles": s.hashed_files.load(Relaxed),
+                "hashedBytes": s.hashed_bytes.load(Relaxed),
+                "denied": s.denied.load(Relaxed),
+                "mappings": s.mappings.load(Relaxed),
+                "heldCalls": s.held_calls.load(Relaxed),
+                "unheldCalls": s.unheld_calls.load(Relaxed),
+                "unleasedFiles": s.unleased.load(Relaxed),
+                "heldWriters": s.held_writers.load(Relaxed),
+                "meanCacheHitNs": s.hit_ns_total.load(Relaxed).checked_div(hits).unwrap_or(0),
+            })
+        });
+        serde_json::json!({
+            "anchored": j.anchored(),
+            "pcr": j.pcr(),
+            "epoch": j.epoch(),
+            "fanotify": engine,
+        })
+    }
+}
