@@ -8,64 +8,77 @@ use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::verify::{self, Evidence, Expectations, Report, Verdict};
 use std::path::{Path, PathBuf};
 
-use super::{client, fetch, Target};
+use super::{client, fetch, Target, Trust};
 
-/// What a verifier accepts beyond fully anchored, gap-free evidence.
-#[derive(Clone, Copy)]
-pub(super) struct Accept {
-    pub(super) unanchored: bool,
-    pub(super) gaps: bool,
+/// A verifier's inputs, loaded once (for `watch`, once for every round).
+pub(super) struct Checker {
+    policy: Allowlist,
+    /// The trusted AK (PEM): the enrolled node's, or one handed over.
+    ak: Option<String>,
+    allow_unanchored: bool,
+    allow_gaps: bool,
+    book: CounterBook,
 }
 
-/// Where the verifier's trust in a node's AK comes from.
-#[derive(Clone, Copy)]
-pub(super) enum Registered<'a> {
-    /// An enrolled node's file (`attest enroll`).
-    Node(&'a Path),
-    /// A key handed over by the node itself (`attest ak`).
-    Ak(&'a Path),
-    None,
-}
-
-impl<'a> Registered<'a> {
-    pub(super) fn new(node: Option<&'a Path>, ak: Option<&'a Path>) -> Registered<'a> {
-        match (node, ak) {
-            (Some(n), _) => Registered::Node(n),
-            (None, Some(a)) => Registered::Ak(a),
-            (None, None) => Registered::None,
-        }
+impl Checker {
+    pub(super) fn load(t: &Trust) -> Result<Checker> {
+        let policy = Allowlist::load(&t.policy).map_err(|e| anyhow!(e))?;
+        let ak = match (&t.node, &t.ak) {
+            (Some(n), _) => Some(
+                imacri_runtime::integrity::enroll::NodeIdentity::load(n)
+                    .map_err(|e| anyhow!(e))?
+                    .ak
+                    .public_key_pem,
+            ),
+            (None, Some(a)) => Some(
+                std::fs::read_to_string(a).with_context(|| format!("reading {}", a.display()))?,
+            ),
+            (None, None) => None,
+        };
+        Ok(Checker {
+            policy,
+            ak,
+            allow_unanchored: t.allow_unanchored,
+            allow_gaps: t.allow_gaps,
+            book: CounterBook::open(t.counters.as_deref())?,
+        })
     }
-}
 
-pub(super) fn load_inputs(
-    policy: &Path,
-    reg: Registered<'_>,
-) -> Result<(Allowlist, Option<String>)> {
-    let policy = Allowlist::load(policy).map_err(|e| anyhow!(e))?;
-    let ak = match reg {
-        Registered::Node(p) => Some(
-            imacri_runtime::integrity::enroll::NodeIdentity::load(p)
-                .map_err(|e| anyhow!(e))?
-                .ak
-                .public_key_pem,
-        ),
-        Registered::Ak(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+    /// Verifies evidence for `pod` that answers `nonce`; a valid one moves
+    /// the counters seen forward.
+    pub(super) fn check(&mut self, ev: &Evidence, pod: &str, nonce: &[u8]) -> Result<Report> {
+        let ak = self.ak.as_deref();
+        let mut r = verify::verify(
+            ev,
+            &Expectations {
+                pod_sandbox_id: pod,
+                nonce,
+                ak_pem: ak,
+                policy: &self.policy,
+                allow_unanchored: self.allow_unanchored,
+                allow_gaps: self.allow_gaps,
+                last_seen: self.book.last(ak),
+            },
+        );
+        if ev.anchored && ak.is_none() {
+            r.errors
+                .push("no --node given: the evidence's own key proves nothing; enroll the node with `imacri attest enroll`".into());
+            r.verdict = Verdict::Invalid;
         }
-        Registered::None => None,
-    };
-    Ok((policy, ak))
+        self.book.advance(ak, &r)?;
+        Ok(r)
+    }
 }
 
 /// The newest TPM counters a verifier saw, per attestation key (sha256 of
 /// its PEM, whitespace removed), in a JSON file.
-pub(super) struct CounterBook {
+struct CounterBook {
     path: Option<PathBuf>,
     seen: std::collections::BTreeMap<String, verify::TpmCounters>,
 }
 
 impl CounterBook {
-    pub(super) fn open(path: Option<&Path>) -> Result<CounterBook> {
+    fn open(path: Option<&Path>) -> Result<CounterBook> {
         let seen = match path {
             Some(p) => match std::fs::read(p) {
                 Ok(b) => serde_json::from_slice(&b)
@@ -111,48 +124,15 @@ impl CounterBook {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn check(
-    ev: &Evidence,
-    pod: &str,
-    nonce: &[u8],
-    policy: &Allowlist,
-    ak: Option<&str>,
-    accept: Accept,
-    book: &mut CounterBook,
-) -> Result<Report> {
-    let mut r = verify::verify(
-        ev,
-        &Expectations {
-            pod_sandbox_id: pod,
-            nonce,
-            ak_pem: ak,
-            policy,
-            allow_unanchored: accept.unanchored,
-            allow_gaps: accept.gaps,
-            last_seen: book.last(ak),
-        },
-    );
-    if ev.anchored && ak.is_none() {
-        r.errors
-            .push("no --node given: the evidence's own key proves nothing; enroll the node with `imacri attest enroll`".into());
-        r.verdict = Verdict::Invalid;
-    }
-    book.advance(ak, &r)?;
-    Ok(r)
-}
-
+/// `attest verify`: fresh evidence from the node, or `saved` evidence
+/// (file, hex nonce).
 pub(super) async fn verify_once(
     socket: &Target,
     pod: &str,
-    policy: &Path,
-    reg: Registered<'_>,
+    trust: &Trust,
     saved: Option<(&Path, &str)>,
-    accept: Accept,
-    counters: Option<&Path>,
 ) -> Result<Report> {
-    let (policy, ak) = load_inputs(policy, reg)?;
-    let mut book = CounterBook::open(counters)?;
+    let mut checker = Checker::load(trust)?;
     let (ev, nonce) = match saved {
         Some((p, nonce)) => {
             let text =
@@ -169,5 +149,5 @@ pub(super) async fn verify_once(
             )
         }
     };
-    check(&ev, pod, &nonce, &policy, ak.as_deref(), accept, &mut book)
+    checker.check(&ev, pod, &nonce)
 }

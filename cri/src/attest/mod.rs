@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 mod check;
 mod watch;
 
-use check::{verify_once, Accept, Registered};
+use check::verify_once;
 use watch::watch;
 
 #[derive(Subcommand)]
@@ -87,58 +87,53 @@ pub enum AttestCmd {
     Verify {
         #[arg(long)]
         pod: String,
-        /// Allowed digests (JSON, e.g. from `attest golden`).
-        #[arg(long)]
-        policy: PathBuf,
-        /// The enrolled node (from `attest enroll`): only its AK is trusted.
-        #[arg(long, conflicts_with = "ak")]
-        node: Option<PathBuf>,
-        /// The node's attestation key, registered without enrollment (from
-        /// `attest ak`; trusts whatever key the node handed over).
-        #[arg(long)]
-        ak: Option<PathBuf>,
+        #[command(flatten)]
+        trust: Trust,
         /// Verify saved evidence (from `attest quote`) instead of asking the node.
         #[arg(long, requires = "nonce")]
         evidence: Option<PathBuf>,
         /// With --evidence: the hex nonce the evidence must answer.
         #[arg(long)]
         nonce: Option<String>,
-        /// Accept evidence from a node without a TPM (proves nothing).
-        #[arg(long)]
-        allow_unanchored: bool,
-        /// Trust a pod whose log has gaps (it was not measured for a while).
-        #[arg(long)]
-        allow_gaps: bool,
-        /// File remembering the newest TPM counters seen per attestation
-        /// key: a quote older than that is refused (replay), and a valid
-        /// one moves it forward.
-        #[arg(long)]
-        counters: Option<PathBuf>,
     },
     /// Verify every ima pod periodically; prints one alert line per new
     /// violation or invalid evidence.
     Watch {
-        #[arg(long)]
-        policy: PathBuf,
-        /// The enrolled node (from `attest enroll`).
-        #[arg(long, conflicts_with = "ak")]
-        node: Option<PathBuf>,
-        #[arg(long)]
-        ak: Option<PathBuf>,
+        #[command(flatten)]
+        trust: Trust,
         /// e.g. 30s, 5m, 500ms.
         #[arg(long, default_value = "30s")]
         interval: String,
         /// Stop after this many rounds (default: forever).
         #[arg(long)]
         count: Option<u64>,
-        #[arg(long)]
-        allow_unanchored: bool,
-        #[arg(long)]
-        allow_gaps: bool,
-        /// As for verify: the newest TPM counters seen, kept across runs.
-        #[arg(long)]
-        counters: Option<PathBuf>,
     },
+}
+
+/// What `verify` and `watch` check evidence against and accept.
+#[derive(clap::Args)]
+pub struct Trust {
+    /// Allowed digests (JSON, e.g. from `attest golden`).
+    #[arg(long)]
+    policy: PathBuf,
+    /// The enrolled node (from `attest enroll`): only its AK is trusted.
+    #[arg(long, conflicts_with = "ak")]
+    node: Option<PathBuf>,
+    /// The node's attestation key, registered without enrollment (from
+    /// `attest ak`; trusts whatever key the node handed over).
+    #[arg(long)]
+    ak: Option<PathBuf>,
+    /// Accept evidence from a node without a TPM (proves nothing).
+    #[arg(long)]
+    allow_unanchored: bool,
+    /// Trust a pod whose log has gaps (it was not measured for a while).
+    #[arg(long)]
+    allow_gaps: bool,
+    /// File remembering the newest TPM counters seen per attestation key:
+    /// a quote older than that is refused (replay), and a valid one moves
+    /// it forward. Kept across runs.
+    #[arg(long)]
+    counters: Option<PathBuf>,
 }
 
 /// Where the node's attestation service is.
@@ -317,31 +312,14 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
         }
         AttestCmd::Verify {
             pod,
-            policy,
-            node,
-            ak,
+            trust,
             evidence,
             nonce,
-            allow_unanchored,
-            allow_gaps,
-            counters,
         } => {
-            let code = match verify_once(
-                socket,
-                &pod,
-                &policy,
-                Registered::new(node.as_deref(), ak.as_deref()),
-                evidence
-                    .as_deref()
-                    .map(|e| (e, nonce.as_deref().unwrap_or_default())),
-                Accept {
-                    unanchored: allow_unanchored,
-                    gaps: allow_gaps,
-                },
-                counters.as_deref(),
-            )
-            .await
-            {
+            let saved = evidence
+                .as_deref()
+                .map(|e| (e, nonce.as_deref().unwrap_or_default()));
+            let code = match verify_once(socket, &pod, &trust, saved).await {
                 Ok(r) => {
                     println!("{}", serde_json::to_string_pretty(&r)?);
                     r.verdict.exit_code()
@@ -354,28 +332,11 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
             Ok(code)
         }
         AttestCmd::Watch {
-            policy,
-            node,
-            ak,
+            trust,
             interval,
             count,
-            allow_unanchored,
-            allow_gaps,
-            counters,
         } => {
-            watch(
-                socket,
-                &policy,
-                Registered::new(node.as_deref(), ak.as_deref()),
-                parse_interval(&interval)?,
-                count,
-                counters.as_deref(),
-                Accept {
-                    unanchored: allow_unanchored,
-                    gaps: allow_gaps,
-                },
-            )
-            .await?;
+            watch(socket, &trust, parse_interval(&interval)?, count).await?;
             Ok(0)
         }
     }

@@ -5,23 +5,18 @@ use anyhow::Result;
 use imacri_api::attestation as pb;
 use imacri_runtime::integrity::verify::Report;
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
-use super::check::{check, load_inputs, Accept, CounterBook, Registered};
-use super::{client, fetch, Target};
+use super::check::Checker;
+use super::{client, fetch, Target, Trust};
 
 pub(super) async fn watch(
     socket: &Target,
-    policy: &Path,
-    reg: Registered<'_>,
+    trust: &Trust,
     interval: Duration,
     count: Option<u64>,
-    counters: Option<&Path>,
-    accept: Accept,
 ) -> Result<()> {
-    let (policy, ak) = load_inputs(policy, reg)?;
-    let mut book = CounterBook::open(counters)?;
+    let mut checker = Checker::load(trust)?;
     let mut seen: HashSet<String> = HashSet::new();
     let mut round = 0u64;
     loop {
@@ -32,24 +27,13 @@ pub(super) async fn watch(
                     for p in list.into_inner().pods.into_iter().filter(|p| p.ready) {
                         let nonce = rand::random::<[u8; 32]>().to_vec();
                         let alerts = match fetch(&mut c, &p.pod_sandbox_id, nonce.clone()).await {
-                            Ok(ev) => {
-                                let r = check(
-                                    &ev,
-                                    &p.pod_sandbox_id,
-                                    &nonce,
-                                    &policy,
-                                    ak.as_deref(),
-                                    accept,
-                                    &mut book,
-                                );
-                                match r {
-                                    Ok(r) => alert_lines(&p, &r),
-                                    Err(e) => vec![format!(
-                                        "ALERT pod={} counters not recorded: {e:#}",
-                                        p.pod_sandbox_id
-                                    )],
-                                }
-                            }
+                            Ok(ev) => match checker.check(&ev, &p.pod_sandbox_id, &nonce) {
+                                Ok(r) => alert_lines(&p, &r),
+                                Err(e) => vec![format!(
+                                    "ALERT pod={} counters not recorded: {e:#}",
+                                    p.pod_sandbox_id
+                                )],
+                            },
                             Err(e) => vec![format!(
                                 "ALERT pod={} name={}/{} evidence unavailable: {e:#}",
                                 p.pod_sandbox_id, p.namespace, p.name
