@@ -2,6 +2,7 @@
 //! that serves them on the CRI socket, and the CLI.
 
 pub mod attest;
+pub mod check;
 pub mod daemon;
 pub mod enroll;
 pub mod evidence;

@@ -315,7 +315,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Check(o) => {
             let cfg = o.apply(Config::load(cli.config.as_deref())?);
-            let ok = imacri_cri::daemon::check(&cfg).await?;
+            let ok = imacri_cri::check::check(&cfg).await?;
             std::process::exit(if ok { 0 } else { 1 });
         }
     }
