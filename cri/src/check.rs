@@ -252,6 +252,31 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         ),
         Err(e) => line("ima-backend", false, e.to_string()),
     }
+    // Which RuntimeClass handlers can run ima pods (RunPodSandbox refuses
+    // the others): the runc v2 shim with runc.
+    let handlers: Vec<(String, bool)> = cfg
+        .runtimes
+        .iter()
+        .map(|(name, h)| {
+            match imacri_runtime::sysinfo::ima_runtime(&h.runtime_type, &h.binary_name) {
+                Ok(v) => (format!("{name} ({v})"), true),
+                Err(why) => (format!("{name}: refused, {why}"), false),
+            }
+        })
+        .collect();
+    line(
+        "ima-runtimes",
+        handlers.iter().any(|(_, ok)| *ok),
+        format!(
+            "ima pods run on runtime handlers of {} with runc: {}",
+            imacri_runtime::sysinfo::IMA_SHIM,
+            handlers
+                .iter()
+                .map(|(t, _)| t.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    );
     if cfg.ima.tpm_tcti.is_empty() {
         line(
             "tpm",

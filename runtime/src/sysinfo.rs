@@ -53,6 +53,37 @@ pub fn hugetlb_controller() -> bool {
     }
 }
 
+/// The shim ima pods run under: containerd's runc v2 shim, whose task pid
+/// is the container's init on this host.
+pub const IMA_SHIM: &str = "io.containerd.runc.v2";
+
+/// Whether a runtime handler can run ima pods: the runc v2 shim with runc
+/// itself (`<binary> --version` says so), the runtime whose behaviour
+/// their guards are built on and tested against (the seccomp listener
+/// handed over or the create failed, devices in a user namespace, recursive
+/// mount attributes, the task's init being the container's first process
+/// on this host). Another runtime (crun, runsc, a VM's shim) may do any of
+/// these differently: a VM's or a sandbox's shim reports a host process
+/// whose root is no container's, so the marks would watch the wrong
+/// filesystem. Ok: runc's version line; Err: why not.
+pub fn ima_runtime(runtime_type: &str, binary: &str) -> Result<String, String> {
+    if runtime_type != IMA_SHIM {
+        return Err(format!("its shim is {runtime_type}, not {IMA_SHIM}"));
+    }
+    let bin = if binary.is_empty() { "runc" } else { binary };
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{bin} --version: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let first = text.lines().next().unwrap_or_default().trim().to_string();
+    if out.status.success() && first.starts_with("runc version ") {
+        Ok(first)
+    } else {
+        Err(format!("its runtime {bin} is not runc ({first:?})"))
+    }
+}
+
 /// Mount options an OCI runtime binary says it understands (`<binary>
 /// features`, runtime-spec features.md); empty when it cannot say.
 pub fn runtime_mount_options(binary: &str) -> Vec<String> {
@@ -246,6 +277,23 @@ pub fn runc_exec_nofile_race(version_output: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_runc_under_the_runc_shim_runs_ima_pods() {
+        use std::os::unix::fs::PermissionsExt;
+        let v = ima_runtime(IMA_SHIM, "").expect("runc is installed here");
+        assert!(v.starts_with("runc version "), "{v}");
+        let e = ima_runtime("io.containerd.kata.v2", "").unwrap_err();
+        assert!(e.contains("io.containerd.kata.v2"), "{e}");
+        let d = tempfile::tempdir().unwrap();
+        let other = d.path().join("other");
+        std::fs::write(&other, "#!/bin/sh\necho \"crun version 1.8.1\"\n").unwrap();
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = ima_runtime(IMA_SHIM, other.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("is not runc (\"crun version 1.8.1\")"), "{e}");
+        let e = ima_runtime(IMA_SHIM, "/nonexistent/runtime").unwrap_err();
+        assert!(e.contains("/nonexistent/runtime --version"), "{e}");
+    }
 
     #[test]
     fn node_facts_here() {

@@ -159,6 +159,9 @@ pub struct CriServer {
     pub(crate) rootfs_idmap: std::result::Result<(), String>,
     /// Per runtime handler ("" = the default), from real checks at start.
     pub(crate) handler_features: HashMap<String, cri::RuntimeHandlerFeatures>,
+    /// Per runtime handler ("" = the default): whether it can run ima pods
+    /// (`sysinfo::ima_runtime`), or why not.
+    pub(crate) ima_handlers: HashMap<String, std::result::Result<String, String>>,
     pub(crate) cni: imacri_runtime::cni::Cni,
     /// Measurement journal, TPM and fanotify engine.
     pub(crate) integrity: integrity::Integrity,
@@ -218,6 +221,23 @@ fn handler_features(cfg: &Config) -> HashMap<String, cri::RuntimeHandlerFeatures
         .map(of)
         .unwrap_or_default();
     out.insert(String::new(), default);
+    out
+}
+
+/// Which runtime handlers can run ima pods (`sysinfo::ima_runtime`), asked
+/// once at start; "" is the default handler.
+fn ima_handlers(cfg: &Config) -> HashMap<String, std::result::Result<String, String>> {
+    let of = |h: &imacri_runtime::config::RuntimeHandler| {
+        imacri_runtime::sysinfo::ima_runtime(&h.runtime_type, &h.binary_name)
+    };
+    let mut out: HashMap<_, _> = cfg
+        .runtimes
+        .iter()
+        .map(|(name, h)| (name.clone(), of(h)))
+        .collect();
+    if let Some(d) = out.get(&cfg.default_runtime).cloned() {
+        out.insert(String::new(), d);
+    }
     out
 }
 
@@ -282,6 +302,7 @@ impl CriServer {
             tracing::warn!(reason = %why, "no ID-mapped image layers: user-namespace pods get chowned copies");
         }
         let handler_features = handler_features(&cfg);
+        let ima_handlers = ima_handlers(&cfg);
         let server = Arc::new(CriServer {
             cfg,
             c,
@@ -293,6 +314,7 @@ impl CriServer {
             ima_node,
             rootfs_idmap,
             handler_features,
+            ima_handlers,
             integrity,
             userns_lock: Mutex::new(()),
             cni,
@@ -352,6 +374,22 @@ impl CriServer {
                     .join(", ")
             ))
         })
+    }
+
+    /// Refuses an ima pod on a runtime handler that cannot run one
+    /// (`sysinfo::ima_runtime`).
+    pub(crate) fn ima_runtime(&self, handler: &str) -> Result<()> {
+        match self.ima_handlers.get(handler) {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(why)) => Err(Error::InvalidArgument(format!(
+                "runtime_handler {handler:?} cannot run an ima pod: {why}; ima pods run on {} with runc, \
+                 which their guards are built on",
+                imacri_runtime::sysinfo::IMA_SHIM
+            ))),
+            None => Err(Error::InvalidArgument(format!(
+                "runtime handler {handler:?} is not configured"
+            ))),
+        }
     }
 
     pub(crate) fn containers_of(&self, sandbox_id: &str) -> Vec<Arc<ContainerEntry>> {

@@ -151,6 +151,9 @@ impl CriServer {
         let linux = config.linux.clone().unwrap_or_default();
         let sc = linux.security_context.clone().unwrap_or_default();
         let plan = self.plan_pod(&config)?;
+        if plan.ima.is_some() {
+            self.ima_runtime(&req.runtime_handler)?;
+        }
         if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
             return Err(Error::InvalidArgument(format!(
                 "config.log_directory {:?} must be absolute",
@@ -491,6 +494,7 @@ impl CriServer {
             .create_task_on(id, st, mounts, &stdio, idmapped)
             .await?;
         laps.lap("task");
+        self.own_task(st, id, pid)?;
         // The pod's pid namespace (shared by containers with pid POD) gets
         // its guards while pause starts: pause is the pod's own trusted
         // program, and no container can run before this returns.

@@ -46,6 +46,46 @@ pub fn upper_written(fd: BorrowedFd<'_>) -> bool {
     })
 }
 
+/// Whether the root of task `pid` is the overlay containerd's runc shim
+/// mounted for container `id` of containerd namespace `namespace` (at its
+/// bundle's `.../<namespace>/<id>/rootfs`), found by its device in this
+/// process's mountinfo (imacri shares the shim's mount namespace). The
+/// fanotify backend marks the filesystem of that root: a runtime that
+/// reports another process as the task (a VM's, a sandbox's) would have it
+/// watch a host filesystem and leave the container's own unwatched.
+pub fn is_containers_root(pid: u32, namespace: &str, id: &str) -> Result<(), String> {
+    let root = format!("/proc/{pid}/root");
+    let dir = std::fs::File::open(&root).map_err(|e| format!("opening {root}: {e}"))?;
+    if !on_overlayfs(dir.as_fd()).map_err(|e| format!("statfs {root}: {e}"))? {
+        return Err(format!("{root} is not an overlay filesystem"));
+    }
+    let st = nix::sys::stat::fstat(dir.as_raw_fd()).map_err(|e| format!("stat {root}: {e}"))?;
+    let dev = format!("{}:{}", libc::major(st.st_dev), libc::minor(st.st_dev));
+    let bundle = format!("/{namespace}/{id}/rootfs");
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("reading mountinfo: {e}"))?;
+    let found = info.lines().any(|line| {
+        let Some((mount, sb)) = line.split_once(" - ") else {
+            return false;
+        };
+        let f: Vec<&str> = mount.split(' ').collect();
+        f.get(2) == Some(&dev.as_str())
+            && sb.starts_with("overlay ")
+            && f.get(4).is_some_and(|m| {
+                crate::mount::unescape(m)
+                    .to_string_lossy()
+                    .ends_with(&bundle)
+            })
+    });
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "{root} is an overlay ({dev}), but not the one mounted for the container (...{bundle})"
+        ))
+    }
+}
+
 fn real_file_written(fd: BorrowedFd<'_>) -> Result<bool, String> {
     let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
     if st.st_size == 0 {
@@ -181,6 +221,19 @@ fn first_page(fd: BorrowedFd<'_>) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_whose_root_is_no_containers_overlay_is_told() {
+        // This test's root: the node's filesystem, as a VM's or a
+        // sandbox's process reported as a task would have.
+        let e = is_containers_root(std::process::id(), "k8s.io", "c1").unwrap_err();
+        assert!(
+            e.contains("is not an overlay filesystem")
+                || e.contains("not the one mounted for the container"),
+            "{e}"
+        );
+        assert!(is_containers_root(u32::MAX, "k8s.io", "c1").is_err());
+    }
 
     /// One file's first page is one frame; another file's is another.
     #[test]

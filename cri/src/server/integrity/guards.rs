@@ -43,6 +43,30 @@ impl CriServer {
         Ok(())
     }
 
+    /// In an ima pod, the task imacri was given (init `pid`) must be the
+    /// container's own, its root the overlay prepared for it, before its
+    /// guards are set or its filesystem marked: a runtime reporting another
+    /// process as the task (a VM's, a sandbox's) would have the guards
+    /// written into a host namespace and a host filesystem marked, the
+    /// container's own left unwatched. RunPodSandbox refuses the handlers
+    /// known to (`sysinfo::ima_runtime`); this is the check of what each
+    /// task is.
+    pub(crate) fn own_task(&self, st: &SandboxState, ctr: &str, pid: u32) -> Result<()> {
+        if st.ima.is_none() {
+            return Ok(());
+        }
+        imacri_runtime::integrity::overlay::is_containers_root(
+            pid,
+            &self.cfg.containerd.namespace,
+            ctr,
+        )
+        .map_err(|why| {
+            Error::FailedPrecondition(format!(
+                "container {ctr} cannot be measured: its task's root is not the rootfs imacri prepared for it ({why}); its runtime does not run it as runc does"
+            ))
+        })
+    }
+
     /// In an ima pod, pause's rootfs becomes `noexec` once pause runs:
     /// nothing may execute from it through `/proc/1/root` unmeasured.
     async fn seal_pause(&self, st: &SandboxState, id: &str, pid: u32) -> Result<()> {

@@ -74,7 +74,15 @@ impl CriServer {
                 }
             }
         }
-        match self.measure_container(pod, ctr, pid).await {
+        let measured = match self.sandbox(pod) {
+            Ok(sb) => self.own_task(&sb.state(), ctr, pid),
+            Err(e) => Err(e),
+        };
+        let measured = match measured {
+            Ok(()) => self.measure_container(pod, ctr, pid).await,
+            Err(e) => Err(e),
+        };
+        match measured {
             Ok(Some(w)) => {
                 if let Err(e) =
                     self.integrity
