@@ -13,6 +13,15 @@ pub fn image(s: &str) -> Option<cri::ImageSpec> {
     })
 }
 
+/// Every pod sandbox the runtime lists.
+pub async fn pods(rt: &mut Rt) -> Vec<cri::PodSandbox> {
+    rt.list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+}
+
 pub async fn run_pod(rt: &mut Rt, cfg: &cri::PodSandboxConfig) -> Result<String, tonic::Status> {
     rt.run_pod_sandbox(cri::RunPodSandboxRequest {
         config: Some(cfg.clone()),

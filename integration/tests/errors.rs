@@ -368,12 +368,7 @@ async fn failures_roll_back_everything() {
         0,
         "files left"
     );
-    let listed = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let listed = imacri_integration::client::pods(&mut rt).await;
     assert!(listed.is_empty());
     // The name is free again.
     cfg.linux.as_mut().unwrap().sysctls.clear();

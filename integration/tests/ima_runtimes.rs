@@ -117,14 +117,9 @@ async fn ima_pods_run_only_where_they_can_be_measured() {
         "{}",
         err.message()
     );
-    let pods = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let pods = imacri_integration::client::pods(&mut rt).await;
     assert!(pods.is_empty(), "{pods:#?}");
-    // The node's executions went to no pod's log.
+    // imacri's log says why.
     assert!(d.log().contains("cannot be measured"), "{}", d.log());
 
     // On the default handler an ima pod runs.

@@ -178,26 +178,14 @@ async fn pause_stays_where_it_is_needed_and_bad_sysctls_change_nothing() {
     assert!(info["pid"].as_u64().unwrap_or(0) > 0, "{info}");
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 
-    let before = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .items
-        .len();
+    let before = imacri_integration::client::pods(&mut rt).await.len();
     let mut bad = kubelets_pod("badsysctl");
     bad.linux.get_or_insert_default().sysctls =
         HashMap::from([("vm.swappiness".to_string(), "10".to_string())]);
     let e = run_pod(&mut rt, &bad).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert!(e.message().contains("vm.swappiness"), "{e}");
-    let after = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .items
-        .len();
+    let after = imacri_integration::client::pods(&mut rt).await.len();
     assert_eq!(before, after);
 }
 

@@ -88,12 +88,7 @@ async fn kill_and_restart_recovers_everything() {
     d.spawn().await.unwrap();
     let mut rt = d.runtime().await.unwrap();
 
-    let pods = rt
-        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .items;
+    let pods = imacri_integration::client::pods(&mut rt).await;
     assert_eq!(pods.len(), 1);
     assert_eq!(pods[0].id, pod);
     assert_eq!(pods[0].state, cri::PodSandboxState::SandboxReady as i32);
