@@ -74,14 +74,11 @@ impl CriServer {
                 }
             }
         }
-        let measured = match self.sandbox(pod) {
-            Ok(sb) => self.own_task(&sb.state(), ctr, pid),
-            Err(e) => Err(e),
-        };
-        let measured = match measured {
-            Ok(()) => self.measure_container(pod, ctr, pid).await,
-            Err(e) => Err(e),
-        };
+        let measured = async {
+            self.own_task(&self.sandbox(pod)?.state(), ctr, pid)?;
+            self.measure_container(pod, ctr, pid).await
+        }
+        .await;
         match measured {
             Ok(Some(w)) => {
                 if let Err(e) =
