@@ -4,7 +4,7 @@
 use anyhow::Result;
 use imacri_api::attestation as pb;
 use imacri_runtime::integrity::verify::Report;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::check::Checker;
@@ -17,14 +17,21 @@ pub(super) async fn watch(
     count: Option<u64>,
 ) -> Result<()> {
     let mut checker = Checker::load(trust)?;
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut seen = Seen::default();
     let mut round = 0u64;
     loop {
         round += 1;
         match client(socket).await {
             Ok(mut c) => match c.list_pods(pb::ListPodsRequest {}).await {
                 Ok(list) => {
-                    for p in list.into_inner().pods.into_iter().filter(|p| p.ready) {
+                    let ready: Vec<pb::ImaPod> = list
+                        .into_inner()
+                        .pods
+                        .into_iter()
+                        .filter(|p| p.ready)
+                        .collect();
+                    seen.keep_only(ready.iter().map(|p| p.pod_sandbox_id.as_str()));
+                    for p in ready {
                         let nonce = rand::random::<[u8; 32]>().to_vec();
                         let alerts = match fetch(&mut c, &p.pod_sandbox_id, nonce.clone()).await {
                             Ok(ev) => match checker.check(&ev, &p.pod_sandbox_id, &nonce) {
@@ -39,10 +46,8 @@ pub(super) async fn watch(
                                 p.pod_sandbox_id, p.namespace, p.name
                             )],
                         };
-                        for a in alerts {
-                            if seen.insert(a.clone()) {
-                                println!("{a}");
-                            }
+                        for a in seen.new_ones(&p.pod_sandbox_id, alerts) {
+                            println!("{a}");
                         }
                     }
                 }
@@ -54,6 +59,30 @@ pub(super) async fn watch(
             return Ok(());
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// The alerts printed so far, by pod, each printed once. Only pods still
+/// listed are remembered: a pod can fill its log with distinct
+/// violations up to its quota, and a watcher running for months sees
+/// many pods come and go.
+#[derive(Default)]
+struct Seen(HashMap<String, HashSet<String>>);
+
+impl Seen {
+    /// Forgets the pods not among `listed`.
+    fn keep_only<'a>(&mut self, listed: impl Iterator<Item = &'a str>) {
+        let listed: HashSet<&str> = listed.collect();
+        self.0.retain(|pod, _| listed.contains(pod.as_str()));
+    }
+
+    /// The alerts of `pod` not printed before.
+    fn new_ones(&mut self, pod: &str, alerts: Vec<String>) -> Vec<String> {
+        let seen = self.0.entry(pod.to_string()).or_default();
+        alerts
+            .into_iter()
+            .filter(|a| seen.insert(a.clone()))
+            .collect()
     }
 }
 
@@ -75,4 +104,21 @@ fn alert_lines(p: &pb::ImaPod, r: &Report) -> Vec<String> {
         )
     }));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alerts_are_printed_once_and_gone_pods_forgotten() {
+        let mut seen = Seen::default();
+        let a = |s: &str| vec![s.to_string()];
+        assert_eq!(seen.new_ones("p1", a("x")), a("x"));
+        assert!(seen.new_ones("p1", a("x")).is_empty());
+        assert_eq!(seen.new_ones("p2", a("x")), a("x"), "per pod");
+        seen.keep_only(["p2"].into_iter());
+        assert_eq!(seen.0.len(), 1);
+        assert!(seen.new_ones("p2", a("x")).is_empty());
+    }
 }
