@@ -123,7 +123,7 @@ impl CriServer {
                 .await?;
             laps.lap("task");
             let pod_state = pod.state();
-            self.own_task(&pod_state, &c.id, pid)?;
+            self.own_task(&pod_state, &c.id, pid).await?;
             // Both before the entrypoint can run (the task waits for start);
             // they touch different things, so they run side by side.
             let (guarded, watch) = tokio::join!(

@@ -494,7 +494,7 @@ impl CriServer {
             .create_task_on(id, st, mounts, &stdio, idmapped)
             .await?;
         laps.lap("task");
-        self.own_task(st, id, pid)?;
+        self.own_task(st, id, pid).await?;
         // The pod's pid namespace (shared by containers with pid POD) gets
         // its guards while pause starts: pause is the pod's own trusted
         // program, and no container can run before this returns.

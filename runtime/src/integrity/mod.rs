@@ -26,6 +26,7 @@ pub mod policy;
 pub mod quiet;
 pub mod retained;
 pub mod setting;
+pub mod sys;
 pub mod tpm;
 pub mod verify;
 

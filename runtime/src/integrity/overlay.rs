@@ -20,6 +20,36 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::engine::open_for_writing;
+use super::sys::SysError;
+
+/// Why an overlay's file or root could not be told apart (see the module).
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error("{root} is not an overlay filesystem")]
+    NotOverlay { root: String },
+    #[error(
+        "{root} is an overlay ({dev}), but not the one mounted for the container (...{bundle})"
+    )]
+    NotContainers {
+        root: String,
+        dev: String,
+        bundle: String,
+    },
+    #[error("{0} is not a path from the root")]
+    NotFromRoot(PathBuf),
+    #[error("the upper layer's {0} is another file")]
+    AnotherFile(PathBuf),
+    #[error("{0} changed while it was looked up")]
+    Changed(PathBuf),
+    #[error("the overlay {0} has no upper layer")]
+    NoUpper(String),
+    #[error("no overlay {0} is mounted here")]
+    NotMounted(String),
+    #[error("the page is not present (or its frame is hidden)")]
+    PageHidden,
+}
 
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 
@@ -53,17 +83,17 @@ pub fn upper_written(fd: BorrowedFd<'_>) -> bool {
 /// fanotify backend marks the filesystem of that root: a runtime that
 /// reports another process as the task (a VM's, a sandbox's) would have it
 /// watch a host filesystem and leave the container's own unwatched.
-pub fn is_containers_root(pid: u32, namespace: &str, id: &str) -> Result<(), String> {
+pub fn is_containers_root(pid: u32, namespace: &str, id: &str) -> Result<(), OverlayError> {
     let root = format!("/proc/{pid}/root");
-    let dir = std::fs::File::open(&root).map_err(|e| format!("opening {root}: {e}"))?;
-    if !on_overlayfs(dir.as_fd()).map_err(|e| format!("statfs {root}: {e}"))? {
-        return Err(format!("{root} is not an overlay filesystem"));
+    let dir = std::fs::File::open(&root).map_err(|e| SysError::io(format!("opening {root}"), e))?;
+    if !on_overlayfs(dir.as_fd()).map_err(|e| SysError::call(format!("statfs {root}"), e))? {
+        return Err(OverlayError::NotOverlay { root });
     }
-    let st = nix::sys::stat::fstat(dir.as_raw_fd()).map_err(|e| format!("stat {root}: {e}"))?;
+    let st = nix::sys::stat::fstat(dir.as_raw_fd())
+        .map_err(|e| SysError::call(format!("stat {root}"), e))?;
     let dev = format!("{}:{}", libc::major(st.st_dev), libc::minor(st.st_dev));
     let bundle = format!("/{namespace}/{id}/rootfs");
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("reading mountinfo: {e}"))?;
+    let info = mountinfo()?;
     let found = info.lines().any(|line| {
         let Some((mount, sb)) = line.split_once(" - ") else {
             return false;
@@ -80,14 +110,21 @@ pub fn is_containers_root(pid: u32, namespace: &str, id: &str) -> Result<(), Str
     if found {
         Ok(())
     } else {
-        Err(format!(
-            "{root} is an overlay ({dev}), but not the one mounted for the container (...{bundle})"
-        ))
+        Err(OverlayError::NotContainers { root, dev, bundle })
     }
 }
 
-fn real_file_written(fd: BorrowedFd<'_>) -> Result<bool, String> {
-    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+fn mountinfo() -> Result<String, SysError> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| SysError::io("reading mountinfo", e))
+}
+
+fn fstat(fd: BorrowedFd<'_>) -> Result<nix::sys::stat::FileStat, SysError> {
+    nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| SysError::call("fstat", e))
+}
+
+fn real_file_written(fd: BorrowedFd<'_>) -> Result<bool, OverlayError> {
+    let st = fstat(fd)?;
     if st.st_size == 0 {
         // Nothing a mapping could change (it cannot grow the file).
         return Ok(false);
@@ -95,19 +132,16 @@ fn real_file_written(fd: BorrowedFd<'_>) -> Result<bool, String> {
     let upper = upper_of(st.st_dev)?;
     let path = || {
         std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .map_err(|e| format!("reading the file's path: {e}"))
+            .map_err(|e| SysError::io("reading the file's path", e))
     };
     let link = path()?;
-    let rel = link
-        .strip_prefix("/")
-        .map_err(|_| format!("{} is not a path from the root", link.display()))?;
+    let Ok(rel) = link.strip_prefix("/") else {
+        return Err(OverlayError::NotFromRoot(link));
+    };
     match open_beneath(&upper, rel) {
         Ok(u) => {
             if first_page(u.as_fd())? != first_page(fd)? {
-                return Err(format!(
-                    "the upper layer's {} is another file",
-                    link.display()
-                ));
+                return Err(OverlayError::AnotherFile(link));
             }
             Ok(open_for_writing(u.as_fd()))
         }
@@ -118,22 +152,21 @@ fn real_file_written(fd: BorrowedFd<'_>) -> Result<bool, String> {
         // nothing of the pod can write (a write, or a rename, copies it up
         // first).
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) && path()? == link => {
-            let now = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+            let now = fstat(fd)?;
             if (now.st_ctime, now.st_ctime_nsec) != (st.st_ctime, st.st_ctime_nsec) {
-                return Err(format!("{} changed while it was looked up", link.display()));
+                return Err(OverlayError::Changed(link));
             }
             Ok(false)
         }
-        Err(e) => Err(format!("{} in the upper layer: {e}", link.display())),
+        Err(e) => Err(SysError::io(format!("{} in the upper layer", link.display()), e).into()),
     }
 }
 
 /// The upper directory of the overlay mounted with device `dev`, from this
 /// process's mountinfo (imacri mounts ima pods' roots).
-fn upper_of(dev: u64) -> Result<PathBuf, String> {
+fn upper_of(dev: u64) -> Result<PathBuf, OverlayError> {
     let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("reading mountinfo: {e}"))?;
+    let info = mountinfo()?;
     for line in info.lines() {
         let Some((mount, sb)) = line.split_once(" - ") else {
             continue;
@@ -150,9 +183,9 @@ fn upper_of(dev: u64) -> Result<PathBuf, String> {
             .split(',')
             .find_map(|o| o.strip_prefix("upperdir="))
             .map(crate::mount::unescape)
-            .ok_or_else(|| format!("the overlay {want} has no upper layer"));
+            .ok_or(OverlayError::NoUpper(want));
     }
-    Err(format!("no overlay {want} is mounted here"))
+    Err(OverlayError::NotMounted(want))
 }
 
 /// `rel` opened read-only beneath `dir`, following no symlink and leaving
@@ -178,7 +211,7 @@ fn open_beneath(dir: &Path, rel: &Path) -> std::io::Result<OwnedFd> {
 /// The page frame holding the first page of `fd`'s page cache: the same
 /// for two open files exactly when they are one file. Faulted in without a
 /// SIGBUS if the file shrank meanwhile (MADV_POPULATE_READ fails instead).
-fn first_page(fd: BorrowedFd<'_>) -> Result<u64, String> {
+fn first_page(fd: BorrowedFd<'_>) -> Result<u64, OverlayError> {
     const LEN: usize = 4096;
     // SAFETY: a new private read-only mapping of our own, unmapped below;
     // it is only populated, never read through.
@@ -193,23 +226,23 @@ fn first_page(fd: BorrowedFd<'_>) -> Result<u64, String> {
         )
     };
     if at == libc::MAP_FAILED {
-        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        return Err(SysError::last("mmap").into());
     }
-    let frame = (|| {
+    let frame = (|| -> Result<u64, OverlayError> {
         // SAFETY: madvise on the mapping made above.
         if unsafe { libc::madvise(at, LEN, libc::MADV_POPULATE_READ) } != 0 {
-            return Err(format!("populating: {}", std::io::Error::last_os_error()));
+            return Err(SysError::last("populating").into());
         }
         let map = std::fs::File::open("/proc/self/pagemap")
-            .map_err(|e| format!("opening pagemap: {e}"))?;
+            .map_err(|e| SysError::io("opening pagemap", e))?;
         let mut entry = [0u8; 8];
         let off = (at as u64 / LEN as u64) * 8;
         std::os::unix::fs::FileExt::read_exact_at(&map, &mut entry, off)
-            .map_err(|e| format!("reading pagemap: {e}"))?;
+            .map_err(|e| SysError::io("reading pagemap", e))?;
         let e = u64::from_ne_bytes(entry);
         let pfn = e & ((1 << 55) - 1);
         if e >> 63 == 0 || pfn == 0 {
-            return Err("the page is not present (or its frame is hidden)".into());
+            return Err(OverlayError::PageHidden);
         }
         Ok(pfn)
     })();
@@ -228,11 +261,16 @@ mod tests {
         // sandbox's process reported as a task would have.
         let e = is_containers_root(std::process::id(), "k8s.io", "c1").unwrap_err();
         assert!(
-            e.contains("is not an overlay filesystem")
-                || e.contains("not the one mounted for the container"),
+            matches!(
+                e,
+                OverlayError::NotOverlay { .. } | OverlayError::NotContainers { .. }
+            ),
             "{e}"
         );
-        assert!(is_containers_root(u32::MAX, "k8s.io", "c1").is_err());
+        assert!(matches!(
+            is_containers_root(u32::MAX, "k8s.io", "c1"),
+            Err(OverlayError::Sys(_))
+        ));
     }
 
     /// One file's first page is one frame; another file's is another.

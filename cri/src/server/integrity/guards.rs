@@ -51,15 +51,17 @@ impl CriServer {
     /// container's own left unwatched. RunPodSandbox refuses the handlers
     /// known to (`sysinfo::ima_runtime`); this is the check of what each
     /// task is.
-    pub(crate) fn own_task(&self, st: &SandboxState, ctr: &str, pid: u32) -> Result<()> {
+    pub(crate) async fn own_task(&self, st: &SandboxState, ctr: &str, pid: u32) -> Result<()> {
         if st.ima.is_none() {
             return Ok(());
         }
-        imacri_runtime::integrity::overlay::is_containers_root(
-            pid,
-            &self.cfg.containerd.namespace,
-            ctr,
-        )
+        let (ns, id) = (self.cfg.containerd.namespace.clone(), ctr.to_string());
+        // mountinfo is read whole: off the async threads, whatever its size.
+        tokio::task::spawn_blocking(move || {
+            imacri_runtime::integrity::overlay::is_containers_root(pid, &ns, &id)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("task check: {e}")))?
         .map_err(|why| {
             Error::FailedPrecondition(format!(
                 "container {ctr} cannot be measured: its task's root is not the rootfs imacri prepared for it ({why}); its runtime does not run it as runc does"

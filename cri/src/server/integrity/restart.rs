@@ -75,7 +75,7 @@ impl CriServer {
             }
         }
         let measured = async {
-            self.own_task(&self.sandbox(pod)?.state(), ctr, pid)?;
+            self.own_task(&self.sandbox(pod)?.state(), ctr, pid).await?;
             self.measure_container(pod, ctr, pid).await
         }
         .await;

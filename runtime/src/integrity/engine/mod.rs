@@ -30,6 +30,7 @@ use super::hashq::{HashQueue, Job};
 use super::journal::Journal;
 use super::log::Event;
 pub use super::quiet::Quiet;
+use super::sys::WatchError;
 use crate::integrity::policy::Mode;
 
 mod decide;
@@ -98,23 +99,23 @@ pub trait WriteWatch: Send + Sync {
     /// and reports writes to it (in place before its writers are checked
     /// and the mapping exists). Ok(true) when this call placed the watch,
     /// Ok(false) when it was in place already.
-    fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, String>;
+    fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, WatchError>;
     /// As [`watch`](Self::watch), for a file `fd` that is imacri's own
     /// open file (a fanotify event's, decided on the reader that would
     /// have to answer an open of it): its lease is taken through a copy.
-    fn watch_own(&self, fd: BorrowedFd<'_>) -> Result<bool, String>;
+    fn watch_own(&self, fd: BorrowedFd<'_>) -> Result<bool, WatchError>;
     /// The mapping a watch was placed for was refused after all.
     fn unwatch(&self, fd: BorrowedFd<'_>);
     /// From now on, while a process of the pod has the executed script
     /// open as `fd` open (its interpreter), asks before it is opened for
     /// writing (in place before the execution is answered).
-    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), String>;
+    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), WatchError>;
     /// Holds `file`, a file of an overlay filesystem open for writing that
     /// a process of the container maps shared, open until the container is
     /// gone (the mapping holds the upper layer's file, which the kernel's
     /// writer rules do not see). Err: it cannot be held (the pod's share
     /// of fds), and the mapping must be refused.
-    fn hold_writer(&self, file: OwnedFd) -> Result<(), String>;
+    fn hold_writer(&self, file: OwnedFd) -> Result<(), WatchError>;
 }
 
 /// A measurement the policy does not allow, for logs and CRI events.
@@ -359,10 +360,8 @@ impl Engine {
     }
 
     /// See [`WriteWatch::hold_writer`]; Err where `t` has no watch.
-    pub fn hold_writer(&self, t: &Measured, file: OwnedFd) -> Result<(), String> {
-        let w = self
-            .write_watch(t)
-            .ok_or("the container has no fanotify group to hold it")?;
+    pub fn hold_writer(&self, t: &Measured, file: OwnedFd) -> Result<(), WatchError> {
+        let w = self.write_watch(t).ok_or(WatchError::NoGroup)?;
         w.hold_writer(file)?;
         self.stats.held_writers.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -32,6 +32,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use super::super::digest::FileKey;
 use super::super::keeper;
+use super::super::sys::{SysError, WatchError};
 use super::leases::{self, Slot};
 use super::Group;
 
@@ -49,11 +50,11 @@ pub(super) type HeldFiles = HashMap<(u64, u64), Held>;
 /// that first, with `overlay::on_overlayfs`, before it takes a copy to hold), must
 /// be held: whether it is open for writing (a read-only open file cannot be
 /// mapped writable, now or later).
-pub fn needs_holding(file: std::os::fd::BorrowedFd<'_>) -> Result<bool, String> {
+pub fn needs_holding(file: std::os::fd::BorrowedFd<'_>) -> Result<bool, SysError> {
     // SAFETY: fcntl with integer arguments.
     let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
     if flags < 0 {
-        return Err(format!("F_GETFL: {}", std::io::Error::last_os_error()));
+        return Err(SysError::last("F_GETFL"));
     }
     Ok(flags & libc::O_ACCMODE != libc::O_RDONLY)
 }
@@ -62,10 +63,10 @@ impl Group {
     /// Holds `file` (a caller's own open file, open for writing) until the
     /// container is gone. Err past the pod's share of imacri's fds: the
     /// mapping must then be refused.
-    pub(super) fn hold(&self, file: OwnedFd) -> Result<(), String> {
-        let st = nix::sys::stat::fstat(file.as_raw_fd()).map_err(|e| e.to_string())?;
+    pub(super) fn hold(&self, file: OwnedFd) -> Result<(), WatchError> {
+        let st = nix::sys::stat::fstat(file.as_raw_fd()).map_err(|e| SysError::call("fstat", e))?;
         let inode = FileKey::of(&st).inode();
-        let mut held = self.held.lock().map_err(|e| e.to_string())?;
+        let mut held = self.held.lock()?;
         if held.contains_key(&inode) {
             // Held already: one writer is all it takes.
             return Ok(());

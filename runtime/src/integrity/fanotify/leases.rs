@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use super::Group;
+use crate::integrity::sys::{FdQuota, LeaseError, SysError};
 
 /// The signal a lease break sends (glibc keeps the first real-time
 /// signals for itself; `SIGRTMIN()` is past those).
@@ -59,13 +60,6 @@ impl Drop for Lease {
 /// every pod's measurement needs. Far above what a program maps.
 pub const PER_POD: usize = 1024;
 
-/// Why [`take`] fails on a file someone has open for writing.
-pub(super) const WRITERS: &str = "a read lease is refused: the file is open for writing";
-
-/// Why [`take`] fails on a file being truncated or opened for writing as
-/// the lease was set up.
-pub(super) const BREAKING: &str = "the file is being truncated or opened for writing";
-
 /// Whose lease an fd is.
 struct Holder {
     group: Weak<Group>,
@@ -88,10 +82,10 @@ struct Table {
 impl Table {
     /// Counts one more lease of `pod`; Err (counting nothing) past `limit`
     /// leases in all or [`PER_POD`] for the pod.
-    fn reserve(&self, limit: usize, pod: &str) -> Result<(), String> {
+    fn reserve(&self, limit: usize, pod: &str) -> Result<(), FdQuota> {
         if self.total.fetch_add(1, Ordering::AcqRel) >= limit {
             self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(format!("imacri holds {limit} leases, its limit"));
+            return Err(FdQuota::Imacri(limit));
         }
         let per_pod = self.per_pod.pin();
         let full = per_pod.compute(Arc::from(pod), |e| match e {
@@ -101,7 +95,7 @@ impl Table {
         });
         if matches!(full, Compute::Aborted(())) {
             self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(format!("the pod holds {PER_POD} leases, its limit"));
+            return Err(FdQuota::Pod(PER_POD));
         }
         Ok(())
     }
@@ -140,24 +134,25 @@ struct Service {
     limit: usize,
 }
 
-fn service() -> Result<&'static Service, String> {
-    static SERVICE: OnceLock<Result<Service, String>> = OnceLock::new();
-    SERVICE.get_or_init(start).as_ref().map_err(Clone::clone)
+fn service() -> Result<&'static Service, LeaseError> {
+    static SERVICE: OnceLock<Result<Service, Arc<SysError>>> = OnceLock::new();
+    SERVICE
+        .get_or_init(|| start().map_err(Arc::new))
+        .as_ref()
+        .map_err(|e| LeaseError::Service(e.clone()))
 }
 
 /// Whether this node lets imacri hold leases (`fs.leases-enable`).
-pub fn probe() -> Result<(), String> {
+pub fn probe() -> Result<(), LeaseError> {
     match std::fs::read_to_string("/proc/sys/fs/leases-enable") {
-        Ok(v) if v.trim() == "0" => {
-            Err("fs.leases-enable is 0: truncate(2) of a mapped file cannot be seen".into())
-        }
+        Ok(v) if v.trim() == "0" => Err(LeaseError::Disabled),
         _ => service().map(|_| ()),
     }
 }
 
 extern "C" fn ignore(_: libc::c_int) {}
 
-fn start() -> Result<Service, String> {
+fn start() -> Result<Service, SysError> {
     let sig = lease_signal();
     for s in [sig, libc::SIGIO] {
         // SAFETY: installs a handler that does nothing, only where none
@@ -166,7 +161,7 @@ fn start() -> Result<Service, String> {
         unsafe {
             let mut old: libc::sigaction = std::mem::zeroed();
             if libc::sigaction(s, std::ptr::null(), &mut old) != 0 {
-                return Err(format!("sigaction: {}", std::io::Error::last_os_error()));
+                return Err(SysError::last("sigaction"));
             }
             if old.sa_sigaction == libc::SIG_DFL {
                 let mut sa: libc::sigaction = std::mem::zeroed();
@@ -194,10 +189,7 @@ fn start() -> Result<Service, String> {
                 libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
                 let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
                 if fd < 0 {
-                    let _ = tx.send(Err(format!(
-                        "signalfd: {}",
-                        std::io::Error::last_os_error()
-                    )));
+                    let _ = tx.send(Err(SysError::last("signalfd")));
                     return;
                 }
                 OwnedFd::from_raw_fd(fd)
@@ -206,10 +198,13 @@ fn start() -> Result<Service, String> {
             let _ = tx.send(Ok(unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t));
             read_signals(sfd, sig);
         })
-        .map_err(|e| format!("starting the lease thread: {e}"))?;
-    let tid = rx
-        .recv()
-        .map_err(|_| "the lease thread did not start".to_string())??;
+        .map_err(|e| SysError::io("starting the lease thread", e))?;
+    let tid = rx.recv().map_err(|_| {
+        SysError::io(
+            "starting the lease thread",
+            std::io::Error::other("it ended before it was ready"),
+        )
+    })??;
     // SAFETY: getrlimit on a local struct.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
     let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
@@ -297,7 +292,7 @@ struct FOwnerEx {
 }
 
 /// Makes the lease thread the one signalled when the lease on `fd` breaks.
-fn own(fd: RawFd, tid: libc::pid_t) -> Result<(), String> {
+fn own(fd: RawFd, tid: libc::pid_t) -> Result<(), SysError> {
     let o = FOwnerEx {
         kind: F_OWNER_TID,
         pid: tid,
@@ -305,7 +300,7 @@ fn own(fd: RawFd, tid: libc::pid_t) -> Result<(), String> {
     // SAFETY: fcntl with a pointer to a live f_owner_ex, and an int.
     let r = unsafe { libc::fcntl(fd, F_SETSIG, lease_signal()) | libc::fcntl(fd, F_SETOWN_EX, &o) };
     if r != 0 {
-        return Err(format!("F_SETOWN_EX: {}", std::io::Error::last_os_error()));
+        return Err(SysError::last("F_SETOWN_EX"));
     }
     Ok(())
 }
@@ -319,7 +314,7 @@ pub(super) fn take(
     group: Weak<Group>,
     inode: (u64, u64),
     pod: &str,
-) -> Result<Lease, String> {
+) -> Result<Lease, LeaseError> {
     take_as(file, group, inode, pod, false)
 }
 
@@ -330,7 +325,7 @@ pub(super) fn take_window(
     group: Weak<Group>,
     inode: (u64, u64),
     pod: &str,
-) -> Result<Lease, String> {
+) -> Result<Lease, LeaseError> {
     take_as(file, group, inode, pod, true)
 }
 
@@ -340,7 +335,7 @@ fn take_as(
     inode: (u64, u64),
     pod: &str,
     window: bool,
-) -> Result<Lease, String> {
+) -> Result<Lease, LeaseError> {
     let s = service()?;
     s.leases.reserve(s.limit, pod)?;
     let fd = file.as_raw_fd();
@@ -348,18 +343,18 @@ fn take_as(
     own(fd, s.tid).inspect_err(|_| given_back())?;
     // SAFETY: fcntl with integer arguments.
     if unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) } != 0 {
-        let e = std::io::Error::last_os_error();
+        let e = nix::errno::Errno::last();
         given_back();
-        return Err(match e.raw_os_error() {
-            Some(libc::EAGAIN) => WRITERS.into(),
-            _ => format!("read lease: {e}"),
+        return Err(match e {
+            nix::errno::Errno::EAGAIN => LeaseError::Writers,
+            e => SysError::call("read lease", e).into(),
         });
     }
     // Setting a lease up may have made the process the owner again.
     own(fd, s.tid).inspect_err(|_| given_back())?;
     let lease = register(s, file, group, inode, pod, window);
     if breaking(fd) {
-        return Err(BREAKING.into());
+        return Err(LeaseError::Breaking);
     }
     Ok(lease)
 }
@@ -383,7 +378,7 @@ impl Drop for Slot {
 /// Counts one more open file of `pod`'s; refused past [`PER_POD`] or the
 /// process's share of fds. `kept`: the last imacri held it, so it is
 /// counted whatever the limits.
-pub(super) fn slot(pod: &str, kept: bool) -> Result<Slot, String> {
+pub(super) fn slot(pod: &str, kept: bool) -> Result<Slot, LeaseError> {
     let s = service()?;
     if kept {
         s.leases.count_kept(pod);
@@ -401,7 +396,7 @@ pub(super) fn adopt(
     group: Weak<Group>,
     inode: (u64, u64),
     pod: &str,
-) -> Result<(Lease, bool), String> {
+) -> Result<(Lease, bool), LeaseError> {
     let s = service()?;
     own(file.as_raw_fd(), s.tid)?;
     let fd = file.as_raw_fd();
@@ -476,7 +471,7 @@ mod tests {
         let _w = std::fs::File::create(&p).unwrap();
         let f = OwnedFd::from(std::fs::File::open(&p).unwrap());
         let e = take(f, Weak::new(), (0, 0), "p").unwrap_err();
-        assert!(e.contains("open for writing"), "{e}");
+        assert!(matches!(e, LeaseError::Writers), "{e}");
     }
 
     /// A pod's leases are bounded, and so are all of imacri's; a lease
@@ -495,13 +490,13 @@ mod tests {
                     window: false,
                 },
             );
-            Ok::<(), String>(())
+            Ok::<(), FdQuota>(())
         };
         for fd in 0..PER_POD as RawFd {
             add(fd, "a", 4 * PER_POD).unwrap();
         }
-        assert!(add(-1, "a", 4 * PER_POD).unwrap_err().contains("the pod"));
-        assert!(add(-2, "b", PER_POD).unwrap_err().contains("imacri holds"));
+        assert_eq!(add(-1, "a", 4 * PER_POD), Err(FdQuota::Pod(PER_POD)));
+        assert_eq!(add(-2, "b", PER_POD), Err(FdQuota::Imacri(PER_POD)));
         add(-3, "b", 4 * PER_POD).unwrap();
         t.remove(-3);
         t.remove(0);

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use super::leases::{self, Lease};
 use super::Group;
 use crate::integrity::digest::{fd_path, FileKey};
+use crate::integrity::sys::{LeaseError, SysError, WatchError};
 
 /// How long a broken window may wait for its execution to settle.
 const SETTLE: Duration = Duration::from_secs(5);
@@ -89,7 +90,7 @@ pub(super) enum Refusal {
     /// The file is open for writing: the kernel would refuse it too.
     Writers,
     /// No lease can be held (the pod's or imacri's share of fds).
-    Unheld(String),
+    Unheld(WatchError),
 }
 
 impl Windows {
@@ -115,11 +116,7 @@ impl Group {
     ) -> Result<(), Refusal> {
         use Refusal::Unheld;
         {
-            let mut inner = self
-                .windows
-                .inner
-                .lock()
-                .map_err(|e| Unheld(e.to_string()))?;
+            let mut inner = self.windows.inner.lock().map_err(|e| Unheld(e.into()))?;
             // Whether a filesystem is overlayfs is asked once (a device
             // number names one filesystem while the container runs).
             let overlay = *inner
@@ -140,7 +137,9 @@ impl Group {
                 return Ok(());
             }
         }
-        let own = fd.try_clone_to_owned().map_err(|e| Unheld(e.to_string()))?;
+        let own = fd
+            .try_clone_to_owned()
+            .map_err(|e| Unheld(SysError::io("copying the file's fd", e).into()))?;
         let lease = match leases::take_window(
             own,
             self.me.clone(),
@@ -148,22 +147,16 @@ impl Group {
             &self.target.measured.pod,
         ) {
             Ok(l) => l,
-            Err(e) if e == leases::WRITERS || e == leases::BREAKING => {
-                return Err(Refusal::Writers)
-            }
+            Err(LeaseError::Writers | LeaseError::Breaking) => return Err(Refusal::Writers),
             Err(e) if super::lease_probe().is_err() => {
                 // A node without leases: nothing to hold the window with
                 // (`imacri check` says so).
                 tracing::debug!(container_id = %self.target.measured.container, error = %e, "no lease for an execution's window");
                 return Ok(());
             }
-            Err(e) => return Err(Unheld(e)),
+            Err(e) => return Err(Unheld(e.into())),
         };
-        let mut inner = self
-            .windows
-            .inner
-            .lock()
-            .map_err(|e| Unheld(e.to_string()))?;
+        let mut inner = self.windows.inner.lock().map_err(|e| Unheld(e.into()))?;
         if inner.leases.len() >= KEPT {
             let busy: Vec<(u64, u64)> = inner.open.iter().map(|(_, i)| *i).collect();
             inner.leases.retain(|i, h| h.broken || busy.contains(i));

@@ -40,6 +40,7 @@ use super::super::digest::{fd_path, FileKey};
 use super::super::engine::{open_for_writing, Engine, WriteWatch};
 use super::super::keeper;
 use super::super::policy::Mode;
+use super::super::sys::{LeaseError, SysError, WatchError};
 use super::leases::{self, Lease};
 use super::Group;
 
@@ -72,22 +73,26 @@ pub(super) struct Watched {
 /// Inode → what watches it.
 pub(super) type WatchedFiles = HashMap<(u64, u64), Watched>;
 
+fn fstat(fd: BorrowedFd<'_>) -> Result<nix::sys::stat::FileStat, SysError> {
+    nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| SysError::call("fstat", e))
+}
+
 impl WriteWatch for Group {
-    fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, String> {
+    fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, WatchError> {
         self.watch_with(fd, |fd| self.reopen(fd))
     }
 
-    fn watch_own(&self, fd: BorrowedFd<'_>) -> Result<bool, String> {
+    fn watch_own(&self, fd: BorrowedFd<'_>) -> Result<bool, WatchError> {
         self.watch_with(fd, |fd| fd.try_clone_to_owned())
     }
 
-    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), String> {
-        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), WatchError> {
+        let st = fstat(fd)?;
         let inode = FileKey::of(&st).inode();
         if self.watched(inode) {
             return Ok(());
         }
-        let mut mapped = self.mapped.lock().map_err(|e| e.to_string())?;
+        let mut mapped = self.mapped.lock()?;
         if mapped.contains_key(&inode) {
             return Ok(());
         }
@@ -100,7 +105,7 @@ impl WriteWatch for Group {
                 Some(fd.as_raw_fd()),
                 None,
             )
-            .map_err(|e| format!("fanotify inode mark: {e}"))?;
+            .map_err(|e| SysError::call("fanotify inode mark", e))?;
         mapped.insert(
             inode,
             Watched {
@@ -111,7 +116,7 @@ impl WriteWatch for Group {
         Ok(())
     }
 
-    fn hold_writer(&self, file: OwnedFd) -> Result<(), String> {
+    fn hold_writer(&self, file: OwnedFd) -> Result<(), WatchError> {
         self.hold(file)
     }
 
@@ -130,8 +135,8 @@ impl Group {
         &self,
         fd: BorrowedFd<'_>,
         own: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<OwnedFd>,
-    ) -> Result<bool, String> {
-        let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    ) -> Result<bool, WatchError> {
+        let st = fstat(fd)?;
         let inode = FileKey::of(&st).inode();
         if self.watched(inode) {
             return Ok(false);
@@ -151,16 +156,16 @@ impl Group {
                 Some(marked_by.as_raw_fd()),
                 None,
             )
-            .map_err(|e| format!("fanotify inode mark: {e}"))?;
+            .map_err(|e| SysError::call("fanotify inode mark", e))?;
         let lease = match own
-            .map_err(|e| e.to_string())
+            .map_err(|e| LeaseError::from(SysError::io("opening the file again", e)))
             .and_then(|f| self.lease(f, inode))
         {
             Ok(l) => Some(l),
             // An open writer is the caller's writers check to find; a
             // filesystem without leases leaves the mark alone to watch.
             Err(e) => {
-                if e != leases::WRITERS {
+                if !matches!(e, LeaseError::Writers) {
                     if let Some(engine) = self.engine.upgrade() {
                         engine.stats.unleased.fetch_add(1, Ordering::Relaxed);
                     }
@@ -171,7 +176,7 @@ impl Group {
                 None
             }
         };
-        let mut mapped = self.mapped.lock().map_err(|e| e.to_string())?;
+        let mut mapped = self.mapped.lock()?;
         if mapped.contains_key(&inode) {
             // Watched by a racing call meanwhile (the same mark): ours goes.
             return Ok(false);
@@ -246,7 +251,7 @@ impl Group {
         }
     }
 
-    fn lease(&self, file: OwnedFd, inode: (u64, u64)) -> Result<Lease, String> {
+    fn lease(&self, file: OwnedFd, inode: (u64, u64)) -> Result<Lease, LeaseError> {
         leases::take(file, self.me.clone(), inode, &self.target.measured.pod)
     }
 

@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::profile::PERSONALITY_QUERY;
-use super::{hold, shared, task};
+use super::{hold, shared, task, CallError};
 use crate::integrity::digest::{fd_path, FileKey};
 use crate::integrity::engine::{Engine, Pending};
 use crate::integrity::keeper;
 use crate::integrity::log::Event;
+use crate::integrity::sys::SysError;
 
 /// The answer to one notification, given once every file it maps is decided.
 pub(super) struct Reply {
@@ -240,8 +241,9 @@ impl HeldCalls {
         if let Err(e) = started {
             let mut st = self.state();
             st.running = false;
+            let e = SysError::io("starting a hold thread", e).into();
             for c in st.queue.drain(..) {
-                c.refuse_unheld(&e.to_string(), "no thread to hold a call's sharers");
+                c.refuse_unheld(&e, "no thread to hold a call's sharers");
             }
         }
     }
@@ -304,7 +306,7 @@ impl Call {
         let mut held = hold::Held::default();
         let sharing = self.sharing.clone();
         let stopped = match self.engine.map_no_hold {
-            true => Err("not held (test)".to_string()),
+            true => Err(CallError::NotHeldInTest),
             false => held.sharers_of(self.req.pid, self.table(), || sharing.tasks_now()),
         };
         if let Err(e) = stopped {
@@ -365,7 +367,7 @@ impl Call {
     }
 
     /// Refuses a call that cannot be held (counted as `unheldCalls`).
-    fn refuse_unheld(&self, error: &str, why: &str) {
+    fn refuse_unheld(&self, error: &CallError, why: &str) {
         self.engine
             .stats
             .unheld_calls
@@ -382,18 +384,17 @@ impl Call {
         &self,
         held: &hold::Held,
         measured: &[(u64, u64)],
-    ) -> Result<(), (String, String)> {
-        let unknown = |e: String| ("-".to_string(), e);
+    ) -> Result<(), (String, CallError)> {
+        let unknown = |e: CallError| ("-".to_string(), e);
         let ret = held.returned(self.req.pid).map_err(unknown)?;
         if (-4095..0).contains(&ret) {
             return Ok(()); // the call failed: nothing was mapped
         }
         let files = task::mapped_inodes(self.req.pid, ret as u64, self.req.data.args[1])
-            .map_err(unknown)?;
+            .map_err(|e| unknown(e.into()))?;
         for (inode, path) in files {
             if !measured.contains(&inode) {
-                let why = "a file other than the one measured".to_string();
-                return Err((path, why));
+                return Err((path, CallError::NotMeasured));
             }
         }
         Ok(())
@@ -402,9 +403,11 @@ impl Call {
     /// A shared mapping of an overlay file open for writing: the caller's
     /// open file is held open until the container is gone
     /// (`fanotify/held.rs`). Err: it must be and cannot be.
-    fn hold_if_writable(&self, tasks: &task::Tasks, taken: &OwnedFd) -> Result<(), String> {
+    fn hold_if_writable(&self, tasks: &task::Tasks, taken: &OwnedFd) -> Result<(), CallError> {
         // Most shared mappings (/dev/shm, devices) end here, with no copy.
-        if !crate::integrity::overlay::on_overlayfs(taken.as_fd()).map_err(|e| e.to_string())? {
+        if !crate::integrity::overlay::on_overlayfs(taken.as_fd())
+            .map_err(|e| SysError::call("statfs", e))?
+        {
             return Ok(());
         }
         let (pid, fd) = (self.req.pid, self.req.data.args[4] as i32);
@@ -412,7 +415,7 @@ impl Call {
         if !crate::integrity::fanotify::needs_holding(file.as_fd())? {
             return Ok(());
         }
-        self.engine.hold_writer(&self.target, file)
+        Ok(self.engine.hold_writer(&self.target, file)?)
     }
 
     /// Takes the call's files from the caller and measures them; the answer
@@ -435,9 +438,9 @@ impl Call {
         let files = match nr {
             libc::SYS_mmap => tasks.file_of(req.pid, args[4] as i32).map(|f| vec![f]),
             libc::SYS_mprotect | libc::SYS_pkey_mprotect => {
-                task::mapped_files(req.pid, args[0], args[1])
+                task::mapped_files(req.pid, args[0], args[1]).map_err(CallError::from)
             }
-            _ => Err(format!("unexpected syscall {nr}")),
+            _ => Err(CallError::UnexpectedSyscall(nr)),
         };
         // Everything above read the task by pid: it must still be the caller.
         let files = match files {

@@ -42,6 +42,8 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use super::shared::{shares_with_any, Table};
+use super::CallError;
+use crate::integrity::sys::SysError;
 
 /// How long the sharers (and then the caller) get to reach their stop.
 const STOP_WAIT: Duration = Duration::from_secs(1);
@@ -110,11 +112,11 @@ impl Held {
         tid: u32,
         table: Table,
         mut list: impl FnMut() -> std::io::Result<Vec<u32>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CallError> {
         let mut compared: HashSet<u32> = HashSet::new();
         let deadline = Instant::now() + STOP_WAIT;
         for _ in 0..LIST_TRIES {
-            let tasks = list().map_err(|e| format!("listing the cgroup's tasks: {e}"))?;
+            let tasks = list().map_err(|e| SysError::io("listing the cgroup's tasks", e))?;
             let fresh: Vec<u32> = tasks
                 .into_iter()
                 .filter(|t| *t != tid && compared.insert(*t))
@@ -142,7 +144,7 @@ impl Held {
             }
             self.wait(deadline)?;
         }
-        Err("the caller's cgroup kept changing while its sharers were stopped".into())
+        Err(CallError::CgroupChanging)
     }
 
     /// Whether an io_uring worker shares the call's fd table (see the
@@ -156,7 +158,7 @@ impl Held {
     /// nothing could then stop it on its way out. EPERM while the hold
     /// thread of the task's previous call is still attached (the kernel
     /// lets go as that thread ends) is waited out.
-    pub(super) fn attach_caller(&mut self, tid: u32) -> Result<(), String> {
+    pub(super) fn attach_caller(&mut self, tid: u32) -> Result<(), CallError> {
         let pid = Pid::from_raw(tid as i32);
         let deadline = Instant::now() + Duration::from_millis(200);
         loop {
@@ -165,7 +167,11 @@ impl Held {
                 Err(Errno::EPERM) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Err(e) => return Err(format!("ptrace seize of the caller {tid}: {e}")),
+                Err(e) => {
+                    return Err(
+                        SysError::call(format!("ptrace seize of the caller {tid}"), e).into(),
+                    )
+                }
             }
         }
         self.track(pid);
@@ -175,10 +181,14 @@ impl Held {
     /// Stops the caller (attached by [`attach_caller`]) once its call has
     /// returned (after the answer): the kernel is done reading what it
     /// names.
-    pub(super) fn caller_returned(&mut self, tid: u32) -> Result<(), String> {
+    pub(super) fn caller_returned(&mut self, tid: u32) -> Result<(), CallError> {
         match ptrace::interrupt(Pid::from_raw(tid as i32)) {
             Ok(()) | Err(Errno::ESRCH) => {}
-            Err(e) => return Err(format!("ptrace interrupt of the caller {tid}: {e}")),
+            Err(e) => {
+                return Err(
+                    SysError::call(format!("ptrace interrupt of the caller {tid}"), e).into(),
+                )
+            }
         }
         self.wait(Instant::now() + STOP_WAIT)
     }
@@ -186,13 +196,14 @@ impl Held {
     /// Writes a breakpoint where the caller (attached, not stopped: still
     /// in its call) returns to, so that it stops there before it runs an
     /// instruction; [`caller_trapped`] takes it out.
-    pub(super) fn trap_return(&mut self, tid: u32, ip: u64) -> Result<Trap, String> {
+    pub(super) fn trap_return(&mut self, tid: u32, ip: u64) -> Result<Trap, CallError> {
         if !cfg!(target_arch = "x86_64") {
-            return Err("returns are trapped on x86-64 only".into());
+            return Err(CallError::NotX86);
         }
         use std::os::unix::fs::FileExt;
-        let err =
-            |what: &str, e: std::io::Error| format!("{what} the caller's code at {ip:#x}: {e}");
+        let err = |what: &str, e: std::io::Error| {
+            SysError::io(format!("{what} the caller's code at {ip:#x}"), e)
+        };
         let mem = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -215,13 +226,12 @@ impl Held {
     /// breakpoint, or at a signal it takes first: a tracee stops before a
     /// handler runs), takes the breakpoint out and, if the caller stopped
     /// on it, puts it back on the instruction it replaced.
-    pub(super) fn caller_trapped(&mut self, tid: u32, trap: Trap) -> Result<(), String> {
+    pub(super) fn caller_trapped(&mut self, tid: u32, trap: Trap) -> Result<(), CallError> {
         use std::os::unix::fs::FileExt;
         let stopped = self.wait(Instant::now() + STOP_WAIT);
-        let restored = trap
-            .mem
-            .write_all_at(&[trap.orig], trap.ip)
-            .map_err(|e| format!("restoring the caller's code at {:#x}: {e}", trap.ip));
+        let restored = trap.mem.write_all_at(&[trap.orig], trap.ip).map_err(|e| {
+            SysError::io(format!("restoring the caller's code at {:#x}", trap.ip), e).into()
+        });
         stopped?;
         let pid = Pid::from_raw(tid as i32);
         let Some(t) = self.tasks.iter_mut().find(|t| t.pid == pid) else {
@@ -237,11 +247,11 @@ impl Held {
         }
         #[cfg(target_arch = "x86_64")]
         {
-            let mut regs =
-                ptrace::getregs(pid).map_err(|e| format!("registers of task {tid}: {e}"))?;
+            let regs_err = |e| SysError::call(format!("registers of task {tid}"), e);
+            let mut regs = ptrace::getregs(pid).map_err(regs_err)?;
             if regs.rip == trap.ip + 1 {
                 regs.rip = trap.ip;
-                ptrace::setregs(pid, regs).map_err(|e| format!("registers of task {tid}: {e}"))?;
+                ptrace::setregs(pid, regs).map_err(regs_err)?;
                 // Ours: not delivered when it is let go.
                 t.signal = None;
             }
@@ -268,9 +278,10 @@ impl Held {
     }
 
     /// What the held caller's call returned (after [`caller_returned`]).
-    pub(super) fn returned(&self, tid: u32) -> Result<i64, String> {
+    pub(super) fn returned(&self, tid: u32) -> Result<i64, CallError> {
         let pid = Pid::from_raw(tid as i32);
-        let regs = ptrace::getregs(pid).map_err(|e| format!("registers of task {tid}: {e}"))?;
+        let regs = ptrace::getregs(pid)
+            .map_err(|e| SysError::call(format!("registers of task {tid}"), e))?;
         #[cfg(target_arch = "x86_64")]
         let ret = regs.rax as i64;
         #[cfg(target_arch = "aarch64")]
@@ -288,24 +299,24 @@ impl Held {
         });
     }
 
-    fn hold(&mut self, tid: u32) -> Result<(), String> {
+    fn hold(&mut self, tid: u32) -> Result<(), CallError> {
         let pid = Pid::from_raw(tid as i32);
         match ptrace::seize(pid, ptrace::Options::empty()) {
             Ok(()) => {}
             Err(Errno::ESRCH) => return Ok(()), // gone: it shares nothing now
-            Err(e) => return Err(format!("ptrace seize of task {tid}: {e}")),
+            Err(e) => return Err(SysError::call(format!("ptrace seize of task {tid}"), e).into()),
         }
         self.track(pid);
         match ptrace::interrupt(pid) {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
-            Err(e) => Err(format!("ptrace interrupt of task {tid}: {e}")),
+            Err(e) => Err(SysError::call(format!("ptrace interrupt of task {tid}"), e).into()),
         }
     }
 
     /// Waits until every held task is stopped or gone: a stop takes a few
     /// microseconds (a context switch), so the first checks only yield the
     /// CPU; past them it backs off to sleeps.
-    fn wait(&mut self, deadline: Instant) -> Result<(), String> {
+    fn wait(&mut self, deadline: Instant) -> Result<(), CallError> {
         for t in self.tasks.iter_mut().filter(|t| !t.stopped) {
             let mut pause = Duration::from_micros(10);
             let mut spins = 0;
@@ -332,10 +343,16 @@ impl Held {
                         break;
                     }
                     Ok(WaitStatus::Continued(_)) => {}
-                    Err(e) => return Err(format!("waiting for task {} to stop: {e}", t.pid)),
+                    Err(e) => {
+                        let what = format!("waiting for task {} to stop", t.pid);
+                        return Err(SysError::call(what, e).into());
+                    }
                 }
                 if Instant::now() > deadline {
-                    return Err(format!("task {} did not stop within {STOP_WAIT:?}", t.pid));
+                    return Err(CallError::NotStopped {
+                        tid: t.pid.as_raw(),
+                        wait: STOP_WAIT,
+                    });
                 }
                 if spins < YIELDS {
                     spins += 1;

@@ -54,12 +54,42 @@ use std::sync::{Arc, Weak};
 use super::digest::FileKey;
 use super::engine::Engine;
 use super::log::Event;
+use super::sys::{SysError, WatchError};
+
+/// Why a guarded call was refused without a measurement (logged with it;
+/// the caller gets EPERM), or why what it mapped was killed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// A shared writable mapping's file cannot be held open.
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error("pidfd_getfd({tid}, {fd}): the task is gone")]
+    TaskGone { tid: u32, fd: i32 },
+    #[error("{0}: no flags")]
+    NoFlags(String),
+    #[error("unexpected syscall {0}")]
+    UnexpectedSyscall(i64),
+    #[error("the caller's cgroup kept changing while its sharers were stopped")]
+    CgroupChanging,
+    #[error("task {tid} did not stop within {wait:?}")]
+    NotStopped { tid: i32, wait: std::time::Duration },
+    #[error("returns are trapped on x86-64 only")]
+    NotX86,
+    /// Tests only (`map_no_hold`): every held call is refused.
+    #[error("not held (test)")]
+    NotHeldInTest,
+    #[error("a file other than the one measured")]
+    NotMeasured,
+}
 
 /// Whether this kernel can run the guard: seccomp user notification and
 /// pidfd_getfd (Linux 5.6+).
 pub fn probe() -> Result<(), String> {
-    let avail = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail")
-        .map_err(|e| format!("reading /proc/sys/kernel/seccomp/actions_avail: {e}"))?;
+    let avail = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").map_err(|e| {
+        SysError::io("reading /proc/sys/kernel/seccomp/actions_avail", e).to_string()
+    })?;
     if !avail.split_whitespace().any(|a| a == "user_notif") {
         return Err("seccomp user notification is unavailable (Linux < 5.0)".into());
     }

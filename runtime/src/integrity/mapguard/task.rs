@@ -11,7 +11,9 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use super::CallError;
 use crate::integrity::digest::FileKey;
+use crate::integrity::sys::SysError;
 use nix::errno::Errno;
 
 /// `pidfd_open` flag for a pidfd of a thread rather than a process
@@ -37,7 +39,7 @@ pub(super) struct Tasks {
 
 impl Tasks {
     /// The file behind fd number `fd` of task `tid`.
-    pub(super) fn file_of(&mut self, tid: u32, fd: i32) -> Result<OwnedFd, String> {
+    pub(super) fn file_of(&mut self, tid: u32, fd: i32) -> Result<OwnedFd, CallError> {
         for fresh in [false, true] {
             if self.no_thread_pidfds {
                 return reopen(tid, fd);
@@ -61,10 +63,10 @@ impl Tasks {
                 Err(Errno::ESRCH) if !fresh => {
                     self.pidfds.remove(&tid);
                 }
-                Err(e) => return Err(format!("pidfd_getfd({tid}, {fd}): {e}")),
+                Err(e) => return Err(SysError::call(format!("pidfd_getfd({tid}, {fd})"), e).into()),
             }
         }
-        Err(format!("pidfd_getfd({tid}, {fd}): the task is gone"))
+        Err(CallError::TaskGone { tid, fd })
     }
 
     /// The caller's open file behind `fd`, to hold open for writing
@@ -81,19 +83,29 @@ impl Tasks {
         fd: i32,
         taken: &OwnedFd,
         open: impl FnOnce(&dyn Fn() -> std::io::Result<OwnedFd>) -> std::io::Result<OwnedFd>,
-    ) -> Result<OwnedFd, String> {
+    ) -> Result<OwnedFd, CallError> {
+        let copy = || {
+            taken
+                .try_clone()
+                .map_err(|e| SysError::io("copying the taken fd", e).into())
+        };
         if !self.no_thread_pidfds {
-            return taken.try_clone().map_err(|e| e.to_string());
+            return copy();
         }
         let info = format!("/proc/{tid}/fdinfo/{fd}");
-        let text = std::fs::read_to_string(&info).map_err(|e| format!("{info}: {e}"))?;
+        let text = match std::fs::read_to_string(&info) {
+            Ok(t) => t,
+            Err(e) => return Err(SysError::io(info, e).into()),
+        };
         let flags = text
             .lines()
             .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
-            .ok_or_else(|| format!("{info}: no flags"))?;
+            .and_then(|v| i32::from_str_radix(v.trim(), 8).ok());
+        let Some(flags) = flags else {
+            return Err(CallError::NoFlags(info));
+        };
         if flags & libc::O_ACCMODE == libc::O_RDONLY {
-            return taken.try_clone().map_err(|e| e.to_string());
+            return copy();
         }
         let path = format!("/proc/{tid}/fd/{fd}");
         open(&|| {
@@ -105,7 +117,7 @@ impl Tasks {
                 .open(&path)
                 .map(OwnedFd::from)
         })
-        .map_err(|e| format!("opening {path} for writing: {e}"))
+        .map_err(|e| SysError::io(format!("opening {path} for writing"), e).into())
     }
 
     #[cfg(test)]
@@ -124,7 +136,7 @@ pub(super) fn thread_pidfds() -> bool {
 
 /// A pidfd of task `tid` itself; `None` when this kernel has no thread
 /// pidfds (Linux < 6.9).
-fn thread_pidfd(tid: u32) -> Result<Option<OwnedFd>, String> {
+fn thread_pidfd(tid: u32) -> Result<Option<OwnedFd>, SysError> {
     // SAFETY: a raw syscall with integer arguments; the result is checked.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::c_int, PIDFD_THREAD) };
     if r >= 0 {
@@ -133,7 +145,7 @@ fn thread_pidfd(tid: u32) -> Result<Option<OwnedFd>, String> {
     }
     match Errno::last() {
         Errno::EINVAL => Ok(None),
-        e => Err(format!("pidfd_open({tid}): {e}")),
+        e => Err(SysError::call(format!("pidfd_open({tid})"), e)),
     }
 }
 
@@ -150,24 +162,24 @@ fn getfd(pidfd: &OwnedFd, fd: i32) -> Result<OwnedFd, Errno> {
 /// Kernels without thread pidfds: the same file opened again through the
 /// task's own fd table (`/proc/<tid>/fd` is per task). A new open of the
 /// same inode: what is hashed and checked for writers is that inode.
-fn reopen(tid: u32, fd: i32) -> Result<OwnedFd, String> {
+fn reopen(tid: u32, fd: i32) -> Result<OwnedFd, CallError> {
     let path = format!("/proc/{tid}/fd/{fd}");
     std::fs::File::open(&path)
         .map(OwnedFd::from)
-        .map_err(|e| format!("opening {path}: {e}"))
+        .map_err(|e| SysError::io(format!("opening {path}"), e).into())
 }
 
 /// The files mapped in `[addr, addr+len)` of task `pid`, opened through
 /// `/proc/<pid>/map_files`, which lists exactly the VMAs backed by a file.
 /// (Not the inode column of `maps`: a SysV segment's inode is its id, 0 for
 /// the first segment of an IPC namespace.) Anonymous ranges are skipped.
-pub(super) fn mapped_files(pid: u32, addr: u64, len: u64) -> Result<Vec<OwnedFd>, String> {
+pub(super) fn mapped_files(pid: u32, addr: u64, len: u64) -> Result<Vec<OwnedFd>, SysError> {
     let mut out = Vec::new();
     for path in map_files(pid, addr, len)? {
         match std::fs::File::open(&path) {
             Ok(f) => out.push(f.into()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("opening {path}: {e}")),
+            Err(e) => return Err(SysError::io(format!("opening {path}"), e)),
         }
     }
     Ok(out)
@@ -179,7 +191,7 @@ pub(super) type MappedInode = ((u64, u64), String);
 /// The inodes (and paths) of the files mapped in `[addr, addr+len)` of task
 /// `pid`, from their `map_files` links without opening them: a file that
 /// cannot be opened (an io_uring ring's, an anonymous inode's) is named too.
-pub(super) fn mapped_inodes(pid: u32, addr: u64, len: u64) -> Result<Vec<MappedInode>, String> {
+pub(super) fn mapped_inodes(pid: u32, addr: u64, len: u64) -> Result<Vec<MappedInode>, SysError> {
     let mut out = Vec::new();
     for path in map_files(pid, addr, len)? {
         match nix::sys::stat::stat(path.as_str()) {
@@ -189,7 +201,7 @@ pub(super) fn mapped_inodes(pid: u32, addr: u64, len: u64) -> Result<Vec<MappedI
                 out.push((FileKey::of(&st).inode(), name));
             }
             Err(Errno::ENOENT) => {}
-            Err(e) => return Err(format!("stat {path}: {e}")),
+            Err(e) => return Err(SysError::call(format!("stat {path}"), e)),
         }
     }
     Ok(out)
@@ -197,9 +209,9 @@ pub(super) fn mapped_inodes(pid: u32, addr: u64, len: u64) -> Result<Vec<MappedI
 
 /// The `map_files` links of the VMAs of task `pid` that overlap
 /// `[addr, addr+len)` (anonymous ones have none).
-fn map_files(pid: u32, addr: u64, len: u64) -> Result<Vec<String>, String> {
+fn map_files(pid: u32, addr: u64, len: u64) -> Result<Vec<String>, SysError> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| format!("reading /proc/{pid}/maps: {e}"))?;
+        .map_err(|e| SysError::io(format!("reading /proc/{pid}/maps"), e))?;
     let end = addr.saturating_add(len.max(1));
     let mut out = Vec::new();
     for range in ranges(&maps) {
