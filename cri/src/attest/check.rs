@@ -3,7 +3,7 @@
 //! anchored gap-free evidence, and the newest TPM counters it saw per AK
 //! (an older quote is a replay).
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::verify::{self, Evidence, Expectations, Report, Verdict};
 use std::path::{Path, PathBuf};
@@ -22,11 +22,10 @@ pub(super) struct Checker {
 
 impl Checker {
     pub(super) fn load(t: &Trust) -> Result<Checker> {
-        let policy = Allowlist::load(&t.policy).map_err(|e| anyhow!(e))?;
+        let policy = Allowlist::load(&t.policy)?;
         let ak = match (&t.node, &t.ak) {
             (Some(n), _) => Some(
-                imacri_runtime::integrity::enroll::NodeIdentity::load(n)
-                    .map_err(|e| anyhow!(e))?
+                imacri_runtime::integrity::enroll::NodeIdentity::load(n)?
                     .ak
                     .public_key_pem,
             ),

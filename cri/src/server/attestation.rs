@@ -85,7 +85,7 @@ impl CriServer {
             .await
             .map_err(|e| Error::Unavailable(format!("collecting evidence: {e}")))?;
         let ak_public_pem = match &snap.ak_sec1 {
-            Some(k) => verify::ak_pem(k).map_err(Error::Internal)?,
+            Some(k) => verify::ak_pem(k)?,
             None => String::new(),
         };
         let ev = Evidence {
@@ -207,7 +207,7 @@ impl CriServer {
     fn attestation_key(&self) -> Result<pb::GetAttestationKeyResponse> {
         let tpm = self.tpm()?;
         Ok(pb::GetAttestationKeyResponse {
-            pem: verify::ak_pem(tpm.ak_sec1()).map_err(Error::Internal)?,
+            pem: verify::ak_pem(tpm.ak_sec1())?,
             pcr: tpm.pcr(),
         })
     }

@@ -50,24 +50,51 @@ pub struct Violation {
     pub reason: String,
 }
 
+/// Why a policy file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("reading policy {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("policy {path}: {error}")]
+    In {
+        path: std::path::PathBuf,
+        error: Box<PolicyError>,
+    },
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("unsupported version {0}")]
+    Version(u32),
+    #[error("digest {0:?} is not sha256:<64 hex digits>")]
+    Digest(String),
+}
+
 impl Allowlist {
-    pub fn load(path: &Path) -> Result<Allowlist, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading policy {}: {e}", path.display()))?;
-        Allowlist::parse(&text).map_err(|e| format!("policy {}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Allowlist, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Allowlist::parse(&text).map_err(|e| PolicyError::In {
+            path: path.to_path_buf(),
+            error: Box::new(e),
+        })
     }
 
-    pub fn parse(text: &str) -> Result<Allowlist, String> {
-        let a: Allowlist = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Allowlist, PolicyError> {
+        let a: Allowlist = serde_json::from_str(text)?;
         if a.version != 1 {
-            return Err(format!("unsupported version {}", a.version));
+            return Err(PolicyError::Version(a.version));
         }
         for d in a.files.values().flatten().chain(&a.digests) {
             let ok = d
                 .strip_prefix("sha256:")
                 .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
             if !ok {
-                return Err(format!("digest {d:?} is not sha256:<64 hex digits>"));
+                return Err(PolicyError::Digest(d.clone()));
             }
         }
         Ok(a)
@@ -255,12 +282,14 @@ mod tests {
 
     #[test]
     fn rejects_malformed_policies() {
-        assert!(Allowlist::parse(r#"{"files": {"/x": ["md5:00"]}}"#)
-            .unwrap_err()
-            .contains("md5:00"));
-        assert!(Allowlist::parse(r#"{"version": 2}"#)
-            .unwrap_err()
-            .contains("version"));
+        assert!(matches!(
+            Allowlist::parse(r#"{"files": {"/x": ["md5:00"]}}"#),
+            Err(PolicyError::Digest(d)) if d == "md5:00"
+        ));
+        assert!(matches!(
+            Allowlist::parse(r#"{"version": 2}"#),
+            Err(PolicyError::Version(2))
+        ));
         assert!(Allowlist::parse(r#"{"allow": []}"#).is_err());
     }
 }

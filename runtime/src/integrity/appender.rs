@@ -19,32 +19,42 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::{JoinHandle, Thread};
 
+/// Why a submitted item was not committed: the commit of its batch failed
+/// (every caller of the batch gets the same error), or the writer is gone.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Commit(Arc<E>),
+    #[error("the writer is gone")]
+    Gone,
+}
+
 /// Where a caller waits for its request's outcome.
-struct Reply {
-    outcome: OnceLock<Result<(), String>>,
+struct Reply<E> {
+    outcome: OnceLock<Result<(), Arc<E>>>,
     caller: Thread,
 }
 
-struct Request<T> {
+struct Request<T, E> {
     item: T,
-    reply: Arc<Reply>,
+    reply: Arc<Reply<E>>,
 }
 
 /// The writer: `submit` returns once the item is committed.
-pub(super) struct Appender<T: Send + 'static> {
-    inbox: Arc<Inbox<Request<T>>>,
+pub(super) struct Appender<T: Send + 'static, E: std::error::Error + Send + Sync + 'static> {
+    inbox: Arc<Inbox<Request<T, E>>>,
     closing: Arc<AtomicBool>,
     worker: Option<JoinHandle<()>>,
 }
 
-impl<T: Send + 'static> Appender<T> {
+impl<T: Send + 'static, E: std::error::Error + Send + Sync + 'static> Appender<T, E> {
     /// Starts the writer thread; `commit` writes a batch in order and makes
     /// it durable (an error fails the whole batch).
     pub(super) fn spawn(
         name: &str,
-        mut commit: impl FnMut(&[T]) -> Result<(), String> + Send + 'static,
+        mut commit: impl FnMut(&[T]) -> Result<(), E> + Send + 'static,
     ) -> std::io::Result<Self> {
-        let inbox: Arc<Inbox<Request<T>>> = Arc::new(Inbox::new());
+        let inbox: Arc<Inbox<Request<T, E>>> = Arc::new(Inbox::new());
         let closing = Arc::new(AtomicBool::new(false));
         let (i, c) = (inbox.clone(), closing.clone());
         let worker = std::thread::Builder::new()
@@ -61,9 +71,9 @@ impl<T: Send + 'static> Appender<T> {
                         std::thread::park();
                         continue;
                     }
-                    let (items, replies): (Vec<T>, Vec<Arc<Reply>>) =
+                    let (items, replies): (Vec<T>, Vec<Arc<Reply<E>>>) =
                         batch.into_iter().map(|r| (r.item, r.reply)).unzip();
-                    let outcome = commit(&items);
+                    let outcome = commit(&items).map_err(Arc::new);
                     for r in replies {
                         let _ = r.outcome.set(outcome.clone());
                         r.caller.unpark();
@@ -78,9 +88,9 @@ impl<T: Send + 'static> Appender<T> {
     }
 
     /// Queues `item` and waits until it is committed.
-    pub(super) fn submit(&self, item: T) -> Result<(), String> {
+    pub(super) fn submit(&self, item: T) -> Result<(), AppendError<E>> {
         let Some(worker) = &self.worker else {
-            return Err("the writer is gone".into());
+            return Err(AppendError::Gone);
         };
         let reply = Arc::new(Reply {
             outcome: OnceLock::new(),
@@ -93,7 +103,7 @@ impl<T: Send + 'static> Appender<T> {
         worker.thread().unpark();
         loop {
             if let Some(r) = reply.outcome.get() {
-                return r.clone();
+                return r.clone().map_err(AppendError::Commit);
             }
             // Spurious wake-ups (another unpark of this thread) loop.
             std::thread::park();
@@ -101,7 +111,7 @@ impl<T: Send + 'static> Appender<T> {
     }
 }
 
-impl<T: Send + 'static> Drop for Appender<T> {
+impl<T: Send + 'static, E: std::error::Error + Send + Sync + 'static> Drop for Appender<T, E> {
     fn drop(&mut self) {
         self.closing.store(true, Ordering::Release);
         if let Some(w) = self.worker.take() {
@@ -127,7 +137,7 @@ mod tests {
                 // A commit takes a while (an fdatasync): others pile up.
                 std::thread::sleep(std::time::Duration::from_micros(200));
                 l.lock().unwrap().extend_from_slice(b);
-                Ok(())
+                Ok::<(), std::io::Error>(())
             })
             .unwrap(),
         );
@@ -160,14 +170,17 @@ mod tests {
         let f = fail.clone();
         let a = Appender::spawn("test-appender", move |_: &[u8]| {
             if f.load(Ordering::Relaxed) {
-                Err("disk full".to_string())
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
             } else {
                 Ok(())
             }
         })
         .unwrap();
-        assert_eq!(a.submit(1), Err("disk full".to_string()));
+        match a.submit(1) {
+            Err(AppendError::Commit(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC)),
+            other => panic!("{other:?}"),
+        }
         fail.store(false, Ordering::Relaxed);
-        assert_eq!(a.submit(2), Ok(()));
+        assert!(a.submit(2).is_ok());
     }
 }

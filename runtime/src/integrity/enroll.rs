@@ -34,6 +34,31 @@ pub enum EnrollError {
     Certificate(String),
     #[error("making the credential: {0}")]
     Credential(String),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An enrolled node's record that is not one (or was edited).
+    #[error("{path}: {why}")]
+    NodeFile {
+        path: std::path::PathBuf,
+        why: NodeFileError,
+    },
+}
+
+/// What is wrong with an enrolled node's record ([`NodeIdentity::load`]).
+#[derive(Debug, thiserror::Error)]
+pub enum NodeFileError {
+    #[error("not an enrolled node's file: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("ak.public_area: {0}")]
+    PublicArea(#[from] hex::FromHexError),
+    #[error(transparent)]
+    Ak(Box<EnrollError>),
+    #[error("the AK key or name does not match its public area")]
+    Mismatch,
 }
 
 type Result<T> = std::result::Result<T, EnrollError>;
@@ -105,7 +130,7 @@ pub fn check_ak(public_area: &[u8]) -> Result<CheckedAk> {
         sec1.extend(std::iter::repeat_n(0u8, 32 - c.len()));
         sec1.extend_from_slice(c);
     }
-    let pem = super::verify::ak_pem(&sec1).map_err(EnrollError::Ak)?;
+    let pem = super::verify::ak_pem(&sec1).map_err(|e| EnrollError::Ak(e.to_string()))?;
     let mut name = ALG_SHA256.to_vec();
     name.extend(Sha256::digest(public_area));
     Ok(CheckedAk { name, pem })
@@ -380,21 +405,25 @@ pub struct AkRecord {
 }
 
 impl NodeIdentity {
-    pub fn load(path: &std::path::Path) -> std::result::Result<NodeIdentity, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let n: NodeIdentity = serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not an enrolled node's file: {e}", path.display()))?;
+    pub fn load(path: &std::path::Path) -> Result<NodeIdentity> {
+        let text = std::fs::read_to_string(path).map_err(|source| EnrollError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_record(&text).map_err(|why| EnrollError::NodeFile {
+            path: path.to_path_buf(),
+            why,
+        })
+    }
+
+    fn from_record(text: &str) -> std::result::Result<NodeIdentity, NodeFileError> {
+        let n: NodeIdentity = serde_json::from_str(text)?;
         // The record's key must be the one its public area (whose name the
         // TPM proved) describes: a hand-edited key is refused.
-        let area = hex::decode(&n.ak.public_area)
-            .map_err(|e| format!("{}: ak.public_area: {e}", path.display()))?;
-        let ak = check_ak(&area).map_err(|e| format!("{}: {e}", path.display()))?;
+        let area = hex::decode(&n.ak.public_area)?;
+        let ak = check_ak(&area).map_err(|e| NodeFileError::Ak(Box::new(e)))?;
         if ak.pem.trim() != n.ak.public_key_pem.trim() || hex::encode(&ak.name) != n.ak.name {
-            return Err(format!(
-                "{}: the AK key or name does not match its public area",
-                path.display()
-            ));
+            return Err(NodeFileError::Mismatch);
         }
         Ok(n)
     }

@@ -145,17 +145,34 @@ fn apply(tree: &mut BTreeMap<Vec<u8>, Node>, changes: Vec<Change>) {
     }
 }
 
+/// Why an image's layers give no golden policy.
+#[derive(Debug, thiserror::Error)]
+pub enum GoldenError {
+    #[error("layer media type {0} is not supported (tar, tar+gzip)")]
+    MediaType(String),
+    #[error("{path}: {source}")]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading layer {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Layer media types this reads: tar, gzip-compressed tar.
-fn decompress<'a>(media_type: &str, f: std::fs::File) -> Result<Box<dyn Read + 'a>, String> {
+fn decompress<'a>(media_type: &str, f: std::fs::File) -> Result<Box<dyn Read + 'a>, GoldenError> {
     let r = std::io::BufReader::new(f);
     if media_type.ends_with("+gzip") || media_type.ends_with(".gzip") {
         Ok(Box::new(flate2::read::GzDecoder::new(r)))
     } else if media_type.ends_with(".tar") || media_type.ends_with("tar") {
         Ok(Box::new(r))
     } else {
-        Err(format!(
-            "layer media type {media_type} is not supported (tar, tar+gzip)"
-        ))
+        Err(GoldenError::MediaType(media_type.to_string()))
     }
 }
 
@@ -164,12 +181,18 @@ fn decompress<'a>(media_type: &str, f: std::fs::File) -> Result<Box<dyn Read + '
 pub fn from_layers(
     layers: &[(std::path::PathBuf, String)],
     source: &str,
-) -> Result<Allowlist, String> {
+) -> Result<Allowlist, GoldenError> {
     let mut tree = BTreeMap::new();
     for (path, media_type) in layers {
-        let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let changes = read_layer(decompress(media_type, f)?)
-            .map_err(|e| format!("reading layer {}: {e}", path.display()))?;
+        let f = std::fs::File::open(path).map_err(|source| GoldenError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let changes =
+            read_layer(decompress(media_type, f)?).map_err(|source| GoldenError::Read {
+                path: path.clone(),
+                source,
+            })?;
         apply(&mut tree, changes);
     }
     let mut a = Allowlist {
@@ -205,7 +228,7 @@ pub async fn from_registry(
     let res = tokio::task::spawn_blocking(move || from_layers(&layers, &source))
         .await
         .map_err(|e| crate::Error::Internal(e.to_string()))?
-        .map_err(crate::Error::Registry);
+        .map_err(|e| crate::Error::Registry(e.to_string()));
     drop(img);
     res
 }
@@ -324,6 +347,9 @@ mod tests {
             "s",
         )
         .unwrap_err();
-        assert!(e.contains("zstd"), "{e}");
+        assert!(
+            matches!(&e, GoldenError::MediaType(m) if m.ends_with("zstd")),
+            "{e}"
+        );
     }
 }

@@ -71,6 +71,36 @@ pub enum InstallError {
     Noexec { path: PathBuf },
 }
 
+/// Why runc's lookup of a container's command fails ([`look_path`]), in
+/// runc's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookPathError {
+    #[error("opening {root}: {errno}")]
+    Root {
+        root: PathBuf,
+        errno: nix::errno::Errno,
+    },
+    /// A name with a slash that is no executable file.
+    #[error("exec: {name:?}: {why}")]
+    NotExecutable { name: String, why: FindError },
+    /// A bare name in no directory of `PATH`.
+    #[error("exec: {0:?}: executable file not found in $PATH")]
+    NotInPath(String),
+}
+
+/// Why one candidate path is no executable (Go's `findExecutable`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FindError {
+    #[error("stat {path}: {}", go_errno(*errno))]
+    Stat {
+        path: String,
+        errno: nix::errno::Errno,
+    },
+    /// A directory, or a file without any execute bit.
+    #[error("permission denied")]
+    Denied,
+}
+
 /// Writes the binary under `root` (once per build: its name carries the
 /// digest) and returns its path, the source of the containers' bind mount.
 /// Written to a temporary name and renamed, so a container never binds a
@@ -122,9 +152,19 @@ fn write(dir: &Path, path: &Path) -> std::io::Result<()> {
 /// `name` in the container whose root the host reaches at `root`
 /// (`/proc/<pid>/root`), with its working directory and environment: Ok, or
 /// runc's message, so StartContainer fails the same way in every pod.
-pub fn look_path(root: &Path, cwd: &str, env: &[String], name: &str) -> Result<(), String> {
+pub fn look_path(root: &Path, cwd: &str, env: &[String], name: &str) -> Result<(), LookPathError> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    let dir = std::fs::File::open(root).map_err(|e| format!("opening {}: {e}", root.display()))?;
+    let dir = nix::fcntl::open(
+        root,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|errno| LookPathError::Root {
+        root: root.to_path_buf(),
+        errno,
+    })?;
+    // SAFETY: open returned a new fd we own.
+    let dir = unsafe { OwnedFd::from_raw_fd(dir) };
     // Go's os.Stat: follows symlinks, here without leaving the root.
     let stat = |p: &str| -> Result<nix::sys::stat::FileStat, nix::Error> {
         let full = if p.starts_with('/') {
@@ -142,16 +182,22 @@ pub fn look_path(root: &Path, cwd: &str, env: &[String], name: &str) -> Result<(
     };
     // Go's findExecutable (as runc 1.1 is built): a directory or a file
     // without any execute bit is "permission denied".
-    let find = |p: &str| -> Result<(), String> {
-        let st = stat(p).map_err(|e| format!("stat {p}: {}", go_errno(e)))?;
+    let find = |p: &str| -> Result<(), FindError> {
+        let st = stat(p).map_err(|errno| FindError::Stat {
+            path: p.to_string(),
+            errno,
+        })?;
         let dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
         if dir || st.st_mode & 0o111 == 0 {
-            return Err("permission denied".into());
+            return Err(FindError::Denied);
         }
         Ok(())
     };
     if name.contains('/') {
-        return find(name).map_err(|e| format!("exec: {name:?}: {e}"));
+        return find(name).map_err(|why| LookPathError::NotExecutable {
+            name: name.to_string(),
+            why,
+        });
     }
     let path = env
         .iter()
@@ -166,9 +212,7 @@ pub fn look_path(root: &Path, cwd: &str, env: &[String], name: &str) -> Result<(
             }
         }
     }
-    Err(format!(
-        "exec: {name:?}: executable file not found in $PATH"
-    ))
+    Err(LookPathError::NotInPath(name.to_string()))
 }
 
 /// An errno as Go's syscall package spells it (lower case, no number).
@@ -233,7 +277,9 @@ mod tests {
         std::os::unix::fs::symlink("/bin/busybox", r.join("bin/sh")).unwrap();
         std::os::unix::fs::symlink("/usr/bin/env", r.join("bin/hostenv")).unwrap();
         let env = vec!["A=1".to_string(), "PATH=/usr/bin:/bin".to_string()];
-        let look = |cwd: &str, env: &[String], name: &str| look_path(r, cwd, env, name);
+        let look = |cwd: &str, env: &[String], name: &str| {
+            look_path(r, cwd, env, name).map_err(|e| e.to_string())
+        };
         assert_eq!(look("/", &env, "busybox"), Ok(()));
         assert_eq!(look("/", &env, "sh"), Ok(()));
         assert_eq!(look("/", &env, "/bin/sh"), Ok(()));

@@ -27,7 +27,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::appender::Appender;
+use super::appender::{AppendError, Appender};
 use super::log::{self, Entry, Event};
 use super::tpm::{Quote, Tpm, TpmError};
 
@@ -44,7 +44,7 @@ pub enum JournalError {
     Poisoned(&'static str),
     /// The log's writer could not write or sync an entry.
     #[error("measurement log: {0}")]
-    Write(String),
+    Write(#[from] AppendError<JournalError>),
     #[error(transparent)]
     Tpm(#[from] TpmError),
     /// The pod has as many entries as `ima.max_entries_per_pod` allows: the
@@ -155,7 +155,7 @@ pub struct Journal {
     /// Each pod's [`PodLog`], found without a lock.
     pod_logs: papaya::HashMap<String, Arc<Mutex<PodLog>>>,
     /// The log's one writer: appends wait on it without taking a lock.
-    writer: Appender<Appending>,
+    writer: Appender<Appending, JournalError>,
 }
 
 /// What an entry is to record, before it is one.
@@ -348,25 +348,29 @@ impl Journal {
         tpm: Option<Tpm>,
         sync_file: std::fs::File,
         log_path: PathBuf,
-    ) -> JResult<Appender<Appending>> {
-        let commit = move |batch: &[Appending]| -> Result<(), String> {
-            let failed = |what: &str, e: &dyn std::fmt::Display| {
-                format!("{what} {}: {e}", log_path.display())
+    ) -> JResult<Appender<Appending, JournalError>> {
+        let commit = move |batch: &[Appending]| -> JResult<()> {
+            let failed = |context: &'static str, source: std::io::Error| JournalError::Io {
+                context,
+                path: log_path.clone(),
+                source,
             };
             {
-                let mut inner = inner.lock().map_err(|_| "lock poisoned".to_string())?;
+                let mut inner = inner
+                    .lock()
+                    .map_err(|_| JournalError::Poisoned("lock poisoned"))?;
                 for a in batch {
                     inner
                         .file
                         .write_all(a.line.as_bytes())
-                        .map_err(|e| failed("appending to", &e))?;
+                        .map_err(|e| failed("appending to", e))?;
                     inner.note(&a.entry, a.violation);
                     if let Some(t) = &tpm {
                         t.extend_queued(a.entry.template_hash);
                     }
                 }
             }
-            sync_file.sync_data().map_err(|e| failed("syncing", &e))
+            sync_file.sync_data().map_err(|e| failed("syncing", e))
         };
         Appender::spawn("imacri-journal", commit).map_err(|source| JournalError::Io {
             context: "starting the writer of",

@@ -207,22 +207,26 @@ impl Entry {
     }
 
     /// Parses one log line; the error says what is wrong.
-    pub fn parse(line: &str) -> Result<Entry, String> {
+    pub fn parse(line: &str) -> Result<Entry, ParseError> {
         let f: Vec<&str> = line.split(' ').collect();
         if f.len() != 8 {
-            return Err(format!("expected 8 fields, found {}", f.len()));
+            return Err(ParseError::Fields(f.len()));
         }
-        let pcr = f[0].parse().map_err(|_| format!("bad pcr {:?}", f[0]))?;
-        let template_hash = hex32(f[1]).ok_or_else(|| format!("bad template hash {:?}", f[1]))?;
-        let event = Event::parse(f[7]).ok_or_else(|| format!("unknown event {:?}", f[7]))?;
+        let bad = |field: &'static str, value: &str| ParseError::Bad {
+            field,
+            value: value.to_string(),
+        };
+        let pcr = f[0].parse().map_err(|_| bad("pcr", f[0]))?;
+        let template_hash = hex32(f[1]).ok_or_else(|| bad("template hash", f[1]))?;
+        let event = Event::parse(f[7]).ok_or_else(|| bad("event", f[7]))?;
         let (template, digest, path, content) = match f[2] {
             TEMPLATE_V2_REDACTED => {
                 let c = f[3]
                     .strip_prefix("content:")
                     .and_then(hex32)
-                    .ok_or_else(|| format!("bad content commitment {:?}", f[3]))?;
+                    .ok_or_else(|| bad("content commitment", f[3]))?;
                 if f[4] != "-" {
-                    return Err("a redacted entry carries a path".into());
+                    return Err(ParseError::RedactedPath);
                 }
                 (Template::V2, [0; 32], "-".to_string(), Some(c))
             }
@@ -230,8 +234,8 @@ impl Entry {
                 let digest = f[3]
                     .strip_prefix("sha256:")
                     .and_then(hex32)
-                    .ok_or_else(|| format!("bad digest {:?}", f[3]))?;
-                let path = unescape(f[4]).ok_or_else(|| format!("bad path {:?}", f[4]))?;
+                    .ok_or_else(|| bad("digest", f[3]))?;
+                let path = unescape(f[4]).ok_or_else(|| bad("path", f[4]))?;
                 let template = if t == TEMPLATE {
                     Template::V1
                 } else {
@@ -239,7 +243,7 @@ impl Entry {
                 };
                 (template, digest, path, None)
             }
-            other => return Err(format!("unknown template {other:?}")),
+            other => return Err(bad("template", other)),
         };
         Ok(Entry {
             pcr,
@@ -352,12 +356,30 @@ pub fn replay<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> [u8; 32] {
         .fold([0u8; 32], |pcr, e| extend(&pcr, &e.template_hash))
 }
 
+/// Why a log line is not an entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("expected 8 fields, found {0}")]
+    Fields(usize),
+    #[error("bad {field} {value:?}")]
+    Bad { field: &'static str, value: String },
+    #[error("a redacted entry carries a path")]
+    RedactedPath,
+    #[error("log line {line}: {error}")]
+    Line { line: usize, error: Box<ParseError> },
+}
+
 /// Parses a whole log; errors name the line.
-pub fn parse_log(text: &str) -> Result<Vec<Entry>, String> {
+pub fn parse_log(text: &str) -> Result<Vec<Entry>, ParseError> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.is_empty())
-        .map(|(i, l)| Entry::parse(l).map_err(|e| format!("log line {}: {e}", i + 1)))
+        .map(|(i, l)| {
+            Entry::parse(l).map_err(|e| ParseError::Line {
+                line: i + 1,
+                error: Box::new(e),
+            })
+        })
         .collect()
 }
 
@@ -472,8 +494,12 @@ mod tests {
         let good = Entry::new(15, [0; 32], "/x", "p", "c", Event::Gap).to_string();
         assert!(parse_log(&format!("{good}\n{good}\n")).unwrap().len() == 2);
         let e = parse_log(&format!("{good}\n15 zz\n")).unwrap_err();
-        assert!(e.contains("line 2"), "{e}");
+        assert!(matches!(e, ParseError::Line { line: 2, .. }), "{e}");
+        assert!(e.to_string().starts_with("log line 2: "), "{e}");
         let e = Entry::parse(&good.replace("imacri-ng2", "ima-ng")).unwrap_err();
-        assert!(e.contains("template"), "{e}");
+        assert!(
+            matches!(&e, ParseError::Bad { field: "template", value } if value == "ima-ng"),
+            "{e}"
+        );
     }
 }

@@ -84,6 +84,13 @@ impl From<journal::JournalError> for Error {
     }
 }
 
+/// The node's own AK has no PEM form: nothing a client can mend.
+impl From<verify::AkKeyError> for Error {
+    fn from(e: verify::AkKeyError) -> Error {
+        Error::Internal(e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

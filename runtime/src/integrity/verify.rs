@@ -68,11 +68,20 @@ pub struct Evidence {
     pub ak_public_pem: String,
 }
 
+/// Why an AK's point has no PEM form.
+#[derive(Debug, thiserror::Error)]
+pub enum AkKeyError {
+    #[error("AK point: {0}")]
+    Point(p256::elliptic_curve::Error),
+    #[error("AK PEM: {0}")]
+    Pem(p256::pkcs8::spki::Error),
+}
+
 /// PEM SubjectPublicKeyInfo of a P-256 point (SEC1 bytes).
-pub fn ak_pem(sec1: &[u8]) -> Result<String, String> {
-    let pk = p256::PublicKey::from_sec1_bytes(sec1).map_err(|e| format!("AK point: {e}"))?;
+pub fn ak_pem(sec1: &[u8]) -> Result<String, AkKeyError> {
+    let pk = p256::PublicKey::from_sec1_bytes(sec1).map_err(AkKeyError::Point)?;
     pk.to_public_key_pem(LineEnding::LF)
-        .map_err(|e| format!("AK PEM: {e}"))
+        .map_err(AkKeyError::Pem)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
