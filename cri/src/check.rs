@@ -177,6 +177,41 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         ),
         Err(r) => line("ima-guards", false, r),
     }
+    let denying: Vec<&str> = cfg
+        .ima
+        .policies
+        .iter()
+        .filter(|(_, p)| {
+            p.anonymous_exec == imacri_runtime::integrity::setting::AnonymousExec::Deny
+        })
+        .map(|(n, _)| n.as_str())
+        .collect();
+    match (
+        denying.is_empty(),
+        imacri_runtime::integrity::guard::proc_mem_closed(),
+    ) {
+        (true, _) => line(
+            "ima-anonymous-exec",
+            true,
+            "allowed by every policy, as under IMA (not measured); `anonymous_exec = \"deny\"` \
+             in a policy refuses it for workloads without a JIT"
+                .into(),
+        ),
+        (false, Ok(())) => line(
+            "ima-anonymous-exec",
+            true,
+            format!(
+                "denied by policies {denying:?}: anonymous, written or writable memory made \
+                 executable, userfaultfd and ptrace's pokes refused; /proc/<pid>/mem cannot \
+                 write code pages on this node"
+            ),
+        ),
+        (false, Err(why)) => line(
+            "ima-anonymous-exec",
+            false,
+            format!("policies {denying:?} deny anonymous executable memory, but {why}"),
+        ),
+    }
     let open_file = imacri_runtime::integrity::guard::node_open_file_interpreters();
     match imacri_runtime::integrity::guard::probe_binfmt() {
         Ok(()) => line(

@@ -11,6 +11,7 @@
 #include <linux/filter.h>
 #include <linux/io_uring.h>
 #include <linux/seccomp.h>
+#include <linux/userfaultfd.h>
 #include <stddef.h>
 #include <sys/ioctl.h>
 #include <sys/ipc.h>
@@ -131,6 +132,10 @@ static int ran(const char *m, void *p) {
     printf("RAN %s\n", m); return 0;
 }
 static int fail(const char *m) { printf("%s: %s\n", m, strerror(errno)); return 1; }
+/* A function of this program's own code (a file's page) that code is
+   written over (poke-exec, procmem-exec): 42 afterwards, 7 before. */
+__attribute__((noinline)) static int seven(void) { __asm__ volatile(""); return 7; }
+static int (*volatile seven_at)(void) = seven;
 /* ia32-rie: a static 32-bit program without PT_GNU_STACK, to which the
    kernel gives READ_IMPLIES_EXEC. It far-jumps to 64-bit code (selector
    0x33), maps fd 3 with PROT_READ only (MAP_FIXED under 4 GiB: a 32-bit
@@ -1077,6 +1082,91 @@ int main(int argc, char **argv) {
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         if (p == MAP_FAILED) return fail(m);
         printf("RAN %s (mapped)\n", m);
+        return 0;
+    }
+    /* Executable memory no file backs (a policy with anonymous_exec =
+       "deny" refuses each): */
+    if (!strcmp(m, "anon-exec")) {
+        void *p = mmap(0, 4096, PROT_READ|PROT_WRITE|PROT_EXEC, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return fail(m);
+        memcpy(p, code, sizeof code);
+        return ran(m, p);
+    }
+    if (!strcmp(m, "anon-mprotect")) {
+        void *p = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return fail(m);
+        memcpy(p, code, sizeof code);
+        if (mprotect(p, 4096, PROT_READ|PROT_EXEC)) return fail(m);
+        return ran(m, p);
+    }
+    if (!strcmp(m, "cow-mprotect") || !strcmp(m, "wx-mmap")) {
+        /* A file of zeros mapped privately: its copy written with code
+           (execmod), or a file mapped writable and executable at once. */
+        int w = open("/tmp/zeros.bin", O_RDWR|O_CREAT|O_TRUNC|O_CLOEXEC, 0644);
+        if (w < 0 || ftruncate(w, 4096) || close(w)) return fail(m);
+        int fd = open("/tmp/zeros.bin", O_RDONLY|O_CLOEXEC);
+        int wx = !strcmp(m, "wx-mmap");
+        int prot = PROT_READ|PROT_WRITE|(wx ? PROT_EXEC : 0);
+        void *p = mmap(0, 4096, prot, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        memcpy(p, code, sizeof code);
+        if (!wx && mprotect(p, 4096, PROT_READ|PROT_EXEC)) return fail(m);
+        return ran(m, p);
+    }
+    if (!strcmp(m, "uffd-exec")) {
+        /* A sealed memfd of zeros mapped privately and executable (what is
+           measured: zeros), its page then filled with code by
+           userfaultfd (user-mode faults only: open to anyone). */
+        int fd = memfd_create("zeros", MFD_ALLOW_SEALING);
+        if (fd < 0 || ftruncate(fd, 4096)) return fail(m);
+        if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_WRITE|F_SEAL_SEAL)) return fail(m);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        int u = syscall(SYS_userfaultfd, O_CLOEXEC|UFFD_USER_MODE_ONLY);
+        if (u < 0) return fail(m);
+        struct uffdio_api api = {.api = UFFD_API};
+        if (ioctl(u, UFFDIO_API, &api)) return fail(m);
+        struct uffdio_register reg = {.range = {(unsigned long)p, 4096}, .mode = UFFDIO_REGISTER_MODE_MISSING};
+        if (ioctl(u, UFFDIO_REGISTER, &reg)) return fail(m);
+        static unsigned char page[4096] __attribute__((aligned(4096)));
+        memcpy(page, code, sizeof code);
+        struct uffdio_copy cp = {.dst = (unsigned long)p, .src = (unsigned long)page, .len = 4096};
+        if (ioctl(u, UFFDIO_COPY, &cp)) return fail(m);
+        return ran(m, p);
+    }
+    if (!strcmp(m, "poke-exec")) {
+        /* A child's own code rewritten by its parent (PTRACE_POKETEXT,
+           FOLL_FORCE): the child then runs what was written. */
+        pid_t k = fork();
+        if (k < 0) return fail(m);
+        if (!k) {
+            if (ptrace(PTRACE_TRACEME, 0, 0, 0)) _exit(98);
+            raise(SIGSTOP);
+            _exit(seven_at());
+        }
+        int st = 0;
+        waitpid(k, &st, 0);
+        errno = 0;
+        long word = ptrace(PTRACE_PEEKTEXT, k, (void *)seven, 0);
+        if (errno) { int e = errno; kill(k, SIGKILL); waitpid(k, 0, 0); errno = e; return fail(m); }
+        memcpy(&word, code, sizeof code);
+        if (ptrace(PTRACE_POKETEXT, k, (void *)seven, (void *)word)) {
+            int e = errno; kill(k, SIGKILL); waitpid(k, 0, 0); errno = e; return fail(m);
+        }
+        ptrace(PTRACE_CONT, k, 0, 0);
+        waitpid(k, &st, 0);
+        if (WIFEXITED(st) && WEXITSTATUS(st) == 42) { printf("RAN %s\n", m); return 0; }
+        printf("%s: status %d\n", m, st);
+        return 1;
+    }
+    if (!strcmp(m, "procmem-exec")) {
+        /* This process's own code rewritten through /proc/self/mem
+           (FOLL_FORCE): only proc_mem.force_override=never stops it. */
+        int fd = open("/proc/self/mem", O_RDWR|O_CLOEXEC);
+        if (fd < 0) return fail(m);
+        if (pwrite(fd, code, sizeof code, (off_t)(unsigned long)seven) != (ssize_t)sizeof code) return fail(m);
+        if (seven_at() != 42) { printf("%s: wrong result\n", m); return 1; }
+        printf("RAN %s\n", m);
         return 0;
     }
     printf("unknown mode %s\n", m);

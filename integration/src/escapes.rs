@@ -150,11 +150,13 @@ pub fn runtime_default(mut c: cri::ContainerConfig) -> cri::ContainerConfig {
 }
 
 /// A daemon whose `measure` policy only measures and whose `strict` policy
-/// enforces the attacker image's golden policy.
+/// enforces the attacker image's golden policy. `extra_ima` goes under
+/// `[ima]`, `{golden}` in it replaced by the golden policy's path.
 pub async fn node(env: &Env, extra_ima: &str) -> (Imacri, String, tempfile::TempDir) {
     let image = attacker_image(env);
     let work = tempfile::tempdir_in(&env.base).unwrap();
     let golden = work.path().join("golden.json");
+    let extra_ima = extra_ima.replace("{golden}", &golden.display().to_string());
     let config = work.path().join("config.toml");
     std::fs::write(
         &config,

@@ -421,6 +421,12 @@ allowlist = []
 # that are a tmpfs of their own are measured like the rootfs; others stay
 # noexec, since marking a filesystem shared with the host would measure it).
 volumes = "deny"
+# Executable memory no file backs (anonymous, a file's privately written
+# pages, writable and executable at once): "allow" (as IMA: not measured) or
+# "deny" (SELinux's execmem/execmod: refused with EPERM, and userfaultfd and
+# ptrace's pokes with it; for workloads without a JIT). `imacri check` line
+# `ima-anonymous-exec` says whether /proc/<pid>/mem writes are closed too.
+anonymous_exec = "allow"
 
 [ima.userns_pool]
 # ima pods without user-namespace mappings get 65536 host IDs from here,

@@ -234,6 +234,7 @@ mod tests {
                     allowlist: None,
                     charge: None,
                     quiet: Default::default(),
+                    no_anonymous_exec: false,
                 }),
                 Box::new(Quiet(std::fs::File::open(&f).unwrap().into())),
                 FileKey::of(&nix::sys::stat::stat(&f).unwrap()),

@@ -110,6 +110,29 @@ pub struct PolicyConfig {
     pub allowlist: Vec<std::path::PathBuf>,
     /// Executions from volumes (fanotify backend).
     pub volumes: VolumeExec,
+    /// Executable memory that no file backs (fanotify backend).
+    pub anonymous_exec: AnonymousExec,
+}
+
+/// What the map guard does about executable memory that is not a file's
+/// content: anonymous memory, a file's privately written (copied) pages,
+/// writable and executable at once. IMA leaves it alone, and so does the
+/// default; `deny` is SELinux's execmem/execmod for an ima pod, for
+/// workloads without a JIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymousExec {
+    #[default]
+    Allow,
+    /// `mmap` of anonymous memory with PROT_EXEC fails with EACCES; an
+    /// `mmap` of a file both writable and executable, and an `mprotect`
+    /// making executable anything writable, anonymous or written since it
+    /// was mapped, with EPERM; so do `userfaultfd` (which fills pages of an
+    /// executable mapping with content of its caller's choosing) and
+    /// `ptrace(PTRACE_POKETEXT/POKEDATA)`. Code written through
+    /// `/proc/<pid>/mem` is kept out only where the node boots with
+    /// `proc_mem.force_override=never` (`imacri check` says).
+    Deny,
 }
 
 /// What the fanotify backend does about executables on volumes.
@@ -136,6 +159,7 @@ impl Default for PolicyConfig {
             mode: super::policy::Mode::Measure,
             allowlist: Vec::new(),
             volumes: VolumeExec::Deny,
+            anonymous_exec: AnonymousExec::Allow,
         }
     }
 }

@@ -162,6 +162,7 @@ impl CriServer {
             allowlist: self.load_allowlist(&i.policy)?,
             charge: Charge::for_cgroup(if parent.is_empty() { &cgroup } else { parent }),
             quiet: Default::default(),
+            no_anonymous_exec: self.denies_anonymous_exec(&i.policy),
         });
         let target = Target {
             measured,

@@ -221,6 +221,15 @@ impl CriServer {
             .is_some_and(|p| p.volumes == ima::VolumeExec::Measure)
     }
 
+    /// Whether `policy` denies executable memory no file backs.
+    pub(crate) fn denies_anonymous_exec(&self, policy: &str) -> bool {
+        self.cfg
+            .ima
+            .policies
+            .get(policy)
+            .is_some_and(|p| p.anonymous_exec == ima::AnonymousExec::Deny)
+    }
+
     /// Adds the map guard to the seccomp profile of a container of a
     /// fanotify-measured pod: executable mappings go through imacri.
     pub(crate) fn guard_mappings(
@@ -232,13 +241,21 @@ impl CriServer {
         if !is_fanotify(st) {
             return Ok(());
         }
+        let deny_anonymous = st
+            .ima
+            .as_ref()
+            .is_some_and(|i| self.denies_anonymous_exec(&i.policy));
         let Some(linux) = spec.linux_mut() else {
             return Err(Error::Internal(
                 "container spec without a linux section".into(),
             ));
         };
-        let guarded =
-            mapguard::guard_profile(linux.seccomp().clone(), &self.integrity.listener, pod)?;
+        let guarded = mapguard::guard_profile(
+            linux.seccomp().clone(),
+            &self.integrity.listener,
+            pod,
+            deny_anonymous,
+        )?;
         linux.set_seccomp(Some(guarded));
         Ok(())
     }

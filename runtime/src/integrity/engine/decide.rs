@@ -473,6 +473,7 @@ mod tests {
             allowlist: Some(Arc::new(allow)),
             charge: None,
             quiet: Default::default(),
+            no_anonymous_exec: false,
         });
         let pend = |path: &std::path::Path, name: &str| {
             Box::new(Recorded {

@@ -69,6 +69,9 @@ pub struct Measured {
     pub charge: Option<Arc<Charge>>,
     /// The budget of warnings the container's calls can cause.
     pub quiet: Quiet,
+    /// The pod's policy denies executable memory no file backs (the map
+    /// guard's rule, `setting::AnonymousExec`).
+    pub no_anonymous_exec: bool,
 }
 
 /// An access waiting for its answer: the file (an fd the kernel or the

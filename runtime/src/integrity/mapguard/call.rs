@@ -418,6 +418,23 @@ impl Call {
         Ok(self.engine.hold_writer(&self.target, file)?)
     }
 
+    /// Under a policy denying anonymous executable memory: why the call
+    /// would make executable memory no file backs, or None. Anonymous
+    /// `mmap`s are refused by the filter already.
+    fn unbacked(&self, nr: libc::c_long, args: &[u64; 6]) -> Option<String> {
+        let writable = args[2] & libc::PROT_WRITE as u64 != 0;
+        let exec = args[2] & libc::PROT_EXEC as u64 != 0;
+        let mprotect = matches!(nr, libc::SYS_mprotect | libc::SYS_pkey_mprotect);
+        if (nr == libc::SYS_mmap && exec || mprotect) && writable {
+            return Some("memory writable and executable at once".into());
+        }
+        if !mprotect {
+            return None;
+        }
+        super::anonymous::unbacked(self.req.pid, args[0], args[1])
+            .unwrap_or_else(|e| Some(format!("its memory cannot be looked at ({e})")))
+    }
+
     /// Takes the call's files from the caller and measures them; the answer
     /// goes to the caller, or to `sink` for a held call.
     /// Returns the inodes of the files submitted.
@@ -435,6 +452,16 @@ impl Call {
         };
         let nr = req.data.nr as libc::c_long;
         let args = req.data.args;
+        if self.target.no_anonymous_exec {
+            let unbacked = self.unbacked(nr, &args);
+            if let Some(why) = unbacked {
+                if let Some(unsaid) = self.target.quiet.take() {
+                    tracing::warn!(pod_sandbox_id = %self.target.pod, container_id = %self.container, %why, unsaid, "map guard: executable memory that no file backs, which the pod's policy denies; refused");
+                }
+                answer(false);
+                return Vec::new();
+            }
+        }
         let files = match nr {
             libc::SYS_mmap => tasks.file_of(req.pid, args[4] as i32).map(|f| vec![f]),
             libc::SYS_mprotect | libc::SYS_pkey_mprotect => {

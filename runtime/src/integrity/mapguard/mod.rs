@@ -20,7 +20,8 @@
 //! takes the very file object the calling task maps ([`task`]: pidfd_getfd for mmap,
 //! `/proc/<pid>/map_files` for mprotect) and measures it in the engine like
 //! an execution: from any filesystem, memfds and SysV shm included.
-//! Anonymous memory is not a file and is left alone, as IMA leaves it.
+//! Anonymous memory is not a file and is left alone, as IMA leaves it,
+//! unless the pod's policy denies it ([`anonymous`]).
 //!
 //! Only the native architecture is allowed in a guarded container: a 32-bit
 //! `mmap` takes its arguments through memory a filter cannot read.
@@ -36,6 +37,7 @@
 //! done then.
 
 use super::{charge, keeper};
+mod anonymous;
 mod call;
 mod hold;
 mod profile;

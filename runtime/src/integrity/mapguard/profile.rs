@@ -67,7 +67,7 @@ fn masked(
         .map_err(|e| MapGuardError::Build(e.to_string()))
 }
 
-fn rule(
+pub(super) fn rule(
     name: &str,
     action: LinuxSeccompAction,
     args: Vec<oci_spec::runtime::LinuxSeccompArg>,
@@ -86,7 +86,7 @@ fn rule(
     Ok(r)
 }
 
-fn allows(a: LinuxSeccompAction) -> bool {
+pub(super) fn allows(a: LinuxSeccompAction) -> bool {
     matches!(
         a,
         LinuxSeccompAction::ScmpActAllow | LinuxSeccompAction::ScmpActLog
@@ -106,10 +106,15 @@ fn harmless_personality(r: &LinuxSyscall) -> bool {
 /// The container's seccomp profile with the guard's rules: `base` (None:
 /// unconfined) keeps every decision it made, and the guarded calls it
 /// allows go through imacri when they would make something executable.
+/// `deny_anonymous`: the pod's policy denies executable memory no file
+/// backs (`setting::AnonymousExec::Deny`): anonymous `mmap` with PROT_EXEC,
+/// `userfaultfd` and ptrace's pokes are refused here; the map guard refuses
+/// the rest (writable or written memory made executable) when asked.
 pub fn guard_profile(
     base: Option<LinuxSeccomp>,
     listener: &Path,
     pod: &str,
+    deny_anonymous: bool,
 ) -> Result<LinuxSeccomp, MapGuardError> {
     let mut p = match base {
         Some(p) => p,
@@ -190,6 +195,9 @@ pub fn guard_profile(
             .collect();
         r.set_names(names);
     }
+    if deny_anonymous {
+        super::anonymous::deny_calls(&mut syscalls, default_allows)?;
+    }
     syscalls.retain(|r| !r.names().is_empty());
     if !default_allows {
         let mut r = rule(INIT_CALLS[0], LinuxSeccompAction::ScmpActAllow, vec![])?;
@@ -210,6 +218,14 @@ pub fn guard_profile(
             args.push(masked(3, MAP_ANONYMOUS, 0)?);
         }
         syscalls.push(rule(name, guarded, args)?);
+        if name == "mmap" && deny_anonymous {
+            // Anonymous memory made executable: no file, nothing to measure.
+            let anonymous = vec![
+                masked(2, PROT_EXEC, PROT_EXEC)?,
+                masked(3, MAP_ANONYMOUS, MAP_ANONYMOUS)?,
+            ];
+            syscalls.push(rule(name, LinuxSeccompAction::ScmpActErrno, anonymous)?);
+        }
         if name == "mmap" {
             // A shared mapping of a file, whatever its protection (one
             // made read-only of a writable file can be made writable):
@@ -226,11 +242,11 @@ pub fn guard_profile(
             }
             syscalls.push(rule(name, LinuxSeccompAction::ScmpActAllow, rest)?);
             if name == "mmap" {
-                syscalls.push(rule(
-                    name,
-                    LinuxSeccompAction::ScmpActAllow,
-                    vec![masked(3, MAP_ANONYMOUS, MAP_ANONYMOUS)?],
-                )?);
+                let mut anonymous = vec![masked(3, MAP_ANONYMOUS, MAP_ANONYMOUS)?];
+                if deny_anonymous {
+                    anonymous.push(masked(2, PROT_EXEC, 0)?);
+                }
+                syscalls.push(rule(name, LinuxSeccompAction::ScmpActAllow, anonymous)?);
             }
         }
     }
@@ -256,7 +272,7 @@ mod tests {
 
     #[test]
     fn unconfined_gets_an_allow_all_profile_with_the_guard() {
-        let p = guard_profile(None, Path::new("/run/x.sock"), "pod1").unwrap();
+        let p = guard_profile(None, Path::new("/run/x.sock"), "pod1", false).unwrap();
         assert_eq!(p.default_action(), LinuxSeccompAction::ScmpActAllow);
         assert_eq!(
             names(&p, LinuxSeccompAction::ScmpActNotify),
@@ -301,7 +317,7 @@ mod tests {
     #[test]
     fn runtime_default_keeps_its_decisions() {
         let base = crate::seccomp::runtime_default(&Default::default()).unwrap();
-        let p = guard_profile(Some(base), Path::new("/s"), "p").unwrap();
+        let p = guard_profile(Some(base), Path::new("/s"), "p", false).unwrap();
         // mmap and friends move from the big allow rule to split rules.
         let allow_rules: Vec<&LinuxSyscall> = p
             .syscalls()
@@ -340,7 +356,7 @@ mod tests {
             .unwrap()])
             .build()
             .unwrap();
-        let e = guard_profile(Some(conditional), Path::new("/s"), "p").unwrap_err();
+        let e = guard_profile(Some(conditional), Path::new("/s"), "p", false).unwrap_err();
         assert!(e.to_string().contains("mmap"), "{e}");
         // A profile that denies mmap outright keeps denying it.
         let denied = LinuxSeccompBuilder::default()
@@ -350,7 +366,7 @@ mod tests {
             ])
             .build()
             .unwrap();
-        let p = guard_profile(Some(denied), Path::new("/s"), "p").unwrap();
+        let p = guard_profile(Some(denied), Path::new("/s"), "p", false).unwrap();
         assert!(!names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"mmap".to_string()));
         // A tracer resumes what it is handed: by a rule or by the default.
         let traced = LinuxSeccompBuilder::default()
@@ -363,7 +379,7 @@ mod tests {
             .unwrap()])
             .build()
             .unwrap();
-        let e = guard_profile(Some(traced), Path::new("/s"), "p").unwrap_err();
+        let e = guard_profile(Some(traced), Path::new("/s"), "p", false).unwrap_err();
         assert!(
             e.to_string().contains("mprotect") && e.to_string().contains("SCMP_ACT_TRACE"),
             "{e}"
@@ -372,13 +388,13 @@ mod tests {
             .default_action(LinuxSeccompAction::ScmpActTrace)
             .build()
             .unwrap();
-        let e = guard_profile(Some(trace_default), Path::new("/s"), "p").unwrap_err();
+        let e = guard_profile(Some(trace_default), Path::new("/s"), "p", false).unwrap_err();
         assert!(e.to_string().contains("SCMP_ACT_TRACE"), "{e}");
         let notify_default = LinuxSeccompBuilder::default()
             .default_action(LinuxSeccompAction::ScmpActNotify)
             .build()
             .unwrap();
-        let e = guard_profile(Some(notify_default), Path::new("/s"), "p").unwrap_err();
+        let e = guard_profile(Some(notify_default), Path::new("/s"), "p", false).unwrap_err();
         assert!(e.to_string().contains("SCMP_ACT_NOTIFY"), "{e}");
     }
 
@@ -409,7 +425,7 @@ mod tests {
             ])
             .build()
             .unwrap();
-        let p = guard_profile(Some(partial), Path::new("/s"), "p").unwrap();
+        let p = guard_profile(Some(partial), Path::new("/s"), "p", false).unwrap();
         let notified = names(&p, LinuxSeccompAction::ScmpActNotify);
         for g in ["mmap", "mprotect", "pkey_mprotect", "personality"] {
             assert!(notified.contains(&g.to_string()), "{g}: {notified:?}");
@@ -427,7 +443,7 @@ mod tests {
             .unwrap()])
             .build()
             .unwrap();
-        let p = guard_profile(Some(strict), Path::new("/s"), "p").unwrap();
+        let p = guard_profile(Some(strict), Path::new("/s"), "p", false).unwrap();
         assert!(!names(&p, LinuxSeccompAction::ScmpActNotify).contains(&"mprotect".to_string()));
     }
 
@@ -442,7 +458,7 @@ mod tests {
             ])
             .build()
             .unwrap();
-        let p = guard_profile(Some(strict), Path::new("/s"), "p").unwrap();
+        let p = guard_profile(Some(strict), Path::new("/s"), "p", false).unwrap();
         let allowed = names(&p, LinuxSeccompAction::ScmpActAllow);
         assert!(init.iter().all(|c| allowed.contains(c)), "{allowed:?}");
         // One that denies it outright under a default allow: the denial goes
@@ -457,7 +473,7 @@ mod tests {
             .unwrap()])
             .build()
             .unwrap();
-        let p = guard_profile(Some(denying), Path::new("/s"), "p").unwrap();
+        let p = guard_profile(Some(denying), Path::new("/s"), "p", false).unwrap();
         let mentioned: Vec<String> = p
             .syscalls()
             .iter()
@@ -467,7 +483,7 @@ mod tests {
         assert!(!mentioned.iter().any(|n| init.contains(n)), "{mentioned:?}");
         // RuntimeDefault lists them already: listed once.
         let base = crate::seccomp::runtime_default(&Default::default()).unwrap();
-        let p = guard_profile(Some(base), Path::new("/s"), "p").unwrap();
+        let p = guard_profile(Some(base), Path::new("/s"), "p", false).unwrap();
         let allowed = names(&p, LinuxSeccompAction::ScmpActAllow);
         for c in &init {
             assert_eq!(allowed.iter().filter(|n| *n == c).count(), 1, "{c}");

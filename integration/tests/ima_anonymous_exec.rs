@@ -1,0 +1,114 @@
+//! A policy with `anonymous_exec = "deny"` (SELinux's execmem/execmod for
+//! an ima pod): executable memory that no file backs is refused, however
+//! it is made. The attacker's ways: anonymous memory mapped executable, or
+//! written and then made executable; a file's private copy written and
+//! made executable; a file mapped writable and executable at once; the
+//! pages of an executable mapping of a sealed memfd filled by userfaultfd
+//! (user-mode faults only, open to anyone); a child's code rewritten with
+//! ptrace's pokes. Each runs in an ima pod whose policy allows it (the
+//! control: IMA does not measure anonymous memory either), and is refused
+//! with EPERM under `deny`, without a seccomp profile and with
+//! RuntimeDefault, while ordinary programs (static and dynamic) run.
+//! `/proc/self/mem` writes to one's own code are closed only by the node's
+//! `proc_mem.force_override=never`, which `imacri check` reports.
+
+use imacri_integration::client::{exec_sh, sh_ok};
+use imacri_integration::escapes::*;
+use imacri_integration::Env;
+
+const WAYS: [&str; 6] = [
+    "anon-exec",
+    "anon-mprotect",
+    "cow-mprotect",
+    "wx-mmap",
+    "uffd-exec",
+    "poke-exec",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn executable_memory_no_file_backs_is_refused_under_deny() {
+    let env = Env::get();
+    let (d, image, work) = node(
+        env,
+        "\n[ima.policies.nojit]\nanonymous_exec = \"deny\"\n[ima.policies.nojit-strict]\nmode = \"enforce\"\nanonymous_exec = \"deny\"\nallowlist = [\"{golden}\"]",
+    )
+    .await;
+    let mut rt = d.runtime().await.unwrap();
+
+    // The control: a policy that allows it (the default). Without a
+    // seccomp profile every way runs; RuntimeDefault has neither
+    // userfaultfd nor ptrace.
+    let (pod, a, _b) = two_containers(&d, &mut rt, "anon-control", "measure", &image).await;
+    for m in WAYS {
+        let (_, out, err) = exec_sh(&mut rt, &a, &format!("escape {m}")).await;
+        assert!(out.contains(&format!("RAN {m}")), "control {m}: {out}{err}");
+    }
+    stop_pod(&mut rt, &pod).await;
+
+    let procmem_closed = imacri_runtime::integrity::guard::proc_mem_closed();
+    let (pod, a, b) = two_containers(&d, &mut rt, "anon-deny", "nojit", &image).await;
+    for c in [&a, &b] {
+        for m in WAYS {
+            let (code, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
+            assert!(!out.contains("RAN"), "{m} ran under deny: {out}{err}");
+            assert_ne!(code, 0, "{m}: {out}");
+            // Under RuntimeDefault ptrace and userfaultfd fail before (its
+            // own denial); without a profile each is imacri's EPERM.
+            if c == &a {
+                assert!(
+                    out.contains(&format!("{m}: Operation not permitted")),
+                    "{m}: {out}{err}\n{}",
+                    d.log()
+                );
+            }
+        }
+        // Ordinary programs: a static one, a dynamic one (its loader and
+        // libc mapped executable from their files), a shell.
+        assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
+        assert_eq!(sh_ok(&mut rt, c, "echo ok").await, "ok");
+        let (_, out, _) = exec_sh(&mut rt, c, "escape file-mmap").await;
+        assert!(out.contains("RAN file-mmap"), "a file's own code: {out}");
+        // /proc/self/mem: refused only where the node closes it.
+        let (_, out, err) = exec_sh(&mut rt, c, "escape procmem-exec").await;
+        assert_eq!(
+            out.contains("RAN procmem-exec"),
+            procmem_closed.is_err(),
+            "procmem-exec with {procmem_closed:?}: {out}{err}"
+        );
+    }
+    stop_pod(&mut rt, &pod).await;
+
+    // Enforce mode with the image's golden policy: the same.
+    let (pod, a, b) = two_containers(&d, &mut rt, "anon-strict", "nojit-strict", &image).await;
+    for c in [&a, &b] {
+        for m in WAYS {
+            let (_, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
+            assert!(!out.contains("RAN"), "enforce {m}: {out}{err}");
+            if c == &a {
+                assert!(
+                    out.contains(&format!("{m}: Operation not permitted")),
+                    "enforce {m}: {out}{err}"
+                );
+            }
+        }
+        assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
+    }
+    stop_pod(&mut rt, &pod).await;
+
+    // `imacri check` says what is left open on this node.
+    let out = std::process::Command::new(imacri_integration::imacri_bin())
+        .arg("check")
+        .arg("--config")
+        .arg(work.path().join("config.toml"))
+        .output()
+        .unwrap();
+    let check = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = check
+        .lines()
+        .find(|l| l.starts_with("ima-anonymous-exec"))
+        .unwrap_or_else(|| panic!("{check}{}", String::from_utf8_lossy(&out.stderr)));
+    assert!(line.contains("nojit"), "{line}");
+    if procmem_closed.is_err() {
+        assert!(line.contains("/proc/<pid>/mem"), "{line}");
+    }
+}
