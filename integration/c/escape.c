@@ -1113,6 +1113,18 @@ int main(int argc, char **argv) {
         if (!wx && mprotect(p, 4096, PROT_READ|PROT_EXEC)) return fail(m);
         return ran(m, p);
     }
+    if (!strcmp(m, "rw-mprotect")) {
+        /* A file of code mapped privately and writable, not written by this
+           process, then made executable: another process could have
+           written it in between (process_vm_writev). */
+        int w = open("/tmp/code.bin", O_RDWR|O_CREAT|O_TRUNC|O_CLOEXEC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != (ssize_t)sizeof code || close(w)) return fail(m);
+        int fd = open("/tmp/code.bin", O_RDONLY|O_CLOEXEC);
+        void *p = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return fail(m);
+        if (mprotect(p, 4096, PROT_READ|PROT_EXEC)) return fail(m);
+        return ran(m, p);
+    }
     if (!strcmp(m, "uffd-exec")) {
         /* A sealed memfd of zeros mapped privately and executable (what is
            measured: zeros), its page then filled with code by

@@ -2,7 +2,8 @@
 //! an ima pod): executable memory that no file backs is refused, however
 //! it is made. The attacker's ways: anonymous memory mapped executable, or
 //! written and then made executable; a file's private copy written and
-//! made executable; a file mapped writable and executable at once; the
+//! made executable, or made executable while writable (another process
+//! could write it between imacri's look and the call); a file mapped writable and executable at once; the
 //! pages of an executable mapping of a sealed memfd filled by userfaultfd
 //! (user-mode faults only, open to anyone); a child's code rewritten with
 //! ptrace's pokes. Each runs in an ima pod whose policy allows it (the
@@ -16,10 +17,11 @@ use imacri_integration::client::{exec_sh, sh_ok};
 use imacri_integration::escapes::*;
 use imacri_integration::Env;
 
-const WAYS: [&str; 6] = [
+const WAYS: [&str; 7] = [
     "anon-exec",
     "anon-mprotect",
     "cow-mprotect",
+    "rw-mprotect",
     "wx-mmap",
     "uffd-exec",
     "poke-exec",

@@ -107,19 +107,26 @@ pub(super) fn unbacked(pid: u32, addr: u64, len: u64) -> Result<Option<String>, 
     // The file of the VMA whose fields are being read, if it is in range.
     let mut file: Option<String> = None;
     for line in smaps.lines() {
-        if let Some((range, s, e)) = vma_header(line) {
+        if let Some((range, s, e, perms)) = vma_header(line) {
             file = None;
             if s >= end || e <= addr {
                 continue;
             }
             let link = format!("/proc/{pid}/map_files/{range}");
-            match std::fs::read_link(&link) {
-                Ok(p) => file = Some(p.to_string_lossy().into_owned()),
+            let name = match std::fs::read_link(&link) {
+                Ok(p) => p.to_string_lossy().into_owned(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Ok(Some("anonymous memory".into()));
                 }
                 Err(e) => return Err(SysError::io(format!("reading {link}"), e)),
+            };
+            // Writable until now: another process of the pod could write
+            // it (process_vm_writev, /proc/<pid>/mem) between this look
+            // and the call. Made read-only first, nobody can.
+            if perms.contains('w') {
+                return Ok(Some(format!("{name} mapped writable until now")));
             }
+            file = Some(name);
             continue;
         }
         if let (Some(f), Some(v)) = (&file, line.strip_prefix("Anonymous:")) {
@@ -132,14 +139,18 @@ pub(super) fn unbacked(pid: u32, addr: u64, len: u64) -> Result<Option<String>, 
     Ok(None)
 }
 
-/// A maps/smaps line that starts a VMA: its range, start and end.
-fn vma_header(line: &str) -> Option<(&str, u64, u64)> {
-    let range = line.split_whitespace().next()?;
+/// A maps/smaps line that starts a VMA: its range, start, end and
+/// permissions.
+fn vma_header(line: &str) -> Option<(&str, u64, u64, &str)> {
+    let mut f = line.split_whitespace();
+    let range = f.next()?;
+    let perms = f.next()?;
     let (s, e) = range.split_once('-')?;
     Some((
         range,
         u64::from_str_radix(s, 16).ok()?,
         u64::from_str_radix(e, 16).ok()?,
+        perms,
     ))
 }
 
@@ -154,7 +165,7 @@ mod tests {
     fn vma_headers_are_told_from_fields() {
         assert_eq!(
             vma_header("00400000-00452000 r-xp 00000000 08:02 173521 /usr/bin/x"),
-            Some(("00400000-00452000", 0x400000, 0x452000))
+            Some(("00400000-00452000", 0x400000, 0x452000, "r-xp"))
         );
         assert_eq!(vma_header("Anonymous:             4 kB"), None);
     }
