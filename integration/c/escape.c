@@ -1125,6 +1125,30 @@ int main(int argc, char **argv) {
         if (mprotect(p, 4096, PROT_READ|PROT_EXEC)) return fail(m);
         return ran(m, p);
     }
+    if (!strcmp(m, "execstack")) {
+        /* This program again with PF_X on its PT_GNU_STACK: the kernel maps
+           the stack executable, and it runs code from there. */
+        int in = open("/proc/self/exe", O_RDONLY|O_CLOEXEC);
+        struct stat st;
+        if (in < 0 || fstat(in, &st)) return fail(m);
+        unsigned char *b = malloc(st.st_size);
+        if (!b || read(in, b, st.st_size) != st.st_size) return fail(m);
+        Elf64_Ehdr *e = (Elf64_Ehdr *)b;
+        for (int i = 0; i < e->e_phnum; i++) {
+            Elf64_Phdr *ph = (Elf64_Phdr *)(b + e->e_phoff + i * e->e_phentsize);
+            if (ph->p_type == PT_GNU_STACK) ph->p_flags |= PF_X;
+        }
+        int out = open("/tmp/execstack", O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC, 0755);
+        if (out < 0 || write(out, b, st.st_size) != st.st_size || close(out)) return fail(m);
+        char *av[] = {"escape", "stack-run", 0}, *ev[] = {0};
+        execve("/tmp/execstack", av, ev);
+        return fail(m);
+    }
+    if (!strcmp(m, "stack-run")) {
+        unsigned char on_stack[64];
+        memcpy(on_stack, code, sizeof code);
+        return ran("execstack", on_stack);
+    }
     if (!strcmp(m, "uffd-exec")) {
         /* A sealed memfd of zeros mapped privately and executable (what is
            measured: zeros), its page then filled with code by

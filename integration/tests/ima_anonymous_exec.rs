@@ -4,6 +4,8 @@
 //! written and then made executable; a file's private copy written and
 //! made executable, or made executable while writable (another process
 //! could write it between imacri's look and the call); a file mapped writable and executable at once; the
+//! stack the kernel maps executable for a program asking for it
+//! (`PT_GNU_STACK` with PF_X); the
 //! pages of an executable mapping of a sealed memfd filled by userfaultfd
 //! (user-mode faults only, open to anyone); a child's code rewritten with
 //! ptrace's pokes. Each runs in an ima pod whose policy allows it (the
@@ -17,7 +19,8 @@ use imacri_integration::client::{exec_sh, sh_ok};
 use imacri_integration::escapes::*;
 use imacri_integration::Env;
 
-const WAYS: [&str; 7] = [
+const WAYS: [&str; 8] = [
+    "execstack",
     "anon-exec",
     "anon-mprotect",
     "cow-mprotect",

@@ -8,6 +8,7 @@ pub mod allowlist;
 mod appender;
 pub mod charge;
 pub mod digest;
+pub mod elf;
 pub mod engine;
 pub mod enroll;
 pub mod fanotify;

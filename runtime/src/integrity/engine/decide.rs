@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use super::{Engine, Measured, Notice, Pending};
 use crate::integrity::digest::{digest_text, fd_path, FileKey};
+use crate::integrity::elf;
 use crate::integrity::journal::JournalError;
 use crate::integrity::log::Event;
 use crate::integrity::policy::Mode;
@@ -111,10 +112,10 @@ impl Engine {
             .and_then(|a| a.check_file(&path, &digest_hex, kind));
         let deny = verdict.is_some() && enforce;
         let elf = match kind {
-            Event::Exec => elf_class(fd),
+            Event::Exec => elf::class(fd),
             _ => None,
         };
-        if elf.is_some_and(|class| class != ELFCLASS64) {
+        if elf.is_some_and(|class| class != elf::ELFCLASS64) {
             // A 32-bit program runs in compat mode, and the kernel gives one
             // without PT_GNU_STACK READ_IMPLIES_EXEC: after a far jump to
             // 64-bit code its mmap(PROT_READ) of any file maps it
@@ -126,14 +127,18 @@ impl Engine {
             let reason = concat!(
                 "a 32-bit program: it could map files executable without asking ",
                 "(READ_IMPLIES_EXEC), and cannot run under the map guard"
-            )
-            .to_string();
-            let _ = self
-                .journal
-                .record(&t.pod, &t.container, &path, digest, Event::Deny, true);
-            self.stats.denied.fetch_add(1, Ordering::Relaxed);
-            pending.answer(false);
-            return self.notice(t, path, digest_hex, true, reason);
+            );
+            return self.refuse_program(t, pending, path, digest, reason);
+        }
+        if t.no_anonymous_exec && elf.is_some() && elf::wants_exec_stack(fd) {
+            // The kernel would map the program's stack executable at the
+            // execution itself: memory no file backs, which the pod's
+            // policy denies. Refused in every mode, and logged as refused.
+            let reason = concat!(
+                "a program asking for an executable stack (PT_GNU_STACK with PF_X), ",
+                "which the pod's policy denies (anonymous_exec = \"deny\")"
+            );
+            return self.refuse_program(t, pending, path, digest, reason);
         }
         // A mapping to be allowed is watched first: from here on an open
         // for writing waits for the watch's answer, so the check below sees
@@ -262,6 +267,24 @@ impl Engine {
         }
     }
 
+    /// A program refused in every mode, whatever its digest (a guard's
+    /// rule, not the policy's): logged as refused, told as a violation.
+    fn refuse_program(
+        &self,
+        t: &Measured,
+        pending: Box<dyn Pending>,
+        path: String,
+        digest: [u8; 32],
+        reason: &str,
+    ) {
+        let _ = self
+            .journal
+            .record(&t.pod, &t.container, &path, digest, Event::Deny, true);
+        self.stats.denied.fetch_add(1, Ordering::Relaxed);
+        pending.answer(false);
+        self.notice(t, path, digest_text(&digest), true, reason.to_string())
+    }
+
     pub(super) fn notice(
         &self,
         t: &Measured,
@@ -296,17 +319,6 @@ impl Engine {
             stopped: true,
         });
     }
-}
-
-const ELFCLASS64: u8 = 2;
-
-/// The ELF class (`e_ident[EI_CLASS]`) of the file open as `fd`, or None
-/// when it is no ELF program (the kernel runs it through an interpreter
-/// that reads it: a script).
-fn elf_class(fd: BorrowedFd<'_>) -> Option<u8> {
-    let mut ident = [0u8; 5];
-    let n = nix::sys::uio::pread(fd, &mut ident, 0).ok()?;
-    (n == ident.len() && ident[..4] == *b"\x7fELF").then_some(ident[4])
 }
 
 /// Whether the file's content can change under what was measured (IMA's
@@ -379,21 +391,6 @@ mod tests {
                 .unwrap()
                 .push((self.name.clone(), allow));
         }
-    }
-
-    #[test]
-    fn elf_classes_are_told_apart() {
-        let d = tempfile::tempdir().unwrap();
-        let class_of = |name: &str, bytes: &[u8]| {
-            let p = d.path().join(name);
-            std::fs::write(&p, bytes).unwrap();
-            elf_class(std::fs::File::open(&p).unwrap().as_fd())
-        };
-        let sh = std::fs::File::open("/bin/sh").unwrap();
-        assert_eq!(elf_class(sh.as_fd()), Some(ELFCLASS64));
-        assert_eq!(class_of("ia32", b"\x7fELF\x01\x01\x01"), Some(1));
-        assert_eq!(class_of("script", b"#!/bin/sh\n"), None);
-        assert_eq!(class_of("short", b"\x7fELF"), None);
     }
 
     #[test]

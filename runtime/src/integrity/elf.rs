@@ -1,0 +1,123 @@
+//! What the engine reads of an executed file's ELF headers (a leaf: it
+//! imports nothing of the crate): its class (32-bit programs are refused),
+//! whether it names an interpreter (whose execution follows), and whether
+//! it asks the kernel for an executable stack (refused where the pod's
+//! policy denies anonymous executable memory). Two preads at most; a file
+//! that is no ELF program (a script) has none of these.
+
+use std::os::fd::BorrowedFd;
+
+pub const ELFCLASS64: u8 = 2;
+const PT_INTERP: u32 = 3;
+const PT_GNU_STACK: u32 = 0x6474_e551;
+const PF_X: u32 = 1;
+
+/// The ELF class (`e_ident[EI_CLASS]`) of the file open as `fd`, or None
+/// when it is no ELF program (the kernel runs it through an interpreter
+/// that reads it: a script).
+pub fn class(fd: BorrowedFd<'_>) -> Option<u8> {
+    let mut ident = [0u8; 5];
+    let n = nix::sys::uio::pread(fd, &mut ident, 0).ok()?;
+    (n == ident.len() && ident[..4] == *b"\x7fELF").then_some(ident[4])
+}
+
+/// The (type, flags) of each program header of the 64-bit little-endian
+/// ELF program open as `fd` (the only kind this node runs natively); empty
+/// for anything else.
+fn program_headers(fd: BorrowedFd<'_>) -> Vec<(u32, u32)> {
+    let mut eh = [0u8; 64];
+    let n = nix::sys::uio::pread(fd, &mut eh, 0).unwrap_or(0);
+    if n < eh.len() || eh[..4] != *b"\x7fELF" || eh[4] != ELFCLASS64 || eh[5] != 1 {
+        return Vec::new();
+    }
+    let phoff = u64::from_le_bytes(eh[32..40].try_into().unwrap_or_default());
+    let phentsize = u16::from_le_bytes([eh[54], eh[55]]) as usize;
+    let phnum = u16::from_le_bytes([eh[56], eh[57]]) as usize;
+    if phentsize < 8 || phnum == 0 || phnum > 256 {
+        return Vec::new();
+    }
+    let Ok(offset) = i64::try_from(phoff) else {
+        return Vec::new();
+    };
+    let mut table = vec![0u8; phentsize * phnum];
+    let n = nix::sys::uio::pread(fd, &mut table, offset).unwrap_or(0);
+    table[..n.min(table.len())]
+        .chunks_exact(phentsize)
+        .map(|ph| {
+            (
+                u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]),
+                u32::from_le_bytes([ph[4], ph[5], ph[6], ph[7]]),
+            )
+        })
+        .collect()
+}
+
+/// Whether the file open as `fd` is a 64-bit ELF program naming an
+/// interpreter (a `PT_INTERP` program header).
+pub fn has_interpreter(fd: BorrowedFd<'_>) -> bool {
+    program_headers(fd).iter().any(|(t, _)| *t == PT_INTERP)
+}
+
+/// Whether the 64-bit ELF program open as `fd` asks for an executable
+/// stack (`PT_GNU_STACK` with PF_X): the kernel maps its stack executable
+/// at execution, memory no file backs, without a call anyone could refuse.
+pub fn wants_exec_stack(fd: BorrowedFd<'_>) -> bool {
+    program_headers(fd)
+        .iter()
+        .any(|(t, f)| *t == PT_GNU_STACK && f & PF_X != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn classes_are_told_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let class_of = |name: &str, bytes: &[u8]| {
+            let p = d.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            class(std::fs::File::open(&p).unwrap().as_fd())
+        };
+        let sh = std::fs::File::open("/bin/sh").unwrap();
+        assert_eq!(class(sh.as_fd()), Some(ELFCLASS64));
+        assert_eq!(class_of("ia32", b"\x7fELF\x01\x01\x01"), Some(1));
+        assert_eq!(class_of("script", b"#!/bin/sh\n"), None);
+        assert_eq!(class_of("short", b"\x7fELF"), None);
+    }
+
+    #[test]
+    fn a_dynamic_program_names_an_interpreter_and_a_static_one_does_not() {
+        let sh = std::fs::File::open("/bin/sh").unwrap();
+        assert!(has_interpreter(sh.as_fd()), "/bin/sh is dynamically linked");
+        let ld = std::fs::File::open("/lib64/ld-linux-x86-64.so.2").unwrap();
+        assert!(!has_interpreter(ld.as_fd()), "ld.so is its own");
+        let script = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(script.path(), "#!/bin/sh\necho\n").unwrap();
+        let f = std::fs::File::open(script.path()).unwrap();
+        assert!(!has_interpreter(f.as_fd()));
+    }
+
+    /// /bin/sh asks for no executable stack; the same headers with PF_X
+    /// set on its PT_GNU_STACK do.
+    #[test]
+    fn an_executable_stack_is_seen() {
+        let sh = std::fs::read("/bin/sh").unwrap();
+        let f = std::fs::File::open("/bin/sh").unwrap();
+        assert!(!wants_exec_stack(f.as_fd()));
+        let phoff = u64::from_le_bytes(sh[32..40].try_into().unwrap()) as usize;
+        let size = u16::from_le_bytes([sh[54], sh[55]]) as usize;
+        let num = u16::from_le_bytes([sh[56], sh[57]]) as usize;
+        let mut patched = sh.clone();
+        let stack = (0..num)
+            .map(|i| phoff + i * size)
+            .find(|o| u32::from_le_bytes(sh[*o..*o + 4].try_into().unwrap()) == PT_GNU_STACK)
+            .expect("/bin/sh has PT_GNU_STACK");
+        patched[stack + 4] |= PF_X as u8;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("execstack");
+        std::fs::write(&p, &patched).unwrap();
+        assert!(wants_exec_stack(std::fs::File::open(&p).unwrap().as_fd()));
+    }
+}
