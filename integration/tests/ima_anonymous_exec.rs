@@ -8,7 +8,7 @@
 //! (`PT_GNU_STACK` with PF_X); the
 //! pages of an executable mapping of a sealed memfd filled by userfaultfd
 //! (user-mode faults only, open to anyone); a child's code rewritten with
-//! ptrace's pokes. Each runs in an ima pod whose policy allows it (the
+//! ptrace's pokes; a file mapped executable rewritten in place. Each runs in an ima pod whose policy allows it (the
 //! control: IMA does not measure anonymous memory either), and is refused
 //! with EPERM under `deny`, without a seccomp profile and with
 //! RuntimeDefault, while ordinary programs (static and dynamic) run.
@@ -48,6 +48,10 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
         let (_, out, err) = exec_sh(&mut rt, &a, &format!("escape {m}")).await;
         assert!(out.contains(&format!("RAN {m}")), "control {m}: {out}{err}");
     }
+    // A file mapped executable, then rewritten in place: in measure mode
+    // the mapping runs what was written (a `tomtou` violation).
+    let (_, out, err) = exec_sh(&mut rt, &a, "escape tomtou /tmp/t.bin").await;
+    assert!(out.contains("RAN tomtou 43"), "control tomtou: {out}{err}");
     stop_pod(&mut rt, &pod).await;
 
     let procmem_closed = imacri_runtime::integrity::guard::proc_mem_closed();
@@ -67,6 +71,13 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
                 );
             }
         }
+        // A mapped file cannot be rewritten under its mapping, in measure
+        // mode too: the write's open is refused (a `deny` entry).
+        let (_, out, err) = exec_sh(&mut rt, c, "escape tomtou /tmp/t.bin").await;
+        assert!(
+            !out.contains("RAN") && out.contains("tomtou: Operation not permitted"),
+            "tomtou under deny: {out}{err}"
+        );
         // Ordinary programs: a static one, a dynamic one (its loader and
         // libc mapped executable from their files), a shell.
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");

@@ -5,7 +5,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 
-use super::{Engine, Measured, Notice, Pending};
+use super::{Engine, Measured, Notice, Pending, WatchedAs};
 use crate::integrity::digest::{digest_text, fd_path, FileKey};
 use crate::integrity::elf;
 use crate::integrity::journal::JournalError;
@@ -19,8 +19,9 @@ impl Engine {
     /// measured); otherwise let through as a `tomtou` violation, written to
     /// the log before the opener can write. Unrecorded: refused.
     /// `what` the file is (mapped executable, a script being read).
-    pub fn write_open(&self, t: &Measured, path: &str, what: &str) -> bool {
-        let enforce = t.mode == Mode::Enforce;
+    pub fn write_open(&self, t: &Measured, path: &str, watched: WatchedAs) -> bool {
+        let what = watched.what();
+        let enforce = watched.kept_by(t);
         let (event, reason) = if enforce {
             (
                 Event::Deny,
@@ -48,13 +49,13 @@ impl Engine {
     /// check saw open: a `tomtou` entry (a violation) and, under `enforce`,
     /// the container is killed, since a mapping may now run what no policy
     /// allowed.
-    pub fn tomtou(&self, t: &Measured, path: &str, what: &str, how: &str) {
-        let reason = format!("{what}, then {how} while the container ran");
+    pub fn tomtou(&self, t: &Measured, path: &str, watched: WatchedAs, how: &str) {
+        let reason = format!("{}, then {how} while the container ran", watched.what());
         tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, %reason, "ima violation: tomtou");
         let r = self
             .journal
             .record(&t.pod, &t.container, path, [0; 32], Event::Tomtou, true);
-        if t.mode == Mode::Enforce || r.is_err() {
+        if watched.kept_by(t) || r.is_err() {
             let _ = self.notices.send(Notice {
                 pod: t.pod.clone(),
                 container: t.container.clone(),
@@ -154,7 +155,7 @@ impl Engine {
                 Ok(true) => watch = Some(w),
                 Ok(false) => {}
                 // Unwatched, a mapping could be rewritten unseen.
-                Err(e) if enforce => {
+                Err(e) if enforce || t.no_anonymous_exec => {
                     if let Some(unsaid) = t.quiet.take() {
                         tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a mapping cannot be watched for writers; refused");
                     }
@@ -217,7 +218,9 @@ impl Engine {
             let r = self
                 .journal
                 .record(&t.pod, &t.container, &path, digest, Event::Writers, true);
-            if enforce || r.is_err() {
+            // Where the policy denies executable memory no file backs, a
+            // mapping of a file someone can write is refused in any mode.
+            if enforce || (maps && t.no_anonymous_exec) || r.is_err() {
                 if let Some(w) = &watch {
                     w.unwatch(fd);
                 }

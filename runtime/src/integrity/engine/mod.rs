@@ -74,6 +74,43 @@ pub struct Measured {
     pub no_anonymous_exec: bool,
 }
 
+impl Measured {
+    /// Whether a file mapped executable may not change under its mappings
+    /// (a writer refused, a change found after the fact kills the
+    /// container): under `enforce`, and where the policy denies executable
+    /// memory no file backs (a rewritten mapped file is just that).
+    pub fn keeps_mappings(&self) -> bool {
+        self.mode == Mode::Enforce || self.no_anonymous_exec
+    }
+}
+
+/// What a file watched for writers is to its container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchedAs {
+    /// Mapped executable (by a call, or a program's interpreter).
+    Mapping,
+    /// An executed script, read by a process of the pod.
+    Script,
+}
+
+impl WatchedAs {
+    /// How violations name it.
+    pub fn what(self) -> &'static str {
+        match self {
+            WatchedAs::Mapping => "mapped executable",
+            WatchedAs::Script => "executed as a script and read by a process of the pod",
+        }
+    }
+
+    /// Whether a change of it is refused (or found and punished) for `t`.
+    fn kept_by(self, t: &Measured) -> bool {
+        match self {
+            WatchedAs::Mapping => t.keeps_mappings(),
+            WatchedAs::Script => t.mode == Mode::Enforce,
+        }
+    }
+}
+
 /// An access waiting for its answer: the file (an fd the kernel or the
 /// process gave us) and how to answer.
 pub trait Pending: Send {

@@ -37,9 +37,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::Ordering;
 
 use super::super::digest::{fd_path, FileKey};
-use super::super::engine::{open_for_writing, Engine, WriteWatch};
+use super::super::engine::{open_for_writing, Engine, WatchedAs, WriteWatch};
 use super::super::keeper;
-use super::super::policy::Mode;
 use super::super::sys::{LeaseError, SysError, WatchError};
 use super::leases::{self, Lease};
 use super::Group;
@@ -316,8 +315,8 @@ impl Group {
             w.lease.as_ref().map(|l| fd_path(l.fd()))
         };
         let Some(path) = path else { return };
-        engine.tomtou(&self.target.measured, &path, MAPPED, how);
-        if self.target.measured.mode != Mode::Enforce {
+        engine.tomtou(&self.target.measured, &path, WatchedAs::Mapping, how);
+        if !self.target.measured.keeps_mappings() {
             self.forget(None, inode);
         }
     }
@@ -409,13 +408,13 @@ pub(super) fn written(
     if script && !group.open_in_pod(inode) {
         return;
     }
-    let what = if script { SCRIPT } else { MAPPED };
+    let what = if script {
+        WatchedAs::Script
+    } else {
+        WatchedAs::Mapping
+    };
     engine.tomtou(&group.target.measured, &fd_path(fd), what, how);
 }
-
-/// What a watched file is, in violations.
-const MAPPED: &str = "mapped executable";
-const SCRIPT: &str = "executed as a script and read by a process of the pod";
 
 /// A permission event for an open of the file open as `fd`: None unless it
 /// is a watched file opened by a writer (the opener's write access is
@@ -435,7 +434,11 @@ pub(super) fn write_open(
         group.forget(Some(fd), inode);
         return Some(true);
     }
-    let what = if script { SCRIPT } else { MAPPED };
+    let what = if script {
+        WatchedAs::Script
+    } else {
+        WatchedAs::Mapping
+    };
     let allow = engine.write_open(&group.target.measured, &fd_path(fd), what);
     if allow {
         group.forget(Some(fd), inode);

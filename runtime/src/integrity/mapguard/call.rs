@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use super::profile::PERSONALITY_QUERY;
 use super::{hold, shared, task, CallError};
 use crate::integrity::digest::{fd_path, FileKey};
-use crate::integrity::engine::{Engine, Pending};
+use crate::integrity::engine::{Engine, Pending, WatchedAs};
 use crate::integrity::keeper;
 use crate::integrity::log::Event;
 use crate::integrity::sys::SysError;
@@ -362,7 +362,7 @@ impl Call {
                 "put under a mapping call after the check ({e}); the processes sharing the mapping were killed"
             );
             self.engine
-                .tomtou(&self.target, &path, "mapped executable", &how);
+                .tomtou(&self.target, &path, WatchedAs::Mapping, &how);
         }
     }
 
