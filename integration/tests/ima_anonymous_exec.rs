@@ -15,9 +15,21 @@
 //! `/proc/self/mem` writes to one's own code are closed only by the node's
 //! `proc_mem.force_override=never`, which `imacri check` reports.
 
-use imacri_integration::client::{exec_sh, sh_ok};
+use imacri_integration::client::{create_container, exec_sh, sh_ok};
 use imacri_integration::escapes::*;
-use imacri_integration::Env;
+use imacri_integration::{container_config, cri, Env};
+
+/// A container given the node's userfaultfd device (which hands out what
+/// the refused system call would).
+fn with_userfaultfd(name: &str, image: &str) -> cri::ContainerConfig {
+    let mut c = container_config(name, image, &["sleep", "1000"]);
+    c.devices.push(cri::Device {
+        container_path: "/dev/userfaultfd".into(),
+        host_path: "/dev/userfaultfd".into(),
+        permissions: "rw".into(),
+    });
+    c
+}
 
 const WAYS: [&str; 8] = [
     "execstack",
@@ -48,6 +60,14 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
         let (_, out, err) = exec_sh(&mut rt, &a, &format!("escape {m}")).await;
         assert!(out.contains(&format!("RAN {m}")), "control {m}: {out}{err}");
     }
+    let uffd = create_container(
+        &mut rt,
+        &pod,
+        &ima("anon-control", "measure"),
+        with_userfaultfd("u", &image),
+    )
+    .await;
+    assert!(uffd.is_ok(), "the device in a pod that allows it: {uffd:?}");
     // A file mapped executable, then rewritten in place: in measure mode
     // the mapping runs what was written (a `tomtou` violation).
     let (_, out, err) = exec_sh(&mut rt, &a, "escape tomtou /tmp/t.bin").await;
@@ -56,6 +76,16 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
 
     let procmem_closed = imacri_runtime::integrity::guard::proc_mem_closed();
     let (pod, a, b) = two_containers(&d, &mut rt, "anon-deny", "nojit", &image).await;
+    let uffd = create_container(
+        &mut rt,
+        &pod,
+        &ima("anon-deny", "nojit"),
+        with_userfaultfd("u", &image),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(uffd.code(), tonic::Code::InvalidArgument, "{uffd:?}");
+    assert!(uffd.message().contains("userfaultfd device"), "{uffd:?}");
     for c in [&a, &b] {
         for m in WAYS {
             let (code, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;

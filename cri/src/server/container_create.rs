@@ -325,6 +325,7 @@ impl CriServer {
                         "the container's spec grants {cap}, which an ima pod may not have"
                     )));
                 }
+                self.no_userfaultfd_device(&sb_state, &spec)?;
             }
             if super::integrity::is_fanotify(&sb_state) {
                 let measured: Vec<String> = self

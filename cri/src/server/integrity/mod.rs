@@ -230,6 +230,36 @@ impl CriServer {
             .is_some_and(|p| p.anonymous_exec == ima::AnonymousExec::Deny)
     }
 
+    /// A container of a pod whose policy denies anonymous executable memory
+    /// may not have the userfaultfd device (the requested devices and what
+    /// CDI added): it hands out what the refused system call would.
+    pub(crate) fn no_userfaultfd_device(
+        &self,
+        st: &SandboxState,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<()> {
+        let denies = st
+            .ima
+            .as_ref()
+            .is_some_and(|i| self.denies_anonymous_exec(&i.policy));
+        let Some(uffd) = denies.then(mapguard::userfaultfd_device).flatten() else {
+            return Ok(());
+        };
+        let devices = spec.linux().as_ref().and_then(|l| l.devices().as_ref());
+        match devices
+            .into_iter()
+            .flatten()
+            .find(|d| (d.major(), d.minor()) == uffd)
+        {
+            Some(d) => Err(Error::InvalidArgument(format!(
+                "devices: {} is the userfaultfd device, which a pod whose ima policy denies \
+                 anonymous executable memory may not have",
+                d.path().display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Adds the map guard to the seccomp profile of a container of a
     /// fanotify-measured pod: executable mappings go through imacri.
     pub(crate) fn guard_mappings(

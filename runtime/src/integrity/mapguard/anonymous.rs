@@ -94,6 +94,22 @@ pub(super) fn deny_calls(
     Ok(())
 }
 
+/// The misc device that hands out userfaultfds to whoever may open it
+/// (`/dev/userfaultfd`, Linux >= 6.1): (major, minor), from /proc/misc, so
+/// a node that names it otherwise is not missed. A container given it
+/// would not need the refused system call.
+pub fn userfaultfd_device() -> Option<(i64, i64)> {
+    const MISC_MAJOR: i64 = 10;
+    let misc = std::fs::read_to_string("/proc/misc").ok()?;
+    misc.lines().find_map(|l| {
+        let (minor, name) = l.trim().split_once(' ')?;
+        (name.trim() == "userfaultfd")
+            .then(|| minor.parse().ok())
+            .flatten()
+            .map(|m| (MISC_MAJOR, m))
+    })
+}
+
 /// Where the pod's policy denies anonymous executable memory: why part of
 /// `[addr, addr+len)` of task `pid` is not a file's own content, or None.
 /// Anonymous memory has no `map_files` link; a file's VMA with anonymous

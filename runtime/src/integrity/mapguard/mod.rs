@@ -38,6 +38,7 @@
 
 use super::{charge, keeper};
 mod anonymous;
+pub use anonymous::userfaultfd_device;
 mod call;
 mod hold;
 mod profile;
