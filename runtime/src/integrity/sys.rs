@@ -47,14 +47,6 @@ impl SysError {
     pub fn last(what: impl Into<Cow<'static, str>>) -> Self {
         Self::call(what, nix::errno::Errno::last())
     }
-
-    /// The errno behind it, if the kernel gave one.
-    pub fn errno(&self) -> Option<nix::errno::Errno> {
-        match self {
-            SysError::Call { source, .. } => Some(*source),
-            SysError::Io { source, .. } => source.raw_os_error().map(nix::errno::Errno::from_raw),
-        }
-    }
 }
 
 /// Which of the two bounds on the files imacri keeps open for pods (a
@@ -122,12 +114,20 @@ mod tests {
             e.to_string(),
             "pidfd_getfd(42, 3): EPERM: Operation not permitted"
         );
-        assert_eq!(e.errno(), Some(nix::errno::Errno::EPERM));
+        assert!(matches!(
+            e,
+            SysError::Call {
+                source: nix::errno::Errno::EPERM,
+                ..
+            }
+        ));
         let e = SysError::io(
             "reading /proc/1/maps",
             std::io::Error::from_raw_os_error(libc::ENOENT),
         );
-        assert_eq!(e.errno(), Some(nix::errno::Errno::ENOENT));
+        assert!(
+            matches!(&e, SysError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOENT))
+        );
         assert!(e.to_string().starts_with("reading /proc/1/maps: "));
     }
 }

@@ -90,9 +90,8 @@ pub(crate) enum CallError {
 /// Whether this kernel can run the guard: seccomp user notification and
 /// pidfd_getfd (Linux 5.6+).
 pub fn probe() -> Result<(), String> {
-    let avail = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").map_err(|e| {
-        SysError::io("reading /proc/sys/kernel/seccomp/actions_avail", e).to_string()
-    })?;
+    let avail = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail")
+        .map_err(|e| format!("reading /proc/sys/kernel/seccomp/actions_avail: {e}"))?;
     if !avail.split_whitespace().any(|a| a == "user_notif") {
         return Err("seccomp user notification is unavailable (Linux < 5.0)".into());
     }
