@@ -1196,9 +1196,11 @@ int main(int argc, char **argv) {
         return 1;
     }
     if (!strcmp(m, "procmem-exec")) {
-        /* This process's own code rewritten through /proc/self/mem
-           (FOLL_FORCE): only proc_mem.force_override=never stops it. */
-        int fd = open("/proc/self/mem", O_RDWR|O_CLOEXEC);
+        /* This process's own code rewritten through /proc/self/mem (or
+           the name given, e.g. /proc/thread-self/mem) with FOLL_FORCE:
+           proc_mem.force_override=never or imacri's init (no opening
+           beneath procfs for writing) stops it. */
+        int fd = open(argc > 2 ? argv[2] : "/proc/self/mem", O_RDWR|O_CLOEXEC);
         if (fd < 0) return fail(m);
         if (pwrite(fd, code, sizeof code, (off_t)(unsigned long)seven) != (ssize_t)sizeof code) return fail(m);
         if (seven_at() != 42) { printf("%s: wrong result\n", m); return 1; }

@@ -153,6 +153,15 @@ pub fn runtime_default(mut c: cri::ContainerConfig) -> cri::ContainerConfig {
 /// enforces the attacker image's golden policy. `extra_ima` goes under
 /// `[ima]`, `{golden}` in it replaced by the golden policy's path.
 pub async fn node(env: &Env, extra_ima: &str) -> (Imacri, String, tempfile::TempDir) {
+    node_args(env, extra_ima, &[]).await
+}
+
+/// `node` with more arguments for imacri.
+pub async fn node_args(
+    env: &Env,
+    extra_ima: &str,
+    args: &[&str],
+) -> (Imacri, String, tempfile::TempDir) {
     let image = attacker_image(env);
     let work = tempfile::tempdir_in(&env.base).unwrap();
     let golden = work.path().join("golden.json");
@@ -166,9 +175,9 @@ pub async fn node(env: &Env, extra_ima: &str) -> (Imacri, String, tempfile::Temp
         ),
     )
     .unwrap();
-    let d = Imacri::start_with(env, &["--config", config.to_str().unwrap()])
-        .await
-        .unwrap();
+    let mut all = vec!["--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let d = Imacri::start_with(env, &all).await.unwrap();
     d.pull(&image).await;
     let (code, _, err) = attest(&d, &["golden", &image, "--out", golden.to_str().unwrap()]);
     assert_eq!(code, 0, "attest golden: {err}");

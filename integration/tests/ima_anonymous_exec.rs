@@ -12,10 +12,13 @@
 //! control: IMA does not measure anonymous memory either), and is refused
 //! with EPERM under `deny`, without a seccomp profile and with
 //! RuntimeDefault, while ordinary programs (static and dynamic) run.
-//! `/proc/self/mem` writes to one's own code are closed only by the node's
-//! `proc_mem.force_override=never`, which `imacri check` reports.
+//! `/proc/self/mem` writes to one's own code (FOLL_FORCE, which no system
+//! call filter sees) are refused by imacri's init: under `deny` no process
+//! of the pod opens a file beneath procfs for writing (Landlock), its own
+//! `mem` included, in the container's command and in every exec; writes
+//! elsewhere work. A volume that would bring another procfs is refused.
 
-use imacri_integration::client::{create_container, exec_sh, sh_ok};
+use imacri_integration::client::{create_container, exec_sh, sh_ok, start_container};
 use imacri_integration::escapes::*;
 use imacri_integration::{container_config, cri, Env};
 
@@ -45,9 +48,18 @@ const WAYS: [&str; 8] = [
 #[tokio::test(flavor = "multi_thread")]
 async fn executable_memory_no_file_backs_is_refused_under_deny() {
     let env = Env::get();
-    let (d, image, work) = node(
+    // A CDI device whose mount brings the host's /proc (a vendor's spec
+    // could): nothing ID-maps CDI mounts, imacri's own check refuses it.
+    let cdi = tempfile::tempdir_in(&env.base).unwrap();
+    std::fs::write(
+        cdi.path().join("proc.json"),
+        r#"{"cdiVersion":"0.6.0","kind":"imacri.test/proc","devices":[{"name":"host","containerEdits":{"mounts":[{"hostPath":"/proc","containerPath":"/hostproc","options":["rbind","ro"]}]}}]}"#,
+    )
+    .unwrap();
+    let (d, image, work) = node_args(
         env,
         "\n[ima.policies.nojit]\nanonymous_exec = \"deny\"\n[ima.policies.nojit-strict]\nmode = \"enforce\"\nanonymous_exec = \"deny\"\nallowlist = [\"{golden}\"]",
+        &["--cdi-spec-dir", cdi.path().to_str().unwrap()],
     )
     .await;
     let mut rt = d.runtime().await.unwrap();
@@ -72,10 +84,63 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
     // the mapping runs what was written (a `tomtou` violation).
     let (_, out, err) = exec_sh(&mut rt, &a, "escape tomtou /tmp/t.bin").await;
     assert!(out.contains("RAN tomtou 43"), "control tomtou: {out}{err}");
+    // /proc/self/mem rewrites one's own code unless the node boots with
+    // proc_mem.force_override=never; procfs is writable as usual.
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if !cmdline.contains("proc_mem.force_override=never") {
+        let (_, out, err) = exec_sh(&mut rt, &a, "escape procmem-exec").await;
+        assert!(
+            out.contains("RAN procmem-exec"),
+            "control procmem: {out}{err}"
+        );
+    }
+    sh_ok(
+        &mut rt,
+        &a,
+        "cat /proc/self/oom_score_adj > /proc/self/oom_score_adj",
+    )
+    .await;
     stop_pod(&mut rt, &pod).await;
 
-    let procmem_closed = imacri_runtime::integrity::guard::proc_mem_closed();
     let (pod, a, b) = two_containers(&d, &mut rt, "anon-deny", "nojit", &image).await;
+    // The container's own command goes through the init's rules too (not
+    // only execs): it tries /proc/self/mem at its start.
+    let cfg = ima("anon-deny", "nojit");
+    let main = container_config(
+        "main",
+        &image,
+        &[
+            "sh",
+            "-c",
+            "escape procmem-exec > /tmp/main.out 2>&1; sleep 1000",
+        ],
+    );
+    let main = start_container(&mut rt, &pod, &cfg, main).await;
+    // A mount that brings another procfs along (its `mem` files are
+    // beneath a top-level entry, where writes are allowed): refused. A
+    // hostPath volume is ID-mapped for the pod's user namespace, which
+    // procfs refuses; a CDI mount is not, imacri's check refuses it.
+    for host in ["/proc", "/"] {
+        let mut c = container_config("hostproc", &image, &["sleep", "1000"]);
+        c.mounts.push(cri::Mount {
+            container_path: "/host".into(),
+            host_path: host.into(),
+            readonly: true,
+            ..Default::default()
+        });
+        let e = create_container(&mut rt, &pod, &cfg, c).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{host}: {e:?}");
+    }
+    let mut c = container_config("cdiproc", &image, &["sleep", "1000"]);
+    c.cdi_devices = vec![cri::CdiDevice {
+        name: "imacri.test/proc=host".into(),
+    }];
+    let e = create_container(&mut rt, &pod, &cfg, c).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("/hostproc binds /proc") && e.message().contains("procfs"),
+        "{e:?}"
+    );
     let uffd = create_container(
         &mut rt,
         &pod,
@@ -114,14 +179,50 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
         assert_eq!(sh_ok(&mut rt, c, "echo ok").await, "ok");
         let (_, out, _) = exec_sh(&mut rt, c, "escape file-mmap").await;
         assert!(out.contains("RAN file-mmap"), "a file's own code: {out}");
-        // /proc/self/mem: refused only where the node closes it.
-        let (_, out, err) = exec_sh(&mut rt, c, "escape procmem-exec").await;
+        // /proc/self/mem, by either name: not opened for writing.
+        for target in ["", "/proc/thread-self/mem"] {
+            let cmd = format!("escape procmem-exec {target}");
+            let (_, out, err) = exec_sh(&mut rt, c, &cmd).await;
+            assert!(
+                !out.contains("RAN") && out.contains("procmem-exec: Permission denied"),
+                "{cmd} under deny: {out}{err}"
+            );
+        }
+        // Writes elsewhere work, to files and devices; beneath /proc they
+        // are refused (the documented cost), and the init's word is not in
+        // the command's environment.
+        let out = sh_ok(
+            &mut rt,
+            c,
+            "echo w > /tmp/w && cat /tmp/w && echo s > /dev/shm/s && cat /dev/shm/s \
+             && echo n > /dev/null && echo t > /dev/termination-log && env | grep -c IMACRI_ || true",
+        )
+        .await;
+        assert_eq!(out, "w\ns\n0", "{c}");
+        let (code, _, err) = exec_sh(
+            &mut rt,
+            c,
+            "cat /proc/self/oom_score_adj > /proc/self/oom_score_adj",
+        )
+        .await;
+        assert!(
+            code != 0 && err.contains("Permission denied"),
+            "{code} {err}"
+        );
+        // A top-level directory made after a process started is outside
+        // its rules; the next exec's rules take it in.
+        let (code, _, _) = exec_sh(&mut rt, c, "mkdir /top && echo x > /top/x").await;
+        assert_ne!(code, 0);
         assert_eq!(
-            out.contains("RAN procmem-exec"),
-            procmem_closed.is_err(),
-            "procmem-exec with {procmem_closed:?}: {out}{err}"
+            sh_ok(&mut rt, c, "echo y > /top/y && cat /top/y").await,
+            "y"
         );
     }
+    let out = sh_ok(&mut rt, &main, "cat /tmp/main.out").await;
+    assert_eq!(
+        out, "procmem-exec: Permission denied",
+        "the container's command"
+    );
     stop_pod(&mut rt, &pod).await;
 
     // Enforce mode with the image's golden policy: the same.
@@ -153,8 +254,8 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
         .lines()
         .find(|l| l.starts_with("ima-anonymous-exec"))
         .unwrap_or_else(|| panic!("{check}{}", String::from_utf8_lossy(&out.stderr)));
-    assert!(line.contains("nojit"), "{line}");
-    if procmem_closed.is_err() {
-        assert!(line.contains("/proc/<pid>/mem"), "{line}");
-    }
+    assert!(
+        line.contains("nojit") && line.contains("/proc/<pid>/mem"),
+        "{line}"
+    );
 }

@@ -147,6 +147,29 @@ pub fn mounts_beneath(path: &Path) -> bool {
         .any(|m| m != p && m.starts_with(&p))
 }
 
+/// The first of `paths` (each resolved) that is on a procfs or has a
+/// procfs mounted beneath it, in this process's mount namespace: a bind of
+/// it would bring `/proc/<pid>/mem` files along. One that cannot be
+/// resolved or looked at counts (the caller refuses it).
+pub fn procfs_at_or_beneath<'a>(paths: &[&'a Path]) -> Option<&'a Path> {
+    use nix::sys::statfs::{statfs, PROC_SUPER_MAGIC};
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok();
+    let points: Vec<PathBuf> = info
+        .iter()
+        .flat_map(|i| i.lines())
+        .filter(|l| l.split_once(" - ").and_then(|(_, r)| r.split(' ').next()) == Some("proc"))
+        .filter_map(|l| l.split(' ').nth(4).map(unescape))
+        .collect();
+    paths.iter().copied().find(|path| {
+        let Ok(p) = std::fs::canonicalize(path) else {
+            return true;
+        };
+        info.is_none()
+            || statfs(&p).map_or(true, |s| s.filesystem_type() == PROC_SUPER_MAGIC)
+            || points.iter().any(|m| m.starts_with(&p))
+    })
+}
+
 /// A mountinfo field with its octal escapes (`\040`) undone.
 pub(crate) fn unescape(s: &str) -> PathBuf {
     let b = s.as_bytes();
@@ -190,6 +213,17 @@ mod tests {
     fn mountinfo_escapes_are_undone() {
         assert_eq!(unescape("/a\\040b\\134c"), PathBuf::from("/a b\\c"));
         assert_eq!(unescape("/plain\\x"), PathBuf::from("/plain\\x"));
+    }
+
+    #[test]
+    fn procfs_is_found_at_or_beneath_a_path() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("missing");
+        for p in ["/", "/proc/self", "/proc/1/root/proc"].map(Path::new) {
+            assert_eq!(procfs_at_or_beneath(&[d.path(), p]), Some(p));
+        }
+        assert_eq!(procfs_at_or_beneath(&[d.path()]), None);
+        assert_eq!(procfs_at_or_beneath(&[&missing]), Some(missing.as_path()));
     }
 
     #[test]

@@ -325,7 +325,7 @@ impl CriServer {
                         "the container's spec grants {cap}, which an ima pod may not have"
                     )));
                 }
-                self.no_userfaultfd_device(&sb_state, &spec)?;
+                self.anonymous_exec_rules(&sb_state, &spec)?;
             }
             if super::integrity::is_fanotify(&sb_state) {
                 let measured: Vec<String> = self
@@ -344,7 +344,8 @@ impl CriServer {
                         "the pod is measured by the fanotify backend, which this node cannot run now: {why}"
                     ))
                 })?;
-                spec::run_through_init(&mut spec, init)?;
+                let deny_proc_writes = self.pod_denies_anonymous_exec(&sb_state);
+                spec::run_through_init(&mut spec, init, deny_proc_writes)?;
             }
             self.guard_mappings(&sb_state, &sb.id, &mut spec)?;
             let mut labels: HashMap<String, String> = config.labels.clone();

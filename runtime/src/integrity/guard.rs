@@ -45,37 +45,6 @@ pub const FORBIDDEN_CAPABILITIES: &[&str] = &[
     "PERFMON",
 ];
 
-/// Whether this node refuses FOLL_FORCE writes through `/proc/<pid>/mem`
-/// (`proc_mem.force_override=never`, Linux >= 6.12, on the command line or
-/// as the kernel's built-in default): without it a process can write its own
-/// code pages, which no policy on executable memory sees. `Err`: why not.
-pub fn proc_mem_closed() -> Result<(), String> {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let set = cmdline
-        .split_whitespace()
-        .find_map(|a| a.strip_prefix("proc_mem.force_override="));
-    let built_in = || {
-        let release = nix::sys::utsname::uname()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default();
-        std::fs::read_to_string(format!("/boot/config-{release}"))
-            .is_ok_and(|c| c.lines().any(|l| l == "CONFIG_PROC_MEM_NO_FORCE=y"))
-    };
-    match set {
-        Some("never") => Ok(()),
-        Some(other) => Err(format!(
-            "the node boots with proc_mem.force_override={other}: a process can write its own \
-             code pages through /proc/<pid>/mem (boot with proc_mem.force_override=never)"
-        )),
-        None if built_in() => Ok(()),
-        None => Err(
-            "a process can write its own code pages through /proc/<pid>/mem (FOLL_FORCE; boot \
-             with proc_mem.force_override=never, Linux >= 6.12)"
-                .into(),
-        ),
-    }
-}
-
 /// The capability in `caps` (CRI spelling, with or without `CAP_`) an ima
 /// pod may not have, if any.
 pub fn forbidden_capability(caps: &[String]) -> Option<&str> {

@@ -21,6 +21,11 @@ pub const BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/imacri-init"
 /// the image's filesystem.
 pub const PATH: &str = "/dev/.imacri-init";
 
+/// The environment variable (`=1`) that makes the init also refuse opening
+/// files beneath procfs for writing (`runtime/init/init.rs`); the init takes
+/// it out of the command's environment.
+pub const DENY_PROC_WRITES: &str = "IMACRI_INIT_DENY_PROC_WRITES";
+
 /// `sha256:<hex>` of [`BINARY`].
 pub fn digest() -> &'static str {
     static DIGEST: OnceLock<String> = OnceLock::new();

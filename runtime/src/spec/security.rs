@@ -75,7 +75,14 @@ pub fn add_ima_namespace(spec: &mut serde_json::Value) {
 /// command plugins chose is what runs through the init. The mount keeps
 /// exec (it is imacri's own binary; the container's group marks the mount,
 /// so its execution is measured too).
-pub fn run_through_init(spec: &mut Spec, host_init: &Path) -> Result<()> {
+///
+/// With `deny_proc_writes` (a policy denying anonymous executable memory)
+/// the init also refuses opening files beneath procfs for writing: no
+/// `/proc/<pid>/mem` writes into code pages. It learns that from its
+/// environment ([`crate::integrity::init::DENY_PROC_WRITES`]), which the
+/// container's execs inherit, and takes the variable out before the command
+/// runs.
+pub fn run_through_init(spec: &mut Spec, host_init: &Path, deny_proc_writes: bool) -> Result<()> {
     let init = crate::integrity::init::PATH;
     let mut process = spec.process().clone().unwrap_or_default();
     let mut args = process.args().clone().unwrap_or_default();
@@ -83,6 +90,14 @@ pub fn run_through_init(spec: &mut Spec, host_init: &Path) -> Result<()> {
         args.insert(0, init.to_string());
     }
     process.set_args(Some(args));
+    // Whatever the pod's own environment said, imacri's word decides.
+    let key = crate::integrity::init::DENY_PROC_WRITES;
+    let mut env = process.env().clone().unwrap_or_default();
+    env.retain(|kv| kv.split_once('=').map_or(kv.as_str(), |(k, _)| k) != key);
+    if deny_proc_writes {
+        env.push(format!("{key}=1"));
+    }
+    process.set_env(Some(env));
     process.set_no_new_privileges(Some(true));
     spec.set_process(Some(process));
     let mount = oci(MountBuilder::default()
@@ -136,8 +151,8 @@ mod tests {
         p.set_args(Some(vec!["sleep".into(), "1".into()]));
         spec.set_process(Some(p));
         let host = Path::new("/var/lib/imacri/bin/imacri-init-0123");
-        run_through_init(&mut spec, host).unwrap();
-        run_through_init(&mut spec, host).unwrap();
+        run_through_init(&mut spec, host, false).unwrap();
+        run_through_init(&mut spec, host, false).unwrap();
         let p = spec.process().as_ref().unwrap();
         assert_eq!(
             p.args().as_ref().unwrap(),
@@ -165,6 +180,28 @@ mod tests {
             e.args().as_ref().unwrap(),
             &vec![crate::integrity::init::PATH.to_string(), "ls".into()]
         );
+    }
+
+    #[test]
+    fn the_init_is_told_to_deny_proc_writes_by_imacri_alone() {
+        let key = crate::integrity::init::DENY_PROC_WRITES;
+        let with = |env: Vec<String>, deny| {
+            let mut spec = Spec::default();
+            let mut p = spec.process().clone().unwrap();
+            p.set_env(Some(env));
+            spec.set_process(Some(p));
+            run_through_init(&mut spec, Path::new("/i"), deny).unwrap();
+            spec.process().as_ref().unwrap().env().clone().unwrap()
+        };
+        let env = with(vec!["A=b".into()], true);
+        assert_eq!(env, vec!["A=b".to_string(), format!("{key}=1")]);
+        // The pod's own value is replaced, either way; an exec inherits it.
+        assert_eq!(
+            with(vec![format!("{key}=1"), "A=b".into()], false),
+            vec!["A=b"]
+        );
+        let env = with(vec![format!("{key}=0"), format!("{key}")], true);
+        assert_eq!(env, vec![format!("{key}=1")]);
     }
 
     #[test]

@@ -230,34 +230,76 @@ impl CriServer {
             .is_some_and(|p| p.anonymous_exec == ima::AnonymousExec::Deny)
     }
 
+    /// Whether the pod's policy denies executable memory no file backs.
+    pub(crate) fn pod_denies_anonymous_exec(&self, st: &SandboxState) -> bool {
+        st.ima
+            .as_ref()
+            .is_some_and(|i| self.denies_anonymous_exec(&i.policy))
+    }
+
     /// A container of a pod whose policy denies anonymous executable memory
     /// may not have the userfaultfd device (the requested devices and what
-    /// CDI added): it hands out what the refused system call would.
-    pub(crate) fn no_userfaultfd_device(
+    /// CDI added): it hands out what the refused system call would. Nor a
+    /// mount that brings a procfs other than its own `/proc` (a hostPath of
+    /// `/proc`, or of a directory with one beneath it): the init refuses
+    /// writes beneath procfs mounts at the container's top level only, and
+    /// `/proc/<pid>/mem` writes code pages.
+    pub(crate) fn anonymous_exec_rules(
         &self,
         st: &SandboxState,
         spec: &oci_spec::runtime::Spec,
     ) -> Result<()> {
-        let denies = st
-            .ima
-            .as_ref()
-            .is_some_and(|i| self.denies_anonymous_exec(&i.policy));
-        let Some(uffd) = denies.then(mapguard::userfaultfd_device).flatten() else {
+        if !self.pod_denies_anonymous_exec(st) {
             return Ok(());
-        };
-        let devices = spec.linux().as_ref().and_then(|l| l.devices().as_ref());
-        match devices
-            .into_iter()
-            .flatten()
-            .find(|d| (d.major(), d.minor()) == uffd)
-        {
-            Some(d) => Err(Error::InvalidArgument(format!(
-                "devices: {} is the userfaultfd device, which a pod whose ima policy denies \
-                 anonymous executable memory may not have",
-                d.path().display()
-            ))),
-            None => Ok(()),
         }
+        const WHY: &str =
+            "which a pod whose ima policy denies anonymous executable memory may not have";
+        let devices = spec.linux().as_ref().and_then(|l| l.devices().as_ref());
+        if let Some(uffd) = mapguard::userfaultfd_device() {
+            if let Some(d) = devices
+                .into_iter()
+                .flatten()
+                .find(|d| (d.major(), d.minor()) == uffd)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "devices: {} is the userfaultfd device, {WHY}",
+                    d.path().display()
+                )));
+            }
+        }
+        let mounts = spec.mounts().iter().flatten();
+        let mut binds = Vec::new();
+        for m in mounts {
+            let bind = m.typ().as_deref() == Some("bind")
+                || m.options()
+                    .iter()
+                    .flatten()
+                    .any(|o| o == "bind" || o == "rbind");
+            match (m.typ().as_deref(), m.source()) {
+                (Some("proc"), _) if m.destination() == std::path::Path::new("/proc") => {}
+                (Some("proc"), _) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "mounts: {} is a procfs, {WHY}: its /proc/<pid>/mem files write code pages",
+                        m.destination().display()
+                    )))
+                }
+                (_, Some(src)) if bind => binds.push((m.destination(), src.as_path())),
+                _ => {}
+            }
+        }
+        let sources: Vec<&std::path::Path> = binds.iter().map(|(_, s)| *s).collect();
+        if let Some(src) = imacri_runtime::mount::procfs_at_or_beneath(&sources) {
+            let dest = binds
+                .iter()
+                .find(|(_, s)| *s == src)
+                .map_or_else(String::new, |(d, _)| d.display().to_string());
+            return Err(Error::InvalidArgument(format!(
+                "mounts: {dest} binds {}, which is or holds a procfs, {WHY}: its /proc/<pid>/mem \
+                 files write code pages",
+                src.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Adds the map guard to the seccomp profile of a container of a
@@ -271,10 +313,7 @@ impl CriServer {
         if !is_fanotify(st) {
             return Ok(());
         }
-        let deny_anonymous = st
-            .ima
-            .as_ref()
-            .is_some_and(|i| self.denies_anonymous_exec(&i.policy));
+        let deny_anonymous = self.pod_denies_anonymous_exec(st);
         let Some(linux) = spec.linux_mut() else {
             return Err(Error::Internal(
                 "container spec without a linux section".into(),
