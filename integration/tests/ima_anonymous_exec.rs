@@ -34,6 +34,12 @@ fn with_userfaultfd(name: &str, image: &str) -> cri::ContainerConfig {
     c
 }
 
+/// 40 files written, closed and mapped executable at once, while another
+/// process floods the queue with closes after writing.
+const FLOODED_MAPPINGS: &str = "(while :; do : > /tmp/flood; done) & \
+     for i in $(seq 40); do escape file-mmap /tmp/lib$i.so || exit 1; done | grep -c RAN; \
+     kill $!";
+
 const WAYS: [&str; 8] = [
     "execstack",
     "anon-exec",
@@ -100,6 +106,15 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
         "cat /proc/self/oom_score_adj > /proc/self/oom_score_adj",
     )
     .await;
+    // Files written, closed and mapped at once, while closes flood the
+    // queue: no `tomtou` violation in measure mode either (see the deny pod).
+    let out = sh_ok(&mut rt, &a, FLOODED_MAPPINGS).await;
+    assert_eq!(out, "40");
+    let log = d.log();
+    let stale = log
+        .lines()
+        .find(|l| l.contains("tomtou") && l.contains("/tmp/lib"));
+    assert!(stale.is_none(), "{stale:?}");
     stop_pod(&mut rt, &pod).await;
 
     let (pod, a, b) = two_containers(&d, &mut rt, "anon-deny", "nojit", &image).await;
@@ -179,6 +194,14 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
         assert_eq!(sh_ok(&mut rt, c, "echo ok").await, "ok");
         let (_, out, _) = exec_sh(&mut rt, c, "escape file-mmap").await;
         assert!(out.contains("RAN file-mmap"), "a file's own code: {out}");
+        // A file written, closed and mapped at once (a library unpacked to
+        // /tmp and loaded): the close's notification is read after the
+        // mapping was decided and watched (the more so while other closes
+        // queue before it: the flood), and is no write under it. Until
+        // 2026-12-04 it killed the container now and then (a `tomtou`).
+        let out = sh_ok(&mut rt, c, FLOODED_MAPPINGS).await;
+        assert_eq!(out, "40");
+        assert_eq!(sh_ok(&mut rt, c, "echo alive").await, "alive");
         // /proc/self/mem, by either name: not opened for writing.
         for target in ["", "/proc/thread-self/mem"] {
             let cmd = format!("escape procmem-exec {target}");

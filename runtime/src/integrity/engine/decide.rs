@@ -84,16 +84,17 @@ impl Engine {
         self.notice(t, path.to_string(), String::new(), true, reason);
     }
 
-    /// Appraises, records and answers one measured access. `hit`: when a
-    /// cache hit's handling began, for the time-to-answer statistic (taken
-    /// before the answer: answering wakes the waiting task, which may
-    /// preempt this thread).
+    /// Appraises, records and answers one measured access. `measured`:
+    /// the file's identity `digest` is of. `hit`: when a cache hit's
+    /// handling began, for the time-to-answer statistic (taken before the
+    /// answer: answering wakes the waiting task, which may preempt this
+    /// thread).
     pub(super) fn decide(
         &self,
         t: &Measured,
         pending: Box<dyn Pending>,
         kind: Event,
-        digest: [u8; 32],
+        (digest, measured): ([u8; 32], FileKey),
         hit: Option<std::time::Instant>,
     ) {
         let fd = pending.fd();
@@ -203,16 +204,24 @@ impl Engine {
         let measured_anew = runs && hit.is_none();
         let open_writers = (maps || measured_anew) && runs && open_for_writing(fd);
         let hidden = measured_anew && !open_writers && crate::integrity::overlay::upper_written(fd);
-        if hidden {
-            // What was hashed may change under the mapping unseen.
-            if let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) {
-                self.invalidate(FileKey::of(&st).inode());
-            }
+        // A writer that opened before the watch and closed before the check
+        // above leaves no open writer, but what maps is then not what was
+        // measured: the identity must still be the measured one. (Its close
+        // is read after this answer, as is a close that came before the
+        // measuring, which the watch then tells apart by this identity.)
+        let now = nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| FileKey::of(&st));
+        let changed = maps && !open_writers && now.as_ref().map_or(true, |k| *k != measured);
+        if hidden || changed {
+            // What was hashed may change (or changed) under the mapping.
+            self.invalidate(measured.inode());
         }
-        if hidden || (maps && open_writers) {
-            let reason = match hidden {
-                true => "its overlay upper file is open for writing (a shared writable mapping) while executed or mapped executable",
-                false => "open for writing while executed or mapped executable",
+        if hidden || (maps && (open_writers || changed)) {
+            let reason = if hidden {
+                "its overlay upper file is open for writing (a shared writable mapping) while executed or mapped executable"
+            } else if changed {
+                "written between its measuring and its writers check while mapped executable"
+            } else {
+                "open for writing while executed or mapped executable"
             }
             .to_string();
             let r = self
@@ -482,20 +491,25 @@ mod tests {
                 name: name.into(),
             })
         };
+        let key = |p: &std::path::Path| FileKey::of(&nix::sys::stat::stat(p).unwrap());
         // Allowed digest: allowed and logged.
-        engine.decide(&target, pend(&bin, "ok"), Event::Mmap, digest, None);
+        let m = (digest, key(&bin));
+        engine.decide(&target, pend(&bin, "ok"), Event::Mmap, m, None);
         // Another file: denied in enforce mode.
         let other = d.path().join("other");
         std::fs::write(&other, b"evil").unwrap();
-        engine.decide(&target, pend(&other, "evil"), Event::Exec, [9; 32], None);
+        let m = ([9; 32], key(&other));
+        engine.decide(&target, pend(&other, "evil"), Event::Exec, m, None);
         // Mapped while open for writing: refused even with an allowed digest.
         let w = std::fs::OpenOptions::new().write(true).open(&bin).unwrap();
-        engine.decide(&target, pend(&bin, "written"), Event::Mmap, digest, None);
+        let m = (digest, key(&bin));
+        engine.decide(&target, pend(&bin, "written"), Event::Mmap, m, None);
         drop(w);
         // Quota (3) reached: the next new measurement is refused.
         let third = d.path().join("third");
         std::fs::write(&third, b"x").unwrap();
-        engine.decide(&target, pend(&third, "over"), Event::Read, [3; 32], None);
+        let m = ([3; 32], key(&third));
+        engine.decide(&target, pend(&third, "over"), Event::Read, m, None);
         let a = answers.lock().unwrap().clone();
         assert_eq!(
             a,
@@ -512,5 +526,50 @@ mod tests {
             .map(|l| l.rsplit(' ').next().unwrap())
             .collect();
         assert_eq!(events, ["mmap", "deny", "writers", "quota"]);
+    }
+
+    #[test]
+    fn a_mapping_of_a_file_written_since_it_was_measured_is_refused() {
+        // Its writer opened before the watch and closed before the writers
+        // check: no writer is open, but the file is not what was measured.
+        let d = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(d.path(), 15, None).unwrap());
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = Engine::new(journal, tx, DEFAULT_MAX_FILE_SIZE);
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let lib = d.path().join("lib.so");
+        std::fs::write(&lib, b"measured").unwrap();
+        let (digest, _) = hash_fd(std::fs::File::open(&lib).unwrap().as_fd()).unwrap();
+        let measured = FileKey::of(&nix::sys::stat::stat(&lib).unwrap());
+        let target = Arc::new(Measured {
+            pod: "p".into(),
+            container: "c".into(),
+            mode: Mode::Measure,
+            allowlist: None,
+            charge: None,
+            quiet: Default::default(),
+            no_anonymous_exec: true,
+        });
+        let pend = |name: &str| {
+            Box::new(Recorded {
+                fd: std::fs::File::open(&lib).unwrap().into(),
+                answers: answers.clone(),
+                name: name.into(),
+            })
+        };
+        engine.decide(&target, pend("same"), Event::Mmap, (digest, measured), None);
+        std::fs::write(&lib, b"swapped!").unwrap();
+        engine.decide(
+            &target,
+            pend("changed"),
+            Event::Mmap,
+            (digest, measured),
+            None,
+        );
+        let a = answers.lock().unwrap().clone();
+        assert_eq!(
+            a,
+            vec![("same".to_string(), true), ("changed".to_string(), false)]
+        );
     }
 }

@@ -78,7 +78,7 @@ impl Engine {
         match nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| FileKey::of(&st)) {
             Ok(k) if k == job.key => {
                 self.remember(job.key, digest);
-                self.decide(&t, job.pending, job.kind, digest, None);
+                self.decide(&t, job.pending, job.kind, (digest, job.key), None);
                 return None;
             }
             Ok(k) if job.tries < HASH_TRIES => {

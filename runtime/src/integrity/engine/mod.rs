@@ -446,7 +446,7 @@ impl Engine {
         match self.cached(&key) {
             Some(d) => {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                self.decide(&target, pending, kind, d, Some(t0));
+                self.decide(&target, pending, kind, (d, key), Some(t0));
             }
             None => {
                 pending.queued();
@@ -468,7 +468,7 @@ impl Engine {
         kind: Event,
     ) {
         match self.cached(&key) {
-            Some(d) => self.decide(&target, pending, kind, d, None),
+            Some(d) => self.decide(&target, pending, kind, (d, key), None),
             None => {
                 let mut job = Job::new(target, pending, key, kind);
                 let mut buf = vec![0u8; HASH_BUF];

@@ -67,6 +67,10 @@ pub(super) struct Watched {
     broken: bool,
     /// An executed script, watched while the pod's processes read it.
     script: bool,
+    /// The file's identity when the watch began, which the engine checked
+    /// to be the one it measured, after the writers check (None: a script,
+    /// or a watch read back after a restart).
+    since: Option<FileKey>,
 }
 
 /// Inode → what watches it.
@@ -136,7 +140,8 @@ impl Group {
         own: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<OwnedFd>,
     ) -> Result<bool, WatchError> {
         let st = fstat(fd)?;
-        let inode = FileKey::of(&st).inode();
+        let since = FileKey::of(&st);
+        let inode = since.inode();
         if self.watched(inode) {
             return Ok(false);
         }
@@ -189,6 +194,7 @@ impl Group {
                 key,
                 broken: false,
                 script: false,
+                since: Some(since),
             },
         );
         Ok(true)
@@ -196,6 +202,17 @@ impl Group {
 
     fn watched(&self, inode: (u64, u64)) -> bool {
         self.mapped.lock().is_ok_and(|m| m.contains_key(&inode))
+    }
+
+    /// Whether the watched file is as it was when its watch began (`now`,
+    /// its identity as of an event): a close after writing that shows no
+    /// write since was queued before the watch (a file written, closed and
+    /// then mapped: the event is read after the mapping was decided).
+    fn unchanged_since_watched(&self, now: &FileKey) -> bool {
+        self.mapped.lock().is_ok_and(|m| {
+            m.get(&now.inode())
+                .is_some_and(|w| w.since.as_ref() == Some(now))
+        })
     }
 
     fn is_script(&self, inode: (u64, u64)) -> bool {
@@ -397,6 +414,14 @@ pub(super) fn written(
     let how = if mask.contains(MaskFlags::FAN_MODIFY) {
         "written"
     } else if mask.contains(MaskFlags::FAN_CLOSE_WRITE) && group.watched(inode) {
+        // Nothing was written since the watch began: the writer closed
+        // before the file was measured for the mapping (the engine checks
+        // the identity it measured after the writers check, so a write in
+        // between refused the mapping instead).
+        let now = fstat(fd).map(|st| FileKey::of(&st));
+        if now.is_ok_and(|k| group.unchanged_since_watched(&k)) {
+            return;
+        }
         "closed after writing"
     } else {
         return;
