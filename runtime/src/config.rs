@@ -159,6 +159,34 @@ pub struct ImaConfig {
     /// Bytes: an ima pod's execution or executable mapping of a larger file
     /// is refused unhashed (a `gap` entry and a violation).
     pub max_file_size: u64,
+    /// What a Kubernetes namespace's pods must do and may pick; `"*"`: every
+    /// namespace without an entry of its own. The node's word on what a
+    /// pod's annotation could otherwise choose (or leave out).
+    pub namespaces: std::collections::BTreeMap<String, NamespaceRule>,
+}
+
+/// The ima rule of one Kubernetes namespace (`[ima.namespaces.<name>]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceRule {
+    /// Every pod of the namespace must be an ima pod: one that does not
+    /// ask for it is refused (PermissionDenied).
+    pub require: bool,
+    /// The policies its pods may pick with `imacri.dev/ima-policy`; the
+    /// first is the policy of one that names none. Empty: any, and
+    /// `default_policy`.
+    pub policies: Vec<String>,
+}
+
+impl ImaConfig {
+    /// The rule for pods of namespace `ns` and the name it is configured
+    /// under (`ns` itself or `"*"`), if any.
+    pub fn namespace_rule(&self, ns: &str) -> Option<(&str, &NamespaceRule)> {
+        self.namespaces
+            .get_key_value(ns)
+            .or_else(|| self.namespaces.get_key_value("*"))
+            .map(|(k, r)| (k.as_str(), r))
+    }
 }
 
 /// fanotify fails open while imacri is down; this says what a restarted
@@ -215,6 +243,7 @@ impl Default for ImaConfig {
             fail_mode: FailMode::Open,
             max_entries_per_pod: crate::integrity::journal::DEFAULT_POD_QUOTA,
             max_file_size: crate::integrity::engine::DEFAULT_MAX_FILE_SIZE,
+            namespaces: Default::default(),
         }
     }
 }
@@ -400,6 +429,16 @@ max_entries_per_pod = 20000
 # cannot keep them busy with huge sparse files. 4 GiB.
 max_file_size = 4294967296
 
+# What the pods of a Kubernetes namespace (their metadata's) must do and may
+# pick, whatever their annotations say: `require = true` refuses a pod that
+# does not ask for ima (PermissionDenied); `policies` are the ones its pods
+# may name in imacri.dev/ima-policy (another is PermissionDenied), the first
+# being the policy of a pod that names none. "*" applies to every namespace
+# without an entry of its own. No entry: any pod, any policy.
+# [ima.namespaces.payments]
+# require = true
+# policies = ["strict"]
+
 [ima.policies.default]
 # Rules in the kernel's IMA policy syntax. With the fanotify backend,
 # executions (fanotify) and executable mappings of files (seccomp map guard)
@@ -536,6 +575,17 @@ impl Config {
                 self.ima.pcr
             )));
         }
+        for (ns, rule) in &self.ima.namespaces {
+            if let Some(p) = rule
+                .policies
+                .iter()
+                .find(|p| !self.ima.policies.contains_key(*p))
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "ima.namespaces.{ns:?}.policies: {p:?} is not in ima.policies"
+                )));
+            }
+        }
         if !self.ima.policies.contains_key(&self.ima.default_policy) {
             return Err(Error::InvalidArgument(format!(
                 "ima.default_policy {:?} is not in ima.policies",
@@ -605,6 +655,23 @@ mod tests {
             c.ima.backend,
             crate::integrity::setting::BackendChoice::Kernel
         );
+    }
+
+    #[test]
+    fn namespace_rules_name_known_policies_and_fall_back_to_the_star() {
+        let e = Config::parse("[ima.namespaces.a]\npolicies = [\"nope\"]\n").unwrap_err();
+        assert!(e.contains("nope") && e.contains("ima.namespaces"), "{e}");
+        let e = Config::parse("[ima.namespaces.a]\nrequired = true\n").unwrap_err();
+        assert!(e.contains("required"), "{e}");
+        let c = Config::parse(
+            "[ima.namespaces.a]\nrequire = true\n[ima.namespaces.\"*\"]\npolicies = [\"default\"]\n",
+        )
+        .unwrap();
+        let (name, a) = c.ima.namespace_rule("a").unwrap();
+        assert!(name == "a" && a.require && a.policies.is_empty());
+        let (name, b) = c.ima.namespace_rule("b").unwrap();
+        assert!(name == "*" && !b.require && b.policies == ["default"]);
+        assert!(Config::default().ima.namespace_rule("a").is_none());
     }
 
     #[test]

@@ -12,6 +12,10 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The node's configuration does not allow what the request asks for
+    /// (the message says which setting).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The node or the object is not in a state that allows the request.
     #[error("{0}")]
     FailedPrecondition(String),

@@ -496,6 +496,7 @@ fn to_status(e: &Error) -> tonic::Status {
         Error::NotFound(_) => Status::not_found(msg),
         Error::AlreadyExists(_) => Status::already_exists(msg),
         Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+        Error::PermissionDenied(_) => Status::permission_denied(msg),
         Error::Unavailable(_) => Status::unavailable(msg),
         Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
         Error::Containerd { source, .. } => match source.code() {
@@ -540,6 +541,7 @@ where
                     tonic::Code::NotFound
                     | tonic::Code::AlreadyExists
                     | tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
                     | tonic::Code::FailedPrecondition => {
                         tracing::info!(ms, code = ?status.code(), error = %e, "rejected")
                     }

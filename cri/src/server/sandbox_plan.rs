@@ -60,6 +60,21 @@ impl CriServer {
         let nso = sc.namespace_options.as_ref();
         let userns = requested_userns(nso)?;
         let wants_ima = ima::requested(sc.ima, &config.annotations)?;
+        // The node's rule for the pod's namespace decides what annotations
+        // cannot: whether it must be an ima pod, and which policies it may
+        // have.
+        let ns = config
+            .metadata
+            .as_ref()
+            .map_or("", |m| m.namespace.as_str());
+        let rule = self.cfg.ima.namespace_rule(ns);
+        if let Some((name, _)) = rule.filter(|(_, r)| r.require && !wants_ima) {
+            return Err(Error::PermissionDenied(format!(
+                "pods of namespace {ns:?} must be ima pods (imacri's config: \
+                 [ima.namespaces.{name:?}] require = true): set the annotation {}: \"true\"",
+                ima::ANNOTATION
+            )));
+        }
         let node = cri::NamespaceMode::Node as i32;
         let (net, pid, ipc) = nso.map_or((0, 0, 0), |n| (n.network, n.pid, n.ipc));
         if userns.is_some() && net == node {
@@ -89,11 +104,21 @@ impl CriServer {
         // userns_options.mode NODE is what kubelet sends for every pod
         // without `hostUsers: false`, so it cannot mean "insist on the host's
         // user namespace": an ima pod then gets one from imacri's pool.
+        let allowed = rule.map_or(&[][..], |(_, r)| r.policies.as_slice());
         let policy = config
             .annotations
             .get(ima::POLICY_ANNOTATION)
+            .or(allowed.first())
             .cloned()
             .unwrap_or_else(|| self.cfg.ima.default_policy.clone());
+        if let Some((name, _)) = rule.filter(|_| !allowed.is_empty() && !allowed.contains(&policy))
+        {
+            return Err(Error::PermissionDenied(format!(
+                "annotation {}={policy:?}: pods of namespace {ns:?} may have only the policies \
+                 {allowed:?} (imacri's config: [ima.namespaces.{name:?}] policies)",
+                ima::POLICY_ANNOTATION
+            )));
+        }
         let Some(p) = self.cfg.ima.policies.get(&policy) else {
             return Err(Error::InvalidArgument(format!(
                 "annotation {}={policy:?}: no such policy in the config (have: {})",
