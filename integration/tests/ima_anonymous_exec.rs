@@ -20,7 +20,38 @@
 
 use imacri_integration::client::{create_container, exec_sh, sh_ok, start_container};
 use imacri_integration::escapes::*;
-use imacri_integration::{container_config, cri, Env};
+use imacri_integration::{attest, container_config, cri, Env, Imacri};
+
+/// Violations `imacri attest verify --require-anonymous-exec-denied` finds
+/// for `pod` because a container's policy allowed anonymous executable
+/// memory (its start entry does not say otherwise).
+fn allowing_anonymous_exec(d: &Imacri, pod: &str, golden: &std::path::Path) -> usize {
+    let (_, out, err) = attest(
+        d,
+        &[
+            "verify",
+            "--pod",
+            pod,
+            "--policy",
+            golden.to_str().unwrap(),
+            "--allow-unanchored",
+            "--require-anonymous-exec-denied",
+        ],
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    report["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| {
+            v["reason"]
+                .as_str()
+                .unwrap()
+                .contains("anonymous_exec = \"allow\"")
+        })
+        .count()
+}
 
 /// A container given the node's userfaultfd device (which hands out what
 /// the refused system call would).
@@ -115,6 +146,9 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
         .lines()
         .find(|l| l.contains("tomtou") && l.contains("/tmp/lib"));
     assert!(stale.is_none(), "{stale:?}");
+    // A verifier requiring it sees that both containers' policy allowed it.
+    let golden = work.path().join("golden.json");
+    assert_eq!(allowing_anonymous_exec(&d, &pod, &golden), 2);
     stop_pod(&mut rt, &pod).await;
 
     let (pod, a, b) = two_containers(&d, &mut rt, "anon-deny", "nojit", &image).await;
@@ -246,6 +280,8 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
         out, "procmem-exec: Permission denied",
         "the container's command"
     );
+    // Each start entry says the policy denied it.
+    assert_eq!(allowing_anonymous_exec(&d, &pod, &golden), 0);
     stop_pod(&mut rt, &pod).await;
 
     // Enforce mode with the image's golden policy: the same.

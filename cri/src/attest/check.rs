@@ -17,6 +17,7 @@ pub(super) struct Checker {
     ak: Option<String>,
     allow_unanchored: bool,
     allow_gaps: bool,
+    require_no_anonymous_exec: bool,
     book: CounterBook,
 }
 
@@ -39,6 +40,7 @@ impl Checker {
             ak,
             allow_unanchored: t.allow_unanchored,
             allow_gaps: t.allow_gaps,
+            require_no_anonymous_exec: t.require_anonymous_exec_denied,
             book: CounterBook::open(t.counters.as_deref())?,
         })
     }
@@ -56,6 +58,7 @@ impl Checker {
                 policy: &self.policy,
                 allow_unanchored: self.allow_unanchored,
                 allow_gaps: self.allow_gaps,
+                require_no_anonymous_exec: self.require_no_anonymous_exec,
                 last_seen: self.book.last(ak),
             },
         );

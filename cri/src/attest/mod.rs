@@ -129,6 +129,11 @@ pub struct Trust {
     /// Trust a pod whose log has gaps (it was not measured for a while).
     #[arg(long)]
     allow_gaps: bool,
+    /// Require every container's policy to have denied executable memory no
+    /// file backs (`anonymous_exec = "deny"`, declared by its start entry):
+    /// code that no measurement shows could not have run.
+    #[arg(long)]
+    require_anonymous_exec_denied: bool,
     /// File remembering the newest TPM counters seen per attestation key:
     /// a quote older than that is refused (replay), and a valid one moves
     /// it forward. Kept across runs.

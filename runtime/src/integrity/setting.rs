@@ -129,10 +129,21 @@ pub enum AnonymousExec {
     /// making executable anything writable, anonymous or written since it
     /// was mapped, with EPERM; so do `userfaultfd` (which fills pages of an
     /// executable mapping with content of its caller's choosing) and
-    /// `ptrace(PTRACE_POKETEXT/POKEDATA)`. Code written through
-    /// `/proc/<pid>/mem` is kept out only where the node boots with
-    /// `proc_mem.force_override=never` (`imacri check` says).
+    /// `ptrace(PTRACE_POKETEXT/POKEDATA)`; and imacri's init lets no
+    /// process open a file beneath procfs for writing (`/proc/<pid>/mem`).
     Deny,
+}
+
+impl AnonymousExec {
+    /// The word a container's `start` entry carries when its policy denies
+    /// executable memory no file backs: the verifier can require it
+    /// (nothing in the log shows code that no file held).
+    pub const START_WORD: &'static str = "anonymous_exec=deny";
+
+    /// Whether a start entry's text declares [`Self::START_WORD`].
+    pub fn denied_by(start: &str) -> bool {
+        start.split(' ').any(|w| w == Self::START_WORD)
+    }
 }
 
 /// What the fanotify backend does about executables on volumes.

@@ -147,6 +147,9 @@ pub struct Expectations<'a> {
     /// Trust a pod whose log has gaps (intervals it was not measured, e.g.
     /// while imacri restarted). Off: each gap is a violation.
     pub allow_gaps: bool,
+    /// Every container's start entry must declare that its policy denied
+    /// executable memory no file backs (`anonymous_exec = "deny"`).
+    pub require_no_anonymous_exec: bool,
     /// The newest counters this verifier saw from this node's TPM.
     pub last_seen: Option<TpmCounters>,
 }
@@ -288,6 +291,25 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
                     reason: "the container did not run through imacri's init (created by an \
                              imacri without it): files from other filesystems could run \
                              unmeasured; recreate it"
+                        .into(),
+                }),
+        );
+    }
+    // Code that no file held (a JIT's, injected) leaves no entry: only the
+    // container's policy says whether any could run.
+    if x.require_no_anonymous_exec {
+        violations.extend(
+            pod_entries
+                .iter()
+                .filter(|e| e.event == Event::Start && e.container != x.pod_sandbox_id)
+                .filter(|e| !super::setting::AnonymousExec::denied_by(&e.path))
+                .map(|e| Violation {
+                    path: e.path.clone(),
+                    digest: e.digest_hex(),
+                    container: e.container.clone(),
+                    event: Event::Start,
+                    reason: "the container's policy allowed executable memory no file backs \
+                             (anonymous_exec = \"allow\"): code no entry shows could have run"
                         .into(),
                 }),
         );
@@ -472,22 +494,55 @@ mod tests {
             policy: p,
             allow_unanchored: true,
             allow_gaps: true,
+            require_no_anonymous_exec: false,
             last_seen: None,
         }
     }
 
     fn start(ctr: &str) -> Entry {
-        Entry::new(
+        start_saying(ctr, "")
+    }
+
+    /// A start entry through the init, with `more` words after it.
+    fn start_saying(ctr: &str, more: &str) -> Entry {
+        let words = format!(
+            "img 2026-12-02T00:00:00Z {}{more}",
+            crate::integrity::init::start_word()
+        );
+        Entry::new(15, [7; 32], &words, "p", ctr, Event::Start)
+    }
+
+    #[test]
+    fn a_policy_allowing_anonymous_exec_is_a_violation_when_required() {
+        let p = policy();
+        let es = [start("c"), start_saying("d", " anonymous_exec=deny")];
+        let lax = x(&p, &[1, 2, 3]);
+        assert_eq!(
+            verify(&unanchored(&es, "p"), &lax).verdict,
+            Verdict::Trusted
+        );
+        let strict = Expectations {
+            require_no_anonymous_exec: true,
+            ..x(&p, &[1, 2, 3])
+        };
+        let r = verify(&unanchored(&es, "p"), &strict);
+        assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+        assert_eq!(r.violations.len(), 1, "{r:?}");
+        assert_eq!(r.violations[0].container, "c");
+        assert!(r.violations[0].reason.contains("anonymous_exec"));
+        // The pause container (the pod's own ID) runs only imacri's pause.
+        let pause = [Entry::new(
             15,
             [7; 32],
-            &format!(
-                "img 2026-12-02T00:00:00Z {}",
-                crate::integrity::init::start_word()
-            ),
+            "pause 2026-12-02T00:00:00Z",
             "p",
-            ctr,
+            "p",
             Event::Start,
-        )
+        )];
+        assert_eq!(
+            verify(&unanchored(&pause, "p"), &strict).verdict,
+            Verdict::Trusted
+        );
     }
 
     #[test]

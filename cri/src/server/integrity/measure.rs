@@ -185,7 +185,8 @@ impl CriServer {
         }
         let through_init = target.init.is_some();
         let w = fanotify::watch(engine, target, keeper)?;
-        self.record_start(pod, ctr, &image, through_init)?;
+        let no_anonymous = self.denies_anonymous_exec(&i.policy);
+        self.record_start(pod, ctr, &image, through_init, no_anonymous)?;
         tracing::info!(pod_sandbox_id = %pod, container_id = %ctr, mode = ?i.mode, "container measured by fanotify");
         Ok(Some(w))
     }
@@ -193,7 +194,14 @@ impl CriServer {
     /// The entry every container's measurements begin with: its image and
     /// the moment marking began. Without it the verifier trusts nothing of
     /// the container; if it cannot be logged the container does not start.
-    fn record_start(&self, pod: &str, ctr: &str, image: &str, through_init: bool) -> Result<()> {
+    fn record_start(
+        &self,
+        pod: &str,
+        ctr: &str,
+        image: &str,
+        through_init: bool,
+        no_anonymous_exec: bool,
+    ) -> Result<()> {
         let digest = image
             .strip_prefix("sha256:")
             .and_then(|h| hex::decode(h).ok())
@@ -202,11 +210,19 @@ impl CriServer {
         let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
         // Its processes run through imacri's init: the start entry says
         // which one, for verifiers of other imacri builds.
-        let at = if through_init {
+        let mut at = if through_init {
             format!("{at} {}", imacri_runtime::integrity::init::start_word())
         } else {
             at
         };
+        // And whether its policy denies executable memory no file backs,
+        // which no entry could show otherwise.
+        if no_anonymous_exec {
+            at = format!(
+                "{at} {}",
+                imacri_runtime::integrity::setting::AnonymousExec::START_WORD
+            );
+        }
         self.integrity
             .journal
             .record(
