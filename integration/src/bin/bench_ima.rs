@@ -244,7 +244,7 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
     drop(watch);
     let (ovl_plain, ovl_cached) = overlay_exec_cost(&engine, dir, &rules)?;
     let (guard_ms, seal_ms) = guard_cost()?;
-    let (init_direct, init_through, ll_plain, ll_restricted) = init_cost(dir, unmarked)?;
+    let (init_direct, init_through, init_deny, ll_plain, ll_restricted) = init_cost(dir, unmarked)?;
 
     // Hashing throughput through an fd, as the engine reads files.
     let big = fs.join("big");
@@ -379,6 +379,12 @@ fn run(dir: &Path, fs: &Path, unmarked: &Path) -> Result<()> {
         "exec through imacri's init (Landlock) (us)",
         init_through,
         init_through - init_direct
+    );
+    println!(
+        "{:<44} {:>10.0}   (+{:.0} us over the init: anonymous_exec = deny)",
+        "init, procfs writes denied (us)",
+        init_deny,
+        init_deny - init_through
     );
     println!(
         "{:<44} {:>10.0}   ({:+.1} us: Landlock's check of each exec)",
@@ -775,10 +781,11 @@ fn filter_and_wait(guarded: bool) -> Result<()> {
     Ok(())
 }
 
-/// imacri's init (`integrity::init`): an exec of `bin` directly and through
-/// the init, interleaved; then execs of `bin` timed by a child running
+/// imacri's init (`integrity::init`): an exec of `bin` directly, through
+/// the init, and through the init told to deny procfs writes (a rule per
+/// entry of `/`), interleaved; then execs of `bin` timed by a child running
 /// without and under the init's Landlock restriction (`exec-loop`).
-fn init_cost(dir: &Path, bin: &Path) -> Result<(f64, f64, f64, f64)> {
+fn init_cost(dir: &Path, bin: &Path) -> Result<(f64, f64, f64, f64, f64)> {
     let init = imacri_runtime::integrity::init::install(dir)?;
     let timed = |c: &mut Command| -> Result<Duration> {
         let t = Instant::now();
@@ -786,10 +793,12 @@ fn init_cost(dir: &Path, bin: &Path) -> Result<(f64, f64, f64, f64)> {
         anyhow::ensure!(st.success(), "{c:?} failed");
         Ok(t.elapsed())
     };
-    let (mut direct, mut through) = (Vec::new(), Vec::new());
+    let (mut direct, mut through, mut deny) = (Vec::new(), Vec::new(), Vec::new());
+    let deny_var = imacri_runtime::integrity::init::DENY_PROC_WRITES;
     for _ in 0..RUNS / 3 {
         direct.push(timed(&mut Command::new(bin))?);
         through.push(timed(Command::new(&init).arg(bin))?);
+        deny.push(timed(Command::new(&init).arg(bin).env(deny_var, "1"))?);
     }
     let me = std::env::current_exe()?;
     // Each child's samples (ns, one per line), the two kinds of child
@@ -814,6 +823,7 @@ fn init_cost(dir: &Path, bin: &Path) -> Result<(f64, f64, f64, f64)> {
     Ok((
         median(direct),
         median(through),
+        median(deny),
         median(plain),
         median(restricted),
     ))

@@ -209,8 +209,10 @@ impl Engine {
         // measured: the identity must still be the measured one. (Its close
         // is read after this answer, as is a close that came before the
         // measuring, which the watch then tells apart by this identity.)
-        let now = nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| FileKey::of(&st));
-        let changed = maps && !open_writers && now.as_ref().map_or(true, |k| *k != measured);
+        let changed = maps
+            && !open_writers
+            && nix::sys::stat::fstat(fd.as_raw_fd())
+                .map_or(true, |st| FileKey::of(&st) != measured);
         if hidden || changed {
             // What was hashed may change (or changed) under the mapping.
             self.invalidate(measured.inode());
