@@ -210,6 +210,33 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             format!("policies {denying:?} deny anonymous executable memory, but {why}"),
         ),
     }
+    // The node's rules per Kubernetes namespace, as the config gives them.
+    let rules: Vec<String> = cfg
+        .ima
+        .namespaces
+        .iter()
+        .map(|(ns, r)| {
+            let policies = match r.policies.as_slice() {
+                [] => "any policy".to_string(),
+                p => format!("policies {p:?}"),
+            };
+            let ima = if r.require {
+                "ima required"
+            } else {
+                "ima optional"
+            };
+            format!("{ns:?}: {ima}, {policies}")
+        })
+        .collect();
+    line(
+        "ima-ns-rules",
+        true,
+        if rules.is_empty() {
+            "no [ima.namespaces] rule: any pod, any policy by its annotations".into()
+        } else {
+            rules.join("; ")
+        },
+    );
     let open_file = imacri_runtime::integrity::guard::node_open_file_interpreters();
     match imacri_runtime::integrity::guard::probe_binfmt() {
         Ok(()) => line(

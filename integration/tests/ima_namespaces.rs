@@ -137,4 +137,20 @@ async fn namespaces_require_ima_and_limit_policies() {
     assert_eq!(v["info"]["ima"]["policy"], "nojit", "{v}");
     assert!(ctl(&["stopp", &id]).status.success());
     assert!(ctl(&["rmp", &id]).status.success());
+
+    // `imacri check` shows the rules.
+    let out = std::process::Command::new(imacri_integration::imacri_bin())
+        .args(["check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let check = String::from_utf8_lossy(&out.stdout);
+    let line = check
+        .lines()
+        .find(|l| l.starts_with("ima-ns-rules"))
+        .unwrap_or_else(|| panic!("{check}"));
+    assert!(
+        line.contains("\"payments\": ima required, policies [\"nojit\"]")
+            && line.contains("\"*\": ima optional, policies [\"measure\", \"default\"]"),
+        "{line}"
+    );
 }

@@ -288,14 +288,13 @@ impl CriServer {
             }
         }
         let sources: Vec<&std::path::Path> = binds.iter().map(|(_, s)| *s).collect();
-        if let Some(src) = imacri_runtime::mount::procfs_at_or_beneath(&sources) {
-            let dest = binds
-                .iter()
-                .find(|(_, s)| *s == src)
-                .map_or_else(String::new, |(d, _)| d.display().to_string());
+        if let Some((dest, src)) =
+            imacri_runtime::mount::procfs_at_or_beneath(&sources).and_then(|i| binds.get(i))
+        {
             return Err(Error::InvalidArgument(format!(
-                "mounts: {dest} binds {}, which is or holds a procfs, {WHY}: its /proc/<pid>/mem \
+                "mounts: {} binds {}, which is or holds a procfs, {WHY}: its /proc/<pid>/mem \
                  files write code pages",
+                dest.display(),
                 src.display()
             )));
         }
