@@ -5,7 +5,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 
-use super::{Engine, Measured, Notice, Pending, WatchedAs};
+use super::{Content, Engine, Measured, Notice, Pending, WatchedAs};
 use crate::integrity::digest::{digest_text, fd_path, FileKey};
 use crate::integrity::elf;
 use crate::integrity::journal::JournalError;
@@ -84,19 +84,20 @@ impl Engine {
         self.notice(t, path.to_string(), String::new(), true, reason);
     }
 
-    /// Appraises, records and answers one measured access. `measured`:
-    /// the file's identity `digest` is of. `hit`: when a cache hit's
+    /// Appraises, records and answers one measured access: of the file
+    /// whose identity is `measured` and whose content is `content`. `hit`: when a cache hit's
     /// handling began, for the time-to-answer statistic (taken before the
     /// answer: answering wakes the waiting task, which may preempt this
     /// thread).
     pub(super) fn decide(
         &self,
         t: &Measured,
-        pending: Box<dyn Pending>,
+        mut pending: Box<dyn Pending>,
         kind: Event,
-        (digest, measured): ([u8; 32], FileKey),
+        (content, measured): (Content, FileKey),
         hit: Option<std::time::Instant>,
     ) {
+        let digest = content.digest;
         let fd = pending.fd();
         // Mapped executable: by a call, or by the kernel (a program's
         // interpreter, which stays writable while it runs).
@@ -114,7 +115,7 @@ impl Engine {
             .and_then(|a| a.check_file(&path, &digest_hex, kind));
         let deny = verdict.is_some() && enforce;
         let elf = match kind {
-            Event::Exec => elf::class(fd),
+            Event::Exec => content.elf.class,
             _ => None,
         };
         if elf.is_some_and(|class| class != elf::ELFCLASS64) {
@@ -132,7 +133,7 @@ impl Engine {
             );
             return self.refuse_program(t, pending, path, digest, reason);
         }
-        if t.no_anonymous_exec && elf.is_some() && elf::wants_exec_stack(fd) {
+        if t.no_anonymous_exec && elf.is_some() && content.elf.exec_stack {
             // The kernel would map the program's stack executable at the
             // execution itself: memory no file backs, which the pod's
             // policy denies. Refused in every mode, and logged as refused.
@@ -272,6 +273,9 @@ impl Engine {
             self.stats
                 .hit_ns_total
                 .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+        if kind == Event::Exec {
+            pending.program(content.elf);
         }
         pending.answer(!deny);
         if let Some(reason) = verdict {
@@ -495,22 +499,22 @@ mod tests {
         };
         let key = |p: &std::path::Path| FileKey::of(&nix::sys::stat::stat(p).unwrap());
         // Allowed digest: allowed and logged.
-        let m = (digest, key(&bin));
+        let m = (Content::digest_only(digest), key(&bin));
         engine.decide(&target, pend(&bin, "ok"), Event::Mmap, m, None);
         // Another file: denied in enforce mode.
         let other = d.path().join("other");
         std::fs::write(&other, b"evil").unwrap();
-        let m = ([9; 32], key(&other));
+        let m = (Content::digest_only([9; 32]), key(&other));
         engine.decide(&target, pend(&other, "evil"), Event::Exec, m, None);
         // Mapped while open for writing: refused even with an allowed digest.
         let w = std::fs::OpenOptions::new().write(true).open(&bin).unwrap();
-        let m = (digest, key(&bin));
+        let m = (Content::digest_only(digest), key(&bin));
         engine.decide(&target, pend(&bin, "written"), Event::Mmap, m, None);
         drop(w);
         // Quota (3) reached: the next new measurement is refused.
         let third = d.path().join("third");
         std::fs::write(&third, b"x").unwrap();
-        let m = ([3; 32], key(&third));
+        let m = (Content::digest_only([3; 32]), key(&third));
         engine.decide(&target, pend(&third, "over"), Event::Read, m, None);
         let a = answers.lock().unwrap().clone();
         assert_eq!(
@@ -542,7 +546,10 @@ mod tests {
         let lib = d.path().join("lib.so");
         std::fs::write(&lib, b"measured").unwrap();
         let (digest, _) = hash_fd(std::fs::File::open(&lib).unwrap().as_fd()).unwrap();
-        let measured = FileKey::of(&nix::sys::stat::stat(&lib).unwrap());
+        let measured = (
+            Content::digest_only(digest),
+            FileKey::of(&nix::sys::stat::stat(&lib).unwrap()),
+        );
         let target = Arc::new(Measured {
             pod: "p".into(),
             container: "c".into(),
@@ -559,15 +566,9 @@ mod tests {
                 name: name.into(),
             })
         };
-        engine.decide(&target, pend("same"), Event::Mmap, (digest, measured), None);
+        engine.decide(&target, pend("same"), Event::Mmap, measured, None);
         std::fs::write(&lib, b"swapped!").unwrap();
-        engine.decide(
-            &target,
-            pend("changed"),
-            Event::Mmap,
-            (digest, measured),
-            None,
-        );
+        engine.decide(&target, pend("changed"), Event::Mmap, measured, None);
         let a = answers.lock().unwrap().clone();
         assert_eq!(
             a,

@@ -6,9 +6,10 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use super::{Engine, Measured, Pending, HASH_SLICE, HASH_TRIES};
+use super::{Content, Engine, Measured, Pending, HASH_SLICE, HASH_TRIES};
 use crate::integrity::charge;
 use crate::integrity::digest::{fd_path, FileKey, Hashing, HASH_BUF};
+use crate::integrity::elf;
 use crate::integrity::hashq::{HashQueue, Job};
 use crate::integrity::journal::JournalError;
 use crate::integrity::log::Event;
@@ -75,10 +76,14 @@ impl Engine {
         job.tries += 1;
         // A writer that changed the file while it was hashed would have it
         // run under the old digest: the identity must not have moved.
+        // The headers an execution needs, read before that look: then it
+        // vouches for them too.
+        let elf = elf::Facts::read(fd);
         match nix::sys::stat::fstat(fd.as_raw_fd()).map(|st| FileKey::of(&st)) {
             Ok(k) if k == job.key => {
-                self.remember(job.key, digest);
-                self.decide(&t, job.pending, job.kind, (digest, job.key), None);
+                let content = Content { digest, elf };
+                self.remember(job.key, content);
+                self.decide(&t, job.pending, job.kind, (content, job.key), None);
                 return None;
             }
             Ok(k) if job.tries < HASH_TRIES => {

@@ -25,6 +25,7 @@ use std::sync::{Arc, Weak};
 use super::allowlist::Allowlist;
 use super::charge::Charge;
 use super::digest::{FileKey, HASH_BUF};
+use super::elf;
 pub use super::hashq::PER_POD_QUEUE;
 use super::hashq::{HashQueue, Job};
 use super::journal::Journal;
@@ -124,6 +125,10 @@ pub trait Pending: Send {
     }
     /// Called when the access waits for hashing (not decided at once).
     fn queued(&mut self) {}
+    /// An execution's file, before its answer: what its ELF headers say
+    /// (an execution of a program naming an interpreter is followed by
+    /// the interpreter's).
+    fn program(&mut self, _elf: elf::Facts) {}
     /// Whether the caller still waits for the answer (a huge file is not
     /// hashed on for a caller that is gone).
     fn wanted(&self) -> bool {
@@ -198,8 +203,28 @@ pub struct Stats {
     pub held_writers: AtomicU64,
 }
 
-/// By inode: the identity a file was hashed at and its digest.
-type DigestCache = papaya::HashMap<(u64, u64), (FileKey, [u8; 32])>;
+/// By inode: the identity a file was hashed at, and what was learnt of its
+/// content then.
+type DigestCache = papaya::HashMap<(u64, u64), (FileKey, Content)>;
+
+/// What is known of a file's content once hashed: its digest, and the ELF
+/// facts an execution of it needs (read with the digest, so a cached
+/// execution reads no header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Content {
+    pub digest: [u8; 32],
+    pub elf: elf::Facts,
+}
+
+impl Content {
+    /// A file's content that no execution will ask about (tests).
+    pub fn digest_only(digest: [u8; 32]) -> Content {
+        Content {
+            digest,
+            elf: elf::Facts::default(),
+        }
+    }
+}
 
 pub struct Engine {
     journal: Arc<Journal>,
@@ -416,20 +441,20 @@ impl Engine {
         self.cache.pin().remove(&inode);
     }
 
-    fn cached(&self, key: &FileKey) -> Option<[u8; 32]> {
+    fn cached(&self, key: &FileKey) -> Option<Content> {
         self.cache
             .pin()
             .get(&key.inode())
             .filter(|(k, _)| k == key)
-            .map(|(_, d)| *d)
+            .map(|(_, c)| *c)
     }
 
-    fn remember(&self, key: FileKey, digest: [u8; 32]) {
+    fn remember(&self, key: FileKey, content: Content) {
         let c = self.cache.pin();
         if c.len() >= CACHE_LIMIT {
             c.clear();
         }
-        c.insert(key.inode(), (key, digest));
+        c.insert(key.inode(), (key, content));
     }
 
     /// Measures one access of a regular file: decided now on a cache hit,
@@ -444,9 +469,9 @@ impl Engine {
         let t0 = std::time::Instant::now();
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         match self.cached(&key) {
-            Some(d) => {
+            Some(c) => {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                self.decide(&target, pending, kind, (d, key), Some(t0));
+                self.decide(&target, pending, kind, (c, key), Some(t0));
             }
             None => {
                 pending.queued();
@@ -468,7 +493,7 @@ impl Engine {
         kind: Event,
     ) {
         match self.cached(&key) {
-            Some(d) => self.decide(&target, pending, kind, (d, key), None),
+            Some(c) => self.decide(&target, pending, kind, (c, key), None),
             None => {
                 let mut job = Job::new(target, pending, key, kind);
                 let mut buf = vec![0u8; HASH_BUF];

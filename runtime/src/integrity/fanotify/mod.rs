@@ -418,6 +418,7 @@ fn start(
             group: group.clone(),
             event,
             exec_of,
+            names_interpreter: false,
         });
         engine.measure_now(group.target.measured.clone(), pending, key, kind);
     }

@@ -24,6 +24,9 @@ pub(super) struct FanPending {
     pub(super) kept: Option<String>,
     /// The kernel loads this file as a program's interpreter.
     pub(super) interpreter: bool,
+    /// The executed program names an interpreter (its ELF headers, as
+    /// the engine learnt them with its digest).
+    pub(super) names_interpreter: bool,
 }
 
 impl Pending for FanPending {
@@ -36,11 +39,19 @@ impl Pending for FanPending {
         self.interpreter
     }
 
+    fn program(&mut self, elf: crate::integrity::elf::Facts) {
+        self.names_interpreter = elf.interpreter;
+    }
+
     fn answer(self: Box<Self>, allow: bool) {
         let refused = allow
             .then(|| {
-                self.group
-                    .executing(self.exec_of, self.fd(), self.interpreter)
+                let execution = Execution {
+                    of: self.exec_of,
+                    interpreter: self.interpreter,
+                    names_interpreter: self.names_interpreter,
+                };
+                self.group.executing(execution, self.fd())
             })
             .flatten();
         let FanPending {
@@ -90,8 +101,18 @@ impl Pending for FanPending {
     }
 }
 
+/// An allowed access as [`Group::executing`] needs it.
+pub(super) struct Execution {
+    /// The task and file of an execution (None: no execution).
+    pub(super) of: Option<(i32, FileKey)>,
+    /// The kernel loads the file as a program's interpreter.
+    pub(super) interpreter: bool,
+    /// The file is a program naming an interpreter.
+    pub(super) names_interpreter: bool,
+}
+
 impl Group {
-    /// An allowed access, before its answer: for an execution (`exec_of`)
+    /// An allowed access, before its answer: for an execution (`of`)
     /// of the file open as `fd`, the window up to the kernel's writers
     /// check is held, and a program's interpreter is expected next.
     /// Some(errno) when the execution must be refused after all: ETXTBSY
@@ -103,15 +124,15 @@ impl Group {
     /// so it is noted all the same (an interpreter names none). Until
     /// 2026-12-04 it was not, and the loader after such a program went
     /// unwatched (`ima_writes.rs`, `loader-rewrite ... hide`).
-    fn executing(
-        &self,
-        exec_of: Option<(i32, FileKey)>,
-        fd: BorrowedFd<'_>,
-        interpreter: bool,
-    ) -> Option<i32> {
-        let (tid, key) = exec_of?;
-        if interpreter {
-            self.loading.executed(tid, fd);
+    fn executing(&self, execution: Execution, fd: BorrowedFd<'_>) -> Option<i32> {
+        let (tid, key) = execution.of?;
+        let loads_next = || {
+            if execution.names_interpreter {
+                self.loading.executed(tid);
+            }
+        };
+        if execution.interpreter {
+            loads_next();
             return None;
         }
         match self.open_window(tid, key.inode(), fd) {
@@ -123,7 +144,7 @@ impl Group {
             }
         }
         // The interpreter's event follows the answer.
-        self.loading.executed(tid, fd);
+        loads_next();
         None
     }
 }
@@ -135,6 +156,8 @@ pub(super) struct KeptPending {
     pub(super) group: Arc<Group>,
     pub(super) event: keeper::KeptEvent,
     pub(super) exec_of: Option<(i32, FileKey)>,
+    /// As [`FanPending::names_interpreter`].
+    pub(super) names_interpreter: bool,
 }
 
 impl Pending for KeptPending {
@@ -146,11 +169,19 @@ impl Pending for KeptPending {
         self.event.access == keeper::Access::Interpreter
     }
 
+    fn program(&mut self, elf: crate::integrity::elf::Facts) {
+        self.names_interpreter = elf.interpreter;
+    }
+
     fn answer(self: Box<Self>, allow: bool) {
         let refused = allow
             .then(|| {
-                self.group
-                    .executing(self.exec_of, self.event.file.as_fd(), self.loads())
+                let execution = Execution {
+                    of: self.exec_of,
+                    interpreter: self.loads(),
+                    names_interpreter: self.names_interpreter,
+                };
+                self.group.executing(execution, self.event.file.as_fd())
             })
             .flatten();
         if let (true, None, Some(x)) = (allow, refused, self.exec_of) {

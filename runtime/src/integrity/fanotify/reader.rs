@@ -31,7 +31,7 @@ pub(super) fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return stopped(engine, &group, &stop, format!("fanotify poll failed: {e}")),
             Ok(0) => {
-                group.settle_windows(None);
+                group.settle_windows(None, true);
                 continue;
             }
             Ok(_) => {}
@@ -66,6 +66,7 @@ pub(super) fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
             handled += 1;
             handle(engine, &group, ev);
         }
+        group.settle_windows(None, true);
     }
 }
 
@@ -92,7 +93,7 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
         .mask()
         .contains(MaskFlags::FAN_OPEN_EXEC_PERM)
         .then(|| ev.pid());
-    group.settle_windows(executing);
+    group.settle_windows(executing, false);
     let Some(fd) = ev.fd() else {
         tracing::warn!(container_id = %group.target.measured.container, "fanotify queue overflow");
         return;
@@ -164,6 +165,7 @@ fn handle(engine: &Engine, group: &Arc<Group>, ev: FanotifyEvent) {
         exec_of: exec.then_some(this),
         kept: None,
         interpreter,
+        names_interpreter: false,
     });
     engine.submit(group.target.measured.clone(), pending, key, kind);
 }

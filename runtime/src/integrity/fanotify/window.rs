@@ -173,17 +173,19 @@ impl Group {
 
     /// Forgets the executions that are settled. `executing`: a task whose
     /// execution event is being handled now, so past its earlier ones.
-    /// The others are looked at in `/proc` at most every [`LOOK_EVERY`]
-    /// (a storm of executions must not cost each event a look at every
-    /// other one in flight).
-    pub(super) fn settle_windows(&self, executing: Option<i32>) {
+    /// With `look`, the others are looked at in `/proc`, at most every
+    /// [`LOOK_EVERY`] (a storm of executions must not cost each event a
+    /// look at every other one in flight). The reader looks after it has
+    /// answered what it read, not before: a look costs two system calls
+    /// per execution in its window, which a waiting execution would pay.
+    pub(super) fn settle_windows(&self, executing: Option<i32>, look: bool) {
         if !self.windows.any() {
             return;
         }
         let Ok(mut inner) = self.windows.inner.lock() else {
             return;
         };
-        let look = inner.looked.is_none_or(|t| t.elapsed() >= LOOK_EVERY);
+        let look = look && inner.looked.is_none_or(|t| t.elapsed() >= LOOK_EVERY);
         if look {
             inner.looked = Some(Instant::now());
         }

@@ -168,10 +168,16 @@ impl TaskList {
                 let mut chunk = [0u8; 4096];
                 loop {
                     let n = file.read_at(&mut chunk, text.len() as u64)?;
-                    if n == 0 {
+                    text.extend_from_slice(&chunk[..n]);
+                    // A seq file fills the reader's buffer line by line and
+                    // returns short before its end only when the next line
+                    // did not fit its own buffer (a page or more): a read
+                    // more than a line short of the asked size reached the
+                    // end, and the read that would say so (as much again
+                    // as the listing) is spared.
+                    if n + LONGEST_LINE <= chunk.len() {
                         break;
                     }
-                    text.extend_from_slice(&chunk[..n]);
                 }
                 String::from_utf8_lossy(&text).into_owned()
             }
@@ -179,6 +185,10 @@ impl TaskList {
         Ok(ids(&text))
     }
 }
+
+/// The longest line of a cgroup listing: a thread id (at most
+/// 4294967295) and its newline.
+const LONGEST_LINE: usize = 11;
 
 /// The ids of a cgroup listing, one per line.
 fn ids(text: &str) -> Vec<u32> {
@@ -320,5 +330,33 @@ mod tests {
         t.join().unwrap();
         // Gone from the next listing too.
         assert!(!list.read().unwrap().contains(&other));
+        // A listing longer than one read (a page): every thread is in it,
+        // however short the kernel's reads come.
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let stop_rx = Arc::new(Mutex::new(stop_rx));
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let many: Vec<_> = (0..800)
+            .map(|_| {
+                let (stop_rx, tid_tx) = (stop_rx.clone(), tid_tx.clone());
+                std::thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        tid_tx.send(gettid()).unwrap();
+                        let _ = stop_rx.lock().map(|r| r.recv());
+                    })
+                    .unwrap()
+            })
+            .collect();
+        let tids: Vec<u32> = (0..many.len()).map(|_| tid_rx.recv().unwrap()).collect();
+        let listed = list.read().unwrap();
+        let text_len: usize = listed.iter().map(|t| t.to_string().len() + 1).sum();
+        assert!(text_len > 4096, "{text_len} bytes: one read");
+        for t in &tids {
+            assert!(listed.contains(t), "thread {t} not listed");
+        }
+        drop(stop_tx);
+        for t in many {
+            t.join().unwrap();
+        }
     }
 }
