@@ -293,6 +293,20 @@ static void *continuer(void *a) {
         ioctl(own_listener, SECCOMP_IOCTL_NOTIF_SEND, &resp);
     }
 }
+/* Maps PATH executable (a page), first made with the code if `make`;
+   MAP_FAILED (errno set) if it cannot. */
+static void *map_code(const char *path, int make) {
+    if (make) {
+        int w = open(path, O_RDWR|O_CREAT|O_TRUNC, 0644);
+        if (w < 0 || write(w, code, sizeof code) != sizeof code) return MAP_FAILED;
+        close(w);
+    }
+    int fd = open(path, O_RDONLY);
+    void *p = fd < 0 ? MAP_FAILED : mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+    if (fd >= 0) close(fd);
+    return p;
+}
+
 /* An io_uring of four entries (raw syscalls: no liburing in the image). */
 struct uring { int fd; unsigned *tail, *array, mask; struct io_uring_sqe *sqes; };
 static int uring_setup(struct uring *u, unsigned flags) {
@@ -463,6 +477,15 @@ int main(int argc, char **argv) {
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
     }
+    if (!strcmp(m, "map-hold")) {
+        /* Makes PATH with the code, maps it executable and keeps it mapped
+           for argv[3] seconds (30). */
+        if (map_code(path, 1) == MAP_FAILED) return fail(m);
+        printf("MAPPED %s\n", m);
+        fflush(stdout);
+        sleep(argc > 3 ? atoi(argv[3]) : 30);
+        return 0;
+    }
     if (!strcmp(m, "trace-mmap")) {
         /* A seccomp profile's SCMP_ACT_TRACE hands a call to the task's
            tracer, which lets it run by resuming it: the parent traces the
@@ -611,13 +634,7 @@ int main(int argc, char **argv) {
            argv[3] PATH is made first with the code; with it (a real
            library) the same bytes are written back and nothing is called. */
         int keep = argc > 3;
-        if (!keep) {
-            int w = open(path, O_RDWR|O_CREAT|O_TRUNC, 0644);
-            if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
-            close(w);
-        }
-        int fd = open(path, O_RDONLY);
-        void *p = fd < 0 ? MAP_FAILED : mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        void *p = map_code(path, !keep);
         if (p == MAP_FAILED) return fail(m);
         unsigned char c43[] = {0xb8, 0x2b, 0, 0, 0, 0xc3}, same[16];
         memcpy(same, p, sizeof same);

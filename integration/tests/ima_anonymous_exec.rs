@@ -222,6 +222,32 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
             !out.contains("RAN") && out.contains("tomtou: Operation not permitted"),
             "tomtou under deny: {out}{err}"
         );
+        // Once nothing maps it, it is written as any file (until
+        // 2026-12-04 it stayed unwritable for the container's life); while
+        // a process maps it, it is not.
+        assert_eq!(
+            sh_ok(&mut rt, c, "echo x > /tmp/t.bin && cat /tmp/t.bin").await,
+            "x"
+        );
+        let held = sh_ok(
+            &mut rt,
+            c,
+            "escape map-hold /tmp/h.bin 60 > /tmp/h.out 2>&1 & echo $! > /tmp/h.pid; \
+             for i in $(seq 50); do grep -q MAPPED /tmp/h.out && break; sleep 0.1; done; \
+             cat /tmp/h.out",
+        )
+        .await;
+        assert_eq!(held, "MAPPED map-hold");
+        let (code, out, err) = exec_sh(&mut rt, c, "echo x > /tmp/h.bin").await;
+        assert_ne!(code, 0, "written under a mapping: {out}{err}");
+        assert!(err.contains("Operation not permitted"), "{out}{err}");
+        let out = sh_ok(
+            &mut rt,
+            c,
+            "kill $(cat /tmp/h.pid); sleep 0.5; echo y > /tmp/h.bin; echo rc=$?",
+        )
+        .await;
+        assert_eq!(out, "rc=0", "the mapping is gone");
         // Ordinary programs: a static one, a dynamic one (its loader and
         // libc mapped executable from their files), a shell.
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");

@@ -8,6 +8,10 @@ use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
 use imacri_integration::escapes::*;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 
+/// A shell line's start that keeps the image's libc mapped for 2 s (the
+/// dynamic `lazy` sleeping in the background).
+const HELD_LIBC: &str = "lazy > /dev/null & sleep 0.5;";
+
 /// ToMToU: a file mapped executable and then rewritten in place runs what
 /// was written (the mapping reads the page cache), not what was measured.
 /// In a plain pod the rewritten code runs; in an ima pod the write is a
@@ -83,9 +87,10 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
     stop_pod(&mut rt, &pod).await;
 
     // Enforce, with a file the policy allows that the pod can write in
-    // place: the image's libc, copied up (same digest). Once it is mapped,
+    // place: the image's libc, copied up (same digest). While it is mapped,
     // an open for writing is refused before a byte is written; the
-    // container runs on with what was measured.
+    // container runs on with what was measured. Once nothing maps it (the
+    // container's shells are static busybox), it is written as any file.
     let (pod, a, b) = two_containers(&d, &mut rt, "tomtou-enforce", "strict", &image).await;
     let refused = |out: &str| out.contains("Operation not permitted");
     for c in [&a, &b] {
@@ -99,8 +104,15 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
         assert_ne!(code, 0, "{out}{err}");
         assert!(!out.contains("WROTE"), "{out}{err}");
         assert!(refused(&out), "{out}{err}\n{}", d.log());
-        let out = sh_ok(&mut rt, c, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
+        let out = sh_ok(
+            &mut rt,
+            c,
+            &format!("{HELD_LIBC} cat /tmp/l > {LIBC}; echo rc=$?; wait"),
+        )
+        .await;
         assert!(out.ends_with("rc=1"), "{out}");
+        let out = sh_ok(&mut rt, c, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
+        assert!(out.ends_with("rc=0"), "nothing maps it: {out}");
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
         assert_running(&mut rt, c, "the container").await;
         let mine = entries_of(&log_lines(&d, &pod), c);
@@ -148,7 +160,12 @@ async fn a_mapped_file_rewritten_in_place_is_a_violation() {
     d.kill();
     d.spawn().await.unwrap();
     let mut rt = d.runtime().await.unwrap();
-    let (_, out, err) = exec_sh(&mut rt, &b, &format!("cat /tmp/l > {LIBC}; echo rc=$?")).await;
+    let (_, out, err) = exec_sh(
+        &mut rt,
+        &b,
+        &format!("{HELD_LIBC} cat /tmp/l > {LIBC}; echo rc=$?; wait"),
+    )
+    .await;
     assert!(out.trim_end().ends_with("rc=1"), "{out}{err}\n{}", d.log());
     assert!(refused(&err), "{out}{err}");
     assert_running(&mut rt, &b, &d.log()).await;
@@ -801,6 +818,51 @@ impl Drop for ExecGate {
 /// execution fails that check (ETXTBSY: the waiting open counts as a
 /// writer), and only then does the writer get its file. Until 2026-12-04 the
 /// changed program ran in measure and enforce mode.
+/// A writer that opens a mapped file while a mapping call of it is checked
+/// and not made yet (its caller on its way into the kernel's mapping; a
+/// test hook holds the answer 1.5 s) finds no mapping in the container's
+/// maps, but the call counts as one: refused under `anonymous_exec =
+/// "deny"` (the mapping then runs what was measured), a `tomtou` in
+/// measure mode. Letting it through unseen would have the mapping run the
+/// rewritten file.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_racing_a_mapping_call_is_seen() {
+    let env = Env::get();
+    let (mut d, image, _work) =
+        node(env, "\n[ima.policies.nojit]\nanonymous_exec = \"deny\"").await;
+    d.kill();
+    d.vars = vec![(
+        "IMACRI_TEST_MAPGUARD_ANSWER_DELAY".into(),
+        "/tmp/slow.bin:1500".into(),
+    )];
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let race = "escape file-mmap /tmp/slow.bin > /tmp/m.out 2>&1 & \
+                sleep 0.5; echo x > /tmp/slow.bin; echo rc=$?; wait; cat /tmp/m.out";
+    for policy in ["nojit", "measure"] {
+        let name = format!("map-race-{policy}");
+        let (pod, a, _b) = two_containers(&d, &mut rt, &name, policy, &image).await;
+        let (_, out, err) = exec_sh(&mut rt, &a, race).await;
+        let mine = entries_of(&log_lines(&d, &pod), &a);
+        if policy == "nojit" {
+            assert!(
+                out.contains("rc=1") && out.contains("RAN file-mmap"),
+                "{out}{err}\n{}",
+                d.log()
+            );
+            assert!(logged(&mine, "/tmp/slow.bin", None, "deny"), "{mine:#?}");
+        } else {
+            assert!(out.contains("rc=0"), "{out}{err}");
+            assert!(
+                logged(&mine, "/tmp/slow.bin", None, "tomtou"),
+                "{mine:#?}\n{}",
+                d.log()
+            );
+        }
+        stop_pod(&mut rt, &pod).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_writer_racing_an_execution_cannot_change_what_runs() {
     let (d, image, _work) = node(Env::get(), "").await;

@@ -277,6 +277,12 @@ impl Engine {
         if kind == Event::Exec {
             pending.program(content.elf);
         }
+        if let Some((slow, delay)) = &self.map_answer_delay {
+            if kind == Event::Mmap && !deny && path.contains(slow.as_str()) {
+                // Test only: checked, and not mapped yet.
+                std::thread::sleep(*delay);
+            }
+        }
         pending.answer(!deny);
         if let Some(reason) = verdict {
             if new || deny {

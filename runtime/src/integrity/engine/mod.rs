@@ -263,6 +263,12 @@ pub struct Engine {
     /// Fault injection: the sharers of a guarded call are never held, so
     /// every shared call is refused (`IMACRI_TEST_MAPGUARD_NO_HOLD`).
     pub(super) map_no_hold: bool,
+    /// Fault injection for the rewrite tests: an executable mapping of a
+    /// file whose path contains the text waits this long between its
+    /// writers check and its answer, as a caller held up on its way into
+    /// the kernel's mapping would (`IMACRI_TEST_MAPGUARD_ANSWER_DELAY`,
+    /// `text:milliseconds`).
+    pub(super) map_answer_delay: Option<(String, std::time::Duration)>,
     /// Set when imacri shuts down: watches then leave their groups with the
     /// fd keeper, so the containers wait for the next imacri.
     detached: std::sync::atomic::AtomicBool,
@@ -348,6 +354,13 @@ impl Engine {
                 .and_then(|v| v.parse().ok())
                 .map(std::time::Duration::from_millis),
             map_no_hold: std::env::var_os("IMACRI_TEST_MAPGUARD_NO_HOLD").is_some(),
+            map_answer_delay: std::env::var("IMACRI_TEST_MAPGUARD_ANSWER_DELAY")
+                .ok()
+                .and_then(|v| {
+                    let (text, ms) = v.rsplit_once(':')?;
+                    let ms = ms.parse().ok()?;
+                    Some((text.to_string(), std::time::Duration::from_millis(ms)))
+                }),
             detached: Default::default(),
             inflight: AtomicUsize::new(0),
             hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),

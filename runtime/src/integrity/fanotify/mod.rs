@@ -37,6 +37,7 @@ use super::digest::FileKey;
 use super::engine::{Engine, Measured};
 
 mod held;
+mod inpod;
 mod leases;
 mod loader;
 mod pending;

@@ -11,7 +11,10 @@
 //!   `enforce` (a `deny` entry; the file keeps what was measured and the
 //!   container runs on), let through and logged as a `tomtou` violation
 //!   otherwise, which ends the watch (the file is measured again when
-//!   mapped again);
+//!   mapped again); both only while a process of the container maps the
+//!   file executable or may be about to (`inpod.rs`): once nothing does,
+//!   the open goes on unlogged and the watch ends, as IMA lets a file be
+//!   written once no mapping holds it;
 //! - a write or a close after writing (FAN_MODIFY, FAN_CLOSE_WRITE), which
 //!   only a writer that slipped past both checks could make, is a `tomtou`
 //!   found after the fact, and kills the container under `enforce`.
@@ -41,7 +44,7 @@ use super::super::engine::{open_for_writing, Engine, WatchedAs, WriteWatch};
 use super::super::keeper;
 use super::super::sys::{LeaseError, SysError, WatchError};
 use super::leases::{self, Lease};
-use super::Group;
+use super::{inpod, Group};
 
 /// What an inode mark of a mapped file asks for. FAN_MODIFY comes from
 /// these marks only; FAN_OPEN_PERM and FAN_CLOSE_WRITE also from the
@@ -225,25 +228,13 @@ impl Group {
     /// open (its interpreter reading it): their fds, as the container's
     /// own procfs lists them. An opener being decided has no fd yet.
     fn open_in_pod(&self, inode: (u64, u64)) -> bool {
-        let procfs = self.target.root.join("proc");
-        let Ok(pids) = std::fs::read_dir(&procfs) else {
-            // Cannot tell: counted as read, the safe side.
-            return true;
-        };
-        pids.flatten()
-            .filter(|p| {
-                p.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.parse::<u32>().is_ok())
-            })
-            .any(|p| {
-                std::fs::read_dir(p.path().join("fd")).is_ok_and(|fds| {
-                    fds.flatten().any(|f| {
-                        nix::sys::stat::stat(&f.path())
-                            .is_ok_and(|st| FileKey::of(&st).inode() == inode)
-                    })
-                })
-            })
+        inpod::has_open(&self.target.root.join("proc"), inode)
+    }
+
+    /// Whether a process of the container may map `inode` executable
+    /// (`inpod::may_map`).
+    fn mapped_in_pod(&self, inode: (u64, u64)) -> bool {
+        inpod::may_map(&self.target.root.join("proc"), inode)
     }
 
     /// Our own read-only open file of the file open as `fd` (the mapping
@@ -444,6 +435,11 @@ pub(super) fn written(
 /// A permission event for an open of the file open as `fd`: None unless it
 /// is a watched file opened by a writer (the opener's write access is
 /// counted before fanotify asks), else whether to let the open through.
+/// A mapped file that nothing maps any more (nor is about to) is written
+/// as any file: its watch ends, and mapping it again measures it again (as
+/// IMA, which lets a file be written once no mapping holds it). Until
+/// 2026-12-04 such a file stayed unwritable under `enforce` and
+/// `anonymous_exec = "deny"` for the container's life.
 pub(super) fn write_open(
     engine: &Engine,
     group: &Group,
@@ -454,8 +450,12 @@ pub(super) fn write_open(
         return None;
     }
     let script = group.is_script(inode);
-    if script && !group.open_in_pod(inode) {
+    let done_with = match script {
         // Run and done: rewritten, and measured again if executed again.
+        true => !group.open_in_pod(inode),
+        false => !group.mapped_in_pod(inode),
+    };
+    if done_with {
         group.forget(Some(fd), inode);
         return Some(true);
     }
