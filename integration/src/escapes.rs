@@ -26,8 +26,9 @@ int main(int argc, char **argv) { printf("hello %s\n", argc > 1 ? argv[1] : "dyn
 /// loader-rewrite`): 0 and "lazy" unless the loader changed meanwhile.
 pub const LAZY_C: &str = r#"
 #include <stdio.h>
+#include <stdlib.h>
 #include <unistd.h>
-int main(void) { sleep(2); puts("lazy"); return 0; }
+int main(int argc, char **argv) { sleep(argc > 1 ? atoi(argv[1]) : 2); puts("lazy"); return 0; }
 "#;
 
 /// Where `escape write-sleeper`'s program keeps the code it exits with:

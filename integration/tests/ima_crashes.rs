@@ -213,7 +213,9 @@ async fn a_mapping_hashed_at_a_crash_is_measured_by_the_next_imacri() {
 /// A crash while the kernel's load of a program's ELF interpreter is being
 /// hashed: the event handed to the fd keeper says it is an interpreter's,
 /// so the next imacri watches the loader for writers as the one that read
-/// it would have (`loader.rs`): a rewrite under the program is a `tomtou`.
+/// it would have (`loader.rs`): a rewrite under the program (still
+/// running: once nothing maps the loader, a write is no violation) is a
+/// `tomtou`.
 /// Until 2026-12-04 the next imacri measured it as a plain execution and
 /// watched nothing: the rewrite went unlogged.
 #[tokio::test(flavor = "multi_thread")]
@@ -229,15 +231,18 @@ async fn an_interpreter_hashed_at_a_crash_is_watched_by_the_next_imacri() {
     // (the exec call returns once it runs, so it is not waited for here).
     let bg = {
         let (mut rt, c) = (rt.clone(), c.clone());
-        tokio::spawn(async move { exec_sh(&mut rt, &c, "lazy >/tmp/out 2>&1 </dev/null &").await })
+        let run = "lazy 60 >/tmp/out 2>&1 </dev/null & echo $! > /tmp/lazy.pid";
+        tokio::spawn(async move { exec_sh(&mut rt, &c, run).await })
     };
     crash_while_hashing(&mut d, "the loader").await;
     bg.abort();
     let mut rt = d.runtime().await.unwrap();
-    imacri_integration::poll::eventually("lazy ran", std::time::Duration::from_secs(20), || {
+    // Running (past its execution; the exec's shell may not read its maps).
+    let comm = "cat /proc/$(cat /tmp/lazy.pid)/comm";
+    imacri_integration::poll::eventually("lazy runs", std::time::Duration::from_secs(20), || {
         let (mut rt, c) = (rt.clone(), c.clone());
         async move {
-            let (_, out, _) = exec_sh(&mut rt, &c, "cat /tmp/out").await;
+            let (_, out, _) = exec_sh(&mut rt, &c, comm).await;
             (out.trim() == "lazy").then_some(())
         }
     })
@@ -258,6 +263,7 @@ async fn an_interpreter_hashed_at_a_crash_is_watched_by_the_next_imacri() {
         "{mine:#?}\n{}",
         d.log()
     );
+    sh_ok(&mut rt, &c, "kill $(cat /tmp/lazy.pid)").await;
     stop_pod(&mut rt, &pod).await;
 }
 

@@ -540,15 +540,71 @@ mod tests {
         assert_eq!(events, ["mmap", "deny", "writers", "quota"]);
     }
 
+    /// An engine logging to `dir` (a quota of 15), and where answers go.
+    #[allow(clippy::type_complexity)]
+    fn engine_in(dir: &std::path::Path) -> (Arc<Engine>, Arc<Mutex<Vec<(String, bool)>>>) {
+        let journal = Arc::new(Journal::open(dir, 15, None).unwrap());
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        (
+            Engine::new(journal, tx, DEFAULT_MAX_FILE_SIZE),
+            Arc::new(Mutex::new(Vec::new())),
+        )
+    }
+
+    /// A file that cannot be read (here: open for writing only, as a
+    /// filesystem whose reads fail would leave it) is a `gap`: let through
+    /// in measure mode, except as code where the policy denies executable
+    /// memory no measured file backs.
+    #[test]
+    fn an_unhashable_mapping_runs_only_where_anonymous_exec_is_allowed() {
+        let d = tempfile::tempdir().unwrap();
+        let (engine, answers) = engine_in(d.path());
+        let lib = d.path().join("lib.so");
+        std::fs::write(&lib, b"code").unwrap();
+        for (deny, kind) in [
+            (false, Event::Mmap),
+            (true, Event::Mmap),
+            (true, Event::Read),
+        ] {
+            let target = Arc::new(Measured {
+                pod: "p".into(),
+                container: format!("c-{deny}-{kind:?}"),
+                mode: Mode::Measure,
+                allowlist: None,
+                charge: None,
+                quiet: Default::default(),
+                no_anonymous_exec: deny,
+            });
+            let fd: OwnedFd = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&lib)
+                .unwrap()
+                .into();
+            let key = FileKey::of(&nix::sys::stat::fstat(fd.as_raw_fd()).unwrap());
+            let pending = Box::new(Recorded {
+                fd,
+                answers: answers.clone(),
+                name: format!("{deny} {kind:?}"),
+            });
+            engine.measure_now(target, pending, key, kind);
+        }
+        let a = answers.lock().unwrap().clone();
+        assert_eq!(
+            a,
+            vec![
+                ("false Mmap".to_string(), true),
+                ("true Mmap".to_string(), false),
+                ("true Read".to_string(), true)
+            ]
+        );
+    }
+
     #[test]
     fn a_mapping_of_a_file_written_since_it_was_measured_is_refused() {
         // Its writer opened before the watch and closed before the writers
         // check: no writer is open, but the file is not what was measured.
         let d = tempfile::tempdir().unwrap();
-        let journal = Arc::new(Journal::open(d.path(), 15, None).unwrap());
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let engine = Engine::new(journal, tx, DEFAULT_MAX_FILE_SIZE);
-        let answers = Arc::new(Mutex::new(Vec::new()));
+        let (engine, answers) = engine_in(d.path());
         let lib = d.path().join("lib.so");
         std::fs::write(&lib, b"measured").unwrap();
         let (digest, _) = hash_fd(std::fs::File::open(&lib).unwrap().as_fd()).unwrap();

@@ -62,9 +62,15 @@ impl Engine {
             Err(e) => {
                 // Not a silent allow: the unmeasured access is a gap in
                 // the log (the verifier distrusts it), and enforce denies.
-                // Let through (measure) only once the gap is in the log.
+                // Let through (measure) only once the gap is in the log,
+                // and never code where the pod's policy denies executable
+                // memory no measured file backs (until 2026-12-04 such a
+                // mapping ran in measure mode, a `gap` logged).
                 let gap = self.unmeasured(&t, &fd_path(fd));
-                let allow = t.mode == Mode::Measure && gap != Gap::NotLogged;
+                let runs = matches!(job.kind, Event::Exec | Event::Mmap);
+                let allow = t.mode == Mode::Measure
+                    && gap != Gap::NotLogged
+                    && !(runs && t.no_anonymous_exec);
                 if gap == Gap::New {
                     tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, allow, "cannot hash a measured file");
                 }
