@@ -748,6 +748,12 @@ int main(int argc, char **argv) {
         else printf("EXEC %d IN %ld\n", r, ms);
         return 0;
     }
+    if (!strcmp(m, "cut")) {
+        /* Cuts PATH with truncate(2), mapping nothing. */
+        if (truncate(path, 0)) return fail(m);
+        printf("CUT %s\n", m);
+        return 0;
+    }
     if (!strcmp(m, "truncate")) {
         /* Maps PATH executable, then cuts it with truncate(2) (no open,
            so no fanotify event) and grows it back: the mapped page now

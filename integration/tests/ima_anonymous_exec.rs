@@ -248,6 +248,17 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
         )
         .await;
         assert_eq!(out, "rc=0", "the mapping is gone");
+        // Cut by path (truncate(2): no open, the watch's lease breaks):
+        // once nothing maps it, no violation (until 2026-12-04 a `tomtou`
+        // that killed the container).
+        let out = sh_ok(
+            &mut rt,
+            c,
+            "escape file-mmap /tmp/c.bin > /dev/null; escape cut /tmp/c.bin",
+        )
+        .await;
+        assert_eq!(out, "CUT cut");
+        assert_running(&mut rt, c, &d.log()).await;
         // Ordinary programs: a static one, a dynamic one (its loader and
         // libc mapped executable from their files), a shell.
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");

@@ -307,7 +307,9 @@ impl Group {
     /// waits while the `tomtou` is logged; under `enforce` the container is
     /// killed and the lease held until it is gone, so a truncater in the
     /// container dies before it cuts anything; otherwise the watch ends
-    /// and the truncate goes on.
+    /// and the truncate goes on. A file nothing maps any more (nor is
+    /// about to: the truncater's write access counts before the lease
+    /// breaks, as an opener's does) is cut as any file, the watch ended.
     pub(super) fn lease_broken(&self, inode: (u64, u64), how: &str) {
         let Some(engine) = self.engine.upgrade() else {
             return;
@@ -323,6 +325,10 @@ impl Group {
             w.lease.as_ref().map(|l| fd_path(l.fd()))
         };
         let Some(path) = path else { return };
+        if !self.mapped_in_pod(inode) {
+            self.forget(None, inode);
+            return;
+        }
         engine.tomtou(&self.target.measured, &path, WatchedAs::Mapping, how);
         if !self.target.measured.keeps_mappings() {
             self.forget(None, inode);
