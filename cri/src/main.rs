@@ -235,6 +235,14 @@ fn init_logging(cfg: &Config) -> Result<(LogSink, SinkGuard)> {
 }
 
 fn main() -> Result<()> {
+    // glibc gives each thread that allocates an arena of its own, up to
+    // eight per core, and keeps what each touched: with a fanotify reader
+    // and a seccomp listener per ima container (and hashing threads per
+    // pod), memory per pod moved with how many arenas the pods' threads
+    // happened to spread over (68-133 KiB per ima pod in `BENCH_ONLY=memory`
+    // runs). Two arenas: the daemon's threads allocate little and briefly.
+    // SAFETY: mallopt with integer arguments, before any other thread.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
     let cli = Cli::parse();
     // Runs before any thread exists: joining a user namespace needs that.
     if let Cmd::Internal {
