@@ -85,10 +85,10 @@ impl Engine {
     }
 
     /// Appraises, records and answers one measured access: of the file
-    /// whose identity is `measured` and whose content is `content`. `hit`: when a cache hit's
-    /// handling began, for the time-to-answer statistic (taken before the
-    /// answer: answering wakes the waiting task, which may preempt this
-    /// thread).
+    /// whose identity is `measured` and whose content is `content`. `hit`:
+    /// when a cache hit's handling began, for the time-to-answer statistic
+    /// (taken before the answer: answering wakes the waiting task, which
+    /// may preempt this thread).
     pub(super) fn decide(
         &self,
         t: &Measured,
