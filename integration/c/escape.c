@@ -477,6 +477,19 @@ int main(int argc, char **argv) {
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
     }
+    if (!strcmp(m, "map-later")) {
+        /* Opens PATH as it is, maps it executable argv[3] milliseconds
+           later (a mapping call with an fd opened before), and keeps it
+           mapped for argv[4] seconds (30). */
+        int fd = open(path, O_RDONLY);
+        if (fd < 0) return fail(m);
+        usleep((argc > 3 ? atoi(argv[3]) : 0) * 1000);
+        if (mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0) == MAP_FAILED) return fail(m);
+        printf("MAPPED %s\n", m);
+        fflush(stdout);
+        sleep(argc > 4 ? atoi(argv[4]) : 30);
+        return 0;
+    }
     if (!strcmp(m, "map-hold")) {
         /* Makes PATH with the code, maps it executable and keeps it mapped
            for argv[3] seconds (30). */

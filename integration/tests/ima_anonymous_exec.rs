@@ -248,6 +248,19 @@ async fn executable_memory_no_file_backs_is_refused_under_deny() {
         )
         .await;
         assert_eq!(out, "rc=0", "the mapping is gone");
+        // A busy process (on a CPU at every look, its call unreadable) that
+        // mapped nothing of it does not make it look mapped: only the calls
+        // that mapped the file are waited for (until 2026-12-05 any task on
+        // a CPU counted, and the write was refused).
+        let out = sh_ok(
+            &mut rt,
+            c,
+            "escape file-mmap /tmp/b.bin > /dev/null; \
+             (while :; do :; done) & busy=$!; sleep 0.3; \
+             echo z > /tmp/b.bin; rc=$?; kill $busy; echo rc=$rc",
+        )
+        .await;
+        assert_eq!(out, "rc=0", "written while a busy process ran");
         // Cut by path (truncate(2): no open, the watch's lease breaks):
         // once nothing maps it, no violation (until 2026-12-04 a `tomtou`
         // that killed the container).

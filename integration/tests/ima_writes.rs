@@ -863,6 +863,53 @@ async fn a_writer_racing_a_mapping_call_is_seen() {
     }
 }
 
+/// A write-open of a mapped file finds nothing mapping it, and while its
+/// watch is about to end a new call maps the file: that call joined the
+/// watch after the look, so the look is made again. Here the call waits
+/// 1.5 s between joining and its writers check, the look 1 s before the
+/// watch ends, and the writer closes at once without writing: had the
+/// watch ended, the call would find no writer, map the file unwatched, and
+/// the next writer would rewrite it under the mapping unseen.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapping_call_during_a_writers_look_keeps_the_watch() {
+    let env = Env::get();
+    let (mut d, image, _work) =
+        node(env, "\n[ima.policies.nojit]\nanonymous_exec = \"deny\"").await;
+    d.kill();
+    d.vars = vec![
+        (
+            "IMACRI_TEST_MAPGUARD_WATCH_DELAY".into(),
+            "/tmp/late.bin:1500".into(),
+        ),
+        (
+            "IMACRI_TEST_WRITE_LOOK_DELAY".into(),
+            "/tmp/late.bin:1000".into(),
+        ),
+    ];
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, a, _b) = two_containers(&d, &mut rt, "map-look", "nojit", &image).await;
+    // Mapped once (watched; the mapper gone), then: a process opens it (its
+    // open, as every open, waits for the reader the look holds up), a
+    // writer opens and closes, the process maps its fd 0.3 s into the
+    // writer's look, and a second writer comes once the mapping is made.
+    let race = "escape file-mmap /tmp/late.bin > /dev/null; \
+                escape map-later /tmp/late.bin 600 30 > /tmp/m.out 2>&1 & \
+                sleep 0.3; (: 3<> /tmp/late.bin); echo first=$?; \
+                for i in $(seq 50); do grep -q MAPPED /tmp/m.out && break; sleep 0.1; done; \
+                cat /tmp/m.out; echo evil > /tmp/late.bin; echo second=$?";
+    let (_, out, err) = exec_sh(&mut rt, &a, race).await;
+    assert!(out.contains("MAPPED map-later"), "{out}{err}");
+    assert!(
+        out.contains("second=1") && err.contains("Operation not permitted"),
+        "rewritten under a mapping: {out}{err}\n{}",
+        d.log()
+    );
+    let mine = entries_of(&log_lines(&d, &pod), &a);
+    assert!(logged(&mine, "/tmp/late.bin", None, "deny"), "{mine:#?}");
+    stop_pod(&mut rt, &pod).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_writer_racing_an_execution_cannot_change_what_runs() {
     let (d, image, _work) = node(Env::get(), "").await;

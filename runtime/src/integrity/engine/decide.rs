@@ -151,7 +151,7 @@ impl Engine {
             let placed = match kind {
                 // The event's own file, decided on the reader itself.
                 Event::Exec => w.watch_own(fd),
-                _ => w.watch(fd),
+                _ => w.watch(fd, pending.mapper()),
             };
             match placed {
                 Ok(true) => watch = Some(w),
@@ -171,6 +171,12 @@ impl Engine {
                         tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a mapped file is not watched for writers")
                     }
                 }
+            }
+        }
+        if let Some((slow, delay)) = &self.map_watch_delay {
+            if kind == Event::Mmap && path.contains(slow.as_str()) {
+                // Test only: watched, and not checked for writers yet.
+                std::thread::sleep(*delay);
             }
         }
         // A script is read by its interpreter after this answer: watched

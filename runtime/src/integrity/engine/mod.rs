@@ -58,6 +58,14 @@ const HASH_SLICE: u64 = 16 << 20;
 /// unhashed.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 30;
 
+/// A test hook's delay: `text:milliseconds` in the environment variable.
+fn delay_for(var: &str) -> Option<(String, std::time::Duration)> {
+    let v = std::env::var(var).ok()?;
+    let (text, ms) = v.rsplit_once(':')?;
+    let ms = ms.parse().ok()?;
+    Some((text.to_string(), std::time::Duration::from_millis(ms)))
+}
+
 /// One measured container: whose entries, and how they are appraised.
 #[derive(Debug)]
 pub struct Measured {
@@ -134,6 +142,38 @@ pub trait Pending: Send {
     fn wanted(&self) -> bool {
         true
     }
+    /// Who maps the file once a mapping access is allowed (asked of
+    /// mappings only: an executable mapping call, or the kernel loading a
+    /// program's interpreter).
+    fn mapper(&self) -> Mapper {
+        Mapper::Execution
+    }
+}
+
+/// Who maps a file the engine lets be mapped executable: what its watch
+/// (`WriteWatch`) must wait for before it may count the file as mapped by
+/// nobody (`fanotify/inpod.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapper {
+    /// The kernel, loading a program's interpreter within an execution,
+    /// which keeps the file's writers off (`deny_write_access`, ETXTBSY
+    /// both ways) until the mapping is in place.
+    Execution,
+    /// A guarded system call, in flight from the answer until it returns.
+    Call(Caller),
+    /// A guarded call whose caller is not known (one the last imacri
+    /// received and handed over).
+    Unknown,
+}
+
+/// A guarded system call: its task (a thread id, as imacri's procfs names
+/// it), number and arguments, as `/proc/<tid>/syscall` shows them while
+/// the task is in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub tid: u32,
+    pub nr: i64,
+    pub args: [u64; 6],
 }
 
 /// Where the files a container maps executable are watched for writers
@@ -142,12 +182,13 @@ pub trait Pending: Send {
 pub trait WriteWatch: Send + Sync {
     /// From now on, asks before the file open as `fd` is opened for writing
     /// and reports writes to it (in place before its writers are checked
-    /// and the mapping exists). Ok(true) when this call placed the watch,
-    /// Ok(false) when it was in place already.
-    fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, WatchError>;
+    /// and the mapping exists), and that `by` maps it. Ok(true) when this
+    /// call placed the watch, Ok(false) when it was in place already.
+    fn watch(&self, fd: BorrowedFd<'_>, by: Mapper) -> Result<bool, WatchError>;
     /// As [`watch`](Self::watch), for a file `fd` that is imacri's own
     /// open file (a fanotify event's, decided on the reader that would
     /// have to answer an open of it): its lease is taken through a copy.
+    /// It maps as the kernel loading an interpreter ([`Mapper::Execution`]).
     fn watch_own(&self, fd: BorrowedFd<'_>) -> Result<bool, WatchError>;
     /// The mapping a watch was placed for was refused after all.
     fn unwatch(&self, fd: BorrowedFd<'_>);
@@ -269,6 +310,15 @@ pub struct Engine {
     /// the kernel's mapping would (`IMACRI_TEST_MAPGUARD_ANSWER_DELAY`,
     /// `text:milliseconds`).
     pub(super) map_answer_delay: Option<(String, std::time::Duration)>,
+    /// Fault injection: an executable mapping call of a file whose path
+    /// contains the text waits this long between its watch (where it is
+    /// added to the file's callers) and its writers check
+    /// (`IMACRI_TEST_MAPGUARD_WATCH_DELAY`, `text:milliseconds`).
+    pub(super) map_watch_delay: Option<(String, std::time::Duration)>,
+    /// Fault injection: a write-open of a watched file whose path contains
+    /// the text, found mapped by nobody, waits this long before its watch
+    /// ends (`IMACRI_TEST_WRITE_LOOK_DELAY`, `text:milliseconds`).
+    pub(crate) write_look_delay: Option<(String, std::time::Duration)>,
     /// Set when imacri shuts down: watches then leave their groups with the
     /// fd keeper, so the containers wait for the next imacri.
     detached: std::sync::atomic::AtomicBool,
@@ -354,13 +404,9 @@ impl Engine {
                 .and_then(|v| v.parse().ok())
                 .map(std::time::Duration::from_millis),
             map_no_hold: std::env::var_os("IMACRI_TEST_MAPGUARD_NO_HOLD").is_some(),
-            map_answer_delay: std::env::var("IMACRI_TEST_MAPGUARD_ANSWER_DELAY")
-                .ok()
-                .and_then(|v| {
-                    let (text, ms) = v.rsplit_once(':')?;
-                    let ms = ms.parse().ok()?;
-                    Some((text.to_string(), std::time::Duration::from_millis(ms)))
-                }),
+            map_answer_delay: delay_for("IMACRI_TEST_MAPGUARD_ANSWER_DELAY"),
+            map_watch_delay: delay_for("IMACRI_TEST_MAPGUARD_WATCH_DELAY"),
+            write_look_delay: delay_for("IMACRI_TEST_WRITE_LOOK_DELAY"),
             detached: Default::default(),
             inflight: AtomicUsize::new(0),
             hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use super::super::digest::FileKey;
+use super::super::engine::{Caller, Mapper};
 
 /// Whether a process of the container's pid namespace has `inode`
 /// open (its interpreter reading it): their fds, as the container's
@@ -25,22 +26,103 @@ pub(super) fn has_open(procfs: &Path, inode: (u64, u64)) -> bool {
     })
 }
 
+/// The calls that mapped a watched file executable, as far as they are
+/// known: those still in flight are what [`may_map`] waits for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Calls {
+    /// One per task (a task is in one call at a time: its next one means
+    /// the last returned).
+    known: Vec<Caller>,
+    /// A call whose caller is not known maps it, or did (a watch read back
+    /// after a restart, a call the last imacri handed over, more callers
+    /// than [`KEPT_CALLS`] still in their calls): every task of the
+    /// container counts as a possible caller.
+    pub(super) unknown: bool,
+    /// How many callers were added: a watch ends only if none came while
+    /// it was looked at (`writes.rs`).
+    pub(super) added: u64,
+}
+
+/// How many callers a watched file keeps; past it, those out of their call
+/// go, and if none did the file's callers count as unknown.
+const KEPT_CALLS: usize = 64;
+
+impl Calls {
+    /// Callers unknown from the start (a watch read back after a restart).
+    pub(super) fn unknown() -> Calls {
+        Calls {
+            unknown: true,
+            ..Default::default()
+        }
+    }
+
+    /// `by` maps the file (with the watch's table locked, before the
+    /// mapping's writers check).
+    pub(super) fn add(&mut self, by: Mapper) {
+        self.add_in(Path::new("/proc"), by)
+    }
+
+    fn add_in(&mut self, proc: &Path, by: Mapper) {
+        let c = match by {
+            // The execution keeps writers off until its mapping is in
+            // place: nothing to wait for.
+            Mapper::Execution => return,
+            Mapper::Unknown => {
+                self.unknown = true;
+                self.known.clear();
+                self.added += 1;
+                return;
+            }
+            Mapper::Call(c) => c,
+        };
+        self.added += 1;
+        if self.unknown {
+            return;
+        }
+        self.known.retain(|k| k.tid != c.tid);
+        if self.known.len() >= KEPT_CALLS {
+            self.known.retain(|k| in_call(proc, k));
+        }
+        if self.known.len() >= KEPT_CALLS {
+            self.unknown = true;
+            self.known.clear();
+            return;
+        }
+        self.known.push(c);
+    }
+}
+
 /// Whether a process of the container may have `inode` mapped
-/// executable, now or once a call in flight returns: a task of it is in
-/// a call that maps (`mmap`, `mprotect`, `execve` loading an
-/// interpreter; answered or not, its mapping may not be in its maps
-/// yet) or on a CPU (where its call cannot be read), or a process maps
-/// the file executable. Looked at through the container's own procfs,
-/// calls first: a call that returns after that look made its mapping
-/// before the maps are read, and one that starts after it is checked
-/// for writers after this opener's write access counts (the kernel
-/// counts it before fanotify asks), which refuses it. What cannot be
-/// read counts as mapped. A task on a CPU is looked at again a few
-/// times, 1 ms apart, before it counts.
-pub(super) fn may_map(procfs: &Path, inode: (u64, u64)) -> bool {
+/// executable, now or once a call in flight returns, or a process maps
+/// the file executable (its maps, read through the container's own
+/// procfs); what cannot be read counts as mapped.
+///
+/// The calls in flight are `calls`, added to the watch before each call's
+/// writers check: one added after this look checks for writers after the
+/// opener's write access counts (the kernel counts it before fanotify
+/// asks) and is refused, so only those added before can map unseen, until
+/// they return. A caller still in its call (`/proc/<tid>/syscall` shows
+/// it, or "running": on a CPU, its call unreadable) is looked at again a
+/// few times, 1 ms apart, before the file counts as mapped; then maps are
+/// read (a call that returned made its mapping before). Executions need
+/// no look: the kernel loads an interpreter with the file's writers held
+/// off, so a writer either counts first (the execution fails, ETXTBSY) or
+/// comes after the mapping is in maps. Until 2026-12-05 every task of the
+/// container on a CPU counted (its call could not be read), so a busy
+/// process kept such files unwritable. With the callers unknown, that is
+/// still the rule: any task on a CPU or in a call that maps.
+pub(super) fn may_map(procfs: &Path, inode: (u64, u64), calls: &Calls) -> bool {
+    may_map_in(Path::new("/proc"), procfs, inode, calls)
+}
+
+fn may_map_in(proc: &Path, procfs: &Path, inode: (u64, u64), calls: &Calls) -> bool {
     let mut looks = 0;
     loop {
-        match calls_in_flight(procfs) {
+        let in_flight = match calls.unknown {
+            true => calls_in_flight(procfs),
+            false => Ok(calls.known.iter().any(|c| in_call(proc, c))),
+        };
+        match in_flight {
             Ok(false) => break,
             Ok(true) if looks < FLIGHT_LOOKS => {
                 looks += 1;
@@ -52,8 +134,37 @@ pub(super) fn may_map(procfs: &Path, inode: (u64, u64)) -> bool {
     maps_show(procfs, inode).unwrap_or(true)
 }
 
-/// How often a container's tasks are looked at again while one is on a CPU
-/// or in a call that maps, before the file counts as mapped.
+/// Whether task `c.tid` may still be in call `c`: its `syscall` file (in
+/// `proc`, imacri's procfs, which names tasks as the map guard does) shows
+/// that call, or the task on a CPU, or cannot be read. A task gone, in
+/// user mode or in another call is out of it. (A gone task's id given to a
+/// new task only makes the look more careful.)
+fn in_call(proc: &Path, c: &Caller) -> bool {
+    match std::fs::read_to_string(proc.join(c.tid.to_string()).join("syscall")) {
+        Ok(text) => shows_call(&text, c),
+        Err(e) => !gone(&e),
+    }
+}
+
+/// Whether a `syscall` file's text (`nr arg1 .. arg6 sp pc`, in hex but
+/// the number) shows call `c`, or "running".
+fn shows_call(text: &str, c: &Caller) -> bool {
+    let mut f = text.split_whitespace();
+    match f.next() {
+        Some("running") => true,
+        Some(nr) if nr.parse::<i64>().ok() == Some(c.nr) => {
+            let args = f
+                .take(6)
+                .map(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
+            args.eq(c.args.iter().map(|a| Some(*a)))
+        }
+        _ => false,
+    }
+}
+
+/// How often the callers (or with callers unknown, a container's tasks) are
+/// looked at again while one is on a CPU or in a call that maps, before the
+/// file counts as mapped.
 const FLIGHT_LOOKS: usize = 5;
 
 /// The system calls that can map a file executable (`execve` and
@@ -67,7 +178,8 @@ const MAPPING_CALLS: [i64; 5] = [
 ];
 
 /// Whether a task listed in `procfs` (a container's) is in one of the
-/// [`MAPPING_CALLS`], or on a CPU. A task gone meanwhile is skipped.
+/// [`MAPPING_CALLS`], or on a CPU (the rule where the callers are not
+/// known). A task gone meanwhile is skipped.
 fn calls_in_flight(procfs: &Path) -> std::io::Result<bool> {
     for pid in processes(procfs)? {
         let Ok(tasks) = std::fs::read_dir(pid.join("task")) else {
@@ -183,7 +295,8 @@ mod tests {
         ));
     }
 
-    /// A procfs of three processes: one with this process's maps (which
+    /// With the callers unknown (the rule for a watch read back after a
+    /// restart): a procfs of three processes: one with this process's maps (which
     /// map its executable, by the device and inode fstat gives), one idle,
     /// one gone while listed; then one in `mmap`, and one unreadable.
     #[test]
@@ -203,19 +316,130 @@ mod tests {
         let me = std::fs::metadata("/proc/self/exe").unwrap();
         let other = tempfile::NamedTempFile::new().unwrap();
         let other = other.as_file().metadata().unwrap();
-        assert!(may_map(procfs.path(), (me.dev(), me.ino())));
-        assert!(!may_map(procfs.path(), (other.dev(), other.ino())));
+        // Callers not known: every task of the container counts.
+        let unknown = Calls::unknown();
+        assert!(may_map(procfs.path(), (me.dev(), me.ino()), &unknown));
+        assert!(!may_map(
+            procfs.path(),
+            (other.dev(), other.ino()),
+            &unknown
+        ));
         // A task in mmap: its mapping may not be in its maps yet.
         proc_dir("13", "9 0x0 0x1000 0x5 0x2 0x3 0x0 0x7ffc 0x7f00\n");
-        assert!(may_map(procfs.path(), (other.dev(), other.ino())));
+        assert!(may_map(procfs.path(), (other.dev(), other.ino()), &unknown));
         std::fs::remove_dir_all(procfs.path().join("13")).unwrap();
         // Maps that cannot be read (a directory here): counted as mapped.
         std::fs::create_dir(proc_dir("14", "-1 0x0 0x0\n").join("maps")).unwrap();
-        assert!(may_map(procfs.path(), (other.dev(), other.ino())));
+        assert!(may_map(procfs.path(), (other.dev(), other.ino()), &unknown));
         // No procfs at all: mapped.
         assert!(may_map(
             &procfs.path().join("none"),
-            (other.dev(), other.ino())
+            (other.dev(), other.ino()),
+            &unknown
         ));
+    }
+
+    fn call(tid: u32, nr: i64) -> Caller {
+        Caller {
+            tid,
+            nr,
+            args: [0x7f00, 0x1000, 5, 2, 3, 0],
+        }
+    }
+
+    #[test]
+    fn a_call_is_told_from_its_syscall_file() {
+        let c = call(7, libc::SYS_mmap);
+        let shown = "9 0x7f00 0x1000 0x5 0x2 0x3 0x0 0x7ffc 0x7f00\n";
+        assert!(shows_call(shown, &c));
+        assert!(shows_call("running\n", &c), "on a CPU: cannot be told");
+        assert!(!shows_call("-1 0x7ffc 0x7f00\n", &c), "user mode");
+        assert!(
+            !shows_call(&shown.replace("0x3 ", "0x4 "), &c),
+            "another fd"
+        );
+        assert!(!shows_call(&shown.replacen('9', "10", 1), &c), "mprotect");
+        assert!(!shows_call("230 0x0 0x0 0x0 0x0 0x0 0x0 0x1 0x2\n", &c));
+    }
+
+    /// A fake imacri procfs: task `tid`'s syscall file says `text`.
+    fn task(proc: &Path, tid: u32, text: &str) {
+        let dir = proc.join(tid.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("syscall"), text).unwrap();
+    }
+
+    /// Known callers: only they are waited for, however busy the others
+    /// (until 2026-12-05 any task of the container on a CPU counted).
+    #[test]
+    fn only_the_known_callers_still_in_their_calls_count() {
+        let proc = tempfile::tempdir().unwrap();
+        let procfs = tempfile::tempdir().unwrap();
+        // The container: a busy task and one in mmap (not decided yet: its
+        // writers check comes after the opener's).
+        let busy = procfs.path().join("20").join("task").join("20");
+        std::fs::create_dir_all(&busy).unwrap();
+        std::fs::write(busy.join("syscall"), "running\n").unwrap();
+        std::fs::write(procfs.path().join("20").join("maps"), "").unwrap();
+        let file = (libc::makedev(0, 0x3a), 1234);
+        let mut calls = Calls::default();
+        calls.add_in(proc.path(), Mapper::Execution);
+        assert_eq!(calls, Calls::default(), "an execution waits for nothing");
+        assert!(!may_map_in(proc.path(), procfs.path(), file, &calls));
+        assert!(may_map_in(
+            proc.path(),
+            procfs.path(),
+            file,
+            &Calls::unknown()
+        ));
+        // A caller gone (no syscall file) or back in user mode: returned.
+        calls.add_in(proc.path(), Mapper::Call(call(30, libc::SYS_mmap)));
+        assert_eq!(calls.added, 1);
+        assert!(!may_map_in(proc.path(), procfs.path(), file, &calls));
+        task(proc.path(), 30, "-1 0x7ffc 0x7f00\n");
+        assert!(!may_map_in(proc.path(), procfs.path(), file, &calls));
+        // Still in its call, or on a CPU: the file may be mapped.
+        task(proc.path(), 30, "9 0x7f00 0x1000 0x5 0x2 0x3 0x0 0x1 0x2\n");
+        assert!(may_map_in(proc.path(), procfs.path(), file, &calls));
+        task(proc.path(), 30, "running\n");
+        assert!(may_map_in(proc.path(), procfs.path(), file, &calls));
+        // Its next call replaces it.
+        let next = Caller {
+            args: [0; 6],
+            ..call(30, libc::SYS_mprotect)
+        };
+        calls.add_in(proc.path(), Mapper::Call(next));
+        assert_eq!(calls.known, vec![next]);
+        task(proc.path(), 30, "-1 0x7ffc 0x7f00\n");
+        assert!(!may_map_in(proc.path(), procfs.path(), file, &calls));
+        // A caller the last imacri handed over: unknown from then on.
+        calls.add_in(proc.path(), Mapper::Unknown);
+        assert!(calls.unknown && calls.known.is_empty());
+        calls.add_in(proc.path(), Mapper::Call(call(31, libc::SYS_mmap)));
+        assert!(calls.unknown && calls.known.is_empty());
+        assert_eq!(calls.added, 4);
+    }
+
+    /// Past [`KEPT_CALLS`] callers, those out of their calls go; if none
+    /// is, the callers count as unknown.
+    #[test]
+    fn callers_are_kept_bounded() {
+        let proc = tempfile::tempdir().unwrap();
+        let mut calls = Calls::default();
+        for tid in 100..100 + KEPT_CALLS as u32 {
+            calls.add_in(proc.path(), Mapper::Call(call(tid, libc::SYS_mmap)));
+        }
+        assert_eq!(calls.known.len(), KEPT_CALLS);
+        // All gone: the next one finds room.
+        calls.add_in(proc.path(), Mapper::Call(call(1, libc::SYS_mmap)));
+        assert_eq!(calls.known, vec![call(1, libc::SYS_mmap)]);
+        // All still in their calls: unknown.
+        for tid in 200..200 + KEPT_CALLS as u32 {
+            task(proc.path(), tid, "running\n");
+            calls.add_in(proc.path(), Mapper::Call(call(tid, libc::SYS_mmap)));
+        }
+        assert!(!calls.unknown);
+        calls.add_in(proc.path(), Mapper::Call(call(2, libc::SYS_mmap)));
+        assert!(calls.unknown && calls.known.is_empty());
     }
 }

@@ -41,6 +41,7 @@ mod inpod;
 mod leases;
 mod loader;
 mod pending;
+mod readback;
 mod reader;
 mod window;
 mod writes;
@@ -387,7 +388,7 @@ fn start(
     let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| FanotifyError::Thread(e.into()))?;
     let container = target.measured.container.clone();
     engine.register(target.measured.clone());
-    let marked = writes::marked_inodes(fan.as_fd());
+    let marked = readback::marked_inodes(fan.as_fd());
     let group = Arc::new_cyclic(|me| Group {
         fan,
         target,
@@ -400,7 +401,7 @@ fn start(
         me: me.clone(),
         engine: Arc::downgrade(engine),
     });
-    writes::take_back(&group, marked, leases);
+    readback::take_back(&group, marked, leases);
     held::take_back(&group, held);
     engine.set_write_watch(&container, group.clone());
     for event in events {

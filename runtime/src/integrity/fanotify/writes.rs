@@ -31,7 +31,8 @@
 //!
 //! The marks live in the group, which the keeper holds across an imacri
 //! restart; the next imacri reads them back from the group's fdinfo (a
-//! script's mark asks for no FAN_CLOSE_WRITE, which tells them apart).
+//! script's mark asks for no FAN_CLOSE_WRITE, which tells them apart:
+//! `readback.rs`).
 
 use nix::sys::fanotify::{MarkFlags, MaskFlags};
 use std::collections::HashMap;
@@ -40,7 +41,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::Ordering;
 
 use super::super::digest::{fd_path, FileKey};
-use super::super::engine::{open_for_writing, Engine, WatchedAs, WriteWatch};
+use super::super::engine::{open_for_writing, Engine, Mapper, WatchedAs, WriteWatch};
 use super::super::keeper;
 use super::super::sys::{LeaseError, SysError, WatchError};
 use super::leases::{self, Lease};
@@ -56,6 +57,10 @@ pub(super) const WATCHED: MaskFlags = MaskFlags::FAN_OPEN_PERM
 
 /// What the inode mark of an executed script asks for.
 const SCRIPT_WATCHED: MaskFlags = MaskFlags::FAN_OPEN_PERM.union(MaskFlags::FAN_MODIFY);
+
+/// How often a watch nothing maps is looked at again when a call was added
+/// to it meanwhile, before its file counts as mapped.
+const DONE_LOOKS: usize = 3;
 
 /// One watched file of a group.
 #[derive(Debug, Default)]
@@ -74,6 +79,21 @@ pub(super) struct Watched {
     /// to be the one it measured, after the writers check (None: a script,
     /// or a watch read back after a restart).
     since: Option<FileKey>,
+    /// The calls that mapped it (`inpod::may_map` waits for those in
+    /// flight).
+    calls: inpod::Calls,
+}
+
+impl Watched {
+    /// A watch the last imacri placed, read back from its mark.
+    pub(super) fn read_back(script: bool) -> Watched {
+        Watched {
+            script,
+            // What the last imacri let map it is not known.
+            calls: inpod::Calls::unknown(),
+            ..Default::default()
+        }
+    }
 }
 
 /// Inode → what watches it.
@@ -84,12 +104,12 @@ fn fstat(fd: BorrowedFd<'_>) -> Result<nix::sys::stat::FileStat, SysError> {
 }
 
 impl WriteWatch for Group {
-    fn watch(&self, fd: BorrowedFd<'_>) -> Result<bool, WatchError> {
-        self.watch_with(fd, |fd| self.reopen(fd))
+    fn watch(&self, fd: BorrowedFd<'_>, by: Mapper) -> Result<bool, WatchError> {
+        self.watch_with(fd, by, |fd| self.reopen(fd))
     }
 
     fn watch_own(&self, fd: BorrowedFd<'_>) -> Result<bool, WatchError> {
-        self.watch_with(fd, |fd| fd.try_clone_to_owned())
+        self.watch_with(fd, Mapper::Execution, |fd| fd.try_clone_to_owned())
     }
 
     fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), WatchError> {
@@ -134,18 +154,19 @@ impl WriteWatch for Group {
 }
 
 impl Group {
-    /// Watches the file open as `fd`, its lease taken through the file
-    /// `own` makes of it (never the process's own open file, which the
-    /// process could let go of).
+    /// Watches the file open as `fd`, mapped `by`, its lease taken through
+    /// the file `own` makes of it (never the process's own open file, which
+    /// the process could let go of).
     fn watch_with(
         &self,
         fd: BorrowedFd<'_>,
+        by: Mapper,
         own: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<OwnedFd>,
     ) -> Result<bool, WatchError> {
         let st = fstat(fd)?;
         let since = FileKey::of(&st);
         let inode = since.inode();
-        if self.watched(inode) {
+        if self.called_again(inode, by)? {
             return Ok(false);
         }
         // A lease needs an open file of our own. Opened before the mark
@@ -184,12 +205,15 @@ impl Group {
             }
         };
         let mut mapped = self.mapped.lock()?;
-        if mapped.contains_key(&inode) {
+        if let Some(w) = mapped.get_mut(&inode) {
             // Watched by a racing call meanwhile (the same mark): ours goes.
+            w.calls.add(by);
             return Ok(false);
         }
         // Kept while the table is locked, so a key never outlives its entry.
         let key = lease.as_ref().and_then(|l| self.keep(l, inode));
+        let mut calls = inpod::Calls::default();
+        calls.add(by);
         mapped.insert(
             inode,
             Watched {
@@ -198,9 +222,24 @@ impl Group {
                 broken: false,
                 script: false,
                 since: Some(since),
+                calls,
             },
         );
         Ok(true)
+    }
+
+    /// Whether `inode` is watched already; if so, `by` is added to its
+    /// callers (in the same look, so that a watch ended for nobody mapping
+    /// the file is one this call was not added to: `done_with_mapping`).
+    fn called_again(&self, inode: (u64, u64), by: Mapper) -> Result<bool, WatchError> {
+        let mut mapped = self.mapped.lock()?;
+        Ok(match mapped.get_mut(&inode) {
+            Some(w) => {
+                w.calls.add(by);
+                true
+            }
+            None => false,
+        })
     }
 
     fn watched(&self, inode: (u64, u64)) -> bool {
@@ -231,10 +270,33 @@ impl Group {
         inpod::has_open(&self.target.root.join("proc"), inode)
     }
 
-    /// Whether a process of the container may map `inode` executable
-    /// (`inpod::may_map`).
-    fn mapped_in_pod(&self, inode: (u64, u64)) -> bool {
-        inpod::may_map(&self.target.root.join("proc"), inode)
+    /// Whether nothing of the container maps the watched file `inode`
+    /// executable, nor may be about to (`inpod::may_map`, for the calls
+    /// that mapped it): if so its watch ends (the mark named by `fd`, the
+    /// file, where it has no lease). A call added meanwhile started its
+    /// writers check after the look began: looked at again (without that,
+    /// a call whose writer closed without writing would map the file with
+    /// its watch gone).
+    fn done_with_mapping(&self, fd: Option<BorrowedFd<'_>>, inode: (u64, u64)) -> bool {
+        let procfs = self.target.root.join("proc");
+        for _ in 0..DONE_LOOKS {
+            let calls = match self.mapped.lock() {
+                Ok(m) => match m.get(&inode) {
+                    Some(w) => w.calls.clone(),
+                    // Ended meanwhile (another opener's look): done.
+                    None => return true,
+                },
+                Err(_) => return false,
+            };
+            if inpod::may_map(&procfs, inode, &calls) {
+                return false;
+            }
+            self.test_look_delay(fd);
+            if self.forget_if(fd, inode, |w| w.calls.added == calls.added) {
+                return true;
+            }
+        }
+        false
     }
 
     /// Our own read-only open file of the file open as `fd` (the mapping
@@ -276,17 +338,50 @@ impl Group {
         }
     }
 
-    fn drop_key(&self, key: Option<String>) {
+    pub(super) fn drop_key(&self, key: Option<String>) {
         if let (Some(k), Some(key)) = (&self.keeper, key) {
             let _ = k.drop_key(&key);
+        }
+    }
+
+    /// Test only (`IMACRI_TEST_WRITE_LOOK_DELAY`): a wide window between
+    /// the look that found nothing mapping the file open as `fd` and the
+    /// end of its watch.
+    fn test_look_delay(&self, fd: Option<BorrowedFd<'_>>) {
+        let (Some(fd), Some(engine)) = (fd, self.engine.upgrade()) else {
+            return;
+        };
+        if let Some((slow, delay)) = &engine.write_look_delay {
+            if fd_path(fd).contains(slow.as_str()) {
+                std::thread::sleep(*delay);
+            }
         }
     }
 
     /// Ends the watch of `inode`. The mark is named by the lease's file,
     /// or by `fd` (the file) where there is no lease.
     fn forget(&self, fd: Option<BorrowedFd<'_>>, inode: (u64, u64)) {
-        let Some(w) = self.mapped.lock().ok().and_then(|mut m| m.remove(&inode)) else {
-            return;
+        self.forget_if(fd, inode, |_| true);
+    }
+
+    /// As [`forget`](Self::forget) where the watch passes `still` (looked
+    /// at with the table locked). Whether the watch is gone.
+    fn forget_if(
+        &self,
+        fd: Option<BorrowedFd<'_>>,
+        inode: (u64, u64),
+        still: impl FnOnce(&Watched) -> bool,
+    ) -> bool {
+        let removed = self.mapped.lock().ok().and_then(|mut m| {
+            match m.get(&inode) {
+                Some(w) if still(w) => m.remove(&inode),
+                Some(_) => None,
+                // Gone already.
+                None => None,
+            }
+        });
+        let Some(w) = removed else {
+            return !self.watched(inode);
         };
         if let Some(by) = w.lease.as_ref().map(|l| l.fd()).or(fd) {
             let mask = if w.script { SCRIPT_WATCHED } else { WATCHED };
@@ -300,6 +395,7 @@ impl Group {
         self.drop_key(w.key);
         // The lease goes last, when the watch is over.
         drop(w.lease);
+        true
     }
 
     /// The lease on `inode` broke: someone truncates the file (an open for
@@ -325,76 +421,13 @@ impl Group {
             w.lease.as_ref().map(|l| fd_path(l.fd()))
         };
         let Some(path) = path else { return };
-        if !self.mapped_in_pod(inode) {
-            self.forget(None, inode);
+        if self.done_with_mapping(None, inode) {
             return;
         }
         engine.tomtou(&self.target.measured, &path, WatchedAs::Mapping, how);
         if !self.target.measured.keeps_mappings() {
             self.forget(None, inode);
         }
-    }
-}
-
-/// After a restart: the watched files are the group's inode marks (what
-/// the last imacri placed), and their leases are those the keeper held. A
-/// lease that broke meanwhile is a truncate nobody answered: logged now,
-/// and under `enforce` the container is killed. A mark whose lease is lost
-/// watches alone; a lease without its mark is let go.
-pub(super) fn take_back(
-    group: &std::sync::Arc<Group>,
-    marked: HashMap<(u64, u64), bool>,
-    kept: Vec<(String, OwnedFd)>,
-) {
-    let mut files: WatchedFiles = marked
-        .into_iter()
-        .map(|(i, script)| {
-            (
-                i,
-                Watched {
-                    script,
-                    ..Default::default()
-                },
-            )
-        })
-        .collect();
-    let mut broke = Vec::new();
-    for (key, file) in kept {
-        let inode = nix::sys::stat::fstat(file.as_raw_fd()).map(|st| FileKey::of(&st).inode());
-        let Some((inode, w)) = inode.ok().and_then(|i| Some(i).zip(files.get_mut(&i))) else {
-            group.drop_key(Some(key));
-            continue;
-        };
-        if let Some(k) = &group.keeper {
-            k.remember(&key, file.as_fd());
-        }
-        match leases::adopt(
-            file,
-            std::sync::Arc::downgrade(group),
-            inode,
-            &group.target.measured.pod,
-        ) {
-            Ok((lease, whole)) => {
-                if !whole {
-                    broke.push(inode);
-                }
-                w.lease = Some(lease);
-                w.key = Some(key);
-            }
-            Err(e) => {
-                tracing::warn!(container_id = %group.target.measured.container, error = %e, "a kept lease cannot be taken back: a truncate of its file is not seen");
-                group.drop_key(Some(key));
-            }
-        }
-    }
-    if let Ok(mut m) = group.mapped.lock() {
-        *m = files;
-    }
-    for inode in broke {
-        group.lease_broken(
-            inode,
-            "truncated while imacri was down (its read lease broke)",
-        );
     }
 }
 
@@ -456,13 +489,12 @@ pub(super) fn write_open(
         return None;
     }
     let script = group.is_script(inode);
-    let done_with = match script {
+    if script && !group.open_in_pod(inode) {
         // Run and done: rewritten, and measured again if executed again.
-        true => !group.open_in_pod(inode),
-        false => !group.mapped_in_pod(inode),
-    };
-    if done_with {
         group.forget(Some(fd), inode);
+        return Some(true);
+    }
+    if !script && group.done_with_mapping(Some(fd), inode) {
         return Some(true);
     }
     let what = if script {
@@ -475,77 +507,4 @@ pub(super) fn write_open(
         group.forget(Some(fd), inode);
     }
     Some(allow)
-}
-
-/// The files group `fan` watches for writers: its inode marks, as its
-/// fdinfo lists them (what the last imacri placed, after a restart), each
-/// with whether it is a script's.
-pub(super) fn marked_inodes(fan: BorrowedFd<'_>) -> HashMap<(u64, u64), bool> {
-    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fan.as_raw_fd()))
-        .map(|t| parse_marks(&t))
-        .unwrap_or_default()
-}
-
-/// `fanotify ino:<hex> sdev:<hex> mflags:<hex> mask:<hex> ...` lines whose
-/// mask has FAN_MODIFY (a script's: without FAN_CLOSE_WRITE); sdev is the
-/// kernel's dev_t (major << 20 | minor).
-fn parse_marks(fdinfo: &str) -> HashMap<(u64, u64), bool> {
-    fdinfo
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.strip_prefix("fanotify ino:")?.split_whitespace();
-            let ino = u64::from_str_radix(f.next()?, 16).ok()?;
-            let sdev = u32::from_str_radix(f.next()?.strip_prefix("sdev:")?, 16).ok()?;
-            let mask = u64::from_str_radix(f.find_map(|x| x.strip_prefix("mask:"))?, 16).ok()?;
-            let script = mask & MaskFlags::FAN_CLOSE_WRITE.bits() == 0;
-            (mask & MaskFlags::FAN_MODIFY.bits() != 0)
-                .then(|| ((libc::makedev(sdev >> 20, sdev & 0xfffff), ino), script))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags};
-    use std::os::fd::AsFd;
-    use std::os::unix::fs::MetadataExt;
-
-    #[test]
-    fn fdinfo_lines_give_the_watched_inodes() {
-        let info = "pos:\t0\nflags:\t02000002\nfanotify flags:5 event-flags:8000\n\
-            fanotify ino:263 sdev:fe00000 mflags:0 mask:1000a ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:6302000000000000\n\
-            fanotify ino:3 sdev:1600005 mflags:0 mask:8 ignored_mask:0 fhandle-bytes:8 fhandle-type:1 f_handle:00\n\
-            fanotify sdev:fe00000 mflags:0 mask:40008 ignored_mask:0\n\
-            fanotify mnt_id:1c mflags:0 mask:40000 ignored_mask:0\n";
-        let got = parse_marks(info);
-        assert_eq!(
-            got,
-            HashMap::from([((libc::makedev(254, 0), 0x263), false)])
-        );
-        let script = "fanotify ino:9 sdev:fe00000 mflags:0 mask:10002 ignored_mask:0\n";
-        assert_eq!(
-            parse_marks(script),
-            HashMap::from([((libc::makedev(254, 0), 9), true)])
-        );
-    }
-
-    /// The fdinfo of a real group names a marked file as fstat does
-    /// (fanotify_init needs CAP_SYS_ADMIN: the tests run as root).
-    #[test]
-    fn a_marked_file_is_read_back_from_the_group() {
-        let fan = Fanotify::init(
-            InitFlags::FAN_CLASS_CONTENT | InitFlags::FAN_CLOEXEC,
-            EventFFlags::O_RDONLY,
-        )
-        .unwrap();
-        let f = std::fs::File::open("/proc/self/exe").unwrap();
-        fan.mark::<std::path::Path>(MarkFlags::FAN_MARK_ADD, WATCHED, Some(f.as_raw_fd()), None)
-            .unwrap();
-        let m = f.metadata().unwrap();
-        assert_eq!(
-            marked_inodes(fan.as_fd()),
-            HashMap::from([((m.dev(), m.ino()), false)])
-        );
-    }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use super::profile::PERSONALITY_QUERY;
 use super::{hold, shared, task, CallError};
 use crate::integrity::digest::{fd_path, FileKey};
-use crate::integrity::engine::{Engine, Pending, WatchedAs};
+use crate::integrity::engine::{Caller, Engine, Mapper, Pending, WatchedAs};
 use crate::integrity::keeper;
 use crate::integrity::log::Event;
 use crate::integrity::sys::SysError;
@@ -31,6 +31,8 @@ pub(super) struct Reply {
     pub(super) kept: Option<Arc<(keeper::Keeper, String)>>,
     /// The keeper's key for the mapped file while it is hashed.
     pub(super) handed: std::sync::Mutex<Option<String>>,
+    /// The call (None: received by the last imacri, known by its id only).
+    pub(super) caller: Option<Caller>,
 }
 
 impl Reply {
@@ -71,6 +73,10 @@ impl Pending for MapPending {
 
     fn wanted(&self) -> bool {
         still_valid(&self.reply.notify, self.reply.id)
+    }
+
+    fn mapper(&self) -> Mapper {
+        self.reply.caller.map_or(Mapper::Unknown, Mapper::Call)
     }
 
     /// Hashing takes a while: the file goes to the keeper first, so that a
@@ -528,6 +534,11 @@ impl Call {
             files: files.len(),
             kept: self.kept.clone(),
             handed: std::sync::Mutex::new(None),
+            caller: Some(Caller {
+                tid: req.pid,
+                nr,
+                args,
+            }),
         });
         let mut submitted = Vec::with_capacity(files.len());
         for file in files {

@@ -264,6 +264,7 @@ fn measure_kept(
         files: 1,
         kept: Some(kept.clone()),
         handed: std::sync::Mutex::new(Some(event_key)),
+        caller: None,
     });
     let pending = Box::new(MapPending { file, reply });
     engine.measure_now(target, pending, key, Event::Mmap);
