@@ -26,6 +26,7 @@
 #include <sys/ptrace.h>
 #include <sys/wait.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <time.h>
 #include <unistd.h>
@@ -403,9 +404,109 @@ static void *wx_flipper(void *a) {
 static void *protector(void *a) {
     return mprotect(a, 4096, PROT_READ|PROT_EXEC) ? (void *)(long)errno : 0;
 }
+/* What a copy of this program prints in mode "mark": exec-swap rewrites
+   it in a copy (same length) to tell which content ran. */
+static const char marker[] = "MARK-good";
+
+/* Runs PATH with "mark" and returns 1 when it printed MARK-EVIL (stdout
+   of the child into a pipe). With `starve`, the child runs on CPU 0 at
+   SCHED_IDLE (a spinner holds CPU 0), and once it is in execve and
+   answered (its syscall file turns from "59 ..." to "running": woken, not
+   yet run) PATH is opened for writing and rewritten, before the child's
+   kernel reaches its own writers check. *wrote says whether that open
+   and write went through. */
+static int run_mark(const char *path, int starve, long off, int *wrote) {
+    int p[2];
+    if (pipe(p)) return -1;
+    pid_t c = fork();
+    if (c < 0) return -1;
+    if (!c) {
+        if (starve) {
+            cpu_set_t s; CPU_ZERO(&s); CPU_SET(0, &s);
+            sched_setaffinity(0, sizeof s, &s);
+            struct sched_param sp = {0};
+            sched_setscheduler(0, SCHED_IDLE, &sp);
+        }
+        dup2(p[1], 1);
+        execl(path, path, "mark", (char *)0);
+        _exit(127);
+    }
+    close(p[1]);
+    *wrote = 0;
+    if (starve) {
+        char f[64], t[64];
+        snprintf(f, sizeof f, "/proc/%d/syscall", c);
+        int seen = 0;
+        for (int i = 0; i < 2000000; i++) {
+            int sf = open(f, O_RDONLY);
+            if (sf < 0) break;
+            ssize_t n = read(sf, t, sizeof t - 1);
+            close(sf);
+            if (n <= 0) break;
+            t[n] = 0;
+            if (!strncmp(t, "59 ", 3)) seen = 1;
+            else if (seen && !strncmp(t, "running", 7)) {
+                int w = open(path, O_WRONLY);
+                if (w >= 0) {
+                    *wrote = pwrite(w, "MARK-EVIL", 9, off) == 9;
+                    close(w);
+                }
+                break;
+            }
+        }
+    }
+    char out[64] = {0};
+    ssize_t n = read(p[0], out, sizeof out - 1);
+    close(p[0]);
+    waitpid(c, 0, 0);
+    return n > 0 && strstr(out, "MARK-EVIL") != 0;
+}
+
 int main(int argc, char **argv) {
     const char *m = argc > 1 ? argv[1] : "";
     const char *path = argc > 2 ? argv[2] : "/tmp/code.bin";
+    if (!strcmp(m, "mark")) {
+        printf("%s\n", marker);
+        return 0;
+    }
+    if (!strcmp(m, "exec-swap")) {
+        /* PATH: a copy of this program, executed (measured, then cached);
+           then up to argv[3] (20) tries of an execution of it rewritten
+           between imacri's answer and the kernel's writers check
+           (run_mark). Prints SWAPPED when a child ran the rewritten copy,
+           else HELD and how many rewrites went through. */
+        int tries = argc > 3 ? atoi(argv[3]) : 20;
+        static char buf[4 << 20];
+        int self = open("/proc/self/exe", O_RDONLY);
+        ssize_t len = self < 0 ? -1 : read(self, buf, sizeof buf);
+        char *at = len > 0 ? memmem(buf, len, marker, 9) : 0;
+        if (!at) return fail(m);
+        long off = at - buf;
+        pid_t spin = fork();
+        if (!spin) {
+            cpu_set_t s; CPU_ZERO(&s); CPU_SET(0, &s);
+            sched_setaffinity(0, sizeof s, &s);
+            for (;;) ;
+        }
+        cpu_set_t s; CPU_ZERO(&s); CPU_SET(1, &s);
+        sched_setaffinity(0, sizeof s, &s);
+        int writes = 0, wrote;
+        for (int i = 0; i < tries; i++) {
+            int w = open(path, O_WRONLY|O_CREAT|O_TRUNC, 0755);
+            if (w < 0 || write(w, buf, len) != len) { kill(spin, SIGKILL); return fail(m); }
+            close(w);
+            run_mark(path, 0, off, &wrote);
+            if (run_mark(path, 1, off, &wrote) == 1) {
+                printf("SWAPPED %s after %d\n", m, i + 1);
+                kill(spin, SIGKILL);
+                return 0;
+            }
+            writes += wrote;
+        }
+        printf("HELD %s %d %d\n", m, tries, writes);
+        kill(spin, SIGKILL);
+        return 0;
+    }
     if (!strcmp(m, "memfd-mmap")) {
         int fd = memfd(); if (fd < 0) return fail(m);
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_SHARED, fd, 0);

@@ -981,3 +981,56 @@ async fn a_writer_racing_an_execution_cannot_change_what_runs() {
         stop_pod(&mut rt, &pod).await;
     }
 }
+
+/// An execution whose file is rewritten between imacri's answer and the
+/// kernel's own writers check (`do_open_execat`: the open with its
+/// permission event, then `deny_write_access`) would run what was written
+/// under the digest measured before. `escape exec-swap` starves the
+/// executing child once it is answered (CPU 0, SCHED_IDLE, a spinner
+/// there) and rewrites the file then, 20 times: on the rootfs (overlayfs)
+/// and on a measured tmpfs volume the writer waits on the execution's
+/// read lease until the execution is past that check, which then refuses
+/// it (ETXTBSY): the rewritten copy never runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_execution_rewritten_before_the_kernels_check_never_runs_it() {
+    let env = Env::get();
+    let (d, image, work) = node(env, "\n[ima.policies.vols]\nvolumes = \"measure\"").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("exec-swap", "vols");
+    let tv = imacri_integration::kubelet_volume(work.path(), &cfg, "tv");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &tv,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16m"),
+    )
+    .unwrap();
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let mut cc = container_config("c", &image, &["sleep", "1000"]);
+    cc.mounts.push(cri::Mount {
+        container_path: "/tv".into(),
+        host_path: tv.to_string_lossy().into(),
+        ..Default::default()
+    });
+    let c = start_container(&mut rt, &pod, &cfg, cc).await;
+    for dir in ["/tmp", "/tv"] {
+        let cmd = format!("escape exec-swap {dir}/prog 20");
+        let (_, out, err) = exec_sh(&mut rt, &c, &cmd).await;
+        assert!(
+            out.contains("HELD exec-swap") && !out.contains("SWAPPED"),
+            "{dir}: {out}{err}\n{}",
+            d.log()
+        );
+        // The rewrites went through (after the executions they raced were
+        // refused): the race was run, not missed.
+        let wrote: u32 = out
+            .split_whitespace()
+            .last()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(wrote > 0, "{dir}: no rewrite went through: {out}{err}");
+    }
+    stop_pod(&mut rt, &pod).await;
+    nix::mount::umount2(&tv, nix::mount::MntFlags::MNT_DETACH).unwrap();
+}

@@ -2,23 +2,30 @@
 //! writers check of it. The kernel refuses to execute a file open for
 //! writing (ETXTBSY), but it checks after the permission event is answered
 //! (`do_open_execat`: the open, with our event, then `deny_write_access`).
-//! On overlayfs that check counts the writers of the overlay file only,
-//! while a shared writable mapping holds the upper layer's file: a process
-//! outside the pod's guards (a host daemon, a helper in another pod the pod
-//! passed a writable fd to) that maps the file shared and writable and
-//! closes its fd in that moment leaves no writer for the kernel to see, and
-//! then changes the running program through its mapping. (At our own check
-//! such a mapping is found: `overlay.rs`. The pod's own processes are held
-//! to the kernel's rules by the map guard: `held.rs`.)
+//! A writer that opens the file in that moment, writes and closes leaves
+//! no writer for that check to see, and the execution runs what it wrote
+//! under the digest measured before: on any filesystem, for an execution
+//! held back there (`escape exec-swap` starves its child on a busy CPU
+//! once it is answered; on a measured tmpfs volume it ran the rewritten
+//! copy at its first try until 2026-12-05, when only overlay files were
+//! held). And on overlayfs that check counts the writers of the overlay
+//! file only, while a shared writable mapping holds the upper layer's
+//! file: a process outside the pod's guards (a host daemon, a helper in
+//! another pod the pod passed a writable fd to) that maps the file shared
+//! and writable and closes its fd in that moment leaves no writer for the
+//! kernel to see, and then changes the running program through its
+//! mapping. (At our own check such a mapping is found: `overlay.rs`. The
+//! pod's own processes are held to the kernel's rules by the map guard:
+//! `held.rs`.)
 //!
-//! So an execution of an overlay file is answered only with a read lease
-//! taken on the file (through the event's own open file), held until the
-//! execution is past the kernel's check. An open for writing meanwhile takes
-//! the file's write count first and then waits for the lease to break: the
-//! kernel's check then refuses the execution (ETXTBSY), and the writer gets
-//! its file only once the execution is settled. A file open for writing at
-//! the answer gets no lease: that execution is refused (ETXTBSY, as the
-//! kernel refuses it) rather than left to a check a writer could slip past.
+//! So an execution is answered only with a read lease taken on the file
+//! (through the event's own open file), held until the execution is past
+//! the kernel's check. An open for writing meanwhile takes the file's
+//! write count first and then waits for the lease to break: the kernel's
+//! check then refuses the execution (ETXTBSY), and the writer gets its file
+//! only once the execution is settled. A file open for writing at the
+//! answer gets no lease: that execution is refused (ETXTBSY, as the kernel
+//! refuses it) rather than left to a check a writer could slip past.
 //!
 //! The lease stays for the file's next executions (until a writer breaks
 //! it). An execution is settled once its task is seen running the file
@@ -72,8 +79,6 @@ struct Inner {
     open: Vec<(i32, (u64, u64))>,
     /// When they were last looked at in `/proc`.
     looked: Option<Instant>,
-    /// Device → whether it is an overlay filesystem.
-    overlay: HashMap<u64, bool>,
 }
 
 #[derive(Debug)]
@@ -117,17 +122,6 @@ impl Group {
         use Refusal::Unheld;
         {
             let mut inner = self.windows.inner.lock().map_err(|e| Unheld(e.into()))?;
-            // Whether a filesystem is overlayfs is asked once (a device
-            // number names one filesystem while the container runs).
-            let overlay = *inner
-                .overlay
-                .entry(inode.0)
-                .or_insert_with(|| crate::integrity::overlay::on_overlayfs(fd).unwrap_or(false));
-            if !overlay {
-                // Elsewhere a mapping holds the file itself: the kernel's
-                // check sees every writer.
-                return Ok(());
-            }
             // Held (unbroken: no writer opened it since), or broken with a
             // writer waiting that already counts for the kernel's check
             // (and the thread letting it go waits for this one too).
