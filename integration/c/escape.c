@@ -462,9 +462,121 @@ static int run_mark(const char *path, int starve, long off, int *wrote) {
     return n > 0 && strstr(out, "MARK-EVIL") != 0;
 }
 
+/* For interp-swap: runs PATH (a dynamic program) with its child on CPU 0
+   at SCHED_IDLE (a spinner holds CPU 0); once the child is answered a
+   second time in its execve (the program's event, then, mostly, its
+   interpreter's: its syscall file goes "59 ...", "running", "59 ...",
+   "running"), opens LOADER for writing, breaks its ELF magic and closes
+   it at once, then puts the magic back once the child is done. Returns
+   1 when the child's kernel loaded the broken loader (ELIBBAD: it read
+   the loader after the writer was done, so it could have run anything
+   written there), 2 when the open went through but the child's execution
+   failed with ETXTBSY (its kernel's writers check saw the writer: no
+   harm), 3 when it went through and the child ran, 0 when it failed with
+   EPERM, -1 otherwise. */
+static int race_loader(const char *path, const char *loader) {
+    pid_t c = fork();
+    if (c < 0) return -1;
+    if (!c) {
+        cpu_set_t s; CPU_ZERO(&s); CPU_SET(0, &s);
+        sched_setaffinity(0, sizeof s, &s);
+        struct sched_param sp = {0};
+        sched_setscheduler(0, SCHED_IDLE, &sp);
+        int n = open("/dev/null", O_WRONLY);
+        dup2(n, 1);
+        execl(path, path, (char *)0);
+        _exit(errno == ETXTBSY ? 126 : errno == ELIBBAD || errno == ENOEXEC ? 125 : 127);
+    }
+    char f[64], t[64];
+    snprintf(f, sizeof f, "/proc/%d/syscall", c);
+    int answered = 0, in_exec = 0, r = -1, broke = 0;
+    for (int i = 0; i < 4000000 && answered < 2; i++) {
+        int sf = open(f, O_RDONLY);
+        if (sf < 0) break;
+        ssize_t n = read(sf, t, sizeof t - 1);
+        close(sf);
+        if (n <= 0) break;
+        t[n] = 0;
+        if (!strncmp(t, "59 ", 3)) in_exec = 1;
+        else if (in_exec && !strncmp(t, "running", 7)) { answered++; in_exec = 0; }
+    }
+    if (answered == 2) {
+        int w = open(loader, O_WRONLY);
+        if (w >= 0) {
+            broke = pwrite(w, "\x7f" "ELX", 4, 0) == 4;
+            close(w);
+        } else if (errno == EPERM) {
+            r = 0;
+        }
+    }
+    int st = 0;
+    waitpid(c, &st, 0);
+    if (broke) {
+        int code = WIFEXITED(st) ? WEXITSTATUS(st) : 0;
+        r = code == 125 || WIFSIGNALED(st) ? 1 : code == 126 ? 2 : 3;
+        int w = open(loader, O_WRONLY);
+        if (w < 0 || pwrite(w, "\x7f" "ELF", 4, 0) != 4) r = -2;
+        if (w >= 0) close(w);
+    }
+    return r;
+}
+
 int main(int argc, char **argv) {
     const char *m = argc > 1 ? argv[1] : "";
     const char *path = argc > 2 ? argv[2] : "/tmp/code.bin";
+    if (!strcmp(m, "interp-swap")) {
+        /* PATH: a copy of /bin/hello whose PT_INTERP names PATH's
+           directory's ld.so, a copy of its loader nothing else maps. Then
+           argv[3] (10) tries of a writer opening that loader between
+           imacri's answer to the execution's interpreter event and the
+           kernel's own writers check of it (race_loader). Prints
+           "INTERP tries loaded refused busy after": `loaded` counts the
+           executions whose kernel loaded the loader as the writer left
+           it, after imacri had answered for what it measured. */
+        int tries = argc > 3 ? atoi(argv[3]) : 10;
+        static const char orig[] = "/lib64/ld-linux-x86-64.so.2";
+        char loader[256];
+        snprintf(loader, sizeof loader, "%.*s/ld.so",
+                 (int)(strrchr(path, '/') - path), path);
+        if (strlen(loader) >= sizeof orig) { errno = ENAMETOOLONG; return fail(m); }
+        static char buf[4 << 20];
+        struct { const char *from, *to; int patch; } copies[] = {
+            {orig, loader, 0}, {"/bin/hello", path, 1}};
+        for (int k = 0; k < 2; k++) {
+            int in = open(copies[k].from, O_RDONLY);
+            ssize_t len = in < 0 ? -1 : read(in, buf, sizeof buf);
+            if (in >= 0) close(in);
+            if (len <= 0) return fail(m);
+            if (copies[k].patch) {
+                char *at = memmem(buf, len, orig, sizeof orig);
+                if (!at) { errno = ENOEXEC; return fail(m); }
+                memset(at, 0, sizeof orig);
+                memcpy(at, loader, strlen(loader));
+            }
+            int w = open(copies[k].to, O_WRONLY|O_CREAT|O_TRUNC, 0755);
+            if (w < 0 || write(w, buf, len) != len || close(w)) return fail(m);
+        }
+        pid_t spin = fork();
+        if (!spin) {
+            cpu_set_t s; CPU_ZERO(&s); CPU_SET(0, &s);
+            sched_setaffinity(0, sizeof s, &s);
+            for (;;) ;
+        }
+        cpu_set_t s; CPU_ZERO(&s); CPU_SET(1, &s);
+        sched_setaffinity(0, sizeof s, &s);
+        int loaded = 0, refused = 0, busy = 0, after = 0;
+        for (int i = 0; i < tries; i++) {
+            int r = race_loader(path, loader);
+            if (r == -2) { kill(spin, SIGKILL); errno = EIO; return fail(m); }
+            loaded += r == 1;
+            refused += r == 0;
+            busy += r == 2;
+            after += r == 3;
+        }
+        kill(spin, SIGKILL);
+        printf("INTERP %d %d %d %d %d\n", tries, loaded, refused, busy, after);
+        return 0;
+    }
     if (!strcmp(m, "mark")) {
         printf("%s\n", marker);
         return 0;

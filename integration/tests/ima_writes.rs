@@ -1034,3 +1034,34 @@ async fn an_execution_rewritten_before_the_kernels_check_never_runs_it() {
     stop_pod(&mut rt, &pod).await;
     nix::mount::umount2(&tv, nix::mount::MntFlags::MNT_DETACH).unwrap();
 }
+
+/// A program's interpreter, which the kernel maps itself, is watched as a
+/// mapped file, and the kernel's own writers check of it comes after
+/// imacri answers its loading. `escape interp-swap` runs a program whose
+/// `PT_INTERP` names a copy of the loader nothing else maps, starves the
+/// execution on a busy CPU once that answer is given, and opens the loader
+/// for writing then (40 tries): under `deny` every such open is refused,
+/// the execution being counted as mapping the loader until it is out of
+/// `execve`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_loader_is_not_written_while_an_execution_loads_it() {
+    let env = Env::get();
+    let (d, image, _work) = node(env, "\n[ima.policies.nojit]\nanonymous_exec = \"deny\"").await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, a, _b) = two_containers(&d, &mut rt, "interp-swap", "nojit", &image).await;
+    let (_, out, err) = exec_sh(&mut rt, &a, "escape interp-swap /tmp/h 40").await;
+    // "INTERP tries loaded refused busy after": no execution loaded the
+    // loader as a writer left it; the race was run (writers refused, or
+    // let through once the execution failed its own writers check).
+    let n: Vec<u32> = out
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    assert!(
+        out.starts_with("INTERP") && n.len() == 5 && n[1] == 0 && n[2] + n[3] > 0,
+        "{out}{err}\n{}",
+        d.log()
+    );
+    stop_pod(&mut rt, &pod).await;
+}

@@ -150,7 +150,7 @@ impl Engine {
         if let Some(w) = (maps && !deny).then(|| self.write_watch(t)).flatten() {
             let placed = match kind {
                 // The event's own file, decided on the reader itself.
-                Event::Exec => w.watch_own(fd),
+                Event::Exec => w.watch_own(fd, pending.mapper()),
                 _ => w.watch(fd, pending.mapper()),
             };
             match placed {

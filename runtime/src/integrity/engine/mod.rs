@@ -146,7 +146,7 @@ pub trait Pending: Send {
     /// mappings only: an executable mapping call, or the kernel loading a
     /// program's interpreter).
     fn mapper(&self) -> Mapper {
-        Mapper::Execution
+        Mapper::Unknown
     }
 }
 
@@ -155,10 +155,12 @@ pub trait Pending: Send {
 /// nobody (`fanotify/inpod.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mapper {
-    /// The kernel, loading a program's interpreter within an execution,
-    /// which keeps the file's writers off (`deny_write_access`, ETXTBSY
-    /// both ways) until the mapping is in place.
-    Execution,
+    /// The kernel, loading a program's interpreter in task `tid`'s
+    /// execution: in flight from the answer until the kernel's own writers
+    /// check of the interpreter (`do_open_execat`, after the permission
+    /// event), which then holds writers off until the mapping is in place;
+    /// so until the task is out of its `execve`.
+    Execution(u32),
     /// A guarded system call, in flight from the answer until it returns.
     Call(Caller),
     /// A guarded call whose caller is not known (one the last imacri
@@ -188,8 +190,7 @@ pub trait WriteWatch: Send + Sync {
     /// As [`watch`](Self::watch), for a file `fd` that is imacri's own
     /// open file (a fanotify event's, decided on the reader that would
     /// have to answer an open of it): its lease is taken through a copy.
-    /// It maps as the kernel loading an interpreter ([`Mapper::Execution`]).
-    fn watch_own(&self, fd: BorrowedFd<'_>) -> Result<bool, WatchError>;
+    fn watch_own(&self, fd: BorrowedFd<'_>, by: Mapper) -> Result<bool, WatchError>;
     /// The mapping a watch was placed for was refused after all.
     fn unwatch(&self, fd: BorrowedFd<'_>);
     /// From now on, while a process of the pod has the executed script

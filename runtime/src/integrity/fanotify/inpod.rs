@@ -31,8 +31,8 @@ pub(super) fn has_open(procfs: &Path, inode: (u64, u64)) -> bool {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Calls {
     /// One per task (a task is in one call at a time: its next one means
-    /// the last returned).
-    known: Vec<Caller>,
+    /// the last returned): calls and executions (never `Unknown`).
+    known: Vec<Mapper>,
     /// A call whose caller is not known maps it, or did (a watch read back
     /// after a restart, a call the last imacri handed over, more callers
     /// than [`KEPT_CALLS`] still in their calls): every task of the
@@ -63,23 +63,16 @@ impl Calls {
     }
 
     fn add_in(&mut self, proc: &Path, by: Mapper) {
-        let c = match by {
-            // The execution keeps writers off until its mapping is in
-            // place: nothing to wait for.
-            Mapper::Execution => return,
-            Mapper::Unknown => {
-                self.unknown = true;
-                self.known.clear();
-                self.added += 1;
-                return;
-            }
-            Mapper::Call(c) => c,
-        };
         self.added += 1;
+        let Some(tid) = tid_of(&by) else {
+            self.unknown = true;
+            self.known.clear();
+            return;
+        };
         if self.unknown {
             return;
         }
-        self.known.retain(|k| k.tid != c.tid);
+        self.known.retain(|k| tid_of(k) != Some(tid));
         if self.known.len() >= KEPT_CALLS {
             self.known.retain(|k| in_call(proc, k));
         }
@@ -88,7 +81,16 @@ impl Calls {
             self.known.clear();
             return;
         }
-        self.known.push(c);
+        self.known.push(by);
+    }
+}
+
+/// The task of a known mapper.
+fn tid_of(m: &Mapper) -> Option<u32> {
+    match m {
+        Mapper::Call(c) => Some(c.tid),
+        Mapper::Execution(tid) => Some(*tid),
+        Mapper::Unknown => None,
     }
 }
 
@@ -104,10 +106,13 @@ impl Calls {
 /// they return. A caller still in its call (`/proc/<tid>/syscall` shows
 /// it, or "running": on a CPU, its call unreadable) is looked at again a
 /// few times, 1 ms apart, before the file counts as mapped; then maps are
-/// read (a call that returned made its mapping before). Executions need
-/// no look: the kernel loads an interpreter with the file's writers held
-/// off, so a writer either counts first (the execution fails, ETXTBSY) or
-/// comes after the mapping is in maps. Until 2026-12-05 every task of the
+/// read (a call that returned made its mapping before). An interpreter's
+/// loading is waited for alike, until its task is out of `execve`: the
+/// kernel's own writers check of the interpreter comes after our answer,
+/// and a writer that came and went before it would have the kernel load
+/// what it wrote (after that check writers are held off until the mapping
+/// is in place; a program's own execution is held by its window lease,
+/// `window.rs`). Until 2026-12-05 every task of the
 /// container on a CPU counted (its call could not be read), so a busy
 /// process kept such files unwritable. With the callers unknown, that is
 /// still the rule: any task on a CPU or in a call that maps.
@@ -134,15 +139,33 @@ fn may_map_in(proc: &Path, procfs: &Path, inode: (u64, u64), calls: &Calls) -> b
     maps_show(procfs, inode).unwrap_or(true)
 }
 
-/// Whether task `c.tid` may still be in call `c`: its `syscall` file (in
-/// `proc`, imacri's procfs, which names tasks as the map guard does) shows
-/// that call, or the task on a CPU, or cannot be read. A task gone, in
+/// Whether a mapper may still be on its way: its task's `syscall` file (in
+/// `proc`, imacri's procfs, which names tasks as the map guard and the
+/// fanotify events do) shows the call (an execution: `execve` or
+/// `execveat`), or the task on a CPU, or cannot be read. A task gone, in
 /// user mode or in another call is out of it. (A gone task's id given to a
-/// new task only makes the look more careful.)
-fn in_call(proc: &Path, c: &Caller) -> bool {
-    match std::fs::read_to_string(proc.join(c.tid.to_string()).join("syscall")) {
-        Ok(text) => shows_call(&text, c),
+/// new task only makes the look more careful; an execution that took its
+/// leader's id did so after the interpreter's writers check.)
+fn in_call(proc: &Path, m: &Mapper) -> bool {
+    let Some(tid) = tid_of(m) else { return true };
+    match std::fs::read_to_string(proc.join(tid.to_string()).join("syscall")) {
+        Ok(text) => match m {
+            Mapper::Call(c) => shows_call(&text, c),
+            _ => shows_execution(&text),
+        },
         Err(e) => !gone(&e),
+    }
+}
+
+/// Whether a `syscall` file's text shows an `execve`/`execveat`, or
+/// "running".
+fn shows_execution(text: &str) -> bool {
+    match text.split_whitespace().next() {
+        Some("running") => true,
+        Some(nr) => nr
+            .parse::<i64>()
+            .is_ok_and(|n| n == libc::SYS_execve || n == libc::SYS_execveat),
+        None => false,
     }
 }
 
@@ -383,8 +406,6 @@ mod tests {
         std::fs::write(procfs.path().join("20").join("maps"), "").unwrap();
         let file = (libc::makedev(0, 0x3a), 1234);
         let mut calls = Calls::default();
-        calls.add_in(proc.path(), Mapper::Execution);
-        assert_eq!(calls, Calls::default(), "an execution waits for nothing");
         assert!(!may_map_in(proc.path(), procfs.path(), file, &calls));
         assert!(may_map_in(
             proc.path(),
@@ -409,15 +430,25 @@ mod tests {
             ..call(30, libc::SYS_mprotect)
         };
         calls.add_in(proc.path(), Mapper::Call(next));
-        assert_eq!(calls.known, vec![next]);
+        assert_eq!(calls.known, vec![Mapper::Call(next)]);
         task(proc.path(), 30, "-1 0x7ffc 0x7f00\n");
+        assert!(!may_map_in(proc.path(), procfs.path(), file, &calls));
+        // An execution loading the file as its interpreter: until its task
+        // is out of execve (its writers check of the file comes after our
+        // answer; until 2026-12-05 it was not waited for).
+        calls.add_in(proc.path(), Mapper::Execution(40));
+        task(proc.path(), 40, "59 0x1 0x2 0x3 0x0 0x0 0x0 0x1 0x2\n");
+        assert!(may_map_in(proc.path(), procfs.path(), file, &calls));
+        task(proc.path(), 40, "running\n");
+        assert!(may_map_in(proc.path(), procfs.path(), file, &calls));
+        task(proc.path(), 40, "230 0x0 0x0 0x0 0x0 0x0 0x0 0x1 0x2\n");
         assert!(!may_map_in(proc.path(), procfs.path(), file, &calls));
         // A caller the last imacri handed over: unknown from then on.
         calls.add_in(proc.path(), Mapper::Unknown);
         assert!(calls.unknown && calls.known.is_empty());
         calls.add_in(proc.path(), Mapper::Call(call(31, libc::SYS_mmap)));
         assert!(calls.unknown && calls.known.is_empty());
-        assert_eq!(calls.added, 4);
+        assert_eq!(calls.added, 5);
     }
 
     /// Past [`KEPT_CALLS`] callers, those out of their calls go; if none
@@ -432,7 +463,7 @@ mod tests {
         assert_eq!(calls.known.len(), KEPT_CALLS);
         // All gone: the next one finds room.
         calls.add_in(proc.path(), Mapper::Call(call(1, libc::SYS_mmap)));
-        assert_eq!(calls.known, vec![call(1, libc::SYS_mmap)]);
+        assert_eq!(calls.known, vec![Mapper::Call(call(1, libc::SYS_mmap))]);
         // All still in their calls: unknown.
         for tid in 200..200 + KEPT_CALLS as u32 {
             task(proc.path(), tid, "running\n");

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use super::super::digest::{fd_path, FileKey};
-use super::super::engine::Pending;
+use super::super::engine::{Mapper, Pending};
 use super::super::keeper;
 use super::{window, Group};
 
@@ -37,6 +37,13 @@ impl Pending for FanPending {
 
     fn loads(&self) -> bool {
         self.interpreter
+    }
+
+    fn mapper(&self) -> Mapper {
+        match self.exec_of {
+            Some((tid, _)) => Mapper::Execution(tid as u32),
+            None => Mapper::Unknown,
+        }
     }
 
     fn program(&mut self, elf: crate::integrity::elf::Facts) {

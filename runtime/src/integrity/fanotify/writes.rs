@@ -108,8 +108,8 @@ impl WriteWatch for Group {
         self.watch_with(fd, by, |fd| self.reopen(fd))
     }
 
-    fn watch_own(&self, fd: BorrowedFd<'_>) -> Result<bool, WatchError> {
-        self.watch_with(fd, Mapper::Execution, |fd| fd.try_clone_to_owned())
+    fn watch_own(&self, fd: BorrowedFd<'_>, by: Mapper) -> Result<bool, WatchError> {
+        self.watch_with(fd, by, |fd| fd.try_clone_to_owned())
     }
 
     fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), WatchError> {
