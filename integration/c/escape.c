@@ -404,6 +404,29 @@ static void *wx_flipper(void *a) {
 static void *protector(void *a) {
     return mprotect(a, 4096, PROT_READ|PROT_EXEC) ? (void *)(long)errno : 0;
 }
+/* Pins the caller to CPU `cpu`. */
+static void pin(int cpu) {
+    cpu_set_t s; CPU_ZERO(&s); CPU_SET(cpu, &s);
+    sched_setaffinity(0, sizeof s, &s);
+}
+/* The caller runs on CPU 0 only when nothing else wants it (SCHED_IDLE),
+   behind busy_cpu0's spinner. */
+static void starve_on_cpu0(void) {
+    pin(0);
+    struct sched_param sp = {0};
+    sched_setscheduler(0, SCHED_IDLE, &sp);
+}
+/* A child spinning on CPU 0 (its pid, to kill); the caller moves to CPU 1. */
+static pid_t busy_cpu0(void) {
+    pid_t spin = fork();
+    if (!spin) {
+        pin(0);
+        for (;;) ;
+    }
+    pin(1);
+    return spin;
+}
+
 /* What a copy of this program prints in mode "mark": exec-swap rewrites
    it in a copy (same length) to tell which content ran. */
 static const char marker[] = "MARK-good";
@@ -422,10 +445,7 @@ static int run_mark(const char *path, int starve, long off, int *wrote) {
     if (c < 0) return -1;
     if (!c) {
         if (starve) {
-            cpu_set_t s; CPU_ZERO(&s); CPU_SET(0, &s);
-            sched_setaffinity(0, sizeof s, &s);
-            struct sched_param sp = {0};
-            sched_setscheduler(0, SCHED_IDLE, &sp);
+            starve_on_cpu0();
         }
         dup2(p[1], 1);
         execl(path, path, "mark", (char *)0);
@@ -478,10 +498,7 @@ static int race_loader(const char *path, const char *loader) {
     pid_t c = fork();
     if (c < 0) return -1;
     if (!c) {
-        cpu_set_t s; CPU_ZERO(&s); CPU_SET(0, &s);
-        sched_setaffinity(0, sizeof s, &s);
-        struct sched_param sp = {0};
-        sched_setscheduler(0, SCHED_IDLE, &sp);
+        starve_on_cpu0();
         int n = open("/dev/null", O_WRONLY);
         dup2(n, 1);
         execl(path, path, (char *)0);
@@ -556,14 +573,7 @@ int main(int argc, char **argv) {
             int w = open(copies[k].to, O_WRONLY|O_CREAT|O_TRUNC, 0755);
             if (w < 0 || write(w, buf, len) != len || close(w)) return fail(m);
         }
-        pid_t spin = fork();
-        if (!spin) {
-            cpu_set_t s; CPU_ZERO(&s); CPU_SET(0, &s);
-            sched_setaffinity(0, sizeof s, &s);
-            for (;;) ;
-        }
-        cpu_set_t s; CPU_ZERO(&s); CPU_SET(1, &s);
-        sched_setaffinity(0, sizeof s, &s);
+        pid_t spin = busy_cpu0();
         int loaded = 0, refused = 0, busy = 0, after = 0;
         for (int i = 0; i < tries; i++) {
             int r = race_loader(path, loader);
@@ -594,14 +604,7 @@ int main(int argc, char **argv) {
         char *at = len > 0 ? memmem(buf, len, marker, 9) : 0;
         if (!at) return fail(m);
         long off = at - buf;
-        pid_t spin = fork();
-        if (!spin) {
-            cpu_set_t s; CPU_ZERO(&s); CPU_SET(0, &s);
-            sched_setaffinity(0, sizeof s, &s);
-            for (;;) ;
-        }
-        cpu_set_t s; CPU_ZERO(&s); CPU_SET(1, &s);
-        sched_setaffinity(0, sizeof s, &s);
+        pid_t spin = busy_cpu0();
         int writes = 0, wrote;
         for (int i = 0; i < tries; i++) {
             int w = open(path, O_WRONLY|O_CREAT|O_TRUNC, 0755);

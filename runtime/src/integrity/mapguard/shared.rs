@@ -331,11 +331,13 @@ mod tests {
         // Gone from the next listing too.
         assert!(!list.read().unwrap().contains(&other));
         // A listing longer than one read (a page): every thread is in it,
-        // however short the kernel's reads come.
+        // however short the kernel's reads come. 2000 threads: past a page
+        // even where their ids have three or four digits (800 were not, on
+        // a machine whose ids had come round to four: 3740 bytes).
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let stop_rx = Arc::new(Mutex::new(stop_rx));
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let many: Vec<_> = (0..800)
+        let many: Vec<_> = (0..2000)
             .map(|_| {
                 let (stop_rx, tid_tx) = (stop_rx.clone(), tid_tx.clone());
                 std::thread::Builder::new()
