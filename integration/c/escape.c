@@ -427,6 +427,27 @@ static pid_t busy_cpu0(void) {
     return spin;
 }
 
+/* Watches task C's syscall file until C has been answered `times` times
+   in its execve (each a "59 ..." seen, blocked on a permission event,
+   then "running": woken, not yet run). 1 when it was, 0 when C is gone or
+   the watch gave up. */
+static int answered_in_execve(pid_t c, int times) {
+    char f[64], t[64];
+    snprintf(f, sizeof f, "/proc/%d/syscall", c);
+    int answered = 0, in_exec = 0;
+    for (int i = 0; i < 4000000 && answered < times; i++) {
+        int sf = open(f, O_RDONLY);
+        if (sf < 0) break;
+        ssize_t n = read(sf, t, sizeof t - 1);
+        close(sf);
+        if (n <= 0) break;
+        t[n] = 0;
+        if (!strncmp(t, "59 ", 3)) in_exec = 1;
+        else if (in_exec && !strncmp(t, "running", 7)) { answered++; in_exec = 0; }
+    }
+    return answered == times;
+}
+
 /* What a copy of this program prints in mode "mark": exec-swap rewrites
    it in a copy (same length) to tell which content ran. */
 static const char marker[] = "MARK-good";
@@ -453,26 +474,11 @@ static int run_mark(const char *path, int starve, long off, int *wrote) {
     }
     close(p[1]);
     *wrote = 0;
-    if (starve) {
-        char f[64], t[64];
-        snprintf(f, sizeof f, "/proc/%d/syscall", c);
-        int seen = 0;
-        for (int i = 0; i < 2000000; i++) {
-            int sf = open(f, O_RDONLY);
-            if (sf < 0) break;
-            ssize_t n = read(sf, t, sizeof t - 1);
-            close(sf);
-            if (n <= 0) break;
-            t[n] = 0;
-            if (!strncmp(t, "59 ", 3)) seen = 1;
-            else if (seen && !strncmp(t, "running", 7)) {
-                int w = open(path, O_WRONLY);
-                if (w >= 0) {
-                    *wrote = pwrite(w, "MARK-EVIL", 9, off) == 9;
-                    close(w);
-                }
-                break;
-            }
+    if (starve && answered_in_execve(c, 1)) {
+        int w = open(path, O_WRONLY);
+        if (w >= 0) {
+            *wrote = pwrite(w, "MARK-EVIL", 9, off) == 9;
+            close(w);
         }
     }
     char out[64] = {0};
@@ -504,20 +510,8 @@ static int race_loader(const char *path, const char *loader) {
         execl(path, path, (char *)0);
         _exit(errno == ETXTBSY ? 126 : errno == ELIBBAD || errno == ENOEXEC ? 125 : 127);
     }
-    char f[64], t[64];
-    snprintf(f, sizeof f, "/proc/%d/syscall", c);
-    int answered = 0, in_exec = 0, r = -1, broke = 0;
-    for (int i = 0; i < 4000000 && answered < 2; i++) {
-        int sf = open(f, O_RDONLY);
-        if (sf < 0) break;
-        ssize_t n = read(sf, t, sizeof t - 1);
-        close(sf);
-        if (n <= 0) break;
-        t[n] = 0;
-        if (!strncmp(t, "59 ", 3)) in_exec = 1;
-        else if (in_exec && !strncmp(t, "running", 7)) { answered++; in_exec = 0; }
-    }
-    if (answered == 2) {
+    int r = -1, broke = 0;
+    if (answered_in_execve(c, 2)) {
         int w = open(loader, O_WRONLY);
         if (w >= 0) {
             broke = pwrite(w, "\x7f" "ELX", 4, 0) == 4;

@@ -107,3 +107,23 @@ pub fn kubelet_volume(
     std::fs::create_dir_all(&p).unwrap();
     p
 }
+
+/// [`kubelet_volume`] with a tmpfs of its own (16 MiB) mounted there, as a
+/// memory-backed emptyDir: a volume `volumes = "measure"` measures. The
+/// caller unmounts it.
+pub fn kubelet_tmpfs_volume(
+    root: &std::path::Path,
+    cfg: &cri::PodSandboxConfig,
+    name: &str,
+) -> std::path::PathBuf {
+    let p = kubelet_volume(root, cfg, name);
+    nix::mount::mount(
+        Some("tmpfs"),
+        &p,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16m"),
+    )
+    .unwrap();
+    p
+}

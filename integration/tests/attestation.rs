@@ -768,17 +768,9 @@ async fn tmpfs_volumes_are_measured_when_the_policy_says_so() {
     // Where kubelet keeps the pod's memory-backed emptyDir: only there is
     // a tmpfs the pod's own.
     let cfg = ima_pod("vols", Some("vols"));
-    let tv = imacri_integration::kubelet_volume(work.path(), &cfg, "tv");
+    let tv = imacri_integration::kubelet_tmpfs_volume(work.path(), &cfg, "tv");
     let dv = work.path().join("dv");
     std::fs::create_dir_all(&dv).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &tv,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=16m"),
-    )
-    .unwrap();
     for d in [&tv, &dv] {
         std::fs::copy("/bin/busybox", d.join("true")).unwrap();
     }

@@ -435,15 +435,7 @@ async fn a_stopped_containers_watches_hold_up_no_open() {
     let (d, image, work) = node(env, "[ima.policies.vols]\nvolumes = \"measure\"").await;
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima("gone-watch", "vols");
-    let vol = imacri_integration::kubelet_volume(work.path(), &cfg, "vol");
-    nix::mount::mount(
-        Some("tmpfs"),
-        &vol,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=16m"),
-    )
-    .unwrap();
+    let vol = imacri_integration::kubelet_tmpfs_volume(work.path(), &cfg, "vol");
     let with_vol = |mut c: cri::ContainerConfig| {
         c.mounts.push(cri::Mount {
             container_path: "/x".into(),
@@ -997,15 +989,7 @@ async fn an_execution_rewritten_before_the_kernels_check_never_runs_it() {
     let (d, image, work) = node(env, "\n[ima.policies.vols]\nvolumes = \"measure\"").await;
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima("exec-swap", "vols");
-    let tv = imacri_integration::kubelet_volume(work.path(), &cfg, "tv");
-    nix::mount::mount(
-        Some("tmpfs"),
-        &tv,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=16m"),
-    )
-    .unwrap();
+    let tv = imacri_integration::kubelet_tmpfs_volume(work.path(), &cfg, "tv");
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
     let mut cc = container_config("c", &image, &["sleep", "1000"]);
     cc.mounts.push(cri::Mount {
