@@ -6,6 +6,21 @@ use imacri_runtime::config::{Config, DEFAULT_TOML};
 use imacri_runtime::logsink::{self, LogSink, SinkGuard};
 use std::path::PathBuf;
 
+/// mimalloc, for Rust's allocations and (`override`) every C library's in
+/// the process: each thread allocates from pages of its own and frees into
+/// another thread's with an atomic push, so no thread waits on a lock
+/// another holds. glibc's malloc locks an arena per call that misses the
+/// thread's cache, and the threads working for a pod run in the pod's CPU
+/// cgroup, where they are stopped wherever they are when it reaches its
+/// limit (on the way back to user mode, a timer interrupt's too): one
+/// stopped inside `realloc` held its arena for the rest of the period, and
+/// every other pod's reader, hashing thread and the gRPC workers that
+/// shared the arena waited ~90 ms with it (`perf` of
+/// `a_throttled_pod_does_not_stall_other_pods`, 1 run in 8). It also keeps
+/// memory per pod low without glibc's arena cap.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "imacri",
@@ -234,15 +249,14 @@ fn init_logging(cfg: &Config) -> Result<(LogSink, SinkGuard)> {
     Ok((sink, guard))
 }
 
+/// Collects the calling thread's freed pages (`imacri_runtime::quiet`).
+fn collect_thread_memory() {
+    // SAFETY: no arguments; works on the calling thread's own heap.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 fn main() -> Result<()> {
-    // glibc gives each thread that allocates an arena of its own, up to
-    // eight per core, and keeps what each touched: with a fanotify reader
-    // and a seccomp listener per ima container (and hashing threads per
-    // pod), memory per pod moved with how many arenas the pods' threads
-    // happened to spread over (68-133 KiB per ima pod in `BENCH_ONLY=memory`
-    // runs). Two arenas: the daemon's threads allocate little and briefly.
-    // SAFETY: mallopt with integer arguments, before any other thread.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+    imacri_runtime::quiet::set_collect(collect_thread_memory);
     let cli = Cli::parse();
     // Runs before any thread exists: joining a user namespace needs that.
     if let Cmd::Internal {

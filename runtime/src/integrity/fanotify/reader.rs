@@ -12,10 +12,15 @@ use super::super::engine::Engine;
 use super::super::log::Event;
 use super::pending::{answer, FanPending};
 use super::{opened_by, writes, Group};
+use crate::quiet::Quiet;
+
+/// How often executions in their window are looked at while no event comes.
+const WINDOW_LOOK: std::time::Duration = std::time::Duration::from_millis(10);
 
 pub(super) fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::poll::{poll, PollFd, PollFlags};
     let mut handled = 0u64;
+    let mut quiet = Quiet::default();
     loop {
         let mut fds = [
             PollFd::new(group.fan.as_fd(), PollFlags::POLLIN),
@@ -23,15 +28,13 @@ pub(super) fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
         ];
         // Executions in their window are looked at now and then, with or
         // without events.
-        let wait = match group.windows.any() {
-            true => PollTimeout::from(10u8),
-            false => PollTimeout::NONE,
-        };
-        match poll(&mut fds, wait) {
+        let windows = group.windows.any().then_some(WINDOW_LOOK);
+        match poll(&mut fds, quiet.poll_timeout(windows)) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return stopped(engine, &group, &stop, format!("fanotify poll failed: {e}")),
             Ok(0) => {
                 group.settle_windows(None, true);
+                quiet.collect_if_quiet();
                 continue;
             }
             Ok(_) => {}
@@ -67,6 +70,7 @@ pub(super) fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
             handle(engine, &group, ev);
         }
         group.settle_windows(None, true);
+        quiet.worked();
     }
 }
 

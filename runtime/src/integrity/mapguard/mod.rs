@@ -403,18 +403,23 @@ fn serve(
     ids: Option<&keeper::IdFile>,
     kept: Option<&Arc<(keeper::Keeper, String)>>,
 ) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::poll::{poll, PollFd, PollFlags};
     sync_wake_up(&notify, container);
     let listener = Listener::new(notify, container, kept);
     let notify = &listener.notify;
     let mut tasks = task::Tasks::default();
+    let mut quiet = crate::quiet::Quiet::default();
     loop {
         let mut fds = [PollFd::new(notify.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::NONE) {
+        match poll(&mut fds, quiet.poll_timeout(None)) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 tracing::error!(container_id = %container, error = %e, "map guard: poll");
                 return true;
+            }
+            Ok(0) => {
+                quiet.collect_if_quiet();
+                continue;
             }
             Ok(_) => {}
         }
@@ -459,6 +464,7 @@ fn serve(
             charge::enter(t.charge.as_ref());
         }
         listener.handle(&engine, &mut tasks, &req);
+        quiet.worked();
     }
 }
 
