@@ -17,8 +17,8 @@ use std::path::PathBuf;
 /// every other pod's reader, hashing thread and the gRPC workers that
 /// shared the arena waited ~90 ms with it (`perf` of
 /// `a_throttled_pod_does_not_stall_other_pods`: 3 runs in ~42; none in 42
-/// since). The price is memory per thread (~70 KiB for each ima
-/// container's reader and listener; README, Memory per pod).
+/// since). The price is memory per thread, ~75 KiB: an ima container's
+/// reader and listener end while idle (`integrity::park`).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -250,14 +250,7 @@ fn init_logging(cfg: &Config) -> Result<(LogSink, SinkGuard)> {
     Ok((sink, guard))
 }
 
-/// Collects the calling thread's freed pages (`imacri_runtime::quiet`).
-fn collect_thread_memory() {
-    // SAFETY: no arguments; works on the calling thread's own heap.
-    unsafe { libmimalloc_sys::mi_collect(true) }
-}
-
 fn main() -> Result<()> {
-    imacri_runtime::quiet::set_collect(collect_thread_memory);
     let cli = Cli::parse();
     // Runs before any thread exists: joining a user namespace needs that.
     if let Cmd::Internal {

@@ -19,7 +19,6 @@ pub mod netns;
 pub mod nri;
 pub mod pod;
 pub mod podns;
-pub mod quiet;
 pub mod seccomp;
 pub mod spec;
 pub mod stats;

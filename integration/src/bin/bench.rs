@@ -383,8 +383,15 @@ async fn pod_starts(
     Ok(out)
 }
 
-/// Pods started per runtime and kind to measure memory per pod.
-const MEM_PODS: usize = 20;
+/// Pods started per runtime and kind to measure memory per pod
+/// (`BENCH_MEM_PODS` to change it: more pods, less noise).
+fn mem_pods() -> usize {
+    std::env::var("BENCH_MEM_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(20)
+}
 
 /// A number field of `pid`'s /proc status ("VmRSS" in KiB, "Threads").
 fn status_field(pid: u32, field: &str) -> Option<f64> {
@@ -417,7 +424,7 @@ fn pid_with_arg(arg: &Path) -> Option<u32> {
     })
 }
 
-/// Starts MEM_PODS pods of `mode` (one `sleep` container each) and returns
+/// Starts [`mem_pods`] pods of `mode` (one `sleep` container each) and returns
 /// the growth of each of `pids`' RSS (KiB) and threads per pod, with the pods left
 /// running (their ids in `made`) so a later measurement does not reuse the
 /// memory they freed.
@@ -445,12 +452,18 @@ async fn memory_per_pod(
         )
     };
     let before: Vec<(f64, f64)> = pids.iter().map(sample).collect();
-    for i in 0..MEM_PODS {
+    for i in 0..mem_pods() {
         let name = format!("mem-{label}-{i}");
         made.push(running_pod(rt, mode, &name, 100 + i, img).await?);
     }
+    // Idle pods: imacri's threads for a pod end a second after its last
+    // event (`integrity/park.rs`); waited for, up to 10 s.
+    let settled = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sample(&pids[0]).1 > before[0].1 && std::time::Instant::now() < settled {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let n = MEM_PODS as f64;
+    let n = mem_pods() as f64;
     Ok(pids
         .iter()
         .map(sample)
@@ -764,7 +777,8 @@ async fn main() -> Result<()> {
                 .map_or("-".to_string(), |(k, t)| format!("{k:.0} KiB, {t:.1} thr"))
         };
         println!(
-            "memory per pod ({MEM_PODS} running pods of one busybox container each, after 2 started and removed; growth of anonymous RSS and threads per pod; target < 100 KiB for imacri)"
+            "memory per pod ({} running pods of one busybox container each, after 2 started and removed; growth of anonymous RSS and threads per pod; target < 100 KiB for imacri)",
+            mem_pods()
         );
         println!(
             "{:<22} {:>20} {:>22}",

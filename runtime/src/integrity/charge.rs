@@ -10,9 +10,14 @@
 //! fanotify reader busy. So the threads that work for one pod (its hashing
 //! threads, its containers' seccomp listeners and fanotify readers) join
 //! the pod's `cpu` and `cpuacct`
-//! cgroups while they do: cgroup v1 places threads one by one, and a
-//! migration costs ~20 us here, paid when a thread starts working for
-//! another pod, not per call. A throttled pod stalls only its own threads.
+//! cgroups while they do: cgroup v1 places threads one by one. A migration
+//! costs 30-60 us right after another but 6-16 ms after ~50 ms without one
+//! (the kernel waits for an RCU grace period; measured here), so it is paid
+//! when a thread starts working for another pod, not per call, and a
+//! reader or listener starting again after a quiet spell (`park.rs`) moves
+//! only once it has used [`UNCHARGED`] of CPU ([`enter_when_busy`]): the
+//! first event after a pod was idle does not wait for a grace period. A
+//! throttled pod stalls only its own threads.
 //! A thread starts in the cgroups of the thread that spawned it: a held
 //! mapping call's thread, spawned by the listener, works in the pod's; a
 //! thread that serves every pod goes home first thing.
@@ -178,6 +183,56 @@ pub fn enter(charge: Option<&Arc<Charge>>) {
             home();
         }
     }
+}
+
+/// CPU a reader's or listener's thread may use for its pod (since it
+/// started) before it moves into the pod's cgroups. What a pod can have
+/// imacri spend uncharged is this per thread start: one a second at most
+/// per reader and per listener (`park::QUIET`), 0.2% of a core each.
+pub const UNCHARGED: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// [`enter`], once the calling thread has used [`UNCHARGED`] of CPU: a
+/// thread that answers a few events and parks again never waits for a
+/// migration.
+pub fn enter_when_busy(charge: Option<&Arc<Charge>>) {
+    let there = CURRENT.with(|c| match (&*c.borrow(), charge) {
+        (Place::In(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        (Place::Home, None) => true,
+        _ => false,
+    });
+    if there || thread_cpu() < UNCHARGED {
+        return;
+    }
+    enter(charge);
+}
+
+/// Home, if the calling thread moved into a pod's cgroups: before it
+/// parks, so that it takes the parking lot's lock where no pod's CPU limit
+/// can stop it. A thread that never moved stays (a grace period spared).
+pub fn leave() {
+    if CURRENT.with(|c| matches!(*c.borrow(), Place::In(_))) {
+        home();
+    }
+}
+
+/// The calling thread is in imacri's own cgroups (spawned by a thread that
+/// is): [`enter`] need not move it there.
+pub fn born_home() {
+    CURRENT.with(|c| *c.borrow_mut() = Place::Home);
+}
+
+/// CPU the calling thread has used.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: fills `ts`, a plain struct we own.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        // Unknown: as if busy (charged, as before).
+        return std::time::Duration::MAX;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Back to imacri's own cgroups (a thread done with a pod's work, before

@@ -23,6 +23,7 @@ pub mod kernel;
 pub mod log;
 pub mod mapguard;
 pub mod overlay;
+pub mod park;
 pub mod policy;
 pub mod quiet;
 pub mod retained;

@@ -346,6 +346,7 @@ impl CriServer {
                 "unheldCalls": s.unheld_calls.load(Relaxed),
                 "unleasedFiles": s.unleased.load(Relaxed),
                 "heldWriters": s.held_writers.load(Relaxed),
+                "parkedThreads": imacri_runtime::integrity::park::parked(),
                 "meanCacheHitNs": s.hit_ns_total.load(Relaxed).checked_div(hits).unwrap_or(0),
             })
         });

@@ -32,7 +32,6 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
-use super::charge;
 use super::digest::FileKey;
 use super::engine::{Engine, Measured};
 
@@ -201,8 +200,7 @@ pub struct KeptGroup {
 /// the keeper's copy with it).
 pub struct Watch {
     stop: Option<OwnedFd>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// Hangs up when the reader thread ends.
+    /// Hangs up when the reader ends (its last thread, parked or not).
     ended: Option<std::sync::mpsc::Receiver<()>>,
     engine: Arc<Engine>,
     container: String,
@@ -218,20 +216,18 @@ impl Drop for Watch {
                 tracing::debug!(container_id = %self.container, error = %e, "fd keeper: fanotify group not dropped");
             }
         }
-        // Closing the pipe's write end wakes the reader, which closes the group.
+        // Closing the pipe's write end wakes the reader (a parked one is
+        // started for it), which closes the group.
         self.stop.take();
-        if let Some(t) = self.thread.take() {
-            // Joined when it ends at once (the usual case). A reader waiting
-            // for room in its pod's hash queue ends by itself once it gets
-            // it; the caller (a task of the server's runtime) must not wait
-            // for a pod that keeps its queue full.
-            if let Some(ended) = self.ended.take() {
-                // Disconnected as the thread lets go of its sender.
-                let _ = ended.recv_timeout(std::time::Duration::from_millis(200));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
+        // Waited for when it ends at once (the usual case). A reader waiting
+        // for room in its pod's hash queue ends by itself once it gets it;
+        // the caller (a task of the server's runtime) must not wait for a
+        // pod that keeps its queue full.
+        if let Some(ended) = self.ended.take() {
+            use std::sync::mpsc::RecvTimeoutError;
+            // Disconnected as the reader lets go of its sender.
+            let waited = ended.recv_timeout(std::time::Duration::from_millis(200));
+            if waited == Err(RecvTimeoutError::Timeout) {
                 tracing::debug!(container_id = %self.container, "fanotify reader still waiting for queue room; it ends by itself");
             }
         }
@@ -424,22 +420,23 @@ fn start(
         });
         engine.measure_now(group.target.measured.clone(), pending, key, kind);
     }
-    let e = engine.clone();
     let (ending, ended) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("imacri-fanotify".into())
-        .spawn(move || {
-            let _ending = ending;
-            reader::read_loop(&e, group, stop_r);
-            charge::home();
-        })
+    let reader = reader::Reader {
+        engine: engine.clone(),
+        group,
+        stop: stop_r,
+        handled: 0,
+        _ending: ending,
+    };
+    std::thread::Builder::new()
+        .name(reader::THREAD.name.into())
+        .spawn(move || reader.run())
         .map_err(|err| {
             engine.unregister(&container);
             FanotifyError::Thread(err)
         })?;
     Ok(Watch {
         stop: Some(stop_w),
-        thread: Some(thread),
         ended: Some(ended),
         engine: engine.clone(),
         container,

@@ -1,6 +1,7 @@
 //! A container's fanotify reader: reads its group's events and hands each
 //! to the engine (or answers it at once), until its watch is dropped; a
-//! reader that cannot go on fails closed.
+//! reader that cannot go on fails closed. A reader with nothing to do parks
+//! ([`park`]): its thread ends and one starts again when events come.
 
 use nix::sys::fanotify::{FanotifyEvent, MaskFlags};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -10,67 +11,107 @@ use super::super::charge;
 use super::super::digest::FileKey;
 use super::super::engine::Engine;
 use super::super::log::Event;
+use super::super::park::{self, Idle};
 use super::pending::{answer, FanPending};
 use super::{opened_by, writes, Group};
-use crate::quiet::Quiet;
 
 /// How often executions in their window are looked at while no event comes.
 const WINDOW_LOOK: std::time::Duration = std::time::Duration::from_millis(10);
 
-pub(super) fn read_loop(engine: &Engine, group: Arc<Group>, stop: OwnedFd) {
-    use nix::poll::{poll, PollFd, PollFlags};
-    let mut handled = 0u64;
-    let mut quiet = Quiet::default();
-    loop {
-        let mut fds = [
-            PollFd::new(group.fan.as_fd(), PollFlags::POLLIN),
-            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-        ];
-        // Executions in their window are looked at now and then, with or
-        // without events.
-        let windows = group.windows.any().then_some(WINDOW_LOOK);
-        match poll(&mut fds, quiet.poll_timeout(windows)) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return stopped(engine, &group, &stop, format!("fanotify poll failed: {e}")),
-            Ok(0) => {
-                group.settle_windows(None, true);
-                quiet.collect_if_quiet();
-                continue;
+/// The thread a reader runs on.
+pub(super) const THREAD: park::Spawn = park::Spawn {
+    name: "imacri-fanotify",
+    stack: None,
+};
+
+/// A container's reader, whichever thread runs it now.
+pub(super) struct Reader {
+    pub(super) engine: Arc<Engine>,
+    pub(super) group: Arc<Group>,
+    /// Readable (hung up) once the watch is dropped.
+    pub(super) stop: OwnedFd,
+    /// Events handled (for a test's injected fault).
+    pub(super) handled: u64,
+    /// Dropped with the reader: its watch waits for that.
+    pub(super) _ending: std::sync::mpsc::Sender<()>,
+}
+
+impl Reader {
+    /// Reads until the watch is dropped, or parks once quiet.
+    pub(super) fn run(mut self) {
+        use nix::poll::{poll, PollFd, PollFlags};
+        let (engine, group) = (self.engine.clone(), self.group.clone());
+        let mut idle = Idle::default();
+        loop {
+            let mut fds = [
+                PollFd::new(group.fan.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+            ];
+            // Executions in their window are looked at now and then, with or
+            // without events.
+            let windows = group.windows.any().then_some(WINDOW_LOOK);
+            match poll(&mut fds, idle.poll_timeout(windows)) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    return stopped(
+                        &engine,
+                        &group,
+                        &self.stop,
+                        format!("fanotify poll failed: {e}"),
+                    )
+                }
+                Ok(0) => {
+                    group.settle_windows(None, true);
+                    if idle.is_over() && !group.windows.any() {
+                        let fds = [group.fan.as_fd().as_raw_fd(), self.stop.as_raw_fd()];
+                        match park::park(&fds, THREAD, self, Reader::run) {
+                            Ok(()) => return,
+                            Err(back) => self = back,
+                        }
+                        idle.worked();
+                    }
+                    continue;
+                }
+                Ok(_) => {}
             }
-            Ok(_) => {}
-        }
-        if fds[1].any().unwrap_or(true) {
-            return;
-        }
-        if engine.fail_after.is_some_and(|n| handled >= n) {
-            return stopped(engine, &group, &stop, "injected reader fault (test)".into());
-        }
-        // imacri is stopping: what is not read yet waits in the kernel
-        // (the keeper holds the group) for the next imacri.
-        let Some(_reading) = engine.reading() else {
-            return;
-        };
-        // A flood of accesses costs the pod's CPU, not the node's (moves
-        // once; a check of a pointer after that).
-        charge::enter(group.target.measured.charge.as_ref());
-        let events = match group.fan.read_events() {
-            Ok(ev) => ev,
-            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
+            if fds[1].any().unwrap_or(true) {
+                return charge::leave();
+            }
+            if engine.fail_after.is_some_and(|n| self.handled >= n) {
                 return stopped(
-                    engine,
+                    &engine,
                     &group,
-                    &stop,
-                    format!("reading fanotify events failed: {e}"),
-                )
+                    &self.stop,
+                    "injected reader fault (test)".into(),
+                );
             }
-        };
-        for ev in events {
-            handled += 1;
-            handle(engine, &group, ev);
+            // imacri is stopping: what is not read yet waits in the kernel
+            // (the keeper holds the group) for the next imacri.
+            let Some(_reading) = engine.reading() else {
+                return charge::leave();
+            };
+            // A flood of accesses costs the pod's CPU, not the node's (moves
+            // once busy; a check of a pointer after that).
+            charge::enter_when_busy(group.target.measured.charge.as_ref());
+            let events = match group.fan.read_events() {
+                Ok(ev) => ev,
+                Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    return stopped(
+                        &engine,
+                        &group,
+                        &self.stop,
+                        format!("reading fanotify events failed: {e}"),
+                    )
+                }
+            };
+            for ev in events {
+                self.handled += 1;
+                handle(&engine, &group, ev);
+            }
+            group.settle_windows(None, true);
+            idle.worked();
         }
-        group.settle_windows(None, true);
-        quiet.worked();
     }
 }
 
@@ -85,7 +126,7 @@ fn stopped(engine: &Engine, group: &Group, stop: &OwnedFd, reason: String) {
         let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::errno::Errno::EINTR) => continue,
-            _ => return,
+            _ => return charge::leave(),
         }
     }
 }

@@ -36,7 +36,7 @@
 //! after our check: [`shared`] says when that matters, [`hold`] what is
 //! done then.
 
-use super::{charge, keeper};
+use super::{charge, keeper, park};
 mod anonymous;
 pub use anonymous::userfaultfd_device;
 mod call;
@@ -314,9 +314,17 @@ fn accept(
     }
 }
 
+/// The thread a listener runs on.
+const THREAD: park::Spawn = park::Spawn {
+    name: "imacri-seccomp",
+    stack: Some(256 * 1024),
+};
+
 /// Answers the notifications of one seccomp listener fd, for `container`
 /// (registered with the engine), on a thread of its own until no task uses
 /// the filter (the keeper, holding it under `kept`, lets it go then too).
+/// A listener with nothing to do parks ([`park`]): its thread ends, and one
+/// starts again when a call comes.
 pub fn listen(
     engine: Weak<Engine>,
     fd: OwnedFd,
@@ -324,23 +332,129 @@ pub fn listen(
     ids: Option<keeper::IdFile>,
     kept: Option<Arc<(keeper::Keeper, String)>>,
 ) -> std::io::Result<()> {
+    sync_wake_up(&fd, &container);
+    let serving = Serving {
+        engine,
+        listener: Listener::new(fd, &container, kept.as_ref()),
+        ids,
+        kept,
+    };
     std::thread::Builder::new()
-        .name("imacri-seccomp".into())
+        .name(THREAD.name.into())
         .stack_size(256 * 1024)
-        .spawn(move || {
-            let done = serve(&engine, fd, &container, ids.as_ref(), kept.as_ref());
-            charge::home();
-            // Not when imacri is stopping: the next one answers it.
-            if done {
-                if let Some(i) = ids {
-                    i.remove();
+        .spawn(move || serving.run())
+        .map(|_| ())
+}
+
+/// A listener, whichever thread runs it now.
+struct Serving {
+    engine: Weak<Engine>,
+    listener: Listener,
+    ids: Option<keeper::IdFile>,
+    kept: Option<Arc<(keeper::Keeper, String)>>,
+}
+
+/// Why a listener's thread stops answering.
+enum Served {
+    /// No task uses the filter any more (or the listener failed).
+    Done,
+    /// imacri is stopping: the next one answers.
+    Stopping,
+    /// Nothing came for a while.
+    Quiet,
+}
+
+impl Serving {
+    fn run(mut self) {
+        loop {
+            match self.serve() {
+                Served::Quiet => {
+                    let fd = self.listener.notify.as_raw_fd();
+                    match park::park(&[fd], THREAD, self, Serving::run) {
+                        Ok(()) => return,
+                        Err(back) => self = back,
+                    }
                 }
-                if let Some(k) = kept {
-                    k.0.forget(&k.1);
+                Served::Stopping => return charge::leave(),
+                Served::Done => {
+                    charge::leave();
+                    if let Some(i) = self.ids {
+                        i.remove();
+                    }
+                    if let Some(k) = self.kept {
+                        k.0.forget(&k.1);
+                    }
+                    return;
                 }
             }
-        })
-        .map(|_| ())
+        }
+    }
+
+    /// Answers notifications until the listener is done, imacri stops or
+    /// nothing came for [`park::QUIET`].
+    fn serve(&self) -> Served {
+        use nix::poll::{poll, PollFd, PollFlags};
+        let (listener, container) = (&self.listener, &self.listener.container);
+        let notify = &listener.notify;
+        // The pidfds of the calling tasks, kept while the thread lives.
+        let mut tasks = task::Tasks::default();
+        let mut idle = park::Idle::default();
+        loop {
+            let mut fds = [PollFd::new(notify.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, idle.poll_timeout(None)) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::error!(container_id = %container, error = %e, "map guard: poll");
+                    return Served::Done;
+                }
+                Ok(0) if idle.is_over() => return Served::Quiet,
+                Ok(0) => continue,
+                Ok(_) => {}
+            }
+            let rev = fds[0].revents().unwrap_or(PollFlags::POLLHUP);
+            if !rev.contains(PollFlags::POLLIN) {
+                // POLLHUP: every task of this filter is gone.
+                return Served::Done;
+            }
+            let Some(engine) = self.engine.upgrade() else {
+                return Served::Stopping;
+            };
+            // imacri is stopping: what is not received yet waits in the
+            // kernel (the keeper holds the listener) for the next imacri.
+            let Some(_reading) = engine.reading() else {
+                return Served::Stopping;
+            };
+            // SAFETY: the kernel requires a zeroed struct; plain old data.
+            let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+            let r = unsafe {
+                libc::ioctl(
+                    notify.as_raw_fd(),
+                    libc::SECCOMP_IOCTL_NOTIF_RECV as _,
+                    &mut req as *mut libc::seccomp_notif,
+                )
+            };
+            if r != 0 {
+                match nix::errno::Errno::last() {
+                    // The task died before we read it, or a signal: next one.
+                    nix::errno::Errno::ENOENT | nix::errno::Errno::EINTR => continue,
+                    e => {
+                        tracing::error!(container_id = %container, error = %e, "map guard: receiving");
+                        return Served::Done;
+                    }
+                }
+            }
+            if let Some(i) = &self.ids {
+                i.record(req.id);
+            }
+            // A loop of guarded calls costs the pod's CPU, not the node's
+            // (moves once busy; a check of a pointer after that).
+            if let Some(t) = engine.target(container) {
+                charge::enter_when_busy(t.charge.as_ref());
+            }
+            listener.handle(&engine, &mut tasks, &req);
+            idle.worked();
+        }
+    }
 }
 
 /// The message (JSON, to EOF) and the fds of its first part.
@@ -390,81 +504,6 @@ fn sync_wake_up(notify: &OwnedFd, container: &str) {
     };
     if r != 0 {
         tracing::debug!(container_id = %container, error = %nix::errno::Errno::last(), "map guard: no synchronous wake-ups (kernel < 6.6)");
-    }
-}
-
-/// Answers one listener's notifications until no task uses its filter.
-/// Returns true when the listener is done with (no task uses its filter,
-/// or it failed), false when imacri is stopping.
-fn serve(
-    engine: &Weak<Engine>,
-    notify: OwnedFd,
-    container: &str,
-    ids: Option<&keeper::IdFile>,
-    kept: Option<&Arc<(keeper::Keeper, String)>>,
-) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags};
-    sync_wake_up(&notify, container);
-    let listener = Listener::new(notify, container, kept);
-    let notify = &listener.notify;
-    let mut tasks = task::Tasks::default();
-    let mut quiet = crate::quiet::Quiet::default();
-    loop {
-        let mut fds = [PollFd::new(notify.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, quiet.poll_timeout(None)) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                tracing::error!(container_id = %container, error = %e, "map guard: poll");
-                return true;
-            }
-            Ok(0) => {
-                quiet.collect_if_quiet();
-                continue;
-            }
-            Ok(_) => {}
-        }
-        let rev = fds[0].revents().unwrap_or(PollFlags::POLLHUP);
-        if !rev.contains(PollFlags::POLLIN) {
-            // POLLHUP: every task of this filter is gone.
-            return true;
-        }
-        let Some(engine) = engine.upgrade() else {
-            return false;
-        };
-        // imacri is stopping: what is not received yet waits in the kernel
-        // (the keeper holds the listener) for the next imacri.
-        let Some(_reading) = engine.reading() else {
-            return false;
-        };
-        // SAFETY: the kernel requires a zeroed struct; plain old data.
-        let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
-        let r = unsafe {
-            libc::ioctl(
-                notify.as_raw_fd(),
-                libc::SECCOMP_IOCTL_NOTIF_RECV as _,
-                &mut req as *mut libc::seccomp_notif,
-            )
-        };
-        if r != 0 {
-            match nix::errno::Errno::last() {
-                // The task died before we read it, or a signal: next one.
-                nix::errno::Errno::ENOENT | nix::errno::Errno::EINTR => continue,
-                e => {
-                    tracing::error!(container_id = %container, error = %e, "map guard: receiving");
-                    return true;
-                }
-            }
-        }
-        if let Some(i) = ids {
-            i.record(req.id);
-        }
-        // A loop of guarded calls costs the pod's CPU, not the node's
-        // (moves once; a check of a pointer after that).
-        if let Some(t) = engine.target(container) {
-            charge::enter(t.charge.as_ref());
-        }
-        listener.handle(&engine, &mut tasks, &req);
-        quiet.worked();
     }
 }
 
