@@ -89,6 +89,8 @@ struct Waiting {
     fds: Vec<RawFd>,
     spawn: Spawn,
     resume: Resume,
+    /// Starts that failed (warned about once).
+    failed: u32,
 }
 
 struct Lot {
@@ -139,6 +141,7 @@ pub fn park<T: Send + 'static>(
             fds: fds.to_vec(),
             spawn,
             resume: Box::new(move || resume(state)),
+            failed: 0,
         },
     );
     Ok(())
@@ -235,7 +238,12 @@ fn run(lot: &Lot) -> ! {
 
 /// Starts `w`'s thread; gives `w` back if it cannot be.
 fn start(w: Waiting) -> Option<Waiting> {
-    let Waiting { fds, spawn, resume } = w;
+    let Waiting {
+        fds,
+        spawn,
+        resume,
+        failed,
+    } = w;
     // The closure comes back out of a spawn that failed through the slot.
     let slot = Arc::new(Mutex::new(Some(resume)));
     let taken = slot.clone();
@@ -254,9 +262,16 @@ fn start(w: Waiting) -> Option<Waiting> {
     match started {
         Ok(_) => None,
         Err(e) => {
-            tracing::warn!(error = %e, thread = spawn.name, "cannot start a parked thread again; what it answers waits, tried again in {RETRY:?}");
+            if failed == 0 {
+                tracing::warn!(error = %e, thread = spawn.name, "cannot start a parked thread again; what it answers waits, tried again every {RETRY:?}");
+            }
             let resume = slot.lock().ok().and_then(|mut r| r.take())?;
-            Some(Waiting { fds, spawn, resume })
+            Some(Waiting {
+                fds,
+                spawn,
+                resume,
+                failed: failed.saturating_add(1),
+            })
         }
     }
 }
@@ -323,6 +338,44 @@ mod tests {
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         drop(w);
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+
+    /// Sets its flag when dropped.
+    struct Dropped(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Parked work whose thread cannot be started is kept, not dropped:
+    /// dropping it would close a fanotify group, and the kernel answers a
+    /// closed group's events "allow".
+    #[test]
+    fn work_whose_thread_cannot_start_is_kept_not_dropped() {
+        let (r, w) = pipe();
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let impossible = Spawn {
+            name: "imacri-test-park-impossible",
+            // No such stack can be mapped: every start fails.
+            stack: Some(1 << 60),
+        };
+        let state = (r, Dropped(dropped.clone()), ran.clone());
+        park(
+            &[state.0.as_raw_fd()],
+            impossible,
+            state,
+            |(_r, _d, ran)| ran.store(true, std::sync::atomic::Ordering::SeqCst),
+        )
+        .map_err(|_| "no parking")
+        .unwrap();
+        nix::unistd::write(&w, b"x").unwrap();
+        // Tried, failed, and tried again every RETRY meanwhile.
+        std::thread::sleep(RETRY * 3);
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(!dropped.load(std::sync::atomic::Ordering::SeqCst));
     }
 
     #[test]
