@@ -83,6 +83,18 @@ pub struct Spawn {
     pub stack: Option<usize>,
 }
 
+impl Spawn {
+    /// Starts `f` on a thread of this kind (a reader's or listener's first
+    /// thread, and every one the parking thread starts again).
+    pub fn start(self, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+        let mut b = std::thread::Builder::new().name(self.name.into());
+        if let Some(s) = self.stack {
+            b = b.stack_size(s);
+        }
+        b.spawn(f).map(|_| ())
+    }
+}
+
 type Resume = Box<dyn FnOnce() + Send + 'static>;
 
 struct Waiting {
@@ -247,11 +259,7 @@ fn start(w: Waiting) -> Option<Waiting> {
     // The closure comes back out of a spawn that failed through the slot.
     let slot = Arc::new(Mutex::new(Some(resume)));
     let taken = slot.clone();
-    let mut b = std::thread::Builder::new().name(spawn.name.into());
-    if let Some(s) = spawn.stack {
-        b = b.stack_size(s);
-    }
-    let started = b.spawn(move || {
+    let started = spawn.start(move || {
         // Spawned by the parking thread, which lives at home.
         charge::born_home();
         let resume = taken.lock().ok().and_then(|mut r| r.take());
@@ -260,7 +268,7 @@ fn start(w: Waiting) -> Option<Waiting> {
         }
     });
     match started {
-        Ok(_) => None,
+        Ok(()) => None,
         Err(e) => {
             if failed == 0 {
                 tracing::warn!(error = %e, thread = spawn.name, "cannot start a parked thread again; what it answers waits, tried again every {RETRY:?}");

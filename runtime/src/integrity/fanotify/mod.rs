@@ -428,13 +428,10 @@ fn start(
         handled: 0,
         _ending: ending,
     };
-    std::thread::Builder::new()
-        .name(reader::THREAD.name.into())
-        .spawn(move || reader.run())
-        .map_err(|err| {
-            engine.unregister(&container);
-            FanotifyError::Thread(err)
-        })?;
+    reader::THREAD.start(move || reader.run()).map_err(|err| {
+        engine.unregister(&container);
+        FanotifyError::Thread(err)
+    })?;
     Ok(Watch {
         stop: Some(stop_w),
         ended: Some(ended),

@@ -339,11 +339,7 @@ pub fn listen(
         ids,
         kept,
     };
-    std::thread::Builder::new()
-        .name(THREAD.name.into())
-        .stack_size(256 * 1024)
-        .spawn(move || serving.run())
-        .map(|_| ())
+    THREAD.start(move || serving.run())
 }
 
 /// A listener, whichever thread runs it now.
