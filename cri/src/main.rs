@@ -282,7 +282,14 @@ fn main() -> Result<()> {
         imacri_runtime::integrity::keeper::run(socket)?;
         return Ok(());
     }
-    tokio::runtime::Runtime::new()?.block_on(run(cli))
+    imacri_runtime::integrity::charge::born_home();
+    // The runtime's threads never work for a pod: they are at home, and a
+    // reader or hashing thread they start knows it is (no move to make).
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(imacri_runtime::integrity::charge::born_home)
+        .build()?
+        .block_on(run(cli))
 }
 
 async fn run(cli: Cli) -> Result<()> {

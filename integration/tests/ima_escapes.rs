@@ -877,6 +877,7 @@ async fn what_an_idle_pod_does_next_is_measured_or_refused() {
     let stats = imacri_integration::client::integrity_stats(&mut rt).await;
     let parked = stats["fanotify"]["parkedThreads"].as_u64().unwrap_or(0);
     assert!(parked >= 4, "{stats}");
+    let moves = stats["fanotify"]["threadMoves"].as_u64();
     for (_, _, c) in &pods {
         sh_ok(&mut rt, c, "echo go > /tmp/go").await;
     }
@@ -913,6 +914,13 @@ async fn what_an_idle_pod_does_next_is_measured_or_refused() {
         }
         assert_running(&mut rt, c, policy).await;
     }
+    // None of imacri's threads moved into the pods' cgroups to do it (a
+    // move after a quiet spell waits ~10 ms for an RCU grace period, which
+    // the pod's execution would wait for): their uncharged budgets covered
+    // it (charge.rs).
+    let stats = imacri_integration::client::integrity_stats(&mut rt).await;
+    let after = stats["fanotify"]["threadMoves"].as_u64();
+    assert!(moves.is_some() && after == moves, "{moves:?} -> {stats}");
     // Parked again, then removed: a parked reader is started to end.
     until_parked(&d, pid, "parked again").await;
     for (_, pod, _) in &pods {

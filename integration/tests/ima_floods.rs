@@ -342,6 +342,20 @@ impl PodCgroup {
         std::time::Duration::from_nanos(ns.trim().parse().unwrap())
     }
 
+    /// CPU time charged to the pod's cgroup itself, not to its containers'
+    /// (runc makes theirs below it): imacri's threads working for it.
+    fn own_usage(&self) -> std::time::Duration {
+        let dir = self.dir("cpuacct");
+        let children: std::time::Duration = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| std::fs::read_to_string(e.path().join("cpuacct.usage")).ok())
+            .map(|ns| std::time::Duration::from_nanos(ns.trim().parse().unwrap()))
+            .sum();
+        self.usage().saturating_sub(children)
+    }
+
     /// Threads of process `pid` named `comm` in the pod's cpu cgroup.
     fn threads_of(&self, pid: u32, comm: &str) -> usize {
         let tasks = std::fs::read_to_string(self.dir("cpu").join("tasks")).unwrap();
@@ -499,7 +513,7 @@ async fn a_pod_pays_for_its_measurements() {
     }
     // (3) a loop of opens of a file, each a read the policy measures: a
     // permission event for the container's fanotify reader each.
-    start_container(
+    let opener = start_container(
         &mut rt,
         &pod,
         &cfg,
@@ -511,6 +525,63 @@ async fn a_pod_pays_for_its_measurements() {
     assert!(cg.lists_process(pid));
     let lines = log_lines(&d, &pod);
     assert!(logged(&lines, "/etc/passwd", None, "read"), "{lines:#?}");
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: opener,
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    // (4) new files (made first), each executed once and then a pause:
+    // each hashing starts a new thread (the last one's linger is over).
+    // Threads that start uncharged draw on one budget per pod (charge.rs),
+    // so what imacri works for the pod outside its cgroups stays within
+    // that budget however many threads it takes: 16 MiB a file (~11 ms of
+    // hashing) four times a second, ~45 ms a second, of which ~5 may go
+    // uncharged (once the budget is spent, the container's reader moves in
+    // and the hashing threads it starts begin there).
+    start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config(
+            "churn",
+            &image,
+            &[
+                "sh",
+                "-c",
+                "for i in $(seq 60); do f=/tmp/f$i; printf '#!/bin/true\\n' > $f; \
+                 truncate -s 16M $f; chmod +x $f; done; sleep 2; \
+                 for i in $(seq 60); do /tmp/f$i; sleep 0.25; done; exec sleep 1000",
+            ],
+        ),
+    )
+    .await;
+    // Made, and its reader parked (at home) before the executions begin.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let stats = |v: serde_json::Value| v["fanotify"]["hashedBytes"].as_u64().unwrap_or(0);
+    let hashed0 = stats(imacri_integration::client::integrity_stats(&mut rt).await);
+    let (c0, own0, t0) = (cpu_ticks(pid), cg.own_usage(), std::time::Instant::now());
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let spent = std::time::Duration::from_secs_f64((cpu_ticks(pid) - c0) as f64 / libc_ticks());
+    let charged = cg.own_usage() - own0;
+    let took = t0.elapsed();
+    let hashed = stats(imacri_integration::client::integrity_stats(&mut rt).await) - hashed0;
+    let uncharged = spent.saturating_sub(charged);
+    use imacri_runtime::integrity::charge::{UNCHARGED_BURST, UNCHARGED_PER_SECOND};
+    // The budget, a 16 MiB slice past it per hashing thread (two), and
+    // imacri's own work for every pod (its log's writes), clock ticks.
+    let bound = UNCHARGED_PER_SECOND.mul_f64(took.as_secs_f64())
+        + UNCHARGED_BURST
+        + std::time::Duration::from_millis(2 * 15 + 50);
+    eprintln!(
+        "churn: imacri spent {spent:?}, {charged:?} of it in the pod's cgroup, hashed {} MiB in {took:?}; uncharged {uncharged:?} (bound {bound:?})",
+        hashed >> 20
+    );
+    assert!(hashed >= 8 << 24, "only {hashed} bytes hashed: no churn");
+    assert!(
+        uncharged < bound,
+        "churn: imacri spent {uncharged:?} of {spent:?} outside the pod's cgroups (bound {bound:?})"
+    );
     stop_pod(&mut rt, &pod).await;
     // Once the pod is stopped and removed, nothing of imacri's is left in
     // its cgroup: kubelet SIGKILLs every PID listed there before it

@@ -10,33 +10,68 @@
 //! fanotify reader busy. So the threads that work for one pod (its hashing
 //! threads, its containers' seccomp listeners and fanotify readers) join
 //! the pod's `cpu` and `cpuacct`
-//! cgroups while they do: cgroup v1 places threads one by one. A migration
-//! costs 30-60 us right after another but 6-16 ms after ~50 ms without one
-//! (the kernel waits for an RCU grace period; measured here), so it is paid
-//! when a thread starts working for another pod, not per call, and a
-//! reader or listener starting again after a quiet spell (`park.rs`) moves
-//! only once it has used [`UNCHARGED`] of CPU ([`enter_when_busy`]): the
-//! first event after a pod was idle does not wait for a grace period. A
-//! throttled pod stalls only its own threads.
-//! A thread starts in the cgroups of the thread that spawned it: a held
-//! mapping call's thread, spawned by the listener, works in the pod's; a
-//! thread that serves every pod goes home first thing.
+//! cgroups while they do: cgroup v1 places threads one by one.
+//!
+//! A migration costs 30-60 us right after another but 6-16 ms after ~50 ms
+//! without one (the kernel waits for an RCU grace period; measured here).
+//! Paid at once, it was the first thing an idle pod's next access waited
+//! for: a restarted reader's (+6.4 ms on a cached execution) and a new
+//! hashing thread's (~10 ms on a new file's). So a thread working for a pod
+//! stays where it is while the pod's uncharged budget lasts ([`work_for`]):
+//! [`UNCHARGED_BURST`] at once, refilled at [`UNCHARGED_PER_SECOND`], one
+//! budget per pod shared by all its threads (a pod's hashing threads start
+//! up to five times a second; a budget per thread start would grow with
+//! them). A pod that works imacri harder pays: its threads move in, the
+//! migration on a busy pod's account, and a throttled pod stalls only its
+//! own threads. What a pod can have imacri spend uncharged is so bounded:
+//! the burst, the rate, and one piece of work per thread (a batch of
+//! events, a call, a 16 MiB hash slice) past the budget, which is then owed.
+//!
+//! A thread starts in the cgroups of the thread that spawned it: spawners
+//! pass their place on ([`Here`]); a thread that serves every pod goes home
+//! first thing.
 //!
 //! cgroup v2 keeps every thread of a process in one cgroup (threaded
 //! subtrees aside), so there nothing is charged and `imacri check` says so.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 /// The controllers a thread's CPU is accounted and limited by.
 const CONTROLLERS: [&str; 2] = ["cpu", "cpuacct"];
 
+/// CPU a pod's threads may spend for it outside its cgroups at once: the
+/// first executions of a few new programs (sha256 reads ~1.5 GB/s here).
+pub const UNCHARGED_BURST: Duration = Duration::from_millis(20);
+
+/// ... and for each second after (0.5% of a core): a pod that asks more of
+/// imacri than this has its threads move in.
+pub const UNCHARGED_PER_SECOND: Duration = Duration::from_millis(5);
+
+/// Wall-clock time one unit of uncharged CPU takes to earn back.
+const REFILL: u64 = 1_000_000_000 / UNCHARGED_PER_SECOND.as_nanos() as u64;
+
 /// The cgroup directories (one per hierarchy the CPU controllers are on)
-/// whose `tasks` a thread joins to work for one pod.
-#[derive(Debug, PartialEq, Eq)]
+/// whose `tasks` a thread joins to work for one pod, and the pod's
+/// uncharged budget. One per pod: its containers share it.
+#[derive(Debug)]
 pub struct Charge {
     dirs: Vec<PathBuf>,
+    /// When (ns on [`clock`]) the budget is whole again: the generic cell
+    /// rate algorithm, one atomic, no lock a throttled thread could hold.
+    whole_at: AtomicU64,
 }
+
+impl PartialEq for Charge {
+    fn eq(&self, other: &Self) -> bool {
+        self.dirs == other.dirs
+    }
+}
+
+impl Eq for Charge {}
 
 /// Where the CPU controllers' v1 hierarchies are mounted, and imacri's own
 /// cgroup in each (where a thread goes home to).
@@ -104,7 +139,7 @@ fn own_dirs(mounts: &[(PathBuf, Vec<String>)], own: &str) -> Option<Charge> {
             })
         })
         .collect::<Option<Vec<_>>>()?;
-    Some(Charge { dirs })
+    Some(Charge::new(dirs))
 }
 
 impl Charge {
@@ -117,17 +152,73 @@ impl Charge {
             return None;
         }
         let h = hierarchies()?;
-        Some(Arc::new(Charge {
-            dirs: h.mounts.iter().map(|(m, _)| m.join(rel)).collect(),
-        }))
+        let dirs: Vec<PathBuf> = h.mounts.iter().map(|(m, _)| m.join(rel)).collect();
+        // The pod's containers share one (and so one budget): found by its
+        // directories while any of them holds it.
+        static ALL: OnceLock<Mutex<HashMap<Vec<PathBuf>, Weak<Charge>>>> = OnceLock::new();
+        let mut all = ALL
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = all.get(&dirs).and_then(Weak::upgrade) {
+            return Some(c);
+        }
+        all.retain(|_, c| c.strong_count() > 0);
+        let c = Arc::new(Charge::new(dirs.clone()));
+        all.insert(dirs, Arc::downgrade(&c));
+        Some(c)
+    }
+
+    fn new(dirs: Vec<PathBuf>) -> Charge {
+        Charge {
+            dirs,
+            whole_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `spent` (CPU used outside the pod's cgroups) from the pod's
+    /// budget: whether any is left. What went past it is owed and earned
+    /// back first.
+    fn draw(&self, spent: Duration) -> bool {
+        self.draw_at(spent, clock())
+    }
+
+    fn draw_at(&self, spent: Duration, now: u64) -> bool {
+        let cost = u64::try_from(spent.as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(REFILL);
+        let limit = UNCHARGED_BURST.as_nanos() as u64 * REFILL;
+        let mut at = self.whole_at.load(Ordering::Relaxed);
+        loop {
+            let next = at.max(now).saturating_add(cost);
+            match self.whole_at.compare_exchange_weak(
+                at,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next - now < limit,
+                Err(seen) => at = seen,
+            }
+        }
     }
 
     fn join(&self, tid: i32) -> std::io::Result<()> {
+        MOVES.fetch_add(1, Ordering::Relaxed);
         for d in &self.dirs {
             std::fs::write(d.join("tasks"), tid.to_string())?;
         }
         Ok(())
     }
+}
+
+/// Threads moved between cgroups (into a pod's or home), since start.
+static MOVES: AtomicU64 = AtomicU64::new(0);
+
+/// How many times a thread of imacri's moved between cgroups: each may
+/// have waited for a grace period.
+pub fn moves() -> u64 {
+    MOVES.load(Ordering::Relaxed)
 }
 
 /// Whether this node charges pods for imacri's work (for `imacri check`).
@@ -142,7 +233,14 @@ pub fn available() -> Result<(), String> {
     }
 }
 
+/// Nanoseconds since imacri first asked (monotonic).
+fn clock() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
 /// Where a thread works now, as far as it knows.
+#[derive(Clone)]
 enum Place {
     /// Not known: a new thread starts in its spawner's cgroup, which may
     /// be a pod's (a thread spawned by a listener working for a pod).
@@ -155,12 +253,41 @@ enum Place {
 
 thread_local! {
     static CURRENT: std::cell::RefCell<Place> = const { std::cell::RefCell::new(Place::Unknown) };
+    /// The thread's CPU time when it last drew on a budget or came home:
+    /// what it used since then was not charged to anyone.
+    static DRAWN: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::ZERO) };
+    /// The pod whose budget the thread drew on last: what it uses until it
+    /// draws again or goes home is that pod's.
+    static DRAWING: std::cell::RefCell<Option<Arc<Charge>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Where the calling thread is, for a thread it spawns ([`Here::adopt`]):
+/// a new thread starts in its spawner's cgroups.
+#[derive(Clone)]
+pub struct Here(Place);
+
+/// The calling thread's place, to pass to a thread it spawns.
+pub fn here() -> Here {
+    Here(CURRENT.with(|c| c.borrow().clone()))
+}
+
+impl Here {
+    /// On the new thread, first thing: it is where its spawner was.
+    pub fn adopt(self) {
+        CURRENT.with(|c| *c.borrow_mut() = self.0);
+    }
+}
+
+/// The calling thread is in imacri's own cgroups and was never moved (one
+/// of the runtime's threads, which never work for a pod).
+pub fn born_home() {
+    CURRENT.with(|c| *c.borrow_mut() = Place::Home);
 }
 
 /// Moves the calling thread into `charge`'s cgroups (None: imacri's own),
 /// unless it is there already. A cgroup that is gone (its pod is being
 /// removed) leaves the thread where it is: the work is the pod's last.
-pub fn enter(charge: Option<&Arc<Charge>>) {
+fn enter(charge: Option<&Arc<Charge>>) {
     let same = CURRENT.with(|c| match (&*c.borrow(), charge) {
         (Place::Home, None) => true,
         (Place::In(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
@@ -185,54 +312,77 @@ pub fn enter(charge: Option<&Arc<Charge>>) {
     }
 }
 
-/// CPU a reader's or listener's thread may use for its pod (since it
-/// started) before it moves into the pod's cgroups. What a pod can have
-/// imacri spend uncharged is this per thread start: one a second at most
-/// per reader and per listener (`park::QUIET`), 0.2% of a core each.
-pub const UNCHARGED: std::time::Duration = std::time::Duration::from_millis(2);
-
-/// [`enter`], once the calling thread has used [`UNCHARGED`] of CPU: a
-/// thread that answers a few events and parks again never waits for a
-/// migration.
-pub fn enter_when_busy(charge: Option<&Arc<Charge>>) {
-    let there = CURRENT.with(|c| match (&*c.borrow(), charge) {
-        (Place::In(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-        (Place::Home, None) => true,
-        _ => false,
+/// Before a piece of work for `charge`'s pod (a batch of events, a call, a
+/// hash slice): the calling thread draws what it used since its last draw
+/// from the pod's budget, and moves into the pod's cgroups once that is
+/// spent. A thread there stays until it goes home ([`leave`], [`home`]).
+pub fn work_for(charge: Option<&Arc<Charge>>) {
+    let Some(charge) = charge else { return };
+    let elsewhere = CURRENT.with(|c| match &*c.borrow() {
+        Place::In(a) => (!Arc::ptr_eq(a, charge) && **a != **charge).then_some(true),
+        _ => Some(false),
     });
-    if there || thread_cpu() < UNCHARGED {
-        return;
+    match elsewhere {
+        None => {}
+        // In another pod's cgroups (a thread never serves two pods; were it
+        // to, it is charged where it works).
+        Some(true) => enter(Some(charge)),
+        Some(false) => {
+            DRAWING.with(|d| {
+                let mut d = d.borrow_mut();
+                if !d.as_ref().is_some_and(|d| Arc::ptr_eq(d, charge)) {
+                    *d = Some(charge.clone());
+                }
+            });
+            if !charge.draw(spent_since_drawn()) {
+                enter(Some(charge));
+            }
+        }
     }
-    enter(charge);
 }
 
-/// Home, if the calling thread moved into a pod's cgroups: before it
-/// parks, so that it takes the parking lot's lock where no pod's CPU limit
-/// can stop it. A thread that never moved stays (a grace period spared).
+/// The calling thread's CPU since its last draw (and from now on, since
+/// this one).
+fn spent_since_drawn() -> Duration {
+    let now = thread_cpu();
+    now.saturating_sub(DRAWN.with(|d| d.replace(now)))
+}
+
+/// Done with a pod's work for now: home, if the calling thread moved into
+/// the pod's cgroups (before it parks, so that it takes the parking lot's
+/// lock where no pod's CPU limit can stop it); otherwise [`settle`] and
+/// stay (a grace period spared).
 pub fn leave() {
     if CURRENT.with(|c| matches!(*c.borrow(), Place::In(_))) {
-        home();
+        return home();
     }
+    settle();
 }
 
-/// The calling thread is in imacri's own cgroups (spawned by a thread that
-/// is): [`enter`] need not move it there.
-pub fn born_home() {
-    CURRENT.with(|c| *c.borrow_mut() = Place::Home);
+/// What the calling thread used outside a pod's cgroups since its last
+/// draw is drawn from the pod's budget: the last piece of work of a thread
+/// that ends or waits counts too. Nothing to do in the pod's cgroups.
+pub fn settle() {
+    if CURRENT.with(|c| matches!(*c.borrow(), Place::In(_))) {
+        return;
+    }
+    if let Some(charge) = DRAWING.with(|d| d.borrow_mut().take()) {
+        charge.draw(spent_since_drawn());
+    }
 }
 
 /// CPU the calling thread has used.
-fn thread_cpu() -> std::time::Duration {
+fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: fills `ts`, a plain struct we own.
     if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
-        // Unknown: as if busy (charged, as before).
-        return std::time::Duration::MAX;
+        // Unknown: as if the budget were spent (charged).
+        return Duration::MAX;
     }
-    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Back to imacri's own cgroups (a thread done with a pod's work, before
@@ -248,6 +398,9 @@ pub fn home() {
         }
     }
     CURRENT.with(|c| *c.borrow_mut() = Place::Home);
+    // What it used in the pod's cgroups was charged there.
+    DRAWN.with(|d| d.set(thread_cpu()));
+    DRAWING.with(|d| d.borrow_mut().take());
 }
 
 fn gettid() -> i32 {
@@ -316,6 +469,90 @@ mod tests {
         );
         // cgroup v2 only: nothing to charge.
         assert!(cpu_mounts("35 34 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n").is_empty());
+    }
+
+    #[test]
+    fn a_pods_budget_lets_a_burst_through_then_is_owed() {
+        let c = Charge::new(Vec::new());
+        let ms = |n: u64| Duration::from_millis(n);
+        // Wall time that earns `d` of uncharged CPU back.
+        let back = |d: Duration| d.as_nanos() as u64 * REFILL;
+        let t0 = 10_000_000_000;
+        assert!(c.draw_at(Duration::ZERO, t0));
+        assert!(c.draw_at(UNCHARGED_BURST - ms(1), t0), "within the burst");
+        // 1 ms past it: the next piece of work is charged, and stays so
+        // until what went past is earned back.
+        assert!(!c.draw_at(ms(2), t0));
+        assert!(!c.draw_at(Duration::ZERO, t0 + back(ms(1)) - 1000));
+        assert!(c.draw_at(Duration::ZERO, t0 + back(ms(1)) + 1000));
+        // Idle long enough: the whole burst again, and no more.
+        let later = t0 + 1000 * back(UNCHARGED_BURST);
+        assert!(c.draw_at(UNCHARGED_BURST - ms(1), later));
+        assert!(!c.draw_at(ms(1) + Duration::from_nanos(1), later));
+        // A thread's CPU that cannot be read counts as the whole budget.
+        let d = Charge::new(Vec::new());
+        assert!(!d.draw_at(Duration::MAX, t0));
+    }
+
+    /// Busy for `d` of this thread's CPU.
+    fn burn(d: Duration) {
+        let until = thread_cpu() + d;
+        while thread_cpu() < until {
+            std::hint::black_box(0u64.wrapping_add(1));
+        }
+    }
+
+    /// A thread working for a pod stays at home while the pod's budget
+    /// lasts (no migration to wait for), moves in once it is spent, and
+    /// the pod's other threads share what is left of it.
+    #[test]
+    fn a_thread_moves_into_its_pods_cgroup_once_the_budget_is_spent() {
+        if available().is_err() {
+            return;
+        }
+        let name = format!("/imacri-charge-budget-{}", std::process::id());
+        let (charge, dirs) = made(&name);
+        assert!(Arc::ptr_eq(&charge, &Charge::for_cgroup(&name).unwrap()));
+        let c = charge.clone();
+        let (first, busy) = std::thread::spawn(move || {
+            let tid = gettid();
+            work_for(Some(&c));
+            burn(Duration::from_millis(1));
+            let first = lists(&c.dirs[0], tid);
+            burn(UNCHARGED_BURST);
+            work_for(Some(&c));
+            let busy = lists(&c.dirs[0], tid);
+            leave();
+            (first, (busy, lists(&c.dirs[0], tid)))
+        })
+        .join()
+        .unwrap();
+        assert!(!first, "a little work stays uncharged");
+        assert_eq!(busy, (true, false), "charged once spent, then home");
+        // Earned back; then a thread's last piece of work, done uncharged,
+        // is drawn when it is done (leave): the next thread pays for it.
+        charge.whole_at.store(0, Ordering::Relaxed);
+        let c = charge.clone();
+        let last = std::thread::spawn(move || {
+            let tid = gettid();
+            work_for(Some(&c));
+            burn(UNCHARGED_BURST + Duration::from_millis(1));
+            leave();
+            lists(&c.dirs[0], tid)
+        })
+        .join()
+        .unwrap();
+        assert!(!last, "it did its last piece where it was");
+        // Another container of the pod: the same budget, spent by it.
+        let c = Charge::for_cgroup(&name).unwrap();
+        let other = std::thread::spawn(move || {
+            work_for(Some(&c));
+            listed_then_home(&c)
+        })
+        .join()
+        .unwrap();
+        drop(charge);
+        removed_after(&dirs, other);
     }
 
     /// A pod's cgroup made in both CPU hierarchies, and its directories.

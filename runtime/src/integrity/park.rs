@@ -17,9 +17,10 @@
 //! work, so no pod can stall it. A thread that moved into its pod's cgroups
 //! goes home before it parks: the parking lot's lock is never held by a
 //! thread a pod's CPU limit can stop. A thread started again moves into
-//! them only once it is busy (`charge::enter_when_busy`): a migration costs
-//! ~10 ms after a quiet spell, which the first event would wait for. A thread that cannot be started is tried again
-//! every [`RETRY`] while what it would answer waits: closed, not skipped.
+//! them only once its pod's uncharged budget is spent (`charge::work_for`):
+//! a migration costs ~10 ms after a quiet spell, which the first event
+//! would wait for. A thread that cannot be started is tried again every
+//! [`RETRY`] while what it would answer waits: closed, not skipped.
 
 use std::collections::HashMap;
 use std::os::fd::{BorrowedFd, RawFd};
@@ -91,7 +92,12 @@ impl Spawn {
         if let Some(s) = self.stack {
             b = b.stack_size(s);
         }
-        b.spawn(f).map(|_| ())
+        let here = charge::here();
+        b.spawn(move || {
+            here.adopt();
+            f()
+        })
+        .map(|_| ())
     }
 }
 
@@ -260,8 +266,6 @@ fn start(w: Waiting) -> Option<Waiting> {
     let slot = Arc::new(Mutex::new(Some(resume)));
     let taken = slot.clone();
     let started = spawn.start(move || {
-        // Spawned by the parking thread, which lives at home.
-        charge::born_home();
         let resume = taken.lock().ok().and_then(|mut r| r.take());
         if let Some(r) = resume {
             r()

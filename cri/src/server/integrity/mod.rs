@@ -347,6 +347,7 @@ impl CriServer {
                 "unleasedFiles": s.unleased.load(Relaxed),
                 "heldWriters": s.held_writers.load(Relaxed),
                 "parkedThreads": imacri_runtime::integrity::park::parked(),
+                "threadMoves": imacri_runtime::integrity::charge::moves(),
                 "meanCacheHitNs": s.hit_ns_total.load(Relaxed).checked_div(hits).unwrap_or(0),
             })
         });

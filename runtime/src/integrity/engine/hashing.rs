@@ -161,15 +161,16 @@ pub(super) enum Gap {
     NotLogged,
 }
 
-/// A hashing thread of `pod`'s: its jobs a slice at a time, in the pod's
-/// CPU cgroups, until it has had none for a while.
+/// A hashing thread of `pod`'s: its jobs a slice at a time (in the pod's
+/// CPU cgroups once its uncharged budget is spent), until it has had none
+/// for a while.
 pub(super) fn hash_for(engine: &Weak<Engine>, queue: &HashQueue, pod: &str) {
     let mut buf = vec![0u8; HASH_BUF];
-    while let Some(job) = queue.pop(pod, charge::home) {
+    while let Some(job) = queue.pop(pod, charge::leave) {
         let Some(engine) = engine.upgrade() else {
             break;
         };
-        charge::enter(job.target.charge.as_ref());
+        charge::work_for(job.target.charge.as_ref());
         match engine.hash_slice(job, &mut buf) {
             Some(job) if engine.still_wanted(&job) => queue.requeue(job),
             Some(job) => {

@@ -424,10 +424,14 @@ impl Engine {
             return;
         }
         let (me, queue, p) = (self.me.clone(), self.queue.clone(), pod.clone());
+        let here = super::charge::here();
         let started = std::thread::Builder::new()
             .name("imacri-hash".into())
             .stack_size(256 * 1024)
-            .spawn(move || hash_for(&me, &queue, &p));
+            .spawn(move || {
+                here.adopt();
+                hash_for(&me, &queue, &p)
+            });
         if let Err(e) = started {
             tracing::warn!(pod_sandbox_id = %pod, error = %e, "cannot start a hashing thread: hashing on the event's thread");
             hash_for(&self.me, &self.queue, &pod);

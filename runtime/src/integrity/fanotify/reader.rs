@@ -91,8 +91,9 @@ impl Reader {
                 return charge::leave();
             };
             // A flood of accesses costs the pod's CPU, not the node's (moves
-            // once busy; a check of a pointer after that).
-            charge::enter_when_busy(group.target.measured.charge.as_ref());
+            // once the pod's uncharged budget is spent; a check of a pointer
+            // after that).
+            charge::work_for(group.target.measured.charge.as_ref());
             let events = match group.fan.read_events() {
                 Ok(ev) => ev,
                 Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,

@@ -241,9 +241,13 @@ impl HeldCalls {
     /// Starts the thread for the next call (`running` is set).
     fn start(self: &Arc<Self>) {
         let me = self.clone();
+        let here = crate::integrity::charge::here();
         let started = std::thread::Builder::new()
             .name("imacri-maphold".into())
-            .spawn(move || me.run_next());
+            .spawn(move || {
+                here.adopt();
+                me.run_next()
+            });
         if let Err(e) = started {
             let mut st = self.state();
             st.running = false;
@@ -266,7 +270,11 @@ impl HeldCalls {
                 continue;
             }
             call.engine.stats.held_calls.fetch_add(1, Ordering::Relaxed);
+            // Holding a call's sharers costs the pod's CPU too.
+            crate::integrity::charge::work_for(call.target.charge.as_ref());
             call.held();
+            // Where it is: going home would hold up the next call's thread.
+            crate::integrity::charge::settle();
             break;
         }
         let mut st = self.state();

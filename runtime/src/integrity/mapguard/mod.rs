@@ -443,9 +443,10 @@ impl Serving {
                 i.record(req.id);
             }
             // A loop of guarded calls costs the pod's CPU, not the node's
-            // (moves once busy; a check of a pointer after that).
+            // (moves once the pod's uncharged budget is spent; a check of a
+            // pointer after that).
             if let Some(t) = engine.target(container) {
-                charge::enter_when_busy(t.charge.as_ref());
+                charge::work_for(t.charge.as_ref());
             }
             listener.handle(&engine, &mut tasks, &req);
             idle.worked();
