@@ -35,6 +35,11 @@ pub const PER_POD_WORKERS: usize = 2;
 /// other: one thread for the lot).
 const LINGER: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// How long the end of a pod's measuring waits for its hashing threads to
+/// leave (a thread mid-slice of a file for a gone container drops it
+/// after the slice).
+const GONE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 pub(super) struct Job {
     pub(super) target: Arc<Measured>,
     pub(super) pending: Box<dyn Pending>,
@@ -72,6 +77,9 @@ struct PodJobs {
     /// Taken out of the map (no work, no thread): a source that found it
     /// just before looks it up again.
     retired: bool,
+    /// No container of the pod is measured any more: its threads linger
+    /// no longer.
+    gone: bool,
 }
 
 /// One pod's queue, behind a lock of its own: only the pod's own threads
@@ -86,6 +94,8 @@ struct PodQueue {
     space: Condvar,
     /// Work for lingering threads.
     work: Condvar,
+    /// A thread counted out.
+    ended: Condvar,
 }
 
 /// How often a source waiting for room looks at imacri's own opens (set
@@ -131,6 +141,7 @@ impl HashQueue {
                 };
             }
             q.jobs.push_back(job);
+            q.gone = false;
             pq.work.notify_all();
             if q.workers < PER_POD_WORKERS && q.workers < q.jobs.len() {
                 q.workers += 1;
@@ -151,15 +162,25 @@ impl HashQueue {
     }
 
     /// The pod's next job for one of its threads; None when there was none
-    /// for [`LINGER`]: the thread is counted out and ends.
-    pub(super) fn pop(&self, pod: &str, idle: impl Fn()) -> Option<Job> {
+    /// for [`LINGER`] (or its pod is gone): the thread is counted out and
+    /// ends. `idle` runs before it waits, `leaving` before it is counted
+    /// out (both without the pod's lock).
+    pub(super) fn pop(&self, pod: &str, idle: impl Fn(), leaving: impl Fn()) -> Option<Job> {
         let pq = self.pods.pin().get(pod)?.clone();
         let mut q = pq.jobs.lock().ok()?;
-        let mut waited = false;
+        let (mut waited, mut left) = (false, false);
         loop {
             if let Some(job) = q.jobs.pop_front() {
                 pq.space.notify_all();
                 return Some(job);
+            }
+            if waited && !left {
+                drop(q);
+                leaving();
+                left = true;
+                // A job that came meanwhile is still this thread's.
+                q = pq.jobs.lock().ok()?;
+                continue;
             }
             if waited {
                 q.workers = q.workers.saturating_sub(1);
@@ -169,14 +190,14 @@ impl HashQueue {
                     q.retired = true;
                     let _ = self.pods.pin().remove_if(pod, |_, v| Arc::ptr_eq(v, &pq));
                 }
+                pq.ended.notify_all();
                 return None;
             }
-            // Not working for the pod while idle.
             drop(q);
             idle();
             q = pq.jobs.lock().ok()?;
             let deadline = std::time::Instant::now() + LINGER;
-            while q.jobs.is_empty() {
+            while q.jobs.is_empty() && !q.gone {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
                     break;
@@ -184,6 +205,30 @@ impl HashQueue {
                 q = pq.work.wait_timeout(q, left).ok()?.0;
             }
             waited = true;
+        }
+    }
+
+    /// `pod` has no measured container left: its idle threads end, and
+    /// this waits (up to [`GONE_WAIT`]) until they have left (kubelet
+    /// kills whatever it finds in a removed pod's cgroups).
+    pub(super) fn pod_gone(&self, pod: &str) {
+        let Some(pq) = self.pods.pin().get(pod).cloned() else {
+            return;
+        };
+        let Ok(mut q) = pq.jobs.lock() else { return };
+        q.gone = true;
+        pq.work.notify_all();
+        let deadline = std::time::Instant::now() + GONE_WAIT;
+        while q.workers > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::debug!(pod_sandbox_id = %pod, "a hashing thread of a gone pod still works; it ends by itself");
+                return;
+            }
+            q = match pq.ended.wait_timeout(q, left) {
+                Ok((q, _)) => q,
+                Err(_) => return,
+            };
         }
     }
 
@@ -219,28 +264,74 @@ mod tests {
         fn answer(self: Box<Self>, _: bool) {}
     }
 
+    /// A job of `pod`'s for the file `f`.
+    fn job(pod: &str, f: &std::path::Path) -> Job {
+        Job::new(
+            Arc::new(Measured {
+                pod: pod.into(),
+                container: "c".into(),
+                mode: Mode::Measure,
+                allowlist: None,
+                charge: None,
+                quiet: Default::default(),
+                no_anonymous_exec: false,
+            }),
+            Box::new(Quiet(std::fs::File::open(f).unwrap().into())),
+            FileKey::of(&nix::sys::stat::stat(f).unwrap()),
+            Event::Exec,
+        )
+    }
+
+    /// A pod no longer measured: its lingering thread ends at once, and
+    /// the end of the pod's measuring returns once the thread has left
+    /// its cgroups (its `leaving` ran), not a linger later.
+    #[test]
+    fn a_gone_pods_threads_leave_before_it_is_forgotten() {
+        use std::sync::atomic::AtomicBool;
+        let q = Arc::new(HashQueue::default());
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(q.push(job("p", &f)));
+        let left = Arc::new(AtomicBool::new(false));
+        let (q2, l2) = (q.clone(), left.clone());
+        let worker = std::thread::spawn(move || {
+            let mut jobs = 0;
+            let leaving = || {
+                // A move out of a pod's cgroups may wait a grace period.
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                l2.store(true, Ordering::SeqCst);
+            };
+            while q2.pop("p", || (), leaving).is_some() {
+                jobs += 1;
+            }
+            jobs
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let t0 = std::time::Instant::now();
+        q.pod_gone("p");
+        assert!(
+            left.load(Ordering::SeqCst),
+            "returned before the thread left"
+        );
+        assert!(
+            t0.elapsed() < LINGER,
+            "{:?}: waited out the linger",
+            t0.elapsed()
+        );
+        assert_eq!(worker.join().unwrap(), 1);
+        // A pod never seen, or gone already: nothing to wait for.
+        q.pod_gone("p");
+        q.pod_gone("never");
+    }
+
     #[test]
     fn pods_get_threads_of_their_own_and_bounded_queues() {
         let q = Arc::new(HashQueue::default());
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("f");
         std::fs::write(&f, b"x").unwrap();
-        let job = |pod: &str| {
-            Job::new(
-                Arc::new(Measured {
-                    pod: pod.into(),
-                    container: "c".into(),
-                    mode: Mode::Measure,
-                    allowlist: None,
-                    charge: None,
-                    quiet: Default::default(),
-                    no_anonymous_exec: false,
-                }),
-                Box::new(Quiet(std::fs::File::open(&f).unwrap().into())),
-                FileKey::of(&nix::sys::stat::stat(&f).unwrap()),
-                Event::Exec,
-            )
-        };
+        let job = |pod: &str| job(pod, &f);
         // A pod's first jobs ask for threads, up to PER_POD_WORKERS.
         let started: Vec<bool> = (0..PER_POD_QUEUE).map(|_| q.push(job("flood"))).collect();
         assert_eq!(started.iter().filter(|s| **s).count(), PER_POD_WORKERS);
@@ -256,14 +347,14 @@ mod tests {
         // ...while another pod's first access gets a thread of its own at
         // once.
         assert!(q.push(job("quiet")));
-        assert_eq!(q.pop("quiet", || ()).unwrap().target.pod, "quiet");
+        assert_eq!(q.pop("quiet", || (), || ()).unwrap().target.pod, "quiet");
         // Its thread, idle, ends after lingering; the pod is forgotten.
         let t0 = std::time::Instant::now();
-        assert!(q.pop("quiet", || ()).is_none());
+        assert!(q.pop("quiet", || (), || ()).is_none());
         assert!(t0.elapsed() >= LINGER);
         assert!(q.push(job("quiet")), "a new thread for new work");
         // Room made in the flood: its source goes on.
-        q.pop("flood", || ()).unwrap();
+        q.pop("flood", || (), || ()).unwrap();
         assert!(!blocked.join().unwrap(), "two threads work already");
         // Full again: an own open of imacri's (the hashing threads that
         // would make room may be the ones opening) lets the source on.

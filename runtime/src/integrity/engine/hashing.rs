@@ -166,7 +166,11 @@ pub(super) enum Gap {
 /// for a while.
 pub(super) fn hash_for(engine: &Weak<Engine>, queue: &HashQueue, pod: &str) {
     let mut buf = vec![0u8; HASH_BUF];
-    while let Some(job) = queue.pop(pod, charge::leave) {
+    // Idle, it settles its draw but stays where it is: a thread that went
+    // home whenever its pod's queue was empty moved twice per file for a
+    // busy pod, and a move after ~50 ms without one waits ~10 ms (charge.rs),
+    // which each new file's execution then waited for.
+    while let Some(job) = queue.pop(pod, charge::settle, charge::home) {
         let Some(engine) = engine.upgrade() else {
             break;
         };

@@ -470,8 +470,16 @@ impl Engine {
     }
 
     pub fn unregister(&self, container: &str) {
-        self.targets.pin().remove(container);
+        let gone = self.targets.pin().remove(container).cloned();
         self.write_watches.pin().remove(container);
+        // The pod's last measured container: its lingering hashing threads
+        // end now, out of its cgroups (kubelet kills what it finds in a
+        // removed pod's cgroup).
+        if let Some(m) = gone {
+            if !self.targets.pin().values().any(|t| t.pod == m.pod) {
+                self.queue.pod_gone(&m.pod);
+            }
+        }
     }
 
     /// Where `container`'s executable mappings are watched for writes.
