@@ -239,6 +239,22 @@ fn clock() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+impl Place {
+    /// Whether it is `charge`'s cgroups (None: imacri's own).
+    fn is(&self, charge: Option<&Arc<Charge>>) -> bool {
+        match (self, charge) {
+            (Place::Home, None) => true,
+            (Place::In(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Whether the calling thread is in a pod's cgroups.
+fn in_a_pod() -> bool {
+    CURRENT.with(|c| matches!(*c.borrow(), Place::In(_)))
+}
+
 /// Where a thread works now, as far as it knows.
 #[derive(Clone)]
 enum Place {
@@ -288,12 +304,7 @@ pub fn born_home() {
 /// unless it is there already. A cgroup that is gone (its pod is being
 /// removed) leaves the thread where it is: the work is the pod's last.
 fn enter(charge: Option<&Arc<Charge>>) {
-    let same = CURRENT.with(|c| match (&*c.borrow(), charge) {
-        (Place::Home, None) => true,
-        (Place::In(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-        _ => false,
-    });
-    if same {
+    if CURRENT.with(|c| c.borrow().is(charge)) {
         return;
     }
     let Some(h) = hierarchies() else { return };
@@ -318,26 +329,22 @@ fn enter(charge: Option<&Arc<Charge>>) {
 /// spent. A thread there stays until it goes home ([`leave`], [`home`]).
 pub fn work_for(charge: Option<&Arc<Charge>>) {
     let Some(charge) = charge else { return };
-    let elsewhere = CURRENT.with(|c| match &*c.borrow() {
-        Place::In(a) => (!Arc::ptr_eq(a, charge) && **a != **charge).then_some(true),
-        _ => Some(false),
-    });
-    match elsewhere {
-        None => {}
-        // In another pod's cgroups (a thread never serves two pods; were it
-        // to, it is charged where it works).
-        Some(true) => enter(Some(charge)),
-        Some(false) => {
-            DRAWING.with(|d| {
-                let mut d = d.borrow_mut();
-                if !d.as_ref().is_some_and(|d| Arc::ptr_eq(d, charge)) {
-                    *d = Some(charge.clone());
-                }
-            });
-            if !charge.draw(spent_since_drawn()) {
-                enter(Some(charge));
-            }
+    if CURRENT.with(|c| c.borrow().is(Some(charge))) {
+        return;
+    }
+    // In another pod's cgroups (a thread never serves two pods; were it
+    // to, it is charged where it works).
+    if in_a_pod() {
+        return enter(Some(charge));
+    }
+    DRAWING.with(|d| {
+        let mut d = d.borrow_mut();
+        if !d.as_ref().is_some_and(|d| Arc::ptr_eq(d, charge)) {
+            *d = Some(charge.clone());
         }
+    });
+    if !charge.draw(spent_since_drawn()) {
+        enter(Some(charge));
     }
 }
 
@@ -353,7 +360,7 @@ fn spent_since_drawn() -> Duration {
 /// lock where no pod's CPU limit can stop it); otherwise [`settle`] and
 /// stay (a grace period spared).
 pub fn leave() {
-    if CURRENT.with(|c| matches!(*c.borrow(), Place::In(_))) {
+    if in_a_pod() {
         return home();
     }
     settle();
@@ -363,7 +370,7 @@ pub fn leave() {
 /// draw is drawn from the pod's budget: the last piece of work of a thread
 /// that ends or waits counts too. Nothing to do in the pod's cgroups.
 pub fn settle() {
-    if CURRENT.with(|c| matches!(*c.borrow(), Place::In(_))) {
+    if in_a_pod() {
         return;
     }
     if let Some(charge) = DRAWING.with(|d| d.borrow_mut().take()) {
