@@ -165,13 +165,17 @@ pub async fn sh_ok(rt: &mut Rt, id: &str, cmd: &str) -> String {
     out.trim().to_string()
 }
 
-/// The `integrity` part of verbose Status (the engine's counters).
-pub async fn integrity_stats(rt: &mut Rt) -> serde_json::Value {
+/// Verbose Status's `config` info (imacri's settings and counters).
+pub async fn status_info(rt: &mut Rt) -> serde_json::Value {
     let st = rt
         .status(cri::StatusRequest { verbose: true })
         .await
         .unwrap()
         .into_inner();
-    let v: serde_json::Value = serde_json::from_str(&st.info["config"]).unwrap();
-    v["integrity"].clone()
+    serde_json::from_str(&st.info["config"]).unwrap()
+}
+
+/// The `integrity` part of verbose Status (the engine's counters).
+pub async fn integrity_stats(rt: &mut Rt) -> serde_json::Value {
+    status_info(rt).await["integrity"].clone()
 }

@@ -263,6 +263,11 @@ impl CriServer {
         if let Ok(mut m) = self.exits.lock() {
             m.remove(id);
         }
+        // A sandbox's own pod-level sample too (its ID is torn down here).
+        if let Ok(mut m) = self.cpu_samples.lock() {
+            m.remove(id);
+            m.remove(&super::stats::pod_sample_key(id));
+        }
         Ok(())
     }
 

@@ -22,6 +22,7 @@ impl CriServer {
                 tracing::warn!(pod_sandbox_id = %sb.id, "rolling back interrupted sandbox creation");
                 let _ = self.teardown_sandbox(&sb).await;
                 let _ = self.sandboxes.remove(&sb.id);
+                self.forget_pod(&sb.id);
                 continue;
             }
             if let Some(p) = &st.pinned {
@@ -124,6 +125,15 @@ impl CriServer {
             }
         }
         self.release_groups(groups);
+        // The journal read every pod's entries back; only pods that still
+        // exist log again.
+        let pods: std::collections::HashSet<String> = self
+            .sandboxes
+            .all()
+            .iter()
+            .map(|sb| sb.id.clone())
+            .collect();
+        self.integrity.journal.keep_only(|pod| pods.contains(pod));
         kept.listeners
     }
 }

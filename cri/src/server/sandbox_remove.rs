@@ -35,7 +35,7 @@ impl CriServer {
         }
         self.nri_remove_pod(&sb).await;
         self.sandboxes.remove(&sb.id)?;
-        self.forget_seal(&sb.id);
+        self.forget_pod(&sb.id);
         tracing::info!(pod_sandbox_id = %sb.id, "sandbox removed");
         Ok(cri::RemovePodSandboxResponse {})
     }

@@ -301,7 +301,7 @@ impl CriServer {
                 Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
             }
             Err(e) => {
-                self.forget_seal(&id);
+                self.forget_pod(&id);
                 if let Err(te) = self.teardown_sandbox(&entry).await {
                     tracing::error!(pod_sandbox_id = %id, error = %te, "rollback failed");
                 }

@@ -11,6 +11,11 @@ use imacri_runtime::{spec, Error, Result};
 use super::validate::labels_match;
 use super::{ContainerEntry, CriServer, SandboxEntry};
 
+/// Where a pod's own CPU sample is kept, beside its containers'.
+pub(crate) fn pod_sample_key(pod: &str) -> String {
+    format!("pod/{pod}")
+}
+
 fn u(v: Option<u64>) -> Option<cri::UInt64Value> {
     v.map(|value| cri::UInt64Value { value })
 }
@@ -25,7 +30,8 @@ impl CriServer {
         spec::cgroup_path(&parent, &c.id)
     }
 
-    /// CPU usage and its rate since the last sample of `key`.
+    /// CPU usage and its rate since the last sample of `key` (forgotten
+    /// when its container or pod is torn down).
     fn cpu(&self, key: &str, s: &CgroupStats, ts: i64) -> cri::CpuUsage {
         let rate = s.cpu_usage_ns.and_then(|now| {
             let mut prev = self.cpu_samples.lock().ok()?;
@@ -151,7 +157,7 @@ impl CriServer {
                 annotations: sb.config.annotations.clone(),
             }),
             linux: Some(cri::LinuxPodSandboxStats {
-                cpu: Some(self.cpu(&format!("pod/{}", sb.id), &total, ts)),
+                cpu: Some(self.cpu(&pod_sample_key(&sb.id), &total, ts)),
                 memory: Some(Self::memory(&total, ts)),
                 network: Some(cri::NetworkUsage {
                     timestamp: ts,

@@ -86,6 +86,7 @@ impl CriServer {
                 "cgroupVersion": format!("{:?}", imacri_runtime::sysinfo::cgroup_version()),
                 "minOomScoreAdj": self.node.min_oom_score_adj,
                 "integrity": self.integrity_info(),
+                "records": self.records_info(),
             });
             info.insert("config".to_string(), v.to_string());
         }
@@ -110,6 +111,24 @@ impl CriServer {
                 supplemental_groups_policy: true,
                 user_namespaces_host_network: false,
             }),
+        })
+    }
+
+    /// How many records imacri holds per container and pod beside its
+    /// stores: each goes with its container or pod, so these follow what
+    /// exists (a leak shows as a count that only grows).
+    fn records_info(&self) -> serde_json::Value {
+        fn len<T>(m: &std::sync::Mutex<T>, f: impl Fn(&T) -> usize) -> Option<usize> {
+            m.lock().ok().map(|g| f(&g))
+        }
+        serde_json::json!({
+            "sandboxes": self.sandboxes.all().len(),
+            "containers": self.containers.all().len(),
+            "liveIo": len(&self.io, |m| m.len()),
+            "exitWatches": len(&self.exits, |m| m.len()),
+            "createdMounts": len(&self.created_mounts, |m| m.len()),
+            "deletedTasks": len(&self.deleted_tasks, |m| m.len()),
+            "cpuSamples": len(&self.cpu_samples, |m| m.len()),
         })
     }
 

@@ -22,13 +22,14 @@
 //! when they happened, and the verifier says so.
 
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::appender::{AppendError, Appender};
 use super::log::{self, Entry, Event};
+use super::podlogs::PodLogs;
 use super::tpm::{Quote, Tpm, TpmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -106,39 +107,6 @@ struct Inner {
     count: u64,
 }
 
-/// One pod's bookkeeping (what is logged already, how much), behind a lock
-/// of its own: the check every access makes ("measured once already?")
-/// never waits on another pod. A thread working for a pod runs in the
-/// pod's CPU cgroup, and one throttled while it held a lock every pod's
-/// accesses take made them all wait out its period (a bystander pod's
-/// execution waited 82-97 ms next to a pod at its limit). The node log's
-/// own lock is taken only to append, which a pod can do at most its quota
-/// of times.
-#[derive(Default)]
-struct PodLog {
-    /// (container, path, digest, event) logged.
-    seen: HashSet<(String, String, [u8; 32], Event)>,
-    entries: u64,
-    /// Its quota entry is written.
-    quota_hit: bool,
-}
-
-impl PodLog {
-    fn note(&mut self, e: &Entry) {
-        self.entries += 1;
-        self.quota_hit |= e.event == Event::Quota;
-        self.seen
-            .insert((e.container.clone(), e.path.clone(), e.digest, e.event));
-    }
-
-    /// An entry that never reached the log.
-    fn unnote(&mut self, key: &(String, String, [u8; 32], Event)) {
-        if self.seen.remove(key) {
-            self.entries = self.entries.saturating_sub(1);
-        }
-    }
-}
-
 /// Entries one pod may add to the node log before new accesses are refused
 /// (hard links and renames of one file would otherwise grow it unbounded).
 pub const DEFAULT_POD_QUOTA: u64 = 20_000;
@@ -152,8 +120,8 @@ pub struct Journal {
     /// Taken by the log's writer and by imacri's own readers (status,
     /// evidence), never by a thread working for a pod.
     inner: Arc<Mutex<Inner>>,
-    /// Each pod's [`PodLog`], found without a lock.
-    pod_logs: papaya::HashMap<String, Arc<Mutex<PodLog>>>,
+    /// Each pod's bookkeeping while it exists (`podlogs.rs`).
+    pod_logs: Arc<PodLogs>,
     /// The log's one writer: appends wait on it without taking a lock.
     writer: Appender<Appending, JournalError>,
 }
@@ -310,19 +278,21 @@ impl Journal {
             pods: HashMap::new(),
             count: 0,
         };
-        let pod_logs: papaya::HashMap<String, Arc<Mutex<PodLog>>> = papaya::HashMap::new();
+        let pod_logs = Arc::new(PodLogs::default());
         for e in entries {
             inner.note(&e, false);
-            let p = pod_logs
-                .pin()
-                .get_or_insert_with(e.pod.clone(), Default::default)
-                .clone();
-            if let Ok(mut p) = p.lock() {
+            if let Ok(mut p) = pod_logs.of(&e.pod).lock() {
                 p.note(&e);
             };
         }
         let inner = Arc::new(Mutex::new(inner));
-        let writer = Self::writer(inner.clone(), tpm.clone(), sync_file, log_path)?;
+        let writer = Self::writer(
+            inner.clone(),
+            pod_logs.clone(),
+            tpm.clone(),
+            sync_file,
+            log_path,
+        )?;
         let j = Journal {
             dir: dir.to_path_buf(),
             pcr,
@@ -345,6 +315,7 @@ impl Journal {
     /// `fdatasync` for the batch (group commit).
     fn writer(
         inner: Arc<Mutex<Inner>>,
+        pod_logs: Arc<PodLogs>,
         tpm: Option<Tpm>,
         sync_file: std::fs::File,
         log_path: PathBuf,
@@ -364,7 +335,10 @@ impl Journal {
                         .file
                         .write_all(a.line.as_bytes())
                         .map_err(|e| failed("appending to", e))?;
-                    inner.note(&a.entry, a.violation);
+                    // A removed pod's late entry makes no summary again.
+                    if !pod_logs.is_forgotten(&a.entry.pod) {
+                        inner.note(&a.entry, a.violation);
+                    }
                     if let Some(t) = &tpm {
                         t.extend_queued(a.entry.template_hash);
                     }
@@ -401,18 +375,33 @@ impl Journal {
     pub fn seen(&self, pod: &str, ctr: &str, path: &str, digest: &[u8; 32], ev: Event) -> bool {
         let key = (ctr.to_string(), path.to_string(), *digest, ev);
         // A query: a pod with nothing logged gets no bookkeeping made.
-        let found = self.pod_logs.pin().get(pod).cloned();
+        let found = self.pod_logs.get(pod);
         found.is_some_and(|p| p.lock().is_ok_and(|p| p.seen.contains(&key)))
     }
 
-    /// `pod`'s bookkeeping (made at its first entry).
-    fn pod_log(&self, pod: &str) -> Arc<Mutex<PodLog>> {
-        let logs = self.pod_logs.pin();
-        if let Some(p) = logs.get(pod) {
-            return p.clone();
+    /// Drops a removed pod's bookkeeping and summary; its entries stay in
+    /// the log.
+    pub fn forget(&self, pod: &str) {
+        self.pod_logs.forget(pod);
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.pods.remove(pod);
         }
-        logs.get_or_insert_with(pod.to_string(), Default::default)
-            .clone()
+    }
+
+    /// Keeps the bookkeeping and summaries of the pods `keep` names only
+    /// (at start: those that still exist).
+    pub fn keep_only(&self, keep: impl Fn(&str) -> bool) {
+        self.pod_logs.retain(&keep);
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.pods.retain(|pod, _| keep(pod));
+        }
+    }
+
+    /// Pods with bookkeeping and pods with a summary (both: pods that
+    /// exist, or whose removal is under way).
+    pub fn pods_tracked(&self) -> (usize, usize) {
+        let summaries = self.inner.lock().map(|i| i.pods.len()).unwrap_or(0);
+        (self.pod_logs.len(), summaries)
     }
 
     /// Appends a measurement unless the same one is already logged; returns
@@ -463,7 +452,7 @@ impl Journal {
             digest,
             ev,
         } = a;
-        let shard = self.pod_log(pod);
+        let shard = self.pod_logs.of(pod);
         let mut p = shard
             .lock()
             .map_err(|_| JournalError::Poisoned("lock poisoned"))?;
@@ -623,6 +612,37 @@ mod tests {
         }
         let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
         assert_eq!(log::parse_log(&text).unwrap().len(), 200);
+    }
+
+    #[test]
+    fn a_removed_pod_keeps_nothing_but_its_entries() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::open(d.path(), 15, None).unwrap();
+        for pod in ["gone", "alive"] {
+            j.record(pod, "c", "/bin/sh", [1; 32], Event::Exec, false)
+                .unwrap();
+        }
+        assert_eq!(j.pods_tracked(), (2, 2));
+        j.forget("gone");
+        assert_eq!(j.pods_tracked(), (1, 1));
+        assert_eq!(j.summary("gone").measurements, 0);
+        // An entry that comes late (a job that outlived its pod) is logged,
+        // and makes no bookkeeping or summary again.
+        let late = j
+            .record("gone", "c", "/bin/late", [2; 32], Event::Exec, true)
+            .unwrap();
+        assert!(late.is_some());
+        assert_eq!(j.pods_tracked(), (1, 1));
+        drop(j);
+        // Read back, every pod is there until the caller names those that
+        // exist.
+        let j = Journal::open(d.path(), 15, None).unwrap();
+        assert_eq!(j.pods_tracked(), (2, 2));
+        j.keep_only(|p| p == "alive");
+        assert_eq!(j.pods_tracked(), (1, 1));
+        assert!(j.seen("alive", "c", "/bin/sh", &[1; 32], Event::Exec));
+        let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
+        assert_eq!(log::parse_log(&text).unwrap().len(), 3);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod log;
 pub mod mapguard;
 pub mod overlay;
 pub mod park;
+mod podlogs;
 pub mod policy;
 pub mod quiet;
 pub mod retained;

@@ -130,10 +130,13 @@ impl CriServer {
         }
     }
 
-    /// Forgets a removed pod's seal.
-    pub(crate) fn forget_seal(&self, pod: &str) {
+    /// Forgets what imacri keeps for a pod that is removed (or whose start
+    /// failed): its seal and its journal bookkeeping (its entries stay in
+    /// the log).
+    pub(crate) fn forget_pod(&self, pod: &str) {
         if let Ok(mut m) = self.integrity.seals.lock() {
             m.remove(pod);
         }
+        self.integrity.journal.forget(pod);
     }
 }

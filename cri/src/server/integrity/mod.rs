@@ -348,11 +348,15 @@ impl CriServer {
                 "heldWriters": s.held_writers.load(Relaxed),
                 "parkedThreads": imacri_runtime::integrity::park::parked(),
                 "threadMoves": imacri_runtime::integrity::charge::moves(),
+                "cachedDigests": e.cached_digests(),
                 "meanCacheHitNs": s.hit_ns_total.load(Relaxed).checked_div(hits).unwrap_or(0),
             })
         });
+        let (journal_pods, journal_summaries) = j.pods_tracked();
         serde_json::json!({
             "anchored": j.anchored(),
+            "journalPods": journal_pods,
+            "journalSummaries": journal_summaries,
             "pcr": j.pcr(),
             "epoch": j.epoch(),
             "fanotify": engine,

@@ -288,6 +288,12 @@ pub struct Engine {
     /// kept open after its reader ended would hold every open of the files
     /// it marks forever (a bench's `unshare` hung on the host's libc).
     write_watches: papaya::HashMap<String, Weak<dyn WriteWatch>>,
+    /// Per container, the devices of the filesystems its group marks: the
+    /// digests of their files are forgotten with the last container that
+    /// marks them (a removed container's overlay is gone, and a node that
+    /// ran thousands of containers kept their digests until the cache
+    /// filled up: ~150 bytes each, up to [`CACHE_LIMIT`]).
+    devices: papaya::HashMap<String, Vec<u64>>,
     pub stats: Stats,
     /// Fault injection for the fail-closed tests: every reader fails after
     /// this many events (`IMACRI_TEST_FANOTIFY_FAIL_AFTER`).
@@ -394,6 +400,7 @@ impl Engine {
             notices,
             targets: papaya::HashMap::new(),
             write_watches: papaya::HashMap::new(),
+            devices: papaya::HashMap::new(),
             stats: Stats::default(),
             fail_after: std::env::var("IMACRI_TEST_FANOTIFY_FAIL_AFTER")
                 .ok()
@@ -464,14 +471,18 @@ impl Engine {
         &self.journal
     }
 
-    /// Makes a container findable by ID while it is measured.
-    pub fn register(&self, m: Arc<Measured>) {
+    /// Makes a container findable by ID while it is measured; `devices`:
+    /// those of the filesystems it alone (or with other containers of its
+    /// pod) has marked.
+    pub fn register(&self, m: Arc<Measured>, devices: Vec<u64>) {
+        self.devices.pin().insert(m.container.clone(), devices);
         self.targets.pin().insert(m.container.clone(), m);
     }
 
     pub fn unregister(&self, container: &str) {
         let gone = self.targets.pin().remove(container).cloned();
         self.write_watches.pin().remove(container);
+        self.forget_devices_of(container);
         // The pod's last measured container: its lingering hashing threads
         // end now, out of its cgroups (kubelet kills what it finds in a
         // removed pod's cgroup).
@@ -480,6 +491,27 @@ impl Engine {
                 self.queue.pod_gone(&m.pod);
             }
         }
+    }
+
+    /// Forgets the digests of files on the filesystems only `container`
+    /// marked.
+    fn forget_devices_of(&self, container: &str) {
+        let devices = self.devices.pin();
+        let Some(mine) = devices.remove(container).cloned() else {
+            return;
+        };
+        let gone: Vec<u64> = mine
+            .into_iter()
+            .filter(|d| !devices.values().any(|v| v.contains(d)))
+            .collect();
+        if !gone.is_empty() {
+            self.cache.pin().retain(|inode, _| !gone.contains(&inode.0));
+        }
+    }
+
+    /// Digests cached now.
+    pub fn cached_digests(&self) -> usize {
+        self.cache.len()
     }
 
     /// Where `container`'s executable mappings are watched for writes.
@@ -574,5 +606,54 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_containers_digests_go_with_the_last_container_that_marks_its_filesystems() {
+        let d = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(d.path(), 15, None).unwrap());
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let engine = Engine::new(journal, tx, DEFAULT_MAX_FILE_SIZE);
+        let measured = |container: &str| {
+            Arc::new(Measured {
+                pod: "p".into(),
+                container: container.into(),
+                mode: Mode::Measure,
+                allowlist: None,
+                charge: None,
+                quiet: Default::default(),
+                no_anonymous_exec: false,
+            })
+        };
+        // a's rootfs is 7, b's 8; both mark the pod's tmpfs volume, 9; 11
+        // is a host filesystem (imacri's init) nobody registers.
+        engine.register(measured("a"), vec![7, 9]);
+        engine.register(measured("b"), vec![8, 9]);
+        let key = |dev| FileKey {
+            dev,
+            ino: 1,
+            size: 1,
+            mtime: (0, 0),
+            ctime: (0, 0),
+        };
+        for dev in [7, 8, 9, 11] {
+            engine.remember(key(dev), Content::digest_only([dev as u8; 32]));
+        }
+        assert_eq!(engine.cached_digests(), 4);
+        engine.unregister("a");
+        assert!(engine.cached(&key(7)).is_none());
+        assert_eq!(engine.cached_digests(), 3, "the volume is b's too");
+        engine.unregister("b");
+        assert!(engine.cached(&key(9)).is_none());
+        assert!(engine.cached(&key(11)).is_some());
+        assert_eq!(engine.cached_digests(), 1);
+        // Unknown or already gone: nothing more.
+        engine.unregister("b");
+        assert_eq!(engine.cached_digests(), 1);
     }
 }

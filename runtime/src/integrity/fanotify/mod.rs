@@ -383,7 +383,12 @@ fn start(
 ) -> Result<Watch, FanotifyError> {
     let (stop_r, stop_w) = nix::unistd::pipe().map_err(|e| FanotifyError::Thread(e.into()))?;
     let container = target.measured.container.clone();
-    engine.register(target.measured.clone());
+    let devices = std::iter::once(&target.root)
+        .chain(&target.volumes)
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+        .collect();
+    engine.register(target.measured.clone(), devices);
     let marked = readback::marked_inodes(fan.as_fd());
     let group = Arc::new_cyclic(|me| Group {
         fan,
