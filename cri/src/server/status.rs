@@ -129,6 +129,7 @@ impl CriServer {
             "createdMounts": len(&self.created_mounts, |m| m.len()),
             "deletedTasks": len(&self.deleted_tasks, |m| m.len()),
             "cpuSamples": len(&self.cpu_samples, |m| m.len()),
+            "nriViews": len(&self.nri_views, |m| m.len()),
         })
     }
 
