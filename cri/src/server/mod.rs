@@ -295,7 +295,9 @@ impl CriServer {
                 tracing::warn!(reason = %why, "no read leases: a truncate(2) of a file an ima container mapped executable is not seen");
             }
         }
-        let (integrity, notices) = integrity::Integrity::open(&cfg, &ima_node.fanotify).await?;
+        let pods = sandboxes.all().iter().map(|sb| sb.id.clone()).collect();
+        let (integrity, notices) =
+            integrity::Integrity::open(&cfg, &ima_node.fanotify, pods).await?;
         let rootfs_idmap =
             imacri_runtime::idmap::probe_snapshotter(&c, &cfg.containerd.snapshotter).await;
         if let Err(why) = &rootfs_idmap {

@@ -125,15 +125,6 @@ impl CriServer {
             }
         }
         self.release_groups(groups);
-        // The journal read every pod's entries back; only pods that still
-        // exist log again.
-        let pods: std::collections::HashSet<String> = self
-            .sandboxes
-            .all()
-            .iter()
-            .map(|sb| sb.id.clone())
-            .collect();
-        self.integrity.journal.keep_only(|pod| pods.contains(pod));
         kept.listeners
     }
 }

@@ -102,12 +102,6 @@ impl PodLogs {
         }
     }
 
-    /// Keeps the bookkeeping of the pods `keep` names, drops the rest (at
-    /// start, for the pods that are gone: none of them logs again).
-    pub(super) fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.live.pin().retain(|pod, _| keep(pod));
-    }
-
     /// Pods with bookkeeping.
     pub(super) fn len(&self) -> usize {
         self.live.len()
@@ -138,7 +132,5 @@ mod tests {
         assert!(!logs.is_forgotten("a"));
         assert!(logs.is_forgotten(&format!("old-{}", FORGOTTEN_KEPT - 1)));
         assert_eq!(logs.forgotten.len(), FORGOTTEN_KEPT);
-        logs.retain(|p| p != "b");
-        assert_eq!(logs.len(), 0);
     }
 }

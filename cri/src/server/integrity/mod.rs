@@ -61,9 +61,12 @@ impl Integrity {
 impl Integrity {
     /// Opens the TPM (if configured) and the journal; starts the engine if
     /// fanotify works here. Returns the notice receiver for violations.
+    /// `pods`: the sandboxes that exist (only they get bookkeeping from the
+    /// log read back).
     pub async fn open(
         cfg: &imacri_runtime::config::Config,
         fanotify: &std::result::Result<(), String>,
+        pods: std::collections::HashSet<String>,
     ) -> Result<(Integrity, tokio::sync::mpsc::UnboundedReceiver<Notice>)> {
         let dir = cfg.root.join("integrity");
         let tcti = cfg.ima.tpm_tcti.clone();
@@ -75,7 +78,8 @@ impl Integrity {
             } else {
                 Some(Tpm::open(&tcti, pcr, &dir)?)
             };
-            Ok(Journal::open(&dir, pcr, tpm)?.with_quota(quota))
+            let keep = |pod: &str| pods.contains(pod);
+            Ok(Journal::open_keeping(&dir, pcr, tpm, &keep)?.with_quota(quota))
         })
         .await
         .map_err(|e| Error::Internal(format!("opening the measurement journal: {e}")))??;

@@ -28,8 +28,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::appender::{AppendError, Appender};
-use super::log::{self, Entry, Event};
+use super::log::{Entry, Event};
 use super::podlogs::PodLogs;
+
+mod reopen;
 use super::tpm::{Quote, Tpm, TpmError};
 
 #[derive(Debug, thiserror::Error)]
@@ -163,54 +165,44 @@ impl Journal {
     /// Opens (or starts) the journal and reconciles it with the TPM.
     /// Blocking: TPM commands and file reads.
     pub fn open(dir: &Path, pcr: u32, tpm: Option<Tpm>) -> JResult<Journal> {
+        Self::open_keeping(dir, pcr, tpm, &|_| true)
+    }
+
+    /// As [`open`](Self::open), with bookkeeping and summaries made only
+    /// for the pods `keep` names: the log read back names every pod of the
+    /// epoch, and only those that still exist log again.
+    pub fn open_keeping(
+        dir: &Path,
+        pcr: u32,
+        tpm: Option<Tpm>,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> JResult<Journal> {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let log_path = Self::log_path(dir);
         let epoch_path = dir.join("epoch.json");
-        let text = match std::fs::read_to_string(&log_path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(io("reading", &log_path)(e)),
-        };
         let saved: Option<Epoch> = std::fs::read(&epoch_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let mut entries = match log::parse_log(&text) {
-            Ok(es) => es,
-            Err(msg) => {
-                // Keep the evidence of tampering aside; the PCR check below
-                // then marks the epoch unverifiable.
-                tracing::error!(path = %log_path.display(), "measurement log is corrupt ({msg}); archived it");
-                archive(
-                    dir,
-                    &log_path,
-                    &saved.clone().unwrap_or_default(),
-                    "corrupt",
-                )?;
-                Vec::new()
-            }
-        };
-        // Containers with entries the TPM had not seen at this start.
-        let mut unextended: Vec<(String, String)> = Vec::new();
         let mut epoch = saved.clone().unwrap_or(Epoch {
             started_at: now_secs(),
             ..Default::default()
         });
+        // The TPM first: the log is read back against the PCR it holds.
+        let mut pcr_now = None;
         if let Some(tpm) = &tpm {
             let q = tpm.quote_blocking(rand::random::<[u8; 32]>().to_vec())?;
-            let pcr_now = q.pcr_value;
             let rebooted = saved.as_ref().is_none_or(|s| {
                 s.reset_count != Some(q.reset_count)
-                    || (s.restart_count != Some(q.restart_count) && pcr_now == [0; 32])
+                    || (s.restart_count != Some(q.restart_count) && q.pcr_value == [0; 32])
             });
             if rebooted {
-                if !entries.is_empty() {
+                let logged = std::fs::metadata(&log_path).is_ok_and(|m| m.len() > 0);
+                if logged {
                     archive(dir, &log_path, &epoch, "epoch")?;
                     tracing::info!(
-                        entries = entries.len(),
                         "the TPM was reset: archived the previous epoch's measurement log"
                     );
                 }
-                entries.clear();
                 epoch = Epoch {
                     reset_count: Some(q.reset_count),
                     restart_count: Some(q.restart_count),
@@ -220,72 +212,78 @@ impl Journal {
             }
             epoch.restart_count = Some(q.restart_count);
             if epoch.broken.is_none() {
-                // Find the prefix the PCR holds; extend what follows it.
-                let mut running = [0u8; 32];
-                let mut held = (pcr_now == running).then_some(0);
-                for (i, e) in entries.iter().enumerate() {
-                    running = log::extend(&running, &e.template_hash);
-                    if running == pcr_now {
-                        held = Some(i + 1);
-                    }
-                }
-                match held {
-                    Some(k) => {
-                        for e in &entries[k..] {
-                            tpm.extend_queued(e.template_hash);
-                            let who = (e.pod.clone(), e.container.clone());
-                            if !unextended.contains(&who) {
-                                unextended.push(who);
-                            }
-                        }
-                        if k < entries.len() {
-                            tracing::warn!(
-                                missing = entries.len() - k,
-                                "extended log entries the TPM had not seen (imacri stopped between log and extend)"
-                            );
-                        }
-                    }
-                    None => {
-                        let msg = format!(
-                            "PCR {pcr} holds {} which the measurement log does not replay to: something else extends this PCR; choose a PCR only imacri uses (ima.pcr)",
-                            hex::encode(pcr_now)
-                        );
-                        tracing::error!("{msg}");
-                        epoch.broken = Some(msg);
-                    }
-                }
+                pcr_now = Some(q.pcr_value);
             }
         } else if saved.as_ref().is_some_and(|s| s.reset_count.is_some()) {
             // Was anchored, now is not: keep the log, say so in evidence.
             tracing::warn!("no TPM configured: measurements continue unanchored");
+        }
+        let mut pod_logs = PodLogs::default();
+        let read = match reopen::read_back(&log_path, pcr_now, keep, &pod_logs) {
+            Ok(r) => r,
+            Err(reopen::ReadBackError::Corrupt { line, error }) => {
+                // Keep the evidence of tampering aside; the PCR (unless it
+                // is still all zero) then marks the epoch unverifiable.
+                tracing::error!(path = %log_path.display(), line, %error, "measurement log is corrupt; archived it");
+                archive(
+                    dir,
+                    &log_path,
+                    &saved.clone().unwrap_or_default(),
+                    "corrupt",
+                )?;
+                pod_logs = PodLogs::default();
+                reopen::ReadBack {
+                    unextended: pcr_now.filter(|p| *p == [0; 32]).map(|_| Vec::new()),
+                    ..Default::default()
+                }
+            }
+            Err(reopen::ReadBackError::Io(e)) => return Err(io("reading", &log_path)(e)),
+        };
+        // Containers with entries the TPM had not seen at this start.
+        let mut unextended: Vec<(String, String)> = Vec::new();
+        if let (Some(tpm), Some(now)) = (&tpm, pcr_now) {
+            match read.unextended {
+                Some(tail) => {
+                    if !tail.is_empty() {
+                        tracing::warn!(
+                            missing = tail.len(),
+                            "extended log entries the TPM had not seen (imacri stopped between log and extend)"
+                        );
+                    }
+                    for (hash, pod, ctr) in tail {
+                        tpm.extend_queued(hash);
+                        if !unextended.contains(&(pod.clone(), ctr.clone())) {
+                            unextended.push((pod, ctr));
+                        }
+                    }
+                }
+                None => {
+                    let msg = format!(
+                        "PCR {pcr} holds {} which the measurement log does not replay to: something else extends this PCR; choose a PCR only imacri uses (ima.pcr)",
+                        hex::encode(now)
+                    );
+                    tracing::error!("{msg}");
+                    epoch.broken = Some(msg);
+                }
+            }
         }
         std::fs::write(
             &epoch_path,
             serde_json::to_vec_pretty(&epoch).unwrap_or_default(),
         )
         .map_err(io("writing", &epoch_path))?;
-        if entries.is_empty() {
-            std::fs::write(&log_path, b"").map_err(io("writing", &log_path))?;
-        }
         let file = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .open(&log_path)
             .map_err(io("opening", &log_path))?;
         let sync_file = file.try_clone().map_err(io("opening", &log_path))?;
-        let mut inner = Inner {
+        let inner = Arc::new(Mutex::new(Inner {
             file,
-            pods: HashMap::new(),
-            count: 0,
-        };
-        let pod_logs = Arc::new(PodLogs::default());
-        for e in entries {
-            inner.note(&e, false);
-            if let Ok(mut p) = pod_logs.of(&e.pod).lock() {
-                p.note(&e);
-            };
-        }
-        let inner = Arc::new(Mutex::new(inner));
+            pods: read.pods,
+            count: read.count,
+        }));
+        let pod_logs = Arc::new(pod_logs);
         let writer = Self::writer(
             inner.clone(),
             pod_logs.clone(),
@@ -385,15 +383,6 @@ impl Journal {
         self.pod_logs.forget(pod);
         if let Ok(mut inner) = self.inner.lock() {
             inner.pods.remove(pod);
-        }
-    }
-
-    /// Keeps the bookkeeping and summaries of the pods `keep` names only
-    /// (at start: those that still exist).
-    pub fn keep_only(&self, keep: impl Fn(&str) -> bool) {
-        self.pod_logs.retain(&keep);
-        if let Ok(mut inner) = self.inner.lock() {
-            inner.pods.retain(|pod, _| keep(pod));
         }
     }
 
@@ -548,27 +537,32 @@ impl Journal {
 impl Inner {
     fn note(&mut self, e: &Entry, violation: bool) {
         self.count += 1;
-        let p = self.pods.entry(e.pod.clone()).or_default();
-        if !matches!(
-            e.event,
-            Event::Gap | Event::Start | Event::Quota | Event::Tomtou
-        ) {
-            p.measurements += 1;
-        }
-        let flagged = matches!(
-            e.event,
-            Event::Deny | Event::Writers | Event::Quota | Event::Tomtou
-        );
-        if violation || flagged {
-            p.violations += 1;
-            p.last_violation = Some(format!(
-                "{} {} {} in container {}",
-                e.event.as_str(),
-                e.path,
-                e.digest_hex(),
-                e.container
-            ));
-        }
+        note_summary(&mut self.pods, e, violation);
+    }
+}
+
+/// Counts `e` in its pod's summary.
+fn note_summary(pods: &mut HashMap<String, PodSummary>, e: &Entry, violation: bool) {
+    let p = pods.entry(e.pod.clone()).or_default();
+    if !matches!(
+        e.event,
+        Event::Gap | Event::Start | Event::Quota | Event::Tomtou
+    ) {
+        p.measurements += 1;
+    }
+    let flagged = matches!(
+        e.event,
+        Event::Deny | Event::Writers | Event::Quota | Event::Tomtou
+    );
+    if violation || flagged {
+        p.violations += 1;
+        p.last_violation = Some(format!(
+            "{} {} {} in container {}",
+            e.event.as_str(),
+            e.path,
+            e.digest_hex(),
+            e.container
+        ));
     }
 }
 
@@ -590,6 +584,7 @@ fn archive(dir: &Path, log_path: &Path, epoch: &Epoch, why: &str) -> JResult<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::integrity::log;
 
     #[test]
     fn concurrent_records_share_syncs_and_all_land() {
@@ -634,11 +629,11 @@ mod tests {
         assert!(late.is_some());
         assert_eq!(j.pods_tracked(), (1, 1));
         drop(j);
-        // Read back, every pod is there until the caller names those that
-        // exist.
+        // Read back, only the pods named as existing get bookkeeping.
         let j = Journal::open(d.path(), 15, None).unwrap();
         assert_eq!(j.pods_tracked(), (2, 2));
-        j.keep_only(|p| p == "alive");
+        drop(j);
+        let j = Journal::open_keeping(d.path(), 15, None, &|p| p == "alive").unwrap();
         assert_eq!(j.pods_tracked(), (1, 1));
         assert!(j.seen("alive", "c", "/bin/sh", &[1; 32], Event::Exec));
         let text = std::fs::read_to_string(Journal::log_path(d.path())).unwrap();
