@@ -1033,19 +1033,28 @@ async fn a_loader_is_not_written_while_an_execution_loads_it() {
     let (d, image, _work) = node(env, "\n[ima.policies.nojit]\nanonymous_exec = \"deny\"").await;
     let mut rt = d.runtime().await.unwrap();
     let (pod, a, _b) = two_containers(&d, &mut rt, "interp-swap", "nojit", &image).await;
-    let (_, out, err) = exec_sh(&mut rt, &a, "escape interp-swap /tmp/h 40").await;
     // "INTERP tries loaded refused busy after": no execution loaded the
-    // loader as a writer left it; the race was run (writers refused, or
-    // let through once the execution failed its own writers check).
-    let n: Vec<u32> = out
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    assert!(
-        out.starts_with("INTERP") && n.len() == 5 && n[1] == 0 && n[2] + n[3] > 0,
-        "{out}{err}\n{}",
-        d.log()
-    );
+    // loader as a writer left it, in any round; and the race was run in
+    // one (writers refused, or let through once the execution failed its
+    // own writers check). Under the full suite's load the 40 tries of a
+    // round once all landed after the loading (`INTERP 40 0 0 0 2`): a
+    // round that ran no race is run again, up to 3.
+    let (mut rounds, mut ran) = (Vec::new(), false);
+    while !ran && rounds.len() < 3 {
+        let (_, out, err) = exec_sh(&mut rt, &a, "escape interp-swap /tmp/h 40").await;
+        let n: Vec<u32> = out
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        assert!(
+            out.starts_with("INTERP") && n.len() == 5 && n[1] == 0,
+            "{out}{err}\n{}",
+            d.log()
+        );
+        ran = n[2] + n[3] > 0;
+        rounds.push(out);
+    }
+    assert!(ran, "no round ran the race: {rounds:?}");
     stop_pod(&mut rt, &pod).await;
 }

@@ -47,7 +47,12 @@ use own::OwnOpeners;
 /// the access is refused.
 const HASH_TRIES: usize = 3;
 
-const CACHE_LIMIT: usize = 200_000;
+/// Digests cached at most (~150 bytes each: ~10 MB). The cache holds the
+/// files of running containers only (a container's go with it), a few
+/// hundred each; a container that runs ever new files fills it with its own
+/// and then loses them (`remember`). It was 200 000 (~30 MB, as much as
+/// imacri's whole idle target) while dead containers' digests stayed.
+const CACHE_LIMIT: usize = 65_536;
 
 /// How much of one file a hashing thread reads before it takes the next
 /// pod's turn (10-20 ms at release speed): a pod that executes a huge file
