@@ -5,6 +5,28 @@ use imacri_api::attestation as pb;
 use imacri_runtime::integrity::journal::Epoch;
 use imacri_runtime::integrity::verify::{Evidence, QuoteEvidence};
 
+/// The largest evidence a Quote carries (the server encodes, `attest`
+/// decodes, this much): it holds every entry of the epoch's log.
+pub const MAX_EVIDENCE: usize = 64 * 1024 * 1024;
+
+/// Evidence past [`MAX_EVIDENCE`] (or `limit`) fails with why and what
+/// ends it, not with tonic's bare "encoded message length too large".
+pub fn fits(ev: &pb::Evidence, limit: usize) -> imacri_runtime::Result<()> {
+    use prost::Message;
+    // The response wraps it: a tag and a length more.
+    let len = ev.encoded_len() + 16;
+    if len <= limit {
+        return Ok(());
+    }
+    Err(imacri_runtime::Error::ResourceExhausted(format!(
+        "the evidence for pod {} is {} MiB, past the {} MiB a Quote carries: it holds every entry of the node's measurement log for this TPM epoch ({} entries, other pods' redacted) so that the PCR replays; the epoch ends with the node's next reboot (incremental evidence, from the entry a verifier last checked, is not built yet)",
+        ev.pod_sandbox_id,
+        len.div_ceil(1 << 20),
+        limit >> 20,
+        ev.log.len()
+    )))
+}
+
 pub fn to_proto(e: Evidence) -> pb::Evidence {
     pb::Evidence {
         pod_sandbox_id: e.pod_sandbox_id,
@@ -59,6 +81,23 @@ pub fn from_proto(e: pb::Evidence) -> Evidence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evidence_past_the_limit_says_why_and_what_ends_it() {
+        let ev = pb::Evidence {
+            pod_sandbox_id: "p".into(),
+            log: vec!["x".repeat(300); 40],
+            ..Default::default()
+        };
+        assert!(fits(&ev, 1 << 20).is_ok());
+        let e = fits(&ev, 4096).unwrap_err();
+        assert!(matches!(e, imacri_runtime::Error::ResourceExhausted(_)));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("40 entries") && msg.contains("next reboot"),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn round_trips() {

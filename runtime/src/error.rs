@@ -24,6 +24,9 @@ pub enum Error {
     Unavailable(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// An answer would be larger than it may be; the message says why.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// This node cannot do what was asked; the message says why.
     #[error("{0}")]
     Unimplemented(String),

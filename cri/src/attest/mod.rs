@@ -183,7 +183,7 @@ async fn client(target: &Target) -> Result<AttestationClient<Channel>> {
                 .with_context(|| format!("connecting to {url}"))?
         }
     };
-    Ok(AttestationClient::new(ch).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(AttestationClient::new(ch).max_decoding_message_size(crate::evidence::MAX_EVIDENCE))
 }
 
 fn write_or_print(out: Option<&Path>, text: &str) -> Result<()> {

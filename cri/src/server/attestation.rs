@@ -16,7 +16,7 @@ use super::{instrument, CriServer};
 pub struct Attest(pub Arc<CriServer>);
 
 pub fn service(server: Arc<CriServer>) -> AttestationServer<Attest> {
-    AttestationServer::new(Attest(server)).max_encoding_message_size(64 * 1024 * 1024)
+    AttestationServer::new(Attest(server)).max_encoding_message_size(crate::evidence::MAX_EVIDENCE)
 }
 
 /// The node's log as `pod`'s evidence shows it: every entry (the replay
@@ -105,8 +105,10 @@ impl CriServer {
             }),
             ak_public_pem,
         };
+        let evidence = crate::evidence::to_proto(ev);
+        crate::evidence::fits(&evidence, crate::evidence::MAX_EVIDENCE)?;
         Ok(pb::QuoteResponse {
-            evidence: Some(crate::evidence::to_proto(ev)),
+            evidence: Some(evidence),
         })
     }
 

@@ -501,6 +501,7 @@ fn to_status(e: &Error) -> tonic::Status {
         Error::PermissionDenied(_) => Status::permission_denied(msg),
         Error::Unavailable(_) => Status::unavailable(msg),
         Error::DeadlineExceeded(_) => Status::deadline_exceeded(msg),
+        Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
         Error::Containerd { source, .. } => match source.code() {
             c @ (Code::NotFound
             | Code::AlreadyExists
