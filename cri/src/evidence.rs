@@ -19,10 +19,11 @@ pub fn fits(ev: &pb::Evidence, limit: usize) -> imacri_runtime::Result<()> {
         return Ok(());
     }
     Err(imacri_runtime::Error::ResourceExhausted(format!(
-        "the evidence for pod {} is {} MiB, past the {} MiB a Quote carries: it holds every entry of the node's measurement log for this TPM epoch ({} entries, other pods' redacted) so that the PCR replays; the epoch ends with the node's next reboot (incremental evidence, from the entry a verifier last checked, is not built yet)",
+        "the evidence for pod {} is {} MiB, past the {} MiB a Quote carries: it holds the node's measurement log for this TPM epoch from entry {} ({} entries, other pods' redacted) so that the PCR replays; ask from the entry a verifier last checked (QuoteRequest.from_entry; `imacri attest verify --counters FILE` keeps that checkpoint), or wait for the epoch to end with the node's next reboot",
         ev.pod_sandbox_id,
         len.div_ceil(1 << 20),
         limit >> 20,
+        ev.log_start,
         ev.log.len()
     )))
 }
@@ -41,6 +42,7 @@ pub fn to_proto(e: Evidence) -> pb::Evidence {
         }),
         nonce: e.nonce,
         log: e.log,
+        log_start: e.log_start,
         pod_log: e.pod_log,
         quote: e.quote.map(|q| pb::Quote {
             attest: q.attest,
@@ -67,6 +69,7 @@ pub fn from_proto(e: pb::Evidence) -> Evidence {
         },
         nonce: e.nonce,
         log: e.log,
+        log_start: e.log_start,
         pod_log: e.pod_log,
         quote: e.quote.map(|q| QuoteEvidence {
             attest: q.attest,
@@ -114,6 +117,7 @@ mod tests {
             },
             nonce: vec![1; 16],
             log: vec!["a".into()],
+            log_start: 7,
             pod_log: vec![],
             quote: Some(QuoteEvidence {
                 attest: vec![1],

@@ -1,14 +1,51 @@
 """An attestation client on Python grpcio, against imacri's verifier socket:
-enrollment data, a refused credential, and no CRI there.
+enrollment data, a refused credential, no CRI there, and with a POD,
+evidence from the first entry and from a checkpoint (incremental).
 
-Usage: attest_client.py SOCKET. Prints one line per call and "ok"; exits 1
-naming the call that failed.
+Usage: attest_client.py SOCKET [POD]. Prints one line per call and "ok";
+exits 1 naming the call that failed.
 """
+import os
 import sys
 
 import grpc
 
-from cri_client import call, field, strings
+from cri_client import call, field, fields, strings, varint
+
+
+def varints(msg):
+    """Decodes the varint fields of a message: {num: int} (last wins)."""
+    return {num: v for num, v in fields(msg) if isinstance(v, int)}
+
+
+def quote(ch, pod, from_entry=0, from_epoch=0):
+    """Evidence (QuoteResponse field 1) for POD: its fields and varints."""
+    req = field(1, pod) + field(2, os.urandom(16))
+    if from_entry:
+        req += varint(3 << 3) + varint(from_entry) + varint(4 << 3) + varint(from_epoch)
+    ev = strings(call(ch, "/imacri.attestation.v1.Attestation/Quote", req))[1][0]
+    return strings(ev), varints(ev)
+
+
+def incremental(ch, pod):
+    # Evidence: 5 epoch (3 started_at), 7 log, 8 pod_log, 9 quote, 11 log_start
+    ev, num = quote(ch, pod)
+    n, started = len(ev[7]), varints(ev[5][0]).get(3, 0)
+    if num.get(11, 0) != 0 or n == 0 or 9 not in ev:
+        print(f"Quote: log_start {num.get(11)}, {n} entries, quote {9 in ev}", file=sys.stderr)
+        sys.exit(1)
+    inc, inum = quote(ch, pod, n, started)
+    carried = len(inc.get(7, []))
+    if inum.get(11) != n or carried >= n or len(inc[8]) != len(ev[8]):
+        print(f"Quote from {n}: log_start {inum.get(11)}, {carried} entries, "
+              f"{len(inc[8])} of the pod's (was {len(ev[8])})", file=sys.stderr)
+        sys.exit(1)
+    # Another epoch's checkpoint: the whole log again.
+    again, anum = quote(ch, pod, n, started + 1)
+    if anum.get(11, 0) != 0 or len(again[7]) < n:
+        print(f"Quote from another epoch: log_start {anum.get(11)}", file=sys.stderr)
+        sys.exit(1)
+    print("incremental", n, carried)
 
 
 def expect_code(channel, method, request, code):
@@ -42,6 +79,8 @@ def main():
         expect_code(ch, svc + "ActivateCredential", junk, grpc.StatusCode.INVALID_ARGUMENT)
         # Nothing on the verifier socket changes the node.
         expect_code(ch, "/runtime.v1.RuntimeService/RunPodSandbox", b"", grpc.StatusCode.UNIMPLEMENTED)
+        if len(sys.argv) > 2:
+            incremental(ch, sys.argv[2])
     print("ok")
 
 

@@ -27,17 +27,19 @@ def varint(n):
             return out + bytes([b])
 
 
-def strings(msg):
-    """Decodes the length-delimited fields of a message: {num: [bytes]}."""
-    out, i = {}, 0
+def fields(msg):
+    """Yields a message's fields as (num, value): bytes when length-delimited,
+    an int for varints (fixed-width ones are skipped)."""
+    i = 0
     while i < len(msg):
         key, i = read_varint(msg, i)
         num, wire = key >> 3, key & 7
         if wire == 0:
-            _, i = read_varint(msg, i)
+            value, i = read_varint(msg, i)
+            yield num, value
         elif wire == 2:
             n, i = read_varint(msg, i)
-            out.setdefault(num, []).append(msg[i:i + n])
+            yield num, msg[i:i + n]
             i += n
         elif wire == 1:
             i += 8
@@ -45,6 +47,14 @@ def strings(msg):
             i += 4
         else:
             raise ValueError(f"wire type {wire}")
+
+
+def strings(msg):
+    """Decodes the length-delimited fields of a message: {num: [bytes]}."""
+    out = {}
+    for num, value in fields(msg):
+        if isinstance(value, bytes):
+            out.setdefault(num, []).append(value)
     return out
 
 

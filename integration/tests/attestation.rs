@@ -1122,3 +1122,114 @@ async fn a_quote_older_than_one_seen_is_refused() {
         "{report:#}"
     );
 }
+
+/// A verifier that keeps a checkpoint (`--counters`) is sent only the log
+/// after the entries it checked: the tail replays from the PCR value it
+/// kept to the new quote, the pod's earlier entries are still appraised,
+/// and the node cannot rewrite them once checked (it no longer sends the
+/// whole log, so nothing else would catch it).
+#[tokio::test(flavor = "multi_thread")]
+async fn incremental_evidence_carries_only_what_follows_the_checkpoint() {
+    use imacri_runtime::integrity::log::{Entry, Event};
+    let env = Env::get();
+    let (_tpm, d, work) = anchored_node(env, &[]).await;
+    let ak = work.path().join("ak.pem");
+    let golden = work.path().join("golden.json");
+    let counters = work.path().join("counters.json");
+    let keep = ["--counters", counters.to_str().unwrap()];
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima_pod("incremental", None);
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let c = start_container(&mut rt, &pod, &cfg, sleeper(env)).await;
+    // A violation before the checkpoint: an executable dropped in and run.
+    sh_ok(
+        &mut rt,
+        &c,
+        "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true && /tmp/new/true",
+    )
+    .await;
+    let logged = |d: &Imacri, pod: &str, what: &'static str| {
+        let lines = log_lines(d, pod);
+        async move { lines.iter().any(|l| l.contains(what)).then_some(()) }
+    };
+    imacri_integration::poll::eventually(
+        "the dropped-in file's entry",
+        Duration::from_secs(10),
+        || logged(&d, &pod, " /tmp/new/true "),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", log_lines(&d, &pod)));
+    let (code, first, err) = verify(&d, &pod, &golden, &ak, &keep);
+    assert_eq!(code, 1, "{first:#}\n{err}");
+    assert_eq!(first["log_start"], 0, "{first:#}");
+    let checked = first["log_entries"].as_u64().unwrap();
+    let book: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+    let seen = book.as_object().unwrap().values().next().unwrap().clone();
+    assert_eq!(seen["checkpoint"]["entries"], checked, "{book:#}");
+    // Its entries with the start entries.
+    let kept = seen["checkpoint"]["pods"][&pod]["entries"]
+        .as_u64()
+        .unwrap();
+    assert!(kept > first["pod_entries"].as_u64().unwrap(), "{book:#}");
+
+    // Another pod's entries follow.
+    let other_cfg = ima_pod("incremental-other", None);
+    let other = run_pod(&mut rt, &other_cfg).await.unwrap();
+    start_container(&mut rt, &other, &other_cfg, sleeper(env)).await;
+    imacri_integration::poll::eventually(
+        "the other pod's entrypoint",
+        Duration::from_secs(10),
+        || logged(&d, &other, " /bin/busybox "),
+    )
+    .await
+    .unwrap();
+    let (code, next, err) = verify(&d, &pod, &golden, &ak, &keep);
+    assert_eq!(code, 1, "{next:#}\n{err}\n{}", d.log());
+    assert_eq!(next["log_start"], checked, "only what follows: {next:#}");
+    assert!(next["log_entries"].as_u64().unwrap() > checked, "{next:#}");
+    assert_eq!(next["violations"], first["violations"], "{next:#}");
+    // The other pod, whose earlier entries this verifier saw redacted.
+    let (code, theirs, err) = verify(&d, &other, &golden, &ak, &keep);
+    assert_eq!(code, 0, "{theirs:#}\n{err}");
+    assert_eq!(theirs["log_start"], next["log_entries"], "{theirs:#}");
+
+    // The node rewrites the pod's checked violation into an allowed,
+    // self-consistent entry: full evidence fails its replay, incremental
+    // evidence the pod's kept hash.
+    let log_path = d.root.join("integrity/measurements.log");
+    let original = std::fs::read_to_string(&log_path).unwrap();
+    let bad = original
+        .lines()
+        .find(|l| l.contains(" /tmp/new/true ") && l.contains(&pod))
+        .unwrap();
+    let e = Entry::parse(bad).unwrap();
+    let clean = Entry::new(
+        e.pcr,
+        e.digest,
+        "/bin/busybox",
+        &e.pod,
+        &e.container,
+        Event::Exec,
+    );
+    std::fs::write(&log_path, original.replacen(bad, &clean.to_string(), 1)).unwrap();
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &keep);
+    assert_eq!(code, 2, "{report:#}");
+    assert!(
+        report["errors"]
+            .to_string()
+            .contains("not those this verifier checked"),
+        "{report:#}"
+    );
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &[]);
+    assert_eq!(code, 2, "{report:#}");
+    assert!(
+        report["errors"].to_string().contains("replay"),
+        "{report:#}"
+    );
+    // Invalid evidence moved no checkpoint: the log restored verifies.
+    std::fs::write(&log_path, &original).unwrap();
+    let (code, report, err) = verify(&d, &pod, &golden, &ak, &keep);
+    assert_eq!(code, 1, "{report:#}\n{err}");
+    assert_eq!(report["log_start"], theirs["log_entries"], "{report:#}");
+}

@@ -489,7 +489,8 @@ async fn enrollment_without_certificate_or_tpm() {
 
 /// The enrollment RPCs from another gRPC stack (Python grpcio, C-core):
 /// the EK certificate and public areas arrive, a credential not made for
-/// the TPM is refused with InvalidArgument, and CRI is not served there.
+/// the TPM is refused with InvalidArgument, CRI is not served there, and
+/// a Quote from a checkpoint carries only the log after it.
 #[tokio::test(flavor = "multi_thread")]
 async fn python_grpcio_reads_enrollment_data() {
     let env = Env::get();
@@ -500,11 +501,22 @@ async fn python_grpcio_reads_enrollment_data() {
     let d = Imacri::start_with(env, &["--tpm-tcti", &tcti])
         .await
         .unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let mut cfg = imacri_integration::pod_config("grpcio-quote");
+    cfg.annotations
+        .insert("imacri.dev/ima".into(), "true".into());
+    let pod = imacri_integration::client::run_pod(&mut rt, &cfg)
+        .await
+        .unwrap();
+    let app = imacri_integration::container_config("app", &env.busybox, &["sleep", "1000"]);
+    imacri_integration::client::start_container(&mut rt, &pod, &cfg, app).await;
     let py = imacri_integration::peers::grpcio_python(&cache);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/attest_client.py");
     let o = std::process::Command::new(&py)
         .arg(&script)
         .arg(&d.attest_socket)
+        .arg(&pod)
         .output()
         .unwrap();
     let t = format!(
@@ -517,5 +529,7 @@ async fn python_grpcio_reads_enrollment_data() {
         t.contains("ActivateCredential INVALID_ARGUMENT the TPM refused"),
         "{t}"
     );
+    assert!(t.lines().any(|l| l.starts_with("incremental ")), "{t}");
     assert!(t.lines().any(|l| l == "ok"), "{t}");
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }

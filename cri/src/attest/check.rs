@@ -1,11 +1,14 @@
 //! Checking one piece of evidence: what the verifier trusts (policy, the
 //! node's enrolled AK or a handed-over key), what it accepts beyond
-//! anchored gap-free evidence, and the newest TPM counters it saw per AK
-//! (an older quote is a replay).
+//! anchored gap-free evidence, and per AK the newest TPM counters it saw
+//! (an older quote is a replay) and how far it checked the node's log (its
+//! checkpoint: later evidence carries only what follows).
 
 use anyhow::{Context, Result};
 use imacri_runtime::integrity::allowlist::Allowlist;
-use imacri_runtime::integrity::verify::{self, Evidence, Expectations, Report, Verdict};
+use imacri_runtime::integrity::verify::{
+    self, Checkpoint, Evidence, Expectations, Report, Verdict,
+};
 use std::path::{Path, PathBuf};
 
 use super::{client, fetch, Target, Trust};
@@ -45,8 +48,16 @@ impl Checker {
         })
     }
 
+    /// Where evidence from this node may start (entry, epoch): after the
+    /// log this verifier already checked.
+    pub(super) fn since(&self) -> Option<(u64, i64)> {
+        self.book
+            .checkpoint(self.ak.as_deref())
+            .map(Checkpoint::since)
+    }
+
     /// Verifies evidence for `pod` that answers `nonce`; a valid one moves
-    /// the counters seen forward.
+    /// the counters seen and the checkpoint forward.
     pub(super) fn check(&mut self, ev: &Evidence, pod: &str, nonce: &[u8]) -> Result<Report> {
         let ak = self.ak.as_deref();
         let mut r = verify::verify(
@@ -60,6 +71,7 @@ impl Checker {
                 allow_gaps: self.allow_gaps,
                 require_no_anonymous_exec: self.require_no_anonymous_exec,
                 last_seen: self.book.last(ak),
+                checkpoint: self.book.checkpoint(ak),
             },
         );
         if ev.anchored && ak.is_none() {
@@ -72,11 +84,21 @@ impl Checker {
     }
 }
 
-/// The newest TPM counters a verifier saw, per attestation key (sha256 of
-/// its PEM, whitespace removed), in a JSON file.
+/// What a verifier saw of a node, per attestation key (sha256 of its PEM,
+/// whitespace removed), in a JSON file.
 struct CounterBook {
     path: Option<PathBuf>,
-    seen: std::collections::BTreeMap<String, verify::TpmCounters>,
+    seen: std::collections::BTreeMap<String, Seen>,
+}
+
+/// The newest TPM counters (the fields of a file from before checkpoints)
+/// and the checkpoint of the node's log.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Seen {
+    #[serde(flatten)]
+    counters: verify::TpmCounters,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    checkpoint: Option<Checkpoint>,
 }
 
 impl CounterBook {
@@ -103,10 +125,15 @@ impl CounterBook {
     }
 
     fn last(&self, ak: Option<&str>) -> Option<verify::TpmCounters> {
-        ak.and_then(|a| self.seen.get(&Self::key(a)).copied())
+        ak.and_then(|a| self.seen.get(&Self::key(a)).map(|s| s.counters))
     }
 
-    /// Moves the node's counters forward after evidence that verified.
+    fn checkpoint(&self, ak: Option<&str>) -> Option<&Checkpoint> {
+        ak.and_then(|a| self.seen.get(&Self::key(a))?.checkpoint.as_ref())
+    }
+
+    /// Moves the node's counters and checkpoint forward after evidence
+    /// that verified.
     fn advance(&mut self, ak: Option<&str>, r: &Report) -> Result<()> {
         let (Some(ak), Some(c)) = (ak, r.counters) else {
             return Ok(());
@@ -114,8 +141,16 @@ impl CounterBook {
         if r.verdict == Verdict::Invalid {
             return Ok(());
         }
-        let e = self.seen.entry(Self::key(ak)).or_insert(c);
-        *e = (*e).max(c);
+        let e = self.seen.entry(Self::key(ak)).or_insert(Seen {
+            counters: c,
+            checkpoint: None,
+        });
+        // Valid evidence is never older than what was seen (see
+        // `verify::TpmCounters`): its checkpoint is the newest.
+        e.counters = e.counters.max(c);
+        if r.checkpoint.is_some() {
+            e.checkpoint.clone_from(&r.checkpoint);
+        }
         if let Some(p) = &self.path {
             let tmp = p.with_extension("tmp");
             std::fs::write(&tmp, serde_json::to_vec_pretty(&self.seen)?)
@@ -145,8 +180,9 @@ pub(super) async fn verify_once(
         }
         None => {
             let nonce = rand::random::<[u8; 32]>().to_vec();
+            let since = checker.since();
             (
-                fetch(&mut client(socket).await?, pod, nonce.clone()).await?,
+                fetch(&mut client(socket).await?, pod, nonce.clone(), since).await?,
                 nonce,
             )
         }

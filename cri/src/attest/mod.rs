@@ -311,7 +311,7 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
                 Some(h) => hex::decode(&h).context("--nonce must be hex")?,
                 None => rand::random::<[u8; 32]>().to_vec(),
             };
-            let ev = fetch(&mut client(socket).await?, &pod, nonce).await?;
+            let ev = fetch(&mut client(socket).await?, &pod, nonce, None).await?;
             write_or_print(out.as_deref(), &(serde_json::to_string_pretty(&ev)? + "\n"))?;
             Ok(0)
         }
@@ -347,11 +347,21 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
     }
 }
 
-async fn fetch(c: &mut AttestationClient<Channel>, pod: &str, nonce: Vec<u8>) -> Result<Evidence> {
+/// Evidence for `pod` answering `nonce`, from entry `since` (entry,
+/// epoch) of the node's log when the verifier checked the log before it.
+async fn fetch(
+    c: &mut AttestationClient<Channel>,
+    pod: &str,
+    nonce: Vec<u8>,
+    since: Option<(u64, i64)>,
+) -> Result<Evidence> {
+    let (from_entry, from_epoch) = since.unwrap_or_default();
     let ev = c
         .quote(pb::QuoteRequest {
             pod_sandbox_id: pod.to_string(),
             nonce,
+            from_entry,
+            from_epoch,
         })
         .await
         .map_err(|s| rpc(&format!("Quote({pod})"), s))?

@@ -33,19 +33,21 @@ pub(super) async fn watch(
                     seen.keep_only(ready.iter().map(|p| p.pod_sandbox_id.as_str()));
                     for p in ready {
                         let nonce = rand::random::<[u8; 32]>().to_vec();
-                        let alerts = match fetch(&mut c, &p.pod_sandbox_id, nonce.clone()).await {
-                            Ok(ev) => match checker.check(&ev, &p.pod_sandbox_id, &nonce) {
-                                Ok(r) => alert_lines(&p, &r),
+                        let since = checker.since();
+                        let alerts =
+                            match fetch(&mut c, &p.pod_sandbox_id, nonce.clone(), since).await {
+                                Ok(ev) => match checker.check(&ev, &p.pod_sandbox_id, &nonce) {
+                                    Ok(r) => alert_lines(&p, &r),
+                                    Err(e) => vec![format!(
+                                        "ALERT pod={} counters not recorded: {e:#}",
+                                        p.pod_sandbox_id
+                                    )],
+                                },
                                 Err(e) => vec![format!(
-                                    "ALERT pod={} counters not recorded: {e:#}",
-                                    p.pod_sandbox_id
+                                    "ALERT pod={} name={}/{} evidence unavailable: {e:#}",
+                                    p.pod_sandbox_id, p.namespace, p.name
                                 )],
-                            },
-                            Err(e) => vec![format!(
-                                "ALERT pod={} name={}/{} evidence unavailable: {e:#}",
-                                p.pod_sandbox_id, p.namespace, p.name
-                            )],
-                        };
+                            };
                         for a in seen.new_ones(&p.pod_sandbox_id, alerts) {
                             println!("{a}");
                         }

@@ -19,9 +19,10 @@ pub fn service(server: Arc<CriServer>) -> AttestationServer<Attest> {
     AttestationServer::new(Attest(server)).max_encoding_message_size(crate::evidence::MAX_EVIDENCE)
 }
 
-/// The node's log as `pod`'s evidence shows it: every entry (the replay
-/// needs them all), other pods' with digest and path withheld (entries of
-/// the first template, which cannot be redacted, are shown whole).
+/// The node's log (`log_text`, from wherever the evidence starts) as
+/// `pod`'s evidence shows it: other pods' entries with digest and path
+/// withheld (entries of the first template, which cannot be redacted, are
+/// shown whole).
 fn tenant_view(log_text: &str, pod: &str) -> Vec<String> {
     log_text
         .lines()
@@ -34,12 +35,44 @@ fn tenant_view(log_text: &str, pod: &str) -> Vec<String> {
         .collect()
 }
 
+/// The pod's entries. Most lines are other pods': the pod's ID is looked
+/// for first (SIMD), and only the lines holding it are parsed (an
+/// incremental quote of a 200 000-entry log: 80 ms scanning line by line,
+/// most of its cost).
 fn pod_lines(log_text: &str, pod: &str) -> Vec<String> {
-    log_text
-        .lines()
-        .filter(|l| Entry::parse(l).is_ok_and(|e| e.pod == pod))
-        .map(str::to_string)
-        .collect()
+    let needle = format!(" {pod} ");
+    let mut out = Vec::new();
+    let mut last = None;
+    for at in memchr::memmem::find_iter(log_text.as_bytes(), needle.as_bytes()) {
+        let start = log_text[..at].rfind('\n').map_or(0, |i| i + 1);
+        // The pause container's entries name the pod twice.
+        if last == Some(start) {
+            continue;
+        }
+        last = Some(start);
+        let end = log_text[at..].find('\n').map_or(log_text.len(), |i| at + i);
+        let l = &log_text[start..end];
+        if Entry::parse(l).is_ok_and(|e| e.pod == pod) {
+            out.push(l.to_string());
+        }
+    }
+    out
+}
+
+/// Where evidence starts, as (entry, byte offset in the log): the
+/// verifier's checkpoint when it is in this epoch and within this log,
+/// else the first entry.
+fn log_start(req: &pb::QuoteRequest, log_text: &str, started_at: i64) -> (u64, usize) {
+    let Ok(from) = usize::try_from(req.from_entry) else {
+        return (0, 0);
+    };
+    if from == 0 || req.from_epoch != started_at {
+        return (0, 0);
+    }
+    match memchr::memchr_iter(b'\n', log_text.as_bytes()).nth(from - 1) {
+        Some(end) => (req.from_entry, end + 1),
+        None => (0, 0),
+    }
 }
 
 impl CriServer {
@@ -88,6 +121,7 @@ impl CriServer {
             Some(k) => verify::ak_pem(k)?,
             None => String::new(),
         };
+        let (start, offset) = log_start(&req, &snap.log_text, snap.epoch.started_at);
         let ev = Evidence {
             pod_sandbox_id: id.clone(),
             backend,
@@ -95,7 +129,8 @@ impl CriServer {
             pcr: snap.pcr,
             epoch: snap.epoch,
             nonce: req.nonce,
-            log: tenant_view(&snap.log_text, &id),
+            log: tenant_view(snap.log_text.get(offset..).unwrap_or_default(), &id),
+            log_start: start,
             pod_log: pod_lines(&snap.log_text, &id),
             quote: snap.quote.map(|q| QuoteEvidence {
                 attest: q.attest,
@@ -314,5 +349,52 @@ impl Attestation for Attest {
         let r = r.into_inner();
         let image = r.image.clone();
         instrument("Attestation.GoldenPolicy", &image, self.0.golden(r)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imacri_runtime::integrity::log::Event;
+
+    fn log(entries: &[(&str, &str)]) -> String {
+        entries
+            .iter()
+            .map(|(pod, ctr)| {
+                Entry::new(15, [1; 32], "/bin/sh", pod, ctr, Event::Exec).to_string() + "\n"
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pods_lines_are_its_own_each_once() {
+        let text = log(&[("p", "p"), ("q", "c"), ("p", "c"), ("pq", "p")]);
+        let lines = pod_lines(&text, "p");
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines.iter().all(|l| Entry::parse(l).unwrap().pod == "p"));
+        assert_eq!(pod_lines(&text, "x"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn evidence_starts_at_the_checkpoint_only_within_its_epoch_and_log() {
+        let text = log(&[("p", "c"), ("q", "c"), ("p", "c")]);
+        let req = |from_entry, from_epoch| pb::QuoteRequest {
+            from_entry,
+            from_epoch,
+            ..Default::default()
+        };
+        assert_eq!(log_start(&req(0, 5), &text, 5), (0, 0));
+        let (n, at) = log_start(&req(2, 5), &text, 5);
+        assert_eq!(n, 2);
+        assert_eq!(
+            tenant_view(&text[at..], "p"),
+            log(&[("p", "c")]).lines().collect::<Vec<_>>()
+        );
+        // The log's end: nothing to carry.
+        let (n, at) = log_start(&req(3, 5), &text, 5);
+        assert_eq!((n, &text[at..]), (3, ""));
+        // Past the end, or another epoch: the whole log.
+        assert_eq!(log_start(&req(4, 5), &text, 5), (0, 0));
+        assert_eq!(log_start(&req(2, 4), &text, 5), (0, 0));
     }
 }

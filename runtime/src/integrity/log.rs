@@ -351,9 +351,15 @@ pub fn extend(pcr: &[u8; 32], template_hash: &[u8; 32]) -> [u8; 32] {
 
 /// The PCR value a log replays to, from an all-zero PCR.
 pub fn replay<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> [u8; 32] {
+    replay_from([0u8; 32], entries)
+}
+
+/// The PCR value `entries` extend `pcr` to (a log continued from a point
+/// already verified).
+pub fn replay_from<'a>(pcr: [u8; 32], entries: impl IntoIterator<Item = &'a Entry>) -> [u8; 32] {
     entries
         .into_iter()
-        .fold([0u8; 32], |pcr, e| extend(&pcr, &e.template_hash))
+        .fold(pcr, |pcr, e| extend(&pcr, &e.template_hash))
 }
 
 /// Why a log line is not an entry.

@@ -1,0 +1,319 @@
+//! Anchored evidence without a TPM: a node simulated here keeps a log and a
+//! PCR and signs TPMS_ATTEST quotes (marshalled as a TPM does) with a
+//! software P-256 key, so that incremental evidence is tried the way a
+//! node that lies would send it.
+
+use super::*;
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
+use sha2::{Digest, Sha256};
+
+const PCR: u32 = 15;
+
+struct Node {
+    key: SigningKey,
+    log: Vec<Entry>,
+    reset: u32,
+    started_at: i64,
+    clock: u64,
+}
+
+impl Node {
+    fn new() -> Node {
+        Node {
+            key: SigningKey::from_slice(&[7u8; 32]).unwrap(),
+            log: Vec::new(),
+            reset: 3,
+            started_at: 1_000,
+            clock: 1,
+        }
+    }
+
+    fn ak_pem(&self) -> String {
+        self.key
+            .verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap()
+    }
+
+    fn add(&mut self, digest: u8, path: &str, pod: &str, ctr: &str, ev: Event) {
+        self.log
+            .push(Entry::new(PCR, [digest; 32], path, pod, ctr, ev));
+    }
+
+    fn start(&mut self, pod: &str, ctr: &str) {
+        let words = format!(
+            "img 2026-12-02T00:00:00Z {}",
+            crate::integrity::init::start_word()
+        );
+        self.log
+            .push(Entry::new(PCR, [7; 32], &words, pod, ctr, Event::Start));
+    }
+
+    /// TPMS_ATTEST of a quote of sha256 PCR 15 holding `pcr`.
+    fn attest(&self, nonce: &[u8], pcr: &[u8; 32]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(0xff54_4347u32.to_be_bytes()); // TPM_GENERATED_VALUE
+        b.extend(0x8018u16.to_be_bytes()); // TPM_ST_ATTEST_QUOTE
+        b.extend(0u16.to_be_bytes()); // qualifiedSigner: empty name
+        b.extend((nonce.len() as u16).to_be_bytes());
+        b.extend(nonce);
+        b.extend(self.clock.to_be_bytes());
+        b.extend(self.reset.to_be_bytes());
+        b.extend(0u32.to_be_bytes()); // restart count
+        b.push(1); // safe
+        b.extend(0u64.to_be_bytes()); // firmware version
+        b.extend(1u32.to_be_bytes()); // one selection
+        b.extend(0x000bu16.to_be_bytes()); // sha256
+        b.push(3);
+        b.extend([0x00, 0x80, 0x00]); // PCR 15
+        b.extend(32u16.to_be_bytes());
+        b.extend(Sha256::digest(pcr));
+        b
+    }
+
+    /// Evidence for `pod` from entry `from`, quoting the PCR the whole log
+    /// extended, as an honest node builds it.
+    fn evidence(&mut self, pod: &str, nonce: &[u8], from: usize) -> Evidence {
+        self.clock += 1;
+        let pcr = log::replay(&self.log);
+        let attest = self.attest(nonce, &pcr);
+        let sig: Signature = self.key.sign(&attest);
+        let (r, s) = sig.split_bytes();
+        Evidence {
+            pod_sandbox_id: pod.into(),
+            backend: "fanotify".into(),
+            anchored: true,
+            pcr: PCR,
+            epoch: Epoch {
+                reset_count: Some(self.reset),
+                restart_count: Some(0),
+                started_at: self.started_at,
+                broken: None,
+            },
+            nonce: nonce.to_vec(),
+            log: self.log[from..]
+                .iter()
+                .map(|e| match e.pod == pod {
+                    true => e.to_string(),
+                    false => e.redacted().unwrap().to_string(),
+                })
+                .collect(),
+            log_start: from as u64,
+            pod_log: self
+                .log
+                .iter()
+                .filter(|e| e.pod == pod)
+                .map(|e| e.to_string())
+                .collect(),
+            quote: Some(QuoteEvidence {
+                attest,
+                signature_r: r.to_vec(),
+                signature_s: s.to_vec(),
+                pcr_value: pcr.to_vec(),
+            }),
+            ak_public_pem: self.ak_pem(),
+        }
+    }
+}
+
+fn policy() -> Allowlist {
+    Allowlist::parse(&format!(
+        r#"{{"files": {{"/bin/sh": ["sha256:{}"]}}}}"#,
+        hex::encode([1u8; 32])
+    ))
+    .unwrap()
+}
+
+const NONCE: &[u8] = &[5; 16];
+
+fn check(node: &Node, ev: &Evidence, pod: &str, p: &Allowlist, cp: Option<&Checkpoint>) -> Report {
+    let ak = node.ak_pem();
+    verify(
+        ev,
+        &Expectations {
+            pod_sandbox_id: pod,
+            nonce: NONCE,
+            ak_pem: Some(&ak),
+            policy: p,
+            allow_unanchored: false,
+            allow_gaps: false,
+            require_no_anonymous_exec: false,
+            last_seen: None,
+            checkpoint: cp,
+        },
+    )
+}
+
+/// Two pods' entries, then a checkpoint after full evidence for `p`.
+fn checked_node(p: &Allowlist) -> (Node, Checkpoint) {
+    let mut node = Node::new();
+    node.start("p", "c");
+    node.add(1, "/bin/sh", "p", "c", Event::Exec);
+    node.start("q", "d");
+    node.add(2, "/their/secret", "q", "d", Event::Exec);
+    node.add(1, "/bin/sh", "q", "d", Event::Exec);
+    let ev = node.evidence("p", NONCE, 0);
+    let r = check(&node, &ev, "p", p, None);
+    assert_eq!(r.verdict, Verdict::Trusted, "{r:?}");
+    let cp = r.checkpoint.expect("a checkpoint from verified evidence");
+    assert_eq!((cp.entries, cp.reset_count), (5, 3));
+    assert_eq!(cp.pods["p"].entries, 2);
+    assert_eq!(cp.pods["q"].entries, 3);
+    (node, cp)
+}
+
+#[test]
+fn incremental_evidence_continues_the_checkpoint_to_where_full_evidence_ends() {
+    let p = policy();
+    let (mut node, cp) = checked_node(&p);
+    node.add(1, "/bin/sh", "p", "c", Event::Exec);
+    node.add(2, "/more/secret", "q", "d", Event::Exec);
+    let ev = node.evidence("p", NONCE, 5);
+    assert_eq!(ev.log.len(), 2);
+    let r = check(&node, &ev, "p", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Trusted, "{r:?}");
+    assert_eq!((r.log_start, r.log_entries, r.pod_entries), (5, 7, 2));
+    let inc = r.checkpoint.unwrap();
+    // The same checkpoint as from the whole log.
+    let whole = node.evidence("p", NONCE, 0);
+    let full = check(&node, &whole, "p", &p, None);
+    assert_eq!(full.checkpoint.as_ref(), Some(&inc));
+    // Another pod, whose earlier entries this verifier saw only redacted,
+    // continues from there too; its earlier violation is still appraised.
+    node.add(1, "/bin/sh", "q", "d", Event::Exec);
+    let ev = node.evidence("q", NONCE, 7);
+    assert_eq!(ev.log.len(), 1);
+    let r = check(&node, &ev, "q", &p, Some(&inc));
+    assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    let paths: Vec<&str> = r.violations.iter().map(|v| v.path.as_str()).collect();
+    assert_eq!(paths, ["/their/secret", "/more/secret"], "{r:?}");
+    assert!(r.checkpoint.is_some(), "violations are findings: {r:?}");
+    // Nothing new: evidence from the end carries no entry.
+    let ev = node.evidence("q", NONCE, 8);
+    let r = check(&node, &ev, "q", &p, r.checkpoint.as_ref());
+    assert_eq!(
+        (r.verdict, r.log_entries),
+        (Verdict::Violations, 8),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn incremental_evidence_that_does_not_continue_the_checkpoint_is_invalid() {
+    let p = policy();
+    let (mut node, cp) = checked_node(&p);
+    node.add(9, "/tmp/evil", "p", "c", Event::Exec);
+    node.add(1, "/bin/sh", "p", "c", Event::Exec);
+    let honest = node.evidence("p", NONCE, 5);
+    let mut past = node.evidence("p", NONCE, 6);
+    let before = node.evidence("p", NONCE, 4);
+    let invalid = |ev: &Evidence, cp: Option<&Checkpoint>, says: &str| {
+        let r = check(&node, ev, "p", &p, cp);
+        assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
+        assert!(r.checkpoint.is_none(), "{r:?}");
+        assert!(r.errors.iter().any(|e| e.contains(says)), "{says}: {r:?}");
+    };
+    // The new violation left out of the carried log.
+    let mut ev = honest.clone();
+    ev.log.remove(0);
+    ev.pod_log.remove(2);
+    invalid(&ev, Some(&cp), "does not replay");
+    // Starting past an entry the verifier never saw, or before the
+    // checkpoint (the quote still covers the whole log).
+    past.pod_log.remove(2);
+    invalid(&past, Some(&cp), "entries in between would go unseen");
+    invalid(&before, Some(&cp), "entries in between would go unseen");
+    // No checkpoint: it cannot be replayed.
+    invalid(&honest, None, "checked none of the node's log");
+    // Unanchored evidence proves nothing before its first entry.
+    let mut ev = honest.clone();
+    ev.anchored = false;
+    ev.quote = None;
+    invalid(&ev, Some(&cp), "unanchored");
+    // A reboot: a new epoch's log from the old checkpoint's entry.
+    let mut rebooted = Node::new();
+    rebooted.reset = 4;
+    rebooted.started_at = 2_000;
+    for _ in 0..7 {
+        rebooted.add(1, "/bin/sh", "p", "c", Event::Exec);
+    }
+    let ev = rebooted.evidence("p", NONCE, 5);
+    let r = check(&rebooted, &ev, "p", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
+    assert!(
+        r.errors.iter().any(|e| e.contains("ask for the whole log")),
+        "{r:?}"
+    );
+    // Claiming the old epoch does not pass the quote's reset count.
+    let mut ev = ev;
+    ev.epoch.reset_count = Some(3);
+    ev.epoch.started_at = 1_000;
+    let r = check(&rebooted, &ev, "p", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
+    assert!(r.errors.iter().any(|e| e.contains("rebooted")), "{r:?}");
+    // The honest one passes, its violation found.
+    let r = check(&node, &honest, "p", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    assert_eq!(r.violations[0].path, "/tmp/evil");
+}
+
+#[test]
+fn the_pods_entries_before_the_checkpoint_cannot_be_withheld_or_changed() {
+    let p = policy();
+    let mut node = Node::new();
+    node.start("p", "c");
+    node.add(9, "/tmp/evil", "p", "c", Event::Exec);
+    node.add(1, "/bin/sh", "p", "c", Event::Exec);
+    node.add(2, "/their/secret", "q", "d", Event::Exec);
+    // A verifier checked the log through p's neighbour's evidence.
+    let ev = node.evidence("q", NONCE, 0);
+    let cp = check(&node, &ev, "q", &p, None).checkpoint.unwrap();
+    node.add(1, "/bin/sh", "p", "c", Event::Exec);
+    let honest = node.evidence("p", NONCE, 4);
+    let r = check(&node, &honest, "p", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    assert_eq!(r.violations[0].path, "/tmp/evil");
+    let invalid = |ev: &Evidence, says: &str| {
+        let r = check(&node, ev, "p", &p, Some(&cp));
+        assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
+        assert!(r.errors.iter().any(|e| e.contains(says)), "{says}: {r:?}");
+    };
+    // Withheld: the violation left out.
+    let mut ev = honest.clone();
+    ev.pod_log.remove(1);
+    invalid(&ev, "the log was modified");
+    let mut ev = honest.clone();
+    ev.pod_log.truncate(2);
+    invalid(&ev, "withheld");
+    // Changed: another digest and path, its template hash made to match.
+    let mut ev = honest.clone();
+    ev.pod_log[1] = Entry::new(PCR, [1; 32], "/bin/sh", "p", "c", Event::Exec).to_string();
+    invalid(&ev, "not those this verifier checked");
+    // Edited in place (the template hash no longer matches).
+    let mut ev = honest.clone();
+    ev.pod_log[1] = ev.pod_log[1].replace(&hex::encode([9u8; 32]), &hex::encode([1u8; 32]));
+    invalid(&ev, "not an entry of this pod");
+    // Reordered.
+    let mut ev = honest.clone();
+    ev.pod_log.swap(1, 2);
+    invalid(&ev, "not those this verifier checked");
+    // Redacted, or another pod's.
+    let mut ev = honest.clone();
+    ev.pod_log[1] = node.log[1].redacted().unwrap().to_string();
+    invalid(&ev, "not an entry of this pod");
+    let mut ev = honest;
+    ev.pod_log[1] = node.log[3].to_string();
+    invalid(&ev, "not an entry of this pod");
+}
+
+#[test]
+fn a_checkpoint_survives_its_file() {
+    let p = policy();
+    let (_, cp) = checked_node(&p);
+    let text = serde_json::to_string(&cp).unwrap();
+    assert!(text.contains(&hex::encode(cp.pcr)), "{text}");
+    let back: Checkpoint = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, cp);
+    assert_eq!(cp.since(), (5, 1_000));
+}

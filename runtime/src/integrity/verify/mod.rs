@@ -1,0 +1,395 @@
+//! Evidence and its verification. Pure: the verifier host needs no TPM, only
+//! the node's evidence, the nonce it sent, the AK it registered and a policy.
+//!
+//! Checks, in order: the AK matches the pinned one; the quote's signature
+//! over TPMS_ATTEST; it is a quote of exactly this node's PCR with our nonce;
+//! its PCR digest is the hash of the reported PCR value; its reset count is
+//! the evidence's epoch (an old log is never replayed against new PCRs);
+//! every log line's template hash matches its fields; the whole log replays
+//! to the PCR value; the pod's entries are the log's entries for that pod.
+//! Evidence may carry only the log after a verifier's [`Checkpoint`]
+//! (`checkpoint.rs`): it then replays from there. Any failure makes the evidence invalid. Then each of the pod's entries is
+//! appraised against the policy: violations are findings, not invalidity.
+
+use p256::pkcs8::{EncodePublicKey, LineEnding};
+use serde::{Deserialize, Serialize};
+
+use super::allowlist::{Allowlist, Violation};
+use super::journal::Epoch;
+use super::log::{self, Entry, Event};
+
+mod checkpoint;
+mod quote;
+
+pub use checkpoint::{Checkpoint, PodMark};
+use quote::check_quote;
+
+mod hexbytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QuoteEvidence {
+    /// TPMS_ATTEST as signed.
+    #[serde(with = "hexbytes")]
+    pub attest: Vec<u8>,
+    #[serde(with = "hexbytes")]
+    pub signature_r: Vec<u8>,
+    #[serde(with = "hexbytes")]
+    pub signature_s: Vec<u8>,
+    /// The PCR's value (sha256 bank).
+    #[serde(with = "hexbytes")]
+    pub pcr_value: Vec<u8>,
+}
+
+/// What a node returns for `Quote(pod, nonce)`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub pod_sandbox_id: String,
+    /// e.g. "fanotify".
+    pub backend: String,
+    pub anchored: bool,
+    pub pcr: u32,
+    pub epoch: Epoch,
+    #[serde(with = "hexbytes")]
+    pub nonce: Vec<u8>,
+    /// The epoch's log from entry `log_start` on (from the first, the PCR
+    /// replays from zero; from a later one, from a verifier's checkpoint).
+    pub log: Vec<String>,
+    /// The index of `log`'s first entry in the epoch's log.
+    #[serde(default)]
+    pub log_start: u64,
+    /// The pod's own entries, all of the epoch's.
+    pub pod_log: Vec<String>,
+    pub quote: Option<QuoteEvidence>,
+    /// The AK as PEM SubjectPublicKeyInfo ("" when unanchored).
+    pub ak_public_pem: String,
+}
+
+/// Why an AK's point has no PEM form.
+#[derive(Debug, thiserror::Error)]
+pub enum AkKeyError {
+    #[error("AK point: {0}")]
+    Point(p256::elliptic_curve::Error),
+    #[error("AK PEM: {0}")]
+    Pem(p256::pkcs8::spki::Error),
+}
+
+/// PEM SubjectPublicKeyInfo of a P-256 point (SEC1 bytes).
+pub fn ak_pem(sec1: &[u8]) -> Result<String, AkKeyError> {
+    let pk = p256::PublicKey::from_sec1_bytes(sec1).map_err(AkKeyError::Point)?;
+    pk.to_public_key_pem(LineEnding::LF)
+        .map_err(AkKeyError::Pem)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Trusted,
+    Violations,
+    Invalid,
+}
+
+impl Verdict {
+    /// Exit status of `imacri attest verify`.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Verdict::Trusted => 0,
+            Verdict::Violations => 1,
+            Verdict::Invalid => 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub pod_sandbox_id: String,
+    /// The quoting TPM's counters (anchored evidence with a valid quote),
+    /// for the verifier to remember: a later quote must not go back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<TpmCounters>,
+    pub verdict: Verdict,
+    pub backend: String,
+    pub anchored: bool,
+    pub pcr: u32,
+    pub reset_count: Option<u32>,
+    /// The log's entries (all pods) and the pod's measurements.
+    pub log_entries: u64,
+    /// The first log entry the evidence carried (the ones before it were
+    /// checked in earlier evidence, see [`Checkpoint`]).
+    pub log_start: u64,
+    pub pod_entries: usize,
+    /// Intervals in which the node was not measuring the pod (restarts).
+    pub gaps: usize,
+    pub violations: Vec<Violation>,
+    /// Why the evidence is invalid (empty unless verdict is "invalid").
+    pub errors: Vec<String>,
+    /// What the verifier may keep of the node's log after this evidence
+    /// (anchored evidence with no error).
+    #[serde(skip)]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A TPM's reset and restart counts and clock from a quote's clock info:
+/// they only move forward, so a quote older than one already seen is a
+/// replay (or another TPM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TpmCounters {
+    pub reset_count: u32,
+    pub restart_count: u32,
+    /// Milliseconds; compared only within one reset and restart.
+    pub clock: u64,
+}
+
+pub struct Expectations<'a> {
+    pub pod_sandbox_id: &'a str,
+    pub nonce: &'a [u8],
+    /// The AK registered for this node (PEM). None: trust the evidence's own
+    /// (only sensible for a first registration; reported).
+    pub ak_pem: Option<&'a str>,
+    pub policy: &'a Allowlist,
+    pub allow_unanchored: bool,
+    /// Trust a pod whose log has gaps (intervals it was not measured, e.g.
+    /// while imacri restarted). Off: each gap is a violation.
+    pub allow_gaps: bool,
+    /// Every container's start entry must declare that its policy denied
+    /// executable memory no file backs (`anonymous_exec = "deny"`).
+    pub require_no_anonymous_exec: bool,
+    /// The newest counters this verifier saw from this node's TPM.
+    pub last_seen: Option<TpmCounters>,
+    /// What this verifier checked of the node's log before: evidence that
+    /// starts after the first entry must continue it.
+    pub checkpoint: Option<&'a Checkpoint>,
+}
+
+pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
+    let mut errors = Vec::new();
+    if ev.pod_sandbox_id != x.pod_sandbox_id {
+        errors.push(format!(
+            "evidence is for pod {:?}, not {:?}",
+            ev.pod_sandbox_id, x.pod_sandbox_id
+        ));
+    }
+    if ev.nonce != x.nonce {
+        errors.push("the evidence's nonce is not the one sent (replayed evidence?)".into());
+    }
+    if let Some(b) = &ev.epoch.broken {
+        errors.push(format!("the node reports its PCR cannot be verified: {b}"));
+    }
+    let mut counters = None;
+    if ev.anchored {
+        counters = check_quote(ev, x, &mut errors);
+    } else if x.ak_pem.is_some() {
+        // A node whose key the verifier registered has a TPM: unanchored
+        // evidence from it is a downgrade, whatever --allow-unanchored says.
+        errors.push(
+            "evidence is unanchored, but this node's attestation key is registered: its evidence must come from its TPM (--allow-unanchored applies only to nodes without one)"
+                .into(),
+        );
+    } else if !x.allow_unanchored {
+        errors.push(
+            "evidence is unanchored: the node has no TPM configured (ima.tpm_tcti), so nothing proves the log"
+                .into(),
+        );
+    }
+    // Where the log the evidence carries begins.
+    let base = Checkpoint::base(ev, x.checkpoint).unwrap_or_else(|m| {
+        errors.push(m);
+        None
+    });
+    let continues = ev.log_start == 0 || base.is_some();
+    // The log itself (entry numbers count from the epoch's first).
+    let mut entries = Vec::with_capacity(ev.log.len());
+    let first = ev.log_start.saturating_add(1);
+    for (i, line) in (first..).zip(ev.log.iter()) {
+        match Entry::parse(line) {
+            Ok(e) if !e.is_consistent() => errors.push(format!(
+                "log entry {i} ({}) does not match its template hash: the log was modified",
+                e.path
+            )),
+            Ok(e) if e.pcr != ev.pcr => errors.push(format!(
+                "log entry {i} names PCR {}, the evidence PCR {}",
+                e.pcr, ev.pcr
+            )),
+            // Other pods' entries come redacted; the pod's own never may.
+            Ok(e) if e.is_redacted() && e.pod == x.pod_sandbox_id => {
+                errors.push(format!(
+                    "log entry {i} of this pod is redacted: its own measurements were withheld"
+                ));
+                entries.push(e)
+            }
+            Ok(e) => entries.push(e),
+            Err(m) => errors.push(format!("log entry {i}: {m}")),
+        }
+    }
+    let mut replayed = None;
+    if ev.anchored && continues && entries.len() == ev.log.len() {
+        if let Some(q) = &ev.quote {
+            let pcr = log::replay_from(Checkpoint::start_pcr(base), &entries);
+            if pcr.as_slice() == q.pcr_value.as_slice() {
+                replayed = Some(pcr);
+            } else {
+                errors.push(format!(
+                    "the log (entries {first} to {}) does not replay to PCR {}: entries were removed, reordered or added",
+                    ev.log_start + entries.len() as u64,
+                    ev.pcr
+                ));
+            }
+        }
+    }
+    // The pod's entries: those before the checkpoint (carried whole, held
+    // to the hash kept of them), then the log's for the pod.
+    let (earlier, taken) = checkpoint::earlier(ev, x.pod_sandbox_id, base, &mut errors);
+    let later: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| e.pod == x.pod_sandbox_id)
+        .collect();
+    let later_lines: Vec<String> = later.iter().map(|e| e.to_string()).collect();
+    if later_lines.as_slice() != ev.pod_log.get(taken..).unwrap_or_default() {
+        errors.push("the pod's entries differ from the log's entries for the pod".into());
+    }
+    let pod_entries: Vec<&Entry> = earlier.iter().chain(later).collect();
+    if ev.backend.starts_with("none") {
+        errors.push(format!(
+            "the pod's backend is {:?}: nothing measured it, so its log proves nothing",
+            ev.backend
+        ));
+    }
+    // The init each container's start entry declares (see `init::declared`):
+    // its execution with that digest is the node's own, whatever build the
+    // verifier is.
+    let declared: std::collections::HashMap<&str, &str> = pod_entries
+        .iter()
+        .filter(|e| e.event == Event::Start)
+        .filter_map(|e| Some((e.container.as_str(), super::init::declared(&e.path)?)))
+        .collect();
+    let own_init = |e: &Entry| {
+        e.path == super::init::PATH
+            && matches!(e.event, Event::Exec | Event::Mmap)
+            && declared.get(e.container.as_str()) == Some(&e.digest_hex().as_str())
+    };
+    let mut violations: Vec<Violation> = pod_entries
+        .iter()
+        .filter(|e| !own_init(e))
+        .filter_map(|e| x.policy.check(e))
+        .collect();
+    // Every container's measurements begin with its start entry (image and
+    // the moment marking began): without it nothing shows the container was
+    // measured from its first instruction.
+    let mut started = std::collections::HashSet::new();
+    for e in &pod_entries {
+        if e.event == Event::Start {
+            started.insert(e.container.as_str());
+        } else if started.insert(e.container.as_str()) {
+            violations.push(Violation {
+                path: e.path.clone(),
+                digest: e.digest_hex(),
+                container: e.container.clone(),
+                event: e.event,
+                reason: "the container's entries do not begin with a start entry: nothing shows \
+                         it was measured from its first instruction"
+                    .into(),
+            });
+        }
+    }
+    // Under the fanotify backend, a container's processes must have run
+    // through imacri's init (its start entry declares it): without it a
+    // file from another filesystem could have run unseen. The pause
+    // container (named by the pod's ID) runs only imacri's pause.
+    if ev.backend.starts_with("fanotify") {
+        violations.extend(
+            pod_entries
+                .iter()
+                .filter(|e| e.event == Event::Start && e.container != x.pod_sandbox_id)
+                .filter(|e| super::init::declared(&e.path).is_none())
+                .map(|e| Violation {
+                    path: e.path.clone(),
+                    digest: e.digest_hex(),
+                    container: e.container.clone(),
+                    event: Event::Start,
+                    reason: "the container did not run through imacri's init (created by an \
+                             imacri without it): files from other filesystems could run \
+                             unmeasured; recreate it"
+                        .into(),
+                }),
+        );
+    }
+    // Code that no file held (a JIT's, injected) leaves no entry: only the
+    // container's policy says whether any could run.
+    if x.require_no_anonymous_exec {
+        violations.extend(
+            pod_entries
+                .iter()
+                .filter(|e| e.event == Event::Start && e.container != x.pod_sandbox_id)
+                .filter(|e| !super::setting::AnonymousExec::denied_by(&e.path))
+                .map(|e| Violation {
+                    path: e.path.clone(),
+                    digest: e.digest_hex(),
+                    container: e.container.clone(),
+                    event: Event::Start,
+                    reason: "the container's policy allowed executable memory no file backs \
+                             (anonymous_exec = \"allow\"): code no entry shows could have run"
+                        .into(),
+                }),
+        );
+    }
+    // A pod is trusted only if it was measured all along.
+    if !x.allow_gaps {
+        violations.extend(
+            pod_entries
+                .iter()
+                .filter(|e| e.event == Event::Gap)
+                .map(|e| Violation {
+                    path: e.path.clone(),
+                    digest: String::new(),
+                    container: e.container.clone(),
+                    event: Event::Gap,
+                    reason: "the container was not measured for a while (imacri restart, stopped \
+                         reader or hash error); --allow-gaps accepts that"
+                        .into(),
+                }),
+        );
+    }
+    let verdict = if !errors.is_empty() {
+        Verdict::Invalid
+    } else if !violations.is_empty() {
+        Verdict::Violations
+    } else {
+        Verdict::Trusted
+    };
+    let checkpoint = match replayed {
+        Some(pcr) if errors.is_empty() => Checkpoint::after(base, ev, &entries, pcr),
+        _ => None,
+    };
+    Report {
+        pod_sandbox_id: x.pod_sandbox_id.to_string(),
+        counters,
+        verdict,
+        backend: ev.backend.clone(),
+        anchored: ev.anchored,
+        pcr: ev.pcr,
+        reset_count: ev.epoch.reset_count,
+        log_entries: ev.log_start + ev.log.len() as u64,
+        log_start: ev.log_start,
+        pod_entries: pod_entries
+            .iter()
+            .filter(|e| !matches!(e.event, Event::Gap | Event::Start))
+            .count(),
+        gaps: pod_entries.iter().filter(|e| e.event == Event::Gap).count(),
+        violations,
+        errors,
+        checkpoint,
+    }
+}
+
+#[cfg(test)]
+mod anchored_tests;
+#[cfg(test)]
+mod tests;
