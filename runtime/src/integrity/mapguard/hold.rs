@@ -423,20 +423,19 @@ mod tests {
         assert_eq!(held.tasks.len(), 1);
         assert_eq!(stat(spinner).0, 't', "held, not stopped");
         // A task reads as stopped a moment before it is off its CPU, whose
-        // last slice can still cross a clock tick (later still on a loaded
-        // machine): sampled once its time stood still for 20 ms, which a
-        // spinner left running never does.
+        // last slice can still cross a clock tick: sampled once the kernel
+        // says it is off (/proc/<tid>/syscall answers "running" for a task
+        // on a CPU or runnable). Its time standing still for 20 ms was the
+        // sign before, which a running spinner also shows on a loaded
+        // machine that gives it no CPU for that long (one failure under the
+        // full suite).
         let deadline = Instant::now() + Duration::from_secs(2);
-        let mut ticks = stat(spinner).1;
-        loop {
-            std::thread::sleep(Duration::from_millis(20));
-            let now = stat(spinner).1;
-            if now == ticks {
-                break;
-            }
-            assert!(Instant::now() < deadline, "a held thread ran");
-            ticks = now;
+        let syscall = format!("/proc/{spinner}/syscall");
+        while std::fs::read_to_string(&syscall).unwrap().starts_with("running") {
+            assert!(Instant::now() < deadline, "a held thread runs on");
+            std::thread::sleep(Duration::from_millis(5));
         }
+        let ticks = stat(spinner).1;
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(stat(spinner).1, ticks, "a held thread ran");
         drop(held);
