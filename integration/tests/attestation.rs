@@ -1232,4 +1232,36 @@ async fn incremental_evidence_carries_only_what_follows_the_checkpoint() {
     let (code, report, err) = verify(&d, &pod, &golden, &ak, &keep);
     assert_eq!(code, 1, "{report:#}\n{err}");
     assert_eq!(report["log_start"], theirs["log_entries"], "{report:#}");
+
+    // Saved evidence from a checkpoint (`attest quote --from-entry`), as a
+    // verifier that fetches and checks apart does it.
+    let book: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+    let cp = &book.as_object().unwrap().values().next().unwrap()["checkpoint"];
+    let saved = work.path().join("since.json");
+    let nonce = "0102030405060708090a0b0c0d0e0f10";
+    let (code, _, err) = attest(
+        &d,
+        &[
+            "quote",
+            &other,
+            "--nonce",
+            nonce,
+            "--from-entry",
+            &cp["entries"].to_string(),
+            "--from-epoch",
+            &cp["epoch_started_at"].to_string(),
+            "--out",
+            saved.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let ev: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    assert_eq!(ev["log_start"], cp["entries"], "{ev:#}");
+    let mut with = keep.to_vec();
+    with.extend(["--evidence", saved.to_str().unwrap(), "--nonce", nonce]);
+    let (code, report, err) = verify(&d, &other, &golden, &ak, &with);
+    assert_eq!(code, 0, "{report:#}\n{err}");
+    assert_eq!(report["log_start"], cp["entries"], "{report:#}");
 }

@@ -81,6 +81,13 @@ pub enum AttestCmd {
         nonce: Option<String>,
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Only the log after the entries a verifier checked (its
+        /// checkpoint's `entries`), in the epoch begun at `--from-epoch`
+        /// (its `epoch_started_at`); another epoch gets the whole log.
+        #[arg(long, requires = "from_epoch")]
+        from_entry: Option<u64>,
+        #[arg(long, requires = "from_entry")]
+        from_epoch: Option<i64>,
     },
     /// Verify a pod. Prints a JSON report; exit 0 trusted, 1 violations,
     /// 2 evidence invalid, tampered or unavailable.
@@ -306,12 +313,19 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
             }
             Ok(0)
         }
-        AttestCmd::Quote { pod, nonce, out } => {
+        AttestCmd::Quote {
+            pod,
+            nonce,
+            out,
+            from_entry,
+            from_epoch,
+        } => {
             let nonce = match nonce {
                 Some(h) => hex::decode(&h).context("--nonce must be hex")?,
                 None => rand::random::<[u8; 32]>().to_vec(),
             };
-            let ev = fetch(&mut client(socket).await?, &pod, nonce, None).await?;
+            let since = from_entry.zip(from_epoch);
+            let ev = fetch(&mut client(socket).await?, &pod, nonce, since).await?;
             write_or_print(out.as_deref(), &(serde_json::to_string_pretty(&ev)? + "\n"))?;
             Ok(0)
         }

@@ -431,7 +431,10 @@ mod tests {
         // full suite).
         let deadline = Instant::now() + Duration::from_secs(2);
         let syscall = format!("/proc/{spinner}/syscall");
-        while std::fs::read_to_string(&syscall).unwrap().starts_with("running") {
+        while std::fs::read_to_string(&syscall)
+            .unwrap()
+            .starts_with("running")
+        {
             assert!(Instant::now() < deadline, "a held thread runs on");
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -1,0 +1,218 @@
+//! One pod's view of the log for its evidence, read from a snapshot's
+//! length in chunks: the log from an entry on (from the first, or from a
+//! verifier's checkpoint), other pods' entries redacted, and the pod's own
+//! entries. The log of a long epoch is tens of MiB: it is never held whole
+//! (it was read into one string per quote, under the writer's lock, on an
+//! async worker).
+
+use memchr::memmem::Finder;
+use std::io::Read;
+use std::path::Path;
+
+use crate::integrity::log::Entry;
+
+/// What a pod's evidence holds of the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodView {
+    /// The index of `log`'s first entry in the epoch's log.
+    pub log_start: u64,
+    pub log: Vec<String>,
+    pub pod_log: Vec<String>,
+}
+
+const CHUNK: usize = 1 << 20;
+
+/// The first `len` bytes of the log at `path` as `pod`'s evidence shows
+/// them, from entry `from` on; from the first when the log has fewer.
+pub fn pod_view(path: &Path, len: u64, pod: &str, from: u64) -> std::io::Result<PodView> {
+    let (view, entries) = scan(path, len, pod, Some(from), CHUNK)?;
+    if entries < from {
+        return Ok(scan(path, len, pod, Some(0), CHUNK)?.0);
+    }
+    Ok(view)
+}
+
+/// The pod's own entries among the first `len` bytes of the log.
+pub fn pod_entries(path: &Path, len: u64, pod: &str) -> std::io::Result<Vec<String>> {
+    Ok(scan(path, len, pod, None, CHUNK)?.0.pod_log)
+}
+
+/// Reads the log chunk by chunk, each cut after its last whole line;
+/// returns the view (with the log from `from`, if any) and the number of
+/// entries read.
+fn scan(
+    path: &Path,
+    len: u64,
+    pod: &str,
+    from: Option<u64>,
+    chunk: usize,
+) -> std::io::Result<(PodView, u64)> {
+    let mut file = std::fs::File::open(path)?.take(len);
+    let needle = format!(" {pod} ");
+    let mut cut = Cut {
+        pod,
+        finder: Finder::new(needle.as_bytes()),
+        from,
+        line: 0,
+        view: PodView {
+            log_start: from.unwrap_or_default(),
+            ..Default::default()
+        },
+    };
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk * 2);
+    loop {
+        let had = buf.len();
+        buf.resize(had + chunk, 0);
+        let n = file.read(&mut buf[had..])?;
+        buf.truncate(had + n);
+        if n == 0 {
+            // A last line without its newline.
+            if !buf.is_empty() {
+                buf.push(b'\n');
+                cut.lines(&buf)?;
+            }
+            return Ok((cut.view, cut.line));
+        }
+        if let Some(end) = memchr::memrchr(b'\n', &buf[had..]).map(|i| had + i) {
+            cut.lines(&buf[..=end])?;
+            buf.drain(..=end);
+        }
+    }
+}
+
+struct Cut<'a> {
+    pod: &'a str,
+    finder: Finder<'a>,
+    from: Option<u64>,
+    /// Entries before this chunk.
+    line: u64,
+    view: PodView,
+}
+
+impl Cut<'_> {
+    /// Takes what the view needs from whole lines (`text` ends with '\n').
+    fn lines(&mut self, text: &[u8]) -> std::io::Result<()> {
+        let text = std::str::from_utf8(text)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        // Most lines are other pods': the pod's ID is looked for (SIMD)
+        // and only the lines holding it are parsed.
+        let mut last = None;
+        for at in self.finder.find_iter(text.as_bytes()) {
+            let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+            // The pause container's entries name the pod twice.
+            if last == Some(start) {
+                continue;
+            }
+            last = Some(start);
+            let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+            let l = &text[start..end];
+            if Entry::parse(l).is_ok_and(|e| e.pod == self.pod) {
+                self.view.pod_log.push(l.to_string());
+            }
+        }
+        let count = memchr::memchr_iter(b'\n', text.as_bytes()).count() as u64;
+        let first = self.line;
+        self.line += count;
+        let Some(from) = self.from else {
+            return Ok(());
+        };
+        if self.line <= from {
+            return Ok(());
+        }
+        let skip = from.saturating_sub(first) as usize;
+        for l in text.lines().skip(skip) {
+            self.view.log.push(self.shown(l));
+        }
+        Ok(())
+    }
+
+    /// A line as the pod's evidence shows it: other pods' entries with
+    /// digest and path withheld (entries of the first template, which
+    /// cannot be redacted, are shown whole).
+    fn shown(&self, l: &str) -> String {
+        match Entry::parse(l) {
+            Ok(e) if e.pod != self.pod => e
+                .redacted()
+                .map_or_else(|| l.to_string(), |r| r.to_string()),
+            _ => l.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::integrity::log::Event;
+
+    fn entry(pod: &str, ctr: &str, path: &str) -> Entry {
+        Entry::new(15, [1; 32], path, pod, ctr, Event::Exec)
+    }
+
+    /// The view as the whole text shows it, line by line.
+    fn plain(text: &str, pod: &str, from: u64) -> PodView {
+        let lines: Vec<&str> = text.lines().collect();
+        let from = if (lines.len() as u64) < from { 0 } else { from };
+        let shown = |l: &str| match Entry::parse(l) {
+            Ok(e) if e.pod != pod => e.redacted().unwrap().to_string(),
+            _ => l.to_string(),
+        };
+        PodView {
+            log_start: from,
+            log: lines[from as usize..].iter().map(|l| shown(l)).collect(),
+            pod_log: lines
+                .iter()
+                .filter(|l| Entry::parse(l).unwrap().pod == pod)
+                .map(|l| l.to_string())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn every_chunk_size_gives_the_view_of_the_whole_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let es = [
+            entry("p", "p", "/pause"),
+            entry("q", "c", "/their/secret"),
+            entry("p", "c", "/bin/sh"),
+            entry("pq", "p", "/bin/p q"),
+            entry("q", "p", "/p"),
+            entry("p", "c", "/bin/ls"),
+        ];
+        let text: String = es.iter().map(|e| e.to_string() + "\n").collect();
+        std::fs::write(&path, &text).unwrap();
+        let len = text.len() as u64;
+        for chunk in [1, 7, 100, 250, 251, 1000, 1 << 20] {
+            for from in 0..=7 {
+                let (v, n) = scan(&path, len, "p", Some(from), chunk).unwrap();
+                assert_eq!(n, 6);
+                if from <= 6 {
+                    assert_eq!(v, plain(&text, "p", from), "chunk {chunk} from {from}");
+                }
+            }
+            let (v, _) = scan(&path, len, "p", None, chunk).unwrap();
+            assert_eq!(v.pod_log.len(), 3);
+            assert!(v.log.is_empty());
+        }
+        assert_eq!(pod_view(&path, len, "p", 9).unwrap(), plain(&text, "p", 0));
+        assert_eq!(
+            pod_view(&path, len, "p", 6).unwrap().log,
+            Vec::<String>::new()
+        );
+        assert!(!pod_view(&path, len, "p", 0)
+            .unwrap()
+            .log
+            .join("\n")
+            .contains("secret"));
+        // Only the snapshot's length is read: later lines are not its.
+        std::fs::write(&path, format!("{text}{}\n", entry("p", "c", "/late"))).unwrap();
+        assert_eq!(pod_view(&path, len, "p", 0).unwrap(), plain(&text, "p", 0));
+        // A last line without its newline still counts.
+        std::fs::write(&path, text.trim_end()).unwrap();
+        assert_eq!(
+            pod_view(&path, len - 1, "p", 2).unwrap(),
+            plain(&text, "p", 2)
+        );
+        assert_eq!(pod_entries(&path, len - 1, "p").unwrap().len(), 3);
+    }
+}
