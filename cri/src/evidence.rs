@@ -28,18 +28,31 @@ pub fn fits(ev: &pb::Evidence, limit: usize) -> imacri_runtime::Result<()> {
     )))
 }
 
+pub fn epoch_to_proto(e: Epoch) -> pb::Epoch {
+    pb::Epoch {
+        reset_count: e.reset_count,
+        restart_count: e.restart_count,
+        started_at: e.started_at,
+        broken: e.broken.unwrap_or_default(),
+    }
+}
+
+pub fn epoch_from_proto(e: pb::Epoch) -> Epoch {
+    Epoch {
+        reset_count: e.reset_count,
+        restart_count: e.restart_count,
+        started_at: e.started_at,
+        broken: (!e.broken.is_empty()).then_some(e.broken),
+    }
+}
+
 pub fn to_proto(e: Evidence) -> pb::Evidence {
     pb::Evidence {
         pod_sandbox_id: e.pod_sandbox_id,
         backend: e.backend,
         anchored: e.anchored,
         pcr: e.pcr,
-        epoch: Some(pb::Epoch {
-            reset_count: e.epoch.reset_count,
-            restart_count: e.epoch.restart_count,
-            started_at: e.epoch.started_at,
-            broken: e.epoch.broken.unwrap_or_default(),
-        }),
+        epoch: Some(epoch_to_proto(e.epoch)),
         nonce: e.nonce,
         log: e.log,
         log_start: e.log_start,
@@ -55,18 +68,12 @@ pub fn to_proto(e: Evidence) -> pb::Evidence {
 }
 
 pub fn from_proto(e: pb::Evidence) -> Evidence {
-    let epoch = e.epoch.unwrap_or_default();
     Evidence {
         pod_sandbox_id: e.pod_sandbox_id,
         backend: e.backend,
         anchored: e.anchored,
         pcr: e.pcr,
-        epoch: Epoch {
-            reset_count: epoch.reset_count,
-            restart_count: epoch.restart_count,
-            started_at: epoch.started_at,
-            broken: (!epoch.broken.is_empty()).then_some(epoch.broken),
-        },
+        epoch: epoch_from_proto(e.epoch.unwrap_or_default()),
         nonce: e.nonce,
         log: e.log,
         log_start: e.log_start,

@@ -1,6 +1,7 @@
 """An attestation client on Python grpcio, against imacri's verifier socket:
 enrollment data, a refused credential, no CRI there, and with a POD,
-evidence from the first entry and from a checkpoint (incremental).
+evidence from the first entry and from a checkpoint (incremental), and a
+page of the log.
 
 Usage: attest_client.py SOCKET [POD]. Prints one line per call and "ok";
 exits 1 naming the call that failed.
@@ -46,6 +47,16 @@ def incremental(ch, pod):
         print(f"Quote from another epoch: log_start {anum.get(11)}", file=sys.stderr)
         sys.exit(1)
     print("incremental", n, carried)
+    # GetLogPage: 1 from_entry, 2 max_entries -> 1 entries, 2 from_entry, 4 more
+    req = varint(1 << 3) + varint(1) + varint(2 << 3) + varint(1)
+    page = call(ch, "/imacri.attestation.v1.Attestation/GetLogPage", req)
+    entries, pnum = strings(page).get(1, []), varints(page)
+    if len(entries) != 1 or b"imacri-ng2-redacted" not in entries[0] or pnum.get(2) != 1 or pnum.get(4) != 1:
+        print(f"GetLogPage from 1: {entries} {pnum}", file=sys.stderr)
+        sys.exit(1)
+    expect_code(ch, "/imacri.attestation.v1.Attestation/GetLogPage",
+                varint(2 << 3) + varint(100001), grpc.StatusCode.INVALID_ARGUMENT)
+    print("page", entries[0].decode().split(" ")[2])
 
 
 def expect_code(channel, method, request, code):

@@ -171,6 +171,12 @@ impl Attestation for Mitm {
     ) -> Result<Response<pb::GetLogResponse>, Status> {
         Err(Status::unimplemented("mitm"))
     }
+    async fn get_log_page(
+        &self,
+        _: Request<pb::GetLogPageRequest>,
+    ) -> Result<Response<pb::GetLogPageResponse>, Status> {
+        Err(Status::unimplemented("mitm"))
+    }
     async fn get_attestation_key(
         &self,
         _: Request<pb::GetAttestationKeyRequest>,

@@ -5,13 +5,16 @@
 //! checkpoint: later evidence carries only what follows).
 
 use anyhow::{Context, Result};
+use imacri_api::attestation as pb;
+use imacri_api::attestation::attestation_client::AttestationClient;
 use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::verify::{
     self, Checkpoint, Evidence, Expectations, Report, Verdict,
 };
 use std::path::{Path, PathBuf};
+use tonic::transport::Channel;
 
-use super::{client, fetch, Target, Trust};
+use super::{client, fetch, rpc, Target, Trust};
 
 /// A verifier's inputs, loaded once (for `watch`, once for every round).
 pub(super) struct Checker {
@@ -21,8 +24,13 @@ pub(super) struct Checker {
     allow_unanchored: bool,
     allow_gaps: bool,
     require_no_anonymous_exec: bool,
+    page_entries: u32,
     book: CounterBook,
 }
+
+/// Evidence fetched for checking, and the checkpoint it continues when this
+/// verifier built one from the log's pages; or why those pages are invalid.
+pub(super) type Fetched = std::result::Result<(Evidence, Option<Checkpoint>), String>;
 
 impl Checker {
     pub(super) fn load(t: &Trust) -> Result<Checker> {
@@ -44,21 +52,51 @@ impl Checker {
             allow_unanchored: t.allow_unanchored,
             allow_gaps: t.allow_gaps,
             require_no_anonymous_exec: t.require_anonymous_exec_denied,
+            page_entries: t.page_entries,
             book: CounterBook::open(t.counters.as_deref())?,
         })
     }
 
-    /// Where evidence from this node may start (entry, epoch): after the
-    /// log this verifier already checked.
-    pub(super) fn since(&self) -> Option<(u64, i64)> {
-        self.book
-            .checkpoint(self.ak.as_deref())
-            .map(Checkpoint::since)
+    /// Evidence for `pod` answering `nonce`: from this verifier's
+    /// checkpoint of the node's log, or from one it builds from the log's
+    /// pages (so that no message carries the whole log). Errors: the node
+    /// could not be asked.
+    pub(super) async fn fetch(
+        &self,
+        c: &mut AttestationClient<Channel>,
+        pod: &str,
+        nonce: &[u8],
+    ) -> Result<Fetched> {
+        let kept = self.book.checkpoint(self.ak.as_deref());
+        let pages = match kept {
+            Some(_) => None,
+            None => match pages(c, self.page_entries).await? {
+                Ok(cp) => cp,
+                Err(m) => return Ok(Err(m)),
+            },
+        };
+        let since = pages.as_ref().or(kept).map(Checkpoint::since);
+        Ok(Ok((fetch(c, pod, nonce.to_vec(), since).await?, pages)))
     }
 
-    /// Verifies evidence for `pod` that answers `nonce`; a valid one moves
-    /// the counters seen and the checkpoint forward.
-    pub(super) fn check(&mut self, ev: &Evidence, pod: &str, nonce: &[u8]) -> Result<Report> {
+    /// Checks what [`Checker::fetch`] brought.
+    pub(super) fn check_fetched(&mut self, f: Fetched, pod: &str, nonce: &[u8]) -> Result<Report> {
+        match f {
+            Ok((ev, pages)) => self.check(&ev, pod, nonce, pages.as_ref()),
+            Err(m) => Ok(Report::invalid(pod, vec![m])),
+        }
+    }
+
+    /// Verifies evidence for `pod` that answers `nonce` (continuing `pages`,
+    /// a checkpoint built from the log's pages, or the one kept); a valid
+    /// one moves the counters seen and the checkpoint forward.
+    pub(super) fn check(
+        &mut self,
+        ev: &Evidence,
+        pod: &str,
+        nonce: &[u8],
+        pages: Option<&Checkpoint>,
+    ) -> Result<Report> {
         let ak = self.ak.as_deref();
         let mut r = verify::verify(
             ev,
@@ -71,7 +109,7 @@ impl Checker {
                 allow_gaps: self.allow_gaps,
                 require_no_anonymous_exec: self.require_no_anonymous_exec,
                 last_seen: self.book.last(ak),
-                checkpoint: self.book.checkpoint(ak),
+                checkpoint: pages.or(self.book.checkpoint(ak)),
             },
         );
         if ev.anchored && ak.is_none() {
@@ -170,22 +208,80 @@ pub(super) async fn verify_once(
     saved: Option<(&Path, &str)>,
 ) -> Result<Report> {
     let mut checker = Checker::load(trust)?;
-    let (ev, nonce) = match saved {
+    match saved {
         Some((p, nonce)) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             let ev: Evidence = serde_json::from_str(&text).context("evidence JSON")?;
             let nonce = hex::decode(nonce).context("--nonce must be hex")?;
-            (ev, nonce)
+            checker.check(&ev, pod, &nonce, None)
         }
         None => {
             let nonce = rand::random::<[u8; 32]>().to_vec();
-            let since = checker.since();
-            (
-                fetch(&mut client(socket).await?, pod, nonce.clone(), since).await?,
-                nonce,
-            )
+            let f = checker
+                .fetch(&mut client(socket).await?, pod, &nonce)
+                .await?;
+            checker.check_fetched(f, pod, &nonce)
         }
-    };
-    checker.check(&ev, pod, &nonce)
+    }
+}
+
+/// A checkpoint built from the node's log, page by page; None from a node
+/// without a TPM (or one that serves no pages), whose evidence carries the
+/// whole log. The inner error: the pages are not a log a quote could prove.
+async fn pages(
+    c: &mut AttestationClient<Channel>,
+    max_entries: u32,
+) -> Result<std::result::Result<Option<Checkpoint>, String>> {
+    let mut built: Option<Checkpoint> = None;
+    loop {
+        let from_entry = built.as_ref().map_or(0, |b| b.entries);
+        let r = match c
+            .get_log_page(pb::GetLogPageRequest {
+                from_entry,
+                max_entries,
+            })
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(Ok(None)),
+            Err(s) => return Err(rpc("GetLogPage", s)),
+        };
+        let epoch = crate::evidence::epoch_from_proto(r.epoch.unwrap_or_default());
+        let cp = match &mut built {
+            Some(b) => {
+                if Some(b.reset_count) != epoch.reset_count
+                    || b.epoch_started_at != epoch.started_at
+                {
+                    return Ok(Err(
+                        "the node's log began a new epoch while it was read (a reboot): verify again".into(),
+                    ));
+                }
+                b
+            }
+            None => match Checkpoint::unverified(&epoch) {
+                Some(b) => built.insert(b),
+                None => return Ok(Ok(None)),
+            },
+        };
+        if r.from_entry != from_entry {
+            return Ok(Err(format!(
+                "asked for the log from entry {from_entry}, the node sent it from {}",
+                r.from_entry
+            )));
+        }
+        for l in &r.entries {
+            if let Err(m) = cp.take(l) {
+                return Ok(Err(m));
+            }
+        }
+        if !r.more {
+            return Ok(Ok(built));
+        }
+        if r.entries.is_empty() {
+            return Ok(Err(
+                "the node said more log entries follow but sent none".into()
+            ));
+        }
+    }
 }

@@ -146,6 +146,9 @@ pub struct Trust {
     /// it forward. Kept across runs.
     #[arg(long)]
     counters: Option<PathBuf>,
+    /// Entries per GetLogPage call while building a checkpoint (tests).
+    #[arg(long, default_value_t = 10_000, hide = true)]
+    page_entries: u32,
 }
 
 /// Where the node's attestation service is.

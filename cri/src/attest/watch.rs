@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::check::Checker;
-use super::{client, fetch, Target, Trust};
+use super::{client, Target, Trust};
 
 pub(super) async fn watch(
     socket: &Target,
@@ -33,21 +33,19 @@ pub(super) async fn watch(
                     seen.keep_only(ready.iter().map(|p| p.pod_sandbox_id.as_str()));
                     for p in ready {
                         let nonce = rand::random::<[u8; 32]>().to_vec();
-                        let since = checker.since();
-                        let alerts =
-                            match fetch(&mut c, &p.pod_sandbox_id, nonce.clone(), since).await {
-                                Ok(ev) => match checker.check(&ev, &p.pod_sandbox_id, &nonce) {
-                                    Ok(r) => alert_lines(&p, &r),
-                                    Err(e) => vec![format!(
-                                        "ALERT pod={} counters not recorded: {e:#}",
-                                        p.pod_sandbox_id
-                                    )],
-                                },
+                        let alerts = match checker.fetch(&mut c, &p.pod_sandbox_id, &nonce).await {
+                            Ok(f) => match checker.check_fetched(f, &p.pod_sandbox_id, &nonce) {
+                                Ok(r) => alert_lines(&p, &r),
                                 Err(e) => vec![format!(
-                                    "ALERT pod={} name={}/{} evidence unavailable: {e:#}",
-                                    p.pod_sandbox_id, p.namespace, p.name
+                                    "ALERT pod={} counters not recorded: {e:#}",
+                                    p.pod_sandbox_id
                                 )],
-                            };
+                            },
+                            Err(e) => vec![format!(
+                                "ALERT pod={} name={}/{} evidence unavailable: {e:#}",
+                                p.pod_sandbox_id, p.namespace, p.name
+                            )],
+                        };
                         for a in seen.new_ones(&p.pod_sandbox_id, alerts) {
                             println!("{a}");
                         }

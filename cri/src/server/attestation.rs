@@ -151,6 +151,36 @@ impl CriServer {
         Ok(pb::GetLogResponse { entries })
     }
 
+    async fn log_page(&self, req: pb::GetLogPageRequest) -> Result<pb::GetLogPageResponse> {
+        let max = match req.max_entries {
+            0 => 10_000,
+            n @ 1..=100_000 => n as usize,
+            n => {
+                return Err(Error::InvalidArgument(format!(
+                    "max_entries must be 1 to 100000 (0: 10000), got {n}"
+                )))
+            }
+        };
+        let journal = &self.integrity.journal;
+        let len = journal
+            .log_len()
+            .map_err(|e| Error::Unavailable(format!("reading the log: {e}")))?;
+        let epoch = journal.epoch();
+        let path =
+            imacri_runtime::integrity::journal::Journal::log_path(&self.cfg.root.join("integrity"));
+        let (p, from) = (path.clone(), req.from_entry);
+        let (entries, more) = tokio::task::spawn_blocking(move || view::page(&p, len, from, max))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::io("reading", &path, e))?;
+        Ok(pb::GetLogPageResponse {
+            entries,
+            from_entry: req.from_entry,
+            epoch: Some(crate::evidence::epoch_to_proto(epoch)),
+            more,
+        })
+    }
+
     fn tpm(&self) -> Result<&imacri_runtime::integrity::tpm::Tpm> {
         self.integrity.journal.tpm().ok_or_else(|| {
             Error::FailedPrecondition(
@@ -267,6 +297,15 @@ impl Attestation for Attest {
         let r = r.into_inner();
         let id = r.pod_sandbox_id.clone();
         instrument("Attestation.GetLog", &id, self.0.pod_log(r)).await
+    }
+
+    async fn get_log_page(&self, r: Request<pb::GetLogPageRequest>) -> Res<pb::GetLogPageResponse> {
+        instrument(
+            "Attestation.GetLogPage",
+            "",
+            self.0.log_page(r.into_inner()),
+        )
+        .await
     }
 
     async fn get_attestation_key(

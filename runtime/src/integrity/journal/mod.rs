@@ -511,6 +511,17 @@ impl Journal {
         self.epoch.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
+    /// The stored log's length: whole entries (the writer writes whole
+    /// lines under the lock taken here).
+    pub fn log_len(&self) -> JResult<u64> {
+        let inner = self
+            .inner
+            .lock()
+            .map_err(|_| JournalError::Poisoned("lock poisoned"))?;
+        let path = Self::log_path(&self.dir);
+        Ok(inner.file.metadata().map_err(io("reading", &path))?.len())
+    }
+
     /// The stored log's length and, with a TPM, a quote over exactly that
     /// much of it. The log is read from disk afterwards (what a node admin
     /// or attacker could edit is what the verifier replays): only its

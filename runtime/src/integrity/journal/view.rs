@@ -37,9 +37,98 @@ pub fn pod_entries(path: &Path, len: u64, pod: &str) -> std::io::Result<Vec<Stri
     Ok(scan(path, len, pod, None, CHUNK)?.0.pod_log)
 }
 
-/// Reads the log chunk by chunk, each cut after its last whole line;
-/// returns the view (with the log from `from`, if any) and the number of
-/// entries read.
+/// A page of the log for a verifier building its checkpoint: up to `max`
+/// entries from entry `from` on, every one redacted, and whether more
+/// follow (within the first `len` bytes).
+pub fn page(path: &Path, len: u64, from: u64, max: usize) -> std::io::Result<(Vec<String>, bool)> {
+    page_in_chunks(path, len, from, max, CHUNK)
+}
+
+fn page_in_chunks(
+    path: &Path,
+    len: u64,
+    from: u64,
+    max: usize,
+    chunk: usize,
+) -> std::io::Result<(Vec<String>, bool)> {
+    let mut out = Vec::new();
+    let mut line = 0u64;
+    let mut more = false;
+    in_chunks(path, len, chunk, |text| {
+        // Whole chunks before the page are only counted.
+        let count = memchr::memchr_iter(b'\n', text.as_bytes()).count() as u64;
+        if line + count <= from {
+            line += count;
+            return Ok(true);
+        }
+        for l in text.lines() {
+            line += 1;
+            if line <= from {
+                continue;
+            }
+            if out.len() == max {
+                more = true;
+                return Ok(false);
+            }
+            out.push(redacted(l));
+        }
+        Ok(true)
+    })?;
+    Ok((out, more))
+}
+
+/// Reads the first `len` bytes of the log chunk by chunk, each cut after
+/// its last whole line (a last line without its newline is one), and hands
+/// them to `f` until it says stop.
+fn in_chunks(
+    path: &Path,
+    len: u64,
+    chunk: usize,
+    mut f: impl FnMut(&str) -> std::io::Result<bool>,
+) -> std::io::Result<()> {
+    let mut file = std::fs::File::open(path)?.take(len);
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk * 2);
+    loop {
+        let had = buf.len();
+        buf.resize(had + chunk, 0);
+        let n = file.read(&mut buf[had..])?;
+        buf.truncate(had + n);
+        if n == 0 {
+            if !buf.is_empty() {
+                buf.push(b'\n');
+                f(utf8(&buf)?)?;
+            }
+            return Ok(());
+        }
+        if let Some(end) = memchr::memrchr(b'\n', &buf[had..]).map(|i| had + i) {
+            if !f(utf8(&buf[..=end])?)? {
+                return Ok(());
+            }
+            buf.drain(..=end);
+        }
+    }
+}
+
+fn utf8(b: &[u8]) -> std::io::Result<&str> {
+    std::str::from_utf8(b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Another pod's entry as evidence shows it: digest and path withheld
+/// (entries of the first template, which cannot be redacted, whole).
+fn redacted(l: &str) -> String {
+    match Entry::parse(l) {
+        Ok(e) => redact(&e, l),
+        Err(_) => l.to_string(),
+    }
+}
+
+fn redact(e: &Entry, l: &str) -> String {
+    e.redacted()
+        .map_or_else(|| l.to_string(), |r| r.to_string())
+}
+
+/// The view (with the log from `from`, if any) and the number of entries
+/// read.
 fn scan(
     path: &Path,
     len: u64,
@@ -47,7 +136,6 @@ fn scan(
     from: Option<u64>,
     chunk: usize,
 ) -> std::io::Result<(PodView, u64)> {
-    let mut file = std::fs::File::open(path)?.take(len);
     let needle = format!(" {pod} ");
     let mut cut = Cut {
         pod,
@@ -59,25 +147,11 @@ fn scan(
             ..Default::default()
         },
     };
-    let mut buf: Vec<u8> = Vec::with_capacity(chunk * 2);
-    loop {
-        let had = buf.len();
-        buf.resize(had + chunk, 0);
-        let n = file.read(&mut buf[had..])?;
-        buf.truncate(had + n);
-        if n == 0 {
-            // A last line without its newline.
-            if !buf.is_empty() {
-                buf.push(b'\n');
-                cut.lines(&buf)?;
-            }
-            return Ok((cut.view, cut.line));
-        }
-        if let Some(end) = memchr::memrchr(b'\n', &buf[had..]).map(|i| had + i) {
-            cut.lines(&buf[..=end])?;
-            buf.drain(..=end);
-        }
-    }
+    in_chunks(path, len, chunk, |text| {
+        cut.lines(text);
+        Ok(true)
+    })?;
+    Ok((cut.view, cut.line))
 }
 
 struct Cut<'a> {
@@ -91,9 +165,7 @@ struct Cut<'a> {
 
 impl Cut<'_> {
     /// Takes what the view needs from whole lines (`text` ends with '\n').
-    fn lines(&mut self, text: &[u8]) -> std::io::Result<()> {
-        let text = std::str::from_utf8(text)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    fn lines(&mut self, text: &str) {
         // Most lines are other pods': the pod's ID is looked for (SIMD)
         // and only the lines holding it are parsed.
         let mut last = None;
@@ -114,16 +186,15 @@ impl Cut<'_> {
         let first = self.line;
         self.line += count;
         let Some(from) = self.from else {
-            return Ok(());
+            return;
         };
         if self.line <= from {
-            return Ok(());
+            return;
         }
         let skip = from.saturating_sub(first) as usize;
         for l in text.lines().skip(skip) {
             self.view.log.push(self.shown(l));
         }
-        Ok(())
     }
 
     /// A line as the pod's evidence shows it: other pods' entries with
@@ -131,9 +202,7 @@ impl Cut<'_> {
     /// cannot be redacted, are shown whole).
     fn shown(&self, l: &str) -> String {
         match Entry::parse(l) {
-            Ok(e) if e.pod != self.pod => e
-                .redacted()
-                .map_or_else(|| l.to_string(), |r| r.to_string()),
+            Ok(e) if e.pod != self.pod => redact(&e, l),
             _ => l.to_string(),
         }
     }
@@ -214,5 +283,44 @@ mod tests {
             plain(&text, "p", 2)
         );
         assert_eq!(pod_entries(&path, len - 1, "p").unwrap().len(), 3);
+    }
+
+    #[test]
+    fn pages_carry_every_entry_redacted_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let es: Vec<Entry> = (0..7)
+            .map(|i| entry(["p", "q"][i % 2], "c", &format!("/secret/{i}")))
+            .collect();
+        let text: String = es.iter().map(|e| e.to_string() + "\n").collect();
+        std::fs::write(&path, &text).unwrap();
+        let len = text.len() as u64;
+        let want: Vec<String> = es
+            .iter()
+            .map(|e| e.redacted().unwrap().to_string())
+            .collect();
+        for chunk in [1, 50, 1 << 20] {
+            let mut got = Vec::new();
+            let mut from = 0;
+            loop {
+                let (page, more) = page_in_chunks(&path, len, from, 3, chunk).unwrap();
+                from += page.len() as u64;
+                got.extend(page);
+                if !more {
+                    break;
+                }
+            }
+            assert_eq!(got, want, "chunk {chunk}");
+        }
+        assert!(!page(&path, len, 0, 10)
+            .unwrap()
+            .0
+            .join("\n")
+            .contains("secret"));
+        assert_eq!(page(&path, len, 7, 10).unwrap(), (vec![], false));
+        assert_eq!(page(&path, len, 9, 10).unwrap(), (vec![], false));
+        // Exactly a page's worth: no more.
+        assert!(!page(&path, len, 4, 3).unwrap().1);
+        assert!(page(&path, len, 3, 3).unwrap().1);
     }
 }

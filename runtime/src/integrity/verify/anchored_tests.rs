@@ -258,14 +258,20 @@ fn incremental_evidence_that_does_not_continue_the_checkpoint_is_invalid() {
     assert_eq!(r.violations[0].path, "/tmp/evil");
 }
 
-#[test]
-fn the_pods_entries_before_the_checkpoint_cannot_be_withheld_or_changed() {
-    let p = policy();
+/// Pod p ran a file no policy allows, then one it does; pod q ran its own.
+fn with_a_violation() -> Node {
     let mut node = Node::new();
     node.start("p", "c");
     node.add(9, "/tmp/evil", "p", "c", Event::Exec);
     node.add(1, "/bin/sh", "p", "c", Event::Exec);
     node.add(2, "/their/secret", "q", "d", Event::Exec);
+    node
+}
+
+#[test]
+fn the_pods_entries_before_the_checkpoint_cannot_be_withheld_or_changed() {
+    let p = policy();
+    let mut node = with_a_violation();
     // A verifier checked the log through p's neighbour's evidence.
     let ev = node.evidence("q", NONCE, 0);
     let cp = check(&node, &ev, "q", &p, None).checkpoint.unwrap();
@@ -316,4 +322,94 @@ fn a_checkpoint_survives_its_file() {
     let back: Checkpoint = serde_json::from_str(&text).unwrap();
     assert_eq!(back, cp);
     assert_eq!(cp.since(), (5, 1_000));
+}
+
+/// The log as GetLogPage shows it: every entry redacted.
+fn pages(node: &Node) -> Vec<String> {
+    node.log
+        .iter()
+        .map(|e| e.redacted().unwrap().to_string())
+        .collect()
+}
+
+fn built(epoch: &Epoch, lines: &[String]) -> Result<Checkpoint, String> {
+    let mut cp = Checkpoint::unverified(epoch).expect("anchored");
+    for l in lines {
+        cp.take(l)?;
+    }
+    Ok(cp)
+}
+
+#[test]
+fn a_checkpoint_built_from_pages_is_proven_by_the_quote_after_it() {
+    let p = policy();
+    let mut node = with_a_violation();
+    let epoch = node.evidence("p", NONCE, 0).epoch;
+    let cp = built(&epoch, &pages(&node)).unwrap();
+    assert_eq!(cp.entries, 4);
+    // Nothing logged since: the evidence carries no entry, the pod's own
+    // (its violation too) are appraised and proven by the replay.
+    let ev = node.evidence("p", NONCE, 4);
+    let r = check(&node, &ev, "p", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    assert_eq!(
+        (r.log_start, r.violations[0].path.as_str()),
+        (4, "/tmp/evil")
+    );
+    let whole = node.evidence("p", NONCE, 0);
+    assert_eq!(
+        r.checkpoint,
+        check(&node, &whole, "p", &p, None).checkpoint,
+        "the same as from the whole log"
+    );
+    // Unanchored: nothing could prove pages.
+    let mut none = epoch.clone();
+    none.reset_count = None;
+    assert!(Checkpoint::unverified(&none).is_none());
+}
+
+#[test]
+fn pages_that_are_not_the_quoted_log_are_invalid() {
+    let p = policy();
+    let mut node = with_a_violation();
+    let honest = pages(&node);
+    let ev = node.evidence("p", NONCE, 4);
+    let epoch = ev.epoch.clone();
+    // The pod's violation passed off as another pod's (its template hash
+    // kept, so the PCR would still replay): the entry is inconsistent.
+    let mut relabelled = honest.clone();
+    relabelled[1] = relabelled[1].replace(" p c ", " q c ");
+    let e = built(&epoch, &relabelled).unwrap_err();
+    assert!(e.contains("the log was modified"), "{e}");
+    // Its commitment changed.
+    let mut changed = honest.clone();
+    let c = hex::encode(Entry::parse(&changed[1]).unwrap().content.unwrap());
+    changed[1] = changed[1].replace(&c, &"ab".repeat(32));
+    assert!(built(&epoch, &changed).unwrap_err().contains("modified"));
+    // Left out (and so out of the pod's entries): the replay fails.
+    let mut dropped = honest.clone();
+    dropped.remove(1);
+    let cp = built(&epoch, &dropped).unwrap();
+    let mut ev3 = node.evidence("p", NONCE, 3);
+    ev3.pod_log.remove(1);
+    let r = check(&node, &ev3, "p", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
+    assert!(
+        r.errors.iter().any(|e| e.contains("does not replay")),
+        "{r:?}"
+    );
+    // Reordered: the replay fails.
+    let mut reordered = honest.clone();
+    reordered.swap(2, 3);
+    let cp = built(&epoch, &reordered).unwrap();
+    let r = check(&node, &ev, "p", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
+    // Not a log line.
+    assert!(built(&epoch, &["junk".to_string()]).is_err());
+    // The honest pages pass.
+    let cp = built(&epoch, &honest).unwrap();
+    assert_eq!(
+        check(&node, &ev, "p", &p, Some(&cp)).verdict,
+        Verdict::Violations
+    );
 }

@@ -15,11 +15,19 @@
 //! appraised, must fold to the kept hash (none withheld, none changed).
 //! Other pods' earlier entries are not seen again: they were verified when
 //! the checkpoint was made.
+//!
+//! A verifier without one builds it from the log's pages
+//! ([`Checkpoint::unverified`], every entry redacted): nothing vouches for
+//! it until evidence from its end verifies, whose replay from its PCR value
+//! to the quoted one proves every page (and the pod's entries in them must
+//! fold to its hash, as above). So no message has to carry a long epoch's
+//! whole log.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use super::Evidence;
+use crate::integrity::journal::Epoch;
 use crate::integrity::log::{self, Entry};
 
 mod hex32 {
@@ -70,6 +78,35 @@ impl Checkpoint {
     /// log's epoch.
     pub fn since(&self) -> (u64, i64) {
         (self.entries, self.epoch_started_at)
+    }
+
+    /// The start of a checkpoint built from the log's pages, in `epoch`;
+    /// None for a node without a TPM (only a quote could vouch for it).
+    pub fn unverified(epoch: &Epoch) -> Option<Checkpoint> {
+        Some(Checkpoint {
+            reset_count: epoch.reset_count?,
+            epoch_started_at: epoch.started_at,
+            ..Default::default()
+        })
+    }
+
+    /// Takes the log's next entry (as a page shows it) into a checkpoint
+    /// being built. Each entry must be consistent: its template hash binds
+    /// its pod, so no entry can be passed off as another pod's while the
+    /// PCR still replays.
+    pub fn take(&mut self, line: &str) -> Result<(), String> {
+        let n = self.entries + 1;
+        let e = Entry::parse(line).map_err(|m| format!("log entry {n}: {m}"))?;
+        if !e.is_consistent() {
+            return Err(format!(
+                "log entry {n} ({}) does not match its template hash: the log was modified",
+                e.path
+            ));
+        }
+        self.pods.entry(e.pod.clone()).or_default().add(&e);
+        self.pcr = log::extend(&self.pcr, &e.template_hash);
+        self.entries = n;
+        Ok(())
     }
 
     /// The checkpoint `ev` continues, None for evidence from the first

@@ -169,6 +169,29 @@ pub struct Expectations<'a> {
     pub checkpoint: Option<&'a Checkpoint>,
 }
 
+impl Report {
+    /// A report of evidence that could not be checked at all (`errors`
+    /// say why).
+    pub fn invalid(pod: &str, errors: Vec<String>) -> Report {
+        Report {
+            pod_sandbox_id: pod.to_string(),
+            counters: None,
+            verdict: Verdict::Invalid,
+            backend: String::new(),
+            anchored: false,
+            pcr: 0,
+            reset_count: None,
+            log_entries: 0,
+            log_start: 0,
+            pod_entries: 0,
+            gaps: 0,
+            violations: Vec::new(),
+            errors,
+            checkpoint: None,
+        }
+    }
+}
+
 pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
     let mut errors = Vec::new();
     if ev.pod_sandbox_id != x.pod_sandbox_id {
