@@ -28,6 +28,7 @@ bench: deps
 	$(CARGO) build --release --bins
 	target/release/bench
 	target/release/bench_ima
+	target/release/bench_evidence
 
 unit:
 	$(CARGO) test --workspace --lib --bins

@@ -342,7 +342,9 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
         "measure mode without an allowlist on the node: the verifier decides ({info})"
     );
 
-    // watch reports it once.
+    // watch reports it once (its second round continues the checkpoint of
+    // the first, which it writes once a round).
+    let counters = work.path().join("watch-counters.json");
     let (code, out, err) = attest(
         &d,
         &[
@@ -355,6 +357,8 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
             "100ms",
             "--count",
             "2",
+            "--counters",
+            counters.to_str().unwrap(),
         ],
     );
     assert_eq!(code, 0, "{err}");
@@ -364,6 +368,13 @@ async fn measured_pod_is_attested_and_changes_are_caught() {
         .collect();
     assert_eq!(alerts.len(), 1, "{out}");
     assert!(alerts[0].starts_with("ALERT pod="), "{out}");
+    let book: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+    let seen = book.as_object().unwrap().values().next().unwrap();
+    assert!(
+        seen["checkpoint"]["pods"][&pod]["entries"].as_u64() > Some(0),
+        "{book:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -80,23 +80,30 @@ impl Checker {
     }
 
     /// Checks what [`Checker::fetch`] brought.
-    pub(super) fn check_fetched(&mut self, f: Fetched, pod: &str, nonce: &[u8]) -> Result<Report> {
+    pub(super) fn check_fetched(&mut self, f: Fetched, pod: &str, nonce: &[u8]) -> Report {
         match f {
             Ok((ev, pages)) => self.check(&ev, pod, nonce, pages.as_ref()),
-            Err(m) => Ok(Report::invalid(pod, vec![m])),
+            Err(m) => Report::invalid(pod, vec![m]),
         }
+    }
+
+    /// Writes what was seen to the counters file, if it changed (`watch`
+    /// once a round: the checkpoint holds every pod of the node's epoch).
+    pub(super) fn save(&mut self) -> Result<()> {
+        self.book.save()
     }
 
     /// Verifies evidence for `pod` that answers `nonce` (continuing `pages`,
     /// a checkpoint built from the log's pages, or the one kept); a valid
-    /// one moves the counters seen and the checkpoint forward.
+    /// one moves the counters seen and the checkpoint forward (in memory:
+    /// see [`Checker::save`]).
     pub(super) fn check(
         &mut self,
         ev: &Evidence,
         pod: &str,
         nonce: &[u8],
         pages: Option<&Checkpoint>,
-    ) -> Result<Report> {
+    ) -> Report {
         let ak = self.ak.as_deref();
         let mut r = verify::verify(
             ev,
@@ -117,8 +124,8 @@ impl Checker {
                 .push("no --node given: the evidence's own key proves nothing; enroll the node with `imacri attest enroll`".into());
             r.verdict = Verdict::Invalid;
         }
-        self.book.advance(ak, &r)?;
-        Ok(r)
+        self.book.advance(ak, &r);
+        r
     }
 }
 
@@ -127,6 +134,8 @@ impl Checker {
 struct CounterBook {
     path: Option<PathBuf>,
     seen: std::collections::BTreeMap<String, Seen>,
+    /// Changed since read or written.
+    changed: bool,
 }
 
 /// The newest TPM counters (the fields of a file from before checkpoints)
@@ -153,6 +162,7 @@ impl CounterBook {
         Ok(CounterBook {
             path: path.map(Path::to_path_buf),
             seen,
+            changed: false,
         })
     }
 
@@ -172,12 +182,12 @@ impl CounterBook {
 
     /// Moves the node's counters and checkpoint forward after evidence
     /// that verified.
-    fn advance(&mut self, ak: Option<&str>, r: &Report) -> Result<()> {
+    fn advance(&mut self, ak: Option<&str>, r: &Report) {
         let (Some(ak), Some(c)) = (ak, r.counters) else {
-            return Ok(());
+            return;
         };
         if r.verdict == Verdict::Invalid {
-            return Ok(());
+            return;
         }
         let e = self.seen.entry(Self::key(ak)).or_insert(Seen {
             counters: c,
@@ -189,12 +199,18 @@ impl CounterBook {
         if r.checkpoint.is_some() {
             e.checkpoint.clone_from(&r.checkpoint);
         }
-        if let Some(p) = &self.path {
-            let tmp = p.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&self.seen)?)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, p).with_context(|| format!("writing {}", p.display()))?;
-        }
+        self.changed = true;
+    }
+
+    fn save(&mut self) -> Result<()> {
+        let Some(p) = self.path.as_ref().filter(|_| self.changed) else {
+            return Ok(());
+        };
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.seen)?)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, p).with_context(|| format!("writing {}", p.display()))?;
+        self.changed = false;
         Ok(())
     }
 }
@@ -214,14 +230,18 @@ pub(super) async fn verify_once(
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             let ev: Evidence = serde_json::from_str(&text).context("evidence JSON")?;
             let nonce = hex::decode(nonce).context("--nonce must be hex")?;
-            checker.check(&ev, pod, &nonce, None)
+            let r = checker.check(&ev, pod, &nonce, None);
+            checker.save()?;
+            Ok(r)
         }
         None => {
             let nonce = rand::random::<[u8; 32]>().to_vec();
             let f = checker
                 .fetch(&mut client(socket).await?, pod, &nonce)
                 .await?;
-            checker.check_fetched(f, pod, &nonce)
+            let r = checker.check_fetched(f, pod, &nonce);
+            checker.save()?;
+            Ok(r)
         }
     }
 }

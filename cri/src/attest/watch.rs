@@ -34,13 +34,10 @@ pub(super) async fn watch(
                     for p in ready {
                         let nonce = rand::random::<[u8; 32]>().to_vec();
                         let alerts = match checker.fetch(&mut c, &p.pod_sandbox_id, &nonce).await {
-                            Ok(f) => match checker.check_fetched(f, &p.pod_sandbox_id, &nonce) {
-                                Ok(r) => alert_lines(&p, &r),
-                                Err(e) => vec![format!(
-                                    "ALERT pod={} counters not recorded: {e:#}",
-                                    p.pod_sandbox_id
-                                )],
-                            },
+                            Ok(f) => alert_lines(
+                                &p,
+                                &checker.check_fetched(f, &p.pod_sandbox_id, &nonce),
+                            ),
                             Err(e) => vec![format!(
                                 "ALERT pod={} name={}/{} evidence unavailable: {e:#}",
                                 p.pod_sandbox_id, p.namespace, p.name
@@ -54,6 +51,10 @@ pub(super) async fn watch(
                 Err(s) => eprintln!("ListPods: {}", s.message()),
             },
             Err(e) => eprintln!("{e:#}"),
+        }
+        // Once a round: the checkpoint names every pod of the node's epoch.
+        if let Err(e) = checker.save() {
+            println!("ALERT counters not recorded: {e:#}");
         }
         if count.is_some_and(|n| round >= n) {
             return Ok(());

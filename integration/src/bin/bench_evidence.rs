@@ -1,0 +1,148 @@
+//! Benchmark of what evidence costs for a long epoch: a node's log of
+//! 200 000 entries (a 40-entry pod every 5 minutes for 17 days, 64 MB),
+//! read as a Quote reads it for one pod, from a verifier's checkpoint
+//! (incremental) and from the first entry (whole), and as a verifier
+//! without a checkpoint reads it in pages; and the verifier's cost of
+//! building its checkpoint from those pages. Peak memory is the process's
+//! high-water mark, grown by each row in turn (rows run smallest first).
+//! Run: `make bench` (or `target/release/bench_evidence`).
+
+use anyhow::{Context, Result};
+use imacri_runtime::integrity::journal::{view, Epoch};
+use imacri_runtime::integrity::log::{Entry, Event};
+use imacri_runtime::integrity::verify::Checkpoint;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const ENTRIES: u32 = 200_000;
+const PER_POD: u32 = 40;
+const PAGE: usize = 10_000;
+
+/// The process's peak resident memory so far, KiB.
+fn hwm() -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/self/status")?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("VmHWM")
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn pod(i: u32) -> String {
+    format!("{:064x}", i / PER_POD)
+}
+
+fn write_log(path: &Path) -> Result<u64> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for i in 0..ENTRIES {
+        let e = Entry::new(
+            15,
+            [(i % 251) as u8; 32],
+            &format!("/usr/lib/x86_64-linux-gnu/lib{i}.so.1"),
+            &pod(i),
+            &format!("{:064x}", i / (PER_POD / 2) + 7),
+            Event::Mmap,
+        );
+        writeln!(f, "{e}")?;
+    }
+    f.flush()?;
+    Ok(std::fs::metadata(path)?.len())
+}
+
+/// Runs `f` `n` times: the median time and how far the peak memory grew.
+fn row<T>(n: usize, mut f: impl FnMut() -> Result<T>) -> Result<(Duration, u64, T)> {
+    let before = hwm()?;
+    let mut times = Vec::with_capacity(n);
+    let mut last = None;
+    for _ in 0..n {
+        // One result at a time: the peak is one run's.
+        drop(last.take());
+        let t = Instant::now();
+        last = Some(f()?);
+        times.push(t.elapsed());
+    }
+    let out = last.context("no run")?;
+    Ok((median(times), hwm()?.saturating_sub(before), out))
+}
+
+/// A verifier without a checkpoint: every page asked for (the node's
+/// time) and taken into a checkpoint (the verifier's), page by page.
+fn from_pages(path: &Path, len: u64) -> Result<(Duration, Duration, Checkpoint)> {
+    let epoch = Epoch {
+        reset_count: Some(1),
+        ..Default::default()
+    };
+    let mut cp = Checkpoint::unverified(&epoch).context("epoch")?;
+    let (mut node, mut verifier) = (Duration::ZERO, Duration::ZERO);
+    loop {
+        let t = Instant::now();
+        let (page, more) = view::page(path, len, cp.entries, PAGE)?;
+        node += t.elapsed();
+        let t = Instant::now();
+        for l in &page {
+            cp.take(l).map_err(anyhow::Error::msg)?;
+        }
+        verifier += t.elapsed();
+        if !more {
+            return Ok((node, verifier, cp));
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let dir = tempfile::tempdir_in("/var/tmp")?;
+    let path = dir.path().join("measurements.log");
+    let len = write_log(&path)?;
+    // The last pod's, checked up to its last 40 entries' start.
+    let last = pod(ENTRIES - 1);
+    let from = u64::from(ENTRIES - PER_POD);
+    println!(
+        "evidence of one pod from a log of {ENTRIES} entries ({} MB), {PER_POD} entries a pod:",
+        len >> 20
+    );
+    println!(
+        "{:<44} {:>10} {:>12} {:>9}",
+        "", "median", "peak +MiB", "entries"
+    );
+    let (t, mem, v) = row(5, || Ok(view::pod_view(&path, len, &last, from)?))?;
+    let print = |what: &str, t: Duration, mem: u64, n: usize| {
+        println!(
+            "{what:<44} {:>8.1}ms {:>12.1} {n:>9}",
+            t.as_secs_f64() * 1e3,
+            mem as f64 / 1024.0
+        )
+    };
+    print(
+        "node: Quote from a checkpoint (incremental)",
+        t,
+        mem,
+        v.log.len() + v.pod_log.len(),
+    );
+    let (_, mem, (node, verifier, cp)) = row(1, || from_pages(&path, len))?;
+    let n = cp.entries as usize;
+    print(
+        &format!("node: GetLogPage, every page of {PAGE}"),
+        node,
+        mem,
+        n,
+    );
+    print(
+        "verifier: its checkpoint from those pages",
+        verifier,
+        mem,
+        n,
+    );
+    let (t, mem, v) = row(2, || Ok(view::pod_view(&path, len, &last, 0)?))?;
+    print(
+        "node: Quote of the whole log",
+        t,
+        mem,
+        v.log.len() + v.pod_log.len(),
+    );
+    Ok(())
+}
