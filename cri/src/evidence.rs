@@ -5,9 +5,7 @@ use imacri_api::attestation as pb;
 use imacri_runtime::integrity::journal::Epoch;
 use imacri_runtime::integrity::verify::{Evidence, QuoteEvidence};
 
-/// The largest evidence a Quote carries (the server encodes, `attest`
-/// decodes, this much): it holds every entry of the epoch's log.
-pub const MAX_EVIDENCE: usize = 64 * 1024 * 1024;
+pub use imacri_runtime::integrity::journal::view::MAX_EVIDENCE;
 
 /// Evidence past [`MAX_EVIDENCE`] (or `limit`) fails with why and what
 /// ends it, not with tonic's bare "encoded message length too large".

@@ -19,6 +19,23 @@ pub fn service(server: Arc<CriServer>) -> AttestationServer<Attest> {
     AttestationServer::new(Attest(server)).max_encoding_message_size(crate::evidence::MAX_EVIDENCE)
 }
 
+/// A view that could not be made: past what a message carries says why
+/// and what to do.
+fn view_error(e: view::ViewError, pod: &str, path: &std::path::Path) -> Error {
+    match e {
+        view::ViewError::Io(e) => Error::io("reading", path, e),
+        view::ViewError::TooLarge { budget, own } if own * 2 > budget => Error::ResourceExhausted(format!(
+            "pod {pod}'s own log entries take {} MiB or more, past the {} MiB a message carries: it logged many files or long paths (each entry up to 16 KiB; ima.max_entries_per_pod bounds their number); its evidence cannot be sent this epoch, which ends with the node's next reboot",
+            own >> 20,
+            budget >> 20
+        )),
+        view::ViewError::TooLarge { budget, .. } => Error::ResourceExhausted(format!(
+            "the evidence for pod {pod} would pass the {} MiB a message carries: it holds the node's log for this TPM epoch from the entry asked for; ask from the entry a verifier last checked (QuoteRequest.from_entry; `imacri attest verify` builds and keeps that checkpoint from GetLogPage)",
+            budget >> 20
+        )),
+    }
+}
+
 impl CriServer {
     async fn quote(&self, req: pb::QuoteRequest) -> Result<pb::QuoteResponse> {
         if req.pod_sandbox_id.is_empty() {
@@ -71,10 +88,12 @@ impl CriServer {
             false => 0,
         };
         let (path, len, pod) = (snap.log_path.clone(), snap.log_len, id.clone());
-        let view = tokio::task::spawn_blocking(move || view::pod_view(&path, len, &pod, from))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| Error::io("reading", &snap.log_path, e))?;
+        let budget = view::EVIDENCE_BUDGET;
+        let view =
+            tokio::task::spawn_blocking(move || view::pod_view(&path, len, &pod, from, budget))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(|e| view_error(e, &id, &snap.log_path))?;
         let ev = Evidence {
             pod_sandbox_id: id.clone(),
             backend,
@@ -139,10 +158,12 @@ impl CriServer {
         let path =
             imacri_runtime::integrity::journal::Journal::log_path(&self.cfg.root.join("integrity"));
         let (p, pod) = (path.clone(), id.clone());
-        let entries = tokio::task::spawn_blocking(move || view::pod_entries(&p, u64::MAX, &pod))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| Error::io("reading", &path, e))?;
+        let budget = view::EVIDENCE_BUDGET;
+        let entries =
+            tokio::task::spawn_blocking(move || view::pod_entries(&p, u64::MAX, &pod, budget))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(|e| view_error(e, &id, &path))?;
         if entries.is_empty() && self.sandbox(&id).is_err() {
             return Err(Error::NotFound(format!(
                 "pod sandbox {id:?} not found and has no measurements"
@@ -344,5 +365,39 @@ impl Attestation for Attest {
         let r = r.into_inner();
         let image = r.image.clone();
         instrument("Attestation.GoldenPolicy", &image, self.0.golden(r)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_past_the_budget_is_resource_exhausted_saying_whose_entries() {
+        let path = std::path::Path::new("/x");
+        let own = view_error(
+            view::ViewError::TooLarge {
+                budget: 64 << 20,
+                own: 40 << 20,
+            },
+            "p",
+            path,
+        );
+        assert!(
+            matches!(&own, Error::ResourceExhausted(m) if m.contains("pod p's own log entries")),
+            "{own}"
+        );
+        let log = view_error(
+            view::ViewError::TooLarge {
+                budget: 64 << 20,
+                own: 1 << 20,
+            },
+            "p",
+            path,
+        );
+        assert!(
+            matches!(&log, Error::ResourceExhausted(m) if m.contains("from_entry")),
+            "{log}"
+        );
     }
 }

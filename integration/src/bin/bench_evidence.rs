@@ -109,7 +109,15 @@ fn main() -> Result<()> {
         "{:<44} {:>10} {:>12} {:>9}",
         "", "median", "peak +MiB", "entries"
     );
-    let (t, mem, v) = row(5, || Ok(view::pod_view(&path, len, &last, from)?))?;
+    let (t, mem, v) = row(5, || {
+        Ok(view::pod_view(
+            &path,
+            len,
+            &last,
+            from,
+            view::EVIDENCE_BUDGET,
+        )?)
+    })?;
     let print = |what: &str, t: Duration, mem: u64, n: usize| {
         println!(
             "{what:<44} {:>8.1}ms {:>12.1} {n:>9}",
@@ -137,7 +145,9 @@ fn main() -> Result<()> {
         mem,
         n,
     );
-    let (t, mem, v) = row(2, || Ok(view::pod_view(&path, len, &last, 0)?))?;
+    let (t, mem, v) = row(2, || {
+        Ok(view::pod_view(&path, len, &last, 0, view::EVIDENCE_BUDGET)?)
+    })?;
     print(
         "node: Quote of the whole log",
         t,
