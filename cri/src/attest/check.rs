@@ -305,3 +305,50 @@ async fn pages(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A counters file from before checkpoints still loads; once a
+    /// checkpoint is kept, it is written beside the counters and read back.
+    #[test]
+    fn counters_files_of_before_load_and_keep_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("counters.json");
+        let ak = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+        let key = CounterBook::key(ak);
+        std::fs::write(
+            &path,
+            format!(r#"{{"{key}": {{"reset_count": 3, "restart_count": 0, "clock": 7}}}}"#),
+        )
+        .unwrap();
+        let mut book = CounterBook::open(Some(&path)).unwrap();
+        assert_eq!(book.last(Some(ak)).map(|c| c.clock), Some(7));
+        assert!(book.checkpoint(Some(ak)).is_none());
+        let mut r = Report::invalid("p", vec![]);
+        r.verdict = Verdict::Trusted;
+        r.counters = Some(verify::TpmCounters {
+            reset_count: 3,
+            restart_count: 0,
+            clock: 9,
+        });
+        r.checkpoint = Some(Checkpoint {
+            reset_count: 3,
+            entries: 5,
+            ..Default::default()
+        });
+        book.advance(Some(ak), &r);
+        book.save().unwrap();
+        let back = CounterBook::open(Some(&path)).unwrap();
+        assert_eq!(back.last(Some(ak)).map(|c| c.clock), Some(9));
+        assert_eq!(back.checkpoint(Some(ak)).map(|c| c.entries), Some(5));
+        // Invalid evidence moves nothing.
+        let mut bad = r.clone();
+        bad.verdict = Verdict::Invalid;
+        bad.checkpoint = None;
+        let mut book = back;
+        book.advance(Some(ak), &bad);
+        assert!(!book.changed);
+    }
+}
