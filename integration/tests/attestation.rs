@@ -1229,8 +1229,12 @@ async fn incremental_evidence_carries_only_what_follows_the_checkpoint() {
         &e.container,
         Event::Exec,
     );
+    // Until then evidence was read where imacri's index says entries lie.
+    assert!(!d.log().contains("changed outside imacri"), "{}", d.log());
     std::fs::write(&log_path, original.replacen(bad, &clean.to_string(), 1)).unwrap();
     let (code, report, _) = verify(&d, &pod, &golden, &ak, &keep);
+    // Its length is not what imacri wrote: the index is no longer trusted.
+    assert!(d.log().contains("changed outside imacri"), "{}", d.log());
     assert_eq!(code, 2, "{report:#}");
     assert!(
         report["errors"]

@@ -72,28 +72,30 @@ impl CriServer {
             }
             Err(e) => return Err(e),
         };
-        let snap = self
-            .integrity
-            .journal
-            .snapshot(req.nonce.clone())
+        let journal = &self.integrity.journal;
+        // A checkpoint of another epoch (the node rebooted) is no start
+        // (an epoch's start time never changes while imacri runs).
+        let from = match req.from_epoch == journal.epoch().started_at {
+            true => req.from_entry,
+            false => 0,
+        };
+        let snap = journal
+            .snapshot(req.nonce.clone(), &id, from)
             .await
             .map_err(|e| Error::Unavailable(format!("collecting evidence: {e}")))?;
         let ak_public_pem = match &snap.ak_sec1 {
             Some(k) => verify::ak_pem(k)?,
             None => String::new(),
         };
-        // A checkpoint of another epoch (the node rebooted) is no start.
-        let from = match req.from_epoch == snap.epoch.started_at {
-            true => req.from_entry,
-            false => 0,
-        };
         let (path, len, pod) = (snap.log_path.clone(), snap.log_len, id.clone());
+        let located = snap.located.clone();
         let budget = view::EVIDENCE_BUDGET;
-        let view =
-            tokio::task::spawn_blocking(move || view::pod_view(&path, len, &pod, from, budget))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?
-                .map_err(|e| view_error(e, &id, &snap.log_path))?;
+        let view = tokio::task::spawn_blocking(move || {
+            view::pod_view(&path, len, &pod, from, budget, located.as_ref())
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| view_error(e, &id, &snap.log_path))?;
         let ev = Evidence {
             pod_sandbox_id: id.clone(),
             backend,
@@ -183,17 +185,18 @@ impl CriServer {
             }
         };
         let journal = &self.integrity.journal;
-        let len = journal
-            .log_len()
+        let (len, start) = journal
+            .page_start(req.from_entry)
             .map_err(|e| Error::Unavailable(format!("reading the log: {e}")))?;
         let epoch = journal.epoch();
         let path =
             imacri_runtime::integrity::journal::Journal::log_path(&self.cfg.root.join("integrity"));
         let (p, from) = (path.clone(), req.from_entry);
-        let (entries, more) = tokio::task::spawn_blocking(move || view::page(&p, len, from, max))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| Error::io("reading", &path, e))?;
+        let (entries, more) =
+            tokio::task::spawn_blocking(move || view::page(&p, len, from, max, start))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(|e| Error::io("reading", &path, e))?;
         Ok(pb::GetLogPageResponse {
             entries,
             from_entry: req.from_entry,

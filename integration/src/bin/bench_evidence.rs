@@ -1,14 +1,17 @@
 //! Benchmark of what evidence costs for a long epoch: a node's log of
 //! 200 000 entries (a 40-entry pod every 5 minutes for 17 days, 64 MB),
-//! read as a Quote reads it for one pod, from a verifier's checkpoint
-//! (incremental) and from the first entry (whole), and as a verifier
-//! without a checkpoint reads it in pages; and the verifier's cost of
-//! building its checkpoint from those pages. Peak memory is the process's
-//! high-water mark, grown by each row in turn (rows run smallest first).
+//! read back as imacri's start reads it (its index of where entries lie
+//! made), read as a Quote reads it for one pod, from a verifier's
+//! checkpoint (incremental: at the index's offsets, and from the whole
+//! file as when the log was changed outside imacri) and from the first
+//! entry (whole), and as a verifier without a checkpoint reads it in pages;
+//! and the verifier's cost of building its checkpoint from those pages.
+//! Peak memory is the process's high-water mark, grown by each row in turn
+//! (rows run smallest first).
 //! Run: `make bench` (or `target/release/bench_evidence`).
 
 use anyhow::{Context, Result};
-use imacri_runtime::integrity::journal::{view, Epoch};
+use imacri_runtime::integrity::journal::{view, Epoch, Journal};
 use imacri_runtime::integrity::log::{Entry, Event};
 use imacri_runtime::integrity::verify::Checkpoint;
 use std::io::Write;
@@ -18,6 +21,8 @@ use std::time::{Duration, Instant};
 const ENTRIES: u32 = 200_000;
 const PER_POD: u32 = 40;
 const PAGE: usize = 10_000;
+/// Pods that still exist (the rest of the epoch's were removed).
+const LIVE: u32 = 100;
 
 /// The process's peak resident memory so far, KiB.
 fn hwm() -> Result<u64> {
@@ -72,7 +77,7 @@ fn row<T>(n: usize, mut f: impl FnMut() -> Result<T>) -> Result<(Duration, u64, 
 
 /// A verifier without a checkpoint: every page asked for (the node's
 /// time) and taken into a checkpoint (the verifier's), page by page.
-fn from_pages(path: &Path, len: u64) -> Result<(Duration, Duration, Checkpoint)> {
+fn from_pages(j: &Journal, path: &Path) -> Result<(Duration, Duration, Checkpoint)> {
     let epoch = Epoch {
         reset_count: Some(1),
         ..Default::default()
@@ -81,7 +86,8 @@ fn from_pages(path: &Path, len: u64) -> Result<(Duration, Duration, Checkpoint)>
     let (mut node, mut verifier) = (Duration::ZERO, Duration::ZERO);
     loop {
         let t = Instant::now();
-        let (page, more) = view::page(path, len, cp.entries, PAGE)?;
+        let (len, start) = j.page_start(cp.entries)?;
+        let (page, more) = view::page(path, len, cp.entries, PAGE, start)?;
         node += t.elapsed();
         let t = Instant::now();
         for l in &page {
@@ -96,18 +102,57 @@ fn from_pages(path: &Path, len: u64) -> Result<(Duration, Duration, Checkpoint)>
 
 fn main() -> Result<()> {
     let dir = tempfile::tempdir_in("/var/tmp")?;
-    let path = dir.path().join("measurements.log");
+    let path = Journal::log_path(dir.path());
     let len = write_log(&path)?;
     // The last pod's, checked up to its last 40 entries' start.
     let last = pod(ENTRIES - 1);
     let from = u64::from(ENTRIES - PER_POD);
     println!(
-        "evidence of one pod from a log of {ENTRIES} entries ({} MB), {PER_POD} entries a pod:",
+        "evidence of one pod from a log of {ENTRIES} entries ({} MB), {PER_POD} entries a pod, {LIVE} pods alive:",
         len >> 20
     );
     println!(
-        "{:<44} {:>10} {:>12} {:>9}",
+        "{:<50} {:>10} {:>12} {:>9}",
         "", "median", "peak +MiB", "entries"
+    );
+    let print = |what: &str, t: Duration, mem: u64, n: usize| {
+        println!(
+            "{what:<50} {:>8.1}ms {:>12.1} {n:>9}",
+            t.as_secs_f64() * 1e3,
+            mem as f64 / 1024.0
+        )
+    };
+    let first_live = pod(ENTRIES - LIVE * PER_POD);
+    let (t, mem, j) = row(1, || {
+        Ok(Journal::open_keeping(dir.path(), 15, None, &|p| {
+            p >= first_live.as_str()
+        })?)
+    })?;
+    print(
+        "node: log read back at start (index made)",
+        t,
+        mem,
+        ENTRIES as usize,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let snap = rt.block_on(j.snapshot(vec![], &last, from))?;
+    let located = snap.located.context("the index located nothing")?;
+    let (t, mem, v) = row(21, || {
+        let snap = rt.block_on(j.snapshot(vec![], &last, from))?;
+        Ok(view::pod_view(
+            &path,
+            snap.log_len,
+            &last,
+            from,
+            view::EVIDENCE_BUDGET,
+            snap.located.as_ref(),
+        )?)
+    })?;
+    print(
+        "node: Quote from a checkpoint (incremental)",
+        t,
+        mem,
+        v.log.len() + v.pod_log.len(),
     );
     let (t, mem, v) = row(5, || {
         Ok(view::pod_view(
@@ -116,22 +161,16 @@ fn main() -> Result<()> {
             &last,
             from,
             view::EVIDENCE_BUDGET,
+            None,
         )?)
     })?;
-    let print = |what: &str, t: Duration, mem: u64, n: usize| {
-        println!(
-            "{what:<44} {:>8.1}ms {:>12.1} {n:>9}",
-            t.as_secs_f64() * 1e3,
-            mem as f64 / 1024.0
-        )
-    };
     print(
-        "node: Quote from a checkpoint (incremental)",
+        "node: the same, log changed outside imacri",
         t,
         mem,
         v.log.len() + v.pod_log.len(),
     );
-    let (_, mem, (node, verifier, cp)) = row(1, || from_pages(&path, len))?;
+    let (_, mem, (node, verifier, cp)) = row(1, || from_pages(&j, &path))?;
     let n = cp.entries as usize;
     print(
         &format!("node: GetLogPage, every page of {PAGE}"),
@@ -145,8 +184,16 @@ fn main() -> Result<()> {
         mem,
         n,
     );
+    let whole = Some(&located);
     let (t, mem, v) = row(2, || {
-        Ok(view::pod_view(&path, len, &last, 0, view::EVIDENCE_BUDGET)?)
+        Ok(view::pod_view(
+            &path,
+            len,
+            &last,
+            0,
+            view::EVIDENCE_BUDGET,
+            whole,
+        )?)
     })?;
     print(
         "node: Quote of the whole log",

@@ -30,10 +30,13 @@ use std::sync::{Arc, Mutex};
 use super::appender::{AppendError, Appender};
 use super::log::{Entry, Event};
 use super::podlogs::PodLogs;
+use index::LogIndex;
 
+mod index;
 mod reopen;
 pub mod view;
 use super::tpm::{Quote, Tpm, TpmError};
+pub use index::Located;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -99,6 +102,8 @@ pub struct PodSummary {
 pub struct Snapshot {
     pub log_path: PathBuf,
     pub log_len: u64,
+    /// Where the pod's view lies in it (None: read all of it).
+    pub located: Option<Located>,
     pub epoch: Epoch,
     pub pcr: u32,
     /// None: no TPM ("unanchored").
@@ -110,6 +115,7 @@ struct Inner {
     file: std::fs::File,
     pods: HashMap<String, PodSummary>,
     count: u64,
+    index: LogIndex,
 }
 
 /// Entries one pod may add to the node log before new accesses are refused
@@ -275,16 +281,22 @@ impl Journal {
             serde_json::to_vec_pretty(&epoch).unwrap_or_default(),
         )
         .map_err(io("writing", &epoch_path))?;
-        let file = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .open(&log_path)
             .map_err(io("opening", &log_path))?;
+        if read.unterminated {
+            // The next entry would join the last line.
+            file.write_all(b"\n")
+                .map_err(io("appending to", &log_path))?;
+        }
         let sync_file = file.try_clone().map_err(io("opening", &log_path))?;
         let inner = Arc::new(Mutex::new(Inner {
             file,
             pods: read.pods,
             count: read.count,
+            index: read.index,
         }));
         let pod_logs = Arc::new(pod_logs);
         let writer = Self::writer(
@@ -336,8 +348,12 @@ impl Journal {
                         .file
                         .write_all(a.line.as_bytes())
                         .map_err(|e| failed("appending to", e))?;
-                    // A removed pod's late entry makes no summary again.
-                    if !pod_logs.is_forgotten(&a.entry.pod) {
+                    // A removed pod's late entry makes no summary (or
+                    // offsets) again.
+                    let kept = !pod_logs.is_forgotten(&a.entry.pod);
+                    let pod = kept.then_some(a.entry.pod.as_str());
+                    inner.index.add(a.line.len() as u64, pod);
+                    if kept {
                         inner.note(&a.entry, a.violation);
                     }
                     if let Some(t) = &tpm {
@@ -386,6 +402,7 @@ impl Journal {
         self.pod_logs.forget(pod);
         if let Ok(mut inner) = self.inner.lock() {
             inner.pods.remove(pod);
+            inner.index.forget(pod);
         }
     }
 
@@ -511,39 +528,42 @@ impl Journal {
         self.epoch.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
-    /// The stored log's length: whole entries (the writer writes whole
-    /// lines under the lock taken here).
-    pub fn log_len(&self) -> JResult<u64> {
-        let inner = self
-            .inner
+    /// The stored log's length (whole entries: the writer writes whole
+    /// lines under the lock taken here) and a line at or before `from`
+    /// with its offset, for a page from `from`.
+    pub fn page_start(&self, from: u64) -> JResult<(u64, (u64, u64))> {
+        let mut inner = self.lock()?;
+        let len = self.stored_len(&inner)?;
+        let start = inner.index.mark(len, from).unwrap_or((0, 0));
+        Ok((len, start))
+    }
+
+    fn lock(&self) -> JResult<std::sync::MutexGuard<'_, Inner>> {
+        self.inner
             .lock()
-            .map_err(|_| JournalError::Poisoned("lock poisoned"))?;
+            .map_err(|_| JournalError::Poisoned("lock poisoned"))
+    }
+
+    fn stored_len(&self, inner: &Inner) -> JResult<u64> {
         let path = Self::log_path(&self.dir);
         Ok(inner.file.metadata().map_err(io("reading", &path))?.len())
     }
 
     /// The stored log's length and, with a TPM, a quote over exactly that
-    /// much of it. The log is read from disk afterwards (what a node admin
-    /// or attacker could edit is what the verifier replays): only its
-    /// length is taken under the writer's lock (it was read whole there,
-    /// stalling every new entry on the node ~35 ms per quote of a 64 MB
-    /// log).
-    pub async fn snapshot(&self, nonce: Vec<u8>) -> JResult<Snapshot> {
+    /// much of it; where `pod`'s view from line `from` lies in it. The log
+    /// is read from disk afterwards (what a node admin or attacker could
+    /// edit is what the verifier replays): only its length and offsets are
+    /// taken under the writer's lock (it was read whole there, stalling
+    /// every new entry on the node ~35 ms per quote of a 64 MB log).
+    pub async fn snapshot(&self, nonce: Vec<u8>, pod: &str, from: u64) -> JResult<Snapshot> {
         let log_path = Self::log_path(&self.dir);
-        let (log_len, pending) = {
-            let inner = self
-                .inner
-                .lock()
-                .map_err(|_| JournalError::Poisoned("lock poisoned"))?;
-            // The writer writes whole lines under this lock.
-            let len = inner
-                .file
-                .metadata()
-                .map_err(io("reading", &log_path))?
-                .len();
+        let (log_len, located, pending) = {
+            let mut inner = self.lock()?;
+            let len = self.stored_len(&inner)?;
+            let located = inner.index.locate(len, pod, from);
             // Queued under the lock: after this log's extends, before later ones.
             let pending = self.tpm.as_ref().map(|t| t.quote_request(nonce));
-            (len, pending)
+            (len, located, pending)
         };
         let quote = match pending {
             Some(rx) => Some(rx.await.map_err(|_| TpmError::Gone)??),
@@ -552,6 +572,7 @@ impl Journal {
         Ok(Snapshot {
             log_path,
             log_len,
+            located,
             epoch: self.epoch(),
             pcr: self.pcr,
             quote,

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use super::super::log::{self, Entry};
 use super::super::podlogs::PodLogs;
+use super::index::LogIndex;
 use super::PodSummary;
 
 /// What the log holds, as far as the journal needs to know at start.
@@ -22,6 +23,10 @@ pub(super) struct ReadBack {
     pub(super) pods: HashMap<String, PodSummary>,
     /// Entries read.
     pub(super) count: u64,
+    /// Where they lie (the kept pods' entries).
+    pub(super) index: LogIndex,
+    /// The last line has no newline.
+    pub(super) unterminated: bool,
     /// With a PCR to read against: the entries after the last point whose
     /// replay equals it (template hash, pod, container), which the TPM has
     /// not seen; None when no point of the log replays to it.
@@ -61,13 +66,35 @@ pub(super) fn read_back(
         }
         Err(e) => return Err(e.into()),
     };
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut buf = Vec::new();
+    for i in 0.. {
+        buf.clear();
+        let mut bytes = reader.read_until(b'\n', &mut buf)? as u64;
+        if bytes == 0 {
+            break;
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+        } else {
+            // Written without its newline (a crash mid-write): the journal
+            // ends it before the next entry, which would join it.
+            out.unterminated = true;
+            bytes += 1;
+        }
+        // As `lines()` reads them (and so does the view).
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        let line = std::str::from_utf8(&buf)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
         if line.is_empty() {
+            out.index.add(bytes, None);
             continue;
         }
         let e =
-            Entry::parse(&line).map_err(|error| ReadBackError::Corrupt { line: i + 1, error })?;
+            Entry::parse(line).map_err(|error| ReadBackError::Corrupt { line: i + 1, error })?;
+        out.index.add(bytes, keep(&e.pod).then_some(e.pod.as_str()));
         out.count += 1;
         if let (Some(pcr), Some(tail)) = (pcr, out.unextended.as_mut()) {
             running = log::extend(&running, &e.template_hash);
