@@ -649,6 +649,20 @@ int main(int argc, char **argv) {
         if (p == MAP_FAILED || mprotect(p, 4096, PROT_READ|PROT_EXEC)) return fail(m);
         return ran(m, p);
     }
+    if (!strcmp(m, "secret-mmap") || !strcmp(m, "secret-mprotect")) {
+        /* Secret memory (memfd_secret): a file no other process, and not
+           the kernel's own readers, can read, so nothing could hash it.
+           The kernel mounts it noexec: refused everywhere, pod or not. */
+        int fd = syscall(SYS_memfd_secret, 0);
+        if (fd < 0 || ftruncate(fd, 4096)) return fail(m);
+        unsigned char *w = mmap(0, 4096, PROT_READ|PROT_WRITE, MAP_SHARED, fd, 0);
+        if (w == MAP_FAILED) return fail(m);
+        memcpy(w, code, sizeof code);
+        if (!strcmp(m, "secret-mprotect"))
+            return mprotect(w, 4096, PROT_READ|PROT_EXEC) ? fail(m) : ran(m, w);
+        void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_SHARED, fd, 0);
+        return p == MAP_FAILED ? fail(m) : ran(m, p);
+    }
     if (!strcmp(m, "worker-mprotect")) {
         /* A file's mapping made executable by a worker thread. */
         int w = open("/tmp/wprot.bin", O_RDWR|O_CREAT|O_TRUNC, 0644);

@@ -39,6 +39,21 @@ const MAPPINGS: [&str; 12] = [
 /// process's own answering CONTINUE first.
 const AROUND_THE_GUARD: [&str; 2] = ["compat-mprotect", "own-listener"];
 
+/// Secret memory (`memfd_secret`): nothing but its mapper can read it, so
+/// nothing could measure it; the kernel mounts it noexec, so it runs in no
+/// pod (the control included), measured or not.
+async fn secret_memory_never_runs(rt: &mut imacri_integration::client::Rt, c: &str) {
+    for m in ["secret-mmap", "secret-mprotect"] {
+        let (code, out, err) = exec_sh(rt, c, &format!("escape {m}")).await;
+        assert_ne!(code, 0, "{m}: {out}{err}");
+        assert!(!out.contains("RAN"), "{m}: {out}{err}");
+        assert!(
+            out.contains("Operation not permitted") || out.contains("Permission denied"),
+            "{m}: {out}{err}"
+        );
+    }
+}
+
 /// In an ima pod neither gets a call past the guard: a foreign
 /// architecture's call is not allowed at all, and the kernel gives no
 /// second listener to a task whose filters already have one.
@@ -94,6 +109,7 @@ async fn executable_mappings_are_measured_or_refused() {
     // So can a process sharing only the address space run what is swapped in.
     let (_, out, err) = exec_sh(&mut rt, &c, "escape uring-vm-swap 400").await;
     assert!(out.contains("RAN uring-vm-swap"), "control: {out}{err}");
+    secret_memory_never_runs(&mut rt, &c).await;
     stop_pod(&mut rt, &pod).await;
 
     // Measure mode, without a seccomp profile and with RuntimeDefault: what
@@ -129,6 +145,7 @@ async fn executable_mappings_are_measured_or_refused() {
         }
         around_the_guard_fails(&mut rt, c).await;
         uring_maps_as_any(&mut rt, c, &a).await;
+        secret_memory_never_runs(&mut rt, c).await;
         // A dynamic program: the loader is an execution, libc a mapping.
         assert_eq!(sh_ok(&mut rt, c, "hello").await, "hello dynamic");
         // A program run through an fd another process passed over a unix
@@ -205,6 +222,7 @@ async fn executable_mappings_are_measured_or_refused() {
         assert!(out.contains("MAPPED worker-mmap"), "{out}{err}");
         around_the_guard_fails(&mut rt, c).await;
         uring_maps_as_any(&mut rt, c, &a).await;
+        secret_memory_never_runs(&mut rt, c).await;
         for m in MAPPINGS {
             let (code, out, err) = exec_sh(&mut rt, c, &format!("escape {m}")).await;
             assert_ne!(code, 0, "{m} ran under enforce: {out}{err}");
