@@ -55,6 +55,7 @@ pub fn to_proto(e: Evidence) -> pb::Evidence {
         log: e.log,
         log_start: e.log_start,
         pod_log: e.pod_log,
+        pod_log_start: e.pod_log_start,
         quote: e.quote.map(|q| pb::Quote {
             attest: q.attest,
             signature_r: q.signature_r,
@@ -76,6 +77,7 @@ pub fn from_proto(e: pb::Evidence) -> Evidence {
         log: e.log,
         log_start: e.log_start,
         pod_log: e.pod_log,
+        pod_log_start: e.pod_log_start,
         quote: e.quote.map(|q| QuoteEvidence {
             attest: q.attest,
             signature_r: q.signature_r,
@@ -124,6 +126,7 @@ mod tests {
             log: vec!["a".into()],
             log_start: 7,
             pod_log: vec![],
+            pod_log_start: 2,
             quote: Some(QuoteEvidence {
                 attest: vec![1],
                 signature_r: vec![2],

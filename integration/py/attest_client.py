@@ -1,7 +1,7 @@
 """An attestation client on Python grpcio, against imacri's verifier socket:
 enrollment data, a refused credential, no CRI there, and with a POD,
-evidence from the first entry and from a checkpoint (incremental), and a
-page of the log.
+evidence from the first entry, from a checkpoint (incremental) and from
+the pod's first entries appraised, and a page of the log.
 
 Usage: attest_client.py SOCKET [POD]. Prints one line per call and "ok";
 exits 1 naming the call that failed.
@@ -19,17 +19,20 @@ def varints(msg):
     return {num: v for num, v in fields(msg) if isinstance(v, int)}
 
 
-def quote(ch, pod, from_entry=0, from_epoch=0):
+def quote(ch, pod, from_entry=0, from_epoch=0, pod_from=0):
     """Evidence (QuoteResponse field 1) for POD: its fields and varints."""
     req = field(1, pod) + field(2, os.urandom(16))
     if from_entry:
         req += varint(3 << 3) + varint(from_entry) + varint(4 << 3) + varint(from_epoch)
+    if pod_from:
+        req += varint(5 << 3) + varint(pod_from)
     ev = strings(call(ch, "/imacri.attestation.v1.Attestation/Quote", req))[1][0]
     return strings(ev), varints(ev)
 
 
 def incremental(ch, pod):
-    # Evidence: 5 epoch (3 started_at), 7 log, 8 pod_log, 9 quote, 11 log_start
+    # Evidence: 5 epoch (3 started_at), 7 log, 8 pod_log, 9 quote,
+    # 11 log_start, 12 pod_log_start
     ev, num = quote(ch, pod)
     n, started = len(ev[7]), varints(ev[5][0]).get(3, 0)
     if num.get(11, 0) != 0 or n == 0 or 9 not in ev:
@@ -40,6 +43,17 @@ def incremental(ch, pod):
     if inum.get(11) != n or carried >= n or len(inc[8]) != len(ev[8]):
         print(f"Quote from {n}: log_start {inum.get(11)}, {carried} entries, "
               f"{len(inc[8])} of the pod's (was {len(ev[8])})", file=sys.stderr)
+        sys.exit(1)
+    # The pod's first entry appraised: left out of pod_log.
+    own, onum = quote(ch, pod, n, started, 1)
+    if onum.get(12) != 1 or len(own.get(8, [])) != len(ev[8]) - 1 or own.get(8, [])[:1] != ev[8][1:2]:
+        print(f"Quote from the pod's entry 1: pod_log_start {onum.get(12)}, "
+              f"{len(own.get(8, []))} of the pod's (was {len(ev[8])})", file=sys.stderr)
+        sys.exit(1)
+    # Without a checkpoint, no entry of the pod is left out.
+    _, wnum = quote(ch, pod, 0, started, 1)
+    if wnum.get(12, 0) != 0:
+        print(f"Quote from the pod's entry 1 alone: pod_log_start {wnum.get(12)}", file=sys.stderr)
         sys.exit(1)
     # Another epoch's checkpoint: the whole log again.
     again, anum = quote(ch, pod, n, started + 1)

@@ -1189,6 +1189,10 @@ async fn incremental_evidence_carries_only_what_follows_the_checkpoint() {
         .as_u64()
         .unwrap();
     assert!(kept > first["pod_entries"].as_u64().unwrap(), "{book:#}");
+    // And what it concluded of them (the violation among it).
+    let appraisal = &seen["checkpoint"]["pods"][&pod]["appraisal"];
+    assert_eq!(appraisal["entries"], kept, "{book:#}");
+    assert_eq!(appraisal["violations"], first["violations"], "{book:#}");
 
     // Another pod's entries follow.
     let other_cfg = ima_pod("incremental-other", None);
@@ -1206,14 +1210,18 @@ async fn incremental_evidence_carries_only_what_follows_the_checkpoint() {
     assert_eq!(next["log_start"], checked, "only what follows: {next:#}");
     assert!(next["log_entries"].as_u64().unwrap() > checked, "{next:#}");
     assert_eq!(next["violations"], first["violations"], "{next:#}");
+    // The pod's entries it appraised were not sent again.
+    assert_eq!(next["pod_log_start"], kept, "{next:#}");
     // The other pod, whose earlier entries this verifier saw redacted.
     let (code, theirs, err) = verify(&d, &other, &golden, &ak, &keep);
     assert_eq!(code, 0, "{theirs:#}\n{err}");
     assert_eq!(theirs["log_start"], next["log_entries"], "{theirs:#}");
 
     // The node rewrites the pod's checked violation into an allowed,
-    // self-consistent entry: full evidence fails its replay, incremental
-    // evidence the pod's kept hash.
+    // self-consistent entry: a verifier that kept its appraisal still
+    // reports the violation (those entries are no longer sent); one
+    // appraising under other options gets them whole and finds them
+    // changed (the pod's kept hash); full evidence fails its replay.
     let log_path = d.root.join("integrity/measurements.log");
     let original = std::fs::read_to_string(&log_path).unwrap();
     let bad = original
@@ -1232,9 +1240,15 @@ async fn incremental_evidence_carries_only_what_follows_the_checkpoint() {
     // Until then evidence was read where imacri's index says entries lie.
     assert!(!d.log().contains("changed outside imacri"), "{}", d.log());
     std::fs::write(&log_path, original.replacen(bad, &clean.to_string(), 1)).unwrap();
-    let (code, report, _) = verify(&d, &pod, &golden, &ak, &keep);
+    let (code, report, err) = verify(&d, &pod, &golden, &ak, &keep);
     // Its length is not what imacri wrote: the index is no longer trusted.
     assert!(d.log().contains("changed outside imacri"), "{}", d.log());
+    assert_eq!(code, 1, "{report:#}\n{err}");
+    assert_eq!(report["violations"], first["violations"], "{report:#}");
+    let mut other_options = keep.to_vec();
+    other_options.push("--allow-gaps");
+    let (code, report, _) = verify(&d, &pod, &golden, &ak, &other_options);
+    assert_eq!(report["pod_log_start"], 0, "{report:#}");
     assert_eq!(code, 2, "{report:#}");
     assert!(
         report["errors"]

@@ -14,7 +14,7 @@ use imacri_runtime::integrity::verify::{
 use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
 
-use super::{client, fetch, rpc, Target, Trust};
+use super::{client, fetch, rpc, Since, Target, Trust};
 
 /// A verifier's inputs, loaded once (for `watch`, once for every round).
 pub(super) struct Checker {
@@ -75,7 +75,17 @@ impl Checker {
                 Err(m) => return Ok(Err(m)),
             },
         };
-        let since = pages.as_ref().or(kept).map(Checkpoint::since);
+        // The pod's first entries this verifier appraised under its
+        // policy and options are left out (not from pages: unappraised).
+        let under = verify::appraisal_key(&self.expectations(pod, nonce, None));
+        let since = pages.as_ref().or(kept).map(|cp| {
+            let (entry, epoch) = cp.since();
+            Since {
+                entry,
+                epoch,
+                pod_entry: cp.appraised_entries(pod, &under),
+            }
+        });
         Ok(Ok((fetch(c, pod, nonce.to_vec(), since).await?, pages)))
     }
 
@@ -105,20 +115,7 @@ impl Checker {
         pages: Option<&Checkpoint>,
     ) -> Report {
         let ak = self.ak.as_deref();
-        let mut r = verify::verify(
-            ev,
-            &Expectations {
-                pod_sandbox_id: pod,
-                nonce,
-                ak_pem: ak,
-                policy: &self.policy,
-                allow_unanchored: self.allow_unanchored,
-                allow_gaps: self.allow_gaps,
-                require_no_anonymous_exec: self.require_no_anonymous_exec,
-                last_seen: self.book.last(ak),
-                checkpoint: pages.or(self.book.checkpoint(ak)),
-            },
-        );
+        let mut r = verify::verify(ev, &self.expectations(pod, nonce, pages));
         if ev.anchored && ak.is_none() {
             r.errors
                 .push("no --node given: the evidence's own key proves nothing; enroll the node with `imacri attest enroll`".into());
@@ -126,6 +123,30 @@ impl Checker {
         }
         self.book.advance(ak, &r);
         r
+    }
+}
+
+impl Checker {
+    /// What evidence for `pod` answering `nonce` must show, continuing
+    /// `pages` (a checkpoint built from the log's pages) or the one kept.
+    fn expectations<'a>(
+        &'a self,
+        pod: &'a str,
+        nonce: &'a [u8],
+        pages: Option<&'a Checkpoint>,
+    ) -> Expectations<'a> {
+        let ak = self.ak.as_deref();
+        Expectations {
+            pod_sandbox_id: pod,
+            nonce,
+            ak_pem: ak,
+            policy: &self.policy,
+            allow_unanchored: self.allow_unanchored,
+            allow_gaps: self.allow_gaps,
+            require_no_anonymous_exec: self.require_no_anonymous_exec,
+            last_seen: self.book.last(ak),
+            checkpoint: pages.or(self.book.checkpoint(ak)),
+        }
     }
 }
 

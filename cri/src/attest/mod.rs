@@ -88,6 +88,11 @@ pub enum AttestCmd {
         from_entry: Option<u64>,
         #[arg(long, requires = "from_entry")]
         from_epoch: Option<i64>,
+        /// With --from-entry: leave out the pod's first N entries (those
+        /// the verifier appraised: its checkpoint's
+        /// `pods.<pod>.appraisal.entries`).
+        #[arg(long, requires = "from_entry", default_value_t = 0)]
+        pod_from_entry: u64,
     },
     /// Verify a pod. Prints a JSON report; exit 0 trusted, 1 violations,
     /// 2 evidence invalid, tampered or unavailable.
@@ -322,12 +327,17 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
             out,
             from_entry,
             from_epoch,
+            pod_from_entry,
         } => {
             let nonce = match nonce {
                 Some(h) => hex::decode(&h).context("--nonce must be hex")?,
                 None => rand::random::<[u8; 32]>().to_vec(),
             };
-            let since = from_entry.zip(from_epoch);
+            let since = from_entry.zip(from_epoch).map(|(entry, epoch)| Since {
+                entry,
+                epoch,
+                pod_entry: pod_from_entry,
+            });
             let ev = fetch(&mut client(socket).await?, &pod, nonce, since).await?;
             write_or_print(out.as_deref(), &(serde_json::to_string_pretty(&ev)? + "\n"))?;
             Ok(0)
@@ -364,21 +374,31 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
     }
 }
 
-/// Evidence for `pod` answering `nonce`, from entry `since` (entry,
-/// epoch) of the node's log when the verifier checked the log before it.
+/// Where a verifier's checkpoint ends: the node's log entries it
+/// checked, their epoch, and the pod's entries it appraised.
+#[derive(Debug, Clone, Copy, Default)]
+struct Since {
+    entry: u64,
+    epoch: i64,
+    pod_entry: u64,
+}
+
+/// Evidence for `pod` answering `nonce`, from where `since` says the
+/// verifier checked the node's log before.
 async fn fetch(
     c: &mut AttestationClient<Channel>,
     pod: &str,
     nonce: Vec<u8>,
-    since: Option<(u64, i64)>,
+    since: Option<Since>,
 ) -> Result<Evidence> {
-    let (from_entry, from_epoch) = since.unwrap_or_default();
+    let since = since.unwrap_or_default();
     let ev = c
         .quote(pb::QuoteRequest {
             pod_sandbox_id: pod.to_string(),
             nonce,
-            from_entry,
-            from_epoch,
+            from_entry: since.entry,
+            from_epoch: since.epoch,
+            pod_from_entry: since.pod_entry,
         })
         .await
         .map_err(|s| rpc(&format!("Quote({pod})"), s))?

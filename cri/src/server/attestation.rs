@@ -75,9 +75,9 @@ impl CriServer {
         let journal = &self.integrity.journal;
         // A checkpoint of another epoch (the node rebooted) is no start
         // (an epoch's start time never changes while imacri runs).
-        let from = match req.from_epoch == journal.epoch().started_at {
-            true => req.from_entry,
-            false => 0,
+        let (from, pod_from) = match req.from_epoch == journal.epoch().started_at {
+            true if req.from_entry > 0 => (req.from_entry, req.pod_from_entry),
+            _ => (0, 0),
         };
         let snap = journal
             .snapshot(req.nonce.clone(), &id, from)
@@ -91,7 +91,7 @@ impl CriServer {
         let located = snap.located.clone();
         let budget = view::EVIDENCE_BUDGET;
         let view = tokio::task::spawn_blocking(move || {
-            view::pod_view(&path, len, &pod, from, budget, located.as_ref())
+            view::pod_view(&path, len, &pod, (from, pod_from), budget, located.as_ref())
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))?
@@ -106,6 +106,7 @@ impl CriServer {
             log: view.log,
             log_start: view.log_start,
             pod_log: view.pod_log,
+            pod_log_start: view.pod_log_start,
             quote: snap.quote.map(|q| QuoteEvidence {
                 attest: q.attest,
                 signature_r: q.signature_r,

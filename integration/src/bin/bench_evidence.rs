@@ -143,7 +143,7 @@ fn main() -> Result<()> {
             &path,
             snap.log_len,
             &last,
-            from,
+            (from, 0),
             view::EVIDENCE_BUDGET,
             snap.located.as_ref(),
         )?)
@@ -159,7 +159,7 @@ fn main() -> Result<()> {
             &path,
             len,
             &last,
-            from,
+            (from, 0),
             view::EVIDENCE_BUDGET,
             None,
         )?)
@@ -190,7 +190,7 @@ fn main() -> Result<()> {
             &path,
             len,
             &last,
-            0,
+            (0, 0),
             view::EVIDENCE_BUDGET,
             whole,
         )?)

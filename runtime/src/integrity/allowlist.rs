@@ -41,7 +41,7 @@ fn one() -> u32 {
 }
 
 /// Why an entry is not allowed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Violation {
     pub path: String,
     pub digest: String,

@@ -4,6 +4,7 @@
 //! node that lies would send it.
 
 use super::*;
+use crate::integrity::log::Event;
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 use sha2::{Digest, Sha256};
@@ -106,6 +107,7 @@ impl Node {
                 .filter(|e| e.pod == pod)
                 .map(|e| e.to_string())
                 .collect(),
+            pod_log_start: 0,
             quote: Some(QuoteEvidence {
                 attest,
                 signature_r: r.to_vec(),
@@ -412,4 +414,114 @@ fn pages_that_are_not_the_quoted_log_are_invalid() {
         check(&node, &ev, "p", &p, Some(&cp)).verdict,
         Verdict::Violations
     );
+}
+
+/// Evidence leaving out the pod's first `skip` entries, as a node answers
+/// a verifier that kept their appraisal.
+fn skipping(node: &mut Node, pod: &str, from: usize, skip: usize) -> Evidence {
+    let mut ev = node.evidence(pod, NONCE, from);
+    ev.pod_log.drain(..skip);
+    ev.pod_log_start = skip as u64;
+    ev
+}
+
+fn key_of(p: &Allowlist) -> [u8; 32] {
+    appraise::key(&Expectations {
+        pod_sandbox_id: "",
+        nonce: &[],
+        ak_pem: None,
+        policy: p,
+        allow_unanchored: false,
+        allow_gaps: false,
+        require_no_anonymous_exec: false,
+        last_seen: None,
+        checkpoint: None,
+    })
+}
+
+#[test]
+fn a_kept_appraisal_spares_the_pods_earlier_entries() {
+    let p = policy();
+    let (mut node, cp) = checked_node(&p);
+    // "q" had a violation the verifier found when it saw q's entries (and
+    // p's, redacted).
+    let ev = node.evidence("q", NONCE, 5);
+    let r = check(&node, &ev, "q", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    let cp = r.checkpoint.unwrap();
+    assert_eq!(cp.appraised_entries("q", &key_of(&p)), 3);
+    assert_eq!(cp.appraised_entries("p", &key_of(&p)), 2);
+    node.add(1, "/bin/sh", "q", "d", Event::Exec);
+    node.add(1, "/bin/sh", "p", "c", Event::Exec);
+    // q's evidence with only its new entry: the kept violation is still
+    // reported, and the checkpoint is the one full evidence gives.
+    let ev = skipping(&mut node, "q", 5, 3);
+    assert_eq!(ev.pod_log.len(), 1);
+    let r = check(&node, &ev, "q", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    assert_eq!(r.violations.len(), 1, "{r:?}");
+    assert_eq!(r.violations[0].path, "/their/secret");
+    assert_eq!((r.pod_entries, r.pod_log_start), (3, 3));
+    let whole = node.evidence("q", NONCE, 5);
+    let full = check(&node, &whole, "q", &p, Some(&cp));
+    assert_eq!(r.checkpoint, full.checkpoint);
+    let cp2 = r.checkpoint.unwrap();
+    // p's appraisal covers its first 2 entries, the checkpoint 3 of them
+    // (one seen redacted in q's evidence): that one comes whole.
+    assert_eq!(cp2.pods["p"].entries, 3);
+    let ev = skipping(&mut node, "p", 7, 2);
+    assert_eq!(ev.pod_log.len(), 1);
+    let r = check(&node, &ev, "p", &p, Some(&cp2));
+    assert_eq!(r.verdict, Verdict::Trusted, "{r:?}");
+    assert_eq!(r.pod_entries, 2);
+    assert_eq!(r.checkpoint.unwrap().appraised_entries("p", &key_of(&p)), 3);
+}
+
+#[test]
+fn leaving_out_entries_the_verifier_did_not_appraise_is_invalid() {
+    let p = policy();
+    let (mut node, cp) = checked_node(&p);
+    let ev = node.evidence("q", NONCE, 5);
+    let cp = check(&node, &ev, "q", &p, Some(&cp)).checkpoint.unwrap();
+    node.add(9, "/tmp/evil", "p", "c", Event::Exec);
+    // More left out than was appraised, or fewer.
+    let (more, fewer) = (
+        skipping(&mut node, "p", 5, 3),
+        skipping(&mut node, "p", 5, 1),
+    );
+    let honest = skipping(&mut node, "p", 5, 2);
+    let whole = node.evidence("p", NONCE, 5);
+    let invalid = |ev: &Evidence, p: &Allowlist, says: &str| {
+        let r = check(&node, ev, "p", p, Some(&cp));
+        assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
+        assert!(r.checkpoint.is_none(), "{r:?}");
+        assert!(r.errors.iter().any(|e| e.contains(says)), "{says}: {r:?}");
+    };
+    invalid(&more, &p, "kept no appraisal");
+    invalid(&fewer, &p, "kept no appraisal");
+    // Under another policy the kept appraisal does not count: a policy
+    // that revokes a digest sees the pod's whole history again.
+    let stricter = Allowlist::parse(r#"{"files": {}}"#).unwrap();
+    assert_eq!(cp.appraised_entries("p", &key_of(&stricter)), 0);
+    invalid(&honest, &stricter, "kept no appraisal");
+    let r = check(&node, &whole, "p", &stricter, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    assert!(r.violations.iter().any(|v| v.path == "/bin/sh"), "{r:?}");
+    // Another backend than the one appraised.
+    let mut ev = honest.clone();
+    ev.backend = "kernel".into();
+    invalid(&ev, &p, "kept no appraisal");
+    // The node leaves out the new entry of the pod, or one of its kept
+    // ones without saying so.
+    let mut ev = honest.clone();
+    ev.pod_log.clear();
+    invalid(&ev, &p, "differ from the log's entries");
+    let mut ev = whole.clone();
+    ev.pod_log.remove(0);
+    invalid(&ev, &p, "not those this verifier checked");
+    // Honest, the new violation is found.
+    let r = check(&node, &honest, "p", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    assert_eq!(r.violations.len(), 1, "{r:?}");
+    assert_eq!(r.violations[0].path, "/tmp/evil");
 }

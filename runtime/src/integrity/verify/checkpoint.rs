@@ -26,11 +26,12 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+use super::appraise::Appraisal;
 use super::Evidence;
 use crate::integrity::journal::Epoch;
 use crate::integrity::log::{self, Entry};
 
-mod hex32 {
+pub(super) mod hex32 {
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer>(b: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&hex::encode(b))
@@ -64,6 +65,11 @@ pub struct PodMark {
     /// Template hashes folded as a PCR folds them, from zero.
     #[serde(with = "hex32")]
     pub hash: [u8; 32],
+    /// What this verifier concluded of the pod's first entries when it
+    /// last verified the pod (it may have seen more of them redacted
+    /// since, in other pods' evidence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appraisal: Option<Appraisal>,
 }
 
 impl PodMark {
@@ -179,59 +185,132 @@ impl Checkpoint {
         cp.pcr = pcr;
         Some(cp)
     }
+
+    /// Keeps what the verifier concluded of `pod`'s entries (all those
+    /// before this checkpoint).
+    pub(super) fn appraised(mut self, pod: &str, a: Appraisal) -> Checkpoint {
+        let mark = self.pods.entry(pod.to_string()).or_default();
+        if mark.entries == a.entries && mark.hash == a.hash {
+            mark.appraisal = Some(a);
+        }
+        self
+    }
+
+    /// How many of `pod`'s first entries evidence may leave out for a
+    /// verifier appraising under `under` (it kept their appraisal).
+    pub fn appraised_entries(&self, pod: &str, under: &[u8; 32]) -> u64 {
+        self.pods
+            .get(pod)
+            .and_then(|m| m.appraisal.as_ref())
+            .filter(|a| a.under == *under)
+            .map_or(0, |a| a.entries)
+    }
+}
+
+/// Where the pod's entries the evidence carries begin, as kept.
+pub(super) struct Earlier {
+    /// What was concluded of the pod's entries the evidence leaves out.
+    pub(super) prior: Option<Appraisal>,
+    /// The pod's entries after those and before the checkpoint, parsed and
+    /// checked against the kept count and hash.
+    pub(super) entries: Vec<Entry>,
+    /// Lines of `pod_log` they took.
+    pub(super) taken: usize,
 }
 
 /// The pod's entries from before the checkpoint, as the evidence's
-/// `pod_log` begins: parsed, each checked, and together checked against the
-/// kept count and hash. Returns them and how many lines of `pod_log` they
-/// took.
+/// `pod_log` begins (from `pod_log_start`: the pod's first entries may be
+/// left out when this verifier kept its appraisal of them under `under`).
 pub(super) fn earlier(
     ev: &Evidence,
     pod: &str,
     base: Option<&Checkpoint>,
+    under: &[u8; 32],
     errors: &mut Vec<String>,
-) -> (Vec<Entry>, usize) {
+) -> Earlier {
     let mark = Checkpoint::pod(base, pod);
-    let Ok(k) = usize::try_from(mark.entries) else {
-        errors.push("the checkpoint's entry count does not fit this host".into());
-        return (Vec::new(), 0);
+    let none = |taken| Earlier {
+        prior: None,
+        entries: Vec::new(),
+        taken,
+    };
+    let s = ev.pod_log_start;
+    let prior = match s {
+        0 => None,
+        _ => {
+            let kept = mark.appraisal.as_ref().filter(|a| a.entries == s);
+            match kept {
+                Some(a) if a.under == *under && a.backend == ev.backend => Some(a.clone()),
+                _ => {
+                    errors.push(format!(
+                        "the evidence leaves out the pod's first {s} entries, but this verifier kept no appraisal of exactly those under this policy and these options: ask for all of them"
+                    ));
+                    return none(0);
+                }
+            }
+        }
+    };
+    let from = prior.as_ref().map_or_else(PodMark::default, |a| PodMark {
+        entries: a.entries,
+        hash: a.hash,
+        appraisal: None,
+    });
+    let n = ev.log_start;
+    let Some(k) = mark
+        .entries
+        .checked_sub(from.entries)
+        .and_then(|k| usize::try_from(k).ok())
+    else {
+        errors.push(format!(
+            "the evidence leaves out the pod's first {s} entries, but it had {} before log entry {n}",
+            mark.entries
+        ));
+        return none(0);
     };
     if k == 0 {
-        return (Vec::new(), 0);
+        return Earlier {
+            prior,
+            entries: Vec::new(),
+            taken: 0,
+        };
     }
-    let n = ev.log_start;
     if ev.pod_log.len() < k {
         errors.push(format!(
             "the evidence carries {} of the pod's entries, but the pod had {k} before log entry {n} when this verifier checked them: entries were withheld",
             ev.pod_log.len()
         ));
-        return (Vec::new(), ev.pod_log.len());
+        return none(ev.pod_log.len());
     }
-    let mut seen = PodMark::default();
+    let mut seen = from;
     let mut out = Vec::with_capacity(k);
     for (i, line) in ev.pod_log[..k].iter().enumerate() {
+        let at = s + i as u64 + 1;
         match Entry::parse(line) {
             Ok(e) if !e.is_consistent() || e.is_redacted() || e.pod != pod || e.pcr != ev.pcr => {
                 errors.push(format!(
-                    "the pod's entry {} (before log entry {n}) is not an entry of this pod as logged: the log was modified",
-                    i + 1
+                    "the pod's entry {at} (before log entry {n}) is not an entry of this pod as logged: the log was modified"
                 ));
-                return (Vec::new(), k);
+                return none(k);
             }
             Ok(e) => {
                 seen.add(&e);
                 out.push(e);
             }
             Err(m) => {
-                errors.push(format!("the pod's entry {}: {m}", i + 1));
-                return (Vec::new(), k);
+                errors.push(format!("the pod's entry {at}: {m}"));
+                return none(k);
             }
         }
     }
     if seen.hash != mark.hash {
         errors.push(format!(
-            "the pod's {k} entries before log entry {n} are not those this verifier checked: the log was modified"
+            "the pod's {} entries before log entry {n} are not those this verifier checked: the log was modified",
+            mark.entries
         ));
     }
-    (out, k)
+    Earlier {
+        prior,
+        entries: out,
+        taken: k,
+    }
 }

@@ -16,11 +16,13 @@ use serde::{Deserialize, Serialize};
 
 use super::allowlist::{Allowlist, Violation};
 use super::journal::Epoch;
-use super::log::{self, Entry, Event};
+use super::log::{self, Entry};
 
+mod appraise;
 mod checkpoint;
 mod quote;
 
+pub use appraise::{key as appraisal_key, Appraisal};
 pub use checkpoint::{Checkpoint, PodMark};
 use quote::check_quote;
 
@@ -66,8 +68,12 @@ pub struct Evidence {
     /// The index of `log`'s first entry in the epoch's log.
     #[serde(default)]
     pub log_start: u64,
-    /// The pod's own entries, all of the epoch's.
+    /// The pod's own entries of the epoch, from its `pod_log_start`th on
+    /// (the ones before it left out when the verifier kept its appraisal
+    /// of them).
     pub pod_log: Vec<String>,
+    #[serde(default)]
+    pub pod_log_start: u64,
     pub quote: Option<QuoteEvidence>,
     /// The AK as PEM SubjectPublicKeyInfo ("" when unanchored).
     pub ak_public_pem: String,
@@ -125,6 +131,9 @@ pub struct Report {
     /// The first log entry the evidence carried (the ones before it were
     /// checked in earlier evidence, see [`Checkpoint`]).
     pub log_start: u64,
+    /// The pod's first entry the evidence carried (the verifier kept its
+    /// appraisal of the ones before it, see [`Appraisal`]).
+    pub pod_log_start: u64,
     pub pod_entries: usize,
     /// Intervals in which the node was not measuring the pod (restarts).
     pub gaps: usize,
@@ -183,6 +192,7 @@ impl Report {
             reset_count: None,
             log_entries: 0,
             log_start: 0,
+            pod_log_start: 0,
             pod_entries: 0,
             gaps: 0,
             violations: Vec::new(),
@@ -267,119 +277,31 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
             }
         }
     }
-    // The pod's entries: those before the checkpoint (carried whole, held
-    // to the hash kept of them), then the log's for the pod.
-    let (earlier, taken) = checkpoint::earlier(ev, x.pod_sandbox_id, base, &mut errors);
+    // The pod's entries: those before the checkpoint (carried whole from
+    // the first the verifier kept no appraisal of, held to the hash kept of
+    // them), then the log's for the pod.
+    let under = appraise::key(x);
+    let earlier = checkpoint::earlier(ev, x.pod_sandbox_id, base, &under, &mut errors);
     let later: Vec<&Entry> = entries
         .iter()
         .filter(|e| e.pod == x.pod_sandbox_id)
         .collect();
     let later_lines: Vec<String> = later.iter().map(|e| e.to_string()).collect();
-    if later_lines.as_slice() != ev.pod_log.get(taken..).unwrap_or_default() {
+    if later_lines.as_slice() != ev.pod_log.get(earlier.taken..).unwrap_or_default() {
         errors.push("the pod's entries differ from the log's entries for the pod".into());
     }
-    let pod_entries: Vec<&Entry> = earlier.iter().chain(later).collect();
     if ev.backend.starts_with("none") {
         errors.push(format!(
             "the pod's backend is {:?}: nothing measured it, so its log proves nothing",
             ev.backend
         ));
     }
-    // The init each container's start entry declares (see `init::declared`):
-    // its execution with that digest is the node's own, whatever build the
-    // verifier is.
-    let declared: std::collections::HashMap<&str, &str> = pod_entries
-        .iter()
-        .filter(|e| e.event == Event::Start)
-        .filter_map(|e| Some((e.container.as_str(), super::init::declared(&e.path)?)))
-        .collect();
-    let own_init = |e: &Entry| {
-        e.path == super::init::PATH
-            && matches!(e.event, Event::Exec | Event::Mmap)
-            && declared.get(e.container.as_str()) == Some(&e.digest_hex().as_str())
-    };
-    let mut violations: Vec<Violation> = pod_entries
-        .iter()
-        .filter(|e| !own_init(e))
-        .filter_map(|e| x.policy.check(e))
-        .collect();
-    // Every container's measurements begin with its start entry (image and
-    // the moment marking began): without it nothing shows the container was
-    // measured from its first instruction.
-    let mut started = std::collections::HashSet::new();
-    for e in &pod_entries {
-        if e.event == Event::Start {
-            started.insert(e.container.as_str());
-        } else if started.insert(e.container.as_str()) {
-            violations.push(Violation {
-                path: e.path.clone(),
-                digest: e.digest_hex(),
-                container: e.container.clone(),
-                event: e.event,
-                reason: "the container's entries do not begin with a start entry: nothing shows \
-                         it was measured from its first instruction"
-                    .into(),
-            });
-        }
-    }
-    // Under the fanotify backend, a container's processes must have run
-    // through imacri's init (its start entry declares it): without it a
-    // file from another filesystem could have run unseen. The pause
-    // container (named by the pod's ID) runs only imacri's pause.
-    if ev.backend.starts_with("fanotify") {
-        violations.extend(
-            pod_entries
-                .iter()
-                .filter(|e| e.event == Event::Start && e.container != x.pod_sandbox_id)
-                .filter(|e| super::init::declared(&e.path).is_none())
-                .map(|e| Violation {
-                    path: e.path.clone(),
-                    digest: e.digest_hex(),
-                    container: e.container.clone(),
-                    event: Event::Start,
-                    reason: "the container did not run through imacri's init (created by an \
-                             imacri without it): files from other filesystems could run \
-                             unmeasured; recreate it"
-                        .into(),
-                }),
-        );
-    }
-    // Code that no file held (a JIT's, injected) leaves no entry: only the
-    // container's policy says whether any could run.
-    if x.require_no_anonymous_exec {
-        violations.extend(
-            pod_entries
-                .iter()
-                .filter(|e| e.event == Event::Start && e.container != x.pod_sandbox_id)
-                .filter(|e| !super::setting::AnonymousExec::denied_by(&e.path))
-                .map(|e| Violation {
-                    path: e.path.clone(),
-                    digest: e.digest_hex(),
-                    container: e.container.clone(),
-                    event: Event::Start,
-                    reason: "the container's policy allowed executable memory no file backs \
-                             (anonymous_exec = \"allow\"): code no entry shows could have run"
-                        .into(),
-                }),
-        );
-    }
-    // A pod is trusted only if it was measured all along.
-    if !x.allow_gaps {
-        violations.extend(
-            pod_entries
-                .iter()
-                .filter(|e| e.event == Event::Gap)
-                .map(|e| Violation {
-                    path: e.path.clone(),
-                    digest: String::new(),
-                    container: e.container.clone(),
-                    event: Event::Gap,
-                    reason: "the container was not measured for a while (imacri restart, stopped \
-                         reader or hash error); --allow-gaps accepts that"
-                        .into(),
-                }),
-        );
-    }
+    let pod_entries: Vec<&Entry> = earlier.entries.iter().chain(later).collect();
+    let mut appraisal = earlier
+        .prior
+        .unwrap_or_else(|| Appraisal::new(under, &ev.backend));
+    appraisal.take(&pod_entries, x);
+    let violations = appraisal.violations.clone();
     let verdict = if !errors.is_empty() {
         Verdict::Invalid
     } else if !violations.is_empty() {
@@ -387,8 +309,10 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
     } else {
         Verdict::Trusted
     };
+    let (measured, gaps) = (appraisal.measurements, appraisal.gaps);
     let checkpoint = match replayed {
-        Some(pcr) if errors.is_empty() => Checkpoint::after(base, ev, &entries, pcr),
+        Some(pcr) if errors.is_empty() => Checkpoint::after(base, ev, &entries, pcr)
+            .map(|cp| cp.appraised(x.pod_sandbox_id, appraisal)),
         _ => None,
     };
     Report {
@@ -401,11 +325,9 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
         reset_count: ev.epoch.reset_count,
         log_entries: ev.log_start + ev.log.len() as u64,
         log_start: ev.log_start,
-        pod_entries: pod_entries
-            .iter()
-            .filter(|e| !matches!(e.event, Event::Gap | Event::Start))
-            .count(),
-        gaps: pod_entries.iter().filter(|e| e.event == Event::Gap).count(),
+        pod_log_start: ev.pod_log_start,
+        pod_entries: measured as usize,
+        gaps: gaps as usize,
         violations,
         errors,
         checkpoint,

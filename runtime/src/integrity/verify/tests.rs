@@ -1,4 +1,5 @@
 use super::*;
+use crate::integrity::log::Event;
 
 fn unanchored(entries: &[Entry], pod: &str) -> Evidence {
     let log: Vec<String> = entries.iter().map(|e| e.to_string()).collect();

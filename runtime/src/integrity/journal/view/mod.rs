@@ -20,7 +20,9 @@ pub struct PodView {
     /// The index of `log`'s first entry in the epoch's log.
     pub log_start: u64,
     pub log: Vec<String>,
+    /// The pod's entries from its `pod_log_start`th on.
     pub pod_log: Vec<String>,
+    pub pod_log_start: u64,
 }
 
 mod window;
@@ -54,20 +56,22 @@ fn cost(l: &str) -> usize {
 }
 
 /// The first `len` bytes of the log at `path` as `pod`'s evidence shows
-/// them, from entry `from` on (from the first when the log has fewer), in
-/// at most `budget` bytes: a pod that logged long paths could make its own
-/// entries alone hundreds of MiB. Read where `located` says when it can
-/// be (the journal's index), else from the whole file.
+/// them, from entry `from` on and from the pod's own entry `pod_from` on
+/// (a verifier's checkpoint, and its appraisal of the pod's first
+/// entries; from the first when the log or the pod has fewer), in at most
+/// `budget` bytes: a pod that logged long paths could make its own entries
+/// alone hundreds of MiB. Read where `located` says when it can be (the
+/// journal's index), else from the whole file.
 pub fn pod_view(
     path: &Path,
     len: u64,
     pod: &str,
-    from: u64,
+    (from, pod_from): (u64, u64),
     budget: usize,
     located: Option<&Located>,
 ) -> Result<PodView, ViewError> {
     if let Some(loc) = located {
-        if let Some(v) = located_view(path, len, pod, from, budget, loc)? {
+        if let Some(v) = located_view(path, len, pod, (from, pod_from), budget, loc)? {
             return Ok(v);
         }
         tracing::warn!(
@@ -82,9 +86,15 @@ pub fn pod_view(
         start: (0, 0),
         budget,
     };
-    let (view, entries) = whole.run(path, len, Some(from), CHUNK)?;
+    let (mut view, entries) = whole.run(path, len, Some(from), CHUNK)?;
     if entries < from {
         return Ok(whole.run(path, len, Some(0), CHUNK)?.0);
+    }
+    if let Ok(skip @ 1..) = usize::try_from(pod_from) {
+        if skip <= view.pod_log.len() {
+            view.pod_log.drain(..skip);
+            view.pod_log_start = pod_from;
+        }
     }
     Ok(view)
 }
@@ -96,14 +106,18 @@ fn located_view(
     path: &Path,
     len: u64,
     pod: &str,
-    from: u64,
+    (from, pod_from): (u64, u64),
     budget: usize,
     loc: &Located,
 ) -> Result<Option<PodView>, ViewError> {
     let mut w = Window::open(path, len)?;
-    let mut pod_log = Vec::with_capacity(loc.own.len());
+    let skip = match usize::try_from(pod_from) {
+        Ok(n) if n <= loc.own.len() => n,
+        _ => 0,
+    };
+    let mut pod_log = Vec::with_capacity(loc.own.len() - skip);
     let mut own = 0;
-    for &at in &loc.own {
+    for &at in &loc.own[skip..] {
         let Some(l) = w.line(at)? else {
             return Ok(None);
         };
@@ -125,24 +139,24 @@ fn located_view(
     if !w.starts_line(start.1)? {
         return Ok(None);
     }
-    let tail = |start, from| {
-        let scan = Scan {
-            pod,
-            own: false,
-            start,
-            budget: budget - own,
-        };
-        scan.run(path, len, Some(from), CHUNK).map_err(|e| match e {
+    let scan = Scan {
+        pod,
+        own: false,
+        start,
+        budget: budget - own,
+    };
+    let (mut view, lines) = scan
+        .run(path, len, Some(from), CHUNK)
+        .map_err(|e| match e {
             ViewError::TooLarge { .. } => ViewError::TooLarge { budget, own },
             e => e,
-        })
-    };
-    let (mut view, lines) = tail(start, from)?;
+        })?;
     if lines < from {
-        // Past the log's end: all of it.
-        view = tail((0, 0), 0)?.0;
+        // Past the log's end: all of it, and all the pod's entries.
+        return located_view(path, len, pod, (0, 0), budget, loc);
     }
     view.pod_log = pod_log;
+    view.pod_log_start = skip as u64;
     Ok(Some(view))
 }
 

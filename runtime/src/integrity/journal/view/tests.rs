@@ -40,6 +40,7 @@ fn plain(text: &str, pod: &str, from: u64) -> PodView {
             .filter(|l| Entry::parse(l).unwrap().pod == pod)
             .map(|l| l.to_string())
             .collect(),
+        pod_log_start: 0,
     }
 }
 
@@ -71,14 +72,16 @@ fn every_chunk_size_gives_the_view_of_the_whole_text() {
         assert!(v.log.is_empty());
     }
     assert_eq!(
-        pod_view(&path, len, "p", 9, usize::MAX, None).unwrap(),
+        pod_view(&path, len, "p", (9, 0), usize::MAX, None).unwrap(),
         plain(&text, "p", 0)
     );
     assert_eq!(
-        pod_view(&path, len, "p", 6, usize::MAX, None).unwrap().log,
+        pod_view(&path, len, "p", (6, 0), usize::MAX, None)
+            .unwrap()
+            .log,
         Vec::<String>::new()
     );
-    assert!(!pod_view(&path, len, "p", 0, usize::MAX, None)
+    assert!(!pod_view(&path, len, "p", (0, 0), usize::MAX, None)
         .unwrap()
         .log
         .join("\n")
@@ -86,13 +89,13 @@ fn every_chunk_size_gives_the_view_of_the_whole_text() {
     // Only the snapshot's length is read: later lines are not its.
     std::fs::write(&path, format!("{text}{}\n", entry("p", "c", "/late"))).unwrap();
     assert_eq!(
-        pod_view(&path, len, "p", 0, usize::MAX, None).unwrap(),
+        pod_view(&path, len, "p", (0, 0), usize::MAX, None).unwrap(),
         plain(&text, "p", 0)
     );
     // A last line without its newline still counts.
     std::fs::write(&path, text.trim_end()).unwrap();
     assert_eq!(
-        pod_view(&path, len - 1, "p", 2, usize::MAX, None).unwrap(),
+        pod_view(&path, len - 1, "p", (2, 0), usize::MAX, None).unwrap(),
         plain(&text, "p", 2)
     );
     assert_eq!(
@@ -113,13 +116,13 @@ fn a_view_past_its_budget_says_how_much_is_the_pods_own() {
     std::fs::write(&path, &text).unwrap();
     let len = text.len() as u64;
     assert_eq!(
-        pod_view(&path, len, "p", 0, 1 << 20, None)
+        pod_view(&path, len, "p", (0, 0), 1 << 20, None)
             .unwrap()
             .pod_log
             .len(),
         5
     );
-    match pod_view(&path, len, "p", 0, 10_000, None) {
+    match pod_view(&path, len, "p", (0, 0), 10_000, None) {
         Err(ViewError::TooLarge { budget, own }) => {
             assert_eq!(budget, 10_000);
             assert!(own > 8_000, "{own}");
@@ -132,7 +135,7 @@ fn a_view_past_its_budget_says_how_much_is_the_pods_own() {
     ));
     // Another pod's view carries them redacted: small.
     assert_eq!(
-        pod_view(&path, len, "q", 0, 10_000, None)
+        pod_view(&path, len, "q", (0, 0), 10_000, None)
             .unwrap()
             .log
             .len(),
@@ -236,14 +239,14 @@ fn located_views_are_the_views_of_the_whole_text() {
         let loc = ix.locate(len, "p", from).unwrap();
         assert!(loc.start.0 <= from);
         // Read where the index says, not from the whole file.
-        assert!(located_view(&path, len, "p", from, usize::MAX, &loc)
+        assert!(located_view(&path, len, "p", (from, 0), usize::MAX, &loc)
             .unwrap()
             .is_some());
-        let v = pod_view(&path, len, "p", from, usize::MAX, Some(&loc)).unwrap();
+        let v = pod_view(&path, len, "p", (from, 0), usize::MAX, Some(&loc)).unwrap();
         assert_eq!(v, plain(&text, "p", from), "from {from}");
         assert_eq!(
             v,
-            pod_view(&path, len, "p", from, usize::MAX, None).unwrap()
+            pod_view(&path, len, "p", (from, 0), usize::MAX, None).unwrap()
         );
         // A page from the mark is the page from the first line.
         let (page_at, more) = page(&path, len, from, 50, ix.mark(len, from).unwrap()).unwrap();
@@ -255,19 +258,19 @@ fn located_views_are_the_views_of_the_whole_text() {
     }
     // A located view keeps to its budget, the pod's own entries first.
     let loc = ix.locate(len, "p", 0).unwrap();
-    match pod_view(&path, len, "p", 0, 30_000, Some(&loc)) {
+    match pod_view(&path, len, "p", (0, 0), 30_000, Some(&loc)) {
         Err(ViewError::TooLarge { own, .. }) => assert!(own > 20_000, "{own}"),
         other => panic!("{other:?}"),
     }
     // The tail counts after them.
     let own: usize = plain(&text, "p", 0).pod_log.iter().map(|l| cost(l)).sum();
-    match pod_view(&path, len, "p", last - 20, own + 1_000, Some(&loc)) {
+    match pod_view(&path, len, "p", (last - 20, 0), own + 1_000, Some(&loc)) {
         Err(ViewError::TooLarge { budget, own: o }) => assert_eq!((budget, o), (own + 1_000, own)),
         other => panic!("{other:?}"),
     }
-    assert!(pod_view(&path, len, "p", last - 2, own + 1_000, Some(&loc)).is_ok());
+    assert!(pod_view(&path, len, "p", (last - 2, 0), own + 1_000, Some(&loc)).is_ok());
     let tail = ix.locate(len, "q", last - 3).unwrap();
-    let v = pod_view(&path, len, "q", last - 3, usize::MAX, Some(&tail)).unwrap();
+    let v = pod_view(&path, len, "q", (last - 3, 0), usize::MAX, Some(&tail)).unwrap();
     assert_eq!(v.log.len(), 3);
 }
 
@@ -296,10 +299,10 @@ fn a_log_that_does_not_match_its_index_is_read_whole() {
     ];
     for (i, edited) in edits.iter().enumerate() {
         std::fs::write(&path, edited).unwrap();
-        let got = pod_view(&path, len, "p", 120, usize::MAX, Some(&loc)).unwrap();
-        let whole = pod_view(&path, len, "p", 120, usize::MAX, None).unwrap();
+        let got = pod_view(&path, len, "p", (120, 0), usize::MAX, Some(&loc)).unwrap();
+        let whole = pod_view(&path, len, "p", (120, 0), usize::MAX, None).unwrap();
         assert_eq!(got, whole, "edit {i}");
-        let at_offsets = located_view(&path, len, "p", 120, usize::MAX, &loc).unwrap();
+        let at_offsets = located_view(&path, len, "p", (120, 0), usize::MAX, &loc).unwrap();
         assert_eq!(at_offsets.is_some(), i == 3, "edit {i}");
     }
     // The start of a page no line starts at: the page from the first.
@@ -312,4 +315,33 @@ fn a_log_that_does_not_match_its_index_is_read_whole() {
         page(&path, len + 1, 100, 5, mark).unwrap(),
         page(&path, len + 1, 100, 5, (0, 0)).unwrap()
     );
+}
+
+#[test]
+fn a_view_leaves_out_the_pods_first_entries_only_when_it_has_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let (text, mut ix) = indexed(&path, STRIDE as usize + 50);
+    let len = text.len() as u64;
+    let last = STRIDE + 50;
+    let all = plain(&text, "p", 0).pod_log;
+    let n = all.len() as u64;
+    for (from, pod_from, start) in [
+        (last - 10, 3, 3),
+        (last - 10, n, n),
+        // More than the pod has: all of them.
+        (last - 10, n + 1, 0),
+        // A start past the log's end: all of the log and of the pod's.
+        (last + 5, 3, 0),
+    ] {
+        let loc = ix.locate(len, "p", from).unwrap();
+        let want = all[start as usize..].to_vec();
+        for located in [Some(&loc), None] {
+            let v = pod_view(&path, len, "p", (from, pod_from), usize::MAX, located).unwrap();
+            assert_eq!(v.pod_log, want, "{from} {pod_from} {}", located.is_some());
+            assert_eq!(v.pod_log_start, start);
+            let log_start = if from > last { 0 } else { from };
+            assert_eq!(v.log, plain(&text, "p", log_start).log);
+        }
+    }
 }
