@@ -390,7 +390,7 @@ impl Journal {
 
     /// Whether this measurement is already in the log (IMA's "measure once").
     pub fn seen(&self, pod: &str, ctr: &str, path: &str, digest: &[u8; 32], ev: Event) -> bool {
-        let key = (ctr.to_string(), path.to_string(), *digest, ev);
+        let key = self.pod_logs.key(ctr, path, digest, ev);
         // A query: a pod with nothing logged gets no bookkeeping made.
         let found = self.pod_logs.get(pod);
         found.is_some_and(|p| p.lock().is_ok_and(|p| p.seen.contains(&key)))
@@ -461,14 +461,13 @@ impl Journal {
             digest,
             ev,
         } = a;
+        // Hashed before the pod's lock is taken.
+        let key = self.pod_logs.key(ctr, path, &digest, ev);
         let shard = self.pod_logs.of(pod);
         let mut p = shard
             .lock()
             .map_err(|_| JournalError::Poisoned("lock poisoned"))?;
-        if !own
-            && p.seen
-                .contains(&(ctr.to_string(), path.to_string(), digest, ev))
-        {
+        if !own && p.seen.contains(&key) {
             return Ok(None);
         }
         // Gaps and start entries are the daemon's own and always fit; the
@@ -479,7 +478,7 @@ impl Journal {
                 // wait): noted only once it is in the log.
                 let q = Entry::new(self.pcr, [0; 32], "-", pod, ctr, Event::Quota);
                 self.append(q.clone(), true)?;
-                p.note(&q);
+                p.note(&q, self.pod_logs.key_of(&q));
             }
             return Err(JournalError::Quota {
                 pod: pod.to_string(),
@@ -490,9 +489,9 @@ impl Journal {
         // Noted first (the pod's own lock, not the log's): a second access
         // while this one is written waits for nothing and is not logged
         // twice; a write that fails takes the note back.
-        p.note(&e);
+        // Its key is the access's (an entry keeps the fields as given).
+        p.note(&e, key);
         drop(p);
-        let key = (e.container.clone(), e.path.clone(), e.digest, e.event);
         match self.append(e.clone(), violation) {
             Ok(()) => Ok(Some(e)),
             Err(err) => {

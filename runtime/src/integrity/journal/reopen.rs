@@ -107,8 +107,9 @@ pub(super) fn read_back(
         }
         if keep(&e.pod) {
             super::note_summary(&mut out.pods, &e, false);
+            let key = pod_logs.key_of(&e);
             if let Ok(mut p) = pod_logs.of(&e.pod).lock() {
-                p.note(&e);
+                p.note(&e, key);
             }
         }
     }
