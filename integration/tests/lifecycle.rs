@@ -360,3 +360,95 @@ async fn pod_and_container_lifecycle() {
     );
     assert_no_leftovers(env, &[&pod, &cid]).await;
 }
+
+/// A pod with a sleeping container on `d`: the client, pod and container.
+async fn sleeper(
+    env: &Env,
+    d: &Imacri,
+    name: &str,
+) -> (imacri_integration::client::Rt, String, String) {
+    use imacri_integration::client::{run_pod, start_container};
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = pod_config(name);
+    let app = container_config("app", &env.busybox, &["sleep", "1000"]);
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let cid = start_container(&mut rt, &pod, &cfg, app).await;
+    (rt, pod, cid)
+}
+
+/// A command that leaves a process running with its output open (a probe's
+/// `cmd &`): ExecSync waits for that output as containerd 1.6 does, or, with
+/// `drain_exec_sync_io_timeout_ms`, stops waiting and fails with Unknown as
+/// containerd 1.7 does; either way the next ExecSync works.
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_sync_output_held_by_a_process_it_left_running() {
+    use imacri_integration::client::remove_pod;
+    let env = Env::get();
+    let exec = |cid: &str, cmd: &str| cri::ExecSyncRequest {
+        container_id: cid.into(),
+        cmd: vec!["sh".into(), "-c".into(), cmd.into()],
+        timeout: 20,
+    };
+    // Waiting, by default, for as long as the process left behind runs.
+    let d = Imacri::start(env).await.unwrap();
+    let (mut rt, pod, cid) = sleeper(env, &d, "drain-wait").await;
+    let t = Instant::now();
+    let r = rt
+        .exec_sync(exec(&cid, "sleep 3 & echo left"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+        .into_inner();
+    assert_eq!(
+        (r.exit_code, r.stdout.as_slice()),
+        (0, b"left\n".as_slice())
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
+    remove_pod(&mut rt, &pod).await;
+    drop(d);
+
+    // With a drain timeout: a short one is still drained, a long one fails.
+    let d = Imacri::start_configured(
+        env,
+        &env.namespace,
+        &[],
+        "drain_exec_sync_io_timeout_ms = 700\n",
+    )
+    .await
+    .unwrap();
+    let (mut rt, pod, cid) = sleeper(env, &d, "drain-timeout").await;
+    let r = rt
+        .exec_sync(exec(&cid, "sleep 0.2 & echo short"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+        .into_inner();
+    assert_eq!(r.stdout, b"short\n");
+    let t = Instant::now();
+    let e = rt
+        .exec_sync(exec(&cid, "sleep 30 & echo left"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unknown, "{e}");
+    assert!(e.message().contains("still held open"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // Its own timeout still wins over the drain.
+    let e = rt
+        .exec_sync(cri::ExecSyncRequest {
+            timeout: 1,
+            ..exec(&cid, "sleep 30 & sleep 30")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}");
+    let r = rt
+        .exec_sync(exec(&cid, "echo next"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+        .into_inner();
+    assert_eq!(r.stdout, b"next\n");
+    remove_pod(&mut rt, &pod).await;
+}

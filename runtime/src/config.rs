@@ -25,6 +25,10 @@ pub struct Config {
     pub drop_infra_container: bool,
     /// Containerd's restriction: never ask for an oom_score_adj below our own.
     pub restrict_oom_score_adj: bool,
+    /// How long ExecSync waits, after its process exited, for the output a
+    /// process it left running still holds open (containerd 1.7's
+    /// drain_exec_sync_io_timeout); 0: as long as that runs (containerd 1.6).
+    pub drain_exec_sync_io_timeout_ms: u64,
     pub containerd: ContainerdConfig,
     pub registry: RegistryConfig,
     pub log: LogConfig,
@@ -283,6 +287,7 @@ impl Default for Config {
             sandbox_image: String::new(),
             drop_infra_container: true,
             restrict_oom_score_adj: true,
+            drain_exec_sync_io_timeout_ms: 0,
             containerd: ContainerdConfig::default(),
             registry: RegistryConfig::default(),
             log: LogConfig::default(),
@@ -352,6 +357,11 @@ drop_infra_container = true
 # Never give a container an oom_score_adj below imacri's own (as containerd's
 # restrict_oom_score_adj): without CAP_SYS_RESOURCE runc fails otherwise.
 restrict_oom_score_adj = true
+# How long ExecSync waits, once its command exited, for output a process the
+# command left running still holds open (as containerd 1.7's
+# drain_exec_sync_io_timeout); past it the call fails with Unknown. 0: as long
+# as that process runs, as containerd 1.6 does (a probe's `cmd &` then hangs).
+drain_exec_sync_io_timeout_ms = 0
 # Runtime handler of pods whose RuntimeClass names none.
 default_runtime = "runc"
 # CDI spec directories (JSON or YAML), lowest priority first: a device a

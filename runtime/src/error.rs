@@ -47,6 +47,11 @@ pub enum Error {
     },
     #[error("{0}")]
     Internal(String),
+    /// Something outside imacri holds on to what a call waits for (a
+    /// process keeping an exec's output open): reported as containerd
+    /// reports it, with gRPC's Unknown.
+    #[error("{0}")]
+    Held(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

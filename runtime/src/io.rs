@@ -331,15 +331,44 @@ pub fn open_reader(fifo: &Path) -> Result<(File, File)> {
     Ok((f, holder))
 }
 
+/// Ends a capture early when dropped (its reading thread returns what it
+/// read so far).
+pub struct Stop {
+    /// The write end of a pipe the reader polls beside the FIFO: closed,
+    /// it wakes the reader.
+    _write_end: std::os::fd::OwnedFd,
+}
+
 /// Reads a FIFO to the end into memory, keeping at most `cap` bytes (the rest
 /// is read and dropped so the process never blocks on a full pipe). The
-/// returned file is `open_reader`'s holder.
-pub fn spawn_capture(fifo: PathBuf, cap: usize) -> Result<(JoinHandle<Vec<u8>>, File)> {
+/// returned file is `open_reader`'s holder; dropping the [`Stop`] ends the
+/// read before the end (a process that outlived an exec can hold its
+/// output open for as long as it runs).
+pub fn spawn_capture(fifo: PathBuf, cap: usize) -> Result<(JoinHandle<Vec<u8>>, File, Stop)> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
     let (mut f, holder) = open_reader(&fifo)?;
+    let (stop_rd, stop_wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("making a pipe for", &fifo, e.into()))?;
     let h = std::thread::spawn(move || {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 32 * 1024];
         loop {
+            let stopped = {
+                let mut fds = [
+                    PollFd::new(f.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(stop_rd.as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => {}
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(_) => break,
+                }
+                fds[1].revents().is_some_and(|r| !r.is_empty())
+            };
+            if stopped {
+                break;
+            }
             match f.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -352,7 +381,13 @@ pub fn spawn_capture(fifo: PathBuf, cap: usize) -> Result<(JoinHandle<Vec<u8>>, 
         }
         out
     });
-    Ok((h, holder))
+    Ok((
+        h,
+        holder,
+        Stop {
+            _write_end: stop_wr,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -369,7 +404,7 @@ mod tests {
             .unwrap()
             .stdout
             .unwrap();
-        let (h, holder) = spawn_capture(p.clone(), 1024).unwrap();
+        let (h, holder, _stop) = spawn_capture(p.clone(), 1024).unwrap();
         like_a_shim(&p, b"hello");
         drop(holder);
         assert_eq!(h.join().unwrap(), b"hello");

@@ -37,8 +37,8 @@ impl CriServer {
                 return Err(e);
             }
         };
-        let (out, out_hold) = out.unzip();
-        let (err, err_hold) = err.unzip();
+        let (out, out_hold, out_stop) = unzip3(out);
+        let (err, err_hold, err_stop) = unzip3(err);
         let run = async {
             p.launch().await?;
             if req.timeout == 0 {
@@ -57,7 +57,10 @@ impl CriServer {
             }
         }
         .await;
-        // The process is gone: the readers end when the shim's ends close.
+        // The process is gone: the readers end when the shim's ends close,
+        // which a process it left behind holding them open delays for as
+        // long as that runs (containerd 1.6 waits too); past
+        // `drain_exec_sync_io_timeout_ms`, if set, they are stopped.
         drop((out_hold, err_hold));
         let join = |h: Option<std::thread::JoinHandle<Vec<u8>>>| async move {
             match h {
@@ -67,12 +70,42 @@ impl CriServer {
                 None => Vec::new(),
             }
         };
-        let (stdout, stderr) = (join(out).await, join(err).await);
+        let both = async { (join(out).await, join(err).await) };
+        let drain = Duration::from_millis(self.cfg.drain_exec_sync_io_timeout_ms);
+        let drained = match drain.is_zero() {
+            true => Some(both.await),
+            false => tokio::time::timeout(drain, both).await.ok(),
+        };
+        // Ends the readers if they are still reading.
+        drop((out_stop, err_stop));
         p.cleanup().await;
+        // A timeout is what the caller hears first (as from containerd).
+        let exit_code = run?;
+        let Some((stdout, stderr)) = drained else {
+            return Err(Error::Held(format!(
+                "failed to drain the output of command {:?} in {drain:?}: it is still held open by other processes (one the command left running?)",
+                req.cmd
+            )));
+        };
         Ok(cri::ExecSyncResponse {
             stdout,
             stderr,
-            exit_code: run?,
+            exit_code,
         })
+    }
+}
+
+type Capture = (std::thread::JoinHandle<Vec<u8>>, std::fs::File, io::Stop);
+
+fn unzip3(
+    c: Option<Capture>,
+) -> (
+    Option<std::thread::JoinHandle<Vec<u8>>>,
+    Option<std::fs::File>,
+    Option<io::Stop>,
+) {
+    match c {
+        Some((h, f, s)) => (Some(h), Some(f), Some(s)),
+        None => (None, None, None),
     }
 }

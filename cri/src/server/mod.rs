@@ -511,7 +511,7 @@ fn to_status(e: &Error) -> tonic::Status {
             | Code::DeadlineExceeded) => Status::new(c, msg),
             _ => Status::unknown(msg),
         },
-        Error::Registry(_) => Status::unknown(msg),
+        Error::Registry(_) | Error::Held(_) => Status::unknown(msg),
         Error::Unimplemented(_) => Status::unimplemented(msg),
         Error::Io { .. } | Error::Internal(_) => Status::internal(msg),
     }
