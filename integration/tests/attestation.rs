@@ -1299,4 +1299,38 @@ async fn incremental_evidence_carries_only_what_follows_the_checkpoint() {
     let (code, report, err) = verify(&d, &other, &golden, &ak, &with);
     assert_eq!(code, 0, "{report:#}\n{err}");
     assert_eq!(report["log_start"], cp["entries"], "{report:#}");
+    // And without the pod's entries that verifier appraised
+    // (`--pod-from-entry`, its checkpoint's `appraisal.entries`).
+    let book: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&counters).unwrap()).unwrap();
+    let cp = &book.as_object().unwrap().values().next().unwrap()["checkpoint"];
+    let appraised = cp["pods"][&other]["appraisal"]["entries"].to_string();
+    assert_ne!(appraised, "0", "{book:#}");
+    let nonce = "1102030405060708090a0b0c0d0e0f10";
+    let (code, _, err) = attest(
+        &d,
+        &[
+            "quote",
+            &other,
+            "--nonce",
+            nonce,
+            "--from-entry",
+            &cp["entries"].to_string(),
+            "--from-epoch",
+            &cp["epoch_started_at"].to_string(),
+            "--pod-from-entry",
+            &appraised,
+            "--out",
+            saved.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let ev: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    assert_eq!(ev["pod_log_start"].to_string(), appraised, "{ev:#}");
+    let mut with = keep.to_vec();
+    with.extend(["--evidence", saved.to_str().unwrap(), "--nonce", nonce]);
+    let (code, report, err) = verify(&d, &other, &golden, &ak, &with);
+    assert_eq!(code, 0, "{report:#}\n{err}");
+    assert_eq!(report["pod_log_start"].to_string(), appraised, "{report:#}");
 }
