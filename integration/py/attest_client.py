@@ -1,7 +1,8 @@
 """An attestation client on Python grpcio, against imacri's verifier socket:
 enrollment data, a refused credential, no CRI there, and with a POD,
 evidence from the first entry, from a checkpoint (incremental) and from
-the pod's first entries appraised, and a page of the log.
+the pod's first entries appraised, a page of the log and one of the pod's
+own entries.
 
 Usage: attest_client.py SOCKET [POD]. Prints one line per call and "ok";
 exits 1 naming the call that failed.
@@ -71,6 +72,20 @@ def incremental(ch, pod):
     expect_code(ch, "/imacri.attestation.v1.Attestation/GetLogPage",
                 varint(2 << 3) + varint(100001), grpc.StatusCode.INVALID_ARGUMENT)
     print("page", entries[0].decode().split(" ")[2])
+    # A page of the pod's own entries (3 pod_sandbox_id), whole, from its
+    # second on -> 5 pod_sandbox_id, 6 backend: the pod_log's from 1.
+    req = varint(1 << 3) + varint(1) + varint(2 << 3) + varint(2) + field(3, pod)
+    page = call(ch, "/imacri.attestation.v1.Attestation/GetLogPage", req)
+    own, pstr, pnum = strings(page).get(1, []), strings(page), varints(page)
+    more = len(ev[8]) > 3
+    if own != ev[8][1:3] or pstr.get(5) != [pod.encode()] or pstr.get(6) != [b"fanotify"] \
+            or bool(pnum.get(4, 0)) != more:
+        print(f"GetLogPage of {pod} from 1: {own} {pstr.get(5)} {pstr.get(6)} {pnum} "
+              f"(its entries: {ev[8]})", file=sys.stderr)
+        sys.exit(1)
+    expect_code(ch, "/imacri.attestation.v1.Attestation/GetLogPage",
+                field(3, "no-such-pod"), grpc.StatusCode.NOT_FOUND)
+    print("pod page", len(own))
 
 
 def expect_code(channel, method, request, code):

@@ -3,6 +3,7 @@
 //! one with htpasswd auth), test images built from busybox-static and pushed
 //! with skopeo, and imacri daemons started per test. Nothing here is a mock.
 
+pub mod attesting;
 pub mod cleanup;
 pub mod client;
 mod containerd;

@@ -9,7 +9,7 @@ use imacri_api::attestation as pb;
 use imacri_api::attestation::attestation_client::AttestationClient;
 use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::verify::{
-    self, Checkpoint, Evidence, Expectations, Report, Verdict,
+    self, Checkpoint, Evidence, Expectations, PodPages, Report, Verdict,
 };
 use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
@@ -25,11 +25,13 @@ pub(super) struct Checker {
     allow_gaps: bool,
     require_no_anonymous_exec: bool,
     page_entries: u32,
+    pod_pages_after: u64,
     book: CounterBook,
 }
 
 /// Evidence fetched for checking, and the checkpoint it continues when this
-/// verifier built one from the log's pages; or why those pages are invalid.
+/// verifier built one from the log's pages or appraised the pod's entries
+/// before it from pages of them; or why those pages are invalid.
 pub(super) type Fetched = std::result::Result<(Evidence, Option<Checkpoint>), String>;
 
 impl Checker {
@@ -53,6 +55,7 @@ impl Checker {
             allow_gaps: t.allow_gaps,
             require_no_anonymous_exec: t.require_anonymous_exec_denied,
             page_entries: t.page_entries,
+            pod_pages_after: t.pod_pages_after,
             book: CounterBook::open(t.counters.as_deref())?,
         })
     }
@@ -75,10 +78,22 @@ impl Checker {
                 Err(m) => return Ok(Err(m)),
             },
         };
-        // The pod's first entries this verifier appraised under its
-        // policy and options are left out (not from pages: unappraised).
-        let under = verify::appraisal_key(&self.expectations(pod, nonce, None));
-        let since = pages.as_ref().or(kept).map(|cp| {
+        // The pod's entries before the checkpoint that this verifier has
+        // not appraised under its policy and options come in pages of their
+        // own when many (a new verifier, a changed policy: its whole
+        // history might not fit one Quote); the Quote leaves out those
+        // appraised.
+        let x = self.expectations(pod, nonce, None);
+        let base = match pages.as_ref().or(kept) {
+            Some(cp) => match self.pod_pages(c, cp, &x).await? {
+                Ok(Some(appraised)) => Some(appraised),
+                Ok(None) => pages,
+                Err(m) => return Ok(Err(m)),
+            },
+            None => None,
+        };
+        let under = verify::appraisal_key(&x);
+        let since = base.as_ref().or(kept).map(|cp| {
             let (entry, epoch) = cp.since();
             Since {
                 entry,
@@ -86,7 +101,62 @@ impl Checker {
                 pod_entry: cp.appraised_entries(pod, &under),
             }
         });
-        Ok(Ok((fetch(c, pod, nonce.to_vec(), since).await?, pages)))
+        Ok(Ok((fetch(c, pod, nonce.to_vec(), since).await?, base)))
+    }
+
+    /// `cp` with its appraisal of the pod's entries before it, made from
+    /// the node's pages of them; None when few enough are left to come in
+    /// the Quote (or the node does not page pods' entries).
+    async fn pod_pages(
+        &self,
+        c: &mut AttestationClient<Channel>,
+        cp: &Checkpoint,
+        x: &Expectations<'_>,
+    ) -> Result<std::result::Result<Option<Checkpoint>, String>> {
+        let pod = x.pod_sandbox_id;
+        let Some(mut pp) = PodPages::new(cp, x, self.pod_pages_after) else {
+            return Ok(Ok(None));
+        };
+        while !pp.done() {
+            let from_entry = pp.next();
+            let r = match c
+                .get_log_page(pb::GetLogPageRequest {
+                    from_entry,
+                    max_entries: self.page_entries,
+                    pod_sandbox_id: pod.to_string(),
+                })
+                .await
+            {
+                Ok(r) => r.into_inner(),
+                Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(Ok(None)),
+                Err(s) => return Err(rpc(&format!("GetLogPage({pod})"), s)),
+            };
+            // A node from before pages of a pod sends the log's (redacted).
+            if r.pod_sandbox_id.is_empty() {
+                return Ok(Ok(None));
+            }
+            let epoch = crate::evidence::epoch_from_proto(r.epoch.unwrap_or_default());
+            if Some(cp.reset_count) != epoch.reset_count || cp.epoch_started_at != epoch.started_at
+            {
+                return Ok(Err(
+                    "the node's log began a new epoch while it was read (a reboot): verify again"
+                        .into(),
+                ));
+            }
+            if r.pod_sandbox_id != pod || r.from_entry != from_entry {
+                return Ok(Err(format!(
+                    "asked for pod {pod}'s entries from its entry {from_entry}, the node sent pod {}'s from {}",
+                    r.pod_sandbox_id, r.from_entry
+                )));
+            }
+            if let Err(m) = pp.take(&r.entries, &r.backend, x) {
+                return Ok(Err(m));
+            }
+            if r.entries.is_empty() {
+                break;
+            }
+        }
+        Ok(pp.finish(cp.clone(), pod).map(Some))
     }
 
     /// Checks what [`Checker::fetch`] brought.
@@ -104,7 +174,7 @@ impl Checker {
     }
 
     /// Verifies evidence for `pod` that answers `nonce` (continuing `pages`,
-    /// a checkpoint built from the log's pages, or the one kept); a valid
+    /// a checkpoint built or completed from pages, or the one kept); a valid
     /// one moves the counters seen and the checkpoint forward (in memory:
     /// see [`Checker::save`]).
     pub(super) fn check(
@@ -281,6 +351,7 @@ async fn pages(
             .get_log_page(pb::GetLogPageRequest {
                 from_entry,
                 max_entries,
+                ..Default::default()
             })
             .await
         {

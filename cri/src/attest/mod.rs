@@ -154,6 +154,10 @@ pub struct Trust {
     /// Entries per GetLogPage call while building a checkpoint (tests).
     #[arg(long, default_value_t = 10_000, hide = true)]
     page_entries: u32,
+    /// A pod's entries before the checkpoint that this verifier has not
+    /// appraised come in pages of their own past this many (tests).
+    #[arg(long, default_value_t = 1024, hide = true)]
+    pod_pages_after: u64,
 }
 
 /// Where the node's attestation service is.
@@ -308,17 +312,7 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
             Ok(0)
         }
         AttestCmd::Log { pod } => {
-            let r = client(socket)
-                .await?
-                .get_log(pb::GetLogRequest {
-                    pod_sandbox_id: pod,
-                })
-                .await
-                .map_err(|s| rpc("GetLog", s))?
-                .into_inner();
-            for l in r.entries {
-                println!("{l}");
-            }
+            print_log(&mut client(socket).await?, &pod).await?;
             Ok(0)
         }
         AttestCmd::Quote {
@@ -372,6 +366,60 @@ pub async fn run(socket: &Target, cmd: AttestCmd) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Prints a pod's entries, page by page (a long history passes what one
+/// message carries); from GetLog on a node that does not page a pod's
+/// entries, or for a pod it no longer quotes (removed, or without ima).
+async fn print_log(c: &mut AttestationClient<Channel>, pod: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let (mut from, mut epoch) = (0, None);
+    loop {
+        let req = pb::GetLogPageRequest {
+            from_entry: from,
+            max_entries: 0,
+            pod_sandbox_id: pod.to_string(),
+        };
+        let r = match c.get_log_page(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if from == 0 && quotes_no_pages(s.code()) => break,
+            Err(s) => return Err(rpc(&format!("GetLogPage({pod})"), s)),
+        };
+        if r.pod_sandbox_id.is_empty() && from == 0 {
+            break;
+        }
+        let started = r.epoch.map(|e| e.started_at);
+        if *epoch.get_or_insert(started) != started {
+            bail!("the node's log began a new epoch while it was read (a reboot): read it again");
+        }
+        for l in &r.entries {
+            writeln!(out, "{l}")?;
+        }
+        from += r.entries.len() as u64;
+        if !r.more || r.entries.is_empty() {
+            return Ok(out.flush()?);
+        }
+    }
+    let r = c
+        .get_log(pb::GetLogRequest {
+            pod_sandbox_id: pod.to_string(),
+        })
+        .await
+        .map_err(|s| rpc("GetLog", s))?
+        .into_inner();
+    for l in r.entries {
+        writeln!(out, "{l}")?;
+    }
+    Ok(out.flush()?)
+}
+
+/// GetLogPage's answers for a pod that GetLog may still know: a node
+/// without pages of a pod, a pod removed and no longer quotable, one
+/// without ima.
+fn quotes_no_pages(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(code, Unimplemented | NotFound | FailedPrecondition)
 }
 
 /// Where a verifier's checkpoint ends: the node's log entries it

@@ -37,6 +37,32 @@ fn view_error(e: view::ViewError, pod: &str, path: &std::path::Path) -> Error {
 }
 
 impl CriServer {
+    /// An ima pod's full ID and backend; a removed one stays quotable for
+    /// `attestation.retention_secs` (by its full ID).
+    fn quotable(&self, id: &str) -> Result<(String, String)> {
+        match self.sandbox(id) {
+            Ok(sb) => {
+                let ima = sb.state().ima.ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "pod {} does not have ima enabled: nothing is measured",
+                        sb.id
+                    ))
+                })?;
+                Ok((sb.id.clone(), ima.backend))
+            }
+            Err(Error::NotFound(m)) => {
+                let now = imacri_runtime::ids::now_nanos() / 1_000_000_000;
+                match self.integrity.retained.get(id, now) {
+                    Some(r) => Ok((id.to_string(), r.backend)),
+                    None => Err(Error::NotFound(format!(
+                        "{m} (a removed ima pod stays quotable by its full ID for attestation.retention_secs)"
+                    ))),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     async fn quote(&self, req: pb::QuoteRequest) -> Result<pb::QuoteResponse> {
         if req.pod_sandbox_id.is_empty() {
             return Err(Error::InvalidArgument("pod_sandbox_id is required".into()));
@@ -47,31 +73,7 @@ impl CriServer {
                 req.nonce.len()
             )));
         }
-        // A removed ima pod stays quotable for `attestation.retention_secs`
-        // (by its full ID).
-        let (id, backend) = match self.sandbox(&req.pod_sandbox_id) {
-            Ok(sb) => {
-                let ima = sb.state().ima.ok_or_else(|| {
-                    Error::FailedPrecondition(format!(
-                        "pod {} does not have ima enabled: nothing is measured",
-                        sb.id
-                    ))
-                })?;
-                (sb.id.clone(), ima.backend)
-            }
-            Err(Error::NotFound(m)) => {
-                let now = imacri_runtime::ids::now_nanos() / 1_000_000_000;
-                match self.integrity.retained.get(&req.pod_sandbox_id, now) {
-                    Some(r) => (req.pod_sandbox_id.clone(), r.backend),
-                    None => {
-                        return Err(Error::NotFound(format!(
-                            "{m} (a removed ima pod stays quotable by its full ID for attestation.retention_secs)"
-                        )))
-                    }
-                }
-            }
-            Err(e) => return Err(e),
-        };
+        let (id, backend) = self.quotable(&req.pod_sandbox_id)?;
         let journal = &self.integrity.journal;
         // A checkpoint of another epoch (the node rebooted) is no start
         // (an epoch's start time never changes while imacri runs).
@@ -186,23 +188,63 @@ impl CriServer {
             }
         };
         let journal = &self.integrity.journal;
+        if !req.pod_sandbox_id.is_empty() {
+            return self.pod_page(req, max).await;
+        }
         let (len, start) = journal
             .page_start(req.from_entry)
             .map_err(|e| Error::Unavailable(format!("reading the log: {e}")))?;
-        let epoch = journal.epoch();
+        let from = req.from_entry;
+        self.read_page(from, move |p| view::page(p, len, from, max, start))
+            .await
+    }
+
+    /// A page of one pod's own entries, whole (see [`view::pod_page`]).
+    async fn pod_page(
+        &self,
+        req: pb::GetLogPageRequest,
+        max: usize,
+    ) -> Result<pb::GetLogPageResponse> {
+        let (id, backend) = self.quotable(&req.pod_sandbox_id)?;
+        let journal = &self.integrity.journal;
+        // One offset past the page says whether more follow.
+        let (len, offsets) = journal
+            .pod_page_start(&id, req.from_entry, max + 1)
+            .map_err(|e| Error::Unavailable(format!("reading the log: {e}")))?;
+        let (pod, from) = (id.clone(), req.from_entry);
+        let page = self
+            .read_page(from, move |p| {
+                view::pod_page(p, len, &pod, from, max, offsets.as_deref())
+            })
+            .await?;
+        Ok(pb::GetLogPageResponse {
+            pod_sandbox_id: id,
+            backend,
+            ..page
+        })
+    }
+
+    /// A page from entry `from_entry` that `read` reads from the log file
+    /// (on a blocking thread), in the log's epoch.
+    async fn read_page(
+        &self,
+        from_entry: u64,
+        read: impl FnOnce(&std::path::Path) -> std::io::Result<(Vec<String>, bool)> + Send + 'static,
+    ) -> Result<pb::GetLogPageResponse> {
+        let epoch = self.integrity.journal.epoch();
         let path =
             imacri_runtime::integrity::journal::Journal::log_path(&self.cfg.root.join("integrity"));
-        let (p, from) = (path.clone(), req.from_entry);
-        let (entries, more) =
-            tokio::task::spawn_blocking(move || view::page(&p, len, from, max, start))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?
-                .map_err(|e| Error::io("reading", &path, e))?;
+        let p = path.clone();
+        let (entries, more) = tokio::task::spawn_blocking(move || read(&p))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::io("reading", &path, e))?;
         Ok(pb::GetLogPageResponse {
             entries,
-            from_entry: req.from_entry,
+            from_entry,
             epoch: Some(crate::evidence::epoch_to_proto(epoch)),
             more,
+            ..Default::default()
         })
     }
 

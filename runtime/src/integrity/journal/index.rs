@@ -90,6 +90,23 @@ impl LogIndex {
         Some((i * STRIDE, at))
     }
 
+    /// The offsets of `pod`'s entries from its `from`-th on, at most `n`
+    /// (None: stale, or a pod not kept).
+    pub(super) fn own(
+        &mut self,
+        file_len: u64,
+        pod: &str,
+        from: u64,
+        n: usize,
+    ) -> Option<Vec<u64>> {
+        if !self.fresh(file_len) {
+            return None;
+        }
+        let own = self.pods.get(pod)?;
+        let from = usize::try_from(from).map_or(own.len(), |f| f.min(own.len()));
+        Some(own[from..].iter().take(n).copied().collect())
+    }
+
     /// Where `pod`'s view from line `from` lies in a log of `file_len`
     /// bytes (None: stale, or a pod not kept).
     pub(super) fn locate(&mut self, file_len: u64, pod: &str, from: u64) -> Option<Located> {
@@ -120,7 +137,11 @@ mod tests {
         assert_eq!(l.start, (0, 0));
         assert_eq!(l.own.len(), 21);
         assert_eq!(l.own[1], 1000);
+        assert_eq!(ix.own(len, "p", 1, 2), Some(vec![1000, 2000]));
+        assert_eq!(ix.own(len, "p", 20, 5), Some(vec![20000]));
+        assert_eq!(ix.own(len, "p", u64::MAX, 5), Some(vec![]));
         // A forgotten pod is not located.
+        assert_eq!(ix.own(len, "q", 0, 5), None);
         assert_eq!(ix.locate(len, "q", 0), None);
         // A log of another length: stale for good.
         assert_eq!(ix.locate(len + 1, "p", 0), None);

@@ -537,6 +537,19 @@ impl Journal {
         Ok((len, start))
     }
 
+    /// The stored log's length and the offsets of `pod`'s entries from its
+    /// `from`-th on (at most `n`; None: not indexed), for a page of them.
+    pub fn pod_page_start(
+        &self,
+        pod: &str,
+        from: u64,
+        n: usize,
+    ) -> JResult<(u64, Option<Vec<u64>>)> {
+        let mut inner = self.lock()?;
+        let len = self.stored_len(&inner)?;
+        Ok((len, inner.index.own(len, pod, from, n)))
+    }
+
     fn lock(&self) -> JResult<std::sync::MutexGuard<'_, Inner>> {
         self.inner
             .lock()

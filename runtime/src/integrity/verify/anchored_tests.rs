@@ -426,17 +426,7 @@ fn skipping(node: &mut Node, pod: &str, from: usize, skip: usize) -> Evidence {
 }
 
 fn key_of(p: &Allowlist) -> [u8; 32] {
-    appraise::key(&Expectations {
-        pod_sandbox_id: "",
-        nonce: &[],
-        ak_pem: None,
-        policy: p,
-        allow_unanchored: false,
-        allow_gaps: false,
-        require_no_anonymous_exec: false,
-        last_seen: None,
-        checkpoint: None,
-    })
+    appraise::key(&paging("", p))
 }
 
 #[test]
@@ -524,4 +514,125 @@ fn leaving_out_entries_the_verifier_did_not_appraise_is_invalid() {
     assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
     assert_eq!(r.violations.len(), 1, "{r:?}");
     assert_eq!(r.violations[0].path, "/tmp/evil");
+}
+
+/// What a verifier of `pod` under `p` expects, for pages of its entries.
+fn paging<'a>(pod: &'a str, p: &'a Allowlist) -> Expectations<'a> {
+    Expectations {
+        pod_sandbox_id: pod,
+        nonce: NONCE,
+        ak_pem: None,
+        policy: p,
+        allow_unanchored: false,
+        allow_gaps: false,
+        require_no_anonymous_exec: false,
+        last_seen: None,
+        checkpoint: None,
+    }
+}
+
+/// The pod's entries as a node pages them (GetLogPage for the pod): whole.
+fn own(node: &Node, pod: &str) -> Vec<String> {
+    node.log
+        .iter()
+        .filter(|e| e.pod == pod)
+        .map(|e| e.to_string())
+        .collect()
+}
+
+/// `cp` with the pod's entries before it appraised from `pages`.
+fn appraised_from(
+    cp: &Checkpoint,
+    x: &Expectations<'_>,
+    pages: &[&[String]],
+    backend: &str,
+) -> Result<Checkpoint, String> {
+    let mut pp = PodPages::new(cp, x, 0).expect("entries to page");
+    for page in pages {
+        assert!(!pp.done());
+        pp.take(page, backend, x)?;
+    }
+    pp.finish(cp.clone(), x.pod_sandbox_id)
+}
+
+#[test]
+fn a_history_appraised_from_its_pages_is_left_out_of_the_evidence() {
+    let p = policy();
+    let (mut node, cp) = checked_node(&p);
+    // "q" (a violation among its 3 entries) was seen only redacted.
+    let x = paging("q", &p);
+    assert!(
+        PodPages::new(&cp, &x, 3).is_none(),
+        "few enough for the Quote"
+    );
+    assert!(
+        PodPages::new(&cp, &paging("p", &p), 0).is_none(),
+        "appraised"
+    );
+    node.add(1, "/bin/sh", "q", "d", Event::Exec);
+    let q = own(&node, "q");
+    // Pages of 2; the second one holds an entry past the checkpoint (left
+    // to the Quote).
+    let cp2 = appraised_from(&cp, &x, &[&q[..2], &q[2..]], "fanotify").unwrap();
+    assert_eq!(cp2.appraised_entries("q", &key_of(&p)), 3);
+    let ev = skipping(&mut node, "q", 5, 3);
+    assert_eq!(ev.pod_log.len(), 1);
+    let r = check(&node, &ev, "q", &p, Some(&cp2));
+    assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    assert_eq!(r.violations[0].path, "/their/secret");
+    assert_eq!((r.pod_log_start, r.pod_entries), (3, 3));
+    // As full evidence from the checkpoint concludes.
+    let whole = node.evidence("q", NONCE, 5);
+    let full = check(&node, &whole, "q", &p, Some(&cp));
+    assert_eq!(r.checkpoint, full.checkpoint);
+    // From a checkpoint built from the log's pages: the quote proves both.
+    let fresh = built(&ev.epoch, &pages(&node)[..5]).unwrap();
+    let cp3 = appraised_from(&fresh, &x, &[&q], "fanotify").unwrap();
+    let r = check(&node, &ev, "q", &p, Some(&cp3));
+    assert_eq!(r.verdict, Verdict::Violations, "{r:?}");
+    let (got, want) = (r.checkpoint.unwrap(), full.checkpoint.unwrap());
+    assert_eq!((got.entries, got.pcr), (want.entries, want.pcr));
+    assert_eq!(got.pods["q"], want.pods["q"]);
+}
+
+#[test]
+fn pages_of_a_pod_that_are_not_its_logged_entries_are_refused() {
+    let p = policy();
+    let (node, cp) = checked_node(&p);
+    let x = paging("q", &p);
+    let q = own(&node, "q");
+    let refused = |pages: &[&[String]], backend: &str, says: &str| {
+        let e = appraised_from(&cp, &x, pages, backend).unwrap_err();
+        assert!(e.contains(says), "{says}: {e}");
+    };
+    // Its violation rewritten as an allowed entry, consistent in itself:
+    // not what the log's hash of the pod's entries holds.
+    let mut clean = q.clone();
+    clean[1] = Entry::new(PCR, [1; 32], "/bin/sh", "q", "d", Event::Exec).to_string();
+    refused(&[&clean], "fanotify", "do not fold");
+    // One left out (the node then says none follow), or one withheld.
+    refused(&[&q[..2], &[]], "fanotify", "withheld");
+    let mut short = q.clone();
+    short.remove(1);
+    refused(&[&short], "fanotify", "withheld");
+    // Another pod's entry, a redacted one, an inconsistent one, junk.
+    let p_entry = own(&node, "p")[1].clone();
+    let redacted = Entry::parse(&q[1]).unwrap().redacted().unwrap().to_string();
+    let relabelled = q[1].replace(" /their/secret ", " /bin/sh ");
+    for bad in [p_entry, redacted, relabelled] {
+        let page = [q[0].clone(), bad, q[2].clone()];
+        refused(&[&page], "fanotify", "not an entry of this pod as logged");
+    }
+    refused(&[&["junk".to_string()]], "fanotify", "the pod's entry 1");
+    // The backend changes between pages.
+    let mut pp = PodPages::new(&cp, &x, 0).unwrap();
+    pp.take(&q[..1], "fanotify", &x).unwrap();
+    let e = pp.take(&q[1..], "kernel", &x).unwrap_err();
+    assert!(e.contains("measured by \"kernel\""), "{e}");
+    // A backend other than the evidence's: the evidence is invalid.
+    let cp2 = appraised_from(&cp, &x, &[&q], "kernel").unwrap();
+    let mut node = node;
+    let ev = skipping(&mut node, "q", 5, 3);
+    let r = check(&node, &ev, "q", &p, Some(&cp2));
+    assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::checkpoint::hex32;
+use super::checkpoint::{hex32, Checkpoint};
 use super::Expectations;
 use crate::integrity::allowlist::Violation;
 use crate::integrity::log::{self, Entry, Event};
@@ -161,5 +161,102 @@ fn violation(e: &Entry, reason: &str) -> Violation {
         container: e.container.clone(),
         event: e.event,
         reason: reason.into(),
+    }
+}
+
+/// A pod's entries before a checkpoint, appraised from the node's pages of
+/// them (GetLogPage for the pod) before asking for evidence that leaves
+/// them out: a pod's history can be longer than one Quote carries (a new
+/// verifier, or a changed policy, needs all of it). Nothing vouches for the
+/// pages by themselves: they must fold to the checkpoint's hash of the
+/// pod's entries, whose log the evidence's quote then proves.
+pub struct PodPages {
+    under: [u8; 32],
+    /// The pod's entries before the checkpoint: count and hash.
+    mark: (u64, [u8; 32]),
+    /// This verifier's kept appraisal of the first of them, continued.
+    appraisal: Option<Appraisal>,
+}
+
+impl PodPages {
+    /// Pages of what `cp` holds of the pod's entries beyond what this
+    /// verifier appraised under `x`'s policy and options, when more than
+    /// `after` (fewer come in the Quote).
+    pub fn new(cp: &Checkpoint, x: &Expectations<'_>, after: u64) -> Option<PodPages> {
+        let mark = cp.pods.get(x.pod_sandbox_id)?;
+        let under = key(x);
+        let prior = mark.appraisal.clone().filter(|a| a.under == under);
+        let appraised = prior.as_ref().map_or(0, |a| a.entries);
+        (mark.entries.saturating_sub(appraised) > after).then_some(PodPages {
+            under,
+            mark: (mark.entries, mark.hash),
+            appraisal: prior,
+        })
+    }
+
+    /// The pod's entry the next page starts at (counted from its first).
+    pub fn next(&self) -> u64 {
+        self.appraisal.as_ref().map_or(0, |a| a.entries)
+    }
+
+    /// Whether every one of the pod's entries before the checkpoint came.
+    pub fn done(&self) -> bool {
+        self.next() >= self.mark.0
+    }
+
+    /// Appraises a page of the pod's entries from [`PodPages::next`] on
+    /// (those past the checkpoint are left to the Quote); `backend` is the
+    /// node's word for the pod's.
+    pub fn take(
+        &mut self,
+        lines: &[String],
+        backend: &str,
+        x: &Expectations<'_>,
+    ) -> Result<(), String> {
+        let a = self
+            .appraisal
+            .get_or_insert_with(|| Appraisal::new(self.under, backend));
+        if a.backend != backend {
+            return Err(format!(
+                "the node pages the pod's entries as measured by {backend:?}, but this verifier appraised them as {:?}",
+                a.backend
+            ));
+        }
+        let want = usize::try_from(self.mark.0 - a.entries).unwrap_or(usize::MAX);
+        let mut es = Vec::with_capacity(lines.len().min(want));
+        for (i, line) in lines.iter().take(want).enumerate() {
+            let at = a.entries + i as u64 + 1;
+            match Entry::parse(line) {
+                Ok(e) if e.is_consistent() && !e.is_redacted() && e.pod == x.pod_sandbox_id => {
+                    es.push(e)
+                }
+                Ok(_) => {
+                    return Err(format!(
+                        "the pod's entry {at} as the node paged it is not an entry of this pod as logged: the log was modified"
+                    ))
+                }
+                Err(m) => return Err(format!("the pod's entry {at} as the node paged it: {m}")),
+            }
+        }
+        let refs: Vec<&Entry> = es.iter().collect();
+        a.take(&refs, x);
+        Ok(())
+    }
+
+    /// `cp` keeping the appraisal of all the pod's entries before it, once
+    /// every page came and they fold to its hash of them.
+    pub fn finish(self, cp: Checkpoint, pod: &str) -> Result<Checkpoint, String> {
+        let (n, hash) = self.mark;
+        match self.appraisal {
+            Some(a) if a.entries == n && a.hash == hash => Ok(cp.appraised(pod, a)),
+            Some(a) if a.entries < n => Err(format!(
+                "the node paged {} of the pod's {n} entries before log entry {}: entries were withheld",
+                a.entries, cp.entries
+            )),
+            _ => Err(format!(
+                "the pod's entries the node paged are not its {n} entries before log entry {} (they do not fold to their hash in the log): the log was modified",
+                cp.entries
+            )),
+        }
     }
 }

@@ -22,7 +22,7 @@ mod appraise;
 mod checkpoint;
 mod quote;
 
-pub use appraise::{key as appraisal_key, Appraisal};
+pub use appraise::{key as appraisal_key, Appraisal, PodPages};
 pub use checkpoint::{Checkpoint, PodMark};
 use quote::check_quote;
 

@@ -25,7 +25,12 @@ pub struct PodView {
     pub pod_log_start: u64,
 }
 
+mod page;
 mod window;
+
+#[cfg(test)]
+use page::{located_pod_page, page_in_chunks, pod_page_in_chunks};
+pub use page::{page, pod_page};
 
 const CHUNK: usize = 1 << 20;
 
@@ -177,61 +182,6 @@ pub fn pod_entries(
     Ok(scan.run(path, len, None, CHUNK)?.0.pod_log)
 }
 
-/// A page of the log for a verifier building its checkpoint: up to `max`
-/// entries (and [`PAGE_BYTES`]) from entry `from` on, every one redacted,
-/// and whether more follow (within the first `len` bytes). `start` is a
-/// line at or before `from` and its offset, from the journal's index.
-pub fn page(
-    path: &Path,
-    len: u64,
-    from: u64,
-    max: usize,
-    start: (u64, u64),
-) -> std::io::Result<(Vec<String>, bool)> {
-    let start = match start.0 <= from && Window::open(path, len)?.starts_line(start.1)? {
-        true => start,
-        false => (0, 0),
-    };
-    page_in_chunks(path, (start, len), from, (max, PAGE_BYTES), CHUNK)
-}
-
-fn page_in_chunks(
-    path: &Path,
-    ((first, at), len): ((u64, u64), u64),
-    from: u64,
-    (max, max_bytes): (usize, usize),
-    chunk: usize,
-) -> std::io::Result<(Vec<String>, bool)> {
-    let mut out = Vec::new();
-    let mut bytes = 0;
-    let mut line = first;
-    let mut more = false;
-    in_chunks(path, (at, len), chunk, |text| {
-        // Whole chunks before the page are only counted.
-        let count = memchr::memchr_iter(b'\n', text.as_bytes()).count() as u64;
-        if line + count <= from {
-            line += count;
-            return Ok(true);
-        }
-        for l in text.lines() {
-            line += 1;
-            if line <= from {
-                continue;
-            }
-            let shown = redacted(l);
-            let full = out.len() == max || (!out.is_empty() && bytes + cost(&shown) > max_bytes);
-            if full {
-                more = true;
-                return Ok(false);
-            }
-            bytes += cost(&shown);
-            out.push(shown);
-        }
-        Ok(true)
-    })?;
-    Ok((out, more))
-}
-
 /// Reads the log from byte `at` (a line's start) to `len` chunk by chunk,
 /// each cut after its last whole line (a last line without its newline is
 /// one), and hands them to `f` until it says stop.
@@ -289,6 +239,28 @@ fn redact(e: &Entry, l: &str) -> String {
     let mut out = String::with_capacity(l.len() + 32);
     let _ = write!(out, "{r}");
     out
+}
+
+/// The lines of `text` (whole lines) that are `pod`'s entries. Most lines
+/// are other pods': the pod's ID is looked for (SIMD, by `finder`: " ID ")
+/// and only the lines holding it are parsed.
+fn own_lines<'t>(
+    finder: &'t Finder<'t>,
+    text: &'t str,
+    pod: &'t str,
+) -> impl Iterator<Item = &'t str> + 't {
+    let mut last = None;
+    finder.find_iter(text.as_bytes()).filter_map(move |at| {
+        let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        // The pause container's entries name the pod twice.
+        if last == Some(start) {
+            return None;
+        }
+        last = Some(start);
+        let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
+        let l = &text[start..end];
+        Entry::parse(l).is_ok_and(|e| e.pod == pod).then_some(l)
+    })
 }
 
 /// A read of the log for one pod's view.
@@ -354,23 +326,8 @@ impl Cut<'_> {
     /// Takes what the view needs from whole lines (`text` ends with '\n');
     /// false once past the budget.
     fn lines(&mut self, text: &str) -> bool {
-        // Most lines are other pods': the pod's ID is looked for (SIMD)
-        // and only the lines holding it are parsed.
-        let mut last = None;
-        let found = self
-            .finder
-            .iter()
-            .flat_map(|f| f.find_iter(text.as_bytes()));
-        for at in found {
-            let start = text[..at].rfind('\n').map_or(0, |i| i + 1);
-            // The pause container's entries name the pod twice.
-            if last == Some(start) {
-                continue;
-            }
-            last = Some(start);
-            let end = text[at..].find('\n').map_or(text.len(), |i| at + i);
-            let l = &text[start..end];
-            if Entry::parse(l).is_ok_and(|e| e.pod == self.pod) {
+        if let Some(f) = &self.finder {
+            for l in own_lines(f, text, self.pod) {
                 self.own += cost(l);
                 self.bytes += cost(l);
                 self.view.pod_log.push(l.to_string());

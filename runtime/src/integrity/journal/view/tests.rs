@@ -345,3 +345,87 @@ fn a_view_leaves_out_the_pods_first_entries_only_when_it_has_them() {
         }
     }
 }
+
+/// All of `pod`'s entries read page by page, from its `from`-th on.
+fn pod_pages(
+    (path, len, pod): (&Path, u64, &str),
+    mut from: u64,
+    mut read: impl FnMut(u64) -> (Vec<String>, bool),
+) -> Vec<String> {
+    let mut got = Vec::new();
+    loop {
+        let (page, more) = read(from);
+        assert!(
+            !more || !page.is_empty(),
+            "{path:?} {len} {pod}: more, none sent"
+        );
+        from += page.len() as u64;
+        got.extend(page);
+        if !more {
+            return got;
+        }
+    }
+}
+
+#[test]
+fn pod_pages_carry_the_pods_entries_whole_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let (text, mut ix) = indexed(&path, STRIDE as usize + 300);
+    let len = text.len() as u64;
+    let all = plain(&text, "p", 0).pod_log;
+    let n = all.len() as u64;
+    assert!(all.iter().any(|l| l.len() > 20_000));
+    for from in [0, 1, 7, n - 1, n, n + 3] {
+        let want = all.get(from as usize..).unwrap_or_default().to_vec();
+        // At the index's offsets (one past the page, as the journal gives
+        // them), from the whole file in chunks of every size, and split by
+        // bytes (one entry at least a page).
+        let located = pod_pages((&path, len, "p"), from, |f| {
+            let offs = ix.own(len, "p", f, 8).unwrap();
+            pod_page(&path, len, "p", f, 7, Some(&offs)).unwrap()
+        });
+        assert_eq!(located, want, "from {from}");
+        for chunk in [1, 300, 1 << 20] {
+            let scanned = pod_pages((&path, len, "p"), from, |f| {
+                pod_page_in_chunks(&path, len, "p", f, (7, usize::MAX), chunk).unwrap()
+            });
+            assert_eq!(scanned, want, "from {from} chunk {chunk}");
+        }
+        let by_bytes = pod_pages((&path, len, "p"), from, |f| {
+            let (page, more) = pod_page_in_chunks(&path, len, "p", f, (7, 3_000), 1 << 20).unwrap();
+            assert!(page.len() == 1 || page.iter().map(|l| cost(l)).sum::<usize>() <= 3_000);
+            (page, more)
+        });
+        assert_eq!(by_bytes, want);
+    }
+    // Read where the index says, not from the whole file.
+    let offs = ix.own(len, "p", 0, 8).unwrap();
+    assert!(located_pod_page(&path, len, "p", 7, &offs)
+        .unwrap()
+        .is_some());
+    // Exactly a page's worth: no more.
+    let offs = ix.own(len, "p", n - 3, 4).unwrap();
+    assert!(!pod_page(&path, len, "p", n - 3, 3, Some(&offs)).unwrap().1);
+    assert!(!pod_page(&path, len, "p", n - 3, 3, None).unwrap().1);
+    assert!(pod_page(&path, len, "p", n - 4, 3, None).unwrap().1);
+    // Another pod's lines are never in it ("pq" holds "p" but is not it).
+    assert!(pod_page(&path, len, "p", 0, 100_000, None)
+        .unwrap()
+        .0
+        .iter()
+        .all(|l| Entry::parse(l).unwrap().pod == "p"));
+    // A file that no longer matches the index: what the whole file holds.
+    let shifted = format!("\n{text}");
+    std::fs::write(&path, &shifted).unwrap();
+    let len = shifted.len() as u64;
+    let offs = ix.own(text.len() as u64, "p", 5, 11).unwrap();
+    assert_eq!(
+        pod_page(&path, len, "p", 5, 10, Some(&offs)).unwrap(),
+        pod_page(&path, len, "p", 5, 10, None).unwrap()
+    );
+    assert_eq!(
+        pod_page(&path, len, "p", 5, 10, None).unwrap().0,
+        all[5..15]
+    );
+}
