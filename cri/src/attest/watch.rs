@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use imacri_api::attestation as pb;
-use imacri_runtime::integrity::verify::Report;
+use imacri_runtime::integrity::verify::{self, Report};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -104,6 +104,14 @@ fn alert_lines(p: &pb::ImaPod, r: &Report) -> Vec<String> {
             v.reason
         )
     }));
+    // Changes as it grows: printed again then.
+    if r.violations_unlisted > 0 {
+        out.push(format!(
+            "ALERT {who} {} more violations, not listed (a report lists the first {}; `imacri attest log` shows every entry)",
+            r.violations_unlisted,
+            verify::LISTED_VIOLATIONS
+        ));
+    }
     out
 }
 
@@ -121,5 +129,22 @@ mod tests {
         seen.keep_only(["p2"].into_iter());
         assert_eq!(seen.0.len(), 1);
         assert!(seen.new_ones("p2", a("x")).is_empty());
+    }
+
+    #[test]
+    fn violations_not_listed_are_alerted_as_their_count() {
+        let p = pb::ImaPod {
+            pod_sandbox_id: "p1".into(),
+            ..Default::default()
+        };
+        let mut r = Report::invalid("p1", vec![]);
+        assert!(alert_lines(&p, &r).is_empty());
+        r.violations_unlisted = 7;
+        let lines = alert_lines(&p, &r);
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0].contains("7 more violations, not listed"),
+            "{lines:?}"
+        );
     }
 }

@@ -19,6 +19,20 @@ pub fn service(server: Arc<CriServer>) -> AttestationServer<Attest> {
     AttestationServer::new(Attest(server)).max_encoding_message_size(crate::evidence::MAX_EVIDENCE)
 }
 
+/// What evidence being built may take on the node, all requests together:
+/// a view of a long epoch's whole log is ~70 MiB, and its message and
+/// encoding as much again; six asked for at once grew imacri by 880 MiB.
+/// Past it, requests wait their turn.
+const EVIDENCE_MEMORY: usize = 160 << 20;
+
+/// Peak bytes per byte of a view's lines while it is built and sent (its
+/// strings, the message, its encoding): measured 2.3 for a whole log.
+const PEAK_PER_BYTE: (usize, usize) = (23, 10);
+
+pub(super) fn evidence_memory() -> tokio::sync::Semaphore {
+    tokio::sync::Semaphore::new(EVIDENCE_MEMORY >> 10)
+}
+
 /// A view that could not be made: past what a message carries says why
 /// and what to do.
 fn view_error(e: view::ViewError, pod: &str, path: &std::path::Path) -> Error {
@@ -63,6 +77,18 @@ impl CriServer {
         }
     }
 
+    /// Waits until evidence of at most `bytes` of lines fits the node's
+    /// evidence memory; held while it is built.
+    async fn reserve(&self, bytes: usize) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        let peak = bytes.saturating_mul(PEAK_PER_BYTE.0) / PEAK_PER_BYTE.1;
+        let kib = (peak >> 10).clamp(1, EVIDENCE_MEMORY >> 10);
+        self.integrity
+            .evidence_memory
+            .acquire_many(kib as u32)
+            .await
+            .map_err(|_| Error::Unavailable("imacri is shutting down".into()))
+    }
+
     async fn quote(&self, req: pb::QuoteRequest) -> Result<pb::QuoteResponse> {
         if req.pod_sandbox_id.is_empty() {
             return Err(Error::InvalidArgument("pod_sandbox_id is required".into()));
@@ -91,6 +117,8 @@ impl CriServer {
         };
         let (path, len, pod) = (snap.log_path.clone(), snap.log_len, id.clone());
         let located = snap.located.clone();
+        let bound = view::view_bound(len, (from, pod_from), located.as_ref());
+        let _held = self.reserve(bound).await?;
         let budget = view::EVIDENCE_BUDGET;
         let view = tokio::task::spawn_blocking(move || {
             view::pod_view(&path, len, &pod, (from, pod_from), budget, located.as_ref())
@@ -164,6 +192,7 @@ impl CriServer {
             imacri_runtime::integrity::journal::Journal::log_path(&self.cfg.root.join("integrity"));
         let (p, pod) = (path.clone(), id.clone());
         let budget = view::EVIDENCE_BUDGET;
+        let _held = self.reserve(budget).await?;
         let entries =
             tokio::task::spawn_blocking(move || view::pod_entries(&p, u64::MAX, &pod, budget))
                 .await
@@ -195,6 +224,9 @@ impl CriServer {
             .page_start(req.from_entry)
             .map_err(|e| Error::Unavailable(format!("reading the log: {e}")))?;
         let from = req.from_entry;
+        let bound = usize::try_from(len.saturating_sub(start.1))
+            .map_or(view::PAGE_BYTES, |b| (b / 4 * 5).min(view::PAGE_BYTES));
+        let _held = self.reserve(bound).await?;
         self.read_page(from, move |p| view::page(p, len, from, max, start))
             .await
     }
@@ -212,6 +244,10 @@ impl CriServer {
             .pod_page_start(&id, req.from_entry, max + 1)
             .map_err(|e| Error::Unavailable(format!("reading the log: {e}")))?;
         let (pod, from) = (id.clone(), req.from_entry);
+        let bound = offsets.as_ref().map_or(view::PAGE_BYTES, |o| {
+            o.len().saturating_mul(view::MAX_LINE).min(view::PAGE_BYTES)
+        });
+        let _held = self.reserve(bound).await?;
         let page = self
             .read_page(from, move |p| {
                 view::pod_page(p, len, &pod, from, max, offsets.as_deref())

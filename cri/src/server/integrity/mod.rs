@@ -43,6 +43,8 @@ pub struct Integrity {
     pub init: std::result::Result<std::path::PathBuf, String>,
     /// Removed ima pods still quotable.
     pub retained: imacri_runtime::integrity::retained::Retained,
+    /// What evidence being built may take, all requests together (KiB).
+    pub evidence_memory: tokio::sync::Semaphore,
     mapguard: Option<Supervisor>,
     /// Pause rootfs seals in progress or done, by pod: None while running,
     /// then the outcome. Containers of the pod start only after success.
@@ -139,6 +141,7 @@ impl Integrity {
                     &cfg.root.join("integrity"),
                     cfg.attestation.retention_secs,
                 ),
+                evidence_memory: super::attestation::evidence_memory(),
                 mapguard,
                 seals: Default::default(),
             },

@@ -636,3 +636,46 @@ fn pages_of_a_pod_that_are_not_its_logged_entries_are_refused() {
     let r = check(&node, &ev, "q", &p, Some(&cp2));
     assert_eq!(r.verdict, Verdict::Invalid, "{r:?}");
 }
+
+/// A pod that logs violation after violation (long paths, up to its quota)
+/// cannot grow what its verifier keeps and reports past the first listed
+/// ones: the rest are counted.
+#[test]
+fn violations_past_the_listed_ones_are_counted() {
+    let p = policy();
+    let (mut node, cp) = checked_node(&p);
+    let long = "x".repeat(4000);
+    let extra = LISTED_VIOLATIONS + 50;
+    for i in 0..extra {
+        node.add(9, &format!("/tmp/{long}/{i}"), "q", "d", Event::Exec);
+    }
+    let ev = node.evidence("q", NONCE, 5);
+    let r = check(&node, &ev, "q", &p, Some(&cp));
+    assert_eq!(r.verdict, Verdict::Violations, "{:?}", r.errors);
+    // Its earlier violation first, then the new ones in the log's order.
+    assert_eq!(r.violations.len(), LISTED_VIOLATIONS);
+    assert_eq!(r.violations[0].path, "/their/secret");
+    assert!(r.violations[1].path.ends_with("/0"));
+    assert_eq!(r.violations_unlisted, 51);
+    let cp = r.checkpoint.unwrap();
+    let kept = serde_json::to_string(&cp).unwrap().len();
+    assert!(kept < 600_000, "{kept} bytes kept");
+    // Ten more: the same listed, counted on from the kept appraisal.
+    for i in 0..10 {
+        node.add(9, &format!("/tmp/more/{i}"), "q", "d", Event::Exec);
+    }
+    let all = LISTED_VIOLATIONS + 50 + 3;
+    let ev = skipping(&mut node, "q", 5 + extra, all);
+    assert_eq!(ev.pod_log.len(), 10);
+    let r2 = check(&node, &ev, "q", &p, Some(&cp));
+    assert_eq!(r2.verdict, Verdict::Violations, "{:?}", r2.errors);
+    assert_eq!(r2.violations, r.violations);
+    assert_eq!(r2.violations_unlisted, 61);
+    // The same as the whole log concludes.
+    let whole = node.evidence("q", NONCE, 0);
+    let full = check(&node, &whole, "q", &p, None);
+    assert_eq!(
+        (full.violations, full.violations_unlisted),
+        (r2.violations, 61)
+    );
+}

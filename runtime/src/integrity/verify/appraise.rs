@@ -15,6 +15,15 @@ use super::Expectations;
 use crate::integrity::allowlist::Violation;
 use crate::integrity::log::{self, Entry, Event};
 
+/// Violations an appraisal lists; past them it only counts. A pod can log
+/// distinct violating entries up to its quota (20 000 by default, each path
+/// up to 16 KiB escaped), and a verifier keeps its appraisal (in its
+/// counters file, which `watch` rewrites every round) and reports it at
+/// every check: listing them all would let a pod grow its verifier's
+/// state by hundreds of MB. The first ones show where it began; the log
+/// (`imacri attest log`) holds every one.
+pub const LISTED_VIOLATIONS: usize = 100;
+
 /// What a verifier concluded of a pod's first `entries` entries.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Appraisal {
@@ -30,7 +39,10 @@ pub struct Appraisal {
     /// Containers with entries, and the init digest each start declared.
     pub containers: BTreeSet<String>,
     pub declared: BTreeMap<String, String>,
+    /// The first [`LISTED_VIOLATIONS`] found, and how many more.
     pub violations: Vec<Violation>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unlisted: u64,
     /// Measurements (neither gaps nor start entries), and gaps.
     pub measurements: u64,
     pub gaps: u64,
@@ -150,8 +162,19 @@ impl Appraisal {
             .iter()
             .filter(|e| !matches!(e.event, Event::Gap | Event::Start))
             .count() as u64;
-        self.violations.extend(found);
+        let room = LISTED_VIOLATIONS.saturating_sub(self.violations.len());
+        self.unlisted += found.len().saturating_sub(room) as u64;
+        self.violations.extend(found.into_iter().take(room));
     }
+
+    /// Whether any violation was found.
+    pub fn violated(&self) -> bool {
+        !self.violations.is_empty() || self.unlisted > 0
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn violation(e: &Entry, reason: &str) -> Violation {

@@ -22,7 +22,7 @@ mod appraise;
 mod checkpoint;
 mod quote;
 
-pub use appraise::{key as appraisal_key, Appraisal, PodPages};
+pub use appraise::{key as appraisal_key, Appraisal, PodPages, LISTED_VIOLATIONS};
 pub use checkpoint::{Checkpoint, PodMark};
 use quote::check_quote;
 
@@ -137,7 +137,11 @@ pub struct Report {
     pub pod_entries: usize,
     /// Intervals in which the node was not measuring the pod (restarts).
     pub gaps: usize,
+    /// The first [`appraise::LISTED_VIOLATIONS`] violations (of all the
+    /// pod's entries, the ones appraised before included), and how many
+    /// more there are.
     pub violations: Vec<Violation>,
+    pub violations_unlisted: u64,
     /// Why the evidence is invalid (empty unless verdict is "invalid").
     pub errors: Vec<String>,
     /// What the verifier may keep of the node's log after this evidence
@@ -196,6 +200,7 @@ impl Report {
             pod_entries: 0,
             gaps: 0,
             violations: Vec::new(),
+            violations_unlisted: 0,
             errors,
             checkpoint: None,
         }
@@ -301,10 +306,10 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
         .prior
         .unwrap_or_else(|| Appraisal::new(under, &ev.backend));
     appraisal.take(&pod_entries, x);
-    let violations = appraisal.violations.clone();
+    let (violations, violations_unlisted) = (appraisal.violations.clone(), appraisal.unlisted);
     let verdict = if !errors.is_empty() {
         Verdict::Invalid
-    } else if !violations.is_empty() {
+    } else if appraisal.violated() {
         Verdict::Violations
     } else {
         Verdict::Trusted
@@ -329,6 +334,7 @@ pub fn verify(ev: &Evidence, x: &Expectations<'_>) -> Report {
         pod_entries: measured as usize,
         gaps: gaps as usize,
         violations,
+        violations_unlisted,
         errors,
         checkpoint,
     }

@@ -45,6 +45,29 @@ pub const EVIDENCE_BUDGET: usize = MAX_EVIDENCE - (64 << 10);
 /// template carry their paths, up to 16 KiB escaped.
 pub const PAGE_BYTES: usize = 16 << 20;
 
+/// A log line's bytes at most (an entry of the first template with a
+/// path of 4 KiB, escaped 4 bytes a byte, and its fields).
+pub const MAX_LINE: usize = 17 << 10;
+
+/// At most how many bytes of lines [`pod_view`] makes for these arguments:
+/// the log from the index's mark before `from` to the end (redacted lines
+/// are at most a digest longer: counted a quarter more) and the pod's
+/// entries it sends at their longest; without the index, its budget.
+pub fn view_bound(len: u64, (from, pod_from): (u64, u64), located: Option<&Located>) -> usize {
+    let Some(loc) = located else {
+        return EVIDENCE_BUDGET;
+    };
+    let tail_at = if loc.start.0 <= from { loc.start.1 } else { 0 };
+    let tail = usize::try_from(len.saturating_sub(tail_at)).unwrap_or(usize::MAX);
+    let own = match usize::try_from(pod_from) {
+        Ok(skip) if skip <= loc.own.len() => loc.own.len() - skip,
+        _ => loc.own.len(),
+    };
+    (tail / 4 * 5)
+        .saturating_add(own.saturating_mul(MAX_LINE))
+        .min(EVIDENCE_BUDGET)
+}
+
 /// Why a view could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {

@@ -429,3 +429,44 @@ fn pod_pages_carry_the_pods_entries_whole_in_order() {
         all[5..15]
     );
 }
+
+#[test]
+fn a_views_bound_is_never_below_what_it_makes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let n = 2 * STRIDE as usize + 300;
+    let (text, mut ix) = indexed(&path, n);
+    let len = text.len() as u64;
+    let bytes = |v: &PodView| {
+        v.log
+            .iter()
+            .chain(&v.pod_log)
+            .map(|l| l.len())
+            .sum::<usize>()
+    };
+    for pod in ["p", "q"] {
+        for from in [
+            0,
+            1,
+            STRIDE,
+            STRIDE + 7,
+            n as u64 - 3,
+            n as u64,
+            5 * n as u64,
+        ] {
+            for pod_from in [0, 3, 10_000] {
+                let loc = ix.locate(len, pod, from).unwrap();
+                let v =
+                    pod_view(&path, len, pod, (from, pod_from), usize::MAX, Some(&loc)).unwrap();
+                let bound = view_bound(len, (from, pod_from), Some(&loc));
+                assert!(
+                    bytes(&v) <= bound,
+                    "{pod} {from} {pod_from}: {} > {bound}",
+                    bytes(&v)
+                );
+            }
+        }
+    }
+    // Without the index: the budget.
+    assert_eq!(view_bound(len, (0, 0), None), EVIDENCE_BUDGET);
+}
