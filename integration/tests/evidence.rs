@@ -417,3 +417,66 @@ async fn concurrent_whole_log_quotes_share_a_memory_budget() {
     );
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
+
+/// Pods whose entries the journal's index locates (verbose Status).
+async fn located(d: &Imacri) -> u64 {
+    let mut rt = d.runtime().await.unwrap();
+    let v = imacri_integration::client::integrity_stats(&mut rt).await;
+    v["journalLocated"].as_u64().unwrap()
+}
+
+/// A removed ima pod stays quotable for `attestation.retention_secs`: its
+/// entries stay located by the journal's index (its quotes read only its
+/// lines, as a living pod's do; before, they read the whole log), across a
+/// restart too, and once its retention ends imacri forgets where they lie.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_pod_stays_located_while_it_is_quotable() {
+    let env = Env::get();
+    let config = "[attestation]\nretention_secs = 6\n";
+    let mut d = Imacri::start_configured(env, &env.namespace, &[], config)
+        .await
+        .unwrap();
+    d.pull(&env.busybox).await;
+    let read_whole = |d: &Imacri, pod: &str| {
+        d.log()
+            .lines()
+            .any(|l| l.contains("evidence read from the whole log") && l.contains(pod))
+    };
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima_pod("retained", None);
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    start_container(&mut rt, &pod, &cfg, sleeper(env)).await;
+    assert_eq!(located(&d).await, 1);
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    assert_eq!(located(&d).await, 1, "removed, still quotable");
+    let quote = |d: &Imacri, pod: &str| attest(d, &["quote", pod, "--out", "/dev/null"]).0;
+    assert_eq!(quote(&d, &pod), 0);
+    assert!(!read_whole(&d, &pod), "{}", d.log());
+    // Across a restart.
+    d.stop();
+    d.spawn().await.unwrap();
+    assert_eq!(located(&d).await, 1, "read back");
+    assert_eq!(quote(&d, &pod), 0);
+    assert!(!read_whole(&d, &pod), "{}", d.log());
+    // Its retention over, the next removal forgets where its entries lie.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg2 = ima_pod("retained-next", None);
+    let next = run_pod(&mut rt, &cfg2).await.unwrap();
+    start_container(&mut rt, &next, &cfg2, sleeper(env)).await;
+    assert_eq!(located(&d).await, 2);
+    imacri_integration::client::remove_pod(&mut rt, &next).await;
+    assert_eq!(located(&d).await, 1, "only the pod removed last");
+    assert_ne!(quote(&d, &pod), 0, "no longer quotable");
+    // Where the index cannot help (the log changed outside imacri), the
+    // quote reads the whole log, and says so.
+    let log_path = d.root.join("integrity/measurements.log");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log_path)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"\n").unwrap();
+    assert!(!read_whole(&d, &next));
+    assert_eq!(quote(&d, &next), 0);
+    assert!(read_whole(&d, &next), "{}", d.log());
+}

@@ -22,6 +22,9 @@ pub struct Retained {
     path: PathBuf,
     retention_secs: i64,
     pods: Mutex<BTreeMap<String, RemovedPod>>,
+    /// Pods whose retention ended, until taken (the journal then forgets
+    /// where their entries lie).
+    expired: Mutex<Vec<String>>,
 }
 
 impl Retained {
@@ -36,11 +39,39 @@ impl Retained {
             path,
             retention_secs: i64::try_from(retention_secs).unwrap_or(i64::MAX),
             pods: Mutex::new(pods),
+            expired: Mutex::default(),
         }
     }
 
     fn prune(&self, pods: &mut BTreeMap<String, RemovedPod>, now: i64) {
-        pods.retain(|_, p| now.saturating_sub(p.removed_at) < self.retention_secs);
+        let mut gone = Vec::new();
+        pods.retain(|id, p| {
+            let keep = now.saturating_sub(p.removed_at) < self.retention_secs;
+            if !keep {
+                gone.push(id.clone());
+            }
+            keep
+        });
+        if let (false, Ok(mut e)) = (gone.is_empty(), self.expired.lock()) {
+            e.extend(gone);
+        }
+    }
+
+    /// The pods quotable at `now`.
+    pub fn ids(&self, now: i64) -> Vec<String> {
+        let Ok(mut pods) = self.pods.lock() else {
+            return Vec::new();
+        };
+        self.prune(&mut pods, now);
+        pods.keys().cloned().collect()
+    }
+
+    /// The pods whose retention ended since last asked.
+    pub fn take_expired(&self) -> Vec<String> {
+        self.expired
+            .lock()
+            .map(|mut e| std::mem::take(&mut *e))
+            .unwrap_or_default()
     }
 
     /// Keeps `id` quotable from `now` on.
@@ -90,5 +121,20 @@ mod tests {
         let none = Retained::open(d.path(), 0);
         none.remember("pod2", "fanotify", 2000).unwrap();
         assert!(none.get("pod2", 2000).is_none());
+    }
+
+    #[test]
+    fn pods_whose_retention_ended_are_told_once() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Retained::open(d.path(), 60);
+        r.remember("a", "fanotify", 1000).unwrap();
+        r.remember("b", "fanotify", 1030).unwrap();
+        assert_eq!(r.ids(1059), ["a", "b"]);
+        assert!(r.take_expired().is_empty());
+        assert_eq!(r.ids(1060), ["b"]);
+        assert_eq!(r.take_expired(), ["a"]);
+        assert!(r.take_expired().is_empty());
+        r.remember("c", "fanotify", 1100).unwrap();
+        assert_eq!(r.take_expired(), ["b"]);
     }
 }

@@ -132,11 +132,20 @@ impl CriServer {
 
     /// Forgets what imacri keeps for a pod that is removed (or whose start
     /// failed): its seal and its journal bookkeeping (its entries stay in
-    /// the log).
+    /// the log, found where they lie while it is still quotable); and
+    /// where the entries of pods no longer quotable lie.
     pub(crate) fn forget_pod(&self, pod: &str) {
         if let Ok(mut m) = self.integrity.seals.lock() {
             m.remove(pod);
         }
-        self.integrity.journal.forget(pod);
+        let (journal, retained) = (&self.integrity.journal, &self.integrity.retained);
+        let now = imacri_runtime::ids::now_nanos() / 1_000_000_000;
+        match retained.get(pod, now) {
+            Some(_) => journal.retire(pod),
+            None => journal.forget(pod),
+        }
+        for gone in retained.take_expired() {
+            journal.forget(&gone);
+        }
     }
 }

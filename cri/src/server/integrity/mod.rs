@@ -10,7 +10,7 @@ use imacri_api::cri;
 use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::engine::{Engine, Notice};
 use imacri_runtime::integrity::fanotify::pods_own_tmpfs_volume;
-use imacri_runtime::integrity::journal::Journal;
+use imacri_runtime::integrity::journal::{Journal, Keep};
 use imacri_runtime::integrity::keeper;
 use imacri_runtime::integrity::mapguard::{self, Supervisor};
 use imacri_runtime::integrity::setting as ima;
@@ -74,14 +74,25 @@ impl Integrity {
         let tcti = cfg.ima.tpm_tcti.clone();
         let pcr = cfg.ima.pcr;
         let quota = cfg.ima.max_entries_per_pod;
+        let retained = imacri_runtime::integrity::retained::Retained::open(
+            &cfg.root.join("integrity"),
+            cfg.attestation.retention_secs,
+        );
+        let quotable: std::collections::HashSet<String> = retained
+            .ids(imacri_runtime::ids::now_nanos() / 1_000_000_000)
+            .into_iter()
+            .collect();
         let journal = tokio::task::spawn_blocking(move || -> Result<Journal> {
             let tpm = if tcti.is_empty() {
                 None
             } else {
                 Some(Tpm::open(&tcti, pcr, &dir)?)
             };
-            let keep = |pod: &str| pods.contains(pod);
-            Ok(Journal::open_keeping(&dir, pcr, tpm, &keep)?.with_quota(quota))
+            let keep = Keep {
+                pods: &|pod: &str| pods.contains(pod),
+                located: &|pod: &str| pods.contains(pod) || quotable.contains(pod),
+            };
+            Ok(Journal::open_with(&dir, pcr, tpm, &keep)?.with_quota(quota))
         })
         .await
         .map_err(|e| Error::Internal(format!("opening the measurement journal: {e}")))??;
@@ -137,10 +148,7 @@ impl Integrity {
                 engine,
                 listener,
                 init,
-                retained: imacri_runtime::integrity::retained::Retained::open(
-                    &cfg.root.join("integrity"),
-                    cfg.attestation.retention_secs,
-                ),
+                retained,
                 evidence_memory: super::attestation::evidence_memory(),
                 mapguard,
                 seals: Default::default(),
@@ -364,6 +372,7 @@ impl CriServer {
             "anchored": j.anchored(),
             "journalPods": journal_pods,
             "journalSummaries": journal_summaries,
+            "journalLocated": j.pods_located(),
             "pcr": j.pcr(),
             "epoch": j.epoch(),
             "fanotify": engine,

@@ -55,6 +55,11 @@ impl LogIndex {
         self.lines += 1;
     }
 
+    /// How many pods' entries are located.
+    pub(super) fn pods(&self) -> usize {
+        self.pods.len()
+    }
+
     /// A removed pod's offsets go (its quotes scan the log).
     pub(super) fn forget(&mut self, pod: &str) {
         self.pods.remove(pod);
@@ -196,8 +201,22 @@ mod tests {
         let j = Journal::open_keeping(d.path(), 15, None, &|p| p == "a").unwrap();
         assert_eq!(located(&j, "a", STRIDE + 3).unwrap().own, want);
         assert_eq!(located(&j, "b", 0), None);
+        // A removed pod still quotable: located, with no bookkeeping.
+        j.retire("a");
+        assert_eq!(located(&j, "a", STRIDE + 3).unwrap().own, want);
+        assert_eq!(j.summary("a").measurements, 0);
         j.forget("a");
         assert_eq!(located(&j, "a", 0), None);
+        drop(j);
+        // Read back with one: located, not kept.
+        let keep = super::super::Keep {
+            pods: &|p| p == "b",
+            located: &|p| p == "a" || p == "b",
+        };
+        let j = Journal::open_with(d.path(), 15, None, &keep).unwrap();
+        assert_eq!(located(&j, "a", STRIDE + 3).unwrap().own, want);
+        assert_eq!(j.summary("a").measurements, 0);
+        assert!(j.summary("b").measurements > 0);
         drop(j);
         // A last line cut short of its newline is ended before the next.
         let path = Journal::log_path(d.path());

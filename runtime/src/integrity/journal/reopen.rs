@@ -42,13 +42,21 @@ pub(super) enum ReadBackError {
     Io(#[from] std::io::Error),
 }
 
+/// Which pods the log read back keeps what of.
+pub struct Keep<'a> {
+    /// Bookkeeping and summaries (pods that exist).
+    pub pods: &'a dyn Fn(&str) -> bool,
+    /// Where their entries lie (those and removed pods still quotable).
+    pub located: &'a dyn Fn(&str) -> bool,
+}
+
 /// Reads `path` (missing: empty) into `pod_logs` and the returned
 /// summaries for the pods `keep` names; with `pcr`, finds what of the log
 /// the PCR has seen.
 pub(super) fn read_back(
     path: &Path,
     pcr: Option<[u8; 32]>,
-    keep: &dyn Fn(&str) -> bool,
+    keep: &Keep<'_>,
     pod_logs: &PodLogs,
 ) -> Result<ReadBack, ReadBackError> {
     let mut out = ReadBack {
@@ -94,7 +102,8 @@ pub(super) fn read_back(
         }
         let e =
             Entry::parse(line).map_err(|error| ReadBackError::Corrupt { line: i + 1, error })?;
-        out.index.add(bytes, keep(&e.pod).then_some(e.pod.as_str()));
+        out.index
+            .add(bytes, (keep.located)(&e.pod).then_some(e.pod.as_str()));
         out.count += 1;
         if let (Some(pcr), Some(tail)) = (pcr, out.unextended.as_mut()) {
             running = log::extend(&running, &e.template_hash);
@@ -105,7 +114,7 @@ pub(super) fn read_back(
                 tail.push((e.template_hash, e.pod.clone(), e.container.clone()));
             }
         }
-        if keep(&e.pod) {
+        if (keep.pods)(&e.pod) {
             super::note_summary(&mut out.pods, &e, false);
             let key = pod_logs.key_of(&e);
             if let Ok(mut p) = pod_logs.of(&e.pod).lock() {
@@ -134,7 +143,11 @@ mod tests {
             .collect();
         let text: String = es.iter().map(|e| format!("{e}\n")).collect();
         std::fs::write(&path, text).unwrap();
-        let keep = |p: &str| p == "alive";
+        let alive = |p: &str| p == "alive";
+        let keep = Keep {
+            pods: &alive,
+            located: &alive,
+        };
         // The PCR saw the first three.
         let pcr = log::replay(&es[..3]);
         let logs = PodLogs::default();

@@ -108,6 +108,12 @@ pub fn pod_view(
             "the measurement log does not hold the pod's entries where imacri wrote them (changed outside imacri?): reading all of it"
         );
     }
+    if located.is_none() {
+        tracing::debug!(
+            pod,
+            "evidence read from the whole log: its index does not locate the pod"
+        );
+    }
     let whole = Scan {
         pod,
         own: true,
