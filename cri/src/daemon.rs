@@ -183,6 +183,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .layer(crate::server::deadline::DeadlineLayer)
+                .layer(crate::server::held::layer())
                 .add_service(svc)
                 .serve_with_incoming_shutdown(UnixListenerStream::new(l), done)
                 .await
@@ -196,6 +197,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
             match builder {
                 Ok(b) => {
                     b.layer(crate::server::deadline::DeadlineLayer)
+                        .layer(crate::server::held::layer())
                         .add_service(svc)
                         .serve_with_incoming_shutdown(
                             tokio_stream::wrappers::TcpListenerStream::new(l),
@@ -209,6 +211,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     });
     tonic::transport::Server::builder()
         .layer(crate::server::deadline::DeadlineLayer)
+        .layer(crate::server::held::layer())
         .add_service(runtime)
         .add_service(images)
         .add_service(attestation)

@@ -8,6 +8,7 @@ use imacri_runtime::integrity::journal::view;
 use imacri_runtime::integrity::verify::{self, Evidence, QuoteEvidence};
 use imacri_runtime::{Error, Result};
 use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::{Request, Response, Status};
 
 use super::{instrument, CriServer};
@@ -29,8 +30,8 @@ const EVIDENCE_MEMORY: usize = 160 << 20;
 /// strings, the message, its encoding): measured 2.3 for a whole log.
 const PEAK_PER_BYTE: (usize, usize) = (23, 10);
 
-pub(super) fn evidence_memory() -> tokio::sync::Semaphore {
-    tokio::sync::Semaphore::new(EVIDENCE_MEMORY >> 10)
+pub(super) fn evidence_memory() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(EVIDENCE_MEMORY >> 10))
 }
 
 /// A view that could not be made: past what a message carries says why
@@ -78,18 +79,22 @@ impl CriServer {
     }
 
     /// Waits until evidence of at most `bytes` of lines fits the node's
-    /// evidence memory; held while it is built.
-    async fn reserve(&self, bytes: usize) -> Result<tokio::sync::SemaphorePermit<'_>> {
+    /// evidence memory; held while it is built and sent (see [`held`]).
+    async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit> {
         let peak = bytes.saturating_mul(PEAK_PER_BYTE.0) / PEAK_PER_BYTE.1;
         let kib = (peak >> 10).clamp(1, EVIDENCE_MEMORY >> 10);
         self.integrity
             .evidence_memory
-            .acquire_many(kib as u32)
+            .clone()
+            .acquire_many_owned(kib as u32)
             .await
             .map_err(|_| Error::Unavailable("imacri is shutting down".into()))
     }
 
-    async fn quote(&self, req: pb::QuoteRequest) -> Result<pb::QuoteResponse> {
+    async fn quote(
+        &self,
+        req: pb::QuoteRequest,
+    ) -> Result<(pb::QuoteResponse, OwnedSemaphorePermit)> {
         if req.pod_sandbox_id.is_empty() {
             return Err(Error::InvalidArgument("pod_sandbox_id is required".into()));
         }
@@ -118,7 +123,7 @@ impl CriServer {
         let (path, len, pod) = (snap.log_path.clone(), snap.log_len, id.clone());
         let located = snap.located.clone();
         let bound = view::view_bound(len, (from, pod_from), located.as_ref());
-        let _held = self.reserve(bound).await?;
+        let held = self.reserve(bound).await?;
         let budget = view::EVIDENCE_BUDGET;
         let view = tokio::task::spawn_blocking(move || {
             view::pod_view(&path, len, &pod, (from, pod_from), budget, located.as_ref())
@@ -147,9 +152,8 @@ impl CriServer {
         };
         let evidence = crate::evidence::to_proto(ev);
         crate::evidence::fits(&evidence, crate::evidence::MAX_EVIDENCE)?;
-        Ok(pb::QuoteResponse {
-            evidence: Some(evidence),
-        })
+        let evidence = Some(evidence);
+        Ok((pb::QuoteResponse { evidence }, held))
     }
 
     fn list_ima_pods(&self) -> pb::ListPodsResponse {
@@ -179,7 +183,10 @@ impl CriServer {
         pb::ListPodsResponse { pods }
     }
 
-    async fn pod_log(&self, req: pb::GetLogRequest) -> Result<pb::GetLogResponse> {
+    async fn pod_log(
+        &self,
+        req: pb::GetLogRequest,
+    ) -> Result<(pb::GetLogResponse, OwnedSemaphorePermit)> {
         if req.pod_sandbox_id.is_empty() {
             return Err(Error::InvalidArgument("pod_sandbox_id is required".into()));
         }
@@ -192,7 +199,7 @@ impl CriServer {
             imacri_runtime::integrity::journal::Journal::log_path(&self.cfg.root.join("integrity"));
         let (p, pod) = (path.clone(), id.clone());
         let budget = view::EVIDENCE_BUDGET;
-        let _held = self.reserve(budget).await?;
+        let held = self.reserve(budget).await?;
         let entries =
             tokio::task::spawn_blocking(move || view::pod_entries(&p, u64::MAX, &pod, budget))
                 .await
@@ -203,10 +210,13 @@ impl CriServer {
                 "pod sandbox {id:?} not found and has no measurements"
             )));
         }
-        Ok(pb::GetLogResponse { entries })
+        Ok((pb::GetLogResponse { entries }, held))
     }
 
-    async fn log_page(&self, req: pb::GetLogPageRequest) -> Result<pb::GetLogPageResponse> {
+    async fn log_page(
+        &self,
+        req: pb::GetLogPageRequest,
+    ) -> Result<(pb::GetLogPageResponse, OwnedSemaphorePermit)> {
         let max = match req.max_entries {
             0 => 10_000,
             n @ 1..=100_000 => n as usize,
@@ -226,8 +236,7 @@ impl CriServer {
         let from = req.from_entry;
         let bound = usize::try_from(len.saturating_sub(start.1))
             .map_or(view::PAGE_BYTES, |b| (b / 4 * 5).min(view::PAGE_BYTES));
-        let _held = self.reserve(bound).await?;
-        self.read_page(from, move |p| view::page(p, len, from, max, start))
+        self.read_page((from, bound), move |p| view::page(p, len, from, max, start))
             .await
     }
 
@@ -236,7 +245,7 @@ impl CriServer {
         &self,
         req: pb::GetLogPageRequest,
         max: usize,
-    ) -> Result<pb::GetLogPageResponse> {
+    ) -> Result<(pb::GetLogPageResponse, OwnedSemaphorePermit)> {
         let (id, backend) = self.quotable(&req.pod_sandbox_id)?;
         let journal = &self.integrity.journal;
         // One offset past the page says whether more follow.
@@ -247,26 +256,28 @@ impl CriServer {
         let bound = offsets.as_ref().map_or(view::PAGE_BYTES, |o| {
             o.len().saturating_mul(view::MAX_LINE).min(view::PAGE_BYTES)
         });
-        let _held = self.reserve(bound).await?;
-        let page = self
-            .read_page(from, move |p| {
+        let (page, held) = self
+            .read_page((from, bound), move |p| {
                 view::pod_page(p, len, &pod, from, max, offsets.as_deref())
             })
             .await?;
-        Ok(pb::GetLogPageResponse {
+        let page = pb::GetLogPageResponse {
             pod_sandbox_id: id,
             backend,
             ..page
-        })
+        };
+        Ok((page, held))
     }
 
     /// A page from entry `from_entry` that `read` reads from the log file
-    /// (on a blocking thread), in the log's epoch.
+    /// (on a blocking thread), in the log's epoch, of at most `bound` bytes
+    /// of lines (reserved; see [`CriServer::reserve`]).
     async fn read_page(
         &self,
-        from_entry: u64,
+        (from_entry, bound): (u64, usize),
         read: impl FnOnce(&std::path::Path) -> std::io::Result<(Vec<String>, bool)> + Send + 'static,
-    ) -> Result<pb::GetLogPageResponse> {
+    ) -> Result<(pb::GetLogPageResponse, OwnedSemaphorePermit)> {
+        let held = self.reserve(bound).await?;
         let epoch = self.integrity.journal.epoch();
         let path =
             imacri_runtime::integrity::journal::Journal::log_path(&self.cfg.root.join("integrity"));
@@ -275,13 +286,14 @@ impl CriServer {
             .await
             .map_err(|e| Error::Internal(e.to_string()))?
             .map_err(|e| Error::io("reading", &path, e))?;
-        Ok(pb::GetLogPageResponse {
+        let page = pb::GetLogPageResponse {
             entries,
             from_entry,
             epoch: Some(crate::evidence::epoch_to_proto(epoch)),
             more,
             ..Default::default()
-        })
+        };
+        Ok((page, held))
     }
 
     fn tpm(&self) -> Result<&imacri_runtime::integrity::tpm::Tpm> {
@@ -381,12 +393,20 @@ impl CriServer {
 
 type Res<T> = std::result::Result<Response<T>, Status>;
 
+/// A response that holds its evidence memory until it is sent.
+fn held<T>(r: Res<(T, OwnedSemaphorePermit)>) -> Res<T> {
+    r.map(|resp| {
+        let (msg, permit) = resp.into_inner();
+        super::held::respond(msg, permit)
+    })
+}
+
 #[tonic::async_trait]
 impl Attestation for Attest {
     async fn quote(&self, r: Request<pb::QuoteRequest>) -> Res<pb::QuoteResponse> {
         let r = r.into_inner();
         let id = r.pod_sandbox_id.clone();
-        instrument("Attestation.Quote", &id, self.0.quote(r)).await
+        held(instrument("Attestation.Quote", &id, self.0.quote(r)).await)
     }
 
     async fn list_pods(&self, _r: Request<pb::ListPodsRequest>) -> Res<pb::ListPodsResponse> {
@@ -399,16 +419,18 @@ impl Attestation for Attest {
     async fn get_log(&self, r: Request<pb::GetLogRequest>) -> Res<pb::GetLogResponse> {
         let r = r.into_inner();
         let id = r.pod_sandbox_id.clone();
-        instrument("Attestation.GetLog", &id, self.0.pod_log(r)).await
+        held(instrument("Attestation.GetLog", &id, self.0.pod_log(r)).await)
     }
 
     async fn get_log_page(&self, r: Request<pb::GetLogPageRequest>) -> Res<pb::GetLogPageResponse> {
-        instrument(
-            "Attestation.GetLogPage",
-            "",
-            self.0.log_page(r.into_inner()),
+        held(
+            instrument(
+                "Attestation.GetLogPage",
+                "",
+                self.0.log_page(r.into_inner()),
+            )
+            .await,
         )
-        .await
     }
 
     async fn get_attestation_key(

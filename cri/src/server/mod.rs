@@ -17,6 +17,7 @@ mod container_stop;
 mod container_stream;
 mod container_volumes;
 pub mod deadline;
+pub mod held;
 mod image_fs_info;
 mod image_list;
 mod image_pull;

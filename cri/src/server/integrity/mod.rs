@@ -44,7 +44,7 @@ pub struct Integrity {
     /// Removed ima pods still quotable.
     pub retained: imacri_runtime::integrity::retained::Retained,
     /// What evidence being built may take, all requests together (KiB).
-    pub evidence_memory: tokio::sync::Semaphore,
+    pub evidence_memory: Arc<tokio::sync::Semaphore>,
     mapguard: Option<Supervisor>,
     /// Pause rootfs seals in progress or done, by pod: None while running,
     /// then the outcome. Containers of the pod start only after success.
