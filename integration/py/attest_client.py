@@ -86,6 +86,12 @@ def incremental(ch, pod):
     expect_code(ch, "/imacri.attestation.v1.Attestation/GetLogPage",
                 field(3, "no-such-pod"), grpc.StatusCode.NOT_FOUND)
     print("pod page", len(own))
+    # GetLog: 1 pod_sandbox_id -> 1 entries: all the pod's entries, whole.
+    log = strings(call(ch, "/imacri.attestation.v1.Attestation/GetLog", field(1, pod))).get(1, [])
+    if log[:len(ev[8])] != ev[8]:
+        print(f"GetLog of {pod}: {log} (its entries: {ev[8]})", file=sys.stderr)
+        sys.exit(1)
+    print("log", len(log) >= len(ev[8]))
 
 
 def expect_code(channel, method, request, code):

@@ -537,6 +537,7 @@ async fn python_grpcio_reads_enrollment_data() {
     );
     assert!(t.lines().any(|l| l.starts_with("incremental ")), "{t}");
     assert!(t.lines().any(|l| l == "pod page 2"), "{t}");
+    assert!(t.lines().any(|l| l == "log True"), "{t}");
     assert!(t.lines().any(|l| l == "ok"), "{t}");
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }

@@ -197,14 +197,23 @@ impl CriServer {
         };
         let path =
             imacri_runtime::integrity::journal::Journal::log_path(&self.cfg.root.join("integrity"));
-        let (p, pod) = (path.clone(), id.clone());
+        let (len, offsets) = self
+            .integrity
+            .journal
+            .pod_page_start(&id, 0, usize::MAX)
+            .map_err(|e| Error::Unavailable(format!("reading the log: {e}")))?;
         let budget = view::EVIDENCE_BUDGET;
-        let held = self.reserve(budget).await?;
-        let entries =
-            tokio::task::spawn_blocking(move || view::pod_entries(&p, u64::MAX, &pod, budget))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?
-                .map_err(|e| view_error(e, &id, &path))?;
+        let bound = offsets.as_ref().map_or(budget, |o| {
+            o.len().saturating_mul(view::MAX_LINE).min(budget)
+        });
+        let held = self.reserve(bound).await?;
+        let (p, pod) = (path.clone(), id.clone());
+        let entries = tokio::task::spawn_blocking(move || {
+            view::pod_entries(&p, len, &pod, budget, offsets.as_deref())
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| view_error(e, &id, &path))?;
         if entries.is_empty() && self.sandbox(&id).is_err() {
             return Err(Error::NotFound(format!(
                 "pod sandbox {id:?} not found and has no measurements"

@@ -195,13 +195,31 @@ fn located_view(
 }
 
 /// The pod's own entries among the first `len` bytes of the log, in at
-/// most `budget` bytes.
+/// most `budget` bytes: read at the journal index's `offsets` of them when
+/// the file still holds them there, else from the whole file.
 pub fn pod_entries(
     path: &Path,
     len: u64,
     pod: &str,
     budget: usize,
+    offsets: Option<&[u64]>,
 ) -> Result<Vec<String>, ViewError> {
+    if let Some(offs) = offsets {
+        match page::located_pod_page(path, len, pod, (usize::MAX, budget), offs)? {
+            Some((entries, false)) => return Ok(entries),
+            Some((_, true)) => {
+                return Err(ViewError::TooLarge {
+                    budget,
+                    own: budget,
+                })
+            }
+            None => tracing::warn!(
+                pod,
+                path = %path.display(),
+                "the measurement log does not hold the pod's entries where imacri wrote them (changed outside imacri?): reading all of it"
+            ),
+        }
+    }
     let scan = Scan {
         pod,
         own: true,

@@ -79,7 +79,7 @@ pub fn pod_page(
     offsets: Option<&[u64]>,
 ) -> std::io::Result<(Vec<String>, bool)> {
     if let Some(offs) = offsets {
-        if let Some(p) = located_pod_page(path, len, pod, max, offs)? {
+        if let Some(p) = located_pod_page(path, len, pod, (max, PAGE_BYTES), offs)? {
             return Ok(p);
         }
         tracing::warn!(
@@ -102,7 +102,7 @@ pub(super) fn located_pod_page(
     path: &Path,
     len: u64,
     pod: &str,
-    max: usize,
+    limits: (usize, usize),
     offsets: &[u64],
 ) -> std::io::Result<Option<(Vec<String>, bool)>> {
     let mut w = Window::open(path, len)?;
@@ -114,7 +114,7 @@ pub(super) fn located_pod_page(
         if !Entry::parse(&l).is_ok_and(|e| e.pod == pod) {
             return Ok(None);
         }
-        if full(&out, bytes, &l, (max, PAGE_BYTES)) {
+        if full(&out, bytes, &l, limits) {
             return Ok(Some((out, true)));
         }
         bytes += cost(&l);

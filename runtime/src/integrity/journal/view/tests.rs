@@ -99,7 +99,9 @@ fn every_chunk_size_gives_the_view_of_the_whole_text() {
         plain(&text, "p", 2)
     );
     assert_eq!(
-        pod_entries(&path, len - 1, "p", usize::MAX).unwrap().len(),
+        pod_entries(&path, len - 1, "p", usize::MAX, None)
+            .unwrap()
+            .len(),
         3
     );
 }
@@ -130,7 +132,7 @@ fn a_view_past_its_budget_says_how_much_is_the_pods_own() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        pod_entries(&path, len, "p", 10_000),
+        pod_entries(&path, len, "p", 10_000, None),
         Err(ViewError::TooLarge { .. })
     ));
     // Another pod's view carries them redacted: small.
@@ -399,9 +401,19 @@ fn pod_pages_carry_the_pods_entries_whole_in_order() {
         });
         assert_eq!(by_bytes, want);
     }
+    // GetLog's read: all of them at the index's offsets, within its budget.
+    let every = ix.own(len, "p", 0, usize::MAX).unwrap();
+    assert_eq!(
+        pod_entries(&path, len, "p", usize::MAX, Some(&every)).unwrap(),
+        all
+    );
+    match pod_entries(&path, len, "p", 30_000, Some(&every)) {
+        Err(ViewError::TooLarge { budget, own }) => assert!(own * 2 > budget),
+        other => panic!("{other:?}"),
+    }
     // Read where the index says, not from the whole file.
     let offs = ix.own(len, "p", 0, 8).unwrap();
-    assert!(located_pod_page(&path, len, "p", 7, &offs)
+    assert!(located_pod_page(&path, len, "p", (7, PAGE_BYTES), &offs)
         .unwrap()
         .is_some());
     // Exactly a page's worth: no more.
