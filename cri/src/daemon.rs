@@ -177,13 +177,14 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
+    let held = crate::server::held::Limits::from_secs(cfg.attestation.unread_secs);
     let verifier_task = verifier.map(|l| {
         let svc = attestation_service(server.clone());
         let done = stopped(stop_rx.clone());
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .layer(crate::server::deadline::DeadlineLayer)
-                .layer(crate::server::held::layer())
+                .layer(crate::server::held::layer(held))
                 .add_service(svc)
                 .serve_with_incoming_shutdown(UnixListenerStream::new(l), done)
                 .await
@@ -197,7 +198,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
             match builder {
                 Ok(b) => {
                     b.layer(crate::server::deadline::DeadlineLayer)
-                        .layer(crate::server::held::layer())
+                        .layer(crate::server::held::layer(held))
                         .add_service(svc)
                         .serve_with_incoming_shutdown(
                             tokio_stream::wrappers::TcpListenerStream::new(l),
@@ -211,7 +212,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     });
     tonic::transport::Server::builder()
         .layer(crate::server::deadline::DeadlineLayer)
-        .layer(crate::server::held::layer())
+        .layer(crate::server::held::layer(held))
         .add_service(runtime)
         .add_service(images)
         .add_service(attestation)

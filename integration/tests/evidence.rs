@@ -374,23 +374,9 @@ fn peak_kib(d: &Imacri) -> u64 {
 /// than grow imacri by that much each.
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_whole_log_quotes_share_a_memory_budget() {
-    use imacri_runtime::integrity::log::{Entry, Event};
-    use std::io::Write;
     let env = Env::get();
     let mut d = Imacri::start(env).await.unwrap();
-    d.stop();
-    // 190 000 entries of pods long gone, ~62 MB.
-    let log_path = d.root.join("integrity/measurements.log");
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&log_path).unwrap());
-    for i in 0..190_000u32 {
-        let pod = format!("{:064x}", i / 40);
-        let path = format!("/usr/lib/x86_64-linux-gnu/lib{i}.so.1");
-        let e = Entry::new(15, [(i % 251) as u8; 32], &path, &pod, &pod, Event::Mmap);
-        writeln!(f, "{e}").unwrap();
-    }
-    f.flush().unwrap();
-    drop(f);
-    d.spawn().await.unwrap();
+    seed_long_log(&mut d).await;
     d.pull(&env.busybox).await;
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima_pod("whole-log", None);
@@ -417,6 +403,115 @@ async fn concurrent_whole_log_quotes_share_a_memory_budget() {
     );
     // Each takes ~147 MiB at its peak: +880 MiB when they all ran at once.
     assert!(grown < 320, "+{grown} MiB");
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+}
+
+/// Restarts `d` on a log of 190 000 entries of pods long gone (~62 MB), so
+/// that a new pod's whole-log evidence takes ~147 MiB of imacri's 160 MiB
+/// evidence budget.
+async fn seed_long_log(d: &mut Imacri) {
+    use imacri_runtime::integrity::log::{Entry, Event};
+    use std::io::Write;
+    d.stop();
+    let log_path = d.root.join("integrity/measurements.log");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&log_path).unwrap());
+    for i in 0..190_000u32 {
+        let pod = format!("{:064x}", i / 40);
+        let path = format!("/usr/lib/x86_64-linux-gnu/lib{i}.so.1");
+        let e = Entry::new(15, [(i % 251) as u8; 32], &path, &pod, &pod, Event::Mmap);
+        writeln!(f, "{e}").unwrap();
+    }
+    f.flush().unwrap();
+    drop(f);
+    d.spawn().await.unwrap();
+}
+
+/// A verifier that asks for evidence and then reads none of it (an h2
+/// client that never opens its window) loses the response after
+/// `attestation.unread_secs`: its share of the evidence budget goes back,
+/// so another verifier's whole-log quote, which waited for it, is served,
+/// and the stalled client's stream is reset when it reads at last. Before,
+/// the stalled client held the budget until its connection closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_evidence_response_left_unread_is_dropped() {
+    use prost::Message;
+    let env = Env::get();
+    let config = "[attestation]\nunread_secs = 3\n";
+    let mut d = Imacri::start_configured(env, &env.namespace, &[], config)
+        .await
+        .unwrap();
+    seed_long_log(&mut d).await;
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima_pod("unread", None);
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    start_container(&mut rt, &pod, &cfg, sleeper(env)).await;
+    // The stalled verifier: a Quote of the whole log, its stream's window
+    // 1 KiB and never opened.
+    let io = tokio::net::UnixStream::connect(&d.attest_socket)
+        .await
+        .unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(1 << 10)
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = tonic::codegen::http::Request::builder()
+        .method("POST")
+        .uri("http://localhost/imacri.attestation.v1.Attestation/Quote")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let msg = imacri_api::attestation::QuoteRequest {
+        pod_sandbox_id: pod.clone(),
+        nonce: vec![7; 16],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let (answer, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(framed.into(), true).unwrap();
+    let stalled = answer.await.unwrap();
+    assert_eq!(stalled.status(), 200);
+    // Another verifier's whole-log quote waits for the budget it holds.
+    let started = std::time::Instant::now();
+    let (socket, p) = (d.attest_socket.clone(), pod.clone());
+    let other = std::thread::spawn(move || {
+        imacri_integration::attest_at(&socket, &["quote", &p, "--out", "/dev/null"])
+    });
+    let deadline = started + Duration::from_secs(90);
+    while !other.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        other.is_finished(),
+        "another verifier still waits for the stalled one's budget:\n{}",
+        d.log()
+    );
+    let (code, _, err) = other.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    eprintln!("the other verifier's quote took {:?}", started.elapsed());
+    assert!(d.log().contains("evidence response dropped"), "{}", d.log());
+    // The stalled client reads at last: what h2 held, then a reset.
+    let mut body = stalled.into_body();
+    let mut got = 0usize;
+    let end = loop {
+        match body.data().await {
+            Some(Ok(b)) => {
+                got += b.len();
+                let _ = body.flow_control().release_capacity(b.len());
+            }
+            Some(Err(e)) => break Some(e),
+            None => break None,
+        }
+    };
+    assert!(end.is_some(), "the whole response arrived ({got} bytes)");
+    assert!(got < 2 << 20, "{got} bytes before the reset");
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
 
@@ -470,6 +565,21 @@ async fn a_removed_pod_stays_located_while_it_is_quotable() {
     imacri_integration::client::remove_pod(&mut rt, &next).await;
     assert_eq!(located(&d).await, 1, "only the pod removed last");
     assert_ne!(quote(&d, &pod), 0, "no longer quotable");
+    // Its entries are still in the log: GetLog counts them in the whole log
+    // and reserves that much (it reserved the whole evidence budget).
+    let (code, out, err) = attest(&d, &["log", &pod]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&pod) && l.ends_with(" start")),
+        "{out}"
+    );
+    assert!(
+        d.log()
+            .contains("its entries were counted in the whole log first"),
+        "{}",
+        d.log()
+    );
     // Where the index cannot help (the log changed outside imacri), the
     // quote reads the whole log, and says so.
     let log_path = d.root.join("integrity/measurements.log");

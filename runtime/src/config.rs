@@ -85,6 +85,10 @@ pub struct AttestationConfig {
     pub client_ca: PathBuf,
     /// How long a removed ima pod stays quotable (seconds).
     pub retention_secs: u64,
+    /// An evidence response its client reads none of for this long is
+    /// dropped, with its memory and its share of the evidence budget
+    /// (seconds; 0: never, until ten minutes).
+    pub unread_secs: u64,
 }
 
 impl Default for AttestationConfig {
@@ -98,6 +102,7 @@ impl Default for AttestationConfig {
             tls_key: PathBuf::new(),
             client_ca: PathBuf::new(),
             retention_secs: 86400,
+            unread_secs: 30,
         }
     }
 }
@@ -405,6 +410,11 @@ client_ca = ""
 # A removed ima pod stays quotable this long (seconds; its entries stay in
 # the log regardless, since the PCR includes them). 0: not at all.
 retention_secs = 86400
+# An evidence response (up to 64 MiB) its client reads none of for this long
+# is dropped and the client's stream reset: meanwhile it holds a share of
+# the memory all evidence requests wait for. 0: never (all of it must still
+# be sent within ten minutes).
+unread_secs = 30
 
 [ima]
 # Who measures pods with `ima` (field 3702 or annotation imacri.dev/ima=true):

@@ -203,10 +203,11 @@ impl CriServer {
             .pod_page_start(&id, 0, usize::MAX)
             .map_err(|e| Error::Unavailable(format!("reading the log: {e}")))?;
         let budget = view::EVIDENCE_BUDGET;
-        let bound = offsets.as_ref().map_or(budget, |o| {
-            o.len().saturating_mul(view::MAX_LINE).min(budget)
-        });
-        let held = self.reserve(bound).await?;
+        let bound = match offsets.as_ref() {
+            Some(o) => o.len().saturating_mul(view::MAX_LINE),
+            None => self.unlocated_bytes(&path, len, &id).await?,
+        };
+        let held = self.reserve(bound.min(budget)).await?;
         let (p, pod) = (path.clone(), id.clone());
         let entries = tokio::task::spawn_blocking(move || {
             view::pod_entries(&p, len, &pod, budget, offsets.as_deref())
@@ -220,6 +221,22 @@ impl CriServer {
             )));
         }
         Ok((pb::GetLogResponse { entries }, held))
+    }
+
+    /// What the entries of a pod the journal's index does not locate (a
+    /// pod no longer quotable, or a log changed outside imacri) take, counted
+    /// in a read of the whole log a chunk at a time: GetLog reserves that,
+    /// where it reserved the whole budget and so held back every other
+    /// evidence request while it read.
+    async fn unlocated_bytes(&self, path: &std::path::Path, len: u64, pod: &str) -> Result<usize> {
+        let _scan = self.reserve(view::SCAN_BYTES).await?;
+        let (p, id) = (path.to_path_buf(), pod.to_string());
+        let bytes = tokio::task::spawn_blocking(move || view::pod_bytes(&p, len, &id))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::io("reading", path, e))?;
+        tracing::debug!(pod_sandbox_id = %pod, bytes, "GetLog: the index does not locate the pod; its entries were counted in the whole log first");
+        Ok(bytes)
     }
 
     async fn log_page(

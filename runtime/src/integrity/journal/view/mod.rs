@@ -229,6 +229,24 @@ pub fn pod_entries(
     Ok(scan.run(path, len, None, CHUNK)?.0.pod_log)
 }
 
+/// What a read of the whole log holds at once (a chunk and the line it
+/// cut, up to twice a chunk).
+pub const SCAN_BYTES: usize = 2 * CHUNK;
+
+/// The bytes `pod`'s own entries take in a message (see [`cost`]) among the
+/// first `len` bytes of the log, read a chunk at a time: what GetLog of a
+/// pod the index does not locate reserves before it collects them.
+pub fn pod_bytes(path: &Path, len: u64, pod: &str) -> std::io::Result<usize> {
+    let needle = format!(" {pod} ");
+    let finder = Finder::new(needle.as_bytes());
+    let mut bytes = 0usize;
+    in_chunks(path, (0, len), CHUNK, |text| {
+        bytes = own_lines(&finder, text, pod).fold(bytes, |b, l| b.saturating_add(cost(l)));
+        Ok(true)
+    })?;
+    Ok(bytes)
+}
+
 /// Reads the log from byte `at` (a line's start) to `len` chunk by chunk,
 /// each cut after its last whole line (a last line without its newline is
 /// one), and hands them to `f` until it says stop.

@@ -402,6 +402,13 @@ fn pod_pages_carry_the_pods_entries_whole_in_order() {
         assert_eq!(by_bytes, want);
     }
     // GetLog's read: all of them at the index's offsets, within its budget.
+    // Where the index does not locate the pod, it first counts what they
+    // take ("pq"'s lines, which hold " p ", not among them).
+    assert_eq!(
+        pod_bytes(&path, len, "p").unwrap(),
+        all.iter().map(|l| cost(l)).sum::<usize>()
+    );
+    assert_eq!(pod_bytes(&path, len, "nobody").unwrap(), 0);
     let every = ix.own(len, "p", 0, usize::MAX).unwrap();
     assert_eq!(
         pod_entries(&path, len, "p", usize::MAX, Some(&every)).unwrap(),
