@@ -403,6 +403,34 @@ async fn concurrent_whole_log_quotes_share_a_memory_budget() {
     );
     // Each takes ~147 MiB at its peak: +880 MiB when they all ran at once.
     assert!(grown < 320, "+{grown} MiB");
+    // Another gRPC stack (Python grpcio, C-core's h2) reads responses sent
+    // in slices whole: the log's pages (~3 MB each) and a whole-log Quote.
+    let cache = imacri_integration::critest::tools().unwrap();
+    let py = imacri_integration::peers::grpcio_python(&cache);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/attest_client.py");
+    let o = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(&socket)
+        .args(["--pages", &pod])
+        .output()
+        .unwrap();
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "{t}");
+    let entries = |what: &str| -> u64 {
+        let l = t.lines().find(|l| l.starts_with(what)).unwrap_or_default();
+        l.split(' ')
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    // The seeded entries and the pod's own (start, executions).
+    eprintln!("{t}");
+    assert!(entries("pages ") > 190_000, "{t}");
+    assert_eq!(entries("quote "), entries("pages "), "{t}");
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
 
