@@ -94,3 +94,24 @@ pub fn save_quote(d: &Imacri, pod: &str, nonce: &str, out: &Path) {
     let (code, _, err) = attest(d, &["quote", pod, "--nonce", nonce, "--out", out]);
     assert_eq!(code, 0, "attest quote: {err}");
 }
+
+/// `py/attest_client.py` on Python grpcio (C-core's gRPC, another stack
+/// than ours) against the verifier socket: whether it succeeded, and what
+/// it printed (stdout, then stderr).
+pub fn grpcio_attest(socket: &Path, args: &[&str]) -> (bool, String) {
+    let cache = crate::critest::tools().expect("test tools");
+    let py = crate::peers::grpcio_python(&cache);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/attest_client.py");
+    let o = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("running attest_client.py");
+    let t = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), t)
+}

@@ -500,7 +500,6 @@ async fn enrollment_without_certificate_or_tpm() {
 #[tokio::test(flavor = "multi_thread")]
 async fn python_grpcio_reads_enrollment_data() {
     let env = Env::get();
-    let cache = imacri_integration::critest::tools().unwrap();
     let ca = EkCa::new(env).unwrap();
     let tpm = Swtpm::start_manufactured(env, &ca).unwrap();
     let tcti = tpm.tcti();
@@ -517,20 +516,8 @@ async fn python_grpcio_reads_enrollment_data() {
         .unwrap();
     let app = imacri_integration::container_config("app", &env.busybox, &["sleep", "1000"]);
     imacri_integration::client::start_container(&mut rt, &pod, &cfg, app).await;
-    let py = imacri_integration::peers::grpcio_python(&cache);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/attest_client.py");
-    let o = std::process::Command::new(&py)
-        .arg(&script)
-        .arg(&d.attest_socket)
-        .arg(&pod)
-        .output()
-        .unwrap();
-    let t = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{t}\n{}", d.log());
+    let (ok, t) = imacri_integration::attesting::grpcio_attest(&d.attest_socket, &[&pod]);
+    assert!(ok, "{t}\n{}", d.log());
     assert!(
         t.contains("ActivateCredential INVALID_ARGUMENT the TPM refused"),
         "{t}"

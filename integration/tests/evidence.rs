@@ -5,7 +5,7 @@
 //! pages of it), on a real daemon, real containers and swtpm.
 
 use imacri_integration::attesting::{
-    anchored_node, ima_pod, log_lines, save_quote, sleeper, verify,
+    anchored_node, grpcio_attest, ima_pod, log_lines, save_quote, sleeper, verify,
 };
 use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
 use imacri_integration::{attest, Env, Imacri};
@@ -405,21 +405,8 @@ async fn concurrent_whole_log_quotes_share_a_memory_budget() {
     assert!(grown < 320, "+{grown} MiB");
     // Another gRPC stack (Python grpcio, C-core's h2) reads responses sent
     // in slices whole: the log's pages (~3 MB each) and a whole-log Quote.
-    let cache = imacri_integration::critest::tools().unwrap();
-    let py = imacri_integration::peers::grpcio_python(&cache);
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/attest_client.py");
-    let o = std::process::Command::new(&py)
-        .arg(&script)
-        .arg(&socket)
-        .args(["--pages", &pod])
-        .output()
-        .unwrap();
-    let t = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "{t}");
+    let (ok, t) = grpcio_attest(&socket, &["--pages", &pod]);
+    assert!(ok, "{t}");
     let entries = |what: &str| -> u64 {
         let l = t.lines().find(|l| l.starts_with(what)).unwrap_or_default();
         l.split(' ')
