@@ -945,3 +945,111 @@ async fn what_an_idle_pod_does_next_is_measured_or_refused() {
         stop_pod(&mut rt, pod).await;
     }
 }
+
+/// A disk-backed emptyDir of the pod's own under `volumes = "measure"` (the
+/// init-container pattern: one container copies a tool there, another runs
+/// it). Its filesystem is the host's, so only the container's own mount of
+/// it is marked: its executions are measured (a file the host rewrote,
+/// which no event of that mark shows, is measured anew), or refused outside
+/// the policy under `enforce`; and the same file handed in by a helper
+/// outside the pod, which reached it through its own mount of the volume's
+/// host directory, runs in no way. Until 2026-12-05 such a volume was
+/// `noexec` in every ima pod.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_emptydir_of_the_pods_own_runs_only_measured() {
+    let env = Env::get();
+    let policies = "[ima.policies.vols]\nvolumes = \"measure\"\n[ima.policies.vols-strict]\nmode = \"enforce\"\nvolumes = \"measure\"\nallowlist = [\"{golden}\"]";
+    let (d, image, work) = node(env, policies).await;
+    let mut rt = d.runtime().await.unwrap();
+    for policy in ["vols", "vols-strict"] {
+        let cfg = ima(&format!("disk-{policy}"), policy);
+        let vol = imacri_integration::kubelet_volume(work.path(), &cfg, "cache");
+        let with_vol = |mut c: cri::ContainerConfig| {
+            c.mounts.push(cri::Mount {
+                container_path: "/cache".into(),
+                host_path: vol.to_string_lossy().into(),
+                ..Default::default()
+            });
+            c
+        };
+        let sleeper = |n: &str| with_vol(container_config(n, &image, &["sleep", "1000"]));
+        let pod = run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
+        let copy = "cp /bin/busybox /cache/evil && printf X | dd of=/cache/evil bs=1 seek=300 conv=notrunc 2>/dev/null && ln -s evil /cache/echo && echo copied";
+        assert_eq!(sh_ok(&mut rt, &a, copy).await, "copied");
+        let digest = sha256_hex(&std::fs::read(vol.join("evil")).unwrap());
+        let b = start_container(&mut rt, &pod, &cfg, sleeper("b")).await;
+        // busybox runs as the applet its name says.
+        let run = "/cache/echo ran; echo rc=$?";
+        let (_, out, err) = exec_sh(&mut rt, &b, run).await;
+        let lines = entries_of(&log_lines(&d, &pod), &b);
+        if policy == "vols-strict" {
+            assert!(!out.contains("ran"), "{out}{err}");
+            assert!(logged(&lines, "/cache/evil", None, "deny"), "{lines:?}");
+            stop_pod(&mut rt, &pod).await;
+            continue;
+        }
+        assert!(out.contains("ran"), "{out}{err}\n{}", d.log());
+        assert!(
+            logged(&lines, "/cache/evil", Some(&digest), "exec"),
+            "{lines:?}"
+        );
+        // Rewritten by the host, through its own path.
+        let mut bytes = std::fs::read(vol.join("evil")).unwrap();
+        bytes[300] = b'Y';
+        std::fs::write(vol.join("evil"), &bytes).unwrap();
+        let (_, out, err) = exec_sh(&mut rt, &b, run).await;
+        assert!(out.contains("ran"), "{out}{err}");
+        let lines = entries_of(&log_lines(&d, &pod), &b);
+        assert!(
+            logged(&lines, "/cache/evil", Some(&sha256_hex(&bytes)), "exec"),
+            "{lines:?}"
+        );
+        // Bound twice in one container: each mount is marked.
+        let mut twice = sleeper("c");
+        twice.mounts.push(cri::Mount {
+            container_path: "/again".into(),
+            host_path: vol.to_string_lossy().into(),
+            ..Default::default()
+        });
+        let c = start_container(&mut rt, &pod, &cfg, twice).await;
+        let (_, out, err) = exec_sh(&mut rt, &c, "/again/echo ran; /cache/echo ran").await;
+        assert_eq!(out.matches("ran").count(), 2, "{out}{err}");
+        let lines = entries_of(&log_lines(&d, &pod), &c);
+        for at in ["/again/evil", "/cache/evil"] {
+            assert!(
+                logged(&lines, at, Some(&sha256_hex(&bytes)), "exec"),
+                "{at}: {lines:?}"
+            );
+        }
+        // Handed in from outside the pod: a plain pod with the volume's host
+        // directory as a hostPath serves the file and its directory.
+        let helper = pod_config("disk-helper");
+        let hp = run_pod(&mut rt, &helper).await.unwrap();
+        let mut srv = container_config("srv", &image, &["escape", "serve-fds", "/x/s", "/x/evil"]);
+        srv.mounts.push(cri::Mount {
+            container_path: "/x".into(),
+            host_path: vol.to_string_lossy().into(),
+            ..Default::default()
+        });
+        start_container(&mut rt, &hp, &helper, srv).await;
+        for _ in 0..100 {
+            if vol.join("s").exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        for m in RECEIVED {
+            let (_, out, err) = exec_sh(&mut rt, &b, &format!("escape {m} /cache/s")).await;
+            assert!(!out.contains("RAN"), "{m}: {out}{err}");
+            assert!(
+                out.contains(&format!("{m}: Permission denied")),
+                "{m}: {out}{err}"
+            );
+        }
+        stop_pod(&mut rt, &hp).await;
+        stop_pod(&mut rt, &pod).await;
+    }
+}

@@ -337,7 +337,8 @@ async fn kubelet_user_namespace_and_measured_pods() {
     let tpm = Swtpm::start(env).unwrap();
     let tcti = tpm.tcti();
     let ns = format!("iso-{:08x}", rand::random::<u32>());
-    let d = Imacri::start_full(env, &ns, &["--tpm-tcti", &tcti])
+    let vols = "[ima.policies.default]\n[ima.policies.vols]\nvolumes = \"measure\"\n";
+    let d = Imacri::start_configured(env, &ns, &["--tpm-tcti", &tcti], vols)
         .await
         .unwrap();
     d.pull(&env.busybox).await;
@@ -371,7 +372,12 @@ async fn kubelet_user_namespace_and_measured_pods() {
         ),
     )
     .unwrap();
-    for p in ["userns", "measured"] {
+    // The init-container pattern with a disk-backed emptyDir, under a
+    // policy that measures the pod's own volumes: kubelet makes the
+    // volume's directory, the init container copies a tool there and the
+    // app runs it.
+    k.add_manifest("tooled", &tooled_pod(env)).unwrap();
+    for p in ["userns", "measured", "tooled"] {
         eventually(&format!("{p} running"), T, || running(&k, p))
             .unwrap_or_else(|e| panic!("{e}\n{}\n{}", k.log_tail(6000), d.log()));
     }
@@ -423,7 +429,59 @@ async fn kubelet_user_namespace_and_measured_pods() {
     assert_eq!(code, 1, "a violation: {out}");
     assert!(out.contains("/tmp/true"), "{out}");
 
-    remove_and_wait(&k, &cache, &d, &["userns", "measured"]);
+    let (ok, out) = kubelet_exec(&client, &k, "tooled", "/tools/echo again");
+    assert!(ok && out.contains("again"), "{out}");
+    let pods = crictl(
+        &cache,
+        &d,
+        &["pods", "--name", "tooled-imacri-test-node", "-q"],
+    );
+    let (code, log, err) = attest(&d, &["log", pods.trim()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" /tools/tool ") && l.ends_with(" exec")),
+        "{log}"
+    );
+
+    remove_and_wait(&k, &cache, &d, &["userns", "measured", "tooled"]);
+}
+
+/// An ima pod under the `vols` policy whose init container copies a
+/// changed busybox into an emptyDir on disk, which its app then runs.
+fn tooled_pod(env: &Env) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: tooled
+  namespace: default
+  annotations:
+    imacri.dev/ima: "true"
+    imacri.dev/ima-policy: vols
+spec:
+  initContainers:
+  - name: copy
+    image: {img}
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "cp /bin/busybox /tools/tool && echo x >> /tools/tool && ln -s tool /tools/echo"]
+    volumeMounts:
+    - name: tools
+      mountPath: /tools
+  containers:
+  - name: app
+    image: {img}
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "/tools/echo tool-ran && exec sleep 3600"]
+    volumeMounts:
+    - name: tools
+      mountPath: /tools
+  volumes:
+  - name: tools
+    emptyDir: {{}}
+"#,
+        img = env.busybox
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

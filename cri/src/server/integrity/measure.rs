@@ -3,7 +3,9 @@
 
 use imacri_runtime::integrity::charge::Charge;
 use imacri_runtime::integrity::engine::Measured;
-use imacri_runtime::integrity::fanotify::{self, own_tmpfs_view, Target, Triggers, Watch};
+use imacri_runtime::integrity::fanotify::{
+    self, own_disk_view, own_tmpfs_view, MountedVolume, Target, Triggers, Watch,
+};
 use imacri_runtime::integrity::log::Event;
 use imacri_runtime::{Error, Result};
 use std::sync::Arc;
@@ -113,8 +115,8 @@ impl CriServer {
             .as_ref()
             .map_or("", |l| l.cgroup_parent.as_str());
         let mut cgroup = imacri_runtime::spec::cgroup_path(parent, ctr);
-        let (volumes, image, init) = if ctr == pod {
-            (Vec::new(), self.sandbox_image.clone(), None)
+        let (volumes, mounted, image, init) = if ctr == pod {
+            (Vec::new(), Vec::new(), self.sandbox_image.clone(), None)
         } else {
             let c = self.container(ctr)?;
             let spec = self.spec_of(&c).await?;
@@ -124,6 +126,7 @@ impl CriServer {
             // again, which a pod's symlink could have moved since.
             let measures = self.measures_volumes(&st);
             let mut volumes: Vec<(String, std::path::PathBuf)> = Vec::new();
+            let mut mounted = Vec::new();
             let through_init = spec
                 .process()
                 .as_ref()
@@ -142,18 +145,26 @@ impl CriServer {
                 }
                 let source = m.source().clone().unwrap_or_default();
                 let staged = source.starts_with(self.cfg.state.join("idmap").join(ctr));
-                if !(measures && staged && own_tmpfs_view(&source)) {
+                if measures && staged && own_tmpfs_view(&source) {
+                    volumes.push((dest.into_owned(), source));
+                } else if measures && staged && own_disk_view(&source) {
+                    // CreateContainer found it the pod's own disk-backed
+                    // emptyDir: the container's mount of it is marked.
+                    mounted.push(MountedVolume {
+                        dest: dest.into_owned(),
+                        view: source,
+                    });
+                } else {
                     return Err(Error::FailedPrecondition(format!(
-                        "mount {dest} of container {ctr} allows execution but cannot be measured (not a tmpfs of its own any more)"
+                        "mount {dest} of container {ctr} allows execution but cannot be measured (not a volume of the pod's own any more, or something is mounted beneath it)"
                     )));
                 }
-                volumes.push((dest.into_owned(), source));
             }
             if let Some(p) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone()) {
                 cgroup = p.to_string_lossy().into_owned();
             }
             let init = through_init.then(|| format!("/proc/{pid}/root{init_path}").into());
-            (volumes, c.state().image_id, init)
+            (volumes, mounted, c.state().image_id, init)
         };
         let measured = Arc::new(Measured {
             pod: pod.to_string(),
@@ -169,6 +180,7 @@ impl CriServer {
             root: format!("/proc/{pid}/root").into(),
             triggers,
             volumes: volumes.into_iter().map(|(_, h)| h).collect(),
+            mounted,
             init,
         };
         let keeper = self.integrity.keeper();

@@ -9,7 +9,7 @@
 use imacri_api::cri;
 use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::engine::{Engine, Notice};
-use imacri_runtime::integrity::fanotify::pods_own_tmpfs_volume;
+use imacri_runtime::integrity::fanotify::pods_own_volume;
 use imacri_runtime::integrity::journal::{Journal, Keep};
 use imacri_runtime::integrity::keeper;
 use imacri_runtime::integrity::mapguard::{self, Supervisor};
@@ -192,12 +192,13 @@ impl CriServer {
     }
 
     /// Volumes of a container the fanotify backend measures (policy
-    /// `volumes = "measure"` and a tmpfs of their own, in kubelet's directory
-    /// of this pod's volumes): (destination, host path).
+    /// `volumes = "measure"`, in kubelet's directory of this pod's volumes:
+    /// a tmpfs of their own, or a disk-backed emptyDir): (destination, host
+    /// path).
     /// `bound`: the mounts the container will bind instead (the same
     /// volumes in the same order: ID-mapped views, made from the host paths
     /// before this check), on which the check is made (see
-    /// `pods_own_tmpfs_volume`): a path the pod can swap could name one
+    /// `fanotify::pods_own_volume`): a path the pod can swap could name one
     /// thing when bound and another when checked.
     pub(crate) fn measured_volumes(
         &self,
@@ -215,11 +216,12 @@ impl CriServer {
             .enumerate()
             .filter(|(i, m)| {
                 let bound = bound.and_then(|b| b.mounts.get(*i)).unwrap_or(m);
-                pods_own_tmpfs_volume(
+                pods_own_volume(
                     std::path::Path::new(&m.host_path),
                     std::path::Path::new(&bound.host_path),
                     pod_uid,
                 )
+                .is_some()
             })
             .map(|(i, m)| {
                 let bound = bound.and_then(|b| b.mounts.get(i)).unwrap_or(m);

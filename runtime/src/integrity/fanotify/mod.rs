@@ -25,7 +25,8 @@
 //!
 //! Execution from anywhere but the rootfs is refused by the spec: every other
 //! mount of a container in a fanotify-measured pod (volumes, /dev, tmpfs) is
-//! mounted `noexec` (see `spec::noexec_outside_rootfs`).
+//! mounted `noexec` (see `spec::noexec_outside_rootfs`), except the pod's own
+//! volumes under `volumes = "measure"`, which are marked too (`volumes.rs`).
 
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -42,6 +43,7 @@ mod loader;
 mod pending;
 mod readback;
 mod reader;
+mod volumes;
 mod window;
 mod writes;
 use super::keeper::{self, Keeper};
@@ -50,6 +52,9 @@ use crate::integrity::policy::Rule;
 pub use held::needs_holding;
 pub use leases::probe as lease_probe;
 pub use pending::deny_errno_probe;
+pub use volumes::{
+    container_mount, own_disk_view, own_tmpfs_view, pods_own_volume, MountedVolume, OwnVolume,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FanotifyError {
@@ -61,6 +66,8 @@ pub enum FanotifyError {
     Mark { path: PathBuf, source: nix::Error },
     #[error("starting the fanotify reader: {0}")]
     Thread(std::io::Error),
+    #[error("the container's mount of a volume at {path} cannot be marked: {why}")]
+    VolumeMount { path: PathBuf, why: String },
 }
 
 /// What the pod's policy asks fanotify to measure. Executions and
@@ -145,6 +152,9 @@ pub struct Target {
     pub triggers: Triggers,
     /// Volumes measured like the rootfs (each a filesystem of its own).
     pub volumes: Vec<PathBuf>,
+    /// Disk-backed volumes of the pod's own: the container's own mount of
+    /// each is marked (`volumes.rs`).
+    pub mounted: Vec<MountedVolume>,
     /// imacri's init as the host reaches it in the container
     /// (`/proc/<pid>/root/dev/.imacri-init`): its bind mount is marked for
     /// executions (a mount mark: the file is on a host filesystem).
@@ -291,6 +301,26 @@ pub fn watch(
         )
         .map_err(|source| FanotifyError::Mark {
             path: path.clone(),
+            source,
+        })?;
+    }
+    let mut marked = std::collections::HashSet::new();
+    for v in &target.mounted {
+        let (fd, mount) = container_mount(&target.root, v)?;
+        if !marked.insert(mount) {
+            return Err(FanotifyError::VolumeMount {
+                path: target.root.join(v.dest.trim_start_matches('/')),
+                why: "another volume destination leads to the same mount".into(),
+            });
+        }
+        fan.mark(
+            MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT,
+            target.triggers.mask(),
+            Some(fd.as_raw_fd()),
+            None::<&std::path::Path>,
+        )
+        .map_err(|source| FanotifyError::Mark {
+            path: target.root.join(v.dest.trim_start_matches('/')),
             source,
         })?;
     }
@@ -446,108 +476,6 @@ fn start(
     })
 }
 
-/// Whether `bound`, what a container will bind for the volume its request
-/// named `host_path` (imacri's staged view of it), is a memory-backed volume
-/// of the pod with `pod_uid`'s own: the root of a tmpfs in kubelet's
-/// directory of the pod's volumes (`<kubelet root>/pods/<uid>/volumes/
-/// <plugin>/<name>`), or a subPath of one (`.../pods/<uid>/volume-subpaths/
-/// <name>/...` on that volume's filesystem), with nothing mounted beneath.
-/// A memory-backed volume there is the pod's alone; a tmpfs elsewhere (the
-/// host's `/dev/shm`, another pod's emptyDir, a subPath of a hostPath) is
-/// used by processes outside the pod, whose executions a mark of the pod's
-/// would measure into its log and put under its policy.
-///
-/// Decided on `bound` itself (device and inode) and on kubelet's
-/// directories, each looked at without following a link and owned by root:
-/// a host path through a directory the pod controls (in a disk volume of
-/// its own) could name another file at every look, and did, until
-/// 2026-12-04, between the bind and the check (`ima_guards.rs`
-/// `a_volume_swapped_under_its_check_does_not_run`).
-pub fn pods_own_tmpfs_volume(
-    host_path: &std::path::Path,
-    bound: &std::path::Path,
-    pod_uid: &str,
-) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (false, Ok(p)) = (pod_uid.is_empty(), std::fs::canonicalize(host_path)) else {
-        return false;
-    };
-    let parts: Vec<_> = p.components().collect();
-    let Some(i) = parts
-        .windows(2)
-        .position(|w| w[0].as_os_str() == "pods" && w[1].as_os_str() == pod_uid)
-    else {
-        return false;
-    };
-    // The path test first: most volumes (hostPaths) end there, before the
-    // mountinfo is read.
-    let pod_dir: std::path::PathBuf = parts[..i + 2].iter().collect();
-    if !pod_dir.ancestors().all(root_owned_dir) || !own_tmpfs_view(bound) {
-        return false;
-    }
-    let Ok(b) = std::fs::metadata(bound) else {
-        return false;
-    };
-    let own = own_volume_roots(&pod_dir.join("volumes"));
-    let at = |k: usize| parts.get(k).map(|c| c.as_os_str());
-    match (at(i + 2), at(i + 3)) {
-        (Some(d), Some(_)) if d == "volumes" => own
-            .iter()
-            .any(|(_, dev, ino)| (*dev, *ino) == (b.dev(), b.ino())),
-        (Some(d), Some(name)) if d == "volume-subpaths" => {
-            own.iter().any(|(n, dev, _)| n == name && *dev == b.dev())
-        }
-        _ => false,
-    }
-}
-
-/// A directory (not a link to one) owned by host root: none of the pod's.
-fn root_owned_dir(p: &std::path::Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir() && m.uid() == 0)
-}
-
-/// The tmpfs roots among kubelet's volumes of a pod (`volumes/<plugin>/
-/// <name>`, each the root of a filesystem of its own): (name, device, inode).
-fn own_volume_roots(volumes: &std::path::Path) -> Vec<(std::ffi::OsString, u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    let Ok(plugins) = std::fs::read_dir(volumes) else {
-        return out;
-    };
-    for plugin in plugins.flatten().map(|e| e.path()) {
-        let Ok(pm) = std::fs::symlink_metadata(&plugin) else {
-            continue;
-        };
-        if !root_owned_dir(&plugin) {
-            continue;
-        }
-        let Ok(names) = std::fs::read_dir(&plugin) else {
-            continue;
-        };
-        for vol in names.flatten() {
-            let path = vol.path();
-            let Ok(m) = std::fs::symlink_metadata(&path) else {
-                continue;
-            };
-            let tmpfs = nix::sys::statfs::statfs(&path)
-                .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-            if m.is_dir() && m.dev() != pm.dev() && tmpfs {
-                out.push((vol.file_name(), m.dev(), m.ino()));
-            }
-        }
-    }
-    out
-}
-
-/// True when `path` (imacri's staged view of a volume, a mount root of its
-/// own) is a tmpfs with nothing mounted beneath it.
-pub fn own_tmpfs_view(path: &std::path::Path) -> bool {
-    let tmpfs = nix::sys::statfs::statfs(path)
-        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
-    tmpfs && !crate::mount::mounts_beneath(path)
-}
-
 /// Whether task `tid` is one of `openers`.
 fn opened_by(tid: i32, openers: &[Opener]) -> bool {
     let Some((real, effective)) = uids_of(tid) else {
@@ -582,74 +510,6 @@ mod tests {
         assert!(opened_by(me, &[o(uid + 1, false), o(uid, false)]));
         assert!(opened_by(me, &[o(euid, true)]));
         assert!(!opened_by(me, &[o(uid + 1, false), o(euid + 1, true)]));
-    }
-
-    /// tmpfs mounts stand for kubelet's memory-backed volumes (the unit
-    /// tests run as root), taken down when the test ends.
-    struct Mounted(Vec<std::path::PathBuf>);
-    impl Drop for Mounted {
-        fn drop(&mut self) {
-            for p in self.0.iter().rev() {
-                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
-
-    #[test]
-    fn only_the_pods_own_kubelet_volumes_are_its_own() {
-        use nix::mount::{mount, MsFlags};
-        let d = tempfile::tempdir().unwrap();
-        let vols = d.path().join("pods/u-1/volumes/kubernetes.io~empty-dir");
-        let (cache, plain) = (vols.join("cache"), vols.join("plain"));
-        let theirs = d
-            .path()
-            .join("pods/u-2/volumes/kubernetes.io~empty-dir/cache");
-        let sub = d.path().join("pods/u-1/volume-subpaths/cache/c/0");
-        let other_sub = d.path().join("pods/u-1/volume-subpaths/cache/c/1");
-        for p in [&cache, &plain, &theirs, &sub, &other_sub] {
-            std::fs::create_dir_all(p).unwrap();
-        }
-        let mut mounted = Mounted(Vec::new());
-        for p in [&cache, &theirs] {
-            mount(Some("t"), p, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
-            mounted.0.push(p.clone());
-            std::fs::create_dir(p.join("dir")).unwrap();
-        }
-        // subPaths as kubelet binds them: of the pod's volume, and one under
-        // its name bound from another pod's.
-        for (at, from) in [(&sub, &cache), (&other_sub, &theirs)] {
-            mount(
-                Some(&from.join("dir")),
-                at,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .unwrap();
-            mounted.0.push(at.clone());
-        }
-        // Bound as named (in a pod, the bound view is an ID-mapped copy).
-        let own = |p: &std::path::Path, uid| pods_own_tmpfs_volume(p, p, uid);
-        assert!(own(&cache, "u-1"));
-        assert!(own(&sub, "u-1"), "a subPath of its own volume");
-        assert!(!own(&other_sub, "u-1"), "another pod's filesystem");
-        assert!(!own(&plain, "u-1"), "no tmpfs");
-        assert!(!own(&theirs, "u-1"), "another pod's");
-        assert!(!own(&cache, "u-2"));
-        assert!(!own(&cache, ""));
-        assert!(!own(std::path::Path::new("/dev/shm"), "u-1"));
-        // What is bound decides, not what the path names now.
-        assert!(!pods_own_tmpfs_volume(&cache, &theirs, "u-1"));
-        assert!(!pods_own_tmpfs_volume(&cache, &cache.join("dir"), "u-1"));
-        // A link in the pod's directory is where it leads.
-        let link = vols.join("link");
-        std::os::unix::fs::symlink(&theirs, &link).unwrap();
-        assert!(!own(&link, "u-1"));
-        // A directory in the way that is not root's (one of the pod's).
-        nix::unistd::chown(&vols, Some(1000.into()), None).unwrap();
-        assert!(!own(&cache, "u-1"));
-        nix::unistd::chown(&vols, Some(0.into()), None).unwrap();
-        assert!(own(&cache, "u-1"));
     }
 
     #[test]
