@@ -145,9 +145,10 @@ impl CriServer {
                 }
                 let source = m.source().clone().unwrap_or_default();
                 let staged = source.starts_with(self.cfg.state.join("idmap").join(ctr));
-                if measures && staged && own_tmpfs_view(&source) {
+                let own = measures && staged;
+                if own && own_tmpfs_view(&source) {
                     volumes.push((dest.into_owned(), source));
-                } else if measures && staged && own_disk_view(&source) {
+                } else if own && own_disk_view(&source) {
                     // CreateContainer found it the pod's own disk-backed
                     // emptyDir: the container's mount of it is marked.
                     mounted.push(MountedVolume {

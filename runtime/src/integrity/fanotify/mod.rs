@@ -52,9 +52,8 @@ use crate::integrity::policy::Rule;
 pub use held::needs_holding;
 pub use leases::probe as lease_probe;
 pub use pending::deny_errno_probe;
-pub use volumes::{
-    container_mount, own_disk_view, own_tmpfs_view, pods_own_volume, MountedVolume, OwnVolume,
-};
+use volumes::container_mount;
+pub use volumes::{own_disk_view, own_tmpfs_view, pods_own_volume, MountedVolume, OwnVolume};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FanotifyError {

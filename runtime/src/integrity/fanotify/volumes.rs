@@ -108,7 +108,10 @@ pub fn own_disk_view(path: &Path) -> bool {
 /// Also returns the mount's ID: two destinations found at one mount (links
 /// a running container made, when imacri marks it again without its keeper)
 /// would leave the other mount unmarked, and the caller refuses them.
-pub fn container_mount(root: &Path, v: &MountedVolume) -> Result<(OwnedFd, u64), FanotifyError> {
+pub(super) fn container_mount(
+    root: &Path,
+    v: &MountedVolume,
+) -> Result<(OwnedFd, u64), FanotifyError> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
     let at = root.join(v.dest.trim_start_matches('/'));
     let not_it = |why: String| FanotifyError::VolumeMount {
