@@ -18,6 +18,11 @@ cache=${IMACRI_TOOLS_CACHE:-/var/cache/imacri-tools}
 export PATH=/usr/local/go/bin:$PATH
 command -v go >/dev/null || { echo "test-tools: Go (1.26, /usr/local/go) is required to build crictl, critest and kubelet" >&2; exit 1; }
 export GOFLAGS=-buildvcs=false GOTOOLCHAIN=local
+# Go's build cache for kubelet alone is ~3 GB: a builder's own, removed when
+# it is done, so a machine keeps only the binaries (CI's disk is small).
+GOCACHE=$(mktemp -d /tmp/imacri-gocache.XXXXXX)
+export GOCACHE
+trap 'rm -rf "$GOCACHE"' EXIT
 
 cri_tools() {
   local out="$cache/cri-tools-$CRI_TOOLS_VERSION"
