@@ -173,7 +173,8 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             "ima pods: vm.memfd_noexec=2 per pid namespace, user.max_user_namespaces=0, \
              no SYS_ADMIN/SYS_RESOURCE/... capabilities (however spelt), volumes noexec with \
              every mount beneath them (under volumes=\"measure\" the pod's own tmpfs volumes \
-             are marked whole and its disk emptyDirs through the container's own mount), no \
+             are marked whole and other volumes on local filesystems through the container's \
+             own mount), no \
              mount propagation from the host, no 32-bit programs"
                 .into(),
         ),

@@ -119,6 +119,20 @@ pub fn logged(lines: &[String], path: &str, digest: Option<&str>, ev: &str) -> b
     })
 }
 
+/// Runs `busybox` (a copy of busybox) on the host as `true` and checks the
+/// pod's log did not grow: the host's executions of a file a container of
+/// the pod reaches through a volume are none of the pod's.
+pub fn host_run_not_logged(d: &Imacri, pod: &str, busybox: &std::path::Path) {
+    use std::os::unix::process::CommandExt;
+    let before = log_lines(d, pod).len();
+    let st = std::process::Command::new(busybox)
+        .arg0("true")
+        .status()
+        .unwrap();
+    assert!(st.success(), "{}: {st}", busybox.display());
+    assert_eq!(log_lines(d, pod).len(), before, "the host's run was logged");
+}
+
 /// The entries of one container among a pod's.
 pub fn entries_of(lines: &[String], container: &str) -> Vec<String> {
     lines

@@ -1053,3 +1053,108 @@ async fn a_disk_emptydir_of_the_pods_own_runs_only_measured() {
         stop_pod(&mut rt, &pod).await;
     }
 }
+
+/// Every other volume on a local filesystem under `volumes = "measure"`: a
+/// hostPath directory, a single file bound as a volume, and a subPath (a
+/// bind kubelet makes in its directory of the pod) keep exec, marked
+/// through the container's own mount: what runs there is measured with its
+/// digest, measured anew once the host rewrote it, and refused outside the
+/// policy under `enforce`. The host's own executions of the same file are
+/// none of the pod's. Until 2026-12-05 each of these was `noexec` in every
+/// ima pod.
+#[tokio::test(flavor = "multi_thread")]
+async fn host_volumes_run_only_measured() {
+    let env = Env::get();
+    let policies = "[ima.policies.vols]\nvolumes = \"measure\"\n[ima.policies.vols-strict]\nmode = \"enforce\"\nvolumes = \"measure\"\nallowlist = [\"{golden}\"]";
+    let (d, image, work) = node(env, policies).await;
+    let mut rt = d.runtime().await.unwrap();
+    let host = work.path().join("host");
+    std::fs::create_dir_all(host.join("sub")).unwrap();
+    let mut bytes = std::fs::read("/bin/busybox").unwrap();
+    bytes[300] ^= 1;
+    for p in [host.join("tool"), host.join("sub/tool")] {
+        std::fs::write(&p, &bytes).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    struct Unmount(Vec<std::path::PathBuf>);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+    let mut binds = Unmount(Vec::new());
+    for policy in ["vols", "vols-strict"] {
+        let cfg = ima(&format!("host-{policy}"), policy);
+        // kubelet's bind for a subPath `sub` of a volume.
+        let uid = &cfg.metadata.as_ref().unwrap().uid;
+        let sub = work
+            .path()
+            .join(format!("pods/{uid}/volume-subpaths/vol/c/0"));
+        std::fs::create_dir_all(&sub).unwrap();
+        nix::mount::mount(
+            Some(&host.join("sub")),
+            &sub,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        binds.0.push(sub.clone());
+        let mut c = container_config("c", &image, &["sleep", "1000"]);
+        for (dest, src) in [
+            ("/h", host.clone()),
+            ("/f", host.join("tool")),
+            ("/s", sub.clone()),
+        ] {
+            c.mounts.push(cri::Mount {
+                container_path: dest.into(),
+                host_path: src.to_string_lossy().into(),
+                ..Default::default()
+            });
+        }
+        let pod = run_pod(&mut rt, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+        let c = start_container(&mut rt, &pod, &cfg, c).await;
+        // It runs: busybox itself says its name is no applet.
+        let run = "for p in /h/tool /f /s/tool; do $p; echo rc=$?; done";
+        let ran = |out: &str, err: &str| {
+            out.matches("rc=127").count() == 3 && err.matches("applet not found").count() == 3
+        };
+        let (_, out, err) = exec_sh(&mut rt, &c, run).await;
+        let lines = entries_of(&log_lines(&d, &pod), &c);
+        if policy == "vols-strict" {
+            assert_eq!(out.matches("rc=126").count(), 3, "{out}{err}");
+            for p in ["/h/tool", "/f", "/s/tool"] {
+                assert!(logged(&lines, p, None, "deny"), "{p}: {lines:?}");
+            }
+            stop_pod(&mut rt, &pod).await;
+            continue;
+        }
+        assert!(ran(&out, &err), "{out}{err}\n{}", d.log());
+        for p in ["/h/tool", "/f", "/s/tool"] {
+            assert!(
+                logged(&lines, p, Some(&sha256_hex(&bytes)), "exec"),
+                "{p}: {lines:?}"
+            );
+        }
+        // The host's own execution of it is not the pod's.
+        host_run_not_logged(&d, &pod, &host.join("tool"));
+        // Rewritten by the host: measured anew through each mount.
+        bytes[301] ^= 1;
+        std::fs::write(host.join("tool"), &bytes).unwrap();
+        std::fs::write(host.join("sub/tool"), &bytes).unwrap();
+        let (_, out, err) = exec_sh(&mut rt, &c, run).await;
+        assert!(ran(&out, &err), "{out}{err}");
+        let lines = entries_of(&log_lines(&d, &pod), &c);
+        for p in ["/h/tool", "/f", "/s/tool"] {
+            assert!(
+                logged(&lines, p, Some(&sha256_hex(&bytes)), "exec"),
+                "{p}: {lines:?}"
+            );
+        }
+        stop_pod(&mut rt, &pod).await;
+    }
+}

@@ -476,9 +476,10 @@ mode = "measure"
 # file applies to new containers). Required for "enforce"; with "measure"
 # they flag violations in status, events and logs.
 allowlist = []
-# Executables on volumes: "deny" (every volume noexec) or "measure" (volumes
-# that are a tmpfs of their own are measured like the rootfs; others stay
-# noexec, since marking a filesystem shared with the host would measure it).
+# Executables on volumes: "deny" (every volume noexec) or "measure" (the
+# pod's own tmpfs volumes are marked whole, every other volume on a local
+# filesystem through the container's mount; network and FUSE filesystems and
+# volumes with mounts beneath stay noexec).
 volumes = "deny"
 # Executable memory no file backs (anonymous, a file's privately written
 # pages, writable and executable at once): "allow" (as IMA: not measured) or

@@ -105,4 +105,9 @@ pub struct ContainerState {
     /// (by request or on its own), else before its removal.
     #[serde(default)]
     pub nri_stopped: bool,
+    /// Destinations of the pod's own memory-backed volumes CreateContainer
+    /// left executable: their filesystem is marked at StartContainer. Every
+    /// other executable volume is marked through the container's mount.
+    #[serde(default)]
+    pub tmpfs_volumes: Vec<String>,
 }

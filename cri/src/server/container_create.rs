@@ -4,6 +4,7 @@
 use imacri_api::cri;
 use imacri_runtime::containerd::NewContainer;
 use imacri_runtime::ids::{new_id, now_nanos};
+use imacri_runtime::integrity::fanotify::VolumeMark;
 use imacri_runtime::pod::SandboxState;
 use imacri_runtime::pod::{ContainerPhase, ContainerState, SandboxPhase};
 use imacri_runtime::spec::{self, ContainerInputs};
@@ -327,17 +328,20 @@ impl CriServer {
                 }
                 self.anonymous_exec_rules(&sb_state, &spec)?;
             }
+            let mut tmpfs_volumes = Vec::new();
             if super::integrity::is_fanotify(&sb_state) {
-                let measured: Vec<String> = self
-                    .measured_volumes(
-                        &sb_state,
-                        super::integrity::pod_uid(&sb.config),
-                        volumes,
-                        mapped.as_ref(),
-                    )
-                    .into_iter()
-                    .map(|(dest, _)| dest)
+                let measured = self.measured_volumes(
+                    &sb_state,
+                    super::integrity::pod_uid(&sb.config),
+                    volumes,
+                    mapped.as_ref(),
+                );
+                tmpfs_volumes = measured
+                    .iter()
+                    .filter(|(_, m)| *m == VolumeMark::Filesystem)
+                    .map(|(dest, _)| dest.clone())
                     .collect();
+                let measured: Vec<String> = measured.into_iter().map(|(dest, _)| dest).collect();
                 spec::noexec_outside_rootfs(&mut spec, &measured);
                 let init = self.integrity.init.as_ref().map_err(|why| {
                     Error::FailedPrecondition(format!(
@@ -407,6 +411,7 @@ impl CriServer {
                     updated_resources: None,
                     idmapped_rootfs,
                     nri_stopped: false,
+                    tmpfs_volumes,
                 },
             )?;
             // For verbose ContainerStatus (kubelet's and critest's), which

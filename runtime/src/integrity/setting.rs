@@ -153,10 +153,11 @@ pub enum VolumeExec {
     /// Every volume is mounted noexec: executing from one fails (EACCES).
     #[default]
     Deny,
-    /// Volumes that are a tmpfs of their own (emptyDir with medium Memory,
-    /// projected volumes) are marked and measured like the rootfs; other
-    /// volumes share a filesystem with the host, cannot be marked for the pod
-    /// alone, and stay noexec.
+    /// Volumes keep exec and are measured: the pod's own tmpfs volumes
+    /// (emptyDir with medium Memory, projected volumes) marked whole like
+    /// the rootfs, every other volume on a local filesystem through the
+    /// container's own mount of it; volumes on other filesystems (network,
+    /// FUSE) or with mounts beneath stay noexec.
     Measure,
 }
 

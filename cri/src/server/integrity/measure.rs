@@ -4,7 +4,7 @@
 use imacri_runtime::integrity::charge::Charge;
 use imacri_runtime::integrity::engine::Measured;
 use imacri_runtime::integrity::fanotify::{
-    self, own_disk_view, own_tmpfs_view, MountedVolume, Target, Triggers, Watch,
+    self, mount_markable_view, own_tmpfs_view, MountedVolume, Target, Triggers, Watch,
 };
 use imacri_runtime::integrity::log::Event;
 use imacri_runtime::{Error, Result};
@@ -100,9 +100,9 @@ impl CriServer {
                 })
                 .unwrap_or(uid)
         });
-        // Exactly the volumes CreateContainer left executable are marked; if
-        // one is no longer a tmpfs of its own, refuse rather than run it
-        // unmeasured.
+        // Exactly the volumes CreateContainer left executable are marked, as
+        // it decided; one that cannot be marked so any more is refused rather
+        // than run unmeasured.
         // A container that runs through imacri's init (every one created
         // since) has it on a bind mount of its own, marked so that the
         // init's executions are measured too.
@@ -134,6 +134,7 @@ impl CriServer {
             if let (true, true, Some(p)) = (look_up_command, through_init, spec.process()) {
                 look_up(p, ctr, pid)?;
             }
+            let tmpfs_volumes = c.state().tmpfs_volumes;
             for m in spec.mounts().iter().flatten() {
                 let exec = !m
                     .options()
@@ -145,19 +146,19 @@ impl CriServer {
                 }
                 let source = m.source().clone().unwrap_or_default();
                 let staged = source.starts_with(self.cfg.state.join("idmap").join(ctr));
-                let own = measures && staged;
-                if own && own_tmpfs_view(&source) {
+                let ok = measures && staged;
+                let whole = tmpfs_volumes.iter().any(|d| *d == dest);
+                if ok && whole && own_tmpfs_view(&source) {
                     volumes.push((dest.into_owned(), source));
-                } else if own && own_disk_view(&source) {
-                    // CreateContainer found it the pod's own disk-backed
-                    // emptyDir: the container's mount of it is marked.
+                } else if ok && mount_markable_view(&source) {
+                    // Every other volume: the container's mount of it.
                     mounted.push(MountedVolume {
                         dest: dest.into_owned(),
                         view: source,
                     });
                 } else {
                     return Err(Error::FailedPrecondition(format!(
-                        "mount {dest} of container {ctr} allows execution but cannot be measured (not a volume of the pod's own any more, or something is mounted beneath it)"
+                        "mount {dest} of container {ctr} allows execution but cannot be measured (not a volume imacri staged, or something is mounted beneath it now)"
                     )));
                 }
             }

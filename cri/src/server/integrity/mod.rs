@@ -9,7 +9,7 @@
 use imacri_api::cri;
 use imacri_runtime::integrity::allowlist::Allowlist;
 use imacri_runtime::integrity::engine::{Engine, Notice};
-use imacri_runtime::integrity::fanotify::pods_own_volume;
+use imacri_runtime::integrity::fanotify::{volume_mark, VolumeMark};
 use imacri_runtime::integrity::journal::{Journal, Keep};
 use imacri_runtime::integrity::keeper;
 use imacri_runtime::integrity::mapguard::{self, Supervisor};
@@ -192,21 +192,21 @@ impl CriServer {
     }
 
     /// Volumes of a container the fanotify backend measures (policy
-    /// `volumes = "measure"`, in kubelet's directory of this pod's volumes:
-    /// a tmpfs of their own, or a disk-backed emptyDir): (destination, host
-    /// path).
+    /// `volumes = "measure"`): the pod's own memory-backed volumes, marked
+    /// whole, and every other volume on a local filesystem with nothing
+    /// mounted beneath, marked through the container's mount
+    /// (`fanotify::volume_mark`): (destination, how it is marked).
     /// `bound`: the mounts the container will bind instead (the same
     /// volumes in the same order: ID-mapped views, made from the host paths
-    /// before this check), on which the check is made (see
-    /// `fanotify::pods_own_volume`): a path the pod can swap could name one
-    /// thing when bound and another when checked.
+    /// before this check), on which the check is made: a path the pod can
+    /// swap could name one thing when bound and another when checked.
     pub(crate) fn measured_volumes(
         &self,
         st: &SandboxState,
         pod_uid: &str,
         config: &cri::ContainerConfig,
         bound: Option<&cri::ContainerConfig>,
-    ) -> Vec<(String, std::path::PathBuf)> {
+    ) -> Vec<(String, VolumeMark)> {
         if !self.measures_volumes(st) {
             return Vec::new();
         }
@@ -214,23 +214,19 @@ impl CriServer {
             .mounts
             .iter()
             .enumerate()
-            .filter(|(i, m)| {
-                let bound = bound.and_then(|b| b.mounts.get(*i)).unwrap_or(m);
-                pods_own_volume(
+            .filter_map(|(i, m)| {
+                let bound = bound.and_then(|b| b.mounts.get(i)).unwrap_or(m);
+                let mark = volume_mark(
                     std::path::Path::new(&m.host_path),
                     std::path::Path::new(&bound.host_path),
                     pod_uid,
-                )
-                .is_some()
-            })
-            .map(|(i, m)| {
-                let bound = bound.and_then(|b| b.mounts.get(i)).unwrap_or(m);
-                (m.container_path.clone(), bound.host_path.clone().into())
+                )?;
+                Some((m.container_path.clone(), mark))
             })
             .collect()
     }
 
-    /// Whether the pod's policy lets its own memory-backed volumes run.
+    /// Whether the pod's policy lets volumes run, measured.
     fn measures_volumes(&self, st: &SandboxState) -> bool {
         st.ima
             .as_ref()

@@ -25,8 +25,8 @@
 //!
 //! Execution from anywhere but the rootfs is refused by the spec: every other
 //! mount of a container in a fanotify-measured pod (volumes, /dev, tmpfs) is
-//! mounted `noexec` (see `spec::noexec_outside_rootfs`), except the pod's own
-//! volumes under `volumes = "measure"`, which are marked too (`volumes.rs`).
+//! mounted `noexec` (see `spec::noexec_outside_rootfs`), except volumes
+//! under `volumes = "measure"`, which are marked too (`volumes.rs`).
 
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -53,7 +53,7 @@ pub use held::needs_holding;
 pub use leases::probe as lease_probe;
 pub use pending::deny_errno_probe;
 use volumes::container_mount;
-pub use volumes::{own_disk_view, own_tmpfs_view, pods_own_volume, MountedVolume, OwnVolume};
+pub use volumes::{mount_markable_view, own_tmpfs_view, volume_mark, MountedVolume, VolumeMark};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FanotifyError {
@@ -151,8 +151,8 @@ pub struct Target {
     pub triggers: Triggers,
     /// Volumes measured like the rootfs (each a filesystem of its own).
     pub volumes: Vec<PathBuf>,
-    /// Disk-backed volumes of the pod's own: the container's own mount of
-    /// each is marked (`volumes.rs`).
+    /// Every other executable volume: the container's own mount of each is
+    /// marked (`volumes.rs`).
     pub mounted: Vec<MountedVolume>,
     /// imacri's init as the host reaches it in the container
     /// (`/proc/<pid>/root/dev/.imacri-init`): its bind mount is marked for
@@ -312,11 +312,15 @@ pub fn watch(
                 why: "another volume destination leads to the same mount".into(),
             });
         }
+        // Through the O_PATH fd's link: fanotify_mark takes no O_PATH fd
+        // (EBADF), and opening the volume's root could block or act (a
+        // FIFO, a leased file).
+        let at = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
         fan.mark(
             MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_MOUNT,
             target.triggers.mask(),
-            Some(fd.as_raw_fd()),
-            None::<&std::path::Path>,
+            None,
+            Some(&at),
         )
         .map_err(|source| FanotifyError::Mark {
             path: target.root.join(v.dest.trim_start_matches('/')),

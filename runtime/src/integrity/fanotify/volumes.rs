@@ -1,17 +1,25 @@
 //! Which volumes of an ima pod keep exec under `volumes = "measure"`, and
 //! how they are marked. A memory-backed volume of the pod's own is a
-//! filesystem of its own: marked whole, like the rootfs. A disk-backed
-//! emptyDir shares the host's filesystem, which a filesystem mark would
-//! watch for every process of the node: only the container's own mount of
-//! it is marked ([`container_mount`]). That is enough because nothing of the
-//! pod can execute a file reached any other way: the container cannot mount
-//! (no CAP_SYS_ADMIN, no user namespace of its own), and imacri's init
-//! (Landlock) refuses executions of files whose path does not lead up to the
-//! container's own root, such as an fd of the same file handed in by a
-//! process that reached it through the host's mount, or another container's
-//! mount of the volume through `/proc/<pid>/root`. What the host writes there
-//! raises no event in that mark; the next execution's identity check (its
-//! size, mtime and ctime) measures it anew.
+//! filesystem of its own: marked whole, like the rootfs. Every other volume
+//! (a disk-backed emptyDir, a hostPath, a persistent volume, a subPath, an
+//! image volume, the host's or another pod's tmpfs) shares its filesystem
+//! with processes outside the pod, whose executions a filesystem mark would
+//! put into the pod's log and under its policy: only the container's own
+//! mount of it is marked ([`container_mount`]). That is enough because
+//! nothing of the pod can execute a file reached any other way: the
+//! container cannot mount (no CAP_SYS_ADMIN, no user namespace of its own),
+//! and imacri's init (Landlock) refuses executions of files whose path does
+//! not lead up to the container's own root, such as an fd of the same file
+//! handed in by a process that reached it through the host's mount, or
+//! another container's mount of the volume through `/proc/<pid>/root`. What
+//! the host writes there raises no event in that mark; the next execution's
+//! identity check (its size, mtime and ctime) measures it anew.
+//!
+//! Only filesystems whose files this kernel alone changes qualify: on a
+//! network or FUSE filesystem another machine or a daemon can serve other
+//! bytes to the execution than to the hash, with no local write to notice.
+//! Those, and a volume with mounts beneath it (they would come along,
+//! unmarked), stay `noexec`.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -19,20 +27,18 @@ use std::path::{Path, PathBuf};
 
 use super::FanotifyError;
 
-/// Where kubelet keeps a pod's emptyDir volumes, beneath `volumes/`.
-const EMPTY_DIR: &str = "kubernetes.io~empty-dir";
-
-/// How a volume of the pod's own is marked for its executions.
+/// How an executable volume is marked for its executions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OwnVolume {
-    /// A tmpfs of its own: its filesystem, every mount of it.
-    Tmpfs,
-    /// A disk-backed emptyDir: the container's own mount of it.
-    Disk,
+pub enum VolumeMark {
+    /// A tmpfs of the pod's own: its filesystem, every mount of it.
+    Filesystem,
+    /// Any other volume on a local filesystem: the container's own mount.
+    Mount,
 }
 
-/// A disk-backed volume a container binds executable: its destination, and
-/// the view imacri staged for it (what the container's mount must show).
+/// A volume a container binds executable that is marked through its mount:
+/// its destination, and the view imacri staged for it (what the
+/// container's mount must show).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountedVolume {
     pub dest: String,
@@ -40,40 +46,86 @@ pub struct MountedVolume {
 }
 
 /// Whether `bound` (imacri's staged view of the volume the request named
-/// `host_path`) is a volume of the pod with `pod_uid`'s own that can be
-/// measured, and how.
-pub fn pods_own_volume(host_path: &Path, bound: &Path, pod_uid: &str) -> Option<OwnVolume> {
+/// `host_path`) can keep exec in a container of the pod with `pod_uid`,
+/// and how it is marked then.
+pub fn volume_mark(host_path: &Path, bound: &Path, pod_uid: &str) -> Option<VolumeMark> {
     if pods_own_tmpfs_volume(host_path, bound, pod_uid) {
-        return Some(OwnVolume::Tmpfs);
+        return Some(VolumeMark::Filesystem);
     }
-    pods_own_disk_volume(host_path, bound, pod_uid).then_some(OwnVolume::Disk)
+    mount_markable_view(bound).then_some(VolumeMark::Mount)
 }
 
-/// Whether `bound` is a disk-backed emptyDir of the pod with `pod_uid`:
-/// kubelet's `<kubelet root>/pods/<uid>/volumes/kubernetes.io~empty-dir/
-/// <name>` itself, the same directory (device and inode) as `bound`, with
-/// kubelet's directories above it root's and not links. Not a subPath: on
-/// the host's filesystem the bind kubelet makes for one cannot be told from
-/// any other directory of the host (a tmpfs subPath is told by its device).
-fn pods_own_disk_volume(host_path: &Path, bound: &Path, pod_uid: &str) -> bool {
-    let Some((p, i)) = in_pod_dir(host_path, pod_uid) else {
-        return false;
+/// The filesystems a volume marked through its mount may be on: local ones,
+/// whose every change goes through this kernel (ext2/3/4 share a magic).
+const LOCAL_FILESYSTEMS: [nix::sys::statfs::FsType; 6] = [
+    nix::sys::statfs::EXT4_SUPER_MAGIC,
+    nix::sys::statfs::XFS_SUPER_MAGIC,
+    nix::sys::statfs::BTRFS_SUPER_MAGIC,
+    nix::sys::statfs::F2FS_SUPER_MAGIC,
+    nix::sys::statfs::TMPFS_MAGIC,
+    nix::sys::statfs::OVERLAYFS_SUPER_MAGIC,
+];
+
+/// True when `path` (imacri's staged view of a volume, a mount root of its
+/// own) is a directory or regular file on a local filesystem with nothing
+/// mounted beneath it (a mount there would come along into the container,
+/// executable and unmarked).
+pub fn mount_markable_view(path: &Path) -> bool {
+    let kind = std::fs::metadata(path).is_ok_and(|m| m.is_dir() || m.is_file());
+    let local = nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| LOCAL_FILESYSTEMS.contains(&s.filesystem_type()));
+    kind && local && !crate::mount::mounts_beneath(path)
+}
+
+/// The container's own mount of a volume, for a mount mark: `v.dest`
+/// looked up in the container's root (`root`: `/proc/<pid>/root`) as runc
+/// resolved it (links kept in the root), and checked to be the root of a
+/// mount showing the directory or file of `v.view`. A destination the
+/// image's links lead elsewhere is refused rather than another mount marked
+/// in its place. Returns an `O_PATH` fd of it (nothing is opened: a FIFO
+/// would block, a device would act, a leased file would wait for its
+/// holder) and the mount's ID: two destinations found at one mount (links a
+/// running container made, when imacri marks it again without its keeper)
+/// would leave the other mount unmarked, and the caller refuses them.
+pub(super) fn container_mount(
+    root: &Path,
+    v: &MountedVolume,
+) -> Result<(OwnedFd, u64), FanotifyError> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let at = root.join(v.dest.trim_start_matches('/'));
+    let not_it = |why: String| FanotifyError::VolumeMount {
+        path: at.clone(),
+        why,
     };
-    let parts: Vec<_> = p.components().collect();
-    if parts.len() != i + 5
-        || parts[i + 2].as_os_str() != "volumes"
-        || parts[i + 3].as_os_str() != EMPTY_DIR
+    let r = std::fs::File::open(root).map_err(|e| not_it(e.to_string()))?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = nix::fcntl::openat2(r.as_raw_fd(), v.dest.as_str(), how)
+        .map_err(|e| not_it(e.to_string()))?;
+    // SAFETY: openat2 returned a new fd we own.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let (st, view) = (
+        statx_of(&fd).map_err(|e| not_it(e.to_string()))?,
+        std::fs::metadata(&v.view).map_err(|e| not_it(e.to_string()))?,
+    );
+    let dev = libc::makedev(st.stx_dev_major, st.stx_dev_minor);
+    if (dev, st.stx_ino) != (view.dev(), view.ino()) {
+        return Err(not_it(format!(
+            "it is not the volume's {} (staged at {})",
+            if view.is_dir() { "directory" } else { "file" },
+            v.view.display()
+        )));
+    }
+    if st.stx_attributes_mask & libc::STATX_ATTR_MOUNT_ROOT as u64 == 0
+        || st.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 == 0
     {
-        return false;
+        return Err(not_it("it is not the root of a mount".into()));
     }
-    let plugin: PathBuf = parts[..i + 4].iter().collect();
-    if !plugin.ancestors().all(root_owned_dir) || !own_disk_view(bound) {
-        return false;
+    if st.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(not_it("the kernel does not tell its mount".into()));
     }
-    let (Ok(v), Ok(b)) = (std::fs::symlink_metadata(&p), std::fs::metadata(bound)) else {
-        return false;
-    };
-    v.is_dir() && (v.dev(), v.ino()) == (b.dev(), b.ino())
+    Ok((fd, st.stx_mnt_id))
 }
 
 /// `host_path` as it is (links followed) and the index of its `pods`
@@ -89,64 +141,6 @@ fn in_pod_dir(host_path: &Path, pod_uid: &str) -> Option<(PathBuf, usize)> {
         .windows(2)
         .position(|w| w[0].as_os_str() == "pods" && w[1].as_os_str() == pod_uid)?;
     Some((p, i))
-}
-
-/// True when `path` (imacri's staged view of a volume, a mount root of its
-/// own) is on no tmpfs and has nothing mounted beneath it (a mount there
-/// would come along into the container, executable and unmarked).
-pub fn own_disk_view(path: &Path) -> bool {
-    let disk = nix::sys::statfs::statfs(path)
-        .is_ok_and(|s| s.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC);
-    disk && !crate::mount::mounts_beneath(path)
-}
-
-/// The container's own mount of a disk volume, for a mount mark: `v.dest`
-/// looked up in the container's root (`root`: `/proc/<pid>/root`) as runc
-/// resolved it (links kept in the root), and checked to be the root of a
-/// mount showing the directory of `v.view`. A destination the image's links
-/// lead elsewhere is refused rather than another mount marked in its place.
-/// Also returns the mount's ID: two destinations found at one mount (links
-/// a running container made, when imacri marks it again without its keeper)
-/// would leave the other mount unmarked, and the caller refuses them.
-pub(super) fn container_mount(
-    root: &Path,
-    v: &MountedVolume,
-) -> Result<(OwnedFd, u64), FanotifyError> {
-    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
-    let at = root.join(v.dest.trim_start_matches('/'));
-    let not_it = |why: String| FanotifyError::VolumeMount {
-        path: at.clone(),
-        why,
-    };
-    let r = std::fs::File::open(root).map_err(|e| not_it(e.to_string()))?;
-    let how = OpenHow::new()
-        // Not O_PATH: fanotify_mark takes no O_PATH fd (EBADF).
-        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = nix::fcntl::openat2(r.as_raw_fd(), v.dest.as_str(), how)
-        .map_err(|e| not_it(e.to_string()))?;
-    // SAFETY: openat2 returned a new fd we own.
-    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let (st, view) = (
-        statx_of(&fd).map_err(|e| not_it(e.to_string()))?,
-        std::fs::metadata(&v.view).map_err(|e| not_it(e.to_string()))?,
-    );
-    let dev = libc::makedev(st.stx_dev_major, st.stx_dev_minor);
-    if (dev, st.stx_ino) != (view.dev(), view.ino()) {
-        return Err(not_it(format!(
-            "it is not the volume's directory (staged at {})",
-            v.view.display()
-        )));
-    }
-    if st.stx_attributes_mask & libc::STATX_ATTR_MOUNT_ROOT as u64 == 0
-        || st.stx_attributes & libc::STATX_ATTR_MOUNT_ROOT as u64 == 0
-    {
-        return Err(not_it("it is not the root of a mount".into()));
-    }
-    if st.stx_mask & libc::STATX_MNT_ID == 0 {
-        return Err(not_it("the kernel does not tell its mount".into()));
-    }
-    Ok((fd, st.stx_mnt_id))
 }
 
 fn statx_of(fd: &OwnedFd) -> std::io::Result<libc::statx> {
@@ -330,67 +324,111 @@ mod tests {
         assert!(own(&cache, "u-1"));
     }
 
-    /// A disk-backed emptyDir is the pod's own only as kubelet's directory
-    /// of it, bound as it is, with nothing mounted beneath.
+    /// The pod's own memory-backed volume is marked whole; every other
+    /// volume on a local filesystem through the container's mount; a FIFO,
+    /// a device, a filesystem of the kernel's own or a volume with a mount
+    /// beneath is not marked (it stays noexec).
     #[test]
-    fn a_disk_emptydir_of_the_pods_own_is_marked_through_its_mount() {
+    fn volumes_are_marked_whole_or_through_their_mount() {
         use nix::mount::{mount, MsFlags};
         // On the host's disk (/tmp may be a tmpfs).
         let d = tempfile::tempdir_in("/var/tmp").unwrap();
         let vols = d.path().join("pods/u-1/volumes/kubernetes.io~empty-dir");
-        let cache = vols.join("cache");
+        let (cache, mem, shm) = (vols.join("cache"), vols.join("mem"), d.path().join("shm"));
         let theirs = d
             .path()
-            .join("pods/u-2/volumes/kubernetes.io~empty-dir/cache");
+            .join("pods/u-2/volumes/kubernetes.io~empty-dir/mem");
         let sub = d.path().join("pods/u-1/volume-subpaths/cache/c/0");
-        let config = d
-            .path()
-            .join("pods/u-1/volumes/kubernetes.io~configmap/cfg");
-        let mem = vols.join("mem");
-        for p in [&cache, &theirs, &sub, &config, &mem, &cache.join("dir")] {
+        for p in [&cache, &mem, &shm, &theirs, &sub, &cache.join("dir")] {
             std::fs::create_dir_all(p).unwrap();
         }
+        let file = cache.join("tool");
+        std::fs::write(&file, "x").unwrap();
+        let fifo = cache.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         let mut mounted = Mounted(Vec::new());
+        for p in [&mem, &shm, &theirs] {
+            mount(Some("t"), p, Some("tmpfs"), MsFlags::empty(), None::<&str>).unwrap();
+            mounted.0.push(p.clone());
+        }
+        let mark = |p: &Path| volume_mark(p, p, "u-1");
+        assert_eq!(mark(&mem), Some(VolumeMark::Filesystem), "its own tmpfs");
+        assert_eq!(mark(&cache), Some(VolumeMark::Mount), "a disk emptyDir");
+        assert_eq!(mark(&sub), Some(VolumeMark::Mount), "a subPath on disk");
+        assert_eq!(mark(&file), Some(VolumeMark::Mount), "a file");
+        assert_eq!(mark(&shm), Some(VolumeMark::Mount), "the host's tmpfs");
+        assert_eq!(mark(&theirs), Some(VolumeMark::Mount), "another pod's");
+        assert_eq!(volume_mark(&mem, &mem, "u-2"), Some(VolumeMark::Mount));
+        // What is bound decides, not what the path names.
+        assert_eq!(volume_mark(&mem, &shm, "u-1"), Some(VolumeMark::Mount));
+        assert_eq!(mark(&fifo), None, "a FIFO");
+        assert_eq!(mark(Path::new("/dev/null")), None, "a device");
+        assert_eq!(mark(Path::new("/proc/self/fdinfo")), None, "procfs");
+        assert_eq!(mark(&d.path().join("missing")), None);
+        // Something mounted beneath would come along unmarked.
         mount(
             Some("t"),
-            &mem,
+            &cache.join("dir"),
             Some("tmpfs"),
             MsFlags::empty(),
             None::<&str>,
         )
         .unwrap();
-        mounted.0.push(mem.clone());
-        let own = |p: &Path, uid| pods_own_volume(p, p, uid);
-        assert_eq!(own(&cache, "u-1"), Some(OwnVolume::Disk));
-        assert_eq!(own(&mem, "u-1"), Some(OwnVolume::Tmpfs));
-        assert_eq!(own(&cache, "u-2"), None, "another pod's");
-        assert_eq!(own(&theirs, "u-1"), None);
-        assert_eq!(own(&cache.join("dir"), "u-1"), None, "beneath the volume");
-        assert_eq!(own(&sub, "u-1"), None, "a subPath on the host's disk");
-        assert_eq!(own(&config, "u-1"), None, "not an emptyDir");
-        assert_eq!(own(d.path(), "u-1"), None);
-        // What is bound decides.
-        assert_eq!(pods_own_volume(&cache, &theirs, "u-1"), None);
-        assert_eq!(pods_own_volume(&cache, &cache.join("dir"), "u-1"), None);
-        // A link is where it leads.
-        let link = vols.join("link");
-        std::os::unix::fs::symlink(&theirs, &link).unwrap();
-        assert_eq!(own(&link, "u-1"), None);
-        // Something mounted beneath it would come along unmarked.
-        let beneath = cache.join("dir");
-        mount(
-            Some("t"),
-            &beneath,
-            Some("tmpfs"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .unwrap();
-        assert_eq!(own(&cache, "u-1"), None, "a mount beneath");
-        nix::mount::umount2(&beneath, nix::mount::MntFlags::MNT_DETACH).unwrap();
-        assert_eq!(own(&cache, "u-1"), Some(OwnVolume::Disk));
-        // A directory in the way that is not root's.
-        nix::unistd::chown(&vols, Some(1000.into()), None).unwrap();
-        assert_eq!(own(&cache, "u-1"), None);
+        mounted.0.push(cache.join("dir"));
+        assert_eq!(mark(&cache), None, "a mount beneath");
+        assert_eq!(mark(&cache.join("dir")), Some(VolumeMark::Mount));
+    }
+
+    /// The container's mount of a volume is found as runc made it: the
+    /// root of a mount showing the staged view, a directory or a file.
+    #[test]
+    fn a_containers_mount_of_a_volume_is_found_in_its_root() {
+        use nix::mount::{mount, MsFlags};
+        let d = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (root, vol) = (d.path().join("root"), d.path().join("vol"));
+        for p in [root.join("v"), root.join("plain"), vol.clone()] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        std::fs::write(vol.join("tool"), "x").unwrap();
+        std::fs::write(root.join("t"), "").unwrap();
+        // A link in the root leads within it, never to the host's path.
+        std::os::unix::fs::symlink("/v", root.join("link")).unwrap();
+        std::os::unix::fs::symlink(&vol, root.join("out")).unwrap();
+        let mut mounted = Mounted(Vec::new());
+        for (from, at) in [
+            (vol.clone(), root.join("v")),
+            (vol.join("tool"), root.join("t")),
+        ] {
+            mount(
+                Some(&from),
+                &at,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .unwrap();
+            mounted.0.push(at);
+        }
+        let at = |dest: &str, view: &Path| {
+            let v = MountedVolume {
+                dest: dest.into(),
+                view: view.into(),
+            };
+            container_mount(&root, &v)
+                .map(|(_, id)| id)
+                .map_err(|e| e.to_string())
+        };
+        let (dir, file) = (
+            at("/v", &vol).unwrap(),
+            at("/t", &vol.join("tool")).unwrap(),
+        );
+        assert_ne!(dir, file, "two mounts");
+        assert_eq!(at("/link", &vol).unwrap(), dir, "a link in the root");
+        let e = at("/plain", &d.path().join("root/plain")).unwrap_err();
+        assert!(e.contains("not the root of a mount"), "{e}");
+        let e = at("/v", &vol.join("tool")).unwrap_err();
+        assert!(e.contains("not the volume's file"), "{e}");
+        let e = at("/out", &vol).unwrap_err();
+        assert!(e.contains("No such file"), "{e}");
     }
 }
