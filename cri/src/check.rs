@@ -115,6 +115,26 @@ pub async fn check(cfg: &Config) -> Result<bool> {
         ),
         Err(r) => line("fanotify", false, r.clone()),
     }
+    if fan.is_ok() {
+        use imacri_runtime::integrity::fanotify::groups;
+        let want = cfg.ima.fanotify_groups;
+        match groups::limit(std::path::Path::new(groups::SYSCTL)) {
+            Ok(n) if n >= want => line(
+                "fanotify-groups",
+                true,
+                format!("fs.fanotify.max_user_groups = {n}: one group per measured container"),
+            ),
+            Ok(n) => line(
+                "fanotify-groups",
+                true,
+                format!(
+                    "fs.fanotify.max_user_groups = {n}; imacri raises it to {want} at start \
+                     (ima.fanotify_groups): one group per measured container"
+                ),
+            ),
+            Err(e) => line("fanotify-groups", false, format!("{}: {e}", groups::SYSCTL)),
+        }
+    }
     let landlock = imacri_runtime::integrity::init::probe().and_then(|abi| {
         if imacri_runtime::integrity::init::noexec(&cfg.root) {
             Err(format!(

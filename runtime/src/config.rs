@@ -168,6 +168,10 @@ pub struct ImaConfig {
     /// Bytes: an ima pod's execution or executable mapping of a larger file
     /// is refused unhashed (a `gap` entry and a violation).
     pub max_file_size: u64,
+    /// fanotify groups the node must allow (`fs.fanotify.max_user_groups`,
+    /// root's): one per measured container that runs. Raised to this at
+    /// start when lower, never lowered; 0 leaves it.
+    pub fanotify_groups: u64,
     /// What a Kubernetes namespace's pods must do and may pick; `"*"`: every
     /// namespace without an entry of its own. The node's word on what a
     /// pod's annotation could otherwise choose (or leave out).
@@ -235,6 +239,11 @@ impl Default for UsernsPool {
 /// another with `ima.pcr` there.
 pub const DEFAULT_PCR: u32 = 15;
 
+/// The kernel's default, 128 groups per user, let a node run 128 measured
+/// containers; kubelet's default of 110 pods, with a sidecar or two each,
+/// needs more. Each group costs the kernel about a kilobyte.
+pub const DEFAULT_FANOTIFY_GROUPS: u64 = 8192;
+
 impl Default for ImaConfig {
     fn default() -> Self {
         ImaConfig {
@@ -252,6 +261,7 @@ impl Default for ImaConfig {
             fail_mode: FailMode::Open,
             max_entries_per_pod: crate::integrity::journal::DEFAULT_POD_QUOTA,
             max_file_size: crate::integrity::engine::DEFAULT_MAX_FILE_SIZE,
+            fanotify_groups: DEFAULT_FANOTIFY_GROUPS,
             namespaces: Default::default(),
         }
     }
@@ -448,6 +458,12 @@ max_entries_per_pod = 20000
 # larger file is refused unhashed (a `gap` entry and a violation), so a pod
 # cannot keep them busy with huge sparse files. 4 GiB.
 max_file_size = 4294967296
+# fanotify groups the node must allow (fs.fanotify.max_user_groups, per user:
+# imacri's are root's). The fanotify backend opens one per measured container
+# that runs, the pause container included; the kernel's default, 128, failed
+# the 129th. Raised to this when imacri starts if lower, never lowered; 0
+# leaves the sysctl as it is.
+fanotify_groups = 8192
 
 # What the pods of a Kubernetes namespace (their metadata's) must do and may
 # pick, whatever their annotations say: `require = true` refuses a pod that

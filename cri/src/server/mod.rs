@@ -284,6 +284,9 @@ impl CriServer {
             cfg.cni.bin_dirs.clone(),
             cfg.root.join("cni"),
         );
+        if cfg.ima.backend != imacri_runtime::integrity::setting::BackendChoice::Kernel {
+            integrity::raise_group_limit(cfg.ima.fanotify_groups);
+        }
         let ima_node = imacri_runtime::integrity::setting::NodeSupport {
             kernel: imacri_runtime::integrity::kernel::probe(),
             fanotify: imacri_runtime::integrity::fanotify::probe()

@@ -49,7 +49,11 @@ impl From<guard::GuardError> for Error {
 
 impl From<fanotify::FanotifyError> for Error {
     fn from(e: fanotify::FanotifyError) -> Error {
-        Error::FailedPrecondition(format!("cannot measure the container: {e}"))
+        let m = format!("cannot measure the container: {e}");
+        match e {
+            fanotify::FanotifyError::Groups { .. } => Error::ResourceExhausted(m),
+            _ => Error::FailedPrecondition(m),
+        }
     }
 }
 

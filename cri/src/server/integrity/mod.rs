@@ -377,3 +377,29 @@ impl CriServer {
         })
     }
 }
+
+/// One fanotify group per measured container: the node's limit on them is
+/// raised to `want` (`ima.fanotify_groups`) before any is opened, the
+/// backend's probe's included (after a restart the running containers'
+/// groups, held by the fd keeper, can fill the old limit).
+pub(crate) fn raise_group_limit(want: u64) {
+    use imacri_runtime::integrity::fanotify::groups;
+    match groups::raise(std::path::Path::new(groups::SYSCTL), want) {
+        Ok(r) if r.now > r.before => tracing::info!(
+            before = r.before,
+            now = r.now,
+            "raised fs.fanotify.max_user_groups: one fanotify group per measured container"
+        ),
+        Ok(r) if r.now < want => tracing::warn!(
+            limit = r.now,
+            want,
+            "fs.fanotify.max_user_groups stayed below ima.fanotify_groups"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            want,
+            "cannot raise fs.fanotify.max_user_groups: measured containers past its limit fail to start"
+        ),
+    }
+}

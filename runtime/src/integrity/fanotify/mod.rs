@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, Weak};
 use super::digest::FileKey;
 use super::engine::{Engine, Measured};
 
+pub mod groups;
 mod held;
 mod inpod;
 mod leases;
@@ -61,6 +62,10 @@ pub enum FanotifyError {
         "fanotify_init: {0} (needs CAP_SYS_ADMIN and a kernel with fanotify permission events)"
     )]
     Init(nix::Error),
+    #[error(
+        "fanotify_init: EMFILE: the node's fanotify groups are used up (fs.fanotify.max_user_groups = {limit}; one per measured container that runs) or imacri's open files are; raise ima.fanotify_groups in imacri's config (applied at its start) or the sysctl"
+    )]
+    Groups { limit: String },
     #[error("fanotify_mark on {path}: {source}")]
     Mark { path: PathBuf, source: nix::Error },
     #[error("starting the fanotify reader: {0}")]
@@ -290,7 +295,13 @@ pub fn watch(
             | EventFFlags::O_CLOEXEC
             | EventFFlags::O_NONBLOCK,
     )
-    .map_err(FanotifyError::Init)?;
+    .map_err(|e| match e {
+        nix::Error::EMFILE => FanotifyError::Groups {
+            limit: groups::limit(std::path::Path::new(groups::SYSCTL))
+                .map_or_else(|e| format!("unreadable: {e}"), |n| n.to_string()),
+        },
+        e => FanotifyError::Init(e),
+    })?;
     for path in std::iter::once(&target.root).chain(&target.volumes) {
         fan.mark(
             MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
