@@ -253,7 +253,9 @@ impl CriServer {
         let log = log.clone();
         let sb_state = sb.state();
         let snapshotter = self.cfg.containerd.snapshotter.clone();
+        let mut laps = super::laps::Laps::new("CreateContainer", id);
         let lease = self.c.lease("container").await?;
+        laps.lap("lease");
         let res = async {
             let (parent, idmapped_rootfs) = self
                 .rootfs_parent(&image.chain_id, &sb_state, &lease)
@@ -262,6 +264,7 @@ impl CriServer {
                 .c
                 .prepare_snapshot(&snapshotter, id, &parent, &lease)
                 .await?;
+            laps.lap("snapshot");
             // Resolve the user from the container's own root filesystem.
             let probe = self.cfg.state.join("probe").join(id);
             std::fs::create_dir_all(&probe).map_err(|e| Error::io("creating", &probe, e))?;
@@ -279,6 +282,7 @@ impl CriServer {
             };
             let _ = std::fs::remove_dir(&probe);
             let user = user?;
+            laps.lap("user");
             let shared = self.shared_of(&sb_state);
             // Image volumes become read-only binds; then, in a user
             // namespace pod, every bind is ID-mapped.
@@ -310,6 +314,7 @@ impl CriServer {
                     Vec::new()
                 },
             })?;
+            laps.lap("volumes+spec");
             // Before the ima rules below, which then cover CDI mounts too.
             imacri_runtime::cdi::apply(&mut spec, cdi, &imacri_runtime::cdi::HostNodes)?;
             // NRI plugins adjust the spec before the ima rules, so what they
@@ -352,6 +357,7 @@ impl CriServer {
                 spec::run_through_init(&mut spec, init, deny_proc_writes)?;
             }
             self.guard_mappings(&sb_state, &sb.id, &mut spec)?;
+            laps.lap("nri+rules");
             let mut labels: HashMap<String, String> = config.labels.clone();
             labels.extend(volume_labels);
             labels.insert(LABEL_KIND.into(), "container".into());
@@ -370,6 +376,7 @@ impl CriServer {
                     &lease,
                 )
                 .await?;
+            laps.lap("containerd");
             let stop_signal = match signal_number(config.stop_signal) {
                 0 => image
                     .config
@@ -420,10 +427,12 @@ impl CriServer {
             if let Ok(mut m) = self.created_mounts.lock() {
                 m.insert(id.to_string(), mounts);
             }
+            laps.lap("record");
             Ok(())
         }
         .await;
         let _ = lease.delete(&self.c, false).await;
+        laps.lap("lease-end");
         res
     }
 }
