@@ -1059,9 +1059,10 @@ async fn a_disk_emptydir_of_the_pods_own_runs_only_measured() {
 /// bind kubelet makes in its directory of the pod) keep exec, marked
 /// through the container's own mount: what runs there is measured with its
 /// digest, measured anew once the host rewrote it, and refused outside the
-/// policy under `enforce`. The host's own executions of the same file are
-/// none of the pod's. Until 2026-12-05 each of these was `noexec` in every
-/// ima pod.
+/// policy under `enforce`; code the pod writes there and maps executable
+/// is measured (or refused) by the map guard. The host's own executions of
+/// the same file are none of the pod's. Until 2026-12-05 each of these was
+/// `noexec` in every ima pod.
 #[tokio::test(flavor = "multi_thread")]
 async fn host_volumes_run_only_measured() {
     let env = Env::get();
@@ -1070,6 +1071,9 @@ async fn host_volumes_run_only_measured() {
     let mut rt = d.runtime().await.unwrap();
     let host = work.path().join("host");
     std::fs::create_dir_all(host.join("sub")).unwrap();
+    // Writable by the pod (its root is no host ID): code it writes there
+    // and maps executable goes through the map guard.
+    std::fs::set_permissions(&host, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let mut bytes = std::fs::read("/bin/busybox").unwrap();
     bytes[300] ^= 1;
     for p in [host.join("tool"), host.join("sub/tool")] {
@@ -1124,16 +1128,24 @@ async fn host_volumes_run_only_measured() {
             out.matches("rc=127").count() == 3 && err.matches("applet not found").count() == 3
         };
         let (_, out, err) = exec_sh(&mut rt, &c, run).await;
+        let (_, mapped, merr) = exec_sh(&mut rt, &c, "escape file-mmap /h/code.bin").await;
         let lines = entries_of(&log_lines(&d, &pod), &c);
         if policy == "vols-strict" {
             assert_eq!(out.matches("rc=126").count(), 3, "{out}{err}");
-            for p in ["/h/tool", "/f", "/s/tool"] {
+            for p in ["/h/tool", "/f", "/s/tool", "/h/code.bin"] {
                 assert!(logged(&lines, p, None, "deny"), "{p}: {lines:?}");
             }
+            assert!(!mapped.contains("RAN"), "{mapped}{merr}");
             stop_pod(&mut rt, &pod).await;
             continue;
         }
         assert!(ran(&out, &err), "{out}{err}\n{}", d.log());
+        assert!(mapped.contains("RAN file-mmap"), "{mapped}{merr}");
+        let code = sha256_hex(&std::fs::read(host.join("code.bin")).unwrap());
+        assert!(
+            logged(&lines, "/h/code.bin", Some(&code), "mmap"),
+            "{lines:?}"
+        );
         for p in ["/h/tool", "/f", "/s/tool"] {
             assert!(
                 logged(&lines, p, Some(&sha256_hex(&bytes)), "exec"),

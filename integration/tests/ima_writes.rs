@@ -979,8 +979,9 @@ async fn a_writer_racing_an_execution_cannot_change_what_runs() {
 /// permission event, then `deny_write_access`) would run what was written
 /// under the digest measured before. `escape exec-swap` starves the
 /// executing child once it is answered (CPU 0, SCHED_IDLE, a spinner
-/// there) and rewrites the file then, 20 times: on the rootfs (overlayfs)
-/// and on a measured tmpfs volume the writer waits on the execution's
+/// there) and rewrites the file then, 20 times: on the rootfs (overlayfs),
+/// on a measured tmpfs volume and on a hostPath on the host's disk (marked
+/// through the container's mount) the writer waits on the execution's
 /// read lease until the execution is past that check, which then refuses
 /// it (ETXTBSY): the rewritten copy never runs.
 #[tokio::test(flavor = "multi_thread")]
@@ -990,15 +991,22 @@ async fn an_execution_rewritten_before_the_kernels_check_never_runs_it() {
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima("exec-swap", "vols");
     let tv = imacri_integration::kubelet_tmpfs_volume(work.path(), &cfg, "tv");
+    // A hostPath on the host's disk, marked through the container's mount,
+    // which the pod may write (its root is no host ID).
+    let hv = work.path().join("hv");
+    std::fs::create_dir_all(&hv).unwrap();
+    std::fs::set_permissions(&hv, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
     let mut cc = container_config("c", &image, &["sleep", "1000"]);
-    cc.mounts.push(cri::Mount {
-        container_path: "/tv".into(),
-        host_path: tv.to_string_lossy().into(),
-        ..Default::default()
-    });
+    for (dest, host) in [("/tv", &tv), ("/hv", &hv)] {
+        cc.mounts.push(cri::Mount {
+            container_path: dest.into(),
+            host_path: host.to_string_lossy().into(),
+            ..Default::default()
+        });
+    }
     let c = start_container(&mut rt, &pod, &cfg, cc).await;
-    for dir in ["/tmp", "/tv"] {
+    for dir in ["/tmp", "/tv", "/hv"] {
         let cmd = format!("escape exec-swap {dir}/prog 20");
         let (_, out, err) = exec_sh(&mut rt, &c, &cmd).await;
         assert!(
