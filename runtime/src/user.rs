@@ -52,6 +52,58 @@ fn read(rootfs: &Path, file: &str) -> String {
     std::fs::read_to_string(rootfs.join(file)).unwrap_or_default()
 }
 
+/// An image's account databases: its `/etc/passwd` and `/etc/group`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accounts {
+    pub passwd: String,
+    pub group: String,
+}
+
+impl Accounts {
+    /// Read from a mounted root filesystem.
+    pub fn read(rootfs: &Path) -> Accounts {
+        Accounts {
+            passwd: read(rootfs, "etc/passwd"),
+            group: read(rootfs, "etc/group"),
+        }
+    }
+}
+
+/// Images' account databases, by chain ID: a new container's root is its
+/// image's, unchanged (its process has not run), so CreateContainer need
+/// not mount it again to look its user up (0.4-0.7 ms of ~5.5). Images are
+/// content-addressed, so an entry never goes stale; the cache is bounded
+/// in entries and in each entry's size.
+#[derive(Debug, Default)]
+pub struct AccountsCache(
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<Accounts>>>,
+);
+
+impl AccountsCache {
+    /// Entries kept; past it, the cache starts over.
+    pub const ENTRIES: usize = 256;
+    /// Bytes of one image's databases kept; a larger pair is read each time.
+    pub const BYTES: usize = 64 * 1024;
+
+    pub fn get(&self, chain_id: &str) -> Option<std::sync::Arc<Accounts>> {
+        self.0.lock().ok()?.get(chain_id).cloned()
+    }
+
+    pub fn put(&self, chain_id: &str, a: Accounts) -> std::sync::Arc<Accounts> {
+        let a = std::sync::Arc::new(a);
+        if a.passwd.len() + a.group.len() > Self::BYTES {
+            return a;
+        }
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= Self::ENTRIES {
+                m.clear();
+            }
+            m.insert(chain_id.to_string(), a.clone());
+        }
+        a
+    }
+}
+
 /// Resolves user, group and supplementary groups. `rootfs` is the
 /// container's mounted root filesystem.
 pub fn resolve(
@@ -59,7 +111,16 @@ pub fn resolve(
     sc: Option<&cri::LinuxContainerSecurityContext>,
     image: &ImageConfiguration,
 ) -> Result<ProcessUser> {
-    let passwd = parse_passwd(&read(rootfs, "etc/passwd"));
+    resolve_with(&Accounts::read(rootfs), sc, image)
+}
+
+/// [`resolve`] from the image's account databases.
+pub fn resolve_with(
+    accounts: &Accounts,
+    sc: Option<&cri::LinuxContainerSecurityContext>,
+    image: &ImageConfiguration,
+) -> Result<ProcessUser> {
+    let passwd = parse_passwd(&accounts.passwd);
     let default = cri::LinuxContainerSecurityContext::default();
     let sc = sc.unwrap_or(&default);
     if sc.run_as_user.is_some() && !sc.run_as_username.is_empty() {
@@ -74,7 +135,7 @@ pub fn resolve(
     }
     let by_name = |n: &str| passwd.iter().find(|p| p.name == n);
     let by_uid = |u: u32| passwd.iter().find(|p| p.uid == u);
-    let groups = parse_group(&read(rootfs, "etc/group"));
+    let groups = parse_group(&accounts.group);
 
     let (uid, mut gid, name) = if let Some(u) = &sc.run_as_user {
         let uid = u32::try_from(u.value).map_err(|_| {
@@ -186,6 +247,28 @@ mod tests {
             "rootfs": {"type": "layers", "diff_ids": []}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn an_images_accounts_are_kept_within_bounds() {
+        let c = AccountsCache::default();
+        let a = Accounts::read(rootfs().path());
+        assert!(a.passwd.contains("alice") && a.group.contains("wheel"));
+        c.put("sha256:a", a.clone());
+        assert_eq!(c.get("sha256:a").as_deref(), Some(&a));
+        let u = resolve_with(&c.get("sha256:a").unwrap(), None, &img("alice")).unwrap();
+        assert_eq!(u.additional_gids, vec![1000, 10]);
+        let big = Accounts {
+            passwd: "x".repeat(AccountsCache::BYTES + 1),
+            group: String::new(),
+        };
+        c.put("sha256:big", big);
+        assert!(c.get("sha256:big").is_none(), "too large to keep");
+        for i in 0..AccountsCache::ENTRIES {
+            c.put(&format!("sha256:{i}"), a.clone());
+        }
+        assert!(c.get("sha256:a").is_none(), "started over past the bound");
+        assert!(c.0.lock().unwrap().len() <= AccountsCache::ENTRIES);
     }
 
     #[test]

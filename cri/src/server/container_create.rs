@@ -265,23 +265,30 @@ impl CriServer {
                 .prepare_snapshot(&snapshotter, id, &parent, &lease)
                 .await?;
             laps.lap("snapshot");
-            // Resolve the user from the container's own root filesystem.
-            let probe = self.cfg.state.join("probe").join(id);
-            std::fs::create_dir_all(&probe).map_err(|e| Error::io("creating", &probe, e))?;
+            // Resolve the user from the container's own root filesystem,
+            // which is its image's until its process runs: read once per
+            // image.
             let sc = config
                 .linux
                 .as_ref()
                 .and_then(|l| l.security_context.as_ref());
-            let user = match imacri_runtime::mount::mount_snapshot(&mounts, &probe, true) {
-                Ok(()) => {
-                    let u = imacri_runtime::user::resolve(&probe, sc, &image.config);
-                    let _ = imacri_runtime::mount::unmount_all(&probe);
-                    u
+            let accounts = match self.accounts.get(&image.chain_id) {
+                Some(a) => a,
+                None => {
+                    let probe = self.cfg.state.join("probe").join(id);
+                    std::fs::create_dir_all(&probe)
+                        .map_err(|e| Error::io("creating", &probe, e))?;
+                    let read = imacri_runtime::mount::mount_snapshot(&mounts, &probe, true)
+                        .map(|()| {
+                            let a = imacri_runtime::user::Accounts::read(&probe);
+                            let _ = imacri_runtime::mount::unmount_all(&probe);
+                            a
+                        });
+                    let _ = std::fs::remove_dir(&probe);
+                    self.accounts.put(&image.chain_id, read?)
                 }
-                Err(e) => Err(e),
             };
-            let _ = std::fs::remove_dir(&probe);
-            let user = user?;
+            let user = imacri_runtime::user::resolve_with(&accounts, sc, &image.config)?;
             laps.lap("user");
             let shared = self.shared_of(&sb_state);
             // Image volumes become read-only binds; then, in a user

@@ -183,6 +183,8 @@ pub struct CriServer {
     /// Snapshot mounts of created containers, from CreateContainer to
     /// StartContainer (which otherwise asks containerd again).
     created_mounts: Mutex<HashMap<String, Vec<containerd_client::types::Mount>>>,
+    /// Images' /etc/passwd and /etc/group, for CreateContainer's user.
+    accounts: imacri_runtime::user::AccountsCache,
     /// Last CPU sample per container/pod: (time ns, usage ns).
     pub(crate) cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
     /// Held across a state change and its event, so events keep the order
@@ -333,6 +335,7 @@ impl CriServer {
             deleted_tasks: Default::default(),
             starting: Default::default(),
             created_mounts: Default::default(),
+            accounts: Default::default(),
             nri: std::sync::OnceLock::new(),
             nri_views: Mutex::new(HashMap::new()),
         });
