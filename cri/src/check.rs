@@ -134,6 +134,21 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             ),
             Err(e) => line("fanotify-groups", false, format!("{}: {e}", groups::SYSCTL)),
         }
+        // Not raised: the kernel sizes it to the node's memory, and each
+        // container's share is bounded by ima.max_watched_files.
+        let marks = "/proc/sys/fs/fanotify/max_user_marks";
+        let per = cfg.ima.max_watched_files.max(1) as u64;
+        match groups::limit(std::path::Path::new(marks)) {
+            Ok(n) => line(
+                "fanotify-marks",
+                true,
+                format!(
+                    "fs.fanotify.max_user_marks = {n}: {} containers holding ima.max_watched_files = {per} files each",
+                    n / per
+                ),
+            ),
+            Err(e) => line("fanotify-marks", false, format!("{marks}: {e}")),
+        }
     }
     let landlock = imacri_runtime::integrity::init::probe().and_then(|abi| {
         if imacri_runtime::integrity::init::noexec(&cfg.root) {

@@ -820,6 +820,20 @@ int main(int argc, char **argv) {
         printf("MAPPED %d REFUSED %d\n", ok, refused);
         return 0;
     }
+    if (!strcmp(m, "map-flood")) {
+        /* argv[3] times: PATH made anew (a new inode, the same bytes and
+           path: one log entry), mapped executable and the mapping kept
+           until the end: "MAPPED <n> REFUSED <n>" (refused: EPERM). */
+        int n = argc > 3 ? atoi(argv[3]) : 0, ok = 0, refused = 0;
+        for (int i = 0; i < n; i++) {
+            unlink(path);
+            void *p = map_code(path, 1);
+            if (p == MAP_FAILED) { if (errno != EPERM) return fail(m); refused++; continue; }
+            ok++;
+        }
+        printf("MAPPED %d REFUSED %d\n", ok, refused);
+        return 0;
+    }
     if (!strcmp(m, "shared-keep")) {
         /* PATH (a sleeper) mapped shared and writable, its fd closed, and
            the mapping kept for a minute: "READY" once it is. */

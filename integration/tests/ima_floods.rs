@@ -905,3 +905,101 @@ async fn a_gone_pod_leaves_nothing_open() {
         assert!(a.0 <= b.0, "the fd keeper's fds: {b:?} before, {a:?} after");
     }
 }
+
+/// Inode marks in the fanotify groups process `pid` holds: each group's
+/// fdinfo lists one `fanotify ino:` line per mark (a watched file). A group
+/// imacri holds twice (its own fd and its copy of the keeper's) is counted
+/// once: the same fdinfo.
+fn inode_marks(pid: i32) -> usize {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    let groups: std::collections::HashSet<String> = fds
+        .flatten()
+        .filter(|f| {
+            std::fs::read_link(f.path())
+                .is_ok_and(|l| l.to_string_lossy() == "anon_inode:[fanotify]")
+        })
+        .filter_map(|f| {
+            let fd = f.file_name().to_string_lossy().into_owned();
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()
+        })
+        .collect();
+    groups
+        .iter()
+        .map(|t| t.lines().filter(|l| l.starts_with("fanotify ino:")).count())
+        .sum()
+}
+
+/// A watch on an executed script or a mapped file lasts while the file
+/// can still be run or mapped (`fanotify/writes.rs`). Each used to pin its
+/// inode in the kernel and count against the node's
+/// `fs.fanotify.max_user_marks` until the container ended: a container
+/// making, running and deleting scripts in a loop (no attacker needed)
+/// grew its marks, and the deleted files' memory, without bound. A
+/// container mapping ever new files and keeping them mapped is held to
+/// `ima.max_watched_files` watches (its mappings past it refused, as a
+/// file that cannot be watched is), which a file nothing holds any more
+/// does not count against.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_containers_watches_are_bounded() {
+    let _timing = TIMING.read().await;
+    let env = Env::get();
+    let (d, image, _work) = node(env, "max_watched_files = 300").await;
+    let mut rt = d.runtime().await.unwrap();
+    let imacri = d.pid().unwrap() as i32;
+    let cfg = ima("marks", "measure");
+    let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+    let before = inode_marks(imacri);
+    // Scripts made, run and deleted: 1000 inodes, one path (one entry),
+    // more than the container may watch at a time.
+    let out = sh_ok(
+        &mut rt,
+        &c,
+        "i=0; while [ $i -lt 1000 ]; do printf '#!/bin/sh\\n:\\n' > /tmp/s && chmod +x /tmp/s && /tmp/s && rm /tmp/s || echo failed-$i; i=$((i+1)); done; echo done",
+    )
+    .await;
+    assert_eq!(out, "done", "{out}");
+    let after_scripts = inode_marks(imacri);
+    assert!(
+        after_scripts <= before + 20,
+        "{after_scripts} inode marks after 1000 scripts (from {before})"
+    );
+    // Files made and mapped, each kept mapped: past the limit, refused.
+    let out = sh_ok(&mut rt, &c, "escape map-flood /tmp/m 400").await;
+    let n = |out: &str, w: &str| -> usize {
+        let f: Vec<&str> = out.split_whitespace().collect();
+        let i = f.iter().position(|x| *x == w).unwrap();
+        f[i + 1].parse().unwrap()
+    };
+    assert!(
+        n(&out, "MAPPED") <= 300 && n(&out, "REFUSED") >= 100,
+        "{out}"
+    );
+    let marks = inode_marks(imacri);
+    assert!(
+        marks <= before + 300 + 20,
+        "{marks} inode marks (from {before})"
+    );
+    // Each file was written, mapped and deleted by the next round: none
+    // of that is a write under a mapping (the close after writing read
+    // once the file was deleted counted as one until 2026-12-06).
+    let lines = log_lines(&d, &pod);
+    assert!(!logged(&lines, "/tmp/m", None, "tomtou"), "{lines:#?}");
+    // Those mappings are gone with their process: the next ones are
+    // watched in their place.
+    let out = sh_ok(&mut rt, &c, "escape map-flood /tmp/m 250").await;
+    assert_eq!((n(&out, "MAPPED"), n(&out, "REFUSED")), (250, 0), "{out}");
+    assert!(inode_marks(imacri) <= before + 300 + 20);
+    // The container runs on, its known programs and scripts too.
+    assert_eq!(
+        sh_ok(
+            &mut rt,
+            &c,
+            "printf '#!/bin/sh\\necho script\\n' > /tmp/t && chmod +x /tmp/t && /tmp/t"
+        )
+        .await,
+        "script"
+    );
+    stop_pod(&mut rt, &pod).await;
+}

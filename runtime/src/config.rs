@@ -172,6 +172,10 @@ pub struct ImaConfig {
     /// root's): one per measured container that runs. Raised to this at
     /// start when lower, never lowered; 0 leaves it.
     pub fanotify_groups: u64,
+    /// Files one container may hold mapped executable or run as scripts at
+    /// a time, each watched for writers (an inode mark and a table entry);
+    /// past it such a mapping or script is refused in every mode.
+    pub max_watched_files: usize,
     /// What a Kubernetes namespace's pods must do and may pick; `"*"`: every
     /// namespace without an entry of its own. The node's word on what a
     /// pod's annotation could otherwise choose (or leave out).
@@ -262,6 +266,7 @@ impl Default for ImaConfig {
             max_entries_per_pod: crate::integrity::journal::DEFAULT_POD_QUOTA,
             max_file_size: crate::integrity::engine::DEFAULT_MAX_FILE_SIZE,
             fanotify_groups: DEFAULT_FANOTIFY_GROUPS,
+            max_watched_files: crate::integrity::engine::DEFAULT_MAX_WATCHED_FILES,
             namespaces: Default::default(),
         }
     }
@@ -464,6 +469,13 @@ max_file_size = 4294967296
 # the 129th. Raised to this when imacri starts if lower, never lowered; 0
 # leaves the sysctl as it is.
 fanotify_groups = 8192
+# Files one container may hold at a time mapped executable or executed as
+# scripts: each is watched for writers (an inode mark, counted against the
+# node's fs.fanotify.max_user_marks, and an entry in imacri's memory). At the
+# limit the watches of files nothing of the container holds any more end;
+# past it a new mapping or script is refused (EPERM) in every mode, so a pod
+# cannot grow them without bound nor run unwatched past it.
+max_watched_files = 4096
 
 # What the pods of a Kubernetes namespace (their metadata's) must do and may
 # pick, whatever their annotations say: `require = true` refuses a pod that

@@ -90,8 +90,21 @@ pub enum WatchError {
     Lease(#[from] LeaseError),
     #[error("the container has no fanotify group to hold it")]
     NoGroup,
+    #[error(
+        "the container holds {0} files mapped executable or scripts run (ima.max_watched_files), each watched for writers; no more can be"
+    )]
+    Full(usize),
     #[error("a watch table's lock is poisoned")]
     Poisoned,
+}
+
+impl WatchError {
+    /// Whether the access must be refused whatever the pod's mode: past the
+    /// container's watch limit, letting it through unwatched would make the
+    /// limit a way out of the writers check.
+    pub fn refuses(&self) -> bool {
+        matches!(self, WatchError::Full(_))
+    }
 }
 
 impl<T> From<std::sync::PoisonError<T>> for WatchError {

@@ -101,6 +101,9 @@ impl Integrity {
         let engine = fanotify
             .is_ok()
             .then(|| Engine::new(journal.clone(), tx, cfg.ima.max_file_size));
+        if let Some(e) = &engine {
+            e.set_max_watched_files(cfg.ima.max_watched_files);
+        }
         let init = match &engine {
             Some(_) => imacri_runtime::integrity::init::install(&cfg.root).map_err(|e| {
                 tracing::warn!(error = %e, "fanotify-measured ima pods cannot run on this node");
@@ -359,6 +362,7 @@ impl CriServer {
                 "unheldCalls": s.unheld_calls.load(Relaxed),
                 "unleasedFiles": s.unleased.load(Relaxed),
                 "heldWriters": s.held_writers.load(Relaxed),
+                "sweptWatches": s.swept_watches.load(Relaxed),
                 "parkedThreads": imacri_runtime::integrity::park::parked(),
                 "threadMoves": imacri_runtime::integrity::charge::moves(),
                 "cachedDigests": e.cached_digests(),

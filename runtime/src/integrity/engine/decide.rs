@@ -157,7 +157,7 @@ impl Engine {
                 Ok(true) => watch = Some(w),
                 Ok(false) => {}
                 // Unwatched, a mapping could be rewritten unseen.
-                Err(e) if enforce || t.no_anonymous_exec => {
+                Err(e) if enforce || t.no_anonymous_exec || e.refuses() => {
                     if let Some(unsaid) = t.quiet.take() {
                         tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a mapping cannot be watched for writers; refused");
                     }
@@ -184,7 +184,7 @@ impl Engine {
         if kind == Event::Exec && !deny && elf.is_none() {
             if let Some(w) = self.write_watch(t) {
                 if let Err(e) = w.watch_script(fd) {
-                    if enforce {
+                    if enforce || e.refuses() {
                         if let Some(unsaid) = t.quiet.take() {
                             tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a script cannot be watched for writers; refused");
                         }

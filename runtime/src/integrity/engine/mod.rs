@@ -64,6 +64,12 @@ const HASH_SLICE: u64 = 16 << 20;
 /// unhashed.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 30;
 
+/// `ima.max_watched_files`'s default: far above the libraries and scripts
+/// one container holds at a time (a large program maps a few hundred).
+/// The kernel's `fs.fanotify.max_user_marks` bounds the node's marks of
+/// all containers (`imacri check` says how many full containers it takes).
+pub const DEFAULT_MAX_WATCHED_FILES: usize = 4096;
+
 /// A test hook's delay: `text:milliseconds` in the environment variable.
 fn delay_for(var: &str) -> Option<(String, std::time::Duration)> {
     let v = std::env::var(var).ok()?;
@@ -249,6 +255,9 @@ pub struct Stats {
     /// Files of an overlay filesystem mapped shared and writable, held open
     /// for writing until their container is gone (`heldWriters`).
     pub held_writers: AtomicU64,
+    /// Watches ended because a container reached `ima.max_watched_files`
+    /// and nothing held their files any more (`sweptWatches`).
+    pub swept_watches: AtomicU64,
 }
 
 /// By inode: the identity a file was hashed at, and what was learnt of its
@@ -345,6 +354,9 @@ pub struct Engine {
     own_openers: OwnOpeners,
     /// Files larger than this are refused unhashed (`ima.max_file_size`).
     max_file_size: u64,
+    /// Files one container's group watches for writers at most
+    /// (`ima.max_watched_files`).
+    max_watched_files: AtomicUsize,
 }
 
 /// A reader's claim that it may read events now (see [`Engine::reading`]).
@@ -426,7 +438,17 @@ impl Engine {
             hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),
             own_openers: OwnOpeners::default(),
             max_file_size,
+            max_watched_files: AtomicUsize::new(DEFAULT_MAX_WATCHED_FILES),
         })
+    }
+
+    /// Sets `ima.max_watched_files` (at least 1).
+    pub fn set_max_watched_files(&self, n: usize) {
+        self.max_watched_files.store(n.max(1), Ordering::Relaxed);
+    }
+
+    pub fn max_watched_files(&self) -> usize {
+        self.max_watched_files.load(Ordering::Relaxed)
     }
 
     /// Queues a job, starting a hashing thread for its pod if it needs one

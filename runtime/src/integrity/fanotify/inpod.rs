@@ -4,6 +4,7 @@
 //! mapped executable, or about to be (a task in a call that maps). A
 //! watched file that nothing holds is written as any file (`writes.rs`).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use super::super::digest::FileKey;
@@ -200,6 +201,84 @@ const MAPPING_CALLS: [i64; 5] = [
     libc::SYS_execveat,
 ];
 
+/// Which of the watched files `watches` (inode, its calls, whether a
+/// script's) nothing of the container holds nor may be about to: for a
+/// mapped file, no process maps it executable and no call that mapped it
+/// is in flight ([`may_map`] without its waits); for a script, no process
+/// has it open ([`has_open`]) and no task is in a call that maps or
+/// executes. Each process's maps and fds are read once for all the files,
+/// after the calls in flight were looked at (a call that returned made its
+/// mapping before). What cannot be read holds everything.
+pub(super) fn unheld<'a>(
+    procfs: &Path,
+    watches: impl Iterator<Item = ((u64, u64), &'a Calls, bool)>,
+) -> HashSet<(u64, u64)> {
+    unheld_in(Path::new("/proc"), procfs, watches)
+}
+
+fn unheld_in<'a>(
+    proc: &Path,
+    procfs: &Path,
+    watches: impl Iterator<Item = ((u64, u64), &'a Calls, bool)>,
+) -> HashSet<(u64, u64)> {
+    let mut busy = None;
+    let mut idle = Vec::new();
+    for (inode, calls, script) in watches {
+        let in_flight = if script || calls.unknown {
+            *busy.get_or_insert_with(|| calls_in_flight(procfs).unwrap_or(true))
+        } else {
+            calls.known.iter().any(|c| in_call(proc, c))
+        };
+        if !in_flight {
+            idle.push((inode, script));
+        }
+    }
+    if idle.is_empty() {
+        return HashSet::new();
+    }
+    let scripts = idle.iter().any(|(_, script)| *script);
+    let Ok((mapped, open)) = holdings(procfs, scripts) else {
+        return HashSet::new();
+    };
+    idle.into_iter()
+        .filter(|(i, script)| match script {
+            true => !open.contains(i),
+            false => !mapped.contains(i),
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The inodes the processes `procfs` lists map executable, and (with
+/// `fds`) have open.
+#[allow(clippy::type_complexity)]
+fn holdings(
+    procfs: &Path,
+    fds: bool,
+) -> std::io::Result<(HashSet<(u64, u64)>, HashSet<(u64, u64)>)> {
+    let (mut mapped, mut open) = (HashSet::new(), HashSet::new());
+    for pid in processes(procfs)? {
+        match std::fs::read_to_string(pid.join("maps")) {
+            Ok(maps) => mapped.extend(maps.lines().filter_map(maps_line_executable)),
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        }
+        if !fds {
+            continue;
+        }
+        match std::fs::read_dir(pid.join("fd")) {
+            Ok(dir) => open.extend(dir.flatten().filter_map(|f| {
+                nix::sys::stat::stat(&f.path())
+                    .ok()
+                    .map(|st| FileKey::of(&st).inode())
+            })),
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((mapped, open))
+}
+
 /// Whether a task listed in `procfs` (a container's) is in one of the
 /// [`MAPPING_CALLS`], or on a CPU (the rule where the callers are not
 /// known). A task gone meanwhile is skipped.
@@ -265,23 +344,26 @@ fn maps_show(procfs: &Path, inode: (u64, u64)) -> std::io::Result<bool> {
 /// Whether a `maps` line (`range perms offset major:minor inode path`) maps
 /// `inode` executable.
 fn maps_line_executes(line: &str, inode: (u64, u64)) -> bool {
+    maps_line_executable(line) == Some(inode)
+}
+
+/// The inode a `maps` line maps executable, if it does.
+fn maps_line_executable(line: &str) -> Option<(u64, u64)> {
     let mut f = line.split_whitespace();
     let (Some(_), Some(perms), Some(_), Some(dev), Some(ino)) =
         (f.next(), f.next(), f.next(), f.next(), f.next())
     else {
-        return false;
+        return None;
     };
-    let Some((major, minor)) = dev.split_once(':') else {
-        return false;
-    };
+    let (major, minor) = dev.split_once(':')?;
     let (Ok(major), Ok(minor), Ok(ino)) = (
         u32::from_str_radix(major, 16),
         u32::from_str_radix(minor, 16),
         ino.parse::<u64>(),
     ) else {
-        return false;
+        return None;
     };
-    perms.as_bytes().get(2) == Some(&b'x') && (libc::makedev(major, minor), ino) == inode
+    (perms.as_bytes().get(2) == Some(&b'x')).then(|| (libc::makedev(major, minor), ino))
 }
 
 #[cfg(test)]
@@ -325,12 +407,7 @@ mod tests {
     #[test]
     fn a_process_mapping_a_file_or_about_to_is_found() {
         let procfs = tempfile::tempdir().unwrap();
-        let proc_dir = |pid: &str, syscall: &str| {
-            let task = procfs.path().join(pid).join("task").join(pid);
-            std::fs::create_dir_all(&task).unwrap();
-            std::fs::write(task.join("syscall"), syscall).unwrap();
-            procfs.path().join(pid)
-        };
+        let proc_dir = |pid: &str, syscall: &str| fake_process(procfs.path(), pid, syscall);
         let own = std::fs::read_to_string("/proc/self/maps").unwrap();
         std::fs::write(proc_dir("10", "-1 0x7ffc 0x7f00\n").join("maps"), own).unwrap();
         std::fs::write(proc_dir("11", "230 0x0 0x0\n").join("maps"), "").unwrap();
@@ -360,6 +437,64 @@ mod tests {
             (other.dev(), other.ino()),
             &unknown
         ));
+    }
+
+    /// A process `pid` of a stand-in procfs, its one task's `syscall` file
+    /// showing `syscall`: its directory.
+    fn fake_process(procfs: &Path, pid: &str, syscall: &str) -> PathBuf {
+        let task = procfs.join(pid).join("task").join(pid);
+        std::fs::create_dir_all(&task).unwrap();
+        std::fs::write(task.join("syscall"), syscall).unwrap();
+        procfs.join(pid)
+    }
+
+    /// A sweep's look at many watches at once: a file a process maps, one
+    /// a process has open (a script's), and one nothing holds; then a
+    /// task in `mmap` (every watch with callers unknown, and every script,
+    /// stays) and maps that cannot be read (all stay).
+    #[test]
+    fn a_sweep_finds_what_nothing_holds() {
+        let procfs = tempfile::tempdir().unwrap();
+        let proc_dir = |pid: &str, syscall: &str| fake_process(procfs.path(), pid, syscall);
+        let key = |m: &std::fs::Metadata| (m.dev(), m.ino());
+        let me = key(&std::fs::metadata("/proc/self/exe").unwrap());
+        let script = tempfile::NamedTempFile::new().unwrap();
+        let open = key(&script.as_file().metadata().unwrap());
+        let idle = tempfile::NamedTempFile::new().unwrap();
+        let idle = key(&idle.as_file().metadata().unwrap());
+        let p = proc_dir("10", "-1 0x7ffc 0x7f00\n");
+        std::fs::write(
+            p.join("maps"),
+            std::fs::read_to_string("/proc/self/maps").unwrap(),
+        )
+        .unwrap();
+        std::fs::create_dir(p.join("fd")).unwrap();
+        std::os::unix::fs::symlink(script.path(), p.join("fd").join("3")).unwrap();
+        let (known, unknown) = (Calls::default(), Calls::unknown());
+        let watches = || {
+            [
+                (me, &known, false),
+                (open, &known, true),
+                (idle, &known, false),
+                (idle, &unknown, true),
+            ]
+            .into_iter()
+        };
+        assert_eq!(unheld(procfs.path(), watches()), HashSet::from([idle]));
+        // A task in mmap: the watches that wait for any task stay.
+        proc_dir("13", "9 0x0 0x1000 0x5 0x2 0x3 0x0 0x7ffc 0x7f00\n");
+        assert_eq!(
+            unheld(
+                procfs.path(),
+                [(idle, &known, false), (open, &unknown, false)].into_iter()
+            ),
+            HashSet::from([idle])
+        );
+        assert!(unheld(procfs.path(), [(idle, &unknown, true)].into_iter()).is_empty());
+        std::fs::remove_dir_all(procfs.path().join("13")).unwrap();
+        // Maps that cannot be read (a directory here): nothing is unheld.
+        std::fs::create_dir(proc_dir("14", "-1 0x0 0x0\n").join("maps")).unwrap();
+        assert!(unheld(procfs.path(), watches()).is_empty());
     }
 
     fn call(tid: u32, nr: i64) -> Caller {

@@ -67,9 +67,13 @@ pub(super) fn take_back(
 /// fdinfo lists them (what the last imacri placed, after a restart), each
 /// with whether it is a script's.
 pub(super) fn marked_inodes(fan: BorrowedFd<'_>) -> HashMap<(u64, u64), bool> {
+    read_marks(fan).unwrap_or_default()
+}
+
+/// [`marked_inodes`], or why the group's fdinfo cannot be read.
+pub(super) fn read_marks(fan: BorrowedFd<'_>) -> std::io::Result<HashMap<(u64, u64), bool>> {
     std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fan.as_raw_fd()))
         .map(|t| parse_marks(&t))
-        .unwrap_or_default()
 }
 
 /// `fanotify ino:<hex> sdev:<hex> mflags:<hex> mask:<hex> ...` lines whose

@@ -151,10 +151,16 @@ impl Group {
             Err(e) => return Err(Unheld(e.into())),
         };
         let mut inner = self.windows.inner.lock().map_err(|e| Unheld(e.into()))?;
-        if inner.leases.len() >= KEPT {
-            let busy: Vec<(u64, u64)> = inner.open.iter().map(|(_, i)| *i).collect();
-            inner.leases.retain(|i, h| h.broken || busy.contains(i));
-        }
+        // Past KEPT, and for deleted files (no execution by a name can
+        // find their lease, and it kept the file, its blocks or memory and
+        // its watch's mark until the container ended: a container that
+        // runs and deletes what it builds held 64 such files), the leases
+        // no execution is in the window of go.
+        let busy: Vec<(u64, u64)> = inner.open.iter().map(|(_, i)| *i).collect();
+        let full = inner.leases.len() >= KEPT;
+        inner
+            .leases
+            .retain(|i, h| h.broken || busy.contains(i) || (!full && linked(&h.lease)));
         // A racing execution's lease may be in place: one is enough.
         inner.leases.entry(inode).or_insert(Held {
             lease,
@@ -277,6 +283,11 @@ impl Group {
         }
         done
     }
+}
+
+/// Whether the lease's file still has a name (a deleted file has none).
+fn linked(lease: &Lease) -> bool {
+    nix::sys::stat::fstat(lease.fd().as_raw_fd()).map_or(true, |st| st.st_nlink > 0)
 }
 
 /// Task `tid`'s own time in user mode (clock ticks; `/proc/<tid>/stat` of

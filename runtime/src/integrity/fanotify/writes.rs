@@ -82,6 +82,15 @@ pub(super) struct Watched {
     /// The calls that mapped it (`inpod::may_map` waits for those in
     /// flight).
     calls: inpod::Calls,
+    /// Which watch of the inode this is (a sweep ends the one it looked
+    /// at, never one placed since).
+    born: u64,
+}
+
+/// The next watch's `born`.
+fn next_born() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 impl Watched {
@@ -91,9 +100,27 @@ impl Watched {
             script,
             // What the last imacri let map it is not known.
             calls: inpod::Calls::unknown(),
+            born: next_born(),
             ..Default::default()
         }
     }
+}
+
+/// A watch as a sweep looked at it.
+struct Looked {
+    inode: (u64, u64),
+    calls: inpod::Calls,
+    script: bool,
+    born: u64,
+    leased: bool,
+}
+
+/// A watch found in place for a file mapped or executed again.
+#[derive(Debug, Clone, Copy)]
+struct Found {
+    /// A lease holds the file (so its inode, and its mark).
+    leased: bool,
+    born: u64,
 }
 
 /// Inode → what watches it.
@@ -115,27 +142,25 @@ impl WriteWatch for Group {
     fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), WatchError> {
         let st = fstat(fd)?;
         let inode = FileKey::of(&st).inode();
-        if self.watched(inode) {
-            return Ok(());
+        if let Some(found) = self.found(inode, None)? {
+            if self.current(fd, inode, found, SCRIPT_WATCHED)? {
+                return Ok(());
+            }
         }
+        self.room()?;
         let mut mapped = self.mapped.lock()?;
         if mapped.contains_key(&inode) {
+            // Watched by a racing execution meanwhile (the same mark).
             return Ok(());
         }
         // Marked with the table locked: a mark for an entry that is not
         // there would be read back as a script's after a restart anyway.
-        self.fan
-            .mark::<std::path::Path>(
-                MarkFlags::FAN_MARK_ADD,
-                SCRIPT_WATCHED,
-                Some(fd.as_raw_fd()),
-                None,
-            )
-            .map_err(|e| SysError::call("fanotify inode mark", e))?;
+        self.mark(fd, SCRIPT_WATCHED)?;
         mapped.insert(
             inode,
             Watched {
                 script: true,
+                born: next_born(),
                 ..Default::default()
             },
         );
@@ -166,9 +191,12 @@ impl Group {
         let st = fstat(fd)?;
         let since = FileKey::of(&st);
         let inode = since.inode();
-        if self.called_again(inode, by)? {
-            return Ok(false);
+        if let Some(found) = self.found(inode, Some(by))? {
+            if self.current(fd, inode, found, WATCHED)? {
+                return Ok(false);
+            }
         }
+        self.room()?;
         // A lease needs an open file of our own. Opened before the mark
         // (our open would ask this very mark otherwise), and never with
         // the table locked: the reader that lets our open through looks
@@ -177,14 +205,7 @@ impl Group {
         // Marks the file's inode (no path): one mark per file, on any
         // filesystem (a file passed in from elsewhere too).
         let marked_by = own.as_ref().map_or(fd, |f| f.as_fd());
-        self.fan
-            .mark::<std::path::Path>(
-                MarkFlags::FAN_MARK_ADD,
-                WATCHED,
-                Some(marked_by.as_raw_fd()),
-                None,
-            )
-            .map_err(|e| SysError::call("fanotify inode mark", e))?;
+        self.mark(marked_by, WATCHED)?;
         let lease = match own
             .map_err(|e| LeaseError::from(SysError::io("opening the file again", e)))
             .and_then(|f| self.lease(f, inode))
@@ -223,37 +244,214 @@ impl Group {
                 script: false,
                 since: Some(since),
                 calls,
+                born: next_born(),
             },
         );
         Ok(true)
     }
 
+    /// Places the inode mark of the file open as `fd` (or adds `mask` to
+    /// it). The mark holds the inode while it lasts; the kernel drops it
+    /// when the file is deleted and nothing has it open any more.
+    fn mark(&self, fd: BorrowedFd<'_>, mask: MaskFlags) -> Result<(), SysError> {
+        self.fan
+            .mark::<std::path::Path>(MarkFlags::FAN_MARK_ADD, mask, Some(fd.as_raw_fd()), None)
+            .map_err(|e| SysError::call("fanotify inode mark", e))
+    }
+
+    /// Whether the watch `found` of `inode`, which the file open as `fd`
+    /// has now, is still this file's: its mark is in place (a lease holds
+    /// the file, so it is; else asked of the kernel). If not, the kernel
+    /// dropped the mark with a deleted file whose inode number this new
+    /// file took, and the stale watch ends here (its next watch is
+    /// placed by the caller). Until 2026-12-06 such a file counted as
+    /// watched: mapped executable with no mark, it could be rewritten
+    /// under its mapping unseen (a script run and deleted, then a new
+    /// file mapped, as `escape map-flood` does, took its number).
+    fn current(
+        &self,
+        fd: BorrowedFd<'_>,
+        inode: (u64, u64),
+        found: Found,
+        mask: MaskFlags,
+    ) -> Result<bool, WatchError> {
+        if !self.ours(fd, inode, found) {
+            return Ok(false);
+        }
+        if !found.leased {
+            // With the mask of this use (a script's file now mapped).
+            self.mark(fd, mask)?;
+        }
+        Ok(true)
+    }
+
+    /// Whether the file open as `fd` has this group's mark. The kernel has
+    /// no call that asks; but it refuses (EEXIST) to add an evictable mark
+    /// where a mark that holds its inode (ours) is, and otherwise places
+    /// one, which is removed again. A kernel before 5.19 cannot tell: true.
+    fn marked(&self, fd: BorrowedFd<'_>) -> Result<bool, SysError> {
+        let probe = |flags| {
+            self.fan.mark::<std::path::Path>(
+                flags,
+                MaskFlags::FAN_MODIFY,
+                Some(fd.as_raw_fd()),
+                None,
+            )
+        };
+        match probe(MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_EVICTABLE) {
+            Err(nix::errno::Errno::EEXIST) | Err(nix::errno::Errno::EINVAL) => Ok(true),
+            Ok(()) => {
+                let _ = probe(MarkFlags::FAN_MARK_REMOVE);
+                Ok(false)
+            }
+            Err(e) => Err(SysError::call("fanotify inode mark", e)),
+        }
+    }
+
+    /// Whether the watch of `inode`, of which the file open as `fd` has
+    /// just been closed after writing, is this file's (see `current`); a
+    /// stale one ends here. What cannot be told counts as the file's.
+    fn still_watching(&self, fd: BorrowedFd<'_>, inode: (u64, u64)) -> bool {
+        let Ok(Some(found)) = self.found(inode, None) else {
+            return true;
+        };
+        self.ours(fd, inode, found)
+    }
+
+    /// Whether the watch `found` of `inode` is the file's open as `fd` (a
+    /// lease holds the file, or the file has the group's mark); if not, it
+    /// ends. What cannot be told counts as the file's.
+    fn ours(&self, fd: BorrowedFd<'_>, inode: (u64, u64), found: Found) -> bool {
+        if found.leased || self.marked(fd).unwrap_or(true) {
+            return true;
+        }
+        self.forget_if(None, inode, |w| w.born == found.born);
+        false
+    }
+
+    /// Room for one more watch: a container's group watches at most
+    /// `ima.max_watched_files` files at a time, so a container mapping ever
+    /// new files and keeping them mapped cannot grow imacri's table, nor use
+    /// up the node's marks, without bound. At the limit the watches nothing
+    /// needs any more end first (`sweep`); past it, the mapping or script
+    /// is refused (`WatchError::Full`).
+    fn room(&self) -> Result<(), WatchError> {
+        let limit = self
+            .engine
+            .upgrade()
+            .map_or(usize::MAX, |e| e.max_watched_files());
+        if self.mapped.lock()?.len() < limit {
+            return Ok(());
+        }
+        let ended = self.sweep();
+        tracing::debug!(container_id = %self.target.measured.container, ended, limit, "watches swept");
+        if let Some(e) = self.engine.upgrade() {
+            e.stats
+                .swept_watches
+                .fetch_add(ended as u64, Ordering::Relaxed);
+        }
+        if self.mapped.lock()?.len() < limit {
+            return Ok(());
+        }
+        Err(WatchError::Full(limit))
+    }
+
+    /// Ends the watches nothing needs any more: those whose mark the kernel
+    /// dropped (their file was deleted), and those with a lease whose file
+    /// no process of the container holds (maps executable; for a script,
+    /// has open) nor may be about to (a mapping call or an execution in
+    /// flight), as an open for writing would end them (`write_open`); the
+    /// lease's file names the mark to remove. A watch without a lease has
+    /// no file to name its mark by, and stays. How many ended.
+    fn sweep(&self) -> usize {
+        // The table first, then the marks: a watch is in the table only
+        // once its mark is placed, so one missing from the marks read after
+        // is one the kernel dropped.
+        let looked: Vec<Looked> = match self.mapped.lock() {
+            Ok(m) => m
+                .iter()
+                .map(|(i, w)| Looked {
+                    inode: *i,
+                    calls: w.calls.clone(),
+                    script: w.script,
+                    born: w.born,
+                    leased: w.lease.is_some(),
+                })
+                .collect(),
+            Err(_) => return 0,
+        };
+        // By inode number alone: the kernel names a mark's device as its
+        // superblock's, which is not what fstat says on every filesystem
+        // (a btrfs subvolume's), and a watch found marked stays. Unreadable:
+        // no mark counts as dropped.
+        let marked: Option<std::collections::HashSet<u64>> =
+            super::readback::read_marks(self.fan.as_fd())
+                .ok()
+                .map(|m| m.into_keys().map(|(_, ino)| ino).collect());
+        let dropped = |i: &(u64, u64)| marked.as_ref().is_some_and(|m| !m.contains(&i.1));
+        let procfs = self.target.root.join("proc");
+        let unheld = inpod::unheld(
+            &procfs,
+            looked
+                .iter()
+                .filter(|l| l.leased && !dropped(&l.inode))
+                .map(|l| (l.inode, &l.calls, l.script)),
+        );
+        let mut ended = 0;
+        for l in &looked {
+            let done = dropped(&l.inode) || unheld.contains(&l.inode);
+            // Unless a call was added meanwhile (as `done_with_mapping`).
+            if done
+                && self.forget_if(None, l.inode, |w| {
+                    w.born == l.born && w.calls.added == l.calls.added
+                })
+            {
+                ended += 1;
+            }
+        }
+        ended
+    }
+
     /// Whether `inode` is watched already; if so, `by` is added to its
     /// callers (in the same look, so that a watch ended for nobody mapping
     /// the file is one this call was not added to: `done_with_mapping`).
-    fn called_again(&self, inode: (u64, u64), by: Mapper) -> Result<bool, WatchError> {
+    fn found(&self, inode: (u64, u64), by: Option<Mapper>) -> Result<Option<Found>, WatchError> {
         let mut mapped = self.mapped.lock()?;
-        Ok(match mapped.get_mut(&inode) {
-            Some(w) => {
+        Ok(mapped.get_mut(&inode).map(|w| {
+            if let Some(by) = by {
                 w.calls.add(by);
-                true
             }
-            None => false,
-        })
+            Found {
+                leased: w.lease.is_some(),
+                born: w.born,
+            }
+        }))
     }
 
     fn watched(&self, inode: (u64, u64)) -> bool {
         self.mapped.lock().is_ok_and(|m| m.contains_key(&inode))
     }
 
-    /// Whether the watched file is as it was when its watch began (`now`,
-    /// its identity as of an event): a close after writing that shows no
-    /// write since was queued before the watch (a file written, closed and
-    /// then mapped: the event is read after the mapping was decided).
+    /// Whether the watched file's content is as it was when its watch
+    /// began (`now`, its identity as of an event): a close after writing
+    /// that shows no write since was queued before the watch (a file
+    /// written, closed and then mapped: the event is read after the
+    /// mapping was decided). Size and modification time only: the change
+    /// time also moves when the file is renamed, linked, deleted or
+    /// chmod-ed, none of which changes what the mapping runs. Until
+    /// 2026-12-06 the whole identity counted: a file written, mapped and
+    /// then deleted (a library extracted, loaded and removed, as plugin
+    /// loaders do) before the reader came to the close was a `tomtou`
+    /// violation, which under `enforce` killed the container. A write
+    /// after the watch began is a FAN_MODIFY of the watch's own mark
+    /// whatever the change time says, and one before it the engine's
+    /// identity check refused (`decide.rs`).
     fn unchanged_since_watched(&self, now: &FileKey) -> bool {
+        let content = |k: &FileKey| (k.dev, k.ino, k.size, k.mtime);
         self.mapped.lock().is_ok_and(|m| {
             m.get(&now.inode())
-                .is_some_and(|w| w.since.as_ref() == Some(now))
+                .and_then(|w| w.since.as_ref())
+                .is_some_and(|since| content(since) == content(now))
         })
     }
 
@@ -440,8 +638,13 @@ pub(super) fn written(
     fd: BorrowedFd<'_>,
     inode: (u64, u64),
 ) {
-    // FAN_MODIFY only comes from the marks of watched files.
+    // FAN_MODIFY only comes from the marks of watched files (a writer open
+    // before a watch's mark, which its writers check finds, can write
+    // before the watch is in the table: that one is no watch's yet).
     let how = if mask.contains(MaskFlags::FAN_MODIFY) {
+        if !group.watched(inode) {
+            return;
+        }
         "written"
     } else if mask.contains(MaskFlags::FAN_CLOSE_WRITE) && group.watched(inode) {
         // Nothing was written since the watch began: the writer closed
@@ -450,6 +653,11 @@ pub(super) fn written(
         // between refused the mapping instead).
         let now = fstat(fd).map(|st| FileKey::of(&st));
         if now.is_ok_and(|k| group.unchanged_since_watched(&k)) {
+            return;
+        }
+        // A deleted watched file's inode number taken by this new one:
+        // its creation is no write under a watch.
+        if !group.still_watching(fd, inode) {
             return;
         }
         "closed after writing"
