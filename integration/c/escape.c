@@ -693,12 +693,15 @@ int main(int argc, char **argv) {
         shmctl(id, IPC_RMID, 0);
         return r;
     }
-    if (!strcmp(m, "file-mmap") || !strcmp(m, "writers-mmap")) {
+    if (!strcmp(m, "file-mmap") || !strcmp(m, "writers-mmap") || !strcmp(m, "mmap-unlink")) {
+        /* mmap-unlink: the file is deleted once mapped, before its code
+           runs (a library unpacked, loaded and removed). */
         int w = open(path, O_RDWR|O_CREAT|O_TRUNC, 0644);
         if (w < 0 || write(w, code, sizeof code) != sizeof code) return fail(m);
-        if (!strcmp(m, "file-mmap")) close(w);
+        if (strcmp(m, "writers-mmap")) close(w);
         int fd = open(path, O_RDONLY);
         void *p = mmap(0, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE, fd, 0);
+        if (p != MAP_FAILED && !strcmp(m, "mmap-unlink") && unlink(path)) return fail(m);
         return p == MAP_FAILED ? fail(m) : ran(m, p);
     }
     if (!strcmp(m, "map-later")) {
