@@ -134,9 +134,7 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             ),
             Err(e) => line("fanotify-groups", false, format!("{}: {e}", groups::SYSCTL)),
         }
-        // Not raised: the kernel sizes it to the node's memory, and each
-        // container's share is bounded by ima.max_watched_files.
-        let marks = "/proc/sys/fs/fanotify/max_user_marks";
+        let marks = groups::MARKS_SYSCTL;
         let per = cfg.ima.max_watched_files.max(1) as u64;
         match groups::limit(std::path::Path::new(marks)) {
             Ok(n) => line(

@@ -1,30 +1,112 @@
-//! fanotify groups: the backend opens one per measured container that runs,
-//! and the kernel counts them against the node's
+//! The node's fanotify limits. Groups: the backend opens one per measured
+//! container that runs, and the kernel counts them against the node's
 //! `fs.fanotify.max_user_groups` (root's; 128 by default). Until 2026-12-05
 //! the 129th measured container of a node failed to start with "fanotify_init:
-//! EMFILE". Alone in its binary: it lowers that node-wide limit, which no
-//! other test may meet, and puts it back when it ends.
+//! EMFILE". Marks: one per file a container holds mapped executable or runs
+//! as a script, against `fs.fanotify.max_user_marks`. Alone in their binary,
+//! one at a time: each lowers a node-wide limit, which no other test may
+//! meet, and puts it back when it ends.
 
-use imacri_integration::client::{run_pod, start_container};
+use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
 use imacri_integration::escapes::*;
 use imacri_integration::{container_config, cri, Env};
 use imacri_runtime::integrity::fanotify::groups;
 use std::path::Path;
 use tonic::Code;
 
-/// The node's limit, put back as it was when the test ends.
-struct Limit(u64);
+/// One test at a time: each lowers a limit the other's pods need.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-impl Limit {
-    fn set(n: u64) {
-        std::fs::write(groups::SYSCTL, n.to_string()).unwrap();
+/// A node-wide limit (a sysctl's file), put back as it was when the test
+/// ends.
+struct Restore(&'static str, u64);
+
+impl Restore {
+    fn of(file: &'static str) -> Restore {
+        Restore(file, groups::limit(Path::new(file)).unwrap())
     }
 }
 
-impl Drop for Limit {
+impl Drop for Restore {
     fn drop(&mut self) {
-        Limit::set(self.0);
+        set(self.0, self.1);
     }
+}
+
+fn set(file: &str, n: u64) {
+    std::fs::write(file, n.to_string()).unwrap();
+}
+
+/// How many more marks root may place now: files of a temp dir marked in
+/// a group of ours until ENOSPC (at most `most`), then let go.
+fn free_marks(most: usize) -> usize {
+    use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
+    let dir = tempfile::tempdir().unwrap();
+    let fan = Fanotify::init(
+        InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC,
+        EventFFlags::O_RDONLY,
+    )
+    .unwrap();
+    for i in 0..most {
+        let f = dir.path().join(i.to_string());
+        std::fs::write(&f, b"").unwrap();
+        match fan.mark(
+            MarkFlags::FAN_MARK_ADD,
+            MaskFlags::FAN_MODIFY,
+            None,
+            Some(&f),
+        ) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::ENOSPC) => return i,
+            Err(e) => panic!("fanotify_mark: {e}"),
+        }
+    }
+    panic!("more than {most} marks free");
+}
+
+/// Past the node's marks, a file a container maps executable cannot be
+/// watched for writers: refused (EPERM) in every mode, measure too, with
+/// the sysctl named; let through unwatched, a pod that used up the node's
+/// marks could rewrite what it maps unseen. Once marks are free again, the
+/// container maps as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn mappings_past_the_nodes_marks_are_refused() {
+    let _alone = ALONE.lock().await;
+    let env = Env::get();
+    let _restore = Restore::of(groups::MARKS_SYSCTL);
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("marks", "measure");
+    let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+    // What is in use (the container's filesystem marks among it): the
+    // limit less what is free.
+    set(groups::MARKS_SYSCTL, 20_000);
+    let in_use = 20_000 - free_marks(20_000) as u64;
+    let tight = in_use + 3;
+    set(groups::MARKS_SYSCTL, tight);
+    let (_, out, err) = exec_sh(&mut rt, &c, "escape map-flood /tmp/m 10").await;
+    let n = |w: &str| -> usize {
+        let f: Vec<&str> = out.split_whitespace().collect();
+        let i = f
+            .iter()
+            .position(|x| *x == w)
+            .unwrap_or_else(|| panic!("{out}{err}"));
+        f[i + 1].parse().unwrap()
+    };
+    // Bounded: marks others let go meanwhile make room for a few more.
+    assert!(n("REFUSED") >= 5 && n("MAPPED") <= 5, "{out}{err}");
+    assert!(
+        d.log()
+            .contains(&format!("fs.fanotify.max_user_marks = {tight}")),
+        "{}",
+        d.log()
+    );
+    set(groups::MARKS_SYSCTL, in_use + 100);
+    assert_eq!(
+        sh_ok(&mut rt, &c, "escape map-flood /tmp/m 10").await,
+        "MAPPED 10 REFUSED 0"
+    );
+    stop_pod(&mut rt, &pod).await;
 }
 
 /// How many more groups root may open now: opened until EMFILE, then
@@ -55,15 +137,16 @@ fn free_groups() -> u64 {
 /// the next container starts.
 #[tokio::test(flavor = "multi_thread")]
 async fn measured_containers_past_the_kernels_group_limit_start() {
+    let _alone = ALONE.lock().await;
     let env = Env::get();
     let sysctl = Path::new(groups::SYSCTL);
-    let _restore = Limit(groups::limit(sysctl).unwrap());
+    let _restore = Restore::of(groups::SYSCTL);
     // What others hold (none of this test's): the limit less what is free.
-    Limit::set(64);
+    set(groups::SYSCTL, 64);
     let in_use = 64 - free_groups();
     let (mut d, image, work) = node(env, "fanotify_groups = 0").await;
     let tight = in_use + 3;
-    Limit::set(tight);
+    set(groups::SYSCTL, tight);
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima("groups", "measure");
     let pod = run_pod(&mut rt, &cfg)

@@ -52,6 +52,12 @@ impl From<fanotify::FanotifyError> for Error {
         let m = format!("cannot measure the container: {e}");
         match e {
             fanotify::FanotifyError::Groups { .. } => Error::ResourceExhausted(m),
+            fanotify::FanotifyError::Mark {
+                source: nix::errno::Errno::ENOSPC,
+                ..
+            } => Error::ResourceExhausted(format!(
+                "{m}: the node's fanotify marks are used up (fs.fanotify.max_user_marks)"
+            )),
             _ => Error::FailedPrecondition(m),
         }
     }
@@ -119,5 +125,15 @@ mod tests {
         assert!(matches!(&e, Error::FailedPrecondition(m) if m.contains("quota of 3")));
         let e: Error = journal::JournalError::Tpm(tpm::TpmError::Gone).into();
         assert!(matches!(e, Error::Unavailable(_)));
+        let mark = |source| fanotify::FanotifyError::Mark {
+            path: "/proc/1/root".into(),
+            source,
+        };
+        let e: Error = mark(nix::errno::Errno::ENOSPC).into();
+        assert!(
+            matches!(&e, Error::ResourceExhausted(m) if m.contains("fs.fanotify.max_user_marks"))
+        );
+        let e: Error = mark(nix::errno::Errno::EINVAL).into();
+        assert!(matches!(e, Error::FailedPrecondition(_)));
     }
 }

@@ -94,16 +94,21 @@ pub enum WatchError {
         "the container holds {0} files mapped executable or scripts run (ima.max_watched_files), each watched for writers; no more can be"
     )]
     Full(usize),
+    #[error(
+        "the node's fanotify marks are used up (fs.fanotify.max_user_marks = {limit}: one per file a measured container holds mapped executable or runs as a script, at most ima.max_watched_files each); raise the sysctl"
+    )]
+    NodeMarks { limit: String },
     #[error("a watch table's lock is poisoned")]
     Poisoned,
 }
 
 impl WatchError {
     /// Whether the access must be refused whatever the pod's mode: past the
-    /// container's watch limit, letting it through unwatched would make the
-    /// limit a way out of the writers check.
+    /// container's or the node's watch limit, letting it through unwatched
+    /// would make the limit a way out of the writers check (a pod could use
+    /// up the node's marks, then rewrite what it maps).
     pub fn refuses(&self) -> bool {
-        matches!(self, WatchError::Full(_))
+        matches!(self, WatchError::Full(_) | WatchError::NodeMarks { .. })
     }
 }
 

@@ -11,6 +11,11 @@ use std::path::Path;
 /// The sysctl's file.
 pub const SYSCTL: &str = "/proc/sys/fs/fanotify/max_user_groups";
 
+/// The node's limit on fanotify marks (root's), which imacri reads but does
+/// not raise: the kernel sizes it to the node's memory, and each
+/// container's share is bounded by `ima.max_watched_files`.
+pub const MARKS_SYSCTL: &str = "/proc/sys/fs/fanotify/max_user_marks";
+
 /// What the limit was and is: `(before, now)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Raised {

@@ -253,10 +253,16 @@ impl Group {
     /// Places the inode mark of the file open as `fd` (or adds `mask` to
     /// it). The mark holds the inode while it lasts; the kernel drops it
     /// when the file is deleted and nothing has it open any more.
-    fn mark(&self, fd: BorrowedFd<'_>, mask: MaskFlags) -> Result<(), SysError> {
+    fn mark(&self, fd: BorrowedFd<'_>, mask: MaskFlags) -> Result<(), WatchError> {
         self.fan
             .mark::<std::path::Path>(MarkFlags::FAN_MARK_ADD, mask, Some(fd.as_raw_fd()), None)
-            .map_err(|e| SysError::call("fanotify inode mark", e))
+            .map_err(|e| match e {
+                nix::errno::Errno::ENOSPC => WatchError::NodeMarks {
+                    limit: super::groups::limit(std::path::Path::new(super::groups::MARKS_SYSCTL))
+                        .map_or_else(|e| format!("unreadable: {e}"), |n| n.to_string()),
+                },
+                e => SysError::call("fanotify inode mark", e).into(),
+            })
     }
 
     /// Whether the watch `found` of `inode`, which the file open as `fd`
