@@ -965,6 +965,21 @@ async fn a_containers_watches_are_bounded() {
         after_scripts <= before + 20,
         "{after_scripts} inode marks after 1000 scripts (from {before})"
     );
+    // 400 scripts kept, each run once: more than the container may watch,
+    // but nothing reads them once run, so the oldest watches end (found at
+    // their paths: a script's watch has no lease to name its mark by).
+    let out = sh_ok(
+        &mut rt,
+        &c,
+        "mkdir /tmp/k; i=0; while [ $i -lt 400 ]; do printf '#!/bin/sh\\n:\\n' > /tmp/k/$i && chmod +x /tmp/k/$i && /tmp/k/$i || echo failed-$i; i=$((i+1)); done; echo done",
+    )
+    .await;
+    assert_eq!(out, "done", "{out}");
+    let marks = inode_marks(imacri);
+    assert!(
+        marks <= before + 300 + 20,
+        "{marks} inode marks (from {before})"
+    );
     // Files made and mapped, each kept mapped: past the limit, refused.
     let out = sh_ok(&mut rt, &c, "escape map-flood /tmp/m 400").await;
     let n = |out: &str, w: &str| -> usize {

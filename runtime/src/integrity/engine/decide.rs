@@ -183,7 +183,7 @@ impl Engine {
         // first, so that no rewrite under the interpreter goes unseen.
         if kind == Event::Exec && !deny && elf.is_none() {
             if let Some(w) = self.write_watch(t) {
-                if let Err(e) = w.watch_script(fd) {
+                if let Err(e) = w.watch_script(fd, pending.mapper()) {
                     if enforce || e.refuses() {
                         if let Some(unsaid) = t.quiet.take() {
                             tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, %path, error = %e, unsaid, "a script cannot be watched for writers; refused");

@@ -207,8 +207,9 @@ pub trait WriteWatch: Send + Sync {
     fn unwatch(&self, fd: BorrowedFd<'_>);
     /// From now on, while a process of the pod has the executed script
     /// open as `fd` open (its interpreter), asks before it is opened for
-    /// writing (in place before the execution is answered).
-    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), WatchError>;
+    /// writing (in place before the execution is answered). `by`: the
+    /// execution.
+    fn watch_script(&self, fd: BorrowedFd<'_>, by: Mapper) -> Result<(), WatchError>;
     /// Holds `file`, a file of an overlay filesystem open for writing that
     /// a process of the container maps shared, open until the container is
     /// gone (the mapping holds the upper layer's file, which the kernel's

@@ -211,21 +211,33 @@ const MAPPING_CALLS: [i64; 5] = [
 /// mapping before). What cannot be read holds everything.
 pub(super) fn unheld<'a>(
     procfs: &Path,
+    except: Option<u32>,
     watches: impl Iterator<Item = ((u64, u64), &'a Calls, bool)>,
 ) -> HashSet<(u64, u64)> {
-    unheld_in(Path::new("/proc"), procfs, watches)
+    unheld_in(Path::new("/proc"), procfs, except, watches)
 }
 
+/// The task of `by` as the container's procfs names it (its innermost
+/// pid namespace's ID, from imacri's `/proc/<tid>/status`).
+pub(super) fn ns_tid(by: &Mapper) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tid_of(by)?)).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
+/// `except`: a task (as `procfs` names it) whose call in flight is not
+/// waited for.
 fn unheld_in<'a>(
     proc: &Path,
     procfs: &Path,
+    except: Option<u32>,
     watches: impl Iterator<Item = ((u64, u64), &'a Calls, bool)>,
 ) -> HashSet<(u64, u64)> {
     let mut busy = None;
     let mut idle = Vec::new();
     for (inode, calls, script) in watches {
         let in_flight = if script || calls.unknown {
-            *busy.get_or_insert_with(|| calls_in_flight(procfs).unwrap_or(true))
+            *busy.get_or_insert_with(|| calls_in_flight_but(procfs, except).unwrap_or(true))
         } else {
             calls.known.iter().any(|c| in_call(proc, c))
         };
@@ -283,11 +295,20 @@ fn holdings(
 /// [`MAPPING_CALLS`], or on a CPU (the rule where the callers are not
 /// known). A task gone meanwhile is skipped.
 fn calls_in_flight(procfs: &Path) -> std::io::Result<bool> {
+    calls_in_flight_but(procfs, None)
+}
+
+/// [`calls_in_flight`], task `except` left out.
+fn calls_in_flight_but(procfs: &Path, except: Option<u32>) -> std::io::Result<bool> {
+    let except = except.map(|t| std::ffi::OsString::from(t.to_string()));
     for pid in processes(procfs)? {
         let Ok(tasks) = std::fs::read_dir(pid.join("task")) else {
             continue;
         };
         for task in tasks.flatten() {
+            if except.as_deref() == Some(task.file_name().as_os_str()) {
+                continue;
+            }
             match std::fs::read_to_string(task.path().join("syscall")) {
                 Ok(text) if in_mapping_call(&text) => return Ok(true),
                 Ok(_) => {}
@@ -480,21 +501,34 @@ mod tests {
             ]
             .into_iter()
         };
-        assert_eq!(unheld(procfs.path(), watches()), HashSet::from([idle]));
+        assert_eq!(
+            unheld(procfs.path(), None, watches()),
+            HashSet::from([idle])
+        );
         // A task in mmap: the watches that wait for any task stay.
         proc_dir("13", "9 0x0 0x1000 0x5 0x2 0x3 0x0 0x7ffc 0x7f00\n");
         assert_eq!(
             unheld(
                 procfs.path(),
+                None,
                 [(idle, &known, false), (open, &unknown, false)].into_iter()
             ),
             HashSet::from([idle])
         );
-        assert!(unheld(procfs.path(), [(idle, &unknown, true)].into_iter()).is_empty());
+        assert!(unheld(procfs.path(), None, [(idle, &unknown, true)].into_iter()).is_empty());
+        // ... unless that task is the one the sweep is made for.
+        assert_eq!(
+            unheld(
+                procfs.path(),
+                Some(13),
+                [(idle, &unknown, true)].into_iter()
+            ),
+            HashSet::from([idle])
+        );
         std::fs::remove_dir_all(procfs.path().join("13")).unwrap();
         // Maps that cannot be read (a directory here): nothing is unheld.
         std::fs::create_dir(proc_dir("14", "-1 0x0 0x0\n").join("maps")).unwrap();
-        assert!(unheld(procfs.path(), watches()).is_empty());
+        assert!(unheld(procfs.path(), None, watches()).is_empty());
     }
 
     fn call(tid: u32, nr: i64) -> Caller {

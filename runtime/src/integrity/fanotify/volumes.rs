@@ -91,20 +91,12 @@ pub(super) fn container_mount(
     root: &Path,
     v: &MountedVolume,
 ) -> Result<(OwnedFd, u64), FanotifyError> {
-    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
     let at = root.join(v.dest.trim_start_matches('/'));
     let not_it = |why: String| FanotifyError::VolumeMount {
         path: at.clone(),
         why,
     };
-    let r = std::fs::File::open(root).map_err(|e| not_it(e.to_string()))?;
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = nix::fcntl::openat2(r.as_raw_fd(), v.dest.as_str(), how)
-        .map_err(|e| not_it(e.to_string()))?;
-    // SAFETY: openat2 returned a new fd we own.
-    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let fd = open_in_root(root, Path::new(&v.dest)).map_err(|e| not_it(e.to_string()))?;
     let (st, view) = (
         statx_of(&fd).map_err(|e| not_it(e.to_string()))?,
         std::fs::metadata(&v.view).map_err(|e| not_it(e.to_string()))?,
@@ -126,6 +118,19 @@ pub(super) fn container_mount(
         return Err(not_it("the kernel does not tell its mount".into()));
     }
     Ok((fd, st.stx_mnt_id))
+}
+
+/// An `O_PATH` fd of `path` resolved in the container whose root is `root`
+/// (`/proc/<pid>/root`): links inside the root only, no magic links.
+pub(super) fn open_in_root(root: &Path, path: &Path) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let r = std::fs::File::open(root)?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = nix::fcntl::openat2(r.as_raw_fd(), path, how)?;
+    // SAFETY: openat2 returned a new fd we own.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 /// `host_path` as it is (links followed) and the index of its `pods`

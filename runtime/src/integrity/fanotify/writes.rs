@@ -85,6 +85,17 @@ pub(super) struct Watched {
     /// Which watch of the inode this is (a sweep ends the one it looked
     /// at, never one placed since).
     born: u64,
+    /// Where the container had the file when the watch began, for a watch
+    /// without a lease: a sweep finds its mark there (`forget_at_path`).
+    path: Option<Box<std::path::Path>>,
+}
+
+/// Where the container has the file open as `fd` (the kernel's name for
+/// it, from the container's root); None for a deleted file.
+fn container_path(fd: BorrowedFd<'_>) -> Option<Box<std::path::Path>> {
+    let p = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    let deleted = p.as_os_str().as_encoded_bytes().ends_with(b" (deleted)");
+    (p.is_absolute() && !deleted).then(|| p.into_boxed_path())
 }
 
 /// The next watch's `born`.
@@ -113,6 +124,8 @@ struct Looked {
     script: bool,
     born: u64,
     leased: bool,
+    /// Where a watch without a lease had its file.
+    path: Option<Box<std::path::Path>>,
 }
 
 /// A watch found in place for a file mapped or executed again.
@@ -139,7 +152,7 @@ impl WriteWatch for Group {
         self.watch_with(fd, by, |fd| fd.try_clone_to_owned())
     }
 
-    fn watch_script(&self, fd: BorrowedFd<'_>) -> Result<(), WatchError> {
+    fn watch_script(&self, fd: BorrowedFd<'_>, by: Mapper) -> Result<(), WatchError> {
         let st = fstat(fd)?;
         let inode = FileKey::of(&st).inode();
         if let Some(found) = self.found(inode, None)? {
@@ -147,7 +160,7 @@ impl WriteWatch for Group {
                 return Ok(());
             }
         }
-        self.room()?;
+        self.room(by)?;
         let mut mapped = self.mapped.lock()?;
         if mapped.contains_key(&inode) {
             // Watched by a racing execution meanwhile (the same mark).
@@ -161,6 +174,7 @@ impl WriteWatch for Group {
             Watched {
                 script: true,
                 born: next_born(),
+                path: container_path(fd),
                 ..Default::default()
             },
         );
@@ -196,7 +210,7 @@ impl Group {
                 return Ok(false);
             }
         }
-        self.room()?;
+        self.room(by)?;
         // A lease needs an open file of our own. Opened before the mark
         // (our open would ask this very mark otherwise), and never with
         // the table locked: the reader that lets our open through looks
@@ -235,6 +249,7 @@ impl Group {
         let key = lease.as_ref().and_then(|l| self.keep(l, inode));
         let mut calls = inpod::Calls::default();
         calls.add(by);
+        let path = lease.is_none().then(|| container_path(fd)).flatten();
         mapped.insert(
             inode,
             Watched {
@@ -242,6 +257,7 @@ impl Group {
                 key,
                 broken: false,
                 script: false,
+                path,
                 since: Some(since),
                 calls,
                 born: next_born(),
@@ -340,8 +356,9 @@ impl Group {
     /// new files and keeping them mapped cannot grow imacri's table, nor use
     /// up the node's marks, without bound. At the limit the watches nothing
     /// needs any more end first (`sweep`); past it, the mapping or script
-    /// is refused (`WatchError::Full`).
-    fn room(&self) -> Result<(), WatchError> {
+    /// is refused (`WatchError::Full`). `by`: the caller the room is for,
+    /// whose own call in flight is this one.
+    fn room(&self, by: Mapper) -> Result<(), WatchError> {
         let limit = self
             .engine
             .upgrade()
@@ -349,7 +366,7 @@ impl Group {
         if self.mapped.lock()?.len() < limit {
             return Ok(());
         }
-        let ended = self.sweep();
+        let ended = self.sweep(by);
         tracing::debug!(container_id = %self.target.measured.container, ended, limit, "watches swept");
         if let Some(e) = self.engine.upgrade() {
             e.stats
@@ -363,13 +380,17 @@ impl Group {
     }
 
     /// Ends the watches nothing needs any more: those whose mark the kernel
-    /// dropped (their file was deleted), and those with a lease whose file
-    /// no process of the container holds (maps executable; for a script,
-    /// has open) nor may be about to (a mapping call or an execution in
-    /// flight), as an open for writing would end them (`write_open`); the
-    /// lease's file names the mark to remove. A watch without a lease has
-    /// no file to name its mark by, and stays. How many ended.
-    fn sweep(&self) -> usize {
+    /// dropped (their file was deleted), and those whose file no process of
+    /// the container holds (maps executable; for a script, has open) nor
+    /// may be about to (a mapping call or an execution in flight), as an
+    /// open for writing would end them (`write_open`). The mark to remove
+    /// is named by the lease's file, or, for a watch without a lease (a
+    /// script's), found where the file was (`forget_at_path`); one whose
+    /// path names another file now stays. How many ended.
+    /// `by`'s task is not waited for: its call in flight is the one the
+    /// sweep is made for (an execution waiting for its answer shows as
+    /// in `execve`, which would hold every script's watch).
+    fn sweep(&self, by: Mapper) -> usize {
         // The table first, then the marks: a watch is in the table only
         // once its mark is placed, so one missing from the marks read after
         // is one the kernel dropped.
@@ -382,6 +403,7 @@ impl Group {
                     script: w.script,
                     born: w.born,
                     leased: w.lease.is_some(),
+                    path: w.path.clone(),
                 })
                 .collect(),
             Err(_) => return 0,
@@ -398,24 +420,73 @@ impl Group {
         let procfs = self.target.root.join("proc");
         let unheld = inpod::unheld(
             &procfs,
+            inpod::ns_tid(&by),
             looked
                 .iter()
-                .filter(|l| l.leased && !dropped(&l.inode))
+                .filter(|l| (l.leased || l.path.is_some()) && !dropped(&l.inode))
                 .map(|l| (l.inode, &l.calls, l.script)),
         );
         let mut ended = 0;
         for l in &looked {
-            let done = dropped(&l.inode) || unheld.contains(&l.inode);
             // Unless a call was added meanwhile (as `done_with_mapping`).
-            if done
-                && self.forget_if(None, l.inode, |w| {
-                    w.born == l.born && w.calls.added == l.calls.added
-                })
-            {
-                ended += 1;
-            }
+            let still = |w: &Watched| w.born == l.born && w.calls.added == l.calls.added;
+            let gone = if dropped(&l.inode) || (l.leased && unheld.contains(&l.inode)) {
+                self.forget_if(None, l.inode, still)
+            } else if let (Some(path), true) = (&l.path, unheld.contains(&l.inode)) {
+                self.forget_at_path(l.inode, path, still)
+            } else {
+                false
+            };
+            ended += usize::from(gone);
         }
         ended
+    }
+
+    /// Ends the watch of `inode` that passes `still`, its mark found at
+    /// `path` in the container (where it was when the watch began); not
+    /// if the path now names another file (renamed or replaced: the watch
+    /// stays until a writer or the container ends it). With the table
+    /// locked throughout, so that no call finds the watch in place while
+    /// its mark goes, nor places a mark this removes; the path is opened
+    /// `O_PATH` (no open of the file, no event of its own).
+    fn forget_at_path(
+        &self,
+        inode: (u64, u64),
+        path: &std::path::Path,
+        still: impl FnOnce(&Watched) -> bool,
+    ) -> bool {
+        let Ok(mut m) = self.mapped.lock() else {
+            return false;
+        };
+        let mask = match m.get(&inode) {
+            Some(w) if still(w) => {
+                if w.script {
+                    SCRIPT_WATCHED
+                } else {
+                    WATCHED
+                }
+            }
+            _ => return false,
+        };
+        let Ok(file) = super::volumes::open_in_root(&self.target.root, path) else {
+            return false;
+        };
+        if fstat(file.as_fd()).ok().map(|st| FileKey::of(&st).inode()) != Some(inode) {
+            return false;
+        }
+        // Through the O_PATH fd's link: fanotify_mark takes no O_PATH fd.
+        let at = std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        if self
+            .fan
+            .mark(MarkFlags::FAN_MARK_REMOVE, mask, None, Some(&at))
+            .is_err()
+        {
+            return false;
+        }
+        if let Some(w) = m.remove(&inode) {
+            self.drop_key(w.key);
+        }
+        true
     }
 
     /// Whether `inode` is watched already; if so, `by` is added to its
