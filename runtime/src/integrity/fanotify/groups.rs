@@ -1,4 +1,5 @@
-//! The node's limit on fanotify groups. The backend opens one group per
+//! The node's limits on fanotify groups and marks. Marks are only read
+//! (`MARKS_SYSCTL`). Groups: the backend opens one group per
 //! measured container that runs (the pause container included), and the
 //! kernel counts them against `fs.fanotify.max_user_groups` of imacri's
 //! user, root: 128 by default, so the 129th measured container of a node
