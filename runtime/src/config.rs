@@ -470,8 +470,9 @@ max_file_size = 4294967296
 # leaves the sysctl as it is.
 fanotify_groups = 8192
 # Files one container may hold at a time mapped executable or executed as
-# scripts: each is watched for writers (an inode mark, counted against the
-# node's fs.fanotify.max_user_marks, and an entry in imacri's memory). At the
+# scripts: each is watched for writers (an inode mark, which keeps the file's
+# inode in the kernel's memory, ~1.2 KiB, and an entry in imacri's; imacri's
+# marks do not count against fs.fanotify.max_user_marks). At the
 # limit the watches of files nothing of the container holds any more end;
 # past it a new mapping or script is refused (EPERM) in every mode, so a pod
 # cannot grow them without bound nor run unwatched past it.

@@ -95,7 +95,7 @@ pub enum WatchError {
     )]
     Full(usize),
     #[error(
-        "the node's fanotify marks are used up (fs.fanotify.max_user_marks = {limit}: one per file a measured container holds mapped executable or runs as a script, at most ima.max_watched_files each); raise the sysctl"
+        "the node's fanotify marks are used up (fs.fanotify.max_user_marks = {limit}), which this container's group, opened by an imacri from before 2026-12-06, counts against; raise the sysctl, or recreate the container"
     )]
     NodeMarks { limit: String },
     #[error("a watch table's lock is poisoned")]

@@ -66,8 +66,9 @@ pub const DEFAULT_MAX_FILE_SIZE: u64 = 4 << 30;
 
 /// `ima.max_watched_files`'s default: far above the libraries and scripts
 /// one container holds at a time (a large program maps a few hundred).
-/// The kernel's `fs.fanotify.max_user_marks` bounds the node's marks of
-/// all containers (`imacri check` says how many full containers it takes).
+/// It alone bounds a container's marks: imacri's groups do not count
+/// against the node's `fs.fanotify.max_user_marks` (`FAN_UNLIMITED_MARKS`),
+/// so one pod's cannot use up another's.
 pub const DEFAULT_MAX_WATCHED_FILES: usize = 4096;
 
 /// A test hook's delay: `text:milliseconds` in the environment variable.

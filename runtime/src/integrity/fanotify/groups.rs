@@ -1,5 +1,6 @@
-//! The node's limits on fanotify groups and marks. Marks are only read
-//! (`MARKS_SYSCTL`). Groups: the backend opens one group per
+//! The node's limits on fanotify groups and marks. Marks: imacri's groups
+//! do not count against them (`FAN_UNLIMITED_MARKS`); the sysctl is read
+//! for groups an older imacri opened (`MARKS_SYSCTL`). Groups: the backend opens one group per
 //! measured container that runs (the pause container included), and the
 //! kernel counts them against `fs.fanotify.max_user_groups` of imacri's
 //! user, root: 128 by default, so the 129th measured container of a node
@@ -12,9 +13,10 @@ use std::path::Path;
 /// The sysctl's file.
 pub const SYSCTL: &str = "/proc/sys/fs/fanotify/max_user_groups";
 
-/// The node's limit on fanotify marks (root's), which imacri reads but does
-/// not raise: the kernel sizes it to the node's memory, and each
-/// container's share is bounded by `ima.max_watched_files`.
+/// The node's limit on fanotify marks (root's). imacri's groups are opened
+/// with `FAN_UNLIMITED_MARKS` and do not count against it (each
+/// container's marks are bounded by `ima.max_watched_files`); groups an
+/// imacri from before 2026-12-06 opened, handed over by the fd keeper, do.
 pub const MARKS_SYSCTL: &str = "/proc/sys/fs/fanotify/max_user_marks";
 
 /// What the limit was and is: `(before, now)`.

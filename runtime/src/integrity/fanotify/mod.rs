@@ -284,11 +284,17 @@ pub fn watch(
     // (EWOULDBLOCK: the read loop's EAGAIN).
     // FAN_CLASS_PRE_CONTENT: the class whose answers may carry an errno
     // (an execution refused as the kernel refuses it, `refuse`).
+    // FAN_UNLIMITED_MARKS: the group's marks do not count against root's
+    // `fs.fanotify.max_user_marks`, which every measured container shared:
+    // pods that filled it (50 containers at `ima.max_watched_files` here)
+    // had every other pod's new mappings refused. Each container's own
+    // limit bounds its marks instead (`writes.rs`).
     let fan = Fanotify::init(
         InitFlags::FAN_CLASS_PRE_CONTENT
             | InitFlags::FAN_CLOEXEC
             | InitFlags::FAN_NONBLOCK
             | InitFlags::FAN_UNLIMITED_QUEUE
+            | InitFlags::FAN_UNLIMITED_MARKS
             | InitFlags::FAN_REPORT_TID,
         EventFFlags::O_RDONLY
             | EventFFlags::O_LARGEFILE
