@@ -438,7 +438,7 @@ impl CriServer {
             Ok(())
         }
         .await;
-        let _ = lease.delete(&self.c, false).await;
+        self.end_lease(lease, res.is_ok()).await;
         laps.lap("lease-end");
         res
     }

@@ -13,6 +13,25 @@ use imacri_runtime::{Error, Result};
 use super::CriServer;
 
 impl CriServer {
+    /// Ends the lease a creation held its snapshot (and image volumes) by.
+    /// `created`: the container record holds them now, so the lease goes
+    /// after the answer, which need not wait for one more round trip to
+    /// containerd (one left by a crash expires within the hour). A failed
+    /// creation's goes before its error does: what it held must be gone
+    /// by then (the rollback's promise).
+    pub(crate) async fn end_lease(&self, lease: Lease, created: bool) {
+        if !created {
+            let _ = lease.delete(&self.c, false).await;
+            return;
+        }
+        let c = self.c.clone();
+        tokio::spawn(async move {
+            if let Err(e) = lease.delete(&c, false).await {
+                tracing::debug!(error = %e, "a creation's lease not deleted; it expires");
+            }
+        });
+    }
+
     /// The snapshot a pod's containers start from, and whether its layers
     /// are to be ID-mapped at task creation: the image's layers, or their
     /// chowned copy when this node cannot ID-map them.

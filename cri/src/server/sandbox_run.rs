@@ -471,7 +471,7 @@ impl CriServer {
         }
         .await;
         // The container record holds the snapshot now; the lease can go.
-        let _ = lease.delete(&self.c, false).await;
+        self.end_lease(lease, created.is_ok()).await;
         created
     }
 
