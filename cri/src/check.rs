@@ -127,14 +127,16 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             Ok(n) if n >= want => line(
                 "fanotify-groups",
                 true,
-                format!("fs.fanotify.max_user_groups = {n}: one group per measured container"),
+                format!(
+                    "fs.fanotify.max_user_groups = {n}: one or two groups per measured container"
+                ),
             ),
             Ok(n) => line(
                 "fanotify-groups",
                 true,
                 format!(
                     "fs.fanotify.max_user_groups = {n}; imacri raises it to {want} at start \
-                     (ima.fanotify_groups): one group per measured container"
+                     (ima.fanotify_groups): one or two groups per measured container"
                 ),
             ),
             Err(e) => line("fanotify-groups", false, format!("{}: {e}", groups::SYSCTL)),
@@ -154,6 +156,21 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             ),
             Err(e) => line("fanotify-marks", false, format!("{marks}: {e}")),
         }
+        let queued = std::fs::read_to_string("/proc/sys/fs/fanotify/max_queued_events")
+            .map_or_else(|e| format!("unreadable: {e}"), |s| s.trim().to_string());
+        let which = if imacri_runtime::integrity::fanotify::closes::kernel_multigrain() {
+            "multigrain timestamps: closes after writing are asked for on overlays only"
+        } else {
+            "coarse timestamps: closes after writing are asked for on every measured filesystem"
+        };
+        line(
+            "fanotify-closes",
+            true,
+            format!(
+                "{which}, through a second group per container whose queue is bounded \
+                 (fs.fanotify.max_queued_events = {queued}); past it the container's digests are forgotten"
+            ),
+        );
     }
     let landlock = imacri_runtime::integrity::init::probe().and_then(|abi| {
         if imacri_runtime::integrity::init::noexec(&cfg.root) {

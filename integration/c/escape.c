@@ -823,6 +823,43 @@ int main(int argc, char **argv) {
         printf("MAPPED %d REFUSED %d\n", ok, refused);
         return 0;
     }
+    if (!strcmp(m, "close-flood")) {
+        /* argv[3] empty files made in directory PATH, then "PATH/ready";
+           once "PATH/go" appears (made from outside), two processes open
+           them for writing and close them in turn for argv[4] seconds
+           (each close a FAN_CLOSE_WRITE wherever the filesystem is marked
+           for it), then "PATH/done". */
+        int n = argc > 3 ? atoi(argv[3]) : 0, secs = argc > 4 ? atoi(argv[4]) : 1;
+        char f[4096];
+        mkdir(path, 0755);
+        for (int i = 0; i < n; i++) {
+            snprintf(f, sizeof f, "%s/%d", path, i);
+            int fd = open(f, O_WRONLY|O_CREAT, 0644);
+            if (fd < 0) return fail(m);
+            close(fd);
+        }
+        snprintf(f, sizeof f, "%s/ready", path);
+        close(open(f, O_WRONLY|O_CREAT, 0644));
+        snprintf(f, sizeof f, "%s/go", path);
+        for (int waited = 0; access(f, F_OK) != 0; waited++) {
+            if (waited > 6000) { errno = ETIMEDOUT; return fail(m); }
+            usleep(10000);
+        }
+        for (int w = 0; w < 2; w++) {
+            if (fork() == 0) {
+                time_t end = time(NULL) + secs;
+                for (long i = w; time(NULL) < end; i += 2) {
+                    snprintf(f, sizeof f, "%s/%ld", path, i % n);
+                    close(open(f, O_WRONLY));
+                }
+                _exit(0);
+            }
+        }
+        while (wait(NULL) > 0) {}
+        snprintf(f, sizeof f, "%s/done", path);
+        close(open(f, O_WRONLY|O_CREAT, 0644));
+        return 0;
+    }
     if (!strcmp(m, "map-flood")) {
         /* argv[3] times: PATH made anew (a new inode, the same bytes and
            path: one log entry), mapped executable and the mapping kept

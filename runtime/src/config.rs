@@ -169,7 +169,7 @@ pub struct ImaConfig {
     /// is refused unhashed (a `gap` entry and a violation).
     pub max_file_size: u64,
     /// fanotify groups the node must allow (`fs.fanotify.max_user_groups`,
-    /// root's): one per measured container that runs. Raised to this at
+    /// root's): one or two per measured container that runs (`fanotify/closes.rs`). Raised to this at
     /// start when lower, never lowered; 0 leaves it.
     pub fanotify_groups: u64,
     /// Files one container may hold mapped executable or run as scripts at
@@ -464,9 +464,10 @@ max_entries_per_pod = 20000
 # cannot keep them busy with huge sparse files. 4 GiB.
 max_file_size = 4294967296
 # fanotify groups the node must allow (fs.fanotify.max_user_groups, per user:
-# imacri's are root's). The fanotify backend opens one per measured container
-# that runs, the pause container included; the kernel's default, 128, failed
-# the 129th. Raised to this when imacri starts if lower, never lowered; 0
+# imacri's are root's). The fanotify backend opens one or two per measured
+# container that runs (the second for closes after writing where the digest
+# cache needs them), the pause container included; the kernel's default,
+# 128, failed the 129th. Raised to this when imacri starts if lower, never lowered; 0
 # leaves the sysctl as it is.
 fanotify_groups = 8192
 # Files one container may hold at a time mapped executable or executed as

@@ -164,7 +164,7 @@ fn real_file_written(fd: BorrowedFd<'_>) -> Result<bool, OverlayError> {
 
 /// The upper directory of the overlay mounted with device `dev`, from this
 /// process's mountinfo (imacri mounts ima pods' roots).
-fn upper_of(dev: u64) -> Result<PathBuf, OverlayError> {
+pub fn upper_of(dev: u64) -> Result<PathBuf, OverlayError> {
     let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
     let info = mountinfo()?;
     for line in info.lines() {

@@ -575,6 +575,14 @@ impl Engine {
         self.cache.pin().remove(&inode);
     }
 
+    /// Forgets every digest of files on `devices` (closes after writing
+    /// were lost).
+    pub fn invalidate_devices(&self, devices: &[u64]) {
+        self.cache
+            .pin()
+            .retain(|inode, _| !devices.contains(&inode.0));
+    }
+
     fn cached(&self, key: &FileKey) -> Option<Content> {
         self.cache
             .pin()

@@ -1,7 +1,9 @@
 //! The node's limits on fanotify groups and marks. Marks: imacri's groups
 //! do not count against them (`FAN_UNLIMITED_MARKS`); the sysctl is read
-//! for groups an older imacri opened (`MARKS_SYSCTL`). Groups: the backend opens one group per
-//! measured container that runs (the pause container included), and the
+//! for groups an older imacri opened (`MARKS_SYSCTL`). Groups: the backend
+//! opens one or two groups per measured container that runs (the pause
+//! container included; the second for closes after writing, `closes.rs`),
+//! and the
 //! kernel counts them against `fs.fanotify.max_user_groups` of imacri's
 //! user, root: 128 by default, so the 129th measured container of a node
 //! failed to start. imacri raises the limit at start to what its config

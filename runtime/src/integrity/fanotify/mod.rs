@@ -10,9 +10,10 @@
 //! container also means an event needs no lookup to know whose it is.
 //!
 //! Each group has a reader thread that hands regular files to the
-//! [`Engine`]. The same group asks for `FAN_CLOSE_WRITE`, so a file written
-//! in the container loses its cached digest at once (the cache key also
-//! carries mtime/ctime).
+//! [`Engine`]. A second group per container asks for `FAN_CLOSE_WRITE`
+//! where the digest cache needs it, so a file written in the container
+//! loses its cached digest (the cache key also carries mtime/ctime;
+//! `closes.rs`).
 //!
 //! Executable *mappings* (`mmap`/`mprotect` with PROT_EXEC), which fanotify
 //! cannot see, come from the seccomp map guard (`mapguard`) into the same
@@ -36,6 +37,7 @@ use std::sync::{Arc, Mutex, Weak};
 use super::digest::FileKey;
 use super::engine::{Engine, Measured};
 
+pub mod closes;
 pub mod groups;
 mod held;
 mod inpod;
@@ -63,7 +65,7 @@ pub enum FanotifyError {
     )]
     Init(nix::Error),
     #[error(
-        "fanotify_init: EMFILE: the node's fanotify groups are used up (fs.fanotify.max_user_groups = {limit}; one per measured container that runs) or imacri's open files are; raise ima.fanotify_groups in imacri's config (applied at its start) or the sysctl"
+        "fanotify_init: EMFILE: the node's fanotify groups are used up (fs.fanotify.max_user_groups = {limit}; one or two per measured container that runs) or imacri's open files are; raise ima.fanotify_groups in imacri's config (applied at its start) or the sysctl"
     )]
     Groups { limit: String },
     #[error("fanotify_mark on {path}: {source}")]
@@ -138,8 +140,10 @@ impl Triggers {
         t
     }
 
+    /// What the container's group asks of its filesystems (closes after
+    /// writing come through a group of their own, `closes.rs`).
     fn mask(&self) -> MaskFlags {
-        let mut m = MaskFlags::FAN_OPEN_EXEC_PERM | MaskFlags::FAN_CLOSE_WRITE;
+        let mut m = MaskFlags::FAN_OPEN_EXEC_PERM;
         if self.read.is_some() {
             m |= MaskFlags::FAN_OPEN_PERM;
         }
@@ -182,6 +186,9 @@ struct Group {
     /// Executions between their answer and the kernel's writers check
     /// (`window.rs`).
     windows: window::Windows,
+    /// Closes after writing on its filesystems, for the digest cache
+    /// (`closes.rs`; None where none needs them).
+    closes: Option<closes::Closes>,
     /// Files mapped executable in the container, watched for writers
     /// (inode marks, `writes::WATCHED`, and read leases).
     mapped: Mutex<writes::WatchedFiles>,
@@ -301,24 +308,14 @@ pub fn watch(
             | EventFFlags::O_CLOEXEC
             | EventFFlags::O_NONBLOCK,
     )
-    .map_err(|e| match e {
-        nix::Error::EMFILE => FanotifyError::Groups {
-            limit: groups::limit(std::path::Path::new(groups::SYSCTL))
-                .map_or_else(|e| format!("unreadable: {e}"), |n| n.to_string()),
-        },
-        e => FanotifyError::Init(e),
-    })?;
+    .map_err(init_failed)?;
     for path in std::iter::once(&target.root).chain(&target.volumes) {
-        fan.mark(
-            MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
+        mark_path(
+            &fan,
+            MarkFlags::FAN_MARK_FILESYSTEM,
             target.triggers.mask(),
-            None,
-            Some(path),
-        )
-        .map_err(|source| FanotifyError::Mark {
-            path: path.clone(),
-            source,
-        })?;
+            path,
+        )?;
     }
     let mut marked = std::collections::HashSet::new();
     for v in &target.mounted {
@@ -383,6 +380,31 @@ pub fn watch(
     })
 }
 
+/// Adds a mark (`how`: its kind) asking for `mask` on `path`.
+fn mark_path(
+    fan: &Fanotify,
+    how: MarkFlags,
+    mask: MaskFlags,
+    path: &std::path::Path,
+) -> Result<(), FanotifyError> {
+    fan.mark(MarkFlags::FAN_MARK_ADD | how, mask, None, Some(path))
+        .map_err(|source| FanotifyError::Mark {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Why `fanotify_init` failed: past the node's groups (EMFILE), named.
+fn init_failed(e: nix::Error) -> FanotifyError {
+    match e {
+        nix::Error::EMFILE => FanotifyError::Groups {
+            limit: groups::limit(std::path::Path::new(groups::SYSCTL))
+                .map_or_else(|e| format!("unreadable: {e}"), |n| n.to_string()),
+        },
+        e => FanotifyError::Init(e),
+    }
+}
+
 /// After a restart: takes back a container's group from the keeper. Its
 /// marks are in place and its queued events waited for us. The events the
 /// last imacri read but never answered are denied first (their tasks get
@@ -439,6 +461,7 @@ fn start(
         .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
         .collect();
     engine.register(target.measured.clone(), devices);
+    let closes = closes::Closes::open(&target).inspect_err(|_| engine.unregister(&container))?;
     let marked = readback::marked_inodes(fan.as_fd());
     let group = Arc::new_cyclic(|me| Group {
         fan,
@@ -447,6 +470,7 @@ fn start(
         last_exec: Mutex::new(None),
         loading: Default::default(),
         windows: Default::default(),
+        closes,
         mapped: Mutex::new(Default::default()),
         held: Mutex::new(Default::default()),
         me: me.clone(),
@@ -541,10 +565,7 @@ mod tests {
             |u| u,
         );
         assert_eq!(t, Triggers::default());
-        assert_eq!(
-            t.mask(),
-            MaskFlags::FAN_OPEN_EXEC_PERM | MaskFlags::FAN_CLOSE_WRITE
-        );
+        assert_eq!(t.mask(), MaskFlags::FAN_OPEN_EXEC_PERM);
         let t = Triggers::from_rules(
             &parse("measure func=FILE_CHECK mask=^MAY_READ uid=0\ndont_measure func=BPRM_CHECK\n")
                 .unwrap(),

@@ -43,9 +43,15 @@ impl Reader {
         let (engine, group) = (self.engine.clone(), self.group.clone());
         let mut idle = Idle::default();
         loop {
+            let closes = group
+                .closes
+                .as_ref()
+                .map(|c| c.fd())
+                .unwrap_or(self.stop.as_fd());
             let mut fds = [
                 PollFd::new(group.fan.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+                PollFd::new(closes, PollFlags::POLLIN),
             ];
             // Executions in their window are looked at now and then, with or
             // without events.
@@ -63,7 +69,11 @@ impl Reader {
                 Ok(0) => {
                     group.settle_windows(None, true);
                     if idle.is_over() && !group.windows.any() {
-                        let fds = [group.fan.as_fd().as_raw_fd(), self.stop.as_raw_fd()];
+                        let fds = [
+                            group.fan.as_fd().as_raw_fd(),
+                            self.stop.as_raw_fd(),
+                            closes.as_raw_fd(),
+                        ];
                         match park::park(&fds, THREAD, self, Reader::run) {
                             Ok(()) => return,
                             Err(back) => self = back,
@@ -96,7 +106,13 @@ impl Reader {
             charge::work_for(group.target.measured.charge.as_ref());
             let events = match group.fan.read_events() {
                 Ok(ev) => ev,
-                Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {
+                    // Only closes came.
+                    if let Some(c) = &group.closes {
+                        c.read(&engine);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     return stopped(
                         &engine,
@@ -106,6 +122,11 @@ impl Reader {
                     )
                 }
             };
+            // Every close queued before an event of this batch is queued
+            // now: its digest is forgotten before that event is decided.
+            if let Some(c) = &group.closes {
+                c.read(&engine);
+            }
             for ev in events {
                 self.handled += 1;
                 handle(&engine, &group, ev);
