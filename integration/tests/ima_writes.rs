@@ -817,6 +817,56 @@ impl Drop for ExecGate {
 /// "deny"` (the mapping then runs what was measured), a `tomtou` in
 /// measure mode. Letting it through unseen would have the mapping run the
 /// rewritten file.
+/// An executable mapping right after an outside process closed the fd
+/// through which it mapped the file shared and writable. That close is
+/// what makes the next check measure the file anew (and so look for such a
+/// mapping of the overlay file's upper file, which the kernel does not
+/// count as a writer); it comes through the container's closes group,
+/// which its reader reads, while a mapping is decided on the map guard's
+/// thread. Decided from the cached digest before the reader got to the
+/// close, the mapping went through with no `writers` entry while the
+/// outside process could change its code. With the reader held 2 s
+/// before it reads closes (`IMACRI_TEST_CLOSES_DELAY`), a mapping made 1 s
+/// after the close is a `writers` violation: the map guard reads the
+/// closes queued before it decides.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapping_right_after_an_outside_writer_closed_is_checked() {
+    let (d, image, _work) = node_with(Env::get(), "IMACRI_TEST_CLOSES_DELAY", "2000").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("closes-race", "measure");
+    let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+    // Measured and cached: mapped once.
+    let out = sh_ok(
+        &mut rt,
+        &c,
+        "escape write-sleeper /tmp/lib && escape map-later /tmp/lib 0 0",
+    )
+    .await;
+    assert!(out.contains("MAPPED"), "{out}");
+    let pid = imacri_integration::client::container_info(&mut rt, &c).await["pid"]
+        .as_u64()
+        .unwrap();
+    let mut rt2 = d.runtime().await.unwrap();
+    let c2 = c.clone();
+    // Opens the file now, maps it 1.5 s later.
+    let later =
+        tokio::spawn(
+            async move { exec_sh(&mut rt2, &c2, "escape map-later /tmp/lib 1500 0").await },
+        );
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let map = SharedMap::new(&format!("/proc/{pid}/root/tmp/lib"));
+    let (_, out, err) = later.await.unwrap();
+    assert!(out.contains("MAPPED"), "{out}{err}");
+    let mine = entries_of(&log_lines(&d, &pod), &c);
+    assert!(
+        logged(&mine, "/tmp/lib", None, "writers"),
+        "{mine:#?}\n{}",
+        d.log()
+    );
+    drop(map);
+    stop_pod(&mut rt, &pod).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_writer_racing_a_mapping_call_is_seen() {
     let env = Env::get();

@@ -217,6 +217,9 @@ pub trait WriteWatch: Send + Sync {
     /// writer rules do not see). Err: it cannot be held (the pod's share
     /// of fds), and the mapping must be refused.
     fn hold_writer(&self, file: OwnedFd) -> Result<(), WatchError>;
+    /// Reads the container's closes after writing queued now (their
+    /// digests forgotten), for a decision made off its reader.
+    fn read_closes(&self) {}
 }
 
 /// A measurement the policy does not allow, for logs and CRI events.
@@ -343,6 +346,10 @@ pub struct Engine {
     /// the text, found mapped by nobody, waits this long before its watch
     /// ends (`IMACRI_TEST_WRITE_LOOK_DELAY`, `text:milliseconds`).
     pub(crate) write_look_delay: Option<(String, std::time::Duration)>,
+    /// Fault injection: a container's reader, woken by closes after
+    /// writing alone, waits this long before it reads them
+    /// (`IMACRI_TEST_CLOSES_DELAY`, milliseconds).
+    pub(crate) closes_delay: Option<std::time::Duration>,
     /// Set when imacri shuts down: watches then leave their groups with the
     /// fd keeper, so the containers wait for the next imacri.
     detached: std::sync::atomic::AtomicBool,
@@ -435,6 +442,10 @@ impl Engine {
             map_answer_delay: delay_for("IMACRI_TEST_MAPGUARD_ANSWER_DELAY"),
             map_watch_delay: delay_for("IMACRI_TEST_MAPGUARD_WATCH_DELAY"),
             write_look_delay: delay_for("IMACRI_TEST_WRITE_LOOK_DELAY"),
+            closes_delay: std::env::var("IMACRI_TEST_CLOSES_DELAY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis),
             detached: Default::default(),
             inflight: AtomicUsize::new(0),
             hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),
@@ -622,6 +633,15 @@ impl Engine {
     ) {
         let t0 = std::time::Instant::now();
         self.stats.events.fetch_add(1, Ordering::Relaxed);
+        if kind == Event::Mmap {
+            // Decided on the map guard's thread, not after the container's
+            // reader read the closes queued before it: a close that asks
+            // for the file to be measured anew (an overlay file mapped
+            // shared and writable outside the pod) must count first.
+            if let Some(w) = self.write_watch(&target) {
+                w.read_closes();
+            }
+        }
         match self.cached(&key) {
             Some(c) => {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);

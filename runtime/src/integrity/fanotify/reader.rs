@@ -109,6 +109,9 @@ impl Reader {
                 Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {
                     // Only closes came.
                     if let Some(c) = &group.closes {
+                        if let Some(delay) = engine.closes_delay {
+                            std::thread::sleep(delay);
+                        }
                         c.read(&engine);
                     }
                     continue;

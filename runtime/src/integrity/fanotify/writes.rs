@@ -185,6 +185,12 @@ impl WriteWatch for Group {
         self.hold(file)
     }
 
+    fn read_closes(&self) {
+        if let (Some(c), Some(engine)) = (&self.closes, self.engine.upgrade()) {
+            c.read(&engine);
+        }
+    }
+
     fn unwatch(&self, fd: BorrowedFd<'_>) {
         if let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) {
             self.forget(Some(fd), FileKey::of(&st).inode());
