@@ -91,7 +91,14 @@ fn needs_closes(path: &Path) -> bool {
 pub(super) struct Closes {
     fan: Fanotify,
     devices: Vec<u64>,
+    /// The kernel reports an fd it could not open in the event
+    /// (FAN_REPORT_FD_ERROR, Linux >= 6.13) rather than failing the read
+    /// and dropping the event.
+    fd_errors: bool,
 }
+
+/// FAN_REPORT_FD_ERROR (not in nix yet).
+const FAN_REPORT_FD_ERROR: u32 = 0x0000_2000;
 
 impl Closes {
     /// The group for `target`'s filesystems that need it (None: none do).
@@ -115,14 +122,28 @@ impl Closes {
         if marks.is_empty() {
             return Ok(None);
         }
-        let fan = Fanotify::init(
-            InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
-            EventFFlags::O_RDONLY
-                | EventFFlags::O_LARGEFILE
-                | EventFFlags::O_CLOEXEC
-                | EventFFlags::O_NONBLOCK,
-        )
-        .map_err(super::init_failed)?;
+        // The fd of each event is opened when it is read, O_NONBLOCK (see
+        // `watch`): a process of the pod holding a write lease on the file
+        // made that open fail, and the kernel then failed the read and
+        // dropped the event, its digest kept. Reported in the event, it is
+        // a close whose file is not known: every digest is forgotten.
+        let init = |extra: u32| {
+            Fanotify::init(
+                InitFlags::FAN_CLASS_NOTIF
+                    | InitFlags::FAN_CLOEXEC
+                    | InitFlags::FAN_NONBLOCK
+                    | InitFlags::from_bits_retain(extra),
+                EventFFlags::O_RDONLY
+                    | EventFFlags::O_LARGEFILE
+                    | EventFFlags::O_CLOEXEC
+                    | EventFFlags::O_NONBLOCK,
+            )
+        };
+        let (fan, fd_errors) = match init(FAN_REPORT_FD_ERROR) {
+            Ok(fan) => (fan, true),
+            Err(nix::errno::Errno::EINVAL) => (init(0).map_err(super::init_failed)?, false),
+            Err(e) => return Err(super::init_failed(e)),
+        };
         let mut devices = Vec::new();
         for (path, how) in &marks {
             super::mark_path(&fan, *how, MaskFlags::FAN_CLOSE_WRITE, path)?;
@@ -130,7 +151,11 @@ impl Closes {
                 devices.push(st.st_dev);
             }
         }
-        Ok(Some(Closes { fan, devices }))
+        Ok(Some(Closes {
+            fan,
+            devices,
+            fd_errors,
+        }))
     }
 
     pub(super) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -139,30 +164,68 @@ impl Closes {
     }
 
     /// Reads every close queued now, and forgets the digests they name (an
-    /// overflow: every digest of the filesystems marked).
+    /// overflow, or a file not named: every digest of the filesystems
+    /// marked).
     pub(super) fn read(&self, engine: &Engine) {
+        self.read_with(|inode| match inode {
+            Some(inode) => engine.invalidate(inode),
+            None => engine.invalidate_devices(&self.devices),
+        })
+    }
+
+    /// As [`read`](Self::read), handing each close's inode (None: not
+    /// known) to `forget`.
+    fn read_with(&self, mut forget: impl FnMut(Option<(u64, u64)>)) {
         loop {
             let events = match self.fan.read_events() {
                 Ok(ev) if !ev.is_empty() => ev,
                 Err(nix::errno::Errno::EINTR) => continue,
-                Ok(_) | Err(nix::errno::Errno::EAGAIN) => return,
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => {
+                    // Without fd errors reported, a read that failed on an
+                    // open left an event lost, the rest still queued.
+                    if !self.fd_errors && queued(&self.fan) > 0 {
+                        forget(None);
+                        continue;
+                    }
+                    return;
+                }
                 Err(e) => {
                     // Unread, any of them could be stale.
                     tracing::warn!(error = %e, "reading closes after writing failed; the container's digests are forgotten");
-                    return engine.invalidate_devices(&self.devices);
+                    return forget(None);
                 }
             };
             for ev in events {
-                let inode = ev
-                    .fd()
-                    .and_then(|fd| nix::sys::stat::fstat(fd.as_raw_fd()).ok());
-                match inode {
-                    Some(st) => engine.invalidate((st.st_dev, st.st_ino)),
-                    // The queue overflowed (or the file is gone).
-                    None => engine.invalidate_devices(&self.devices),
+                match ev.fd().map(|fd| fd.as_raw_fd()) {
+                    Some(fd) if fd >= 0 => forget(
+                        nix::sys::stat::fstat(fd)
+                            .ok()
+                            .map(|st| (st.st_dev, st.st_ino)),
+                    ),
+                    Some(_) => {
+                        // An open that failed (-errno): no fd to close
+                        // (nix's drop would close it, and panic).
+                        std::mem::forget(ev);
+                        forget(None);
+                    }
+                    // The queue overflowed.
+                    None => forget(None),
                 }
             }
         }
+    }
+}
+
+/// Bytes of events queued in `fan` (FIONREAD).
+fn queued(fan: &Fanotify) -> i32 {
+    use std::os::fd::AsFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(fan.as_fd().as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        0
+    } else {
+        n
     }
 }
 
@@ -188,5 +251,75 @@ mod tests {
         // Another type, or none to be told: asked for.
         assert!(needs_closes(Path::new("/proc")));
         assert!(needs_closes(Path::new("/nonexistent/imacri")));
+    }
+
+    #[test]
+    fn a_close_whose_file_cannot_be_opened_forgets_every_digest() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (f, g) = (dir.path().join("f"), dir.path().join("g"));
+        std::fs::write(&f, b"").unwrap();
+        std::fs::write(&g, b"").unwrap();
+        let fan = Fanotify::init(
+            InitFlags::FAN_CLASS_NOTIF
+                | InitFlags::FAN_CLOEXEC
+                | InitFlags::FAN_NONBLOCK
+                | InitFlags::from_bits_retain(FAN_REPORT_FD_ERROR),
+            EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC | EventFFlags::O_NONBLOCK,
+        );
+        let (fan, fd_errors) = match fan {
+            Ok(fan) => (fan, true),
+            Err(_) => (
+                Fanotify::init(
+                    InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
+                    EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC | EventFFlags::O_NONBLOCK,
+                )
+                .unwrap(),
+                false,
+            ),
+        };
+        for p in [&f, &g] {
+            fan.mark(
+                MarkFlags::FAN_MARK_ADD,
+                MaskFlags::FAN_CLOSE_WRITE,
+                None,
+                Some(p),
+            )
+            .unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        // A process holding a write lease on f: the kernel's open of it
+        // for the event fails (O_NONBLOCK), and breaking the lease sends
+        // the process SIGIO, which ends it.
+        let path = std::ffi::CString::new(f.to_str().unwrap()).unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        // SAFETY: the child only makes system calls (its arguments made
+        // before the fork) and exits.
+        let child = match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => unsafe {
+                let fd = libc::open(path.as_ptr(), libc::O_RDONLY);
+                let ok = fd >= 0 && libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) == 0;
+                libc::write(w.as_raw_fd(), [ok as u8].as_ptr().cast(), 1);
+                libc::sleep(10);
+                libc::_exit(0)
+            },
+            nix::unistd::ForkResult::Parent { child } => child,
+        };
+        let mut ok = [0u8];
+        nix::unistd::read(r.as_raw_fd(), &mut ok).unwrap();
+        assert_eq!(ok[0], 1, "no write lease");
+        let closes = Closes {
+            fan,
+            devices: vec![],
+            fd_errors,
+        };
+        let mut seen = Vec::new();
+        closes.read_with(|i| seen.push(i));
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(child, None);
+        // f not named (its digests all forgotten), g named.
+        let g_inode = std::fs::metadata(&g).map(|m| (m.dev(), m.ino())).unwrap();
+        assert!(seen.contains(&None), "{seen:?}");
+        assert!(seen.contains(&Some(g_inode)), "{seen:?}");
     }
 }
