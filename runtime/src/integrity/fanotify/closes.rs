@@ -127,23 +127,7 @@ impl Closes {
         // made that open fail, and the kernel then failed the read and
         // dropped the event, its digest kept. Reported in the event, it is
         // a close whose file is not known: every digest is forgotten.
-        let init = |extra: u32| {
-            Fanotify::init(
-                InitFlags::FAN_CLASS_NOTIF
-                    | InitFlags::FAN_CLOEXEC
-                    | InitFlags::FAN_NONBLOCK
-                    | InitFlags::from_bits_retain(extra),
-                EventFFlags::O_RDONLY
-                    | EventFFlags::O_LARGEFILE
-                    | EventFFlags::O_CLOEXEC
-                    | EventFFlags::O_NONBLOCK,
-            )
-        };
-        let (fan, fd_errors) = match init(FAN_REPORT_FD_ERROR) {
-            Ok(fan) => (fan, true),
-            Err(nix::errno::Errno::EINVAL) => (init(0).map_err(super::init_failed)?, false),
-            Err(e) => return Err(super::init_failed(e)),
-        };
+        let (fan, fd_errors) = notification_group().map_err(super::init_failed)?;
         let mut devices = Vec::new();
         for (path, how) in &marks {
             super::mark_path(&fan, *how, MaskFlags::FAN_CLOSE_WRITE, path)?;
@@ -216,6 +200,28 @@ impl Closes {
     }
 }
 
+/// A notification group whose events carry the error of an fd the kernel
+/// could not open, where it can (true then).
+fn notification_group() -> nix::Result<(Fanotify, bool)> {
+    let init = |extra: u32| {
+        Fanotify::init(
+            InitFlags::FAN_CLASS_NOTIF
+                | InitFlags::FAN_CLOEXEC
+                | InitFlags::FAN_NONBLOCK
+                | InitFlags::from_bits_retain(extra),
+            EventFFlags::O_RDONLY
+                | EventFFlags::O_LARGEFILE
+                | EventFFlags::O_CLOEXEC
+                | EventFFlags::O_NONBLOCK,
+        )
+    };
+    match init(FAN_REPORT_FD_ERROR) {
+        Ok(fan) => Ok((fan, true)),
+        Err(nix::errno::Errno::EINVAL) => Ok((init(0)?, false)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Bytes of events queued in `fan` (FIONREAD).
 fn queued(fan: &Fanotify) -> i32 {
     use std::os::fd::AsFd;
@@ -260,24 +266,7 @@ mod tests {
         let (f, g) = (dir.path().join("f"), dir.path().join("g"));
         std::fs::write(&f, b"").unwrap();
         std::fs::write(&g, b"").unwrap();
-        let fan = Fanotify::init(
-            InitFlags::FAN_CLASS_NOTIF
-                | InitFlags::FAN_CLOEXEC
-                | InitFlags::FAN_NONBLOCK
-                | InitFlags::from_bits_retain(FAN_REPORT_FD_ERROR),
-            EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC | EventFFlags::O_NONBLOCK,
-        );
-        let (fan, fd_errors) = match fan {
-            Ok(fan) => (fan, true),
-            Err(_) => (
-                Fanotify::init(
-                    InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
-                    EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC | EventFFlags::O_NONBLOCK,
-                )
-                .unwrap(),
-                false,
-            ),
-        };
+        let (fan, fd_errors) = notification_group().unwrap();
         for p in [&f, &g] {
             fan.mark(
                 MarkFlags::FAN_MARK_ADD,
