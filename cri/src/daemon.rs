@@ -231,6 +231,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
         let _ = std::fs::remove_file(&cfg.attestation.socket);
     }
     server.stop_nri().await;
+    server.finish_removals(None, REMOVALS_LIMIT).await;
     // The containers live on: their fanotify groups stay with the fd keeper.
     // What was read is answered first (a crash's in-flight events are
     // refused instead); the rest waits in the kernel for the next imacri.
@@ -249,6 +250,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }
+
+/// How long a graceful stop waits for containerd deletions of removed
+/// containers still in flight.
+const REMOVALS_LIMIT: Duration = Duration::from_secs(10);
 
 /// How long a graceful stop waits for measured accesses in flight (a large
 /// file being hashed) to be answered.

@@ -223,7 +223,10 @@ impl CriServer {
                 Ok(cri::CreateContainerResponse { container_id: id })
             }
             Err(e) => {
-                if let Err(te) = self.teardown_container(&id).await {
+                if let Err(te) = self
+                    .teardown_container(&id, super::orphans::Records::Now)
+                    .await
+                {
                     tracing::error!(container_id = %id, error = %te, "rollback failed");
                 }
                 let _ = self.containers.remove(&id);
@@ -383,6 +386,7 @@ impl CriServer {
                     &lease,
                 )
                 .await?;
+            super::orphans::crash_point("create");
             laps.lap("containerd");
             let stop_signal = match signal_number(config.stop_signal) {
                 0 => image

@@ -1,10 +1,12 @@
-//! RemoveContainer: kill if running, then remove task, container, snapshot
-//! and FIFOs. The CRI log stays (kubelet owns it). Idempotent.
+//! RemoveContainer: kill if running, then remove task, FIFOs and the
+//! record; containerd's container and snapshot go after the response
+//! (`orphans.rs`). The CRI log stays (kubelet owns it). Idempotent.
 
 use imacri_api::cri;
 use imacri_runtime::{Error, Result};
 use std::sync::Arc;
 
+use super::orphans::Records;
 use super::{ContainerEntry, CriServer};
 
 impl CriServer {
@@ -17,14 +19,20 @@ impl CriServer {
             Err(Error::NotFound(_)) => return Ok(cri::RemoveContainerResponse {}),
             Err(e) => return Err(e),
         };
-        self.remove_container_entry(&c).await?;
+        let pod = c.state().sandbox_id;
+        self.remove_container_entry(&c, Records::Later { pod: &pod })
+            .await?;
         Ok(cri::RemoveContainerResponse {})
     }
 
-    pub(crate) async fn remove_container_entry(&self, c: &Arc<ContainerEntry>) -> Result<()> {
+    pub(crate) async fn remove_container_entry(
+        &self,
+        c: &Arc<ContainerEntry>,
+        when: Records<'_>,
+    ) -> Result<()> {
         let _op = c.op.lock().await;
         let mut laps = super::laps::Laps::new("RemoveContainer", &c.id);
-        self.teardown_container(&c.id).await?;
+        self.teardown_container(&c.id, when).await?;
         laps.lap("teardown");
         // Plugins hear a stop before every removal (of a container never
         // started, or whose stop they were not told of yet).

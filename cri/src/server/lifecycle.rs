@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+use super::orphans::Records;
 use super::{CriServer, SandboxEntry};
 
 pub const SIGKILL: u32 = 9;
@@ -222,7 +223,9 @@ impl CriServer {
 
     /// Removes every containerd object and file of a container. Safe to call
     /// on a half-created container; missing pieces are skipped.
-    pub(crate) async fn teardown_container(&self, id: &str) -> Result<()> {
+    /// `when` says whether the containerd records go before it returns
+    /// (`orphans.rs`).
+    pub(crate) async fn teardown_container(&self, id: &str, when: Records<'_>) -> Result<()> {
         let mut laps = super::laps::Laps::new("teardown", id);
         let deleted = self
             .deleted_tasks
@@ -247,13 +250,7 @@ impl CriServer {
         if let Ok(mut m) = self.created_mounts.lock() {
             m.remove(id);
         }
-        // Independent records in containerd: remove both at once.
-        let (container, snapshot) = tokio::join!(
-            self.c.delete_container(id),
-            self.c.remove_snapshot(&self.cfg.containerd.snapshotter, id)
-        );
-        container.ignore_not_found()?;
-        snapshot.ignore_not_found()?;
+        self.delete_records(id, when).await?;
         laps.lap("containerd");
         self.remove_fifos(id);
         self.remove_idmapped_volumes(id);
@@ -284,7 +281,7 @@ impl CriServer {
     /// Removes the pause container, its snapshot, netns, userns, shm and files.
     pub(crate) async fn teardown_sandbox(&self, sb: &SandboxEntry) -> Result<()> {
         let (id, st) = (&sb.id, &sb.state());
-        self.teardown_container(id).await?;
+        self.teardown_container(id, Records::Now).await?;
         self.release_sandbox_resources(sb)?;
         if let Some(u) = &st.userns {
             imacri_runtime::netns::remove(&u.path)?;

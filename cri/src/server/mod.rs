@@ -30,6 +30,7 @@ mod lifecycle;
 mod metrics;
 mod monitor;
 mod nri;
+mod orphans;
 mod recover;
 mod rootfs;
 mod sandbox_list;
@@ -196,6 +197,8 @@ pub struct CriServer {
     pub(crate) nri: std::sync::OnceLock<imacri_runtime::nri::Nri>,
     /// Each container as NRI plugins saw it after CreateContainer.
     pub(crate) nri_views: nri::NriViews,
+    /// containerd deletions still running after their RPC's response.
+    removals: orphans::Removals,
 }
 
 /// What each runtime handler supports on this node: recursive read-only
@@ -254,6 +257,7 @@ impl CriServer {
         for d in [cfg.sandboxes_dir(), cfg.containers_dir(), cfg.state.clone()] {
             std::fs::create_dir_all(&d).map_err(|e| Error::io("creating", &d, e))?;
         }
+        let c = c.with_instance(imacri_runtime::containerd::instance_id(&cfg.state)?);
         let images = ImageService::new(
             c.clone(),
             &cfg.containerd.snapshotter,
@@ -338,11 +342,13 @@ impl CriServer {
             accounts: Default::default(),
             nri: std::sync::OnceLock::new(),
             nri_views: Mutex::new(HashMap::new()),
+            removals: Default::default(),
         });
         server.start_notice_consumer(notices);
         server.clean_staged_rootfs();
         let kept = server.kept_fds();
         let listeners = server.recover(kept).await;
+        server.sweep_orphans().await;
         server.adopt_kept_listeners(listeners);
         server.start_monitor().await;
         Ok(server)

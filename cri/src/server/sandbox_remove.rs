@@ -5,6 +5,7 @@ use imacri_api::cri;
 use imacri_runtime::{Error, Result};
 use std::sync::Arc;
 
+use super::orphans::{Records, REMOVALS_WAIT};
 use super::CriServer;
 
 impl CriServer {
@@ -17,8 +18,11 @@ impl CriServer {
             Err(Error::NotFound(_)) => return Ok(cri::RemovePodSandboxResponse {}),
             Err(e) => return Err(e),
         };
+        // Nothing of the pod is left in containerd once this returns: what
+        // its RemoveContainers left to after their response goes first.
+        self.finish_removals(Some(&sb.id), REMOVALS_WAIT).await;
         for c in self.containers_of(&sb.id) {
-            self.remove_container_entry(&c).await?;
+            self.remove_container_entry(&c, Records::Now).await?;
         }
         let _op = sb.op.lock().await;
         self.teardown_sandbox(&sb).await?;

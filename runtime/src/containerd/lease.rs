@@ -17,10 +17,11 @@ impl Lease {
     pub(super) async fn create(c: &Containerd, purpose: &str) -> Result<Lease> {
         let id = format!("imacri-{purpose}-{}", &crate::ids::new_id()[..16]);
         let expire = chrono::Utc::now() + chrono::Duration::hours(1);
-        let labels = HashMap::from([(
+        let mut labels = HashMap::from([(
             "containerd.io/gc.expire".to_string(),
             expire.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         )]);
+        labels.extend(c.instance_label());
         c.leases()
             .create(c.req(CreateRequest {
                 id: id.clone(),

@@ -4,10 +4,12 @@
 
 mod content;
 pub mod events;
+mod instance;
 mod lease;
 mod task;
 
 pub use content::{ContentStore, WriteOptions};
+pub use instance::{instance_id, LABEL_INSTANCE};
 pub use lease::Lease;
 pub use task::{NewContainer, TaskInfo, TaskStatus};
 
@@ -34,6 +36,8 @@ pub struct Containerd {
     channel: Channel,
     namespace: String,
     namespace_value: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    /// Put on every container and lease this imacri creates (`instance.rs`).
+    instance: Option<std::sync::Arc<str>>,
 }
 
 /// What `version` reports, for Status and `imacri check`.
@@ -59,6 +63,7 @@ impl Containerd {
                         channel,
                         namespace: namespace.to_string(),
                         namespace_value: namespace_value.clone(),
+                        instance: None,
                     };
                     match c.version().await {
                         Ok(_) => return Ok(c),

@@ -230,12 +230,14 @@ impl Containerd {
             any_json(SPEC_TYPE_URL, n.spec)?
         };
         let now = prost_types::Timestamp::from(std::time::SystemTime::now());
+        let mut labels = n.labels;
+        labels.extend(self.instance_label());
         self.containers()
             .create(self.leased(
                 CreateContainerRequest {
                     container: Some(Container {
                         id: n.id.to_string(),
-                        labels: n.labels,
+                        labels,
                         image: n.image.to_string(),
                         runtime: Some(Runtime {
                             name: n.runtime.runtime_type.clone(),

@@ -1,0 +1,155 @@
+//! containerd records no imacri record holds. RemoveContainer deletes its
+//! container's containerd record and snapshot after its response
+//! (containerd's deletion is most of the call); RemovePodSandbox and a
+//! graceful stop wait for those deletions, and what a crash (or a
+//! containerd that was down) leaves, like a container a crash caught
+//! between its containerd record and imacri's at CreateContainer, is
+//! removed at the next start, with the leases of creations a crash cut
+//! short. Only this imacri's objects (`containerd::instance`) are swept,
+//! whoever else uses the namespace.
+
+use imacri_runtime::error::IgnoreNotFound;
+use imacri_runtime::Result;
+use std::time::Duration;
+
+use super::CriServer;
+
+/// How long RemovePodSandbox waits for its containers' deletions.
+pub(crate) const REMOVALS_WAIT: Duration = Duration::from_secs(10);
+
+/// Deletions after the response, by pod, for RemovePodSandbox and a
+/// graceful stop to wait for.
+pub(crate) struct Removals {
+    pending: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
+    /// Test only (`IMACRI_TEST_REMOVAL_DELAY`, ms): each deletion waits so
+    /// long first.
+    delay: Option<Duration>,
+}
+
+impl Default for Removals {
+    fn default() -> Self {
+        Removals {
+            pending: Default::default(),
+            delay: std::env::var("IMACRI_TEST_REMOVAL_DELAY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
+        }
+    }
+}
+
+/// Test only: `IMACRI_TEST_CRASH_AT=<point>` ends the process at `point`
+/// as a crash would (no clean-up of any kind).
+pub(crate) fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT
+        .get_or_init(|| std::env::var("IMACRI_TEST_CRASH_AT").ok())
+        .as_deref()
+        == Some(point)
+    {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// When a teardown deletes a container's containerd records.
+#[derive(Clone, Copy)]
+pub(crate) enum Records<'a> {
+    /// Before it returns (rollbacks, RemovePodSandbox, orphans).
+    Now,
+    /// After the response (RemoveContainer), held for its pod.
+    Later { pod: &'a str },
+}
+
+impl CriServer {
+    /// Deletes a container's containerd record and snapshot (independent:
+    /// at once). `Records::Later` spawns it; a failure is then logged and
+    /// left to the next start's sweep.
+    pub(crate) async fn delete_records(&self, id: &str, when: Records<'_>) -> Result<()> {
+        let (c, snapshotter, id) = (
+            self.c.clone(),
+            self.cfg.containerd.snapshotter.clone(),
+            id.to_string(),
+        );
+        let delete = async move {
+            let (container, snapshot) = tokio::join!(
+                c.delete_container(&id),
+                c.remove_snapshot(&snapshotter, &id)
+            );
+            container.ignore_not_found()?;
+            snapshot.ignore_not_found()
+        };
+        let Records::Later { pod } = when else {
+            return delete.await;
+        };
+        let delay = self.removals.delay;
+        let Ok(mut pending) = self.removals.pending.lock() else {
+            return delete.await;
+        };
+        // Finished deletions are let go here, so only those in flight stay.
+        pending.retain(|(_, h)| !h.is_finished());
+        let handle = tokio::spawn(async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            if let Err(e) = delete.await {
+                tracing::warn!(error = %e, "containerd records of a removed container not deleted; the next start removes them");
+            }
+        });
+        pending.push((pod.to_string(), handle));
+        Ok(())
+    }
+
+    /// Waits for the deletions of `pod`'s removed containers (all pods'
+    /// with `None`), at most `limit`.
+    pub(crate) async fn finish_removals(&self, pod: Option<&str>, limit: Duration) {
+        let handles: Vec<_> = match self.removals.pending.lock() {
+            Ok(mut pending) => {
+                let (mine, rest) = std::mem::take(&mut *pending)
+                    .into_iter()
+                    .partition(|(p, _)| pod.is_none_or(|pod| p == pod));
+                *pending = rest;
+                mine
+            }
+            Err(_) => return,
+        };
+        if handles.is_empty() {
+            return;
+        }
+        let all = futures::future::join_all(handles.into_iter().map(|(_, h)| h));
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::warn!("containerd records of removed containers not deleted yet; the next start removes what is left");
+        }
+    }
+
+    /// Removes this imacri's containerd containers that no record holds
+    /// (with their tasks, snapshots and what CreateContainer made beside
+    /// them). Runs at start, before serving.
+    pub(crate) async fn sweep_orphans(&self) {
+        match self.c.delete_own_leases().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                leases = n,
+                "deleted the leases of creations a crash cut short"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "leases of an earlier run not deleted; they expire")
+            }
+        }
+        let ids = match self.c.own_containers().await {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "containerd's containers not listed: orphans are left until the next start");
+                return;
+            }
+        };
+        for id in ids {
+            if self.containers.find(&id).is_ok() || self.sandboxes.find(&id).is_ok() {
+                continue;
+            }
+            tracing::warn!(container_id = %id, "removing a containerd container no record holds (left by a crash or an unfinished removal)");
+            if let Err(e) = self.teardown_container(&id, Records::Now).await {
+                tracing::warn!(container_id = %id, error = %e, "orphaned containerd container not removed");
+            }
+        }
+    }
+}

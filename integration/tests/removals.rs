@@ -1,0 +1,185 @@
+//! What imacri leaves in containerd when a removal or a creation is cut
+//! short: RemoveContainer deletes the container's containerd record and
+//! snapshot after its response, so a graceful stop and RemovePodSandbox wait
+//! for that, and the next start removes what a crash left (also a container
+//! a crash caught between its containerd record and imacri's), touching
+//! nothing of another imacri sharing the namespace.
+
+use imacri_integration::client::{create_container, run_pod};
+use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+use std::time::{Duration, Instant};
+
+fn sleeper(name: &str) -> cri::ContainerConfig {
+    container_config(name, &Env::get().busybox, &["sleep", "1000"])
+}
+
+/// containerd's objects in `d`'s namespace naming `id`.
+async fn objects_of(d: &Imacri, id: &str) -> Vec<String> {
+    Env::get()
+        .all_objects(&d.namespace)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.contains(id))
+        .collect()
+}
+
+/// Restarts `d` with `vars` as its test hooks.
+async fn respawn(d: &mut Imacri, vars: &[(&str, &str)]) {
+    d.kill();
+    d.vars = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    d.spawn().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_inside_create_container_leaves_nothing_after_the_next_start() {
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    // Another imacri in the same namespace: nothing of its is ours to sweep.
+    let other = Imacri::start_full(env, &d.namespace, &[]).await.unwrap();
+    let mut ort = other.runtime().await.unwrap();
+    let ocfg = pod_config("removals-other");
+    let opod = run_pod(&mut ort, &ocfg).await.unwrap();
+    let oc = create_container(&mut ort, &opod, &ocfg, sleeper("c"))
+        .await
+        .unwrap();
+
+    let cfg = pod_config("removals-crash");
+    let mut rt = d.runtime().await.unwrap();
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    respawn(&mut d, &[("IMACRI_TEST_CRASH_AT", "create")]).await;
+    let mut rt = d.runtime().await.unwrap();
+    let before = env.all_objects(&d.namespace).await.unwrap();
+    create_container(&mut rt, &pod, &cfg, sleeper("c"))
+        .await
+        .expect_err("imacri died inside CreateContainer");
+    // containerd holds a container (and its snapshot and creation lease)
+    // that no record of imacri's does.
+    let after = env.all_objects(&d.namespace).await.unwrap();
+    let cut: Vec<&String> = after.iter().filter(|o| !before.contains(o)).collect();
+    let orphan = cut
+        .iter()
+        .find_map(|o| o.strip_prefix("container "))
+        .unwrap_or_else(|| panic!("no containerd container from the cut creation: {cut:?}"))
+        .to_string();
+    assert!(cut.iter().any(|o| o.starts_with("lease ")), "{cut:?}");
+    assert!(cut.contains(&&format!("snapshot {orphan}")), "{cut:?}");
+
+    respawn(&mut d, &[]).await;
+    let now = env.all_objects(&d.namespace).await.unwrap();
+    let left: Vec<&&String> = cut.iter().filter(|o| now.contains(o)).collect();
+    assert!(
+        left.is_empty(),
+        "left after the next start: {left:?}\n{}",
+        d.log()
+    );
+    let theirs = env.all_objects(&d.namespace).await.unwrap();
+    for id in [&opod, &oc] {
+        assert!(
+            theirs.contains(&format!("container {id}")),
+            "another imacri's {id} was swept: {theirs:?}"
+        );
+    }
+    // The pod lives on: its container can be made now, under its name.
+    let mut rt = d.runtime().await.unwrap();
+    let c = create_container(&mut rt, &pod, &cfg, sleeper("c"))
+        .await
+        .unwrap();
+    rt.start_container(cri::StartContainerRequest { container_id: c })
+        .await
+        .unwrap();
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    imacri_integration::client::remove_pod(&mut ort, &opod).await;
+    assert!(objects_of(&d, &pod).await.is_empty());
+    drop(other);
+    d.stop();
+    let all = env.all_objects(&d.namespace).await.unwrap();
+    assert!(all.is_empty(), "left in containerd: {all:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removed_containers_records_go_after_the_response_and_are_never_left() {
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    // Each deletion after a response waits 3 s first.
+    respawn(&mut d, &[("IMACRI_TEST_REMOVAL_DELAY", "3000")]).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = pod_config("removals-later");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let remove = |rt: &mut imacri_integration::client::Rt, id: String| {
+        let mut rt = rt.clone();
+        async move {
+            let t = Instant::now();
+            rt.remove_container(cri::RemoveContainerRequest { container_id: id })
+                .await
+                .unwrap();
+            t.elapsed()
+        }
+    };
+
+    // A graceful stop waits for the deletion (a running container's, whose
+    // task goes before the response).
+    let a = create_container(&mut rt, &pod, &cfg, sleeper("a"))
+        .await
+        .unwrap();
+    rt.start_container(cri::StartContainerRequest {
+        container_id: a.clone(),
+    })
+    .await
+    .unwrap();
+    let took = remove(&mut rt, a.clone()).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "RemoveContainer took {took:?}"
+    );
+    assert!(
+        !objects_of(&d, &a).await.is_empty(),
+        "the hook did not hold the deletion"
+    );
+    assert!(!objects_of(&d, &a)
+        .await
+        .iter()
+        .any(|o| o.starts_with("task ")));
+    d.stop();
+    let left = objects_of(&d, &a).await;
+    assert!(
+        left.is_empty(),
+        "a graceful stop left {left:?}\n{}",
+        d.log()
+    );
+
+    // A crash right after the response: the next start deletes them.
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    let b = create_container(&mut rt, &pod, &cfg, sleeper("b"))
+        .await
+        .unwrap();
+    remove(&mut rt, b.clone()).await;
+    assert!(!objects_of(&d, &b).await.is_empty());
+    respawn(&mut d, &[("IMACRI_TEST_REMOVAL_DELAY", "3000")]).await;
+    let left = objects_of(&d, &b).await;
+    assert!(
+        left.is_empty(),
+        "left after a crash and a start: {left:?}\n{}",
+        d.log()
+    );
+
+    // RemovePodSandbox waits for its containers' deletions: nothing of the
+    // pod is in containerd once it returns.
+    let mut rt = d.runtime().await.unwrap();
+    let c = create_container(&mut rt, &pod, &cfg, sleeper("c"))
+        .await
+        .unwrap();
+    remove(&mut rt, c.clone()).await;
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    let left = objects_of(&d, &c).await;
+    assert!(left.is_empty(), "RemovePodSandbox left {left:?}");
+    d.stop();
+    let all = env.all_objects(&d.namespace).await.unwrap();
+    assert!(all.is_empty(), "left in containerd: {all:?}");
+}
