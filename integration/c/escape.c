@@ -418,8 +418,14 @@ static void starve_on_cpu0(void) {
 }
 /* A child spinning on CPU 0 (its pid, to kill); the caller moves to CPU 1. */
 static pid_t busy_cpu0(void) {
+    pid_t caller = getpid();
     pid_t spin = fork();
     if (!spin) {
+        /* Never outlives the caller: an ExecSync that timed out kills the
+           caller alone, and the spinner would hold the exec's output open
+           (and CPU 0) for good. */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != caller) _exit(0);
         pin(0);
         for (;;) ;
     }

@@ -95,11 +95,22 @@ pub async fn wait_exited(rt: &mut Rt, id: &str) -> cri::ContainerStatus {
 
 /// `sh -c cmd` through ExecSync: (exit code, stdout, stderr).
 pub async fn exec_sh(rt: &mut Rt, id: &str, cmd: &str) -> (i32, String, String) {
+    exec_sh_within(rt, id, cmd, 15).await
+}
+
+/// As [`exec_sh`], with its own timeout (seconds): for races run many
+/// times on a starved CPU, which the full suite's load slows.
+pub async fn exec_sh_within(
+    rt: &mut Rt,
+    id: &str,
+    cmd: &str,
+    timeout: i64,
+) -> (i32, String, String) {
     let r = rt
         .exec_sync(cri::ExecSyncRequest {
             container_id: id.into(),
             cmd: vec!["sh".into(), "-c".into(), cmd.into()],
-            timeout: 15,
+            timeout,
         })
         .await
         .unwrap()

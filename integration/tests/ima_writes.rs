@@ -4,7 +4,7 @@
 //! holder that would stall the engine, and a gone container's watches,
 //! which must hold up no open.
 
-use imacri_integration::client::{exec_sh, run_pod, sh_ok, start_container};
+use imacri_integration::client::{exec_sh, exec_sh_within, run_pod, sh_ok, start_container};
 use imacri_integration::escapes::*;
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 
@@ -1058,7 +1058,7 @@ async fn an_execution_rewritten_before_the_kernels_check_never_runs_it() {
     let c = start_container(&mut rt, &pod, &cfg, cc).await;
     for dir in ["/tmp", "/tv", "/hv"] {
         let cmd = format!("escape exec-swap {dir}/prog 20");
-        let (_, out, err) = exec_sh(&mut rt, &c, &cmd).await;
+        let (_, out, err) = exec_sh_within(&mut rt, &c, &cmd, 120).await;
         assert!(
             out.contains("HELD exec-swap") && !out.contains("SWAPPED"),
             "{dir}: {out}{err}\n{}",
@@ -1099,7 +1099,7 @@ async fn a_loader_is_not_written_while_an_execution_loads_it() {
     // round that ran no race is run again, up to 3.
     let (mut rounds, mut ran) = (Vec::new(), false);
     while !ran && rounds.len() < 3 {
-        let (_, out, err) = exec_sh(&mut rt, &a, "escape interp-swap /tmp/h 40").await;
+        let (_, out, err) = exec_sh_within(&mut rt, &a, "escape interp-swap /tmp/h 40", 120).await;
         let n: Vec<u32> = out
             .split_whitespace()
             .skip(1)
