@@ -183,3 +183,58 @@ async fn a_removed_containers_records_go_after_the_response_and_are_never_left()
     let all = env.all_objects(&d.namespace).await.unwrap();
     assert!(all.is_empty(), "left in containerd: {all:?}");
 }
+
+/// The sweep removes only what has no record at all and runs nothing: a
+/// container whose record cannot be read, or that runs without one (its
+/// record lost some other way), is the user's, and is left as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_with_an_unreadable_or_lost_record_is_left_alone() {
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = pod_config("removals-kept");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let running = create_container(&mut rt, &pod, &cfg, sleeper("running"))
+        .await
+        .unwrap();
+    rt.start_container(cri::StartContainerRequest {
+        container_id: running.clone(),
+    })
+    .await
+    .unwrap();
+    let unreadable = create_container(&mut rt, &pod, &cfg, sleeper("unreadable"))
+        .await
+        .unwrap();
+    d.kill();
+    let records = d.root.join("containers");
+    let moved = d.root.join("moved-record");
+    std::fs::rename(records.join(&running), &moved).unwrap();
+    let state = records.join(&unreadable).join("state.json");
+    let good = std::fs::read(&state).unwrap();
+    std::fs::write(&state, b"{not json").unwrap();
+    d.spawn().await.unwrap();
+    let of_running = objects_of(&d, &running).await;
+    assert!(
+        of_running.contains(&format!("container {running}"))
+            && of_running.contains(&format!("task {running}")),
+        "a running container without a record was swept: {of_running:?}\n{}",
+        d.log()
+    );
+    let of_unreadable = objects_of(&d, &unreadable).await;
+    assert!(
+        of_unreadable.contains(&format!("container {unreadable}")),
+        "a container with an unreadable record was swept: {of_unreadable:?}\n{}",
+        d.log()
+    );
+    // Both back, and removed with their pod as usual.
+    d.kill();
+    std::fs::rename(&moved, records.join(&running)).unwrap();
+    std::fs::write(&state, good).unwrap();
+    d.spawn().await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    d.stop();
+    let all = env.all_objects(&d.namespace).await.unwrap();
+    assert!(all.is_empty(), "left in containerd: {all:?}");
+}

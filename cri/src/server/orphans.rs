@@ -6,8 +6,10 @@
 //! between its containerd record and imacri's at CreateContainer, is
 //! removed at the next start, with the leases of creations a crash cut
 //! short. Only this imacri's objects (`containerd::instance`) are swept,
-//! whoever else uses the namespace.
+//! whoever else uses the namespace, and never one whose record exists
+//! unread or whose task runs.
 
+use imacri_runtime::containerd::TaskStatus;
 use imacri_runtime::error::IgnoreNotFound;
 use imacri_runtime::Result;
 use std::time::Duration;
@@ -121,9 +123,9 @@ impl CriServer {
         }
     }
 
-    /// Removes this imacri's containerd containers that no record holds
-    /// (with their tasks, snapshots and what CreateContainer made beside
-    /// them). Runs at start, before serving.
+    /// Removes this imacri's containerd containers that have no record
+    /// (with their stopped tasks, snapshots and what CreateContainer made
+    /// beside them). Runs at start, before serving.
     pub(crate) async fn sweep_orphans(&self) {
         match self.c.delete_own_leases().await {
             Ok(0) => {}
@@ -143,8 +145,27 @@ impl CriServer {
             }
         };
         for id in ids {
-            if self.containers.find(&id).is_ok() || self.sandboxes.find(&id).is_ok() {
+            // A record that exists but could not be read (`Store::open`
+            // skipped it) is not an orphan's: nothing is removed for it.
+            let recorded = [self.cfg.containers_dir(), self.cfg.sandboxes_dir()]
+                .iter()
+                .any(|d| d.join(&id).exists());
+            if recorded {
                 continue;
+            }
+            // What crashes leave has no task (a task needs a record first):
+            // one that runs lost its record some other way, and is the
+            // user's work, which a sweep must not end.
+            match self.c.task_info(&id).await {
+                Ok(Some(t)) if t.status != TaskStatus::Stopped => {
+                    tracing::warn!(container_id = %id, status = ?t.status, "a containerd container of this imacri runs without a record; left alone (remove it with ctr if it is not wanted)");
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(container_id = %id, error = %e, "orphan not examined; left");
+                    continue;
+                }
             }
             tracing::warn!(container_id = %id, "removing a containerd container no record holds (left by a crash or an unfinished removal)");
             if let Err(e) = self.teardown_container(&id, Records::Now).await {
