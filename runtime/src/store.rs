@@ -58,6 +58,8 @@ fn write_json<S: Serialize>(path: &Path, s: &S) -> Result<()> {
 
 /// Prefix of a removed record's directory until its files are deleted.
 const REMOVED: &str = ".removed-";
+/// Prefix of a new record's directory until both its files are written.
+const STAGED: &str = ".staged-";
 
 pub struct Store<C, S> {
     dir: PathBuf,
@@ -79,8 +81,9 @@ where
         for ent in rd.flatten() {
             let d = ent.path();
             let id = ent.file_name().to_string_lossy().into_owned();
-            if id.starts_with(REMOVED) {
-                // Removed before a crash let its files go.
+            if id.starts_with(REMOVED) || id.starts_with(STAGED) {
+                // Removed before a crash let its files go, or cut short by
+                // one while it was written.
                 let _ = std::fs::remove_dir_all(&d);
                 continue;
             }
@@ -148,10 +151,26 @@ where
 
     /// Persists and adds a new object (its name must be reserved).
     pub fn insert(&self, id: &str, name: &str, config: C, state: S) -> Result<Arc<Entry<C, S>>> {
+        // Written beside and renamed into place whole: a crash never leaves
+        // a record without its files (which a restart could not read, and
+        // so neither use nor clean up).
         let d = self.dir.join(id);
-        std::fs::create_dir_all(&d).map_err(|e| Error::io("creating", &d, e))?;
-        write_atomic(&d.join("config.pb"), &config.encode_to_vec())?;
-        write_json(&d.join("state.json"), &state)?;
+        let staged = self.dir.join(format!("{STAGED}{id}"));
+        let written = (|| {
+            std::fs::create_dir(&staged).map_err(|e| Error::io("creating", &staged, e))?;
+            let cfg = staged.join("config.pb");
+            std::fs::write(&cfg, config.encode_to_vec())
+                .map_err(|e| Error::io("writing", &cfg, e))?;
+            let st = staged.join("state.json");
+            let json =
+                serde_json::to_vec_pretty(&state).map_err(|e| Error::Internal(e.to_string()))?;
+            std::fs::write(&st, json).map_err(|e| Error::io("writing", &st, e))?;
+            std::fs::rename(&staged, &d).map_err(|e| Error::io("renaming", &staged, e))
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_dir_all(&staged);
+            return Err(e);
+        }
         let e = Arc::new(Entry {
             id: id.to_string(),
             name: name.to_string(),
@@ -247,6 +266,33 @@ mod tests {
             .as_ref()
             .map(|m| m.name.clone())
             .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_record_cut_short_while_written_is_neither_loaded_nor_left() {
+        let d = tempfile::tempdir().unwrap();
+        let s: Store<cri::ContainerConfig, St> = Store::open(d.path().into(), name).unwrap();
+        s.insert("id1", "a", cri::ContainerConfig::default(), St { n: 1 })
+            .unwrap();
+        // What a crash between the directory and its files leaves.
+        let cut = d.path().join(format!("{STAGED}id2"));
+        std::fs::create_dir(&cut).unwrap();
+        std::fs::write(cut.join("config.pb"), b"").unwrap();
+        let names = |p: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(p)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        let s: Store<cri::ContainerConfig, St> = Store::open(d.path().into(), name).unwrap();
+        assert_eq!(s.all().len(), 1);
+        assert_eq!(names(d.path()), vec!["id1".to_string()]);
+        assert_eq!(
+            names(&d.path().join("id1")),
+            vec!["config.pb".to_string(), "state.json".to_string()]
+        );
     }
 
     #[test]
