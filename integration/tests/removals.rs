@@ -184,6 +184,71 @@ async fn a_removed_containers_records_go_after_the_response_and_are_never_left()
     assert!(all.is_empty(), "left in containerd: {all:?}");
 }
 
+/// containerd away when a removed container's records are deleted (it
+/// restarts): imacri tries again until it is back, so the container's
+/// snapshot is not left on disk until imacri's own next start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removal_cut_short_by_a_containerd_restart_finishes_when_it_is_back() {
+    let env = Env::get();
+    let name = format!("removals-ctd-{:06x}", rand::random::<u32>() % 0xffffff);
+    let (sock, pid) = imacri_integration::start_containerd_pid(&env.base, &name, false).unwrap();
+    let ns = "removals-ctd";
+    let mut d = Imacri::start_full(env, ns, &["--containerd-address", sock.to_str().unwrap()])
+        .await
+        .unwrap();
+    d.pull(&env.busybox).await;
+    // Each deletion after a response waits 1 s first: containerd is down
+    // by then.
+    respawn(&mut d, &[("IMACRI_TEST_REMOVAL_DELAY", "1000")]).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = pod_config("removals-ctd");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let c = create_container(&mut rt, &pod, &cfg, sleeper("c"))
+        .await
+        .unwrap();
+    let of_c =
+        |all: Vec<String>| -> Vec<String> { all.into_iter().filter(|o| o.contains(&c)).collect() };
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: c.clone(),
+    })
+    .await
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    d.log_with(&["not deleted yet; retrying"]).await;
+    let pid = imacri_integration::start_containerd_pid(&env.base, &name, false)
+        .unwrap()
+        .1;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = of_c(env.all_objects_at(&sock, ns).await.unwrap());
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still in containerd 20 s after its restart: {left:?}\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The same imacri all along (no start swept it).
+    assert!(!d
+        .log()
+        .contains("removing a containerd container no record holds"));
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    d.stop();
+    let all = env.all_objects_at(&sock, ns).await.unwrap();
+    assert!(all.is_empty(), "left in containerd: {all:?}");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
 /// The sweep removes only what has no record at all and runs nothing: a
 /// container whose record cannot be read, or that runs without one (its
 /// record lost some other way), is the user's, and is left as it is.

@@ -1,11 +1,11 @@
 //! containerd records no imacri record holds. RemoveContainer deletes its
 //! container's containerd record and snapshot after its response
 //! (containerd's deletion is most of the call); RemovePodSandbox and a
-//! graceful stop wait for those deletions, and what a crash (or a
-//! containerd that was down) leaves, like a container a crash caught
-//! between its containerd record and imacri's at CreateContainer, is
-//! removed at the next start, with the leases of creations a crash cut
-//! short. Only this imacri's objects (`containerd::instance`) are swept,
+//! graceful stop wait for those deletions (tried again while containerd
+//! is away, up to ten minutes), and what a crash leaves, like a container
+//! a crash caught between its containerd record and imacri's at
+//! CreateContainer, is removed at the next start, with the leases of
+//! creations a crash cut short. Only this imacri's objects (`containerd::instance`) are swept,
 //! whoever else uses the namespace, and never one whose record exists
 //! unread or whose task runs.
 
@@ -18,6 +18,12 @@ use super::CriServer;
 
 /// How long RemovePodSandbox waits for its containers' deletions.
 pub(crate) const REMOVALS_WAIT: Duration = Duration::from_secs(10);
+
+/// The first wait before a deletion after the response is tried again,
+/// doubled each time up to `RETRY_MAX`, for `RETRY_FOR` at most.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+const RETRY_FOR: Duration = Duration::from_secs(600);
 
 /// Deletions after the response, by pod, for RemovePodSandbox and a
 /// graceful stop to wait for.
@@ -64,39 +70,58 @@ pub(crate) enum Records<'a> {
 
 impl CriServer {
     /// Deletes a container's containerd record and snapshot (independent:
-    /// at once). `Records::Later` spawns it; a failure is then logged and
-    /// left to the next start's sweep.
+    /// at once). `Records::Later` spawns it, retried while containerd is
+    /// away (a restart of containerd's must not leave a removed container's
+    /// snapshot on disk until imacri's own next start); one that still
+    /// fails after `RETRY_FOR` is logged and left to the next start's sweep.
     pub(crate) async fn delete_records(&self, id: &str, when: Records<'_>) -> Result<()> {
+        let span = tracing::info_span!("removal", container_id = %id);
         let (c, snapshotter, id) = (
             self.c.clone(),
             self.cfg.containerd.snapshotter.clone(),
             id.to_string(),
         );
-        let delete = async move {
-            let (container, snapshot) = tokio::join!(
-                c.delete_container(&id),
-                c.remove_snapshot(&snapshotter, &id)
-            );
-            container.ignore_not_found()?;
-            snapshot.ignore_not_found()
+        let delete = move || {
+            let (c, snapshotter, id) = (c.clone(), snapshotter.clone(), id.clone());
+            async move {
+                let (container, snapshot) = tokio::join!(
+                    c.delete_container(&id),
+                    c.remove_snapshot(&snapshotter, &id)
+                );
+                container.ignore_not_found()?;
+                snapshot.ignore_not_found()
+            }
         };
         let Records::Later { pod } = when else {
-            return delete.await;
+            return delete().await;
         };
         let delay = self.removals.delay;
         let Ok(mut pending) = self.removals.pending.lock() else {
-            return delete.await;
+            return delete().await;
         };
         // Finished deletions are let go here, so only those in flight stay.
         pending.retain(|(_, h)| !h.is_finished());
-        let handle = tokio::spawn(async move {
-            if let Some(d) = delay {
-                tokio::time::sleep(d).await;
-            }
-            if let Err(e) = delete.await {
-                tracing::warn!(error = %e, "containerd records of a removed container not deleted; the next start removes them");
-            }
-        });
+        let handle = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                let (started, mut wait) = (std::time::Instant::now(), RETRY_FIRST);
+                loop {
+                    let Err(e) = delete().await else { break };
+                    if started.elapsed() >= RETRY_FOR {
+                        tracing::warn!(error = %e, "containerd records of a removed container not deleted; the next start removes them");
+                        break;
+                    }
+                    if wait == RETRY_FIRST {
+                        tracing::warn!(error = %e, "containerd records of a removed container not deleted yet; retrying");
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RETRY_MAX);
+                }
+            },
+            span,
+        ));
         pending.push((pod.to_string(), handle));
         Ok(())
     }

@@ -46,6 +46,7 @@ mod loader;
 mod pending;
 mod readback;
 mod reader;
+mod sweep;
 mod volumes;
 mod window;
 mod writes;
