@@ -184,9 +184,24 @@ async fn a_removed_containers_records_go_after_the_response_and_are_never_left()
     assert!(all.is_empty(), "left in containerd: {all:?}");
 }
 
+/// RemoveContainer of `id`, then containerd (`pid`) killed at once.
+async fn remove_then_kill(rt: &mut imacri_integration::client::Rt, id: &str, pid: u32) {
+    rt.remove_container(cri::RemoveContainerRequest {
+        container_id: id.to_string(),
+    })
+    .await
+    .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
 /// containerd away when a removed container's records are deleted (it
 /// restarts): imacri tries again until it is back, so the container's
-/// snapshot is not left on disk until imacri's own next start.
+/// snapshot is not left on disk until imacri's own next start; and a
+/// RemovePodSandbox then leaves nothing of the pod.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removal_cut_short_by_a_containerd_restart_finishes_when_it_is_back() {
     let env = Env::get();
@@ -197,9 +212,10 @@ async fn a_removal_cut_short_by_a_containerd_restart_finishes_when_it_is_back() 
         .await
         .unwrap();
     d.pull(&env.busybox).await;
-    // Each deletion after a response waits 1 s first: containerd is down
-    // by then.
-    respawn(&mut d, &[("IMACRI_TEST_REMOVAL_DELAY", "1000")]).await;
+    // Each attempt of a deletion after a response waits 2 s first:
+    // containerd is down by the first, and RemovePodSandbox below comes
+    // before the second.
+    respawn(&mut d, &[("IMACRI_TEST_REMOVAL_DELAY", "2000")]).await;
     let mut rt = d.runtime().await.unwrap();
     let cfg = pod_config("removals-ctd");
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
@@ -208,16 +224,7 @@ async fn a_removal_cut_short_by_a_containerd_restart_finishes_when_it_is_back() 
         .unwrap();
     let of_c =
         |all: Vec<String>| -> Vec<String> { all.into_iter().filter(|o| o.contains(&c)).collect() };
-    rt.remove_container(cri::RemoveContainerRequest {
-        container_id: c.clone(),
-    })
-    .await
-    .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    remove_then_kill(&mut rt, &c, pid).await;
     d.log_with(&["not deleted yet; retrying"]).await;
     let pid = imacri_integration::start_containerd_pid(&env.base, &name, false)
         .unwrap()
@@ -239,7 +246,30 @@ async fn a_removal_cut_short_by_a_containerd_restart_finishes_when_it_is_back() 
     assert!(!d
         .log()
         .contains("removing a containerd container no record holds"));
+
+    // RemovePodSandbox right after containerd is back leaves nothing of
+    // the pod, whatever the background retry has done by then.
+    let e = create_container(&mut rt, &pod, &cfg, sleeper("e"))
+        .await
+        .unwrap();
+    remove_then_kill(&mut rt, &e, pid).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.log().matches("not deleted yet; retrying").count() < 2 {
+        assert!(Instant::now() < deadline, "no failed deletion of {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = imacri_integration::start_containerd_pid(&env.base, &name, false)
+        .unwrap()
+        .1;
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    let left: Vec<String> = env
+        .all_objects_at(&sock, ns)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.contains(&e))
+        .collect();
+    assert!(left.is_empty(), "RemovePodSandbox left {left:?}");
     d.stop();
     let all = env.all_objects_at(&sock, ns).await.unwrap();
     assert!(all.is_empty(), "left in containerd: {all:?}");

@@ -1,8 +1,9 @@
 //! containerd records no imacri record holds. RemoveContainer deletes its
 //! container's containerd record and snapshot after its response
 //! (containerd's deletion is most of the call); RemovePodSandbox and a
-//! graceful stop wait for those deletions (tried again while containerd
-//! is away, up to ten minutes), and what a crash leaves, like a container
+//! graceful stop wait for those deletions (one that fails is tried again
+//! in the background while containerd is away, up to ten minutes), and
+//! what a crash leaves, like a container
 //! a crash caught between its containerd record and imacri's at
 //! CreateContainer, is removed at the next start, with the leases of
 //! creations a crash cut short. Only this imacri's objects (`containerd::instance`) are swept,
@@ -19,8 +20,8 @@ use super::CriServer;
 /// How long RemovePodSandbox waits for its containers' deletions.
 pub(crate) const REMOVALS_WAIT: Duration = Duration::from_secs(10);
 
-/// The first wait before a deletion after the response is tried again,
-/// doubled each time up to `RETRY_MAX`, for `RETRY_FOR` at most.
+/// The first wait before a failed deletion after the response is tried
+/// again, doubled each time up to `RETRY_MAX`, for `RETRY_FOR` at most.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 const RETRY_FOR: Duration = Duration::from_secs(600);
@@ -28,9 +29,11 @@ const RETRY_FOR: Duration = Duration::from_secs(600);
 /// Deletions after the response, by pod, for RemovePodSandbox and a
 /// graceful stop to wait for.
 pub(crate) struct Removals {
-    pending: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
-    /// Test only (`IMACRI_TEST_REMOVAL_DELAY`, ms): each deletion waits so
-    /// long first.
+    /// Pod, container, and the deletion's first attempt (whether it
+    /// deleted everything).
+    pending: std::sync::Mutex<Vec<(String, String, tokio::task::JoinHandle<bool>)>>,
+    /// Test only (`IMACRI_TEST_REMOVAL_DELAY`, ms): each attempt of a
+    /// deletion waits so long first.
     delay: Option<Duration>,
 }
 
@@ -70,19 +73,20 @@ pub(crate) enum Records<'a> {
 
 impl CriServer {
     /// Deletes a container's containerd record and snapshot (independent:
-    /// at once). `Records::Later` spawns it, retried while containerd is
-    /// away (a restart of containerd's must not leave a removed container's
-    /// snapshot on disk until imacri's own next start); one that still
-    /// fails after `RETRY_FOR` is logged and left to the next start's sweep.
+    /// at once). `Records::Later` spawns it; an attempt that fails
+    /// (containerd restarting) is tried again in the background, after 0.2
+    /// s doubling to 5 s, for `RETRY_FOR` (a restart of containerd's must
+    /// not leave a removed container's writable layer on disk until
+    /// imacri's own next start); one that still fails is left to the next
+    /// start's sweep.
     pub(crate) async fn delete_records(&self, id: &str, when: Records<'_>) -> Result<()> {
-        let span = tracing::info_span!("removal", container_id = %id);
-        let (c, snapshotter, id) = (
+        let (c, snapshotter, owned) = (
             self.c.clone(),
             self.cfg.containerd.snapshotter.clone(),
             id.to_string(),
         );
         let delete = move || {
-            let (c, snapshotter, id) = (c.clone(), snapshotter.clone(), id.clone());
+            let (c, snapshotter, id) = (c.clone(), snapshotter.clone(), owned.clone());
             async move {
                 let (container, snapshot) = tokio::join!(
                     c.delete_container(&id),
@@ -100,52 +104,72 @@ impl CriServer {
             return delete().await;
         };
         // Finished deletions are let go here, so only those in flight stay.
-        pending.retain(|(_, h)| !h.is_finished());
+        pending.retain(|(_, _, h)| !h.is_finished());
+        let span = tracing::info_span!("removal", pod_sandbox_id = %pod, container_id = %id);
         let handle = tokio::spawn(tracing::Instrument::instrument(
             async move {
                 if let Some(d) = delay {
                     tokio::time::sleep(d).await;
                 }
-                let (started, mut wait) = (std::time::Instant::now(), RETRY_FIRST);
-                loop {
-                    let Err(e) = delete().await else { break };
-                    if started.elapsed() >= RETRY_FOR {
-                        tracing::warn!(error = %e, "containerd records of a removed container not deleted; the next start removes them");
-                        break;
-                    }
-                    if wait == RETRY_FIRST {
-                        tracing::warn!(error = %e, "containerd records of a removed container not deleted yet; retrying");
-                    }
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(RETRY_MAX);
-                }
+                let Err(e) = delete().await else {
+                    return true;
+                };
+                tracing::warn!(error = %e, "containerd records of a removed container not deleted yet; retrying");
+                let span = tracing::Span::current();
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let (started, mut wait) = (std::time::Instant::now(), RETRY_FIRST);
+                        loop {
+                            tokio::time::sleep(wait + delay.unwrap_or_default()).await;
+                            let Err(e) = delete().await else {
+                                tracing::info!(
+                                    "containerd records of a removed container deleted on a retry"
+                                );
+                                break;
+                            };
+                            if started.elapsed() >= RETRY_FOR {
+                                tracing::warn!(error = %e, "containerd records of a removed container not deleted; the next start removes them");
+                                break;
+                            }
+                            wait = (wait * 2).min(RETRY_MAX);
+                        }
+                    },
+                    span,
+                ));
+                false
             },
             span,
         ));
-        pending.push((pod.to_string(), handle));
+        pending.push((pod.to_string(), id.to_string(), handle));
         Ok(())
     }
 
-    /// Waits for the deletions of `pod`'s removed containers (all pods'
-    /// with `None`), at most `limit`.
-    pub(crate) async fn finish_removals(&self, pod: Option<&str>, limit: Duration) {
-        let handles: Vec<_> = match self.removals.pending.lock() {
+    /// Waits for the first attempts of the deletions of `pod`'s removed
+    /// containers (all pods' with `None`), at most `limit`; the containers
+    /// whose attempt failed or did not end (retried in the background).
+    pub(crate) async fn finish_removals(&self, pod: Option<&str>, limit: Duration) -> Vec<String> {
+        let mine: Vec<_> = match self.removals.pending.lock() {
             Ok(mut pending) => {
                 let (mine, rest) = std::mem::take(&mut *pending)
                     .into_iter()
-                    .partition(|(p, _)| pod.is_none_or(|pod| p == pod));
+                    .partition(|(p, _, _)| pod.is_none_or(|pod| p == pod));
                 *pending = rest;
                 mine
             }
-            Err(_) => return,
+            Err(_) => return Vec::new(),
         };
-        if handles.is_empty() {
-            return;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut left = Vec::new();
+        for (_, id, h) in mine {
+            match tokio::time::timeout_at(deadline, h).await {
+                Ok(Ok(true)) => {}
+                _ => left.push(id),
+            }
         }
-        let all = futures::future::join_all(handles.into_iter().map(|(_, h)| h));
-        if tokio::time::timeout(limit, all).await.is_err() {
-            tracing::warn!("containerd records of removed containers not deleted yet; the next start removes what is left");
+        if !left.is_empty() {
+            tracing::warn!(containers = ?left, "containerd records of removed containers not deleted yet");
         }
+        left
     }
 
     /// Removes this imacri's containerd containers that have no record
