@@ -13,6 +13,8 @@
 use imacri_runtime::containerd::TaskStatus;
 use imacri_runtime::error::IgnoreNotFound;
 use imacri_runtime::Result;
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::CriServer;
@@ -29,9 +31,11 @@ const RETRY_FOR: Duration = Duration::from_secs(600);
 /// Deletions after the response, by pod, for RemovePodSandbox and a
 /// graceful stop to wait for.
 pub(crate) struct Removals {
-    /// Pod, container, and the deletion's first attempt (whether it
-    /// deleted everything).
-    pending: std::sync::Mutex<Vec<(String, String, tokio::task::JoinHandle<bool>)>>,
+    /// Pod and the deletion's first attempt.
+    pending: std::sync::Mutex<Vec<(String, tokio::task::JoinHandle<()>)>>,
+    /// Pod and container of each deletion whose first attempt failed, until
+    /// one succeeds (or the retries give up).
+    failed: Arc<std::sync::Mutex<HashSet<(String, String)>>>,
     /// Test only (`IMACRI_TEST_REMOVAL_DELAY`, ms): each attempt of a
     /// deletion waits so long first.
     delay: Option<Duration>,
@@ -41,6 +45,7 @@ impl Default for Removals {
     fn default() -> Self {
         Removals {
             pending: Default::default(),
+            failed: Default::default(),
             delay: std::env::var("IMACRI_TEST_REMOVAL_DELAY")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -99,77 +104,93 @@ impl CriServer {
         let Records::Later { pod } = when else {
             return delete().await;
         };
-        let delay = self.removals.delay;
+        let (delay, failed) = (self.removals.delay, self.removals.failed.clone());
         let Ok(mut pending) = self.removals.pending.lock() else {
             return delete().await;
         };
-        // Finished deletions are let go here, so only those in flight stay.
-        pending.retain(|(_, _, h)| !h.is_finished());
+        // Finished first attempts are let go here, so only those in flight
+        // stay (a failed one is in `failed`).
+        pending.retain(|(_, h)| !h.is_finished());
         let span = tracing::info_span!("removal", pod_sandbox_id = %pod, container_id = %id);
+        let this = (pod.to_string(), id.to_string());
         let handle = tokio::spawn(tracing::Instrument::instrument(
             async move {
                 if let Some(d) = delay {
                     tokio::time::sleep(d).await;
                 }
-                let Err(e) = delete().await else {
-                    return true;
-                };
+                let Err(e) = delete().await else { return };
                 tracing::warn!(error = %e, "containerd records of a removed container not deleted yet; retrying");
-                let span = tracing::Span::current();
-                tokio::spawn(tracing::Instrument::instrument(
-                    async move {
-                        let (started, mut wait) = (std::time::Instant::now(), RETRY_FIRST);
-                        loop {
-                            tokio::time::sleep(wait + delay.unwrap_or_default()).await;
-                            let Err(e) = delete().await else {
-                                tracing::info!(
-                                    "containerd records of a removed container deleted on a retry"
-                                );
-                                break;
-                            };
-                            if started.elapsed() >= RETRY_FOR {
-                                tracing::warn!(error = %e, "containerd records of a removed container not deleted; the next start removes them");
-                                break;
-                            }
-                            wait = (wait * 2).min(RETRY_MAX);
+                // Marked before this first attempt ends (what RemovePodSandbox
+                // waits for); the retries go on in a task of their own.
+                let _ = failed.lock().map(|mut f| f.insert(this.clone()));
+                let retries = async move {
+                    let (started, mut wait) = (std::time::Instant::now(), RETRY_FIRST);
+                    loop {
+                        tokio::time::sleep(wait + delay.unwrap_or_default()).await;
+                        let Err(e) = delete().await else {
+                            tracing::info!(
+                                "containerd records of a removed container deleted on a retry"
+                            );
+                            break;
+                        };
+                        if started.elapsed() >= RETRY_FOR {
+                            tracing::warn!(error = %e, "containerd records of a removed container not deleted; the next start removes them");
+                            break;
                         }
-                    },
-                    span,
+                        wait = (wait * 2).min(RETRY_MAX);
+                    }
+                    let _ = failed.lock().map(|mut f| f.remove(&this));
+                };
+                tokio::spawn(tracing::Instrument::instrument(
+                    retries,
+                    tracing::Span::current(),
                 ));
-                false
             },
             span,
         ));
-        pending.push((pod.to_string(), id.to_string(), handle));
+        pending.push((pod.to_string(), handle));
         Ok(())
     }
 
     /// Waits for the first attempts of the deletions of `pod`'s removed
-    /// containers (all pods' with `None`), at most `limit`; the containers
-    /// whose attempt failed or did not end (retried in the background).
+    /// containers (all pods' with `None`), at most `limit` (the retries of
+    /// one that failed go on in the background). The containers whose
+    /// records are not deleted yet.
     pub(crate) async fn finish_removals(&self, pod: Option<&str>, limit: Duration) -> Vec<String> {
         let mine: Vec<_> = match self.removals.pending.lock() {
             Ok(mut pending) => {
                 let (mine, rest) = std::mem::take(&mut *pending)
                     .into_iter()
-                    .partition(|(p, _, _)| pod.is_none_or(|pod| p == pod));
+                    .partition(|(p, _)| pod.is_none_or(|pod| p == pod));
                 *pending = rest;
                 mine
             }
             Err(_) => return Vec::new(),
         };
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut left = Vec::new();
-        for (_, id, h) in mine {
-            match tokio::time::timeout_at(deadline, h).await {
-                Ok(Ok(true)) => {}
-                _ => left.push(id),
-            }
-        }
-        if !left.is_empty() {
+        let first = futures::future::join_all(mine.into_iter().map(|(_, h)| h));
+        let ended = tokio::time::timeout(limit, first).await.is_ok();
+        let left: Vec<String> = match self.removals.failed.lock() {
+            Ok(f) => f
+                .iter()
+                .filter(|(p, _)| pod.is_none_or(|pod| p == pod))
+                .map(|(_, c)| c.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if !ended || !left.is_empty() {
             tracing::warn!(containers = ?left, "containerd records of removed containers not deleted yet");
         }
         left
+    }
+
+    /// A removed container's records deleted by someone else than its
+    /// retries (RemovePodSandbox): no longer counted as left.
+    pub(crate) fn removal_done(&self, pod: &str, id: &str) {
+        let _ = self
+            .removals
+            .failed
+            .lock()
+            .map(|mut f| f.remove(&(pod.to_string(), id.to_string())));
     }
 
     /// Removes this imacri's containerd containers that have no record

@@ -23,8 +23,11 @@ impl CriServer {
         for id in self.finish_removals(Some(&sb.id), REMOVALS_WAIT).await {
             // Tried once more here (containerd is back if this call gets
             // on); the background retry goes on if this fails too.
-            if let Err(e) = self.delete_records(&id, Records::Now).await {
-                tracing::warn!(pod_sandbox_id = %sb.id, container_id = %id, error = %e, "containerd records of a removed container not deleted");
+            match self.delete_records(&id, Records::Now).await {
+                Ok(()) => self.removal_done(&sb.id, &id),
+                Err(e) => {
+                    tracing::warn!(pod_sandbox_id = %sb.id, container_id = %id, error = %e, "containerd records of a removed container not deleted")
+                }
             }
         }
         for c in self.containers_of(&sb.id) {
