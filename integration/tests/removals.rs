@@ -5,7 +5,7 @@
 //! a crash caught between its containerd record and imacri's), touching
 //! nothing of another imacri sharing the namespace.
 
-use imacri_integration::client::{create_container, run_pod};
+use imacri_integration::client::{create_container, run_pod, start_container};
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
 use std::time::{Duration, Instant};
 
@@ -124,14 +124,7 @@ async fn a_removed_containers_records_go_after_the_response_and_are_never_left()
 
     // A graceful stop waits for the deletion (a running container's, whose
     // task goes before the response).
-    let a = create_container(&mut rt, &pod, &cfg, sleeper("a"))
-        .await
-        .unwrap();
-    rt.start_container(cri::StartContainerRequest {
-        container_id: a.clone(),
-    })
-    .await
-    .unwrap();
+    let a = start_container(&mut rt, &pod, &cfg, sleeper("a")).await;
     let took = remove(&mut rt, a.clone()).await;
     assert!(
         took < Duration::from_secs(2),
@@ -290,14 +283,7 @@ async fn a_container_with_an_unreadable_or_lost_record_is_left_alone() {
     let mut rt = d.runtime().await.unwrap();
     let cfg = pod_config("removals-kept");
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
-    let running = create_container(&mut rt, &pod, &cfg, sleeper("running"))
-        .await
-        .unwrap();
-    rt.start_container(cri::StartContainerRequest {
-        container_id: running.clone(),
-    })
-    .await
-    .unwrap();
+    let running = start_container(&mut rt, &pod, &cfg, sleeper("running")).await;
     let unreadable = create_container(&mut rt, &pod, &cfg, sleeper("unreadable"))
         .await
         .unwrap();
