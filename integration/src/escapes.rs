@@ -90,6 +90,13 @@ fn build_attacker_image(env: &Env) -> String {
     name
 }
 
+/// Open fds and threads of a process.
+pub fn held_by(pid: i32) -> (usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+    (fds, threads)
+}
+
 pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }

@@ -756,13 +756,6 @@ fn libc_ticks() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 
-/// Open fds and threads of a process.
-fn held_by(pid: i32) -> (usize, usize) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
-    (fds, threads)
-}
-
 /// One ima pod whose two containers map a file, run a script and a dynamic
 /// program (groups, marks, leases, listeners and their keeper copies), left
 /// running.
@@ -1023,5 +1016,108 @@ async fn a_containers_watches_are_bounded() {
         .await,
         "script"
     );
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// imacri's fds held by imacri whose link ends with `suffix`.
+fn fds_on(pid: i32, suffix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|f| {
+                    std::fs::read_link(f.path())
+                        .is_ok_and(|l| l.to_string_lossy().ends_with(suffix))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// imacri holds a quarter of its open-file limit for all pods' leases and
+/// held writers (8192 under systemd's `LimitNOFILE=infinity`, 5000 here;
+/// the test hook makes it 300 so that two pods fill it). Until 2026-12-06
+/// pods that filled it cut every other pod short: another pod's shared
+/// writable mapping of a new file was refused (EPERM: SQLite in WAL mode
+/// maps its `-shm` file so) and its executable mappings went unleased (a
+/// truncate of them seen only after the fact). Now a pod's held writers
+/// are bounded by its share of a full node, and the pod holding the most
+/// gives a watch lease up for a pod holding fewer.
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_filling_imacris_files_cut_only_their_own_watches() {
+    let _timing = TIMING.read().await;
+    let env = Env::get();
+    let (d, image, _work) = node_with(env, "IMACRI_TEST_LEASE_LIMIT", "300").await;
+    let mut rt = d.runtime().await.unwrap();
+    let imacri = d.pid().unwrap() as i32;
+    let given_up = |v: &serde_json::Value| v["integrity"]["fanotify"]["leasesGivenUp"].as_u64();
+    // Held writers, which cannot be given back: 16 at most (a share of a
+    // full node, and never fewer).
+    let (held_pod, a) = sleeping_pod(&mut rt, &d, &ima("fill-held", "measure"), &image).await;
+    let out = sh_ok(
+        &mut rt,
+        &a,
+        "mkdir /tmp/f && escape shared-flood /tmp/f 100",
+    )
+    .await;
+    assert_eq!(out, "MAPPED 16 REFUSED 84");
+    // Ever new files mapped executable: watched, leased while imacri has
+    // room (its 300 less the other pod's 16), by their marks after that.
+    let (leases_pod, b) = sleeping_pod(&mut rt, &d, &ima("fill-leases", "measure"), &image).await;
+    let out = sh_ok(&mut rt, &b, "escape map-flood /tmp/m.bin 400").await;
+    assert_eq!(out, "MAPPED 400 REFUSED 0");
+    let info = imacri_integration::client::status_info(&mut rt).await;
+    assert_eq!(given_up(&info), Some(0), "{info}");
+    // Another pod gets its held writer and its lease all the same, each
+    // a lease the second pod gives up.
+    let (pod, c) = sleeping_pod(&mut rt, &d, &ima("fill-victim", "measure"), &image).await;
+    assert_eq!(
+        sh_ok(&mut rt, &c, "escape shared-rw /tmp/db").await,
+        "SHARED ok"
+    );
+    let out = sh_ok(&mut rt, &c, "escape file-mmap /tmp/victim.bin").await;
+    assert!(out.starts_with("RAN file-mmap"), "{out}");
+    assert!(
+        fds_on(imacri, "/tmp/victim.bin") >= 1,
+        "no lease on the third pod's mapped file:\n{}",
+        d.log()
+    );
+    let info = imacri_integration::client::status_info(&mut rt).await;
+    assert!(given_up(&info) >= Some(2), "{info}");
+    // The first pod, short by more than one, takes leases back from the
+    // second in turn, not from the third.
+    let out = sh_ok(&mut rt, &a, "escape file-mmap /tmp/held.bin").await;
+    assert!(out.starts_with("RAN file-mmap"), "{out}");
+    assert!(fds_on(imacri, "/tmp/held.bin") >= 1);
+    assert!(fds_on(imacri, "/tmp/victim.bin") >= 1);
+    for p in [pod, leases_pod, held_pod] {
+        stop_pod(&mut rt, &p).await;
+    }
+}
+
+/// A pod's leases (`leases::PER_POD`, 1024) are fewer than a container's
+/// watches (`ima.max_watched_files`, 4096), and the watches of files the
+/// container's exited processes mapped end only in a sweep: until
+/// 2026-12-06 that came at the watch limit only, so a pod that had mapped
+/// 1024 files over its life (a build running compiler after compiler)
+/// mapped every new one unleased (a truncate of it seen only after the
+/// fact). At its lease limit it now sweeps too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_at_its_lease_limit_lets_go_of_what_nothing_maps() {
+    let _timing = TIMING.read().await;
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, c) = sleeping_pod(&mut rt, &d, &ima("lease-sweep", "measure"), &image).await;
+    // Two processes one after the other, 700 new files each.
+    for _ in 0..2 {
+        assert_eq!(
+            sh_ok(&mut rt, &c, "escape map-flood /tmp/m.bin 700").await,
+            "MAPPED 700 REFUSED 0"
+        );
+    }
+    let info = imacri_integration::client::status_info(&mut rt).await;
+    let f = &info["integrity"]["fanotify"];
+    assert_eq!(f["unleasedFiles"].as_u64(), Some(0), "{f}");
+    assert!(f["sweptWatches"].as_u64() >= Some(600), "{f}");
     stop_pod(&mut rt, &pod).await;
 }

@@ -57,6 +57,10 @@ pub enum FdQuota {
     Imacri(usize),
     #[error("the pod holds {0} leases, its limit")]
     Pod(usize),
+    #[error(
+        "the pod holds {0} files mapped shared and writable, its share of imacri's open files"
+    )]
+    Held(usize),
 }
 
 /// Why a read lease could not be taken (`fanotify/leases.rs`).

@@ -361,6 +361,7 @@ impl CriServer {
                 "heldCalls": s.held_calls.load(Relaxed),
                 "unheldCalls": s.unheld_calls.load(Relaxed),
                 "unleasedFiles": s.unleased.load(Relaxed),
+                "leasesGivenUp": s.leases_given_up.load(Relaxed),
                 "heldWriters": s.held_writers.load(Relaxed),
                 "sweptWatches": s.swept_watches.load(Relaxed),
                 "parkedThreads": imacri_runtime::integrity::park::parked(),

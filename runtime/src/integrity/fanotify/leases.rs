@@ -44,6 +44,14 @@ impl Lease {
     pub(super) fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
+
+    /// Ends the lease now, whatever other copies of its file (the
+    /// keeper's) are still open: a truncate that breaks it meanwhile would
+    /// wait for an answer nobody gives.
+    pub(super) fn give_up(self) {
+        // SAFETY: fcntl with integer arguments.
+        unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    }
 }
 
 impl Drop for Lease {
@@ -60,6 +68,19 @@ impl Drop for Lease {
 /// every pod's measurement needs. Far above what a program maps.
 pub const PER_POD: usize = 1024;
 
+/// Pods a full node runs (kubelet's default `maxPods`). What a pod holds
+/// that cannot be given back while it runs (held writers, `held.rs`) is
+/// bounded by its share of imacri's open files on a full node, so that
+/// other pods' leases, which can be given back, always make up the rest.
+const NODE_PODS: usize = 110;
+/// The least a pod's share of held writers is, whatever imacri's limit.
+const MIN_HELD: usize = 16;
+
+/// Held writers one pod may have when imacri may hold `limit` files.
+pub fn held_share(limit: usize) -> usize {
+    (limit / NODE_PODS).max(MIN_HELD)
+}
+
 /// Whose lease an fd is.
 struct Holder {
     group: Weak<Group>,
@@ -69,60 +90,111 @@ struct Holder {
     window: bool,
 }
 
+/// What one pod holds: every file (leases and held writers), and of
+/// them the held writers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Count {
+    all: usize,
+    held: usize,
+}
+
+impl Count {
+    fn plus(self, held: bool) -> Count {
+        Count {
+            all: self.all + 1,
+            held: self.held + usize::from(held),
+        }
+    }
+}
+
 /// Who holds which lease, and how many each pod holds. Lock-free: a pod's
 /// threads take and give back leases, and one of them stopped mid-way (its
 /// pod at its CPU limit) must hold up no other pod's.
 #[derive(Default)]
 struct Table {
     by_fd: papaya::HashMap<RawFd, Holder>,
-    per_pod: papaya::HashMap<Arc<str>, usize>,
+    per_pod: papaya::HashMap<Arc<str>, Count>,
     total: AtomicUsize,
 }
 
 impl Table {
-    /// Counts one more lease of `pod`; Err (counting nothing) past `limit`
-    /// leases in all or [`PER_POD`] for the pod.
-    fn reserve(&self, limit: usize, pod: &str) -> Result<(), FdQuota> {
+    /// Counts one more file of `pod`'s (a held writer if `held`); Err
+    /// (counting nothing) past `limit` files in all, [`PER_POD`] for the
+    /// pod, or its [`held_share`] of held writers.
+    fn reserve(&self, limit: usize, pod: &str, held: bool) -> Result<(), FdQuota> {
         if self.total.fetch_add(1, Ordering::AcqRel) >= limit {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(FdQuota::Imacri(limit));
         }
+        let share = held_share(limit);
         let per_pod = self.per_pod.pin();
-        let full = per_pod.compute(Arc::from(pod), |e| match e {
-            Some((_, n)) if *n >= PER_POD => Operation::Abort(()),
-            Some((_, n)) => Operation::Insert(n + 1),
-            None => Operation::Insert(1),
+        let full = per_pod.compute(Arc::from(pod), |e| {
+            let n = e.map_or(Count::default(), |(_, n)| *n);
+            if n.all >= PER_POD {
+                Operation::Abort(FdQuota::Pod(PER_POD))
+            } else if held && n.held >= share {
+                Operation::Abort(FdQuota::Held(share))
+            } else {
+                Operation::Insert(n.plus(held))
+            }
         });
-        if matches!(full, Compute::Aborted(())) {
+        if let Compute::Aborted(e) = full {
             self.total.fetch_sub(1, Ordering::AcqRel);
-            return Err(FdQuota::Pod(PER_POD));
+            return Err(e);
         }
         Ok(())
     }
 
     /// Counts one more of `pod`'s, whatever the limits (the last imacri
     /// held it).
-    fn count_kept(&self, pod: &str) {
+    fn count_kept(&self, pod: &str, held: bool) {
         self.total.fetch_add(1, Ordering::AcqRel);
-        self.per_pod
-            .pin()
-            .update_or_insert(Arc::from(pod), |n| n + 1, 1);
+        self.per_pod.pin().update_or_insert(
+            Arc::from(pod),
+            |n| n.plus(held),
+            Count::default().plus(held),
+        );
     }
 
     /// Gives back what [`reserve`](Self::reserve) counted.
-    fn release(&self, pod: &str) {
+    fn release(&self, pod: &str, held: bool) {
         self.total.fetch_sub(1, Ordering::AcqRel);
         self.per_pod.pin().compute(Arc::from(pod), |e| match e {
-            Some((_, n)) if *n <= 1 => Operation::Remove,
-            Some((_, n)) => Operation::Insert(n - 1),
+            Some((_, n)) if n.all <= 1 => Operation::Remove,
+            Some((_, n)) => Operation::Insert(Count {
+                all: n.all - 1,
+                held: n.held.saturating_sub(usize::from(held)),
+            }),
             None => Operation::Abort(()),
         });
     }
 
     fn remove(&self, fd: RawFd) {
         if let Some(h) = self.by_fd.pin().remove(&fd) {
-            self.release(&h.pod);
+            self.release(&h.pod, false);
         }
+    }
+
+    /// The pod holding the most files, if it holds more than one more
+    /// than `pod` does (so that giving one of its up for `pod` evens them
+    /// out rather than swapping who is short).
+    fn above(&self, pod: &str) -> Option<Arc<str>> {
+        let per_pod = self.per_pod.pin();
+        let mine = per_pod.get(pod).map_or(0, |n| n.all);
+        let (top, n) = per_pod.iter().max_by_key(|(_, n)| n.all)?;
+        (n.all > mine + 1 && **top != *pod).then(|| top.clone())
+    }
+
+    /// Some of `pod`'s watch leases (not an execution window's, which
+    /// ends within seconds): (fd, group, inode).
+    fn watch_leases_of(&self, pod: &str, most: usize) -> Vec<(RawFd, Weak<Group>, (u64, u64))> {
+        self.by_fd
+            .pin()
+            .iter()
+            .filter(|(_, h)| *h.pod == *pod && !h.window)
+            .take(most)
+            .map(|(fd, h)| (*fd, h.group.clone(), h.inode))
+            .collect()
     }
 }
 
@@ -132,6 +204,36 @@ struct Service {
     leases: Table,
     /// Leases the process may hold: a quarter of its open-file limit.
     limit: usize,
+}
+
+impl Service {
+    /// Counts one more file of `pod`'s (see [`Table::reserve`]). When
+    /// imacri's are all taken, the pod holding the most gives one of its
+    /// watch leases up for it (its watch goes on with its mark alone, as
+    /// one past the limits always did): pods filling imacri's share of
+    /// open files cut only their own watches short, not another pod's,
+    /// nor its held writers.
+    fn reserve(&self, pod: &str, held: bool) -> Result<(), FdQuota> {
+        let mut tries = 0;
+        loop {
+            match self.leases.reserve(self.limit, pod, held) {
+                Err(FdQuota::Imacri(_)) if tries < 4 && self.take_one_back(pod) => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    /// Has the pod holding the most (more than `pod` by two or more) give
+    /// one of its watch leases up; whether one was.
+    fn take_one_back(&self, pod: &str) -> bool {
+        let Some(top) = self.leases.above(pod) else {
+            return false;
+        };
+        self.leases
+            .watch_leases_of(&top, 16)
+            .into_iter()
+            .any(|(fd, group, inode)| group.upgrade().is_some_and(|g| g.give_up_lease(inode, fd)))
+    }
 }
 
 fn service() -> Result<&'static Service, LeaseError> {
@@ -215,7 +317,12 @@ fn start() -> Result<Service, SysError> {
     Ok(Service {
         tid,
         leases: Table::default(),
-        limit: nofile / 4,
+        // Test only: a node's worth of pods filling imacri's share in a
+        // test of a few pods.
+        limit: std::env::var("IMACRI_TEST_LEASE_LIMIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(nofile / 4),
     })
 }
 
@@ -337,9 +444,9 @@ fn take_as(
     window: bool,
 ) -> Result<Lease, LeaseError> {
     let s = service()?;
-    s.leases.reserve(s.limit, pod)?;
+    s.reserve(pod, false)?;
     let fd = file.as_raw_fd();
-    let given_back = || s.leases.release(pod);
+    let given_back = || s.leases.release(pod, false);
     own(fd, s.tid).inspect_err(|_| given_back())?;
     // SAFETY: fcntl with integer arguments.
     if unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) } != 0 {
@@ -370,20 +477,33 @@ pub(super) struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Ok(s) = service() {
-            s.leases.release(&self.pod);
+            s.leases.release(&self.pod, true);
         }
     }
 }
 
-/// Counts one more open file of `pod`'s; refused past [`PER_POD`] or the
-/// process's share of fds. `kept`: the last imacri held it, so it is
-/// counted whatever the limits.
+/// Whether `pod` holds its [`PER_POD`] files: a new watch of its would go
+/// without a lease.
+pub(super) fn pod_full(pod: &str) -> bool {
+    service().is_ok_and(|s| {
+        s.leases
+            .per_pod
+            .pin()
+            .get(pod)
+            .is_some_and(|n| n.all >= PER_POD)
+    })
+}
+
+/// Counts one more held writer of `pod`'s; refused past [`PER_POD`], the
+/// pod's [`held_share`], or the process's share of fds (once no pod holds
+/// more leases than it can give up). `kept`: the last imacri held it, so
+/// it is counted whatever the limits.
 pub(super) fn slot(pod: &str, kept: bool) -> Result<Slot, LeaseError> {
     let s = service()?;
     if kept {
-        s.leases.count_kept(pod);
+        s.leases.count_kept(pod, true);
     } else {
-        s.leases.reserve(s.limit, pod)?;
+        s.reserve(pod, true)?;
     }
     Ok(Slot { pod: pod.into() })
 }
@@ -401,7 +521,7 @@ pub(super) fn adopt(
     own(file.as_raw_fd(), s.tid)?;
     let fd = file.as_raw_fd();
     // Taken back whatever the limits: the last imacri held it.
-    s.leases.count_kept(pod);
+    s.leases.count_kept(pod, false);
     let lease = register(s, file, group, inode, pod, false);
     Ok((lease, !breaking(fd)))
 }
@@ -480,7 +600,7 @@ mod tests {
     fn a_pod_holds_at_most_its_share() {
         let t = Table::default();
         let add = |fd: RawFd, pod: &str, limit: usize| {
-            t.reserve(limit, pod)?;
+            t.reserve(limit, pod, false)?;
             t.by_fd.pin().insert(
                 fd,
                 Holder {
@@ -506,5 +626,35 @@ mod tests {
         }
         assert!(t.per_pod.pin().is_empty());
         assert_eq!(t.total.load(Ordering::Relaxed), 0);
+    }
+
+    /// Held writers, which cannot be given back, are held to a pod's
+    /// share of a full node; a pod holding more than another by two or
+    /// more is the one to give a lease up for it.
+    #[test]
+    fn held_writers_stay_within_a_share_and_the_top_pod_gives_up() {
+        let t = Table::default();
+        let limit = 5000;
+        let share = held_share(limit);
+        assert_eq!(share, 45);
+        assert_eq!(held_share(300), MIN_HELD);
+        for _ in 0..share {
+            t.reserve(limit, "a", true).unwrap();
+        }
+        assert_eq!(t.reserve(limit, "a", true), Err(FdQuota::Held(share)));
+        // Leases still come, and another pod's held writers.
+        t.reserve(limit, "a", false).unwrap();
+        t.reserve(limit, "b", true).unwrap();
+        assert_eq!(t.above("b").as_deref(), Some("a"));
+        assert_eq!(t.above("a"), None);
+        // One held writer given back makes room for one.
+        t.release("a", true);
+        t.reserve(limit, "a", true).unwrap();
+        // Even counts: nobody gives up for a pod short by one.
+        let u = Table::default();
+        u.reserve(limit, "a", false).unwrap();
+        assert_eq!(u.above("b"), None);
+        u.reserve(limit, "a", false).unwrap();
+        assert_eq!(u.above("b").as_deref(), Some("a"));
     }
 }

@@ -196,6 +196,9 @@ struct Group {
     /// Overlay files the container mapped shared and writable, held open
     /// for writing while it runs (`held.rs`).
     held: Mutex<held::HeldFiles>,
+    /// How many watches the table had when a sweep was last made for the
+    /// pod's lease limit (`sweep.rs`).
+    swept_at: std::sync::atomic::AtomicUsize,
     /// This group, for the leases to call back (they must not keep it).
     me: Weak<Group>,
     engine: Weak<Engine>,
@@ -474,6 +477,7 @@ fn start(
         closes,
         mapped: Mutex::new(Default::default()),
         held: Mutex::new(Default::default()),
+        swept_at: Default::default(),
         me: me.clone(),
         engine: Arc::downgrade(engine),
     });

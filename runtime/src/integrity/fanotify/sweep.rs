@@ -14,7 +14,11 @@ use super::super::digest::FileKey;
 use super::super::engine::Mapper;
 use super::super::sys::{SysError, WatchError};
 use super::writes::{fstat, Found, Watched, SCRIPT_WATCHED, WATCHED};
-use super::{inpod, Group};
+use super::{inpod, leases, Group};
+
+/// New watches a group makes between two sweeps for its pod's lease
+/// limit (`Group::room`).
+const RESWEEP: usize = 64;
 
 /// A watch as a sweep looked at it.
 struct Looked {
@@ -105,25 +109,46 @@ impl Group {
     /// needs any more end first (`sweep`); past it, the mapping or script
     /// is refused (`WatchError::Full`). `by`: the caller the room is for,
     /// whose own call in flight is this one.
+    ///
+    /// A pod at its lease limit (`leases::PER_POD`, below the watch limit)
+    /// sweeps too, so that the leases of files its exited processes mapped
+    /// do not leave its new mappings unleased; once per [`RESWEEP`] new
+    /// watches of the group at most, as a sweep that ends nothing (the
+    /// pod's other containers hold its leases, or its files are all still
+    /// mapped) would otherwise be paid by every mapping after it.
     pub(super) fn room(&self, by: Mapper) -> Result<(), WatchError> {
         let limit = self
             .engine
             .upgrade()
             .map_or(usize::MAX, |e| e.max_watched_files());
-        if self.mapped.lock()?.len() < limit {
+        let len = self.mapped.lock()?.len();
+        if len < limit {
+            let due = len >= self.swept_at.load(Ordering::Relaxed) + RESWEEP;
+            if due && leases::pod_full(&self.target.measured.pod) {
+                self.swept_at.store(len, Ordering::Relaxed);
+                let ended = self.sweep(by);
+                tracing::debug!(container_id = %self.target.measured.container, ended, "watches swept at the pod's lease limit");
+                self.count_swept(ended);
+                self.swept_at
+                    .fetch_min(len - ended.min(len), Ordering::Relaxed);
+            }
             return Ok(());
         }
         let ended = self.sweep(by);
         tracing::debug!(container_id = %self.target.measured.container, ended, limit, "watches swept");
+        self.count_swept(ended);
+        if self.mapped.lock()?.len() < limit {
+            return Ok(());
+        }
+        Err(WatchError::Full(limit))
+    }
+
+    fn count_swept(&self, ended: usize) {
         if let Some(e) = self.engine.upgrade() {
             e.stats
                 .swept_watches
                 .fetch_add(ended as u64, Ordering::Relaxed);
         }
-        if self.mapped.lock()?.len() < limit {
-            return Ok(());
-        }
-        Err(WatchError::Full(limit))
     }
 
     /// Ends the watches nothing needs any more: those whose mark the kernel

@@ -464,6 +464,40 @@ impl Group {
         true
     }
 
+    /// Gives up the lease held through `fd` on the watched `inode` for
+    /// another pod's (`leases.rs`, imacri's share of open files taken):
+    /// the watch goes on with its mark alone, as one that got no lease
+    /// (a truncate of the file is seen after the fact, by FAN_MODIFY).
+    /// Not while the table is busy (the caller may hold another group's
+    /// table), nor a lease being broken. Whether it was given up.
+    pub(super) fn give_up_lease(&self, inode: (u64, u64), fd: std::os::fd::RawFd) -> bool {
+        let (lease, key) = {
+            let Ok(mut m) = self.mapped.try_lock() else {
+                return false;
+            };
+            let Some(w) = m.get_mut(&inode) else {
+                return false;
+            };
+            if w.broken || w.lease.as_ref().is_none_or(|l| l.fd().as_raw_fd() != fd) {
+                return false;
+            }
+            let Some(lease) = w.lease.take() else {
+                return false;
+            };
+            // Where a watch without a lease finds its file (`sweep.rs`).
+            w.path = container_path(lease.fd());
+            (lease, w.key.take())
+        };
+        self.drop_key(key);
+        lease.give_up();
+        if let Some(engine) = self.engine.upgrade() {
+            engine.stats.unleased.fetch_add(1, Ordering::Relaxed);
+            engine.stats.leases_given_up.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(container_id = %self.target.measured.container, "a lease given up for another pod's: a truncate of this file is seen after the fact");
+        true
+    }
+
     /// The lease on `inode` broke: someone truncates the file (an open for
     /// writing asks the mark first and is decided there). The truncater
     /// waits while the `tomtou` is logged; under `enforce` the container is
