@@ -57,6 +57,34 @@ fn thread_names(pid: i32) -> Vec<String> {
     v
 }
 
+/// Pod `i`'s own program at `file` (its digest as `sha256sum` printed
+/// it in `out`, with the program's exit code after `rc=`) ran measured
+/// (an `exec` entry) or was refused (126, a `deny` entry) by its policy,
+/// in its own log, which holds no other pod's program at that path.
+fn assert_judged(d: &imacri_integration::Imacri, i: usize, r: &Ran, out: &str, file: &str) {
+    let digest = out
+        .lines()
+        .find(|l| l.ends_with(file))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("pod {i}: no digest in {out:?}"));
+    let lines = log_lines(d, &r.pod);
+    let (rc, entry) = if r.strict {
+        ("rc=126", "deny")
+    } else {
+        ("rc=0", "exec")
+    };
+    assert!(out.contains(rc), "pod {i} (strict: {}): {out}", r.strict);
+    assert!(
+        logged(&lines, file, Some(digest), entry),
+        "pod {i}: no {entry} entry for {digest}: {lines:#?}"
+    );
+    let others = lines
+        .iter()
+        .filter(|l| l.contains(file) && !l.contains(digest))
+        .count();
+    assert_eq!(others, 0, "pod {i}: {lines:#?}");
+}
+
 /// What one pod did: (pod, container, policy, ExecSync's exit code and
 /// output).
 struct Ran {
@@ -107,7 +135,7 @@ async fn one_pod(mut rt: imacri_integration::client::Rt, image: String, i: usize
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_node_of_ima_pods() {
     let env = Env::get();
-    let (d, image, _work) = node(env, "").await;
+    let (mut d, image, _work) = node(env, "").await;
     let mut rt = d.runtime().await.unwrap();
     let imacri = d.pid().unwrap() as i32;
     // One pod first, so that what imacri sets up once is not counted.
@@ -134,38 +162,9 @@ async fn a_full_node_of_ima_pods() {
     let busy = held_by(imacri);
 
     for (i, r) in ran.iter().enumerate() {
-        let digest = r
-            .out
-            .lines()
-            .find(|l| l.ends_with("/tmp/busybox"))
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap_or_else(|| panic!("pod {i}: no digest in {:?}", r.out));
-        let lines = log_lines(&d, &r.pod);
         assert!(r.out.contains("hello dynamic"), "pod {i}: {}", r.out);
         assert_eq!(r.code, 0, "pod {i}: {}", r.out);
-        if r.strict {
-            assert!(
-                r.out.contains("rc=126"),
-                "pod {i} ran its own program: {}",
-                r.out
-            );
-            assert!(
-                logged(&lines, "/tmp/busybox", Some(digest), "deny"),
-                "pod {i}: no deny entry for {digest}: {lines:#?}"
-            );
-        } else {
-            assert!(r.out.contains("rc=0"), "pod {i}: {}", r.out);
-            assert!(
-                logged(&lines, "/tmp/busybox", Some(digest), "exec"),
-                "pod {i}: {digest} not measured: {lines:#?}"
-            );
-        }
-        // Its own log holds no other pod's program.
-        let others = lines
-            .iter()
-            .filter(|l| l.contains("/tmp/busybox") && !l.contains(digest))
-            .count();
-        assert_eq!(others, 0, "pod {i}: {lines:#?}");
+        assert_judged(&d, i, r, &r.out, "/tmp/busybox");
         let st = container_status(&mut rt, &r.c).await;
         assert_eq!(
             st.state,
@@ -194,6 +193,41 @@ async fn a_full_node_of_ima_pods() {
     assert!(
         per_pod(idle.1, before.1) <= 0.5,
         "threads per idle pod: {before:?} before, {idle:?} with {PODS} pods"
+    );
+
+    // imacri killed under a full node: the next one takes every pod back
+    // (groups, leases and listeners from the fd keeper), and each pod's
+    // next program of its own is judged as before.
+    d.kill();
+    let t = Instant::now();
+    d.spawn().await.unwrap();
+    let back = t.elapsed();
+    let rt = d.runtime().await.unwrap();
+    let imacri = d.pid().unwrap() as i32;
+    let mut tasks = Vec::new();
+    for (i, r) in ran.iter().enumerate() {
+        let (mut rt, gate, c) = (rt.clone(), gate.clone(), r.c.clone());
+        tasks.push(tokio::spawn(async move {
+            let _p = gate.acquire().await.unwrap();
+            let cmd = format!("mkdir /tmp/again && cp /bin/busybox /tmp/again/busybox && echo again-{i} >> /tmp/again/busybox && sha256sum /tmp/again/busybox && /tmp/again/busybox true; echo rc=$?");
+            exec_sh_within(&mut rt, &c, &cmd, 120).await
+        }));
+    }
+    for (i, (t, r)) in tasks.into_iter().zip(&ran).enumerate() {
+        let (code, out, err) = t.await.unwrap();
+        assert_eq!(code, 0, "pod {i} after the restart: {out}{err}");
+        assert_judged(&d, i, r, &format!("{out}{err}"), "/tmp/again/busybox");
+    }
+    let again = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let taken_back = held_by(imacri);
+    eprintln!(
+        "restarted imacri answered in {back:?}, every pod judged again {again:?} after the kill; (fds, threads) once idle: {taken_back:?}"
+    );
+    assert!(
+        per_pod(taken_back.0, before.0) <= 32.0,
+        "fds per idle pod after the restart: {before:?} before the pods, {taken_back:?} with them: {}",
+        fd_kinds(imacri)
     );
 
     let t = Instant::now();
