@@ -1121,3 +1121,49 @@ async fn a_pod_at_its_lease_limit_lets_go_of_what_nothing_maps() {
     assert!(f["sweptWatches"].as_u64() >= Some(600), "{f}");
     stop_pod(&mut rt, &pod).await;
 }
+
+/// When imacri's share of open files is held evenly (no pod holds two
+/// more than another, so no watch lease goes from one to the other), an
+/// execution's window and a held writer, which cannot go without a file
+/// of imacri's, take a watch lease from the pods holding the most, the
+/// asking pod itself included: the pods still execute a new file and
+/// map one shared.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_execution_on_a_full_node_takes_a_watch_lease() {
+    let _timing = TIMING.read().await;
+    let env = Env::get();
+    let (d, image, _work) = node_with(env, "IMACRI_TEST_LEASE_LIMIT", "300").await;
+    let mut rt = d.runtime().await.unwrap();
+    let mut pods = Vec::new();
+    for name in ["even-a", "even-b"] {
+        let (pod, c) = sleeping_pod(&mut rt, &d, &ima(name, "measure"), &image).await;
+        assert_eq!(
+            sh_ok(&mut rt, &c, "escape map-flood /tmp/m.bin 200").await,
+            "MAPPED 200 REFUSED 0"
+        );
+        pods.push((pod, c));
+    }
+    let info = imacri_integration::client::status_info(&mut rt).await;
+    let f = &info["integrity"]["fanotify"];
+    assert!(f["leasesGivenUp"].as_u64() >= Some(40), "{f}");
+    for (_, c) in &pods {
+        assert_eq!(
+            sh_ok(
+                &mut rt,
+                c,
+                "mkdir /tmp/x && cp /bin/busybox /tmp/x/busybox && /tmp/x/busybox true && echo ran"
+            )
+            .await,
+            "ran"
+        );
+    }
+    for (_, c) in &pods {
+        assert_eq!(
+            sh_ok(&mut rt, c, "escape shared-rw /tmp/db").await,
+            "SHARED ok"
+        );
+    }
+    for (p, _) in pods {
+        stop_pod(&mut rt, &p).await;
+    }
+}

@@ -70,15 +70,16 @@ pub const PER_POD: usize = 1024;
 
 /// Pods a full node runs (kubelet's default `maxPods`). What a pod holds
 /// that cannot be given back while it runs (held writers, `held.rs`) is
-/// bounded by its share of imacri's open files on a full node, so that
-/// other pods' leases, which can be given back, always make up the rest.
+/// bounded by its share of half of imacri's open files on a full node:
+/// watch leases, which can be given back, and execution windows, which
+/// end within seconds, always have the other half.
 const NODE_PODS: usize = 110;
 /// The least a pod's share of held writers is, whatever imacri's limit.
 const MIN_HELD: usize = 16;
 
 /// Held writers one pod may have when imacri may hold `limit` files.
 pub fn held_share(limit: usize) -> usize {
-    (limit / NODE_PODS).max(MIN_HELD)
+    (limit / (2 * NODE_PODS)).max(MIN_HELD)
 }
 
 /// Whose lease an fd is.
@@ -185,6 +186,18 @@ impl Table {
         (n.all > mine + 1 && **top != *pod).then(|| top.clone())
     }
 
+    /// The `n` pods holding the most files, the most first.
+    fn most(&self, n: usize) -> Vec<Arc<str>> {
+        let mut all: Vec<(Arc<str>, usize)> = self
+            .per_pod
+            .pin()
+            .iter()
+            .map(|(p, c)| (p.clone(), c.all))
+            .collect();
+        all.sort_unstable_by_key(|(_, n)| std::cmp::Reverse(*n));
+        all.into_iter().take(n).map(|(p, _)| p).collect()
+    }
+
     /// Some of `pod`'s watch leases (not an execution window's, which
     /// ends within seconds): (fd, group, inode).
     fn watch_leases_of(&self, pod: &str, most: usize) -> Vec<(RawFd, Weak<Group>, (u64, u64))> {
@@ -206,33 +219,54 @@ struct Service {
     limit: usize,
 }
 
+/// What an open file of imacri's is kept for: they differ in what gives
+/// way for them when imacri's share is all taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    /// A watch's lease: without one the watch goes on by its mark.
+    Watch,
+    /// An execution's window (`window.rs`): without it the execution is
+    /// refused.
+    Window,
+    /// A held writer (`held.rs`): without it the mapping is refused.
+    Held,
+}
+
 impl Service {
     /// Counts one more file of `pod`'s (see [`Table::reserve`]). When
-    /// imacri's are all taken, the pod holding the most gives one of its
-    /// watch leases up for it (its watch goes on with its mark alone, as
-    /// one past the limits always did): pods filling imacri's share of
-    /// open files cut only their own watches short, not another pod's,
-    /// nor its held writers.
-    fn reserve(&self, pod: &str, held: bool) -> Result<(), FdQuota> {
+    /// imacri's are all taken, a watch lease is given up for it (the watch
+    /// goes on with its mark alone, as one past the limits always did):
+    /// for a watch, by the pod holding the most if that is two or more
+    /// more than `pod` holds, so pods filling imacri's share cut only
+    /// their own watches short; for what cannot go without (an execution's
+    /// window, a held writer), by whichever pod holds the most, `pod`
+    /// itself included, so that no execution or shared mapping is refused
+    /// while any pod has a watch lease to give.
+    fn reserve(&self, pod: &str, u: Use) -> Result<(), FdQuota> {
         let mut tries = 0;
         loop {
-            match self.leases.reserve(self.limit, pod, held) {
-                Err(FdQuota::Imacri(_)) if tries < 4 && self.take_one_back(pod) => tries += 1,
+            match self.leases.reserve(self.limit, pod, u == Use::Held) {
+                Err(FdQuota::Imacri(_)) if tries < 4 && self.take_one_back(pod, u) => tries += 1,
                 r => return r,
             }
         }
     }
 
-    /// Has the pod holding the most (more than `pod` by two or more) give
-    /// one of its watch leases up; whether one was.
-    fn take_one_back(&self, pod: &str) -> bool {
-        let Some(top) = self.leases.above(pod) else {
-            return false;
+    /// Has a pod give one of its watch leases up for `pod`'s use `u`
+    /// (see [`reserve`](Self::reserve)); whether one was.
+    fn take_one_back(&self, pod: &str, u: Use) -> bool {
+        let givers = match u {
+            Use::Watch => self.leases.above(pod).into_iter().collect(),
+            Use::Window | Use::Held => self.leases.most(8),
         };
-        self.leases
-            .watch_leases_of(&top, 16)
-            .into_iter()
-            .any(|(fd, group, inode)| group.upgrade().is_some_and(|g| g.give_up_lease(inode, fd)))
+        givers.iter().any(|p| {
+            self.leases
+                .watch_leases_of(p, 16)
+                .into_iter()
+                .any(|(fd, group, inode)| {
+                    group.upgrade().is_some_and(|g| g.give_up_lease(inode, fd))
+                })
+        })
     }
 }
 
@@ -444,7 +478,7 @@ fn take_as(
     window: bool,
 ) -> Result<Lease, LeaseError> {
     let s = service()?;
-    s.reserve(pod, false)?;
+    s.reserve(pod, if window { Use::Window } else { Use::Watch })?;
     let fd = file.as_raw_fd();
     let given_back = || s.leases.release(pod, false);
     own(fd, s.tid).inspect_err(|_| given_back())?;
@@ -495,15 +529,15 @@ pub(super) fn pod_full(pod: &str) -> bool {
 }
 
 /// Counts one more held writer of `pod`'s; refused past [`PER_POD`], the
-/// pod's [`held_share`], or the process's share of fds (once no pod holds
-/// more leases than it can give up). `kept`: the last imacri held it, so
+/// pod's [`held_share`], or the process's share of fds (once no pod has a
+/// watch lease to give up). `kept`: the last imacri held it, so
 /// it is counted whatever the limits.
 pub(super) fn slot(pod: &str, kept: bool) -> Result<Slot, LeaseError> {
     let s = service()?;
     if kept {
         s.leases.count_kept(pod, true);
     } else {
-        s.reserve(pod, true)?;
+        s.reserve(pod, Use::Held)?;
     }
     Ok(Slot { pod: pod.into() })
 }
@@ -636,7 +670,7 @@ mod tests {
         let t = Table::default();
         let limit = 5000;
         let share = held_share(limit);
-        assert_eq!(share, 45);
+        assert_eq!(share, 22);
         assert_eq!(held_share(300), MIN_HELD);
         for _ in 0..share {
             t.reserve(limit, "a", true).unwrap();
@@ -656,5 +690,10 @@ mod tests {
         assert_eq!(u.above("b"), None);
         u.reserve(limit, "a", false).unwrap();
         assert_eq!(u.above("b").as_deref(), Some("a"));
+        // What cannot go without asks the pods holding the most in turn.
+        u.reserve(limit, "b", false).unwrap();
+        let most: Vec<String> = u.most(8).iter().map(|p| p.to_string()).collect();
+        assert_eq!(most, ["a", "b"]);
+        assert_eq!(u.most(1).len(), 1);
     }
 }
