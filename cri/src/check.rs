@@ -211,6 +211,7 @@ pub async fn check(cfg: &Config) -> Result<bool> {
             format!("{r}; opens for writing of mapped files are still decided first"),
         ),
     }
+    line_open_files(&mut line);
     match imacri_runtime::integrity::fanotify::deny_errno_probe() {
         Ok(()) => line(
             "ima-exec-window",
@@ -517,4 +518,43 @@ fn hex_short(b: &[u8]) -> String {
         .map(|x| format!("{x:02x}"))
         .collect::<String>()
         + "..."
+}
+
+/// imacri's share of open files for pods' leases and held writers, as a
+/// daemon started from here would have it (its hard limit, at most
+/// `keeper::MAX_OPEN_FILES`), and whether a full node's pods fit in it.
+fn line_open_files(line: &mut impl FnMut(&str, bool, String)) {
+    use imacri_runtime::integrity::fanotify::{
+        held_share, share_of, FULL_NODE_NEED, LEASES_PER_POD,
+    };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit on a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let open = imacri_runtime::integrity::keeper::open_files_limit(lim.rlim_max);
+    let share = share_of(open);
+    let detail = format!(
+        "imacri runs with {open} open files (the hard limit here, at most {}): {share} for \
+         ima pods' leases, execution windows and held writers, {LEASES_PER_POD} per pod, {} \
+         held writers per pod; when all are taken the pods holding the most give watch \
+         leases up",
+        imacri_runtime::integrity::keeper::MAX_OPEN_FILES,
+        held_share(share)
+    );
+    if share >= FULL_NODE_NEED {
+        line("ima-open-files", true, detail);
+    } else {
+        line(
+            "ima-open-files",
+            false,
+            format!(
+                "{detail}; fewer than a full node of ima pods needs ({FULL_NODE_NEED}): raise \
+                 imacri's hard open-file limit (systemd: LimitNOFILE=infinity)"
+            ),
+        );
+    }
 }

@@ -538,6 +538,7 @@ fn check_reports_each_capability() {
         "ima-guards ",
         "ima-map-guard ",
         "ima-exec-window ",
+        "ima-open-files ",
         "ima-restarts ",
         "idmapped-rootfs ",
         "criu ",
@@ -571,4 +572,39 @@ fn check_reports_each_capability() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+}
+
+/// An imacri whose hard open-file limit leaves too small a share for a
+/// full node of ima pods' leases is told so, with what to raise.
+#[test]
+fn check_names_a_low_open_file_limit() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(imacri_integration::imacri_bin());
+    cmd.args(["check", "--containerd-address", "/nonexistent.sock"]);
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 2000,
+                rlim_max: 2000,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("ima-open-files "))
+        .unwrap_or_else(|| panic!("no ima-open-files line in\n{text}"));
+    assert!(
+        line.contains(" missing ")
+            && line.contains("imacri runs with 2000 open files")
+            && line.contains("500 for ima pods' leases")
+            && line.contains("LimitNOFILE=infinity"),
+        "{line}"
+    );
 }

@@ -77,6 +77,17 @@ const NODE_PODS: usize = 110;
 /// The least a pod's share of held writers is, whatever imacri's limit.
 const MIN_HELD: usize = 16;
 
+/// What each pod needs of imacri's share on a full node for the share to
+/// be called enough (`imacri check`): a few dozen mapped libraries and
+/// execution windows.
+pub const FULL_NODE_NEED: usize = NODE_PODS * 32;
+
+/// imacri's share of its open files for pods' leases and held writers
+/// when it runs with `open_files` open files: a quarter.
+pub fn share_of(open_files: u64) -> usize {
+    (open_files / 4) as usize
+}
+
 /// Held writers one pod may have when imacri may hold `limit` files.
 pub fn held_share(limit: usize) -> usize {
     (limit / (2 * NODE_PODS)).max(MIN_HELD)
@@ -356,7 +367,7 @@ fn start() -> Result<Service, SysError> {
         limit: std::env::var("IMACRI_TEST_LEASE_LIMIT")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(nofile / 4),
+            .unwrap_or(share_of(nofile as u64)),
     })
 }
 
