@@ -1167,3 +1167,29 @@ async fn an_execution_on_a_full_node_takes_a_watch_lease() {
         stop_pod(&mut rt, &p).await;
     }
 }
+
+/// The leases a container keeps on files it executed (`window.rs`: 64 at
+/// most, for the next execution of each to find in place) are a cache:
+/// when imacri's share of open files is taken, an idle one goes first.
+/// Until 2026-12-06 they could not be given up: containers that had each
+/// run 64 programs (a node of 78 of them at this machine's share of 5000)
+/// held the whole share, and every new execution on the node was refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_execution_leases_make_way() {
+    let _timing = TIMING.read().await;
+    let env = Env::get();
+    let (d, image, _work) = node_with(env, "IMACRI_TEST_LEASE_LIMIT", "150").await;
+    let mut rt = d.runtime().await.unwrap();
+    // 60 programs, each a new file: with busybox and imacri's init, kept
+    // each (below the 64 past which the idle ones go).
+    let run_many = "i=0; while [ $i -lt 60 ]; do mkdir -p /tmp/e$i && cp /bin/busybox /tmp/e$i/busybox && /tmp/e$i/busybox true || echo refused-$i; i=$((i+1)); done; echo done";
+    let mut pods = Vec::new();
+    for name in ["kept-a", "kept-b", "kept-c"] {
+        let (pod, c) = sleeping_pod(&mut rt, &d, &ima(name, "measure"), &image).await;
+        assert_eq!(sh_ok(&mut rt, &c, run_many).await, "done", "{name}");
+        pods.push(pod);
+    }
+    for p in pods {
+        stop_pod(&mut rt, &p).await;
+    }
+}

@@ -93,6 +93,9 @@ pub fn held_share(limit: usize) -> usize {
     (limit / (2 * NODE_PODS)).max(MIN_HELD)
 }
 
+/// A lease as [`Table::leases_of`] lists it.
+type LeaseOf = (RawFd, Weak<Group>, (u64, u64), bool);
+
 /// Whose lease an fd is.
 struct Holder {
     group: Weak<Group>,
@@ -209,15 +212,15 @@ impl Table {
         all.into_iter().take(n).map(|(p, _)| p).collect()
     }
 
-    /// Some of `pod`'s watch leases (not an execution window's, which
-    /// ends within seconds): (fd, group, inode).
-    fn watch_leases_of(&self, pod: &str, most: usize) -> Vec<(RawFd, Weak<Group>, (u64, u64))> {
+    /// Some of `pod`'s leases: (fd, group, inode, an execution
+    /// window's).
+    fn leases_of(&self, pod: &str, most: usize) -> Vec<LeaseOf> {
         self.by_fd
             .pin()
             .iter()
-            .filter(|(_, h)| *h.pod == *pod && !h.window)
+            .filter(|(_, h)| *h.pod == *pod)
             .take(most)
-            .map(|(fd, h)| (*fd, h.group.clone(), h.inode))
+            .map(|(fd, h)| (*fd, h.group.clone(), h.inode, h.window))
             .collect()
     }
 }
@@ -263,20 +266,32 @@ impl Service {
         }
     }
 
-    /// Has a pod give one of its watch leases up for `pod`'s use `u`
-    /// (see [`reserve`](Self::reserve)); whether one was.
+    /// Has a pod give one of its leases up for `pod`'s use `u` (see
+    /// [`reserve`](Self::reserve)); whether one was. A lease kept on an
+    /// executed file no execution is in the window of goes first (a cache:
+    /// the file's next execution takes one anew), then a watch's.
     fn take_one_back(&self, pod: &str, u: Use) -> bool {
         let givers = match u {
             Use::Watch => self.leases.above(pod).into_iter().collect(),
             Use::Window | Use::Held => self.leases.most(8),
         };
         givers.iter().any(|p| {
-            self.leases
-                .watch_leases_of(p, 16)
-                .into_iter()
-                .any(|(fd, group, inode)| {
-                    group.upgrade().is_some_and(|g| g.give_up_lease(inode, fd))
-                })
+            let leases = self.leases.leases_of(p, 64);
+            let give = |windows: bool| {
+                leases
+                    .iter()
+                    .filter(|l| l.3 == windows)
+                    .any(|(fd, group, inode, _)| {
+                        group.upgrade().is_some_and(|g| {
+                            if windows {
+                                g.give_up_window(*inode, *fd)
+                            } else {
+                                g.give_up_lease(*inode, *fd)
+                            }
+                        })
+                    })
+            };
+            give(true) || give(false)
         })
     }
 }

@@ -111,6 +111,25 @@ impl Inner {
 }
 
 impl Group {
+    /// Lets the kept lease held through `fd` on `inode` go for another
+    /// pod's file (`leases.rs`, imacri's share taken) when no execution is
+    /// in its window: it is kept only for the next execution of the file
+    /// to find in place, which then takes one anew. Not while the table is
+    /// busy (the caller may hold another group's). Whether it went.
+    pub(super) fn give_up_window(&self, inode: (u64, u64), fd: RawFd) -> bool {
+        let Ok(mut inner) = self.windows.inner.try_lock() else {
+            return false;
+        };
+        if inner.open.iter().any(|(_, i)| *i == inode) {
+            return false;
+        }
+        let idle = inner
+            .leases
+            .get(&inode)
+            .is_some_and(|h| !h.broken && h.lease.fd().as_raw_fd() == fd);
+        idle && inner.leases.remove(&inode).is_some()
+    }
+
     /// Before task `tid`'s execution of `inode`, the file open as `fd` (the
     /// event's file), is allowed: Err(why) when it must be refused.
     pub(super) fn open_window(
