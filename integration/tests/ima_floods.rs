@@ -1193,3 +1193,34 @@ async fn kept_execution_leases_make_way() {
         stop_pod(&mut rt, &p).await;
     }
 }
+
+/// A pod holding its 1024 leases (here watches of files a process of it
+/// mapped and left) still executes a new file and maps one shared: an
+/// execution's window and a held writer, which cannot go without a lease,
+/// take one of the pod's own (until 2026-12-06 both were refused, EPERM).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_at_its_lease_limit_still_executes() {
+    let _timing = TIMING.read().await;
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, c) = sleeping_pod(&mut rt, &d, &ima("lease-full", "measure"), &image).await;
+    assert_eq!(
+        sh_ok(&mut rt, &c, "escape map-flood /tmp/m.bin 1100").await,
+        "MAPPED 1100 REFUSED 0"
+    );
+    assert_eq!(
+        sh_ok(
+            &mut rt,
+            &c,
+            "mkdir /tmp/x && cp /bin/busybox /tmp/x/busybox && /tmp/x/busybox true && echo ran"
+        )
+        .await,
+        "ran"
+    );
+    assert_eq!(
+        sh_ok(&mut rt, &c, "escape shared-rw /tmp/db").await,
+        "SHARED ok"
+    );
+    stop_pod(&mut rt, &pod).await;
+}

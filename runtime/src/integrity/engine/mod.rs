@@ -257,8 +257,8 @@ pub struct Stats {
     /// without leases, or the lease limits): their mark alone watches
     /// them, and a truncate of them is not seen (`unleasedFiles`).
     pub unleased: AtomicU64,
-    /// Of those, leases a pod holding the most gave up for another pod's
-    /// when imacri's share of open files was taken (`leasesGivenUp`).
+    /// Of those, leases given up for another file's when imacri's share
+    /// of open files, or the pod's own limit, was taken (`leasesGivenUp`).
     pub leases_given_up: AtomicU64,
     /// Files of an overlay filesystem mapped shared and writable, held open
     /// for writing until their container is gone (`heldWriters`).

@@ -248,33 +248,42 @@ enum Use {
 
 impl Service {
     /// Counts one more file of `pod`'s (see [`Table::reserve`]). When
-    /// imacri's are all taken, a watch lease is given up for it (the watch
-    /// goes on with its mark alone, as one past the limits always did):
-    /// for a watch, by the pod holding the most if that is two or more
-    /// more than `pod` holds, so pods filling imacri's share cut only
-    /// their own watches short; for what cannot go without (an execution's
-    /// window, a held writer), by whichever pod holds the most, `pod`
-    /// itself included, so that no execution or shared mapping is refused
-    /// while any pod has a watch lease to give.
+    /// imacri's are all taken, a lease is given up for it (a watch's goes
+    /// on with its mark alone, as one past the limits always did): for a
+    /// watch, by the pod holding the most if that is two or more more
+    /// than `pod` holds, so pods filling imacri's share cut only their own
+    /// watches short; for what cannot go without (an execution's window,
+    /// a held writer), by whichever pod holds the most, `pod` itself
+    /// included, so that no execution or shared mapping is refused while
+    /// any pod has a lease to give. At the pod's own limit, what cannot go
+    /// without takes one of the pod's own.
     fn reserve(&self, pod: &str, u: Use) -> Result<(), FdQuota> {
         let mut tries = 0;
         loop {
-            match self.leases.reserve(self.limit, pod, u == Use::Held) {
-                Err(FdQuota::Imacri(_)) if tries < 4 && self.take_one_back(pod, u) => tries += 1,
-                r => return r,
+            let Err(e) = self.leases.reserve(self.limit, pod, u == Use::Held) else {
+                return Ok(());
+            };
+            let given = tries < 4
+                && match (e, u) {
+                    (FdQuota::Imacri(_), Use::Watch) => {
+                        self.give_from(self.leases.above(pod).as_slice())
+                    }
+                    (FdQuota::Imacri(_), _) => self.give_from(&self.leases.most(8)),
+                    (FdQuota::Pod(_), Use::Window | Use::Held) => self.give_from(&[pod.into()]),
+                    _ => false,
+                };
+            if !given {
+                return Err(e);
             }
+            tries += 1;
         }
     }
 
-    /// Has a pod give one of its leases up for `pod`'s use `u` (see
-    /// [`reserve`](Self::reserve)); whether one was. A lease kept on an
-    /// executed file no execution is in the window of goes first (a cache:
-    /// the file's next execution takes one anew), then a watch's.
-    fn take_one_back(&self, pod: &str, u: Use) -> bool {
-        let givers = match u {
-            Use::Watch => self.leases.above(pod).into_iter().collect(),
-            Use::Window | Use::Held => self.leases.most(8),
-        };
+    /// Has one of `givers`, the first that can, give a lease up; whether
+    /// one did. A lease kept on an executed file no execution is in the
+    /// window of goes first (a cache: the file's next execution takes one
+    /// anew), then a watch's.
+    fn give_from(&self, givers: &[Arc<str>]) -> bool {
         givers.iter().any(|p| {
             let leases = self.leases.leases_of(p, 64);
             let give = |windows: bool| {

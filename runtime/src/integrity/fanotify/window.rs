@@ -112,7 +112,8 @@ impl Inner {
 
 impl Group {
     /// Lets the kept lease held through `fd` on `inode` go for another
-    /// pod's file (`leases.rs`, imacri's share taken) when no execution is
+    /// file's (`leases.rs`: imacri's share, or the pod's own limit, taken)
+    /// when no execution is
     /// in its window: it is kept only for the next execution of the file
     /// to find in place, which then takes one anew. Not while the table is
     /// busy (the caller may hold another group's). Whether it went.

@@ -465,7 +465,8 @@ impl Group {
     }
 
     /// Gives up the lease held through `fd` on the watched `inode` for
-    /// another pod's (`leases.rs`, imacri's share of open files taken):
+    /// another file's (`leases.rs`: imacri's share of open files, or the
+    /// pod's own limit, taken):
     /// the watch goes on with its mark alone, as one that got no lease
     /// (a truncate of the file is seen after the fact, by FAN_MODIFY).
     /// Not while the table is busy (the caller may hold another group's
@@ -494,7 +495,7 @@ impl Group {
             engine.stats.unleased.fetch_add(1, Ordering::Relaxed);
             engine.stats.leases_given_up.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::debug!(container_id = %self.target.measured.container, "a lease given up for another pod's: a truncate of this file is seen after the fact");
+        tracing::debug!(container_id = %self.target.measured.container, "a lease given up for another file's: a truncate of this file is seen after the fact");
         true
     }
 
