@@ -24,8 +24,9 @@
 //! violation, as on any other filesystem. What it costs: an open file per
 //! such file (imacri's, its copy for the keeper, the keeper's), counted with
 //! the pod's leases and held to the pod's share of a full node
-//! ([`leases::held_share`]: past it the mapping is refused; a held writer
-//! cannot be given back for another pod as a lease can);
+//! ([`held_share`](super::share::held_share): past it the mapping is
+//! refused; a held writer cannot be given back for another pod as a lease
+//! can);
 //! the file cannot be executed until the container is gone, and one deleted
 //! meanwhile keeps its blocks until then.
 

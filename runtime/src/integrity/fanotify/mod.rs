@@ -46,6 +46,7 @@ mod loader;
 mod pending;
 mod readback;
 mod reader;
+mod share;
 mod sweep;
 mod volumes;
 mod window;
@@ -55,8 +56,8 @@ use super::log::Event;
 use crate::integrity::policy::Rule;
 pub use held::needs_holding;
 pub use leases::probe as lease_probe;
-pub use leases::{held_share, share_of, FULL_NODE_NEED, PER_POD as LEASES_PER_POD};
 pub use pending::deny_errno_probe;
+pub use share::{held_share, share_of, FULL_NODE_NEED, PER_POD as LEASES_PER_POD};
 use volumes::container_mount;
 pub use volumes::{mount_markable_view, own_tmpfs_view, volume_mark, MountedVolume, VolumeMark};
 

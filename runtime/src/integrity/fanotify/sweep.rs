@@ -110,7 +110,7 @@ impl Group {
     /// is refused (`WatchError::Full`). `by`: the caller the room is for,
     /// whose own call in flight is this one.
     ///
-    /// A pod at its lease limit (`leases::PER_POD`, below the watch limit)
+    /// A pod at its lease limit (`share::PER_POD`, below the watch limit)
     /// sweeps too, so that the leases of files its exited processes mapped
     /// do not leave its new mappings unleased; once per [`RESWEEP`] new
     /// watches of the group at most, as a sweep that ends nothing (the
