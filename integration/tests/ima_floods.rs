@@ -1094,7 +1094,7 @@ async fn pods_filling_imacris_files_cut_only_their_own_watches() {
     }
 }
 
-/// A pod's leases (`leases::PER_POD`, 1024) are fewer than a container's
+/// A pod's leases (`share::PER_POD`, 1024) are fewer than a container's
 /// watches (`ima.max_watched_files`, 4096), and the watches of files the
 /// container's exited processes mapped end only in a sweep: until
 /// 2026-12-06 that came at the watch limit only, so a pod that had mapped
