@@ -232,6 +232,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     server.stop_nri().await;
     server.finish_removals(None, REMOVALS_LIMIT).await;
+    server
+        .delete_leases("whose deletion after a response failed")
+        .await;
     // The containers live on: their fanotify groups stay with the fd keeper.
     // What was read is answered first (a crash's in-flight events are
     // refused instead); the rest waits in the kernel for the next imacri.

@@ -166,6 +166,28 @@ impl Imacri {
         }
     }
 
+    /// Kills the daemon (a crash) and starts it again with `vars` as its
+    /// environment (test hooks such as `IMACRI_TEST_CRASH_AT`).
+    pub async fn respawn(&mut self, vars: &[(&str, &str)]) {
+        self.kill();
+        self.vars = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.spawn().await.expect("respawning imacri");
+    }
+
+    /// A graceful stop, after which nothing of this daemon's is left in its
+    /// containerd namespace.
+    pub async fn stop_leaving_nothing(&mut self) {
+        self.stop();
+        let all = crate::Env::get()
+            .all_objects(&self.namespace)
+            .await
+            .expect("listing containerd's objects");
+        assert!(all.is_empty(), "left in containerd: {all:?}");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("imacri.log")).unwrap_or_default()
     }

@@ -24,16 +24,6 @@ async fn objects_of(d: &Imacri, id: &str) -> Vec<String> {
         .collect()
 }
 
-/// Restarts `d` with `vars` as its test hooks.
-async fn respawn(d: &mut Imacri, vars: &[(&str, &str)]) {
-    d.kill();
-    d.vars = vars
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    d.spawn().await.unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_inside_create_container_leaves_nothing_after_the_next_start() {
     let env = Env::get();
@@ -51,7 +41,8 @@ async fn a_crash_inside_create_container_leaves_nothing_after_the_next_start() {
     let cfg = pod_config("removals-crash");
     let mut rt = d.runtime().await.unwrap();
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
-    respawn(&mut d, &[("IMACRI_TEST_CRASH_AT", "create")]).await;
+    d.respawn(&[("IMACRI_TEST_CRASH_AT", "CreateContainer:containerd")])
+        .await;
     let mut rt = d.runtime().await.unwrap();
     let before = env.all_objects(&d.namespace).await.unwrap();
     create_container(&mut rt, &pod, &cfg, sleeper("c"))
@@ -69,7 +60,7 @@ async fn a_crash_inside_create_container_leaves_nothing_after_the_next_start() {
     assert!(cut.iter().any(|o| o.starts_with("lease ")), "{cut:?}");
     assert!(cut.contains(&&format!("snapshot {orphan}")), "{cut:?}");
 
-    respawn(&mut d, &[]).await;
+    d.respawn(&[]).await;
     let now = env.all_objects(&d.namespace).await.unwrap();
     let left: Vec<&&String> = cut.iter().filter(|o| now.contains(o)).collect();
     assert!(
@@ -96,9 +87,7 @@ async fn a_crash_inside_create_container_leaves_nothing_after_the_next_start() {
     imacri_integration::client::remove_pod(&mut ort, &opod).await;
     assert!(objects_of(&d, &pod).await.is_empty());
     drop(other);
-    d.stop();
-    let all = env.all_objects(&d.namespace).await.unwrap();
-    assert!(all.is_empty(), "left in containerd: {all:?}");
+    d.stop_leaving_nothing().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -107,7 +96,7 @@ async fn a_removed_containers_records_go_after_the_response_and_are_never_left()
     let mut d = Imacri::start_isolated(env).await.unwrap();
     d.pull(&env.busybox).await;
     // Each deletion after a response waits 3 s first.
-    respawn(&mut d, &[("IMACRI_TEST_REMOVAL_DELAY", "3000")]).await;
+    d.respawn(&[("IMACRI_TEST_REMOVAL_DELAY", "3000")]).await;
     let mut rt = d.runtime().await.unwrap();
     let cfg = pod_config("removals-later");
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
@@ -154,7 +143,7 @@ async fn a_removed_containers_records_go_after_the_response_and_are_never_left()
         .unwrap();
     remove(&mut rt, b.clone()).await;
     assert!(!objects_of(&d, &b).await.is_empty());
-    respawn(&mut d, &[("IMACRI_TEST_REMOVAL_DELAY", "3000")]).await;
+    d.respawn(&[("IMACRI_TEST_REMOVAL_DELAY", "3000")]).await;
     let left = objects_of(&d, &b).await;
     assert!(
         left.is_empty(),
@@ -172,9 +161,7 @@ async fn a_removed_containers_records_go_after_the_response_and_are_never_left()
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
     let left = objects_of(&d, &c).await;
     assert!(left.is_empty(), "RemovePodSandbox left {left:?}");
-    d.stop();
-    let all = env.all_objects(&d.namespace).await.unwrap();
-    assert!(all.is_empty(), "left in containerd: {all:?}");
+    d.stop_leaving_nothing().await;
 }
 
 /// RemoveContainer of `id`, then containerd (`pid`) killed at once.
@@ -208,7 +195,7 @@ async fn a_removal_cut_short_by_a_containerd_restart_finishes_when_it_is_back() 
     // Each attempt of a deletion after a response waits 2 s first:
     // containerd is down by the first, and RemovePodSandbox below comes
     // before the second.
-    respawn(&mut d, &[("IMACRI_TEST_REMOVAL_DELAY", "2000")]).await;
+    d.respawn(&[("IMACRI_TEST_REMOVAL_DELAY", "2000")]).await;
     let mut rt = d.runtime().await.unwrap();
     let cfg = pod_config("removals-ctd");
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
@@ -315,7 +302,5 @@ async fn a_container_with_an_unreadable_or_lost_record_is_left_alone() {
     d.spawn().await.unwrap();
     let mut rt = d.runtime().await.unwrap();
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
-    d.stop();
-    let all = env.all_objects(&d.namespace).await.unwrap();
-    assert!(all.is_empty(), "left in containerd: {all:?}");
+    d.stop_leaving_nothing().await;
 }

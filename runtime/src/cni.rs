@@ -192,9 +192,13 @@ impl Cni {
             .map_err(|e| Error::io("running CNI plugin", &bin, e))?;
         if let Some(mut stdin) = child.stdin.take() {
             let data = serde_json::to_vec(plugin).map_err(|e| Error::Internal(e.to_string()))?;
-            stdin
-                .write_all(&data)
-                .map_err(|e| Error::io("writing to CNI plugin", &bin, e))?;
+            match stdin.write_all(&data) {
+                // A plugin that exits without reading its config (a
+                // failure of its own): its output says why, as libcni's
+                // (Go's exec ignores EPIPE) does.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                r => r.map_err(|e| Error::io("writing to CNI plugin", &bin, e))?,
+            }
         }
         let out = child
             .wait_with_output()

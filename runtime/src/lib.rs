@@ -5,6 +5,7 @@ pub mod cdi;
 pub mod cni;
 pub mod config;
 pub mod containerd;
+pub mod crash;
 pub mod error;
 pub mod idmap;
 pub mod ids;

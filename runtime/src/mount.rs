@@ -118,6 +118,39 @@ pub fn unmount_all(target: &Path) -> Result<()> {
     }
 }
 
+/// Removes a directory of mount points (a container's staged binds): each
+/// entry is unmounted, then removed on its own, never recursively, so a
+/// bind of the host's files still mounted (its unmount failed) is left
+/// with its files rather than emptied. A missing `dir` is fine.
+pub fn remove_mount_dir(dir: &Path) -> Result<()> {
+    // `dir` itself may be the mount (a probe of a snapshot).
+    unmount_all(dir)?;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("reading", dir, e)),
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        unmount_all(&p)?;
+        let removed = match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir(&p),
+            Ok(_) => std::fs::remove_file(&p),
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("removing", &p, e)),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("removing", dir, e)),
+    }
+}
+
 /// A tmpfs for a pod's /dev/shm.
 pub fn mount_shm(target: &Path, size_bytes: u64) -> Result<()> {
     std::fs::create_dir_all(target).map_err(|e| Error::io("creating", target, e))?;
@@ -196,6 +229,23 @@ pub(crate) fn unescape(s: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mount_dir_is_removed_entry_by_entry_never_recursively() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("c1");
+        std::fs::create_dir_all(d.join("0")).unwrap();
+        std::fs::write(d.join("1"), b"a file bind").unwrap();
+        remove_mount_dir(&d).unwrap();
+        assert!(!d.exists());
+        remove_mount_dir(&d).unwrap();
+        // What is still full (a bind whose unmount failed, showing the
+        // host's files) is kept, files and all.
+        std::fs::create_dir_all(d.join("0")).unwrap();
+        std::fs::write(d.join("0/host-file"), b"keep").unwrap();
+        assert!(remove_mount_dir(&d).is_err());
+        assert_eq!(std::fs::read(d.join("0/host-file")).unwrap(), b"keep");
+    }
 
     #[test]
     fn options_split_into_flags_and_data() {

@@ -386,7 +386,6 @@ impl CriServer {
                     &lease,
                 )
                 .await?;
-            super::orphans::crash_point("create");
             laps.lap("containerd");
             let stop_signal = match signal_number(config.stop_signal) {
                 0 => image

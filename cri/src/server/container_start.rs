@@ -155,7 +155,7 @@ impl CriServer {
     }
 
     /// Deletes a task that failed to start, keeping the container.
-    async fn teardown_task_only(&self, id: &str) -> Result<()> {
+    pub(crate) async fn teardown_task_only(&self, id: &str) -> Result<()> {
         use imacri_runtime::error::IgnoreNotFound;
         let _ = self.c.kill_task(id, "", super::lifecycle::SIGKILL).await;
         self.c.delete_task(id).await.ignore_not_found()?;

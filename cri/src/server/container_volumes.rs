@@ -82,11 +82,8 @@ impl CriServer {
     /// Removes a container's ID-mapped volume copies.
     pub(crate) fn remove_idmapped_volumes(&self, id: &str) {
         let dir = self.cfg.state.join("idmap").join(id);
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                let _ = imacri_runtime::mount::unmount_all(&e.path());
-            }
+        if let Err(e) = imacri_runtime::mount::remove_mount_dir(&dir) {
+            tracing::warn!(container_id = %id, error = %e, "ID-mapped volume binds left behind");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

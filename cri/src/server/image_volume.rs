@@ -113,12 +113,9 @@ impl CriServer {
     /// Unmounts a container's image volumes and removes their views.
     pub(crate) async fn remove_image_volumes(&self, id: &str, config: &cri::ContainerConfig) {
         let dir = self.image_volume_dir(id);
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                let _ = imacri_runtime::mount::unmount_all(&e.path());
-            }
+        if let Err(e) = imacri_runtime::mount::remove_mount_dir(&dir) {
+            tracing::warn!(container_id = %id, error = %e, "image volume mounts left behind");
         }
-        let _ = std::fs::remove_dir_all(&dir);
         for (n, _) in config
             .mounts
             .iter()

@@ -1,5 +1,7 @@
 //! Step timings of one RPC, logged at debug level when it ends: where a pod
-//! start's time goes, on a real node (`--log-level imacri_cri=debug`).
+//! start's time goes, on a real node (`--log-level imacri_cri=debug`). The
+//! steps are also where tests end the process as a crash would
+//! (`IMACRI_TEST_CRASH_AT=<RPC>:<step>`).
 
 use std::fmt::Write;
 use std::time::Instant;
@@ -30,6 +32,7 @@ impl Laps {
         self.laps
             .push((name, (now - self.last).as_secs_f64() * 1000.0));
         self.last = now;
+        imacri_runtime::crash::at(self.what, name);
     }
 }
 

@@ -54,19 +54,6 @@ impl Default for Removals {
     }
 }
 
-/// Test only: `IMACRI_TEST_CRASH_AT=<point>` ends the process at `point`
-/// as a crash would (no clean-up of any kind).
-pub(crate) fn crash_point(point: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT
-        .get_or_init(|| std::env::var("IMACRI_TEST_CRASH_AT").ok())
-        .as_deref()
-        == Some(point)
-    {
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
 /// When a teardown deletes a container's containerd records.
 #[derive(Clone, Copy)]
 pub(crate) enum Records<'a> {
@@ -197,16 +184,8 @@ impl CriServer {
     /// (with their stopped tasks, snapshots and what CreateContainer made
     /// beside them). Runs at start, before serving.
     pub(crate) async fn sweep_orphans(&self) {
-        match self.c.delete_own_leases().await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                leases = n,
-                "deleted the leases of creations a crash cut short"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, "leases of an earlier run not deleted; they expire")
-            }
-        }
+        self.delete_leases("of creations a crash cut short").await;
+        self.sweep_unrecorded_dirs();
         let ids = match self.c.own_containers().await {
             Ok(ids) => ids,
             Err(e) => {
@@ -215,12 +194,7 @@ impl CriServer {
             }
         };
         for id in ids {
-            // A record that exists but could not be read (`Store::open`
-            // skipped it) is not an orphan's: nothing is removed for it.
-            let recorded = [self.cfg.containers_dir(), self.cfg.sandboxes_dir()]
-                .iter()
-                .any(|d| d.join(&id).exists());
-            if recorded {
+            if self.has_record(&id) {
                 continue;
             }
             // What crashes leave has no task (a task needs a record first):
@@ -240,6 +214,52 @@ impl CriServer {
             tracing::warn!(container_id = %id, "removing a containerd container no record holds (left by a crash or an unfinished removal)");
             if let Err(e) = self.teardown_container(&id, Records::Now).await {
                 tracing::warn!(container_id = %id, error = %e, "orphaned containerd container not removed");
+            }
+        }
+    }
+
+    /// A record that exists but could not be read (`Store::open` skipped
+    /// it) counts: nothing is removed for it.
+    fn has_record(&self, id: &str) -> bool {
+        [self.cfg.containers_dir(), self.cfg.sandboxes_dir()]
+            .iter()
+            .any(|d| d.join(id).exists())
+    }
+
+    /// What CreateContainer makes before any record of the container (its
+    /// ID-mapped volume binds, image volume mounts, the probe of its
+    /// snapshot for its user) and a crash then left: unmounted and removed
+    /// at start, before serving, when no record holds the ID.
+    fn sweep_unrecorded_dirs(&self) {
+        for kind in ["idmap", "image-volumes", "probe"] {
+            let dir = self.cfg.state.join(kind);
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if self.has_record(&id) {
+                    continue;
+                }
+                match imacri_runtime::mount::remove_mount_dir(&e.path()) {
+                    Ok(()) => {
+                        tracing::warn!(container_id = %id, what = kind, "removed what a crash left of a container's creation")
+                    }
+                    Err(e) => {
+                        tracing::warn!(container_id = %id, what = kind, error = %e, "left by a crash and not removed")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes this imacri's leases: at start, those of creations a crash
+    /// cut short; at a graceful stop (no creation in flight any more), a
+    /// creation's lease whose deletion after its response failed because
+    /// containerd was away, so that a stop leaves none.
+    pub(crate) async fn delete_leases(&self, which: &str) {
+        match self.c.delete_own_leases().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(leases = n, "deleted the leases {which}"),
+            Err(e) => {
+                tracing::warn!(error = %e, "leases {which} not deleted; they expire")
             }
         }
     }

@@ -20,9 +20,7 @@ impl CriServer {
             if st.phase == SandboxPhase::Creating {
                 // Crashed mid-RunPodSandbox: roll it back.
                 tracing::warn!(pod_sandbox_id = %sb.id, "rolling back interrupted sandbox creation");
-                let _ = self.teardown_sandbox(&sb).await;
-                let _ = self.sandboxes.remove(&sb.id);
-                self.forget_pod(&sb.id);
+                self.roll_back_sandbox(&sb).await;
                 continue;
             }
             if let Some(p) = &st.pinned {
@@ -58,10 +56,11 @@ impl CriServer {
         // Running ima containers whose groups the keeper held waited for us.
         let mut groups = kept.groups;
         for c in self.containers.all() {
-            let st = c.state();
-            if st.phase != ContainerPhase::Running {
-                continue;
-            }
+            let st = match c.state().phase {
+                ContainerPhase::Running => c.state(),
+                ContainerPhase::Created if self.started_before_the_crash(&c).await => c.state(),
+                _ => continue,
+            };
             match self.c.task_info(&c.id).await {
                 Ok(Some(t)) if t.status == TaskStatus::Running => {
                     // Reattach the log copiers to the FIFOs the shim still holds.
@@ -126,5 +125,41 @@ impl CriServer {
         }
         self.release_groups(groups);
         kept.listeners
+    }
+
+    /// A created container whose StartContainer a crash cut short, as
+    /// containerd settles it: a task made and not started is deleted (the
+    /// container can be started again); one that started is the
+    /// container's running process, recorded as such so that it is
+    /// measured again (its fanotify groups wait with the keeper) rather
+    /// than left to run on with its groups released, unmeasured.
+    async fn started_before_the_crash(&self, c: &super::ContainerEntry) -> bool {
+        match self.c.task_info(&c.id).await {
+            Ok(Some(t)) if matches!(t.status, TaskStatus::Running | TaskStatus::Stopped) => {
+                tracing::warn!(container_id = %c.id, pid = t.pid, "a start cut short by a crash had started the task: the container runs");
+                let _ = c.update(|s| {
+                    s.phase = ContainerPhase::Running;
+                    s.pid = t.pid;
+                    s.started_at = now_nanos();
+                });
+                self.emit(
+                    imacri_api::cri::ContainerEventType::ContainerStartedEvent,
+                    &c.id,
+                );
+                true
+            }
+            Ok(Some(t)) => {
+                tracing::warn!(container_id = %c.id, status = ?t.status, "deleting the task of a start cut short by a crash");
+                if let Err(e) = self.teardown_task_only(&c.id).await {
+                    tracing::error!(container_id = %c.id, error = %e, "the task of a start cut short not deleted");
+                }
+                false
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!(container_id = %c.id, error = %e, "recovering created container");
+                false
+            }
+        }
     }
 }

@@ -266,6 +266,7 @@ impl CriServer {
             }
         };
         let _op = entry.op.lock().await;
+        imacri_runtime::crash::at("RunPodSandbox", "recorded");
         let res = async {
             let pid = match &image {
                 Some(image) => self.start_sandbox(&entry, image, host_net).await?,
@@ -277,6 +278,7 @@ impl CriServer {
                 entry.update(|s| s.pid = pid)?;
                 self.nri_run_pod(&entry).await?;
             }
+            imacri_runtime::crash::at("RunPodSandbox", "ready");
             Ok(pid)
         }
         .await;
@@ -301,12 +303,29 @@ impl CriServer {
                 Ok(cri::RunPodSandboxResponse { pod_sandbox_id: id })
             }
             Err(e) => {
-                self.forget_pod(&id);
-                if let Err(te) = self.teardown_sandbox(&entry).await {
-                    tracing::error!(pod_sandbox_id = %id, error = %te, "rollback failed");
-                }
-                let _ = self.sandboxes.remove(&id);
+                self.roll_back_sandbox(&entry).await;
                 Err(e)
+            }
+        }
+    }
+
+    /// Undoes a pod whose creation failed or a crash cut short. A rollback
+    /// that fails keeps the record, not ready, rather than forget what is
+    /// left (a network namespace, an address, mounts): kubelet's garbage
+    /// collection removes such a pod, and RemovePodSandbox tears it down
+    /// again, as containerd keeps a sandbox it could not clean up.
+    pub(crate) async fn roll_back_sandbox(&self, sb: &super::SandboxEntry) {
+        self.forget_pod(&sb.id);
+        match self.teardown_sandbox(sb).await {
+            Ok(()) => {
+                let _ = self.sandboxes.remove(&sb.id);
+            }
+            Err(e) => {
+                tracing::error!(pod_sandbox_id = %sb.id, error = %e, "rollback of the pod's creation failed; it is kept, not ready, for RemovePodSandbox");
+                let _ = sb.update(|s| {
+                    s.phase = SandboxPhase::NotReady;
+                    s.pid = 0;
+                });
             }
         }
     }

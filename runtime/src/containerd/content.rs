@@ -158,6 +158,7 @@ impl ContentStore {
                 .await
                 .map_err(|_| closed())?;
                 offset += len;
+                crate::crash::at("PullImage", "writing");
             }
             tx.send(WriteContentRequest {
                 action: WriteAction::Commit as i32,

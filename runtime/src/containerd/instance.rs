@@ -7,6 +7,7 @@ use containerd_client::services::v1::{DeleteRequest, ListContainersRequest, List
 use std::path::Path;
 
 use super::Containerd;
+use crate::error::IgnoreNotFound;
 use crate::{Error, Result};
 
 /// The label naming the imacri (its state directory) an object belongs to.
@@ -83,14 +84,20 @@ impl Containerd {
             .into_inner()
             .leases;
         let n = leases.len();
-        for l in leases {
+        for (i, l) in leases.iter().enumerate() {
             self.leases()
                 .delete(self.req(DeleteRequest {
                     id: l.id.clone(),
-                    sync: false,
+                    // The last one waits for containerd's garbage collection,
+                    // so what the leases held (a snapshot prepared for a
+                    // creation) is gone when the sweep ends, not whenever
+                    // containerd next collects.
+                    sync: i + 1 == n,
                 }))
                 .await
-                .map_err(|e| Error::containerd(format!("deleting lease {}", l.id), e))?;
+                .map_err(|e| Error::containerd(format!("deleting lease {}", l.id), e))
+                // One whose own deletion (after a response) came first.
+                .ignore_not_found()?;
         }
         Ok(n)
     }

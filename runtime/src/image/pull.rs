@@ -243,6 +243,7 @@ impl ImageService {
         match result {
             Ok(fetched) => {
                 let rec = self.register(r, &fetched).await;
+                crate::crash::at("PullImage", "registered");
                 // The image record now references everything; the lease can go.
                 let del = lease.delete(&self.c, false).await;
                 let rec = rec?;
@@ -409,7 +410,9 @@ impl ImageService {
                 .await?;
         }
 
+        crate::crash::at("PullImage", "fetched");
         self.unpack(&manifest, &diff_ids, lease).await?;
+        crate::crash::at("PullImage", "unpacked");
         Ok(Fetched {
             target: top,
             manifest_digest,

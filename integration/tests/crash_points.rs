@@ -1,0 +1,768 @@
+//! imacri killed at each step of the calls that make and unmake pods and
+//! containers (`IMACRI_TEST_CRASH_AT=<RPC>:<step>`, the steps of its step
+//! log): the next imacri leaves nothing half-made behind (containerd
+//! objects, mounts, files, network namespaces, IP addresses, shims), what
+//! was cut short can be made again under its name, and an ima container
+//! whose task was made or started before the crash never runs unmeasured.
+
+use imacri_integration::client::{create_container, exec_sh, pods, run_pod, Rt};
+use imacri_integration::{container_config, cri, own_pids, pod_config, Env, Imacri};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+async fn crash_at(d: &mut Imacri, point: &str) {
+    d.respawn(&[("IMACRI_TEST_CRASH_AT", point)]).await;
+}
+
+/// What one imacri has made on this machine: containerd objects of its
+/// namespace, mounts of its directories or namespace, the files under its
+/// state and root (but logs that only grow), shims of its namespace.
+#[derive(Debug, Default, PartialEq)]
+struct Made {
+    objects: BTreeSet<String>,
+    mounts: BTreeSet<String>,
+    files: BTreeSet<String>,
+    shims: usize,
+    /// Open files of its fd keeper (what it holds for running containers).
+    keeper_fds: usize,
+}
+
+/// Files that are there for the daemon, not for a pod: its logs, journal,
+/// sockets and keys, made once and kept.
+fn daemon_file(rel: &str) -> bool {
+    let Some((_, under)) = rel.split_once('/') else {
+        return false;
+    };
+    let first = under.split('/').next().unwrap_or_default();
+    [
+        "integrity",
+        "remap",
+        "golden",
+        "instance",
+        "bin",
+        "fdkeeper.sock",
+        "mapguard.sock",
+        "images",
+    ]
+    .contains(&first)
+}
+
+fn files_under(root: &Path, base: &Path, out: &mut BTreeSet<String>) {
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
+        if daemon_file(&rel) {
+            continue;
+        }
+        // Not into mounts (a pod's rootfs or netns): they are listed as mounts.
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        // The daemon's own directories (`state/io`) come with their first use.
+        let top = p.parent() == Some(root) && root != base && root.parent() == Some(base);
+        if !(is_dir && top) {
+            out.insert(rel);
+        }
+        if is_dir && !is_mount_point(&p) {
+            files_under(&p, base, out);
+        }
+    }
+}
+
+fn mount_points() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .collect()
+}
+
+fn is_mount_point(p: &Path) -> bool {
+    let p = p.to_string_lossy();
+    mount_points().iter().any(|m| *m == p)
+}
+
+fn shims_of(namespace: &str) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+        let shim = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"containerd-shim-runc-v2"));
+        if shim
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"-namespace" && w[1] == namespace.as_bytes())
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+async fn made(d: &Imacri) -> Made {
+    let dir = d.dir.path().to_string_lossy().into_owned();
+    let mut m = Made {
+        objects: Env::get()
+            .all_objects(&d.namespace)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect(),
+        mounts: mount_points()
+            .into_iter()
+            .filter(|p| p.starts_with(&dir) || p.contains(&format!("/{}/", d.namespace)))
+            .collect(),
+        shims: shims_of(&d.namespace),
+        keeper_fds: d
+            .keeper_pids()
+            .iter()
+            .map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |r| r.count()))
+            .sum(),
+        ..Default::default()
+    };
+    for base in [&d.state, &d.root] {
+        files_under(base, d.dir.path(), &mut m.files);
+    }
+    m
+}
+
+/// What is in `now` and not in `before`, and what went.
+fn changes(before: &Made, now: &Made) -> String {
+    let mut out = String::new();
+    for (what, b, n) in [
+        ("object", &before.objects, &now.objects),
+        ("mount", &before.mounts, &now.mounts),
+        ("file", &before.files, &now.files),
+    ] {
+        for x in n.difference(b) {
+            out += &format!("new {what} {x}\n");
+        }
+        for x in b.difference(n) {
+            out += &format!("gone {what} {x}\n");
+        }
+    }
+    if before.shims != now.shims {
+        out += &format!("shims {} -> {}\n", before.shims, now.shims);
+    }
+    if before.keeper_fds != now.keeper_fds {
+        out += &format!(
+            "fd keeper's files {} -> {}\n",
+            before.keeper_fds, now.keeper_fds
+        );
+    }
+    out
+}
+
+/// Waits (a removal's containerd deletions go after its response) until
+/// nothing of `before` is missing and nothing was added.
+async fn back_to(d: &Imacri, before: &Made, what: &str) {
+    let mut last = String::new();
+    for _ in 0..100 {
+        last = changes(before, &made(d).await);
+        if last.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what}: not as before:\n{last}\n{}", d.log());
+}
+
+/// Pod IDs the test CNI's IPAM holds an address for.
+fn addressed(env: &Env) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    let dir = env.base.join("cni-ipam");
+    for net in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(net.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(s) = std::fs::read_to_string(f.path()) {
+                if let Some(id) = s.lines().next() {
+                    ids.insert(id.trim().to_string());
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// Sandbox records (their directories' names) of `d`.
+fn sandbox_ids(d: &Imacri) -> BTreeSet<String> {
+    std::fs::read_dir(d.root.join("sandboxes"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 64)
+        .collect()
+}
+
+fn ima(mut cfg: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
+    cfg.annotations
+        .insert("imacri.dev/ima".into(), "true".into());
+    cfg
+}
+
+/// The pod shapes: with and without pause, plain and ima; the steps of
+/// RunPodSandbox each goes through.
+fn shapes(name: &str) -> Vec<(cri::PodSandboxConfig, &'static [&'static str])> {
+    const PAUSE: &[&str] = &[
+        "recorded",
+        "namespaces+prepare",
+        "task",
+        "guards+start",
+        "cni-wait",
+        "ready",
+    ];
+    const INFRA_LESS: &[&str] = &["recorded", "namespaces", "guards", "cni", "ready"];
+    let pauseless = |mut c: cri::PodSandboxConfig| {
+        own_pids(&mut c);
+        c
+    };
+    vec![
+        (pod_config(&format!("{name}-p")), PAUSE),
+        (pauseless(pod_config(&format!("{name}-n"))), INFRA_LESS),
+        (ima(pod_config(&format!("{name}-ip"))), PAUSE),
+        (
+            ima(pauseless(pod_config(&format!("{name}-in")))),
+            INFRA_LESS,
+        ),
+    ]
+}
+
+async fn sleeper_runs(rt: &mut Rt, pod: &str, cfg: &cri::PodSandboxConfig) -> String {
+    let env = Env::get();
+    let c = imacri_integration::client::start_container(
+        rt,
+        pod,
+        cfg,
+        container_config("c", &env.busybox, &["sleep", "1000"]),
+    )
+    .await;
+    let (code, out, err) = exec_sh(rt, &c, "echo ran").await;
+    assert_eq!((code, out.trim()), (0, "ran"), "{err}");
+    c
+}
+
+/// RunPodSandbox cut at each of its steps, for each shape of pod: the
+/// next imacri rolls the pod back (no pod listed, nothing of it left, its
+/// address given back) and the same config runs (kubelet's retry).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_cut_short_at_any_step_is_rolled_back() {
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    for (cfg, steps) in shapes("cut-run") {
+        for step in steps.iter() {
+            let case = format!(
+                "{}: RunPodSandbox:{step}",
+                cfg.metadata.as_ref().unwrap().name
+            );
+            let before = made(&d).await;
+            let had = sandbox_ids(&d);
+            crash_at(&mut d, &format!("RunPodSandbox:{step}")).await;
+            let mut rt = d.runtime().await.unwrap();
+            run_pod(&mut rt, &cfg)
+                .await
+                .expect_err(&format!("{case}: imacri died in it"));
+            let cut: Vec<String> = sandbox_ids(&d).difference(&had).cloned().collect();
+            assert_eq!(cut.len(), 1, "{case}: one record made: {cut:?}");
+            d.respawn(&[]).await;
+            let mut rt = d.runtime().await.unwrap();
+            assert!(
+                !pods(&mut rt).await.iter().any(|p| p.id == cut[0]),
+                "{case}: the pod cut short is listed"
+            );
+            back_to(&d, &before, &case).await;
+            assert!(
+                !addressed(env).contains(&cut[0]),
+                "{case}: its address was not given back"
+            );
+            // kubelet's retry: the same config, under the same name.
+            let pod = run_pod(&mut rt, &cfg)
+                .await
+                .unwrap_or_else(|e| panic!("{case}: the retry: {e}\n{}", d.log()));
+            sleeper_runs(&mut rt, &pod, &cfg).await;
+            imacri_integration::client::remove_pod(&mut rt, &pod).await;
+            back_to(&d, &before, &format!("{case}, after the retry's removal")).await;
+        }
+    }
+    d.stop_leaving_nothing().await;
+}
+
+/// StopPodSandbox and RemovePodSandbox cut short: the next imacri reports
+/// the pod as it is (not ready), and the call made again finishes the job.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_stop_or_removal_cut_short_is_finished_by_the_next_call() {
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let points = [
+        "StopPodSandbox:containers",
+        "StopPodSandbox:released",
+        "RemovePodSandbox:containers",
+        "RemovePodSandbox:teardown",
+        "teardown:task",
+        "teardown:containerd",
+        "RemoveContainer:teardown",
+    ];
+    for (cfg, _) in shapes("cut-stop") {
+        for point in points {
+            let case = format!("{}: {point}", cfg.metadata.as_ref().unwrap().name);
+            d.respawn(&[]).await;
+            let before = made(&d).await;
+            let mut rt = d.runtime().await.unwrap();
+            let pod = run_pod(&mut rt, &cfg).await.unwrap();
+            sleeper_runs(&mut rt, &pod, &cfg).await;
+            crash_at(&mut d, point).await;
+            let mut rt = d.runtime().await.unwrap();
+            let stop = rt
+                .stop_pod_sandbox(cri::StopPodSandboxRequest {
+                    pod_sandbox_id: pod.clone(),
+                })
+                .await;
+            let removed = match stop {
+                Ok(_) => rt
+                    .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                        pod_sandbox_id: pod.clone(),
+                    })
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+            assert!(
+                !removed,
+                "{case}: imacri did not die in the stop or removal"
+            );
+            d.respawn(&[]).await;
+            let mut rt = d.runtime().await.unwrap();
+            let released = point == "StopPodSandbox:released" || point.starts_with("RemovePod");
+            if let Some(p) = pods(&mut rt).await.iter().find(|p| p.id == pod && released) {
+                assert_eq!(
+                    p.state,
+                    cri::PodSandboxState::SandboxNotready as i32,
+                    "{case}: a pod whose stop was cut short is ready"
+                );
+            }
+            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{case}: the next stop: {e}\n{}", d.log()));
+            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{case}: the next removal: {e}\n{}", d.log()));
+            back_to(&d, &before, &case).await;
+            assert!(
+                !addressed(env).contains(&pod),
+                "{case}: its address was kept"
+            );
+        }
+    }
+    d.stop_leaving_nothing().await;
+}
+
+/// The container IDs of `pod`.
+async fn containers_of(rt: &mut Rt, pod: &str) -> Vec<cri::Container> {
+    rt.list_containers(cri::ListContainersRequest {
+        filter: Some(cri::ContainerFilter {
+            pod_sandbox_id: pod.into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .containers
+}
+
+/// The pod's measurement log (`attest log`).
+fn pod_log(d: &Imacri, pod: &str) -> String {
+    let (code, log, err) = imacri_integration::attest(d, &["log", pod]);
+    assert_eq!(code, 0, "{err}");
+    log
+}
+
+/// CreateContainer and StartContainer cut at each step, in an ima pod with
+/// a host volume (ID-mapped binds): the next imacri leaves either no
+/// container or one that removes cleanly; the same config is created and
+/// started again; a container whose task the crash left created starts,
+/// and one whose task had started runs on measured: a program it runs
+/// after the restart is in the pod's log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_cut_short_at_any_step_is_never_half_made_nor_unmeasured() {
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let vol = tempfile::tempdir_in(&env.base).unwrap();
+    let mut cfg = ima(pod_config("cut-create"));
+    own_pids(&mut cfg);
+    let mut rt = d.runtime().await.unwrap();
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    // A container that executes a new file every 100 ms for as long as it
+    // runs: each one is measured, or was run unmeasured.
+    let looping = "i=0; while :; do i=$((i+1)); mkdir -p /tmp/l/$i; cp /bin/busybox /tmp/l/$i/true; /tmp/l/$i/true; sleep 0.1; done";
+    let config = |n: &str| {
+        let mut c = container_config(n, &env.busybox, &["sh", "-c", looping]);
+        c.mounts.push(cri::Mount {
+            container_path: "/v".into(),
+            host_path: vol.path().to_string_lossy().into(),
+            ..Default::default()
+        });
+        c.mounts.push(cri::Mount {
+            container_path: "/i".into(),
+            image: imacri_integration::client::image(&env.busybox),
+            readonly: true,
+            ..Default::default()
+        });
+        c
+    };
+    let create = [
+        "lease",
+        "snapshot",
+        "user",
+        "volumes+spec",
+        "nri+rules",
+        "containerd",
+        "record",
+        "lease-end",
+    ]
+    .map(|s| format!("CreateContainer:{s}"));
+    let start =
+        ["io+mounts", "task", "guards+measure", "start"].map(|s| format!("StartContainer:{s}"));
+    for (i, point) in create.iter().chain(start.iter()).enumerate() {
+        let name = format!("c{i}");
+        d.respawn(&[]).await;
+        let before = made(&d).await;
+        let mut rt = d.runtime().await.unwrap();
+        let in_start = point.starts_with("Start");
+        let made_first = if in_start {
+            Some(
+                create_container(&mut rt, &pod, &cfg, config(&name))
+                    .await
+                    .unwrap(),
+            )
+        } else {
+            None
+        };
+        crash_at(&mut d, point).await;
+        let mut rt = d.runtime().await.unwrap();
+        match &made_first {
+            Some(id) => rt
+                .start_container(cri::StartContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+                .map(|_| ()),
+            None => create_container(&mut rt, &pod, &cfg, config(&name))
+                .await
+                .map(|_| ()),
+        }
+        .expect_err(&format!("{point}: imacri died in it"));
+        d.respawn(&[]).await;
+        let mut rt = d.runtime().await.unwrap();
+        let listed = containers_of(&mut rt, &pod).await;
+        for c in &listed {
+            let st = imacri_integration::client::container_status(&mut rt, &c.id).await;
+            if *point == "StartContainer:start" {
+                // Its task started: what it executes after the restart is
+                // measured (the kept groups were taken back, not released).
+                let loops = |log: &str| {
+                    log.lines()
+                        .filter(|l| l.contains(&c.id) && l.contains("/tmp/l/"))
+                        .count()
+                };
+                let at_restart = loops(&pod_log(&d, &pod));
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let log = pod_log(&d, &pod);
+                assert!(
+                    loops(&log) >= at_restart + 5,
+                    "{point}: what the container executed after the restart is not measured ({at_restart} before, then {}):\n{log}",
+                    loops(&log)
+                );
+                assert_eq!(
+                    st.state,
+                    cri::ContainerState::ContainerRunning as i32,
+                    "{point}: {st:?}\n{}",
+                    d.log()
+                );
+                let (code, out, err) = exec_sh(
+                    &mut rt,
+                    &c.id,
+                    "mkdir -p /tmp/r && cp /bin/busybox /tmp/r/echo && /tmp/r/echo on",
+                )
+                .await;
+                assert_eq!((code, out.trim()), (0, "on"), "{point}: {err}");
+                let log = pod_log(&d, &pod);
+                assert!(
+                    log.lines()
+                        .any(|l| l.contains(&c.id) && l.contains("/tmp/r/echo")),
+                    "{point}: what the container ran after the restart is not measured:\n{log}"
+                );
+            } else if in_start {
+                // Its task was made, not started: the container starts now.
+                assert_eq!(
+                    st.state,
+                    cri::ContainerState::ContainerCreated as i32,
+                    "{point}: {st:?}"
+                );
+                rt.start_container(cri::StartContainerRequest {
+                    container_id: c.id.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{point}: the next start: {e}\n{}", d.log()));
+                let (code, out, err) = exec_sh(&mut rt, &c.id, "echo ran").await;
+                assert_eq!((code, out.trim()), (0, "ran"), "{point}: {err}");
+            }
+            rt.remove_container(cri::RemoveContainerRequest {
+                container_id: c.id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{point}: removing what the crash left: {e}"));
+        }
+        back_to(&d, &before, point).await;
+        // kubelet's retry, under the same name.
+        let c = create_container(&mut rt, &pod, &cfg, config(&name))
+            .await
+            .unwrap_or_else(|e| panic!("{point}: the retry: {e}\n{}", d.log()));
+        rt.start_container(cri::StartContainerRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{point}: the retry's start: {e}\n{}", d.log()));
+        rt.remove_container(cri::RemoveContainerRequest { container_id: c })
+            .await
+            .unwrap();
+        back_to(&d, &before, &format!("{point}, after the retry")).await;
+    }
+    let mut rt = d.runtime().await.unwrap();
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    d.stop_leaving_nothing().await;
+}
+
+/// The bridge plugin of `bin` replaced by one that fails every call.
+fn break_bridge(bin: &Path) {
+    let bridge = bin.join("bridge");
+    let _ = std::fs::remove_file(&bridge);
+    std::fs::write(
+        &bridge,
+        "#!/bin/sh\necho '{\"cniVersion\":\"1.0.0\",\"code\":11,\"msg\":\"broken for the test\"}'\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&bridge, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+fn mend_bridge(bin: &Path) {
+    let bridge = bin.join("bridge");
+    let _ = std::fs::remove_file(&bridge);
+    std::os::unix::fs::symlink("/usr/lib/cni/bridge", &bridge).unwrap();
+}
+
+/// `pod` is listed not ready (still holding its address if it got one),
+/// and once the network plugin works again its removal leaves what was
+/// there `before` and gives its address back.
+async fn kept_then_removed(
+    d: &Imacri,
+    rt: &mut Rt,
+    (bin, pod, had_address): (&Path, &str, bool),
+    before: &Made,
+) {
+    let env = Env::get();
+    let p = pods(rt)
+        .await
+        .into_iter()
+        .find(|p| p.id == pod)
+        .unwrap_or_else(|| panic!("a pod whose rollback failed is forgotten\n{}", d.log()));
+    assert_eq!(p.state, cri::PodSandboxState::SandboxNotready as i32);
+    assert_eq!(addressed(env).contains(pod), had_address, "its address");
+    mend_bridge(bin);
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.to_string(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("removal: {e}\n{}", d.log()));
+    back_to(d, before, "after the removal").await;
+    assert!(
+        !addressed(env).contains(pod),
+        "the address was not given back"
+    );
+}
+
+/// A RunPodSandbox cut short whose rollback then fails (here CNI DEL: its
+/// plugin errs) keeps the pod, not ready, rather than forgetting what is
+/// left: RemovePodSandbox (kubelet's garbage collection) tears it down once
+/// the network plugin works again. The same without a crash: ADD fails,
+/// and so does the rollback's DEL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_that_fails_keeps_the_pod_for_its_removal() {
+    let env = Env::get();
+    // Plugins of this imacri's own, so that one can be broken.
+    let bin = tempfile::tempdir_in(&env.base).unwrap();
+    for p in ["bridge", "host-local", "portmap", "loopback"] {
+        std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), bin.path().join(p)).unwrap();
+    }
+    let mut d = Imacri::start_full(
+        env,
+        &format!("iso-{:08x}", rand::random::<u32>()),
+        &["--cni-bin-dir", bin.path().to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    d.pull(&env.busybox).await;
+    let before = made(&d).await;
+    let mut cfg = pod_config("cut-rollback");
+    own_pids(&mut cfg);
+    let had = sandbox_ids(&d);
+    crash_at(&mut d, "RunPodSandbox:cni").await;
+    let mut rt = d.runtime().await.unwrap();
+    run_pod(&mut rt, &cfg).await.expect_err("imacri died in it");
+    let cut: Vec<String> = sandbox_ids(&d).difference(&had).cloned().collect();
+    assert_eq!(cut.len(), 1, "{cut:?}");
+    break_bridge(bin.path());
+    d.respawn(&[]).await;
+    let mut rt = d.runtime().await.unwrap();
+    kept_then_removed(&d, &mut rt, (bin.path(), &cut[0], true), &before).await;
+
+    break_bridge(bin.path());
+    let had = sandbox_ids(&d);
+    let err = run_pod(&mut rt, &cfg).await.expect_err("CNI ADD fails");
+    assert!(err.message().contains("broken for the test"), "{err}");
+    let failed: Vec<String> = sandbox_ids(&d).difference(&had).cloned().collect();
+    assert_eq!(failed.len(), 1, "{failed:?}\n{}", d.log());
+    kept_then_removed(&d, &mut rt, (bin.path(), &failed[0], false), &before).await;
+    d.stop_leaving_nothing().await;
+}
+
+/// Blobs, active ingests and committed snapshots (layers) of `ns`.
+async fn content_of(ns: &str) -> BTreeSet<String> {
+    use containerd_client::services::v1::snapshots::{
+        snapshots_client::SnapshotsClient, ListSnapshotsRequest,
+    };
+    use containerd_client::services::v1::{
+        content_client::ContentClient, ListContentRequest, ListStatusesRequest,
+    };
+    fn in_ns<T>(ns: &str, m: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(m);
+        r.metadata_mut()
+            .insert("containerd-namespace", ns.parse().unwrap());
+        r
+    }
+    let req = |m| in_ns(ns, m);
+    let ch = containerd_client::connect(&Env::get().containerd_sock)
+        .await
+        .unwrap();
+    let mut found = BTreeSet::new();
+    let mut blobs = ContentClient::new(ch.clone())
+        .list(req(ListContentRequest { filters: vec![] }))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(m) = blobs.message().await.unwrap() {
+        found.extend(m.info.into_iter().map(|i| format!("blob {}", i.digest)));
+    }
+    for s in ContentClient::new(ch.clone())
+        .list_statuses(in_ns(ns, ListStatusesRequest { filters: vec![] }))
+        .await
+        .unwrap()
+        .into_inner()
+        .statuses
+    {
+        found.insert(format!("ingest {}", s.r#ref));
+    }
+    let mut snaps = SnapshotsClient::new(ch)
+        .list(in_ns(
+            ns,
+            ListSnapshotsRequest {
+                snapshotter: "overlayfs".into(),
+                filters: vec![],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(m) = snaps.message().await.unwrap() {
+        found.extend(m.info.into_iter().map(|i| format!("snapshot {}", i.name)));
+    }
+    found
+}
+
+/// PullImage cut while a blob is written, after every blob is fetched,
+/// after the layers are unpacked and after the image is recorded: the next
+/// imacri leaves no blob, ingest or layer of the pull cut short (or has the
+/// image, whole), and the pull made again gets the image.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_cut_short_leaves_no_blob_or_layer() {
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    let before = content_of(&d.namespace).await;
+    for step in ["writing", "fetched", "unpacked", "registered"] {
+        let case = format!("PullImage:{step}");
+        crash_at(&mut d, &case).await;
+        let mut images = d.images().await.unwrap();
+        images
+            .pull_image(cri::PullImageRequest {
+                image: imacri_integration::client::image(&env.busybox),
+                ..Default::default()
+            })
+            .await
+            .expect_err(&format!("{case}: imacri died in it"));
+        d.respawn(&[]).await;
+        let mut images = d.images().await.unwrap();
+        let listed = images
+            .list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .images;
+        let pulled = listed.iter().find(|i| i.repo_tags.contains(&env.busybox));
+        if let Some(i) = pulled {
+            assert_eq!(step, "registered", "{case}: an image half pulled is listed");
+            images
+                .remove_image(cri::RemoveImageRequest {
+                    image: imacri_integration::client::image(&i.id),
+                })
+                .await
+                .unwrap();
+        }
+        let mut last = String::new();
+        for _ in 0..50 {
+            let now = content_of(&d.namespace).await;
+            last = format!("{:?}", now.difference(&before).collect::<Vec<_>>());
+            if now.is_subset(&before) {
+                last.clear();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(last.is_empty(), "{case}: left: {last}\n{}", d.log());
+        d.pull(&env.busybox).await;
+        let mut images = d.images().await.unwrap();
+        let id = images
+            .image_status(cri::ImageStatusRequest {
+                image: imacri_integration::client::image(&env.busybox),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+            .unwrap_or_else(|| panic!("{case}: the pull made again has no image"))
+            .id;
+        images
+            .remove_image(cri::RemoveImageRequest {
+                image: imacri_integration::client::image(&id),
+            })
+            .await
+            .unwrap();
+    }
+    d.stop();
+}
