@@ -177,12 +177,22 @@ impl Imacri {
         self.spawn().await.expect("respawning imacri");
     }
 
+    /// The socket of the containerd this daemon uses.
+    pub fn containerd(&self) -> PathBuf {
+        self.args
+            .iter()
+            .position(|a| a == "--containerd-address")
+            .and_then(|i| self.args.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::Env::get().containerd_sock.clone())
+    }
+
     /// A graceful stop, after which nothing of this daemon's is left in its
     /// containerd namespace.
     pub async fn stop_leaving_nothing(&mut self) {
         self.stop();
         let all = crate::Env::get()
-            .all_objects(&self.namespace)
+            .all_objects_at(&self.containerd(), &self.namespace)
             .await
             .expect("listing containerd's objects");
         assert!(all.is_empty(), "left in containerd: {all:?}");

@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod client;
 mod containerd;
 pub mod critest;
+pub mod cuts;
 mod daemon;
 pub mod escapes;
 mod fixtures;

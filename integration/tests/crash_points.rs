@@ -6,249 +6,16 @@
 //! whose task was made or started before the crash never runs unmeasured.
 
 use imacri_integration::client::{create_container, exec_sh, pods, run_pod, Rt};
+use imacri_integration::cuts::{
+    addressed, back_to, container_steps, containers_of, content_of, ima, made, pod_log,
+    sandbox_ids, shapes, sleeper_runs, Made, EXECUTES_NEW_FILES,
+};
 use imacri_integration::{container_config, cri, own_pids, pod_config, Env, Imacri};
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
 async fn crash_at(d: &mut Imacri, point: &str) {
     d.respawn(&[("IMACRI_TEST_CRASH_AT", point)]).await;
-}
-
-/// What one imacri has made on this machine: containerd objects of its
-/// namespace, mounts of its directories or namespace, the files under its
-/// state and root (but logs that only grow), shims of its namespace.
-#[derive(Debug, Default, PartialEq)]
-struct Made {
-    objects: BTreeSet<String>,
-    mounts: BTreeSet<String>,
-    files: BTreeSet<String>,
-    shims: usize,
-    /// Open files of its fd keeper (what it holds for running containers).
-    keeper_fds: usize,
-}
-
-/// Files that are there for the daemon, not for a pod: its logs, journal,
-/// sockets and keys, made once and kept.
-fn daemon_file(rel: &str) -> bool {
-    let Some((_, under)) = rel.split_once('/') else {
-        return false;
-    };
-    let first = under.split('/').next().unwrap_or_default();
-    [
-        "integrity",
-        "remap",
-        "golden",
-        "instance",
-        "bin",
-        "fdkeeper.sock",
-        "mapguard.sock",
-        "images",
-    ]
-    .contains(&first)
-}
-
-fn files_under(root: &Path, base: &Path, out: &mut BTreeSet<String>) {
-    let Ok(rd) = std::fs::read_dir(root) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        let rel = p.strip_prefix(base).unwrap().to_string_lossy().into_owned();
-        if daemon_file(&rel) {
-            continue;
-        }
-        // Not into mounts (a pod's rootfs or netns): they are listed as mounts.
-        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-        // The daemon's own directories (`state/io`) come with their first use.
-        let top = p.parent() == Some(root) && root != base && root.parent() == Some(base);
-        if !(is_dir && top) {
-            out.insert(rel);
-        }
-        if is_dir && !is_mount_point(&p) {
-            files_under(&p, base, out);
-        }
-    }
-}
-
-fn mount_points() -> Vec<String> {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .collect()
-}
-
-fn is_mount_point(p: &Path) -> bool {
-    let p = p.to_string_lossy();
-    mount_points().iter().any(|m| *m == p)
-}
-
-fn shims_of(namespace: &str) -> usize {
-    let mut n = 0;
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-        let shim = args
-            .first()
-            .is_some_and(|a| a.ends_with(b"containerd-shim-runc-v2"));
-        if shim
-            && args
-                .windows(2)
-                .any(|w| w[0] == b"-namespace" && w[1] == namespace.as_bytes())
-        {
-            n += 1;
-        }
-    }
-    n
-}
-
-async fn made(d: &Imacri) -> Made {
-    let dir = d.dir.path().to_string_lossy().into_owned();
-    let mut m = Made {
-        objects: Env::get()
-            .all_objects(&d.namespace)
-            .await
-            .unwrap()
-            .into_iter()
-            .collect(),
-        mounts: mount_points()
-            .into_iter()
-            .filter(|p| p.starts_with(&dir) || p.contains(&format!("/{}/", d.namespace)))
-            .collect(),
-        shims: shims_of(&d.namespace),
-        keeper_fds: d
-            .keeper_pids()
-            .iter()
-            .map(|p| std::fs::read_dir(format!("/proc/{p}/fd")).map_or(0, |r| r.count()))
-            .sum(),
-        ..Default::default()
-    };
-    for base in [&d.state, &d.root] {
-        files_under(base, d.dir.path(), &mut m.files);
-    }
-    m
-}
-
-/// What is in `now` and not in `before`, and what went.
-fn changes(before: &Made, now: &Made) -> String {
-    let mut out = String::new();
-    for (what, b, n) in [
-        ("object", &before.objects, &now.objects),
-        ("mount", &before.mounts, &now.mounts),
-        ("file", &before.files, &now.files),
-    ] {
-        for x in n.difference(b) {
-            out += &format!("new {what} {x}\n");
-        }
-        for x in b.difference(n) {
-            out += &format!("gone {what} {x}\n");
-        }
-    }
-    if before.shims != now.shims {
-        out += &format!("shims {} -> {}\n", before.shims, now.shims);
-    }
-    if before.keeper_fds != now.keeper_fds {
-        out += &format!(
-            "fd keeper's files {} -> {}\n",
-            before.keeper_fds, now.keeper_fds
-        );
-    }
-    out
-}
-
-/// Waits (a removal's containerd deletions go after its response) until
-/// nothing of `before` is missing and nothing was added.
-async fn back_to(d: &Imacri, before: &Made, what: &str) {
-    let mut last = String::new();
-    for _ in 0..100 {
-        last = changes(before, &made(d).await);
-        if last.is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not as before:\n{last}\n{}", d.log());
-}
-
-/// Pod IDs the test CNI's IPAM holds an address for.
-fn addressed(env: &Env) -> BTreeSet<String> {
-    let mut ids = BTreeSet::new();
-    let dir = env.base.join("cni-ipam");
-    for net in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(net.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(s) = std::fs::read_to_string(f.path()) {
-                if let Some(id) = s.lines().next() {
-                    ids.insert(id.trim().to_string());
-                }
-            }
-        }
-    }
-    ids
-}
-
-/// Sandbox records (their directories' names) of `d`.
-fn sandbox_ids(d: &Imacri) -> BTreeSet<String> {
-    std::fs::read_dir(d.root.join("sandboxes"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.len() == 64)
-        .collect()
-}
-
-fn ima(mut cfg: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
-    cfg.annotations
-        .insert("imacri.dev/ima".into(), "true".into());
-    cfg
-}
-
-/// The pod shapes: with and without pause, plain and ima; the steps of
-/// RunPodSandbox each goes through.
-fn shapes(name: &str) -> Vec<(cri::PodSandboxConfig, &'static [&'static str])> {
-    const PAUSE: &[&str] = &[
-        "recorded",
-        "namespaces+prepare",
-        "task",
-        "guards+start",
-        "cni-wait",
-        "ready",
-    ];
-    const INFRA_LESS: &[&str] = &["recorded", "namespaces", "guards", "cni", "ready"];
-    let pauseless = |mut c: cri::PodSandboxConfig| {
-        own_pids(&mut c);
-        c
-    };
-    vec![
-        (pod_config(&format!("{name}-p")), PAUSE),
-        (pauseless(pod_config(&format!("{name}-n"))), INFRA_LESS),
-        (ima(pod_config(&format!("{name}-ip"))), PAUSE),
-        (
-            ima(pauseless(pod_config(&format!("{name}-in")))),
-            INFRA_LESS,
-        ),
-    ]
-}
-
-async fn sleeper_runs(rt: &mut Rt, pod: &str, cfg: &cri::PodSandboxConfig) -> String {
-    let env = Env::get();
-    let c = imacri_integration::client::start_container(
-        rt,
-        pod,
-        cfg,
-        container_config("c", &env.busybox, &["sleep", "1000"]),
-    )
-    .await;
-    let (code, out, err) = exec_sh(rt, &c, "echo ran").await;
-    assert_eq!((code, out.trim()), (0, "ran"), "{err}");
-    c
 }
 
 /// RunPodSandbox cut at each of its steps, for each shape of pod: the
@@ -371,27 +138,6 @@ async fn a_pod_stop_or_removal_cut_short_is_finished_by_the_next_call() {
     d.stop_leaving_nothing().await;
 }
 
-/// The container IDs of `pod`.
-async fn containers_of(rt: &mut Rt, pod: &str) -> Vec<cri::Container> {
-    rt.list_containers(cri::ListContainersRequest {
-        filter: Some(cri::ContainerFilter {
-            pod_sandbox_id: pod.into(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .containers
-}
-
-/// The pod's measurement log (`attest log`).
-fn pod_log(d: &Imacri, pod: &str) -> String {
-    let (code, log, err) = imacri_integration::attest(d, &["log", pod]);
-    assert_eq!(code, 0, "{err}");
-    log
-}
-
 /// CreateContainer and StartContainer cut at each step, in an ima pod with
 /// a host volume (ID-mapped binds): the next imacri leaves either no
 /// container or one that removes cleanly; the same config is created and
@@ -408,11 +154,8 @@ async fn a_container_cut_short_at_any_step_is_never_half_made_nor_unmeasured() {
     own_pids(&mut cfg);
     let mut rt = d.runtime().await.unwrap();
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
-    // A container that executes a new file every 100 ms for as long as it
-    // runs: each one is measured, or was run unmeasured.
-    let looping = "i=0; while :; do i=$((i+1)); mkdir -p /tmp/l/$i; cp /bin/busybox /tmp/l/$i/true; /tmp/l/$i/true; sleep 0.1; done";
     let config = |n: &str| {
-        let mut c = container_config(n, &env.busybox, &["sh", "-c", looping]);
+        let mut c = container_config(n, &env.busybox, &["sh", "-c", EXECUTES_NEW_FILES]);
         c.mounts.push(cri::Mount {
             container_path: "/v".into(),
             host_path: vol.path().to_string_lossy().into(),
@@ -426,20 +169,7 @@ async fn a_container_cut_short_at_any_step_is_never_half_made_nor_unmeasured() {
         });
         c
     };
-    let create = [
-        "lease",
-        "snapshot",
-        "user",
-        "volumes+spec",
-        "nri+rules",
-        "containerd",
-        "record",
-        "lease-end",
-    ]
-    .map(|s| format!("CreateContainer:{s}"));
-    let start =
-        ["io+mounts", "task", "guards+measure", "start"].map(|s| format!("StartContainer:{s}"));
-    for (i, point) in create.iter().chain(start.iter()).enumerate() {
+    for (i, point) in container_steps().iter().enumerate() {
         let name = format!("c{i}");
         d.respawn(&[]).await;
         let before = made(&d).await;
@@ -642,59 +372,6 @@ async fn a_rollback_that_fails_keeps_the_pod_for_its_removal() {
     d.stop_leaving_nothing().await;
 }
 
-/// Blobs, active ingests and committed snapshots (layers) of `ns`.
-async fn content_of(ns: &str) -> BTreeSet<String> {
-    use containerd_client::services::v1::snapshots::{
-        snapshots_client::SnapshotsClient, ListSnapshotsRequest,
-    };
-    use containerd_client::services::v1::{
-        content_client::ContentClient, ListContentRequest, ListStatusesRequest,
-    };
-    fn in_ns<T>(ns: &str, m: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(m);
-        r.metadata_mut()
-            .insert("containerd-namespace", ns.parse().unwrap());
-        r
-    }
-    let req = |m| in_ns(ns, m);
-    let ch = containerd_client::connect(&Env::get().containerd_sock)
-        .await
-        .unwrap();
-    let mut found = BTreeSet::new();
-    let mut blobs = ContentClient::new(ch.clone())
-        .list(req(ListContentRequest { filters: vec![] }))
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(m) = blobs.message().await.unwrap() {
-        found.extend(m.info.into_iter().map(|i| format!("blob {}", i.digest)));
-    }
-    for s in ContentClient::new(ch.clone())
-        .list_statuses(in_ns(ns, ListStatusesRequest { filters: vec![] }))
-        .await
-        .unwrap()
-        .into_inner()
-        .statuses
-    {
-        found.insert(format!("ingest {}", s.r#ref));
-    }
-    let mut snaps = SnapshotsClient::new(ch)
-        .list(in_ns(
-            ns,
-            ListSnapshotsRequest {
-                snapshotter: "overlayfs".into(),
-                filters: vec![],
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(m) = snaps.message().await.unwrap() {
-        found.extend(m.info.into_iter().map(|i| format!("snapshot {}", i.name)));
-    }
-    found
-}
-
 /// PullImage cut while a blob is written, after every blob is fetched,
 /// after the layers are unpacked and after the image is recorded: the next
 /// imacri leaves no blob, ingest or layer of the pull cut short (or has the
@@ -703,7 +380,7 @@ async fn content_of(ns: &str) -> BTreeSet<String> {
 async fn a_pull_cut_short_leaves_no_blob_or_layer() {
     let env = Env::get();
     let mut d = Imacri::start_isolated(env).await.unwrap();
-    let before = content_of(&d.namespace).await;
+    let before = content_of(&d).await;
     for step in ["writing", "fetched", "unpacked", "registered"] {
         let case = format!("PullImage:{step}");
         crash_at(&mut d, &case).await;
@@ -735,7 +412,7 @@ async fn a_pull_cut_short_leaves_no_blob_or_layer() {
         }
         let mut last = String::new();
         for _ in 0..50 {
-            let now = content_of(&d.namespace).await;
+            let now = content_of(&d).await;
             last = format!("{:?}", now.difference(&before).collect::<Vec<_>>());
             if now.is_subset(&before) {
                 last.clear();

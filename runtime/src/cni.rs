@@ -298,9 +298,10 @@ impl Cni {
         std::fs::create_dir_all(&self.cache_dir)
             .map_err(|e| Error::io("creating", &self.cache_dir, e))?;
         // Cache the config first: DEL must work after a half-done ADD.
+        // Written whole (renamed into place): a crash leaves the old file or
+        // the new one, never a torn one DEL could not read.
         let cache = json!({"config": list.plugins, "name": list.name, "cniVersion": list.cni_version, "result": null});
-        std::fs::write(self.cache_file(&pod.id), cache.to_string())
-            .map_err(|e| Error::io("writing", self.cache_file(&pod.id), e))?;
+        crate::store::write_atomic(&self.cache_file(&pod.id), cache.to_string().as_bytes())?;
         let mut prev = Value::Null;
         for plugin in &list.plugins {
             let conf = Self::plugin_conf(&list, plugin, &prev, pod);
@@ -315,8 +316,7 @@ impl Cni {
             }
         }
         let cache = json!({"config": list.plugins, "name": list.name, "cniVersion": list.cni_version, "result": prev});
-        std::fs::write(self.cache_file(&pod.id), cache.to_string())
-            .map_err(|e| Error::io("writing", self.cache_file(&pod.id), e))?;
+        crate::store::write_atomic(&self.cache_file(&pod.id), cache.to_string().as_bytes())?;
         Ok(Attachment {
             ips: result_ips(&prev),
         })
@@ -325,10 +325,20 @@ impl Cni {
     /// DEL in reverse order with the cached config and result; succeeds when
     /// nothing was ever added. Idempotent.
     pub fn del(&self, pod: &PodNetwork) -> Result<()> {
-        let cached: Option<Value> = std::fs::read(self.cache_file(&pod.id))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let Some(cached) = cached else { return Ok(()) };
+        let file = self.cache_file(&pod.id);
+        // A write a crash cut short (`write_atomic`'s staging file).
+        let _ = std::fs::remove_file(file.with_extension("tmp"));
+        let cached = match std::fs::read(&file) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("reading", &file, e)),
+        };
+        let Ok(cached) = serde_json::from_slice::<Value>(&cached) else {
+            // Not ours (cache files are written whole): nothing to DEL by.
+            tracing::warn!(pod_sandbox_id = %pod.id, file = %file.display(), "unreadable CNI cache removed");
+            let _ = std::fs::remove_file(&file);
+            return Ok(());
+        };
         let list = NetConfList {
             name: cached["name"].as_str().unwrap_or_default().to_string(),
             cni_version: cached["cniVersion"].as_str().unwrap_or("0.4.0").to_string(),
@@ -347,7 +357,7 @@ impl Cni {
         if !errors.is_empty() {
             return Err(Error::Unavailable(errors.join("; ")));
         }
-        let _ = std::fs::remove_file(self.cache_file(&pod.id));
+        let _ = std::fs::remove_file(&file);
         Ok(())
     }
 
@@ -413,6 +423,25 @@ mod tests {
         let c = cni.config().unwrap();
         assert_eq!(c.name, "pods");
         assert_eq!(c.plugins.len(), 1);
+    }
+
+    #[test]
+    fn del_clears_a_cache_a_crash_cut_short() {
+        let conf = tempfile::tempdir().unwrap();
+        let cache = conf.path().join("cache");
+        std::fs::create_dir_all(&cache).unwrap();
+        let cni = Cni::new(conf.path().into(), default_bin_dirs(), cache.clone());
+        let pod = PodNetwork {
+            id: "p1".into(),
+            ..Default::default()
+        };
+        // A staging file (a crash inside the write) and a file that is no
+        // cache of ours: nothing to DEL by, both go.
+        std::fs::write(cache.join("p1.tmp"), "{\"con").unwrap();
+        std::fs::write(cache.join("p1.json"), "").unwrap();
+        cni.del(&pod).unwrap();
+        assert!(std::fs::read_dir(&cache).unwrap().next().is_none());
+        cni.del(&pod).unwrap();
     }
 
     #[test]

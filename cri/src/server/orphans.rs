@@ -63,6 +63,26 @@ pub(crate) enum Records<'a> {
     Later { pod: &'a str },
 }
 
+/// Runs `f` until it succeeds: now, then after `RETRY_FIRST` doubling to
+/// `RETRY_MAX`, for `RETRY_FOR` at most (containerd restarting). Its last
+/// error if it never did.
+pub(crate) async fn retrying<F, Fut>(mut f: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let (started, mut wait) = (std::time::Instant::now(), RETRY_FIRST);
+    loop {
+        match f().await {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() >= RETRY_FOR => return Err(e),
+            Err(_) => {}
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RETRY_MAX);
+    }
+}
+
 impl CriServer {
     /// Deletes a container's containerd record and snapshot (independent:
     /// at once). `Records::Later` spawns it; an attempt that fails

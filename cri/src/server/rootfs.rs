@@ -6,6 +6,7 @@
 
 use containerd_client::types::Mount;
 use imacri_runtime::containerd::Lease;
+use imacri_runtime::error::IgnoreNotFound;
 use imacri_runtime::io::StdioPaths;
 use imacri_runtime::pod::SandboxState;
 use imacri_runtime::{Error, Result};
@@ -20,14 +21,21 @@ impl CriServer {
     /// creation's goes before its error does: what it held must be gone
     /// by then (the rollback's promise).
     pub(crate) async fn end_lease(&self, lease: Lease, created: bool) {
-        if !created {
-            let _ = lease.delete(&self.c, false).await;
+        // A failed creation's debris (a prepared snapshot) goes with its
+        // lease before the call answers; a lease that cannot be deleted
+        // (containerd restarting) is tried again in the background rather
+        // than left to its expiry an hour later.
+        if !created && lease.delete(&self.c, false).await.is_ok() {
             return;
         }
         let c = self.c.clone();
         tokio::spawn(async move {
-            if let Err(e) = lease.delete(&c, false).await {
-                tracing::debug!(error = %e, "a creation's lease not deleted; it expires");
+            let deleted = super::orphans::retrying(|| async {
+                lease.delete(&c, false).await.ignore_not_found()
+            })
+            .await;
+            if let Err(e) = deleted {
+                tracing::warn!(lease = lease.id(), error = %e, "a creation's lease not deleted; it expires, or the next start deletes it");
             }
         });
     }

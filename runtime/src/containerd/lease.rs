@@ -66,7 +66,7 @@ impl Lease {
 
     /// Deletes the lease. `sync` waits for GC, so the caller can assert that
     /// nothing leaked.
-    pub async fn delete(self, c: &Containerd, sync: bool) -> Result<()> {
+    pub async fn delete(&self, c: &Containerd, sync: bool) -> Result<()> {
         c.leases()
             .delete(c.req(DeleteRequest {
                 id: self.id.clone(),
