@@ -339,3 +339,15 @@ pub fn container_steps() -> Vec<String> {
         ["io+mounts", "task", "guards+measure", "start"].map(|s| format!("StartContainer:{s}"));
     create.into_iter().chain(start).collect()
 }
+
+/// Steps of the calls that unmake a pod (StopPodSandbox, RemovePodSandbox)
+/// and a container (RemoveContainer, and the teardown both use).
+pub const UNMAKE_STEPS: [&str; 7] = [
+    "StopPodSandbox:containers",
+    "StopPodSandbox:released",
+    "RemovePodSandbox:containers",
+    "RemovePodSandbox:teardown",
+    "teardown:task",
+    "teardown:containerd",
+    "RemoveContainer:teardown",
+];

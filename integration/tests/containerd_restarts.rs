@@ -7,8 +7,8 @@
 
 use imacri_integration::client::{create_container, exec_sh, pods, run_pod, Rt};
 use imacri_integration::cuts::{
-    back_to, container_steps, containers_of, ima, made, pod_log, shapes, sleeper_runs, Made,
-    EXECUTES_NEW_FILES,
+    back_to, container_steps, containers_of, content_of, ima, made, pod_log, shapes, sleeper_runs,
+    Made, EXECUTES_NEW_FILES, UNMAKE_STEPS,
 };
 use imacri_integration::poll::eventually;
 use imacri_integration::{container_config, cri, own_pids, pod_config, Env, Imacri};
@@ -315,5 +315,142 @@ async fn a_container_made_across_a_containerd_restart_is_whole_measured_or_remov
         back_to(&n.d, &before, &format!("{point}, after the retry")).await;
     }
     n.remove_pod(&pod).await;
+    n.stop().await;
+}
+
+/// StopPodSandbox, RemovePodSandbox and RemoveContainer with containerd
+/// restarted at each of their steps, for each shape of pod: the call
+/// finishes or fails; made again once containerd is back, it leaves what
+/// was there before (nothing of the pod in containerd, no mount, no file,
+/// no address).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_unmade_across_a_containerd_restart_is_gone_once_asked_again() {
+    let mut n = Node::new("ctd-stop").await;
+    // With and without pause; plain and ima.
+    for (cfg, _) in shapes("ctd-stop").into_iter().skip(1).take(2) {
+        for point in UNMAKE_STEPS {
+            let case = format!("{}: {point}", cfg.metadata.as_ref().unwrap().name);
+            n.d.respawn(&[]).await;
+            let before = made(&n.d).await;
+            let mut rt = n.d.runtime().await.unwrap();
+            let pod = run_pod(&mut rt, &cfg).await.unwrap();
+            let c = sleeper_runs(&mut rt, &pod, &cfg).await;
+            n.hold_at(point).await;
+            let mut rt = n.d.runtime().await.unwrap();
+            let (p, cid) = (pod.clone(), c.clone());
+            let remove_first = point.starts_with("RemoveContainer");
+            let _ = n
+                .restart_there(
+                    &case,
+                    tokio::spawn(async move {
+                        if remove_first {
+                            rt.remove_container(cri::RemoveContainerRequest { container_id: cid })
+                                .await?;
+                        }
+                        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                            pod_sandbox_id: p.clone(),
+                        })
+                        .await?;
+                        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: p })
+                            .await
+                    }),
+                )
+                .await;
+            // Made again by the same imacri (the hold holds the first call only).
+            n.remove_pod(&pod).await;
+            back_to(&n.d, &before, &case).await;
+        }
+    }
+    n.stop().await;
+}
+
+async fn busybox_image(d: &Imacri) -> Option<cri::Image> {
+    d.images()
+        .await
+        .unwrap()
+        .image_status(cri::ImageStatusRequest {
+            image: imacri_integration::client::image(&Env::get().busybox),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+}
+
+async fn remove_image(d: &Imacri, id: &str) {
+    d.images()
+        .await
+        .unwrap()
+        .remove_image(cri::RemoveImageRequest {
+            image: imacri_integration::client::image(id),
+        })
+        .await
+        .unwrap();
+}
+
+/// PullImage with containerd restarted while a blob is written and at the
+/// steps after the fetch: the pull succeeds or fails; once made again it has
+/// the image, and after the image's removal no blob, ingest or layer of the
+/// pull is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_across_a_containerd_restart_leaves_no_blob_or_layer() {
+    let env = Env::get();
+    let mut n = Node::new("ctd-pull").await;
+    let image = |i: &str| imacri_integration::client::image(i);
+    if let Some(i) = busybox_image(&n.d).await {
+        remove_image(&n.d, &i.id).await;
+    }
+    let before = content_of(&n.d).await;
+    for step in ["writing", "fetched", "unpacked", "registered"] {
+        let point = format!("PullImage:{step}");
+        n.hold_at(&point).await;
+        let mut images = n.d.images().await.unwrap();
+        let res = n
+            .restart_there(
+                &point,
+                tokio::spawn(async move {
+                    images
+                        .pull_image(cri::PullImageRequest {
+                            image: image(&Env::get().busybox),
+                            ..Default::default()
+                        })
+                        .await
+                }),
+            )
+            .await;
+        let d = &n.d;
+        after_restart(&format!("{point}: the pull again"), || async move {
+            let mut images = d.images().await.ok()?;
+            images
+                .pull_image(cri::PullImageRequest {
+                    image: image(&env.busybox),
+                    ..Default::default()
+                })
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        let i = busybox_image(&n.d)
+            .await
+            .unwrap_or_else(|| panic!("{point} ({res:?}): no image after the pull made again"));
+        remove_image(&n.d, &i.id).await;
+        let mut last = String::new();
+        for _ in 0..100 {
+            let now = content_of(&n.d).await;
+            last = format!("{:?}", now.difference(&before).collect::<Vec<_>>());
+            if now.is_subset(&before) {
+                last.clear();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            last.is_empty(),
+            "{point} ({res:?}): left: {last}\n{}",
+            n.d.log()
+        );
+    }
     n.stop().await;
 }

@@ -8,7 +8,7 @@
 use imacri_integration::client::{create_container, exec_sh, pods, run_pod, Rt};
 use imacri_integration::cuts::{
     addressed, back_to, container_steps, containers_of, content_of, ima, made, pod_log,
-    sandbox_ids, shapes, sleeper_runs, Made, EXECUTES_NEW_FILES,
+    sandbox_ids, shapes, sleeper_runs, Made, EXECUTES_NEW_FILES, UNMAKE_STEPS,
 };
 use imacri_integration::{container_config, cri, own_pids, pod_config, Env, Imacri};
 use std::path::Path;
@@ -71,17 +71,8 @@ async fn a_pod_stop_or_removal_cut_short_is_finished_by_the_next_call() {
     let env = Env::get();
     let mut d = Imacri::start_isolated(env).await.unwrap();
     d.pull(&env.busybox).await;
-    let points = [
-        "StopPodSandbox:containers",
-        "StopPodSandbox:released",
-        "RemovePodSandbox:containers",
-        "RemovePodSandbox:teardown",
-        "teardown:task",
-        "teardown:containerd",
-        "RemoveContainer:teardown",
-    ];
     for (cfg, _) in shapes("cut-stop") {
-        for point in points {
+        for point in UNMAKE_STEPS {
             let case = format!("{}: {point}", cfg.metadata.as_ref().unwrap().name);
             d.respawn(&[]).await;
             let before = made(&d).await;

@@ -2,12 +2,14 @@
 //! `IMACRI_TEST_CRASH_AT=<what>:<step>` (`RunPodSandbox:task`,
 //! `PullImage:fetched`) ends the process there as a crash would: SIGKILL,
 //! no clean-up of any kind. `IMACRI_TEST_HOLD_AT=<what>:<step>` holds the
-//! call there while the file `IMACRI_TEST_HOLD_FILE` exists (it is made
-//! when the step is reached), so that a test can do something at that very
-//! moment (restart containerd) and then let the call go on. The
+//! first call to reach that step there while the file
+//! `IMACRI_TEST_HOLD_FILE` exists (it is made when the step is reached), so
+//! that a test can do something at that very moment (restart containerd)
+//! and then let the call go on; later calls pass. The
 //! integration tests do both at every step of the calls that make things
 //! and check what is left (`integration/tests/crash_points.rs`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -42,7 +44,9 @@ pub fn at(what: &str, step: &str) {
     {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
-    if let Some((_, _, file)) = h.hold.as_ref().filter(|(w, s, _)| w == what && s == step) {
+    static HELD: AtomicBool = AtomicBool::new(false);
+    let hold = h.hold.as_ref().filter(|(w, s, _)| w == what && s == step);
+    if let Some((_, _, file)) = hold.filter(|_| !HELD.swap(true, Ordering::SeqCst)) {
         // A blocking wait on purpose: the call stands still at this step
         // (the test's one call; other calls run on other threads).
         if std::fs::write(file, format!("{what}:{step}")).is_ok() {
