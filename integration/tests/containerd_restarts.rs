@@ -59,6 +59,35 @@ impl Node {
         point: &str,
         call: tokio::task::JoinHandle<T>,
     ) -> T {
+        self.held(point, &call).await;
+        self.pid =
+            imacri_integration::restart_containerd(&Env::get().base, &self.name, self.pid).unwrap();
+        std::fs::remove_file(&self.hold).unwrap();
+        call.await.unwrap()
+    }
+
+    /// As `restart_there`, but containerd stays down until the call ended.
+    async fn down_there<T: Send + 'static>(
+        &mut self,
+        point: &str,
+        call: tokio::task::JoinHandle<T>,
+    ) -> T {
+        self.held(point, &call).await;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        std::fs::remove_file(&self.hold).unwrap();
+        let res = call.await.unwrap();
+        self.pid = imacri_integration::start_containerd_pid(&Env::get().base, &self.name, false)
+            .unwrap()
+            .1;
+        res
+    }
+
+    /// Waits until `call` stands at its held step.
+    async fn held<T>(&self, point: &str, call: &tokio::task::JoinHandle<T>) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !self.hold.exists() {
             assert!(
@@ -69,10 +98,6 @@ impl Node {
             assert!(Instant::now() < deadline, "{point}: not reached");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.pid =
-            imacri_integration::restart_containerd(&Env::get().base, &self.name, self.pid).unwrap();
-        std::fs::remove_file(&self.hold).unwrap();
-        call.await.unwrap()
     }
 
     /// Removes `pod` once containerd answers again.
@@ -452,5 +477,57 @@ async fn a_pull_across_a_containerd_restart_leaves_no_blob_or_layer() {
             n.d.log()
         );
     }
+    n.stop().await;
+}
+
+/// CreateContainer failing because containerd went down at one of its
+/// steps before the container's containerd record: its rollback cannot
+/// reach containerd either, and what it made (a snapshot prepared under
+/// the creation's lease) goes once containerd is back, without an imacri
+/// restart; the same config is then created and started.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_creation_failed_with_containerd_down_leaves_nothing_once_it_is_back() {
+    let env = Env::get();
+    let mut n = Node::new("ctd-down").await;
+    let mut cfg = ima(pod_config("ctd-down"));
+    own_pids(&mut cfg);
+    let mut rt = n.d.runtime().await.unwrap();
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let config = |n: &str| container_config(n, &env.busybox, &["sleep", "1000"]);
+    for (i, step) in ["lease", "snapshot", "user", "volumes+spec", "nri+rules"]
+        .iter()
+        .enumerate()
+    {
+        let point = format!("CreateContainer:{step}");
+        let name = format!("c{i}");
+        n.d.respawn(&[]).await;
+        let before = made(&n.d).await;
+        n.hold_at(&point).await;
+        let mut rt: Rt = n.d.runtime().await.unwrap();
+        let (p, c, cc) = (pod.clone(), cfg.clone(), config(&name));
+        let res = n
+            .down_there(
+                &point,
+                tokio::spawn(async move { create_container(&mut rt, &p, &c, cc).await }),
+            )
+            .await;
+        assert!(res.is_err(), "{point}: created with containerd down");
+        let mut rt = n.d.runtime().await.unwrap();
+        assert!(containers_of(&mut rt, &pod).await.is_empty(), "{point}");
+        back_to(&n.d, &before, &point).await;
+        let c = after_restart(&format!("{point}: the retry"), || {
+            let (mut rt, pod, cfg, cc) = (rt.clone(), pod.clone(), cfg.clone(), config(&name));
+            async move { create_container(&mut rt, &pod, &cfg, cc).await.ok() }
+        })
+        .await;
+        rt.start_container(cri::StartContainerRequest {
+            container_id: c.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{point}: the retry's start: {e}\n{}", n.d.log()));
+        n.remove_container(&c).await;
+        back_to(&n.d, &before, &format!("{point}, after the retry")).await;
+    }
+    n.remove_pod(&pod).await;
     n.stop().await;
 }

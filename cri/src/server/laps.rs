@@ -1,7 +1,7 @@
 //! Step timings of one RPC, logged at debug level when it ends: where a pod
 //! start's time goes, on a real node (`--log-level imacri_cri=debug`). The
-//! steps are also where tests end the process as a crash would
-//! (`IMACRI_TEST_CRASH_AT=<RPC>:<step>`).
+//! steps are also where tests crash the process or hold the call
+//! (`imacri_runtime::crash`).
 
 use std::fmt::Write;
 use std::time::Instant;
