@@ -140,6 +140,18 @@ impl Node {
         .unwrap_or_else(|e| panic!("{e}\n{}", self.d.log()));
     }
 
+    /// The retry `c` (the same config made again) starts; once removed,
+    /// what was there `before` is all there is.
+    async fn retry_runs(&self, rt: &mut Rt, c: &str, point: &str, before: &Made) {
+        rt.start_container(cri::StartContainerRequest {
+            container_id: c.to_string(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{point}: the retry's start: {e}\n{}", self.d.log()));
+        self.remove_container(c).await;
+        back_to(&self.d, before, &format!("{point}, after the retry")).await;
+    }
+
     async fn stop(mut self) {
         self.d.stop_leaving_nothing().await;
         let _ = nix::sys::signal::kill(
@@ -331,13 +343,7 @@ async fn a_container_made_across_a_containerd_restart_is_whole_measured_or_remov
         let c = create_container(&mut rt, &pod, &cfg, config(&name))
             .await
             .unwrap_or_else(|e| panic!("{point}: the retry: {e}\n{}", n.d.log()));
-        rt.start_container(cri::StartContainerRequest {
-            container_id: c.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{point}: the retry's start: {e}\n{}", n.d.log()));
-        n.remove_container(&c).await;
-        back_to(&n.d, &before, &format!("{point}, after the retry")).await;
+        n.retry_runs(&mut rt, &c, point, &before).await;
     }
     n.remove_pod(&pod).await;
     n.stop().await;
@@ -520,13 +526,7 @@ async fn a_creation_failed_with_containerd_down_leaves_nothing_once_it_is_back()
             async move { create_container(&mut rt, &pod, &cfg, cc).await.ok() }
         })
         .await;
-        rt.start_container(cri::StartContainerRequest {
-            container_id: c.clone(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{point}: the retry's start: {e}\n{}", n.d.log()));
-        n.remove_container(&c).await;
-        back_to(&n.d, &before, &format!("{point}, after the retry")).await;
+        n.retry_runs(&mut rt, &c, &point, &before).await;
     }
     n.remove_pod(&pod).await;
     n.stop().await;
