@@ -305,7 +305,25 @@ async fn kept_then_removed(
         .unwrap_or_else(|| panic!("a pod whose rollback failed is forgotten\n{}", d.log()));
     assert_eq!(p.state, cri::PodSandboxState::SandboxNotready as i32);
     assert_eq!(addressed(env).contains(pod), had_address, "its address");
+    // What kubelet's garbage collection does with it: its status, then
+    // StopPodSandbox and RemovePodSandbox.
+    let st = imacri_integration::client::pod_status(rt, pod).await;
+    assert_eq!(st.state, cri::PodSandboxState::SandboxNotready as i32);
+    // While the plugin fails, so does the stop, saying why; the pod stays.
+    let err = rt
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.to_string(),
+        })
+        .await
+        .expect_err("a stop whose CNI DEL fails");
+    assert!(err.message().contains("broken for the test"), "{err}");
+    assert!(pods(rt).await.iter().any(|p| p.id == pod));
     mend_bridge(bin);
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.to_string(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stop: {e}\n{}", d.log()));
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
         pod_sandbox_id: pod.to_string(),
     })
