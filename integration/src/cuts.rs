@@ -351,3 +351,22 @@ pub const UNMAKE_STEPS: [&str; 7] = [
     "teardown:containerd",
     "RemoveContainer:teardown",
 ];
+
+/// For a StartContainer step, the container to start (created now, before
+/// the call is cut); none for a CreateContainer step.
+pub async fn created_for(
+    point: &str,
+    rt: &mut Rt,
+    pod: &str,
+    cfg: &cri::PodSandboxConfig,
+    c: cri::ContainerConfig,
+) -> Option<String> {
+    if !point.starts_with("StartContainer:") {
+        return None;
+    }
+    Some(
+        crate::client::create_container(rt, pod, cfg, c)
+            .await
+            .unwrap_or_else(|e| panic!("{point}: creating the container to start: {e}")),
+    )
+}

@@ -7,8 +7,8 @@
 
 use imacri_integration::client::{create_container, exec_sh, pods, run_pod, Rt};
 use imacri_integration::cuts::{
-    back_to, container_steps, containers_of, content_of, ima, made, pod_log, shapes, sleeper_runs,
-    Made, EXECUTES_NEW_FILES, UNMAKE_STEPS,
+    back_to, container_steps, containers_of, content_of, created_for, ima, made, pod_log, shapes,
+    sleeper_runs, Made, EXECUTES_NEW_FILES, UNMAKE_STEPS,
 };
 use imacri_integration::poll::eventually;
 use imacri_integration::{container_config, cri, own_pids, pod_config, Env, Imacri};
@@ -273,15 +273,7 @@ async fn a_container_made_across_a_containerd_restart_is_whole_measured_or_remov
         n.d.respawn(&[]).await;
         let before = made(&n.d).await;
         let mut rt = n.d.runtime().await.unwrap();
-        let first = if point.starts_with("Start") {
-            Some(
-                create_container(&mut rt, &pod, &cfg, config(&name))
-                    .await
-                    .unwrap(),
-            )
-        } else {
-            None
-        };
+        let first = created_for(point, &mut rt, &pod, &cfg, config(&name)).await;
         n.hold_at(point).await;
         let mut rt: Rt = n.d.runtime().await.unwrap();
         let (p, c, f) = (pod.clone(), cfg.clone(), first.clone());

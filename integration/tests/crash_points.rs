@@ -7,8 +7,8 @@
 
 use imacri_integration::client::{create_container, exec_sh, pods, run_pod, Rt};
 use imacri_integration::cuts::{
-    addressed, back_to, container_steps, containers_of, content_of, ima, made, pod_log,
-    sandbox_ids, shapes, sleeper_runs, Made, EXECUTES_NEW_FILES, UNMAKE_STEPS,
+    addressed, back_to, container_steps, containers_of, content_of, created_for, ima, made,
+    pod_log, sandbox_ids, shapes, sleeper_runs, Made, EXECUTES_NEW_FILES, UNMAKE_STEPS,
 };
 use imacri_integration::{container_config, cri, own_pids, pod_config, Env, Imacri};
 use std::path::Path;
@@ -166,15 +166,7 @@ async fn a_container_cut_short_at_any_step_is_never_half_made_nor_unmeasured() {
         let before = made(&d).await;
         let mut rt = d.runtime().await.unwrap();
         let in_start = point.starts_with("Start");
-        let made_first = if in_start {
-            Some(
-                create_container(&mut rt, &pod, &cfg, config(&name))
-                    .await
-                    .unwrap(),
-            )
-        } else {
-            None
-        };
+        let made_first = created_for(point, &mut rt, &pod, &cfg, config(&name)).await;
         crash_at(&mut d, point).await;
         let mut rt = d.runtime().await.unwrap();
         match &made_first {
