@@ -340,6 +340,130 @@ pub fn container_steps() -> Vec<String> {
     create.into_iter().chain(start).collect()
 }
 
+/// `container_steps` but the last of CreateContainer, which comes after
+/// its answer is settled: those a call can still fail at.
+pub fn failing_container_steps() -> Vec<String> {
+    container_steps()
+        .into_iter()
+        .filter(|p| p != "CreateContainer:lease-end")
+        .collect()
+}
+
+/// An imacri of its own (busybox pulled) running a pause-less ima pod
+/// `name`, and a host directory for `with_volumes`: where the container
+/// matrices cut their calls.
+pub async fn ima_pod_node(
+    name: &str,
+) -> (Imacri, tempfile::TempDir, cri::PodSandboxConfig, String) {
+    let env = Env::get();
+    let d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let vol = tempfile::tempdir_in(&env.base).unwrap();
+    let mut cfg = ima(pod_config(name));
+    own_pids(&mut cfg);
+    let mut rt = d.runtime().await.unwrap();
+    let pod = crate::client::run_pod(&mut rt, &cfg).await.unwrap();
+    (d, vol, cfg, pod)
+}
+
+/// A container `name` executing new files (`EXECUTES_NEW_FILES`), with
+/// both kinds of volumes (`with_volumes`).
+pub fn executing_with_volumes(name: &str, host: &Path) -> cri::ContainerConfig {
+    let c = container_config(name, &Env::get().busybox, &["sh", "-c", EXECUTES_NEW_FILES]);
+    with_volumes(c, host)
+}
+
+/// `c` with a host volume at /v (`host`; ID-mapped binds in a user
+/// namespace pod) and the busybox image as a volume at /i.
+pub fn with_volumes(mut c: cri::ContainerConfig, host: &Path) -> cri::ContainerConfig {
+    c.mounts.push(cri::Mount {
+        container_path: "/v".into(),
+        host_path: host.to_string_lossy().into(),
+        ..Default::default()
+    });
+    c.mounts.push(cri::Mount {
+        container_path: "/i".into(),
+        image: crate::client::image(&Env::get().busybox),
+        readonly: true,
+        ..Default::default()
+    });
+    c
+}
+
+/// The call a container step is in: StartContainer of `started` (from
+/// `created_for`), else CreateContainer of `c`; the container's ID.
+pub async fn create_or_start(
+    rt: &mut Rt,
+    started: Option<String>,
+    (pod, cfg): (&str, &cri::PodSandboxConfig),
+    c: cri::ContainerConfig,
+) -> Result<String, tonic::Status> {
+    match started {
+        Some(id) => rt
+            .start_container(cri::StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .map(|_| id),
+        None => crate::client::create_container(rt, pod, cfg, c).await,
+    }
+}
+
+/// A pod (`pod`, gone now) whose creation was cut short left what was there
+/// `before` and gave its address back; kubelet's retry of its config runs
+/// a container and is removed to what was there.
+pub async fn rolled_back_then_retried(
+    d: &Imacri,
+    rt: &mut Rt,
+    (pod, cfg): (&str, &cri::PodSandboxConfig),
+    before: &Made,
+    case: &str,
+) {
+    back_to(d, before, case).await;
+    assert!(
+        !addressed(Env::get()).contains(pod),
+        "{case}: its address was not given back"
+    );
+    let retry = crate::client::run_pod(rt, cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: the retry: {e}\n{}", d.log()));
+    sleeper_runs(rt, &retry, cfg).await;
+    crate::client::remove_pod(rt, &retry).await;
+    back_to(d, before, &format!("{case}, after the retry's removal")).await;
+}
+
+/// StopPodSandbox, then RemovePodSandbox, of `pod`: the first error.
+pub async fn stop_and_remove(rt: &mut Rt, pod: &str) -> Result<(), tonic::Status> {
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await?;
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.into(),
+    })
+    .await?;
+    Ok(())
+}
+
+/// kubelet's next stop and removal of `pod`, after one was cut short:
+/// they work, and leave what was there `before`, its address given back.
+pub async fn finished_by_the_next_call(
+    d: &Imacri,
+    rt: &mut Rt,
+    pod: &str,
+    before: &Made,
+    case: &str,
+) {
+    stop_and_remove(rt, pod)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: the next stop and removal: {e}\n{}", d.log()));
+    back_to(d, before, case).await;
+    assert!(
+        !addressed(Env::get()).contains(pod),
+        "{case}: its address was kept"
+    );
+}
+
 /// Steps of the calls that unmake a pod (StopPodSandbox, RemovePodSandbox)
 /// and a container (RemoveContainer, and the teardown both use).
 pub const UNMAKE_STEPS: [&str; 7] = [

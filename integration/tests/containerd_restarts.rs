@@ -7,8 +7,9 @@
 
 use imacri_integration::client::{create_container, exec_sh, pods, run_pod, Rt};
 use imacri_integration::cuts::{
-    back_to, container_steps, containers_of, content_of, created_for, ima, made, pod_log, shapes,
-    sleeper_runs, Made, EXECUTES_NEW_FILES, UNMAKE_STEPS,
+    back_to, container_steps, containers_of, content_of, create_or_start, created_for,
+    failing_container_steps, ima, made, pod_log, shapes, sleeper_runs, Made, EXECUTES_NEW_FILES,
+    UNMAKE_STEPS,
 };
 use imacri_integration::poll::eventually;
 use imacri_integration::{container_config, cri, own_pids, pod_config, Env, Imacri};
@@ -43,13 +44,18 @@ impl Node {
 
     /// The next calls stop at `point` until the test lets them go on.
     async fn hold_at(&mut self, point: &str) {
+        self.hold_then(point, &[]).await;
+    }
+
+    /// `hold_at`, with more of the test hooks (`IMACRI_TEST_FAIL_AT`).
+    async fn hold_then(&mut self, point: &str, more: &[(&str, &str)]) {
         let hold = self.hold.to_string_lossy().into_owned();
-        self.d
-            .respawn(&[
-                ("IMACRI_TEST_HOLD_AT", point),
-                ("IMACRI_TEST_HOLD_FILE", &hold),
-            ])
-            .await;
+        let mut env = vec![
+            ("IMACRI_TEST_HOLD_AT", point),
+            ("IMACRI_TEST_HOLD_FILE", hold.as_str()),
+        ];
+        env.extend_from_slice(more);
+        self.d.respawn(&env).await;
     }
 
     /// Once `call` stands at its held step, kills containerd, starts it
@@ -281,17 +287,7 @@ async fn a_container_made_across_a_containerd_restart_is_whole_measured_or_remov
         let res = n
             .restart_there(
                 point,
-                tokio::spawn(async move {
-                    match f {
-                        Some(id) => rt
-                            .start_container(cri::StartContainerRequest {
-                                container_id: id.clone(),
-                            })
-                            .await
-                            .map(|_| id),
-                        None => create_container(&mut rt, &p, &c, cc).await,
-                    }
-                }),
+                tokio::spawn(async move { create_or_start(&mut rt, f, (&p, &c), cc).await }),
             )
             .await;
         let mut rt = n.d.runtime().await.unwrap();
@@ -478,13 +474,18 @@ async fn a_pull_across_a_containerd_restart_leaves_no_blob_or_layer() {
     n.stop().await;
 }
 
-/// CreateContainer failing because containerd went down at one of its
-/// steps before the container's containerd record: its rollback cannot
-/// reach containerd either, and what it made (a snapshot prepared under
-/// the creation's lease) goes once containerd is back, without an imacri
-/// restart; the same config is then created and started.
+/// CreateContainer and StartContainer failing while containerd is down:
+/// at a step of CreateContainer before the container's containerd record
+/// (because containerd went down), or after it, or at a step of
+/// StartContainer (a local failure, made by the test, while containerd is
+/// down). The call's clean-up cannot reach containerd either; once it is
+/// back, without an imacri restart, what a failed creation made (a snapshot
+/// prepared under the creation's lease, the containerd container) goes,
+/// and so does a failed start's task: its process does not run on beside
+/// the container kubelet starts in its place. The same config is then
+/// created and started.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_creation_failed_with_containerd_down_leaves_nothing_once_it_is_back() {
+async fn a_call_failed_with_containerd_down_leaves_nothing_once_it_is_back() {
     let env = Env::get();
     let mut n = Node::new("ctd-down").await;
     let mut cfg = ima(pod_config("ctd-down"));
@@ -492,25 +493,48 @@ async fn a_creation_failed_with_containerd_down_leaves_nothing_once_it_is_back()
     let mut rt = n.d.runtime().await.unwrap();
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
     let config = |n: &str| container_config(n, &env.busybox, &["sleep", "1000"]);
-    for (i, step) in ["lease", "snapshot", "user", "volumes+spec", "nri+rules"]
-        .iter()
-        .enumerate()
-    {
-        let point = format!("CreateContainer:{step}");
+    for (i, point) in failing_container_steps().into_iter().enumerate() {
         let name = format!("c{i}");
         n.d.respawn(&[]).await;
         let before = made(&n.d).await;
-        n.hold_at(&point).await;
         let mut rt: Rt = n.d.runtime().await.unwrap();
-        let (p, c, cc) = (pod.clone(), cfg.clone(), config(&name));
-        let res = n
-            .down_there(
-                &point,
-                tokio::spawn(async move { create_container(&mut rt, &p, &c, cc).await }),
-            )
-            .await;
-        assert!(res.is_err(), "{point}: created with containerd down");
+        let started = created_for(&point, &mut rt, &pod, &cfg, config(&name)).await;
+        // Before CreateContainer's containerd record, the call fails as
+        // containerd is down; after it (and in StartContainer, whose task
+        // calls come after a step), only if the test says so.
+        let asks = ["lease", "snapshot", "user", "volumes+spec", "nri+rules"]
+            .map(|s| format!("CreateContainer:{s}"));
+        let fail = [("IMACRI_TEST_FAIL_AT", point.as_str())];
+        let fail = if asks.contains(&point) {
+            &[][..]
+        } else {
+            &fail[..]
+        };
+        n.hold_then(&point, fail).await;
+        let mut rt: Rt = n.d.runtime().await.unwrap();
+        let (p, c, cc, s) = (pod.clone(), cfg.clone(), config(&name), started.clone());
+        let call = tokio::spawn(async move { create_or_start(&mut rt, s, (&p, &c), cc).await });
+        let res = n.down_there(&point, call).await;
+        assert!(res.is_err(), "{point}: it worked with containerd down");
         let mut rt = n.d.runtime().await.unwrap();
+        if let Some(id) = &started {
+            let st = imacri_integration::client::container_status(&mut rt, id).await;
+            assert_eq!(st.reason, "StartError", "{point}: {st:?}");
+            // Its task goes once containerd is back, before anyone
+            // removes the container.
+            let task = format!("task {id}");
+            eventually(
+                &format!("{point}: its task deleted"),
+                Duration::from_secs(20),
+                || {
+                    let (d, task) = (&n.d, task.clone());
+                    async move { (!made(d).await.objects.contains(&task)).then_some(()) }
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", n.d.log()));
+            n.remove_container(id).await;
+        }
         assert!(containers_of(&mut rt, &pod).await.is_empty(), "{point}");
         back_to(&n.d, &before, &point).await;
         let c = after_restart(&format!("{point}: the retry"), || {

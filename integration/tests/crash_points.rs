@@ -7,10 +7,12 @@
 
 use imacri_integration::client::{create_container, exec_sh, pods, run_pod, Rt};
 use imacri_integration::cuts::{
-    addressed, back_to, container_steps, containers_of, content_of, created_for, ima, made,
-    pod_log, sandbox_ids, shapes, sleeper_runs, Made, EXECUTES_NEW_FILES, UNMAKE_STEPS,
+    addressed, back_to, container_steps, containers_of, content_of, create_or_start, created_for,
+    executing_with_volumes, finished_by_the_next_call, ima_pod_node, made, pod_log,
+    rolled_back_then_retried, sandbox_ids, shapes, sleeper_runs, stop_and_remove, Made,
+    UNMAKE_STEPS,
 };
-use imacri_integration::{container_config, cri, own_pids, pod_config, Env, Imacri};
+use imacri_integration::{cri, own_pids, pod_config, Env, Imacri};
 use std::path::Path;
 use std::time::Duration;
 
@@ -47,18 +49,7 @@ async fn a_pod_cut_short_at_any_step_is_rolled_back() {
                 !pods(&mut rt).await.iter().any(|p| p.id == cut[0]),
                 "{case}: the pod cut short is listed"
             );
-            back_to(&d, &before, &case).await;
-            assert!(
-                !addressed(env).contains(&cut[0]),
-                "{case}: its address was not given back"
-            );
-            // kubelet's retry: the same config, under the same name.
-            let pod = run_pod(&mut rt, &cfg)
-                .await
-                .unwrap_or_else(|e| panic!("{case}: the retry: {e}\n{}", d.log()));
-            sleeper_runs(&mut rt, &pod, &cfg).await;
-            imacri_integration::client::remove_pod(&mut rt, &pod).await;
-            back_to(&d, &before, &format!("{case}, after the retry's removal")).await;
+            rolled_back_then_retried(&d, &mut rt, (&cut[0], &cfg), &before, &case).await;
         }
     }
     d.stop_leaving_nothing().await;
@@ -81,20 +72,7 @@ async fn a_pod_stop_or_removal_cut_short_is_finished_by_the_next_call() {
             sleeper_runs(&mut rt, &pod, &cfg).await;
             crash_at(&mut d, point).await;
             let mut rt = d.runtime().await.unwrap();
-            let stop = rt
-                .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                    pod_sandbox_id: pod.clone(),
-                })
-                .await;
-            let removed = match stop {
-                Ok(_) => rt
-                    .remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                        pod_sandbox_id: pod.clone(),
-                    })
-                    .await
-                    .is_ok(),
-                Err(_) => false,
-            };
+            let removed = stop_and_remove(&mut rt, &pod).await.is_ok();
             assert!(
                 !removed,
                 "{case}: imacri did not die in the stop or removal"
@@ -109,21 +87,7 @@ async fn a_pod_stop_or_removal_cut_short_is_finished_by_the_next_call() {
                     "{case}: a pod whose stop was cut short is ready"
                 );
             }
-            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{case}: the next stop: {e}\n{}", d.log()));
-            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("{case}: the next removal: {e}\n{}", d.log()));
-            back_to(&d, &before, &case).await;
-            assert!(
-                !addressed(env).contains(&pod),
-                "{case}: its address was kept"
-            );
+            finished_by_the_next_call(&d, &mut rt, &pod, &before, &case).await;
         }
     }
     d.stop_leaving_nothing().await;
@@ -137,29 +101,8 @@ async fn a_pod_stop_or_removal_cut_short_is_finished_by_the_next_call() {
 /// after the restart is in the pod's log.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_container_cut_short_at_any_step_is_never_half_made_nor_unmeasured() {
-    let env = Env::get();
-    let mut d = Imacri::start_isolated(env).await.unwrap();
-    d.pull(&env.busybox).await;
-    let vol = tempfile::tempdir_in(&env.base).unwrap();
-    let mut cfg = ima(pod_config("cut-create"));
-    own_pids(&mut cfg);
-    let mut rt = d.runtime().await.unwrap();
-    let pod = run_pod(&mut rt, &cfg).await.unwrap();
-    let config = |n: &str| {
-        let mut c = container_config(n, &env.busybox, &["sh", "-c", EXECUTES_NEW_FILES]);
-        c.mounts.push(cri::Mount {
-            container_path: "/v".into(),
-            host_path: vol.path().to_string_lossy().into(),
-            ..Default::default()
-        });
-        c.mounts.push(cri::Mount {
-            container_path: "/i".into(),
-            image: imacri_integration::client::image(&env.busybox),
-            readonly: true,
-            ..Default::default()
-        });
-        c
-    };
+    let (mut d, vol, cfg, pod) = ima_pod_node("cut-create").await;
+    let config = |n: &str| executing_with_volumes(n, vol.path());
     for (i, point) in container_steps().iter().enumerate() {
         let name = format!("c{i}");
         d.respawn(&[]).await;
@@ -169,18 +112,9 @@ async fn a_container_cut_short_at_any_step_is_never_half_made_nor_unmeasured() {
         let made_first = created_for(point, &mut rt, &pod, &cfg, config(&name)).await;
         crash_at(&mut d, point).await;
         let mut rt = d.runtime().await.unwrap();
-        match &made_first {
-            Some(id) => rt
-                .start_container(cri::StartContainerRequest {
-                    container_id: id.clone(),
-                })
-                .await
-                .map(|_| ()),
-            None => create_container(&mut rt, &pod, &cfg, config(&name))
-                .await
-                .map(|_| ()),
-        }
-        .expect_err(&format!("{point}: imacri died in it"));
+        create_or_start(&mut rt, made_first, (&pod, &cfg), config(&name))
+            .await
+            .expect_err(&format!("{point}: imacri died in it"));
         d.respawn(&[]).await;
         let mut rt = d.runtime().await.unwrap();
         let listed = containers_of(&mut rt, &pod).await;

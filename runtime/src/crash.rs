@@ -5,9 +5,13 @@
 //! first call to reach that step there while the file
 //! `IMACRI_TEST_HOLD_FILE` exists (it is made when the step is reached), so
 //! that a test can do something at that very moment (restart containerd)
-//! and then let the call go on; later calls pass. The
-//! integration tests do both at every step of the calls that make things
-//! and check what is left (`integration/tests/crash_points.rs`).
+//! and then let the call go on; later calls pass.
+//! `IMACRI_TEST_FAIL_AT=<what>:<step>` makes the first call to reach that
+//! step fail there (after a hold there), as if what the step did had
+//! failed after doing its work: the call's own rollback must undo it.
+//! The integration tests do each at every step of the calls that make and
+//! unmake things and check what is left (`integration/tests/crash_points.rs`,
+//! `containerd_restarts.rs`, `failure_points.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -16,6 +20,7 @@ use std::time::{Duration, Instant};
 struct Hooks {
     crash: Option<(String, String)>,
     hold: Option<(String, String, String)>,
+    fail: Option<(String, String)>,
 }
 
 fn hooks() -> &'static Hooks {
@@ -30,6 +35,7 @@ fn hooks() -> &'static Hooks {
             crash: point("IMACRI_TEST_CRASH_AT"),
             hold: point("IMACRI_TEST_HOLD_AT")
                 .and_then(|(w, s)| Some((w, s, std::env::var("IMACRI_TEST_HOLD_FILE").ok()?))),
+            fail: point("IMACRI_TEST_FAIL_AT"),
         }
     })
 }
@@ -56,4 +62,21 @@ pub fn at(what: &str, step: &str) {
             }
         }
     }
+}
+
+/// `at`, then the failure a test asked for at `what:step` (the first call
+/// to get there only; later calls pass, as kubelet's retry would).
+pub fn step(what: &str, step: &str) -> crate::Result<()> {
+    at(what, step);
+    static FAILED: AtomicBool = AtomicBool::new(false);
+    let fail = hooks()
+        .fail
+        .as_ref()
+        .is_some_and(|(w, s)| w == what && s == step);
+    if fail && !FAILED.swap(true, Ordering::SeqCst) {
+        return Err(crate::Error::Internal(format!(
+            "{what} made to fail at its step {step} (IMACRI_TEST_FAIL_AT)"
+        )));
+    }
+    Ok(())
 }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::container_volumes::{create_missing_host_path, resolve_host_paths, volume_check_window};
+use super::orphans::Records;
 use super::validate::{container_name, log_path, non_empty, require};
 use super::{CriServer, LABEL_KIND, LABEL_SANDBOX_ID};
 
@@ -223,11 +224,11 @@ impl CriServer {
                 Ok(cri::CreateContainerResponse { container_id: id })
             }
             Err(e) => {
-                if let Err(te) = self
-                    .teardown_container(&id, super::orphans::Records::Now)
-                    .await
-                {
-                    tracing::error!(container_id = %id, error = %te, "rollback failed");
+                match self.teardown_container(&id, Records::Now).await {
+                    Ok(()) => {
+                        tracing::info!(container_id = %id, pod_sandbox_id = %sb.id, "container's creation rolled back")
+                    }
+                    Err(te) => self.roll_back_later(&id, te),
                 }
                 let _ = self.containers.remove(&id);
                 self.containers.release(&name, &id);
@@ -258,8 +259,8 @@ impl CriServer {
         let snapshotter = self.cfg.containerd.snapshotter.clone();
         let mut laps = super::laps::Laps::new("CreateContainer", id);
         let lease = self.c.lease("container").await?;
-        laps.lap("lease");
         let res = async {
+            laps.step("lease")?;
             let (parent, idmapped_rootfs) = self
                 .rootfs_parent(&image.chain_id, &sb_state, &lease)
                 .await?;
@@ -267,7 +268,7 @@ impl CriServer {
                 .c
                 .prepare_snapshot(&snapshotter, id, &parent, &lease)
                 .await?;
-            laps.lap("snapshot");
+            laps.step("snapshot")?;
             // Resolve the user from the container's own root filesystem,
             // which is its image's until its process runs: read once per
             // image.
@@ -292,7 +293,7 @@ impl CriServer {
                 }
             };
             let user = imacri_runtime::user::resolve_with(&accounts, sc, &image.config)?;
-            laps.lap("user");
+            laps.step("user")?;
             let shared = self.shared_of(&sb_state);
             // Image volumes become read-only binds; then, in a user
             // namespace pod, every bind is ID-mapped.
@@ -324,7 +325,7 @@ impl CriServer {
                     Vec::new()
                 },
             })?;
-            laps.lap("volumes+spec");
+            laps.step("volumes+spec")?;
             // Before the ima rules below, which then cover CDI mounts too.
             imacri_runtime::cdi::apply(&mut spec, cdi, &imacri_runtime::cdi::HostNodes)?;
             // NRI plugins adjust the spec before the ima rules, so what they
@@ -367,7 +368,7 @@ impl CriServer {
                 spec::run_through_init(&mut spec, init, deny_proc_writes)?;
             }
             self.guard_mappings(&sb_state, &sb.id, &mut spec)?;
-            laps.lap("nri+rules");
+            laps.step("nri+rules")?;
             let mut labels: HashMap<String, String> = config.labels.clone();
             labels.extend(volume_labels);
             labels.insert(LABEL_KIND.into(), "container".into());
@@ -386,7 +387,7 @@ impl CriServer {
                     &lease,
                 )
                 .await?;
-            laps.lap("containerd");
+            laps.step("containerd")?;
             let stop_signal = match signal_number(config.stop_signal) {
                 0 => image
                     .config
@@ -437,7 +438,7 @@ impl CriServer {
             if let Ok(mut m) = self.created_mounts.lock() {
                 m.insert(id.to_string(), mounts);
             }
-            laps.lap("record");
+            laps.step("record")?;
             Ok(())
         }
         .await;
@@ -450,6 +451,20 @@ impl CriServer {
 const CNS: &str = "linux.security_context.namespace_options";
 
 impl CriServer {
+    /// A creation's rollback that failed (containerd down: what the call
+    /// made there cannot be deleted) is tried again in the background until
+    /// containerd is back, as a removed container's deletion is; the
+    /// container is forgotten now, as containerd's CRI forgets it, so
+    /// nothing lists it meanwhile.
+    fn roll_back_later(self: &Arc<Self>, id: &str, first: Error) {
+        let (me, owned) = (self.clone(), id.to_string());
+        let retry = move || {
+            let (me, id) = (me.clone(), owned.clone());
+            async move { me.teardown_container(&id, Records::Now).await }
+        };
+        super::orphans::clean_up_later(id, "rollback of the container's creation", first, retry);
+    }
+
     /// A container stays inside its pod's user namespace (and, in an ima
     /// pod, inside everything the pod's measurement covers).
     fn check_pod_isolation(&self, sb: &SandboxState, config: &cri::ContainerConfig) -> Result<()> {

@@ -33,7 +33,7 @@ impl CriServer {
         let _op = c.op.lock().await;
         let mut laps = super::laps::Laps::new("RemoveContainer", &c.id);
         self.teardown_container(&c.id, when).await?;
-        laps.lap("teardown");
+        laps.step("teardown")?;
         // Plugins hear a stop before every removal (of a container never
         // started, or whose stop they were not told of yet).
         self.nri_stop(c).await;
@@ -42,7 +42,7 @@ impl CriServer {
             &c.id,
         );
         self.nri_remove(&c.id).await;
-        laps.lap("nri");
+        laps.step("nri")?;
         self.containers.remove(&c.id)?;
         laps.lap("record");
         tracing::info!(container_id = %c.id, "container removed");

@@ -69,7 +69,22 @@ impl CriServer {
                     let _order = self.event_order.lock();
                     self.set_starting(&c.id, false);
                 }
-                let _ = self.teardown_task_only(&c.id).await;
+                if let Err(te) = self.teardown_task_only(&c.id).await {
+                    // Its process must not run on (containerd down): an
+                    // exited container's process would run beside its
+                    // replacement.
+                    let (me, id) = (self.clone(), c.id.clone());
+                    let retry = move || {
+                        let (me, id) = (me.clone(), id.clone());
+                        async move { me.teardown_task_only(&id).await }
+                    };
+                    super::orphans::clean_up_later(
+                        &c.id,
+                        "deletion of a failed start's task",
+                        te,
+                        retry,
+                    );
+                }
                 let msg = e.to_string();
                 let _ = c.update(|s| {
                     s.phase = ContainerPhase::Exited;
@@ -115,13 +130,13 @@ impl CriServer {
                         .await?
                 }
             };
-            laps.lap("io+mounts");
+            laps.step("io+mounts")?;
             let pod = self.sandbox(&st.sandbox_id)?;
             self.sealed(&st.sandbox_id).await?;
             let pid = self
                 .create_task_on(&c.id, &pod.state(), mounts, &stdio, st.idmapped_rootfs)
                 .await?;
-            laps.lap("task");
+            laps.step("task")?;
             let pod_state = pod.state();
             self.own_task(&pod_state, &c.id, pid).await?;
             // Both before the entrypoint can run (the task waits for start);
@@ -139,15 +154,15 @@ impl CriServer {
             if let Some(w) = watch? {
                 self.set_measure(&c.id, w);
             }
-            laps.lap("guards+measure");
+            laps.step("guards+measure")?;
             self.watch_exit(&c.id);
             {
                 let _order = self.event_order.lock();
                 self.set_starting(&c.id, true);
             }
-            let r = self.c.start_task(&c.id, "").await;
-            laps.lap("start");
-            r
+            let pid = self.c.start_task(&c.id, "").await?;
+            laps.step("start")?;
+            Ok(pid)
         }
         .await;
         // On failure the caller's teardown drops the copiers' holders.

@@ -28,11 +28,22 @@ impl Laps {
 
     /// Ends the step `name`, started where the last one ended.
     pub(crate) fn lap(&mut self, name: &'static str) {
+        self.time(name);
+        imacri_runtime::crash::at(self.what, name);
+    }
+
+    /// `lap` for a step after which the call can still fail (and so roll
+    /// back): where a test can make it fail.
+    pub(crate) fn step(&mut self, name: &'static str) -> imacri_runtime::Result<()> {
+        self.time(name);
+        imacri_runtime::crash::step(self.what, name)
+    }
+
+    fn time(&mut self, name: &'static str) {
         let now = Instant::now();
         self.laps
             .push((name, (now - self.last).as_secs_f64() * 1000.0));
         self.last = now;
-        imacri_runtime::crash::at(self.what, name);
     }
 }
 

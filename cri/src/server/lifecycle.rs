@@ -245,13 +245,13 @@ impl CriServer {
             }
             self.c.delete_task(id).await.ignore_not_found()?;
         }
-        laps.lap("task");
+        laps.step("task")?;
         self.take_io(id);
         if let Ok(mut m) = self.created_mounts.lock() {
             m.remove(id);
         }
         self.delete_records(id, when).await?;
-        laps.lap("containerd");
+        laps.step("containerd")?;
         self.remove_fifos(id);
         self.remove_idmapped_volumes(id);
         let config = self.containers.get(id).map(|c| c.config.clone());

@@ -83,6 +83,33 @@ where
     }
 }
 
+/// What a failed call's clean-up (`what`, of container `id`) could not do
+/// (`first`: containerd down) is done in the background, `retrying`,
+/// rather than left until imacri's next start.
+pub(crate) fn clean_up_later<F, Fut>(
+    id: &str,
+    what: &'static str,
+    first: imacri_runtime::Error,
+    f: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    tracing::warn!(container_id = %id, error = %first, "{what} failed; retrying");
+    let span = tracing::info_span!("clean-up", container_id = %id);
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            match retrying(f).await {
+                Ok(()) => tracing::info!("{what} done on a retry"),
+                Err(e) => {
+                    tracing::error!(error = %e, "{what} not done; the next start's sweep does it")
+                }
+            }
+        },
+        span,
+    ));
+}
+
 impl CriServer {
     /// Deletes a container's containerd record and snapshot (independent:
     /// at once). `Records::Later` spawns it; an attempt that fails

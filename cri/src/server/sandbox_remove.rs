@@ -33,10 +33,10 @@ impl CriServer {
         for c in self.containers_of(&sb.id) {
             self.remove_container_entry(&c, Records::Now).await?;
         }
-        imacri_runtime::crash::at("RemovePodSandbox", "containers");
+        imacri_runtime::crash::step("RemovePodSandbox", "containers")?;
         let _op = sb.op.lock().await;
         self.teardown_sandbox(&sb).await?;
-        imacri_runtime::crash::at("RemovePodSandbox", "teardown");
+        imacri_runtime::crash::step("RemovePodSandbox", "teardown")?;
         self.emit(
             imacri_api::cri::ContainerEventType::ContainerDeletedEvent,
             &sb.id,

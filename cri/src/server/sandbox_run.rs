@@ -266,8 +266,8 @@ impl CriServer {
             }
         };
         let _op = entry.op.lock().await;
-        imacri_runtime::crash::at("RunPodSandbox", "recorded");
         let res = async {
+            imacri_runtime::crash::step("RunPodSandbox", "recorded")?;
             let pid = match &image {
                 Some(image) => self.start_sandbox(&entry, image, host_net).await?,
                 None => self.start_infra_less(&entry, host_net).await?,
@@ -278,7 +278,7 @@ impl CriServer {
                 entry.update(|s| s.pid = pid)?;
                 self.nri_run_pod(&entry).await?;
             }
-            imacri_runtime::crash::at("RunPodSandbox", "ready");
+            imacri_runtime::crash::step("RunPodSandbox", "ready")?;
             Ok(pid)
         }
         .await;
@@ -319,6 +319,7 @@ impl CriServer {
         match self.teardown_sandbox(sb).await {
             Ok(()) => {
                 let _ = self.sandboxes.remove(&sb.id);
+                tracing::info!(pod_sandbox_id = %sb.id, "pod's creation rolled back");
             }
             Err(e) => {
                 tracing::error!(pod_sandbox_id = %sb.id, error = %e, "rollback of the pod's creation failed; it is kept, not ready, for RemovePodSandbox");
@@ -358,9 +359,13 @@ impl CriServer {
             }))
         };
         let (cni, prepared) = tokio::join!(namespaces, self.prepare_pause(entry, image, host_net));
-        laps.lap("namespaces+prepare");
+        // A failure here still joins the ADD in flight below.
+        let failed = laps.step("namespaces+prepare");
         let (cni, started) = match (cni, prepared) {
-            (Ok(cni), Ok(p)) => (cni, self.run_pause(entry, p, &mut laps).await),
+            (Ok(cni), Ok(p)) => match failed {
+                Ok(()) => (cni, self.run_pause(entry, p, &mut laps).await),
+                Err(e) => (cni, Err(e)),
+            },
             (Ok(cni), Err(e)) => (cni, Err(e)),
             (Err(e), _) => (None, Err(e)),
         };
@@ -368,8 +373,8 @@ impl CriServer {
             let att = h
                 .await
                 .map_err(|e| Error::Internal(format!("CNI ADD task: {e}")))?;
-            laps.lap("cni-wait");
             let pid = started?;
+            laps.step("cni-wait")?;
             let ips = att?.ips;
             entry.update(|s| s.ips = ips)?;
             return Ok(pid);
@@ -410,12 +415,12 @@ impl CriServer {
         })
         .await
         .map_err(|e| Error::Internal(format!("namespace task: {e}")))??;
-        laps.lap("namespaces");
+        laps.step("namespaces")?;
         // An ima pod's user namespace is guarded before any of its processes
         // exists (no nested user namespaces, a binfmt_misc of its own).
         self.guard_process(&entry.state(), id, 0, Scope::UserNamespace)
             .await?;
-        laps.lap("guards");
+        laps.step("guards")?;
         if let Some(ns) = &st.netns {
             let pod = super::lifecycle::pod_network(entry, ns);
             let me = self.clone();
@@ -424,7 +429,7 @@ impl CriServer {
                 .map_err(|e| Error::Internal(format!("CNI ADD task: {e}")))??
                 .ips;
             entry.update(|s| s.ips = ips)?;
-            laps.lap("cni");
+            laps.step("cni")?;
         }
         Ok(0)
     }
@@ -512,7 +517,7 @@ impl CriServer {
         let pid = self
             .create_task_on(id, st, mounts, &stdio, idmapped)
             .await?;
-        laps.lap("task");
+        laps.step("task")?;
         self.own_task(st, id, pid).await?;
         // The pod's pid namespace (shared by containers with pid POD) gets
         // its guards while pause starts: pause is the pod's own trusted
@@ -524,7 +529,7 @@ impl CriServer {
         );
         guarded?;
         let started = started?;
-        laps.lap("guards+start");
+        laps.step("guards+start")?;
         // Sealing waits for pause to settle; its containers' starts wait
         // for the seal instead of this call.
         self.seal_pause_later(st, id, pid);

@@ -26,12 +26,12 @@ impl CriServer {
             // left is killed.
             self.stop_container_entry(&c, Duration::ZERO).await?;
         }
-        imacri_runtime::crash::at("StopPodSandbox", "containers");
+        imacri_runtime::crash::step("StopPodSandbox", "containers")?;
         {
             let _op = sb.op.lock().await;
             self.stop_task(&sb.id, SIGKILL, Duration::ZERO).await?;
             self.release_sandbox_resources(&sb)?;
-            imacri_runtime::crash::at("StopPodSandbox", "released");
+            imacri_runtime::crash::step("StopPodSandbox", "released")?;
             let was = sb.update(|s| {
                 let was = s.phase;
                 s.phase = SandboxPhase::NotReady;
