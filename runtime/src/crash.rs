@@ -53,12 +53,22 @@ pub fn at(what: &str, step: &str) {
     static HELD: AtomicBool = AtomicBool::new(false);
     let hold = h.hold.as_ref().filter(|(w, s, _)| w == what && s == step);
     if let Some((_, _, file)) = hold.filter(|_| !HELD.swap(true, Ordering::SeqCst)) {
-        // A blocking wait on purpose: the call stands still at this step
-        // (the test's one call; other calls run on other threads).
+        // A blocking wait on purpose (the steps are reached in sync code):
+        // the call stands still at this step. Its runtime thread hands its
+        // other tasks over first, so that other calls run meanwhile as they
+        // would while this one waited for containerd (a test races them).
         if std::fs::write(file, format!("{what}:{step}")).is_ok() {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while std::path::Path::new(file).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
+            let wait = || {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while std::path::Path::new(file).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            };
+            let multi_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            match multi_thread {
+                true => tokio::task::block_in_place(wait),
+                false => wait(),
             }
         }
     }

@@ -16,8 +16,12 @@ pub struct Entry<C, S> {
     /// The CRI config, immutable.
     pub config: C,
     state: RwLock<S>,
-    /// Serializes lifecycle operations (start/stop/remove) on this object.
-    pub op: tokio::sync::Mutex<()>,
+    /// Serializes lifecycle operations (start/stop/remove) on this object
+    /// (`write`). A pod's is also read-held by the container calls that
+    /// need it ready (CreateContainer, StartContainer), so that its stop and
+    /// removal wait for them and see what they made, and a call that
+    /// waited for a stop finds the pod not ready.
+    pub op: tokio::sync::RwLock<()>,
     dir: PathBuf,
 }
 
@@ -109,7 +113,7 @@ where
                             name,
                             config,
                             state: RwLock::new(state),
-                            op: tokio::sync::Mutex::new(()),
+                            op: tokio::sync::RwLock::new(()),
                             dir: d,
                         }),
                     );
@@ -176,7 +180,7 @@ where
             name: name.to_string(),
             config,
             state: RwLock::new(state),
-            op: tokio::sync::Mutex::new(()),
+            op: tokio::sync::RwLock::new(()),
             dir: d,
         });
         self.items

@@ -6,7 +6,7 @@ use imacri_runtime::containerd::NewContainer;
 use imacri_runtime::ids::{new_id, now_nanos};
 use imacri_runtime::integrity::fanotify::VolumeMark;
 use imacri_runtime::pod::SandboxState;
-use imacri_runtime::pod::{ContainerPhase, ContainerState, SandboxPhase};
+use imacri_runtime::pod::{ContainerPhase, ContainerState};
 use imacri_runtime::spec::{self, ContainerInputs};
 use imacri_runtime::{Error, Result};
 use std::collections::HashMap;
@@ -136,13 +136,11 @@ impl CriServer {
             .clone();
         non_empty("config.image.image", &image_name)?;
         let sb = self.sandbox(&req.pod_sandbox_id)?;
+        // Until the container is recorded: a stop or removal of the pod
+        // waits, then stops or removes it with the others.
+        let _pod = sb.op.read().await;
+        self.still_ready(&sb)?;
         let sb_state = sb.state();
-        if sb_state.phase != SandboxPhase::Ready {
-            return Err(Error::FailedPrecondition(format!(
-                "pod sandbox {} is not ready",
-                sb.id
-            )));
-        }
         let image = self.images.get(&image_name).ok_or_else(|| {
             Error::NotFound(format!("image {image_name:?} not found; pull it first"))
         })?;

@@ -30,7 +30,7 @@ impl CriServer {
         c: &Arc<ContainerEntry>,
         when: Records<'_>,
     ) -> Result<()> {
-        let _op = c.op.lock().await;
+        let _op = c.op.write().await;
         let mut laps = super::laps::Laps::new("RemoveContainer", &c.id);
         self.teardown_container(&c.id, when).await?;
         laps.step("teardown")?;

@@ -5,7 +5,7 @@
 use imacri_api::cri;
 use imacri_runtime::ids::now_nanos;
 use imacri_runtime::io::{self, LogFile};
-use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
+use imacri_runtime::pod::ContainerPhase;
 use imacri_runtime::{Error, Result};
 use std::sync::Arc;
 
@@ -17,7 +17,12 @@ impl CriServer {
         req: cri::StartContainerRequest,
     ) -> Result<cri::StartContainerResponse> {
         let c = self.container(&req.container_id)?;
-        let _op = c.op.lock().await;
+        let sb = self.sandbox(&c.state().sandbox_id)?;
+        // The pod first (the order its stop takes them in): its stop waits
+        // for this start, then stops what it started; a start that waited
+        // for a stop finds the pod not ready.
+        let _pod = sb.op.read().await;
+        let _op = c.op.write().await;
         let st = c.state();
         if st.phase != ContainerPhase::Created {
             return Err(Error::FailedPrecondition(format!(
@@ -25,13 +30,12 @@ impl CriServer {
                 c.id, st.phase
             )));
         }
-        let sb = self.sandbox(&st.sandbox_id)?;
-        if sb.state().phase != SandboxPhase::Ready {
-            return Err(Error::FailedPrecondition(format!(
-                "pod sandbox {} of container {} is not ready",
-                sb.id, c.id
-            )));
-        }
+        self.still_ready(&sb).map_err(|e| match e {
+            Error::FailedPrecondition(m) => {
+                Error::FailedPrecondition(format!("{m}: container {} not started", c.id))
+            }
+            e => e,
+        })?;
         let started_at = now_nanos();
         let started = match self.nri_start(&c.id).await {
             Ok(()) => self.start_task_io(&c).await,
@@ -171,9 +175,7 @@ impl CriServer {
 
     /// Deletes a task that failed to start, keeping the container.
     pub(crate) async fn teardown_task_only(&self, id: &str) -> Result<()> {
-        use imacri_runtime::error::IgnoreNotFound;
-        let _ = self.c.kill_task(id, "", super::lifecycle::SIGKILL).await;
-        self.c.delete_task(id).await.ignore_not_found()?;
+        self.end_task(id).await?;
         self.take_io(id);
         self.remove_fifos(id);
         Ok(())

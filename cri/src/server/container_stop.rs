@@ -36,7 +36,7 @@ impl CriServer {
         grace: Duration,
     ) -> Result<()> {
         {
-            let _op = c.op.lock().await;
+            let _op = c.op.write().await;
             if c.state().phase != ContainerPhase::Running {
                 return Ok(());
             }
@@ -47,7 +47,7 @@ impl CriServer {
         // Plugins hear it with synchronization held off only now: a plugin
         // connecting during a grace period does not wait for it.
         self.nri_held(async {
-            let _op = c.op.lock().await;
+            let _op = c.op.write().await;
             self.nri_stop(c).await
         })
         .await;

@@ -221,6 +221,22 @@ impl CriServer {
         }
     }
 
+    /// Kills the task of `id` if it runs, waits for its exit (containerd
+    /// refuses to delete a task whose process has not exited yet), and
+    /// deletes it.
+    pub(crate) async fn end_task(&self, id: &str) -> Result<()> {
+        if let Some(info) = self.c.task_info(id).await? {
+            if info.status == imacri_runtime::containerd::TaskStatus::Running {
+                self.c.kill_task(id, "", SIGKILL).await.ignore_not_found()?;
+                if !self.wait_exit(id, KILL_WAIT).await {
+                    let _ = self.c.wait_task(id, "").await;
+                }
+            }
+            self.c.delete_task(id).await.ignore_not_found()?;
+        }
+        Ok(())
+    }
+
     /// Removes every containerd object and file of a container. Safe to call
     /// on a half-created container; missing pieces are skipped.
     /// `when` says whether the containerd records go before it returns
@@ -232,18 +248,8 @@ impl CriServer {
             .lock()
             .map(|mut d| d.remove(id))
             .unwrap_or(false);
-        let task = match deleted {
-            true => None,
-            false => self.c.task_info(id).await?,
-        };
-        if let Some(info) = task {
-            if info.status == imacri_runtime::containerd::TaskStatus::Running {
-                self.c.kill_task(id, "", SIGKILL).await.ignore_not_found()?;
-                if !self.wait_exit(id, KILL_WAIT).await {
-                    let _ = self.c.wait_task(id, "").await;
-                }
-            }
-            self.c.delete_task(id).await.ignore_not_found()?;
+        if !deleted {
+            self.end_task(id).await?;
         }
         laps.step("task")?;
         self.take_io(id);

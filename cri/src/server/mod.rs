@@ -407,6 +407,27 @@ impl CriServer {
         }
     }
 
+    /// `sb` is still the pod of its ID (not removed meanwhile) and ready:
+    /// checked by container calls once they hold the pod (`op`).
+    pub(crate) fn still_ready(&self, sb: &Arc<SandboxEntry>) -> Result<()> {
+        match self.sandbox(&sb.id) {
+            Ok(now) if Arc::ptr_eq(&now, sb) => {}
+            _ => {
+                return Err(Error::NotFound(format!(
+                    "pod sandbox {} was removed",
+                    sb.id
+                )))
+            }
+        }
+        if sb.state().phase != imacri_runtime::pod::SandboxPhase::Ready {
+            return Err(Error::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                sb.id
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) fn containers_of(&self, sandbox_id: &str) -> Vec<Arc<ContainerEntry>> {
         self.containers
             .all()

@@ -351,7 +351,7 @@ impl CriServer {
             // Synchronization first, then the container: the order every
             // request takes them in.
             me.nri_held(async {
-                let _op = c.op.lock().await;
+                let _op = c.op.write().await;
                 me.nri_stop(&c).await;
             })
             .await
@@ -385,7 +385,7 @@ impl CriServer {
         // A plugin may ask while the container's own operation waits on that
         // plugin (e.g. from its StartContainer handler): give up rather than
         // deadlock until the plugin's timeout.
-        let _op = tokio::time::timeout(Duration::from_secs(1), c.op.lock())
+        let _op = tokio::time::timeout(Duration::from_secs(1), c.op.write())
             .await
             .map_err(|_| {
                 Error::FailedPrecondition(format!(

@@ -18,6 +18,9 @@ impl CriServer {
             Err(Error::NotFound(_)) => return Ok(cri::RemovePodSandboxResponse {}),
             Err(e) => return Err(e),
         };
+        // Held from before its containers are listed: a creation in flight
+        // ends first, and what it made is removed here.
+        let _op = sb.op.write().await;
         // Nothing of the pod is left in containerd once this returns: what
         // its RemoveContainers left to after their response goes first.
         for id in self.finish_removals(Some(&sb.id), REMOVALS_WAIT).await {
@@ -34,7 +37,6 @@ impl CriServer {
             self.remove_container_entry(&c, Records::Now).await?;
         }
         imacri_runtime::crash::step("RemovePodSandbox", "containers")?;
-        let _op = sb.op.lock().await;
         self.teardown_sandbox(&sb).await?;
         imacri_runtime::crash::step("RemovePodSandbox", "teardown")?;
         self.emit(

@@ -265,7 +265,7 @@ impl CriServer {
                 return Err(e);
             }
         };
-        let _op = entry.op.lock().await;
+        let _op = entry.op.write().await;
         let res = async {
             imacri_runtime::crash::step("RunPodSandbox", "recorded")?;
             let pid = match &image {

@@ -21,6 +21,9 @@ impl CriServer {
             Err(Error::NotFound(_)) => return Ok(cri::StopPodSandboxResponse {}),
             Err(e) => return Err(e),
         };
+        // Held from before its containers are listed: a creation or start
+        // in flight ends first, and what it made is stopped here.
+        let op = sb.op.write().await;
         for c in self.containers_of(&sb.id) {
             // kubelet stops containers with their grace period first; what is
             // left is killed.
@@ -28,7 +31,6 @@ impl CriServer {
         }
         imacri_runtime::crash::step("StopPodSandbox", "containers")?;
         {
-            let _op = sb.op.lock().await;
             self.stop_task(&sb.id, SIGKILL, Duration::ZERO).await?;
             self.release_sandbox_resources(&sb)?;
             imacri_runtime::crash::step("StopPodSandbox", "released")?;
@@ -42,6 +44,7 @@ impl CriServer {
                 self.emit(cri::ContainerEventType::ContainerStoppedEvent, &sb.id);
             }
         }
+        drop(op);
         // Plugins hear of the first StopPodSandbox, also of a pod whose pause
         // process had already died.
         self.nri_held(self.nri_stop_pod(&sb)).await;

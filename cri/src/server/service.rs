@@ -77,7 +77,14 @@ impl RuntimeService for Cri {
     ) -> Res<cri::StopPodSandboxResponse> {
         let r = r.into_inner();
         let id = r.pod_sandbox_id.clone();
-        instrument("StopPodSandbox", &id, self.0.stop_pod_sandbox(r)).await
+        // Synchronization first, then the pod: the order CreateContainer
+        // and StartContainer take them in (the pod's stop waits for them).
+        instrument(
+            "StopPodSandbox",
+            &id,
+            self.0.nri_held(Box::pin(self.0.stop_pod_sandbox(r))),
+        )
+        .await
     }
 
     async fn remove_pod_sandbox(

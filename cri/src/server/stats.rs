@@ -232,7 +232,7 @@ impl CriServer {
             ));
         };
         let nri_updates = self.nri_update(&c.id, &linux).await?;
-        let _op = c.op.lock().await;
+        let _op = c.op.write().await;
         let mut res = spec::resources(Some(&linux))?;
         if !self.node.hugetlb {
             res.set_hugepage_limits(None);

@@ -1,0 +1,227 @@
+//! Two calls on one pod at once, each at every step of the first: a
+//! container created or started while its pod is stopped and removed
+//! (held at the step, `IMACRI_TEST_HOLD_AT`, while the other call runs).
+//! kubelet's pod worker does not do this for one pod, but other clients
+//! and kubelet's garbage collection can: nothing may be left behind, and
+//! no container may run in a pod that was stopped.
+
+use imacri_integration::client::{create_container, pods, run_pod, Rt};
+use imacri_integration::cuts::{
+    back_to, containers_of, create_or_start, created_for, executing_with_volumes,
+    failing_container_steps, made, shapes, stop_and_remove, Made,
+};
+use imacri_integration::{cri, Env, Imacri};
+use std::time::{Duration, Instant};
+
+/// Waits until a call stands at its held step (`hold` made).
+async fn held<T>(
+    d: &Imacri,
+    hold: &std::path::Path,
+    point: &str,
+    call: &tokio::task::JoinHandle<T>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !hold.exists() {
+        assert!(
+            !call.is_finished(),
+            "{point}: the call ended without reaching the step\n{}",
+            d.log()
+        );
+        assert!(Instant::now() < deadline, "{point}: not reached");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An imacri whose first call to reach `point` waits there until the test
+/// lets it go on (`hold` removed).
+async fn holding_at(d: &mut Imacri, point: &str) -> std::path::PathBuf {
+    let hold = d.dir.path().join("held");
+    let file = hold.to_string_lossy().into_owned();
+    d.respawn(&[
+        ("IMACRI_TEST_HOLD_AT", point),
+        ("IMACRI_TEST_HOLD_FILE", &file),
+    ])
+    .await;
+    hold
+}
+
+/// Once `pod` is stopped and removed (kubelet's garbage collection), it
+/// is not listed, no container of it is, and what was there `before` is.
+async fn removed_whole(d: &Imacri, rt: &mut Rt, pod: &str, before: &Made, case: &str) {
+    stop_and_remove(rt, pod)
+        .await
+        .unwrap_or_else(|e| panic!("{case}: the removal: {e}\n{}", d.log()));
+    assert!(
+        !pods(rt).await.iter().any(|p| p.id == pod),
+        "{case}: the pod is listed"
+    );
+    let left = containers_of(rt, pod).await;
+    assert!(
+        left.is_empty(),
+        "{case}: containers of the removed pod: {left:?}"
+    );
+    back_to(d, before, case).await;
+}
+
+/// The containers of `pod` that run.
+async fn running_in(rt: &mut Rt, pod: &str) -> Vec<String> {
+    containers_of(rt, pod)
+        .await
+        .into_iter()
+        .filter(|c| c.state == cri::ContainerState::ContainerRunning as i32)
+        .map(|c| c.id)
+        .collect()
+}
+
+/// CreateContainer or StartContainer held at each of its steps while the
+/// pod is stopped and, if the stop gets through meanwhile, removed (what
+/// kubelet's garbage collection does), in the ima pod shapes (with and
+/// without pause). Once the calls ended no container of the pod runs (one
+/// started meanwhile is stopped, or its start fails), and once the pod is
+/// removed no container of it is listed and nothing of either call is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_made_while_its_pod_goes_neither_runs_nor_stays() {
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let vol = tempfile::tempdir_in(&env.base).unwrap();
+    let ima_shapes = shapes("race")
+        .into_iter()
+        .filter(|(c, _)| c.annotations.contains_key("imacri.dev/ima"));
+    for (cfg, _) in ima_shapes {
+        for (i, point) in failing_container_steps().into_iter().enumerate() {
+            let case = format!("{}: {point}", cfg.metadata.as_ref().unwrap().name);
+            let config = executing_with_volumes(&format!("c{i}"), vol.path());
+            d.respawn(&[]).await;
+            let before = made(&d).await;
+            let hold = holding_at(&mut d, &point).await;
+            let mut rt = d.runtime().await.unwrap();
+            let pod = run_pod(&mut rt, &cfg).await.unwrap();
+            let started = created_for(&point, &mut rt, &pod, &cfg, config.clone()).await;
+            let (mut r, p, c) = (rt.clone(), pod.clone(), cfg.clone());
+            let call =
+                tokio::spawn(
+                    async move { create_or_start(&mut r, started, (&p, &c), config).await },
+                );
+            held(&d, &hold, &case, &call).await;
+            let (mut r, p) = (rt.clone(), pod.clone());
+            let unmake = tokio::spawn(async move {
+                r.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                    pod_sandbox_id: p.clone(),
+                })
+                .await?;
+                r.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: p })
+                    .await?;
+                Ok::<_, tonic::Status>(())
+            });
+            // As far as the stop and removal get while the call stands still.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            std::fs::remove_file(&hold).unwrap();
+            // Either may fail (the call on a pod stopped meanwhile); what
+            // is left is what counts.
+            let _ = call.await.unwrap();
+            let unmade = unmake.await.unwrap();
+            let running = running_in(&mut rt, &pod).await;
+            assert!(
+                running.is_empty(),
+                "{case}: runs in a pod stopped ({unmade:?}): {running:?}\n{}",
+                d.log()
+            );
+            removed_whole(&d, &mut rt, &pod, &before, &case).await;
+        }
+    }
+    d.stop_leaving_nothing().await;
+}
+
+/// The other order: StopPodSandbox or RemovePodSandbox (of a ready pod)
+/// held at each of its steps while a container is created, or one created
+/// before is started, in the pod. The container call waits for the pod's
+/// call, then fails with a code and message that say why (the pod is not
+/// ready, or was removed); nothing of it is left once the pod is removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_call_after_its_pods_stop_began_fails_clearly() {
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let vol = tempfile::tempdir_in(&env.base).unwrap();
+    let (cfg, _) = shapes("race-late")
+        .into_iter()
+        .find(|(c, s)| c.annotations.contains_key("imacri.dev/ima") && s.contains(&"task"))
+        .unwrap();
+    let points = [
+        "StopPodSandbox:containers",
+        "StopPodSandbox:released",
+        "RemovePodSandbox:containers",
+        "RemovePodSandbox:teardown",
+    ];
+    for point in points {
+        for start in [false, true] {
+            let case = format!(
+                "{point}, then a container's {}",
+                if start { "start" } else { "creation" }
+            );
+            let config = executing_with_volumes("late", vol.path());
+            d.respawn(&[]).await;
+            let before = made(&d).await;
+            let hold = holding_at(&mut d, point).await;
+            let mut rt = d.runtime().await.unwrap();
+            let pod = run_pod(&mut rt, &cfg).await.unwrap();
+            let created: Option<String> = match start {
+                true => Some(
+                    create_container(&mut rt, &pod, &cfg, config.clone())
+                        .await
+                        .unwrap(),
+                ),
+                false => None,
+            };
+            let (mut r, p) = (rt.clone(), pod.clone());
+            let remove = point.starts_with("Remove");
+            let unmake = tokio::spawn(async move {
+                if remove {
+                    r.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: p })
+                        .await
+                        .map(|_| ())
+                } else {
+                    r.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: p })
+                        .await
+                        .map(|_| ())
+                }
+            });
+            held(&d, &hold, &case, &unmake).await;
+            let (mut r, p, c, id) = (rt.clone(), pod.clone(), cfg.clone(), created.clone());
+            let call =
+                tokio::spawn(async move { create_or_start(&mut r, id, (&p, &c), config).await });
+            // The container call waits for the pod's (but a start once the
+            // removal removed the container: NotFound at once).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(
+                !call.is_finished() || remove && start,
+                "{case}: it did not wait for the pod's call"
+            );
+            std::fs::remove_file(&hold).unwrap();
+            unmake
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{case}: the pod's call: {e}\n{}", d.log()));
+            let e = call
+                .await
+                .unwrap()
+                .expect_err(&format!("{case}: it worked"));
+            let why = match (remove, &created) {
+                (true, Some(c)) => (tonic::Code::NotFound, c.as_str()),
+                (true, None) => (tonic::Code::NotFound, "was removed"),
+                (false, _) => (tonic::Code::FailedPrecondition, "is not ready"),
+            };
+            assert!(
+                e.code() == why.0 && e.message().contains(why.1),
+                "{case}: {e:?}"
+            );
+            assert!(
+                running_in(&mut rt, &pod).await.is_empty(),
+                "{case}: a container runs"
+            );
+            removed_whole(&d, &mut rt, &pod, &before, &case).await;
+        }
+    }
+    d.stop_leaving_nothing().await;
+}
