@@ -456,6 +456,22 @@ async fn stopped_while_hashing(name: &str, crash: bool) {
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
 
+/// Kills the fd keeper; returns once imacri has started another.
+async fn keeper_replaced(d: &Imacri) {
+    let old = d.keeper_pids();
+    assert!(!old.is_empty(), "no fd keeper runs");
+    d.kill_keeper();
+    imacri_integration::poll::eventually("a new keeper", Duration::from_secs(10), || async {
+        let now = d.keeper_pids();
+        (!now.is_empty()
+            && now.iter().all(|p| !old.contains(p))
+            && d.log().contains("the fd keeper was gone"))
+        .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+}
+
 /// The fd keeper dies (killed, out of memory) while imacri runs: imacri
 /// starts a new one at once and gives it every group and listener again,
 /// so a later imacri crash still finds the containers' measurement kept:
@@ -472,18 +488,7 @@ async fn a_dead_keeper_is_replaced_with_everything_it_held() {
     let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-dies").await;
     let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
     let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, "/tmp/new/true", setup).await;
-    let old = d.keeper_pids();
-    assert!(!old.is_empty(), "no fd keeper runs");
-    d.kill_keeper();
-    imacri_integration::poll::eventually("a new keeper", Duration::from_secs(10), || async {
-        let now = d.keeper_pids();
-        (!now.is_empty()
-            && now.iter().all(|p| !old.contains(p))
-            && d.log().contains("the fd keeper was gone"))
-        .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    keeper_replaced(&d).await;
 
     d.kill();
     go_while_down(&tmp, "after the keeper was replaced");
@@ -599,4 +604,57 @@ async fn a_log_reader_that_stops_reading_holds_up_nothing() {
     assert!(logged(&pod_log(&d, &pod), &c, "/tmp/echo", "exec"));
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
     drop(unread);
+}
+
+/// The fd keeper dies at the moment it has taken a container's fanotify
+/// group from a StartContainer, before imacri's call returned (held there:
+/// `IMACRI_TEST_HOLD_AT=FdKeeper:fan`): the keeper imacri starts in its
+/// place must be given that group too, or a later imacri crash releases
+/// it and the container runs unmeasured while imacri is down (and the next
+/// imacri logs a gap). Before 2026-12-06 imacri remembered what it handed
+/// over only once the keeper had answered, so the new keeper lacked it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_dying_as_it_takes_a_group_is_replaced_with_it() {
+    use imacri_integration::runner::{go_while_down, next_out, runner};
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-dies-at-put").await;
+    let hold = d.dir.path().join("held");
+    let file = hold.to_string_lossy().into_owned();
+    d.respawn(&[
+        ("IMACRI_TEST_HOLD_AT", "FdKeeper:fan"),
+        ("IMACRI_TEST_HOLD_FILE", &file),
+    ])
+    .await;
+    let rt = d.runtime().await.unwrap();
+    let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
+    let (p, c, image) = (pod.clone(), cfg.clone(), env.busybox.clone());
+    let start = tokio::spawn(async move {
+        let mut rt = rt;
+        runner(&mut rt, &p, &c, &image, "/tmp/new/true", setup).await
+    });
+    imacri_integration::poll::eventually(
+        "the group handed over",
+        Duration::from_secs(30),
+        || async { hold.exists().then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    keeper_replaced(&d).await;
+    std::fs::remove_file(&hold).unwrap();
+    let (c, tmp) = start.await.unwrap();
+
+    d.kill();
+    go_while_down(&tmp, "after the keeper died taking the group");
+    d.respawn(&[]).await;
+    let out = next_out(&tmp, "after the restart", &d);
+    assert_eq!(out.trim(), "ran", "{out}");
+    let log = pod_log(&d, &pod);
+    assert!(logged(&log, &c, "/tmp/new/true", "exec"), "{log}");
+    assert!(!has_gap(&log), "{log}");
+    let mut rt = d.runtime().await.unwrap();
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    d.stop_leaving_nothing().await;
 }

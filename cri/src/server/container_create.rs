@@ -136,6 +136,10 @@ impl CriServer {
             .clone();
         non_empty("config.image.image", &image_name)?;
         let sb = self.sandbox(&req.pod_sandbox_id)?;
+        // A pod not ready yet (its RunPodSandbox in flight, NRI hooks
+        // included) fails the call at once, as in containerd, rather than
+        // wait for it.
+        self.still_ready(&sb)?;
         // Until the container is recorded: a stop or removal of the pod
         // waits, then stops or removes it with the others.
         let _pod = sb.op.read().await;

@@ -18,6 +18,8 @@ impl CriServer {
     ) -> Result<cri::StartContainerResponse> {
         let c = self.container(&req.container_id)?;
         let sb = self.sandbox(&c.state().sandbox_id)?;
+        // A pod not ready (being made or stopped) fails it at once.
+        self.pod_ready_to_start(&sb, &c.id)?;
         // The pod first (the order its stop takes them in): its stop waits
         // for this start, then stops what it started; a start that waited
         // for a stop finds the pod not ready.
@@ -30,12 +32,7 @@ impl CriServer {
                 c.id, st.phase
             )));
         }
-        self.still_ready(&sb).map_err(|e| match e {
-            Error::FailedPrecondition(m) => {
-                Error::FailedPrecondition(format!("{m}: container {} not started", c.id))
-            }
-            e => e,
-        })?;
+        self.pod_ready_to_start(&sb, &c.id)?;
         let started_at = now_nanos();
         let started = match self.nri_start(&c.id).await {
             Ok(()) => self.start_task_io(&c).await,
@@ -171,6 +168,15 @@ impl CriServer {
         .await;
         // On failure the caller's teardown drops the copiers' holders.
         result
+    }
+
+    fn pod_ready_to_start(&self, sb: &Arc<super::SandboxEntry>, id: &str) -> Result<()> {
+        self.still_ready(sb).map_err(|e| match e {
+            Error::FailedPrecondition(m) => {
+                Error::FailedPrecondition(format!("{m}: container {id} not started"))
+            }
+            e => e,
+        })
     }
 
     /// Deletes a task that failed to start, keeping the container.

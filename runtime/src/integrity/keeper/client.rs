@@ -160,12 +160,24 @@ impl Keeper {
     /// Hands the keeper a copy of `fd` under `key`. An idle keeper exits,
     /// so one that does not answer is started again (once).
     pub fn put(&self, key: &str, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-        self.put_once(key, fd).or_else(|_| {
+        // Remembered first: a keeper that dies once it has taken `fd`, before
+        // this returns, is replaced (`supervise`) with what is remembered;
+        // remembered after, the new keeper would lack `fd` and an imacri
+        // crash would then release it (a container's group: it runs on
+        // unmeasured).
+        self.remember(key, fd);
+        let put = self.put_once(key, fd).or_else(|_| {
             self.revive()?;
             self.put_once(key, fd)
-        })?;
-        self.remember(key, fd);
-        Ok(())
+        });
+        crate::crash::at(
+            "FdKeeper",
+            key.split_once(':').map_or("listener", |(k, _)| k),
+        );
+        if put.is_err() {
+            self.forget(key);
+        }
+        put
     }
 
     /// Records that the keeper holds `fd` under `key` (handed over by the
