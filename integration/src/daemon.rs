@@ -279,38 +279,13 @@ impl Imacri {
 
     /// The pids of this daemon's fd keeper (`imacri internal fd-keeper`).
     pub fn keeper_pids(&self) -> Vec<i32> {
-        let sock = self.state.join("fdkeeper.sock");
-        let want = format!("fd-keeper\0--socket\0{}", sock.display());
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|p| {
-                let pid = p.file_name().to_string_lossy().parse::<i32>().ok()?;
-                let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-                String::from_utf8_lossy(&cmd).contains(&want).then_some(pid)
-            })
-            .collect()
+        keeper_pids_of(&self.state)
     }
 
     /// SIGKILL to the fd keeper alone, returning once it is gone (its
     /// groups released unless someone else holds them).
     pub fn kill_keeper(&self) {
-        let killed = self.keeper_pids();
-        for pid in &killed {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while killed
-            .iter()
-            .any(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| !c.is_empty()))
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kill_keeper_of(&self.state)
     }
 
     /// SIGTERM and wait: a graceful shutdown.
@@ -378,4 +353,41 @@ pub fn attest_at(socket: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The pids of the fd keeper of the imacri whose state directory is
+/// `state` (`imacri internal fd-keeper`).
+pub fn keeper_pids_of(state: &std::path::Path) -> Vec<i32> {
+    let sock = state.join("fdkeeper.sock");
+    let want = format!("fd-keeper\0--socket\0{}", sock.display());
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|p| {
+            let pid = p.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(&want).then_some(pid)
+        })
+        .collect()
+}
+
+/// `Imacri::kill_keeper` of the imacri whose state directory is `state`
+/// (for a test that kills it while that imacri is being started).
+pub fn kill_keeper_of(state: &std::path::Path) {
+    let killed = keeper_pids_of(state);
+    for pid in &killed {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while killed
+        .iter()
+        .any(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| !c.is_empty()))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -4,6 +4,7 @@
 //! daemon's socket handling.
 
 use imacri_integration::{container_config, cri, pod_config, Env, Imacri};
+use std::path::Path;
 use std::time::Duration;
 
 async fn lines(path: &std::path::Path) -> usize {
@@ -456,6 +457,23 @@ async fn stopped_while_hashing(name: &str, crash: bool) {
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
 
+/// imacri crashes (the keeper kept everything): an execution of the runner
+/// `c` (`runner`, working in `tmp`) waits for the next imacri, which
+/// measures it, with no gap; then the pod goes.
+async fn crash_waits_measured(d: &mut Imacri, (pod, c, tmp): (&str, &str, &Path), what: &str) {
+    use imacri_integration::runner::{go_while_down, next_out};
+    d.kill();
+    go_while_down(tmp, what);
+    d.respawn(&[]).await;
+    let out = next_out(tmp, "after the restart", d);
+    assert_eq!(out.trim(), "ran", "{what}: {out}");
+    let log = pod_log(d, pod);
+    assert!(logged(&log, c, "/tmp/new/true", "exec"), "{what}: {log}");
+    assert!(!has_gap(&log), "{what}: {log}");
+    let mut rt = d.runtime().await.unwrap();
+    imacri_integration::client::remove_pod(&mut rt, pod).await;
+}
+
 /// Kills the fd keeper; returns once imacri has started another.
 async fn keeper_replaced(d: &Imacri) {
     let old = d.keeper_pids();
@@ -480,7 +498,7 @@ async fn keeper_replaced(d: &Imacri) {
 /// the execution ran unmeasured at once.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_keeper_is_replaced_with_everything_it_held() {
-    use imacri_integration::runner::{go_while_down, next_out, runner};
+    use imacri_integration::runner::runner;
     let env = Env::get();
     let mut d = Imacri::start(env).await.unwrap();
     d.pull(&env.busybox).await;
@@ -490,16 +508,7 @@ async fn a_dead_keeper_is_replaced_with_everything_it_held() {
     let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, "/tmp/new/true", setup).await;
     keeper_replaced(&d).await;
 
-    d.kill();
-    go_while_down(&tmp, "after the keeper was replaced");
-    d.spawn().await.unwrap();
-    let out = next_out(&tmp, "after the restart", &d);
-    assert_eq!(out.trim(), "ran", "{out}");
-    let log = pod_log(&d, &pod);
-    assert!(logged(&log, &c, "/tmp/new/true", "exec"), "{log}");
-    assert!(!has_gap(&log), "{log}");
-    let mut rt = d.runtime().await.unwrap();
-    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    crash_waits_measured(&mut d, (&pod, &c, &tmp), "after the keeper was replaced").await;
 }
 
 /// While imacri is down the keeper's groups fill with the events of closes
@@ -615,7 +624,7 @@ async fn a_log_reader_that_stops_reading_holds_up_nothing() {
 /// over only once the keeper had answered, so the new keeper lacked it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keeper_dying_as_it_takes_a_group_is_replaced_with_it() {
-    use imacri_integration::runner::{go_while_down, next_out, runner};
+    use imacri_integration::runner::runner;
     let env = Env::get();
     let mut d = Imacri::start_isolated(env).await.unwrap();
     d.pull(&env.busybox).await;
@@ -646,15 +655,76 @@ async fn a_keeper_dying_as_it_takes_a_group_is_replaced_with_it() {
     std::fs::remove_file(&hold).unwrap();
     let (c, tmp) = start.await.unwrap();
 
-    d.kill();
-    go_while_down(&tmp, "after the keeper died taking the group");
-    d.respawn(&[]).await;
-    let out = next_out(&tmp, "after the restart", &d);
-    assert_eq!(out.trim(), "ran", "{out}");
-    let log = pod_log(&d, &pod);
-    assert!(logged(&log, &c, "/tmp/new/true", "exec"), "{log}");
-    assert!(!has_gap(&log), "{log}");
+    crash_waits_measured(
+        &mut d,
+        (&pod, &c, &tmp),
+        "after the keeper died taking the group",
+    )
+    .await;
+    d.stop_leaving_nothing().await;
+}
+
+/// The fd keeper dies while a starting imacri takes back what it held
+/// (held right after the keeper handed everything over:
+/// `IMACRI_TEST_HOLD_AT=FdKeeper:all`): the keeper started in its place
+/// was given only what imacri had remembered by then, not the groups it
+/// was taking back. Once taken back they must be given to it, or an imacri
+/// crash releases them and the containers run unmeasured while imacri is
+/// down (and the next imacri logs a gap), as until 2026-12-06.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_dying_while_imacri_takes_back_its_groups_is_given_them() {
+    use imacri_integration::runner::runner;
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
     let mut rt = d.runtime().await.unwrap();
-    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-dies-at-start").await;
+    let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
+    let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, "/tmp/new/true", setup).await;
+    let hold = d.dir.path().join("held");
+    let file = hold.to_string_lossy().into_owned();
+    let (state, log) = (d.state.clone(), d.dir.path().join("imacri.log"));
+    // The keeper dies while the new imacri stands at the step; the test
+    // waits for its replacement, then lets the start go on.
+    let kill = async {
+        imacri_integration::poll::eventually(
+            "the keeper's handover",
+            Duration::from_secs(60),
+            || {
+                let hold = hold.clone();
+                async move { hold.exists().then_some(()) }
+            },
+        )
+        .await
+        .unwrap();
+        let old = imacri_integration::keeper_pids_of(&state);
+        imacri_integration::kill_keeper_of(&state);
+        imacri_integration::poll::eventually("a new keeper", Duration::from_secs(10), || {
+            let (state, log, old) = (state.clone(), log.clone(), old.clone());
+            async move {
+                let now = imacri_integration::keeper_pids_of(&state);
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                (!now.is_empty()
+                    && now.iter().all(|p| !old.contains(p))
+                    && said.contains("the fd keeper was gone"))
+                .then_some(())
+            }
+        })
+        .await
+        .unwrap();
+        std::fs::remove_file(&hold).unwrap();
+    };
+    let vars = [
+        ("IMACRI_TEST_HOLD_AT", "FdKeeper:all"),
+        ("IMACRI_TEST_HOLD_FILE", file.as_str()),
+    ];
+    tokio::join!(d.respawn(&vars), kill);
+
+    crash_waits_measured(
+        &mut d,
+        (&pod, &c, &tmp),
+        "after the keeper died during imacri's start",
+    )
+    .await;
     d.stop_leaving_nothing().await;
 }

@@ -346,10 +346,16 @@ impl CriServer {
         });
         server.start_notice_consumer(notices);
         server.clean_staged_rootfs();
+        let since = server.integrity.keeper().map(|k| k.revivals());
         let kept = server.kept_fds();
         let listeners = server.recover(kept).await;
         server.sweep_orphans().await;
         server.adopt_kept_listeners(listeners);
+        if let (Some(k), Some(since)) = (server.integrity.keeper(), since) {
+            if let Err(e) = k.catch_up(since) {
+                tracing::error!(error = %e, "the fd keeper was started again while imacri took back what it held, and cannot be given it: an imacri crash now leaves ima containers unmeasured");
+            }
+        }
         server.start_monitor().await;
         Ok(server)
     }

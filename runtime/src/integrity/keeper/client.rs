@@ -6,6 +6,7 @@ use nix::sys::socket::UnixAddr;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,10 @@ pub struct Keeper {
     /// (otherwise the node would silently lose its protection against an
     /// imacri crash).
     given: Arc<Given>,
+    /// How many times a new keeper was given everything (`revive`): what a
+    /// caller took back (`all`) and remembered after a revive never reached
+    /// the new keeper (`catch_up`).
+    revivals: Arc<AtomicU64>,
 }
 
 /// imacri's copy of what the keeper holds, by owner (a container's group
@@ -78,6 +83,7 @@ impl Keeper {
             exe: exe.to_path_buf(),
             hold: Default::default(),
             given: Default::default(),
+            revivals: Default::default(),
         };
         k.start()?;
         Ok(k)
@@ -231,6 +237,9 @@ impl Keeper {
     /// Starts a keeper (if none answers) and gives it everything imacri
     /// handed over before: the last one may have died with all of it.
     fn revive(&self) -> std::io::Result<usize> {
+        // Counted before what is given is read: a caller whose remembering
+        // raced this one sees the count moved and gives it again.
+        self.revivals.fetch_add(1, Ordering::SeqCst);
         self.start()?;
         let shards: Vec<Arc<Mutex<Owned>>> = self.given.owners.pin().values().cloned().collect();
         let mut n = 0;
@@ -305,6 +314,25 @@ impl Keeper {
         }
     }
 
+    /// The count `catch_up` compares with: taken before `all`.
+    pub fn revivals(&self) -> u64 {
+        self.revivals.load(Ordering::SeqCst)
+    }
+
+    /// After taking back what `all` gave (at start) and remembering what
+    /// is still wanted: if a keeper was started again since `since` (the
+    /// last one died meanwhile), it was given only what was remembered
+    /// then; it is given everything now, or an imacri crash would release
+    /// what it lacks (a running container's group: unmeasured).
+    pub fn catch_up(&self, since: u64) -> std::io::Result<()> {
+        if self.revivals() == since {
+            return Ok(());
+        }
+        let n = self.revive()?;
+        tracing::warn!(given = n, "the fd keeper was started again while imacri took back what it held: given everything again");
+        Ok(())
+    }
+
     /// Copies of every fd the keeper holds, with their keys.
     pub fn all(&self) -> std::io::Result<Vec<(String, OwnedFd)>> {
         let s = self.connect()?;
@@ -313,7 +341,10 @@ impl Keeper {
         loop {
             match recv(s.as_fd())? {
                 (Some(t), Some(fd)) if t.starts_with("FD ") => out.push((t[3..].to_string(), fd)),
-                (Some(t), _) if t == "END" => return Ok(out),
+                (Some(t), _) if t == "END" => {
+                    crate::crash::at("FdKeeper", "all");
+                    return Ok(out);
+                }
                 (t, _) => return Err(std::io::Error::other(format!("fd keeper answered {t:?}"))),
             }
         }
@@ -335,6 +366,7 @@ mod tests {
             exe: PathBuf::from("/nonexistent"),
             hold: Default::default(),
             given: Default::default(),
+            revivals: Default::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         while k.connect().is_err() {
