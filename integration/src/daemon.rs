@@ -288,6 +288,44 @@ impl Imacri {
         kill_keeper_of(&self.state)
     }
 
+    /// Kills the fd keeper; returns once imacri has started another.
+    pub async fn keeper_replaced(&self) {
+        let old = self.keeper_pids();
+        assert!(!old.is_empty(), "no fd keeper runs");
+        self.kill_keeper();
+        crate::poll::eventually("a new keeper", Duration::from_secs(10), || async {
+            let now = self.keeper_pids();
+            (!now.is_empty()
+                && now.iter().all(|p| !old.contains(p))
+                && self.log().contains("the fd keeper was gone"))
+            .then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
+    }
+
+    /// Respawns imacri so that the first call to reach `point` stands there
+    /// (`IMACRI_TEST_HOLD_AT`) while the file it names exists: that file.
+    pub async fn holding_at(&mut self, point: &str) -> PathBuf {
+        let hold = self.dir.path().join("held");
+        let file = hold.to_string_lossy().into_owned();
+        self.respawn(&[
+            ("IMACRI_TEST_HOLD_AT", point),
+            ("IMACRI_TEST_HOLD_FILE", &file),
+        ])
+        .await;
+        hold
+    }
+
+    /// Waits until a call stands at the point `holding_at` named.
+    pub async fn until_held(&self, hold: &std::path::Path) {
+        crate::poll::eventually("the held point", Duration::from_secs(60), || async {
+            hold.exists().then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
+    }
+
     /// SIGTERM and wait: a graceful shutdown.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;

@@ -7,6 +7,43 @@ use imacri_integration::escapes::*;
 use imacri_integration::runner::{go_while_down, next_out, runner};
 use imacri_integration::{container_config, Env};
 
+/// A container whose own process tree (not an exec) maps a file
+/// executable when /tmp/go appears (the path in it).
+fn mapper(image: &str) -> imacri_integration::cri::ContainerConfig {
+    let script = "while true; do if [ -f /tmp/go ]; then p=$(cat /tmp/go); rm /tmp/go; \
+        escape file-mmap $p > /tmp/out.new 2>&1; mv /tmp/out.new /tmp/out; fi; \
+        sleep 0.05; done";
+    container_config("loop", image, &["sh", "-c", script])
+}
+
+/// The fd keeper dies at the moment it has taken a starting container's
+/// seccomp listener (held there: `IMACRI_TEST_HOLD_AT=FdKeeper:listener`):
+/// the keeper started in its place is given it too, so after an imacri
+/// crash the container's mappings wait for the next imacri and are
+/// measured (the listener's twin of `restart.rs`
+/// `a_keeper_dying_as_it_takes_a_group_is_replaced_with_it`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_dying_as_it_takes_a_listener_is_replaced_with_it() {
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("keeper-listener", "measure");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let hold = d.holding_at("FdKeeper:listener").await;
+    let rt = d.runtime().await.unwrap();
+    let (p, c) = (pod.clone(), cfg.clone());
+    let start = tokio::spawn(async move {
+        let mut rt = rt;
+        start_container(&mut rt, &p, &c, mapper(&image)).await
+    });
+    d.until_held(&hold).await;
+    d.keeper_replaced().await;
+    std::fs::remove_file(&hold).unwrap();
+    let c = start.await.unwrap();
+    let mut rt = d.runtime().await.unwrap();
+    mapping_waits_across_a_crash(&mut d, &mut rt, &pod, &c).await;
+}
+
 /// A process that was running before imacri went away maps a file
 /// executable while imacri is down and after it is back: the call waits for
 /// the next imacri (the fd keeper held the seccomp listener), which measures
@@ -18,19 +55,21 @@ async fn mappings_of_running_processes_wait_for_a_restarted_imacri() {
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima("escape-restart", "measure");
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
-    // The container's own process tree (not an exec) does the mapping when
-    // /tmp/go appears.
-    let script = "while true; do if [ -f /tmp/go ]; then p=$(cat /tmp/go); rm /tmp/go; \
-        escape file-mmap $p > /tmp/out.new 2>&1; mv /tmp/out.new /tmp/out; fi; \
-        sleep 0.05; done";
-    let c = start_container(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config("loop", &image, &["sh", "-c", script]),
-    )
-    .await;
-    let info = imacri_integration::client::container_info(&mut rt, &c).await;
+    let c = start_container(&mut rt, &pod, &cfg, mapper(&image)).await;
+    mapping_waits_across_a_crash(&mut d, &mut rt, &pod, &c).await;
+}
+
+/// The container's own process tree (`mapper`) maps a file executable with
+/// imacri up, then while imacri is down after a crash: the second call
+/// waits for the next imacri (the fd keeper held the seccomp listener),
+/// which measures it; it neither fails with ENOSYS nor runs unmeasured.
+async fn mapping_waits_across_a_crash(
+    d: &mut imacri_integration::Imacri,
+    rt: &mut imacri_integration::client::Rt,
+    pod: &str,
+    c: &str,
+) {
+    let info = imacri_integration::client::container_info(rt, c).await;
     let pid = info["pid"].as_u64().unwrap();
     let tmp = std::path::PathBuf::from(format!("/proc/{pid}/root/tmp"));
     let wait_out = |what: &str| {
@@ -56,12 +95,12 @@ async fn mappings_of_running_processes_wait_for_a_restarted_imacri() {
         "the mapping did not wait for imacri: {:?}",
         std::fs::read_to_string(tmp.join("out"))
     );
-    d.spawn().await.unwrap();
+    d.respawn(&[]).await;
     let out = wait_out("after the restart");
     assert!(out.contains("RAN file-mmap"), "{out}\n{}", d.log());
     // And it was measured, by the new imacri.
     let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
-    let lines = log_lines(&d, &pod);
+    let lines = log_lines(d, pod);
     assert!(
         lines.iter().any(|l| l.contains("/tmp/after.bin")
             && l.contains(&code_file)
@@ -69,7 +108,7 @@ async fn mappings_of_running_processes_wait_for_a_restarted_imacri() {
         "{lines:#?}"
     );
     let mut rt = d.runtime().await.unwrap();
-    stop_pod(&mut rt, &pod).await;
+    stop_pod(&mut rt, pod).await;
 }
 
 /// While imacri is down (killed, or stopped for an upgrade), an ima

@@ -32,19 +32,6 @@ async fn held<T>(
     }
 }
 
-/// An imacri whose first call to reach `point` waits there until the test
-/// lets it go on (`hold` removed).
-async fn holding_at(d: &mut Imacri, point: &str) -> std::path::PathBuf {
-    let hold = d.dir.path().join("held");
-    let file = hold.to_string_lossy().into_owned();
-    d.respawn(&[
-        ("IMACRI_TEST_HOLD_AT", point),
-        ("IMACRI_TEST_HOLD_FILE", &file),
-    ])
-    .await;
-    hold
-}
-
 /// Once `pod` is stopped and removed (kubelet's garbage collection), it
 /// is not listed, no container of it is, and what was there `before` is.
 async fn removed_whole(d: &Imacri, rt: &mut Rt, pod: &str, before: &Made, case: &str) {
@@ -94,7 +81,7 @@ async fn a_container_made_while_its_pod_goes_neither_runs_nor_stays() {
             let config = executing_with_volumes(&format!("c{i}"), vol.path());
             d.respawn(&[]).await;
             let before = made(&d).await;
-            let hold = holding_at(&mut d, &point).await;
+            let hold = d.holding_at(&point).await;
             let mut rt = d.runtime().await.unwrap();
             let pod = run_pod(&mut rt, &cfg).await.unwrap();
             let started = created_for(&point, &mut rt, &pod, &cfg, config.clone()).await;
@@ -164,7 +151,7 @@ async fn a_container_call_after_its_pods_stop_began_fails_clearly() {
             let config = executing_with_volumes("late", vol.path());
             d.respawn(&[]).await;
             let before = made(&d).await;
-            let hold = holding_at(&mut d, point).await;
+            let hold = d.holding_at(point).await;
             let mut rt = d.runtime().await.unwrap();
             let pod = run_pod(&mut rt, &cfg).await.unwrap();
             let created: Option<String> = match start {

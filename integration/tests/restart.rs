@@ -474,22 +474,6 @@ async fn crash_waits_measured(d: &mut Imacri, (pod, c, tmp): (&str, &str, &Path)
     imacri_integration::client::remove_pod(&mut rt, pod).await;
 }
 
-/// Kills the fd keeper; returns once imacri has started another.
-async fn keeper_replaced(d: &Imacri) {
-    let old = d.keeper_pids();
-    assert!(!old.is_empty(), "no fd keeper runs");
-    d.kill_keeper();
-    imacri_integration::poll::eventually("a new keeper", Duration::from_secs(10), || async {
-        let now = d.keeper_pids();
-        (!now.is_empty()
-            && now.iter().all(|p| !old.contains(p))
-            && d.log().contains("the fd keeper was gone"))
-        .then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-}
-
 /// The fd keeper dies (killed, out of memory) while imacri runs: imacri
 /// starts a new one at once and gives it every group and listener again,
 /// so a later imacri crash still finds the containers' measurement kept:
@@ -506,7 +490,7 @@ async fn a_dead_keeper_is_replaced_with_everything_it_held() {
     let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-dies").await;
     let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
     let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, "/tmp/new/true", setup).await;
-    keeper_replaced(&d).await;
+    d.keeper_replaced().await;
 
     crash_waits_measured(&mut d, (&pod, &c, &tmp), "after the keeper was replaced").await;
 }
@@ -630,13 +614,7 @@ async fn a_keeper_dying_as_it_takes_a_group_is_replaced_with_it() {
     d.pull(&env.busybox).await;
     let mut rt = d.runtime().await.unwrap();
     let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-dies-at-put").await;
-    let hold = d.dir.path().join("held");
-    let file = hold.to_string_lossy().into_owned();
-    d.respawn(&[
-        ("IMACRI_TEST_HOLD_AT", "FdKeeper:fan"),
-        ("IMACRI_TEST_HOLD_FILE", &file),
-    ])
-    .await;
+    let hold = d.holding_at("FdKeeper:fan").await;
     let rt = d.runtime().await.unwrap();
     let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
     let (p, c, image) = (pod.clone(), cfg.clone(), env.busybox.clone());
@@ -644,14 +622,8 @@ async fn a_keeper_dying_as_it_takes_a_group_is_replaced_with_it() {
         let mut rt = rt;
         runner(&mut rt, &p, &c, &image, "/tmp/new/true", setup).await
     });
-    imacri_integration::poll::eventually(
-        "the group handed over",
-        Duration::from_secs(30),
-        || async { hold.exists().then_some(()) },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
-    keeper_replaced(&d).await;
+    d.until_held(&hold).await;
+    d.keeper_replaced().await;
     std::fs::remove_file(&hold).unwrap();
     let (c, tmp) = start.await.unwrap();
 
