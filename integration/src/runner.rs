@@ -1,14 +1,22 @@
 //! A container that runs a program whenever the host asks it to, through
-//! a file in its `/tmp`: what drives an ima container's executions while
+//! a fifo in its `/tmp`: what drives an ima container's executions while
 //! imacri is down (no CRI exec then) in the restart tests.
 
 use crate::client::{sh_ok, start_container};
 use crate::{container_config, cri, Imacri};
 
-/// A container of `pod` whose shell runs `prog` whenever `/tmp/go`
-/// appears and writes "ran" or "refused <status>" (with the shell's error)
-/// to `/tmp/out`; `setup` runs in it first. Returns it and its `/tmp` as
-/// the host sees it (to drive it while imacri is down).
+/// The line the runner's output ends with once its program is done.
+const DONE: &str = "--\n";
+
+/// A container of `pod` whose shell runs `prog` whenever a line arrives
+/// on its fifo `/tmp/.go` (`go`; the line is `$x` in `prog`) and writes
+/// "ran" or "refused <status>" (with the shell's error) to `/tmp/out`;
+/// `setup` runs in it first. Returns it and its `/tmp` as the host sees it
+/// (to drive it while imacri is down).
+///
+/// Between runs the shell waits in its own `read` (a builtin): it executes
+/// nothing but `prog` (no `sleep` or `rm` every turn), so the first access
+/// a test holds imacri at after the runner started is the program's.
 pub async fn runner(
     rt: &mut crate::client::Rt,
     pod: &str,
@@ -18,9 +26,11 @@ pub async fn runner(
     setup: &str,
 ) -> (String, std::path::PathBuf) {
     let script = format!(
-        "while true; do if [ -f /tmp/go ]; then rm -f /tmp/go; \
-         if {prog}; then echo ran; else echo refused $?; fi > /tmp/out.new 2>&1; \
-         mv /tmp/out.new /tmp/out; fi; sleep 0.05; done"
+        "mkfifo /tmp/.go && exec 3<>/tmp/.go && \
+         while read x <&3; do \
+         {{ if {prog}; then echo ran; else echo refused $?; fi; echo {}; }} > /tmp/out 2>&1; \
+         done",
+        DONE.trim_end()
     );
     let c = start_container(
         rt,
@@ -35,11 +45,25 @@ pub async fn runner(
     (c, format!("/proc/{pid}/root/tmp").into())
 }
 
+/// Asks the runner working in `tmp` to run its program once, with `arg`
+/// as `$x`.
+pub fn go(tmp: &std::path::Path, arg: &str) {
+    // The runner holds its fifo open for reading and writing: this open
+    // does not wait for a reader.
+    std::fs::write(tmp.join(".go"), format!("{arg}\n")).unwrap();
+}
+
+/// The runner's finished output, if its program is done.
+fn finished(tmp: &std::path::Path) -> Option<String> {
+    let o = std::fs::read_to_string(tmp.join("out")).ok()?;
+    o.strip_suffix(DONE).map(str::to_string)
+}
+
 /// The runner's next output (taken away), waiting up to 20 s.
 pub fn next_out(tmp: &std::path::Path, what: &str, d: &Imacri) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        if let Ok(o) = std::fs::read_to_string(tmp.join("out")) {
+        if let Some(o) = finished(tmp) {
             let _ = std::fs::remove_file(tmp.join("out"));
             return o;
         }
@@ -54,11 +78,36 @@ pub fn next_out(tmp: &std::path::Path, what: &str, d: &Imacri) -> String {
 
 /// Starts the runner's program while imacri is down and checks it waits.
 pub fn go_while_down(tmp: &std::path::Path, what: &str) {
-    std::fs::write(tmp.join("go"), "").unwrap();
+    go_while_down_with(tmp, "", what)
+}
+
+/// `go_while_down` with `arg` as the program's `$x`.
+pub fn go_while_down_with(tmp: &std::path::Path, arg: &str, what: &str) {
+    go(tmp, arg);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     assert!(
-        !tmp.join("out").exists(),
+        finished(tmp).is_none(),
         "{what}: an execution did not wait for imacri: {:?}",
         std::fs::read_to_string(tmp.join("out"))
     );
+}
+
+/// Runs the runner's program once with imacri held at `point` (an fd just
+/// handed to the fd keeper, `Imacri::holding_at`), kills the keeper there
+/// (imacri starts another, given what it remembers), then kills imacri and
+/// starts it again: the program's output, once the next imacri answered.
+pub async fn run_across_keeper_and_imacri_deaths(
+    d: &mut Imacri,
+    tmp: &std::path::Path,
+    arg: &str,
+    point: &str,
+) -> String {
+    let hold = d.holding_at(point).await;
+    go(tmp, arg);
+    d.until_held(&hold).await;
+    d.keeper_replaced().await;
+    d.kill();
+    std::fs::remove_file(&hold).unwrap();
+    d.respawn(&[]).await;
+    next_out(tmp, "after the restart", d)
 }

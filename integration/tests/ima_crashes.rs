@@ -2,18 +2,20 @@
 //! execution or mapping waits for the next imacri, which measures it, or
 //! is refused; none runs unmeasured.
 
-use imacri_integration::client::{run_pod, start_container};
+use imacri_integration::client::run_pod;
 use imacri_integration::escapes::*;
-use imacri_integration::runner::{go_while_down, next_out, runner};
-use imacri_integration::{container_config, Env};
+use imacri_integration::runner::*;
+use imacri_integration::Env;
 
-/// A container whose own process tree (not an exec) maps a file
-/// executable when /tmp/go appears (the path in it).
-fn mapper(image: &str) -> imacri_integration::cri::ContainerConfig {
-    let script = "while true; do if [ -f /tmp/go ]; then p=$(cat /tmp/go); rm /tmp/go; \
-        escape file-mmap $p > /tmp/out.new 2>&1; mv /tmp/out.new /tmp/out; fi; \
-        sleep 0.05; done";
-    container_config("loop", image, &["sh", "-c", script])
+/// A runner (`runner.rs`) of `pod` whose own process tree (not an exec)
+/// maps the file named on its fifo executable (`go(tmp, path)`).
+async fn mapper(
+    rt: &mut imacri_integration::client::Rt,
+    pod: &str,
+    cfg: &imacri_integration::cri::PodSandboxConfig,
+    image: &str,
+) -> (String, std::path::PathBuf) {
+    runner(rt, pod, cfg, image, "escape file-mmap $x", "true").await
 }
 
 /// The fd keeper dies at the moment it has taken a starting container's
@@ -34,14 +36,133 @@ async fn a_keeper_dying_as_it_takes_a_listener_is_replaced_with_it() {
     let (p, c) = (pod.clone(), cfg.clone());
     let start = tokio::spawn(async move {
         let mut rt = rt;
-        start_container(&mut rt, &p, &c, mapper(&image)).await
+        mapper(&mut rt, &p, &c, &image).await
     });
     d.until_held(&hold).await;
     d.keeper_replaced().await;
     std::fs::remove_file(&hold).unwrap();
-    let c = start.await.unwrap();
+    let (_, tmp) = start.await.unwrap();
+    mapping_waits_across_a_crash(&mut d, &pod, &tmp).await;
+}
+
+/// The fd keeper dies at the moment it has taken a mapping imacri is about
+/// to hash (held there: `IMACRI_TEST_HOLD_AT=FdKeeper:mev`): the keeper
+/// started in its place is given it too, so when imacri then crashes the
+/// next one measures the mapping and answers it (it runs, logged) instead
+/// of the keeper refusing it as one nobody took.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_dying_as_it_takes_a_mapping_is_replaced_with_it() {
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "").await;
     let mut rt = d.runtime().await.unwrap();
-    mapping_waits_across_a_crash(&mut d, &mut rt, &pod, &c).await;
+    let cfg = ima("keeper-mapping", "measure");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let (_, tmp) = mapper(&mut rt, &pod, &cfg, &image).await;
+    let out =
+        run_across_keeper_and_imacri_deaths(&mut d, &tmp, "/tmp/held.bin", "FdKeeper:mev").await;
+    assert!(out.contains("RAN file-mmap"), "{out}\n{}", d.log());
+    assert!(
+        logged(&log_lines(&d, &pod), "/tmp/held.bin", None, "mmap"),
+        "{}",
+        d.log()
+    );
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// The fd keeper dies at the moment it has taken the read lease on a file
+/// a container mapped executable (held there:
+/// `IMACRI_TEST_HOLD_AT=FdKeeper:fls`): the keeper started in its place is
+/// given it too, so a truncate of that file while imacri is then down
+/// (truncate(2) opens nothing: only the lease sees it) waits on the kept
+/// lease, and the next imacri logs it (`tomtou`) before the cut lands.
+/// Without it the lease went with the crashed imacri and the cut landed
+/// unseen.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_dying_as_it_takes_a_lease_is_replaced_with_it() {
+    use imacri_integration::client::sh_ok;
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("keeper-lease", "measure");
+    let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+    sh_ok(&mut rt, &c, "cp /bin/busybox /tmp/cut.bin").await;
+    let hold = d.holding_at("FdKeeper:fls").await;
+    let mut rt = d.runtime().await.unwrap();
+    // Cut 8 s after its mapping: imacri is down by then.
+    let cut = "escape truncate /tmp/cut.bin 8 > /tmp/cut.out 2>&1 &";
+    sh_ok(&mut rt, &c, cut).await;
+    d.until_held(&hold).await;
+    d.keeper_replaced().await;
+    std::fs::remove_file(&hold).unwrap();
+    let pid = imacri_integration::client::container_info(&mut rt, &c).await["pid"]
+        .as_u64()
+        .unwrap();
+    let out = std::path::PathBuf::from(format!("/proc/{pid}/root/tmp/cut.out"));
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    imacri_integration::poll::eventually("the mapping", std::time::Duration::from_secs(20), || {
+        let o = read();
+        async move { o.contains("MAPPED").then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}\n{}", read(), d.log()));
+    d.kill();
+    // The cut is made while imacri is down, and waits on the lease.
+    tokio::time::sleep(std::time::Duration::from_secs(9)).await;
+    assert!(!read().contains("CUT"), "the cut did not wait: {}", read());
+    d.respawn(&[]).await;
+    imacri_integration::poll::eventually(
+        "the cut logged",
+        std::time::Duration::from_secs(20),
+        || {
+            let lines = entries_of(&log_lines(&d, &pod), &c);
+            async move { logged(&lines, "/tmp/cut.bin", None, "tomtou").then_some(()) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}\n{}", read(), d.log()));
+    let mut rt = d.runtime().await.unwrap();
+    stop_pod(&mut rt, &pod).await;
+}
+
+/// The fd keeper dies at the moment it has taken a file of the rootfs a
+/// container mapped shared and writable (held open for writing so that it
+/// cannot be executed while such a mapping may change it; held there:
+/// `IMACRI_TEST_HOLD_AT=FdKeeper:fwh`): the keeper started in its place is
+/// given it too, so after an imacri crash the file still fails to execute
+/// (ETXTBSY). Without it the crash closed the last writer and the file ran.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_dying_as_it_takes_a_held_writer_is_replaced_with_it() {
+    use imacri_integration::client::{exec_sh, sh_ok};
+    let env = Env::get();
+    let (mut d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("keeper-writer", "measure");
+    let (pod, c) = sleeping_pod(&mut rt, &d, &cfg, &image).await;
+    let hold = d.holding_at("FdKeeper:fwh").await;
+    let mut rt = d.runtime().await.unwrap();
+    sh_ok(&mut rt, &c, "escape shared-keep /tmp/k > /tmp/k.out 2>&1 &").await;
+    d.until_held(&hold).await;
+    d.keeper_replaced().await;
+    std::fs::remove_file(&hold).unwrap();
+    imacri_integration::poll::eventually("the mapping", std::time::Duration::from_secs(20), || {
+        let (mut rt, c) = (rt.clone(), c.clone());
+        async move {
+            let out = sh_ok(&mut rt, &c, "cat /tmp/k.out").await;
+            (out == "READY").then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    d.respawn(&[]).await;
+    let mut rt = d.runtime().await.unwrap();
+    let (_, out, err) = exec_sh(&mut rt, &c, "/tmp/k; echo rc=$?").await;
+    assert!(
+        format!("{out}{err}").contains("Text file busy"),
+        "{out}{err}\n{}",
+        d.log()
+    );
+    stop_pod(&mut rt, &pod).await;
 }
 
 /// A process that was running before imacri went away maps a file
@@ -55,48 +176,28 @@ async fn mappings_of_running_processes_wait_for_a_restarted_imacri() {
     let mut rt = d.runtime().await.unwrap();
     let cfg = ima("escape-restart", "measure");
     let pod = run_pod(&mut rt, &cfg).await.unwrap();
-    let c = start_container(&mut rt, &pod, &cfg, mapper(&image)).await;
-    mapping_waits_across_a_crash(&mut d, &mut rt, &pod, &c).await;
+    let (_, tmp) = mapper(&mut rt, &pod, &cfg, &image).await;
+    mapping_waits_across_a_crash(&mut d, &pod, &tmp).await;
 }
 
-/// The container's own process tree (`mapper`) maps a file executable with
-/// imacri up, then while imacri is down after a crash: the second call
-/// waits for the next imacri (the fd keeper held the seccomp listener),
-/// which measures it; it neither fails with ENOSYS nor runs unmeasured.
+/// The container's own process tree (`mapper`, working in `tmp`) maps a
+/// file executable with imacri up, then while imacri is down after a
+/// crash: the second call waits for the next imacri (the fd keeper held
+/// the seccomp listener), which measures it; it neither fails with ENOSYS
+/// nor runs unmeasured.
 async fn mapping_waits_across_a_crash(
     d: &mut imacri_integration::Imacri,
-    rt: &mut imacri_integration::client::Rt,
     pod: &str,
-    c: &str,
+    tmp: &std::path::Path,
 ) {
-    let info = imacri_integration::client::container_info(rt, c).await;
-    let pid = info["pid"].as_u64().unwrap();
-    let tmp = std::path::PathBuf::from(format!("/proc/{pid}/root/tmp"));
-    let wait_out = |what: &str| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            if let Ok(o) = std::fs::read_to_string(tmp.join("out")) {
-                return o;
-            }
-            assert!(std::time::Instant::now() < deadline, "no output {what}");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
     // Control: with imacri up it maps and runs.
-    std::fs::write(tmp.join("go"), "/tmp/before.bin").unwrap();
-    assert!(wait_out("first").contains("RAN file-mmap"));
-    std::fs::remove_file(tmp.join("out")).unwrap();
+    go(tmp, "/tmp/before.bin");
+    assert!(next_out(tmp, "first", d).contains("RAN file-mmap"));
 
     d.kill();
-    std::fs::write(tmp.join("go"), "/tmp/after.bin").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    assert!(
-        !tmp.join("out").exists(),
-        "the mapping did not wait for imacri: {:?}",
-        std::fs::read_to_string(tmp.join("out"))
-    );
+    go_while_down_with(tmp, "/tmp/after.bin", "the mapping");
     d.respawn(&[]).await;
-    let out = wait_out("after the restart");
+    let out = next_out(tmp, "after the restart", d);
     assert!(out.contains("RAN file-mmap"), "{out}\n{}", d.log());
     // And it was measured, by the new imacri.
     let code_file = sha256_hex(&[0xb8, 0x2a, 0, 0, 0, 0xc3]);
@@ -190,7 +291,7 @@ async fn an_execution_in_flight_at_a_crash_is_refused() {
     let out = next_out(&tmp, "after the restart", &d);
     assert!(out.contains("refused"), "{out}");
     // The next execution of the same file is measured as usual.
-    std::fs::write(tmp.join("go"), "").unwrap();
+    go(&tmp, "");
     let out = next_out(&tmp, "for the second execution", &d);
     assert_eq!(out.trim(), "ran", "{out}");
     let lines = log_lines(&d, &pod);
@@ -219,7 +320,7 @@ async fn a_mapping_in_flight_at_a_crash_is_refused() {
     assert!(!out.contains("RAN file-mmap"), "{out}");
     assert!(out.contains("refused"), "{out}");
     // Mapping it again is measured and allowed.
-    std::fs::write(tmp.join("go"), "").unwrap();
+    go(&tmp, "");
     let out = next_out(&tmp, "for the second mapping", &d);
     assert!(out.contains("RAN file-mmap"), "{out}");
     let mut rt = d.runtime().await.unwrap();
@@ -236,7 +337,7 @@ async fn a_mapping_hashed_at_a_crash_is_measured_by_the_next_imacri() {
     let env = Env::get();
     let (mut d, image, _work) = node_with(env, "IMACRI_TEST_HASH_DELAY", "/tmp/slowmap.bin").await;
     let (pod, tmp) = mapping_runner(&d, &image, "map-hashed", "/tmp/slowmap.bin").await;
-    std::fs::write(tmp.join("go"), "").unwrap();
+    go(&tmp, "");
     crash_while_hashing(&mut d, "the mapped file").await;
     let out = next_out(&tmp, "after the restart", &d);
     assert!(out.contains("RAN file-mmap"), "{out}\n{}", d.log());

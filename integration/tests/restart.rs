@@ -636,6 +636,31 @@ async fn a_keeper_dying_as_it_takes_a_group_is_replaced_with_it() {
     d.stop_leaving_nothing().await;
 }
 
+/// The fd keeper dies at the moment it has taken an execution imacri is
+/// about to hash (held there: `IMACRI_TEST_HOLD_AT=FdKeeper:fev`): the
+/// keeper started in its place is given it too, so when imacri then
+/// crashes the next one measures the execution and lets it run, instead of
+/// the keeper refusing it as an event nobody took.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_dying_as_it_takes_an_execution_is_replaced_with_it() {
+    use imacri_integration::runner::{run_across_keeper_and_imacri_deaths, runner};
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-dies-at-event").await;
+    let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
+    let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, "/tmp/new/true", setup).await;
+    let out = run_across_keeper_and_imacri_deaths(&mut d, &tmp, "", "FdKeeper:fev").await;
+    assert_eq!(out.trim(), "ran", "{out}\n{}", d.log());
+    let log = pod_log(&d, &pod);
+    assert!(logged(&log, &c, "/tmp/new/true", "exec"), "{log}");
+    assert!(!has_gap(&log), "{log}");
+    let mut rt = d.runtime().await.unwrap();
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+    d.stop_leaving_nothing().await;
+}
+
 /// The fd keeper dies while a starting imacri takes back what it held
 /// (held right after the keeper handed everything over:
 /// `IMACRI_TEST_HOLD_AT=FdKeeper:all`): the keeper started in its place

@@ -353,7 +353,7 @@ impl CriServer {
         server.adopt_kept_listeners(listeners);
         if let (Some(k), Some(since)) = (server.integrity.keeper(), since) {
             if let Err(e) = k.catch_up(since) {
-                tracing::error!(error = %e, "the fd keeper was started again while imacri took back what it held, and cannot be given it: an imacri crash now leaves ima containers unmeasured");
+                tracing::error!(error = %e, "the fd keeper was started again while imacri took back what it held, and cannot be given it yet: retried every second; until then an imacri crash leaves ima containers unmeasured");
             }
         }
         server.start_monitor().await;

@@ -6,7 +6,7 @@ use nix::sys::socket::UnixAddr;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,12 @@ pub struct Keeper {
     /// caller took back (`all`) and remembered after a revive never reached
     /// the new keeper (`catch_up`).
     revivals: Arc<AtomicU64>,
+    /// Set while a keeper may lack some of what imacri handed over: a
+    /// revive that did not finish (a put refused or unanswered half-way,
+    /// the keeper at its open-file limit). The watch thread gives
+    /// everything again until one finishes; the keeper's being alive says
+    /// nothing about that.
+    owed: Arc<AtomicBool>,
 }
 
 /// imacri's copy of what the keeper holds, by owner (a container's group
@@ -84,6 +90,7 @@ impl Keeper {
             hold: Default::default(),
             given: Default::default(),
             revivals: Default::default(),
+            owed: Default::default(),
         };
         k.start()?;
         Ok(k)
@@ -240,6 +247,7 @@ impl Keeper {
         // Counted before what is given is read: a caller whose remembering
         // raced this one sees the count moved and gives it again.
         self.revivals.fetch_add(1, Ordering::SeqCst);
+        self.owed.store(true, Ordering::SeqCst);
         self.start()?;
         let shards: Vec<Arc<Mutex<Owned>>> = self.given.owners.pin().values().cloned().collect();
         let mut n = 0;
@@ -250,6 +258,7 @@ impl Keeper {
                 n += 1;
             }
         }
+        self.owed.store(false, Ordering::SeqCst);
         Ok(n)
     }
 
@@ -273,13 +282,18 @@ impl Keeper {
                     // The keeper never writes to a holder: anything is its end.
                     !matches!(poll(&mut fds, PollTimeout::from(1000u16)), Ok(n) if n > 0)
                 });
-                if alive {
+                let owed = k.owed.load(Ordering::SeqCst);
+                if alive && !owed {
                     continue;
                 }
                 match k.revive() {
+                    Ok(n) if alive => tracing::warn!(given = n, "the fd keeper had not been given everything: given every group and listener again"),
                     Ok(n) => tracing::warn!(given = n, "the fd keeper was gone: started again and given every group and listener"),
                     Err(e) => {
-                        tracing::error!(error = %e, "the fd keeper is gone and cannot be started: an imacri crash now leaves ima containers unmeasured");
+                        match alive {
+                            true => tracing::error!(error = %e, "the fd keeper cannot be given everything imacri handed over: an imacri crash now leaves some ima containers unmeasured"),
+                            false => tracing::error!(error = %e, "the fd keeper is gone and cannot be started: an imacri crash now leaves ima containers unmeasured"),
+                        }
                         std::thread::sleep(Duration::from_secs(1));
                     }
                 }
@@ -367,6 +381,7 @@ mod tests {
             hold: Default::default(),
             given: Default::default(),
             revivals: Default::default(),
+            owed: Default::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         while k.connect().is_err() {
@@ -374,6 +389,84 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         (k, t)
+    }
+
+    /// A keeper at `sock` that refuses its first `refuse` PUTs (as one at
+    /// its open-file limit fails them: the fd never arrives, nor an
+    /// answer), keeps HOLD connections and records the keys it took.
+    fn refusing_keeper(sock: &Path, refuse: usize) -> Arc<Mutex<Vec<String>>> {
+        use nix::sys::socket::{accept, bind, listen, Backlog};
+        let l = seqpacket().unwrap();
+        bind(l.as_raw_fd(), &UnixAddr::new(sock).unwrap()).unwrap();
+        listen(&l, Backlog::new(16).unwrap()).unwrap();
+        let took: Arc<Mutex<Vec<String>>> = Default::default();
+        let keys = took.clone();
+        std::thread::spawn(move || {
+            let (mut refuse, mut holders) = (refuse, Vec::new());
+            // SAFETY: accept returns a new fd we own.
+            while let Ok(c) = accept(l.as_raw_fd())
+                .map(|c| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(c) })
+            {
+                match recv(c.as_fd()) {
+                    Ok((Some(t), _)) if t == "HOLD" => holders.push(c),
+                    Ok((Some(t), Some(_))) if t.starts_with("PUT ") => {
+                        let answer = match refuse {
+                            0 => {
+                                keys.lock().unwrap().push(t[4..].to_string());
+                                "OK"
+                            }
+                            _ => {
+                                refuse -= 1;
+                                "NO"
+                            }
+                        };
+                        send(c.as_fd(), answer, None).unwrap();
+                    }
+                    _ => {}
+                }
+            }
+        });
+        took
+    }
+
+    /// A keeper started again that took only part of what imacri gave it
+    /// (a put failed half-way) is alive, so the watch would see nothing
+    /// wrong: it is given everything again until it has it all. Before,
+    /// it stayed without what it missed, and an imacri crash then released
+    /// that (a container's group: its executions ran unmeasured).
+    #[test]
+    fn a_keeper_that_took_part_of_everything_is_given_it_all_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("k.sock");
+        let took = refusing_keeper(&sock, 1);
+        let k = Keeper {
+            path: sock.clone(),
+            exe: PathBuf::from("/nonexistent"),
+            hold: Default::default(),
+            given: Default::default(),
+            revivals: Default::default(),
+            owed: Default::default(),
+        };
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let keys = [format!("{FANOTIFY}a"), format!("{FANOTIFY}b")];
+        for key in &keys {
+            k.remember(key, f.as_fd());
+        }
+        let since = k.revivals();
+        k.revivals.fetch_add(1, Ordering::SeqCst);
+        assert!(k.catch_up(since).is_err(), "the refusal was not seen");
+        k.supervise().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut got = took.lock().unwrap().clone();
+            got.sort();
+            got.dedup();
+            if got == keys {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the keeper has only {got:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[test]
