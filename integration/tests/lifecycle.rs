@@ -452,3 +452,81 @@ async fn exec_sync_output_held_by_a_process_it_left_running() {
     assert_eq!(r.stdout, b"next\n");
     remove_pod(&mut rt, &pod).await;
 }
+
+/// kubelet stops a container again with a shorter grace period (its pod
+/// deleted with `--grace-period=0 --force` while a graceful stop runs), or
+/// removes it: the later call kills at once, as containerd's, instead of
+/// waiting out the first stop's grace period. A second stop with a grace
+/// period of its own sends no second stop signal (containerd's neither).
+/// Until 2026-12-06 a stop held the container for its whole grace period.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_in_its_grace_period_is_overtaken_by_a_shorter_one() {
+    use imacri_integration::client::{container_status, remove_pod, run_pod, start_container};
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = pod_config("stop-overtaken");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let script = "trap 'echo got TERM' TERM; echo up; while true; do sleep 0.1; done";
+    let stop = |rt: &imacri_integration::client::Rt, c: &str, timeout: i64| {
+        let (mut rt, c) = (rt.clone(), c.to_string());
+        tokio::spawn(async move {
+            rt.stop_container(cri::StopContainerRequest {
+                container_id: c,
+                timeout,
+            })
+            .await
+        })
+    };
+    for later in ["stop", "remove"] {
+        let app = container_config(&format!("app-{later}"), &env.busybox, &["sh", "-c", script]);
+        let c = start_container(&mut rt, &pod, &cfg, app).await;
+        let log = container_status(&mut rt, &c).await.log_path;
+        let said = |what: &'static str| {
+            let log = log.clone();
+            move || {
+                let n = std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .matches(what)
+                    .count();
+                async move { n > 0 }
+            }
+        };
+        wait_until("the container's start", Duration::from_secs(20), said("up")).await;
+        let first = stop(&rt, &c, 60);
+        wait_until("the stop signal", Duration::from_secs(20), said("got TERM")).await;
+        let second = stop(&rt, &c, 30);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = Instant::now();
+        let done = match later {
+            "stop" => stop(&rt, &c, 0).await.unwrap().map(drop),
+            _ => rt
+                .remove_container(cri::RemoveContainerRequest {
+                    container_id: c.clone(),
+                })
+                .await
+                .map(drop),
+        };
+        done.unwrap_or_else(|e| panic!("{later}: {e}\n{}", d.log()));
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the {later} waited out the first stop's grace period: {:?}",
+            t.elapsed()
+        );
+        for s in [first, second] {
+            let r = tokio::time::timeout(Duration::from_secs(10), s).await;
+            assert!(matches!(r, Ok(Ok(Ok(_)))), "{later}: a stop: {r:?}");
+        }
+        if later == "stop" {
+            let st = container_status(&mut rt, &c).await;
+            assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
+        }
+        let terms = std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("got TERM")
+            .count();
+        assert_eq!(terms, 1, "{later}: stop signals seen");
+    }
+    remove_pod(&mut rt, &pod).await;
+}

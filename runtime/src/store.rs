@@ -22,6 +22,10 @@ pub struct Entry<C, S> {
     /// removal wait for them and see what they made, and a call that
     /// waited for a stop finds the pod not ready.
     pub op: tokio::sync::RwLock<()>,
+    /// A container's: a stop with a grace period sent its stop signal. A
+    /// later stop sends none (the process may take a second SIGTERM for
+    /// "quit now"), as containerd's `IsStopSignaledWithTimeout`.
+    pub stop_signaled: std::sync::atomic::AtomicBool,
     dir: PathBuf,
 }
 
@@ -114,6 +118,7 @@ where
                             config,
                             state: RwLock::new(state),
                             op: tokio::sync::RwLock::new(()),
+                            stop_signaled: Default::default(),
                             dir: d,
                         }),
                     );
@@ -181,6 +186,7 @@ where
             config,
             state: RwLock::new(state),
             op: tokio::sync::RwLock::new(()),
+            stop_signaled: Default::default(),
             dir: d,
         });
         self.items

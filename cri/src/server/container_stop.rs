@@ -4,6 +4,7 @@
 use imacri_api::cri;
 use imacri_runtime::pod::ContainerPhase;
 use imacri_runtime::{Error, Result};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,14 +37,24 @@ impl CriServer {
         grace: Duration,
     ) -> Result<()> {
         {
+            // Checked with the container's calls held off (a start in
+            // progress ends first); the stop itself holds nothing, as
+            // containerd's: a later stop with a shorter grace period
+            // (kubelet's forced deletion) or a removal kills at once
+            // instead of waiting out this one's grace period.
             let _op = c.op.write().await;
             if c.state().phase != ContainerPhase::Running {
                 return Ok(());
             }
-            let signal = c.state().stop_signal.max(1) as u32;
-            self.stop_task(&c.id, signal, grace).await?;
-            tracing::info!(container_id = %c.id, "container stopped");
         }
+        let signal = match grace.is_zero() || c.stop_signaled.swap(true, Ordering::SeqCst) {
+            // No grace period, or a stop signal sent already: only the
+            // grace period of this call, then SIGKILL.
+            true => None,
+            false => Some(c.state().stop_signal.max(1) as u32),
+        };
+        self.stop_task(&c.id, signal, grace).await?;
+        tracing::info!(container_id = %c.id, "container stopped");
         // Plugins hear it with synchronization held off only now: a plugin
         // connecting during a grace period does not wait for it.
         self.nri_held(async {

@@ -192,19 +192,26 @@ impl CriServer {
         matches!(res, Ok(Ok(_)))
     }
 
-    /// Signals a task, then SIGKILLs it when `grace` runs out.
-    pub(crate) async fn stop_task(&self, id: &str, signal: u32, grace: Duration) -> Result<()> {
-        if !grace.is_zero() && signal != SIGKILL {
-            match self.c.kill_task(id, "", signal).await {
-                Ok(()) => {
-                    if self.wait_exit(id, grace).await {
-                        return Ok(());
-                    }
-                    tracing::info!(id = %id, "grace period over, killing");
+    /// Signals a task (`None`: a stop before this one did), then SIGKILLs
+    /// it when `grace` runs out.
+    pub(crate) async fn stop_task(
+        &self,
+        id: &str,
+        signal: Option<u32>,
+        grace: Duration,
+    ) -> Result<()> {
+        if !grace.is_zero() && signal != Some(SIGKILL) {
+            if let Some(signal) = signal {
+                match self.c.kill_task(id, "", signal).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_not_found() => return Ok(()),
+                    Err(e) => return Err(e),
                 }
-                Err(e) if e.is_not_found() => return Ok(()),
-                Err(e) => return Err(e),
             }
+            if self.wait_exit(id, grace).await {
+                return Ok(());
+            }
+            tracing::info!(id = %id, "grace period over, killing");
         }
         match self.c.kill_task(id, "", SIGKILL).await {
             Ok(()) => {}

@@ -31,7 +31,8 @@ impl CriServer {
         }
         imacri_runtime::crash::step("StopPodSandbox", "containers")?;
         {
-            self.stop_task(&sb.id, SIGKILL, Duration::ZERO).await?;
+            self.stop_task(&sb.id, Some(SIGKILL), Duration::ZERO)
+                .await?;
             self.release_sandbox_resources(&sb)?;
             imacri_runtime::crash::step("StopPodSandbox", "released")?;
             let was = sb.update(|s| {
