@@ -3,7 +3,8 @@
 //! (held at the step, `IMACRI_TEST_HOLD_AT`, while the other call runs).
 //! kubelet's pod worker does not do this for one pod, but other clients
 //! and kubelet's garbage collection can: nothing may be left behind, and
-//! no container may run in a pod that was stopped.
+//! no container may run in a pod that was stopped. Also a container
+//! stopped and removed while it starts.
 
 use imacri_integration::client::{create_container, pods, run_pod, Rt};
 use imacri_integration::cuts::{
@@ -211,5 +212,60 @@ async fn a_container_call_after_its_pods_stop_began_fails_clearly() {
             removed_whole(&d, &mut rt, &pod, &before, &case).await;
         }
     }
+    d.stop_leaving_nothing().await;
+}
+
+/// StartContainer held at each of its steps while the same container is
+/// stopped (no grace period) and removed (`crictl rm -f`, kubelet's
+/// garbage collection of a container it gave up on): the stop and removal
+/// wait for the start, then stop and remove what it started. Once they
+/// ended the container is not listed and nothing of it is left (its task,
+/// shim, mounts, files, or what the fd keeper held for it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_stopped_and_removed_while_it_starts_leaves_nothing() {
+    let (mut d, vol, cfg, pod) = imacri_integration::cuts::ima_pod_node("race-self").await;
+    let starts = failing_container_steps()
+        .into_iter()
+        .filter(|p| p.starts_with("StartContainer:"));
+    for (i, point) in starts.enumerate() {
+        let config = executing_with_volumes(&format!("s{i}"), vol.path());
+        d.respawn(&[]).await;
+        let before = made(&d).await;
+        let hold = d.holding_at(&point).await;
+        let mut rt = d.runtime().await.unwrap();
+        let id = create_container(&mut rt, &pod, &cfg, config).await.unwrap();
+        let (mut r, c) = (rt.clone(), id.clone());
+        let call = tokio::spawn(async move {
+            r.start_container(cri::StartContainerRequest { container_id: c })
+                .await
+        });
+        held(&d, &hold, &point, &call).await;
+        let (mut r, c) = (rt.clone(), id.clone());
+        let unmake = tokio::spawn(async move {
+            r.stop_container(cri::StopContainerRequest {
+                container_id: c.clone(),
+                timeout: 0,
+            })
+            .await?;
+            r.remove_container(cri::RemoveContainerRequest { container_id: c })
+                .await?;
+            Ok::<_, tonic::Status>(())
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!unmake.is_finished(), "{point}: the stop did not wait");
+        std::fs::remove_file(&hold).unwrap();
+        call.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{point}: the start: {e}\n{}", d.log()));
+        unmake
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{point}: the stop and removal: {e}\n{}", d.log()));
+        let left = containers_of(&mut rt, &pod).await;
+        assert!(left.is_empty(), "{point}: listed: {left:?}");
+        back_to(&d, &before, &point).await;
+    }
+    let mut rt = d.runtime().await.unwrap();
+    stop_and_remove(&mut rt, &pod).await.unwrap();
     d.stop_leaving_nothing().await;
 }
