@@ -12,6 +12,12 @@
 //! The integration tests do each at every step of the calls that make and
 //! unmake things and check what is left (`integration/tests/crash_points.rs`,
 //! `containerd_restarts.rs`, `failure_points.rs`).
+//!
+//! Every `IMACRI_TEST_*` setting of the daemon is read through [`hook`]:
+//! a release build reads none, so a production imacri cannot be made to
+//! hold, fail, crash, slow down or stall its measurement by its
+//! environment, and the hooks' branches are compiled out. The tests run
+//! the debug build (`make test`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -23,18 +29,32 @@ struct Hooks {
     fail: Option<(String, String)>,
 }
 
+/// A test hook's setting: the environment variable `name` in a debug
+/// build, never in a release build.
+pub fn hook(name: &str) -> Option<String> {
+    match cfg!(debug_assertions) {
+        true => std::env::var(name).ok(),
+        false => None,
+    }
+}
+
+/// A test hook's setting in milliseconds.
+pub fn hook_ms(name: &str) -> Option<Duration> {
+    hook(name)?.parse().ok().map(Duration::from_millis)
+}
+
 fn hooks() -> &'static Hooks {
     static HOOKS: OnceLock<Hooks> = OnceLock::new();
     HOOKS.get_or_init(|| {
         let point = |var: &str| {
-            let v = std::env::var(var).ok()?;
+            let v = hook(var)?;
             let (w, s) = v.split_once(':')?;
             Some((w.to_string(), s.to_string()))
         };
         Hooks {
             crash: point("IMACRI_TEST_CRASH_AT"),
             hold: point("IMACRI_TEST_HOLD_AT")
-                .and_then(|(w, s)| Some((w, s, std::env::var("IMACRI_TEST_HOLD_FILE").ok()?))),
+                .and_then(|(w, s)| Some((w, s, hook("IMACRI_TEST_HOLD_FILE")?))),
             fail: point("IMACRI_TEST_FAIL_AT"),
         }
     })

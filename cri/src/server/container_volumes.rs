@@ -45,12 +45,7 @@ pub(super) fn create_missing_host_path(m: &cri::Mount) -> Result<()> {
 /// that swaps a volume's path in between.
 pub(super) fn volume_check_window() -> Option<std::time::Duration> {
     static WINDOW: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
-    *WINDOW.get_or_init(|| {
-        std::env::var("IMACRI_TEST_VOLUME_CHECK_WINDOW")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map(std::time::Duration::from_millis)
-    })
+    *WINDOW.get_or_init(|| imacri_runtime::crash::hook_ms("IMACRI_TEST_VOLUME_CHECK_WINDOW"))
 }
 
 impl CriServer {

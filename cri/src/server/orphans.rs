@@ -46,10 +46,7 @@ impl Default for Removals {
         Removals {
             pending: Default::default(),
             failed: Default::default(),
-            delay: std::env::var("IMACRI_TEST_REMOVAL_DELAY")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
+            delay: imacri_runtime::crash::hook_ms("IMACRI_TEST_REMOVAL_DELAY"),
         }
     }
 }

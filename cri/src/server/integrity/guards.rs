@@ -75,7 +75,7 @@ impl CriServer {
         if st.ima.is_none() {
             return Ok(());
         }
-        if std::env::var_os("IMACRI_TEST_SEAL_FAIL").is_some() {
+        if imacri_runtime::crash::hook("IMACRI_TEST_SEAL_FAIL").is_some() {
             // Test only: the seal's failure path (it needs a broken kernel).
             return Err(Error::Internal("IMACRI_TEST_SEAL_FAIL is set".into()));
         }

@@ -73,7 +73,7 @@ pub const DEFAULT_MAX_WATCHED_FILES: usize = 4096;
 
 /// A test hook's delay: `text:milliseconds` in the environment variable.
 fn delay_for(var: &str) -> Option<(String, std::time::Duration)> {
-    let v = std::env::var(var).ok()?;
+    let v = crate::crash::hook(var)?;
     let (text, ms) = v.rsplit_once(':')?;
     let ms = ms.parse().ok()?;
     Some((text.to_string(), std::time::Duration::from_millis(ms)))
@@ -432,26 +432,19 @@ impl Engine {
             write_watches: papaya::HashMap::new(),
             devices: papaya::HashMap::new(),
             stats: Stats::default(),
-            fail_after: std::env::var("IMACRI_TEST_FANOTIFY_FAIL_AFTER")
-                .ok()
+            fail_after: crate::crash::hook("IMACRI_TEST_FANOTIFY_FAIL_AFTER")
                 .and_then(|v| v.parse().ok()),
-            stall: std::env::var("IMACRI_TEST_FANOTIFY_STALL").ok(),
-            map_stall: std::env::var("IMACRI_TEST_MAPGUARD_STALL").ok(),
-            map_swap_window: std::env::var("IMACRI_TEST_MAPGUARD_SWAP_WINDOW")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(std::time::Duration::from_millis),
-            map_no_hold: std::env::var_os("IMACRI_TEST_MAPGUARD_NO_HOLD").is_some(),
+            stall: crate::crash::hook("IMACRI_TEST_FANOTIFY_STALL"),
+            map_stall: crate::crash::hook("IMACRI_TEST_MAPGUARD_STALL"),
+            map_swap_window: crate::crash::hook_ms("IMACRI_TEST_MAPGUARD_SWAP_WINDOW"),
+            map_no_hold: crate::crash::hook("IMACRI_TEST_MAPGUARD_NO_HOLD").is_some(),
             map_answer_delay: delay_for("IMACRI_TEST_MAPGUARD_ANSWER_DELAY"),
             map_watch_delay: delay_for("IMACRI_TEST_MAPGUARD_WATCH_DELAY"),
             write_look_delay: delay_for("IMACRI_TEST_WRITE_LOOK_DELAY"),
-            closes_delay: std::env::var("IMACRI_TEST_CLOSES_DELAY")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(std::time::Duration::from_millis),
+            closes_delay: crate::crash::hook_ms("IMACRI_TEST_CLOSES_DELAY"),
             detached: Default::default(),
             inflight: AtomicUsize::new(0),
-            hash_delay: std::env::var("IMACRI_TEST_HASH_DELAY").ok(),
+            hash_delay: crate::crash::hook("IMACRI_TEST_HASH_DELAY"),
             own_openers: OwnOpeners::default(),
             max_file_size,
             max_watched_files: AtomicUsize::new(DEFAULT_MAX_WATCHED_FILES),

@@ -156,8 +156,7 @@ fn start() -> Result<Service, SysError> {
             table: Table::default(),
             // Test only: a node's worth of pods filling imacri's share in
             // a test of a few pods.
-            limit: std::env::var("IMACRI_TEST_LEASE_LIMIT")
-                .ok()
+            limit: crate::crash::hook("IMACRI_TEST_LEASE_LIMIT")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(share_of(nofile as u64)),
         },
