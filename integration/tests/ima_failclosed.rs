@@ -1,8 +1,8 @@
 //! The engine fails closed: a container whose measurement stops (its
 //! fanotify reader fails) is killed with reason ImaUnmeasured and the gap is
 //! in its log; it never runs on unmeasured. The reader fault is injected
-//! with IMACRI_TEST_FANOTIFY_FAIL_AFTER (alone in this file: it is read from
-//! the environment the daemon inherits).
+//! with IMACRI_TEST_FANOTIFY_FAIL_AFTER. An access the kernel cannot open
+//! for imacri is refused by the kernel, and is not the reader's failure.
 
 use imacri_integration::client::{container_status, run_pod, start_container};
 use imacri_integration::{attest, container_config, cri, pod_config, poll, Env, Imacri};
@@ -11,9 +11,8 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_reader_kills_its_container() {
     let env = Env::get();
-    std::env::set_var("IMACRI_TEST_FANOTIFY_FAIL_AFTER", "5");
-    let d = Imacri::start(env).await.unwrap();
-    std::env::remove_var("IMACRI_TEST_FANOTIFY_FAIL_AFTER");
+    let mut d = Imacri::start(env).await.unwrap();
+    d.respawn(&[("IMACRI_TEST_FANOTIFY_FAIL_AFTER", "5")]).await;
     d.pull(&env.busybox).await;
     let mut rt = d.runtime().await.unwrap();
     let mut cfg = pod_config("failclosed-reader");
@@ -63,4 +62,97 @@ async fn a_failed_reader_kills_its_container() {
         log.lines().any(|l| l.ends_with(" gap") && l.contains(&c)),
         "{log}"
     );
+}
+
+/// imacri at its open-file limit (its soft limit lowered under it by the
+/// test, as a spike of the node's pods would bring it there): the kernel
+/// cannot open an execution's file for imacri's reader, so it refuses that
+/// execution itself (EPERM) and nothing runs unmeasured. That failed read
+/// is not the reader's end: the container is not killed for it, no gap is
+/// logged, and once imacri has files again the container's next execution
+/// is measured and runs. Until 2026-12-06 the reader took it for its own
+/// failure and the container was killed (ImaUnmeasured).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_execution_imacri_cannot_open_is_refused_and_the_container_lives() {
+    use imacri_integration::runner::{go, next_out, runner};
+    let env = Env::get();
+    let d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let mut cfg = pod_config("failclosed-emfile");
+    cfg.annotations
+        .insert("imacri.dev/ima".into(), "true".into());
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
+    let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, "/tmp/new/true", setup).await;
+    go(&tmp, "");
+    assert_eq!(next_out(&tmp, "first", &d).trim(), "ran");
+    let pid = d.pid().unwrap() as i32;
+    // Every fd number from the lowest free one up is refused to imacri.
+    let used: std::collections::BTreeSet<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let free = (0..).find(|n| !used.contains(n)).unwrap();
+    let limit = |soft: u64, hard: u64| libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    let mut old = limit(0, 0);
+    // SAFETY: prlimit on imacri's pid with plain structs.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let new = limit(free as u64, old.rlim_max);
+    // SAFETY: as above.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    // A client connecting meanwhile waits in the socket's backlog; imacri
+    // does not spin on the accept it cannot make.
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let f: Vec<u64> = stat
+            .rsplit_once(") ")
+            .unwrap()
+            .1
+            .split(' ')
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // utime and stime (fields 14 and 15), in clock ticks.
+        f[11] + f[12]
+    };
+    let client = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let before = cpu();
+    go(&tmp, "");
+    let out = next_out(&tmp, "at imacri's limit", &d);
+    std::thread::sleep(Duration::from_millis(1000));
+    let spent = cpu() - before;
+    // SAFETY: as above.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &old, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    assert!(
+        out.contains("refused") && out.contains("Operation not permitted"),
+        "{out}\n{}",
+        d.log()
+    );
+    assert!(spent < 50, "imacri spent {spent} ticks at its limit");
+    drop(client);
+    go(&tmp, "");
+    let out = next_out(&tmp, "with files again", &d);
+    assert_eq!(out.trim(), "ran", "{out}\n{}", d.log());
+    let st = container_status(&mut rt, &c).await;
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{st:?}\n{}",
+        d.log()
+    );
+    let (code, log, err) = attest(&d, &["log", &pod]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!log.lines().any(|l| l.ends_with(" gap")), "{log}");
+    let stats = imacri_integration::client::integrity_stats(&mut rt).await;
+    assert!(
+        stats["fanotify"]["unopenedEvents"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }

@@ -364,6 +364,7 @@ impl CriServer {
                 "leasesGivenUp": s.leases_given_up.load(Relaxed),
                 "heldWriters": s.held_writers.load(Relaxed),
                 "sweptWatches": s.swept_watches.load(Relaxed),
+                "unopenedEvents": s.unopened.load(Relaxed),
                 "parkedThreads": imacri_runtime::integrity::park::parked(),
                 "threadMoves": imacri_runtime::integrity::charge::moves(),
                 "cachedDigests": e.cached_digests(),

@@ -336,6 +336,16 @@ impl Engine {
 
     /// A source that cannot go on: the gap is logged and the server told to
     /// kill the container.
+    /// An access of `t`'s the kernel refused because it could not open
+    /// its file for the reader (`e`): counted, and logged at the first of
+    /// a row (a node out of files refuses many).
+    pub(in crate::integrity) fn unopened(&self, t: &Measured, e: nix::errno::Errno, first: bool) {
+        self.stats.unopened.fetch_add(1, Ordering::Relaxed);
+        if first {
+            tracing::warn!(pod_sandbox_id = %t.pod, container_id = %t.container, error = %e, "the kernel could not open an accessed file for imacri and refused the access (its task got EPERM); imacri may be at its open-file limit");
+        }
+    }
+
     pub(in crate::integrity) fn stopped(&self, t: &Measured, reason: String) {
         tracing::error!(pod_sandbox_id = %t.pod, container_id = %t.container, %reason, "measurement stopped; the container is killed");
         self.gap(t, "-");

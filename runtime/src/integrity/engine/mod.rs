@@ -266,6 +266,10 @@ pub struct Stats {
     /// Watches ended because a container reached `ima.max_watched_files`
     /// and nothing held their files any more (`sweptWatches`).
     pub swept_watches: AtomicU64,
+    /// Accesses the kernel refused itself because it could not open their
+    /// file for a reader (imacri at its open-file limit): failed, not
+    /// measured (`unopenedEvents`).
+    pub unopened: AtomicU64,
 }
 
 /// By inode: the identity a file was hashed at, and what was learnt of its

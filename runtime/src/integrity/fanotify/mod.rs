@@ -512,6 +512,7 @@ fn start(
         group,
         stop: stop_r,
         handled: 0,
+        unopened: 0,
         _ending: ending,
     };
     reader::THREAD.start(move || reader.run()).map_err(|err| {

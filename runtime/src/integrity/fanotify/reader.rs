@@ -32,6 +32,8 @@ pub(super) struct Reader {
     pub(super) stop: OwnedFd,
     /// Events handled (for a test's injected fault).
     pub(super) handled: u64,
+    /// Reads in a row that failed opening an event's file.
+    pub(super) unopened: u32,
     /// Dropped with the reader: its watch waits for that.
     pub(super) _ending: std::sync::mpsc::Sender<()>,
 }
@@ -116,6 +118,16 @@ impl Reader {
                     }
                     continue;
                 }
+                Err(e) if refused_by_the_kernel(e) && self.unopened < UNOPENED_IN_A_ROW => {
+                    // The kernel could not open an event's file for us
+                    // (imacri at its open-file limit, the node's, memory):
+                    // it refused that access itself (its task's call
+                    // failed, EPERM), so nothing ran unmeasured. Reading
+                    // goes on; the container is not killed for it.
+                    self.unopened += 1;
+                    engine.unopened(&group.target.measured, e, self.unopened == 1);
+                    continue;
+                }
                 Err(e) => {
                     return stopped(
                         &engine,
@@ -125,6 +137,7 @@ impl Reader {
                     )
                 }
             };
+            self.unopened = 0;
             // Every close queued before an event of this batch is queued
             // now: its digest is forgotten before that event is decided.
             if let Some(c) = &group.closes {
@@ -138,6 +151,21 @@ impl Reader {
             idle.worked();
         }
     }
+}
+
+/// Reads in a row whose event the kernel could not open for us, past
+/// which the reader takes it for its own failure (each such read took one
+/// event off the queue and refused it; this many with none read means
+/// reading no longer works).
+const UNOPENED_IN_A_ROW: u32 = 10_000;
+
+/// Whether a failed read is the kernel's failure to open one event's file
+/// for the reader (`create_fd` in `fanotify_read`): it then answered that
+/// permission event FAN_DENY itself and took it off the queue. Anything
+/// else (a bad fd or buffer) is the reader's own.
+fn refused_by_the_kernel(e: nix::errno::Errno) -> bool {
+    use nix::errno::Errno;
+    !matches!(e, Errno::EBADF | Errno::EFAULT | Errno::EINVAL)
 }
 
 /// A reader that cannot go on fails closed: the gap is logged, the server is
