@@ -530,3 +530,37 @@ async fn a_stop_in_its_grace_period_is_overtaken_by_a_shorter_one() {
     }
     remove_pod(&mut rt, &pod).await;
 }
+
+/// Negative timeouts are taken as containerd takes them, not refused: an
+/// ExecSync with one runs without a time limit, a StopContainer with one
+/// kills at once (no grace period).
+#[tokio::test(flavor = "multi_thread")]
+async fn negative_timeouts_are_taken_as_containerd_takes_them() {
+    use imacri_integration::client::{container_status, remove_pod};
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    let (mut rt, pod, cid) = sleeper(env, &d, "negative-timeouts").await;
+    let r = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: cid.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "sleep 1.5; echo done".into()],
+            timeout: -1,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()))
+        .into_inner();
+    assert_eq!((r.exit_code, r.stdout.as_slice()), (0, &b"done\n"[..]));
+    // `sleep` as PID 1 ignores SIGTERM: only a kill ends it at once.
+    let t = Instant::now();
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: cid.clone(),
+        timeout: -5,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let st = container_status(&mut rt, &cid).await;
+    assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
+    assert_eq!(st.exit_code, 137, "{st:?}");
+    remove_pod(&mut rt, &pod).await;
+}

@@ -194,6 +194,46 @@ async fn exec_attach_and_port_forward_over_websocket() {
     assert_eq!(String::from_utf8_lossy(&got), "attached\n");
     drop(ws);
 
+    // A tty and stdin the container was not created with are not refused
+    // (as in containerd: `kubectl attach -it` to a plain container): its
+    // output comes.
+    let ticker = container_config(
+        "ticker",
+        &env.busybox,
+        &["sh", "-c", "while true; do echo tick; sleep 0.2; done"],
+    );
+    let ticker = start_container(&mut rt, &pod, &cfg, ticker).await;
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: ticker.clone(),
+            stdin: true,
+            stdout: true,
+            tty: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut ws = connect(&url, "v5.channel.k8s.io").await;
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(Message::Binary(b)))) =
+        tokio::time::timeout(Duration::from_secs(10), ws.next()).await
+    {
+        if b.first() == Some(&1) {
+            got.extend_from_slice(&b[1..]);
+            if got.ends_with(b"tick\n") {
+                break;
+            }
+        }
+    }
+    assert!(
+        got.ends_with(b"tick\n"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(ws);
+
     // Port-forward into the pod's network namespace (loopback there).
     let mut fetched = String::new();
     for _ in 0..30 {

@@ -17,11 +17,6 @@ impl CriServer {
         if req.cmd.is_empty() {
             return Err(Error::InvalidArgument("cmd must not be empty".into()));
         }
-        if req.timeout < 0 {
-            return Err(Error::InvalidArgument(
-                "timeout must not be negative".into(),
-            ));
-        }
         let p = self
             .prepare_exec(&req.container_id, &req.cmd, false, false)
             .await?;
@@ -41,7 +36,8 @@ impl CriServer {
         let (err, err_hold, err_stop) = unzip3(err);
         let run = async {
             p.launch().await?;
-            if req.timeout == 0 {
+            // Zero or negative: no timeout, as in containerd.
+            if req.timeout <= 0 {
                 return p.wait().await;
             }
             match tokio::time::timeout(Duration::from_secs(req.timeout as u64), p.wait()).await {

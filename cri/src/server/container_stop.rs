@@ -15,19 +15,15 @@ impl CriServer {
         self: &Arc<Self>,
         req: cri::StopContainerRequest,
     ) -> Result<cri::StopContainerResponse> {
-        if req.timeout < 0 {
-            return Err(Error::InvalidArgument(
-                "timeout must not be negative".into(),
-            ));
-        }
         let c = match self.container(&req.container_id) {
             Ok(c) => c,
             // Idempotent as in containerd: nothing left to stop.
             Err(Error::NotFound(_)) => return Ok(cri::StopContainerResponse {}),
             Err(e) => return Err(e),
         };
-        self.stop_container_entry(&c, Duration::from_secs(req.timeout as u64))
-            .await?;
+        // A negative timeout is none, as in containerd: SIGKILL at once.
+        let grace = Duration::from_secs(req.timeout.max(0) as u64);
+        self.stop_container_entry(&c, grace).await?;
         Ok(cri::StopContainerResponse {})
     }
 

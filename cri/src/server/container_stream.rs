@@ -53,18 +53,9 @@ impl CriServer {
         non_empty("container_id", &req.container_id)?;
         check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
         self.require_running(&req.container_id)?;
-        let c = self.container(&req.container_id)?;
-        if req.tty != c.config.tty {
-            return Err(Error::InvalidArgument(format!(
-                "tty={} does not match the container's tty={}",
-                req.tty, c.config.tty
-            )));
-        }
-        if req.stdin && !c.config.stdin {
-            return Err(Error::InvalidArgument(
-                "stdin: the container was created without stdin".into(),
-            ));
-        }
+        // A tty or stdin the container was not created with is not refused,
+        // as in containerd: the container's own streams are attached (no
+        // stderr of a tty, no stdin where it has none).
         Ok(cri::AttachResponse {
             url: self.streaming.url(Pending::Attach(req)),
         })
