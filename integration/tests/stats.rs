@@ -179,6 +179,45 @@ async fn stats_follow_the_workload() {
         st.resources.unwrap().linux.unwrap().memory_limit_in_bytes,
         200 << 20
     );
+    // As in containerd: no Linux resources is no change, and an exited
+    // container takes new ones into its status (nothing runs to update).
+    rt.update_container_resources(cri::UpdateContainerResourcesRequest {
+        container_id: c.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: c.clone(),
+        timeout: 0,
+    })
+    .await
+    .unwrap();
+    rt.update_container_resources(cri::UpdateContainerResourcesRequest {
+        container_id: c.clone(),
+        linux: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 300 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let st = rt
+        .container_status(cri::ContainerStatusRequest {
+            container_id: c.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
+    assert_eq!(
+        st.resources.unwrap().linux.unwrap().memory_limit_in_bytes,
+        300 << 20
+    );
     rt.update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest {
         pod_sandbox_id: pod.clone(),
         ..Default::default()

@@ -129,8 +129,8 @@ impl CriServer {
     ) -> Result<cri::CreateContainerResponse> {
         non_empty("pod_sandbox_id", &req.pod_sandbox_id)?;
         let config = require("config", req.config.as_ref())?.clone();
-        let md = require("config.metadata", config.metadata.as_ref())?;
-        non_empty("config.metadata.name", &md.name)?;
+        // An empty name is taken, as containerd takes it.
+        require("config.metadata", config.metadata.as_ref())?;
         let image_name = require("config.image", config.image.as_ref())?
             .image
             .clone();

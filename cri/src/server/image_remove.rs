@@ -3,7 +3,6 @@
 use imacri_api::cri;
 use imacri_runtime::Result;
 
-use super::validate::{non_empty, require};
 use super::CriServer;
 
 impl CriServer {
@@ -11,9 +10,11 @@ impl CriServer {
         &self,
         req: cri::RemoveImageRequest,
     ) -> Result<cri::RemoveImageResponse> {
-        let spec = require("image", req.image.as_ref())?;
-        non_empty("image.image", &spec.image)?;
-        self.images.remove(&spec.image).await?;
+        // No image named is one not found, as in containerd: nothing to do.
+        let name = req.image.as_ref().map_or("", |i| i.image.as_str());
+        if !name.is_empty() {
+            self.images.remove(name).await?;
+        }
         Ok(cri::RemoveImageResponse {})
     }
 }

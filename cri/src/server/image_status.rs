@@ -1,11 +1,11 @@
-//! ImageStatus: a missing image is not an error, just no image.
+//! ImageStatus: a missing image (or none named) is not an error, just no
+//! image.
 
 use imacri_api::cri;
 use imacri_runtime::Result;
 use std::collections::HashMap;
 
 use super::image_list::to_cri;
-use super::validate::{non_empty, require};
 use super::CriServer;
 
 impl CriServer {
@@ -13,9 +13,9 @@ impl CriServer {
         &self,
         req: cri::ImageStatusRequest,
     ) -> Result<cri::ImageStatusResponse> {
-        let spec = require("image", req.image.as_ref())?;
-        non_empty("image.image", &spec.image)?;
-        let Some(rec) = self.images.get(&spec.image) else {
+        // No image named is one not found, as in containerd: no image.
+        let name = req.image.as_ref().map_or("", |i| i.image.as_str());
+        let Some(rec) = (!name.is_empty()).then(|| self.images.get(name)).flatten() else {
             return Ok(cri::ImageStatusResponse::default());
         };
         let mut info = HashMap::new();

@@ -3,10 +3,11 @@
 //! namespace; CPU rate is the change since the previous sample.
 
 use imacri_api::cri;
+use imacri_runtime::error::IgnoreNotFound;
 use imacri_runtime::ids::now_nanos;
 use imacri_runtime::pod::{ContainerPhase, SandboxPhase};
 use imacri_runtime::stats::{self, CgroupStats};
-use imacri_runtime::{spec, Error, Result};
+use imacri_runtime::{spec, Result};
 
 use super::validate::labels_match;
 use super::{ContainerEntry, CriServer, SandboxEntry};
@@ -226,10 +227,10 @@ impl CriServer {
         req: cri::UpdateContainerResourcesRequest,
     ) -> Result<cri::UpdateContainerResourcesResponse> {
         let c = self.container(&req.container_id)?;
+        // No Linux resources (a Windows request): nothing to change here,
+        // and no error, as in containerd.
         let Some(linux) = req.linux else {
-            return Err(Error::InvalidArgument(
-                "linux resources are required".into(),
-            ));
+            return Ok(cri::UpdateContainerResourcesResponse {});
         };
         let nri_updates = self.nri_update(&c.id, &linux).await?;
         let _op = c.op.write().await;
@@ -239,16 +240,15 @@ impl CriServer {
         }
         // Devices stay as created; only limits change.
         res.set_devices(None);
-        if c.state().phase == ContainerPhase::Running {
-            self.c.update_task(&c.id, &res).await?;
-        } else if c.state().phase == ContainerPhase::Created {
+        match c.state().phase {
+            // A task that exited meanwhile has nothing to update (containerd
+            // takes that as done too).
+            ContainerPhase::Running => self.c.update_task(&c.id, &res).await.ignore_not_found()?,
             // Applied when it starts: its task is made from this spec.
-            self.c.update_container_resources(&c.id, &res).await?;
-        } else if c.state().phase == ContainerPhase::Exited {
-            return Err(Error::FailedPrecondition(format!(
-                "container {} has exited",
-                c.id
-            )));
+            ContainerPhase::Created => self.c.update_container_resources(&c.id, &res).await?,
+            // As containerd: an exited container's record takes them (its
+            // status reports them); nothing runs to update.
+            ContainerPhase::Exited => {}
         }
         let mut merged = c
             .config

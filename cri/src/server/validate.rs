@@ -22,12 +22,10 @@ pub fn sandbox_name(c: &cri::PodSandboxConfig) -> String {
     format!("{}_{}_{}_{}", m.name, m.namespace, m.uid, m.attempt)
 }
 
+/// The pod's metadata, which must be there; its fields may be empty, as
+/// containerd takes them (the name made of them is what must be unique).
 pub fn sandbox_metadata(c: &cri::PodSandboxConfig) -> Result<&cri::PodSandboxMetadata> {
-    let m = require("config.metadata", c.metadata.as_ref())?;
-    non_empty("config.metadata.name", &m.name)?;
-    non_empty("config.metadata.namespace", &m.namespace)?;
-    non_empty("config.metadata.uid", &m.uid)?;
-    Ok(m)
+    require("config.metadata", c.metadata.as_ref())
 }
 
 /// `<container>_<pod>_<namespace>_<uid>_<attempt>` (containerd's scheme).
@@ -111,16 +109,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("config.metadata"));
+        // Empty fields are taken, as containerd takes them.
         cfg.metadata = Some(cri::PodSandboxMetadata {
             name: "p".into(),
-            namespace: "ns".into(),
+            namespace: String::new(),
             uid: String::new(),
             attempt: 0,
         });
-        assert!(sandbox_metadata(&cfg)
-            .unwrap_err()
-            .to_string()
-            .contains("uid"));
+        assert!(sandbox_metadata(&cfg).is_ok());
     }
 
     #[test]
