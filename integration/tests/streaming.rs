@@ -234,6 +234,16 @@ async fn exec_attach_and_port_forward_over_websocket() {
     );
     drop(ws);
 
+    // As containerd, a request naming ports no stream can use is not
+    // refused (each stream names its port; one that cannot be reached
+    // fails on its error stream).
+    rt.port_forward(cri::PortForwardRequest {
+        pod_sandbox_id: pod.clone(),
+        port: vec![0, 70000],
+    })
+    .await
+    .unwrap();
+
     // Port-forward into the pod's network namespace (loopback there).
     let mut fetched = String::new();
     for _ in 0..30 {

@@ -72,9 +72,9 @@ impl CriServer {
                 sb.id
             )));
         }
-        if let Some(p) = req.port.iter().find(|p| !(1..=65535).contains(*p)) {
-            return Err(Error::InvalidArgument(format!("port {p} is out of range")));
-        }
+        // The ports are not checked here, as in containerd: clients name
+        // each connection's port on its stream (a port no one can reach
+        // fails that stream with an error that says so).
         Ok(cri::PortForwardResponse {
             url: self.streaming.url(Pending::PortForward(req)),
         })
