@@ -326,6 +326,34 @@ impl Imacri {
         .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
     }
 
+    /// Lowers imacri's soft open-file limit to the lowest fd number it has
+    /// free, so that its next open fails with EMFILE (as at its limit on a
+    /// node whose pods took its files), until the guard is dropped.
+    pub fn at_open_file_limit(&self) -> OpenFileLimit {
+        let pid = self.pid().expect("imacri runs") as i32;
+        let used: std::collections::BTreeSet<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let free = (0..).find(|n| !used.contains(n)).unwrap() as u64;
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit on imacri's pid with plain structs (the hard limit
+        // kept: raising it back would need CAP_SYS_RESOURCE).
+        let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        let low = libc::rlimit {
+            rlim_cur: free,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: as above.
+        let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &low, std::ptr::null_mut()) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        OpenFileLimit { pid, old }
+    }
+
     /// SIGTERM and wait: a graceful shutdown.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
@@ -427,5 +455,25 @@ pub fn kill_keeper_of(state: &std::path::Path) {
         && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `Imacri::at_open_file_limit`'s guard: gives imacri its limit back.
+pub struct OpenFileLimit {
+    pid: i32,
+    old: libc::rlimit,
+}
+
+impl Drop for OpenFileLimit {
+    fn drop(&mut self) {
+        // SAFETY: prlimit with a plain struct; a gone imacri fails it (ESRCH).
+        unsafe {
+            libc::prlimit(
+                self.pid,
+                libc::RLIMIT_NOFILE,
+                &self.old,
+                std::ptr::null_mut(),
+            )
+        };
     }
 }

@@ -88,24 +88,7 @@ async fn an_execution_imacri_cannot_open_is_refused_and_the_container_lives() {
     go(&tmp, "");
     assert_eq!(next_out(&tmp, "first", &d).trim(), "ran");
     let pid = d.pid().unwrap() as i32;
-    // Every fd number from the lowest free one up is refused to imacri.
-    let used: std::collections::BTreeSet<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    let free = (0..).find(|n| !used.contains(n)).unwrap();
-    let limit = |soft: u64, hard: u64| libc::rlimit {
-        rlim_cur: soft,
-        rlim_max: hard,
-    };
-    let mut old = limit(0, 0);
-    // SAFETY: prlimit on imacri's pid with plain structs.
-    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
-    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-    let new = limit(free as u64, old.rlim_max);
-    // SAFETY: as above.
-    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
-    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    let limit = d.at_open_file_limit();
     // A client connecting meanwhile waits in the socket's backlog; imacri
     // does not spin on the accept it cannot make.
     let cpu = || {
@@ -126,9 +109,7 @@ async fn an_execution_imacri_cannot_open_is_refused_and_the_container_lives() {
     let out = next_out(&tmp, "at imacri's limit", &d);
     std::thread::sleep(Duration::from_millis(1000));
     let spent = cpu() - before;
-    // SAFETY: as above.
-    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &old, std::ptr::null_mut()) };
-    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    drop(limit);
     assert!(
         out.contains("refused") && out.contains("Operation not permitted"),
         "{out}\n{}",

@@ -564,3 +564,94 @@ async fn negative_timeouts_are_taken_as_containerd_takes_them() {
     assert_eq!(st.exit_code, 137, "{st:?}");
     remove_pod(&mut rt, &pod).await;
 }
+
+/// A container exits while imacri cannot write its record (imacri at its
+/// open-file limit here; a full disk the same): the exit is what happened,
+/// so ContainerStatus says so and the stopped event goes out at once, and
+/// the record is written once imacri can (retried), so an imacri started
+/// again still knows the exit code. Until 2026-12-06 the failed write
+/// also dropped the event (and plugins' notice), and the record said
+/// Running until the next start found the task gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exit_imacri_cannot_write_down_is_told_and_written_later() {
+    use imacri_integration::client::container_status;
+    let env = Env::get();
+    let mut d = Imacri::start(env).await.unwrap();
+    let (mut rt, pod, cid) = sleeper(env, &d, "exit-unwritten").await;
+    let mut events = rt
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let pid = imacri_integration::client::container_info(&mut rt, &cid).await["pid"]
+        .as_u64()
+        .unwrap() as i32;
+    let record = d.root.join("containers").join(&cid).join("state.json");
+    let limit = d.at_open_file_limit();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let stopped = async {
+        while let Ok(Some(e)) = events.message().await {
+            if e.container_event_type == cri::ContainerEventType::ContainerStoppedEvent as i32
+                && e.container_id == cid
+            {
+                return true;
+            }
+        }
+        false
+    };
+    let told = tokio::time::timeout(Duration::from_secs(10), stopped).await;
+    let st = container_status(&mut rt, &cid).await;
+    let written = std::fs::read_to_string(&record).unwrap();
+    drop(limit);
+    assert_eq!(told, Ok(true), "no stopped event\n{}", d.log());
+    assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
+    assert_eq!(st.exit_code, 137);
+    assert!(
+        written.contains("Running"),
+        "written at the limit? {written}"
+    );
+    wait_until("the record written", Duration::from_secs(20), || {
+        let r = std::fs::read_to_string(&record).unwrap_or_default();
+        async move { r.contains("Exited") }
+    })
+    .await;
+    // The pod's pause the same: not ready at once, written later.
+    let pause = imacri_integration::client::pod_info(&mut rt, &pod).await["pid"]
+        .as_u64()
+        .unwrap() as i32;
+    let pod_record = d.root.join("sandboxes").join(&pod).join("state.json");
+    let limit = d.at_open_file_limit();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pause),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the pod not ready", Duration::from_secs(10), || {
+        let mut rt = rt.clone();
+        let pod = pod.clone();
+        async move {
+            imacri_integration::client::pod_status(&mut rt, &pod).await.state
+                == cri::PodSandboxState::SandboxNotready as i32
+        }
+    })
+    .await;
+    drop(limit);
+    wait_until("the pod's record written", Duration::from_secs(20), || {
+        let r = std::fs::read_to_string(&pod_record).unwrap_or_default();
+        async move { r.contains("NotReady") }
+    })
+    .await;
+    d.respawn(&[]).await;
+    let mut rt = d.runtime().await.unwrap();
+    let st = container_status(&mut rt, &cid).await;
+    assert_eq!(
+        (st.state, st.exit_code),
+        (cri::ContainerState::ContainerExited as i32, 137),
+        "{st:?}"
+    );
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+}

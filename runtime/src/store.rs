@@ -48,6 +48,26 @@ impl<C, S: Clone + Serialize> Entry<C, S> {
         Ok(out)
     }
 
+    /// Changes the state in memory only, for what is true whether or not
+    /// it reaches the disk (a process exited); [`persist`](Self::persist)
+    /// writes it.
+    pub fn update_in_memory<T>(&self, f: impl FnOnce(&mut S) -> T) -> Result<T> {
+        let mut g = self
+            .state
+            .write()
+            .map_err(|_| Error::Internal("state lock poisoned".into()))?;
+        Ok(f(&mut g))
+    }
+
+    /// Writes the state as it is now.
+    pub fn persist(&self) -> Result<()> {
+        let g = self
+            .state
+            .read()
+            .map_err(|_| Error::Internal("state lock poisoned".into()))?;
+        write_json(&self.dir.join("state.json"), &*g)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -24,6 +24,22 @@ pub enum Kind {
     Container,
 }
 
+/// Writes a record whose first write failed (`first`) once it can, in the
+/// background: `persist` writes it, or gives None once its object is gone
+/// (removed meanwhile: no record to write).
+fn persist_later(
+    id: &str,
+    what: &'static str,
+    first: Error,
+    persist: impl Fn() -> Option<Result<()>> + Send + Sync + 'static,
+) {
+    let persist = Arc::new(persist);
+    super::orphans::clean_up_later(id, what, first, move || {
+        let persist = persist.clone();
+        async move { persist().unwrap_or(Ok(())) }
+    });
+}
+
 impl CriServer {
     /// Registers an exit channel for a task about to start; the event
     /// monitor (`monitor.rs`) records the exit and wakes waiters.
@@ -82,7 +98,11 @@ impl CriServer {
                         .is_some_and(|n| n > 0);
                     let _order = self.event_order.lock();
                     start_in_flight = self.start_in_flight(id);
-                    let res = c.update(|s| {
+                    // The exit is true whatever the disk says: recorded in
+                    // memory and told (events, plugins) even if its write
+                    // fails (a full disk, imacri at its open-file limit),
+                    // which is retried.
+                    let res = c.update_in_memory(|s| {
                         if oom {
                             s.oom_killed = true;
                         }
@@ -104,6 +124,15 @@ impl CriServer {
                         }
                         before
                     });
+                    if res.is_ok() {
+                        if let Err(e) = c.persist() {
+                            let (me, c, owned) = (self.clone(), c.clone(), id.to_string());
+                            persist_later(id, "recording the exit", e, move || {
+                                let kept = me.containers.get(&owned);
+                                (kept.is_some_and(|x| Arc::ptr_eq(&x, &c))).then(|| c.persist())
+                            });
+                        }
+                    }
                     match res {
                         // Exited before StartContainer recorded the start: the
                         // started event goes first (StartContainer then skips it).
@@ -124,7 +153,8 @@ impl CriServer {
             }
             Kind::Sandbox => {
                 if let Some(s) = self.sandboxes.get(id) {
-                    let was = s.update(|st| {
+                    // As a container's exit: told even if not written yet.
+                    let was = s.update_in_memory(|st| {
                         let was = st.phase;
                         if st.phase == SandboxPhase::Ready {
                             st.phase = SandboxPhase::NotReady;
@@ -132,6 +162,13 @@ impl CriServer {
                         st.pid = 0;
                         was
                     });
+                    if let Err(e) = s.persist() {
+                        let (me, s, owned) = (self.clone(), s.clone(), id.to_string());
+                        persist_later(id, "recording the pod's exit", e, move || {
+                            let kept = me.sandboxes.get(&owned);
+                            (kept.is_some_and(|x| Arc::ptr_eq(&x, &s))).then(|| s.persist())
+                        });
+                    }
                     if matches!(was, Ok(SandboxPhase::Ready)) {
                         self.emit(cri::ContainerEventType::ContainerStoppedEvent, id);
                     }
