@@ -634,7 +634,9 @@ async fn an_exit_imacri_cannot_write_down_is_told_and_written_later() {
         let mut rt = rt.clone();
         let pod = pod.clone();
         async move {
-            imacri_integration::client::pod_status(&mut rt, &pod).await.state
+            imacri_integration::client::pod_status(&mut rt, &pod)
+                .await
+                .state
                 == cri::PodSandboxState::SandboxNotready as i32
         }
     })

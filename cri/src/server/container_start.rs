@@ -44,7 +44,10 @@ impl CriServer {
                 // its task was then left for us to delete.
                 let _order = self.event_order.lock();
                 self.set_starting(&c.id, false);
-                let recorded = c.update(|s| {
+                // The process runs: recorded as running even if the record
+                // cannot be written yet (retried), rather than failing the
+                // call while it runs on.
+                let recorded = super::lifecycle::record(&c, "recording the start", |s| {
                     s.started_at = started_at;
                     let created = s.phase == ContainerPhase::Created;
                     if created {
@@ -87,7 +90,7 @@ impl CriServer {
                     );
                 }
                 let msg = e.to_string();
-                let _ = c.update(|s| {
+                let _ = super::lifecycle::record(&c, "recording the failed start", |s| {
                     s.phase = ContainerPhase::Exited;
                     s.exit_code = 128;
                     s.reason = "StartError".into();

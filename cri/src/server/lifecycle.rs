@@ -24,20 +24,33 @@ pub enum Kind {
     Container,
 }
 
-/// Writes a record whose first write failed (`first`) once it can, in the
-/// background: `persist` writes it, or gives None once its object is gone
-/// (removed meanwhile: no record to write).
-fn persist_later(
-    id: &str,
+/// Changes an object's state in memory (what happened is true whether or
+/// not it is on disk yet) and writes its record; a write that fails (a
+/// full disk, imacri at its open-file limit) is retried in the background
+/// until it lands, or the record is gone (the object removed meanwhile).
+pub(crate) fn record<C, S, T>(
+    e: &Arc<imacri_runtime::store::Entry<C, S>>,
     what: &'static str,
-    first: Error,
-    persist: impl Fn() -> Option<Result<()>> + Send + Sync + 'static,
-) {
-    let persist = Arc::new(persist);
-    super::orphans::clean_up_later(id, what, first, move || {
-        let persist = persist.clone();
-        async move { persist().unwrap_or(Ok(())) }
-    });
+    f: impl FnOnce(&mut S) -> T,
+) -> Result<T>
+where
+    C: Send + Sync + 'static,
+    S: Clone + serde::Serialize + Send + Sync + 'static,
+{
+    let out = e.update_in_memory(f)?;
+    if let Err(first) = e.persist() {
+        let e = e.clone();
+        super::orphans::clean_up_later(&e.id.clone(), what, first, move || {
+            let e = e.clone();
+            async move {
+                match e.dir().exists() {
+                    true => e.persist(),
+                    false => Ok(()),
+                }
+            }
+        });
+    }
+    Ok(out)
 }
 
 impl CriServer {
@@ -102,7 +115,7 @@ impl CriServer {
                     // memory and told (events, plugins) even if its write
                     // fails (a full disk, imacri at its open-file limit),
                     // which is retried.
-                    let res = c.update_in_memory(|s| {
+                    let res = record(&c, "recording the exit", |s| {
                         if oom {
                             s.oom_killed = true;
                         }
@@ -124,15 +137,6 @@ impl CriServer {
                         }
                         before
                     });
-                    if res.is_ok() {
-                        if let Err(e) = c.persist() {
-                            let (me, c, owned) = (self.clone(), c.clone(), id.to_string());
-                            persist_later(id, "recording the exit", e, move || {
-                                let kept = me.containers.get(&owned);
-                                (kept.is_some_and(|x| Arc::ptr_eq(&x, &c))).then(|| c.persist())
-                            });
-                        }
-                    }
                     match res {
                         // Exited before StartContainer recorded the start: the
                         // started event goes first (StartContainer then skips it).
@@ -154,7 +158,7 @@ impl CriServer {
             Kind::Sandbox => {
                 if let Some(s) = self.sandboxes.get(id) {
                     // As a container's exit: told even if not written yet.
-                    let was = s.update_in_memory(|st| {
+                    let was = record(&s, "recording the pod's exit", |st| {
                         let was = st.phase;
                         if st.phase == SandboxPhase::Ready {
                             st.phase = SandboxPhase::NotReady;
@@ -162,13 +166,6 @@ impl CriServer {
                         st.pid = 0;
                         was
                     });
-                    if let Err(e) = s.persist() {
-                        let (me, s, owned) = (self.clone(), s.clone(), id.to_string());
-                        persist_later(id, "recording the pod's exit", e, move || {
-                            let kept = me.sandboxes.get(&owned);
-                            (kept.is_some_and(|x| Arc::ptr_eq(&x, &s))).then(|| s.persist())
-                        });
-                    }
                     if matches!(was, Ok(SandboxPhase::Ready)) {
                         self.emit(cri::ContainerEventType::ContainerStoppedEvent, id);
                     }
