@@ -137,3 +137,41 @@ async fn an_execution_imacri_cannot_open_is_refused_and_the_container_lives() {
     );
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
+
+/// The map guard's twin: imacri at its open-file limit cannot take the
+/// file a running process of the container maps executable, so that
+/// mapping is refused (nothing maps unmeasured) and the container lives;
+/// once imacri has files again its next mapping is measured and made.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mapping_imacri_cannot_open_is_refused_and_the_container_lives() {
+    use imacri_integration::escapes::{ima, node};
+    use imacri_integration::runner::{go, next_out, runner};
+    let env = Env::get();
+    let (d, image, _work) = node(env, "").await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = ima("failclosed-emfile-map", "measure");
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let setup = "cp /bin/busybox /tmp/m.bin";
+    let (c, tmp) = runner(&mut rt, &pod, &cfg, &image, "$x", setup).await;
+    // Run (measured) with imacri as usual; it maps 2 s later, at the limit.
+    go(&tmp, "escape map-later /tmp/m.bin 2000 1");
+    std::thread::sleep(Duration::from_millis(700));
+    let limit = d.at_open_file_limit();
+    let out = next_out(&tmp, "at imacri's limit", &d);
+    drop(limit);
+    assert!(
+        out.contains("map-later:") && !out.contains("MAPPED"),
+        "{out}\n{}",
+        d.log()
+    );
+    go(&tmp, "escape map-later /tmp/m.bin 0 1");
+    let out = next_out(&tmp, "with files again", &d);
+    assert!(out.contains("MAPPED"), "{out}\n{}", d.log());
+    let st = container_status(&mut rt, &c).await;
+    assert_eq!(
+        st.state,
+        cri::ContainerState::ContainerRunning as i32,
+        "{st:?}"
+    );
+    imacri_integration::client::remove_pod(&mut rt, &pod).await;
+}
