@@ -326,34 +326,41 @@ impl Imacri {
         .unwrap_or_else(|e| panic!("{e}\n{}", self.log()));
     }
 
-    /// Lowers imacri's soft open-file limit to the lowest fd number it has
-    /// free, so that its next open fails with EMFILE (as at its limit on a
-    /// node whose pods took its files), until the guard is dropped.
+    /// Lowers imacri's soft open-file limit under what it holds, so that its
+    /// next open fails with EMFILE (as at its limit on a node whose pods
+    /// took its files), until the guard is dropped.
     pub fn at_open_file_limit(&self) -> OpenFileLimit {
-        let pid = self.pid().expect("imacri runs") as i32;
-        let used: std::collections::BTreeSet<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        let free = (0..).find(|n| !used.contains(n)).unwrap() as u64;
-        let mut old = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit on imacri's pid with plain structs (the hard limit
-        // kept: raising it back would need CAP_SYS_RESOURCE).
-        let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-        let low = libc::rlimit {
-            rlim_cur: free,
-            rlim_max: old.rlim_max,
-        };
-        // SAFETY: as above.
-        let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &low, std::ptr::null_mut()) };
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-        OpenFileLimit { pid, old }
+        at_open_file_limit(self.pid().expect("imacri runs") as i32)
     }
+}
 
+/// `Imacri::at_open_file_limit` for process `pid` (imacri's fd keeper too).
+pub fn at_open_file_limit(pid: i32) -> OpenFileLimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on the pid with plain structs (the hard limit kept:
+    // raising it back would need CAP_SYS_RESOURCE).
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    // Its lowest free fd number: it has every fd below (poll takes no more
+    // fds than the limit).
+    let used: std::collections::BTreeSet<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let low = libc::rlimit {
+        rlim_cur: (0..).find(|n| !used.contains(n)).unwrap() as u64,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: as above.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &low, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    OpenFileLimit { pid, old }
+}
+
+impl Imacri {
     /// SIGTERM and wait: a graceful shutdown.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;

@@ -23,7 +23,8 @@ pub mod token_service;
 
 pub use containerd::{restart_containerd, start_containerd, start_containerd_pid};
 pub use daemon::{
-    attest, attest_at, golden_from_registry, imacri_bin, keeper_pids_of, kill_keeper_of, Imacri,
+    at_open_file_limit, attest, attest_at, golden_from_registry, imacri_bin, keeper_pids_of,
+    kill_keeper_of, Imacri,
 };
 pub use fixtures::{
     container_config, kubelet_tmpfs_volume, kubelet_volume, own_pids, pod_config, pod_userns,

@@ -661,6 +661,48 @@ async fn a_keeper_dying_as_it_takes_an_execution_is_replaced_with_it() {
     d.stop_leaving_nothing().await;
 }
 
+/// The fd keeper stalled when a container starts (stopped here; at its
+/// open-file limit or swapped out the same: it takes nothing), then killed:
+/// the start is not failed for it, imacri owes the keeper what it did not
+/// take (remembered, and new fds only remembered, without waiting on the
+/// stalled keeper again), and the keeper started in its place is given it
+/// all, so a later imacri crash finds the container's measurement kept:
+/// an execution while imacri is down waits and is measured, no gap. Until
+/// 2026-12-06 what a stalled keeper did not take was forgotten, and the
+/// container ran unmeasured across a crash for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_keeper_is_given_what_it_missed_once_replaced() {
+    use imacri_integration::runner::runner;
+    use nix::sys::signal::{kill, Signal};
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-stalled").await;
+    let keeper = d.keeper_pids();
+    assert_eq!(keeper.len(), 1, "{keeper:?}");
+    let keeper = nix::unistd::Pid::from_raw(keeper[0]);
+    kill(keeper, Signal::SIGSTOP).unwrap();
+    let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
+    let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, "/tmp/new/true", setup).await;
+    assert!(
+        d.log().contains("did not take an fd"),
+        "the stopped keeper took it?\n{}",
+        d.log()
+    );
+    // Killed while stopped: what it was sent and did not read goes with it.
+    kill(keeper, Signal::SIGKILL).unwrap();
+    imacri_integration::poll::eventually("a new keeper", Duration::from_secs(20), || async {
+        d.log()
+            .contains("the fd keeper was gone: started again")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    crash_waits_measured(&mut d, (&pod, &c, &tmp), "after the stalled keeper").await;
+    d.stop_leaving_nothing().await;
+}
+
 /// The fd keeper dies while a starting imacri takes back what it held
 /// (held right after the keeper handed everything over:
 /// `IMACRI_TEST_HOLD_AT=FdKeeper:all`): the keeper started in its place

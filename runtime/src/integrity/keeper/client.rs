@@ -171,33 +171,55 @@ impl Keeper {
     }
 
     /// Hands the keeper a copy of `fd` under `key`. An idle keeper exits,
-    /// so one that does not answer is started again (once).
+    /// so one that does not answer is started again (once). A keeper that
+    /// still does not take it (at its open-file limit, stalled) owes it:
+    /// it stays remembered and the watch (`supervise`) gives it everything
+    /// again until it has it, so Ok means "kept, or as soon as the keeper
+    /// can"; Err only when not even a copy could be made here.
     pub fn put(&self, key: &str, fd: BorrowedFd<'_>) -> std::io::Result<()> {
         // Remembered first: a keeper that dies once it has taken `fd`, before
         // this returns, is replaced (`supervise`) with what is remembered;
         // remembered after, the new keeper would lack `fd` and an imacri
         // crash would then release it (a container's group: it runs on
         // unmeasured).
-        self.remember(key, fd);
-        let put = self.put_once(key, fd).or_else(|_| {
-            self.revive()?;
-            self.put_once(key, fd)
-        });
+        if !self.remember(key, fd) {
+            return Err(std::io::Error::other(format!(
+                "{key}: no copy of its fd to keep"
+            )));
+        }
+        // A keeper that owes already is stalled or failing: the watch gives
+        // it everything (this too) as soon as it takes things again, and
+        // the caller (an execution being measured) does not wait out its
+        // timeouts meanwhile.
+        let owed_before = self.owed.load(Ordering::SeqCst);
+        let put = match owed_before {
+            true => Err(std::io::Error::other("the keeper owes earlier fds")),
+            false => self.put_once(key, fd).or_else(|_| {
+                self.revive()?;
+                self.put_once(key, fd)
+            }),
+        };
         crate::crash::at(
             "FdKeeper",
             key.split_once(':').map_or("listener", |(k, _)| k),
         );
-        if put.is_err() {
-            self.forget(key);
+        if let Err(e) = put {
+            // Until a revive finishes, an imacri crash would lose it (and
+            // whatever else the keeper missed): the watch retries.
+            self.owed.store(true, Ordering::SeqCst);
+            if !owed_before {
+                tracing::warn!(key, error = %e, "the fd keeper did not take an fd: it owes it (and what follows) until it can");
+            }
         }
-        put
+        Ok(())
     }
 
     /// Records that the keeper holds `fd` under `key` (handed over by the
     /// last imacri and taken back now), to give it again to a new keeper.
-    pub fn remember(&self, key: &str, fd: BorrowedFd<'_>) {
+    /// Whether a copy is remembered.
+    pub fn remember(&self, key: &str, fd: BorrowedFd<'_>) -> bool {
         let Ok(copy) = fd.try_clone_to_owned() else {
-            return;
+            return false;
         };
         let owner = owner_of(key);
         let shard = self
@@ -207,11 +229,12 @@ impl Keeper {
             .get_or_insert_with(owner.into_owned(), Default::default)
             .clone();
         // Nothing is closed (a syscall) while the lock is held.
-        let dropped = match shard.lock() {
-            Ok(mut o) if !o.gone => o.fds.insert(key.to_string(), copy),
-            _ => Some(copy),
+        let (kept, dropped) = match shard.lock() {
+            Ok(mut o) if !o.gone => (true, o.fds.insert(key.to_string(), copy)),
+            _ => (false, Some(copy)),
         };
         drop(dropped);
+        kept
     }
 
     /// Forgets `key` here only (the keeper let it go by itself: a listener

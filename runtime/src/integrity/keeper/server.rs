@@ -216,7 +216,15 @@ pub fn run(path: &Path) -> std::io::Result<()> {
         }
         if ready {
             // SAFETY: accept returns a new fd we own.
-            if let Ok(c) = accept(l.as_raw_fd()).map(|f| unsafe { OwnedFd::from_raw_fd(f) }) {
+            let accepted = accept(l.as_raw_fd()).map(|f| unsafe { OwnedFd::from_raw_fd(f) });
+            if let Err(nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE) = accepted {
+                // At the open-file limit the connection stays queued and
+                // the listener readable: a pause, not a spin, until an fd
+                // is free (a client gives up after its timeout and imacri
+                // gives everything again once the keeper takes it).
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Ok(c) = accepted {
                 // Served at once when its request is there (the usual case),
                 // else when it comes.
                 let mut one = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
@@ -251,9 +259,16 @@ fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) -> bool {
         return true;
     }
     if let Some(key) = text.strip_prefix("PUT ") {
-        if let Some(fd) = fd {
-            held.insert(key.to_string(), fd);
-            let _ = send(c, "OK", None);
+        match fd {
+            Some(fd) => {
+                held.insert(key.to_string(), fd);
+                let _ = send(c, "OK", None);
+            }
+            // Its fd did not come (the keeper at its open-file limit): said
+            // at once, so the client need not wait out its timeout.
+            None => {
+                let _ = send(c, "NOFD", None);
+            }
         }
     } else if let Some(key) = text.strip_prefix("DROP ") {
         held.remove(key);
