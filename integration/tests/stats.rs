@@ -165,16 +165,7 @@ async fn stats_follow_the_workload() {
         String::from_utf8_lossy(&r.stdout).trim(),
         (200u64 << 20).to_string()
     );
-    let st = rt
-        .container_status(cri::ContainerStatusRequest {
-            container_id: c.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let st = imacri_integration::client::container_status(&mut rt, &c).await;
     assert_eq!(
         st.resources.unwrap().linux.unwrap().memory_limit_in_bytes,
         200 << 20
@@ -193,26 +184,8 @@ async fn stats_follow_the_workload() {
     })
     .await
     .unwrap();
-    rt.update_container_resources(cri::UpdateContainerResourcesRequest {
-        container_id: c.clone(),
-        linux: Some(cri::LinuxContainerResources {
-            memory_limit_in_bytes: 300 << 20,
-            ..Default::default()
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let st = rt
-        .container_status(cri::ContainerStatusRequest {
-            container_id: c.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    update_memory(&mut rt, &c, 300 << 20).await;
+    let st = imacri_integration::client::container_status(&mut rt, &c).await;
     assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
     assert_eq!(
         st.resources.unwrap().linux.unwrap().memory_limit_in_bytes,
@@ -227,6 +200,20 @@ async fn stats_follow_the_workload() {
 
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
         pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+}
+
+/// UpdateContainerResources of `c`'s memory limit alone.
+async fn update_memory(rt: &mut imacri_integration::client::Rt, c: &str, bytes: i64) {
+    rt.update_container_resources(cri::UpdateContainerResourcesRequest {
+        container_id: c.into(),
+        linux: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: bytes,
+            ..Default::default()
+        }),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -24,6 +24,23 @@ async fn connect(url: &str, protocol: &str) -> Ws {
 }
 
 /// Reads frames until the server closes: (stdout, stderr, status).
+/// What a v5 channel stream's stdout (channel 1) carries until it ends with
+/// `end` (or 10 s pass with nothing new).
+async fn stdout_until(ws: &mut Ws, end: &[u8]) -> Vec<u8> {
+    let mut got = Vec::new();
+    while let Ok(Some(Ok(Message::Binary(b)))) =
+        tokio::time::timeout(Duration::from_secs(10), ws.next()).await
+    {
+        if b.first() == Some(&1) {
+            got.extend_from_slice(&b[1..]);
+            if got.ends_with(end) {
+                break;
+            }
+        }
+    }
+    got
+}
+
 async fn collect(ws: &mut Ws) -> (String, String, String) {
     let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), Vec::new());
     while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
@@ -180,17 +197,7 @@ async fn exec_attach_and_port_forward_over_websocket() {
     ws.send(Message::Binary([&[0u8][..], b"attached\n"].concat().into()))
         .await
         .unwrap();
-    let mut got = Vec::new();
-    while let Ok(Some(Ok(Message::Binary(b)))) =
-        tokio::time::timeout(Duration::from_secs(10), ws.next()).await
-    {
-        if b.first() == Some(&1) {
-            got.extend_from_slice(&b[1..]);
-            if got.ends_with(b"attached\n") {
-                break;
-            }
-        }
-    }
+    let got = stdout_until(&mut ws, b"attached\n").await;
     assert_eq!(String::from_utf8_lossy(&got), "attached\n");
     drop(ws);
 
@@ -216,17 +223,7 @@ async fn exec_attach_and_port_forward_over_websocket() {
         .into_inner()
         .url;
     let mut ws = connect(&url, "v5.channel.k8s.io").await;
-    let mut got = Vec::new();
-    while let Ok(Some(Ok(Message::Binary(b)))) =
-        tokio::time::timeout(Duration::from_secs(10), ws.next()).await
-    {
-        if b.first() == Some(&1) {
-            got.extend_from_slice(&b[1..]);
-            if got.ends_with(b"tick\n") {
-                break;
-            }
-        }
-    }
+    let got = stdout_until(&mut ws, b"tick\n").await;
     assert!(
         got.ends_with(b"tick\n"),
         "{}",
