@@ -38,6 +38,10 @@ pub struct Keeper {
     /// everything again until one finishes; the keeper's being alive says
     /// nothing about that.
     owed: Arc<AtomicBool>,
+    /// Puts that left their fd owed, counted: a revive clears `owed` only
+    /// if none came while it gave (one that came after it read that fd's
+    /// owner would otherwise be cleared with the rest and never given).
+    misses: Arc<AtomicU64>,
 }
 
 /// imacri's copy of what the keeper holds, by owner (a container's group
@@ -91,6 +95,7 @@ impl Keeper {
             given: Default::default(),
             revivals: Default::default(),
             owed: Default::default(),
+            misses: Default::default(),
         };
         k.start()?;
         Ok(k)
@@ -206,6 +211,7 @@ impl Keeper {
         if let Err(e) = put {
             // Until a revive finishes, an imacri crash would lose it (and
             // whatever else the keeper missed): the watch retries.
+            self.misses.fetch_add(1, Ordering::SeqCst);
             self.owed.store(true, Ordering::SeqCst);
             if !owed_before {
                 tracing::warn!(key, error = %e, "the fd keeper did not take an fd: it owes it (and what follows) until it can");
@@ -271,6 +277,7 @@ impl Keeper {
         // raced this one sees the count moved and gives it again.
         self.revivals.fetch_add(1, Ordering::SeqCst);
         self.owed.store(true, Ordering::SeqCst);
+        let misses = self.misses.load(Ordering::SeqCst);
         self.start()?;
         let shards: Vec<Arc<Mutex<Owned>>> = self.given.owners.pin().values().cloned().collect();
         let mut n = 0;
@@ -282,6 +289,11 @@ impl Keeper {
             }
         }
         self.owed.store(false, Ordering::SeqCst);
+        // A put left owed while this one gave may have come after its
+        // owner was given: owed still.
+        if self.misses.load(Ordering::SeqCst) != misses {
+            self.owed.store(true, Ordering::SeqCst);
+        }
         Ok(n)
     }
 
@@ -405,6 +417,7 @@ mod tests {
             given: Default::default(),
             revivals: Default::default(),
             owed: Default::default(),
+            misses: Default::default(),
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         while k.connect().is_err() {
@@ -469,6 +482,7 @@ mod tests {
             given: Default::default(),
             revivals: Default::default(),
             owed: Default::default(),
+            misses: Default::default(),
         };
         let f = std::fs::File::open("/dev/null").unwrap();
         let keys = [format!("{FANOTIFY}a"), format!("{FANOTIFY}b")];
