@@ -406,11 +406,9 @@ mod tests {
     use super::super::server::{run, IDLE_EXIT};
     use super::*;
 
-    /// A keeper running at `sock` on a thread, and a client of it.
-    fn keeper_at(sock: &Path) -> (Keeper, std::thread::JoinHandle<std::io::Result<()>>) {
-        let s2 = sock.to_path_buf();
-        let t = std::thread::spawn(move || run(&s2));
-        let k = Keeper {
+    /// A client of the keeper at `sock` that never starts one itself.
+    fn client_of(sock: &Path) -> Keeper {
+        Keeper {
             path: sock.to_path_buf(),
             exe: PathBuf::from("/nonexistent"),
             hold: Default::default(),
@@ -418,7 +416,14 @@ mod tests {
             revivals: Default::default(),
             owed: Default::default(),
             misses: Default::default(),
-        };
+        }
+    }
+
+    /// A keeper running at `sock` on a thread, and a client of it.
+    fn keeper_at(sock: &Path) -> (Keeper, std::thread::JoinHandle<std::io::Result<()>>) {
+        let s2 = sock.to_path_buf();
+        let t = std::thread::spawn(move || run(&s2));
+        let k = client_of(sock);
         let deadline = Instant::now() + Duration::from_secs(5);
         while k.connect().is_err() {
             assert!(Instant::now() < deadline);
@@ -475,15 +480,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("k.sock");
         let took = refusing_keeper(&sock, 1);
-        let k = Keeper {
-            path: sock.clone(),
-            exe: PathBuf::from("/nonexistent"),
-            hold: Default::default(),
-            given: Default::default(),
-            revivals: Default::default(),
-            owed: Default::default(),
-            misses: Default::default(),
-        };
+        let k = client_of(&sock);
         let f = std::fs::File::open("/dev/null").unwrap();
         let keys = [format!("{FANOTIFY}a"), format!("{FANOTIFY}b")];
         for key in &keys {
