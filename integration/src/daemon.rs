@@ -282,6 +282,34 @@ impl Imacri {
         keeper_pids_of(&self.state)
     }
 
+    /// The keys the fd keeper holds, as its `ALL` lists them (the fds it
+    /// sends with them are discarded by the kernel: no room is given).
+    pub fn keeper_keys(&self) -> Vec<String> {
+        use nix::sys::socket::{
+            connect, recv, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
+        };
+        use std::os::fd::AsRawFd;
+        let s = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        let addr = UnixAddr::new(&self.state.join("fdkeeper.sock")).unwrap();
+        connect(s.as_raw_fd(), &addr).unwrap();
+        nix::sys::socket::send(s.as_raw_fd(), b"ALL", MsgFlags::empty()).unwrap();
+        let mut keys = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = recv(s.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+            match std::str::from_utf8(&buf[..n]).unwrap() {
+                "END" | "" => return keys,
+                t => keys.push(t.strip_prefix("FD ").unwrap_or(t).to_string()),
+            }
+        }
+    }
+
     /// SIGKILL to the fd keeper alone, returning once it is gone (its
     /// groups released unless someone else holds them).
     pub fn kill_keeper(&self) {

@@ -767,3 +767,116 @@ async fn a_keeper_dying_while_imacri_takes_back_its_groups_is_given_them() {
     .await;
     d.stop_leaving_nothing().await;
 }
+
+/// How many fds of process `pid` are open on the runner's fresh file
+/// `/tmp/new/<n>/true`.
+fn fresh_file_held(pid: i32, n: u32) -> usize {
+    let name = format!("/tmp/new/{n}/true");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|f| std::fs::read_link(f.path()).ok())
+        .filter(|l| l.to_string_lossy().ends_with(&name))
+        .count()
+}
+
+/// The fd keeper stalled (stopped here; swapped out or at its limits the
+/// same) while an ima container executes new files: the first access that
+/// finds it so waits out its timeout, the rest do not wait for it at all
+/// (what they hand over or let go of is owed to it). Once it takes things
+/// again it is given what it lacks and lets go of what imacri let go of
+/// meanwhile (the events answered, their fds: nothing of them stays held,
+/// here or there), and an imacri crash after that still finds the
+/// container measured. Until 2026-12-06 every answered event waited 2 s
+/// for the stalled keeper to drop it, and kept its fd open for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_keeper_slows_no_execution_and_keeps_nothing_stale() {
+    use imacri_integration::runner::{go, next_out, runner};
+    use nix::sys::signal::{kill, Signal};
+    let env = Env::get();
+    let mut d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-stalls").await;
+    let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
+    // `$x` names a new file (busybox with a byte of its own: hashed anew).
+    let prog = "if [ -n \"$x\" ]; then mkdir /tmp/new/$x && cat /bin/busybox > /tmp/new/$x/true \
+                && echo $x >> /tmp/new/$x/true && chmod +x /tmp/new/$x/true && /tmp/new/$x/true; \
+                else /tmp/new/true; fi";
+    let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, prog, setup).await;
+    let imacri = d.pid().unwrap() as i32;
+    let keeper = d.keeper_pids();
+    assert_eq!(keeper.len(), 1, "{keeper:?}");
+    // What a healthy keeper and imacri hold for an executed file (its
+    // watch: a read lease).
+    go(&tmp, "0");
+    assert_eq!(next_out(&tmp, "with the keeper up", &d).trim(), "ran");
+    let normal = (fresh_file_held(imacri, 0), fresh_file_held(keeper[0], 0));
+    let keeper = nix::unistd::Pid::from_raw(keeper[0]);
+    kill(keeper, Signal::SIGSTOP).unwrap();
+    let mut took = Vec::new();
+    for n in 1..=8 {
+        let t0 = std::time::Instant::now();
+        go(&tmp, &n.to_string());
+        assert_eq!(next_out(&tmp, "with the keeper stalled", &d).trim(), "ran");
+        took.push(t0.elapsed());
+    }
+    // The first finds it stalled (its put, then a revive, time out).
+    let slow = took
+        .iter()
+        .skip(1)
+        .filter(|t| **t > Duration::from_millis(800));
+    assert_eq!(
+        slow.count(),
+        0,
+        "executions waited for the stalled keeper: {took:?}"
+    );
+    kill(keeper, Signal::SIGCONT).unwrap();
+    // Settled within a few rounds (drops made while one ran wait for the
+    // next): the keeper holds no answered event, and imacri and the keeper
+    // hold for each file what they hold for one executed with the keeper
+    // up (the answered events' fds, whose numbers imacri kept while the
+    // keeper might hold them, are closed).
+    let settled = imacri_integration::poll::eventually(
+        "the keeper settled",
+        Duration::from_secs(20),
+        || async {
+            let keys = d.keeper_keys();
+            let held: Vec<_> = (1..=8)
+                .map(|n| {
+                    (
+                        fresh_file_held(imacri, n),
+                        fresh_file_held(keeper.as_raw(), n),
+                    )
+                })
+                .collect();
+            let stale = keys.iter().any(|k| k.starts_with("fev:"));
+            let grouped = keys.iter().any(|k| k.starts_with("fan:"));
+            (!stale && grouped && held.iter().all(|h| *h == normal)).then_some(())
+        },
+    )
+    .await;
+    if let Err(e) = settled {
+        let held: Vec<_> = (1..=8)
+            .map(|n| {
+                (
+                    fresh_file_held(imacri, n),
+                    fresh_file_held(keeper.as_raw(), n),
+                )
+            })
+            .collect();
+        panic!(
+            "{e}: keeper keys {:?}; (imacri, keeper) hold {held:?}, not {normal:?}\n{}",
+            d.keeper_keys(),
+            d.log()
+        );
+    }
+    assert!(
+        d.log().contains("had not been given everything"),
+        "{}",
+        d.log()
+    );
+    crash_waits_measured(&mut d, (&pod, &c, &tmp), "after the keeper resumed").await;
+    d.stop_leaving_nothing().await;
+}

@@ -498,6 +498,12 @@ fn start(
         let kind = if exec { Event::Exec } else { Event::Read };
         let exec_of = exec.then_some((event.tid, key));
         tracing::info!(container_id = %container, number = event.number, "measuring an access the last imacri was measuring");
+        // Held in the keeper until answered (`KeptPending` drops it): a
+        // round that settles the keeper must not make it let go before.
+        if let Some(k) = &group.keeper {
+            let key = keeper::event_key(&container, event.number, event.access, event.tid);
+            k.remember(&key, event.file.as_fd());
+        }
         let pending = Box::new(pending::KeptPending {
             group: group.clone(),
             event,

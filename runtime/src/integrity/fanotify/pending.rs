@@ -78,12 +78,19 @@ impl Pending for FanPending {
             _ => answer(&group, &event, allow),
         }
         if let (Some(key), Some(k)) = (kept, &group.keeper) {
-            if let Err(e) = k.drop_key(&key) {
-                // Our fd number must not be reused while the keeper still
-                // has it under this key: a next imacri would answer a later
-                // event by it with this file's verdict. Kept open for good.
-                tracing::warn!(container_id = %group.target.measured.container, error = %e, "fd keeper: an answered event not dropped; its fd stays open");
+            // Our fd number must not be reused while the keeper may still
+            // have it under this key (a next imacri would answer a later
+            // event by it with this file's verdict): the keeper's client
+            // holds it until the keeper let go.
+            if let Some(raw) = event.fd().map(|f| f.as_raw_fd()) {
                 std::mem::forget(event);
+                // SAFETY: the event owned this fd and was forgotten, so
+                // nothing else closes it.
+                let fd =
+                    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+                k.drop_event(&key, fd);
+            } else {
+                let _ = k.drop_key(&key);
             }
         }
     }

@@ -20,9 +20,13 @@
 //! Protocol (SOCK_SEQPACKET, one message per request): `PUT <key>` with one
 //! fd; `DROP <key>`; `ALL`, answered by `FD <key>` messages with a copy
 //! each, then `END`; `HOLD`, a connection imacri keeps open so the keeper
-//! stays up.
+//! stays up; `SYNC` (the keeper starts a record of the keys put from now
+//! on) and `PRUNE` (it lets go of every key not put since the `SYNC`): how
+//! imacri settles what the keeper holds after it stalled or died (a drop
+//! it never heard). Unknown requests are answered `?`.
 
 mod client;
+mod debt;
 mod ids;
 mod keys;
 mod server;

@@ -3,7 +3,7 @@
 //! dead imacri what it took and will never answer, and exits when idle.
 
 use nix::sys::socket::{accept, bind, listen, Backlog, UnixAddr};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -112,6 +112,8 @@ pub fn run(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     listen(&l, Backlog::new(64)?)?;
     let mut held: BTreeMap<String, OwnedFd> = BTreeMap::new();
+    // The keys put since imacri's last `SYNC` (None: no round under way).
+    let mut synced: Option<BTreeSet<String>> = None;
     // Open HOLD connections: an imacri is running.
     let mut holders: Vec<OwnedFd> = Vec::new();
     // Connections whose request has not arrived yet. Served when it has,
@@ -207,7 +209,7 @@ pub fn run(path: &Path) -> std::io::Result<()> {
         let mut arrived = arrived.into_iter();
         for (c, since) in std::mem::take(&mut waiting) {
             if arrived.next().unwrap_or(false) {
-                if serve_one(c.as_fd(), &mut held) {
+                if serve_one(c.as_fd(), &mut held, &mut synced) {
                     holders.push(c);
                 }
             } else if since.elapsed() < REQUEST_WAIT {
@@ -231,7 +233,7 @@ pub fn run(path: &Path) -> std::io::Result<()> {
                 let now = matches!(poll(&mut one, PollTimeout::ZERO), Ok(n) if n > 0);
                 if !now {
                     waiting.push((c, Instant::now()));
-                } else if serve_one(c.as_fd(), &mut held) {
+                } else if serve_one(c.as_fd(), &mut held, &mut synced) {
                     holders.push(c);
                 }
             }
@@ -251,39 +253,64 @@ pub fn run(path: &Path) -> std::io::Result<()> {
 
 /// Serves one request that has arrived (the read does not wait); true for
 /// HOLD (the connection is then kept).
-fn serve_one(c: BorrowedFd<'_>, held: &mut BTreeMap<String, OwnedFd>) -> bool {
+fn serve_one(
+    c: BorrowedFd<'_>,
+    held: &mut BTreeMap<String, OwnedFd>,
+    synced: &mut Option<BTreeSet<String>>,
+) -> bool {
     let Ok((Some(text), fd)) = recv_now(c) else {
         return false;
     };
-    if text == "HOLD" {
+    let answer = if text == "HOLD" {
         return true;
-    }
-    if let Some(key) = text.strip_prefix("PUT ") {
+    } else if let Some(key) = text.strip_prefix("PUT ") {
         match fd {
             Some(fd) => {
                 held.insert(key.to_string(), fd);
-                let _ = send(c, "OK", None);
+                if let Some(s) = synced.as_mut() {
+                    s.insert(key.to_string());
+                }
+                "OK"
             }
             // Its fd did not come (the keeper at its open-file limit): said
             // at once, so the client need not wait out its timeout.
-            None => {
-                let _ = send(c, "NOFD", None);
-            }
+            None => "NOFD",
         }
     } else if let Some(key) = text.strip_prefix("DROP ") {
         held.remove(key);
+        if let Some(s) = synced.as_mut() {
+            s.remove(key);
+        }
         // What goes with it (a group's events and leases) goes before the
         // answer: a lease's file keeps the container's rootfs busy.
         drop_orphan_events(held);
-        let _ = send(c, "OK", None);
+        "OK"
+    } else if text == "SYNC" {
+        *synced = Some(BTreeSet::new());
+        "OK"
+    } else if text == "PRUNE" {
+        // What imacri did not give in its round is what it let go of while
+        // this keeper did not hear it (stalled) or what the keeper took
+        // late (a put it gave up waiting for).
+        match synced.take() {
+            Some(s) => {
+                held.retain(|k, _| s.contains(k));
+                drop_orphan_events(held);
+                "OK"
+            }
+            None => "NOSYNC",
+        }
     } else if text == "ALL" {
         for (k, f) in held.iter() {
             if send(c, &format!("FD {k}"), Some(f.as_fd())).is_err() {
                 return false;
             }
         }
-        let _ = send(c, "END", None);
-    }
+        "END"
+    } else {
+        "?"
+    };
+    let _ = send(c, answer, None);
     false
 }
 

@@ -242,6 +242,8 @@ fn measure_kept(
     file: OwnedFd,
 ) {
     let event_key = keeper::mapping_key(&kept.1, id);
+    // Held in the keeper until answered (as the fanotify events taken back).
+    kept.0.remember(&event_key, file.as_fd());
     let (Ok(dup), Some(target)) = (notify.try_clone(), engine.target(container)) else {
         respond(notify, id, false);
         let _ = kept.0.drop_key(&event_key);

@@ -6,10 +6,11 @@ use nix::sys::socket::UnixAddr;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::debt::{Debt, Round};
 use super::ids::ids_dir;
 use super::keys::owner_of;
 use super::wire::{recv, send, seqpacket};
@@ -32,16 +33,8 @@ pub struct Keeper {
     /// caller took back (`all`) and remembered after a revive never reached
     /// the new keeper (`catch_up`).
     revivals: Arc<AtomicU64>,
-    /// Set while a keeper may lack some of what imacri handed over: a
-    /// revive that did not finish (a put refused or unanswered half-way,
-    /// the keeper at its open-file limit). The watch thread gives
-    /// everything again until one finishes; the keeper's being alive says
-    /// nothing about that.
-    owed: Arc<AtomicBool>,
-    /// Puts that left their fd owed, counted: a revive clears `owed` only
-    /// if none came while it gave (one that came after it read that fd's
-    /// owner would otherwise be cleared with the rest and never given).
-    misses: Arc<AtomicU64>,
+    /// What the keeper may lack or hold beyond what imacri handed over.
+    debt: Arc<Debt>,
 }
 
 /// imacri's copy of what the keeper holds, by owner (a container's group
@@ -94,8 +87,7 @@ impl Keeper {
             hold: Default::default(),
             given: Default::default(),
             revivals: Default::default(),
-            owed: Default::default(),
-            misses: Default::default(),
+            debt: Default::default(),
         };
         k.start()?;
         Ok(k)
@@ -164,14 +156,15 @@ impl Keeper {
     }
 
     fn connect(&self) -> std::io::Result<OwnedFd> {
+        use nix::sys::socket::{setsockopt, sockopt};
         let s = seqpacket()?;
         let addr = UnixAddr::new(&self.path)?;
+        let wait = nix::sys::time::TimeVal::new(2, 0);
+        // Bounds the connect too: a stalled keeper's backlog fills, and a
+        // connect then waits for room without end.
+        setsockopt(&s, sockopt::SendTimeout, &wait)?;
         nix::sys::socket::connect(s.as_raw_fd(), &addr)?;
-        nix::sys::socket::setsockopt(
-            &s,
-            nix::sys::socket::sockopt::ReceiveTimeout,
-            &nix::sys::time::TimeVal::new(2, 0),
-        )?;
+        setsockopt(&s, sockopt::ReceiveTimeout, &wait)?;
         Ok(s)
     }
 
@@ -196,11 +189,15 @@ impl Keeper {
         // it everything (this too) as soon as it takes things again, and
         // the caller (an execution being measured) does not wait out its
         // timeouts meanwhile.
-        let owed_before = self.owed.load(Ordering::SeqCst);
+        let owed_before = self.debt.owed();
         let put = match owed_before {
             true => Err(std::io::Error::other("the keeper owes earlier fds")),
             false => self.put_once(key, fd).or_else(|_| {
-                self.revive()?;
+                // Started again (once) unless a round is under way already.
+                self.debt
+                    .begin(false)
+                    .ok_or_else(|| std::io::Error::other("the keeper is being given everything"))
+                    .and_then(|r| self.revive(r))?;
                 self.put_once(key, fd)
             }),
         };
@@ -209,11 +206,11 @@ impl Keeper {
             key.split_once(':').map_or("listener", |(k, _)| k),
         );
         if let Err(e) = put {
-            // Until a revive finishes, an imacri crash would lose it (and
+            // Until a round finishes, an imacri crash would lose it (and
             // whatever else the keeper missed): the watch retries.
-            self.misses.fetch_add(1, Ordering::SeqCst);
-            self.owed.store(true, Ordering::SeqCst);
-            if !owed_before {
+            // Said once per stall: a round this put started may have made
+            // the keeper owed already.
+            if self.debt.owe() || !owed_before {
                 tracing::warn!(key, error = %e, "the fd keeper did not take an fd: it owes it (and what follows) until it can");
             }
         }
@@ -271,30 +268,54 @@ impl Keeper {
     }
 
     /// Starts a keeper (if none answers) and gives it everything imacri
-    /// handed over before: the last one may have died with all of it.
-    fn revive(&self) -> std::io::Result<usize> {
+    /// handed over before (the last one may have died with all of it),
+    /// then has it let go of what imacri let go of while it owed (once
+    /// imacri has taken back what it held at start: `catch_up`).
+    fn revive(&self, round: Round<'_>) -> std::io::Result<usize> {
         // Counted before what is given is read: a caller whose remembering
         // raced this one sees the count moved and gives it again.
         self.revivals.fetch_add(1, Ordering::SeqCst);
-        self.owed.store(true, Ordering::SeqCst);
-        let misses = self.misses.load(Ordering::SeqCst);
+        let given = self.give_all();
+        let pruned = matches!(given, Ok((_, true)));
+        self.debt.end(round, given.is_ok(), pruned);
+        given.map(|(n, _)| n)
+    }
+
+    /// The round's work: how many fds were given, and whether the keeper
+    /// let go of the rest.
+    fn give_all(&self) -> std::io::Result<(usize, bool)> {
         self.start()?;
+        // A keeper of an older imacri knows no SYNC (it hangs up): it is
+        // given everything, as then, and lets go of nothing.
+        let synced = self.request("SYNC")?;
+        self.debt.answering();
         let shards: Vec<Arc<Mutex<Owned>>> = self.given.owners.pin().values().cloned().collect();
         let mut n = 0;
         for shard in shards {
+            // Held while given: a drop of one of these (which forgets it
+            // here under this lock first) reaches the keeper after its put.
             let Ok(o) = shard.lock() else { continue };
             for (k, f) in o.fds.iter() {
                 self.put_once(k, f.as_fd())?;
                 n += 1;
             }
         }
-        self.owed.store(false, Ordering::SeqCst);
-        // A put left owed while this one gave may have come after its
-        // owner was given: owed still.
-        if self.misses.load(Ordering::SeqCst) != misses {
-            self.owed.store(true, Ordering::SeqCst);
+        let pruned = synced && self.debt.settled() && self.request("PRUNE")?;
+        Ok((n, pruned))
+    }
+
+    /// Sends `what` alone; true when the keeper answered OK, false when it
+    /// hung up without an answer (it does not know `what`).
+    fn request(&self, what: &str) -> std::io::Result<bool> {
+        let s = self.connect()?;
+        send(s.as_fd(), what, None)?;
+        match recv(s.as_fd())? {
+            (Some(t), _) if t == "OK" => Ok(true),
+            (None, _) => Ok(false),
+            (t, _) => Err(std::io::Error::other(format!(
+                "fd keeper answered {t:?} to {what}"
+            ))),
         }
-        Ok(n)
     }
 
     /// Watches the keeper for as long as this process lives: if it dies
@@ -317,11 +338,14 @@ impl Keeper {
                     // The keeper never writes to a holder: anything is its end.
                     !matches!(poll(&mut fds, PollTimeout::from(1000u16)), Ok(n) if n > 0)
                 });
-                let owed = k.owed.load(Ordering::SeqCst);
-                if alive && !owed {
+                if alive && !k.debt.owed() {
                     continue;
                 }
-                match k.revive() {
+                let revived = k.debt.begin(true).map_or_else(
+                    || Err(std::io::Error::other("the record of what was given is unusable")),
+                    |r| k.revive(r),
+                );
+                match revived {
                     Ok(n) if alive => tracing::warn!(given = n, "the fd keeper had not been given everything: given every group and listener again"),
                     Ok(n) => tracing::warn!(given = n, "the fd keeper was gone: started again and given every group and listener"),
                     Err(e) => {
@@ -341,15 +365,39 @@ impl Keeper {
         ids_dir(&self.path)
     }
 
-    /// Tells the keeper to close its copy of `key` (no reply awaited beyond
-    /// its acknowledgement; a gone keeper holds nothing anyway).
+    /// Tells the keeper to close its copy of `key`. A keeper that owes
+    /// is not asked (the watch's next round makes it let go); one that
+    /// does not answer is then owed too: Err in both cases, when it may
+    /// still hold `key`.
     pub fn drop_key(&self, key: &str) -> std::io::Result<()> {
         self.forget(key);
-        let s = self.connect()?;
-        send(s.as_fd(), &format!("DROP {key}"), None)?;
-        match recv(s.as_fd())? {
-            (Some(t), _) if t == "OK" => Ok(()),
-            (t, _) => Err(std::io::Error::other(format!("fd keeper answered {t:?}"))),
+        if self.debt.owed() {
+            self.debt.owe_drop();
+            return Err(std::io::Error::other(
+                "the fd keeper owes: let go of at its next round",
+            ));
+        }
+        let dropped = self.connect().and_then(|s| {
+            send(s.as_fd(), &format!("DROP {key}"), None)?;
+            match recv(s.as_fd())? {
+                (Some(t), _) if t == "OK" => Ok(()),
+                (t, _) => Err(std::io::Error::other(format!("fd keeper answered {t:?}"))),
+            }
+        });
+        if let Err(e) = &dropped {
+            if self.debt.owe_drop() {
+                tracing::warn!(key, error = %e, "the fd keeper did not let go of an fd: owed (with what follows) until it can");
+            }
+        }
+        dropped
+    }
+
+    /// [`drop_key`](Self::drop_key) of an answered event whose fd is
+    /// `fd`: while the keeper may still hold the event, its number stays
+    /// taken (a next imacri would answer the number's next event by it).
+    pub fn drop_event(&self, key: &str, fd: OwnedFd) {
+        if self.drop_key(key).is_err() {
+            self.debt.hold_number(fd);
         }
     }
 
@@ -374,10 +422,16 @@ impl Keeper {
     /// then; it is given everything now, or an imacri crash would release
     /// what it lacks (a running container's group: unmeasured).
     pub fn catch_up(&self, since: u64) -> std::io::Result<()> {
-        if self.revivals() == since {
+        // From now on the keeper may let go of what imacri does not hold.
+        self.debt.settle();
+        if self.revivals() == since && !self.debt.owed() && !self.debt.unheard() {
             return Ok(());
         }
-        let n = self.revive()?;
+        let round = self
+            .debt
+            .begin(true)
+            .ok_or_else(|| std::io::Error::other("the record of what was given is unusable"))?;
+        let n = self.revive(round)?;
         tracing::warn!(given = n, "the fd keeper was started again while imacri took back what it held: given everything again");
         Ok(())
     }
@@ -401,211 +455,4 @@ impl Keeper {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::super::keys::*;
-    use super::super::server::{run, IDLE_EXIT};
-    use super::*;
-
-    /// A client of the keeper at `sock` that never starts one itself.
-    fn client_of(sock: &Path) -> Keeper {
-        Keeper {
-            path: sock.to_path_buf(),
-            exe: PathBuf::from("/nonexistent"),
-            hold: Default::default(),
-            given: Default::default(),
-            revivals: Default::default(),
-            owed: Default::default(),
-            misses: Default::default(),
-        }
-    }
-
-    /// A keeper running at `sock` on a thread, and a client of it.
-    fn keeper_at(sock: &Path) -> (Keeper, std::thread::JoinHandle<std::io::Result<()>>) {
-        let s2 = sock.to_path_buf();
-        let t = std::thread::spawn(move || run(&s2));
-        let k = client_of(sock);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while k.connect().is_err() {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        (k, t)
-    }
-
-    /// A keeper at `sock` that refuses its first `refuse` PUTs (as one at
-    /// its open-file limit fails them: the fd never arrives, nor an
-    /// answer), keeps HOLD connections and records the keys it took.
-    fn refusing_keeper(sock: &Path, refuse: usize) -> Arc<Mutex<Vec<String>>> {
-        use nix::sys::socket::{accept, bind, listen, Backlog};
-        let l = seqpacket().unwrap();
-        bind(l.as_raw_fd(), &UnixAddr::new(sock).unwrap()).unwrap();
-        listen(&l, Backlog::new(16).unwrap()).unwrap();
-        let took: Arc<Mutex<Vec<String>>> = Default::default();
-        let keys = took.clone();
-        std::thread::spawn(move || {
-            let (mut refuse, mut holders) = (refuse, Vec::new());
-            // SAFETY: accept returns a new fd we own.
-            while let Ok(c) = accept(l.as_raw_fd())
-                .map(|c| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(c) })
-            {
-                match recv(c.as_fd()) {
-                    Ok((Some(t), _)) if t == "HOLD" => holders.push(c),
-                    Ok((Some(t), Some(_))) if t.starts_with("PUT ") => {
-                        let answer = match refuse {
-                            0 => {
-                                keys.lock().unwrap().push(t[4..].to_string());
-                                "OK"
-                            }
-                            _ => {
-                                refuse -= 1;
-                                "NO"
-                            }
-                        };
-                        send(c.as_fd(), answer, None).unwrap();
-                    }
-                    _ => {}
-                }
-            }
-        });
-        took
-    }
-
-    /// A keeper started again that took only part of what imacri gave it
-    /// (a put failed half-way) is alive, so the watch would see nothing
-    /// wrong: it is given everything again until it has it all. Before,
-    /// it stayed without what it missed, and an imacri crash then released
-    /// that (a container's group: its executions ran unmeasured).
-    #[test]
-    fn a_keeper_that_took_part_of_everything_is_given_it_all_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("k.sock");
-        let took = refusing_keeper(&sock, 1);
-        let k = client_of(&sock);
-        let f = std::fs::File::open("/dev/null").unwrap();
-        let keys = [format!("{FANOTIFY}a"), format!("{FANOTIFY}b")];
-        for key in &keys {
-            k.remember(key, f.as_fd());
-        }
-        let since = k.revivals();
-        k.revivals.fetch_add(1, Ordering::SeqCst);
-        assert!(k.catch_up(since).is_err(), "the refusal was not seen");
-        k.supervise().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let mut got = took.lock().unwrap().clone();
-            got.sort();
-            got.dedup();
-            if got == keys {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the keeper has only {got:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    #[test]
-    fn a_client_that_connects_and_says_nothing_holds_up_no_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("k.sock");
-        let (k, t) = keeper_at(&sock);
-        // A client stopped between its connect and its send (a thread of a
-        // pod at its CPU limit): the keeper read it and waited up to 1 s.
-        let mute: Vec<OwnedFd> = (0..3).map(|_| k.connect().unwrap()).collect();
-        std::thread::sleep(Duration::from_millis(50));
-        let (r, _w) = nix::unistd::pipe().unwrap();
-        let t0 = Instant::now();
-        for i in 0..20 {
-            k.put(&format!("c{i}/p1/1"), r.as_fd()).unwrap();
-        }
-        assert_eq!(k.all().unwrap().len(), 20);
-        for i in 0..20 {
-            k.drop_key(&format!("c{i}/p1/1")).unwrap();
-        }
-        let took = t0.elapsed();
-        assert!(took < Duration::from_millis(500), "{took:?}");
-        // A mute client that speaks at last is served.
-        send(mute[0].as_fd(), "ALL", None).unwrap();
-        assert_eq!(recv(mute[0].as_fd()).unwrap().0.as_deref(), Some("END"));
-        drop(mute);
-        drop(r);
-        t.join().unwrap().unwrap();
-    }
-
-    /// A lease is held by its open file, which imacri and the keeper both
-    /// hold a copy of: when a container's group goes, both let go of its
-    /// leases (imacri's copy kept them, and every open for writing of a
-    /// file the gone container had mapped waited out fs.lease-break-time).
-    #[test]
-    fn a_groups_leases_go_with_it_here_and_in_the_keeper() {
-        use std::os::unix::fs::OpenOptionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("k.sock");
-        let (k, t) = keeper_at(&sock);
-        let mapped = dir.path().join("mapped");
-        std::fs::write(&mapped, b"code").unwrap();
-        let leased = std::fs::File::open(&mapped).unwrap();
-        // SAFETY: fcntl on an fd of ours, no pointers.
-        let r = unsafe { libc::fcntl(leased.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-        // The lease made this process its owner: no SIGIO when it breaks.
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { libc::fcntl(leased.as_raw_fd(), libc::F_SETOWN, 0) },
-            0
-        );
-        let group = std::fs::File::open("/dev/null").unwrap();
-        let other = std::fs::File::open("/dev/null").unwrap();
-        let (la, lb) = (lease_key("a", (1, 2)), lease_key("b", (1, 2)));
-        k.put(&format!("{FANOTIFY}a"), group.as_fd()).unwrap();
-        k.put(&la, leased.as_fd()).unwrap();
-        k.put(&event_key("a", 7, Access::Exec, 1), other.as_fd())
-            .unwrap();
-        k.put(&format!("{FANOTIFY}b"), other.as_fd()).unwrap();
-        k.put(&lb, other.as_fd()).unwrap();
-        drop(leased);
-        let open_to_write = || {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&mapped)
-        };
-        let e = open_to_write().unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK), "{e}");
-        k.drop_key(&format!("{FANOTIFY}a")).unwrap();
-        open_to_write().expect("the lease outlived its group");
-        let b = vec![format!("{FANOTIFY}b"), lb];
-        let here = k.given.keys();
-        assert_eq!(here, b);
-        let there: Vec<String> = k.all().unwrap().into_iter().map(|(k, _)| k).collect();
-        assert_eq!(there, b);
-        k.drop_key(&b[0]).unwrap();
-        assert!(k.given.keys().is_empty());
-        drop((group, other));
-        t.join().unwrap().unwrap();
-    }
-
-    #[test]
-    fn fds_are_kept_and_handed_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("k.sock");
-        let (k, t) = keeper_at(&sock);
-        // While an imacri holds on, an empty keeper stays up.
-        k.hold().unwrap();
-        std::thread::sleep(IDLE_EXIT + Duration::from_millis(700));
-        assert!(k.connect().is_ok(), "the keeper left while held");
-        // A pipe stands in for a listener: its read end hangs up when the
-        // write end closes, as a listener does when its tasks are gone.
-        let (r, w) = nix::unistd::pipe().unwrap();
-        k.put("c1/p1/1", r.as_fd()).unwrap();
-        drop(r);
-        let all = k.all().unwrap();
-        assert_eq!(all.len(), 1);
-        assert_eq!(all[0].0, "c1/p1/1");
-        drop(all);
-        drop(w);
-        k.hold.lock().unwrap().take();
-        // Hung up: dropped; then idle and empty: the keeper exits.
-        t.join().unwrap().unwrap();
-        assert!(!sock.exists());
-    }
-}
+mod tests;
