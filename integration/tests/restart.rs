@@ -682,7 +682,7 @@ async fn a_stalled_keeper_is_given_what_it_missed_once_replaced() {
     let keeper = d.keeper_pids();
     assert_eq!(keeper.len(), 1, "{keeper:?}");
     let keeper = nix::unistd::Pid::from_raw(keeper[0]);
-    kill(keeper, Signal::SIGSTOP).unwrap();
+    let _stopped = Stopped::new(keeper);
     let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
     let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, "/tmp/new/true", setup).await;
     assert!(
@@ -781,6 +781,23 @@ fn fresh_file_held(pid: i32, n: u32) -> usize {
         .count()
 }
 
+/// A process stopped (SIGSTOP) until this is dropped: a failing test
+/// must not leave a stopped keeper behind (it never exits by itself).
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    fn new(pid: nix::unistd::Pid) -> Self {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
 /// The fd keeper stalled (stopped here; swapped out or at its limits the
 /// same) while an ima container executes new files: the first access that
 /// finds it so waits out its timeout, the rest do not wait for it at all
@@ -793,7 +810,6 @@ fn fresh_file_held(pid: i32, n: u32) -> usize {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_keeper_slows_no_execution_and_keeps_nothing_stale() {
     use imacri_integration::runner::{go, next_out, runner};
-    use nix::sys::signal::{kill, Signal};
     let env = Env::get();
     let mut d = Imacri::start_isolated(env).await.unwrap();
     d.pull(&env.busybox).await;
@@ -814,7 +830,7 @@ async fn a_stalled_keeper_slows_no_execution_and_keeps_nothing_stale() {
     assert_eq!(next_out(&tmp, "with the keeper up", &d).trim(), "ran");
     let normal = (fresh_file_held(imacri, 0), fresh_file_held(keeper[0], 0));
     let keeper = nix::unistd::Pid::from_raw(keeper[0]);
-    kill(keeper, Signal::SIGSTOP).unwrap();
+    let stopped = Stopped::new(keeper);
     let mut took = Vec::new();
     for n in 1..=8 {
         let t0 = std::time::Instant::now();
@@ -832,7 +848,7 @@ async fn a_stalled_keeper_slows_no_execution_and_keeps_nothing_stale() {
         0,
         "executions waited for the stalled keeper: {took:?}"
     );
-    kill(keeper, Signal::SIGCONT).unwrap();
+    drop(stopped);
     // Settled within a few rounds (drops made while one ran wait for the
     // next): the keeper holds no answered event, and imacri and the keeper
     // hold for each file what they hold for one executed with the keeper

@@ -157,3 +157,72 @@ impl Debt {
         self.numbers.lock().map(|n| n.len()).unwrap_or(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Debt;
+    use std::os::fd::OwnedFd;
+
+    fn an_fd() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    /// A put or drop left owed while a round runs (after the round read
+    /// its owner, or before the keeper answered its SYNC) leaves the keeper
+    /// owed after the round, which would otherwise clear it with the rest;
+    /// a round without one clears it.
+    #[test]
+    fn a_miss_during_a_round_outlives_it() {
+        let d = Debt::default();
+        assert!(d.owe());
+        let r = d.begin(true).unwrap();
+        assert!(d.owed(), "a round starts owed");
+        d.owe();
+        d.answering();
+        assert!(!d.owed(), "puts go to the keeper once it answers");
+        d.end(r, true, true);
+        assert!(d.owed(), "the miss was cleared with the round");
+        let r = d.begin(true).unwrap();
+        d.answering();
+        d.end(r, true, true);
+        assert!(!d.owed());
+    }
+
+    /// Only numbers held when a round began are freed by it, and only by
+    /// one that made the keeper let go (a failed round, or one before
+    /// imacri settled or against a keeper without SYNC, frees none).
+    #[test]
+    fn numbers_wait_for_a_round_that_pruned_after_them() {
+        let d = Debt::default();
+        d.hold_number(an_fd());
+        assert!(d.owe_drop());
+        assert!(d.unheard());
+        let r = d.begin(true).unwrap();
+        // Answered after the round began: the keeper may yet take its put.
+        d.hold_number(an_fd());
+        d.end(r, false, false);
+        assert_eq!(d.numbers_held(), 2);
+        assert!(d.owed());
+        let r = d.begin(true).unwrap();
+        d.end(r, true, false);
+        assert_eq!(d.numbers_held(), 2);
+        assert!(d.unheard(), "no prune, yet the drops count as heard");
+        let r = d.begin(true).unwrap();
+        d.end(r, true, true);
+        assert_eq!(d.numbers_held(), 0);
+        assert!(!d.unheard());
+    }
+
+    /// A caller that finds a round under way does not wait for it (a
+    /// measurement would wait out the keeper's timeouts) but makes it run
+    /// again: what it remembered may have come after the round read it.
+    #[test]
+    fn a_round_under_way_is_run_again_not_waited_for() {
+        let d = Debt::default();
+        let r = d.begin(true).unwrap();
+        d.answering();
+        assert!(d.begin(false).is_none());
+        d.end(r, true, true);
+        assert!(d.owed());
+    }
+}
