@@ -848,6 +848,14 @@ async fn a_stalled_keeper_slows_no_execution_and_keeps_nothing_stale() {
         0,
         "executions waited for the stalled keeper: {took:?}"
     );
+    // Said in imacri's status, for an admin to alert on.
+    let keeper_state = || async {
+        let mut rt = d.runtime().await.unwrap();
+        imacri_integration::client::integrity_stats(&mut rt).await["keeper"].clone()
+    };
+    let st = keeper_state().await;
+    assert_eq!(st["owes"], true, "{st}");
+    assert!(st["heldNumbers"].as_u64() >= Some(1), "{st}");
     drop(stopped);
     // Settled within a few rounds (drops made while one ran wait for the
     // next): the keeper holds no answered event, and imacri and the keeper
@@ -893,6 +901,17 @@ async fn a_stalled_keeper_slows_no_execution_and_keeps_nothing_stale() {
         "{}",
         d.log()
     );
+    imacri_integration::poll::eventually(
+        "the keeper owing nothing",
+        Duration::from_secs(10),
+        || async {
+            let st = keeper_state().await;
+            (st["owes"] == false && st["heldNumbers"] == 0 && st["rounds"].as_u64() >= Some(1))
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
     crash_waits_measured(&mut d, (&pod, &c, &tmp), "after the keeper resumed").await;
     d.stop_leaving_nothing().await;
 }

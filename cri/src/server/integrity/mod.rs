@@ -371,6 +371,16 @@ impl CriServer {
                 "meanCacheHitNs": s.hit_ns_total.load(Relaxed).checked_div(hits).unwrap_or(0),
             })
         });
+        // An admin alerts on `owes`: while it holds, an imacri crash leaves
+        // ima containers unmeasured until the next imacri (a gap).
+        let keeper = self.integrity.keeper().map(|k| {
+            let st = k.state();
+            serde_json::json!({
+                "owes": st.owes,
+                "heldNumbers": st.held_numbers,
+                "rounds": st.rounds,
+            })
+        });
         let (journal_pods, journal_summaries) = j.pods_tracked();
         serde_json::json!({
             "anchored": j.anchored(),
@@ -380,6 +390,7 @@ impl CriServer {
             "pcr": j.pcr(),
             "epoch": j.epoch(),
             "fanotify": engine,
+            "keeper": keeper,
         })
     }
 }

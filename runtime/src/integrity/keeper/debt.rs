@@ -151,8 +151,7 @@ impl Debt {
         drop(numbers);
     }
 
-    /// How many numbers are held, for tests.
-    #[cfg(test)]
+    /// How many answered events' numbers are held for the keeper.
     pub(super) fn numbers_held(&self) -> usize {
         self.numbers.lock().map(|n| n.len()).unwrap_or(0)
     }

@@ -32,7 +32,7 @@ mod keys;
 mod server;
 mod wire;
 
-pub use client::Keeper;
+pub use client::{Keeper, KeeperState};
 pub use ids::{ids_dir, IdFile};
 pub use keys::*;
 pub use server::{close_inherited, run};

@@ -37,6 +37,14 @@ pub struct Keeper {
     debt: Arc<Debt>,
 }
 
+/// See [`Keeper::state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeeperState {
+    pub owes: bool,
+    pub held_numbers: usize,
+    pub rounds: u64,
+}
+
 /// imacri's copy of what the keeper holds, by owner (a container's group
 /// with its events and leases, a seccomp listener with its notifications):
 /// each owner's under a lock of its own in a lock-free map. A pod's threads
@@ -358,6 +366,19 @@ impl Keeper {
                 }
             })
             .map(|_| ())
+    }
+
+    /// What imacri's status reports of the keeper: whether it owes (an
+    /// imacri crash now would lose what it lacks: measured containers run
+    /// unmeasured meanwhile, and a gap is logged), how many answered
+    /// events' fds wait for it to let go, and how many times it was given
+    /// everything again.
+    pub fn state(&self) -> KeeperState {
+        KeeperState {
+            owes: self.debt.owed() || self.debt.unheard(),
+            held_numbers: self.debt.numbers_held(),
+            rounds: self.revivals(),
+        }
     }
 
     /// Where the id files of the listeners kept here live.
