@@ -657,3 +657,27 @@ async fn an_exit_imacri_cannot_write_down_is_told_and_written_later() {
     );
     imacri_integration::client::remove_pod(&mut rt, &pod).await;
 }
+
+/// A running container without a log path (kubelet always gives one;
+/// crictl and other clients need not) has nothing to reopen:
+/// ReopenContainerLog succeeds, as containerd's does (it reopens a logger
+/// that discards). Until 2026-12-06 it was FailedPrecondition.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_container_without_a_log_reopens_nothing_and_succeeds() {
+    use imacri_integration::client::{remove_pod, run_pod, start_container};
+    let env = Env::get();
+    let d = Imacri::start(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let cfg = pod_config("reopen-without-log");
+    let mut app = container_config("app", &env.busybox, &["sleep", "1000"]);
+    app.log_path.clear();
+    let pod = run_pod(&mut rt, &cfg).await.unwrap();
+    let cid = start_container(&mut rt, &pod, &cfg, app).await;
+    rt.reopen_container_log(cri::ReopenContainerLogRequest {
+        container_id: cid.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    remove_pod(&mut rt, &pod).await;
+}
