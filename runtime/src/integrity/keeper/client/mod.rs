@@ -37,6 +37,63 @@ pub struct Keeper {
     debt: Arc<Debt>,
 }
 
+/// How long the keeper may stay alive and answer nothing (stopped, swapped
+/// out, hung) before imacri replaces it: meanwhile an imacri crash would
+/// lose what it lacks, and answered events' fds wait for it.
+const STALL_LIMIT: Duration = Duration::from_secs(15);
+
+/// How many answered events' fds may wait for a stalled keeper before it
+/// is replaced sooner (a pod executing new files fast would otherwise run
+/// imacri out of fds).
+const HELD_NUMBERS_LIMIT: usize = 4096;
+
+/// A request the keeper did not answer in time (a connect that found its
+/// backlog full, a reply that did not come).
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// SIGKILL to the keeper at the other end of the `HOLD` connection `hold`
+/// (a stalled one: a stopped process dies of it too); its pid. Through a
+/// pidfd opened while that connection is still up, so the signal cannot
+/// reach another process that took the pid of a keeper that died meanwhile.
+/// imacri holds its own copy of everything the keeper held: nothing is
+/// released; the watch starts another keeper and gives it everything.
+fn kill_stalled(hold: BorrowedFd<'_>) -> std::io::Result<i32> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::FromRawFd;
+    let cred = nix::sys::socket::getsockopt(&hold, nix::sys::socket::sockopt::PeerCredentials)?;
+    let pid = cred.pid();
+    // SAFETY: pidfd_open takes a pid and flags; a new fd we own on success.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let mut fds = [PollFd::new(hold, PollFlags::POLLIN)];
+    if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0)) {
+        return Err(std::io::Error::other("the keeper ended meanwhile"));
+    }
+    // SAFETY: a pidfd of ours, a signal number, no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    match r {
+        0 => Ok(pid),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 /// See [`Keeper::state`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeeperState {
@@ -333,6 +390,8 @@ impl Keeper {
     pub fn supervise(&self) -> std::io::Result<()> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let k = self.clone();
+        // Since when rounds have found the keeper alive and not answering.
+        let mut stalled_since: Option<Instant> = None;
         std::thread::Builder::new()
             .name("imacri-keeper-watch".into())
             .spawn(move || loop {
@@ -347,12 +406,31 @@ impl Keeper {
                     !matches!(poll(&mut fds, PollTimeout::from(1000u16)), Ok(n) if n > 0)
                 });
                 if alive && !k.debt.owed() {
+                    stalled_since = None;
                     continue;
                 }
                 let revived = k.debt.begin(true).map_or_else(
                     || Err(std::io::Error::other("the record of what was given is unusable")),
                     |r| k.revive(r),
                 );
+                let timed_out = matches!(&revived, Err(e) if is_timeout(e));
+                match (alive && timed_out, stalled_since) {
+                    (false, _) => stalled_since = None,
+                    (true, None) => stalled_since = Some(Instant::now()),
+                    (true, Some(t)) => {
+                        let held_numbers = k.debt.numbers_held();
+                        if t.elapsed() >= STALL_LIMIT || held_numbers >= HELD_NUMBERS_LIMIT {
+                            if let Some(c) = &held {
+                                match kill_stalled(c.as_fd()) {
+                                    Ok(pid) => tracing::error!(pid, stalled_s = t.elapsed().as_secs(), held_numbers, "the fd keeper stalled (it takes and answers nothing): killed, to start another and give it everything"),
+                                    Err(e) => tracing::error!(error = %e, "the fd keeper stalled and cannot be killed"),
+                                }
+                            }
+                            stalled_since = None;
+                            continue;
+                        }
+                    }
+                }
                 match revived {
                     Ok(n) if alive => tracing::warn!(given = n, "the fd keeper had not been given everything: given every group and listener again"),
                     Ok(n) => tracing::warn!(given = n, "the fd keeper was gone: started again and given every group and listener"),
