@@ -787,6 +787,23 @@ const FRESH: &str = "if [ -n \"$x\" ]; then mkdir /tmp/new/$x && cat /bin/busybo
                      && echo $x >> /tmp/new/$x/true && chmod +x /tmp/new/$x/true && /tmp/new/$x/true; \
                      else /tmp/new/true; fi";
 
+/// An isolated imacri with an ima pod `name` whose runner executes
+/// [`FRESH`]: the daemon, the pod, the runner and its `/tmp`, and the pid
+/// of the daemon's one fd keeper.
+async fn fresh_runner(name: &str) -> (Imacri, String, String, std::path::PathBuf, i32) {
+    let env = Env::get();
+    let d = Imacri::start_isolated(env).await.unwrap();
+    d.pull(&env.busybox).await;
+    let mut rt = d.runtime().await.unwrap();
+    let (pod, cfg) = ima_pod(&d, &mut rt, name).await;
+    let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
+    let (c, tmp) =
+        imacri_integration::runner::runner(&mut rt, &pod, &cfg, &env.busybox, FRESH, setup).await;
+    let keeper = d.keeper_pids();
+    assert_eq!(keeper.len(), 1, "{keeper:?}");
+    (d, pod, c, tmp, keeper[0])
+}
+
 /// A process stopped (SIGSTOP) until this is dropped: a failing test
 /// must not leave a stopped keeper behind (it never exits by itself).
 struct Stopped(nix::unistd::Pid);
@@ -815,23 +832,15 @@ impl Drop for Stopped {
 /// for the stalled keeper to drop it, and kept its fd open for good.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_keeper_slows_no_execution_and_keeps_nothing_stale() {
-    use imacri_integration::runner::{go, next_out, runner};
-    let env = Env::get();
-    let mut d = Imacri::start_isolated(env).await.unwrap();
-    d.pull(&env.busybox).await;
-    let mut rt = d.runtime().await.unwrap();
-    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-stalls").await;
-    let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
-    let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, FRESH, setup).await;
+    use imacri_integration::runner::{go, next_out};
+    let (mut d, pod, c, tmp, keeper) = fresh_runner("ima-keeper-stalls").await;
     let imacri = d.pid().unwrap() as i32;
-    let keeper = d.keeper_pids();
-    assert_eq!(keeper.len(), 1, "{keeper:?}");
     // What a healthy keeper and imacri hold for an executed file (its
     // watch: a read lease).
     go(&tmp, "0");
     assert_eq!(next_out(&tmp, "with the keeper up", &d).trim(), "ran");
-    let normal = (fresh_file_held(imacri, 0), fresh_file_held(keeper[0], 0));
-    let keeper = nix::unistd::Pid::from_raw(keeper[0]);
+    let normal = (fresh_file_held(imacri, 0), fresh_file_held(keeper, 0));
+    let keeper = nix::unistd::Pid::from_raw(keeper);
     let stopped = Stopped::new(keeper);
     let mut took = Vec::new();
     for n in 1..=8 {
@@ -931,17 +940,9 @@ async fn a_stalled_keeper_slows_no_execution_and_keeps_nothing_stale() {
 /// imacri crash, and one more fd held with every new file executed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keeper_stalled_for_long_is_replaced() {
-    use imacri_integration::runner::{go, next_out, runner};
-    let env = Env::get();
-    let mut d = Imacri::start_isolated(env).await.unwrap();
-    d.pull(&env.busybox).await;
-    let mut rt = d.runtime().await.unwrap();
-    let (pod, cfg) = ima_pod(&d, &mut rt, "ima-keeper-stalls-long").await;
-    let setup = "mkdir -p /tmp/new && cp /bin/busybox /tmp/new/true";
-    let (c, tmp) = runner(&mut rt, &pod, &cfg, &env.busybox, FRESH, setup).await;
-    let old = d.keeper_pids();
-    assert_eq!(old.len(), 1, "{old:?}");
-    let _stopped = Stopped::new(nix::unistd::Pid::from_raw(old[0]));
+    use imacri_integration::runner::{go, next_out};
+    let (mut d, pod, c, tmp, old) = fresh_runner("ima-keeper-stalls-long").await;
+    let _stopped = Stopped::new(nix::unistd::Pid::from_raw(old));
     for n in 1..=3 {
         go(&tmp, &n.to_string());
         assert_eq!(next_out(&tmp, "with the keeper stalled", &d).trim(), "ran");
@@ -951,7 +952,7 @@ async fn a_keeper_stalled_for_long_is_replaced() {
         Duration::from_secs(60),
         || async {
             let now = d.keeper_pids();
-            (now.len() == 1 && now[0] != old[0] && d.log().contains("the fd keeper stalled"))
+            (now.len() == 1 && now[0] != old && d.log().contains("the fd keeper stalled"))
                 .then_some(())
         },
     )
