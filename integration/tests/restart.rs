@@ -804,6 +804,25 @@ async fn fresh_runner(name: &str) -> (Imacri, String, String, std::path::PathBuf
     (d, pod, c, tmp, keeper[0])
 }
 
+/// Connections to the unix socket `sock` until its listener's backlog is
+/// full (a stalled listener accepts none): held until dropped.
+fn fill_backlog(sock: &Path) -> Vec<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let addr = UnixAddr::new(sock).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let flags = SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK;
+        let s = socket(AddressFamily::Unix, SockType::SeqPacket, flags, None).unwrap();
+        match connect(s.as_raw_fd(), &addr) {
+            Ok(()) => held.push(s),
+            Err(nix::errno::Errno::EAGAIN) => return held,
+            Err(e) => panic!("connecting to {sock:?}: {e}"),
+        }
+    }
+    panic!("the backlog of {sock:?} never filled")
+}
+
 /// A process stopped (SIGSTOP) until this is dropped: a failing test
 /// must not leave a stopped keeper behind (it never exits by itself).
 struct Stopped(nix::unistd::Pid);
@@ -943,6 +962,10 @@ async fn a_keeper_stalled_for_long_is_replaced() {
     use imacri_integration::runner::{go, next_out};
     let (mut d, pod, c, tmp, old) = fresh_runner("ima-keeper-stalls-long").await;
     let _stopped = Stopped::new(nix::unistd::Pid::from_raw(old));
+    // Its backlog filled too: imacri's connects then time out, and must not
+    // start a second keeper beside the stalled one (which would take the
+    // socket while the first still holds the groups).
+    let backlog = fill_backlog(&d.state.join("fdkeeper.sock"));
     for n in 1..=3 {
         go(&tmp, &n.to_string());
         assert_eq!(next_out(&tmp, "with the keeper stalled", &d).trim(), "ran");
@@ -958,6 +981,7 @@ async fn a_keeper_stalled_for_long_is_replaced() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}: keepers {:?}\n{}", d.keeper_pids(), d.log()));
+    drop(backlog);
     imacri_integration::poll::eventually(
         "the keeper owing nothing",
         Duration::from_secs(10),

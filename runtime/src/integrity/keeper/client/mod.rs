@@ -162,14 +162,8 @@ impl Keeper {
     /// takes a holder's leaving for imacri's death and denies what was in
     /// flight.
     fn hold(&self) -> std::io::Result<()> {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        if let Ok(h) = self.hold.lock() {
-            if let Some(c) = h.as_ref() {
-                let mut fds = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
-                if poll(&mut fds, PollTimeout::ZERO) == Ok(0) {
-                    return Ok(());
-                }
-            }
+        if self.holding() {
+            return Ok(());
         }
         let s = self.connect()?;
         send(s.as_fd(), "HOLD", None)?;
@@ -179,12 +173,31 @@ impl Keeper {
         Ok(())
     }
 
+    /// Whether the `HOLD` connection is up (the keeper it reaches lives).
+    fn holding(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let Ok(h) = self.hold.lock() else {
+            return false;
+        };
+        h.as_ref().is_some_and(|c| {
+            let mut fds = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::ZERO) == Ok(0)
+        })
+    }
+
     /// Starts the keeper unless one answers.
     fn start(&self) -> std::io::Result<()> {
         let (path, exe) = (&self.path, &self.exe);
         let k = self;
-        if k.connect().is_ok() {
-            return k.hold();
+        match k.connect() {
+            Ok(_) => return k.hold(),
+            // Our keeper is there and takes no connection (stalled, its
+            // backlog full): a second one started beside it would take the
+            // socket while the first still holds the groups, and deny what
+            // the next imacri reads once it resumes and finds its holder
+            // gone. The watch kills it first (`kill_stalled`).
+            Err(e) if is_timeout(&e) && self.holding() => return Err(e),
+            Err(_) => {}
         }
         let _ = std::fs::remove_file(path);
         let mut cmd = std::process::Command::new(exe);
