@@ -232,6 +232,22 @@ pub async fn sleeping_pod(
         container_config("c", image, &["sleep", "1000"]),
     )
     .await;
+    // Returned once `sleep` runs: a test that kills imacri next would
+    // otherwise catch the container's own execution in flight, which the
+    // crash refuses (as it must), and find the container exited.
+    let pid = crate::client::container_info(rt, &c).await["pid"]
+        .as_u64()
+        .unwrap_or_default();
+    crate::poll::eventually(
+        "the container's sleep",
+        std::time::Duration::from_secs(10),
+        || async {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmd.starts_with(b"sleep\0").then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
     (pod, c)
 }
 
