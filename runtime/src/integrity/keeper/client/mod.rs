@@ -56,6 +56,14 @@ fn is_timeout(e: &std::io::Error) -> bool {
     )
 }
 
+/// Whether the `HOLD` connection `c` is up: the keeper never writes to a
+/// holder, so anything to read is its end.
+fn up(c: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(c, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO) == Ok(0)
+}
+
 /// SIGKILL to the keeper at the other end of the `HOLD` connection `hold`
 /// (a stalled one: a stopped process dies of it too); its pid. Through a
 /// pidfd opened while that connection is still up, so the signal cannot
@@ -63,7 +71,6 @@ fn is_timeout(e: &std::io::Error) -> bool {
 /// imacri holds its own copy of everything the keeper held: nothing is
 /// released; the watch starts another keeper and gives it everything.
 fn kill_stalled(hold: BorrowedFd<'_>) -> std::io::Result<i32> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::FromRawFd;
     let cred = nix::sys::socket::getsockopt(&hold, nix::sys::socket::sockopt::PeerCredentials)?;
     let pid = cred.pid();
@@ -74,8 +81,7 @@ fn kill_stalled(hold: BorrowedFd<'_>) -> std::io::Result<i32> {
     }
     // SAFETY: the kernel just returned this fd.
     let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    let mut fds = [PollFd::new(hold, PollFlags::POLLIN)];
-    if !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0)) {
+    if !up(hold) {
         return Err(std::io::Error::other("the keeper ended meanwhile"));
     }
     // SAFETY: a pidfd of ours, a signal number, no siginfo.
@@ -175,14 +181,10 @@ impl Keeper {
 
     /// Whether the `HOLD` connection is up (the keeper it reaches lives).
     fn holding(&self) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let Ok(h) = self.hold.lock() else {
             return false;
         };
-        h.as_ref().is_some_and(|c| {
-            let mut fds = [PollFd::new(c.as_fd(), PollFlags::POLLIN)];
-            poll(&mut fds, PollTimeout::ZERO) == Ok(0)
-        })
+        h.as_ref().is_some_and(|c| up(c.as_fd()))
     }
 
     /// Starts the keeper unless one answers.
