@@ -1001,3 +1001,59 @@ async fn a_keeper_stalled_for_long_is_replaced() {
     .await;
     d.stop_leaving_nothing().await;
 }
+
+/// imacri crashes while its fd keeper is stalled (stopped here; hung or
+/// swapped out the same), with the keeper's backlog full (`full`: connects
+/// time out) or not (they are taken, never answered), and an execution
+/// waits on the container's group the stalled keeper holds. The next
+/// imacri takes the stalled keeper's fds over (`pidfd_getfd`, by the
+/// keeper's ledger of what it holds), kills it and starts another, given
+/// everything: the execution is measured, with no gap, and a later crash
+/// finds the container measured again. Until 2026-12-06 the next imacri
+/// started a second keeper beside the stalled one (a full backlog) or gave
+/// up on it (logging a gap and marking the containers anew), and in both
+/// cases the stalled keeper kept the old groups: every execution in the
+/// pod waited for it, for good.
+async fn a_keeper_stalled_at_imacri_start(name: &str, full: bool) {
+    use imacri_integration::runner::{go_while_down_with, next_out};
+    let (mut d, pod, c, tmp, old) = fresh_runner(name).await;
+    let _stopped = Stopped::new(nix::unistd::Pid::from_raw(old));
+    let backlog = full.then(|| fill_backlog(&d.state.join("fdkeeper.sock")));
+    d.kill();
+    go_while_down_with(&tmp, "1", "with the keeper stalled");
+    d.respawn(&[]).await;
+    let out = next_out(&tmp, "after the start", &d);
+    assert_eq!(out.trim(), "ran", "{out}\n{}", d.log());
+    drop(backlog);
+    let log = pod_log(&d, &pod);
+    assert!(logged(&log, &c, "/tmp/new/1/true", "exec"), "{log}");
+    assert!(!has_gap(&log), "{log}\n{}", d.log());
+    let now = d.keeper_pids();
+    assert!(
+        now.len() == 1 && now[0] != old && d.log().contains("took over what it held"),
+        "keepers {now:?} (the stalled one {old})\n{}",
+        d.log()
+    );
+    imacri_integration::poll::eventually(
+        "the new keeper holding the group",
+        Duration::from_secs(10),
+        || async {
+            let keys = d.keeper_keys();
+            keys.contains(&format!("fan:{c}")).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", d.keeper_keys(), d.log()));
+    crash_waits_measured(&mut d, (&pod, &c, &tmp), "after the takeover").await;
+    d.stop_leaving_nothing().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_stalled_at_imacri_start_is_taken_over() {
+    a_keeper_stalled_at_imacri_start("ima-keeper-stalled-start", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_stalled_at_imacri_start_with_its_backlog_full_is_taken_over() {
+    a_keeper_stalled_at_imacri_start("ima-keeper-stalled-start-full", true).await;
+}

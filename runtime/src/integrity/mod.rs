@@ -24,6 +24,7 @@ pub mod log;
 pub mod mapguard;
 pub mod overlay;
 pub mod park;
+mod pidfd;
 mod podlogs;
 pub mod policy;
 pub mod quiet;

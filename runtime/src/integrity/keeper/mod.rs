@@ -29,7 +29,9 @@ mod client;
 mod debt;
 mod ids;
 mod keys;
+mod ledger;
 mod server;
+mod takeover;
 mod wire;
 
 pub use client::{Keeper, KeeperState};

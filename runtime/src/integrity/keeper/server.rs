@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::deny_unanswered;
 use super::ids::{ids_dir, IdFile};
 use super::keys::*;
+use super::ledger::Ledger;
 use super::wire::{recv_now, send, seqpacket};
 
 /// True while a fanotify group (an fd of this process) still has a mark:
@@ -111,6 +112,7 @@ pub fn run(path: &Path) -> std::io::Result<()> {
     bind(l.as_raw_fd(), &UnixAddr::new(path)?)?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     listen(&l, Backlog::new(64)?)?;
+    let mut ledger = Ledger::create(path, l.as_raw_fd());
     let mut held: BTreeMap<String, OwnedFd> = BTreeMap::new();
     // The keys put since imacri's last `SYNC` (None: no round under way).
     let mut synced: Option<BTreeSet<String>> = None;
@@ -187,6 +189,9 @@ pub fn run(path: &Path) -> std::io::Result<()> {
                         && (!unread || filesystem_in_use(&marked_filesystems(f.as_fd()))))
             });
         }
+        // Before anything new is opened (a request's fd, a connection): a
+        // number closed above is not in the ledger under its old key then.
+        ledger.sync(&held);
         if left.iter().any(|l| *l) {
             // The imacri that read the groups' events is gone: what it took
             // and did not answer, nobody ever will. Deny it now, so no task
@@ -209,7 +214,7 @@ pub fn run(path: &Path) -> std::io::Result<()> {
         let mut arrived = arrived.into_iter();
         for (c, since) in std::mem::take(&mut waiting) {
             if arrived.next().unwrap_or(false) {
-                if serve_one(c.as_fd(), &mut held, &mut synced) {
+                if serve_one(c.as_fd(), &mut held, &mut synced, &mut ledger) {
                     holders.push(c);
                 }
             } else if since.elapsed() < REQUEST_WAIT {
@@ -233,18 +238,20 @@ pub fn run(path: &Path) -> std::io::Result<()> {
                 let now = matches!(poll(&mut one, PollTimeout::ZERO), Ok(n) if n > 0);
                 if !now {
                     waiting.push((c, Instant::now()));
-                } else if serve_one(c.as_fd(), &mut held, &mut synced) {
+                } else if serve_one(c.as_fd(), &mut held, &mut synced, &mut ledger) {
                     holders.push(c);
                 }
             }
             idle_since = Instant::now();
         }
         drop_orphan_events(&mut held);
+        ledger.sync(&held);
         if held.is_empty()
             && holders.is_empty()
             && waiting.is_empty()
             && idle_since.elapsed() > IDLE_EXIT
         {
+            ledger.remove();
             let _ = std::fs::remove_file(path);
             return Ok(());
         }
@@ -257,6 +264,7 @@ fn serve_one(
     c: BorrowedFd<'_>,
     held: &mut BTreeMap<String, OwnedFd>,
     synced: &mut Option<BTreeSet<String>>,
+    ledger: &mut Ledger,
 ) -> bool {
     let Ok((Some(text), fd)) = recv_now(c) else {
         return false;
@@ -310,6 +318,8 @@ fn serve_one(
     } else {
         "?"
     };
+    // What imacri is told it holds is in the ledger first.
+    ledger.sync(held);
     let _ = send(c, answer, None);
     false
 }

@@ -9,10 +9,11 @@
 //! Never from the thread group leader: its fd `n` may be another file.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use super::CallError;
 use crate::integrity::digest::FileKey;
+use crate::integrity::pidfd;
 use crate::integrity::sys::SysError;
 use nix::errno::Errno;
 
@@ -57,7 +58,7 @@ impl Tasks {
             let Some(pidfd) = self.pidfds.get(&tid) else {
                 continue;
             };
-            match getfd(pidfd, fd) {
+            match pidfd::getfd(pidfd.as_fd(), fd) {
                 Ok(f) => return Ok(f),
                 // A kept pidfd of an earlier task with this id.
                 Err(Errno::ESRCH) if !fresh => {
@@ -137,26 +138,11 @@ pub(super) fn thread_pidfds() -> bool {
 /// A pidfd of task `tid` itself; `None` when this kernel has no thread
 /// pidfds (Linux < 6.9).
 fn thread_pidfd(tid: u32) -> Result<Option<OwnedFd>, SysError> {
-    // SAFETY: a raw syscall with integer arguments; the result is checked.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::c_int, PIDFD_THREAD) };
-    if r >= 0 {
-        // SAFETY: a new fd that nothing else owns.
-        return Ok(Some(unsafe { OwnedFd::from_raw_fd(r as RawFd) }));
+    match pidfd::open(tid as i32, PIDFD_THREAD) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::EINVAL) => Ok(None),
+        Err(e) => Err(SysError::call(format!("pidfd_open({tid})"), e)),
     }
-    match Errno::last() {
-        Errno::EINVAL => Ok(None),
-        e => Err(SysError::call(format!("pidfd_open({tid})"), e)),
-    }
-}
-
-fn getfd(pidfd: &OwnedFd, fd: i32) -> Result<OwnedFd, Errno> {
-    // SAFETY: a raw syscall with integer arguments; the result is checked.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    if r < 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
 /// Kernels without thread pidfds: the same file opened again through the
@@ -250,7 +236,7 @@ mod tests {
 #[cfg(test)]
 mod host_tests {
     use super::*;
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsRawFd, RawFd};
 
     fn id(fd: RawFd) -> (u64, u64) {
         let st = nix::sys::stat::fstat(fd).unwrap();

@@ -3,7 +3,6 @@
 //! one died, and holds the keeper up while imacri runs.
 
 use nix::sys::socket::UnixAddr;
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +12,9 @@ use std::time::{Duration, Instant};
 use super::debt::{Debt, Round};
 use super::ids::ids_dir;
 use super::keys::owner_of;
+use super::takeover;
 use super::wire::{recv, send, seqpacket};
+use given::{Given, Owned};
 
 /// The client side, used by imacri.
 #[derive(Clone)]
@@ -35,7 +36,12 @@ pub struct Keeper {
     revivals: Arc<AtomicU64>,
     /// What the keeper may lack or hold beyond what imacri handed over.
     debt: Arc<Debt>,
+    /// The fds of a stalled keeper taken over at start, for `all`.
+    taken: Arc<Mutex<Option<Keyed>>>,
 }
+
+/// Fds with the keys they are held under.
+type Keyed = Vec<(String, OwnedFd)>;
 
 /// How long the keeper may stay alive and answer nothing (stopped, swapped
 /// out, hung) before imacri replaces it: meanwhile an imacri crash would
@@ -71,33 +77,13 @@ fn up(c: BorrowedFd<'_>) -> bool {
 /// imacri holds its own copy of everything the keeper held: nothing is
 /// released; the watch starts another keeper and gives it everything.
 fn kill_stalled(hold: BorrowedFd<'_>) -> std::io::Result<i32> {
-    use std::os::fd::FromRawFd;
     let cred = nix::sys::socket::getsockopt(&hold, nix::sys::socket::sockopt::PeerCredentials)?;
     let pid = cred.pid();
-    // SAFETY: pidfd_open takes a pid and flags; a new fd we own on success.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let pidfd = takeover::pidfd_open(pid)?;
     if !up(hold) {
         return Err(std::io::Error::other("the keeper ended meanwhile"));
     }
-    // SAFETY: a pidfd of ours, a signal number, no siginfo.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    match r {
-        0 => Ok(pid),
-        _ => Err(std::io::Error::last_os_error()),
-    }
+    takeover::kill(pidfd.as_fd()).map(|()| pid)
 }
 
 /// See [`Keeper::state`].
@@ -106,46 +92,6 @@ pub struct KeeperState {
     pub owes: bool,
     pub held_numbers: usize,
     pub rounds: u64,
-}
-
-/// imacri's copy of what the keeper holds, by owner (a container's group
-/// with its events and leases, a seccomp listener with its notifications):
-/// each owner's under a lock of its own in a lock-free map. A pod's threads
-/// take it on every access they queue and answer; one of them stopped
-/// holding it (its pod at its CPU limit) holds up only its own container.
-#[derive(Default)]
-struct Given {
-    owners: papaya::HashMap<String, Arc<Mutex<Owned>>>,
-}
-
-#[derive(Default)]
-struct Owned {
-    /// Forgotten with its owner: what comes after is not kept.
-    gone: bool,
-    fds: BTreeMap<String, OwnedFd>,
-}
-
-impl Given {
-    fn shard(&self, owner: &str) -> Option<Arc<Mutex<Owned>>> {
-        self.owners.pin().get(owner).cloned()
-    }
-
-    /// Every key held, for tests.
-    #[cfg(test)]
-    fn keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .owners
-            .pin()
-            .values()
-            .flat_map(|o| {
-                o.lock()
-                    .map(|o| o.fds.keys().cloned().collect::<Vec<_>>())
-                    .unwrap_or_default()
-            })
-            .collect();
-        keys.sort();
-        keys
-    }
 }
 
 impl Keeper {
@@ -159,8 +105,9 @@ impl Keeper {
             given: Default::default(),
             revivals: Default::default(),
             debt: Default::default(),
+            taken: Default::default(),
         };
-        k.start()?;
+        k.start_with(true)?;
         Ok(k)
     }
 
@@ -189,6 +136,12 @@ impl Keeper {
 
     /// Starts the keeper unless one answers.
     fn start(&self) -> std::io::Result<()> {
+        self.start_with(false)
+    }
+
+    /// [`start`](Self::start); at imacri's start (`take_over`), a keeper
+    /// that takes no connection is taken over first.
+    fn start_with(&self, take_over: bool) -> std::io::Result<()> {
         let (path, exe) = (&self.path, &self.exe);
         let k = self;
         match k.connect() {
@@ -199,6 +152,9 @@ impl Keeper {
             // the next imacri reads once it resumes and finds its holder
             // gone. The watch kills it first (`kill_stalled`).
             Err(e) if is_timeout(&e) && self.holding() => return Err(e),
+            // The last imacri's keeper, the same: what it holds is taken
+            // from it, and it is killed.
+            Err(e) if is_timeout(&e) && take_over => self.take_over(),
             Err(_) => {}
         }
         let _ = std::fs::remove_file(path);
@@ -550,8 +506,47 @@ impl Keeper {
         Ok(())
     }
 
-    /// Copies of every fd the keeper holds, with their keys.
+    /// Takes the fds of the keeper at our socket, which answers nothing,
+    /// for [`all`](Self::all), and kills it (`takeover.rs`).
+    fn take_over(&self) {
+        match takeover::take_over(&self.path) {
+            Ok(t) => {
+                tracing::warn!(pid = t.pid, taken = t.fds.len(), skipped = ?t.skipped, "the fd keeper answered nothing at imacri's start (stalled): took over what it held and killed it");
+                if let Ok(mut slot) = self.taken.lock() {
+                    *slot = Some(t.fds);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the fd keeper answers nothing and cannot be taken over: another is started, and what the first holds is lost to imacri (running ima containers get a gap, and their executions wait on it until it resumes)")
+            }
+        }
+    }
+
+    /// Copies of every fd the keeper holds, with their keys. At imacri's
+    /// start, of one that answers nothing (stalled), taken over: then
+    /// another keeper is owed all of it.
     pub fn all(&self) -> std::io::Result<Vec<(String, OwnedFd)>> {
+        let stashed = || self.taken.lock().ok().and_then(|mut t| t.take());
+        let taken = match stashed() {
+            Some(t) => t,
+            None => match self.ask_all() {
+                // Connected (its backlog had room), never answered.
+                Err(e) if is_timeout(&e) => {
+                    self.take_over();
+                    // Another keeper is started by the next round (the
+                    // watch's or `catch_up`'s: one at a time).
+                    stashed().ok_or(e)?
+                }
+                answered => return answered,
+            },
+        };
+        // The caller read `revivals` before this: `catch_up` gives the new
+        // keeper everything taken back.
+        self.debt.owe();
+        Ok(taken)
+    }
+
+    fn ask_all(&self) -> std::io::Result<Vec<(String, OwnedFd)>> {
         let s = self.connect()?;
         send(s.as_fd(), "ALL", None)?;
         let mut out = Vec::new();
@@ -568,5 +563,6 @@ impl Keeper {
     }
 }
 
+mod given;
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,7 @@ fn client_of(sock: &Path) -> Keeper {
         given: Default::default(),
         revivals: Default::default(),
         debt: Default::default(),
+        taken: Default::default(),
     }
 }
 
