@@ -823,20 +823,68 @@ fn fill_backlog(sock: &Path) -> Vec<std::os::fd::OwnedFd> {
     panic!("the backlog of {sock:?} never filled")
 }
 
-/// A process stopped (SIGSTOP) until this is dropped: a failing test
-/// must not leave a stopped keeper behind (it never exits by itself).
-struct Stopped(nix::unistd::Pid);
+/// How a test stalls a process: SIGSTOP, or a (v1) freezer cgroup, in
+/// which a SIGKILL waits until the process is thawed.
+#[derive(Clone, Copy, Debug)]
+enum Stall {
+    Stop,
+    Freeze,
+}
+
+/// A process stalled until this is dropped: a failing test must not leave
+/// a stalled keeper behind (it never exits by itself).
+struct Stopped {
+    pid: nix::unistd::Pid,
+    freezer: Option<std::path::PathBuf>,
+}
 
 impl Stopped {
     fn new(pid: nix::unistd::Pid) -> Self {
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-        Stopped(pid)
+        Self::by(pid, Stall::Stop)
+    }
+
+    fn by(pid: nix::unistd::Pid, how: Stall) -> Self {
+        let freezer = match how {
+            Stall::Stop => {
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+                None
+            }
+            Stall::Freeze => {
+                let cg = std::path::PathBuf::from(format!(
+                    "/sys/fs/cgroup/freezer/imacri-it-{:08x}",
+                    rand::random::<u32>()
+                ));
+                std::fs::create_dir(&cg).unwrap();
+                std::fs::write(cg.join("cgroup.procs"), pid.to_string()).unwrap();
+                std::fs::write(cg.join("freezer.state"), "FROZEN").unwrap();
+                let t0 = std::time::Instant::now();
+                while std::fs::read_to_string(cg.join("freezer.state"))
+                    .unwrap()
+                    .trim()
+                    != "FROZEN"
+                {
+                    assert!(t0.elapsed() < Duration::from_secs(10), "{pid} not frozen");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Some(cg)
+            }
+        };
+        Stopped { pid, freezer }
     }
 }
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGCONT);
+        let Some(cg) = &self.freezer else { return };
+        let _ = std::fs::write(cg.join("freezer.state"), "THAWED");
+        let _ = std::fs::write("/sys/fs/cgroup/freezer/cgroup.procs", self.pid.to_string());
+        for _ in 0..100 {
+            if std::fs::remove_dir(cg).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -959,9 +1007,22 @@ async fn a_stalled_keeper_slows_no_execution_and_keeps_nothing_stale() {
 /// imacri crash, and one more fd held with every new file executed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keeper_stalled_for_long_is_replaced() {
+    a_keeper_stalled_for_long("ima-keeper-stalls-long", Stall::Stop).await;
+}
+
+/// The same, the keeper frozen (a v1 freezer cgroup): killed, it does not
+/// die until thawed, and keeps its socket taking connections. imacri lets
+/// go of it (its connection and its socket's name) and starts another at
+/// once; before, the next rounds found the frozen one again, for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_frozen_for_long_is_replaced() {
+    a_keeper_stalled_for_long("ima-keeper-frozen-long", Stall::Freeze).await;
+}
+
+async fn a_keeper_stalled_for_long(name: &str, how: Stall) {
     use imacri_integration::runner::{go, next_out};
-    let (mut d, pod, c, tmp, old) = fresh_runner("ima-keeper-stalls-long").await;
-    let _stopped = Stopped::new(nix::unistd::Pid::from_raw(old));
+    let (mut d, pod, c, tmp, old) = fresh_runner(name).await;
+    let stopped = Stopped::by(nix::unistd::Pid::from_raw(old), how);
     // Its backlog filled too: imacri's connects then time out, and must not
     // start a second keeper beside the stalled one (which would take the
     // socket while the first still holds the groups).
@@ -974,9 +1035,8 @@ async fn a_keeper_stalled_for_long_is_replaced() {
         "the keeper replaced",
         Duration::from_secs(60),
         || async {
-            let now = d.keeper_pids();
-            (now.len() == 1 && now[0] != old && d.log().contains("the fd keeper stalled"))
-                .then_some(())
+            let now: Vec<i32> = d.keeper_pids().into_iter().filter(|p| *p != old).collect();
+            (now.len() == 1 && d.log().contains("the fd keeper stalled")).then_some(())
         },
     )
     .await
@@ -999,7 +1059,21 @@ async fn a_keeper_stalled_for_long_is_replaced() {
         "after the stalled keeper was replaced",
     )
     .await;
+    old_keeper_dies(&d, stopped, old).await;
     d.stop_leaving_nothing().await;
+}
+
+/// Once `stopped` lets the stalled keeper `old` go on, it is dead (it was
+/// killed): it holds nothing a test's daemon could still talk to.
+async fn old_keeper_dies(d: &Imacri, stopped: Stopped, old: i32) {
+    drop(stopped);
+    imacri_integration::poll::eventually(
+        "the old keeper dead",
+        Duration::from_secs(10),
+        || async { (!d.keeper_pids().contains(&old)).then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: keepers {:?}", d.keeper_pids()));
 }
 
 /// imacri crashes while its fd keeper is stalled (stopped here; hung or
@@ -1014,10 +1088,10 @@ async fn a_keeper_stalled_for_long_is_replaced() {
 /// up on it (logging a gap and marking the containers anew), and in both
 /// cases the stalled keeper kept the old groups: every execution in the
 /// pod waited for it, for good.
-async fn a_keeper_stalled_at_imacri_start(name: &str, full: bool) {
+async fn a_keeper_stalled_at_imacri_start(name: &str, how: Stall, full: bool) {
     use imacri_integration::runner::{go_while_down_with, next_out};
     let (mut d, pod, c, tmp, old) = fresh_runner(name).await;
-    let _stopped = Stopped::new(nix::unistd::Pid::from_raw(old));
+    let stopped = Stopped::by(nix::unistd::Pid::from_raw(old), how);
     let backlog = full.then(|| fill_backlog(&d.state.join("fdkeeper.sock")));
     d.kill();
     go_while_down_with(&tmp, "1", "with the keeper stalled");
@@ -1028,10 +1102,10 @@ async fn a_keeper_stalled_at_imacri_start(name: &str, full: bool) {
     let log = pod_log(&d, &pod);
     assert!(logged(&log, &c, "/tmp/new/1/true", "exec"), "{log}");
     assert!(!has_gap(&log), "{log}\n{}", d.log());
-    let now = d.keeper_pids();
+    let now: Vec<i32> = d.keeper_pids().into_iter().filter(|p| *p != old).collect();
     assert!(
-        now.len() == 1 && now[0] != old && d.log().contains("took over what it held"),
-        "keepers {now:?} (the stalled one {old})\n{}",
+        now.len() == 1 && d.log().contains("took over what it held"),
+        "keepers {now:?} besides the stalled one {old}\n{}",
         d.log()
     );
     imacri_integration::poll::eventually(
@@ -1045,15 +1119,24 @@ async fn a_keeper_stalled_at_imacri_start(name: &str, full: bool) {
     .await
     .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", d.keeper_keys(), d.log()));
     crash_waits_measured(&mut d, (&pod, &c, &tmp), "after the takeover").await;
+    old_keeper_dies(&d, stopped, old).await;
     d.stop_leaving_nothing().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keeper_stalled_at_imacri_start_is_taken_over() {
-    a_keeper_stalled_at_imacri_start("ima-keeper-stalled-start", false).await;
+    a_keeper_stalled_at_imacri_start("ima-keeper-stalled-start", Stall::Stop, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keeper_stalled_at_imacri_start_with_its_backlog_full_is_taken_over() {
-    a_keeper_stalled_at_imacri_start("ima-keeper-stalled-start-full", true).await;
+    a_keeper_stalled_at_imacri_start("ima-keeper-stalled-start-full", Stall::Stop, true).await;
+}
+
+/// Frozen (a v1 freezer cgroup): killed, it lives on until thawed, with
+/// its socket taking connections; imacri starts another at once all the
+/// same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_frozen_at_imacri_start_is_taken_over() {
+    a_keeper_stalled_at_imacri_start("ima-keeper-frozen-start", Stall::Freeze, false).await;
 }

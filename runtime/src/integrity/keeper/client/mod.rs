@@ -391,11 +391,19 @@ impl Keeper {
                     (true, Some(t)) => {
                         let held_numbers = k.debt.numbers_held();
                         if t.elapsed() >= STALL_LIMIT || held_numbers >= HELD_NUMBERS_LIMIT {
+                            // In a round: no other starts a keeper meanwhile.
+                            let round = k.debt.begin(true);
                             if let Some(c) = &held {
                                 match kill_stalled(c.as_fd()) {
-                                    Ok(pid) => tracing::error!(pid, stalled_s = t.elapsed().as_secs(), held_numbers, "the fd keeper stalled (it takes and answers nothing): killed, to start another and give it everything"),
+                                    Ok(pid) => {
+                                        k.forsake();
+                                        tracing::error!(pid, stalled_s = t.elapsed().as_secs(), held_numbers, "the fd keeper stalled (it takes and answers nothing): killed, to start another and give it everything");
+                                    }
                                     Err(e) => tracing::error!(error = %e, "the fd keeper stalled and cannot be killed"),
                                 }
+                            }
+                            if let Some(r) = round {
+                                k.debt.end(r, false, false);
                             }
                             stalled_since = None;
                             continue;
@@ -506,6 +514,20 @@ impl Keeper {
         Ok(())
     }
 
+    /// Lets go of a keeper just killed: the `HOLD` connection to it and its
+    /// socket's name, so the next round starts another at once (called in
+    /// a round, or before the watch runs: no keeper is started meanwhile). Killed is
+    /// not yet dead: a process frozen by a (v1) freezer cgroup dies only
+    /// once thawed, and until then it would take the next connections
+    /// (the kernel queues them) and answer none, and imacri holding it
+    /// would take it for the keeper, stalled again.
+    fn forsake(&self) {
+        if let Ok(mut h) = self.hold.lock() {
+            *h = None;
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+
     /// Takes the fds of the keeper at our socket, which answers nothing,
     /// for [`all`](Self::all), and kills it (`takeover.rs`).
     fn take_over(&self) {
@@ -515,6 +537,7 @@ impl Keeper {
                 if let Ok(mut slot) = self.taken.lock() {
                     *slot = Some(t.fds);
                 }
+                self.forsake();
             }
             Err(e) => {
                 tracing::error!(error = %e, "the fd keeper answers nothing and cannot be taken over: another is started, and what the first holds is lost to imacri (running ima containers get a gap, and their executions wait on it until it resumes)")
@@ -532,7 +555,12 @@ impl Keeper {
             None => match self.ask_all() {
                 // Connected (its backlog had room), never answered.
                 Err(e) if is_timeout(&e) => {
+                    // In a round: no other starts a keeper meanwhile.
+                    let round = self.debt.begin(true);
                     self.take_over();
+                    if let Some(r) = round {
+                        self.debt.end(r, false, false);
+                    }
                     // Another keeper is started by the next round (the
                     // watch's or `catch_up`'s: one at a time).
                     stashed().ok_or(e)?
