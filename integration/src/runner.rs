@@ -3,7 +3,8 @@
 //! imacri is down (no CRI exec then) in the restart tests.
 
 use crate::client::{sh_ok, start_container};
-use crate::{container_config, cri, Imacri};
+use crate::{container_config, cri, pod_config, Imacri};
+use std::path::Path;
 
 /// The line the runner's output ends with once its program is done.
 const DONE: &str = "--\n";
@@ -110,4 +111,52 @@ pub async fn run_across_keeper_and_imacri_deaths(
     std::fs::remove_file(&hold).unwrap();
     d.respawn(&[]).await;
     next_out(tmp, "after the restart", d)
+}
+
+/// An ima pod (by annotation) named `name` on `d`, and its config.
+pub async fn run_ima_pod(
+    d: &Imacri,
+    rt: &mut crate::client::Rt,
+    name: &str,
+) -> (String, cri::PodSandboxConfig) {
+    let mut cfg = pod_config(name);
+    cfg.annotations
+        .insert("imacri.dev/ima".into(), "true".into());
+    let pod = crate::client::run_pod(rt, &cfg)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    (pod, cfg)
+}
+
+/// Whether the pod log `log` (`attest log`) has an entry of `container`
+/// with `ev`, for `path` (any path when empty).
+pub fn entry_logged(log: &str, container: &str, path: &str, ev: &str) -> bool {
+    log.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.len() == 8 && l.contains(container) && (path.is_empty() || f[4] == path) && f[7] == ev
+    })
+}
+
+/// Whether the pod log `log` has a `gap` entry.
+pub fn has_gap(log: &str) -> bool {
+    log.lines().any(|l| l.split(' ').nth(7) == Some("gap"))
+}
+
+/// imacri crashes (the keeper kept everything): an execution of the runner
+/// `c` (`runner`, working in `tmp`, its program `/tmp/new/true`) waits for
+/// the next imacri, which measures it, with no gap; then the pod goes.
+pub async fn crash_waits_measured(d: &mut Imacri, (pod, c, tmp): (&str, &str, &Path), what: &str) {
+    d.kill();
+    go_while_down(tmp, what);
+    d.respawn(&[]).await;
+    let out = next_out(tmp, "after the restart", d);
+    assert_eq!(out.trim(), "ran", "{what}: {out}");
+    let log = crate::cuts::pod_log(d, pod);
+    assert!(
+        entry_logged(&log, c, "/tmp/new/true", "exec"),
+        "{what}: {log}"
+    );
+    assert!(!has_gap(&log), "{what}: {log}");
+    let mut rt = d.runtime().await.unwrap();
+    crate::client::remove_pod(&mut rt, pod).await;
 }
