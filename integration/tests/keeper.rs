@@ -624,3 +624,44 @@ async fn a_keeper_stalled_at_imacri_start_with_its_backlog_full_is_taken_over() 
 async fn a_keeper_frozen_at_imacri_start_is_taken_over() {
     a_keeper_stalled_at_imacri_start("ima-keeper-frozen-start", Stall::Freeze, false).await;
 }
+
+/// A starting imacri crashes in the midst of a takeover (the stalled
+/// keeper's fds handed to the keeper started in its place, the stalled one
+/// not killed yet: `IMACRI_TEST_CRASH_AT=FdKeeper:takeover`). The new
+/// keeper holds everything, so the next imacri finds the container's
+/// execution waiting and measures it, no gap; and it kills the stalled
+/// keeper the crashed one had named (`fdkeeper.taken`), which would
+/// otherwise live on and, once it resumed, deny the events of groups that
+/// imacri reads. With the takeover killing first and handing over after,
+/// the crash released the groups: the execution ran unmeasured, and a gap.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_imacri_crashing_as_it_takes_over_a_stalled_keeper_loses_nothing() {
+    use imacri_integration::runner::{go_while_down_with, next_out};
+    let (mut d, pod, c, tmp, old) = fresh_runner("ima-keeper-takeover-crash").await;
+    let stopped = Stopped::new(nix::unistd::Pid::from_raw(old));
+    d.kill();
+    go_while_down_with(&tmp, "1", "with the keeper stalled");
+    d.vars = vec![("IMACRI_TEST_CRASH_AT".into(), "FdKeeper:takeover".into())];
+    let crashed = d.spawn().await;
+    assert!(crashed.is_err(), "no crash at the takeover\n{}", d.log());
+    let keepers = d.keeper_pids();
+    assert!(
+        keepers.contains(&old) && keepers.len() == 2,
+        "keepers {keepers:?} (the stalled one {old})"
+    );
+    d.respawn(&[]).await;
+    let out = next_out(&tmp, "after the crash", &d);
+    assert_eq!(out.trim(), "ran", "{out}\n{}", d.log());
+    let log = pod_log(&d, &pod);
+    assert!(logged(&log, &c, "/tmp/new/1/true", "exec"), "{log}");
+    assert!(!has_gap(&log), "{log}\n{}", d.log());
+    assert!(
+        d.log()
+            .contains("killed the stalled fd keeper the last imacri had taken over"),
+        "{}",
+        d.log()
+    );
+    old_keeper_dies(&d, stopped, old).await;
+    crash_waits_measured(&mut d, (&pod, &c, &tmp), "after the crashed takeover").await;
+    d.stop_leaving_nothing().await;
+}

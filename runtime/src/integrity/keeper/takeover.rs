@@ -29,6 +29,21 @@ pub(super) fn kill(pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
     Ok(pidfd::kill(pidfd)?)
 }
 
+/// A pidfd of process `pid` if it is a keeper of `socket`: its fd
+/// `listener` listens on it (bound to that path, unlinked since or not).
+/// A keeper that died may have left its pid to another process.
+fn keeper_process(socket: &Path, pid: i32, listener: RawFd) -> std::io::Result<OwnedFd> {
+    let pidfd = pidfd_open(pid)?;
+    let l = pidfd_getfd(pidfd.as_fd(), listener)?;
+    match listens_on(l.as_fd(), socket) {
+        true => Ok(pidfd),
+        false => Err(std::io::Error::other(format!(
+            "process {pid} is not an fd keeper of {}",
+            socket.display()
+        ))),
+    }
+}
+
 /// Whether `fd` is a socket listening on `socket`.
 fn listens_on(fd: BorrowedFd<'_>, socket: &Path) -> bool {
     use nix::sys::socket::{getsockname, getsockopt, sockopt, UnixAddr};
@@ -55,53 +70,98 @@ fn fits(key: &str, fd: BorrowedFd<'_>) -> bool {
     }
 }
 
-/// What was taken over.
+/// What was copied out of a stalled keeper, which is still alive.
 pub(super) struct Taken {
     pub pid: i32,
+    listener: RawFd,
     pub fds: Vec<(String, OwnedFd)>,
     /// Keys the ledger names whose fd was not there or not of their kind.
     pub skipped: Vec<String>,
+    pidfd: OwnedFd,
 }
 
-/// Takes over the keeper at `socket` that does not answer: copies of
-/// everything its ledger says it holds, then the keeper killed (and waited
-/// for, briefly). Err, with nothing taken, when there is no ledger or it
-/// names a process that is not that socket's keeper, or the keeper cannot
-/// be killed (it would deny the events of groups imacri reads from now on
-/// once it resumed).
-pub(super) fn take_over(socket: &Path) -> std::io::Result<Taken> {
-    let w = ledger::read(socket)?;
-    let pidfd = pidfd_open(w.pid)?;
-    // The ledger of a keeper that died may name a pid another process took
-    // since: the keeper is the process holding this socket's listener.
-    let listener = pidfd_getfd(pidfd.as_fd(), w.listener)?;
-    if !listens_on(listener.as_fd(), socket) {
-        return Err(std::io::Error::other(format!(
-            "the fd keeper's ledger names process {}, which does not listen on {}",
-            w.pid,
-            socket.display()
-        )));
+/// Where a keeper taken over is named until it is killed.
+fn note_path(socket: &Path) -> std::path::PathBuf {
+    socket.with_file_name("fdkeeper.taken")
+}
+
+impl Taken {
+    /// Names the keeper taken over, once another holds all it held: an
+    /// imacri that crashes before it killed it leaves it to the next one
+    /// ([`kill_noted`]), not alive for good.
+    pub(super) fn note(&self, socket: &Path) {
+        let _ = std::fs::write(
+            note_path(socket),
+            format!("{} {}\n", self.pid, self.listener),
+        );
     }
-    drop(listener);
+
+    /// Kills the keeper it was taken from (and waits for it, briefly): it
+    /// would otherwise deny, once it resumed and found its holder gone,
+    /// the events of groups another imacri reads by then.
+    pub(super) fn kill(&self) -> std::io::Result<()> {
+        kill(self.pidfd.as_fd())?;
+        let mut gone = [nix::poll::PollFd::new(
+            self.pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        // A process in an uninterruptible sleep (or a v1-frozen one) dies
+        // once it wakes: nothing it holds is released meanwhile (imacri
+        // holds the copies).
+        let _ = nix::poll::poll(&mut gone, nix::poll::PollTimeout::from(2000u16));
+        Ok(())
+    }
+}
+
+/// Kills the keeper a crashed imacri took over and did not kill
+/// ([`Taken::note`]), unless it is the keeper of `socket` still (its
+/// ledger's): then nothing else holds what it holds. Whether one was
+/// killed.
+pub(super) fn kill_noted(socket: &Path) -> bool {
+    let note = note_path(socket);
+    let Ok(text) = std::fs::read_to_string(&note) else {
+        return false;
+    };
+    let mut f = text.split_whitespace().map(str::parse::<i32>);
+    let (Some(Ok(pid)), Some(Ok(listener))) = (f.next(), f.next()) else {
+        let _ = std::fs::remove_file(&note);
+        return false;
+    };
+    match ledger::read(socket) {
+        Ok(w) if w.pid != pid => {}
+        // Still the keeper (or none can be told): left to the takeover.
+        _ => return false,
+    }
+    let killed = keeper_process(socket, pid, listener).and_then(|p| kill(p.as_fd()));
+    let _ = std::fs::remove_file(&note);
+    killed.is_ok()
+}
+
+/// The keeper taken over was killed: nothing to leave to the next imacri.
+pub(super) fn unnote(socket: &Path) {
+    let _ = std::fs::remove_file(note_path(socket));
+}
+
+/// Copies out of the keeper at `socket`, which does not answer, everything
+/// its ledger says it holds; the keeper is left alive (`Taken::kill`), so
+/// that until another holds it all, two processes do. Err, with nothing
+/// taken, when there is no ledger or it names a process that is not that
+/// socket's keeper.
+pub(super) fn copy_out(socket: &Path) -> std::io::Result<Taken> {
+    let w = ledger::read(socket)?;
     let mut taken = Taken {
         pid: w.pid,
+        listener: w.listener,
         fds: Vec::new(),
         skipped: Vec::new(),
+        pidfd: keeper_process(socket, w.pid, w.listener)?,
     };
     for (key, n) in w.held {
-        match pidfd_getfd(pidfd.as_fd(), n) {
+        match pidfd_getfd(taken.pidfd.as_fd(), n) {
             Ok(fd) if fits(&key, fd.as_fd()) => taken.fds.push((key, fd)),
             _ => taken.skipped.push(key),
         }
     }
-    kill(pidfd.as_fd())?;
-    let mut gone = [nix::poll::PollFd::new(
-        pidfd.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    // A process in an uninterruptible sleep dies once it wakes: nothing it
-    // holds is released meanwhile (imacri holds the copies).
-    let _ = nix::poll::poll(&mut gone, nix::poll::PollTimeout::from(2000u16));
     Ok(taken)
 }
 
@@ -114,7 +174,7 @@ mod tests {
     /// fanotify group stand-in (an eventfd, of the wrong kind), a file, and
     /// a ledger saying so (and naming a key whose fd is gone).
     #[test]
-    fn a_stopped_keeper_is_taken_over_by_its_ledger_and_killed() {
+    fn a_stopped_keepers_fds_are_copied_out_by_its_ledger_and_it_is_killed_once_replaced() {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("fdkeeper.sock");
@@ -164,14 +224,23 @@ mod tests {
             format!("keeper {} 0\n+ 101 fls:c:1:2:3\n", std::process::id()),
         )
         .unwrap();
-        assert!(take_over(&sock).is_err());
+        assert!(copy_out(&sock).is_err());
         std::fs::write(
             ledger::path(&sock),
             format!("keeper {pid} 100\n+ 101 fls:c:1:2:3\n+ 102 fan:c\n+ 109 fev:c:1:exec:1\n"),
         )
         .unwrap();
-        let taken = take_over(&sock).unwrap();
+        let taken = copy_out(&sock).unwrap();
         assert_eq!(taken.pid, pid);
+        // Named for the next imacri (this one "crashed" before killing it):
+        // not killed while its ledger still says it is the keeper...
+        taken.note(&sock);
+        assert!(!kill_noted(&sock));
+        assert!(child.0.try_wait().unwrap().is_none());
+        // ...killed once another keeper's ledger is there.
+        std::fs::write(ledger::path(&sock), "keeper 1 3\n").unwrap();
+        assert!(kill_noted(&sock));
+        assert!(!note_path(&sock).exists());
         let keys: Vec<&str> = taken.fds.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["fls:c:1:2:3"]);
         assert_eq!(taken.skipped, ["fan:c", "fev:c:1:exec:1"]);

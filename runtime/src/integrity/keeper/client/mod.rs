@@ -36,8 +36,9 @@ pub struct Keeper {
     revivals: Arc<AtomicU64>,
     /// What the keeper may lack or hold beyond what imacri handed over.
     debt: Arc<Debt>,
-    /// The fds of a stalled keeper taken over at start, for `all`.
-    taken: Arc<Mutex<Option<Keyed>>>,
+    /// The fds of a stalled keeper taken over at start, for `all`, and
+    /// whether the keeper started in its place holds them all.
+    taken: Arc<Mutex<Option<(Keyed, bool)>>>,
 }
 
 /// Fds with the keys they are held under.
@@ -107,6 +108,9 @@ impl Keeper {
             debt: Default::default(),
             taken: Default::default(),
         };
+        if takeover::kill_noted(path) {
+            tracing::warn!("killed the stalled fd keeper the last imacri had taken over");
+        }
         k.start_with(true)?;
         Ok(k)
     }
@@ -153,8 +157,8 @@ impl Keeper {
             // gone. The watch kills it first (`kill_stalled`).
             Err(e) if is_timeout(&e) && self.holding() => return Err(e),
             // The last imacri's keeper, the same: what it holds is taken
-            // from it, and it is killed.
-            Err(e) if is_timeout(&e) && take_over => self.take_over(),
+            // from it and handed to another, and it is killed.
+            Err(e) if is_timeout(&e) && take_over && self.take_over() => return Ok(()),
             Err(_) => {}
         }
         let _ = std::fs::remove_file(path);
@@ -488,109 +492,9 @@ impl Keeper {
             (t, _) => Err(std::io::Error::other(format!("fd keeper answered {t:?}"))),
         }
     }
-
-    /// The count `catch_up` compares with: taken before `all`.
-    pub fn revivals(&self) -> u64 {
-        self.revivals.load(Ordering::SeqCst)
-    }
-
-    /// After taking back what `all` gave (at start) and remembering what
-    /// is still wanted: if a keeper was started again since `since` (the
-    /// last one died meanwhile), it was given only what was remembered
-    /// then; it is given everything now, or an imacri crash would release
-    /// what it lacks (a running container's group: unmeasured).
-    pub fn catch_up(&self, since: u64) -> std::io::Result<()> {
-        // From now on the keeper may let go of what imacri does not hold.
-        self.debt.settle();
-        if self.revivals() == since && !self.debt.owed() && !self.debt.unheard() {
-            return Ok(());
-        }
-        let round = self
-            .debt
-            .begin(true)
-            .ok_or_else(|| std::io::Error::other("the record of what was given is unusable"))?;
-        let n = self.revive(round)?;
-        tracing::warn!(given = n, "the fd keeper was started again while imacri took back what it held: given everything again");
-        Ok(())
-    }
-
-    /// Lets go of a keeper just killed: the `HOLD` connection to it and its
-    /// socket's name, so the next round starts another at once (called in
-    /// a round, or before the watch runs: no keeper is started meanwhile). Killed is
-    /// not yet dead: a process frozen by a (v1) freezer cgroup dies only
-    /// once thawed, and until then it would take the next connections
-    /// (the kernel queues them) and answer none, and imacri holding it
-    /// would take it for the keeper, stalled again.
-    fn forsake(&self) {
-        if let Ok(mut h) = self.hold.lock() {
-            *h = None;
-        }
-        let _ = std::fs::remove_file(&self.path);
-    }
-
-    /// Takes the fds of the keeper at our socket, which answers nothing,
-    /// for [`all`](Self::all), and kills it (`takeover.rs`).
-    fn take_over(&self) {
-        match takeover::take_over(&self.path) {
-            Ok(t) => {
-                tracing::warn!(pid = t.pid, taken = t.fds.len(), skipped = ?t.skipped, "the fd keeper answered nothing at imacri's start (stalled): took over what it held and killed it");
-                if let Ok(mut slot) = self.taken.lock() {
-                    *slot = Some(t.fds);
-                }
-                self.forsake();
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "the fd keeper answers nothing and cannot be taken over: another is started, and what the first holds is lost to imacri (running ima containers get a gap, and their executions wait on it until it resumes)")
-            }
-        }
-    }
-
-    /// Copies of every fd the keeper holds, with their keys. At imacri's
-    /// start, of one that answers nothing (stalled), taken over: then
-    /// another keeper is owed all of it.
-    pub fn all(&self) -> std::io::Result<Vec<(String, OwnedFd)>> {
-        let stashed = || self.taken.lock().ok().and_then(|mut t| t.take());
-        let taken = match stashed() {
-            Some(t) => t,
-            None => match self.ask_all() {
-                // Connected (its backlog had room), never answered.
-                Err(e) if is_timeout(&e) => {
-                    // In a round: no other starts a keeper meanwhile.
-                    let round = self.debt.begin(true);
-                    self.take_over();
-                    if let Some(r) = round {
-                        self.debt.end(r, false, false);
-                    }
-                    // Another keeper is started by the next round (the
-                    // watch's or `catch_up`'s: one at a time).
-                    stashed().ok_or(e)?
-                }
-                answered => return answered,
-            },
-        };
-        // The caller read `revivals` before this: `catch_up` gives the new
-        // keeper everything taken back.
-        self.debt.owe();
-        Ok(taken)
-    }
-
-    fn ask_all(&self) -> std::io::Result<Vec<(String, OwnedFd)>> {
-        let s = self.connect()?;
-        send(s.as_fd(), "ALL", None)?;
-        let mut out = Vec::new();
-        loop {
-            match recv(s.as_fd())? {
-                (Some(t), Some(fd)) if t.starts_with("FD ") => out.push((t[3..].to_string(), fd)),
-                (Some(t), _) if t == "END" => {
-                    crate::crash::at("FdKeeper", "all");
-                    return Ok(out);
-                }
-                (t, _) => return Err(std::io::Error::other(format!("fd keeper answered {t:?}"))),
-            }
-        }
-    }
 }
 
 mod given;
+mod takeback;
 #[cfg(test)]
 mod tests;
