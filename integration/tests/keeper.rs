@@ -625,25 +625,35 @@ async fn a_keeper_frozen_at_imacri_start_is_taken_over() {
     a_keeper_stalled_at_imacri_start("ima-keeper-frozen-start", Stall::Freeze, false).await;
 }
 
-/// A starting imacri crashes in the midst of a takeover (the stalled
-/// keeper's fds handed to the keeper started in its place, the stalled one
-/// not killed yet: `IMACRI_TEST_CRASH_AT=FdKeeper:takeover`). The new
-/// keeper holds everything, so the next imacri finds the container's
-/// execution waiting and measures it, no gap; and it kills the stalled
-/// keeper the crashed one had named (`fdkeeper.taken`), which would
-/// otherwise live on and, once it resumed, deny the events of groups that
-/// imacri reads. With the takeover killing first and handing over after,
-/// the crash released the groups: the execution ran unmeasured, and a gap.
+/// A starting imacri crashes in the midst of a takeover: once the
+/// stalled keeper's fds are all handed to the keeper started in its place
+/// (`IMACRI_TEST_CRASH_AT=FdKeeper:takeover`), or after the first of them
+/// (`FdKeeper:handing`), the stalled one not killed yet. The next imacri
+/// finishes the takeover (the stalled keeper is named, with its ledger, in
+/// `fdkeeper.taken`): what it holds is handed to the keeper, and it is
+/// killed. The container's execution, waiting all along, is measured with
+/// no gap. With the takeover killing first and handing over after, the
+/// crash released the groups (no keeper was left); without the note, the
+/// stalled keeper lived on, and the new one lacked what was not handed yet.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_imacri_crashing_as_it_takes_over_a_stalled_keeper_loses_nothing() {
+    crashing_in_a_takeover("ima-keeper-takeover-crash", "FdKeeper:takeover").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_imacri_crashing_as_it_hands_a_stalled_keepers_fds_over_loses_nothing() {
+    crashing_in_a_takeover("ima-keeper-handing-crash", "FdKeeper:handing").await;
+}
+
+async fn crashing_in_a_takeover(name: &str, point: &str) {
     use imacri_integration::runner::{go_while_down_with, next_out};
-    let (mut d, pod, c, tmp, old) = fresh_runner("ima-keeper-takeover-crash").await;
+    let (mut d, pod, c, tmp, old) = fresh_runner(name).await;
     let stopped = Stopped::new(nix::unistd::Pid::from_raw(old));
     d.kill();
     go_while_down_with(&tmp, "1", "with the keeper stalled");
-    d.vars = vec![("IMACRI_TEST_CRASH_AT".into(), "FdKeeper:takeover".into())];
+    d.vars = vec![("IMACRI_TEST_CRASH_AT".into(), point.into())];
     let crashed = d.spawn().await;
-    assert!(crashed.is_err(), "no crash at the takeover\n{}", d.log());
+    assert!(crashed.is_err(), "no crash at {point}\n{}", d.log());
     let keepers = d.keeper_pids();
     assert!(
         keepers.contains(&old) && keepers.len() == 2,
@@ -657,7 +667,7 @@ async fn an_imacri_crashing_as_it_takes_over_a_stalled_keeper_loses_nothing() {
     assert!(!has_gap(&log), "{log}\n{}", d.log());
     assert!(
         d.log()
-            .contains("killed the stalled fd keeper the last imacri had taken over"),
+            .contains("finished the takeover the last imacri began"),
         "{}",
         d.log()
     );

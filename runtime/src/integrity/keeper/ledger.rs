@@ -163,7 +163,7 @@ pub(super) fn read(socket: &Path) -> std::io::Result<Written> {
         .ok_or_else(|| std::io::Error::other("the fd keeper's ledger is malformed"))
 }
 
-fn parse(text: &str) -> Option<Written> {
+pub(super) fn parse(text: &str) -> Option<Written> {
     let mut lines = text.lines();
     let mut head = lines.next()?.strip_prefix("keeper ")?.split(' ');
     let pid = head.next()?.parse().ok()?;

@@ -73,7 +73,8 @@ fn fits(key: &str, fd: BorrowedFd<'_>) -> bool {
 /// What was copied out of a stalled keeper, which is still alive.
 pub(super) struct Taken {
     pub pid: i32,
-    listener: RawFd,
+    /// The ledger it was taken by.
+    ledger: String,
     pub fds: Vec<(String, OwnedFd)>,
     /// Keys the ledger names whose fd was not there or not of their kind.
     pub skipped: Vec<String>,
@@ -86,14 +87,12 @@ fn note_path(socket: &Path) -> std::path::PathBuf {
 }
 
 impl Taken {
-    /// Names the keeper taken over, once another holds all it held: an
-    /// imacri that crashes before it killed it leaves it to the next one
-    /// ([`kill_noted`]), not alive for good.
+    /// Names the keeper taken over, with the ledger it was taken by, before
+    /// anything is handed to the keeper started in its place: an imacri
+    /// that crashes before it killed it leaves the rest to the next one
+    /// ([`finish_noted`]), not a keeper alive for good and one holding part.
     pub(super) fn note(&self, socket: &Path) {
-        let _ = std::fs::write(
-            note_path(socket),
-            format!("{} {}\n", self.pid, self.listener),
-        );
+        let _ = std::fs::write(note_path(socket), &self.ledger);
     }
 
     /// Kills the keeper it was taken from (and waits for it, briefly): it
@@ -113,28 +112,39 @@ impl Taken {
     }
 }
 
-/// Kills the keeper a crashed imacri took over and did not kill
-/// ([`Taken::note`]), unless it is the keeper of `socket` still (its
-/// ledger's): then nothing else holds what it holds. Whether one was
-/// killed.
-pub(super) fn kill_noted(socket: &Path) -> bool {
+/// Finishes a takeover a crashed imacri began ([`Taken::note`]): what the
+/// keeper it took over holds is copied out again and `put` to the keeper
+/// of `socket` now (which may have got only part of it), then that keeper
+/// is killed. Nothing is done while the ledger of `socket` still names it
+/// (it is the keeper: the note is stale) or names no keeper at all. The
+/// pid of the keeper killed, if one was.
+pub(super) fn finish_noted(
+    socket: &Path,
+    put: impl Fn(&str, BorrowedFd<'_>) -> std::io::Result<()>,
+) -> std::io::Result<Option<i32>> {
     let note = note_path(socket);
     let Ok(text) = std::fs::read_to_string(&note) else {
-        return false;
+        return Ok(None);
     };
-    let mut f = text.split_whitespace().map(str::parse::<i32>);
-    let (Some(Ok(pid)), Some(Ok(listener))) = (f.next(), f.next()) else {
-        let _ = std::fs::remove_file(&note);
-        return false;
+    let Some(w) = ledger::parse(&text) else {
+        unnote(socket);
+        return Ok(None);
     };
     match ledger::read(socket) {
-        Ok(w) if w.pid != pid => {}
-        // Still the keeper (or none can be told): left to the takeover.
-        _ => return false,
+        Ok(now) if now.pid != w.pid => {}
+        Ok(_) => {
+            unnote(socket);
+            return Ok(None);
+        }
+        Err(_) => return Ok(None),
     }
-    let killed = keeper_process(socket, pid, listener).and_then(|p| kill(p.as_fd()));
-    let _ = std::fs::remove_file(&note);
-    killed.is_ok()
+    let t = copy_out_by(socket, w, text).inspect_err(|_| unnote(socket))?;
+    for (k, f) in &t.fds {
+        put(k, f.as_fd())?;
+    }
+    t.kill()?;
+    unnote(socket);
+    Ok(Some(t.pid))
 }
 
 /// The keeper taken over was killed: nothing to leave to the next imacri.
@@ -148,10 +158,17 @@ pub(super) fn unnote(socket: &Path) {
 /// taken, when there is no ledger or it names a process that is not that
 /// socket's keeper.
 pub(super) fn copy_out(socket: &Path) -> std::io::Result<Taken> {
-    let w = ledger::read(socket)?;
+    let text = std::fs::read_to_string(ledger::path(socket))?;
+    let w = ledger::parse(&text)
+        .ok_or_else(|| std::io::Error::other("the fd keeper's ledger is malformed"))?;
+    copy_out_by(socket, w, text)
+}
+
+/// [`copy_out`] by the ledger `w` (read from `text`).
+fn copy_out_by(socket: &Path, w: ledger::Written, text: String) -> std::io::Result<Taken> {
     let mut taken = Taken {
         pid: w.pid,
-        listener: w.listener,
+        ledger: text,
         fds: Vec::new(),
         skipped: Vec::new(),
         pidfd: keeper_process(socket, w.pid, w.listener)?,
@@ -233,13 +250,23 @@ mod tests {
         let taken = copy_out(&sock).unwrap();
         assert_eq!(taken.pid, pid);
         // Named for the next imacri (this one "crashed" before killing it):
-        // not killed while its ledger still says it is the keeper...
+        // nothing done while its ledger still says it is the keeper (a
+        // stale note)...
         taken.note(&sock);
-        assert!(!kill_noted(&sock));
+        let put = std::cell::RefCell::new(Vec::new());
+        let put_one = |k: &str, _: BorrowedFd<'_>| {
+            put.borrow_mut().push(k.to_string());
+            Ok(())
+        };
+        assert_eq!(finish_noted(&sock, put_one).unwrap(), None);
         assert!(child.0.try_wait().unwrap().is_none());
-        // ...killed once another keeper's ledger is there.
+        assert!(!note_path(&sock).exists());
+        // ...finished once another keeper's ledger is there: what it holds
+        // put to that keeper, then killed.
+        taken.note(&sock);
         std::fs::write(ledger::path(&sock), "keeper 1 3\n").unwrap();
-        assert!(kill_noted(&sock));
+        assert_eq!(finish_noted(&sock, put_one).unwrap(), Some(pid));
+        assert_eq!(*put.borrow(), ["fls:c:1:2:3"]);
         assert!(!note_path(&sock).exists());
         let keys: Vec<&str> = taken.fds.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["fls:c:1:2:3"]);

@@ -108,10 +108,12 @@ impl Keeper {
             debt: Default::default(),
             taken: Default::default(),
         };
-        if takeover::kill_noted(path) {
-            tracing::warn!("killed the stalled fd keeper the last imacri had taken over");
-        }
         k.start_with(true)?;
+        match takeover::finish_noted(path, |key, fd| k.put_once(key, fd)) {
+            Ok(Some(pid)) => tracing::warn!(pid, "finished the takeover the last imacri began: what the stalled fd keeper held is with the keeper, and it was killed"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "the takeover the last imacri began cannot be finished (left for the next start): what the stalled fd keeper holds and the keeper lacks is lost to imacri"),
+        }
         Ok(k)
     }
 

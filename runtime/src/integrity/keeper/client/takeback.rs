@@ -64,15 +64,17 @@ impl Keeper {
                 return false;
             }
         };
+        t.note(&self.path);
         self.forsake();
         let started = self.start();
         let handed = started.as_ref().is_ok()
-            && t.fds
-                .iter()
-                .all(|(k, f)| self.put_once(k, f.as_fd()).is_ok());
-        if handed {
-            t.note(&self.path);
-        }
+            && t.fds.iter().enumerate().all(|(i, (k, f))| {
+                let put = self.put_once(k, f.as_fd()).is_ok();
+                if i == 0 {
+                    crate::crash::at("FdKeeper", "handing");
+                }
+                put
+            });
         crate::crash::at("FdKeeper", "takeover");
         match t.kill() {
             Ok(()) => takeover::unnote(&self.path),
