@@ -12,29 +12,16 @@
 use super::keys::{is_listener_key, FANOTIFY};
 use super::ledger;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-
-use crate::integrity::pidfd;
 use std::path::Path;
 
-pub(super) fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    Ok(pidfd::open(pid, 0)?)
-}
-
-fn pidfd_getfd(pidfd: BorrowedFd<'_>, n: RawFd) -> std::io::Result<OwnedFd> {
-    Ok(pidfd::getfd(pidfd, n)?)
-}
-
-/// SIGKILL through a pidfd (see [`pidfd::kill`]).
-pub(super) fn kill(pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
-    Ok(pidfd::kill(pidfd)?)
-}
+use crate::integrity::pidfd;
 
 /// A pidfd of process `pid` if it is a keeper of `socket`: its fd
 /// `listener` listens on it (bound to that path, unlinked since or not).
 /// A keeper that died may have left its pid to another process.
 fn keeper_process(socket: &Path, pid: i32, listener: RawFd) -> std::io::Result<OwnedFd> {
-    let pidfd = pidfd_open(pid)?;
-    let l = pidfd_getfd(pidfd.as_fd(), listener)?;
+    let pidfd = pidfd::open(pid, 0)?;
+    let l = pidfd::getfd(pidfd.as_fd(), listener)?;
     match listens_on(l.as_fd(), socket) {
         true => Ok(pidfd),
         false => Err(std::io::Error::other(format!(
@@ -99,7 +86,7 @@ impl Taken {
     /// would otherwise deny, once it resumed and found its holder gone,
     /// the events of groups another imacri reads by then.
     pub(super) fn kill(&self) -> std::io::Result<()> {
-        kill(self.pidfd.as_fd())?;
+        pidfd::kill(self.pidfd.as_fd())?;
         let mut gone = [nix::poll::PollFd::new(
             self.pidfd.as_fd(),
             nix::poll::PollFlags::POLLIN,
@@ -174,7 +161,7 @@ fn copy_out_by(socket: &Path, w: ledger::Written, text: String) -> std::io::Resu
         pidfd: keeper_process(socket, w.pid, w.listener)?,
     };
     for (key, n) in w.held {
-        match pidfd_getfd(taken.pidfd.as_fd(), n) {
+        match pidfd::getfd(taken.pidfd.as_fd(), n) {
             Ok(fd) if fits(&key, fd.as_fd()) => taken.fds.push((key, fd)),
             _ => taken.skipped.push(key),
         }

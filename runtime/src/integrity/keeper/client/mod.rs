@@ -14,6 +14,7 @@ use super::ids::ids_dir;
 use super::keys::owner_of;
 use super::takeover;
 use super::wire::{recv, send, seqpacket};
+use crate::integrity::pidfd;
 use given::{Given, Owned};
 
 /// The client side, used by imacri.
@@ -80,11 +81,12 @@ fn up(c: BorrowedFd<'_>) -> bool {
 fn kill_stalled(hold: BorrowedFd<'_>) -> std::io::Result<i32> {
     let cred = nix::sys::socket::getsockopt(&hold, nix::sys::socket::sockopt::PeerCredentials)?;
     let pid = cred.pid();
-    let pidfd = takeover::pidfd_open(pid)?;
+    let pidfd = pidfd::open(pid, 0)?;
     if !up(hold) {
         return Err(std::io::Error::other("the keeper ended meanwhile"));
     }
-    takeover::kill(pidfd.as_fd()).map(|()| pid)
+    pidfd::kill(pidfd.as_fd())?;
+    Ok(pid)
 }
 
 /// See [`Keeper::state`].
