@@ -1,5 +1,5 @@
-//! What the attacker tests of ima pods share (`tests/ima_escapes.rs`,
-//! `ima_crashes.rs`, `ima_writes.rs`, `ima_floods.rs`): the attacker image
+//! What the attacker tests of ima pods share (`tests/ima_escapes/`,
+//! `ima_crashes.rs`, `ima_writes/`, `ima_floods/`): the attacker image
 //! (busybox, `escape` from `c/escape.c`, a dynamic `hello` and a lazily
 //! bound `lazy` with the host's loader and libc, `sleeper`), a node whose policies measure and enforce that image's
 //! golden policy, and readers of a pod's measurement log.

@@ -72,7 +72,7 @@ fn free_marks(most: usize) -> usize {
 /// shared: pods that filled it had every other pod's new mappings refused
 /// (in every mode: unwatched, a mapping could be rewritten unseen). Now
 /// imacri's groups are opened with `FAN_UNLIMITED_MARKS` and each
-/// container's own limit (`ima.max_watched_files`, `ima_floods.rs`)
+/// container's own limit (`ima.max_watched_files`, `ima_floods/`)
 /// bounds its marks: with the node's limit 3 above what others hold, a
 /// pod maps 30 new files, the node's free marks stay as they were, and
 /// another pod then starts and maps its own. (Before: 5 mapped, 25

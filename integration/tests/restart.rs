@@ -279,7 +279,7 @@ async fn an_ima_container_created_before_a_crash_starts_measured() {
         .await
         .unwrap();
     // Not while a's entrypoint is being measured: an execution in flight
-    // at a crash is refused (`ima_escapes.rs`), which would end a.
+    // at a crash is refused (`ima_crashes.rs`), which would end a.
     imacri_integration::poll::eventually("a runs sleep", Duration::from_secs(10), || async {
         logged(&pod_log(&d, &pod), &a, "/bin/busybox", "exec").then_some(())
     })
@@ -338,7 +338,7 @@ async fn a_graceful_stop_answers_executions_in_flight() {
 /// the fd keeper before hashing began, so the next imacri measures it and
 /// answers it by the number the dead one got; the exec runs and is logged
 /// by the next imacri (events read but not handed over are still refused:
-/// `ima_escapes.rs` `an_execution_in_flight_at_a_crash_is_refused`).
+/// `ima_crashes.rs` `an_execution_in_flight_at_a_crash_is_refused`).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_execution_hashed_at_a_crash_is_measured_by_the_next_imacri() {
     stopped_while_hashing("ima-crash-hashing", true).await;

@@ -312,7 +312,7 @@ mod tests {
 
     #[test]
     fn a_root_is_judged_by_its_nearest_existing_directory() {
-        // (A noexec root is tested in integration/tests/ima_guards.rs.)
+        // (A noexec root is tested in integration/tests/ima_guards/.)
         let dir = tempfile::tempdir().unwrap();
         assert!(!noexec(dir.path()));
         assert!(!noexec(&dir.path().join("not/there/yet")));

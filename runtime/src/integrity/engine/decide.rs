@@ -374,7 +374,7 @@ pub fn open_for_writing(fd: BorrowedFd<'_>) -> bool {
         // while any shared writable mapping exists. F_SEAL_FUTURE_WRITE
         // refuses only new writes and new writable mappings; one made
         // before the seal keeps writing the pages a mapping of ours would
-        // run (until 2026-12-04 it counted as sealed: `ima_escapes.rs`
+        // run (until 2026-12-04 it counted as sealed: `ima_escapes/`
         // `memfd-future`).
         // SAFETY: fcntl on a valid fd with integer arguments.
         let seals = unsafe { libc::fcntl(raw, libc::F_GET_SEALS) };

@@ -9,7 +9,7 @@
 //! for executable mappings), and writes through the mapping raise no
 //! fanotify event and, to pages dirtied already, move no mtime: a running
 //! program's code, an executable mapping and a remembered digest all
-//! changed unseen (`ima_writes.rs`
+//! changed unseen (`ima_writes/shared.rs`
 //! `a_file_mapped_shared_and_writable_runs_only_as_measured`). A file on
 //! any other filesystem is counted by the kernel itself (the mapping holds
 //! that very file).

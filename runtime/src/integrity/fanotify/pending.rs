@@ -137,7 +137,7 @@ impl Group {
     /// before its interpreter was opened): then its interpreter comes next,
     /// so it is noted all the same (an interpreter names none). Until
     /// 2026-12-04 it was not, and the loader after such a program went
-    /// unwatched (`ima_writes.rs`, `loader-rewrite ... hide`).
+    /// unwatched (`ima_writes/`, `loader-rewrite ... hide`).
     fn executing(&self, execution: Execution, fd: BorrowedFd<'_>) -> Option<i32> {
         let (tid, key) = execution.of?;
         let loads_next = || {

@@ -183,7 +183,7 @@ fn statx_of(fd: &OwnedFd) -> std::io::Result<libc::statx> {
 /// directories, each looked at without following a link and owned by root:
 /// a host path through a directory the pod controls (in a disk volume of
 /// its own) could name another file at every look, and did, until
-/// 2026-12-04, between the bind and the check (`ima_guards.rs`
+/// 2026-12-04, between the bind and the check (`ima_guards/mounts.rs`
 /// `a_volume_swapped_under_its_check_does_not_run`).
 fn pods_own_tmpfs_volume(host_path: &Path, bound: &Path, pod_uid: &str) -> bool {
     let Some((p, i)) = in_pod_dir(host_path, pod_uid) else {
