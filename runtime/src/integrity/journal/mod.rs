@@ -21,7 +21,7 @@
 //! entry for each container they belong to: the TPM did not vouch for them
 //! when they happened, and the verifier says so.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -32,10 +32,13 @@ use super::log::{Entry, Event};
 use super::podlogs::PodLogs;
 use index::LogIndex;
 
+mod epoch;
 mod index;
 mod reopen;
 pub mod view;
 use super::tpm::{Quote, Tpm, TpmError};
+pub use epoch::Epoch;
+use epoch::{archive, Resumed};
 pub use index::Located;
 pub use reopen::Keep;
 
@@ -72,20 +75,6 @@ fn io<'a>(
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Which TPM life the log belongs to.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Epoch {
-    /// The TPM's reset count when the epoch began (None: no TPM).
-    pub reset_count: Option<u32>,
-    pub restart_count: Option<u32>,
-    /// Unix seconds.
-    pub started_at: i64,
-    /// Set when the PCR holds a value the log cannot replay to (something
-    /// else extended it): evidence is unverifiable until the next TPM reset.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub broken: Option<String>,
 }
 
 /// Per pod: what status reports.
@@ -160,13 +149,6 @@ impl std::fmt::Debug for Journal {
     }
 }
 
-fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 impl Journal {
     pub fn log_path(dir: &Path) -> PathBuf {
         dir.join("measurements.log")
@@ -201,44 +183,11 @@ impl Journal {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let log_path = Self::log_path(dir);
         let epoch_path = dir.join("epoch.json");
-        let saved: Option<Epoch> = std::fs::read(&epoch_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        let mut epoch = saved.clone().unwrap_or(Epoch {
-            started_at: now_secs(),
-            ..Default::default()
-        });
-        // The TPM first: the log is read back against the PCR it holds.
-        let mut pcr_now = None;
-        if let Some(tpm) = &tpm {
-            let q = tpm.quote_blocking(rand::random::<[u8; 32]>().to_vec())?;
-            let rebooted = saved.as_ref().is_none_or(|s| {
-                s.reset_count != Some(q.reset_count)
-                    || (s.restart_count != Some(q.restart_count) && q.pcr_value == [0; 32])
-            });
-            if rebooted {
-                let logged = std::fs::metadata(&log_path).is_ok_and(|m| m.len() > 0);
-                if logged {
-                    archive(dir, &log_path, &epoch, "epoch")?;
-                    tracing::info!(
-                        "the TPM was reset: archived the previous epoch's measurement log"
-                    );
-                }
-                epoch = Epoch {
-                    reset_count: Some(q.reset_count),
-                    restart_count: Some(q.restart_count),
-                    started_at: now_secs(),
-                    broken: None,
-                };
-            }
-            epoch.restart_count = Some(q.restart_count);
-            if epoch.broken.is_none() {
-                pcr_now = Some(q.pcr_value);
-            }
-        } else if saved.as_ref().is_some_and(|s| s.reset_count.is_some()) {
-            // Was anchored, now is not: keep the log, say so in evidence.
-            tracing::warn!("no TPM configured: measurements continue unanchored");
-        }
+        let Resumed {
+            mut epoch,
+            saved,
+            pcr_now,
+        } = Epoch::resume(dir, &log_path, &epoch_path, tpm.as_ref())?;
         let mut pod_logs = PodLogs::default();
         let read = match reopen::read_back(&log_path, pcr_now, keep, &pod_logs) {
             Ok(r) => r,
@@ -651,21 +600,6 @@ fn note_summary(pods: &mut HashMap<String, PodSummary>, e: &Entry, violation: bo
             e.container
         ));
     }
-}
-
-fn archive(dir: &Path, log_path: &Path, epoch: &Epoch, why: &str) -> JResult<()> {
-    let adir = dir.join("archive");
-    std::fs::create_dir_all(&adir).map_err(io("creating", &adir))?;
-    let name = format!(
-        "measurements-{why}-{}-{}-{}.log",
-        epoch
-            .reset_count
-            .map(|r| r.to_string())
-            .unwrap_or("none".into()),
-        epoch.started_at,
-        now_secs()
-    );
-    std::fs::rename(log_path, adir.join(name)).map_err(io("archiving", log_path))
 }
 
 #[cfg(test)]
