@@ -62,7 +62,17 @@ fn finished(tmp: &std::path::Path) -> Option<String> {
 
 /// The runner's next output (taken away), waiting up to 20 s.
 pub fn next_out(tmp: &std::path::Path, what: &str, d: &Imacri) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    next_out_within(tmp, what, d, std::time::Duration::from_secs(20))
+}
+
+/// [`next_out`], waiting up to `wait`.
+pub fn next_out_within(
+    tmp: &std::path::Path,
+    what: &str,
+    d: &Imacri,
+    wait: std::time::Duration,
+) -> String {
+    let deadline = std::time::Instant::now() + wait;
     loop {
         if let Some(o) = finished(tmp) {
             let _ = std::fs::remove_file(tmp.join("out"));
