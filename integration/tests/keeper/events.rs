@@ -20,24 +20,15 @@ const NEW_FILES: &str = "for i in -a -b $(seq 1 16); do mkdir -p /tmp/s/sleeper$
     chmod +x /tmp/s/sleeper$i/true; done";
 
 /// The number the last imacri's reader got for the event the keeper
-/// `keeper` holds of a file whose path ends with `path` (its ledger maps
-/// its fds to keys).
+/// `keeper` holds of a file whose path ends with `path` (its ledger says
+/// which of its fds holds which key).
 fn kept_number_of(d: &Imacri, keeper: i32, path: &str) -> Option<i32> {
-    let ledger = std::fs::read_to_string(d.state.join("fdkeeper.ledger")).ok()?;
-    let mut held = std::collections::BTreeMap::new();
-    for l in ledger.lines().skip(1) {
-        if let Some((fd, key)) = l.strip_prefix("+ ").and_then(|r| r.split_once(' ')) {
-            held.insert(key.to_string(), fd.to_string());
-        } else if let Some(key) = l.strip_prefix("- ") {
-            held.remove(key);
-        }
-    }
+    use imacri_runtime::integrity::keeper::{ledger_of, parse_event_key};
+    let held = ledger_of(&d.state.join("fdkeeper.sock")).ok()?;
     held.iter().find_map(|(key, fd)| {
+        let (_, number, _, _) = parse_event_key(key)?;
         let link = std::fs::read_link(format!("/proc/{keeper}/fd/{fd}")).ok()?;
-        let n = key.strip_prefix("fev:")?.split(':').nth(1)?;
-        link.to_string_lossy()
-            .ends_with(path)
-            .then(|| n.parse().ok())?
+        link.to_string_lossy().ends_with(path).then_some(number)
     })
 }
 

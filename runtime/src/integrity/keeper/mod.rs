@@ -39,7 +39,15 @@ pub use ids::{ids_dir, IdFile};
 pub use keys::*;
 pub use server::{close_inherited, run};
 
-use std::os::fd::BorrowedFd;
+use std::collections::BTreeMap;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::path::Path;
+
+/// What the keeper at `socket` holds by its ledger: each key with the fd
+/// number it has in the keeper (for a look at that fd in `/proc`).
+pub fn ledger_of(socket: &Path) -> std::io::Result<BTreeMap<String, RawFd>> {
+    ledger::read(socket).map(|w| w.held)
+}
 
 /// imacri keeps its open-file limit at most this (lowering a higher one):
 /// every fd number a dead imacri could have held an event under is below
