@@ -33,15 +33,10 @@ pub(super) struct Resumed {
 }
 
 impl Epoch {
-    /// The epoch saved at `epoch_path`, or a new one where the TPM was
-    /// reset since (the log of the old one archived first).
-    pub(super) fn resume(
-        dir: &Path,
-        log_path: &Path,
-        epoch_path: &Path,
-        tpm: Option<&Tpm>,
-    ) -> JResult<Resumed> {
-        let saved: Option<Epoch> = std::fs::read(epoch_path)
+    /// The epoch saved in `dir`, or a new one where the TPM was reset
+    /// since (the log at `log_path` of the old one archived first).
+    pub(super) fn resume(dir: &Path, log_path: &Path, tpm: Option<&Tpm>) -> JResult<Resumed> {
+        let saved: Option<Epoch> = std::fs::read(path(dir))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         let mut epoch = saved.clone().unwrap_or(Epoch {
@@ -85,6 +80,17 @@ impl Epoch {
             pcr_now,
         })
     }
+
+    /// Writes the epoch where [`resume`](Self::resume) finds it.
+    pub(super) fn save(&self, dir: &Path) -> JResult<()> {
+        let p = path(dir);
+        std::fs::write(&p, serde_json::to_vec_pretty(self).unwrap_or_default())
+            .map_err(io("writing", &p))
+    }
+}
+
+fn path(dir: &Path) -> std::path::PathBuf {
+    dir.join("epoch.json")
 }
 
 pub(super) fn now_secs() -> i64 {

@@ -182,12 +182,11 @@ impl Journal {
     pub fn open_with(dir: &Path, pcr: u32, tpm: Option<Tpm>, keep: &Keep<'_>) -> JResult<Journal> {
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let log_path = Self::log_path(dir);
-        let epoch_path = dir.join("epoch.json");
         let Resumed {
             mut epoch,
             saved,
             pcr_now,
-        } = Epoch::resume(dir, &log_path, &epoch_path, tpm.as_ref())?;
+        } = Epoch::resume(dir, &log_path, tpm.as_ref())?;
         let mut pod_logs = PodLogs::default();
         let read = match reopen::read_back(&log_path, pcr_now, keep, &pod_logs) {
             Ok(r) => r,
@@ -237,11 +236,7 @@ impl Journal {
                 }
             }
         }
-        std::fs::write(
-            &epoch_path,
-            serde_json::to_vec_pretty(&epoch).unwrap_or_default(),
-        )
-        .map_err(io("writing", &epoch_path))?;
+        epoch.save(dir)?;
         let mut file = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
