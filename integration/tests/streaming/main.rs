@@ -43,6 +43,34 @@ async fn stdout_until(ws: &mut Ws, end: &[u8]) -> Vec<u8> {
     got
 }
 
+/// imacri with a busybox pod `name` whose container serves `page` as
+/// `/index.html` on port 8080 (busybox httpd): the daemon, its runtime
+/// client, the pod, its config and the container.
+async fn web_pod(
+    env: &Env,
+    name: &str,
+    page: &str,
+) -> (
+    Imacri,
+    imacri_integration::client::Rt,
+    String,
+    cri::PodSandboxConfig,
+    String,
+) {
+    let d = Imacri::start(env).await.unwrap();
+    let (mut rt, pod, cfg) = d.busybox_pod(env, name).await;
+    let serve =
+        format!("mkdir -p /www && echo {page} > /www/index.html && httpd -f -p 8080 -h /www");
+    let web = start_container(
+        &mut rt,
+        &pod,
+        &cfg,
+        container_config("web", &env.busybox, &["sh", "-c", &serve]),
+    )
+    .await;
+    (d, rt, pod, cfg, web)
+}
+
 /// Reads frames until the server closes: (stdout, stderr, status).
 async fn collect(ws: &mut Ws) -> (String, String, String) {
     let (mut out, mut err, mut status) = (Vec::new(), Vec::new(), Vec::new());

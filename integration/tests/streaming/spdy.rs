@@ -7,23 +7,7 @@ async fn exec_and_port_forward_over_spdy() {
     use imacri_cri::streaming::spdy::Frame;
     use spdy_client::{syn, Client};
     let env = Env::get();
-    let d = Imacri::start(env).await.unwrap();
-    let (mut rt, pod, cfg) = d.busybox_pod(env, "spdy").await;
-    let web = start_container(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config(
-            "web",
-            &env.busybox,
-            &[
-                "sh",
-                "-c",
-                "mkdir -p /www && echo over-spdy > /www/index.html && httpd -f -p 8080 -h /www",
-            ],
-        ),
-    )
-    .await;
+    let (_d, mut rt, pod, _, web) = web_pod(env, "spdy", "over-spdy").await;
 
     let url = rt
         .exec(cri::ExecRequest {
@@ -174,23 +158,7 @@ async fn go_json(go: &std::path::Path, args: &[&str]) -> serde_json::Value {
 async fn exec_with_go_spdystream_client() {
     let env = Env::get();
     let go = imacri_integration::go_spdyexec(env).unwrap();
-    let d = Imacri::start(env).await.unwrap();
-    let (mut rt, pod, cfg) = d.busybox_pod(env, "gospdy").await;
-    let c = start_container(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config(
-            "app",
-            &env.busybox,
-            &[
-                "sh",
-                "-c",
-                "mkdir -p /www && echo via-spdystream > /www/index.html && httpd -f -p 8080 -h /www",
-            ],
-        ),
-    )
-    .await;
+    let (_d, mut rt, pod, cfg, c) = web_pod(env, "gospdy", "via-spdystream").await;
     let url = rt
         .exec(cri::ExecRequest {
             container_id: c.clone(),

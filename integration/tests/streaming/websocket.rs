@@ -5,23 +5,7 @@ use super::*;
 #[tokio::test(flavor = "multi_thread")]
 async fn exec_attach_and_port_forward_over_websocket() {
     let env = Env::get();
-    let d = Imacri::start(env).await.unwrap();
-    let (mut rt, pod, cfg) = d.busybox_pod(env, "streaming").await;
-    let web = start_container(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config(
-            "web",
-            &env.busybox,
-            &[
-                "sh",
-                "-c",
-                "mkdir -p /www && echo forwarded > /www/index.html && httpd -f -p 8080 -h /www",
-            ],
-        ),
-    )
-    .await;
+    let (_d, mut rt, pod, cfg, web) = web_pod(env, "streaming", "forwarded").await;
 
     // Exec without TTY: stdout, stderr and the exit status (v4 JSON status).
     for proto in ["v4.channel.k8s.io", "v5.channel.k8s.io"] {
@@ -237,23 +221,7 @@ async fn exec_attach_and_port_forward_over_websocket() {
 async fn port_forward_tunneled_spdy_over_websocket() {
     use imacri_cri::streaming::spdy::{Codec, Frame};
     let env = Env::get();
-    let d = Imacri::start(env).await.unwrap();
-    let (mut rt, pod, cfg) = d.busybox_pod(env, "tunnel").await;
-    start_container(
-        &mut rt,
-        &pod,
-        &cfg,
-        container_config(
-            "web",
-            &env.busybox,
-            &[
-                "sh",
-                "-c",
-                "mkdir -p /www && echo tunneled > /www/index.html && httpd -f -p 8080 -h /www",
-            ],
-        ),
-    )
-    .await;
+    let (_d, mut rt, pod, _, _) = web_pod(env, "tunnel", "tunneled").await;
     let mut body = String::new();
     for _ in 0..30 {
         let url = rt
