@@ -50,13 +50,7 @@ async fn web_pod(
     env: &Env,
     name: &str,
     page: &str,
-) -> (
-    Imacri,
-    imacri_integration::client::Rt,
-    String,
-    cri::PodSandboxConfig,
-    String,
-) {
+) -> (Imacri, Rt, String, cri::PodSandboxConfig, String) {
     let d = Imacri::start(env).await.unwrap();
     let (mut rt, pod, cfg) = d.busybox_pod(env, name).await;
     let serve =
@@ -69,6 +63,23 @@ async fn web_pod(
     )
     .await;
     (d, rt, pod, cfg, web)
+}
+
+type Rt = imacri_integration::client::Rt;
+
+/// The streaming URL imacri answers an Exec with.
+async fn exec_url(rt: &mut Rt, req: cri::ExecRequest) -> String {
+    rt.exec(req).await.unwrap().into_inner().url
+}
+
+/// The streaming URL imacri answers an Attach with.
+async fn attach_url(rt: &mut Rt, req: cri::AttachRequest) -> String {
+    rt.attach(req).await.unwrap().into_inner().url
+}
+
+/// The streaming URL imacri answers a PortForward with.
+async fn forward_url(rt: &mut Rt, req: cri::PortForwardRequest) -> String {
+    rt.port_forward(req).await.unwrap().into_inner().url
 }
 
 /// Reads frames until the server closes: (stdout, stderr, status).

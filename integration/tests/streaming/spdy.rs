@@ -9,8 +9,9 @@ async fn exec_and_port_forward_over_spdy() {
     let env = Env::get();
     let (_d, mut rt, pod, _, web) = web_pod(env, "spdy", "over-spdy").await;
 
-    let url = rt
-        .exec(cri::ExecRequest {
+    let url = exec_url(
+        &mut rt,
+        cri::ExecRequest {
             container_id: web.clone(),
             cmd: vec![
                 "sh".into(),
@@ -21,11 +22,9 @@ async fn exec_and_port_forward_over_spdy() {
             stdout: true,
             stderr: true,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+        },
+    )
+    .await;
     let (mut c, head) = Client::upgrade(&url, "v4.channel.k8s.io").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
@@ -50,18 +49,17 @@ async fn exec_and_port_forward_over_spdy() {
     assert_eq!(status["details"]["causes"][0]["message"], "4", "{status}");
 
     // TTY over SPDY: one output stream, a resize stream, status on error.
-    let url = rt
-        .exec(cri::ExecRequest {
+    let url = exec_url(
+        &mut rt,
+        cri::ExecRequest {
             container_id: web.clone(),
             cmd: vec!["sh".into(), "-c".into(), "sleep 0.3; tty".into()],
             tty: true,
             stdout: true,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+        },
+    )
+    .await;
     let (mut c, _) = Client::upgrade(&url, "v4.channel.k8s.io").await;
     c.send(syn(1, &[("streamtype", "error")])).await;
     c.send(syn(3, &[("streamtype", "stdout")])).await;
@@ -84,15 +82,14 @@ async fn exec_and_port_forward_over_spdy() {
 
     let mut body = String::new();
     for _ in 0..30 {
-        let url = rt
-            .port_forward(cri::PortForwardRequest {
+        let url = forward_url(
+            &mut rt,
+            cri::PortForwardRequest {
                 pod_sandbox_id: pod.clone(),
                 port: vec![8080],
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .url;
+            },
+        )
+        .await;
         let (mut c, head) = Client::upgrade(&url, "portforward.k8s.io").await;
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         c.send(syn(
@@ -159,8 +156,9 @@ async fn exec_with_go_spdystream_client() {
     let env = Env::get();
     let go = imacri_integration::go_spdyexec(env).unwrap();
     let (_d, mut rt, pod, cfg, c) = web_pod(env, "gospdy", "via-spdystream").await;
-    let url = rt
-        .exec(cri::ExecRequest {
+    let url = exec_url(
+        &mut rt,
+        cri::ExecRequest {
             container_id: c.clone(),
             cmd: vec![
                 "sh".into(),
@@ -172,11 +170,9 @@ async fn exec_with_go_spdystream_client() {
             stderr: true,
             tty: false,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+        },
+    )
+    .await;
     let r = go_json(&go, &[&url, "hello from go\n"]).await;
     assert_eq!(r["protocol"], "v4.channel.k8s.io", "{r}");
     assert_eq!(r["stdout"], "hello from go\n", "{r}");
@@ -187,19 +183,18 @@ async fn exec_with_go_spdystream_client() {
     assert_eq!(status["details"]["causes"][0]["message"], "3", "{status}");
 
     // A TTY, resized before the command asks for its size.
-    let url = rt
-        .exec(cri::ExecRequest {
+    let url = exec_url(
+        &mut rt,
+        cri::ExecRequest {
             container_id: c.clone(),
             cmd: vec!["sh".into(), "-c".into(), "sleep 1; stty size".into()],
             stdin: true,
             stdout: true,
             tty: true,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+        },
+    )
+    .await;
     let r = go_json(&go, &["-tty", &url, "123", "45"]).await;
     assert_eq!(r["stdout"].as_str().unwrap().trim(), "45 123", "{r}");
 
@@ -212,18 +207,17 @@ async fn exec_with_go_spdystream_client() {
     reader.stdin = true;
     reader.stdin_once = true;
     let reader = start_container(&mut rt, &pod, &cfg, reader).await;
-    let url = rt
-        .attach(cri::AttachRequest {
+    let url = attach_url(
+        &mut rt,
+        cri::AttachRequest {
             container_id: reader.clone(),
             stdin: true,
             stdout: true,
             stderr: true,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+        },
+    )
+    .await;
     let r = go_json(&go, &[&url, "attached\n"]).await;
     assert_eq!(r["stdout"], "got-attached\n", "{r}");
     assert_eq!(r["stderr"], "bye\n", "{r}");
@@ -232,15 +226,14 @@ async fn exec_with_go_spdystream_client() {
     let mut body = String::new();
     for _ in 0..50 {
         // A new URL each time: tokens are single-use.
-        let url = rt
-            .port_forward(cri::PortForwardRequest {
+        let url = forward_url(
+            &mut rt,
+            cri::PortForwardRequest {
                 pod_sandbox_id: pod.clone(),
                 port: vec![8080],
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .url;
+            },
+        )
+        .await;
         let out = go_run(
             &go,
             &[

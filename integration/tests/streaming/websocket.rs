@@ -9,8 +9,9 @@ async fn exec_attach_and_port_forward_over_websocket() {
 
     // Exec without TTY: stdout, stderr and the exit status (v4 JSON status).
     for proto in ["v4.channel.k8s.io", "v5.channel.k8s.io"] {
-        let url = rt
-            .exec(cri::ExecRequest {
+        let url = exec_url(
+            &mut rt,
+            cri::ExecRequest {
                 container_id: web.clone(),
                 cmd: vec![
                     "sh".into(),
@@ -20,11 +21,9 @@ async fn exec_attach_and_port_forward_over_websocket() {
                 stdout: true,
                 stderr: true,
                 ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .url;
+            },
+        )
+        .await;
         let mut ws = connect(&url, proto).await;
         let (out, err, status) = collect(&mut ws).await;
         assert_eq!((out.as_str(), err.as_str()), ("out\n", "err\n"), "{proto}");
@@ -42,18 +41,17 @@ async fn exec_attach_and_port_forward_over_websocket() {
     }
 
     // Exec with stdin (v5 closes stdin with the close signal) and success status.
-    let url = rt
-        .exec(cri::ExecRequest {
+    let url = exec_url(
+        &mut rt,
+        cri::ExecRequest {
             container_id: web.clone(),
             cmd: vec!["cat".into()],
             stdin: true,
             stdout: true,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+        },
+    )
+    .await;
     let mut ws = connect(&url, "v5.channel.k8s.io").await;
     ws.send(Message::Binary(
         [&[0u8][..], b"hello stdin\n"].concat().into(),
@@ -68,18 +66,17 @@ async fn exec_attach_and_port_forward_over_websocket() {
     assert!(status.contains("\"Success\""), "{status}");
 
     // Exec with a TTY, with a resize message.
-    let url = rt
-        .exec(cri::ExecRequest {
+    let url = exec_url(
+        &mut rt,
+        cri::ExecRequest {
             container_id: web.clone(),
             cmd: vec!["sh".into(), "-c".into(), "sleep 0.3; tty".into()],
             tty: true,
             stdout: true,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+        },
+    )
+    .await;
     let mut ws = connect(&url, "v4.channel.k8s.io").await;
     ws.send(Message::Binary(
         [&[4u8][..], br#"{"Width":100,"Height":40}"#]
@@ -109,17 +106,16 @@ async fn exec_attach_and_port_forward_over_websocket() {
     let mut echo = container_config("echo", &env.busybox, &["cat"]);
     echo.stdin = true;
     let echo = start_container(&mut rt, &pod, &cfg, echo).await;
-    let url = rt
-        .attach(cri::AttachRequest {
+    let url = attach_url(
+        &mut rt,
+        cri::AttachRequest {
             container_id: echo.clone(),
             stdin: true,
             stdout: true,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+        },
+    )
+    .await;
     let mut ws = connect(&url, "v5.channel.k8s.io").await;
     ws.send(Message::Binary([&[0u8][..], b"attached\n"].concat().into()))
         .await
@@ -137,18 +133,17 @@ async fn exec_attach_and_port_forward_over_websocket() {
         &["sh", "-c", "while true; do echo tick; sleep 0.2; done"],
     );
     let ticker = start_container(&mut rt, &pod, &cfg, ticker).await;
-    let url = rt
-        .attach(cri::AttachRequest {
+    let url = attach_url(
+        &mut rt,
+        cri::AttachRequest {
             container_id: ticker.clone(),
             stdin: true,
             stdout: true,
             tty: true,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .url;
+        },
+    )
+    .await;
     let mut ws = connect(&url, "v5.channel.k8s.io").await;
     let got = stdout_until(&mut ws, b"tick\n").await;
     assert!(
@@ -171,15 +166,14 @@ async fn exec_attach_and_port_forward_over_websocket() {
     // Port-forward into the pod's network namespace (loopback there).
     let mut fetched = String::new();
     for _ in 0..30 {
-        let url = rt
-            .port_forward(cri::PortForwardRequest {
+        let url = forward_url(
+            &mut rt,
+            cri::PortForwardRequest {
                 pod_sandbox_id: pod.clone(),
                 port: vec![8080],
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .url;
+            },
+        )
+        .await;
         let mut ws = connect(&format!("{url}?port=8080"), "v4.channel.k8s.io").await;
         // The server announces the port on the data and the error channel.
         for ch in [0u8, 1] {
@@ -224,15 +218,14 @@ async fn port_forward_tunneled_spdy_over_websocket() {
     let (_d, mut rt, pod, _, _) = web_pod(env, "tunnel", "tunneled").await;
     let mut body = String::new();
     for _ in 0..30 {
-        let url = rt
-            .port_forward(cri::PortForwardRequest {
+        let url = forward_url(
+            &mut rt,
+            cri::PortForwardRequest {
                 pod_sandbox_id: pod.clone(),
                 port: vec![8080],
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .url;
+            },
+        )
+        .await;
         let mut ws = connect(&url, "SPDY/3.1+portforward.k8s.io").await;
         let (mut tx, mut rx) = (Codec::default(), Codec::default());
         let syn = |id: u32, t: &str| Frame::SynStream {
